@@ -1,0 +1,56 @@
+"""Client and auditor authentication by key hash.
+
+Keys are compared by SHA-256 digest only: the configuration holds digests, never keys, and a
+key that reached the gateway is never logged, forwarded or echoed in an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from gateway.errors import Forbidden, Unauthorized
+from gateway.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    tenant: str | None  # None for auditors
+    role: str  # "client" or "auditor"
+
+
+class Authenticator:
+    """Resolves ``Authorization: Bearer <key>`` to a client (with its tenant) or an auditor."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._by_digest: dict[str, Principal] = {}
+        for c in settings.clients:
+            self._by_digest[c.digest()] = Principal(c.name, c.tenant, "client")
+        for a in settings.auditors:
+            self._by_digest[a.token_sha256] = Principal(a.name, None, "auditor")
+
+    def identify(self, authorization: str | None) -> Principal:
+        """The principal behind an Authorization header; ``Unauthorized`` otherwise."""
+        if not authorization:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <your gateway key>'")
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise Unauthorized("malformed Authorization header: expected 'Bearer <your gateway key>'")
+        principal = self._by_digest.get(hashlib.sha256(key.encode()).hexdigest())
+        if principal is None:
+            raise Unauthorized("unknown API key: use a key issued for this gateway (sessiongate clients new)")
+        return principal
+
+    def client(self, authorization: str | None) -> Principal:
+        p = self.identify(authorization)
+        if p.role != "client":
+            raise Forbidden("auditor tokens cannot call model or session routes; use a client key")
+        return p
+
+    def auditor(self, authorization: str | None) -> Principal:
+        p = self.identify(authorization)
+        if p.role != "auditor":
+            raise Forbidden("this route is for auditors; client keys cannot reach /admin")
+        return p

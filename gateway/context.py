@@ -1,0 +1,77 @@
+"""The per-request context, and the process-wide services the stages use.
+
+Each ``Context`` field names the stage that sets it; a stage sets only its own fields. Nothing
+per-tenant lives in module globals: it is all reached through ``Context.services``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.auth import Authenticator
+    from gateway.metrics import Metrics
+    from gateway.policy import Policy, PolicyWatcher
+    from gateway.sessions import LoadedSession, SessionService
+    from gateway.settings import Settings
+    from gateway.upstream import Upstream, Upstreams
+
+
+@dataclass(slots=True)
+class Services:
+    """What the app builds once at start-up (see ``app.build_services``)."""
+
+    settings: Settings
+    auth: Authenticator
+    upstreams: Upstreams
+    sessions: SessionService
+    policies: PolicyWatcher
+    metrics: Metrics
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Context:
+    request: web.Request
+    services: Services
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    route: str = "chat"
+
+    # authenticate
+    tenant: str = ""
+    client: str = ""
+    # parse_request
+    raw: bytes = b""
+    body: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    stream: bool = False
+    # resolve_session
+    session_id: str | None = None
+    # match_policy
+    policy: Policy | None = None
+    # load_state
+    loaded: LoadedSession | None = None
+    # inject
+    upstream: Upstream | None = None
+    forward_body: bytes = b""
+    # forward
+    response: web.StreamResponse | None = None
+    upstream_status: int = 0
+    reply_message: dict[str, Any] | None = None
+    reply_body: dict[str, Any] | None = None
+    tail: bytes = b""
+    tail_type: str = ""
+    outcome: str = ""
+    ended_by: str = ""  # "client" or "upstream" when a stream was cut off
+    bytes_out: int = 0
+    # record
+    user_text: str | None = None
+    reply_text: str | None = None
+    # persist
+    persist_attempted: bool = False
+    persisted: bool = False

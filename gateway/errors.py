@@ -1,0 +1,121 @@
+"""The gateway's error tree. Every refusal a client can see is one of these.
+
+Each class carries the HTTP status, the OpenAI error ``type`` and a stable ``code``; the one
+middleware in ``app.py`` turns any of them into ``{"error": {"message", "type", "code"}}``.
+Messages are written for the person who has to fix the problem and never contain message
+content, keys or tokens.
+
+    GatewayError
+    ├── BadRequest               400 invalid_request_error
+    │   ├── InvalidJSON          400  (malformed JSON, invalid UTF-8)
+    │   ├── InvalidSessionId     400
+    │   └── InvalidSession       400  (a session document that cannot be loaded)
+    ├── Unauthorized             401 authentication_error
+    ├── Forbidden                403 permission_error
+    ├── NotFound                 404 not_found_error
+    ├── Conflict                 409 conflict_error
+    ├── PayloadTooLarge          413 invalid_request_error
+    ├── IntegrityError           500 integrity_error (stored data failed an integrity check)
+    ├── StoreUnavailable         503 service_unavailable
+    ├── UpstreamError            502 upstream_error (unreachable, broken reply)
+    │   └── UpstreamTimeout      504
+    └── ConfigError              not for clients: start-up and CLI errors naming file and field
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_body(self) -> dict[str, dict[str, str]]:
+        """The OpenAI error shape for this error."""
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+class BadRequest(GatewayError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class InvalidSessionId(BadRequest):
+    code = "invalid_session_id"
+
+
+class InvalidSession(BadRequest):
+    code = "invalid_session"
+
+
+class Unauthorized(GatewayError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status, type, code = 403, "permission_error", "forbidden"
+
+
+class NotFound(GatewayError):
+    status, type, code = 404, "not_found_error", "not_found"
+
+
+class Conflict(GatewayError):
+    status, type, code = 409, "conflict_error", "conflict"
+
+
+class PayloadTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class IntegrityError(GatewayError):
+    """Stored data failed authentication (flipped byte, moved record, unknown or wrong key).
+
+    The client only ever sees the fixed message; details go to the log.
+    """
+
+    status, type, code = 500, "integrity_error", "integrity_check_failed"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("stored data for this session failed an integrity check; the operator has been told")
+        self.detail = detail
+
+
+class StoreUnavailable(GatewayError):
+    status, type, code = 503, "service_unavailable", "store_unavailable"
+
+
+class UpstreamError(GatewayError):
+    status, type, code = 502, "upstream_error", "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, code = 504, "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """A configuration, policy or key file is invalid. ``str()`` names file, line and field."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 column: int | None = None, field: str | None = None) -> None:
+        self.file, self.line, self.column, self.field = file, line, column, field
+        where = file or ""
+        if line is not None:
+            where += f":{line}"
+            if column is not None:
+                where += f":{column}"
+        prefix = f"{where}: " if where else ""
+        at = f"{field}: " if field else ""
+        super().__init__(f"{prefix}{at}{message}")
+        self.message = message

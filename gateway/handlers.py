@@ -1,0 +1,155 @@
+"""HTTP handlers: each turns a request into a pipeline run or a call on a service.
+
+Handlers hold no policy, crypto or storage logic; they authenticate, validate path parameters
+and shape responses. Errors are raised, never rendered here: ``app.error_middleware`` renders
+every ``GatewayError`` in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway import pipeline
+from gateway.context import Context, Services
+from gateway.errors import GatewayError
+from gateway.stages.parse_request import parse_json_object, read_limited
+from gateway.stages.resolve_session import check_session_id
+from gateway.store.base import Changes
+
+SERVICES = web.AppKey("services", Services)
+log = structlog.get_logger("gateway.access")
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    ctx = Context(request, services, new_request_id())
+    status = 500
+    try:
+        await pipeline.run(ctx)
+        assert ctx.response is not None
+        status = ctx.response.status
+        return ctx.response
+    except GatewayError as exc:
+        status = exc.status
+        if exc.status >= 500 and exc.status != 500:
+            services.metrics.upstream_errors.labels(kind=exc.code).inc()
+        raise
+    finally:
+        elapsed = time.perf_counter() - ctx.started
+        services.metrics.requests.labels(route="chat", status=str(status)).inc()
+        services.metrics.latency.labels(route="chat").observe(elapsed)
+        log.info("request", request_id=ctx.request_id, tenant=ctx.tenant or None, session_id=ctx.session_id,
+                 model=ctx.model, status=status, outcome=ctx.outcome or None, ended_by=ctx.ended_by or None,
+                 latency_ms=round(elapsed * 1000, 3), bytes_in=len(ctx.raw),
+                 bytes_out=ctx.bytes_out or len(ctx.tail), policy=ctx.policy.id if ctx.policy else None)
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """Any other ``/v1/*`` route: forwarded as it is, with the upstream's key, and audited."""
+    services = request.app[SERVICES]
+    principal = services.auth.client(request.headers.get("Authorization"))
+    request_id = new_request_id()
+    body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
+    model = None
+    if body and request.content_type == "application/json":
+        try:
+            parsed = orjson.loads(body)
+            model = parsed.get("model") if isinstance(parsed, dict) else None
+        except orjson.JSONDecodeError:
+            model = None
+    upstream = services.upstreams.route(model if isinstance(model, str) else None)
+    resp = await services.upstreams.send(upstream, request.method, request.path[len("/v1"):], body=body,
+                                         headers=request.headers, query=request.query_string)
+    try:
+        out = web.StreamResponse(status=resp.status)
+        out.content_type = resp.content_type
+        out.headers["X-Sessiongate-Request-Id"] = request_id
+        await out.prepare(request)
+        async for chunk in resp.content.iter_any():
+            await out.write(chunk)
+        await out.write_eof()
+    finally:
+        resp.release()
+    await services.sessions.store.transact(principal.tenant or "", None, lambda cur: _audit_only({
+        "event": "proxy", "request_id": request_id, "route": request.path, "model": model,
+        "outcome": "completed" if resp.status < 400 else "upstream_error", "upstream_status": resp.status}))
+    services.metrics.requests.labels(route="proxy", status=str(resp.status)).inc()
+    return out
+
+
+def _audit_only(fields: dict[str, object]) -> Changes:
+    return Changes(audit=[fields])
+
+
+# --- sessions over HTTP ------------------------------------------------------------------
+
+def _session_target(request: web.Request) -> tuple[Services, str, str]:
+    services = request.app[SERVICES]
+    principal = services.auth.client(request.headers.get("Authorization"))
+    return services, principal.tenant or "", check_session_id(request.match_info["session_id"])
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    tenant = services.auth.client(request.headers.get("Authorization")).tenant or ""
+    rows = await services.sessions.list(tenant)
+    return json_response({"object": "list", "data": [
+        {"id": r.session_id, "rounds": r.rounds, "version": r.version, "created_at": r.created_at,
+         "updated_at": r.updated_at} for r in rows]})
+
+
+async def export_session(request: web.Request) -> web.Response:
+    services, tenant, sid = _session_target(request)
+    return json_response(await services.sessions.export(tenant, sid))
+
+
+async def import_session(request: web.Request) -> web.Response:
+    services, tenant, sid = _session_target(request)
+    data = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
+    added = await services.sessions.import_agently(tenant, sid, data, new_request_id())
+    return json_response({"id": sid, "imported_messages": added})
+
+
+async def reset_session(request: web.Request) -> web.Response:
+    services, tenant, sid = _session_target(request)
+    await services.sessions.reset(tenant, sid, new_request_id())
+    return json_response({"id": sid, "reset": True})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    services, tenant, sid = _session_target(request)
+    await services.sessions.erase(tenant, sid, new_request_id())
+    return json_response({"id": sid, "deleted": True})
+
+
+# --- health ----------------------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    try:
+        await services.sessions.store.tenants()
+    except GatewayError as exc:
+        return json_response({"status": "unavailable", "reason": exc.message}, status=503)
+    return json_response({"status": "ready", "policies": len(services.policies.current.policies)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.Response(body=services.metrics.render(), headers={"Content-Type": services.metrics.content_type})

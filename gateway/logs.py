@@ -1,0 +1,41 @@
+"""structlog set-up: JSON lines (one per request) or pretty console output on a terminal.
+
+Contract: log events carry identifiers, sizes, timings and outcomes. Callers never pass message
+content, keys or tokens; ``drop_secrets`` is a last line of defence that removes fields whose
+names say they hold them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+SECRET_FIELDS = frozenset({"authorization", "api_key", "key", "token", "content", "messages", "body", "password"})
+
+
+def drop_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    for name in SECRET_FIELDS.intersection(event):
+        event[name] = "[dropped]"
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    stream = stream or sys.stderr
+    pretty = fmt == "console" or (fmt == "auto" and stream.isatty())
+    renderer: Any = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback) if pretty else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            drop_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,212 @@
+"""The session model (SPEC §1): state, rounds, bounding, injection and Agently's JSON form.
+
+Everything here is pure: no I/O, no clock. The store seals :class:`SessionState` as one record
+and keeps ``full_context`` as the append-only list of round records; this module only says
+what a round does to the state and what a forwarded request looks like.
+
+Bounding counts characters exactly as Agently does (``len(str({"role": r, "content": c}))``
+per message), so a session bounded here has the same window in Agently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import yaml
+
+from gateway.errors import InvalidSession
+
+Message = dict[str, Any]
+MEMO_HEADER = "[CHAT SESSION MEMO]:\n"
+
+
+@dataclass(slots=True)
+class SessionState:
+    """The mutable part of a session; ``full_context`` lives in the round records."""
+
+    context_window: list[Message] = field(default_factory=list)
+    memo: Any = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    auto_resize: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"context_window": self.context_window, "memo": self.memo,
+                "settings": self.settings, "auto_resize": self.auto_resize}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionState:
+        return cls(list(data.get("context_window") or []), data.get("memo"),
+                   dict(data.get("settings") or {}), bool(data.get("auto_resize", True)))
+
+
+def message_length(message: Message) -> int:
+    """Agently's length of one message: ``len(str(ChatMessage.model_dump()))``."""
+    return len(str({"role": message.get("role"), "content": message.get("content")}))
+
+
+def window_length(window: Sequence[Message]) -> int:
+    return sum(message_length(m) for m in window)
+
+
+def round_messages(user: str | None, assistant: str | None) -> list[Message]:
+    """The messages one round appends: a user then an assistant message, each when recorded."""
+    out: list[Message] = []
+    if user is not None:
+        out.append({"role": "user", "content": user})
+    if assistant is not None:
+        out.append({"role": "assistant", "content": assistant})
+    return out
+
+
+# --- bounding ------------------------------------------------------------------------------
+
+def simple_cut(window: list[Message], max_length: int) -> list[Message]:
+    """Keep the newest messages that fit in *max_length*; if none fits, the last one cut to its
+    final *max_length* characters (Agently's ``simple_cut``)."""
+    kept: list[Message] = []
+    total = 0
+    for message in reversed(window):
+        size = message_length(message)
+        if total + size > max_length:
+            break
+        kept.append(message)
+        total += size
+    kept.reverse()
+    if not kept and window:
+        last = window[-1]
+        text = str(last.get("content"))
+        return [{"role": last.get("role"), "content": text[len(text) - max_length:]}]
+    return kept
+
+
+def split_rounds(window: list[Message]) -> list[list[Message]]:
+    """Group a window into rounds: a round starts at a user message, or at an assistant
+    message that does not follow a user message."""
+    rounds: list[list[Message]] = []
+    for message in window:
+        starts = message.get("role") != "assistant" or not rounds or rounds[-1][-1].get("role") == "assistant"
+        if starts:
+            rounds.append([message])
+        else:
+            rounds[-1].append(message)
+    return rounds
+
+
+def keep_last(window: list[Message], rounds: int) -> list[Message]:
+    """Keep the last *rounds* rounds of the window."""
+    groups = split_rounds(window)
+    return [m for group in groups[len(groups) - rounds:] for m in group] if rounds > 0 else []
+
+
+def over_limit(state: SessionState, max_length: int | None) -> bool:
+    return max_length is not None and window_length(state.context_window) > max_length
+
+
+def bound_sync(state: SessionState, strategy: str, max_length: int | None, rounds: int = 0) -> SessionState:
+    """Apply a synchronous strategy (``simple_cut`` or ``keep_last``) when the window is over
+    *max_length*. ``keep_last`` is followed by ``simple_cut`` if still over, so the bound holds."""
+    if not over_limit(state, max_length):
+        return state
+    assert max_length is not None
+    window = state.context_window
+    if strategy == "keep_last":
+        window = keep_last(window, rounds)
+    if window_length(window) > max_length:
+        window = simple_cut(window, max_length)
+    return replace(state, context_window=window)
+
+
+# --- injection -----------------------------------------------------------------------------
+
+def memo_text(memo: Any) -> str:
+    """The memo as text: strings as they are, anything else as YAML."""
+    if isinstance(memo, str):
+        return memo
+    return yaml.safe_dump(memo, allow_unicode=True, sort_keys=False).rstrip("\n")
+
+
+def memo_section(memo: Any) -> str:
+    return f"{MEMO_HEADER}{memo_text(memo)}\n"
+
+
+def carries_history(messages: Sequence[Message]) -> bool:
+    """True when the client sent its own conversation history (any assistant message).
+
+    Such a client manages its history itself: the gateway injects no window (it would repeat
+    what the client already sent) and records only the messages after the last assistant one.
+    """
+    return any(m.get("role") == "assistant" for m in messages)
+
+
+def inject(messages: list[Message], state: SessionState | None, *, window: bool = True,
+           memo: bool = True, memo_placement: str = "user_section") -> list[Message]:
+    """The messages to forward: system messages, then the context window, then the new
+    messages; the memo as a ``[CHAT SESSION MEMO]`` section at the start of the final user
+    message (or as a system message). Returns *messages* itself when nothing is injected."""
+    if state is None:
+        return messages
+    add_window = window and bool(state.context_window) and not carries_history(messages)
+    add_memo = memo and state.memo is not None
+    if not add_window and not add_memo:
+        return messages
+    head = 0
+    while head < len(messages) and messages[head].get("role") in ("system", "developer"):
+        head += 1
+    system, rest = list(messages[:head]), list(messages[head:])
+    if add_memo and memo_placement == "system":
+        system.append({"role": "system", "content": memo_section(state.memo)})
+    elif add_memo:
+        for i in range(len(rest) - 1, -1, -1):
+            if rest[i].get("role") == "user":
+                rest[i] = _prefix_content(rest[i], memo_section(state.memo) + "\n")
+                break
+    return system + (list(state.context_window) if add_window else []) + rest
+
+
+def _prefix_content(message: Message, prefix: str) -> Message:
+    content = message.get("content")
+    if isinstance(content, list):
+        return {**message, "content": [{"type": "text", "text": prefix}, *content]}
+    return {**message, "content": prefix + ("" if content is None else str(content))}
+
+
+# --- Agently's JSON form -------------------------------------------------------------------
+
+def _messages(value: Any, name: str) -> list[Message]:
+    if not isinstance(value, list):
+        raise InvalidSession(f"'{name}' must be a list of chat messages")
+    out: list[Message] = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise InvalidSession(f"'{name}[{i}]' must be an object with 'role' and 'content'")
+        content = m["content"]
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidSession(f"'{name}[{i}].content' must be a string or a list of content parts")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def to_agently(session_id: str, full_context: list[Message], state: SessionState) -> dict[str, Any]:
+    """The session in Agently's JSON form (``Session.to_serializable_session_data``)."""
+    return {"id": session_id, "auto_resize": state.auto_resize, "full_context": full_context,
+            "context_window": state.context_window, "memo": state.memo,
+            "session_settings": state.settings}
+
+
+def from_agently(data: Any) -> tuple[list[Message], SessionState]:
+    """Read Agently's JSON form; a missing ``context_window`` falls back to ``full_context``
+    as Agently does. Raises ``InvalidSession`` saying which field is wrong."""
+    if not isinstance(data, dict):
+        raise InvalidSession("a session must be a JSON object (Agently's get_json_session() output)")
+    full = _messages(data.get("full_context", []), "full_context")
+    raw_window = data.get("context_window", data.get("window_context"))
+    window = full if raw_window is None else _messages(raw_window, "context_window")
+    settings = data.get("session_settings") or {}
+    if not isinstance(settings, dict):
+        raise InvalidSession("'session_settings' must be an object")
+    memo = data.get("memo")
+    if memo is not None and not isinstance(memo, (str, dict, list)):
+        raise InvalidSession("'memo' must be a string, an object, a list or null")
+    return full, SessionState(list(window), memo, dict(settings), bool(data.get("auto_resize", True)))

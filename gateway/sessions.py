@@ -1,0 +1,273 @@
+"""Sessions on top of the store: sealing, unsealing, and every write as one store plan.
+
+``SessionService`` is the only code that turns session plaintext into sealed rows and back.
+Each write is a *plan* (see ``gateway.store.base``): a pure function of the rows as they are
+inside the transaction, so concurrent rounds on one session apply one after the other to the
+latest state and none is lost, whichever process or replica wrote before.
+
+A round appends its messages to ``full_context`` (one ``rounds`` row, sealed with field
+``round`` and the round's sequence number) and, when it completed, to the context window,
+then bounds the window with the policy's synchronous strategy. Incomplete rounds go to
+``full_context`` only, marked as such, so a cut-off reply never steers the next turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+
+from gateway import crypto
+from gateway.errors import Conflict, IntegrityError, NotFound
+from gateway.keyring import Keyring
+from gateway.session.model import (
+    Message,
+    SessionState,
+    bound_sync,
+    from_agently,
+    round_messages,
+    to_agently,
+)
+from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store
+
+
+SYNC_STRATEGIES = frozenset({"simple_cut", "keep_last"})
+
+
+@dataclass(frozen=True, slots=True)
+class Bounding:
+    """How a round bounds the window: the policy's settings that the store plan needs."""
+
+    max_length: int | None = None
+    strategy: str = "simple_cut"
+    rounds: int = 0
+    settings: dict[str, Any] | None = None  # session_settings to keep for Agently export
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedSession:
+    state: SessionState
+    version: int
+    next_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """What the record stage hands to :meth:`SessionService.commit_round`."""
+
+    request_id: str
+    policy_id: str
+    policy_hash: str
+    outcome: str  # completed | incomplete | upstream_error
+    user: str | None
+    assistant: str | None
+    audit: dict[str, Any]
+
+
+class SessionService:
+    def __init__(self, store: Store, keyring: Keyring) -> None:
+        self.store = store
+        self.keyring = keyring
+
+    # --- keys and sealing ---------------------------------------------------------------
+
+    def _data_key(self, row: DataKeyRow) -> crypto.DataKey:
+        return self.keyring.unwrap(row.kek_id, row.dk_id, row.wrapped)
+
+    def _new_data_key(self, tenant: str, session_id: str) -> tuple[crypto.DataKey, DataKeyRow]:
+        dk = crypto.new_data_key()
+        kek_id, wrapped = self.keyring.wrap(dk)
+        return dk, DataKeyRow(tenant, session_id, dk.id, kek_id, wrapped, time.time())
+
+    def _open_state(self, dk: crypto.DataKey, row: SessionRow) -> SessionState:
+        plain = crypto.open_sealed(dk, row.state_ct, tenant=row.tenant, session_id=row.session_id,
+                                   seq=row.version, field="state")
+        return SessionState.from_dict(orjson.loads(plain))
+
+    def _seal_state(self, dk: crypto.DataKey, tenant: str, sid: str, version: int, state: SessionState) -> bytes:
+        return crypto.seal(dk, orjson.dumps(state.to_dict()), tenant=tenant, session_id=sid,
+                           seq=version, field="state")
+
+    def _unseal(self, cur: Current) -> tuple[crypto.DataKey, SessionState | None]:
+        """The data key (new if the session has none) and the current state."""
+        if cur.data_key is None:
+            raise IntegrityError(f"session {cur.tenant}/{cur.session_id} has a state row but no data key")
+        dk = self._data_key(cur.data_key)
+        return dk, self._open_state(dk, cur.session) if cur.session else None
+
+    def _write_state(self, cur: Current, ch: Changes, dk: crypto.DataKey, state: SessionState,
+                     rounds: list[list[Message]], meta: RoundMeta) -> None:
+        """Add the session row and one sealed round row per message group to *ch*."""
+        assert cur.session_id is not None
+        now = time.time()
+        version = (cur.session.version if cur.session else 0) + 1
+        seq = cur.session.next_seq if cur.session else 1
+        for messages in rounds:
+            ct = crypto.seal(dk, orjson.dumps(messages), tenant=cur.tenant, session_id=cur.session_id,
+                             seq=seq, field="round")
+            ch.rounds.append(RoundRow(cur.tenant, cur.session_id, seq, now, meta.request_id, meta.policy_id,
+                                      meta.policy_hash, meta.outcome, meta.kind, ct))
+            seq += 1
+        ch.session = SessionRow(cur.tenant, cur.session_id, version, seq,
+                                self._seal_state(dk, cur.tenant, cur.session_id, version, state),
+                                cur.session.created_at if cur.session else now, now)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    async def load(self, tenant: str, session_id: str) -> LoadedSession | None:
+        """The session's state, unsealed; None when the session does not exist."""
+        srow, krow = await self.store.get_session(tenant, session_id)
+        if srow is None:
+            return None
+        if krow is None:
+            raise IntegrityError(f"session {tenant}/{session_id} has no data key")
+        state = self._open_state(self._data_key(krow), srow)
+        return LoadedSession(state, srow.version, srow.next_seq)
+
+    async def full_context(self, tenant: str, session_id: str) -> list[Message]:
+        _, krow = await self.store.get_session(tenant, session_id)
+        if krow is None:
+            return []
+        dk = self._data_key(krow)
+        out: list[Message] = []
+        async for row in self.store.iter_rounds(tenant, session_id):
+            out.extend(self.open_round(dk, row))
+        return out
+
+    def open_round(self, dk: crypto.DataKey, row: RoundRow) -> list[Message]:
+        return orjson.loads(crypto.open_sealed(dk, row.ct, tenant=row.tenant, session_id=row.session_id,
+                                               seq=row.seq, field="round"))
+
+    async def decrypted_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
+                               until: float | None = None) -> AsyncIterator[tuple[RoundRow, list[Message]]]:
+        """Every round of a tenant (or one session) with its messages, in constant memory."""
+        keys: dict[str, crypto.DataKey] = {}
+        async for row in self.store.iter_rounds(tenant, session_id, since=since, until=until):
+            dk = keys.get(row.session_id)
+            if dk is None:
+                keys.clear()
+                _, krow = await self.store.get_session(tenant, row.session_id)
+                if krow is None:
+                    raise IntegrityError(f"session {tenant}/{row.session_id} has rounds but no data key")
+                dk = keys[row.session_id] = self._data_key(krow)
+            yield row, self.open_round(dk, row)
+
+    async def export(self, tenant: str, session_id: str) -> dict[str, Any]:
+        """The session in Agently's JSON form; ``NotFound`` when it does not exist."""
+        loaded = await self.load(tenant, session_id)
+        if loaded is None:
+            raise NotFound(f"no session '{session_id}' for this tenant")
+        return to_agently(session_id, await self.full_context(tenant, session_id), loaded.state)
+
+    async def list(self, tenant: str) -> list[SessionSummary]:
+        return await self.store.list_sessions(tenant)
+
+    # --- writes --------------------------------------------------------------------------
+
+    async def commit_round(self, tenant: str, session_id: str | None, rec: RoundRecord,
+                           bounding: Bounding) -> Changes:
+        """Record one round and its audit entry in one durable transaction."""
+        meta = RoundMeta(rec.request_id, rec.policy_id, rec.policy_hash, rec.outcome, "round")
+        messages = round_messages(rec.user, rec.assistant)
+
+        def plan(cur: Current) -> Changes:
+            ch = Changes()
+            audit = dict(rec.audit)
+            if cur.session_id is not None and messages:
+                if cur.data_key is None:
+                    dk, ch.data_key = self._new_data_key(cur.tenant, cur.session_id)
+                    state = None
+                else:
+                    dk, state = self._unseal(cur)
+                state = state or SessionState(settings=dict(bounding.settings or {}))
+                if rec.outcome == "completed":
+                    state = replace(state, context_window=state.context_window + messages)
+                    if bounding.settings is not None:
+                        state.settings = dict(bounding.settings)
+                    if state.auto_resize and bounding.strategy in SYNC_STRATEGIES:
+                        state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
+                self._write_state(cur, ch, dk, state, [messages], meta)
+                audit["round_seq"] = ch.rounds[0].seq
+                audit["ciphertext_sha256"] = hashlib.sha256(ch.rounds[0].ct).hexdigest()
+            ch.audit.append(audit)
+            return ch
+
+        return await self.store.transact(tenant, session_id, plan)
+
+    async def update_state(self, tenant: str, session_id: str,
+                           change: Callable[[SessionState], SessionState | None], audit: dict[str, Any]) -> bool:
+        """Apply *change* to the latest state in one transaction; False when the session is gone
+        or *change* returned None (nothing written)."""
+        def plan(cur: Current) -> Changes:
+            ch = Changes(result=False)
+            if cur.session is None:
+                return ch
+            dk, state = self._unseal(cur)
+            assert state is not None
+            new = change(state)
+            if new is None:
+                return ch
+            self._write_state(cur, ch, dk, new, [], RoundMeta("", "", "", "", ""))
+            ch.audit.append({**audit, "session_id": session_id})
+            ch.result = True
+            return ch
+
+        return bool((await self.store.transact(tenant, session_id, plan)).result)
+
+    async def reset(self, tenant: str, session_id: str, request_id: str) -> None:
+        """Clear the context window; ``full_context`` and memo stay."""
+        ok = await self.update_state(tenant, session_id, lambda s: replace(s, context_window=[]),
+                                     {"event": "reset", "request_id": request_id})
+        if not ok:
+            raise NotFound(f"no session '{session_id}' for this tenant")
+
+    async def import_agently(self, tenant: str, session_id: str, data: Any, request_id: str) -> int:
+        """Load Agently JSON. A new session takes it whole; an existing one must hold a prefix
+        of the imported ``full_context`` (recorded history is append-only), and gains the rest.
+        Returns how many messages were appended."""
+        full, state = from_agently(data)
+        existing = await self.full_context(tenant, session_id)
+        if full[: len(existing)] != existing:
+            raise Conflict(f"session '{session_id}' already holds a different history; recorded history is "
+                           "append-only, so DELETE the session first or import into a new id")
+        added = full[len(existing):]
+        meta = RoundMeta(request_id, "import", "", "imported", "import")
+
+        def plan(cur: Current) -> Changes:
+            ch = Changes(result=len(added))
+            if cur.data_key is None:
+                dk, ch.data_key = self._new_data_key(cur.tenant, session_id)
+            else:
+                dk, _ = self._unseal(cur)
+            self._write_state(cur, ch, dk, state, [added] if added else [], meta)
+            ch.audit.append({"event": "import", "request_id": request_id, "session_id": session_id,
+                             "messages": len(added),
+                             "ciphertext_sha256": hashlib.sha256(ch.rounds[0].ct).hexdigest() if ch.rounds else None})
+            return ch
+
+        return int((await self.store.transact(tenant, session_id, plan)).result)
+
+    async def erase(self, tenant: str, session_id: str, request_id: str) -> None:
+        """Crypto-shred a session: its data key and rows go in one transaction."""
+        def plan(cur: Current) -> Changes:
+            if cur.session is None and cur.data_key is None:
+                raise NotFound(f"no session '{session_id}' for this tenant")
+            if cur.data_key is not None:
+                self.keyring.forget(cur.data_key.kek_id, cur.data_key.dk_id, cur.data_key.wrapped)
+            return Changes(delete_session=True,
+                           audit=[{"event": "erasure", "request_id": request_id, "session_id": session_id}])
+
+        await self.store.transact(tenant, session_id, plan)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundMeta:
+    request_id: str
+    policy_id: str
+    policy_hash: str
+    outcome: str
+    kind: str

@@ -1,0 +1,233 @@
+"""Typed gateway configuration, validated once at start-up.
+
+``load_settings(path)`` reads a YAML file into :class:`Settings`; any problem raises
+``ConfigError`` naming the file, the line and the field. Secrets never sit in the file in
+plaintext: client keys and auditor tokens are stored as SHA-256 hashes, and provider keys,
+DSNs and master keys come from environment variables the file names. Relative paths are
+resolved against the working directory. Nothing here is per-request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/sessiongate.yaml")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger request bodies get 413")
+
+
+class UpstreamSettings(_Strict):
+    name: str
+    base_url: str = Field(description="the provider's API root, e.g. https://api.openai.com/v1")
+    api_key_env: str | None = Field(None, description="environment variable holding the provider key")
+    models: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns of model names")
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(120.0, gt=0, description="seconds to the first byte and between bytes")
+    max_connections: int = Field(256, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    def api_key(self) -> str | None:
+        """The provider key from the environment; ConfigError when the variable is unset."""
+        if self.api_key_env is None:
+            return None
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ConfigError(f"environment variable {self.api_key_env} is not set",
+                              field=f"upstreams.{self.name}.api_key_env")
+        return value
+
+
+class ClientSettings(_Strict):
+    name: str
+    tenant: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    key_sha256: str | None = Field(None, description="hex SHA-256 of the client key")
+    key_env: str | None = Field(None, description="or: environment variable holding the key itself")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ClientSettings:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key_sha256 or key_env")
+        if self.key_sha256 is not None and not _HEX64.match(self.key_sha256):
+            raise ValueError("key_sha256 must be 64 lower-case hex digits (sessiongate clients new prints one)")
+        return self
+
+    def digest(self) -> str:
+        if self.key_sha256 is not None:
+            return self.key_sha256
+        assert self.key_env is not None
+        value = os.environ.get(self.key_env)
+        if not value:
+            raise ConfigError(f"environment variable {self.key_env} is not set", field=f"clients.{self.name}.key_env")
+        return hashlib.sha256(value.encode()).hexdigest()
+
+
+class AuditorSettings(_Strict):
+    name: str
+    token_sha256: str
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not _HEX64.match(v):
+            raise ValueError("must be 64 lower-case hex digits")
+        return v
+
+
+class StoreSettings(_Strict):
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: Path = Path(".sessiongate/sessiongate.db")
+    dsn: str | None = Field(None, description="PostgreSQL DSN (prefer dsn_env for passwords)")
+    dsn_env: str | None = None
+    schema_name: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    pool_size: int = Field(10, gt=0)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def postgres_dsn(self) -> str:
+        if self.dsn_env:
+            value = os.environ.get(self.dsn_env)
+            if not value:
+                raise ConfigError(f"environment variable {self.dsn_env} is not set", field="store.dsn_env")
+            return value
+        if self.dsn:
+            return self.dsn
+        raise ConfigError("backend postgres needs dsn or dsn_env", field="store")
+
+
+class KeySettings(_Strict):
+    master_key_file: Path | None = Path(".sessiongate/master-keys.json")
+    master_key_env: str | None = None
+
+
+class PolicySettings(_Strict):
+    path: Path = Path("policies")
+    reload_interval: float = Field(0.5, gt=0)
+
+
+class AuditSettings(_Strict):
+    signing_key_file: Path = Path(".sessiongate/audit-signing.key")
+    checkpoint_file: Path = Path(".sessiongate/checkpoints.jsonl")
+    checkpoint_every: int = Field(1000, gt=0)
+    checkpoint_seconds: float = Field(60.0, gt=0)
+    export_secret_env: str | None = Field(None, description="env variable with the pseudonym secret")
+
+
+class LoggingSettings(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(_Strict):
+    server: ServerSettings = ServerSettings()
+    upstreams: list[UpstreamSettings] = Field(default_factory=list)
+    clients: list[ClientSettings] = Field(default_factory=list)
+    auditors: list[AuditorSettings] = Field(default_factory=list)
+    store: StoreSettings = StoreSettings()
+    keys: KeySettings = KeySettings()
+    policies: PolicySettings = PolicySettings()
+    audit: AuditSettings = AuditSettings()
+    logging: LoggingSettings = LoggingSettings()
+    source: str = Field("<defaults>", exclude=True, description="the file these settings came from")
+
+    @model_validator(mode="after")
+    def _unique(self) -> Settings:
+        names = [u.name for u in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ValueError("upstream names must be unique")
+        return self
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that remembers where every mapping key sits."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    mapping = loader.construct_mapping(node, deep=True)
+    marks = {k.value: (k.start_mark.line + 1, k.start_mark.column + 1) for k, _ in node.value
+             if isinstance(k, yaml.ScalarNode)}
+    mapping_marks[id(mapping)] = marks
+    return mapping
+
+
+mapping_marks: dict[int, dict[str, tuple[int, int]]] = {}
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _locate(data: Any, loc: tuple[Any, ...]) -> tuple[int | None, int | None]:
+    """The line and column of the deepest key of *loc* that exists in *data*."""
+    line = col = None
+    node = data
+    for part in loc:
+        if isinstance(node, dict):
+            marks = mapping_marks.get(id(node), {})
+            if part in marks:
+                line, col = marks[part]
+            if part not in node:
+                break
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            break
+    return line, col
+
+
+def parse_settings(text: str, source: str) -> Settings:
+    """Validate configuration text; ConfigError names *source*, line, column and field."""
+    mapping_marks.clear()
+    try:
+        data = yaml.load(text, Loader=_LineLoader) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=source,
+                          line=mark.line + 1 if mark else None,
+                          column=mark.column + 1 if mark else None) from None
+    if not isinstance(data, dict):
+        raise ConfigError("the file must hold a mapping of settings", file=source)
+    try:
+        return Settings.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        line, col = _locate(data, loc)
+        field = ".".join(str(p) for p in loc) or None
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(err["msg"] + more, file=source, line=line, column=col, field=field) from None
+    finally:
+        mapping_marks.clear()
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read and validate the configuration file (the example config when *path* is None)."""
+    path = path or DEFAULT_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("configuration file not found (pass --config FILE)", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", file=str(path)) from None
+    return parse_settings(text, str(path))

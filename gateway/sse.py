@@ -1,0 +1,116 @@
+"""Server-sent events from an OpenAI-compatible stream: cut into events, assembled into a reply.
+
+``EventSplitter.feed(chunk)`` returns the bytes of the complete events in *chunk* (to forward
+at once, unchanged) and holds back a trailing partial event and the final ``data: [DONE]``,
+which the gateway sends only after the round is committed. ``ReplyAssembler`` decodes the
+``data:`` JSON of each event once and builds the assistant message the stream amounts to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+DONE = b"data: [DONE]"
+
+
+class EventSplitter:
+    """Splits a byte stream on blank lines; remembers whether ``[DONE]`` arrived."""
+
+    __slots__ = ("_buf", "done", "events")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.done = False
+        self.events: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Complete events of *chunk* as bytes to forward; their payloads go to ``events``."""
+        buf = self._buf + chunk if self._buf else chunk
+        if b"\r\n" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            self._buf = buf
+            return b""
+        ready, self._buf = buf[: end + 2], buf[end + 2:]
+        out = ready
+        for event in ready.split(b"\n\n"):
+            if not event:
+                continue
+            if event.startswith(DONE):
+                self.done = True
+                out = out.replace(DONE + b"\n\n", b"")
+                continue
+            self.events.append(event)
+        return out
+
+    def rest(self) -> bytes:
+        """A trailing partial event the upstream never finished."""
+        return self._buf
+
+
+class ReplyAssembler:
+    """Builds the assistant message of choice 0 from ``chat.completion.chunk`` events."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.model: str | None = None
+        self.id: str | None = None
+        self.refusal: list[str] = []
+
+    def add_events(self, events: list[bytes]) -> None:
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    self._add(line[5:].strip())
+
+    def _add(self, data: bytes) -> None:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(chunk, dict):
+            return
+        self.id = self.id or chunk.get("id")
+        self.model = self.model or chunk.get("model")
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.content.append(delta["content"])
+            if delta.get("refusal"):
+                self.refusal.append(delta["refusal"])
+            for call in delta.get("tool_calls") or ():
+                slot = self.tool_calls.setdefault(call.get("index", 0), {
+                    "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                if call.get("id"):
+                    slot["id"] = call["id"]
+                fn = call.get("function") or {}
+                if fn.get("name"):
+                    slot["function"]["name"] += fn["name"]
+                if fn.get("arguments"):
+                    slot["function"]["arguments"] += fn["arguments"]
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def message(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) if self.content else None}
+        if self.tool_calls:
+            msg["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        if self.refusal:
+            msg["refusal"] = "".join(self.refusal)
+        return msg
+
+    def response(self) -> dict[str, Any]:
+        """The stream as one ``chat.completion`` body (what JSONPath reply keys address)."""
+        return {"id": self.id, "object": "chat.completion", "model": self.model,
+                "choices": [{"index": 0, "message": self.message(), "finish_reason": self.finish_reason}],
+                "usage": self.usage}

@@ -1,0 +1,94 @@
+"""Stage: forward. Sends ``forward_body`` upstream and relays the reply; sets ``response``,
+``upstream_status``, ``reply_message``, ``reply_body``, ``tail`` and ``outcome``.
+
+Non-streaming: the whole upstream body becomes ``tail``, sent by ``respond`` after ``persist``.
+Streaming: complete SSE events go to the client as they arrive; the final ``data: [DONE]`` is
+held back as ``tail`` so that the round is committed before the client sees the end. A client
+that disconnects, or an upstream that breaks off, ends the stream with outcome ``incomplete``
+(``ended_by`` says which); the partial reply is still recorded. Errors before any byte reached
+the client raise ``UpstreamError``/``UpstreamTimeout``; upstream 4xx/5xx bodies pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.context import Context
+from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.sse import EventSplitter, ReplyAssembler
+
+PASS_HEADERS = ("Content-Type", "X-Request-Id", "OpenAI-Processing-Ms", "OpenAI-Version")
+DONE_TAIL = b"data: [DONE]\n\n"
+
+
+async def forward(ctx: Context) -> None:
+    assert ctx.upstream is not None
+    ctx.outcome = "upstream_error"  # until proven otherwise
+    resp = await ctx.services.upstreams.send(ctx.upstream, "POST", "/chat/completions",
+                                             body=ctx.forward_body, headers=ctx.request.headers)
+    try:
+        ctx.upstream_status = resp.status
+        streaming = resp.content_type == "text/event-stream"
+        if resp.status >= 400 or not streaming:
+            ctx.tail = await _read_all(ctx, resp)
+            ctx.tail_type = resp.content_type
+            if resp.status < 400:
+                _parse_reply(ctx)
+            return
+        await _relay_stream(ctx, resp)
+    finally:
+        resp.release()
+
+
+async def _read_all(ctx: Context, resp: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await resp.read()
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout(f"upstream '{ctx.upstream.name}' stopped answering mid-reply") from exc  # type: ignore[union-attr]
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"upstream '{ctx.upstream.name}' broke off its reply ({type(exc).__name__})") from exc  # type: ignore[union-attr]
+
+
+def _parse_reply(ctx: Context) -> None:
+    try:
+        body = orjson.loads(ctx.tail)
+        message = body["choices"][0]["message"]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+        raise UpstreamError("upstream sent a reply that is not a chat completion", code="bad_upstream_reply") from exc
+    ctx.reply_body, ctx.reply_message, ctx.outcome = body, message, "completed"
+
+
+async def _relay_stream(ctx: Context, resp: aiohttp.ClientResponse) -> None:
+    out = web.StreamResponse(status=resp.status)
+    out.headers["Content-Type"] = "text/event-stream"
+    out.headers["Cache-Control"] = "no-cache"
+    out.headers["X-Sessiongate-Request-Id"] = ctx.request_id
+    splitter, assembler = EventSplitter(), ReplyAssembler()
+    ctx.response = out
+    ctx.outcome = "incomplete"
+    writing = True
+    try:
+        await out.prepare(ctx.request)
+        writing = False
+        async for chunk in resp.content.iter_any():
+            data = splitter.feed(chunk)
+            if splitter.events:
+                assembler.add_events(splitter.events)
+                splitter.events.clear()
+            if data:
+                writing = True
+                await out.write(data)
+                writing = False
+                ctx.bytes_out += len(data)
+        if splitter.done or assembler.finish_reason:
+            ctx.outcome = "completed"
+            ctx.tail = DONE_TAIL if splitter.done else b""
+        else:
+            ctx.ended_by = "upstream"
+    except (OSError, asyncio.TimeoutError, aiohttp.ClientError):
+        ctx.ended_by = "client" if writing else "upstream"
+    ctx.reply_message, ctx.reply_body = assembler.message(), assembler.response()

@@ -1,0 +1,57 @@
+"""Stage: persist. Commits the round and its audit entry durably; sets ``persisted``.
+
+Runs before ``respond`` sends the last byte, so a reply that reached the client whole is
+already on disk. The commit is shielded from cancellation: once started it finishes even if
+the client goes away. A failure propagates (fail closed): the client never gets a reply that
+looks complete for a round that was not stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.context import Context
+from gateway.policy import Policy
+from gateway.sessions import Bounding, RoundRecord
+
+
+def bounding_of(policy: Policy) -> Bounding:
+    """What the store plan needs of the policy to bound the window inside the transaction."""
+    s = policy.session
+    b = s.bounding
+    return Bounding(max_length=s.max_length, strategy=b.strategy, rounds=getattr(b, "rounds", 0),
+                    settings={"max_length": s.max_length, "input_keys": s.input_keys, "reply_keys": s.reply_keys})
+
+
+def audit_fields(ctx: Context) -> dict[str, object]:
+    """The audit entry of this round: names, sizes and outcome, never values."""
+    policy = ctx.policy
+    return {
+        "event": "round",
+        "request_id": ctx.request_id,
+        "session_id": ctx.session_id,
+        "policy_id": policy.id if policy else None,
+        "policy_hash": policy.version_hash if policy else None,
+        "route": ctx.request.path,
+        "model": ctx.model,
+        "outcome": ctx.outcome,
+        "ended_by": ctx.ended_by or None,
+        "upstream_status": ctx.upstream_status or None,
+        "input_keys": policy.session.input_keys if policy else None,
+        "reply_keys": policy.session.reply_keys if policy else None,
+        "recorded": [role for role, text in (("user", ctx.user_text), ("assistant", ctx.reply_text)) if text],
+        "bytes_in": len(ctx.raw),
+        "bytes_out": ctx.bytes_out or len(ctx.tail),
+    }
+
+
+async def persist(ctx: Context) -> None:
+    policy = ctx.policy
+    assert policy is not None
+    ctx.persist_attempted = True
+    rec = RoundRecord(ctx.request_id, policy.id, policy.version_hash, ctx.outcome, ctx.user_text,
+                      ctx.reply_text, audit_fields(ctx))
+    sessions = ctx.services.sessions
+    await asyncio.shield(sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy)))
+    ctx.persisted = True
+    ctx.services.metrics.rounds.labels(outcome=ctx.outcome).inc()

@@ -1,0 +1,28 @@
+"""Stage: resolve_session. Reads ``X-Session-Id``; sets ``session_id`` (None without one).
+
+The id is scoped by the tenant set in ``authenticate``: the same id under two tenants is two
+sessions, so no client can reach another tenant's session whatever id it sends.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gateway.context import Context
+from gateway.errors import InvalidSessionId
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$")
+
+
+def check_session_id(value: str) -> str:
+    """*value* when it is a valid session id; ``InvalidSessionId`` saying the rule otherwise."""
+    if not SESSION_ID.match(value):
+        raise InvalidSessionId(
+            "invalid session id: use 1-128 characters from letters, digits and . _ : @ + = -, "
+            "starting with a letter or digit")
+    return value
+
+
+async def resolve_session(ctx: Context) -> None:
+    value = ctx.request.headers.get("X-Session-Id")
+    ctx.session_id = check_session_id(value) if value is not None else None

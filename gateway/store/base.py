@@ -1,0 +1,163 @@
+"""The Store protocol: what every backend (SQLite, PostgreSQL) provides, and the rows it keeps.
+
+A store keeps bytes it cannot read: every payload arrives already sealed by ``gateway.crypto``
+and leaves sealed. The only plaintext columns are identifiers and metadata (tenant, session id,
+sequence numbers, times, policy id/hash, outcome, key ids) and audit entries, which by contract
+hold names and hashes, never values.
+
+Tables (both backends):
+
+- ``data_keys``  one per session: the session's data key, wrapped by a master key (``kek_id``).
+- ``sessions``   one per session: ``version`` (bumped by every write), ``next_seq`` (the next
+                 round sequence number) and ``state_ct``, the sealed session state (context
+                 window, memo, settings).
+- ``rounds``     append-only: one row per recorded round (or imported message pair), sealed.
+- ``audit``      append-only, per tenant: the hash chain (see ``gateway.audit``).
+
+Writes go through :meth:`Store.transact`: the backend opens one transaction, reads the current
+rows of the session (locked against other writers, including other processes), calls the
+caller's *plan* with them, writes what the plan returns, chains its audit entries, commits
+durably, and only then returns. A plan is a plain synchronous function; it may run on another
+thread and may run again if the backend retries, so it must not have side effects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class DataKeyRow:
+    """A session's data key, wrapped by the master key ``kek_id``."""
+
+    tenant: str
+    session_id: str
+    dk_id: bytes
+    kek_id: str
+    wrapped: bytes
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """A session's mutable state, sealed. ``version`` increases by one on every write."""
+
+    tenant: str
+    session_id: str
+    version: int
+    next_seq: int
+    state_ct: bytes
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRow:
+    """One recorded round, sealed. ``kind`` is ``round`` or ``import``; ``outcome`` is
+    ``completed``, ``incomplete``, ``upstream_error`` or ``imported``."""
+
+    tenant: str
+    session_id: str
+    seq: int
+    created_at: float
+    request_id: str
+    policy_id: str
+    policy_hash: str
+    outcome: str
+    kind: str
+    ct: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One link of a tenant's audit chain. ``body`` is the canonical JSON that ``hash`` covers."""
+
+    tenant: str
+    seq: int
+    created_at: float
+    body: bytes
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """What a plan sees: the session's rows as they are inside the transaction."""
+
+    tenant: str
+    session_id: str | None
+    session: SessionRow | None
+    data_key: DataKeyRow | None
+
+
+@dataclass(slots=True)
+class Changes:
+    """What a plan asks the store to write, all in one transaction.
+
+    ``audit`` holds the fields of new audit entries (names and hashes only); the store adds
+    ``seq``, time and the chain links and returns the sealed rows in ``audit_rows``.
+    """
+
+    data_key: DataKeyRow | None = None
+    session: SessionRow | None = None
+    rounds: list[RoundRow] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    delete_session: bool = False
+    audit_rows: list[AuditRow] = field(default_factory=list)
+    result: Any = None
+
+
+Plan = Callable[[Current], Changes]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    session_id: str
+    version: int
+    rounds: int
+    created_at: float
+    updated_at: float
+
+
+class Store(Protocol):
+    """A durable home for sealed session data and the audit chain."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema and start any background workers."""
+
+    async def close(self) -> None:
+        """Finish pending writes and release connections."""
+
+    async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
+        """The session's state row and data key row, either ``None`` when absent."""
+
+    async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
+        """Run *plan* on the current rows in one durable transaction; see the module docstring.
+
+        With ``session_id`` None only audit entries may be written. Raises what the plan
+        raises (nothing is written then) and ``StoreUnavailable`` when the database fails.
+        """
+
+    async def list_sessions(self, tenant: str) -> list[SessionSummary]:
+        """The tenant's sessions, newest first."""
+
+    def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
+                    until: float | None = None) -> AsyncIterator[RoundRow]:
+        """Rounds of a tenant (or one session) in (session, seq) order, in constant memory."""
+
+    def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
+        """A tenant's audit chain from ``after_seq + 1`` in sequence order, in constant memory."""
+
+    async def tenants(self) -> list[str]:
+        """Every tenant that has an audit chain or a session."""
+
+    def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
+        """Every data key row (for master-key rotation)."""
+
+    async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
+        """Replace a data key's wrapping if it is still ``old``; False when it changed meanwhile."""
+
+    async def checkpoint(self) -> None:
+        """Fold the write-ahead log into the main file (so erased bytes leave the disk)."""

@@ -1,0 +1,333 @@
+"""The embedded store: one SQLite file in WAL mode, written by one thread with group commit.
+
+Contract: see ``gateway.store.base``. How this backend keeps it:
+
+- One writer thread owns the write connection. Callers hand it plans through a queue; it takes
+  every plan waiting (up to ``BATCH``), runs each inside its own SAVEPOINT of one ``BEGIN
+  IMMEDIATE`` transaction, commits once with ``synchronous=FULL`` (one fsync for the batch) and
+  only then resolves the callers' futures. A failing plan rolls back to its savepoint alone.
+- Reads use their own connections on a small thread pool; nothing blocks the event loop.
+- ``BEGIN IMMEDIATE`` also serialises writes from other processes (the CLI) on the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway import audit
+from gateway.errors import StoreUnavailable
+from gateway.store.base import (
+    AuditRow,
+    Changes,
+    Current,
+    DataKeyRow,
+    Plan,
+    RoundRow,
+    SessionRow,
+    SessionSummary,
+)
+
+T = TypeVar("T")
+BATCH = 256
+PAGE = 500
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS data_keys (
+  tenant TEXT NOT NULL, session_id TEXT NOT NULL, dk_id BLOB NOT NULL, kek_id TEXT NOT NULL,
+  wrapped BLOB NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (tenant, session_id));
+CREATE INDEX IF NOT EXISTS data_keys_kek ON data_keys (kek_id);
+CREATE TABLE IF NOT EXISTS sessions (
+  tenant TEXT NOT NULL, session_id TEXT NOT NULL, version INTEGER NOT NULL, next_seq INTEGER NOT NULL,
+  state_ct BLOB NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+  PRIMARY KEY (tenant, session_id));
+CREATE TABLE IF NOT EXISTS rounds (
+  tenant TEXT NOT NULL, session_id TEXT NOT NULL, seq INTEGER NOT NULL, created_at REAL NOT NULL,
+  request_id TEXT NOT NULL, policy_id TEXT NOT NULL, policy_hash TEXT NOT NULL, outcome TEXT NOT NULL,
+  kind TEXT NOT NULL, ct BLOB NOT NULL, PRIMARY KEY (tenant, session_id, seq));
+CREATE INDEX IF NOT EXISTS rounds_time ON rounds (tenant, created_at);
+CREATE TABLE IF NOT EXISTS audit (
+  tenant TEXT NOT NULL, seq INTEGER NOT NULL, created_at REAL NOT NULL, body BLOB NOT NULL,
+  prev_hash TEXT NOT NULL, hash TEXT NOT NULL, PRIMARY KEY (tenant, seq));
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def read_current(conn: sqlite3.Connection, tenant: str, session_id: str | None) -> Current:
+    if session_id is None:
+        return Current(tenant, None, None, None)
+    srow = conn.execute("SELECT version, next_seq, state_ct, created_at, updated_at FROM sessions "
+                        "WHERE tenant=? AND session_id=?", (tenant, session_id)).fetchone()
+    krow = conn.execute("SELECT dk_id, kek_id, wrapped, created_at FROM data_keys "
+                        "WHERE tenant=? AND session_id=?", (tenant, session_id)).fetchone()
+    return Current(tenant, session_id,
+                   SessionRow(tenant, session_id, *srow) if srow else None,
+                   DataKeyRow(tenant, session_id, *krow) if krow else None)
+
+
+def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> None:
+    """Apply *ch* inside the open transaction and chain its audit entries."""
+    tenant, sid = cur.tenant, cur.session_id
+    if ch.delete_session:
+        for table in ("rounds", "sessions", "data_keys"):
+            conn.execute(f"DELETE FROM {table} WHERE tenant=? AND session_id=?", (tenant, sid))
+    if ch.data_key is not None:
+        k = ch.data_key
+        conn.execute("INSERT OR REPLACE INTO data_keys VALUES (?,?,?,?,?,?)",
+                     (k.tenant, k.session_id, k.dk_id, k.kek_id, k.wrapped, k.created_at))
+    if ch.session is not None:
+        s = ch.session
+        conn.execute("INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?)",
+                     (s.tenant, s.session_id, s.version, s.next_seq, s.state_ct, s.created_at, s.updated_at))
+    if ch.rounds:
+        conn.executemany("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?)",
+                         [(r.tenant, r.session_id, r.seq, r.created_at, r.request_id, r.policy_id,
+                           r.policy_hash, r.outcome, r.kind, r.ct) for r in ch.rounds])
+    if ch.audit:
+        head = conn.execute("SELECT seq, hash FROM audit WHERE tenant=? ORDER BY seq DESC LIMIT 1",
+                            (tenant,)).fetchone()
+        seq, prev = head if head else (0, audit.GENESIS)
+        now = time.time()
+        for fields in ch.audit:
+            seq += 1
+            row = audit.seal_entry(tenant, seq, prev, now, fields)
+            conn.execute("INSERT INTO audit VALUES (?,?,?,?,?,?)",
+                         (row.tenant, row.seq, row.created_at, row.body, row.prev_hash, row.hash))
+            ch.audit_rows.append(row)
+            prev = row.hash
+
+
+class SQLiteStore:
+    """The Store protocol on one SQLite file. Create, then ``await open()``."""
+
+    def __init__(self, path: Path, *, readers: int = 2) -> None:
+        self.path = Path(path)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sqlite-read")
+        self._local = threading.local()
+        self._write_conn: sqlite3.Connection | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            conn = _connect(self.path)
+            conn.executescript(SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
+        self._path_mode()
+        self._write_conn = conn
+        self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
+        self._writer.start()
+
+    def _path_mode(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                p.chmod(0o600)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        self._pool.shutdown(wait=True)
+
+    # --- writes --------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        conn = self._write_conn
+        assert conn is not None
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(conn, batch)
+        conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, _fut, _loop in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, fn(conn)))
+                    conn.execute("RELEASE op")
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            err = StoreUnavailable(f"the SQLite store failed to commit: {exc}")
+            outcomes = [(False, err)] * len(batch)
+        by_loop: dict[Any, list[Any]] = {}
+        for (_fn, fut, loop), outcome in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((fut, outcome))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_resolve, items)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise StoreUnavailable("the store is not open")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, fut, loop))
+        return await fut
+
+    async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
+        def run(conn: sqlite3.Connection) -> Changes:
+            cur = read_current(conn, tenant, session_id)
+            changes = plan(cur)
+            write_changes(conn, cur, changes)
+            return changes
+        return await self._write(run)
+
+    async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            c = conn.execute("UPDATE data_keys SET kek_id=?, wrapped=? WHERE tenant=? AND session_id=? "
+                             "AND kek_id=? AND wrapped=?",
+                             (kek_id, wrapped, old.tenant, old.session_id, old.kek_id, old.wrapped))
+            return c.rowcount == 1
+        return await self._write(run)
+
+    async def checkpoint(self) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # wal_checkpoint cannot run inside a transaction: run it on a read connection
+        await self._read(run)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            try:
+                return fn(self._conn())
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"the SQLite store failed to read: {exc}") from exc
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
+    async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
+        cur = await self._read(lambda c: read_current(c, tenant, session_id))
+        return cur.session, cur.data_key
+
+    async def list_sessions(self, tenant: str) -> list[SessionSummary]:
+        def run(c: sqlite3.Connection) -> list[SessionSummary]:
+            rows = c.execute(
+                "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant=s.tenant "
+                "AND r.session_id=s.session_id), s.created_at, s.updated_at FROM sessions s "
+                "WHERE s.tenant=? ORDER BY s.updated_at DESC", (tenant,)).fetchall()
+            return [SessionSummary(*r) for r in rows]
+        return await self._read(run)
+
+    async def tenants(self) -> list[str]:
+        def run(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute("SELECT tenant FROM audit UNION SELECT tenant FROM sessions ORDER BY 1").fetchall()
+            return [r[0] for r in rows]
+        return await self._read(run)
+
+    async def _pages(self, query: Callable[[sqlite3.Connection, Any], list[Any]]) -> AsyncIterator[Any]:
+        """Yield rows page by page; *query* gets the last row of the previous page (or None)."""
+        last = None
+        while True:
+            page = await self._read(lambda c, last=last: query(c, last))
+            for row in page:
+                yield row
+            if len(page) < PAGE:
+                return
+            last = page[-1]
+
+    def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
+                    until: float | None = None) -> AsyncIterator[RoundRow]:
+        cond, args = ["tenant=?"], [tenant]
+        if session_id is not None:
+            cond.append("session_id=?")
+            args.append(session_id)
+        if since is not None:
+            cond.append("created_at>=?")
+            args.append(since)
+        if until is not None:
+            cond.append("created_at<?")
+            args.append(until)
+        where = " AND ".join(cond)
+
+        def query(c: sqlite3.Connection, last: RoundRow | None) -> list[RoundRow]:
+            extra, more = "", []
+            if last is not None:
+                extra, more = " AND (session_id, seq) > (?, ?)", [last.session_id, last.seq]
+            rows = c.execute(f"SELECT * FROM rounds WHERE {where}{extra} ORDER BY session_id, seq LIMIT {PAGE}",
+                             (*args, *more)).fetchall()
+            return [RoundRow(*r) for r in rows]
+        return self._pages(query)
+
+    def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
+        def query(c: sqlite3.Connection, last: AuditRow | None) -> list[AuditRow]:
+            start = last.seq if last is not None else after_seq
+            rows = c.execute(f"SELECT * FROM audit WHERE tenant=? AND seq>? ORDER BY seq LIMIT {PAGE}",
+                             (tenant, start)).fetchall()
+            return [AuditRow(*r) for r in rows]
+        return self._pages(query)
+
+    def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
+        def query(c: sqlite3.Connection, last: DataKeyRow | None) -> list[DataKeyRow]:
+            key = (last.tenant, last.session_id) if last is not None else ("", "")
+            rows = c.execute("SELECT * FROM data_keys WHERE (tenant, session_id) > (?, ?) "
+                             f"ORDER BY tenant, session_id LIMIT {PAGE}", key).fetchall()
+            return [DataKeyRow(*r) for r in rows]
+        return self._pages(query)
+
+    async def count_data_keys(self, kek_id: str) -> int:
+        return await self._read(lambda c: c.execute("SELECT count(*) FROM data_keys WHERE kek_id=?",
+                                                    (kek_id,)).fetchone()[0])
+
+
+def _resolve(items: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
+    for fut, (ok, value) in items:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
