@@ -34,7 +34,6 @@ from gateway.session.model import (
 )
 from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store
 
-
 SYNC_STRATEGIES = frozenset({"simple_cut", "keep_last"})
 
 

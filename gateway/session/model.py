@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from gateway.errors import InvalidSession
+from gateway.session.record import MEMO_HEADER, context_length, message_length
 
 Message = dict[str, Any]
-MEMO_HEADER = "[CHAT SESSION MEMO]:\n"
 
 
 @dataclass(slots=True)
@@ -39,15 +39,6 @@ class SessionState:
     def from_dict(cls, data: dict[str, Any]) -> SessionState:
         return cls(list(data.get("context_window") or []), data.get("memo"),
                    dict(data.get("settings") or {}), bool(data.get("auto_resize", True)))
-
-
-def message_length(message: Message) -> int:
-    """Agently's length of one message: ``len(str(ChatMessage.model_dump()))``."""
-    return len(str({"role": message.get("role"), "content": message.get("content")}))
-
-
-def window_length(window: Sequence[Message]) -> int:
-    return sum(message_length(m) for m in window)
 
 
 def round_messages(user: str | None, assistant: str | None) -> list[Message]:
@@ -101,7 +92,7 @@ def keep_last(window: list[Message], rounds: int) -> list[Message]:
 
 
 def over_limit(state: SessionState, max_length: int | None) -> bool:
-    return max_length is not None and window_length(state.context_window) > max_length
+    return max_length is not None and context_length(state.context_window) > max_length
 
 
 def bound_sync(state: SessionState, strategy: str, max_length: int | None, rounds: int = 0) -> SessionState:
@@ -113,7 +104,7 @@ def bound_sync(state: SessionState, strategy: str, max_length: int | None, round
     window = state.context_window
     if strategy == "keep_last":
         window = keep_last(window, rounds)
-    if window_length(window) > max_length:
+    if context_length(window) > max_length:
         window = simple_cut(window, max_length)
     return replace(state, context_window=window)
 

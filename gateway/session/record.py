@@ -1,0 +1,412 @@
+"""What one round records: the structured request and reply views and the recorded texts.
+
+Pure functions, no I/O. The record stage builds a :class:`RequestView` from the chat request
+(``build_request_view``) and a :class:`ReplyView` from the assembled assistant message
+(``build_reply_view``), then asks ``render_user`` / ``render_reply`` for the texts of the user
+and assistant messages of the round (SPEC §1 "One round"); ``None`` means "record no message".
+
+Structured request (what non-``$``, non-``.root`` keys address), built lazily on first use:
+
+* the *new input* is the non-system messages after the last assistant message; the structured
+  slots come from the last user message among them (a tool-results round has none, so no slot);
+* a gateway-injected memo section at the start of that message is removed first;
+* a message that starts with an Agently section header (``[INFO]:``, ``[INPUT]:`` ... a line of
+  the form ``[NAME]:``) is split into slots named ``name`` lower-cased, spaces as underscores
+  (``output_requirement``); a body that parses as a YAML/JSON mapping or list becomes that
+  value, any other body stays text, an empty body gives no slot. ``info`` is read the way
+  Agently writes it (``- title: content`` lines, which YAML would misread: ``#0`` is a comment
+  there) into one map;
+* otherwise ``input`` is the message parsed as JSON when it is an object or array, else its text.
+
+Structured reply: ``data`` is the content parsed as JSON (whole content, else the first
+```` ```json ```` fenced block, else the first fenced block). Tool calls are reachable as
+``tool_calls[i].id / .type / .function.name / .function.arguments.<x>`` (arguments parsed from
+their JSON string when they parse): a key not found in ``data`` is looked up in
+``{"tool_calls": [...]}``. JSONPath reply keys run on the raw chat.completion body (or, when
+none is given, ``{"choices": [{"index": 0, "message": message}]}``), so ``$.usage.total_tokens``
+can be recorded even when the content is not JSON.
+
+Lengths: ``message_length`` is Agently's ``len(str(ChatMessage(**msg).model_dump()))``.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import re
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any, ClassVar
+
+import orjson
+import yaml
+
+from gateway.paths import MISSING as _MISSING
+from gateway.paths import KeyPath
+
+MEMO_HEADER = "[CHAT SESSION MEMO]:\n"
+SYSTEM_ROLES = frozenset({"system", "developer"})
+INPUT_ROLES = frozenset({"user", "tool", "function"})
+
+_SECTION_HEADER = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_INFO_ITEM = re.compile(r"^- (.+?): (.*)$")
+_PY_LITERAL = re.compile(r"^(?:[\[{(].*|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|True|False|None)$", re.DOTALL)
+
+
+def _without_timestamps(loader: type[Any]) -> type[Any]:
+    """Drop the timestamp resolver: a date-like value stays the string the client sent."""
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    return loader
+
+
+@_without_timestamps
+class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's safe loader, used when the text cannot hold an alias."""
+
+
+@_without_timestamps
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe loader that refuses aliases, so a small text cannot expand into a huge structure."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("YAML aliases are not read")
+        return super().compose_node(parent, index)
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+def content_text(content: Any) -> str:
+    """The text of a message content: a string, or the text parts of a content-part list joined by "\\n"."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join([text for part in content if (text := _part_text(part)) is not None])
+    return str(content)
+
+
+def _part_text(part: Any) -> str | None:
+    """The text of one content part, None for a non-text part."""
+    if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    return None
+
+
+def strip_memo(text: str, memo_section: str | None = None) -> str:
+    """Remove a gateway-injected ``[CHAT SESSION MEMO]:`` section from the start of ``text``.
+
+    ``memo_section`` is the exact prefix the gateway injected (``"[CHAT SESSION MEMO]:\\n<memo>\\n\\n"``);
+    when it is not given, the section is taken to end at the first blank line.
+    """
+    if memo_section and text.startswith(memo_section):
+        return text[len(memo_section) :]
+    if not text.startswith(MEMO_HEADER):
+        return text
+    end = text.find("\n\n", len(MEMO_HEADER))
+    return "" if end < 0 else text[end + 2 :]
+
+
+def new_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This round's new input: the non-system messages after the last assistant message."""
+    start = 0
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].get("role") == "assistant":
+            start = index + 1
+            break
+    return [message for message in messages[start:] if message.get("role") not in SYSTEM_ROLES]
+
+
+def input_text(messages: Sequence[dict[str, Any]], memo_section: str | None = None) -> str | None:
+    """The full text of this round's new user/tool messages joined by a blank line; None when empty."""
+    texts = []
+    for message in new_messages(messages):
+        if message.get("role") not in INPUT_ROLES:
+            continue
+        text = content_text(message.get("content"))
+        if message.get("role") == "user":
+            text = strip_memo(text, memo_section)
+        if text.strip():
+            texts.append(text)
+    return "\n\n".join(texts) if texts else None
+
+
+def message_length(message: dict[str, Any]) -> int:
+    """Agently's length of one message: ``len(str(ChatMessage(**message).model_dump()))``."""
+    dumped = {"role": message.get("role", "user"), "content": message.get("content")}
+    dumped.update((key, value) for key, value in message.items() if key not in ("role", "content"))
+    return len(str(dumped))
+
+
+def context_length(messages: Sequence[dict[str, Any]]) -> int:
+    """Agently's ``Session._calculate_context_length``: the sum of the message lengths."""
+    return sum(message_length(message) for message in messages)
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+
+def _load_json(text: str) -> Any:
+    """The JSON object or array in ``text`` (surrounding whitespace allowed), else MISSING."""
+    stripped = text.strip()
+    if not stripped or stripped[0] not in "{[":
+        return _MISSING
+    try:
+        return orjson.loads(stripped)
+    except orjson.JSONDecodeError:
+        return _MISSING
+
+
+def _load_structure(text: str) -> Any:
+    """A section body as a mapping or list (JSON or YAML); MISSING when it is a scalar or not parseable."""
+    value = _load_json(text)
+    if value is not _MISSING:
+        return value
+    try:
+        loader = _NoAliasLoader if "*" in text else _FastLoader
+        value = yaml.load(text, Loader=loader)  # both are safe loaders
+    except yaml.YAMLError:
+        return _MISSING
+    return value if isinstance(value, (dict, list)) else _MISSING
+
+
+def _info_value(text: str) -> Any:
+    """One ``- title: content`` value: Agently wrote ``str(value)``, so read Python literals back."""
+    if _PY_LITERAL.match(text):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return text
+    return text
+
+
+def _parse_info(body: str) -> Any:
+    """Agently's ``[INFO]:`` body: ``- title: content`` lines make one map, ``- line`` lines a list."""
+    items: list[list[str]] = []
+    keyed = True
+    for line in body.split("\n"):
+        if line.startswith("- "):
+            match = _INFO_ITEM.match(line)
+            keyed = keyed and match is not None
+            items.append([match.group(1), match.group(2)] if match else [line[2:]])
+        elif items:
+            items[-1][-1] += "\n" + line
+        else:
+            return _parse_body(body)
+    if keyed:
+        return {title: _info_value(content) for title, content in items}
+    return [": ".join(item) for item in items]
+
+
+def _parse_body(body: str) -> Any:
+    value = _load_structure(body)
+    return body if value is _MISSING else value
+
+
+def parse_sections(text: str) -> dict[str, Any] | None:
+    """Split an Agently-rendered prompt into slots; None when ``text`` does not start with a header."""
+    headers = list(_SECTION_HEADER.finditer(text))
+    if not headers or text[: headers[0].start()].strip():
+        return None
+    slots: dict[str, Any] = {}
+    for position, header in enumerate(headers):
+        end = headers[position + 1].start() if position + 1 < len(headers) else len(text)
+        body = text[header.end() : end].strip("\n").rstrip()
+        name = header.group(1).strip().lower().replace(" ", "_")
+        if not body.strip() or name in slots:
+            continue
+        slots[name] = _parse_info(body) if name == "info" else _parse_body(body)
+    return slots
+
+
+def parse_user_text(text: str) -> dict[str, Any]:
+    """The structured slots of one user message text (already stripped of the memo)."""
+    value = _load_json(text)
+    if value is not _MISSING:
+        return {"input": value}
+    sections = parse_sections(text)
+    if sections is not None:
+        return sections
+    return {"input": text} if text.strip() else {}
+
+
+def parse_reply_json(text: str | None) -> Any:
+    """The reply content as JSON (whole, else a ```json fenced block, else the first fenced block)."""
+    if not text:
+        return _MISSING
+    value = _load_json(text)
+    if value is not _MISSING:
+        return value
+    blocks = _FENCE.findall(text)
+    ordered = [body for lang, body in blocks if lang.lower() == "json"] + [body for _, body in blocks[:1]]
+    for body in ordered:
+        value = _load_json(body)
+        if value is not _MISSING:
+            return value
+    return _MISSING
+
+
+def _tool_call_view(call: Any) -> Any:
+    """A tool call with ``function.arguments`` parsed from its JSON string when it parses."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    function = dict(call["function"])
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            function["arguments"] = orjson.loads(arguments)
+    return {**call, "function": function}
+
+
+# --- views ----------------------------------------------------------------------------------
+
+
+class RequestView:
+    """What request keys address. Everything but the raw body is computed on first use."""
+
+    kind: ClassVar[str] = "request"
+
+    def __init__(self, body: dict[str, Any], memo_section: str | None = None) -> None:
+        self.request = body
+        self.memo_section = memo_section
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The request body as the client sent it (what JSONPath keys run on)."""
+        return self.request
+
+    @cached_property
+    def messages(self) -> list[dict[str, Any]]:
+        """The request's messages (an empty list when absent or malformed)."""
+        messages = self.request.get("messages")
+        if not isinstance(messages, list):
+            return []
+        return [message for message in messages if isinstance(message, dict)]
+
+    @cached_property
+    def system(self) -> str | None:
+        """The system/developer messages' text joined by "\\n" (``.agent.system``); None when none."""
+        texts = [content_text(m.get("content")) for m in self.messages if m.get("role") in SYSTEM_ROLES]
+        return "\n".join(texts) if texts else None
+
+    @cached_property
+    def slots(self) -> dict[str, Any]:
+        """The structured request: ``input``, ``info``, ``instruct``, ``output_requirement`` ..."""
+        users = [message for message in new_messages(self.messages) if message.get("role") == "user"]
+        if not users:
+            return {}
+        text = strip_memo(content_text(users[-1].get("content")), self.memo_section)
+        return parse_user_text(text)
+
+
+class ReplyView:
+    """What reply keys address: the parsed content, the tool calls, the raw reply."""
+
+    kind: ClassVar[str] = "reply"
+
+    def __init__(self, message: dict[str, Any], response: dict[str, Any] | None = None) -> None:
+        self.message = message
+        self.response = response
+
+    @cached_property
+    def text(self) -> str | None:
+        """The reply content as text; None when empty."""
+        text = content_text(self.message.get("content"))
+        return text or None
+
+    @cached_property
+    def data(self) -> Any:
+        """The content parsed as JSON (``None`` when it is not JSON: no Agently key finds anything)."""
+        value = parse_reply_json(self.text)
+        return None if value is _MISSING else value
+
+    @cached_property
+    def tool_calls(self) -> list[Any]:
+        """The tool calls with their arguments parsed."""
+        calls = self.message.get("tool_calls")
+        return [_tool_call_view(call) for call in calls] if isinstance(calls, list) else []
+
+    @cached_property
+    def tools(self) -> dict[str, Any] | None:
+        """``{"tool_calls": [...]}`` when the reply has tool calls, else None."""
+        return {"tool_calls": self.tool_calls} if self.tool_calls else None
+
+    @cached_property
+    def raw(self) -> dict[str, Any]:
+        """The raw chat.completion body (what JSONPath keys run on)."""
+        if self.response is not None:
+            return self.response
+        return {"choices": [{"index": 0, "message": self.message}]}
+
+
+def build_request_view(body: dict[str, Any], memo_section: str | None = None) -> RequestView:
+    """The view of one chat request; pass the exact memo section the gateway injected, if any."""
+    return RequestView(body, memo_section)
+
+
+def build_reply_view(message: dict[str, Any], response: dict[str, Any] | None = None) -> ReplyView:
+    """The view of one assembled assistant message (and the whole reply body, for JSONPath)."""
+    return ReplyView(message, response)
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def format_value(value: Any) -> str:
+    """Agently's ``_format_session_value``: scalars as text, anything else as YAML."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, bool)) or value is None:
+        return str(value)
+    try:
+        return yaml.safe_dump(value, allow_unicode=True, sort_keys=False).rstrip("\n")
+    except yaml.YAMLError:
+        return str(value)
+
+
+def format_keyed(items: Sequence[tuple[str, Any]]) -> str:
+    """Agently's ``_format_session_keyed_content``: ``[key]:\\nvalue`` blocks joined by "\\n", stripped."""
+    lines: list[str] = []
+    for key, value in items:
+        lines.append(f"[{key}]:")
+        lines.append(format_value(value))
+    return "\n".join(lines).strip()
+
+
+def render_keys(keys: Sequence[KeyPath], view: RequestView | ReplyView) -> str | None:
+    """One block per key found in ``view``, in key order; None when no key is found."""
+    items = []
+    for key in keys:
+        found, value = key.find(view)
+        if found:
+            items.append((key.source, value))
+    return format_keyed(items) if items else None
+
+
+def render_user(
+    keys: Sequence[KeyPath] | None, messages: Sequence[dict[str, Any]], view: RequestView
+) -> str | None:
+    """The recorded user message: the whole new input (``keys`` None) or the keyed blocks."""
+    if keys is None:
+        return input_text(messages, view.memo_section)
+    return render_keys(keys, view)
+
+
+def render_reply(keys: Sequence[KeyPath] | None, view: ReplyView) -> str | None:
+    """The recorded assistant message: the whole reply (``keys`` None) or the keyed blocks.
+
+    The whole reply is its text; tool calls are added as a YAML ``tool_calls:`` document after a
+    blank line (alone when there is no text). None when the reply is empty.
+    """
+    if keys is not None:
+        return render_keys(keys, view)
+    parts = [view.text] if view.text else []
+    if view.tool_calls:
+        parts.append(format_value({"tool_calls": view.tool_calls}))
+    return "\n\n".join(parts) if parts else None
