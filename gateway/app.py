@@ -18,7 +18,7 @@ from gateway.auth import Authenticator
 from gateway.context import Services
 from gateway.errors import GatewayError, IntegrityError
 from gateway.handlers import SERVICES, json_response
-from gateway.keyring import EnvKeyProvider, FileKeyProvider, Keyring, KeyProvider, ensure
+from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.metrics import Metrics
 from gateway.policy import PolicySet, PolicyWatcher
 from gateway.sessions import SessionService
@@ -99,12 +99,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     upstreams = Upstreams(upstream_settings)
     await upstreams.start()
     await policies.start()
-    app[SERVICES] = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics)
+    services = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics)
+    app[SERVICES] = services
     app["standin"] = standin is not None
     try:
         yield
     finally:
         await policies.stop()
+        await services.background.drain()
         await upstreams.close()
         await store.close()
         if standin is not None:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.background import Background
+
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
     from gateway.metrics import Metrics
@@ -31,7 +33,7 @@ class Services:
     sessions: SessionService
     policies: PolicyWatcher
     metrics: Metrics
-    extras: dict[str, Any] = field(default_factory=dict)
+    background: Background = field(default_factory=Background)
 
 
 @dataclass(slots=True)

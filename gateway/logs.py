@@ -25,7 +25,8 @@ def drop_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, A
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     stream = stream or sys.stderr
     pretty = fmt == "console" or (fmt == "auto" and stream.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback) if pretty else structlog.processors.JSONRenderer()
+    renderer: Any = (structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback) if pretty
+                     else structlog.processors.JSONRenderer())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

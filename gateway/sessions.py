@@ -29,6 +29,7 @@ from gateway.session.model import (
     SessionState,
     bound_sync,
     from_agently,
+    over_limit,
     round_messages,
     to_agently,
 )
@@ -169,7 +170,9 @@ class SessionService:
 
     async def commit_round(self, tenant: str, session_id: str | None, rec: RoundRecord,
                            bounding: Bounding) -> Changes:
-        """Record one round and its audit entry in one durable transaction."""
+        """Record one round and its audit entry in one durable transaction. The returned
+        changes' ``result`` is True when the window is still over ``max_length`` afterwards
+        (an asynchronous strategy has work to do)."""
         meta = RoundMeta(rec.request_id, rec.policy_id, rec.policy_hash, rec.outcome, "round")
         messages = round_messages(rec.user, rec.assistant)
 
@@ -190,6 +193,7 @@ class SessionService:
                     if state.auto_resize and bounding.strategy in SYNC_STRATEGIES:
                         state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
                 self._write_state(cur, ch, dk, state, [messages], meta)
+                ch.result = over_limit(state, bounding.max_length)
                 audit["round_seq"] = ch.rounds[0].seq
                 audit["ciphertext_sha256"] = hashlib.sha256(ch.rounds[0].ct).hexdigest()
             ch.audit.append(audit)

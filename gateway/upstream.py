@@ -13,8 +13,10 @@ import asyncio
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+import orjson
 
 from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
 from gateway.settings import UpstreamSettings
@@ -79,6 +81,23 @@ class Upstreams:
         raise BadRequest(f"no upstream serves model '{model}'; configured upstreams: {', '.join(self.names)}",
                          code="model_not_found")
 
+    async def complete(self, model: str | None, messages: list[dict[str, Any]], timeout: float) -> str:
+        """A side request (no session, never recorded): the text of a non-streaming completion."""
+        up = self.route(model)
+        body: dict[str, Any] = {"messages": messages, "stream": False}
+        if model is not None:
+            body["model"] = model
+        resp = await self.send(up, "POST", "/chat/completions", body=orjson.dumps(body),
+                               headers={"Content-Type": "application/json"})
+        async with resp:
+            if resp.status >= 400:
+                raise UpstreamError(f"upstream '{up.name}' refused the side request with status {resp.status}")
+            try:
+                data = await asyncio.wait_for(resp.read(), timeout)
+                return str(orjson.loads(data)["choices"][0]["message"]["content"] or "")
+            except (KeyError, IndexError, TypeError, orjson.JSONDecodeError) as exc:
+                raise UpstreamError(f"upstream '{up.name}' sent a side reply that is not a chat completion") from exc
+
     async def send(self, up: Upstream, method: str, path: str, *, body: bytes | None,
                    headers: Mapping[str, str], query: str = "") -> aiohttp.ClientResponse:
         """Send one request; the caller reads (or streams) and releases the response."""
@@ -89,7 +108,7 @@ class Upstreams:
         try:
             return await self._session.request(method, url, data=body, headers=out, timeout=up.timeout,
                                                allow_redirects=False)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream '{up.name}' did not answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream '{up.name}' is unreachable ({type(exc).__name__})") from exc

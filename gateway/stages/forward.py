@@ -11,8 +11,6 @@ the client raise ``UpstreamError``/``UpstreamTimeout``; upstream 4xx/5xx bodies 
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 import orjson
 from aiohttp import web
@@ -47,7 +45,7 @@ async def forward(ctx: Context) -> None:
 async def _read_all(ctx: Context, resp: aiohttp.ClientResponse) -> bytes:
     try:
         return await resp.read()
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamTimeout(f"upstream '{ctx.upstream.name}' stopped answering mid-reply") from exc  # type: ignore[union-attr]
     except aiohttp.ClientError as exc:
         raise UpstreamError(f"upstream '{ctx.upstream.name}' broke off its reply ({type(exc).__name__})") from exc  # type: ignore[union-attr]
@@ -89,6 +87,6 @@ async def _relay_stream(ctx: Context, resp: aiohttp.ClientResponse) -> None:
             ctx.tail = DONE_TAIL if splitter.done else b""
         else:
             ctx.ended_by = "upstream"
-    except (OSError, asyncio.TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, OSError, aiohttp.ClientError):
         ctx.ended_by = "client" if writing else "upstream"
     ctx.reply_message, ctx.reply_body = assembler.message(), assembler.response()

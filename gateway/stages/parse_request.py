@@ -39,7 +39,8 @@ def parse_json_object(raw: bytes) -> dict:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise InvalidJSON(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                          f"column {exc.colno}") from None
     if not isinstance(body, dict):
         raise InvalidJSON("request body must be a JSON object")
     return body

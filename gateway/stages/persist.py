@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 
 from gateway.context import Context
-from gateway.policy import Policy
+from gateway.policy import HookBounding, Policy
+from gateway.session.bounding import maintain, needs_maintenance
 from gateway.sessions import Bounding, RoundRecord
 
 
@@ -20,7 +21,7 @@ def bounding_of(policy: Policy) -> Bounding:
     s = policy.session
     b = s.bounding
     return Bounding(max_length=s.max_length, strategy=b.strategy, rounds=getattr(b, "rounds", 0),
-                    settings={"max_length": s.max_length, "input_keys": s.input_keys, "reply_keys": s.reply_keys})
+                    settings=policy.session_settings)
 
 
 def audit_fields(ctx: Context) -> dict[str, object]:
@@ -52,6 +53,13 @@ async def persist(ctx: Context) -> None:
     rec = RoundRecord(ctx.request_id, policy.id, policy.version_hash, ctx.outcome, ctx.user_text,
                       ctx.reply_text, audit_fields(ctx))
     sessions = ctx.services.sessions
-    await asyncio.shield(sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy)))
+    changes = await asyncio.shield(sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy)))
     ctx.persisted = True
     ctx.services.metrics.rounds.labels(outcome=ctx.outcome).inc()
+    if ctx.session_id is not None and needs_maintenance(policy) and (changes.result or _analysis_hook(policy)):
+        ctx.services.background.start((ctx.tenant, ctx.session_id), maintain(
+            sessions, ctx.tenant, ctx.session_id, policy, ctx.services.upstreams.complete, ctx.model))
+
+
+def _analysis_hook(policy: Policy) -> bool:
+    return isinstance(policy.session.bounding, HookBounding) and policy.session.bounding.analysis is not None

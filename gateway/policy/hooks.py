@@ -1,0 +1,88 @@
+"""Python bounding hooks named in a policy as ``module:function``.
+
+A hook has Agently's signature, sync or async:
+
+- analysis ``(full_context, context_window, memo, session_settings) -> strategy name | None``
+- execution ``(full_context, context_window, memo, session_settings)
+  -> (full_context | None, context_window | None, memo)``
+
+:func:`resolve_hook` imports a reference and checks it when the policy loads (it is the
+validator behind the ``HookRef`` fields of :mod:`gateway.policy.model`); :func:`call_hook` runs
+one and awaits it when it is async. A hook module is imported once per process: editing a
+policy file reloads the policy, editing the hook's code needs a restart.
+
+Raises ``ValueError`` (never ``ImportError``) so that pydantic reports it at the field.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+HOOK_REF_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
+"""``package.module:function`` (the attribute part may be dotted: ``mod:Class.method``)."""
+
+HOOK_PARAMETERS = ("full_context", "context_window", "memo", "session_settings")
+
+_REF = re.compile(HOOK_REF_PATTERN)
+
+
+@lru_cache(maxsize=256)
+def resolve_hook(ref: str) -> Callable[..., Any]:
+    """Import ``module:function`` and check that it is a callable taking 4 positional arguments.
+
+    Args:
+        ref: the reference as written in the policy.
+    Returns:
+        The callable (sync or async). Successful look-ups are cached; failures are not.
+    Raises:
+        ValueError: the reference is malformed, the module cannot be imported, the attribute
+            is missing, not callable, or cannot be called with the 4 hook arguments.
+    """
+    if not _REF.match(ref):
+        raise ValueError(f"hook {ref!r} must look like 'package.module:function'")
+    module_name, _, attr_path = ref.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is a policy error
+        raise ValueError(f"cannot import module {module_name!r} of hook {ref!r}: {exc}") from exc
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as exc:
+            raise ValueError(f"module {module_name!r} has no attribute {attr_path!r}") from exc
+    if not callable(target):
+        raise ValueError(f"hook {ref!r} is not callable")
+    _check_arity(ref, target)
+    return target
+
+
+def _check_arity(ref: str, fn: Callable[..., Any]) -> None:
+    """Raise ValueError unless ``fn`` accepts exactly the 4 hook arguments positionally."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot read the signature of hook {ref!r}: {exc}") from exc
+    try:
+        signature.bind(*HOOK_PARAMETERS)
+    except TypeError as exc:
+        raise ValueError(
+            f"hook {ref!r} must take 4 positional parameters ({', '.join(HOOK_PARAMETERS)}); "
+            f"its signature is {signature}"
+        ) from exc
+
+
+async def call_hook(fn: Callable[..., Any], full_context: Any, context_window: Any, memo: Any,
+                    session_settings: Any) -> Any:
+    """Call a hook with Agently's four arguments and await the result when it is awaitable.
+
+    Exceptions raised by the hook propagate unchanged; the caller decides how to fail.
+    """
+    result = fn(full_context, context_window, memo, session_settings)
+    if inspect.isawaitable(result):
+        result = await result
+    return result

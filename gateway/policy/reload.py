@@ -1,0 +1,122 @@
+"""Hot reload of the policy folder: edits take effect without a restart, bad edits are refused.
+
+:class:`PolicyWatcher` loads the folder when it is built (raising ``PolicyConfigError``, so a
+gateway never starts on invalid policies), then, once started, polls the folder every
+``interval`` seconds (default 0.5) in an asyncio task. A poll compares a fingerprint of the
+policy files (name, mtime in ns, size, inode); when it has changed and then stays the same for
+one more poll (so a half-written file is not read), the folder is loaded again in a worker
+thread. A valid set replaces ``current`` in one assignment, so a request sees either the old
+set or the new one, never a mix and never an error; ``on_change(new_set)`` is then called
+(sync or async). An invalid set is refused: the check's messages are logged with structlog
+(``policy_reload_refused``), ``last_error`` is set, and the last good set keeps serving. With
+the default interval an edit is live within about 1.5 seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+
+from gateway.errors import ConfigError
+from gateway.policy.loader import POLICY_SUFFIXES, load_policy_set
+from gateway.policy.matcher import PolicySet
+
+log = structlog.get_logger("sessiongate.policy")
+
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+OnChange = Callable[[PolicySet], Awaitable[None] | None]
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    """What a poll compares: (name, mtime_ns, size, inode) of each policy file, sorted."""
+    entries = []
+    try:
+        children = list(folder.iterdir()) if folder.is_dir() else [folder]
+    except OSError:
+        return ()
+    for child in children:
+        if child.suffix not in POLICY_SUFFIXES:
+            continue
+        try:
+            st = child.stat()
+        except OSError:
+            continue
+        entries.append((child.name, st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(sorted(entries))
+
+
+class PolicyWatcher:
+    """Serves the current :class:`PolicySet` of ``path`` and reloads it on change.
+
+    Raises ``ConfigError`` from the constructor when the folder is invalid at start-up.
+    """
+
+    def __init__(self, path: Path | str, on_change: OnChange | None = None, *,
+                 interval: float = 0.5) -> None:
+        self.path = Path(path)
+        self.interval = interval
+        self._on_change = on_change
+        self._seen = fingerprint(self.path)
+        self._current = load_policy_set(self.path)
+        self._task: asyncio.Task[None] | None = None
+        self.last_error: ConfigError | None = None
+        """The error of the last refused reload; None after a successful one."""
+
+    @property
+    def current(self) -> PolicySet:
+        """The set serving requests now (read it once per request)."""
+        return self._current
+
+    async def start(self) -> None:
+        """Start polling in a background task (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._poll(), name="policy-watcher")
+
+    async def stop(self) -> None:
+        """Stop polling and wait for the task to end."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def reload(self) -> bool:
+        """Load the folder now; swap it in when valid. Returns whether the new set was taken."""
+        try:
+            new = await asyncio.to_thread(load_policy_set, self.path)
+        except ConfigError as exc:
+            self.last_error = exc
+            log.error("policy_reload_refused", path=str(self.path), errors=str(exc).splitlines(),
+                      kept=[p.id for p in self._current])
+            return False
+        self._current = new
+        self.last_error = None
+        log.info("policy_reloaded", path=str(self.path),
+                 policies={p.id: p.version_hash[:12] for p in new},
+                 warnings=[str(w) for w in new.warnings])
+        if self._on_change is not None:
+            try:
+                result = self._on_change(new)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("policy_on_change_failed", path=str(self.path))
+        return True
+
+    async def _poll(self) -> None:
+        pending: Fingerprint | None = None
+        while True:
+            await asyncio.sleep(self.interval)
+            now = await asyncio.to_thread(fingerprint, self.path)
+            if now == self._seen:
+                pending = None
+            elif now != pending:
+                pending = now  # changed: wait one poll for the writer to finish
+            else:
+                self._seen, pending = now, None
+                await self.reload()
