@@ -19,8 +19,10 @@ from gateway.context import Services
 from gateway.errors import GatewayError, IntegrityError
 from gateway.handlers import SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
+from gateway.keys import KeyringWatcher
 from gateway.metrics import Metrics
 from gateway.policy import PolicySet, PolicyWatcher
+from gateway.retention import RetentionTask
 from gateway.sessions import SessionService
 from gateway.settings import Settings, UpstreamSettings
 from gateway.store.base import Changes, Store
@@ -86,8 +88,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                     "model (deterministic, offline). Add an entry under 'upstreams' to reach a real model.")
     store = open_store(settings)
     await store.open()
-    keyring = Keyring.from_provider(key_provider(settings))
-    sessions = SessionService(store, keyring)
+    provider = key_provider(settings)
+    sessions = SessionService(store, Keyring.from_provider(provider), lambda: Keyring.from_provider(provider))
+    keyring_watcher = None
+    if isinstance(provider, FileKeyProvider):
+        keyring_watcher = KeyringWatcher(provider.path, lambda: Keyring.from_provider(provider), sessions)
+        await keyring_watcher.start()
 
     async def on_policies(new: PolicySet) -> None:
         await store.transact(SYSTEM_TENANT, None, lambda cur: Changes(audit=[{
@@ -99,12 +105,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     upstreams = Upstreams(upstream_settings)
     await upstreams.start()
     await policies.start()
+    retention = RetentionTask(store, policies, settings.store.purge_interval_seconds)
+    await retention.start()
     services = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics)
     app[SERVICES] = services
     app["standin"] = standin is not None
     try:
         yield
     finally:
+        await retention.stop()
+        if keyring_watcher is not None:
+            await keyring_watcher.stop()
         await policies.stop()
         await services.background.drain()
         await upstreams.close()

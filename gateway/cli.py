@@ -4,8 +4,9 @@
     sessiongate clients new --tenant T [--name N]
     sessiongate sessions list|export|import|reset|delete|erase --tenant T [ID] [FILE]
     sessiongate policy check [PATH ...] | policy explain --request FILE [--reply FILE] ...
-    sessiongate keys generate|list|rotate|retire
-    sessiongate audit verify ... | export ... | purge
+    sessiongate keys generate|list|rotate|retire [KEY_ID]
+    sessiongate purge
+    sessiongate audit verify ... | export ...
 
 Every command reads the same configuration file as ``serve`` (``--config``, default
 ``config/sessiongate.yaml``). Errors are printed as one line naming the file, line and field,
@@ -161,6 +162,117 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return main_check(paths)
 
 
+def _load_json_file(path: str) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=path) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"not valid JSON: {exc.msg}", file=path, line=exc.lineno, column=exc.colno) from None
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    import yaml
+
+    from gateway.policy import load_policy_set
+    from gateway.policy.explain import explain
+    from gateway.stages.parse_request import check_chat
+    from gateway.stages.resolve_session import check_session_id
+
+    settings = _settings(args)
+    policies = load_policy_set(Path(args.policies) if args.policies else settings.policies.path)
+    request = _load_json_file(args.request)
+    if not isinstance(request, dict):
+        raise ConfigError("must hold a chat completion request object", file=args.request)
+    check_chat(request)
+    reply = _load_json_file(args.reply) if args.reply else None
+    sid = check_session_id(args.session) if args.session else None
+    state = None
+    if sid is not None and args.load_state:
+        loaded = _run(_with_sessions(settings, lambda svc: svc.load(args.tenant, sid)))
+        state = loaded.state if loaded else None
+    try:
+        report = explain(policies, request, tenant=args.tenant, session_id=sid, reply=reply, state=state)
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=args.reply) from None
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    _Dumper.add_representer(str, _str)
+    print(yaml.dump(report, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=100), end="")
+    return 0
+
+
+# --- keys ------------------------------------------------------------------------------
+
+def _key_file(settings: Settings) -> Path:
+    if settings.keys.master_key_env or settings.keys.master_key_file is None:
+        raise ConfigError("keys are read from an environment variable; manage them where it is set",
+                          file=settings.source, field="keys.master_key_env")
+    return settings.keys.master_key_file
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import datetime
+
+    from gateway import keyring as kr
+
+    settings = _settings(args)
+    if args.action == "generate":
+        path = _key_file(settings)
+        if not kr.ensure(path):
+            return _fail(f"{path} exists already; use 'sessiongate keys rotate' to add a new primary key")
+        print(f"generated a keyring with one primary master key at {path} (mode 0600); back it up")
+        return 0
+    from gateway.app import key_provider
+    provider = key_provider(settings)
+    if args.action == "list":
+        async def counts(svc: Any) -> dict[str, int]:
+            return {info.id: await svc.store.count_data_keys(info.id) for info in kr.list_keys(provider)}
+        used = _run(_with_sessions(settings, counts))
+        for info in kr.list_keys(provider):
+            when = datetime.datetime.fromtimestamp(info.created_at, datetime.UTC).isoformat(timespec="seconds")
+            print(f"{info.id}\t{info.state}\tcreated {when}\twraps {used.get(info.id, 0)} data keys")
+        return 0
+    if args.action == "rotate":
+        from gateway.keys import rewrap_all
+        new = kr.rotate(provider)
+        print(f"new primary master key {new.id}; re-wrapping data keys...")
+
+        async def rewrap(svc: Any) -> Any:
+            svc.keyring = kr.Keyring.from_provider(provider)
+            return await rewrap_all(svc)
+        report = _run(_with_sessions(settings, rewrap))
+        print(f"re-wrapped {report.rewrapped} data keys ({report.already_primary} already under {new.id}); "
+              "the old key stays for unwrapping until you retire it")
+        return 0
+    if args.action == "retire":
+        if not args.key_id:
+            return _fail("keys retire needs the id of the key to retire (see 'sessiongate keys list')")
+        in_use = _run(_with_sessions(settings, lambda svc: svc.store.count_data_keys(args.key_id)))
+        kr.retire(provider, args.key_id, in_use=in_use)
+        print(f"retired {args.key_id}: it can no longer unwrap data keys")
+        return 0
+    return _fail(f"unknown keys action {args.action}")
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from gateway.policy import load_policy_set
+    from gateway.retention import purge_expired
+
+    settings = _settings(args)
+    policies = load_policy_set(settings.policies.path)
+    totals = _run(_with_sessions(settings, lambda svc: purge_expired(svc.store, policies)))
+    print(f"purged {totals['rounds']} expired rounds; erased {totals['sessions']} sessions")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--config", default=argparse.SUPPRESS)
     pc.add_argument("paths", nargs="*")
     pc.set_defaults(fn=cmd_policy_check)
+    pe = pol.add_parser("explain", help="which policy a request gets, and what it would record and inject")
+    pe.add_argument("--config", default=argparse.SUPPRESS)
+    pe.add_argument("--request", required=True, help="chat completion request JSON file")
+    pe.add_argument("--reply", help="reply JSON file: a chat.completion, an assistant message or a string")
+    pe.add_argument("--tenant", default="default")
+    pe.add_argument("--session", help="session id (without one nothing is recorded or injected)")
+    pe.add_argument("--policies", help="policy folder (default: the configured one)")
+    pe.add_argument("--load-state", action="store_true", help="read the session's real state from the store")
+    pe.set_defaults(fn=cmd_policy_explain)
+
+    k = sub.add_parser("keys", help="master keys: generate, list, rotate, retire")
+    k.add_argument("--config", default=argparse.SUPPRESS)
+    k.add_argument("action", choices=["generate", "list", "rotate", "retire"])
+    k.add_argument("key_id", nargs="?")
+    k.set_defaults(fn=cmd_keys)
+
+    pu = sub.add_parser("purge", help="erase rounds past their policy's retention")
+    pu.add_argument("--config", default=argparse.SUPPRESS)
+    pu.set_defaults(fn=cmd_purge)
     return p
 
 

@@ -69,14 +69,22 @@ class RoundRecord:
 
 
 class SessionService:
-    def __init__(self, store: Store, keyring: Keyring) -> None:
+    """Sealed sessions over a store. ``reload_keyring`` (optional) re-reads the keyring when a
+    data key names a master key this process does not know yet (another process rotated)."""
+
+    def __init__(self, store: Store, keyring: Keyring,
+                 reload_keyring: Callable[[], Keyring] | None = None) -> None:
         self.store = store
         self.keyring = keyring
+        self.reload_keyring = reload_keyring
 
     # --- keys and sealing ---------------------------------------------------------------
 
     def _data_key(self, row: DataKeyRow) -> crypto.DataKey:
-        return self.keyring.unwrap(row.kek_id, row.dk_id, row.wrapped)
+        keyring = self.keyring
+        if row.kek_id not in keyring.ids() and self.reload_keyring is not None:
+            keyring = self.keyring = self.reload_keyring()
+        return keyring.unwrap(row.kek_id, row.dk_id, row.wrapped)
 
     def _new_data_key(self, tenant: str, session_id: str) -> tuple[crypto.DataKey, DataKeyRow]:
         dk = crypto.new_data_key()

@@ -104,6 +104,7 @@ class StoreSettings(_Strict):
     dsn_env: str | None = None
     schema_name: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     pool_size: int = Field(10, gt=0)
+    purge_interval_seconds: float = Field(3600.0, gt=0, description="how often retention purges run")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -159,5 +159,13 @@ class Store(Protocol):
     async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
         """Replace a data key's wrapping if it is still ``old``; False when it changed meanwhile."""
 
+    async def count_data_keys(self, kek_id: str) -> int:
+        """How many data keys the master key *kek_id* wraps."""
+
+    async def purge(self, policy_id: str, before: float) -> list[tuple[str, str, int, bool]]:
+        """Delete rounds recorded under *policy_id* before *before* (retention), each with an
+        audit entry; erase sessions left empty and idle. Returns one tuple per session touched:
+        ``(tenant, session_id, rounds_deleted, session_erased)``."""
+
     async def checkpoint(self) -> None:
         """Fold the write-ahead log into the main file (so erased bytes leave the disk)."""

@@ -225,6 +225,32 @@ class SQLiteStore:
             return c.rowcount == 1
         return await self._write(run)
 
+    async def purge(self, policy_id: str, before: float) -> list[tuple[str, str, int, bool]]:
+        """Delete rounds recorded under *policy_id* before *before*; a session left with no
+        rounds and no write since *before* is erased whole (data key included). Returns
+        ``(tenant, session_id, rounds_deleted, session_erased)`` per session touched."""
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str, int, bool]]:
+            touched = conn.execute("SELECT tenant, session_id, count(*) FROM rounds WHERE policy_id=? AND "
+                                   "created_at<? GROUP BY tenant, session_id", (policy_id, before)).fetchall()
+            out = []
+            for tenant, sid, n in touched:
+                conn.execute("DELETE FROM rounds WHERE tenant=? AND session_id=? AND policy_id=? AND created_at<?",
+                             (tenant, sid, policy_id, before))
+                left = conn.execute("SELECT count(*) FROM rounds WHERE tenant=? AND session_id=?",
+                                    (tenant, sid)).fetchone()[0]
+                idle = conn.execute("SELECT count(*) FROM sessions WHERE tenant=? AND session_id=? AND updated_at<?",
+                                    (tenant, sid, before)).fetchone()[0]
+                erased = left == 0 and idle == 1
+                if erased:
+                    conn.execute("DELETE FROM sessions WHERE tenant=? AND session_id=?", (tenant, sid))
+                    conn.execute("DELETE FROM data_keys WHERE tenant=? AND session_id=?", (tenant, sid))
+                write_changes(conn, Current(tenant, sid, None, None), Changes(audit=[{
+                    "event": "purge", "session_id": sid, "policy_id": policy_id,
+                    "detail": {"rounds_deleted": n, "session_erased": erased, "before": before}}]))
+                out.append((tenant, sid, n, erased))
+            return out
+        return await self._write(run)
+
     async def checkpoint(self) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,0 +1,83 @@
+"""``sessiongate policy explain``: which policy a request gets, why, and exactly what would be
+recorded and injected — computed by the same functions the request pipeline runs.
+
+``explain(policies, request, ...)`` is pure: it takes parsed JSON and an optional session state
+and returns a report (a dict, printed as YAML by the CLI). Nothing is stored or sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.policy.matcher import PolicySet, compile_globs
+from gateway.policy.model import Policy
+from gateway.session.model import SessionState, carries_history, inject
+from gateway.session.record import build_reply_view, build_request_view, render_reply, render_user
+
+
+def _criterion(patterns: list[str] | None, value: str | None, what: str) -> tuple[bool, str]:
+    if patterns is None:
+        return True, f"any {what}"
+    regex = compile_globs(patterns)
+    ok = value is not None and regex is not None and bool(regex.match(value))
+    shown = "none given" if value is None else repr(value)
+    return ok, f"{what} {shown} {'matches' if ok else 'does not match'} {patterns}"
+
+
+def why(policy: Policy, tenant: str, model: str | None, session_id: str | None) -> tuple[bool, list[str]]:
+    """Whether *policy* matches, and one line per match criterion saying why."""
+    results = [_criterion(policy.match.tenants, tenant, "tenant"),
+               _criterion(policy.match.models, model, "model"),
+               _criterion(policy.match.session_ids, session_id, "session id")]
+    return all(ok for ok, _ in results), [line for _, line in results]
+
+
+def reply_message(reply: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Accept a chat.completion body, an assistant message, plain reply text, or any other JSON
+    value (taken as the reply's JSON content)."""
+    if isinstance(reply, str):
+        return {"role": "assistant", "content": reply}, None
+    if isinstance(reply, dict) and isinstance(reply.get("choices"), list) and reply["choices"]:
+        return dict(reply["choices"][0].get("message") or {}), reply
+    if isinstance(reply, dict) and "content" in reply and "role" in reply:
+        return reply, None
+    if isinstance(reply, (dict, list)):
+        return {"role": "assistant", "content": orjson.dumps(reply).decode()}, None
+    raise ValueError("the reply must be a chat.completion object, an assistant message, a JSON value or a string")
+
+
+def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, session_id: str | None,
+            reply: Any = None, state: SessionState | None = None) -> dict[str, Any]:
+    model = request.get("model") if isinstance(request.get("model"), str) else None
+    chosen = policies.match(tenant, model, session_id)
+    considered = []
+    for policy in policies:
+        ok, reasons = why(policy, tenant, model, session_id)
+        considered.append({"policy": policy.id, "priority": policy.priority, "matches": ok, "why": reasons,
+                           "chosen": policy is chosen})
+    messages = request.get("messages") or []
+    recorded_user = recorded_reply = None
+    if session_id is not None and not chosen.records_nothing:
+        recorded_user = render_user(chosen.input_paths, messages, build_request_view(request))
+        if reply is not None:
+            message, body = reply_message(reply)
+            recorded_reply = render_reply(chosen.reply_paths, build_reply_view(message, body))
+    opts = chosen.session.inject
+    injected = inject(messages, state, window=opts.context_window, memo=opts.memo,
+                      memo_placement=opts.memo_placement) if session_id is not None else messages
+    return {
+        "policy": {"id": chosen.id, "version_hash": chosen.version_hash, "priority": chosen.priority,
+                   "file": str(chosen.source) if chosen.source else None},
+        "considered": considered,
+        "recorded": None if session_id is None else {
+            "user": recorded_user, "assistant": recorded_reply if reply is not None else "(no --reply given)",
+            "note": "a null message is not recorded"},
+        "injected": {
+            "client_sends_history": carries_history(messages),
+            "session_state": "loaded from the store" if state is not None else "none (new or unknown session)",
+            "forwarded_messages": injected,
+        },
+        "audit": {"input_keys": chosen.session.input_keys, "reply_keys": chosen.session.reply_keys},
+    }

@@ -1,0 +1,425 @@
+"""The built-in stand-in model: a deterministic, offline OpenAI-compatible server on loopback.
+
+Used by ``sessiongate serve`` when no upstream is configured, by the test suite as the upstream,
+and by the benchmark as an upstream that costs next to nothing.
+
+Routes (everything else, under ``/v1`` or not, answers an OpenAI-shaped 404):
+
+- ``POST /v1/chat/completions``: a ``chat.completion`` object, or with ``stream: true`` Server-Sent
+  Events: one role chunk, the content in ``chunks`` pieces, tool-call deltas when the reply has
+  tool calls, a chunk carrying ``finish_reason``, a usage chunk (``choices: []``) when
+  ``stream_options.include_usage`` is true, then ``data: [DONE]``. Each event is written on
+  its own.
+- ``GET /v1/models``: ``standin`` and ``standin-json``.
+- ``POST /v1/embeddings``: small deterministic unit vectors (8 floats, or ``dimensions`` up to
+  64), as float lists or base64 as the request asks.
+
+The reply is ``reply(body)`` when given (a string is the content, a dict the whole assistant
+message), otherwise the text ``"[sessiongate stand-in model] I received N messages; your last
+message was: <first 200 characters>"``. When the model is ``standin-json`` or the last user
+message carries Agently's ``[OUTPUT REQUIREMENT]`` with ``Data Format: JSON``, the default reply
+is instead a fenced JSON object built from the requested structure (strings ``"stand-in"``,
+ints ``50``, floats ``0.5``, booleans ``true``); a structure that does not parse falls back to
+the text reply (or, for ``standin-json``, to ``{"reply": <text>}``).
+
+Fault injection for tests, with the request header ``X-Standin-Fail``:
+``500`` and ``429`` answer that status with an OpenAI error body; ``timeout`` waits 30 s (or
+until the client hangs up) before answering; ``drop-mid-stream`` sends part of the reply (a few
+SSE chunks, or half of a JSON body) and then closes the connection without finishing it.
+
+``on_request(body)`` is called with every parsed chat request before anything else happens,
+failures included; it runs on the event loop, so it must be quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import itertools
+import math
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+Reply = Callable[[dict[str, Any]], "str | dict[str, Any]"]
+OnRequest = Callable[[dict[str, Any]], None]
+
+MODELS = ("standin", "standin-json")
+TIMEOUT_SECONDS = 30.0
+DROP_AFTER_CHUNKS = 3
+_DEFAULT_DIMENSIONS = 8
+_MAX_DIMENSIONS = 64
+_SSE_DONE = b"data: [DONE]\n\n"
+_JSON = "application/json"
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+
+
+# --- the default reply -----------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"<([^<>\n]*)>")
+_COMMENT = re.compile(r"\s+//.*$", re.MULTILINE)
+_ELLIPSIS = re.compile(r"^\s*\.\.\.\s*$\n?", re.MULTILINE)
+_TRAILING_COMMA = re.compile(r",(\s*[\]}])")
+_PLACEHOLDER_VALUES = {"int": "50", "float": "0.5", "number": "0.5", "bool": "true", "boolean": "true"}
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The text of a message's ``content``: the string itself, or its text parts joined by newlines."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _last_user_text(messages: list[Any]) -> str:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return message_text(message)
+    return ""
+
+
+def _structure_text(prompt: str) -> str | None:
+    """The ``Data Structure:`` block of an Agently JSON output requirement, or None."""
+    marker = "Data Structure:\n"
+    start = prompt.find(marker)
+    if start < 0:
+        return None
+    lines = prompt[start + len(marker):].split("\n")
+    if lines[0] in ("{}", "[]") or not lines[0].startswith(("{", "[")):
+        return lines[0]
+    block: list[str] = []
+    for line in lines:
+        block.append(line)
+        if line in ("}", "]"):  # Agently closes the top level at column 0
+            return "\n".join(block)
+    return None
+
+
+def _placeholder_value(match: re.Match[str]) -> str:
+    return _PLACEHOLDER_VALUES.get(match.group(1).strip().lower(), '"stand-in"')
+
+
+def sample_json(prompt: str) -> Any | None:
+    """A value shaped like the JSON structure an Agently prompt asks for, or None when unparsable."""
+    block = _structure_text(prompt)
+    if block is None:
+        return None
+    block = _COMMENT.sub("", block)
+    block = _ELLIPSIS.sub("", block)
+    block = _PLACEHOLDER.sub(_placeholder_value, block)
+    block = _TRAILING_COMMA.sub(r"\1", block)
+    try:
+        return orjson.loads(block)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _wants_json(model: Any, prompt: str) -> bool:
+    return model == "standin-json" or ("[OUTPUT REQUIREMENT]" in prompt and "Data Format: JSON" in prompt)
+
+
+def default_reply(body: dict[str, Any]) -> str:
+    """The stand-in's own reply to a chat request (see the module docstring)."""
+    messages = body["messages"]
+    last = _last_user_text(messages)
+    text = (
+        f"[sessiongate stand-in model] I received {len(messages)} messages; "
+        f"your last message was: {last[:200]}"
+    )
+    if not _wants_json(body.get("model"), last):
+        return text
+    value = sample_json(last)
+    if value is None:
+        if body.get("model") != "standin-json":
+            return text
+        value = {"reply": text}
+    return "```json\n" + orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n```"
+
+
+# --- response shapes -------------------------------------------------------------------------
+
+def _error(status: int, message: str, type_: str, code: str | None = None,
+           param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON)
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return _error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
+
+
+def _usage(body: dict[str, Any], content: str) -> dict[str, int]:
+    prompt_chars = sum(len(message_text(m)) for m in body["messages"] if isinstance(m, dict))
+    prompt, completion = max(1, prompt_chars // 4), max(1, len(content) // 4)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _split(text: str, pieces: int) -> list[str]:
+    """``text`` cut into ``pieces`` nearly equal parts (fewer when it is shorter)."""
+    if not text:
+        return []
+    n = min(pieces, len(text))
+    size = len(text)
+    return [text[i * size // n:(i + 1) * size // n] for i in range(n)]
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+class _Round:
+    """One chat request's reply: the assistant message and the fields every event repeats."""
+
+    def __init__(self, body: dict[str, Any], message: dict[str, Any], ident: str) -> None:
+        self.body = body
+        self.message = message
+        self.content = message.get("content") or ""
+        self.tool_calls = message.get("tool_calls") or []
+        self.finish_reason = "tool_calls" if self.tool_calls else "stop"
+        model = body.get("model") or "standin"
+        self.head = {"id": ident, "object": "", "created": int(time.time()), "model": model}
+
+    def completion(self) -> dict[str, Any]:
+        choice = {"index": 0, "message": self.message, "logprobs": None, "finish_reason": self.finish_reason}
+        return {**self.head, "object": "chat.completion", "choices": [choice],
+                "usage": _usage(self.body, self.content)}
+
+    def events(self, chunks: int) -> Iterator[bytes]:
+        """Every SSE event of the streamed reply, ``[DONE]`` included."""
+        options = self.body.get("stream_options")
+        with_usage = isinstance(options, dict) and options.get("include_usage") is True
+        head = {**self.head, "object": "chat.completion.chunk"}
+        if with_usage:
+            head["usage"] = None
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return _sse({**head, "choices": [choice]})
+
+        yield chunk({"role": "assistant", "content": ""})
+        for piece in _split(self.content, chunks):
+            yield chunk({"content": piece})
+        if self.tool_calls:
+            yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(self.tool_calls)]})
+        yield chunk({}, self.finish_reason)
+        if with_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(self.body, self.content)})
+        yield _SSE_DONE
+
+
+# --- the application -------------------------------------------------------------------------
+
+class _Standin:
+    """The request handlers, configured once by :func:`make_app`."""
+
+    def __init__(self, chunks: int, reply: Reply | None, on_request: OnRequest | None,
+                 latency: float) -> None:
+        if chunks < 1:
+            raise ValueError("chunks must be at least 1")
+        self.chunks = chunks
+        self.reply = reply or default_reply
+        self.on_request = on_request
+        self.latency = latency
+        self.ids = itertools.count(1)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return _error(400, "'messages' is a required property", "invalid_request_error", param="messages")
+        if self.on_request is not None:
+            self.on_request(body)
+        fail = request.headers.get("X-Standin-Fail")
+        if fail is not None and fail not in ("timeout", "drop-mid-stream"):
+            return _failure(fail)
+        if fail == "timeout":
+            await _wait_for_hang_up(request, TIMEOUT_SECONDS)
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        answer = self.reply(body)
+        message = {"role": "assistant", "content": answer} if isinstance(answer, str) else answer
+        round_ = _Round(body, message, f"chatcmpl-standin-{next(self.ids)}")
+        drop = fail == "drop-mid-stream"
+        if body.get("stream") is True:
+            return await self._stream(request, round_, drop)
+        if drop:
+            return await _drop_json(request, orjson.dumps(round_.completion()))
+        return web.Response(body=orjson.dumps(round_.completion()), content_type=_JSON)
+
+    async def _stream(self, request: web.Request, round_: _Round, drop: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        for n, event in enumerate(round_.events(self.chunks)):
+            if drop and n > DROP_AFTER_CHUNKS:
+                return _hang_up(request, response)
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "sessiongate"} for m in MODELS]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=_JSON)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if inputs is None or inputs == [] or inputs == "":
+            return _error(400, "'input' is a required property", "invalid_request_error", param="input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        dims = body.get("dimensions")
+        dims = dims if isinstance(dims, int) and 1 <= dims <= _MAX_DIMENSIONS else _DEFAULT_DIMENSIONS
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, item in enumerate(inputs):
+            vector = embed(str(item), dims)
+            encoded: Any = (base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+                            if as_base64 else vector)
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(max(1, len(str(item)) // 4) for item in inputs)
+        result = {"object": "list", "data": data, "model": body.get("model") or "standin",
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return web.Response(body=orjson.dumps(result), content_type=_JSON)
+
+
+def embed(text: str, dims: int = _DEFAULT_DIMENSIONS) -> list[float]:
+    """A deterministic unit vector of ``dims`` floats derived from the SHA-256 of ``text``."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(dims)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]
+
+
+def _failure(mode: str) -> web.Response:
+    if mode == "500":
+        return _error(500, "The stand-in model failed on purpose (X-Standin-Fail: 500).", "server_error")
+    if mode == "429":
+        return _error(429, "Rate limit reached for the stand-in model (X-Standin-Fail: 429).", "requests",
+                      "rate_limit_exceeded")
+    message = f"Unknown X-Standin-Fail mode {mode[:40]!r}; use 500, 429, timeout or drop-mid-stream."
+    return _error(400, message, "invalid_request_error", param="X-Standin-Fail")
+
+
+async def _wait_for_hang_up(request: web.Request, seconds: float) -> None:
+    """Sleep up to ``seconds``, returning early when the client closes the connection."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(0.05)
+
+
+def _hang_up(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Close the connection after what was written so far; the reply stays unfinished."""
+    if request.transport is not None:
+        request.transport.close()
+    response.force_close()
+    return response
+
+
+async def _drop_json(request: web.Request, payload: bytes) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": _JSON})
+    response.content_length = len(payload)
+    await response.prepare(request)
+    await response.write(payload[: len(payload) // 2])
+    return _hang_up(request, response)
+
+
+def make_app(*, chunks: int = 20, reply: Reply | None = None, on_request: OnRequest | None = None,
+             latency: float = 0.0) -> web.Application:
+    """The stand-in as an aiohttp application.
+
+    Args:
+        chunks: how many content pieces a streamed reply is cut into (at least 1).
+        reply: builds the reply from the request body: a string (the content) or a dict (the
+            whole assistant message, e.g. with ``tool_calls``). Default: :func:`default_reply`.
+        on_request: called with every parsed chat request body; must be quick.
+        latency: seconds to wait before each chat reply starts.
+
+    Raises:
+        ValueError: ``chunks`` is below 1.
+    """
+    standin = _Standin(chunks, reply, on_request, latency)
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", standin.chat)
+    app.router.add_get("/v1/models", standin.models)
+    app.router.add_post("/v1/embeddings", standin.embeddings)
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    return app
+
+
+async def run_standin(host: str = "127.0.0.1", port: int = 0, **kw: Any) -> tuple[web.AppRunner, int]:
+    """Start the stand-in on ``host:port`` (0 picks a free port) in the running loop.
+
+    ``kw`` goes to :func:`make_app`. Returns the runner (``await runner.cleanup()`` stops it)
+    and the bound port.
+    """
+    runner = web.AppRunner(make_app(**kw), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner, runner.addresses[0][1]
+
+
+@contextlib.contextmanager
+def standin_thread(**kw: Any) -> Iterator[str]:
+    """Run the stand-in on its own event loop in a background thread (for sync tests).
+
+    ``kw`` goes to :func:`run_standin`. Yields the base URL, ``http://127.0.0.1:<port>/v1``;
+    the server is stopped and the thread joined on exit.
+    """
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="standin", daemon=True)
+    thread.start()
+    try:
+        runner, port = asyncio.run_coroutine_threadsafe(run_standin(**kw), loop).result(10)
+        try:
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m gateway.standin [--host H] [--port P] [--chunks N] [--latency S]``."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.standin", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--chunks", type=int, default=20, help="content pieces per streamed reply")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each chat reply")
+    args = parser.parse_args(argv)
+    loop: asyncio.AbstractEventLoop
+    try:
+        import uvloop
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    app = make_app(chunks=args.chunks, latency=args.latency)
+    print(f"sessiongate stand-in model on http://{args.host}:{args.port}/v1", flush=True)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop,
+                shutdown_timeout=1.0)
+
+
+if __name__ == "__main__":
+    main()
