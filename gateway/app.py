@@ -25,11 +25,12 @@ from gateway.policy import PolicySet, PolicyWatcher
 from gateway.retention import RetentionTask
 from gateway.sessions import SessionService
 from gateway.settings import Settings, UpstreamSettings
-from gateway.store.base import Changes, Store
+from gateway.store.base import SYSTEM_TENANT, Changes, Store
 from gateway.upstream import Upstreams
 
 log = structlog.get_logger("gateway.app")
-SYSTEM_TENANT = "_system"
+SETTINGS = web.AppKey("settings", Settings)
+STANDIN = web.AppKey("standin", bool)
 
 
 @web.middleware
@@ -77,7 +78,7 @@ def open_store(settings: Settings) -> Store:
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
-    settings: Settings = app["settings"]
+    settings = app[SETTINGS]
     upstream_settings = list(settings.upstreams)
     standin = None
     if not upstream_settings:
@@ -109,7 +110,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await retention.start()
     services = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics)
     app[SERVICES] = services
-    app["standin"] = standin is not None
+    app[STANDIN] = standin is not None
     try:
         yield
     finally:
@@ -126,7 +127,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes)
-    app["settings"] = settings
+    app[SETTINGS] = settings
     app.cleanup_ctx.append(_services)
     r = app.router
     r.add_post("/v1/chat/completions", handlers.chat_completions)

@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from gateway import logs
-    from gateway.app import build_app
+    from gateway.app import STANDIN, build_app
     from gateway.handlers import SERVICES
 
     settings = _settings(args)
@@ -70,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"  keys      {services.sessions.keyring.source}",
             f"  policies  {settings.policies.path} ({len(services.policies.current.policies)} loaded)",
         ]
-        if app["standin"]:
+        if app[STANDIN]:
             lines.append("  upstream  *** BUILT-IN STAND-IN MODEL: no upstream configured; replies are canned ***")
         else:
             lines.append(f"  upstream  {', '.join(services.upstreams.names)}")

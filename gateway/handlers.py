@@ -61,6 +61,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     """Any other ``/v1/*`` route: forwarded as it is, with the upstream's key, and audited."""
     services = request.app[SERVICES]
     principal = services.auth.client(request.headers.get("Authorization"))
+    refuse_session_paths(request)
     request_id = new_request_id()
     body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
     model = None
@@ -88,6 +89,20 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         "outcome": "completed" if resp.status < 400 else "upstream_error", "upstream_status": resp.status}))
     services.metrics.requests.labels(route="proxy", status=str(resp.status)).inc()
     return out
+
+
+def refuse_session_paths(request: web.Request) -> None:
+    """A ``/v1/sessions`` path that no session route took never goes upstream (it would carry a
+    session document or id to the provider): an id with ``/`` gets 400, a wrong method 405."""
+    path = request.path
+    if path == "/v1/sessions":
+        raise web.HTTPMethodNotAllowed(request.method, ["GET"])
+    if not path.startswith("/v1/sessions/"):
+        return
+    rest = path[len("/v1/sessions/"):]
+    reset = rest.endswith("/reset")
+    check_session_id(rest.removesuffix("/reset") if reset else rest)
+    raise web.HTTPMethodNotAllowed(request.method, ["POST"] if reset else ["GET", "PUT", "DELETE"])
 
 
 def _audit_only(fields: dict[str, object]) -> Changes:

@@ -20,10 +20,9 @@ import structlog
 from gateway.errors import ConfigError
 from gateway.keyring import Keyring
 from gateway.sessions import SessionService
-from gateway.store.base import Changes
+from gateway.store.base import SYSTEM_TENANT, Changes
 
 log = structlog.get_logger("gateway.keys")
-SYSTEM_TENANT = "_system"
 
 
 @dataclass(frozen=True, slots=True)

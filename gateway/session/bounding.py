@@ -115,6 +115,8 @@ async def _summarize(state: SessionState, cfg: Summarize, max_length: int | None
     try:
         summary = await asyncio.wait_for(summarizer(cfg.model or model, messages, cfg.timeout_seconds),
                                          cfg.timeout_seconds)
+        if not summary.strip():
+            raise ValueError("the summarizer answered with an empty text")
     except Exception as exc:  # noqa: BLE001 - the spec'd fallback: cut instead, log the failure
         log.warning("summarize_failed_cut_instead", error=type(exc).__name__, detail=str(exc)[:200])
         return replace(state, context_window=simple_cut(state.context_window, max_length or 0))

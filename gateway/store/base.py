@@ -27,6 +27,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+SYSTEM_TENANT = "_system"
+"""The audit chain of gateway-wide events (policy reloads, key rotation)."""
+
 
 @dataclass(frozen=True, slots=True)
 class DataKeyRow:

@@ -1,0 +1,117 @@
+"""The session model: bounding, injection and Agently's JSON form (SPEC §1)."""
+
+from __future__ import annotations
+
+import pytest
+from agently.core.session.Session import Session as AgentlySession
+
+from gateway.errors import InvalidSession
+from gateway.session.model import (
+    SessionState,
+    bound_sync,
+    carries_history,
+    from_agently,
+    inject,
+    keep_last,
+    memo_section,
+    simple_cut,
+    split_rounds,
+    to_agently,
+)
+from gateway.session.record import context_length
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+WINDOW = [msg("user", "u1" * 20), msg("assistant", "a1" * 20), msg("user", "u2" * 20), msg("assistant", "a2" * 20)]
+
+
+def test_simple_cut_keeps_newest_messages_that_fit() -> None:
+    """simple_cut keeps the newest messages whose Agently length fits in max_length."""
+    limit = context_length(WINDOW[-2:]) + 5
+    assert simple_cut(WINDOW, limit) == WINDOW[-2:]
+
+
+def test_simple_cut_matches_agently() -> None:
+    """The gateway's simple_cut gives the same window as Agently's own handler."""
+    import asyncio
+
+    limit = context_length(WINDOW[-3:]) + 1
+    agently = AgentlySession()
+    agently.session_settings.set("max_length", limit)
+    asyncio.run(agently.async_set_chat_history(WINDOW))
+    assert len(agently.context_window) < len(WINDOW)
+    assert [m.model_dump() for m in agently.context_window] == simple_cut(WINDOW, limit)
+
+
+def test_simple_cut_cuts_last_message_when_none_fits() -> None:
+    """When no message fits, the last one is kept cut to its final max_length characters."""
+    out = simple_cut([msg("user", "x" * 50 + "TAIL")], 4)
+    assert out == [{"role": "user", "content": "TAIL"}]
+
+
+def test_keep_last_keeps_whole_rounds() -> None:
+    """keep_last keeps the last N rounds, a user message with its reply."""
+    assert keep_last(WINDOW, 1) == WINDOW[2:]
+    assert len(split_rounds([msg("assistant", "a"), msg("assistant", "b"), msg("user", "c")])) == 3
+
+
+def test_bound_sync_only_acts_over_the_limit() -> None:
+    """A window within max_length is left alone; one over it is bounded to fit."""
+    state = SessionState(list(WINDOW))
+    assert bound_sync(state, "simple_cut", 10_000) is state
+    bounded = bound_sync(state, "keep_last", context_length(WINDOW) - 1, rounds=1)
+    assert bounded.context_window == WINDOW[2:]
+
+
+def test_inject_places_window_after_system_and_before_new_messages() -> None:
+    """The window goes after the system message(s) and before the new messages."""
+    state = SessionState([msg("user", "old"), msg("assistant", "old reply")])
+    out = inject([msg("system", "S"), msg("user", "new")], state)
+    assert [m["content"] for m in out] == ["S", "old", "old reply", "new"]
+
+
+def test_inject_memo_as_user_section_and_as_system() -> None:
+    """The memo is a [CHAT SESSION MEMO] section at the start of the final user message, or a system message."""
+    state = SessionState([], memo={"facts": ["code X-1"]})
+    out = inject([msg("user", "hi")], state)
+    assert out[-1]["content"] == "[CHAT SESSION MEMO]:\nfacts:\n- code X-1\n\nhi"
+    out = inject([msg("system", "S"), msg("user", "hi")], state, memo_placement="system")
+    assert out[1] == {"role": "system", "content": memo_section(state.memo)} and out[2]["content"] == "hi"
+
+
+def test_client_history_is_not_injected_twice() -> None:
+    """A client that sends its own history (assistant messages) gets no window injected."""
+    state = SessionState([msg("user", "old"), msg("assistant", "old reply")])
+    messages = [msg("user", "old"), msg("assistant", "old reply"), msg("user", "new")]
+    assert carries_history(messages)
+    assert inject(messages, state) is messages
+
+
+def test_agently_json_round_trip_through_agently() -> None:
+    """A session written by the gateway loads into Agently and comes back unchanged."""
+    import json
+
+    state = SessionState([msg("user", "b"), msg("assistant", "c")], {"facts": [1]},
+                         {"max_length": 100, "input_keys": ["input.x"], "reply_keys": None})
+    full = [msg("user", "a"), msg("assistant", "z"), *state.context_window]
+    data = to_agently("acme:alice", full, state)
+    agently = AgentlySession()
+    agently.load_json_session(json.dumps(data))
+    back_full, back_state = from_agently(json.loads(agently.get_json_session()))
+    assert back_full == full
+    assert back_state.context_window == state.context_window and back_state.memo == state.memo
+    # Agently's settings merge adds entries of its own (and a None to lists); ours survive
+    assert "input.x" in back_state.settings["input_keys"] and back_state.settings["max_length"] == 100
+
+
+def test_from_agently_falls_back_to_full_context_and_rejects_bad_shapes() -> None:
+    """A missing context_window falls back to full_context; malformed documents name the field."""
+    full, state = from_agently({"full_context": [msg("user", "a")]})
+    assert state.context_window == full
+    with pytest.raises(InvalidSession, match="full_context\\[0\\]"):
+        from_agently({"full_context": [{"content": "no role"}]})
+    with pytest.raises(InvalidSession, match="memo"):
+        from_agently({"memo": 5})

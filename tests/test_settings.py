@@ -1,0 +1,85 @@
+"""Configuration: validated once at start-up, errors name the file, line and field."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError
+from gateway.settings import Settings, load_settings, parse_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_is_valid() -> None:
+    """The example configuration loads and has the demo clients."""
+    settings = load_settings(REPO / "config/sessiongate.yaml")
+    assert {c.tenant for c in settings.clients} == {"acme", "globex"}
+    assert settings.upstreams == []
+
+
+def test_unknown_field_names_file_line_and_field() -> None:
+    """An unknown field is refused with the file, its line and the field path."""
+    text = "server:\n  host: 127.0.0.1\n  prot: 80\n"
+    with pytest.raises(ConfigError) as err:
+        parse_settings(text, "conf.yaml")
+    assert str(err.value).startswith("conf.yaml:3:3: server.prot: ")
+
+
+def test_wrong_type_in_list_item_names_its_line() -> None:
+    """A bad value inside a list item points at that item's line."""
+    text = "upstreams:\n  - name: a\n    base_url: ftp://x\n"
+    with pytest.raises(ConfigError, match=r"^conf.yaml:3:5: upstreams.0.base_url: .*http://") as err:
+        parse_settings(text, "conf.yaml")
+    assert err.value.line == 3
+
+
+def test_bad_yaml_names_the_line() -> None:
+    """A YAML syntax error names the line the parser stopped at."""
+    with pytest.raises(ConfigError, match=r"^conf.yaml:2:"):
+        parse_settings("server:\n  host: a: b\n", "conf.yaml")
+
+
+def test_client_key_hash_must_be_hex() -> None:
+    """A client key given as plaintext instead of its SHA-256 is refused with the fix named."""
+    text = "clients:\n  - name: c\n    tenant: acme\n    key_sha256: sg-plaintext-key\n"
+    with pytest.raises(ConfigError, match="sessiongate clients new"):
+        parse_settings(text, "conf.yaml")
+
+
+def test_serve_with_invalid_config_exits_with_one_line_error(tmp_path: Path) -> None:
+    """`serve` on a broken file prints one line naming file, line and field, and no traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  port: not-a-port\n")
+    proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert re.search(r"bad.yaml:2:3: server.port: ", proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    """Every configuration field appears in the README's configuration reference."""
+    readme = (REPO / "README.md").read_text()
+    reference = readme.split("## Configuration reference", 1)[1]
+
+    def fields(model: type, prefix: str = "") -> list[str]:
+        out = []
+        for name, info in model.model_fields.items():
+            if name == "source":
+                continue
+            key = info.alias or name
+            out.append(prefix + key)
+            ann = info.annotation
+            inner = getattr(ann, "__args__", (ann,))
+            for t in inner:
+                if isinstance(t, type) and hasattr(t, "model_fields"):
+                    out.extend(fields(t, f"{prefix}{key}."))
+        return out
+
+    missing = [f for f in fields(Settings) if f"`{f}`" not in reference]
+    assert not missing, f"undocumented settings: {missing}"
