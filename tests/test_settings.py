@@ -75,10 +75,10 @@ def test_every_setting_is_documented_in_the_readme() -> None:
             key = info.alias or name
             out.append(prefix + key)
             ann = info.annotation
-            inner = getattr(ann, "__args__", (ann,))
-            for t in inner:
+            is_list = getattr(ann, "__origin__", None) is list
+            for t in getattr(ann, "__args__", (ann,)):
                 if isinstance(t, type) and hasattr(t, "model_fields"):
-                    out.extend(fields(t, f"{prefix}{key}."))
+                    out.extend(fields(t, f"{prefix}{key}{'[]' if is_list else ''}."))
         return out
 
     missing = [f for f in fields(Settings) if f"`{f}`" not in reference]
