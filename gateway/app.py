@@ -7,6 +7,8 @@ is configured); its clean-up closes them in reverse order.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import structlog
 from aiohttp import web
 
 from gateway import handlers
+from gateway.auditor import AuditTrail
 from gateway.auth import Authenticator
 from gateway.context import Services
 from gateway.errors import GatewayError, IntegrityError
@@ -87,8 +90,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         upstream_settings = [UpstreamSettings(name="stand-in", base_url=f"http://127.0.0.1:{port}/v1")]
         log.warning("standin_model", note="NO UPSTREAM CONFIGURED: replies come from the built-in stand-in "
                     "model (deterministic, offline). Add an entry under 'upstreams' to reach a real model.")
-    store = open_store(settings)
+    trail = AuditTrail(settings)
+    store = trail.observe(open_store(settings))
     await store.open()
+    checkpoints = asyncio.create_task(trail.checkpointer.run(), name="checkpointer")
     provider = key_provider(settings)
     sessions = SessionService(store, Keyring.from_provider(provider), lambda: Keyring.from_provider(provider))
     keyring_watcher = None
@@ -108,7 +113,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await policies.start()
     retention = RetentionTask(store, policies, settings.store.purge_interval_seconds)
     await retention.start()
-    services = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics)
+    services = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics, trail)
     app[SERVICES] = services
     app[STANDIN] = standin is not None
     try:
@@ -119,6 +124,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await keyring_watcher.stop()
         await policies.stop()
         await services.background.drain()
+        checkpoints.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await checkpoints
         await upstreams.close()
         await store.close()
         if standin is not None:
@@ -137,6 +145,9 @@ def build_app(settings: Settings) -> web.Application:
     r.add_delete("/v1/sessions/{session_id}", handlers.delete_session)
     r.add_post("/v1/sessions/{session_id}/reset", handlers.reset_session)
     r.add_route("*", "/v1/{tail:.*}", handlers.proxy)
+    r.add_get("/admin/public-key", handlers.admin_public_key)
+    r.add_get("/admin/audit/verify", handlers.admin_verify)
+    r.add_get("/admin/export", handlers.admin_export)
     r.add_get("/healthz", handlers.healthz)
     r.add_get("/readyz", handlers.readyz)
     r.add_get("/metrics", handlers.metrics)

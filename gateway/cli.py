@@ -6,7 +6,8 @@
     sessiongate policy check [PATH ...] | policy explain --request FILE [--reply FILE] ...
     sessiongate keys generate|list|rotate|retire [KEY_ID]
     sessiongate purge
-    sessiongate audit verify ... | export ...
+    sessiongate audit verify [--tenant T] [--checkpoints F] [--public-key F] [--bundle OUT] | public-key
+    sessiongate export --tenant T [--session S] [--since] [--until] --format jsonl|csv|agently --out F
 
 Every command reads the same configuration file as ``serve`` (``--config``, default
 ``config/sessiongate.yaml``). Errors are printed as one line naming the file, line and field,
@@ -262,6 +263,68 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return _fail(f"unknown keys action {args.action}")
 
 
+# --- audit and export --------------------------------------------------------------------
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from gateway.audit import CheckpointLog, load_public_key
+    from gateway.auditor import AuditTrail
+
+    settings = _settings(args)
+    if args.action == "public-key":
+        sys.stdout.write(AuditTrail(settings).signer.public_key_pem().decode())
+        return 0
+    if args.bundle:
+        from gateway.export import verify_bundle
+        if not args.public_key:
+            return _fail("verifying a bundle offline needs --public-key FILE (from 'sessiongate audit public-key')")
+        report = verify_bundle(args.bundle, Path(args.public_key))
+        print(report.summary())
+        return 0 if report.ok else 1
+    trail = AuditTrail(settings)
+    public_key = load_public_key(Path(args.public_key)) if args.public_key else None
+    checkpoints = list(CheckpointLog(args.checkpoints)) if args.checkpoints else None
+
+    async def verify(svc: Any) -> int:
+        tenants = [args.tenant] if args.tenant else await svc.store.tenants()
+        failed = 0
+        for tenant in tenants:
+            report = await trail.verify(svc.store, tenant, checkpoints=checkpoints, public_key=public_key)
+            print(report.summary())
+            failed += not report.ok
+        return 1 if failed else 0
+
+    return _run(_with_sessions(settings, verify))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gateway.auditor import AuditTrail
+    from gateway.export import Progress
+    from gateway.handlers import parse_time
+    from gateway.policy import load_policy_set
+    from gateway.stages.resolve_session import check_session_id
+
+    settings = _settings(args)
+    policies = load_policy_set(settings.policies.path)
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError:
+        return _fail("--since/--until take an ISO 8601 time (2026-01-31T00:00:00) or a Unix timestamp")
+    sid = check_session_id(args.session) if args.session else None
+    trail = AuditTrail(settings)
+
+    async def export(svc: Any) -> dict[str, Any]:
+        svc.store = trail.observe(svc.store)
+        return await trail.export(svc, policies, Path(args.out), tenant=args.tenant, fmt=args.format,
+                                  session_id=sid, since=since, until=until, progress=Progress())
+
+    manifest = _run(_with_sessions(settings, export))
+    records = manifest["records"]
+    print(f"exported {records['count']} records ({records['sessions']} sessions) to {args.out}; "
+          f"manifest and audit entries beside it; checkpoint seq {manifest['checkpoint']['seq']}")
+    return 0
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     from gateway.policy import load_policy_set
     from gateway.retention import purge_expired
@@ -320,6 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("action", choices=["generate", "list", "rotate", "retire"])
     k.add_argument("key_id", nargs="?")
     k.set_defaults(fn=cmd_keys)
+
+    au = sub.add_parser("audit", help="verify the audit chain; export the checkpoint public key")
+    au.add_argument("--config", default=argparse.SUPPRESS)
+    au.add_argument("action", choices=["verify", "public-key"])
+    au.add_argument("--tenant", help="one tenant (default: every tenant)")
+    au.add_argument("--checkpoints", help="checkpoint file kept outside the database (default: configured)")
+    au.add_argument("--public-key", help="PEM public key to check signatures with (default: the signing key's)")
+    au.add_argument("--bundle", help="verify an export bundle offline (records file or manifest)")
+    au.set_defaults(fn=cmd_audit)
+
+    ex = sub.add_parser("export", help="redacted, verifiable export of recorded rounds")
+    ex.add_argument("--config", default=argparse.SUPPRESS)
+    ex.add_argument("--tenant", required=True)
+    ex.add_argument("--session")
+    ex.add_argument("--since", help="ISO 8601 time or Unix timestamp (inclusive)")
+    ex.add_argument("--until", help="ISO 8601 time or Unix timestamp (exclusive)")
+    ex.add_argument("--format", choices=["jsonl", "csv", "agently"], default="jsonl")
+    ex.add_argument("--out", required=True, help="records file; OUT.manifest.json and OUT.audit.jsonl go beside it")
+    ex.set_defaults(fn=cmd_export)
 
     pu = sub.add_parser("purge", help="erase rounds past their policy's retention")
     pu.add_argument("--config", default=argparse.SUPPRESS)

@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway.background import Background
 
 if TYPE_CHECKING:
+    from gateway.auditor import AuditTrail
     from gateway.auth import Authenticator
     from gateway.metrics import Metrics
     from gateway.policy import Policy, PolicyWatcher
@@ -33,6 +34,7 @@ class Services:
     sessions: SessionService
     policies: PolicyWatcher
     metrics: Metrics
+    audit: AuditTrail
     background: Background = field(default_factory=Background)
 
 

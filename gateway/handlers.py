@@ -7,8 +7,13 @@ every ``GatewayError`` in OpenAI's shape.
 
 from __future__ import annotations
 
+import datetime
+import io
 import os
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 import orjson
 import structlog
@@ -16,13 +21,26 @@ from aiohttp import web
 
 from gateway import pipeline
 from gateway.context import Context, Services
-from gateway.errors import GatewayError
+from gateway.errors import BadRequest, GatewayError
+from gateway.export import FORMATS, bundle_paths
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.store.base import Changes
 
 SERVICES = web.AppKey("services", Services)
 log = structlog.get_logger("gateway.access")
+
+
+def parse_time(value: str) -> float:
+    """An ISO 8601 time (UTC when no zone is given) or a Unix timestamp, as a timestamp."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    moment = datetime.datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
 
 
 def new_request_id() -> str:
@@ -148,6 +166,73 @@ async def delete_session(request: web.Request) -> web.Response:
     services, tenant, sid = _session_target(request)
     await services.sessions.erase(tenant, sid, new_request_id())
     return json_response({"id": sid, "deleted": True})
+
+
+# --- auditors ---------------------------------------------------------------------------
+
+def _time_param(request: web.Request, name: str) -> float | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise BadRequest(f"'{name}' must be an ISO 8601 time or a Unix timestamp, not {value[:40]!r}") from None
+
+
+def _tenant_param(request: web.Request) -> str:
+    tenant = request.query.get("tenant")
+    if not tenant:
+        raise BadRequest("the 'tenant' query parameter is required")
+    return tenant
+
+
+async def admin_public_key(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    services.auth.auditor(request.headers.get("Authorization"))
+    return web.Response(body=services.audit.signer.public_key_pem(), content_type="application/x-pem-file")
+
+
+async def admin_verify(request: web.Request) -> web.Response:
+    """Verify one tenant's chain (``?tenant=``) against the checkpoints kept outside the database."""
+    services = request.app[SERVICES]
+    services.auth.auditor(request.headers.get("Authorization"))
+    report = await services.audit.verify(services.sessions.store, _tenant_param(request))
+    return json_response(report.to_dict(), status=200)
+
+
+async def admin_export(request: web.Request) -> web.StreamResponse:
+    """A redacted, verifiable export bundle as a tar stream (records, manifest, audit entries).
+
+    Query: ``tenant`` (required), ``session``, ``since``, ``until``, ``format`` (jsonl|csv|agently).
+    """
+    services = request.app[SERVICES]
+    auditor = services.auth.auditor(request.headers.get("Authorization"))
+    tenant = _tenant_param(request)
+    fmt = request.query.get("format", "jsonl")
+    if fmt not in FORMATS:
+        raise BadRequest(f"'format' must be one of {', '.join(FORMATS)}")
+    sid = request.query.get("session")
+    since, until = _time_param(request, "since"), _time_param(request, "until")
+    with tempfile.TemporaryDirectory(prefix="sessiongate-export-") as tmp:
+        out = Path(tmp) / f"{tenant}-export.{ 'csv' if fmt == 'csv' else 'jsonl'}"
+        await services.audit.export(services.sessions, services.policies.current, out, tenant=tenant, fmt=fmt,
+                                    session_id=check_session_id(sid) if sid else None, since=since, until=until)
+        log.info("export", auditor=auditor.name, tenant=tenant, session_id=sid, format=fmt)
+        resp = web.StreamResponse(headers={
+            "Content-Type": "application/x-tar",
+            "Content-Disposition": f'attachment; filename="{out.name}.tar"'})
+        await resp.prepare(request)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w|") as tar:
+            for path in bundle_paths(out):
+                tar.add(path, arcname=path.name)
+                await resp.write(buffer.getvalue())
+                buffer.seek(0)
+                buffer.truncate()
+        await resp.write(buffer.getvalue())
+        await resp.write_eof()
+        return resp
 
 
 # --- health ----------------------------------------------------------------------------

@@ -263,7 +263,8 @@ class SessionService:
         return int((await self.store.transact(tenant, session_id, plan)).result)
 
     async def erase(self, tenant: str, session_id: str, request_id: str) -> None:
-        """Crypto-shred a session: its data key and rows go in one transaction."""
+        """Crypto-shred a session: its data key and rows go in one transaction, then the store
+        folds its write-ahead log so the erased bytes leave the disk."""
         def plan(cur: Current) -> Changes:
             if cur.session is None and cur.data_key is None:
                 raise NotFound(f"no session '{session_id}' for this tenant")
@@ -273,6 +274,7 @@ class SessionService:
                            audit=[{"event": "erasure", "request_id": request_id, "session_id": session_id}])
 
         await self.store.transact(tenant, session_id, plan)
+        await self.store.checkpoint()
 
 
 @dataclass(frozen=True, slots=True)

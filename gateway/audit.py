@@ -1,0 +1,698 @@
+"""The tamper-evident audit trail: a hash chain per tenant, signed checkpoints, verification.
+
+**Entries.** The store calls :func:`seal_entry` inside the transaction that writes the round
+(it knows the tenant's current head). An entry's ``body`` is canonical JSON (orjson, sorted
+keys) of ``tenant``, ``seq``, ``time``, ``prev_hash`` and the fields below; its ``hash`` is
+``sha256(body)`` in hex, and the next entry's ``prev_hash`` is that hash (the first entry's is
+:data:`GENESIS`). Entry schema (every field optional except ``event``; unknown names are
+refused so that no value can slip in under a new name):
+
+=====================  ===============================================================
+``event``              ``round``, ``policy_reload``, ``key_rotation``, ``erasure``,
+                       ``export``, ``import`` or ``reset``
+``request_id``         the gateway's request id
+``session_id``         the session the event concerns (None for tenant-wide events)
+``policy_id``          the policy that applied, and ``policy_hash`` its version hash
+``route``              the client route, e.g. ``/v1/chat/completions``
+``model``              the requested model name
+``outcome``            ``completed``, ``incomplete``, ``upstream_error`` or ``refused``
+``input_keys``         the *names* of the recorded request keys (never values);
+``reply_keys``         likewise for the reply
+``bytes_in``           sizes of the recorded user and assistant content, in bytes;
+``bytes_out``
+``ciphertext_sha256``  SHA-256 hex of the stored round ciphertext (not the plaintext, so the
+                       chain still verifies after the session's data key is erased)
+``detail``             free-form names and hashes for administrative events
+=====================  ===============================================================
+
+**Checkpoints.** A :class:`Checkpointer` signs a tenant's chain head (tenant, seq, hash, time)
+with an Ed25519 key (:class:`Signer`, a PEM file kept apart from the store) every N entries or
+T seconds, and appends it to a JSON-lines file (:class:`CheckpointLog`) an auditor can keep.
+Signatures are made per checkpoint, never per entry. Signed bytes:
+``b"sessiongate-checkpoint-v1\\n" + canonical JSON of {hash, key_id, seq, tenant, time}``;
+``key_id`` is the first 16 hex digits of the SHA-256 of the raw public key.
+
+**Verification.** :func:`verify_chain` (and :func:`averify_chain` for an async iterator)
+streams a tenant's rows in sequence order, recomputes every hash and link, and checks the
+checkpoints that fall in the range. It stops at the first problem and names it in a
+:class:`VerifyReport` (``kind`` is one of :data:`ERROR_KINDS`). Memory is constant in the
+number of rows. A column (``seq``, ``prev_hash``, ``tenant``, ``created_at``) that disagrees
+with the body counts as an edit; ``created_at`` is compared within 1 ms because the body is
+authoritative and backends may round times.
+
+Raises: :class:`~gateway.errors.ConfigError` for an unreadable, malformed or too-open key or
+checkpoint file; ``ValueError`` for a misuse (unknown entry field, checkpoints without a key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import stat
+import threading
+import time
+from collections.abc import AsyncIterable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gateway.errors import ConfigError
+from gateway.store.base import AuditRow
+
+GENESIS = "0" * 64
+"""``prev_hash`` of a tenant's first entry."""
+
+EVENTS = frozenset({"round", "proxy", "policy_reload", "key_rotation", "erasure", "export", "import", "reset",
+                    "bounding", "purge"})
+ENTRY_FIELDS = frozenset({
+    "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
+    "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",
+    "ended_by", "upstream_status", "recorded", "round_seq", "messages",
+})
+_RESERVED = frozenset({"tenant", "seq", "time", "prev_hash"})
+
+ERROR_KINDS = (
+    "edited",               # body does not match its hash, or a column disagrees with the body
+    "gap",                  # entries are missing
+    "reordered",            # an entry is out of place
+    "inserted",             # an entry that is not part of the chain (duplicate seq, other tenant)
+    "bad_link",             # prev_hash is not the previous entry's hash
+    "truncated",            # the chain ends before a checkpoint's seq
+    "bad_signature",        # a checkpoint's signature does not hold under the public key
+    "checkpoint_mismatch",  # the entry at a checkpoint's seq is not the one that was signed
+)
+
+PublicKeyLike = Ed25519PublicKey | bytes | str | Path
+"""A public key object, PEM bytes or text, or the path of a PEM file."""
+
+_CHECKPOINT_DOMAIN = b"sessiongate-checkpoint-v1\n"
+_TIME_TOLERANCE = 1e-3
+
+
+# --------------------------------------------------------------------------- entries
+
+
+def seal_entry(tenant: str, seq: int, prev_hash: str, created_at: float,
+               fields: Mapping[str, Any]) -> AuditRow:
+    """Build the audit row ``seq`` of ``tenant`` that follows the entry hashed ``prev_hash``.
+
+    ``fields`` follow the entry schema in the module docstring (names and hashes only).
+    Raises ``ValueError`` for an unknown field name or event, ``TypeError`` for a value that
+    is not JSON-serialisable.
+    """
+    unknown = fields.keys() - ENTRY_FIELDS
+    if unknown:
+        raise ValueError(f"unknown audit entry field(s): {', '.join(sorted(unknown))}")
+    if fields.get("event") not in EVENTS:
+        raise ValueError(f"audit entry event must be one of {sorted(EVENTS)}")
+    doc = {**fields, "tenant": tenant, "seq": seq, "time": created_at, "prev_hash": prev_hash}
+    body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    return AuditRow(tenant=tenant, seq=seq, created_at=created_at, body=body,
+                    prev_hash=prev_hash, hash=hashlib.sha256(body).hexdigest())
+
+
+def entry_fields(row: AuditRow) -> dict[str, Any]:
+    """The parsed body of ``row`` (schema fields plus tenant, seq, time, prev_hash)."""
+    return orjson.loads(row.body)
+
+
+def row_from_body(body: bytes) -> AuditRow:
+    """Rebuild an audit row from its body alone (as kept in an export bundle).
+
+    The hash is recomputed, so only the links and checkpoints can tell whether it is genuine.
+    Raises ``ValueError`` when the body is not an entry.
+    """
+    try:
+        doc = orjson.loads(body)
+        return AuditRow(tenant=doc["tenant"], seq=doc["seq"], created_at=doc["time"], body=body,
+                        prev_hash=doc["prev_hash"], hash=hashlib.sha256(body).hexdigest())
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError("not an audit entry") from exc
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` and any missing parents with mode 0700; existing ones are left alone."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            p.mkdir(mode=0o700)
+
+
+def key_fingerprint(public_key: Ed25519PublicKey) -> str:
+    """First 16 hex digits of the SHA-256 of the raw 32-byte public key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(source: PublicKeyLike) -> Ed25519PublicKey:
+    """An Ed25519 public key from a key object, PEM bytes/text, or a PEM file path.
+
+    Raises ``ConfigError`` when it is not an Ed25519 public key in PEM form.
+    """
+    if isinstance(source, Ed25519PublicKey):
+        return source
+    where = None
+    if isinstance(source, Path):
+        where = str(source)
+        try:
+            source = source.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read public key: {exc.strerror}", file=where) from exc
+    data = source.encode() if isinstance(source, str) else source
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise ConfigError("not a PEM public key", file=where) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError("not an Ed25519 public key", file=where)
+    return key
+
+
+class Signer:
+    """The checkpoint signing key: Ed25519, kept in a PEM (PKCS#8) file apart from the store."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.public_key = private_key.public_key()
+        self.key_id = key_fingerprint(self.public_key)
+
+    @classmethod
+    def load_or_create(cls, path: Path | str) -> Signer:
+        """Load the key at ``path``, generating it (mode 0600, new parent dirs 0700) when absent.
+
+        Raises ``ConfigError`` when the file is readable by group or others, or is not an
+        Ed25519 private key.
+        """
+        path = Path(path)
+        if not path.exists():
+            created = cls._create(path)
+            if created is not None:
+                return created
+        return cls._load(path)
+
+    @classmethod
+    def _create(cls, path: Path) -> Signer | None:
+        make_private_dir(path.parent)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return None  # another process made it first: load theirs
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        return cls(key)
+
+    @classmethod
+    def _load(cls, path: Path) -> Signer:
+        try:
+            mode = path.stat().st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(f"signing key is accessible to group or others (mode {mode & 0o777:o}); "
+                                  "run chmod 600 on it", file=str(path), field="audit.signing_key_file")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read signing key: {exc.strerror}", file=str(path),
+                              field="audit.signing_key_file") from exc
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError("not an unencrypted PEM private key", file=str(path),
+                              field="audit.signing_key_file") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError("not an Ed25519 private key", file=str(path), field="audit.signing_key_file")
+        return cls(key)
+
+    def public_key_pem(self) -> bytes:
+        """The public key as PEM (SubjectPublicKeyInfo), for auditors."""
+        return self.public_key.public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def sign_head(self, tenant: str, seq: int, hash: str, at: float) -> Checkpoint:
+        """Sign the chain head ``(tenant, seq, hash)`` as of time ``at``."""
+        unsigned = Checkpoint(tenant=tenant, seq=seq, hash=hash, time=at, key_id=self.key_id, signature="")
+        signature = self._key.sign(unsigned.signed_bytes())
+        return Checkpoint(tenant=tenant, seq=seq, hash=hash, time=at, key_id=self.key_id,
+                          signature=base64.b64encode(signature).decode())
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A signed statement: tenant's chain had entry ``seq`` with hash ``hash`` at ``time``."""
+
+    tenant: str
+    seq: int
+    hash: str
+    time: float
+    key_id: str
+    signature: str
+
+    def signed_bytes(self) -> bytes:
+        """The exact bytes the signature covers."""
+        doc = {"hash": self.hash, "key_id": self.key_id, "seq": self.seq, "tenant": self.tenant,
+               "time": self.time}
+        return _CHECKPOINT_DOMAIN + orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+
+    def verify(self, public_key: Ed25519PublicKey) -> str | None:
+        """None when the signature holds under ``public_key``, else why it does not."""
+        if self.key_id != key_fingerprint(public_key):
+            return f"signed by key {self.key_id}, not by the given key {key_fingerprint(public_key)}"
+        try:
+            public_key.verify(base64.b64decode(self.signature, validate=True), self.signed_bytes())
+        except (InvalidSignature, ValueError):
+            return "signature does not verify"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Checkpoint:
+        """Raises ``ValueError`` when a field is missing or of the wrong type."""
+        try:
+            cp = cls(tenant=doc["tenant"], seq=doc["seq"], hash=doc["hash"], time=doc["time"],
+                     key_id=doc["key_id"], signature=doc["signature"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a checkpoint: missing {exc}") from exc
+        types_ok = (isinstance(cp.tenant, str) and isinstance(cp.seq, int) and isinstance(cp.hash, str)
+                    and isinstance(cp.time, int | float) and isinstance(cp.key_id, str)
+                    and isinstance(cp.signature, str))
+        if not types_ok:
+            raise ValueError("not a checkpoint: a field has the wrong type")
+        return cp
+
+
+class CheckpointLog:
+    """An append-only JSON-lines file of checkpoints, one per line, outside the database."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def append(self, checkpoints: Sequence[Checkpoint]) -> None:
+        """Append durably (one write, then fsync). Raises ``OSError`` when the file cannot be written."""
+        if not checkpoints:
+            return
+        data = b"".join(orjson.dumps(cp.to_dict()) + b"\n" for cp in checkpoints)
+        make_private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def __iter__(self) -> Iterator[Checkpoint]:
+        """Every checkpoint in file order; none when the file does not exist.
+
+        Raises ``ConfigError`` naming the line of a malformed entry.
+        """
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield Checkpoint.from_dict(orjson.loads(line))
+                except (orjson.JSONDecodeError, ValueError) as exc:
+                    raise ConfigError(f"malformed checkpoint: {exc}", file=str(self.path),
+                                      line=number) from exc
+
+    def for_tenant(self, tenant: str) -> list[Checkpoint]:
+        """The tenant's checkpoints in file order."""
+        return [cp for cp in self if cp.tenant == tenant]
+
+    def latest(self) -> dict[str, Checkpoint]:
+        """The highest-seq checkpoint of every tenant in the file."""
+        out: dict[str, Checkpoint] = {}
+        for cp in self:
+            if cp.tenant not in out or cp.seq >= out[cp.tenant].seq:
+                out[cp.tenant] = cp
+        return out
+
+
+@dataclass(slots=True)
+class _Head:
+    seq: int
+    hash: str
+    checkpointed_seq: int
+    pending_since: float | None
+
+
+class Checkpointer:
+    """Decides when to sign each tenant's chain head and does it off the request path.
+
+    The store calls :meth:`observe` with the rows of every commit (cheap, thread-safe). A
+    tenant is due when ``every_n`` entries have been added since its last checkpoint, or when
+    an entry has waited ``every_seconds`` without one. :meth:`run` (start it as a task) signs
+    due heads in a worker thread and, when cancelled, signs whatever is pending before it
+    stops. With several replicas each signs the heads it saw; any signed head is valid.
+    """
+
+    def __init__(self, signer: Signer, log: CheckpointLog, *, every_n: int = 1000,
+                 every_seconds: float = 60.0, clock: Any = time.time) -> None:
+        self.signer, self.log = signer, log
+        self.every_n, self.every_seconds, self._clock = every_n, every_seconds, clock
+        self._heads: dict[str, _Head] = {}
+        self._lock = threading.Lock()
+        self._sign_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._last: dict[str, Checkpoint] = dict(log.latest())
+
+    def observe(self, rows: Iterable[AuditRow]) -> None:
+        """Note newly committed rows; wakes :meth:`run` when a tenant becomes due or pending."""
+        wake = False
+        with self._lock:
+            for row in rows:
+                head = self._heads.get(row.tenant)
+                if head is None:
+                    last = self._last.get(row.tenant)
+                    head = _Head(0, GENESIS, last.seq if last else 0, None)
+                    self._heads[row.tenant] = head
+                if row.seq <= head.seq:
+                    continue
+                head.seq, head.hash = row.seq, row.hash
+                if head.pending_since is None:
+                    head.pending_since = self._clock()
+                    wake = True
+                if head.seq - head.checkpointed_seq >= self.every_n:
+                    wake = True
+        if wake and self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def due(self) -> list[str]:
+        """Tenants whose head should be signed now."""
+        now = self._clock()
+        with self._lock:
+            return [t for t, h in self._heads.items() if h.seq > h.checkpointed_seq and (
+                h.seq - h.checkpointed_seq >= self.every_n
+                or (h.pending_since is not None and now - h.pending_since >= self.every_seconds))]
+
+    def checkpoint_now(self, tenants: Iterable[str] | None = None) -> list[Checkpoint]:
+        """Sign and append the heads of ``tenants`` (default: all with pending entries).
+
+        Blocking (an fsync); returns the new checkpoints. Raises ``OSError`` when the
+        checkpoint file cannot be written (the heads stay pending).
+        """
+        with self._sign_lock:
+            with self._lock:
+                names = list(self._heads) if tenants is None else list(tenants)
+                heads = [(t, self._heads[t].seq, self._heads[t].hash) for t in names
+                         if t in self._heads and self._heads[t].seq > self._heads[t].checkpointed_seq]
+            at = self._clock()
+            made = [self.signer.sign_head(t, seq, h, at) for t, seq, h in heads]
+            self.log.append(made)
+            with self._lock:
+                for cp in made:
+                    head = self._heads[cp.tenant]
+                    head.checkpointed_seq = cp.seq
+                    head.pending_since = at if head.seq > cp.seq else None
+                    self._last[cp.tenant] = cp
+            return made
+
+    async def flush(self, tenants: Iterable[str] | None = None) -> list[Checkpoint]:
+        """:meth:`checkpoint_now` in a worker thread."""
+        return await asyncio.to_thread(self.checkpoint_now, tenants)
+
+    async def checkpoint_tenant(self, tenant: str) -> Checkpoint | None:
+        """Sign ``tenant``'s latest observed head now (an export needs it covered) and return
+        the tenant's newest checkpoint; None when nothing was ever observed or signed."""
+        await self.flush([tenant])
+        with self._lock:
+            return self._last.get(tenant)
+
+    async def run(self) -> None:
+        """Sign due heads until cancelled; on cancellation sign all pending heads, then stop."""
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            while True:
+                due = self.due()
+                if due:
+                    await self.flush(due)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._next_timeout())
+                self._wake.clear()
+        finally:
+            self.checkpoint_now()
+            self._loop = self._wake = None
+
+    def _next_timeout(self) -> float | None:
+        with self._lock:
+            starts = [h.pending_since for h in self._heads.values() if h.pending_since is not None]
+        if not starts:
+            return None
+        return max(0.0, min(starts) + self.every_seconds - self._clock())
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyError:
+    """The first problem found: ``seq`` of the broken entry (None when not about one entry)."""
+
+    seq: int | None
+    kind: str
+    message: str
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What a verification found. ``ok`` is False exactly when ``first_error`` is set."""
+
+    tenant: str
+    entries: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    head_hash: str | None = None
+    checkpoints: int = 0
+    records: int | None = None
+    first_error: VerifyError | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        doc["first_error"] = asdict(self.first_error) if self.first_error else None
+        doc["ok"] = self.ok
+        return doc
+
+    def summary(self) -> str:
+        """One line for a terminal."""
+        span = f"entries {self.first_seq}..{self.last_seq}" if self.entries else "no entries"
+        base = f"tenant {self.tenant}: {self.entries} {span}, {self.checkpoints} checkpoint(s)"
+        if self.first_error is None:
+            return f"OK   {base}"
+        at = f" at seq {self.first_error.seq}" if self.first_error.seq is not None else ""
+        return f"FAIL {base}: {self.first_error.kind}{at}: {self.first_error.message}"
+
+
+class ChainVerifier:
+    """Streaming verifier of one tenant's chain: :meth:`feed` rows in order, then :meth:`finish`.
+
+    ``after_seq``/``after_hash`` say where the rows start: by default at the genesis. With
+    ``after_hash`` None the first row's ``prev_hash`` is taken on trust (a bundle that covers
+    part of the chain; the signed checkpoint at its end still commits to every entry in it).
+    """
+
+    def __init__(self, tenant: str, *, checkpoints: Iterable[Checkpoint] = (),
+                 public_key: PublicKeyLike | None = None,
+                 after_seq: int = 0, after_hash: str | None = GENESIS) -> None:
+        mine = sorted((cp for cp in checkpoints if cp.tenant == tenant and cp.seq > after_seq),
+                      key=lambda cp: cp.seq)
+        if mine and public_key is None:
+            raise ValueError("checkpoints need the public key to be verified")
+        self._public_key = load_public_key(public_key) if public_key is not None else None
+        self._checkpoints = mine
+        self._cp_index = 0
+        self.report = VerifyReport(tenant=tenant)
+        self._tenant = tenant
+        self._expected = after_seq + 1
+        self._prev_hash = after_hash
+        self._prev_seq: int | None = None
+        self._pending_gap: int | None = None  # sealed seq of an entry that came too early
+
+    @property
+    def failed(self) -> bool:
+        return self.report.first_error is not None
+
+    def feed(self, row: AuditRow) -> bool:
+        """Check the next row; False once a problem was found (further rows are ignored)."""
+        if self.failed:
+            return False
+        if self._pending_gap is not None:
+            self._resolve_gap(row)
+            return False
+        error = self._check(row)
+        if error is not None:
+            self._fail(*error)
+            return False
+        if self._pending_gap is not None:
+            return True
+        self._accept(row)
+        return not self.failed
+
+    def finish(self) -> VerifyReport:
+        """Report, after checking that no checkpoint lies beyond the last entry."""
+        if self._pending_gap is not None:
+            self._resolve_gap(None)
+        while not self.failed and self._cp_index < len(self._checkpoints):
+            cp = self._checkpoints[self._cp_index]
+            self._cp_index += 1
+            problem = cp.verify(self._public_key)  # type: ignore[arg-type]
+            if problem:
+                self._fail(cp.seq, "bad_signature", f"checkpoint for seq {cp.seq}: {problem}")
+            else:
+                last = self.report.last_seq if self.report.last_seq is not None else self._expected - 1
+                self._fail(last + 1, "truncated",
+                           f"the chain ends at seq {last} but a checkpoint signed at {_when(cp.time)} "
+                           f"shows it reached seq {cp.seq}")
+        return self.report
+
+    def _check(self, row: AuditRow) -> tuple[int, str, str] | None:
+        digest = hashlib.sha256(row.body).hexdigest()
+        if digest != row.hash:
+            return row.seq, "edited", f"entry {row.seq} does not match its hash (its content was changed)"
+        try:
+            doc = orjson.loads(row.body)
+            b_tenant, b_seq, b_prev, b_time = doc["tenant"], doc["seq"], doc["prev_hash"], doc["time"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return row.seq, "edited", f"entry {row.seq} is not a well-formed entry"
+        if b_tenant != self._tenant:
+            return row.seq, "inserted", f"entry {row.seq} belongs to another tenant's chain"
+        position = self._position(row.seq, b_seq)
+        if position is not None:
+            return position
+        if self._pending_gap is not None:
+            return None
+        if b_prev != self._prev_hash and self._prev_hash is not None:
+            prev = f"entry {b_seq - 1}" if b_seq > 1 else "the genesis"
+            return b_seq, "bad_link", (f"entry {b_seq} does not link to {prev} (one of them was "
+                                       "altered and rehashed, or replaced)")
+        if (row.seq, row.prev_hash, row.tenant) != (b_seq, b_prev, b_tenant) or \
+                abs(row.created_at - b_time) > _TIME_TOLERANCE:
+            return b_seq, "edited", f"entry {b_seq}'s stored columns disagree with its hashed content"
+        return None
+
+    def _position(self, col_seq: int, b_seq: Any) -> tuple[int, str, str] | None:
+        """Where the entry (by the seq it was sealed with) stands against the expected one."""
+        if not isinstance(b_seq, int):
+            return col_seq, "edited", f"entry {col_seq} is not a well-formed entry"
+        expected = self._expected
+        if b_seq == expected:
+            return None
+        if self._prev_seq is not None and b_seq == self._prev_seq:
+            return b_seq, "inserted", (f"two entries claim seq {b_seq}: one of them was inserted "
+                                       f"(the second is stored at seq {col_seq})")
+        if b_seq < expected:
+            return b_seq, "reordered", f"entry {b_seq} appears after entry {expected - 1}"
+        self._pending_gap = b_seq
+        return None
+
+    def _resolve_gap(self, row: AuditRow | None) -> None:
+        found, expected = self._pending_gap or 0, self._expected
+        self._pending_gap = None
+        if row is not None and _sealed_seq(row) == expected:
+            self._fail(expected, "reordered", f"entry {expected} appears after entry {found}")
+            return
+        missing = f"entry {expected} is" if found == expected + 1 else f"entries {expected}..{found - 1} are"
+        self._fail(expected, "gap", f"{missing} missing (the next entry is {found})")
+
+    def _accept(self, row: AuditRow) -> None:
+        report = self.report
+        report.entries += 1
+        if report.first_seq is None:
+            report.first_seq = row.seq
+        report.last_seq, report.head_hash = row.seq, row.hash
+        self._prev_seq, self._prev_hash, self._expected = row.seq, row.hash, row.seq + 1
+        while self._cp_index < len(self._checkpoints) and self._checkpoints[self._cp_index].seq <= row.seq:
+            cp = self._checkpoints[self._cp_index]
+            self._cp_index += 1
+            problem = cp.verify(self._public_key)  # type: ignore[arg-type]
+            if problem:
+                self._fail(cp.seq, "bad_signature", f"checkpoint for seq {cp.seq}: {problem}")
+                return
+            if cp.hash != row.hash:
+                self._fail(cp.seq, "checkpoint_mismatch",
+                           f"entry {cp.seq} is not the entry signed at {_when(cp.time)} "
+                           "(the chain was rewritten up to here)")
+                return
+            report.checkpoints += 1
+
+    def _fail(self, seq: int | None, kind: str, message: str) -> None:
+        if self.report.first_error is None:
+            self.report.first_error = VerifyError(seq=seq, kind=kind, message=message)
+
+
+def _sealed_seq(row: AuditRow) -> int | None:
+    try:
+        seq = orjson.loads(row.body)["seq"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return seq if isinstance(seq, int) else None
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def verify_chain(rows: Iterable[AuditRow], *, tenant: str, checkpoints: Iterable[Checkpoint] = (),
+                 public_key: PublicKeyLike | None = None,
+                 after_seq: int = 0, after_hash: str | None = GENESIS) -> VerifyReport:
+    """Verify ``tenant``'s chain from ``rows`` (in seq order) against ``checkpoints``.
+
+    Stops at the first problem. Raises ``ValueError`` when checkpoints are given without a
+    public key, ``ConfigError`` when the public key cannot be read.
+    """
+    verifier = ChainVerifier(tenant, checkpoints=checkpoints, public_key=public_key,
+                             after_seq=after_seq, after_hash=after_hash)
+    for row in rows:
+        if not verifier.feed(row):
+            break
+    return verifier.finish()
+
+
+async def averify_chain(rows: AsyncIterable[AuditRow], *, tenant: str,
+                        checkpoints: Iterable[Checkpoint] = (),
+                        public_key: PublicKeyLike | None = None,
+                        after_seq: int = 0, after_hash: str | None = GENESIS) -> VerifyReport:
+    """:func:`verify_chain` over an async iterator such as ``Store.iter_audit``."""
+    verifier = ChainVerifier(tenant, checkpoints=checkpoints, public_key=public_key,
+                             after_seq=after_seq, after_hash=after_hash)
+    try:
+        async for row in rows:
+            if not verifier.feed(row):
+                break
+    finally:
+        await aclose(rows)
+    return verifier.finish()
+
+
+async def aclose(iterable: AsyncIterable[Any]) -> None:
+    """Close an async generator left early (releases a store cursor); no-op for other iterables."""
+    close = getattr(iterable, "aclose", None)
+    if close is not None:
+        await close()

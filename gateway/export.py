@@ -1,0 +1,546 @@
+"""Redacted auditor exports that verify offline with only the audit public key.
+
+**Input.** An async iterator of decrypted :class:`ExportRecord` (one per recorded round, grouped
+by session in ``(session, seq)`` order, as ``Store.iter_rounds`` yields them) and a
+``redactor_for(policy_id) -> Redactor`` callable (see ``gateway.redact``); it is called once
+per policy id, and whatever it raises aborts the export.
+
+**A bundle** is three files next to each other, written under temporary names and renamed
+into place only when complete:
+
+- ``OUT``: the records, in one of :data:`FORMATS`:
+
+  - ``jsonl``: one record per line: ``tenant, session_id, seq, created_at`` (ISO 8601 UTC),
+    ``request_id, policy_id, policy_hash, outcome, ciphertext_sha256, messages``;
+  - ``csv``: one row per message (a record whose messages were all dropped gives one row with
+    empty ``message_index, role, content``), header in :data:`CSV_COLUMNS`; content parts are
+    written as JSON text. Cells are written as recorded: spreadsheet formulas are not escaped;
+  - ``agently``: one Agently session JSON per line, ``{"id", "auto_resize": true,
+    "full_context", "context_window": [], "memo": null, "session_settings": {}}``. A
+    single-session export is therefore one JSON document that ``Session.load_json`` reads.
+
+- ``OUT.audit.jsonl``: the audit entries' bodies, one per line, from an entry at or before the
+  first record through the covering checkpoint. Each line's SHA-256 is that entry's hash. They
+  are the tenant's entries (names, hashes and ids, never content), other sessions' included,
+  because the chain can only be checked link by link.
+- ``OUT.manifest.json``: tenant, filters, the records file's SHA-256, size and counts, the
+  policy ids and hashes seen, the redaction each policy applied (and its SHA-256), the audit
+  range and the export's own audit entry, and the covering checkpoint.
+
+**Why it verifies.** Exporting appends an ``export`` audit entry whose ``detail`` holds the
+records' SHA-256 and the redaction's SHA-256, then has the head signed. :func:`verify_bundle`
+checks the records against the manifest, every audit link up to the checkpoint, the
+checkpoint's signature, that the export entry vouches for these very records and rules, and
+(``jsonl``/``csv``) that every record's ciphertext hash is that of a round entry of its
+session. Writing takes constant memory; verifying holds one digest per covered round entry.
+
+Raises: ``ValueError`` for an unknown format; :class:`~gateway.errors.IntegrityError` when the
+live chain does not verify up to the checkpoint (no bundle is left behind then); ``OSError``
+for file errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import os
+import sys
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from gateway.audit import (
+    ChainVerifier,
+    Checkpoint,
+    PublicKeyLike,
+    VerifyError,
+    VerifyReport,
+    aclose,
+    load_public_key,
+    row_from_body,
+)
+from gateway.errors import IntegrityError
+from gateway.redact import Redactor
+from gateway.store.base import AuditRow
+
+FORMATS = ("jsonl", "csv", "agently")
+BUNDLE_VERSION = "sessiongate-export/1"
+CSV_COLUMNS = ("tenant", "session_id", "seq", "created_at", "request_id", "policy_id", "policy_hash",
+               "outcome", "ciphertext_sha256", "message_index", "role", "content")
+
+AppendAudit = Callable[[dict[str, Any]], Awaitable[AuditRow]]
+"""Appends one audit entry (fields per ``gateway.audit``) and returns the sealed row."""
+SignHead = Callable[[], Awaitable[Checkpoint | None]]
+"""Signs the tenant's current chain head now and returns that checkpoint."""
+IterAudit = Callable[[int], AsyncIterator[AuditRow]]
+"""The tenant's audit rows after the given seq, in order (``Store.iter_audit``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRecord:
+    """One decrypted round, before redaction. ``messages`` are ``{"role", "content"}`` dicts."""
+
+    tenant: str
+    session_id: str
+    seq: int
+    created_at: float
+    request_id: str
+    policy_id: str
+    policy_hash: str
+    outcome: str
+    messages: list[dict[str, Any]]
+    ciphertext_sha256: str
+
+
+def bundle_paths(out: Path | str) -> tuple[Path, Path, Path]:
+    """``(records, manifest, audit)`` paths of the bundle written at ``out``.
+
+    ``out`` may also name the bundle's manifest (``OUT.manifest.json``).
+    """
+    out = Path(out)
+    if out.name.endswith(".manifest.json"):
+        out = out.with_name(out.name[: -len(".manifest.json")])
+    return out, out.with_name(out.name + ".manifest.json"), out.with_name(out.name + ".audit.jsonl")
+
+
+# --------------------------------------------------------------------------- writing records
+
+
+class _HashingFile:
+    """Writes bytes through to a binary file while hashing and counting them."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out, self.sha256, self.size = out, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+
+
+class RecordWriter:
+    """Writes redacted records in one format, hashing the bytes as they go (constant memory)."""
+
+    def __init__(self, out: BinaryIO, fmt: str) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        self.fmt = fmt
+        self._out = _HashingFile(out)
+        self.count = self.messages = self.sessions = 0
+        self._session: str | None = None
+        self._first_message = True
+        self._csv_buffer = io.StringIO()
+        self._csv = csv.writer(self._csv_buffer)
+        if fmt == "csv":
+            self._csv_row(CSV_COLUMNS)
+
+    @property
+    def sha256(self) -> str:
+        return self._out.sha256.hexdigest()
+
+    @property
+    def size(self) -> int:
+        return self._out.size
+
+    def write(self, record: ExportRecord, messages: list[dict[str, Any]]) -> None:
+        """Write one record with its already redacted ``messages``."""
+        if record.session_id != self._session:
+            self.sessions += 1
+            self._switch_session(record.session_id)
+        self.count += 1
+        self.messages += len(messages)
+        if self.fmt == "jsonl":
+            self._out.write(orjson.dumps(_record_doc(record, messages)) + b"\n")
+        elif self.fmt == "csv":
+            self._write_csv(record, messages)
+        else:
+            for message in messages:
+                self._out.write((b"" if self._first_message else b",") + orjson.dumps(message))
+                self._first_message = False
+
+    def close(self) -> None:
+        """Finish the last session (agently); the file itself is the caller's to close."""
+        self._switch_session(None)
+
+    def _switch_session(self, session_id: str | None) -> None:
+        if self.fmt != "agently":
+            self._session = session_id
+            return
+        if self._session is not None:
+            self._out.write(b'],"context_window":[],"memo":null,"session_settings":{}}\n')
+        if session_id is not None:
+            self._out.write(b'{"id":' + orjson.dumps(session_id) + b',"auto_resize":true,"full_context":[')
+        self._session, self._first_message = session_id, True
+
+    def _write_csv(self, record: ExportRecord, messages: list[dict[str, Any]]) -> None:
+        head = (record.tenant, record.session_id, record.seq, _iso(record.created_at), record.request_id,
+                record.policy_id, record.policy_hash, record.outcome, record.ciphertext_sha256)
+        if not messages:
+            self._csv_row((*head, "", "", ""))
+        for index, message in enumerate(messages):
+            content = message.get("content")
+            text = content if isinstance(content, str) else orjson.dumps(content).decode()
+            self._csv_row((*head, index, message.get("role", ""), text))
+
+    def _csv_row(self, row: tuple[Any, ...]) -> None:
+        self._csv.writerow(row)
+        self._out.write(self._csv_buffer.getvalue().encode())
+        self._csv_buffer.seek(0)
+        self._csv_buffer.truncate()
+
+
+def _record_doc(record: ExportRecord, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"tenant": record.tenant, "session_id": record.session_id, "seq": record.seq,
+            "created_at": _iso(record.created_at), "request_id": record.request_id,
+            "policy_id": record.policy_id, "policy_hash": record.policy_hash, "outcome": record.outcome,
+            "ciphertext_sha256": record.ciphertext_sha256, "messages": messages}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class Progress:
+    """A record counter on stderr, drawn only when it is a terminal (at most 5 times a second)."""
+
+    def __init__(self, stream: TextIO | None = None, label: str = "exported") -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
+        self.label, self.count, self._drawn = label, 0, 0.0
+
+    def tick(self, n: int = 1) -> None:
+        self.count += n
+        if self.enabled and time.monotonic() - self._drawn >= 0.2:
+            self._draw()
+
+    def done(self) -> None:
+        if self.enabled:
+            self._draw()
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _draw(self) -> None:
+        self._drawn = time.monotonic()
+        self.stream.write(f"\r{self.label} {self.count:,} records")
+        self.stream.flush()
+
+
+@dataclass(slots=True)
+class ExportSummary:
+    """What :func:`write_records` wrote."""
+
+    format: str
+    sha256: str = ""
+    bytes: int = 0
+    count: int = 0
+    messages: int = 0
+    sessions: int = 0
+    min_created_at: float | None = None
+    policies: set[tuple[str, str]] = field(default_factory=set)
+    redaction: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+async def write_records(records: AsyncIterable[ExportRecord], out: BinaryIO, *, fmt: str,
+                        redactor_for: Callable[[str], Redactor],
+                        progress: Progress | None = None) -> ExportSummary:
+    """Redact and write ``records`` to ``out`` in ``fmt``; the summary feeds the manifest."""
+    writer = RecordWriter(out, fmt)
+    summary = ExportSummary(format=fmt)
+    redactors: dict[str, Redactor] = {}
+    async for record in records:
+        redactor = redactors.get(record.policy_id)
+        if redactor is None:
+            redactor = redactors[record.policy_id] = redactor_for(record.policy_id)
+            summary.redaction[record.policy_id] = redactor.describe()
+        summary.policies.add((record.policy_id, record.policy_hash))
+        if summary.min_created_at is None or record.created_at < summary.min_created_at:
+            summary.min_created_at = record.created_at
+        writer.write(record, redactor.redact_messages(record.messages))
+        if progress is not None:
+            progress.tick()
+    writer.close()
+    if progress is not None:
+        progress.done()
+    summary.sha256, summary.bytes = writer.sha256, writer.size
+    summary.count, summary.messages, summary.sessions = writer.count, writer.messages, writer.sessions
+    return summary
+
+
+def redaction_sha256(redaction: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a manifest's ``redaction`` section."""
+    return hashlib.sha256(orjson.dumps(redaction, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *, tenant: str, fmt: str,
+                        redactor_for: Callable[[str], Redactor], append_audit: AppendAudit,
+                        sign_head: SignHead, iter_audit: IterAudit,
+                        filters: Mapping[str, Any] | None = None, audit_slack: float = 3600.0,
+                        progress: Progress | None = None) -> dict[str, Any]:
+    """Write a verifiable bundle at ``out`` (see the module docstring); returns the manifest.
+
+    ``audit_slack``: the bundle's audit entries start at the first entry whose time is at
+    least this many seconds before the oldest record (a round's audit entry must not be older
+    than the round by more than that).
+    """
+    records_path, manifest_path, audit_path = bundle_paths(out)
+    partial = [p.with_name(f".{p.name}.partial") for p in (records_path, audit_path, manifest_path)]
+    try:
+        with partial[0].open("wb") as f:
+            summary = await write_records(records, f, fmt=fmt, redactor_for=redactor_for, progress=progress)
+            _sync(f)
+        redaction = dict(sorted(summary.redaction.items()))
+        filters_doc = dict(filters or {})
+        export_row = await append_audit({"event": "export", "detail": {
+            "format": fmt, "records_sha256": summary.sha256, "records": summary.count,
+            "sessions": summary.sessions, "redaction_sha256": redaction_sha256(redaction),
+            "filters": filters_doc}})
+        checkpoint = await sign_head()
+        if checkpoint is None or checkpoint.tenant != tenant or checkpoint.seq < export_row.seq:
+            raise IntegrityError("no checkpoint covers the export's audit entry")
+        start_time = (summary.min_created_at - audit_slack if summary.min_created_at is not None
+                      else export_row.created_at)
+        with partial[1].open("wb") as f:
+            audit = await _write_audit(iter_audit(0), f, tenant=tenant, start_time=start_time,
+                                       start_seq=export_row.seq, checkpoint=checkpoint)
+            _sync(f)
+        manifest = {
+            "bundle": BUNDLE_VERSION, "tenant": tenant, "created_at": _iso(time.time()),
+            "filters": filters_doc,
+            "records": {"file": records_path.name, "format": fmt, "sha256": summary.sha256,
+                        "bytes": summary.bytes, "count": summary.count, "messages": summary.messages,
+                        "sessions": summary.sessions},
+            "policies": [{"policy_id": p, "policy_hash": h} for p, h in sorted(summary.policies)],
+            "redaction": redaction, "redaction_sha256": redaction_sha256(redaction),
+            "audit": {"file": audit_path.name, **audit, "export_seq": export_row.seq},
+            "checkpoint": checkpoint.to_dict(),
+        }
+        with partial[2].open("wb") as f:
+            f.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+            _sync(f)
+        for tmp, final in zip(partial, (records_path, audit_path, manifest_path), strict=True):
+            os.replace(tmp, final)
+        return manifest
+    finally:
+        for tmp in partial:
+            tmp.unlink(missing_ok=True)
+
+
+def _sync(f: BinaryIO) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+async def _write_audit(rows: AsyncIterator[AuditRow], out: BinaryIO, *, tenant: str, start_time: float,
+                       start_seq: int, checkpoint: Checkpoint) -> dict[str, Any]:
+    """Copy entries from the first one at ``start_time`` (or ``start_seq``) through the
+    checkpoint, checking their links as they pass. Raises ``IntegrityError`` when they break."""
+    verifier: ChainVerifier | None = None
+    first: AuditRow | None = None
+    count = 0
+    try:
+        async for row in rows:
+            if row.seq > checkpoint.seq:
+                break
+            if first is None:
+                if row.created_at < start_time and row.seq < start_seq:
+                    continue
+                first = row
+                verifier = ChainVerifier(tenant, after_seq=row.seq - 1, after_hash=None)
+            assert verifier is not None
+            if not verifier.feed(row):
+                break
+            out.write(row.body + b"\n")
+            count += 1
+    finally:
+        await aclose(rows)
+    if verifier is None or first is None:
+        raise IntegrityError(f"audit chain of tenant {tenant} ends before checkpoint {checkpoint.seq}")
+    report = verifier.finish()
+    if not report.ok or report.last_seq != checkpoint.seq or report.head_hash != checkpoint.hash:
+        detail = report.summary() if not report.ok else f"chain head does not match checkpoint {checkpoint.seq}"
+        raise IntegrityError(detail)
+    return {"count": count, "first_seq": first.seq, "last_seq": report.last_seq,
+            "first_prev_hash": first.prev_hash}
+
+
+# --------------------------------------------------------------------------- offline verification
+
+
+class _BundleError(Exception):
+    def __init__(self, kind: str, message: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.error = VerifyError(seq=seq, kind=kind, message=message)
+
+
+def verify_bundle(bundle: Path | str, public_key: PublicKeyLike) -> VerifyReport:
+    """Verify an export bundle offline with only the audit public key (PEM bytes/text, a PEM
+    file ``Path``, or a key). ``bundle`` is the records file or its manifest.
+
+    Returns a report whose ``first_error.kind`` is one of ``gateway.audit.ERROR_KINDS`` or
+    ``missing_file``, ``malformed``, ``records_altered``, ``manifest_mismatch``,
+    ``not_covered``, ``record_not_covered``. Raises ``ConfigError`` for an unreadable key.
+    """
+    key = load_public_key(public_key)
+    records_path, manifest_path, audit_path = bundle_paths(bundle)
+    report = VerifyReport(tenant="")
+    try:
+        manifest = _load_manifest(manifest_path)
+        report.tenant = manifest["tenant"]
+        _check_records_file(records_path, manifest)
+        try:
+            checkpoint = Checkpoint.from_dict(manifest["checkpoint"])
+        except ValueError as exc:
+            raise _BundleError("malformed", f"manifest checkpoint: {exc}") from exc
+        rounds = _check_audit(audit_path, manifest, checkpoint, key, report)
+        if report.ok:
+            _check_records(records_path, manifest, rounds, report)
+    except _BundleError as exc:
+        report.first_error = exc.error
+    return report
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = orjson.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise _BundleError("missing_file", f"no manifest at {path}") from exc
+    except orjson.JSONDecodeError as exc:
+        raise _BundleError("malformed", f"manifest is not JSON: {exc}") from exc
+    ok = (isinstance(manifest, dict) and manifest.get("bundle") == BUNDLE_VERSION
+          and isinstance(manifest.get("tenant"), str)
+          and all(isinstance(manifest.get(k), dict) for k in ("records", "audit", "checkpoint", "redaction")))
+    if not ok:
+        raise _BundleError("malformed", f"{path.name} is not a {BUNDLE_VERSION} manifest")
+    return manifest
+
+
+def _check_records_file(path: Path, manifest: dict[str, Any]) -> None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError as exc:
+        raise _BundleError("missing_file", f"no records file at {path}") from exc
+    if digest.hexdigest() != manifest["records"].get("sha256"):
+        raise _BundleError("records_altered", f"{path.name} does not match the SHA-256 in the manifest")
+    if redaction_sha256(manifest["redaction"]) != manifest.get("redaction_sha256"):
+        raise _BundleError("manifest_mismatch", "the manifest's redaction section does not match its hash")
+
+
+def _check_audit(path: Path, manifest: dict[str, Any], checkpoint: Checkpoint, key: Ed25519PublicKey,
+                 report: VerifyReport) -> set[tuple[str, str]]:
+    """Verify the entries up to the checkpoint; returns the (session, ciphertext hash) of rounds."""
+    tenant, audit = manifest["tenant"], manifest["audit"]
+    if checkpoint.tenant != tenant:
+        raise _BundleError("manifest_mismatch", "the checkpoint is for another tenant")
+    first_seq, export_seq = audit.get("first_seq"), audit.get("export_seq")
+    verifier = ChainVerifier(tenant, checkpoints=[checkpoint], public_key=key,
+                             after_seq=(first_seq or 1) - 1, after_hash=None)
+    rounds: set[tuple[str, str]] = set()
+    export_detail: dict[str, Any] | None = None
+    with contextlib.closing(_audit_rows(path)) as rows:
+        for row in rows:
+            if row.seq > checkpoint.seq:
+                raise _BundleError("not_covered", f"entry {row.seq} lies after the checkpoint "
+                                   f"({checkpoint.seq})", row.seq)
+            if not verifier.feed(row):
+                break
+            doc = orjson.loads(row.body)
+            if doc.get("event") == "round" and doc.get("ciphertext_sha256"):
+                rounds.add((doc.get("session_id"), doc["ciphertext_sha256"]))
+            elif row.seq == export_seq and doc.get("event") == "export":
+                export_detail = doc.get("detail") or {}
+    result = verifier.finish()
+    report.entries, report.first_seq, report.last_seq = result.entries, result.first_seq, result.last_seq
+    report.head_hash, report.checkpoints = result.head_hash, result.checkpoints
+    if result.first_error is not None:
+        report.first_error = result.first_error
+        return rounds
+    if result.first_seq != first_seq:
+        raise _BundleError("gap", f"the audit entries start at {result.first_seq}, the manifest says {first_seq}",
+                           first_seq)
+    if result.checkpoints == 0:
+        raise _BundleError("not_covered", "no entry in the bundle is covered by its checkpoint")
+    _check_export_entry(export_detail, manifest, export_seq)
+    return rounds
+
+
+def _audit_rows(path: Path) -> Generator[AuditRow, None, None]:
+    try:
+        f = path.open("rb")
+    except FileNotFoundError as exc:
+        raise _BundleError("missing_file", f"no audit file at {path}") from exc
+    with f:
+        for number, line in enumerate(f, start=1):
+            try:
+                yield row_from_body(line.rstrip(b"\n"))
+            except ValueError as exc:
+                raise _BundleError("malformed", f"{path.name} line {number} is not an audit entry") from exc
+
+
+def _check_export_entry(detail: dict[str, Any] | None, manifest: dict[str, Any], seq: int | None) -> None:
+    if detail is None:
+        raise _BundleError("manifest_mismatch", f"entry {seq} is not the export entry the manifest names", seq)
+    records = manifest["records"]
+    claims = {"records_sha256": records.get("sha256"), "records": records.get("count"),
+              "format": records.get("format"), "redaction_sha256": manifest.get("redaction_sha256")}
+    for name, value in claims.items():
+        if detail.get(name) != value:
+            raise _BundleError("manifest_mismatch",
+                               f"the export's audit entry {seq} does not vouch for the manifest's {name}", seq)
+
+
+def _check_records(path: Path, manifest: dict[str, Any], rounds: set[tuple[str, str]],
+                   report: VerifyReport) -> None:
+    fmt, tenant = manifest["records"].get("format"), manifest["tenant"]
+    if fmt == "agently":
+        report.records = manifest["records"].get("count")
+        report.notes.append("agently format carries no per-record hashes: the records are bound to the "
+                            "chain by their file hash only")
+        return
+    count = 0
+    for record_tenant, session_id, seq, digest in _record_refs(path, fmt):
+        count += 1
+        if record_tenant != tenant or (session_id, digest) not in rounds:
+            raise _BundleError("record_not_covered",
+                               f"record {count} (session {session_id}, round {seq}) matches no round "
+                               "entry in the bundle's audit entries")
+    report.records = count
+    if count != manifest["records"].get("count"):
+        raise _BundleError("manifest_mismatch", f"{count} records, the manifest says "
+                           f"{manifest['records'].get('count')}")
+
+
+def _record_refs(path: Path, fmt: str) -> Iterator[tuple[str, str, Any, str]]:
+    """(tenant, session_id, seq, ciphertext_sha256) of every record, streaming."""
+    try:
+        if fmt == "jsonl":
+            with path.open("rb") as f:
+                for line in f:
+                    doc = orjson.loads(line)
+                    yield doc["tenant"], doc["session_id"], doc["seq"], doc["ciphertext_sha256"]
+        elif fmt == "csv":
+            csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+            with path.open(newline="", encoding="utf-8") as f:
+                last = None
+                for row in csv.DictReader(f):
+                    ref = (row["tenant"], row["session_id"], row["seq"], row["ciphertext_sha256"])
+                    if ref != last:
+                        yield ref
+                    last = ref
+        else:
+            raise _BundleError("malformed", f"unknown records format {fmt!r}")
+    except (orjson.JSONDecodeError, KeyError, TypeError, csv.Error, UnicodeDecodeError) as exc:
+        raise _BundleError("malformed", f"{path.name} is not a valid {fmt} export") from exc

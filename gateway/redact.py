@@ -1,0 +1,350 @@
+"""Export redaction: the policy's rules on recorded blocks, then optional PII detectors.
+
+**What it reads.** A recorded message's content is either Agently block form,
+``"[key]:\\nvalue\\n[key2]:\\nvalue2"`` (the policy listed keys), or free text (keys were null).
+Content counts as blocks when its first line is a header ``[name]:``; a block's value runs,
+over any number of lines, until the next line that is exactly a header. Given the policy's key
+names (``keys``), only ``[k]:`` lines for those names are headers, so a value that happens to
+contain a header-like line is not split. OpenAI content-part lists are handled part by part:
+text parts as free text; other parts (images, audio) are kept only when the free-text action
+is ``keep``.
+
+**Rules.** A rule ``{key, action}`` selects a block by its exact key name; the key ``"*"`` is
+the default for free text and for blocks no rule names. The first rule for a key wins.
+Actions:
+
+- ``keep``: exported as recorded (then the detectors run on it). The default without rules.
+- ``drop``: the block is left out; a message left with nothing is left out.
+- ``mask``: the value becomes :data:`MASK` (``"****"``, fixed, so that lengths do not leak).
+- ``hash``: the value (surrounding whitespace stripped) becomes a pseudonym
+  ``"pseud:" + first 16 hex digits of HMAC-SHA256(tenant key, value)``: equal values give equal
+  pseudonyms within a tenant, different ones across tenants.
+
+**Tenant key.** :func:`tenant_secret` derives it with HKDF-SHA256 from the configured export
+secret (at least 16 bytes), salt ``b"sessiongate-export-pseudonym-v1"``, info
+``b"tenant:" + tenant`` (UTF-8), 32 bytes.
+
+**Detectors** (``email``, ``phone``, ``card`` with the Luhn check, ``iban`` with the mod-97
+check) run on kept free text and kept block values, after the rules. A hit is replaced by a
+typed placeholder (``[EMAIL]``, ``[PHONE]``, ``[CARD]``, ``[IBAN]``) or, with action ``hash``,
+by the pseudonym of its normalised form (e-mail lower-cased; phone ``+`` and digits; card
+digits; IBAN upper-case without spaces), so detected values still join. Where hits overlap,
+the order iban, card, email, phone decides. The phone detector is a heuristic: 7 to 15 digits
+that start with ``+`` or contain separators, not a date or an IPv4 address.
+
+Raises ``ValueError`` for an unknown action or detector, or a too-short export secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+MASK = "****"
+ACTIONS = ("keep", "drop", "mask", "hash")
+DETECTORS = ("iban", "card", "email", "phone")
+"""Detector names, in the order that settles overlapping hits."""
+DEFAULT_KEY = "*"
+PSEUDONYM_PREFIX = "pseud:"
+
+_SALT = b"sessiongate-export-pseudonym-v1"
+_HEADER = re.compile(r"\[(.+)\]:")
+
+
+# --------------------------------------------------------------------------- rules and secrets
+
+
+@dataclass(frozen=True, slots=True)
+class RedactionRule:
+    """Apply ``action`` to the block named ``key`` (``"*"``: free text and unnamed blocks)."""
+
+    key: str
+    action: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key": self.key, "action": self.action}
+
+
+def parse_rules(rules: Iterable[Any]) -> tuple[RedactionRule, ...]:
+    """Rules from mappings or objects with ``key`` and ``action`` (e.g. the policy's ``RedactRule``).
+
+    Raises ``ValueError`` for a missing key or an unknown action.
+    """
+    out = []
+    for number, rule in enumerate(rules, start=1):
+        key = rule.get("key") if isinstance(rule, Mapping) else getattr(rule, "key", None)
+        action = rule.get("action") if isinstance(rule, Mapping) else getattr(rule, "action", None)
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"redaction rule {number}: key must be a non-empty string")
+        if action not in ACTIONS:
+            raise ValueError(f"redaction rule {number}: action must be one of {', '.join(ACTIONS)}")
+        out.append(RedactionRule(key, action))
+    return tuple(out)
+
+
+def tenant_secret(export_secret: bytes, tenant: str) -> bytes:
+    """The tenant's 32-byte pseudonym key (HKDF-SHA256, see the module docstring).
+
+    Raises ``ValueError`` when ``export_secret`` is shorter than 16 bytes.
+    """
+    if len(export_secret) < 16:
+        raise ValueError("the export secret must be at least 16 bytes")
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=b"tenant:" + tenant.encode())
+    return hkdf.derive(export_secret)
+
+
+def pseudonym(secret: bytes, value: str) -> str:
+    """``"pseud:"`` + the first 16 hex digits of HMAC-SHA256(secret, value)."""
+    return PSEUDONYM_PREFIX + hmac.new(secret, value.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A detected value: ``text[start:end]`` of ``kind``, ``normalized`` for pseudonyms."""
+
+    kind: str
+    start: int
+    end: int
+    normalized: str
+
+
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+_DIGIT_RUN = re.compile(r"(?<![\w-])\d+(?:[ -]\d+)*(?![\w-])")
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_PHONE = re.compile(r"(?<![\w+.])\+?(?:\(\d{1,5}\)|\d)(?:[ .-]?(?:\(\d{1,5}\)|\d)){6,24}(?!\w)")
+_NOT_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{1,3}(?:\.\d{1,3}){3}|\d+\.\d+")
+
+
+def luhn_ok(digits: str) -> bool:
+    """The Luhn checksum of a string of digits holds."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_ok(iban: str) -> bool:
+    """The ISO 13616 mod-97 check of an IBAN (spaces ignored, 15 to 34 characters) holds."""
+    s = iban.replace(" ", "").upper()
+    if not 15 <= len(s) <= 34 or not s.isalnum():
+        return False
+    rearranged = s[4:] + s[:4]
+    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+
+
+def _find_iban(text: str) -> Iterable[Finding]:
+    for m in _IBAN.finditer(text):
+        if iban_ok(m.group()):
+            yield Finding("iban", m.start(), m.end(), m.group().replace(" ", "").upper())
+
+
+def _find_card(text: str) -> Iterable[Finding]:
+    """Card numbers: 13-19 digits, Luhn-valid, made of whole groups of a digit run."""
+    for m in _DIGIT_RUN.finditer(text):
+        groups = [(g.start(), g.end()) for g in re.finditer(r"\d+", m.group())]
+        i = 0
+        while i < len(groups):
+            hit = _longest_card(m.group(), groups, i)
+            if hit is None:
+                i += 1
+                continue
+            j, digits = hit
+            yield Finding("card", m.start() + groups[i][0], m.start() + groups[j][1], digits)
+            i = j + 1
+
+
+def _longest_card(run: str, groups: list[tuple[int, int]], i: int) -> tuple[int, str] | None:
+    best = None
+    digits = ""
+    for j in range(i, len(groups)):
+        digits += run[groups[j][0]:groups[j][1]]
+        if len(digits) > 19:
+            break
+        if len(digits) >= 13 and luhn_ok(digits):
+            best = (j, digits)
+    return best
+
+
+def _find_email(text: str) -> Iterable[Finding]:
+    for m in _EMAIL.finditer(text):
+        yield Finding("email", m.start(), m.end(), m.group().lower())
+
+
+def _find_phone(text: str) -> Iterable[Finding]:
+    for m in _PHONE.finditer(text):
+        s = m.group()
+        digits = re.sub(r"\D", "", s)
+        if not 7 <= len(digits) <= 15 or _NOT_PHONE.fullmatch(s):
+            continue
+        if not s.startswith("+") and s.isdigit():
+            continue
+        yield Finding("phone", m.start(), m.end(), ("+" if s.startswith("+") else "") + digits)
+
+
+_FINDERS = {"iban": _find_iban, "card": _find_card, "email": _find_email, "phone": _find_phone}
+
+
+def find_pii(text: str, detectors: Collection[str]) -> list[Finding]:
+    """Non-overlapping hits of ``detectors`` in ``text``, in text order."""
+    taken: list[Finding] = []
+    for kind in DETECTORS:
+        if kind not in detectors:
+            continue
+        for hit in _FINDERS[kind](text):
+            if all(hit.end <= t.start or hit.start >= t.end for t in taken):
+                taken.append(hit)
+    return sorted(taken, key=lambda f: f.start)
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def parse_blocks(content: str, keys: Collection[str] | None = None) -> list[tuple[str, str]] | None:
+    """``[(key, value), ...]`` of block-form content, or None when it is free text."""
+    lines = content.split("\n")
+    if _header(lines[0], keys) is None:
+        return None
+    blocks: list[tuple[str, list[str]]] = []
+    for line in lines:
+        key = _header(line, keys)
+        if key is not None:
+            blocks.append((key, []))
+        else:
+            blocks[-1][1].append(line)
+    return [(key, "\n".join(value)) for key, value in blocks]
+
+
+def join_blocks(blocks: Iterable[tuple[str, str]]) -> str:
+    """The inverse of :func:`parse_blocks`: ``"[key]:\\nvalue"`` joined by newlines."""
+    return "\n".join(f"[{key}]:\n{value}" for key, value in blocks)
+
+
+def _header(line: str, keys: Collection[str] | None) -> str | None:
+    m = _HEADER.fullmatch(line)
+    if m is None or (keys is not None and m.group(1) not in keys):
+        return None
+    return m.group(1)
+
+
+# --------------------------------------------------------------------------- the redactor
+
+
+class Redactor:
+    """Applies one policy's export redaction for one tenant (see the module docstring)."""
+
+    def __init__(self, rules: Iterable[Any], tenant_secret: bytes,
+                 detectors: Iterable[str] | Mapping[str, str] = (), *,
+                 keys: Sequence[str] | None = None) -> None:
+        """``detectors``: names (hits masked) or ``{name: "mask" | "hash"}``; ``keys``: the
+        policy's block names (input and reply keys), to split blocks only on those."""
+        self.rules = parse_rules(rules)
+        self._by_key: dict[str, str] = {}
+        for rule in self.rules:
+            self._by_key.setdefault(rule.key, rule.action)
+        self._secret = tenant_secret
+        chosen = dict(detectors) if isinstance(detectors, Mapping) else dict.fromkeys(detectors, "mask")
+        for name, action in chosen.items():
+            if name not in DETECTORS:
+                raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+            if action not in ("mask", "hash"):
+                raise ValueError(f"detector {name}: action must be mask or hash")
+        self.detectors = chosen
+        self._keys = frozenset(keys) if keys is not None else None
+
+    def pseudonym(self, value: str) -> str:
+        """This tenant's pseudonym of ``value``."""
+        return pseudonym(self._secret, value)
+
+    def describe(self) -> dict[str, Any]:
+        """What this redactor does, for an export manifest (no secret material)."""
+        return {
+            "rules": [r.to_dict() for r in self.rules],
+            "default": self._by_key.get(DEFAULT_KEY, "keep"),
+            "detectors": dict(sorted(self.detectors.items())),
+            "mask": MASK,
+            "pseudonym": "pseud: + 16 hex of HMAC-SHA256(HKDF-SHA256(export secret, tenant), value)",
+            "pseudonym_key_id": hmac.new(self._secret, b"key-id", hashlib.sha256).hexdigest()[:16],
+        }
+
+    def redact_messages(self, messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """New ``{"role", "content"}`` messages; messages left with nothing are left out."""
+        out = []
+        for message in messages:
+            content = self.redact_content(message.get("content"))
+            if content is not None:
+                out.append({"role": message.get("role"), "content": content})
+        return out
+
+    def redact_content(self, content: Any) -> Any:
+        """Redacted content (string or part list), or None when nothing is left."""
+        if isinstance(content, list):
+            return self._redact_parts(content)
+        if content is None:
+            return None
+        text = content if isinstance(content, str) else str(content)
+        blocks = parse_blocks(text, self._keys)
+        if blocks is None:
+            return self._apply(self._by_key.get(DEFAULT_KEY, "keep"), text)
+        kept = []
+        for key, value in blocks:
+            new = self._apply(self._action_for(key), value)
+            if new is not None:
+                kept.append((key, new))
+        if not kept:
+            return None
+        return text if kept == blocks else join_blocks(kept)
+
+    def redact_text(self, text: str) -> str:
+        """``text`` with the detectors' hits replaced."""
+        if not self.detectors:
+            return text
+        hits = find_pii(text, self.detectors)
+        if not hits:
+            return text
+        pieces, at = [], 0
+        for hit in hits:
+            pieces.append(text[at:hit.start])
+            if self.detectors[hit.kind] == "hash":
+                pieces.append(self.pseudonym(hit.normalized))
+            else:
+                pieces.append(f"[{hit.kind.upper()}]")
+            at = hit.end
+        pieces.append(text[at:])
+        return "".join(pieces)
+
+    def _action_for(self, key: str) -> str:
+        return self._by_key.get(key, self._by_key.get(DEFAULT_KEY, "keep"))
+
+    def _apply(self, action: str, value: str) -> str | None:
+        if action == "drop":
+            return None
+        if action == "mask":
+            return MASK
+        if action == "hash":
+            return self.pseudonym(value.strip())
+        return self.redact_text(value)
+
+    def _redact_parts(self, parts: list[Any]) -> list[Any] | None:
+        default = self._by_key.get(DEFAULT_KEY, "keep")
+        out: list[Any] = []
+        for part in parts:
+            if isinstance(part, Mapping) and part.get("type") == "text":
+                new = self.redact_content(str(part.get("text", "")))
+                if new is not None:
+                    out.append({"type": "text", "text": new})
+            elif default == "keep":
+                out.append(part)
+        return out or None

@@ -1,0 +1,457 @@
+"""The audit chain: sealing, tamper detection of every kind, checkpoints and their signing key."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.audit import (
+    GENESIS,
+    Checkpoint,
+    Checkpointer,
+    CheckpointLog,
+    Signer,
+    VerifyError,
+    VerifyReport,
+    averify_chain,
+    entry_fields,
+    row_from_body,
+    seal_entry,
+    verify_chain,
+)
+from gateway.errors import ConfigError
+from gateway.store.base import AuditRow
+
+T0 = 1_700_000_000.0
+
+
+def _round_fields(i: int, session: str = "s-1") -> dict:
+    return {"event": "round", "request_id": f"req-{i}", "session_id": session, "policy_id": "support",
+            "policy_hash": "ab" * 32, "route": "/v1/chat/completions", "model": "gpt-4o-mini",
+            "outcome": "completed", "input_keys": ["input.ticket_id"], "reply_keys": None,
+            "bytes_in": 10 + i, "bytes_out": 20 + i,
+            "ciphertext_sha256": hashlib.sha256(f"ct-{session}-{i}".encode()).hexdigest()}
+
+
+def make_chain(n: int, tenant: str = "acme", *, after: AuditRow | None = None) -> list[AuditRow]:
+    """``n`` sealed round entries, continuing ``after`` when given."""
+    rows: list[AuditRow] = []
+    prev_hash, seq = (after.hash, after.seq) if after else (GENESIS, 0)
+    for _ in range(n):
+        seq += 1
+        row = seal_entry(tenant, seq, prev_hash, T0 + seq, _round_fields(seq))
+        rows.append(row)
+        prev_hash = row.hash
+    return rows
+
+
+def reseal_from(rows: list[AuditRow], index: int, fields_at_index: dict) -> list[AuditRow]:
+    """Rewrite the chain from ``index`` on with valid hashes (what an attacker with the DB can do)."""
+    out = rows[:index]
+    prev = out[-1].hash if out else GENESIS
+    for k, row in enumerate(rows[index:]):
+        fields = {k2: v for k2, v in entry_fields(row).items() if k2 not in ("tenant", "seq", "time", "prev_hash")}
+        if k == 0:
+            fields.update(fields_at_index)
+        new = seal_entry(row.tenant, row.seq, prev, row.created_at, fields)
+        out.append(new)
+        prev = new.hash
+    return out
+
+
+@pytest.fixture()
+def signer(tmp_path: Path) -> Signer:
+    return Signer.load_or_create(tmp_path / "keys" / "audit.key")
+
+
+def _err(report: VerifyReport) -> VerifyError:
+    assert report.first_error is not None, "verification passed"
+    return report.first_error
+
+
+def _error(report: VerifyReport) -> tuple[int | None, str]:
+    return _err(report).seq, _err(report).kind
+
+
+# --------------------------------------------------------------------------- sealing
+
+
+def test_seal_entry_hashes_its_canonical_body() -> None:
+    """The hash is the SHA-256 of a sorted-key JSON body that holds the links and the fields."""
+    row = seal_entry("acme", 1, GENESIS, T0, _round_fields(1))
+    assert row.hash == hashlib.sha256(row.body).hexdigest()
+    doc = orjson.loads(row.body)
+    assert list(doc) == sorted(doc)
+    assert (doc["tenant"], doc["seq"], doc["prev_hash"], doc["time"]) == ("acme", 1, GENESIS, T0)
+    assert doc["input_keys"] == ["input.ticket_id"]
+
+
+def test_seal_entry_refuses_unknown_fields_and_events() -> None:
+    """A field outside the schema (a value under a new name) or an unknown event is refused."""
+    with pytest.raises(ValueError, match="content"):
+        seal_entry("acme", 1, GENESIS, T0, {"event": "round", "content": "secret"})
+    with pytest.raises(ValueError, match="event"):
+        seal_entry("acme", 1, GENESIS, T0, {"event": "lunch"})
+
+
+def test_row_from_body_rebuilds_the_row() -> None:
+    """A row rebuilt from its body alone equals the sealed row."""
+    row = make_chain(1)[0]
+    assert row_from_body(row.body) == row
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def test_intact_chain_verifies() -> None:
+    """An untouched chain verifies and the report names its range and head."""
+    rows = make_chain(10)
+    report = verify_chain(rows, tenant="acme")
+    assert report.ok
+    assert (report.entries, report.first_seq, report.last_seq, report.head_hash) == (10, 1, 10, rows[-1].hash)
+
+
+def test_report_names_the_broken_entry() -> None:
+    """The report's summary and dict name the kind and seq of the first problem."""
+    rows = make_chain(5)
+    del rows[2]
+    report = verify_chain(rows, tenant="acme")
+    assert report.summary().startswith("FAIL tenant acme") and "gap at seq 3" in report.summary()
+    doc = report.to_dict()
+    assert doc["ok"] is False and doc["first_error"] == {"seq": 3, "kind": "gap",
+                                                          "message": "entry 3 is missing (the next entry is 4)"}
+
+
+def test_empty_chain_verifies() -> None:
+    """A tenant without entries verifies (nothing to contradict)."""
+    assert verify_chain([], tenant="acme").ok
+
+
+def test_edited_body_is_caught() -> None:
+    """Changing an entry's content without its hash is reported as an edit of that entry."""
+    rows = make_chain(10)
+    rows[4] = dataclasses.replace(rows[4], body=rows[4].body.replace(b"req-5", b"req-X"))
+    assert _error(verify_chain(rows, tenant="acme")) == (5, "edited")
+
+
+def test_edited_and_rehashed_entry_breaks_the_next_link() -> None:
+    """An edit whose hash was recomputed is caught where the next entry links to the old hash."""
+    rows = make_chain(10)
+    forged = seal_entry("acme", 5, rows[3].hash, rows[4].created_at, {**_round_fields(5), "model": "other"})
+    rows[4] = forged
+    assert _error(verify_chain(rows, tenant="acme")) == (6, "bad_link")
+
+
+def test_edited_column_is_caught() -> None:
+    """A stored column that disagrees with the hashed body is an edit."""
+    rows = make_chain(5)
+    rows[2] = dataclasses.replace(rows[2], created_at=rows[2].created_at + 3600)
+    assert _error(verify_chain(rows, tenant="acme")) == (3, "edited")
+
+
+def test_deleted_entry_is_a_gap() -> None:
+    """Removing an entry leaves a gap reported at the missing sequence number."""
+    rows = make_chain(10)
+    del rows[6]
+    report = verify_chain(rows, tenant="acme")
+    assert _error(report) == (7, "gap")
+    assert "entry 7 is missing" in _err(report).message
+
+
+def test_deleted_entries_with_renumbered_columns_are_a_gap() -> None:
+    """Deleting entries and renumbering the seq column is still a gap: bodies keep their seq."""
+    rows = make_chain(10)
+    kept = rows[:3] + rows[5:]
+    renumbered = [dataclasses.replace(r, seq=i) for i, r in enumerate(kept, start=1)]
+    report = verify_chain(renumbered, tenant="acme")
+    assert _error(report) == (4, "gap")
+    assert "entries 4..5 are missing" in _err(report).message
+
+
+def test_deleted_last_but_one_entry_is_a_gap() -> None:
+    """A gap right before the end is reported although no entry follows it."""
+    rows = make_chain(5)
+    del rows[3]
+    assert _error(verify_chain(rows, tenant="acme")) == (4, "gap")
+
+
+def test_reordered_entries_are_caught() -> None:
+    """Two swapped entries are reported as reordered at the first displaced seq."""
+    rows = make_chain(10)
+    rows[3], rows[4] = rows[4], rows[3]
+    assert _error(verify_chain(rows, tenant="acme")) == (4, "reordered")
+
+
+def test_reordered_by_swapping_seq_columns_is_caught() -> None:
+    """Swapping two entries' seq columns (so a DB returns them swapped) is a reorder."""
+    rows = make_chain(10)
+    a, b = rows[3], rows[4]
+    rows[3], rows[4] = dataclasses.replace(b, seq=4), dataclasses.replace(a, seq=5)
+    assert _error(verify_chain(rows, tenant="acme")) == (4, "reordered")
+
+
+def test_inserted_entry_is_caught() -> None:
+    """An entry sealed into the middle (later entries shifted) is reported at its seq."""
+    rows = make_chain(10)
+    forged = seal_entry("acme", 4, rows[2].hash, T0 + 3.5, _round_fields(99))
+    shifted = [dataclasses.replace(r, seq=r.seq + 1) for r in rows[3:]]
+    report = verify_chain([*rows[:3], forged, *shifted], tenant="acme")
+    assert _error(report) == (4, "inserted")
+
+
+def test_duplicate_seq_is_an_insertion() -> None:
+    """A second entry with an existing seq is an insertion."""
+    rows = make_chain(6)
+    forged = seal_entry("acme", 3, rows[1].hash, T0 + 3, _round_fields(77))
+    assert _error(verify_chain([*rows[:3], forged, *rows[3:]], tenant="acme")) == (3, "inserted")
+
+
+def test_foreign_tenant_entry_is_an_insertion() -> None:
+    """An entry sealed for another tenant does not belong in this chain."""
+    rows = make_chain(4)
+    rows[2] = make_chain(3, tenant="globex")[2]
+    assert _error(verify_chain(rows, tenant="acme")) == (3, "inserted")
+
+
+def test_first_entry_must_link_to_genesis() -> None:
+    """A chain whose first entry does not start at the genesis hash is broken at seq 1."""
+    rows = make_chain(3)
+    rows[0] = seal_entry("acme", 1, "f" * 64, T0 + 1, _round_fields(1))
+    assert _error(verify_chain(rows, tenant="acme")) == (1, "bad_link")
+
+
+def test_averify_chain_reads_an_async_iterator() -> None:
+    """The async variant verifies rows from an async iterator and catches the same tampering."""
+    rows = make_chain(8)
+
+    async def gen(items: Iterable[AuditRow]) -> AsyncIterator[AuditRow]:
+        for r in items:
+            yield r
+
+    assert asyncio.run(averify_chain(gen(rows), tenant="acme")).ok
+    del rows[2]
+    report = asyncio.run(averify_chain(gen(rows), tenant="acme"))
+    assert _error(report) == (3, "gap")
+
+
+def test_erased_session_leaves_the_chain_verifiable() -> None:
+    """Entries hold ciphertext hashes, not content, so erasing a session's rounds breaks nothing."""
+    rows: list[AuditRow] = []
+    prev = GENESIS
+    plaintext = "my ticket number is 4711"
+    for seq, session in enumerate(["alice", "bob", "alice", "bob"], start=1):
+        row = seal_entry("acme", seq, prev, T0 + seq, _round_fields(seq, session))
+        rows.append(row)
+        prev = row.hash
+    stored_rounds = {r.hash: plaintext for r in rows}
+    rows.append(seal_entry("acme", 5, prev, T0 + 5, {"event": "erasure", "session_id": "alice",
+                                                      "detail": {"rounds": 2}}))
+    stored_rounds.clear()  # the session's rounds and data key are gone
+    report = verify_chain(rows, tenant="acme")
+    assert report.ok and report.entries == 5
+    assert all(plaintext.encode() not in r.body for r in rows)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_verify_and_count(signer: Signer) -> None:
+    """Checkpoints signed over the real heads verify and are counted."""
+    rows = make_chain(10)
+    cps = [signer.sign_head("acme", 4, rows[3].hash, T0 + 100), signer.sign_head("acme", 10, rows[9].hash, T0 + 200)]
+    report = verify_chain(rows, tenant="acme", checkpoints=cps, public_key=signer.public_key_pem())
+    assert report.ok and report.checkpoints == 2
+
+
+def test_truncated_tail_is_caught_by_a_checkpoint(signer: Signer) -> None:
+    """Dropping the newest entries is caught against a checkpoint kept outside the store."""
+    rows = make_chain(10)
+    cp = signer.sign_head("acme", 10, rows[9].hash, T0 + 200)
+    report = verify_chain(rows[:7], tenant="acme", checkpoints=[cp], public_key=signer.public_key)
+    assert _error(report) == (8, "truncated")
+    assert "reached seq 10" in _err(report).message
+
+
+def test_rewritten_history_is_caught_by_a_checkpoint(signer: Signer) -> None:
+    """A tail rewritten with every hash recomputed no longer matches the signed head."""
+    rows = make_chain(10)
+    cp = signer.sign_head("acme", 8, rows[7].hash, T0 + 200)
+    forged = reseal_from(rows, 4, {"model": "other"})
+    assert verify_chain(forged, tenant="acme").ok  # undetectable without the checkpoint
+    report = verify_chain(forged, tenant="acme", checkpoints=[cp], public_key=signer.public_key)
+    assert _error(report) == (8, "checkpoint_mismatch")
+
+
+def test_forged_checkpoint_is_caught(signer: Signer, tmp_path: Path) -> None:
+    """A checkpoint whose fields were changed, or that another key signed, fails its signature."""
+    rows = make_chain(10)
+    real = signer.sign_head("acme", 10, rows[9].hash, T0 + 200)
+    moved = dataclasses.replace(real, seq=12)
+    report = verify_chain(rows, tenant="acme", checkpoints=[moved], public_key=signer.public_key)
+    assert _error(report) == (12, "bad_signature")
+    other = Signer.load_or_create(tmp_path / "other.key")
+    foreign = other.sign_head("acme", 10, rows[9].hash, T0 + 200)
+    report = verify_chain(rows, tenant="acme", checkpoints=[foreign], public_key=signer.public_key)
+    assert _error(report) == (10, "bad_signature")
+    assert "signed by key" in _err(report).message
+
+
+def test_checkpoints_need_a_public_key(signer: Signer) -> None:
+    """Checkpoints cannot be passed without the key that checks them."""
+    rows = make_chain(2)
+    with pytest.raises(ValueError, match="public key"):
+        verify_chain(rows, tenant="acme", checkpoints=[signer.sign_head("acme", 2, rows[1].hash, T0)])
+
+
+def test_other_tenants_checkpoints_are_ignored(signer: Signer) -> None:
+    """Only the verified tenant's checkpoints apply."""
+    rows = make_chain(3)
+    other = signer.sign_head("globex", 50, "e" * 64, T0)
+    assert verify_chain(rows, tenant="acme", checkpoints=[other], public_key=signer.public_key).ok
+
+
+# --------------------------------------------------------------------------- signer and checkpoint file
+
+
+def test_signer_creates_a_private_key_file(tmp_path: Path) -> None:
+    """The key is generated 0600 in a new 0700 directory and reloads to the same key."""
+    path = tmp_path / "secret" / "audit.key"
+    signer = Signer.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert Signer.load_or_create(path).key_id == signer.key_id
+    assert signer.public_key_pem().startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+def test_signer_refuses_a_group_readable_key(tmp_path: Path) -> None:
+    """A key file others can read is refused with the file named."""
+    path = tmp_path / "audit.key"
+    Signer.load_or_create(path)
+    os.chmod(path, 0o640)
+    with pytest.raises(ConfigError, match="audit.key.*chmod 600"):
+        Signer.load_or_create(path)
+
+
+def test_signer_refuses_a_non_key_file(tmp_path: Path) -> None:
+    """A file that is not an Ed25519 private key is a configuration error."""
+    path = tmp_path / "audit.key"
+    path.write_bytes(b"not a key")
+    os.chmod(path, 0o600)
+    with pytest.raises(ConfigError, match="PEM private key"):
+        Signer.load_or_create(path)
+
+
+def test_checkpoint_log_round_trips(signer: Signer, tmp_path: Path) -> None:
+    """Appended checkpoints read back in order, and the latest per tenant is found."""
+    log = CheckpointLog(tmp_path / "cp" / "checkpoints.jsonl")
+    a1 = signer.sign_head("acme", 1, "a" * 64, T0)
+    g1 = signer.sign_head("globex", 5, "b" * 64, T0)
+    a2 = signer.sign_head("acme", 9, "c" * 64, T0 + 1)
+    log.append([a1, g1])
+    log.append([a2])
+    assert list(log) == [a1, g1, a2]
+    assert log.for_tenant("acme") == [a1, a2]
+    assert log.latest() == {"acme": a2, "globex": g1}
+    assert a2.verify(signer.public_key) is None
+
+
+def test_checkpoint_log_names_a_malformed_line(tmp_path: Path) -> None:
+    """A damaged checkpoint file is reported with its line number."""
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_bytes(b'{"tenant": "acme"}\n')
+    with pytest.raises(ConfigError, match=r"checkpoints.jsonl:1"):
+        list(CheckpointLog(path))
+
+
+def test_missing_checkpoint_log_is_empty(tmp_path: Path) -> None:
+    """A checkpoint file that does not exist yet holds no checkpoints."""
+    assert list(CheckpointLog(tmp_path / "none.jsonl")) == []
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_checkpointer_signs_every_n_entries(signer: Signer, tmp_path: Path) -> None:
+    """A tenant is due after N entries, and signing it records the head in the file."""
+    log = CheckpointLog(tmp_path / "cp.jsonl")
+    cpr = Checkpointer(signer, log, every_n=3, every_seconds=60, clock=FakeClock())
+    rows = make_chain(5)
+    cpr.observe(rows[:2])
+    assert cpr.due() == []
+    cpr.observe(rows[2:3])
+    assert cpr.due() == ["acme"]
+    made = cpr.checkpoint_now(cpr.due())
+    assert [(c.seq, c.hash) for c in made] == [(3, rows[2].hash)]
+    assert list(log) == made
+    assert cpr.due() == []
+
+
+def test_checkpointer_signs_after_t_seconds(signer: Signer, tmp_path: Path) -> None:
+    """An entry that waited T seconds makes its tenant due even below N."""
+    clock = FakeClock()
+    cpr = Checkpointer(signer, CheckpointLog(tmp_path / "cp.jsonl"), every_n=1000, every_seconds=60,
+                       clock=clock)
+    cpr.observe(make_chain(1))
+    assert cpr.due() == []
+    clock.now += 61
+    assert cpr.due() == ["acme"]
+
+
+def test_checkpointer_resumes_from_its_file(signer: Signer, tmp_path: Path) -> None:
+    """After a restart, entries already covered by the file do not count as pending."""
+    log = CheckpointLog(tmp_path / "cp.jsonl")
+    rows = make_chain(5)
+    log.append([signer.sign_head("acme", 4, rows[3].hash, T0)])
+    cpr = Checkpointer(signer, log, every_n=2, every_seconds=60, clock=FakeClock())
+    cpr.observe(rows)
+    assert cpr.due() == []
+    cpr.observe(make_chain(1, after=rows[-1]))
+    assert cpr.due() == ["acme"]
+
+
+def test_checkpoint_tenant_covers_the_latest_head(signer: Signer, tmp_path: Path) -> None:
+    """An explicit checkpoint (for an export) signs the newest observed head and verifies."""
+    cpr = Checkpointer(signer, CheckpointLog(tmp_path / "cp.jsonl"), every_n=1000, every_seconds=60)
+    rows = make_chain(7)
+    cpr.observe(rows)
+    cp = asyncio.run(cpr.checkpoint_tenant("acme"))
+    assert isinstance(cp, Checkpoint) and (cp.seq, cp.hash) == (7, rows[-1].hash)
+    assert verify_chain(rows, tenant="acme", checkpoints=[cp], public_key=signer.public_key).ok
+
+
+def test_checkpointer_run_signs_when_due_and_on_stop(signer: Signer, tmp_path: Path) -> None:
+    """The background loop signs when N is reached and signs what is pending when cancelled."""
+    log = CheckpointLog(tmp_path / "cp.jsonl")
+    cpr = Checkpointer(signer, log, every_n=3, every_seconds=3600)
+    rows = make_chain(4)
+
+    async def scenario() -> list[int]:
+        task = asyncio.create_task(cpr.run())
+        await asyncio.sleep(0)
+        cpr.observe(rows[:3])
+        for _ in range(500):
+            if list(log):
+                break
+            await asyncio.sleep(0.01)
+        seen = [cp.seq for cp in log]
+        cpr.observe(rows[3:])
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return seen
+
+    assert asyncio.run(scenario()) == [3]
+    assert [cp.seq for cp in log] == [3, 4]

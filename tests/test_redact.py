@@ -1,0 +1,162 @@
+"""Export redaction: block parsing, rule actions, tenant pseudonyms and the PII detectors."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.redact import (
+    MASK,
+    Redactor,
+    find_pii,
+    iban_ok,
+    join_blocks,
+    luhn_ok,
+    parse_blocks,
+    parse_rules,
+    pseudonym,
+    tenant_secret,
+)
+
+SECRET = b"export-secret-for-tests-0123456789"
+ACME = tenant_secret(SECRET, "acme")
+GLOBEX = tenant_secret(SECRET, "globex")
+BLOCKS = "[info.task]:\nSummarize #0\n[input/lang]:\nen\n[.agent.system]:\nSYS-C"
+
+
+def test_parse_blocks_round_trips() -> None:
+    """Agently block content parses into (key, value) pairs and joins back unchanged."""
+    blocks = parse_blocks(BLOCKS)
+    assert blocks == [("info.task", "Summarize #0"), ("input/lang", "en"), (".agent.system", "SYS-C")]
+    assert join_blocks(blocks) == BLOCKS
+
+
+def test_parse_blocks_keeps_multiline_values() -> None:
+    """A value runs over several lines (YAML) until the next header line."""
+    content = "[ticket]:\nid: 7\ntags:\n- a\n- b\n\n[summary]:\nok"
+    assert parse_blocks(content) == [("ticket", "id: 7\ntags:\n- a\n- b\n"), ("summary", "ok")]
+    assert join_blocks(parse_blocks(content) or []) == content
+
+
+def test_parse_blocks_with_known_keys_ignores_lookalike_lines() -> None:
+    """Given the policy's keys, a header-like line inside a value does not split it."""
+    content = "[note]:\nsee\n[not a key]:\nstill note\n[lang]:\nen"
+    assert parse_blocks(content, keys={"note", "lang"}) == [("note", "see\n[not a key]:\nstill note"),
+                                                            ("lang", "en")]
+    assert len(parse_blocks(content) or []) == 3
+
+
+def test_free_text_is_not_blocks() -> None:
+    """Content that does not start with a header is free text."""
+    assert parse_blocks("hello\n[x]:\ny") is None
+    assert parse_blocks("[x]: inline") is None
+
+
+def test_rules_drop_mask_and_hash_blocks() -> None:
+    """Each action applies to its block; unnamed blocks are kept as recorded."""
+    r = Redactor([{"key": "info.task", "action": "mask"}, {"key": "input/lang", "action": "drop"},
+                  {"key": ".agent.system", "action": "hash"}], ACME)
+    assert r.redact_content(BLOCKS) == f"[info.task]:\n{MASK}\n[.agent.system]:\n{pseudonym(ACME, 'SYS-C')}"
+    assert Redactor([], ACME).redact_content(BLOCKS) == BLOCKS
+
+
+def test_default_rule_covers_free_text_and_unnamed_blocks() -> None:
+    """The ``*`` rule applies to free text and to blocks no rule names; ``keep`` exempts a key."""
+    r = Redactor([{"key": "input/lang", "action": "keep"}, {"key": "*", "action": "mask"}], ACME)
+    assert r.redact_content("anything at all") == MASK
+    assert r.redact_content(BLOCKS) == f"[info.task]:\n{MASK}\n[input/lang]:\nen\n[.agent.system]:\n{MASK}"
+
+
+def test_fully_dropped_messages_are_left_out() -> None:
+    """A message whose every block is dropped disappears from the export."""
+    r = Redactor([{"key": "*", "action": "drop"}], ACME)
+    messages = [{"role": "user", "content": "secret"}, {"role": "assistant", "content": BLOCKS}]
+    assert r.redact_messages(messages) == []
+
+
+def test_pseudonyms_join_within_a_tenant_and_differ_across_tenants() -> None:
+    """The same value gets the same pseudonym in one tenant and a different one in another."""
+    rule = [{"key": "customer", "action": "hash"}]
+    a = Redactor(rule, ACME).redact_content("[customer]:\nalice@example.com")
+    a_again = Redactor(rule, tenant_secret(SECRET, "acme")).redact_content("[customer]:\n alice@example.com ")
+    g = Redactor(rule, GLOBEX).redact_content("[customer]:\nalice@example.com")
+    assert a == a_again
+    assert a != g
+    assert a.startswith("[customer]:\npseud:") and len(a.split("\n")[1]) == len("pseud:") + 16
+
+
+def test_tenant_secret_is_derived_and_needs_a_real_secret() -> None:
+    """The tenant key is deterministic per tenant, and a short export secret is refused."""
+    assert tenant_secret(SECRET, "acme") == ACME != GLOBEX
+    assert len(ACME) == 32
+    with pytest.raises(ValueError, match="16 bytes"):
+        tenant_secret(b"short", "acme")
+
+
+def test_luhn_and_iban_checks() -> None:
+    """The checksums accept real test numbers and reject a changed digit."""
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert iban_ok("DE89 3704 0044 0532 0130 00") and iban_ok("GB82WEST12345698765432")
+    assert not iban_ok("DE89 3704 0044 0532 0130 01")
+
+
+def test_detectors_mask_free_text_exactly() -> None:
+    """E-mail, phone, Luhn-valid card and mod-97-valid IBAN are replaced; look-alikes stay."""
+    r = Redactor([], ACME, {"email", "phone", "card", "iban"})
+    text = ("Mail Bob.Smith@Example.org or call +49 30 1234567. Card 4111 1111 1111 1111 exp 12/27, "
+            "not 4111 1111 1111 1112. IBAN DE89 3704 0044 0532 0130 00, not DE89 3704 0044 0532 0130 02. "
+            "On 2024-05-01 from 192.168.10.20, pi 3.14159265, ticket 12345678.")
+    assert r.redact_text(text) == (
+        "Mail [EMAIL] or call [PHONE]. Card [CARD] exp 12/27, "
+        "not 4111 1111 1111 1112. IBAN [IBAN], not DE89 3704 0044 0532 0130 02. "
+        "On 2024-05-01 from 192.168.10.20, pi 3.14159265, ticket 12345678.")
+
+
+def test_detected_values_can_be_pseudonymised_to_join() -> None:
+    """With the hash action, differently written forms of one value get one pseudonym."""
+    r = Redactor([], ACME, {"card": "hash", "email": "hash", "phone": "hash"})
+    assert r.redact_text("4111 1111 1111 1111") == r.redact_text("4111-1111-1111-1111") == \
+        pseudonym(ACME, "4111111111111111")
+    assert r.redact_text("ALICE@example.com") == pseudonym(ACME, "alice@example.com")
+    assert r.redact_text("(030) 123-4567") == pseudonym(ACME, "0301234567")
+
+
+def test_detectors_run_on_kept_block_values_after_rules() -> None:
+    """Detectors clean kept blocks; masked or hashed blocks are already replaced."""
+    r = Redactor([{"key": "a", "action": "mask"}], ACME, {"email"})
+    assert r.redact_content("[a]:\nx@y.com\n[b]:\nmail x@y.com now") == f"[a]:\n{MASK}\n[b]:\nmail [EMAIL] now"
+
+
+def test_overlapping_hits_resolve_by_priority() -> None:
+    """An IBAN's digits are not reported again as a card or phone."""
+    hits = find_pii("DE89 3704 0044 0532 0130 00", {"iban", "card", "phone"})
+    assert [h.kind for h in hits] == ["iban"]
+
+
+def test_content_parts_are_redacted_part_by_part() -> None:
+    """Text parts are redacted; other parts survive only when free text is kept."""
+    parts = [{"type": "text", "text": "call +1 415 555 2671"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    assert Redactor([], ACME, {"phone"}).redact_content(parts) == [{"type": "text", "text": "call [PHONE]"},
+                                                                   parts[1]]
+    assert Redactor([{"key": "*", "action": "mask"}], ACME).redact_content(parts) == [{"type": "text",
+                                                                                      "text": MASK}]
+
+
+def test_rules_accept_policy_objects_and_refuse_unknown_actions() -> None:
+    """Rules come from mappings or objects with key/action; bad actions and detectors are refused."""
+
+    class PolicyRule:
+        key, action = "x", "mask"
+
+    assert parse_rules([PolicyRule()])[0].action == "mask"
+    with pytest.raises(ValueError, match="action"):
+        parse_rules([{"key": "x", "action": "encrypt"}])
+    with pytest.raises(ValueError, match="detector"):
+        Redactor([], ACME, {"ssn"})
+
+
+def test_describe_names_the_rules_without_secrets() -> None:
+    """The manifest description lists rules and detectors and holds no key material."""
+    d = Redactor([{"key": "a", "action": "hash"}], ACME, {"email"}).describe()
+    assert d["rules"] == [{"key": "a", "action": "hash"}]
+    assert d["detectors"] == {"email": "mask"}
+    assert ACME.hex() not in str(d)

@@ -1,0 +1,208 @@
+"""The stand-in model speaks the OpenAI wire format: the real ``openai`` SDK is the client."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.standin import default_reply, sample_json, standin_thread
+
+AGENTLY_PROMPT = (
+    "[INFO]:\n- task: Summarize #0\n\n[INSTRUCT]:\nbe brief\n\n[INPUT]:\nlang: en\nnoise: ignored\n\n\n"
+    "[OUTPUT REQUIREMENT]:\nData Format: JSON\nData Structure:\n{\n  \"summary\": <str>,\n"
+    "  \"scores\": {\n    \"total\": <int>\n  }\n}\n\n[OUTPUT]:"
+)
+
+
+@pytest.fixture(scope="module")
+def seen() -> list[dict[str, Any]]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def base_url(seen: list[dict[str, Any]]) -> Iterator[str]:
+    with standin_thread(chunks=7, on_request=seen.append) as url:
+        yield url
+
+
+def client(url: str, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, **kw)
+
+
+def ask(text: str = "hello stand-in") -> list[Any]:
+    return [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
+
+
+def test_json_completion_parses_with_the_sdk(base_url: str) -> None:
+    """A non-streamed reply is a chat.completion carrying the deterministic default text."""
+    reply = client(base_url).chat.completions.create(model="standin", messages=ask())
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == (
+        "[sessiongate stand-in model] I received 2 messages; your last message was: hello stand-in"
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.total_tokens > 0
+
+
+def test_stream_parses_with_the_sdk(base_url: str) -> None:
+    """A streamed reply is a role chunk, `chunks` content pieces and a finish chunk, without usage."""
+    stream = client(base_url).chat.completions.create(model="standin", messages=ask(), stream=True)
+    events = list(stream)
+    assert events[0].choices[0].delta.role == "assistant"
+    pieces = [e.choices[0].delta.content for e in events[1:] if e.choices and e.choices[0].delta.content]
+    assert len(pieces) == 7
+    assert "".join(pieces) == default_reply({"model": "standin", "messages": ask()})
+    assert events[-1].choices[0].finish_reason == "stop"
+    assert all(e.usage is None for e in events)
+
+
+def test_stream_include_usage_adds_a_usage_chunk(base_url: str) -> None:
+    """With stream_options.include_usage the last event has no choices and carries usage."""
+    stream = client(base_url).chat.completions.create(
+        model="standin", messages=ask(), stream=True, stream_options={"include_usage": True})
+    events = list(stream)
+    assert events[-1].choices == []
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens > 0
+    assert events[-2].choices[0].finish_reason == "stop"
+
+
+def test_on_request_sees_the_parsed_body(base_url: str, seen: list[dict[str, Any]]) -> None:
+    """on_request receives the request body as sent, extra fields included."""
+    client(base_url).chat.completions.create(model="standin", messages=ask("marker-42"),
+                                             extra_body={"custom": {"k": 1}})
+    assert seen[-1]["messages"][-1]["content"] == "marker-42"
+    assert seen[-1]["custom"] == {"k": 1}
+
+
+def test_agently_json_requirement_gets_a_json_reply(base_url: str) -> None:
+    """An Agently JSON output requirement is answered with a fenced object of that structure."""
+    reply = client(base_url).chat.completions.create(model="standin", messages=ask(AGENTLY_PROMPT))
+    content = reply.choices[0].message.content or ""
+    assert content.startswith("```json\n") and content.endswith("\n```")
+    assert json.loads(content[8:-4]) == {"summary": "stand-in", "scores": {"total": 50}}
+
+
+def test_standin_json_model_without_structure_wraps_the_text() -> None:
+    """The standin-json model answers a plain prompt with {"reply": <text>} in a fence."""
+    content = default_reply({"model": "standin-json", "messages": ask("plain")})
+    assert json.loads(content[8:-4])["reply"].endswith("your last message was: plain")
+
+
+def test_sample_json_reads_lists_comments_and_types() -> None:
+    """Comments, `...` list tails and typed placeholders are turned into sample values."""
+    prompt = ("[OUTPUT REQUIREMENT]:\nData Format: JSON\nData Structure:\n{\n"
+              "  \"tags\": [\n    <str>, // one tag\n    ...\n  ],\n  \"ok\": <bool>,\n"
+              "  \"ratio\": <float>, // between 0 and 1\n  \"n\": <int>\n}\n[OUTPUT]:")
+    assert sample_json(prompt) == {"tags": ["stand-in"], "ok": True, "ratio": 0.5, "n": 50}
+
+
+def test_unparsable_structure_falls_back_to_text() -> None:
+    """A structure that does not parse gives the plain text reply."""
+    prompt = "[OUTPUT REQUIREMENT]:\nData Format: JSON\nData Structure:\n{\n  broken\n}\n[OUTPUT]:"
+    assert default_reply({"model": "standin", "messages": ask(prompt)}).startswith("[sessiongate stand-in")
+
+
+def test_reply_callable_can_return_tool_calls() -> None:
+    """A reply dict with tool_calls reaches the SDK whole, streamed or not."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": 1}"}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    with standin_thread(reply=lambda body: message) as url:
+        sdk = client(url)
+        reply = sdk.chat.completions.create(model="standin", messages=ask())
+        events = list(sdk.chat.completions.create(model="standin", messages=ask(), stream=True))
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert reply.choices[0].message.model_dump()["tool_calls"][0]["function"]["name"] == "lookup"
+    deltas = [d for e in events if e.choices for d in (e.choices[0].delta.tool_calls or [])]
+    assert deltas[0].model_dump()["function"]["arguments"] == "{\"q\": 1}"
+    assert events[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_models_lists_both_models(base_url: str) -> None:
+    """GET /v1/models lists standin and standin-json."""
+    assert [m.id for m in client(base_url).models.list()] == ["standin", "standin-json"]
+
+
+def test_embeddings_are_deterministic_unit_vectors(base_url: str) -> None:
+    """Embeddings come back (base64, as the SDK asks) as the same unit vector for the same text."""
+    sdk = client(base_url)
+    first = sdk.embeddings.create(model="standin", input=["alpha", "beta"]).data
+    again = sdk.embeddings.create(model="standin", input="alpha", encoding_format="float").data
+    assert len(first) == 2 and len(first[0].embedding) == 8
+    assert first[0].embedding == pytest.approx(again[0].embedding, abs=1e-6)
+    assert first[0].embedding != first[1].embedding
+    assert math.isclose(sum(x * x for x in again[0].embedding), 1.0, rel_tol=1e-6)
+
+
+def test_unknown_route_is_an_openai_404(base_url: str) -> None:
+    """Any other path answers 404 in OpenAI's error shape."""
+    response = httpx.post(f"{base_url}/nothing-here", json={})
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_a_400(base_url: str) -> None:
+    """A body that is not JSON answers 400 in OpenAI's error shape."""
+    response = httpx.post(f"{base_url}/chat/completions", content=b"{nope",
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_fail_500(base_url: str) -> None:
+    """X-Standin-Fail: 500 gives the SDK an InternalServerError with an OpenAI error body."""
+    with pytest.raises(openai.InternalServerError) as caught:
+        client(base_url).chat.completions.create(model="standin", messages=ask(),
+                                                 extra_headers={"X-Standin-Fail": "500"})
+    assert caught.value.status_code == 500
+    assert isinstance(caught.value.body, dict) and caught.value.body["type"] == "server_error"
+
+
+def test_fail_429(base_url: str) -> None:
+    """X-Standin-Fail: 429 gives the SDK a RateLimitError with code rate_limit_exceeded."""
+    with pytest.raises(openai.RateLimitError) as caught:
+        client(base_url).chat.completions.create(model="standin", messages=ask(),
+                                                 extra_headers={"X-Standin-Fail": "429"})
+    assert caught.value.code == "rate_limit_exceeded"
+
+
+def test_fail_timeout(base_url: str) -> None:
+    """X-Standin-Fail: timeout holds the reply back until the client gives up."""
+    with pytest.raises(openai.APITimeoutError):
+        client(base_url, timeout=0.3).chat.completions.create(
+            model="standin", messages=ask(), extra_headers={"X-Standin-Fail": "timeout"})
+
+
+def test_fail_unknown_mode_is_a_400(base_url: str) -> None:
+    """An unknown X-Standin-Fail value is refused with a 400 naming the valid modes."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(base_url).chat.completions.create(model="standin", messages=ask(),
+                                                 extra_headers={"X-Standin-Fail": "sometimes"})
+    assert "drop-mid-stream" in caught.value.message
+
+
+def test_fail_drop_mid_stream(base_url: str) -> None:
+    """X-Standin-Fail: drop-mid-stream sends a few chunks, then the stream breaks without a finish."""
+    stream = client(base_url).chat.completions.create(
+        model="standin", messages=ask(), stream=True, extra_headers={"X-Standin-Fail": "drop-mid-stream"})
+    events = []
+    with pytest.raises(openai.APIConnectionError):
+        for event in stream:
+            events.append(event)
+    assert 1 < len(events) < 7
+    assert all(e.choices[0].finish_reason is None for e in events)
+
+
+def test_fail_drop_mid_json(base_url: str) -> None:
+    """X-Standin-Fail: drop-mid-stream on a JSON reply cuts the body short."""
+    response = None
+    with pytest.raises(httpx.RemoteProtocolError):
+        response = httpx.post(f"{base_url}/chat/completions", json={"model": "standin", "messages": ask()},
+                              headers={"X-Standin-Fail": "drop-mid-stream"})
+    assert response is None
