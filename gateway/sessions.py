@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -25,6 +25,7 @@ from gateway import crypto
 from gateway.errors import Conflict, IntegrityError, NotFound
 from gateway.keyring import Keyring
 from gateway.session.model import (
+    SYNC_STRATEGIES,
     Message,
     SessionState,
     bound_sync,
@@ -34,8 +35,6 @@ from gateway.session.model import (
     to_agently,
 )
 from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store
-
-SYNC_STRATEGIES = frozenset({"simple_cut", "keep_last"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,13 +194,14 @@ class SessionService:
                     dk, state = self._unseal(cur)
                 state = state or SessionState(settings=dict(bounding.settings or {}))
                 if rec.outcome == "completed":
-                    state = replace(state, context_window=state.context_window + messages)
+                    state = state.appended(messages)
                     if bounding.settings is not None:
                         state.settings = dict(bounding.settings)
-                    if state.auto_resize and bounding.strategy in SYNC_STRATEGIES:
+                    if state.auto_resize:
                         state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
                 self._write_state(cur, ch, dk, state, [messages], meta)
-                ch.result = over_limit(state, bounding.max_length)
+                # only the asynchronous strategies (summarize, hooks) can leave the window over the limit
+                ch.result = bounding.strategy not in SYNC_STRATEGIES and over_limit(state, bounding.max_length)
                 audit["round_seq"] = ch.rounds[0].seq
                 audit["ciphertext_sha256"] = hashlib.sha256(ch.rounds[0].ct).hexdigest()
             ch.audit.append(audit)
@@ -231,7 +231,7 @@ class SessionService:
 
     async def reset(self, tenant: str, session_id: str, request_id: str) -> None:
         """Clear the context window; ``full_context`` and memo stay."""
-        ok = await self.update_state(tenant, session_id, lambda s: replace(s, context_window=[]),
+        ok = await self.update_state(tenant, session_id, lambda s: s.with_window([], 0),
                                      {"event": "reset", "request_id": request_id})
         if not ok:
             raise NotFound(f"no session '{session_id}' for this tenant")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -119,11 +118,11 @@ async def _summarize(state: SessionState, cfg: Summarize, max_length: int | None
             raise ValueError("the summarizer answered with an empty text")
     except Exception as exc:  # noqa: BLE001 - the spec'd fallback: cut instead, log the failure
         log.warning("summarize_failed_cut_instead", error=type(exc).__name__, detail=str(exc)[:200])
-        return replace(state, context_window=simple_cut(state.context_window, max_length or 0))
+        return state.with_window(simple_cut(state.context_window, max_length or 0))
     window = kept
     if max_length is not None and context_length(window) > max_length:
         window = simple_cut(window, max_length)
-    return replace(state, context_window=window, memo=summary.strip()[: cfg.max_memo_chars])
+    return state.with_window(window, memo=summary.strip()[: cfg.max_memo_chars])
 
 
 async def _hook(sessions: SessionService, tenant: str, session_id: str, state: SessionState,
@@ -143,7 +142,7 @@ async def _hook(sessions: SessionService, tenant: str, session_id: str, state: S
         if strategy != "simple_cut" or max_length is None:
             log.warning("bounding_unknown_strategy", strategy=str(strategy)[:64], session_id=session_id)
             return None
-        return replace(state, context_window=simple_cut(window, max_length))
+        return state.with_window(simple_cut(window, max_length))
     result = await call_hook(fn, full, window, state.memo, session_settings)
     if not isinstance(result, tuple) or len(result) != 3:
         raise TypeError(f"execution hook for '{strategy}' must return (full_context, context_window, memo)")
@@ -151,9 +150,8 @@ async def _hook(sessions: SessionService, tenant: str, session_id: str, state: S
     if new_full is not None:
         log.warning("bounding_hook_full_context_ignored", strategy=strategy,
                     note="recorded history is append-only; the hook's full_context is not applied")
-    return replace(state,
-                   context_window=state.context_window if new_window is None else [dict(m) for m in new_window],
-                   memo=state.memo if new_memo is None else new_memo)
+    window = state.context_window if new_window is None else [dict(m) for m in new_window]
+    return state.with_window(window, memo=state.memo if new_memo is None else new_memo)
 
 
 def _text(content: Any) -> str:

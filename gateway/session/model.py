@@ -20,6 +20,8 @@ from gateway.errors import InvalidSession
 from gateway.session.record import MEMO_HEADER, context_length, message_length
 
 Message = dict[str, Any]
+SYNC_STRATEGIES = frozenset({"simple_cut", "keep_last"})
+"""Strategies pure enough to run inside the round's own transaction."""
 
 
 @dataclass(slots=True)
@@ -30,15 +32,32 @@ class SessionState:
     memo: Any = None
     settings: dict[str, Any] = field(default_factory=dict)
     auto_resize: bool = True
+    chars: int | None = None
+    """The window's Agently length, cached (None: not known yet). Change the window only through
+    :meth:`with_window`, which keeps this right."""
+
+    def window_chars(self) -> int:
+        if self.chars is None:
+            self.chars = context_length(self.context_window)
+        return self.chars
+
+    def with_window(self, window: list[Message], chars: int | None = None, **changes: Any) -> SessionState:
+        """A copy with another window (and *chars*, its length, when the caller knows it)."""
+        return replace(self, context_window=window, chars=chars, **changes)
+
+    def appended(self, messages: list[Message]) -> SessionState:
+        """A copy with *messages* added to the window, its length kept without a recount."""
+        return self.with_window(self.context_window + messages, self.window_chars() + context_length(messages))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"context_window": self.context_window, "memo": self.memo,
-                "settings": self.settings, "auto_resize": self.auto_resize}
+        return {"context_window": self.context_window, "memo": self.memo, "settings": self.settings,
+                "auto_resize": self.auto_resize, "chars": self.window_chars()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionState:
-        return cls(list(data.get("context_window") or []), data.get("memo"),
-                   dict(data.get("settings") or {}), bool(data.get("auto_resize", True)))
+        chars = data.get("chars")
+        return cls(list(data.get("context_window") or []), data.get("memo"), dict(data.get("settings") or {}),
+                   bool(data.get("auto_resize", True)), chars if isinstance(chars, int) else None)
 
 
 def round_messages(user: str | None, assistant: str | None) -> list[Message]:
@@ -92,21 +111,20 @@ def keep_last(window: list[Message], rounds: int) -> list[Message]:
 
 
 def over_limit(state: SessionState, max_length: int | None) -> bool:
-    return max_length is not None and context_length(state.context_window) > max_length
+    return max_length is not None and state.window_chars() > max_length
 
 
 def bound_sync(state: SessionState, strategy: str, max_length: int | None, rounds: int = 0) -> SessionState:
     """Apply a synchronous strategy (``simple_cut`` or ``keep_last``) when the window is over
     *max_length*. ``keep_last`` is followed by ``simple_cut`` if still over, so the bound holds."""
-    if not over_limit(state, max_length):
+    if max_length is None or strategy not in SYNC_STRATEGIES or not over_limit(state, max_length):
         return state
-    assert max_length is not None
     window = state.context_window
     if strategy == "keep_last":
         window = keep_last(window, rounds)
     if context_length(window) > max_length:
         window = simple_cut(window, max_length)
-    return replace(state, context_window=window)
+    return state.with_window(window)
 
 
 # --- injection -----------------------------------------------------------------------------

@@ -139,6 +139,11 @@ def input_text(messages: Sequence[dict[str, Any]], memo_section: str | None = No
 
 def message_length(message: dict[str, Any]) -> int:
     """Agently's length of one message: ``len(str(ChatMessage(**message).model_dump()))``."""
+    if len(message) == 2 and "content" in message:
+        role = message.get("role")
+        if isinstance(role, str):
+            # len("{'role': " + repr(role) + ", 'content': " + repr(content) + "}"), without building it
+            return 23 + len(repr(role)) + len(repr(message["content"]))
     dumped = {"role": message.get("role", "user"), "content": message.get("content")}
     dumped.update((key, value) for key, value in message.items() if key not in ("role", "content"))
     return len(str(dumped))
