@@ -2,7 +2,9 @@
 
 Handlers hold no policy, crypto or storage logic; they authenticate, validate path parameters
 and shape responses. Errors are raised, never rendered here: ``app.error_middleware`` renders
-every ``GatewayError`` in OpenAI's shape.
+every ``GatewayError`` in OpenAI's shape. One exception: once a chat stream has begun no second
+response can be sent, so an error then ends the stream with an SSE event carrying that shape
+(and no ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -64,7 +66,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         status = exc.status
         if exc.status >= 500 and exc.status != 500:
             services.metrics.upstream_errors.labels(kind=exc.code).inc()
+        if _stream_started(ctx):
+            return await _end_stream(ctx, exc.to_body())
         raise
+    except Exception:
+        if not _stream_started(ctx):
+            raise
+        log.exception("unhandled_error", path=request.path, request_id=ctx.request_id)
+        return await _end_stream(ctx, INTERNAL_ERROR)
     finally:
         elapsed = time.perf_counter() - ctx.started
         services.metrics.requests.labels(route="chat", status=str(status)).inc()
@@ -73,6 +82,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                  model=ctx.model, status=status, outcome=ctx.outcome or None, ended_by=ctx.ended_by or None,
                  latency_ms=round(elapsed * 1000, 3), bytes_in=len(ctx.raw),
                  bytes_out=ctx.bytes_out or len(ctx.tail), policy=ctx.policy.id if ctx.policy else None)
+
+
+INTERNAL_ERROR = {"error": {"message": "the gateway hit an internal error; it has been logged",
+                             "type": "server_error", "code": "internal_error"}}
+
+
+def _stream_started(ctx: Context) -> bool:
+    return ctx.response is not None and ctx.response.prepared
+
+
+async def _end_stream(ctx: Context, error: dict[str, dict[str, str]]) -> web.StreamResponse:
+    """End a stream that already began with an SSE error event instead of ``[DONE]``."""
+    out = ctx.response
+    assert out is not None
+    try:
+        await out.write(b"data: " + orjson.dumps(error) + b"\n\n")
+        await out.write_eof()
+    except (ConnectionResetError, OSError):
+        pass  # the client is gone; nothing more can reach it
+    return out
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:

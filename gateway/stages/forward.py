@@ -1,7 +1,8 @@
 """Stage: forward. Sends ``forward_body`` upstream and relays the reply; sets ``response``,
 ``upstream_status``, ``reply_message``, ``reply_body``, ``tail`` and ``outcome``.
 
-Non-streaming: the whole upstream body becomes ``tail``, sent by ``respond`` after ``persist``.
+Non-streaming: the whole upstream body becomes ``tail``, sent by ``respond`` after ``persist``;
+when the client hung up while the upstream was answering, the round is ``incomplete``.
 Streaming: complete SSE events go to the client as they arrive; the final ``data: [DONE]`` is
 held back as ``tail`` so that the round is committed before the client sees the end. A client
 that disconnects, or an upstream that breaks off, ends the stream with outcome ``incomplete``
@@ -36,6 +37,8 @@ async def forward(ctx: Context) -> None:
             ctx.tail_type = resp.content_type
             if resp.status < 400:
                 _parse_reply(ctx)
+                if _client_gone(ctx.request):
+                    ctx.outcome, ctx.ended_by = "incomplete", "client"
             return
         await _relay_stream(ctx, resp)
     finally:
@@ -49,6 +52,11 @@ async def _read_all(ctx: Context, resp: aiohttp.ClientResponse) -> bytes:
         raise UpstreamTimeout(f"upstream '{ctx.upstream.name}' stopped answering mid-reply") from exc  # type: ignore[union-attr]
     except aiohttp.ClientError as exc:
         raise UpstreamError(f"upstream '{ctx.upstream.name}' broke off its reply ({type(exc).__name__})") from exc  # type: ignore[union-attr]
+
+
+def _client_gone(request: web.Request) -> bool:
+    """True when the client hung up while the gateway waited for a non-streamed reply."""
+    return request.transport is None or request.transport.is_closing()
 
 
 def _parse_reply(ctx: Context) -> None:

@@ -1,0 +1,73 @@
+"""``sessiongate sessions list|export|import|reset|delete --tenant T`` run as a real process
+against the configuration and files of a running gateway, which sees every change at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import ACME_KEY, REPO, Gateway, Upstream
+
+AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+
+
+def cli(gateway: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", "--config", str(gateway.config_path), "sessions", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def export(gateway: Gateway, session: str) -> httpx.Response:
+    return httpx.get(f"{gateway.base_url}/sessions/{session}", headers=AUTH)
+
+
+def test_cli_manages_the_sessions_of_a_running_gateway(gateway: Gateway, upstream: Upstream, tmp_path: Path) -> None:
+    """list, export, import, reset and delete from the CLI agree with what the gateway serves over HTTP."""
+    client = gateway.openai(session="cli-a")
+    for text in ("one", "two"):
+        client.chat.completions.create(model="standin", messages=[{"role": "user", "content": text}])
+
+    listed = cli(gateway, "list", "--tenant", "acme")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split("\t")[:2] == ["cli-a", "rounds=2"]
+
+    exported = cli(gateway, "export", "cli-a", "--tenant", "acme")
+    assert exported.returncode == 0, exported.stderr
+    doc: dict[str, Any] = json.loads(exported.stdout)
+    assert doc == export(gateway, "cli-a").json()
+
+    path = tmp_path / "session.json"
+    path.write_text(json.dumps({**doc, "memo": "from the cli"}), encoding="utf-8")
+    imported = cli(gateway, "import", "cli-b", str(path), "--tenant", "acme")
+    assert imported.returncode == 0, imported.stderr
+    assert "imported 4 messages" in imported.stdout
+    assert export(gateway, "cli-b").json() == {**doc, "id": "cli-b", "memo": "from the cli"}
+
+    reset = cli(gateway, "reset", "cli-a", "--tenant", "acme")
+    assert reset.returncode == 0, reset.stderr
+    after = export(gateway, "cli-a").json()
+    assert after["context_window"] == [] and after["full_context"] == doc["full_context"]
+
+    deleted = cli(gateway, "delete", "cli-a", "--tenant", "acme")
+    assert deleted.returncode == 0, deleted.stderr
+    assert export(gateway, "cli-a").status_code == 404
+    assert export(gateway, "cli-b").status_code == 200
+
+
+def test_cli_errors_are_one_line_without_a_traceback(gateway: Gateway, tmp_path: Path) -> None:
+    """Another tenant's session, a bad id or a bad file exit 2 with one clear line and change nothing."""
+    gateway.openai(session="only-acme").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": "hi"}])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"full_context": [', encoding="utf-8")
+    for args in (("delete", "only-acme", "--tenant", "globex"),
+                 ("delete", "has space", "--tenant", "acme"), ("import", "x", str(bad), "--tenant", "acme")):
+        result = cli(gateway, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("sessiongate: error: ") and result.stderr.count("\n") == 1
+        assert "Traceback" not in result.stderr
+    assert export(gateway, "only-acme").status_code == 200

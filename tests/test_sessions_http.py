@@ -1,0 +1,151 @@
+"""Sessions over HTTP (SPEC §2): list, export, import, reset and delete, each scoped to the tenant
+of the client key, so the same id under two tenants is two sessions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from agently.core.session.Session import Session
+
+from tests.conftest import ACME_KEY, GLOBEX_KEY, Gateway, Upstream
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+@pytest.fixture
+def acme(gateway: Gateway) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.base_url, headers={"Authorization": f"Bearer {ACME_KEY}"}) as client:
+        yield client
+
+
+@pytest.fixture
+def globex(gateway: Gateway) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.base_url, headers={"Authorization": f"Bearer {GLOBEX_KEY}"}) as client:
+        yield client
+
+
+def chat(client: httpx.Client, session: str, text: str) -> str:
+    resp = client.post("/chat/completions", headers={"X-Session-Id": session},
+                       json={"model": "standin", "messages": [user(text)]})
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["choices"][0]["message"]["content"])
+
+
+def agently_json(**data: Any) -> str:
+    """The exact text Agently's ``Session.get_json_session()`` produces for *data*."""
+    return str(Session().load_json_session(json.dumps(data)).get_json_session())
+
+
+def test_list_shows_each_session_with_its_rounds(acme: httpx.Client) -> None:
+    """GET /v1/sessions lists the tenant's sessions with how many rounds each holds."""
+    chat(acme, "s-one", "hello")
+    chat(acme, "s-two", "hello")
+    chat(acme, "s-two", "again")
+    listed = acme.get("/sessions").json()
+    assert listed["object"] == "list"
+    assert {s["id"]: s["rounds"] for s in listed["data"]} == {"s-one": 1, "s-two": 2}
+
+
+def test_export_is_the_session_in_agently_form(acme: httpx.Client) -> None:
+    """GET /v1/sessions/{id} returns id, full_context, context_window, memo and settings as Agently writes them."""
+    reply = chat(acme, "alice-1", "hello")
+    doc = acme.get("/sessions/alice-1").json()
+    assert doc == {"id": "alice-1", "auto_resize": True, "full_context": [user("hello"), assistant(reply)],
+                   "context_window": [user("hello"), assistant(reply)], "memo": None,
+                   "session_settings": {"max_length": 12000, "input_keys": None, "reply_keys": None}}
+    loaded = Session().load_json_session(json.dumps(doc))
+    assert json.loads(loaded.get_json_session())["full_context"] == doc["full_context"]
+
+
+def test_import_takes_agently_output_as_is(acme: httpx.Client, upstream: Upstream) -> None:
+    """The exact text of Agently's get_json_session() loads, exports back unchanged and steers the next turn."""
+    text = agently_json(id="from-agently", full_context=[user("q0"), assistant("a0"), user("q1"), assistant("a1")],
+                        context_window=[user("q1"), assistant("a1")], memo="likes tea",
+                        session_settings={"max_length": 12000, "input_keys": None, "reply_keys": None})
+    resp = acme.put("/sessions/worker-7", content=text.encode(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"id": "worker-7", "imported_messages": 4}
+    assert acme.get("/sessions/worker-7").json() == {**json.loads(text), "id": "worker-7"}
+    chat(acme, "worker-7", "q2")
+    assert upstream.requests[-1]["messages"] == [user("q1"), assistant("a1"),
+                                                 user("[CHAT SESSION MEMO]:\nlikes tea\n\nq2")]
+
+
+def test_reset_clears_the_window_and_keeps_full_context(acme: httpx.Client, upstream: Upstream) -> None:
+    """POST .../reset empties the window (nothing injected next turn) while full_context stays whole."""
+    replies = [chat(acme, "resettable", "q1"), chat(acme, "resettable", "q2")]
+    resp = acme.post("/sessions/resettable/reset")
+    assert resp.status_code == 200 and resp.json() == {"id": "resettable", "reset": True}
+    doc = acme.get("/sessions/resettable").json()
+    assert doc["context_window"] == []
+    assert doc["full_context"] == [user("q1"), assistant(replies[0]), user("q2"), assistant(replies[1])]
+    chat(acme, "resettable", "q3")
+    assert upstream.requests[-1]["messages"] == [user("q3")]
+
+
+def test_delete_removes_the_session(acme: httpx.Client, upstream: Upstream) -> None:
+    """DELETE makes the session 404, drops it from the list, and the id starts afresh."""
+    chat(acme, "doomed", "remember me")
+    assert acme.delete("/sessions/doomed").json() == {"id": "doomed", "deleted": True}
+    gone = acme.get("/sessions/doomed")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+    assert acme.delete("/sessions/doomed").status_code == 404
+    assert acme.post("/sessions/doomed/reset").status_code == 404
+    assert acme.get("/sessions").json()["data"] == []
+    chat(acme, "doomed", "who am I?")
+    assert upstream.requests[-1]["messages"] == [user("who am I?")]
+
+
+def test_same_id_under_two_tenants_is_two_sessions(acme: httpx.Client, globex: httpx.Client,
+                                                   upstream: Upstream) -> None:
+    """Acme and globex using one id each get their own history; neither can read, reset or delete the other's."""
+    acme_reply = chat(acme, "shared", "acme secret")
+    chat(globex, "shared", "globex hello")
+    assert upstream.requests[-1]["messages"] == [user("globex hello")]
+    chat(acme, "acme-only", "private")
+    for resp in (globex.get("/sessions/acme-only"), globex.post("/sessions/acme-only/reset"),
+                 globex.delete("/sessions/acme-only")):
+        assert resp.status_code == 404 and resp.json()["error"]["type"] == "not_found_error"
+    assert [s["id"] for s in globex.get("/sessions").json()["data"]] == ["shared"]
+    assert globex.get("/sessions/shared").json()["full_context"][0] == user("globex hello")
+    assert acme.get("/sessions/shared").json()["full_context"][:2] == [user("acme secret"), assistant(acme_reply)]
+    assert acme.get("/sessions/acme-only").status_code == 200
+
+
+def test_import_into_a_session_with_other_history_is_refused(acme: httpx.Client) -> None:
+    """Recorded history is append-only: importing a different history answers 409 and changes nothing."""
+    reply = chat(acme, "kept", "original")
+    before = acme.get("/sessions/kept").json()
+    other = {"full_context": [user("forged"), assistant("history")]}
+    resp = acme.put("/sessions/kept", json=other)
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "conflict"
+    assert acme.get("/sessions/kept").json() == before
+    longer = {**before, "full_context": [*before["full_context"], user("later"), assistant("more")]}
+    assert acme.put("/sessions/kept", json=longer).json()["imported_messages"] == 2
+    assert acme.get("/sessions/kept").json()["full_context"][:2] == [user("original"), assistant(reply)]
+
+
+@pytest.mark.parametrize("doc", [
+    [],
+    {"full_context": "not a list"},
+    {"full_context": [{"content": "no role"}]},
+    {"full_context": [{"role": "user", "content": 5}]},
+    {"full_context": [], "session_settings": "nope"},
+    {"full_context": [], "memo": 3},
+], ids=["array", "context-string", "no-role", "content-int", "settings-string", "memo-int"])
+def test_invalid_session_documents_are_refused(acme: httpx.Client, doc: Any) -> None:
+    """A document Agently could not have written answers 400 invalid_session and stores nothing."""
+    resp = acme.put("/sessions/bad-doc", json=doc)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert acme.get("/sessions/bad-doc").status_code == 404
