@@ -6,6 +6,7 @@
     sessiongate policy check [PATH ...] | policy explain --request FILE [--reply FILE] ...
     sessiongate keys generate|list|rotate|retire [KEY_ID]
     sessiongate purge
+    sessiongate db migrate
     sessiongate audit verify [--tenant T] [--checkpoints F] [--public-key F] [--bundle OUT] | public-key
     sessiongate export --tenant T [--session S] [--since] [--until] --format jsonl|csv|agently --out F
 
@@ -325,6 +326,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.store.backend != "postgres":
+        print(f"the SQLite store ({settings.store.path}) migrates itself when it opens; nothing to do")
+        return 0
+    from gateway.store.postgres import SCHEMA_VERSION, PostgresStore
+
+    store = PostgresStore(settings.store.postgres_dsn(), schema=settings.store.schema_name, pool_size=1)
+    applied = _run(store.migrate())
+    if applied:
+        print(f"applied migrations {', '.join(map(str, applied))} to schema {settings.store.schema_name}")
+    else:
+        print(f"schema {settings.store.schema_name} is up to date (version {SCHEMA_VERSION})")
+    return 0
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     from gateway.policy import load_policy_set
     from gateway.retention import purge_expired
@@ -402,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["jsonl", "csv", "agently"], default="jsonl")
     ex.add_argument("--out", required=True, help="records file; OUT.manifest.json and OUT.audit.jsonl go beside it")
     ex.set_defaults(fn=cmd_export)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
+    dm = db.add_parser("migrate", help="apply schema migrations (PostgreSQL; SQLite migrates on open)")
+    dm.add_argument("--config", default=argparse.SUPPRESS)
+    dm.set_defaults(fn=cmd_db_migrate)
 
     pu = sub.add_parser("purge", help="erase rounds past their policy's retention")
     pu.add_argument("--config", default=argparse.SUPPRESS)

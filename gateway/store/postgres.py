@@ -1,0 +1,583 @@
+"""The shared store: PostgreSQL through asyncpg, for several stateless gateway replicas.
+
+Contract: see ``gateway.store.base``; this backend keeps the same tables, columns and row types
+as ``gateway.store.sqlite``. How it keeps the contract across processes:
+
+- **Schema.** Everything lives in one PostgreSQL schema (``schema=``, default ``public``); every
+  pooled connection has ``search_path`` set to it. :meth:`PostgresStore.migrate` (run by
+  :meth:`~PostgresStore.open`, and by ``sessiongate db migrate``) creates the schema when
+  missing and applies the pending entries of :data:`MIGRATIONS` in one transaction under a
+  transaction-level advisory lock, recording each in ``schema_migrations``; replicas starting
+  together therefore migrate once. A database that holds a version this code does not know
+  (a newer gateway migrated it) is refused with ``StoreUnavailable``.
+- **Writes: one lock per tenant, group commit.** The audit chain is linear per tenant, so a
+  tenant's writes are serialised: each write transaction first takes
+  ``pg_advisory_xact_lock`` on every tenant it touches, in ascending key order (no deadlocks),
+  and holds the locks until it commits. A session belongs to one tenant, so the same lock
+  serialises the rounds of a session across replicas: its rows are read after the lock is
+  granted (READ COMMITTED), as the previous writer committed them. To pay for the lock and the
+  commit once per batch rather than once per round, each process has a few writer *lanes*
+  (tenants are spread over them by hash): a lane takes every plan waiting (up to ``BATCH``),
+  reads the rows of all their sessions and the tenants' chain heads in two queries, runs the
+  plans in order on the event loop, each against the rows as the plans before it left them
+  (:class:`Staged`), seals their audit entries, writes everything in at most five statements,
+  commits once and only then resolves the callers. A plan that raises (or whose audit entry
+  cannot be sealed) stages nothing, and its exception reaches its caller unchanged while its
+  neighbours commit. The ``audit`` primary key ``(tenant, seq)`` guards the chain as well: two
+  writers could never both append the same ``seq``.
+- **Errors.** Database and network failures become ``StoreUnavailable`` (``from`` the asyncpg
+  or OS error) for every caller in the failed batch; nothing of the batch is committed, except
+  when the connection drops during ``COMMIT`` itself, where PostgreSQL alone knows. A deadlock
+  (which the lock order rules out) is retried, re-running the plans.
+- **Reads** use pooled connections one query at a time; the iterators page by key
+  (``PAGE`` rows), so an abandoned iterator holds no connection.
+- **Erasure.** :meth:`~PostgresStore.checkpoint` runs ``VACUUM`` on ``data_keys`` and ``sessions``
+  so the erased (wrapped) data keys leave the live heap pages. PostgreSQL has no single WAL file
+  to fold the way SQLite does, and it does not promise to overwrite freed bytes, nor can it reach
+  WAL segments, replicas or backups: erasure rests on crypto-shredding. Rotating the master key
+  (re-wrapping every live data key) and retiring the old one makes every copy of an erased
+  wrapped key unreadable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import re
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from gateway import audit
+from gateway.errors import StoreUnavailable
+from gateway.store.base import (
+    AuditRow,
+    Changes,
+    Current,
+    DataKeyRow,
+    Plan,
+    RoundRow,
+    SessionRow,
+    SessionSummary,
+)
+
+T = TypeVar("T")
+BATCH = 256
+PAGE = 500
+RETRIES = 3
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)  # TimeoutError is an OSError
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema version: applied once, in a transaction, in ``version`` order."""
+
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", """
+CREATE TABLE data_keys (
+  tenant TEXT COLLATE "C" NOT NULL, session_id TEXT COLLATE "C" NOT NULL, dk_id BYTEA NOT NULL,
+  kek_id TEXT NOT NULL, wrapped BYTEA NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (tenant, session_id));
+CREATE INDEX data_keys_kek ON data_keys (kek_id);
+CREATE TABLE sessions (
+  tenant TEXT COLLATE "C" NOT NULL, session_id TEXT COLLATE "C" NOT NULL, version BIGINT NOT NULL,
+  next_seq BIGINT NOT NULL, state_ct BYTEA NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+  updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (tenant, session_id));
+CREATE INDEX sessions_updated ON sessions (tenant, updated_at);
+CREATE TABLE rounds (
+  tenant TEXT COLLATE "C" NOT NULL, session_id TEXT COLLATE "C" NOT NULL, seq BIGINT NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL, request_id TEXT NOT NULL, policy_id TEXT NOT NULL,
+  policy_hash TEXT NOT NULL, outcome TEXT NOT NULL, kind TEXT NOT NULL, ct BYTEA NOT NULL,
+  PRIMARY KEY (tenant, session_id, seq));
+CREATE INDEX rounds_time ON rounds (tenant, created_at);
+CREATE TABLE audit (
+  tenant TEXT COLLATE "C" NOT NULL, seq BIGINT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+  body BYTEA NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, PRIMARY KEY (tenant, seq));
+-- ciphertext does not compress: store it out of line without trying
+ALTER TABLE rounds ALTER COLUMN ct SET STORAGE EXTERNAL;
+ALTER TABLE sessions ALTER COLUMN state_ct SET STORAGE EXTERNAL;
+"""),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+"""The schema version this code writes; ``schema_migrations`` holds every version applied."""
+
+_DK_COLS = "tenant, session_id, dk_id, kek_id, wrapped, created_at"
+_ROUND_COLS = "tenant, session_id, seq, created_at, request_id, policy_id, policy_hash, outcome, kind, ct"
+_AUDIT_COLS = "tenant, seq, created_at, body, prev_hash, hash"
+
+_READ_CURRENT = """
+SELECT u.t, u.s, s.version, s.next_seq, s.state_ct, s.created_at, s.updated_at,
+       k.dk_id, k.kek_id, k.wrapped, k.created_at
+FROM unnest($1::text[], $2::text[]) AS u(t, s)
+LEFT JOIN sessions s ON s.tenant = u.t AND s.session_id = u.s
+LEFT JOIN data_keys k ON k.tenant = u.t AND k.session_id = u.s"""
+_AUDIT_HEADS = """
+SELECT u.t, a.seq, a.hash FROM unnest($1::text[]) AS u(t)
+LEFT JOIN LATERAL (SELECT seq, hash FROM audit WHERE tenant = u.t ORDER BY seq DESC LIMIT 1) a ON true"""
+_DELETE_SESSIONS = """
+WITH u AS (SELECT * FROM unnest($1::text[], $2::text[]) AS u(t, s)),
+     r AS (DELETE FROM rounds x USING u WHERE x.tenant = u.t AND x.session_id = u.s),
+     s AS (DELETE FROM sessions x USING u WHERE x.tenant = u.t AND x.session_id = u.s)
+DELETE FROM data_keys x USING u WHERE x.tenant = u.t AND x.session_id = u.s"""
+_UPSERT_DATA_KEYS = f"""
+INSERT INTO data_keys ({_DK_COLS})
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::float8[])
+ON CONFLICT (tenant, session_id) DO UPDATE SET dk_id = EXCLUDED.dk_id, kek_id = EXCLUDED.kek_id,
+  wrapped = EXCLUDED.wrapped, created_at = EXCLUDED.created_at"""
+_UPSERT_SESSIONS = """
+INSERT INTO sessions (tenant, session_id, version, next_seq, state_ct, created_at, updated_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bytea[], $6::float8[], $7::float8[])
+ON CONFLICT (tenant, session_id) DO UPDATE SET version = EXCLUDED.version, next_seq = EXCLUDED.next_seq,
+  state_ct = EXCLUDED.state_ct, created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at"""
+_INSERT_ROUNDS = f"""
+INSERT INTO rounds ({_ROUND_COLS})
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::float8[], $5::text[], $6::text[], $7::text[],
+                     $8::text[], $9::text[], $10::bytea[])"""
+_INSERT_AUDIT = f"""
+INSERT INTO audit ({_AUDIT_COLS})
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::bytea[], $5::text[], $6::text[])"""
+_PURGE_ROUNDS = """
+WITH d AS (DELETE FROM rounds WHERE tenant = $1 AND policy_id = $2 AND created_at < $3 RETURNING session_id)
+SELECT session_id, count(*) FROM d GROUP BY session_id ORDER BY session_id"""
+_PURGE_SESSIONS = """
+WITH idle AS (
+  SELECT s.session_id FROM sessions s WHERE s.tenant = $1 AND s.session_id = ANY($2::text[])
+  AND s.updated_at < $3 AND NOT EXISTS (SELECT 1 FROM rounds r WHERE r.tenant = $1 AND r.session_id = s.session_id)),
+     k AS (DELETE FROM data_keys WHERE tenant = $1 AND session_id IN (SELECT session_id FROM idle))
+DELETE FROM sessions WHERE tenant = $1 AND session_id IN (SELECT session_id FROM idle) RETURNING session_id"""
+# unnest yields the (already sorted) keys in array order, so the locks are taken in that order
+_LOCK_TENANTS = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k"
+
+
+def _skip_scan(table: str) -> str:
+    """Distinct tenants of *table* by walking its primary-key index (cheap on big tables)."""
+    return f"""(WITH RECURSIVE t(tenant) AS (
+  (SELECT tenant FROM {table} ORDER BY tenant LIMIT 1)
+  UNION ALL
+  SELECT (SELECT x.tenant FROM {table} x WHERE x.tenant > t.tenant ORDER BY x.tenant LIMIT 1)
+  FROM t WHERE t.tenant IS NOT NULL)
+SELECT tenant FROM t WHERE tenant IS NOT NULL)"""
+
+
+_TENANTS = f"{_skip_scan('audit')} UNION {_skip_scan('sessions')} ORDER BY 1"
+
+
+def lock_key(*parts: str) -> int:
+    """A signed 64-bit advisory-lock key for *parts* (stable across processes and versions)."""
+    digest = hashlib.blake2b("\x00".join(("sessiongate", *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/database`` of a DSN, for messages: never the user's password."""
+    try:
+        parts = urlsplit(dsn)
+        if parts.scheme.startswith("postgres"):
+            return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
+    except ValueError:
+        pass
+    return "the configured DSN"
+
+
+Key = tuple[str, str]
+Outcome = tuple[bool, Any]
+
+
+async def read_current(conn: asyncpg.Connection, keys: list[Key]) -> dict[Key, Current]:
+    """The rows of the sessions *keys* (tenant, session id) as this transaction sees them."""
+    rows = await conn.fetch(_READ_CURRENT, [k[0] for k in keys], [k[1] for k in keys])
+    return {(r[0], r[1]): Current(r[0], r[1], SessionRow(r[0], r[1], *r[2:7]) if r[2] is not None else None,
+                                  DataKeyRow(r[0], r[1], *r[7:11]) if r[7] is not None else None) for r in rows}
+
+
+async def read_heads(conn: asyncpg.Connection, tenants: list[str]) -> dict[str, tuple[int, str]]:
+    """Each tenant's audit chain head (``seq``, ``hash``); ``(0, GENESIS)`` for an empty chain."""
+    rows = await conn.fetch(_AUDIT_HEADS, tenants)
+    return {r[0]: (r[1], r[2]) if r[1] is not None else (0, audit.GENESIS) for r in rows}
+
+
+def seal_audit(tenant: str, entries: list[dict[str, Any]], head: tuple[int, str]) -> list[AuditRow]:
+    """Chain *entries* after *head* (``seq``, ``hash``); pure, raises ValueError for a bad entry."""
+    seq, prev = head
+    now = time.time()
+    rows: list[AuditRow] = []
+    for fields in entries:
+        seq += 1
+        row = audit.seal_entry(tenant, seq, prev, now, fields)
+        rows.append(row)
+        prev = row.hash
+    return rows
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Row tuples turned into one list per column, for ``unnest`` of arrays."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+class Staged:
+    """One batch's writes: plans run in order against the rows as the previous plans left them
+    (kept here, in memory), and everything is written at the end in at most five statements.
+
+    A plan writes only its own session's rows (``Changes.data_key``/``session`` belong to the
+    transacted session). A deleted session loses its stored rows first, so the same batch may
+    erase a session and start it again.
+    """
+
+    def __init__(self, current: dict[Key, Current], heads: dict[str, tuple[int, str]]) -> None:
+        self.current, self.heads = current, heads
+        self.deleted: set[Key] = set()
+        self.new_keys: set[Key] = set()
+        self.new_sessions: set[Key] = set()
+        self.rounds: list[RoundRow] = []
+        self.audit: list[AuditRow] = []
+
+    @classmethod
+    async def load(cls, conn: asyncpg.Connection, keys: set[Key], tenants: set[str]) -> Staged:
+        return cls(await read_current(conn, sorted(keys)), await read_heads(conn, sorted(tenants)))
+
+    def view(self, tenant: str, session_id: str | None) -> Current:
+        if session_id is None:
+            return Current(tenant, None, None, None)
+        return self.current[(tenant, session_id)]
+
+    def run(self, tenant: str, session_id: str | None, plan: Plan) -> Outcome:
+        """Run *plan* and stage what it returns; a plan's (or its audit entries') error stages nothing."""
+        cur = self.view(tenant, session_id)
+        try:
+            ch = plan(cur)
+            if session_id is None and (ch.session or ch.data_key or ch.delete_session):
+                raise ValueError("a plan without a session may write audit entries and rounds only")
+            rows = seal_audit(tenant, ch.audit, self.heads[tenant]) if ch.audit else []
+        except Exception as exc:  # noqa: BLE001 - handed to the caller unchanged
+            return False, exc
+        self.stage(cur, ch, rows)
+        ch.audit_rows.extend(rows)
+        return True, ch
+
+    def stage(self, cur: Current, ch: Changes, rows: list[AuditRow]) -> None:
+        if cur.session_id is not None:
+            key = (cur.tenant, cur.session_id)
+            session, data_key = cur.session, cur.data_key
+            if ch.delete_session:
+                self.deleted.add(key)
+                self.rounds = [r for r in self.rounds if (r.tenant, r.session_id) != key]
+                session = data_key = None
+            if ch.data_key is not None:
+                data_key = ch.data_key
+                self.new_keys.add(key)
+            if ch.session is not None:
+                session = ch.session
+                self.new_sessions.add(key)
+            self.current[key] = Current(cur.tenant, cur.session_id, session, data_key)
+        self.rounds.extend(ch.rounds)
+        self.audit.extend(rows)
+        if rows:
+            self.heads[cur.tenant] = (rows[-1].seq, rows[-1].hash)
+
+    async def flush(self, conn: asyncpg.Connection) -> None:
+        """Write the staged rows inside the open transaction."""
+        if self.deleted:
+            await conn.execute(_DELETE_SESSIONS, *_columns(sorted(self.deleted), 2))
+        keys = [k for k in (self.current[key].data_key for key in sorted(self.new_keys)) if k is not None]
+        if keys:
+            await conn.execute(_UPSERT_DATA_KEYS, *_columns(
+                [(k.tenant, k.session_id, k.dk_id, k.kek_id, k.wrapped, k.created_at) for k in keys], 6))
+        sessions = [s for s in (self.current[key].session for key in sorted(self.new_sessions)) if s is not None]
+        if sessions:
+            await conn.execute(_UPSERT_SESSIONS, *_columns(
+                [(s.tenant, s.session_id, s.version, s.next_seq, s.state_ct, s.created_at, s.updated_at)
+                 for s in sessions], 7))
+        if self.rounds:
+            await conn.execute(_INSERT_ROUNDS, *_columns(
+                [(r.tenant, r.session_id, r.seq, r.created_at, r.request_id, r.policy_id, r.policy_hash,
+                  r.outcome, r.kind, r.ct) for r in self.rounds], 10))
+        if self.audit:
+            await conn.execute(_INSERT_AUDIT, *_columns(
+                [(a.tenant, a.seq, a.created_at, a.body, a.prev_hash, a.hash) for a in self.audit], 6))
+
+
+@dataclass(slots=True)
+class _Job:
+    tenant: str
+    session_id: str | None
+    plan: Plan
+    future: asyncio.Future[Changes]
+
+
+class PostgresStore:
+    """The Store protocol on a PostgreSQL schema shared by every replica. Create, then ``await open()``.
+
+    ``dsn`` is an asyncpg/libpq DSN; ``pool_size`` bounds this process's connections (the writer
+    lanes and the readers share them). Raises ``ValueError`` for a schema name that is not
+    ``[a-z_][a-z0-9_]*`` (at most 63 characters).
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "public", pool_size: int = 10, writers: int | None = None) -> None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(f"invalid PostgreSQL schema name {schema!r}")
+        self.dsn, self.schema, self.pool_size = dsn, schema, pool_size
+        self.writers = writers or max(1, min(4, pool_size // 2))
+        self._pool: asyncpg.Pool | None = None
+        self._lanes: list[asyncio.Queue[_Job | None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        """Create the schema if missing and apply pending migrations; returns the versions applied."""
+        conn = await self._guard(asyncpg.connect(self.dsn, timeout=10), "connect to")
+        try:
+            return await self._guard(self._migrate(conn), "migrate")
+        finally:
+            await conn.close()
+
+    async def _migrate(self, conn: asyncpg.Connection) -> list[int]:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key("migrate", self.schema))
+            if not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema):
+                await conn.execute(f'CREATE SCHEMA "{self.schema}"')
+            await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                               "name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            unknown = done - {m.version for m in MIGRATIONS}
+            if unknown:
+                raise StoreUnavailable(
+                    f"the PostgreSQL schema '{self.schema}' is at version {max(unknown)}, newer than this "
+                    f"gateway knows ({SCHEMA_VERSION}): upgrade the gateway")
+            applied = []
+            for m in MIGRATIONS:
+                if m.version not in done:
+                    await conn.execute(m.sql)
+                    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                                       m.version, m.name)
+                    applied.append(m.version)
+            return applied
+
+    async def open(self) -> None:
+        await self.migrate()
+        self._pool = await self._guard(asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self.pool_size, timeout=10, command_timeout=60,
+            server_settings={"search_path": self.schema, "application_name": "sessiongate"}), "connect to")
+        self._lanes = [asyncio.Queue() for _ in range(self.writers)]
+        self._tasks = [asyncio.create_task(self._lane(q), name=f"pg-writer-{i}") for i, q in enumerate(self._lanes)]
+
+    async def close(self) -> None:
+        for q in self._lanes:
+            q.put_nowait(None)
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+        self._lanes, self._tasks = [], []
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _guard(self, aw: Awaitable[T], doing: str) -> T:
+        """Await *aw*, turning database and network failures into ``StoreUnavailable``."""
+        try:
+            return await aw
+        except _DB_ERRORS as exc:
+            raise self._unavailable(doing, exc) from exc
+
+    # --- writes --------------------------------------------------------------------------
+
+    async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
+        if not self._lanes:
+            raise StoreUnavailable("the store is not open")
+        fut: asyncio.Future[Changes] = asyncio.get_running_loop().create_future()
+        lane = self._lanes[zlib.crc32(tenant.encode()) % len(self._lanes)]
+        lane.put_nowait(_Job(tenant, session_id, plan, fut))
+        return await fut
+
+    async def _lane(self, q: asyncio.Queue[_Job | None]) -> None:
+        """One writer: take every job waiting, commit them as one batch, repeat until told to stop."""
+        stop = False
+        while not stop:
+            first = await q.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < BATCH and not q.empty():
+                nxt = q.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            outcomes = await self._run_batch(batch)
+            for job, (ok, value) in zip(batch, outcomes, strict=True):
+                if job.future.done():
+                    continue
+                if ok:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(value)
+
+    async def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
+        for attempt in range(RETRIES):
+            try:
+                return await self._commit(batch)
+            except asyncpg.DeadlockDetectedError as exc:
+                if attempt == RETRIES - 1:
+                    return [(False, self._unavailable("commit to", exc))] * len(batch)
+            except _DB_ERRORS as exc:
+                return [(False, self._unavailable("commit to", exc))] * len(batch)
+            except Exception as exc:  # noqa: BLE001 - a bug in here: every caller gets it, the lane lives on
+                return [(False, exc)] * len(batch)
+        raise AssertionError("unreachable")
+
+    def _unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
+        """``StoreUnavailable`` caused by *exc*, naming host, database and schema (never a password)."""
+        err = StoreUnavailable(f"cannot {doing} the PostgreSQL store at {describe_dsn(self.dsn)} "
+                               f"(schema {self.schema}): {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+
+    async def _commit(self, batch: list[_Job]) -> list[Outcome]:
+        assert self._pool is not None
+        tenants = {job.tenant for job in batch}
+        keys = sorted({lock_key("tenant", self.schema, t) for t in tenants})
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_TENANTS, keys)
+            staged = await Staged.load(conn, {(j.tenant, j.session_id) for j in batch if j.session_id is not None},
+                                       tenants)
+            outcomes = [staged.run(job.tenant, job.session_id, job.plan) for job in batch]
+            await staged.flush(conn)
+            return outcomes
+
+    async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
+        status = await self._call(lambda c: c.execute(
+            "UPDATE data_keys SET kek_id = $1, wrapped = $2 WHERE tenant = $3 AND session_id = $4 "
+            "AND kek_id = $5 AND wrapped = $6", kek_id, wrapped, old.tenant, old.session_id, old.kek_id,
+            old.wrapped), "write to")
+        return bool(status == "UPDATE 1")
+
+    async def purge(self, policy_id: str, before: float) -> list[tuple[str, str, int, bool]]:
+        """Delete rounds recorded under *policy_id* before *before*; a session left with no rounds
+        and no write since *before* is erased whole (data key included). One transaction per
+        tenant, under the tenant's lock, with one ``purge`` audit entry per session touched.
+        Returns ``(tenant, session_id, rounds_deleted, session_erased)`` per session touched."""
+        out: list[tuple[str, str, int, bool]] = []
+        for (tenant,) in await self._fetch(_skip_scan("rounds") + " ORDER BY 1"):
+            out.extend(await self._call(functools.partial(self._purge_tenant, tenant=tenant, policy_id=policy_id,
+                                                          before=before), "purge"))
+        return out
+
+    async def _purge_tenant(self, conn: asyncpg.Connection, tenant: str, policy_id: str,
+                            before: float) -> list[tuple[str, str, int, bool]]:
+        async with conn.transaction():
+            await conn.execute(_LOCK_TENANTS, [lock_key("tenant", self.schema, tenant)])
+            deleted = await conn.fetch(_PURGE_ROUNDS, tenant, policy_id, before)
+            if not deleted:
+                return []
+            sids = [r[0] for r in deleted]
+            erased = {r[0] for r in await conn.fetch(_PURGE_SESSIONS, tenant, sids, before)}
+            touched = [(tenant, sid, int(n), sid in erased) for sid, n in deleted]
+            staged = await Staged.load(conn, set(), {tenant})
+            entries = [{"event": "purge", "session_id": sid, "policy_id": policy_id,
+                        "detail": {"rounds_deleted": n, "session_erased": gone, "before": before}}
+                       for _, sid, n, gone in touched]
+            ok, value = staged.run(tenant, None, lambda cur: Changes(audit=entries))
+            if not ok:
+                raise value
+            await staged.flush(conn)
+            return touched
+
+    async def checkpoint(self) -> None:
+        """``VACUUM`` the tables that held erased keys and state; see the module docstring."""
+        await self._call(lambda c: c.execute("VACUUM data_keys, sessions"), "vacuum")
+
+    # --- reads ---------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], doing: str = "read from") -> T:
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        pool = self._pool
+
+        async def run() -> T:
+            async with pool.acquire() as conn:
+                return await fn(conn)
+        return await self._guard(run(), doing)
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._call(lambda c: c.fetch(query, *args))
+
+    async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
+        found = await self._call(lambda c: read_current(c, [(tenant, session_id)]))
+        cur = found[(tenant, session_id)]
+        return cur.session, cur.data_key
+
+    async def list_sessions(self, tenant: str) -> list[SessionSummary]:
+        rows = await self._fetch(
+            "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant = s.tenant "
+            "AND r.session_id = s.session_id), s.created_at, s.updated_at FROM sessions s "
+            "WHERE s.tenant = $1 ORDER BY s.updated_at DESC", tenant)
+        return [SessionSummary(*r) for r in rows]
+
+    async def tenants(self) -> list[str]:
+        return [r[0] for r in await self._fetch(_TENANTS)]
+
+    async def count_data_keys(self, kek_id: str) -> int:
+        return int(await self._call(lambda c: c.fetchval("SELECT count(*) FROM data_keys WHERE kek_id = $1",
+                                                          kek_id)))
+
+    async def _pages(self, query: Callable[[Any], Awaitable[list[Any]]]) -> AsyncIterator[Any]:
+        """Yield rows page by page; *query* gets the last row of the previous page (or None)."""
+        last = None
+        while True:
+            page = await query(last)
+            for row in page:
+                yield row
+            if len(page) < PAGE:
+                return
+            last = page[-1]
+
+    def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
+                    until: float | None = None) -> AsyncIterator[RoundRow]:
+        cond: list[str] = ["tenant = $1"]
+        args: list[Any] = [tenant]
+        for clause, value in (("session_id = ", session_id), ("created_at >= ", since), ("created_at < ", until)):
+            if value is not None:
+                args.append(value)
+                cond.append(f"{clause}${len(args)}")
+        where = " AND ".join(cond)
+        n = len(args)
+
+        async def query(last: RoundRow | None) -> list[RoundRow]:
+            if last is None:
+                rows = await self._fetch(f"SELECT {_ROUND_COLS} FROM rounds WHERE {where} "
+                                         f"ORDER BY session_id, seq LIMIT {PAGE}", *args)
+            else:
+                rows = await self._fetch(f"SELECT {_ROUND_COLS} FROM rounds WHERE {where} AND (session_id, seq) > "
+                                         f"(${n + 1}, ${n + 2}) ORDER BY session_id, seq LIMIT {PAGE}",
+                                         *args, last.session_id, last.seq)
+            return [RoundRow(*r) for r in rows]
+        return self._pages(query)
+
+    def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
+        async def query(last: AuditRow | None) -> list[AuditRow]:
+            start = last.seq if last is not None else after_seq
+            rows = await self._fetch(f"SELECT {_AUDIT_COLS} FROM audit WHERE tenant = $1 AND seq > $2 "
+                                     f"ORDER BY seq LIMIT {PAGE}", tenant, start)
+            return [AuditRow(*r) for r in rows]
+        return self._pages(query)
+
+    def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
+        async def query(last: DataKeyRow | None) -> list[DataKeyRow]:
+            key = (last.tenant, last.session_id) if last is not None else ("", "")
+            rows = await self._fetch(f"SELECT {_DK_COLS} FROM data_keys WHERE (tenant, session_id) > ($1, $2) "
+                                     f"ORDER BY tenant, session_id LIMIT {PAGE}", *key)
+            return [DataKeyRow(*r) for r in rows]
+        return self._pages(query)
