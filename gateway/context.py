@@ -70,6 +70,7 @@ class Context:
     reply_body: dict[str, Any] | None = None
     tail: bytes = b""
     tail_type: str = ""
+    tail_headers: dict[str, str] = field(default_factory=dict)
     outcome: str = ""
     ended_by: str = ""  # "client" or "upstream" when a stream was cut off
     bytes_out: int = 0

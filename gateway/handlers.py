@@ -25,6 +25,7 @@ from gateway import pipeline
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError
 from gateway.export import FORMATS, bundle_paths
+from gateway.stages.forward import reply_headers
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.store.base import Changes
@@ -122,9 +123,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     resp = await services.upstreams.send(upstream, request.method, request.path[len("/v1"):], body=body,
                                          headers=request.headers, query=request.query_string)
     try:
-        out = web.StreamResponse(status=resp.status)
+        out = web.StreamResponse(status=resp.status, headers=reply_headers(resp, request_id))
         out.content_type = resp.content_type
-        out.headers["X-Sessiongate-Request-Id"] = request_id
         await out.prepare(request)
         async for chunk in resp.content.iter_any():
             await out.write(chunk)

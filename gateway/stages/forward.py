@@ -20,7 +20,15 @@ from gateway.context import Context
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.sse import EventSplitter, ReplyAssembler
 
-PASS_HEADERS = ("Content-Type", "X-Request-Id", "OpenAI-Processing-Ms", "OpenAI-Version")
+PASS_HEADERS = frozenset({"retry-after", "x-request-id", "openai-processing-ms", "openai-version"})
+
+
+def reply_headers(resp: aiohttp.ClientResponse, request_id: str) -> dict[str, str]:
+    """The provider's headers a client needs (request id, rate limits, Retry-After), plus ours."""
+    out = {k: v for k, v in resp.headers.items()
+           if k.lower() in PASS_HEADERS or k.lower().startswith("x-ratelimit-")}
+    out["X-Sessiongate-Request-Id"] = request_id
+    return out
 DONE_TAIL = b"data: [DONE]\n\n"
 
 
@@ -35,6 +43,7 @@ async def forward(ctx: Context) -> None:
         if resp.status >= 400 or not streaming:
             ctx.tail = await _read_all(ctx, resp)
             ctx.tail_type = resp.content_type
+            ctx.tail_headers = reply_headers(resp, ctx.request_id)
             if resp.status < 400:
                 _parse_reply(ctx)
                 if _client_gone(ctx.request):
@@ -69,10 +78,9 @@ def _parse_reply(ctx: Context) -> None:
 
 
 async def _relay_stream(ctx: Context, resp: aiohttp.ClientResponse) -> None:
-    out = web.StreamResponse(status=resp.status)
+    out = web.StreamResponse(status=resp.status, headers=reply_headers(resp, ctx.request_id))
     out.headers["Content-Type"] = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
-    out.headers["X-Sessiongate-Request-Id"] = ctx.request_id
     splitter, assembler = EventSplitter(), ReplyAssembler()
     ctx.response = out
     ctx.outcome = "incomplete"

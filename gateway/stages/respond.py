@@ -17,7 +17,7 @@ async def respond(ctx: Context) -> None:
     if ctx.response is None:
         ctx.response = web.Response(status=ctx.upstream_status, body=ctx.tail,
                                     content_type=ctx.tail_type or "application/json",
-                                    headers={"X-Sessiongate-Request-Id": ctx.request_id})
+                                    headers=ctx.tail_headers)
         return
     out = ctx.response
     assert isinstance(out, web.StreamResponse)
