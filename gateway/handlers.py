@@ -79,8 +79,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         elapsed = time.perf_counter() - ctx.started
         services.metrics.requests.labels(route="chat", status=str(status)).inc()
         services.metrics.latency.labels(route="chat").observe(elapsed)
+        outcome = "not_recorded" if ctx.persist_attempted and not ctx.persisted else ctx.outcome or None
         log.info("request", request_id=ctx.request_id, tenant=ctx.tenant or None, session_id=ctx.session_id,
-                 model=ctx.model, status=status, outcome=ctx.outcome or None, ended_by=ctx.ended_by or None,
+                 model=ctx.model, status=status, outcome=outcome, ended_by=ctx.ended_by or None,
                  latency_ms=round(elapsed * 1000, 3), bytes_in=len(ctx.raw),
                  bytes_out=ctx.bytes_out or len(ctx.tail), policy=ctx.policy.id if ctx.policy else None)
 

@@ -41,6 +41,7 @@ async def rewrap_all(sessions: SessionService) -> RewrapReport:
             same += 1
             continue
         kek_id, wrapped = keyring.rewrap(row.kek_id, row.dk_id, row.wrapped)
+        keyring.forget(row.kek_id, row.dk_id, row.wrapped)  # cached again under the new wrap only
         if await sessions.store.rewrap_data_key(row, kek_id, wrapped):
             done += 1
         else:
@@ -59,6 +60,9 @@ class KeyringWatcher:
                  interval: float = 1.0) -> None:
         self.path, self.load, self.sessions, self.interval = path, load, sessions, interval
         self._seen = self._stamp()
+        # the primary this watcher last re-wrapped for; not sessions.keyring.primary_id, which
+        # SessionService.reload_keyring may already have advanced without re-wrapping anything
+        self._primary = sessions.keyring.primary_id
         self._task: asyncio.Task[None] | None = None
 
     def _stamp(self) -> tuple[int, int] | None:
@@ -90,11 +94,14 @@ class KeyringWatcher:
             except ConfigError as exc:
                 log.error("keyring_reload_refused", detail=str(exc))
                 continue
-            old = self.sessions.keyring.primary_id
             self.sessions.keyring = keyring
             log.info("keyring_reloaded", primary=keyring.primary_id, keys=keyring.ids())
-            if keyring.primary_id != old:
+            if keyring.primary_id != self._primary:
+                self._primary = keyring.primary_id
                 try:
+                    # an empty write as a barrier: plans that wrapped with the old keyring have
+                    # committed before it returns, so the scan below sees their data keys
+                    await self.sessions.store.transact(SYSTEM_TENANT, None, lambda cur: Changes())
                     await rewrap_all(self.sessions)
                 except Exception as exc:  # noqa: BLE001 - logged; the next rotation or the CLI retries
                     log.error("rewrap_failed", error=type(exc).__name__, detail=str(exc)[:200])

@@ -13,6 +13,7 @@ then bounds the window with the policy's synchronous strategy. Incomplete rounds
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -84,6 +85,13 @@ class SessionService:
         if row.kek_id not in keyring.ids() and self.reload_keyring is not None:
             keyring = self.keyring = self.reload_keyring()
         return keyring.unwrap(row.kek_id, row.dk_id, row.wrapped)
+
+    def _forget(self, row: DataKeyRow) -> None:
+        """Drop an erased session's data key from both in-memory caches (unwrapped key, cipher).
+        A key that cannot be unwrapped was never cached, so there is nothing to drop then."""
+        with contextlib.suppress(IntegrityError):
+            crypto.forget(self.keyring.unwrap(row.kek_id, row.dk_id, row.wrapped))
+        self.keyring.forget(row.kek_id, row.dk_id, row.wrapped)
 
     def _new_data_key(self, tenant: str, session_id: str) -> tuple[crypto.DataKey, DataKeyRow]:
         dk = crypto.new_data_key()
@@ -269,7 +277,7 @@ class SessionService:
             if cur.session is None and cur.data_key is None:
                 raise NotFound(f"no session '{session_id}' for this tenant")
             if cur.data_key is not None:
-                self.keyring.forget(cur.data_key.kek_id, cur.data_key.dk_id, cur.data_key.wrapped)
+                self._forget(cur.data_key)
             return Changes(delete_session=True,
                            audit=[{"event": "erasure", "request_id": request_id, "session_id": session_id}])
 
