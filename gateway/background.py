@@ -7,6 +7,7 @@ re-wrapping. A failure is logged, never swallowed silently and never raised into
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Coroutine, Hashable
 from typing import Any
 
@@ -27,7 +28,7 @@ class Background:
             return False
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks[key] = task
-        task.add_done_callback(lambda t, key=key: self._done(key, t))
+        task.add_done_callback(functools.partial(self._done, key))
         return True
 
     def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -16,7 +17,7 @@ import structlog
 SECRET_FIELDS = frozenset({"authorization", "api_key", "key", "token", "content", "messages", "body", "password"})
 
 
-def drop_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def drop_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name in SECRET_FIELDS.intersection(event):
         event[name] = "[dropped]"
     return event

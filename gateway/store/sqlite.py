@@ -13,6 +13,7 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import sqlite3
 import threading
@@ -304,7 +305,7 @@ class SQLiteStore:
         """Yield rows page by page; *query* gets the last row of the previous page (or None)."""
         last = None
         while True:
-            page = await self._read(lambda c, last=last: query(c, last))
+            page = await self._read(functools.partial(_call_with_last, query, last))
             for row in page:
                 yield row
             if len(page) < PAGE:
@@ -313,7 +314,8 @@ class SQLiteStore:
 
     def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
                     until: float | None = None) -> AsyncIterator[RoundRow]:
-        cond, args = ["tenant=?"], [tenant]
+        cond: list[str] = ["tenant=?"]
+        args: list[str | float] = [tenant]
         if session_id is not None:
             cond.append("session_id=?")
             args.append(session_id)
@@ -353,6 +355,11 @@ class SQLiteStore:
     async def count_data_keys(self, kek_id: str) -> int:
         return await self._read(lambda c: c.execute("SELECT count(*) FROM data_keys WHERE kek_id=?",
                                                     (kek_id,)).fetchone()[0])
+
+
+def _call_with_last(query: Callable[[sqlite3.Connection, Any], list[Any]], last: Any,
+                    conn: sqlite3.Connection) -> list[Any]:
+    return query(conn, last)
 
 
 def _resolve(items: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:

@@ -54,7 +54,8 @@ def test_summarize_folds_window_into_memo_without_recording_the_side_request(mak
     gw = make_gateway(write_policy(tmp_path / "pol", "{strategy: summarize, keep_last_rounds: 1}", 700))
     client = gw.openai(session="acme:sum")
     for i in range(4):
-        client.chat.completions.create(model="standin", messages=[{"role": "user", "content": f"turn {i} " + "q" * 100}])
+        text = f"turn {i} " + "q" * 100
+        client.chat.completions.create(model="standin", messages=[{"role": "user", "content": text}])
     data = wait_for(lambda: (d := export(gw, "acme:sum"))["memo"] and d)
     assert data["memo"] == "MEMO: the user likes tea"
     assert len(data["context_window"]) == 2  # the last round kept verbatim
@@ -75,7 +76,8 @@ def test_summarize_failure_cuts_the_window_instead(make_gateway, upstream, tmp_p
     gw = make_gateway(write_policy(tmp_path / "pol", "{strategy: summarize, keep_last_rounds: 1}", 600))
     client = gw.openai(session="acme:cut")
     for i in range(4):
-        client.chat.completions.create(model="standin", messages=[{"role": "user", "content": f"t{i} " + "q" * 100}])
+        text = f"t{i} " + "q" * 100
+        client.chat.completions.create(model="standin", messages=[{"role": "user", "content": text}])
     from gateway.session.record import context_length
     data = wait_for(lambda: (d := export(gw, "acme:cut")) and context_length(d["context_window"]) <= 600 and d)
     assert len(data["full_context"]) == 8
@@ -85,9 +87,8 @@ def test_summarize_failure_cuts_the_window_instead(make_gateway, upstream, tmp_p
 def test_hook_folds_old_rounds_into_memo(make_gateway, upstream, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A policy hook (module:function, Agently's signature) folds old rounds into the memo."""
     monkeypatch.syspath_prepend(str(HERE))
-    gw = make_gateway(write_policy(tmp_path / "pol",
-                                   "{strategy: hook, analysis: 'fold_hook:analysis', execution: {fold: 'fold_hook:fold'}}",
-                                   100000))
+    hook = "{strategy: hook, analysis: 'fold_hook:analysis', execution: {fold: 'fold_hook:fold'}}"
+    gw = make_gateway(write_policy(tmp_path / "pol", hook, 100000))
     client = gw.openai(session="acme:hook")
     for i in range(4):
         client.chat.completions.create(model="standin", messages=[{"role": "user", "content": f"fact {i}"}])
