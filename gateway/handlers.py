@@ -77,6 +77,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _end_stream(ctx, INTERNAL_ERROR)
     finally:
         elapsed = time.perf_counter() - ctx.started
+        if ctx.ended_by == "upstream":
+            services.metrics.upstream_errors.labels(kind="broke_off_stream").inc()
+        elif ctx.upstream_status >= 400:
+            services.metrics.upstream_errors.labels(kind=f"status_{ctx.upstream_status}").inc()
         services.metrics.requests.labels(route="chat", status=str(status)).inc()
         services.metrics.latency.labels(route="chat").observe(elapsed)
         outcome = "not_recorded" if ctx.persist_attempted and not ctx.persisted else ctx.outcome or None
