@@ -111,7 +111,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     upstreams = Upstreams(upstream_settings)
     await upstreams.start()
     await policies.start()
-    retention = RetentionTask(store, policies, settings.store.purge_interval_seconds)
+    retention = RetentionTask(sessions, policies, settings.store.purge_interval_seconds)
     await retention.start()
     services = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics, trail)
     app[SERVICES] = services

@@ -23,6 +23,7 @@ import hashlib
 import json
 import secrets
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +32,9 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.settings import DEFAULT_CONFIG, Settings, load_settings
 
 T = TypeVar("T")
+RETIRE_GRACE_SECONDS = 10
+"""How long after a rotation ``keys retire`` waits: running gateways follow a key file within a
+second or two, and must not wrap new sessions under a key that is already retired."""
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -122,18 +126,16 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     tenant = args.tenant
-    if args.action != "list" and not args.id:
-        return _fail(f"sessions {args.action} needs a session id")
-    sid = check_session_id(args.id) if args.id else ""
+    sid = check_session_id(args.id) if getattr(args, "id", None) else ""
 
     async def act(svc: Any) -> int:
         if args.action == "list":
-            for s in await svc.list(tenant):
+            for s in await svc.list_sessions(tenant):
                 print(f"{s.session_id}\trounds={s.rounds}\tversion={s.version}")
         elif args.action == "export":
             print(json.dumps(await svc.export(tenant, sid), indent=2, ensure_ascii=False))
         elif args.action == "import":
-            source = sys.stdin.read() if args.file in (None, "-") else Path(args.file).read_text(encoding="utf-8")
+            source = sys.stdin.read() if args.file in (None, "-") else _read_text(args.file)
             try:
                 data = json.loads(source)
             except json.JSONDecodeError as exc:
@@ -164,11 +166,15 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return main_check(paths)
 
 
-def _load_json_file(path: str) -> Any:
+def _read_text(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", file=path) from None
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", file=path) from None
+
+
+def _load_json_file(path: str) -> Any:
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -234,6 +240,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
     from gateway.app import key_provider
     provider = key_provider(settings)
+    if args.action in ("rotate", "retire") and not isinstance(provider, kr.FileKeyProvider):
+        return _fail(f"the keyring comes from {provider.describe()}, which is read-only here: "
+                     "rotate it where it is kept and restart the gateways")
     if args.action == "list":
         async def counts(svc: Any) -> dict[str, int]:
             return {info.id: await svc.store.count_data_keys(info.id) for info in kr.list_keys(provider)}
@@ -258,6 +267,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if not args.key_id:
             return _fail("keys retire needs the id of the key to retire (see 'sessiongate keys list')")
         in_use = _run(_with_sessions(settings, lambda svc: svc.store.count_data_keys(args.key_id)))
+        keys = kr.list_keys(provider)
+        primary = max(keys, key=lambda info: info.created_at)
+        age = time.time() - primary.created_at
+        known = any(info.id == args.key_id and info.state == "active" for info in keys)
+        if known and in_use == 0 and age < RETIRE_GRACE_SECONDS and not args.force:
+            return _fail(f"the primary key {primary.id} is only {age:.0f} s old: running gateways may still wrap new "
+                         f"sessions under {args.key_id}; retry in {RETIRE_GRACE_SECONDS} s (or pass --force)")
         kr.retire(provider, args.key_id, in_use=in_use)
         print(f"retired {args.key_id}: it can no longer unwrap data keys")
         return 0
@@ -348,7 +364,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     policies = load_policy_set(settings.policies.path)
-    totals = _run(_with_sessions(settings, lambda svc: purge_expired(svc.store, policies)))
+    totals = _run(_with_sessions(settings, lambda svc: purge_expired(svc, policies)))
     print(f"purged {totals['rounds']} expired rounds; erased {totals['sessions']} sessions")
     return 0
 
@@ -372,13 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--name")
     cn.set_defaults(fn=cmd_clients_new)
 
-    ss = sub.add_parser("sessions", help="list, export, import, reset or erase sessions")
-    ss.add_argument("--config", default=argparse.SUPPRESS)
-    ss.add_argument("action", choices=["list", "export", "import", "reset", "delete", "erase"])
-    ss.add_argument("id", nargs="?")
-    ss.add_argument("file", nargs="?", help="for import: Agently JSON file (default stdin)")
-    ss.add_argument("--tenant", required=True)
-    ss.set_defaults(fn=cmd_sessions)
+    ss = sub.add_parser("sessions", help="list, export, import, reset or erase sessions").add_subparsers(
+        dest="action", required=True)
+    for action, text in (("list", "the tenant's sessions"), ("export", "a session as Agently JSON"),
+                         ("import", "load Agently JSON into a session"), ("reset", "clear a session's window"),
+                         ("delete", "erase a session (same as erase)"), ("erase", "crypto-shred a session")):
+        sp = ss.add_parser(action, help=text)
+        sp.add_argument("--config", default=argparse.SUPPRESS)
+        sp.add_argument("--tenant", required=True)
+        if action != "list":
+            sp.add_argument("id", help="session id")
+        if action == "import":
+            sp.add_argument("file", nargs="?", help="Agently JSON file (default: standard input)")
+        sp.set_defaults(fn=cmd_sessions)
 
     pol = sub.add_parser("policy", help="check and explain policy files").add_subparsers(dest="action", required=True)
     pc = pol.add_parser("check", help="validate policy files; exit 1 on any error")
@@ -399,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--config", default=argparse.SUPPRESS)
     k.add_argument("action", choices=["generate", "list", "rotate", "retire"])
     k.add_argument("key_id", nargs="?")
+    k.add_argument("--force", action="store_true",
+                   help=f"retire: skip the {RETIRE_GRACE_SECONDS} s wait after a rotation")
     k.set_defaults(fn=cmd_keys)
 
     au = sub.add_parser("audit", help="verify the audit chain; export the checkpoint public key")

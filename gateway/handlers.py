@@ -172,7 +172,7 @@ def _session_target(request: web.Request) -> tuple[Services, str, str]:
 async def list_sessions(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     tenant = services.auth.client(request.headers.get("Authorization")).tenant or ""
-    rows = await services.sessions.list(tenant)
+    rows = await services.sessions.list_sessions(tenant)
     return json_response({"object": "list", "data": [
         {"id": r.session_id, "rounds": r.rounds, "version": r.version, "created_at": r.created_at,
          "updated_at": r.updated_at} for r in rows]})

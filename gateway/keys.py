@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, IntegrityError
 from gateway.keyring import Keyring
 from gateway.sessions import SessionService
 from gateway.store.base import SYSTEM_TENANT, Changes
@@ -30,17 +30,23 @@ class RewrapReport:
     rewrapped: int
     already_primary: int
     raced: int
+    failed: int = 0
 
 
 async def rewrap_all(sessions: SessionService) -> RewrapReport:
     """Re-wrap every data key not under the primary master key; audit the rotation."""
     keyring = sessions.keyring
-    done = same = raced = 0
+    done = same = raced = failed = 0
     async for row in sessions.store.iter_data_keys():
         if not keyring.needs_rewrap(row.kek_id):
             same += 1
             continue
-        kek_id, wrapped = keyring.rewrap(row.kek_id, row.dk_id, row.wrapped)
+        try:
+            kek_id, wrapped = keyring.rewrap(row.kek_id, row.dk_id, row.wrapped)
+        except IntegrityError as exc:  # that session is unreadable already; the others still rotate
+            failed += 1
+            log.error("rewrap_integrity_error", tenant=row.tenant, session_id=row.session_id, detail=exc.detail)
+            continue
         keyring.forget(row.kek_id, row.dk_id, row.wrapped)  # cached again under the new wrap only
         if await sessions.store.rewrap_data_key(row, kek_id, wrapped):
             done += 1
@@ -48,9 +54,10 @@ async def rewrap_all(sessions: SessionService) -> RewrapReport:
             raced += 1  # erased or re-wrapped meanwhile: nothing left to do for it
     await sessions.store.transact(SYSTEM_TENANT, None, lambda cur: Changes(audit=[{
         "event": "key_rotation", "detail": {"primary": keyring.primary_id, "rewrapped": done,
-                                            "already_primary": same, "raced": raced}}]))
-    log.info("data_keys_rewrapped", primary=keyring.primary_id, rewrapped=done, already_primary=same, raced=raced)
-    return RewrapReport(done, same, raced)
+                                            "already_primary": same, "raced": raced, "failed": failed}}]))
+    log.info("data_keys_rewrapped", primary=keyring.primary_id, rewrapped=done, already_primary=same, raced=raced,
+             failed=failed)
+    return RewrapReport(done, same, raced, failed)
 
 
 class KeyringWatcher:

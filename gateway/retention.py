@@ -1,9 +1,11 @@
 """Retention: rounds older than their policy's ``retention.days`` are erased.
 
-``purge_expired`` asks the store to delete, per policy with a retention period, the rounds that
-policy recorded before the cut-off (each deletion is an audit entry), then folds the write-ahead
-log so the deleted bytes leave the disk. A session left with no rounds and idle since the
-cut-off is erased whole, its data key included. ``RetentionTask`` runs it periodically in a
+``purge_expired`` finds, per policy with a retention period, the rounds that policy recorded
+before its cut-off, deletes them and takes their messages out of the session's sealed context
+window in one transaction per session (each an audit entry), then folds the write-ahead log so
+the deleted bytes leave the disk. A session whose rounds all expired and that is idle since the
+cut-off is erased whole, its data key included. Text the memo may have absorbed from expired
+rounds (a summary) stays in the memo: the memo is not traceable to rounds. ``RetentionTask`` runs it periodically in a
 gateway; ``sessiongate purge`` runs it once.
 """
 
@@ -12,36 +14,70 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import structlog
 
 from gateway.policy import PolicySet, PolicyWatcher
-from gateway.store.base import Store
+from gateway.session.model import Message
+from gateway.sessions import SessionService
 
 log = structlog.get_logger("gateway.retention")
 DAY = 86400.0
 
 
-async def purge_expired(store: Store, policies: PolicySet, *, now: float | None = None) -> dict[str, int]:
-    """Purge every policy's expired rounds; returns totals ``{"rounds": n, "sessions": m}``."""
+async def purge_expired(sessions: SessionService, policies: PolicySet, *,
+                        now: float | None = None) -> dict[str, int]:
+    """Purge every policy's expired rounds; returns totals ``{"rounds": n, "sessions": m}``.
+
+    Per session, one transaction deletes the expired rounds, takes their messages out of the
+    sealed window and writes a ``purge`` audit entry; a session whose rounds all expired and
+    that has not been written since the cut-off is erased whole instead.
+    """
     now = time.time() if now is None else now
-    rounds = sessions = 0
-    for policy in policies:
-        days = policy.retention.days
-        if days is None:
-            continue
-        for _tenant, _sid, n, erased in await store.purge(policy.id, now - days * DAY):
+    store = sessions.store
+    cutoffs = {p.id: now - p.retention.days * DAY for p in policies if p.retention.days is not None}
+    rounds = erased = 0
+    if not cutoffs:
+        return {"rounds": 0, "sessions": 0}
+    for tenant in await store.tenants():
+        counts = {s.session_id: s.rounds for s in await store.list_sessions(tenant)}
+        async for session_id, expired, policy_ids in _expired(sessions, tenant, cutoffs):
+            whole = counts.get(session_id) == len(expired)
+            n, gone = await sessions.drop_rounds(
+                tenant, session_id, expired, policy_id=",".join(sorted(policy_ids)),
+                erase_if_idle_before=min(cutoffs[p] for p in policy_ids) if whole else None)
             rounds += n
-            sessions += int(erased)
+            erased += int(gone)
     if rounds:
         await store.checkpoint()
-        log.info("retention_purged", rounds=rounds, sessions_erased=sessions)
-    return {"rounds": rounds, "sessions": sessions}
+        log.info("retention_purged", rounds=rounds, sessions_erased=erased)
+    return {"rounds": rounds, "sessions": erased}
+
+
+async def _expired(sessions: SessionService, tenant: str, cutoffs: dict[str, float],
+                   ) -> AsyncIterator[tuple[str, list[tuple[int, list[Message]]], set[str]]]:
+    """Per session: its expired rounds as (seq, messages) and the policy ids that recorded them."""
+    current = ""
+    batch: list[tuple[int, list[Message]]] = []
+    policy_ids: set[str] = set()
+    async for row, messages in sessions.decrypted_rounds(tenant, until=max(cutoffs.values())):
+        cutoff = cutoffs.get(row.policy_id)
+        if cutoff is None or row.created_at >= cutoff:
+            continue
+        if row.session_id != current:
+            if batch:
+                yield current, batch, policy_ids
+            current, batch, policy_ids = row.session_id, [], set()
+        batch.append((row.seq, messages))
+        policy_ids.add(row.policy_id)
+    if batch:
+        yield current, batch, policy_ids
 
 
 class RetentionTask:
-    def __init__(self, store: Store, policies: PolicyWatcher, interval: float = 3600.0) -> None:
-        self.store, self.policies, self.interval = store, policies, interval
+    def __init__(self, sessions: SessionService, policies: PolicyWatcher, interval: float = 3600.0) -> None:
+        self.sessions, self.policies, self.interval = sessions, policies, interval
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -57,7 +93,7 @@ class RetentionTask:
     async def _run(self) -> None:
         while True:
             try:
-                await purge_expired(self.store, self.policies.current)
+                await purge_expired(self.sessions, self.policies.current)
             except Exception as exc:  # noqa: BLE001 - logged; retried at the next interval
                 log.error("retention_failed", error=type(exc).__name__, detail=str(exc)[:200])
             await asyncio.sleep(self.interval)

@@ -178,7 +178,7 @@ class SessionService:
             raise NotFound(f"no session '{session_id}' for this tenant")
         return to_agently(session_id, await self.full_context(tenant, session_id), loaded.state)
 
-    async def list(self, tenant: str) -> list[SessionSummary]:
+    async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         return await self.store.list_sessions(tenant)
 
     # --- writes --------------------------------------------------------------------------
@@ -269,6 +269,40 @@ class SessionService:
             return ch
 
         return int((await self.store.transact(tenant, session_id, plan)).result)
+
+    async def drop_rounds(self, tenant: str, session_id: str, rounds: list[tuple[int, list[Message]]], *,
+                          policy_id: str, erase_if_idle_before: float | None) -> tuple[int, bool]:
+        """Retention: delete *rounds* (seq, messages) of a session and take their messages out of
+        the sealed window too, so expired text is neither kept nor injected again. When they are
+        all the session has and it has not been written since *erase_if_idle_before*, the whole
+        session is erased instead (data key included). Returns (rounds deleted, session erased)."""
+        seqs = [seq for seq, _ in rounds]
+        expired = [m for _, messages in rounds for m in messages]
+
+        def plan(cur: Current) -> Changes:
+            if cur.session is None:
+                return Changes(result=(0, False))
+            detail: dict[str, Any] = {"rounds_deleted": len(seqs), "before": erase_if_idle_before}
+            audit = {"event": "purge", "session_id": session_id, "policy_id": policy_id, "detail": detail}
+            if erase_if_idle_before is not None and cur.session.updated_at < erase_if_idle_before:
+                if cur.data_key is not None:
+                    self._forget(cur.data_key)
+                detail["session_erased"] = True
+                return Changes(delete_session=True, audit=[audit], result=(len(seqs), True))
+            dk, state = self._unseal(cur)
+            assert state is not None
+            window = list(state.context_window)
+            for message in expired:
+                if message in window:
+                    window.remove(message)
+            ch = Changes(delete_round_seqs=seqs, result=(len(seqs), False))
+            self._write_state(cur, ch, dk, state.with_window(window), [], RoundMeta("", "", "", "", ""))
+            detail["session_erased"] = False
+            ch.audit.append(audit)
+            return ch
+
+        deleted, erased = (await self.store.transact(tenant, session_id, plan)).result
+        return int(deleted), bool(erased)
 
     async def erase(self, tenant: str, session_id: str, request_id: str) -> None:
         """Crypto-shred a session: its data key and rows go in one transaction, then the store

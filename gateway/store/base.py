@@ -99,6 +99,7 @@ class Current:
 class Changes:
     """What a plan asks the store to write, all in one transaction.
 
+    ``delete_round_seqs`` removes those rounds of the session (retention).
     ``audit`` holds the fields of new audit entries (names and hashes only); the store adds
     ``seq``, time and the chain links and returns the sealed rows in ``audit_rows``.
     """
@@ -108,6 +109,7 @@ class Changes:
     rounds: list[RoundRow] = field(default_factory=list)
     audit: list[dict[str, Any]] = field(default_factory=list)
     delete_session: bool = False
+    delete_round_seqs: list[int] = field(default_factory=list)
     audit_rows: list[AuditRow] = field(default_factory=list)
     result: Any = None
 
@@ -164,11 +166,6 @@ class Store(Protocol):
 
     async def count_data_keys(self, kek_id: str) -> int:
         """How many data keys the master key *kek_id* wraps."""
-
-    async def purge(self, policy_id: str, before: float) -> list[tuple[str, str, int, bool]]:
-        """Delete rounds recorded under *policy_id* before *before* (retention), each with an
-        audit entry; erase sessions left empty and idle. Returns one tuple per session touched:
-        ``(tenant, session_id, rounds_deleted, session_erased)``."""
 
     async def checkpoint(self) -> None:
         """Fold the write-ahead log into the main file (so erased bytes leave the disk)."""

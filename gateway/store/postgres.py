@@ -42,7 +42,6 @@ as ``gateway.store.sqlite``. How it keeps the contract across processes:
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import re
 import time
@@ -149,15 +148,9 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::float8[], $5::tex
 _INSERT_AUDIT = f"""
 INSERT INTO audit ({_AUDIT_COLS})
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::bytea[], $5::text[], $6::text[])"""
-_PURGE_ROUNDS = """
-WITH d AS (DELETE FROM rounds WHERE tenant = $1 AND policy_id = $2 AND created_at < $3 RETURNING session_id)
-SELECT session_id, count(*) FROM d GROUP BY session_id ORDER BY session_id"""
-_PURGE_SESSIONS = """
-WITH idle AS (
-  SELECT s.session_id FROM sessions s WHERE s.tenant = $1 AND s.session_id = ANY($2::text[])
-  AND s.updated_at < $3 AND NOT EXISTS (SELECT 1 FROM rounds r WHERE r.tenant = $1 AND r.session_id = s.session_id)),
-     k AS (DELETE FROM data_keys WHERE tenant = $1 AND session_id IN (SELECT session_id FROM idle))
-DELETE FROM sessions WHERE tenant = $1 AND session_id IN (SELECT session_id FROM idle) RETURNING session_id"""
+_DELETE_ROUNDS = """
+DELETE FROM rounds x USING unnest($1::text[], $2::text[], $3::bigint[]) AS u(t, s, q)
+WHERE x.tenant = u.t AND x.session_id = u.s AND x.seq = u.q"""
 # unnest yields the (already sorted) keys in array order, so the locks are taken in that order
 _LOCK_TENANTS = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k"
 
@@ -242,6 +235,7 @@ class Staged:
         self.new_keys: set[Key] = set()
         self.new_sessions: set[Key] = set()
         self.rounds: list[RoundRow] = []
+        self.dropped_rounds: list[tuple[str, str, int]] = []
         self.audit: list[AuditRow] = []
 
     @classmethod
@@ -282,6 +276,7 @@ class Staged:
                 session = ch.session
                 self.new_sessions.add(key)
             self.current[key] = Current(cur.tenant, cur.session_id, session, data_key)
+            self.dropped_rounds.extend((cur.tenant, cur.session_id, seq) for seq in ch.delete_round_seqs)
         self.rounds.extend(ch.rounds)
         self.audit.extend(rows)
         if rows:
@@ -291,6 +286,8 @@ class Staged:
         """Write the staged rows inside the open transaction."""
         if self.deleted:
             await conn.execute(_DELETE_SESSIONS, *_columns(sorted(self.deleted), 2))
+        if self.dropped_rounds:
+            await conn.execute(_DELETE_ROUNDS, *_columns(self.dropped_rounds, 3))
         keys = [k for k in (self.current[key].data_key for key in sorted(self.new_keys)) if k is not None]
         if keys:
             await conn.execute(_UPSERT_DATA_KEYS, *_columns(
@@ -463,37 +460,6 @@ class PostgresStore:
             "AND kek_id = $5 AND wrapped = $6", kek_id, wrapped, old.tenant, old.session_id, old.kek_id,
             old.wrapped), "write to")
         return bool(status == "UPDATE 1")
-
-    async def purge(self, policy_id: str, before: float) -> list[tuple[str, str, int, bool]]:
-        """Delete rounds recorded under *policy_id* before *before*; a session left with no rounds
-        and no write since *before* is erased whole (data key included). One transaction per
-        tenant, under the tenant's lock, with one ``purge`` audit entry per session touched.
-        Returns ``(tenant, session_id, rounds_deleted, session_erased)`` per session touched."""
-        out: list[tuple[str, str, int, bool]] = []
-        for (tenant,) in await self._fetch(_skip_scan("rounds") + " ORDER BY 1"):
-            out.extend(await self._call(functools.partial(self._purge_tenant, tenant=tenant, policy_id=policy_id,
-                                                          before=before), "purge"))
-        return out
-
-    async def _purge_tenant(self, conn: asyncpg.Connection, tenant: str, policy_id: str,
-                            before: float) -> list[tuple[str, str, int, bool]]:
-        async with conn.transaction():
-            await conn.execute(_LOCK_TENANTS, [lock_key("tenant", self.schema, tenant)])
-            deleted = await conn.fetch(_PURGE_ROUNDS, tenant, policy_id, before)
-            if not deleted:
-                return []
-            sids = [r[0] for r in deleted]
-            erased = {r[0] for r in await conn.fetch(_PURGE_SESSIONS, tenant, sids, before)}
-            touched = [(tenant, sid, int(n), sid in erased) for sid, n in deleted]
-            staged = await Staged.load(conn, set(), {tenant})
-            entries = [{"event": "purge", "session_id": sid, "policy_id": policy_id,
-                        "detail": {"rounds_deleted": n, "session_erased": gone, "before": before}}
-                       for _, sid, n, gone in touched]
-            ok, value = staged.run(tenant, None, lambda cur: Changes(audit=entries))
-            if not ok:
-                raise value
-            await staged.flush(conn)
-            return touched
 
     async def checkpoint(self) -> None:
         """``VACUUM`` the tables that held erased keys and state; see the module docstring."""

@@ -92,6 +92,9 @@ def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> None:
     if ch.delete_session:
         for table in ("rounds", "sessions", "data_keys"):
             conn.execute(f"DELETE FROM {table} WHERE tenant=? AND session_id=?", (tenant, sid))
+    if ch.delete_round_seqs:
+        conn.executemany("DELETE FROM rounds WHERE tenant=? AND session_id=? AND seq=?",
+                         [(tenant, sid, seq) for seq in ch.delete_round_seqs])
     if ch.data_key is not None:
         k = ch.data_key
         conn.execute("INSERT OR REPLACE INTO data_keys VALUES (?,?,?,?,?,?)",
@@ -227,32 +230,6 @@ class SQLiteStore:
                              "AND kek_id=? AND wrapped=?",
                              (kek_id, wrapped, old.tenant, old.session_id, old.kek_id, old.wrapped))
             return c.rowcount == 1
-        return await self._write(run)
-
-    async def purge(self, policy_id: str, before: float) -> list[tuple[str, str, int, bool]]:
-        """Delete rounds recorded under *policy_id* before *before*; a session left with no
-        rounds and no write since *before* is erased whole (data key included). Returns
-        ``(tenant, session_id, rounds_deleted, session_erased)`` per session touched."""
-        def run(conn: sqlite3.Connection) -> list[tuple[str, str, int, bool]]:
-            touched = conn.execute("SELECT tenant, session_id, count(*) FROM rounds WHERE policy_id=? AND "
-                                   "created_at<? GROUP BY tenant, session_id", (policy_id, before)).fetchall()
-            out = []
-            for tenant, sid, n in touched:
-                conn.execute("DELETE FROM rounds WHERE tenant=? AND session_id=? AND policy_id=? AND created_at<?",
-                             (tenant, sid, policy_id, before))
-                left = conn.execute("SELECT count(*) FROM rounds WHERE tenant=? AND session_id=?",
-                                    (tenant, sid)).fetchone()[0]
-                idle = conn.execute("SELECT count(*) FROM sessions WHERE tenant=? AND session_id=? AND updated_at<?",
-                                    (tenant, sid, before)).fetchone()[0]
-                erased = left == 0 and idle == 1
-                if erased:
-                    conn.execute("DELETE FROM sessions WHERE tenant=? AND session_id=?", (tenant, sid))
-                    conn.execute("DELETE FROM data_keys WHERE tenant=? AND session_id=?", (tenant, sid))
-                write_changes(conn, Current(tenant, sid, None, None), Changes(audit=[{
-                    "event": "purge", "session_id": sid, "policy_id": policy_id,
-                    "detail": {"rounds_deleted": n, "session_erased": erased, "before": before}}]))
-                out.append((tenant, sid, n, erased))
-            return out
         return await self._write(run)
 
     async def checkpoint(self) -> None:

@@ -137,7 +137,7 @@ def test_list_sessions_newest_first_with_round_counts(backend: Any) -> None:
         await svc.commit_round(ACME, "new", record("2"), Bounding())
         await svc.commit_round(ACME, "new", record("3"), Bounding())
         await svc.commit_round(GLOBEX, "theirs", record("4"), Bounding())
-        listed = await svc.list(ACME)
+        listed = await svc.list_sessions(ACME)
         assert [(s.session_id, s.rounds, s.version) for s in listed] == [("new", 2, 2), ("old", 1, 1)]
         assert await store.tenants() == [ACME, GLOBEX]
     backend.run(body)
@@ -284,30 +284,26 @@ def test_a_failing_plan_writes_nothing_while_its_neighbours_commit(backend: Any)
     backend.run(body)
 
 
-def test_purge_deletes_expired_rounds_and_erases_idle_empty_sessions(backend: Any) -> None:
-    """Retention removes the policy's old rounds, erases sessions left empty and idle, and audits each."""
-    def seed(tenant: str, sid: str, updated_at: float, policies: list[str]) -> Any:
-        def plan(cur: Current) -> Changes:
-            ch = raw_rounds(tenant, sid, len(policies))
-            ch.rounds = [dataclasses.replace(r, policy_id=p) for r, p in zip(ch.rounds, policies, strict=True)]
-            ch.session = SessionRow(tenant, sid, 1, len(policies) + 1, b"state", 1.0, updated_at)
-            ch.data_key = DataKeyRow(tenant, sid, b"k" * 16, "mk", b"w" * 61, 1.0)
-            return ch
-        return plan
-
+def test_retention_drops_rounds_and_their_window_messages(backend: Any) -> None:
+    """Dropping expired rounds deletes their rows, takes their text out of the sealed window,
+    erases a session whose rounds all expired while idle, and audits each step."""
     async def body(store: Any) -> None:
-        await store.transact(ACME, "idle", seed(ACME, "idle", 5.0, ["p", "p"]))        # rounds at t=1, 2
-        await store.transact(ACME, "mixed", seed(ACME, "mixed", 5.0, ["p", "q"]))      # q's round stays
-        await store.transact(GLOBEX, "busy", seed(GLOBEX, "busy", 99.0, ["p"]))        # written after the cut
-        touched = await store.purge("p", 10.0)
-        assert sorted(touched) == [(ACME, "idle", 2, True), (ACME, "mixed", 1, False), (GLOBEX, "busy", 1, False)]
+        svc = service(store)
+        for marker in ("old", "new"):
+            await svc.commit_round(ACME, "kept", record(marker), Bounding())
+        await svc.commit_round(ACME, "idle", record("gone"), Bounding())
+        old = [(row.seq, msgs) async for row, msgs in svc.decrypted_rounds(ACME, "kept") if row.seq == 1]
+        assert await svc.drop_rounds(ACME, "kept", old, policy_id="default", erase_if_idle_before=None) == (1, False)
+        assert users(await svc.full_context(ACME, "kept")) == ["user new"]
+        loaded = await svc.load(ACME, "kept")
+        assert loaded is not None and users(loaded.state.context_window) == ["user new"]
+        idle = [(row.seq, msgs) async for row, msgs in svc.decrypted_rounds(ACME, "idle")]
+        future = 1e12
+        assert await svc.drop_rounds(ACME, "idle", idle, policy_id="default", erase_if_idle_before=future) == (1, True)
         assert await store.get_session(ACME, "idle") == (None, None)
-        assert [(r.session_id, r.policy_id) for r in await rounds(store)] == [("mixed", "q")]
-        assert (await store.get_session(GLOBEX, "busy"))[1] is not None
-        events = [audit.entry_fields(r) for r in await chain(store)]
-        assert [(e["event"], e["session_id"]) for e in events] == [("purge", "idle"), ("purge", "mixed")]
+        events = [audit.entry_fields(r)["event"] for r in await chain(store)]
+        assert events[-2:] == ["purge", "purge"]
         assert (await audit.averify_chain(store.iter_audit(ACME), tenant=ACME)).ok
-        assert await store.purge("p", 10.0) == []
     backend.run(body)
 
 

@@ -1,0 +1,151 @@
+"""Erasure is crypto-shredding (issue 4 §3): the session's data key and rows are destroyed.
+
+After ``DELETE /v1/sessions/{id}`` or ``sessiongate sessions erase`` the session is gone (404),
+and the bytes of its data key (wrapped key and key id) and of its sealed records no longer occur
+anywhere in the database files, WAL included. Other sessions, of the same tenant and of other
+tenants, still read; the erasure is in the audit chain.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+
+from gateway import crypto
+from gateway.handlers import SERVICES
+from gateway.keyring import FileKeyProvider, Keyring
+from tests.conftest import ACME_KEY, GLOBEX_KEY, REPO, Gateway
+from tests.test_integrity import chat, get_session
+
+
+def session_bytes(gw: Gateway, tenant: str, session: str) -> list[bytes]:
+    """The data key id, wrapped data key, sealed state and sealed rounds of one session."""
+    with closing(sqlite3.connect(gw.db_path)) as conn:
+        dk_id, wrapped = conn.execute("SELECT dk_id, wrapped FROM data_keys WHERE tenant=? AND session_id=?",
+                                      (tenant, session)).fetchone()
+        (state,) = conn.execute("SELECT state_ct FROM sessions WHERE tenant=? AND session_id=?",
+                                (tenant, session)).fetchone()
+        rounds = [r[0] for r in conn.execute("SELECT ct FROM rounds WHERE tenant=? AND session_id=?",
+                                             (tenant, session))]
+    return [dk_id, wrapped, state, *rounds]
+
+
+def audit_events(gw: Gateway, tenant: str) -> list[str]:
+    with closing(sqlite3.connect(gw.db_path)) as conn:
+        return [bytes(r[0]).decode() for r in conn.execute("SELECT body FROM audit WHERE tenant=? ORDER BY seq",
+                                                           (tenant,))]
+
+
+def delete(gw: Gateway, session: str, key: str = ACME_KEY) -> httpx.Response:
+    return httpx.delete(f"{gw.base_url}/sessions/{session}", headers={"Authorization": f"Bearer {key}"})
+
+
+def cli_at(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m gateway --config CONFIG ARGS...`` in a separate process."""
+    return subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    return cli_at(gw.config_path, *args)
+
+
+def test_delete_endpoint_shreds_the_data_key_from_the_database_files(gateway: Gateway) -> None:
+    """After DELETE the session is 404 and its key and record bytes are gone from gateway.db and
+    its WAL, with no manual checkpoint; a sibling session still reads."""
+    for text in ("one", "two"):
+        chat(gateway, "doomed", text)
+        chat(gateway, "survivor", text)
+    doomed = session_bytes(gateway, "acme", "doomed")
+    assert all(blob in gateway.stored_bytes() for blob in doomed[:2])
+
+    resp = delete(gateway, "doomed")
+    assert resp.status_code == 200 and resp.json() == {"id": "doomed", "deleted": True}
+
+    assert get_session(gateway, "doomed").status_code == 404
+    stored = gateway.stored_bytes()
+    for name, blob in zip(("dk_id", "wrapped", "state", "round 1", "round 2"), doomed, strict=True):
+        assert blob not in stored, f"{name} of the erased session is still on disk"
+    survivor = get_session(gateway, "survivor")
+    assert survivor.status_code == 200
+    assert [m["content"] for m in survivor.json()["full_context"] if m["role"] == "user"] == ["one", "two"]
+    assert any('"erasure"' in body and '"doomed"' in body for body in audit_events(gateway, "acme"))
+
+
+def test_delete_leaves_the_same_id_of_another_tenant_alone(gateway: Gateway) -> None:
+    """Erasing acme's session 'shared' leaves globex's session 'shared' readable."""
+    chat(gateway, "shared", "acme text", ACME_KEY)
+    chat(gateway, "shared", "globex text", GLOBEX_KEY)
+    globex_key_bytes = session_bytes(gateway, "globex", "shared")[:2]
+    assert delete(gateway, "shared", ACME_KEY).status_code == 200
+    assert get_session(gateway, "shared", ACME_KEY).status_code == 404
+    other = get_session(gateway, "shared", GLOBEX_KEY)
+    assert other.status_code == 200
+    assert other.json()["full_context"][0]["content"] == "globex text"
+    assert all(blob in gateway.stored_bytes() for blob in globex_key_bytes)
+
+
+def test_deleting_an_unknown_session_is_404(gateway: Gateway) -> None:
+    """DELETE of a session that does not exist is a 404, and nothing is audited as erased."""
+    resp = delete(gateway, "never-was")
+    assert resp.status_code == 404
+    assert resp.json()["error"]["type"] == "not_found_error"
+    assert not any('"erasure"' in body for body in audit_events(gateway, "acme"))
+
+
+def test_cli_erase_shreds_while_the_gateway_runs(gateway: Gateway) -> None:
+    """`sessiongate sessions erase` beside a running gateway removes the session's key bytes from
+    the files; the gateway then reports it gone and still serves the other session."""
+    chat(gateway, "cli-doomed", "bye")
+    chat(gateway, "cli-survivor", "stay")
+    doomed = session_bytes(gateway, "acme", "cli-doomed")
+
+    done = cli(gateway, "sessions", "erase", "cli-doomed", "--tenant", "acme")
+    assert done.returncode == 0, done.stderr
+    assert "erased acme/cli-doomed" in done.stdout
+
+    assert get_session(gateway, "cli-doomed").status_code == 404
+    stored = gateway.stored_bytes()
+    assert not any(blob in stored for blob in doomed)
+    assert get_session(gateway, "cli-survivor").status_code == 200
+    assert "stay" in chat(gateway, "cli-survivor", "stay")
+
+    again = cli(gateway, "sessions", "erase", "cli-doomed", "--tenant", "acme")
+    assert again.returncode == 2
+    assert "no session 'cli-doomed'" in again.stderr
+
+
+def test_a_session_failing_its_integrity_check_can_still_be_erased(gateway: Gateway) -> None:
+    """Erasure never needs to decrypt: a session whose data key names an unknown master key is
+    a 500 to read but is erased cleanly, and its rows are gone."""
+    chat(gateway, "broken", "hello")
+    with closing(sqlite3.connect(gateway.db_path, isolation_level=None)) as conn:
+        conn.execute("UPDATE data_keys SET kek_id='mk-19990101-dead' WHERE session_id='broken'")
+    assert get_session(gateway, "broken").status_code == 500
+    assert delete(gateway, "broken").status_code == 200
+    assert get_session(gateway, "broken").status_code == 404
+    with closing(sqlite3.connect(gateway.db_path)) as conn:
+        left = [conn.execute(f"SELECT count(*) FROM {t} WHERE session_id='broken'").fetchone()[0]
+                for t in ("data_keys", "sessions", "rounds")]
+    assert left == [0, 0, 0]
+
+
+def test_erase_drops_the_data_key_from_the_gateways_memory(gateway: Gateway) -> None:
+    """After DELETE neither the unwrapped-key cache nor the cipher cache of the running gateway
+    still holds the erased session's data key (white-box: these caches are not public)."""
+    chat(gateway, "cached", "hello")
+    with closing(sqlite3.connect(gateway.db_path)) as conn:
+        kek_id, dk_id, wrapped = conn.execute(
+            "SELECT kek_id, dk_id, wrapped FROM data_keys WHERE session_id='cached'").fetchone()
+    dk = Keyring.from_provider(FileKeyProvider(gateway.dir / "master-keys.json")).unwrap(kek_id, dk_id, wrapped)
+    live_keyring = gateway.app[SERVICES].sessions.keyring
+    assert crypto._ciphers.get(dk.key) is not None
+    assert live_keyring._data_keys.get((kek_id, dk_id, wrapped)) == dk
+    assert delete(gateway, "cached").status_code == 200
+    assert crypto._ciphers.get(dk.key) is None
+    assert live_keyring._data_keys.get((kek_id, dk_id, wrapped)) is None

@@ -1,0 +1,279 @@
+"""Master-key management over a live store (issue 4 §2): rotate, follow, re-wrap, retire.
+
+``sessiongate keys rotate`` runs as a separate process beside a real gateway under concurrent
+load: no request may fail, every data key ends up wrapped by the new primary (the CLI re-wraps,
+the running gateway follows the key file and re-wraps what it wrapped meanwhile), and after a
+restart records written before and after the rotation read. ``keys retire`` refuses while a data
+key still depends on the key, succeeds once none does, and a data key still wrapped by a retired
+key is an integrity error for its session alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+
+from gateway import keyring as kr
+from gateway.app import build_app
+from gateway.keys import rewrap_all
+from gateway.sessions import Bounding, RoundRecord, SessionService
+from gateway.settings import load_settings
+from gateway.store.sqlite import SQLiteStore
+from tests.conftest import REPO, Gateway, Upstream, _Server, write_config
+from tests.test_erasure import cli, cli_at
+from tests.test_integrity import assert_integrity_response, chat, get_session, integrity_log_lines
+
+SESSIONS = 20
+MAX_ROUNDS = 30  # per session: at most 600 requests in all (about 250 in practice)
+PACE = 0.1  # seconds between one client's rounds, so the load spans the rotation
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def kek_ids(db_path: Path) -> dict[str, str]:
+    with closing(sqlite3.connect(db_path)) as conn:
+        return dict(conn.execute("SELECT session_id, kek_id FROM data_keys").fetchall())
+
+
+def key_states(key_file: Path) -> dict[str, str]:
+    return {key["id"]: key["state"] for key in json.loads(key_file.read_text())["keys"]}
+
+
+def primary(key_file: Path) -> str:
+    (key_id,) = [k for k, state in key_states(key_file).items() if state == "primary"]
+    return key_id
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.05)
+
+
+@contextmanager
+def serving(directory: Path, upstream: Upstream) -> Iterator[Gateway]:
+    """A gateway on the files in *directory* (config written on first use), stopped on exit."""
+    config = directory / "sessiongate.yaml"
+    if not config.exists():
+        shutil.copytree(REPO / "policies", directory / "policies")
+        write_config(directory, upstream.url, directory / "policies")
+    app = build_app(load_settings(config))
+    server = _Server(app)
+    try:
+        yield Gateway(f"http://127.0.0.1:{server.port}", directory, config, directory / "gateway.db",
+                      directory / "gateway.log", app)
+    finally:
+        server.stop()
+
+
+def user_texts(gw: Gateway, session: str) -> list[str]:
+    resp = get_session(gw, session)
+    assert resp.status_code == 200, resp.text
+    return [m["content"] for m in resp.json()["full_context"] if m["role"] == "user"]
+
+
+# --- rotation -----------------------------------------------------------------------------------
+
+def test_rotation_under_concurrent_load_fails_no_request(tmp_path: Path, upstream: Upstream) -> None:
+    """`keys rotate` in another process while 20 clients chat: zero failed requests, every data
+    key ends under the new primary, and after a restart rounds from before and after all read."""
+    directory = tmp_path / "gw"
+    directory.mkdir()
+    failures: list[str] = []
+    done = [0] * SESSIONS
+    warm, rotated = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    total = [0]
+
+    def client(gw: Gateway, i: int) -> None:
+        sdk, extra = gw.openai(session=f"load-{i}"), 0
+        while done[i] < MAX_ROUNDS:
+            try:
+                sdk.chat.completions.create(model="standin", messages=[{"role": "user", "content": f"round {done[i]}"}])
+            except Exception as exc:  # noqa: BLE001 - every failure is collected and asserted on
+                failures.append(f"load-{i} round {done[i]}: {exc!r}")
+            done[i] += 1
+            with lock:
+                total[0] += 1
+                if total[0] >= 2 * SESSIONS:
+                    warm.set()
+            if rotated.is_set():
+                extra += 1
+                if extra >= 2:
+                    return
+            time.sleep(PACE)
+
+    with serving(directory, upstream) as gw:
+        key_file = directory / "master-keys.json"
+        old = primary(key_file)
+        with ThreadPoolExecutor(SESSIONS) as pool:
+            clients = [pool.submit(client, gw, i) for i in range(SESSIONS)]
+            assert warm.wait(60)
+            before = sum(done)
+            result = cli(gw, "keys", "rotate")
+            during = sum(done)
+            assert result.returncode == 0, result.stderr
+            new = primary(key_file)
+            assert new != old and f"new primary master key {new}" in result.stdout
+            after_sessions = [f"after-{k}" for k in range(3)]
+            for sid in after_sessions:  # new sessions while the gateway may not know the key yet
+                chat(gw, sid, "after the rotation")
+            wait_until(lambda: set(kek_ids(gw.db_path).values()) == {new},
+                       "every data key wrapped by the new primary")
+            rotated.set()
+            for future in clients:
+                future.result()
+        assert failures == []
+        assert before >= 2 * SESSIONS and during > before  # requests were served while the CLI ran
+        assert key_states(key_file) == {old: "active", new: "primary"}
+        assert len(kek_ids(gw.db_path)) == SESSIONS + len(after_sessions)
+
+    with serving(directory, upstream) as again:  # a restart: a fresh keyring from the key file
+        for i in range(SESSIONS):
+            assert user_texts(again, f"load-{i}") == [f"round {n}" for n in range(done[i])]
+        for sid in after_sessions:
+            assert user_texts(again, sid) == ["after the rotation"]
+        chat(again, "load-0", "after the restart")
+        assert user_texts(again, "load-0")[-1] == "after the restart"
+        listing = cli(again, "keys", "list")
+        assert listing.returncode == 0, listing.stderr
+        lines = {line.split("\t")[0]: line for line in listing.stdout.splitlines()}
+        assert "active" in lines[old] and "wraps 0 data keys" in lines[old]
+        assert "primary" in lines[new] and f"wraps {SESSIONS + 3} data keys" in lines[new]
+
+
+def test_running_gateway_rewraps_after_the_key_file_rotates(make_gateway: Callable[..., Gateway]) -> None:
+    """A rotation written to the key file by anyone is picked up by the gateway, which re-wraps
+    every data key itself and audits the rotation."""
+    gw = make_gateway()
+    for sid in ("a", "b", "c"):
+        chat(gw, sid, f"hello {sid}")
+    provider = kr.FileKeyProvider(gw.dir / "master-keys.json")
+    old = primary(provider.path)
+    new = kr.rotate(provider).id
+    assert set(kek_ids(gw.db_path).values()) == {old}
+    wait_until(lambda: set(kek_ids(gw.db_path).values()) == {new}, "the gateway re-wrapped its data keys")
+    assert [user_texts(gw, sid) for sid in ("a", "b", "c")] == [["hello a"], ["hello b"], ["hello c"]]
+    chat(gw, "d", "new session")
+    assert kek_ids(gw.db_path)["d"] == new
+    with closing(sqlite3.connect(gw.db_path)) as conn:
+        bodies = [bytes(r[0]).decode() for r in conn.execute("SELECT body FROM audit WHERE tenant='_system'")]
+    assert any('"key_rotation"' in body and new in body for body in bodies)
+
+
+def test_session_created_between_a_foreign_rewrap_and_the_reload_is_rewrapped(
+        make_gateway: Callable[..., Gateway]) -> None:
+    """Another process rotates and re-wraps; the gateway wraps a new session with the old key
+    before it reloads, then reloads on reading a re-wrapped key: that session is re-wrapped too."""
+    gw = make_gateway()
+    chat(gw, "x", "before")
+    provider = kr.FileKeyProvider(gw.dir / "master-keys.json")
+    old = primary(provider.path)
+    new = kr.rotate(provider).id
+    assert rewrap(gw.dir) == 1  # what `keys rotate` does in its own process
+    chat(gw, "y", "new session")  # wrapped with whatever key the gateway holds now
+    chat(gw, "x", "after")  # x's key names the new primary: the gateway reloads its keyring
+    assert kek_ids(gw.db_path)["x"] == new
+    wait_until(lambda: set(kek_ids(gw.db_path).values()) == {new}, f"y re-wrapped from {old} to {new}")
+    assert user_texts(gw, "y") == ["new session"]
+
+
+# --- retire -------------------------------------------------------------------------------------
+
+def record(directory: Path, sessions: list[str]) -> None:
+    """Record one round per session straight through a SessionService on *directory*'s files."""
+    async def run() -> None:
+        store = SQLiteStore(directory / "gateway.db")
+        await store.open()
+        try:
+            svc = SessionService(store, kr.Keyring.from_provider(kr.FileKeyProvider(directory / "master-keys.json")))
+            for sid in sessions:
+                rec = RoundRecord(f"req-{sid}", "default", "", "completed", f"hi {sid}", f"hello {sid}",
+                                  {"event": "round", "request_id": f"req-{sid}", "session_id": sid})
+                await svc.commit_round("acme", sid, rec, Bounding())
+        finally:
+            await store.close()
+    asyncio.run(run())
+
+
+def rewrap(directory: Path) -> int:
+    async def run() -> int:
+        store = SQLiteStore(directory / "gateway.db")
+        await store.open()
+        try:
+            svc = SessionService(store, kr.Keyring.from_provider(kr.FileKeyProvider(directory / "master-keys.json")))
+            return (await rewrap_all(svc)).rewrapped
+        finally:
+            await store.close()
+    return asyncio.run(run())
+
+
+def test_retire_refuses_while_data_keys_depend_on_it(make_gateway: Callable[..., Gateway], tmp_path: Path,
+                                                     upstream: Upstream) -> None:
+    """`keys retire` exits 2 naming the count while the old key wraps data keys, works after the
+    re-wrap, and a data key still wrapped by the retired key is an integrity error for its session."""
+    directory = tmp_path / "gw"
+    directory.mkdir()
+    shutil.copytree(REPO / "policies", directory / "policies")
+    config = write_config(directory, upstream.url, directory / "policies")
+    generated = cli_at(config, "keys", "generate")
+    assert generated.returncode == 0, generated.stderr
+    assert cli_at(config, "keys", "generate").returncode == 2  # never overwrites a keyring
+    record(directory, ["a", "b"])
+    provider = kr.FileKeyProvider(directory / "master-keys.json")
+    old = primary(provider.path)
+    new = kr.rotate(provider).id  # a new primary, nothing re-wrapped yet
+
+    refused = cli_at(config, "keys", "retire", old)
+    assert refused.returncode == 2
+    assert "still wraps 2 data key(s)" in refused.stderr and old in refused.stderr
+    assert cli_at(config, "keys", "retire", new).returncode == 2  # the primary cannot be retired
+    assert key_states(provider.path) == {old: "active", new: "primary"}
+
+    with closing(sqlite3.connect(directory / "gateway.db")) as conn:
+        stale = conn.execute("SELECT kek_id, wrapped FROM data_keys WHERE session_id='a'").fetchone()
+    assert rewrap(directory) == 2
+    too_soon = cli_at(config, "keys", "retire", old)  # gateways may not have followed the rotation yet
+    assert too_soon.returncode == 2 and "retry in" in too_soon.stderr
+    retired = cli_at(config, "keys", "retire", old, "--force")
+    assert retired.returncode == 0, retired.stderr
+    assert key_states(provider.path) == {old: "retired", new: "primary"}
+
+    with closing(sqlite3.connect(directory / "gateway.db", isolation_level=None)) as conn:
+        conn.execute("UPDATE data_keys SET kek_id=?, wrapped=? WHERE session_id='a'", stale)
+    gw = make_gateway(name="gw")
+    assert_integrity_response(get_session(gw, "a"))
+    assert user_texts(gw, "b") == ["hi b"]
+    (line,) = integrity_log_lines(gw)
+    assert "retired" in line["detail"] and old in line["detail"]
+
+
+def test_retire_of_an_unknown_key_names_it(gateway: Gateway) -> None:
+    """Retiring an id that is not in the keyring exits 2 and says so; the key file is unchanged."""
+    before = (gateway.dir / "master-keys.json").read_bytes()
+    result = cli(gateway, "keys", "retire", "mk-19990101-beef")
+    assert result.returncode == 2
+    assert "no master key 'mk-19990101-beef'" in result.stderr
+    assert (gateway.dir / "master-keys.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("action", ["list", "rotate"])
+def test_keys_commands_never_print_key_bytes(gateway: Gateway, action: str) -> None:
+    """`keys list` and `keys rotate` name the primary key but never print a master key's bytes."""
+    chat(gateway, "s", "hello")
+    result = cli(gateway, "keys", action)
+    assert result.returncode == 0, result.stderr
+    assert primary(gateway.dir / "master-keys.json") in result.stdout
+    keys = json.loads((gateway.dir / "master-keys.json").read_text())["keys"]
+    assert not any(key["key"] in result.stdout + result.stderr for key in keys)

@@ -1,0 +1,147 @@
+"""``sessiongate policy check`` and ``policy explain`` run as real processes (``python -m gateway``) on
+edited copies of the example policies: each broken edit is reported as ``file:line:column: error:
+field: message`` with exit code 1, a valid folder exits 0, and warnings never fail the check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.policy import load_policy_set
+from tests.conftest import REPO, write_config
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+
+
+def edited_policies(tmp_path: Path, name: str, old: str, new: str) -> Path:
+    """A copy of ``policies/`` in which *old* is replaced by *new* in file *name*."""
+    folder = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", folder)
+    path = folder / name
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {name}"
+    path.write_text(text.replace(old, new, 1))
+    return folder
+
+
+def line_of(path: Path, fragment: str) -> int:
+    """The 1-based number of the first line of *path* containing *fragment*."""
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if fragment in line)
+
+
+def test_the_example_folder_checks_clean() -> None:
+    """The shipped policies pass with exit code 0 and no findings."""
+    done = cli("policy", "check", str(REPO / "policies"))
+    assert (done.returncode, done.stdout) == (0, "")
+    assert "0 error(s), 0 warning(s)" in done.stderr
+
+
+def test_without_paths_the_configured_folder_is_checked(tmp_path: Path) -> None:
+    """With only --config, the policies folder the configuration names is checked."""
+    folder = edited_policies(tmp_path, "default.yaml", "priority: 0", "priority: zero")
+    config = write_config(tmp_path, None, folder)
+    done = cli("--config", str(config), "policy", "check")
+    assert done.returncode == 1
+    assert done.stdout.startswith(f"{folder / 'default.yaml'}:{line_of(folder / 'default.yaml', 'priority')}:")
+
+
+BROKEN = [
+    pytest.param("compliance-minimal.yaml", '"input.intent"]', '"input.intent"', "reply_keys:", 3,
+                 ": invalid YAML: while parsing a flow sequence expected ',' or ']'", id="bad-yaml"),
+    pytest.param("default.yaml", "max_length: 12000", "max_lenght: 12000", "max_lenght", 15,
+                 ": session.max_lenght: unknown field 'max_lenght'; did you mean 'max_length'?", id="unknown-field"),
+    pytest.param("multi-user-chat.yaml", "rounds: 8", 'rounds: "8"', "rounds:", 43,
+                 ": session.bounding.rounds: Input should be a valid integer, got a string", id="wrong-type"),
+]
+
+
+@pytest.mark.parametrize(("name", "old", "new", "at", "column", "message"), BROKEN)
+def test_a_broken_file_is_reported_at_its_line_and_fails(tmp_path: Path, name: str, old: str, new: str,
+                                                         at: str, column: int, message: str) -> None:
+    """The one error of the edited file is printed at its file, line and column, and the exit code is 1."""
+    folder = edited_policies(tmp_path, name, old, new)
+    path = folder / name
+    done = cli("policy", "check", str(folder))
+    assert done.returncode == 1
+    errors = [line for line in done.stdout.splitlines() if ": error: " in line]
+    assert len(errors) == 1, done.stdout
+    assert errors[0].startswith(f"{path}:{line_of(path, at)}:{column}: error")
+    assert message in errors[0]
+    assert "1 error(s)" in done.stderr
+
+
+def test_unimportable_hook_names_the_module(tmp_path: Path) -> None:
+    """A hook module that cannot be imported is named in the message, and an importable one passes."""
+    text = ("id: hooked\npriority: 3\nmatch: {session_ids: ['fold:*']}\nsession:\n  input_keys: null\n"
+            "  reply_keys: null\n  bounding:\n    strategy: hook\n    analysis: MODULE:analysis\n"
+            "    execution: {fold: 'tests.session.fold_hook:fold'}\n")
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(text.replace("MODULE", "tests.session.fold_hook"))
+    bad.write_text(text.replace("MODULE", "no_such_hooks"))
+    assert cli("policy", "check", str(good)).returncode == 0
+    done = cli("policy", "check", str(bad))
+    assert done.returncode == 1
+    assert done.stdout.startswith(f"{bad}:9:15: error: session.bounding.analysis: cannot import module "
+                                  "'no_such_hooks'")
+
+
+def test_same_priority_overlap_is_reported_at_the_later_file(tmp_path: Path) -> None:
+    """Two example policies moved to one priority that can match one request fail at the priority line."""
+    folder = edited_policies(tmp_path, "multi-user-chat.yaml", "priority: 5", "priority: 10")
+    path = folder / "multi-user-chat.yaml"
+    done = cli("policy", "check", str(folder))
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        f"{path}:{line_of(path, 'priority:')}:11: error: priority: policy 'multi-user-chat' and 'long-conversation' "
+        "(long-conversation.yaml) both have priority 10 and can match the same request; give one of them another "
+        "priority or make their match sets disjoint"]
+
+
+def test_keys_that_can_never_match_are_printed_as_warnings(tmp_path: Path) -> None:
+    """A reply key on the request and a redaction of an unrecorded key are warnings; the check still passes."""
+    folder = edited_policies(tmp_path, "compliance-minimal.yaml", 'reply_keys: ["resolution", "risk_level"]',
+                             'reply_keys: ["resolution", "risk_level", ".request.model"]')
+    path = folder / "compliance-minimal.yaml"
+    text = path.read_text().replace('{key: "resolution", action: mask}', '{key: "resolutoin", action: mask}')
+    path.write_text(text)
+    done = cli("policy", "check", str(folder))
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.splitlines() == [
+        f"{path}:{line_of(path, 'reply_keys')}:44: warning: session.reply_keys[2]: key '.request.model' addresses "
+        "the request, not the reply: it can never match",
+        f"{path}:{line_of(path, 'resolutoin')}:13: warning: export.redact[1].key: key 'resolutoin' is not among "
+        "session.input_keys or session.reply_keys: this rule can never match"]
+    assert "0 error(s), 2 warning(s)" in done.stderr
+
+
+def test_a_missing_path_fails() -> None:
+    """Checking a path that does not exist is an error, not an empty success."""
+    done = cli("policy", "check", str(REPO / "no-such-policies"))
+    assert done.returncode == 1 and "no such file or folder" in done.stdout
+
+
+def test_explain_shows_what_the_compliance_policy_would_record(tmp_path: Path) -> None:
+    """policy explain names the chosen policy with its hash and prints exactly the keyed blocks it would record."""
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": json.dumps(
+        {"ticket_id": "T-1001", "intent": "refund", "raw_text": "PII here"})}]}))
+    reply = tmp_path / "reply.json"
+    reply.write_text(json.dumps({"resolution": "refund approved", "risk_level": "low", "notes": "PII"}))
+    done = cli("--config", str(write_config(tmp_path, None, REPO / "policies")), "policy", "explain",
+               "--request", str(request), "--reply", str(reply), "--tenant", "acme", "--session", "support:T-1001")
+    assert done.returncode == 0, done.stderr
+    report = yaml.safe_load(done.stdout)
+    policy = load_policy_set(REPO / "policies").get("support-tickets")
+    assert policy is not None
+    assert (report["policy"]["id"], report["policy"]["version_hash"]) == (policy.id, policy.version_hash)
+    assert report["recorded"]["user"] == "[input.ticket_id]:\nT-1001\n[input.intent]:\nrefund"
+    assert report["recorded"]["assistant"] == "[resolution]:\nrefund approved\n[risk_level]:\nlow"
