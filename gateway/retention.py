@@ -4,9 +4,11 @@
 before its cut-off, deletes them and takes their messages out of the session's sealed context
 window in one transaction per session (each an audit entry), then folds the write-ahead log so
 the deleted bytes leave the disk. A session whose rounds all expired and that is idle since the
-cut-off is erased whole, its data key included. Text the memo may have absorbed from expired
-rounds (a summary) stays in the memo: the memo is not traceable to rounds. ``RetentionTask`` runs it periodically in a
-gateway; ``sessiongate purge`` runs it once.
+cut-off is erased whole, its data key included. Rounds whose policy id is no longer in the set
+(a removed policy, imported rounds) follow the catch-all policy's retention. Text that a memo
+absorbed from expired rounds (a summary) stays in the memo: a memo is not traceable to rounds.
+
+``RetentionTask`` runs it periodically in a gateway; ``sessiongate purge`` runs it once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from gateway.sessions import SessionService
 
 log = structlog.get_logger("gateway.retention")
 DAY = 86400.0
+FALLBACK = "*"
+"""Where rounds go whose policy id is not in the current set (removed policies, imports): the
+catch-all policy's retention applies to them."""
 
 
 async def purge_expired(sessions: SessionService, policies: PolicySet, *,
@@ -37,12 +42,15 @@ async def purge_expired(sessions: SessionService, policies: PolicySet, *,
     now = time.time() if now is None else now
     store = sessions.store
     cutoffs = {p.id: now - p.retention.days * DAY for p in policies if p.retention.days is not None}
+    fallback = policies.policies[-1]  # the catch-all: rounds of ids no longer in the set, imported ones
+    if fallback.retention.days is not None:
+        cutoffs[FALLBACK] = now - fallback.retention.days * DAY
     rounds = erased = 0
     if not cutoffs:
         return {"rounds": 0, "sessions": 0}
     for tenant in await store.tenants():
         counts = {s.session_id: s.rounds for s in await store.list_sessions(tenant)}
-        async for session_id, expired, policy_ids in _expired(sessions, tenant, cutoffs):
+        async for session_id, expired, policy_ids in _expired(sessions, tenant, cutoffs, {p.id for p in policies}):
             whole = counts.get(session_id) == len(expired)
             n, gone = await sessions.drop_rounds(
                 tenant, session_id, expired, policy_id=",".join(sorted(policy_ids)),
@@ -55,14 +63,15 @@ async def purge_expired(sessions: SessionService, policies: PolicySet, *,
     return {"rounds": rounds, "sessions": erased}
 
 
-async def _expired(sessions: SessionService, tenant: str, cutoffs: dict[str, float],
+async def _expired(sessions: SessionService, tenant: str, cutoffs: dict[str, float], known: set[str],
                    ) -> AsyncIterator[tuple[str, list[tuple[int, list[Message]]], set[str]]]:
     """Per session: its expired rounds as (seq, messages) and the policy ids that recorded them."""
     current = ""
     batch: list[tuple[int, list[Message]]] = []
     policy_ids: set[str] = set()
     async for row, messages in sessions.decrypted_rounds(tenant, until=max(cutoffs.values())):
-        cutoff = cutoffs.get(row.policy_id)
+        policy_id = row.policy_id if row.policy_id in known else FALLBACK
+        cutoff = cutoffs.get(policy_id)
         if cutoff is None or row.created_at >= cutoff:
             continue
         if row.session_id != current:
@@ -70,7 +79,7 @@ async def _expired(sessions: SessionService, tenant: str, cutoffs: dict[str, flo
                 yield current, batch, policy_ids
             current, batch, policy_ids = row.session_id, [], set()
         batch.append((row.seq, messages))
-        policy_ids.add(row.policy_id)
+        policy_ids.add(policy_id)
     if batch:
         yield current, batch, policy_ids
 

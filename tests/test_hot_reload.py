@@ -201,3 +201,50 @@ def test_reload_under_load_loses_no_request(make_gateway: Callable[..., Gateway]
         conn.close()
     reloads = [entry["detail"] for entry in audited if entry["event"] == "policy_reload"]
     assert reloads == [dict([v1]), dict([v2])]
+
+
+def wait_for_reload(gateway: Gateway, count: int, seconds: float = 10.0) -> dict[str, Any]:
+    """The *count*-th ``policy_reloaded`` log line, waiting for it to be written."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = log_events(gateway, "policy_reloaded")
+        if len(found) >= count:
+            return found[count - 1]
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} policy reloads within {seconds} s")
+
+
+def test_added_and_removed_policy_files_apply_to_streamed_rounds(make_gateway: Callable[..., Gateway],
+                                                                upstream: Upstream, tmp_path: Path) -> None:
+    """A policy file dropped into the running gateway's folder takes over its sessions; once the file is deleted
+    they go back to the catch-all, and each streamed round names the policy that recorded it."""
+    folder = tmp_path / "live-policies"
+    folder.mkdir()
+    (folder / "default.yaml").write_text(V0)
+    vip_text = ("id: vip\npriority: 10\nmatch: {session_ids: ['vip:*']}\n"
+                "session: {input_keys: [input.n], reply_keys: []}\n")
+    gateway = make_gateway(folder)
+    client = gateway.openai(session="vip:1")
+
+    def turn(n: int) -> None:
+        chunks = client.chat.completions.create(model="standin", stream=True, messages=[
+            {"role": "user", "content": json.dumps({"n": n, "secret": f"s-{n}"})}])
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    turn(1)
+    write_atomically(folder / "vip.yaml", vip_text)
+    assert set(wait_for_reload(gateway, 1)["policies"]) == {"catch-all", "vip"}
+    turn(2)
+    (folder / "vip.yaml").unlink()
+    assert set(wait_for_reload(gateway, 2)["policies"]) == {"catch-all"}
+    turn(3)
+    conn = sqlite3.connect(f"file:{gateway.db_path}?mode=ro", uri=True)
+    try:
+        stored = conn.execute("SELECT policy_id, policy_hash FROM rounds ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    assert stored == [version(V0), version(vip_text), version(V0)]
+    doc = httpx.get(f"{gateway.base_url}/sessions/vip:1", headers={"Authorization": f"Bearer {ACME_KEY}"}).json()
+    users = [m["content"] for m in doc["full_context"] if m["role"] == "user"]
+    assert users[1] == "[input.n]:\n2" and json.loads(users[2])["n"] == 3
+    assert len(doc["full_context"]) == 5  # the vip round recorded no assistant message
