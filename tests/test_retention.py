@@ -22,7 +22,7 @@ from gateway.policy import load_policy_set
 from gateway.retention import DAY, purge_expired
 from gateway.sessions import SessionService
 from gateway.store.sqlite import SQLiteStore
-from tests.conftest import REPO, Gateway, Upstream
+from tests.conftest import ACME_KEY, REPO, Gateway, Upstream
 from tests.test_erasure import audit_events, cli, session_bytes
 from tests.test_integrity import chat, get_session
 
@@ -147,3 +147,15 @@ def test_expired_round_leaves_the_injected_context_window(gateway: Gateway, upst
     window = get_session(gateway, "window").json()["context_window"]
     injected = upstream.requests[-1]["messages"]
     assert not any("expired text" in m["content"] for m in window + injected)
+
+
+def test_imported_rounds_follow_the_catch_all_retention(gateway: Gateway) -> None:
+    """Rounds with no policy of their own in the set (an import) expire with the catch-all policy."""
+    doc = {"full_context": [{"role": "user", "content": "imported text"}, {"role": "assistant", "content": "ok"}]}
+    assert httpx.put(f"{gateway.base_url}/sessions/handed-over", json=doc,
+                     headers={"Authorization": f"Bearer {ACME_KEY}"}).status_code == 200
+    age(gateway, "handed-over", 89)
+    assert "purged 0 expired rounds" in cli(gateway, "purge").stdout
+    age(gateway, "handed-over", 2)
+    assert "purged 1 expired rounds; erased 1 sessions" in cli(gateway, "purge").stdout
+    assert get_session(gateway, "handed-over").status_code == 404
