@@ -17,6 +17,8 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
+import httpx
+
 from gateway.keyring import FileKeyProvider, Keyring
 from gateway.policy import load_policy_set
 from gateway.retention import DAY, purge_expired
