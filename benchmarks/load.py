@@ -3,7 +3,12 @@
 :func:`run_cell` runs one measurement cell: ``concurrency`` workers share one keep-alive
 ``aiohttp.ClientSession`` and send ``POST <base_url>/chat/completions`` back to back until
 ``requests`` have been sent or ``time_cap`` seconds have passed (requests in flight then
-finish). Worker ``w`` sends ``Authorization: Bearer <api_key>`` and ``X-Session-Id:
+finish). Given several base URLs (replicas of one service), request ``n`` goes to URL
+``n mod len(urls)`` (``n`` counts the cell's requests): round-robin per request, so the
+rounds of one session are spread over the replicas too, as behind a load balancer without
+session affinity.
+
+Worker ``w`` sends ``Authorization: Bearer <api_key>`` and ``X-Session-Id:
 <session_prefix>-<w>``, so every worker holds one conversation that grows by one round per
 request. A request counts as ok when it answers 200 and, streamed, its body ends with
 ``data: [DONE]``; anything else (status, broken stream, timeout) counts as an error.
@@ -12,6 +17,7 @@ Latency is from just before the request is sent to the last body byte; TTFB (str
 the first body chunk.
 
     python -m benchmarks.load --url http://127.0.0.1:9100/v1 --concurrency 16 --requests 1000 --stream
+    python -m benchmarks.load --url http://127.0.0.1:9101/v1 --url http://127.0.0.1:9102/v1
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -112,11 +118,15 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
             result.ttfb.append(first_at - started)
 
 
-async def run_cell(base_url: str, *, stream: bool, concurrency: int, requests: int, time_cap: float,
-                   api_key: str = "sg-demo-acme", session_prefix: str = "bench",
+async def run_cell(base_url: str | Sequence[str], *, stream: bool, concurrency: int, requests: int,
+                   time_cap: float, api_key: str = "sg-demo-acme", session_prefix: str = "bench",
                    model: str = "standin") -> CellResult:
-    """Run one cell against ``base_url`` (ending in ``/v1``) and return what it measured."""
-    url = base_url.rstrip("/") + "/chat/completions"
+    """Run one cell against ``base_url`` (ending in ``/v1``), or round-robin over several, and
+    return what it measured. Raises ``ValueError`` for an empty list of URLs."""
+    bases = [base_url] if isinstance(base_url, str) else list(base_url)
+    if not bases:
+        raise ValueError("run_cell needs at least one base URL")
+    urls = [base.rstrip("/") + "/chat/completions" for base in bases]
     result = CellResult(requested=requests)
     numbers = itertools.count()
     connector = aiohttp.TCPConnector(limit=0)
@@ -130,7 +140,8 @@ async def run_cell(base_url: str, *, stream: bool, concurrency: int, requests: i
                 n = next(numbers)
                 if n >= requests:
                     return
-                await _one(session, url, request_body(n, stream, model), headers, stream, result)
+                await _one(session, urls[n % len(urls)], request_body(n, stream, model), headers, stream,
+                           result)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -153,7 +164,8 @@ def _ms(seconds: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Send chat completions and print throughput and latency.")
-    parser.add_argument("--url", required=True, help="base URL ending in /v1")
+    parser.add_argument("--url", required=True, action="append",
+                        help="base URL ending in /v1; repeat it to spread requests round-robin")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--time-cap", type=float, default=30.0, help="seconds")

@@ -1,16 +1,24 @@
-"""Benchmark driver: direct-to-upstream vs a bare pass-through vs the gateway, in one run.
+"""Benchmark driver: direct-to-upstream vs a bare pass-through vs the gateway (on SQLite, on
+PostgreSQL, and as two replicas sharing PostgreSQL), in one run.
 
 Starts, as separate processes on free loopback ports, the stand-in model (``python -m
-gateway.standin``) and every proxy target asked for (``--targets``), waits until each is ready
-(``/healthz`` for the gateway, a TCP connect otherwise), warms each target up, then runs every
-cell — streaming and not, at each concurrency, for each target — with ``load.run_cell`` and
-prints a Markdown table (see ``benchmarks/README.md`` for the columns). The proxy's CPU time
-per request comes from ``utime + stime`` in ``/proc/<pid>/stat`` around each cell.
+gateway.standin``) and every proxy process of the targets asked for (``--targets``; a target may
+run several replicas, started one after the other), waits until each is ready (``/healthz`` for
+the gateway, a TCP connect otherwise), warms each target up, then runs every cell — streaming
+and not, at each concurrency, for each target — with ``load.run_cell`` (requests round-robin
+over a target's replicas) and prints a Markdown table (see ``benchmarks/README.md`` for the
+columns). A target's CPU time per request is the sum of ``utime + stime`` in
+``/proc/<pid>/stat`` of its processes around each cell; for PostgreSQL targets the same is
+measured for the server's processes when the server runs on this host.
+
+PostgreSQL targets use the server at ``--pg-dsn``, one fresh schema ``sg_bench_<hex>`` per target,
+dropped at the end. When the server cannot be reached they are skipped, with the reason printed
+and noted under the report's header line; that is not an error.
 
 Every process it starts is ended by its PID on exit, Ctrl-C and SIGTERM included.
 
-To add a target (say the gateway on PostgreSQL), append a :class:`Target` to :data:`TARGETS`;
-``gateway_target(name, patch)`` deep-merges ``patch`` into the gateway's generated config.
+To add a target, append a :class:`Target` to :data:`TARGETS`; ``gateway_target(name, patch)``
+deep-merges ``patch`` into the gateway's generated config.
 
     .venv/bin/python -m benchmarks.run [--quick] [--requests N] [--targets direct,passthrough,gateway]
 """
@@ -18,9 +26,11 @@ To add a target (say the gateway on PostgreSQL), append a :class:`Target` to :da
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import platform
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,47 +39,123 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import yaml
 
 from benchmarks.load import CellResult, run_cell, run_sync
+from gateway.store.postgres import describe_dsn
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "config" / "sessiongate.yaml"
 CLIENT_KEY = "sg-demo-acme"
 READY_TIMEOUT = 60.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+DSN_ENV = "SESSIONGATE_BENCH_DSN"  # the gateways read the DSN from here (store.dsn_env)
+PG_TIMEOUT = 5.0
+
+
+class BenchDatabase:
+    """The PostgreSQL server of the PostgreSQL targets: one fresh schema per target.
+
+    Every method opens its own short connection. :meth:`unreachable` returns why the server
+    cannot be used (None when it can); :meth:`drop_schemas` drops every schema handed out.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.schemas: dict[str, str] = {}
+
+    def _run(self, query: str) -> list[asyncpg.Record]:
+        async def go() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(self.dsn, timeout=PG_TIMEOUT)
+            try:
+                return await conn.fetch(query, timeout=PG_TIMEOUT)
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    def unreachable(self) -> str | None:
+        try:
+            self._run("SELECT 1")
+        except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return f"{type(exc).__name__}: {exc}"  # TimeoutError is an OSError; a bad DSN a ValueError
+        return None
+
+    def schema(self, target: str) -> str:
+        """The target's schema name, made up on first use (the gateway creates the schema)."""
+        return self.schemas.setdefault(target, f"sg_bench_{secrets.token_hex(4)}")
+
+    def drop_schemas(self) -> None:
+        """Drop the schemas handed out; one that cannot be dropped is named on stderr."""
+        for schema in self.schemas.values():
+            try:
+                self._run(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                print(f"could not drop schema {schema}: {exc}", file=sys.stderr)
+
+    def server_pids(self) -> list[int]:
+        """The server's processes (postmaster, backends, WAL writer...) when it runs on this host.
+
+        Empty when it runs elsewhere or ``/proc`` cannot tell.
+        """
+        rows = self._run("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
+        pids = {row["pid"] for row in rows if _is_postgres(row["pid"])}
+        parents = {_parent(pid) for pid in pids}
+        return sorted(pids | {pid for pid in parents if pid is not None and _is_postgres(pid)})
+
+
+def _is_postgres(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip().startswith("postgres")
+    except OSError:
+        return False
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(_stat(pid)[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @dataclass
 class Env:
-    """What a target's launcher needs: the scratch folder, the upstream and the CLI options."""
+    """What a target's launcher needs: the scratch folder, the upstream, the CLI options and
+    the PostgreSQL server (None when no PostgreSQL target runs)."""
 
     tmp: Path
     upstream_url: str
     args: argparse.Namespace
+    db: BenchDatabase | None = None
 
 
 @dataclass(frozen=True)
 class Launch:
-    """How to start a proxy process and how to tell it is ready."""
+    """How to start a proxy process, with which extra environment, and how to tell it is ready."""
 
     argv: list[str]
     health_path: str | None = None  # None: ready when the port accepts a TCP connection
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Target:
-    """One row group of the table. ``launch`` is None for the upstream itself (direct)."""
+    """One row group of the table. ``launch`` is None for the upstream itself (direct); it is
+    called as ``launch(env, port, replica)`` for each of the ``replicas`` processes."""
 
     name: str
-    launch: Callable[[Env, int], Launch] | None
+    launch: Callable[[Env, int, int], Launch] | None
+    replicas: int = 1
+    postgres: bool = False
 
 
-def passthrough_launch(env: Env, port: int) -> Launch:
+def passthrough_launch(env: Env, port: int, replica: int) -> Launch:
     script = str(REPO / "benchmarks" / "passthrough.py")
     return Launch([sys.executable, script, "--port", str(port), "--upstream", env.upstream_url])
 
@@ -85,8 +171,13 @@ def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def gateway_config(env: Env, name: str, port: int, patch: dict[str, Any] | None = None) -> Path:
-    """Write the example config adjusted for the benchmark; returns its path."""
+def gateway_config(env: Env, name: str, port: int, replica: int = 0,
+                   patch: dict[str, Any] | None = None) -> Path:
+    """Write the example config adjusted for the benchmark; returns its path.
+
+    A target's replicas share its state folder: the keyring, the audit signing key and the
+    SQLite file (the first replica creates them); each keeps its own checkpoint file.
+    """
     state = env.tmp / name
     state.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
@@ -97,29 +188,44 @@ def gateway_config(env: Env, name: str, port: int, patch: dict[str, Any] | None 
         "keys": {"master_key_file": str(state / "master-keys.json")},
         "policies": {"path": str(Path(env.args.policies).resolve())},
         "audit": {"signing_key_file": str(state / "audit-signing.key"),
-                  "checkpoint_file": str(state / "checkpoints.jsonl")},
+                  "checkpoint_file": str(state / f"checkpoints-{replica}.jsonl")},
     })
     config = deep_merge(config, patch or {})
-    path = env.tmp / f"{name}.yaml"
+    path = env.tmp / (f"{name}.yaml" if replica == 0 else f"{name}-{replica}.yaml")
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def gateway_target(name: str, patch: dict[str, Any] | None = None) -> Target:
-    """A gateway target whose config is the example config plus ``patch``."""
+def gateway_target(name: str, patch: dict[str, Any] | None = None, *, replicas: int = 1,
+                   postgres: bool = False) -> Target:
+    """A gateway target whose config is the example config plus ``patch``.
 
-    def launch(env: Env, port: int) -> Launch:
-        config = gateway_config(env, name, port, patch)
+    With ``postgres`` its store is the benchmark's PostgreSQL server, in the target's own
+    schema, the DSN passed through the environment (``store.dsn_env``) as in production.
+    """
+
+    def launch(env: Env, port: int, replica: int) -> Launch:
+        extra: dict[str, str] = {}
+        full = patch or {}
+        if postgres:
+            if env.db is None:
+                raise RuntimeError(f"{name} needs PostgreSQL but no server is configured")
+            store = {"backend": "postgres", "dsn_env": DSN_ENV, "schema": env.db.schema(name)}
+            full = deep_merge({"store": store}, full)
+            extra[DSN_ENV] = env.db.dsn
+        config = gateway_config(env, name, port, replica, full)
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
-        return Launch(argv, health_path="/healthz")
+        return Launch(argv, health_path="/healthz", env=extra)
 
-    return Target(name, launch)
+    return Target(name, launch, replicas, postgres)
 
 
 TARGETS: list[Target] = [
     Target("direct", None),
     Target("passthrough", passthrough_launch),
     gateway_target("gateway"),
+    gateway_target("gateway-pg", postgres=True),
+    gateway_target("gateway-pg2", replicas=2, postgres=True),
 ]
 
 
@@ -146,7 +252,7 @@ def start(name: str, launch: Launch, port: int, tmp: Path, procs: list[Proc]) ->
     log = tmp / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(launch.argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **launch.env})
     proc = Proc(name, process, log)
     procs.append(proc)
     deadline = time.monotonic() + READY_TIMEOUT
@@ -183,13 +289,36 @@ def stop(procs: list[Proc]) -> None:
             proc.process.wait()
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state is field 0)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process, all threads, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def cpu_of(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each process still alive (one that has exited is left out)."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            out[pid] = cpu_seconds(pid)
+    return out
+
+
 # --- measuring -------------------------------------------------------------------------------
+
+@dataclass
+class Running:
+    """A target ready for load: its base URLs (one per replica) and the PIDs of its processes."""
+
+    target: Target
+    urls: list[str]
+    pids: list[int]
+
 
 @dataclass
 class Row:
@@ -198,27 +327,61 @@ class Row:
     concurrency: int
     result: CellResult
     cpu_ms_per_request: float | None
+    db_cpu_ms_per_request: float | None = None
 
 
-def measure(targets: list[tuple[Target, str, int | None]], args: argparse.Namespace) -> list[Row]:
-    """Warm every target up, then run every cell; ``targets`` holds (target, base URL, proxy PID)."""
-    for target, url, _ in targets:
+class CpuMeter:
+    """CPU seconds spent by a set of processes between :meth:`start` and :meth:`stop`.
+
+    Processes that appear in between count from zero; ones that exit in between are lost.
+    """
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self.pids = pids
+        self.before: dict[int, float] = {}
+
+    def start(self) -> None:
+        self.before = cpu_of(self.pids())
+
+    def stop(self) -> float | None:
+        """The CPU seconds spent, or None when no process could be read."""
+        after = cpu_of(self.pids())
+        if not after:
+            return None
+        return sum(t - self.before.get(pid, 0.0) for pid, t in after.items())
+
+
+def per_request(seconds: float | None, result: CellResult) -> float | None:
+    sent = result.ok + result.errors
+    return None if seconds is None or not result.ok else seconds * 1000 / sent
+
+
+def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase | None) -> list[Row]:
+    """Warm every target up, then run every cell."""
+    for run in targets:
         for stream in (False, True):
-            warm = run_sync(run_cell(url, stream=stream, concurrency=4, requests=args.warmup, time_cap=10,
-                                     session_prefix=f"warmup-{target.name}"))
+            warm = run_sync(run_cell(run.urls, stream=stream, concurrency=4, requests=args.warmup, time_cap=10,
+                                     session_prefix=f"warmup-{run.target.name}"))
             if warm.ok == 0:
-                raise RuntimeError(f"{target.name} answered no warm-up request: {warm.first_error}")
+                raise RuntimeError(f"{run.target.name} answered no warm-up request: {warm.first_error}")
+    db_meter = CpuMeter(db.server_pids) if db is not None else None
     rows = []
-    for cell, (stream, concurrency, (target, url, pid)) in enumerate(
+    for cell, (stream, concurrency, run) in enumerate(
             (s, c, t) for s in (False, True) for c in args.concurrency for t in targets):
-        before = cpu_seconds(pid) if pid else 0.0
-        result = run_sync(run_cell(url, stream=stream, concurrency=concurrency, requests=args.requests,
-                                   time_cap=args.time_cap, api_key=CLIENT_KEY,
+        proxy = CpuMeter(lambda run=run: run.pids)
+        database = db_meter if run.target.postgres else None
+        for meter in (proxy, database):
+            if meter is not None:
+                meter.start()
+        time_cap = args.pg_time_cap if run.target.postgres else args.time_cap
+        result = run_sync(run_cell(run.urls, stream=stream, concurrency=concurrency, requests=args.requests,
+                                   time_cap=time_cap, api_key=CLIENT_KEY,
                                    session_prefix=f"bench-{cell}"))
-        cpu = (cpu_seconds(pid) - before) * 1000 / (result.ok + result.errors) if pid and result.ok else None
-        rows.append(Row(target.name, stream, concurrency, result, cpu))
+        cpu = per_request(proxy.stop() if run.pids else None, result)
+        db_cpu = per_request(database.stop(), result) if database is not None else None
+        rows.append(Row(run.target.name, stream, concurrency, result, cpu, db_cpu))
         mode = "stream" if stream else "json"
-        print(f"  {target.name:<12} {mode:<6} c={concurrency:<3} {result.ok:>6} ok {result.errors:>4} err "
+        print(f"  {run.target.name:<12} {mode:<6} c={concurrency:<3} {result.ok:>6} ok {result.errors:>4} err "
               f"{result.rps:>8.0f} req/s", file=sys.stderr, flush=True)
         if result.first_error:
             print(f"    first error: {result.first_error}", file=sys.stderr)
@@ -229,23 +392,27 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.2f}"
 
 
-def table(rows: list[Row]) -> str:
-    """The Markdown table of all rows."""
+def _cpu(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.2f}"
+
+
+def table(rows: list[Row], *, db_column: bool = False) -> str:
+    """The Markdown table of all rows; ``db_column`` adds the PostgreSQL server's CPU."""
     direct = {(r.stream, r.concurrency): r.result.p50 for r in rows if r.target == "direct"}
     lines = [
         "| target | mode | concurrency | ok / err | req/s | p50 ms | p99 ms | TTFB p50 ms | "
-        "added p50 vs direct ms | proxy CPU ms/req |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "added p50 vs direct ms | proxy CPU ms/req |" + (" PostgreSQL CPU ms/req |" if db_column else ""),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if db_column else ""),
     ]
     for r in rows:
         base = direct.get((r.stream, r.concurrency))
         added = "-" if r.target == "direct" or base is None or r.result.p50 is None else \
             f"{(r.result.p50 - base) * 1000:+.2f}"
-        cpu = "-" if r.cpu_ms_per_request is None else f"{r.cpu_ms_per_request:.2f}"
         lines.append(
             f"| {r.target} | {'stream' if r.stream else 'json'} | {r.concurrency} | "
             f"{r.result.ok} / {r.result.errors} | {r.result.rps:.0f} | {_ms(r.result.p50)} | "
-            f"{_ms(r.result.p99)} | {_ms(r.result.ttfb_p50) if r.stream else '-'} | {added} | {cpu} |")
+            f"{_ms(r.result.p99)} | {_ms(r.result.ttfb_p50) if r.stream else '-'} | {added} | "
+            f"{_cpu(r.cpu_ms_per_request)} |" + (f" {_cpu(r.db_cpu_ms_per_request)} |" if db_column else ""))
     return "\n".join(lines)
 
 
@@ -257,17 +424,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests per cell (default 5000; 300 with --quick)")
     parser.add_argument("--time-cap", type=float, default=None,
                         help="seconds per cell before it stops sending (default 8; 2 with --quick)")
+    parser.add_argument("--pg-time-cap", type=float, default=None,
+                        help="the same for the PostgreSQL targets (default 5, keeping the run under 3 minutes; "
+                             "never above --time-cap)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated levels")
     parser.add_argument("--targets", default=",".join(t.name for t in TARGETS),
                         help=f"comma-separated, from: {', '.join(t.name for t in TARGETS)}")
     parser.add_argument("--chunks", type=int, default=20, help="content pieces per streamed reply")
     parser.add_argument("--policies", default=str(REPO / "policies"), help="the gateway's policy folder")
+    parser.add_argument("--pg-dsn", default=os.environ.get(DSN_ENV, DEFAULT_PG_DSN),
+                        help=f"PostgreSQL for the gateway-pg* targets (default ${DSN_ENV} or {DEFAULT_PG_DSN})")
     parser.add_argument("--output", help="also write the table (with its header) to this file")
     parser.add_argument("--keep-temp", action="store_true", help="keep the scratch folder (configs, logs)")
     args = parser.parse_args(argv)
     args.requests = args.requests or (300 if args.quick else 5000)
     args.time_cap = args.time_cap or (2.0 if args.quick else 8.0)
+    args.pg_time_cap = min(args.pg_time_cap or 5.0, args.time_cap)
     args.warmup = 20 if args.quick else 100
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     known = {t.name: t for t in TARGETS}
@@ -289,34 +462,65 @@ def scratch(keep: bool) -> Iterator[Path]:
             yield Path(name)
 
 
-def header(args: argparse.Namespace) -> str:
-    return (f"sessiongate benchmark, {time.strftime('%Y-%m-%d %H:%M')}: {os.cpu_count()} CPUs, "
+def header(args: argparse.Namespace, notes: list[str]) -> str:
+    pg = any(t.postgres for t in args.targets) and args.pg_time_cap < args.time_cap
+    pg_cap = f"; {args.pg_time_cap:g} s for PostgreSQL targets" if pg else ""
+    line = (f"sessiongate benchmark, {time.strftime('%Y-%m-%d %H:%M')}: {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, {args.requests} requests per cell "
-            f"(cap {args.time_cap:g} s), {args.chunks} chunks per streamed reply, all on loopback.")
+            f"(cap {args.time_cap:g} s{pg_cap}), {args.chunks} chunks per streamed reply, all on loopback.")
+    return "\n".join([line, *(f"\n{note}" for note in notes)])
+
+
+def open_database(args: argparse.Namespace, notes: list[str]) -> BenchDatabase | None:
+    """The PostgreSQL server when a target needs it and it answers; else None, the PostgreSQL
+    targets dropped from ``args.targets`` and the reason added to ``notes``."""
+    wanted = [t.name for t in args.targets if t.postgres]
+    if not wanted:
+        return None
+    db = BenchDatabase(args.pg_dsn)
+    reason = db.unreachable()
+    if reason is None:
+        return db
+    note = f"Skipped {', '.join(wanted)}: PostgreSQL at {describe_dsn(args.pg_dsn)} cannot be used ({reason})."
+    print(note, file=sys.stderr)
+    notes.append(note)
+    args.targets = [t for t in args.targets if not t.postgres]
+    return None
+
+
+def start_target(target: Target, env: Env, procs: list[Proc]) -> Running:
+    """Start the target's processes one after the other (the first creates shared keys and schema)."""
+    if target.launch is None:
+        return Running(target, [env.upstream_url], [])
+    urls, pids = [], []
+    for replica in range(target.replicas):
+        port = free_port()
+        name = target.name if target.replicas == 1 else f"{target.name}.{replica}"
+        proc = start(name, target.launch(env, port, replica), port, env.tmp, procs)
+        urls.append(f"http://127.0.0.1:{port}/v1")
+        pids.append(proc.process.pid)
+    return Running(target, urls, pids)
 
 
 def run(args: argparse.Namespace) -> str:
     procs: list[Proc] = []
+    notes: list[str] = []
+    db = open_database(args, notes)
     try:
         with scratch(args.keep_temp) as tmp:
             upstream_port = free_port()
             upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
             start("upstream", Launch([sys.executable, "-m", "gateway.standin", "--port", str(upstream_port),
                                       "--chunks", str(args.chunks)]), upstream_port, tmp, procs)
-            env = Env(tmp, upstream_url, args)
-            ready: list[tuple[Target, str, int | None]] = []
-            for target in args.targets:
-                if target.launch is None:
-                    ready.append((target, upstream_url, None))
-                    continue
-                port = free_port()
-                proc = start(target.name, target.launch(env, port), port, tmp, procs)
-                ready.append((target, f"http://127.0.0.1:{port}/v1", proc.process.pid))
+            env = Env(tmp, upstream_url, args, db)
+            ready = [start_target(target, env, procs) for target in args.targets]
             print(f"started: {', '.join(f'{p.name} (pid {p.process.pid})' for p in procs)}", file=sys.stderr)
-            rows = measure(ready, args)
-            return header(args) + "\n\n" + table(rows) + "\n"
+            rows = measure(ready, args, db)
+            return header(args, notes) + "\n\n" + table(rows, db_column=db is not None) + "\n"
     finally:
         stop(procs)
+        if db is not None:
+            db.drop_schemas()
 
 
 def main(argv: list[str] | None = None) -> int:
