@@ -82,7 +82,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         elif ctx.upstream_status >= 400:
             services.metrics.upstream_errors.labels(kind=f"status_{ctx.upstream_status}").inc()
         services.metrics.requests.labels(route="chat", status=str(status)).inc()
-        services.metrics.latency.labels(route="chat").observe(elapsed)
+        services.metrics.chat_latency.observe(elapsed)
         outcome = "not_recorded" if ctx.persist_attempted and not ctx.persisted else ctx.outcome or None
         log.info("request", request_id=ctx.request_id, tenant=ctx.tenant or None, session_id=ctx.session_id,
                  model=ctx.model, status=status, outcome=outcome, ended_by=ctx.ended_by or None,

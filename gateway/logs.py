@@ -12,6 +12,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 import structlog
 
 SECRET_FIELDS = frozenset({"authorization", "api_key", "key", "token", "content", "messages", "body", "password"})
@@ -23,11 +24,15 @@ def drop_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> M
     return event
 
 
+def _dumps(event: Any, **_: Any) -> str:
+    return orjson.dumps(event, default=str).decode()
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     stream = stream or sys.stderr
     pretty = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback) if pretty
-                     else structlog.processors.JSONRenderer())
+                     else structlog.processors.JSONRenderer(serializer=_dumps))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
