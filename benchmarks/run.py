@@ -102,9 +102,12 @@ class BenchDatabase:
     def server_pids(self) -> list[int]:
         """The server's processes (postmaster, backends, WAL writer...) when it runs on this host.
 
-        Empty when it runs elsewhere or ``/proc`` cannot tell.
+        Empty when it runs elsewhere, ``/proc`` cannot tell or the server does not answer.
         """
-        rows = self._run("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
+        try:
+            rows = self._run("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return []
         pids = {row["pid"] for row in rows if _is_postgres(row["pid"])}
         parents = {_parent(pid) for pid in pids}
         return sorted(pids | {pid for pid in parents if pid is not None and _is_postgres(pid)})
@@ -508,17 +511,20 @@ def run(args: argparse.Namespace) -> str:
     db = open_database(args, notes)
     try:
         with scratch(args.keep_temp) as tmp:
-            upstream_port = free_port()
-            upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
-            start("upstream", Launch([sys.executable, "-m", "gateway.standin", "--port", str(upstream_port),
-                                      "--chunks", str(args.chunks)]), upstream_port, tmp, procs)
-            env = Env(tmp, upstream_url, args, db)
-            ready = [start_target(target, env, procs) for target in args.targets]
-            print(f"started: {', '.join(f'{p.name} (pid {p.process.pid})' for p in procs)}", file=sys.stderr)
-            rows = measure(ready, args, db)
-            return header(args, notes) + "\n\n" + table(rows, db_column=db is not None) + "\n"
+            try:
+                upstream_port = free_port()
+                upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+                start("upstream", Launch([sys.executable, "-m", "gateway.standin", "--port", str(upstream_port),
+                                          "--chunks", str(args.chunks)]), upstream_port, tmp, procs)
+                env = Env(tmp, upstream_url, args, db)
+                ready = [start_target(target, env, procs) for target in args.targets]
+                print(f"started: {', '.join(f'{p.name} (pid {p.process.pid})' for p in procs)}",
+                      file=sys.stderr)
+                rows = measure(ready, args, db)
+                return header(args, notes) + "\n\n" + table(rows, db_column=db is not None) + "\n"
+            finally:
+                stop(procs)  # before the scratch folder goes: gateways write checkpoints as they stop
     finally:
-        stop(procs)
         if db is not None:
             db.drop_schemas()
 
