@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -50,9 +50,13 @@ class Bounding:
 
 @dataclass(frozen=True, slots=True)
 class LoadedSession:
+    """A session's state as a request loaded it; ``state_ct`` is the sealed form it was read
+    from, so a commit that finds the same bytes may reuse the state without opening it again."""
+
     state: SessionState
     version: int
     next_seq: int
+    state_ct: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +145,7 @@ class SessionService:
         if krow is None:
             raise IntegrityError(f"session {tenant}/{session_id} has no data key")
         state = self._open_state(self._data_key(krow), srow)
-        return LoadedSession(state, srow.version, srow.next_seq)
+        return LoadedSession(state, srow.version, srow.next_seq, srow.state_ct)
 
     async def full_context(self, tenant: str, session_id: str) -> list[Message]:
         _, krow = await self.store.get_session(tenant, session_id)
@@ -184,8 +188,10 @@ class SessionService:
     # --- writes --------------------------------------------------------------------------
 
     async def commit_round(self, tenant: str, session_id: str | None, rec: RoundRecord,
-                           bounding: Bounding) -> Changes:
-        """Record one round and its audit entry in one durable transaction. The returned
+                           bounding: Bounding, loaded: LoadedSession | None = None) -> Changes:
+        """Record one round and its audit entry in one durable transaction. *loaded* is the state
+        the request loaded (never modified here); when the stored state is still byte for byte
+        the one it was opened from, it is not opened again. The returned
         changes' ``result`` is True when the window is still over ``max_length`` afterwards
         (an asynchronous strategy has work to do)."""
         meta = RoundMeta(rec.request_id, rec.policy_id, rec.policy_hash, rec.outcome, "round")
@@ -198,13 +204,15 @@ class SessionService:
                 if cur.data_key is None:
                     dk, ch.data_key = self._new_data_key(cur.tenant, cur.session_id)
                     state = None
+                elif loaded is not None and cur.session is not None and cur.session.state_ct == loaded.state_ct:
+                    dk, state = self._data_key(cur.data_key), loaded.state  # the bytes this request opened
                 else:
                     dk, state = self._unseal(cur)
                 state = state or SessionState(settings=dict(bounding.settings or {}))
                 if rec.outcome == "completed":
                     state = state.appended(messages)
                     if bounding.settings is not None:
-                        state.settings = dict(bounding.settings)
+                        state = replace(state, settings=dict(bounding.settings))
                     if state.auto_resize:
                         state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
                 self._write_state(cur, ch, dk, state, [messages], meta)

@@ -75,6 +75,11 @@ def round_messages(user: str | None, assistant: str | None) -> list[Message]:
 def simple_cut(window: list[Message], max_length: int) -> list[Message]:
     """Keep the newest messages that fit in *max_length*; if none fits, the last one cut to its
     final *max_length* characters (Agently's ``simple_cut``)."""
+    return _simple_cut(window, max_length)[0]
+
+
+def _simple_cut(window: list[Message], max_length: int) -> tuple[list[Message], int | None]:
+    """:func:`simple_cut` and the kept window's length (None when it had to cut a message)."""
     kept: list[Message] = []
     total = 0
     for message in reversed(window):
@@ -87,8 +92,8 @@ def simple_cut(window: list[Message], max_length: int) -> list[Message]:
     if not kept and window:
         last = window[-1]
         text = str(last.get("content"))
-        return [{"role": last.get("role"), "content": text[len(text) - max_length:]}]
-    return kept
+        return [{"role": last.get("role"), "content": text[len(text) - max_length:]}], None
+    return kept, total
 
 
 def split_rounds(window: list[Message]) -> list[list[Message]]:
@@ -119,12 +124,13 @@ def bound_sync(state: SessionState, strategy: str, max_length: int | None, round
     *max_length*. ``keep_last`` is followed by ``simple_cut`` if still over, so the bound holds."""
     if max_length is None or strategy not in SYNC_STRATEGIES or not over_limit(state, max_length):
         return state
-    window = state.context_window
+    window, chars = state.context_window, None
     if strategy == "keep_last":
         window = keep_last(window, rounds)
-    if context_length(window) > max_length:
-        window = simple_cut(window, max_length)
-    return state.with_window(window)
+        chars = context_length(window)
+    if chars is None or chars > max_length:
+        window, chars = _simple_cut(window, max_length)
+    return state.with_window(window, chars)
 
 
 # --- injection -----------------------------------------------------------------------------

@@ -53,7 +53,8 @@ async def persist(ctx: Context) -> None:
     rec = RoundRecord(ctx.request_id, policy.id, policy.version_hash, ctx.outcome, ctx.user_text,
                       ctx.reply_text, audit_fields(ctx))
     sessions = ctx.services.sessions
-    changes = await asyncio.shield(sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy)))
+    changes = await asyncio.shield(sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy),
+                                                         ctx.loaded))
     ctx.persisted = True
     ctx.services.metrics.rounds.labels(outcome=ctx.outcome).inc()
     if ctx.session_id is not None and needs_maintenance(policy) and (changes.result or _analysis_hook(policy)):
