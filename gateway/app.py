@@ -101,12 +101,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         keyring_watcher = KeyringWatcher(provider.path, lambda: Keyring.from_provider(provider), sessions)
         await keyring_watcher.start()
 
+    metrics = Metrics()
+
     async def on_policies(new: PolicySet) -> None:
         await store.transact(SYSTEM_TENANT, None, lambda cur: Changes(audit=[{
             "event": "policy_reload", "detail": {p.id: p.version_hash for p in new}}]))
         metrics.policy_reloads.labels(result="ok").inc()
 
-    metrics = Metrics()
     policies = PolicyWatcher(settings.policies.path, on_policies, interval=settings.policies.reload_interval)
     upstreams = Upstreams(upstream_settings)
     await upstreams.start()

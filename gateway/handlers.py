@@ -9,6 +9,7 @@ response can be sent, so an error then ends the stream with an SSE event carryin
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import os
@@ -127,18 +128,21 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     upstream = services.upstreams.route(model if isinstance(model, str) else None)
     resp = await services.upstreams.send(upstream, request.method, request.path[len("/v1"):], body=body,
                                          headers=request.headers, query=request.query_string)
+    outcome = "incomplete"
     try:
         out = web.StreamResponse(status=resp.status, headers=reply_headers(resp, request_id))
         out.content_type = resp.content_type
         await out.prepare(request)
         async for chunk in resp.content.iter_any():
             await out.write(chunk)
-        await out.write_eof()
+        outcome = "completed" if resp.status < 400 else "upstream_error"
     finally:
         resp.release()
-    await services.sessions.store.transact(principal.tenant or "", None, lambda cur: _audit_only({
-        "event": "proxy", "request_id": request_id, "route": request.path, "model": model,
-        "outcome": "completed" if resp.status < 400 else "upstream_error", "upstream_status": resp.status}))
+        # audited before the client sees the end of the reply, also when it was cut off
+        await asyncio.shield(services.sessions.store.transact(principal.tenant or "", None, lambda cur: _audit_only({
+            "event": "proxy", "request_id": request_id, "route": request.path, "model": model,
+            "outcome": outcome, "upstream_status": resp.status})))
+    await out.write_eof()
     services.metrics.requests.labels(route="proxy", status=str(resp.status)).inc()
     return out
 
