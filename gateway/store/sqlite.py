@@ -6,7 +6,9 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   every plan waiting (up to ``BATCH``), runs each inside its own SAVEPOINT of one ``BEGIN
   IMMEDIATE`` transaction, commits once with ``synchronous=FULL`` (one fsync for the batch) and
   only then resolves the callers' futures. A failing plan rolls back to its savepoint alone.
-- Reads use their own connections on a small thread pool; nothing blocks the event loop.
+- Reads go to one reader thread with its own connection, batched the same way (every read
+  waiting is run, then all its callers are woken with one loop callback); nothing blocks the
+  event loop.
 - ``BEGIN IMMEDIATE`` also serialises writes from other processes (the CLI) on the same file.
 """
 
@@ -19,7 +21,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,50 +122,35 @@ def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> None:
             prev = row.hash
 
 
-class SQLiteStore:
-    """The Store protocol on one SQLite file. Create, then ``await open()``."""
+Job = Callable[[sqlite3.Connection], Any]
 
-    def __init__(self, path: Path, *, readers: int = 2) -> None:
-        self.path = Path(path)
+
+class Lane:
+    """A thread that owns one connection and runs jobs in batches.
+
+    ``submit(fn)`` queues ``fn(conn)``; the thread takes every job waiting (up to ``BATCH``),
+    hands the batch to *run_batch*, which returns one ``(ok, value)`` per job, and wakes all
+    the batch's callers with one ``call_soon_threadsafe`` per event loop.
+    """
+
+    def __init__(self, name: str, conn: sqlite3.Connection,
+                 run_batch: Callable[[sqlite3.Connection, list[Job]], list[tuple[bool, Any]]]) -> None:
+        self.conn, self.run_batch = conn, run_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sqlite-read")
-        self._local = threading.local()
-        self._write_conn: sqlite3.Connection | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
 
-    # --- lifecycle ---------------------------------------------------------------------------
+    async def submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, fut, loop))
+        return await fut
 
-    async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            conn = _connect(self.path)
-            conn.executescript(SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
-        self._path_mode()
-        self._write_conn = conn
-        self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
-        self._writer.start()
+    async def stop(self) -> None:
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
 
-    def _path_mode(self) -> None:
-        for suffix in ("", "-wal", "-shm"):
-            p = Path(str(self.path) + suffix)
-            if p.exists():
-                p.chmod(0o600)
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._queue.put(None)
-            await asyncio.to_thread(self._writer.join)
-            self._writer = None
-        self._pool.shutdown(wait=True)
-
-    # --- writes --------------------------------------------------------------------------
-
-    def _write_loop(self) -> None:
-        conn = self._write_conn
-        assert conn is not None
+    def _loop(self) -> None:
         stop = False
         while not stop:
             item = self._queue.get()
@@ -180,41 +166,95 @@ class SQLiteStore:
                     stop = True
                     break
                 batch.append(nxt)
-            self._run_batch(conn, batch)
-        conn.close()
+            outcomes = self.run_batch(self.conn, [fn for fn, _fut, _loop in batch])
+            by_loop: dict[Any, list[Any]] = {}
+            for (_fn, fut, loop), outcome in zip(batch, outcomes, strict=True):
+                by_loop.setdefault(loop, []).append((fut, outcome))
+            for loop, items in by_loop.items():
+                loop.call_soon_threadsafe(_resolve, items)
+        self.conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
+
+def run_transaction(conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any]]:
+    """One ``BEGIN IMMEDIATE`` transaction, a SAVEPOINT per job, one commit (one fsync)."""
+    outcomes: list[tuple[bool, Any]] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for fn in jobs:
+            conn.execute("SAVEPOINT op")
+            try:
+                outcomes.append((True, fn(conn)))
+                conn.execute("RELEASE op")
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                outcomes.append((False, exc))
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        err = StoreUnavailable(f"the SQLite store failed to commit: {exc}")
+        outcomes = [(False, err)] * len(jobs)
+    return outcomes
+
+
+def run_reads(conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any]]:
+    """Each read on its own; a database error becomes ``StoreUnavailable`` for that read."""
+    outcomes: list[tuple[bool, Any]] = []
+    for fn in jobs:
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, _fut, _loop in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, fn(conn)))
-                    conn.execute("RELEASE op")
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, exc))
-            conn.execute("COMMIT")
+            outcomes.append((True, fn(conn)))
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            err = StoreUnavailable(f"the SQLite store failed to commit: {exc}")
-            outcomes = [(False, err)] * len(batch)
-        by_loop: dict[Any, list[Any]] = {}
-        for (_fn, fut, loop), outcome in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(loop, []).append((fut, outcome))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_resolve, items)
+            outcomes.append((False, StoreUnavailable(f"the SQLite store failed to read: {exc}")))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcomes.append((False, exc))
+    return outcomes
+
+
+class SQLiteStore:
+    """The Store protocol on one SQLite file. Create, then ``await open()``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._writer: Lane | None = None
+        self._reader: Lane | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            conn = _connect(self.path)
+            conn.executescript(SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            reader = _connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
+        self._path_mode()
+        self._writer = Lane("sqlite-writer", conn, run_transaction)
+        self._reader = Lane("sqlite-reader", reader, run_reads)
+
+    def _path_mode(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                p.chmod(0o600)
+
+    async def close(self) -> None:
+        for lane in (self._writer, self._reader):
+            if lane is not None:
+                await lane.stop()
+        self._writer = self._reader = None
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
             raise StoreUnavailable("the store is not open")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, fut, loop))
-        return await fut
+        return await self._writer.submit(fn)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._reader is None:
+            raise StoreUnavailable("the store is not open")
+        return await self._reader.submit(fn)
 
     async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
         def run(conn: sqlite3.Connection) -> Changes:
@@ -243,21 +283,6 @@ class SQLiteStore:
                         note="erased bytes may remain in the write-ahead log until the next checkpoint")
 
     # --- reads ---------------------------------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = _connect(self.path)
-            self._local.conn = conn
-        return conn
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def run() -> T:
-            try:
-                return fn(self._conn())
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"the SQLite store failed to read: {exc}") from exc
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
     async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
         cur = await self._read(lambda c: read_current(c, tenant, session_id))
