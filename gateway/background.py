@@ -1,12 +1,15 @@
-"""Background work that outlives a request: one task per key at a time, awaited at shutdown.
+"""Background work: tasks that outlive a request, and components that run one task.
 
-Used for window maintenance after a round (``session.bounding.maintain``) and for master-key
-re-wrapping. A failure is logged, never swallowed silently and never raised into a request.
+``Background`` runs one task per key at a time and is drained at shutdown (window maintenance
+after a round, ``session.bounding.maintain``); a failure is logged, never swallowed silently and
+never raised into a request. ``Worker`` is the start/stop of a component whose ``run()`` loops
+until cancelled (the policy and keyring watchers, the retention purge).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Coroutine, Hashable
 from typing import Any
@@ -42,3 +45,25 @@ class Background:
         """Wait for every running task (at shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+
+class Worker:
+    """A component with one background task: ``start()`` runs ``run()``, ``stop()`` cancels it and
+    waits for it to end. Both are idempotent."""
+
+    name = "worker"
+    _task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self.run(), name=self.name)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

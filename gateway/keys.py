@@ -10,13 +10,13 @@ re-wraps in the background. Data keys are never exposed; only ids and counts are
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
+from gateway.background import Worker
 from gateway.errors import ConfigError, IntegrityError
 from gateway.keyring import Keyring
 from gateway.sessions import SessionService
@@ -60,8 +60,10 @@ async def rewrap_all(sessions: SessionService) -> RewrapReport:
     return RewrapReport(done, same, raced, failed)
 
 
-class KeyringWatcher:
+class KeyringWatcher(Worker):
     """Polls a keyring file; on change reloads it into *sessions* and re-wraps in the background."""
+
+    name = "keyring-watcher"
 
     def __init__(self, path: os.PathLike[str] | str, load: Callable[[], Keyring], sessions: SessionService,
                  interval: float = 1.0) -> None:
@@ -70,7 +72,6 @@ class KeyringWatcher:
         # the primary this watcher last re-wrapped for; not sessions.keyring.primary_id, which
         # SessionService.reload_keyring may already have advanced without re-wrapping anything
         self._primary = sessions.keyring.primary_id
-        self._task: asyncio.Task[None] | None = None
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -79,17 +80,7 @@ class KeyringWatcher:
             return None
         return st.st_mtime_ns, st.st_size
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._poll(), name="keyring-watcher")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _poll(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             stamp = self._stamp()

@@ -14,12 +14,12 @@ absorbed from expired rounds (a summary) stays in the memo: a memo is not tracea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
 import structlog
 
+from gateway.background import Worker
 from gateway.policy import PolicySet, PolicyWatcher
 from gateway.session.model import Message
 from gateway.sessions import SessionService
@@ -84,22 +84,15 @@ async def _expired(sessions: SessionService, tenant: str, cutoffs: dict[str, flo
         yield current, batch, policy_ids
 
 
-class RetentionTask:
+class RetentionTask(Worker):
+    """Runs :func:`purge_expired` every *interval* seconds."""
+
+    name = "retention"
+
     def __init__(self, sessions: SessionService, policies: PolicyWatcher, interval: float = 3600.0) -> None:
         self.sessions, self.policies, self.interval = sessions, policies, interval
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="retention")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             try:
                 await purge_expired(self.sessions, self.policies.current)

@@ -15,13 +15,13 @@ the default interval an edit is live within about 1.5 seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
 
+from gateway.background import Worker
 from gateway.errors import ConfigError
 from gateway.policy.loader import POLICY_SUFFIXES, load_policy_set
 from gateway.policy.matcher import PolicySet
@@ -50,11 +50,14 @@ def fingerprint(folder: Path) -> Fingerprint:
     return tuple(sorted(entries))
 
 
-class PolicyWatcher:
+class PolicyWatcher(Worker):
     """Serves the current :class:`PolicySet` of ``path`` and reloads it on change.
 
     Raises ``ConfigError`` from the constructor when the folder is invalid at start-up.
+    ``start()``/``stop()`` run and end the polling task.
     """
+
+    name = "policy-watcher"
 
     def __init__(self, path: Path | str, on_change: OnChange | None = None, *,
                  interval: float = 0.5) -> None:
@@ -63,7 +66,6 @@ class PolicyWatcher:
         self._on_change = on_change
         self._seen = fingerprint(self.path)
         self._current = load_policy_set(self.path)
-        self._task: asyncio.Task[None] | None = None
         self.last_error: ConfigError | None = None
         """The error of the last refused reload; None after a successful one."""
 
@@ -71,19 +73,6 @@ class PolicyWatcher:
     def current(self) -> PolicySet:
         """The set serving requests now (read it once per request)."""
         return self._current
-
-    async def start(self) -> None:
-        """Start polling in a background task (idempotent)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._poll(), name="policy-watcher")
-
-    async def stop(self) -> None:
-        """Stop polling and wait for the task to end."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def reload(self) -> bool:
         """Load the folder now; swap it in when valid. Returns whether the new set was taken."""
@@ -108,7 +97,7 @@ class PolicyWatcher:
                 log.exception("policy_on_change_failed", path=str(self.path))
         return True
 
-    async def _poll(self) -> None:
+    async def run(self) -> None:
         pending: Fingerprint | None = None
         while True:
             await asyncio.sleep(self.interval)
