@@ -108,7 +108,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             "event": "policy_reload", "detail": {p.id: p.version_hash for p in new}}]))
         metrics.policy_reloads.labels(result="ok").inc()
 
-    policies = PolicyWatcher(settings.policies.path, on_policies, interval=settings.policies.reload_interval)
+    policies = PolicyWatcher(settings.policies.path, on_policies, interval=settings.policies.reload_interval,
+                             on_refused=lambda _exc: metrics.policy_reloads.labels(result="refused").inc())
     upstreams = Upstreams(upstream_settings)
     await upstreams.start()
     await policies.start()

@@ -193,6 +193,9 @@ def test_reload_under_load_loses_no_request(make_gateway: Callable[..., Gateway]
     assert len(refused) == 1
     assert any(f"{policy_file}:2:" in line and "max_length" in line for line in refused[0]["errors"])
     assert refused[0]["kept"] == ["catch-all"]
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert 'sessiongate_policy_reloads_total{result="refused"} 1.0' in metrics
+    assert 'sessiongate_policy_reloads_total{result="ok"} 2.0' in metrics
     conn = sqlite3.connect(f"file:{gateway.db_path}?mode=ro", uri=True)
     try:
         audited = [json.loads(body) for (body,) in conn.execute("SELECT body FROM audit WHERE tenant=? ORDER BY seq",

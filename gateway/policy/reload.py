@@ -8,7 +8,8 @@ one more poll (so a half-written file is not read), the folder is loaded again i
 thread. A valid set replaces ``current`` in one assignment, so a request sees either the old
 set or the new one, never a mix and never an error; ``on_change(new_set)`` is then called
 (sync or async). An invalid set is refused: the check's messages are logged with structlog
-(``policy_reload_refused``), ``last_error`` is set, and the last good set keeps serving. With
+(``policy_reload_refused``), ``last_error`` is set, ``on_refused(error)`` is called, and the
+last good set keeps serving. With
 the default interval an edit is live within about 1.5 seconds.
 """
 
@@ -60,10 +61,11 @@ class PolicyWatcher(Worker):
     name = "policy-watcher"
 
     def __init__(self, path: Path | str, on_change: OnChange | None = None, *,
-                 interval: float = 0.5) -> None:
+                 interval: float = 0.5, on_refused: Callable[[ConfigError], None] | None = None) -> None:
         self.path = Path(path)
         self.interval = interval
         self._on_change = on_change
+        self._on_refused = on_refused
         self._seen = fingerprint(self.path)
         self._current = load_policy_set(self.path)
         self.last_error: ConfigError | None = None
@@ -82,6 +84,8 @@ class PolicyWatcher(Worker):
             self.last_error = exc
             log.error("policy_reload_refused", path=str(self.path), errors=str(exc).splitlines(),
                       kept=[p.id for p in self._current])
+            if self._on_refused is not None:
+                self._on_refused(exc)
             return False
         self._current = new
         self.last_error = None
