@@ -86,7 +86,7 @@ class SessionService:
 
     def _data_key(self, row: DataKeyRow) -> crypto.DataKey:
         keyring = self.keyring
-        if row.kek_id not in keyring.ids() and self.reload_keyring is not None:
+        if keyring.state(row.kek_id) is None and self.reload_keyring is not None:
             keyring = self.keyring = self.reload_keyring()
         return keyring.unwrap(row.kek_id, row.dk_id, row.wrapped)
 
@@ -112,7 +112,8 @@ class SessionService:
                            seq=version, field="state")
 
     def _unseal(self, cur: Current) -> tuple[crypto.DataKey, SessionState | None]:
-        """The data key (new if the session has none) and the current state."""
+        """The session's data key and its current state (None without a state row); an
+        ``IntegrityError`` when the data key is missing or anything fails to open."""
         if cur.data_key is None:
             raise IntegrityError(f"session {cur.tenant}/{cur.session_id} has a state row but no data key")
         dk = self._data_key(cur.data_key)
