@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Coroutine, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from typing import Any
 
 import structlog
@@ -20,19 +20,23 @@ log = structlog.get_logger("gateway.background")
 
 
 class Background:
+    """Keyed background jobs: at most one task per key runs at a time, and a job asked for while
+    its key is busy runs once more after it (several such asks fold into one), so the last ask
+    is never lost."""
+
     def __init__(self) -> None:
         self._tasks: dict[Hashable, asyncio.Task[Any]] = {}
+        self._again: dict[Hashable, Callable[[], Coroutine[Any, Any, Any]]] = {}
 
-    def start(self, key: Hashable, coro: Coroutine[Any, Any, Any]) -> bool:
-        """Run *coro* unless a task with *key* is still running (then *coro* is dropped)."""
+    def start(self, key: Hashable, job: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``job()`` now, or right after the running task of *key* ends."""
         running = self._tasks.get(key)
         if running is not None and not running.done():
-            coro.close()
-            return False
-        task = asyncio.get_running_loop().create_task(coro)
+            self._again[key] = job
+            return
+        task = asyncio.get_running_loop().create_task(job())
         self._tasks[key] = task
         task.add_done_callback(functools.partial(self._done, key))
-        return True
 
     def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
         if self._tasks.get(key) is task:
@@ -40,6 +44,9 @@ class Background:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("background_task_failed", task=str(key)[:80], error=type(exc).__name__, detail=str(exc)[:200])
+        again = self._again.pop(key, None)
+        if again is not None and not task.cancelled():
+            self.start(key, again)
 
     async def drain(self) -> None:
         """Wait for every running task (at shutdown)."""

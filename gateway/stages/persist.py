@@ -9,6 +9,7 @@ looks complete for a round that was not stored.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from gateway.context import Context
 from gateway.policy import HookBounding, Policy
@@ -58,8 +59,8 @@ async def persist(ctx: Context) -> None:
     ctx.persisted = True
     ctx.services.metrics.rounds.labels(outcome=ctx.outcome).inc()
     if ctx.session_id is not None and needs_maintenance(policy) and (changes.result or _analysis_hook(policy)):
-        ctx.services.background.start((ctx.tenant, ctx.session_id), maintain(
-            sessions, ctx.tenant, ctx.session_id, policy, ctx.services.upstreams.complete, ctx.model))
+        ctx.services.background.start((ctx.tenant, ctx.session_id), functools.partial(
+            maintain, sessions, ctx.tenant, ctx.session_id, policy, ctx.services.upstreams.complete, ctx.model))
 
 
 def _analysis_hook(policy: Policy) -> bool:

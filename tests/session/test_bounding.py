@@ -63,7 +63,7 @@ def test_summarize_folds_window_into_memo_without_recording_the_side_request(mak
     assert side_requests and "X-Session-Id" not in str(side_requests[0])
     assert all("maintain the memory" not in str(m["content"]) for m in data["full_context"])
     client.chat.completions.create(model="standin", messages=[{"role": "user", "content": "next"}])
-    last = upstream.requests[-1]["messages"][-1]["content"]
+    last = [r for r in upstream.requests if r not in side_requests][-1]["messages"][-1]["content"]
     assert last.startswith("[CHAT SESSION MEMO]:\nMEMO: the user likes tea\n")
 
 
