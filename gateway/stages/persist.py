@@ -57,7 +57,8 @@ async def persist(ctx: Context) -> None:
     changes = await asyncio.shield(sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy),
                                                          ctx.loaded))
     ctx.persisted = True
-    ctx.services.metrics.rounds.labels(outcome=ctx.outcome).inc()
+    if changes.rounds:
+        ctx.services.metrics.rounds.labels(outcome=ctx.outcome).inc()
     if ctx.session_id is not None and needs_maintenance(policy) and (changes.result or _analysis_hook(policy)):
         ctx.services.background.start((ctx.tenant, ctx.session_id), functools.partial(
             maintain, sessions, ctx.tenant, ctx.session_id, policy, ctx.services.upstreams.complete, ctx.model))
