@@ -29,6 +29,8 @@ def reply_headers(resp: aiohttp.ClientResponse, request_id: str) -> dict[str, st
            if k.lower() in PASS_HEADERS or k.lower().startswith("x-ratelimit-")}
     out["X-Sessiongate-Request-Id"] = request_id
     return out
+
+
 DONE_TAIL = b"data: [DONE]\n\n"
 
 
