@@ -46,10 +46,6 @@ class EventSplitter:
             self.events.append(event)
         return out
 
-    def rest(self) -> bytes:
-        """A trailing partial event the upstream never finished."""
-        return self._buf
-
 
 class ReplyAssembler:
     """Builds the assistant message of choice 0 from ``chat.completion.chunk`` events."""

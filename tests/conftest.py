@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,17 @@ REPO = Path(__file__).resolve().parent.parent
 ACME_KEY = "sg-demo-acme"
 GLOBEX_KEY = "sg-demo-globex"
 AUDITOR_TOKEN = "sg-demo-auditor"
+
+
+def wait_for(probe: Callable[[], Any], seconds: float = 10.0) -> Any:
+    """Poll *probe* until it returns something truthy (background work); fail after *seconds*."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"condition not met within {seconds} s")
 
 
 @dataclass

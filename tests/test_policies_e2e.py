@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from agently import Agently
 
 from gateway.policy import PolicySet, load_policy_set
 from gateway.session.bounding import SUMMARY_PROMPT
-from tests.conftest import ACME_KEY, GLOBEX_KEY, REPO, Gateway, Upstream
+from tests.conftest import ACME_KEY, GLOBEX_KEY, REPO, Gateway, Upstream, wait_for
 
 PII = "Jane Roe, jane.roe@example.com, +1 555 0100, card 4111 1111 1111 1111"
 COMPLIANCE_INPUT = {"ticket_id": "T-1001", "intent": "refund", "raw_text": f"Please refund me. {PII}"}
@@ -57,16 +56,6 @@ def audit_entries(gateway: Gateway, tenant: str) -> list[dict[str, Any]]:
 def example_policies() -> PolicySet:
     return load_policy_set(REPO / "policies")
 
-
-def wait_for(probe: Callable[[], Any], seconds: float = 10.0) -> Any:
-    """Poll *probe* until it returns something truthy (background work); fail after *seconds*."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"condition not met within {seconds} s")
 
 
 def copy_policies(tmp_path: Path, edits: dict[str, tuple[str, str]] | None = None) -> Path:

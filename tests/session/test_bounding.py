@@ -3,14 +3,13 @@ with an unrecorded side request, a Python hook folds old rounds into the memo.""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ACME_KEY
+from tests.conftest import ACME_KEY, wait_for
 
 HERE = Path(__file__).parent
 
@@ -28,15 +27,6 @@ def export(gw: Any, sid: str) -> dict:
     assert r.status_code == 200, r.text
     return r.json()
 
-
-def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_summarize_folds_window_into_memo_without_recording_the_side_request(make_gateway, upstream,
