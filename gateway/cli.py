@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, Conflict, GatewayError
 from gateway.settings import DEFAULT_CONFIG, Settings, load_settings
 
 T = TypeVar("T")
@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = settings.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
                                                 if v is not None})
     settings = settings.model_copy(update={"server": server})
+    preflight(settings)
     logs.configure(settings.logging.level, settings.logging.format)
     app = build_app(settings)
 
@@ -94,9 +95,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def preflight(settings: Settings) -> None:
+    """What ``serve`` checks before it writes anything to disk (key file, database): every
+    upstream's key is set, and the port is free. Raises ``ConfigError`` saying what to do."""
+    import errno
+    import socket
+
+    for upstream in settings.upstreams:
+        try:
+            upstream.api_key()
+        except ConfigError as exc:
+            raise ConfigError(f"{exc.message}; export it before starting the gateway", file=settings.source,
+                              field=exc.field) from None
+    host, port = settings.server.host, settings.server.port
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ConfigError(f"cannot resolve the listen address {host!r}", file=settings.source,
+                          field="server.host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use: stop the process that holds it "
+                                  "or choose another with --port", file=settings.source, field="server.port") from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}", file=settings.source,
+                              field="server.port") from None
+
+
 # --- clients ---------------------------------------------------------------------------
 
 def cmd_clients_new(args: argparse.Namespace) -> int:
+    import re
+
+    from gateway.settings import TENANT_PATTERN
+
+    if not re.fullmatch(TENANT_PATTERN, args.tenant):
+        return _fail(f"--tenant {args.tenant!r} is not a valid tenant name: use 1-64 letters, digits, '_', '.' or '-'")
+    if args.name is not None and not args.name.strip():
+        return _fail("--name must not be empty")
     key = "sg-" + secrets.token_urlsafe(32)
     digest = hashlib.sha256(key.encode()).hexdigest()
     print(f"client key (give it to the client; it is not stored anywhere): {key}", file=sys.stderr)
@@ -130,8 +170,12 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
     async def act(svc: Any) -> int:
         if args.action == "list":
-            for s in await svc.list_sessions(tenant):
+            after = check_session_id(args.after) if args.after else None
+            rows = await svc.page_sessions(tenant, after=after, limit=args.limit + 1)
+            for s in rows[: args.limit]:
                 print(f"{s.session_id}\trounds={s.rounds}\tversion={s.version}")
+            if len(rows) > args.limit:
+                print(f"more sessions follow: add --after {rows[args.limit - 1].session_id}", file=sys.stderr)
         elif args.action == "export":
             print(json.dumps(await svc.export(tenant, sid), indent=2, ensure_ascii=False))
         elif args.action == "import":
@@ -141,7 +185,12 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"not valid JSON: {exc.msg}", file=args.file or "<stdin>", line=exc.lineno,
                                   column=exc.colno) from None
-            added = await svc.import_agently(tenant, sid, data, new_request_id())
+            try:
+                added = await svc.import_agently(tenant, sid, data, new_request_id())
+            except Conflict:
+                return _fail(f"session {tenant}/{sid} already holds a different history, and recorded history is "
+                             f"append-only: erase it first ('sessiongate sessions erase --tenant {tenant} {sid}') "
+                             "or import into a new id", code=1)
             print(f"imported {added} messages into {tenant}/{sid}")
         elif args.action == "reset":
             await svc.reset(tenant, sid, new_request_id())
@@ -328,6 +377,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ValueError:
         return _fail("--since/--until take an ISO 8601 time (2026-01-31T00:00:00) or a Unix timestamp")
     sid = check_session_id(args.session) if args.session else None
+    folder = Path(args.out).resolve().parent
+    if not folder.is_dir():
+        return _fail(f"--out {args.out}: the folder {folder} does not exist; create it first")
     trail = AuditTrail(settings)
 
     async def export(svc: Any) -> dict[str, Any]:
@@ -371,21 +423,40 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 # --- parser ----------------------------------------------------------------------------
 
+CONFIG_HELP = f"configuration file (default {DEFAULT_CONFIG})"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sessiongate")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "unknown"
+
+
+def _page_limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError("must be a whole number from 1 to 1000")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sessiongate", description="A recording gateway for LLM traffic.")
     p.add_argument("--config", help=f"configuration file (default {DEFAULT_CONFIG})")
+    p.add_argument("--version", action="version", version=f"sessiongate {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gateway")
-    s.add_argument("--config", default=argparse.SUPPRESS)
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
+    s.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    s.add_argument("--host", help="address to listen on (default: server.host of the configuration)")
+    s.add_argument("--port", type=int, help="port to listen on (default: server.port of the configuration)")
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("clients", help="client keys").add_subparsers(dest="action", required=True)
     cn = c.add_parser("new", help="make a client key and the line for the configuration")
-    cn.add_argument("--tenant", required=True)
-    cn.add_argument("--name")
+    cn.add_argument("--tenant", required=True, help="the tenant the key belongs to (letters, digits, _ . -)")
+    cn.add_argument("--name", help="the client's name in logs and the configuration (default: TENANT-client)")
     cn.set_defaults(fn=cmd_clients_new)
 
     ss = sub.add_parser("sessions", help="list, export, import, reset or erase sessions").add_subparsers(
@@ -394,9 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
                          ("import", "load Agently JSON into a session"), ("reset", "clear a session's window"),
                          ("delete", "erase a session (same as erase)"), ("erase", "crypto-shred a session")):
         sp = ss.add_parser(action, help=text)
-        sp.add_argument("--config", default=argparse.SUPPRESS)
-        sp.add_argument("--tenant", required=True)
-        if action != "list":
+        sp.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        sp.add_argument("--tenant", required=True, help="the tenant that owns the session(s)")
+        if action == "list":
+            sp.add_argument("--limit", type=_page_limit, default=100,
+                            help="at most this many sessions, in id order (default 100, at most 1000)")
+            sp.add_argument("--after", help="start after this session id (the last id of the previous page)")
+        else:
             sp.add_argument("id", help="session id")
         if action == "import":
             sp.add_argument("file", nargs="?", help="Agently JSON file (default: standard input)")
@@ -404,30 +479,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     pol = sub.add_parser("policy", help="check and explain policy files").add_subparsers(dest="action", required=True)
     pc = pol.add_parser("check", help="validate policy files; exit 1 on any error")
-    pc.add_argument("--config", default=argparse.SUPPRESS)
-    pc.add_argument("paths", nargs="*")
+    pc.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    pc.add_argument("paths", nargs="*", help="policy files or folders (default: the configured policies folder)")
     pc.set_defaults(fn=cmd_policy_check)
     pe = pol.add_parser("explain", help="which policy a request gets, and what it would record and inject")
-    pe.add_argument("--config", default=argparse.SUPPRESS)
+    pe.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     pe.add_argument("--request", required=True, help="chat completion request JSON file")
     pe.add_argument("--reply", help="reply JSON file: a chat.completion, an assistant message or a string")
-    pe.add_argument("--tenant", default="default")
+    pe.add_argument("--tenant", default="default", help="the tenant the request comes from (default: default)")
     pe.add_argument("--session", help="session id (without one nothing is recorded or injected)")
     pe.add_argument("--policies", help="policy folder (default: the configured one)")
     pe.add_argument("--load-state", action="store_true", help="read the session's real state from the store")
     pe.set_defaults(fn=cmd_policy_explain)
 
     k = sub.add_parser("keys", help="master keys: generate, list, rotate, retire")
-    k.add_argument("--config", default=argparse.SUPPRESS)
-    k.add_argument("action", choices=["generate", "list", "rotate", "retire"])
-    k.add_argument("key_id", nargs="?")
+    k.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    k.add_argument("action", choices=["generate", "list", "rotate", "retire"], help="what to do")
+    k.add_argument("key_id", nargs="?", help="retire: the id of the master key to retire")
     k.add_argument("--force", action="store_true",
                    help=f"retire: skip the {RETIRE_GRACE_SECONDS} s wait after a rotation")
     k.set_defaults(fn=cmd_keys)
 
     au = sub.add_parser("audit", help="verify the audit chain; export the checkpoint public key")
-    au.add_argument("--config", default=argparse.SUPPRESS)
-    au.add_argument("action", choices=["verify", "public-key"])
+    au.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    au.add_argument("action", choices=["verify", "public-key"], help="verify the chain, or print the public key")
     au.add_argument("--tenant", help="one tenant (default: every tenant)")
     au.add_argument("--checkpoints", help="checkpoint file kept outside the database (default: configured)")
     au.add_argument("--public-key", help="PEM public key to check signatures with (default: the signing key's)")
@@ -435,22 +510,23 @@ def build_parser() -> argparse.ArgumentParser:
     au.set_defaults(fn=cmd_audit)
 
     ex = sub.add_parser("export", help="redacted, verifiable export of recorded rounds")
-    ex.add_argument("--config", default=argparse.SUPPRESS)
-    ex.add_argument("--tenant", required=True)
-    ex.add_argument("--session")
+    ex.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    ex.add_argument("--tenant", required=True, help="the tenant whose records to export")
+    ex.add_argument("--session", help="one session id (default: every session of the tenant)")
     ex.add_argument("--since", help="ISO 8601 time or Unix timestamp (inclusive)")
     ex.add_argument("--until", help="ISO 8601 time or Unix timestamp (exclusive)")
-    ex.add_argument("--format", choices=["jsonl", "csv", "agently"], default="jsonl")
+    ex.add_argument("--format", choices=["jsonl", "csv", "agently"], default="jsonl",
+                    help="records format (default jsonl)")
     ex.add_argument("--out", required=True, help="records file; OUT.manifest.json and OUT.audit.jsonl go beside it")
     ex.set_defaults(fn=cmd_export)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     dm = db.add_parser("migrate", help="apply schema migrations (PostgreSQL; SQLite migrates on open)")
-    dm.add_argument("--config", default=argparse.SUPPRESS)
+    dm.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     dm.set_defaults(fn=cmd_db_migrate)
 
     pu = sub.add_parser("purge", help="erase rounds past their policy's retention")
-    pu.add_argument("--config", default=argparse.SUPPRESS)
+    pu.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     pu.set_defaults(fn=cmd_purge)
     return p
 

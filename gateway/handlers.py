@@ -16,6 +16,7 @@ import os
 import tarfile
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import orjson
@@ -173,13 +174,34 @@ def _session_target(request: web.Request) -> tuple[Services, str, str]:
     return services, principal.tenant or "", check_session_id(request.match_info["session_id"])
 
 
+SESSIONS_PAGE_DEFAULT, SESSIONS_PAGE_MAX = 100, 1000
+
+
+def page_params(query: Mapping[str, str]) -> tuple[str | None, int]:
+    """``after`` and ``limit`` of a list request (OpenAI's list convention); ``BadRequest`` naming
+    the parameter when either is unusable."""
+    raw = query.get("limit", str(SESSIONS_PAGE_DEFAULT))
+    if not raw.isdigit() or not 1 <= int(raw) <= SESSIONS_PAGE_MAX:
+        raise BadRequest(f"'limit' must be a whole number from 1 to {SESSIONS_PAGE_MAX}", code="invalid_limit")
+    after = query.get("after")
+    return (check_session_id(after) if after else None), int(raw)
+
+
 async def list_sessions(request: web.Request) -> web.Response:
+    """One page of the caller's sessions in id order: ``?limit=`` (default 100, at most 1000) and
+    ``?after=<last id of the previous page>``; ``has_more`` says whether another page follows."""
     services = request.app[SERVICES]
     tenant = services.auth.client(request.headers.get("Authorization")).tenant or ""
-    rows = await services.sessions.list_sessions(tenant)
-    return json_response({"object": "list", "data": [
-        {"id": r.session_id, "rounds": r.rounds, "version": r.version, "created_at": r.created_at,
-         "updated_at": r.updated_at} for r in rows]})
+    after, limit = page_params(request.query)
+    rows = await services.sessions.page_sessions(tenant, after=after, limit=limit + 1)
+    page = rows[:limit]
+    return json_response({
+        "object": "list",
+        "data": [{"id": r.session_id, "rounds": r.rounds, "version": r.version, "created_at": r.created_at,
+                  "updated_at": r.updated_at} for r in page],
+        "first_id": page[0].session_id if page else None,
+        "last_id": page[-1].session_id if page else None,
+        "has_more": len(rows) > limit})
 
 
 async def export_session(request: web.Request) -> web.Response:

@@ -24,6 +24,10 @@ DEFAULT_CONFIG = Path("config/sessiongate.yaml")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""What a tenant name may be: it names chains, files and metric labels."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,7 +67,7 @@ class UpstreamSettings(_Strict):
 
 class ClientSettings(_Strict):
     name: str
-    tenant: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    tenant: str = Field(pattern=TENANT_PATTERN)
     key_sha256: str | None = Field(None, description="hex SHA-256 of the client key")
     key_env: str | None = Field(None, description="or: environment variable holding the key itself")
 

@@ -148,6 +148,10 @@ class Store(Protocol):
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         """The tenant's sessions, newest first."""
 
+    async def page_sessions(self, tenant: str, *, after: str | None, limit: int) -> list[SessionSummary]:
+        """At most *limit* of the tenant's sessions in session-id order, starting after the id
+        *after* (keyset pagination on the primary key: stable while sessions are written)."""
+
     def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
                     until: float | None = None) -> AsyncIterator[RoundRow]:
         """Rounds of a tenant (or one session) in (session, seq) order, in constant memory."""

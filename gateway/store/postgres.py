@@ -492,6 +492,14 @@ class PostgresStore:
             "WHERE s.tenant = $1 ORDER BY s.updated_at DESC", tenant)
         return [SessionSummary(*r) for r in rows]
 
+    async def page_sessions(self, tenant: str, *, after: str | None, limit: int) -> list[SessionSummary]:
+        rows = await self._fetch(
+            "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant = s.tenant "
+            "AND r.session_id = s.session_id), s.created_at, s.updated_at FROM sessions s "
+            "WHERE s.tenant = $1 AND s.session_id > $2 ORDER BY s.session_id LIMIT $3",
+            tenant, after or "", limit)
+        return [SessionSummary(*r) for r in rows]
+
     async def tenants(self) -> list[str]:
         return [r[0] for r in await self._fetch(_TENANTS)]
 

@@ -297,6 +297,16 @@ class SQLiteStore:
             return [SessionSummary(*r) for r in rows]
         return await self._read(run)
 
+    async def page_sessions(self, tenant: str, *, after: str | None, limit: int) -> list[SessionSummary]:
+        def run(c: sqlite3.Connection) -> list[SessionSummary]:
+            rows = c.execute(
+                "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant=s.tenant "
+                "AND r.session_id=s.session_id), s.created_at, s.updated_at FROM sessions s "
+                "WHERE s.tenant=? AND s.session_id>? ORDER BY s.session_id LIMIT ?",
+                (tenant, after or "", limit)).fetchall()
+            return [SessionSummary(*r) for r in rows]
+        return await self._read(run)
+
     async def tenants(self) -> list[str]:
         def run(c: sqlite3.Connection) -> list[str]:
             rows = c.execute("SELECT tenant FROM audit UNION SELECT tenant FROM sessions ORDER BY 1").fetchall()

@@ -1,0 +1,110 @@
+"""CLI errors a user can act on: one line on stderr naming what to fix, no traceback, exit 2 for
+unusable input and 1 for a refused operation; every option documented in ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.cli import build_parser
+from tests.conftest import REPO, Gateway, write_config
+
+
+def run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("sessiongate: error: ") and result.stderr.count("\n") == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def test_every_option_of_every_subcommand_has_a_help_text() -> None:
+    """``--help`` describes each argument of each subcommand (argparse prints nothing for one without help)."""
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not action.help:
+                missing.append(" ".join([*path, *(action.option_strings or [action.dest])]))
+
+    walk(build_parser(), ["sessiongate"])
+    assert missing == []
+
+
+def test_version_prints_the_installed_version() -> None:
+    """``sessiongate --version`` prints the package version and exits 0."""
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"sessiongate {version('sessiongate')}"
+
+
+def test_serve_on_a_port_in_use_says_which_port_and_writes_nothing(tmp_path: Path) -> None:
+    """A port held by another process gives one line naming the port, before any file is created."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        config = write_config(tmp_path, None, REPO / "policies")
+        result = run("serve", "--config", str(config), "--port", str(port), timeout=30)
+    finally:
+        holder.close()
+    assert_one_line_error(result, 2, f"port {port}", "in use", "--port")
+    assert "listening" not in result.stderr
+    assert not (tmp_path / "gateway.db").exists() and not (tmp_path / "master-keys.json").exists()
+
+
+def test_upstream_key_variable_unset_fails_before_anything_is_written(tmp_path: Path) -> None:
+    """An upstream whose ``api_key_env`` is not set stops ``serve`` with the variable's name; no store,
+    no key file is created."""
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1", REPO / "policies")
+    data = json.loads(json.dumps(__import__("yaml").safe_load(config.read_text())))
+    data["upstreams"][0]["api_key_env"] = "SG_TEST_UNSET_PROVIDER_KEY"
+    config.write_text(__import__("yaml").safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k != "SG_TEST_UNSET_PROVIDER_KEY"}
+    result = run("serve", "--config", str(config), env=env, timeout=30)
+    assert_one_line_error(result, 2, "SG_TEST_UNSET_PROVIDER_KEY", "api_key_env", str(config))
+    assert not (tmp_path / "gateway.db").exists() and not (tmp_path / "master-keys.json").exists()
+
+
+def test_export_into_a_missing_folder_says_so(gateway: Gateway, tmp_path: Path) -> None:
+    """``export --out`` under a folder that does not exist names the folder."""
+    out = tmp_path / "no-such-folder" / "acme.jsonl"
+    result = run("--config", str(gateway.config_path), "export", "--tenant", "acme", "--out", str(out))
+    assert_one_line_error(result, 2, str(out.parent), "does not exist")
+
+
+def test_clients_new_refuses_a_tenant_the_configuration_would_refuse() -> None:
+    """``clients new --tenant 'a b'`` is refused with the rule; a valid tenant prints a config entry."""
+    result = run("clients", "new", "--tenant", "a b")
+    assert_one_line_error(result, 2, "'a b'", "tenant")
+    assert result.stdout == ""
+    ok = run("clients", "new", "--tenant", "acme-2")
+    assert ok.returncode == 0 and "tenant: acme-2" in ok.stdout
+
+
+def test_import_conflict_on_the_cli_names_the_cli_command(gateway: Gateway, tmp_path: Path) -> None:
+    """A 409-style conflict tells a CLI user the CLI command to run, not an HTTP verb."""
+    gateway.openai(session="held").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": "hello"}])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"id": "held", "full_context": [{"role": "user", "content": "different"}]}))
+    result = run("--config", str(gateway.config_path), "sessions", "import", "held", str(other), "--tenant", "acme")
+    assert_one_line_error(result, 1, "sessiongate sessions erase --tenant acme held")
+    assert "DELETE" not in result.stderr
