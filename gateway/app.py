@@ -24,6 +24,7 @@ from gateway.handlers import SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
 from gateway.metrics import Metrics
+from gateway.observe import METRICS, metrics_middleware
 from gateway.policy import PolicySet, PolicyWatcher
 from gateway.retention import RetentionTask
 from gateway.sessions import SessionService
@@ -45,6 +46,7 @@ async def error_middleware(request: web.Request,
     except GatewayError as exc:
         if isinstance(exc, IntegrityError):
             log.error("integrity_error", path=request.path, detail=exc.detail)
+            request.app[SERVICES].metrics.integrity_failures.inc()
         return json_response(exc.to_body(), status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -58,6 +60,15 @@ async def error_middleware(request: web.Request,
         log.exception("unhandled_error", path=request.path)
         return json_response({"error": {"message": "the gateway hit an internal error; it has been logged",
                                         "type": "server_error", "code": "internal_error"}}, status=500)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sessiongate")
+    except PackageNotFoundError:  # pragma: no cover - a source tree that was not installed
+        return "unknown"
 
 
 def key_provider(settings: Settings) -> KeyProvider:
@@ -90,8 +101,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         upstream_settings = [UpstreamSettings(name="stand-in", base_url=f"http://127.0.0.1:{port}/v1")]
         log.warning("standin_model", note="NO UPSTREAM CONFIGURED: replies come from the built-in stand-in "
                     "model (deterministic, offline). Add an entry under 'upstreams' to reach a real model.")
+    metrics = Metrics(_version())
+    app[METRICS] = metrics
     trail = AuditTrail(settings)
-    store = trail.observe(open_store(settings))
+    raw_store = open_store(settings)
+    raw_store.on_commit = metrics.commit
+    store = trail.observe(raw_store)
     await store.open()
     checkpoints = asyncio.create_task(trail.checkpointer.run(), name="checkpointer")
     provider = key_provider(settings)
@@ -101,7 +116,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         keyring_watcher = KeyringWatcher(provider.path, lambda: Keyring.from_provider(provider), sessions)
         await keyring_watcher.start()
 
-    metrics = Metrics()
 
     async def on_policies(new: PolicySet) -> None:
         await store.transact(SYSTEM_TENANT, None, lambda cur: Changes(audit=[{
@@ -136,7 +150,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes)
+    app = web.Application(middlewares=[metrics_middleware, error_middleware],
+                          client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_services)
     r = app.router

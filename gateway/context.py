@@ -74,6 +74,7 @@ class Context:
     outcome: str = ""
     ended_by: str = ""  # "client" or "upstream" when a stream was cut off
     bytes_out: int = 0
+    first_byte_at: float = 0.0  # perf_counter() when the first streamed byte was written
     # record
     user_text: str | None = None
     reply_text: str | None = None

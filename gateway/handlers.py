@@ -27,6 +27,7 @@ from gateway import pipeline
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError
 from gateway.export import FORMATS, bundle_paths
+from gateway.observe import set_outcome
 from gateway.stages.forward import reply_headers
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
@@ -83,9 +84,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             services.metrics.upstream_errors.labels(kind="broke_off_stream").inc()
         elif ctx.upstream_status >= 400:
             services.metrics.upstream_errors.labels(kind=f"status_{ctx.upstream_status}").inc()
-        services.metrics.requests.labels(route="chat", status=str(status)).inc()
-        services.metrics.chat_latency.observe(elapsed)
         outcome = "not_recorded" if ctx.persist_attempted and not ctx.persisted else ctx.outcome or None
+        if outcome:
+            set_outcome(request, outcome)
+        if ctx.first_byte_at:
+            services.metrics.first_byte.observe(ctx.first_byte_at - ctx.started)
+        if ctx.reply_body is not None:
+            services.metrics.usage(ctx.tenant, ctx.reply_body.get("model") or ctx.model, ctx.reply_body.get("usage"))
         log.info("request", request_id=ctx.request_id, tenant=ctx.tenant or None, session_id=ctx.session_id,
                  model=ctx.model, status=status, outcome=outcome, ended_by=ctx.ended_by or None,
                  latency_ms=round(elapsed * 1000, 3), bytes_in=len(ctx.raw),
@@ -144,7 +149,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             "event": "proxy", "request_id": request_id, "route": request.path, "model": model,
             "outcome": outcome, "upstream_status": resp.status})))
     await out.write_eof()
-    services.metrics.requests.labels(route="proxy", status=str(resp.status)).inc()
+    set_outcome(request, outcome)
     return out
 
 

@@ -17,10 +17,11 @@ def test_health_ready_and_metrics(gateway) -> None:
     httpx.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {ACME_KEY}"},
                content=b"{not json")
     text = httpx.get(f"{gateway.url}/metrics").text
-    assert 'sessiongate_requests_total{route="chat",status="200"} 1.0' in text
-    assert 'sessiongate_requests_total{route="chat",status="400"} 1.0' in text
+    chat = 'method="POST",outcome="{}",route="/v1/chat/completions",status_class="{}"'
+    assert f'sessiongate_requests_total{{{chat.format("completed", "2xx")}}} 1.0' in text
+    assert f'sessiongate_requests_total{{{chat.format("refused", "4xx")}}} 1.0' in text
     assert 'sessiongate_rounds_recorded_total{outcome="completed"} 1.0' in text
-    assert 'sessiongate_request_seconds_count{route="chat"} 2.0' in text
+    assert 'sessiongate_request_seconds_count{route="/v1/chat/completions"} 2.0' in text
 
 
 def test_upstream_errors_are_counted(make_gateway) -> None:

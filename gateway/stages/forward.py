@@ -12,6 +12,8 @@ the client raise ``UpstreamError``/``UpstreamTimeout``; upstream 4xx/5xx bodies 
 
 from __future__ import annotations
 
+import time
+
 import aiohttp
 import orjson
 from aiohttp import web
@@ -99,6 +101,8 @@ async def _relay_stream(ctx: Context, resp: aiohttp.ClientResponse) -> None:
                 writing = True
                 await out.write(data)
                 writing = False
+                if not ctx.first_byte_at:
+                    ctx.first_byte_at = time.perf_counter()
                 ctx.bytes_out += len(data)
         if splitter.done or assembler.finish_reason:
             ctx.outcome = "completed"

@@ -129,6 +129,10 @@ class SessionSummary:
 class Store(Protocol):
     """A durable home for sealed session data and the audit chain."""
 
+    on_commit: Callable[[float, int], None] | None
+    """Set before ``open()``: told each write transaction's duration in seconds and its number of
+    writes (called from the writer; must be cheap and thread-safe)."""
+
     async def open(self) -> None:
         """Create or migrate the schema and start any background workers."""
 

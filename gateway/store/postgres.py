@@ -330,6 +330,8 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._lanes: list[asyncio.Queue[_Job | None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.on_commit: Callable[[float, int], None] | None = None
+        """Told each batch's commit duration and number of writes."""
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -413,7 +415,10 @@ class PostgresStore:
                     stop = True
                     break
                 batch.append(nxt)
+            started = time.perf_counter()
             outcomes = await self._run_batch(batch)
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started, len(batch))
             for job, (ok, value) in zip(batch, outcomes, strict=True):
                 if job.future.done():
                     continue

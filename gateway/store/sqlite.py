@@ -136,6 +136,8 @@ class Lane:
     def __init__(self, name: str, conn: sqlite3.Connection,
                  run_batch: Callable[[sqlite3.Connection, list[Job]], list[tuple[bool, Any]]]) -> None:
         self.conn, self.run_batch = conn, run_batch
+        self.on_batch: Callable[[float, int], None] | None = None
+        """Told each batch's duration and size (from this thread: keep it cheap and thread-safe)."""
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -166,7 +168,10 @@ class Lane:
                     stop = True
                     break
                 batch.append(nxt)
+            started = time.perf_counter()
             outcomes = self.run_batch(self.conn, [fn for fn, _fut, _loop in batch])
+            if self.on_batch is not None:
+                self.on_batch(time.perf_counter() - started, len(batch))
             by_loop: dict[Any, list[Any]] = {}
             for (_fn, fut, loop), outcome in zip(batch, outcomes, strict=True):
                 by_loop.setdefault(loop, []).append((fut, outcome))
@@ -218,6 +223,8 @@ class SQLiteStore:
         self.path = Path(path)
         self._writer: Lane | None = None
         self._reader: Lane | None = None
+        self.on_commit: Callable[[float, int], None] | None = None
+        """Set before ``open()``: told each write transaction's duration and number of writes."""
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -232,6 +239,7 @@ class SQLiteStore:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
         self._path_mode()
         self._writer = Lane("sqlite-writer", conn, run_transaction)
+        self._writer.on_batch = self.on_commit
         self._reader = Lane("sqlite-reader", reader, run_reads)
 
     def _path_mode(self) -> None:

@@ -1,0 +1,91 @@
+"""``/metrics`` covers every route and every way a request ends, parsed with Prometheus' own
+parser: requests by route template, method, status class and outcome; tokens per tenant and
+model; time to first streamed byte; store commits; integrity failures. No label carries a
+session id or a raw path."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway
+
+AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+SESSION = "metrics-canary-session"
+
+
+def samples(gateway: Gateway) -> list[Any]:
+    text = httpx.get(f"{gateway.url}/metrics").text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def value(found: list[Any], name: str, **labels: str) -> float:
+    return sum(s.value for s in found if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_every_route_and_error_class_is_counted(gateway: Gateway) -> None:
+    """Chat (JSON, stream, 400, 401), sessions (200, 404), admin (403), health, an unknown path and a
+    proxied route each show up under their route template with the right status class and outcome."""
+    with httpx.Client(base_url=gateway.url, timeout=30) as c:
+        chat = {"model": "standin", "messages": [{"role": "user", "content": "hi"}]}
+        assert c.post("/v1/chat/completions", headers={**AUTH, "X-Session-Id": SESSION}, json=chat).status_code == 200
+        with c.stream("POST", "/v1/chat/completions", headers={**AUTH, "X-Session-Id": SESSION},
+                      json={**chat, "stream": True}) as resp:
+            assert resp.status_code == 200 and b"[DONE]" in resp.read()
+        assert c.post("/v1/chat/completions", headers=AUTH, content=b"{").status_code == 400
+        assert c.post("/v1/chat/completions", json=chat).status_code == 401
+        assert c.get(f"/v1/sessions/{SESSION}", headers=AUTH).status_code == 200
+        assert c.get("/v1/sessions/nobody-here", headers=AUTH).status_code == 404
+        assert c.get("/admin/public-key", headers=AUTH).status_code == 403
+        assert c.get("/admin/public-key", headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}).status_code == 200
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/no/such/path").status_code == 404
+        assert c.get("/v1/models", headers=AUTH).status_code < 500
+    found = samples(gateway)
+    total = "sessiongate_requests_total"
+    chat_route = {"route": "/v1/chat/completions", "method": "POST"}
+    assert value(found, total, **chat_route, status_class="2xx", outcome="completed") == 2
+    assert value(found, total, **chat_route, status_class="4xx", outcome="refused") == 2
+    assert value(found, total, route="/v1/sessions/{session_id}", method="GET", status_class="2xx") == 1
+    assert value(found, total, route="/v1/sessions/{session_id}", method="GET", status_class="4xx") == 1
+    assert value(found, total, route="/admin/public-key", status_class="4xx", outcome="refused") == 1
+    assert value(found, total, route="/admin/public-key", status_class="2xx", outcome="ok") == 1
+    assert value(found, total, route="/healthz", status_class="2xx") == 1
+    assert value(found, total, route="unmatched", status_class="4xx") == 1
+    assert value(found, total, route="/v1/{tail}", method="GET") == 1
+    assert value(found, "sessiongate_request_seconds_count", route="/v1/chat/completions") == 4
+    assert value(found, "sessiongate_stream_first_byte_seconds_count") == 1
+    assert value(found, "sessiongate_rounds_recorded_total", outcome="completed") == 2
+    assert value(found, "sessiongate_store_commit_seconds_count") >= 2
+    assert value(found, "sessiongate_store_commit_batch_size_sum") >= 2
+    assert value(found, "sessiongate_build_info") == 1
+    for s in found:  # bounded label sets: no session id, no raw path
+        labels = str(s.labels)
+        assert SESSION not in labels and "/no/such/path" not in labels and "nobody-here" not in labels
+
+
+def test_token_usage_is_counted_per_tenant_and_model(gateway: Gateway) -> None:
+    """The usage block of a reply adds to the prompt and completion token counters of its tenant and model."""
+    gateway.openai().chat.completions.create(model="standin", messages=[{"role": "user", "content": "count"}])
+    found = samples(gateway)
+    prompt = value(found, "sessiongate_tokens_total", tenant="acme", kind="prompt")
+    completion = value(found, "sessiongate_tokens_total", tenant="acme", kind="completion")
+    assert prompt > 0 and completion > 0
+    models = {s.labels["model"] for s in found if s.name == "sessiongate_tokens_total"}
+    assert models == {"standin"}
+
+
+def test_integrity_failures_are_counted(gateway: Gateway) -> None:
+    """A flipped byte in a stored round makes the export fail with integrity_error, counted once."""
+    gateway.openai(session="tamper-me").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": "keep me"}])
+    with sqlite3.connect(gateway.db_path) as db:
+        (ct,) = db.execute("SELECT state_ct FROM sessions WHERE session_id='tamper-me'").fetchone()
+        db.execute("UPDATE sessions SET state_ct=? WHERE session_id='tamper-me'",
+                   (ct[:-1] + bytes([ct[-1] ^ 1]),))
+    resp = httpx.get(f"{gateway.base_url}/sessions/tamper-me", headers=AUTH)
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed"
+    assert value(samples(gateway), "sessiongate_integrity_failures_total") == 1
