@@ -30,11 +30,13 @@ from gateway.retention import RetentionTask
 from gateway.sessions import SessionService
 from gateway.settings import Settings, UpstreamSettings
 from gateway.store.base import SYSTEM_TENANT, Changes, Store
+from gateway.tracing import Tracing, from_settings
 from gateway.upstream import Upstreams
 
 log = structlog.get_logger("gateway.app")
 SETTINGS = web.AppKey("settings", Settings)
 STANDIN = web.AppKey("standin", bool)
+TRACING = web.AppKey("tracing", Tracing)
 
 
 @web.middleware
@@ -129,7 +131,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await policies.start()
     retention = RetentionTask(sessions, policies, settings.store.purge_interval_seconds)
     await retention.start()
-    services = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics, trail)
+    tracing = app[TRACING] if TRACING in app else from_settings(settings)
+    services = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics, trail,
+                        tracing=tracing)
     app[SERVICES] = services
     app[STANDIN] = standin is not None
     try:
@@ -145,14 +149,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await checkpoints
         await upstreams.close()
         await store.close()
+        if tracing is not None:
+            tracing.shutdown()
         if standin is not None:
             await standin.cleanup()
 
 
-def build_app(settings: Settings) -> web.Application:
+def build_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Application:
+    """The gateway app for *settings*; *tracing* replaces the configured tracing (tests)."""
     app = web.Application(middlewares=[metrics_middleware, error_middleware],
                           client_max_size=settings.server.max_body_bytes)
     app[SETTINGS] = settings
+    if tracing is not None:
+        app[TRACING] = tracing
     app.cleanup_ctx.append(_services)
     r = app.router
     r.add_post("/v1/chat/completions", handlers.chat_completions)

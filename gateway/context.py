@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from gateway.policy import Policy, PolicyWatcher
     from gateway.sessions import LoadedSession, SessionService
     from gateway.settings import Settings
+    from gateway.tracing import Tracing
     from gateway.upstream import Upstream, Upstreams
 
 
@@ -36,6 +37,7 @@ class Services:
     metrics: Metrics
     audit: AuditTrail
     background: Background = field(default_factory=Background)
+    tracing: Tracing | None = None  # None unless OpenTelemetry is configured
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 import structlog
@@ -32,6 +33,7 @@ from gateway.stages.forward import reply_headers
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.store.base import Changes
+from gateway.tracing import finish_request
 
 SERVICES = web.AppKey("services", Services)
 log = structlog.get_logger("gateway.access")
@@ -58,6 +60,14 @@ def json_response(data: object, status: int = 200) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    tracing = request.app[SERVICES].tracing
+    if tracing is None:
+        return await _chat(request, None)
+    with tracing.request(request.method, "/v1/chat/completions") as span:
+        return await _chat(request, span)
+
+
+async def _chat(request: web.Request, span: Any) -> web.StreamResponse:
     services = request.app[SERVICES]
     ctx = Context(request, services, new_request_id())
     status = 500
@@ -87,6 +97,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         outcome = "not_recorded" if ctx.persist_attempted and not ctx.persisted else ctx.outcome or None
         if outcome:
             set_outcome(request, outcome)
+        if span is not None:
+            finish_request(span, ctx, status)
         if ctx.first_byte_at:
             services.metrics.first_byte.observe(ctx.first_byte_at - ctx.started)
         if ctx.reply_body is not None:

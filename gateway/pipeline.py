@@ -47,9 +47,14 @@ log = structlog.get_logger("gateway.pipeline")
 
 async def run(ctx: Context, stages: tuple[Stage, ...] = CHAT) -> None:
     """Run *stages* in order; settle an unrecorded round on the way out."""
+    tracing = ctx.services.tracing
     try:
         for stage in stages:
-            await stage(ctx)
+            if tracing is None:
+                await stage(ctx)
+            else:
+                with tracing.stage(stage.__name__):
+                    await stage(ctx)
     finally:
         if ctx.outcome and not ctx.persist_attempted:
             await asyncio.shield(settle(ctx))

@@ -146,6 +146,20 @@ class LoggingSettings(_Strict):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class TracingSettings(_Strict):
+    """OpenTelemetry tracing (``pip install 'sessiongate[otel]'``). Off unless ``endpoint`` is set
+    here or ``OTEL_EXPORTER_OTLP_ENDPOINT``/``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set in the
+    environment; ``OTEL_SDK_DISABLED=true`` turns it off whatever is configured. The standard
+    ``OTEL_*`` variables (service name, resource attributes, headers, sampler) are honoured where
+    this section leaves a value unset."""
+
+    endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces")
+    service_name: str | None = Field(None, description="service.name (default: OTEL_SERVICE_NAME, else sessiongate)")
+    sample_ratio: float | None = Field(None, ge=0.0, le=1.0,
+                                       description="share of new traces sampled (default: OTEL_TRACES_SAMPLER, "
+                                       "else all); a sampled parent is always followed")
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
@@ -156,6 +170,7 @@ class Settings(_Strict):
     policies: PolicySettings = PolicySettings()
     audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
+    tracing: TracingSettings = TracingSettings()
     source: str = Field("<defaults>", exclude=True, description="the file these settings came from")
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from gateway.settings import UpstreamSettings
 
 # Request headers a client may send on to the provider; everything else (its gateway key,
 # cookies, session ids) stays here.
-FORWARD_HEADERS = ("Content-Type", "Accept", "OpenAI-Beta", "User-Agent")
+FORWARD_HEADERS = ("Content-Type", "Accept", "OpenAI-Beta", "User-Agent", "traceparent", "tracestate")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,14 +13,17 @@ the client raise ``UpstreamError``/``UpstreamTimeout``; upstream 4xx/5xx bodies 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.context import Context
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.sse import EventSplitter, ReplyAssembler
+from gateway.tracing import finish_reply
 
 PASS_HEADERS = frozenset({"retry-after", "x-request-id", "openai-processing-ms", "openai-version"})
 
@@ -37,10 +40,23 @@ DONE_TAIL = b"data: [DONE]\n\n"
 
 
 async def forward(ctx: Context) -> None:
+    tracing = ctx.services.tracing
+    if tracing is None:
+        await _forward(ctx, ctx.request.headers)
+        return
+    headers = CIMultiDict(ctx.request.headers)
+    with tracing.upstream_call(ctx, headers) as span:
+        try:
+            await _forward(ctx, headers)
+        finally:
+            finish_reply(span, ctx)
+
+
+async def _forward(ctx: Context, headers: Mapping[str, str]) -> None:
     assert ctx.upstream is not None
     ctx.outcome = "upstream_error"  # until proven otherwise
     resp = await ctx.services.upstreams.send(ctx.upstream, "POST", "/chat/completions",
-                                             body=ctx.forward_body, headers=ctx.request.headers)
+                                             body=ctx.forward_body, headers=headers)
     try:
         ctx.upstream_status = resp.status
         streaming = resp.content_type == "text/event-stream"
