@@ -421,6 +421,56 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    """An online, consistent backup of everything a restore needs, in the order that keeps it
+    consistent: the keyring, the audit signing key, the checkpoint file, then the database (so
+    every data key in the copy is wrapped by a key the copied keyring holds, and every copied
+    checkpoint covers a prefix of the copied chain). SQLite only; PostgreSQL is backed up with
+    ``pg_dump`` in the same order (see the README)."""
+    import shutil
+    import sqlite3
+
+    settings = _settings(args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        return _fail(f"--out {out}: the folder is not empty; back up into a new folder")
+    if not out.parent.is_dir():
+        return _fail(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    if settings.store.backend != "sqlite":
+        return _fail("the store is PostgreSQL: copy the keyring, signing key and checkpoint file, then run "
+                     "pg_dump (see 'Backups' in the README)")
+    sources: list[tuple[str, Path]] = []
+    key_file = settings.keys.master_key_file
+    if settings.keys.master_key_env or key_file is None:
+        print("the master keys come from an environment variable: back them up where they are kept",
+              file=sys.stderr)
+    else:
+        sources.append(("master-keys.json", key_file))
+    sources += [("audit-signing.key", settings.audit.signing_key_file),
+                ("checkpoints.jsonl", settings.audit.checkpoint_file)]
+    for name, path in sources:
+        if name != "checkpoints.jsonl" and not path.is_file():
+            return _fail(f"{path} does not exist: nothing to back up for {name}")
+    if not settings.store.path.is_file():
+        return _fail(f"{settings.store.path} does not exist: there is no database to back up")
+    out.mkdir(mode=0o700, exist_ok=True)
+    for name, path in sources:
+        if path.is_file():
+            shutil.copyfile(path, out / name)
+            (out / name).chmod(0o600)
+    target = out / "sessiongate.db"
+    source = sqlite3.connect(f"file:{settings.store.path}?mode=ro", uri=True, timeout=30)
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+    target.chmod(0o600)
+    print(f"backed up the keyring, signing key, checkpoints and database to {out}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------
 
 CONFIG_HELP = f"configuration file (default {DEFAULT_CONFIG})"
@@ -524,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm = db.add_parser("migrate", help="apply schema migrations (PostgreSQL; SQLite migrates on open)")
     dm.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     dm.set_defaults(fn=cmd_db_migrate)
+
+    bk = sub.add_parser("backup", help="online backup of keyring, signing key, checkpoints and SQLite database")
+    bk.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    bk.add_argument("--out", required=True, help="a new (or empty) folder to write the backup into")
+    bk.set_defaults(fn=cmd_backup)
 
     pu = sub.add_parser("purge", help="erase rounds past their policy's retention")
     pu.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
