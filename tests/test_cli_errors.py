@@ -108,3 +108,13 @@ def test_import_conflict_on_the_cli_names_the_cli_command(gateway: Gateway, tmp_
     result = run("--config", str(gateway.config_path), "sessions", "import", "held", str(other), "--tenant", "acme")
     assert_one_line_error(result, 1, "sessiongate sessions erase --tenant acme held")
     assert "DELETE" not in result.stderr
+
+
+def test_readme_explain_example_files_run() -> None:
+    """The example request and reply named in the README explain cleanly under the shipped policies."""
+    result = run("policy", "explain", "--request", "config/examples/request.json", "--reply",
+                 "config/examples/reply.json", "--tenant", "acme", "--session", "support:42")
+    assert result.returncode == 0, result.stderr
+    assert "id: support-tickets" in result.stdout and "T-1001" in result.stdout
+    readme = (REPO / "README.md").read_text()
+    assert "config/examples/request.json" in readme and "config/examples/reply.json" in readme
