@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from gateway import handlers
+from gateway import console, handlers
 from gateway.auditor import AuditTrail
 from gateway.auth import Authenticator
 from gateway.context import Services
@@ -174,6 +174,7 @@ def build_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Appl
     r.add_get("/admin/public-key", handlers.admin_public_key)
     r.add_get("/admin/audit/verify", handlers.admin_verify)
     r.add_get("/admin/export", handlers.admin_export)
+    console.add_routes(app)
     r.add_get("/healthz", handlers.healthz)
     r.add_get("/readyz", handlers.readyz)
     r.add_get("/metrics", handlers.metrics)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +85,24 @@ class AuditTrail:
         return await averify_chain(store.iter_audit(tenant), tenant=tenant, checkpoints=cps,
                                    public_key=public_key or self.signer.public_key_pem())
 
-    async def export(self, sessions: SessionService, policies: PolicySet, out: Path, *, tenant: str, fmt: str,
-                     session_id: str | None = None, since: float | None = None, until: float | None = None,
-                     progress: Progress | None = None) -> dict[str, Any]:
-        """Write a redacted, verifiable bundle of *tenant*'s rounds at *out*; returns its manifest."""
+    def redactors(self, policies: PolicySet, tenant: str) -> Callable[[str], Redactor]:
+        """``redactor_for(policy_id)``: the export redaction of the policy that recorded a round,
+        for *tenant*; the console shows rounds through the same function an export uses."""
         secret = tenant_secret(export_secret(self.settings), tenant)
-        store = sessions.store
 
         def redactor_for(policy_id: str) -> Redactor:
             policy = policies.get(policy_id) or _fallback(policies)
             keys = [*(policy.session.input_keys or []), *(policy.session.reply_keys or [])]
             return Redactor(policy.export.redact, secret, policy.export.detectors, keys=keys or None)
+
+        return redactor_for
+
+    async def export(self, sessions: SessionService, policies: PolicySet, out: Path, *, tenant: str, fmt: str,
+                     session_id: str | None = None, since: float | None = None, until: float | None = None,
+                     progress: Progress | None = None) -> dict[str, Any]:
+        """Write a redacted, verifiable bundle of *tenant*'s rounds at *out*; returns its manifest."""
+        store = sessions.store
+        redactor_for = self.redactors(policies, tenant)
 
         async def records() -> AsyncIterator[ExportRecord]:
             async for row, messages in sessions.decrypted_rounds(tenant, session_id, since=since, until=until):

@@ -18,6 +18,7 @@ class Principal:
     name: str
     tenant: str | None  # None for auditors
     role: str  # "client" or "auditor"
+    tenants: frozenset[str] | None = None  # an auditor's scope; None reads every tenant
 
 
 class Authenticator:
@@ -28,7 +29,8 @@ class Authenticator:
         for c in settings.clients:
             self._by_digest[c.digest()] = Principal(c.name, c.tenant, "client")
         for a in settings.auditors:
-            self._by_digest[a.token_sha256] = Principal(a.name, None, "auditor")
+            scope = frozenset(a.tenants) if a.tenants is not None else None
+            self._by_digest[a.token_sha256] = Principal(a.name, None, "auditor", scope)
 
     def identify(self, authorization: str | None) -> Principal:
         """The principal behind an Authorization header; ``Unauthorized`` otherwise."""

@@ -335,17 +335,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from gateway.audit import CheckpointLog, load_public_key
     from gateway.auditor import AuditTrail
 
-    settings = _settings(args)
-    if args.action == "public-key":
-        sys.stdout.write(AuditTrail(settings).signer.public_key_pem().decode())
-        return 0
-    if args.bundle:
+    if args.action == "verify" and args.bundle:  # offline: the bundle and the key, no configuration
         from gateway.export import verify_bundle
         if not args.public_key:
             return _fail("verifying a bundle offline needs --public-key FILE (from 'sessiongate audit public-key')")
         report = verify_bundle(args.bundle, Path(args.public_key))
         print(report.summary())
         return 0 if report.ok else 1
+    settings = _settings(args)
+    if args.action == "public-key":
+        sys.stdout.write(AuditTrail(settings).signer.public_key_pem().decode())
+        return 0
     trail = AuditTrail(settings)
     public_key = load_public_key(Path(args.public_key)) if args.public_key else None
     checkpoints = list(CheckpointLog(args.checkpoints)) if args.checkpoints else None

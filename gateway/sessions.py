@@ -186,10 +186,11 @@ class SessionService:
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         return await self.store.list_sessions(tenant)
 
-    async def page_sessions(self, tenant: str, *, after: str | None = None,
-                            limit: int = 100) -> list[SessionSummary]:
+    async def page_sessions(self, tenant: str, *, after: str | None = None, limit: int = 100, prefix: str = "",
+                            since: float | None = None, until: float | None = None) -> list[SessionSummary]:
         """One page of the tenant's sessions in id order (see ``Store.page_sessions``)."""
-        return await self.store.page_sessions(tenant, after=after, limit=limit)
+        return await self.store.page_sessions(tenant, after=after, limit=limit, prefix=prefix, since=since,
+                                              until=until)
 
     # --- writes --------------------------------------------------------------------------
 

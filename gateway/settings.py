@@ -92,6 +92,7 @@ class ClientSettings(_Strict):
 class AuditorSettings(_Strict):
     name: str
     token_sha256: str
+    tenants: list[str] | None = Field(None, description="the tenants this auditor may read (default: all)")
 
     @field_validator("token_sha256")
     @classmethod

@@ -152,9 +152,14 @@ class Store(Protocol):
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         """The tenant's sessions, newest first."""
 
-    async def page_sessions(self, tenant: str, *, after: str | None, limit: int) -> list[SessionSummary]:
+    async def page_sessions(self, tenant: str, *, after: str | None, limit: int, prefix: str = "",
+                            since: float | None = None, until: float | None = None) -> list[SessionSummary]:
         """At most *limit* of the tenant's sessions in session-id order, starting after the id
-        *after* (keyset pagination on the primary key: stable while sessions are written)."""
+        *after* (keyset pagination on the primary key: stable while sessions are written); only
+        ids starting with *prefix*, last written in ``[since, until)`` when those are given."""
+
+    async def count_rounds_by_policy(self, tenant: str) -> dict[tuple[str, str], int]:
+        """How many stored rounds of *tenant* each policy version recorded: ``{(id, hash): n}``."""
 
     def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
                     until: float | None = None) -> AsyncIterator[RoundRow]:

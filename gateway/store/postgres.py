@@ -497,13 +497,30 @@ class PostgresStore:
             "WHERE s.tenant = $1 ORDER BY s.updated_at DESC", tenant)
         return [SessionSummary(*r) for r in rows]
 
-    async def page_sessions(self, tenant: str, *, after: str | None, limit: int) -> list[SessionSummary]:
-        rows = await self._fetch(
-            "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant = s.tenant "
-            "AND r.session_id = s.session_id), s.created_at, s.updated_at FROM sessions s "
-            "WHERE s.tenant = $1 AND s.session_id > $2 ORDER BY s.session_id LIMIT $3",
-            tenant, after or "", limit)
-        return [SessionSummary(*r) for r in rows]
+    async def page_sessions(self, tenant: str, *, after: str | None, limit: int, prefix: str = "",
+                            since: float | None = None, until: float | None = None) -> list[SessionSummary]:
+        inclusive = not after or prefix > after  # start at the prefix itself, or just after *after*
+        sql = ("SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant = s.tenant "
+               "AND r.session_id = s.session_id), s.created_at, s.updated_at FROM sessions s "
+               f"WHERE s.tenant = $1 AND s.session_id {'>=' if inclusive else '>'} $2")
+        args: list[Any] = [tenant, prefix if inclusive else after]
+        if prefix:
+            args.append(prefix + "\U0010ffff")
+            sql += f" AND s.session_id < ${len(args)}"
+        if since is not None:
+            args.append(since)
+            sql += f" AND s.updated_at >= ${len(args)}"
+        if until is not None:
+            args.append(until)
+            sql += f" AND s.updated_at < ${len(args)}"
+        args.append(limit)
+        sql += f" ORDER BY s.session_id LIMIT ${len(args)}"
+        return [SessionSummary(*r) for r in await self._fetch(sql, *args)]
+
+    async def count_rounds_by_policy(self, tenant: str) -> dict[tuple[str, str], int]:
+        rows = await self._fetch("SELECT policy_id, policy_hash, count(*) FROM rounds WHERE tenant = $1 "
+                                 "GROUP BY policy_id, policy_hash", tenant)
+        return {(r[0], r[1]): int(r[2]) for r in rows}
 
     async def tenants(self) -> list[str]:
         return [r[0] for r in await self._fetch(_TENANTS)]

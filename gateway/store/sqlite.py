@@ -305,14 +305,34 @@ class SQLiteStore:
             return [SessionSummary(*r) for r in rows]
         return await self._read(run)
 
-    async def page_sessions(self, tenant: str, *, after: str | None, limit: int) -> list[SessionSummary]:
+    async def page_sessions(self, tenant: str, *, after: str | None, limit: int, prefix: str = "",
+                            since: float | None = None, until: float | None = None) -> list[SessionSummary]:
+        inclusive = not after or prefix > after  # start at the prefix itself, or just after *after*
+        sql = ("SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant=s.tenant "
+               "AND r.session_id=s.session_id), s.created_at, s.updated_at FROM sessions s "
+               f"WHERE s.tenant=? AND s.session_id{'>=' if inclusive else '>'}?")
+        args: list[Any] = [tenant, prefix if inclusive else after]
+        if prefix:
+            sql += " AND s.session_id<?"
+            args.append(prefix + "\U0010ffff")
+        if since is not None:
+            sql += " AND s.updated_at>=?"
+            args.append(since)
+        if until is not None:
+            sql += " AND s.updated_at<?"
+            args.append(until)
+        sql += " ORDER BY s.session_id LIMIT ?"
+        args.append(limit)
+
         def run(c: sqlite3.Connection) -> list[SessionSummary]:
-            rows = c.execute(
-                "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant=s.tenant "
-                "AND r.session_id=s.session_id), s.created_at, s.updated_at FROM sessions s "
-                "WHERE s.tenant=? AND s.session_id>? ORDER BY s.session_id LIMIT ?",
-                (tenant, after or "", limit)).fetchall()
-            return [SessionSummary(*r) for r in rows]
+            return [SessionSummary(*r) for r in c.execute(sql, args).fetchall()]
+        return await self._read(run)
+
+    async def count_rounds_by_policy(self, tenant: str) -> dict[tuple[str, str], int]:
+        def run(c: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            rows = c.execute("SELECT policy_id, policy_hash, count(*) FROM rounds WHERE tenant=? "
+                             "GROUP BY policy_id, policy_hash", (tenant,)).fetchall()
+            return {(r[0], r[1]): r[2] for r in rows}
         return await self._read(run)
 
     async def tenants(self) -> list[str]:

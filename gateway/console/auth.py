@@ -1,0 +1,92 @@
+"""Console sessions and CSRF.
+
+A console session is created by signing in with an auditor token and lives in this process's
+memory only (a restart signs everyone out; behind several replicas, route ``/console`` to one
+of them or use sticky sessions). The cookie holds a random 256-bit id; the server keeps the
+auditor, a per-session CSRF token and the times. Nothing secret is ever put in a URL.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.auth import Principal
+
+COOKIE = "sg_console"
+LOGIN_COOKIE = "sg_console_login"
+IDLE_SECONDS = 30 * 60
+MAX_SECONDS = 8 * 3600
+MAX_SESSIONS = 10_000
+
+
+@dataclass(slots=True)
+class ConsoleSession:
+    id: str
+    principal: Principal
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    created: float = field(default_factory=time.monotonic)
+    seen: float = field(default_factory=time.monotonic)
+
+    def can_read(self, tenant: str) -> bool:
+        """Whether this auditor may see *tenant* (unscoped auditors see every tenant)."""
+        scope = getattr(self.principal, "tenants", None)
+        return scope is None or tenant in scope
+
+
+class ConsoleSessions:
+    """The signed-in auditors of this process, oldest evicted past ``MAX_SESSIONS``."""
+
+    def __init__(self) -> None:
+        self._by_id: OrderedDict[str, ConsoleSession] = OrderedDict()
+
+    def create(self, principal: Principal) -> ConsoleSession:
+        session = ConsoleSession(secrets.token_urlsafe(32), principal)
+        self._by_id[session.id] = session
+        while len(self._by_id) > MAX_SESSIONS:
+            self._by_id.popitem(last=False)
+        return session
+
+    def get(self, session_id: str | None) -> ConsoleSession | None:
+        """The live session named by the cookie, or None (unknown, idle too long or too old)."""
+        if not session_id:
+            return None
+        session = self._by_id.get(session_id)
+        if session is None:
+            return None
+        now = time.monotonic()
+        if now - session.seen > IDLE_SECONDS or now - session.created > MAX_SECONDS:
+            del self._by_id[session_id]
+            return None
+        session.seen = now
+        self._by_id.move_to_end(session_id)
+        return session
+
+    def drop(self, session_id: str | None) -> None:
+        if session_id:
+            self._by_id.pop(session_id, None)
+
+
+def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str, max_age: int) -> None:
+    response.set_cookie(name, value, max_age=max_age, path="/console", httponly=True, samesite="Strict",
+                        secure=request.secure)
+
+
+def same_origin(request: web.Request) -> bool:
+    """True unless the browser says the request came from another site or origin."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    if origin is None or origin == "null":
+        return origin is None
+    return origin == f"{request.scheme}://{request.host}"
+
+
+def token_matches(expected: str, given: object) -> bool:
+    return isinstance(given, str) and bool(given) and hmac.compare_digest(expected.encode(), given.encode())

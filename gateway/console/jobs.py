@@ -1,0 +1,148 @@
+"""Verification and export runs started from the console, in the background, with progress.
+
+A job belongs to the auditor who started it (no one else can see it or download its bundle),
+runs as an asyncio task, and reports ``checked``/``exported`` counts while it runs. Export
+bundles go to a private temporary folder (mode 0700, files 0600) that is removed when the job
+is dropped or the gateway stops. At most ``MAX_JOBS`` are kept; the oldest finished go first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import secrets
+import shutil
+import tarfile
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway.audit import VerifyReport
+from gateway.export import Progress, bundle_paths
+from gateway.store.base import AuditRow
+
+log = structlog.get_logger("gateway.console")
+MAX_JOBS = 200
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str  # "verify" or "export"
+    tenant: str
+    owner: str
+    params: dict[str, Any]
+    started: float = field(default_factory=time.time)
+    status: str = "running"  # running | done | failed
+    count: int = 0
+    report: VerifyReport | None = None
+    manifest: dict[str, Any] | None = None
+    error: str | None = None
+    folder: Path | None = None
+    out: Path | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    def tar_bytes(self) -> bytes:
+        """The finished bundle (records, manifest, audit entries) as one tar archive."""
+        assert self.out is not None
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for path in bundle_paths(self.out):
+                tar.add(path, arcname=path.name)
+        return buffer.getvalue()
+
+
+class Counting:
+    """Wraps an async iterator of audit rows and counts them into a job."""
+
+    def __init__(self, rows: AsyncIterator[AuditRow], job: Job) -> None:
+        self._rows, self._job = rows, job
+
+    def __aiter__(self) -> Counting:
+        return self
+
+    async def __anext__(self) -> AuditRow:
+        row = await self._rows.__anext__()
+        self._job.count += 1
+        if self._job.count % 500 == 0:
+            await asyncio.sleep(0)  # let pages that poll the progress be served
+        return row
+
+    async def aclose(self) -> None:
+        closer = getattr(self._rows, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+class JobProgress(Progress):
+    """The export's record counter, written into the job instead of a terminal."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(stream=io.StringIO())
+        self.job = job
+
+    def tick(self, n: int = 1) -> None:
+        super().tick(n)
+        self.job.count = self.count
+
+
+class Jobs:
+    def __init__(self) -> None:
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def start(self, kind: str, tenant: str, owner: str, params: dict[str, Any],
+              work: Callable[[Job], Awaitable[None]]) -> Job:
+        job = Job(secrets.token_urlsafe(12), kind, tenant, owner, params)
+        self._jobs[job.id] = job
+        self._evict()
+
+        async def run() -> None:
+            try:
+                await work(job)
+                job.status = "done"
+            except Exception as exc:  # noqa: BLE001 - shown on the job page by type; details logged
+                job.status, job.error = "failed", type(exc).__name__
+                log.error("console_job_failed", kind=kind, tenant=tenant, error=type(exc).__name__)
+
+        job.task = asyncio.create_task(run(), name=f"console-{kind}")
+        return job
+
+    def get(self, job_id: str, owner: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        return job if job is not None and job.owner == owner else None
+
+    def private_folder(self, job: Job) -> Path:
+        job.folder = Path(tempfile.mkdtemp(prefix="sessiongate-console-"))
+        job.folder.chmod(0o700)
+        return job.folder
+
+    def _evict(self) -> None:
+        while len(self._jobs) > MAX_JOBS:
+            oldest = next((j for j in self._jobs.values() if not j.running), None)
+            if oldest is None:
+                return
+            self._drop(oldest)
+
+    def _drop(self, job: Job) -> None:
+        self._jobs.pop(job.id, None)
+        if job.folder is not None:
+            shutil.rmtree(job.folder, ignore_errors=True)
+
+    async def close(self) -> None:
+        for job in list(self._jobs.values()):
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await job.task
+            self._drop(job)

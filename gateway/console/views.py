@@ -1,0 +1,493 @@
+"""The console's pages. Each handler is small: check who is asking, read through the services
+the rest of the gateway uses (store, audit trail, policies, redaction), render a template.
+
+Routes (all under ``/console``): ``login``, ``logout``, ``overview``, ``sessions``,
+``sessions/{tenant}/{session_id}``, ``audit/{tenant}/{request_id}``, ``verify`` (POST),
+``export`` (POST), ``jobs/{id}``, ``jobs/{id}/download``, ``public-key``, ``policies``,
+``policies/explain`` (POST), ``static/*``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import orjson
+import structlog
+import yaml
+from aiohttp import web
+
+from gateway.audit import VerifyReport, averify_chain, entry_fields
+from gateway.console.auth import (
+    COOKIE,
+    IDLE_SECONDS,
+    LOGIN_COOKIE,
+    ConsoleSession,
+    ConsoleSessions,
+    same_origin,
+    set_cookie,
+    token_matches,
+)
+from gateway.console.jobs import Counting, Job, JobProgress, Jobs
+from gateway.console.stats import DAYS_SHOWN, StatsCache
+from gateway.errors import GatewayError, Unauthorized
+from gateway.export import FORMATS
+from gateway.handlers import SERVICES, parse_time
+from gateway.redact import Redactor
+from gateway.stages.resolve_session import check_session_id
+from gateway.store.base import SYSTEM_TENANT, Changes
+
+log = structlog.get_logger("gateway.console")
+HERE = Path(__file__).parent
+PAGE = 50
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
+       "base-uri 'none'")
+_TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Page = Callable[[web.Request, ConsoleSession], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Console:
+    sessions: ConsoleSessions = field(default_factory=ConsoleSessions)
+    jobs: Jobs = field(default_factory=Jobs)
+    stats: StatsCache = field(default_factory=StatsCache)
+    templates: jinja2.Environment = field(default_factory=lambda: _environment())
+
+
+CONSOLE = web.AppKey("console", Console)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["when"] = _when
+    env.filters["pretty"] = lambda value: orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+    return env
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "—"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --- plumbing ---------------------------------------------------------------------------------
+
+def render(request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
+    console = request.app[CONSOLE]
+    html = console.templates.get_template(template).render(**values)
+    return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+
+async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Security headers on every console response."""
+    if request.path.startswith("/console"):
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"  # "no-referrer" makes Chromium send Origin: null
+        response.headers["X-Frame-Options"] = "DENY"
+        if not request.path.startswith("/console/static/"):
+            response.headers["Cache-Control"] = "no-store"
+
+
+def signed_in(page: Page) -> Handler:
+    """Only for a live console session; a POST must also be same-origin and carry its CSRF token."""
+
+    @functools.wraps(page)
+    async def handler(request: web.Request) -> web.StreamResponse:
+        console = request.app[CONSOLE]
+        session = console.sessions.get(request.cookies.get(COOKIE))
+        if request.method == "POST":
+            form = await request.post()
+            if not same_origin(request) or session is None or not token_matches(session.csrf, form.get("csrf")):
+                return render(request, "error.html", status=403, session=None, title="Request refused",
+                              message="This request did not come from a console page of this gateway (the "
+                              "cross-site check failed). Open the console and try again.")
+        if session is None:
+            raise web.HTTPSeeOther("/console/login")
+        return await page(request, session)
+
+    return handler
+
+
+def _forbidden(request: web.Request, session: ConsoleSession, tenant: str) -> web.Response:
+    return render(request, "error.html", status=403, session=session, title="Not your tenant",
+                  message=f"Your auditor token is not scoped to tenant {tenant!r}.")
+
+
+def _tenant_arg(value: str | None) -> str | None:
+    return value if value is not None and _TENANT.match(value) else None
+
+
+async def _tenants(request: web.Request, session: ConsoleSession) -> list[str]:
+    store = request.app[SERVICES].sessions.store
+    return [t for t in await store.tenants() if t != SYSTEM_TENANT and session.can_read(t)]
+
+
+async def _audit(request: web.Request, tenant: str, fields: dict[str, Any]) -> None:
+    store = request.app[SERVICES].sessions.store
+    await store.transact(tenant, None, lambda cur: Changes(audit=[fields]))
+
+
+# --- sign in and out ----------------------------------------------------------------------------
+
+async def index(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPSeeOther("/console/overview")
+
+
+async def login_form(request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
+    import secrets
+
+    token = secrets.token_urlsafe(32)
+    response = render(request, "login.html", status=status, session=None, csrf=token, error=error)
+    set_cookie(response, request, LOGIN_COOKIE, token, max_age=600)
+    return response
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """Sign in with an auditor token posted from the login form (same origin, login CSRF token)."""
+    form = await request.post()
+    if not same_origin(request) or not token_matches(request.cookies.get(LOGIN_COOKIE, ""), form.get("csrf")):
+        return await login_form(request, "The sign-in form expired or came from another site. Try again.", 403)
+    token = form.get("token")
+    services = request.app[SERVICES]
+    try:
+        principal = services.auth.identify(f"Bearer {token}" if isinstance(token, str) else None)
+    except (Unauthorized, GatewayError):
+        return await login_form(request, "That token is not known to this gateway.", 401)
+    if principal.role != "auditor":
+        log.info("console_sign_in_refused", reason="not_an_auditor")
+        return await login_form(request, "Only auditor tokens can sign in to the console; client keys cannot.", 403)
+    session = request.app[CONSOLE].sessions.create(principal)
+    log.info("console_sign_in", auditor=principal.name)
+    response = web.HTTPSeeOther("/console/overview")
+    set_cookie(response, request, COOKIE, session.id, max_age=IDLE_SECONDS * 16)
+    response.del_cookie(LOGIN_COOKIE, path="/console")
+    raise response
+
+
+@signed_in
+async def logout(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    request.app[CONSOLE].sessions.drop(session.id)
+    response = web.HTTPSeeOther("/console/login")
+    response.del_cookie(COOKIE, path="/console")
+    raise response
+
+
+# --- overview -------------------------------------------------------------------------------------
+
+@signed_in
+async def overview(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    console = request.app[CONSOLE]
+    store = services.sessions.store
+    cards = []
+    for tenant in await _tenants(request, session):
+        stats = await console.stats.get(store, tenant)
+        checkpoints = services.audit.log.for_tenant(tenant)
+        cards.append({"tenant": tenant, "stats": stats, "checkpoint": checkpoints[-1] if checkpoints else None,
+                      "chart": _chart(stats.days())})
+    system = None
+    if getattr(session.principal, "tenants", None) is None:
+        system = await console.stats.get(store, SYSTEM_TENANT)
+    return render(request, "overview.html", session=session, cards=cards, system=system, formats=FORMATS)
+
+
+COLOURS = ("#2563eb", "#16a34a", "#d97706", "#9333ea", "#dc2626", "#0891b2", "#4b5563")
+
+
+def _chart(days: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Rounds per day by policy as stacked bars: plain numbers for an inline SVG (no script)."""
+    policies = sorted({p for _, counts in days for p in counts})
+    colour = {p: COLOURS[i % len(COLOURS)] for i, p in enumerate(policies)}
+    top = max((sum(c.values()) for _, c in days), default=0) or 1
+    bars = []
+    for i, (day, counts) in enumerate(days):
+        y = 120.0
+        parts = []
+        for policy in policies:
+            h = 110.0 * counts.get(policy, 0) / top
+            if h:
+                y -= h
+                parts.append({"y": round(y, 2), "h": round(h, 2), "fill": colour[policy], "policy": policy,
+                              "n": counts[policy]})
+        bars.append({"x": 40 + i * 36, "day": day, "total": sum(counts.values()), "parts": parts})
+    return {"bars": bars, "legend": [{"policy": p, "fill": colour[p]} for p in policies], "top": top,
+            "width": 40 + 36 * DAYS_SHOWN}
+
+
+# --- sessions ---------------------------------------------------------------------------------------
+
+@signed_in
+async def sessions_page(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    query = request.query
+    tenants = await _tenants(request, session)
+    tenant = _tenant_arg(query.get("tenant")) or (tenants[0] if tenants else None)
+    if tenant is not None and not session.can_read(tenant):
+        return _forbidden(request, session, tenant)
+    prefix = query.get("q", "").strip()[:128]
+    error = None
+    since = until = None
+    try:
+        since = parse_time(query["since"]) if query.get("since") else None
+        until = parse_time(query["until"]) if query.get("until") else None
+    except ValueError:
+        error = "Times are ISO 8601 (2026-01-31T09:00) or Unix timestamps."
+    after = query.get("after") or None
+    rows: list[Any] = []
+    more = False
+    if tenant is not None and error is None:
+        try:
+            after = check_session_id(after) if after else None
+        except GatewayError:
+            after = None
+        rows = await request.app[SERVICES].sessions.page_sessions(tenant, after=after, limit=PAGE + 1,
+                                                                  prefix=prefix, since=since, until=until)
+        more = len(rows) > PAGE
+        rows = rows[:PAGE]
+    return render(request, "sessions.html", session=session, tenants=tenants, tenant=tenant, rows=rows, more=more,
+                  q=prefix, since=query.get("since", ""), until=query.get("until", ""), error=error)
+
+
+@signed_in
+async def session_page(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    """One session's rounds, redacted exactly as an export redacts them; the read is audited."""
+    tenant = _tenant_arg(request.match_info["tenant"])
+    if tenant is None:
+        raise web.HTTPNotFound()
+    if not session.can_read(tenant):
+        return _forbidden(request, session, tenant)
+    try:
+        sid = check_session_id(request.match_info["session_id"])
+    except GatewayError:
+        raise web.HTTPNotFound() from None
+    services = request.app[SERVICES]
+    await _audit(request, tenant, {"event": "console_read", "session_id": sid,
+                                   "detail": {"auditor": session.principal.name, "view": "session"}})
+    redactors = services.audit.redactors(services.policies.current, tenant)
+    rounds = []
+    async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
+        redactor: Redactor = redactors(row.policy_id)
+        shown = redactor.redact_messages(messages)
+        rounds.append({"row": row, "messages": shown, "sha256": hashlib.sha256(row.ct).hexdigest(),
+                       "chars": sum(len(str(m.get("content") or "")) for m in shown),
+                       "bytes": len(row.ct)})
+    if not rounds:
+        return render(request, "error.html", status=404, session=session, title="No such session",
+                      message=f"Tenant {tenant!r} has no recorded rounds in session {sid!r}.")
+    return render(request, "session.html", session=session, tenant=tenant, sid=sid, rounds=rounds)
+
+
+@signed_in
+async def audit_entry(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    """The audit entries that carry one request id (a round's entry, and any that name it)."""
+    tenant = _tenant_arg(request.match_info["tenant"])
+    if tenant is None:
+        raise web.HTTPNotFound()
+    if not session.can_read(tenant):
+        return _forbidden(request, session, tenant)
+    request_id = request.match_info["request_id"]
+    entries = []
+    async for row in request.app[SERVICES].sessions.store.iter_audit(tenant):
+        fields = entry_fields(row)
+        if fields.get("request_id") == request_id:
+            entries.append({"row": row, "fields": fields})
+    if not entries:
+        raise web.HTTPNotFound()
+    return render(request, "audit.html", session=session, tenant=tenant, request_id=request_id, entries=entries)
+
+
+# --- verify and export -------------------------------------------------------------------------------
+
+EXPLAIN_KINDS = {
+    "edited": "was changed after it was written: its content no longer matches its fingerprint",
+    "gap": "is missing: entries before it were removed",
+    "reordered": "is out of order: entries were moved",
+    "inserted": "does not belong to this chain: an entry was added or copied in",
+    "bad_link": "does not link to the entry before it: the chain was cut or spliced",
+    "truncated": "is missing: the chain ends before a signed checkpoint says it reached",
+    "bad_signature": "has a checkpoint whose signature does not hold under the gateway's public key",
+    "checkpoint_mismatch": "is not the entry that a signed checkpoint vouched for",
+}
+
+
+def explain_report(report: VerifyReport) -> str:
+    """A verification result in words an auditor understands."""
+    if report.ok:
+        return (f"The chain of tenant {report.tenant!r} is intact: all {report.entries:,} entries check out, "
+                f"and {report.checkpoints} signed checkpoint(s) match.")
+    error = report.first_error
+    assert error is not None
+    what = EXPLAIN_KINDS.get(error.kind)
+    if what is None or error.seq is None:
+        return f"The chain of tenant {report.tenant!r} does not verify. The first problem: {error.message}."
+    return f"The chain of tenant {report.tenant!r} is broken. The first problem: entry #{error.seq} {what}."
+
+
+@signed_in
+async def verify(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    form = await request.post()
+    tenant = _tenant_arg(str(form.get("tenant", "")))
+    if tenant is None:
+        raise web.HTTPSeeOther("/console/overview")
+    if not session.can_read(tenant):
+        return _forbidden(request, session, tenant)
+    services = request.app[SERVICES]
+
+    async def work(job: Job) -> None:
+        store = services.sessions.store
+        job.report = await averify_chain(Counting(store.iter_audit(tenant).__aiter__(), job), tenant=tenant,
+                                         checkpoints=services.audit.log.for_tenant(tenant),
+                                         public_key=services.audit.signer.public_key_pem())
+        await _audit(request, tenant, {"event": "verify", "detail": {
+            "auditor": session.principal.name, "ok": job.report.ok, "entries": job.report.entries}})
+
+    job = request.app[CONSOLE].jobs.start("verify", tenant, session.id, {}, work)
+    raise web.HTTPSeeOther(f"/console/jobs/{job.id}")
+
+
+@signed_in
+async def export(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    form = await request.post()
+    tenant = _tenant_arg(str(form.get("tenant", "")))
+    fmt = str(form.get("format", "jsonl"))
+    if tenant is None or fmt not in FORMATS:
+        return render(request, "error.html", status=400, session=session, title="Export not started",
+                      message="Choose a tenant and one of the formats jsonl, csv or agently.")
+    if not session.can_read(tenant):
+        return _forbidden(request, session, tenant)
+    try:
+        sid = check_session_id(str(form["session"])) if form.get("session") else None
+        since = parse_time(str(form["since"])) if form.get("since") else None
+        until = parse_time(str(form["until"])) if form.get("until") else None
+    except (GatewayError, ValueError):
+        return render(request, "error.html", status=400, session=session, title="Export not started",
+                      message="The session id or a time is not valid (times: ISO 8601 or Unix timestamps).")
+    console = request.app[CONSOLE]
+    services = request.app[SERVICES]
+
+    async def work(job: Job) -> None:
+        folder = console.jobs.private_folder(job)
+        job.out = folder / f"{tenant}-export.{'csv' if fmt == 'csv' else 'jsonl'}"
+        job.manifest = await services.audit.export(services.sessions, services.policies.current, job.out,
+                                                   tenant=tenant, fmt=fmt, session_id=sid, since=since,
+                                                   until=until, progress=JobProgress(job))
+        for path in folder.iterdir():
+            path.chmod(0o600)
+        log.info("export", auditor=session.principal.name, tenant=tenant, session_id=sid, format=fmt, via="console")
+
+    job = console.jobs.start("export", tenant, session.id, {"format": fmt, "session": sid}, work)
+    raise web.HTTPSeeOther(f"/console/jobs/{job.id}")
+
+
+@signed_in
+async def job_page(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    job = request.app[CONSOLE].jobs.get(request.match_info["job_id"], session.id)
+    if job is None:
+        raise web.HTTPNotFound()
+    summary = explain_report(job.report) if job.report is not None else None
+    name = job.out.name + ".tar" if job.out is not None else ""
+    return render(request, "job.html", session=session, job=job, summary=summary, bundle=name)
+
+
+@signed_in
+async def job_download(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    job = request.app[CONSOLE].jobs.get(request.match_info["job_id"], session.id)
+    if job is None or job.kind != "export" or job.status != "done" or job.out is None:
+        raise web.HTTPNotFound()
+    return web.Response(body=job.tar_bytes(), content_type="application/x-tar", headers={
+        "Content-Disposition": f'attachment; filename="{job.out.name}.tar"'})
+
+
+@signed_in
+async def public_key(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    return web.Response(body=request.app[SERVICES].audit.signer.public_key_pem(),
+                        content_type="application/x-pem-file",
+                        headers={"Content-Disposition": 'attachment; filename="sessiongate-audit.pub"'})
+
+
+# --- policies --------------------------------------------------------------------------------------
+
+@signed_in
+async def policies_page(request: web.Request, session: ConsoleSession,
+                        explained: dict[str, Any] | None = None) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    counts: dict[tuple[str, str], int] = {}
+    for tenant in await _tenants(request, session):
+        for key, n in (await services.sessions.store.count_rounds_by_policy(tenant)).items():
+            counts[key] = counts.get(key, 0) + n
+    shown = []
+    for policy in services.policies.current:
+        source = policy.source
+        text = source.read_text(encoding="utf-8") if source is not None and source.is_file() else ""
+        shown.append({"policy": policy, "yaml": text, "file": source.name if source else "",
+                      "rounds": counts.get((policy.id, policy.version_hash), 0)})
+    return render(request, "policies.html", session=session, policies=shown, explained=explained or {})
+
+
+@signed_in
+async def explain_form(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    from gateway.policy.explain import explain
+    from gateway.stages.parse_request import check_chat
+
+    form = await request.post()
+    values = {k: str(form.get(k, "")) for k in ("request", "reply", "tenant", "session")}
+    result: dict[str, Any] = {"values": values}
+    try:
+        body = orjson.loads(values["request"])
+        if not isinstance(body, dict):
+            raise ValueError("the request must be a JSON object (a chat completion request)")
+        check_chat(body)
+        reply = orjson.loads(values["reply"]) if values["reply"].strip() else None
+        sid = check_session_id(values["session"]) if values["session"] else None
+        tenant = values["tenant"] or "default"
+        report = explain(request.app[SERVICES].policies.current, body, tenant=tenant, session_id=sid, reply=reply)
+        result["report"] = yaml.safe_dump(report, allow_unicode=True, sort_keys=False, width=100)
+    except orjson.JSONDecodeError as exc:
+        result["error"] = f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+    except GatewayError as exc:
+        result["error"] = exc.message
+    except ValueError as exc:
+        result["error"] = str(exc)
+    return await policies_page.__wrapped__(request, session, result)  # type: ignore[attr-defined]
+
+
+# --- wiring ----------------------------------------------------------------------------------------
+
+async def _lifecycle(app: web.Application) -> Any:
+    yield
+    await app[CONSOLE].jobs.close()
+
+
+def setup(app: web.Application) -> None:
+    """Register the console on *app*."""
+    app[CONSOLE] = Console()
+    app.on_response_prepare.append(_headers)
+    app.cleanup_ctx.append(_lifecycle)
+    r = app.router
+    r.add_get("/console", index)
+    r.add_get("/console/", index)
+    r.add_get("/console/login", login_form)
+    r.add_post("/console/login", login)
+    r.add_post("/console/logout", logout)
+    r.add_get("/console/overview", overview)
+    r.add_get("/console/sessions", sessions_page)
+    r.add_get("/console/sessions/{tenant}/{session_id}", session_page)
+    r.add_get("/console/audit/{tenant}/{request_id}", audit_entry)
+    r.add_post("/console/verify", verify)
+    r.add_post("/console/export", export)
+    r.add_get("/console/jobs/{job_id}", job_page)
+    r.add_get("/console/jobs/{job_id}/download", job_download)
+    r.add_get("/console/public-key", public_key)
+    r.add_get("/console/policies", policies_page)
+    r.add_post("/console/policies/explain", explain_form)
+    r.add_static("/console/static/", HERE / "static", append_version=False)

@@ -1,0 +1,175 @@
+"""The console driven in a real headless Chromium (Debian's ``chromium``, through Playwright):
+sign in, browse to a session, verify a chain, export and download a bundle that the CLI verifies
+offline, explain a request, sign out; a client key cannot sign in; a cross-site POST is refused;
+hostile recorded HTML stays text; a scoped auditor cannot open another tenant's page by URL.
+
+Screenshots of every page land in ``tests/console/screenshots/`` (linked from the README).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, REPO, Gateway, _Server
+from tests.console.conftest import SCOPED_TOKEN
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = Path(__file__).parent / "screenshots"
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(page: Any, gateway: Gateway, token: str) -> None:
+    page.goto(f"{gateway.url}/console")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+
+
+def test_auditor_walkthrough(browser: Any, console_gateway: Gateway, tmp_path: Path) -> None:
+    """Sign in, browse, verify, export, download, verify offline, explain, sign out."""
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(f"{console_gateway.url}/console")
+    assert page.url.endswith("/console/login")
+    shot(page, "01-sign-in")
+    sign_in(page, console_gateway, AUDITOR_TOKEN)
+    assert page.url.endswith("/console/overview"), page.content()
+    assert page.locator("h2", has_text="Tenant acme").count() == 1
+    shot(page, "02-overview")
+
+    page.click("text=Browse sessions >> nth=0")
+    page.wait_for_selector("table caption")
+    shot(page, "03-sessions")
+    page.click("text=console-a")
+    page.wait_for_selector("article.round")
+    contents = page.locator("pre.content").all_text_contents()
+    assert any("<script>window.__pwned=1</script>" in c for c in contents)
+    assert any('"><img src=x onerror="window.__pwned=2">' in c for c in contents)
+    assert page.evaluate("window.__pwned") is None and page.locator("main img").count() == 0
+    shot(page, "04-session")
+    page.click("text=request >> nth=0")
+    page.wait_for_selector("text=Entry #")
+    shot(page, "05-audit-entry")
+
+    page.goto(f"{console_gateway.url}/console/overview")
+    page.click("button:has-text('Verify chain') >> nth=0")
+    page.wait_for_selector("#verify-result", timeout=20_000)
+    assert "is intact" in page.text_content("#verify-result")
+    shot(page, "06-verify")
+
+    page.goto(f"{console_gateway.url}/console/overview")
+    page.click("summary:has-text('Export') >> nth=0")
+    page.select_option("select[name=format] >> nth=0", "jsonl")
+    page.click("button:has-text('Start export') >> nth=0")
+    page.wait_for_selector("#download", timeout=20_000)
+    shot(page, "07-export")
+    with page.expect_download() as info:
+        page.click("#download")
+    bundle = tmp_path / info.value.suggested_filename
+    info.value.save_as(bundle)
+    with page.expect_download() as key_info:
+        page.click("text=Download the public key")
+    public_key = tmp_path / "sessiongate-audit.pub"
+    key_info.value.save_as(public_key)
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp_path / "bundle", filter="data")
+    manifest = next((tmp_path / "bundle").glob("*.manifest.json"))
+    verified = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", "--bundle", str(manifest),
+                               "--public-key", str(public_key)], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=60)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    page.goto(f"{console_gateway.url}/console/policies")
+    page.fill("#x-session", "support:42")
+    page.fill("#x-request", '{"model": "gpt-4o", "messages": [{"role": "user", "content": "ticket T-1"}]}')
+    page.click("button:has-text('Explain')")
+    page.wait_for_selector("#explain-report")
+    assert "support-tickets" in page.text_content("#explain-report")
+    shot(page, "08-policies")
+
+    page.click("button:has-text('Sign out')")
+    assert page.url.endswith("/console/login")
+    page.goto(f"{console_gateway.url}/console/overview")
+    assert page.url.endswith("/console/login")
+    context.close()
+
+
+def test_a_client_key_cannot_sign_in(browser: Any, console_gateway: Gateway) -> None:
+    """The login form refuses a client key with a message that says why."""
+    page = browser.new_page()
+    sign_in(page, console_gateway, ACME_KEY)
+    assert page.url.endswith("/console/login")
+    assert "client keys cannot" in page.text_content("[role=alert]")
+    shot(page, "09-client-key-refused")
+    page.close()
+
+
+def test_a_cross_site_post_is_refused(browser: Any, console_gateway: Gateway) -> None:
+    """A page on another origin that posts to the console (auto-submitted form) is refused, and the
+    auditor stays signed in."""
+    target = f"{console_gateway.url}/console/logout"
+
+    async def evil(request: web.Request) -> web.Response:
+        return web.Response(content_type="text/html", text=(
+            f'<form id="f" method="post" action="{target}"><input name="csrf" value="guess"></form>'
+            '<script>document.getElementById("f").submit()</script>'))
+
+    app = web.Application()
+    app.router.add_get("/", evil)
+    server = _Server(app)
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        sign_in(page, console_gateway, AUDITOR_TOKEN)
+        with page.expect_navigation(url=target):
+            page.goto(f"http://127.0.0.1:{server.port}/")
+        assert "Request refused" in page.content()
+        page.goto(f"{console_gateway.url}/console/overview")
+        assert page.url.endswith("/console/overview")  # the forged sign-out did nothing
+    finally:
+        context.close()
+        server.stop()
+
+
+def test_a_scoped_auditor_cannot_open_another_tenants_page(browser: Any, console_gateway: Gateway) -> None:
+    """globex's auditor typing acme's session URL gets the 'not your tenant' page."""
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, console_gateway, SCOPED_TOKEN)
+    response = page.goto(f"{console_gateway.url}/console/sessions/acme/console-a")
+    assert response is not None and response.status == 403
+    assert "Not your tenant" in page.text_content("h1")
+    assert "second turn" not in page.content()
+    shot(page, "10-scoped-refused")
+    context.close()
+
+
+def test_screenshots_folder_is_linked_from_the_readme() -> None:
+    """The README points at the folder the screenshots are saved in."""
+    assert "tests/console/screenshots" in (REPO / "README.md").read_text()

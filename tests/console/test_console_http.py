@@ -1,0 +1,107 @@
+"""The console's promises checked over HTTP: sign-in only for auditors, a strict cookie, CSRF and
+same-origin checks on every POST, a strict CSP, tenant scoping by URL, escaping, audited reads."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import httpx
+import orjson
+
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway
+from tests.console.conftest import HOSTILE, SCOPED_TOKEN, login_csrf, signed_in_client
+
+
+def test_client_keys_and_unknown_tokens_cannot_sign_in(console_gateway: Gateway) -> None:
+    """A client key gets 403 and an unknown token 401, with no session cookie either way."""
+    with httpx.Client(base_url=console_gateway.url, timeout=30) as client:
+        for token, status in ((ACME_KEY, 403), ("sg-nobody", 401)):
+            form = client.get("/console/login")
+            resp = client.post("/console/login", data={"token": token, "csrf": login_csrf(form.text)},
+                               headers={"Origin": console_gateway.url})
+            assert resp.status_code == status
+            assert "sg_console=" not in resp.headers.get("set-cookie", "")
+        assert client.get("/console/overview", follow_redirects=False).status_code == 303
+
+
+def test_session_cookie_is_httponly_strict_and_expires(console_gateway: Gateway) -> None:
+    """The session cookie is HttpOnly, SameSite=Strict, scoped to /console and has a lifetime."""
+    client = httpx.Client(base_url=console_gateway.url, timeout=30)
+    form = client.get("/console/login")
+    resp = client.post("/console/login", data={"token": AUDITOR_TOKEN, "csrf": login_csrf(form.text)},
+                       headers={"Origin": console_gateway.url})
+    cookie = next(c for c in resp.headers.get_list("set-cookie") if c.startswith("sg_console="))
+    lowered = cookie.lower()
+    assert "httponly" in lowered and "samesite=strict" in lowered and "path=/console" in lowered
+    assert "max-age=" in lowered
+    assert AUDITOR_TOKEN not in cookie and AUDITOR_TOKEN not in str(resp.headers)
+
+
+def test_pages_send_a_strict_csp_and_no_inline_script(console_gateway: Gateway) -> None:
+    """Every page forbids inline script and other origins; no page holds a script element."""
+    client = signed_in_client(console_gateway)
+    for path in ("/console/login", "/console/overview", "/console/sessions?tenant=acme",
+                 "/console/sessions/acme/console-a", "/console/policies"):
+        resp = client.get(path)
+        assert resp.status_code == 200, path
+        csp = resp.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src" not in csp and "unsafe-inline" not in csp
+        assert resp.headers["x-content-type-options"] == "nosniff"
+        assert "<script" not in resp.text.replace("&lt;script", "")
+
+
+def test_cross_site_and_tokenless_posts_are_refused(console_gateway: Gateway) -> None:
+    """A POST with another Origin, a cross-site fetch marker or no CSRF token changes nothing: 403."""
+    client = signed_in_client(console_gateway)
+    csrf = login_csrf(client.get("/console/overview").text)
+    attempts = [({"Origin": "http://evil.example"}, {"csrf": csrf, "tenant": "acme"}),
+                ({"Sec-Fetch-Site": "cross-site", "Origin": console_gateway.url}, {"csrf": csrf, "tenant": "acme"}),
+                ({"Origin": console_gateway.url}, {"tenant": "acme"}),
+                ({"Origin": console_gateway.url}, {"csrf": "forged", "tenant": "acme"})]
+    for headers, data in attempts:
+        assert client.post("/console/verify", data=data, headers=headers).status_code == 403
+        assert client.post("/console/logout", data=data, headers=headers).status_code == 403
+    assert client.get("/console/overview").status_code == 200  # still signed in
+    ok = client.post("/console/verify", data={"csrf": csrf, "tenant": "acme"}, headers={"Origin": console_gateway.url})
+    assert ok.status_code == 303 and ok.headers["location"].startswith("/console/jobs/")
+
+
+def test_scoped_auditor_sees_only_its_tenants(console_gateway: Gateway) -> None:
+    """An auditor scoped to globex gets 403 for acme's pages by URL and sees only globex listed."""
+    client = signed_in_client(console_gateway, SCOPED_TOKEN)
+    overview = client.get("/console/overview").text
+    assert "globex" in overview and "<code>acme</code>" not in overview
+    for path in ("/console/sessions?tenant=acme", "/console/sessions/acme/console-a"):
+        assert client.get(path).status_code == 403
+    csrf = login_csrf(overview)
+    for action in ("/console/verify", "/console/export"):
+        resp = client.post(action, data={"csrf": csrf, "tenant": "acme", "format": "jsonl"},
+                           headers={"Origin": console_gateway.url})
+        assert resp.status_code == 403
+    assert client.get("/console/sessions/globex/globex-1").status_code == 200
+
+
+def test_recorded_html_is_escaped_and_the_read_is_audited(console_gateway: Gateway) -> None:
+    """Hostile recorded text appears escaped, and viewing the session appends a console_read entry."""
+    client = signed_in_client(console_gateway)
+    page = client.get("/console/sessions/acme/console-a").text
+    assert "<script>window.__pwned" not in page and '"><img src=x' not in page
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in page
+    with sqlite3.connect(console_gateway.db_path) as db:
+        bodies = [orjson.loads(b) for (b,) in db.execute("SELECT body FROM audit WHERE tenant='acme' ORDER BY seq")]
+    reads = [b for b in bodies if b["event"] == "console_read"]
+    assert reads and reads[-1]["session_id"] == "console-a" and reads[-1]["detail"]["auditor"] == "demo-auditor"
+    assert HOSTILE not in str(bodies)
+
+
+def test_sessions_are_searched_by_prefix_and_paged(console_gateway: Gateway) -> None:
+    """The session search filters by id prefix and pages with a Next link."""
+    for i in range(55):
+        console_gateway.openai(session=f"page-{i:03d}").chat.completions.create(
+            model="standin", messages=[{"role": "user", "content": "x"}])
+    client = signed_in_client(console_gateway)
+    first = client.get("/console/sessions", params={"tenant": "acme", "q": "page-"}).text
+    assert "page-000" in first and "page-049" in first and "page-050" not in first and "console-a" not in first
+    assert "after=page-049" in first
+    second = client.get("/console/sessions", params={"tenant": "acme", "q": "page-", "after": "page-049"}).text
+    assert "page-054" in second and "page-049<" not in second and "Next page" not in second
