@@ -109,6 +109,8 @@ class PolicyDiff:
     cases: list[CaseChange] = field(default_factory=list)
     hashes: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     """Policy id -> (old version hash, new version hash), for every id on either side."""
+    sample: tuple[list[str], list[str | None], list[str | None]] = ([], [], [])
+    """The tenants, models and session ids the match moves were evaluated over."""
 
     @property
     def changed(self) -> list[str]:
@@ -188,10 +190,8 @@ class PolicyDiff:
         lines += [f"removed: {i}" + (f" ({f})" if f else "") for i, f in self.removed]
         for change in self.changes:
             lines.append(f"changed: {change.text}" + (f"  <-- {WIDENS}" if change.widens else ""))
-        for move in self.moves:
-            model = NONE if move.model is None else move.model
-            sid = NONE if move.session_id is None else move.session_id
-            lines.append(f"moved: tenant {move.tenant}, model {model}, session {sid}: {move.old} -> {move.new}"
+        for tenants, models, sessions, move in group_moves(self.moves, self.sample):
+            lines.append(f"moved: tenant {tenants}, model {models}, session {sessions}: {move.old} -> {move.new}"
                          + (f"  <-- {WIDENS}" if move.widens else ""))
         for case in self.cases:
             lines.append(f"case {case.file}:{case.line} {case.name!r}: {case.field} changed"
@@ -265,17 +265,17 @@ def compare_policies(old: Policy, new: Policy, label: str | None = None) -> list
         a, b = effective_action(old, key), effective_action(new, key)
         if a != b:
             out.append(Change(pid, "export.redact", {key: a}, {key: b}, f"{pid}: redaction of {key}: {a} -> {b}",
-                              widens=REDACT_STRENGTH[b] < REDACT_STRENGTH[a]))
+                              widens=REDACT_STRENGTH[b] < REDACT_STRENGTH[a] and not new.records_nothing))
     do, dn = dict(old.export.detectors), dict(new.export.detectors)
     for name in sorted(set(do) | set(dn)):
         a_det, b_det = do.get(name), dn.get(name)
         if a_det != b_det:
             out.append(Change(pid, "export.detectors", {name: a_det}, {name: b_det},
                               f"{pid}: detector {name}: {a_det or 'off'} -> {b_det or 'off'}",
-                              widens=DETECTOR_STRENGTH[b_det] < DETECTOR_STRENGTH[a_det]))
+                              widens=DETECTOR_STRENGTH[b_det] < DETECTOR_STRENGTH[a_det] and not new.records_nothing))
     ro, rn = old.retention.days, new.retention.days
     if ro != rn:
-        longer = ro is not None and (rn is None or rn > ro)
+        longer = ro is not None and (rn is None or rn > ro) and not new.records_nothing
         out.append(Change(pid, "retention.days", ro, rn, f"{pid}: retention: {_days(ro)} -> {_days(rn)}", longer))
     mo, mn = old.match.model_dump(mode="json"), new.match.model_dump(mode="json")
     for name in mo:
@@ -344,10 +344,10 @@ def sample_values(sets: Iterable[PolicySet], extra: Iterable[tuple[str, str | No
     return list(tenants), list(models), list(sessions)
 
 
-def match_moves(old: PolicySet, new: PolicySet,
-                extra: Iterable[tuple[str, str | None, str | None]] = ()) -> list[Move]:
-    """Every sampled (tenant, model, session id) that ``old`` and ``new`` give different policies."""
-    tenants, models, sessions = sample_values((old, new), extra)
+def match_moves(old: PolicySet, new: PolicySet, sample: tuple[list[str], list[str | None], list[str | None]]
+                ) -> list[Move]:
+    """Every (tenant, model, session id) of ``sample`` that ``old`` and ``new`` give different policies."""
+    tenants, models, sessions = sample
     moves = []
     for tenant, model, session_id in itertools.product(tenants, models, sessions):
         a, b = old.match(tenant, model, session_id), new.match(tenant, model, session_id)
@@ -355,6 +355,30 @@ def match_moves(old: PolicySet, new: PolicySet,
             widens = any(c.widens for c in compare_policies(a, b, f"{a.id} -> {b.id}"))
             moves.append(Move(tenant, model, session_id, a.id, b.id, widens))
     return moves
+
+
+def _shown(value: str | None) -> str:
+    return NONE if value is None else value
+
+
+def group_moves(moves: Sequence[Move], sample: tuple[list[str], list[str | None], list[str | None]]
+                ) -> list[tuple[str, str, str, Move]]:
+    """Moves as text rows ``(tenants, models, sessions, a move of the row)``, exact: the moves of one
+    (old, new, widens) that form a full product of their tenants, models and session ids are one
+    row, values joined by ``|`` (``any`` when a field takes every sampled value); others one row each."""
+    groups: dict[tuple[str, str, bool], list[Move]] = {}
+    for move in moves:
+        groups.setdefault((move.old, move.new, move.widens), []).append(move)
+    rows = []
+    for group in groups.values():
+        fields = [list(dict.fromkeys(getattr(m, name) for m in group)) for name in ("tenant", "model", "session_id")]
+        if len(group) == len(fields[0]) * len(fields[1]) * len(fields[2]):
+            shown = ["any" if len(values) == len(sample[i]) else "|".join(_shown(v) for v in values)
+                     for i, values in enumerate(fields)]
+            rows.append((shown[0], shown[1], shown[2], group[0]))
+        else:
+            rows += [(m.tenant, _shown(m.model), _shown(m.session_id), m) for m in group]
+    return rows
 
 
 # --- the whole diff ------------------------------------------------------------------------
@@ -377,7 +401,8 @@ def diff_sets(old: PolicySet, new: PolicySet, cases: Sequence[Any] = ()) -> Poli
         if a is not None and b is not None and a.version_hash != b.version_hash:
             result.changes += compare_policies(a, b)
     extra = [(item.case.tenant, _model(item.case.request), item.case.session_id) for item in cases]
-    result.moves = match_moves(old, new, extra)
+    result.sample = sample_values((old, new), extra)
+    result.moves = match_moves(old, new, result.sample)
     result.cases = case_changes(old, new, cases)
     return result
 
@@ -430,9 +455,10 @@ def side_by_side(old: Any, new: Any, width: int = 48) -> list[str]:
             text = "(nothing)"
         elif isinstance(value, str):
             text = value
+        elif isinstance(value, list):
+            text = "\n".join(_message_text(m) for m in value) if value else "(nothing)"
         else:
-            import yaml
-            text = yaml.safe_dump(value, allow_unicode=True, sort_keys=False, width=1000).rstrip("\n")
+            text = json.dumps(value, ensure_ascii=False)
         wrapped: list[str] = []
         for line in text.splitlines() or [""]:
             wrapped += [line[i:i + width] for i in range(0, max(len(line), 1), width)]
@@ -443,3 +469,11 @@ def side_by_side(old: Any, new: Any, width: int = 48) -> list[str]:
     for a, b in itertools.zip_longest(left, right, fillvalue=""):
         rows.append(f"{a:<{width}} | {b}".rstrip())
     return rows
+
+
+def _message_text(message: Any) -> str:
+    if not isinstance(message, dict):
+        return json.dumps(message, ensure_ascii=False)
+    content = message.get("content")
+    body = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+    return f"{message.get('role')}:\n" + "\n".join("  " + line for line in body.splitlines())
