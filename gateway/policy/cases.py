@@ -357,10 +357,23 @@ def check_case(item: LoadedCase, outcome: Outcome) -> list[Failure]:
     return failures
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings as ``|`` blocks, so a diff of messages reads line by line."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return yaml.safe_dump(value, allow_unicode=True, sort_keys=False, width=100).rstrip("\n")
+    if value is None:
+        return "null"
+    return yaml.dump(value, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=100).rstrip("\n")
 
 
 def render_failure(item: LoadedCase, failure: Failure) -> str:

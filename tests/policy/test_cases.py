@@ -165,3 +165,14 @@ def test_bad_yaml_and_a_file_without_cases_exit_2(tmp_path: Path, capsys: pytest
     errors = capsys.readouterr().err.splitlines()
     assert errors[0].startswith(f"sessiongate: error: {broken}:7:") and "invalid YAML" in errors[0]
     assert errors[1] == f"{empty}:1:8: error: cases: List should have at least 1 item after validation, not 0"
+
+
+def test_the_documented_example_is_a_passing_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The case in policies/cases/README.md passes against the shipped policies, so the format
+    reference cannot drift from the code."""
+    readme = (REPO / "policies" / "cases" / "README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "example.yaml"
+    path.write_text(example)
+    assert main(["policy", "test", str(REPO / "policies"), str(path)]) == 0
+    assert capsys.readouterr().err == "1 case(s) in 1 file(s): 1 passed, 0 failed\n"
