@@ -394,7 +394,11 @@ def run_cases(policies: PolicySet, cases: Sequence[LoadedCase], out: TextIO) -> 
     """Run and check ``cases``; print each failure to ``out``; return how many cases failed."""
     failed = 0
     for item in cases:
-        failures = check_case(item, evaluate(policies, item.case, item.export_secret))
+        try:
+            failures = check_case(item, evaluate(policies, item.case, item.export_secret))
+        except (GatewayError, ValueError) as exc:  # the gateway would refuse this request
+            message = exc.message if isinstance(exc, GatewayError) else str(exc)
+            failures = [Failure("request", item.line_of("request"), None, None, f"the gateway refuses it: {message}")]
         if failures:
             failed += 1
             for failure in failures:

@@ -21,7 +21,9 @@ either side turned into a concrete value that it matches (literals as they are; 
 ``"(other)"`` (a value that only match-all globs match), and for model and session id also
 "none given" (shown ``(none)``). Every move reported is exact: a real request that changes
 policy. A change that no sampled value witnesses is not reported; a case with that tenant,
-model or session id pins it.
+model or session id pins it. When no policy's id, priority or globs changed, no request can
+move and nothing is evaluated; otherwise the cost is the product of the three value counts.
+Evaluation uses copies of the sets, so the live set's match cache is never touched.
 
 **Widening.** A change *widens recording* when, for the requests it affects, more may be kept
 or exported in the clear: a whitelist key added, a list whitelist turned into ``null`` (the
@@ -347,7 +349,10 @@ def sample_values(sets: Iterable[PolicySet], extra: Iterable[tuple[str, str | No
 def match_moves(old: PolicySet, new: PolicySet, sample: tuple[list[str], list[str | None], list[str | None]]
                 ) -> list[Move]:
     """Every (tenant, model, session id) of ``sample`` that ``old`` and ``new`` give different policies."""
+    if _matching(old) == _matching(new):
+        return []  # the same globs and priorities under the same ids: no request can move
     tenants, models, sessions = sample
+    old, new = PolicySet(old), PolicySet(new)  # private match caches: the live set's stays as it is
     moves = []
     for tenant, model, session_id in itertools.product(tenants, models, sessions):
         a, b = old.match(tenant, model, session_id), new.match(tenant, model, session_id)
@@ -355,6 +360,10 @@ def match_moves(old: PolicySet, new: PolicySet, sample: tuple[list[str], list[st
             widens = any(c.widens for c in compare_policies(a, b, f"{a.id} -> {b.id}"))
             moves.append(Move(tenant, model, session_id, a.id, b.id, widens))
     return moves
+
+
+def _matching(policies: PolicySet) -> set[tuple[str, int, str]]:
+    return {(p.id, p.priority, p.match.model_dump_json()) for p in policies}
 
 
 def _shown(value: str | None) -> str:

@@ -93,11 +93,16 @@ class PolicyWatcher(Worker):
             return False
         old, self._current = self._current, new
         self.last_error = None
-        self.last_diff = await asyncio.to_thread(diff_sets, old, new)
+        try:
+            self.last_diff = await asyncio.to_thread(diff_sets, old, new)
+        except Exception:  # noqa: BLE001 - the new set is valid and serves; only its summary is missing
+            self.last_diff = None
+            log.exception("policy_diff_failed", path=str(self.path))
         log.info("policy_reloaded", path=str(self.path),
                  policies={p.id: p.version_hash[:12] for p in new},
-                 warnings=[str(w) for w in new.warnings], diff=self.last_diff.summary_line(),
-                 widens_recording=self.last_diff.widens_recording)
+                 warnings=[str(w) for w in new.warnings],
+                 diff=self.last_diff.summary_line() if self.last_diff else None,
+                 widens_recording=self.last_diff.widens_recording if self.last_diff else None)
         if self._on_change is not None:
             try:
                 result = self._on_change(new)
