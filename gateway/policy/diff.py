@@ -109,8 +109,6 @@ class PolicyDiff:
     changes: list[Change] = field(default_factory=list)
     moves: list[Move] = field(default_factory=list)
     cases: list[CaseChange] = field(default_factory=list)
-    hashes: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
-    """Policy id -> (old version hash, new version hash), for every id on either side."""
     sample: tuple[list[str], list[str | None], list[str | None]] = ([], [], [])
     """The tenants, models and session ids the match moves were evaluated over."""
 
@@ -153,9 +151,11 @@ class PolicyDiff:
 
     def summary_line(self) -> str:
         """One line for the reload log: counts and ids, and whether recording widens."""
-        ids = lambda items: ",".join(i for i, _ in items) or "-"  # noqa: E731
-        return (f"{len(self.added)} added [{ids(self.added)}], {len(self.removed)} removed "
-                f"[{ids(self.removed)}], {len(self.changed)} changed [{','.join(self.changed) or '-'}], "
+        def ids(items: Iterable[str]) -> str:
+            return ",".join(items) or "-"
+
+        return (f"{len(self.added)} added [{ids(i for i, _ in self.added)}], {len(self.removed)} removed "
+                f"[{ids(i for i, _ in self.removed)}], {len(self.changed)} changed [{ids(self.changed)}], "
                 f"{len(self.moves)} match move(s); widens recording: {'yes' if self.widens_recording else 'no'}")
 
     def audit_detail(self) -> dict[str, Any]:
@@ -404,10 +404,9 @@ def diff_sets(old: PolicySet, new: PolicySet, cases: Sequence[Any] = ()) -> Poli
     result = PolicyDiff()
     result.added = [(pid, _file(p)) for pid, p in sorted(new_ids.items()) if pid not in old_ids]
     result.removed = [(pid, _file(p)) for pid, p in sorted(old_ids.items()) if pid not in new_ids]
-    for pid in sorted(set(old_ids) | set(new_ids)):
-        a, b = old_ids.get(pid), new_ids.get(pid)
-        result.hashes[pid] = (a.version_hash if a else None, b.version_hash if b else None)
-        if a is not None and b is not None and a.version_hash != b.version_hash:
+    for pid in sorted(set(old_ids) & set(new_ids)):
+        a, b = old_ids[pid], new_ids[pid]
+        if a.version_hash != b.version_hash:
             result.changes += compare_policies(a, b)
     extra = [(item.case.tenant, _model(item.case.request), item.case.session_id) for item in cases]
     result.sample = sample_values((old, new), extra)
