@@ -120,8 +120,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 
     async def on_policies(new: PolicySet) -> None:
+        # "_diff": what changed, names only (gateway.policy.diff); no policy id starts with "_"
+        diff = policies.last_diff.audit_detail() if policies.last_diff is not None else None
         await store.transact(SYSTEM_TENANT, None, lambda cur: Changes(audit=[{
-            "event": "policy_reload", "detail": {p.id: p.version_hash for p in new}}]))
+            "event": "policy_reload", "detail": {**{p.id: p.version_hash for p in new}, "_diff": diff}}]))
         metrics.policy_reloads.labels(result="ok").inc()
 
     policies = PolicyWatcher(settings.policies.path, on_policies, interval=settings.policies.reload_interval,

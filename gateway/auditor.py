@@ -91,9 +91,7 @@ class AuditTrail:
         secret = tenant_secret(export_secret(self.settings), tenant)
 
         def redactor_for(policy_id: str) -> Redactor:
-            policy = policies.get(policy_id) or _fallback(policies)
-            keys = [*(policy.session.input_keys or []), *(policy.session.reply_keys or [])]
-            return Redactor(policy.export.redact, secret, policy.export.detectors, keys=keys or None)
+            return policy_redactor(policies.get(policy_id) or _fallback(policies), secret)
 
         return redactor_for
 
@@ -122,6 +120,12 @@ class AuditTrail:
                                    append_audit=append_audit, sign_head=sign_head,
                                    iter_audit=lambda after: store.iter_audit(tenant, after_seq=after),
                                    filters=filters, progress=progress)
+
+
+def policy_redactor(policy: Policy, secret: bytes) -> Redactor:
+    """The redactor an export applies to *policy*'s records, under the tenant key *secret*."""
+    keys = [*(policy.session.input_keys or []), *(policy.session.reply_keys or [])]
+    return Redactor(policy.export.redact, secret, policy.export.detectors, keys=keys or None)
 
 
 def _fallback(policies: PolicySet) -> Policy:

@@ -4,6 +4,7 @@
     sessiongate clients new --tenant T [--name N]
     sessiongate sessions list|export|import|reset|delete|erase --tenant T [ID] [FILE]
     sessiongate policy check [PATH ...] | policy explain --request FILE [--reply FILE] ...
+    sessiongate policy test [POLICY_DIR] [CASES ...] | policy diff OLD_DIR NEW_DIR [--cases ...]
     sessiongate keys generate|list|rotate|retire [KEY_ID]
     sessiongate purge
     sessiongate db migrate
@@ -264,6 +265,31 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     _Dumper.add_representer(str, _str)
     print(yaml.dump(report, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=100), end="")
     return 0
+
+
+def _policy_dir(args: argparse.Namespace, given: str | None) -> Path:
+    return Path(given) if given else _settings(args).policies.path
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from gateway.policy.cases import main_test
+
+    return main_test(_policy_dir(args, args.policy_dir), [Path(p) for p in args.cases])
+
+
+def cmd_policy_diff(args: argparse.Namespace) -> int:
+    from gateway.policy import load_policy_set
+    from gateway.policy.cases import load_cases
+    from gateway.policy.diff import diff_sets
+
+    old, new = load_policy_set(Path(args.old)), load_policy_set(Path(args.new))
+    cases = load_cases([Path(p) for p in args.cases]) if args.cases else []
+    result = diff_sets(old, new, cases)
+    if args.format == "json":
+        print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(result.render()))
+    return result.exit_code
 
 
 # --- keys ------------------------------------------------------------------------------
@@ -541,6 +567,20 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--policies", help="policy folder (default: the configured one)")
     pe.add_argument("--load-state", action="store_true", help="read the session's real state from the store")
     pe.set_defaults(fn=cmd_policy_explain)
+
+    pt = pol.add_parser("test", help="run policy test cases; exit 1 on a failed case, 2 on an invalid file")
+    pt.add_argument("--config", default=argparse.SUPPRESS)
+    pt.add_argument("policy_dir", nargs="?", help="policy folder (default: the configured one)")
+    pt.add_argument("cases", nargs="*", help="case files or folders (default: POLICY_DIR/cases)")
+    pt.set_defaults(fn=cmd_policy_test)
+    pd = pol.add_parser("diff", help="what changing OLD_DIR into NEW_DIR does; exit 0 same, 1 changed, "
+                        "3 widens recording, 2 invalid input")
+    pd.add_argument("--config", default=argparse.SUPPRESS)
+    pd.add_argument("old", metavar="OLD_DIR")
+    pd.add_argument("new", metavar="NEW_DIR")
+    pd.add_argument("--cases", nargs="+", default=[], help="case files or folders whose outcomes to compare")
+    pd.add_argument("--format", choices=["text", "json"], default="text")
+    pd.set_defaults(fn=cmd_policy_diff)
 
     k = sub.add_parser("keys", help="master keys: generate, list, rotate, retire")
     k.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)

@@ -51,7 +51,11 @@ Check files before they go live: `sessiongate policy check [PATH...]` prints eve
 `file:line:column: error: field.path: message` (and warnings, e.g. keys that can never match)
 and exits 1 on any error. A running gateway reloads this folder within about two seconds of
 an edit; an invalid edit is refused, logged with the same messages, and the last good set of
-policies keeps serving.
+policies keeps serving. Subfolders are not read as policies.
+
+Keep examples of what must and must not be recorded in [`cases/`](cases/README.md) and run
+them with `sessiongate policy test`; `sessiongate policy diff OLD_DIR NEW_DIR` shows what a
+change does before it goes live, and flags every change that widens recording.
 
 ## Choosing the policy
 

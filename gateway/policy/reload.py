@@ -6,11 +6,12 @@ gateway never starts on invalid policies), then, once started, polls the folder 
 policy files (name, mtime in ns, size, inode); when it has changed and then stays the same for
 one more poll (so a half-written file is not read), the folder is loaded again in a worker
 thread. A valid set replaces ``current`` in one assignment, so a request sees either the old
-set or the new one, never a mix and never an error; ``on_change(new_set)`` is then called
-(sync or async). An invalid set is refused: the check's messages are logged with structlog
+set or the new one, never a mix and never an error; ``last_diff`` is set to what changed
+(:func:`gateway.policy.diff.diff_sets`), the ``policy_reloaded`` log line carries its one-line
+summary and ``widens_recording``, and ``on_change(new_set)`` is then called (sync or async).
+An invalid set is refused: the check's messages are logged with structlog
 (``policy_reload_refused``), ``last_error`` is set, ``on_refused(error)`` is called, and the
-last good set keeps serving. With
-the default interval an edit is live within about 1.5 seconds.
+last good set keeps serving. With the default interval an edit is live within about 1.5 seconds.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import structlog
 
 from gateway.background import Worker
 from gateway.errors import ConfigError
+from gateway.policy.diff import PolicyDiff, diff_sets
 from gateway.policy.loader import POLICY_SUFFIXES, load_policy_set
 from gateway.policy.matcher import PolicySet
 
@@ -70,6 +72,8 @@ class PolicyWatcher(Worker):
         self._current = load_policy_set(self.path)
         self.last_error: ConfigError | None = None
         """The error of the last refused reload; None after a successful one."""
+        self.last_diff: PolicyDiff | None = None
+        """What the last successful reload changed (``gateway.policy.diff``); None before one."""
 
     @property
     def current(self) -> PolicySet:
@@ -87,11 +91,18 @@ class PolicyWatcher(Worker):
             if self._on_refused is not None:
                 self._on_refused(exc)
             return False
-        self._current = new
+        old, self._current = self._current, new
         self.last_error = None
+        try:
+            self.last_diff = await asyncio.to_thread(diff_sets, old, new)
+        except Exception:  # noqa: BLE001 - the new set is valid and serves; only its summary is missing
+            self.last_diff = None
+            log.exception("policy_diff_failed", path=str(self.path))
         log.info("policy_reloaded", path=str(self.path),
                  policies={p.id: p.version_hash[:12] for p in new},
-                 warnings=[str(w) for w in new.warnings])
+                 warnings=[str(w) for w in new.warnings],
+                 diff=self.last_diff.summary_line() if self.last_diff else None,
+                 widens_recording=self.last_diff.widens_recording if self.last_diff else None)
         if self._on_change is not None:
             try:
                 result = self._on_change(new)

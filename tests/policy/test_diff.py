@@ -1,0 +1,201 @@
+"""``sessiongate policy diff OLD NEW``: what a change does, exactly, with every widening of
+recording flagged; exit 0 for no difference, 1 for changes, 3 when recording widens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.cli import main
+from gateway.policy import Policy
+from gateway.policy.diff import compare_policies
+
+DEFAULT = "id: default\nsession: {input_keys: null, reply_keys: null}\nretention: {days: 30}\n"
+SUPPORT = """\
+id: support
+priority: 10
+match: {session_ids: ["support:*"]}
+session: {input_keys: [input.ticket_id], reply_keys: []}
+export:
+  redact: [{key: input.ticket_id, action: hash}]
+retention: {days: 30}
+"""
+WIDER = SUPPORT.replace('["support:*"]', '["support:*", "helpdesk:*"]') \
+    .replace("[input.ticket_id], reply", "[input.ticket_id, input.email], reply")
+
+
+def folder(root: Path, name: str, files: dict[str, str]) -> Path:
+    path = root / name
+    path.mkdir()
+    for file, text in files.items():
+        (path / file).write_text(text)
+    return path
+
+
+@pytest.fixture
+def change(tmp_path: Path) -> tuple[Path, Path]:
+    """OLD: a catch-all and a support policy; NEW: support also records input.email and claims helpdesk:*."""
+    return (folder(tmp_path, "old", {"default.yaml": DEFAULT, "support.yaml": SUPPORT}),
+            folder(tmp_path, "new", {"default.yaml": DEFAULT, "support.yaml": WIDER}))
+
+
+def test_a_widened_whitelist_and_a_moved_match_are_reported_exactly(change: tuple[Path, Path],
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The added key is flagged WIDENS RECORDING, the helpdesk sessions move from the catch-all to
+    support (which records less, so the move is not flagged), and the exit code is 3."""
+    old, new = change
+    assert main(["policy", "diff", str(old), str(new)]) == 3
+    assert capsys.readouterr().out.splitlines() == [
+        "*** WIDENS RECORDING: 1 change(s) widen what is recorded or exported ***",
+        "changed: support: input_keys: + input.email  <-- WIDENS RECORDING",
+        'changed: support: match.session_ids: ["support:*"] -> ["support:*", "helpdesk:*"]',
+        "moved: tenant any, model any, session helpdesk:x: default -> support",
+        "summary: 0 added [-], 0 removed [-], 1 changed [support], 2 match move(s); widens recording: yes",
+    ]
+
+
+def test_the_json_form_lists_every_change_and_move(change: tuple[Path, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--format json carries each change with its old and new value and each moved request."""
+    old, new = change
+    assert main(["policy", "diff", str(old), str(new), "--format", "json"]) == 3
+    report = json.loads(capsys.readouterr().out)
+    assert report == {
+        "added": [], "removed": [],
+        "changed": [
+            {"policy": "support", "field": "input_keys", "old": None, "new": "input.email",
+             "text": "support: input_keys: + input.email", "widens": True},
+            {"policy": "support", "field": "match.session_ids", "old": ["support:*"],
+             "new": ["support:*", "helpdesk:*"],
+             "text": 'support: match.session_ids: ["support:*"] -> ["support:*", "helpdesk:*"]', "widens": False}],
+        "moves": [
+            {"tenant": "(other)", "model": "(other)", "session_id": "helpdesk:x", "old": "default", "new": "support",
+             "widens": False},
+            {"tenant": "(other)", "model": None, "session_id": "helpdesk:x", "old": "default", "new": "support",
+             "widens": False}],
+        "cases": [],
+        "widens_recording": True,
+        "widening": ["support: input_keys: + input.email"],
+        "exit_code": 3,
+    }
+
+
+def test_cases_show_what_a_change_records_side_by_side(change: tuple[Path, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """With --cases, a case whose recorded text changes is shown old beside new, and flagged; a
+    helpdesk case that moves to support records less and is not."""
+    old, new = change
+    cases = tmp_path / "cases.yaml"
+    cases.write_text("""\
+cases:
+  - name: support ticket
+    session_id: "support:1"
+    request:
+      messages: [{role: user, content: '{"ticket_id": "T-1", "email": "a@example.com"}'}]
+    expect: {}
+  - name: helpdesk chat
+    session_id: "helpdesk:1"
+    request:
+      messages: [{role: user, content: 'hello'}]
+    expect: {}
+""")
+    assert main(["policy", "diff", str(old), str(new), "--cases", str(cases)]) == 3
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index(f"case {cases}:2 'support ticket': recorded.user changed  <-- WIDENS RECORDING")
+    assert [line.rstrip() for line in lines[at + 1:at + 6]] == [
+        "    old" + " " * 45 + " | new",
+        "    " + "-" * 49 + "+" + "-" * 49,
+        "    [input.ticket_id]:" + " " * 30 + " | [input.ticket_id]:",
+        "    T-1" + " " * 45 + " | T-1",
+        "    " + " " * 49 + "| [input.email]:",
+    ]
+    assert f"case {cases}:7 'helpdesk chat': policy changed" in lines
+    assert f"case {cases}:7 'helpdesk chat': recorded.user changed" in lines
+    assert "moved: tenant any, model any, session helpdesk:x|helpdesk:1: default -> support" in lines
+
+
+def test_no_difference_exits_0_and_a_narrowing_exits_1(change: tuple[Path, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The same folder twice is no difference; removing a key and shortening retention are changes
+    that do not widen recording."""
+    old, _ = change
+    assert main(["policy", "diff", str(old), str(old)]) == 0
+    assert capsys.readouterr().out == "no difference\n"
+    narrower = folder(tmp_path, "narrower", {"default.yaml": DEFAULT.replace("days: 30", "days: 7"),
+                                             "support.yaml": SUPPORT.replace("[input.ticket_id], reply", "[], reply")})
+    assert main(["policy", "diff", str(old), str(narrower)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "changed: default: retention: 30 days -> 7 days",
+        "changed: support: input_keys: - input.ticket_id",
+        "changed: support: records_nothing: false -> true",
+        "summary: 0 added [-], 0 removed [-], 2 changed [default,support], 0 match move(s); widens recording: no",
+    ]
+
+
+def test_added_and_removed_policies_and_their_moves(change: tuple[Path, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Removing support sends its sessions to the catch-all, which records the whole text: that move widens."""
+    old, _ = change
+    vip = "id: vip\npriority: 5\nmatch: {tenants: [vip]}\nsession: {input_keys: [], reply_keys: []}\n"
+    new = folder(tmp_path, "other", {"default.yaml": DEFAULT, "vip.yaml": vip})
+    assert main(["policy", "diff", str(old), str(new)]) == 3
+    assert capsys.readouterr().out.splitlines() == [
+        "*** WIDENS RECORDING: 1 change(s) widen what is recorded or exported ***",
+        "added: vip (vip.yaml)",
+        "removed: support (support.yaml)",
+        "moved: tenant vip, model any, session support:x: support -> vip",
+        "moved: tenant vip, model any, session (other)|(none): default -> vip",
+        "moved: tenant (other), model any, session support:x: support -> default  <-- WIDENS RECORDING",
+        "summary: 1 added [vip], 1 removed [support], 0 changed [-], 8 match move(s); widens recording: yes",
+    ]
+
+
+def policy(text: str) -> Policy:
+    return Policy.model_validate(yaml.safe_load(text))
+
+
+BASE = """\
+id: p
+session: {input_keys: [a, b], reply_keys: [r]}
+export:
+  redact: [{key: a, action: drop}, {key: "*", action: mask}]
+  detectors: {email: mask}
+retention: {days: 30}
+"""
+
+
+@pytest.mark.parametrize(("old", "new", "text", "widens"), [
+    ("[a, b], reply", "null, reply", "p: input_keys: [a, b] -> null (the whole text)", True),
+    ("null, reply", "[a], reply", "p: input_keys: null (the whole text) -> [a]", False),
+    ("{key: a, action: drop}, ", "", "p: redaction of a: drop -> mask", True),
+    ('{key: "*", action: mask}', '{key: "*", action: keep}', "p: redaction of *: mask -> keep", True),
+    ("action: drop}", "action: hash}", "p: redaction of a: drop -> hash", True),
+    ("action: mask}]", "action: drop}]", "p: redaction of *: mask -> drop", False),
+    ("email: mask", "email: hash", "p: detector email: mask -> hash", True),
+    ("{email: mask}", "{}", "p: detector email: mask -> off", True),
+    ("retention: {days: 30}", "retention: {days: 31}", "p: retention: 30 days -> 31 days", True),
+    ("retention: {days: 30}", "", "p: retention: 30 days -> null (kept until deleted)", True),
+    ("retention: {days: 30}", "retention: {days: 1}", "p: retention: 30 days -> 1 days", False),
+    ("reply_keys: [r]}", "reply_keys: [r], max_length: 5, bounding: {strategy: keep_last, rounds: 2}}",
+     'p: bounding: {"strategy": "simple_cut"} -> {"strategy": "keep_last", "rounds": 2}', False),
+    ("reply_keys: [r]}", "reply_keys: [r], inject: {memo_placement: system}}",
+     'p: inject.memo_placement: "user_section" -> "system"', False),
+])
+def test_each_kind_of_change_is_named_and_widenings_are_flagged(old: str, new: str, text: str,
+                                                               widens: bool) -> None:
+    """One edit of a policy gives a change with this text, flagged as widening or not."""
+    base = BASE.replace("[a, b], reply", "null, reply") if old == "null, reply" else BASE
+    before, after = policy(base), policy(base.replace(old, new, 1))
+    found = {c.text: c.widens for c in compare_policies(before, after)}
+    assert found.get(text) is widens, found
+
+
+def test_turning_records_nothing_off_widens() -> None:
+    """A policy that recorded nothing and now records a key is flagged twice: the key and records_nothing."""
+    before = policy("id: p\nsession: {input_keys: [], reply_keys: []}\n")
+    after = policy("id: p\nsession: {input_keys: [a], reply_keys: []}\n")
+    assert [(c.text, c.widens) for c in compare_policies(before, after)] == [
+        ("p: input_keys: + a", True), ("p: records_nothing: true -> false", True)]
