@@ -569,17 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
     pe.set_defaults(fn=cmd_policy_explain)
 
     pt = pol.add_parser("test", help="run policy test cases; exit 1 on a failed case, 2 on an invalid file")
-    pt.add_argument("--config", default=argparse.SUPPRESS)
+    pt.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     pt.add_argument("policy_dir", nargs="?", help="policy folder (default: the configured one)")
     pt.add_argument("cases", nargs="*", help="case files or folders (default: POLICY_DIR/cases)")
     pt.set_defaults(fn=cmd_policy_test)
     pd = pol.add_parser("diff", help="what changing OLD_DIR into NEW_DIR does; exit 0 same, 1 changed, "
                         "3 widens recording, 2 invalid input")
-    pd.add_argument("--config", default=argparse.SUPPRESS)
-    pd.add_argument("old", metavar="OLD_DIR")
-    pd.add_argument("new", metavar="NEW_DIR")
+    pd.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    pd.add_argument("old", metavar="OLD_DIR", help="the policy folder as it is now (e.g. a checkout of main)")
+    pd.add_argument("new", metavar="NEW_DIR", help="the policy folder with the change")
     pd.add_argument("--cases", nargs="+", default=[], help="case files or folders whose outcomes to compare")
-    pd.add_argument("--format", choices=["text", "json"], default="text")
+    pd.add_argument("--format", choices=["text", "json"], default="text", help="output format (default text)")
     pd.set_defaults(fn=cmd_policy_diff)
 
     k = sub.add_parser("keys", help="master keys: generate, list, rotate, retire")
