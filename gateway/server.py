@@ -38,7 +38,7 @@ import orjson
 import structlog
 from aiohttp import http_exceptions, web
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -152,6 +152,9 @@ class GatewayProtocol(RequestHandler):
         gw.live[self] = None
         gw.stats.accepted += 1
         super().connection_made(transport)
+        if self._keepalive_handle is not None:  # the header timeout covers a new connection
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
         self._arm_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -183,6 +186,14 @@ class GatewayProtocol(RequestHandler):
         loop = self._loop
         if self._request_count > before:
             self._disarm_head()
+            if self._body is not None and not self._body.is_eof() and isinstance(self._messages[-1][0], _ErrInfo):
+                # broken framing inside a body being read: that request fails, the connection ends
+                self._messages.pop()
+                self._body.set_exception(RequestPayloadError("invalid body framing"))
+                self._body = None
+                self._lingering_time = 0.0
+                self.close()
+                return
             payload = self._messages[-1][1] if self._messages else None
             if isinstance(payload, StreamReader) and not payload.is_eof():
                 now = loop.time()
@@ -201,6 +212,11 @@ class GatewayProtocol(RequestHandler):
             self._head_bytes = True
         else:
             self._head_bytes = True
+
+    def _process_keepalive(self) -> None:
+        if self._head_timer is not None and self._head_bytes:
+            return  # a request head has begun: the header timeout decides now
+        super()._process_keepalive()
 
     def _arm_head(self) -> None:
         self._head_bytes = False
