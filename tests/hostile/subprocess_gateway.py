@@ -5,6 +5,7 @@ with stderr (where the gateway logs) captured to a file the test can read."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from tests.conftest import REPO, write_config
 
@@ -67,8 +69,6 @@ class ServedGateway:
 def served_gateway(directory: Path, upstream_url: str | None = None, *, server: dict[str, Any] | None = None,
                    policies: Path | None = None, **overrides: Any) -> Iterator[ServedGateway]:
     """Start ``sessiongate serve`` with *server* settings merged over the defaults; stop it at exit."""
-    import shutil
-    import yaml
     directory.mkdir(parents=True, exist_ok=True)
     if policies is None:
         policies = directory / "policies"
