@@ -52,6 +52,10 @@ LINGERING_SECONDS = 2.0
 """After a response that left part of the body unread (a 413), how long the connection keeps
 draining it so that the client reads the response instead of a reset; bounded, and skipped on
 shutdown."""
+EVICT_MIN_AGE = 1.0
+"""Seconds a new connection is safe from being closed to make room: enough for any client to
+send a request head, so a flood of reconnecting slow sockets cannot evict a normal client
+before it is served."""
 FD_RESERVE = 256
 """Descriptors kept free for everything that is not a client connection: the store, the
 policy and key files, logs, the stand-in model."""
@@ -123,6 +127,7 @@ class GatewayProtocol(RequestHandler):
         self._gw = manager
         self._limits = limits
         self._refused = False
+        self._connected_at = self._loop.time()
         self._head_deadline = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = False
@@ -135,8 +140,10 @@ class GatewayProtocol(RequestHandler):
 
     @property
     def evictable(self) -> bool:
-        """No request is being handled: the connection is idle or still sending its head."""
-        return not self._request_in_progress and not self._messages and not self._refused
+        """No request is being handled (the connection is idle or still sending its head), and it
+        has had ``EVICT_MIN_AGE`` to send one: a client that just connected is never the one closed."""
+        return (not self._request_in_progress and not self._messages and not self._refused
+                and self._loop.time() - self._connected_at >= EVICT_MIN_AGE)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gw = self._gw
