@@ -14,13 +14,14 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import console, handlers
 from gateway.auditor import AuditTrail
 from gateway.auth import Authenticator
 from gateway.context import Services
 from gateway.errors import GatewayError, IntegrityError
-from gateway.handlers import SERVICES, json_response
+from gateway.handlers import INTERNAL_ERROR, SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
 from gateway.metrics import Metrics
@@ -58,6 +59,18 @@ async def error_middleware(request: web.Request,
         message = f"{request.method} {request.path} is not a sessiongate route" if exc.status in (404, 405) \
             else exc.reason
         return json_response({"error": {"message": message, "type": kind, "code": code}}, status=exc.status)
+    except RequestPayloadError as exc:
+        log.info("bad_request_body", path=request.path, error=type(exc.__cause__ or exc).__name__)
+        return json_response({"error": {"message": "the request body could not be read: invalid chunked "
+                                        "framing or content encoding", "type": "invalid_request_error",
+                                        "code": "invalid_body"}}, status=400)
+    except ConnectionResetError:
+        if request.transport is not None and not request.transport.is_closing():
+            log.exception("unhandled_error", path=request.path)
+            return json_response(INTERNAL_ERROR, status=500)
+        log.info("client_disconnected", path=request.path)
+        return json_response({"error": {"message": "client disconnected", "type": "invalid_request_error",
+                                        "code": "client_disconnected"}}, status=400)
     except Exception:
         log.exception("unhandled_error", path=request.path)
         return json_response({"error": {"message": "the gateway hit an internal error; it has been logged",

@@ -40,7 +40,11 @@ class Authenticator:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise Unauthorized("malformed Authorization header: expected 'Bearer <your gateway key>'")
-        principal = self._by_digest.get(hashlib.sha256(key.encode()).hexdigest())
+        try:
+            raw = key.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (aiohttp keeps them as surrogates)
+            raise Unauthorized("malformed Authorization header: the key holds bytes no gateway key has") from None
+        principal = self._by_digest.get(hashlib.sha256(raw).hexdigest())
         if principal is None:
             raise Unauthorized("unknown API key: use a key issued for this gateway (sessiongate clients new)")
         return principal

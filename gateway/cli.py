@@ -90,9 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop_factory = None
-    loop = loop_factory() if loop_factory else asyncio.new_event_loop()
-    web.run_app(app, host=server.host, port=server.port, access_log=None, print=None, loop=loop,
-                handle_signals=True)
+    from gateway.server import run
+    run(app, settings, loop_factory)
     return 0
 
 

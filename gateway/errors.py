@@ -14,6 +14,7 @@ content, keys or tokens.
     ├── Forbidden                403 permission_error
     ├── NotFound                 404 not_found_error
     ├── Conflict                 409 conflict_error
+    ├── RequestTimeout           408 invalid_request_error (a body that stopped arriving)
     ├── PayloadTooLarge          413 invalid_request_error
     ├── IntegrityError           500 integrity_error (stored data failed an integrity check)
     ├── StoreUnavailable         503 service_unavailable
@@ -73,6 +74,10 @@ class NotFound(GatewayError):
 
 class Conflict(GatewayError):
     status, type, code = 409, "conflict_error", "conflict"
+
+
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class PayloadTooLarge(GatewayError):

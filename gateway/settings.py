@@ -36,6 +36,13 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8787, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="larger request bodies get 413")
+    header_timeout: float = Field(10.0, gt=0, description="seconds to receive a request's line and headers")
+    body_idle_timeout: float = Field(30.0, gt=0, description="seconds a request body may pause between chunks")
+    body_timeout: float = Field(300.0, gt=0, description="seconds to receive a whole request body")
+    keepalive_timeout: float = Field(75.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    max_connections: int = Field(1024, gt=0, description="open client connections; at the cap idle ones are "
+                                 "closed first, then new ones get 503")
+    shutdown_timeout: float = Field(2.0, ge=0, description="seconds in-flight requests get to finish on shutdown")
 
 
 class UpstreamSettings(_Strict):

@@ -11,12 +11,12 @@ import re
 from gateway.context import Context
 from gateway.errors import InvalidSessionId
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}")
 
 
 def check_session_id(value: str) -> str:
     """*value* when it is a valid session id; ``InvalidSessionId`` saying the rule otherwise."""
-    if not SESSION_ID.match(value):
+    if not SESSION_ID.fullmatch(value):
         raise InvalidSessionId(
             "invalid session id: use 1-128 characters from letters, digits and . _ : @ + = -, "
             "starting with a letter or digit")

@@ -1,0 +1,428 @@
+"""The HTTP listener: aiohttp's server, held to a proxy's limits against slow and hostile clients.
+
+``run(app, settings)`` serves *app* until SIGTERM/SIGINT, then shuts down within
+``server.shutdown_timeout`` (twice at most: a grace for in-flight requests, then their
+cancellation, whose settle step still commits the round). ``GatewayRunner`` is the
+``web.AppRunner`` that does the same for tests and embedders.
+
+What aiohttp does not do and this module adds, per connection (``GatewayProtocol``):
+
+- a **header timeout**: from accept (or the first byte of a keep-alive request) to the end of
+  the request head. Past it a connection that sent part of a head gets 408, an empty one is
+  closed; the keep-alive idle timeout stays aiohttp's own (``server.keepalive_timeout``);
+- a **body timeout**: idle between body chunks (``body_idle_timeout``) and in total
+  (``body_timeout``). A handler still reading the body gets ``RequestTimeout`` (408 in
+  OpenAI's shape, through the error middleware); the connection is then closed, never lingered;
+- a **connection cap** (``max_connections``, lowered to fit the open-file limit): at the cap
+  the oldest connection with no request in progress (idle keep-alive, or still sending its
+  head) is closed to make room; when every connection is busy the new one gets 503 and is
+  closed. Both are counted (``sessiongate_connections_*`` in ``/metrics``);
+- **error rendering**: aiohttp's own refusals (bad request line, header too long, invalid
+  characters, bad chunked framing...) are answered in OpenAI's error shape with a fixed
+  message naming the kind of problem; nothing of the request is echoed or logged, and
+  aiohttp's own logging of the offending bytes is replaced by a line naming the exception type;
+- **shutdown** that never waits for a body nobody is reading: a connection with no request in
+  progress (idle, in its head, or lingering after a 413) is closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import http_exceptions, web
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from gateway.errors import RequestTimeout
+from gateway.settings import ServerSettings, Settings
+
+log = structlog.get_logger("gateway.server")
+
+LINGERING_SECONDS = 2.0
+"""After a response that left part of the body unread (a 413), how long the connection keeps
+draining it so that the client reads the response instead of a reset; bounded, and skipped on
+shutdown."""
+EVICT_MIN_AGE = 1.0
+"""Seconds a new connection is safe from being closed to make room: enough for any client to
+send a request head, so a flood of reconnecting slow sockets cannot evict a normal client
+before it is served."""
+FD_RESERVE = 256
+"""Descriptors kept free for everything that is not a client connection: the store, the
+policy and key files, logs, the stand-in model."""
+
+
+@dataclass
+class ConnectionStats:
+    """Counters behind ``sessiongate_connections_*``."""
+
+    open: int = 0
+    accepted: int = 0
+    refused: int = 0
+    evicted: int = 0
+    header_timeouts: int = 0
+    body_timeouts: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    header_timeout: float
+    body_idle_timeout: float
+    body_timeout: float
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, server: ServerSettings, max_connections: int | None = None) -> Limits:
+        return cls(server.header_timeout, server.body_idle_timeout, server.body_timeout,
+                   max_connections or server.max_connections)
+
+
+def _error_bytes(status: int, reason: str, message: str, kind: str, code: str,
+                 extra: Iterable[str] = ()) -> bytes:
+    """A complete ``Connection: close`` response in OpenAI's error shape, for the socket itself."""
+    body = orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
+    head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", "Connection: close", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+HEADER_TIMEOUT_RESPONSE = _error_bytes(
+    408, "Request Timeout", "the request head (request line and headers) did not arrive in time",
+    "invalid_request_error", "request_timeout")
+BUSY_RESPONSE = _error_bytes(
+    503, "Service Unavailable", "the gateway is at its connection limit; retry shortly",
+    "service_unavailable", "too_many_connections", ("Retry-After: 1",))
+
+
+def parse_error_body(exc: BaseException | None) -> tuple[str, str]:
+    """The fixed message and code for one of aiohttp's parser errors. Never the exception's
+    text: it quotes the offending bytes (a header with a key in it, for example)."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        return "the request line or a header is too long", "header_too_large"
+    if isinstance(exc, http_exceptions.BadStatusLine):  # includes BadHttpMethod
+        return "malformed request line: expected 'METHOD /path HTTP/1.1'", "bad_request_line"
+    if isinstance(exc, http_exceptions.InvalidHeader):
+        return "invalid header name or value (control characters are not allowed)", "invalid_header"
+    if isinstance(exc, http_exceptions.InvalidURLError):
+        return "invalid request target", "invalid_url"
+    if isinstance(exc, http_exceptions.PayloadEncodingError):
+        return "invalid body framing (Content-Length, Transfer-Encoding or chunk sizes)", "invalid_body_framing"
+    return "malformed HTTP request", "bad_http_message"
+
+
+class GatewayProtocol(RequestHandler):
+    """aiohttp's request handler plus timeouts, the connection cap and safe error rendering."""
+
+    def __init__(self, manager: GatewayServer, *, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._gw = manager
+        self._limits = limits
+        self._refused = False
+        self._connected_at = self._loop.time()
+        self._head_deadline = 0.0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = False
+        self._body: StreamReader | None = None
+        self._body_idle_deadline = 0.0
+        self._body_deadline = 0.0
+        self._body_timer: asyncio.TimerHandle | None = None
+
+    # --- connection life --------------------------------------------------------------
+
+    @property
+    def evictable(self) -> bool:
+        """No request is being handled (the connection is idle or still sending its head), and it
+        has had ``EVICT_MIN_AGE`` to send one: a client that just connected is never the one closed."""
+        return (not self._request_in_progress and not self._messages and not self._refused
+                and self._loop.time() - self._connected_at >= EVICT_MIN_AGE)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gw = self._gw
+        if len(gw.live) >= self._limits.max_connections and not gw.make_room():
+            self._refused = True
+            self._force_close = True
+            gw.stats.refused += 1
+            try:
+                transport.write(BUSY_RESPONSE)  # type: ignore[attr-defined]
+            finally:
+                transport.close()
+            return
+        gw.live[self] = None
+        gw.stats.accepted += 1
+        super().connection_made(transport)
+        if self._keepalive_handle is not None:  # the header timeout covers a new connection
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        self._arm_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused:
+            return
+        self._gw.live.pop(self, None)
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def evict(self) -> None:
+        """Close this connection to make room for a new one (it has no request in progress)."""
+        self._gw.live.pop(self, None)
+        self._cancel_timers()
+        self.force_close()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None
+
+    # --- reading ----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._force_close or self._close:
+            return
+        before = self._request_count
+        super().data_received(data)
+        loop = self._loop
+        if self._request_count > before:
+            self._disarm_head()
+            if self._body is not None and not self._body.is_eof() and isinstance(self._messages[-1][0], _ErrInfo):
+                # broken framing inside a body being read: that request fails, the connection ends
+                self._messages.pop()
+                self._body.set_exception(RequestPayloadError("invalid body framing"))
+                self._body = None
+                self._lingering_time = 0.0
+                self.close()
+                return
+            payload = self._messages[-1][1] if self._messages else None
+            if isinstance(payload, StreamReader) and not payload.is_eof():
+                now = loop.time()
+                self._body = payload
+                self._body_idle_deadline = now + self._limits.body_idle_timeout
+                self._body_deadline = now + self._limits.body_timeout
+                if self._body_timer is None:
+                    self._body_timer = loop.call_at(self._next_body_deadline(), self._on_body_timer)
+            return
+        if not data:
+            return
+        if self._body is not None and not self._body.is_eof():
+            self._body_idle_deadline = loop.time() + self._limits.body_idle_timeout
+        elif self._head_timer is None:
+            self._arm_head()
+            self._head_bytes = True
+        else:
+            self._head_bytes = True
+
+    def _process_keepalive(self) -> None:
+        if self._head_timer is not None and self._head_bytes:
+            return  # a request head has begun: the header timeout decides now
+        super()._process_keepalive()
+
+    def _arm_head(self) -> None:
+        self._head_bytes = False
+        self._head_deadline = self._loop.time() + self._limits.header_timeout
+        self._head_timer = self._loop.call_at(self._head_deadline, self._on_head_timer)
+
+    def _disarm_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _on_head_timer(self) -> None:
+        self._head_timer = None
+        if self.transport is None or self._force_close:
+            return
+        if self._request_in_progress or self._messages:
+            # a pipelined head behind a request still being answered: its clock starts afterwards
+            self._arm_head()
+            self._head_bytes = True
+            return
+        self._gw.stats.header_timeouts += 1
+        log.info("header_timeout", partial=self._head_bytes, seconds=self._limits.header_timeout)
+        if self._head_bytes:
+            self.transport.write(HEADER_TIMEOUT_RESPONSE)
+        self.evict()
+
+    def _next_body_deadline(self) -> float:
+        return min(self._body_idle_deadline, self._body_deadline)
+
+    def _on_body_timer(self) -> None:
+        self._body_timer = None
+        body = self._body
+        if body is None or body.is_eof() or self.transport is None or self._force_close:
+            return
+        if self._loop.time() < self._next_body_deadline():
+            self._body_timer = self._loop.call_at(self._next_body_deadline(), self._on_body_timer)
+            return
+        self._gw.stats.body_timeouts += 1
+        log.info("body_timeout", idle_seconds=self._limits.body_idle_timeout, total_seconds=self._limits.body_timeout)
+        self._lingering_time = 0.0  # nothing more will be read from this connection
+        self._body = None
+        if self._request_in_progress:
+            # the handler reading it gets a 408 in OpenAI's shape; the connection closes after it
+            body.set_exception(RequestTimeout(
+                "the request body did not arrive in time; send it without pauses"))
+            self.close()
+        else:
+            if self._task_handler is not None:
+                self._task_handler.cancel()
+            self.evict()
+
+    # --- errors and logs --------------------------------------------------------------
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's own refusals in OpenAI's shape; the request's bytes are neither echoed nor logged."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; the connection is closed instead")
+        if status >= 500:
+            log.error("http_server_error", status=status, error=type(exc).__name__ if exc else None)
+            body = {"message": "the gateway hit an internal error; it has been logged",
+                    "type": "server_error", "code": "internal_error"}
+        else:
+            log.info("bad_http_request", status=status, error=type(exc).__name__ if exc else None)
+            text, code = parse_error_body(exc)
+            body = {"message": text, "type": "invalid_request_error", "code": code}
+        resp = web.Response(status=status, body=orjson.dumps({"error": body}), content_type="application/json")
+        resp.force_close()
+        return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's internal error log, reduced to the exception type (its text may quote the request)."""
+        exc = kw.get("exc_info")
+        log.error("http_server_error", error=type(exc).__name__ if isinstance(exc, BaseException) else None)
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """Wait (up to *timeout*) only for a request being handled; close anything else now,
+        including a connection lingering over a body nobody will read."""
+        if self._request_in_progress:
+            await super().shutdown(timeout)
+            return
+        self._cancel_timers()
+        if self._task_handler is not None and not self._task_handler.done():
+            self._task_handler.cancel()
+        self.force_close()
+
+
+class GatewayServer(Server):
+    """aiohttp's low-level server making ``GatewayProtocol`` connections, with their counters."""
+
+    def __init__(self, handler: Any, *, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.limits = limits
+        self.live: dict[GatewayProtocol, None] = {}
+        self.stats = ConnectionStats()
+
+    def __call__(self) -> GatewayProtocol:
+        return GatewayProtocol(self, limits=self.limits, loop=self._loop, **self._kwargs)
+
+    def make_room(self) -> bool:
+        """Close the oldest connection that has no request in progress; False when all are busy."""
+        for conn in self.live:
+            if conn.evictable:
+                conn.evict()
+                self.stats.evicted += 1
+                log.info("connection_evicted", open=len(self.live), limit=self.limits.max_connections)
+                return True
+        return False
+
+
+class ConnectionCollector:
+    """Exposes a server's ``ConnectionStats`` in the app's Prometheus registry."""
+
+    def __init__(self, server: GatewayServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterable[Any]:
+        s = self._server.stats
+        yield GaugeMetricFamily("sessiongate_connections_open", "Client connections open", value=len(self._server.live))
+        yield GaugeMetricFamily("sessiongate_connections_limit", "Connection cap in force",
+                                value=self._server.limits.max_connections)
+        family = CounterMetricFamily("sessiongate_connections_closed", "Connections closed or refused by the "
+                                     "gateway's own limits, by reason", labels=("reason",))
+        for reason, value in (("refused_at_cap", s.refused), ("evicted_at_cap", s.evicted),
+                              ("header_timeout", s.header_timeouts), ("body_timeout", s.body_timeouts)):
+            family.add_metric((reason,), value)
+        yield family
+        yield CounterMetricFamily("sessiongate_connections_accepted", "Client connections accepted", value=s.accepted)
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+def fd_budget(settings: Settings) -> int:
+    """Raise the soft open-file limit towards the hard one as the cap needs; the largest
+    connection count that still leaves descriptors for the store, upstreams and files."""
+    wanted = settings.server.max_connections + FD_RESERVE + sum(u.max_connections for u in settings.upstreams)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return settings.server.max_connections
+    return max(1, soft - (wanted - settings.server.max_connections))
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` whose server enforces ``server.*`` limits (see the module docstring)."""
+
+    def __init__(self, app: web.Application, server: ServerSettings, *, max_connections: int | None = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("access_log", None)
+        super().__init__(app, shutdown_timeout=server.shutdown_timeout, keepalive_timeout=server.keepalive_timeout,
+                         lingering_time=LINGERING_SECONDS, **kwargs)
+        self._limits = Limits.from_settings(server, max_connections)
+
+    async def _make_server(self) -> Server:
+        base = await super()._make_server()
+        server = GatewayServer(base.request_handler, request_factory=base.request_factory,
+                               handler_cancellation=base.handler_cancellation, limits=self._limits,
+                               loop=asyncio.get_running_loop(), **base._kwargs)
+        from gateway.handlers import SERVICES  # the app's services exist once startup has run
+        services = self._app.get(SERVICES) if isinstance(self._app, web.Application) else None
+        if services is not None:
+            services.metrics.registry.register(ConnectionCollector(server))  # type: ignore[arg-type]
+        return server
+
+
+async def serve(app: web.Application, settings: Settings) -> None:
+    """Serve *app* on ``server.host:server.port`` until SIGTERM or SIGINT, then shut down."""
+    server = settings.server
+    cap = fd_budget(settings)
+    if cap < server.max_connections:
+        log.warning("max_connections_lowered", configured=server.max_connections, effective=cap,
+                    note="the open-file limit is too low for the configured cap; raise it (ulimit -n, LimitNOFILE)")
+    runner = GatewayRunner(app, server, max_connections=min(cap, server.max_connections))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, server.host, server.port, backlog=1024)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting_down", open_connections=len(runner.server.live) if isinstance(
+            runner.server, GatewayServer) else None)
+    finally:
+        await runner.cleanup()
+
+
+def run(app: web.Application, settings: Settings,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
+    """Blocking: ``serve`` on a new event loop (uvloop when given as *loop_factory*)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(app, settings))

@@ -1,0 +1,121 @@
+"""Graceful shutdown never waits for a body nobody will read: after a 413 for a body still
+arriving (or stalled), SIGTERM ends ``sessiongate serve`` within a couple of seconds, and the
+rounds committed before are in the store."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ACME_KEY, Upstream
+from tests.hostile.subprocess_gateway import served_gateway
+
+LIMIT = 2048
+EXIT_BOUND = 5.0
+"""A correctness bound (aiohttp's lingering close used to hold shutdown for ten seconds), not a benchmark."""
+
+
+def chat(url: str, session: str) -> None:
+    r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {ACME_KEY}",
+                                                          "X-Session-Id": session},
+                   json={"model": "standin", "messages": [{"role": "user", "content": "before shutdown"}]}, timeout=30)
+    assert r.status_code == 200
+
+
+def read_response(sock: socket.socket) -> bytes:
+    sock.settimeout(5)
+    out = b""
+    while b"\r\n\r\n" not in out:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+HEADS = {
+    "content-length": (b"Content-Length: %d\r\n" % (LIMIT * 50), b"x" * 512),
+    "chunked": (b"Transfer-Encoding: chunked\r\n", (b"%x\r\n" % (LIMIT + 512)) + b"x" * (LIMIT + 512) + b"\r\n"),
+}
+
+
+@pytest.mark.parametrize("framing", HEADS.values(), ids=HEADS.keys())
+def test_sigterm_after_a_413_for_an_unread_body_exits_promptly(tmp_path: Path, framing: tuple[bytes, bytes]) -> None:
+    """A 413 whose body never finishes arriving does not hold SIGTERM; the round committed before is kept."""
+    header, body = framing
+    # a long grace for in-flight requests: a connection that only lingers over an unread body must not use it
+    with served_gateway(tmp_path / "gw", server={"max_body_bytes": LIMIT, "body_idle_timeout": 60,
+                                                 "body_timeout": 600, "keepalive_timeout": 60,
+                                                 "shutdown_timeout": 10}) as gw:
+        chat(gw.url, "kept")
+        sock = gw.connect()
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + ACME_KEY.encode()
+                         + b"\r\nContent-Type: application/json\r\n" + header + b"\r\n" + body)
+            assert read_response(sock).startswith(b"HTTP/1.1 413")
+            idle = gw.connect()  # and an idle keep-alive connection, for good measure
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert read_response(idle).startswith(b"HTTP/1.1 200")
+            took = gw.stop(timeout=30)
+            idle.close()
+        finally:
+            sock.close()
+        assert gw.proc.returncode == 0, gw.stderr()[-2000:]
+        assert took < EXIT_BOUND, f"shutdown took {took:.1f} s"
+    with sqlite3.connect(tmp_path / "gw" / "gateway.db") as conn:
+        rows = conn.execute("SELECT COUNT(*) FROM rounds WHERE tenant='acme' AND session_id='kept'").fetchone()
+    assert rows[0] == 1
+
+
+def test_sigterm_during_a_stalled_body_exits_promptly(tmp_path: Path) -> None:
+    """A request whose body stalls mid-way is cancelled on SIGTERM within the shutdown grace, not after the body
+    timeout."""
+    with served_gateway(tmp_path / "gw", server={"body_idle_timeout": 60, "body_timeout": 600,
+                                                 "shutdown_timeout": 1.0}) as gw:
+        with gw.connect() as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+                         + ACME_KEY.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"messages\": ")
+            time.sleep(0.2)
+            took = gw.stop(timeout=30)
+        assert took < EXIT_BOUND, f"shutdown took {took:.1f} s"
+        assert "Traceback" not in gw.stderr()
+
+
+def test_sigterm_lets_an_in_flight_round_commit(tmp_path: Path, upstream: Upstream) -> None:
+    """A chat in flight when SIGTERM arrives finishes within the grace, its client gets the reply, and the round
+    is in the store."""
+    import threading
+
+    from gateway.standin import default_reply
+
+    def slow(body: dict[str, Any]) -> Any:
+        time.sleep(0.8)
+        return default_reply(body)
+
+    upstream.reply = slow
+    result: dict[str, int] = {}
+    with served_gateway(tmp_path / "gw", upstream.url, server={"shutdown_timeout": 3.0}) as gw:
+        def call() -> None:
+            r = httpx.post(f"{gw.url}/v1/chat/completions", timeout=30, headers={
+                "Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": "in-flight"},
+                json={"model": "standin", "messages": [{"role": "user", "content": "slow one"}]})
+            result["status"] = r.status_code
+
+        client = threading.Thread(target=call)
+        client.start()
+        wait = time.monotonic() + 10
+        while not upstream.requests and time.monotonic() < wait:
+            time.sleep(0.02)
+        took = gw.stop(timeout=30)
+        client.join(10)
+    assert took < EXIT_BOUND
+    assert result.get("status") == 200
+    with sqlite3.connect(tmp_path / "gw" / "gateway.db") as conn:
+        rows = conn.execute("SELECT outcome FROM rounds WHERE tenant='acme' AND session_id='in-flight'").fetchall()
+    assert rows == [("completed",)]
