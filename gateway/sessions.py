@@ -183,11 +183,13 @@ class SessionService:
             _raise_if_altered(cur)
             return LoadedSession(state, srow.version, srow.next_seq, srow.state_ct)
 
-    async def check(self, tenant: str, session_id: str, request_id: str | None = None) -> None:
-        """The check of :meth:`load` for a new round, without opening anything."""
+    async def check(self, tenant: str, session_id: str, request_id: str | None = None, *,
+                    for_round: bool = True) -> None:
+        """The check of :meth:`load` without opening anything (by default for a new round)."""
         async with self._guarded(tenant, session_id, request_id):
             cur = await self.store.read_session(tenant, session_id)
-            _refuse_quarantined(cur)
+            if for_round:
+                _refuse_quarantined(cur)
             _raise_if_altered(cur)
 
     async def full_context(self, tenant: str, session_id: str) -> list[Message]:

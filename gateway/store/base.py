@@ -176,6 +176,9 @@ class Store(Protocol):
     def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
         """A tenant's audit chain from ``after_seq + 1`` in sequence order, in constant memory."""
 
+    async def audit_head(self, tenant: str) -> int:
+        """The seq of the tenant's newest audit entry (0 for an empty chain)."""
+
     async def tenants(self) -> list[str]:
         """Every tenant that has an audit chain or a session."""
 

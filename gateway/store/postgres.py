@@ -595,6 +595,10 @@ class PostgresStore:
             return [AuditRow(*r) for r in rows]
         return self._pages(query)
 
+    async def audit_head(self, tenant: str) -> int:
+        return int(await self._call(lambda c: c.fetchval("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant = $1",
+                                                          tenant)))
+
     def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
         async def query(last: DataKeyRow | None) -> list[DataKeyRow]:
             key = (last.tenant, last.session_id) if last is not None else ("", "")

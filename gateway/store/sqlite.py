@@ -403,6 +403,10 @@ class SQLiteStore:
             return [AuditRow(*r) for r in rows]
         return self._pages(query)
 
+    async def audit_head(self, tenant: str) -> int:
+        return int(await self._read(lambda c: c.execute("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant=?",
+                                                        (tenant,)).fetchone()[0]))
+
     def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
         def query(c: sqlite3.Connection, last: DataKeyRow | None) -> list[DataKeyRow]:
             key = (last.tenant, last.session_id) if last is not None else ("", "")
