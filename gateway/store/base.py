@@ -180,7 +180,7 @@ class Store(Protocol):
         """The seq of the tenant's newest audit entry (0 for an empty chain)."""
 
     async def tenants(self) -> list[str]:
-        """Every tenant that has an audit chain or a session."""
+        """Every tenant that has an audit chain, a session or a round."""
 
     def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
         """Every data key row (for master-key rotation)."""

@@ -187,7 +187,7 @@ def _skip_scan(table: str) -> str:
 SELECT tenant FROM t WHERE tenant IS NOT NULL)"""
 
 
-_TENANTS = f"{_skip_scan('audit')} UNION {_skip_scan('sessions')} ORDER BY 1"
+_TENANTS = f"{_skip_scan('audit')} UNION {_skip_scan('sessions')} UNION {_skip_scan('rounds')} ORDER BY 1"
 
 
 def lock_key(*parts: str) -> int:

@@ -356,7 +356,8 @@ class SQLiteStore:
 
     async def tenants(self) -> list[str]:
         def run(c: sqlite3.Connection) -> list[str]:
-            rows = c.execute("SELECT tenant FROM audit UNION SELECT tenant FROM sessions ORDER BY 1").fetchall()
+            rows = c.execute("SELECT tenant FROM audit UNION SELECT tenant FROM sessions UNION "
+                             "SELECT tenant FROM rounds ORDER BY 1").fetchall()
             return [r[0] for r in rows]
         return await self._read(run)
 
