@@ -348,6 +348,7 @@ class SessionService:
         of the imported ``full_context`` (recorded history is append-only), and gains the rest.
         Returns how many messages were appended."""
         full, state = from_agently(data)
+        await self.check(tenant, session_id, request_id)  # never import into a quarantined or altered session
         existing = await self.full_context(tenant, session_id)
         if full[: len(existing)] != existing:
             raise Conflict(f"session '{session_id}' already holds a different history; recorded history is "

@@ -35,6 +35,12 @@ class Tables:
     dsn: str = ""
     schema: str = ""
 
+    def overrides(self) -> dict[str, Any]:
+        """The configuration overrides that put another gateway on the same database."""
+        if self.backend == "sqlite":
+            return {}
+        return {"store": {"backend": "postgres", "dsn": self.dsn, "schema": self.schema, "pool_size": 4}}
+
     def sql(self, statement: str, *args: Any) -> list[tuple[Any, ...]]:
         if self.backend == "sqlite":
             with closing(sqlite3.connect(self.gateway.db_path, isolation_level=None, timeout=30)) as conn:
@@ -72,5 +78,6 @@ def db_gateway(request: pytest.FixtureRequest, make_gateway: Callable[..., Gatew
         return gw, Tables("sqlite", gw)
     dsn = request.getfixturevalue("pg_dsn")
     schema = request.getfixturevalue("pg_schema")
-    gw = make_gateway(store={"backend": "postgres", "dsn": dsn, "schema": schema, "pool_size": 4})
-    return gw, Tables("postgres", gw, dsn, schema)
+    tables = Tables("postgres", None, dsn, schema)  # type: ignore[arg-type]
+    tables.gateway = make_gateway(**tables.overrides())
+    return tables.gateway, tables
