@@ -193,3 +193,34 @@ def test_rebinding_the_rolled_back_state_breaks_the_chain(recorded: tuple[Gatewa
                json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), seq)
     code, out = verify(gw)
     assert code == 1 and f"edited at seq {seq}" in out, out
+
+
+def test_file_from_before_bindings_migrates_and_loads(gateway: Gateway) -> None:
+    """A SQLite file at schema version 1 (no ``session_heads``) is migrated when opened, and its
+    sessions, which no head points at yet, still load; verify passes."""
+    import asyncio
+
+    from gateway.keyring import FileKeyProvider, Keyring
+    from gateway.sessions import SessionService
+    from gateway.store.sqlite import SCHEMA_VERSION, SQLiteStore
+
+    tables = Tables("sqlite", gateway)
+    record(gateway, "old", 2)
+    tables.sql("DROP TABLE session_heads")
+    tables.sql("UPDATE meta SET value='1' WHERE name='schema_version'")
+
+    async def reopen() -> Any:
+        store = SQLiteStore(gateway.db_path)
+        await store.open()
+        try:
+            svc = SessionService(store, Keyring.from_provider(FileKeyProvider(gateway.dir / "master-keys.json")))
+            return await svc.load("acme", "old")
+        finally:
+            await store.close()
+
+    loaded = asyncio.run(reopen())
+    assert loaded is not None and loaded.next_seq == 3
+    assert tables.sql("SELECT value FROM meta WHERE name='schema_version'") == [(str(SCHEMA_VERSION),)]
+    assert tables.sql("SELECT count(*) FROM session_heads") == [(0,)]
+    code, out = verify(gateway)
+    assert code == 0, out
