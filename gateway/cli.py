@@ -291,7 +291,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     the chain (exit 1 naming tenant, session and round of the first mismatch); ``--bundle``
     verifies an export offline with the public key alone, no configuration file needed.
     A ``--checkpoints`` file that does not exist is unusable input (exit 2); one that holds no
-    checkpoint is a warning that nothing was checked against checkpoints."""
+    checkpoint (or a configured ``audit.checkpoint_file`` not written yet) is a warning that
+    nothing was checked against checkpoints."""
     from gateway.audit import CheckpointLog, load_public_key
     from gateway.auditor import AuditTrail
 

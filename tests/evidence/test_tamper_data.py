@@ -224,3 +224,21 @@ def test_file_from_before_bindings_migrates_and_loads(gateway: Gateway) -> None:
     assert tables.sql("SELECT count(*) FROM session_heads") == [(0,)]
     code, out = verify(gateway)
     assert code == 0, out
+
+
+def test_retention_purge_is_accounted_for(gateway: Gateway) -> None:
+    """Rounds a retention purge deleted (listed in the purge entry) are not missing; the session
+    still loads and records."""
+    from tests.evidence.conftest import run_cli
+
+    tables = Tables("sqlite", gateway)
+    record(gateway, "mixed", 3)
+    tables.sql("UPDATE rounds SET created_at=created_at-? WHERE session_id='mixed' AND seq IN (1, 2)", 100 * 86400)
+    code, out, err = run_cli("--config", str(gateway.config_path), "purge")
+    assert code == 0 and "purged 2 expired rounds" in out, err
+    purge = [e for e in entries(tables) if e["event"] == "purge"][-1]
+    assert purge["detail"]["seqs"] == [1, 2] and purge["state"]["rounds"] == 1
+    code, out = verify(gateway)
+    assert code == 0, out
+    assert read(gateway, "mixed").status_code == 200
+    assert chat(gateway, "mixed", "after the purge").status_code == 200
