@@ -10,8 +10,9 @@ refused so that no value can slip in under a new name):
 =====================  ===============================================================
 ``event``              ``round``, ``proxy``, ``policy_reload``, ``key_rotation``,
                        ``erasure``, ``export``, ``import``, ``reset``, ``bounding``,
-                       ``purge``, ``console_read`` (an auditor read a session in the
-                       console) or ``verify`` (an auditor verified the chain)
+                       ``purge``, ``quarantine``, ``refusal``, ``release``,
+                       ``console_read`` (an auditor read a session in the console) or
+                       ``verify`` (an auditor verified the chain in the console)
 ``request_id``         the gateway's request id
 ``session_id``         the session the event concerns (None for tenant-wide events)
 ``policy_id``          the policy that applied, and ``policy_hash`` its version hash
@@ -24,7 +25,11 @@ refused so that no value can slip in under a new name):
 ``bytes_out``
 ``ciphertext_sha256``  SHA-256 hex of the stored round ciphertext (not the plaintext, so the
                        chain still verifies after the session's data key is erased)
-``detail``             free-form names and hashes for administrative events
+``detail``             free-form names and hashes for administrative events (a ``purge``
+                       lists the deleted round seqs in ``detail.seqs``)
+``round_seq``          the session sequence number of the round (``round`` and ``import``)
+``state``              the session's rows after the write: ``{sha256, version, next_seq,
+                       rounds}``, added by the store (``gateway.evidence``)
 =====================  ===============================================================
 
 **Checkpoints.** A :class:`Checkpointer` signs a tenant's chain head (tenant, seq, hash, time)
@@ -73,11 +78,11 @@ GENESIS = "0" * 64
 """``prev_hash`` of a tenant's first entry."""
 
 EVENTS = frozenset({"round", "proxy", "policy_reload", "key_rotation", "erasure", "export", "import", "reset",
-                    "bounding", "purge", "console_read", "verify"})
+                    "bounding", "purge", "quarantine", "refusal", "release", "console_read", "verify"})
 ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",
-    "ended_by", "upstream_status", "recorded", "round_seq", "messages",
+    "ended_by", "upstream_status", "recorded", "round_seq", "messages", "state",
 })
 _RESERVED = frozenset({"tenant", "seq", "time", "prev_hash"})
 
@@ -90,6 +95,9 @@ ERROR_KINDS = (
     "truncated",            # the chain ends before a checkpoint's seq
     "bad_signature",        # a checkpoint's signature does not hold under the public key
     "checkpoint_mismatch",  # the entry at a checkpoint's seq is not the one that was signed
+    # the stored data against the chain (``gateway.evidence``)
+    "round_missing", "round_unrecorded", "round_mismatch", "state_missing", "state_mismatch",
+    "state_unrecorded",
 )
 
 PublicKeyLike = Ed25519PublicKey | bytes | str | Path
@@ -471,11 +479,14 @@ class Checkpointer:
 
 @dataclass(frozen=True, slots=True)
 class VerifyError:
-    """The first problem found: ``seq`` of the broken entry (None when not about one entry)."""
+    """The first problem found: ``seq`` of the broken entry (None when not about one entry);
+    ``session_id`` and ``round_seq`` when it is about a session's stored rows."""
 
     seq: int | None
     kind: str
     message: str
+    session_id: str | None = None
+    round_seq: int | None = None
 
 
 @dataclass(slots=True)
@@ -498,7 +509,10 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         doc = {f.name: getattr(self, f.name) for f in fields(self)}
-        doc["first_error"] = asdict(self.first_error) if self.first_error else None
+        error = asdict(self.first_error) if self.first_error else None
+        if error is not None:  # session fields only when the error is about a session's rows
+            error = {k: v for k, v in error.items() if v is not None or k not in ("session_id", "round_seq")}
+        doc["first_error"] = error
         doc["ok"] = self.ok
         return doc
 

@@ -5,7 +5,8 @@
 - ``ObservedStore`` wraps a store so that every committed audit row reaches the
   ``Checkpointer``, which signs chain heads every N entries or T seconds, off the request path;
 - ``verify(tenant)`` streams a tenant's chain from the store through ``ChainVerifier`` with the
-  checkpoints kept outside the database and the public key;
+  checkpoints kept outside the database and the public key, then checks the stored rounds and
+  state rows against the chain (``gateway.evidence.verify_data``);
 - ``export(...)`` decrypts a tenant's (or a session's) rounds, applies each round's policy
   redaction and writes a bundle that verifies offline with only the public key. Every export
   is itself an audit entry.
@@ -25,6 +26,7 @@ from typing import Any
 
 from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, Signer, VerifyReport, averify_chain
 from gateway.errors import ConfigError
+from gateway.evidence import verify_data
 from gateway.export import ExportRecord, Progress, export_bundle
 from gateway.policy import Policy, PolicySet
 from gateway.redact import Redactor, tenant_secret
@@ -79,11 +81,16 @@ class AuditTrail:
         return ObservedStore(store, self.checkpointer)
 
     async def verify(self, store: Store, tenant: str, *, checkpoints: list[Checkpoint] | None = None,
-                     public_key: Any = None) -> VerifyReport:
-        """Recompute every link of *tenant*'s chain and check the signed checkpoints."""
+                     public_key: Any = None, data: bool = True) -> VerifyReport:
+        """Recompute every link of *tenant*'s chain and check the signed checkpoints; then, with
+        *data* and an intact chain, that the stored rows are the ones the chain records. The
+        first problem is the report's ``first_error`` (data problems name session and round)."""
         cps = self.log.for_tenant(tenant) if checkpoints is None else [c for c in checkpoints if c.tenant == tenant]
-        return await averify_chain(store.iter_audit(tenant), tenant=tenant, checkpoints=cps,
-                                   public_key=public_key or self.signer.public_key_pem())
+        report = await averify_chain(store.iter_audit(tenant), tenant=tenant, checkpoints=cps,
+                                     public_key=public_key or self.signer.public_key_pem())
+        if data and report.ok:
+            await check_data(store, tenant, report)
+        return report
 
     def redactors(self, policies: PolicySet, tenant: str) -> Callable[[str], Redactor]:
         """``redactor_for(policy_id)``: the export redaction of the policy that recorded a round,
@@ -103,7 +110,11 @@ class AuditTrail:
         redactor_for = self.redactors(policies, tenant)
 
         async def records() -> AsyncIterator[ExportRecord]:
+            checked: str | None = None
             async for row, messages in sessions.decrypted_rounds(tenant, session_id, since=since, until=until):
+                if row.session_id != checked:  # the rows must be the ones the chain records
+                    await sessions.check(tenant, row.session_id, for_round=False)
+                    checked = row.session_id
                 yield ExportRecord(row.tenant, row.session_id, row.seq, row.created_at, row.request_id,
                                    row.policy_id, row.policy_hash, row.outcome, messages,
                                    hashlib.sha256(row.ct).hexdigest())
@@ -119,7 +130,22 @@ class AuditTrail:
         return await export_bundle(records(), out, tenant=tenant, fmt=fmt, redactor_for=redactor_for,
                                    append_audit=append_audit, sign_head=sign_head,
                                    iter_audit=lambda after: store.iter_audit(tenant, after_seq=after),
-                                   filters=filters, progress=progress)
+                                   filters=filters, progress=progress,
+                                   head_seq=lambda: store.audit_head(tenant))
+
+
+async def check_data(store: Store, tenant: str, report: VerifyReport) -> None:
+    """Check *tenant*'s stored rows against its chain into *report* (``records``, ``notes``,
+    ``first_error``); see ``gateway.evidence.verify_data``."""
+    async def state_of(session_id: str) -> Any:
+        return (await store.get_session(tenant, session_id))[0]
+
+    ids = [s.session_id for s in await store.list_sessions(tenant)]
+    found = await verify_data(tenant, store.iter_audit(tenant), store.iter_rounds(tenant), state_of, ids)
+    report.records = found.rounds
+    report.notes.extend(found.notes)
+    if found.first_error is not None:
+        report.first_error = found.first_error
 
 
 def policy_redactor(policy: Policy, secret: bytes) -> Redactor:

@@ -2,7 +2,7 @@
 
     sessiongate serve [--config FILE] [--host H] [--port P]
     sessiongate clients new --tenant T [--name N]
-    sessiongate sessions list|export|import|reset|delete|erase --tenant T [ID] [FILE]
+    sessiongate sessions list|export|import|reset|delete|erase|release --tenant T [ID] [FILE]
     sessiongate policy check [PATH ...] | policy explain --request FILE [--reply FILE] ...
     sessiongate policy test [POLICY_DIR] [CASES ...] | policy diff OLD_DIR NEW_DIR [--cases ...]
     sessiongate keys generate|list|rotate|retire [KEY_ID]
@@ -199,6 +199,10 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             await svc.erase(tenant, sid, new_request_id())
             await svc.store.checkpoint()
             print(f"erased {tenant}/{sid}: its data key and rows are destroyed")
+        elif args.action == "release":
+            reason = await svc.release(tenant, sid, new_request_id())
+            print(f"released {tenant}/{sid} from quarantine (it was quarantined for: {reason}); a check that "
+                  "fails again quarantines it again")
         return 0
 
     return _run(_with_sessions(settings, act))
@@ -357,23 +361,33 @@ def cmd_keys(args: argparse.Namespace) -> int:
 # --- audit and export --------------------------------------------------------------------
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    """``audit verify``: the chain and checkpoints of every tenant, then the stored rows against
+    the chain (exit 1 naming tenant, session and round of the first mismatch); ``--bundle``
+    verifies an export offline with the public key alone, no configuration file needed.
+    A ``--checkpoints`` file that does not exist is unusable input (exit 2); one that holds no
+    checkpoint (or a configured ``audit.checkpoint_file`` not written yet) is a warning that
+    nothing was checked against checkpoints."""
     from gateway.audit import CheckpointLog, load_public_key
     from gateway.auditor import AuditTrail
 
-    if args.action == "verify" and args.bundle:  # offline: the bundle and the key, no configuration
-        from gateway.export import verify_bundle
-        if not args.public_key:
-            return _fail("verifying a bundle offline needs --public-key FILE (from 'sessiongate audit public-key')")
-        report = verify_bundle(args.bundle, Path(args.public_key))
-        print(report.summary())
-        return 0 if report.ok else 1
+    if args.action == "verify" and args.bundle:
+        return _verify_bundle(args)
     settings = _settings(args)
     if args.action == "public-key":
         sys.stdout.write(AuditTrail(settings).signer.public_key_pem().decode())
         return 0
     trail = AuditTrail(settings)
     public_key = load_public_key(Path(args.public_key)) if args.public_key else None
-    checkpoints = list(CheckpointLog(args.checkpoints)) if args.checkpoints else None
+    checkpoint_path = Path(args.checkpoints) if args.checkpoints else settings.audit.checkpoint_file
+    if not checkpoint_path.is_file():
+        if args.checkpoints:
+            return _fail(f"checkpoint file not found: {checkpoint_path}")
+        print(f"sessiongate: warning: no checkpoint file at {checkpoint_path}: nothing was checked against "
+              "checkpoints", file=sys.stderr)
+    checkpoints = list(CheckpointLog(checkpoint_path))
+    if not checkpoints and checkpoint_path.is_file():
+        print(f"sessiongate: warning: {checkpoint_path} holds no checkpoints: nothing was checked against "
+              "checkpoints", file=sys.stderr)
 
     async def verify(svc: Any) -> int:
         tenants = [args.tenant] if args.tenant else await svc.store.tenants()
@@ -381,10 +395,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
         for tenant in tenants:
             report = await trail.verify(svc.store, tenant, checkpoints=checkpoints, public_key=public_key)
             print(report.summary())
+            for note in report.notes:
+                print(f"     note: {note}")
             failed += not report.ok
         return 1 if failed else 0
 
     return _run(_with_sessions(settings, verify))
+
+
+def _verify_bundle(args: argparse.Namespace) -> int:
+    """Offline: reads only the bundle and the public key (no configuration, no store)."""
+    from gateway.export import verify_bundle
+    if not args.public_key:
+        return _fail("verifying a bundle offline needs --public-key FILE (from 'sessiongate audit public-key')")
+    report = verify_bundle(args.bundle, Path(args.public_key))
+    print(report.summary())
+    for note in report.notes:
+        print(f"     note: {note}")
+    return 0 if report.ok else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -534,11 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--name", help="the client's name in logs and the configuration (default: TENANT-client)")
     cn.set_defaults(fn=cmd_clients_new)
 
-    ss = sub.add_parser("sessions", help="list, export, import, reset or erase sessions").add_subparsers(
+    ss = sub.add_parser("sessions", help="list, export, import, reset, erase or release sessions").add_subparsers(
         dest="action", required=True)
     for action, text in (("list", "the tenant's sessions"), ("export", "a session as Agently JSON"),
                          ("import", "load Agently JSON into a session"), ("reset", "clear a session's window"),
-                         ("delete", "erase a session (same as erase)"), ("erase", "crypto-shred a session")):
+                         ("delete", "erase a session (same as erase)"), ("erase", "crypto-shred a session"),
+                         ("release", "lift the quarantine of a session that failed an integrity check")):
         sp = ss.add_parser(action, help=text)
         sp.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
         sp.add_argument("--tenant", required=True, help="the tenant that owns the session(s)")

@@ -19,8 +19,9 @@ into place only when complete:
     "full_context", "context_window": [], "memo": null, "session_settings": {}}``. A
     single-session export is therefore one JSON document that ``Session.load_json`` reads.
 
-- ``OUT.audit.jsonl``: the audit entries' bodies, one per line, from an entry at or before the
-  first record through the covering checkpoint. Each line's SHA-256 is that entry's hash. They
+- ``OUT.audit.jsonl``: the audit entries' bodies, one per line, from the tenant's first entry
+  (or, with a ``since`` filter, an entry at or before it and the first record) through the
+  covering checkpoint. Each line's SHA-256 is that entry's hash. They
   are the tenant's entries (names, hashes and ids, never content), other sessions' included,
   because the chain can only be checked link by link.
 - ``OUT.manifest.json``: tenant, filters, the records file's SHA-256, size and counts, the
@@ -31,8 +32,13 @@ into place only when complete:
 records' SHA-256 and the redaction's SHA-256, then has the head signed. :func:`verify_bundle`
 checks the records against the manifest, every audit link up to the checkpoint, the
 checkpoint's signature, that the export entry vouches for these very records and rules, and
-(``jsonl``/``csv``) that every record's ciphertext hash is that of a round entry of its
-session. Writing takes constant memory; verifying holds one digest per covered round entry.
+(``jsonl``/``csv``) that every record's ciphertext hash is that of a round entry (``round`` or
+``import``) of its session. It also proves completeness: every round entry of the bundle's
+scope (the export entry's ``filters``) up to ``detail.through_seq`` (the chain head when the
+records were read) has its record, unless an ``erasure`` or ``purge`` entry before the export
+entry accounts for it. Round entries within :data:`TIME_SLACK` seconds after ``since`` are
+not required (an entry is sealed just after its round's ``created_at``). Writing takes
+constant memory; verifying holds one digest per round entry and per record.
 
 Raises: ``ValueError`` for an unknown format; :class:`~gateway.errors.IntegrityError` when the
 live chain does not verify up to the checkpoint (no bundle is left behind then); ``OSError``
@@ -76,6 +82,11 @@ BUNDLE_VERSION = "sessiongate-export/1"
 CSV_COLUMNS = ("tenant", "session_id", "seq", "created_at", "request_id", "policy_id", "policy_hash",
                "outcome", "ciphertext_sha256", "message_index", "role", "content")
 
+TIME_SLACK = 5.0
+"""Seconds an audit entry may be sealed after its round's ``created_at``."""
+
+HeadSeq = Callable[[], Awaitable[int]]
+"""The tenant's current audit chain head seq (0 for an empty chain)."""
 AppendAudit = Callable[[dict[str, Any]], Awaitable[AuditRow]]
 """Appends one audit entry (fields per ``gateway.audit``) and returns the sealed row."""
 SignHead = Callable[[], Awaitable[Checkpoint | None]]
@@ -286,30 +297,36 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
                         redactor_for: Callable[[str], Redactor], append_audit: AppendAudit,
                         sign_head: SignHead, iter_audit: IterAudit,
                         filters: Mapping[str, Any] | None = None, audit_slack: float = 3600.0,
-                        progress: Progress | None = None) -> dict[str, Any]:
+                        progress: Progress | None = None, head_seq: HeadSeq | None = None) -> dict[str, Any]:
     """Write a verifiable bundle at ``out`` (see the module docstring); returns the manifest.
 
     ``audit_slack``: the bundle's audit entries start at the first entry whose time is at
     least this many seconds before the oldest record (a round's audit entry must not be older
-    than the round by more than that).
+    than the round by more than that). ``head_seq`` is asked before the records are read: the
+    bundle promises every round entry up to it (without it: every entry before the export's).
     """
     records_path, manifest_path, audit_path = bundle_paths(out)
     partial = [p.with_name(f".{p.name}.partial") for p in (records_path, audit_path, manifest_path)]
     try:
+        through = await head_seq() if head_seq is not None else None
         with partial[0].open("wb") as f:
             summary = await write_records(records, f, fmt=fmt, redactor_for=redactor_for, progress=progress)
             _sync(f)
         redaction = dict(sorted(summary.redaction.items()))
         filters_doc = dict(filters or {})
-        export_row = await append_audit({"event": "export", "detail": {
-            "format": fmt, "records_sha256": summary.sha256, "records": summary.count,
-            "sessions": summary.sessions, "redaction_sha256": redaction_sha256(redaction),
-            "filters": filters_doc}})
+        detail = {"format": fmt, "records_sha256": summary.sha256, "records": summary.count,
+                  "sessions": summary.sessions, "redaction_sha256": redaction_sha256(redaction),
+                  "filters": filters_doc}
+        if through is not None:
+            detail["through_seq"] = through
+        export_row = await append_audit({"event": "export", "detail": detail})
         checkpoint = await sign_head()
         if checkpoint is None or checkpoint.tenant != tenant or checkpoint.seq < export_row.seq:
             raise IntegrityError("no checkpoint covers the export's audit entry")
         start_time = (summary.min_created_at - audit_slack if summary.min_created_at is not None
                       else export_row.created_at)
+        since = filters_doc.get("since")  # every round entry of the scope must be in the bundle
+        start_time = min(start_time, since - audit_slack) if isinstance(since, int | float) else 0.0
         with partial[1].open("wb") as f:
             audit = await _write_audit(iter_audit(0), f, tenant=tenant, start_time=start_time,
                                        start_seq=export_row.seq, checkpoint=checkpoint)
@@ -389,7 +406,7 @@ def verify_bundle(bundle: Path | str, public_key: PublicKeyLike) -> VerifyReport
 
     Returns a report whose ``first_error.kind`` is one of ``gateway.audit.ERROR_KINDS`` or
     ``missing_file``, ``malformed``, ``records_altered``, ``manifest_mismatch``,
-    ``not_covered``, ``record_not_covered``. Raises ``ConfigError`` for an unreadable key.
+    ``not_covered``, ``record_not_covered``, ``record_missing``. Raises ``ConfigError`` for an unreadable key.
     """
     key = load_public_key(public_key)
     records_path, manifest_path, audit_path = bundle_paths(bundle)
@@ -402,9 +419,9 @@ def verify_bundle(bundle: Path | str, public_key: PublicKeyLike) -> VerifyReport
             checkpoint = Checkpoint.from_dict(manifest["checkpoint"])
         except ValueError as exc:
             raise _BundleError("malformed", f"manifest checkpoint: {exc}") from exc
-        rounds = _check_audit(audit_path, manifest, checkpoint, key, report)
+        rounds, required = _check_audit(audit_path, manifest, checkpoint, key, report)
         if report.ok:
-            _check_records(records_path, manifest, rounds, report)
+            _check_records(records_path, manifest, rounds, required, report)
     except _BundleError as exc:
         report.first_error = exc.error
     return report
@@ -439,9 +456,66 @@ def _check_records_file(path: Path, manifest: dict[str, Any]) -> None:
         raise _BundleError("manifest_mismatch", "the manifest's redaction section does not match its hash")
 
 
+@dataclass(frozen=True, slots=True)
+class _RoundEntry:
+    seq: int
+    session_id: str
+    round_seq: int | None
+    digest: str
+    time: float
+
+
+class _Promised:
+    """Round entries a bundle must hold records for, net of erasures and purges (in order)."""
+
+    def __init__(self) -> None:
+        self.by_session: dict[str, dict[int | str, _RoundEntry]] = {}
+
+    def add(self, row: AuditRow, doc: dict[str, Any]) -> None:
+        sid, event = doc.get("session_id"), doc.get("event")
+        if not isinstance(sid, str):
+            return
+        if event in ROUND_EVENTS and isinstance(doc.get("ciphertext_sha256"), str):
+            round_seq = doc.get("round_seq") if isinstance(doc.get("round_seq"), int) else None
+            entry = _RoundEntry(row.seq, sid, round_seq, doc["ciphertext_sha256"], row.created_at)
+            self.by_session.setdefault(sid, {})[round_seq if round_seq is not None else entry.digest] = entry
+            return
+        detail = doc.get("detail") or {}
+        if event == "erasure" or (event == "purge" and (detail.get("session_erased")
+                                                        or not isinstance(detail.get("seqs"), list))):
+            self.by_session.pop(sid, None)
+        elif event == "purge":
+            held = self.by_session.get(sid, {})
+            for seq in detail["seqs"]:
+                held.pop(seq, None)
+
+    def required(self, detail: dict[str, Any], export_seq: int) -> list[_RoundEntry]:
+        """The entries in the export's scope (its signed ``filters``) up to ``through_seq``."""
+        through = detail.get("through_seq")
+        through = through if isinstance(through, int) else export_seq - 1
+        filters = detail.get("filters") or {}
+        sid, since, until = filters.get("session_id"), filters.get("since"), filters.get("until")
+        out = []
+        for entries in self.by_session.values():
+            for e in entries.values():
+                if e.seq > through or (sid is not None and e.session_id != sid):
+                    continue
+                if isinstance(since, int | float) and e.time < since + TIME_SLACK:
+                    continue
+                if isinstance(until, int | float) and e.time >= until:
+                    continue
+                out.append(e)
+        return sorted(out, key=lambda e: e.seq)
+
+
+ROUND_EVENTS = ("round", "import")
+"""Audit events that record a stored round (imported rounds are records too)."""
+
+
 def _check_audit(path: Path, manifest: dict[str, Any], checkpoint: Checkpoint, key: Ed25519PublicKey,
-                 report: VerifyReport) -> set[tuple[str, str]]:
-    """Verify the entries up to the checkpoint; returns the (session, ciphertext hash) of rounds."""
+                 report: VerifyReport) -> tuple[set[tuple[str, str]], list[_RoundEntry]]:
+    """Verify the entries up to the checkpoint; returns the (session, ciphertext hash) of rounds
+    and the round entries the bundle must hold records for."""
     tenant, audit = manifest["tenant"], manifest["audit"]
     if checkpoint.tenant != tenant:
         raise _BundleError("manifest_mismatch", "the checkpoint is for another tenant")
@@ -449,6 +523,7 @@ def _check_audit(path: Path, manifest: dict[str, Any], checkpoint: Checkpoint, k
     verifier = ChainVerifier(tenant, checkpoints=[checkpoint], public_key=key,
                              after_seq=(first_seq or 1) - 1, after_hash=None)
     rounds: set[tuple[str, str]] = set()
+    promised = _Promised()
     export_detail: dict[str, Any] | None = None
     with contextlib.closing(_audit_rows(path)) as rows:
         for row in rows:
@@ -458,23 +533,29 @@ def _check_audit(path: Path, manifest: dict[str, Any], checkpoint: Checkpoint, k
             if not verifier.feed(row):
                 break
             doc = orjson.loads(row.body)
-            if doc.get("event") == "round" and doc.get("ciphertext_sha256"):
+            if doc.get("event") in ROUND_EVENTS and doc.get("ciphertext_sha256"):
                 rounds.add((doc.get("session_id"), doc["ciphertext_sha256"]))
             elif row.seq == export_seq and doc.get("event") == "export":
                 export_detail = doc.get("detail") or {}
+            if isinstance(export_seq, int) and row.seq < export_seq:
+                promised.add(row, doc)
     result = verifier.finish()
     report.entries, report.first_seq, report.last_seq = result.entries, result.first_seq, result.last_seq
     report.head_hash, report.checkpoints = result.head_hash, result.checkpoints
     if result.first_error is not None:
         report.first_error = result.first_error
-        return rounds
+        return rounds, []
     if result.first_seq != first_seq:
         raise _BundleError("gap", f"the audit entries start at {result.first_seq}, the manifest says {first_seq}",
                            first_seq)
     if result.checkpoints == 0:
         raise _BundleError("not_covered", "no entry in the bundle is covered by its checkpoint")
     _check_export_entry(export_detail, manifest, export_seq)
-    return rounds
+    assert export_detail is not None and isinstance(export_seq, int)
+    if "through_seq" not in export_detail:
+        report.notes.append("the export entry names no through_seq (an older gateway): completeness was "
+                            "checked against every round entry before it")
+    return rounds, promised.required(export_detail, export_seq)
 
 
 def _audit_rows(path: Path) -> Generator[AuditRow, None, None]:
@@ -503,24 +584,37 @@ def _check_export_entry(detail: dict[str, Any] | None, manifest: dict[str, Any],
 
 
 def _check_records(path: Path, manifest: dict[str, Any], rounds: set[tuple[str, str]],
-                   report: VerifyReport) -> None:
+                   required: list[_RoundEntry], report: VerifyReport) -> None:
     fmt, tenant = manifest["records"].get("format"), manifest["tenant"]
     if fmt == "agently":
         report.records = manifest["records"].get("count")
         report.notes.append("agently format carries no per-record hashes: the records are bound to the "
                             "chain by their file hash only")
+        if isinstance(report.records, int) and report.records < len(required):
+            e = required[0]
+            raise _BundleError("record_missing", f"{report.records} records for {len(required)} round entries in "
+                               f"the bundle's scope (the first is session {e.session_id}, entry {e.seq})", e.seq)
         return
     count = 0
+    seen: set[tuple[str, str]] = set()
     for record_tenant, session_id, seq, digest in _record_refs(path, fmt):
         count += 1
         if record_tenant != tenant or (session_id, digest) not in rounds:
             raise _BundleError("record_not_covered",
                                f"record {count} (session {session_id}, round {seq}) matches no round "
                                "entry in the bundle's audit entries")
+        seen.add((session_id, digest))
     report.records = count
     if count != manifest["records"].get("count"):
         raise _BundleError("manifest_mismatch", f"{count} records, the manifest says "
                            f"{manifest['records'].get('count')}")
+    for e in required:
+        if (e.session_id, e.digest) not in seen:
+            at = f"round {e.round_seq}" if e.round_seq is not None else "an imported round"
+            raise _BundleError("record_missing",
+                               f"tenant {tenant}, session {e.session_id}, {at}: audit entry {e.seq} records it, "
+                               "it lies in the export's scope, and the bundle holds no record of it (left out)",
+                               e.seq)
 
 
 def _record_refs(path: Path, fmt: str) -> Iterator[tuple[str, str, Any, str]]:

@@ -9,6 +9,19 @@ A round appends its messages to ``full_context`` (one ``rounds`` row, sealed wit
 ``round`` and the round's sequence number) and, when it completed, to the context window,
 then bounds the window with the policy's synchronous strategy. Incomplete rounds go to
 ``full_context`` only, marked as such, so a cut-off reply never steers the next turn.
+
+**Evidence and quarantine** (``gateway.evidence``). Loading a session checks its rows against
+the audit entry that last bound them, and every write plan runs the same check on the rows
+inside its transaction. A session that fails any integrity check (a row that does not open,
+or rows that are not the ones the chain binds) is quarantined: a ``quarantine`` audit entry,
+stored in ``session_heads`` so it holds across restarts and replicas. From then on every new
+round and every write on it (chat, import, reset, memo, bounding) is refused with the same
+integrity error (:class:`Quarantined`), each refusal a ``refusal`` audit entry, until an
+operator acts (reads are not refused: they run their own checks): ``sessiongate sessions erase`` (the data
+is gone for good) or ``sessiongate sessions release`` (:meth:`SessionService.release`, a
+``release`` entry: the operator restored the rows or accepts them; a check that fails again
+quarantines again). A data key wrapped by a master key the keyring lacks or has retired is a
+key-file problem, not damage: it fails without quarantine.
 """
 
 from __future__ import annotations
@@ -21,9 +34,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+import structlog
 
-from gateway import crypto
-from gateway.errors import Conflict, IntegrityError, NotFound
+from gateway import crypto, evidence
+from gateway.errors import Conflict, GatewayError, IntegrityError, NotFound
 from gateway.keyring import Keyring
 from gateway.session.model import (
     SYNC_STRATEGIES,
@@ -36,6 +50,12 @@ from gateway.session.model import (
     to_agently,
 )
 from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store
+
+log = structlog.get_logger("gateway.sessions")
+
+
+class Quarantined(IntegrityError):
+    """A request on a quarantined session: the same integrity error, refused before any work."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +108,12 @@ class SessionService:
         keyring = self.keyring
         if keyring.state(row.kek_id) is None and self.reload_keyring is not None:
             keyring = self.keyring = self.reload_keyring()
-        return keyring.unwrap(row.kek_id, row.dk_id, row.wrapped)
+        try:
+            return keyring.unwrap(row.kek_id, row.dk_id, row.wrapped)
+        except IntegrityError as exc:
+            # a master key missing from (or retired in) the key file is not damage to the session
+            exc.key_unavailable = keyring.state(row.kek_id) in (None, "retired")  # type: ignore[attr-defined]
+            raise
 
     def _forget(self, row: DataKeyRow) -> None:
         """Drop an erased session's data key from both in-memory caches (unwrapped key, cipher).
@@ -138,25 +163,82 @@ class SessionService:
 
     # --- reads ---------------------------------------------------------------------------
 
-    async def load(self, tenant: str, session_id: str) -> LoadedSession | None:
-        """The session's state, unsealed; None when the session does not exist."""
-        srow, krow = await self.store.get_session(tenant, session_id)
-        if srow is None:
-            return None
-        if krow is None:
-            raise IntegrityError(f"session {tenant}/{session_id} has no data key")
-        state = self._open_state(self._data_key(krow), srow)
-        return LoadedSession(state, srow.version, srow.next_seq, srow.state_ct)
+    async def load(self, tenant: str, session_id: str, request_id: str | None = None, *,
+                   for_round: bool = False) -> LoadedSession | None:
+        """The session's state, unsealed and checked against the audit chain; None when the
+        session does not exist. ``IntegrityError`` (and quarantine) when it fails a check. With
+        *for_round* (a new round will follow), :class:`Quarantined` (and a ``refusal`` entry)
+        when the session is quarantined; a read alone is not refused, it checks for itself."""
+        async with self._guarded(tenant, session_id, request_id):
+            cur = await self.store.read_session(tenant, session_id)
+            if for_round:
+                _refuse_quarantined(cur)
+            srow, krow = cur.session, cur.data_key
+            if srow is None:
+                _raise_if_altered(cur)
+                return None
+            if krow is None:
+                raise IntegrityError(f"session {tenant}/{session_id} has no data key")
+            state = self._open_state(self._data_key(krow), srow)
+            _raise_if_altered(cur)
+            return LoadedSession(state, srow.version, srow.next_seq, srow.state_ct)
+
+    async def check(self, tenant: str, session_id: str, request_id: str | None = None, *,
+                    for_round: bool = True) -> None:
+        """The check of :meth:`load` without opening anything (by default for a new round)."""
+        async with self._guarded(tenant, session_id, request_id):
+            cur = await self.store.read_session(tenant, session_id)
+            if for_round:
+                _refuse_quarantined(cur)
+            _raise_if_altered(cur)
 
     async def full_context(self, tenant: str, session_id: str) -> list[Message]:
-        _, krow = await self.store.get_session(tenant, session_id)
-        if krow is None:
-            return []
-        dk = self._data_key(krow)
-        out: list[Message] = []
-        async for row in self.store.iter_rounds(tenant, session_id):
-            out.extend(self.open_round(dk, row))
-        return out
+        async with self._guarded(tenant, session_id, None):
+            _, krow = await self.store.get_session(tenant, session_id)
+            if krow is None:
+                return []
+            dk = self._data_key(krow)
+            out: list[Message] = []
+            async for row in self.store.iter_rounds(tenant, session_id):
+                out.extend(self.open_round(dk, row))
+            return out
+
+    @contextlib.asynccontextmanager
+    async def _guarded(self, tenant: str, session_id: str | None, request_id: str | None) -> AsyncIterator[None]:
+        """Quarantine the session when the body fails an integrity check (see the module
+        docstring); the error itself always propagates."""
+        try:
+            yield
+        except IntegrityError as exc:
+            if session_id is not None:
+                await self._note_failure(tenant, session_id, exc, request_id)
+            raise
+
+    async def _note_failure(self, tenant: str, session_id: str, exc: IntegrityError, request_id: str | None) -> None:
+        if getattr(exc, "key_unavailable", False):
+            return
+        entry: dict[str, Any]
+        if isinstance(exc, Quarantined):
+            entry = {"event": "refusal", "session_id": session_id, "request_id": request_id, "outcome": "refused"}
+            changes = Changes(audit=[entry])
+        else:
+            entry = {"event": "quarantine", "session_id": session_id, "request_id": request_id,
+                     "detail": {"reason": exc.detail[:200]}}
+            changes = Changes(audit=[entry], quarantine=exc.detail[:200])
+        try:
+            await self.store.transact(tenant, session_id, lambda cur: changes)
+        except GatewayError as err:  # the integrity error still reaches the caller
+            log.error("quarantine_not_recorded", tenant=tenant, session_id=session_id, error=type(err).__name__)
+
+    async def release(self, tenant: str, session_id: str, request_id: str) -> str:
+        """Lift the session's quarantine (an operator's decision, audited as ``release``);
+        returns the reason it was quarantined. ``Conflict`` when it is not quarantined."""
+        def plan(cur: Current) -> Changes:
+            if cur.quarantine is None:
+                raise Conflict(f"session '{session_id}' is not quarantined")
+            return Changes(audit=[{"event": "release", "request_id": request_id, "session_id": session_id,
+                                   "detail": {"reason": cur.quarantine}}], release=True, result=cur.quarantine)
+        return str((await self.store.transact(tenant, session_id, plan)).result)
 
     def open_round(self, dk: crypto.DataKey, row: RoundRow) -> list[Message]:
         return orjson.loads(crypto.open_sealed(dk, row.ct, tenant=row.tenant, session_id=row.session_id,
@@ -207,6 +289,10 @@ class SessionService:
         def plan(cur: Current) -> Changes:
             ch = Changes()
             audit = dict(rec.audit)
+            if cur.session_id is not None:
+                _refuse_quarantined(cur)
+                _raise_if_altered(cur)
+                audit["session_id"] = cur.session_id
             if cur.session_id is not None and messages:
                 if cur.data_key is None:
                     dk, ch.data_key = self._new_data_key(cur.tenant, cur.session_id)
@@ -230,7 +316,8 @@ class SessionService:
             ch.audit.append(audit)
             return ch
 
-        return await self.store.transact(tenant, session_id, plan)
+        async with self._guarded(tenant, session_id, rec.request_id):
+            return await self.store.transact(tenant, session_id, plan)
 
     async def update_state(self, tenant: str, session_id: str,
                            change: Callable[[SessionState], SessionState | None], audit: dict[str, Any]) -> bool:
@@ -238,6 +325,8 @@ class SessionService:
         or *change* returned None (nothing written)."""
         def plan(cur: Current) -> Changes:
             ch = Changes(result=False)
+            _refuse_quarantined(cur)
+            _raise_if_altered(cur)
             if cur.session is None:
                 return ch
             dk, state = self._unseal(cur)
@@ -250,7 +339,8 @@ class SessionService:
             ch.result = True
             return ch
 
-        return bool((await self.store.transact(tenant, session_id, plan)).result)
+        async with self._guarded(tenant, session_id, audit.get("request_id")):
+            return bool((await self.store.transact(tenant, session_id, plan)).result)
 
     async def reset(self, tenant: str, session_id: str, request_id: str) -> None:
         """Clear the context window; ``full_context`` and memo stay."""
@@ -264,6 +354,7 @@ class SessionService:
         of the imported ``full_context`` (recorded history is append-only), and gains the rest.
         Returns how many messages were appended."""
         full, state = from_agently(data)
+        await self.check(tenant, session_id, request_id)  # never import into a quarantined or altered session
         existing = await self.full_context(tenant, session_id)
         if full[: len(existing)] != existing:
             raise Conflict(f"session '{session_id}' already holds a different history; recorded history is "
@@ -273,6 +364,8 @@ class SessionService:
 
         def plan(cur: Current) -> Changes:
             ch = Changes(result=len(added))
+            _refuse_quarantined(cur)
+            _raise_if_altered(cur)
             if cur.data_key is None:
                 dk, ch.data_key = self._new_data_key(cur.tenant, session_id)
             else:
@@ -280,10 +373,12 @@ class SessionService:
             self._write_state(cur, ch, dk, state, [added] if added else [], meta)
             ch.audit.append({"event": "import", "request_id": request_id, "session_id": session_id,
                              "messages": len(added),
+                             "round_seq": ch.rounds[0].seq if ch.rounds else None,
                              "ciphertext_sha256": hashlib.sha256(ch.rounds[0].ct).hexdigest() if ch.rounds else None})
             return ch
 
-        return int((await self.store.transact(tenant, session_id, plan)).result)
+        async with self._guarded(tenant, session_id, request_id):
+            return int((await self.store.transact(tenant, session_id, plan)).result)
 
     async def drop_rounds(self, tenant: str, session_id: str, rounds: list[tuple[int, list[Message]]], *,
                           policy_id: str, erase_if_idle_before: float | None) -> tuple[int, bool]:
@@ -297,7 +392,7 @@ class SessionService:
         def plan(cur: Current) -> Changes:
             if cur.session is None:
                 return Changes(result=(0, False))
-            detail: dict[str, Any] = {"rounds_deleted": len(seqs), "before": erase_if_idle_before}
+            detail: dict[str, Any] = {"rounds_deleted": len(seqs), "seqs": seqs, "before": erase_if_idle_before}
             audit = {"event": "purge", "session_id": session_id, "policy_id": policy_id, "detail": detail}
             if erase_if_idle_before is not None and cur.session.updated_at < erase_if_idle_before:
                 if cur.data_key is not None:
@@ -332,6 +427,18 @@ class SessionService:
 
         await self.store.transact(tenant, session_id, plan)
         await self.store.checkpoint()
+
+
+def _refuse_quarantined(cur: Current) -> None:
+    if cur.quarantine is not None:
+        raise Quarantined(f"tenant {cur.tenant}, session {cur.session_id} is quarantined (an operator must "
+                          f"release or erase it) since: {cur.quarantine}")
+
+
+def _raise_if_altered(cur: Current) -> None:
+    problem = evidence.check(cur)
+    if problem is not None:
+        raise IntegrityError(problem)
 
 
 @dataclass(frozen=True, slots=True)

@@ -257,12 +257,17 @@ def test_manifest_describes_the_export(env: Env, tmp_path: Path) -> None:
 
 
 def test_bundle_audit_range_starts_near_the_first_record(env: Env, tmp_path: Path) -> None:
-    """Entries long before the oldest record are left out; the signed head still covers the rest."""
+    """With a ``since`` filter, entries long before it are left out; the signed head still covers
+    the rest. (Without one the bundle starts at the tenant's first entry: it proves that no
+    round of the tenant was left out, issue 10 §3.)"""
     env.append("acme", {"event": "key_rotation"})
     env.clock += 10 * 86400
-    manifest = env.export("acme", corpus(env), tmp_path / "a.jsonl")
+    since = env.clock
+    manifest = env.export("acme", corpus(env), tmp_path / "a.jsonl", filters={"since": since})
     assert manifest["audit"]["first_seq"] == 2
     assert verify_bundle(tmp_path / "a.jsonl", env.signer.public_key_pem()).ok
+    whole = env.export("acme", corpus(env), tmp_path / "b.jsonl")
+    assert whole["audit"]["first_seq"] == 1
 
 
 def test_altered_records_are_caught(env: Env, tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ class Job:
     started: float = field(default_factory=time.time)
     status: str = "running"  # running | done | failed
     count: int = 0
+    phase: str = "chain"  # verify: "chain", then "data" (stored rows against the chain)
     report: VerifyReport | None = None
     manifest: dict[str, Any] | None = None
     error: str | None = None

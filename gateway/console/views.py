@@ -25,6 +25,7 @@ import yaml
 from aiohttp import web
 
 from gateway.audit import VerifyReport, averify_chain, entry_fields
+from gateway.auditor import check_data
 from gateway.console.auth import (
     COOKIE,
     IDLE_SECONDS,
@@ -318,15 +319,32 @@ EXPLAIN_KINDS = {
     "bad_signature": "has a checkpoint whose signature does not hold under the gateway's public key",
     "checkpoint_mismatch": "is not the entry that a signed checkpoint vouched for",
 }
+DATA_KINDS = {
+    "round_missing": "a round the audit trail records is missing from the stored data",
+    "round_unrecorded": "a stored round has no entry in the audit trail",
+    "round_mismatch": "a stored round differs from the one the audit trail records",
+    "state_missing": "a session's stored state is missing though the audit trail says it exists",
+    "state_mismatch": "a session's stored state is not the one the audit trail last recorded (rolled back or "
+                      "edited)",
+    "state_unrecorded": "a session's stored state has no entry in the audit trail",
+}
 
 
 def explain_report(report: VerifyReport) -> str:
     """A verification result in words an auditor understands."""
     if report.ok:
+        data = (f" The stored data matches it ({report.records:,} rounds checked)."
+                if report.records is not None else "")
         return (f"The chain of tenant {report.tenant!r} is intact: all {report.entries:,} entries check out, "
-                f"and {report.checkpoints} signed checkpoint(s) match.")
+                f"and {report.checkpoints} signed checkpoint(s) match.{data}")
     error = report.first_error
     assert error is not None
+    if error.kind in DATA_KINDS:
+        where = f"session {error.session_id!r}" if getattr(error, "session_id", None) else "a session"
+        if getattr(error, "round_seq", None) is not None:
+            where += f", round {error.round_seq}"
+        return (f"The chain of tenant {report.tenant!r} is intact, but the stored data does not match it. "
+                f"The first problem, in {where}: {DATA_KINDS[error.kind]}.")
     what = EXPLAIN_KINDS.get(error.kind)
     if what is None or error.seq is None:
         return f"The chain of tenant {report.tenant!r} does not verify. The first problem: {error.message}."
@@ -348,6 +366,9 @@ async def verify(request: web.Request, session: ConsoleSession) -> web.StreamRes
         job.report = await averify_chain(Counting(store.iter_audit(tenant).__aiter__(), job), tenant=tenant,
                                          checkpoints=services.audit.log.for_tenant(tenant),
                                          public_key=services.audit.signer.public_key_pem())
+        if job.report.ok:  # then the stored rounds and session states against the chain
+            job.phase = "data"
+            await check_data(store, tenant, job.report)
         await _audit(request, tenant, {"event": "verify", "detail": {
             "auditor": session.principal.name, "ok": job.report.ok, "entries": job.report.entries}})
 

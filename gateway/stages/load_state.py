@@ -1,7 +1,9 @@
 """Stage: load_state. Sets ``loaded``: the session's unsealed state, or None.
 
-Nothing is loaded without a session id, or when the policy injects neither window nor memo.
-Raises ``IntegrityError`` when the stored state fails authentication.
+Nothing is loaded without a session id, or when the policy injects neither window nor memo
+(the session's rows are still checked against the audit chain then, without opening them).
+Raises ``IntegrityError`` when the stored state fails authentication or does not match the
+chain, or the session is quarantined (``gateway.sessions``): refused before the upstream call.
 """
 
 from __future__ import annotations
@@ -14,5 +16,6 @@ async def load_state(ctx: Context) -> None:
         return
     inject = ctx.policy.session.inject
     if not (inject.context_window or inject.memo):
+        await ctx.services.sessions.check(ctx.tenant, ctx.session_id, ctx.request_id)
         return
-    ctx.loaded = await ctx.services.sessions.load(ctx.tenant, ctx.session_id)
+    ctx.loaded = await ctx.services.sessions.load(ctx.tenant, ctx.session_id, ctx.request_id, for_round=True)

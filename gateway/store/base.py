@@ -13,6 +13,10 @@ Tables (both backends):
                  window, memo, settings).
 - ``rounds``     append-only: one row per recorded round (or imported message pair), sealed.
 - ``audit``      append-only, per tenant: the hash chain (see ``gateway.audit``).
+- ``session_heads`` one per session ever written: ``bound_seq``, the audit entry that last
+                 bound the session's rows (its ``state`` field, see ``gateway.evidence``), and
+                 the quarantine (``quarantined_seq``, ``quarantine_reason``; NULL when none).
+                 An index into the chain for cheap checks on load; the chain stays authoritative.
 
 Writes go through :meth:`Store.transact`: the backend opens one transaction, reads the current
 rows of the session (locked against other writers, including other processes), calls the
@@ -93,6 +97,14 @@ class Current:
     session_id: str | None
     session: SessionRow | None
     data_key: DataKeyRow | None
+    rounds: int = 0
+    """How many round rows the session has in the store."""
+    max_seq: int = 0
+    """The highest stored round seq (0 without rounds)."""
+    head: AuditRow | None = None
+    """The audit entry that last bound the session's rows (``session_heads.bound_seq``)."""
+    quarantine: str | None = None
+    """Why the session is quarantined (``gateway.evidence``); None when it is not."""
 
 
 @dataclass(slots=True)
@@ -101,7 +113,11 @@ class Changes:
 
     ``delete_round_seqs`` removes those rounds of the session (retention).
     ``audit`` holds the fields of new audit entries (names and hashes only); the store adds
-    ``seq``, time and the chain links and returns the sealed rows in ``audit_rows``.
+    ``seq``, time and the chain links and returns the sealed rows in ``audit_rows``. A change
+    that writes a session's rows must carry an audit entry for that session: the store binds
+    the rows as they are after the change into it (``gateway.evidence.bind``).
+    ``quarantine`` (a reason) quarantines the session at the change's last audit entry;
+    ``release`` lifts the quarantine. Deleting the session lifts it too.
     """
 
     data_key: DataKeyRow | None = None
@@ -112,6 +128,8 @@ class Changes:
     delete_round_seqs: list[int] = field(default_factory=list)
     audit_rows: list[AuditRow] = field(default_factory=list)
     result: Any = None
+    quarantine: str | None = None
+    release: bool = False
 
 
 Plan = Callable[[Current], Changes]
@@ -142,6 +160,9 @@ class Store(Protocol):
     async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
         """The session's state row and data key row, either ``None`` when absent."""
 
+    async def read_session(self, tenant: str, session_id: str) -> Current:
+        """The session's rows with their evidence (round count, head entry, quarantine), one read."""
+
     async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
         """Run *plan* on the current rows in one durable transaction; see the module docstring.
 
@@ -168,8 +189,11 @@ class Store(Protocol):
     def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
         """A tenant's audit chain from ``after_seq + 1`` in sequence order, in constant memory."""
 
+    async def audit_head(self, tenant: str) -> int:
+        """The seq of the tenant's newest audit entry (0 for an empty chain)."""
+
     async def tenants(self) -> list[str]:
-        """Every tenant that has an audit chain or a session."""
+        """Every tenant that has an audit chain, a session or a round."""
 
     def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
         """Every data key row (for master-key rotation)."""

@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from gateway import audit
+from gateway import audit, evidence
 from gateway.errors import StoreUnavailable
 from gateway.store.base import (
     AuditRow,
@@ -108,6 +108,11 @@ CREATE TABLE audit (
 ALTER TABLE rounds ALTER COLUMN ct SET STORAGE EXTERNAL;
 ALTER TABLE sessions ALTER COLUMN state_ct SET STORAGE EXTERNAL;
 """),
+    Migration(2, "session heads: state bindings and quarantine", """
+CREATE TABLE session_heads (
+  tenant TEXT COLLATE "C" NOT NULL, session_id TEXT COLLATE "C" NOT NULL, bound_seq BIGINT,
+  quarantined_seq BIGINT, quarantine_reason TEXT, PRIMARY KEY (tenant, session_id));
+"""),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -119,10 +124,27 @@ _AUDIT_COLS = "tenant, seq, created_at, body, prev_hash, hash"
 
 _READ_CURRENT = """
 SELECT u.t, u.s, s.version, s.next_seq, s.state_ct, s.created_at, s.updated_at,
-       k.dk_id, k.kek_id, k.wrapped, k.created_at
+       k.dk_id, k.kek_id, k.wrapped, k.created_at,
+       r.n, r.m, h.quarantined_seq, h.quarantine_reason,
+       a.tenant, a.seq, a.created_at, a.body, a.prev_hash, a.hash
 FROM unnest($1::text[], $2::text[]) AS u(t, s)
 LEFT JOIN sessions s ON s.tenant = u.t AND s.session_id = u.s
-LEFT JOIN data_keys k ON k.tenant = u.t AND k.session_id = u.s"""
+LEFT JOIN data_keys k ON k.tenant = u.t AND k.session_id = u.s
+LEFT JOIN LATERAL (SELECT count(*) AS n, coalesce(max(seq), 0) AS m FROM rounds x
+                   WHERE x.tenant = u.t AND x.session_id = u.s) r ON true
+LEFT JOIN session_heads h ON h.tenant = u.t AND h.session_id = u.s
+LEFT JOIN audit a ON a.tenant = h.tenant AND a.seq = h.bound_seq"""
+_UPSERT_HEADS = """
+INSERT INTO session_heads (tenant, session_id, bound_seq, quarantined_seq, quarantine_reason)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[])
+ON CONFLICT (tenant, session_id) DO UPDATE SET
+  bound_seq = coalesce(EXCLUDED.bound_seq, session_heads.bound_seq),
+  quarantined_seq = coalesce(EXCLUDED.quarantined_seq, session_heads.quarantined_seq),
+  quarantine_reason = CASE WHEN EXCLUDED.quarantined_seq IS NOT NULL THEN EXCLUDED.quarantine_reason
+                           ELSE session_heads.quarantine_reason END"""
+_CLEAR_QUARANTINE = """
+UPDATE session_heads x SET quarantined_seq = NULL, quarantine_reason = NULL
+FROM unnest($1::text[], $2::text[]) AS u(t, s) WHERE x.tenant = u.t AND x.session_id = u.s"""
 _AUDIT_HEADS = """
 SELECT u.t, a.seq, a.hash FROM unnest($1::text[]) AS u(t)
 LEFT JOIN LATERAL (SELECT seq, hash FROM audit WHERE tenant = u.t ORDER BY seq DESC LIMIT 1) a ON true"""
@@ -165,7 +187,7 @@ def _skip_scan(table: str) -> str:
 SELECT tenant FROM t WHERE tenant IS NOT NULL)"""
 
 
-_TENANTS = f"{_skip_scan('audit')} UNION {_skip_scan('sessions')} ORDER BY 1"
+_TENANTS = f"{_skip_scan('audit')} UNION {_skip_scan('sessions')} UNION {_skip_scan('rounds')} ORDER BY 1"
 
 
 def lock_key(*parts: str) -> int:
@@ -193,7 +215,11 @@ async def read_current(conn: asyncpg.Connection, keys: list[Key]) -> dict[Key, C
     """The rows of the sessions *keys* (tenant, session id) as this transaction sees them."""
     rows = await conn.fetch(_READ_CURRENT, [k[0] for k in keys], [k[1] for k in keys])
     return {(r[0], r[1]): Current(r[0], r[1], SessionRow(r[0], r[1], *r[2:7]) if r[2] is not None else None,
-                                  DataKeyRow(r[0], r[1], *r[7:11]) if r[7] is not None else None) for r in rows}
+                                  DataKeyRow(r[0], r[1], *r[7:11]) if r[7] is not None else None,
+                                  rounds=int(r[11]), max_seq=int(r[12]),
+                                  head=AuditRow(*r[15:21]) if r[15] is not None else None,
+                                  quarantine=(r[14] or "quarantined") if r[13] is not None else None)
+            for r in rows}
 
 
 async def read_heads(conn: asyncpg.Connection, tenants: list[str]) -> dict[str, tuple[int, str]]:
@@ -237,6 +263,7 @@ class Staged:
         self.rounds: list[RoundRow] = []
         self.dropped_rounds: list[tuple[str, str, int]] = []
         self.audit: list[AuditRow] = []
+        self.head_updates: dict[Key, evidence.HeadUpdate] = {}
 
     @classmethod
     async def load(cls, conn: asyncpg.Connection, keys: set[Key], tenants: set[str]) -> Staged:
@@ -254,10 +281,17 @@ class Staged:
             ch = plan(cur)
             if session_id is None and (ch.session or ch.data_key or ch.delete_session):
                 raise ValueError("a plan without a session may write audit entries and rounds only")
+            bound = evidence.bind(cur, ch)
             rows = seal_audit(tenant, ch.audit, self.heads[tenant]) if ch.audit else []
         except Exception as exc:  # noqa: BLE001 - handed to the caller unchanged
             return False, exc
         self.stage(cur, ch, rows)
+        if session_id is not None:
+            self.current[(tenant, session_id)] = evidence.after(cur, ch, rows, bound)
+            update = evidence.head_update(cur, ch, rows, bound)
+            if update is not None:
+                self.head_updates[(tenant, session_id)] = _merge_heads(self.head_updates.get((tenant, session_id)),
+                                                                       update)
         ch.audit_rows.extend(rows)
         return True, ch
 
@@ -304,6 +338,23 @@ class Staged:
         if self.audit:
             await conn.execute(_INSERT_AUDIT, *_columns(
                 [(a.tenant, a.seq, a.created_at, a.body, a.prev_hash, a.hash) for a in self.audit], 6))
+        updates = [u for _, u in sorted(self.head_updates.items())]
+        cleared = [(u.tenant, u.session_id) for u in updates if u.clear_quarantine]
+        if cleared:
+            await conn.execute(_CLEAR_QUARANTINE, *_columns(cleared, 2))
+        if updates:
+            await conn.execute(_UPSERT_HEADS, *_columns(
+                [(u.tenant, u.session_id, u.bound_seq, *(u.quarantine or (None, None))) for u in updates], 5))
+
+
+def _merge_heads(old: evidence.HeadUpdate | None, new: evidence.HeadUpdate) -> evidence.HeadUpdate:
+    """Two plans of one batch on one session: the later one wins where it says something."""
+    if old is None:
+        return new
+    quarantine = new.quarantine or (None if new.clear_quarantine else old.quarantine)
+    return evidence.HeadUpdate(new.tenant, new.session_id, new.bound_seq if new.bound_seq is not None
+                               else old.bound_seq, quarantine,
+                               quarantine is None and (new.clear_quarantine or old.clear_quarantine))
 
 
 @dataclass(slots=True)
@@ -490,6 +541,10 @@ class PostgresStore:
         cur = found[(tenant, session_id)]
         return cur.session, cur.data_key
 
+    async def read_session(self, tenant: str, session_id: str) -> Current:
+        found = await self._call(lambda c: read_current(c, [(tenant, session_id)]))
+        return found[(tenant, session_id)]
+
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         rows = await self._fetch(
             "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant = s.tenant "
@@ -569,6 +624,10 @@ class PostgresStore:
                                      f"ORDER BY seq LIMIT {PAGE}", tenant, start)
             return [AuditRow(*r) for r in rows]
         return self._pages(query)
+
+    async def audit_head(self, tenant: str) -> int:
+        return int(await self._call(lambda c: c.fetchval("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant = $1",
+                                                          tenant)))
 
     def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
         async def query(last: DataKeyRow | None) -> list[DataKeyRow]:

@@ -10,6 +10,11 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   waiting is run, then all its callers are woken with one loop callback); nothing blocks the
   event loop.
 - ``BEGIN IMMEDIATE`` also serialises writes from other processes (the CLI) on the same file.
+- Schema: :data:`SCHEMA` is version 1; :data:`MIGRATIONS` take a file from the version in
+  ``meta.schema_version`` to :data:`SCHEMA_VERSION` when it opens (a file from a newer gateway
+  is refused). Never edit a migration once released; add the next one.
+- Every change that writes a session's rows is bound into its audit entry and the session's
+  ``session_heads`` row (``gateway.evidence``) inside the same transaction.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from gateway import audit
+from gateway import audit, evidence
 from gateway.errors import StoreUnavailable
 from gateway.store.base import (
     AuditRow,
@@ -43,7 +48,7 @@ T = TypeVar("T")
 log = structlog.get_logger("gateway.store.sqlite")
 BATCH = 256
 PAGE = 500
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -65,6 +70,44 @@ CREATE TABLE IF NOT EXISTS audit (
   prev_hash TEXT NOT NULL, hash TEXT NOT NULL, PRIMARY KEY (tenant, seq));
 """
 
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (2, """
+CREATE TABLE IF NOT EXISTS session_heads (
+  tenant TEXT NOT NULL, session_id TEXT NOT NULL, bound_seq INTEGER, quarantined_seq INTEGER,
+  quarantine_reason TEXT, PRIMARY KEY (tenant, session_id));
+"""),
+)
+"""``(version, script)`` applied in order to a file below that version (``SCHEMA`` is version 1)."""
+
+_HEAD = """
+SELECT h.quarantined_seq, h.quarantine_reason, a.tenant, a.seq, a.created_at, a.body, a.prev_hash, a.hash
+FROM session_heads h LEFT JOIN audit a ON a.tenant = h.tenant AND a.seq = h.bound_seq
+WHERE h.tenant = ? AND h.session_id = ?"""
+_UPSERT_HEAD = """
+INSERT INTO session_heads (tenant, session_id, bound_seq, quarantined_seq, quarantine_reason)
+VALUES (:tenant, :sid, :bound, :qseq, :reason)
+ON CONFLICT (tenant, session_id) DO UPDATE SET
+  bound_seq = coalesce(excluded.bound_seq, bound_seq),
+  quarantined_seq = CASE WHEN :qseq IS NOT NULL THEN :qseq WHEN :clear THEN NULL ELSE quarantined_seq END,
+  quarantine_reason = CASE WHEN :qseq IS NOT NULL THEN :reason WHEN :clear THEN NULL ELSE quarantine_reason END"""
+
+
+def migrate(conn: sqlite3.Connection) -> list[int]:
+    """Bring the file to :data:`SCHEMA_VERSION`; returns the versions applied."""
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
+    version = int(conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise StoreUnavailable(f"the SQLite store is at schema version {version}, newer than this gateway knows "
+                               f"({SCHEMA_VERSION}): upgrade the gateway")
+    applied = []
+    for number, script in MIGRATIONS:
+        if number > version:
+            conn.executescript(f"BEGIN IMMEDIATE;{script}"
+                               f"UPDATE meta SET value='{number}' WHERE name='schema_version';COMMIT;")
+            applied.append(number)
+    return applied
+
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -82,14 +125,21 @@ def read_current(conn: sqlite3.Connection, tenant: str, session_id: str | None) 
                         "WHERE tenant=? AND session_id=?", (tenant, session_id)).fetchone()
     krow = conn.execute("SELECT dk_id, kek_id, wrapped, created_at FROM data_keys "
                         "WHERE tenant=? AND session_id=?", (tenant, session_id)).fetchone()
+    rounds, max_seq = conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM rounds WHERE tenant=? AND "
+                                   "session_id=?", (tenant, session_id)).fetchone()
+    hrow = conn.execute(_HEAD, (tenant, session_id)).fetchone()
+    head = AuditRow(*hrow[2:]) if hrow and hrow[2] is not None else None
+    quarantine = (hrow[1] or "quarantined") if hrow and hrow[0] is not None else None
     return Current(tenant, session_id,
                    SessionRow(tenant, session_id, *srow) if srow else None,
-                   DataKeyRow(tenant, session_id, *krow) if krow else None)
+                   DataKeyRow(tenant, session_id, *krow) if krow else None,
+                   rounds=rounds, max_seq=max_seq, head=head, quarantine=quarantine)
 
 
 def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> None:
     """Apply *ch* inside the open transaction and chain its audit entries."""
     tenant, sid = cur.tenant, cur.session_id
+    bound = evidence.bind(cur, ch)
     if ch.delete_session:
         for table in ("rounds", "sessions", "data_keys"):
             conn.execute(f"DELETE FROM {table} WHERE tenant=? AND session_id=?", (tenant, sid))
@@ -120,6 +170,11 @@ def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> None:
                          (row.tenant, row.seq, row.created_at, row.body, row.prev_hash, row.hash))
             ch.audit_rows.append(row)
             prev = row.hash
+    update = evidence.head_update(cur, ch, ch.audit_rows[-len(ch.audit):] if ch.audit else [], bound)
+    if update is not None:
+        q_seq, reason = update.quarantine or (None, None)
+        conn.execute(_UPSERT_HEAD, {"tenant": update.tenant, "sid": update.session_id, "bound": update.bound_seq,
+                                    "qseq": q_seq, "reason": reason, "clear": update.clear_quarantine})
 
 
 Job = Callable[[sqlite3.Connection], Any]
@@ -232,8 +287,7 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             conn = _connect(self.path)
-            conn.executescript(SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            migrate(conn)
             reader = _connect(self.path)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
@@ -296,6 +350,9 @@ class SQLiteStore:
         cur = await self._read(lambda c: read_current(c, tenant, session_id))
         return cur.session, cur.data_key
 
+    async def read_session(self, tenant: str, session_id: str) -> Current:
+        return await self._read(lambda c: read_current(c, tenant, session_id))
+
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         def run(c: sqlite3.Connection) -> list[SessionSummary]:
             rows = c.execute(
@@ -337,7 +394,8 @@ class SQLiteStore:
 
     async def tenants(self) -> list[str]:
         def run(c: sqlite3.Connection) -> list[str]:
-            rows = c.execute("SELECT tenant FROM audit UNION SELECT tenant FROM sessions ORDER BY 1").fetchall()
+            rows = c.execute("SELECT tenant FROM audit UNION SELECT tenant FROM sessions UNION "
+                             "SELECT tenant FROM rounds ORDER BY 1").fetchall()
             return [r[0] for r in rows]
         return await self._read(run)
 
@@ -383,6 +441,10 @@ class SQLiteStore:
                              (tenant, start)).fetchall()
             return [AuditRow(*r) for r in rows]
         return self._pages(query)
+
+    async def audit_head(self, tenant: str) -> int:
+        return int(await self._read(lambda c: c.execute("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant=?",
+                                                        (tenant,)).fetchone()[0]))
 
     def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
         def query(c: sqlite3.Connection, last: DataKeyRow | None) -> list[DataKeyRow]:

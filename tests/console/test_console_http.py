@@ -105,3 +105,23 @@ def test_sessions_are_searched_by_prefix_and_paged(console_gateway: Gateway) -> 
     assert "after=page-049" in first
     second = client.get("/console/sessions", params={"tenant": "acme", "q": "page-", "after": "page-049"}).text
     assert "page-054" in second and "page-049<" not in second and "Next page" not in second
+
+
+def test_verification_names_a_deleted_round_in_words(console_gateway: Gateway) -> None:
+    """A round row deleted behind the gateway's back: the console's verification says the stored
+    data does not match the intact chain, and names the session and round."""
+    import time
+
+    client = signed_in_client(console_gateway)
+    with sqlite3.connect(console_gateway.db_path) as db:
+        db.execute("DELETE FROM rounds WHERE tenant='acme' AND session_id='console-a' AND seq=2")
+    csrf = login_csrf(client.get("/console/overview").text)
+    started = client.post("/console/verify", data={"csrf": csrf, "tenant": "acme"},
+                          headers={"Origin": console_gateway.url})
+    job = started.headers["location"]
+    deadline = time.monotonic() + 20
+    page = client.get(job).text
+    while "Running" in page and time.monotonic() < deadline:
+        time.sleep(0.2)
+        page = client.get(job).text
+    assert "does not match it" in page and "console-a" in page and "round 2" in page

@@ -1,0 +1,320 @@
+"""The stored data checked against the audit chain: bindings, the check on load, full verification.
+
+The chain proves that its entries were not edited; this module proves that the *rows* are the
+ones the entries describe, so a deleted, moved, duplicated or rolled-back row is found.
+
+**Binding.** Every change that writes a session's rows carries an audit entry for that
+session, and the store (:func:`bind`, inside the same transaction) adds to it the field
+``state``: the session's rows as they are after the change,
+``{"sha256": SHA-256 hex of the sealed state (None once the session is deleted), "version",
+"next_seq", "rounds": how many round rows the session holds}``. The store also points
+``session_heads.bound_seq`` at that entry: a per-session index into the chain.
+
+**On load** (:func:`check`, pure): the state row, the round count and the highest round seq
+must be the ones the head entry binds. A row deleted, moved, duplicated or rolled back
+outside the gateway makes the session fail with an integrity error instead of a silently
+shorter history. Writes run the same check inside their transaction, so nothing is recorded
+on top of altered rows. The check is cheap (one indexed lookup, one count) and best-effort
+against an adversary who also rewinds ``session_heads``; :func:`verify_data` is not.
+
+**Full verification** (:func:`verify_data`): for every session of a tenant, each round entry
+(``round`` or ``import`` with ``round_seq`` and ``ciphertext_sha256``) names a stored round with
+exactly that ciphertext hash, unless a later ``erasure`` or ``purge`` (``detail.seqs``, or
+``detail.session_erased``) accounts for its absence; every stored round has its entry; and
+the stored state is the one the session's latest binding describes. The first mismatch, in
+(session, round) order, is reported with tenant, session, round and audit entry. Memory holds
+one hash per live round of the tenant. Sessions recorded before bindings existed (no entry of
+theirs has ``state``) get their rounds checked but not their state, and a note says so.
+
+**Quarantine.** A session that failed an integrity check is quarantined (``Changes.quarantine``
+and a ``quarantine`` audit entry); until an operator releases it (``sessiongate sessions
+release``, a ``release`` entry) or erases it, every request on it is refused with the same
+integrity error and each refusal is a ``refusal`` entry. See ``gateway.sessions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from gateway.audit import VerifyError, aclose
+from gateway.store.base import AuditRow, Changes, Current, RoundRow, SessionRow
+
+BINDING = "state"
+"""The audit entry field that binds a session's rows."""
+
+DATA_ERROR_KINDS = (
+    "round_missing",      # an entry records a round the store no longer holds
+    "round_unrecorded",   # the store holds a round no entry records (inserted, duplicated, moved in)
+    "round_mismatch",     # the stored round is not the one its entry records
+    "state_missing",      # the session's state row is gone while its latest entry says it exists
+    "state_mismatch",     # the state row is not the one the latest entry describes (rolled back)
+    "state_unrecorded",   # a state row no entry accounts for
+)
+
+
+# --------------------------------------------------------------------------- binding (in the store)
+
+
+def _writes_rows(ch: Changes) -> bool:
+    return bool(ch.session is not None or ch.delete_session or ch.rounds or ch.delete_round_seqs)
+
+
+def binding(cur: Current, ch: Changes) -> dict[str, Any] | None:
+    """What the session's rows will be after *ch*; None when *ch* does not write them."""
+    if cur.session_id is None or not _writes_rows(ch):
+        return None
+    rounds = 0 if ch.delete_session else cur.rounds
+    rounds += len(ch.rounds) - len(ch.delete_round_seqs)
+    session = ch.session if ch.session is not None else (None if ch.delete_session else cur.session)
+    if session is None:
+        return {"sha256": None, "version": 0, "next_seq": 0, "rounds": rounds}
+    return {"sha256": hashlib.sha256(session.state_ct).hexdigest(), "version": session.version,
+            "next_seq": session.next_seq, "rounds": rounds}
+
+
+def bind(cur: Current, ch: Changes) -> int | None:
+    """Add the binding to the last audit entry of *ch* for the session; returns that entry's
+    index, None when *ch* writes no session rows. A change that writes a session's rows
+    without an entry for it stays unbound: the check on load and :func:`verify_data` then find
+    rows that no entry accounts for (every write of ``gateway.sessions`` carries one)."""
+    state = binding(cur, ch)
+    if state is None:
+        return None
+    for index in range(len(ch.audit) - 1, -1, -1):
+        if ch.audit[index].get("session_id") == cur.session_id:
+            ch.audit[index] = {**ch.audit[index], BINDING: state}
+            return index
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class HeadUpdate:
+    """What a committed change does to the session's ``session_heads`` row."""
+
+    tenant: str
+    session_id: str
+    bound_seq: int | None          # new head entry, or None to keep it
+    quarantine: tuple[int, str] | None = None  # (entry seq, reason) to quarantine
+    clear_quarantine: bool = False
+
+
+def head_update(cur: Current, ch: Changes, rows: list[AuditRow], bound: int | None) -> HeadUpdate | None:
+    """The ``session_heads`` change for *ch*, whose audit entries were sealed as *rows*."""
+    if cur.session_id is None:
+        return None
+    bound_seq = rows[bound].seq if bound is not None else None
+    quarantine = (rows[-1].seq, ch.quarantine[:200]) if ch.quarantine and rows else None
+    clear = ch.release or ch.delete_session
+    if bound_seq is None and quarantine is None and not clear:
+        return None
+    return HeadUpdate(cur.tenant, cur.session_id, bound_seq, quarantine, clear and quarantine is None)
+
+
+def after(cur: Current, ch: Changes, rows: list[AuditRow], bound: int | None) -> Current:
+    """The session as *ch* leaves it (for a backend that stages several plans in memory)."""
+    if cur.session_id is None:
+        return cur
+    session, data_key = cur.session, cur.data_key
+    rounds, max_seq = cur.rounds, cur.max_seq
+    if ch.delete_session:
+        session = data_key = None
+        rounds = max_seq = 0
+    if ch.data_key is not None:
+        data_key = ch.data_key
+    if ch.session is not None:
+        session = ch.session
+    rounds += len(ch.rounds) - len(ch.delete_round_seqs)
+    max_seq = max([max_seq, *(r.seq for r in ch.rounds)])
+    head = rows[bound] if bound is not None else cur.head
+    quarantine = cur.quarantine
+    if ch.release or ch.delete_session:
+        quarantine = None
+    if ch.quarantine:
+        quarantine = ch.quarantine[:200]
+    return replace(cur, session=session, data_key=data_key, rounds=rounds, max_seq=max_seq, head=head,
+                   quarantine=quarantine)
+
+
+# --------------------------------------------------------------------------- the check on load
+
+
+def check(cur: Current) -> str | None:
+    """None when the session's rows are the ones its head entry binds, else what differs (for
+    the operator's log: tenant, session, audit entry; never content)."""
+    head = cur.head
+    where = f"tenant {cur.tenant}, session {cur.session_id}"
+    if head is None:
+        return None  # never bound: recorded before bindings existed, or never written
+    try:
+        doc = orjson.loads(head.body)
+        ok = (hashlib.sha256(head.body).hexdigest() == head.hash and doc.get("tenant") == cur.tenant
+              and doc.get("session_id") == cur.session_id and isinstance(doc.get(BINDING), dict))
+    except orjson.JSONDecodeError:
+        ok = False
+    if not ok:
+        return f"{where}: audit entry {head.seq}, which the session's head points to, does not bind this session"
+    state = doc[BINDING]
+    at = f"audit entry {head.seq} ({doc.get('event')})"
+    if state.get("sha256") is None:
+        if cur.session is not None or cur.rounds:
+            return f"{where}: the store holds rows of this session but {at} deleted it"
+        return None
+    if cur.session is None:
+        return f"{where}: the session's state row is missing; {at} records version {state.get('version')}"
+    if (hashlib.sha256(cur.session.state_ct).hexdigest() != state.get("sha256")
+            or cur.session.version != state.get("version") or cur.session.next_seq != state.get("next_seq")):
+        return (f"{where}: the stored state (version {cur.session.version}) is not the one {at} records "
+                f"(version {state.get('version')}): it was rolled back or replaced")
+    if cur.rounds != state.get("rounds"):
+        return (f"{where}: the store holds {cur.rounds} round(s), {at} records {state.get('rounds')}: "
+                "rounds were deleted, moved or added outside the gateway")
+    if cur.max_seq >= cur.session.next_seq:
+        return f"{where}: the store holds round {cur.max_seq}, which no audit entry records"
+    return None
+
+
+# --------------------------------------------------------------------------- full verification
+
+
+@dataclass(slots=True)
+class _Session:
+    rounds: dict[int, tuple[str, int]] = field(default_factory=dict)  # seq -> (ciphertext hash, entry)
+    optional: set[int] = field(default_factory=set)     # legacy purges without seqs
+    legacy_hashes: set[str] = field(default_factory=set)  # legacy imports without round_seq
+    state: tuple[int, str, dict[str, Any]] | None = None  # (entry seq, event, binding)
+    seen: bool = False
+
+
+@dataclass(slots=True)
+class DataReport:
+    """What :func:`verify_data` found: counts, the first mismatch, notes."""
+
+    sessions: int = 0
+    rounds: int = 0
+    first_error: VerifyError | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def expect(sessions: dict[str, _Session], row: AuditRow) -> None:
+    """Fold one audit entry into the per-session expectations."""
+    doc = orjson.loads(row.body)
+    sid = doc.get("session_id")
+    if not isinstance(sid, str):
+        return
+    s = sessions.setdefault(sid, _Session())
+    s.seen = True
+    event, digest, detail = doc.get("event"), doc.get("ciphertext_sha256"), doc.get("detail") or {}
+    if event in ("round", "import") and isinstance(digest, str):
+        seq = doc.get("round_seq")
+        if isinstance(seq, int):
+            s.rounds[seq] = (digest, row.seq)
+        else:
+            s.legacy_hashes.add(digest)
+    elif event == "erasure" or (event == "purge" and detail.get("session_erased")):
+        s.rounds.clear()
+        s.optional.clear()
+        s.legacy_hashes.clear()
+    elif event == "purge":
+        seqs = detail.get("seqs")
+        if isinstance(seqs, list):
+            for seq in seqs:
+                s.rounds.pop(seq, None)
+        else:
+            s.optional.update(s.rounds)
+    if isinstance(doc.get(BINDING), dict):
+        s.state = (row.seq, str(event), doc[BINDING])
+
+
+async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_rounds: AsyncIterator[RoundRow],
+                      state_of: Callable[[str], Awaitable[SessionRow | None]],
+                      state_ids: list[str]) -> DataReport:
+    """Check *tenant*'s stored rows against its chain (see the module docstring).
+
+    *audit_rows* and *stored_rounds* are ``Store.iter_audit`` and ``Store.iter_rounds`` of the
+    tenant; *state_ids* the ids of its state rows; *state_of* reads one state row.
+    """
+    report = DataReport()
+    sessions: dict[str, _Session] = {}
+    try:
+        async for row in audit_rows:
+            expect(sessions, row)
+    finally:
+        await aclose(audit_rows)
+    stored: dict[str, dict[int, str]] = {}
+    try:
+        async for r in stored_rounds:
+            stored.setdefault(r.session_id, {})[r.seq] = hashlib.sha256(r.ct).hexdigest()
+            report.rounds += 1
+    finally:
+        await aclose(stored_rounds)
+    ids = sorted(set(sessions) | set(stored) | set(state_ids))
+    report.sessions = len(ids)
+    legacy = 0
+    for sid in ids:
+        s = sessions.get(sid, _Session())
+        error = _rounds_error(tenant, sid, s, stored.get(sid, {}))
+        if error is None:
+            srow = await state_of(sid) if (s.state is not None or sid in state_ids) else None
+            error = _state_error(tenant, sid, s, srow)
+            legacy += s.state is None and s.seen
+        if error is not None:
+            report.first_error = error
+            return report
+    if legacy:
+        report.notes.append(f"{legacy} session(s) were recorded before state bindings: their rounds were "
+                            "checked, their state rows were not")
+    return report
+
+
+def _rounds_error(tenant: str, sid: str, s: _Session, stored: dict[int, str]) -> VerifyError | None:
+    where = f"tenant {tenant}, session {sid}, round"
+    for seq in sorted(s.rounds.keys() | stored.keys()):
+        want, have = s.rounds.get(seq), stored.get(seq)
+        if want is not None and have is None:
+            if seq in s.optional:
+                continue
+            return VerifyError(want[1], "round_missing",
+                               f"{where} {seq}: audit entry {want[1]} records this round but the store no longer "
+                               "holds it (deleted or moved), and no erasure or purge entry accounts for it",
+                               session_id=sid, round_seq=seq)
+        if want is None and have is not None:
+            if have in s.legacy_hashes:
+                continue
+            return VerifyError(None, "round_unrecorded",
+                               f"{where} {seq}: the store holds this round but no audit entry records it "
+                               "(inserted, duplicated or moved here)", session_id=sid, round_seq=seq)
+        if want is not None and have is not None and want[0] != have:
+            return VerifyError(want[1], "round_mismatch",
+                               f"{where} {seq}: the stored round is not the one audit entry {want[1]} records "
+                               "(its ciphertext hash differs)", session_id=sid, round_seq=seq)
+    return None
+
+
+def _state_error(tenant: str, sid: str, s: _Session, srow: SessionRow | None) -> VerifyError | None:
+    where = f"tenant {tenant}, session {sid}"
+    if s.state is None:
+        if srow is not None and not s.seen:
+            return VerifyError(None, "state_unrecorded", f"{where}: the store holds a state row for a session "
+                               "no audit entry mentions (inserted or moved here)", session_id=sid)
+        return None
+    seq, event, state = s.state
+    at = f"audit entry {seq} ({event})"
+    if state.get("sha256") is None:
+        if srow is not None:
+            return VerifyError(seq, "state_unrecorded", f"{where}: the store holds a state row but {at} deleted "
+                               "the session", session_id=sid)
+        return None
+    if srow is None:
+        return VerifyError(seq, "state_missing", f"{where}: the session's state row is missing; {at} records "
+                           f"version {state.get('version')}", session_id=sid)
+    if (hashlib.sha256(srow.state_ct).hexdigest() != state.get("sha256") or srow.version != state.get("version")
+            or srow.next_seq != state.get("next_seq")):
+        return VerifyError(seq, "state_mismatch", f"{where}: the stored state (version {srow.version}) is not the "
+                           f"one {at} records (version {state.get('version')}): it was rolled back or replaced",
+                           session_id=sid, round_seq=state.get("next_seq", 1) - 1)
+    return None

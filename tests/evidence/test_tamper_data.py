@@ -1,0 +1,244 @@
+"""The stored data is checked against the audit chain (issue 10 §1), on SQLite and PostgreSQL.
+
+A real gateway records rounds; the tests then alter its tables from a second connection, as an
+adversary with write access to the database would (delete a round, move one to another tenant,
+roll the state row back with the later round deleted, delete the state row, duplicate a round).
+Each alteration must be found by ``audit verify`` (exit 1, naming tenant, session and round or
+audit entry) and when the session is loaded: a chat and a read get the integrity error instead
+of a silently shorter history.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ACME_KEY, Gateway
+from tests.evidence.conftest import Tables, verify
+
+INTEGRITY = {"message": "stored data for this session failed an integrity check; the operator has been told",
+             "type": "integrity_error", "code": "integrity_check_failed"}
+
+
+def chat(gw: Gateway, session: str, text: str, key: str = ACME_KEY) -> httpx.Response:
+    return httpx.post(f"{gw.base_url}/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {key}", "X-Session-Id": session},
+                      json={"model": "standin", "messages": [{"role": "user", "content": text}]})
+
+
+def read(gw: Gateway, session: str, key: str = ACME_KEY) -> httpx.Response:
+    return httpx.get(f"{gw.base_url}/sessions/{session}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def record(gw: Gateway, session: str, turns: int) -> None:
+    for i in range(turns):
+        assert chat(gw, session, f"turn {i + 1}").status_code == 200
+
+
+def entries(tables: Tables, tenant: str = "acme") -> list[dict[str, Any]]:
+    rows = tables.sql("SELECT body FROM audit WHERE tenant=? ORDER BY seq", tenant)
+    return [json.loads(bytes(body)) for (body,) in rows]
+
+
+def round_entry_seq(tables: Tables, session: str, round_seq: int) -> int:
+    return next(e["seq"] for e in entries(tables) if e.get("session_id") == session
+                and e["event"] == "round" and e.get("round_seq") == round_seq)
+
+
+def assert_refused_on_load(gw: Gateway, session: str) -> None:
+    """A chat and a read of the altered session both get the integrity error; a sibling is fine."""
+    resp = chat(gw, session, "and now?")
+    assert resp.status_code == 500 and resp.json() == {"error": INTEGRITY}, resp.text
+    resp = read(gw, session)
+    assert resp.status_code == 500 and resp.json() == {"error": INTEGRITY}, resp.text
+    assert read(gw, "bystander").status_code == 200
+    assert chat(gw, "bystander", "still fine?").status_code == 200
+
+
+@pytest.fixture
+def recorded(db_gateway: tuple[Gateway, Tables]) -> tuple[Gateway, Tables]:
+    gw, tables = db_gateway
+    record(gw, "alice", 3)
+    record(gw, "bystander", 1)
+    code, out = verify(gw)
+    assert code == 0, out
+    return gw, tables
+
+
+def test_untouched_data_verifies_and_entries_bind_state(recorded: tuple[Gateway, Tables]) -> None:
+    """Before any alteration verify passes, and each round entry binds the session's rows."""
+    gw, tables = recorded
+    last = [e for e in entries(tables) if e.get("session_id") == "alice"][-1]
+    assert last["round_seq"] == 3
+    assert last["state"]["rounds"] == 3 and last["state"]["next_seq"] == 4
+    assert len(last["state"]["sha256"]) == 64
+
+
+def test_deleted_round_is_found(recorded: tuple[Gateway, Tables]) -> None:
+    """A round row deleted outside the gateway: verify names acme/alice round 2; load refuses."""
+    gw, tables = recorded
+    tables.sql("DELETE FROM rounds WHERE tenant='acme' AND session_id='alice' AND seq=2")
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "round_missing" in out and "tenant acme, session alice, round 2" in out
+    assert f"audit entry {round_entry_seq(tables, 'alice', 2)}" in out
+    assert_refused_on_load(gw, "alice")
+
+
+def test_round_moved_to_another_tenant_is_found(recorded: tuple[Gateway, Tables]) -> None:
+    """A round relabelled with another tenant is missing from one chain and unrecorded in the other."""
+    gw, tables = recorded
+    tables.sql("UPDATE rounds SET tenant='globex' WHERE tenant='acme' AND session_id='alice' AND seq=2")
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "tenant acme, session alice, round 2" in out and "round_missing" in out
+    assert "tenant globex, session alice, round 2" in out and "round_unrecorded" in out
+    assert_refused_on_load(gw, "alice")
+
+
+def test_state_rolled_back_with_later_round_deleted_is_found(db_gateway: tuple[Gateway, Tables]) -> None:
+    """The state row put back to an earlier version, the later round deleted: both are found."""
+    gw, tables = db_gateway
+    record(gw, "alice", 2)
+    record(gw, "bystander", 1)
+    (saved,) = tables.sql("SELECT version, next_seq, state_ct, updated_at FROM sessions "
+                          "WHERE tenant='acme' AND session_id='alice'")
+    record(gw, "alice", 1)
+    tables.sql("UPDATE sessions SET version=?, next_seq=?, state_ct=?, updated_at=? "
+               "WHERE tenant='acme' AND session_id='alice'", *saved)
+    tables.sql("DELETE FROM rounds WHERE tenant='acme' AND session_id='alice' AND seq=3")
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "tenant acme, session alice, round 3" in out and "round_missing" in out
+    assert f"audit entry {round_entry_seq(tables, 'alice', 3)}" in out
+    assert_refused_on_load(gw, "alice")
+
+
+def test_state_rolled_back_alone_is_found(db_gateway: tuple[Gateway, Tables]) -> None:
+    """Only the state row rolled back (rounds intact): verify reports the state of acme/alice."""
+    gw, tables = db_gateway
+    record(gw, "alice", 1)
+    record(gw, "bystander", 1)
+    (saved,) = tables.sql("SELECT version, state_ct FROM sessions WHERE tenant='acme' AND session_id='alice'")
+    tables.sql("UPDATE sessions SET version=?, state_ct=? WHERE tenant='acme' AND session_id='alice'", *saved)
+    assert chat(gw, "alice", "a window-changing turn").status_code == 200
+    tables.sql("UPDATE sessions SET version=?, state_ct=? WHERE tenant='acme' AND session_id='alice'", *saved)
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "state_mismatch" in out and "tenant acme, session alice" in out and "rolled back" in out
+    assert_refused_on_load(gw, "alice")
+
+
+def test_deleted_state_row_is_found(recorded: tuple[Gateway, Tables]) -> None:
+    """The session's state row deleted (rounds kept): verify names it; a read is not a 404."""
+    gw, tables = recorded
+    last = [e for e in entries(tables) if e.get("session_id") == "alice"][-1]["seq"]
+    tables.sql("DELETE FROM sessions WHERE tenant='acme' AND session_id='alice'")
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "state_missing" in out and "tenant acme, session alice" in out and f"audit entry {last}" in out
+    assert_refused_on_load(gw, "alice")
+
+
+def test_whole_session_deleted_is_found(recorded: tuple[Gateway, Tables]) -> None:
+    """All of a session's rows deleted without an erasure: it does not come back as a new session."""
+    gw, tables = recorded
+    for table in ("rounds", "sessions", "data_keys"):
+        tables.sql(f"DELETE FROM {table} WHERE tenant='acme' AND session_id='alice'")
+    code, out = verify(gw)
+    assert code == 1 and "tenant acme, session alice, round 1" in out, out
+    assert_refused_on_load(gw, "alice")
+
+
+def test_duplicated_round_is_found(recorded: tuple[Gateway, Tables]) -> None:
+    """A round row copied under the next sequence number: verify names round 4; load refuses."""
+    gw, tables = recorded
+    tables.sql("INSERT INTO rounds (tenant, session_id, seq, created_at, request_id, policy_id, policy_hash, "
+               "outcome, kind, ct) SELECT tenant, session_id, 4, created_at, request_id, policy_id, policy_hash, "
+               "outcome, kind, ct FROM rounds WHERE tenant='acme' AND session_id='alice' AND seq=1")
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "round_unrecorded" in out and "tenant acme, session alice, round 4" in out
+    assert_refused_on_load(gw, "alice")
+
+
+def test_legitimate_removals_still_verify(recorded: tuple[Gateway, Tables]) -> None:
+    """Erasure, reset and import are audited events: the data still matches the chain after them."""
+    gw, tables = recorded
+    headers = {"Authorization": f"Bearer {ACME_KEY}"}
+    assert httpx.delete(f"{gw.base_url}/sessions/alice", headers=headers).status_code in (200, 204)
+    assert httpx.post(f"{gw.base_url}/sessions/bystander/reset", headers=headers).status_code in (200, 204)
+    doc = {"id": "imported", "full_context": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}]}
+    assert httpx.put(f"{gw.base_url}/sessions/imported", headers=headers, json=doc).status_code in (200, 201)
+    record(gw, "alice", 1)  # a new session under the erased id
+    code, out = verify(gw)
+    assert code == 0, out
+    imported = [e for e in entries(tables) if e["event"] == "import"][-1]
+    assert imported["round_seq"] == 1 and imported["state"]["rounds"] == 1
+    assert read(gw, "imported").status_code == 200 and read(gw, "alice").status_code == 200
+
+
+def test_rebinding_the_rolled_back_state_breaks_the_chain(recorded: tuple[Gateway, Tables]) -> None:
+    """The binding is inside the hashed body: rewriting it to match altered rows breaks the chain."""
+    gw, tables = recorded
+    seq, body = tables.sql("SELECT seq, body FROM audit WHERE tenant='acme' ORDER BY seq DESC LIMIT 1")[0]
+    doc = json.loads(bytes(body))
+    assert doc["state"]["rounds"] >= 1
+    doc["state"]["rounds"] -= 1
+    tables.sql("UPDATE audit SET body=? WHERE tenant='acme' AND seq=?",
+               json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), seq)
+    code, out = verify(gw)
+    assert code == 1 and f"edited at seq {seq}" in out, out
+
+
+def test_file_from_before_bindings_migrates_and_loads(gateway: Gateway) -> None:
+    """A SQLite file at schema version 1 (no ``session_heads``) is migrated when opened, and its
+    sessions, which no head points at yet, still load; verify passes."""
+    import asyncio
+
+    from gateway.keyring import FileKeyProvider, Keyring
+    from gateway.sessions import SessionService
+    from gateway.store.sqlite import SCHEMA_VERSION, SQLiteStore
+
+    tables = Tables("sqlite", gateway)
+    record(gateway, "old", 2)
+    tables.sql("DROP TABLE session_heads")
+    tables.sql("UPDATE meta SET value='1' WHERE name='schema_version'")
+
+    async def reopen() -> Any:
+        store = SQLiteStore(gateway.db_path)
+        await store.open()
+        try:
+            svc = SessionService(store, Keyring.from_provider(FileKeyProvider(gateway.dir / "master-keys.json")))
+            return await svc.load("acme", "old")
+        finally:
+            await store.close()
+
+    loaded = asyncio.run(reopen())
+    assert loaded is not None and loaded.next_seq == 3
+    assert tables.sql("SELECT value FROM meta WHERE name='schema_version'") == [(str(SCHEMA_VERSION),)]
+    assert tables.sql("SELECT count(*) FROM session_heads") == [(0,)]
+    code, out = verify(gateway)
+    assert code == 0, out
+
+
+def test_retention_purge_is_accounted_for(gateway: Gateway) -> None:
+    """Rounds a retention purge deleted (listed in the purge entry) are not missing; the session
+    still loads and records."""
+    from tests.evidence.conftest import run_cli
+
+    tables = Tables("sqlite", gateway)
+    record(gateway, "mixed", 3)
+    tables.sql("UPDATE rounds SET created_at=created_at-? WHERE session_id='mixed' AND seq IN (1, 2)", 100 * 86400)
+    code, out, err = run_cli("--config", str(gateway.config_path), "purge")
+    assert code == 0 and "purged 2 expired rounds" in out, err
+    purge = [e for e in entries(tables) if e["event"] == "purge"][-1]
+    assert purge["detail"]["seqs"] == [1, 2] and purge["state"]["rounds"] == 1
+    code, out = verify(gateway)
+    assert code == 0, out
+    assert read(gateway, "mixed").status_code == 200
+    assert chat(gateway, "mixed", "after the purge").status_code == 200
