@@ -45,7 +45,10 @@ async def error_middleware(request: web.Request,
     except GatewayError as exc:
         if isinstance(exc, IntegrityError):
             log.error("integrity_error", path=request.path, detail=exc.detail)
-        return json_response(exc.to_body(), status=exc.status)
+        resp = json_response(exc.to_body(), status=exc.status)
+        if exc.retry_after is not None:
+            resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -25,10 +25,12 @@ as ``gateway.store.sqlite``. How it keeps the contract across processes:
   cannot be sealed) stages nothing, and its exception reaches its caller unchanged while its
   neighbours commit. The ``audit`` primary key ``(tenant, seq)`` guards the chain as well: two
   writers could never both append the same ``seq``.
-- **Errors.** Database and network failures become ``StoreUnavailable`` (``from`` the asyncpg
-  or OS error) for every caller in the failed batch; nothing of the batch is committed, except
-  when the connection drops during ``COMMIT`` itself, where PostgreSQL alone knows. A deadlock
-  (which the lock order rules out) is retried, re-running the plans.
+- **Errors.** Database and network failures (:data:`_DB_ERRORS`: every asyncpg error, the
+  client's internal state errors after a backend was terminated, OS and timeout errors) become
+  ``StoreUnavailable`` (``from`` the asyncpg or OS error) for every caller in the failed batch;
+  nothing of the batch is committed, except when the connection drops during ``COMMIT`` itself,
+  where PostgreSQL alone knows. A deadlock (which the lock order rules out) is retried,
+  re-running the plans.
 - **Reads** use pooled connections one query at a time; the iterators page by key
   (``PAGE`` rows), so an abandoned iterator holds no connection.
 - **Erasure.** :meth:`~PostgresStore.checkpoint` runs ``VACUUM`` on ``data_keys`` and ``sessions``
@@ -71,7 +73,14 @@ BATCH = 256
 PAGE = 500
 RETRIES = 3
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)  # TimeoutError is an OSError
+_DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,          # server errors, incl. PostgresConnectionError, ConnectionDoesNotExistError
+    asyncpg.InterfaceError,         # client-side misuse of a connection, e.g. one closed under us
+    asyncpg.InternalClientError,    # "cannot switch to state ...": a connection whose backend was terminated
+    OSError,                        # network errors; TimeoutError and ConnectionError are OSErrors
+)
+"""Every failure to reach or use the database: each becomes ``StoreUnavailable`` (503) at this
+boundary, so a fail-over never reaches a client as an internal error."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,7 +188,7 @@ def run_transaction(conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[boo
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
-                outcomes.append((False, exc))
+                outcomes.append((False, _unavailable(exc, "write")))
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         if conn.in_transaction:
@@ -204,11 +204,19 @@ def run_reads(conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any
     for fn in jobs:
         try:
             outcomes.append((True, fn(conn)))
-        except sqlite3.Error as exc:
-            outcomes.append((False, StoreUnavailable(f"the SQLite store failed to read: {exc}")))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            outcomes.append((False, exc))
+            outcomes.append((False, _unavailable(exc, "read")))
     return outcomes
+
+
+def _unavailable(exc: BaseException, doing: str) -> BaseException:
+    """A database error (disk I/O, locked, corrupt file) as ``StoreUnavailable``; anything else
+    (a plan's own error) unchanged."""
+    if isinstance(exc, sqlite3.Error):
+        err = StoreUnavailable(f"the SQLite store failed to {doing}: {exc}")
+        err.__cause__ = exc
+        return err
+    return exc
 
 
 class SQLiteStore:
