@@ -18,6 +18,21 @@ class Principal:
     name: str
     tenant: str | None  # None for auditors
     role: str  # "client" or "auditor"
+    tenants: frozenset[str] | None = None  # an auditor's scope; None: every tenant
+
+    def can_read(self, tenant: str) -> bool:
+        """Whether this principal may read *tenant*'s records and audit chain: a client only its
+        own tenant, an auditor the tenants it is scoped to (all when unscoped)."""
+        if self.role == "client":
+            return self.tenant == tenant
+        return self.tenants is None or tenant in self.tenants
+
+    def check_tenant(self, tenant: str) -> str:
+        """*tenant* when :meth:`can_read` allows it; ``Forbidden`` otherwise (the one check every
+        admin route makes)."""
+        if not self.can_read(tenant):
+            raise Forbidden(f"this token is not scoped to tenant '{tenant[:64]}'")
+        return tenant
 
 
 class Authenticator:
@@ -28,7 +43,8 @@ class Authenticator:
         for c in settings.clients:
             self._by_digest[c.digest()] = Principal(c.name, c.tenant, "client")
         for a in settings.auditors:
-            self._by_digest[a.token_sha256] = Principal(a.name, None, "auditor")
+            scope = frozenset(a.tenants) if a.tenants is not None else None
+            self._by_digest[a.token_sha256] = Principal(a.name, None, "auditor", scope)
 
     def identify(self, authorization: str | None) -> Principal:
         """The principal behind an Authorization header; ``Unauthorized`` otherwise."""

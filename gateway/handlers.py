@@ -23,6 +23,7 @@ import structlog
 from aiohttp import web
 
 from gateway import pipeline
+from gateway.auth import Principal
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError
 from gateway.export import FORMATS, bundle_paths
@@ -225,6 +226,13 @@ def _tenant_param(request: web.Request) -> str:
     return tenant
 
 
+def _auditor_tenant(request: web.Request) -> tuple[Principal, str]:
+    """The auditor behind the request and the ``?tenant=`` it asks for, which its scope must
+    cover (``Forbidden`` otherwise): the one tenant check of every admin route."""
+    auditor = request.app[SERVICES].auth.auditor(request.headers.get("Authorization"))
+    return auditor, auditor.check_tenant(_tenant_param(request))
+
+
 async def admin_public_key(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     services.auth.auditor(request.headers.get("Authorization"))
@@ -234,8 +242,8 @@ async def admin_public_key(request: web.Request) -> web.Response:
 async def admin_verify(request: web.Request) -> web.Response:
     """Verify one tenant's chain (``?tenant=``) against the checkpoints kept outside the database."""
     services = request.app[SERVICES]
-    services.auth.auditor(request.headers.get("Authorization"))
-    report = await services.audit.verify(services.sessions.store, _tenant_param(request))
+    _, tenant = _auditor_tenant(request)
+    report = await services.audit.verify(services.sessions.store, tenant)
     return json_response(report.to_dict(), status=200)
 
 
@@ -245,8 +253,7 @@ async def admin_export(request: web.Request) -> web.StreamResponse:
     Query: ``tenant`` (required), ``session``, ``since``, ``until``, ``format`` (jsonl|csv|agently).
     """
     services = request.app[SERVICES]
-    auditor = services.auth.auditor(request.headers.get("Authorization"))
-    tenant = _tenant_param(request)
+    auditor, tenant = _auditor_tenant(request)
     fmt = request.query.get("format", "jsonl")
     if fmt not in FORMATS:
         raise BadRequest(f"'format' must be one of {', '.join(FORMATS)}")
