@@ -105,6 +105,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await keyring_watcher.start()
 
     metrics = Metrics()
+    metrics.erasures_pending.set_function(lambda: len(sessions.erasures))
 
     async def on_policies(new: PolicySet) -> None:
         await store.transact(SYSTEM_TENANT, None, lambda cur: Changes(audit=[{
@@ -129,6 +130,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await keyring_watcher.stop()
         await policies.stop()
         await services.background.drain()
+        await sessions.erasures.stop()
         checkpoints.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await checkpoints

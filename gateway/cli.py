@@ -147,9 +147,13 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             await svc.reset(tenant, sid, new_request_id())
             print(f"reset the context window of {tenant}/{sid}")
         elif args.action in ("delete", "erase"):
-            await svc.erase(tenant, sid, new_request_id())
-            await svc.store.checkpoint()
-            print(f"erased {tenant}/{sid}: its data key and rows are destroyed")
+            if await svc.erase(tenant, sid, new_request_id()) or await svc.erasures.wait(10.0):
+                print(f"erased {tenant}/{sid}: its data key and rows are destroyed")
+            else:
+                print(f"erased {tenant}/{sid}: its data key and rows are deleted, but another connection holds "
+                      "a read transaction, so their bytes stay in the write-ahead log until it closes and a "
+                      "checkpoint runs (the gateway retries; or run this command again)", file=sys.stderr)
+                return 3
         return 0
 
     return _run(_with_sessions(settings, act))

@@ -203,8 +203,10 @@ async def reset_session(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     services, tenant, sid = _session_target(request)
-    await services.sessions.erase(tenant, sid, new_request_id())
-    return json_response({"id": sid, "deleted": True})
+    purged = await services.sessions.erase(tenant, sid, new_request_id())
+    # 202 while the erased bytes may still be in the store's files (see gateway.erasure)
+    return json_response({"id": sid, "deleted": True, "purge": "complete" if purged else "pending"},
+                         status=200 if purged else 202)
 
 
 # --- auditors ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@ so several gateways in one process (the tests) do not share counters."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -24,6 +24,9 @@ class Metrics:
                               ("outcome",), registry=self.registry)
         self.policy_reloads = Counter("sessiongate_policy_reloads", "Policy reloads, by result",
                                       ("result",), registry=self.registry)
+        self.erasures_pending = Gauge("sessiongate_erasures_pending",
+                                      "Erased sessions whose bytes may still be in the store's files",
+                                      registry=self.registry)
 
         self.chat_latency = self.latency.labels(route="chat")
         """The chat route's histogram child, looked up once (it is observed on every request)."""

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from gateway import crypto
+from gateway.erasure import ErasureFinisher
 from gateway.errors import Conflict, IntegrityError, NotFound
 from gateway.keyring import Keyring
 from gateway.session.model import (
@@ -81,6 +82,7 @@ class SessionService:
         self.store = store
         self.keyring = keyring
         self.reload_keyring = reload_keyring
+        self.erasures = ErasureFinisher(store)
 
     # --- keys and sealing ---------------------------------------------------------------
 
@@ -313,9 +315,11 @@ class SessionService:
         deleted, erased = (await self.store.transact(tenant, session_id, plan)).result
         return int(deleted), bool(erased)
 
-    async def erase(self, tenant: str, session_id: str, request_id: str) -> None:
+    async def erase(self, tenant: str, session_id: str, request_id: str) -> bool:
         """Crypto-shred a session: its data key and rows go in one transaction, then the store
-        folds its write-ahead log so the erased bytes leave the disk."""
+        folds its write-ahead log so the erased bytes leave the disk. Returns True when they
+        have; False when the purge is pending (another connection holds an old snapshot) and
+        :attr:`erasures` retries it in the background (see ``gateway.erasure``)."""
         def plan(cur: Current) -> Changes:
             if cur.session is None and cur.data_key is None:
                 raise NotFound(f"no session '{session_id}' for this tenant")
@@ -325,7 +329,7 @@ class SessionService:
                            audit=[{"event": "erasure", "request_id": request_id, "session_id": session_id}])
 
         await self.store.transact(tenant, session_id, plan)
-        await self.store.checkpoint()
+        return await self.erasures.settle(tenant, session_id, request_id)
 
 
 @dataclass(frozen=True, slots=True)

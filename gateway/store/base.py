@@ -167,5 +167,6 @@ class Store(Protocol):
     async def count_data_keys(self, kek_id: str) -> int:
         """How many data keys the master key *kek_id* wraps."""
 
-    async def checkpoint(self) -> None:
-        """Fold the write-ahead log into the main file (so erased bytes leave the disk)."""
+    async def checkpoint(self) -> bool:
+        """Fold the write-ahead log into the main file (so erased bytes leave the disk); False
+        when another connection kept it from completing (retry later, see ``gateway.erasure``)."""

@@ -470,9 +470,11 @@ class PostgresStore:
             old.wrapped), "write to")
         return bool(status == "UPDATE 1")
 
-    async def checkpoint(self) -> None:
-        """``VACUUM`` the tables that held erased keys and state; see the module docstring."""
+    async def checkpoint(self) -> bool:
+        """``VACUUM`` the tables that held erased keys and state; see the module docstring.
+        True once it ran: what remains (WAL segments, replicas, backups) is the operator's."""
         await self._call(lambda c: c.execute("VACUUM data_keys, sessions"), "vacuum")
+        return True
 
     # --- reads ---------------------------------------------------------------------------
 

@@ -44,6 +44,8 @@ log = structlog.get_logger("gateway.store.sqlite")
 BATCH = 256
 PAGE = 500
 SCHEMA_VERSION = 1
+CHECKPOINT_BUSY_SECONDS = 0.2
+"""How long one checkpoint attempt waits for other connections before reporting it is busy."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -280,15 +282,30 @@ class SQLiteStore:
             return c.rowcount == 1
         return await self._write(run)
 
-    async def checkpoint(self) -> None:
-        def run(conn: sqlite3.Connection) -> tuple[int, int, int]:
-            return conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        # wal_checkpoint cannot run inside a transaction: run it on a read connection. It does
-        # not raise when readers or writers kept it from finishing; it reports busy=1 instead.
-        busy, frames, copied = await self._read(run)
+    async def checkpoint(self) -> bool:
+        """Fold the write-ahead log into the main file and truncate it; True when that completed.
+
+        Runs on its own short-lived connection in a worker thread, with a short busy timeout:
+        another connection's open read transaction (a backup, an admin shell) keeps the log
+        from being truncated, and then this returns False at once instead of blocking a lane;
+        the caller retries (``gateway.erasure``). Freed pages are zeroed (``secure_delete``).
+        """
+        def run() -> tuple[int, int, int]:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=CHECKPOINT_BUSY_SECONDS)
+            try:
+                conn.execute("PRAGMA secure_delete=ON")
+                return conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.close()
+        try:
+            busy, frames, copied = await asyncio.to_thread(run)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc, "checkpoint") from exc
         if busy:
             log.warning("checkpoint_incomplete", path=str(self.path), wal_frames=frames, copied=copied,
-                        note="erased bytes may remain in the write-ahead log until the next checkpoint")
+                        note="another connection holds a read transaction; erased bytes stay in the "
+                             "write-ahead log until a checkpoint completes")
+        return not busy
 
     # --- reads ---------------------------------------------------------------------------
 
