@@ -114,9 +114,11 @@ async def _with_sessions(settings: Settings, fn: Callable[[Any], Awaitable[T]]) 
 
     store = open_store(settings)
     await store.open()
+    svc = SessionService(store, Keyring.from_provider(key_provider(settings)))
     try:
-        return await fn(SessionService(store, Keyring.from_provider(key_provider(settings))))
+        return await fn(svc)
     finally:
+        await svc.erasures.stop()
         await store.close()
 
 

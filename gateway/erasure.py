@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
-from gateway.store.base import Changes, Store
+from gateway.store.base import Changes, Current, Store
 
 log = structlog.get_logger("gateway.erasure")
 
@@ -118,9 +120,13 @@ class ErasureFinisher:
                 entry = {"event": "erasure_completed", "request_id": request_id, "session_id": item.session_id,
                          "detail": {"pending_seconds": round(time.monotonic() - item.since, 3)}}
                 try:
-                    await self.store.transact(item.tenant, None, lambda _cur, e=entry: Changes(audit=[e]))
+                    await self.store.transact(item.tenant, None, functools.partial(_audit_only, entry))
                 except Exception as exc:  # noqa: BLE001 - logged; the next attempt retries
                     log.error("erasure_audit_failed", error=type(exc).__name__, detail=str(exc)[:200])
                     return False
                 del self._pending[request_id]
             return True
+
+
+def _audit_only(entry: dict[str, Any], _cur: Current) -> Changes:
+    return Changes(audit=[entry])
