@@ -25,6 +25,7 @@ from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyrin
 from gateway.keys import KeyringWatcher
 from gateway.metrics import Metrics
 from gateway.policy import PolicySet, PolicyWatcher
+from gateway.policy.versions import PolicyVersions
 from gateway.retention import RetentionTask
 from gateway.sessions import SessionService
 from gateway.settings import Settings, UpstreamSettings
@@ -107,13 +108,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     metrics = Metrics()
     metrics.erasures_pending.set_function(lambda: len(sessions.erasures))
 
+    versions = PolicyVersions(store)
+
     async def on_policies(new: PolicySet) -> None:
+        await versions.record(new)
         await store.transact(SYSTEM_TENANT, None, lambda cur: Changes(audit=[{
             "event": "policy_reload", "detail": {p.id: p.version_hash for p in new}}]))
         metrics.policy_reloads.labels(result="ok").inc()
 
     policies = PolicyWatcher(settings.policies.path, on_policies, interval=settings.policies.reload_interval,
                              on_refused=lambda _exc: metrics.policy_reloads.labels(result="refused").inc())
+    await versions.record(policies.current)
     upstreams = Upstreams(upstream_settings)
     await upstreams.start()
     await policies.start()

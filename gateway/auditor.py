@@ -6,9 +6,9 @@
   ``Checkpointer``, which signs chain heads every N entries or T seconds, off the request path;
 - ``verify(tenant)`` streams a tenant's chain from the store through ``ChainVerifier`` with the
   checkpoints kept outside the database and the public key;
-- ``export(...)`` decrypts a tenant's (or a session's) rounds, applies each round's policy
-  redaction and writes a bundle that verifies offline with only the public key. Every export
-  is itself an audit entry.
+- ``export(...)`` decrypts a tenant's (or a session's) rounds, applies the redaction of the
+  policy version each round was recorded under (``gateway.policy.versions``) and writes a
+  bundle that verifies offline with only the public key. Every export is itself an audit entry.
 
 The pseudonym secret comes from ``audit.export_secret_env`` or, when that is unset, from a
 random ``export-secret`` file (mode 0600) beside the signing key.
@@ -26,7 +26,8 @@ from typing import Any
 from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, Signer, VerifyReport, averify_chain
 from gateway.errors import ConfigError
 from gateway.export import ExportRecord, Progress, export_bundle
-from gateway.policy import Policy, PolicySet
+from gateway.policy import PolicySet
+from gateway.policy.versions import PolicyVersions
 from gateway.redact import Redactor, tenant_secret
 from gateway.sessions import SessionService
 from gateway.settings import Settings
@@ -91,11 +92,14 @@ class AuditTrail:
         """Write a redacted, verifiable bundle of *tenant*'s rounds at *out*; returns its manifest."""
         secret = tenant_secret(export_secret(self.settings), tenant)
         store = sessions.store
+        versions = await PolicyVersions.load(store)
 
-        def redactor_for(policy_id: str) -> Redactor:
-            policy = policies.get(policy_id) or _fallback(policies)
-            keys = [*(policy.session.input_keys or []), *(policy.session.reply_keys or [])]
-            return Redactor(policy.export.redact, secret, policy.export.detectors, keys=keys or None)
+        def redactor_for(record: ExportRecord) -> Redactor:
+            # the version the round was recorded under, not today's policy of that id
+            version = versions.resolve(record.policy_id, record.policy_hash, policies, tenant=tenant,
+                                       session_id=record.session_id)
+            return Redactor(version.export.redact, secret, version.export.detectors,
+                            keys=list(version.keys) if version.keys else None)
 
         async def records() -> AsyncIterator[ExportRecord]:
             async for row, messages in sessions.decrypted_rounds(tenant, session_id, since=since, until=until):
@@ -116,8 +120,3 @@ class AuditTrail:
                                    iter_audit=lambda after: store.iter_audit(tenant, after_seq=after),
                                    filters=filters, progress=progress)
 
-
-def _fallback(policies: PolicySet) -> Policy:
-    """For rounds whose policy id is not in the current set (imported rounds, removed policies):
-    the lowest-priority policy, which is the catch-all every set must have."""
-    return policies.policies[-1]

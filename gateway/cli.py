@@ -122,6 +122,16 @@ async def _with_sessions(settings: Settings, fn: Callable[[Any], Awaitable[T]]) 
         await store.close()
 
 
+async def _import_policy(settings: Settings, store: Any, tenant: str, session_id: str) -> Any:
+    """The policy that matches an imported session now; its version is kept in the store."""
+    from gateway.policy import load_policy_set
+    from gateway.policy.versions import PolicyVersions
+
+    policies = load_policy_set(settings.policies.path)
+    await PolicyVersions(store).record(policies)
+    return policies.match(tenant, None, session_id)
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     from gateway.handlers import new_request_id
     from gateway.stages.resolve_session import check_session_id
@@ -143,7 +153,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"not valid JSON: {exc.msg}", file=args.file or "<stdin>", line=exc.lineno,
                                   column=exc.colno) from None
-            added = await svc.import_agently(tenant, sid, data, new_request_id())
+            policy = await _import_policy(settings, svc.store, tenant, sid)
+            added = await svc.import_agently(tenant, sid, data, new_request_id(),
+                                             policy_id=policy.id, policy_hash=policy.version_hash)
             print(f"imported {added} messages into {tenant}/{sid}")
         elif args.action == "reset":
             await svc.reset(tenant, sid, new_request_id())

@@ -191,7 +191,9 @@ async def export_session(request: web.Request) -> web.Response:
 async def import_session(request: web.Request) -> web.Response:
     services, tenant, sid = _session_target(request)
     data = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
-    added = await services.sessions.import_agently(tenant, sid, data, new_request_id())
+    policy = services.policies.current.match(tenant, None, sid)  # governs the imported round
+    added = await services.sessions.import_agently(tenant, sid, data, new_request_id(),
+                                                   policy_id=policy.id, policy_hash=policy.version_hash)
     return json_response({"id": sid, "imported_messages": added})
 
 

@@ -255,9 +255,12 @@ class SessionService:
         if not ok:
             raise NotFound(f"no session '{session_id}' for this tenant")
 
-    async def import_agently(self, tenant: str, session_id: str, data: Any, request_id: str) -> int:
+    async def import_agently(self, tenant: str, session_id: str, data: Any, request_id: str, *,
+                             policy_id: str = "import", policy_hash: str = "") -> int:
         """Load Agently JSON. A new session takes it whole; an existing one must hold a prefix
         of the imported ``full_context`` (recorded history is append-only), and gains the rest.
+        *policy_id*/*policy_hash* name the policy that matches the session at import time; the
+        imported round records them, so that version governs its redaction and retention.
         Returns how many messages were appended."""
         full, state = from_agently(data)
         existing = await self.full_context(tenant, session_id)
@@ -265,7 +268,7 @@ class SessionService:
             raise Conflict(f"session '{session_id}' already holds a different history; recorded history is "
                            "append-only, so DELETE the session first or import into a new id")
         added = full[len(existing):]
-        meta = RoundMeta(request_id, "import", "", "imported", "import")
+        meta = RoundMeta(request_id, policy_id, policy_hash, "imported", "import")
 
         def plan(cur: Current) -> Changes:
             ch = Changes(result=len(added))
@@ -275,7 +278,7 @@ class SessionService:
                 dk, _ = self._unseal(cur)
             self._write_state(cur, ch, dk, state, [added] if added else [], meta)
             ch.audit.append({"event": "import", "request_id": request_id, "session_id": session_id,
-                             "messages": len(added),
+                             "policy_id": policy_id, "policy_hash": policy_hash, "messages": len(added),
                              "ciphertext_sha256": hashlib.sha256(ch.rounds[0].ct).hexdigest() if ch.rounds else None})
             return ch
 

@@ -13,6 +13,9 @@ Tables (both backends):
                  window, memo, settings).
 - ``rounds``     append-only: one row per recorded round (or imported message pair), sealed.
 - ``audit``      append-only, per tenant: the hash chain (see ``gateway.audit``).
+- ``policy_versions``  every policy version rounds were recorded under, by version hash, with
+                 its document in plaintext (configuration, not recorded data; see
+                 ``gateway.policy.versions``).
 
 Writes go through :meth:`Store.transact`: the backend opens one transaction, reads the current
 rows of the session (locked against other writers, including other processes), calls the
@@ -83,6 +86,18 @@ class AuditRow:
     body: bytes
     prev_hash: str
     hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyVersionRow:
+    """One version of a policy as it was loaded: ``document`` is the canonical JSON of the
+    validated policy, the text ``hash`` (its ``version_hash``) covers. Configuration, not
+    recorded data: kept in plaintext, like the policy files themselves."""
+
+    hash: str
+    policy_id: str
+    loaded_at: float
+    document: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,3 +185,9 @@ class Store(Protocol):
     async def checkpoint(self) -> bool:
         """Fold the write-ahead log into the main file (so erased bytes leave the disk); False
         when another connection kept it from completing (retry later, see ``gateway.erasure``)."""
+
+    async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
+        """Keep these policy versions; a hash already kept is left as it is (first load wins)."""
+
+    async def policy_versions(self) -> list[PolicyVersionRow]:
+        """Every policy version kept, oldest first."""

@@ -63,6 +63,7 @@ from gateway.store.base import (
     Current,
     DataKeyRow,
     Plan,
+    PolicyVersionRow,
     RoundRow,
     SessionRow,
     SessionSummary,
@@ -116,6 +117,12 @@ CREATE TABLE audit (
 -- ciphertext does not compress: store it out of line without trying
 ALTER TABLE rounds ALTER COLUMN ct SET STORAGE EXTERNAL;
 ALTER TABLE sessions ALTER COLUMN state_ct SET STORAGE EXTERNAL;
+"""),
+    Migration(2, "policy versions", """
+-- configuration, not recorded data: the policy documents are kept in plaintext
+CREATE TABLE policy_versions (
+  hash TEXT COLLATE "C" PRIMARY KEY, policy_id TEXT NOT NULL, loaded_at DOUBLE PRECISION NOT NULL,
+  document TEXT NOT NULL);
 """),
 )
 
@@ -475,6 +482,19 @@ class PostgresStore:
         True once it ran: what remains (WAL segments, replicas, backups) is the operator's."""
         await self._call(lambda c: c.execute("VACUUM data_keys, sessions"), "vacuum")
         return True
+
+    async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
+        if rows:
+            await self._call(lambda c: c.execute(
+                "INSERT INTO policy_versions (hash, policy_id, loaded_at, document) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[]) "
+                "ON CONFLICT (hash) DO NOTHING", *_columns(
+                    [(r.hash, r.policy_id, r.loaded_at, r.document) for r in rows], 4)), "write to")
+
+    async def policy_versions(self) -> list[PolicyVersionRow]:
+        rows = await self._fetch("SELECT hash, policy_id, loaded_at, document FROM policy_versions "
+                                 "ORDER BY loaded_at, hash")
+        return [PolicyVersionRow(*r) for r in rows]
 
     # --- reads ---------------------------------------------------------------------------
 

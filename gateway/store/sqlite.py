@@ -34,6 +34,7 @@ from gateway.store.base import (
     Current,
     DataKeyRow,
     Plan,
+    PolicyVersionRow,
     RoundRow,
     SessionRow,
     SessionSummary,
@@ -43,7 +44,7 @@ T = TypeVar("T")
 log = structlog.get_logger("gateway.store.sqlite")
 BATCH = 256
 PAGE = 500
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHECKPOINT_BUSY_SECONDS = 0.2
 """How long one checkpoint attempt waits for other connections before reporting it is busy."""
 
@@ -66,6 +67,12 @@ CREATE TABLE IF NOT EXISTS audit (
   tenant TEXT NOT NULL, seq INTEGER NOT NULL, created_at REAL NOT NULL, body BLOB NOT NULL,
   prev_hash TEXT NOT NULL, hash TEXT NOT NULL, PRIMARY KEY (tenant, seq));
 """
+
+POLICY_VERSIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS policy_versions (
+  hash TEXT PRIMARY KEY, policy_id TEXT NOT NULL, loaded_at REAL NOT NULL, document TEXT NOT NULL);
+"""
+"""Schema version 2: policy versions (``gateway.policy.versions``); created when missing."""
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -236,6 +243,9 @@ class SQLiteStore:
         try:
             conn = _connect(self.path)
             conn.executescript(SCHEMA)
+            conn.executescript(POLICY_VERSIONS_SCHEMA)
+            conn.execute("UPDATE meta SET value=? WHERE name='schema_version' AND CAST(value AS INTEGER) < ?",
+                         (str(SCHEMA_VERSION), SCHEMA_VERSION))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             reader = _connect(self.path)
         except sqlite3.Error as exc:
@@ -306,6 +316,20 @@ class SQLiteStore:
                         note="another connection holds a read transaction; erased bytes stay in the "
                              "write-ahead log until a checkpoint completes")
         return not busy
+
+    async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT OR IGNORE INTO policy_versions VALUES (?,?,?,?)",
+                             [(r.hash, r.policy_id, r.loaded_at, r.document) for r in rows])
+        if rows:
+            await self._write(run)
+
+    async def policy_versions(self) -> list[PolicyVersionRow]:
+        def run(c: sqlite3.Connection) -> list[PolicyVersionRow]:
+            rows = c.execute("SELECT hash, policy_id, loaded_at, document FROM policy_versions "
+                             "ORDER BY loaded_at, hash").fetchall()
+            return [PolicyVersionRow(*r) for r in rows]
+        return await self._read(run)
 
     # --- reads ---------------------------------------------------------------------------
 
