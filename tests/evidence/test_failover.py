@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,11 +18,12 @@ import httpx
 import pytest
 
 from gateway.errors import StoreUnavailable
+from gateway.store.base import Changes, Current
 from gateway.store.postgres import PostgresStore, describe_dsn
+from gateway.store.sqlite import SQLiteStore
 from tests.conftest import ACME_KEY, Gateway
 
 PG_DSN = os.environ.get("SESSIONGATE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-pytestmark = pytest.mark.postgres
 
 
 async def _execute(sql: str) -> Any:
@@ -78,6 +81,7 @@ async def _load(url: str, n: int, concurrency: int) -> list[httpx.Response]:
         return await asyncio.gather(*(one(client, i) for i in range(n)))
 
 
+@pytest.mark.postgres
 def test_terminated_backends_give_503_with_retry_after_never_500(
         make_gateway: Callable[..., Gateway], pg_schema: str) -> None:
     """~100 concurrent chats while the backends are terminated: every answer is 200 or 503
@@ -107,6 +111,7 @@ def test_terminated_backends_give_503_with_retry_after_never_500(
     assert recovered.status_code == 200, recovered.text
 
 
+@pytest.mark.postgres
 def test_an_internal_client_error_becomes_store_unavailable(pg_schema: str) -> None:
     """asyncpg's InternalClientError (a connection whose backend died mid-protocol) is a store
     failure at the boundary, not a bug."""
@@ -119,6 +124,33 @@ def test_an_internal_client_error_becomes_store_unavailable(pg_schema: str) -> N
             with pytest.raises(StoreUnavailable) as info:
                 await store._guard(broken(), "read from")
             assert isinstance(info.value.__cause__, asyncpg.InternalClientError)
+        finally:
+            await store.close()
+    asyncio.run(main())
+
+
+def test_sqlite_operational_errors_inside_a_write_or_read_become_store_unavailable(tmp_path: Path) -> None:
+    """A disk I/O or locked error raised while a write plan or a read runs is StoreUnavailable
+    (503), not an internal error; a plan's own error still reaches its caller unchanged."""
+    async def main() -> None:
+        store = SQLiteStore(tmp_path / "s.db")
+        await store.open()
+        try:
+            def disk_fails(_cur: Current) -> Changes:
+                raise sqlite3.OperationalError("disk I/O error")
+            with pytest.raises(StoreUnavailable) as info:
+                await store.transact("acme", "s", disk_fails)
+            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+
+            def locked(_conn: sqlite3.Connection) -> None:
+                raise sqlite3.OperationalError("database is locked")
+            with pytest.raises(StoreUnavailable):
+                await store._read(locked)
+
+            def refuses(_cur: Current) -> Changes:
+                raise KeyError("not a database error")
+            with pytest.raises(KeyError):
+                await store.transact("acme", "s", refuses)
         finally:
             await store.close()
     asyncio.run(main())
