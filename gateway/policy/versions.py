@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.errors import IntegrityError
 from gateway.policy.matcher import PolicySet
 from gateway.policy.model import Export, Policy, Retention
 from gateway.store.base import PolicyVersionRow, Store
@@ -87,11 +88,16 @@ class PolicyVersions:
         return iter(self._by_hash.values())
 
     async def refresh(self) -> None:
-        """Read every kept version from the store. Raises ``StoreUnavailable``, and ``ValueError``
-        for a stored document that does not hash to its key (the table was edited)."""
+        """Read every kept version from the store. Raises ``StoreUnavailable``, and
+        ``IntegrityError`` for a stored document that is not a policy or does not hash to its
+        key (the table was edited)."""
         for row in await self.store.policy_versions():
             if row.hash not in self._by_hash:
-                self._by_hash[row.hash] = PolicyVersion.from_document(row.policy_id, row.hash, row.document)
+                try:
+                    version = PolicyVersion.from_document(row.policy_id, row.hash, row.document)
+                except ValueError as exc:
+                    raise IntegrityError(f"policy_versions: {exc}") from exc
+                self._by_hash[row.hash] = version
 
     async def record(self, policies: PolicySet) -> None:
         """Keep every version of *policies* (those already kept are left alone)."""

@@ -6,14 +6,19 @@ log and the key and ciphertext bytes leave the db, -wal and -shm files within se
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 
+from gateway.erasure import ErasureFinisher
+from gateway.errors import StoreUnavailable
 from gateway.handlers import SERVICES
+from gateway.store.base import Changes, Current
 from gateway.store.sqlite import _connect
 from tests.conftest import Gateway, wait_for
 from tests.test_erasure import audit_events, delete, session_bytes
@@ -72,3 +77,39 @@ def test_store_connections_zero_freed_pages(tmp_path: Path) -> None:
     bytes in the main file's free pages."""
     with closing(_connect(tmp_path / "x.db")) as conn:
         assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+
+
+class FlakyStore:
+    """A store whose checkpoint fails, then is busy, then completes; audit plans are collected."""
+
+    def __init__(self) -> None:
+        self.results: list[object] = [StoreUnavailable("down"), False, True]
+        self.audit: list[dict[str, object]] = []
+
+    async def checkpoint(self) -> bool:
+        outcome = self.results.pop(0) if len(self.results) > 1 else self.results[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return bool(outcome)
+
+    async def transact(self, tenant: str, session_id: str | None, plan: Any) -> Changes:
+        changes = plan(Current(tenant, session_id, None, None))
+        self.audit.extend(changes.audit)
+        return changes
+
+
+def test_the_background_retry_survives_store_errors_and_audits_completion() -> None:
+    """A failing, then busy, then completing checkpoint: the erasure stays pending through the
+    error and completes with one erasure_completed entry carrying the erasure's request id."""
+    async def main() -> tuple[bool, FlakyStore, ErasureFinisher]:
+        store = FlakyStore()
+        finisher = ErasureFinisher(store, first_delay=0.01, max_delay=0.02)  # type: ignore[arg-type]
+        first = await finisher.settle("acme", "s1", "req-1")
+        assert len(finisher) == 1
+        assert await finisher.wait(5.0)
+        await finisher.stop()
+        return first, store, finisher
+    first, store, finisher = asyncio.run(main())
+    assert first is False and len(finisher) == 0
+    assert [(e["event"], e["request_id"], e["session_id"]) for e in store.audit] == [
+        ("erasure_completed", "req-1", "s1")]

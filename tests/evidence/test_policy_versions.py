@@ -13,14 +13,18 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
+import asyncpg
 import httpx
 import orjson
+import pytest
 
+from gateway.errors import IntegrityError
 from gateway.handlers import SERVICES
 from gateway.policy import Policy, PolicySet, load_policy_set
 from gateway.policy.versions import PolicyVersion, PolicyVersions, document
 from gateway.retention import purge_expired
 from gateway.store.base import PolicyVersionRow
+from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway, wait_for
 from tests.test_integrity import chat, with_service
@@ -147,12 +151,38 @@ def test_a_kept_document_proves_itself(tmp_path: Path) -> None:
         try:
             await store.save_policy_versions([PolicyVersionRow(policy.version_hash, "chat", 1.0,
                                                                document(policy).replace("mask", "hash"))])
-            try:
+            with pytest.raises(IntegrityError) as info:
                 await PolicyVersions.load(store)
-            except ValueError as exc:
-                assert "does not match its hash" in str(exc)
-            else:
-                raise AssertionError("an edited policy document was accepted")
+            assert "does not match its hash" in info.value.detail
         finally:
             await store.close()
     asyncio.run(main())
+
+
+@pytest.mark.postgres
+def test_postgres_keeps_policy_versions_once(tmp_path: Path) -> None:
+    """On PostgreSQL (migration 2) a version is kept once, first load wins, and reads back."""
+    from tests.evidence.test_failover import PG_DSN, _execute
+
+    try:
+        asyncio.run(_execute("SELECT 1"))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        pytest.skip(f"PostgreSQL not reachable: {type(exc).__name__}: {exc}")
+    schema = f"sg_pv_{time.time_ns() % 10**12}"
+    policy = _policy(V1)
+
+    async def main() -> list[PolicyVersionRow]:
+        store = PostgresStore(PG_DSN, schema=schema, pool_size=2)
+        await store.open()
+        try:
+            row = PolicyVersionRow(policy.version_hash, "chat", 1.0, document(policy))
+            await store.save_policy_versions([row])
+            await store.save_policy_versions([PolicyVersionRow(policy.version_hash, "chat", 2.0, document(policy))])
+            versions = await PolicyVersions.load(store)
+            assert [v.id for v in versions] == ["chat"]
+            return await store.policy_versions()
+        finally:
+            await store.close()
+            await _execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    rows = asyncio.run(main())
+    assert [(r.hash, r.loaded_at) for r in rows] == [(policy.version_hash, 1.0)]
