@@ -154,3 +154,33 @@ def test_sqlite_operational_errors_inside_a_write_or_read_become_store_unavailab
         finally:
             await store.close()
     asyncio.run(main())
+
+
+def test_store_unavailable_is_rendered_503_with_retry_after() -> None:
+    """The one error middleware gives StoreUnavailable OpenAI's shape, 503 and Retry-After; other
+    errors get no Retry-After."""
+    from aiohttp import web
+
+    from gateway.app import error_middleware
+    from gateway.errors import NotFound
+    from tests.conftest import _Server
+
+    async def down(_request: web.Request) -> web.Response:
+        raise StoreUnavailable("cannot reach the database")
+
+    async def missing(_request: web.Request) -> web.Response:
+        raise NotFound("no such thing")
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/down", down)
+    app.router.add_get("/missing", missing)
+    server = _Server(app)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{server.port}/down")
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert r.json() == {"error": {"message": "cannot reach the database", "type": "service_unavailable",
+                                      "code": "store_unavailable"}}
+        r = httpx.get(f"http://127.0.0.1:{server.port}/missing")
+        assert r.status_code == 404 and "Retry-After" not in r.headers
+    finally:
+        server.stop()
