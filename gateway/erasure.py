@@ -17,6 +17,9 @@ checkpoint cannot finish while another connection holds a read transaction on an
   checkpoint completed (the common case, answered 200 ``purge: complete``) gets no second
   entry: its ``erasure`` entry was final when it was answered.
 
+Retention's purge calls ``fold``: the same checkpoint, retried the same way when it cannot
+complete (purged rounds must leave the files too), without an audit entry of its own.
+
 ``len(finisher)`` is the number of erasures still pending (the ``sessiongate_erasures_pending``
 gauge). Pending erasures live in memory: after a restart the store's own open/close checkpoint
 folds the log, but no ``erasure_completed`` entry is written for them (a warning is logged).
@@ -56,6 +59,7 @@ class ErasureFinisher:
         self._pending: dict[str, PendingErasure] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._unfolded = False  # a purge's checkpoint is still to be completed
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -70,23 +74,31 @@ class ErasureFinisher:
         if await self._attempt():
             return True
         self._pending[request_id] = PendingErasure(tenant, session_id, request_id, time.monotonic())
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._retry(), name="erasure-finisher")
+        self._retry_in_background()
         return False
 
     async def fold(self) -> bool:
-        """One checkpoint now (retention after a purge); True when it completed. Pending
-        erasures complete with it."""
-        return await self._attempt()
+        """A checkpoint now (retention after a purge); True when it completed. When it did not,
+        it is retried in the background like a pending erasure (purged rounds leave the files
+        too), without an audit entry of its own. Pending erasures complete with it."""
+        if await self._attempt():
+            return True
+        self._unfolded = True
+        self._retry_in_background()
+        return False
+
+    def _retry_in_background(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._retry(), name="erasure-finisher")
 
     async def wait(self, timeout: float) -> bool:
         """Wait up to *timeout* seconds for every pending erasure (the CLI); True when none is left."""
         deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
+        while (self._pending or self._unfolded) and time.monotonic() < deadline:
             await asyncio.sleep(self.first_delay)
             if self._task is None or self._task.done():
                 await self._attempt()
-        return not self._pending
+        return not (self._pending or self._unfolded)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -101,7 +113,7 @@ class ErasureFinisher:
 
     async def _retry(self) -> None:
         delay = self.first_delay
-        while self._pending:
+        while self._pending or self._unfolded:
             await asyncio.sleep(delay)
             await self._attempt()
             delay = min(delay * 2, self.max_delay)
@@ -116,6 +128,7 @@ class ErasureFinisher:
                 return False
             if folded is False:
                 return False
+            self._unfolded = False
             for request_id, item in list(self._pending.items()):
                 entry = {"event": "erasure_completed", "request_id": request_id, "session_id": item.session_id,
                          "detail": {"pending_seconds": round(time.monotonic() - item.since, 3)}}

@@ -113,3 +113,17 @@ def test_the_background_retry_survives_store_errors_and_audits_completion() -> N
     assert first is False and len(finisher) == 0
     assert [(e["event"], e["request_id"], e["session_id"]) for e in store.audit] == [
         ("erasure_completed", "req-1", "s1")]
+
+
+def test_a_purge_checkpoint_kept_busy_is_retried_until_it_completes() -> None:
+    """Retention's checkpoint (``fold``) is retried in the background too, without an audit entry."""
+    async def main() -> tuple[bool, bool, FlakyStore]:
+        store = FlakyStore()
+        store.results = [False, False, True]
+        finisher = ErasureFinisher(store, first_delay=0.01, max_delay=0.02)  # type: ignore[arg-type]
+        first = await finisher.fold()
+        done = await finisher.wait(5.0)
+        await finisher.stop()
+        return first, done, store
+    first, done, store = asyncio.run(main())
+    assert first is False and done and store.results == [True] and store.audit == []
