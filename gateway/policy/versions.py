@@ -76,6 +76,7 @@ class PolicyVersions:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._by_hash: dict[str, PolicyVersion] = {}
+        self._unsaved: dict[str, tuple[PolicyVersionRow, PolicyVersion]] = {}
 
     @classmethod
     async def load(cls, store: Store) -> PolicyVersions:
@@ -100,13 +101,17 @@ class PolicyVersions:
                 self._by_hash[row.hash] = version
 
     async def record(self, policies: PolicySet) -> None:
-        """Keep every version of *policies* (those already kept are left alone)."""
+        """Keep every version of *policies* (those already kept are left alone). Raises
+        ``StoreUnavailable``; versions that could not be saved are saved with the next call."""
         now = time.time()
-        rows = [PolicyVersionRow(p.version_hash, p.id, now, document(p)) for p in policies
-                if p.version_hash not in self._by_hash]
-        await self.store.save_policy_versions(rows)
         for p in policies:
-            self._by_hash.setdefault(p.version_hash, PolicyVersion.of(p))
+            if p.version_hash not in self._by_hash and p.version_hash not in self._unsaved:
+                self._unsaved[p.version_hash] = (PolicyVersionRow(p.version_hash, p.id, now, document(p)),
+                                                 PolicyVersion.of(p))
+        await self.store.save_policy_versions([row for row, _ in self._unsaved.values()])
+        for version_hash, (_, version) in self._unsaved.items():
+            self._by_hash[version_hash] = version
+        self._unsaved.clear()
 
     def resolve(self, policy_id: str, policy_hash: str, current: PolicySet, *, tenant: str,
                 session_id: str | None) -> PolicyVersion:
