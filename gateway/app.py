@@ -27,6 +27,7 @@ from gateway.keys import KeyringWatcher
 from gateway.metrics import Metrics
 from gateway.observe import METRICS, metrics_middleware
 from gateway.policy import PolicySet, PolicyWatcher
+from gateway.policy.versions import PolicyVersions
 from gateway.retention import RetentionTask
 from gateway.sessions import SessionService
 from gateway.settings import Settings, UpstreamSettings
@@ -50,7 +51,10 @@ async def error_middleware(request: web.Request,
         if isinstance(exc, IntegrityError):
             log.error("integrity_error", path=request.path, detail=exc.detail)
             request.app[SERVICES].metrics.integrity_failures.inc()
-        return json_response(exc.to_body(), status=exc.status)
+        resp = json_response(exc.to_body(), status=exc.status)
+        if exc.retry_after is not None:
+            resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -131,8 +135,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         keyring_watcher = KeyringWatcher(provider.path, lambda: Keyring.from_provider(provider), sessions)
         await keyring_watcher.start()
 
+    metrics.erasures_pending.set_function(lambda: len(sessions.erasures))
+    versions = PolicyVersions(store)
 
     async def on_policies(new: PolicySet) -> None:
+        await versions.record(new)
         # "_diff": what changed, names only (gateway.policy.diff); no policy id starts with "_"
         diff = policies.last_diff.audit_detail() if policies.last_diff is not None else None
         await store.transact(SYSTEM_TENANT, None, lambda cur: Changes(audit=[{
@@ -141,6 +148,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
     policies = PolicyWatcher(settings.policies.path, on_policies, interval=settings.policies.reload_interval,
                              on_refused=lambda _exc: metrics.policy_reloads.labels(result="refused").inc())
+    await versions.record(policies.current)
     upstreams = Upstreams(upstream_settings)
     await upstreams.start()
     await policies.start()
@@ -159,6 +167,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await keyring_watcher.stop()
         await policies.stop()
         await services.background.drain()
+        await sessions.erasures.stop()
         checkpoints.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await checkpoints

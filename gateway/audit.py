@@ -78,7 +78,8 @@ GENESIS = "0" * 64
 """``prev_hash`` of a tenant's first entry."""
 
 EVENTS = frozenset({"round", "proxy", "policy_reload", "key_rotation", "erasure", "export", "import", "reset",
-                    "bounding", "purge", "quarantine", "refusal", "release", "console_read", "verify"})
+                    "bounding", "purge", "quarantine", "refusal", "release", "console_read", "verify",
+                    "erasure_completed"})
 ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",

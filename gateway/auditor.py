@@ -7,9 +7,9 @@
 - ``verify(tenant)`` streams a tenant's chain from the store through ``ChainVerifier`` with the
   checkpoints kept outside the database and the public key, then checks the stored rounds and
   state rows against the chain (``gateway.evidence.verify_data``);
-- ``export(...)`` decrypts a tenant's (or a session's) rounds, applies each round's policy
-  redaction and writes a bundle that verifies offline with only the public key. Every export
-  is itself an audit entry.
+- ``export(...)`` decrypts a tenant's (or a session's) rounds, applies the redaction of the
+  policy version each round was recorded under (``gateway.policy.versions``) and writes a
+  bundle that verifies offline with only the public key. Every export is itself an audit entry.
 
 The pseudonym secret comes from ``audit.export_secret_env`` or, when that is unset, from a
 random ``export-secret`` file (mode 0600) beside the signing key.
@@ -29,6 +29,7 @@ from gateway.errors import ConfigError
 from gateway.evidence import verify_data
 from gateway.export import ExportRecord, Progress, export_bundle
 from gateway.policy import Policy, PolicySet
+from gateway.policy.versions import PolicyVersions
 from gateway.redact import Redactor, tenant_secret
 from gateway.sessions import SessionService
 from gateway.settings import Settings
@@ -92,13 +93,19 @@ class AuditTrail:
             await check_data(store, tenant, report)
         return report
 
-    def redactors(self, policies: PolicySet, tenant: str) -> Callable[[str], Redactor]:
-        """``redactor_for(policy_id)``: the export redaction of the policy that recorded a round,
-        for *tenant*; the console shows rounds through the same function an export uses."""
+    async def redactors(self, store: Store, policies: PolicySet, tenant: str) -> Callable[[Any], Redactor]:
+        """``redactor_for(round)``: the export redaction of the policy version a round (an
+        ``ExportRecord`` or a ``RoundRow``: its ``policy_id``, ``policy_hash`` and ``session_id``)
+        was recorded under, for *tenant*. Exports and the console show rounds through it."""
         secret = tenant_secret(export_secret(self.settings), tenant)
+        versions = await PolicyVersions.load(store)
 
-        def redactor_for(policy_id: str) -> Redactor:
-            return policy_redactor(policies.get(policy_id) or _fallback(policies), secret)
+        def redactor_for(record: Any) -> Redactor:
+            # the version the round was recorded under, not today's policy of that id
+            version = versions.resolve(record.policy_id, record.policy_hash, policies, tenant=tenant,
+                                       session_id=record.session_id)
+            return Redactor(version.export.redact, secret, version.export.detectors,
+                            keys=list(version.keys) if version.keys else None)
 
         return redactor_for
 
@@ -107,7 +114,7 @@ class AuditTrail:
                      progress: Progress | None = None) -> dict[str, Any]:
         """Write a redacted, verifiable bundle of *tenant*'s rounds at *out*; returns its manifest."""
         store = sessions.store
-        redactor_for = self.redactors(policies, tenant)
+        redactor_for = await self.redactors(store, policies, tenant)
 
         async def records() -> AsyncIterator[ExportRecord]:
             checked: str | None = None
@@ -153,8 +160,3 @@ def policy_redactor(policy: Policy, secret: bytes) -> Redactor:
     keys = [*(policy.session.input_keys or []), *(policy.session.reply_keys or [])]
     return Redactor(policy.export.redact, secret, policy.export.detectors, keys=keys or None)
 
-
-def _fallback(policies: PolicySet) -> Policy:
-    """For rounds whose policy id is not in the current set (imported rounds, removed policies):
-    the lowest-priority policy, which is the catch-all every set must have."""
-    return policies.policies[-1]

@@ -18,7 +18,21 @@ class Principal:
     name: str
     tenant: str | None  # None for auditors
     role: str  # "client" or "auditor"
-    tenants: frozenset[str] | None = None  # an auditor's scope; None reads every tenant
+    tenants: frozenset[str] | None = None  # an auditor's scope; None: every tenant
+
+    def can_read(self, tenant: str) -> bool:
+        """Whether this principal may read *tenant*'s records and audit chain: a client only its
+        own tenant, an auditor the tenants it is scoped to (all when unscoped)."""
+        if self.role == "client":
+            return self.tenant == tenant
+        return self.tenants is None or tenant in self.tenants
+
+    def check_tenant(self, tenant: str) -> str:
+        """*tenant* when :meth:`can_read` allows it; ``Forbidden`` otherwise (the one check every
+        admin route makes)."""
+        if not self.can_read(tenant):
+            raise Forbidden(f"this token is not scoped to tenant '{tenant[:64]}'")
+        return tenant
 
 
 class Authenticator:

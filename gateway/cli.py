@@ -154,10 +154,22 @@ async def _with_sessions(settings: Settings, fn: Callable[[Any], Awaitable[T]]) 
 
     store = open_store(settings)
     await store.open()
+    svc = SessionService(store, Keyring.from_provider(key_provider(settings)))
     try:
-        return await fn(SessionService(store, Keyring.from_provider(key_provider(settings))))
+        return await fn(svc)
     finally:
+        await svc.erasures.stop()
         await store.close()
+
+
+async def _import_policy(settings: Settings, store: Any, tenant: str, session_id: str) -> Any:
+    """The policy that matches an imported session now; its version is kept in the store."""
+    from gateway.policy import load_policy_set
+    from gateway.policy.versions import PolicyVersions
+
+    policies = load_policy_set(settings.policies.path)
+    await PolicyVersions(store).record(policies)
+    return policies.match(tenant, None, session_id)
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
@@ -185,8 +197,10 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"not valid JSON: {exc.msg}", file=args.file or "<stdin>", line=exc.lineno,
                                   column=exc.colno) from None
+            policy = await _import_policy(settings, svc.store, tenant, sid)
             try:
-                added = await svc.import_agently(tenant, sid, data, new_request_id())
+                added = await svc.import_agently(tenant, sid, data, new_request_id(),
+                                                 policy_id=policy.id, policy_hash=policy.version_hash)
             except Conflict:
                 return _fail(f"session {tenant}/{sid} already holds a different history, and recorded history is "
                              f"append-only: erase it first ('sessiongate sessions erase --tenant {tenant} {sid}') "
@@ -196,9 +210,13 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             await svc.reset(tenant, sid, new_request_id())
             print(f"reset the context window of {tenant}/{sid}")
         elif args.action in ("delete", "erase"):
-            await svc.erase(tenant, sid, new_request_id())
-            await svc.store.checkpoint()
-            print(f"erased {tenant}/{sid}: its data key and rows are destroyed")
+            if await svc.erase(tenant, sid, new_request_id()) or await svc.erasures.wait(10.0):
+                print(f"erased {tenant}/{sid}: its data key and rows are destroyed")
+            else:
+                print(f"erased {tenant}/{sid}: its data key and rows are deleted, but another connection holds "
+                      "a read transaction, so their bytes stay in the write-ahead log until it closes and a "
+                      "checkpoint runs (the gateway retries; or run this command again)", file=sys.stderr)
+                return 3
         elif args.action == "release":
             reason = await svc.release(tenant, sid, new_request_id())
             print(f"released {tenant}/{sid} from quarantine (it was quarantined for: {reason}); a check that "

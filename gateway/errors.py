@@ -32,6 +32,8 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
+    retry_after: int | None = None
+    """Seconds for a ``Retry-After`` header: set on errors a client should simply retry."""
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -98,7 +100,10 @@ class IntegrityError(GatewayError):
 
 
 class StoreUnavailable(GatewayError):
+    """Any failure to reach or use the database; answered with ``Retry-After``."""
+
     status, type, code = 503, "service_unavailable", "store_unavailable"
+    retry_after = 1
 
 
 class UpstreamError(GatewayError):

@@ -2,8 +2,10 @@
 
 **Input.** An async iterator of decrypted :class:`ExportRecord` (one per recorded round, grouped
 by session in ``(session, seq)`` order, as ``Store.iter_rounds`` yields them) and a
-``redactor_for(policy_id) -> Redactor`` callable (see ``gateway.redact``); it is called once
-per policy id, and whatever it raises aborts the export.
+``redactor_for(record) -> Redactor`` callable (see ``gateway.redact``); it is called with the
+first record of each policy version (``policy_id``, ``policy_hash``), and whatever it raises
+aborts the export. The manifest's ``redaction`` names each version by its policy id, and a
+second version of the same id in one export by ``id@hash[:12]``.
 
 **A bundle** is three files next to each other, written under temporary names and renamed
 into place only when complete:
@@ -260,17 +262,21 @@ class ExportSummary:
 
 
 async def write_records(records: AsyncIterable[ExportRecord], out: BinaryIO, *, fmt: str,
-                        redactor_for: Callable[[str], Redactor],
+                        redactor_for: Callable[[ExportRecord], Redactor],
                         progress: Progress | None = None) -> ExportSummary:
     """Redact and write ``records`` to ``out`` in ``fmt``; the summary feeds the manifest."""
     writer = RecordWriter(out, fmt)
     summary = ExportSummary(format=fmt)
-    redactors: dict[str, Redactor] = {}
+    redactors: dict[tuple[str, str], Redactor] = {}
     async for record in records:
-        redactor = redactors.get(record.policy_id)
+        version = (record.policy_id, record.policy_hash)
+        redactor = redactors.get(version)
         if redactor is None:
-            redactor = redactors[record.policy_id] = redactor_for(record.policy_id)
-            summary.redaction[record.policy_id] = redactor.describe()
+            redactor = redactors[version] = redactor_for(record)
+            name = record.policy_id
+            if name in summary.redaction:  # another version of this policy in the same export
+                name = f"{record.policy_id}@{record.policy_hash[:12]}"
+            summary.redaction[name] = redactor.describe()
         summary.policies.add((record.policy_id, record.policy_hash))
         if summary.min_created_at is None or record.created_at < summary.min_created_at:
             summary.min_created_at = record.created_at
@@ -294,7 +300,7 @@ def redaction_sha256(redaction: Mapping[str, Any]) -> str:
 
 
 async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *, tenant: str, fmt: str,
-                        redactor_for: Callable[[str], Redactor], append_audit: AppendAudit,
+                        redactor_for: Callable[[ExportRecord], Redactor], append_audit: AppendAudit,
                         sign_head: SignHead, iter_audit: IterAudit,
                         filters: Mapping[str, Any] | None = None, audit_slack: float = 3600.0,
                         progress: Progress | None = None, head_seq: HeadSeq | None = None) -> dict[str, Any]:

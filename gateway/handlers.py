@@ -25,6 +25,7 @@ import structlog
 from aiohttp import web
 
 from gateway import pipeline
+from gateway.auth import Principal
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError
 from gateway.export import FORMATS, bundle_paths
@@ -229,7 +230,9 @@ async def export_session(request: web.Request) -> web.Response:
 async def import_session(request: web.Request) -> web.Response:
     services, tenant, sid = _session_target(request)
     data = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
-    added = await services.sessions.import_agently(tenant, sid, data, new_request_id())
+    policy = services.policies.current.match(tenant, None, sid)  # governs the imported round
+    added = await services.sessions.import_agently(tenant, sid, data, new_request_id(),
+                                                   policy_id=policy.id, policy_hash=policy.version_hash)
     return json_response({"id": sid, "imported_messages": added})
 
 
@@ -241,8 +244,10 @@ async def reset_session(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     services, tenant, sid = _session_target(request)
-    await services.sessions.erase(tenant, sid, new_request_id())
-    return json_response({"id": sid, "deleted": True})
+    purged = await services.sessions.erase(tenant, sid, new_request_id())
+    # 202 while the erased bytes may still be in the store's files (see gateway.erasure)
+    return json_response({"id": sid, "deleted": True, "purge": "complete" if purged else "pending"},
+                         status=200 if purged else 202)
 
 
 # --- auditors ---------------------------------------------------------------------------
@@ -264,6 +269,13 @@ def _tenant_param(request: web.Request) -> str:
     return tenant
 
 
+def _auditor_tenant(request: web.Request) -> tuple[Principal, str]:
+    """The auditor behind the request and the ``?tenant=`` it asks for, which its scope must
+    cover (``Forbidden`` otherwise): the one tenant check of every admin route."""
+    auditor = request.app[SERVICES].auth.auditor(request.headers.get("Authorization"))
+    return auditor, auditor.check_tenant(_tenant_param(request))
+
+
 async def admin_public_key(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     services.auth.auditor(request.headers.get("Authorization"))
@@ -273,8 +285,8 @@ async def admin_public_key(request: web.Request) -> web.Response:
 async def admin_verify(request: web.Request) -> web.Response:
     """Verify one tenant's chain (``?tenant=``) against the checkpoints kept outside the database."""
     services = request.app[SERVICES]
-    services.auth.auditor(request.headers.get("Authorization"))
-    report = await services.audit.verify(services.sessions.store, _tenant_param(request))
+    _, tenant = _auditor_tenant(request)
+    report = await services.audit.verify(services.sessions.store, tenant)
     return json_response(report.to_dict(), status=200)
 
 
@@ -284,8 +296,7 @@ async def admin_export(request: web.Request) -> web.StreamResponse:
     Query: ``tenant`` (required), ``session``, ``since``, ``until``, ``format`` (jsonl|csv|agently).
     """
     services = request.app[SERVICES]
-    auditor = services.auth.auditor(request.headers.get("Authorization"))
-    tenant = _tenant_param(request)
+    auditor, tenant = _auditor_tenant(request)
     fmt = request.query.get("format", "jsonl")
     if fmt not in FORMATS:
         raise BadRequest(f"'format' must be one of {', '.join(FORMATS)}")

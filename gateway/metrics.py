@@ -49,6 +49,8 @@ class Metrics:
                                         registry=r)
         self.commit_batch = Histogram("sessiongate_store_commit_batch_size", "Writes committed per transaction",
                                       buckets=BATCH_BUCKETS, registry=r)
+        self.erasures_pending = Gauge("sessiongate_erasures_pending",
+                                      "Erased sessions whose bytes may still be in the store's files", registry=r)
         Gauge("sessiongate_build_info", "The running version", ("version",), registry=r).labels(
             version=version or "unknown").set(1)
         self._models: set[str] = set()

@@ -37,6 +37,7 @@ import orjson
 import structlog
 
 from gateway import crypto, evidence
+from gateway.erasure import ErasureFinisher
 from gateway.errors import Conflict, GatewayError, IntegrityError, NotFound
 from gateway.keyring import Keyring
 from gateway.session.model import (
@@ -101,6 +102,7 @@ class SessionService:
         self.store = store
         self.keyring = keyring
         self.reload_keyring = reload_keyring
+        self.erasures = ErasureFinisher(store)
 
     # --- keys and sealing ---------------------------------------------------------------
 
@@ -349,9 +351,12 @@ class SessionService:
         if not ok:
             raise NotFound(f"no session '{session_id}' for this tenant")
 
-    async def import_agently(self, tenant: str, session_id: str, data: Any, request_id: str) -> int:
+    async def import_agently(self, tenant: str, session_id: str, data: Any, request_id: str, *,
+                             policy_id: str = "import", policy_hash: str = "") -> int:
         """Load Agently JSON. A new session takes it whole; an existing one must hold a prefix
         of the imported ``full_context`` (recorded history is append-only), and gains the rest.
+        *policy_id*/*policy_hash* name the policy that matches the session at import time; the
+        imported round records them, so that version governs its redaction and retention.
         Returns how many messages were appended."""
         full, state = from_agently(data)
         await self.check(tenant, session_id, request_id)  # never import into a quarantined or altered session
@@ -360,7 +365,7 @@ class SessionService:
             raise Conflict(f"session '{session_id}' already holds a different history; recorded history is "
                            "append-only, so DELETE the session first or import into a new id")
         added = full[len(existing):]
-        meta = RoundMeta(request_id, "import", "", "imported", "import")
+        meta = RoundMeta(request_id, policy_id, policy_hash, "imported", "import")
 
         def plan(cur: Current) -> Changes:
             ch = Changes(result=len(added))
@@ -372,7 +377,7 @@ class SessionService:
                 dk, _ = self._unseal(cur)
             self._write_state(cur, ch, dk, state, [added] if added else [], meta)
             ch.audit.append({"event": "import", "request_id": request_id, "session_id": session_id,
-                             "messages": len(added),
+                             "policy_id": policy_id, "policy_hash": policy_hash, "messages": len(added),
                              "round_seq": ch.rounds[0].seq if ch.rounds else None,
                              "ciphertext_sha256": hashlib.sha256(ch.rounds[0].ct).hexdigest() if ch.rounds else None})
             return ch
@@ -414,9 +419,11 @@ class SessionService:
         deleted, erased = (await self.store.transact(tenant, session_id, plan)).result
         return int(deleted), bool(erased)
 
-    async def erase(self, tenant: str, session_id: str, request_id: str) -> None:
+    async def erase(self, tenant: str, session_id: str, request_id: str) -> bool:
         """Crypto-shred a session: its data key and rows go in one transaction, then the store
-        folds its write-ahead log so the erased bytes leave the disk."""
+        folds its write-ahead log so the erased bytes leave the disk. Returns True when they
+        have; False when the purge is pending (another connection holds an old snapshot) and
+        :attr:`erasures` retries it in the background (see ``gateway.erasure``)."""
         def plan(cur: Current) -> Changes:
             if cur.session is None and cur.data_key is None:
                 raise NotFound(f"no session '{session_id}' for this tenant")
@@ -426,7 +433,7 @@ class SessionService:
                            audit=[{"event": "erasure", "request_id": request_id, "session_id": session_id}])
 
         await self.store.transact(tenant, session_id, plan)
-        await self.store.checkpoint()
+        return await self.erasures.settle(tenant, session_id, request_id)
 
 
 def _refuse_quarantined(cur: Current) -> None:

@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -99,7 +99,8 @@ class ClientSettings(_Strict):
 class AuditorSettings(_Strict):
     name: str
     token_sha256: str
-    tenants: list[str] | None = Field(None, description="the tenants this auditor may read (default: all)")
+    tenants: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] | None = Field(
+        None, description="tenants this auditor may export and verify; omitted: every tenant")
 
     @field_validator("token_sha256")
     @classmethod

@@ -65,7 +65,7 @@ def test_delete_endpoint_shreds_the_data_key_from_the_database_files(gateway: Ga
     assert all(blob in gateway.stored_bytes() for blob in doomed[:2])
 
     resp = delete(gateway, "doomed")
-    assert resp.status_code == 200 and resp.json() == {"id": "doomed", "deleted": True}
+    assert resp.status_code == 200 and resp.json() == {"id": "doomed", "deleted": True, "purge": "complete"}
 
     assert get_session(gateway, "doomed").status_code == 404
     stored = gateway.stored_bytes()

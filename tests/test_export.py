@@ -78,8 +78,8 @@ class Env:
                             ciphertext_sha256=digest)
 
     def redactor_for(self, tenant: str):
-        def build(policy_id: str) -> Redactor:
-            rules, detectors, keys = POLICIES[policy_id]
+        def build(record: ExportRecord) -> Redactor:
+            rules, detectors, keys = POLICIES[record.policy_id]
             return Redactor(rules, tenant_secret(SECRET, tenant), detectors, keys=keys)
         return build
 

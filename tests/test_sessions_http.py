@@ -96,7 +96,7 @@ def test_reset_clears_the_window_and_keeps_full_context(acme: httpx.Client, upst
 def test_delete_removes_the_session(acme: httpx.Client, upstream: Upstream) -> None:
     """DELETE makes the session 404, drops it from the list, and the id starts afresh."""
     chat(acme, "doomed", "remember me")
-    assert acme.delete("/sessions/doomed").json() == {"id": "doomed", "deleted": True}
+    assert acme.delete("/sessions/doomed").json() == {"id": "doomed", "deleted": True, "purge": "complete"}
     gone = acme.get("/sessions/doomed")
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
     assert acme.delete("/sessions/doomed").status_code == 404

@@ -274,10 +274,10 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
     services = request.app[SERVICES]
     await _audit(request, tenant, {"event": "console_read", "session_id": sid,
                                    "detail": {"auditor": session.principal.name, "view": "session"}})
-    redactors = services.audit.redactors(services.policies.current, tenant)
+    redactors = await services.audit.redactors(services.sessions.store, services.policies.current, tenant)
     rounds = []
     async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
-        redactor: Redactor = redactors(row.policy_id)
+        redactor: Redactor = redactors(row)
         shown = redactor.redact_messages(messages)
         rounds.append({"row": row, "messages": shown, "sha256": hashlib.sha256(row.ct).hexdigest(),
                        "chars": sum(len(str(m.get("content") or "")) for m in shown),

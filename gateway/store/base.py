@@ -17,6 +17,9 @@ Tables (both backends):
                  bound the session's rows (its ``state`` field, see ``gateway.evidence``), and
                  the quarantine (``quarantined_seq``, ``quarantine_reason``; NULL when none).
                  An index into the chain for cheap checks on load; the chain stays authoritative.
+- ``policy_versions``  every policy version rounds were recorded under, by version hash, with
+                 its document in plaintext (configuration, not recorded data; see
+                 ``gateway.policy.versions``).
 
 Writes go through :meth:`Store.transact`: the backend opens one transaction, reads the current
 rows of the session (locked against other writers, including other processes), calls the
@@ -87,6 +90,18 @@ class AuditRow:
     body: bytes
     prev_hash: str
     hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyVersionRow:
+    """One version of a policy as it was loaded: ``document`` is the canonical JSON of the
+    validated policy, the text ``hash`` (its ``version_hash``) covers. Configuration, not
+    recorded data: kept in plaintext, like the policy files themselves."""
+
+    hash: str
+    policy_id: str
+    loaded_at: float
+    document: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,5 +219,12 @@ class Store(Protocol):
     async def count_data_keys(self, kek_id: str) -> int:
         """How many data keys the master key *kek_id* wraps."""
 
-    async def checkpoint(self) -> None:
-        """Fold the write-ahead log into the main file (so erased bytes leave the disk)."""
+    async def checkpoint(self) -> bool:
+        """Fold the write-ahead log into the main file (so erased bytes leave the disk); False
+        when another connection kept it from completing (retry later, see ``gateway.erasure``)."""
+
+    async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
+        """Keep these policy versions; a hash already kept is left as it is (first load wins)."""
+
+    async def policy_versions(self) -> list[PolicyVersionRow]:
+        """Every policy version kept, oldest first."""

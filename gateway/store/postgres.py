@@ -25,10 +25,12 @@ as ``gateway.store.sqlite``. How it keeps the contract across processes:
   cannot be sealed) stages nothing, and its exception reaches its caller unchanged while its
   neighbours commit. The ``audit`` primary key ``(tenant, seq)`` guards the chain as well: two
   writers could never both append the same ``seq``.
-- **Errors.** Database and network failures become ``StoreUnavailable`` (``from`` the asyncpg
-  or OS error) for every caller in the failed batch; nothing of the batch is committed, except
-  when the connection drops during ``COMMIT`` itself, where PostgreSQL alone knows. A deadlock
-  (which the lock order rules out) is retried, re-running the plans.
+- **Errors.** Database and network failures (:data:`_DB_ERRORS`: every asyncpg error, the
+  client's internal state errors after a backend was terminated, OS and timeout errors) become
+  ``StoreUnavailable`` (``from`` the asyncpg or OS error) for every caller in the failed batch;
+  nothing of the batch is committed, except when the connection drops during ``COMMIT`` itself,
+  where PostgreSQL alone knows. A deadlock (which the lock order rules out) is retried,
+  re-running the plans.
 - **Reads** use pooled connections one query at a time; the iterators page by key
   (``PAGE`` rows), so an abandoned iterator holds no connection.
 - **Erasure.** :meth:`~PostgresStore.checkpoint` runs ``VACUUM`` on ``data_keys`` and ``sessions``
@@ -61,6 +63,7 @@ from gateway.store.base import (
     Current,
     DataKeyRow,
     Plan,
+    PolicyVersionRow,
     RoundRow,
     SessionRow,
     SessionSummary,
@@ -71,7 +74,14 @@ BATCH = 256
 PAGE = 500
 RETRIES = 3
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)  # TimeoutError is an OSError
+_DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,          # server errors, incl. PostgresConnectionError, ConnectionDoesNotExistError
+    asyncpg.InterfaceError,         # client-side misuse of a connection, e.g. one closed under us
+    asyncpg.InternalClientError,    # "cannot switch to state ...": a connection whose backend was terminated
+    OSError,                        # network errors; TimeoutError and ConnectionError are OSErrors
+)
+"""Every failure to reach or use the database: each becomes ``StoreUnavailable`` (503) at this
+boundary, so a fail-over never reaches a client as an internal error."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +122,12 @@ ALTER TABLE sessions ALTER COLUMN state_ct SET STORAGE EXTERNAL;
 CREATE TABLE session_heads (
   tenant TEXT COLLATE "C" NOT NULL, session_id TEXT COLLATE "C" NOT NULL, bound_seq BIGINT,
   quarantined_seq BIGINT, quarantine_reason TEXT, PRIMARY KEY (tenant, session_id));
+"""),
+    Migration(3, "policy versions", """
+-- configuration, not recorded data: the policy documents are kept in plaintext
+CREATE TABLE policy_versions (
+  hash TEXT COLLATE "C" PRIMARY KEY, policy_id TEXT NOT NULL, loaded_at DOUBLE PRECISION NOT NULL,
+  document TEXT NOT NULL);
 """),
 )
 
@@ -517,9 +533,24 @@ class PostgresStore:
             old.wrapped), "write to")
         return bool(status == "UPDATE 1")
 
-    async def checkpoint(self) -> None:
-        """``VACUUM`` the tables that held erased keys and state; see the module docstring."""
+    async def checkpoint(self) -> bool:
+        """``VACUUM`` the tables that held erased keys and state; see the module docstring.
+        True once it ran: what remains (WAL segments, replicas, backups) is the operator's."""
         await self._call(lambda c: c.execute("VACUUM data_keys, sessions"), "vacuum")
+        return True
+
+    async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
+        if rows:
+            await self._call(lambda c: c.execute(
+                "INSERT INTO policy_versions (hash, policy_id, loaded_at, document) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[]) "
+                "ON CONFLICT (hash) DO NOTHING", *_columns(
+                    [(r.hash, r.policy_id, r.loaded_at, r.document) for r in rows], 4)), "write to")
+
+    async def policy_versions(self) -> list[PolicyVersionRow]:
+        rows = await self._fetch("SELECT hash, policy_id, loaded_at, document FROM policy_versions "
+                                 "ORDER BY loaded_at, hash")
+        return [PolicyVersionRow(*r) for r in rows]
 
     # --- reads ---------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from gateway.store.base import (
     Current,
     DataKeyRow,
     Plan,
+    PolicyVersionRow,
     RoundRow,
     SessionRow,
     SessionSummary,
@@ -48,7 +49,9 @@ T = TypeVar("T")
 log = structlog.get_logger("gateway.store.sqlite")
 BATCH = 256
 PAGE = 500
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+CHECKPOINT_BUSY_SECONDS = 0.2
+"""How long one checkpoint attempt waits for other connections before reporting it is busy."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,6 +78,11 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
 CREATE TABLE IF NOT EXISTS session_heads (
   tenant TEXT NOT NULL, session_id TEXT NOT NULL, bound_seq INTEGER, quarantined_seq INTEGER,
   quarantine_reason TEXT, PRIMARY KEY (tenant, session_id));
+"""),
+    # configuration, not recorded data: policy documents are kept in plaintext (gateway.policy.versions)
+    (3, """
+CREATE TABLE IF NOT EXISTS policy_versions (
+  hash TEXT PRIMARY KEY, policy_id TEXT NOT NULL, loaded_at REAL NOT NULL, document TEXT NOT NULL);
 """),
 )
 """``(version, script)`` applied in order to a file below that version (``SCHEMA`` is version 1)."""
@@ -248,7 +256,7 @@ def run_transaction(conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[boo
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
-                outcomes.append((False, exc))
+                outcomes.append((False, _unavailable(exc, "write")))
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         if conn.in_transaction:
@@ -264,11 +272,19 @@ def run_reads(conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any
     for fn in jobs:
         try:
             outcomes.append((True, fn(conn)))
-        except sqlite3.Error as exc:
-            outcomes.append((False, StoreUnavailable(f"the SQLite store failed to read: {exc}")))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            outcomes.append((False, exc))
+            outcomes.append((False, _unavailable(exc, "read")))
     return outcomes
+
+
+def _unavailable(exc: BaseException, doing: str) -> BaseException:
+    """A database error (disk I/O, locked, corrupt file) as ``StoreUnavailable``; anything else
+    (a plan's own error) unchanged."""
+    if isinstance(exc, sqlite3.Error):
+        err = StoreUnavailable(f"the SQLite store failed to {doing}: {exc}")
+        err.__cause__ = exc
+        return err
+    return exc
 
 
 class SQLiteStore:
@@ -334,15 +350,44 @@ class SQLiteStore:
             return c.rowcount == 1
         return await self._write(run)
 
-    async def checkpoint(self) -> None:
-        def run(conn: sqlite3.Connection) -> tuple[int, int, int]:
-            return conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        # wal_checkpoint cannot run inside a transaction: run it on a read connection. It does
-        # not raise when readers or writers kept it from finishing; it reports busy=1 instead.
-        busy, frames, copied = await self._read(run)
+    async def checkpoint(self) -> bool:
+        """Fold the write-ahead log into the main file and truncate it; True when that completed.
+
+        Runs on its own short-lived connection in a worker thread, with a short busy timeout:
+        another connection's open read transaction (a backup, an admin shell) keeps the log
+        from being truncated, and then this returns False at once instead of blocking a lane;
+        the caller retries (``gateway.erasure``). Freed pages are zeroed (``secure_delete``).
+        """
+        def run() -> tuple[int, int, int]:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=CHECKPOINT_BUSY_SECONDS)
+            try:
+                conn.execute("PRAGMA secure_delete=ON")
+                return conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.close()
+        try:
+            busy, frames, copied = await asyncio.to_thread(run)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc, "checkpoint") from exc
         if busy:
             log.warning("checkpoint_incomplete", path=str(self.path), wal_frames=frames, copied=copied,
-                        note="erased bytes may remain in the write-ahead log until the next checkpoint")
+                        note="another connection holds a read transaction; erased bytes stay in the "
+                             "write-ahead log until a checkpoint completes")
+        return not busy
+
+    async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT OR IGNORE INTO policy_versions VALUES (?,?,?,?)",
+                             [(r.hash, r.policy_id, r.loaded_at, r.document) for r in rows])
+        if rows:
+            await self._write(run)
+
+    async def policy_versions(self) -> list[PolicyVersionRow]:
+        def run(c: sqlite3.Connection) -> list[PolicyVersionRow]:
+            rows = c.execute("SELECT hash, policy_id, loaded_at, document FROM policy_versions "
+                             "ORDER BY loaded_at, hash").fetchall()
+            return [PolicyVersionRow(*r) for r in rows]
+        return await self._read(run)
 
     # --- reads ---------------------------------------------------------------------------
 

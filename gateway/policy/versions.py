@@ -1,0 +1,128 @@
+"""The policy that recorded a round governs it: every policy version is kept, by its hash.
+
+A round records its policy's id and ``version_hash``. Export redaction and retention must follow
+the version the round was recorded under, not whatever the policy folder says today, and must
+not fall back to some unrelated policy when that policy was edited or removed. So:
+
+- :meth:`PolicyVersions.record` keeps every version of a loaded policy set in the store's
+  ``policy_versions`` table (``Store.save_policy_versions``), keyed by version hash, with its
+  *document*: the canonical JSON of the validated policy, the exact text ``version_hash`` is the
+  SHA-256 of (so a stored document proves itself). It is configuration, not recorded data, and
+  is kept in plaintext like the policy files. The gateway records its set at start-up and on
+  every reload; the CLI when it imports.
+- :meth:`PolicyVersions.resolve` gives a round its :class:`PolicyVersion`, in this order:
+  the version with the round's hash (kept, or in the current set); for rounds recorded before
+  versions were kept (no stored document): the current policy with the round's id; when that id
+  is gone too (a removed policy, an old import): the policy that matches the round's tenant
+  and session now (``PolicySet.match``, no model) — never simply the lowest-priority policy.
+
+A :class:`PolicyVersion` holds only what governs records after the fact: the redaction rules and
+detectors, the recorded key names (redaction applies per key) and the retention. It is read
+from the stored document without re-validating the whole policy, so a version whose bounding
+hook no longer imports still governs its rounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import IntegrityError
+from gateway.policy.matcher import PolicySet
+from gateway.policy.model import Export, Policy, Retention
+from gateway.store.base import PolicyVersionRow, Store
+
+
+def document(policy: Policy) -> str:
+    """The canonical JSON of *policy*: ``sha256(document(p)) == p.version_hash``."""
+    return json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyVersion:
+    """What governs a round after it was recorded: redaction, recorded keys and retention."""
+
+    id: str
+    hash: str
+    export: Export
+    retention: Retention
+    keys: tuple[str, ...] | None
+    """``input_keys`` and ``reply_keys`` together; None when both were null (free text)."""
+
+    @classmethod
+    def of(cls, policy: Policy) -> PolicyVersion:
+        keys = [*(policy.session.input_keys or []), *(policy.session.reply_keys or [])]
+        return cls(policy.id, policy.version_hash, policy.export, policy.retention, tuple(keys) or None)
+
+    @classmethod
+    def from_document(cls, policy_id: str, version_hash: str, text: str) -> PolicyVersion:
+        """Read a stored document; ``ValueError`` when it is not a policy document or does not
+        hash to *version_hash*."""
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() != version_hash:
+            raise ValueError(f"stored policy version {version_hash[:12]} of {policy_id!r} does not match its hash")
+        doc: dict[str, Any] = json.loads(text)
+        session = doc.get("session") or {}
+        keys = [*(session.get("input_keys") or []), *(session.get("reply_keys") or [])]
+        return cls(str(doc.get("id", policy_id)), version_hash, Export.model_validate(doc.get("export") or {}),
+                   Retention.model_validate(doc.get("retention") or {}), tuple(keys) or None)
+
+
+class PolicyVersions:
+    """Every policy version kept in a store, with the lookup of a round's version (module docstring)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._by_hash: dict[str, PolicyVersion] = {}
+        self._unsaved: dict[str, tuple[PolicyVersionRow, PolicyVersion]] = {}
+
+    @classmethod
+    async def load(cls, store: Store) -> PolicyVersions:
+        """The versions the store keeps now (other processes' and replicas' included)."""
+        versions = cls(store)
+        await versions.refresh()
+        return versions
+
+    def __iter__(self) -> Any:
+        return iter(self._by_hash.values())
+
+    async def refresh(self) -> None:
+        """Read every kept version from the store. Raises ``StoreUnavailable``, and
+        ``IntegrityError`` for a stored document that is not a policy or does not hash to its
+        key (the table was edited)."""
+        for row in await self.store.policy_versions():
+            if row.hash not in self._by_hash:
+                try:
+                    version = PolicyVersion.from_document(row.policy_id, row.hash, row.document)
+                except ValueError as exc:
+                    raise IntegrityError(f"policy_versions: {exc}") from exc
+                self._by_hash[row.hash] = version
+
+    async def record(self, policies: PolicySet) -> None:
+        """Keep every version of *policies* (those already kept are left alone). Raises
+        ``StoreUnavailable``; versions that could not be saved are saved with the next call."""
+        now = time.time()
+        for p in policies:
+            if p.version_hash not in self._by_hash and p.version_hash not in self._unsaved:
+                self._unsaved[p.version_hash] = (PolicyVersionRow(p.version_hash, p.id, now, document(p)),
+                                                 PolicyVersion.of(p))
+        await self.store.save_policy_versions([row for row, _ in self._unsaved.values()])
+        for version_hash, (_, version) in self._unsaved.items():
+            self._by_hash[version_hash] = version
+        self._unsaved.clear()
+
+    def resolve(self, policy_id: str, policy_hash: str, current: PolicySet, *, tenant: str,
+                session_id: str | None) -> PolicyVersion:
+        """The version that governs a round recorded under (*policy_id*, *policy_hash*)."""
+        found = self._by_hash.get(policy_hash) if policy_hash else None
+        if found is not None:
+            return found
+        for policy in current:
+            if policy.version_hash == policy_hash:
+                return PolicyVersion.of(policy)
+        same_id = current.get(policy_id)
+        if same_id is not None:
+            return PolicyVersion.of(same_id)
+        return PolicyVersion.of(current.match(tenant, None, session_id))

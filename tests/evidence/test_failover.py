@@ -1,0 +1,186 @@
+"""Fail-over answers 503 (issue 10 §6): terminating the gateway's PostgreSQL backends under load
+gives clients 200 or 503 ``store_unavailable`` with ``Retry-After``, never a 500, and the gateway
+recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from gateway.errors import StoreUnavailable
+from gateway.store.base import Changes, Current
+from gateway.store.postgres import PostgresStore, describe_dsn
+from gateway.store.sqlite import SQLiteStore
+from tests.conftest import ACME_KEY, Gateway
+
+PG_DSN = os.environ.get("SESSIONGATE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+async def _execute(sql: str) -> Any:
+    conn = await asyncpg.connect(PG_DSN, timeout=5)
+    try:
+        return await conn.fetch(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    try:
+        asyncio.run(_execute("SELECT 1"))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        where = describe_dsn(PG_DSN).split("/")[0]
+        pytest.skip(f"PostgreSQL not reachable at {where}: {type(exc).__name__}: {exc}")
+    name = f"sg_failover_{secrets.token_hex(6)}"
+    yield name
+    asyncio.run(_execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+
+
+def _terminator(stop: threading.Event, rounds: int) -> tuple[threading.Thread, list[int]]:
+    """A thread that terminates the gateway's backends (application_name sessiongate) a few times."""
+    killed: list[int] = []
+
+    async def main() -> None:
+        conn = await asyncpg.connect(PG_DSN, timeout=5)
+        try:
+            for _ in range(rounds):
+                if stop.is_set():
+                    return
+                await asyncio.sleep(0.15)
+                rows = await conn.fetch("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                        "WHERE application_name = 'sessiongate' AND pid <> pg_backend_pid()")
+                killed.append(sum(1 for r in rows if r[0]))
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    return thread, killed
+
+
+async def _load(url: str, n: int, concurrency: int) -> list[httpx.Response]:
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(client: httpx.AsyncClient, i: int) -> httpx.Response:
+        async with limit:
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hello {i}"}],
+                    "stream": i % 3 == 0}
+            return await client.post(f"{url}/v1/chat/completions", json=body, headers={
+                "Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": f"fail-{i % 10}"})
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await asyncio.gather(*(one(client, i) for i in range(n)))
+
+
+@pytest.mark.postgres
+def test_terminated_backends_give_503_with_retry_after_never_500(
+        make_gateway: Callable[..., Gateway], pg_schema: str) -> None:
+    """~100 concurrent chats while the backends are terminated: every answer is 200 or 503
+    (with Retry-After; a started stream ends with a store_unavailable event), and afterwards a
+    chat succeeds again."""
+    gw = make_gateway(store={"backend": "postgres", "dsn": PG_DSN, "schema": pg_schema, "pool_size": 6})
+    stop = threading.Event()
+    thread, killed = _terminator(stop, rounds=5)
+    thread.start()
+    try:
+        responses = asyncio.run(_load(gw.url, 100, 16))
+    finally:
+        stop.set()
+        thread.join(10)
+    assert sum(killed) > 0, "no backend was terminated: the test proved nothing"
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "store_unavailable"
+            assert r.headers.get("Retry-After")
+        elif r.headers.get("content-type", "").startswith("text/event-stream"):
+            assert b"internal_error" not in r.content
+    recovered = httpx.post(f"{gw.url}/v1/chat/completions", json={
+        "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "still there?"}]},
+        headers={"Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": "fail-after"}, timeout=30)
+    assert recovered.status_code == 200, recovered.text
+
+
+@pytest.mark.postgres
+def test_an_internal_client_error_becomes_store_unavailable(pg_schema: str) -> None:
+    """asyncpg's InternalClientError (a connection whose backend died mid-protocol) is a store
+    failure at the boundary, not a bug."""
+    async def main() -> None:
+        store = PostgresStore(PG_DSN, schema=pg_schema, pool_size=2)
+        await store.open()
+        try:
+            async def broken() -> None:
+                raise asyncpg.InternalClientError("cannot switch to state 12; another operation is in progress")
+            with pytest.raises(StoreUnavailable) as info:
+                await store._guard(broken(), "read from")
+            assert isinstance(info.value.__cause__, asyncpg.InternalClientError)
+        finally:
+            await store.close()
+    asyncio.run(main())
+
+
+def test_sqlite_operational_errors_inside_a_write_or_read_become_store_unavailable(tmp_path: Path) -> None:
+    """A disk I/O or locked error raised while a write plan or a read runs is StoreUnavailable
+    (503), not an internal error; a plan's own error still reaches its caller unchanged."""
+    async def main() -> None:
+        store = SQLiteStore(tmp_path / "s.db")
+        await store.open()
+        try:
+            def disk_fails(_cur: Current) -> Changes:
+                raise sqlite3.OperationalError("disk I/O error")
+            with pytest.raises(StoreUnavailable) as info:
+                await store.transact("acme", "s", disk_fails)
+            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+
+            def locked(_conn: sqlite3.Connection) -> None:
+                raise sqlite3.OperationalError("database is locked")
+            with pytest.raises(StoreUnavailable):
+                await store._read(locked)
+
+            def refuses(_cur: Current) -> Changes:
+                raise KeyError("not a database error")
+            with pytest.raises(KeyError):
+                await store.transact("acme", "s", refuses)
+        finally:
+            await store.close()
+    asyncio.run(main())
+
+
+def test_store_unavailable_is_rendered_503_with_retry_after() -> None:
+    """The one error middleware gives StoreUnavailable OpenAI's shape, 503 and Retry-After; other
+    errors get no Retry-After."""
+    from aiohttp import web
+
+    from gateway.app import error_middleware
+    from gateway.errors import NotFound
+    from tests.conftest import _Server
+
+    async def down(_request: web.Request) -> web.Response:
+        raise StoreUnavailable("cannot reach the database")
+
+    async def missing(_request: web.Request) -> web.Response:
+        raise NotFound("no such thing")
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/down", down)
+    app.router.add_get("/missing", missing)
+    server = _Server(app)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{server.port}/down")
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert r.json() == {"error": {"message": "cannot reach the database", "type": "service_unavailable",
+                                      "code": "store_unavailable"}}
+        r = httpx.get(f"http://127.0.0.1:{server.port}/missing")
+        assert r.status_code == 404 and "Retry-After" not in r.headers
+    finally:
+        server.stop()
