@@ -23,6 +23,7 @@ refused so that no value can slip in under a new name):
 ``ciphertext_sha256``  SHA-256 hex of the stored round ciphertext (not the plaintext, so the
                        chain still verifies after the session's data key is erased)
 ``detail``             free-form names and hashes for administrative events
+``truncated``          true when the reply was over the recorded-reply cap (round ``incomplete``)
 =====================  ===============================================================
 
 **Checkpoints.** A :class:`Checkpointer` signs a tenant's chain head (tenant, seq, hash, time)
@@ -75,7 +76,7 @@ EVENTS = frozenset({"round", "proxy", "policy_reload", "key_rotation", "erasure"
 ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",
-    "ended_by", "upstream_status", "recorded", "round_seq", "messages",
+    "ended_by", "upstream_status", "recorded", "round_seq", "messages", "truncated",
 })
 _RESERVED = frozenset({"tenant", "seq", "time", "prev_hash"})
 
