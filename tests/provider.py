@@ -211,6 +211,9 @@ class Provider:
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             await resp.prepare(request)
             await resp.write(b'{"id": "broken-body", "object": "model", "padding": "' + b"x" * 4000)
+            await asyncio.sleep(0.1)
+            await resp.write(b"y" * 4000)
+            await asyncio.sleep(0.1)
             if request.transport is not None:
                 request.transport.close()
             resp.force_close()
