@@ -8,9 +8,10 @@ fine), with only the headers a client may see (rate limits, request id, Retry-Af
 Non-streaming, up to the upstream's ``max_reply_bytes``: the whole body becomes ``tail``, sent
 by ``respond`` after ``persist``; when the client hung up while the upstream was answering, the
 round is ``incomplete``. A body over the cap is relayed to the client as it arrives (so memory
-stays near the cap, not the reply's size), nothing of it is parsed (a JSON prefix is not a
-reply: the round records the user's side only), the last piece is held back as ``tail`` until
-the round is committed, and the round is ``incomplete`` with ``reply_truncated`` set. Error
+stays near the cap, not the reply's size), its first ``max_reply_bytes`` are kept and the
+assistant's text is read from them as far as it goes (``content_prefix``; nothing when the
+content does not start within them), the last piece is held back as ``tail`` until the round
+is committed, and the round is ``incomplete`` with ``reply_truncated`` set. Error
 statuses take the same path, with outcome ``upstream_error``.
 
 Streaming: complete SSE events go to the client as they arrive; the final ``data: [DONE]`` is
@@ -26,6 +27,7 @@ closed connection otherwise) — never a second status line. Upstream 4xx/5xx bo
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import orjson
@@ -83,6 +85,10 @@ async def _relay_oversized(ctx: Context, reply: UpstreamReply, kept: list[bytes]
     ctx.response = out
     pending = b"".join(kept) + piece
     kept.clear()
+    if reply.status < 400:
+        text = content_prefix(pending[: ctx.upstream.max_reply_bytes])  # type: ignore[union-attr]
+        if text is not None:
+            ctx.reply_message = {"role": "assistant", "content": text}
     writing = True
     try:
         await out.prepare(ctx.request)
@@ -98,6 +104,29 @@ async def _relay_oversized(ctx: Context, reply: UpstreamReply, kept: list[bytes]
         ctx.outcome, ctx.ended_by = "incomplete", "upstream"
     except (ConnectionResetError, OSError):
         ctx.outcome, ctx.ended_by = "incomplete", "client" if writing else "upstream"
+
+
+_CONTENT = re.compile(rb'"message"\s*:\s*\{.{0,4096}?"content"\s*:\s*"', re.DOTALL)
+_PARTIAL_ESCAPE = re.compile(rb'\\(u[0-9A-Fa-f]{0,3})?$')
+
+
+def content_prefix(prefix: bytes) -> str | None:
+    """The text of ``choices[0].message.content`` as far as it goes in the first bytes of a
+    chat completion (a string cut off at the end), or None when it does not start there."""
+    match = _CONTENT.search(prefix)
+    if match is None:
+        return None
+    rest = prefix[match.end():]
+    end = re.search(rb'(?<!\\)(\\\\)*"', rest)
+    body = rest[: end.end() - 1] if end else _PARTIAL_ESCAPE.sub(b"", rest)
+    for _ in range(8):  # a cut inside a UTF-8 sequence or an escape costs a few bytes at most
+        try:
+            text = orjson.loads(b'"' + body + b'"')
+        except orjson.JSONDecodeError:
+            body = body[:-1]
+            continue
+        return text if isinstance(text, str) else None
+    return None
 
 
 def _client_gone(request: web.Request) -> bool:

@@ -155,7 +155,9 @@ def test_a_huge_json_reply_is_relayed_whole_while_only_the_cap_is_recorded(
     assert orjson.loads(bytes(received))["choices"][0]["message"]["content"] == huge_text()
     rounds = [e for e in audit_entries(gateway) if e["event"] == "round"]
     assert [(e["outcome"], e.get("truncated")) for e in rounds] == [("incomplete", True)]
-    assert exported(gateway, "huge-json")["full_context"] == [user("everything")]
+    full = exported(gateway, "huge-json")["full_context"]
+    assert full[0] == user("everything") and full[1]["role"] == "assistant"
+    assert 0 < len(full[1]["content"]) <= CAP and huge_text().startswith(full[1]["content"])
 
 
 def test_a_huge_stream_is_relayed_whole_and_recorded_up_to_the_cap(make_gateway: Callable[..., Gateway],
@@ -170,3 +172,16 @@ def test_a_huge_stream_is_relayed_whole_and_recorded_up_to_the_cap(make_gateway:
     assert [(e["outcome"], e.get("truncated")) for e in rounds] == [("incomplete", True)]
     recorded = exported(gateway, "huge-sse")["full_context"][1]["content"]
     assert 0 < len(recorded) <= CAP and text.startswith(recorded)
+
+
+def test_the_text_of_a_cut_off_completion_is_read_as_far_as_it_goes() -> None:
+    """content_prefix reads a cut-off content string (escapes and UTF-8 cut anywhere), else None."""
+    from gateway.stages.forward import content_prefix
+    text = 'he said "hi\\" é☃\nok'
+    full = orjson.dumps({"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+    readings = [content_prefix(full[:n]) for n in range(len(full) + 1)]
+    assert readings[-1] == text and readings[20] is None
+    assert all(r is None or text.startswith(r) for r in readings)
+    tools = {"choices": [{"message": {"role": "assistant", "content": None,
+                                      "tool_calls": [{"function": {"arguments": '{"content": "x"}'}}]}}]}
+    assert content_prefix(orjson.dumps(tools)) is None
