@@ -4,7 +4,8 @@ Handlers hold no policy, crypto or storage logic; they authenticate, validate pa
 and shape responses. Errors are raised, never rendered here: ``app.error_middleware`` renders
 every ``GatewayError`` in OpenAI's shape. One exception: once a chat stream has begun no second
 response can be sent, so an error then ends the stream with an SSE event carrying that shape
-(and no ``[DONE]``).
+(and no ``[DONE]``); a JSON body already being relayed (a reply over the recorded-reply cap) is
+ended by closing the connection instead. Forwarded ``/v1/*`` routes live in ``gateway.proxy``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gateway import pipeline
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError
 from gateway.export import FORMATS, bundle_paths
-from gateway.proxy import forward_route, parse_route, refuse_gateway_paths
+from gateway.proxy import forward_route
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
@@ -117,13 +118,6 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     """Any other ``/v1/*`` route: validated, allowed per upstream, forwarded and audited
     (``gateway.proxy`` holds the contract)."""
     return await forward_route(request, request.app[SERVICES], new_request_id())
-
-
-def refuse_session_paths(request: web.Request) -> None:
-    """A ``/v1/sessions`` path that no session route took never goes upstream (it would carry a
-    session document or id to the provider), in any spelling: an id with ``/`` gets 400, a wrong
-    method 405, another case or an encoded spelling 404."""
-    refuse_gateway_paths(request.method, parse_route(request.raw_path))
 
 
 # --- sessions over HTTP ------------------------------------------------------------------

@@ -39,7 +39,7 @@ import structlog
 from aiohttp import web
 
 from gateway.context import Services
-from gateway.errors import BadRequest, Forbidden, GatewayError, UpstreamError
+from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
 from gateway.stages.parse_request import read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
@@ -182,6 +182,9 @@ async def forward_route(request: web.Request, services: Services, request_id: st
             audit["outcome"], audit["ended_by"] = "incomplete", "upstream"
     except (ConnectionResetError, OSError):
         audit["outcome"], audit["ended_by"] = "incomplete", "client"
+    except asyncio.CancelledError:
+        audit["outcome"], audit["ended_by"] = "incomplete", "client"
+        raise
     finally:
         # committed before the client sees the end of the reply, also when it was cut off
         audit["bytes_out"] = sent + (len(pending) if audit["ended_by"] is None else 0)
@@ -191,7 +194,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     log.info("proxy", request_id=request_id, tenant=principal.tenant or None, route=route.display, model=model,
              status=status, outcome=audit["outcome"], ended_by=audit["ended_by"])
     if out is None:
-        raise failure or written or _NotAudited("the gateway could not write the audit entry of this request")
+        raise failure or written or StoreUnavailable("the gateway could not write the audit entry of this request")
     if audit["ended_by"] is not None or written is not None or not out.prepared:
         end_connection(request, out)
         return out
@@ -202,12 +205,6 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     except (ConnectionResetError, OSError):
         pass
     return out
-
-
-class _NotAudited(GatewayError):
-    """The audit entry of a forwarded request could not be written."""
-
-    status, type, code = 503, "service_unavailable", "store_unavailable"
 
 
 async def _audit(services: Services, tenant: str, fields: dict[str, object]) -> GatewayError | None:
@@ -221,4 +218,4 @@ async def _audit(services: Services, tenant: str, fields: dict[str, object]) -> 
         return exc
     except Exception as exc:  # noqa: BLE001 - fail closed: the client never gets a complete-looking reply
         log.error("proxy_not_audited", request_id=fields["request_id"], error=type(exc).__name__)
-        return _NotAudited("the gateway could not write the audit entry of this request")
+        return StoreUnavailable("the gateway could not write the audit entry of this request")
