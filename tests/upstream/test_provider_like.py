@@ -185,3 +185,16 @@ def test_the_text_of_a_cut_off_completion_is_read_as_far_as_it_goes() -> None:
     tools = {"choices": [{"message": {"role": "assistant", "content": None,
                                       "tool_calls": [{"function": {"arguments": '{"content": "x"}'}}]}}]}
     assert content_prefix(orjson.dumps(tools)) is None
+
+
+def test_an_encoding_the_gateway_cannot_read_is_a_clear_502(make_gateway: Callable[..., Gateway],
+                                                            provider: Provider) -> None:  # noqa: F811
+    """A body in an unreadable encoding gets 502 bad_upstream_reply on chat and forwarded routes, never raw bytes."""
+    gateway = connect(make_gateway, provider, "forced-gzip")
+    provider.force_encoding = "compress"  # labelled with an encoding nobody decodes
+    chat = httpx.post(f"{gateway.base_url}/chat/completions", headers=AUTH,
+                      json={"model": "gpt-x", "messages": [user("hi")]})
+    assert chat.status_code == 502 and chat.json()["error"]["code"] == "bad_upstream_reply"
+    models = httpx.get(f"{gateway.base_url}/models", headers=AUTH)
+    assert models.status_code == 502 and models.json()["error"]["code"] == "bad_upstream_reply"
+    assert [e["outcome"] for e in audit_entries(gateway) if e["event"] == "proxy"] == ["upstream_error"]
