@@ -198,3 +198,15 @@ def test_an_encoding_the_gateway_cannot_read_is_a_clear_502(make_gateway: Callab
     models = httpx.get(f"{gateway.base_url}/models", headers=AUTH)
     assert models.status_code == 502 and models.json()["error"]["code"] == "bad_upstream_reply"
     assert [e["outcome"] for e in audit_entries(gateway) if e["event"] == "proxy"] == ["upstream_error"]
+
+
+def test_an_event_longer_than_the_cap_is_forwarded_unparsed() -> None:
+    """EventSplitter(max_event) passes an over-long event through as it arrives and still splits the next ones."""
+    from gateway.sse import EventSplitter
+    big = b"data: " + orjson.dumps({"choices": [{"delta": {"content": "z" * 1000}}]}) + b"\n\n"
+    small = b'data: {"choices": []}\n\n'
+    data = big + small + b"data: [DONE]\n\n"
+    splitter = EventSplitter(max_event=100)
+    out = b"".join(splitter.feed(data[i:i + 37]) for i in range(0, len(data), 37))
+    assert out == big + small and splitter.oversized and splitter.done
+    assert splitter.events == [small.strip()]
