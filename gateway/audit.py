@@ -30,6 +30,7 @@ refused so that no value can slip in under a new name):
 ``round_seq``          the session sequence number of the round (``round`` and ``import``)
 ``state``              the session's rows after the write: ``{sha256, version, next_seq,
                        rounds}``, added by the store (``gateway.evidence``)
+``truncated``          true when the reply was over the recorded-reply cap (round ``incomplete``)
 =====================  ===============================================================
 
 **Checkpoints.** A :class:`Checkpointer` signs a tenant's chain head (tenant, seq, hash, time)
@@ -83,7 +84,7 @@ EVENTS = frozenset({"round", "proxy", "policy_reload", "key_rotation", "erasure"
 ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",
-    "ended_by", "upstream_status", "recorded", "round_seq", "messages", "state",
+    "ended_by", "upstream_status", "recorded", "round_seq", "messages", "state", "truncated",
 })
 _RESERVED = frozenset({"tenant", "seq", "time", "prev_hash"})
 

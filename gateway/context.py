@@ -75,6 +75,7 @@ class Context:
     tail_headers: dict[str, str] = field(default_factory=dict)
     outcome: str = ""
     ended_by: str = ""  # "client" or "upstream" when a stream was cut off
+    reply_truncated: bool = False  # the reply was over the upstream's max_reply_bytes
     bytes_out: int = 0
     first_byte_at: float = 0.0  # perf_counter() when the first streamed byte was written
     # record

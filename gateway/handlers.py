@@ -4,12 +4,12 @@ Handlers hold no policy, crypto or storage logic; they authenticate, validate pa
 and shape responses. Errors are raised, never rendered here: ``app.error_middleware`` renders
 every ``GatewayError`` in OpenAI's shape. One exception: once a chat stream has begun no second
 response can be sent, so an error then ends the stream with an SSE event carrying that shape
-(and no ``[DONE]``).
+(and no ``[DONE]``); a JSON body already being relayed (a reply over the recorded-reply cap) is
+ended by closing the connection instead. Forwarded ``/v1/*`` routes live in ``gateway.proxy``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import io
 import os
@@ -30,10 +30,10 @@ from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError
 from gateway.export import FORMATS, bundle_paths
 from gateway.observe import set_outcome
-from gateway.stages.forward import reply_headers
+from gateway.proxy import forward_route
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
-from gateway.store.base import Changes
+from gateway.stages.respond import end_connection
 from gateway.tracing import finish_request
 
 SERVICES = web.AppKey("services", Services)
@@ -122,6 +122,9 @@ async def _end_stream(ctx: Context, error: dict[str, dict[str, str]]) -> web.Str
     """End a stream that already began with an SSE error event instead of ``[DONE]``."""
     out = ctx.response
     assert out is not None
+    if out.content_type != "text/event-stream":  # a JSON body relayed early: no event can go inside it
+        end_connection(ctx.request, out)
+        return out
     try:
         await out.write(b"data: " + orjson.dumps(error) + b"\n\n")
         await out.write_eof()
@@ -131,57 +134,9 @@ async def _end_stream(ctx: Context, error: dict[str, dict[str, str]]) -> web.Str
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    """Any other ``/v1/*`` route: forwarded as it is, with the upstream's key, and audited."""
-    services = request.app[SERVICES]
-    principal = services.auth.client(request.headers.get("Authorization"))
-    refuse_session_paths(request)
-    request_id = new_request_id()
-    body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
-    model = None
-    if body and request.content_type == "application/json":
-        try:
-            parsed = orjson.loads(body)
-            model = parsed.get("model") if isinstance(parsed, dict) else None
-        except orjson.JSONDecodeError:
-            model = None
-    upstream = services.upstreams.route(model if isinstance(model, str) else None)
-    resp = await services.upstreams.send(upstream, request.method, request.path[len("/v1"):], body=body,
-                                         headers=request.headers, query=request.query_string)
-    outcome = "incomplete"
-    try:
-        out = web.StreamResponse(status=resp.status, headers=reply_headers(resp, request_id))
-        out.content_type = resp.content_type
-        await out.prepare(request)
-        async for chunk in resp.content.iter_any():
-            await out.write(chunk)
-        outcome = "completed" if resp.status < 400 else "upstream_error"
-    finally:
-        resp.release()
-        # audited before the client sees the end of the reply, also when it was cut off
-        await asyncio.shield(services.sessions.store.transact(principal.tenant or "", None, lambda cur: _audit_only({
-            "event": "proxy", "request_id": request_id, "route": request.path, "model": model,
-            "outcome": outcome, "upstream_status": resp.status})))
-    await out.write_eof()
-    set_outcome(request, outcome)
-    return out
-
-
-def refuse_session_paths(request: web.Request) -> None:
-    """A ``/v1/sessions`` path that no session route took never goes upstream (it would carry a
-    session document or id to the provider): an id with ``/`` gets 400, a wrong method 405."""
-    path = request.path
-    if path == "/v1/sessions":
-        raise web.HTTPMethodNotAllowed(request.method, ["GET"])
-    if not path.startswith("/v1/sessions/"):
-        return
-    rest = path[len("/v1/sessions/"):]
-    reset = rest.endswith("/reset")
-    check_session_id(rest.removesuffix("/reset") if reset else rest)
-    raise web.HTTPMethodNotAllowed(request.method, ["POST"] if reset else ["GET", "PUT", "DELETE"])
-
-
-def _audit_only(fields: dict[str, object]) -> Changes:
-    return Changes(audit=[fields])
+    """Any other ``/v1/*`` route: validated, allowed per upstream, forwarded and audited
+    (``gateway.proxy`` holds the contract)."""
+    return await forward_route(request, request.app[SERVICES], new_request_id())
 
 
 # --- sessions over HTTP ------------------------------------------------------------------

@@ -53,6 +53,27 @@ class UpstreamSettings(_Strict):
     connect_timeout: float = Field(5.0, gt=0)
     read_timeout: float = Field(120.0, gt=0, description="seconds to the first byte and between bytes")
     max_connections: int = Field(256, gt=0)
+    accept_encoding: Literal["identity", "gzip", "deflate", "gzip, deflate"] = Field(
+        "identity", description="what the gateway asks the provider for; a compressed reply is decoded either way")
+    forward_routes: list[str] = Field(
+        default_factory=lambda: ["models", "embeddings", "moderations"],
+        description="forwarded /v1/* routes allowed, as prefixes of whole path segments ('models' allows "
+                    "/v1/models and /v1/models/{id}); '*' allows all. Others get 403")
+    max_reply_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="recorded reply cap; past it the client still gets the whole reply "
+                                           "and the round is recorded as incomplete (truncated)")
+
+    @field_validator("forward_routes")
+    @classmethod
+    def _routes(cls, v: list[str]) -> list[str]:
+        for rule in v:
+            parts = rule.split("/")
+            if rule != "*" and (not rule or any(p in ("", ".", "..") or not p.isprintable() for p in parts)):
+                raise ValueError(f"{rule[:64]!r} is not a route: give path segments after /v1 such as "
+                                 "'models' or 'audio/speech', or '*'")
+            if parts[0].casefold() in ("sessions", "chat"):
+                raise ValueError(f"{rule[:64]!r} is served by the gateway itself and is never forwarded")
+        return v
 
     @field_validator("base_url")
     @classmethod

@@ -4,6 +4,12 @@
 at once, unchanged) and holds back a trailing partial event and the final ``data: [DONE]``,
 which the gateway sends only after the round is committed. ``ReplyAssembler`` decodes the
 ``data:`` JSON of each event once and builds the assistant message the stream amounts to.
+
+Bounds: ``EventSplitter(max_event=N)`` never holds more than about N bytes of one event: a
+longer event is forwarded as it arrives (``oversized`` is set) and is not parsed.
+``ReplyAssembler(max_bytes=N)`` keeps the text of events up to N bytes of event data; past it,
+text is dropped, ``truncated`` is set, and only the small fields (finish reason, usage, id,
+model) are still taken from later events.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ DONE = b"data: [DONE]"
 class EventSplitter:
     """Splits a byte stream on blank lines; remembers whether ``[DONE]`` arrived."""
 
-    __slots__ = ("_buf", "done", "events")
+    __slots__ = ("_buf", "_max", "_skipping", "done", "events", "oversized")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event: int | None = None) -> None:
         self._buf = b""
+        self._max = max_event
+        self._skipping = False
         self.done = False
+        self.oversized = False
         self.events: list[bytes] = []
 
     def feed(self, chunk: bytes) -> bytes:
@@ -30,10 +39,22 @@ class EventSplitter:
         buf = self._buf + chunk if self._buf else chunk
         if b"\r\n" in buf:
             buf = buf.replace(b"\r\n", b"\n")
+        skipped = b""
+        if self._skipping:  # the rest of an oversized event: forwarded, not parsed
+            end = buf.find(b"\n\n")
+            if end < 0:
+                self._buf = buf[-1:]
+                return buf[:-1]
+            skipped, buf = buf[: end + 2], buf[end + 2:]
+            self._skipping = False
         end = buf.rfind(b"\n\n")
         if end < 0:
+            if self._max is not None and len(buf) > self._max:
+                self._skipping = self.oversized = True
+                self._buf = buf[-1:]
+                return skipped + buf[:-1]
             self._buf = buf
-            return b""
+            return skipped
         ready, self._buf = buf[: end + 2], buf[end + 2:]
         out = ready
         for event in ready.split(b"\n\n"):
@@ -44,13 +65,15 @@ class EventSplitter:
                 out = out.replace(DONE + b"\n\n", b"")
                 continue
             self.events.append(event)
-        return out
+        return skipped + out
 
 
 class ReplyAssembler:
     """Builds the assistant message of choice 0 from ``chat.completion.chunk`` events."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self._room = max_bytes
+        self.truncated = False
         self.content: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
@@ -61,6 +84,10 @@ class ReplyAssembler:
 
     def add_events(self, events: list[bytes]) -> None:
         for event in events:
+            if self._room is not None:
+                self._room -= len(event)
+                if self._room < 0:
+                    self.truncated = True
             for line in event.split(b"\n"):
                 if line.startswith(b"data:"):
                     self._add(line[5:].strip())
@@ -79,6 +106,10 @@ class ReplyAssembler:
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            if self.truncated:
+                continue
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 self.content.append(delta["content"])
@@ -94,8 +125,6 @@ class ReplyAssembler:
                     slot["function"]["name"] += fn["name"]
                 if fn.get("arguments"):
                     slot["function"]["arguments"] += fn["arguments"]
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
 
     def message(self) -> dict[str, Any]:
         msg: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) if self.content else None}

@@ -1,29 +1,54 @@
 """The one place that talks to the model provider.
 
 ``Upstreams`` owns one ``aiohttp.ClientSession`` for the process (keep-alive, a connector
-limit), routes a model name to an upstream by glob, adds the upstream's own key, and
-translates client errors at the boundary: unreachable → ``UpstreamError`` (502), timeout →
-``UpstreamTimeout`` (504). A response with an error status is handed back as it is, so its body
-reaches the client unchanged. Client credentials never pass through here.
+limit), routes a model name to an upstream by glob, adds the upstream's own key, and hands
+back an :class:`UpstreamReply` of our own from ``open()``. Nothing of aiohttp leaves this
+module: unreachable or broken off → ``UpstreamError`` (502), timeout → ``UpstreamTimeout``
+(504), a body we cannot decode → ``UpstreamError`` with code ``bad_upstream_reply``.
+
+URLs: ``open(up, method, path, query=...)`` takes *path* (relative to the upstream's
+``base_url``) and *query* already percent-encoded and validated by the caller (see
+``gateway.proxy.parse_route``); the URL is joined as text and given to aiohttp with
+``encoded=True``, so nothing re-resolves dot segments or re-encodes escapes on the way out.
+
+Encodings: the gateway asks for the upstream's ``accept_encoding`` (default ``identity``: a
+compressed reply would be decoded here anyway, and the provider link is rarely the bottleneck
+of an LLM call). A provider that compresses anyway, or because we allowed it, is decoded here:
+``gzip``, ``deflate`` (zlib or raw), and ``br``/``zstd`` when ``brotli``/``zstandard`` are
+installed; any other encoding is a ``bad_upstream_reply``. ``aiter_bytes()`` and ``read()``
+always give identity bytes, and ``headers`` never carry ``Content-Encoding`` or
+``Content-Length``, so what the gateway relays is always consistent with its headers.
+
+A response with an error status is handed back as it is, so its body reaches the client
+unchanged. Client credentials never pass through here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
-from collections.abc import Mapping
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
 from gateway.settings import UpstreamSettings
 
 # Request headers a client may send on to the provider; everything else (its gateway key,
-# cookies, session ids) stays here.
+# cookies, session ids, its Accept-Encoding) stays here. W3C trace context goes on (the gateway's
+# own when tracing is on, see gateway.tracing).
 FORWARD_HEADERS = ("Content-Type", "Accept", "OpenAI-Beta", "User-Agent", "traceparent", "tracestate")
+# Reply headers a client may see, besides x-ratelimit-*.
+PASS_HEADERS = frozenset({"retry-after", "retry-after-ms", "x-request-id", "openai-processing-ms",
+                          "openai-version", "openai-organization"})
+# Largest piece a decoder hands out at once: a small compressed chunk cannot balloon in memory.
+_DECODE_PIECE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +58,164 @@ class Upstream:
     headers: Mapping[str, str]
     models: tuple[str, ...]
     timeout: aiohttp.ClientTimeout
+    forward_routes: tuple[str, ...] = ("models", "embeddings", "moderations")
+    max_reply_bytes: int = 8 * 1024 * 1024
+
+    def allows(self, segments: tuple[str, ...]) -> bool:
+        """Whether the forwarded route ``/v1/<segments>`` is in ``forward_routes``.
+
+        A rule is a prefix of whole (decoded) segments: ``models`` allows ``/v1/models`` and
+        ``/v1/models/{id}``, never ``/v1/models-x``; ``*`` allows every route."""
+        for rule in self.forward_routes:
+            if rule == "*":
+                return True
+            parts = tuple(rule.split("/"))
+            if segments[: len(parts)] == parts:
+                return True
+        return False
+
+
+def client_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The provider's reply headers a client needs: request id, rate limits, Retry-After."""
+    return {k: v for k, v in headers.items() if k.lower() in PASS_HEADERS or k.lower().startswith("x-ratelimit-")}
+
+
+class UpstreamReply:
+    """One provider reply: ``status``, ``content_type``, the client-visible ``headers``, and the
+    decoded body through ``aiter_bytes()`` (as it arrives) or ``read()``. Raises only our errors."""
+
+    def __init__(self, up: Upstream, resp: aiohttp.ClientResponse) -> None:
+        self._up = up
+        self._resp = resp
+        self.status = resp.status
+        self.content_type = resp.content_type
+        self.headers = client_headers(resp.headers)
+        self._decoder = Decoder.for_header(resp.headers.get("Content-Encoding", ""), up.name)
+
+    @property
+    def streaming(self) -> bool:
+        return self.content_type == "text/event-stream"
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The decoded body, piece by piece as the provider sends it (empty pieces skipped)."""
+        try:
+            async for chunk in self._resp.content.iter_any():
+                for piece in self._decoder.feed(chunk):
+                    yield piece
+            for piece in self._decoder.flush():
+                yield piece
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"upstream '{self._up.name}' stopped answering mid-reply") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream '{self._up.name}' broke off its reply ({type(exc).__name__})") from exc
+
+    async def read(self) -> bytes:
+        """The whole decoded body."""
+        return b"".join([piece async for piece in self.aiter_bytes()])
+
+
+class Decoder:
+    """Undoes a ``Content-Encoding`` (a list, applied in order, is undone in reverse)."""
+
+    def __init__(self, steps: list[Callable[[bytes], Iterator[bytes]]], flushers: list[Callable[[], bytes]],
+                 upstream: str) -> None:
+        self._steps, self._flushers, self._upstream = steps, flushers, upstream
+
+    @classmethod
+    def for_header(cls, header: str, upstream: str) -> Decoder:
+        codings = [c.strip().lower() for c in header.split(",") if c.strip() and c.strip().lower() != "identity"]
+        steps: list[Callable[[bytes], Iterator[bytes]]] = []
+        flushers: list[Callable[[], bytes]] = []
+        for coding in reversed(codings):
+            step, flush = _codec(coding, upstream)
+            steps.append(step)
+            flushers.append(flush)
+        return cls(steps, flushers, upstream)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if not self._steps:
+            if data:
+                yield data
+            return
+        yield from self._run(0, data)
+
+    def flush(self) -> Iterator[bytes]:
+        for i, flush in enumerate(self._flushers):
+            tail = self._wrap(flush)
+            if tail:
+                yield from (self._run(i + 1, tail) if i + 1 < len(self._steps) else (tail,))
+
+    def _run(self, index: int, data: bytes) -> Iterator[bytes]:
+        pieces = self._wrap_iter(self._steps[index], data)
+        for piece in pieces:
+            if not piece:
+                continue
+            if index + 1 < len(self._steps):
+                yield from self._run(index + 1, piece)
+            else:
+                yield piece
+
+    def _wrap_iter(self, step: Callable[[bytes], Iterator[bytes]], data: bytes) -> Iterator[bytes]:
+        try:
+            yield from step(data)
+        except (zlib.error, ValueError, OSError) as exc:
+            raise UpstreamError(f"upstream '{self._upstream}' sent a body that does not decode",
+                                code="bad_upstream_reply") from exc
+
+    def _wrap(self, flush: Callable[[], bytes]) -> bytes:
+        try:
+            return flush()
+        except (zlib.error, ValueError, OSError) as exc:
+            raise UpstreamError(f"upstream '{self._upstream}' sent a body that does not decode",
+                                code="bad_upstream_reply") from exc
+
+
+def _zlib_codec(gzip: bool) -> tuple[Callable[[bytes], Iterator[bytes]], Callable[[], bytes]]:
+    """gzip (several members allowed) or deflate (zlib-wrapped, or raw as some servers send)."""
+    state: dict[str, Any] = {"obj": zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None, "head": b""}
+
+    def step(data: bytes) -> Iterator[bytes]:
+        if state["obj"] is None:  # deflate: decide zlib or raw from the first two bytes
+            data = state["head"] + data
+            if len(data) < 2:
+                state["head"] = data
+                return
+            wrapped = data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+            state["obj"] = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+        obj = state["obj"]
+        while data:
+            if obj.eof:
+                if not gzip or not obj.unused_data.lstrip(b"\0"):
+                    return  # trailing garbage after the stream ends is ignored, as browsers do
+                data = obj.unused_data
+                obj = state["obj"] = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            yield obj.decompress(data, _DECODE_PIECE)
+            data = obj.unconsumed_tail
+
+    def flush() -> bytes:
+        obj = state["obj"]
+        return obj.flush() if obj is not None else b""
+
+    return step, flush
+
+
+def _codec(coding: str, upstream: str) -> tuple[Callable[[bytes], Iterator[bytes]], Callable[[], bytes]]:
+    if coding in ("gzip", "x-gzip"):
+        return _zlib_codec(gzip=True)
+    if coding == "deflate":
+        return _zlib_codec(gzip=False)
+    if coding == "br":
+        with contextlib.suppress(ImportError):
+            import brotli  # type: ignore[import-not-found]
+            br = brotli.Decompressor()
+            return (lambda data: iter((br.process(data),))), (lambda: b"")
+    if coding == "zstd":
+        with contextlib.suppress(ImportError):
+            import zstandard  # type: ignore[import-not-found]
+            zd = zstandard.ZstdDecompressor().decompressobj()
+            return (lambda data: iter((zd.decompress(data),))), (lambda: b"")
+    raise UpstreamError(f"upstream '{upstream}' sent its reply in an encoding the gateway cannot read "
+                        f"({coding[:32]!r}); set its accept_encoding to identity", code="bad_upstream_reply")
 
 
 class Upstreams:
@@ -42,14 +225,17 @@ class Upstreams:
         self._list = [
             Upstream(
                 name=s.name,
-                base_url=s.base_url,
+                base_url=str(URL(s.base_url)).rstrip("/"),
                 headers={"Authorization": f"Bearer {key}"} if (key := s.api_key()) else {},
                 models=tuple(s.models),
                 timeout=aiohttp.ClientTimeout(total=None, connect=s.connect_timeout,
                                               sock_connect=s.connect_timeout, sock_read=s.read_timeout),
+                forward_routes=tuple(s.forward_routes),
+                max_reply_bytes=s.max_reply_bytes,
             )
             for s in settings
         ]
+        self._accept = {s.name: s.accept_encoding for s in settings}
         self._limit = max((s.max_connections for s in settings), default=100)
         self._routes: dict[str | None, Upstream] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -87,28 +273,35 @@ class Upstreams:
         body: dict[str, Any] = {"messages": messages, "stream": False}
         if model is not None:
             body["model"] = model
-        resp = await self.send(up, "POST", "/chat/completions", body=orjson.dumps(body),
-                               headers={"Content-Type": "application/json"})
-        async with resp:
-            if resp.status >= 400:
-                raise UpstreamError(f"upstream '{up.name}' refused the side request with status {resp.status}")
+        async with self.open(up, "POST", "/chat/completions", body=orjson.dumps(body),
+                             headers={"Content-Type": "application/json"}) as reply:
+            if reply.status >= 400:
+                raise UpstreamError(f"upstream '{up.name}' refused the side request with status {reply.status}")
             try:
-                data = await asyncio.wait_for(resp.read(), timeout)
+                data = await asyncio.wait_for(reply.read(), timeout)
                 return str(orjson.loads(data)["choices"][0]["message"]["content"] or "")
             except (KeyError, IndexError, TypeError, orjson.JSONDecodeError) as exc:
                 raise UpstreamError(f"upstream '{up.name}' sent a side reply that is not a chat completion") from exc
 
-    async def send(self, up: Upstream, method: str, path: str, *, body: bytes | None,
-                   headers: Mapping[str, str], query: str = "") -> aiohttp.ClientResponse:
-        """Send one request; the caller reads (or streams) and releases the response."""
+    @contextlib.asynccontextmanager
+    async def open(self, up: Upstream, method: str, path: str, *, body: bytes | None,
+                   headers: Mapping[str, str], query: str = "") -> AsyncIterator[UpstreamReply]:
+        """Send one request and yield its reply; the connection is released on exit.
+
+        *path* and *query* are percent-encoded already and are sent exactly as given."""
         assert self._session is not None, "Upstreams.start() was not awaited"
         out = {h: v for h in FORWARD_HEADERS if (v := headers.get(h)) is not None}
+        out["Accept-Encoding"] = self._accept.get(up.name, "identity")
         out.update(up.headers)
-        url = f"{up.base_url}{path}" + (f"?{query}" if query else "")
+        url = URL(f"{up.base_url}{path}" + (f"?{query}" if query else ""), encoded=True)
         try:
-            return await self._session.request(method, url, data=body, headers=out, timeout=up.timeout,
+            resp = await self._session.request(method, url, data=body, headers=out, timeout=up.timeout,
                                                allow_redirects=False)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream '{up.name}' did not answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream '{up.name}' is unreachable ({type(exc).__name__})") from exc
+        try:
+            yield UpstreamReply(up, resp)
+        finally:
+            resp.release()

@@ -1,40 +1,45 @@
 """Stage: forward. Sends ``forward_body`` upstream and relays the reply; sets ``response``,
-``upstream_status``, ``reply_message``, ``reply_body``, ``tail`` and ``outcome``.
+``upstream_status``, ``reply_message``, ``reply_body``, ``reply_truncated``, ``tail``,
+``tail_type``, ``tail_headers`` and ``outcome``.
 
-Non-streaming: the whole upstream body becomes ``tail``, sent by ``respond`` after ``persist``;
-when the client hung up while the upstream was answering, the round is ``incomplete``.
+The reply comes through ``Upstreams.open`` already decoded (a provider that compresses is
+fine), with only the headers a client may see (rate limits, request id, Retry-After).
+
+Non-streaming, up to the upstream's ``max_reply_bytes``: the whole body becomes ``tail``, sent
+by ``respond`` after ``persist``; when the client hung up while the upstream was answering, the
+round is ``incomplete``. A body over the cap is relayed to the client as it arrives (so memory
+stays near the cap, not the reply's size), its first ``max_reply_bytes`` are kept and the
+assistant's text is read from them as far as it goes (``content_prefix``; nothing when the
+content does not start within them), the last piece is held back as ``tail`` until the round
+is committed, and the round is ``incomplete`` with ``reply_truncated`` set. Error
+statuses take the same path, with outcome ``upstream_error``.
+
 Streaming: complete SSE events go to the client as they arrive; the final ``data: [DONE]`` is
-held back as ``tail`` so that the round is committed before the client sees the end. A client
-that disconnects, or an upstream that breaks off, ends the stream with outcome ``incomplete``
-(``ended_by`` says which); the partial reply is still recorded. Errors before any byte reached
-the client raise ``UpstreamError``/``UpstreamTimeout``; upstream 4xx/5xx bodies pass through.
+held back as ``tail`` so that the round is committed before the client sees the end. Past
+``max_reply_bytes`` of events the client still gets every event, the reply is assembled from
+what fits, and the round is ``incomplete`` with ``reply_truncated``. A client that disconnects,
+or an upstream that breaks off, ends the stream with outcome ``incomplete`` (``ended_by`` says
+which); the partial reply is still recorded. Errors before any byte reached the client raise
+``UpstreamError``/``UpstreamTimeout``; once bytes went out, a broken-off upstream sets
+``ended_by = "upstream"`` and ``respond`` ends the reply (an SSE error event for a stream, a
+closed connection otherwise) — never a second status line. Upstream 4xx/5xx bodies pass through.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.context import Context
-from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.errors import UpstreamError
 from gateway.sse import EventSplitter, ReplyAssembler
 from gateway.tracing import finish_reply
-
-PASS_HEADERS = frozenset({"retry-after", "x-request-id", "openai-processing-ms", "openai-version"})
-
-
-def reply_headers(resp: aiohttp.ClientResponse, request_id: str) -> dict[str, str]:
-    """The provider's headers a client needs (request id, rate limits, Retry-After), plus ours."""
-    out = {k: v for k, v in resp.headers.items()
-           if k.lower() in PASS_HEADERS or k.lower().startswith("x-ratelimit-")}
-    out["X-Sessiongate-Request-Id"] = request_id
-    return out
-
+from gateway.upstream import UpstreamReply
 
 DONE_TAIL = b"data: [DONE]\n\n"
 
@@ -55,32 +60,89 @@ async def forward(ctx: Context) -> None:
 async def _forward(ctx: Context, headers: Mapping[str, str]) -> None:
     assert ctx.upstream is not None
     ctx.outcome = "upstream_error"  # until proven otherwise
-    resp = await ctx.services.upstreams.send(ctx.upstream, "POST", "/chat/completions",
-                                             body=ctx.forward_body, headers=headers)
-    try:
-        ctx.upstream_status = resp.status
-        streaming = resp.content_type == "text/event-stream"
-        if resp.status >= 400 or not streaming:
-            ctx.tail = await _read_all(ctx, resp)
-            ctx.tail_type = resp.content_type
-            ctx.tail_headers = reply_headers(resp, ctx.request_id)
-            if resp.status < 400:
-                _parse_reply(ctx)
-                if _client_gone(ctx.request):
-                    ctx.outcome, ctx.ended_by = "incomplete", "client"
+    async with ctx.services.upstreams.open(ctx.upstream, "POST", "/chat/completions",
+                                           body=ctx.forward_body, headers=headers) as reply:
+        ctx.upstream_status = reply.status
+        if reply.status >= 400 or not reply.streaming:
+            await _read_reply(ctx, reply)
             return
-        await _relay_stream(ctx, resp)
-    finally:
-        resp.release()
+        await _relay_stream(ctx, reply)
 
 
-async def _read_all(ctx: Context, resp: aiohttp.ClientResponse) -> bytes:
+async def _read_reply(ctx: Context, reply: UpstreamReply) -> None:
+    assert ctx.upstream is not None
+    cap = ctx.upstream.max_reply_bytes
+    ctx.tail_type = reply.content_type
+    ctx.tail_headers = {**reply.headers, "X-Sessiongate-Request-Id": ctx.request_id}
+    kept: list[bytes] = []
+    size = 0
+    pieces = reply.aiter_bytes()
+    async for piece in pieces:
+        if size + len(piece) > cap:
+            await _relay_oversized(ctx, reply, kept, piece, pieces)
+            return
+        kept.append(piece)
+        size += len(piece)
+    ctx.tail = b"".join(kept)
+    if reply.status < 400:
+        _parse_reply(ctx)
+        if _client_gone(ctx.request):
+            ctx.outcome, ctx.ended_by = "incomplete", "client"
+
+
+async def _relay_oversized(ctx: Context, reply: UpstreamReply, kept: list[bytes], piece: bytes,
+                           pieces: AsyncIterator[bytes]) -> None:
+    """Relay a non-streamed body past the cap as it arrives; hold back its last piece as ``tail``."""
+    ctx.reply_truncated = True
+    if reply.status < 400:
+        ctx.outcome = "incomplete"
+    out = web.StreamResponse(status=reply.status, headers=ctx.tail_headers)
+    out.content_type = reply.content_type or "application/json"
+    ctx.response = out
+    pending = b"".join(kept) + piece
+    kept.clear()
+    if reply.status < 400:
+        text = content_prefix(pending[: ctx.upstream.max_reply_bytes])  # type: ignore[union-attr]
+        if text is not None:
+            ctx.reply_message = {"role": "assistant", "content": text}
+    writing = True
     try:
-        return await resp.read()
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout(f"upstream '{ctx.upstream.name}' stopped answering mid-reply") from exc  # type: ignore[union-attr]
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"upstream '{ctx.upstream.name}' broke off its reply ({type(exc).__name__})") from exc  # type: ignore[union-attr]
+        await out.prepare(ctx.request)
+        writing = False
+        async for piece in pieces:
+            writing = True
+            await out.write(pending)
+            writing = False
+            ctx.bytes_out += len(pending)
+            pending = piece
+        ctx.tail = pending
+    except UpstreamError:
+        ctx.outcome, ctx.ended_by = "incomplete", "upstream"
+    except (ConnectionResetError, OSError):
+        ctx.outcome, ctx.ended_by = "incomplete", "client" if writing else "upstream"
+
+
+_CONTENT = re.compile(rb'"message"\s*:\s*\{.{0,4096}?"content"\s*:\s*"', re.DOTALL)
+_PARTIAL_ESCAPE = re.compile(rb'\\(u[0-9A-Fa-f]{0,3})?$')
+
+
+def content_prefix(prefix: bytes) -> str | None:
+    """The text of ``choices[0].message.content`` as far as it goes in the first bytes of a
+    chat completion (a string cut off at the end), or None when it does not start there."""
+    match = _CONTENT.search(prefix)
+    if match is None:
+        return None
+    rest = prefix[match.end():]
+    end = re.search(rb'(?<!\\)(\\\\)*"', rest)
+    body = rest[: end.end() - 1] if end else _PARTIAL_ESCAPE.sub(b"", rest)
+    for _ in range(8):  # a cut inside a UTF-8 sequence or an escape costs a few bytes at most
+        try:
+            text = orjson.loads(b'"' + body + b'"')
+        except orjson.JSONDecodeError:
+            body = body[:-1]
+            continue
+        return text if isinstance(text, str) else None
+    return None
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -97,18 +159,20 @@ def _parse_reply(ctx: Context) -> None:
     ctx.reply_body, ctx.reply_message, ctx.outcome = body, message, "completed"
 
 
-async def _relay_stream(ctx: Context, resp: aiohttp.ClientResponse) -> None:
-    out = web.StreamResponse(status=resp.status, headers=reply_headers(resp, ctx.request_id))
+async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
+    assert ctx.upstream is not None
+    cap = ctx.upstream.max_reply_bytes
+    out = web.StreamResponse(status=reply.status, headers={**reply.headers, "X-Sessiongate-Request-Id": ctx.request_id})
     out.headers["Content-Type"] = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
-    splitter, assembler = EventSplitter(), ReplyAssembler()
+    splitter, assembler = EventSplitter(max_event=cap), ReplyAssembler(max_bytes=cap)
     ctx.response = out
     ctx.outcome = "incomplete"
     writing = True
     try:
         await out.prepare(ctx.request)
         writing = False
-        async for chunk in resp.content.iter_any():
+        async for chunk in reply.aiter_bytes():
             data = splitter.feed(chunk)
             if splitter.events:
                 assembler.add_events(splitter.events)
@@ -120,11 +184,16 @@ async def _relay_stream(ctx: Context, resp: aiohttp.ClientResponse) -> None:
                 if not ctx.first_byte_at:
                     ctx.first_byte_at = time.perf_counter()
                 ctx.bytes_out += len(data)
-        if splitter.done or assembler.finish_reason:
+        ctx.reply_truncated = assembler.truncated or splitter.oversized
+        if (splitter.done or assembler.finish_reason) and not ctx.reply_truncated:
             ctx.outcome = "completed"
+        if splitter.done or assembler.finish_reason:
             ctx.tail = DONE_TAIL if splitter.done else b""
         else:
             ctx.ended_by = "upstream"
-    except (TimeoutError, OSError, aiohttp.ClientError):
+    except UpstreamError:
+        ctx.ended_by = "upstream"
+    except (TimeoutError, OSError):
         ctx.ended_by = "client" if writing else "upstream"
+    ctx.reply_truncated = ctx.reply_truncated or assembler.truncated or splitter.oversized
     ctx.reply_message, ctx.reply_body = assembler.message(), assembler.response()

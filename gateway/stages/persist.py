@@ -44,6 +44,7 @@ def audit_fields(ctx: Context) -> dict[str, object]:
         "recorded": [role for role, text in (("user", ctx.user_text), ("assistant", ctx.reply_text)) if text],
         "bytes_in": len(ctx.raw),
         "bytes_out": ctx.bytes_out or len(ctx.tail),
+        **({"truncated": True} if ctx.reply_truncated else {}),
     }
 
 

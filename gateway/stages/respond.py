@@ -2,7 +2,10 @@
 
 Non-streaming: the upstream's body with its status (a 4xx/5xx passes through unchanged).
 Streaming: the held-back ``[DONE]``; a stream cut off by the upstream ends with an SSE error
-event instead, so the client can tell it is incomplete.
+event instead, so the client can tell it is incomplete. A truncated recording (``reply_truncated``)
+still gives the client the whole reply. A non-SSE body relayed early (over the reply cap) gets its
+held-back last piece; if the upstream broke it off, the connection is closed instead, so the client
+sees a cut-off body and never a second status line.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ async def respond(ctx: Context) -> None:
     assert isinstance(out, web.StreamResponse)
     if ctx.ended_by == "client":
         return
+    if ctx.ended_by == "upstream" and out.content_type != "text/event-stream":
+        end_connection(ctx.request, out)  # a relayed body that broke off: no second response inside it
+        return
     try:
-        if ctx.outcome != "completed":
+        if ctx.ended_by == "upstream" or (ctx.outcome != "completed" and not ctx.reply_truncated):
             err = {"error": {"message": "the upstream model broke off its reply; the partial round was recorded "
                              "as incomplete", "type": "upstream_error", "code": "upstream_incomplete"}}
             await out.write(b"data: " + orjson.dumps(err) + b"\n\n")
@@ -33,3 +39,10 @@ async def respond(ctx: Context) -> None:
         await out.write_eof()
     except (ConnectionResetError, OSError):
         pass
+
+
+def end_connection(request: web.Request, out: web.StreamResponse) -> None:
+    """End a reply whose body already started by closing the connection."""
+    out.force_close()
+    if request.transport is not None:
+        request.transport.close()

@@ -1,0 +1,221 @@
+"""Forwarded routes: any other ``/v1/*`` request, sent to the provider with its key, and audited.
+
+Contract, in order:
+
+1. The client is authenticated (401 otherwise).
+2. ``parse_route`` validates the raw, still-encoded request target. Refused with 400, never
+   forwarded: dot segments (``.``/``..``, also as ``%2e``), encoded slashes or backslashes
+   (``%2F``, ``%5C``), literal backslashes, empty segments (``//``, a trailing ``/``), bad
+   percent escapes, control characters, targets over 2,048 characters. The URL sent upstream is
+   the upstream's ``base_url`` plus exactly this encoded path (``Upstreams.open`` does not
+   re-resolve it), so the provider key reaches only paths below the configured base URL.
+3. Paths the gateway serves itself are never forwarded, whatever their spelling: any path whose
+   first segment is ``sessions`` in any case (400/405/404), and ``chat/completions`` (405 for a
+   method other than POST).
+4. The body (``server.max_body_bytes``) is read; a JSON body's ``model`` must be a printable
+   string of at most 256 characters (400 ``invalid_model`` otherwise) before it is used,
+   logged or audited. It picks the upstream.
+5. The route must be in that upstream's ``forward_routes`` (403 otherwise, saying how to allow
+   it): account-wide provider state (files, batches, assistants, ...) is not shared by tenants
+   unless the operator says so.
+6. The reply is relayed as it arrives, decoded (``Upstreams`` never hands out compressed
+   bytes), with the provider's rate-limit and request-id headers and no Content-Length. The
+   last piece is held back until the audit entry is committed. Once bytes have gone out,
+   a failure (upstream broke off, audit write failed) ends the connection: no second status
+   line is ever written into a started body.
+7. Every request that was sent upstream leaves one audit entry (``event: proxy``), whatever
+   happened: completed, upstream error, upstream broke off, client gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway.context import Services
+from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
+from gateway.stages.parse_request import read_limited
+from gateway.stages.resolve_session import check_session_id
+from gateway.stages.respond import end_connection
+from gateway.store.base import Changes
+
+log = structlog.get_logger("gateway.proxy")
+
+MAX_TARGET = 2048
+MAX_MODEL = 256
+_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A validated forwarded route: ``path`` below ``/v1`` still encoded (``/models/x``),
+    its decoded ``segments``, and the encoded ``query`` (no ``?``)."""
+
+    path: str
+    segments: tuple[str, ...]
+    query: str
+
+    @property
+    def display(self) -> str:
+        return "/v1" + self.path
+
+
+def parse_route(raw_target: str) -> Route:
+    """Validate the raw request target of a ``/v1/*`` request; ``BadRequest`` says what is wrong."""
+    if len(raw_target) > MAX_TARGET:
+        raise BadRequest(f"the request target is over {MAX_TARGET} characters", code="invalid_path")
+    path, _, query = raw_target.partition("?")
+    if not path.startswith("/v1/") or any(not (0x21 <= ord(c) < 0x7F) for c in raw_target) or "#" in raw_target:
+        raise BadRequest("the request path must be /v1/ followed by printable ASCII", code="invalid_path")
+    encoded = path[len("/v1/"):].split("/")
+    segments = []
+    for seg in encoded:
+        if "\\" in seg or _ESCAPE.search(seg.encode()):
+            raise BadRequest("backslashes and malformed percent escapes are not allowed in paths",
+                             code="invalid_path")
+        decoded = unquote_to_bytes(seg)
+        if not decoded:
+            raise BadRequest("empty path segments ('//' or a trailing '/') are not allowed", code="invalid_path")
+        if decoded in (b".", b".."):
+            raise BadRequest("dot segments ('.' and '..', also percent-encoded) are not allowed in paths",
+                             code="invalid_path")
+        if b"/" in decoded or b"\\" in decoded:
+            raise BadRequest("encoded slashes and backslashes (%2F, %5C) are not allowed in paths",
+                             code="invalid_path")
+        try:
+            text = decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("path segments must be UTF-8 when percent-decoded", code="invalid_path") from None
+        if not text.isprintable():
+            raise BadRequest("path segments must not hold control characters", code="invalid_path")
+        segments.append(text)
+    return Route("/" + "/".join(encoded), tuple(segments), query)
+
+
+def refuse_gateway_paths(method: str, route: Route) -> None:
+    """Paths the gateway serves itself never go upstream (they would carry a session document or
+    id, or an unrecorded chat, to the provider): ``/v1/sessions...`` in any spelling and
+    ``/v1/chat/completions``."""
+    first = route.segments[0].casefold()
+    if first == "sessions":
+        if route.path == "/sessions":
+            raise web.HTTPMethodNotAllowed(method, ["GET"])
+        if route.segments[0] != "sessions" or "%" in route.path:
+            raise web.HTTPNotFound()
+        rest = route.segments[1:]
+        reset = len(rest) == 2 and rest[1] == "reset"
+        if len(rest) != (2 if reset else 1):
+            check_session_id("/".join(rest))
+            raise web.HTTPNotFound()
+        check_session_id(rest[0])
+        raise web.HTTPMethodNotAllowed(method, ["POST"] if reset else ["GET", "PUT", "DELETE"])
+    if first == "chat" and len(route.segments) > 1 and route.segments[1].casefold() == "completions":
+        if method != "POST":
+            raise web.HTTPMethodNotAllowed(method, ["POST"])
+        raise web.HTTPNotFound()  # another spelling of the chat route: never forwarded unrecorded
+
+
+def model_of(body: bytes | None, content_type: str) -> str | None:
+    """The ``model`` of a JSON body, validated; None when there is none. ``BadRequest`` when it
+    is not a printable string of at most 256 characters (nothing of it is echoed)."""
+    if not body or content_type != "application/json":
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # not ours to judge: the provider answers it
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    if model is None:
+        return None
+    if not isinstance(model, str) or not model or len(model) > MAX_MODEL or not model.isprintable():
+        raise BadRequest(f"'model' must be a non-empty printable string of at most {MAX_MODEL} characters",
+                         code="invalid_model")
+    return model
+
+
+async def forward_route(request: web.Request, services: Services, request_id: str) -> web.StreamResponse:
+    """Run one forwarded route (see the module docstring); returns the finished response."""
+    principal = services.auth.client(request.headers.get("Authorization"))
+    route = parse_route(request.raw_path)
+    refuse_gateway_paths(request.method, route)
+    body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
+    model = model_of(body, request.content_type)
+    upstream = services.upstreams.route(model)
+    if not upstream.allows(route.segments):
+        rule = "/".join(route.segments[:1])
+        raise Forbidden(f"forwarded route /v1/{rule} is not allowed: it may reach account-wide provider state "
+                        f"shared by every tenant. An operator can allow it by adding '{rule}' to "
+                        f"forward_routes of upstream '{upstream.name}' in the gateway configuration",
+                        code="route_not_allowed")
+    audit: dict[str, object] = {
+        "event": "proxy", "request_id": request_id, "route": route.display, "model": model,
+        "outcome": "upstream_error", "ended_by": None, "upstream_status": None, "bytes_out": 0,
+        "detail": {"method": request.method, "upstream": upstream.name}}
+    out: web.StreamResponse | None = None
+    pending = b""
+    failure: GatewayError | None = None
+    sent = 0
+    try:
+        async with services.upstreams.open(upstream, request.method, route.path, body=body,
+                                           headers=request.headers, query=route.query) as reply:
+            audit["upstream_status"] = reply.status
+            out = web.StreamResponse(status=reply.status,
+                                     headers={**reply.headers, "X-Sessiongate-Request-Id": request_id})
+            out.content_type = reply.content_type
+            await out.prepare(request)
+            async for chunk in reply.aiter_bytes():
+                if pending:
+                    await out.write(pending)
+                    sent += len(pending)
+                pending = chunk
+            audit["outcome"] = "completed" if reply.status < 400 else "upstream_error"
+    except UpstreamError as exc:
+        if out is None:
+            failure = exc
+        else:
+            audit["outcome"], audit["ended_by"] = "incomplete", "upstream"
+    except (ConnectionResetError, OSError):
+        audit["outcome"], audit["ended_by"] = "incomplete", "client"
+    except asyncio.CancelledError:
+        audit["outcome"], audit["ended_by"] = "incomplete", "client"
+        raise
+    finally:
+        # committed before the client sees the end of the reply, also when it was cut off
+        audit["bytes_out"] = sent + (len(pending) if audit["ended_by"] is None else 0)
+        written = await _audit(services, principal.tenant or "", audit)
+    status = out.status if out is not None else (failure.status if failure else 500)
+    services.metrics.requests.labels(route="proxy", status=str(status)).inc()
+    log.info("proxy", request_id=request_id, tenant=principal.tenant or None, route=route.display, model=model,
+             status=status, outcome=audit["outcome"], ended_by=audit["ended_by"])
+    if out is None:
+        raise failure or written or StoreUnavailable("the gateway could not write the audit entry of this request")
+    if audit["ended_by"] is not None or written is not None or not out.prepared:
+        end_connection(request, out)
+        return out
+    try:
+        if pending:
+            await out.write(pending)
+        await out.write_eof()
+    except (ConnectionResetError, OSError):
+        pass
+    return out
+
+
+async def _audit(services: Services, tenant: str, fields: dict[str, object]) -> GatewayError | None:
+    """Commit the audit entry (shielded: it completes even if the client goes away). None when
+    written; the error when it was not (logged, never raised over the reply's own outcome)."""
+    try:
+        await asyncio.shield(services.sessions.store.transact(tenant, None, lambda cur: Changes(audit=[fields])))
+        return None
+    except GatewayError as exc:
+        log.error("proxy_not_audited", request_id=fields["request_id"], error=type(exc).__name__)
+        return exc
+    except Exception as exc:  # noqa: BLE001 - fail closed: the client never gets a complete-looking reply
+        log.error("proxy_not_audited", request_id=fields["request_id"], error=type(exc).__name__)
+        return StoreUnavailable("the gateway could not write the audit entry of this request")

@@ -1,0 +1,212 @@
+"""The gateway against a provider-like upstream (``tests/provider.py``): compressed JSON, SSE and
+forwarded routes, SSE cut anywhere, keep-alive closes, rate-limit headers and error bodies, and
+replies larger than the recorded-reply cap. Clients are the real ``openai`` SDK and raw httpx."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.conftest import ACME_KEY, Gateway
+from tests.provider import HUGE_BYTES, Provider, huge_text, provider  # noqa: F401
+
+AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+# (what the gateway asks for, what the provider does regardless) -> the encoding it then sends
+MODES = {"asked-gzip": ("gzip, deflate", None, "gzip"), "asked-deflate": ("deflate", None, "deflate"),
+         "forced-gzip": ("identity", "gzip", "gzip"), "forced-deflate": ("identity", "deflate", "deflate")}
+CAP = 1024 * 1024
+
+
+def connect(make_gateway: Callable[..., Gateway], provider: Provider, mode: str = "forced-gzip",  # noqa: F811
+            **upstream: Any) -> Gateway:
+    accept, force, _ = MODES[mode]
+    provider.force_encoding = force
+    return make_gateway(upstreams=[{"name": "provider", "base_url": provider.url, "models": ["*"],
+                                    "accept_encoding": accept, **upstream}])
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def audit_entries(gateway: Gateway, tenant: str = "acme") -> list[dict[str, Any]]:
+    conn = sqlite3.connect(gateway.db_path)
+    try:
+        return [orjson.loads(b) for (b,) in conn.execute("SELECT body FROM audit WHERE tenant=? ORDER BY seq",
+                                                         (tenant,))]
+    finally:
+        conn.close()
+
+
+def exported(gateway: Gateway, session: str) -> dict[str, Any]:
+    resp = httpx.get(f"{gateway.base_url}/sessions/{session}", headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_compressed_chat_json_and_stream_parse_and_record(make_gateway: Callable[..., Gateway],
+                                                          provider: Provider, mode: str) -> None:  # noqa: F811
+    """A provider that compresses (asked or not) gives the SDK a parsed reply, streamed or not, and a record."""
+    gateway = connect(make_gateway, provider, mode)
+    client = gateway.openai(session=f"zip-{mode}")
+    reply = client.chat.completions.create(model="gpt-x", messages=[user("hello there")])
+    assert reply.choices[0].message.content == "provider says: hello there"
+    events = list(client.chat.completions.create(model="gpt-x", messages=[user("stream this please")],
+                                                 stream=True))
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert text.strip() == "provider says: stream this please"
+    assert provider.encodings_sent == [MODES[mode][2]] * 2
+    assert all(r["headers"].get("Accept-Encoding") == MODES[mode][0] for r in provider.requests)
+    full = exported(gateway, f"zip-{mode}")["full_context"]
+    assert [m["content"] for m in full] == ["hello there", "provider says: hello there",
+                                            "stream this please", text]
+
+
+@pytest.mark.parametrize("mode", ["asked-gzip", "forced-deflate"])
+def test_compressed_forwarded_routes_reach_the_client_as_identity_bytes(
+        make_gateway: Callable[..., Gateway], provider: Provider, mode: str) -> None:  # noqa: F811
+    """Forwarded replies are decoded: no Content-Encoding, no stale Content-Length, the SDK reads them."""
+    gateway = connect(make_gateway, provider, mode)
+    raw = httpx.get(f"{gateway.base_url}/models", headers={**AUTH, "Accept-Encoding": "identity"})
+    assert raw.status_code == 200
+    assert "content-encoding" not in raw.headers
+    assert "content-length" not in raw.headers or int(raw.headers["content-length"]) == len(raw.content)
+    assert orjson.loads(raw.content)["data"][0]["id"] == "gpt-x"
+    client = gateway.openai()
+    assert [m.id for m in client.models.list()] == ["gpt-x", "gpt-y"]
+    assert client.models.retrieve("gpt-y").id == "gpt-y"
+    vectors = client.embeddings.create(model="emb", input=["a", "b"], encoding_format="float").data
+    assert len(vectors) == 2 and vectors[1].embedding == [0.25] * 256
+    assert set(provider.encodings_sent) == {MODES[mode][2]}
+
+
+def test_provider_errors_and_headers_reach_the_sdk(make_gateway: Callable[..., Gateway],
+                                                   provider: Provider) -> None:  # noqa: F811
+    """429 and 500 keep the provider's body, Retry-After, x-ratelimit-* and request id; cookies stay behind."""
+    gateway = connect(make_gateway, provider, "asked-gzip")
+    client = gateway.openai(session="errs")
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="rate-limited", messages=[user("hi")])
+    headers = limited.value.response.headers
+    assert limited.value.code == "rate_limit_exceeded"
+    assert headers["retry-after"] == "3" and headers["x-ratelimit-remaining-requests"] == "4999"
+    assert headers["x-request-id"].startswith("req-prov-") and headers["x-sessiongate-request-id"]
+    assert "set-cookie" not in headers and "content-encoding" not in headers
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="broken", messages=[user("hi")], stream=True)
+    assert failed.value.code == "server_error" and "processing your request" in failed.value.message
+    ok = client.chat.completions.with_raw_response.create(model="gpt-x", messages=[user("fine")])
+    assert ok.headers["x-ratelimit-limit-requests"] == "5000" and ok.headers["openai-processing-ms"] == "12"
+
+
+def test_keep_alive_connections_closed_by_the_provider_are_not_an_error(
+        make_gateway: Callable[..., Gateway], provider: Provider) -> None:  # noqa: F811
+    """The provider closes every third connection; a dozen rounds in a row all succeed."""
+    gateway = connect(make_gateway, provider, "asked-gzip")
+    client = gateway.openai(session="keepalive")
+    for n in range(12):
+        if n % 2:
+            reply = client.chat.completions.create(model="gpt-x", messages=[user(f"q{n}")])
+            assert reply.choices[0].message.content == f"provider says: q{n}"
+        else:
+            events = list(client.chat.completions.create(model="gpt-x", messages=[user(f"q{n}")], stream=True))
+            assert "".join(e.choices[0].delta.content or "" for e in events if e.choices).strip() == \
+                f"provider says: q{n}"
+    assert len(exported(gateway, "keepalive")["full_context"]) == 24
+
+
+def test_compressed_stream_reaches_the_client_event_by_event(make_gateway: Callable[..., Gateway],
+                                                            provider: Provider) -> None:  # noqa: F811
+    """The first events of a compressed stream reach the SDK while the provider still holds the rest."""
+    gateway = connect(make_gateway, provider, "forced-gzip")
+    stream = iter(gateway.openai(session="live").chat.completions.create(
+        model="held", messages=[user("one two three")], stream=True))
+    first = next(stream)
+    assert first.choices[0].delta.role == "assistant"
+    provider.release.set()
+    rest = "".join(e.choices[0].delta.content or "" for e in stream if e.choices)
+    assert rest.strip() == "provider says: one two three"
+    assert provider.released_by_test == [True]
+
+
+def test_a_huge_json_reply_is_relayed_whole_while_only_the_cap_is_recorded(
+        make_gateway: Callable[..., Gateway], provider: Provider) -> None:  # noqa: F811
+    """A ~20 MB non-streamed reply reaches the client whole and as it arrives; the round is
+    incomplete and its audit entry says truncated."""
+    gateway = connect(make_gateway, provider, "forced-gzip", max_reply_bytes=CAP)
+    received = bytearray()
+    body = {"model": "huge", "messages": [user("everything")]}
+    with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=60,
+                      headers={**AUTH, "X-Session-Id": "huge-json"}) as resp:
+        assert resp.status_code == 200
+        assert "content-encoding" not in resp.headers
+        for piece in resp.iter_raw():
+            received += piece
+            if len(received) > 2 * CAP and not provider.release.is_set():
+                provider.release.set()  # the gateway relayed past the cap before the provider finished
+    assert provider.released_by_test == [True]
+    assert orjson.loads(bytes(received))["choices"][0]["message"]["content"] == huge_text()
+    rounds = [e for e in audit_entries(gateway) if e["event"] == "round"]
+    assert [(e["outcome"], e.get("truncated")) for e in rounds] == [("incomplete", True)]
+    full = exported(gateway, "huge-json")["full_context"]
+    assert full[0] == user("everything") and full[1]["role"] == "assistant"
+    assert 0 < len(full[1]["content"]) <= CAP and huge_text().startswith(full[1]["content"])
+
+
+def test_a_huge_stream_is_relayed_whole_and_recorded_up_to_the_cap(make_gateway: Callable[..., Gateway],
+                                                                  provider: Provider) -> None:  # noqa: F811
+    """A ~20 MB stream reaches the SDK whole with [DONE]; the record keeps a prefix within the cap."""
+    gateway = connect(make_gateway, provider, "asked-gzip", max_reply_bytes=CAP)
+    provider.release.set()
+    text = "".join(e.choices[0].delta.content or "" for e in gateway.openai(session="huge-sse", timeout=60)
+                   .chat.completions.create(model="huge", messages=[user("all")], stream=True) if e.choices)
+    assert len(text) == HUGE_BYTES and text == huge_text()
+    rounds = [e for e in audit_entries(gateway) if e["event"] == "round"]
+    assert [(e["outcome"], e.get("truncated")) for e in rounds] == [("incomplete", True)]
+    recorded = exported(gateway, "huge-sse")["full_context"][1]["content"]
+    assert 0 < len(recorded) <= CAP and text.startswith(recorded)
+
+
+def test_the_text_of_a_cut_off_completion_is_read_as_far_as_it_goes() -> None:
+    """content_prefix reads a cut-off content string (escapes and UTF-8 cut anywhere), else None."""
+    from gateway.stages.forward import content_prefix
+    text = 'he said "hi\\" é☃\nok'
+    full = orjson.dumps({"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+    readings = [content_prefix(full[:n]) for n in range(len(full) + 1)]
+    assert readings[-1] == text and readings[20] is None
+    assert all(r is None or text.startswith(r) for r in readings)
+    tools = {"choices": [{"message": {"role": "assistant", "content": None,
+                                      "tool_calls": [{"function": {"arguments": '{"content": "x"}'}}]}}]}
+    assert content_prefix(orjson.dumps(tools)) is None
+
+
+def test_an_encoding_the_gateway_cannot_read_is_a_clear_502(make_gateway: Callable[..., Gateway],
+                                                            provider: Provider) -> None:  # noqa: F811
+    """A body in an unreadable encoding gets 502 bad_upstream_reply on chat and forwarded routes, never raw bytes."""
+    gateway = connect(make_gateway, provider, "forced-gzip")
+    provider.force_encoding = "compress"  # labelled with an encoding nobody decodes
+    chat = httpx.post(f"{gateway.base_url}/chat/completions", headers=AUTH,
+                      json={"model": "gpt-x", "messages": [user("hi")]})
+    assert chat.status_code == 502 and chat.json()["error"]["code"] == "bad_upstream_reply"
+    models = httpx.get(f"{gateway.base_url}/models", headers=AUTH)
+    assert models.status_code == 502 and models.json()["error"]["code"] == "bad_upstream_reply"
+    assert [e["outcome"] for e in audit_entries(gateway) if e["event"] == "proxy"] == ["upstream_error"]
+
+
+def test_an_event_longer_than_the_cap_is_forwarded_unparsed() -> None:
+    """EventSplitter(max_event) passes an over-long event through as it arrives and still splits the next ones."""
+    from gateway.sse import EventSplitter
+    big = b"data: " + orjson.dumps({"choices": [{"delta": {"content": "z" * 1000}}]}) + b"\n\n"
+    small = b'data: {"choices": []}\n\n'
+    data = big + small + b"data: [DONE]\n\n"
+    splitter = EventSplitter(max_event=100)
+    out = b"".join(splitter.feed(data[i:i + 37]) for i in range(0, len(data), 37))
+    assert out == big + small and splitter.oversized and splitter.done
+    assert splitter.events == [small.strip()]
