@@ -40,6 +40,7 @@ from aiohttp import web
 
 from gateway.context import Services
 from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
+from gateway.observe import set_outcome
 from gateway.stages.parse_request import read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
@@ -190,7 +191,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
         audit["bytes_out"] = sent + (len(pending) if audit["ended_by"] is None else 0)
         written = await _audit(services, principal.tenant or "", audit)
     status = out.status if out is not None else (failure.status if failure else 500)
-    services.metrics.requests.labels(route="proxy", status=str(status)).inc()
+    set_outcome(request, str(audit["outcome"]))  # counted by gateway.observe with route and status
     log.info("proxy", request_id=request_id, tenant=principal.tenant or None, route=route.display, model=model,
              status=status, outcome=audit["outcome"], ended_by=audit["ended_by"])
     if out is None:
