@@ -108,14 +108,15 @@ def cmd_clients_new(args: argparse.Namespace) -> int:
 # --- sessions --------------------------------------------------------------------------
 
 async def _with_sessions(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
-    from gateway.app import key_provider, open_store
+    from gateway.app import holds_data_keys, key_provider, open_store
     from gateway.keyring import Keyring
     from gateway.sessions import SessionService
 
     store = open_store(settings)
     await store.open()
     try:
-        return await fn(SessionService(store, Keyring.from_provider(key_provider(settings))))
+        provider = key_provider(settings, store_has_data_keys=await holds_data_keys(store))
+        return await fn(SessionService(store, Keyring.from_provider(provider)))
     finally:
         await store.close()
 

@@ -296,7 +296,7 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
     records_path, manifest_path, audit_path = bundle_paths(out)
     partial = [p.with_name(f".{p.name}.partial") for p in (records_path, audit_path, manifest_path)]
     try:
-        with partial[0].open("wb") as f:
+        with _private(partial[0]) as f:
             summary = await write_records(records, f, fmt=fmt, redactor_for=redactor_for, progress=progress)
             _sync(f)
         redaction = dict(sorted(summary.redaction.items()))
@@ -310,7 +310,7 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
             raise IntegrityError("no checkpoint covers the export's audit entry")
         start_time = (summary.min_created_at - audit_slack if summary.min_created_at is not None
                       else export_row.created_at)
-        with partial[1].open("wb") as f:
+        with _private(partial[1]) as f:
             audit = await _write_audit(iter_audit(0), f, tenant=tenant, start_time=start_time,
                                        start_seq=export_row.seq, checkpoint=checkpoint)
             _sync(f)
@@ -325,7 +325,7 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
             "audit": {"file": audit_path.name, **audit, "export_seq": export_row.seq},
             "checkpoint": checkpoint.to_dict(),
         }
-        with partial[2].open("wb") as f:
+        with _private(partial[2]) as f:
             f.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
             _sync(f)
         for tmp, final in zip(partial, (records_path, audit_path, manifest_path), strict=True):
@@ -334,6 +334,14 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
     finally:
         for tmp in partial:
             tmp.unlink(missing_ok=True)
+
+
+def _private(path: Path) -> BinaryIO:
+    """A new file at *path* that only its owner can read or write (0600, whatever the umask);
+    a file left there by an earlier run is replaced."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def _sync(f: BinaryIO) -> None:

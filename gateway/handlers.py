@@ -280,11 +280,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 when the store answers and every background task does its job; 503 with a reason
+    naming what is not (a failing task is named with its last exception type only)."""
     services = request.app[SERVICES]
     try:
         await services.sessions.store.tenants()
     except GatewayError as exc:
         return json_response({"status": "unavailable", "reason": exc.message}, status=503)
+    failing = services.background.health.unready()
+    if failing:
+        reason = "; ".join(f"background task {t.name} is failing ({t.last_error}, {t.consecutive_failures} "
+                           "attempt(s)) and retrying" for t in failing)
+        return json_response({"status": "unavailable", "reason": reason,
+                              "tasks": [t.name for t in failing]}, status=503)
     return json_response({"status": "ready", "policies": len(services.policies.current.policies)})
 
 

@@ -22,6 +22,7 @@ never runs, a policy shadowed by a higher-priority one.
 from __future__ import annotations
 
 import difflib
+import errno
 import sys
 import types
 import typing
@@ -80,6 +81,10 @@ class PolicyConfigError(ConfigError):
 # --- files ---------------------------------------------------------------------------------
 
 
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN, errno.EINTR})
+"""Read errors that say nothing about the file (descriptor exhaustion, I/O): raised, not reported."""
+
+
 def policy_files(folder: Path) -> list[Path]:
     """The policy files of ``folder`` (not recursive), sorted by name."""
     return sorted(p for p in folder.iterdir()
@@ -105,7 +110,11 @@ def _load_file(path: Path) -> _Loaded:
     file = str(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise  # the machine, not the file: the caller retries (a reload is not refused)
+        return _Loaded(file, None, {}, [Diagnostic("error", file, None, None, "", f"cannot read: {exc}")])
+    except UnicodeDecodeError as exc:
         return _Loaded(file, None, {}, [Diagnostic("error", file, None, None, "", f"cannot read: {exc}")])
     try:
         data, marks, duplicates = _parse_yaml(text)

@@ -7,10 +7,15 @@ policy files (name, mtime in ns, size, inode); when it has changed and then stay
 one more poll (so a half-written file is not read), the folder is loaded again in a worker
 thread. A valid set replaces ``current`` in one assignment, so a request sees either the old
 set or the new one, never a mix and never an error; ``on_change(new_set)`` is then called
-(sync or async). An invalid set is refused: the check's messages are logged with structlog
+(sync or async; when it raises, the poll fails and is retried). An invalid set is refused: the check's messages are logged with structlog
 (``policy_reload_refused``), ``last_error`` is set, ``on_refused(error)`` is called, and the
 last good set keeps serving. With
 the default interval an edit is live within about 1.5 seconds.
+
+A poll or load that fails for another reason (``OSError`` under descriptor exhaustion, a
+folder that cannot be read) is not a refusal: the watcher logs the exception type, reports
+itself unhealthy (``/readyz`` answers 503) and retries with backoff until it can read the folder
+again; the change is then picked up as usual.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class PolicyWatcher(Worker):
         self._on_change = on_change
         self._on_refused = on_refused
         self._seen = fingerprint(self.path)
+        self._pending: Fingerprint | None = None
         self._current = load_policy_set(self.path)
         self.last_error: ConfigError | None = None
         """The error of the last refused reload; None after a successful one."""
@@ -93,23 +99,21 @@ class PolicyWatcher(Worker):
                  policies={p.id: p.version_hash[:12] for p in new},
                  warnings=[str(w) for w in new.warnings])
         if self._on_change is not None:
-            try:
-                result = self._on_change(new)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.exception("policy_on_change_failed", path=str(self.path))
+            # raises when it fails (the reload's audit entry could not be written): the poll
+            # that called this then fails and is retried, so the change is reported again
+            result = self._on_change(new)
+            if inspect.isawaitable(result):
+                await result
         return True
 
-    async def run(self) -> None:
-        pending: Fingerprint | None = None
-        while True:
-            await asyncio.sleep(self.interval)
-            now = await asyncio.to_thread(fingerprint, self.path)
-            if now == self._seen:
-                pending = None
-            elif now != pending:
-                pending = now  # changed: wait one poll for the writer to finish
-            else:
-                self._seen, pending = now, None
-                await self.reload()
+    async def step(self) -> None:
+        """One poll. Raises (and is retried by ``Worker.run``) when the folder cannot be read;
+        the fingerprint is taken as seen only once its load has been done."""
+        now = await asyncio.to_thread(fingerprint, self.path)
+        if now == self._seen:
+            self._pending = None
+        elif now != self._pending:
+            self._pending = now  # changed: wait one poll for the writer to finish
+        else:
+            await self.reload()
+            self._seen, self._pending = now, None
