@@ -17,8 +17,8 @@ from aiohttp import web
 
 from gateway import handlers
 from gateway.auditor import AuditTrail
-from gateway.background import Background, Health
 from gateway.auth import Authenticator
+from gateway.background import Background, Health
 from gateway.context import Services
 from gateway.errors import ConfigError, GatewayError, IntegrityError
 from gateway.handlers import SERVICES, json_response

@@ -72,6 +72,7 @@ from gateway.store.base import AuditRow
 _log = structlog.get_logger("gateway.audit")
 CHECKPOINTER = "checkpointer"
 """The checkpointer's task name in ``Health`` (``/readyz``, ``/metrics``)."""
+RETRY = Backoff()
 
 GENESIS = "0" * 64
 """``prev_hash`` of a tenant's first entry."""
@@ -447,7 +448,7 @@ class Checkpointer:
         with self._lock:
             return self._last.get(tenant)
 
-    async def run(self, health: Health | None = None, backoff: Backoff = Backoff()) -> None:
+    async def run(self, health: Health | None = None, backoff: Backoff = RETRY) -> None:
         """Sign due heads until cancelled; on cancellation sign all pending heads, then stop.
 
         A signing that fails (the checkpoint file cannot be written) leaves the heads pending:

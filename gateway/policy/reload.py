@@ -7,7 +7,8 @@ policy files (name, mtime in ns, size, inode); when it has changed and then stay
 one more poll (so a half-written file is not read), the folder is loaded again in a worker
 thread. A valid set replaces ``current`` in one assignment, so a request sees either the old
 set or the new one, never a mix and never an error; ``on_change(new_set)`` is then called
-(sync or async; when it raises, the poll fails and is retried). An invalid set is refused: the check's messages are logged with structlog
+(sync or async; when it raises, the poll fails and is retried). An invalid set is refused:
+the check's messages are logged with structlog
 (``policy_reload_refused``), ``last_error`` is set, ``on_refused(error)`` is called, and the
 last good set keeps serving. With
 the default interval an edit is live within about 1.5 seconds.
