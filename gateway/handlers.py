@@ -13,6 +13,7 @@ import asyncio
 import datetime
 import io
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -24,8 +25,9 @@ from aiohttp import web
 
 from gateway import pipeline
 from gateway.context import Context, Services
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import BadRequest, GatewayError, NotFound
 from gateway.export import FORMATS, bundle_paths
+from gateway.settings import TENANT_PATTERN
 from gateway.stages.forward import reply_headers
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
@@ -219,10 +221,17 @@ def _time_param(request: web.Request, name: str) -> float | None:
 
 
 def _tenant_param(request: web.Request) -> str:
+    """The ``tenant`` query parameter, held to the configuration's rule for tenant names (400)."""
     tenant = request.query.get("tenant")
     if not tenant:
         raise BadRequest("the 'tenant' query parameter is required")
+    if not _TENANT.fullmatch(tenant):
+        raise BadRequest("'tenant' must be a tenant name as the configuration allows: 1 to 64 letters, "
+                         "digits, '_', '.' or '-'", code="invalid_tenant")
     return tenant
+
+
+_TENANT = re.compile(TENANT_PATTERN.removeprefix("^").removesuffix("$"))
 
 
 async def admin_public_key(request: web.Request) -> web.Response:
@@ -252,10 +261,14 @@ async def admin_export(request: web.Request) -> web.StreamResponse:
         raise BadRequest(f"'format' must be one of {', '.join(FORMATS)}")
     sid = request.query.get("session")
     since, until = _time_param(request, "since"), _time_param(request, "until")
+    sid = check_session_id(sid) if sid else None
+    if tenant not in await services.sessions.store.tenants():
+        raise NotFound(f"no tenant '{tenant}' in this gateway's store (no audit chain, no sessions)")
     with tempfile.TemporaryDirectory(prefix="sessiongate-export-") as tmp:
-        out = Path(tmp) / f"{tenant}-export.{ 'csv' if fmt == 'csv' else 'jsonl'}"
+        # built from the validated tenant only: letters, digits, '_', '.', '-' (never a path)
+        out = Path(tmp) / f"{tenant}-export.{'csv' if fmt == 'csv' else 'jsonl'}"
         await services.audit.export(services.sessions, services.policies.current, out, tenant=tenant, fmt=fmt,
-                                    session_id=check_session_id(sid) if sid else None, since=since, until=until)
+                                    session_id=sid, since=since, until=until)
         log.info("export", auditor=auditor.name, tenant=tenant, session_id=sid, format=fmt)
         resp = web.StreamResponse(headers={
             "Content-Type": "application/x-tar",

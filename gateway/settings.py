@@ -61,9 +61,13 @@ class UpstreamSettings(_Strict):
         return value
 
 
+TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""What a tenant name may be (clients' ``tenant``; checked again wherever a tenant comes from a request)."""
+
+
 class ClientSettings(_Strict):
     name: str
-    tenant: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    tenant: str = Field(pattern=TENANT_PATTERN)
     key_sha256: str | None = Field(None, description="hex SHA-256 of the client key")
     key_env: str | None = Field(None, description="or: environment variable holding the key itself")
 
