@@ -136,13 +136,17 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         elif args.action == "export":
             print(json.dumps(await svc.export(tenant, sid), indent=2, ensure_ascii=False))
         elif args.action == "import":
+            from gateway.policy import load_policy_set
+            from gateway.session.lenient_json import JSON5Error, loads_json5
+
             source = sys.stdin.read() if args.file in (None, "-") else _read_text(args.file)
             try:
-                data = json.loads(source)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"not valid JSON: {exc.msg}", file=args.file or "<stdin>", line=exc.lineno,
-                                  column=exc.colno) from None
-            added = await svc.import_agently(tenant, sid, data, new_request_id())
+                data = loads_json5(source.removeprefix("\ufeff"))  # JSON or JSON5, as Agently loads
+            except JSON5Error as exc:
+                raise ConfigError("neither JSON nor JSON5", file=args.file or "<stdin>", line=exc.line,
+                                  column=exc.column) from None
+            policy = load_policy_set(settings.policies.path).match(tenant, None, sid)
+            added = await svc.import_agently(tenant, sid, data, new_request_id(), policy)
             print(f"imported {added} messages into {tenant}/{sid}")
         elif args.action == "reset":
             await svc.reset(tenant, sid, new_request_id())

@@ -27,9 +27,10 @@ from gateway import pipeline
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError, NotFound
 from gateway.export import FORMATS, bundle_paths
+from gateway.session.lenient_json import parse_session_document
 from gateway.settings import TENANT_PATTERN
 from gateway.stages.forward import reply_headers
-from gateway.stages.parse_request import parse_json_object, read_limited
+from gateway.stages.parse_request import read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.store.base import Changes
 
@@ -191,8 +192,10 @@ async def export_session(request: web.Request) -> web.Response:
 
 async def import_session(request: web.Request) -> web.Response:
     services, tenant, sid = _session_target(request)
-    data = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
-    added = await services.sessions.import_agently(tenant, sid, data, new_request_id())
+    raw = await read_limited(request, services.settings.server.max_body_bytes)
+    data = await asyncio.to_thread(parse_session_document, raw)  # JSON or JSON5, as Agently loads
+    policy = services.policies.current.match(tenant, None, sid)  # the session's policy at import time
+    added = await services.sessions.import_agently(tenant, sid, data, new_request_id(), policy)
     return json_response({"id": sid, "imported_messages": added})
 
 
