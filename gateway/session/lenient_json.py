@@ -7,9 +7,9 @@ JSON5 escapes, unquoted (identifier) keys, hexadecimal numbers, leading or trail
 points, a leading ``+``, ``Infinity`` and ``NaN``, and JSON5's extra white space.
 
 JSON5 is not parsed by the ``json5`` package (pure Python: a 3.5 MB document takes over a minute,
-which a client could use to hold a worker): :func:`json5_to_json` rewrites it token by token into
-JSON, with a regular expression per token, and the C JSON decoder reads the result. Nesting
-deeper than ``MAX_DEPTH`` is refused before anything is decoded. Errors say where the document is
+which a client could use to hold a worker): :func:`json5_to_json` rewrites only what is JSON5 and
+not JSON (one regular-expression pass), and the C JSON decoder reads and checks the result.
+Nesting deeper than ``MAX_DEPTH`` is refused, as for strict JSON. Errors say where the document is
 wrong (line and column), never what it holds.
 """
 
@@ -26,26 +26,35 @@ from gateway.errors import InvalidJSON, InvalidSession
 MAX_DEPTH = 128
 """Deepest nesting of arrays and objects a session document may have (as for request bodies)."""
 
-_TOKEN = re.compile(r"""
-    (?P<ws>[\s\ufeff]+)
-  | (?P<comment>//[^\n\r\u2028\u2029]*|/\*.*?\*/)
-  | (?P<string>"(?:[^"\\\n\r]|\\(?:\r\n|[\s\S]))*"|'(?:[^'\\\n\r]|\\(?:\r\n|[\s\S]))*')
-  | (?P<punct>[{}\[\]:,])
-  | (?P<number>[+-]?(?:Infinity|NaN|0[xX][0-9a-fA-F]+
-                     |(?:0|[1-9][0-9]*)(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?
-                     |\.[0-9]+(?:[eE][+-]?[0-9]+)?))
-  | (?P<name>(?:[^\W\d]|[$]|\\u[0-9a-fA-F]{4})(?:[\w$\u200c\u200d]|\\u[0-9a-fA-F]{4})*)
-""", re.VERBOSE | re.DOTALL)
-_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
-_PLAIN_STRING = re.compile(r'"(?:[^"\\]|\\["\\/bfnrtu])*"')
-_ESCAPE = re.compile(r"""\\(?:\r\n|u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|[\s\S])|"|[\u2028\u2029]""")
-_LITERALS = frozenset({"true", "false", "null"})
+_GAP = r"(?:\s|//[^\n\r\u2028\u2029]*|/\*[\s\S]*?\*/)*"
+"""White space and comments between two tokens."""
+_JSON5 = re.compile(r"""
+    (?=["'/,\[{A-Za-z_$\\+.\-0\x80-\U0010ffff\v\f])  # cheap: only these can start a rewrite
+    (?:
+    (?P<dq>"(?:[^"\\\n\r]|\\(?:\r\n|[\s\S]))*")
+  | (?P<sq>'(?:[^'\\\n\r]|\\(?:\r\n|[\s\S]))*')
+  | (?P<comment>//[^\n\r\u2028\u2029]*|/\*[\s\S]*?\*/)
+  | (?P<space>[\v\f\xa0\ufeff\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])
+  | (?P<empty>[\[{](?=GAP,))
+  | (?P<comma>,(?=GAP[\]}]))
+  | (?P<key>(?:[^\W\d]|\$|\\u[0-9a-fA-F]{4})(?:[\w$\u200c\u200d]|\\u[0-9a-fA-F]{4})*(?=GAP:))
+  | (?<![\w.$])(?P<hex>0[xX][0-9a-fA-F]+)(?![\w.$])
+  | (?<![\w.$eE])(?P<plus>\+)(?=[0-9.]|Infinity|NaN)
+  | (?<![\w.$])(?P<nan>-NaN)(?![\w.$])
+  | (?<=[0-9])(?P<dot>\.)(?![0-9])
+  | (?<![\w.$])(?P<lead>\.)(?=[0-9])
+    )
+""".replace("GAP", _GAP), re.VERBOSE)
+"""What JSON5 has and JSON has not; everything else is copied as it is and checked by the JSON
+decoder. Strings are matched whole so that nothing inside them is taken for anything else."""
+_ESCAPE = re.compile(r"""\\(?:\r\n|u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|[\s\S])|"|[\u2028\u2029\x00-\x1f]""")
+_CONTROL = re.compile(r"[\x00-\x1f]")
 _SIMPLE_ESCAPES = {"b": "\\b", "f": "\\f", "n": "\\n", "r": "\\r", "t": "\\t", "v": "\\u000b", '"': '\\"',
                    "\\": "\\\\", "/": "/", "'": "'"}
 
 
 class JSON5Error(ValueError):
-    """The text is not JSON5; ``pos`` is the offset where reading stopped."""
+    """The text is not JSON5; ``line`` and ``column`` say where reading stopped."""
 
     def __init__(self, message: str, text: str, pos: int) -> None:
         self.line = text.count("\n", 0, pos) + 1
@@ -57,7 +66,7 @@ def _escape(match: re.Match[str]) -> str:
     token = match.group()
     if token == '"':
         return '\\"'
-    if token in ("\u2028", "\u2029"):
+    if len(token) == 1:  # a raw control character or line separator inside a string
         return f"\\u{ord(token):04x}"
     char = token[1:]
     if char in ("\n", "\r", "\r\n", "\u2028", "\u2029"):
@@ -73,108 +82,69 @@ def _escape(match: re.Match[str]) -> str:
     return json.dumps(char)[1:-1]  # any other escaped character stands for itself
 
 
-def _string(token: str) -> str:
-    """A JSON5 string token as a JSON string."""
-    if token[0] == '"' and _PLAIN_STRING.fullmatch(token) and "\u2028" not in token and "\u2029" not in token:
-        return token
-    return '"' + _ESCAPE.sub(_escape, token[1:-1]) + '"'
+def _name(token: str) -> str:
+    if "\\" not in token:
+        return '"' + token + '"'  # an identifier holds no quote, backslash or control character
+    token = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), token)
+    return json.dumps(token, ensure_ascii=False)
 
 
-def _number(token: str) -> str:
-    sign = "-" if token[0] == "-" else ""
-    body = token.lstrip("+-")
-    if body in ("Infinity", "NaN"):
-        return "NaN" if body == "NaN" else sign + "Infinity"
-    if body[:2] in ("0x", "0X"):
-        return sign + str(int(body, 16))
-    if _JSON_NUMBER.fullmatch(body):
-        return sign + body
-    return sign + repr(float(body))  # .5, 5., 5.e3
+def _rewrite(match: re.Match[str]) -> str:
+    kind, token = match.lastgroup, match.group()
+    if kind == "dq":
+        if "\\" not in token and not _CONTROL.search(token):
+            return token
+        return '"' + _ESCAPE.sub(_escape, token[1:-1]) + '"'
+    if kind == "sq":
+        return '"' + _ESCAPE.sub(_escape, token[1:-1]) + '"'
+    if kind == "comment":
+        return " " + "\n" * token.count("\n")
+    if kind == "space":
+        return " "
+    if kind == "empty":
+        raise _Refused("a comma without an element before it", match.start())
+    if kind == "comma":
+        return ""  # JSON5 allows one after the last element
+    if kind == "key":
+        return _name(token)
+    if kind == "hex":
+        return str(int(token, 16))
+    if kind == "plus":
+        return ""
+    if kind == "nan":
+        return "NaN"
+    if kind == "dot":
+        return ".0"  # 5. and 5.e3
+    return "0."  # .5
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, pos: int) -> None:
+        super().__init__(message)
+        self.message, self.pos = message, pos
 
 
 def json5_to_json(text: str) -> str:
-    """Rewrite JSON5 *text* as JSON text (``Infinity``/``NaN`` as Python's ``json`` reads them).
-
-    Raises ``JSON5Error`` for what JSON5 does not allow and for nesting deeper than ``MAX_DEPTH``.
-    """
-    out: list[str] = []
-    stack: list[str] = []
-    expect_key = False
-    pos, end = 0, len(text)
-    match = _TOKEN.match
-    while pos < end:
-        m = match(text, pos)
-        if m is None:
-            raise JSON5Error("unexpected character", text, pos)
-        kind, token = m.lastgroup, m.group()
-        if kind in ("ws", "comment"):
-            out.append(" ")
-        elif kind == "punct":
-            if token in "[{":
-                stack.append(token)
-                if len(stack) > MAX_DEPTH:
-                    raise JSON5Error(f"nesting deeper than {MAX_DEPTH} levels", text, pos)
-                expect_key = token == "{"
-            elif token in "]}":
-                if not stack or stack.pop() != ("[" if token == "]" else "{"):
-                    raise JSON5Error("unbalanced bracket", text, pos)
-                _drop_trailing_comma(out, text, pos)
-                expect_key = False
-            elif token == ",":
-                expect_key = bool(stack) and stack[-1] == "{"
-            else:
-                expect_key = False
-            out.append(token)
-        elif expect_key:
-            if kind == "string":
-                out.append(_string(token))
-            elif kind == "name" or (kind == "number" and token in ("Infinity", "NaN")):
-                out.append(json.dumps(_name(token, text, pos)))
-            else:
-                raise JSON5Error("expected a key", text, pos)
-            expect_key = False
-        elif kind == "string":
-            out.append(_string(token))
-        elif kind == "number":
-            out.append(_number(token))
-        elif kind == "name" and token in _LITERALS:
-            out.append(token)
-        else:
-            raise JSON5Error("unexpected value", text, pos)
-        pos = m.end()
-    return "".join(out)
-
-
-def _name(token: str, text: str, pos: int) -> str:
-    if "\\" not in token:
-        return token
-    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), token)
-
-
-def _drop_trailing_comma(out: list[str], text: str, pos: int) -> None:
-    """Remove a comma that ends an array or object (JSON5 allows one after the last element)."""
-    i = len(out) - 1
-    while i >= 0 and out[i] == " ":
-        i -= 1
-    if i < 0 or out[i] != ",":
-        return
-    j = i - 1
-    while j >= 0 and out[j] == " ":
-        j -= 1
-    if j < 0 or out[j] in ("[", "{", ",", ":"):
-        raise JSON5Error("a comma without an element before it", text, pos)
-    del out[i]
+    """Rewrite what is JSON5-only in *text* as JSON (``Infinity``/``NaN`` as Python's ``json``
+    reads them); what is neither is left for the JSON decoder to refuse."""
+    try:
+        return _JSON5.sub(_rewrite, text)
+    except _Refused as exc:
+        raise JSON5Error(exc.message, text, exc.pos) from None
 
 
 def loads_json5(text: str) -> Any:
-    """Read JSON5 *text* (see :func:`json5_to_json`); ``JSON5Error`` when it is not JSON5."""
+    """Read JSON5 *text*; ``JSON5Error`` when it is not JSON5 or nests deeper than ``MAX_DEPTH``."""
     converted = json5_to_json(text)
     try:
-        return json.loads(converted, strict=False)
+        data = json.loads(converted)
     except json.JSONDecodeError as exc:
         raise JSON5Error("not valid JSON5", converted, exc.pos) from None
     except RecursionError:
         raise JSON5Error(f"nesting deeper than {MAX_DEPTH} levels", converted, 0) from None
+    if _depth(data) > MAX_DEPTH:
+        raise JSON5Error(f"nesting deeper than {MAX_DEPTH} levels", converted, 0)
+    return data
 
 
 def parse_session_document(raw: bytes) -> dict[str, Any]:
@@ -211,10 +181,15 @@ def _depth(value: Any) -> int:
     todo: list[tuple[Any, int]] = [(value, 1)]
     while todo:
         item, level = todo.pop()
-        if isinstance(item, dict):
-            deepest = max(deepest, level)
-            todo.extend((v, level + 1) for v in item.values() if isinstance(v, (dict, list)))
-        elif isinstance(item, list):
-            deepest = max(deepest, level)
-            todo.extend((v, level + 1) for v in item if isinstance(v, (dict, list)))
+        if type(item) is dict:
+            item = item.values()
+        elif type(item) is not list:
+            continue
+        deepest = max(deepest, level)
+        nested = [v for v in item if type(v) in _CONTAINERS]
+        if nested:
+            todo.extend([(v, level + 1) for v in nested])
     return deepest
+
+
+_CONTAINERS = (dict, list)
