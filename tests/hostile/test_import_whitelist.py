@@ -267,3 +267,41 @@ def test_json5_keeps_the_depth_and_size_limits(make_gateway, tmp_path: Path) -> 
     r = httpx.put(f"{gw.base_url}/sessions/acme:fits", content=fits, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["imported_messages"] == 8000
+
+
+LOADER_CASES = [
+ "{a:1,}", "{'a':'b',}", "[1,2,3,]", "// c\n{\"x\": 1 /* y */}",
+ "{a: .5, b: 5., c: +1, d: 0x1F, f: Infinity, g: -Infinity, h: NaN}",
+ "{'it\\'s': 'say \"hi\"'}", "{s: 'line\\\ncont'}", "{s: '\\x41\\u0042\\v\\0\\q'}", "{$_x1: 1, _y: 2}", "\ufeff{a:1}",
+ "{a: [ {b: 'c',}, ], }", "{a:1 b:2}", "{,}", "[,]", "[1,,]", "{a:b}", "{'a' 1}", "{a:1}}", "[1 2]",
+ "{\"a\":\"\\u00e9\"}",
+ "{a: 'tab\there'}", "{a: 1e3, b: 1.5E-2, c: 5.e3}", "{Infinity: 1, NaN: 2, null: 3, true: 4}",
+ "{a: \"q'\"}", "{/*c*/a/*d*/:/*e*/1/*f*/}", "{a: 01}", "{a: '\\\r\nz'}", "'str'", "{a: -0}", "{a: 1.}", "{a:'\\\\'}",
+ "{\"full_context\": [{role: 'user', content: 'hi',},],}", "[a]", "[1, a]", "{a: b: c}", "[a: 1]", "{a:,}", "{a:1,,}",
+ "{a // c\n : 1}", "{trueish: true, nullx: null}", "[true, false, null,]", "{a: '// not comment', b: \"/* no */\"}",
+ "{a: 1.5.3}", "{a: +.5, b: -.5, c: +5., d: 0.5e+2, e: +Infinity, f: -NaN}", "{a: 0X1f}", "[+]", "[.]", "[0x]",
+ "{a: 'x\\'}", "{a /* c */ : 'v'}", "{\"a\": 1, 'b': [ /* */ ], c: {}, }", "[[],[],]", "{a:[,1]}", "/* only */",
+ "{a: \"multi\\\nline\"}", "{ a : 1 , }", "{ 'x' : 'y' , // z\n }", "[1,\n// c\n]", "{a:'\u00e9\u4e2d'}", "{a:1}/*",
+ "{a: 'unterminated}", "{a: \"x\ny\"}", "{a: '\\u12'}", "[-Infinity, Infinity, NaN]", "{a: 1e}", "{café: 1}",
+]
+
+
+@pytest.mark.parametrize("text", LOADER_CASES)
+def test_json5_reading_matches_agentlys_loader(text: str) -> None:
+    """On each document, the gateway's JSON5 reader gives what ``json5.loads`` (the loader behind
+    Agently's ``load_json_session``) gives, or refuses what it refuses."""
+    import math
+
+    import json5
+
+    from gateway.session.lenient_json import JSON5Error, loads_json5
+
+    try:
+        expected: Any = json5.loads(text)
+    except ValueError:
+        with pytest.raises(JSON5Error):
+            loads_json5(text)
+        return
+    got = loads_json5(text)
+    assert repr(got) == repr(expected)
+    assert not isinstance(got, float) or math.isnan(got) == math.isnan(expected)
