@@ -136,7 +136,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         metrics.policy_reloads.labels(result="ok").inc()
 
     policies = PolicyWatcher(settings.policies.path, on_policies, interval=settings.policies.reload_interval,
-                             on_refused=lambda _exc: metrics.policy_reloads.labels(result="refused").inc())
+                             on_refused=lambda _exc: metrics.policy_reloads.labels(result="refused").inc(),
+                             hook_modules=settings.policies.hook_modules)
     policies.attach(health)
     upstreams = Upstreams(upstream_settings)
     await upstreams.start()

@@ -145,7 +145,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             except JSON5Error as exc:
                 raise ConfigError("neither JSON nor JSON5", file=args.file or "<stdin>", line=exc.line,
                                   column=exc.column) from None
-            policy = load_policy_set(settings.policies.path).match(tenant, None, sid)
+            policy = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules).match(
+                tenant, None, sid)
             added = await svc.import_agently(tenant, sid, data, new_request_id(), policy)
             print(f"imported {added} messages into {tenant}/{sid}")
         elif args.action == "reset":
@@ -166,9 +167,11 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     from gateway.policy import main_check
 
     paths = args.paths
+    settings = _settings(args) if not paths or args.config or DEFAULT_CONFIG.exists() else Settings()
     if not paths:
-        paths = [str(_settings(args).policies.path)]
-    return main_check(paths)
+        paths = [str(settings.policies.path)]
+    # hooks only from the configuration's allow-list: checking an untrusted file imports nothing else
+    return main_check(paths, hook_modules=settings.policies.hook_modules)
 
 
 def _read_text(path: str) -> str:
@@ -195,7 +198,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     from gateway.stages.resolve_session import check_session_id
 
     settings = _settings(args)
-    policies = load_policy_set(Path(args.policies) if args.policies else settings.policies.path)
+    policies = load_policy_set(Path(args.policies) if args.policies else settings.policies.path,
+                               hook_modules=settings.policies.hook_modules)
     request = _load_json_file(args.request)
     if not isinstance(request, dict):
         raise ConfigError("must hold a chat completion request object", file=args.request)
@@ -326,7 +330,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gateway.stages.resolve_session import check_session_id
 
     settings = _settings(args)
-    policies = load_policy_set(settings.policies.path)
+    policies = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules)
     try:
         since = parse_time(args.since) if args.since else None
         until = parse_time(args.until) if args.until else None
@@ -368,7 +372,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from gateway.retention import purge_expired
 
     settings = _settings(args)
-    policies = load_policy_set(settings.policies.path)
+    policies = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules)
     totals = _run(_with_sessions(settings, lambda svc: purge_expired(svc, policies)))
     print(f"purged {totals['rounds']} expired rounds; erased {totals['sessions']} sessions")
     return 0

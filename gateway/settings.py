@@ -131,6 +131,9 @@ class KeySettings(_Strict):
 class PolicySettings(_Strict):
     path: Path = Path("policies")
     reload_interval: float = Field(0.5, gt=0)
+    hook_modules: list[str] = Field(default_factory=list, description=(
+        "modules policy hooks may come from (names or globs, e.g. myhooks, myhooks.*); "
+        "empty: policies with hooks are refused"))
 
 
 class AuditSettings(_Strict):

@@ -22,8 +22,9 @@ again; the change is then picked up as usual.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -67,14 +68,17 @@ class PolicyWatcher(Worker):
     name = "policy-watcher"
 
     def __init__(self, path: Path | str, on_change: OnChange | None = None, *,
-                 interval: float = 0.5, on_refused: Callable[[ConfigError], None] | None = None) -> None:
+                 interval: float = 0.5, on_refused: Callable[[ConfigError], None] | None = None,
+                 hook_modules: Sequence[str] = ()) -> None:
         self.path = Path(path)
+        self.hook_modules = tuple(hook_modules)
+        """``policies.hook_modules``: the only modules a policy's hooks may come from."""
         self.interval = interval
         self._on_change = on_change
         self._on_refused = on_refused
         self._seen = fingerprint(self.path)
         self._pending: Fingerprint | None = None
-        self._current = load_policy_set(self.path)
+        self._current = load_policy_set(self.path, hook_modules=self.hook_modules)
         self.last_error: ConfigError | None = None
         """The error of the last refused reload; None after a successful one."""
 
@@ -86,7 +90,8 @@ class PolicyWatcher(Worker):
     async def reload(self) -> bool:
         """Load the folder now; swap it in when valid. Returns whether the new set was taken."""
         try:
-            new = await asyncio.to_thread(load_policy_set, self.path)
+            new = await asyncio.to_thread(functools.partial(load_policy_set, self.path,
+                                                            hook_modules=self.hook_modules))
         except ConfigError as exc:
             self.last_error = exc
             log.error("policy_reload_refused", path=str(self.path), errors=str(exc).splitlines(),

@@ -66,3 +66,35 @@ def test_serve_and_cli_print_one_line_and_exit_2(tmp_path: Path, gateway) -> Non
         assert run.returncode == 2, (args, run.stdout, run.stderr)
         assert str(key_file) in run.stderr and "Traceback" not in run.stderr
     assert not key_file.exists()
+
+
+HOOK_POLICY = """\
+id: default
+session:
+  input_keys: null
+  reply_keys: null
+  bounding:
+    strategy: hook
+    analysis: fold_hook:analysis
+    execution: {fold: 'fold_hook:fold'}
+"""
+
+
+def test_a_hook_policy_needs_the_operators_allow_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy naming a hook module that policies.hook_modules does not allow refuses start-up with a
+    ConfigError naming the file, the line, the field and the setting; allowed, the gateway starts."""
+    import sys
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "session"))
+    monkeypatch.delitem(sys.modules, "fold_hook", raising=False)
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / "default.yaml").write_text(HOOK_POLICY)
+    config = write_config(tmp_path, None, folder)
+    with pytest.raises(ConfigError) as caught:
+        _start(config)
+    message = str(caught.value)
+    assert f"{folder / 'default.yaml'}:7:" in message and "session.bounding.analysis" in message
+    assert "policies.hook_modules" in message
+    assert "fold_hook" not in sys.modules  # refused before anything was imported
+    _start(write_config(tmp_path, None, folder, hook_modules=["fold_hook"]))
+    assert "fold_hook" in sys.modules
