@@ -76,9 +76,12 @@ class PolicyWatcher(Worker):
         self.interval = interval
         self._on_change = on_change
         self._on_refused = on_refused
-        self._seen = fingerprint(self.path)
-        self._pending: Fingerprint | None = None
         self._current = load_policy_set(self.path, hook_modules=self.hook_modules)
+        try:
+            self._seen = fingerprint(self.path)
+        except OSError:
+            self._seen = ()  # the first poll that can read the folder reloads it
+        self._pending: Fingerprint | None = None
         self.last_error: ConfigError | None = None
         """The error of the last refused reload; None after a successful one."""
 

@@ -72,8 +72,8 @@ def _check_messages(messages: list[Message], field: str, policy: Policy, *, firs
         where = f"'{field}[{index}]'"
         if role not in keys:
             raise ImportNotWhitelisted(
-                f"{where} has role {str(role)[:20]!r}; under policy '{policy.id}' only user and assistant "
-                "messages are recorded")
+                f"{where} has a role other than user or assistant; under policy '{policy.id}' no other "
+                "role is recorded")
         allowed = keys[role]
         if allowed is None:
             continue
