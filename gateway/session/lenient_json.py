@@ -140,6 +140,8 @@ def loads_json5(text: str) -> Any:
         data = json.loads(converted)
     except json.JSONDecodeError as exc:
         raise JSON5Error("not valid JSON5", converted, exc.pos) from None
+    except ValueError:  # an integer longer than Python converts (4300 digits)
+        raise JSON5Error("a number too long to read", converted, 0) from None
     except RecursionError:
         raise JSON5Error(f"nesting deeper than {MAX_DEPTH} levels", converted, 0) from None
     if _depth(data) > MAX_DEPTH:

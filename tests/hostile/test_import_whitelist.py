@@ -221,6 +221,7 @@ continued'}], 'memo': 'm',}""",
     '{"full_context": [{"role": "user", "content": "plain"}], "memo": null}',
 ]
 JSON5_BAD = [
+    "{memo: " + "9" * 5000 + ", full_context: []}",
     "{full_context: [}", "{a: b}", "{,}", "[1,,]", "{'a' 1}", "{full_context: [1 2]}", "{/* open",
     "not json at all",
 ]
