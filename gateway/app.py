@@ -19,8 +19,9 @@ from aiohttp.web_protocol import RequestPayloadError
 from gateway import console, handlers
 from gateway.auditor import AuditTrail
 from gateway.auth import Authenticator
+from gateway.background import Background, Health
 from gateway.context import Services
-from gateway.errors import GatewayError, IntegrityError
+from gateway.errors import ConfigError, GatewayError, IntegrityError
 from gateway.handlers import INTERNAL_ERROR, SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
@@ -90,15 +91,32 @@ def _version() -> str:
         return "unknown"
 
 
-def key_provider(settings: Settings) -> KeyProvider:
-    """The keyring source; a key file is generated (mode 0600) on first start."""
+def key_provider(settings: Settings, *, store_has_data_keys: bool | None = None) -> KeyProvider:
+    """The keyring source. A missing key file is generated (mode 0600) only for a fresh store
+    (*store_has_data_keys* False, see :func:`holds_data_keys`); for a store that holds data keys
+    it is a ``ConfigError`` naming the file and what to do, because a new keyring could unwrap
+    none of them. With None (the store is not known) nothing is generated: loading the keyring
+    then reports the missing file."""
     if settings.keys.master_key_env:
         return EnvKeyProvider(settings.keys.master_key_env)
     path = settings.keys.master_key_file or Path(".sessiongate/master-keys.json")
-    if ensure(path):
+    if store_has_data_keys and not path.exists():
+        raise ConfigError(
+            "the master key file is missing, but the store holds data keys that only its keys can unwrap "
+            "(a new keyring could read none of the stored sessions): restore this file from your backup, "
+            "or point keys.master_key_file (or keys.master_key_env) at the keyring in use. A keyring is "
+            "generated only for a store without data keys", file=str(path), field="keys.master_key_file")
+    if store_has_data_keys is False and ensure(path):
         log.warning("master_key_generated", path=str(path),
                     note="back this file up: without it the stored data cannot be read")
     return FileKeyProvider(path)
+
+
+async def holds_data_keys(store: Store) -> bool:
+    """Whether *store* holds any data key (so it is not a fresh store)."""
+    async for _ in store.iter_data_keys():
+        return True
+    return False
 
 
 def open_store(settings: Settings) -> Store:
@@ -127,14 +145,23 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     raw_store.on_commit = metrics.commit
     store = trail.observe(raw_store)
     await store.open()
-    checkpoints = asyncio.create_task(trail.checkpointer.run(), name="checkpointer")
-    provider = key_provider(settings)
-    sessions = SessionService(store, Keyring.from_provider(provider), lambda: Keyring.from_provider(provider))
+    try:
+        provider = key_provider(settings, store_has_data_keys=await holds_data_keys(store))
+        keyring = Keyring.from_provider(provider)
+    except BaseException:
+        await store.close()
+        raise
+    health = Health()
+    background = Background(health)
+    checkpoints = asyncio.create_task(trail.checkpointer.run(health), name="checkpointer")
+    sessions = SessionService(store, keyring, lambda: Keyring.from_provider(provider))
     keyring_watcher = None
     if isinstance(provider, FileKeyProvider):
         keyring_watcher = KeyringWatcher(provider.path, lambda: Keyring.from_provider(provider), sessions)
+        keyring_watcher.attach(health)
         await keyring_watcher.start()
 
+    metrics.registry.register(health)
     metrics.erasures_pending.set_function(lambda: len(sessions.erasures))
     versions = PolicyVersions(store)
 
@@ -147,16 +174,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         metrics.policy_reloads.labels(result="ok").inc()
 
     policies = PolicyWatcher(settings.policies.path, on_policies, interval=settings.policies.reload_interval,
-                             on_refused=lambda _exc: metrics.policy_reloads.labels(result="refused").inc())
+                             on_refused=lambda _exc: metrics.policy_reloads.labels(result="refused").inc(),
+                             hook_modules=settings.policies.hook_modules)
+    policies.attach(health)
     await versions.record(policies.current)
     upstreams = Upstreams(upstream_settings)
     await upstreams.start()
     await policies.start()
     retention = RetentionTask(sessions, policies, settings.store.purge_interval_seconds)
+    retention.attach(health)
     await retention.start()
     tracing = app[TRACING] if TRACING in app else from_settings(settings)
     services = Services(settings, Authenticator(settings), upstreams, sessions, policies, metrics, trail,
-                        tracing=tracing)
+                        background=background, tracing=tracing)
     app[SERVICES] = services
     app[STANDIN] = standin is not None
     try:

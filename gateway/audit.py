@@ -68,12 +68,19 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gateway.background import Backoff, Health
 from gateway.errors import ConfigError
 from gateway.store.base import AuditRow
+
+_log = structlog.get_logger("gateway.audit")
+CHECKPOINTER = "checkpointer"
+"""The checkpointer's task name in ``Health`` (``/readyz``, ``/metrics``)."""
+RETRY = Backoff()
 
 GENESIS = "0" * 64
 """``prev_hash`` of a tenant's first entry."""
@@ -453,19 +460,42 @@ class Checkpointer:
         with self._lock:
             return self._last.get(tenant)
 
-    async def run(self) -> None:
-        """Sign due heads until cancelled; on cancellation sign all pending heads, then stop."""
+    async def run(self, health: Health | None = None, backoff: Backoff = RETRY) -> None:
+        """Sign due heads until cancelled; on cancellation sign all pending heads, then stop.
+
+        A signing that fails (the checkpoint file cannot be written) leaves the heads pending:
+        it is logged (exception type only), reported to *health* as ``checkpointer`` and
+        retried after *backoff*, until a signing succeeds again.
+        """
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        failures = 0
+        if health is not None:
+            health.register(CHECKPOINTER)
         try:
             while True:
                 due = self.due()
                 if due:
-                    await self.flush(due)
+                    try:
+                        await self.flush(due)
+                    except Exception as exc:  # noqa: BLE001 - logged, reported, retried
+                        failures = health.failed(CHECKPOINTER, exc) if health else failures + 1
+                        _log.warning("background_task_retry", task=CHECKPOINTER, error=type(exc).__name__,
+                                     attempt=failures, retry_in=backoff.delay(failures))
+                        await asyncio.sleep(backoff.delay(failures))
+                        continue
+                    if failures:
+                        _log.info("background_task_recovered", task=CHECKPOINTER, after_failures=failures)
+                    failures = 0
+                    if health is not None:
+                        health.succeeded(CHECKPOINTER)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self._next_timeout())
                 self._wake.clear()
         finally:
-            self.checkpoint_now()
+            try:
+                self.checkpoint_now()
+            except Exception as exc:  # noqa: BLE001 - shutting down; the heads stay unsigned
+                _log.error("checkpoint_at_shutdown_failed", error=type(exc).__name__)
             self._loop = self._wake = None
 
     def _next_timeout(self) -> float | None:

@@ -1,9 +1,15 @@
-"""Background work: tasks that outlive a request, and components that run one task.
+"""Background work: tasks that outlive a request, components that run one task, and their health.
 
 ``Background`` runs one task per key at a time and is drained at shutdown (window maintenance
-after a round, ``session.bounding.maintain``); a failure is logged, never swallowed silently and
-never raised into a request. ``Worker`` is the start/stop of a component whose ``run()`` loops
-until cancelled (the policy and keyring watchers, the retention purge).
+after a round, ``session.bounding.maintain``). ``Worker`` is the start/stop of a component that
+repeats one ``step()`` (the policy and keyring watchers, the retention purge). ``Health`` is
+where every background task reports, and what ``/readyz`` and ``/metrics`` read.
+
+Errors never end a background task. A failed step (or job) is logged with the exception's
+*type* only (its text may come from code that sees content), counted, and retried after an
+exponential backoff (``Backoff``); while a task's last attempt failed, ``Health.unready()``
+names it, so ``/readyz`` answers 503 until the task succeeds again. A task whose asyncio task
+ended for any other reason is reported down for good.
 """
 
 from __future__ import annotations
@@ -11,22 +17,123 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable, Coroutine, Hashable
+import threading
+import time
+from collections.abc import Callable, Coroutine, Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = structlog.get_logger("gateway.background")
+
+WINDOW_MAINTENANCE = "window-maintenance"
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Delays between retries: ``base`` seconds after the first failure, doubling up to ``cap``."""
+
+    base: float = 0.5
+    cap: float = 60.0
+
+    def delay(self, failures: int) -> float:
+        """The wait after *failures* consecutive failures (``failures >= 1``)."""
+        return min(self.cap, self.base * 2 ** max(0, failures - 1))
+
+
+@dataclass(slots=True)
+class TaskHealth:
+    """What is known of one background task. ``up`` is False while its last attempt failed."""
+
+    name: str
+    up: bool = True
+    failures_total: int = 0
+    consecutive_failures: int = 0
+    last_success: float | None = None
+    last_error: str | None = None
+    """The exception type of the last failure (never its text)."""
+
+
+class Health:
+    """The health of every background task, read by ``/readyz`` and collected into ``/metrics``.
+
+    Thread-safe (the checkpointer reports from worker threads' callers). Metrics:
+    ``sessiongate_background_task_up{task}`` (1/0), ``sessiongate_background_task_failures_total{task}``
+    and ``sessiongate_background_task_last_success_timestamp_seconds{task}`` (absent until a
+    first success).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._tasks: dict[str, TaskHealth] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def register(self, name: str) -> None:
+        """Make *name* known (up, no failures) so that it shows in ``/metrics`` from the start."""
+        with self._lock:
+            self._tasks.setdefault(name, TaskHealth(name))
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            task = self._tasks.setdefault(name, TaskHealth(name))
+            task.up, task.consecutive_failures, task.last_success = True, 0, self._clock()
+
+    def failed(self, name: str, exc: BaseException) -> int:
+        """Count a failure of *name*; returns its number of consecutive failures."""
+        with self._lock:
+            task = self._tasks.setdefault(name, TaskHealth(name))
+            task.up = False
+            task.failures_total += 1
+            task.consecutive_failures += 1
+            task.last_error = type(exc).__name__
+            return task.consecutive_failures
+
+    def snapshot(self) -> list[TaskHealth]:
+        """A copy of every task's health, by name."""
+        with self._lock:
+            return [TaskHealth(t.name, t.up, t.failures_total, t.consecutive_failures, t.last_success,
+                               t.last_error) for _, t in sorted(self._tasks.items())]
+
+    def unready(self) -> list[TaskHealth]:
+        """The tasks that cannot do their job now (their last attempt failed)."""
+        return [t for t in self.snapshot() if not t.up]
+
+    def collect(self) -> Iterator[Metric]:
+        """The prometheus_client collector protocol (``registry.register(health)``)."""
+        tasks = self.snapshot()
+        up = GaugeMetricFamily("sessiongate_background_task_up",
+                               "1 while a background task does its job, 0 while it fails and retries",
+                               labels=["task"])
+        failures = CounterMetricFamily("sessiongate_background_task_failures",
+                                       "Failed attempts of a background task", labels=["task"])
+        success = GaugeMetricFamily("sessiongate_background_task_last_success_timestamp_seconds",
+                                    "Unix time of a background task's last successful run", labels=["task"])
+        for t in tasks:
+            up.add_metric([t.name], 1.0 if t.up else 0.0)
+            failures.add_metric([t.name], float(t.failures_total))
+            if t.last_success is not None:
+                success.add_metric([t.name], t.last_success)
+        yield up
+        yield failures
+        yield success
 
 
 class Background:
     """Keyed background jobs: at most one task per key runs at a time, and a job asked for while
     its key is busy runs once more after it (several such asks fold into one), so the last ask
-    is never lost."""
+    is never lost. A failed job is retried with backoff up to ``attempts`` times (unless a newer
+    ask for its key is waiting, which runs instead) and reported to ``health`` as ``name``."""
 
-    def __init__(self) -> None:
+    def __init__(self, health: Health | None = None, *, name: str = WINDOW_MAINTENANCE, attempts: int = 5,
+                 backoff: Backoff = Backoff(0.5, 8.0)) -> None:
         self._tasks: dict[Hashable, asyncio.Task[Any]] = {}
         self._again: dict[Hashable, Callable[[], Coroutine[Any, Any, Any]]] = {}
+        self.health = health if health is not None else Health()
+        self.name, self.attempts, self.backoff = name, attempts, backoff
+        self.health.register(name)
+        self._closing: asyncio.Event | None = None
 
     def start(self, key: Hashable, job: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run ``job()`` now, or right after the running task of *key* ends."""
@@ -34,39 +141,108 @@ class Background:
         if running is not None and not running.done():
             self._again[key] = job
             return
-        task = asyncio.get_running_loop().create_task(job())
+        task = asyncio.get_running_loop().create_task(self._supervised(key, job))
         self._tasks[key] = task
         task.add_done_callback(functools.partial(self._done, key))
+
+    async def _supervised(self, key: Hashable, job: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        if self._closing is None:
+            self._closing = asyncio.Event()
+        failures = 0
+        while True:
+            try:
+                result = await job()
+            except Exception as exc:
+                failures = self.health.failed(self.name, exc)
+                if failures >= self.attempts or key in self._again or self._closing.is_set():
+                    log.error("background_task_gave_up", task=self.name, error=type(exc).__name__,
+                              attempts=failures)
+                    return None
+                delay = self.backoff.delay(failures)
+                log.warning("background_task_retry", task=self.name, error=type(exc).__name__,
+                            attempt=failures, retry_in=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+                continue
+            self.health.succeeded(self.name)
+            return result
 
     def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("background_task_failed", task=str(key)[:80], error=type(exc).__name__, detail=str(exc)[:200])
+        if not task.cancelled() and task.exception() is not None:  # only a BaseException gets here
+            log.error("background_task_failed", task=self.name, error=type(task.exception()).__name__)
         again = self._again.pop(key, None)
         if again is not None and not task.cancelled():
             self.start(key, again)
 
     async def drain(self) -> None:
-        """Wait for every running task (at shutdown)."""
+        """Wait for every running task (at shutdown); jobs waiting for a retry give up."""
+        if self._closing is None:
+            self._closing = asyncio.Event()
+        self._closing.set()
         while self._tasks:
             await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
 
 
 class Worker:
-    """A component with one background task: ``start()`` runs ``run()``, ``stop()`` cancels it and
-    waits for it to end. Both are idempotent."""
+    """A component with one background task that repeats :meth:`step`.
+
+    ``start()`` runs the loop, ``stop()`` cancels it and waits for it to end (both idempotent).
+    The loop waits ``interval`` seconds (``first_delay`` before the first step), runs ``step()``,
+    and on an exception logs its type, reports it to ``health`` and waits ``backoff`` instead;
+    the first step that succeeds again reports the task healthy.
+    """
 
     name = "worker"
+    interval: float = 1.0
+    first_delay: float | None = None
+    """Seconds before the first step; None: ``interval``."""
+    backoff: Backoff = Backoff()
+    health: Health | None = None
     _task: asyncio.Task[None] | None = None
 
-    async def run(self) -> None:
+    async def step(self) -> None:
+        """One unit of the task's work; raises when it could not be done (it is retried)."""
         raise NotImplementedError
+
+    def attach(self, health: Health) -> None:
+        """Report to *health* from now on."""
+        self.health = health
+        health.register(self.name)
+
+    async def run(self) -> None:
+        failures = 0
+        delay = self.interval if self.first_delay is None else self.first_delay
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.step()
+            except Exception as exc:
+                failures = self.health.failed(self.name, exc) if self.health else failures + 1
+                delay = self.backoff.delay(failures)
+                log.warning("background_task_retry", task=self.name, error=type(exc).__name__,
+                            attempt=failures, retry_in=delay)
+                continue
+            if failures:
+                log.info("background_task_recovered", task=self.name, after_failures=failures)
+                failures = 0
+            if self.health is not None:
+                self.health.succeeded(self.name)
+            delay = self.interval
 
     async def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self.run(), name=self.name)
+            self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._task is not task:
+            return
+        exc = task.exception()
+        log.error("background_task_ended", task=self.name, error=type(exc).__name__ if exc else None)
+        if self.health is not None:
+            self.health.failed(self.name, exc or RuntimeError("ended"))
 
     async def stop(self) -> None:
         task, self._task = self._task, None

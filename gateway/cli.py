@@ -148,13 +148,18 @@ def cmd_clients_new(args: argparse.Namespace) -> int:
 # --- sessions --------------------------------------------------------------------------
 
 async def _with_sessions(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
-    from gateway.app import key_provider, open_store
+    from gateway.app import holds_data_keys, key_provider, open_store
     from gateway.keyring import Keyring
     from gateway.sessions import SessionService
 
     store = open_store(settings)
     await store.open()
-    svc = SessionService(store, Keyring.from_provider(key_provider(settings)))
+    try:
+        provider = key_provider(settings, store_has_data_keys=await holds_data_keys(store))
+        svc = SessionService(store, Keyring.from_provider(provider))
+    except BaseException:
+        await store.close()
+        raise
     try:
         return await fn(svc)
     finally:
@@ -167,7 +172,7 @@ async def _import_policy(settings: Settings, store: Any, tenant: str, session_id
     from gateway.policy import load_policy_set
     from gateway.policy.versions import PolicyVersions
 
-    policies = load_policy_set(settings.policies.path)
+    policies = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules)
     await PolicyVersions(store).record(policies)
     return policies.match(tenant, None, session_id)
 
@@ -191,16 +196,17 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         elif args.action == "export":
             print(json.dumps(await svc.export(tenant, sid), indent=2, ensure_ascii=False))
         elif args.action == "import":
+            from gateway.session.lenient_json import JSON5Error, loads_json5
+
             source = sys.stdin.read() if args.file in (None, "-") else _read_text(args.file)
             try:
-                data = json.loads(source)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"not valid JSON: {exc.msg}", file=args.file or "<stdin>", line=exc.lineno,
-                                  column=exc.colno) from None
+                data = loads_json5(source.removeprefix("\ufeff"))  # JSON or JSON5, as Agently loads
+            except JSON5Error as exc:
+                raise ConfigError("neither JSON nor JSON5", file=args.file or "<stdin>", line=exc.line,
+                                  column=exc.column) from None
             policy = await _import_policy(settings, svc.store, tenant, sid)
             try:
-                added = await svc.import_agently(tenant, sid, data, new_request_id(),
-                                                 policy_id=policy.id, policy_hash=policy.version_hash)
+                added = await svc.import_agently(tenant, sid, data, new_request_id(), policy)
             except Conflict:
                 return _fail(f"session {tenant}/{sid} already holds a different history, and recorded history is "
                              f"append-only: erase it first ('sessiongate sessions erase --tenant {tenant} {sid}') "
@@ -232,9 +238,11 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     from gateway.policy import main_check
 
     paths = args.paths
+    settings = _settings(args) if not paths or args.config or DEFAULT_CONFIG.exists() else Settings()
     if not paths:
-        paths = [str(_settings(args).policies.path)]
-    return main_check(paths)
+        paths = [str(settings.policies.path)]
+    # hooks only from the configuration's allow-list: checking an untrusted file imports nothing else
+    return main_check(paths, hook_modules=settings.policies.hook_modules)
 
 
 def _read_text(path: str) -> str:
@@ -261,7 +269,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     from gateway.stages.resolve_session import check_session_id
 
     settings = _settings(args)
-    policies = load_policy_set(Path(args.policies) if args.policies else settings.policies.path)
+    policies = load_policy_set(Path(args.policies) if args.policies else settings.policies.path,
+                               hook_modules=settings.policies.hook_modules)
     request = _load_json_file(args.request)
     if not isinstance(request, dict):
         raise ConfigError("must hold a chat completion request object", file=args.request)
@@ -441,7 +450,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gateway.stages.resolve_session import check_session_id
 
     settings = _settings(args)
-    policies = load_policy_set(settings.policies.path)
+    policies = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules)
     try:
         since = parse_time(args.since) if args.since else None
         until = parse_time(args.until) if args.until else None
@@ -486,7 +495,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from gateway.retention import purge_expired
 
     settings = _settings(args)
-    policies = load_policy_set(settings.policies.path)
+    policies = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules)
     totals = _run(_with_sessions(settings, lambda svc: purge_expired(svc, policies)))
     print(f"purged {totals['rounds']} expired rounds; erased {totals['sessions']} sessions")
     return 0

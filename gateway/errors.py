@@ -16,6 +16,7 @@ content, keys or tokens.
     ├── Conflict                 409 conflict_error
     ├── RequestTimeout           408 invalid_request_error (a body that stopped arriving)
     ├── PayloadTooLarge          413 invalid_request_error
+    ├── ImportNotWhitelisted     422 invalid_request_error (an import the session's policy would not record)
     ├── IntegrityError           500 integrity_error (stored data failed an integrity check)
     ├── StoreUnavailable         503 service_unavailable
     ├── UpstreamError            502 upstream_error (unreachable, broken reply)
@@ -84,6 +85,13 @@ class RequestTimeout(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class ImportNotWhitelisted(GatewayError):
+    """A session import holds something the session's policy would never have recorded; the
+    message names the field and message index, never the content."""
+
+    status, type, code = 422, "invalid_request_error", "import_not_whitelisted"
 
 
 class IntegrityError(GatewayError):

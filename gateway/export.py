@@ -315,7 +315,7 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
     partial = [p.with_name(f".{p.name}.partial") for p in (records_path, audit_path, manifest_path)]
     try:
         through = await head_seq() if head_seq is not None else None
-        with partial[0].open("wb") as f:
+        with _private(partial[0]) as f:
             summary = await write_records(records, f, fmt=fmt, redactor_for=redactor_for, progress=progress)
             _sync(f)
         redaction = dict(sorted(summary.redaction.items()))
@@ -333,7 +333,7 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
                       else export_row.created_at)
         since = filters_doc.get("since")  # every round entry of the scope must be in the bundle
         start_time = min(start_time, since - audit_slack) if isinstance(since, int | float) else 0.0
-        with partial[1].open("wb") as f:
+        with _private(partial[1]) as f:
             audit = await _write_audit(iter_audit(0), f, tenant=tenant, start_time=start_time,
                                        start_seq=export_row.seq, checkpoint=checkpoint)
             _sync(f)
@@ -348,7 +348,7 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
             "audit": {"file": audit_path.name, **audit, "export_seq": export_row.seq},
             "checkpoint": checkpoint.to_dict(),
         }
-        with partial[2].open("wb") as f:
+        with _private(partial[2]) as f:
             f.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
             _sync(f)
         for tmp, final in zip(partial, (records_path, audit_path, manifest_path), strict=True):
@@ -357,6 +357,14 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
     finally:
         for tmp in partial:
             tmp.unlink(missing_ok=True)
+
+
+def _private(path: Path) -> BinaryIO:
+    """A new file at *path* that only its owner can read or write (0600, whatever the umask);
+    a file left there by an earlier run is replaced."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def _sync(f: BinaryIO) -> None:

@@ -10,9 +10,11 @@ ended by closing the connection instead. Forwarded ``/v1/*`` routes live in ``ga
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import os
+import re
 import tarfile
 import tempfile
 import time
@@ -27,11 +29,13 @@ from aiohttp import web
 from gateway import pipeline
 from gateway.auth import Principal
 from gateway.context import Context, Services
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import BadRequest, GatewayError, NotFound
 from gateway.export import FORMATS, bundle_paths
 from gateway.observe import set_outcome
 from gateway.proxy import forward_route
-from gateway.stages.parse_request import parse_json_object, read_limited
+from gateway.session.lenient_json import parse_session_document
+from gateway.settings import TENANT_PATTERN
+from gateway.stages.parse_request import read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
 from gateway.tracing import finish_request
@@ -184,10 +188,10 @@ async def export_session(request: web.Request) -> web.Response:
 
 async def import_session(request: web.Request) -> web.Response:
     services, tenant, sid = _session_target(request)
-    data = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
-    policy = services.policies.current.match(tenant, None, sid)  # governs the imported round
-    added = await services.sessions.import_agently(tenant, sid, data, new_request_id(),
-                                                   policy_id=policy.id, policy_hash=policy.version_hash)
+    raw = await read_limited(request, services.settings.server.max_body_bytes)
+    data = await asyncio.to_thread(parse_session_document, raw)  # JSON or JSON5, as Agently loads
+    policy = services.policies.current.match(tenant, None, sid)  # the session's policy at import time
+    added = await services.sessions.import_agently(tenant, sid, data, new_request_id(), policy)
     return json_response({"id": sid, "imported_messages": added})
 
 
@@ -218,9 +222,13 @@ def _time_param(request: web.Request, name: str) -> float | None:
 
 
 def _tenant_param(request: web.Request) -> str:
+    """The ``tenant`` query parameter, held to the configuration's rule for tenant names (400)."""
     tenant = request.query.get("tenant")
     if not tenant:
         raise BadRequest("the 'tenant' query parameter is required")
+    if not _TENANT.fullmatch(tenant):
+        raise BadRequest("'tenant' must be a tenant name as the configuration allows: 1 to 64 letters, "
+                         "digits, '_', '.' or '-'", code="invalid_tenant")
     return tenant
 
 
@@ -229,6 +237,9 @@ def _auditor_tenant(request: web.Request) -> tuple[Principal, str]:
     cover (``Forbidden`` otherwise): the one tenant check of every admin route."""
     auditor = request.app[SERVICES].auth.auditor(request.headers.get("Authorization"))
     return auditor, auditor.check_tenant(_tenant_param(request))
+
+
+_TENANT = re.compile(TENANT_PATTERN.removeprefix("^").removesuffix("$"))
 
 
 async def admin_public_key(request: web.Request) -> web.Response:
@@ -257,10 +268,14 @@ async def admin_export(request: web.Request) -> web.StreamResponse:
         raise BadRequest(f"'format' must be one of {', '.join(FORMATS)}")
     sid = request.query.get("session")
     since, until = _time_param(request, "since"), _time_param(request, "until")
+    sid = check_session_id(sid) if sid else None
+    if tenant not in await services.sessions.store.tenants():
+        raise NotFound(f"no tenant '{tenant}' in this gateway's store (no audit chain, no sessions)")
     with tempfile.TemporaryDirectory(prefix="sessiongate-export-") as tmp:
-        out = Path(tmp) / f"{tenant}-export.{ 'csv' if fmt == 'csv' else 'jsonl'}"
+        # built from the validated tenant only: letters, digits, '_', '.', '-' (never a path)
+        out = Path(tmp) / f"{tenant}-export.{'csv' if fmt == 'csv' else 'jsonl'}"
         await services.audit.export(services.sessions, services.policies.current, out, tenant=tenant, fmt=fmt,
-                                    session_id=check_session_id(sid) if sid else None, since=since, until=until)
+                                    session_id=sid, since=since, until=until)
         log.info("export", auditor=auditor.name, tenant=tenant, session_id=sid, format=fmt)
         resp = web.StreamResponse(headers={
             "Content-Type": "application/x-tar",
@@ -285,11 +300,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 when the store answers and every background task does its job; 503 with a reason
+    naming what is not (a failing task is named with its last exception type only)."""
     services = request.app[SERVICES]
     try:
         await services.sessions.store.tenants()
     except GatewayError as exc:
         return json_response({"status": "unavailable", "reason": exc.message}, status=503)
+    failing = services.background.health.unready()
+    if failing:
+        reason = "; ".join(f"background task {t.name} is failing ({t.last_error}, {t.consecutive_failures} "
+                           "attempt(s)) and retrying" for t in failing)
+        return json_response({"status": "unavailable", "reason": reason,
+                              "tasks": [t.name for t in failing]}, status=503)
     return json_response({"status": "ready", "policies": len(services.policies.current.policies)})
 
 

@@ -61,7 +61,13 @@ async def rewrap_all(sessions: SessionService) -> RewrapReport:
 
 
 class KeyringWatcher(Worker):
-    """Polls a keyring file; on change reloads it into *sessions* and re-wraps in the background."""
+    """Polls a keyring file; on change reloads it into *sessions* and re-wraps in the background.
+
+    A change is taken as seen only once the new keyring is loaded, and a new primary only once
+    every data key is re-wrapped under it: a file that cannot be read or loaded (descriptor
+    exhaustion, an invalid edit, a missing file) or a re-wrap that fails is retried with backoff,
+    and the watcher reports itself unhealthy (``/readyz`` 503) until it succeeds.
+    """
 
     name = "keyring-watcher"
 
@@ -72,34 +78,30 @@ class KeyringWatcher(Worker):
         # the primary this watcher last re-wrapped for; not sessions.keyring.primary_id, which
         # SessionService.reload_keyring may already have advanced without re-wrapping anything
         self._primary = sessions.keyring.primary_id
+        self._wanted = self._primary
 
     def _stamp(self) -> tuple[int, int] | None:
+        """(mtime_ns, size) of the file; None when it does not exist. Other errors are raised."""
         try:
             st = os.stat(self.path)
-        except OSError:
+        except FileNotFoundError:
             return None
         return st.st_mtime_ns, st.st_size
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            stamp = self._stamp()
-            if stamp == self._seen:
-                continue
-            self._seen = stamp
+    async def step(self) -> None:
+        stamp = self._stamp()
+        if stamp != self._seen:
             try:
                 keyring = await asyncio.to_thread(self.load)
             except ConfigError as exc:
-                log.error("keyring_reload_refused", detail=str(exc))
-                continue
+                log.error("keyring_reload_refused", field=exc.field, file=exc.file)
+                raise
             self.sessions.keyring = keyring
+            self._seen, self._wanted = stamp, keyring.primary_id
             log.info("keyring_reloaded", primary=keyring.primary_id, keys=keyring.ids())
-            if keyring.primary_id != self._primary:
-                self._primary = keyring.primary_id
-                try:
-                    # an empty write as a barrier: plans that wrapped with the old keyring have
-                    # committed before it returns, so the scan below sees their data keys
-                    await self.sessions.store.transact(SYSTEM_TENANT, None, lambda cur: Changes())
-                    await rewrap_all(self.sessions)
-                except Exception as exc:  # noqa: BLE001 - logged; the next rotation or the CLI retries
-                    log.error("rewrap_failed", error=type(exc).__name__, detail=str(exc)[:200])
+        if self._wanted != self._primary:
+            # an empty write as a barrier: plans that wrapped with the old keyring have
+            # committed before it returns, so the scan below sees their data keys
+            await self.sessions.store.transact(SYSTEM_TENANT, None, lambda cur: Changes())
+            await rewrap_all(self.sessions)
+            self._primary = self._wanted

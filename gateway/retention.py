@@ -13,13 +13,12 @@ absorbed from expired rounds (a summary) stays in the memo: a memo is not tracea
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import structlog
 
-from gateway.background import Worker
+from gateway.background import Backoff, Worker
 from gateway.policy import PolicySet, PolicyWatcher
 from gateway.policy.versions import PolicyVersion, PolicyVersions
 from gateway.session.model import Message
@@ -92,17 +91,15 @@ async def _expired(sessions: SessionService, tenant: str, until: float, versions
 
 
 class RetentionTask(Worker):
-    """Runs :func:`purge_expired` every *interval* seconds."""
+    """Runs :func:`purge_expired` at start and then every *interval* seconds; a purge that fails
+    is retried with backoff (capped at *interval*) and reported unhealthy until one succeeds."""
 
     name = "retention"
+    first_delay = 0.0
 
     def __init__(self, sessions: SessionService, policies: PolicyWatcher, interval: float = 3600.0) -> None:
         self.sessions, self.policies, self.interval = sessions, policies, interval
+        self.backoff = Backoff(min(1.0, interval), interval)
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await purge_expired(self.sessions, self.policies.current)
-            except Exception as exc:  # noqa: BLE001 - logged; retried at the next interval
-                log.error("retention_failed", error=type(exc).__name__, detail=str(exc)[:200])
-            await asyncio.sleep(self.interval)
+    async def step(self) -> None:
+        await purge_expired(self.sessions, self.policies.current)

@@ -31,7 +31,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -40,6 +40,7 @@ from gateway import crypto, evidence
 from gateway.erasure import ErasureFinisher
 from gateway.errors import Conflict, GatewayError, IntegrityError, NotFound
 from gateway.keyring import Keyring
+from gateway.session.importing import hold_to_policy
 from gateway.session.model import (
     SYNC_STRATEGIES,
     Message,
@@ -51,6 +52,9 @@ from gateway.session.model import (
     to_agently,
 )
 from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store
+
+if TYPE_CHECKING:
+    from gateway.policy import Policy
 
 log = structlog.get_logger("gateway.sessions")
 
@@ -351,19 +355,23 @@ class SessionService:
         if not ok:
             raise NotFound(f"no session '{session_id}' for this tenant")
 
-    async def import_agently(self, tenant: str, session_id: str, data: Any, request_id: str, *,
-                             policy_id: str = "import", policy_hash: str = "") -> int:
+    async def import_agently(self, tenant: str, session_id: str, data: Any, request_id: str,
+                             policy: Policy | None = None) -> int:
         """Load Agently JSON. A new session takes it whole; an existing one must hold a prefix
         of the imported ``full_context`` (recorded history is append-only), and gains the rest.
-        *policy_id*/*policy_hash* name the policy that matches the session at import time; the
-        imported round records them, so that version governs its redaction and retention.
-        Returns how many messages were appended."""
+        With *policy* (the session's, matched at import time) the import is held to it first
+        (``session.importing.hold_to_policy``: ``ImportNotWhitelisted`` for what it would not
+        record). The imported round carries that policy's id and version hash, so that version
+        governs its redaction and retention. Returns how many messages were appended."""
+        policy_id, policy_hash = (policy.id, policy.version_hash) if policy is not None else ("import", "")
         full, state = from_agently(data)
         await self.check(tenant, session_id, request_id)  # never import into a quarantined or altered session
         existing = await self.full_context(tenant, session_id)
         if full[: len(existing)] != existing:
             raise Conflict(f"session '{session_id}' already holds a different history; recorded history is "
                            "append-only, so DELETE the session first or import into a new id")
+        if policy is not None:
+            state = hold_to_policy(full, state, policy, stored=existing)
         added = full[len(existing):]
         meta = RoundMeta(request_id, policy_id, policy_hash, "imported", "import")
 

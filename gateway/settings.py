@@ -93,6 +93,10 @@ class UpstreamSettings(_Strict):
         return value
 
 
+TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""What a tenant name may be (clients' ``tenant``; checked again wherever a tenant comes from a request)."""
+
+
 class ClientSettings(_Strict):
     name: str
     tenant: str = Field(pattern=TENANT_PATTERN)
@@ -161,6 +165,9 @@ class KeySettings(_Strict):
 class PolicySettings(_Strict):
     path: Path = Path("policies")
     reload_interval: float = Field(0.5, gt=0)
+    hook_modules: list[str] = Field(default_factory=list, description=(
+        "modules policy hooks may come from (names or globs, e.g. myhooks, myhooks.*); "
+        "empty: policies with hooks are refused"))
 
 
 class AuditSettings(_Strict):

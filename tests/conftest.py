@@ -94,12 +94,15 @@ class Gateway:
         return b"".join(p.read_bytes() for p in self.dir.glob("gateway.db*"))
 
 
-def write_config(directory: Path, upstream_url: str | None, policies: Path, **overrides: Any) -> Path:
+def write_config(directory: Path, upstream_url: str | None, policies: Path, *, hook_modules: list[str] | None = None,
+                 **overrides: Any) -> Path:
     config: dict[str, Any] = yaml.safe_load((REPO / "config/sessiongate.yaml").read_text())
     config["upstreams"] = [{"name": "standin", "base_url": upstream_url, "models": ["*"]}] if upstream_url else []
     config["store"] = {"backend": "sqlite", "path": str(directory / "gateway.db")}
     config["keys"] = {"master_key_file": str(directory / "master-keys.json")}
     config["policies"] = {"path": str(policies), "reload_interval": 0.2}
+    if hook_modules is not None:
+        config["policies"]["hook_modules"] = hook_modules
     config["audit"] = {"signing_key_file": str(directory / "audit-signing.key"),
                        "checkpoint_file": str(directory / "checkpoints.jsonl"), "checkpoint_every": 5}
     for key, value in overrides.items():
@@ -143,14 +146,15 @@ def make_gateway(tmp_path: Path, upstream: Upstream) -> Iterator[Callable[..., G
     servers: list[_Server] = []
 
     def make(policies: Path | None = None, *, name: str = "gw", use_upstream: bool = True,
-             **overrides: Any) -> Gateway:
+             hook_modules: list[str] | None = None, **overrides: Any) -> Gateway:
         directory = tmp_path / name
         directory.mkdir(exist_ok=True)
         if policies is None:
             policies = directory / "policies"
             if not policies.exists():
                 shutil.copytree(REPO / "policies", policies)
-        config_path = write_config(directory, upstream.url if use_upstream else None, policies, **overrides)
+        config_path = write_config(directory, upstream.url if use_upstream else None, policies,
+                                   hook_modules=hook_modules, **overrides)
         settings = load_settings(config_path)
         log_path = directory / "gateway.log"
         logs.configure("debug", "json", stream=log_path.open("a", buffering=1))

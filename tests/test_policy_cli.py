@@ -5,6 +5,7 @@ field: message`` with exit code 1, a valid folder exits 0, and warnings never fa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,11 +88,31 @@ def test_unimportable_hook_names_the_module(tmp_path: Path) -> None:
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text(text.replace("MODULE", "tests.session.fold_hook"))
     bad.write_text(text.replace("MODULE", "no_such_hooks"))
-    assert cli("policy", "check", str(good)).returncode == 0
-    done = cli("policy", "check", str(bad))
+    config = tmp_path / "sessiongate.yaml"
+    config.write_text(yaml.safe_dump({"policies": {"hook_modules": ["tests.session.*", "no_such_hooks"]}}))
+    assert cli("policy", "check", "--config", str(config), str(good)).returncode == 0
+    done = cli("policy", "check", "--config", str(config), str(bad))
     assert done.returncode == 1
     assert done.stdout.startswith(f"{bad}:9:15: error: session.bounding.analysis: cannot import module "
                                   "'no_such_hooks'")
+
+
+def test_policy_check_of_an_untrusted_hook_imports_nothing(tmp_path: Path) -> None:
+    """With the default (empty) allow-list a hook policy is refused at its line, naming the setting,
+    and its module is never imported."""
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_hooks.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                            "def analysis(a, b, c, d):\n    return None\n")
+    path = tmp_path / "hooked.yaml"
+    path.write_text("id: hooked\nsession:\n  input_keys: null\n  reply_keys: null\n  bounding:\n"
+                    "    strategy: hook\n    analysis: evil_hooks:analysis\n")
+    done = subprocess.run([sys.executable, "-m", "gateway", "policy", "check", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=60, env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"})
+    assert done.returncode == 1
+    assert done.stdout.startswith(f"{path}:7:15: error: session.bounding.analysis: hook module 'evil_hooks' "
+                                  "is not allowed"), done.stdout
+    assert "policies.hook_modules" in done.stdout
+    assert not marker.exists()
 
 
 def test_same_priority_overlap_is_reported_at_the_later_file(tmp_path: Path) -> None:

@@ -98,6 +98,12 @@ are imported and checked (callable, four positional parameters) when the policy 
 modules are imported once per process: a policy edit is reloaded live, a change to the
 hook's code needs a restart.
 
+Hooks run in the process that holds the master keys, so a policy may only name modules the
+gateway's configuration allows: `policies.hook_modules` lists module names or globs
+(`["myhooks", "myhooks.*"]`) and is empty by default. A hook from any other module refuses the
+policy at load time, at the hook's line, naming the setting; nothing is imported, so
+`sessiongate policy check` of a file you do not trust runs none of its code.
+
 ## Version hash
 
 `version_hash` is the SHA-256 (hex) of the validated policy serialised as JSON with sorted

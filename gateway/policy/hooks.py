@@ -11,6 +11,14 @@ validator behind the ``HookRef`` fields of :mod:`gateway.policy.model`); :func:`
 one and awaits it when it is async. A hook module is imported once per process: editing a
 policy file reloads the policy, editing the hook's code needs a restart.
 
+Hooks run in the process that holds the master keys, so a policy file may only name modules the
+operator's configuration allows (``policies.hook_modules``: module names or globs such as
+``myhooks`` and ``myhooks.*``; empty by default, which refuses every hook policy).
+:func:`check_allowed` decides that from the reference's text alone, before anything is imported;
+the policy loader passes the allow-list as pydantic validation context (``HOOK_MODULES``), so a
+policy file that names a module outside it is refused at load time (``policy check`` included)
+and nothing of it is imported.
+
 Raises ``ValueError`` (never ``ImportError``) so that pydantic reports it at the field.
 """
 
@@ -19,7 +27,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from fnmatch import fnmatchcase
 from functools import lru_cache
 from typing import Any
 
@@ -29,6 +38,29 @@ HOOK_REF_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)
 HOOK_PARAMETERS = ("full_context", "context_window", "memo", "session_settings")
 
 _REF = re.compile(HOOK_REF_PATTERN)
+
+HOOK_MODULES = "hook_modules"
+"""The validation-context key holding the allowed hook modules (``policies.hook_modules``)."""
+SETTING = "policies.hook_modules"
+
+
+def check_allowed(ref: str, allowed: Iterable[str]) -> str:
+    """Check that *ref* is ``module:function`` and that its module is in *allowed* (names or
+    globs; ``pkg.*`` covers ``pkg``'s submodules). Imports nothing.
+
+    Raises:
+        ValueError: malformed reference, or a module the configuration does not allow.
+    """
+    if not _REF.fullmatch(ref):
+        raise ValueError(f"hook {ref!r} must look like 'package.module:function'")
+    module = ref.partition(":")[0]
+    patterns = list(allowed)
+    if not any(fnmatchcase(module, pattern) for pattern in patterns):
+        listed = ", ".join(repr(p) for p in patterns) if patterns else "empty"
+        raise ValueError(f"hook module {module!r} is not allowed by the gateway configuration: add it to "
+                         f"{SETTING} (now {listed}) to let policies run it; hooks run in the process that "
+                         "holds the master keys")
+    return ref
 
 
 @lru_cache(maxsize=256)

@@ -22,6 +22,7 @@ never runs, a policy shadowed by a higher-priority one.
 from __future__ import annotations
 
 import difflib
+import errno
 import sys
 import types
 import typing
@@ -34,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import ConfigError
+from gateway.policy.hooks import HOOK_MODULES
 from gateway.policy.matcher import PolicySet, check_set
 from gateway.policy.model import Policy, SimpleCut
 
@@ -80,6 +82,10 @@ class PolicyConfigError(ConfigError):
 # --- files ---------------------------------------------------------------------------------
 
 
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN, errno.EINTR})
+"""Read errors that say nothing about the file (descriptor exhaustion, I/O): raised, not reported."""
+
+
 def policy_files(folder: Path) -> list[Path]:
     """The policy files of ``folder`` (not recursive), sorted by name."""
     return sorted(p for p in folder.iterdir()
@@ -95,17 +101,25 @@ class _Loaded:
     diagnostics: list[Diagnostic]
 
 
-def load_policy_file(path: Path) -> tuple[Policy | None, list[Diagnostic]]:
-    """Load and validate one file. Returns the policy (None on any error) and its diagnostics."""
-    loaded = _load_file(path)
+def load_policy_file(path: Path, *, hook_modules: Sequence[str] = ()) -> tuple[Policy | None, list[Diagnostic]]:
+    """Load and validate one file. Returns the policy (None on any error) and its diagnostics.
+
+    *hook_modules* is the configuration's ``policies.hook_modules``: a hook from any other
+    module is an error at its field, and is not imported.
+    """
+    loaded = _load_file(path, hook_modules)
     return loaded.policy, loaded.diagnostics
 
 
-def _load_file(path: Path) -> _Loaded:
+def _load_file(path: Path, hook_modules: Sequence[str] = ()) -> _Loaded:
     file = str(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise  # the machine, not the file: the caller retries (a reload is not refused)
+        return _Loaded(file, None, {}, [Diagnostic("error", file, None, None, "", f"cannot read: {exc}")])
+    except UnicodeDecodeError as exc:
         return _Loaded(file, None, {}, [Diagnostic("error", file, None, None, "", f"cannot read: {exc}")])
     try:
         data, marks, duplicates = _parse_yaml(text)
@@ -121,7 +135,7 @@ def _load_file(path: Path) -> _Loaded:
                                                  f"this one is {what}"))
         return _Loaded(file, None, marks, diagnostics)
     try:
-        policy = Policy.model_validate(data)
+        policy = Policy.model_validate(data, context={HOOK_MODULES: tuple(hook_modules)})
     except ValidationError as exc:
         diagnostics += [_error_diagnostic(file, marks, data, err) for err in exc.errors(include_url=False)]
         return _Loaded(file, None, marks, diagnostics)
@@ -362,9 +376,9 @@ def policy_warnings(policy: Policy) -> list[tuple[Loc, str]]:
 # --- sets ----------------------------------------------------------------------------------
 
 
-def _load_group(files: Sequence[Path], *, label: str,
-                require_catch_all: bool) -> tuple[list[Policy], list[Diagnostic]]:
-    loaded = [_load_file(path) for path in files]
+def _load_group(files: Sequence[Path], *, label: str, require_catch_all: bool,
+                hook_modules: Sequence[str] = ()) -> tuple[list[Policy], list[Diagnostic]]:
+    loaded = [_load_file(path, hook_modules) for path in files]
     diagnostics = [d for item in loaded for d in item.diagnostics]
     valid = [item for item in loaded if item.policy is not None]
     policies = [item.policy for item in valid if item.policy is not None]
@@ -387,24 +401,29 @@ def _group(path: Path) -> tuple[list[Path], bool] | None:
     return None
 
 
-def check(paths: list[Path]) -> list[Diagnostic]:
-    """Every error and warning for ``paths`` (folders and files; see the module docstring)."""
+def check(paths: list[Path], *, hook_modules: Sequence[str] = ()) -> list[Diagnostic]:
+    """Every error and warning for ``paths`` (folders and files; see the module docstring).
+
+    Imports no hook module outside *hook_modules* (``policies.hook_modules``)."""
     diagnostics: list[Diagnostic] = []
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            diagnostics += _load_group(policy_files(path), label=str(path), require_catch_all=True)[1]
+            diagnostics += _load_group(policy_files(path), label=str(path), require_catch_all=True,
+                                       hook_modules=hook_modules)[1]
         elif path.is_file():
             files.append(path)
         else:
             diagnostics.append(Diagnostic("error", str(path), None, None, "", "no such file or folder"))
     if files:
-        diagnostics += _load_group(files, label=str(files[0]), require_catch_all=False)[1]
+        diagnostics += _load_group(files, label=str(files[0]), require_catch_all=False,
+                                   hook_modules=hook_modules)[1]
     return diagnostics
 
 
-def load_policy_set(path: Path) -> PolicySet:
-    """Load a policy folder (or one file holding a catch-all policy) as a set.
+def load_policy_set(path: Path, *, hook_modules: Sequence[str] = ()) -> PolicySet:
+    """Load a policy folder (or one file holding a catch-all policy) as a set; hooks only from
+    *hook_modules* (``policies.hook_modules``).
 
     Raises:
         PolicyConfigError: any error; its message lists all of them, one per line.
@@ -414,19 +433,21 @@ def load_policy_set(path: Path) -> PolicySet:
     if group is None:
         raise PolicyConfigError([Diagnostic("error", str(path), None, None, "", "no such file or folder")])
     files, require_catch_all = group
-    policies, diagnostics = _load_group(files, label=str(path), require_catch_all=require_catch_all)
+    policies, diagnostics = _load_group(files, label=str(path), require_catch_all=require_catch_all,
+                                        hook_modules=hook_modules)
     if any(d.severity == "error" for d in diagnostics):
         raise PolicyConfigError(diagnostics)
     return PolicySet(policies, warnings=diagnostics)
 
 
-def main_check(argv: Sequence[str] | None = None) -> int:
+def main_check(argv: Sequence[str] | None = None, *, hook_modules: Sequence[str] = ()) -> int:
     """``sessiongate policy check [PATH...]``: print diagnostics; 1 on any error, else 0.
 
-    ``argv`` holds the paths only (default: ``policies``).
+    ``argv`` holds the paths only (default: ``policies``); *hook_modules* the configuration's
+    allow-list (nothing outside it is imported).
     """
     paths = [Path(arg) for arg in (argv if argv else ["policies"])]
-    diagnostics = check(paths)
+    diagnostics = check(paths, hook_modules=hook_modules)
     for diagnostic in diagnostics:
         print(diagnostic)
     errors = sum(d.severity == "error" for d in diagnostics)

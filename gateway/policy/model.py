@@ -30,10 +30,11 @@ from pydantic import (
     Field,
     PrivateAttr,
     StringConstraints,
+    ValidationInfo,
     model_validator,
 )
 
-from gateway.policy.hooks import HOOK_REF_PATTERN, resolve_hook
+from gateway.policy.hooks import HOOK_MODULES, HOOK_REF_PATTERN, check_allowed, resolve_hook
 
 if TYPE_CHECKING:
     from gateway.paths import KeyPath
@@ -47,8 +48,11 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _check_hook(ref: str) -> str:
-    """Import and check the hook now, so a broken hook refuses the policy at load time."""
+def _check_hook(ref: str, info: ValidationInfo) -> str:
+    """Refuse a hook whose module the configuration does not allow (nothing is imported then);
+    import and check an allowed one now, so a broken hook refuses the policy at load time."""
+    allowed = (info.context or {}).get(HOOK_MODULES, ())
+    check_allowed(ref, allowed)
     resolve_hook(ref)
     return ref
 
@@ -61,7 +65,8 @@ Glob = Annotated[str, StringConstraints(min_length=1)]
 """A case-sensitive shell glob: ``*`` any run of characters, ``?`` one, ``[abc]`` a class."""
 
 HookRef = Annotated[str, StringConstraints(pattern=HOOK_REF_PATTERN), AfterValidator(_check_hook)]
-"""``package.module:function``, importable by the gateway, taking Agently's 4 hook arguments."""
+"""``package.module:function`` from a module ``policies.hook_modules`` allows, importable by the
+gateway, taking Agently's 4 hook arguments."""
 
 StrategyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 PolicyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]

@@ -8,17 +8,24 @@ one more poll (so a half-written file is not read), the folder is loaded again i
 thread. A valid set replaces ``current`` in one assignment, so a request sees either the old
 set or the new one, never a mix and never an error; ``last_diff`` is set to what changed
 (:func:`gateway.policy.diff.diff_sets`), the ``policy_reloaded`` log line carries its one-line
-summary and ``widens_recording``, and ``on_change(new_set)`` is then called (sync or async).
-An invalid set is refused: the check's messages are logged with structlog
-(``policy_reload_refused``), ``last_error`` is set, ``on_refused(error)`` is called, and the
-last good set keeps serving. With the default interval an edit is live within about 1.5 seconds.
+summary and ``widens_recording``, and ``on_change(new_set)`` is then called (sync or async; when
+it raises, the poll fails and is retried). An invalid set is refused: the check's messages are
+logged with structlog (``policy_reload_refused``), ``last_error`` is set, ``on_refused(error)``
+is called, and the last good set keeps serving. With the default interval an edit is live
+within about 1.5 seconds.
+
+A poll or load that fails for another reason (``OSError`` under descriptor exhaustion, a
+folder that cannot be read) is not a refusal: the watcher logs the exception type, reports
+itself unhealthy (``/readyz`` answers 503) and retries with backoff until it can read the folder
+again; the change is then picked up as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -63,13 +70,20 @@ class PolicyWatcher(Worker):
     name = "policy-watcher"
 
     def __init__(self, path: Path | str, on_change: OnChange | None = None, *,
-                 interval: float = 0.5, on_refused: Callable[[ConfigError], None] | None = None) -> None:
+                 interval: float = 0.5, on_refused: Callable[[ConfigError], None] | None = None,
+                 hook_modules: Sequence[str] = ()) -> None:
         self.path = Path(path)
+        self.hook_modules = tuple(hook_modules)
+        """``policies.hook_modules``: the only modules a policy's hooks may come from."""
         self.interval = interval
         self._on_change = on_change
         self._on_refused = on_refused
-        self._seen = fingerprint(self.path)
-        self._current = load_policy_set(self.path)
+        self._current = load_policy_set(self.path, hook_modules=self.hook_modules)
+        try:
+            self._seen = fingerprint(self.path)
+        except OSError:
+            self._seen = ()  # the first poll that can read the folder reloads it
+        self._pending: Fingerprint | None = None
         self.last_error: ConfigError | None = None
         """The error of the last refused reload; None after a successful one."""
         self.last_diff: PolicyDiff | None = None
@@ -83,7 +97,8 @@ class PolicyWatcher(Worker):
     async def reload(self) -> bool:
         """Load the folder now; swap it in when valid. Returns whether the new set was taken."""
         try:
-            new = await asyncio.to_thread(load_policy_set, self.path)
+            new = await asyncio.to_thread(functools.partial(load_policy_set, self.path,
+                                                            hook_modules=self.hook_modules))
         except ConfigError as exc:
             self.last_error = exc
             log.error("policy_reload_refused", path=str(self.path), errors=str(exc).splitlines(),
@@ -104,23 +119,21 @@ class PolicyWatcher(Worker):
                  diff=self.last_diff.summary_line() if self.last_diff else None,
                  widens_recording=self.last_diff.widens_recording if self.last_diff else None)
         if self._on_change is not None:
-            try:
-                result = self._on_change(new)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.exception("policy_on_change_failed", path=str(self.path))
+            # raises when it fails (the reload's audit entry could not be written): the poll
+            # that called this then fails and is retried, so the change is reported again
+            result = self._on_change(new)
+            if inspect.isawaitable(result):
+                await result
         return True
 
-    async def run(self) -> None:
-        pending: Fingerprint | None = None
-        while True:
-            await asyncio.sleep(self.interval)
-            now = await asyncio.to_thread(fingerprint, self.path)
-            if now == self._seen:
-                pending = None
-            elif now != pending:
-                pending = now  # changed: wait one poll for the writer to finish
-            else:
-                self._seen, pending = now, None
-                await self.reload()
+    async def step(self) -> None:
+        """One poll. Raises (and is retried by ``Worker.run``) when the folder cannot be read;
+        the fingerprint is taken as seen only once its load has been done."""
+        now = await asyncio.to_thread(fingerprint, self.path)
+        if now == self._seen:
+            self._pending = None
+        elif now != self._pending:
+            self._pending = now  # changed: wait one poll for the writer to finish
+        else:
+            await self.reload()
+            self._seen, self._pending = now, None

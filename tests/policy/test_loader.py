@@ -72,9 +72,31 @@ def test_unimportable_hook_is_reported_at_its_field(tmp_path):
     """A hook whose module cannot be imported refuses the file at the hook's line."""
     text = ("id: p\nsession:\n  input_keys: null\n  reply_keys: null\n  bounding:\n    strategy: hook\n"
             "    analysis: no_such_module_xyz:analyse\n")
-    [error] = _errors(_folder(tmp_path, p=text))
+    [error] = [d for d in check([_folder(tmp_path, p=text)], hook_modules=["no_such_module_*"])
+               if d.severity == "error"]
     assert (error.line, error.field) == (7, "session.bounding.analysis")
     assert "cannot import module 'no_such_module_xyz'" in error.message
+
+
+def test_hook_outside_the_allow_list_is_refused_without_import(tmp_path):
+    """Without policies.hook_modules allowing it, a hook's module is refused at its field and never imported."""
+    import sys
+    marker = tmp_path / "imported"
+    (tmp_path / "sg_untrusted_hooks.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef analyse(a, b, c, d):\n    return None\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        text = ("id: p\nsession:\n  input_keys: null\n  reply_keys: null\n  bounding:\n    strategy: hook\n"
+                "    analysis: sg_untrusted_hooks:analyse\n")
+        (tmp_path / "pol").mkdir()
+        [error] = _errors(_folder(tmp_path / "pol", p=text))
+        assert (error.line, error.field) == (7, "session.bounding.analysis")
+        assert "policies.hook_modules" in error.message and "'sg_untrusted_hooks'" in error.message
+        [error] = [d for d in check([tmp_path / "pol"], hook_modules=["other", "other.*"]) if d.severity == "error"]
+        assert "policies.hook_modules" in error.message
+        assert not marker.exists() and "sg_untrusted_hooks" not in sys.modules
+    finally:
+        sys.path.remove(str(tmp_path))
 
 
 def test_same_priority_overlap_is_a_load_error(tmp_path):

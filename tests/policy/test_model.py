@@ -21,7 +21,7 @@ MINIMAL = {"id": "p", "session": {"input_keys": None, "reply_keys": None}}
 def _policy(**changes: object) -> Policy:
     data = json.loads(json.dumps(MINIMAL))
     data.update(changes)
-    return Policy.model_validate(data)
+    return Policy.model_validate(data, context={"hook_modules": ["sg_hooks_*"]})
 
 
 def _hook_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> str:

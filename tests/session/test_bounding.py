@@ -79,7 +79,7 @@ def test_hook_folds_old_rounds_into_memo(make_gateway, upstream, tmp_path, monke
     """A policy hook (module:function, Agently's signature) folds old rounds into the memo."""
     monkeypatch.syspath_prepend(str(HERE))
     hook = "{strategy: hook, analysis: 'fold_hook:analysis', execution: {fold: 'fold_hook:fold'}}"
-    gw = make_gateway(write_policy(tmp_path / "pol", hook, 100000))
+    gw = make_gateway(write_policy(tmp_path / "pol", hook, 100000), hook_modules=["fold_hook"])
     client = gw.openai(session="acme:hook")
     for i in range(4):
         client.chat.completions.create(model="standin", messages=[{"role": "user", "content": f"fact {i}"}])
