@@ -23,6 +23,7 @@ from gateway.errors import GatewayError, IntegrityError
 from gateway.handlers import SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
+from gateway.logs import exception_fields
 from gateway.metrics import Metrics
 from gateway.policy import PolicySet, PolicyWatcher
 from gateway.retention import RetentionTask
@@ -54,8 +55,8 @@ async def error_middleware(request: web.Request,
         message = f"{request.method} {request.path} is not a sessiongate route" if exc.status in (404, 405) \
             else exc.reason
         return json_response({"error": {"message": message, "type": kind, "code": code}}, status=exc.status)
-    except Exception:
-        log.exception("unhandled_error", path=request.path)
+    except Exception as exc:  # types and frames only: the failing code may have seen content
+        log.error("unhandled_error", path=request.path, **exception_fields(exc))
         return json_response({"error": {"message": "the gateway hit an internal error; it has been logged",
                                         "type": "server_error", "code": "internal_error"}}, status=500)
 
@@ -136,7 +137,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes,
+                          handler_args={"auto_decompress": False})  # parse_request.read_limited decodes bodies
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_services)
     r = app.router

@@ -16,6 +16,8 @@ from typing import Any
 
 import structlog
 
+from gateway.logs import exception_fields
+
 log = structlog.get_logger("gateway.background")
 
 
@@ -41,9 +43,8 @@ class Background:
     def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("background_task_failed", task=str(key)[:80], error=type(exc).__name__, detail=str(exc)[:200])
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background_task_failed", task=str(key)[:80], **exception_fields(exc))  # no text: saw content
         again = self._again.pop(key, None)
         if again is not None and not task.cancelled():
             self.start(key, again)

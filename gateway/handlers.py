@@ -26,6 +26,7 @@ from gateway import pipeline
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError
 from gateway.export import FORMATS, bundle_paths
+from gateway.logs import exception_fields
 from gateway.stages.forward import reply_headers
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
@@ -71,10 +72,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if _stream_started(ctx):
             return await _end_stream(ctx, exc.to_body())
         raise
-    except Exception:
+    except Exception as exc:
         if not _stream_started(ctx):
             raise
-        log.exception("unhandled_error", path=request.path, request_id=ctx.request_id)
+        log.error("unhandled_error", path=request.path, request_id=ctx.request_id, **exception_fields(exc))
         return await _end_stream(ctx, INTERNAL_ERROR)
     finally:
         elapsed = time.perf_counter() - ctx.started

@@ -3,6 +3,10 @@
 Non-streaming: the upstream's body with its status (a 4xx/5xx passes through unchanged).
 Streaming: the held-back ``[DONE]``; a stream cut off by the upstream ends with an SSE error
 event instead, so the client can tell it is incomplete.
+
+When the record step failed (``record_error``), nothing held back is sent: raises
+``RecordFailed``, which the handler turns into an error status (JSON) or an SSE error event
+without ``[DONE]`` (stream).
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ import orjson
 from aiohttp import web
 
 from gateway.context import Context
+from gateway.errors import RecordFailed
 
 
 async def respond(ctx: Context) -> None:
+    if ctx.record_error:
+        raise RecordFailed()
     if ctx.response is None:
         ctx.response = web.Response(status=ctx.upstream_status, body=ctx.tail,
                                     content_type=ctx.tail_type or "application/json",
