@@ -23,6 +23,8 @@ refused so that no value can slip in under a new name):
 ``ciphertext_sha256``  SHA-256 hex of the stored round ciphertext (not the plaintext, so the
                        chain still verifies after the session's data key is erased)
 ``detail``             free-form names and hashes for administrative events
+``record_failed``      on a round whose record step failed: the exception's type name (never
+                       its text); the round is ``incomplete`` and recorded no text
 =====================  ===============================================================
 
 **Checkpoints.** A :class:`Checkpointer` signs a tenant's chain head (tenant, seq, hash, time)
@@ -76,6 +78,7 @@ ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",
     "ended_by", "upstream_status", "recorded", "round_seq", "messages",
+    "record_failed",
 })
 _RESERVED = frozenset({"tenant", "seq", "time", "prev_hash"})
 

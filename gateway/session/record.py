@@ -78,7 +78,7 @@ class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
     """libyaml's safe loader; only used on text that ``_yaml_fits`` has scanned first."""
 
 
-MAX_PARSE_UNITS = 50_000
+MAX_PARSE_UNITS = 20_000
 MAX_STRUCTURE_DEPTH = 64
 MAX_LITERAL_CHARS = 10_000
 _ATTEMPT_UNITS = 20
