@@ -201,7 +201,8 @@ def test_the_limit_holds_exactly_on_the_decoded_size() -> None:
     ("zstd", b"(\xb5/\xfd" + b"garbage" * 10),
     ("zstd", zst(orjson.dumps(CHAT))[:-5]),                       # truncated frame
     ("zstd", zst(orjson.dumps(CHAT)) + b"junk"),
-])
+], ids=["gzip-garbage", "gzip-truncated", "gzip-trailing", "gzip-bad-data", "deflate-bad-data",
+        "deflate-trailing", "zstd-garbage", "zstd-truncated", "zstd-trailing"])
 def test_corrupt_compressed_body_is_400(gw: Gateway, capture: Capture, coding: str, payload: bytes) -> None:
     """A body that does not decode is 400 corrupt_body on chat and forwarded routes, never 500."""
     for url in (f"{gw.base_url}/chat/completions", f"{gw.base_url}/embeddings"):
