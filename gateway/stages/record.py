@@ -6,7 +6,7 @@ under a policy that records nothing, both stay None (the round is audited, not r
 
 Fails closed, never raises: when building the texts fails, whatever the input, both texts stay
 None, ``record_error`` is set to the exception's type name (never its text, which may quote
-content) and ``outcome`` becomes ``incomplete``. ``persist`` then stores the round with no text
+content) and a ``completed`` outcome becomes ``incomplete``. ``persist`` then stores the round with no text
 and an audit entry naming the failure, and ``respond`` withholds the end of the reply
 (``RecordFailed``), so the client never gets a reply that looks complete for a round that was
 not recorded.
@@ -53,6 +53,7 @@ async def record(ctx: Context) -> None:
     except Exception as exc:  # noqa: BLE001 - fail closed: persisted as incomplete, reply withheld
         ctx.user_text = ctx.reply_text = None
         ctx.record_error = type(exc).__name__
-        ctx.outcome = "incomplete"
+        if ctx.outcome == "completed":
+            ctx.outcome = "incomplete"
         log.error("record_failed", request_id=ctx.request_id, tenant=ctx.tenant, session_id=ctx.session_id,
                   policy=policy.id, error=ctx.record_error)
