@@ -59,7 +59,7 @@ SYSTEM_ROLES = frozenset({"system", "developer"})
 INPUT_ROLES = frozenset({"user", "tool", "function"})
 
 _SECTION_HEADER = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_FENCE_LANG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
 _INFO_ITEM = re.compile(r"^- (.+?): (.*)$")
 _PY_LITERAL = re.compile(r"^(?:[\[{(].*|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|True|False|None)$", re.DOTALL)
 
@@ -298,6 +298,28 @@ def parse_user_text(text: str) -> dict[str, Any]:
     return {"input": text} if text.strip() else {}
 
 
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """The ```` ``` ```` fenced blocks of ``text`` as ``(lang, body)``, in order, in linear time.
+
+    A block opens at ```` ``` ````, an optional language tag and the rest of that line; its body
+    runs to the next ```` ``` ````. (The regular expression this replaces backtracked over every
+    opener, so a reply of many backticks held the interpreter for seconds.)
+    """
+    blocks: list[tuple[str, str]] = []
+    position = text.find("```")
+    while position >= 0:
+        newline = text.find("\n", position + 3)
+        if newline < 0:
+            break  # no opener from here on has a line end
+        end = text.find("```", newline + 1)
+        if end < 0:
+            break  # nor a closing fence
+        match = _FENCE_LANG.match(text, position + 3, newline)
+        blocks.append((match.group(1) if match else "", text[newline + 1 : end]))
+        position = text.find("```", end + 3)
+    return blocks
+
+
 def parse_reply_json(text: str | None) -> Any:
     """The reply content as JSON (whole, else a ```json fenced block, else the first fenced block)."""
     if not text:
@@ -305,7 +327,7 @@ def parse_reply_json(text: str | None) -> Any:
     value = _load_json(text)
     if value is not _MISSING:
         return value
-    blocks = _FENCE.findall(text)
+    blocks = fenced_blocks(text)
     ordered = [body for lang, body in blocks if lang.lower() == "json"] + [body for _, body in blocks[:1]]
     for body in ordered:
         value = _load_json(body)

@@ -19,7 +19,7 @@ import yaml
 import gateway.session.record as record_module
 from benchmarks.yaml_body import KEYED_MODEL, worst_body
 from gateway.audit import entry_fields
-from gateway.paths import compile_key
+from gateway.paths import MISSING, compile_key
 from gateway.session.record import (
     MAX_PARSE_UNITS,
     MAX_STRUCTURE_DEPTH,
@@ -273,3 +273,24 @@ def test_many_concurrent_big_bodies_are_all_answered(gateway: Gateway) -> None:
     for thread in threads:
         thread.join(120)
     assert statuses == [200] * 4, (statuses, time.monotonic() - started)
+
+
+def test_fenced_blocks_match_the_old_expression() -> None:
+    """The linear fence scanner finds exactly what the backtracking expression found."""
+    import random
+    import re
+
+    expression = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+    pieces = ["`", "```", "````", "\n", "json", "py-3", " ", "\t", "a", "{}", '{"k": 1}']
+    rng = random.Random(9)
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        assert record_module.fenced_blocks(text) == expression.findall(text), repr(text)
+
+
+def test_a_reply_of_backticks_is_parsed_in_one_pass() -> None:
+    """A reply made of 300,000 backticks (no line end: no block) is read as no JSON at all, and a
+    block after many openers is still found."""
+    assert record_module.parse_reply_json("```" * 100_000) is MISSING
+    text = "``` " * 50_000 + "\n" + '{"risk_level": "low"}' + "```"
+    assert record_module.fenced_blocks(text)[0][1] == '{"risk_level": "low"}'
