@@ -89,21 +89,29 @@ class _Output:
 
 
 def _inflate(data: bytes, wbits: int, out: _Output) -> bytes:
-    """Inflate one zlib/gzip/raw-deflate stream into ``out``; returns the bytes after its end."""
+    """Inflate one zlib/gzip/raw-deflate stream into ``out``; returns the bytes after its end.
+
+    Input goes in ``CHUNK`` slices and output comes out in ``CHUNK`` pieces, so neither the
+    output nor re-copied input tails ever grow with the body.
+    """
     stream = zlib.decompressobj(wbits)
-    pending = data
+    view, offset = memoryview(data), 0
+    pending: bytes | memoryview = b""
     try:
         while not stream.eof:
+            if not pending and offset < len(data):
+                pending = view[offset : offset + CHUNK]
+                offset += len(pending)
+            before = len(pending)
             piece = stream.decompress(pending, CHUNK)
-            progressed = bool(piece) or len(stream.unconsumed_tail) < len(pending)
             pending = stream.unconsumed_tail
             if piece:
                 out.add(piece)
-            elif not pending or not progressed:
+            elif before == 0 or len(pending) == before:
                 raise CorruptBody(f"the {out.coding} request body is truncated")
     except zlib.error:
         raise CorruptBody(f"the request body is not valid {out.coding} data") from None
-    return stream.unused_data
+    return stream.unused_data + bytes(view[offset:])
 
 
 def _gzip(data: bytes, limit: int) -> bytes:

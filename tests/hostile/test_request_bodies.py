@@ -251,3 +251,16 @@ def test_many_compressed_requests_at_once_all_succeed(gw: Gateway) -> None:
     for thread in threads:
         thread.join(60)
     assert results == [200] * 8
+
+
+def test_large_and_multi_part_bodies_decode_exactly() -> None:
+    """Bodies spanning many input slices and output pieces, concatenated gzip members and zstd
+    frames decode to exactly the bytes that were compressed."""
+    import os
+
+    data = os.urandom(300_000) + b"a" * 700_000
+    for coding, pack in (("gzip", gz), ("deflate", zlib_deflate), ("deflate", raw_deflate), ("zstd", zst),
+                         ("zstd", zst_streamed)):
+        assert decode_body(pack(data), coding, len(data)) == data
+    assert decode_body(gz(b"abc") + gz(b"def"), "gzip", 100) == b"abcdef"
+    assert decode_body(zst(b"abc") + zst(b"def"), "zstd", 100) == b"abcdef"
