@@ -25,6 +25,7 @@ from gateway.errors import ConfigError, GatewayError, IntegrityError
 from gateway.handlers import INTERNAL_ERROR, SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
+from gateway.logs import exception_fields
 from gateway.metrics import Metrics
 from gateway.observe import METRICS, metrics_middleware
 from gateway.policy import PolicySet, PolicyWatcher
@@ -69,15 +70,15 @@ async def error_middleware(request: web.Request,
         return json_response({"error": {"message": "the request body could not be read: invalid chunked "
                                         "framing or content encoding", "type": "invalid_request_error",
                                         "code": "invalid_body"}}, status=400)
-    except ConnectionResetError:
+    except ConnectionResetError as exc:
         if request.transport is not None and not request.transport.is_closing():
-            log.exception("unhandled_error", path=request.path)
+            log.error("unhandled_error", path=request.path, **exception_fields(exc))
             return json_response(INTERNAL_ERROR, status=500)
         log.info("client_disconnected", path=request.path)
         return json_response({"error": {"message": "client disconnected", "type": "invalid_request_error",
                                         "code": "client_disconnected"}}, status=400)
-    except Exception:
-        log.exception("unhandled_error", path=request.path)
+    except Exception as exc:  # types and frames only: the failing code may have seen content
+        log.error("unhandled_error", path=request.path, **exception_fields(exc))
         return json_response({"error": {"message": "the gateway hit an internal error; it has been logged",
                                         "type": "server_error", "code": "internal_error"}}, status=500)
 
@@ -212,7 +213,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 def build_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Application:
     """The gateway app for *settings*; *tracing* replaces the configured tracing (tests)."""
     app = web.Application(middlewares=[metrics_middleware, error_middleware],
-                          client_max_size=settings.server.max_body_bytes)
+                          client_max_size=settings.server.max_body_bytes,
+                          handler_args={"auto_decompress": False})  # parse_request.read_limited decodes bodies
     app[SETTINGS] = settings
     if tracing is not None:
         app[TRACING] = tracing

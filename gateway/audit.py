@@ -31,6 +31,8 @@ refused so that no value can slip in under a new name):
 ``state``              the session's rows after the write: ``{sha256, version, next_seq,
                        rounds}``, added by the store (``gateway.evidence``)
 ``truncated``          true when the reply was over the recorded-reply cap (round ``incomplete``)
+``record_failed``      on a round whose record step failed: the exception's type name (never
+                       its text); the round is ``incomplete`` and recorded no text
 =====================  ===============================================================
 
 **Checkpoints.** A :class:`Checkpointer` signs a tenant's chain head (tenant, seq, hash, time)
@@ -92,6 +94,7 @@ ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",
     "ended_by", "upstream_status", "recorded", "round_seq", "messages", "state", "truncated",
+    "record_failed",
 })
 _RESERVED = frozenset({"tenant", "seq", "time", "prev_hash"})
 

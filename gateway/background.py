@@ -26,6 +26,8 @@ from typing import Any
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from gateway.logs import exception_fields
+
 log = structlog.get_logger("gateway.background")
 
 WINDOW_MAINTENANCE = "window-maintenance"
@@ -170,8 +172,8 @@ class Background:
     def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
-        if not task.cancelled() and task.exception() is not None:  # only a BaseException gets here
-            log.error("background_task_failed", task=self.name, error=type(task.exception()).__name__)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # only a BaseException gets here
+            log.error("background_task_failed", task=self.name, **exception_fields(exc))  # no text: saw content
         again = self._again.pop(key, None)
         if again is not None and not task.cancelled():
             self.start(key, again)

@@ -81,6 +81,7 @@ class Context:
     # record
     user_text: str | None = None
     reply_text: str | None = None
+    record_error: str = ""  # the type name of the exception that made recording fail
     # persist
     persist_attempted: bool = False
     persisted: bool = False

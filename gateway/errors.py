@@ -9,15 +9,18 @@ content, keys or tokens.
     ├── BadRequest               400 invalid_request_error
     │   ├── InvalidJSON          400  (malformed JSON, invalid UTF-8)
     │   ├── InvalidSessionId     400
-    │   └── InvalidSession       400  (a session document that cannot be loaded)
+    │   ├── InvalidSession       400  (a session document that cannot be loaded)
+    │   └── CorruptBody          400  (a compressed request body that does not decode)
     ├── Unauthorized             401 authentication_error
     ├── Forbidden                403 permission_error
     ├── NotFound                 404 not_found_error
     ├── Conflict                 409 conflict_error
     ├── RequestTimeout           408 invalid_request_error (a body that stopped arriving)
-    ├── PayloadTooLarge          413 invalid_request_error
+    ├── PayloadTooLarge          413 invalid_request_error (also after decompression)
+    ├── UnsupportedEncoding      415 invalid_request_error (a Content-Encoding we cannot decode)
     ├── ImportNotWhitelisted     422 invalid_request_error (an import the session's policy would not record)
     ├── IntegrityError           500 integrity_error (stored data failed an integrity check)
+    ├── RecordFailed             500 server_error (the round could not be recorded; reply withheld)
     ├── StoreUnavailable         503 service_unavailable
     ├── UpstreamError            502 upstream_error (unreachable, broken reply)
     │   └── UpstreamTimeout      504
@@ -63,6 +66,10 @@ class InvalidSession(BadRequest):
     code = "invalid_session"
 
 
+class CorruptBody(BadRequest):
+    code = "corrupt_body"
+
+
 class Unauthorized(GatewayError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
 
@@ -92,6 +99,19 @@ class ImportNotWhitelisted(GatewayError):
     message names the field and message index, never the content."""
 
     status, type, code = 422, "invalid_request_error", "import_not_whitelisted"
+class UnsupportedEncoding(GatewayError):
+    status, type, code = 415, "invalid_request_error", "unsupported_content_encoding"
+
+
+class RecordFailed(GatewayError):
+    """The record step failed for this round: the round was stored as ``incomplete`` with no text
+    and an audit entry naming the failure's type; the client must not see a complete reply."""
+
+    status, type, code = 500, "server_error", "record_failed"
+
+    def __init__(self) -> None:
+        super().__init__("the gateway could not record this round, so the reply was withheld; the round was "
+                         "stored as incomplete and the operator can see why in the audit log")
 
 
 class IntegrityError(GatewayError):

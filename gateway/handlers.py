@@ -31,6 +31,7 @@ from gateway.auth import Principal
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError, NotFound
 from gateway.export import FORMATS, bundle_paths
+from gateway.logs import exception_fields
 from gateway.observe import set_outcome
 from gateway.proxy import forward_route
 from gateway.session.lenient_json import parse_session_document
@@ -88,10 +89,10 @@ async def _chat(request: web.Request, span: Any) -> web.StreamResponse:
         if _stream_started(ctx):
             return await _end_stream(ctx, exc.to_body())
         raise
-    except Exception:
+    except Exception as exc:
         if not _stream_started(ctx):
             raise
-        log.exception("unhandled_error", path=request.path, request_id=ctx.request_id)
+        log.error("unhandled_error", path=request.path, request_id=ctx.request_id, **exception_fields(exc))
         return await _end_stream(ctx, INTERNAL_ERROR)
     finally:
         elapsed = time.perf_counter() - ctx.started

@@ -1,14 +1,17 @@
 """structlog set-up: JSON lines (one per request) or pretty console output on a terminal.
 
 Contract: log events carry identifiers, sizes, timings and outcomes. Callers never pass message
-content, keys or tokens; ``drop_secrets`` is a last line of defence that removes fields whose
-names say they hold them.
+content, keys or tokens, nor the text of an exception raised by code that sees content (log
+``exception_fields(exc)``: types and frames only); ``drop_secrets`` is a last line of defence
+that removes fields whose names say they hold them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -22,6 +25,23 @@ def drop_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> M
     for name in SECRET_FIELDS.intersection(event):
         event[name] = "[dropped]"
     return event
+
+
+def exception_fields(exc: BaseException) -> dict[str, Any]:
+    """An exception as log fields *without its text*: its type, the types of its causes and the
+    innermost frames it passed through (``file:line function``). Use it instead of
+    ``log.exception`` or ``str(exc)`` wherever the failing code may have seen message content:
+    exception text (a YAML error, ``int('my card is 4111…')``) can quote it."""
+    causes: list[str] = []
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and len(causes) < 5:
+        causes.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    frames: list[str] = []
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        frames.append(f"{os.path.basename(frame.f_code.co_filename)}:{line} {frame.f_code.co_name}")
+        del frames[:-8]
+    return {"error": type(exc).__name__, "caused_by": causes or None, "where": frames or None}
 
 
 def _dumps(event: Any, **_: Any) -> str:

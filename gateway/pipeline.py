@@ -6,6 +6,10 @@
 ``run`` is a loop over that list. Its ``finally`` is the settle step: a round that reached
 ``forward`` but was not committed (client gone, upstream broke off, an error after the reply
 began) is recorded there, exactly once, with the outcome it had, never dropped silently.
+
+A round whose record step failed is not an early end: ``record`` never raises, so ``persist``
+stores it as ``incomplete`` (no text, ``record_failed`` in its audit entry) and ``respond``
+raises ``RecordFailed`` instead of completing the reply.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from gateway.context import Context
+from gateway.logs import exception_fields
 from gateway.stages.authenticate import authenticate
 from gateway.stages.forward import forward
 from gateway.stages.inject import inject
@@ -61,8 +66,9 @@ async def run(ctx: Context, stages: tuple[Stage, ...] = CHAT) -> None:
 
 
 async def settle(ctx: Context) -> None:
-    """Record a round that ended early. Its own failure is logged loudly, never raised over
-    the error that ended the round."""
+    """Record a round that ended early. Its own failure is logged loudly (exception type and
+    frames, never its text: the code that failed saw content), never raised over the error
+    that ended the round."""
     if ctx.outcome == "completed":
         ctx.outcome = "incomplete"
     try:
@@ -70,4 +76,4 @@ async def settle(ctx: Context) -> None:
         await persist(ctx)
     except Exception as exc:  # noqa: BLE001 - logged as an error; the original error propagates
         log.error("round_not_recorded", request_id=ctx.request_id, tenant=ctx.tenant,
-                  session_id=ctx.session_id, error=type(exc).__name__, detail=str(exc)[:200])
+                  session_id=ctx.session_id, **exception_fields(exc))

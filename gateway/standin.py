@@ -359,7 +359,7 @@ def make_app(*, chunks: int = 20, reply: Reply | None = None, on_request: OnRequ
         ValueError: ``chunks`` is below 1.
     """
     standin = _Standin(chunks, reply, on_request, latency)
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # any body a gateway forwards (a real API takes MBs)
     app.router.add_post("/v1/chat/completions", standin.chat)
     app.router.add_get("/v1/models", standin.models)
     app.router.add_post("/v1/embeddings", standin.embeddings)

@@ -9,7 +9,10 @@ Structured request (what non-``$``, non-``.root`` keys address), built lazily on
 
 * the *new input* is the non-system messages after the last assistant message; the structured
   slots come from the last user message among them (a tool-results round has none, so no slot);
-* a gateway-injected memo section at the start of that message is removed first;
+* the text is read exactly as the client sent it: nothing is removed first. The body read here
+  is the client's; the gateway's own memo is injected only into the copy it forwards, so a
+  ``[CHAT SESSION MEMO]:`` section in this text is client text, recorded (null keys) or addressed
+  (``chat_session_memo``) like any other;
 * a message that starts with an Agently section header (``[INFO]:``, ``[INPUT]:`` ... a line of
   the form ``[NAME]:``) is split into slots named ``name`` lower-cased, spaces as underscores
   (``output_requirement``); a body that parses as a YAML/JSON mapping or list becomes that
@@ -17,6 +20,13 @@ Structured request (what non-``$``, non-``.root`` keys address), built lazily on
   Agently writes it (``- title: content`` lines, which YAML would misread: ``#0`` is a comment
   there) into one map;
 * otherwise ``input`` is the message parsed as JSON when it is an object or array, else its text.
+
+Bounds (one client must not stall the gateway or break the record): structured parsing of one
+text (a user message, a reply) has a work budget of ``MAX_PARSE_UNITS`` (YAML events, JSON
+values, parse attempts); containers nest at most ``MAX_STRUCTURE_DEPTH`` deep; YAML aliases are
+refused; YAML is read only with libyaml's parser (the C loader when installed), never the pure
+Python one on a whim of the input. A body over a bound is not structure: it stays text. No
+parse error, of any type, escapes; ``parse_*`` never raise on client text.
 
 Structured reply: ``data`` is the content parsed as JSON (whole content, else the first
 ```` ```json ```` fenced block, else the first fenced block). Tool calls are reachable as
@@ -49,7 +59,7 @@ SYSTEM_ROLES = frozenset({"system", "developer"})
 INPUT_ROLES = frozenset({"user", "tool", "function"})
 
 _SECTION_HEADER = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_FENCE_LANG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
 _INFO_ITEM = re.compile(r"^- (.+?): (.*)$")
 _PY_LITERAL = re.compile(r"^(?:[\[{(].*|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|True|False|None)$", re.DOTALL)
 
@@ -65,17 +75,65 @@ def _without_timestamps(loader: type[Any]) -> type[Any]:
 
 @_without_timestamps
 class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """libyaml's safe loader, used when the text cannot hold an alias."""
+    """libyaml's safe loader; only used on text that ``_yaml_fits`` has scanned first."""
 
 
-@_without_timestamps
-class _NoAliasLoader(yaml.SafeLoader):
-    """Safe loader that refuses aliases, so a small text cannot expand into a huge structure."""
+MAX_PARSE_UNITS = 20_000
+MAX_STRUCTURE_DEPTH = 64
+MAX_LITERAL_CHARS = 10_000
+_ATTEMPT_UNITS = 20
+_PARSE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, MemoryError, yaml.YAMLError)
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError("YAML aliases are not read")
-        return super().compose_node(parent, index)
+
+class ParseBudget:
+    """The work one text's structured parse may do (``MAX_PARSE_UNITS``): a YAML event, a JSON or
+    literal value is one unit, each parse attempt ``_ATTEMPT_UNITS``. Spent, it stays spent:
+    later sections of the same text stay text."""
+
+    __slots__ = ("units",)
+
+    def __init__(self, units: int = MAX_PARSE_UNITS) -> None:
+        self.units = units
+
+    def spend(self, units: int) -> bool:
+        """Take *units*; False (and nothing left) when they are not there."""
+        self.units -= units
+        if self.units < 0:
+            self.units = 0
+            return False
+        return True
+
+
+def _fits(value: Any, budget: ParseBudget) -> bool:
+    """True when *value* nests at most ``MAX_STRUCTURE_DEPTH`` deep and its values fit the budget.
+    Iterative: deep input cannot exhaust the stack here."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not budget.spend(1):
+            return False
+        if isinstance(item, (dict, list)):
+            if depth > MAX_STRUCTURE_DEPTH:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _yaml_fits(text: str, budget: ParseBudget) -> bool:
+    """Scan *text*'s YAML events with libyaml: no alias, nesting at most ``MAX_STRUCTURE_DEPTH``,
+    every event paid for. Stops at the first event over a bound."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_FastLoader):
+        if not budget.spend(1) or isinstance(event, yaml.AliasEvent):
+            return False
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_STRUCTURE_DEPTH:
+                return False
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return True
 
 
 # --- messages -----------------------------------------------------------------------------
@@ -99,20 +157,6 @@ def _part_text(part: Any) -> str | None:
     return None
 
 
-def strip_memo(text: str, memo_section: str | None = None) -> str:
-    """Remove a gateway-injected ``[CHAT SESSION MEMO]:`` section from the start of ``text``.
-
-    ``memo_section`` is the exact prefix the gateway injected (``"[CHAT SESSION MEMO]:\\n<memo>\\n\\n"``);
-    when it is not given, the section is taken to end at the first blank line.
-    """
-    if memo_section and text.startswith(memo_section):
-        return text[len(memo_section) :]
-    if not text.startswith(MEMO_HEADER):
-        return text
-    end = text.find("\n\n", len(MEMO_HEADER))
-    return "" if end < 0 else text[end + 2 :]
-
-
 def new_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """This round's new input: the non-system messages after the last assistant message."""
     start = 0
@@ -123,15 +167,14 @@ def new_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [message for message in messages[start:] if message.get("role") not in SYSTEM_ROLES]
 
 
-def input_text(messages: Sequence[dict[str, Any]], memo_section: str | None = None) -> str | None:
-    """The full text of this round's new user/tool messages joined by a blank line; None when empty."""
+def input_text(messages: Sequence[dict[str, Any]]) -> str | None:
+    """The full text of this round's new user/tool messages, exactly as the client sent them,
+    joined by a blank line; None when empty. Nothing the client sent is left out."""
     texts = []
     for message in new_messages(messages):
         if message.get("role") not in INPUT_ROLES:
             continue
         text = content_text(message.get("content"))
-        if message.get("role") == "user":
-            text = strip_memo(text, memo_section)
         if text.strip():
             texts.append(text)
     return "\n\n".join(texts) if texts else None
@@ -157,68 +200,81 @@ def context_length(messages: Sequence[dict[str, Any]]) -> int:
 # --- parsing ------------------------------------------------------------------------------
 
 
-def _load_json(text: str) -> Any:
-    """The JSON object or array in ``text`` (surrounding whitespace allowed), else MISSING."""
+def _load_json(text: str, budget: ParseBudget | None = None) -> Any:
+    """The JSON object or array in ``text`` (surrounding whitespace allowed), else MISSING;
+    MISSING too when it is deeper or larger than the bounds (see the module docstring)."""
     stripped = text.strip()
     if not stripped or stripped[0] not in "{[":
         return _MISSING
     try:
-        return orjson.loads(stripped)
+        value = orjson.loads(stripped)
     except orjson.JSONDecodeError:
         return _MISSING
+    return value if _fits(value, budget or ParseBudget()) else _MISSING
 
 
-def _load_structure(text: str) -> Any:
-    """A section body as a mapping or list (JSON or YAML); MISSING when it is a scalar or not parseable."""
-    value = _load_json(text)
+def _load_structure(text: str, budget: ParseBudget | None = None) -> Any:
+    """A section body as a mapping or list (JSON or YAML); MISSING when it is a scalar, not
+    parseable, holds a YAML alias, or is over the depth or work bounds. Never raises."""
+    budget = budget or ParseBudget()
+    if not budget.spend(_ATTEMPT_UNITS):
+        return _MISSING
+    value = _load_json(text, budget)
     if value is not _MISSING:
         return value
     try:
-        loader = _NoAliasLoader if "*" in text else _FastLoader
-        value = yaml.load(text, Loader=loader)  # both are safe loaders
-    except yaml.YAMLError:
+        if not _yaml_fits(text, budget):
+            return _MISSING
+        value = yaml.load(text, Loader=_FastLoader)  # a safe loader, on text already scanned
+    except _PARSE_ERRORS:
         return _MISSING
     return value if isinstance(value, (dict, list)) else _MISSING
 
 
-def _info_value(text: str) -> Any:
-    """One ``- title: content`` value: Agently wrote ``str(value)``, so read Python literals back."""
-    if _PY_LITERAL.match(text):
+def _info_value(text: str, budget: ParseBudget) -> Any:
+    """One ``- title: content`` value: Agently wrote ``str(value)``, so read Python literals back
+    (within ``MAX_LITERAL_CHARS`` and the budget; otherwise, or when it does not parse, the text)."""
+    if len(text) <= MAX_LITERAL_CHARS and _PY_LITERAL.match(text) and budget.spend(_ATTEMPT_UNITS):
         try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             return text
+        return value if _fits(value, budget) else text
     return text
 
 
-def _parse_info(body: str) -> Any:
+def _parse_info(body: str, budget: ParseBudget) -> Any:
     """Agently's ``[INFO]:`` body: ``- title: content`` lines make one map, ``- line`` lines a list."""
-    items: list[list[str]] = []
+    items: list[tuple[str | None, list[str]]] = []  # (title or None, content lines)
     keyed = True
     for line in body.split("\n"):
         if line.startswith("- "):
             match = _INFO_ITEM.match(line)
             keyed = keyed and match is not None
-            items.append([match.group(1), match.group(2)] if match else [line[2:]])
+            items.append((match.group(1), [match.group(2)]) if match else (None, [line[2:]]))
         elif items:
-            items[-1][-1] += "\n" + line
+            items[-1][1].append(line)  # joined once below: growing a string here would be quadratic
         else:
-            return _parse_body(body)
+            return _parse_body(body, budget)
     if keyed:
-        return {title: _info_value(content) for title, content in items}
-    return [": ".join(item) for item in items]
+        return {title: _info_value("\n".join(lines), budget) for title, lines in items}
+    return ["\n".join(lines) if title is None else f"{title}: " + "\n".join(lines) for title, lines in items]
 
 
-def _parse_body(body: str) -> Any:
-    value = _load_structure(body)
+def _parse_body(body: str, budget: ParseBudget) -> Any:
+    value = _load_structure(body, budget)
     return body if value is _MISSING else value
 
 
-def parse_sections(text: str) -> dict[str, Any] | None:
-    """Split an Agently-rendered prompt into slots; None when ``text`` does not start with a header."""
+def parse_sections(text: str, budget: ParseBudget | None = None) -> dict[str, Any] | None:
+    """Split an Agently-rendered prompt into slots; None when ``text`` does not start with a header.
+
+    Every section body shares one ``ParseBudget``: once it is spent, later bodies stay text.
+    """
     headers = list(_SECTION_HEADER.finditer(text))
     if not headers or text[: headers[0].start()].strip():
         return None
+    budget = budget or ParseBudget()
     slots: dict[str, Any] = {}
     for position, header in enumerate(headers):
         end = headers[position + 1].start() if position + 1 < len(headers) else len(text)
@@ -226,19 +282,42 @@ def parse_sections(text: str) -> dict[str, Any] | None:
         name = header.group(1).strip().lower().replace(" ", "_")
         if not body.strip() or name in slots:
             continue
-        slots[name] = _parse_info(body) if name == "info" else _parse_body(body)
+        slots[name] = _parse_info(body, budget) if name == "info" else _parse_body(body, budget)
     return slots
 
 
 def parse_user_text(text: str) -> dict[str, Any]:
-    """The structured slots of one user message text (already stripped of the memo)."""
-    value = _load_json(text)
+    """The structured slots of one user message text, read as the client sent it."""
+    budget = ParseBudget()
+    value = _load_json(text, budget)
     if value is not _MISSING:
         return {"input": value}
-    sections = parse_sections(text)
+    sections = parse_sections(text, budget)
     if sections is not None:
         return sections
     return {"input": text} if text.strip() else {}
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """The ```` ``` ```` fenced blocks of ``text`` as ``(lang, body)``, in order, in linear time.
+
+    A block opens at ```` ``` ````, an optional language tag and the rest of that line; its body
+    runs to the next ```` ``` ````. (The regular expression this replaces backtracked over every
+    opener, so a reply of many backticks held the interpreter for seconds.)
+    """
+    blocks: list[tuple[str, str]] = []
+    position = text.find("```")
+    while position >= 0:
+        newline = text.find("\n", position + 3)
+        if newline < 0:
+            break  # no opener from here on has a line end
+        end = text.find("```", newline + 1)
+        if end < 0:
+            break  # nor a closing fence
+        match = _FENCE_LANG.match(text, position + 3, newline)
+        blocks.append((match.group(1) if match else "", text[newline + 1 : end]))
+        position = text.find("```", end + 3)
+    return blocks
 
 
 def parse_reply_json(text: str | None) -> Any:
@@ -248,7 +327,7 @@ def parse_reply_json(text: str | None) -> Any:
     value = _load_json(text)
     if value is not _MISSING:
         return value
-    blocks = _FENCE.findall(text)
+    blocks = fenced_blocks(text)
     ordered = [body for lang, body in blocks if lang.lower() == "json"] + [body for _, body in blocks[:1]]
     for body in ordered:
         value = _load_json(body)
@@ -277,9 +356,8 @@ class RequestView:
 
     kind: ClassVar[str] = "request"
 
-    def __init__(self, body: dict[str, Any], memo_section: str | None = None) -> None:
+    def __init__(self, body: dict[str, Any]) -> None:
         self.request = body
-        self.memo_section = memo_section
 
     @property
     def raw(self) -> dict[str, Any]:
@@ -306,8 +384,7 @@ class RequestView:
         users = [message for message in new_messages(self.messages) if message.get("role") == "user"]
         if not users:
             return {}
-        text = strip_memo(content_text(users[-1].get("content")), self.memo_section)
-        return parse_user_text(text)
+        return parse_user_text(content_text(users[-1].get("content")))
 
 
 class ReplyView:
@@ -350,9 +427,9 @@ class ReplyView:
         return {"choices": [{"index": 0, "message": self.message}]}
 
 
-def build_request_view(body: dict[str, Any], memo_section: str | None = None) -> RequestView:
-    """The view of one chat request; pass the exact memo section the gateway injected, if any."""
-    return RequestView(body, memo_section)
+def build_request_view(body: dict[str, Any]) -> RequestView:
+    """The view of one chat request, as the client sent it."""
+    return RequestView(body)
 
 
 def build_reply_view(message: dict[str, Any], response: dict[str, Any] | None = None) -> ReplyView:
@@ -399,7 +476,7 @@ def render_user(
 ) -> str | None:
     """The recorded user message: the whole new input (``keys`` None) or the keyed blocks."""
     if keys is None:
-        return input_text(messages, view.memo_section)
+        return input_text(messages)
     return render_keys(keys, view)
 
 

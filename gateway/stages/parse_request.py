@@ -1,23 +1,48 @@
 """Stage: parse_request. Reads the body once; sets ``raw``, ``body``, ``model``, ``stream``.
 
-Refuses with 413 when the body (chunked or not) is over ``server.max_body_bytes``, and with 400
-for invalid UTF-8, malformed JSON, a body that is not an object, or a chat request without a
-non-empty ``messages`` list of objects with a ``role``.
+``raw`` is the body as the client meant it: a ``Content-Encoding`` of ``gzip``, ``deflate`` or
+``zstd`` is undone here (``gateway.decompress``), so ``raw`` and everything forwarded from it are
+plain bytes and no ``Content-Encoding`` travels upstream.
+
+Refuses with 413 when the body (chunked or not, compressed or not: the limit applies to both the
+bytes received and the decoded bytes) is over ``server.max_body_bytes``; with 415 for a coding
+it cannot decode; with 400 for a corrupt compressed body, invalid UTF-8, malformed JSON, JSON
+nested deeper than ``MAX_JSON_DEPTH``, a body that is not an object, a chat request without a
+non-empty ``messages`` list of objects with a ``role``, or a ``model`` that is not a printable
+string of at most ``MAX_MODEL_CHARS`` characters. Messages never quote the body or the model.
+
+Large bodies are decoded and parsed in a worker thread, so one big request never holds up the
+event loop (and with it every other client).
 """
 
 from __future__ import annotations
+
+import asyncio
+import re
+from array import array
+from itertools import accumulate
 
 import orjson
 from aiohttp import web
 
 from gateway.context import Context
+from gateway.decompress import decode_body
 from gateway.errors import BadRequest, InvalidJSON, PayloadTooLarge
+
+MAX_JSON_DEPTH = 128
+MAX_MODEL_CHARS = 256
+THREAD_ABOVE_BYTES = 256 * 1024  # bodies larger than this are decoded and parsed off the event loop
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes:
-    """The request body, refusing it as soon as it passes *limit* bytes."""
+    """The request body with its ``Content-Encoding`` undone, refused as soon as it passes *limit*
+    bytes, as received and as decoded (413). Every route that reads a body reads it here.
+
+    Raises ``PayloadTooLarge`` (413), ``UnsupportedEncoding`` (415) or ``CorruptBody`` (400).
+    """
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is {limit}")
+    encoding = request.headers.get("Content-Encoding")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
@@ -25,11 +50,38 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
         if size > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    raw = b"".join(chunks)
+    if not encoding:
+        return raw
+    if len(raw) > THREAD_ABOVE_BYTES // 4:
+        return await asyncio.to_thread(decode_body, raw, encoding, limit)
+    return decode_body(raw, encoding, limit)
+
+
+_ESCAPED_BACKSLASH, _ESCAPED_QUOTE = b"\\\\", b'\\"'
+_STRING = re.compile(rb'"[^"]*"')
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_SIGN = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the containers of valid JSON text *raw* nest (``{}`` is 1, ``{"a": []}`` is 2).
+
+    Works on the bytes, iteratively and at C speed: escapes are removed (an escaped backslash,
+    then an escaped quote, left to right as JSON reads them), then strings, then everything but
+    brackets; the depth is the highest running sum of +1 per opening and -1 per closing bracket.
+    """
+    text = _STRING.sub(b"", raw.replace(_ESCAPED_BACKSLASH, b"").replace(_ESCAPED_QUOTE, b""))
+    signs = text.translate(None, _NOT_BRACKET).translate(_BRACKET_SIGN)
+    return max(accumulate(array("b", signs)), default=0)
 
 
 def parse_json_object(raw: bytes) -> dict:
-    """The body as a JSON object; ``InvalidJSON`` says what is wrong."""
+    """The body as a JSON object; ``InvalidJSON`` says what is wrong (never quoting the body).
+
+    Containers may nest at most ``MAX_JSON_DEPTH`` deep, so no later step (recording, YAML
+    rendering, key lookup, audit) can hit Python's recursion limit on client input.
+    """
     if not raw:
         raise InvalidJSON("request body is empty; send a JSON object")
     try:
@@ -39,11 +91,28 @@ def parse_json_object(raw: bytes) -> dict:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "depth" in exc.msg.lower() or "recursion" in exc.msg.lower():  # orjson stops at 1024
+            raise InvalidJSON(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
         raise InvalidJSON(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                           f"column {exc.colno}") from None
     if not isinstance(body, dict):
         raise InvalidJSON("request body must be a JSON object")
+    if (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH) and json_depth(raw) > MAX_JSON_DEPTH:
+        raise InvalidJSON(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     return body
+
+
+def check_model(model: object) -> None:
+    """``model`` is absent/null or a printable string of at most ``MAX_MODEL_CHARS`` characters
+    (no control or format characters), checked before anything logs or audits it."""
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise BadRequest("'model' must be a string", code="invalid_model")
+    if not model or len(model) > MAX_MODEL_CHARS:
+        raise BadRequest(f"'model' must be 1 to {MAX_MODEL_CHARS} characters long", code="invalid_model")
+    if not model.isprintable():
+        raise BadRequest("'model' must be printable text (no control characters)", code="invalid_model")
 
 
 def check_chat(body: dict) -> None:
@@ -53,17 +122,24 @@ def check_chat(body: dict) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"'messages[{i}]' must be an object with a string 'role'", code="invalid_messages")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("'model' must be a string", code="invalid_model")
+    check_model(body.get("model"))
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise BadRequest("'stream' must be true or false", code="invalid_stream")
 
 
+def parse_chat(raw: bytes) -> dict:
+    """A chat request body, parsed and checked (``parse_json_object`` then ``check_chat``)."""
+    body = parse_json_object(raw)
+    check_chat(body)
+    return body
+
+
 async def parse_request(ctx: Context) -> None:
     ctx.raw = await read_limited(ctx.request, ctx.services.settings.server.max_body_bytes)
-    ctx.body = parse_json_object(ctx.raw)
-    check_chat(ctx.body)
+    if len(ctx.raw) > THREAD_ABOVE_BYTES:
+        ctx.body = await asyncio.to_thread(parse_chat, ctx.raw)
+    else:
+        ctx.body = parse_chat(ctx.raw)
     ctx.model = ctx.body.get("model")
     ctx.stream = bool(ctx.body.get("stream"))

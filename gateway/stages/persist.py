@@ -26,9 +26,10 @@ def bounding_of(policy: Policy) -> Bounding:
 
 
 def audit_fields(ctx: Context) -> dict[str, object]:
-    """The audit entry of this round: names, sizes and outcome, never values."""
+    """The audit entry of this round: names, sizes and outcome, never values. When the record
+    step failed, ``record_failed`` names the exception's type (never its text)."""
     policy = ctx.policy
-    return {
+    fields: dict[str, object] = {
         "event": "round",
         "request_id": ctx.request_id,
         "session_id": ctx.session_id,
@@ -46,6 +47,9 @@ def audit_fields(ctx: Context) -> dict[str, object]:
         "bytes_out": ctx.bytes_out or len(ctx.tail),
         **({"truncated": True} if ctx.reply_truncated else {}),
     }
+    if ctx.record_error:
+        fields["record_failed"] = ctx.record_error
+    return fields
 
 
 async def persist(ctx: Context) -> None:

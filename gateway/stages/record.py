@@ -1,20 +1,59 @@
 """Stage: record. Sets ``user_text`` and ``reply_text``: what the policy whitelists of this round.
 
-Pure apart from reading the context: the texts are built fresh from the policy's keys
-(``session.record``), never by copying the request and deleting. Without a session id, or
+The texts are built fresh from the policy's keys (``session.record``), never by copying the
+request and deleting, from the request exactly as the client sent it. Without a session id, or
 under a policy that records nothing, both stay None (the round is audited, not recorded).
+
+Fails closed, never raises: when building the texts fails, whatever the input, both texts stay
+None, ``record_error`` is set to the exception's type name (never its text, which may quote
+content) and a ``completed`` outcome becomes ``incomplete``. ``persist`` then stores the round with no text
+and an audit entry naming the failure, and ``respond`` withholds the end of the reply
+(``RecordFailed``), so the client never gets a reply that looks complete for a round that was
+not recorded.
+
+Rounds larger than ``THREAD_ABOVE_BYTES`` (request plus reply) are built in a worker thread, so
+parsing a large request never holds up the event loop and the other clients on it.
 """
 
 from __future__ import annotations
 
+import asyncio
+
+import structlog
+
 from gateway.context import Context
+from gateway.policy import Policy
 from gateway.session.record import build_reply_view, build_request_view, render_reply, render_user
+
+THREAD_ABOVE_BYTES = 64 * 1024
+
+log = structlog.get_logger("gateway.record")
+
+
+def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
+                   reply_body: dict | None) -> tuple[str | None, str | None]:
+    """The recorded user and assistant texts of one round (pure; may raise on any input)."""
+    user = render_user(policy.input_paths, body["messages"], build_request_view(body))
+    reply = None
+    if reply_message is not None:
+        reply = render_reply(policy.reply_paths, build_reply_view(reply_message, reply_body))
+    return user, reply
 
 
 async def record(ctx: Context) -> None:
     policy = ctx.policy
     if policy is None or ctx.session_id is None or policy.records_nothing:
         return
-    ctx.user_text = render_user(policy.input_paths, ctx.body["messages"], build_request_view(ctx.body))
-    if ctx.reply_message is not None:
-        ctx.reply_text = render_reply(policy.reply_paths, build_reply_view(ctx.reply_message, ctx.reply_body))
+    args = (policy, ctx.body, ctx.reply_message, ctx.reply_body)
+    try:
+        if len(ctx.raw) + ctx.bytes_out + len(ctx.tail) > THREAD_ABOVE_BYTES:
+            ctx.user_text, ctx.reply_text = await asyncio.to_thread(recorded_texts, *args)
+        else:
+            ctx.user_text, ctx.reply_text = recorded_texts(*args)
+    except Exception as exc:  # noqa: BLE001 - fail closed: persisted as incomplete, reply withheld
+        ctx.user_text = ctx.reply_text = None
+        ctx.record_error = type(exc).__name__
+        if ctx.outcome == "completed":
+            ctx.outcome = "incomplete"
+        log.error("record_failed", request_id=ctx.request_id, tenant=ctx.tenant, session_id=ctx.session_id,
+                  policy=policy.id, error=ctx.record_error)

@@ -6,6 +6,10 @@ event instead, so the client can tell it is incomplete. A truncated recording (`
 still gives the client the whole reply. A non-SSE body relayed early (over the reply cap) gets its
 held-back last piece; if the upstream broke it off, the connection is closed instead, so the client
 sees a cut-off body and never a second status line.
+
+When the record step failed (``record_error``), nothing held back is sent: raises
+``RecordFailed``, which the handler turns into an error status (JSON) or an SSE error event
+without ``[DONE]`` (stream).
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import orjson
 from aiohttp import web
 
 from gateway.context import Context
+from gateway.errors import RecordFailed
 
 
 async def respond(ctx: Context) -> None:
+    if ctx.record_error:
+        raise RecordFailed()
     if ctx.response is None:
         ctx.response = web.Response(status=ctx.upstream_status, body=ctx.tail,
                                     content_type=ctx.tail_type or "application/json",

@@ -27,7 +27,6 @@ from gateway.session.record import (
     new_messages,
     render_reply,
     render_user,
-    strip_memo,
 )
 
 SPEC_PROMPT = (
@@ -162,22 +161,23 @@ def test_content_part_lists_are_joined() -> None:
     assert record_user(["lang"], [{"role": "user", "content": parts}]) == "[lang]:\nde"
 
 
-def test_gateway_memo_is_not_input() -> None:
-    """A memo section the gateway injected is stripped before the input is parsed or recorded."""
-    content = "[CHAT SESSION MEMO]:\nfacts:\n- code X-1\n\n" + json.dumps({"lang": "fr"})
+def test_memo_header_from_the_client_is_client_text() -> None:
+    """A ``[CHAT SESSION MEMO]:`` section in the client's message is client text: recorded whole
+    under null keys, a ``chat_session_memo`` slot under keyed policies (the gateway's own memo
+    never reaches the body the record reads)."""
+    content = "[CHAT SESSION MEMO]:\nfacts:\n- code X-1\n\n[INPUT]:\n" + json.dumps({"lang": "fr"})
     messages = [{"role": "user", "content": content}]
     assert record_user(["input"], messages) == "[input]:\nlang: fr"
-    assert record_user(None, messages) == json.dumps({"lang": "fr"})
+    assert record_user(["chat_session_memo"], messages) == "[chat_session_memo]:\nfacts:\n- code X-1"
+    assert record_user(None, messages) == content
 
 
-def test_exact_memo_section_is_stripped_even_with_blank_lines() -> None:
-    """With the exact injected section, a memo containing blank lines is removed whole."""
-    section = "[CHAT SESSION MEMO]:\nline one\n\nline two\n\n"
-    assert strip_memo(section + "question", section) == "question"
-    assert strip_memo("question", section) == "question"
-    view = build_request_view({"messages": [{"role": "user", "content": section + "question"}]}, section)
-    assert render_user(None, view.messages, view) == "question"
-    assert view.slots == {"input": "question"}
+def test_text_after_a_memo_header_and_blank_lines_is_kept() -> None:
+    """Blank lines after a memo header remove nothing: the whole message is the input."""
+    content = "[CHAT SESSION MEMO]:\nline one\n\nline two\n\nquestion"
+    view = build_request_view({"messages": [{"role": "user", "content": content}]})
+    assert render_user(None, view.messages, view) == content
+    assert view.slots == {"chat_session_memo": "line one\n\nline two\n\nquestion"}
 
 
 def test_system_messages_are_joined() -> None:
