@@ -452,6 +452,10 @@ class Checkpointer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self._next_timeout())
                 self._wake.clear()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Python 3.11's wait_for swallows a cancel that lands as the wake fires
+                    raise asyncio.CancelledError
         finally:
             self.checkpoint_now()
             self._loop = self._wake = None

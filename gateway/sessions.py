@@ -34,6 +34,7 @@ from gateway.session.model import (
     over_limit,
     round_messages,
     to_agently,
+    with_pending,
 )
 from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store
 
@@ -214,6 +215,7 @@ class SessionService:
                     state = state.appended(messages)
                     if bounding.settings is not None:
                         state = replace(state, settings=dict(bounding.settings))
+                    state = with_pending(state, bounding.strategy, [1] * len(messages))  # Agently: one analysis per append
                     if state.auto_resize:
                         state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
                 self._write_state(cur, ch, dk, state, [messages], meta)

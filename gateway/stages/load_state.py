@@ -1,12 +1,17 @@
 """Stage: load_state. Sets ``loaded``: the session's unsealed state, or None.
 
 Nothing is loaded without a session id, or when the policy injects neither window nor memo.
+Under a ``hook`` bounding strategy it first waits (at most ``HOOK_WAIT_SECONDS``) for this
+session's window maintenance still running in this process, so the window it injects is the one
+Agently would send: Agently resizes before its call returns (``session.bounding``).
 Raises ``IntegrityError`` when the stored state fails authentication.
 """
 
 from __future__ import annotations
 
 from gateway.context import Context
+
+HOOK_WAIT_SECONDS = 10.0
 
 
 async def load_state(ctx: Context) -> None:
@@ -15,4 +20,6 @@ async def load_state(ctx: Context) -> None:
     inject = ctx.policy.session.inject
     if not (inject.context_window or inject.memo):
         return
+    if ctx.policy.session.bounding.strategy == "hook":
+        await ctx.services.background.settled((ctx.tenant, ctx.session_id), HOOK_WAIT_SECONDS)
     ctx.loaded = await ctx.services.sessions.load(ctx.tenant, ctx.session_id)

@@ -15,6 +15,8 @@ async def record(ctx: Context) -> None:
     policy = ctx.policy
     if policy is None or ctx.session_id is None or policy.records_nothing:
         return
-    ctx.user_text = render_user(policy.input_paths, ctx.body["messages"], build_request_view(ctx.body))
+    view = build_request_view(ctx.body)
+    ctx.user_text = render_user(policy.input_paths, ctx.body["messages"], view)
     if ctx.reply_message is not None:
-        ctx.reply_text = render_reply(policy.reply_paths, build_reply_view(ctx.reply_message, ctx.reply_body))
+        ctx.reply_text = render_reply(policy.reply_paths, build_reply_view(ctx.reply_message, ctx.reply_body),
+                                      structured=policy.reply_paths is None and view.wants_structured)
