@@ -15,6 +15,7 @@ content, keys or tokens.
     ├── NotFound                 404 not_found_error
     ├── Conflict                 409 conflict_error
     ├── PayloadTooLarge          413 invalid_request_error
+    ├── NotWhitelisted           422 invalid_request_error (history outside the policy's whitelist)
     ├── IntegrityError           500 integrity_error (stored data failed an integrity check)
     ├── StoreUnavailable         503 service_unavailable
     ├── UpstreamError            502 upstream_error (unreachable, broken reply)
@@ -77,6 +78,12 @@ class Conflict(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class NotWhitelisted(GatewayError):
+    """Messages or a memo that the session's policy would never have recorded (names the message, never its text)."""
+
+    status, type, code = 422, "invalid_request_error", "not_whitelisted"
 
 
 class IntegrityError(GatewayError):

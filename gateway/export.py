@@ -458,7 +458,7 @@ def _check_audit(path: Path, manifest: dict[str, Any], checkpoint: Checkpoint, k
             if not verifier.feed(row):
                 break
             doc = orjson.loads(row.body)
-            if doc.get("event") == "round" and doc.get("ciphertext_sha256"):
+            if doc.get("event") in ("round", "history") and doc.get("ciphertext_sha256"):
                 rounds.add((doc.get("session_id"), doc["ciphertext_sha256"]))
             elif row.seq == export_seq and doc.get("event") == "export":
                 export_detail = doc.get("detail") or {}

@@ -84,7 +84,8 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 def content_text(content: Any) -> str:
     """The text of a message content: a string, or the text parts of a content-part list joined by
-    "\\n"; a JSON object (Agently's ``agent.input({...})`` alone) as YAML, as Agently writes values."""
+    "\\n"; a JSON object (Agently's ``agent.input({...})`` alone) as the YAML (sorted keys) Agently
+    renders it in as its ``[INPUT]`` section."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -92,7 +93,10 @@ def content_text(content: Any) -> str:
     if isinstance(content, list):
         return "\n".join([text for part in content if (text := _part_text(part)) is not None])
     if isinstance(content, dict):
-        return format_value(content)
+        try:
+            return yaml.safe_dump(content, allow_unicode=True).rstrip("\n")  # Agently's [INPUT] section body
+        except (yaml.YAMLError, RecursionError):
+            return orjson.dumps(content).decode()
     return str(content)
 
 
