@@ -9,7 +9,8 @@ refused so that no value can slip in under a new name):
 
 =====================  ===============================================================
 ``event``              ``round``, ``policy_reload``, ``key_rotation``, ``erasure``,
-                       ``export``, ``import`` or ``reset``
+                       ``export``, ``import``, ``reset``, ``history`` (a chat-history
+                       ``add``/``set``, ``detail.op``) or ``memo`` (a memo write)
 ``request_id``         the gateway's request id
 ``session_id``         the session the event concerns (None for tenant-wide events)
 ``policy_id``          the policy that applied, and ``policy_hash`` its version hash
@@ -71,7 +72,7 @@ GENESIS = "0" * 64
 """``prev_hash`` of a tenant's first entry."""
 
 EVENTS = frozenset({"round", "proxy", "policy_reload", "key_rotation", "erasure", "export", "import", "reset",
-                    "bounding", "purge"})
+                    "bounding", "purge", "history", "memo"})
 ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",

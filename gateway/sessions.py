@@ -369,7 +369,7 @@ class SessionService:
             if state.auto_resize:
                 state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
             self._write_state(cur, ch, dk, state, [messages] if kept and messages else [], meta)
-            entry = {**audit, "session_id": session_id, "op": op, "messages": len(messages)}
+            entry = {**audit, "session_id": session_id, "messages": len(messages), "detail": {"op": op}}
             if ch.rounds:
                 entry["round_seq"] = ch.rounds[0].seq
                 entry["ciphertext_sha256"] = hashlib.sha256(ch.rounds[0].ct).hexdigest()
@@ -394,7 +394,7 @@ class SessionService:
                 dk, state = self._unseal(cur)
             state = replace(state or SessionState(settings=dict(settings or {})), memo=memo)
             self._write_state(cur, ch, dk, state, [], RoundMeta("", "", "", "", ""))
-            ch.audit.append({**audit, "session_id": session_id, "memo_type": type(memo).__name__})
+            ch.audit.append({**audit, "session_id": session_id, "detail": {"memo": type(memo).__name__}})
             return ch
 
         await self.store.transact(tenant, session_id, plan)

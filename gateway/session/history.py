@@ -102,7 +102,7 @@ async def write_memo(sessions: SessionService, policy: Policy, tenant: str, sess
     """Write the memo under *policy* (refused under keyed policies), audited without its text."""
     check_memo(policy, check_memo_value(memo))
     await sessions.write_memo(tenant, session_id, memo, policy.session_settings, {
-        "event": "memo", "op": "set", "request_id": request_id, "policy_id": policy.id,
+        "event": "memo", "request_id": request_id, "policy_id": policy.id,
         "policy_hash": policy.version_hash})
 
 

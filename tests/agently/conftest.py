@@ -10,6 +10,7 @@ that send the same messages get the same replies.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,21 @@ import pytest
 import yaml
 from agently import Agently
 
+from gateway.standin import standin_thread
 from tests.conftest import ACME_KEY, Gateway, Upstream
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 Turn = Callable[[Any], Any]
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    """The recording stand-in (overrides the suite-wide one): streams in 3 chunks, not 20, since
+    Agently spends most of a streamed turn on per-chunk work; the content is the same."""
+    up = Upstream()
+    with standin_thread(chunks=3, reply=up._reply, on_request=up.requests.append) as url:
+        up.url = url
+        yield up
 
 
 @pytest.fixture(autouse=True)
@@ -105,35 +117,67 @@ def post(gateway: Gateway, path: str, body: Any = None, *, method: str = "POST")
 
 
 # --- the documented difference: the gateway records only what is new -------------------------
+#
+# Under ``input_keys: null`` Agently records its whole rendered prompt, ``prompt.to_text()``:
+# ``"user:\n"``, the chat history, the memo, the round's sections, ``"\nassistant:"``. The gateway
+# records the round's new input as the client sent it (no history, no memo). ``NewOnly`` maps
+# each Agently record to that: it finds the turn whose prompt the record ends with and takes that
+# prompt without the memo section (and a plain text or object input out of the ``[INPUT]``
+# wrapping Agently gives it next to a memo).
 
-def new_input(content: Any) -> Any:
-    """What the gateway records (``input_keys: null``) for a user message Agently recorded as its
-    whole rendered prompt (``prompt.to_text()``, history included): the round's ``[INPUT]``."""
-    if isinstance(content, str) and content.startswith("user:\n") and content.endswith("\nassistant:"):
-        start = content.rfind("\n[INPUT]:\n")
-        if start >= 0:
-            body = content[start + len("\n[INPUT]:\n"): -len("\n[OUTPUT]:\nassistant:")]
-            return body.rstrip("\n")
-    return content
-
-
-def only_new(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """*messages* with Agently's recorded prompts (user messages of the history) as the gateway
-    records them; the last message (this turn's prompt) is left as sent."""
-    out = [dict(m, content=new_input(m["content"])) if m["role"] == "user" else m for m in messages[:-1]]
-    return out + messages[-1:]
+_MEMO = re.compile(r"\[CHAT SESSION MEMO\]:\n.*?\n\n(?=\[[A-Za-z][A-Za-z0-9 _-]*\]:(?:\n|$))", re.DOTALL)
+_WRAPPED = re.compile(r"\[INPUT\]:\n(.*)\n\n\[OUTPUT\]:", re.DOTALL)
 
 
-def comparable(doc: dict[str, Any], *, new_only: bool = False) -> dict[str, Any]:
+def _main_prompt(prompt: Any) -> str:
+    """The prompt's sections as ``to_text()`` renders them (Agently sends a lone input bare)."""
+    if isinstance(prompt, str) and prompt.startswith("[") and prompt.endswith("[OUTPUT]:"):
+        return prompt
+    body = prompt if isinstance(prompt, str) else yaml.safe_dump(prompt, allow_unicode=True)
+    return f"[INPUT]:\n{body}\n\n[OUTPUT]:"
+
+
+def _as_sent(prompt: Any) -> Any:
+    """The prompt as a client without a session sends it, as the gateway records it."""
+    if not isinstance(prompt, str):
+        return yaml.safe_dump(prompt, allow_unicode=True).rstrip("\n")
+    text = _MEMO.sub("", prompt, count=1)
+    wrapped = _WRAPPED.fullmatch(text)
+    return wrapped.group(1).rstrip("\n") if wrapped and text != prompt else text
+
+
+@dataclass
+class NewOnly:
+    """Maps Agently's recorded prompts to what the gateway records (see above)."""
+
+    prompts: list[Any]
+
+    @classmethod
+    def of(cls, trace: Trace) -> NewOnly:
+        return cls([requests[0][-1]["content"] for requests in trace.turns])
+
+    def content(self, content: Any) -> Any:
+        if not (isinstance(content, str) and content.startswith("user:\n") and content.endswith("\nassistant:")):
+            return content
+        body = content[len("user:\n"): -len("\nassistant:")]
+        matches = [p for p in self.prompts if body.endswith(_main_prompt(p))]
+        assert matches, "an Agently record that matches no prompt of the run"
+        return _as_sent(max(matches, key=lambda p: len(_main_prompt(p))))
+
+    def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [dict(m, content=self.content(m["content"])) if m["role"] == "user" else m for m in messages]
+
+
+def comparable(doc: dict[str, Any], new_only: NewOnly | None = None) -> dict[str, Any]:
     """The parts of an exported session both runtimes must agree on (``id`` and settings other
     than Agently's three ``session_settings`` aside)."""
     settings = doc.get("session_settings") or {}
     out = {"auto_resize": doc["auto_resize"], "memo": doc["memo"],
            "full_context": doc["full_context"], "context_window": doc["context_window"],
            "session_settings": {k: _keys(settings.get(k)) for k in ("input_keys", "reply_keys", "max_length")}}
-    if new_only:
-        for name in ("full_context", "context_window"):
-            out[name] = [dict(m, content=new_input(m["content"])) if m["role"] == "user" else m for m in out[name]]
+    if new_only is not None:
+        out["full_context"] = new_only.messages(out["full_context"])
+        out["context_window"] = new_only.messages(out["context_window"])
     return out
 
 
@@ -143,10 +187,11 @@ def _keys(value: Any) -> Any:
     return [k for k in value if k is not None] if isinstance(value, list) else value
 
 
-def assert_same_turns(local: Trace, gateway: Trace, *, new_only: bool = False) -> None:
-    """Every turn sent the upstream the same messages (after :func:`only_new` when *new_only*)."""
+def assert_same_turns(local: Trace, gateway: Trace, new_only: NewOnly | None = None) -> None:
+    """Every turn sent the upstream the same messages (Agently's recorded prompts in the history
+    mapped by *new_only* when given; the turn's own prompt is compared as sent)."""
     assert len(local.turns) == len(gateway.turns)
     for number, (a, b) in enumerate(zip(local.turns, gateway.turns, strict=True), start=1):
         assert len(a) == len(b) == 1, f"turn {number}: {len(a)} vs {len(b)} upstream requests"
-        expected = only_new(a[0]) if new_only else a[0]
+        expected = new_only.messages(a[0][:-1]) + a[0][-1:] if new_only is not None else a[0]
         assert b[0] == expected, f"turn {number} differs"
