@@ -32,7 +32,6 @@ from tests.agently.conftest import (
     gateway_agent,
     local_agent,
     local_session,
-    new_agent,
     post,
     write_policy,
 )
