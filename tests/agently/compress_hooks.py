@@ -25,3 +25,12 @@ def broken(full_context: Any, context_window: Any, memo: Any, session_settings: 
     """An analysis hook that fails with conversation text in its exception (a card number)."""
     last = context_window[-1].content
     return str(int(last))  # ValueError: invalid literal for int() with base 10: 'my card is 4111 ...'
+
+
+def always(full_context: Any, context_window: Any, memo: Any, session_settings: Any) -> str:
+    return "compress"
+
+
+def bad_result(full_context: Any, context_window: Any, memo: Any, session_settings: Any) -> Any:
+    """An execution hook that returns something that is not (full_context, context_window, memo)."""
+    return [{"role": "user"}]
