@@ -4,10 +4,12 @@ the bound and never log what they saw."""
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.export import verify_bundle
 from gateway.session.record import context_length
 from tests.agently.conftest import AUTH, export, write_policy
-from tests.conftest import REPO, Gateway, Upstream
+from tests.conftest import AUDITOR_TOKEN, REPO, Gateway, Upstream
 
 MakeGateway = Callable[..., Gateway]
 CARD = "4111 1111 1111 1111"
@@ -133,3 +136,23 @@ def test_cli_history_and_memo(make_gateway: MakeGateway, upstream: Upstream, tmp
     keyed = make_gateway(write_policy(tmp_path / "pol2", **KEYED), name="gw2")
     refused = cli(keyed, "set", "c2", str(path), "--tenant", "acme")
     assert refused.returncode == 2 and "not in the recorded form" in refused.stderr and "uuu" not in refused.stderr
+
+
+def test_export_with_history_records_verifies_offline(make_gateway: MakeGateway, upstream: Upstream,
+                                                      tmp_path: Path) -> None:
+    """Records written by add/set are covered by their ``history`` audit entries, so an auditor's
+    export of such a session verifies offline with only the public key."""
+    auditor = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
+    gateway = make_gateway(write_policy(tmp_path / "pol", input_keys=None, reply_keys=None, max_length=2000))
+    gateway.openai(session="ex1").chat.completions.create(model="standin", messages=[{"role": "user", "content": "q"}])
+    assert call(gateway, "POST", "ex1/history", {"op": "add", "messages": [
+        {"role": "user", "content": "added"}, {"role": "assistant", "content": "ok"}]}).status_code == 200
+    resp = httpx.get(f"{gateway.url}/admin/export?tenant=acme&session=ex1", headers=auditor, timeout=30)
+    assert resp.status_code == 200, resp.text
+    with tarfile.open(fileobj=io.BytesIO(resp.content)) as tar:
+        tar.extractall(tmp_path / "bundle", filter="data")
+    records = tmp_path / "bundle" / "acme-export.jsonl"
+    assert "added" in records.read_text()
+    public_key = httpx.get(f"{gateway.url}/admin/public-key", headers=auditor).content
+    report = verify_bundle(records, public_key)
+    assert report.ok, report.summary()
