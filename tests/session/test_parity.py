@@ -120,3 +120,15 @@ def test_recorded_form_and_memo_rules() -> None:
     null = Policy.model_validate({"id": "p", "session": {"input_keys": None, "reply_keys": None}})
     keyed = Policy.model_validate({"id": "p", "session": {"input_keys": keys, "reply_keys": None}})
     assert memo_allowed(null) and not memo_allowed(keyed)
+
+
+def test_policy_explain_records_a_structured_reply_as_the_pipeline_does() -> None:
+    """``policy explain`` shows the same YAML record for a JSON reply to a JSON output requirement."""
+    from gateway.policy.explain import explain
+    from gateway.policy.matcher import PolicySet
+
+    policies = PolicySet([Policy.model_validate({"id": "p", "session": {"input_keys": None, "reply_keys": None}})])
+    request = {"model": "m", "messages": [msg("user", "[INPUT]:\nq\n\n[OUTPUT REQUIREMENT]:\nData Format: JSON\n"
+                                                      "Data Structure:\n{}\n\n[OUTPUT]:")]}
+    report = explain(policies, request, tenant="acme", session_id="s", reply='{"answer": "yes"}')
+    assert "answer: 'yes'" in str(report)
