@@ -244,7 +244,8 @@ async def _resize(cfg: HookBounding, full: list[Message], window: list[Message],
     if fn is None:
         if strategy == "simple_cut":
             return _cut_if_over(window, max_length), memo
-        log.warning("bounding_unknown_strategy", strategy=strategy[:64])  # Agently warns and goes on
+        # Agently warns and goes on; the name is not logged (a hook may return any text)
+        log.warning("bounding_unknown_strategy", hook=cfg.analysis)
         return window, memo
     try:
         result = await call_hook(fn, hook_messages(full), hook_messages(window), copy.deepcopy(memo),
