@@ -10,7 +10,8 @@ refused so that no value can slip in under a new name):
 =====================  ===============================================================
 ``event``              ``round``, ``proxy``, ``policy_reload``, ``key_rotation``,
                        ``erasure``, ``export``, ``import``, ``reset``, ``bounding``,
-                       ``purge``, ``quarantine``, ``refusal``, ``release``,
+                       ``purge``, ``quarantine``, ``refusal``, ``release``, ``history`` (a
+                       chat-history ``add``/``set``, ``detail.op``), ``memo`` (a memo write),
                        ``console_read`` (an auditor read a session in the console) or
                        ``verify`` (an auditor verified the chain in the console)
 ``request_id``         the gateway's request id
@@ -89,7 +90,7 @@ GENESIS = "0" * 64
 
 EVENTS = frozenset({"round", "proxy", "policy_reload", "key_rotation", "erasure", "export", "import", "reset",
                     "bounding", "purge", "quarantine", "refusal", "release", "console_read", "verify",
-                    "erasure_completed"})
+                    "erasure_completed", "history", "memo"})
 ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",
@@ -494,6 +495,10 @@ class Checkpointer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self._next_timeout())
                 self._wake.clear()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Python 3.11's wait_for swallows a cancel that lands as the wake fires
+                    raise asyncio.CancelledError
         finally:
             try:
                 self.checkpoint_now()

@@ -178,6 +178,19 @@ class Background:
         if again is not None and not task.cancelled():
             self.start(key, again)
 
+    async def settled(self, key: Hashable, timeout: float) -> bool:
+        """Wait until no task of *key* runs or waits to run again (its last ask included), at
+        most *timeout* seconds; True when it settled. Never raises the task's error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (task := self._tasks.get(key)) is not None and not task.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.wait({task}, timeout=left)
+            await asyncio.sleep(0)  # let the done callback start the asked-again run
+        return True
+
     async def drain(self) -> None:
         """Wait for every running task (at shutdown); jobs waiting for a retry give up."""
         if self._closing is None:

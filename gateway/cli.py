@@ -3,6 +3,7 @@
     sessiongate serve [--config FILE] [--host H] [--port P]
     sessiongate clients new --tenant T [--name N]
     sessiongate sessions list|export|import|reset|delete|erase|release --tenant T [ID] [FILE]
+    sessiongate sessions add|set|clean|memo --tenant T [--model M] ID [FILE]
     sessiongate policy check [PATH ...] | policy explain --request FILE [--reply FILE] ...
     sessiongate policy test [POLICY_DIR] [CASES ...] | policy diff OLD_DIR NEW_DIR [--cases ...]
     sessiongate keys generate|list|rotate|retire [KEY_ID]
@@ -227,6 +228,56 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             reason = await svc.release(tenant, sid, new_request_id())
             print(f"released {tenant}/{sid} from quarantine (it was quarantined for: {reason}); a check that "
                   "fails again quarantines it again")
+        return 0
+
+    return _run(_with_sessions(settings, act))
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """``sessions add|set|clean|memo``: Agently's chat-history operations and the memo, each one
+    transaction held to the session's policy (see ``gateway.session.history``). Under a hook
+    strategy the hooks run here, before the command returns; ``summarize`` is left to the gateway."""
+    from gateway.handlers import new_request_id
+    from gateway.policy import load_policy_set
+    from gateway.session.bounding import maintain
+    from gateway.session.history import change_history, needs_hooks, parse_messages, write_memo
+    from gateway.stages.resolve_session import check_session_id
+
+    settings = _settings(args)
+    tenant, sid = args.tenant, check_session_id(args.id)
+    policy = load_policy_set(settings.policies.path).match(tenant, args.model, sid)
+    document: Any = None
+    if args.action in ("add", "set") or (args.action == "memo" and args.file is not None):
+        source = sys.stdin.read() if args.file in (None, "-") else _read_text(args.file)
+        try:
+            document = json.loads(source)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"not valid JSON: {exc.msg}", file=args.file or "<stdin>", line=exc.lineno,
+                              column=exc.colno) from None
+
+    async def no_summarizer(model: str | None, messages: Any, timeout: float) -> str:
+        raise RuntimeError("the CLI does not call the model")
+
+    async def act(svc: Any) -> int:
+        if args.action == "memo":
+            if args.file is None:
+                loaded = await svc.load(tenant, sid)
+                if loaded is None:
+                    raise ConfigError(f"no session '{sid}' for tenant '{tenant}'")
+                print(json.dumps(loaded.state.memo, indent=2, ensure_ascii=False))
+            else:
+                await write_memo(svc, policy, tenant, sid, document, new_request_id())
+                print(f"wrote the memo of {tenant}/{sid}")
+            return 0
+        op = "clean_context_window" if args.action == "clean" else args.action
+        messages = parse_messages(document.get("messages") if isinstance(document, dict) and "role" not in document
+                                  else document) if op in ("add", "set") else []
+        result = await change_history(svc, policy, tenant, sid, op, messages, new_request_id())
+        if needs_hooks(policy, result.state):
+            await maintain(svc, tenant, sid, policy, no_summarizer, args.model)
+        loaded = await svc.load(tenant, sid)
+        window = len(loaded.state.context_window) if loaded else 0
+        print(f"{op}: {result.recorded} messages recorded in {tenant}/{sid}; the window holds {window}")
         return 0
 
     return _run(_with_sessions(settings, act))
@@ -607,6 +658,21 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "import":
             sp.add_argument("file", nargs="?", help="Agently JSON file (default: standard input)")
         sp.set_defaults(fn=cmd_sessions)
+
+    for action, text in (("add", "Agently's add_chat_history: append messages (JSON file or stdin)"),
+                         ("set", "Agently's set_chat_history: make messages the window (JSON file or stdin)"),
+                         ("clean", "Agently's clean_context_window: empty the window"),
+                         ("memo", "print the memo, or replace it with the JSON value in FILE ('-': stdin)")):
+        sp = ss.add_parser(action, help=text)
+        sp.add_argument("--config", default=argparse.SUPPRESS)
+        sp.add_argument("--tenant", required=True)
+        sp.add_argument("--model", help="model to match the session's policy with (default: none)")
+        sp.add_argument("id", help="session id")
+        if action != "clean":
+            sp.add_argument("file", nargs="?", help="JSON: a message list, {\"messages\": [...]}, or the memo")
+        else:
+            sp.set_defaults(file=None)
+        sp.set_defaults(fn=cmd_history)
 
     pol = sub.add_parser("policy", help="check and explain policy files").add_subparsers(dest="action", required=True)
     pc = pol.add_parser("check", help="validate policy files; exit 1 on any error")

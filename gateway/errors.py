@@ -19,6 +19,7 @@ content, keys or tokens.
     ├── PayloadTooLarge          413 invalid_request_error (also after decompression)
     ├── UnsupportedEncoding      415 invalid_request_error (a Content-Encoding we cannot decode)
     ├── ImportNotWhitelisted     422 invalid_request_error (an import the session's policy would not record)
+    ├── NotWhitelisted           422 invalid_request_error (history outside the policy's whitelist)
     ├── IntegrityError           500 integrity_error (stored data failed an integrity check)
     ├── RecordFailed             500 server_error (the round could not be recorded; reply withheld)
     ├── StoreUnavailable         503 service_unavailable
@@ -99,6 +100,14 @@ class ImportNotWhitelisted(GatewayError):
     message names the field and message index, never the content."""
 
     status, type, code = 422, "invalid_request_error", "import_not_whitelisted"
+
+
+class NotWhitelisted(GatewayError):
+    """Messages or a memo that the session's policy would never have recorded (names the message, never its text)."""
+
+    status, type, code = 422, "invalid_request_error", "not_whitelisted"
+
+
 class UnsupportedEncoding(GatewayError):
     status, type, code = 415, "invalid_request_error", "unsupported_content_encoding"
 

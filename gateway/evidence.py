@@ -209,7 +209,7 @@ def expect(sessions: dict[str, _Session], row: AuditRow) -> None:
     s = sessions.setdefault(sid, _Session())
     s.seen = True
     event, digest, detail = doc.get("event"), doc.get("ciphertext_sha256"), doc.get("detail") or {}
-    if event in ("round", "import") and isinstance(digest, str):
+    if event in ("round", "import", "history") and isinstance(digest, str):
         seq = doc.get("round_seq")
         if isinstance(seq, int):
             s.rounds[seq] = (digest, row.seq)

@@ -522,7 +522,7 @@ class _Promised:
         return sorted(out, key=lambda e: e.seq)
 
 
-ROUND_EVENTS = ("round", "import")
+ROUND_EVENTS = ("round", "import", "history")
 """Audit events that record a stored round (imported rounds are records too)."""
 
 

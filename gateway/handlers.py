@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import io
 import os
 import re
@@ -34,9 +35,13 @@ from gateway.export import FORMATS, bundle_paths
 from gateway.logs import exception_fields
 from gateway.observe import set_outcome
 from gateway.proxy import forward_route
+from gateway.session.bounding import maintain, needs_maintenance
+from gateway.session.history import HISTORY_OPS, HistoryResult, change_history, needs_hooks, parse_messages, write_memo
 from gateway.session.lenient_json import parse_session_document
+from gateway.session.model import over_limit
 from gateway.settings import TENANT_PATTERN
-from gateway.stages.parse_request import read_limited
+from gateway.stages.load_state import HOOK_WAIT_SECONDS
+from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
 from gateway.tracing import finish_request
@@ -197,9 +202,73 @@ async def import_session(request: web.Request) -> web.Response:
 
 
 async def reset_session(request: web.Request) -> web.Response:
+    """Agently's ``reset_chat_history``: the window is emptied (memo and recorded history stay)."""
+    result = await _edit_history(request, "reset", None)
+    return json_response({"id": result["id"], "reset": True})
+
+
+async def clean_context_window(request: web.Request) -> web.Response:
+    """Agently's ``clean_context_window``: the window is emptied (memo and recorded history stay)."""
+    return json_response(await _edit_history(request, "clean_context_window", None))
+
+
+async def session_history(request: web.Request) -> web.Response:
+    """``{"op": "add" | "set", "messages": [...], "model": optional}``: Agently's
+    ``add_chat_history`` / ``set_chat_history`` (see ``gateway.session.history``)."""
+    services = request.app[SERVICES]
+    body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
+    op = body.get("op")
+    if op not in HISTORY_OPS:
+        raise BadRequest(f"'op' must be one of {', '.join(HISTORY_OPS)}")
+    return json_response(await _edit_history(request, op, body))
+
+
+async def _edit_history(request: web.Request, op: str, body: dict[str, Any] | None) -> dict[str, Any]:
     services, tenant, sid = _session_target(request)
-    await services.sessions.reset(tenant, sid, new_request_id())
-    return json_response({"id": sid, "reset": True})
+    model = _model_param(request, body)
+    policy = services.policies.current.match(tenant, model, sid)
+    messages = parse_messages(body.get("messages")) if body is not None else []
+    result = await change_history(services.sessions, policy, tenant, sid, op, messages, new_request_id())
+    out = result.to_dict(sid)
+    if needs_maintenance(policy) and (needs_hooks(policy, result.state) or over_limit(result.state,
+                                                                                     policy.session.max_length)):
+        key = (tenant, sid)
+        services.background.start(key, functools.partial(
+            maintain, services.sessions, tenant, sid, policy, services.upstreams.complete, model))
+        if policy.session.bounding.strategy == "hook" and await services.background.settled(key, HOOK_WAIT_SECONDS):
+            loaded = await services.sessions.load(tenant, sid)
+            if loaded is not None:
+                out = HistoryResult(op, result.recorded, loaded.state).to_dict(sid)
+    return out
+
+
+def _model_param(request: web.Request, body: dict[str, Any] | None) -> str | None:
+    """The model a session route's policy is matched with: ``model`` in the body, else ``?model=``."""
+    model = body.get("model") if body is not None else None
+    model = model if model is not None else request.query.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("'model' must be a string")
+    return model
+
+
+async def get_memo(request: web.Request) -> web.Response:
+    """The session's memo: ``{"id", "memo"}`` (404 for an unknown session)."""
+    services, tenant, sid = _session_target(request)
+    loaded = await services.sessions.load(tenant, sid)
+    if loaded is None:
+        raise NotFound(f"no session '{sid}' for this tenant")
+    return json_response({"id": sid, "memo": loaded.state.memo})
+
+
+async def put_memo(request: web.Request) -> web.Response:
+    """``{"memo": ..., "model": optional}``: replace the memo (creates the session)."""
+    services, tenant, sid = _session_target(request)
+    body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
+    if "memo" not in body:
+        raise BadRequest("the body must hold 'memo' (a string, an object, a list or null)")
+    policy = services.policies.current.match(tenant, _model_param(request, body), sid)
+    await write_memo(services.sessions, policy, tenant, sid, body["memo"], new_request_id())
+    return json_response({"id": sid, "memo": body["memo"]})
 
 
 async def delete_session(request: web.Request) -> web.Response:

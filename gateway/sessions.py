@@ -50,6 +50,7 @@ from gateway.session.model import (
     over_limit,
     round_messages,
     to_agently,
+    with_pending,
 )
 from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store
 
@@ -312,6 +313,8 @@ class SessionService:
                     state = state.appended(messages)
                     if bounding.settings is not None:
                         state = replace(state, settings=dict(bounding.settings))
+                    # Agently analyses after each append: the user message, then the reply
+                    state = with_pending(state, bounding.strategy, [1] * len(messages))
                     if state.auto_resize:
                         state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
                 self._write_state(cur, ch, dk, state, [messages], meta)
@@ -442,6 +445,81 @@ class SessionService:
 
         await self.store.transact(tenant, session_id, plan)
         return await self.erasures.settle(tenant, session_id, request_id)
+
+    # --- Agently's chat-history operations (gateway.session.history drives them) ----------
+
+    async def edit_history(self, tenant: str, session_id: str, op: str, messages: list[Message],
+                           bounding: Bounding, audit: dict[str, Any]) -> SessionState:
+        """Agently's ``add_chat_history`` / ``set_chat_history`` / ``reset_chat_history`` /
+        ``clean_context_window`` as one transaction with its audit entry; returns the new state.
+
+        ``add`` appends *messages* to ``full_context`` (one sealed record, kind ``history``) and
+        to the window; ``set`` appends them to ``full_context`` the same way and makes them the
+        whole window; ``reset`` and ``clean_context_window`` empty the window. The memo is never
+        touched; recorded history stays append-only. Then the window is resized as Agently does
+        after each of these (``bound_sync``; under hooks, one pending analysis). ``add`` and
+        ``set`` create a missing session; the others raise ``NotFound``.
+        """
+        meta = RoundMeta(str(audit.get("request_id", "")), str(audit.get("policy_id", "")),
+                         str(audit.get("policy_hash", "")), "completed", "history")
+        kept = op in ("add", "set")
+
+        def plan(cur: Current) -> Changes:
+            ch = Changes()
+            _refuse_quarantined(cur)
+            _raise_if_altered(cur)
+            if cur.session is None and not kept:
+                raise NotFound(f"no session '{session_id}' for this tenant")
+            if cur.data_key is None:
+                dk, ch.data_key = self._new_data_key(cur.tenant, session_id)
+                state = None
+            else:
+                dk, state = self._unseal(cur)
+            state = state or SessionState(settings=dict(bounding.settings or {}))
+            if op == "add":
+                state = with_pending(state.appended(messages), bounding.strategy, [len(messages)])
+            else:
+                window = list(messages) if op == "set" else []
+                state = with_pending(replace(state.with_window(window), pending=[]), bounding.strategy,
+                                     [len(window)])
+            if bounding.settings is not None:
+                state = replace(state, settings=dict(bounding.settings))
+            if state.auto_resize:
+                state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
+            self._write_state(cur, ch, dk, state, [messages] if kept and messages else [], meta)
+            entry = {**audit, "session_id": session_id, "messages": len(messages), "detail": {"op": op}}
+            if ch.rounds:
+                entry["round_seq"] = ch.rounds[0].seq
+                entry["ciphertext_sha256"] = hashlib.sha256(ch.rounds[0].ct).hexdigest()
+            ch.audit.append(entry)
+            ch.result = state
+            return ch
+
+        async with self._guarded(tenant, session_id, audit.get("request_id")):
+            result = (await self.store.transact(tenant, session_id, plan)).result
+        assert isinstance(result, SessionState)
+        return result
+
+    async def write_memo(self, tenant: str, session_id: str, memo: Any, settings: dict[str, Any] | None,
+                         audit: dict[str, Any]) -> None:
+        """Set the memo (a string, a mapping, a list or None) in one transaction with its audit
+        entry (which holds no memo text); creates a missing session."""
+        def plan(cur: Current) -> Changes:
+            ch = Changes()
+            _refuse_quarantined(cur)
+            _raise_if_altered(cur)
+            if cur.data_key is None:
+                dk, ch.data_key = self._new_data_key(cur.tenant, session_id)
+                state = None
+            else:
+                dk, state = self._unseal(cur)
+            state = replace(state or SessionState(settings=dict(settings or {})), memo=memo)
+            self._write_state(cur, ch, dk, state, [], RoundMeta("", "", "", "", ""))
+            ch.audit.append({**audit, "session_id": session_id, "detail": {"memo": type(memo).__name__}})
+            return ch
+
+        async with self._guarded(tenant, session_id, audit.get("request_id")):
+            await self.store.transact(tenant, session_id, plan)
 
 
 def _refuse_quarantined(cur: Current) -> None:

@@ -168,7 +168,8 @@ def test_only_messages_after_the_last_assistant_message_are_recorded(gateway: Ga
 
 
 def test_memo_is_injected_at_the_start_of_the_final_user_message(gateway: Gateway, upstream: Upstream) -> None:
-    """An imported memo is forwarded as a [CHAT SESSION MEMO] section before the user's own text."""
+    """An imported memo is forwarded as a [CHAT SESSION MEMO] section before the user's own text,
+    which becomes its [INPUT] section (Agently's rendering)."""
     doc = {"id": "memo-1", "full_context": [user("hello"), assistant("hi there")],
            "context_window": [user("hello"), assistant("hi there")], "memo": {"facts": ["code X-1"]}}
     resp = httpx.put(f"{gateway.base_url}/sessions/memo-1", json=doc, headers={"Authorization": f"Bearer {ACME_KEY}"})
@@ -177,7 +178,7 @@ def test_memo_is_injected_at_the_start_of_the_final_user_message(gateway: Gatewa
     client.chat.completions.create(model="standin", messages=[SYSTEM, user("what is my code?")])
     assert upstream.requests[0]["messages"] == [
         SYSTEM, user("hello"), assistant("hi there"),
-        user("[CHAT SESSION MEMO]:\nfacts:\n- code X-1\n\nwhat is my code?")]
+        user("[CHAT SESSION MEMO]:\nfacts:\n- code X-1\n\n\n[INPUT]:\nwhat is my code?\n\n[OUTPUT]:")]
     recorded = export(gateway, "memo-1")
     assert recorded["full_context"][2] == user("what is my code?")
     assert recorded["memo"] == {"facts": ["code X-1"]}

@@ -78,7 +78,7 @@ def test_import_takes_agently_output_as_is(acme: httpx.Client, upstream: Upstrea
     assert acme.get("/sessions/worker-7").json() == {**json.loads(text), "id": "worker-7"}
     chat(acme, "worker-7", "q2")
     assert upstream.requests[-1]["messages"] == [user("q1"), assistant("a1"),
-                                                 user("[CHAT SESSION MEMO]:\nlikes tea\n\nq2")]
+                                                 user("[CHAT SESSION MEMO]:\nlikes tea\n\n[INPUT]:\nq2\n\n[OUTPUT]:")]
 
 
 def test_reset_clears_the_window_and_keeps_full_context(acme: httpx.Client, upstream: Upstream) -> None:

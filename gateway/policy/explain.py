@@ -60,10 +60,12 @@ def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, sessio
     messages = request.get("messages") or []
     recorded_user = recorded_reply = None
     if session_id is not None and not chosen.records_nothing:
-        recorded_user = render_user(chosen.input_paths, messages, build_request_view(request))
+        view = build_request_view(request)
+        recorded_user = render_user(chosen.input_paths, messages, view)
         if reply is not None:
             message, body = reply_message(reply)
-            recorded_reply = render_reply(chosen.reply_paths, build_reply_view(message, body))
+            recorded_reply = render_reply(chosen.reply_paths, build_reply_view(message, body),
+                                          structured=chosen.reply_paths is None and view.wants_structured)
     opts = chosen.session.inject
     injected = inject(messages, state, window=opts.context_window, memo=opts.memo,
                       memo_placement=opts.memo_placement) if session_id is not None else messages

@@ -180,8 +180,9 @@ class Inject(StrictModel):
     memo: bool = True
     """Inject the memo when it is not null."""
     memo_placement: Literal["user_section", "system"] = "user_section"
-    """``user_section``: a ``[CHAT SESSION MEMO]:`` section at the start of the final user
-    message (Agently's placement); ``system``: an extra system message."""
+    """``user_section``: a ``[CHAT SESSION MEMO]:`` section in the final user message, rendered
+    and placed as Agently does (after INFO and extra sections, before INSTRUCT/INPUT/OUTPUT);
+    ``system``: an extra system message."""
 
 
 class SessionPolicy(StrictModel):

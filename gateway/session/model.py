@@ -10,6 +10,7 @@ per message), so a session bounded here has the same window in Agently.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,6 +36,12 @@ class SessionState:
     chars: int | None = None
     """The window's Agently length, cached (None: not known yet). Change the window only through
     :meth:`with_window`, which keeps this right."""
+    pending: list[int] = field(default_factory=list)
+    """Under a ``hook`` strategy: the sizes of the appends at the end of the window that the
+    hooks have not analysed yet, oldest first (a round appends ``[1, 1]``: its user message, then
+    its reply; ``add`` of n messages ``[n]``; ``0`` is an analysis with nothing appended, after a
+    reset). Agently analyses after each append; window maintenance replays them in order
+    (``session.bounding``) and empties this. Always empty under the other strategies."""
 
     def window_chars(self) -> int:
         if self.chars is None:
@@ -50,14 +57,19 @@ class SessionState:
         return self.with_window(self.context_window + messages, self.window_chars() + context_length(messages))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"context_window": self.context_window, "memo": self.memo, "settings": self.settings,
-                "auto_resize": self.auto_resize, "chars": self.window_chars()}
+        out = {"context_window": self.context_window, "memo": self.memo, "settings": self.settings,
+               "auto_resize": self.auto_resize, "chars": self.window_chars()}
+        if self.pending:
+            out["pending"] = self.pending
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SessionState:
         chars = data.get("chars")
+        pending = data.get("pending")
         return cls(list(data.get("context_window") or []), data.get("memo"), dict(data.get("settings") or {}),
-                   bool(data.get("auto_resize", True)), chars if isinstance(chars, int) else None)
+                   bool(data.get("auto_resize", True)), chars if isinstance(chars, int) else None,
+                   [n for n in pending if isinstance(n, int)] if isinstance(pending, list) else [])
 
 
 def round_messages(user: str | None, assistant: str | None) -> list[Message]:
@@ -134,15 +146,32 @@ def bound_sync(state: SessionState, strategy: str, max_length: int | None, round
 
 
 # --- injection -----------------------------------------------------------------------------
+#
+# Agently 4.1 is the reference, byte for byte (``AgentlyPromptGenerator.to_messages`` with the
+# ``OpenAICompatible`` defaults ``strict_role_orders: true``, ``rich_content: false``): the window
+# is Agently's ``chat_history`` and the memo its ``CHAT SESSION MEMO`` prompt section.
+
+CHAT_HISTORY_OPENER = "[CHAT HISTORY]"
+"""The user message Agently puts before a history that does not start with a user message."""
+CONTINUE_INPUT = "[User continue input]"
+"""The assistant message Agently puts after a history that does not end with an assistant message."""
+LATE_SECTIONS = frozenset({"INSTRUCT", "EXAMPLES", "INPUT", "OUTPUT REQUIREMENT", "OUTPUT"})
+"""Agently renders these after its extra sections (the memo is one): TOOLS, ACTION RESULTS,
+INFO, extra sections, then these, in this order, ``[OUTPUT]:`` last."""
+_HEADER = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
+
 
 def memo_text(memo: Any) -> str:
-    """The memo as text: strings as they are, anything else as YAML."""
-    if isinstance(memo, str):
-        return memo
-    return yaml.safe_dump(memo, allow_unicode=True, sort_keys=False).rstrip("\n")
+    """The memo's section body as Agently renders any prompt section: a scalar as ``str()``,
+    anything else as YAML with sorted keys and YAML's trailing newline kept."""
+    if isinstance(memo, (str, int, float, bool)) or memo is None:
+        return str(memo)
+    return yaml.safe_dump(memo, allow_unicode=True)
 
 
 def memo_section(memo: Any) -> str:
+    """``[CHAT SESSION MEMO]:`` and the memo, ending with the blank line that ends a section
+    (the next section, if any, follows directly)."""
     return f"{MEMO_HEADER}{memo_text(memo)}\n"
 
 
@@ -155,11 +184,84 @@ def carries_history(messages: Sequence[Message]) -> bool:
     return any(m.get("role") == "assistant" for m in messages)
 
 
+def normalise_window(window: Sequence[Message]) -> list[Message]:
+    """The window as Agently sends a chat history (strict role order): consecutive messages of
+    one role are merged into one (their texts joined by a blank line), a history that does not
+    start with a user message gets a user ``[CHAT HISTORY]`` first, and one that does not end
+    with an assistant message gets an assistant ``[User continue input]`` last.
+
+    Agently (``rich_content: false``) also drops non-text parts; the gateway keeps them: a merged
+    message with a non-text part keeps its content as a part list."""
+    merged: list[tuple[str, list[Any]]] = []
+    for message in window:
+        role = str(message.get("role"))
+        parts = _parts(message.get("content"))
+        if merged and merged[-1][0] == role:
+            merged[-1][1].extend(parts)
+        else:
+            merged.append((role, list(parts)))
+    if not merged:
+        return []
+    out = [_joined(role, parts) for role, parts in merged]
+    if out[0]["role"] != "user":
+        out.insert(0, {"role": "user", "content": CHAT_HISTORY_OPENER})
+    if out[-1]["role"] != "assistant":
+        out.append({"role": "assistant", "content": CONTINUE_INPUT})
+    return out
+
+
+def _parts(content: Any) -> list[Any]:
+    if isinstance(content, list):
+        return list(content)
+    return [{"type": "text", "text": str(content)}]
+
+
+def _joined(role: str, parts: list[Any]) -> Message:
+    texts = [p["text"] for p in parts if isinstance(p, dict) and p.get("type") == "text" and "text" in p]
+    if len(texts) == len(parts):
+        return {"role": role, "content": "\n\n".join(str(t) for t in texts)}
+    return {"role": role, "content": parts}
+
+
+def with_memo(content: Any, memo: Any) -> Any:
+    """The final user message's content with the memo section placed as Agently places it.
+
+    - an Agently-rendered prompt (it starts with a ``[SECTION]:`` line and ends with
+      ``[OUTPUT]:``): the memo goes before the first of INSTRUCT, EXAMPLES, INPUT, OUTPUT
+      REQUIREMENT, OUTPUT, so after TOOLS, ACTION RESULTS, INFO and any other section;
+    - a JSON object (Agently sends ``agent.input({...})`` alone as one): it becomes the
+      ``[INPUT]`` section, as YAML with sorted keys, between the memo and ``[OUTPUT]:``;
+    - any other text: ``[CHAT SESSION MEMO]`` + ``[INPUT]`` (the text) + ``[OUTPUT]:``.
+
+    A content-part list gets this done to its first text part (a memo part first if it has none).
+    """
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                return [*content[:i], {**part, "text": with_memo(part["text"], memo)}, *content[i + 1:]]
+        return [{"type": "text", "text": memo_section(memo)}, *content]
+    section = memo_section(memo) + "\n"
+    if isinstance(content, str):
+        headers = list(_HEADER.finditer(content))
+        rendered = bool(headers) and headers[0].start() == 0 and headers[-1].group(1) == "OUTPUT" \
+            and not content[headers[-1].end():].strip()
+        if rendered:
+            late = next(h for h in headers if h.group(1).strip().upper() in LATE_SECTIONS)
+            return content[: late.start()] + section + content[late.start():]
+        body = content
+    elif content is None:
+        body = ""
+    else:
+        body = memo_text(content)
+    return f"{section}[INPUT]:\n{body}\n\n[OUTPUT]:"
+
+
 def inject(messages: list[Message], state: SessionState | None, *, window: bool = True,
            memo: bool = True, memo_placement: str = "user_section") -> list[Message]:
-    """The messages to forward: system messages, then the context window, then the new
-    messages; the memo as a ``[CHAT SESSION MEMO]`` section at the start of the final user
-    message (or as a system message). Returns *messages* itself when nothing is injected."""
+    """The messages to forward: system messages, then the context window (normalised as Agently
+    normalises a chat history), then the new messages; the memo placed in the final user
+    message as Agently places it (:func:`with_memo`), or as a system message after the
+    request's own. Returns *messages* itself when nothing is injected."""
     if state is None:
         return messages
     add_window = window and bool(state.context_window) and not carries_history(messages)
@@ -175,16 +277,9 @@ def inject(messages: list[Message], state: SessionState | None, *, window: bool 
     elif add_memo:
         for i in range(len(rest) - 1, -1, -1):
             if rest[i].get("role") == "user":
-                rest[i] = _prefix_content(rest[i], memo_section(state.memo) + "\n")
+                rest[i] = {**rest[i], "content": with_memo(rest[i].get("content"), state.memo)}
                 break
-    return system + (list(state.context_window) if add_window else []) + rest
-
-
-def _prefix_content(message: Message, prefix: str) -> Message:
-    content = message.get("content")
-    if isinstance(content, list):
-        return {**message, "content": [{"type": "text", "text": prefix}, *content]}
-    return {**message, "content": prefix + ("" if content is None else str(content))}
+    return system + (normalise_window(state.context_window) if add_window else []) + rest
 
 
 # --- Agently's JSON form -------------------------------------------------------------------
@@ -225,3 +320,11 @@ def from_agently(data: Any) -> tuple[list[Message], SessionState]:
     if memo is not None and not isinstance(memo, (str, dict, list)):
         raise InvalidSession("'memo' must be a string, an object, a list or null")
     return full, SessionState(list(window), memo, dict(settings), bool(data.get("auto_resize", True)))
+
+
+def with_pending(state: SessionState, strategy: str, appends: list[int]) -> SessionState:
+    """*state* with *appends* waiting for the hooks' analysis (``SessionState.pending``) under the
+    ``hook`` strategy; under any other strategy nothing waits, so ``pending`` is emptied."""
+    if strategy == "hook":
+        return replace(state, pending=[*state.pending, *appends])
+    return replace(state, pending=[]) if state.pending else state

@@ -61,6 +61,7 @@ INPUT_ROLES = frozenset({"user", "tool", "function"})
 _SECTION_HEADER = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
 _FENCE_LANG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
 _INFO_ITEM = re.compile(r"^- (.+?): (.*)$")
+_JSON_REQUIREMENT = re.compile(r"^\[OUTPUT REQUIREMENT\]:[ \t]*\nData Format: JSON[ \t]*$", re.MULTILINE)
 _PY_LITERAL = re.compile(r"^(?:[\[{(].*|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|True|False|None)$", re.DOTALL)
 
 
@@ -140,13 +141,20 @@ def _yaml_fits(text: str, budget: ParseBudget) -> bool:
 
 
 def content_text(content: Any) -> str:
-    """The text of a message content: a string, or the text parts of a content-part list joined by "\\n"."""
+    """The text of a message content: a string, or the text parts of a content-part list joined by
+    "\\n"; a JSON object (Agently's ``agent.input({...})`` alone) as the YAML (sorted keys) Agently
+    renders it in as its ``[INPUT]`` section."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         return "\n".join([text for part in content if (text := _part_text(part)) is not None])
+    if isinstance(content, dict):
+        try:
+            return yaml.safe_dump(content, allow_unicode=True).rstrip("\n")  # Agently's [INPUT] section body
+        except (yaml.YAMLError, RecursionError):
+            return orjson.dumps(content).decode()
     return str(content)
 
 
@@ -384,7 +392,21 @@ class RequestView:
         users = [message for message in new_messages(self.messages) if message.get("role") == "user"]
         if not users:
             return {}
-        return parse_user_text(content_text(users[-1].get("content")))
+        content = users[-1].get("content")
+        if isinstance(content, dict):
+            return {"input": content}  # Agently's agent.input({...}) alone: the object is the input
+        return parse_user_text(content_text(content))
+
+    @cached_property
+    def wants_structured(self) -> bool:
+        """True when the request asks for structured output: Agently's ``[OUTPUT REQUIREMENT]:``
+        with ``Data Format: JSON`` in the last user message, or a JSON ``response_format``.
+        Agently's ``get_data()`` parses the reply only then, so only then is it recorded as data."""
+        response_format = self.request.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+            return True
+        users = [message for message in new_messages(self.messages) if message.get("role") == "user"]
+        return bool(users) and _JSON_REQUIREMENT.search(content_text(users[-1].get("content"))) is not None
 
 
 class ReplyView:
@@ -480,14 +502,20 @@ def render_user(
     return render_keys(keys, view)
 
 
-def render_reply(keys: Sequence[KeyPath] | None, view: ReplyView) -> str | None:
+def render_reply(keys: Sequence[KeyPath] | None, view: ReplyView, structured: bool = False) -> str | None:
     """The recorded assistant message: the whole reply (``keys`` None) or the keyed blocks.
 
-    The whole reply is its text; tool calls are added as a YAML ``tool_calls:`` document after a
-    blank line (alone when there is no text). None when the reply is empty.
+    The whole reply is its text, or, when the request asked for structured output
+    (*structured*, see ``RequestView.wants_structured``) and the reply parses as JSON, that data
+    as YAML, as Agently records ``get_data()``; tool calls are added as a YAML ``tool_calls:``
+    document after a blank line (alone when there is no text). None when the reply is empty.
     """
     if keys is not None:
         return render_keys(keys, view)
+    if structured and view.text:
+        data = parse_reply_json(view.text)
+        if data is not _MISSING and not view.tool_calls:
+            return format_value(data)
     parts = [view.text] if view.text else []
     if view.tool_calls:
         parts.append(format_value({"tool_calls": view.tool_calls}))

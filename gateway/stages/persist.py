@@ -64,10 +64,11 @@ async def persist(ctx: Context) -> None:
     ctx.persisted = True
     if changes.rounds:
         ctx.services.metrics.rounds.labels(outcome=ctx.outcome).inc()
-    if ctx.session_id is not None and needs_maintenance(policy) and (changes.result or _analysis_hook(policy)):
+    if ctx.session_id is not None and needs_maintenance(policy) and (changes.result or _hooks(policy)):
         ctx.services.background.start((ctx.tenant, ctx.session_id), functools.partial(
             maintain, sessions, ctx.tenant, ctx.session_id, policy, ctx.services.upstreams.complete, ctx.model))
 
 
-def _analysis_hook(policy: Policy) -> bool:
-    return isinstance(policy.session.bounding, HookBounding) and policy.session.bounding.analysis is not None
+def _hooks(policy: Policy) -> bool:
+    """Hooks analyse after every append (Agently's timing), so every round asks for maintenance."""
+    return isinstance(policy.session.bounding, HookBounding)

@@ -32,11 +32,15 @@ log = structlog.get_logger("gateway.record")
 
 def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
                    reply_body: dict | None) -> tuple[str | None, str | None]:
-    """The recorded user and assistant texts of one round (pure; may raise on any input)."""
-    user = render_user(policy.input_paths, body["messages"], build_request_view(body))
+    """The recorded user and assistant texts of one round (pure; may raise on any input). Under
+    ``reply_keys: null`` a structured reply is recorded as YAML only when the request asked for
+    structured output, as Agently does."""
+    view = build_request_view(body)
+    user = render_user(policy.input_paths, body["messages"], view)
     reply = None
     if reply_message is not None:
-        reply = render_reply(policy.reply_paths, build_reply_view(reply_message, reply_body))
+        reply = render_reply(policy.reply_paths, build_reply_view(reply_message, reply_body),
+                             structured=policy.reply_paths is None and view.wants_structured)
     return user, reply
 
 

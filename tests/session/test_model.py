@@ -74,10 +74,11 @@ def test_inject_places_window_after_system_and_before_new_messages() -> None:
 
 
 def test_inject_memo_as_user_section_and_as_system() -> None:
-    """The memo is a [CHAT SESSION MEMO] section at the start of the final user message, or a system message."""
+    """The memo is a [CHAT SESSION MEMO] section rendered into the final user message as Agently renders
+    it (plain text becomes its [INPUT] section), or a system message."""
     state = SessionState([], memo={"facts": ["code X-1"]})
     out = inject([msg("user", "hi")], state)
-    assert out[-1]["content"] == "[CHAT SESSION MEMO]:\nfacts:\n- code X-1\n\nhi"
+    assert out[-1]["content"] == "[CHAT SESSION MEMO]:\nfacts:\n- code X-1\n\n\n[INPUT]:\nhi\n\n[OUTPUT]:"
     out = inject([msg("system", "S"), msg("user", "hi")], state, memo_placement="system")
     assert out[1] == {"role": "system", "content": memo_section(state.memo)} and out[2]["content"] == "hi"
 
