@@ -664,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
                          ("clean", "Agently's clean_context_window: empty the window"),
                          ("memo", "print the memo, or replace it with the JSON value in FILE ('-': stdin)")):
         sp = ss.add_parser(action, help=text)
-        sp.add_argument("--config", default=argparse.SUPPRESS)
-        sp.add_argument("--tenant", required=True)
+        sp.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        sp.add_argument("--tenant", required=True, help="the tenant that owns the session")
         sp.add_argument("--model", help="model to match the session's policy with (default: none)")
         sp.add_argument("id", help="session id")
         if action != "clean":

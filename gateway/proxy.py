@@ -99,6 +99,10 @@ def parse_route(raw_target: str) -> Route:
     return Route("/" + "/".join(encoded), tuple(segments), query)
 
 
+SESSION_SUBROUTES = {"reset": ["POST"], "history": ["POST"], "clean_context_window": ["POST"], "memo": ["GET", "PUT"]}
+"""The routes under ``/v1/sessions/{id}/`` and their methods (a wrong method there is 405)."""
+
+
 def refuse_gateway_paths(method: str, route: Route) -> None:
     """Paths the gateway serves itself never go upstream (they would carry a session document or
     id, or an unrecorded chat, to the provider): ``/v1/sessions...`` in any spelling and
@@ -110,12 +114,12 @@ def refuse_gateway_paths(method: str, route: Route) -> None:
         if route.segments[0] != "sessions" or "%" in route.path:
             raise web.HTTPNotFound()
         rest = route.segments[1:]
-        reset = len(rest) == 2 and rest[1] == "reset"
-        if len(rest) != (2 if reset else 1):
+        sub = SESSION_SUBROUTES.get(rest[1]) if len(rest) == 2 else None
+        if len(rest) != (2 if sub else 1):
             check_session_id("/".join(rest))
             raise web.HTTPNotFound()
         check_session_id(rest[0])
-        raise web.HTTPMethodNotAllowed(method, ["POST"] if reset else ["GET", "PUT", "DELETE"])
+        raise web.HTTPMethodNotAllowed(method, sub or ["GET", "PUT", "DELETE"])
     if first == "chat" and len(route.segments) > 1 and route.segments[1].casefold() == "completions":
         if method != "POST":
             raise web.HTTPMethodNotAllowed(method, ["POST"])

@@ -44,7 +44,7 @@ SUPPORT = {"ticket_id": "T-1001", "intent": "refund", "raw_text": "card 4111 111
 
 def both(make_gateway: MakeGateway, tmp_path: Path, **session: Any) -> tuple[Gateway, dict[str, Any]]:
     """A gateway under a catch-all policy with *session*, and Agently's equivalent settings."""
-    gateway = make_gateway(write_policy(tmp_path / "policies", **session))
+    gateway = make_gateway(write_policy(tmp_path / "policies", **session), hook_modules=["tests.agently.*"])
     return gateway, agently_settings(session)
 
 

@@ -97,7 +97,7 @@ def test_failing_hook_falls_back_to_simple_cut(make_gateway: MakeGateway, upstre
     """A hook that raises (its message quoting a card number) or returns garbage: the window is cut
     with simple_cut so max_length holds, and the log names the hook and the exception type only."""
     gateway = make_gateway(write_policy(tmp_path / "pol", input_keys=None, reply_keys=None, max_length=600,
-                                        bounding=bounding))
+                                        bounding=bounding), hook_modules=["tests.agently.*"])
     client = gateway.openai(session="acme:hooked")
     for i in range(4):
         client.chat.completions.create(model="standin", messages=[

@@ -75,7 +75,8 @@ def test_memo_header_with_a_real_memo_records_exactly_the_client_text(gateway: G
     gateway.openai(session="memo-real").chat.completions.create(
         model="standin", messages=[{"role": "user", "content": content}])
     sent = last_user_upstream(upstream)
-    assert sent.startswith("[CHAT SESSION MEMO]:\nthe gateway's memo") and sent.endswith(content)
+    # Agently's rendering: the memo section, then the client's text as [INPUT], then [OUTPUT]:
+    assert sent == f"[CHAT SESSION MEMO]:\nthe gateway's memo\n\n[INPUT]:\n{content}\n\n[OUTPUT]:"
     assert exported(gateway, "memo-real")["full_context"][0] == {"role": "user", "content": content}
 
 
