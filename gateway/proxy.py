@@ -41,7 +41,7 @@ from aiohttp import web
 from gateway.context import Services
 from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
 from gateway.observe import set_outcome
-from gateway.stages.parse_request import read_limited
+from gateway.stages.parse_request import check_model, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
 from gateway.store.base import Changes
@@ -49,7 +49,6 @@ from gateway.store.base import Changes
 log = structlog.get_logger("gateway.proxy")
 
 MAX_TARGET = 2048
-MAX_MODEL = 256
 _ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
@@ -136,12 +135,8 @@ def model_of(body: bytes | None, content_type: str) -> str | None:
     except orjson.JSONDecodeError:
         return None  # not ours to judge: the provider answers it
     model = parsed.get("model") if isinstance(parsed, dict) else None
-    if model is None:
-        return None
-    if not isinstance(model, str) or not model or len(model) > MAX_MODEL or not model.isprintable():
-        raise BadRequest(f"'model' must be a non-empty printable string of at most {MAX_MODEL} characters",
-                         code="invalid_model")
-    return model
+    check_model(model)  # the chat route's rule, so both routes refuse the same values
+    return model if isinstance(model, str) else None
 
 
 async def forward_route(request: web.Request, services: Services, request_id: str) -> web.StreamResponse:

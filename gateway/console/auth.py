@@ -34,9 +34,8 @@ class ConsoleSession:
     seen: float = field(default_factory=time.monotonic)
 
     def can_read(self, tenant: str) -> bool:
-        """Whether this auditor may see *tenant* (unscoped auditors see every tenant)."""
-        scope = getattr(self.principal, "tenants", None)
-        return scope is None or tenant in scope
+        """Whether this auditor may see *tenant* (``Principal.can_read``: the admin routes' rule)."""
+        return self.principal.can_read(tenant)
 
 
 class ConsoleSessions:

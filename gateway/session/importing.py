@@ -9,13 +9,11 @@ the tenant and session id at import time.
 - Otherwise every message the import adds to ``full_context``, and every message of
   ``context_window`` that the session does not already hold, must be in *recorded form*:
   a ``user`` message under keyed ``input_keys`` (an ``assistant`` message under keyed
-  ``reply_keys``) is a string of ``[key]:\\nvalue`` blocks joined by ``"\\n"``, exactly as
-  ``session.record.format_keyed`` writes them: each key one of the policy's keys for that role,
-  each at most once and in the policy's order, no other ``[name]:`` header line, no surrounding
-  whitespace; ``[]`` allows no message of that role. A role whose keys are null takes any text
+  ``reply_keys``) must pass ``session.whitelist.in_recorded_form``; ``[]`` allows no message of
+  that role. A role whose keys are null takes any text
   content. Recording writes no other role, so any other role is refused.
-- A memo only when the policy keeps one (``bounding`` ``summarize`` or ``hook``); otherwise the
-  import must have none.
+- A memo only under a policy with both key lists null: a memo is free text the whitelist cannot
+  vet, so under a keyed policy the import must have none (``session.whitelist.memo_allowed``).
 - ``session_settings`` are not taken from the document: the state gets the policy's own
   (built from the policy, as a recorded round would set them).
 
@@ -24,42 +22,17 @@ Raises ``ImportNotWhitelisted`` (422) naming the field and index, never the cont
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 from gateway.errors import ImportNotWhitelisted
 from gateway.policy import Policy
 from gateway.session.model import Message, SessionState
-
-MEMO_STRATEGIES = frozenset({"summarize", "hook"})
-"""Bounding strategies that keep a memo: only their policies accept an imported one."""
-
-_HEADER_LINE = re.compile(r"^\[([^\]\n]*)\]:$", re.MULTILINE)
+from gateway.session.whitelist import in_recorded_form, memo_allowed
 
 
 def is_keyed(policy: Policy) -> bool:
     """True when the policy records by whitelist on either side."""
     return policy.session.input_keys is not None or policy.session.reply_keys is not None
-
-
-def in_recorded_form(text: str, keys: list[str]) -> bool:
-    """Whether *text* is what ``format_keyed`` writes for some values of *keys*, in order."""
-    if not text or text != text.strip():
-        return False
-    headers = list(_HEADER_LINE.finditer(text))
-    if not headers or headers[0].start() != 0:
-        return False
-    position = -1
-    for header in headers:
-        key = header.group(1)
-        if key not in keys or keys.index(key) <= position:
-            return False
-        position = keys.index(key)
-        if header.start() > 0 and text[header.start() - 1] != "\n":
-            return False
-        if header.end() < len(text) and text[header.end()] != "\n":
-            return False
-    return True
 
 
 def _check_messages(messages: list[Message], field: str, policy: Policy, *, first: int = 0,
@@ -78,7 +51,7 @@ def _check_messages(messages: list[Message], field: str, policy: Policy, *, firs
         if allowed is None:
             continue
         content = message.get("content")
-        if not isinstance(content, str) or not in_recorded_form(content, allowed):
+        if not in_recorded_form(content, allowed):
             listed = ", ".join(allowed) if allowed else "none"
             raise ImportNotWhitelisted(
                 f"{where} ({role}) is not in the form policy '{policy.id}' records: '[key]:' blocks, one per "
@@ -96,8 +69,8 @@ def hold_to_policy(full_context: list[Message], state: SessionState, policy: Pol
     stored = stored or []
     _check_messages(full_context, "full_context", policy, first=len(stored))
     _check_messages(state.context_window, "context_window", policy, stored=stored)
-    if state.memo is not None and policy.session.bounding.strategy not in MEMO_STRATEGIES:
+    if state.memo is not None and not memo_allowed(policy):
         raise ImportNotWhitelisted(
-            f"'memo' must be null: policy '{policy.id}' keeps no memo (its bounding is "
-            f"{policy.session.bounding.strategy})")
+            f"'memo' must be null: policy '{policy.id}' records keyed fields only, and a memo is free text "
+            "its whitelist cannot vet")
     return replace(state, settings=dict(policy.session_settings))

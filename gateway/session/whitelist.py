@@ -8,8 +8,10 @@ each key one of the role's whitelisted keys, in the policy's order, at most once
 is checked against ``input_keys``, an assistant message against ``reply_keys``; any other role
 has no recorded form. Under null keys anything goes, as for a round.
 
-A memo is free text the whitelist cannot vet: it may be written only under a policy that records
-free text both ways (``input_keys`` and ``reply_keys`` null) — :func:`memo_allowed`.
+A memo is free text the whitelist cannot vet: it may be written or imported only under a policy
+that records free text both ways (``input_keys`` and ``reply_keys`` null) — :func:`memo_allowed`.
+Imports (``session.importing``) and the chat-history operations (``session.history``) both use
+these checks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from gateway.errors import NotWhitelisted
 from gateway.policy import Policy
 
-_BLOCK = re.compile(r"^\[(.+)\]:$")
+_HEADER_LINE = re.compile(r"^\[([^\]\n]*)\]:$", re.MULTILINE)
 
 
 def keys_for(policy: Policy, role: Any) -> list[str] | None | bool:
@@ -37,20 +39,22 @@ def keys_for(policy: Policy, role: Any) -> list[str] | None | bool:
 
 
 def in_recorded_form(content: Any, keys: Sequence[str]) -> bool:
-    """True when *content* is ``[key]:`` blocks of *keys*, in their order, each at most once."""
-    if not isinstance(content, str) or not keys:
+    """True when *content* is what ``session.record.format_keyed`` writes for some values of
+    *keys*: ``[key]:`` header lines of whitelisted keys only, each at most once and in the
+    policy's order, the first at the very start, no surrounding whitespace. A header line of any
+    other name is refused even inside a value: it could smuggle an unlisted field in."""
+    if not isinstance(content, str) or not content or content != content.strip() or not keys:
+        return False
+    headers = list(_HEADER_LINE.finditer(content))
+    if not headers or headers[0].start() != 0:
         return False
     order = {key: i for i, key in enumerate(keys)}
     last = -1
-    for number, line in enumerate(content.split("\n")):
-        match = _BLOCK.match(line)
-        key = match.group(1) if match else None
-        if key is not None and key in order:
-            if order[key] <= last:
-                return False
-            last = order[key]
-        elif number == 0:
+    for header in headers:
+        position = order.get(header.group(1))
+        if position is None or position <= last:
             return False
+        last = position
     return True
 
 

@@ -92,8 +92,10 @@ session_op = st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "RESET"]),
                                  any_text.filter(bool)),
                        st.one_of(st.just(b""), json_value.map(lambda v: orjson.dumps(v)), st.fixed_dictionaries(
                            {"full_context": st.lists(st.fixed_dictionaries(
-                               {"role": st.sampled_from(["user", "assistant"]), "content": safe_text}), max_size=3)},
-                           optional={"memo": st.one_of(st.none(), safe_text)}).map(lambda v: orjson.dumps(v))))
+                               {"role": st.sampled_from(["user", "assistant"]),
+                                "content": st.one_of(safe_text, any_text.map(with_canary))}), max_size=3)},
+                           optional={"memo": st.one_of(st.none(), safe_text, any_text.map(with_canary))}).map(
+                               lambda v: orjson.dumps(v))))
 
 
 def send(client: httpx.Client, op: tuple[str, str | None, bytes]) -> httpx.Response:

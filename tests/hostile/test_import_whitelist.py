@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.session.importing import in_recorded_form
+from gateway.session.whitelist import in_recorded_form
 from gateway.session.record import format_keyed
 from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway, Upstream
 
@@ -149,13 +149,16 @@ def test_recorded_form_round_trips(gw: Gateway, upstream: Upstream) -> None:
     assert CANARY.encode() not in everything_written(gw)
 
 
-def test_empty_key_lists_take_no_messages_and_a_memo_where_the_policy_keeps_one(gw: Gateway) -> None:
-    """``reply_keys: []`` refuses any assistant message; a summarize policy accepts a memo."""
+def test_empty_key_lists_take_no_messages_and_keyed_policies_take_no_memo(gw: Gateway) -> None:
+    """``reply_keys: []`` refuses any assistant message. A memo is free text the whitelist cannot
+    vet, so a keyed policy refuses an imported one even when it summarizes into a memo itself."""
     assert_refused(put(gw, "memo:a", session_doc([user("[input.ticket_id]:\nT-1"), assistant("[x]:\ny")])),
                    "full_context[1]")
-    r = put(gw, "memo:a", session_doc([user("[input.ticket_id]:\nT-1")], memo={"summary": "ticket T-1"}))
+    assert_refused(put(gw, "memo:a", session_doc([user("[input.ticket_id]:\nT-1")], memo={"summary": CANARY})),
+                   "memo")
+    r = put(gw, "memo:a", session_doc([user("[input.ticket_id]:\nT-1")]))
     assert r.status_code == 200, r.text
-    assert httpx.get(f"{gw.base_url}/sessions/memo:a", headers=AUTH).json()["memo"] == {"summary": "ticket T-1"}
+    assert httpx.get(f"{gw.base_url}/sessions/memo:a", headers=AUTH).json()["memo"] is None
 
 
 def test_a_side_with_null_keys_takes_any_text(gw: Gateway) -> None:
