@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway, wait_for
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 SESSION = "metrics-canary-session"
@@ -44,9 +44,11 @@ def test_every_route_and_error_class_is_counted(gateway: Gateway) -> None:
         assert c.get("/healthz").status_code == 200
         assert c.get("/no/such/path").status_code == 404
         assert c.get("/v1/models", headers=AUTH).status_code < 500
-    found = samples(gateway)
     total = "sessiongate_requests_total"
     chat_route = {"route": "/v1/chat/completions", "method": "POST"}
+    # a stream is counted when its handler returns, which may be just after the client read [DONE]
+    wait_for(lambda: value(samples(gateway), total, **chat_route, status_class="2xx", outcome="completed") == 2)
+    found = samples(gateway)
     assert value(found, total, **chat_route, status_class="2xx", outcome="completed") == 2
     assert value(found, total, **chat_route, status_class="4xx", outcome="refused") == 2
     assert value(found, total, route="/v1/sessions/{session_id}", method="GET", status_class="2xx") == 1
