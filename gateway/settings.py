@@ -62,6 +62,14 @@ class UpstreamSettings(_Strict):
     max_reply_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="recorded reply cap; past it the client still gets the whole reply "
                                            "and the round is recorded as incomplete (truncated)")
+    protocol: Literal["openai", "anthropic"] = Field(
+        "openai", description="the wire protocol the upstream speaks: 'openai' (Chat Completions, Responses, "
+                              "and the forwarded /v1/* routes) or 'anthropic' (Messages)")
+    key_header: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="the request header that carries the provider key: 'Authorization' sends 'Bearer <key>', "
+                    "any other header (x-api-key, Azure's api-key) the key itself. Default: Authorization for "
+                    "openai, x-api-key for anthropic")
 
     @field_validator("forward_routes")
     @classmethod
@@ -81,6 +89,17 @@ class UpstreamSettings(_Strict):
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    def key_headers(self) -> dict[str, str]:
+        """The header carrying the provider key, as the upstream expects it (``{}`` without a key).
+
+        ``Authorization`` carries ``Bearer <key>``; any other ``key_header`` the key itself.
+        Raises ConfigError like :meth:`api_key`."""
+        key = self.api_key()
+        if key is None:
+            return {}
+        header = self.key_header or ("x-api-key" if self.protocol == "anthropic" else "Authorization")
+        return {header: f"Bearer {key}" if header.lower() == "authorization" else key}
 
     def api_key(self) -> str | None:
         """The provider key from the environment; ConfigError when the variable is unset."""

@@ -10,12 +10,39 @@ Routes (everything else, under ``/v1`` or not, answers an OpenAI-shaped 404):
   tool calls, a chunk carrying ``finish_reason``, a usage chunk (``choices: []``) when
   ``stream_options.include_usage`` is true, then ``data: [DONE]``. Each event is written on
   its own.
+- ``POST /v1/responses`` (OpenAI Responses API): a ``response`` object whose ``output`` holds a
+  ``message`` item (one ``output_text`` part) and/or ``function_call`` items, or with ``stream:
+  true`` the real event sequence: ``response.created``, ``response.in_progress``, then per item
+  ``response.output_item.added``, ``response.content_part.added``, ``response.output_text.delta``
+  (``chunks`` pieces), ``response.output_text.done``, ``response.content_part.done`` (or
+  ``response.function_call_arguments.delta``/``.done`` for a call), ``response.output_item.done``,
+  and ``response.completed``. ``input`` is a string or items. The stand-in keeps no responses: a
+  ``previous_response_id`` is answered 400 ``previous_response_not_found``, as the API does for
+  an id it does not hold.
+- ``POST /v1/messages`` (Anthropic Messages; ``model``, ``max_tokens`` and ``messages`` required):
+  a ``message`` with ``text`` and/or ``tool_use`` blocks and ``stop_reason`` ``end_turn`` or
+  ``tool_use``, or with ``stream: true`` ``message_start``, ``content_block_start``, ``ping``,
+  ``content_block_delta`` (``text_delta`` or ``input_json_delta``), ``content_block_stop``,
+  ``message_delta``, ``message_stop``. Errors on this route (and ``/v1/messages/count_tokens``,
+  which answers ``{"input_tokens": N}``) have Anthropic's shape ``{"type": "error", "error":
+  {"type", "message"}}``.
 - ``GET /v1/models``: ``standin`` and ``standin-json``.
 - ``POST /v1/embeddings``: small deterministic unit vectors (8 floats, or ``dimensions`` up to
   64), as float lists or base64 as the request asks.
 
+A route the stand-in does not implement answers 404 with code ``not_implemented`` and a message
+naming it (``the sessiongate stand-in model does not implement POST /v1/files``).
+
 The reply is ``reply(body)`` when given (a string is the content, a dict the whole assistant
-message), otherwise the text ``"[sessiongate stand-in model] I received N messages; your last
+message, e.g. with ``tool_calls``); for Responses and Messages, ``body`` is the request's *chat
+view* (``gateway.standin_protocols``: a Chat Completions body with ``protocol`` set to
+``"responses"`` or ``"messages"``), and the message is rendered back in the request's protocol.
+Without ``reply``, :func:`default_message` answers: a tool call when asked (tools are offered, the
+last message is the user's, and ``tool_choice`` requires a tool, names one, or the user's text names
+one; arguments are sample values of the tool's JSON schema), raw JSON when ``response_format``
+(Responses: ``text.format``) asks for ``json_object`` or ``json_schema`` (a sample of the schema, or
+``{"reply": <text>}``), and otherwise :func:`default_reply`, whose reply is the text
+``"[sessiongate stand-in model] I received N messages; your last
 message was: <first 200 characters>"``. When the model is ``standin-json`` or the last user
 message carries Agently's ``[OUTPUT REQUIREMENT]`` with ``Data Format: JSON``, the default reply
 is instead a fenced JSON object built from the requested structure (strings ``"stand-in"``,
@@ -27,8 +54,10 @@ Fault injection for tests, with the request header ``X-Standin-Fail``:
 until the client hangs up) before answering; ``drop-mid-stream`` sends part of the reply (a few
 SSE chunks, or half of a JSON body) and then closes the connection without finishing it.
 
-``on_request(body)`` is called with every parsed chat request before anything else happens,
-failures included; it runs on the event loop, so it must be quick.
+``on_request(body)`` is called with every parsed chat, responses and messages request body (as
+sent, not the view) before anything else happens, failures included; ``on_any(path, body)`` the
+same for every parsed POST body (embeddings and count_tokens too) with the request path (e.g.
+``/v1/responses``). Both run on the event loop, so they must be quick.
 """
 
 from __future__ import annotations
@@ -50,8 +79,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.standin_protocols import (
+    ANTHROPIC_ERROR_TYPES,
+    MessagesReply,
+    ResponsesReply,
+    anthropic_error,
+    messages_view,
+    responses_view,
+)
+
 Reply = Callable[[dict[str, Any]], "str | dict[str, Any]"]
 OnRequest = Callable[[dict[str, Any]], None]
+OnAny = Callable[[str, dict[str, Any]], None]
 
 MODELS = ("standin", "standin-json")
 TIMEOUT_SECONDS = 30.0
@@ -149,6 +188,71 @@ def default_reply(body: dict[str, Any]) -> str:
     return "```json\n" + orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n```"
 
 
+def sample_schema(schema: Any, depth: int = 0) -> Any:
+    """A value that fits the JSON schema *schema*: its first ``enum`` or ``const``, every property of
+    an object, one item of an array, ``"stand-in"``, ``50``, ``0.5`` or ``true`` (depth-bounded)."""
+    if not isinstance(schema, dict) or depth > 8:
+        return "stand-in"
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return sample_schema(schema[key][0], depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and isinstance(schema.get("properties"), dict)):
+        properties = schema.get("properties")
+        return {k: sample_schema(v, depth + 1) for k, v in properties.items()} if isinstance(properties, dict) else {}
+    if kind == "array":
+        return [sample_schema(schema.get("items"), depth + 1)]
+    return {"integer": 50, "number": 0.5, "boolean": True, "null": None}.get(str(kind), "stand-in")
+
+
+def _requested_tool(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The function tool a request asks to be called, or None (see the module docstring)."""
+    tools = [t["function"] for t in body.get("tools") or ()
+             if isinstance(t, dict) and isinstance(t.get("function"), dict)
+             and isinstance(t["function"].get("name"), str)]
+    messages = body.get("messages") or []
+    choice = body.get("tool_choice")
+    if not tools or choice == "none" or not messages or not isinstance(messages[-1], dict) \
+            or messages[-1].get("role") != "user":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        return next((t for t in tools if t["name"] == name), None)
+    if choice == "required":
+        return tools[0]
+    text = message_text(messages[-1])
+    return next((t for t in tools if t["name"] in text), None)
+
+
+def default_message(body: dict[str, Any]) -> dict[str, Any]:
+    """The stand-in's own assistant message for a chat request or view: a tool call or JSON when
+    asked, else :func:`default_reply` (see the module docstring)."""
+    tool = _requested_tool(body)
+    if tool is not None:
+        arguments = orjson.dumps(sample_schema(tool.get("parameters") or {"type": "object"})).decode()
+        digest = hashlib.sha256(f"{tool['name']}\0{len(body['messages'])}".encode()).hexdigest()[:24]
+        prefix = "toolu_" if body.get("protocol") == "messages" else "call_"
+        call = {"id": prefix + digest, "type": "function", "function": {"name": tool["name"], "arguments": arguments}}
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+    fmt = body.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("json_object", "json_schema"):
+        schema = (fmt.get("json_schema") or {}).get("schema") if kind == "json_schema" else None  # type: ignore[union-attr]
+        value = sample_schema(schema) if isinstance(schema, dict) else None
+        if value is None or kind == "json_object":
+            messages = body.get("messages") or []
+            value = {"reply": f"[sessiongate stand-in model] I received {len(messages)} messages; "
+                              f"your last message was: {_last_user_text(messages)[:200]}"}
+        return {"role": "assistant", "content": orjson.dumps(value).decode()}
+    return {"role": "assistant", "content": default_reply(body)}
+
+
 # --- response shapes -------------------------------------------------------------------------
 
 def _error(status: int, message: str, type_: str, code: str | None = None,
@@ -158,7 +262,14 @@ def _error(status: int, message: str, type_: str, code: str | None = None,
 
 
 async def _not_found(request: web.Request) -> web.Response:
-    return _error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
+    route = f"{request.method} {request.path}"[:200]
+    return _error(404, f"the sessiongate stand-in model does not implement {route}", "invalid_request_error",
+                  "not_implemented")
+
+
+def _anthropic(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=anthropic_error(status, message, ANTHROPIC_ERROR_TYPES[status]),
+                        content_type=_JSON)
 
 
 def _usage(body: dict[str, Any], content: str) -> dict[str, int]:
@@ -226,12 +337,13 @@ class _Standin:
     """The request handlers, configured once by :func:`make_app`."""
 
     def __init__(self, chunks: int, reply: Reply | None, on_request: OnRequest | None,
-                 latency: float) -> None:
+                 latency: float, on_any: OnAny | None = None) -> None:
         if chunks < 1:
             raise ValueError("chunks must be at least 1")
         self.chunks = chunks
-        self.reply = reply or default_reply
+        self.reply: Reply = reply or default_message
         self.on_request = on_request
+        self.on_any = on_any
         self.latency = latency
         self.ids = itertools.count(1)
 
@@ -242,8 +354,7 @@ class _Standin:
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400, "'messages' is a required property", "invalid_request_error", param="messages")
-        if self.on_request is not None:
-            self.on_request(body)
+        self._seen(request, body)
         fail = request.headers.get("X-Standin-Fail")
         if fail is not None and fail not in ("timeout", "drop-mid-stream"):
             return _failure(fail)
@@ -261,10 +372,88 @@ class _Standin:
             return await _drop_json(request, orjson.dumps(round_.completion()))
         return web.Response(body=orjson.dumps(round_.completion()), content_type=_JSON)
 
+    def _seen(self, request: web.Request, body: dict[str, Any], model_call: bool = True) -> None:
+        if model_call and self.on_request is not None:
+            self.on_request(body)
+        if self.on_any is not None:
+            self.on_any(request.path, body)
+
+    async def _message(self, view: dict[str, Any]) -> dict[str, Any]:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        answer = self.reply(view)
+        return {"role": "assistant", "content": answer} if isinstance(answer, str) else answer
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        if not isinstance(body, dict) or not isinstance(body.get("input"), (str, list)):
+            return _error(400, "'input' is required: a string or a list of items", "invalid_request_error",
+                          param="input")
+        self._seen(request, body)
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            return _error(400, f"Previous response with id {str(previous)[:64]!r} not found (the sessiongate "
+                               "stand-in model keeps no responses).", "invalid_request_error",
+                          "previous_response_not_found", param="previous_response_id")
+        fail = request.headers.get("X-Standin-Fail")
+        if fail is not None and fail not in ("timeout", "drop-mid-stream"):
+            return _failure(fail)
+        if fail == "timeout":
+            await _wait_for_hang_up(request, TIMEOUT_SECONDS)
+        view = responses_view(body)
+        reply = ResponsesReply(body, view, await self._message(view), next(self.ids))
+        drop = fail == "drop-mid-stream"
+        if body.get("stream") is True:
+            return await self._stream_events(request, reply.events(self.chunks), drop)
+        if drop:
+            return await _drop_json(request, orjson.dumps(reply.body()))
+        return web.Response(body=orjson.dumps(reply.body()), content_type=_JSON)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _anthropic(400, "The request body is not valid JSON.")
+        problem = _messages_problem(body)
+        if problem is not None:
+            return _anthropic(400, problem)
+        self._seen(request, body)
+        fail = request.headers.get("X-Standin-Fail")
+        if fail is not None and fail not in ("timeout", "drop-mid-stream"):
+            return _anthropic_failure(fail)
+        if fail == "timeout":
+            await _wait_for_hang_up(request, TIMEOUT_SECONDS)
+        view = messages_view(body)
+        reply = MessagesReply(body, view, await self._message(view), next(self.ids))
+        drop = fail == "drop-mid-stream"
+        if body.get("stream") is True:
+            return await self._stream_events(request, reply.events(self.chunks), drop)
+        if drop:
+            return await _drop_json(request, orjson.dumps(reply.body()))
+        return web.Response(body=orjson.dumps(reply.body()), content_type=_JSON)
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _anthropic(400, "The request body is not valid JSON.")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return _anthropic(400, "messages: Field required")
+        self._seen(request, body, model_call=False)
+        view = messages_view(body)
+        chars = sum(len(message_text(m)) for m in view["messages"])
+        return web.Response(body=orjson.dumps({"input_tokens": max(1, chars // 4)}), content_type=_JSON)
+
     async def _stream(self, request: web.Request, round_: _Round, drop: bool) -> web.StreamResponse:
+        return await self._stream_events(request, round_.events(self.chunks), drop)
+
+    async def _stream_events(self, request: web.Request, events: Iterator[bytes], drop: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
-        for n, event in enumerate(round_.events(self.chunks)):
+        for n, event in enumerate(events):
             if drop and n > DROP_AFTER_CHUNKS:
                 return _hang_up(request, response)
             await response.write(event)
@@ -280,6 +469,8 @@ class _Standin:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        if isinstance(body, dict):
+            self._seen(request, body, model_call=False)
         inputs = body.get("input") if isinstance(body, dict) else None
         if inputs is None or inputs == [] or inputs == "":
             return _error(400, "'input' is a required property", "invalid_request_error", param="input")
@@ -306,6 +497,27 @@ def embed(text: str, dims: int = _DEFAULT_DIMENSIONS) -> list[float]:
     raw = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(dims)]
     norm = math.sqrt(sum(x * x for x in raw)) or 1.0
     return [x / norm for x in raw]
+
+
+def _messages_problem(body: Any) -> str | None:
+    """Why an Anthropic Messages body is refused (the fields the API requires), or None."""
+    if not isinstance(body, dict):
+        return "The request body must be a JSON object."
+    if not isinstance(body.get("model"), str):
+        return "model: Field required"
+    if not isinstance(body.get("max_tokens"), int) or isinstance(body.get("max_tokens"), bool):
+        return "max_tokens: Field required"
+    if not isinstance(body.get("messages"), list):
+        return "messages: Field required"
+    return None
+
+
+def _anthropic_failure(mode: str) -> web.Response:
+    if mode == "500":
+        return _anthropic(500, "The stand-in model failed on purpose (X-Standin-Fail: 500).")
+    if mode == "429":
+        return _anthropic(429, "Rate limit reached for the stand-in model (X-Standin-Fail: 429).")
+    return _anthropic(400, f"Unknown X-Standin-Fail mode {mode[:40]!r}; use 500, 429, timeout or drop-mid-stream.")
 
 
 def _failure(mode: str) -> web.Response:
@@ -345,22 +557,27 @@ async def _drop_json(request: web.Request, payload: bytes) -> web.StreamResponse
 
 
 def make_app(*, chunks: int = 20, reply: Reply | None = None, on_request: OnRequest | None = None,
-             latency: float = 0.0) -> web.Application:
+             latency: float = 0.0, on_any: OnAny | None = None) -> web.Application:
     """The stand-in as an aiohttp application.
 
     Args:
         chunks: how many content pieces a streamed reply is cut into (at least 1).
-        reply: builds the reply from the request body: a string (the content) or a dict (the
-            whole assistant message, e.g. with ``tool_calls``). Default: :func:`default_reply`.
-        on_request: called with every parsed chat request body; must be quick.
-        latency: seconds to wait before each chat reply starts.
+        reply: builds the reply from the request body (for Responses and Messages, its chat
+            view): a string (the content) or a dict (the whole assistant message, e.g. with
+            ``tool_calls``). Default: :func:`default_message`.
+        on_request: called with every parsed chat, responses and messages request body; must be quick.
+        latency: seconds to wait before each model reply starts.
+        on_any: called with ``(path, body)`` for every parsed POST body; must be quick.
 
     Raises:
         ValueError: ``chunks`` is below 1.
     """
-    standin = _Standin(chunks, reply, on_request, latency)
+    standin = _Standin(chunks, reply, on_request, latency, on_any)
     app = web.Application(client_max_size=64 * 1024 * 1024)  # any body a gateway forwards (a real API takes MBs)
     app.router.add_post("/v1/chat/completions", standin.chat)
+    app.router.add_post("/v1/responses", standin.responses)
+    app.router.add_post("/v1/messages", standin.messages)
+    app.router.add_post("/v1/messages/count_tokens", standin.count_tokens)
     app.router.add_get("/v1/models", standin.models)
     app.router.add_post("/v1/embeddings", standin.embeddings)
     app.router.add_route("*", "/{tail:.*}", _not_found)

@@ -1,7 +1,10 @@
 """The one place that talks to the model provider.
 
 ``Upstreams`` owns one ``aiohttp.ClientSession`` for the process (keep-alive, a connector
-limit), routes a model name to an upstream by glob, adds the upstream's own key, and hands
+limit), routes a model name and protocol to an upstream by glob, adds the upstream's own key in
+the header its protocol expects (``Authorization: Bearer`` for openai, ``x-api-key`` for
+anthropic, or the upstream's ``key_header``), forwards ``anthropic-version``/``anthropic-beta``
+to anthropic upstreams (``anthropic-version: 2023-06-01`` when the client sent none), and hands
 back an :class:`UpstreamReply` of our own from ``open()``. Nothing of aiohttp leaves this
 module: unreachable or broken off → ``UpstreamError`` (502), timeout → ``UpstreamTimeout``
 (504), a body we cannot decode → ``UpstreamError`` with code ``bad_upstream_reply``.
@@ -40,10 +43,14 @@ from yarl import URL
 from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
 from gateway.settings import UpstreamSettings
 
-# Request headers a client may send on to the provider; everything else (its gateway key,
-# cookies, session ids, its Accept-Encoding) stays here. W3C trace context goes on (the gateway's
-# own when tracing is on, see gateway.tracing).
+# Request headers a client may send on to the provider; everything else (its gateway key, in
+# Authorization or x-api-key, cookies, session ids, its Accept-Encoding) stays here. W3C trace
+# context goes on (the gateway's own when tracing is on, see gateway.tracing).
 FORWARD_HEADERS = ("Content-Type", "Accept", "OpenAI-Beta", "User-Agent", "traceparent", "tracestate")
+# ... and to an upstream whose protocol is anthropic, also these; anthropic-version defaults to
+# ANTHROPIC_VERSION when the client sent none (the API refuses a request without it).
+ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+ANTHROPIC_VERSION = "2023-06-01"
 # Reply headers a client may see, besides x-ratelimit-*.
 PASS_HEADERS = frozenset({"retry-after", "retry-after-ms", "x-request-id", "openai-processing-ms",
                           "openai-version", "openai-organization"})
@@ -60,6 +67,7 @@ class Upstream:
     timeout: aiohttp.ClientTimeout
     forward_routes: tuple[str, ...] = ("models", "embeddings", "moderations")
     max_reply_bytes: int = 8 * 1024 * 1024
+    protocol: str = "openai"
 
     def allows(self, segments: tuple[str, ...]) -> bool:
         """Whether the forwarded route ``/v1/<segments>`` is in ``forward_routes``.
@@ -226,18 +234,19 @@ class Upstreams:
             Upstream(
                 name=s.name,
                 base_url=str(URL(s.base_url)).rstrip("/"),
-                headers={"Authorization": f"Bearer {key}"} if (key := s.api_key()) else {},
+                headers=s.key_headers(),
                 models=tuple(s.models),
                 timeout=aiohttp.ClientTimeout(total=None, connect=s.connect_timeout,
                                               sock_connect=s.connect_timeout, sock_read=s.read_timeout),
                 forward_routes=tuple(s.forward_routes),
                 max_reply_bytes=s.max_reply_bytes,
+                protocol=s.protocol,
             )
             for s in settings
         ]
         self._accept = {s.name: s.accept_encoding for s in settings}
         self._limit = max((s.max_connections for s in settings), default=100)
-        self._routes: dict[str | None, Upstream] = {}
+        self._routes: dict[tuple[str, str | None], Upstream] = {}
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -254,18 +263,20 @@ class Upstreams:
         if self._session is not None:
             await self._session.close()
 
-    def route(self, model: str | None) -> Upstream:
-        """The first upstream whose model globs match *model* (cached per model name)."""
-        hit = self._routes.get(model)
+    def route(self, model: str | None, protocol: str = "openai") -> Upstream:
+        """The first upstream speaking *protocol* (``openai`` or ``anthropic``) whose model globs
+        match *model* (cached per protocol and model name); BadRequest ``model_not_found`` if none."""
+        hit = self._routes.get((protocol, model))
         if hit is not None:
             return hit
         for up in self._list:
-            if model is None or any(fnmatch.fnmatchcase(model, p) for p in up.models):
+            if up.protocol == protocol and (model is None or any(fnmatch.fnmatchcase(model, p) for p in up.models)):
                 if len(self._routes) < 4096:
-                    self._routes[model] = up
+                    self._routes[(protocol, model)] = up
                 return up
-        raise BadRequest(f"no upstream serves model '{model}'; configured upstreams: {', '.join(self.names)}",
-                         code="model_not_found")
+        names = ", ".join(u.name for u in self._list if u.protocol == protocol) or "none"
+        kind = "upstream" if protocol == "openai" else f"{protocol} upstream"
+        raise BadRequest(f"no {kind} serves model '{model}'; configured {kind}s: {names}", code="model_not_found")
 
     async def complete(self, model: str | None, messages: list[dict[str, Any]], timeout: float) -> str:
         """A side request (no session, never recorded): the text of a non-streaming completion."""
@@ -291,6 +302,9 @@ class Upstreams:
         *path* and *query* are percent-encoded already and are sent exactly as given."""
         assert self._session is not None, "Upstreams.start() was not awaited"
         out = {h: v for h in FORWARD_HEADERS if (v := headers.get(h)) is not None}
+        if up.protocol == "anthropic":
+            out.update({h: v for h in ANTHROPIC_HEADERS if (v := headers.get(h)) is not None})
+            out.setdefault("anthropic-version", ANTHROPIC_VERSION)
         out["Accept-Encoding"] = self._accept.get(up.name, "identity")
         out.update(up.headers)
         url = URL(f"{up.base_url}{path}" + (f"?{query}" if query else ""), encoded=True)
