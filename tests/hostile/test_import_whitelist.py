@@ -13,8 +13,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.session.whitelist import in_recorded_form
 from gateway.session.record import format_keyed
+from gateway.session.whitelist import in_recorded_form
 from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway, Upstream
 
 CANARY = "CANARY-7e1d-IMPORT-4111111111111111"
