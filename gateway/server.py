@@ -28,6 +28,7 @@ What aiohttp does not do and this module adds, per connection (``GatewayProtocol
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import signal
 from collections.abc import Callable, Iterable
@@ -405,11 +406,21 @@ async def serve(app: web.Application, settings: Settings) -> None:
     if cap < server.max_connections:
         log.warning("max_connections_lowered", configured=server.max_connections, effective=cap,
                     note="the open-file limit is too low for the configured cap; raise it (ulimit -n, LimitNOFILE)")
+    from gateway import workers
+    worker = workers.worker_index() is not None
+    if worker:  # tell every response's worker apart (tests, operators finding a worker's pid)
+        pid = str(os.getpid())
+
+        async def tag(_request: web.Request, response: web.StreamResponse) -> None:
+            response.headers[workers.WORKER_HEADER] = pid
+
+        app.on_response_prepare.append(tag)
     runner = GatewayRunner(app, server, max_connections=min(cap, server.max_connections))
     await runner.setup()
     try:
-        site = web.TCPSite(runner, server.host, server.port, backlog=1024)
+        site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_port=worker or None)
         await site.start()
+        workers.notify_ready()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
