@@ -33,6 +33,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -169,10 +170,8 @@ class Supervisor:
     def _shutdown(self) -> None:
         live = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
         for proc in live:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 2 * self.shutdown_timeout + KILL_GRACE
         for proc in live:
             try:
