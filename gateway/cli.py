@@ -72,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be at least 1", file=settings.source, field="server")
     if index is None:  # a worker's port is already bound by its siblings (SO_REUSEPORT)
         preflight(settings)
+    else:
+        workers.die_with_supervisor()
     logs.configure(settings.logging.level, settings.logging.format)
     if index is None and count > 1:
         return workers.Supervisor(workers.worker_argv(), count, settings.server.shutdown_timeout).run()
@@ -641,8 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     s.add_argument("--host", help="address to listen on (default: server.host of the configuration)")
     s.add_argument("--port", type=int, help="port to listen on (default: server.port of the configuration)")
-    s.add_argument("--workers", type=int, help="gateway processes sharing the port (default: 1 on SQLite, the "
-                   "core count on PostgreSQL); see gateway/workers.py")
+    s.add_argument("--workers", type=int, help="gateway processes sharing the port (default 1); see gateway/workers.py "
+                   "and the README's Performance section")
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("clients", help="client keys").add_subparsers(dest="action", required=True)

@@ -26,6 +26,8 @@ Contract:
   status) and restarted in its slot; a slot that dies more than ``MAX_RESTARTS`` times within
   ``RESTART_WINDOW`` seconds is given up (``worker_abandoned``), and when every slot is given up
   the supervisor exits with status 1.
+- A supervisor that dies (even by SIGKILL) takes its workers with it: each asked the kernel
+  for SIGTERM on its parent's death (``PR_SET_PDEATHSIG``) and drains as on a normal stop.
 - **SIGTERM / SIGINT** to the supervisor is forwarded to every worker; each drains as a single
   gateway does (``server.shutdown_timeout``) and the supervisor waits for all of them, killing
   any still running after twice that timeout plus ``KILL_GRACE`` seconds. Exit status 0.
@@ -51,6 +53,9 @@ WORKER_ENV = "SESSIONGATE_WORKER"
 """Set (to the worker's index) in a worker's environment; unset in a single gateway."""
 READY_ENV = "SESSIONGATE_READY_FD"
 """The descriptor a worker writes one line to once it listens."""
+SUPERVISOR_ENV = "SESSIONGATE_SUPERVISOR"
+"""The supervisor's pid, in a worker's environment."""
+PR_SET_PDEATHSIG = 1
 WORKER_HEADER = "X-Sessiongate-Worker"
 READY_TIMEOUT = 60.0
 MAX_RESTARTS = 5
@@ -65,13 +70,33 @@ def worker_index() -> int | None:
 
 
 def default_workers(backend: str) -> int:
-    """The worker count ``serve`` uses without ``--workers``: 1 on SQLite, whose single writer
-    lock serialises commits across processes so more workers only add contention on a small
-    machine; the core count on PostgreSQL, where the CPU-bound part scales with processes.
-    See the README's Performance section for the measurements behind this."""
-    if backend == "postgres":
-        return max(1, len(os.sched_getaffinity(0)))
+    """The worker count ``serve`` uses without ``--workers``: 1, on either backend.
+
+    Measured (README, "Performance"): on SQLite every worker's commit queues for the one file's
+    write lock and pays its own fsync, so a second worker splits the group commits and costs
+    CPU per request without adding throughput; on PostgreSQL, on a 2-core machine shared with
+    the database and the clients, a second worker adds CPU per request and no throughput
+    either. Workers pay off when the gateway has cores of its own and a store that takes
+    concurrent writers (PostgreSQL on its own host, several tenants): then pass
+    ``--workers`` with the number of those cores."""
     return 1
+
+
+def die_with_supervisor() -> None:
+    """In a worker: ask the kernel for SIGTERM when the supervisor dies (even by SIGKILL), so no
+    worker outlives it holding the port; exit at once when it is already gone. Linux only (a
+    no-op elsewhere)."""
+    parent = os.environ.get(SUPERVISOR_ENV)
+    if parent is None or not parent.isdigit():
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        raise SystemExit(0)
 
 
 def notify_ready() -> None:
@@ -106,7 +131,8 @@ class Supervisor:
     def _spawn(self, slot: Slot) -> bool:
         """Start the slot's worker and wait until it listens; False when it exited first or timed out."""
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, WORKER_ENV: str(slot.index), READY_ENV: str(write_fd)}
+        env = {**os.environ, WORKER_ENV: str(slot.index), READY_ENV: str(write_fd),
+               SUPERVISOR_ENV: str(os.getpid())}
         try:
             slot.proc = subprocess.Popen(self.argv, env=env, pass_fds=(write_fd,))
         finally:

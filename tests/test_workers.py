@@ -51,11 +51,12 @@ def worker_pids(log: Path) -> dict[int, int]:
 
 
 def alive(pid: int) -> bool:
+    """Running (a zombie left for a parent that does not reap it counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return True
+    return state not in ("Z", "X")
 
 
 def fresh(url: str, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -201,3 +202,14 @@ def test_workers_keep_every_round_through_a_kill(served: tuple[str, Path, Path, 
     assert not any(alive(pid) for pid in live)
     verified = cli(config, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_workers_stop_when_the_supervisor_is_killed(served: tuple[str, Path, Path, subprocess.Popen[bytes]]) -> None:
+    url, _config, log, proc = served
+    pids = set(worker_pids(log).values())
+    assert len(pids) == WORKERS
+    proc.kill()  # SIGKILL: no chance to forward anything
+    proc.wait(10)
+    wait_for(lambda: not any(alive(pid) for pid in pids), 20)
+    with pytest.raises(httpx.ConnectError):
+        fresh(url, "GET", "/healthz")
