@@ -53,7 +53,7 @@ from gateway.store.postgres import describe_dsn
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "config" / "sessiongate.yaml"
 CLIENT_KEY = "sg-demo-acme"
-READY_TIMEOUT = 60.0
+READY_TIMEOUT = 120.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DSN_ENV = "SESSIONGATE_BENCH_DSN"  # the gateways read the DSN from here (store.dsn_env)
@@ -159,6 +159,7 @@ class Target:
     replicas: int = 1
     postgres: bool = False
     workers: int = 1  # serve --workers: processes behind each replica's port
+    api_key: str = CLIENT_KEY  # what the load generator sends as its bearer token
 
 
 def passthrough_launch(env: Env, port: int, replica: int) -> Launch:
@@ -229,6 +230,40 @@ def gateway_target(name: str, patch: dict[str, Any] | None = None, *, replicas: 
     return Target(name, launch, replicas, postgres, workers)
 
 
+LITELLM_PACKAGE = "litellm[proxy]"
+LITELLM_KEY = "sk-bench-" + "0123456789abcdef" * 2  # its master key: authentication on, as deployed
+
+
+def litellm_venv(env: Env) -> Path:
+    """A virtualenv holding LiteLLM's proxy: ``--litellm-venv`` when given (made there if
+    missing, kept afterwards), else one made in the scratch folder for this run. Never the
+    project's own environment."""
+    venv = Path(env.args.litellm_venv) if env.args.litellm_venv else env.tmp / "litellm-venv"
+    binary = venv / "bin" / "litellm"
+    if not binary.exists():
+        print(f"installing {LITELLM_PACKAGE} into {venv} (a few minutes)...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", LITELLM_PACKAGE],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not binary.exists():
+            raise RuntimeError(f"could not install {LITELLM_PACKAGE}: {done.stderr.strip()[-500:]}")
+    return binary
+
+
+def litellm_launch(env: Env, port: int, replica: int) -> Launch:
+    """LiteLLM's proxy, one worker, routing every model to the same stand-in, nothing recorded."""
+    config = env.tmp / "litellm.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_list": [{"model_name": "standin", "litellm_params": {
+            "model": "openai/standin", "api_base": env.upstream_url, "api_key": "sk-bench"}}],
+        "litellm_settings": {"telemetry": False},
+    }))
+    argv = [str(litellm_venv(env)), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", "1"]
+    return Launch(argv, health_path="/health/liveliness",
+                  env={"LITELLM_TELEMETRY": "False", "LITELLM_MASTER_KEY": LITELLM_KEY})
+
+
 TARGETS: list[Target] = [
     Target("direct", None),
     Target("passthrough", passthrough_launch),
@@ -237,6 +272,7 @@ TARGETS: list[Target] = [
     gateway_target("gateway-pg2", replicas=2, postgres=True),
     gateway_target("gateway-w2", workers=2),
     gateway_target("gateway-pg-w2", postgres=True, workers=2),
+    Target("litellm", litellm_launch, api_key=LITELLM_KEY),
 ]
 DEFAULT_TARGETS = ("direct", "passthrough", "gateway", "gateway-pg", "gateway-pg2")
 """What runs without ``--targets``; the others are asked for by name."""
@@ -384,7 +420,7 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
     for run in targets:
         for stream in (False, True):
             warm = run_sync(run_cell(run.urls, stream=stream, concurrency=4, requests=args.warmup, time_cap=10,
-                                     session_prefix=f"warmup-{run.target.name}"))
+                                     api_key=run.target.api_key, session_prefix=f"warmup-{run.target.name}"))
             if warm.ok == 0:
                 raise RuntimeError(f"{run.target.name} answered no warm-up request: {warm.first_error}")
     db_meter = CpuMeter(db.server_pids) if db is not None else None
@@ -398,7 +434,7 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
                 meter.start()
         time_cap = args.pg_time_cap if run.target.postgres else args.time_cap
         result = run_sync(run_cell(run.urls, stream=stream, concurrency=concurrency, requests=args.requests,
-                                   time_cap=time_cap, api_key=CLIENT_KEY,
+                                   time_cap=time_cap, api_key=run.target.api_key,
                                    session_prefix=f"bench-{cell}"))
         cpu = per_request(proxy.stop() if run.pids else None, result)
         db_cpu = per_request(database.stop(), result) if database is not None else None
@@ -460,6 +496,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"PostgreSQL for the gateway-pg* targets (default ${DSN_ENV} or {DEFAULT_PG_DSN})")
     parser.add_argument("--output", help="also write the table (with its header) to this file")
     parser.add_argument("--keep-temp", action="store_true", help="keep the scratch folder (configs, logs)")
+    parser.add_argument("--litellm-venv", help="virtualenv for the litellm target (made and filled on first use; "
+                        "default: a new one in the scratch folder)")
     args = parser.parse_args(argv)
     args.requests = args.requests or (300 if args.quick else 5000)
     args.time_cap = args.time_cap or (2.0 if args.quick else 8.0)
