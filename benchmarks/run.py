@@ -40,7 +40,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,7 @@ class Target:
     postgres: bool = False
     workers: int = 1  # serve --workers: processes behind each replica's port
     api_key: str = CLIENT_KEY  # what the load generator sends as its bearer token
+    sessions: bool = True  # False: no X-Session-Id (the gateway audits each request, records no session)
 
 
 def passthrough_launch(env: Env, port: int, replica: int) -> Launch:
@@ -271,6 +272,7 @@ TARGETS: list[Target] = [
     gateway_target("gateway-pg", postgres=True),
     gateway_target("gateway-pg2", replicas=2, postgres=True),
     gateway_target("gateway-w2", workers=2),
+    replace(gateway_target("gateway-nosession"), sessions=False),
     gateway_target("gateway-pg-w2", postgres=True, workers=2),
     Target("litellm", litellm_launch, api_key=LITELLM_KEY),
 ]
@@ -435,7 +437,7 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
         time_cap = args.pg_time_cap if run.target.postgres else args.time_cap
         result = run_sync(run_cell(run.urls, stream=stream, concurrency=concurrency, requests=args.requests,
                                    time_cap=time_cap, api_key=run.target.api_key,
-                                   session_prefix=f"bench-{cell}"))
+                                   session_prefix=f"bench-{cell}" if run.target.sessions else None))
         cpu = per_request(proxy.stop() if run.pids else None, result)
         db_cpu = per_request(database.stop(), result) if database is not None else None
         rows.append(Row(run.target.name, stream, concurrency, result, cpu, db_cpu))
