@@ -119,10 +119,11 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
 
 
 async def run_cell(base_url: str | Sequence[str], *, stream: bool, concurrency: int, requests: int,
-                   time_cap: float, api_key: str = "sg-demo-acme", session_prefix: str = "bench",
+                   time_cap: float, api_key: str = "sg-demo-acme", session_prefix: str | None = "bench",
                    model: str = "standin") -> CellResult:
     """Run one cell against ``base_url`` (ending in ``/v1``), or round-robin over several, and
-    return what it measured. Raises ``ValueError`` for an empty list of URLs."""
+    return what it measured. With ``session_prefix`` None no ``X-Session-Id`` is sent (each
+    request stands alone). Raises ``ValueError`` for an empty list of URLs."""
     bases = [base_url] if isinstance(base_url, str) else list(base_url)
     if not bases:
         raise ValueError("run_cell needs at least one base URL")
@@ -134,8 +135,9 @@ async def run_cell(base_url: str | Sequence[str], *, stream: bool, concurrency: 
         deadline = time.perf_counter() + time_cap
 
         async def worker(w: int) -> None:
-            headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
-                       "X-Session-Id": f"{session_prefix}-{w}"}
+            headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+            if session_prefix is not None:
+                headers["X-Session-Id"] = f"{session_prefix}-{w}"
             while time.perf_counter() < deadline:
                 n = next(numbers)
                 if n >= requests:

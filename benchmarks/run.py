@@ -33,13 +33,14 @@ import platform
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from gateway.store.postgres import describe_dsn
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "config" / "sessiongate.yaml"
 CLIENT_KEY = "sg-demo-acme"
-READY_TIMEOUT = 60.0
+READY_TIMEOUT = 120.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DSN_ENV = "SESSIONGATE_BENCH_DSN"  # the gateways read the DSN from here (store.dsn_env)
@@ -145,6 +146,7 @@ class Launch:
     argv: list[str]
     health_path: str | None = None  # None: ready when the port accepts a TCP connection
     env: dict[str, str] = field(default_factory=dict)
+    ready_text: str | None = None  # also wait until the process's log holds this text
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,9 @@ class Target:
     launch: Callable[[Env, int, int], Launch] | None
     replicas: int = 1
     postgres: bool = False
+    workers: int = 1  # serve --workers: processes behind each replica's port
+    api_key: str = CLIENT_KEY  # what the load generator sends as its bearer token
+    sessions: bool = True  # False: no X-Session-Id (the gateway audits each request, records no session)
 
 
 def passthrough_launch(env: Env, port: int, replica: int) -> Launch:
@@ -200,11 +205,12 @@ def gateway_config(env: Env, name: str, port: int, replica: int = 0,
 
 
 def gateway_target(name: str, patch: dict[str, Any] | None = None, *, replicas: int = 1,
-                   postgres: bool = False) -> Target:
+                   postgres: bool = False, workers: int = 1) -> Target:
     """A gateway target whose config is the example config plus ``patch``.
 
     With ``postgres`` its store is the benchmark's PostgreSQL server, in the target's own
     schema, the DSN passed through the environment (``store.dsn_env``) as in production.
+    With ``workers`` above 1 it runs ``serve --workers N`` (one port, N processes).
     """
 
     def launch(env: Env, port: int, replica: int) -> Launch:
@@ -217,10 +223,46 @@ def gateway_target(name: str, patch: dict[str, Any] | None = None, *, replicas: 
             full = deep_merge({"store": store}, full)
             extra[DSN_ENV] = env.db.dsn
         config = gateway_config(env, name, port, replica, full)
-        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)]
-        return Launch(argv, health_path="/healthz", env=extra)
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
+                "--workers", str(workers)]
+        return Launch(argv, health_path="/healthz", env=extra,
+                      ready_text="workers, pids" if workers > 1 else None)
 
-    return Target(name, launch, replicas, postgres)
+    return Target(name, launch, replicas, postgres, workers)
+
+
+LITELLM_PACKAGE = "litellm[proxy]"
+LITELLM_KEY = "sk-bench-" + "0123456789abcdef" * 2  # its master key: authentication on, as deployed
+
+
+def litellm_venv(env: Env) -> Path:
+    """A virtualenv holding LiteLLM's proxy: ``--litellm-venv`` when given (made there if
+    missing, kept afterwards), else one made in the scratch folder for this run. Never the
+    project's own environment."""
+    venv = Path(env.args.litellm_venv) if env.args.litellm_venv else env.tmp / "litellm-venv"
+    binary = venv / "bin" / "litellm"
+    if not binary.exists():
+        print(f"installing {LITELLM_PACKAGE} into {venv} (a few minutes)...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", LITELLM_PACKAGE],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not binary.exists():
+            raise RuntimeError(f"could not install {LITELLM_PACKAGE}: {done.stderr.strip()[-500:]}")
+    return binary
+
+
+def litellm_launch(env: Env, port: int, replica: int) -> Launch:
+    """LiteLLM's proxy, one worker, routing every model to the same stand-in, nothing recorded."""
+    config = env.tmp / "litellm.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_list": [{"model_name": "standin", "litellm_params": {
+            "model": "openai/standin", "api_base": env.upstream_url, "api_key": "sk-bench"}}],
+        "litellm_settings": {"telemetry": False},
+    }))
+    argv = [str(litellm_venv(env)), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", "1"]
+    return Launch(argv, health_path="/health/liveliness",
+                  env={"LITELLM_TELEMETRY": "False", "LITELLM_MASTER_KEY": LITELLM_KEY})
 
 
 TARGETS: list[Target] = [
@@ -229,7 +271,13 @@ TARGETS: list[Target] = [
     gateway_target("gateway"),
     gateway_target("gateway-pg", postgres=True),
     gateway_target("gateway-pg2", replicas=2, postgres=True),
+    gateway_target("gateway-w2", workers=2),
+    replace(gateway_target("gateway-nosession"), sessions=False),
+    gateway_target("gateway-pg-w2", postgres=True, workers=2),
+    Target("litellm", litellm_launch, api_key=LITELLM_KEY),
 ]
+DEFAULT_TARGETS = ("direct", "passthrough", "gateway", "gateway-pg", "gateway-pg2")
+"""What runs without ``--targets``; the others are asked for by name."""
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -262,7 +310,8 @@ def start(name: str, launch: Launch, port: int, tmp: Path, procs: list[Proc]) ->
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with status {process.returncode}; its log:\n{proc.tail()}")
-        if _ready(port, launch.health_path):
+        if _ready(port, launch.health_path) and (
+                launch.ready_text is None or launch.ready_text in log.read_text(errors="replace")):
             return proc
         time.sleep(0.1)
     raise RuntimeError(f"{name} not ready after {READY_TIMEOUT:.0f} s; its log:\n{proc.tail()}")
@@ -301,6 +350,15 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process, all threads, from /proc/<pid>/stat."""
     fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def with_children(pids: list[int]) -> list[int]:
+    """*pids* and their child processes (a ``serve --workers`` supervisor's workers)."""
+    out = list(pids)
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return out
 
 
 def cpu_of(pids: list[int]) -> dict[int, float]:
@@ -364,22 +422,22 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
     for run in targets:
         for stream in (False, True):
             warm = run_sync(run_cell(run.urls, stream=stream, concurrency=4, requests=args.warmup, time_cap=10,
-                                     session_prefix=f"warmup-{run.target.name}"))
+                                     api_key=run.target.api_key, session_prefix=f"warmup-{run.target.name}"))
             if warm.ok == 0:
                 raise RuntimeError(f"{run.target.name} answered no warm-up request: {warm.first_error}")
     db_meter = CpuMeter(db.server_pids) if db is not None else None
     rows = []
     for cell, (stream, concurrency, run) in enumerate(
             (s, c, t) for s in (False, True) for c in args.concurrency for t in targets):
-        proxy = CpuMeter(lambda run=run: run.pids)
+        proxy = CpuMeter(lambda run=run: with_children(run.pids))
         database = db_meter if run.target.postgres else None
         for meter in (proxy, database):
             if meter is not None:
                 meter.start()
         time_cap = args.pg_time_cap if run.target.postgres else args.time_cap
         result = run_sync(run_cell(run.urls, stream=stream, concurrency=concurrency, requests=args.requests,
-                                   time_cap=time_cap, api_key=CLIENT_KEY,
-                                   session_prefix=f"bench-{cell}"))
+                                   time_cap=time_cap, api_key=run.target.api_key,
+                                   session_prefix=f"bench-{cell}" if run.target.sessions else None))
         cpu = per_request(proxy.stop() if run.pids else None, result)
         db_cpu = per_request(database.stop(), result) if database is not None else None
         rows.append(Row(run.target.name, stream, concurrency, result, cpu, db_cpu))
@@ -432,7 +490,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "never above --time-cap)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated levels")
-    parser.add_argument("--targets", default=",".join(t.name for t in TARGETS),
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                         help=f"comma-separated, from: {', '.join(t.name for t in TARGETS)}")
     parser.add_argument("--chunks", type=int, default=20, help="content pieces per streamed reply")
     parser.add_argument("--policies", default=str(REPO / "policies"), help="the gateway's policy folder")
@@ -440,6 +498,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"PostgreSQL for the gateway-pg* targets (default ${DSN_ENV} or {DEFAULT_PG_DSN})")
     parser.add_argument("--output", help="also write the table (with its header) to this file")
     parser.add_argument("--keep-temp", action="store_true", help="keep the scratch folder (configs, logs)")
+    parser.add_argument("--litellm-venv", help="virtualenv for the litellm target (made and filled on first use; "
+                        "default: a new one in the scratch folder)")
     args = parser.parse_args(argv)
     args.requests = args.requests or (300 if args.quick else 5000)
     args.time_cap = args.time_cap or (2.0 if args.quick else 8.0)
@@ -463,6 +523,26 @@ def scratch(keep: bool) -> Iterator[Path]:
     else:
         with tempfile.TemporaryDirectory(prefix="sessiongate-bench-") as name:
             yield Path(name)
+
+
+def commit_floor(folder: Path, commits: int = 200) -> float:
+    """Median seconds of one durable SQLite commit (WAL, ``synchronous=FULL``, one small row) in
+    *folder*: the least a round's commit can cost on this disk, whatever the gateway does."""
+    conn = sqlite3.connect(folder / "commit-floor.db", isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (b BLOB)")
+        times = []
+        for _ in range(commits):
+            started = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?)", (os.urandom(1024),))
+            conn.execute("COMMIT")
+            times.append(time.perf_counter() - started)
+    finally:
+        conn.close()
+    return sorted(times)[len(times) // 2]
 
 
 def header(args: argparse.Namespace, notes: list[str]) -> str:
@@ -520,6 +600,8 @@ def run(args: argparse.Namespace) -> str:
                 ready = [start_target(target, env, procs) for target in args.targets]
                 print(f"started: {', '.join(f'{p.name} (pid {p.process.pid})' for p in procs)}",
                       file=sys.stderr)
+                notes.append(f"One durable SQLite commit (WAL, synchronous=FULL) in the scratch folder: "
+                             f"p50 {commit_floor(tmp) * 1000:.2f} ms.")
                 rows = measure(ready, args, db)
                 return header(args, notes) + "\n\n" + table(rows, db_column=db is not None) + "\n"
             finally:

@@ -1,6 +1,6 @@
 """The ``sessiongate`` command line.
 
-    sessiongate serve [--config FILE] [--host H] [--port P]
+    sessiongate serve [--config FILE] [--host H] [--port P] [--workers N]
     sessiongate clients new --tenant T [--name N]
     sessiongate sessions list|export|import|reset|delete|erase|release --tenant T [ID] [FILE]
     sessiongate sessions add|set|clean|memo --tenant T [--model M] ID [FILE]
@@ -65,8 +65,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = settings.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
                                                 if v is not None})
     settings = settings.model_copy(update={"server": server})
-    preflight(settings)
+    from gateway import workers
+    index = workers.worker_index()
+    count = args.workers if args.workers is not None else workers.default_workers(settings.store.backend)
+    if count < 1:
+        raise ConfigError("--workers must be at least 1", file=settings.source, field="server")
+    if index is None:  # a worker's port is already bound by its siblings (SO_REUSEPORT)
+        preflight(settings)
+    else:
+        workers.die_with_supervisor()
     logs.configure(settings.logging.level, settings.logging.format)
+    if index is None and count > 1:
+        return workers.Supervisor(workers.worker_argv(), count, settings.server.shutdown_timeout).run()
     app = build_app(settings)
 
     async def banner(app: web.Application) -> None:
@@ -85,7 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             lines.append(f"  upstream  {', '.join(services.upstreams.names)}")
         print("\n".join(lines), file=sys.stderr, flush=True)
 
-    app.on_startup.append(banner)
+    if not index:  # a single gateway, or the first worker
+        app.on_startup.append(banner)
     try:
         import uvloop
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
@@ -632,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     s.add_argument("--host", help="address to listen on (default: server.host of the configuration)")
     s.add_argument("--port", type=int, help="port to listen on (default: server.port of the configuration)")
+    s.add_argument("--workers", type=int, help="gateway processes sharing the port (default 1); see gateway/workers.py "
+                   "and the README's Performance section")
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("clients", help="client keys").add_subparsers(dest="action", required=True)

@@ -55,12 +55,22 @@ class Metrics:
             version=version or "unknown").set(1)
         self._models: set[str] = set()
         self._lock = threading.Lock()
+        self._children: dict[tuple[Any, ...], Any] = {}
+        """Labelled children by (metric, labels...): ``labels()`` validates and locks on every
+        call; the label sets are bounded (see the module docstring), so this is too."""
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def request(self, route: str, method: str, status: int, outcome: str, seconds: float) -> None:
         """Count one answered request (any route, refusals included)."""
-        self.requests.labels(route=route, method=method if method in METHODS else "other",
-                             status_class=f"{status // 100}xx", outcome=outcome).inc()
-        self.latency.labels(route=route).observe(seconds)
+        self._child(self.requests, route, method if method in METHODS else "other", f"{status // 100}xx",
+                    outcome).inc()
+        self._child(self.latency, route).observe(seconds)
 
     def usage(self, tenant: str, model: Any, usage: Any) -> None:
         """Add a reply's ``usage`` (OpenAI's ``prompt_tokens``/``completion_tokens``, or Anthropic's
@@ -72,7 +82,7 @@ class Metrics:
         label = self._model(model)
         for kind, value in (("prompt", prompt), ("completion", completion)):
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                self.tokens.labels(tenant=tenant or "none", model=label, kind=kind).inc(value)
+                self._child(self.tokens, tenant or "none", label, kind).inc(value)
 
     def commit(self, seconds: float, batch: int) -> None:
         """One store transaction committed (called from the store's writer; thread-safe)."""

@@ -98,6 +98,50 @@ class RoundRecord:
     audit: dict[str, Any]
 
 
+STATE_CACHE_SIZE = 1024
+"""Sessions whose opened state a process keeps (see :class:`StateCache`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    version: int
+    state_ct: bytes
+    dk_id: bytes
+    state: SessionState
+
+
+class StateCache:
+    """The opened state of recently used sessions, so a request whose stored state row is still
+    the one this process last opened or sealed (same version,
+    same bytes, same data key) does not decrypt and parse it again.
+
+    Contract: :meth:`get` returns a state only when the row read now holds *exactly* the bytes
+    the entry was made from (``state_ct``, compared in full: any other writer, process or
+    replica, changes them, so a stale entry can only miss) under the same data key. It replaces
+    the decryption alone: the caller still reads the rows, unwraps the data key (a retired or
+    missing master key still fails) and runs the chain-binding check (``gateway.evidence``)
+    on what it read. States are never modified in place (every change makes a copy), so one
+    object may serve several requests. Bounded (LRU, ``STATE_CACHE_SIZE``); an erased or
+    quarantined session's entry is dropped at once.
+    """
+
+    def __init__(self, maxsize: int = STATE_CACHE_SIZE) -> None:
+        self._items: crypto.BoundedCache[tuple[str, str], _Opened] = crypto.BoundedCache(maxsize)
+
+    def get(self, tenant: str, session_id: str, row: SessionRow, dk_id: bytes) -> SessionState | None:
+        entry = self._items.get((tenant, session_id))
+        if entry is None or entry.version != row.version or entry.dk_id != dk_id or entry.state_ct != row.state_ct:
+            return None
+        return entry.state
+
+    def put(self, tenant: str, session_id: str, version: int, state_ct: bytes, dk_id: bytes,
+            state: SessionState) -> None:
+        self._items.put((tenant, session_id), _Opened(version, state_ct, dk_id, state))
+
+    def drop(self, tenant: str, session_id: str) -> None:
+        self._items.discard((tenant, session_id))
+
+
 class SessionService:
     """Sealed sessions over a store. ``reload_keyring`` (optional) re-reads the keyring when a
     data key names a master key this process does not know yet (another process rotated)."""
@@ -108,6 +152,7 @@ class SessionService:
         self.keyring = keyring
         self.reload_keyring = reload_keyring
         self.erasures = ErasureFinisher(store)
+        self.states = StateCache()
 
     # --- keys and sealing ---------------------------------------------------------------
 
@@ -186,7 +231,11 @@ class SessionService:
                 return None
             if krow is None:
                 raise IntegrityError(f"session {tenant}/{session_id} has no data key")
-            state = self._open_state(self._data_key(krow), srow)
+            dk = self._data_key(krow)
+            state = self.states.get(tenant, session_id, srow, dk.id)
+            if state is None:
+                state = self._open_state(dk, srow)
+                self.states.put(tenant, session_id, srow.version, srow.state_ct, dk.id, state)
             _raise_if_altered(cur)
             return LoadedSession(state, srow.version, srow.next_seq, srow.state_ct)
 
@@ -218,6 +267,7 @@ class SessionService:
             yield
         except IntegrityError as exc:
             if session_id is not None:
+                self.states.drop(tenant, session_id)
                 await self._note_failure(tenant, session_id, exc, request_id)
             raise
 
@@ -318,6 +368,8 @@ class SessionService:
                     if state.auto_resize:
                         state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
                 self._write_state(cur, ch, dk, state, [messages], meta)
+                assert ch.session is not None
+                sealed.append((ch.session.version, ch.session.state_ct, dk.id, state))
                 # only the asynchronous strategies (summarize, hooks) can leave the window over the limit
                 ch.result = bounding.strategy not in SYNC_STRATEGIES and over_limit(state, bounding.max_length)
                 audit["round_seq"] = ch.rounds[0].seq
@@ -325,8 +377,12 @@ class SessionService:
             ch.audit.append(audit)
             return ch
 
+        sealed: list[tuple[int, bytes, bytes, SessionState]] = []  # the last run of the plan is the one committed
         async with self._guarded(tenant, session_id, rec.request_id):
-            return await self.store.transact(tenant, session_id, plan)
+            changes = await self.store.transact(tenant, session_id, plan)
+        if sealed and session_id is not None:
+            self.states.put(tenant, session_id, *sealed[-1])
+        return changes
 
     async def update_state(self, tenant: str, session_id: str,
                            change: Callable[[SessionState], SessionState | None], audit: dict[str, Any]) -> bool:
@@ -440,6 +496,7 @@ class SessionService:
                 raise NotFound(f"no session '{session_id}' for this tenant")
             if cur.data_key is not None:
                 self._forget(cur.data_key)
+            self.states.drop(tenant, session_id)
             return Changes(delete_session=True,
                            audit=[{"event": "erasure", "request_id": request_id, "session_id": session_id}])
 

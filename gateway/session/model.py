@@ -192,17 +192,19 @@ def normalise_window(window: Sequence[Message]) -> list[Message]:
 
     Agently (``rich_content: false``) also drops non-text parts; the gateway keeps them: a merged
     message with a non-text part keeps its content as a part list."""
-    merged: list[tuple[str, list[Any]]] = []
+    merged: list[tuple[str, list[Any]]] = []  # (role, the contents of its run of messages)
     for message in window:
         role = str(message.get("role"))
-        parts = _parts(message.get("content"))
         if merged and merged[-1][0] == role:
-            merged[-1][1].extend(parts)
+            merged[-1][1].append(message.get("content"))
         else:
-            merged.append((role, list(parts)))
+            merged.append((role, [message.get("content")]))
     if not merged:
         return []
-    out = [_joined(role, parts) for role, parts in merged]
+    # a lone text message is already in its joined form (the common case: it costs no parts)
+    out = [{"role": role, "content": contents[0]} if len(contents) == 1 and type(contents[0]) is str
+           else _joined(role, [part for content in contents for part in _parts(content)])
+           for role, contents in merged]
     if out[0]["role"] != "user":
         out.insert(0, {"role": "user", "content": CHAT_HISTORY_OPENER})
     if out[-1]["role"] != "assistant":

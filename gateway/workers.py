@@ -1,0 +1,214 @@
+"""``sessiongate serve --workers N``: N gateway processes on one port, under one supervisor.
+
+Contract:
+
+- The **supervisor** (the process ``serve`` was started as) checks the configuration and the
+  port, then starts each worker as ``python -m gateway serve ...`` with the same arguments and
+  ``SESSIONGATE_WORKER=<index>`` in its environment. It never opens the store or serves a request.
+- **Start-up is one at a time**: worker 0 starts alone and is waited for until it listens, so the
+  one-time work (creating the keyring, the audit signing key, the SQLite file or the PostgreSQL
+  schema, migrations) happens once; the others start after it. A worker tells it listens by
+  writing one line to the pipe named by ``SESSIONGATE_READY_FD``.
+- Each **worker** is a full gateway (its own store connections, policy and key watchers,
+  checkpointer) listening with ``SO_REUSEPORT`` on the shared port; the kernel spreads new
+  connections over them. Every response of a worker carries ``X-Sessiongate-Worker: <pid>``
+  (see ``gateway.server.serve``), and the supervisor logs ``worker_started`` with each worker's
+  index and pid: that is how to find them.
+- The guarantees are the store's, not the supervisor's: a round commits in one transaction that
+  applies the session's plan to the latest rows (SQLite's ``BEGIN IMMEDIATE`` serialises writers
+  across processes; PostgreSQL's per-tenant advisory lock does the same), so rounds are neither
+  lost nor reordered and each tenant keeps one audit chain. Policy and key files are polled by
+  every worker, so a reload or a rotation reaches all of them within their poll interval.
+  Checkpoints from all workers go to the one checkpoint file, each batch in a single
+  ``write()`` under ``O_APPEND`` (``gateway.audit.CheckpointLog``), so lines never interleave;
+  ``audit verify`` sorts them by seq.
+- A worker that **dies** (a crash, ``kill -9``) is logged (``worker_exited``, with its exit
+  status) and restarted in its slot; a slot that dies more than ``MAX_RESTARTS`` times within
+  ``RESTART_WINDOW`` seconds is given up (``worker_abandoned``), and when every slot is given up
+  the supervisor exits with status 1.
+- A supervisor that dies (even by SIGKILL) takes its workers with it: each asked the kernel
+  for SIGTERM on its parent's death (``PR_SET_PDEATHSIG``) and drains as on a normal stop.
+- **SIGTERM / SIGINT** to the supervisor is forwarded to every worker; each drains as a single
+  gateway does (``server.shutdown_timeout``) and the supervisor waits for all of them, killing
+  any still running after twice that timeout plus ``KILL_GRACE`` seconds. Exit status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+log = structlog.get_logger("gateway.workers")
+
+WORKER_ENV = "SESSIONGATE_WORKER"
+"""Set (to the worker's index) in a worker's environment; unset in a single gateway."""
+READY_ENV = "SESSIONGATE_READY_FD"
+"""The descriptor a worker writes one line to once it listens."""
+SUPERVISOR_ENV = "SESSIONGATE_SUPERVISOR"
+"""The supervisor's pid, in a worker's environment."""
+PR_SET_PDEATHSIG = 1
+WORKER_HEADER = "X-Sessiongate-Worker"
+READY_TIMEOUT = 60.0
+MAX_RESTARTS = 5
+RESTART_WINDOW = 30.0
+KILL_GRACE = 5.0
+
+
+def worker_index() -> int | None:
+    """This process's worker index when it runs under a supervisor, else None."""
+    value = os.environ.get(WORKER_ENV)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def default_workers(backend: str) -> int:
+    """The worker count ``serve`` uses without ``--workers``: 1, on either backend.
+
+    Measured (README, "Performance"): on SQLite every worker's commit queues for the one file's
+    write lock and pays its own fsync, so a second worker splits the group commits and costs
+    CPU per request without adding throughput; on PostgreSQL, on a 2-core machine shared with
+    the database and the clients, a second worker adds CPU per request and no throughput
+    either. Workers pay off when the gateway has cores of its own and a store that takes
+    concurrent writers (PostgreSQL on its own host, several tenants): then pass
+    ``--workers`` with the number of those cores."""
+    return 1
+
+
+def die_with_supervisor() -> None:
+    """In a worker: ask the kernel for SIGTERM when the supervisor dies (even by SIGKILL), so no
+    worker outlives it holding the port; exit at once when it is already gone. Linux only (a
+    no-op elsewhere)."""
+    parent = os.environ.get(SUPERVISOR_ENV)
+    if parent is None or not parent.isdigit():
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        raise SystemExit(0)
+
+
+def notify_ready() -> None:
+    """In a worker: tell the supervisor it listens (a no-op in a single gateway)."""
+    fd = os.environ.pop(READY_ENV, None)
+    if fd is None or not fd.isdigit():
+        return
+    try:
+        os.write(int(fd), f"{os.getpid()}\n".encode())
+        os.close(int(fd))
+    except OSError:
+        pass
+
+
+@dataclass
+class Slot:
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    deaths: list[float] = field(default_factory=list)
+    abandoned: bool = False
+
+
+class Supervisor:
+    """Starts, watches and stops the workers (see the module docstring)."""
+
+    def __init__(self, argv: Sequence[str], count: int, shutdown_timeout: float) -> None:
+        self.argv = list(argv)
+        self.slots = [Slot(i) for i in range(count)]
+        self.shutdown_timeout = shutdown_timeout
+        self.stopping = False
+
+    def _spawn(self, slot: Slot) -> bool:
+        """Start the slot's worker and wait until it listens; False when it exited first or timed out."""
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, WORKER_ENV: str(slot.index), READY_ENV: str(write_fd),
+               SUPERVISOR_ENV: str(os.getpid())}
+        try:
+            slot.proc = subprocess.Popen(self.argv, env=env, pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not self.stopping:
+                ready, _, _ = select.select([read_fd], [], [], 0.2)
+                if ready:
+                    if os.read(read_fd, 64):
+                        log.info("worker_started", index=slot.index, pid=slot.proc.pid)
+                        return True
+                    return False  # the pipe closed without a line: the worker exited
+                if slot.proc.poll() is not None or time.monotonic() > deadline:
+                    return False
+            return False
+        finally:
+            os.close(read_fd)
+
+    def _stop(self, _sig: int, _frame: object) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        """Blocking: start every worker, restart those that die, stop all on SIGTERM/SIGINT."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        try:
+            for slot in self.slots:
+                if not self._spawn(slot) and not self.stopping:
+                    log.error("worker_failed_to_start", index=slot.index,
+                              status=slot.proc.poll() if slot.proc else None)
+                    return 1
+            pids = [s.proc.pid for s in self.slots if s.proc is not None]
+            print(f"sessiongate: {len(pids)} workers, pids {' '.join(map(str, pids))}", file=sys.stderr, flush=True)
+            while not self.stopping:
+                time.sleep(0.2)
+                for slot in self.slots:
+                    if not self.stopping and not slot.abandoned:
+                        self._check(slot)
+                if all(s.abandoned for s in self.slots):
+                    log.error("all_workers_abandoned")
+                    return 1
+            return 0
+        finally:
+            self._shutdown()
+
+    def _check(self, slot: Slot) -> None:
+        proc = slot.proc
+        if proc is None or proc.poll() is None:
+            return
+        now = time.monotonic()
+        slot.deaths = [t for t in slot.deaths if now - t < RESTART_WINDOW] + [now]
+        log.warning("worker_exited", index=slot.index, pid=proc.pid, status=proc.returncode)
+        if len(slot.deaths) > MAX_RESTARTS:
+            slot.abandoned = True
+            log.error("worker_abandoned", index=slot.index, deaths=len(slot.deaths), window_seconds=RESTART_WINDOW)
+            return
+        if not self._spawn(slot) and not self.stopping:
+            log.error("worker_restart_failed", index=slot.index)
+
+    def _shutdown(self) -> None:
+        live = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 2 * self.shutdown_timeout + KILL_GRACE
+        for proc in live:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker_killed", pid=proc.pid, reason="did not stop in time")
+                proc.kill()
+                proc.wait()
+        log.info("workers_stopped", count=len(live))
+
+
+def worker_argv() -> list[str]:
+    """The command line a worker runs: this interpreter, ``-m gateway``, and the same arguments."""
+    return [sys.executable, "-m", "gateway", *sys.argv[1:]]

@@ -1,0 +1,157 @@
+"""The opened-state cache of ``SessionService`` (``gateway.sessions.StateCache``): it saves the
+decryption of a state row this process opened or sealed, and never hides a change or damage."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from gateway.errors import IntegrityError
+from gateway.keyring import Keyring, new_master_key
+from gateway.session.model import normalise_window
+from gateway.sessions import Bounding, RoundRecord, SessionService
+from gateway.store.sqlite import SQLiteStore
+
+T = TypeVar("T")
+
+
+def record(text: str) -> RoundRecord:
+    return RoundRecord(f"req-{text}", "default", "h", "completed", text, f"re: {text}", {"event": "round"})
+
+
+def run(path: Path, keyring: Keyring, fn: Callable[[SessionService], Awaitable[T]]) -> T:
+    async def go() -> T:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            return await fn(SessionService(store, keyring))
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
+def counting(svc: SessionService) -> list[int]:
+    """Count the state rows *svc* decrypts."""
+    opened = [0]
+    real = svc._open_state
+
+    def spy(dk: Any, row: Any) -> Any:
+        opened[0] += 1
+        return real(dk, row)
+
+    svc._open_state = spy  # type: ignore[method-assign]
+    return opened
+
+
+def test_a_round_then_loads_open_nothing_again(tmp_path: Path) -> None:
+    keyring = Keyring([new_master_key()])
+
+    async def scenario(svc: SessionService) -> tuple[int, int, list[str]]:
+        opened = counting(svc)
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        first = await svc.load("acme", "s1")
+        await svc.load("acme", "s1")
+        after_loads = opened[0]
+        assert first is not None
+        await svc.commit_round("acme", "s1", record("two"), Bounding(), first)
+        loaded = await svc.load("acme", "s1")
+        assert loaded is not None
+        return after_loads, opened[0], [m["content"] for m in loaded.state.context_window]
+
+    after_loads, total, window = run(tmp_path / "db.sqlite", keyring, scenario)
+    assert after_loads == 0  # the state the round sealed is the one stored
+    assert total == 0
+    assert window == ["one", "re: one", "two", "re: two"]
+
+
+def test_a_row_written_by_another_process_is_opened(tmp_path: Path) -> None:
+    keyring = Keyring([new_master_key()])
+    path = tmp_path / "db.sqlite"
+
+    async def scenario(svc: SessionService) -> list[str]:
+        opened = counting(svc)
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        other = SQLiteStore(path)  # another process's connection and service
+        await other.open()
+        try:
+            await SessionService(other, keyring).commit_round("acme", "s1", record("two"), Bounding())
+        finally:
+            await other.close()
+        loaded = await svc.load("acme", "s1")
+        assert loaded is not None and opened[0] == 1
+        return [m["content"] for m in loaded.state.context_window]
+
+    assert run(path, keyring, scenario) == ["one", "re: one", "two", "re: two"]
+
+
+@pytest.mark.parametrize("tamper", [
+    "UPDATE sessions SET version = version + 1",            # same bytes under another version
+    "UPDATE session_heads SET bound_seq = bound_seq - 1",   # rows no longer the ones the chain binds
+])
+def test_a_tampered_row_fails_even_when_its_state_is_cached(tmp_path: Path, tamper: str) -> None:
+    keyring = Keyring([new_master_key()])
+    path = tmp_path / "db.sqlite"
+
+    async def scenario(svc: SessionService) -> str:
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        await svc.commit_round("acme", "s1", record("two"), Bounding())
+        assert await svc.load("acme", "s1") is not None  # cached now
+        with sqlite3.connect(path) as conn:
+            conn.execute(tamper)
+        with pytest.raises(IntegrityError) as caught:
+            await svc.load("acme", "s1")
+        return caught.value.detail
+
+    assert run(path, keyring, scenario)
+
+
+def test_erasure_drops_the_cached_state(tmp_path: Path) -> None:
+    keyring = Keyring([new_master_key()])
+
+    async def scenario(svc: SessionService) -> tuple[bool, bool]:
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        cached = svc.states._items.get(("acme", "s1")) is not None
+        await svc.erase("acme", "s1", "req-erase")
+        return cached, svc.states._items.get(("acme", "s1")) is None
+
+    assert run(tmp_path / "db.sqlite", keyring, scenario) == (True, True)
+
+
+def _reference_normalise(window: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``normalise_window`` as it was before its fast path (every message through part lists)."""
+    from gateway.session.model import CHAT_HISTORY_OPENER, CONTINUE_INPUT, _joined, _parts
+
+    merged: list[tuple[str, list[Any]]] = []
+    for message in window:
+        role = str(message.get("role"))
+        parts = _parts(message.get("content"))
+        if merged and merged[-1][0] == role:
+            merged[-1][1].extend(parts)
+        else:
+            merged.append((role, list(parts)))
+    if not merged:
+        return []
+    out = [_joined(role, parts) for role, parts in merged]
+    if out[0]["role"] != "user":
+        out.insert(0, {"role": "user", "content": CHAT_HISTORY_OPENER})
+    if out[-1]["role"] != "assistant":
+        out.append({"role": "assistant", "content": CONTINUE_INPUT})
+    return out
+
+
+@pytest.mark.parametrize("window", [
+    [],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    [{"role": "assistant", "content": "b"}, {"role": "user", "content": None}],
+    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": 3}],
+    [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]},
+     {"role": "user", "content": "c"}, {"role": "assistant", "content": [{"type": "text", "text": "d"}]}],
+    [{"role": "user", "content": "x", "name": "n"}, {"role": "tool", "content": "t"}],
+])
+def test_normalise_window_fast_path_matches_the_reference(window: list[dict[str, Any]]) -> None:
+    assert normalise_window(window) == _reference_normalise(window)
