@@ -62,6 +62,13 @@ class UpstreamSettings(_Strict):
     max_reply_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="recorded reply cap; past it the client still gets the whole reply "
                                            "and the round is recorded as incomplete (truncated)")
+    protocol: Literal["openai", "anthropic"] = Field(
+        "openai", description="the wire protocol the upstream speaks: openai (Chat Completions and Responses) "
+                              "or anthropic (Messages); each model route goes to an upstream speaking its protocol")
+    responses_state: Literal["gateway", "provider"] = Field(
+        "gateway", description="who holds Responses conversation state: gateway (previous_response_id chains "
+                               "are sessions in the gateway's encrypted store; store: false upstream) or "
+                               "provider (previous_response_id and store go upstream untouched)")
 
     @field_validator("forward_routes")
     @classmethod

@@ -60,6 +60,8 @@ class Upstream:
     timeout: aiohttp.ClientTimeout
     forward_routes: tuple[str, ...] = ("models", "embeddings", "moderations")
     max_reply_bytes: int = 8 * 1024 * 1024
+    protocol: str = "openai"  # the wire protocol it speaks: openai (Chat, Responses) or anthropic
+    responses_state: str = "gateway"  # who holds Responses chains: the gateway or the provider
 
     def allows(self, segments: tuple[str, ...]) -> bool:
         """Whether the forwarded route ``/v1/<segments>`` is in ``forward_routes``.
@@ -232,12 +234,14 @@ class Upstreams:
                                               sock_connect=s.connect_timeout, sock_read=s.read_timeout),
                 forward_routes=tuple(s.forward_routes),
                 max_reply_bytes=s.max_reply_bytes,
+                protocol=s.protocol,
+                responses_state=s.responses_state,
             )
             for s in settings
         ]
         self._accept = {s.name: s.accept_encoding for s in settings}
         self._limit = max((s.max_connections for s in settings), default=100)
-        self._routes: dict[str | None, Upstream] = {}
+        self._routes: dict[tuple[str | None, str | None], Upstream] = {}
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -254,22 +258,26 @@ class Upstreams:
         if self._session is not None:
             await self._session.close()
 
-    def route(self, model: str | None) -> Upstream:
-        """The first upstream whose model globs match *model* (cached per model name)."""
-        hit = self._routes.get(model)
+    def route(self, model: str | None, protocol: str | None = None) -> Upstream:
+        """The first upstream whose model globs match *model* and, when *protocol* is given, that
+        speaks it (``openai`` for Chat and Responses, ``anthropic`` for Messages); cached."""
+        hit = self._routes.get((model, protocol))
         if hit is not None:
             return hit
         for up in self._list:
+            if protocol is not None and up.protocol != protocol:
+                continue
             if model is None or any(fnmatch.fnmatchcase(model, p) for p in up.models):
                 if len(self._routes) < 4096:
-                    self._routes[model] = up
+                    self._routes[(model, protocol)] = up
                 return up
-        raise BadRequest(f"no upstream serves model '{model}'; configured upstreams: {', '.join(self.names)}",
-                         code="model_not_found")
+        speaking = f" speaking the {protocol} protocol" if protocol and protocol != "openai" else ""
+        raise BadRequest(f"no upstream{speaking} serves model '{model}'; configured upstreams: "
+                         f"{', '.join(self.names)}", code="model_not_found")
 
     async def complete(self, model: str | None, messages: list[dict[str, Any]], timeout: float) -> str:
         """A side request (no session, never recorded): the text of a non-streaming completion."""
-        up = self.route(model)
+        up = self.route(model, "openai")
         body: dict[str, Any] = {"messages": messages, "stream": False}
         if model is not None:
             body["model"] = model

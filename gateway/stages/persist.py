@@ -36,6 +36,7 @@ def audit_fields(ctx: Context) -> dict[str, object]:
         "policy_id": policy.id if policy else None,
         "policy_hash": policy.version_hash if policy else None,
         "route": ctx.request.path,
+        "protocol": ctx.codec.name,
         "model": ctx.model,
         "outcome": ctx.outcome,
         "ended_by": ctx.ended_by or None,

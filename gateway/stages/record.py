@@ -31,12 +31,15 @@ log = structlog.get_logger("gateway.record")
 
 
 def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
-                   reply_body: dict | None) -> tuple[str | None, str | None]:
+                   reply_body: dict | None, messages: list[dict] | None = None) -> tuple[str | None, str | None]:
     """The recorded user and assistant texts of one round (pure; may raise on any input). Under
     ``reply_keys: null`` a structured reply is recorded as YAML only when the request asked for
-    structured output, as Agently does."""
-    view = build_request_view(body)
-    user = render_user(policy.input_paths, body["messages"], view)
+    structured output, as Agently does. *messages* is the request in the neutral form (a chat
+    request's own ``messages`` when not given); JSONPath keys run on *body* as sent."""
+    if messages is None:
+        messages = body["messages"]
+    view = build_request_view(body, messages)
+    user = render_user(policy.input_paths, messages, view)
     reply = None
     if reply_message is not None:
         reply = render_reply(policy.reply_paths, build_reply_view(reply_message, reply_body),
@@ -48,7 +51,7 @@ async def record(ctx: Context) -> None:
     policy = ctx.policy
     if policy is None or ctx.session_id is None or policy.records_nothing:
         return
-    args = (policy, ctx.body, ctx.reply_message, ctx.reply_body)
+    args = (policy, ctx.body, ctx.reply_message, ctx.reply_body, ctx.messages)
     try:
         if len(ctx.raw) + ctx.bytes_out + len(ctx.tail) > THREAD_ABOVE_BYTES:
             ctx.user_text, ctx.reply_text = await asyncio.to_thread(recorded_texts, *args)

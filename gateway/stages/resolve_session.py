@@ -1,4 +1,6 @@
-"""Stage: resolve_session. Reads ``X-Session-Id``; sets ``session_id`` (None without one).
+"""Stage: resolve_session. Reads ``X-Session-Id``; sets ``session_id`` (None without one) and
+``reply_id``. Without the header, the codec may name a session the request implies (a Responses
+``previous_response_id`` chain, ``gateway.codecs.responses``), and the response id to show.
 
 The id is scoped by the tenant set in ``authenticate``: the same id under two tenants is two
 sessions, so no client can reach another tenant's session whatever id it sends.
@@ -25,4 +27,7 @@ def check_session_id(value: str) -> str:
 
 async def resolve_session(ctx: Context) -> None:
     value = ctx.request.headers.get("X-Session-Id")
-    ctx.session_id = check_session_id(value) if value is not None else None
+    if value is not None:
+        ctx.session_id = check_session_id(value)
+        return
+    ctx.session_id, ctx.reply_id = ctx.codec.implied_session(ctx)
