@@ -169,7 +169,16 @@ class ProtocolUpstream:
         app = web.Application()
         app.router.add_post("/v1/responses", self.responses)
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/chat/completions", self.chat)
         return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(("/v1/chat/completions", dict(request.headers), body))
+        text = f"chat says: {_text_of(body['messages'][-1].get('content'))}"
+        return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                                  "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": text}}]})
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
