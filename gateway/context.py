@@ -86,6 +86,7 @@ class Context:
     # record
     user_text: str | None = None
     reply_text: str | None = None
+    recorded: list[dict[str, Any]] | None = None  # structured messages, when the round has tool calls or media
     record_error: str = ""  # the type name of the exception that made recording fail
     # persist
     persist_attempted: bool = False

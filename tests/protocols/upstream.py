@@ -39,7 +39,7 @@ def _text_of(content: Any) -> str:
 def responses_plan(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
     items = body.get("input")
     if isinstance(items, str):
-        return f"responses says: {items}", None
+        items = [{"role": "user", "content": items}]
     last = items[-1] if items else {}
     if last.get("type") == "function_call_output":
         return f"tool said: {last.get('output')}", None
