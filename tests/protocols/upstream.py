@@ -2,7 +2,8 @@
 JSON and SSE, with the event sequences the real APIs send (checked against the ``openai`` and
 ``anthropic`` SDKs' event types).
 
-``requests`` holds ``(path, headers, body)`` of every request. The reply is
+``requests`` holds ``(path, headers, body)`` of every request. Model ``cut`` breaks a stream
+off after four events; model ``broken`` answers a Responses request with 500. The reply is
 ``"<protocol> says: <last user text>"``; when the request offers tools and its last input is not
 a tool result, the reply is a call of the first tool with ``{"city": "Paris"}``; after a tool
 result the reply is ``"tool said: <result>"``.
@@ -10,6 +11,7 @@ result the reply is ``"tool said: <result>"``.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,7 +192,7 @@ class ProtocolUpstream:
         rid = f"{next(_ids):04d}"
         if not body.get("stream"):
             return web.json_response(response_object(body, text, call, rid))
-        return await self._stream(request, responses_events(body, text, call, rid))
+        return await self._stream(request, responses_events(body, text, call, rid), cut=body.get("model") == "cut")
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -199,11 +201,19 @@ class ProtocolUpstream:
         rid = f"{next(_ids):04d}"
         if not body.get("stream"):
             return web.json_response(message_object(body, text, call, rid))
-        return await self._stream(request, messages_events(body, text, call, rid))
+        return await self._stream(request, messages_events(body, text, call, rid), cut=body.get("model") == "cut")
 
-    async def _stream(self, request: web.Request, events: list[bytes]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, events: list[bytes], cut: bool = False) -> web.StreamResponse:
+        """The events in writes of 97 bytes; with *cut*, the first four events, then the connection
+        is closed (an upstream that breaks off mid-stream)."""
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await out.prepare(request)
+        if cut:
+            await out.write(b"".join(events[:4]))
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return out
         blob = b"".join(events)
         for i in range(0, len(blob), 97):  # writes that do not follow event boundaries
             await out.write(blob[i:i + 97])
