@@ -88,7 +88,10 @@ def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, sessio
         recorded_user = render_user(chosen.input_paths, messages, view)
         message = None
         if reply is not None:
-            message, body = reply_message(reply) if protocol == "chat" else (codec.parse_reply(reply), reply)
+            # a Responses ``response`` object or an Anthropic ``message``; anything else as for chat
+            native = protocol != "chat" and isinstance(reply, dict) and (
+                "output" in reply or reply.get("type") == "message")
+            message, body = (codec.parse_reply(reply), reply) if native else reply_message(reply)
             recorded_reply = render_reply(chosen.reply_paths, build_reply_view(message, body),
                                           structured=chosen.reply_paths is None and view.wants_structured)
         structured = structured_round(chosen, messages, message, recorded_reply)
