@@ -152,6 +152,15 @@ def to_anthropic(messages: list[Message]) -> list[Message]:
     return out
 
 
+def _with_memo(content: Any, memo: Any) -> Any:
+    """``with_memo`` for Anthropic content: a message of only ``tool_result`` blocks (which must
+    come first) gets the memo as a text block after them."""
+    if isinstance(content, list) and content and not any(
+            isinstance(b, dict) and b.get("type") == "text" for b in content):
+        return [*content, {"type": "text", "text": memo_section(memo)}]
+    return with_memo(content, memo)
+
+
 class MessagesAssembler:
     """Builds the assistant message of a Messages stream from its events."""
 
@@ -303,7 +312,7 @@ class MessagesCodec:
         elif add_memo:
             for i in range(len(rest) - 1, -1, -1):
                 if rest[i].get("role") == "user":
-                    rest[i] = {**rest[i], "content": with_memo(rest[i].get("content"), state.memo)}
+                    rest[i] = {**rest[i], "content": _with_memo(rest[i].get("content"), state.memo)}
                     break
         body["messages"] = to_anthropic(window) + rest
         return orjson.dumps(body)

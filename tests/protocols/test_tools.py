@@ -104,3 +104,47 @@ def test_policy_drops_tool_calls_and_results(make_gateway: Any, upstream: Upstre
     client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_1", "content": "x"}])
     assert _export(gw, "drop-tools") == [{"role": "user", "content": "weather?"},
                                          {"role": "assistant", "content": "done"}]
+
+
+def test_export_keeps_tool_structure_under_redaction(gateway: Gateway, upstream: Upstream, tmp_path: Path) -> None:
+    """An export shows the tool call (id, name) and the result's tool_call_id; detectors apply to
+    the arguments as to any text (the default policy hashes e-mail addresses)."""
+    import io
+    import tarfile
+
+    import httpx
+    import orjson
+
+    from tests.conftest import AUDITOR_TOKEN
+    call = {"id": "call_9", "type": "function",
+            "function": {"name": "send_mail", "arguments": '{"to": "bob@example.com"}'}}
+    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [call]}
+                                   if body["messages"][-1]["role"] == "user" else "sent")
+    client = gateway.openai(session="export-tools")
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "mail bob"}])
+    client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_9", "content": "ok"}])
+    r = httpx.get(f"{gateway.url}/admin/export?tenant=acme&format=jsonl",
+                  headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    records = [orjson.loads(line) for line in (tmp_path / "acme-export.jsonl").read_bytes().splitlines()]
+    first, second = records[0]["messages"], records[1]["messages"]
+    exported_call = first[1]["tool_calls"][0]
+    assert (exported_call["id"], exported_call["function"]["name"]) == ("call_9", "send_mail")
+    assert "bob@example.com" not in exported_call["function"]["arguments"]
+    assert "pseud:" in exported_call["function"]["arguments"]
+    assert second[0] == {"role": "tool", "content": "ok", "tool_call_id": "call_9"}
+
+
+def test_messages_memo_goes_after_tool_results(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """With a memo, a user message of only tool_result blocks keeps them first (Anthropic's rule)."""
+    import httpx
+
+    from tests.conftest import ACME_KEY
+    assert httpx.put(f"{pgw.base_url}/sessions/memo-tools/memo", json={"memo": "likes tea"},
+                     headers={"Authorization": f"Bearer {ACME_KEY}"}).status_code == 200
+    anthropic_client(pgw, session="memo-tools").messages.create(model="c", max_tokens=9, messages=[
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}])
+    content = proto.bodies("/v1/messages")[-1]["messages"][-1]["content"]
+    assert content[0]["type"] == "tool_result"
+    assert content[1]["type"] == "text" and "likes tea" in content[1]["text"]
