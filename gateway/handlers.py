@@ -169,27 +169,31 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
 # --- Responses held by the gateway ----------------------------------------------------------
 
-def _response_target(request: web.Request) -> tuple[Services, str, str, str]:
+def _response_target(request: web.Request) -> tuple[Services, str, str, str] | None:
     """The caller's tenant and the chain session and round a gateway-minted response id names;
-    ``NotFound`` for any other id (the provider's ids are not the gateway's to answer for)."""
+    None for any other id (a provider's: forwarded like any ``/v1/*`` route, under the upstream's
+    ``forward_routes``)."""
     services = request.app[SERVICES]
     tenant = services.auth.client(auth_header(request.headers)).tenant or ""
-    rid = request.match_info["response_id"]
-    chain = chain_of(rid)
+    chain = chain_of(request.match_info["response_id"])
     if chain is None:
-        raise NotFound(f"no response '{rid[:64]}' for this tenant", code="response_not_found")
+        return None
     return services, tenant, chain[0], chain[1]
 
 
-async def get_response(request: web.Request) -> web.Response:
+async def get_response(request: web.Request) -> web.StreamResponse:
     """``GET /v1/responses/{id}``: a response of a gateway-held chain, as recorded (the policy's
-    whitelist applies: what was not recorded is not there)."""
-    services, tenant, sid, round_id = _response_target(request)
+    whitelist applies: what was not recorded is not there); 404 when this tenant has none."""
+    target = _response_target(request)
+    if target is None:
+        return await proxy(request)
+    services, tenant, sid, round_id = target
     rid = request.match_info["response_id"]
     async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
         if row.request_id != round_id:
             continue
-        text = "".join(str(m.get("content") or "") for m in messages if m.get("role") == "assistant")
+        text = "".join(str(m.get("content") or "") for m in messages
+                       if m.get("role") == "assistant" and isinstance(m.get("content"), str))
         output = [{"type": "message", "id": f"msg_{row.request_id}", "status": "completed", "role": "assistant",
                    "content": [{"type": "output_text", "text": text, "annotations": []}]}] if text else []
         return json_response({"id": rid, "object": "response", "created_at": int(row.created_at),
@@ -198,10 +202,13 @@ async def get_response(request: web.Request) -> web.Response:
     raise NotFound(f"no response '{rid[:64]}' for this tenant", code="response_not_found")
 
 
-async def delete_response(request: web.Request) -> web.Response:
+async def delete_response(request: web.Request) -> web.StreamResponse:
     """``DELETE /v1/responses/{id}``: erases the chain the response belongs to (its session): the
     gateway keeps a chain as one session, so one response cannot outlive the others."""
-    services, tenant, sid, _ = _response_target(request)
+    target = _response_target(request)
+    if target is None:
+        return await proxy(request)
+    services, tenant, sid, _ = target
     if await services.sessions.load(tenant, sid) is None:
         raise NotFound(f"no response '{request.match_info['response_id'][:64]}' for this tenant",
                        code="response_not_found")

@@ -106,3 +106,11 @@ def test_bad_input_gets_openai_error_shape(pgw: Gateway) -> None:
     assert r.status_code == 400
     assert r.json() == {"error": {"message": "'input' is required: a string or a list of input items",
                                   "type": "invalid_request_error", "code": "missing_input"}}
+
+
+def test_a_provider_response_id_is_a_forwarded_route(pgw: Gateway) -> None:
+    """GET of an id the gateway did not mint goes the forwarded-route way: refused (403) unless the
+    upstream's forward_routes allow ``responses``."""
+    r = httpx.get(f"{pgw.base_url}/responses/resp_provider123", headers={"Authorization": f"Bearer {ACME_KEY}"})
+    assert r.status_code == 403
+    assert "forward_routes" in r.json()["error"]["message"]
