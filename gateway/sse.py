@@ -69,7 +69,7 @@ class EventSplitter:
                 continue
             if event.startswith(DONE):
                 self.done = True
-                self.held += DONE + b"\n\n"
+                self.held = DONE + b"\n\n"
                 out = out.replace(DONE + b"\n\n", b"")
                 continue
             if self._final is not None and self._final(event):

@@ -15,9 +15,10 @@ few things that differ. A codec is a stateless object with:
 ``forward_body``    the body sent upstream with the window and memo injected in its own form
                     (None: the client's bytes go unchanged)
 ``parse_reply``     the assistant message (neutral form) of a JSON reply body
-``assembler``       a fresh stream assembler (``feed`` events, ``message()``, ``response()``,
-                    ``finished``, ``completed``) and ``is_final(event)``: the event held back
-                    until the round is committed
+``assembler``       a fresh stream assembler (``add_events``, ``message()``, ``response()``,
+                    ``finished``: the reply says it is over; ``completed``: a stream that ended
+                    (its final event or ``finished``) ended as a completed reply) and
+                    ``is_final(event)``: the final event, held back until the round is committed
 ``reply_prefix``    the reply text in the first bytes of an oversized JSON reply (or None)
 ``error_body``      an OpenAI-shaped error body in this protocol's shape
 ``stream_error``    the SSE event that ends a stream with an error in this protocol's shape

@@ -30,7 +30,7 @@ class ChatAssembler(ReplyAssembler):
 
     @property
     def completed(self) -> bool:
-        return self.finish_reason is not None
+        return True  # a chat stream that ended (``[DONE]`` or a finish reason) is a completed reply
 
 
 class ChatCodec:

@@ -45,8 +45,6 @@ from gateway.sse import EventSplitter
 from gateway.tracing import finish_reply
 from gateway.upstream import UpstreamReply
 
-DONE_TAIL = b"data: [DONE]\n\n"
-
 
 async def forward(ctx: Context) -> None:
     tracing = ctx.services.tracing
@@ -174,7 +172,7 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     out.headers["Content-Type"] = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
     codec = ctx.codec
-    splitter = EventSplitter(max_event=cap, is_final=None if codec.name == "chat" else codec.is_final)
+    splitter = EventSplitter(max_event=cap, is_final=codec.is_final)
     assembler = codec.assembler(cap)
     swap: tuple[bytes, bytes] | None = None
     ctx.response = out
@@ -201,10 +199,10 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
                 ctx.bytes_out += len(data)
         ctx.reply_truncated = assembler.truncated or splitter.oversized
         ended = splitter.done or assembler.finished
-        if ended and (codec.name == "chat" or assembler.completed) and not ctx.reply_truncated:
+        if ended and assembler.completed and not ctx.reply_truncated:
             ctx.outcome = "completed"
         if ended:
-            held = DONE_TAIL if codec.name == "chat" else splitter.held
+            held = splitter.held
             ctx.tail = (held.replace(*swap) if swap is not None else held) if splitter.done else b""
         else:
             ctx.ended_by = "upstream"
