@@ -47,7 +47,8 @@ TRACING = web.AppKey("tracing", Tracing)
 @web.middleware
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Every refusal in OpenAI's error shape; nothing else ever reaches a client."""
+    """Every refusal in the error shape of the route's protocol (OpenAI's; Anthropic's on
+    ``/v1/messages``, ``codecs.render_error``); nothing else ever reaches a client."""
     try:
         return await handler(request)
     except GatewayError as exc:

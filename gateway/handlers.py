@@ -2,9 +2,9 @@
 
 Handlers hold no policy, crypto or storage logic; they authenticate, validate path parameters
 and shape responses. Errors are raised, never rendered here: ``app.error_middleware`` renders
-every ``GatewayError`` in OpenAI's shape. One exception: once a chat stream has begun no second
-response can be sent, so an error then ends the stream with an SSE event carrying that shape
-(and no ``[DONE]``); a JSON body already being relayed (a reply over the recorded-reply cap) is
+every ``GatewayError`` in the route protocol's shape. One exception: once a stream has begun no
+second response can be sent, so an error then ends the stream with the codec's SSE error event
+(and no final event); a JSON body already being relayed (a reply over the recorded-reply cap) is
 ended by closing the connection instead. Forwarded ``/v1/*`` routes live in ``gateway.proxy``.
 """
 
