@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import REPO, Gateway, Upstream
 from tests.protocols.conftest import anthropic_client
 from tests.protocols.upstream import ProtocolUpstream
@@ -148,3 +150,25 @@ def test_messages_memo_goes_after_tool_results(pgw: Gateway, proto: ProtocolUpst
     content = proto.bodies("/v1/messages")[-1]["messages"][-1]["content"]
     assert content[0]["type"] == "tool_result"
     assert content[1]["type"] == "text" and "likes tea" in content[1]["text"]
+
+
+@pytest.mark.parametrize("protocol", ["responses", "messages"])
+def test_key_paths_address_tool_calls_in_every_protocol(make_pgw: Any, tmp_path: Path, protocol: str) -> None:
+    """reply_keys ``tool_calls[*].function.name`` and ``...arguments.city`` find a Responses
+    function_call item and an Anthropic tool_use block alike."""
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    text = (REPO / "policies/default.yaml").read_text().replace(
+        "reply_keys: null", 'reply_keys: ["tool_calls[*].function.name", "tool_calls[0].function.arguments.city"]')
+    (folder / "default.yaml").write_text(text)
+    gw = make_pgw(policies=folder)
+    if protocol == "responses":
+        gw.openai(session="k").responses.create(model="m", input="weather?", tools=[
+            {"type": "function", "name": "get_weather", "parameters": TOOL["function"]["parameters"]}])
+    else:
+        anthropic_client(gw, session="k").messages.create(model="c", max_tokens=9, tools=[
+            {"name": "get_weather", "input_schema": TOOL["function"]["parameters"]}],
+            messages=[{"role": "user", "content": "weather?"}])
+    full = _export(gw, "k")
+    assert full[1] == {"role": "assistant", "content": "[tool_calls[*].function.name]:\n- get_weather\n"
+                                                       "[tool_calls[0].function.arguments.city]:\nParis"}
