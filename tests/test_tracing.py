@@ -18,7 +18,7 @@ from gateway.app import build_app
 from gateway.settings import load_settings
 from gateway.standin import make_app
 from gateway.tracing import Tracing, wanted
-from tests.conftest import REPO, _Server, write_config
+from tests.conftest import REPO, _Server, wait_for, write_config
 
 CANARY = "tr4ce-canary-6d1f"
 KEY = "sg-demo-acme"
@@ -76,6 +76,8 @@ def test_chat_request_spans(traced: tuple[str, InMemorySpanExporter, list[dict[s
         assert chunks
     else:
         client.chat.completions.create(model="standin", messages=messages)
+    # the server span ends once the handler returns, just after the client read the last byte
+    wait_for(lambda: any(s.name == "POST /v1/chat/completions" for s in exporter.get_finished_spans()))
     spans = exporter.get_finished_spans()
     by_name = {s.name: s for s in spans}
     server = by_name["POST /v1/chat/completions"]
