@@ -138,7 +138,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     if not upstream_settings:
         from gateway.standin import run_standin
         standin, port = await run_standin("127.0.0.1", 0)
-        upstream_settings = [UpstreamSettings(name="stand-in", base_url=f"http://127.0.0.1:{port}/v1")]
+        upstream_settings = [UpstreamSettings(name="stand-in", base_url=f"http://127.0.0.1:{port}/v1"),
+                             UpstreamSettings(name="stand-in-anthropic", base_url=f"http://127.0.0.1:{port}/v1",
+                                              protocol="anthropic")]  # the same stand-in, for /v1/messages
         log.warning("standin_model", note="NO UPSTREAM CONFIGURED: replies come from the built-in stand-in "
                     "model (deterministic, offline). Add an entry under 'upstreams' to reach a real model.")
     metrics = Metrics(_version())

@@ -3,6 +3,8 @@ turns, JSON and stream, client keys in ``x-api-key``, and Anthropic's error shap
 
 from __future__ import annotations
 
+from typing import Any
+
 import anthropic
 import httpx
 import pytest
@@ -70,3 +72,12 @@ def test_bad_input_gets_anthropic_error_shape(pgw: Gateway) -> None:
         anthropic_client(pgw, key="sg-wrong").messages.create(
             model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert err.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+
+
+def test_built_in_stand_in_is_routed_for_messages(make_gateway: Any) -> None:
+    """With no upstream configured, /v1/messages is routed to the built-in stand-in (listed once per
+    protocol), not refused as a model no upstream serves."""
+    gw = make_gateway(use_upstream=False)
+    r = httpx.post(f"{gw.url}/v1/messages", headers={"x-api-key": ACME_KEY}, timeout=10,
+                   json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+    assert not (r.status_code == 400 and "no upstream" in r.text)
