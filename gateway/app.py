@@ -20,6 +20,7 @@ from gateway import console, handlers
 from gateway.auditor import AuditTrail
 from gateway.auth import Authenticator
 from gateway.background import Background, Health
+from gateway.codecs import render_error
 from gateway.context import Services
 from gateway.errors import ConfigError, GatewayError, IntegrityError
 from gateway.handlers import INTERNAL_ERROR, SERVICES, json_response
@@ -46,14 +47,15 @@ TRACING = web.AppKey("tracing", Tracing)
 @web.middleware
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Every refusal in OpenAI's error shape; nothing else ever reaches a client."""
+    """Every refusal in the error shape of the route's protocol (OpenAI's; Anthropic's on
+    ``/v1/messages``, ``codecs.render_error``); nothing else ever reaches a client."""
     try:
         return await handler(request)
     except GatewayError as exc:
         if isinstance(exc, IntegrityError):
             log.error("integrity_error", path=request.path, detail=exc.detail)
             request.app[SERVICES].metrics.integrity_failures.inc()
-        resp = json_response(exc.to_body(), status=exc.status)
+        resp = json_response(render_error(request.path, exc.to_body(), exc.status), status=exc.status)
         if exc.retry_after is not None:
             resp.headers["Retry-After"] = str(exc.retry_after)
         return resp
@@ -224,6 +226,10 @@ def build_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Appl
     app.cleanup_ctx.append(_services)
     r = app.router
     r.add_post("/v1/chat/completions", handlers.chat_completions)
+    r.add_post("/v1/responses", handlers.responses_create)
+    r.add_get("/v1/responses/{response_id}", handlers.get_response)
+    r.add_delete("/v1/responses/{response_id}", handlers.delete_response)
+    r.add_post("/v1/messages", handlers.messages_create)
     r.add_get("/v1/sessions", handlers.list_sessions)
     r.add_get("/v1/sessions/{session_id}", handlers.export_session)
     r.add_put("/v1/sessions/{session_id}", handlers.import_session)

@@ -18,6 +18,7 @@ refused so that no value can slip in under a new name):
 ``session_id``         the session the event concerns (None for tenant-wide events)
 ``policy_id``          the policy that applied, and ``policy_hash`` its version hash
 ``route``              the client route, e.g. ``/v1/chat/completions``
+``protocol``           the wire protocol of a round: ``chat``, ``responses`` or ``messages``
 ``model``              the requested model name
 ``outcome``            ``completed``, ``incomplete``, ``upstream_error`` or ``refused``
 ``input_keys``         the *names* of the recorded request keys (never values);
@@ -95,7 +96,7 @@ ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",
     "ended_by", "upstream_status", "recorded", "round_seq", "messages", "state", "truncated",
-    "record_failed",
+    "record_failed", "protocol",
 })
 _RESERVED = frozenset({"tenant", "seq", "time", "prev_hash"})
 

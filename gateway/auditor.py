@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, Signer, VerifyReport, averify_chain
 from gateway.errors import ConfigError
 from gateway.evidence import verify_data
@@ -116,6 +118,8 @@ class AuditTrail:
         store = sessions.store
         redactor_for = await self.redactors(store, policies, tenant)
 
+        protocols = await round_protocols(store, tenant)
+
         async def records() -> AsyncIterator[ExportRecord]:
             checked: str | None = None
             async for row, messages in sessions.decrypted_rounds(tenant, session_id, since=since, until=until):
@@ -124,7 +128,8 @@ class AuditTrail:
                     checked = row.session_id
                 yield ExportRecord(row.tenant, row.session_id, row.seq, row.created_at, row.request_id,
                                    row.policy_id, row.policy_hash, row.outcome, messages,
-                                   hashlib.sha256(row.ct).hexdigest())
+                                   hashlib.sha256(row.ct).hexdigest(),
+                                   protocols.get((row.session_id, row.seq), "chat") if row.kind == "round" else None)
 
         async def append_audit(fields: dict[str, Any]) -> AuditRow:
             changes = await store.transact(tenant, None, lambda cur: Changes(audit=[fields]))
@@ -160,3 +165,13 @@ def policy_redactor(policy: Policy, secret: bytes) -> Redactor:
     keys = [*(policy.session.input_keys or []), *(policy.session.reply_keys or [])]
     return Redactor(policy.export.redact, secret, policy.export.detectors, keys=keys or None)
 
+
+async def round_protocols(store: Store, tenant: str) -> dict[tuple[str, int], str]:
+    """``(session id, round seq) -> protocol`` from the tenant's round audit entries (names only).
+    A round whose entry names none was recorded before there were several (Chat Completions)."""
+    out: dict[tuple[str, int], str] = {}
+    async for row in store.iter_audit(tenant):
+        doc = orjson.loads(row.body)
+        if doc.get("event") == "round" and isinstance(doc.get("round_seq"), int) and doc.get("protocol"):
+            out[(str(doc.get("session_id")), doc["round_seq"])] = str(doc["protocol"])
+    return out

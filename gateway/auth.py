@@ -7,6 +7,7 @@ key that reached the gateway is never logged, forwarded or echoed in an error.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.errors import Forbidden, Unauthorized
@@ -74,3 +75,12 @@ class Authenticator:
         if p.role != "auditor":
             raise Forbidden("this route is for auditors; client keys cannot reach /admin")
         return p
+
+
+def auth_header(headers: Mapping[str, str]) -> str | None:
+    """The credentials of a model route: ``Authorization``, else Anthropic's ``x-api-key`` (a gateway
+    client key, as ``Bearer <key>``). Neither header ever travels upstream (``gateway.upstream``)."""
+    value = headers.get("Authorization")
+    if value is None and (key := headers.get("x-api-key")) is not None:
+        return f"Bearer {key}"
+    return value

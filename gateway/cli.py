@@ -325,8 +325,9 @@ def _load_json_file(path: str) -> Any:
 def cmd_policy_explain(args: argparse.Namespace) -> int:
     import yaml
 
+    from gateway.codecs import by_name
     from gateway.policy import load_policy_set
-    from gateway.policy.explain import explain
+    from gateway.policy.explain import detect_protocol, explain
     from gateway.stages.parse_request import check_chat
     from gateway.stages.resolve_session import check_session_id
 
@@ -335,8 +336,12 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
                                hook_modules=settings.policies.hook_modules)
     request = _load_json_file(args.request)
     if not isinstance(request, dict):
-        raise ConfigError("must hold a chat completion request object", file=args.request)
-    check_chat(request)
+        raise ConfigError("must hold a request object (Chat Completions, Responses or Messages)", file=args.request)
+    protocol = getattr(args, "protocol", None) or detect_protocol(request)
+    if protocol == "chat":
+        check_chat(request)
+    else:
+        by_name(protocol).check(request)
     reply = _load_json_file(args.reply) if args.reply else None
     sid = check_session_id(args.session) if args.session else None
     state = None
@@ -344,8 +349,9 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         loaded = _run(_with_sessions(settings, lambda svc: svc.load(args.tenant, sid)))
         state = loaded.state if loaded else None
     try:
-        report = explain(policies, request, tenant=args.tenant, session_id=sid, reply=reply, state=state)
-    except ValueError as exc:
+        report = explain(policies, request, tenant=args.tenant, session_id=sid, reply=reply, state=state,
+                         protocol=protocol)
+    except (ValueError, GatewayError) as exc:
         raise ConfigError(str(exc), file=args.reply) from None
     class _Dumper(yaml.SafeDumper):
         pass
@@ -694,12 +700,16 @@ def build_parser() -> argparse.ArgumentParser:
     pc.set_defaults(fn=cmd_policy_check)
     pe = pol.add_parser("explain", help="which policy a request gets, and what it would record and inject")
     pe.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
-    pe.add_argument("--request", required=True, help="chat completion request JSON file")
-    pe.add_argument("--reply", help="reply JSON file: a chat.completion, an assistant message or a string")
+    pe.add_argument("--request", required=True, help="request JSON file: Chat Completions, Responses or Messages")
+    pe.add_argument("--reply", help="reply JSON file: a chat.completion, an assistant message or a string (chat); "
+                                    "a response or message object (responses, messages)")
     pe.add_argument("--tenant", default="default", help="the tenant the request comes from (default: default)")
     pe.add_argument("--session", help="session id (without one nothing is recorded or injected)")
     pe.add_argument("--policies", help="policy folder (default: the configured one)")
     pe.add_argument("--load-state", action="store_true", help="read the session's real state from the store")
+    pe.add_argument("--protocol", choices=("chat", "responses", "messages"),
+                    help="the request's wire protocol (default: detected: 'input' means responses, a top-level "
+                         "'system' or 'max_tokens' with 'messages' means messages, else chat)")
     pe.set_defaults(fn=cmd_policy_explain)
 
     pt = pol.add_parser("test", help="run policy test cases; exit 1 on a failed case, 2 on an invalid file")

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.background import Background
+from gateway.codecs.chat import CHAT
 
 if TYPE_CHECKING:
     from gateway.auditor import AuditTrail
     from gateway.auth import Authenticator
+    from gateway.codecs import Codec
     from gateway.metrics import Metrics
     from gateway.policy import Policy, PolicyWatcher
     from gateway.sessions import LoadedSession, SessionService
@@ -47,6 +49,7 @@ class Context:
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     route: str = "chat"
+    codec: Codec = CHAT  # the handler's: what differs per wire protocol (gateway.codecs)
 
     # authenticate
     tenant: str = ""
@@ -56,8 +59,10 @@ class Context:
     body: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     stream: bool = False
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the request in the neutral form
     # resolve_session
     session_id: str | None = None
+    reply_id: str = ""  # the response id the client is shown instead of the upstream's ("" none)
     # match_policy
     policy: Policy | None = None
     # load_state
@@ -81,6 +86,7 @@ class Context:
     # record
     user_text: str | None = None
     reply_text: str | None = None
+    recorded: list[dict[str, Any]] | None = None  # structured messages, when the round has tool calls or media
     record_error: str = ""  # the type name of the exception that made recording fail
     # persist
     persist_attempted: bool = False

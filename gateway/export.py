@@ -111,6 +111,7 @@ class ExportRecord:
     outcome: str
     messages: list[dict[str, Any]]
     ciphertext_sha256: str
+    protocol: str | None = None  # the wire protocol of the round (chat, responses, messages); None for imports
 
 
 def bundle_paths(out: Path | str) -> tuple[Path, Path, Path]:
@@ -214,7 +215,8 @@ def _record_doc(record: ExportRecord, messages: list[dict[str, Any]]) -> dict[st
     return {"tenant": record.tenant, "session_id": record.session_id, "seq": record.seq,
             "created_at": _iso(record.created_at), "request_id": record.request_id,
             "policy_id": record.policy_id, "policy_hash": record.policy_hash, "outcome": record.outcome,
-            "ciphertext_sha256": record.ciphertext_sha256, "messages": messages}
+            "ciphertext_sha256": record.ciphertext_sha256, "messages": messages,
+            **({"protocol": record.protocol} if record.protocol is not None else {})}
 
 
 def _iso(ts: float) -> str:

@@ -2,9 +2,9 @@
 
 Handlers hold no policy, crypto or storage logic; they authenticate, validate path parameters
 and shape responses. Errors are raised, never rendered here: ``app.error_middleware`` renders
-every ``GatewayError`` in OpenAI's shape. One exception: once a chat stream has begun no second
-response can be sent, so an error then ends the stream with an SSE event carrying that shape
-(and no ``[DONE]``); a JSON body already being relayed (a reply over the recorded-reply cap) is
+every ``GatewayError`` in the route protocol's shape. One exception: once a stream has begun no
+second response can be sent, so an error then ends the stream with the codec's SSE error event
+(and no final event); a JSON body already being relayed (a reply over the recorded-reply cap) is
 ended by closing the connection instead. Forwarded ``/v1/*`` routes live in ``gateway.proxy``.
 """
 
@@ -28,7 +28,11 @@ import structlog
 from aiohttp import web
 
 from gateway import pipeline
-from gateway.auth import Principal
+from gateway.auth import Principal, auth_header
+from gateway.codecs import Codec
+from gateway.codecs.chat import CHAT
+from gateway.codecs.messages import MESSAGES
+from gateway.codecs.responses import RESPONSES, chain_of
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError, NotFound
 from gateway.export import FORMATS, bundle_paths
@@ -71,16 +75,30 @@ def json_response(data: object, status: int = 200) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _model_route(request, CHAT)
+
+
+async def responses_create(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``: the same pipeline with the Responses codec."""
+    return await _model_route(request, RESPONSES)
+
+
+async def messages_create(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/messages``: the same pipeline with the Messages (Anthropic) codec."""
+    return await _model_route(request, MESSAGES)
+
+
+async def _model_route(request: web.Request, codec: Codec) -> web.StreamResponse:
     tracing = request.app[SERVICES].tracing
     if tracing is None:
-        return await _chat(request, None)
-    with tracing.request(request.method, "/v1/chat/completions") as span:
-        return await _chat(request, span)
+        return await _chat(request, None, codec)
+    with tracing.request(request.method, request.path) as span:
+        return await _chat(request, span, codec)
 
 
-async def _chat(request: web.Request, span: Any) -> web.StreamResponse:
+async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.StreamResponse:
     services = request.app[SERVICES]
-    ctx = Context(request, services, new_request_id())
+    ctx = Context(request, services, new_request_id(), codec=codec)
     status = 500
     try:
         await pipeline.run(ctx)
@@ -136,7 +154,7 @@ async def _end_stream(ctx: Context, error: dict[str, dict[str, str]]) -> web.Str
         end_connection(ctx.request, out)
         return out
     try:
-        await out.write(b"data: " + orjson.dumps(error) + b"\n\n")
+        await out.write(ctx.codec.stream_error(error))
         await out.write_eof()
     except (ConnectionResetError, OSError):
         pass  # the client is gone; nothing more can reach it
@@ -147,6 +165,56 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     """Any other ``/v1/*`` route: validated, allowed per upstream, forwarded and audited
     (``gateway.proxy`` holds the contract)."""
     return await forward_route(request, request.app[SERVICES], new_request_id())
+
+
+# --- Responses held by the gateway ----------------------------------------------------------
+
+def _response_target(request: web.Request) -> tuple[Services, str, str, str] | None:
+    """The caller's tenant and the chain session and round a gateway-minted response id names;
+    None for any other id (a provider's: forwarded like any ``/v1/*`` route, under the upstream's
+    ``forward_routes``)."""
+    services = request.app[SERVICES]
+    tenant = services.auth.client(auth_header(request.headers)).tenant or ""
+    chain = chain_of(request.match_info["response_id"])
+    if chain is None:
+        return None
+    return services, tenant, chain[0], chain[1]
+
+
+async def get_response(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/responses/{id}``: a response of a gateway-held chain, as recorded (the policy's
+    whitelist applies: what was not recorded is not there); 404 when this tenant has none."""
+    target = _response_target(request)
+    if target is None:
+        return await proxy(request)
+    services, tenant, sid, round_id = target
+    rid = request.match_info["response_id"]
+    async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
+        if row.request_id != round_id:
+            continue
+        text = "".join(str(m.get("content") or "") for m in messages
+                       if m.get("role") == "assistant" and isinstance(m.get("content"), str))
+        output = [{"type": "message", "id": f"msg_{row.request_id}", "status": "completed", "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}] if text else []
+        return json_response({"id": rid, "object": "response", "created_at": int(row.created_at),
+                              "status": "completed" if row.outcome == "completed" else "incomplete",
+                              "output": output, "store": True, "metadata": {"session_id": sid}})
+    raise NotFound(f"no response '{rid[:64]}' for this tenant", code="response_not_found")
+
+
+async def delete_response(request: web.Request) -> web.StreamResponse:
+    """``DELETE /v1/responses/{id}``: erases the chain the response belongs to (its session): the
+    gateway keeps a chain as one session, so one response cannot outlive the others."""
+    target = _response_target(request)
+    if target is None:
+        return await proxy(request)
+    services, tenant, sid, _ = target
+    if await services.sessions.load(tenant, sid) is None:
+        raise NotFound(f"no response '{request.match_info['response_id'][:64]}' for this tenant",
+                       code="response_not_found")
+    purged = await services.sessions.erase(tenant, sid, new_request_id())
+    return json_response({"id": request.match_info["response_id"], "object": "response.deleted", "deleted": True,
+                          "session_id": sid, "purge": "complete" if purged else "pending"})
 
 
 # --- sessions over HTTP ------------------------------------------------------------------

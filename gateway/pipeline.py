@@ -3,6 +3,10 @@
     authenticate → parse_request → resolve_session → match_policy → load_state → inject
       → forward → record → persist → respond
 
+The same list serves every wire protocol (Chat Completions, Responses, Messages): what differs
+between them is ``ctx.codec`` (``gateway.codecs``), set by the handler of the route; the stages
+call it and never branch on the protocol.
+
 ``run`` is a loop over that list. Its ``finally`` is the settle step: a round that reached
 ``forward`` but was not committed (client gone, upstream broke off, an error after the reply
 began) is recorded there, exactly once, with the outcome it had, never dropped silently.

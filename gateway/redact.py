@@ -280,13 +280,29 @@ class Redactor:
         }
 
     def redact_messages(self, messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """New ``{"role", "content"}`` messages; messages left with nothing are left out."""
+        """New ``{"role", "content"}`` messages; messages left with nothing are left out. A
+        structured tool call keeps its id and function name, its arguments redacted as text; a
+        tool result keeps its ``tool_call_id`` (``session.structured``)."""
         out = []
         for message in messages:
             content = self.redact_content(message.get("content"))
-            if content is not None:
-                out.append({"role": message.get("role"), "content": content})
+            calls = [self._redact_call(c) for c in message.get("tool_calls") or () if isinstance(c, Mapping)]
+            if content is None and not calls:
+                continue
+            doc: dict[str, Any] = {"role": message.get("role"), "content": content}
+            if calls:
+                doc["tool_calls"] = calls
+            if isinstance(message.get("tool_call_id"), str):
+                doc["tool_call_id"] = message["tool_call_id"]
+            out.append(doc)
         return out
+
+    def _redact_call(self, call: Mapping[str, Any]) -> dict[str, Any]:
+        raw = call.get("function")
+        function: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+        arguments = self.redact_content(function.get("arguments")) if function.get("arguments") else None
+        return {"id": call.get("id"), "type": call.get("type", "function"),
+                "function": {"name": function.get("name"), "arguments": arguments}}
 
     def redact_content(self, content: Any) -> Any:
         """Redacted content (string or part list), or None when nothing is left."""

@@ -96,6 +96,7 @@ class RoundRecord:
     user: str | None
     assistant: str | None
     audit: dict[str, Any]
+    messages: list[Message] | None = None  # structured messages, recorded instead of the two texts
 
 
 STATE_CACHE_SIZE = 1024
@@ -341,7 +342,7 @@ class SessionService:
         changes' ``result`` is True when the window is still over ``max_length`` afterwards
         (an asynchronous strategy has work to do)."""
         meta = RoundMeta(rec.request_id, rec.policy_id, rec.policy_hash, rec.outcome, "round")
-        messages = round_messages(rec.user, rec.assistant)
+        messages = rec.messages if rec.messages is not None else round_messages(rec.user, rec.assistant)
 
         def plan(cur: Current) -> Changes:
             ch = Changes()

@@ -64,12 +64,17 @@ class UpstreamSettings(_Strict):
                                            "and the round is recorded as incomplete (truncated)")
     protocol: Literal["openai", "anthropic"] = Field(
         "openai", description="the wire protocol the upstream speaks: 'openai' (Chat Completions, Responses, "
-                              "and the forwarded /v1/* routes) or 'anthropic' (Messages)")
+                              "and the forwarded /v1/* routes) or 'anthropic' (Messages); each model route goes "
+                              "to an upstream speaking its protocol")
     key_header: str | None = Field(
         None, pattern=r"^[A-Za-z0-9-]{1,64}$",
         description="the request header that carries the provider key: 'Authorization' sends 'Bearer <key>', "
                     "any other header (x-api-key, Azure's api-key) the key itself. Default: Authorization for "
                     "openai, x-api-key for anthropic")
+    responses_state: Literal["gateway", "provider"] = Field(
+        "gateway", description="who holds Responses conversation state: gateway (previous_response_id chains "
+                               "are sessions in the gateway's encrypted store; store: false upstream) or "
+                               "provider (previous_response_id and store go upstream untouched)")
 
     @field_validator("forward_routes")
     @classmethod

@@ -4,6 +4,9 @@
 at once, unchanged) and holds back a trailing partial event and the final ``data: [DONE]``,
 which the gateway sends only after the round is committed. ``ReplyAssembler`` decodes the
 ``data:`` JSON of each event once and builds the assistant message the stream amounts to.
+Other protocols (Responses, Messages) end their streams with a final event of their own: an
+``is_final`` predicate makes the splitter hold that event back (in ``held``) the same way, and
+their assemblers live with their codecs (``gateway.codecs``).
 
 Bounds: ``EventSplitter(max_event=N)`` never holds more than about N bytes of one event: a
 longer event is forwarded as it arrives (``oversized`` is set) and is not parsed.
@@ -14,6 +17,7 @@ model) are still taken from later events.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -24,15 +28,18 @@ DONE = b"data: [DONE]"
 class EventSplitter:
     """Splits a byte stream on blank lines; remembers whether ``[DONE]`` arrived."""
 
-    __slots__ = ("_buf", "_max", "_skipping", "done", "events", "oversized")
+    __slots__ = ("_buf", "_final", "_max", "_skipping", "done", "events", "held", "oversized")
 
-    def __init__(self, max_event: int | None = None) -> None:
+    def __init__(self, max_event: int | None = None, is_final: Callable[[bytes], bool] | None = None) -> None:
         self._buf = b""
         self._max = max_event
+        self._final = is_final
         self._skipping = False
         self.done = False
         self.oversized = False
         self.events: list[bytes] = []
+        self.held = b""
+        """The final event(s) held back (``is_final``; Chat's ``[DONE]`` by default)."""
 
     def feed(self, chunk: bytes) -> bytes:
         """Complete events of *chunk* as bytes to forward; their payloads go to ``events``."""
@@ -62,8 +69,13 @@ class EventSplitter:
                 continue
             if event.startswith(DONE):
                 self.done = True
+                self.held = DONE + b"\n\n"
                 out = out.replace(DONE + b"\n\n", b"")
                 continue
+            if self._final is not None and self._final(event):
+                self.done = True
+                self.held += event + b"\n\n"
+                out = out.replace(event + b"\n\n", b"", 1)
             self.events.append(event)
         return skipped + out
 

@@ -67,7 +67,8 @@ class Upstream:
     timeout: aiohttp.ClientTimeout
     forward_routes: tuple[str, ...] = ("models", "embeddings", "moderations")
     max_reply_bytes: int = 8 * 1024 * 1024
-    protocol: str = "openai"
+    protocol: str = "openai"  # the wire protocol it speaks: openai (Chat, Responses) or anthropic
+    responses_state: str = "gateway"  # who holds Responses chains: the gateway or the provider
 
     def allows(self, segments: tuple[str, ...]) -> bool:
         """Whether the forwarded route ``/v1/<segments>`` is in ``forward_routes``.
@@ -241,6 +242,7 @@ class Upstreams:
                 forward_routes=tuple(s.forward_routes),
                 max_reply_bytes=s.max_reply_bytes,
                 protocol=s.protocol,
+                responses_state=s.responses_state,
             )
             for s in settings
         ]
@@ -280,7 +282,7 @@ class Upstreams:
 
     async def complete(self, model: str | None, messages: list[dict[str, Any]], timeout: float) -> str:
         """A side request (no session, never recorded): the text of a non-streaming completion."""
-        up = self.route(model)
+        up = self.route(model, "openai")
         body: dict[str, Any] = {"messages": messages, "stream": False}
         if model is not None:
             body["model"] = model

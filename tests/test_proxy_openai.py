@@ -247,7 +247,8 @@ def test_concurrent_rounds_on_one_session_are_all_recorded(gateway: Gateway, ups
 
 
 def test_streamed_tool_calls_reach_the_sdk_and_are_recorded(gateway: Gateway, upstream: Upstream) -> None:
-    """A streamed tool call arrives whole in the SDK; the tool-result turn is forwarded as sent and recorded."""
+    """A streamed tool call arrives whole in the SDK; the tool-result turn is forwarded as sent and
+    recorded with its structure (the call and the result that answers it)."""
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
     upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [call]}
@@ -264,5 +265,5 @@ def test_streamed_tool_calls_reach_the_sdk_and_are_recorded(gateway: Gateway, up
     assert upstream.requests[1]["messages"] == messages
     full = export(gateway, "tools")["full_context"]
     assert full[0] == user("weather in Oslo?")
-    assert "name: get_weather" in full[1]["content"] and "city: Oslo" in full[1]["content"]
-    assert full[2:] == [user("sunny, 20C"), assistant("It is sunny.")]
+    assert full[1] == {"role": "assistant", "content": None, "tool_calls": [call]}  # structured (issue 12)
+    assert full[2:] == [{"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"}, assistant("It is sunny.")]

@@ -48,8 +48,31 @@ def reply_message(reply: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     raise ValueError("the reply must be a chat.completion object, an assistant message, a JSON value or a string")
 
 
+def detect_protocol(request: dict[str, Any]) -> str:
+    """The protocol a request body is written in: ``responses`` when it has ``input`` and no
+    ``messages``; ``messages`` (Anthropic) when it has a top-level ``system``, ``stop_sequences``
+    or a ``tool_use``/``tool_result``/``image`` block; else ``chat``. ``--protocol`` overrides."""
+    if "input" in request and "messages" not in request:
+        return "responses"
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        return "chat"
+    if "system" in request or "stop_sequences" in request:
+        return "messages"
+    blocks = [b for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+              for b in m["content"] if isinstance(b, dict)]
+    return "messages" if any(b.get("type") in ("tool_use", "tool_result", "image") for b in blocks) else "chat"
+
+
 def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, session_id: str | None,
-            reply: Any = None, state: SessionState | None = None) -> dict[str, Any]:
+            reply: Any = None, state: SessionState | None = None, protocol: str = "chat") -> dict[str, Any]:
+    """The report for *request* written in *protocol* (``chat``, ``responses`` or ``messages``).
+    For the other protocols the forwarded messages are shown in the neutral (Chat) form the
+    gateway reads them into (``gateway.codecs``)."""
+    from gateway.codecs import by_name
+    from gateway.session.structured import structured_round
+
+    codec = by_name(protocol)
     model = request.get("model") if isinstance(request.get("model"), str) else None
     chosen = policies.match(tenant, model, session_id)
     considered = []
@@ -57,15 +80,21 @@ def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, sessio
         ok, reasons = why(policy, tenant, model, session_id)
         considered.append({"policy": policy.id, "priority": policy.priority, "matches": ok, "why": reasons,
                            "chosen": policy is chosen})
-    messages = request.get("messages") or []
+    messages = (request.get("messages") or []) if protocol == "chat" else codec.messages(request)
     recorded_user = recorded_reply = None
+    structured = None
     if session_id is not None and not chosen.records_nothing:
-        view = build_request_view(request)
+        view = build_request_view(request, messages)
         recorded_user = render_user(chosen.input_paths, messages, view)
+        message = None
         if reply is not None:
-            message, body = reply_message(reply)
+            # a Responses ``response`` object or an Anthropic ``message``; anything else as for chat
+            native = protocol != "chat" and isinstance(reply, dict) and (
+                "output" in reply or reply.get("type") == "message")
+            message, body = (codec.parse_reply(reply), reply) if native else reply_message(reply)
             recorded_reply = render_reply(chosen.reply_paths, build_reply_view(message, body),
                                           structured=chosen.reply_paths is None and view.wants_structured)
+        structured = structured_round(chosen, messages, message, recorded_reply)
     opts = chosen.session.inject
     injected = inject(messages, state, window=opts.context_window, memo=opts.memo,
                       memo_placement=opts.memo_placement) if session_id is not None else messages
@@ -75,11 +104,13 @@ def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, sessio
         "considered": considered,
         "recorded": None if session_id is None else {
             "user": recorded_user, "assistant": recorded_reply if reply is not None else "(no --reply given)",
-            "note": "a null message is not recorded"},
+            "note": "a null message is not recorded",
+            **({"messages": structured} if structured is not None else {})},
         "injected": {
             "client_sends_history": carries_history(messages),
             "session_state": "loaded from the store" if state is not None else "none (new or unknown session)",
             "forwarded_messages": injected,
         },
-        "audit": {"input_keys": chosen.session.input_keys, "reply_keys": chosen.session.reply_keys},
+        "audit": {"input_keys": chosen.session.input_keys, "reply_keys": chosen.session.reply_keys,
+                  **({"protocol": protocol} if protocol != "chat" else {})},
     }

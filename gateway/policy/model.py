@@ -185,6 +185,33 @@ class Inject(StrictModel):
     ``system``: an extra system message."""
 
 
+class ToolRecording(StrictModel):
+    """What is recorded of tool calls and results (under ``null`` keys)."""
+
+    arguments: Literal["keep", "redact", "drop"] = "keep"
+    """``keep``: the call's arguments as sent; ``redact``: the call is kept with its name and id,
+    its arguments replaced by ``{"redacted": true}``; ``drop``: calls and their results are not
+    recorded at all (the round keeps its text)."""
+    results: Literal["keep", "redact", "drop"] = "keep"
+    """``keep``: tool results as sent; ``redact``: the result message is kept (so the sequence
+    stays valid) with its content replaced by ``[redacted tool result]``; ``drop``: results are
+    not recorded, and neither are the calls they answer (a call without its result would make an
+    invalid history)."""
+
+
+class MediaRecording(StrictModel):
+    """What happens to media parts (images, files) in recorded history (under ``null`` keys)."""
+
+    parts: Literal["keep", "placeholder", "drop"] = "placeholder"
+    """``keep``: the part is recorded (encrypted like the rest) and injected back;
+    ``placeholder`` (default): a text part saying what was there, for example
+    ``[image: image/png, 12345 bytes, sha256 3f2a…]``, so the model never sees a history that
+    silently lost a part; ``drop``: the part is left out."""
+    max_bytes: Annotated[int, Field(ge=0)] = 1_048_576
+    """Largest media part kept under ``keep`` (its URL or data, in bytes); a larger one is
+    recorded as its placeholder."""
+
+
 class SessionPolicy(StrictModel):
     """What is recorded for each round and how the session's window is kept bounded
     (Agently's ``session_settings`` plus the gateway's bounding and injection)."""
@@ -202,6 +229,13 @@ class SessionPolicy(StrictModel):
     ``keep_last``, ``summarize`` or ``hook``, selected by ``strategy``."""
     inject: Inject = Field(default_factory=Inject)
     """What to inject into forwarded requests."""
+    tools: ToolRecording = Field(default_factory=lambda: ToolRecording())
+    """Under ``null`` keys: what is recorded of tool calls (an assistant's ``tool_calls``,
+    Anthropic's ``tool_use`` blocks, Responses' ``function_call`` items) and of the tool results
+    that answer them. They are recorded as structured messages, so the injected window is a
+    sequence the provider accepts."""
+    media: MediaRecording = Field(default_factory=lambda: MediaRecording())
+    """Under ``null`` keys: what happens to images and files in recorded history."""
 
 
 class RedactRule(StrictModel):

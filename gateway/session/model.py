@@ -191,25 +191,40 @@ def normalise_window(window: Sequence[Message]) -> list[Message]:
     with an assistant message gets an assistant ``[User continue input]`` last.
 
     Agently (``rich_content: false``) also drops non-text parts; the gateway keeps them: a merged
-    message with a non-text part keeps its content as a part list."""
-    merged: list[tuple[str, list[Any]]] = []  # (role, the contents of its run of messages)
+    message with a non-text part keeps its content as a part list. Structured messages (tool
+    calls and their results, ``is_structured``) are kept as they are; a tool result at the start
+    (its call was bounded away) is left out."""
+    merged: list[tuple[str, list[Any]] | Message] = []  # (role, contents of its run) or a structured message
     for message in window:
+        if is_structured(message):
+            if message.get("role") == "tool" and not merged:
+                continue  # a result whose call was cut off: the provider would refuse it
+            merged.append(message)
+            continue
         role = str(message.get("role"))
-        if merged and merged[-1][0] == role:
-            merged[-1][1].append(message.get("content"))
+        last = merged[-1] if merged else None
+        if isinstance(last, tuple) and last[0] == role:
+            last[1].append(message.get("content"))
         else:
             merged.append((role, [message.get("content")]))
     if not merged:
         return []
     # a lone text message is already in its joined form (the common case: it costs no parts)
-    out = [{"role": role, "content": contents[0]} if len(contents) == 1 and type(contents[0]) is str
-           else _joined(role, [part for content in contents for part in _parts(content)])
-           for role, contents in merged]
+    out = [dict(item) if not isinstance(item, tuple)
+           else {"role": item[0], "content": item[1][0]} if len(item[1]) == 1 and type(item[1][0]) is str
+           else _joined(item[0], [part for content in item[1] for part in _parts(content)])
+           for item in merged]
     if out[0]["role"] != "user":
         out.insert(0, {"role": "user", "content": CHAT_HISTORY_OPENER})
     if out[-1]["role"] != "assistant":
         out.append({"role": "assistant", "content": CONTINUE_INPUT})
     return out
+
+
+def is_structured(message: Message) -> bool:
+    """An assistant message with ``tool_calls``, or a tool result answering one
+    (``session.structured``): kept whole in the window, never merged with its neighbours."""
+    return bool(message.get("tool_calls")) or (message.get("role") == "tool" and "tool_call_id" in message)
 
 
 def _parts(content: Any) -> list[Any]:

@@ -364,8 +364,10 @@ class RequestView:
 
     kind: ClassVar[str] = "request"
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, body: dict[str, Any], messages: list[dict[str, Any]] | None = None) -> None:
         self.request = body
+        if messages is not None:
+            self.messages = [m for m in messages if isinstance(m, dict)]  # fills the cached property
 
     @property
     def raw(self) -> dict[str, Any]:
@@ -449,9 +451,10 @@ class ReplyView:
         return {"choices": [{"index": 0, "message": self.message}]}
 
 
-def build_request_view(body: dict[str, Any]) -> RequestView:
-    """The view of one chat request, as the client sent it."""
-    return RequestView(body)
+def build_request_view(body: dict[str, Any], messages: list[dict[str, Any]] | None = None) -> RequestView:
+    """The view of one request, as the client sent it; *messages* is its neutral form (a chat
+    request's ``messages`` when not given: ``gateway.codecs``)."""
+    return RequestView(body, messages)
 
 
 def build_reply_view(message: dict[str, Any], response: dict[str, Any] | None = None) -> ReplyView:

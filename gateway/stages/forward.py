@@ -1,4 +1,5 @@
-"""Stage: forward. Sends ``forward_body`` upstream and relays the reply; sets ``response``,
+"""Stage: forward. Sends ``forward_body`` upstream (to the codec's ``upstream_path``) and relays
+the reply, read and assembled by the codec (``gateway.codecs``); sets ``response``,
 ``upstream_status``, ``reply_message``, ``reply_body``, ``reply_truncated``, ``tail``,
 ``tail_type``, ``tail_headers`` and ``outcome``.
 
@@ -14,8 +15,11 @@ content does not start within them), the last piece is held back as ``tail`` unt
 is committed, and the round is ``incomplete`` with ``reply_truncated`` set. Error
 statuses take the same path, with outcome ``upstream_error``.
 
-Streaming: complete SSE events go to the client as they arrive; the final ``data: [DONE]`` is
-held back as ``tail`` so that the round is committed before the client sees the end. Past
+Streaming: complete SSE events go to the client as they arrive; the final event (Chat's
+``data: [DONE]``, Responses' ``response.completed``, Messages' ``message_stop``) is held back as
+``tail`` so that the round is committed before the client sees the end. When ``reply_id`` is set
+(a gateway-held Responses chain), the upstream's response id is replaced by it in what the
+client gets. Past
 ``max_reply_bytes`` of events the client still gets every event, the reply is assembled from
 what fits, and the round is ``incomplete`` with ``reply_truncated``. A client that disconnects,
 or an upstream that breaks off, ends the stream with outcome ``incomplete`` (``ended_by`` says
@@ -37,11 +41,9 @@ from multidict import CIMultiDict
 
 from gateway.context import Context
 from gateway.errors import UpstreamError
-from gateway.sse import EventSplitter, ReplyAssembler
+from gateway.sse import EventSplitter
 from gateway.tracing import finish_reply
 from gateway.upstream import UpstreamReply
-
-DONE_TAIL = b"data: [DONE]\n\n"
 
 
 async def forward(ctx: Context) -> None:
@@ -60,7 +62,7 @@ async def forward(ctx: Context) -> None:
 async def _forward(ctx: Context, headers: Mapping[str, str]) -> None:
     assert ctx.upstream is not None
     ctx.outcome = "upstream_error"  # until proven otherwise
-    async with ctx.services.upstreams.open(ctx.upstream, "POST", "/chat/completions",
+    async with ctx.services.upstreams.open(ctx.upstream, "POST", ctx.codec.upstream_path,
                                            body=ctx.forward_body, headers=headers) as reply:
         ctx.upstream_status = reply.status
         if reply.status >= 400 or not reply.streaming:
@@ -102,7 +104,7 @@ async def _relay_oversized(ctx: Context, reply: UpstreamReply, kept: list[bytes]
     pending = b"".join(kept) + piece
     kept.clear()
     if reply.status < 400:
-        text = content_prefix(pending[: ctx.upstream.max_reply_bytes])  # type: ignore[union-attr]
+        text = ctx.codec.reply_prefix(pending[: ctx.upstream.max_reply_bytes])  # type: ignore[union-attr]
         if text is not None:
             ctx.reply_message = {"role": "assistant", "content": text}
     writing = True
@@ -153,9 +155,13 @@ def _client_gone(request: web.Request) -> bool:
 def _parse_reply(ctx: Context) -> None:
     try:
         body = orjson.loads(ctx.tail)
-        message = body["choices"][0]["message"]
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-        raise UpstreamError("upstream sent a reply that is not a chat completion", code="bad_upstream_reply") from exc
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(f"upstream sent a reply that is not JSON ({ctx.codec.name})",
+                            code="bad_upstream_reply") from exc
+    message = ctx.codec.parse_reply(body)
+    if ctx.reply_id and isinstance(body.get("id"), str):
+        ctx.tail = ctx.tail.replace(body["id"].encode(), ctx.reply_id.encode())
+        body["id"] = ctx.reply_id
     ctx.reply_body, ctx.reply_message, ctx.outcome = body, message, "completed"
 
 
@@ -165,7 +171,10 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     out = web.StreamResponse(status=reply.status, headers={**reply.headers, "X-Sessiongate-Request-Id": ctx.request_id})
     out.headers["Content-Type"] = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
-    splitter, assembler = EventSplitter(max_event=cap), ReplyAssembler(max_bytes=cap)
+    codec = ctx.codec
+    splitter = EventSplitter(max_event=cap, is_final=codec.is_final)
+    assembler = codec.assembler(cap)
+    swap: tuple[bytes, bytes] | None = None
     ctx.response = out
     ctx.outcome = "incomplete"
     writing = True
@@ -177,6 +186,10 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
             if splitter.events:
                 assembler.add_events(splitter.events)
                 splitter.events.clear()
+            if ctx.reply_id and swap is None and assembler.id:
+                swap = (assembler.id.encode(), ctx.reply_id.encode())
+            if data and swap is not None:
+                data = data.replace(*swap)
             if data:
                 writing = True
                 await out.write(data)
@@ -185,10 +198,12 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
                     ctx.first_byte_at = time.perf_counter()
                 ctx.bytes_out += len(data)
         ctx.reply_truncated = assembler.truncated or splitter.oversized
-        if (splitter.done or assembler.finish_reason) and not ctx.reply_truncated:
+        ended = splitter.done or assembler.finished
+        if ended and assembler.completed and not ctx.reply_truncated:
             ctx.outcome = "completed"
-        if splitter.done or assembler.finish_reason:
-            ctx.tail = DONE_TAIL if splitter.done else b""
+        if ended:
+            held = splitter.held
+            ctx.tail = (held.replace(*swap) if swap is not None else held) if splitter.done else b""
         else:
             ctx.ended_by = "upstream"
     except UpstreamError:
@@ -197,3 +212,5 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
         ctx.ended_by = "client" if writing else "upstream"
     ctx.reply_truncated = ctx.reply_truncated or assembler.truncated or splitter.oversized
     ctx.reply_message, ctx.reply_body = assembler.message(), assembler.response()
+    if ctx.reply_id and ctx.reply_body is not None:
+        ctx.reply_body["id"] = ctx.reply_id

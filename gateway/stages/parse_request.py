@@ -1,4 +1,6 @@
-"""Stage: parse_request. Reads the body once; sets ``raw``, ``body``, ``model``, ``stream``.
+"""Stage: parse_request. Reads the body once; sets ``raw``, ``body``, ``messages`` (the request
+in the neutral form, ``ctx.codec.messages``), ``model``, ``stream``. The body is checked by the
+codec of the route (a chat, Responses or Messages request).
 
 ``raw`` is the body as the client meant it: a ``Content-Encoding`` of ``gzip``, ``deflate`` or
 ``zstd`` is undone here (``gateway.decompress``), so ``raw`` and everything forwarded from it are
@@ -25,6 +27,7 @@ from itertools import accumulate
 import orjson
 from aiohttp import web
 
+from gateway.codecs import Codec
 from gateway.context import Context
 from gateway.decompress import decode_body
 from gateway.errors import BadRequest, InvalidJSON, PayloadTooLarge
@@ -135,11 +138,18 @@ def parse_chat(raw: bytes) -> dict:
     return body
 
 
+def parse_for(codec: Codec, raw: bytes) -> tuple[dict, list[dict]]:
+    """A request body of *codec*'s protocol, parsed and checked, and its neutral messages."""
+    body = parse_json_object(raw)
+    codec.check(body)
+    return body, codec.messages(body)
+
+
 async def parse_request(ctx: Context) -> None:
     ctx.raw = await read_limited(ctx.request, ctx.services.settings.server.max_body_bytes)
     if len(ctx.raw) > THREAD_ABOVE_BYTES:
-        ctx.body = await asyncio.to_thread(parse_chat, ctx.raw)
+        ctx.body, ctx.messages = await asyncio.to_thread(parse_for, ctx.codec, ctx.raw)
     else:
-        ctx.body = parse_chat(ctx.raw)
+        ctx.body, ctx.messages = parse_for(ctx.codec, ctx.raw)
     ctx.model = ctx.body.get("model")
     ctx.stream = bool(ctx.body.get("stream"))

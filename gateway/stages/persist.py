@@ -36,6 +36,7 @@ def audit_fields(ctx: Context) -> dict[str, object]:
         "policy_id": policy.id if policy else None,
         "policy_hash": policy.version_hash if policy else None,
         "route": ctx.request.path,
+        "protocol": ctx.codec.name,
         "model": ctx.model,
         "outcome": ctx.outcome,
         "ended_by": ctx.ended_by or None,
@@ -57,7 +58,7 @@ async def persist(ctx: Context) -> None:
     assert policy is not None
     ctx.persist_attempted = True
     rec = RoundRecord(ctx.request_id, policy.id, policy.version_hash, ctx.outcome, ctx.user_text,
-                      ctx.reply_text, audit_fields(ctx))
+                      ctx.reply_text, audit_fields(ctx), ctx.recorded)
     sessions = ctx.services.sessions
     changes = await asyncio.shield(sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy),
                                                          ctx.loaded))

@@ -1,4 +1,6 @@
-"""Stage: record. Sets ``user_text`` and ``reply_text``: what the policy whitelists of this round.
+"""Stage: record. Sets ``user_text`` and ``reply_text``: what the policy whitelists of this round,
+and ``recorded``: the round as structured messages when it carries tool calls, tool results or
+media parts under ``null`` keys (``session.structured``), else None (the texts are recorded).
 
 The texts are built fresh from the policy's keys (``session.record``), never by copying the
 request and deleting, from the request exactly as the client sent it. Without a session id, or
@@ -24,6 +26,7 @@ import structlog
 from gateway.context import Context
 from gateway.policy import Policy
 from gateway.session.record import build_reply_view, build_request_view, render_reply, render_user
+from gateway.session.structured import structured_round
 
 THREAD_ABOVE_BYTES = 64 * 1024
 
@@ -31,12 +34,15 @@ log = structlog.get_logger("gateway.record")
 
 
 def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
-                   reply_body: dict | None) -> tuple[str | None, str | None]:
+                   reply_body: dict | None, messages: list[dict] | None = None) -> tuple[str | None, str | None]:
     """The recorded user and assistant texts of one round (pure; may raise on any input). Under
     ``reply_keys: null`` a structured reply is recorded as YAML only when the request asked for
-    structured output, as Agently does."""
-    view = build_request_view(body)
-    user = render_user(policy.input_paths, body["messages"], view)
+    structured output, as Agently does. *messages* is the request in the neutral form (a chat
+    request's own ``messages`` when not given); JSONPath keys run on *body* as sent."""
+    if messages is None:
+        messages = body["messages"]
+    view = build_request_view(body, messages)
+    user = render_user(policy.input_paths, messages, view)
     reply = None
     if reply_message is not None:
         reply = render_reply(policy.reply_paths, build_reply_view(reply_message, reply_body),
@@ -44,18 +50,26 @@ def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
     return user, reply
 
 
+def recorded_round(policy: Policy, body: dict, reply_message: dict | None, reply_body: dict | None,
+                   messages: list[dict]) -> tuple[str | None, str | None, list[dict] | None]:
+    """The recorded texts, and the structured messages of a round with tool calls, tool results
+    or media parts under ``null`` keys (``session.structured``; None otherwise)."""
+    user, reply = recorded_texts(policy, body, reply_message, reply_body, messages)
+    return user, reply, structured_round(policy, messages, reply_message, reply)
+
+
 async def record(ctx: Context) -> None:
     policy = ctx.policy
     if policy is None or ctx.session_id is None or policy.records_nothing:
         return
-    args = (policy, ctx.body, ctx.reply_message, ctx.reply_body)
+    args = (policy, ctx.body, ctx.reply_message, ctx.reply_body, ctx.messages)
     try:
         if len(ctx.raw) + ctx.bytes_out + len(ctx.tail) > THREAD_ABOVE_BYTES:
-            ctx.user_text, ctx.reply_text = await asyncio.to_thread(recorded_texts, *args)
+            ctx.user_text, ctx.reply_text, ctx.recorded = await asyncio.to_thread(recorded_round, *args)
         else:
-            ctx.user_text, ctx.reply_text = recorded_texts(*args)
+            ctx.user_text, ctx.reply_text, ctx.recorded = recorded_round(*args)
     except Exception as exc:  # noqa: BLE001 - fail closed: persisted as incomplete, reply withheld
-        ctx.user_text = ctx.reply_text = None
+        ctx.user_text = ctx.reply_text = ctx.recorded = None
         ctx.record_error = type(exc).__name__
         if ctx.outcome == "completed":
             ctx.outcome = "incomplete"

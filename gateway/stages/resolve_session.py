@@ -1,4 +1,8 @@
-"""Stage: resolve_session. Reads ``X-Session-Id``; sets ``session_id`` (None without one).
+"""Stage: resolve_session. Reads ``X-Session-Id``; sets ``session_id`` (None without one) and
+``reply_id``. Without the header, the codec may name a session the request implies (a Responses
+``previous_response_id`` chain, ``gateway.codecs.responses``), and the response id to show; a
+chain the request continues (its response id is not the session id) must exist in the caller's
+tenant, else ``NotFound`` (404) before anything reaches the upstream.
 
 The id is scoped by the tenant set in ``authenticate``: the same id under two tenants is two
 sessions, so no client can reach another tenant's session whatever id it sends.
@@ -9,7 +13,7 @@ from __future__ import annotations
 import re
 
 from gateway.context import Context
-from gateway.errors import InvalidSessionId
+from gateway.errors import InvalidSessionId, NotFound
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}")
 
@@ -25,4 +29,14 @@ def check_session_id(value: str) -> str:
 
 async def resolve_session(ctx: Context) -> None:
     value = ctx.request.headers.get("X-Session-Id")
-    ctx.session_id = check_session_id(value) if value is not None else None
+    if value is not None:
+        ctx.session_id = check_session_id(value)
+        return
+    ctx.session_id, ctx.reply_id = ctx.codec.implied_session(ctx)
+    if ctx.session_id is not None and ctx.reply_id != ctx.session_id and not await _exists(ctx, ctx.session_id):
+        raise NotFound("the previous response was not found for this tenant", code="previous_response_not_found")
+
+
+async def _exists(ctx: Context, session_id: str) -> bool:
+    rows = await ctx.services.sessions.page_sessions(ctx.tenant, limit=1, prefix=session_id)
+    return bool(rows) and rows[0].session_id == session_id

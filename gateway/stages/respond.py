@@ -14,7 +14,6 @@ without ``[DONE]`` (stream).
 
 from __future__ import annotations
 
-import orjson
 from aiohttp import web
 
 from gateway.context import Context
@@ -40,7 +39,7 @@ async def respond(ctx: Context) -> None:
         if ctx.ended_by == "upstream" or (ctx.outcome != "completed" and not ctx.reply_truncated):
             err = {"error": {"message": "the upstream model broke off its reply; the partial round was recorded "
                              "as incomplete", "type": "upstream_error", "code": "upstream_incomplete"}}
-            await out.write(b"data: " + orjson.dumps(err) + b"\n\n")
+            await out.write(ctx.codec.stream_error(err))
         elif ctx.tail:
             await out.write(ctx.tail)
         await out.write_eof()

@@ -1,0 +1,110 @@
+"""One codec per wire protocol: what differs between Chat Completions, Responses and Messages.
+
+The stages (``gateway.stages``) run the same for every protocol and call ``ctx.codec`` for the
+few things that differ. A codec is a stateless object with:
+
+``name``            ``chat``, ``responses`` or ``messages`` (in audit entries and exports)
+``protocol``        the upstream protocol it needs (``openai`` or ``anthropic``; see routing)
+``upstream_path``   the path sent upstream, relative to the upstream's ``base_url``
+``check(body)``     raises ``BadRequest`` when the body is not a request of this protocol
+``messages(body)``  the request as protocol-neutral messages: Chat Completions messages
+                    (system first, ``tool_calls`` on assistant messages, ``role: tool`` answers,
+                    content strings or part lists with ``text`` and ``image_url`` parts)
+``implied_session`` a session the request names by itself (a ``previous_response_id`` chain)
+                    and the response id the client is shown instead of the upstream's ("" none)
+``forward_body``    the body sent upstream with the window and memo injected in its own form
+                    (None: the client's bytes go unchanged)
+``parse_reply``     the assistant message (neutral form) of a JSON reply body
+``assembler``       a fresh stream assembler (``add_events``, ``message()``, ``response()``,
+                    ``finished``: the reply says it is over; ``completed``: a stream that ended
+                    (its final event or ``finished``) ended as a completed reply) and
+                    ``is_final(event)``: the final event, held back until the round is committed
+``reply_prefix``    the reply text in the first bytes of an oversized JSON reply (or None)
+``error_body``      an OpenAI-shaped error body in this protocol's shape
+``stream_error``    the SSE event that ends a stream with an error in this protocol's shape
+
+The session window is kept in the neutral form, so bounding counts characters the same way for
+every protocol; each codec renders the window in its own form when it injects it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.session.model import SessionState, carries_history, normalise_window
+
+if TYPE_CHECKING:
+    from gateway.context import Context
+    from gateway.policy import Policy
+
+Message = dict[str, Any]
+
+
+class Assembler(Protocol):
+    """Builds the assistant message a stream amounts to, within a byte budget."""
+
+    truncated: bool
+    id: str | None
+
+    def add_events(self, events: list[bytes]) -> None: ...
+    def message(self) -> Message: ...
+    def response(self) -> dict[str, Any]: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def completed(self) -> bool: ...
+
+
+class Codec(Protocol):
+    name: str
+    protocol: str
+    upstream_path: str
+
+    def check(self, body: dict[str, Any]) -> None: ...
+    def messages(self, body: dict[str, Any]) -> list[Message]: ...
+    def implied_session(self, ctx: Context) -> tuple[str | None, str]: ...
+    def forward_body(self, ctx: Context, policy: Policy | None, state: SessionState | None) -> bytes | None: ...
+    def parse_reply(self, body: Any) -> Message: ...
+    def assembler(self, max_bytes: int | None) -> Assembler: ...
+    def is_final(self, event: bytes) -> bool: ...
+    def reply_prefix(self, prefix: bytes) -> str | None: ...
+    def error_body(self, body: dict[str, Any], status: int) -> dict[str, Any]: ...
+    def stream_error(self, body: dict[str, Any]) -> bytes: ...
+
+
+def window_plan(messages: list[Message], state: SessionState, *, window: bool,
+                memo: bool) -> tuple[list[Message], bool]:
+    """What to inject, in the neutral form: the normalised window (empty when none is injected:
+    the client sent its own history, or the window is empty) and whether the memo goes in.
+    The same rule for every protocol (``session.model.inject``)."""
+    add_window = window and bool(state.context_window) and not carries_history(messages)
+    add_memo = memo and state.memo is not None
+    return (normalise_window(state.context_window) if add_window else []), add_memo
+
+
+def codec_for_path(path: str) -> Codec:
+    """The codec of a model route (Chat Completions for anything else)."""
+    from gateway.codecs.chat import CHAT
+    from gateway.codecs.messages import MESSAGES
+    from gateway.codecs.responses import RESPONSES
+
+    if path.startswith("/v1/messages"):
+        return MESSAGES
+    if path.startswith("/v1/responses"):
+        return RESPONSES
+    return CHAT
+
+
+def by_name(name: str) -> Codec:
+    """The codec called *name* (``chat``, ``responses``, ``messages``); KeyError otherwise."""
+    from gateway.codecs.chat import CHAT
+    from gateway.codecs.messages import MESSAGES
+    from gateway.codecs.responses import RESPONSES
+
+    codecs: dict[str, Codec] = {"chat": CHAT, "responses": RESPONSES, "messages": MESSAGES}
+    return codecs[name]
+
+
+def render_error(path: str, body: dict[str, Any], status: int) -> dict[str, Any]:
+    """An OpenAI-shaped error *body* in the shape of the protocol served at *path*."""
+    return codec_for_path(path).error_body(body, status)

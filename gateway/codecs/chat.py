@@ -1,0 +1,86 @@
+"""The Chat Completions codec (``POST /v1/chat/completions``): the neutral form is this
+protocol's own, so reading the request and injecting the window are the identity and
+``session.model.inject``; a stream ends with ``data: [DONE]``, held back until the round is
+committed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.errors import UpstreamError
+from gateway.session.model import SessionState
+from gateway.session.model import inject as inject_messages
+from gateway.sse import DONE, ReplyAssembler
+
+if TYPE_CHECKING:
+    from gateway.context import Context
+    from gateway.policy import Policy
+
+Message = dict[str, Any]
+
+
+class ChatAssembler(ReplyAssembler):
+    """``ReplyAssembler`` with the codec's end-of-stream view: a finish reason ends it."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def completed(self) -> bool:
+        return True  # a chat stream that ended (``[DONE]`` or a finish reason) is a completed reply
+
+
+class ChatCodec:
+    name = "chat"
+    protocol = "openai"
+    upstream_path = "/chat/completions"
+
+    def check(self, body: dict[str, Any]) -> None:
+        from gateway.stages.parse_request import check_chat
+
+        check_chat(body)
+
+    def messages(self, body: dict[str, Any]) -> list[Message]:
+        return body["messages"]  # type: ignore[no-any-return]
+
+    def implied_session(self, ctx: Context) -> tuple[str | None, str]:
+        return None, ""
+
+    def forward_body(self, ctx: Context, policy: Policy | None, state: SessionState | None) -> bytes | None:
+        if state is None or policy is None:
+            return None
+        opts = policy.session.inject
+        messages = ctx.body["messages"]
+        new = inject_messages(messages, state, window=opts.context_window, memo=opts.memo,
+                              memo_placement=opts.memo_placement)
+        return orjson.dumps({**ctx.body, "messages": new}) if new is not messages else None
+
+    def parse_reply(self, body: Any) -> Message:
+        try:
+            return body["choices"][0]["message"]  # type: ignore[no-any-return]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise UpstreamError("upstream sent a reply that is not a chat completion",
+                                code="bad_upstream_reply") from exc
+
+    def assembler(self, max_bytes: int | None) -> ChatAssembler:
+        return ChatAssembler(max_bytes=max_bytes)
+
+    def is_final(self, event: bytes) -> bool:
+        return event.startswith(DONE)
+
+    def reply_prefix(self, prefix: bytes) -> str | None:
+        from gateway.stages.forward import content_prefix
+
+        return content_prefix(prefix)
+
+    def error_body(self, body: dict[str, Any], status: int) -> dict[str, Any]:
+        return body
+
+    def stream_error(self, body: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+CHAT = ChatCodec()

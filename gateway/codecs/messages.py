@@ -1,0 +1,346 @@
+"""The Messages codec (``POST /v1/messages``, Anthropic's Messages API).
+
+Reading: the top-level ``system`` (a string or text blocks) is a system message; ``messages``
+become neutral messages: ``text`` blocks → text parts, ``image`` blocks → ``image_url`` parts (a
+``data:`` URL for base64 sources), ``document`` blocks → ``file`` parts, an assistant's
+``tool_use`` blocks → ``tool_calls`` (arguments as JSON text), a user's ``tool_result`` blocks →
+``role: tool`` messages (before the user's own text).
+
+Injecting: the window (normalised: it starts with a user message and ends with an assistant one,
+as Anthropic requires alternating roles) goes before the request's messages; tool calls become
+``tool_use`` blocks and tool messages ``tool_result`` blocks in a user message. The memo goes
+into the last user message, or at the end of ``system`` (``memo_placement: system``).
+
+Stream: ``message_stop`` is the final event, held back until the round is committed; a round is
+completed when it arrived. Errors: ``{"type": "error", "error": {"type", "message"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.codecs import window_plan
+from gateway.errors import BadRequest, UpstreamError
+from gateway.session.model import SessionState, memo_section, with_memo
+
+if TYPE_CHECKING:
+    from gateway.context import Context
+    from gateway.policy import Policy
+
+Message = dict[str, Any]
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 408: "timeout_error", 409: "invalid_request_error",
+               413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
+               500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "timeout_error",
+               529: "overloaded_error"}
+
+
+# --- reading -------------------------------------------------------------------------------
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return "" if content is None else orjson.dumps(content).decode()
+
+
+def _part(block: dict[str, Any]) -> Any:
+    kind = block.get("type")
+    if kind == "text":
+        return {"type": "text", "text": block.get("text")}
+    if kind == "image":
+        source = block.get("source") or {}
+        if source.get("type") == "base64":
+            url = f"data:{source.get('media_type')};base64,{source.get('data')}"
+        else:
+            url = str(source.get("url"))
+        return {"type": "image_url", "image_url": {"url": url}}
+    if kind == "document":
+        return {"type": "file", "file": {"source": block.get("source")}}
+    return block
+
+
+def _simplify(parts: list[Any]) -> Any:
+    if len(parts) == 1 and isinstance(parts[0], dict) and parts[0].get("type") == "text":
+        return parts[0]["text"]
+    return parts
+
+
+def to_messages(body: dict[str, Any]) -> list[Message]:
+    """The request as neutral messages (system first)."""
+    out: list[Message] = []
+    system = body.get("system")
+    if system:
+        out.append({"role": "system", "content": _text_of(system)})
+    for m in body.get("messages") or ():
+        role, content = m.get("role"), m.get("content")
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        parts: list[Any] = []
+        calls: list[dict[str, Any]] = []
+        for block in content or ():
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                calls.append({"id": block.get("id"), "type": "function",
+                              "function": {"name": block.get("name"),
+                                           "arguments": orjson.dumps(block.get("input", {})).decode()}})
+            elif block.get("type") == "tool_result":
+                out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
+                            "content": _text_of(block.get("content"))})
+            else:
+                parts.append(_part(block))
+        if calls:
+            out.append({"role": role, "content": _simplify(parts) if parts else None, "tool_calls": calls})
+        elif parts:
+            out.append({"role": role, "content": _simplify(parts)})
+    return out
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def _block(part: Any) -> Any:
+    if not isinstance(part, dict):
+        return part
+    if part.get("type") == "text":
+        return {"type": "text", "text": part.get("text")}
+    if part.get("type") == "image_url":
+        url = str((part.get("image_url") or {}).get("url") or "")
+        if url.startswith("data:") and ";base64," in url:
+            media, data = url[5:].split(";base64,", 1)
+            return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    return part
+
+
+def to_anthropic(messages: list[Message]) -> list[Message]:
+    """Neutral messages as Anthropic messages (tool answers as ``tool_result`` blocks; consecutive
+    messages of one role merged, as the API wants alternating roles)."""
+    out: list[Message] = []
+    for m in messages:
+        role = str(m.get("role"))
+        blocks: list[Any] = []
+        if role == "tool":
+            role = "user"
+            blocks.append({"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
+                           "content": _text_of(m.get("content"))})
+        else:
+            content = m.get("content")
+            if isinstance(content, str) and content:
+                blocks.append({"type": "text", "text": content})
+            elif isinstance(content, list):
+                blocks.extend(_block(p) for p in content)
+            for call in m.get("tool_calls") or ():
+                fn = call.get("function") or {}
+                args = fn.get("arguments")
+                try:
+                    value = orjson.loads(args) if isinstance(args, str) and args else (args or {})
+                except orjson.JSONDecodeError:
+                    value = {"arguments": args}
+                blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": value})
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+    for m in out:
+        if len(m["content"]) == 1 and m["content"][0].get("type") == "text":
+            m["content"] = m["content"][0]["text"]
+    return out
+
+
+def _with_memo(content: Any, memo: Any) -> Any:
+    """``with_memo`` for Anthropic content: a message of only ``tool_result`` blocks (which must
+    come first) gets the memo as a text block after them."""
+    if isinstance(content, list) and content and not any(
+            isinstance(b, dict) and b.get("type") == "text" for b in content):
+        return [*content, {"type": "text", "text": memo_section(memo)}]
+    return with_memo(content, memo)
+
+
+class MessagesAssembler:
+    """Builds the assistant message of a Messages stream from its events."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self._room = max_bytes
+        self.truncated = False
+        self.id: str | None = None
+        self.start: dict[str, Any] = {}
+        self.blocks: dict[int, dict[str, Any]] = {}
+        self.stop_reason: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.stopped = False
+
+    def add_events(self, events: list[bytes]) -> None:
+        for event in events:
+            if self._room is not None:
+                self._room -= len(event)
+                if self._room < 0:
+                    self.truncated = True
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    self._add(line[5:].strip())
+
+    def _add(self, data: bytes) -> None:
+        try:
+            ev = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(ev, dict):
+            return
+        kind = ev.get("type")
+        if kind == "message_start" and isinstance(ev.get("message"), dict):
+            self.start = ev["message"]
+            self.id = self.start.get("id")
+            self.usage.update(self.start.get("usage") or {})
+        elif kind == "message_delta":
+            self.stop_reason = (ev.get("delta") or {}).get("stop_reason") or self.stop_reason
+            self.usage.update(ev.get("usage") or {})
+        elif kind == "message_stop":
+            self.stopped = True
+        if self.truncated:
+            return
+        index = ev.get("index")
+        if kind == "content_block_start" and isinstance(ev.get("content_block"), dict):
+            block = dict(ev["content_block"])
+            if block.get("type") == "tool_use":
+                block["partial_json"] = ""
+            self.blocks[int(index or 0)] = block
+        elif kind == "content_block_delta" and isinstance(ev.get("delta"), dict):
+            block = self.blocks.setdefault(int(index or 0), {"type": "text", "text": ""})
+            delta = ev["delta"]
+            if delta.get("type") == "text_delta":
+                block["text"] = block.get("text", "") + str(delta.get("text", ""))
+            elif delta.get("type") == "input_json_delta":
+                block["partial_json"] = block.get("partial_json", "") + str(delta.get("partial_json", ""))
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped
+
+    @property
+    def completed(self) -> bool:
+        return self.stopped
+
+    def _content(self) -> list[dict[str, Any]]:
+        out = []
+        for i in sorted(self.blocks):
+            block = dict(self.blocks[i])
+            if block.get("type") == "tool_use":
+                raw = block.pop("partial_json", "")
+                try:
+                    block["input"] = orjson.loads(raw) if raw else block.get("input", {})
+                except orjson.JSONDecodeError:
+                    block["input"] = {}
+            out.append(block)
+        return out
+
+    def message(self) -> Message:
+        return reply_message({"content": self._content()})
+
+    def response(self) -> dict[str, Any]:
+        return {**self.start, "content": self._content(), "stop_reason": self.stop_reason, "usage": self.usage}
+
+
+def reply_message(body: dict[str, Any]) -> Message:
+    """The assistant message of a ``message`` object: its text and tool calls."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for block in body["content"]:
+        if block.get("type") == "text":
+            texts.append(str(block.get("text", "")))
+        elif block.get("type") == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block.get("name"),
+                                       "arguments": orjson.dumps(block.get("input", {})).decode()}})
+    msg: Message = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+class MessagesCodec:
+    name = "messages"
+    protocol = "anthropic"
+    upstream_path = "/messages"
+
+    def check(self, body: dict[str, Any]) -> None:
+        from gateway.stages.parse_request import check_model
+
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' is required: a non-empty list of messages", code="missing_messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") \
+                    or not isinstance(m.get("content"), (str, list)):
+                raise BadRequest(f"'messages[{i}]' must be an object with 'role' user or assistant and a "
+                                 "'content' string or list of blocks", code="invalid_messages")
+        system = body.get("system")
+        if system is not None and not isinstance(system, (str, list)):
+            raise BadRequest("'system' must be a string or a list of text blocks", code="invalid_system")
+        if not isinstance(body.get("max_tokens"), int):
+            raise BadRequest("'max_tokens' is required: a whole number", code="missing_max_tokens")
+        check_model(body.get("model"))
+        if not isinstance(body.get("stream", False), bool) and body.get("stream") is not None:
+            raise BadRequest("'stream' must be true or false", code="invalid_stream")
+
+    def messages(self, body: dict[str, Any]) -> list[Message]:
+        return to_messages(body)
+
+    def implied_session(self, ctx: Context) -> tuple[str | None, str]:
+        return None, ""
+
+    def forward_body(self, ctx: Context, policy: Policy | None, state: SessionState | None) -> bytes | None:
+        if state is None or policy is None:
+            return None
+        opts = policy.session.inject
+        window, add_memo = window_plan(ctx.messages, state, window=opts.context_window, memo=opts.memo)
+        if not window and not add_memo:
+            return None
+        body = dict(ctx.body)
+        rest = list(body["messages"])
+        if add_memo and opts.memo_placement == "system":
+            system = body.get("system")
+            section = memo_section(state.memo)
+            if isinstance(system, list):
+                body["system"] = [*system, {"type": "text", "text": section}]
+            else:
+                body["system"] = f"{system}\n\n{section}" if system else section
+        elif add_memo:
+            for i in range(len(rest) - 1, -1, -1):
+                if rest[i].get("role") == "user":
+                    rest[i] = {**rest[i], "content": _with_memo(rest[i].get("content"), state.memo)}
+                    break
+        body["messages"] = to_anthropic(window) + rest
+        return orjson.dumps(body)
+
+    def parse_reply(self, body: Any) -> Message:
+        try:
+            return reply_message(body)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamError("upstream sent a reply that is not a message", code="bad_upstream_reply") from exc
+
+    def assembler(self, max_bytes: int | None) -> MessagesAssembler:
+        return MessagesAssembler(max_bytes)
+
+    def is_final(self, event: bytes) -> bool:
+        return event.startswith(b"event: message_stop") or (
+            event.startswith(b"data:") and b'"type":"message_stop"' in event.replace(b" ", b""))
+
+    def reply_prefix(self, prefix: bytes) -> str | None:
+        return None
+
+    def error_body(self, body: dict[str, Any], status: int) -> dict[str, Any]:
+        err = body.get("error") or {}
+        return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error" if status >= 500
+                                                                    else "invalid_request_error"),
+                                           "message": err.get("message", "")}}
+
+    def stream_error(self, body: dict[str, Any]) -> bytes:
+        return b"event: error\ndata: " + orjson.dumps(self.error_body(body, 500)) + b"\n\n"
+
+
+MESSAGES = MessagesCodec()

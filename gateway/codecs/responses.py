@@ -1,0 +1,353 @@
+"""The Responses codec (``POST /v1/responses``, OpenAI's Responses API).
+
+Reading: ``instructions`` is a system message; ``input`` (a string, or a list of items) becomes
+neutral messages: message items (``input_text``/``output_text`` parts → text parts,
+``input_image`` → ``image_url`` parts, ``input_file`` → ``file`` parts), ``function_call`` items
+→ an assistant message's ``tool_calls``, ``function_call_output`` items → ``role: tool``.
+
+Injecting: the window goes in as input items (user and assistant messages, tool calls as
+``function_call`` and ``function_call_output`` items) after the client's leading system or
+developer items, the memo into the last user item (or as a system item, ``memo_placement:
+system``).
+
+Gateway-held state (an upstream's ``responses_state: gateway``, the default): without
+``X-Session-Id``, a request with ``store`` not false is a round of a *chain*, and a chain is a
+session: the first response's id ``resp_<request id>`` is the session id, and each later
+response of the chain gets the id ``<session id>_<request id>``. ``previous_response_id`` names
+the chain (``NotFound`` when this tenant has no such chain); the gateway injects its history
+itself, strips ``previous_response_id`` and sends ``store: false`` upstream, so the provider
+holds nothing. The ids the client sees are the gateway's (the upstream's are replaced in the
+relayed bytes). With ``responses_state: provider``, ``previous_response_id`` and ``store`` go
+upstream untouched and only ``X-Session-Id`` makes a session.
+
+Stream: ``response.completed`` (or ``response.incomplete``/``response.failed``) is the final
+event, held back until the round is committed; only ``response.completed`` completes a round.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.codecs import window_plan
+from gateway.errors import BadRequest, NotFound, UpstreamError
+from gateway.session.model import SessionState, memo_section, with_memo
+from gateway.session.record import SYSTEM_ROLES
+
+if TYPE_CHECKING:
+    from gateway.context import Context
+    from gateway.policy import Policy
+
+Message = dict[str, Any]
+FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
+CHAIN_ID = re.compile(r"resp_([0-9a-f]{16})(?:_([0-9a-f]{16}))?")
+_TYPE = re.compile(rb'"type"\s*:\s*"(response\.(?:completed|incomplete|failed))"')
+
+
+def chain_of(response_id: str) -> tuple[str, str] | None:
+    """``(session id, request id)`` of a response id the gateway minted; None otherwise."""
+    match = CHAIN_ID.fullmatch(response_id)
+    if match is None:
+        return None
+    first, later = match.group(1), match.group(2)
+    return f"resp_{first}", later or first
+
+
+# --- reading -------------------------------------------------------------------------------
+
+def _part(part: Any) -> Any:
+    if not isinstance(part, dict):
+        return part
+    kind = part.get("type")
+    if kind in ("input_text", "output_text", "text"):
+        return {"type": "text", "text": part.get("text")}
+    if kind == "input_image":
+        url = part.get("image_url") or (f"file:{part['file_id']}" if part.get("file_id") else None)
+        image: dict[str, Any] = {"url": url}
+        if part.get("detail"):
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if kind == "input_file":
+        return {"type": "file", "file": {k: v for k, v in part.items() if k != "type"}}
+    return part
+
+
+def _content(content: Any) -> Any:
+    if isinstance(content, list):
+        parts = [_part(p) for p in content]
+        if all(isinstance(p, dict) and p.get("type") == "text" for p in parts) and len(parts) == 1:
+            return parts[0]["text"]
+        return parts
+    return content
+
+
+def to_messages(body: dict[str, Any]) -> list[Message]:
+    """The request as neutral messages (instructions first)."""
+    out: list[Message] = []
+    if isinstance(body.get("instructions"), str) and body["instructions"]:
+        out.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        out.append({"role": "user", "content": items})
+        return out
+    for item in items or ():
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        if kind == "message" or (kind is None and "role" in item):
+            out.append({"role": item.get("role", "user"), "content": _content(item.get("content"))})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
+            if out and out[-1].get("role") == "assistant" and "tool_calls" in out[-1]:
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                        "content": output if isinstance(output, str) else orjson.dumps(output).decode()})
+    return out
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def _out_part(part: Any, role: str) -> Any:
+    if not isinstance(part, dict):
+        return part
+    if part.get("type") == "text":
+        return {"type": "output_text" if role == "assistant" else "input_text", "text": part.get("text")}
+    if part.get("type") == "image_url":
+        image = part.get("image_url") or {}
+        return {"type": "input_image", "image_url": image.get("url"), "detail": image.get("detail", "auto")}
+    return part
+
+
+def to_items(messages: list[Message]) -> list[dict[str, Any]]:
+    """Neutral messages as Responses input items."""
+    items: list[dict[str, Any]] = []
+    for m in messages:
+        role = str(m.get("role"))
+        if role == "tool":
+            items.append({"type": "function_call_output", "call_id": m.get("tool_call_id"),
+                          "output": m.get("content") if isinstance(m.get("content"), str) else ""})
+            continue
+        content = m.get("content")
+        if content not in (None, "", []):
+            if isinstance(content, list):
+                content = [_out_part(p, role) for p in content]
+            items.append({"role": role, "content": content})
+        for call in m.get("tool_calls") or ():
+            fn = call.get("function") or {}
+            items.append({"type": "function_call", "call_id": call.get("id"), "name": fn.get("name"),
+                          "arguments": fn.get("arguments") if isinstance(fn.get("arguments"), str)
+                          else orjson.dumps(fn.get("arguments")).decode()})
+    return items
+
+
+def _memo_into(item: dict[str, Any], memo: Any) -> dict[str, Any]:
+    content = item.get("content")
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "input_text" and isinstance(part.get("text"), str):
+                return {**item, "content": [*content[:i], {**part, "text": with_memo(part["text"], memo)},
+                                            *content[i + 1:]]}
+        return {**item, "content": [{"type": "input_text", "text": memo_section(memo)}, *content]}
+    return {**item, "content": with_memo(content, memo)}
+
+
+class ResponsesAssembler:
+    """Builds the assistant message of a Responses stream from its events."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self._room = max_bytes
+        self.truncated = False
+        self.id: str | None = None
+        self.final: dict[str, Any] | None = None
+        self.final_type = ""
+        self.text: list[str] = []
+        self.calls: dict[str, dict[str, Any]] = {}
+        self.created: dict[str, Any] = {}
+
+    def add_events(self, events: list[bytes]) -> None:
+        for event in events:
+            if self._room is not None:
+                self._room -= len(event)
+                if self._room < 0:
+                    self.truncated = True
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    self._add(line[5:].strip())
+
+    def _add(self, data: bytes) -> None:
+        try:
+            ev = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(ev, dict):
+            return
+        kind = ev.get("type")
+        response = ev.get("response")
+        if isinstance(response, dict):
+            self.id = self.id or response.get("id")
+            if kind == "response.created":
+                self.created = response
+            if kind in FINAL_TYPES:
+                self.final, self.final_type = response, str(kind)
+        if self.truncated:
+            return
+        if kind == "response.output_text.delta" and isinstance(ev.get("delta"), str):
+            self.text.append(ev["delta"])
+        elif kind == "response.output_item.done" and isinstance(ev.get("item"), dict):
+            item = ev["item"]
+            if item.get("type") == "function_call":
+                self.calls[str(item.get("id") or item.get("call_id"))] = item
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None
+
+    @property
+    def completed(self) -> bool:
+        return self.final_type == "response.completed"
+
+    def message(self) -> Message:
+        calls = [_call(item) for item in self.calls.values()]
+        msg: Message = {"role": "assistant", "content": "".join(self.text) if self.text else None}
+        if calls:
+            msg["tool_calls"] = calls
+        return msg
+
+    def response(self) -> dict[str, Any]:
+        if self.final is not None and not self.truncated:
+            return self.final
+        return {**self.created, "id": self.id, "object": "response", "status": "incomplete"}
+
+
+def _call(item: dict[str, Any]) -> dict[str, Any]:
+    return {"id": item.get("call_id"), "type": "function",
+            "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
+
+
+def reply_message(body: dict[str, Any]) -> Message:
+    """The assistant message of a ``response`` object: its output text and function calls."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for item in body["output"]:
+        if item.get("type") == "message":
+            texts.extend(p.get("text", "") for p in item.get("content") or () if p.get("type") == "output_text")
+        elif item.get("type") == "function_call":
+            calls.append(_call(item))
+    msg: Message = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+class ResponsesCodec:
+    name = "responses"
+    protocol = "openai"
+    upstream_path = "/responses"
+
+    def check(self, body: dict[str, Any]) -> None:
+        from gateway.stages.parse_request import check_model
+
+        items = body.get("input")
+        if isinstance(items, list):
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise BadRequest(f"'input[{i}]' must be an object (an input item)", code="invalid_input")
+        elif not isinstance(items, str):
+            raise BadRequest("'input' is required: a string or a list of input items", code="missing_input")
+        if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+            raise BadRequest("'instructions' must be a string", code="invalid_instructions")
+        prev = body.get("previous_response_id")
+        if prev is not None and not isinstance(prev, str):
+            raise BadRequest("'previous_response_id' must be a string", code="invalid_previous_response_id")
+        check_model(body.get("model"))
+        if not isinstance(body.get("stream", False), bool) and body.get("stream") is not None:
+            raise BadRequest("'stream' must be true or false", code="invalid_stream")
+
+    def messages(self, body: dict[str, Any]) -> list[Message]:
+        return to_messages(body)
+
+    def implied_session(self, ctx: Context) -> tuple[str | None, str]:
+        if _state_mode(ctx) != "gateway":
+            return None, ""
+        prev = ctx.body.get("previous_response_id")
+        if isinstance(prev, str):
+            chain = chain_of(prev)
+            if chain is None:
+                raise NotFound(f"previous response '{prev[:64]}' not found for this tenant",
+                               code="previous_response_not_found")
+            return chain[0], f"{chain[0]}_{ctx.request_id}"
+        if ctx.body.get("store") is False:
+            return None, ""
+        return f"resp_{ctx.request_id}", f"resp_{ctx.request_id}"
+
+    def forward_body(self, ctx: Context, policy: Policy | None, state: SessionState | None) -> bytes | None:
+        body = prepare_body(ctx, ctx.body)
+        if state is None or policy is None:
+            return orjson.dumps(body) if body is not ctx.body else None
+        opts = policy.session.inject
+        window, add_memo = window_plan(ctx.messages, state, window=opts.context_window, memo=opts.memo)
+        if not window and not add_memo:
+            return orjson.dumps(body) if body is not ctx.body else None
+        items = body["input"]
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items)
+        head = 0
+        while head < len(items) and items[head].get("role") in SYSTEM_ROLES:
+            head += 1
+        system, rest = items[:head], items[head:]
+        if add_memo and opts.memo_placement == "system":
+            system.append({"role": "system", "content": memo_section(state.memo)})
+        elif add_memo:
+            for i in range(len(rest) - 1, -1, -1):
+                if rest[i].get("role") == "user":
+                    rest[i] = _memo_into(rest[i], state.memo)
+                    break
+        return orjson.dumps({**body, "input": system + to_items(window) + rest})
+
+    def parse_reply(self, body: Any) -> Message:
+        try:
+            return reply_message(body)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamError("upstream sent a reply that is not a response object",
+                                code="bad_upstream_reply") from exc
+
+    def assembler(self, max_bytes: int | None) -> ResponsesAssembler:
+        return ResponsesAssembler(max_bytes)
+
+    def is_final(self, event: bytes) -> bool:
+        if event.startswith(b"event:"):
+            return event.split(b"\n", 1)[0][6:].strip().decode("ascii", "replace") in FINAL_TYPES
+        return _TYPE.search(event) is not None
+
+    def reply_prefix(self, prefix: bytes) -> str | None:
+        return None
+
+    def error_body(self, body: dict[str, Any], status: int) -> dict[str, Any]:
+        return body
+
+    def stream_error(self, body: dict[str, Any]) -> bytes:
+        err = body.get("error") or {}
+        event = {"type": "error", "code": err.get("code"), "message": err.get("message"), "param": None,
+                 "sequence_number": 0}
+        return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def prepare_body(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    """Under gateway-held state, what goes upstream: no ``previous_response_id``, ``store: false``."""
+    if _state_mode(ctx) != "gateway":
+        return body
+    return {**{k: v for k, v in body.items() if k != "previous_response_id"}, "store": False}
+
+
+def _state_mode(ctx: Context) -> str:
+    up = ctx.services.upstreams.route(ctx.model, ctx.codec.protocol)
+    return getattr(up, "responses_state", "gateway")
+
+
+RESPONSES = ResponsesCodec()

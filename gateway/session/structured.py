@@ -1,0 +1,126 @@
+"""Structured recording: tool calls, tool results and media parts kept as messages (pure).
+
+Under ``null`` input and reply keys, a round that carries tool calls (the reply's
+``tool_calls``), tool results (``role: tool`` messages answering them) or media parts (images,
+files) is recorded as structured messages in the neutral form (``gateway.codecs``): the user's
+messages with their parts, each tool result with its ``tool_call_id``, and the assistant message
+with its ``tool_calls``. The window injected from it is then a sequence the provider accepts: a
+client that sends only its tool result continues the conversation the upstream knows.
+
+The policy decides (``session.tools``, ``session.media``): tool arguments and results kept,
+redacted or dropped (dropping either drops both, since a call without its result, or a result
+without its call, is an invalid history); media parts kept (up to ``max_bytes``), replaced by a
+placeholder text part (default) or dropped. Any other round keeps the text form
+(``session.record``), byte for byte as before.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Any
+
+from gateway.policy import Policy
+from gateway.session.record import INPUT_ROLES, new_messages
+
+Message = dict[str, Any]
+MEDIA_TYPES = frozenset({"image_url", "file", "input_audio"})
+REDACTED_ARGUMENTS = '{"redacted": true}'
+REDACTED_RESULT = "[redacted tool result]"
+
+
+def _has_media(content: Any) -> bool:
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in MEDIA_TYPES for p in content)
+
+
+def needs_structure(messages: list[Message], reply: Message | None) -> bool:
+    """True when the round carries tool calls, tool results or media parts."""
+    if reply is not None and reply.get("tool_calls"):
+        return True
+    return any(m.get("role") in ("tool", "function") or _has_media(m.get("content")) for m in new_messages(messages))
+
+
+def placeholder(part: dict[str, Any]) -> str:
+    """``[image: image/png, 12345 bytes, sha256 3f2a…]``: what a media part was, never its content."""
+    kind = part.get("type")
+    if kind == "image_url":
+        url = str((part.get("image_url") or {}).get("url") or "")
+        label = "image"
+    elif kind == "file":
+        file = part.get("file") or {}
+        url = str(file.get("file_data") or file.get("url") or file.get("file_id") or file.get("source") or "")
+        label = "file"
+    else:
+        url = str(part.get("input_audio") or "")
+        label = "audio"
+    if url.startswith("data:") and ";base64," in url:
+        media, data = url[5:].split(";base64,", 1)
+        try:
+            raw = base64.b64decode(data, validate=False)
+        except (binascii.Error, ValueError):
+            raw = data.encode()
+        return f"[{label}: {media}, {len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()}]"
+    return f"[{label}: {len(url)} bytes of reference, sha256 {hashlib.sha256(url.encode()).hexdigest()}]"
+
+
+def _part_size(part: dict[str, Any]) -> int:
+    return len(str(part.get("image_url") or part.get("file") or part.get("input_audio") or ""))
+
+
+def media_content(content: Any, policy: Policy) -> Any:
+    """*content* with its media parts kept, placeholdered or dropped as the policy says."""
+    if not _has_media(content):
+        return content
+    media = policy.session.media
+    out: list[Any] = []
+    for part in content:
+        is_media = isinstance(part, dict) and part.get("type") in MEDIA_TYPES
+        if not is_media or (media.parts == "keep" and _part_size(part) <= media.max_bytes):
+            out.append(part)
+        elif media.parts != "drop":
+            out.append({"type": "text", "text": placeholder(part)})
+    return out
+
+
+def structured_round(policy: Policy, messages: list[Message], reply: Message | None,
+                     reply_text: str | None) -> list[Message] | None:
+    """The round's messages with their structure, or None when the text form applies (keys are
+    not ``null``, or the round has no tool call, tool result or media part). *reply_text* is the
+    recorded text of the reply (``session.record.render_reply``), its content here."""
+    if policy.input_paths is not None or policy.reply_paths is not None or not needs_structure(messages, reply):
+        return None
+    tools = policy.session.tools
+    drop_tools = "drop" in (tools.arguments, tools.results)
+    out: list[Message] = []
+    for m in new_messages(messages):
+        role = m.get("role")
+        if role not in INPUT_ROLES:
+            continue
+        if role in ("tool", "function"):
+            if drop_tools:
+                continue
+            content = REDACTED_RESULT if tools.results == "redact" else m.get("content")
+            out.append({"role": "tool", "tool_call_id": m.get("tool_call_id"), "content": content})
+            continue
+        content = media_content(m.get("content"), policy)
+        if content in (None, "", []):
+            continue
+        out.append({"role": "user", "content": content})
+    if reply is not None:
+        calls = [] if drop_tools else [_call(call, tools.arguments) for call in reply.get("tool_calls") or ()]
+        text = reply_text if not reply.get("tool_calls") else (reply.get("content") or None)
+        if calls:
+            out.append({"role": "assistant", "content": text if isinstance(text, str) and text else None,
+                        "tool_calls": calls})
+        elif text:
+            out.append({"role": "assistant", "content": text})
+    return out
+
+
+def _call(call: Any, arguments: str) -> Any:
+    if not isinstance(call, dict) or arguments != "redact":
+        return call
+    function = dict(call.get("function") or {})
+    function["arguments"] = REDACTED_ARGUMENTS
+    return {**call, "function": function}

@@ -1,0 +1,42 @@
+"""Fixtures for the protocol tests: a recording upstream speaking Responses and Messages
+(``tests.protocols.upstream``) and a gateway with one ``openai`` and one ``anthropic`` upstream
+pointing at it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import ACME_KEY, Gateway
+from tests.protocols.upstream import ProtocolUpstream, start_upstream
+
+
+@pytest.fixture
+def proto() -> Iterator[ProtocolUpstream]:
+    up, server = start_upstream()
+    try:
+        yield up
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_pgw(make_gateway: Callable[..., Gateway], proto: ProtocolUpstream) -> Callable[..., Gateway]:
+    def make(**overrides: Any) -> Gateway:
+        upstreams = [{"name": "oa", "base_url": f"{proto.url}/v1", "models": ["*"], "protocol": "openai"},
+                     {"name": "an", "base_url": f"{proto.url}/v1", "models": ["*"], "protocol": "anthropic"}]
+        return make_gateway(upstreams=upstreams, **overrides)
+    return make
+
+
+@pytest.fixture
+def pgw(make_pgw: Callable[..., Gateway]) -> Gateway:
+    return make_pgw()
+
+
+def anthropic_client(gw: Gateway, session: str | None = None, key: str = ACME_KEY, **kw: Any) -> Any:
+    import anthropic
+    headers = {"X-Session-Id": session} if session else None
+    return anthropic.Anthropic(base_url=gw.url, api_key=key, default_headers=headers, max_retries=0, **kw)

@@ -1,0 +1,116 @@
+"""``POST /v1/responses`` through the gateway with the real ``openai`` SDK: sessions, chains held
+by the gateway, streams, and the Responses routes on the chain."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ACME_KEY, GLOBEX_KEY, Gateway
+from tests.protocols.upstream import ProtocolUpstream
+
+
+def test_create_with_a_session_injects_the_window_as_input_items(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """With X-Session-Id, turn two's upstream input holds turn one as input items before the new input."""
+    client = pgw.openai(session="r1")
+    first = client.responses.create(model="gpt-4o-mini", input="my name is Ada")
+    assert first.output_text == "responses says: my name is Ada"
+    second = client.responses.create(model="gpt-4o-mini", input="what is my name?", instructions="be brief")
+    assert second.output_text == "responses says: what is my name?"
+    sent = proto.bodies("/v1/responses")[-1]
+    assert sent["instructions"] == "be brief"
+    assert sent["input"] == [{"role": "user", "content": "my name is Ada"},
+                             {"role": "assistant", "content": "responses says: my name is Ada"},
+                             {"role": "user", "content": "what is my name?"}]
+    exported = pgw.openai().get("/sessions/r1", cast_to=object)
+    assert [m["content"] for m in exported["full_context"]] == [
+        "my name is Ada", "responses says: my name is Ada", "what is my name?", "responses says: what is my name?"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_previous_response_id_chain_is_held_by_the_gateway(pgw: Gateway, proto: ProtocolUpstream,
+                                                           stream: bool) -> None:
+    """Three chained turns: the upstream gets store false, no previous_response_id, and the history
+    injected by the gateway; the chain is a session named after the first response id."""
+    client = pgw.openai()
+    ids: list[str] = []
+    previous = None
+    for turn in ("one", "two", "three"):
+        kwargs = {"previous_response_id": previous} if previous else {}
+        if stream:
+            events = list(client.responses.create(model="gpt-4o-mini", input=f"turn {turn}", stream=True, **kwargs))
+            assert [e.type for e in events][0] == "response.created"
+            assert events[-1].type == "response.completed"
+            text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+            rid = events[-1].response.id
+            assert {e.response.id for e in events if hasattr(e, "response")} == {rid}
+        else:
+            resp = client.responses.create(model="gpt-4o-mini", input=f"turn {turn}", **kwargs)
+            text, rid = resp.output_text, resp.id
+        assert text == f"responses says: turn {turn}"
+        ids.append(rid)
+        previous = rid
+    sent = proto.bodies("/v1/responses")
+    assert all(body["store"] is False and "previous_response_id" not in body for body in sent)
+    assert sent[0]["input"] == "turn one"
+    assert [item["content"] for item in sent[2]["input"]] == [
+        "turn one", "responses says: turn one", "turn two", "responses says: turn two", "turn three"]
+    session = ids[0]
+    assert ids[1].startswith(session + "_") and ids[2].startswith(session + "_")
+    assert all(not rid.startswith("resp_up") for rid in ids)  # the provider's ids never reach the client
+    exported = client.get(f"/sessions/{session}", cast_to=object)
+    assert len(exported["full_context"]) == 6
+
+
+def test_get_and_delete_a_response_within_the_tenant(pgw: Gateway) -> None:
+    """GET returns the recorded response; another tenant gets 404; DELETE erases the chain."""
+    client = pgw.openai()
+    first = client.responses.create(model="gpt-4o-mini", input="remember 42")
+    second = client.responses.create(model="gpt-4o-mini", input="and 43", previous_response_id=first.id)
+    got = client.responses.retrieve(second.id)
+    assert got.id == second.id and got.output_text == "responses says: and 43"
+    with pytest.raises(openai.NotFoundError):
+        pgw.openai(key=GLOBEX_KEY).responses.retrieve(second.id)
+    with pytest.raises(openai.NotFoundError):
+        pgw.openai(key=GLOBEX_KEY).responses.delete(second.id)
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="gpt-4o-mini", input="again", previous_response_id=first.id)
+
+
+def test_unknown_previous_response_id_is_404_before_the_upstream(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """A previous_response_id the gateway did not mint (or another tenant's) is 404, nothing sent upstream."""
+    client = pgw.openai()
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model="gpt-4o-mini", input="hi", previous_response_id="resp_provider123")
+    assert err.value.body["code"] == "previous_response_not_found"  # type: ignore[index]
+    theirs = pgw.openai(key=GLOBEX_KEY).responses.create(model="gpt-4o-mini", input="globex")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="gpt-4o-mini", input="hi", previous_response_id=theirs.id)
+    assert len(proto.bodies("/v1/responses")) == 1
+
+
+def test_store_false_without_session_records_nothing(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """store: false and no session: forwarded as is, no chain, no session."""
+    resp = pgw.openai().responses.create(model="gpt-4o-mini", input="ephemeral", store=False)
+    assert resp.id.startswith("resp_up")
+    assert pgw.openai().get("/sessions", cast_to=object)["data"] == []
+
+
+def test_bad_input_gets_openai_error_shape(pgw: Gateway) -> None:
+    """A Responses request without input is 400 in OpenAI's error shape."""
+    r = httpx.post(f"{pgw.base_url}/responses", json={"model": "m"}, headers={"Authorization": f"Bearer {ACME_KEY}"})
+    assert r.status_code == 400
+    assert r.json() == {"error": {"message": "'input' is required: a string or a list of input items",
+                                  "type": "invalid_request_error", "code": "missing_input"}}
+
+
+def test_a_provider_response_id_is_a_forwarded_route(pgw: Gateway) -> None:
+    """GET of an id the gateway did not mint goes the forwarded-route way: refused (403) unless the
+    upstream's forward_routes allow ``responses``."""
+    r = httpx.get(f"{pgw.base_url}/responses/resp_provider123", headers={"Authorization": f"Bearer {ACME_KEY}"})
+    assert r.status_code == 403
+    assert "forward_routes" in r.json()["error"]["message"]

@@ -1,0 +1,174 @@
+"""Tool calls recorded as structured messages in every protocol: a client that relies on the
+gateway's memory and sends only its tool result gets a history the provider accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, Gateway, Upstream
+from tests.protocols.conftest import anthropic_client
+from tests.protocols.upstream import ProtocolUpstream
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+
+
+def _export(gw: Gateway, sid: str) -> list[dict[str, Any]]:
+    return gw.openai().get(f"/sessions/{sid}", cast_to=object)["full_context"]  # type: ignore[no-any-return]
+
+
+def test_chat_client_sends_only_its_tool_result(gateway: Gateway, upstream: Upstream) -> None:
+    """Chat: the upstream receives user, assistant tool_calls, tool: the call and its answer, in order."""
+    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [CALL]}
+                                   if body["messages"][-1]["role"] == "user" else "It is sunny.")
+    client = gateway.openai(session="tools-chat")
+    first = client.chat.completions.create(model="m", tools=[TOOL], messages=[{"role": "user", "content": "weather?"}])
+    assert first.choices[0].message.tool_calls[0].id == "call_1"
+    second = client.chat.completions.create(model="m", tools=[TOOL], messages=[
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"}])
+    assert second.choices[0].message.content == "It is sunny."
+    assert upstream.requests[1]["messages"] == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"}]
+    assert _export(gateway, "tools-chat")[2:] == [
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"},
+        {"role": "assistant", "content": "It is sunny."}]
+
+
+def test_responses_client_sends_only_its_function_call_output(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """Responses: the upstream receives the user item, the function_call item and its output."""
+    client = pgw.openai(session="tools-resp")
+    tool = {"type": "function", "name": "get_weather", "parameters": TOOL["function"]["parameters"]}
+    first = client.responses.create(model="m", input="weather?", tools=[tool])  # type: ignore[list-item]
+    call = next(item for item in first.output if item.type == "function_call")
+    second = client.responses.create(model="m", tools=[tool], input=[  # type: ignore[list-item]
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert second.output_text == "tool said: sunny"
+    sent = proto.bodies("/v1/responses")[-1]["input"]
+    assert sent == [{"role": "user", "content": "weather?"},
+                    {"type": "function_call", "call_id": call.call_id, "name": "get_weather",
+                     "arguments": '{"city": "Paris"}'},
+                    {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+
+
+def test_messages_client_sends_only_its_tool_result(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """Messages: the upstream receives user, assistant tool_use, user tool_result (alternating roles)."""
+    client = anthropic_client(pgw, session="tools-msg")
+    tool = {"name": "get_weather", "description": "weather", "input_schema": TOOL["function"]["parameters"]}
+    first = client.messages.create(model="c", max_tokens=50, tools=[tool],  # type: ignore[list-item]
+                                   messages=[{"role": "user", "content": "weather?"}])
+    use = next(block for block in first.content if block.type == "tool_use")
+    with client.messages.stream(model="c", max_tokens=50, tools=[tool], messages=[  # type: ignore[list-item]
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}]) as s:
+        assert s.get_final_text() == "tool said: sunny"
+    sent = proto.bodies("/v1/messages")[-1]["messages"]
+    assert sent == [{"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": "get_weather",
+                                                       "input": {"city": "Paris"}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}]
+
+
+def _policy(tmp: Path, tools: str) -> Path:
+    folder = tmp / "pol"
+    folder.mkdir(exist_ok=True)
+    text = (REPO / "policies/default.yaml").read_text().replace("inject: {", f"tools: {tools}\n  inject: {{")
+    (folder / "default.yaml").write_text(text)
+    return folder
+
+
+def test_policy_redacts_tool_arguments_and_results(make_gateway: Any, upstream: Upstream, tmp_path: Path) -> None:
+    """tools: {arguments: redact, results: redact} keeps the sequence, never the values."""
+    gw = make_gateway(_policy(tmp_path, "{arguments: redact, results: redact}"))
+    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [CALL]}
+                                   if body["messages"][-1]["role"] == "user" else "done")
+    client = gw.openai(session="redact-tools")
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "weather?"}])
+    client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_1",
+                                                         "content": "CANARY-RESULT-7731"}])
+    full = _export(gw, "redact-tools")
+    assert full[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"redacted": true}'}
+    assert full[2] == {"role": "tool", "tool_call_id": "call_1", "content": "[redacted tool result]"}
+    assert b"Oslo" not in gw.stored_bytes() and b"CANARY-RESULT-7731" not in gw.stored_bytes()
+
+
+def test_policy_drops_tool_calls_and_results(make_gateway: Any, upstream: Upstream, tmp_path: Path) -> None:
+    """tools: {results: drop} records neither the calls nor their results."""
+    gw = make_gateway(_policy(tmp_path, "{results: drop}"))
+    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [CALL]}
+                                   if body["messages"][-1]["role"] == "user" else "done")
+    client = gw.openai(session="drop-tools")
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "weather?"}])
+    client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_1", "content": "x"}])
+    assert _export(gw, "drop-tools") == [{"role": "user", "content": "weather?"},
+                                         {"role": "assistant", "content": "done"}]
+
+
+def test_export_keeps_tool_structure_under_redaction(gateway: Gateway, upstream: Upstream, tmp_path: Path) -> None:
+    """An export shows the tool call (id, name) and the result's tool_call_id; detectors apply to
+    the arguments as to any text (the default policy hashes e-mail addresses)."""
+    import io
+    import tarfile
+
+    import httpx
+    import orjson
+
+    from tests.conftest import AUDITOR_TOKEN
+    call = {"id": "call_9", "type": "function",
+            "function": {"name": "send_mail", "arguments": '{"to": "bob@example.com"}'}}
+    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [call]}
+                                   if body["messages"][-1]["role"] == "user" else "sent")
+    client = gateway.openai(session="export-tools")
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "mail bob"}])
+    client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_9", "content": "ok"}])
+    r = httpx.get(f"{gateway.url}/admin/export?tenant=acme&format=jsonl",
+                  headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    records = [orjson.loads(line) for line in (tmp_path / "acme-export.jsonl").read_bytes().splitlines()]
+    first, second = records[0]["messages"], records[1]["messages"]
+    exported_call = first[1]["tool_calls"][0]
+    assert (exported_call["id"], exported_call["function"]["name"]) == ("call_9", "send_mail")
+    assert "bob@example.com" not in exported_call["function"]["arguments"]
+    assert "pseud:" in exported_call["function"]["arguments"]
+    assert second[0] == {"role": "tool", "content": "ok", "tool_call_id": "call_9"}
+
+
+def test_messages_memo_goes_after_tool_results(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """With a memo, a user message of only tool_result blocks keeps them first (Anthropic's rule)."""
+    import httpx
+
+    from tests.conftest import ACME_KEY
+    assert httpx.put(f"{pgw.base_url}/sessions/memo-tools/memo", json={"memo": "likes tea"},
+                     headers={"Authorization": f"Bearer {ACME_KEY}"}).status_code == 200
+    anthropic_client(pgw, session="memo-tools").messages.create(model="c", max_tokens=9, messages=[
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}])
+    content = proto.bodies("/v1/messages")[-1]["messages"][-1]["content"]
+    assert content[0]["type"] == "tool_result"
+    assert content[1]["type"] == "text" and "likes tea" in content[1]["text"]
+
+
+@pytest.mark.parametrize("protocol", ["responses", "messages"])
+def test_key_paths_address_tool_calls_in_every_protocol(make_pgw: Any, tmp_path: Path, protocol: str) -> None:
+    """reply_keys ``tool_calls[*].function.name`` and ``...arguments.city`` find a Responses
+    function_call item and an Anthropic tool_use block alike."""
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    text = (REPO / "policies/default.yaml").read_text().replace(
+        "reply_keys: null", 'reply_keys: ["tool_calls[*].function.name", "tool_calls[0].function.arguments.city"]')
+    (folder / "default.yaml").write_text(text)
+    gw = make_pgw(policies=folder)
+    if protocol == "responses":
+        gw.openai(session="k").responses.create(model="m", input="weather?", tools=[
+            {"type": "function", "name": "get_weather", "parameters": TOOL["function"]["parameters"]}])
+    else:
+        anthropic_client(gw, session="k").messages.create(model="c", max_tokens=9, tools=[
+            {"name": "get_weather", "input_schema": TOOL["function"]["parameters"]}],
+            messages=[{"role": "user", "content": "weather?"}])
+    full = _export(gw, "k")
+    assert full[1] == {"role": "assistant", "content": "[tool_calls[*].function.name]:\n- get_weather\n"
+                                                       "[tool_calls[0].function.arguments.city]:\nParis"}

@@ -1,0 +1,228 @@
+"""A recording test upstream that speaks OpenAI's Responses API and Anthropic's Messages API,
+JSON and SSE, with the event sequences the real APIs send (checked against the ``openai`` and
+``anthropic`` SDKs' event types).
+
+``requests`` holds ``(path, headers, body)`` of every request. Model ``cut`` breaks a stream
+off after four events; model ``broken`` answers a Responses request with 500. The reply is
+``"<protocol> says: <last user text>"``; when the request offers tools and its last input is not
+a tool result, the reply is a call of the first tool with ``{"city": "Paris"}``; after a tool
+result the reply is ``"tool said: <result>"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tests.conftest import _Server
+
+_ids = itertools.count(1)
+
+
+def _sse(kind: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p)
+    return ""
+
+
+# --- Responses ------------------------------------------------------------------------------
+
+def responses_plan(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    last = items[-1] if items else {}
+    if last.get("type") == "function_call_output":
+        return f"tool said: {last.get('output')}", None
+    if body.get("tools"):
+        tool = body["tools"][0]
+        return None, {"name": tool.get("name"), "arguments": '{"city": "Paris"}'}
+    users = [i for i in items if i.get("role") == "user"]
+    return f"responses says: {_text_of(users[-1].get('content')) if users else ''}", None
+
+
+def response_object(body: dict[str, Any], text: str | None, call: dict[str, Any] | None, rid: str,
+                    status: str = "completed") -> dict[str, Any]:
+    output: list[dict[str, Any]] = []
+    if text is not None:
+        output.append({"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
+                       "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    if call is not None:
+        output.append({"type": "function_call", "id": f"fc_{rid}", "call_id": f"call_{rid}", "status": "completed",
+                       **call})
+    return {"id": f"resp_up{rid}", "object": "response", "created_at": 1, "status": status,
+            "model": body.get("model"), "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
+            "tools": body.get("tools") or [], "instructions": body.get("instructions"), "metadata": {},
+            "error": None, "incomplete_details": None, "temperature": 1.0, "top_p": 1.0,
+            "store": body.get("store", True),
+            "usage": {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12,
+                      "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
+
+
+def responses_events(body: dict[str, Any], text: str | None, call: dict[str, Any] | None, rid: str) -> list[bytes]:
+    final = response_object(body, text, call, rid)
+    start = {**final, "status": "in_progress", "output": [], "usage": None}
+    seq = itertools.count()
+    out = [_sse("response.created", {"response": start, "sequence_number": next(seq)}),
+           _sse("response.in_progress", {"response": start, "sequence_number": next(seq)})]
+    for index, item in enumerate(final["output"]):
+        if item["type"] == "message":
+            out.append(_sse("response.output_item.added", {"output_index": index, "sequence_number": next(seq),
+                                                           "item": {**item, "status": "in_progress", "content": []}}))
+            part = {"type": "output_text", "text": "", "annotations": []}
+            out.append(_sse("response.content_part.added", {"item_id": item["id"], "output_index": index,
+                                                            "content_index": 0, "part": part,
+                                                            "sequence_number": next(seq)}))
+            words = text.split(" ") if text else []
+            for i, word in enumerate(words):
+                out.append(_sse("response.output_text.delta", {
+                    "item_id": item["id"], "output_index": index, "content_index": 0, "logprobs": [],
+                    "delta": word if i == 0 else " " + word, "sequence_number": next(seq)}))
+            out.append(_sse("response.output_text.done", {"item_id": item["id"], "output_index": index,
+                                                          "content_index": 0, "text": text, "logprobs": [],
+                                                          "sequence_number": next(seq)}))
+            out.append(_sse("response.content_part.done", {"item_id": item["id"], "output_index": index,
+                                                           "content_index": 0, "part": item["content"][0],
+                                                           "sequence_number": next(seq)}))
+        else:
+            out.append(_sse("response.output_item.added", {"output_index": index, "sequence_number": next(seq),
+                                                           "item": {**item, "arguments": "",
+                                                                    "status": "in_progress"}}))
+            out.append(_sse("response.function_call_arguments.delta", {
+                "item_id": item["id"], "output_index": index, "delta": item["arguments"],
+                "sequence_number": next(seq)}))
+            out.append(_sse("response.function_call_arguments.done", {
+                "item_id": item["id"], "output_index": index, "arguments": item["arguments"],
+                "name": item["name"], "sequence_number": next(seq)}))
+        out.append(_sse("response.output_item.done", {"output_index": index, "item": item,
+                                                      "sequence_number": next(seq)}))
+    out.append(_sse("response.completed", {"response": final, "sequence_number": next(seq)}))
+    return out
+
+
+# --- Messages -------------------------------------------------------------------------------
+
+def messages_plan(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    last = body["messages"][-1]
+    content = last.get("content")
+    if isinstance(content, list):
+        results = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+        if results:
+            return f"tool said: {_text_of(results[-1].get('content'))}", None
+    if body.get("tools"):
+        return None, {"name": body["tools"][0]["name"], "input": {"city": "Paris"}}
+    return f"messages says: {_text_of(content)}", None
+
+
+def message_object(body: dict[str, Any], text: str | None, call: dict[str, Any] | None, rid: str) -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    if text is not None:
+        content.append({"type": "text", "text": text})
+    if call is not None:
+        content.append({"type": "tool_use", "id": f"toolu_{rid}", **call})
+    return {"id": f"msg_up{rid}", "type": "message", "role": "assistant", "model": body.get("model"),
+            "content": content, "stop_reason": "tool_use" if call else "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 5, "output_tokens": 7}}
+
+
+def messages_events(body: dict[str, Any], text: str | None, call: dict[str, Any] | None, rid: str) -> list[bytes]:
+    final = message_object(body, text, call, rid)
+    start = {**final, "content": [], "stop_reason": None, "usage": {"input_tokens": 5, "output_tokens": 1}}
+    out = [_sse("message_start", {"message": start}), _sse("ping", {})]
+    for index, block in enumerate(final["content"]):
+        if block["type"] == "text":
+            out.append(_sse("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}}))
+            for i, word in enumerate(block["text"].split(" ")):
+                out.append(_sse("content_block_delta", {"index": index, "delta": {
+                    "type": "text_delta", "text": word if i == 0 else " " + word}}))
+        else:
+            out.append(_sse("content_block_start", {"index": index, "content_block": {**block, "input": {}}}))
+            raw = orjson.dumps(block["input"]).decode()
+            for piece in (raw[: len(raw) // 2], raw[len(raw) // 2:]):
+                out.append(_sse("content_block_delta", {"index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": piece}}))
+        out.append(_sse("content_block_stop", {"index": index}))
+    out.append(_sse("message_delta", {"delta": {"stop_reason": final["stop_reason"], "stop_sequence": None},
+                                      "usage": {"output_tokens": 7}}))
+    out.append(_sse("message_stop", {}))
+    return out
+
+
+@dataclass
+class ProtocolUpstream:
+    url: str = ""
+    requests: list[tuple[str, dict[str, str], dict[str, Any]]] = field(default_factory=list)
+
+    def bodies(self, path: str) -> list[dict[str, Any]]:
+        return [body for p, _, body in self.requests if p == path]
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(("/v1/chat/completions", dict(request.headers), body))
+        text = f"chat says: {_text_of(body['messages'][-1].get('content'))}"
+        return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                                  "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": text}}]})
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(("/v1/responses", dict(request.headers), body))
+        if body.get("model") == "broken":
+            return web.json_response({"error": {"message": "broken", "type": "server_error", "code": None}},
+                                     status=500)
+        text, call = responses_plan(body)
+        rid = f"{next(_ids):04d}"
+        if not body.get("stream"):
+            return web.json_response(response_object(body, text, call, rid))
+        return await self._stream(request, responses_events(body, text, call, rid), cut=body.get("model") == "cut")
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(("/v1/messages", dict(request.headers), body))
+        text, call = messages_plan(body)
+        rid = f"{next(_ids):04d}"
+        if not body.get("stream"):
+            return web.json_response(message_object(body, text, call, rid))
+        return await self._stream(request, messages_events(body, text, call, rid), cut=body.get("model") == "cut")
+
+    async def _stream(self, request: web.Request, events: list[bytes], cut: bool = False) -> web.StreamResponse:
+        """The events in writes of 97 bytes; with *cut*, the first four events, then the connection
+        is closed (an upstream that breaks off mid-stream)."""
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        if cut:
+            await out.write(b"".join(events[:4]))
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return out
+        blob = b"".join(events)
+        for i in range(0, len(blob), 97):  # writes that do not follow event boundaries
+            await out.write(blob[i:i + 97])
+        await out.write_eof()
+        return out
+
+
+def start_upstream() -> tuple[ProtocolUpstream, _Server]:
+    up = ProtocolUpstream()
+    server = _Server(up.app())
+    up.url = f"http://127.0.0.1:{server.port}"
+    return up, server
