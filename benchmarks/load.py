@@ -81,27 +81,42 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def request_body(n: int, stream: bool, model: str) -> bytes:
+PROTOCOLS = ("chat", "responses", "messages")
+"""The wire protocols a cell can speak: Chat Completions, OpenAI Responses, Anthropic Messages."""
+PATHS = {"chat": "/chat/completions", "responses": "/responses", "messages": "/messages"}
+FINAL = {"chat": DONE, "responses": b"event: response.completed", "messages": b"event: message_stop"}
+"""What a complete stream of each protocol carries (its final event)."""
+
+
+def request_body(n: int, stream: bool, model: str, protocol: str = "chat") -> bytes:
+    system = "You are the benchmark's model."
+    text = f"Benchmark request {n}: please answer in one sentence."
+    if protocol == "responses":
+        return orjson.dumps({"model": model, "stream": stream, "instructions": system, "input": text})
+    if protocol == "messages":
+        return orjson.dumps({"model": model, "stream": stream, "max_tokens": 256, "system": system,
+                             "messages": [{"role": "user", "content": text}]})
     return orjson.dumps({
         "model": model,
         "stream": stream,
         "messages": [
-            {"role": "system", "content": "You are the benchmark's model."},
-            {"role": "user", "content": f"Benchmark request {n}: please answer in one sentence."},
+            {"role": "system", "content": system},
+            {"role": "user", "content": text},
         ],
     })
 
 
 async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-               stream: bool, result: CellResult) -> None:
+               stream: bool, result: CellResult, final: bytes = DONE) -> None:
     started = time.perf_counter()
     try:
         async with session.post(url, data=body, headers=headers) as response:
             first = await response.content.readany()
             first_at = time.perf_counter()
-            tail = first
+            tail, seen = first, final in first
             async for chunk in response.content.iter_any():
-                tail = (tail + chunk)[-len(DONE):]
+                seen = seen or final in tail[-len(final):] + chunk
+                tail = (tail + chunk)[-len(final):]
             finished = time.perf_counter()
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -109,8 +124,8 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
         return
     if status != 200:
         result.error(f"HTTP {status}: {first[:200]!r}")
-    elif stream and not tail.endswith(DONE):
-        result.error("stream ended without [DONE]")
+    elif stream and not seen:
+        result.error(f"stream ended without its final event ({final.decode()})")
     else:
         result.ok += 1
         result.latencies.append(finished - started)
@@ -120,14 +135,14 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
 
 async def run_cell(base_url: str | Sequence[str], *, stream: bool, concurrency: int, requests: int,
                    time_cap: float, api_key: str = "sg-demo-acme", session_prefix: str | None = "bench",
-                   model: str = "standin") -> CellResult:
+                   model: str = "standin", protocol: str = "chat") -> CellResult:
     """Run one cell against ``base_url`` (ending in ``/v1``), or round-robin over several, and
     return what it measured. With ``session_prefix`` None no ``X-Session-Id`` is sent (each
     request stands alone). Raises ``ValueError`` for an empty list of URLs."""
     bases = [base_url] if isinstance(base_url, str) else list(base_url)
     if not bases:
         raise ValueError("run_cell needs at least one base URL")
-    urls = [base.rstrip("/") + "/chat/completions" for base in bases]
+    urls = [base.rstrip("/") + PATHS[protocol] for base in bases]
     result = CellResult(requested=requests)
     numbers = itertools.count()
     connector = aiohttp.TCPConnector(limit=0)
@@ -136,14 +151,16 @@ async def run_cell(base_url: str | Sequence[str], *, stream: bool, concurrency: 
 
         async def worker(w: int) -> None:
             headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+            if protocol == "messages":
+                headers["anthropic-version"] = "2023-06-01"
             if session_prefix is not None:
                 headers["X-Session-Id"] = f"{session_prefix}-{w}"
             while time.perf_counter() < deadline:
                 n = next(numbers)
                 if n >= requests:
                     return
-                await _one(session, urls[n % len(urls)], request_body(n, stream, model), headers, stream,
-                           result)
+                await _one(session, urls[n % len(urls)], request_body(n, stream, model, protocol), headers, stream,
+                           result, FINAL[protocol])
 
         started = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))

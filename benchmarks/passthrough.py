@@ -32,7 +32,7 @@ async def _client(app: web.Application) -> AsyncIterator[None]:
 async def forward(request: web.Request) -> web.StreamResponse:
     """Send the request body upstream and relay the reply's status, type and bytes."""
     headers = {name: request.headers[name] for name in FORWARDED if name in request.headers}
-    url = request.app[UPSTREAM] + "/chat/completions"
+    url = request.app[UPSTREAM] + request.path[len("/v1"):]
     try:
         async with request.app[SESSION].post(url, data=await request.read(), headers=headers) as upstream:
             content_type = upstream.headers.get("Content-Type", "application/json")
@@ -54,7 +54,8 @@ def make_app(upstream: str) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[UPSTREAM] = upstream.rstrip("/")
     app.cleanup_ctx.append(_client)
-    app.router.add_post("/v1/chat/completions", forward)
+    for path in ("/v1/chat/completions", "/v1/responses", "/v1/messages"):
+        app.router.add_post(path, forward)
     return app
 
 

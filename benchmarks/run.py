@@ -47,7 +47,7 @@ from typing import Any
 import asyncpg
 import yaml
 
-from benchmarks.load import CellResult, run_cell, run_sync
+from benchmarks.load import PROTOCOLS, CellResult, run_cell, run_sync
 from gateway.store.postgres import describe_dsn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,7 +191,9 @@ def gateway_config(env: Env, name: str, port: int, replica: int = 0,
     config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     config = deep_merge(config, {
         "server": {"host": "127.0.0.1", "port": port},
-        "upstreams": [{"name": "bench", "base_url": env.upstream_url, "models": ["*"]}],
+        "upstreams": [{"name": "bench", "base_url": env.upstream_url, "models": ["*"]},
+                      {"name": "bench-anthropic", "base_url": env.upstream_url, "models": ["*"],
+                       "protocol": "anthropic"}],  # the same stand-in answers /v1/messages
         "store": {"path": str(state / "sessiongate.db")},
         "keys": {"master_key_file": str(state / "master-keys.json")},
         "policies": {"path": str(Path(env.args.policies).resolve())},
@@ -389,6 +391,12 @@ class Row:
     result: CellResult
     cpu_ms_per_request: float | None
     db_cpu_ms_per_request: float | None = None
+    protocol: str = "chat"
+
+    @property
+    def mode(self) -> str:
+        kind = "stream" if self.stream else "json"
+        return kind if self.protocol == "chat" else f"{self.protocol} {kind}"
 
 
 class CpuMeter:
@@ -420,15 +428,18 @@ def per_request(seconds: float | None, result: CellResult) -> float | None:
 def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase | None) -> list[Row]:
     """Warm every target up, then run every cell."""
     for run in targets:
-        for stream in (False, True):
-            warm = run_sync(run_cell(run.urls, stream=stream, concurrency=4, requests=args.warmup, time_cap=10,
-                                     api_key=run.target.api_key, session_prefix=f"warmup-{run.target.name}"))
-            if warm.ok == 0:
-                raise RuntimeError(f"{run.target.name} answered no warm-up request: {warm.first_error}")
+        for protocol in args.protocols:
+            for stream in (False, True):
+                warm = run_sync(run_cell(run.urls, stream=stream, concurrency=4, requests=args.warmup, time_cap=10,
+                                         api_key=run.target.api_key, session_prefix=f"warmup-{run.target.name}",
+                                         protocol=protocol))
+                if warm.ok == 0:
+                    raise RuntimeError(f"{run.target.name} answered no {protocol} warm-up request: "
+                                       f"{warm.first_error}")
     db_meter = CpuMeter(db.server_pids) if db is not None else None
     rows = []
-    for cell, (stream, concurrency, run) in enumerate(
-            (s, c, t) for s in (False, True) for c in args.concurrency for t in targets):
+    for cell, (protocol, stream, concurrency, run) in enumerate(
+            (p, s, c, t) for p in args.protocols for s in (False, True) for c in args.concurrency for t in targets):
         proxy = CpuMeter(lambda run=run: with_children(run.pids))
         database = db_meter if run.target.postgres else None
         for meter in (proxy, database):
@@ -437,12 +448,13 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
         time_cap = args.pg_time_cap if run.target.postgres else args.time_cap
         result = run_sync(run_cell(run.urls, stream=stream, concurrency=concurrency, requests=args.requests,
                                    time_cap=time_cap, api_key=run.target.api_key,
-                                   session_prefix=f"bench-{cell}" if run.target.sessions else None))
+                                   session_prefix=f"bench-{cell}" if run.target.sessions else None,
+                                   protocol=protocol))
         cpu = per_request(proxy.stop() if run.pids else None, result)
         db_cpu = per_request(database.stop(), result) if database is not None else None
-        rows.append(Row(run.target.name, stream, concurrency, result, cpu, db_cpu))
-        mode = "stream" if stream else "json"
-        print(f"  {run.target.name:<12} {mode:<6} c={concurrency:<3} {result.ok:>6} ok {result.errors:>4} err "
+        row = Row(run.target.name, stream, concurrency, result, cpu, db_cpu, protocol)
+        rows.append(row)
+        print(f"  {run.target.name:<12} {row.mode:<6} c={concurrency:<3} {result.ok:>6} ok {result.errors:>4} err "
               f"{result.rps:>8.0f} req/s", file=sys.stderr, flush=True)
         if result.first_error:
             print(f"    first error: {result.first_error}", file=sys.stderr)
@@ -459,18 +471,18 @@ def _cpu(ms: float | None) -> str:
 
 def table(rows: list[Row], *, db_column: bool = False) -> str:
     """The Markdown table of all rows; ``db_column`` adds the PostgreSQL server's CPU."""
-    direct = {(r.stream, r.concurrency): r.result.p50 for r in rows if r.target == "direct"}
+    direct = {(r.protocol, r.stream, r.concurrency): r.result.p50 for r in rows if r.target == "direct"}
     lines = [
         "| target | mode | concurrency | ok / err | req/s | p50 ms | p99 ms | TTFB p50 ms | "
         "added p50 vs direct ms | proxy CPU ms/req |" + (" PostgreSQL CPU ms/req |" if db_column else ""),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if db_column else ""),
     ]
     for r in rows:
-        base = direct.get((r.stream, r.concurrency))
+        base = direct.get((r.protocol, r.stream, r.concurrency))
         added = "-" if r.target == "direct" or base is None or r.result.p50 is None else \
             f"{(r.result.p50 - base) * 1000:+.2f}"
         lines.append(
-            f"| {r.target} | {'stream' if r.stream else 'json'} | {r.concurrency} | "
+            f"| {r.target} | {r.mode} | {r.concurrency} | "
             f"{r.result.ok} / {r.result.errors} | {r.result.rps:.0f} | {_ms(r.result.p50)} | "
             f"{_ms(r.result.p99)} | {_ms(r.result.ttfb_p50) if r.stream else '-'} | {added} | "
             f"{_cpu(r.cpu_ms_per_request)} |" + (f" {_cpu(r.db_cpu_ms_per_request)} |" if db_column else ""))
@@ -490,6 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "never above --time-cap)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated levels")
+    parser.add_argument("--protocols", default="chat",
+                        help=f"comma-separated wire protocols to measure ({', '.join(PROTOCOLS)}; default chat)")
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                         help=f"comma-separated, from: {', '.join(t.name for t in TARGETS)}")
     parser.add_argument("--chunks", type=int, default=20, help="content pieces per streamed reply")
@@ -506,6 +520,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.pg_time_cap = min(args.pg_time_cap or 5.0, args.time_cap)
     args.warmup = 20 if args.quick else 100
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    unknown = [p for p in args.protocols if p not in PROTOCOLS]
+    if unknown:
+        parser.error(f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
     known = {t.name: t for t in TARGETS}
     unknown = [n for n in args.targets.split(",") if n not in known]
     if unknown:
