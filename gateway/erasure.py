@@ -64,9 +64,6 @@ class ErasureFinisher:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def is_pending(self, request_id: str) -> bool:
-        return request_id in self._pending
-
     async def settle(self, tenant: str, session_id: str, request_id: str) -> bool:
         """Finish the committed erasure *request_id*: True when its bytes have left the store's
         files (and ``erasure_completed`` is audited), False when it stays pending (retried in

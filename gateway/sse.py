@@ -80,19 +80,15 @@ class EventSplitter:
         return skipped + out
 
 
-class ReplyAssembler:
-    """Builds the assistant message of choice 0 from ``chat.completion.chunk`` events."""
+class EventAssembler:
+    """Base of the per-protocol reply assemblers (Chat's below, Responses' and Messages' in
+    ``gateway.codecs``): counts event bytes against ``max_bytes`` (``truncated`` once past it) and
+    hands each ``data:`` line that holds a JSON object to :meth:`on_event`; anything else is
+    skipped."""
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self._room = max_bytes
         self.truncated = False
-        self.content: list[str] = []
-        self.tool_calls: dict[int, dict[str, Any]] = {}
-        self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
-        self.model: str | None = None
-        self.id: str | None = None
-        self.refusal: list[str] = []
 
     def add_events(self, events: list[bytes]) -> None:
         for event in events:
@@ -106,11 +102,30 @@ class ReplyAssembler:
 
     def _add(self, data: bytes) -> None:
         try:
-            chunk = orjson.loads(data)
+            event = orjson.loads(data)
         except orjson.JSONDecodeError:
             return
-        if not isinstance(chunk, dict):
-            return
+        if isinstance(event, dict):
+            self.on_event(event)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class ReplyAssembler(EventAssembler):
+    """Builds the assistant message of choice 0 from ``chat.completion.chunk`` events."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        super().__init__(max_bytes)
+        self.content: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.model: str | None = None
+        self.id: str | None = None
+        self.refusal: list[str] = []
+
+    def on_event(self, chunk: dict[str, Any]) -> None:
         self.id = self.id or chunk.get("id")
         self.model = self.model or chunk.get("model")
         if chunk.get("usage"):

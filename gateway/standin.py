@@ -398,19 +398,7 @@ class _Standin:
             return _error(400, f"Previous response with id {str(previous)[:64]!r} not found (the sessiongate "
                                "stand-in model keeps no responses).", "invalid_request_error",
                           "previous_response_not_found", param="previous_response_id")
-        fail = request.headers.get("X-Standin-Fail")
-        if fail is not None and fail not in ("timeout", "drop-mid-stream"):
-            return _failure(fail)
-        if fail == "timeout":
-            await _wait_for_hang_up(request, TIMEOUT_SECONDS)
-        view = responses_view(body)
-        reply = ResponsesReply(body, view, await self._message(view), next(self.ids))
-        drop = fail == "drop-mid-stream"
-        if body.get("stream") is True:
-            return await self._stream_events(request, reply.events(self.chunks), drop)
-        if drop:
-            return await _drop_json(request, orjson.dumps(reply.body()))
-        return web.Response(body=orjson.dumps(reply.body()), content_type=_JSON)
+        return await self._reply(request, body, responses_view(body), ResponsesReply, _failure)
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -421,13 +409,17 @@ class _Standin:
         if problem is not None:
             return _anthropic(400, problem)
         self._seen(request, body)
+        return await self._reply(request, body, messages_view(body), MessagesReply, _anthropic_failure)
+
+    async def _reply(self, request: web.Request, body: dict[str, Any], view: Any, reply_type: Any,
+                     failure: Callable[[str], web.Response]) -> web.StreamResponse:
+        """A Responses or Messages reply (JSON or SSE), honouring ``X-Standin-Fail``."""
         fail = request.headers.get("X-Standin-Fail")
         if fail is not None and fail not in ("timeout", "drop-mid-stream"):
-            return _anthropic_failure(fail)
+            return failure(fail)
         if fail == "timeout":
             await _wait_for_hang_up(request, TIMEOUT_SECONDS)
-        view = messages_view(body)
-        reply = MessagesReply(body, view, await self._message(view), next(self.ids))
+        reply = reply_type(body, view, await self._message(view), next(self.ids))
         drop = fail == "drop-mid-stream"
         if body.get("stream") is True:
             return await self._stream_events(request, reply.events(self.chunks), drop)

@@ -24,6 +24,7 @@ import orjson
 from gateway.codecs import window_plan
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
+from gateway.sse import EventAssembler
 
 if TYPE_CHECKING:
     from gateway.context import Context
@@ -161,12 +162,11 @@ def _with_memo(content: Any, memo: Any) -> Any:
     return with_memo(content, memo)
 
 
-class MessagesAssembler:
+class MessagesAssembler(EventAssembler):
     """Builds the assistant message of a Messages stream from its events."""
 
     def __init__(self, max_bytes: int | None = None) -> None:
-        self._room = max_bytes
-        self.truncated = False
+        super().__init__(max_bytes)
         self.id: str | None = None
         self.start: dict[str, Any] = {}
         self.blocks: dict[int, dict[str, Any]] = {}
@@ -174,23 +174,7 @@ class MessagesAssembler:
         self.usage: dict[str, Any] = {}
         self.stopped = False
 
-    def add_events(self, events: list[bytes]) -> None:
-        for event in events:
-            if self._room is not None:
-                self._room -= len(event)
-                if self._room < 0:
-                    self.truncated = True
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    self._add(line[5:].strip())
-
-    def _add(self, data: bytes) -> None:
-        try:
-            ev = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(ev, dict):
-            return
+    def on_event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
         if kind == "message_start" and isinstance(ev.get("message"), dict):
             self.start = ev["message"]

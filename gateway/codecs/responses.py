@@ -35,6 +35,7 @@ from gateway.codecs import window_plan
 from gateway.errors import BadRequest, NotFound, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
 from gateway.session.record import SYSTEM_ROLES
+from gateway.sse import EventAssembler
 
 if TYPE_CHECKING:
     from gateway.context import Context
@@ -158,12 +159,11 @@ def _memo_into(item: dict[str, Any], memo: Any) -> dict[str, Any]:
     return {**item, "content": with_memo(content, memo)}
 
 
-class ResponsesAssembler:
+class ResponsesAssembler(EventAssembler):
     """Builds the assistant message of a Responses stream from its events."""
 
     def __init__(self, max_bytes: int | None = None) -> None:
-        self._room = max_bytes
-        self.truncated = False
+        super().__init__(max_bytes)
         self.id: str | None = None
         self.final: dict[str, Any] | None = None
         self.final_type = ""
@@ -171,23 +171,7 @@ class ResponsesAssembler:
         self.calls: dict[str, dict[str, Any]] = {}
         self.created: dict[str, Any] = {}
 
-    def add_events(self, events: list[bytes]) -> None:
-        for event in events:
-            if self._room is not None:
-                self._room -= len(event)
-                if self._room < 0:
-                    self.truncated = True
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    self._add(line[5:].strip())
-
-    def _add(self, data: bytes) -> None:
-        try:
-            ev = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(ev, dict):
-            return
+    def on_event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
         response = ev.get("response")
         if isinstance(response, dict):

@@ -131,13 +131,6 @@ def check_chat(body: dict) -> None:
         raise BadRequest("'stream' must be true or false", code="invalid_stream")
 
 
-def parse_chat(raw: bytes) -> dict:
-    """A chat request body, parsed and checked (``parse_json_object`` then ``check_chat``)."""
-    body = parse_json_object(raw)
-    check_chat(body)
-    return body
-
-
 def parse_for(codec: Codec, raw: bytes) -> tuple[dict, list[dict]]:
     """A request body of *codec*'s protocol, parsed and checked, and its neutral messages."""
     body = parse_json_object(raw)
