@@ -88,22 +88,37 @@ FINAL = {"chat": DONE, "responses": b"event: response.completed", "messages": b"
 """What a complete stream of each protocol carries (its final event)."""
 
 
-def request_body(n: int, stream: bool, model: str, protocol: str = "chat") -> bytes:
+CLIENTS = ("window", "history")
+"""How a session's client talks: ``window`` sends only its new message and relies on the
+gateway's injected window; ``history`` sends its whole conversation each turn (as most OpenAI
+clients do), keeping the last :data:`HISTORY_ROUNDS` rounds."""
+HISTORY_ROUNDS = 12
+REPLY_TEXT = "A benchmark reply of about the length the stand-in gives, one sentence or so, no more."
+"""What a ``history`` client appends as the model's turn: the load generator does not parse
+replies, and the gateway records only what follows the last assistant message anyway."""
+
+
+def request_body(n: int, stream: bool, model: str, protocol: str = "chat",
+                 history: Sequence[str] = ()) -> bytes:
+    """Request *n* of a cell. *history* is the client's earlier user texts (a ``history``
+    client): each is sent followed by an assistant turn, before the new message."""
     system = "You are the benchmark's model."
-    text = f"Benchmark request {n}: please answer in one sentence."
+    text = user_text(n)
+    turns: list[dict[str, Any]] = []
+    for earlier in history:
+        turns += [{"role": "user", "content": earlier}, {"role": "assistant", "content": REPLY_TEXT}]
+    turns.append({"role": "user", "content": text})
     if protocol == "responses":
-        return orjson.dumps({"model": model, "stream": stream, "instructions": system, "input": text})
+        return orjson.dumps({"model": model, "stream": stream, "instructions": system,
+                             "input": turns if history else text})
     if protocol == "messages":
         return orjson.dumps({"model": model, "stream": stream, "max_tokens": 256, "system": system,
-                             "messages": [{"role": "user", "content": text}]})
-    return orjson.dumps({
-        "model": model,
-        "stream": stream,
-        "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": text},
-        ],
-    })
+                             "messages": turns})
+    return orjson.dumps({"model": model, "stream": stream, "messages": [{"role": "system", "content": system}, *turns]})
+
+
+def user_text(n: int) -> str:
+    return f"Benchmark request {n}: please answer in one sentence."
 
 
 async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
@@ -135,10 +150,11 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, headers: d
 
 async def run_cell(base_url: str | Sequence[str], *, stream: bool, concurrency: int, requests: int,
                    time_cap: float, api_key: str = "sg-demo-acme", session_prefix: str | None = "bench",
-                   model: str = "standin", protocol: str = "chat") -> CellResult:
+                   model: str = "standin", protocol: str = "chat", client: str = "window") -> CellResult:
     """Run one cell against ``base_url`` (ending in ``/v1``), or round-robin over several, and
     return what it measured. With ``session_prefix`` None no ``X-Session-Id`` is sent (each
-    request stands alone). Raises ``ValueError`` for an empty list of URLs."""
+    request stands alone). With *client* ``history`` each worker sends its whole conversation
+(see :data:`CLIENTS`). Raises ``ValueError`` for an empty list of URLs."""
     bases = [base_url] if isinstance(base_url, str) else list(base_url)
     if not bases:
         raise ValueError("run_cell needs at least one base URL")
@@ -155,12 +171,15 @@ async def run_cell(base_url: str | Sequence[str], *, stream: bool, concurrency: 
                 headers["anthropic-version"] = "2023-06-01"
             if session_prefix is not None:
                 headers["X-Session-Id"] = f"{session_prefix}-{w}"
+            earlier: list[str] = []
             while time.perf_counter() < deadline:
                 n = next(numbers)
                 if n >= requests:
                     return
-                await _one(session, urls[n % len(urls)], request_body(n, stream, model, protocol), headers, stream,
-                           result, FINAL[protocol])
+                body = request_body(n, stream, model, protocol, earlier)
+                await _one(session, urls[n % len(urls)], body, headers, stream, result, FINAL[protocol])
+                if client == "history":
+                    earlier = [*earlier, user_text(n)][-HISTORY_ROUNDS:]
 
         started = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))

@@ -47,7 +47,7 @@ from typing import Any
 import asyncpg
 import yaml
 
-from benchmarks.load import PROTOCOLS, CellResult, run_cell, run_sync
+from benchmarks.load import CLIENTS, PROTOCOLS, CellResult, run_cell, run_sync
 from gateway.store.postgres import describe_dsn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -392,11 +392,13 @@ class Row:
     cpu_ms_per_request: float | None
     db_cpu_ms_per_request: float | None = None
     protocol: str = "chat"
+    client: str = "window"
 
     @property
     def mode(self) -> str:
         kind = "stream" if self.stream else "json"
-        return kind if self.protocol == "chat" else f"{self.protocol} {kind}"
+        kind = kind if self.protocol == "chat" else f"{self.protocol} {kind}"
+        return kind if self.client == "window" else f"{kind} (history)"
 
 
 class CpuMeter:
@@ -429,7 +431,7 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
     """Warm every target up, then run every cell."""
     for run in targets:
         for protocol in args.protocols:
-            for stream in (False, True):
+            for stream in [mode == "stream" for mode in args.modes]:
                 warm = run_sync(run_cell(run.urls, stream=stream, concurrency=4, requests=args.warmup, time_cap=10,
                                          api_key=run.target.api_key, session_prefix=f"warmup-{run.target.name}",
                                          protocol=protocol))
@@ -438,8 +440,9 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
                                        f"{warm.first_error}")
     db_meter = CpuMeter(db.server_pids) if db is not None else None
     rows = []
-    for cell, (protocol, stream, concurrency, run) in enumerate(
-            (p, s, c, t) for p in args.protocols for s in (False, True) for c in args.concurrency for t in targets):
+    cells = [(p, m == "stream", k, c, t) for p in args.protocols for m in args.modes for k in args.clients
+             for c in args.concurrency for t in targets if k == "window" or t.target.sessions]
+    for cell, (protocol, stream, client, concurrency, run) in enumerate(cells):
         proxy = CpuMeter(lambda run=run: with_children(run.pids))
         database = db_meter if run.target.postgres else None
         for meter in (proxy, database):
@@ -449,10 +452,10 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
         result = run_sync(run_cell(run.urls, stream=stream, concurrency=concurrency, requests=args.requests,
                                    time_cap=time_cap, api_key=run.target.api_key,
                                    session_prefix=f"bench-{cell}" if run.target.sessions else None,
-                                   protocol=protocol))
+                                   protocol=protocol, client=client))
         cpu = per_request(proxy.stop() if run.pids else None, result)
         db_cpu = per_request(database.stop(), result) if database is not None else None
-        row = Row(run.target.name, stream, concurrency, result, cpu, db_cpu, protocol)
+        row = Row(run.target.name, stream, concurrency, result, cpu, db_cpu, protocol, client)
         rows.append(row)
         print(f"  {run.target.name:<12} {row.mode:<6} c={concurrency:<3} {result.ok:>6} ok {result.errors:>4} err "
               f"{result.rps:>8.0f} req/s", file=sys.stderr, flush=True)
@@ -506,6 +509,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated wire protocols to measure ({', '.join(PROTOCOLS)}; default chat)")
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                         help=f"comma-separated, from: {', '.join(t.name for t in TARGETS)}")
+    parser.add_argument("--modes", default="json,stream", help="comma-separated: json, stream (default both)")
+    parser.add_argument("--clients", default="window",
+                        help="comma-separated kinds of session client: window (sends only the new message and "
+                             "relies on the injected window; the default), history (sends its whole conversation "
+                             "each turn, as most OpenAI clients do)")
     parser.add_argument("--chunks", type=int, default=20, help="content pieces per streamed reply")
     parser.add_argument("--policies", default=str(REPO / "policies"), help="the gateway's policy folder")
     parser.add_argument("--pg-dsn", default=os.environ.get(DSN_ENV, DEFAULT_PG_DSN),
@@ -521,6 +529,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = 20 if args.quick else 100
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in ("json", "stream") for m in args.modes):
+        parser.error("--modes takes json, stream or both")
+    args.clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    if not args.clients or any(c not in CLIENTS for c in args.clients):
+        parser.error(f"--clients takes {', '.join(CLIENTS)}")
     unknown = [p for p in args.protocols if p not in PROTOCOLS]
     if unknown:
         parser.error(f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
