@@ -35,6 +35,7 @@ from gateway.retention import RetentionTask
 from gateway.sessions import SessionService
 from gateway.settings import Settings, UpstreamSettings
 from gateway.store.base import SYSTEM_TENANT, Changes, Store
+from gateway.store.sqlite import SQLiteStore
 from gateway.tracing import Tracing, from_settings
 from gateway.upstream import Upstreams
 
@@ -149,6 +150,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     trail = AuditTrail(settings)
     raw_store = open_store(settings)
     raw_store.on_commit = metrics.commit
+    if isinstance(raw_store, SQLiteStore):
+        raw_store.quiet = metrics.quiet
     store = trail.observe(raw_store)
     await store.open()
     try:

@@ -93,6 +93,10 @@ class BoundedCache(Generic[K, V]):
                 self._items.move_to_end(key)
             return value
 
+    def peek(self, key: K) -> V | None:
+        """The value for ``key`` without marking it used, or ``None``."""
+        return self._items.get(key)
+
     def put(self, key: K, value: V) -> None:
         """Store ``value``, evicting the least recently used entry when full."""
         with self._lock:

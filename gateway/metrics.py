@@ -26,6 +26,8 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, version: str = "") -> None:
+        self.in_flight = 0
+        """Requests inside the middleware now (on the event loop's thread only)."""
         self.registry = r = CollectorRegistry()
         self.requests = Counter("sessiongate_requests", "Requests answered, by route template, method, status "
                                 "class and outcome", ("route", "method", "status_class", "outcome"), registry=r)
@@ -65,6 +67,10 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*values)
         return child
+
+    def quiet(self) -> bool:
+        """Whether at most one request is in flight (``observe.metrics_middleware`` counts them)."""
+        return self.in_flight <= 1
 
     def request(self, route: str, method: str, status: int, outcome: str, seconds: float) -> None:
         """Count one answered request (any route, refusals included)."""

@@ -35,6 +35,9 @@ async def metrics_middleware(request: web.Request,
                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.in_flight += 1
     try:
         response = await handler(request)
         status = response.status
@@ -43,7 +46,7 @@ async def metrics_middleware(request: web.Request,
         status = exc.status
         raise
     finally:
-        metrics = request.app.get(METRICS)
         if metrics is not None:
+            metrics.in_flight -= 1
             outcome = request.get(_OUTCOME) or ("ok" if status < 400 else "refused" if status < 500 else "error")
             metrics.request(route_label(request), request.method, status, outcome, time.perf_counter() - started)

@@ -101,6 +101,9 @@ class RoundRecord:
 
 STATE_CACHE_SIZE = 1024
 """Sessions whose opened state a process keeps (see :class:`StateCache`)."""
+HOT_READ_MAX_ROUNDS = 2000
+"""A cached session with fewer rounds is read without a thread hand-off (``Store.read_session``
+``hot``): counting its rounds, part of the check on load, stays well under a hand-off's cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,7 @@ class _Opened:
     state_ct: bytes
     dk_id: bytes
     state: SessionState
+    next_seq: int = 0
 
 
 class StateCache:
@@ -136,8 +140,14 @@ class StateCache:
         return entry.state
 
     def put(self, tenant: str, session_id: str, version: int, state_ct: bytes, dk_id: bytes,
-            state: SessionState) -> None:
-        self._items.put((tenant, session_id), _Opened(version, state_ct, dk_id, state))
+            state: SessionState, next_seq: int = 0) -> None:
+        self._items.put((tenant, session_id), _Opened(version, state_ct, dk_id, state, next_seq))
+
+    def hot(self, tenant: str, session_id: str) -> bool:
+        """Whether this process used the session lately and it holds under
+        ``HOT_READ_MAX_ROUNDS`` rounds (an entry's ``next_seq`` bounds its round count)."""
+        entry = self._items.peek((tenant, session_id))
+        return entry is not None and entry.next_seq <= HOT_READ_MAX_ROUNDS
 
     def drop(self, tenant: str, session_id: str) -> None:
         self._items.discard((tenant, session_id))
@@ -223,7 +233,7 @@ class SessionService:
         *for_round* (a new round will follow), :class:`Quarantined` (and a ``refusal`` entry)
         when the session is quarantined; a read alone is not refused, it checks for itself."""
         async with self._guarded(tenant, session_id, request_id):
-            cur = await self.store.read_session(tenant, session_id)
+            cur = await self.store.read_session(tenant, session_id, hot=self.states.hot(tenant, session_id))
             if for_round:
                 _refuse_quarantined(cur)
             srow, krow = cur.session, cur.data_key
@@ -236,7 +246,7 @@ class SessionService:
             state = self.states.get(tenant, session_id, srow, dk.id)
             if state is None:
                 state = self._open_state(dk, srow)
-                self.states.put(tenant, session_id, srow.version, srow.state_ct, dk.id, state)
+                self.states.put(tenant, session_id, srow.version, srow.state_ct, dk.id, state, srow.next_seq)
             _raise_if_altered(cur)
             return LoadedSession(state, srow.version, srow.next_seq, srow.state_ct)
 
@@ -370,7 +380,7 @@ class SessionService:
                         state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
                 self._write_state(cur, ch, dk, state, [messages], meta)
                 assert ch.session is not None
-                sealed.append((ch.session.version, ch.session.state_ct, dk.id, state))
+                sealed.append((ch.session.version, ch.session.state_ct, dk.id, state, ch.session.next_seq))
                 # only the asynchronous strategies (summarize, hooks) can leave the window over the limit
                 ch.result = bounding.strategy not in SYNC_STRATEGIES and over_limit(state, bounding.max_length)
                 audit["round_seq"] = ch.rounds[0].seq
@@ -378,7 +388,7 @@ class SessionService:
             ch.audit.append(audit)
             return ch
 
-        sealed: list[tuple[int, bytes, bytes, SessionState]] = []  # the last run of the plan is the one committed
+        sealed: list[tuple[int, bytes, bytes, SessionState, int]] = []  # the last run of the plan is the one committed
         async with self._guarded(tenant, session_id, rec.request_id):
             changes = await self.store.transact(tenant, session_id, plan)
         if sealed and session_id is not None:

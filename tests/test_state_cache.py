@@ -155,3 +155,113 @@ def _reference_normalise(window: list[dict[str, Any]]) -> list[dict[str, Any]]:
 ])
 def test_normalise_window_fast_path_matches_the_reference(window: list[dict[str, Any]]) -> None:
     assert normalise_window(window) == _reference_normalise(window)
+
+
+def reads_by_lane(store: SQLiteStore) -> list[int]:
+    """Count the reads *store* hands to its reader thread."""
+    handed = [0]
+    real = store._read
+
+    async def spy(fn: Any) -> Any:
+        handed[0] += 1
+        return await real(fn)
+
+    store._read = spy  # type: ignore[method-assign]
+    return handed
+
+
+def test_a_hot_session_is_read_on_the_loop_and_still_checked(tmp_path: Path) -> None:
+    """A session this process just wrote is read without the reader thread; a round row deleted
+    behind its back is still found by that read, and the session is quarantined."""
+    keyring = Keyring([new_master_key()])
+    path = tmp_path / "db.sqlite"
+
+    async def scenario(svc: SessionService) -> tuple[int, int]:
+        assert isinstance(svc.store, SQLiteStore)
+        handed = reads_by_lane(svc.store)
+        assert await svc.load("acme", "cold") is None  # never seen: the reader thread
+        cold = handed[0]
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        await svc.commit_round("acme", "s1", record("two"), Bounding())
+        loaded = await svc.load("acme", "s1")
+        assert loaded is not None and len(loaded.state.context_window) == 4
+        hot = handed[0] - cold
+        with sqlite3.connect(path) as conn:  # an operator deletes the first round
+            conn.execute("DELETE FROM rounds WHERE tenant='acme' AND session_id='s1' AND seq=1")
+        with pytest.raises(IntegrityError):
+            await svc.load("acme", "s1")
+        return cold, hot
+
+    cold, hot = run(path, keyring, scenario)
+    assert cold == 1
+    assert hot == 0
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT quarantine_reason FROM session_heads WHERE session_id='s1'").fetchone()[0]
+
+
+def test_a_busy_hot_read_waits_in_the_reader_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the loop's connection finds the database busy, the read goes to the reader thread
+    (which may wait) instead of failing or blocking the loop."""
+    import gateway.store.sqlite as sqlite_store
+
+    keyring = Keyring([new_master_key()])
+    real = sqlite_store.read_current
+
+    async def scenario(svc: SessionService) -> tuple[int, list[str]]:
+        assert isinstance(svc.store, SQLiteStore)
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        with sqlite3.connect(tmp_path / "db.sqlite") as conn:  # another connection commits: rows must be read
+            conn.execute("INSERT INTO meta VALUES ('touched', '1')")
+        inline = svc.store._inline
+        handed = reads_by_lane(svc.store)
+
+        def busy_inline(conn: sqlite3.Connection, tenant: str, session_id: str | None) -> Any:
+            if conn is inline:
+                raise sqlite3.OperationalError("database is locked")
+            return real(conn, tenant, session_id)
+
+        monkeypatch.setattr(sqlite_store, "read_current", busy_inline)
+        loaded = await svc.load("acme", "s1")
+        assert loaded is not None
+        return handed[0], [m["content"] for m in loaded.state.context_window]
+
+    handed, window = run(tmp_path / "db.sqlite", keyring, scenario)
+    assert handed == 1
+    assert window == ["one", "re: one"]
+
+
+def test_rows_this_process_committed_are_not_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While no other connection commits (``PRAGMA data_version``), a load and the next round's
+    plan use the rows as this process's last commit left them: no query; they are still
+    checked against the chain. Once another connection commits, they are read again."""
+    import gateway.store.sqlite as sqlite_store
+
+    keyring = Keyring([new_master_key()])
+    path = tmp_path / "db.sqlite"
+    reads = [0]
+    real = sqlite_store.read_current
+
+    def counted(conn: sqlite3.Connection, tenant: str, session_id: str | None) -> Any:
+        reads[0] += 1
+        return real(conn, tenant, session_id)
+
+    monkeypatch.setattr(sqlite_store, "read_current", counted)
+
+    async def scenario(svc: SessionService) -> tuple[int, int, list[str]]:
+        await svc.commit_round("acme", "s1", record("one"), Bounding())  # a new session: read once
+        first = reads[0]
+        loaded = await svc.load("acme", "s1")
+        await svc.commit_round("acme", "s1", record("two"), Bounding(), loaded)
+        loaded = await svc.load("acme", "s1")
+        own = reads[0] - first
+        with sqlite3.connect(path) as conn:  # an operator rolls the state row back by one version
+            conn.execute("UPDATE sessions SET version = version - 1 WHERE session_id = 's1'")
+        with pytest.raises(IntegrityError):
+            await svc.load("acme", "s1")
+        assert loaded is not None
+        return first, own, [m["content"] for m in loaded.state.context_window]
+
+    first, own, window = run(path, keyring, scenario)
+    assert first == 1
+    assert own == 0
+    assert window == ["one", "re: one", "two", "re: two"]

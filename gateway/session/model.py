@@ -90,22 +90,32 @@ def simple_cut(window: list[Message], max_length: int) -> list[Message]:
     return _simple_cut(window, max_length)[0]
 
 
-def _simple_cut(window: list[Message], max_length: int) -> tuple[list[Message], int | None]:
-    """:func:`simple_cut` and the kept window's length (None when it had to cut a message)."""
-    kept: list[Message] = []
-    total = 0
-    for message in reversed(window):
-        size = message_length(message)
-        if total + size > max_length:
-            break
-        kept.append(message)
-        total += size
-    kept.reverse()
+def _simple_cut(window: list[Message], max_length: int, total: int | None = None) -> tuple[list[Message], int | None]:
+    """:func:`simple_cut` and the kept window's length (None when it had to cut a message).
+
+    With *total*, the whole window's length (``context_length``), it drops the oldest messages
+    until the rest fits: the same longest fitting suffix, measuring only what is dropped (a round
+    on a full window drops one or two messages, instead of measuring the whole window again)."""
+    if total is not None:
+        start = 0
+        while total > max_length and start < len(window):
+            total -= message_length(window[start])
+            start += 1
+        kept, fits = window[start:], total
+    else:
+        kept, fits = [], 0
+        for message in reversed(window):
+            size = message_length(message)
+            if fits + size > max_length:
+                break
+            kept.append(message)
+            fits += size
+        kept.reverse()
     if not kept and window:
         last = window[-1]
         text = str(last.get("content"))
         return [{"role": last.get("role"), "content": text[len(text) - max_length:]}], None
-    return kept, total
+    return kept, fits
 
 
 def split_rounds(window: list[Message]) -> list[list[Message]]:
@@ -136,13 +146,15 @@ def bound_sync(state: SessionState, strategy: str, max_length: int | None, round
     *max_length*. ``keep_last`` is followed by ``simple_cut`` if still over, so the bound holds."""
     if max_length is None or strategy not in SYNC_STRATEGIES or not over_limit(state, max_length):
         return state
-    window, chars = state.context_window, None
+    window = state.context_window
     if strategy == "keep_last":
         window = keep_last(window, rounds)
         chars = context_length(window)
-    if chars is None or chars > max_length:
-        window, chars = _simple_cut(window, max_length)
-    return state.with_window(window, chars)
+    else:
+        chars = state.window_chars()
+    if chars <= max_length:
+        return state.with_window(window, chars)
+    return state.with_window(*_simple_cut(window, max_length, chars))
 
 
 # --- injection -----------------------------------------------------------------------------
@@ -194,26 +206,31 @@ def normalise_window(window: Sequence[Message]) -> list[Message]:
     message with a non-text part keeps its content as a part list. Structured messages (tool
     calls and their results, ``is_structured``) are kept as they are; a tool result at the start
     (its call was bounded away) is left out."""
-    merged: list[tuple[str, list[Any]] | Message] = []  # (role, contents of its run) or a structured message
+    out: list[Message] = []
+    runs: dict[int, list[Any]] = {}  # index in out -> contents to join (a run of several, or not text)
+    run_role: str | None = None  # the role of out[-1] while more of its run may follow
     for message in window:
-        if is_structured(message):
-            if message.get("role") == "tool" and not merged:
+        role = message.get("role")
+        if message.get("tool_calls") or (role == "tool" and "tool_call_id" in message):  # is_structured
+            if role == "tool" and not out:
                 continue  # a result whose call was cut off: the provider would refuse it
-            merged.append(message)
+            out.append(dict(message))
+            run_role = None
             continue
-        role = str(message.get("role"))
-        last = merged[-1] if merged else None
-        if isinstance(last, tuple) and last[0] == role:
-            last[1].append(message.get("content"))
-        else:
-            merged.append((role, [message.get("content")]))
-    if not merged:
+        role = str(role)
+        content = message.get("content")
+        if role == run_role:
+            index = len(out) - 1
+            runs.setdefault(index, [out[index]["content"]]).append(content)
+            continue
+        if type(content) is not str:
+            runs[len(out)] = [content]
+        out.append({"role": role, "content": content})  # a lone text message is already joined
+        run_role = role
+    if not out:
         return []
-    # a lone text message is already in its joined form (the common case: it costs no parts)
-    out = [dict(item) if not isinstance(item, tuple)
-           else {"role": item[0], "content": item[1][0]} if len(item[1]) == 1 and type(item[1][0]) is str
-           else _joined(item[0], [part for content in item[1] for part in _parts(content)])
-           for item in merged]
+    for index, contents in runs.items():
+        out[index] = _joined(out[index]["role"], [part for content in contents for part in _parts(content)])
     if out[0]["role"] != "user":
         out.insert(0, {"role": "user", "content": CHAT_HISTORY_OPENER})
     if out[-1]["role"] != "assistant":

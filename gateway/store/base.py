@@ -175,8 +175,10 @@ class Store(Protocol):
     async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
         """The session's state row and data key row, either ``None`` when absent."""
 
-    async def read_session(self, tenant: str, session_id: str) -> Current:
-        """The session's rows with their evidence (round count, head entry, quarantine), one read."""
+    async def read_session(self, tenant: str, session_id: str, *, hot: bool = False) -> Current:
+        """The session's rows with their evidence (round count, head entry, quarantine), one read.
+        *hot*: the caller used this session a moment ago (its pages are cached) and it holds few
+        rounds, so a backend may read it without a thread hand-off (see ``SQLiteStore``)."""
 
     async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
         """Run *plan* on the current rows in one durable transaction; see the module docstring.

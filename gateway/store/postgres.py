@@ -572,7 +572,7 @@ class PostgresStore:
         cur = found[(tenant, session_id)]
         return cur.session, cur.data_key
 
-    async def read_session(self, tenant: str, session_id: str) -> Current:
+    async def read_session(self, tenant: str, session_id: str, *, hot: bool = False) -> Current:
         found = await self._call(lambda c: read_current(c, [(tenant, session_id)]))
         return found[(tenant, session_id)]
 

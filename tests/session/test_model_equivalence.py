@@ -1,0 +1,84 @@
+"""The fast paths of ``session.model`` against plain reference implementations, over generated
+windows: the one-pass ``normalise_window`` against a two-pass merge, and ``simple_cut`` from a
+known total (dropping the oldest) against the reverse scan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.session.model import (
+    CHAT_HISTORY_OPENER,
+    CONTINUE_INPUT,
+    _simple_cut,
+    context_length,
+    is_structured,
+    normalise_window,
+)
+from gateway.session.record import message_length
+
+text = st.text(alphabet="ab \n'\"é", max_size=12)
+plain = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer"]),
+                               "content": st.one_of(text, st.none(), st.integers(0, 9),
+                                                    st.lists(st.one_of(
+                                                        st.fixed_dictionaries({"type": st.just("text"), "text": text}),
+                                                        st.fixed_dictionaries({"type": st.just("image_url"),
+                                                                               "image_url": st.just({"url": "u"})})),
+                                                        max_size=3))})
+call = st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none(),
+                              "tool_calls": st.just([{"id": "c1", "type": "function",
+                                                      "function": {"name": "f", "arguments": "{}"}}])})
+result = st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": st.just("c1"), "content": text})
+windows = st.lists(st.one_of(plain, plain, plain, call, result), max_size=14)
+
+
+def _parts(content: Any) -> list[Any]:
+    return list(content) if isinstance(content, list) else [{"type": "text", "text": str(content)}]
+
+
+def reference_normalise(window: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    merged: list[Any] = []
+    for message in window:
+        if is_structured(message):
+            if message.get("role") == "tool" and not merged:
+                continue
+            merged.append(dict(message))
+        elif merged and isinstance(merged[-1], tuple) and merged[-1][0] == str(message.get("role")):
+            merged[-1][1].append(message.get("content"))
+        else:
+            merged.append((str(message.get("role")), [message.get("content")]))
+    out = []
+    for item in merged:
+        if not isinstance(item, tuple):
+            out.append(item)
+        elif len(item[1]) == 1 and type(item[1][0]) is str:
+            out.append({"role": item[0], "content": item[1][0]})
+        else:
+            parts = [part for content in item[1] for part in _parts(content)]
+            texts = [p["text"] for p in parts if isinstance(p, dict) and p.get("type") == "text" and "text" in p]
+            out.append({"role": item[0], "content": "\n\n".join(str(t) for t in texts) if len(texts) == len(parts)
+                        else parts})
+    if out and out[0]["role"] != "user":
+        out.insert(0, {"role": "user", "content": CHAT_HISTORY_OPENER})
+    if out and out[-1]["role"] != "assistant":
+        out.append({"role": "assistant", "content": CONTINUE_INPUT})
+    return out
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(windows)
+def test_normalise_window_matches_the_two_pass_merge(window: list[dict[str, Any]]) -> None:
+    assert normalise_window(window) == reference_normalise(window)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(plain, max_size=14), st.integers(0, 200))
+def test_cut_from_a_known_total_keeps_the_same_suffix(window: list[dict[str, Any]], max_length: int) -> None:
+    scanned = _simple_cut(window, max_length)
+    dropped = _simple_cut(window, max_length, context_length(window))
+    assert dropped == scanned
+    kept, chars = dropped
+    if chars is not None:
+        assert chars == sum(message_length(m) for m in kept) <= max_length
