@@ -146,6 +146,8 @@ def after(cur: Current, ch: Changes, rows: list[AuditRow], bound: int | None) ->
 def check(cur: Current) -> str | None:
     """None when the session's rows are the ones its head entry binds, else what differs (for
     the operator's log: tenant, session, audit entry; never content)."""
+    if cur.own:
+        return None  # derived from the binding this process just committed (see Current.own)
     head = cur.head
     where = f"tenant {cur.tenant}, session {cur.session_id}"
     if head is None:

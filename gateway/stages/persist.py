@@ -17,6 +17,7 @@ from gateway.session.bounding import maintain, needs_maintenance
 from gateway.sessions import Bounding, RoundRecord
 
 
+@functools.lru_cache(maxsize=256)
 def bounding_of(policy: Policy) -> Bounding:
     """What the store plan needs of the policy to bound the window inside the transaction."""
     s = policy.session

@@ -120,6 +120,9 @@ class Current:
     """The audit entry that last bound the session's rows (``session_heads.bound_seq``)."""
     quarantine: str | None = None
     """Why the session is quarantined (``gateway.evidence``); None when it is not."""
+    own: bool = False
+    """These are not rows read now but the rows as this process's own commit left them, known
+    to be unchanged since (``SQLiteStore``): the check on load has nothing to find in them."""
 
 
 @dataclass(slots=True)

@@ -36,6 +36,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -357,6 +358,7 @@ class SQLiteStore:
         self._data_version: int | None = None
         self._known: BoundedCache[tuple[str, str], tuple[int, Current]] = BoundedCache(KNOWN_SESSIONS)
         self._staged: dict[tuple[str, str], Current | None] = {}
+        self._batch_epoch: int | None = None
         self.quiet: Callable[[], bool] | None = None
         """Whether nothing but the caller is in flight, so a write may run on the event loop
         (see the module docstring); None: every write goes to the writer thread."""
@@ -417,7 +419,9 @@ class SQLiteStore:
         """The session's rows inside the open write transaction: as this process's own commit
         (or an earlier job of this batch) left them when nobody else has committed since, else
         read (:func:`read_current`)."""
-        epoch = self._observe(conn)
+        if self._batch_epoch is None:  # once per transaction: nobody else can commit inside it
+            self._batch_epoch = self._observe(conn)
+        epoch = self._batch_epoch
         if session_id is not None:
             key = (tenant, session_id)
             if key in self._staged:
@@ -435,11 +439,11 @@ class SQLiteStore:
             self._staged[(tenant, session_id)] = cur
 
     def _write_batch(self, conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any]]:
-        self._staged = {}
+        self._staged, self._batch_epoch = {}, None
         return run_transaction(conn, jobs, committed=self._committed)
 
     def _write_now(self, conn: sqlite3.Connection, job: Job) -> tuple[bool, Any] | None:
-        self._staged = {}
+        self._staged, self._batch_epoch = {}, None
         return run_transaction_now(conn, job, committed=self._committed)
 
     def _committed(self) -> None:
@@ -448,7 +452,7 @@ class SQLiteStore:
             if cur is None:
                 self._known.discard(key)
             else:
-                self._known.put(key, (self._epoch, cur))
+                self._known.put(key, (self._epoch, replace(cur, own=True)))
         self._staged = {}
 
     def _known_now(self, tenant: str, session_id: str) -> Current | None:
