@@ -10,7 +10,8 @@ session affinity.
 
 Worker ``w`` sends ``Authorization: Bearer <api_key>`` and ``X-Session-Id:
 <session_prefix>-<w>``, so every worker holds one conversation that grows by one round per
-request. A request counts as ok when it answers 200 and, streamed, its body ends with
+request; with ``client="history"`` it also sends that conversation's earlier turns itself
+(see :data:`CLIENTS`). A request counts as ok when it answers 200 and, streamed, its body ends with
 ``data: [DONE]``; anything else (status, broken stream, timeout) counts as an error.
 
 Latency is from just before the request is sent to the last body byte; TTFB (streams only) to

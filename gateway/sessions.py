@@ -123,9 +123,11 @@ class StateCache:
     Contract: :meth:`get` returns a state only when the row read now holds *exactly* the bytes
     the entry was made from (``state_ct``, compared in full: any other writer, process or
     replica, changes them, so a stale entry can only miss) under the same data key. It replaces
-    the decryption alone: the caller still reads the rows, unwraps the data key (a retired or
-    missing master key still fails) and runs the chain-binding check (``gateway.evidence``)
-    on what it read. States are never modified in place (every change makes a copy), so one
+    the decryption alone: the caller still gets the rows from the store, unwraps the data key (a
+    retired or missing master key still fails) and runs the chain-binding check
+    (``gateway.evidence``) on them. (The SQLite store may hand back the rows as this process
+    committed them instead of reading them, while no other connection has committed since:
+    ``Current.own``.) States are never modified in place (every change makes a copy), so one
     object may serve several requests. Bounded (LRU, ``STATE_CACHE_SIZE``); an erased or
     quarantined session's entry is dropped at once.
     """

@@ -265,3 +265,29 @@ def test_rows_this_process_committed_are_not_read_again(tmp_path: Path, monkeypa
     assert first == 1
     assert own == 0
     assert window == ["one", "re: one", "two", "re: two"]
+
+
+def test_known_rows_while_the_writer_is_busy_need_its_lock_held(tmp_path: Path) -> None:
+    """With the writer thread inside a batch, the kept rows are handed out only while that batch
+    holds the write lock and has looked at ``data_version`` (``_locked``); not between batches,
+    when another connection may commit."""
+    keyring = Keyring([new_master_key()])
+
+    async def scenario(svc: SessionService) -> tuple[bool, bool, bool]:
+        store = svc.store
+        assert isinstance(store, SQLiteStore) and store._writer is not None
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        lane = store._writer
+        lane._busy.acquire()  # as if the writer thread were running a batch
+        try:
+            between = store._known_now("acme", "s1") is not None
+            store._locked = True  # the batch took the lock and looked
+            inside = store._known_now("acme", "s1") is not None
+            store._unlocking()  # about to COMMIT: the lock goes
+            after = store._known_now("acme", "s1") is not None
+        finally:
+            lane._busy.release()
+        return between, inside, after
+
+    between, inside, after = run(tmp_path / "db.sqlite", keyring, scenario)
+    assert (between, inside, after) == (False, True, False)

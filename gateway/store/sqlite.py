@@ -19,6 +19,14 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   process's lock (busy: it goes to the writer thread). With nothing else to serve, that loses no
   concurrency and saves the two thread hand-offs (about 0.1 ms of CPU and 0.3 ms of latency each
   round on a small machine); under load every write joins the writer's group commit.
+- **Rows this process wrote.** After each commit the store keeps, per session (LRU,
+  ``KNOWN_SESSIONS``), the rows as the commit left them (``evidence.after``), tagged with an
+  epoch. The writer's connection asks ``PRAGMA data_version``, which changes exactly when
+  *another* connection (a second worker, the CLI, an operator's shell) has committed; then the
+  epoch moves on and every kept entry is stale. While it has not, a write plan and a hot read
+  get the kept rows (``Current.own``) instead of querying: they are byte for byte what is
+  stored. The look needs the writer's connection, so a hot read uses it only when the writer
+  is idle (otherwise it queries). A failed commit keeps nothing of its batch.
 - ``BEGIN IMMEDIATE`` also serialises writes from other processes (the CLI) on the same file.
 - Schema: :data:`SCHEMA` is version 1; :data:`MIGRATIONS` take a file from the version in
   ``meta.schema_version`` to :data:`SCHEMA_VERSION` when it opens (a file from a newer gateway
@@ -282,9 +290,10 @@ class Lane:
 
 
 def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = False,
+                    committing: Callable[[], None] | None = None,
                     committed: Callable[[], None] | None = None) -> list[tuple[bool, Any]]:
-    """One ``BEGIN IMMEDIATE`` transaction (unless it *began* already), a SAVEPOINT per job, one
-    commit (one fsync), then *committed()*; a failed commit fails every job."""
+    """One ``BEGIN IMMEDIATE`` transaction (unless it *began* already), a SAVEPOINT per job,
+    *committing()*, one commit (one fsync), then *committed()*; a failed commit fails every job."""
     outcomes: list[tuple[bool, Any]] = []
     try:
         if not began:
@@ -298,6 +307,8 @@ def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = 
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
                 outcomes.append((False, _unavailable(exc, "write")))
+        if committing is not None:
+            committing()
         conn.execute("COMMIT")
         if committed is not None:
             committed()
@@ -309,7 +320,7 @@ def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = 
     return outcomes
 
 
-def run_transaction_now(conn: sqlite3.Connection, job: Job,
+def run_transaction_now(conn: sqlite3.Connection, job: Job, committing: Callable[[], None] | None = None,
                         committed: Callable[[], None] | None = None) -> tuple[bool, Any] | None:
     """:func:`run_transaction` of one job, or None when another connection holds the write lock
     (it is not waited for here)."""
@@ -320,7 +331,7 @@ def run_transaction_now(conn: sqlite3.Connection, job: Job,
         return None
     finally:
         conn.execute("PRAGMA busy_timeout=30000")
-    return run_transaction(conn, [job], began=True, committed=committed)[0]
+    return run_transaction(conn, [job], began=True, committing=committing, committed=committed)[0]
 
 
 def run_reads(conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any]]:
@@ -359,6 +370,11 @@ class SQLiteStore:
         self._known: BoundedCache[tuple[str, str], tuple[int, Current]] = BoundedCache(KNOWN_SESSIONS)
         self._staged: dict[tuple[str, str], Current | None] = {}
         self._batch_epoch: int | None = None
+        self._locked = False
+        """True while a write transaction holds the lock *and* has looked at ``data_version``:
+        nobody else can commit, and ``_epoch`` is up to date."""
+        self._generation = 0
+        """Moves on each time ``_locked`` turns False (read around a lock-free lookup)."""
         self.quiet: Callable[[], bool] | None = None
         """Whether nothing but the caller is in flight, so a write may run on the event loop
         (see the module docstring); None: every write goes to the writer thread."""
@@ -421,6 +437,7 @@ class SQLiteStore:
         read (:func:`read_current`)."""
         if self._batch_epoch is None:  # once per transaction: nobody else can commit inside it
             self._batch_epoch = self._observe(conn)
+            self._locked = True
         epoch = self._batch_epoch
         if session_id is not None:
             key = (tenant, session_id)
@@ -440,11 +457,23 @@ class SQLiteStore:
 
     def _write_batch(self, conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any]]:
         self._staged, self._batch_epoch = {}, None
-        return run_transaction(conn, jobs, committed=self._committed)
+        try:
+            return run_transaction(conn, jobs, committing=self._unlocking, committed=self._committed)
+        finally:
+            self._unlocking()
 
     def _write_now(self, conn: sqlite3.Connection, job: Job) -> tuple[bool, Any] | None:
         self._staged, self._batch_epoch = {}, None
-        return run_transaction_now(conn, job, committed=self._committed)
+        try:
+            return run_transaction_now(conn, job, committing=self._unlocking, committed=self._committed)
+        finally:
+            self._unlocking()
+
+    def _unlocking(self) -> None:
+        """The write lock is about to go (``COMMIT``): from now on another connection may commit."""
+        if self._locked:
+            self._locked = False
+            self._generation += 1
 
     def _committed(self) -> None:
         """The batch is durable: what it staged is now the rows as they are."""
@@ -457,14 +486,29 @@ class SQLiteStore:
 
     def _known_now(self, tenant: str, session_id: str) -> Current | None:
         """The session's rows as this process last committed them, when no other connection
-        has committed since (checked now); None when unknown, changed, or the writer is busy."""
+        has committed since; None when unknown or changed, or when that cannot be told now.
+
+        Two ways to tell. With the writer idle: ask its connection (``PRAGMA data_version``).
+        With the writer inside a transaction that has already looked (``_locked``): nobody else
+        can have committed since that look, as long as the lock is still held after the lookup
+        (``_generation`` unchanged; it moves on just before ``COMMIT`` gives the lock up)."""
         lane = self._writer
-        if lane is None or not lane._busy.acquire(blocking=False):
+        if lane is None:
             return None
-        try:
-            epoch = self._observe(lane.conn)
-        finally:
-            lane._busy.release()
+        if lane._busy.acquire(blocking=False):
+            try:
+                epoch = self._observe(lane.conn)
+            finally:
+                lane._busy.release()
+        else:
+            generation = self._generation
+            if not self._locked:
+                return None
+            epoch = self._epoch
+            known = self._known.get((tenant, session_id))
+            if self._generation != generation:
+                return None
+            return known[1] if known is not None and known[0] == epoch else None
         known = self._known.get((tenant, session_id))
         return known[1] if known is not None and known[0] == epoch else None
 
