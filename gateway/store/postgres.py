@@ -18,13 +18,15 @@ as ``gateway.store.sqlite``. How it keeps the contract across processes:
   granted (READ COMMITTED), as the previous writer committed them. To pay for the lock and the
   commit once per batch rather than once per round, each process has a few writer *lanes*
   (tenants are spread over them by hash): a lane takes every plan waiting (up to ``BATCH``),
-  reads the rows of all their sessions and the tenants' chain heads in two queries, runs the
+  reads the rows of all their sessions and the tenants' chain heads in one query, runs the
   plans in order on the event loop, each against the rows as the plans before it left them
-  (:class:`Staged`), seals their audit entries, writes everything in at most five statements,
-  commits once and only then resolves the callers. A plan that raises (or whose audit entry
-  cannot be sealed) stages nothing, and its exception reaches its caller unchanged while its
-  neighbours commit. The ``audit`` primary key ``(tenant, seq)`` guards the chain as well: two
-  writers could never both append the same ``seq``.
+  (:class:`Staged`), seals their audit entries, writes everything in one statement (several when
+  the batch deletes rows or lifts a quarantine), commits once and only then resolves the
+  callers. ``BEGIN`` and the locks go in one round trip, so a batch costs four; a pooled
+  connection is handed back without asyncpg's reset query (:func:`_keep_session`). A plan that
+  raises (or whose audit entry cannot be sealed) stages nothing, and its exception reaches its
+  caller unchanged while its neighbours commit. The ``audit`` primary key ``(tenant, seq)``
+  guards the chain as well: two writers could never both append the same ``seq``.
 - **Errors.** Database and network failures (:data:`_DB_ERRORS`: every asyncpg error, the
   client's internal state errors after a backend was terminated, OS and timeout errors) become
   ``StoreUnavailable`` (``from`` the asyncpg or OS error) for every caller in the failed batch;
@@ -44,6 +46,7 @@ as ``gateway.store.sqlite``. How it keeps the contract across processes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import time
@@ -150,6 +153,16 @@ LEFT JOIN LATERAL (SELECT count(*) AS n, coalesce(max(seq), 0) AS m FROM rounds 
                    WHERE x.tenant = u.t AND x.session_id = u.s) r ON true
 LEFT JOIN session_heads h ON h.tenant = u.t AND h.session_id = u.s
 LEFT JOIN audit a ON a.tenant = h.tenant AND a.seq = h.bound_seq"""
+_READ_BATCH = f"""
+SELECT 's' AS kind, c.* FROM ({_READ_CURRENT}) c
+UNION ALL
+SELECT 'h', u.t, NULL, NULL, NULL, NULL::bytea, NULL, NULL, NULL, NULL, NULL::bytea, NULL, NULL, NULL, NULL, NULL,
+       NULL, a.seq, NULL, NULL::bytea, NULL, a.hash
+FROM unnest($3::text[]) AS u(t)
+LEFT JOIN LATERAL (SELECT seq, hash FROM audit WHERE tenant = u.t ORDER BY seq DESC LIMIT 1) a ON true"""
+"""The rows of a batch's sessions (``kind`` ``s``, as :data:`_READ_CURRENT`) and the chain head of
+each of its tenants (``kind`` ``h``: tenant in the second column, seq and hash in the last
+columns of the head entry), in one round trip."""
 _UPSERT_HEADS = """
 INSERT INTO session_heads (tenant, session_id, bound_seq, quarantined_seq, quarantine_reason)
 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[])
@@ -161,9 +174,6 @@ ON CONFLICT (tenant, session_id) DO UPDATE SET
 _CLEAR_QUARANTINE = """
 UPDATE session_heads x SET quarantined_seq = NULL, quarantine_reason = NULL
 FROM unnest($1::text[], $2::text[]) AS u(t, s) WHERE x.tenant = u.t AND x.session_id = u.s"""
-_AUDIT_HEADS = """
-SELECT u.t, a.seq, a.hash FROM unnest($1::text[]) AS u(t)
-LEFT JOIN LATERAL (SELECT seq, hash FROM audit WHERE tenant = u.t ORDER BY seq DESC LIMIT 1) a ON true"""
 _DELETE_SESSIONS = """
 WITH u AS (SELECT * FROM unnest($1::text[], $2::text[]) AS u(t, s)),
      r AS (DELETE FROM rounds x USING u WHERE x.tenant = u.t AND x.session_id = u.s),
@@ -189,8 +199,35 @@ SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::bytea[], $5::te
 _DELETE_ROUNDS = """
 DELETE FROM rounds x USING unnest($1::text[], $2::text[], $3::bigint[]) AS u(t, s, q)
 WHERE x.tenant = u.t AND x.session_id = u.s AND x.seq = u.q"""
-# unnest yields the (already sorted) keys in array order, so the locks are taken in that order
-_LOCK_TENANTS = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k"
+_FLUSH_ONE = f"""
+WITH k AS (
+  INSERT INTO data_keys ({_DK_COLS})
+  SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::float8[])
+  ON CONFLICT (tenant, session_id) DO UPDATE SET dk_id = EXCLUDED.dk_id, kek_id = EXCLUDED.kek_id,
+    wrapped = EXCLUDED.wrapped, created_at = EXCLUDED.created_at),
+s AS (
+  INSERT INTO sessions (tenant, session_id, version, next_seq, state_ct, created_at, updated_at)
+  SELECT * FROM unnest($7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bytea[], $12::float8[],
+                       $13::float8[])
+  ON CONFLICT (tenant, session_id) DO UPDATE SET version = EXCLUDED.version, next_seq = EXCLUDED.next_seq,
+    state_ct = EXCLUDED.state_ct, created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at),
+r AS (
+  INSERT INTO rounds ({_ROUND_COLS})
+  SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::float8[], $18::text[], $19::text[],
+                       $20::text[], $21::text[], $22::text[], $23::bytea[])),
+a AS (
+  INSERT INTO audit ({_AUDIT_COLS})
+  SELECT * FROM unnest($24::text[], $25::bigint[], $26::float8[], $27::bytea[], $28::text[], $29::text[]))
+INSERT INTO session_heads (tenant, session_id, bound_seq, quarantined_seq, quarantine_reason)
+SELECT * FROM unnest($30::text[], $31::text[], $32::bigint[], $33::bigint[], $34::text[])
+ON CONFLICT (tenant, session_id) DO UPDATE SET
+  bound_seq = coalesce(EXCLUDED.bound_seq, session_heads.bound_seq),
+  quarantined_seq = coalesce(EXCLUDED.quarantined_seq, session_heads.quarantined_seq),
+  quarantine_reason = CASE WHEN EXCLUDED.quarantined_seq IS NOT NULL THEN EXCLUDED.quarantine_reason
+                           ELSE session_heads.quarantine_reason END"""
+"""Every insert and upsert of a batch that deletes nothing and lifts no quarantine, in one
+statement (one round trip): the data-modifying parts touch different tables, so their order
+does not matter. A batch that deletes goes statement by statement, deletes first."""
 
 
 def _skip_scan(table: str) -> str:
@@ -204,6 +241,13 @@ SELECT tenant FROM t WHERE tenant IS NOT NULL)"""
 
 
 _TENANTS = f"{_skip_scan('audit')} UNION {_skip_scan('sessions')} UNION {_skip_scan('rounds')} ORDER BY 1"
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a returned connection, instead of asyncpg's reset query (a round trip
+    per use): this store leaves no session state behind (no ``SET``, ``LISTEN``, cursors or
+    session-level locks; its advisory locks end with their transaction), and the pool still
+    rolls back a transaction left open."""
 
 
 def lock_key(*parts: str) -> int:
@@ -227,21 +271,29 @@ Key = tuple[str, str]
 Outcome = tuple[bool, Any]
 
 
+def _current(r: Any) -> Current:
+    """A :data:`_READ_CURRENT` row as a ``Current``."""
+    return Current(r[0], r[1], SessionRow(r[0], r[1], *r[2:7]) if r[2] is not None else None,
+                   DataKeyRow(r[0], r[1], *r[7:11]) if r[7] is not None else None,
+                   rounds=int(r[11]), max_seq=int(r[12]),
+                   head=AuditRow(*r[15:21]) if r[15] is not None else None,
+                   quarantine=(r[14] or "quarantined") if r[13] is not None else None)
+
+
 async def read_current(conn: asyncpg.Connection, keys: list[Key]) -> dict[Key, Current]:
     """The rows of the sessions *keys* (tenant, session id) as this transaction sees them."""
     rows = await conn.fetch(_READ_CURRENT, [k[0] for k in keys], [k[1] for k in keys])
-    return {(r[0], r[1]): Current(r[0], r[1], SessionRow(r[0], r[1], *r[2:7]) if r[2] is not None else None,
-                                  DataKeyRow(r[0], r[1], *r[7:11]) if r[7] is not None else None,
-                                  rounds=int(r[11]), max_seq=int(r[12]),
-                                  head=AuditRow(*r[15:21]) if r[15] is not None else None,
-                                  quarantine=(r[14] or "quarantined") if r[13] is not None else None)
-            for r in rows}
+    return {(r[0], r[1]): _current(r) for r in rows}
 
 
-async def read_heads(conn: asyncpg.Connection, tenants: list[str]) -> dict[str, tuple[int, str]]:
-    """Each tenant's audit chain head (``seq``, ``hash``); ``(0, GENESIS)`` for an empty chain."""
-    rows = await conn.fetch(_AUDIT_HEADS, tenants)
-    return {r[0]: (r[1], r[2]) if r[1] is not None else (0, audit.GENESIS) for r in rows}
+async def read_batch(conn: asyncpg.Connection, keys: list[Key],
+                     tenants: list[str]) -> tuple[dict[Key, Current], dict[str, tuple[int, str]]]:
+    """:func:`read_current` of *keys* and the chain head (``seq``, ``hash``; ``(0, GENESIS)`` for an
+    empty chain) of each of *tenants*, in one round trip."""
+    rows = await conn.fetch(_READ_BATCH, [k[0] for k in keys], [k[1] for k in keys], tenants)
+    current = {(r[1], r[2]): _current(r[1:]) for r in rows if r[0] == "s"}
+    heads = {r[1]: (r[17], r[21]) if r[17] is not None else (0, audit.GENESIS) for r in rows if r[0] == "h"}
+    return current, heads
 
 
 def seal_audit(tenant: str, entries: list[dict[str, Any]], head: tuple[int, str]) -> list[AuditRow]:
@@ -283,7 +335,7 @@ class Staged:
 
     @classmethod
     async def load(cls, conn: asyncpg.Connection, keys: set[Key], tenants: set[str]) -> Staged:
-        return cls(await read_current(conn, sorted(keys)), await read_heads(conn, sorted(tenants)))
+        return cls(*await read_batch(conn, sorted(keys), sorted(tenants)))
 
     def view(self, tenant: str, session_id: str | None) -> Current:
         if session_id is None:
@@ -333,7 +385,23 @@ class Staged:
             self.heads[cur.tenant] = (rows[-1].seq, rows[-1].hash)
 
     async def flush(self, conn: asyncpg.Connection) -> None:
-        """Write the staged rows inside the open transaction."""
+        """Write the staged rows inside the open transaction: in one statement when the batch
+        deletes nothing and lifts no quarantine (:data:`_FLUSH_ONE`), else one per kind."""
+        updates = [u for _, u in sorted(self.head_updates.items())]
+        if not (self.deleted or self.dropped_rounds or any(u.clear_quarantine for u in updates)):
+            keys = [k for k in (self.current[key].data_key for key in sorted(self.new_keys)) if k is not None]
+            sessions = [s for s in (self.current[key].session for key in sorted(self.new_sessions)) if s is not None]
+            await conn.execute(
+                _FLUSH_ONE,
+                *_columns([(k.tenant, k.session_id, k.dk_id, k.kek_id, k.wrapped, k.created_at) for k in keys], 6),
+                *_columns([(s.tenant, s.session_id, s.version, s.next_seq, s.state_ct, s.created_at, s.updated_at)
+                           for s in sessions], 7),
+                *_columns([(r.tenant, r.session_id, r.seq, r.created_at, r.request_id, r.policy_id, r.policy_hash,
+                            r.outcome, r.kind, r.ct) for r in self.rounds], 10),
+                *_columns([(a.tenant, a.seq, a.created_at, a.body, a.prev_hash, a.hash) for a in self.audit], 6),
+                *_columns([(u.tenant, u.session_id, u.bound_seq, *(u.quarantine or (None, None))) for u in updates],
+                          5))
+            return
         if self.deleted:
             await conn.execute(_DELETE_SESSIONS, *_columns(sorted(self.deleted), 2))
         if self.dropped_rounds:
@@ -436,7 +504,7 @@ class PostgresStore:
     async def open(self) -> None:
         await self.migrate()
         self._pool = await self._guard(asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self.pool_size, timeout=10, command_timeout=60,
+            self.dsn, min_size=1, max_size=self.pool_size, timeout=10, command_timeout=60, reset=_keep_session,
             server_settings={"search_path": self.schema, "application_name": "sessiongate"}), "connect to")
         self._lanes = [asyncio.Queue() for _ in range(self.writers)]
         self._tasks = [asyncio.create_task(self._lane(q), name=f"pg-writer-{i}") for i, q in enumerate(self._lanes)]
@@ -518,12 +586,21 @@ class PostgresStore:
         assert self._pool is not None
         tenants = {job.tenant for job in batch}
         keys = sorted({lock_key("tenant", self.schema, t) for t in tenants})
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(_LOCK_TENANTS, keys)
-            staged = await Staged.load(conn, {(j.tenant, j.session_id) for j in batch if j.session_id is not None},
-                                       tenants)
-            outcomes = [staged.run(job.tenant, job.session_id, job.plan) for job in batch]
-            await staged.flush(conn)
+        async with self._pool.acquire() as conn:
+            # BEGIN and the tenant locks in one round trip (the keys are integers made here);
+            # the rows are read by the next statement, whose snapshot follows the locks
+            await conn.execute("BEGIN;" + "".join(f"SELECT pg_advisory_xact_lock({int(k)});" for k in keys))
+            try:
+                staged = await Staged.load(
+                    conn, {(j.tenant, j.session_id) for j in batch if j.session_id is not None}, tenants)
+                outcomes = [staged.run(job.tenant, job.session_id, job.plan) for job in batch]
+                await staged.flush(conn)
+                await conn.execute("COMMIT")
+            except BaseException:
+                if not conn.is_closed() and conn.is_in_transaction():
+                    with contextlib.suppress(*_DB_ERRORS):
+                        await conn.execute("ROLLBACK")
+                raise
             return outcomes
 
     async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
