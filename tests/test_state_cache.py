@@ -291,3 +291,36 @@ def test_known_rows_while_the_writer_is_busy_need_its_lock_held(tmp_path: Path) 
 
     between, inside, after = run(tmp_path / "db.sqlite", keyring, scenario)
     assert (between, inside, after) == (False, True, False)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_write_waits_for_another_process_holding_the_lock(tmp_path: Path, quiet: bool) -> None:
+    """Another connection (the CLI, another worker) holds the write lock for a while: a round,
+    whether it would commit on the event loop (quiet) or in the writer thread, waits for it
+    and commits once it is released, never failing as busy."""
+    import threading
+    import time
+
+    keyring = Keyring([new_master_key()])
+    path = tmp_path / "db.sqlite"
+
+    async def scenario(svc: SessionService) -> tuple[float, list[str]]:
+        assert isinstance(svc.store, SQLiteStore)
+        svc.store.quiet = lambda: quiet
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.3, holder.execute, args=("COMMIT",))
+        release.start()
+        started = time.monotonic()
+        await svc.commit_round("acme", "s1", record("two"), Bounding())
+        waited = time.monotonic() - started
+        release.join()
+        holder.close()
+        loaded = await svc.load("acme", "s1")
+        assert loaded is not None
+        return waited, [m["content"] for m in loaded.state.context_window]
+
+    waited, window = run(path, keyring, scenario)
+    assert waited >= 0.25
+    assert window == ["one", "re: one", "two", "re: two"]

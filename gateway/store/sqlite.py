@@ -297,7 +297,7 @@ def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = 
     outcomes: list[tuple[bool, Any]] = []
     try:
         if not began:
-            conn.execute("BEGIN IMMEDIATE")
+            begin_waiting(conn)
         for fn in jobs:
             conn.execute("SAVEPOINT op")
             try:
@@ -320,17 +320,35 @@ def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = 
     return outcomes
 
 
+BUSY_WAIT_SECONDS = 30.0
+"""How long a write waits for another process (the CLI, another worker) to give up the lock."""
+
+
+def begin_waiting(conn: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``, waiting (sleeping, with backoff) while another connection holds the
+    write lock. The writer's connection has no busy timeout of its own: only this statement may
+    wait, so ``run_transaction_now`` can try it once without waiting."""
+    deadline = time.monotonic() + BUSY_WAIT_SECONDS
+    delay = 0.0005
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 def run_transaction_now(conn: sqlite3.Connection, job: Job, committing: Callable[[], None] | None = None,
                         committed: Callable[[], None] | None = None) -> tuple[bool, Any] | None:
     """:func:`run_transaction` of one job, or None when another connection holds the write lock
     (it is not waited for here)."""
-    conn.execute("PRAGMA busy_timeout=0")
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError:
         return None
-    finally:
-        conn.execute("PRAGMA busy_timeout=30000")
     return run_transaction(conn, [job], began=True, committing=committing, committed=committed)[0]
 
 
@@ -386,6 +404,7 @@ class SQLiteStore:
         try:
             conn = _connect(self.path)
             migrate(conn)
+            conn.execute("PRAGMA busy_timeout=0")  # the writer waits in begin_waiting only
             reader = _connect(self.path)
             self._inline = _connect(self.path, busy_ms=0)
         except sqlite3.Error as exc:
@@ -498,6 +517,8 @@ class SQLiteStore:
         if lane._busy.acquire(blocking=False):
             try:
                 epoch = self._observe(lane.conn)
+            except sqlite3.Error:
+                return None  # busy (another connection recovering the log): read the rows instead
             finally:
                 lane._busy.release()
         else:
