@@ -375,7 +375,7 @@ class SessionService:
                 if rec.outcome == "completed":
                     state = state.appended(messages)
                     if bounding.settings is not None:
-                        state = replace(state, settings=dict(bounding.settings))
+                        state = state.with_settings(dict(bounding.settings))
                     # Agently analyses after each append: the user message, then the reply
                     state = with_pending(state, bounding.strategy, [1] * len(messages))
                     if state.auto_resize:
@@ -553,7 +553,7 @@ class SessionService:
                 state = with_pending(replace(state.with_window(window), pending=[]), bounding.strategy,
                                      [len(window)])
             if bounding.settings is not None:
-                state = replace(state, settings=dict(bounding.settings))
+                state = state.with_settings(dict(bounding.settings))
             if state.auto_resize:
                 state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
             self._write_state(cur, ch, dk, state, [messages] if kept and messages else [], meta)

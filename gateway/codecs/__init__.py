@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.session.model import SessionState, carries_history, normalise_window
+from gateway.session.model import SessionState, carries_history
 
 if TYPE_CHECKING:
     from gateway.context import Context
@@ -79,7 +79,7 @@ def window_plan(messages: list[Message], state: SessionState, *, window: bool,
     The same rule for every protocol (``session.model.inject``)."""
     add_window = window and bool(state.context_window) and not carries_history(messages)
     add_memo = memo and state.memo is not None
-    return (normalise_window(state.context_window) if add_window else []), add_memo
+    return (state.normalised() if add_window else []), add_memo
 
 
 def codec_for_path(path: str) -> Codec:

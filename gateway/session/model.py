@@ -42,6 +42,23 @@ class SessionState:
     its reply; ``add`` of n messages ``[n]``; ``0`` is an analysis with nothing appended, after a
     reset). Agently analyses after each append; window maintenance replays them in order
     (``session.bounding``) and empties this. Always empty under the other strategies."""
+    _normal: _Normal | None = field(default=None, init=False, repr=False, compare=False)
+    """The window as injected (:meth:`normalised`), kept once made. Never stored; ``replace``
+    drops it; :meth:`appended` and a cut from the front carry it over instead of normalising
+    the whole window again."""
+
+    def normalised(self) -> list[Message]:
+        """:func:`normalise_window` of the window (a new list; its messages are shared, never
+        change them)."""
+        if self._normal is None:
+            self._normal = _Normal.of(self.context_window)
+        return list(self._normal.out)
+
+    def with_settings(self, settings: dict[str, Any]) -> SessionState:
+        """A copy with other settings (the window, and what is kept of it, unchanged)."""
+        new = replace(self, settings=settings)
+        new._normal = self._normal
+        return new
 
     def window_chars(self) -> int:
         if self.chars is None:
@@ -54,7 +71,10 @@ class SessionState:
 
     def appended(self, messages: list[Message]) -> SessionState:
         """A copy with *messages* added to the window, its length kept without a recount."""
-        return self.with_window(self.context_window + messages, self.window_chars() + context_length(messages))
+        new = self.with_window(self.context_window + messages, self.window_chars() + context_length(messages))
+        if self._normal is not None:
+            new._normal = self._normal.appended(messages)
+        return new
 
     def to_dict(self) -> dict[str, Any]:
         out = {"context_window": self.context_window, "memo": self.memo, "settings": self.settings,
@@ -154,7 +174,11 @@ def bound_sync(state: SessionState, strategy: str, max_length: int | None, round
         chars = state.window_chars()
     if chars <= max_length:
         return state.with_window(window, chars)
-    return state.with_window(*_simple_cut(window, max_length, chars))
+    kept, fits = _simple_cut(window, max_length, chars)
+    new = state.with_window(kept, fits)
+    if window is state.context_window and fits is not None and state._normal is not None:
+        new._normal = state._normal.without_first(len(window) - len(kept))
+    return new
 
 
 # --- injection -----------------------------------------------------------------------------
@@ -206,36 +230,115 @@ def normalise_window(window: Sequence[Message]) -> list[Message]:
     message with a non-text part keeps its content as a part list. Structured messages (tool
     calls and their results, ``is_structured``) are kept as they are; a tool result at the start
     (its call was bounded away) is left out."""
+    return _normalise(window)[0]
+
+
+def _normalise(window: Sequence[Message]) -> tuple[list[Message], list[int], bool]:
+    """:func:`normalise_window`, how many window messages each result message stands for (0
+    for a marker) and whether the window was plain (text only, nothing structured)."""
     out: list[Message] = []
+    counts: list[int] = []
+    plain = True
     runs: dict[int, list[Any]] = {}  # index in out -> contents to join (a run of several, or not text)
     run_role: str | None = None  # the role of out[-1] while more of its run may follow
     for message in window:
         role = message.get("role")
         if message.get("tool_calls") or (role == "tool" and "tool_call_id" in message):  # is_structured
+            plain = False
             if role == "tool" and not out:
                 continue  # a result whose call was cut off: the provider would refuse it
             out.append(dict(message))
+            counts.append(1)
             run_role = None
             continue
         role = str(role)
         content = message.get("content")
+        if type(content) is not str:
+            plain = False
         if role == run_role:
             index = len(out) - 1
             runs.setdefault(index, [out[index]["content"]]).append(content)
+            counts[index] += 1
             continue
         if type(content) is not str:
             runs[len(out)] = [content]
         out.append({"role": role, "content": content})  # a lone text message is already joined
+        counts.append(1)
         run_role = role
     if not out:
-        return []
+        return [], [], plain
     for index, contents in runs.items():
         out[index] = _joined(out[index]["role"], [part for content in contents for part in _parts(content)])
     if out[0]["role"] != "user":
         out.insert(0, {"role": "user", "content": CHAT_HISTORY_OPENER})
+        counts.insert(0, 0)
     if out[-1]["role"] != "assistant":
         out.append({"role": "assistant", "content": CONTINUE_INPUT})
-    return out
+        counts.append(0)
+    return out, counts, plain
+
+
+@dataclass(frozen=True, slots=True)
+class _Normal:
+    """A normalised window (``out``) and how many window messages each of its messages stands
+    for (``counts``: 0 for the ``[CHAT HISTORY]`` and ``[User continue input]`` markers). Kept
+    only for a *plain* window: text messages only, no tool calls or results, no part lists."""
+
+    out: list[Message]
+    counts: list[int]
+    plain: bool
+
+    @classmethod
+    def of(cls, window: Sequence[Message]) -> _Normal:
+        out, counts, plain = _normalise(window)
+        return cls(out, counts, plain)
+
+    def _core(self) -> tuple[list[Message], list[int]]:
+        start = 1 if self.counts and self.counts[0] == 0 else 0
+        end = len(self.out) - 1 if len(self.counts) > start and self.counts[-1] == 0 else len(self.out)
+        return self.out[start:end], self.counts[start:end]
+
+    @staticmethod
+    def _dressed(core: list[Message], counts: list[int]) -> _Normal:
+        if core and core[0]["role"] != "user":
+            core, counts = [{"role": "user", "content": CHAT_HISTORY_OPENER}, *core], [0, *counts]
+        if core and core[-1]["role"] != "assistant":
+            core, counts = [*core, {"role": "assistant", "content": CONTINUE_INPUT}], [*counts, 0]
+        return _Normal(core, counts, True)
+
+    def appended(self, messages: list[Message]) -> _Normal | None:
+        """This normalised window with *messages* appended (None unless all is plain)."""
+        if not self.plain or not all(_is_plain(m) for m in messages):
+            return None
+        core, counts = self._core()
+        core, counts = list(core), list(counts)
+        for message in messages:
+            role, content = str(message.get("role")), message["content"]
+            if core and core[-1]["role"] == role:  # a run of one role: texts joined by a blank line
+                core[-1] = {"role": role, "content": f"{core[-1]['content']}\n\n{content}"}
+                counts[-1] += 1
+            else:
+                core.append({"role": role, "content": content})
+                counts.append(1)
+        return self._dressed(core, counts)
+
+    def without_first(self, dropped: int) -> _Normal | None:
+        """This normalised window without the window's first *dropped* messages (None unless
+        plain, or when the cut splits a merged run)."""
+        if not self.plain:
+            return None
+        core, counts = self._core()
+        start = 0
+        while dropped > 0 and start < len(counts):
+            if counts[start] > dropped:
+                return None
+            dropped -= counts[start]
+            start += 1
+        return self._dressed(core[start:], counts[start:])
+
+
+def _is_plain(message: Message) -> bool:
+    return type(message.get("content")) is str and not is_structured(message)
 
 
 def is_structured(message: Message) -> bool:
@@ -313,7 +416,7 @@ def inject(messages: list[Message], state: SessionState | None, *, window: bool 
             if rest[i].get("role") == "user":
                 rest[i] = {**rest[i], "content": with_memo(rest[i].get("content"), state.memo)}
                 break
-    return system + (normalise_window(state.context_window) if add_window else []) + rest
+    return system + (state.normalised() if add_window else []) + rest
 
 
 # --- Agently's JSON form -------------------------------------------------------------------

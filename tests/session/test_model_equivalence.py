@@ -82,3 +82,33 @@ def test_cut_from_a_known_total_keeps_the_same_suffix(window: list[dict[str, Any
     kept, chars = dropped
     if chars is not None:
         assert chars == sum(message_length(m) for m in kept) <= max_length
+
+
+text_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": text})
+step = st.one_of(
+    st.tuples(st.just("append"), st.lists(st.one_of(text_message, text_message, text_message, plain, call, result),
+                                          min_size=1, max_size=3)),
+    st.tuples(st.just("cut"), st.integers(0, 160)),
+    st.tuples(st.just("look"), st.none()),
+    st.tuples(st.just("settings"), st.none()),
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(text_message, max_size=8), st.lists(step, max_size=12))
+def test_the_kept_normalised_window_follows_every_change(window: list[dict[str, Any]],
+                                                         steps: list[tuple[str, Any]]) -> None:
+    """A state's normalised window, kept and carried over by ``appended``, a cut from the front
+    and a change of settings, is always the one normalising its window afresh gives."""
+    from gateway.session.model import SessionState, bound_sync
+
+    state = SessionState(list(window))
+    state.normalised()
+    for kind, arg in steps:
+        if kind == "append":
+            state = state.appended(arg)
+        elif kind == "cut":
+            state = bound_sync(state, "simple_cut", arg)
+        elif kind == "settings":
+            state = state.with_settings({"max_length": 1})
+        assert state.normalised() == normalise_window(state.context_window)
