@@ -108,6 +108,11 @@ class UpstreamReply:
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The decoded body, piece by piece as the provider sends it (empty pieces skipped)."""
         try:
+            if self._decoder.identity:  # nothing to undo: the pieces as they come
+                async for chunk in self._resp.content.iter_any():
+                    if chunk:
+                        yield chunk
+                return
             async for chunk in self._resp.content.iter_any():
                 for piece in self._decoder.feed(chunk):
                     yield piece
@@ -129,6 +134,7 @@ class Decoder:
     def __init__(self, steps: list[Callable[[bytes], Iterator[bytes]]], flushers: list[Callable[[], bytes]],
                  upstream: str) -> None:
         self._steps, self._flushers, self._upstream = steps, flushers, upstream
+        self.identity = not steps
 
     @classmethod
     def for_header(cls, header: str, upstream: str) -> Decoder:
