@@ -23,7 +23,10 @@ as ``gateway.store.sqlite``. How it keeps the contract across processes:
   (:class:`Staged`), seals their audit entries, writes everything in one statement (several when
   the batch deletes rows or lifts a quarantine), commits once and only then resolves the
   callers. ``BEGIN`` and the locks go in one round trip, so a batch costs four; a pooled
-  connection is handed back without asyncpg's reset query (:func:`_keep_session`). A plan that
+  connection is handed back without asyncpg's reset query (:func:`_keep_session`). Connections
+  run with ``plan_cache_mode=force_generic_plan``: every statement is keyed by arrays of
+  parameters, and re-planning the batch read on each execution (PostgreSQL's default for a
+  prepared statement whose custom plans look cheaper) cost more than running it. A plan that
   raises (or whose audit entry cannot be sealed) stages nothing, and its exception reaches its
   caller unchanged while its neighbours commit. The ``audit`` primary key ``(tenant, seq)``
   guards the chain as well: two writers could never both append the same ``seq``.
@@ -505,7 +508,8 @@ class PostgresStore:
         await self.migrate()
         self._pool = await self._guard(asyncpg.create_pool(
             self.dsn, min_size=1, max_size=self.pool_size, timeout=10, command_timeout=60, reset=_keep_session,
-            server_settings={"search_path": self.schema, "application_name": "sessiongate"}), "connect to")
+            server_settings={"search_path": self.schema, "application_name": "sessiongate",
+                             "plan_cache_mode": "force_generic_plan"}), "connect to")
         self._lanes = [asyncio.Queue() for _ in range(self.writers)]
         self._tasks = [asyncio.create_task(self._lane(q), name=f"pg-writer-{i}") for i, q in enumerate(self._lanes)]
 

@@ -1,0 +1,107 @@
+"""What one recorded round costs the store, without HTTP: load the session, then commit the round.
+
+Runs ``SessionService`` on a SQLite store in a scratch folder (removed afterwards), fills one
+session until its window is full (``--window-chars``, as the benchmark's sessions are), then
+times ``--rounds`` rounds of ``load`` followed by ``commit_round`` (with the loaded state, as a
+request does) in three ways:
+
+- ``quiet``: the gateway has nothing else in flight: the commit runs on the event loop and the
+  load gets the rows this process committed (``gateway.store.sqlite``: no query, no thread);
+- ``busy``: every commit goes through the writer thread (as under load), the load still gets
+  the kept rows when the writer is idle;
+- ``read``: as ``busy``, and the kept rows are forgotten before every load and commit, so both
+  read the session's rows (as when another process wrote in between, or before this change).
+
+For each it prints the median wall time of a round and the process's CPU time (user + system)
+per round, with ``synchronous=FULL`` (one fsync per commit) and, with ``--no-fsync``, without it
+(the CPU the round costs besides waiting for the disk).
+
+    python -m benchmarks.round_cost [--rounds 400] [--window-chars 12000] [--no-fsync]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.keyring import Keyring, new_master_key
+from gateway.sessions import Bounding, LoadedSession, RoundRecord, SessionService
+from gateway.store.sqlite import SQLiteStore
+
+USER = "Benchmark request {n}: please answer in one sentence."
+REPLY = "A benchmark reply of about the length the stand-in gives, one sentence or so, no more."
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _round(svc: SessionService, n: int, bounding: Bounding, loaded: LoadedSession | None) -> LoadedSession:
+    rec = RoundRecord(f"r{n}", "default", "h", "completed", USER.format(n=n), REPLY, {"event": "round"})
+    await svc.commit_round("acme", "bench", rec, bounding, loaded)
+    out = await svc.load("acme", "bench", for_round=True)
+    assert out is not None
+    out.state.normalised()  # as the inject stage does
+    return out
+
+
+async def measure(folder: Path, rounds: int, window_chars: int, fsync: bool) -> list[tuple[str, float, float]]:
+    store = SQLiteStore(folder / "round-cost.db")
+    await store.open()
+    try:
+        if not fsync and store._writer is not None:
+            store._writer.conn.execute("PRAGMA synchronous=OFF")
+        svc = SessionService(store, Keyring([new_master_key()]))
+        bounding = Bounding(max_length=window_chars)
+        store.quiet = lambda: True
+        loaded = None
+        n = 0
+        while loaded is None or loaded.state.window_chars() < window_chars * 0.95:
+            loaded = await _round(svc, n, bounding, loaded)
+            n += 1
+        results = []
+        for mode in ("quiet", "busy", "read"):
+            store.quiet = lambda mode=mode: mode == "quiet"  # type: ignore[misc]
+            times = []
+            cpu = _cpu()
+            for _ in range(rounds):
+                if mode == "read":
+                    store._known.clear()
+                started = time.perf_counter()
+                loaded = await _round(svc, n, bounding, loaded)
+                times.append(time.perf_counter() - started)
+                n += 1
+            results.append((mode, statistics.median(times) * 1000, (_cpu() - cpu) / rounds * 1000))
+        return results
+    finally:
+        await store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--window-chars", type=int, default=12000)
+    parser.add_argument("--no-fsync", action="store_true", help="commit with synchronous=OFF")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="sessiongate-round-cost-"))
+    try:
+        results = asyncio.run(measure(folder, args.rounds, args.window_chars, not args.no_fsync))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"{args.rounds} rounds per mode, window {args.window_chars} characters, "
+          f"{'no fsync' if args.no_fsync else 'synchronous=FULL'}")
+    print("| mode | round p50 ms | CPU ms per round |")
+    print("| --- | ---: | ---: |")
+    for mode, p50, cpu in results:
+        print(f"| {mode} | {p50:.3f} | {cpu:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
