@@ -150,12 +150,14 @@ SELECT u.t, u.s, s.version, s.next_seq, s.state_ct, s.created_at, s.updated_at,
        r.n, r.m, h.quarantined_seq, h.quarantine_reason,
        a.tenant, a.seq, a.created_at, a.body, a.prev_hash, a.hash
 FROM unnest($1::text[], $2::text[]) AS u(t, s)
-LEFT JOIN sessions s ON s.tenant = u.t AND s.session_id = u.s
-LEFT JOIN data_keys k ON k.tenant = u.t AND k.session_id = u.s
+LEFT JOIN LATERAL (SELECT * FROM sessions x WHERE x.tenant = u.t AND x.session_id = u.s LIMIT 1) s ON true
+LEFT JOIN LATERAL (SELECT * FROM data_keys x WHERE x.tenant = u.t AND x.session_id = u.s LIMIT 1) k ON true
 LEFT JOIN LATERAL (SELECT count(*) AS n, coalesce(max(seq), 0) AS m FROM rounds x
                    WHERE x.tenant = u.t AND x.session_id = u.s) r ON true
-LEFT JOIN session_heads h ON h.tenant = u.t AND h.session_id = u.s
-LEFT JOIN audit a ON a.tenant = h.tenant AND a.seq = h.bound_seq"""
+LEFT JOIN LATERAL (SELECT * FROM session_heads x WHERE x.tenant = u.t AND x.session_id = u.s LIMIT 1) h ON true
+LEFT JOIN LATERAL (SELECT * FROM audit x WHERE x.tenant = u.t AND x.seq = h.bound_seq LIMIT 1) a ON true"""
+"""Each part is a ``LIMIT 1`` lookup by primary key for each (tenant, session): the plan stays
+index lookups whatever the parameters, so it is planned once (generic plans, see ``open``)."""
 _READ_BATCH = f"""
 SELECT 's' AS kind, c.* FROM ({_READ_CURRENT}) c
 UNION ALL
