@@ -35,6 +35,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.keyring import Keyring, new_master_key
@@ -63,33 +64,46 @@ async def _round(svc: SessionService, n: int, bounding: Bounding, loaded: Loaded
     return out
 
 
+class Session:
+    """One session of the benchmark, filled until its window is full, then timed round by round."""
+
+    def __init__(self, svc: SessionService, window_chars: int) -> None:
+        self.svc, self.window_chars = svc, window_chars
+        self.bounding = Bounding(max_length=window_chars)
+        self.loaded: LoadedSession | None = None
+        self.n = 0
+
+    async def fill(self) -> None:
+        while self.loaded is None or self.loaded.state.window_chars() < self.window_chars * 0.95:
+            self.loaded = await _round(self.svc, self.n, self.bounding, self.loaded)
+            self.n += 1
+
+    async def time(self, mode: str, rounds: int, before: Callable[[], None] = lambda: None) -> tuple[str, float, float]:
+        """(mode, median round ms, CPU ms per round) over *rounds* rounds, *before* run before each."""
+        times = []
+        cpu = _cpu()
+        for _ in range(rounds):
+            before()
+            started = time.perf_counter()
+            self.loaded = await _round(self.svc, self.n, self.bounding, self.loaded)
+            times.append(time.perf_counter() - started)
+            self.n += 1
+        return mode, statistics.median(times) * 1000, (_cpu() - cpu) / rounds * 1000
+
+
 async def measure(folder: Path, rounds: int, window_chars: int, fsync: bool) -> list[tuple[str, float, float]]:
     store = SQLiteStore(folder / "round-cost.db")
     await store.open()
     try:
         if not fsync and store._writer is not None:
             store._writer.conn.execute("PRAGMA synchronous=OFF")
-        svc = SessionService(store, Keyring([new_master_key()]))
-        bounding = Bounding(max_length=window_chars)
+        session = Session(SessionService(store, Keyring([new_master_key()])), window_chars)
         store.quiet = lambda: True
-        loaded = None
-        n = 0
-        while loaded is None or loaded.state.window_chars() < window_chars * 0.95:
-            loaded = await _round(svc, n, bounding, loaded)
-            n += 1
+        await session.fill()
         results = []
         for mode in ("quiet", "busy", "read"):
             store.quiet = lambda mode=mode: mode == "quiet"  # type: ignore[misc]
-            times = []
-            cpu = _cpu()
-            for _ in range(rounds):
-                if mode == "read":
-                    store._known.clear()
-                started = time.perf_counter()
-                loaded = await _round(svc, n, bounding, loaded)
-                times.append(time.perf_counter() - started)
-                n += 1
-            results.append((mode, statistics.median(times) * 1000, (_cpu() - cpu) / rounds * 1000))
+            results.append(await session.time(mode, rounds, store._known.clear if mode == "read" else lambda: None))
         return results
     finally:
         await store.close()
@@ -104,21 +118,9 @@ async def measure_postgres(dsn: str, rounds: int, window_chars: int) -> list[tup
     store = PostgresStore(dsn, schema=schema)
     await store.open()
     try:
-        svc = SessionService(store, Keyring([new_master_key()]))
-        bounding = Bounding(max_length=window_chars)
-        loaded = None
-        n = 0
-        while loaded is None or loaded.state.window_chars() < window_chars * 0.95:
-            loaded = await _round(svc, n, bounding, loaded)
-            n += 1
-        times = []
-        cpu = _cpu()
-        for _ in range(rounds):
-            started = time.perf_counter()
-            loaded = await _round(svc, n, bounding, loaded)
-            times.append(time.perf_counter() - started)
-            n += 1
-        return [("postgres", statistics.median(times) * 1000, (_cpu() - cpu) / rounds * 1000)]
+        session = Session(SessionService(store, Keyring([new_master_key()])), window_chars)
+        await session.fill()
+        return [await session.time("postgres", rounds)]
     finally:
         await store.close()
         conn = await asyncpg.connect(dsn)

@@ -204,32 +204,16 @@ SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::bytea[], $5::te
 _DELETE_ROUNDS = """
 DELETE FROM rounds x USING unnest($1::text[], $2::text[], $3::bigint[]) AS u(t, s, q)
 WHERE x.tenant = u.t AND x.session_id = u.s AND x.seq = u.q"""
-_FLUSH_ONE = f"""
-WITH k AS (
-  INSERT INTO data_keys ({_DK_COLS})
-  SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::float8[])
-  ON CONFLICT (tenant, session_id) DO UPDATE SET dk_id = EXCLUDED.dk_id, kek_id = EXCLUDED.kek_id,
-    wrapped = EXCLUDED.wrapped, created_at = EXCLUDED.created_at),
-s AS (
-  INSERT INTO sessions (tenant, session_id, version, next_seq, state_ct, created_at, updated_at)
-  SELECT * FROM unnest($7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::bytea[], $12::float8[],
-                       $13::float8[])
-  ON CONFLICT (tenant, session_id) DO UPDATE SET version = EXCLUDED.version, next_seq = EXCLUDED.next_seq,
-    state_ct = EXCLUDED.state_ct, created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at),
-r AS (
-  INSERT INTO rounds ({_ROUND_COLS})
-  SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::float8[], $18::text[], $19::text[],
-                       $20::text[], $21::text[], $22::text[], $23::bytea[])),
-a AS (
-  INSERT INTO audit ({_AUDIT_COLS})
-  SELECT * FROM unnest($24::text[], $25::bigint[], $26::float8[], $27::bytea[], $28::text[], $29::text[]))
-INSERT INTO session_heads (tenant, session_id, bound_seq, quarantined_seq, quarantine_reason)
-SELECT * FROM unnest($30::text[], $31::text[], $32::bigint[], $33::bigint[], $34::text[])
-ON CONFLICT (tenant, session_id) DO UPDATE SET
-  bound_seq = coalesce(EXCLUDED.bound_seq, session_heads.bound_seq),
-  quarantined_seq = coalesce(EXCLUDED.quarantined_seq, session_heads.quarantined_seq),
-  quarantine_reason = CASE WHEN EXCLUDED.quarantined_seq IS NOT NULL THEN EXCLUDED.quarantine_reason
-                           ELSE session_heads.quarantine_reason END"""
+
+
+def _shifted(sql: str, by: int) -> str:
+    """*sql* with its parameters ``$n`` renumbered ``$(n + by)``."""
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + by}", sql.strip())
+
+
+_FLUSH_ONE = (f"WITH k AS ({_shifted(_UPSERT_DATA_KEYS, 0)}),\n s AS ({_shifted(_UPSERT_SESSIONS, 6)}),\n"
+              f" r AS ({_shifted(_INSERT_ROUNDS, 13)}),\n a AS ({_shifted(_INSERT_AUDIT, 23)})\n"
+              f"{_shifted(_UPSERT_HEADS, 29)}")
 """Every insert and upsert of a batch that deletes nothing and lifts no quarantine, in one
 statement (one round trip): the data-modifying parts touch different tables, so their order
 does not matter. A batch that deletes goes statement by statement, deletes first."""
