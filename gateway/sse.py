@@ -80,6 +80,15 @@ class EventSplitter:
         return skipped + out
 
 
+def assistant_message(texts: list[str], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The neutral assistant message of a reply: its texts joined (None without any) and, when
+    there are any, its tool calls (Chat's ``tool_calls`` form). Every codec's reply ends here."""
+    msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
 class EventAssembler:
     """Base of the per-protocol reply assemblers (Chat's below, Responses' and Messages' in
     ``gateway.codecs``): counts event bytes against ``max_bytes`` (``truncated`` once past it) and
@@ -154,9 +163,7 @@ class ReplyAssembler(EventAssembler):
                     slot["function"]["arguments"] += fn["arguments"]
 
     def message(self) -> dict[str, Any]:
-        msg: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) if self.content else None}
-        if self.tool_calls:
-            msg["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        msg = assistant_message(self.content, [self.tool_calls[i] for i in sorted(self.tool_calls)])
         if self.refusal:
             msg["refusal"] = "".join(self.refusal)
         return msg

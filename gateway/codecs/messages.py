@@ -24,7 +24,7 @@ import orjson
 from gateway.codecs import window_plan
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
-from gateway.sse import EventAssembler
+from gateway.sse import EventAssembler, assistant_message
 
 if TYPE_CHECKING:
     from gateway.context import Context
@@ -240,10 +240,7 @@ def reply_message(body: dict[str, Any]) -> Message:
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"),
                                        "arguments": orjson.dumps(block.get("input", {})).decode()}})
-    msg: Message = {"role": "assistant", "content": "".join(texts) if texts else None}
-    if calls:
-        msg["tool_calls"] = calls
-    return msg
+    return assistant_message(texts, calls)
 
 
 class MessagesCodec:

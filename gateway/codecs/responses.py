@@ -35,7 +35,7 @@ from gateway.codecs import window_plan
 from gateway.errors import BadRequest, NotFound, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
 from gateway.session.record import SYSTEM_ROLES
-from gateway.sse import EventAssembler
+from gateway.sse import EventAssembler, assistant_message
 
 if TYPE_CHECKING:
     from gateway.context import Context
@@ -198,11 +198,7 @@ class ResponsesAssembler(EventAssembler):
         return self.final_type == "response.completed"
 
     def message(self) -> Message:
-        calls = [_call(item) for item in self.calls.values()]
-        msg: Message = {"role": "assistant", "content": "".join(self.text) if self.text else None}
-        if calls:
-            msg["tool_calls"] = calls
-        return msg
+        return assistant_message(self.text, [_call(item) for item in self.calls.values()])
 
     def response(self) -> dict[str, Any]:
         if self.final is not None and not self.truncated:
@@ -224,10 +220,7 @@ def reply_message(body: dict[str, Any]) -> Message:
             texts.extend(p.get("text", "") for p in item.get("content") or () if p.get("type") == "output_text")
         elif item.get("type") == "function_call":
             calls.append(_call(item))
-    msg: Message = {"role": "assistant", "content": "".join(texts) if texts else None}
-    if calls:
-        msg["tool_calls"] = calls
-    return msg
+    return assistant_message(texts, calls)
 
 
 class ResponsesCodec:
