@@ -324,3 +324,45 @@ def test_a_write_waits_for_another_process_holding_the_lock(tmp_path: Path, quie
     waited, window = run(path, keyring, scenario)
     assert waited >= 0.25
     assert window == ["one", "re: one", "two", "re: two"]
+
+
+def test_a_commit_that_fails_keeps_none_of_its_rows(tmp_path: Path) -> None:
+    """The commit of a round fails at COMMIT (the disk, say): the caller gets the error, the
+    rows kept for the session stay those of the last durable commit, so the next round builds
+    on what is stored and a fresh read of the rows passes the chain check."""
+    from gateway.errors import StoreUnavailable
+
+    keyring = Keyring([new_master_key()])
+
+    async def scenario(svc: SessionService) -> tuple[list[str], list[str]]:
+        store = svc.store
+        assert isinstance(store, SQLiteStore)
+        store.quiet = lambda: True
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        loaded = await svc.load("acme", "s1")
+        real = store._unlocking
+        calls = [0]
+
+        def failing() -> None:  # called just before COMMIT, inside run_transaction's error handling
+            calls[0] += 1
+            real()
+            if calls[0] == 1:
+                raise sqlite3.OperationalError("disk I/O error")
+
+        store._unlocking = failing  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await svc.commit_round("acme", "s1", record("two"), Bounding(), loaded)
+        store._unlocking = real  # type: ignore[method-assign]
+        after_failure = await svc.load("acme", "s1")
+        assert after_failure is not None
+        await svc.commit_round("acme", "s1", record("three"), Bounding(), after_failure)
+        store._known.clear()  # read the rows themselves: they must match the chain
+        svc.states.drop("acme", "s1")
+        read = await svc.load("acme", "s1")
+        assert read is not None
+        return ([m["content"] for m in after_failure.state.context_window],
+                [m["content"] for m in read.state.context_window])
+
+    after_failure, read = run(tmp_path / "db.sqlite", keyring, scenario)
+    assert after_failure == ["one", "re: one"]
+    assert read == ["one", "re: one", "three", "re: three"]
