@@ -27,7 +27,15 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   get the kept rows (``Current.own``) instead of querying: they are byte for byte what is
   stored. The look needs the writer's connection, so a hot read uses it only when the writer
   is idle (otherwise it queries). A failed commit keeps nothing of its batch.
-- ``BEGIN IMMEDIATE`` also serialises writes from other processes (the CLI) on the same file.
+- **Several gateway processes on one file** (``serve --workers``) take turns through a lock
+  file beside it (``<file>-writer.lock``, ``flock``): a writer blocks in the kernel until the
+  lock is free and is woken when it is, instead of polling SQLite's write lock with sleeps
+  (which starves one process while another commits back to back). ``BEGIN IMMEDIATE`` still
+  serialises every writer, and other processes (the CLI) wait on it as before.
+- After another connection committed, a session's rows are read again; when they are byte for
+  byte the ones this process's commit left (another worker wrote other sessions), they count
+  as its own again (``Current.own``), so two workers do not re-check each other's quiet
+  sessions on every round.
 - Schema: :data:`SCHEMA` is version 1; :data:`MIGRATIONS` take a file from the version in
   ``meta.schema_version`` to :data:`SCHEMA_VERSION` when it opens (a file from a newer gateway
   is refused). Never edit a migration once released; add the next one.
@@ -38,12 +46,15 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
+import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -381,6 +392,8 @@ class SQLiteStore:
         self._writer: Lane | None = None
         self._reader: Lane | None = None
         self._inline: sqlite3.Connection | None = None
+        self._turns: int | None = None
+        """The lock file's descriptor: whose turn it is to write, among this file's gateways."""
         self.on_commit: Callable[[float, int], None] | None = None
         """Set before ``open()``: told each write transaction's duration and number of writes."""
         self._epoch = 0
@@ -409,6 +422,7 @@ class SQLiteStore:
             self._inline = _connect(self.path, busy_ms=0)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
+        self._turns = os.open(str(self.path) + "-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._path_mode()
         self._writer = Lane("sqlite-writer", conn, self._write_batch)
         self._writer.on_batch = self.on_commit
@@ -428,6 +442,9 @@ class SQLiteStore:
         if self._inline is not None:
             self._inline.close()
             self._inline = None
+        if self._turns is not None:
+            os.close(self._turns)
+            self._turns = None
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
@@ -468,7 +485,24 @@ class SQLiteStore:
                 known = self._known.get(key)
                 if known is not None and known[0] == epoch:
                     return known[1]
+                if known is not None:
+                    return self._vouch(key, read_current(conn, tenant, session_id), epoch)
         return read_current(conn, tenant, session_id)
+
+    def _vouch(self, key: tuple[str, str], fresh: Current, epoch: int | None) -> Current:
+        """*fresh* (rows just read) as this process's own when they are byte for byte the rows its
+        last commit of the session left (then the check on load has nothing to find in them
+        either); with *epoch* (read inside the write lock) the kept entry is current again."""
+        known = self._known.get(key)
+        if known is None:
+            return fresh
+        kept = known[1]
+        if replace(fresh, own=True) != kept:
+            self._known.discard(key)
+            return fresh
+        if epoch is not None:
+            self._known.put(key, (epoch, kept))
+        return kept
 
     def _stage(self, tenant: str, session_id: str | None, cur: Current | None) -> None:
         if session_id is not None:
@@ -476,17 +510,39 @@ class SQLiteStore:
 
     def _write_batch(self, conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any]]:
         self._staged, self._batch_epoch = {}, None
-        try:
-            return run_transaction(conn, jobs, committing=self._unlocking, committed=self._committed)
-        finally:
-            self._unlocking()
+        with self._turn(wait=True):
+            try:
+                return run_transaction(conn, jobs, committing=self._unlocking, committed=self._committed)
+            finally:
+                self._unlocking()
 
     def _write_now(self, conn: sqlite3.Connection, job: Job) -> tuple[bool, Any] | None:
         self._staged, self._batch_epoch = {}, None
+        with self._turn(wait=False) as mine:
+            if not mine:
+                return None  # another gateway process is writing: queue for the writer thread
+            try:
+                return run_transaction_now(conn, job, committing=self._unlocking, committed=self._committed)
+            finally:
+                self._unlocking()
+
+    @contextlib.contextmanager
+    def _turn(self, wait: bool) -> Iterator[bool]:
+        """Hold the lock file while writing (see the module docstring); yields False when *wait*
+        is off and another process holds it. Blocking here releases the GIL."""
+        fd = self._turns
+        if fd is None:
+            yield True
+            return
         try:
-            return run_transaction_now(conn, job, committing=self._unlocking, committed=self._committed)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
-            self._unlocking()
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _unlocking(self) -> None:
         """The write lock is about to go (``COMMIT``): from now on another connection may commit."""
@@ -611,7 +667,7 @@ class SQLiteStore:
                 return known
         if hot and self._inline is not None:
             try:
-                return read_current(self._inline, tenant, session_id)
+                return self._vouch((tenant, session_id), read_current(self._inline, tenant, session_id), None)
             except sqlite3.OperationalError:
                 pass  # busy (another connection recovering the log, say): the reader thread may wait
         return await self._read(lambda c: read_current(c, tenant, session_id))
