@@ -492,13 +492,15 @@ class SQLiteStore:
     def _vouch(self, key: tuple[str, str], fresh: Current, epoch: int | None) -> Current:
         """*fresh* (rows just read) as this process's own when they are byte for byte the rows its
         last commit of the session left (then the check on load has nothing to find in them
-        either); with *epoch* (read inside the write lock) the kept entry is current again."""
+        either); with *epoch* (read inside the write lock) the kept entry is current again, or
+        dropped when the rows differ (without: a commit may have moved on since the read)."""
         known = self._known.get(key)
         if known is None:
             return fresh
         kept = known[1]
         if replace(fresh, own=True) != kept:
-            self._known.discard(key)
+            if epoch is not None:  # read under the lock: the kept rows are not the stored ones
+                self._known.discard(key)
             return fresh
         if epoch is not None:
             self._known.put(key, (epoch, kept))
@@ -595,7 +597,10 @@ class SQLiteStore:
             changes = plan(cur)
             after = write_changes(conn, cur, changes)
             exact = not (changes.delete_round_seqs or changes.delete_session)  # after() keeps max_seq then
-            self._stage(tenant, session_id, after if exact else None)
+            # kept as this process's own only when built on rows that pass the check themselves
+            # (a quarantine's commit, say, is built on rows that failed it)
+            sound = cur.own or evidence.check(cur) is None
+            self._stage(tenant, session_id, after if exact and sound else None)
             return changes
         if self.quiet is not None and self._writer is not None and self.quiet():
             outcome = self._writer.run_now(run, self._write_now)
@@ -661,16 +666,16 @@ class SQLiteStore:
         return cur.session, cur.data_key
 
     async def read_session(self, tenant: str, session_id: str, *, hot: bool = False) -> Current:
-        if hot:
-            known = self._known_now(tenant, session_id)
-            if known is not None:
-                return known
+        known = self._known_now(tenant, session_id)
+        if known is not None:
+            return known
+        key = (tenant, session_id)
         if hot and self._inline is not None:
             try:
-                return self._vouch((tenant, session_id), read_current(self._inline, tenant, session_id), None)
+                return self._vouch(key, read_current(self._inline, tenant, session_id), None)
             except sqlite3.OperationalError:
                 pass  # busy (another connection recovering the log, say): the reader thread may wait
-        return await self._read(lambda c: read_current(c, tenant, session_id))
+        return self._vouch(key, await self._read(lambda c: read_current(c, tenant, session_id)), None)
 
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         def run(c: sqlite3.Connection) -> list[SessionSummary]:
