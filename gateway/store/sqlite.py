@@ -23,10 +23,12 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   ``KNOWN_SESSIONS``), the rows as the commit left them (``evidence.after``), tagged with an
   epoch. The writer's connection asks ``PRAGMA data_version``, which changes exactly when
   *another* connection (a second worker, the CLI, an operator's shell) has committed; then the
-  epoch moves on and every kept entry is stale. While it has not, a write plan and a hot read
-  get the kept rows (``Current.own``) instead of querying: they are byte for byte what is
-  stored. The look needs the writer's connection, so a hot read uses it only when the writer
-  is idle (otherwise it queries). A failed commit keeps nothing of its batch.
+  epoch moves on and every kept entry is stale. While it has not, a write plan and a session
+  read get the kept rows (``Current.own``) instead of querying: they are byte for byte what is
+  stored. The look needs the writer's connection, so a read uses it only when the writer is
+  idle or inside a batch that has looked (otherwise it queries). A failed commit keeps nothing
+  of its batch, and a commit built on rows that fail the chain check (a quarantine's) keeps
+  nothing either.
 - **Several gateway processes on one file** (``serve --workers``) take turns through a lock
   file beside it (``<file>-writer.lock``, ``flock``): a writer blocks in the kernel until the
   lock is free and is woken when it is, instead of polling SQLite's write lock with sleeps
@@ -570,7 +572,7 @@ class SQLiteStore:
         can have committed since that look, as long as the lock is still held after the lookup
         (``_generation`` unchanged; it moves on just before ``COMMIT`` gives the lock up)."""
         lane = self._writer
-        if lane is None:
+        if lane is None or self._known.peek((tenant, session_id)) is None:
             return None
         if lane._busy.acquire(blocking=False):
             try:
