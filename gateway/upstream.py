@@ -1,10 +1,11 @@
 """The one place that talks to the model provider.
 
 ``Upstreams`` owns one ``aiohttp.ClientSession`` for the process (keep-alive, a connector
-limit), routes a model name and protocol to an upstream by glob, adds the upstream's own key in
-the header its protocol expects (``Authorization: Bearer`` for openai, ``x-api-key`` for
-anthropic, or the upstream's ``key_header``), forwards ``anthropic-version``/``anthropic-beta``
-to anthropic upstreams (``anthropic-version: 2023-06-01`` when the client sent none), and hands
+limit, no cookie jar: cookies a provider sets are never stored or sent back), routes a model
+name and protocol to an upstream by glob, adds the upstream's own key in the header its protocol
+expects (``Authorization: Bearer`` for openai, ``x-api-key`` for anthropic, or the upstream's
+``key_header``), forwards ``anthropic-version``/``anthropic-beta`` to anthropic upstreams
+(``anthropic-version: 2023-06-01`` when the client sent none), and hands
 back an :class:`UpstreamReply` of our own from ``open()``. Nothing of aiohttp leaves this
 module: unreachable or broken off → ``UpstreamError`` (502), timeout → ``UpstreamTimeout``
 (504), a body we cannot decode → ``UpstreamError`` with code ``bad_upstream_reply``.
@@ -264,8 +265,11 @@ class Upstreams:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=self._limit,
                                          keepalive_timeout=30, enable_cleanup_closed=True)
+        # no cookie jar: this one client serves every tenant, so a cookie one tenant's reply set
+        # (a CDN's tracking cookie, say) would go out with every other tenant's requests
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                              skip_auto_headers=("User-Agent",))
+                                              skip_auto_headers=("User-Agent",),
+                                              cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self._session is not None:

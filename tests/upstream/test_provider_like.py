@@ -13,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import ACME_KEY, Gateway
+from tests.conftest import ACME_KEY, GLOBEX_KEY, Gateway
 from tests.provider import HUGE_BYTES, Provider, huge_text, provider  # noqa: F401
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
@@ -120,6 +120,23 @@ def test_keep_alive_connections_closed_by_the_provider_are_not_an_error(
             assert "".join(e.choices[0].delta.content or "" for e in events if e.choices).strip() == \
                 f"provider says: q{n}"
     assert len(exported(gateway, "keepalive")["full_context"]) == 24
+
+
+def test_a_cookie_the_provider_sets_is_never_sent_back_for_anyone(
+        make_gateway: Callable[..., Gateway], provider: Provider) -> None:  # noqa: F811
+    """The provider sets a cookie on every reply (as Cloudflare in front of a real API does); the
+    gateway's one upstream client is shared by every tenant, so it keeps no cookies: no later
+    request, of the same tenant or another, chat or forwarded route, carries one."""
+    provider.url = provider.url.replace("127.0.0.1", "localhost")  # a host name: a cookie jar would keep it
+    gateway = connect(make_gateway, provider, "asked-gzip", forward_routes=["models"])
+    for key in (ACME_KEY, GLOBEX_KEY, ACME_KEY):
+        client = gateway.openai(key=key, session="cookies")
+        assert client.chat.completions.create(model="gpt-x", messages=[user("hi")]).choices
+        assert client.models.list().data is not None
+    assert len(provider.requests) == 6
+    assert "Set-Cookie" in provider.headers(1)  # the provider does set one, on every reply
+    sent = [{k.lower(): v for k, v in r["headers"].items()} for r in provider.requests]
+    assert [h.get("cookie") for h in sent] == [None] * 6
 
 
 def test_compressed_stream_reaches_the_client_event_by_event(make_gateway: Callable[..., Gateway],
