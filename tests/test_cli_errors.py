@@ -83,6 +83,17 @@ def test_upstream_key_variable_unset_fails_before_anything_is_written(tmp_path: 
     assert not (tmp_path / "gateway.db").exists() and not (tmp_path / "master-keys.json").exists()
 
 
+def test_serve_with_an_unusable_store_lock_file_says_which_file(tmp_path: Path) -> None:
+    """The SQLite store's lock file (``<db>-writer.lock``) cannot be opened (here a folder sits
+    where it goes): ``serve`` stops with one line naming the file, no traceback."""
+    config = write_config(tmp_path, None, REPO / "policies")
+    (tmp_path / "gateway.db-writer.lock").mkdir()
+    result = run("serve", "--config", str(config), "--port", "0", timeout=30)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "gateway.db-writer.lock" in result.stderr and "lock file" in result.stderr, result.stderr
+
+
 def test_export_into_a_missing_folder_says_so(gateway: Gateway, tmp_path: Path) -> None:
     """``export --out`` under a folder that does not exist names the folder."""
     out = tmp_path / "no-such-folder" / "acme.jsonl"

@@ -424,7 +424,15 @@ class SQLiteStore:
             self._inline = _connect(self.path, busy_ms=0)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
-        self._turns = os.open(str(self.path) + "-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock = Path(str(self.path) + "-writer.lock")
+        try:
+            self._turns = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            for c in (conn, reader, self._inline):
+                c.close()
+            self._inline = None
+            raise StoreUnavailable(f"cannot open the SQLite store's lock file {lock}: {exc.strerror}; "
+                                   "the gateway needs to create and write it beside the database") from exc
         self._path_mode()
         self._writer = Lane("sqlite-writer", conn, self._write_batch)
         self._writer.on_batch = self.on_commit
