@@ -274,8 +274,10 @@ TARGETS: list[Target] = [
     gateway_target("gateway-pg", postgres=True),
     gateway_target("gateway-pg2", replicas=2, postgres=True),
     gateway_target("gateway-w2", workers=2),
+    gateway_target("gateway-w4", workers=4),
     replace(gateway_target("gateway-nosession"), sessions=False),
     gateway_target("gateway-pg-w2", postgres=True, workers=2),
+    gateway_target("gateway-pg-w4", postgres=True, workers=4),
     Target("litellm", litellm_launch, api_key=LITELLM_KEY),
 ]
 DEFAULT_TARGETS = ("direct", "passthrough", "gateway", "gateway-pg", "gateway-pg2")
