@@ -32,8 +32,10 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
 - **Several gateway processes on one file** (``serve --workers``) take turns through a lock
   file beside it (``<file>-writer.lock``, ``flock``): a writer blocks in the kernel until the
   lock is free and is woken when it is, instead of polling SQLite's write lock with sleeps
-  (which starves one process while another commits back to back). ``BEGIN IMMEDIATE`` still
-  serialises every writer, and other processes (the CLI) wait on it as before.
+  (which starves one process while another commits back to back), and gives up after
+  ``BUSY_WAIT_SECONDS`` (a stopped or stuck holder fails writes as unavailable instead of
+  freezing them). ``BEGIN IMMEDIATE`` still serialises every writer, and other processes (the
+  CLI) wait on it as before.
 - After another connection committed, a session's rows are read again; when they are byte for
   byte the ones this process's commit left (another worker wrote other sessions), they count
   as its own again (``Current.own``), so two workers do not re-check each other's quiet
@@ -48,7 +50,6 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import functools
 import os
@@ -56,7 +57,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -522,39 +523,68 @@ class SQLiteStore:
 
     def _write_batch(self, conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any]]:
         self._staged, self._batch_epoch = {}, None
-        with self._turn(wait=True):
-            try:
-                return run_transaction(conn, jobs, committing=self._unlocking, committed=self._committed)
-            finally:
-                self._unlocking()
+        if not self._take_turn(wait=True):
+            err = StoreUnavailable(f"another gateway process has held the SQLite store's write turn for over "
+                                   f"{BUSY_WAIT_SECONDS:.0f} s ({self.path}-writer.lock): is one stopped or stuck?")
+            return [(False, err)] * len(jobs)
+        try:
+            return run_transaction(conn, jobs, committing=self._unlocking, committed=self._committed)
+        finally:
+            self._unlocking()
+            self._give_turn()
 
     def _write_now(self, conn: sqlite3.Connection, job: Job) -> tuple[bool, Any] | None:
         self._staged, self._batch_epoch = {}, None
-        with self._turn(wait=False) as mine:
-            if not mine:
-                return None  # another gateway process is writing: queue for the writer thread
-            try:
-                return run_transaction_now(conn, job, committing=self._unlocking, committed=self._committed)
-            finally:
-                self._unlocking()
+        if not self._take_turn(wait=False):
+            return None  # another gateway process is writing: queue for the writer thread
+        try:
+            return run_transaction_now(conn, job, committing=self._unlocking, committed=self._committed)
+        finally:
+            self._unlocking()
+            self._give_turn()
 
-    @contextlib.contextmanager
-    def _turn(self, wait: bool) -> Iterator[bool]:
-        """Hold the lock file while writing (see the module docstring); yields False when *wait*
-        is off and another process holds it. Blocking here releases the GIL."""
+    def _take_turn(self, wait: bool) -> bool:
+        """Take the lock file (see the module docstring). Without *wait*, False at once when
+        another process holds it; with it (from the writer thread), False only after
+        ``BUSY_WAIT_SECONDS``. The wait blocks in ``flock`` itself, so the kernel wakes it the
+        moment the lock is free (polling with sleeps lets a busy holder starve the others); it
+        runs in a helper thread so that it can be given up, and a turn taken after it was given
+        up is handed straight back."""
         fd = self._turns
         if fd is None:
-            yield True
-            return
+            return True
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
         except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if not wait:
+                return False
+        got, settled = threading.Event(), threading.Lock()
+        abandoned = False
+
+        def block() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                return  # the store closed its descriptor meanwhile
+            with settled:
+                if abandoned:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                else:
+                    got.set()
+
+        threading.Thread(target=block, name="sqlite-turn", daemon=True).start()
+        if got.wait(BUSY_WAIT_SECONDS):
+            return True
+        with settled:
+            if got.is_set():
+                return True
+            abandoned = True
+        return False
+
+    def _give_turn(self) -> None:
+        if self._turns is not None:
+            fcntl.flock(self._turns, fcntl.LOCK_UN)
 
     def _unlocking(self) -> None:
         """The write lock is about to go (``COMMIT``): from now on another connection may commit."""

@@ -488,3 +488,42 @@ async def _open_and_close(path: Path) -> None:
 
 async def _state_of(store: SQLiteStore, session_id: str) -> Any:
     return (await store.get_session(ACME, session_id))[0]
+
+
+def test_a_turn_held_too_long_fails_the_write_and_is_handed_back_when_it_comes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds the lock file past ``BUSY_WAIT_SECONDS`` (stopped, stuck): the
+    write fails as unavailable, naming the lock file, instead of waiting for ever; nothing of it
+    is stored. When the holder lets go, the turn the abandoned wait then gets is handed straight
+    back (the lock is free again), and the next write commits."""
+    from gateway.errors import StoreUnavailable
+
+    monkeypatch.setattr(sqlite_store, "BUSY_WAIT_SECONDS", 0.3)
+    path = tmp_path / "db.sqlite"
+    keyring = Keyring([new_master_key()])
+
+    async def scenario(a: SQLiteStore, b: SQLiteStore) -> None:
+        svc = SessionService(a, keyring)
+        await step(svc.commit_round(ACME, "s1", record("one"), Bounding()))
+        with held(path) as release:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as failed:
+                await step(svc.commit_round(ACME, "s1", record("two"), Bounding()))
+            assert 0.25 <= time.monotonic() - started < 2.0
+            assert "writer.lock" in str(failed.value)
+            release()
+        fd = os.open(lock_path(path), os.O_RDWR)
+        try:
+            deadline = time.monotonic() + STEP_TIMEOUT
+            while not try_lock(fd, keep=False):  # the abandoned wait takes it, then gives it back
+                assert time.monotonic() < deadline, "the abandoned wait kept the turn"
+                await asyncio.sleep(0.01)
+        finally:
+            os.close(fd)
+        assert stored(path, "s1")[3] == 1
+        await step(svc.commit_round(ACME, "s1", record("three"), Bounding()))
+        loaded = await step(svc.load(ACME, "s1"))
+        assert loaded is not None and [m["content"] for m in loaded.state.context_window] == [
+            "one", "re: one", "three", "re: three"]
+
+    run(path, scenario)
