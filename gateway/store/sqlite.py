@@ -524,8 +524,10 @@ class SQLiteStore:
     def _write_batch(self, conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any]]:
         self._staged, self._batch_epoch = {}, None
         if not self._take_turn(wait=True):
-            err = StoreUnavailable(f"another gateway process has held the SQLite store's write turn for over "
-                                   f"{BUSY_WAIT_SECONDS:.0f} s ({self.path}-writer.lock): is one stopped or stuck?")
+            log.error("store_turn_timeout", lock=f"{self.path}-writer.lock", waited_s=BUSY_WAIT_SECONDS,
+                      note="another gateway process holds the write turn: is one stopped or stuck?")
+            err = StoreUnavailable(f"the store is busy: another gateway process has held the write turn "
+                                   f"for over {BUSY_WAIT_SECONDS:g} s")
             return [(False, err)] * len(jobs)
         try:
             return run_transaction(conn, jobs, committing=self._unlocking, committed=self._committed)
