@@ -494,9 +494,8 @@ def test_a_turn_held_too_long_fails_the_write_and_is_handed_back_when_it_comes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process holds the lock file past ``BUSY_WAIT_SECONDS`` (stopped, stuck): the
     write fails as unavailable (no server path in what the client sees) instead of waiting for
-    ever; nothing of it
-    is stored. When the holder lets go, the turn the abandoned wait then gets is handed straight
-    back (the lock is free again), and the next write commits."""
+    ever, and nothing of it is stored. When the holder lets go, the turn the abandoned wait then
+    gets is handed straight back (the lock is free again), and the next write commits."""
     from gateway.errors import StoreUnavailable
 
     monkeypatch.setattr(sqlite_store, "BUSY_WAIT_SECONDS", 0.3)
