@@ -50,6 +50,7 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import os
@@ -570,10 +571,11 @@ class SQLiteStore:
             except OSError:
                 return  # the store closed its descriptor meanwhile
             with settled:
-                if abandoned:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                else:
+                if not abandoned:
                     got.set()
+                    return
+            with contextlib.suppress(OSError):  # closed meanwhile: the lock went with the file
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
         threading.Thread(target=block, name="sqlite-turn", daemon=True).start()
         if got.wait(BUSY_WAIT_SECONDS):
