@@ -14,10 +14,10 @@ session, and the store (:func:`bind`, inside the same transaction) adds to it th
 must be the ones the head entry binds. A row deleted, moved, duplicated or rolled back
 outside the gateway makes the session fail with an integrity error instead of a silently
 shorter history. Writes run the same check inside their transaction, so nothing is recorded
-on top of altered rows. Rows that the SQLite store did not read but knows, because this
-process committed them and no other connection has committed since (``Current.own``,
-``PRAGMA data_version``), satisfy the check by construction and skip it; any other
-connection's commit (an operator's edit included) makes the store read them again. The check
+on top of altered rows. Rows that are byte for byte what this process's own commit left
+(``Current.own``: the SQLite store keeps them while no other connection commits, ``PRAGMA
+data_version``, and compares them with what it reads after one) satisfy the check by
+construction and skip it; any difference (an operator's edit included) runs it. The check
 is cheap (one indexed query; counting the session's rounds is linear in their number) and
 best-effort against an adversary who also rewinds ``session_heads``; :func:`verify_data` is not.
 

@@ -112,7 +112,7 @@ class _Opened:
     state_ct: bytes
     dk_id: bytes
     state: SessionState
-    next_seq: int = 0
+    next_seq: int
 
 
 class StateCache:
@@ -142,7 +142,7 @@ class StateCache:
         return entry.state
 
     def put(self, tenant: str, session_id: str, version: int, state_ct: bytes, dk_id: bytes,
-            state: SessionState, next_seq: int = 0) -> None:
+            state: SessionState, next_seq: int) -> None:
         self._items.put((tenant, session_id), _Opened(version, state_ct, dk_id, state, next_seq))
 
     def hot(self, tenant: str, session_id: str) -> bool:

@@ -121,8 +121,9 @@ class Current:
     quarantine: str | None = None
     """Why the session is quarantined (``gateway.evidence``); None when it is not."""
     own: bool = False
-    """These are not rows read now but the rows as this process's own commit left them, known
-    to be unchanged since (``SQLiteStore``): the check on load has nothing to find in them."""
+    """These are byte for byte the rows this process's own commit left (kept since, or read
+    again and found equal; ``SQLiteStore``), built on rows that passed the check: the check on
+    load has nothing to find in them."""
 
 
 @dataclass(slots=True)

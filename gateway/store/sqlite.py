@@ -26,7 +26,10 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   epoch moves on and every kept entry is stale. While it has not, a write plan and a session
   read get the kept rows (``Current.own``) instead of querying: they are byte for byte what is
   stored. The look needs the writer's connection, so a read uses it only when the writer is
-  idle or inside a batch that has looked (otherwise it queries). A failed commit keeps nothing
+  idle or inside a batch that has looked (otherwise it queries). After another connection's
+  commit the rows are read again, and when they are byte for byte what this process's commit
+  left (another worker wrote other sessions) they count as its own again (``_vouch``), so two
+  workers do not re-check each other's sessions on every round. A failed commit keeps nothing
   of its batch, and a commit built on rows that fail the chain check (a quarantine's) keeps
   nothing either.
 - **Several gateway processes on one file** (``serve --workers``) take turns through a lock
@@ -36,10 +39,6 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   ``BUSY_WAIT_SECONDS`` (a stopped or stuck holder fails writes as unavailable instead of
   freezing them). ``BEGIN IMMEDIATE`` still serialises every writer, and other processes (the
   CLI) wait on it as before.
-- After another connection committed, a session's rows are read again; when they are byte for
-  byte the ones this process's commit left (another worker wrote other sessions), they count
-  as its own again (``Current.own``), so two workers do not re-check each other's quiet
-  sessions on every round.
 - Schema: :data:`SCHEMA` is version 1; :data:`MIGRATIONS` take a file from the version in
   ``meta.schema_version`` to :data:`SCHEMA_VERSION` when it opens (a file from a newer gateway
   is refused). Never edit a migration once released; add the next one.
@@ -494,10 +493,10 @@ class SQLiteStore:
                 if staged is not None:
                     return staged
             else:
-                known = self._known.get(key)
-                if known is not None and known[0] == epoch:
-                    return known[1]
+                known = self._known.peek(key)
                 if known is not None:
+                    if known[0] == epoch:
+                        return known[1]
                     return self._vouch(key, read_current(conn, tenant, session_id), epoch)
         return read_current(conn, tenant, session_id)
 
