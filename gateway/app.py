@@ -22,7 +22,7 @@ from gateway.auth import Authenticator
 from gateway.background import Background, Health
 from gateway.codecs import render_error
 from gateway.context import Services
-from gateway.errors import ConfigError, GatewayError, IntegrityError
+from gateway.errors import ConfigError, GatewayError, IntegrityError, StoreUnavailable
 from gateway.handlers import INTERNAL_ERROR, SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
@@ -56,6 +56,8 @@ async def error_middleware(request: web.Request,
         if isinstance(exc, IntegrityError):
             log.error("integrity_error", path=request.path, detail=exc.detail)
             request.app[SERVICES].metrics.integrity_failures.inc()
+        elif isinstance(exc, StoreUnavailable):
+            log.error("store_unavailable", path=request.path, detail=exc.message)
         resp = json_response(render_error(request.path, exc.to_body(), exc.status), status=exc.status)
         if exc.retry_after is not None:
             resp.headers["Retry-After"] = str(exc.retry_after)

@@ -137,10 +137,22 @@ class IntegrityError(GatewayError):
 
 
 class StoreUnavailable(GatewayError):
-    """Any failure to reach or use the database; answered with ``Retry-After``."""
+    """Any failure to reach or use the database; answered with ``Retry-After``.
+
+    The message is the operator's: it may name the database file or server and quote the
+    driver's error, so the CLI prints it and the gateway logs it (``store_unavailable``), but a
+    client is only ever sent :data:`STORE_UNAVAILABLE_MESSAGE`."""
 
     status, type, code = 503, "service_unavailable", "store_unavailable"
     retry_after = 1
+
+    def to_body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"message": STORE_UNAVAILABLE_MESSAGE, "type": self.type, "code": self.code}}
+
+
+STORE_UNAVAILABLE_MESSAGE = ("the gateway cannot use its session store right now; retry after the Retry-After "
+                             "delay (the operator's log has the cause)")
+"""What a client is told for every :class:`StoreUnavailable`: no path, server or driver text."""
 
 
 class UpstreamError(GatewayError):

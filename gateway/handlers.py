@@ -34,7 +34,7 @@ from gateway.codecs.chat import CHAT
 from gateway.codecs.messages import MESSAGES
 from gateway.codecs.responses import RESPONSES, chain_of
 from gateway.context import Context, Services
-from gateway.errors import BadRequest, GatewayError, NotFound
+from gateway.errors import BadRequest, GatewayError, NotFound, StoreUnavailable
 from gateway.export import FORMATS, bundle_paths
 from gateway.logs import exception_fields
 from gateway.observe import set_outcome
@@ -110,6 +110,8 @@ async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.Str
         if exc.status >= 500 and exc.status != 500:
             services.metrics.upstream_errors.labels(kind=exc.code).inc()
         if _stream_started(ctx):
+            if isinstance(exc, StoreUnavailable):  # its cause is for the operator: logged, not streamed
+                log.error("store_unavailable", path=request.path, request_id=ctx.request_id, detail=exc.message)
             return await _end_stream(ctx, exc.to_body())
         raise
     except Exception as exc:
@@ -443,8 +445,10 @@ async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     try:
         await services.sessions.store.tenants()
-    except GatewayError as exc:
-        return json_response({"status": "unavailable", "reason": exc.message}, status=503)
+    except GatewayError as exc:  # the cause may name the database: logged, not answered
+        log.error("readiness_store_unavailable", detail=exc.message)
+        return json_response({"status": "unavailable", "reason": "the session store does not answer (the log "
+                                                                  "has the cause)"}, status=503)
     failing = services.background.health.unready()
     if failing:
         reason = "; ".join(f"background task {t.name} is failing ({t.last_error}, {t.consecutive_failures} "

@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import STORE_UNAVAILABLE_MESSAGE, StoreUnavailable
 from gateway.store.base import Changes, Current
 from gateway.store.postgres import PostgresStore, describe_dsn
 from gateway.store.sqlite import SQLiteStore
@@ -166,7 +166,7 @@ def test_store_unavailable_is_rendered_503_with_retry_after() -> None:
     from tests.conftest import _Server
 
     async def down(_request: web.Request) -> web.Response:
-        raise StoreUnavailable("cannot reach the database")
+        raise StoreUnavailable("cannot reach the database at db.internal:5432/prod")
 
     async def missing(_request: web.Request) -> web.Response:
         raise NotFound("no such thing")
@@ -178,9 +178,44 @@ def test_store_unavailable_is_rendered_503_with_retry_after() -> None:
     try:
         r = httpx.get(f"http://127.0.0.1:{server.port}/down")
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
-        assert r.json() == {"error": {"message": "cannot reach the database", "type": "service_unavailable",
+        assert r.json() == {"error": {"message": STORE_UNAVAILABLE_MESSAGE, "type": "service_unavailable",
                                       "code": "store_unavailable"}}
         r = httpx.get(f"http://127.0.0.1:{server.port}/missing")
         assert r.status_code == 404 and "Retry-After" not in r.headers
     finally:
         server.stop()
+
+
+def test_a_store_failure_names_the_database_to_the_operator_only(
+        make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's own message names the database file and quotes SQLite. A plain reply, a
+    stream's error event and /readyz answer without it (503, Retry-After); the log has it."""
+    from structlog.testing import capture_logs
+
+    from gateway.app import SERVICES
+
+    gw = make_gateway()
+    store = gw.app[SERVICES].sessions.store
+    secret = "/srv/acme-private/sessiongate.db"
+
+    async def down(*_args: Any, **_kwargs: Any) -> Any:
+        raise StoreUnavailable(f"the SQLite store failed to commit: disk I/O error ({secret})")
+
+    headers = {"Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": "down"}
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+    with capture_logs() as logs:
+        monkeypatch.setattr(store, "transact", down)
+        monkeypatch.setattr(store, "tenants", down)
+        plain = httpx.post(f"{gw.url}/v1/chat/completions", json=chat, headers=headers, timeout=30)
+        streamed = httpx.post(f"{gw.url}/v1/chat/completions", json={**chat, "stream": True},
+                              headers=headers, timeout=30)
+        ready = httpx.get(f"{gw.url}/readyz", timeout=30)
+    assert plain.status_code == 503 and plain.headers["Retry-After"] == "1"
+    assert plain.json()["error"] == {"message": STORE_UNAVAILABLE_MESSAGE, "type": "service_unavailable",
+                                     "code": "store_unavailable"}
+    assert b"store_unavailable" in streamed.content and b"[DONE]" not in streamed.content
+    assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+    for answer in (plain, streamed, ready):
+        assert secret.encode() not in answer.content and b"SQLite" not in answer.content
+    logged = [e for e in logs if secret in str(e.get("detail", ""))]
+    assert {e["event"] for e in logged} >= {"store_unavailable", "readiness_store_unavailable"}, logs
