@@ -198,7 +198,7 @@ class SessionService:
         return SessionState.from_dict(orjson.loads(plain))
 
     def _seal_state(self, dk: crypto.DataKey, tenant: str, sid: str, version: int, state: SessionState) -> bytes:
-        return crypto.seal(dk, orjson.dumps(state.to_dict()), tenant=tenant, session_id=sid,
+        return crypto.seal(dk, state.to_json(), tenant=tenant, session_id=sid,
                            seq=version, field="state")
 
     def _unseal(self, cur: Current) -> tuple[crypto.DataKey, SessionState | None]:

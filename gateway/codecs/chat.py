@@ -55,7 +55,7 @@ class ChatCodec:
         opts = policy.session.inject
         messages = ctx.body["messages"]
         new = inject_messages(messages, state, window=opts.context_window, memo=opts.memo,
-                              memo_placement=opts.memo_placement)
+                              memo_placement=opts.memo_placement, encoded=True)
         return orjson.dumps({**ctx.body, "messages": new}) if new is not messages else None
 
     def parse_reply(self, body: Any) -> Message:

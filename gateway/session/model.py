@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
 import yaml
 
 from gateway.errors import InvalidSession
+from gateway.session.encoded import EncodedList
 from gateway.session.record import MEMO_HEADER, context_length, message_length
 
 Message = dict[str, Any]
@@ -46,18 +48,33 @@ class SessionState:
     """The window as injected (:meth:`normalised`), kept once made. Never stored; ``replace``
     drops it; :meth:`appended` and a cut from the front carry it over instead of normalising
     the whole window again."""
+    _encoded: EncodedList | None = field(default=None, init=False, repr=False, compare=False)
+    """The window's JSON text (``session.encoded``), kept and carried over like ``_normal``."""
 
     def normalised(self) -> list[Message]:
         """:func:`normalise_window` of the window (a new list; its messages are shared, never
         change them)."""
+        return list(self._normalised().out)
+
+    def normalised_items(self) -> bytes:
+        """The JSON text of :meth:`normalised`'s messages, comma-separated, without brackets."""
+        return self._normalised().items()
+
+    def _normalised(self) -> _Normal:
         if self._normal is None:
             self._normal = _Normal.of(self.context_window)
-        return list(self._normal.out)
+        return self._normal
+
+    def to_json(self) -> bytes:
+        """``orjson.dumps(self.to_dict())``, the window copied from its kept text."""
+        if self._encoded is None:
+            self._encoded = EncodedList.of(self.context_window)
+        return orjson.dumps({**self.to_dict(), "context_window": orjson.Fragment(self._encoded.data)})
 
     def with_settings(self, settings: dict[str, Any]) -> SessionState:
         """A copy with other settings (the window, and what is kept of it, unchanged)."""
         new = replace(self, settings=settings)
-        new._normal = self._normal
+        new._normal, new._encoded = self._normal, self._encoded
         return new
 
     def window_chars(self) -> int:
@@ -74,6 +91,8 @@ class SessionState:
         new = self.with_window(self.context_window + messages, self.window_chars() + context_length(messages))
         if self._normal is not None:
             new._normal = self._normal.appended(messages)
+        if self._encoded is not None:
+            new._encoded = self._encoded.appended(messages)
         return new
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,8 +195,12 @@ def bound_sync(state: SessionState, strategy: str, max_length: int | None, round
         return state.with_window(window, chars)
     kept, fits = _simple_cut(window, max_length, chars)
     new = state.with_window(kept, fits)
-    if window is state.context_window and fits is not None and state._normal is not None:
-        new._normal = state._normal.without_first(len(window) - len(kept))
+    if window is state.context_window and fits is not None:  # kept is a suffix of the window
+        dropped = len(window) - len(kept)
+        if state._normal is not None:
+            new._normal = state._normal.without_first(dropped)
+        if state._encoded is not None:
+            new._encoded = state._encoded.without_first(dropped)
     return new
 
 
@@ -282,45 +305,56 @@ def _normalise(window: Sequence[Message]) -> tuple[list[Message], list[int], boo
 class _Normal:
     """A normalised window (``out``) and how many window messages each of its messages stands
     for (``counts``: 0 for the ``[CHAT HISTORY]`` and ``[User continue input]`` markers). Kept
-    only for a *plain* window: text messages only, no tool calls or results, no part lists."""
+    only for a *plain* window: text messages only, no tool calls or results, no part lists.
+    ``core`` is the JSON text of ``out`` without its markers (``session.encoded``)."""
 
     out: list[Message]
     counts: list[int]
     plain: bool
+    core: EncodedList
 
     @classmethod
     def of(cls, window: Sequence[Message]) -> _Normal:
         out, counts, plain = _normalise(window)
-        return cls(out, counts, plain)
+        start, end = _core_bounds(counts)
+        return cls(out, counts, plain, EncodedList.of(out[start:end]))
+
+    def items(self) -> bytes:
+        """The JSON text of ``out``'s messages, comma-separated, without brackets."""
+        start, end = _core_bounds(self.counts)
+        head = _OPENER_JSON if start else b""
+        tail = _CONTINUE_JSON if end < len(self.counts) else b""
+        return b",".join(piece for piece in (head, self.core.items(), tail) if piece)
 
     def _core(self) -> tuple[list[Message], list[int]]:
-        start = 1 if self.counts and self.counts[0] == 0 else 0
-        end = len(self.out) - 1 if len(self.counts) > start and self.counts[-1] == 0 else len(self.out)
+        start, end = _core_bounds(self.counts)
         return self.out[start:end], self.counts[start:end]
 
     @staticmethod
-    def _dressed(core: list[Message], counts: list[int]) -> _Normal:
+    def _dressed(core: list[Message], counts: list[int], encoded: EncodedList) -> _Normal:
         if core and core[0]["role"] != "user":
             core, counts = [{"role": "user", "content": CHAT_HISTORY_OPENER}, *core], [0, *counts]
         if core and core[-1]["role"] != "assistant":
             core, counts = [*core, {"role": "assistant", "content": CONTINUE_INPUT}], [*counts, 0]
-        return _Normal(core, counts, True)
+        return _Normal(core, counts, True, encoded)
 
     def appended(self, messages: list[Message]) -> _Normal | None:
         """This normalised window with *messages* appended (None unless all is plain)."""
         if not self.plain or not all(_is_plain(m) for m in messages):
             return None
         core, counts = self._core()
-        core, counts = list(core), list(counts)
+        core, counts, encoded = list(core), list(counts), self.core
         for message in messages:
             role, content = str(message.get("role")), message["content"]
             if core and core[-1]["role"] == role:  # a run of one role: texts joined by a blank line
                 core[-1] = {"role": role, "content": f"{core[-1]['content']}\n\n{content}"}
                 counts[-1] += 1
+                encoded = encoded.without_last(1)
             else:
                 core.append({"role": role, "content": content})
                 counts.append(1)
-        return self._dressed(core, counts)
+            encoded = encoded.appended(core[-1:])
+        return self._dressed(core, counts, encoded)
 
     def without_first(self, dropped: int) -> _Normal | None:
         """This normalised window without the window's first *dropped* messages (None unless
@@ -334,7 +368,18 @@ class _Normal:
                 return None
             dropped -= counts[start]
             start += 1
-        return self._dressed(core[start:], counts[start:])
+        return self._dressed(core[start:], counts[start:], self.core.without_first(start))
+
+
+def _core_bounds(counts: list[int]) -> tuple[int, int]:
+    """Where a normalised window's messages start and end without its markers."""
+    start = 1 if counts and counts[0] == 0 else 0
+    end = len(counts) - 1 if len(counts) > start and counts[-1] == 0 else len(counts)
+    return start, end
+
+
+_OPENER_JSON = orjson.dumps({"role": "user", "content": CHAT_HISTORY_OPENER})
+_CONTINUE_JSON = orjson.dumps({"role": "assistant", "content": CONTINUE_INPUT})
 
 
 def _is_plain(message: Message) -> bool:
@@ -394,11 +439,15 @@ def with_memo(content: Any, memo: Any) -> Any:
 
 
 def inject(messages: list[Message], state: SessionState | None, *, window: bool = True,
-           memo: bool = True, memo_placement: str = "user_section") -> list[Message]:
+           memo: bool = True, memo_placement: str = "user_section", encoded: bool = False) -> list[Any]:
     """The messages to forward: system messages, then the context window (normalised as Agently
     normalises a chat history), then the new messages; the memo placed in the final user
     message as Agently places it (:func:`with_memo`), or as a system message after the
-    request's own. Returns *messages* itself when nothing is injected."""
+    request's own. Returns *messages* itself when nothing is injected.
+
+    With *encoded* the window's messages are one ``orjson.Fragment`` of their kept JSON text
+    (:meth:`SessionState.normalised_items`): the list is then only for ``orjson.dumps``, which
+    writes the same bytes as for the messages themselves."""
     if state is None:
         return messages
     add_window = window and bool(state.context_window) and not carries_history(messages)
@@ -416,7 +465,12 @@ def inject(messages: list[Message], state: SessionState | None, *, window: bool 
             if rest[i].get("role") == "user":
                 rest[i] = {**rest[i], "content": with_memo(rest[i].get("content"), state.memo)}
                 break
-    return system + (state.normalised() if add_window else []) + rest
+    if not add_window:
+        return system + rest
+    if encoded:
+        items = state.normalised_items()
+        return system + ([orjson.Fragment(items)] if items else []) + rest
+    return system + state.normalised() + rest
 
 
 # --- Agently's JSON form -------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -104,6 +105,7 @@ def test_the_kept_normalised_window_follows_every_change(window: list[dict[str, 
 
     state = SessionState(list(window))
     state.normalised()
+    state.to_json()
     for kind, arg in steps:
         if kind == "append":
             state = state.appended(arg)
@@ -112,3 +114,53 @@ def test_the_kept_normalised_window_follows_every_change(window: list[dict[str, 
         elif kind == "settings":
             state = state.with_settings({"max_length": 1})
         assert state.normalised() == normalise_window(state.context_window)
+        # the kept JSON text is the text of the objects, byte for byte
+        assert state.normalised_items() == orjson.dumps(normalise_window(state.context_window))[1:-1]
+        assert state.to_json() == orjson.dumps(state.to_dict())
+        assert state.to_json() == orjson.dumps(SessionState(list(state.context_window), state.memo,
+                                                            state.settings).to_dict())
+
+
+list_step = st.one_of(st.tuples(st.just("append"), st.lists(st.one_of(plain, call, result), max_size=3)),
+                      st.tuples(st.just("first"), st.integers(0, 5)),
+                      st.tuples(st.just("last"), st.integers(0, 5)))
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(st.one_of(plain, call, result), max_size=6), st.lists(list_step, max_size=12))
+def test_an_encoded_list_is_the_json_of_its_items_after_every_change(items: list[dict[str, Any]],
+                                                                     steps: list[tuple[str, Any]]) -> None:
+    """``EncodedList`` after appends and cuts at either end is ``orjson.dumps`` of the same list."""
+    from gateway.session.encoded import EncodedList
+
+    encoded = EncodedList.of(items)
+    for kind, arg in steps:
+        if kind == "append":
+            items, encoded = items + arg, encoded.appended(arg)
+        elif kind == "first":
+            items, encoded = items[arg:], encoded.without_first(arg)
+        else:
+            items, encoded = items[:max(len(items) - arg, 0)], encoded.without_last(arg)
+        assert encoded.data == orjson.dumps(items) and len(encoded) == len(items)
+        assert encoded.items() == orjson.dumps(items)[1:-1]
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(st.lists(text_message, max_size=8), st.lists(st.lists(text_message, min_size=1, max_size=3), max_size=6),
+       st.sampled_from([None, "a memo", {"k": "v"}]), st.sampled_from(["user_section", "system"]))
+def test_the_encoded_forward_body_is_the_body_of_the_messages(window: list[dict[str, Any]],
+                                                              rounds: list[list[dict[str, Any]]], memo: Any,
+                                                              placement: str) -> None:
+    """The forwarded body built from the kept text (``inject(encoded=True)``) is byte for byte the
+    body built from the message objects, for a fresh state and one carried over by rounds."""
+    from gateway.session.model import SessionState, bound_sync, inject
+
+    request = [{"role": "system", "content": "s"}, {"role": "user", "content": "new"}]
+    state = SessionState(list(window), memo)
+    for added in rounds:
+        state.normalised_items()
+        state = bound_sync(state.appended(added), "simple_cut", 120)
+        for candidate in (state, SessionState(list(state.context_window), memo)):
+            plain_body = inject(request, candidate, memo_placement=placement)
+            encoded_body = inject(request, candidate, memo_placement=placement, encoded=True)
+            assert orjson.dumps({"messages": encoded_body}) == orjson.dumps({"messages": plain_body})
