@@ -40,23 +40,24 @@ class EncodedList:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def items(self) -> bytes:
+    def items(self) -> memoryview:
         """The items as JSON separated by commas, without the brackets (empty for no item)."""
-        return self.data[1:-1]
+        return memoryview(self.data)[1:-1]
 
-    def appended(self, items: Sequence[Any]) -> EncodedList:
-        """This list with *items* added at the end (only they are serialised)."""
+    def appended(self, items: Sequence[Any], *, replacing: int = 0) -> EncodedList:
+        """This list without its last *replacing* items, then with *items* added at the end
+        (only they are serialised; the kept text is copied once)."""
+        kept = self.without_last(replacing) if replacing else self
         if not items:
-            return self
+            return kept
         parts = [orjson.dumps(item) for item in items]
-        starts = array("q", self.starts)
-        pos = len(self.data) if self.starts else 1  # where the first new item begins
+        starts = array("q", kept.starts)
+        pos = len(kept.data) if kept.starts else 1  # where the first new item begins
         for part in parts:
-            starts.append(pos + self.shift)
+            starts.append(pos + kept.shift)
             pos += len(part) + 1
-        joined = b",".join(parts)
-        data = self.data[:-1] + b"," + joined + b"]" if self.starts else b"[" + joined + b"]"
-        return EncodedList(data, starts, self.shift)
+        head = (memoryview(kept.data)[:-1], b",") if kept.starts else (b"[",)
+        return EncodedList(b"".join((*head, b",".join(parts), b"]")), starts, kept.shift)
 
     def without_first(self, n: int) -> EncodedList:
         """This list without its first *n* items."""
@@ -65,7 +66,8 @@ class EncodedList:
         if n >= len(self.starts):
             return _EMPTY
         offset = self.starts[n] - self.shift
-        return EncodedList(b"[" + self.data[offset:], self.starts[n:], self.shift + offset - 1)
+        return EncodedList(b"".join((b"[", memoryview(self.data)[offset:])), self.starts[n:],
+                           self.shift + offset - 1)
 
     def without_last(self, n: int) -> EncodedList:
         """This list without its last *n* items."""
@@ -74,7 +76,8 @@ class EncodedList:
         if n >= len(self.starts):
             return _EMPTY
         end = self.starts[len(self.starts) - n] - self.shift  # the first dropped item; a comma before it
-        return EncodedList(self.data[:end - 1] + b"]", self.starts[:len(self.starts) - n], self.shift)
+        return EncodedList(b"".join((memoryview(self.data)[:end - 1], b"]")), self.starts[:len(self.starts) - n],
+                           self.shift)
 
 
 _EMPTY = EncodedList(b"[]", array("q"))

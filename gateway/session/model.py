@@ -10,6 +10,7 @@ per message), so a session bounded here has the same window in Agently.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -54,16 +55,16 @@ class SessionState:
     def normalised(self) -> list[Message]:
         """:func:`normalise_window` of the window (a new list; its messages are shared, never
         change them)."""
-        return list(self._normalised().out)
+        if self._normal is None or self._normal.out is None:
+            self._normal = _Normal.of(self.context_window)
+        assert self._normal.out is not None
+        return list(self._normal.out)
 
     def normalised_items(self) -> bytes:
         """The JSON text of :meth:`normalised`'s messages, comma-separated, without brackets."""
-        return self._normalised().items()
-
-    def _normalised(self) -> _Normal:
         if self._normal is None:
-            self._normal = _Normal.of(self.context_window)
-        return self._normal
+            self._normal = _Normal.of(self.context_window, keep_out=False)
+        return self._normal.items()
 
     def to_json(self) -> bytes:
         """``orjson.dumps(self.to_dict())``, the window copied from its kept text."""
@@ -84,7 +85,9 @@ class SessionState:
 
     def with_window(self, window: list[Message], chars: int | None = None, **changes: Any) -> SessionState:
         """A copy with another window (and *chars*, its length, when the caller knows it)."""
-        return replace(self, context_window=window, chars=chars, **changes)
+        if changes:
+            return replace(self, context_window=window, chars=chars, **changes)
+        return SessionState(window, self.memo, self.settings, self.auto_resize, chars, self.pending)  # replace's result, faster
 
     def appended(self, messages: list[Message]) -> SessionState:
         """A copy with *messages* added to the window, its length kept without a recount."""
@@ -303,79 +306,105 @@ def _normalise(window: Sequence[Message]) -> tuple[list[Message], list[int], boo
 
 @dataclass(frozen=True, slots=True)
 class _Normal:
-    """A normalised window (``out``) and how many window messages each of its messages stands
-    for (``counts``: 0 for the ``[CHAT HISTORY]`` and ``[User continue input]`` markers). Kept
-    only for a *plain* window: text messages only, no tool calls or results, no part lists.
-    ``core`` is the JSON text of ``out`` without its markers (``session.encoded``)."""
+    """A normalised window, kept for a *plain* window (text messages only, no tool calls or
+    results, no part lists) so that a round's append and a cut from the front carry it over.
 
-    out: list[Message]
-    counts: list[int]
+    Its *core* is the normalised window without the ``[CHAT HISTORY]`` and ``[User continue
+    input]`` markers: ``counts`` (how many window messages each core message stands for),
+    ``roles``, the ``last`` message and ``core``, their JSON text (``session.encoded``). ``out``,
+    the whole normalised window as message objects, is kept only once asked for
+    (``SessionState.normalised``): the Chat Completions path forwards the JSON text alone, and
+    carrying the objects would touch every one of them each round."""
+
     plain: bool
+    counts: list[int]
+    roles: list[str]
+    last: Message | None
     core: EncodedList
+    out: list[Message] | None
 
     @classmethod
-    def of(cls, window: Sequence[Message]) -> _Normal:
+    def of(cls, window: Sequence[Message], *, keep_out: bool = True) -> _Normal:
         out, counts, plain = _normalise(window)
-        start, end = _core_bounds(counts)
-        return cls(out, counts, plain, EncodedList.of(out[start:end]))
+        start = 1 if counts and counts[0] == 0 else 0
+        end = len(counts) - 1 if len(counts) > start and counts[-1] == 0 else len(counts)
+        core = out[start:end]
+        return cls(plain, counts[start:end], [str(m.get("role")) for m in core], core[-1] if core else None,
+                   EncodedList.of(core), out if keep_out else None)
+
+    @property
+    def opener(self) -> bool:
+        """Whether a ``[CHAT HISTORY]`` user message goes first (the core starts otherwise)."""
+        return bool(self.roles) and self.roles[0] != "user"
+
+    @property
+    def closer(self) -> bool:
+        """Whether a ``[User continue input]`` assistant message goes last."""
+        return bool(self.roles) and self.roles[-1] != "assistant"
 
     def items(self) -> bytes:
-        """The JSON text of ``out``'s messages, comma-separated, without brackets."""
-        start, end = _core_bounds(self.counts)
-        head = _OPENER_JSON if start else b""
-        tail = _CONTINUE_JSON if end < len(self.counts) else b""
-        return b",".join(piece for piece in (head, self.core.items(), tail) if piece)
+        """The JSON text of the normalised window's messages, comma-separated, without brackets."""
+        pieces = (_OPENER_JSON if self.opener else b"", self.core.items(), _CONTINUE_JSON if self.closer else b"")
+        return b",".join([piece for piece in pieces if len(piece)])
 
-    def _core(self) -> tuple[list[Message], list[int]]:
-        start, end = _core_bounds(self.counts)
-        return self.out[start:end], self.counts[start:end]
+    def _core_out(self) -> list[Message] | None:
+        if self.out is None:
+            return None
+        return self.out[1 if self.opener else 0:len(self.out) - 1 if self.closer else len(self.out)]
 
-    @staticmethod
-    def _dressed(core: list[Message], counts: list[int], encoded: EncodedList) -> _Normal:
-        if core and core[0]["role"] != "user":
-            core, counts = [{"role": "user", "content": CHAT_HISTORY_OPENER}, *core], [0, *counts]
-        if core and core[-1]["role"] != "assistant":
-            core, counts = [*core, {"role": "assistant", "content": CONTINUE_INPUT}], [*counts, 0]
-        return _Normal(core, counts, True, encoded)
+    @classmethod
+    def _dressed(cls, counts: list[int], roles: list[str], last: Message | None, core: EncodedList,
+                 body: list[Message] | None) -> _Normal:
+        new = cls(True, counts, roles, last, core, None)
+        if body is None:
+            return new
+        head = [{"role": "user", "content": CHAT_HISTORY_OPENER}] if new.opener else []
+        tail = [{"role": "assistant", "content": CONTINUE_INPUT}] if new.closer else []
+        return dataclasses.replace(new, out=[*head, *body, *tail])
 
     def appended(self, messages: list[Message]) -> _Normal | None:
         """This normalised window with *messages* appended (None unless all is plain)."""
         if not self.plain or not all(_is_plain(m) for m in messages):
             return None
-        core, counts = self._core()
-        core, counts, encoded = list(core), list(counts), self.core
+        counts, roles, last = list(self.counts), list(self.roles), self.last
+        body = self._core_out()
+        body = None if body is None else list(body)
+        added: list[Message] = []  # the core's new last messages, after its last *replaced* ones
+        replaced = 0
         for message in messages:
             role, content = str(message.get("role")), message["content"]
-            if core and core[-1]["role"] == role:  # a run of one role: texts joined by a blank line
-                core[-1] = {"role": role, "content": f"{core[-1]['content']}\n\n{content}"}
+            if last is not None and last["role"] == role:  # a run of one role: texts joined by a blank line
+                last = {"role": role, "content": f"{last['content']}\n\n{content}"}
                 counts[-1] += 1
-                encoded = encoded.without_last(1)
+                if added:
+                    added[-1] = last
+                else:
+                    replaced, added = 1, [last]
+                if body is not None:
+                    body[-1] = last
             else:
-                core.append({"role": role, "content": content})
+                last = {"role": role, "content": content}
                 counts.append(1)
-            encoded = encoded.appended(core[-1:])
-        return self._dressed(core, counts, encoded)
+                roles.append(role)
+                added.append(last)
+                if body is not None:
+                    body.append(last)
+        return self._dressed(counts, roles, last, self.core.appended(added, replacing=replaced), body)
 
     def without_first(self, dropped: int) -> _Normal | None:
         """This normalised window without the window's first *dropped* messages (None unless
         plain, or when the cut splits a merged run)."""
         if not self.plain:
             return None
-        core, counts = self._core()
         start = 0
-        while dropped > 0 and start < len(counts):
-            if counts[start] > dropped:
+        while dropped > 0 and start < len(self.counts):
+            if self.counts[start] > dropped:
                 return None
-            dropped -= counts[start]
+            dropped -= self.counts[start]
             start += 1
-        return self._dressed(core[start:], counts[start:], self.core.without_first(start))
-
-
-def _core_bounds(counts: list[int]) -> tuple[int, int]:
-    """Where a normalised window's messages start and end without its markers."""
-    start = 1 if counts and counts[0] == 0 else 0
-    end = len(counts) - 1 if len(counts) > start and counts[-1] == 0 else len(counts)
-    return start, end
+        body = self._core_out()
+        return self._dressed(self.counts[start:], self.roles[start:], self.last if start < len(self.counts) else None,
+                             self.core.without_first(start), None if body is None else body[start:])
 
 
 _OPENER_JSON = orjson.dumps({"role": "user", "content": CHAT_HISTORY_OPENER})

@@ -103,25 +103,36 @@ def test_the_kept_normalised_window_follows_every_change(window: list[dict[str, 
     and a change of settings, is always the one normalising its window afresh gives."""
     from gateway.session.model import SessionState, bound_sync
 
-    state = SessionState(list(window))
-    state.normalised()
-    state.to_json()
+    # objects: asks for the normalised messages each time (they are kept and carried over);
+    # text: asks only for their JSON text (the Chat Completions path), so no objects are kept
+    objects, text = SessionState(list(window)), SessionState(list(window))
+    objects.normalised()
+    text.normalised_items()
+    for state in (objects, text):
+        state.to_json()
     for kind, arg in steps:
         if kind == "append":
-            state = state.appended(arg)
+            objects, text = objects.appended(arg), text.appended(arg)
         elif kind == "cut":
-            state = bound_sync(state, "simple_cut", arg)
+            objects, text = bound_sync(objects, "simple_cut", arg), bound_sync(text, "simple_cut", arg)
         elif kind == "settings":
-            state = state.with_settings({"max_length": 1})
-        assert state.normalised() == normalise_window(state.context_window)
+            objects, text = objects.with_settings({"max_length": 1}), text.with_settings({"max_length": 1})
+        expected = normalise_window(objects.context_window)
+        assert text.context_window == objects.context_window
         # the kept JSON text is the text of the objects, byte for byte
-        assert state.normalised_items() == orjson.dumps(normalise_window(state.context_window))[1:-1]
-        assert state.to_json() == orjson.dumps(state.to_dict())
-        assert state.to_json() == orjson.dumps(SessionState(list(state.context_window), state.memo,
-                                                            state.settings).to_dict())
+        assert text.normalised_items() == orjson.dumps(expected)[1:-1]
+        assert objects.normalised_items() == orjson.dumps(expected)[1:-1]
+        assert objects.normalised() == expected
+        for state in (objects, text):
+            assert state.to_json() == orjson.dumps(state.to_dict())
+            assert state.to_json() == orjson.dumps(SessionState(list(state.context_window), state.memo,
+                                                                state.settings).to_dict())
+    assert text.normalised() == normalise_window(text.context_window)
 
 
 list_step = st.one_of(st.tuples(st.just("append"), st.lists(st.one_of(plain, call, result), max_size=3)),
+                      st.tuples(st.just("replace"), st.tuples(st.integers(0, 3),
+                                                              st.lists(st.one_of(plain, call), max_size=3))),
                       st.tuples(st.just("first"), st.integers(0, 5)),
                       st.tuples(st.just("last"), st.integers(0, 5)))
 
@@ -137,12 +148,16 @@ def test_an_encoded_list_is_the_json_of_its_items_after_every_change(items: list
     for kind, arg in steps:
         if kind == "append":
             items, encoded = items + arg, encoded.appended(arg)
+        elif kind == "replace":
+            drop, added = arg
+            items = items[:max(len(items) - drop, 0)] + added
+            encoded = encoded.appended(added, replacing=drop)
         elif kind == "first":
             items, encoded = items[arg:], encoded.without_first(arg)
         else:
             items, encoded = items[:max(len(items) - arg, 0)], encoded.without_last(arg)
         assert encoded.data == orjson.dumps(items) and len(encoded) == len(items)
-        assert encoded.items() == orjson.dumps(items)[1:-1]
+        assert bytes(encoded.items()) == orjson.dumps(items)[1:-1]
 
 
 @settings(max_examples=200, derandomize=True, deadline=None)
@@ -164,3 +179,17 @@ def test_the_encoded_forward_body_is_the_body_of_the_messages(window: list[dict[
             plain_body = inject(request, candidate, memo_placement=placement)
             encoded_body = inject(request, candidate, memo_placement=placement, encoded=True)
             assert orjson.dumps({"messages": encoded_body}) == orjson.dumps({"messages": plain_body})
+
+
+def test_a_window_cut_to_nothing_merges_no_later_message_into_what_was_cut() -> None:
+    """A cut that drops every message leaves no last message for the next append to merge into."""
+    from gateway.session.model import _Normal
+
+    window = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    for keep_out in (True, False):
+        empty = _Normal.of(window, keep_out=keep_out).without_first(2)
+        assert empty is not None and empty.items() == b""
+        added = [{"role": "assistant", "content": "c"}]
+        after = empty.appended(added)
+        assert after is not None
+        assert after.items() == orjson.dumps(normalise_window(added))[1:-1]
