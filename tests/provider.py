@@ -12,7 +12,8 @@
   ``requests`` (method, raw path, headers, body).
 
 Chat behaviour by ``model``: ``rate-limited`` → 429, ``broken`` → 500, ``held`` → streams two
-events, then waits for ``release`` before the rest, ``huge`` → a ~20 MB reply (JSON or SSE)
+events, then waits for ``release`` before the rest, ``slow-start`` → sends a stream's headers,
+then waits for ``release`` before its first event (a model thinking first), ``huge`` → a ~20 MB reply (JSON or SSE)
 whose last piece waits for ``release``; anything else answers ``"provider says: <last user text>"``.
 Forwarded routes: ``GET /v1/models``, ``GET /v1/models/{id}`` (``broken-body`` breaks off mid-body,
 ``slow-body`` sends a first piece and then waits for the client to hang up), ``POST
@@ -196,6 +197,8 @@ class Provider:
         if model == "held":
             return await self.stream(request, data, content_type="text/event-stream",
                                      hold_after=len(events[0]) + len(events[1]))
+        if model == "slow-start":
+            return await self.stream(request, data, content_type="text/event-stream", hold_after=0)
         if model == "huge":
             return await self.stream(request, data, content_type="text/event-stream",
                                      hold_after=len(data) - 100, sizes=(65536,))

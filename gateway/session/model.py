@@ -87,7 +87,8 @@ class SessionState:
         """A copy with another window (and *chars*, its length, when the caller knows it)."""
         if changes:
             return replace(self, context_window=window, chars=chars, **changes)
-        return SessionState(window, self.memo, self.settings, self.auto_resize, chars, self.pending)  # replace's result, faster
+        # what replace() makes, built directly: a round makes two of these
+        return SessionState(window, self.memo, self.settings, self.auto_resize, chars, self.pending)
 
     def appended(self, messages: list[Message]) -> SessionState:
         """A copy with *messages* added to the window, its length kept without a recount."""

@@ -153,6 +153,27 @@ def test_compressed_stream_reaches_the_client_event_by_event(make_gateway: Calla
     assert provider.released_by_test == [True]
 
 
+@pytest.mark.parametrize("mode", ["asked-gzip", "forced-deflate"])
+def test_a_stream_slow_to_start_has_its_headers_relayed_at_once(make_gateway: Callable[..., Gateway],
+                                                                provider: Provider, mode: str) -> None:  # noqa: F811
+    """A provider that sends a stream's headers and then thinks before its first event: the client
+    has the gateway's 200 and headers while the provider still waits, and only then releases it
+    (a stream whose first bytes are already there has its headers sent with them instead)."""
+    gateway = connect(make_gateway, provider, mode)
+    body = {"model": "slow-start", "messages": [user("think first")], "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
+                      headers={**AUTH, "X-Session-Id": "slow-start"}, timeout=30) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        assert reply.headers["x-request-id"].startswith("req-prov-")
+        assert provider.released_by_test == []  # the provider is still holding its first event
+        provider.release.set()
+        relayed = reply.read()
+    assert provider.released_by_test == [True]
+    assert relayed.endswith(b"data: [DONE]\n\n")
+    assert exported(gateway, "slow-start")["full_context"][-1] == {"role": "assistant",
+                                                                   "content": "provider says: think first "}
+
+
 def test_a_huge_json_reply_is_relayed_whole_while_only_the_cap_is_recorded(
         make_gateway: Callable[..., Gateway], provider: Provider) -> None:  # noqa: F811
     """A ~20 MB non-streamed reply reaches the client whole and as it arrives; the round is
