@@ -1,6 +1,7 @@
 """Stage: respond. Sends what ``forward`` held back, after ``persist``; sets ``response``.
 
-Non-streaming: the upstream's body with its status (a 4xx/5xx passes through unchanged).
+Non-streaming: the upstream's body with its status (a 4xx/5xx passes through unchanged), sent
+here, so the access log line and the metrics that follow are written after the client has it.
 Streaming: the held-back ``[DONE]``; a stream cut off by the upstream ends with an SSE error
 event instead, so the client can tell it is incomplete. A truncated recording (``reply_truncated``)
 still gives the client the whole reply. A non-SSE body relayed early (over the reply cap) gets its
@@ -24,9 +25,14 @@ async def respond(ctx: Context) -> None:
     if ctx.record_error:
         raise RecordFailed()
     if ctx.response is None:
-        ctx.response = web.Response(status=ctx.upstream_status, body=ctx.tail,
-                                    content_type=ctx.tail_type or "application/json",
-                                    headers=ctx.tail_headers)
+        reply = ctx.response = web.Response(status=ctx.upstream_status, body=ctx.tail,
+                                            content_type=ctx.tail_type or "application/json",
+                                            headers=ctx.tail_headers)
+        try:
+            await reply.prepare(ctx.request)
+            await reply.write_eof()
+        except (ConnectionResetError, OSError):
+            pass  # the client is gone; the round was recorded already
         return
     out = ctx.response
     assert isinstance(out, web.StreamResponse)
