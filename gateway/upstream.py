@@ -106,11 +106,6 @@ class UpstreamReply:
     def streaming(self) -> bool:
         return self.content_type == "text/event-stream"
 
-    @property
-    def arrived(self) -> bool:
-        """Whether some of the body is here already (the first piece needs no wait)."""
-        return self._resp.content.total_bytes > 0
-
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The decoded body, piece by piece as the provider sends it (empty pieces skipped)."""
         try:

@@ -165,19 +165,10 @@ def _parse_reply(ctx: Context) -> None:
     ctx.reply_body, ctx.reply_message, ctx.outcome = body, message, "completed"
 
 
-class _Relay(web.StreamResponse):
-    """A relayed stream whose headers leave with its first bytes, in one write instead of two
-    (as aiohttp's ``Response`` sends its headers). Used only when the provider's first bytes have
-    arrived already: a provider slow to start its stream still has its headers relayed at once."""
-
-    _send_headers_immediately = False
-
-
 async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     assert ctx.upstream is not None
     cap = ctx.upstream.max_reply_bytes
-    kind = _Relay if reply.arrived else web.StreamResponse
-    out = kind(status=reply.status, headers={**reply.headers, "X-Sessiongate-Request-Id": ctx.request_id})
+    out = web.StreamResponse(status=reply.status, headers={**reply.headers, "X-Sessiongate-Request-Id": ctx.request_id})
     out.headers["Content-Type"] = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
     codec = ctx.codec

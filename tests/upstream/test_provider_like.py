@@ -157,8 +157,7 @@ def test_compressed_stream_reaches_the_client_event_by_event(make_gateway: Calla
 def test_a_stream_slow_to_start_has_its_headers_relayed_at_once(make_gateway: Callable[..., Gateway],
                                                                 provider: Provider, mode: str) -> None:  # noqa: F811
     """A provider that sends a stream's headers and then thinks before its first event: the client
-    has the gateway's 200 and headers while the provider still waits, and only then releases it
-    (a stream whose first bytes are already there has its headers sent with them instead)."""
+    has the gateway's 200 and headers while the provider still waits, and only then releases it."""
     gateway = connect(make_gateway, provider, mode)
     body = {"model": "slow-start", "messages": [user("think first")], "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
