@@ -51,6 +51,10 @@ class SessionState:
     the whole window again."""
     _encoded: EncodedList | None = field(default=None, init=False, repr=False, compare=False)
     """The window's JSON text (``session.encoded``), kept and carried over like ``_normal``."""
+    _simple: bool | None = field(default=None, init=False, repr=False, compare=False)
+    """Whether the window is *simple* (:func:`_simple`; None: not known yet), kept and carried
+    over like ``_normal``. A simple window normalises to itself between the markers, so its JSON
+    text is the normalised window's and no ``_normal`` needs to be made or carried."""
 
     def normalised(self) -> list[Message]:
         """:func:`normalise_window` of the window (a new list; its messages are shared, never
@@ -62,6 +66,15 @@ class SessionState:
 
     def normalised_items(self) -> bytes:
         """The JSON text of :meth:`normalised`'s messages, comma-separated, without brackets."""
+        if self._simple is None:
+            self._simple = _simple(self.context_window)
+        if self._simple:
+            window = self.context_window
+            if self._encoded is None:
+                self._encoded = EncodedList.of(window)
+            opener = bool(window) and window[0]["role"] != "user"
+            closer = bool(window) and window[-1]["role"] != "assistant"
+            return _dressed_items(opener, self._encoded.items(), closer)
         if self._normal is None:
             self._normal = _Normal.of(self.context_window, keep_out=False)
         return self._normal.items()
@@ -75,7 +88,7 @@ class SessionState:
     def with_settings(self, settings: dict[str, Any]) -> SessionState:
         """A copy with other settings (the window, and what is kept of it, unchanged)."""
         new = replace(self, settings=settings)
-        new._normal, new._encoded = self._normal, self._encoded
+        new._normal, new._encoded, new._simple = self._normal, self._encoded, self._simple
         return new
 
     def window_chars(self) -> int:
@@ -97,6 +110,9 @@ class SessionState:
             new._normal = self._normal.appended(messages)
         if self._encoded is not None:
             new._encoded = self._encoded.appended(messages)
+        if self._simple is not None:  # a window that was not simple stays so
+            last = self.context_window[-1]["role"] if self.context_window else None
+            new._simple = self._simple and _simple(messages, after=last)
         return new
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,6 +221,8 @@ def bound_sync(state: SessionState, strategy: str, max_length: int | None, round
             new._normal = state._normal.without_first(dropped)
         if state._encoded is not None:
             new._encoded = state._encoded.without_first(dropped)
+        if state._simple:
+            new._simple = True  # a suffix of a simple window is simple
     return new
 
 
@@ -345,8 +363,7 @@ class _Normal:
 
     def items(self) -> bytes:
         """The JSON text of the normalised window's messages, comma-separated, without brackets."""
-        pieces = (_OPENER_JSON if self.opener else b"", self.core.items(), _CONTINUE_JSON if self.closer else b"")
-        return b",".join([piece for piece in pieces if len(piece)])
+        return _dressed_items(self.opener, self.core.items(), self.closer)
 
     def _core_out(self) -> list[Message] | None:
         if self.out is None:
@@ -410,6 +427,27 @@ class _Normal:
 
 _OPENER_JSON = orjson.dumps({"role": "user", "content": CHAT_HISTORY_OPENER})
 _CONTINUE_JSON = orjson.dumps({"role": "assistant", "content": CONTINUE_INPUT})
+
+
+def _dressed_items(opener: bool, core: bytes | memoryview, closer: bool) -> bytes:
+    """A normalised window's JSON items: *core* between the markers it needs."""
+    pieces = (_OPENER_JSON if opener else b"", core, _CONTINUE_JSON if closer else b"")
+    return b",".join([piece for piece in pieces if len(piece)])
+
+
+def _simple(messages: Sequence[Message], after: str | None = None) -> bool:
+    """Whether *messages* (following a message of role *after*) are all ``{"role": <str>,
+    "content": <str>}``, keys in that order, and no two in a row have the same role: then
+    :func:`normalise_window` changes nothing about them but to add its markers, and their JSON
+    text is that of the normalised window's messages."""
+    previous = after
+    for message in messages:
+        role = message.get("role")
+        if (len(message) != 2 or type(role) is not str or role == previous or type(message.get("content")) is not str
+                or next(iter(message)) != "role"):
+            return False
+        previous = role
+    return True
 
 
 def _is_plain(message: Message) -> bool:

@@ -193,3 +193,24 @@ def test_a_window_cut_to_nothing_merges_no_later_message_into_what_was_cut() -> 
         after = empty.appended(added)
         assert after is not None
         assert after.items() == orjson.dumps(normalise_window(added))[1:-1]
+
+
+def test_a_simple_window_is_forwarded_as_its_own_text_between_the_markers() -> None:
+    """Alternating ``{"role", "content"}`` messages normalise to themselves: the forwarded text is
+    the window's own, with the markers Agently adds; a run of one role or another key is not."""
+    from gateway.session.model import SessionState
+
+    cases = [
+        [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "user", "content": "a", "name": "n"}, {"role": "assistant", "content": "b"}],
+        [{"content": "a", "role": "user"}, {"role": "assistant", "content": "b"}],
+        [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}],
+    ]
+    for window in cases:
+        state = SessionState(list(window))
+        assert state.normalised_items() == orjson.dumps(normalise_window(window))[1:-1], window
+        grown = state.appended([{"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}])
+        expected = normalise_window(grown.context_window)
+        assert grown.normalised_items() == orjson.dumps(expected)[1:-1], window
