@@ -1,9 +1,12 @@
 """What one recorded round costs the store, without HTTP: load the session, then commit the round.
 
-Runs ``SessionService`` on a SQLite store in a scratch folder (removed afterwards), fills one
-session until its window is full (``--window-chars``, as the benchmark's sessions are), then
-times ``--rounds`` rounds of ``load`` followed by ``commit_round`` (with the loaded state, as a
-request does) in three ways:
+Runs ``SessionService`` on a SQLite store in a scratch folder (removed afterwards), fills
+``--sessions`` sessions until their windows are full (``--window-chars``, as the benchmark's
+sessions are), then times ``--rounds`` rounds, each ``commit_round`` (with the loaded state, as
+a request does), ``load`` and the forwarded body built from what was loaded (the inject stage's
+work), taking the sessions in turn. With many sessions (``--sessions 64``, as the benchmark's
+64 connections hold) a session's objects are cold in the CPU caches when its turn comes, as
+they are in a gateway under load; with one they stay warm. Three ways:
 
 - ``quiet``: the gateway has nothing else in flight: the commit runs on the event loop and the
   load gets the rows this process committed (``gateway.store.sqlite``: no query, no thread);
@@ -20,7 +23,7 @@ With ``--store postgres`` the same rounds run on the PostgreSQL store instead (`
 default ``$SESSIONGATE_BENCH_DSN`` or the local test server), in a schema of their own that is
 dropped afterwards; one mode, ``postgres`` (the CPU column is this process's only).
 
-    python -m benchmarks.round_cost [--rounds 400] [--window-chars 12000] [--no-fsync]
+    python -m benchmarks.round_cost [--rounds 400] [--sessions 1] [--window-chars 12000] [--no-fsync]
     python -m benchmarks.round_cost --store postgres [--pg-dsn postgresql://postgres@127.0.0.1:5432/test]
 """
 
@@ -38,8 +41,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
+
 from gateway.keyring import Keyring, new_master_key
-from gateway.session.model import normalise_window
+from gateway.session.model import inject
 from gateway.sessions import Bounding, LoadedSession, RoundRecord, SessionService
 from gateway.store.sqlite import SQLiteStore
 
@@ -52,64 +57,75 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _round(svc: SessionService, n: int, bounding: Bounding, loaded: LoadedSession | None) -> LoadedSession:
+async def _round(svc: SessionService, sid: str, n: int, bounding: Bounding,
+                 loaded: LoadedSession | None) -> LoadedSession:
     rec = RoundRecord(f"r{n}", "default", "h", "completed", USER.format(n=n), REPLY, {"event": "round"})
-    await svc.commit_round("acme", "bench", rec, bounding, loaded)
-    out = await svc.load("acme", "bench", for_round=True)
+    await svc.commit_round("acme", sid, rec, bounding, loaded)
+    out = await svc.load("acme", sid, for_round=True)
     assert out is not None
-    if hasattr(out.state, "normalised"):
-        out.state.normalised()  # as the inject stage does
-    else:  # an older tree (benchmarking a previous revision with this script)
-        normalise_window(out.state.context_window)
+    request = [{"role": "user", "content": USER.format(n=n + 1)}]
+    try:
+        messages = inject(request, out.state, encoded=True)  # as the Chat Completions codec does
+    except TypeError:  # an older tree (benchmarking a previous revision with this script)
+        messages = inject(request, out.state)
+    orjson.dumps({"model": "standin", "messages": messages})
     return out
 
 
 class Session:
     """One session of the benchmark, filled until its window is full, then timed round by round."""
 
-    def __init__(self, svc: SessionService, window_chars: int) -> None:
-        self.svc, self.window_chars = svc, window_chars
+    def __init__(self, svc: SessionService, window_chars: int, sid: str = "bench") -> None:
+        self.svc, self.window_chars, self.sid = svc, window_chars, sid
         self.bounding = Bounding(max_length=window_chars)
         self.loaded: LoadedSession | None = None
         self.n = 0
 
     async def fill(self) -> None:
         while self.loaded is None or self.loaded.state.window_chars() < self.window_chars * 0.95:
-            self.loaded = await _round(self.svc, self.n, self.bounding, self.loaded)
-            self.n += 1
+            await self.step()
 
-    async def time(self, mode: str, rounds: int, before: Callable[[], None] = lambda: None) -> tuple[str, float, float]:
-        """(mode, median round ms, CPU ms per round) over *rounds* rounds, *before* run before each."""
-        times = []
-        cpu = _cpu()
-        for _ in range(rounds):
-            before()
-            started = time.perf_counter()
-            self.loaded = await _round(self.svc, self.n, self.bounding, self.loaded)
-            times.append(time.perf_counter() - started)
-            self.n += 1
-        return mode, statistics.median(times) * 1000, (_cpu() - cpu) / rounds * 1000
+    async def step(self) -> None:
+        self.loaded = await _round(self.svc, self.sid, self.n, self.bounding, self.loaded)
+        self.n += 1
 
 
-async def measure(folder: Path, rounds: int, window_chars: int, fsync: bool) -> list[tuple[str, float, float]]:
+async def _time(sessions: list[Session], mode: str, rounds: int,
+                before: Callable[[], None] = lambda: None) -> tuple[str, float, float]:
+    """(mode, median round ms, CPU ms per round) over *rounds* rounds taking *sessions* in turn,
+    *before* run before each."""
+    times = []
+    cpu = _cpu()
+    for n in range(rounds):
+        before()
+        started = time.perf_counter()
+        await sessions[n % len(sessions)].step()
+        times.append(time.perf_counter() - started)
+    return mode, statistics.median(times) * 1000, (_cpu() - cpu) / rounds * 1000
+
+
+async def measure(folder: Path, rounds: int, window_chars: int, fsync: bool,
+                  count: int = 1) -> list[tuple[str, float, float]]:
     store = SQLiteStore(folder / "round-cost.db")
     await store.open()
     try:
         if not fsync and store._writer is not None:
             store._writer.conn.execute("PRAGMA synchronous=OFF")
-        session = Session(SessionService(store, Keyring([new_master_key()])), window_chars)
+        svc = SessionService(store, Keyring([new_master_key()]))
+        sessions = [Session(svc, window_chars, f"bench-{i}") for i in range(count)]
         store.quiet = lambda: True
-        await session.fill()
+        for session in sessions:
+            await session.fill()
         results = []
         for mode in ("quiet", "busy", "read"):
             store.quiet = lambda mode=mode: mode == "quiet"  # type: ignore[misc]
-            results.append(await session.time(mode, rounds, store._known.clear if mode == "read" else lambda: None))
+            results.append(await _time(sessions, mode, rounds, store._known.clear if mode == "read" else lambda: None))
         return results
     finally:
         await store.close()
 
 
-async def measure_postgres(dsn: str, rounds: int, window_chars: int) -> list[tuple[str, float, float]]:
+async def measure_postgres(dsn: str, rounds: int, window_chars: int, count: int = 1) -> list[tuple[str, float, float]]:
     import asyncpg
 
     from gateway.store.postgres import PostgresStore
@@ -118,9 +134,11 @@ async def measure_postgres(dsn: str, rounds: int, window_chars: int) -> list[tup
     store = PostgresStore(dsn, schema=schema)
     await store.open()
     try:
-        session = Session(SessionService(store, Keyring([new_master_key()])), window_chars)
-        await session.fill()
-        return [await session.time("postgres", rounds)]
+        svc = SessionService(store, Keyring([new_master_key()]))
+        sessions = [Session(svc, window_chars, f"bench-{i}") for i in range(count)]
+        for session in sessions:
+            await session.fill()
+        return [await _time(sessions, "postgres", rounds)]
     finally:
         await store.close()
         conn = await asyncpg.connect(dsn)
@@ -133,6 +151,8 @@ async def measure_postgres(dsn: str, rounds: int, window_chars: int) -> list[tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="sessions taken in turn (64: cold caches, as under the benchmark's load)")
     parser.add_argument("--window-chars", type=int, default=12000)
     parser.add_argument("--no-fsync", action="store_true", help="commit with synchronous=OFF (SQLite)")
     parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
@@ -140,15 +160,16 @@ def main() -> None:
                                                            "postgresql://postgres@127.0.0.1:5432/test"))
     args = parser.parse_args()
     if args.store == "postgres":
-        results = asyncio.run(measure_postgres(args.pg_dsn, args.rounds, args.window_chars))
-        print(f"{args.rounds} rounds, window {args.window_chars} characters, PostgreSQL")
+        results = asyncio.run(measure_postgres(args.pg_dsn, args.rounds, args.window_chars, args.sessions))
+        print(f"{args.rounds} rounds over {args.sessions} session(s), window {args.window_chars} characters, "
+              "PostgreSQL")
     else:
         folder = Path(tempfile.mkdtemp(prefix="sessiongate-round-cost-"))
         try:
-            results = asyncio.run(measure(folder, args.rounds, args.window_chars, not args.no_fsync))
+            results = asyncio.run(measure(folder, args.rounds, args.window_chars, not args.no_fsync, args.sessions))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        print(f"{args.rounds} rounds per mode, window {args.window_chars} characters, "
+        print(f"{args.rounds} rounds per mode over {args.sessions} session(s), window {args.window_chars} characters, "
               f"{'no fsync' if args.no_fsync else 'synchronous=FULL'}")
     print("| mode | round p50 ms | CPU ms per round |")
     print("| --- | ---: | ---: |")
