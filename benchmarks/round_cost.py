@@ -82,7 +82,10 @@ class Session:
         self.n = 0
 
     async def fill(self) -> None:
-        while self.loaded is None or self.loaded.state.window_chars() < self.window_chars * 0.95:
+        """Rounds until the window is full: the first round that had to cut it."""
+        chars = -1
+        while self.loaded is None or self.loaded.state.window_chars() > chars:
+            chars = self.loaded.state.window_chars() if self.loaded is not None else -1
             await self.step()
 
     async def step(self) -> None:
