@@ -105,6 +105,10 @@ class EventAssembler:
                 self._room -= len(event)
                 if self._room < 0:
                     self.truncated = True
+            if b"\n" not in event:  # the usual event: one data line, no list to split into
+                if event.startswith(b"data:"):
+                    self._add(event[5:].strip())
+                continue
             for line in event.split(b"\n"):
                 if line.startswith(b"data:"):
                     self._add(line[5:].strip())
