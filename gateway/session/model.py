@@ -10,7 +10,6 @@ per message), so a session bounded here has the same window in Agently.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -378,7 +377,7 @@ class _Normal:
             return new
         head = [{"role": "user", "content": CHAT_HISTORY_OPENER}] if new.opener else []
         tail = [{"role": "assistant", "content": CONTINUE_INPUT}] if new.closer else []
-        return dataclasses.replace(new, out=[*head, *body, *tail])
+        return replace(new, out=[*head, *body, *tail])
 
     def appended(self, messages: list[Message]) -> _Normal | None:
         """This normalised window with *messages* appended (None unless all is plain)."""
