@@ -132,6 +132,15 @@ ON CONFLICT (tenant, session_id) DO UPDATE SET
   quarantine_reason = CASE WHEN :qseq IS NOT NULL THEN :reason WHEN :clear THEN NULL ELSE quarantine_reason END"""
 
 
+_UPSERT_SESSION = """
+INSERT INTO sessions VALUES (?,?,?,?,?,?,?)
+ON CONFLICT (tenant, session_id) DO UPDATE SET version = excluded.version, next_seq = excluded.next_seq,
+  state_ct = excluded.state_ct, created_at = excluded.created_at, updated_at = excluded.updated_at"""
+"""The session's row, written in place when it exists (same rowid and key entry: an ``INSERT OR
+REPLACE`` deletes the row and its key entry and inserts both anew, freeing and reallocating the
+state's overflow pages on every round)."""
+
+
 def migrate(conn: sqlite3.Connection) -> list[int]:
     """Bring the file to :data:`SCHEMA_VERSION`; returns the versions applied."""
     conn.executescript(SCHEMA)
@@ -199,7 +208,7 @@ def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> Curren
                      (k.tenant, k.session_id, k.dk_id, k.kek_id, k.wrapped, k.created_at))
     if ch.session is not None:
         s = ch.session
-        conn.execute("INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?)",
+        conn.execute(_UPSERT_SESSION,
                      (s.tenant, s.session_id, s.version, s.next_seq, s.state_ct, s.created_at, s.updated_at))
     if ch.rounds:
         conn.executemany("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?)",

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import sqlite3
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -22,6 +25,7 @@ from gateway.sessions import Bounding, RoundRecord, SessionService
 from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow
 from gateway.store.postgres import MIGRATIONS, PAGE, PostgresStore
 from gateway.store.sqlite import PAGE as SQLITE_PAGE
+from gateway.store.sqlite import SQLiteStore
 
 ACME, GLOBEX = "acme", "globex"
 
@@ -384,3 +388,31 @@ def test_postgres_store_refuses_an_unsafe_schema_name() -> None:
     """A schema name that is not a plain lower-case identifier is refused before any connection."""
     with pytest.raises(ValueError, match="schema"):
         PostgresStore("postgresql://127.0.0.1/test", schema='x"; DROP TABLE audit; --')
+
+
+def test_sqlite_rewrites_a_session_row_in_place(tmp_path: Path) -> None:
+    """A round rewrites the session's row where it is (same rowid, same key entry), keeping the
+    values an ``INSERT OR REPLACE`` would have written: a replace would move the row to a new
+    rowid past the other sessions' rows and reallocate its overflow pages on every round."""
+    path = tmp_path / "in-place.db"
+
+    async def body() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            svc = service(store)
+            await svc.commit_round(ACME, "first", record("a"), Bounding(max_length=100_000))
+            await svc.commit_round(ACME, "second", record("b"), Bounding(max_length=100_000))
+            with closing(sqlite3.connect(path)) as conn:
+                before = conn.execute("SELECT rowid, created_at FROM sessions WHERE session_id='first'").fetchone()
+            await svc.commit_round(ACME, "first", record("c"), Bounding(max_length=100_000))
+            with closing(sqlite3.connect(path)) as conn:
+                after = conn.execute("SELECT rowid, created_at, version, next_seq FROM sessions "
+                                     "WHERE session_id='first'").fetchone()
+            assert after[:2] == before
+            assert after[2:] == (2, 3)
+            loaded = await svc.load(ACME, "first")
+            assert loaded is not None and users(loaded.state.context_window) == ["user a", "user c"]
+        finally:
+            await store.close()
+    asyncio.run(body())
