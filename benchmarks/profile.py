@@ -33,7 +33,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("Lane._loop", "SQLiteStore.transact", "PostgresStore.transact", "write_changes", "commit_round")),
     ("load the session", ("load_state (gateway",)),
     ("inject the window (the forwarded body)", ("inject (gateway",)),
-    ("upstream request (aiohttp client)", ("Upstreams.open",)),
+    ("upstream request (aiohttp client)", ("Upstreams.open", "aiohttp/client", "aiohttp/connector.py")),
     ("read and relay the reply", ("_read_reply", "_relay_stream", "aiter_bytes", "_parse_reply")),
     ("record the round's texts", ("record (gateway/stages/record",)),
     ("respond", ("respond (gateway/stages/respond",)),
@@ -43,9 +43,12 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("logging", ("structlog", "gateway/logs.py")),
     ("metrics", ("prometheus_client", "Metrics.")),
     ("handler and pipeline glue", ("_chat (gateway", "pipeline.py", "metrics_middleware", "error_middleware")),
-    ("aiohttp server (parsing, writing, tasks)", ("web_protocol", "server.py")),
+    ("aiohttp server (parsing, writing, tasks)", ("web_protocol", "web_app", "web_server", "GatewayProtocol.")),
 )
-"""Each stage and the frame names (substrings of py-spy's ``function (file:line)``) that mark it."""
+"""Each stage and the frame names (substrings of py-spy's ``function (file:line)``) that mark it.
+The client's own callbacks and its body-writing task run straight from the event loop, outside
+``Upstreams.open``: aiohttp's client modules mark them. Every sample of the loop's thread passes
+through ``run (gateway/server.py)``, so the server is marked by its classes, not that file."""
 
 
 def py_spy() -> str | None:
