@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -140,8 +140,7 @@ def after(cur: Current, ch: Changes, rows: list[AuditRow], bound: int | None) ->
         quarantine = None
     if ch.quarantine:
         quarantine = ch.quarantine[:200]
-    return replace(cur, session=session, data_key=data_key, rounds=rounds, max_seq=max_seq, head=head,
-                   quarantine=quarantine)
+    return Current(cur.tenant, cur.session_id, session, data_key, rounds, max_seq, head, quarantine, cur.own)
 
 
 # --------------------------------------------------------------------------- the check on load

@@ -68,6 +68,10 @@ class Metrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
+    def round_recorded(self, outcome: str) -> None:
+        """Count one committed round (*outcome*: completed, incomplete, upstream_error)."""
+        self._child(self.rounds, outcome).inc()
+
     def quiet(self) -> bool:
         """Whether at most one request is in flight (``observe.metrics_middleware`` counts them)."""
         return self.in_flight <= 1

@@ -374,7 +374,7 @@ class SessionService:
                 state = state or SessionState(settings=dict(bounding.settings or {}))
                 if rec.outcome == "completed":
                     state = state.appended(messages)
-                    if bounding.settings is not None:
+                    if bounding.settings is not None and state.settings != bounding.settings:
                         state = state.with_settings(dict(bounding.settings))
                     # Agently analyses after each append: the user message, then the reply
                     state = with_pending(state, bounding.strategy, [1] * len(messages))

@@ -65,7 +65,7 @@ async def persist(ctx: Context) -> None:
                                                          ctx.loaded))
     ctx.persisted = True
     if changes.rounds:
-        ctx.services.metrics.rounds.labels(outcome=ctx.outcome).inc()
+        ctx.services.metrics.round_recorded(ctx.outcome)
     if ctx.session_id is not None and needs_maintenance(policy) and (changes.result or _hooks(policy)):
         ctx.services.background.start((ctx.tenant, ctx.session_id), functools.partial(
             maintain, sessions, ctx.tenant, ctx.session_id, policy, ctx.services.upstreams.complete, ctx.model))

@@ -58,7 +58,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -518,7 +517,7 @@ class SQLiteStore:
         if known is None:
             return fresh
         kept = known[1]
-        if replace(fresh, own=True) != kept:
+        if fresh.as_own() != kept:
             if epoch is not None:  # read under the lock: the kept rows are not the stored ones
                 self._known.discard(key)
             return fresh
@@ -610,7 +609,7 @@ class SQLiteStore:
             if cur is None:
                 self._known.discard(key)
             else:
-                self._known.put(key, (self._epoch, replace(cur, own=True)))
+                self._known.put(key, (self._epoch, cur.as_own()))
         self._staged = {}
 
     def _known_now(self, tenant: str, session_id: str) -> Current | None:

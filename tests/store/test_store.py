@@ -416,3 +416,18 @@ def test_sqlite_rewrites_a_session_row_in_place(tmp_path: Path) -> None:
         finally:
             await store.close()
     asyncio.run(body())
+
+
+def test_as_own_is_replace_with_own_set() -> None:
+    """``Current.as_own`` (built field by field, for speed) equals ``dataclasses.replace(...,
+    own=True)`` with every field set to something other than its default, so a field added to
+    ``Current`` and forgotten there fails here."""
+    session = SessionRow(ACME, "s", 3, 4, b"ct", 1.0, 2.0)
+    key = DataKeyRow(ACME, "s", b"dk", "kek", b"wrapped", 1.0)
+    head = audit.AuditRow(ACME, 7, 1.0, b"{}", "p" * 64, "h" * 64)
+    cur = Current(ACME, "s", session, key, rounds=5, max_seq=6, head=head, quarantine="why")
+    for f in dataclasses.fields(Current):
+        if f.name != "own":
+            assert getattr(cur, f.name) not in (None, f.default), f"set {f.name} in this test"
+    assert cur.as_own() == dataclasses.replace(cur, own=True)
+    assert cur.as_own().own is True and cur.own is False
