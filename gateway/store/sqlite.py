@@ -314,21 +314,29 @@ class Lane:
 def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = False,
                     committing: Callable[[], None] | None = None,
                     committed: Callable[[], None] | None = None) -> list[tuple[bool, Any]]:
-    """One ``BEGIN IMMEDIATE`` transaction (unless it *began* already), a SAVEPOINT per job,
-    *committing()*, one commit (one fsync), then *committed()*; a failed commit fails every job."""
+    """One ``BEGIN IMMEDIATE`` transaction (unless it *began* already), a SAVEPOINT per job (none
+    for a lone job: its failure rolls the transaction back instead), *committing()*, one commit
+    (one fsync), then *committed()*; a failed commit fails every job."""
     outcomes: list[tuple[bool, Any]] = []
     try:
         if not began:
             begin_waiting(conn)
-        for fn in jobs:
-            conn.execute("SAVEPOINT op")
+        if len(jobs) == 1:  # no neighbour to keep apart from: a failure rolls everything back
             try:
-                outcomes.append((True, fn(conn)))
-                conn.execute("RELEASE op")
+                outcomes.append((True, jobs[0](conn)))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                outcomes.append((False, _unavailable(exc, "write")))
+                conn.execute("ROLLBACK")
+                return [(False, _unavailable(exc, "write"))]
+        else:
+            for fn in jobs:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, fn(conn)))
+                    conn.execute("RELEASE op")
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((False, _unavailable(exc, "write")))
         if committing is not None:
             committing()
         conn.execute("COMMIT")

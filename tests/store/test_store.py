@@ -288,6 +288,23 @@ def test_a_failing_plan_writes_nothing_while_its_neighbours_commit(backend: Any)
     backend.run(body)
 
 
+def test_a_lone_failing_plan_leaves_nothing_of_what_it_wrote(backend: Any) -> None:
+    """A transaction of one plan that fails after its first rows went in (its round is inserted,
+    then its audit entry cannot be sealed) leaves neither; the next transaction commits normally."""
+    def bad_audit(cur: Current) -> Changes:
+        return Changes(rounds=raw_rounds(ACME, "bad", 2).rounds, audit=[{"event": "round", "password": "x"}])
+
+    async def body(store: Any) -> None:
+        with pytest.raises(ValueError):
+            await store.transact(ACME, "bad", bad_audit)
+        assert await rounds(store) == [] and await chain(store) == []
+        await store.transact(ACME, "good", lambda cur: Changes(rounds=raw_rounds(ACME, "good", 1).rounds,
+                                                               audit=[{"event": "round"}]))
+        assert [(r.session_id, r.seq) for r in await rounds(store)] == [("good", 1)]
+        assert [r.seq for r in await chain(store)] == [1]
+    backend.run(body)
+
+
 def test_retention_drops_rounds_and_their_window_messages(backend: Any) -> None:
     """Dropping expired rounds deletes their rows, takes their text out of the sealed window,
     erases a session whose rounds all expired while idle, and audits each step."""
