@@ -5,11 +5,15 @@ recovers by itself."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from gateway.errors import STORE_UNAVAILABLE_MESSAGE, StoreUnavailable
 from gateway.store.base import Changes, Current
 from gateway.store.postgres import PostgresStore, describe_dsn
 from gateway.store.sqlite import SQLiteStore
-from tests.conftest import ACME_KEY, Gateway
+from tests.conftest import ACME_KEY, REPO, Gateway
 
 PG_DSN = os.environ.get("SESSIONGATE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -219,3 +223,40 @@ def test_a_store_failure_names_the_database_to_the_operator_only(
         assert secret.encode() not in answer.content and b"SQLite" not in answer.content
     logged = [e for e in logs if secret in str(e.get("detail", ""))]
     assert {e["event"] for e in logged} >= {"store_unavailable", "readiness_store_unavailable"}, logs
+
+
+def test_a_table_an_operator_renamed_fails_rounds_until_it_is_back(make_gateway: Callable[..., Gateway]) -> None:
+    """A real store failure, no stub: an operator with write access renames the audit table
+    under the running gateway. A round then cannot commit: the client gets the fixed 503 (no
+    table name, no SQLite text), the log names the cause, and nothing of the round is stored.
+    Once the table is back the next round commits and the chain verifies."""
+    gw = make_gateway()
+    headers = {"Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": "renamed"}
+
+    def chat(text: str) -> httpx.Response:
+        return httpx.post(f"{gw.url}/v1/chat/completions", headers=headers, timeout=30,
+                          json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
+
+    assert chat("before").status_code == 200
+    with closing(sqlite3.connect(gw.db_path)) as conn:
+        conn.execute("ALTER TABLE audit RENAME TO audit_moved")
+        conn.commit()
+    failed = chat("while the table is gone")
+    assert failed.status_code == 503 and failed.headers["Retry-After"] == "1"
+    assert failed.json()["error"]["message"] == STORE_UNAVAILABLE_MESSAGE
+    assert b"audit" not in failed.content and b"SQLite" not in failed.content
+    logged = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
+    causes = [e.get("detail", "") for e in logged if e.get("event") == "store_unavailable"]
+    assert any("no such table: audit" in c for c in causes), causes
+    with closing(sqlite3.connect(gw.db_path)) as conn:
+        conn.execute("ALTER TABLE audit_moved RENAME TO audit")
+        conn.commit()
+        stored = conn.execute("SELECT count(*) FROM rounds WHERE session_id = 'renamed'").fetchone()[0]
+    assert stored == 1  # the failed round left nothing
+    after = chat("after")
+    assert after.status_code == 200, after.text
+    verified = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", "--config", str(gw.config_path)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    with closing(sqlite3.connect(gw.db_path)) as conn:
+        assert conn.execute("SELECT count(*) FROM rounds WHERE session_id = 'renamed'").fetchone()[0] == 2
