@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway import audit
+from gateway import audit, evidence
 from gateway.errors import Conflict, NotFound, StoreUnavailable
 from gateway.keyring import Keyring, new_master_key
 from gateway.sessions import Bounding, RoundRecord, SessionService
@@ -435,10 +435,11 @@ def test_sqlite_rewrites_a_session_row_in_place(tmp_path: Path) -> None:
     asyncio.run(body())
 
 
-def test_as_own_is_replace_with_own_set() -> None:
-    """``Current.as_own`` (built field by field, for speed) equals ``dataclasses.replace(...,
-    own=True)`` with every field set to something other than its default, so a field added to
-    ``Current`` and forgotten there fails here."""
+def test_current_is_copied_field_by_field_without_losing_one() -> None:
+    """``Current.as_own`` and ``evidence.after`` build a ``Current`` field by field (for speed,
+    instead of ``dataclasses.replace``): with every field set to something other than its
+    default, ``as_own`` equals ``replace(..., own=True)`` and ``after`` of no change gives the
+    same rows back, so a field added to ``Current`` and forgotten in either fails here."""
     session = SessionRow(ACME, "s", 3, 4, b"ct", 1.0, 2.0)
     key = DataKeyRow(ACME, "s", b"dk", "kek", b"wrapped", 1.0)
     head = audit.AuditRow(ACME, 7, 1.0, b"{}", "p" * 64, "h" * 64)
@@ -448,3 +449,5 @@ def test_as_own_is_replace_with_own_set() -> None:
             assert getattr(cur, f.name) not in (None, f.default), f"set {f.name} in this test"
     assert cur.as_own() == dataclasses.replace(cur, own=True)
     assert cur.as_own().own is True and cur.own is False
+    assert evidence.after(cur, Changes(), [], None) == cur
+    assert evidence.after(cur.as_own(), Changes(), [], None) == cur.as_own()
