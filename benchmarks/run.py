@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import secrets
@@ -147,6 +148,8 @@ class Launch:
     health_path: str | None = None  # None: ready when the port accepts a TCP connection
     env: dict[str, str] = field(default_factory=dict)
     ready_text: str | None = None  # also wait until the process's log holds this text
+    cwd: Path = REPO
+    """Where it starts: ``python -m gateway`` imports the ``gateway`` package of this folder."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,8 @@ def gateway_target(name: str, patch: dict[str, Any] | None = None, *, replicas: 
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port),
                 "--workers", str(workers)]
         return Launch(argv, health_path="/healthz", env=extra,
-                      ready_text="workers, pids" if workers > 1 else None)
+                      ready_text="workers, pids" if workers > 1 else None,
+                      cwd=Path(getattr(env.args, "gateway_tree", None) or REPO))
 
     return Target(name, launch, replicas, postgres, workers)
 
@@ -306,7 +310,7 @@ def start(name: str, launch: Launch, port: int, tmp: Path, procs: list[Proc]) ->
     """Start a process, record it in ``procs`` (for the clean-up) and wait until it is ready."""
     log = tmp / f"{name}.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(launch.argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(launch.argv, cwd=launch.cwd, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **launch.env})
     proc = Proc(name, process, log)
     procs.append(proc)
@@ -476,14 +480,14 @@ def _cpu(ms: float | None) -> str:
 
 def table(rows: list[Row], *, db_column: bool = False) -> str:
     """The Markdown table of all rows; ``db_column`` adds the PostgreSQL server's CPU."""
-    direct = {(r.protocol, r.stream, r.concurrency): r.result.p50 for r in rows if r.target == "direct"}
+    direct = {(r.protocol, r.stream, r.concurrency, r.client): r.result.p50 for r in rows if r.target == "direct"}
     lines = [
         "| target | mode | concurrency | ok / err | req/s | p50 ms | p99 ms | TTFB p50 ms | "
         "added p50 vs direct ms | proxy CPU ms/req |" + (" PostgreSQL CPU ms/req |" if db_column else ""),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if db_column else ""),
     ]
     for r in rows:
-        base = direct.get((r.protocol, r.stream, r.concurrency))
+        base = direct.get((r.protocol, r.stream, r.concurrency, r.client))
         added = "-" if r.target == "direct" or base is None or r.result.p50 is None else \
             f"{(r.result.p50 - base) * 1000:+.2f}"
         lines.append(
@@ -492,6 +496,24 @@ def table(rows: list[Row], *, db_column: bool = False) -> str:
             f"{_ms(r.result.p99)} | {_ms(r.result.ttfb_p50) if r.stream else '-'} | {added} | "
             f"{_cpu(r.cpu_ms_per_request)} |" + (f" {_cpu(r.db_cpu_ms_per_request)} |" if db_column else ""))
     return "\n".join(lines)
+
+
+def cells(rows: list[Row]) -> list[dict[str, Any]]:
+    """Every row's figures, unrounded (seconds as milliseconds), for ``--json``."""
+    direct = {(r.protocol, r.stream, r.concurrency, r.client): r.result.p50 for r in rows if r.target == "direct"}
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else seconds * 1000
+
+    out = []
+    for r in rows:
+        base = direct.get((r.protocol, r.stream, r.concurrency, r.client))
+        added = None if r.target == "direct" or base is None or r.result.p50 is None else r.result.p50 - base
+        out.append({"target": r.target, "mode": r.mode, "concurrency": r.concurrency, "ok": r.result.ok,
+                    "errors": r.result.errors, "rps": r.result.rps, "p50_ms": ms(r.result.p50),
+                    "ttfb_ms": ms(r.result.ttfb_p50) if r.stream else None, "added_ms": ms(added),
+                    "cpu_ms": r.cpu_ms_per_request, "db_cpu_ms": r.db_cpu_ms_per_request})
+    return out
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -521,6 +543,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pg-dsn", default=os.environ.get(DSN_ENV, DEFAULT_PG_DSN),
                         help=f"PostgreSQL for the gateway-pg* targets (default ${DSN_ENV} or {DEFAULT_PG_DSN})")
     parser.add_argument("--output", help="also write the table (with its header) to this file")
+    parser.add_argument("--json", help="also write every cell's figures, unrounded, to this file (benchmarks.ab)")
+    parser.add_argument("--gateway-tree", default=str(REPO),
+                        help="a checkout whose gateway package the gateway targets run (the stand-in, the "
+                             "pass-through, the config and the policies stay this tree's; benchmarks.ab)")
     parser.add_argument("--keep-temp", action="store_true", help="keep the scratch folder (configs, logs)")
     parser.add_argument("--litellm-venv", help="virtualenv for the litellm target (made and filled on first use; "
                         "default: a new one in the scratch folder)")
@@ -637,6 +663,8 @@ def run(args: argparse.Namespace) -> str:
                 notes.append(f"One durable SQLite commit (WAL, synchronous=FULL) in the scratch folder: "
                              f"p50 {commit_floor(tmp) * 1000:.2f} ms.")
                 rows = measure(ready, args, db)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(cells(rows), indent=1))
                 return header(args, notes) + "\n\n" + table(rows, db_column=db is not None) + "\n"
             finally:
                 stop(procs)  # before the scratch folder goes: gateways write checkpoints as they stop
