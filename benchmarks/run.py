@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -449,7 +450,7 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
     cells = [(p, m == "stream", k, c, t) for p in args.protocols for m in args.modes for k in args.clients
              for c in args.concurrency for t in targets if k == "window" or t.target.sessions]
     for cell, (protocol, stream, client, concurrency, run) in enumerate(cells):
-        proxy = CpuMeter(lambda run=run: with_children(run.pids))
+        proxy = CpuMeter(functools.partial(with_children, run.pids))
         database = db_meter if run.target.postgres else None
         for meter in (proxy, database):
             if meter is not None:
@@ -478,18 +479,26 @@ def _cpu(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.2f}"
 
 
+def added_p50(rows: list[Row]) -> list[float | None]:
+    """Each row's p50 less the direct row's of the same cell (protocol, mode, concurrency and
+    clients), in seconds, in the rows' order; None for direct rows and where either is missing."""
+    direct = {(r.protocol, r.stream, r.concurrency, r.client): r.result.p50 for r in rows if r.target == "direct"}
+    out: list[float | None] = []
+    for r in rows:
+        base, p50 = direct.get((r.protocol, r.stream, r.concurrency, r.client)), r.result.p50
+        out.append(p50 - base if r.target != "direct" and base is not None and p50 is not None else None)
+    return out
+
+
 def table(rows: list[Row], *, db_column: bool = False) -> str:
     """The Markdown table of all rows; ``db_column`` adds the PostgreSQL server's CPU."""
-    direct = {(r.protocol, r.stream, r.concurrency, r.client): r.result.p50 for r in rows if r.target == "direct"}
     lines = [
         "| target | mode | concurrency | ok / err | req/s | p50 ms | p99 ms | TTFB p50 ms | "
         "added p50 vs direct ms | proxy CPU ms/req |" + (" PostgreSQL CPU ms/req |" if db_column else ""),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if db_column else ""),
     ]
-    for r in rows:
-        base = direct.get((r.protocol, r.stream, r.concurrency, r.client))
-        added = "-" if r.target == "direct" or base is None or r.result.p50 is None else \
-            f"{(r.result.p50 - base) * 1000:+.2f}"
+    for r, gap in zip(rows, added_p50(rows), strict=True):
+        added = "-" if gap is None else f"{gap * 1000:+.2f}"
         lines.append(
             f"| {r.target} | {r.mode} | {r.concurrency} | "
             f"{r.result.ok} / {r.result.errors} | {r.result.rps:.0f} | {_ms(r.result.p50)} | "
@@ -500,15 +509,11 @@ def table(rows: list[Row], *, db_column: bool = False) -> str:
 
 def cells(rows: list[Row]) -> list[dict[str, Any]]:
     """Every row's figures, unrounded (seconds as milliseconds), for ``--json``."""
-    direct = {(r.protocol, r.stream, r.concurrency, r.client): r.result.p50 for r in rows if r.target == "direct"}
-
     def ms(seconds: float | None) -> float | None:
         return None if seconds is None else seconds * 1000
 
     out = []
-    for r in rows:
-        base = direct.get((r.protocol, r.stream, r.concurrency, r.client))
-        added = None if r.target == "direct" or base is None or r.result.p50 is None else r.result.p50 - base
+    for r, added in zip(rows, added_p50(rows), strict=True):
         out.append({"target": r.target, "mode": r.mode, "concurrency": r.concurrency, "ok": r.result.ok,
                     "errors": r.result.errors, "rps": r.result.rps, "p50_ms": ms(r.result.p50),
                     "ttfb_ms": ms(r.result.ttfb_p50) if r.stream else None, "added_ms": ms(added),
