@@ -64,10 +64,7 @@ async def _round(svc: SessionService, sid: str, n: int, bounding: Bounding,
     out = await svc.load("acme", sid, for_round=True)
     assert out is not None
     request = [{"role": "user", "content": USER.format(n=n + 1)}]
-    try:
-        messages = inject(request, out.state, encoded=True)  # as the Chat Completions codec does
-    except TypeError:  # an older tree (benchmarking a previous revision with this script)
-        messages = inject(request, out.state)
+    messages = inject(request, out.state, encoded=True)  # as the Chat Completions codec does
     orjson.dumps({"model": "standin", "messages": messages})
     return out
 

@@ -71,9 +71,8 @@ class SessionState:
             window = self.context_window
             if self._encoded is None:
                 self._encoded = EncodedList.of(window)
-            opener = bool(window) and window[0]["role"] != "user"
-            closer = bool(window) and window[-1]["role"] != "assistant"
-            return _dressed_items(opener, self._encoded.items(), closer)
+            first, last = (window[0]["role"], window[-1]["role"]) if window else (None, None)
+            return _dressed_items(*_markers(first, last), self._encoded.items())
         if self._normal is None:
             self._normal = _Normal.of(self.context_window, keep_out=False)
         return self._normal.items()
@@ -353,16 +352,19 @@ class _Normal:
     @property
     def opener(self) -> bool:
         """Whether a ``[CHAT HISTORY]`` user message goes first (the core starts otherwise)."""
-        return bool(self.roles) and self.roles[0] != "user"
+        return _markers(*self._ends())[0]
 
     @property
     def closer(self) -> bool:
         """Whether a ``[User continue input]`` assistant message goes last."""
-        return bool(self.roles) and self.roles[-1] != "assistant"
+        return _markers(*self._ends())[1]
+
+    def _ends(self) -> tuple[str | None, str | None]:
+        return (self.roles[0], self.roles[-1]) if self.roles else (None, None)
 
     def items(self) -> bytes:
         """The JSON text of the normalised window's messages, comma-separated, without brackets."""
-        return _dressed_items(self.opener, self.core.items(), self.closer)
+        return _dressed_items(*_markers(*self._ends()), self.core.items())
 
     def _core_out(self) -> list[Message] | None:
         if self.out is None:
@@ -428,7 +430,14 @@ _OPENER_JSON = orjson.dumps({"role": "user", "content": CHAT_HISTORY_OPENER})
 _CONTINUE_JSON = orjson.dumps({"role": "assistant", "content": CONTINUE_INPUT})
 
 
-def _dressed_items(opener: bool, core: bytes | memoryview, closer: bool) -> bytes:
+def _markers(first: str | None, last: str | None) -> tuple[bool, bool]:
+    """Which of Agently's markers a normalised window whose core runs from role *first* to role
+    *last* takes (None: an empty core, none): ``[CHAT HISTORY]`` first unless the core starts
+    with the user, ``[User continue input]`` last unless it ends with the assistant."""
+    return first is not None and first != "user", last is not None and last != "assistant"
+
+
+def _dressed_items(opener: bool, closer: bool, core: bytes | memoryview) -> bytes:
     """A normalised window's JSON items: *core* between the markers it needs."""
     pieces = (_OPENER_JSON if opener else b"", core, _CONTINUE_JSON if closer else b"")
     return b",".join([piece for piece in pieces if len(piece)])
