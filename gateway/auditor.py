@@ -54,6 +54,12 @@ class ObservedStore:
             self.checkpointer.observe(changes.audit_rows)
         return changes
 
+    def transact_now(self, tenant: str, session_id: str | None, plan: Plan) -> Changes | None:
+        changes = self.inner.transact_now(tenant, session_id, plan)
+        if changes is not None and changes.audit_rows:
+            self.checkpointer.observe(changes.audit_rows)
+        return changes
+
 
 def export_secret(settings: Settings) -> bytes:
     """The secret behind export pseudonyms (see the module docstring)."""

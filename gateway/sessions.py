@@ -115,6 +115,10 @@ class _Opened:
     next_seq: int
 
 
+_Sealed = tuple[int, bytes, bytes, SessionState, int]
+"""What a round's plan sealed: version, state ciphertext, data key id, state, next seq."""
+
+
 class StateCache:
     """The opened state of recently used sessions, so a request whose stored state row is still
     the one this process last opened or sealed (same version,
@@ -353,8 +357,39 @@ class SessionService:
         the one it was opened from, it is not opened again. The returned
         changes' ``result`` is True when the window is still over ``max_length`` afterwards
         (an asynchronous strategy has work to do)."""
+        plan, sealed = self._round_plan(rec, bounding, loaded)
+        async with self._guarded(tenant, session_id, rec.request_id):
+            changes = await self.store.transact(tenant, session_id, plan)
+        self._keep_sealed(tenant, session_id, sealed)
+        return changes
+
+    def commit_round_now(self, tenant: str, session_id: str | None, rec: RoundRecord,
+                         bounding: Bounding, loaded: LoadedSession | None = None) -> Changes | None:
+        """:meth:`commit_round` without leaving the caller's thread, when the store can commit at
+        once (``Store.transact_now``); it cannot be cancelled half way, having no ``await``. None
+        when nothing was committed: the store would have to wait, or the rows failed an
+        integrity check (the caller then awaits :meth:`commit_round`, which runs the plan again
+        and quarantines the session). A store failure raises as it does there."""
+        plan, sealed = self._round_plan(rec, bounding, loaded)
+        try:
+            changes = self.store.transact_now(tenant, session_id, plan)
+        except IntegrityError:
+            return None  # nothing was written; commit_round records the quarantine (it needs to await)
+        if changes is not None:
+            self._keep_sealed(tenant, session_id, sealed)
+        return changes
+
+    def _keep_sealed(self, tenant: str, session_id: str | None, sealed: list[_Sealed]) -> None:
+        if sealed and session_id is not None:
+            self.states.put(tenant, session_id, *sealed[-1])
+
+    def _round_plan(self, rec: RoundRecord, bounding: Bounding,
+                    loaded: LoadedSession | None) -> tuple[Callable[[Current], Changes], list[_Sealed]]:
+        """The store plan of one round, and the list its runs append the state they sealed to
+        (the last run's is the committed one)."""
         meta = RoundMeta(rec.request_id, rec.policy_id, rec.policy_hash, rec.outcome, "round")
         messages = rec.messages if rec.messages is not None else round_messages(rec.user, rec.assistant)
+        sealed: list[_Sealed] = []
 
         def plan(cur: Current) -> Changes:
             ch = Changes()
@@ -390,12 +425,7 @@ class SessionService:
             ch.audit.append(audit)
             return ch
 
-        sealed: list[tuple[int, bytes, bytes, SessionState, int]] = []  # the last run of the plan is the one committed
-        async with self._guarded(tenant, session_id, rec.request_id):
-            changes = await self.store.transact(tenant, session_id, plan)
-        if sealed and session_id is not None:
-            self.states.put(tenant, session_id, *sealed[-1])
-        return changes
+        return plan, sealed
 
     async def update_state(self, tenant: str, session_id: str,
                            change: Callable[[SessionState], SessionState | None], audit: dict[str, Any]) -> bool:

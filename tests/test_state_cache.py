@@ -366,3 +366,42 @@ def test_a_commit_that_fails_keeps_none_of_its_rows(tmp_path: Path) -> None:
     after_failure, read = run(tmp_path / "db.sqlite", keyring, scenario)
     assert after_failure == ["one", "re: one"]
     assert read == ["one", "re: one", "three", "re: three"]
+
+
+def test_a_round_commits_at_once_only_when_the_store_can(tmp_path: Path) -> None:
+    """``commit_round_now`` commits on the caller's thread when the store is quiet and free; it
+    commits nothing and says so (None) when the gateway is busy or another connection holds the
+    write lock, and when the rows fail their check, leaving the quarantine to ``commit_round``."""
+    keyring = Keyring([new_master_key()])
+    path = tmp_path / "db.sqlite"
+
+    async def scenario(svc: SessionService) -> tuple[list[Any], list[str]]:
+        store = svc.store
+        assert isinstance(store, SQLiteStore)
+        busy = [False]
+        store.quiet = lambda: not busy[0]
+        outcomes: list[Any] = [svc.commit_round_now("acme", "s1", record("one"), Bounding())]
+        busy[0] = True
+        outcomes.append(svc.commit_round_now("acme", "s1", record("busy"), Bounding()))
+        busy[0] = False
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        outcomes.append(svc.commit_round_now("acme", "s1", record("locked"), Bounding()))
+        holder.execute("COMMIT")
+        loaded = await svc.load("acme", "s1")
+        assert loaded is not None
+        window = [m["content"] for m in loaded.state.context_window]
+        holder.execute("DELETE FROM rounds WHERE tenant='acme' AND session_id='s1' AND seq=1")
+        holder.close()
+        outcomes.append(svc.commit_round_now("acme", "s1", record("damaged"), Bounding(), loaded))
+        with pytest.raises(IntegrityError):
+            await svc.commit_round("acme", "s1", record("damaged"), Bounding(), loaded)
+        return outcomes, window
+
+    outcomes, window = run(path, keyring, scenario)
+    assert outcomes[0] is not None and outcomes[0].rounds[0].seq == 1
+    assert outcomes[1:] == [None, None, None]
+    assert window == ["one", "re: one"]  # nothing of the rounds that were not committed at once
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM rounds").fetchone()[0] == 0  # seq 1 deleted, nothing added
+        assert conn.execute("SELECT quarantine_reason FROM session_heads WHERE session_id='s1'").fetchone()[0]

@@ -197,6 +197,11 @@ class Store(Protocol):
         raises (nothing is written then) and ``StoreUnavailable`` when the database fails.
         """
 
+    def transact_now(self, tenant: str, session_id: str | None, plan: Plan) -> Changes | None:
+        """:meth:`transact` on the caller's thread, without waiting, when the backend can commit
+        at once (SQLite when the gateway is quiet); None when it cannot, and then nothing ran.
+        Raises as ``transact`` does."""
+
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         """The tenant's sessions, newest first."""
 

@@ -518,6 +518,10 @@ class PostgresStore:
 
     # --- writes --------------------------------------------------------------------------
 
+    def transact_now(self, tenant: str, session_id: str | None, plan: Plan) -> Changes | None:
+        """Never at once: every write goes through a writer lane (a round trip to the server)."""
+        return None
+
     async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
         if not self._lanes:
             raise StoreUnavailable("the store is not open")

@@ -650,7 +650,9 @@ class SQLiteStore:
         known = self._known.get((tenant, session_id))
         return known[1] if known is not None and known[0] == epoch else None
 
-    async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
+    def _transaction(self, tenant: str, session_id: str | None, plan: Plan) -> Job:
+        """The writer's job of one ``transact``: the plan on the current rows, its writes, and
+        the rows it leaves staged for :meth:`_committed`."""
         def run(conn: sqlite3.Connection) -> Changes:
             cur = self._current(conn, tenant, session_id)
             changes = plan(cur)
@@ -661,14 +663,26 @@ class SQLiteStore:
             sound = cur.own or evidence.check(cur) is None
             self._stage(tenant, session_id, after if exact and sound else None)
             return changes
-        if self.quiet is not None and self._writer is not None and self.quiet():
-            outcome = self._writer.run_now(run, self._write_now)
-            if outcome is not None:
-                ok, value = outcome
-                if not ok:
-                    raise value
-                return value  # type: ignore[no-any-return]
-        return await self._write(run)
+        return run
+
+    async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
+        changes = self.transact_now(tenant, session_id, plan)
+        if changes is not None:
+            return changes
+        return await self._write(self._transaction(tenant, session_id, plan))  # type: ignore[no-any-return]
+
+    def transact_now(self, tenant: str, session_id: str | None, plan: Plan) -> Changes | None:
+        """:meth:`transact` on the event loop's thread when the gateway is quiet, the writer
+        thread idle and no other process holds the write lock; None otherwise (nothing ran)."""
+        if self.quiet is None or self._writer is None or not self.quiet():
+            return None
+        outcome = self._writer.run_now(self._transaction(tenant, session_id, plan), self._write_now)
+        if outcome is None:
+            return None
+        ok, value = outcome
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
 
     async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
