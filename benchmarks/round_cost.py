@@ -8,8 +8,9 @@ work), taking the sessions in turn. With many sessions (``--sessions 64``, as th
 64 connections hold) a session's objects are cold in the CPU caches when its turn comes, as
 they are in a gateway under load; with one they stay warm. Three ways:
 
-- ``quiet``: the gateway has nothing else in flight: the commit runs on the event loop and the
-  load gets the rows this process committed (``gateway.store.sqlite``: no query, no thread);
+- ``quiet``: the gateway has nothing else in flight: the commit runs on the event loop, at once
+  (``SessionService.commit_round_now``, as the persist stage calls it), and the load gets the
+  rows this process committed (``gateway.store.sqlite``: no query, no thread);
 - ``busy``: every commit goes through the writer thread (as under load), the load still gets
   the kept rows when the writer is idle;
 - ``read``: as ``busy``, and the kept rows are forgotten before every load and commit, so both
@@ -60,7 +61,9 @@ def _cpu() -> float:
 async def _round(svc: SessionService, sid: str, n: int, bounding: Bounding,
                  loaded: LoadedSession | None) -> LoadedSession:
     rec = RoundRecord(f"r{n}", "default", "h", "completed", USER.format(n=n), REPLY, {"event": "round"})
-    await svc.commit_round("acme", sid, rec, bounding, loaded)
+    # as the persist stage does: at once when the store can (quiet), else awaited
+    if svc.commit_round_now("acme", sid, rec, bounding, loaded) is None:
+        await svc.commit_round("acme", sid, rec, bounding, loaded)
     out = await svc.load("acme", sid, for_round=True)
     assert out is not None
     request = [{"role": "user", "content": USER.format(n=n + 1)}]
