@@ -6,11 +6,13 @@ sessions are), then times ``--rounds`` rounds, each ``commit_round`` (with the l
 a request does), ``load`` and the forwarded body built from what was loaded (the inject stage's
 work), taking the sessions in turn. With many sessions (``--sessions 64``, as the benchmark's
 64 connections hold) a session's objects are cold in the CPU caches when its turn comes, as
-they are in a gateway under load; with one they stay warm. Three ways:
+they are in a gateway under load; with one they stay warm. Four ways:
 
 - ``quiet``: the gateway has nothing else in flight: the commit runs on the event loop, at once
   (``SessionService.commit_round_now``, as the persist stage calls it), and the load gets the
   rows this process committed (``gateway.store.sqlite``: no query, no thread);
+- ``shielded``: as ``quiet``, but the commit is awaited inside ``asyncio.shield`` (a task of its
+  own), as the persist stage did before ``commit_round_now`` and still does under load;
 - ``busy``: every commit goes through the writer thread (as under load), the load still gets
   the kept rows when the writer is idle;
 - ``read``: as ``busy``, and the kept rows are forgotten before every load and commit, so both
@@ -53,17 +55,20 @@ USER = "Benchmark request {n}: please answer in one sentence."
 REPLY = "A benchmark reply of about the length the stand-in gives, one sentence or so, no more."
 
 
+MODES = ("quiet", "shielded", "busy", "read")
+
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
 async def _round(svc: SessionService, sid: str, n: int, bounding: Bounding,
-                 loaded: LoadedSession | None) -> LoadedSession:
+                 loaded: LoadedSession | None, shielded: bool = False) -> LoadedSession:
     rec = RoundRecord(f"r{n}", "default", "h", "completed", USER.format(n=n), REPLY, {"event": "round"})
-    # as the persist stage does: at once when the store can (quiet), else awaited
-    if svc.commit_round_now("acme", sid, rec, bounding, loaded) is None:
-        await svc.commit_round("acme", sid, rec, bounding, loaded)
+    # as the persist stage does: at once when the store can (quiet), else awaited in a shield
+    if shielded or svc.commit_round_now("acme", sid, rec, bounding, loaded) is None:
+        await asyncio.shield(svc.commit_round("acme", sid, rec, bounding, loaded))
     out = await svc.load("acme", sid, for_round=True)
     assert out is not None
     request = [{"role": "user", "content": USER.format(n=n + 1)}]
@@ -88,8 +93,8 @@ class Session:
             chars = self.loaded.state.window_chars() if self.loaded is not None else -1
             await self.step()
 
-    async def step(self) -> None:
-        self.loaded = await _round(self.svc, self.sid, self.n, self.bounding, self.loaded)
+    async def step(self, shielded: bool = False) -> None:
+        self.loaded = await _round(self.svc, self.sid, self.n, self.bounding, self.loaded, shielded)
         self.n += 1
 
 
@@ -102,7 +107,7 @@ async def _time(sessions: list[Session], mode: str, rounds: int,
     for n in range(rounds):
         before()
         started = time.perf_counter()
-        await sessions[n % len(sessions)].step()
+        await sessions[n % len(sessions)].step(shielded=mode == "shielded")
         times.append(time.perf_counter() - started)
     return mode, statistics.median(times) * 1000, (_cpu() - cpu) / rounds * 1000
 
@@ -120,8 +125,8 @@ async def measure(folder: Path, rounds: int, window_chars: int, fsync: bool,
         for session in sessions:
             await session.fill()
         results = []
-        for mode in ("quiet", "busy", "read"):
-            store.quiet = lambda mode=mode: mode == "quiet"  # type: ignore[misc]
+        for mode in MODES:
+            store.quiet = lambda mode=mode: mode in ("quiet", "shielded")  # type: ignore[misc]
             results.append(await _time(sessions, mode, rounds, store._known.clear if mode == "read" else lambda: None))
         return results
     finally:
