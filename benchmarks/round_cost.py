@@ -9,10 +9,10 @@ work), taking the sessions in turn. With many sessions (``--sessions 64``, as th
 they are in a gateway under load; with one they stay warm. Four ways:
 
 - ``quiet``: the gateway has nothing else in flight: the commit runs on the event loop, at once
-  (``SessionService.commit_round_now``, as the persist stage calls it), and the load gets the
-  rows this process committed (``gateway.store.sqlite``: no query, no thread);
-- ``shielded``: as ``quiet``, but the commit is awaited inside ``asyncio.shield`` (a task of its
-  own), as the persist stage did before ``commit_round_now`` and still does under load;
+  (``SessionService.commit_round`` with no task), and the load gets the rows this process
+  committed (``gateway.store.sqlite``: no query, no thread);
+- ``shielded``: as ``quiet``, but the whole commit is awaited inside ``asyncio.shield`` (a task
+  of its own), as the persist stage did before the commit went at once;
 - ``busy``: every commit goes through the writer thread (as under load), the load still gets
   the kept rows when the writer is idle;
 - ``read``: as ``busy``, and the kept rows are forgotten before every load and commit, so both
@@ -66,9 +66,8 @@ def _cpu() -> float:
 async def _round(svc: SessionService, sid: str, n: int, bounding: Bounding,
                  loaded: LoadedSession | None, shielded: bool = False) -> LoadedSession:
     rec = RoundRecord(f"r{n}", "default", "h", "completed", USER.format(n=n), REPLY, {"event": "round"})
-    # as the persist stage does: at once when the store can (quiet), else awaited in a shield
-    if shielded or svc.commit_round_now("acme", sid, rec, bounding, loaded) is None:
-        await asyncio.shield(svc.commit_round("acme", sid, rec, bounding, loaded))
+    commit = svc.commit_round("acme", sid, rec, bounding, loaded)  # as the persist stage commits
+    await (asyncio.shield(commit) if shielded else commit)
     out = await svc.load("acme", sid, for_round=True)
     assert out is not None
     request = [{"role": "user", "content": USER.format(n=n + 1)}]

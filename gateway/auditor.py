@@ -17,6 +17,7 @@ random ``export-secret`` file (mode 0600) beside the signing key.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import secrets
@@ -48,17 +49,23 @@ class ObservedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
-        changes = await self.inner.transact(tenant, session_id, plan)
-        if changes.audit_rows:
-            self.checkpointer.observe(changes.audit_rows)
-        return changes
+    def transact(self, tenant: str, session_id: str | None, plan: Plan) -> asyncio.Future[Changes]:
+        """The inner store's transaction; its audit rows go to the checkpointer when it commits,
+        whether or not its caller is still waiting, and before the caller resumes (a commit made
+        at once is told at once; a callback added now runs before those its awaiter adds)."""
+        fut = self.inner.transact(tenant, session_id, plan)
+        if fut.done():
+            self._committed(fut)
+        else:
+            fut.add_done_callback(self._committed)
+        return fut
 
-    def transact_now(self, tenant: str, session_id: str | None, plan: Plan) -> Changes | None:
-        changes = self.inner.transact_now(tenant, session_id, plan)
-        if changes is not None and changes.audit_rows:
-            self.checkpointer.observe(changes.audit_rows)
-        return changes
+    def _committed(self, fut: asyncio.Future[Changes]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        rows = fut.result().audit_rows
+        if rows:
+            self.checkpointer.observe(rows)
 
 
 def export_secret(settings: Settings) -> bytes:

@@ -26,6 +26,7 @@ key-file problem, not damage: it fails without quarantine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
@@ -300,7 +301,7 @@ class SessionService:
                      "detail": {"reason": exc.detail[:200]}}
             changes = Changes(audit=[entry], quarantine=exc.detail[:200])
         try:
-            await self.store.transact(tenant, session_id, lambda cur: changes)
+            await asyncio.shield(self.store.transact(tenant, session_id, lambda cur: changes))
         except GatewayError as err:  # the integrity error still reaches the caller
             log.error("quarantine_not_recorded", tenant=tenant, session_id=session_id, error=type(err).__name__)
 
@@ -356,27 +357,16 @@ class SessionService:
         the request loaded (never modified here); when the stored state is still byte for byte
         the one it was opened from, it is not opened again. The returned
         changes' ``result`` is True when the window is still over ``max_length`` afterwards
-        (an asynchronous strategy has work to do)."""
+        (an asynchronous strategy has work to do).
+
+        A cancelled caller never leaves a round half done: the wait for the store's transaction
+        is shielded, so the round is still committed (and the caller gets ``CancelledError``).
+        When the store commits at once (SQLite while the gateway is quiet) nothing waits: no
+        task, no turn of the event loop."""
         plan, sealed = self._round_plan(rec, bounding, loaded)
         async with self._guarded(tenant, session_id, rec.request_id):
-            changes = await self.store.transact(tenant, session_id, plan)
+            changes = await asyncio.shield(self.store.transact(tenant, session_id, plan))
         self._keep_sealed(tenant, session_id, sealed)
-        return changes
-
-    def commit_round_now(self, tenant: str, session_id: str | None, rec: RoundRecord,
-                         bounding: Bounding, loaded: LoadedSession | None = None) -> Changes | None:
-        """:meth:`commit_round` without leaving the caller's thread, when the store can commit at
-        once (``Store.transact_now``); it cannot be cancelled half way, having no ``await``. None
-        when nothing was committed: the store would have to wait, or the rows failed an
-        integrity check (the caller then awaits :meth:`commit_round`, which runs the plan again
-        and quarantines the session). A store failure raises as it does there."""
-        plan, sealed = self._round_plan(rec, bounding, loaded)
-        try:
-            changes = self.store.transact_now(tenant, session_id, plan)
-        except IntegrityError:
-            return None  # nothing was written; commit_round records the quarantine (it needs to await)
-        if changes is not None:
-            self._keep_sealed(tenant, session_id, sealed)
         return changes
 
     def _keep_sealed(self, tenant: str, session_id: str | None, sealed: list[_Sealed]) -> None:

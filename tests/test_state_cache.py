@@ -15,6 +15,7 @@ from gateway.errors import IntegrityError
 from gateway.keyring import Keyring, new_master_key
 from gateway.session.model import normalise_window
 from gateway.sessions import Bounding, RoundRecord, SessionService
+from gateway.store.base import Changes
 from gateway.store.sqlite import SQLiteStore
 
 T = TypeVar("T")
@@ -369,39 +370,60 @@ def test_a_commit_that_fails_keeps_none_of_its_rows(tmp_path: Path) -> None:
 
 
 def test_a_round_commits_at_once_only_when_the_store_can(tmp_path: Path) -> None:
-    """``commit_round_now`` commits on the caller's thread when the store is quiet and free; it
-    commits nothing and says so (None) when the gateway is busy or another connection holds the
-    write lock, and when the rows fail their check, leaving the quarantine to ``commit_round``."""
+    """When the store is quiet and free, ``commit_round`` commits without ever suspending (no
+    task, no turn of the loop); when the gateway is busy or another connection holds the write
+    lock, the round waits for the writer thread, shielded: dropping or cancelling its caller
+    still commits it, and the checkpointer still hears of its audit entry."""
     keyring = Keyring([new_master_key()])
     path = tmp_path / "db.sqlite"
 
-    async def scenario(svc: SessionService) -> tuple[list[Any], list[str]]:
+    def first_step(coro: Any) -> bool:
+        """Run *coro* up to its first suspension, then drop it: True when it finished before."""
+        try:
+            coro.send(None)
+        except StopIteration:
+            return True
+        coro.close()
+        return False
+
+    async def scenario(svc: SessionService) -> tuple[list[bool], list[str], list[int]]:
+        from types import SimpleNamespace
+
+        from gateway.auditor import ObservedStore
+
         store = svc.store
         assert isinstance(store, SQLiteStore)
+        observed: list[int] = []  # what the gateway's checkpointer is told after each commit
+        svc.store = ObservedStore(store, SimpleNamespace(observe=lambda rows: observed.extend(r.seq for r in rows)))
         busy = [False]
         store.quiet = lambda: not busy[0]
-        outcomes: list[Any] = [svc.commit_round_now("acme", "s1", record("one"), Bounding())]
+        at_once = first_step(svc.commit_round("acme", "s1", record("one"), Bounding()))
         busy[0] = True
-        outcomes.append(svc.commit_round_now("acme", "s1", record("busy"), Bounding()))
+        waited_busy = not first_step(svc.commit_round("acme", "s1", record("busy"), Bounding()))
+        await svc.commit_round("acme", "s1", record("awaited"), Bounding())
+        await svc.store.transact("acme", None, lambda cur: Changes(audit=[{"event": "round", "request_id": "r"}]))
+        told_first = observed[-2:] == [3, 4]  # the checkpointer heard of each before its caller resumed
         busy[0] = False
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
-        outcomes.append(svc.commit_round_now("acme", "s1", record("locked"), Bounding()))
+        task = asyncio.create_task(svc.commit_round("acme", "s1", record("two"), Bounding()))
+        await asyncio.sleep(0.05)
+        waited_lock = not task.done()  # waiting for the lock, in the writer thread
+        task.cancel()
         holder.execute("COMMIT")
-        loaded = await svc.load("acme", "s1")
-        assert loaded is not None
-        window = [m["content"] for m in loaded.state.context_window]
-        holder.execute("DELETE FROM rounds WHERE tenant='acme' AND session_id='s1' AND seq=1")
         holder.close()
-        outcomes.append(svc.commit_round_now("acme", "s1", record("damaged"), Bounding(), loaded))
-        with pytest.raises(IntegrityError):
-            await svc.commit_round("acme", "s1", record("damaged"), Bounding(), loaded)
-        return outcomes, window
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):  # the shielded commits go on without their callers
+            loaded = await svc.load("acme", "s1")
+            assert loaded is not None
+            if len(loaded.state.context_window) == 8 and len(observed) == 5:
+                break
+            await asyncio.sleep(0.01)
+        steps = [at_once, waited_busy, told_first, waited_lock]
+        return steps, [m["content"] for m in loaded.state.context_window], observed
 
-    outcomes, window = run(path, keyring, scenario)
-    assert outcomes[0] is not None and outcomes[0].rounds[0].seq == 1
-    assert outcomes[1:] == [None, None, None]
-    assert window == ["one", "re: one"]  # nothing of the rounds that were not committed at once
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT count(*) FROM rounds").fetchone()[0] == 0  # seq 1 deleted, nothing added
-        assert conn.execute("SELECT quarantine_reason FROM session_heads WHERE session_id='s1'").fetchone()[0]
+    steps, window, observed = run(path, keyring, scenario)
+    assert steps == [True, True, True, True]
+    assert window == ["one", "re: one", "busy", "re: busy", "awaited", "re: awaited", "two", "re: two"]
+    assert sorted(observed) == [1, 2, 3, 4, 5]

@@ -1,16 +1,14 @@
 """Stage: persist. Commits the round and its audit entry durably; sets ``persisted``.
 
 Runs before ``respond`` sends the last byte, so a reply that reached the client whole is
-already on disk. A commit that can run at once (``SessionService.commit_round_now``: the SQLite
-store when the gateway is quiet) runs without an ``await``, so nothing can cancel it half way;
-any other is awaited inside ``asyncio.shield``: once started it finishes even if the client
-goes away. A failure propagates (fail closed): the client never gets a reply that
+already on disk. Once started, the commit finishes even if the request is cancelled
+(``SessionService.commit_round``: at once with no ``await`` when the store can, else awaited
+inside ``asyncio.shield``). A failure propagates (fail closed): the client never gets a reply that
 looks complete for a round that was not stored.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 
 from gateway.context import Context
@@ -63,10 +61,7 @@ async def persist(ctx: Context) -> None:
     rec = RoundRecord(ctx.request_id, policy.id, policy.version_hash, ctx.outcome, ctx.user_text,
                       ctx.reply_text, audit_fields(ctx), ctx.recorded)
     sessions = ctx.services.sessions
-    bounding = bounding_of(policy)
-    changes = sessions.commit_round_now(ctx.tenant, ctx.session_id, rec, bounding, ctx.loaded)
-    if changes is None:  # the store cannot commit at once: wait for it, shielded from cancellation
-        changes = await asyncio.shield(sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding, ctx.loaded))
+    changes = await sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy), ctx.loaded)
     ctx.persisted = True
     if changes.rounds:
         ctx.services.metrics.round_recorded(ctx.outcome)

@@ -30,6 +30,7 @@ thread and may run again if the backend retries, so it must not have side effect
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -190,17 +191,16 @@ class Store(Protocol):
         *hot*: the caller used this session a moment ago (its pages are cached) and it holds few
         rounds, so a backend may read it without a thread hand-off (see ``SQLiteStore``)."""
 
-    async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
+    def transact(self, tenant: str, session_id: str | None, plan: Plan) -> asyncio.Future[Changes]:
         """Run *plan* on the current rows in one durable transaction; see the module docstring.
 
-        With ``session_id`` None only audit entries may be written. Raises what the plan
+        The plan is handed to the backend when this is called (so calls are taken in call order),
+        and the future completes whether or not anyone awaits it: a caller that must not leave a
+        transaction unfinished when it is cancelled awaits it inside ``asyncio.shield``, which
+        costs no task. A backend may commit at once, before returning (then the future is done).
+        With ``session_id`` None only audit entries may be written. Fails with what the plan
         raises (nothing is written then) and ``StoreUnavailable`` when the database fails.
         """
-
-    def transact_now(self, tenant: str, session_id: str | None, plan: Plan) -> Changes | None:
-        """:meth:`transact` on the caller's thread, without waiting, when the backend can commit
-        at once (SQLite when the gateway is quiet); None when it cannot, and then nothing ran.
-        Raises as ``transact`` does."""
 
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         """The tenant's sessions, newest first."""

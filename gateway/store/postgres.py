@@ -518,17 +518,16 @@ class PostgresStore:
 
     # --- writes --------------------------------------------------------------------------
 
-    def transact_now(self, tenant: str, session_id: str | None, plan: Plan) -> Changes | None:
-        """Never at once: every write goes through a writer lane (a round trip to the server)."""
-        return None
-
-    async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
-        if not self._lanes:
-            raise StoreUnavailable("the store is not open")
+    def transact(self, tenant: str, session_id: str | None, plan: Plan) -> asyncio.Future[Changes]:
+        """Queued for the tenant's writer lane at once (never committed before returning: every
+        write is a round trip to the server)."""
         fut: asyncio.Future[Changes] = asyncio.get_running_loop().create_future()
+        if not self._lanes:
+            fut.set_exception(StoreUnavailable("the store is not open"))
+            return fut
         lane = self._lanes[zlib.crc32(tenant.encode()) % len(self._lanes)]
         lane.put_nowait(_Job(tenant, session_id, plan, fut))
-        return await fut
+        return fut
 
     async def _lane(self, q: asyncio.Queue[_Job | None]) -> None:
         """One writer: take every job waiting, commit them as one batch, repeat until told to stop."""

@@ -256,10 +256,14 @@ class Lane:
         self._thread.start()
 
     async def submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.enqueue(fn)
+
+    def enqueue(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``fn(conn)`` now; the future gets its outcome (unless cancelled meanwhile)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._queue.put((fn, fut, loop))
-        return await fut
+        return fut
 
     def run_now(self, fn: Callable[[sqlite3.Connection], Any],
                 run: Callable[[sqlite3.Connection, Job], tuple[bool, Any] | None]) -> tuple[bool, Any] | None:
@@ -665,24 +669,19 @@ class SQLiteStore:
             return changes
         return run
 
-    async def transact(self, tenant: str, session_id: str | None, plan: Plan) -> Changes:
-        changes = self.transact_now(tenant, session_id, plan)
-        if changes is not None:
-            return changes
-        return await self._write(self._transaction(tenant, session_id, plan))  # type: ignore[no-any-return]
-
-    def transact_now(self, tenant: str, session_id: str | None, plan: Plan) -> Changes | None:
-        """:meth:`transact` on the event loop's thread when the gateway is quiet, the writer
-        thread idle and no other process holds the write lock; None otherwise (nothing ran)."""
-        if self.quiet is None or self._writer is None or not self.quiet():
-            return None
-        outcome = self._writer.run_now(self._transaction(tenant, session_id, plan), self._write_now)
-        if outcome is None:
-            return None
-        ok, value = outcome
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
+    def transact(self, tenant: str, session_id: str | None, plan: Plan) -> asyncio.Future[Changes]:
+        """Committed at once, on the event loop's thread, when the gateway is quiet, the writer
+        thread idle and no other process holds the write lock (the future is done on return);
+        otherwise queued for the writer thread's next batch."""
+        loop = asyncio.get_running_loop()
+        if self._writer is None:
+            return _settled(loop, (False, StoreUnavailable("the store is not open")))
+        job = self._transaction(tenant, session_id, plan)
+        if self.quiet is not None and self.quiet():
+            outcome = self._writer.run_now(job, self._write_now)
+            if outcome is not None:
+                return _settled(loop, outcome)
+        return self._writer.enqueue(job)
 
     async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
@@ -859,6 +858,13 @@ class SQLiteStore:
 def _call_with_last(query: Callable[[sqlite3.Connection, Any], list[Any]], last: Any,
                     conn: sqlite3.Connection) -> list[Any]:
     return query(conn, last)
+
+
+def _settled(loop: asyncio.AbstractEventLoop, outcome: tuple[bool, Any]) -> asyncio.Future[Any]:
+    """A future already holding *outcome* (``(True, value)`` or ``(False, exception)``)."""
+    fut = loop.create_future()
+    _resolve([(fut, outcome)])
+    return fut
 
 
 def _resolve(items: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:

@@ -190,12 +190,10 @@ def test_store_unavailable_is_rendered_503_with_retry_after() -> None:
         server.stop()
 
 
-@pytest.mark.parametrize("waited", [False, True], ids=["at-once", "awaited"])
 def test_a_store_failure_names_the_database_to_the_operator_only(
-        make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch, waited: bool) -> None:
+        make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch) -> None:
     """The store's own message names the database file and quotes SQLite. A plain reply, a
-    stream's error event and /readyz answer without it (503, Retry-After); the log has it.
-    Either way a commit goes: at once (``transact_now``) or awaited (``transact``)."""
+    stream's error event and /readyz answer without it (503, Retry-After); the log has it."""
     from structlog.testing import capture_logs
 
     from gateway.app import SERVICES
@@ -204,22 +202,13 @@ def test_a_store_failure_names_the_database_to_the_operator_only(
     store = gw.app[SERVICES].sessions.store
     secret = "/srv/acme-private/sessiongate.db"
 
-    def failure() -> StoreUnavailable:
-        return StoreUnavailable(f"the SQLite store failed to commit: disk I/O error ({secret})")
-
     async def down(*_args: Any, **_kwargs: Any) -> Any:
-        raise failure()
-
-    def down_now(*_args: Any, **_kwargs: Any) -> Any:
-        if waited:  # the store cannot commit at once: the round goes on to the awaited path
-            return None
-        raise failure()
+        raise StoreUnavailable(f"the SQLite store failed to commit: disk I/O error ({secret})")
 
     headers = {"Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": "down"}
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
     with capture_logs() as logs:
         monkeypatch.setattr(store, "transact", down)
-        monkeypatch.setattr(store, "transact_now", down_now)
         monkeypatch.setattr(store, "tenants", down)
         plain = httpx.post(f"{gw.url}/v1/chat/completions", json=chat, headers=headers, timeout=30)
         streamed = httpx.post(f"{gw.url}/v1/chat/completions", json={**chat, "stream": True},
