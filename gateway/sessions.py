@@ -116,10 +116,6 @@ class _Opened:
     next_seq: int
 
 
-_Sealed = tuple[int, bytes, bytes, SessionState, int]
-"""What a round's plan sealed: version, state ciphertext, data key id, state, next seq."""
-
-
 class StateCache:
     """The opened state of recently used sessions, so a request whose stored state row is still
     the one this process last opened or sealed (same version,
@@ -363,23 +359,8 @@ class SessionService:
         is shielded, so the round is still committed (and the caller gets ``CancelledError``).
         When the store commits at once (SQLite while the gateway is quiet) nothing waits: no
         task, no turn of the event loop."""
-        plan, sealed = self._round_plan(rec, bounding, loaded)
-        async with self._guarded(tenant, session_id, rec.request_id):
-            changes = await asyncio.shield(self.store.transact(tenant, session_id, plan))
-        self._keep_sealed(tenant, session_id, sealed)
-        return changes
-
-    def _keep_sealed(self, tenant: str, session_id: str | None, sealed: list[_Sealed]) -> None:
-        if sealed and session_id is not None:
-            self.states.put(tenant, session_id, *sealed[-1])
-
-    def _round_plan(self, rec: RoundRecord, bounding: Bounding,
-                    loaded: LoadedSession | None) -> tuple[Callable[[Current], Changes], list[_Sealed]]:
-        """The store plan of one round, and the list its runs append the state they sealed to
-        (the last run's is the committed one)."""
         meta = RoundMeta(rec.request_id, rec.policy_id, rec.policy_hash, rec.outcome, "round")
         messages = rec.messages if rec.messages is not None else round_messages(rec.user, rec.assistant)
-        sealed: list[_Sealed] = []
 
         def plan(cur: Current) -> Changes:
             ch = Changes()
@@ -415,7 +396,12 @@ class SessionService:
             ch.audit.append(audit)
             return ch
 
-        return plan, sealed
+        sealed: list[tuple[int, bytes, bytes, SessionState, int]] = []  # the last run of the plan is the one committed
+        async with self._guarded(tenant, session_id, rec.request_id):
+            changes = await asyncio.shield(self.store.transact(tenant, session_id, plan))
+        if sealed and session_id is not None:
+            self.states.put(tenant, session_id, *sealed[-1])
+        return changes
 
     async def update_state(self, tenant: str, session_id: str,
                            change: Callable[[SessionState], SessionState | None], audit: dict[str, Any]) -> bool:

@@ -75,7 +75,7 @@ def default_workers(backend: str) -> int:
     Measured (README, "Performance"; 2 cores shared with the clients, the upstream and the
     database): with the machine running fast, a second worker changed throughput by -12% to +11%
     on SQLite or PostgreSQL and cost 13-40% more CPU per request, as there is no idle core for
-    it; with it running slow, it added 6-25% for JSON and 0-23% for streams. The gain depends on
+    it; with it running slow, it added 7-30% for JSON and 0-21% for streams. The gain depends on
     how busy the machine is, so one worker is the default; on SQLite every worker's commits also
     share the one file's write lock (they take turns, ``gateway.store.sqlite``).
     Workers pay off when the gateway has cores of its own and a store that takes concurrent

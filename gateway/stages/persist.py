@@ -2,9 +2,9 @@
 
 Runs before ``respond`` sends the last byte, so a reply that reached the client whole is
 already on disk. Once started, the commit finishes even if the request is cancelled
-(``SessionService.commit_round``: at once with no ``await`` when the store can, else awaited
-inside ``asyncio.shield``). A failure propagates (fail closed): the client never gets a reply that
-looks complete for a round that was not stored.
+(``SessionService.commit_round`` waits for the store inside ``asyncio.shield``; a quiet SQLite
+store commits at once, with nothing to wait for). A failure propagates (fail closed): the client
+never gets a reply that looks complete for a round that was not stored.
 """
 
 from __future__ import annotations
