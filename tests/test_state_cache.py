@@ -7,10 +7,12 @@ import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
 
+from gateway.auditor import ObservedStore
 from gateway.errors import IntegrityError
 from gateway.keyring import Keyring, new_master_key
 from gateway.session.model import normalise_window
@@ -387,10 +389,6 @@ def test_a_round_commits_at_once_only_when_the_store_can(tmp_path: Path) -> None
         return False
 
     async def scenario(svc: SessionService) -> tuple[list[bool], list[str], list[int]]:
-        from types import SimpleNamespace
-
-        from gateway.auditor import ObservedStore
-
         store = svc.store
         assert isinstance(store, SQLiteStore)
         observed: list[int] = []  # what the gateway's checkpointer is told after each commit
