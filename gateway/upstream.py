@@ -106,6 +106,11 @@ class UpstreamReply:
     def streaming(self) -> bool:
         return self.content_type == "text/event-stream"
 
+    @property
+    def body_arrived(self) -> bool:
+        """Whether any byte of the body has come in yet (read or not)."""
+        return self._resp.content.total_bytes > 0
+
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The decoded body, piece by piece as the provider sends it (empty pieces skipped)."""
         try:

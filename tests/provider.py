@@ -13,7 +13,8 @@
 
 Chat behaviour by ``model``: ``rate-limited`` → 429, ``broken`` → 500, ``held`` → streams two
 events, then waits for ``release`` before the rest, ``slow-start`` → sends a stream's headers,
-then waits for ``release`` before its first event (a model thinking first), ``huge`` → a ~20 MB reply (JSON or SSE)
+then waits for ``release`` before its first event (a model thinking first), ``partial-start`` →
+the same after the first 10 bytes of its first event, ``huge`` → a ~20 MB reply (JSON or SSE)
 whose last piece waits for ``release``; anything else answers ``"provider says: <last user text>"``.
 Forwarded routes: ``GET /v1/models``, ``GET /v1/models/{id}`` (``broken-body`` breaks off mid-body,
 ``slow-body`` sends a first piece and then waits for the client to hang up), ``POST
@@ -197,8 +198,9 @@ class Provider:
         if model == "held":
             return await self.stream(request, data, content_type="text/event-stream",
                                      hold_after=len(events[0]) + len(events[1]))
-        if model == "slow-start":
-            return await self.stream(request, data, content_type="text/event-stream", hold_after=0)
+        if model in ("slow-start", "partial-start"):
+            return await self.stream(request, data, content_type="text/event-stream",
+                                     hold_after=0 if model == "slow-start" else 10)
         if model == "huge":
             return await self.stream(request, data, content_type="text/event-stream",
                                      hold_after=len(data) - 100, sizes=(65536,))

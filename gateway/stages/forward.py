@@ -46,6 +46,15 @@ from gateway.tracing import finish_reply
 from gateway.upstream import UpstreamReply
 
 
+class RelayedResponse(web.StreamResponse):
+    """A relayed reply whose status line and headers can go out with its first bytes of body, in
+    one send: ``prepare`` only buffers them (a ``web.Response`` does the same; a plain
+    ``StreamResponse`` sends them at once), the first ``write`` sends them, ``write(b"")`` sends
+    them alone. The class attribute is aiohttp's (3.12+); without it they go out at ``prepare``."""
+
+    _send_headers_immediately = False
+
+
 async def forward(ctx: Context) -> None:
     tracing = ctx.services.tracing
     if tracing is None:
@@ -168,7 +177,7 @@ def _parse_reply(ctx: Context) -> None:
 async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     assert ctx.upstream is not None
     cap = ctx.upstream.max_reply_bytes
-    out = web.StreamResponse(status=reply.status, headers={**reply.headers, "X-Sessiongate-Request-Id": ctx.request_id})
+    out = RelayedResponse(status=reply.status, headers={**reply.headers, "X-Sessiongate-Request-Id": ctx.request_id})
     out.headers["Content-Type"] = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
     codec = ctx.codec
@@ -179,7 +188,9 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     ctx.outcome = "incomplete"
     writing = True
     try:
-        await out.prepare(ctx.request)
+        await out.prepare(ctx.request)  # the headers wait for the first events when they are here already
+        if not reply.body_arrived:  # a provider that thinks before its first event: the headers go now
+            await out.write(b"")
         writing = False
         async for chunk in reply.aiter_bytes():
             data = splitter.feed(chunk)
@@ -197,6 +208,10 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
                 if not ctx.first_byte_at:
                     ctx.first_byte_at = time.perf_counter()
                 ctx.bytes_out += len(data)
+            elif not ctx.bytes_out:  # no whole event yet: the headers go now (later writes of b"" do nothing)
+                writing = True
+                await out.write(b"")
+                writing = False
         ctx.reply_truncated = assembler.truncated or splitter.oversized
         ended = splitter.done or assembler.finished
         if ended and assembler.completed and not ctx.reply_truncated:

@@ -45,10 +45,9 @@ async def respond(ctx: Context) -> None:
         if ctx.ended_by == "upstream" or (ctx.outcome != "completed" and not ctx.reply_truncated):
             err = {"error": {"message": "the upstream model broke off its reply; the partial round was recorded "
                              "as incomplete", "type": "upstream_error", "code": "upstream_incomplete"}}
-            await out.write(ctx.codec.stream_error(err))
-        elif ctx.tail:
-            await out.write(ctx.tail)
-        await out.write_eof()
+            await out.write_eof(ctx.codec.stream_error(err))
+        else:
+            await out.write_eof(ctx.tail)  # the held-back end and the end of the body: one send
     except (ConnectionResetError, OSError):
         pass
 

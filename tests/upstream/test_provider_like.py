@@ -153,15 +153,18 @@ def test_compressed_stream_reaches_the_client_event_by_event(make_gateway: Calla
     assert provider.released_by_test == [True]
 
 
+@pytest.mark.parametrize("model", ["slow-start", "partial-start"])
 @pytest.mark.parametrize("mode", ["asked-gzip", "forced-deflate"])
 def test_a_stream_slow_to_start_has_its_headers_relayed_at_once(make_gateway: Callable[..., Gateway],
-                                                                provider: Provider, mode: str) -> None:  # noqa: F811
-    """A provider that sends a stream's headers and then thinks before its first event: the client
-    has the gateway's 200 and headers while the provider still waits, and only then releases it."""
+                                                                provider: Provider, mode: str,  # noqa: F811
+                                                                model: str) -> None:
+    """A provider that sends a stream's headers (and perhaps a piece of its first event) and then
+    thinks: the client has the gateway's 200 and headers while the provider still waits, and only
+    then releases it. (Headers wait for the first events only when these are there already.)"""
     gateway = connect(make_gateway, provider, mode)
-    body = {"model": "slow-start", "messages": [user("think first")], "stream": True}
+    body = {"model": model, "messages": [user("think first")], "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
-                      headers={**AUTH, "X-Session-Id": "slow-start"}, timeout=30) as reply:
+                      headers={**AUTH, "X-Session-Id": model}, timeout=30) as reply:
         assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
         assert reply.headers["x-request-id"].startswith("req-prov-")
         assert provider.released_by_test == []  # the provider is still holding its first event
@@ -169,7 +172,7 @@ def test_a_stream_slow_to_start_has_its_headers_relayed_at_once(make_gateway: Ca
         relayed = reply.read()
     assert provider.released_by_test == [True]
     assert relayed.endswith(b"data: [DONE]\n\n")
-    assert exported(gateway, "slow-start")["full_context"][-1] == {"role": "assistant",
+    assert exported(gateway, model)["full_context"][-1] == {"role": "assistant",
                                                                    "content": "provider says: think first "}
 
 
