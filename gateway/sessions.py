@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -398,7 +399,12 @@ class SessionService:
 
         sealed: list[tuple[int, bytes, bytes, SessionState, int]] = []  # the last run of the plan is the one committed
         async with self._guarded(tenant, session_id, rec.request_id):
-            changes = await asyncio.shield(self.store.transact(tenant, session_id, plan))
+            pending = self.store.transact(tenant, session_id, plan)
+            try:
+                changes = await asyncio.shield(pending)
+            except asyncio.CancelledError:  # the commit goes on; its outcome is logged, as no caller hears it
+                pending.add_done_callback(functools.partial(_log_orphaned_round, tenant, session_id, rec.request_id))
+                raise
         if sealed and session_id is not None:
             self.states.put(tenant, session_id, *sealed[-1])
         return changes
@@ -596,6 +602,17 @@ class SessionService:
 
         async with self._guarded(tenant, session_id, audit.get("request_id")):
             await self.store.transact(tenant, session_id, plan)
+
+
+def _log_orphaned_round(tenant: str, session_id: str | None, request_id: str, done: asyncio.Future[Changes]) -> None:
+    """How a round whose request was cancelled mid-commit ended: committed after all (the
+    request's own log line says ``not_recorded``, written before this was known), or not."""
+    if done.cancelled() or done.exception() is not None:
+        exc = None if done.cancelled() else done.exception()
+        log.error("round_not_recorded", tenant=tenant, session_id=session_id, request_id=request_id,
+                  cancelled_caller=True, error=type(exc).__name__ if exc is not None else "CancelledError")
+    else:
+        log.info("round_recorded_after_cancel", tenant=tenant, session_id=session_id, request_id=request_id)
 
 
 def _refuse_quarantined(cur: Current) -> None:

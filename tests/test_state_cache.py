@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.auditor import ObservedStore
 from gateway.errors import IntegrityError
@@ -425,3 +426,46 @@ def test_a_round_commits_at_once_only_when_the_store_can(tmp_path: Path) -> None
     assert steps == [True, True, True, True]
     assert window == ["one", "re: one", "busy", "re: busy", "awaited", "re: awaited", "two", "re: two"]
     assert sorted(observed) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("altered", [False, True], ids=["commits", "fails"])
+def test_a_cancelled_callers_round_is_logged_as_it_ends(tmp_path: Path, altered: bool) -> None:
+    """A request cancelled while its round waits for the writer thread hears nothing of the
+    commit, so the commit's end is logged: ``round_recorded_after_cancel`` when it went through,
+    the error ``round_not_recorded`` when it failed (here: an operator altered the session's
+    state row while the round waited for the write lock)."""
+    keyring = Keyring([new_master_key()])
+    path = tmp_path / "db.sqlite"
+
+    async def scenario(svc: SessionService) -> list[dict[str, Any]]:
+        store = svc.store
+        assert isinstance(store, SQLiteStore)
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        store.quiet = lambda: False  # every commit goes through the writer thread
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        if altered:
+            holder.execute("UPDATE sessions SET state_ct = randomblob(64) WHERE session_id = 's1'")
+        with capture_logs() as logs:
+            task = asyncio.create_task(svc.commit_round("acme", "s1", record("two"), Bounding()))
+            await asyncio.sleep(0.05)
+            assert not task.done()  # waiting for the lock, in the writer thread
+            task.cancel()
+            holder.execute("COMMIT")
+            holder.close()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(200):
+                if any(e["event"].startswith("round_") for e in logs):
+                    break
+                await asyncio.sleep(0.01)
+        return [e for e in logs if e["event"].startswith("round_")]
+
+    events = run(path, keyring, scenario)
+    if altered:
+        assert [(e["event"], e["log_level"], e["request_id"]) for e in events] == [
+            ("round_not_recorded", "error", "req-two")]
+        assert events[0]["error"] == "IntegrityError"
+    else:
+        assert [(e["event"], e["log_level"], e["request_id"]) for e in events] == [
+            ("round_recorded_after_cancel", "info", "req-two")]
