@@ -3,7 +3,9 @@ sign in, browse to a session, verify a chain, export and download a bundle that 
 offline, explain a request, sign out; a client key cannot sign in; a cross-site POST is refused;
 hostile recorded HTML stays text; a scoped auditor cannot open another tenant's page by URL.
 
-Screenshots of every page land in ``tests/console/screenshots/`` (linked from the README).
+Screenshots of every page land in a scratch folder; with ``SESSIONGATE_SCREENSHOTS=DIR`` they land
+in DIR instead (``tests/console/screenshots``, linked from the README, is refreshed that way), so a
+test run never rewrites tracked files.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tests.conftest import ACME_KEY, AUDITOR_TOKEN, REPO, Gateway, _Server
 from tests.console.conftest import SCOPED_TOKEN
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SHOTS = Path(__file__).parent / "screenshots"
+README_SHOTS = Path(__file__).parent / "screenshots"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 
@@ -47,9 +49,19 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
-def shot(page: Any, name: str) -> None:
-    SHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where this run's screenshots go (see the module docstring)."""
+    chosen = os.environ.get("SESSIONGATE_SCREENSHOTS")
+    folder = Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def shot(folder: Path, page: Any, name: str) -> None:
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 0, f"no screenshot written to {path}"
 
 
 def sign_in(page: Any, gateway: Gateway, token: str) -> None:
@@ -58,44 +70,44 @@ def sign_in(page: Any, gateway: Gateway, token: str) -> None:
     page.click("button[type=submit]")
 
 
-def test_auditor_walkthrough(browser: Any, console_gateway: Gateway, tmp_path: Path) -> None:
+def test_auditor_walkthrough(browser: Any, shots: Path, console_gateway: Gateway, tmp_path: Path) -> None:
     """Sign in, browse, verify, export, download, verify offline, explain, sign out."""
     context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.goto(f"{console_gateway.url}/console")
     assert page.url.endswith("/console/login")
-    shot(page, "01-sign-in")
+    shot(shots, page, "01-sign-in")
     sign_in(page, console_gateway, AUDITOR_TOKEN)
     assert page.url.endswith("/console/overview"), page.content()
     assert page.locator("h2", has_text="Tenant acme").count() == 1
-    shot(page, "02-overview")
+    shot(shots, page, "02-overview")
 
     page.click("text=Browse sessions >> nth=0")
     page.wait_for_selector("table caption")
-    shot(page, "03-sessions")
+    shot(shots, page, "03-sessions")
     page.click("text=console-a")
     page.wait_for_selector("article.round")
     contents = page.locator("pre.content").all_text_contents()
     assert any("<script>window.__pwned=1</script>" in c for c in contents)
     assert any('"><img src=x onerror="window.__pwned=2">' in c for c in contents)
     assert page.evaluate("window.__pwned") is None and page.locator("main img").count() == 0
-    shot(page, "04-session")
+    shot(shots, page, "04-session")
     page.click("text=request >> nth=0")
     page.wait_for_selector("text=Entry #")
-    shot(page, "05-audit-entry")
+    shot(shots, page, "05-audit-entry")
 
     page.goto(f"{console_gateway.url}/console/overview")
     page.click("button:has-text('Verify chain') >> nth=0")
     page.wait_for_selector("#verify-result", timeout=20_000)
     assert "is intact" in page.text_content("#verify-result")
-    shot(page, "06-verify")
+    shot(shots, page, "06-verify")
 
     page.goto(f"{console_gateway.url}/console/overview")
     page.click("summary:has-text('Export') >> nth=0")
     page.select_option("select[name=format] >> nth=0", "jsonl")
     page.click("button:has-text('Start export') >> nth=0")
     page.wait_for_selector("#download", timeout=20_000)
-    shot(page, "07-export")
+    shot(shots, page, "07-export")
     with page.expect_download() as info:
         page.click("#download")
     bundle = tmp_path / info.value.suggested_filename
@@ -118,7 +130,7 @@ def test_auditor_walkthrough(browser: Any, console_gateway: Gateway, tmp_path: P
     page.click("button:has-text('Explain')")
     page.wait_for_selector("#explain-report")
     assert "support-tickets" in page.text_content("#explain-report")
-    shot(page, "08-policies")
+    shot(shots, page, "08-policies")
 
     page.click("button:has-text('Sign out')")
     assert page.url.endswith("/console/login")
@@ -127,13 +139,13 @@ def test_auditor_walkthrough(browser: Any, console_gateway: Gateway, tmp_path: P
     context.close()
 
 
-def test_a_client_key_cannot_sign_in(browser: Any, console_gateway: Gateway) -> None:
+def test_a_client_key_cannot_sign_in(browser: Any, shots: Path, console_gateway: Gateway) -> None:
     """The login form refuses a client key with a message that says why."""
     page = browser.new_page()
     sign_in(page, console_gateway, ACME_KEY)
     assert page.url.endswith("/console/login")
     assert "client keys cannot" in page.text_content("[role=alert]")
-    shot(page, "09-client-key-refused")
+    shot(shots, page, "09-client-key-refused")
     page.close()
 
 
@@ -164,7 +176,7 @@ def test_a_cross_site_post_is_refused(browser: Any, console_gateway: Gateway) ->
         server.stop()
 
 
-def test_a_scoped_auditor_cannot_open_another_tenants_page(browser: Any, console_gateway: Gateway) -> None:
+def test_a_scoped_auditor_cannot_open_another_tenants_page(browser: Any, shots: Path, console_gateway: Gateway) -> None:
     """globex's auditor typing acme's session URL gets the 'not your tenant' page."""
     context = browser.new_context()
     page = context.new_page()
@@ -173,10 +185,13 @@ def test_a_scoped_auditor_cannot_open_another_tenants_page(browser: Any, console
     assert response is not None and response.status == 403
     assert "Not your tenant" in page.text_content("h1")
     assert "second turn" not in page.content()
-    shot(page, "10-scoped-refused")
+    shot(shots, page, "10-scoped-refused")
     context.close()
 
 
 def test_screenshots_folder_is_linked_from_the_readme() -> None:
-    """The README points at the folder the screenshots are saved in."""
-    assert "tests/console/screenshots" in (REPO / "README.md").read_text()
+    """The README points at the tracked screenshots, which hold every page the walkthrough shoots,
+    and says how to refresh them."""
+    readme = (REPO / "README.md").read_text()
+    assert "tests/console/screenshots" in readme and "SESSIONGATE_SCREENSHOTS" in readme
+    assert {p.stem for p in README_SHOTS.glob("*.png")} >= {"01-sign-in", "06-verify", "10-scoped-refused"}
