@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)
     if any(a.startswith(("--gateway-tree", "--json")) for a in run_args):
         parser.error("--gateway-tree and --json are set by benchmarks.ab")
+    if any(a.startswith("--repeat") for a in run_args):
+        parser.error("--repeat is not for benchmarks.ab: its pairs are the repetitions (--pairs)")
     with tempfile.TemporaryDirectory(prefix="sessiongate-ab-") as name:
         scratch = Path(name)
         worktree = scratch / "base"

@@ -7,7 +7,10 @@ run several replicas, started one after the other), waits until each is ready (`
 the gateway, a TCP connect otherwise), warms each target up, then runs every cell — streaming
 and not, at each concurrency, for each target — with ``load.run_cell`` (requests round-robin
 over a target's replicas) and prints a Markdown table (see ``benchmarks/README.md`` for the
-columns). A target's CPU time per request is the sum of ``utime + stime`` in
+columns). With ``--repeat N`` every cell runs N times, one pass after another, and a table of
+medians comes first: each figure's median over the passes, with the shares of the
+pass-through's req/s and the added p50s taken within each pass (the machine's speed drifts
+between passes). A target's CPU time per request is the sum of ``utime + stime`` in
 ``/proc/<pid>/stat`` of its processes around each cell; for PostgreSQL targets the same is
 measured for the server's processes when the server runs on this host.
 
@@ -21,6 +24,7 @@ To add a target, append a :class:`Target` to :data:`TARGETS`; ``gateway_target(n
 deep-merges ``patch`` into the gateway's generated config.
 
     .venv/bin/python -m benchmarks.run [--quick] [--requests N] [--targets direct,passthrough,gateway]
+        [--repeat N]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -400,6 +405,8 @@ class Row:
     db_cpu_ms_per_request: float | None = None
     protocol: str = "chat"
     client: str = "window"
+    repeat: int = 0
+    """Which pass of ``--repeat`` measured it (0 for the first)."""
 
     @property
     def mode(self) -> str:
@@ -449,7 +456,8 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
     rows = []
     cells = [(p, m == "stream", k, c, t) for p in args.protocols for m in args.modes for k in args.clients
              for c in args.concurrency for t in targets if k == "window" or t.target.sessions]
-    for cell, (protocol, stream, client, concurrency, run) in enumerate(cells):
+    passes = [(rep, cell, spec) for rep in range(args.repeat) for cell, spec in enumerate(cells)]
+    for rep, cell, (protocol, stream, client, concurrency, run) in passes:
         proxy = CpuMeter(functools.partial(with_children, run.pids))
         database = db_meter if run.target.postgres else None
         for meter in (proxy, database):
@@ -462,10 +470,11 @@ def measure(targets: list[Running], args: argparse.Namespace, db: BenchDatabase 
                                    protocol=protocol, client=client))
         cpu = per_request(proxy.stop() if run.pids else None, result)
         db_cpu = per_request(database.stop(), result) if database is not None else None
-        row = Row(run.target.name, stream, concurrency, result, cpu, db_cpu, protocol, client)
+        row = Row(run.target.name, stream, concurrency, result, cpu, db_cpu, protocol, client, rep)
         rows.append(row)
-        print(f"  {run.target.name:<12} {row.mode:<6} c={concurrency:<3} {result.ok:>6} ok {result.errors:>4} err "
-              f"{result.rps:>8.0f} req/s", file=sys.stderr, flush=True)
+        where = f"pass {rep + 1}/{args.repeat} " if args.repeat > 1 else ""
+        print(f"  {where}{run.target.name:<12} {row.mode:<6} c={concurrency:<3} {result.ok:>6} ok "
+              f"{result.errors:>4} err {result.rps:>8.0f} req/s", file=sys.stderr, flush=True)
         if result.first_error:
             print(f"    first error: {result.first_error}", file=sys.stderr)
     return rows
@@ -481,11 +490,13 @@ def _cpu(ms: float | None) -> str:
 
 def added_p50(rows: list[Row]) -> list[float | None]:
     """Each row's p50 less the direct row's of the same cell (protocol, mode, concurrency and
-    clients), in seconds, in the rows' order; None for direct rows and where either is missing."""
-    direct = {(r.protocol, r.stream, r.concurrency, r.client): r.result.p50 for r in rows if r.target == "direct"}
+    clients) and pass, in seconds, in the rows' order; None for direct rows and where either is
+    missing."""
+    direct = {(r.protocol, r.stream, r.concurrency, r.client, r.repeat): r.result.p50
+              for r in rows if r.target == "direct"}
     out: list[float | None] = []
     for r in rows:
-        base, p50 = direct.get((r.protocol, r.stream, r.concurrency, r.client)), r.result.p50
+        base, p50 = direct.get((r.protocol, r.stream, r.concurrency, r.client, r.repeat)), r.result.p50
         out.append(p50 - base if r.target != "direct" and base is not None and p50 is not None else None)
     return out
 
@@ -507,6 +518,46 @@ def table(rows: list[Row], *, db_column: bool = False) -> str:
     return "\n".join(lines)
 
 
+def medians(rows: list[Row]) -> str:
+    """The Markdown table of ``--repeat``: per cell, the median over its passes of each figure,
+    and of its req/s as a share of the pass-through's in the same pass (``%``, "-" without a
+    pass-through row). Added p50 is taken against the direct row of the same pass."""
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    def key(r: Row) -> tuple[str, str, bool, int, str]:
+        return r.target, r.protocol, r.stream, r.concurrency, r.client
+
+    floor = {(r.protocol, r.stream, r.concurrency, r.client, r.repeat): r.result.rps
+             for r in rows if r.target == "passthrough"}
+
+    def share(r: Row) -> float | None:
+        base = floor.get((r.protocol, r.stream, r.concurrency, r.client, r.repeat))
+        return 100 * r.result.rps / base if base else None
+
+    groups: dict[tuple[str, str, bool, int, str], list[tuple[Row, float | None]]] = {}
+    for r, gap in zip(rows, added_p50(rows), strict=True):
+        groups.setdefault(key(r), []).append((r, gap))
+    lines = [
+        f"Medians of {max(r.repeat for r in rows) + 1} passes:",
+        "",
+        "| target | mode | concurrency | ok / err | req/s | % of pass-through req/s | p50 ms | TTFB p50 ms | "
+        "added p50 vs direct ms | proxy CPU ms/req |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for group in groups.values():
+        first, runs = group[0][0], [r for r, _ in group]
+        pct, gap = median([share(r) for r in runs]), median([g for _, g in group])
+        ttfb = _ms(median([r.result.ttfb_p50 for r in runs])) if first.stream else "-"
+        lines.append(
+            f"| {first.target} | {first.mode} | {first.concurrency} | {sum(r.result.ok for r in runs)} / "
+            f"{sum(r.result.errors for r in runs)} | {median([r.result.rps for r in runs]) or 0:.0f} | "
+            f"{'-' if pct is None else f'{pct:.0f}%'} | {_ms(median([r.result.p50 for r in runs]))} | {ttfb} | "
+            f"{'-' if gap is None else f'{gap * 1000:+.2f}'} | {_cpu(median([r.cpu_ms_per_request for r in runs]))} |")
+    return "\n".join(lines)
+
+
 def cells(rows: list[Row]) -> list[dict[str, Any]]:
     """Every row's figures, unrounded (seconds as milliseconds), for ``--json``."""
     def ms(seconds: float | None) -> float | None:
@@ -514,8 +565,8 @@ def cells(rows: list[Row]) -> list[dict[str, Any]]:
 
     out = []
     for r, added in zip(rows, added_p50(rows), strict=True):
-        out.append({"target": r.target, "mode": r.mode, "concurrency": r.concurrency, "ok": r.result.ok,
-                    "errors": r.result.errors, "rps": r.result.rps, "p50_ms": ms(r.result.p50),
+        out.append({"target": r.target, "mode": r.mode, "concurrency": r.concurrency, "pass": r.repeat + 1,
+                    "ok": r.result.ok, "errors": r.result.errors, "rps": r.result.rps, "p50_ms": ms(r.result.p50),
                     "ttfb_ms": ms(r.result.ttfb_p50) if r.stream else None, "added_ms": ms(added),
                     "cpu_ms": r.cpu_ms_per_request, "db_cpu_ms": r.db_cpu_ms_per_request})
     return out
@@ -533,6 +584,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the same for the PostgreSQL targets (default 5, keeping the run under 3 minutes; "
                              "never above --time-cap)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every cell this many times over, one pass after another, and report the "
+                             "median of each figure (and of each share of the pass-through's req/s) before "
+                             "every pass's own table (default 1)")
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated levels")
     parser.add_argument("--protocols", default="chat",
                         help=f"comma-separated wire protocols to measure ({', '.join(PROTOCOLS)}; default chat)")
@@ -560,6 +615,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.time_cap = args.time_cap or (2.0 if args.quick else 8.0)
     args.pg_time_cap = min(args.pg_time_cap or 5.0, args.time_cap)
     args.warmup = 20 if args.quick else 100
+    if args.repeat < 1:
+        parser.error("--repeat takes a count of 1 or more")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -670,7 +727,11 @@ def run(args: argparse.Namespace) -> str:
                 rows = measure(ready, args, db)
                 if args.json:
                     Path(args.json).write_text(json.dumps(cells(rows), indent=1))
-                return header(args, notes) + "\n\n" + table(rows, db_column=db is not None) + "\n"
+                if args.repeat == 1:
+                    return header(args, notes) + "\n\n" + table(rows, db_column=db is not None) + "\n"
+                passes = [f"Pass {k + 1}:\n\n" + table([r for r in rows if r.repeat == k], db_column=db is not None)
+                          for k in range(args.repeat)]
+                return "\n\n".join([header(args, notes), medians(rows), *passes]) + "\n"
             finally:
                 stop(procs)  # before the scratch folder goes: gateways write checkpoints as they stop
     finally:
