@@ -518,10 +518,11 @@ def table(rows: list[Row], *, db_column: bool = False) -> str:
     return "\n".join(lines)
 
 
-def medians(rows: list[Row]) -> str:
+def medians(rows: list[Row], *, db_column: bool = False) -> str:
     """The Markdown table of ``--repeat``: per cell, the median over its passes of each figure,
     and of its req/s as a share of the pass-through's in the same pass (``%``, "-" without a
-    pass-through row). Added p50 is taken against the direct row of the same pass."""
+    pass-through row). Added p50 is taken against the direct row of the same pass. ``db_column``
+    adds the PostgreSQL server's CPU, as in :func:`table`."""
     def median(values: list[float | None]) -> float | None:
         known = [v for v in values if v is not None]
         return statistics.median(known) if known else None
@@ -543,8 +544,8 @@ def medians(rows: list[Row]) -> str:
         f"Medians of {max(r.repeat for r in rows) + 1} passes:",
         "",
         "| target | mode | concurrency | ok / err | req/s | % of pass-through req/s | p50 ms | TTFB p50 ms | "
-        "added p50 vs direct ms | proxy CPU ms/req |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "added p50 vs direct ms | proxy CPU ms/req |" + (" PostgreSQL CPU ms/req |" if db_column else ""),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if db_column else ""),
     ]
     for group in groups.values():
         first, runs = group[0][0], [r for r, _ in group]
@@ -554,7 +555,8 @@ def medians(rows: list[Row]) -> str:
             f"| {first.target} | {first.mode} | {first.concurrency} | {sum(r.result.ok for r in runs)} / "
             f"{sum(r.result.errors for r in runs)} | {median([r.result.rps for r in runs]) or 0:.0f} | "
             f"{'-' if pct is None else f'{pct:.0f}%'} | {_ms(median([r.result.p50 for r in runs]))} | {ttfb} | "
-            f"{'-' if gap is None else f'{gap * 1000:+.2f}'} | {_cpu(median([r.cpu_ms_per_request for r in runs]))} |")
+            f"{'-' if gap is None else f'{gap * 1000:+.2f}'} | {_cpu(median([r.cpu_ms_per_request for r in runs]))} |"
+            + (f" {_cpu(median([r.db_cpu_ms_per_request for r in runs]))} |" if db_column else ""))
     return "\n".join(lines)
 
 
@@ -731,7 +733,7 @@ def run(args: argparse.Namespace) -> str:
                     return header(args, notes) + "\n\n" + table(rows, db_column=db is not None) + "\n"
                 passes = [f"Pass {k + 1}:\n\n" + table([r for r in rows if r.repeat == k], db_column=db is not None)
                           for k in range(args.repeat)]
-                return "\n\n".join([header(args, notes), medians(rows), *passes]) + "\n"
+                return "\n\n".join([header(args, notes), medians(rows, db_column=db is not None), *passes]) + "\n"
             finally:
                 stop(procs)  # before the scratch folder goes: gateways write checkpoints as they stop
     finally:

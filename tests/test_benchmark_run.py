@@ -36,6 +36,14 @@ def test_medians_without_a_pass_through_row_show_no_share() -> None:
     assert "| gateway | json | 64 | 20 / 0 | 250 | - | 5.00 | - | - | 0.45 |" in medians(rows)
 
 
+def test_medians_carry_the_database_cpu_when_asked() -> None:
+    rows = [row("gateway-pg", 200, 0.006, 0.5, 0), row("gateway-pg", 300, 0.004, 0.4, 1)]
+    rows[0].db_cpu_ms_per_request, rows[1].db_cpu_ms_per_request = 0.2, 0.3
+    printed = medians(rows, db_column=True)
+    assert "PostgreSQL CPU ms/req |" in printed
+    assert "| gateway-pg | json | 64 | 20 / 0 | 250 | - | 5.00 | - | - | 0.45 | 0.25 |" in printed
+
+
 def test_repeat_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse_args(["--repeat", "3"]).repeat == 3
     with pytest.raises(SystemExit):
