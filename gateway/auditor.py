@@ -49,11 +49,12 @@ class ObservedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def transact(self, tenant: str, session_id: str | None, plan: Plan) -> asyncio.Future[Changes]:
+    def transact(self, tenant: str, session_id: str | None, plan: Plan, *,
+                 bounded: bool = False) -> asyncio.Future[Changes]:
         """The inner store's transaction; its audit rows go to the checkpointer when it commits,
         whether or not its caller is still waiting, and before the caller resumes (a commit made
         at once is told at once; a callback added now runs before those its awaiter adds)."""
-        fut = self.inner.transact(tenant, session_id, plan)
+        fut = self.inner.transact(tenant, session_id, plan, bounded=bounded)
         if fut.done():
             self._committed(fut)
         else:

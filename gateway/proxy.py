@@ -211,7 +211,8 @@ async def _audit(services: Services, tenant: str, fields: dict[str, object]) -> 
     """Commit the audit entry (shielded: it completes even if the client goes away). None when
     written; the error when it was not (logged, never raised over the reply's own outcome)."""
     try:
-        await asyncio.shield(services.sessions.store.transact(tenant, None, lambda cur: Changes(audit=[fields])))
+        await asyncio.shield(services.sessions.store.transact(tenant, None, lambda cur: Changes(audit=[fields]),
+                                                              bounded=True))
         return None
     except GatewayError as exc:
         log.error("proxy_not_audited", request_id=fields["request_id"], error=type(exc).__name__)

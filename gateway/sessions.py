@@ -399,7 +399,7 @@ class SessionService:
 
         sealed: list[tuple[int, bytes, bytes, SessionState, int]] = []  # the last run of the plan is the one committed
         async with self._guarded(tenant, session_id, rec.request_id):
-            pending = self.store.transact(tenant, session_id, plan)
+            pending = self.store.transact(tenant, session_id, plan, bounded=True)
             try:
                 changes = await asyncio.shield(pending)
             except asyncio.CancelledError:  # the commit goes on; its outcome is logged, as no caller hears it

@@ -191,7 +191,8 @@ class Store(Protocol):
         *hot*: the caller used this session a moment ago (its pages are cached) and it holds few
         rounds, so a backend may read it without a thread hand-off (see ``SQLiteStore``)."""
 
-    def transact(self, tenant: str, session_id: str | None, plan: Plan) -> asyncio.Future[Changes]:
+    def transact(self, tenant: str, session_id: str | None, plan: Plan, *,
+                 bounded: bool = False) -> asyncio.Future[Changes]:
         """Run *plan* on the current rows in one durable transaction; see the module docstring.
 
         The plan is handed to the backend when this is called (so calls are taken in call order),
@@ -200,6 +201,9 @@ class Store(Protocol):
         costs no task. A backend may commit at once, before returning (then the future is done).
         With ``session_id`` None only audit entries may be written. Fails with what the plan
         raises (nothing is written then) and ``StoreUnavailable`` when the database fails.
+        *bounded*: the plan's work is bounded by one request's size (a round, an audit entry),
+        so a backend may run it on the event loop's thread (see ``SQLiteStore``); a plan that
+        may take long (erasing or rewriting a large session) leaves it False.
         """
 
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:

@@ -518,9 +518,10 @@ class PostgresStore:
 
     # --- writes --------------------------------------------------------------------------
 
-    def transact(self, tenant: str, session_id: str | None, plan: Plan) -> asyncio.Future[Changes]:
+    def transact(self, tenant: str, session_id: str | None, plan: Plan, *,
+                 bounded: bool = False) -> asyncio.Future[Changes]:
         """Queued for the tenant's writer lane at once (never committed before returning: every
-        write is a round trip to the server)."""
+        write is a round trip to the server; *bounded* changes nothing here)."""
         fut: asyncio.Future[Changes] = asyncio.get_running_loop().create_future()
         if not self._lanes:
             fut.set_exception(StoreUnavailable("the store is not open"))

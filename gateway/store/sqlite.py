@@ -2,10 +2,15 @@
 
 Contract: see ``gateway.store.base``. How this backend keeps it:
 
-- One writer thread owns the write connection. Callers hand it plans through a queue; it takes
-  every plan waiting (up to ``BATCH``), runs each inside its own SAVEPOINT of one ``BEGIN
-  IMMEDIATE`` transaction, commits once with ``synchronous=FULL`` (one fsync for the batch) and
-  only then resolves the callers' futures. A failing plan rolls back to its savepoint alone.
+- Writes commit in groups: a batch of plans, each inside its own SAVEPOINT of one ``BEGIN
+  IMMEDIATE`` transaction, one commit with ``synchronous=FULL`` (one fsync for the batch), and
+  only then the callers' futures resolved. A failing plan rolls back to its savepoint alone.
+  Under load every write joins :class:`WriteQueue`, which keeps call order and takes one batch
+  at a time: a batch of *bounded* plans (``transact(bounded=True)``: a round, an audit entry)
+  runs on the event loop's thread with only its ``COMMIT`` on a commit thread; any other batch
+  goes to the writer thread, which owns the write connection and waits for the lock when it
+  must (up to ``BATCH`` plans per transaction). The loop never waits for a lock: when the
+  writer thread or another connection holds it, a bounded batch goes to the writer thread too.
 - Reads go to one reader thread with its own connection, batched the same way (every read
   waiting is run, then all its callers are woken with one loop callback). One exception: a
   *hot* session read (``read_session(hot=True)``: a session this process used a moment ago,
@@ -18,7 +23,7 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   the same connection (the writer's lock keeps the two apart), never waiting for another
   process's lock (busy: it goes to the writer thread). With nothing else to serve, that loses no
   concurrency and saves the two thread hand-offs (about 0.1 ms of CPU and 0.3 ms of latency each
-  round on a small machine); under load every write joins the writer's group commit.
+  round on a small machine); under load every write joins the group commit above.
 - **Rows this process wrote.** After each commit the store keeps, per session (LRU,
   ``KNOWN_SESSIONS``), the rows as the commit left them (``evidence.after``), tagged with an
   epoch. The writer's connection asks ``PRAGMA data_version``, which changes exactly when
@@ -49,6 +54,7 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import functools
@@ -315,12 +321,136 @@ class Lane:
         self.conn.close()
 
 
-def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = False,
+class WriteQueue:
+    """Every write plan under load, in call order, one batch at a time: a batch of bounded plans
+    runs on the event loop's thread and only its ``COMMIT`` (the fsync) goes to a thread; any
+    other batch goes to the writer thread.
+
+    ``add(job, bounded)`` queues the job and returns its future. On the loop's next turn every
+    job queued so far forms a batch. When all of them are *bounded* (their work is bounded by
+    one request: a round, an audit entry) and *begin* opens a transaction at once (the writer
+    thread idle, the turn file and SQLite's write lock free), the jobs run on the loop's thread
+    (:func:`run_transaction` without committing) and the commit thread runs
+    :func:`finish_transaction`, then *end*, which gives the lock back. Otherwise the batch goes to
+    *fallback* (the writer thread, which waits for the lock): a plan that may take long (erasing
+    a large session) must not stall every request on the loop. Jobs queued meanwhile wait for the
+    batch to end and form the next one, so plans are taken in call order across both paths.
+
+    On the loop, a batch's Python work (the plans, sealing, the statements) does not trade the
+    interpreter lock back and forth with the loop's own work, as it does on the writer thread
+    (about three hand-offs per round under load), and the loop serves requests while the disk
+    syncs. Callers' futures are resolved after the commit, as on the writer thread."""
+
+    def __init__(self, conn: sqlite3.Connection, begin: Callable[[], bool], end: Callable[[], None],
+                 fallback: Callable[[Job], asyncio.Future[Any]],
+                 committing: Callable[[], None], committed: Callable[[], None]) -> None:
+        self.conn = conn
+        self._begin, self._end, self._fallback = begin, end, fallback
+        self._committing, self._committed = committing, committed
+        self.on_batch: Callable[[float, int], None] | None = None
+        """Told each batch's duration and size that ran on the loop (the writer thread tells its own)."""
+        self._queued: list[tuple[Job, bool, asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._running: asyncio.Future[Any] | None = None
+        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running: a write may go ahead of this queue."""
+        return self._running is None and not self._queued
+
+    def add(self, job: Job, bounded: bool) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((job, bounded, fut))
+        if not self._scheduled and self._running is None:
+            self._scheduled = True
+            loop.call_soon(self._next)
+        return fut
+
+    async def close(self) -> None:
+        """Let the queued batches run (the writer thread must still be there) and stop the
+        commit thread."""
+        while not self.idle:
+            if self._running is not None:
+                await asyncio.wait([self._running])
+            else:
+                self._next()
+        self._committer.shutdown(wait=True)
+
+    def _next(self) -> None:
+        self._scheduled = False
+        if self._running is not None or not self._queued:
+            return
+        batch, self._queued = self._queued, []
+        loop = asyncio.get_running_loop()
+        if all(bounded for _, bounded, _ in batch) and self._begin():
+            started = time.perf_counter()
+            outcomes = run_transaction(self.conn, [job for job, _, _ in batch], began=True, commit=False)
+            if not self.conn.in_transaction:  # rolled back already: nothing to commit
+                self._end()
+                self._running = _done_future(loop, outcomes)
+            else:
+                self._running = loop.run_in_executor(self._committer, self._commit, outcomes)
+            self._running.add_done_callback(lambda done: self._ran(batch, done, started))
+        else:
+            inner = [self._fallback(job) for job, _, _ in batch]
+            for fut, (_, _, caller) in zip(inner, batch, strict=True):
+                fut.add_done_callback(functools.partial(_pass_on, caller))
+            self._running = asyncio.gather(*inner, return_exceptions=True)
+            self._running.add_done_callback(lambda _: self._ended())
+
+    def _commit(self, outcomes: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
+        try:
+            return finish_transaction(self.conn, outcomes, self._committing, self._committed)
+        finally:
+            self._end()
+
+    def _ran(self, batch: list[tuple[Job, bool, asyncio.Future[Any]]], done: asyncio.Future[Any],
+             started: float) -> None:
+        if done.cancelled() or done.exception() is not None:  # the commit thread itself broke
+            outcomes: list[tuple[bool, Any]] = [(False, StoreUnavailable("the SQLite store failed to commit"))]
+            outcomes *= len(batch)
+        else:
+            outcomes = done.result()
+        if self.on_batch is not None:
+            self.on_batch(time.perf_counter() - started, len(batch))
+        _resolve([(caller, outcome) for (_, _, caller), outcome in zip(batch, outcomes, strict=True)])
+        self._ended()
+
+    def _ended(self) -> None:
+        self._running = None
+        if self._queued and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._next)
+
+
+def _done_future(loop: asyncio.AbstractEventLoop, value: Any) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = loop.create_future()
+    fut.set_result(value)
+    return fut
+
+
+def _pass_on(caller: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """*done*'s outcome to *caller* (unless the caller is settled already)."""
+    if caller.done():
+        return
+    if done.cancelled():
+        caller.cancel()
+    elif done.exception() is not None:
+        caller.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        caller.set_result(done.result())
+
+
+def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = False, commit: bool = True,
                     committing: Callable[[], None] | None = None,
                     committed: Callable[[], None] | None = None) -> list[tuple[bool, Any]]:
     """One ``BEGIN IMMEDIATE`` transaction (unless it *began* already), a SAVEPOINT per job (none
-    for a lone job: its failure rolls the transaction back instead), *committing()*, one commit
-    (one fsync), then *committed()*; a failed commit fails every job."""
+    for a lone job: its failure rolls the transaction back instead), then
+    :func:`finish_transaction`; a failed commit fails every job. Without *commit* the
+    transaction is left open for the caller to finish (unless it was rolled back: then
+    ``conn.in_transaction`` is False and the outcomes say why)."""
     outcomes: list[tuple[bool, Any]] = []
     try:
         if not began:
@@ -341,17 +471,32 @@ def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = 
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     outcomes.append((False, _unavailable(exc, "write")))
+    except sqlite3.Error as exc:
+        return _rolled_back(conn, exc, len(jobs))
+    return finish_transaction(conn, outcomes, committing, committed) if commit else outcomes
+
+
+def finish_transaction(conn: sqlite3.Connection, outcomes: list[tuple[bool, Any]],
+                       committing: Callable[[], None] | None = None,
+                       committed: Callable[[], None] | None = None) -> list[tuple[bool, Any]]:
+    """*committing()*, ``COMMIT`` (one fsync), *committed()*: the jobs' *outcomes*, or, when the
+    commit fails, ``StoreUnavailable`` for every job (and the transaction rolled back)."""
+    try:
         if committing is not None:
             committing()
         conn.execute("COMMIT")
         if committed is not None:
             committed()
     except sqlite3.Error as exc:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        err = StoreUnavailable(f"the SQLite store failed to commit: {exc}")
-        outcomes = [(False, err)] * len(jobs)
+        return _rolled_back(conn, exc, len(outcomes))
     return outcomes
+
+
+def _rolled_back(conn: sqlite3.Connection, exc: sqlite3.Error, jobs: int) -> list[tuple[bool, Any]]:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    err = StoreUnavailable(f"the SQLite store failed to commit: {exc}")
+    return [(False, err)] * jobs
 
 
 BUSY_WAIT_SECONDS = 30.0
@@ -414,6 +559,7 @@ class SQLiteStore:
         self.path = Path(path)
         self._writer: Lane | None = None
         self._reader: Lane | None = None
+        self._writes: WriteQueue | None = None
         self._inline: sqlite3.Connection | None = None
         self._turns: int | None = None
         """The lock file's descriptor: whose turn it is to write, among this file's gateways."""
@@ -458,6 +604,9 @@ class SQLiteStore:
         self._writer = Lane("sqlite-writer", conn, self._write_batch)
         self._writer.on_batch = self.on_commit
         self._reader = Lane("sqlite-reader", reader, run_reads)
+        self._writes = WriteQueue(conn, self._begin_now, self._end_now, self._writer.enqueue,
+                                  committing=self._unlocking, committed=self._committed)
+        self._writes.on_batch = self.on_commit
 
     def _path_mode(self) -> None:
         for suffix in ("", "-wal", "-shm"):
@@ -466,6 +615,9 @@ class SQLiteStore:
                 p.chmod(0o600)
 
     async def close(self) -> None:
+        if self._writes is not None:  # before the writer thread goes: its last batches may need it
+            await self._writes.close()
+            self._writes = None
         for lane in (self._writer, self._reader):
             if lane is not None:
                 await lane.stop()
@@ -564,6 +716,34 @@ class SQLiteStore:
         finally:
             self._unlocking()
             self._give_turn()
+
+    def _begin_now(self) -> bool:
+        """A write transaction opened on the caller's thread without waiting (``WriteQueue``):
+        the writer thread idle, the turn file and SQLite's write lock free. False, holding
+        nothing, otherwise. Held until :meth:`_end_now`."""
+        lane = self._writer
+        if lane is None or not lane._busy.acquire(blocking=False):
+            return False
+        if not lane._queue.empty():  # the writer thread has work it has not started: it goes first
+            lane._busy.release()
+            return False
+        self._staged, self._batch_epoch = {}, None
+        if self._take_turn(wait=False):
+            try:
+                lane.conn.execute("BEGIN IMMEDIATE")
+                return True
+            except sqlite3.OperationalError:  # another connection (the CLI) holds SQLite's lock
+                self._give_turn()
+        lane._busy.release()
+        return False
+
+    def _end_now(self) -> None:
+        """The transaction :meth:`_begin_now` opened is over (committed or rolled back): give the
+        lock up (from whichever thread)."""
+        self._unlocking()
+        self._give_turn()
+        assert self._writer is not None
+        self._writer._busy.release()
 
     def _take_turn(self, wait: bool) -> bool:
         """Take the lock file (see the module docstring). Without *wait*, False at once when
@@ -669,19 +849,22 @@ class SQLiteStore:
             return changes
         return run
 
-    def transact(self, tenant: str, session_id: str | None, plan: Plan) -> asyncio.Future[Changes]:
+    def transact(self, tenant: str, session_id: str | None, plan: Plan, *,
+                 bounded: bool = False) -> asyncio.Future[Changes]:
         """Committed at once, on the event loop's thread, when the gateway is quiet, the writer
-        thread idle and no other process holds the write lock (the future is done on return);
-        otherwise queued for the writer thread's next batch."""
+        thread idle, no write queued and no other process holding the write lock (the future is
+        done on return); otherwise queued in call order (:class:`WriteQueue`): a *bounded* plan
+        in a batch on the event loop's thread with its ``COMMIT`` on a thread, any other on the
+        writer thread."""
         loop = asyncio.get_running_loop()
-        if self._writer is None:
+        if self._writer is None or self._writes is None:
             return _settled(loop, (False, StoreUnavailable("the store is not open")))
         job = self._transaction(tenant, session_id, plan)
-        if self.quiet is not None and self.quiet():
+        if self.quiet is not None and self.quiet() and self._writes.idle:
             outcome = self._writer.run_now(job, self._write_now)
             if outcome is not None:
                 return _settled(loop, outcome)
-        return self._writer.enqueue(job)
+        return self._writes.add(job, bounded)
 
     async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
