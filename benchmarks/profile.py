@@ -29,8 +29,9 @@ from benchmarks.load import run_cell, run_sync
 from benchmarks.run import Env, Launch, Proc, free_port, parse_args, start, start_target, stop
 
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("store: the round's plan and its SQL (mostly the writer thread)",
-     ("Lane._loop", "SQLiteStore.transact", "PostgresStore.transact", "write_changes", "commit_round")),
+    ("store: the round's plan and its SQL (batched on the loop, or the writer thread)",
+     ("Lane._loop", "WriteQueue.", "SQLiteStore.transact", "PostgresStore.transact", "write_changes",
+      "commit_round")),
     ("load the session", ("load_state (gateway",)),
     ("inject the window (the forwarded body)", ("inject (gateway",)),
     ("upstream request (aiohttp client)", ("Upstreams.open", "aiohttp/client", "aiohttp/connector.py")),
