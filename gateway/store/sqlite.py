@@ -326,10 +326,11 @@ class WriteQueue:
     runs on the event loop's thread and only its ``COMMIT`` (the fsync) goes to a thread; any
     other batch goes to the writer thread.
 
-    ``add(job, bounded)`` queues the job and returns its future. On the loop's next turn every
-    job queued so far forms a batch. When all of them are *bounded* (their work is bounded by
-    one request: a round, an audit entry) and *begin* opens a transaction at once (the writer
-    thread idle, the turn file and SQLite's write lock free), the jobs run on the loop's thread
+    ``add(job, bounded)`` queues the job and returns its future. On the loop's next turn the
+    jobs queued so far (up to ``BATCH``) form a batch. When all of them are *bounded* (their
+    work is bounded by one request: a round, an audit entry) and *begin* opens a transaction at
+    once (the writer thread idle, the turn file and SQLite's write lock free), the jobs run on
+    the loop's thread
     (:func:`run_transaction` without committing) and the commit thread runs
     :func:`finish_transaction`, then *end*, which gives the lock back. Otherwise the batch goes to
     *fallback* (the writer thread, which waits for the lock): a plan that may take long (erasing
@@ -382,7 +383,7 @@ class WriteQueue:
         self._scheduled = False
         if self._running is not None or not self._queued:
             return
-        batch, self._queued = self._queued, []
+        batch, self._queued = self._queued[:BATCH], self._queued[BATCH:]  # as the writer thread: a bounded stall
         loop = asyncio.get_running_loop()
         if all(bounded for _, bounded, _ in batch) and self._begin():
             started = time.perf_counter()

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import gateway.store.sqlite as sqlite_store
 from gateway.errors import StoreUnavailable
 from gateway.store.base import Changes, Current
 from gateway.store.sqlite import SQLiteStore
@@ -224,3 +225,20 @@ def test_a_quiet_write_never_goes_ahead_of_queued_ones(tmp_path: Path, bounded: 
 
     run(path, scenario)
     assert stored(path) == ["first", "second"]
+
+
+def test_a_loop_batch_takes_at_most_batch_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many writes wait, one batch on the loop takes at most ``BATCH`` of them (a bounded
+    stall of the loop); the rest form the next batches, in order."""
+    monkeypatch.setattr(sqlite_store, "BATCH", 2)
+    path = tmp_path / "db.sqlite"
+    batches: list[int] = []
+
+    async def scenario(store: SQLiteStore) -> None:
+        assert store._writes is not None
+        store._writes.on_batch = lambda seconds, n: batches.append(n)
+        await asyncio.gather(*[store.transact("acme", None, entry(f"w{i}"), bounded=True) for i in range(5)])
+
+    run(path, scenario)
+    assert batches == [2, 2, 1]
+    assert stored(path) == [f"w{i}" for i in range(5)]
