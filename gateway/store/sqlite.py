@@ -390,10 +390,9 @@ class WriteQueue:
             outcomes = run_transaction(self.conn, [job for job, _, _ in batch], began=True, commit=False)
             if not self.conn.in_transaction:  # rolled back already: nothing to commit
                 self._end()
-                self._running = _done_future(loop, outcomes)
-            else:
-                self._running = loop.run_in_executor(self._committer, self._commit, outcomes)
-            self._running.add_done_callback(lambda done: self._ran(batch, done, started))
+                return self._ran(batch, outcomes, started)
+            self._running = loop.run_in_executor(self._committer, self._commit, outcomes)
+            self._running.add_done_callback(lambda done: self._ran(batch, _commit_outcomes(done, len(batch)), started))
         else:
             inner = [self._fallback(job) for job, _, _ in batch]
             for fut, (_, _, caller) in zip(inner, batch, strict=True):
@@ -407,13 +406,8 @@ class WriteQueue:
         finally:
             self._end()
 
-    def _ran(self, batch: list[tuple[Job, bool, asyncio.Future[Any]]], done: asyncio.Future[Any],
+    def _ran(self, batch: list[tuple[Job, bool, asyncio.Future[Any]]], outcomes: list[tuple[bool, Any]],
              started: float) -> None:
-        if done.cancelled() or done.exception() is not None:  # the commit thread itself broke
-            outcomes: list[tuple[bool, Any]] = [(False, StoreUnavailable("the SQLite store failed to commit"))]
-            outcomes *= len(batch)
-        else:
-            outcomes = done.result()
         if self.on_batch is not None:
             self.on_batch(time.perf_counter() - started, len(batch))
         _resolve([(caller, outcome) for (_, _, caller), outcome in zip(batch, outcomes, strict=True)])
@@ -426,10 +420,11 @@ class WriteQueue:
             asyncio.get_running_loop().call_soon(self._next)
 
 
-def _done_future(loop: asyncio.AbstractEventLoop, value: Any) -> asyncio.Future[Any]:
-    fut: asyncio.Future[Any] = loop.create_future()
-    fut.set_result(value)
-    return fut
+def _commit_outcomes(done: asyncio.Future[Any], jobs: int) -> list[tuple[bool, Any]]:
+    """The outcomes the commit thread returned, or a failure for every job when it broke."""
+    if done.cancelled() or done.exception() is not None:
+        return [(False, StoreUnavailable("the SQLite store failed to commit"))] * jobs
+    return done.result()  # type: ignore[no-any-return]
 
 
 def _pass_on(caller: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:

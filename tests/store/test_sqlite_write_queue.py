@@ -20,20 +20,17 @@ import gateway.store.sqlite as sqlite_store
 from gateway.errors import StoreUnavailable
 from gateway.store.base import Changes, Current
 from gateway.store.sqlite import SQLiteStore
+from tests.store.conftest import Backend
 
 T = TypeVar("T")
 
 
 def run(path: Path, fn: Callable[[SQLiteStore], Awaitable[T]]) -> T:
-    async def go() -> T:
+    def busy() -> SQLiteStore:
         store = SQLiteStore(path)
         store.quiet = lambda: False  # under load: nothing commits at once
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-    return asyncio.run(go())
+        return store
+    return Backend("sqlite", busy).run(fn)
 
 
 def entry(name: str, ran: list[str] | None = None) -> Callable[[Current], Changes]:
@@ -242,3 +239,26 @@ def test_a_loop_batch_takes_at_most_batch_writes(tmp_path: Path, monkeypatch: py
     run(path, scenario)
     assert batches == [2, 2, 1]
     assert stored(path) == [f"w{i}" for i in range(5)]
+
+
+def test_a_lone_failing_write_rolls_back_and_gives_the_lock_back(tmp_path: Path) -> None:
+    """A batch of one whose plan fails is rolled back on the loop (nothing to commit): its caller
+    gets the plan's error, and the next write takes the lock and commits."""
+    path = tmp_path / "db.sqlite"
+
+    def broken(cur: Current) -> Changes:
+        raise ValueError("the plan refuses")
+
+    async def scenario(store: SQLiteStore) -> tuple[BaseException | Changes, Changes]:
+        failed = (await asyncio.gather(store.transact("acme", None, broken, bounded=True),
+                                       return_exceptions=True))[0]
+        assert store._writer is not None
+        free = store._writer._busy.acquire(blocking=False)  # given back (else every later write would hang)
+        if not free:
+            pytest.fail("the writer's lock was not given back after the rollback")
+        store._writer._busy.release()
+        return failed, await store.transact("acme", None, entry("next"), bounded=True)
+
+    failed, after = run(path, scenario)
+    assert isinstance(failed, ValueError)
+    assert after.result == "next" and stored(path) == ["next"]
