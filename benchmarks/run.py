@@ -177,6 +177,12 @@ def passthrough_launch(env: Env, port: int, replica: int) -> Launch:
     return Launch([sys.executable, script, "--port", str(port), "--upstream", env.upstream_url])
 
 
+def commit_floor_launch(env: Env, port: int, replica: int) -> Launch:
+    """The pass-through plus one durable SQLite commit per request before its last byte."""
+    launch = passthrough_launch(env, port, replica)
+    return replace(launch, argv=[*launch.argv, "--commit", str(env.tmp / f"floor-{port}.db")])
+
+
 def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``patch`` merged in: nested dicts merge, everything else replaces."""
     merged = dict(base)
@@ -280,6 +286,7 @@ def litellm_launch(env: Env, port: int, replica: int) -> Launch:
 TARGETS: list[Target] = [
     Target("direct", None),
     Target("passthrough", passthrough_launch),
+    Target("passthrough-commit", commit_floor_launch),
     gateway_target("gateway"),
     gateway_target("gateway-pg", postgres=True),
     gateway_target("gateway-pg2", replicas=2, postgres=True),
