@@ -9,8 +9,9 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   at a time: a batch of *bounded* plans (``transact(bounded=True)``: a round, an audit entry)
   runs on the event loop's thread with only its ``COMMIT`` on a commit thread; any other batch
   goes to the writer thread, which owns the write connection and waits for the lock when it
-  must (up to ``BATCH`` plans per transaction). The loop never waits for a lock: when the
-  writer thread or another connection holds it, a bounded batch goes to the writer thread too.
+  must (up to ``BATCH`` plans per transaction). The loop never waits for a lock: when another
+  connection holds it (another worker, the CLI), the commit thread waits for it and the batch
+  is then planned on the loop; when the writer thread is busy, a bounded batch goes to it too.
 - Reads go to one reader thread with its own connection, batched the same way (every read
   waiting is run, then all its callers are woken with one loop callback). One exception: a
   *hot* session read (``read_session(hot=True)``: a session this process used a moment ago,
@@ -56,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import enum
 import fcntl
 import functools
 import os
@@ -321,6 +323,18 @@ class Lane:
         self.conn.close()
 
 
+class Begin(enum.Enum):
+    """What :class:`WriteQueue`'s *begin* achieved."""
+
+    BEGUN = "begun"
+    """A write transaction is open on the caller's thread, the writer's lane held."""
+    BLOCKED = "blocked"
+    """The lane is held (the writer thread idle, nothing queued for it) but another process holds
+    the turn file or SQLite's write lock: *wait* (on a thread) opens the transaction."""
+    BUSY = "busy"
+    """The writer thread is busy or has work queued: nothing is held."""
+
+
 class WriteQueue:
     """Every write plan under load, in call order, one batch at a time: a batch of bounded plans
     runs on the event loop's thread and only its ``COMMIT`` (the fsync) goes to a thread; any
@@ -330,23 +344,27 @@ class WriteQueue:
     jobs queued so far (up to ``BATCH``) form a batch. When all of them are *bounded* (their
     work is bounded by one request: a round, an audit entry) and *begin* opens a transaction at
     once (the writer thread idle, the turn file and SQLite's write lock free), the jobs run on
-    the loop's thread
-    (:func:`run_transaction` without committing) and the commit thread runs
-    :func:`finish_transaction`, then *end*, which gives the lock back. Otherwise the batch goes to
-    *fallback* (the writer thread, which waits for the lock): a plan that may take long (erasing
-    a large session) must not stall every request on the loop. Jobs queued meanwhile wait for the
-    batch to end and form the next one, so plans are taken in call order across both paths.
+    the loop's thread (:func:`run_transaction` without committing) and the commit thread runs
+    :func:`finish_transaction`, then *end*, which gives the lock back. When only the lock is
+    missing (another gateway process or the CLI is writing: :attr:`Begin.BLOCKED`), the commit
+    thread waits for it (*wait*, which blocks in the kernel, not on the interpreter lock) and the
+    batch then runs on the loop as above, joined by the bounded jobs queued meanwhile (up to
+    ``BATCH``); a wait that fails (the lock never came) fails those jobs with its error.
+    Otherwise the batch goes to *fallback* (the writer thread, which waits for the lock): a plan
+    that may take long (erasing a large session) must not stall every request on the loop. Jobs
+    queued meanwhile wait for the batch to end and form the next one, so plans are taken in call
+    order across both paths.
 
     On the loop, a batch's Python work (the plans, sealing, the statements) does not trade the
     interpreter lock back and forth with the loop's own work, as it does on the writer thread
     (about three hand-offs per round under load), and the loop serves requests while the disk
     syncs. Callers' futures are resolved after the commit, as on the writer thread."""
 
-    def __init__(self, conn: sqlite3.Connection, begin: Callable[[], bool], end: Callable[[], None],
-                 fallback: Callable[[Job], asyncio.Future[Any]],
+    def __init__(self, conn: sqlite3.Connection, begin: Callable[[], Begin], wait: Callable[[], None],
+                 end: Callable[[], None], fallback: Callable[[Job], asyncio.Future[Any]],
                  committing: Callable[[], None], committed: Callable[[], None]) -> None:
         self.conn = conn
-        self._begin, self._end, self._fallback = begin, end, fallback
+        self._begin, self._wait, self._end, self._fallback = begin, wait, end, fallback
         self._committing, self._committed = committing, committed
         self.on_batch: Callable[[float, int], None] | None = None
         """Told each batch's duration and size that ran on the loop (the writer thread tells its own)."""
@@ -383,22 +401,52 @@ class WriteQueue:
         self._scheduled = False
         if self._running is not None or not self._queued:
             return
-        batch, self._queued = self._queued[:BATCH], self._queued[BATCH:]  # as the writer thread: a bounded stall
         loop = asyncio.get_running_loop()
-        if all(bounded for _, bounded, _ in batch) and self._begin():
-            started = time.perf_counter()
-            outcomes = run_transaction(self.conn, [job for job, _, _ in batch], began=True, commit=False)
-            if not self.conn.in_transaction:  # rolled back already: nothing to commit
-                self._end()
-                return self._ran(batch, outcomes, started)
-            self._running = loop.run_in_executor(self._committer, self._commit, outcomes)
-            self._running.add_done_callback(lambda done: self._ran(batch, _commit_outcomes(done, len(batch)), started))
+        began = self._begin() if all(bounded for _, bounded, _ in self._queued[:BATCH]) else Begin.BUSY
+        if began is Begin.BEGUN:
+            self._run_begun()
+        elif began is Begin.BLOCKED:
+            self._running = loop.run_in_executor(self._committer, self._wait)
+            self._running.add_done_callback(self._waited)
         else:
+            batch, self._queued = self._queued[:BATCH], self._queued[BATCH:]  # as the writer thread: a bounded stall
             inner = [self._fallback(job) for job, _, _ in batch]
             for fut, (_, _, caller) in zip(inner, batch, strict=True):
                 fut.add_done_callback(functools.partial(_pass_on, caller))
             self._running = asyncio.gather(*inner, return_exceptions=True)
             self._running.add_done_callback(lambda _: self._ended())
+
+    def _take_bounded(self) -> list[tuple[Job, bool, asyncio.Future[Any]]]:
+        """The next batch for the loop: the queue's leading bounded jobs, at most ``BATCH``."""
+        n = 0
+        while n < min(BATCH, len(self._queued)) and self._queued[n][1]:
+            n += 1
+        batch, self._queued = self._queued[:n], self._queued[n:]
+        return batch
+
+    def _run_begun(self) -> None:
+        """Plan the next batch on the loop's thread inside the open transaction; commit it on the
+        commit thread."""
+        batch = self._take_bounded()
+        started = time.perf_counter()
+        outcomes = run_transaction(self.conn, [job for job, _, _ in batch], began=True, commit=False)
+        if not self.conn.in_transaction:  # rolled back already: nothing to commit
+            self._end()
+            return self._ran(batch, outcomes, started)
+        self._running = asyncio.get_running_loop().run_in_executor(self._committer, self._commit, outcomes)
+        self._running.add_done_callback(lambda done: self._ran(batch, _commit_outcomes(done, len(batch)), started))
+
+    def _waited(self, done: asyncio.Future[Any]) -> None:
+        """The commit thread's wait for the lock ended: run the batch, or fail it with the
+        wait's error (the lock never came)."""
+        self._running = None
+        error = _commit_error(done)
+        if error is None:
+            return self._run_begun()
+        self._end()
+        batch = self._take_bounded()
+        _resolve([(caller, (False, error)) for _, _, caller in batch])
+        self._ended()
 
     def _commit(self, outcomes: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
         try:
@@ -418,6 +466,13 @@ class WriteQueue:
         if self._queued and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._next)
+
+
+def _commit_error(done: asyncio.Future[Any]) -> BaseException | None:
+    """The error a commit-thread call ended with (None when it returned)."""
+    if done.cancelled():
+        return StoreUnavailable("the SQLite store failed to commit")
+    return done.exception()
 
 
 def _commit_outcomes(done: asyncio.Future[Any], jobs: int) -> list[tuple[bool, Any]]:
@@ -600,7 +655,7 @@ class SQLiteStore:
         self._writer = Lane("sqlite-writer", conn, self._write_batch)
         self._writer.on_batch = self.on_commit
         self._reader = Lane("sqlite-reader", reader, run_reads)
-        self._writes = WriteQueue(conn, self._begin_now, self._end_now, self._writer.enqueue,
+        self._writes = WriteQueue(conn, self._begin_now, self._begin_waiting, self._end_now, self._writer.enqueue,
                                   committing=self._unlocking, committed=self._committed)
         self._writes.on_batch = self.on_commit
 
@@ -692,11 +747,7 @@ class SQLiteStore:
     def _write_batch(self, conn: sqlite3.Connection, jobs: list[Job]) -> list[tuple[bool, Any]]:
         self._staged, self._batch_epoch = {}, None
         if not self._take_turn(wait=True):
-            log.error("store_turn_timeout", lock=f"{self.path}-writer.lock", waited_s=BUSY_WAIT_SECONDS,
-                      note="another gateway process holds the write turn: is one stopped or stuck?")
-            err = StoreUnavailable(f"the store is busy: another gateway process has held the write turn "
-                                   f"for over {BUSY_WAIT_SECONDS:g} s")
-            return [(False, err)] * len(jobs)
+            return [(False, self._turn_timeout())] * len(jobs)
         try:
             return run_transaction(conn, jobs, committing=self._unlocking, committed=self._committed)
         finally:
@@ -713,25 +764,44 @@ class SQLiteStore:
             self._unlocking()
             self._give_turn()
 
-    def _begin_now(self) -> bool:
+    def _begin_now(self) -> Begin:
         """A write transaction opened on the caller's thread without waiting (``WriteQueue``):
-        the writer thread idle, the turn file and SQLite's write lock free. False, holding
-        nothing, otherwise. Held until :meth:`_end_now`."""
+        the writer thread idle, the turn file and SQLite's write lock free. When only the lock is
+        taken (another process is writing), the writer's lane stays held and
+        :meth:`_begin_waiting` opens the transaction. Held until :meth:`_end_now`."""
         lane = self._writer
         if lane is None or not lane._busy.acquire(blocking=False):
-            return False
+            return Begin.BUSY
         if not lane._queue.empty():  # the writer thread has work it has not started: it goes first
             lane._busy.release()
-            return False
+            return Begin.BUSY
         self._staged, self._batch_epoch = {}, None
         if self._take_turn(wait=False):
             try:
                 lane.conn.execute("BEGIN IMMEDIATE")
-                return True
+                return Begin.BEGUN
             except sqlite3.OperationalError:  # another connection (the CLI) holds SQLite's lock
                 self._give_turn()
-        lane._busy.release()
-        return False
+        return Begin.BLOCKED
+
+    def _begin_waiting(self) -> None:
+        """After :attr:`Begin.BLOCKED`, on the commit thread: wait for the turn file and SQLite's
+        write lock, as the writer thread does, and open the transaction; ``StoreUnavailable``
+        when they do not come (the lane stays held: :meth:`_end_now` gives it back)."""
+        assert self._writer is not None
+        if not self._take_turn(wait=True):
+            raise self._turn_timeout()
+        try:
+            begin_waiting(self._writer.conn)
+        except sqlite3.Error as exc:
+            self._give_turn()
+            raise _unavailable(exc, "write") from exc
+
+    def _turn_timeout(self) -> StoreUnavailable:
+        log.error("store_turn_timeout", lock=f"{self.path}-writer.lock", waited_s=BUSY_WAIT_SECONDS,
+                  note="another gateway process holds the write turn: is one stopped or stuck?")
+        return StoreUnavailable(f"the store is busy: another gateway process has held the write turn "
+                                f"for over {BUSY_WAIT_SECONDS:g} s")
 
     def _end_now(self) -> None:
         """The transaction :meth:`_begin_now` opened is over (committed or rolled back): give the

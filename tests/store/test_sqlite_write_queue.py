@@ -5,6 +5,7 @@ thread. Each test makes the store busy (``quiet`` False), as a gateway under loa
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import json
 import sqlite3
@@ -183,28 +184,63 @@ def test_closing_the_store_commits_what_is_queued(tmp_path: Path) -> None:
     assert stored(path) == ["p", "q", "r"]
 
 
-def test_a_bounded_write_waits_on_the_writer_thread_while_another_connection_holds_the_lock(
+def test_a_bounded_batch_waits_for_the_lock_on_the_commit_thread_and_is_planned_on_the_loop(
         tmp_path: Path) -> None:
-    """The loop never waits for a lock: with SQLite's write lock held elsewhere, the batch goes
-    to the writer thread, which commits it once the lock is free."""
+    """The loop never waits for a lock: with SQLite's write lock held elsewhere, the commit
+    thread waits for it; once it is free the batch is planned on the loop's thread, joined by
+    the bounded writes asked for meanwhile, in one transaction."""
     path = tmp_path / "db.sqlite"
     ran: list[str] = []
+    batches: list[int] = []
 
-    async def scenario(store: SQLiteStore) -> str:
+    async def scenario(store: SQLiteStore) -> list[Any]:
         await store.transact("acme", None, entry("before"), bounded=True)
+        assert store._writes is not None
+        store._writes.on_batch = lambda seconds, n: batches.append(n)
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
-        fut = store.transact("acme", None, entry("w", ran), bounded=True)
+        first = store.transact("acme", None, entry("w", ran), bounded=True)
         await asyncio.sleep(0.05)
-        waiting = not fut.done()
+        later = [store.transact("acme", None, entry(f"w{i}", ran), bounded=True) for i in range(2)]
+        await asyncio.sleep(0.05)
+        waiting = not first.done() and not ran  # nothing planned while the lock is elsewhere
         holder.execute("COMMIT")
         holder.close()
         assert waiting
-        return str((await fut).result)
+        return [c.result for c in await asyncio.gather(first, *later)]
 
-    assert run(path, scenario) == "w"
-    assert ran[0].startswith("w@sqlite-writer")
-    assert stored(path) == ["before", "w"]
+    assert run(path, scenario) == ["w", "w0", "w1"]
+    assert ran == ["w@MainThread", "w0@MainThread", "w1@MainThread"]
+    assert batches == [3]
+    assert stored(path) == ["before", "w", "w0", "w1"]
+
+
+def test_a_bounded_batch_whose_lock_never_comes_fails_and_gives_the_lane_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another gateway process holds the turn file past ``BUSY_WAIT_SECONDS``: the waiting
+    batch fails as unavailable, saying why, and the next write, once the turn is free, commits."""
+    monkeypatch.setattr(sqlite_store, "BUSY_WAIT_SECONDS", 0.2)
+    path = tmp_path / "db.sqlite"
+
+    async def scenario(store: SQLiteStore) -> tuple[BaseException | None, str]:
+        await store.transact("acme", None, entry("before"), bounded=True)
+        with open(f"{path}-writer.lock", "a+b") as turn:
+            fcntl.flock(turn, fcntl.LOCK_EX)  # another process's turn (flock locks are per open file)
+            failed = await asyncio.gather(store.transact("acme", None, entry("lost"), bounded=True),
+                                          return_exceptions=True)
+            fcntl.flock(turn, fcntl.LOCK_UN)
+        assert store._writer is not None
+        if not store._writer._busy.acquire(blocking=False):  # given back (else every later write would hang)
+            pytest.fail("the writer's lane was not given back after the failed wait")
+        store._writer._busy.release()
+        after = await store.transact("acme", None, entry("after"), bounded=True)
+        error = failed[0] if isinstance(failed[0], BaseException) else None
+        return error, str(after.result)
+
+    error, after = run(path, scenario)
+    assert isinstance(error, StoreUnavailable) and "write turn" in error.message
+    assert after == "after"
+    assert stored(path) == ["before", "after"]
 
 
 @pytest.mark.parametrize("bounded", [True, False])
