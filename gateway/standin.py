@@ -576,6 +576,12 @@ def make_app(*, chunks: int = 20, reply: Reply | None = None, on_request: OnRequ
     return app
 
 
+BACKLOG = 1024
+"""The listen backlog, as the gateway's own listener: a burst of new connections (the gateway
+opening its upstream connections for a burst of clients) is queued, not dropped. aiohttp's
+default of 128 dropped the rest, and each dropped connection waited a second for its retry."""
+
+
 async def run_standin(host: str = "127.0.0.1", port: int = 0, **kw: Any) -> tuple[web.AppRunner, int]:
     """Start the stand-in on ``host:port`` (0 picks a free port) in the running loop.
 
@@ -584,7 +590,7 @@ async def run_standin(host: str = "127.0.0.1", port: int = 0, **kw: Any) -> tupl
     """
     runner = web.AppRunner(make_app(**kw), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
     return runner, runner.addresses[0][1]
 
 
@@ -626,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
         loop = asyncio.new_event_loop()
     app = make_app(chunks=args.chunks, latency=args.latency)
     print(f"sessiongate stand-in model on http://{args.host}:{args.port}/v1", flush=True)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop,
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop, backlog=BACKLOG,
                 shutdown_timeout=1.0)
 
 

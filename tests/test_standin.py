@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import select
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.standin import default_reply, sample_json, standin_thread
+from gateway.standin import default_reply, run_standin, sample_json, standin_thread
 
 AGENTLY_PROMPT = (
     "[INFO]:\n- task: Summarize #0\n\n[INSTRUCT]:\nbe brief\n\n[INPUT]:\nlang: en\nnoise: ignored\n\n\n"
@@ -206,3 +210,28 @@ def test_fail_drop_mid_json(base_url: str) -> None:
         response = httpx.post(f"{base_url}/chat/completions", json={"model": "standin", "messages": ask()},
                               headers={"X-Standin-Fail": "drop-mid-stream"})
     assert response is None
+
+
+def test_the_stand_in_queues_a_burst_of_new_connections_beyond_aiohttps_default_backlog() -> None:
+    """300 connections opened at once while the stand-in's loop accepts none: the kernel
+    completes each handshake into the listen queue (a full queue drops the connection attempt,
+    which then waits a second for its retry: what a gateway opening its upstream pool for a
+    burst of clients hit with aiohttp's default of 128)."""
+    loop = asyncio.new_event_loop()
+    runner, port = loop.run_until_complete(run_standin())
+    socks = [socket.socket() for _ in range(300)]
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        deadline = time.monotonic() + 2.0
+        pending = set(socks)
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], 0.1)
+            pending -= {s for s in writable if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0}
+        assert len(socks) - len(pending) == 300
+    finally:
+        for sock in socks:
+            sock.close()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
