@@ -69,23 +69,27 @@ async def error_middleware(request: web.Request,
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
         message = f"{request.method} {request.path} is not a sessiongate route" if exc.status in (404, 405) \
             else exc.reason
-        return json_response({"error": {"message": message, "type": kind, "code": code}}, status=exc.status)
+        return _refusal(request, {"message": message, "type": kind, "code": code}, exc.status)
     except RequestPayloadError as exc:
         log.info("bad_request_body", path=request.path, error=type(exc.__cause__ or exc).__name__)
-        return json_response({"error": {"message": "the request body could not be read: invalid chunked "
-                                        "framing or content encoding", "type": "invalid_request_error",
-                                        "code": "invalid_body"}}, status=400)
+        return _refusal(request, {"message": "the request body could not be read: invalid chunked framing or "
+                                             "content encoding", "type": "invalid_request_error",
+                                  "code": "invalid_body"}, 400)
     except ConnectionResetError as exc:
         if request.transport is not None and not request.transport.is_closing():
             log.error("unhandled_error", path=request.path, **exception_fields(exc))
-            return json_response(INTERNAL_ERROR, status=500)
+            return _refusal(request, INTERNAL_ERROR["error"], 500)
         log.info("client_disconnected", path=request.path)
-        return json_response({"error": {"message": "client disconnected", "type": "invalid_request_error",
-                                        "code": "client_disconnected"}}, status=400)
+        return _refusal(request, {"message": "client disconnected", "type": "invalid_request_error",
+                                  "code": "client_disconnected"}, 400)
     except Exception as exc:  # types and frames only: the failing code may have seen content
         log.error("unhandled_error", path=request.path, **exception_fields(exc))
-        return json_response({"error": {"message": "the gateway hit an internal error; it has been logged",
-                                        "type": "server_error", "code": "internal_error"}}, status=500)
+        return _refusal(request, INTERNAL_ERROR["error"], 500)
+
+
+def _refusal(request: web.Request, error: dict[str, str], status: int) -> web.Response:
+    """*error* (OpenAI's fields) as a response in the shape of the route's protocol."""
+    return json_response(render_error(request.path, {"error": error}, status), status=status)
 
 
 def _version() -> str:

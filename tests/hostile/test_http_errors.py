@@ -1,6 +1,7 @@
 """aiohttp's own refusals, a non-UTF-8 key, a bad chunked body and a client that hangs up
-mid-body, replayed over raw sockets against ``sessiongate serve``: every error is OpenAI's
-shape, no header value is echoed, and nothing of the request (the canary key) reaches the log."""
+mid-body, replayed over raw sockets against ``sessiongate serve``: every error is in the shape
+of the route's protocol (OpenAI's; Anthropic's on ``/v1/messages``), no header value is echoed,
+and nothing of the request (the canary key) reaches the log."""
 
 from __future__ import annotations
 
@@ -134,6 +135,18 @@ def test_bad_chunk_after_the_head_is_a_400(gw: ServedGateway) -> None:
     assert b"CANARY" not in reply
     stderr = gw.stderr()
     assert "CANARY" not in stderr and "Traceback" not in stderr and "unhandled_error" not in stderr
+
+
+def test_bad_chunk_on_messages_is_a_400_in_anthropics_shape(gw: ServedGateway) -> None:
+    """The same on ``/v1/messages``: the refusal is in Anthropic's shape, which its SDK parses."""
+    head = (b"POST /v1/messages HTTP/1.1\r\nHost: gw\r\nx-api-key: sg-demo-acme\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n")
+    reply = exchange(gw, head, b"zz-" + CANARY + b"\r\n", pause=0.3)
+    head_part, _, body = reply.partition(b"\r\n\r\n")
+    doc = orjson.loads(body)
+    assert int(head_part.split(b" ")[1]) == 400
+    assert doc == {"type": "error", "error": {"type": "invalid_request_error", "message": doc["error"]["message"]}}
+    assert "chunked" in doc["error"]["message"] and b"CANARY" not in reply
 
 
 def test_client_that_hangs_up_mid_body_is_a_quiet_info_line(gw: ServedGateway) -> None:

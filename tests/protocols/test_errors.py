@@ -77,3 +77,23 @@ def test_bad_input_is_400_in_the_protocols_shape(pgw: Gateway, path: str, body: 
     else:
         assert doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error"
         assert set(doc["error"]) == {"type", "message"}
+
+
+def _anthropic_shaped(doc: dict, kind: str) -> bool:
+    return doc["type"] == "error" and set(doc["error"]) == {"type", "message"} and doc["error"]["type"] == kind
+
+
+def test_an_internal_error_on_messages_is_a_500_in_anthropics_shape(pgw: Gateway,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected failure inside the gateway reaches an Anthropic client as Anthropic's
+    ``api_error``, which its SDK raises as a server error."""
+    from gateway.codecs.messages import MessagesCodec
+
+    def broken(self: MessagesCodec, body: dict) -> None:
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(MessagesCodec, "check", broken)
+    r = httpx.post(f"{pgw.url}/v1/messages", headers={"x-api-key": ACME_KEY}, timeout=10,
+                   json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 500 and _anthropic_shaped(r.json(), "api_error")
+    with pytest.raises(anthropic.InternalServerError):
+        anthropic_client(pgw).messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
