@@ -1,6 +1,7 @@
-"""Property-based fuzzing of the chat route (JSON and stream) and the session routes against a
-real gateway on loopback, under a keyed policy, with a canary in every field the policy does not
-whitelist. A fixed, derandomised example budget keeps it bounded (about ten seconds).
+"""Property-based fuzzing of the model routes (Chat Completions, Responses, Messages; JSON and
+stream) and the session routes against a real gateway on loopback, under a keyed policy, with a
+canary in every field the policy does not whitelist. A fixed, derandomised example budget keeps
+it bounded (a few seconds).
 
 Properties: client input never gets a 5xx; every request that reached the upstream has its
 audit entry; the canary appears in no file the gateway wrote (database, WAL, log, checkpoints)
@@ -20,7 +21,7 @@ from urllib.parse import quote
 
 import httpx
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway, Upstream
@@ -37,6 +38,7 @@ session:
   inject: {context_window: true, memo: false}
 """
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+ROUTES = ("/v1/chat/completions", "/v1/responses", "/v1/messages")
 
 safe_text = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789-_ ", max_size=12)
 any_text = st.text(max_size=40)  # any code point but surrogates: control characters, NUL, RTL, emoji
@@ -47,7 +49,7 @@ def with_canary(fuzz: str) -> str:
     return f"{fuzz}{CANARY}{fuzz[::-1]}"
 
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False),
                       any_text.map(with_canary))
 json_value = st.recursive(json_leaf, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(safe_text, inner, max_size=3)), max_leaves=8)
@@ -73,20 +75,38 @@ chat_body = st.fixed_dictionaries(
     {"messages": st.one_of(st.lists(message, min_size=1, max_size=4).map(
         lambda ms: [*ms, {"role": "user", "content": ms[-1].get("content", "") if isinstance(ms[-1], dict)
                           else with_canary("")}]), json_value)},
-    optional={"model": st.one_of(st.sampled_from(["gpt-4o", "standin"]), safe_text, st.integers(), st.none()),
-              "stream": st.one_of(st.booleans(), st.none(), st.just("yes"), st.integers()),
+    optional={"model": st.one_of(st.sampled_from(["gpt-4o", "standin"]), safe_text, st.integers(-2**63, 2**63 - 1),
+                                 st.none()),
+              "stream": st.one_of(st.booleans(), st.none(), st.just("yes"), st.integers(-2**63, 2**63 - 1)),
               "temperature": st.one_of(st.floats(allow_nan=False), st.text(max_size=3)),
               "metadata": st.dictionaries(safe_text, any_text.map(with_canary), max_size=2),
               "user": any_text.map(with_canary)})
 session_id = st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,20}", fullmatch=True),
                        header_text)
+responses_body = st.fixed_dictionaries(
+    {"input": st.one_of(any_text.map(with_canary), st.lists(message, max_size=3), json_value)},
+    optional={"model": st.sampled_from(["standin", "gpt-4o"]), "stream": st.booleans(),
+              "instructions": any_text.map(with_canary), "previous_response_id": safe_text})
+text_blocks = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": any_text.map(with_canary)}),
+                       min_size=1, max_size=2)
+messages_body = st.fixed_dictionaries(
+    {"model": st.sampled_from(["standin", "claude-x"]), "max_tokens": st.integers(1, 4096),
+     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
+                                                 "content": st.one_of(any_text.map(with_canary), text_blocks)}),
+                          max_size=3).map(lambda ms: [*ms, {"role": "user", "content": with_canary("q")}])},
+    optional={"system": st.one_of(any_text.map(with_canary), text_blocks), "stream": st.booleans(),
+              "metadata": st.dictionaries(safe_text, any_text.map(with_canary), max_size=2)})
 raw_body = st.one_of(
     chat_body.map(lambda b: orjson.dumps(b)),
     chat_body.map(lambda b: orjson.dumps(b)[:-3]),  # truncated
     st.binary(max_size=60).map(lambda b: b + CANARY.encode() + b),
 )
 
-chat_op = st.tuples(st.just("chat"), session_id, raw_body)
+chat_op = st.one_of(
+    st.tuples(st.just(ROUTES[0]), session_id, raw_body),
+    st.tuples(st.just(ROUTES[1]), session_id, st.one_of(responses_body.map(orjson.dumps), raw_body)),
+    st.tuples(st.just(ROUTES[2]), session_id, st.one_of(messages_body.map(orjson.dumps), raw_body)),
+)
 session_op = st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "RESET"]),
                        st.one_of(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,20}", fullmatch=True),
                                  any_text.filter(bool)),
@@ -100,11 +120,11 @@ session_op = st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "RESET"]),
 
 def send(client: httpx.Client, op: tuple[str, str | None, bytes]) -> httpx.Response:
     kind, sid, body = op
-    if kind == "chat":
-        headers = {**AUTH, "Content-Type": "application/json"}
+    if kind in ROUTES:
+        headers = {**AUTH, "Content-Type": "application/json", "anthropic-version": "2023-06-01"}
         if sid is not None:
             headers["X-Session-Id"] = sid.encode()  # type: ignore[assignment]
-        with client.stream("POST", "/v1/chat/completions", content=body, headers=headers) as resp:
+        with client.stream("POST", kind, content=body, headers=headers) as resp:
             resp.read()
             return resp
     assert sid is not None
@@ -138,20 +158,29 @@ def test_fuzzed_chat_and_session_requests_keep_every_promise(make_gateway: Calla
     policies.mkdir()
     (policies / "keyed.yaml").write_text(POLICY)
     upstream.reply = lambda body: orjson.dumps({"resolution": "done", "notes": CANARY}).decode()
-    gateway = make_gateway(policies)
+    gateway = make_gateway(policies, upstreams=[  # the stand-in speaks both protocols
+        {"name": "standin", "base_url": upstream.url, "models": ["*"]},
+        {"name": "standin-anthropic", "base_url": upstream.url, "models": ["*"], "protocol": "anthropic"}])
     statuses: list[int] = []
+    answered: set[str] = set()
 
     with httpx.Client(base_url=gateway.url, timeout=30) as client:
-        @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+        @settings(max_examples=90, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(st.one_of(chat_op, session_op))
         def one_request(op: tuple[str, str | None, bytes]) -> None:
-            resp = send(client, op)
+            try:
+                resp = send(client, op)
+            except httpx.LocalProtocolError:  # a header value the client itself will not send
+                reject()
             statuses.append(resp.status_code)
+            if resp.status_code == 200:
+                answered.add(op[0])
             assert resp.status_code < 500, (op[0], resp.status_code, resp.text[:300])
             if resp.status_code >= 400:
                 error = resp.json()["error"]
-                assert {"message", "type", "code"} <= set(error)
+                shape = {"message", "type"} if op[0] == "/v1/messages" else {"message", "type", "code"}  # Anthropic's
+                assert shape <= set(error)
                 assert CANARY not in resp.text
 
         one_request()
@@ -159,6 +188,7 @@ def test_fuzzed_chat_and_session_requests_keep_every_promise(make_gateway: Calla
                             headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"})
     assert bundle.status_code == 200
     assert any(s == 200 for s in statuses) and any(400 <= s < 500 for s in statuses)
+    assert answered >= set(ROUTES)  # every model route answered some of it
     assert len(upstream.requests) > 0
     assert audit_rounds(gateway) == len(upstream.requests)
     for name, data in written_files(gateway).items():
