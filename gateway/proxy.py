@@ -14,7 +14,8 @@ Contract, in order:
    method other than POST).
 4. The body (``server.max_body_bytes``) is read; a JSON body's ``model`` must be a printable
    string of at most 256 characters (400 ``invalid_model`` otherwise) before it is used,
-   logged or audited. It picks the upstream.
+   logged or audited. It picks the upstream. A JSON body is forwarded as parsed (a key sent
+   twice goes once, with the value that was routed and audited); other bodies as they came.
 5. The route must be in that upstream's ``forward_routes`` (403 otherwise, saying how to allow
    it): account-wide provider state (files, batches, assistants, ...) is not shared by tenants
    unless the operator says so.
@@ -41,7 +42,7 @@ from aiohttp import web
 from gateway.context import Services
 from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
 from gateway.observe import set_outcome
-from gateway.stages.parse_request import check_model, read_limited
+from gateway.stages.parse_request import THREAD_ABOVE_BYTES, check_model, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
 from gateway.store.base import Changes
@@ -125,18 +126,23 @@ def refuse_gateway_paths(method: str, route: Route) -> None:
         raise web.HTTPNotFound()  # another spelling of the chat route: never forwarded unrecorded
 
 
-def model_of(body: bytes | None, content_type: str) -> str | None:
-    """The ``model`` of a JSON body, validated; None when there is none. ``BadRequest`` when it
-    is not a printable string of at most 256 characters (nothing of it is echoed)."""
+def json_body(body: bytes | None, content_type: str) -> tuple[bytes | None, str | None]:
+    """The body to forward and its ``model`` (None when there is none).
+
+    A JSON body (``application/json``) that parses is forwarded as the gateway parsed it, so a
+    key sent twice reaches the provider once, with the value that routed and audited it; any
+    other body goes as it came. ``BadRequest`` when ``model`` is not a printable string of at
+    most 256 characters (nothing of it is echoed).
+    """
     if not body or content_type != "application/json":
-        return None
+        return body, None
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None  # not ours to judge: the provider answers it
+        return body, None  # not ours to judge: the provider answers it
     model = parsed.get("model") if isinstance(parsed, dict) else None
     check_model(model)  # the chat route's rule, so both routes refuse the same values
-    return model if isinstance(model, str) else None
+    return orjson.dumps(parsed), model if isinstance(model, str) else None
 
 
 async def forward_route(request: web.Request, services: Services, request_id: str) -> web.StreamResponse:
@@ -145,7 +151,10 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     route = parse_route(request.raw_path)
     refuse_gateway_paths(request.method, route)
     body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
-    model = model_of(body, request.content_type)
+    if body is not None and len(body) > THREAD_ABOVE_BYTES:
+        body, model = await asyncio.to_thread(json_body, body, request.content_type)
+    else:
+        body, model = json_body(body, request.content_type)
     upstream = services.upstreams.route(model)
     if not upstream.allows(route.segments):
         rule = "/".join(route.segments[:1])

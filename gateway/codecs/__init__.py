@@ -13,7 +13,7 @@ few things that differ. A codec is a stateless object with:
 ``implied_session`` a session the request names by itself (a ``previous_response_id`` chain)
                     and the response id the client is shown instead of the upstream's ("" none)
 ``forward_body``    the body sent upstream with the window and memo injected in its own form
-                    (None: the client's bytes go unchanged)
+                    (None: nothing to inject; the parsed body is sent as parsed)
 ``parse_reply``     the assistant message (neutral form) of a JSON reply body
 ``assembler``       a fresh stream assembler (``add_events``, ``message()``, ``response()``,
                     ``finished``: the reply says it is over; ``completed``: a stream that ended
