@@ -126,8 +126,9 @@ def refuse_gateway_paths(method: str, route: Route) -> None:
         raise web.HTTPNotFound()  # another spelling of the chat route: never forwarded unrecorded
 
 
-def json_body(body: bytes | None, content_type: str) -> tuple[bytes | None, str | None]:
-    """The body to forward and its ``model`` (None when there is none).
+def json_body(body: bytes | None, content_type: str) -> tuple[bytes | None, str | None, bool]:
+    """The body to forward, its ``model`` (None when there is none), and whether the body is
+    JSON the gateway serialised.
 
     A JSON body (``application/json``) that parses is forwarded as the gateway parsed it, so a
     key sent twice reaches the provider once, with the value that routed and audited it; any
@@ -135,14 +136,14 @@ def json_body(body: bytes | None, content_type: str) -> tuple[bytes | None, str 
     most 256 characters (nothing of it is echoed).
     """
     if not body or content_type != "application/json":
-        return body, None
+        return body, None, False
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body, None  # not ours to judge: the provider answers it
+        return body, None, False  # not ours to judge: the provider answers it
     model = parsed.get("model") if isinstance(parsed, dict) else None
     check_model(model)  # the chat route's rule, so both routes refuse the same values
-    return orjson.dumps(parsed), model if isinstance(model, str) else None
+    return orjson.dumps(parsed), model if isinstance(model, str) else None, True
 
 
 async def forward_route(request: web.Request, services: Services, request_id: str) -> web.StreamResponse:
@@ -152,9 +153,9 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     refuse_gateway_paths(request.method, route)
     body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
     if body is not None and len(body) > THREAD_ABOVE_BYTES:
-        body, model = await asyncio.to_thread(json_body, body, request.content_type)
+        body, model, is_json = await asyncio.to_thread(json_body, body, request.content_type)
     else:
-        body, model = json_body(body, request.content_type)
+        body, model, is_json = json_body(body, request.content_type)
     upstream = services.upstreams.route(model)
     if not upstream.allows(route.segments):
         rule = "/".join(route.segments[:1])
@@ -172,7 +173,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     sent = 0
     try:
         async with services.upstreams.open(upstream, request.method, route.path, body=body,
-                                           headers=request.headers, query=route.query) as reply:
+                                           headers=request.headers, query=route.query, json=is_json) as reply:
             audit["upstream_status"] = reply.status
             out = web.StreamResponse(status=reply.status,
                                      headers={**reply.headers, "X-Sessiongate-Request-Id": request_id})

@@ -313,16 +313,20 @@ class Upstreams:
 
     @contextlib.asynccontextmanager
     async def open(self, up: Upstream, method: str, path: str, *, body: bytes | None,
-                   headers: Mapping[str, str], query: str = "") -> AsyncIterator[UpstreamReply]:
+                   headers: Mapping[str, str], query: str = "", json: bool = False) -> AsyncIterator[UpstreamReply]:
         """Send one request and yield its reply; the connection is released on exit.
 
-        *path* and *query* are percent-encoded already and are sent exactly as given."""
+        *path* and *query* are percent-encoded already and are sent exactly as given. With
+        *json*, *body* is JSON the gateway serialised (UTF-8) and goes as ``application/json``
+        whatever ``Content-Type`` the client claimed."""
         assert self._session is not None, "Upstreams.start() was not awaited"
         out = {h: v for h in FORWARD_HEADERS if (v := headers.get(h)) is not None}
         if up.protocol == "anthropic":
             out.update({h: v for h in ANTHROPIC_HEADERS if (v := headers.get(h)) is not None})
             out.setdefault("anthropic-version", ANTHROPIC_VERSION)
         out["Accept-Encoding"] = self._accept.get(up.name, "identity")
+        if json:
+            out["Content-Type"] = "application/json"
         out.update(up.headers)
         url = URL(f"{up.base_url}{path}" + (f"?{query}" if query else ""), encoded=True)
         try:

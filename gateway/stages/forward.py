@@ -72,7 +72,7 @@ async def _forward(ctx: Context, headers: Mapping[str, str]) -> None:
     assert ctx.upstream is not None
     ctx.outcome = "upstream_error"  # until proven otherwise
     async with ctx.services.upstreams.open(ctx.upstream, "POST", ctx.codec.upstream_path,
-                                           body=ctx.forward_body, headers=headers) as reply:
+                                           body=ctx.forward_body, headers=headers, json=True) as reply:
         ctx.upstream_status = reply.status
         if reply.status >= 400 or not reply.streaming:
             await _read_reply(ctx, reply)

@@ -5,7 +5,8 @@ some providers' parsers keep the first. A client that sent the raw bytes through
 under the first ``messages`` (or ``content``, ``input``, ``model``) that the model reads and the
 record never holds. The gateway forwards the body as it parsed it, so the provider gets each key
 once, with the value that was recorded, routed and audited. The upstream here keeps the bytes
-that reached it and is read with a first-wins parser, the reading the attack relies on.
+that reached it and is read with a first-wins parser, the reading the attack relies on. JSON
+the gateway serialised goes as ``application/json`` (UTF-8), whatever charset the client claimed.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ class Capture:
 
     url: str = ""
     seen: list[tuple[str, bytes]] = field(default_factory=list)
+    content_types: list[str | None] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append((request.path, await request.read()))
+        self.content_types.append(request.headers.get("Content-Type"))
         return web.json_response(REPLIES.get(request.path, {"object": "list", "data": []}))
 
 
@@ -164,9 +167,23 @@ def test_a_forwarded_route_sends_the_model_it_routed_and_audited(gw: Gateway, ca
     assert entry["model"] == "text-embedding-3-small"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings"])
+def test_json_the_gateway_serialised_goes_as_json_whatever_the_client_claimed(gw: Gateway, capture: Capture,
+                                                                              path: str) -> None:
+    """A provider that honoured a client's ``charset=utf-16`` would read other text than the
+    UTF-8 the gateway recorded and sends."""
+    raw = '{"model": "gpt-4o", "input": "é", "messages": [{"role": "user", "content": "héllo"}]}'.encode()
+    resp = httpx.post(gw.url + path, content=raw, timeout=30,
+                      headers={**AUTH, "Content-Type": "application/json; charset=utf-16"})
+    assert resp.status_code == 200, resp.text
+    assert capture.content_types == ["application/json"]
+    assert orjson.loads(capture.seen[-1][1]) == orjson.loads(raw)
+
+
 def test_a_forwarded_body_that_is_not_json_goes_as_it_came(gw: Gateway, capture: Capture) -> None:
     raw = b"input=x&model=a&model=b"
     resp = httpx.post(gw.url + "/v1/embeddings", content=raw, timeout=30,
                       headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"})
     assert resp.status_code == 200, resp.text
     assert capture.seen[-1][1] == raw
+    assert capture.content_types == ["application/x-www-form-urlencoded"]
