@@ -56,7 +56,6 @@ from gateway.paths import KeyPath
 
 MEMO_HEADER = "[CHAT SESSION MEMO]:\n"
 SYSTEM_ROLES = frozenset({"system", "developer"})
-INPUT_ROLES = frozenset({"user", "tool", "function"})
 
 _SECTION_HEADER = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
 _FENCE_LANG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
@@ -176,12 +175,12 @@ def new_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def input_text(messages: Sequence[dict[str, Any]]) -> str | None:
-    """The full text of this round's new user/tool messages, exactly as the client sent them,
-    joined by a blank line; None when empty. Nothing the client sent is left out."""
+    """The full text of this round's new messages, exactly as the client sent them, joined by a
+    blank line; None when empty. Nothing the client sent is left out: a role the gateway does not
+    know (``narrator``, ``User``), which a lenient provider may still show the model, is
+    recorded like a user's."""
     texts = []
     for message in new_messages(messages):
-        if message.get("role") not in INPUT_ROLES:
-            continue
         text = content_text(message.get("content"))
         if text.strip():
             texts.append(text)

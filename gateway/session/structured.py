@@ -22,7 +22,7 @@ import hashlib
 from typing import Any
 
 from gateway.policy import Policy
-from gateway.session.record import INPUT_ROLES, new_messages
+from gateway.session.record import new_messages
 
 Message = dict[str, Any]
 MEDIA_TYPES = frozenset({"image_url", "file", "input_audio"})
@@ -95,8 +95,6 @@ def structured_round(policy: Policy, messages: list[Message], reply: Message | N
     out: list[Message] = []
     for m in new_messages(messages):
         role = m.get("role")
-        if role not in INPUT_ROLES:
-            continue
         if role in ("tool", "function"):
             if drop_tools:
                 continue

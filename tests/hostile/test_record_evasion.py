@@ -127,6 +127,38 @@ def test_keyed_policy_without_the_memo_key_records_none_of_it(keyed: Callable[[s
     assert CANARY not in orjson.dumps(document).decode()
 
 
+# --- roles the gateway does not know --------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["narrator", "User", "Tool"])
+def test_a_message_under_an_unknown_role_is_recorded(gateway: Gateway, upstream: Upstream, role: str) -> None:
+    """OpenAI refuses roles it does not know, but a lenient provider (an OpenAI-compatible
+    server that lower-cases roles or renders any role into its chat template) shows the message
+    to the model, so the record must hold it too."""
+    messages = [{"role": role, "content": CANARY}, {"role": "user", "content": "and hello"}]
+    resp = httpx.post(f"{gateway.base_url}/chat/completions", headers={**AUTH, "X-Session-Id": "roles:1"},
+                      json={"model": "standin", "messages": messages}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert upstream.requests[-1]["messages"][0] == {"role": role, "content": CANARY}
+    assert exported(gateway, "roles:1")["full_context"][0] == {"role": "user", "content": f"{CANARY}\n\nand hello"}
+
+
+def test_an_unknown_role_is_recorded_in_a_structured_round(gateway: Gateway, upstream: Upstream) -> None:
+    """A round with a tool result is recorded as structured messages; a message under a role the
+    gateway does not know is recorded there as a user message."""
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "narrator", "content": CANARY}]
+    resp = httpx.post(f"{gateway.base_url}/chat/completions", headers={**AUTH, "X-Session-Id": "roles:2"},
+                      json={"model": "standin", "messages": messages}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    recorded = exported(gateway, "roles:2")["full_context"]
+    assert {"role": "tool", "tool_call_id": "c1", "content": "sunny"} in recorded
+    assert {"role": "user", "content": CANARY} in recorded
+
+
 # --- a record step that fails fails closed ------------------------------------------------------
 
 
