@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.app import build_app
 from gateway.errors import ConfigError
+from gateway.policy.hooks import resolve_hook
 from gateway.settings import load_settings
 from tests.conftest import REPO, write_config
 
@@ -86,6 +87,7 @@ def test_a_hook_policy_needs_the_operators_allow_list(tmp_path: Path, monkeypatc
     import sys
     monkeypatch.syspath_prepend(str(REPO / "tests" / "session"))
     monkeypatch.delitem(sys.modules, "fold_hook", raising=False)
+    resolve_hook.cache_clear()  # a hook resolved by an earlier test would not be imported again
     folder = tmp_path / "policies"
     folder.mkdir()
     (folder / "default.yaml").write_text(HOOK_POLICY)
