@@ -64,6 +64,15 @@ def _part(block: dict[str, Any]) -> Any:
     return block
 
 
+def _result_of(content: Any) -> Any:
+    """A ``tool_result``'s content, neutral: its text when it is text only (blocks joined by
+    "\n"), else its blocks as parts (an image, a document, a search result is kept for the
+    record's media policy and the whitelist, never dropped)."""
+    if isinstance(content, list) and not all(isinstance(b, dict) and b.get("type") == "text" for b in content):
+        return [_part(b) if isinstance(b, dict) else b for b in content]
+    return _text_of(content)
+
+
 def _simplify(parts: list[Any]) -> Any:
     if len(parts) == 1 and isinstance(parts[0], dict) and parts[0].get("type") == "text":
         return parts[0]["text"]
@@ -92,7 +101,7 @@ def to_messages(body: dict[str, Any]) -> list[Message]:
                                            "arguments": orjson.dumps(block.get("input", {})).decode()}})
             elif block.get("type") == "tool_result":
                 out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
-                            "content": _text_of(block.get("content"))})
+                            "content": _result_of(block.get("content"))})
             else:
                 parts.append(_part(block))
         if calls:
@@ -127,8 +136,9 @@ def to_anthropic(messages: list[Message]) -> list[Message]:
         blocks: list[Any] = []
         if role == "tool":
             role = "user"
+            result = m.get("content")
             blocks.append({"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
-                           "content": _text_of(m.get("content"))})
+                           "content": [_block(p) for p in result] if isinstance(result, list) else _text_of(result)})
         else:
             content = m.get("content")
             if isinstance(content, str) and content:

@@ -56,6 +56,7 @@ from gateway.paths import KeyPath
 
 MEMO_HEADER = "[CHAT SESSION MEMO]:\n"
 SYSTEM_ROLES = frozenset({"system", "developer"})
+MEDIA_TYPES = frozenset({"image_url", "file", "input_audio"})
 
 _SECTION_HEADER = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
 _FENCE_LANG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
@@ -157,6 +158,22 @@ def content_text(content: Any) -> str:
     return str(content)
 
 
+def _input_content_text(content: Any) -> str:
+    """``content_text`` of client input, where a part that is not text (a type the gateway does
+    not know, a text part whose ``text`` is not a string, a bare string) is recorded as its
+    JSON rather than left out: a lenient provider may show it to the model. Media parts are
+    left to the structured record (``session.structured``), which a round with them is."""
+    if not isinstance(content, list):
+        return content_text(content)
+    texts = []
+    for part in content:
+        if (text := _part_text(part)) is not None:
+            texts.append(text)
+        elif not (isinstance(part, dict) and part.get("type") in MEDIA_TYPES):
+            texts.append(orjson.dumps(part).decode())
+    return "\n".join(texts)
+
+
 def _part_text(part: Any) -> str | None:
     """The text of one content part, None for a non-text part."""
     if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
@@ -181,7 +198,7 @@ def input_text(messages: Sequence[dict[str, Any]]) -> str | None:
     recorded like a user's."""
     texts = []
     for message in new_messages(messages):
-        text = content_text(message.get("content"))
+        text = _input_content_text(message.get("content"))
         if text.strip():
             texts.append(text)
     return "\n\n".join(texts) if texts else None

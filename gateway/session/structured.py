@@ -22,10 +22,9 @@ import hashlib
 from typing import Any
 
 from gateway.policy import Policy
-from gateway.session.record import new_messages
+from gateway.session.record import MEDIA_TYPES, new_messages
 
 Message = dict[str, Any]
-MEDIA_TYPES = frozenset({"image_url", "file", "input_audio"})
 REDACTED_ARGUMENTS = '{"redacted": true}'
 REDACTED_RESULT = "[redacted tool result]"
 
@@ -98,7 +97,7 @@ def structured_round(policy: Policy, messages: list[Message], reply: Message | N
         if role in ("tool", "function"):
             if drop_tools:
                 continue
-            content = REDACTED_RESULT if tools.results == "redact" else m.get("content")
+            content = REDACTED_RESULT if tools.results == "redact" else media_content(m.get("content"), policy)
             out.append({"role": "tool", "tool_call_id": m.get("tool_call_id"), "content": content})
             continue
         content = media_content(m.get("content"), policy)

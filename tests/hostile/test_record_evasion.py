@@ -143,6 +143,19 @@ def test_a_message_under_an_unknown_role_is_recorded(gateway: Gateway, upstream:
     assert exported(gateway, "roles:1")["full_context"][0] == {"role": "user", "content": f"{CANARY}\n\nand hello"}
 
 
+@pytest.mark.parametrize("part", [{"type": "weird", "weird": CANARY}, {"type": "input_text", "text": CANARY},
+                                  {"type": "text", "text": {"nested": CANARY}}, CANARY])
+def test_a_content_part_the_gateway_does_not_know_is_recorded(gateway: Gateway, part: object) -> None:
+    """A part that is not text (an unknown type, a text part whose text is not a string, a bare
+    string) is recorded as its JSON beside the text parts, not left out."""
+    content = [{"type": "text", "text": "hello"}, part]
+    resp = httpx.post(f"{gateway.base_url}/chat/completions", headers={**AUTH, "X-Session-Id": "parts:1"},
+                      json={"model": "standin", "messages": [{"role": "user", "content": content}]}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    recorded = exported(gateway, "parts:1")["full_context"][0]
+    assert recorded == {"role": "user", "content": "hello\n" + orjson.dumps(part).decode()}
+
+
 def test_an_unknown_role_is_recorded_in_a_structured_round(gateway: Gateway, upstream: Upstream) -> None:
     """A round with a tool result is recorded as structured messages; a message under a role the
     gateway does not know is recorded there as a user message."""

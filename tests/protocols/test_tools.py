@@ -172,3 +172,37 @@ def test_key_paths_address_tool_calls_in_every_protocol(make_pgw: Any, tmp_path:
     full = _export(gw, "k")
     assert full[1] == {"role": "assistant", "content": "[tool_calls[*].function.name]:\n- get_weather\n"
                                                        "[tool_calls[0].function.arguments.city]:\nParis"}
+
+
+def test_a_messages_tool_result_with_an_image_and_a_search_result_is_recorded(pgw: Gateway,
+                                                                              proto: ProtocolUpstream) -> None:
+    """An Anthropic ``tool_result`` may hold images, documents and search results beside text
+    (computer use sends screenshots). None of it is left out: the image becomes the media
+    policy's placeholder (the default policy's), the search result is kept with its text, and
+    the next round's window gives the provider the same blocks back."""
+    import base64
+    import hashlib
+
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 40
+    result = [{"type": "text", "text": "screenshot taken"},
+              {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                           "data": base64.b64encode(png).decode()}},
+              {"type": "search_result", "source": "https://example.test/a", "title": "A",
+               "content": [{"type": "text", "text": "CANARY-SEARCH-5150"}]}]
+    client = anthropic_client(pgw, session="tool-media")
+    tool_def = {"name": "screenshot", "input_schema": {"type": "object"}}
+    first = client.messages.create(model="c", max_tokens=9, tools=[tool_def],  # type: ignore[list-item]
+                                   messages=[{"role": "user", "content": "look"}])
+    use = next(block for block in first.content if block.type == "tool_use")
+    client.messages.create(model="c", max_tokens=9, messages=[
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": result}]}])
+    (tool,) = [m for m in _export(pgw, "tool-media") if m["role"] == "tool"]
+    assert tool["tool_call_id"] == use.id
+    assert tool["content"][0] == {"type": "text", "text": "screenshot taken"}
+    digest = hashlib.sha256(png).hexdigest()
+    assert tool["content"][1] == {"type": "text", "text": f"[image: image/png, {len(png)} bytes, sha256 {digest}]"}
+    assert tool["content"][2] == result[2]
+    client.messages.create(model="c", max_tokens=9, messages=[{"role": "user", "content": "and now?"}])
+    sent = proto.bodies("/v1/messages")[-1]["messages"]
+    (block,) = [b for m in sent if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_result"]
+    assert block["content"] == [{"type": "text", "text": "screenshot taken"}, tool["content"][1], result[2]]
