@@ -281,8 +281,9 @@ class Redactor:
 
     def redact_messages(self, messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """New ``{"role", "content"}`` messages; messages left with nothing are left out. A
-        structured tool call keeps its id and function name, its arguments redacted as text; a
-        tool result keeps its ``tool_call_id`` (``session.structured``)."""
+        structured tool call keeps its id and function name, its arguments (a custom tool's
+        ``input``) redacted as text; a tool result keeps its ``tool_call_id``
+        (``session.structured``)."""
         out = []
         for message in messages:
             content = self.redact_content(message.get("content"))
@@ -298,6 +299,11 @@ class Redactor:
         return out
 
     def _redact_call(self, call: Mapping[str, Any]) -> dict[str, Any]:
+        if call.get("type") == "custom":  # a custom tool's free-text input, redacted as text
+            raw_spec = call.get("custom")
+            spec: Mapping[str, Any] = raw_spec if isinstance(raw_spec, Mapping) else {}
+            text = self.redact_content(spec.get("input")) if spec.get("input") else None
+            return {"id": call.get("id"), "type": "custom", "custom": {"name": spec.get("name"), "input": text}}
         raw = call.get("function")
         function: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
         arguments = self.redact_content(function.get("arguments")) if function.get("arguments") else None

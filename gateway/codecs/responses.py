@@ -2,11 +2,16 @@
 
 Reading: ``instructions`` is a system message; ``input`` (a string, or a list of items) becomes
 neutral messages: message items (``input_text``/``output_text`` parts → text parts,
-``input_image`` → ``image_url`` parts, ``input_file`` → ``file`` parts), ``function_call`` items
-→ an assistant message's ``tool_calls``, ``function_call_output`` items → ``role: tool``.
+``input_image`` → ``image_url`` parts, ``input_file`` → ``file`` parts), ``function_call`` and
+``custom_tool_call`` items → an assistant message's ``tool_calls`` (a custom call as Chat's
+``{"type": "custom", "custom": {"name", "input"}}``), their ``*_output`` items → ``role: tool``.
+Any other ``*_output`` item (a built-in tool's result: ``local_shell_call_output``,
+``computer_call_output`` ...) is something the model reads: it becomes a user message holding the
+item as JSON (a screenshot as an image part, for the media policy), so the record never leaves
+it out and a window never carries a result whose call it cannot express.
 
 Injecting: the window goes in as input items (user and assistant messages, tool calls as
-``function_call`` and ``function_call_output`` items) after the client's leading system or
+``function_call``/``custom_tool_call`` items and their ``*_output`` items) after the client's leading system or
 developer items, the memo into the last user item (or as a system item, ``memo_placement:
 system``).
 
@@ -56,6 +61,9 @@ def chain_of(response_id: str) -> tuple[str, str] | None:
     return f"resp_{first}", later or first
 
 
+CALL_ITEMS = frozenset({"function_call", "custom_tool_call"})
+"""Input and output items that are the model's tool calls (``_call``)."""
+
 # --- reading -------------------------------------------------------------------------------
 
 def _part(part: Any) -> Any:
@@ -99,18 +107,31 @@ def to_messages(body: dict[str, Any]) -> list[Message]:
         kind = item.get("type", "message")
         if kind == "message" or (kind is None and "role" in item):
             out.append({"role": item.get("role", "user"), "content": _content(item.get("content"))})
-        elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
+        elif kind in CALL_ITEMS:
+            call = _call(item)
             if out and out[-1].get("role") == "assistant" and "tool_calls" in out[-1]:
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             output = item.get("output")
             out.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                        "content": output if isinstance(output, str) else orjson.dumps(output).decode()})
+                        "content": output if isinstance(output, str)
+                        else _content(output) if isinstance(output, list) else orjson.dumps(output).decode()})
+        elif isinstance(kind, str) and kind.endswith("_output"):
+            out.append({"role": "user", "content": _other_output(item)})
     return out
+
+
+def _other_output(item: dict[str, Any]) -> Any:
+    """A built-in tool's result item as user content: the item as JSON text, and a screenshot
+    (``computer_call_output``) as an image part beside it."""
+    output = item.get("output")
+    if isinstance(output, dict) and output.get("type") == "computer_screenshot" and output.get("image_url"):
+        rest = {**item, "output": {k: v for k, v in output.items() if k != "image_url"}}
+        return [{"type": "text", "text": orjson.dumps(rest).decode()},
+                {"type": "image_url", "image_url": {"url": output["image_url"]}}]
+    return orjson.dumps(item).decode()
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -129,11 +150,14 @@ def _out_part(part: Any, role: str) -> Any:
 def to_items(messages: list[Message]) -> list[dict[str, Any]]:
     """Neutral messages as Responses input items."""
     items: list[dict[str, Any]] = []
+    custom: set[Any] = set()  # ids of custom calls: their results are custom_tool_call_output
     for m in messages:
         role = str(m.get("role"))
         if role == "tool":
-            items.append({"type": "function_call_output", "call_id": m.get("tool_call_id"),
-                          "output": m.get("content") if isinstance(m.get("content"), str) else ""})
+            result = m.get("content")
+            output = [_out_part(p, "user") for p in result] if isinstance(result, list) else result
+            kind = "custom_tool_call_output" if m.get("tool_call_id") in custom else "function_call_output"
+            items.append({"type": kind, "call_id": m.get("tool_call_id"), "output": output or ""})
             continue
         content = m.get("content")
         if content not in (None, "", []):
@@ -141,6 +165,12 @@ def to_items(messages: list[Message]) -> list[dict[str, Any]]:
                 content = [_out_part(p, role) for p in content]
             items.append({"role": role, "content": content})
         for call in m.get("tool_calls") or ():
+            if call.get("type") == "custom":
+                spec = call.get("custom") or {}
+                custom.add(call.get("id"))
+                items.append({"type": "custom_tool_call", "call_id": call.get("id"), "name": spec.get("name"),
+                              "input": spec.get("input") if isinstance(spec.get("input"), str) else ""})
+                continue
             fn = call.get("function") or {}
             items.append({"type": "function_call", "call_id": call.get("id"), "name": fn.get("name"),
                           "arguments": fn.get("arguments") if isinstance(fn.get("arguments"), str)
@@ -186,7 +216,7 @@ class ResponsesAssembler(EventAssembler):
             self.text.append(ev["delta"])
         elif kind == "response.output_item.done" and isinstance(ev.get("item"), dict):
             item = ev["item"]
-            if item.get("type") == "function_call":
+            if item.get("type") in CALL_ITEMS:
                 self.calls[str(item.get("id") or item.get("call_id"))] = item
 
     @property
@@ -207,6 +237,10 @@ class ResponsesAssembler(EventAssembler):
 
 
 def _call(item: dict[str, Any]) -> dict[str, Any]:
+    """A ``function_call`` or ``custom_tool_call`` item as a neutral (Chat) tool call."""
+    if item.get("type") == "custom_tool_call":
+        return {"id": item.get("call_id"), "type": "custom",
+                "custom": {"name": item.get("name"), "input": item.get("input", "")}}
     return {"id": item.get("call_id"), "type": "function",
             "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
 
@@ -218,7 +252,7 @@ def reply_message(body: dict[str, Any]) -> Message:
     for item in body["output"]:
         if item.get("type") == "message":
             texts.extend(p.get("text", "") for p in item.get("content") or () if p.get("type") == "output_text")
-        elif item.get("type") == "function_call":
+        elif item.get("type") in CALL_ITEMS:
             calls.append(_call(item))
     return assistant_message(texts, calls)
 

@@ -116,8 +116,12 @@ def structured_round(policy: Policy, messages: list[Message], reply: Message | N
 
 
 def _call(call: Any, arguments: str) -> Any:
+    """*call* with its arguments (a custom tool's free-text ``input``) redacted when the policy
+    says so."""
     if not isinstance(call, dict) or arguments != "redact":
         return call
+    if call.get("type") == "custom":
+        return {**call, "custom": {**(call.get("custom") or {}), "input": REDACTED_ARGUMENTS}}
     function = dict(call.get("function") or {})
     function["arguments"] = REDACTED_ARGUMENTS
     return {**call, "function": function}

@@ -96,6 +96,18 @@ def test_policy_redacts_tool_arguments_and_results(make_gateway: Any, upstream: 
     assert b"Oslo" not in gw.stored_bytes() and b"CANARY-RESULT-7731" not in gw.stored_bytes()
 
 
+def test_policy_redacts_a_chat_custom_tool_calls_input(make_gateway: Any, upstream: Upstream, tmp_path: Path) -> None:
+    """Chat's custom tool calls (``type: custom``, free-text ``input``) are redacted too."""
+    gw = make_gateway(_policy(tmp_path, "{arguments: redact, results: keep}"))
+    custom = {"id": "call_c", "type": "custom", "custom": {"name": "apply_patch", "input": "CANARY-CUSTOM-9911"}}
+    upstream.reply = lambda body: {"role": "assistant", "content": None, "tool_calls": [custom]}
+    gw.openai(session="redact-custom").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "patch it"}])
+    (call,) = _export(gw, "redact-custom")[1]["tool_calls"]
+    assert call == {"id": "call_c", "type": "custom", "custom": {"name": "apply_patch", "input": '{"redacted": true}'}}
+    assert b"CANARY-CUSTOM-9911" not in gw.stored_bytes()
+
+
 def test_policy_drops_tool_calls_and_results(make_gateway: Any, upstream: Upstream, tmp_path: Path) -> None:
     """tools: {results: drop} records neither the calls nor their results."""
     gw = make_gateway(_policy(tmp_path, "{results: drop}"))

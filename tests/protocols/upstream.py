@@ -5,8 +5,9 @@ JSON and SSE, with the event sequences the real APIs send (checked against the `
 ``requests`` holds ``(path, headers, body)`` of every request. Model ``cut`` breaks a stream
 off after four events; model ``broken`` answers a Responses request with 500. The reply is
 ``"<protocol> says: <last user text>"``; when the request offers tools and its last input is not
-a tool result, the reply is a call of the first tool with ``{"city": "Paris"}``; after a tool
-result the reply is ``"tool said: <result>"``.
+a tool result, the reply is a call of the first tool with ``{"city": "Paris"}`` (a Responses
+custom tool, ``type: custom``, gets ``custom_tool_call`` with the input ``PATCH_INPUT``); after a
+tool result the reply is ``"tool said: <result>"``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from aiohttp import web
 from tests.conftest import _Server
 
 _ids = itertools.count(1)
+PATCH_INPUT = "*** Begin Patch\n*** Add File: CANARY-PATCH-4242.txt\n+hello\n*** End Patch"
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:
@@ -43,10 +45,12 @@ def responses_plan(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | N
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
     last = items[-1] if items else {}
-    if last.get("type") == "function_call_output":
+    if last.get("type") in ("function_call_output", "custom_tool_call_output"):
         return f"tool said: {last.get('output')}", None
     if body.get("tools"):
         tool = body["tools"][0]
+        if tool.get("type") == "custom":
+            return None, {"type": "custom_tool_call", "name": tool.get("name"), "input": PATCH_INPUT}
         return None, {"name": tool.get("name"), "arguments": '{"city": "Paris"}'}
     users = [i for i in items if i.get("role") == "user"]
     return f"responses says: {_text_of(users[-1].get('content')) if users else ''}", None
@@ -95,6 +99,13 @@ def responses_events(body: dict[str, Any], text: str | None, call: dict[str, Any
             out.append(_sse("response.content_part.done", {"item_id": item["id"], "output_index": index,
                                                            "content_index": 0, "part": item["content"][0],
                                                            "sequence_number": next(seq)}))
+        elif item["type"] == "custom_tool_call":
+            out.append(_sse("response.output_item.added", {"output_index": index, "sequence_number": next(seq),
+                                                           "item": {**item, "input": "", "status": "in_progress"}}))
+            out.append(_sse("response.custom_tool_call_input.delta", {
+                "item_id": item["id"], "output_index": index, "delta": item["input"], "sequence_number": next(seq)}))
+            out.append(_sse("response.custom_tool_call_input.done", {
+                "item_id": item["id"], "output_index": index, "input": item["input"], "sequence_number": next(seq)}))
         else:
             out.append(_sse("response.output_item.added", {"output_index": index, "sequence_number": next(seq),
                                                            "item": {**item, "arguments": "",

@@ -1,0 +1,103 @@
+"""Responses custom tools and built-in tool results (what Codex sends): the model's
+``custom_tool_call`` and the client's ``custom_tool_call_output`` are recorded as a tool call and
+its result, under the policy's ``session.tools``, and go back to the provider as the same items;
+another tool's ``*_output`` item is recorded as user content. None of them is left out."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.redact import Redactor
+from tests.conftest import ACME_KEY, REPO, Gateway
+from tests.protocols.upstream import PATCH_INPUT, ProtocolUpstream
+
+AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+PATCH_TOOL = {"type": "custom", "name": "apply_patch", "description": "edit files"}
+
+
+def respond(gw: Gateway, session: str, body: dict[str, Any]) -> httpx.Response:
+    resp = httpx.post(f"{gw.base_url}/responses", json={"model": "m", **body}, timeout=30,
+                      headers={**AUTH, "X-Session-Id": session})
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+def history(gw: Gateway, session: str) -> list[dict[str, Any]]:
+    resp = httpx.get(f"{gw.base_url}/sessions/{session}", headers=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return list(resp.json()["full_context"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_custom_tool_call_and_its_output_are_recorded_and_go_back_as_such(pgw: Gateway, proto: ProtocolUpstream,
+                                                                            stream: bool) -> None:
+    first = respond(pgw, "patch", {"input": "add a file", "tools": [PATCH_TOOL], "stream": stream})
+    assert b"custom_tool_call" in first.content
+    (call,) = history(pgw, "patch")[1]["tool_calls"]
+    assert call["type"] == "custom"
+    assert call["custom"] == {"name": "apply_patch", "input": PATCH_INPUT}
+    call_id = call["id"]
+
+    second = respond(pgw, "patch", {"tools": [PATCH_TOOL], "stream": stream, "input": [
+        {"type": "custom_tool_call_output", "call_id": call_id, "output": "Done: CANARY-OUT-1"}]})
+    assert b"tool said: Done: CANARY-OUT-1" in second.content
+    assert history(pgw, "patch")[2] == {"role": "tool", "tool_call_id": call_id, "content": "Done: CANARY-OUT-1"}
+    sent = proto.bodies("/v1/responses")[-1]["input"]
+    assert sent[1:] == [
+        {"type": "custom_tool_call", "call_id": call_id, "name": "apply_patch", "input": PATCH_INPUT},
+        {"type": "custom_tool_call_output", "call_id": call_id, "output": "Done: CANARY-OUT-1"}]
+
+
+def _policy(tmp: Path, tools: str) -> Path:
+    folder = tmp / "pol"
+    folder.mkdir(exist_ok=True)
+    text = (REPO / "policies/default.yaml").read_text().replace("inject: {", f"tools: {tools}\n  inject: {{")
+    (folder / "default.yaml").write_text(text)
+    return folder
+
+
+def test_a_redacting_policy_redacts_a_custom_tools_input(make_pgw: Callable[..., Gateway], tmp_path: Path) -> None:
+    gw = make_pgw(policies=_policy(tmp_path, "{arguments: redact, results: redact}"))
+    respond(gw, "redact", {"input": "add a file", "tools": [PATCH_TOOL]})
+    (call,) = history(gw, "redact")[1]["tool_calls"]
+    assert call["custom"] == {"name": "apply_patch", "input": '{"redacted": true}'}
+    assert b"CANARY-PATCH-4242" not in gw.stored_bytes()
+
+
+def test_an_export_redacts_a_custom_tools_input_as_text() -> None:
+    """Detectors run on a custom tool's input as on any text (it used to be dropped from exports)."""
+    redactor = Redactor([], b"\1" * 32, {"email"})
+    call = {"id": "c1", "type": "custom", "custom": {"name": "send", "input": "to bob@example.com now"}}
+    (message,) = redactor.redact_messages([{"role": "assistant", "content": None, "tool_calls": [call]}])
+    (exported,) = message["tool_calls"]
+    assert (exported["id"], exported["type"], exported["custom"]["name"]) == ("c1", "custom", "send")
+    assert exported["custom"]["input"].startswith("to ") and exported["custom"]["input"].endswith(" now")
+    assert "bob@example.com" not in exported["custom"]["input"]
+
+
+def test_a_built_in_tools_output_is_recorded_as_user_content(pgw: Gateway) -> None:
+    shell = {"type": "local_shell_call_output", "call_id": "sh1", "output": "CANARY-SHELL-77 /etc/passwd"}
+    respond(pgw, "shell", {"input": [{"role": "user", "content": "list"}, shell]})
+    recorded = history(pgw, "shell")[0]["content"]
+    assert "list" in recorded and "CANARY-SHELL-77" in recorded
+
+
+def test_a_computer_screenshot_is_recorded_under_the_media_policy(pgw: Gateway) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + b"\1" * 30
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    item = {"type": "computer_call_output", "call_id": "cu1",
+            "output": {"type": "computer_screenshot", "image_url": url}}
+    respond(pgw, "screen", {"input": [{"role": "user", "content": "click ok"}, item]})
+    user_messages = [m for m in history(pgw, "screen") if m["role"] == "user"]
+    parts = [p for m in user_messages if isinstance(m["content"], list) for p in m["content"]]
+    texts = [p["text"] for p in parts if p.get("type") == "text"]
+    assert f"[image: image/png, {len(png)} bytes, sha256 {hashlib.sha256(png).hexdigest()}]" in texts
+    assert any('"computer_call_output"' in t and '"cu1"' in t for t in texts)
+    assert not any(url in t for t in texts)
