@@ -7,8 +7,9 @@ neutral messages: message items (``input_text``/``output_text`` parts → text p
 ``{"type": "custom", "custom": {"name", "input"}}``), their ``*_output`` items → ``role: tool``.
 Any other ``*_output`` item (a built-in tool's result: ``local_shell_call_output``,
 ``computer_call_output`` ...) is something the model reads: it becomes a user message holding the
-item as JSON (a screenshot as an image part, for the media policy), so the record never leaves
-it out and a window never carries a result whose call it cannot express.
+item as JSON (a screenshot as an image part, for the media policy), marked ``tool_output`` so
+the policy's ``session.tools.results`` applies to it; the record never leaves it out and a
+window never carries a result whose call it cannot express.
 
 Injecting: the window goes in as input items (user and assistant messages, tool calls as
 ``function_call``/``custom_tool_call`` items and their ``*_output`` items) after the client's leading system or
@@ -119,7 +120,7 @@ def to_messages(body: dict[str, Any]) -> list[Message]:
                         "content": output if isinstance(output, str)
                         else _content(output) if isinstance(output, list) else orjson.dumps(output).decode()})
         elif isinstance(kind, str) and kind.endswith("_output"):
-            out.append({"role": "user", "content": _other_output(item)})
+            out.append({"role": "user", "content": _other_output(item), "tool_output": True})
     return out
 
 

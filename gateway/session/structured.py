@@ -37,7 +37,8 @@ def needs_structure(messages: list[Message], reply: Message | None) -> bool:
     """True when the round carries tool calls, tool results or media parts."""
     if reply is not None and reply.get("tool_calls"):
         return True
-    return any(m.get("role") in ("tool", "function") or _has_media(m.get("content")) for m in new_messages(messages))
+    return any(m.get("role") in ("tool", "function") or m.get("tool_output") or _has_media(m.get("content"))
+               for m in new_messages(messages))
 
 
 def placeholder(part: dict[str, Any]) -> str:
@@ -100,6 +101,12 @@ def structured_round(policy: Policy, messages: list[Message], reply: Message | N
             content = REDACTED_RESULT if tools.results == "redact" else media_content(m.get("content"), policy)
             out.append({"role": "tool", "tool_call_id": m.get("tool_call_id"), "content": content})
             continue
+        if m.get("tool_output"):  # a built-in tool's result (gateway.codecs.responses), as user content
+            if drop_tools:
+                continue
+            if tools.results == "redact":
+                out.append({"role": "user", "content": REDACTED_RESULT})
+                continue
         content = media_content(m.get("content"), policy)
         if content in (None, "", []):
             continue

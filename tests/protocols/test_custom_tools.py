@@ -85,8 +85,9 @@ def test_an_export_redacts_a_custom_tools_input_as_text() -> None:
 def test_a_built_in_tools_output_is_recorded_as_user_content(pgw: Gateway) -> None:
     shell = {"type": "local_shell_call_output", "call_id": "sh1", "output": "CANARY-SHELL-77 /etc/passwd"}
     respond(pgw, "shell", {"input": [{"role": "user", "content": "list"}, shell]})
-    recorded = history(pgw, "shell")[0]["content"]
-    assert "list" in recorded and "CANARY-SHELL-77" in recorded
+    users = [m["content"] for m in history(pgw, "shell") if m["role"] == "user"]
+    assert users[0] == "list"
+    assert "CANARY-SHELL-77" in users[1] and '"local_shell_call_output"' in users[1]
 
 
 def test_a_computer_screenshot_is_recorded_under_the_media_policy(pgw: Gateway) -> None:
@@ -101,3 +102,14 @@ def test_a_computer_screenshot_is_recorded_under_the_media_policy(pgw: Gateway) 
     assert f"[image: image/png, {len(png)} bytes, sha256 {hashlib.sha256(png).hexdigest()}]" in texts
     assert any('"computer_call_output"' in t and '"cu1"' in t for t in texts)
     assert not any(url in t for t in texts)
+
+
+@pytest.mark.parametrize(("results", "expected"), [("redact", "[redacted tool result]"), ("drop", None)])
+def test_the_tools_policy_applies_to_a_built_in_tools_output(make_pgw: Callable[..., Gateway], tmp_path: Path,
+                                                             results: str, expected: str | None) -> None:
+    gw = make_pgw(policies=_policy(tmp_path, f"{{arguments: keep, results: {results}}}"))
+    shell = {"type": "local_shell_call_output", "call_id": "sh1", "output": "CANARY-SHELL-88"}
+    respond(gw, "shell-policy", {"input": [{"role": "user", "content": "list"}, shell]})
+    users = [m["content"] for m in history(gw, "shell-policy") if m["role"] == "user"]
+    assert users == (["list", expected] if expected else ["list"])
+    assert b"CANARY-SHELL-88" not in gw.stored_bytes()

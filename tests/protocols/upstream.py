@@ -41,7 +41,7 @@ def _text_of(content: Any) -> str:
 # --- Responses ------------------------------------------------------------------------------
 
 def responses_plan(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
-    items = body.get("input")
+    items = body.get("input") or []
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
     last = items[-1] if items else {}
