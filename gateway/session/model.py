@@ -20,7 +20,7 @@ import yaml
 
 from gateway.errors import InvalidSession
 from gateway.session.encoded import EncodedList
-from gateway.session.record import MEMO_HEADER, context_length, message_length
+from gateway.session.record import MEMO_HEADER, context_length, message_length, prefill_start
 
 Message = dict[str, Any]
 SYNC_STRATEGIES = frozenset({"simple_cut", "keep_last"})
@@ -255,12 +255,14 @@ def memo_section(memo: Any) -> str:
 
 
 def carries_history(messages: Sequence[Message]) -> bool:
-    """True when the client sent its own conversation history (any assistant message).
+    """True when the client sent its own conversation history (an assistant message before the
+    prefill, ``session.record.prefill_start``: assistant messages that end the request are the
+    start of the model's turn, not history).
 
     Such a client manages its history itself: the gateway injects no window (it would repeat
     what the client already sent) and records only the messages after the last assistant one.
     """
-    return any(m.get("role") == "assistant" for m in messages)
+    return any(m.get("role") == "assistant" for m in messages[:prefill_start(messages)])
 
 
 def normalise_window(window: Sequence[Message]) -> list[Message]:

@@ -8,7 +8,10 @@ and assistant messages of the round (SPEC §1 "One round"); ``None`` means "reco
 Structured request (what non-``$``, non-``.root`` keys address), built lazily on first use:
 
 * the *new input* is the non-system messages after the last assistant message; the structured
-  slots come from the last user message among them (a tool-results round has none, so no slot);
+  slots come from the last user message among them (a tool-results round has none, so no slot).
+  Assistant messages that end the request are a *prefill* the model continues, not history:
+  the new input is what comes before them, and the recorded reply is the prefill and the reply
+  (``prefill_text``);
 * the text is read exactly as the client sent it: nothing is removed first. The body read here
   is the client's; the gateway's own memo is injected only into the copy it forwards, so a
   ``[CHAT SESSION MEMO]:`` section in this text is client text, recorded (null keys) or addressed
@@ -181,14 +184,32 @@ def _part_text(part: Any) -> str | None:
     return None
 
 
+def prefill_start(messages: Sequence[dict[str, Any]]) -> int:
+    """Where the request's *prefill* begins: the assistant messages without tool calls at its
+    end, which the model continues (Anthropic's prefill; OpenAI-compatible servers' "continue
+    the final message"). ``len(messages)`` when it ends with no such message."""
+    start = len(messages)
+    while start and messages[start - 1].get("role") == "assistant" and not messages[start - 1].get("tool_calls"):
+        start -= 1
+    return start
+
+
+def prefill_text(messages: Sequence[dict[str, Any]]) -> str:
+    """The text of the request's prefill ("" when none): the start of the model's turn, which
+    the reply goes on from, so the recorded assistant message is the prefill and the reply."""
+    return "".join(content_text(message.get("content")) for message in messages[prefill_start(messages):])
+
+
 def new_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """This round's new input: the non-system messages after the last assistant message."""
+    """This round's new input: the non-system messages after the last assistant message before
+    the prefill (``prefill_start``), up to the prefill."""
+    end = prefill_start(messages)
     start = 0
-    for index in range(len(messages) - 1, -1, -1):
+    for index in range(end - 1, -1, -1):
         if messages[index].get("role") == "assistant":
             start = index + 1
             break
-    return [message for message in messages[start:] if message.get("role") not in SYSTEM_ROLES]
+    return [message for message in messages[start:end] if message.get("role") not in SYSTEM_ROLES]
 
 
 def input_text(messages: Sequence[dict[str, Any]]) -> str | None:

@@ -25,7 +25,7 @@ import structlog
 
 from gateway.context import Context
 from gateway.policy import Policy
-from gateway.session.record import build_reply_view, build_request_view, render_reply, render_user
+from gateway.session.record import build_reply_view, build_request_view, prefill_text, render_reply, render_user
 from gateway.session.structured import structured_round
 
 THREAD_ABOVE_BYTES = 64 * 1024
@@ -53,7 +53,12 @@ def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
 def recorded_round(policy: Policy, body: dict, reply_message: dict | None, reply_body: dict | None,
                    messages: list[dict]) -> tuple[str | None, str | None, list[dict] | None]:
     """The recorded texts, and the structured messages of a round with tool calls, tool results
-    or media parts under ``null`` keys (``session.structured``; None otherwise)."""
+    or media parts under ``null`` keys (``session.structured``; None otherwise). A request that
+    ends with a prefill (``session.record.prefill_text``) has its reply recorded as the prefill
+    and the reply: the assistant turn the model gave."""
+    prefill = prefill_text(messages)
+    if prefill and reply_message is not None and isinstance(reply_message.get("content"), str | None):
+        reply_message = {**reply_message, "content": prefill + (reply_message.get("content") or "")}
     user, reply = recorded_texts(policy, body, reply_message, reply_body, messages)
     return user, reply, structured_round(policy, messages, reply_message, reply)
 

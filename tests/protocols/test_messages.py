@@ -81,3 +81,15 @@ def test_built_in_stand_in_is_routed_for_messages(make_gateway: Any) -> None:
     r = httpx.post(f"{gw.url}/v1/messages", headers={"x-api-key": ACME_KEY}, timeout=10,
                    json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
     assert not (r.status_code == 400 and "no upstream" in r.text)
+
+
+def test_an_anthropic_prefill_is_recorded_as_the_start_of_the_reply(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """A final assistant message is a prefill the model continues: the user message before it is
+    recorded, and the reply as the prefill and the continuation (``tests/session/test_prefill.py``)."""
+    client = anthropic_client(pgw, session="prefill-msg")
+    reply = client.messages.create(model="c", max_tokens=20, messages=[
+        {"role": "user", "content": "CANARY-prefill-msg"}, {"role": "assistant", "content": "Answer:"}])
+    text = "".join(block.text for block in reply.content if block.type == "text")
+    exported = pgw.openai().get("/sessions/prefill-msg", cast_to=object)["full_context"]  # type: ignore[index]
+    assert exported == [{"role": "user", "content": "CANARY-prefill-msg"},
+                        {"role": "assistant", "content": "Answer:" + text}]

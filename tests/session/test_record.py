@@ -203,7 +203,8 @@ def test_new_messages_follow_the_last_assistant() -> None:
     assert [m["content"] for m in new_messages(messages)] == ["new", "result"]
     assert new_messages(messages[:2]) == [messages[1]]
     assert input_text(messages) == "new\n\nresult"
-    assert input_text(messages[:3]) is None
+    assert input_text(messages[:3]) == "old"  # a final assistant message is a prefill, not history
+    assert input_text([messages[0], messages[2]]) is None
 
 
 def test_tool_round_has_no_user_slots() -> None:
