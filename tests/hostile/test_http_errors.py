@@ -101,6 +101,17 @@ RAW_REQUESTS = {
     "conflicting-length": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n"
                           b"Content-Length: 7\r\nAuthorization: Bearer " + CANARY + b"\r\n\r\nabcdefg",
     "bad-version": b"GET /v1/sessions HTTP/9.Z\r\nAuthorization: Bearer " + CANARY + b"\r\n\r\n",
+    # request smuggling: framings a proxy in front of the gateway could read otherwise
+    "length-and-chunked": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n"
+                          b"Transfer-Encoding: chunked\r\nAuthorization: Bearer " + CANARY + b"\r\n\r\n0\r\n\r\n"
+                          b"GET /v1/sessions HTTP/1.1\r\nHost: gw\r\n\r\n",
+    "two-transfer-encodings": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
+                              b"Transfer-Encoding: identity\r\nAuthorization: Bearer " + CANARY
+                              + b"\r\n\r\n0\r\n\r\n",
+    "unknown-transfer-encoding": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: xchunked"
+                                 b"\r\nAuthorization: Bearer " + CANARY + b"\r\n\r\n0\r\n\r\n",
+    "space-before-colon": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding : chunked"
+                          b"\r\nAuthorization: Bearer " + CANARY + b"\r\n\r\n0\r\n\r\n",
 }
 
 
