@@ -18,7 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import console, handlers
 from gateway.auditor import AuditTrail
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, check_single_headers
 from gateway.background import Background, Health
 from gateway.codecs import render_error
 from gateway.context import Services
@@ -49,8 +49,11 @@ TRACING = web.AppKey("tracing", Tracing)
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every refusal in the error shape of the route's protocol (OpenAI's; Anthropic's on
-    ``/v1/messages``, ``codecs.render_error``); nothing else ever reaches a client."""
+    ``/v1/messages``, ``codecs.render_error``); nothing else ever reaches a client. A request
+    that names its credentials or session twice (``auth.check_single_headers``) is refused here,
+    before any route reads them."""
     try:
+        check_single_headers(request.headers)
         return await handler(request)
     except GatewayError as exc:
         if isinstance(exc, IntegrityError):

@@ -10,7 +10,9 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.errors import Forbidden, Unauthorized
+from multidict import CIMultiDictProxy
+
+from gateway.errors import BadRequest, Forbidden, Unauthorized
 from gateway.settings import Settings
 
 
@@ -75,6 +77,19 @@ class Authenticator:
         if p.role != "auditor":
             raise Forbidden("this route is for auditors; client keys cannot reach /admin")
         return p
+
+
+SINGLE_HEADERS = ("Authorization", "x-api-key", "X-Session-Id")
+"""Headers that say who is asking and for which session: each may come at most once."""
+
+
+def check_single_headers(headers: CIMultiDictProxy[str]) -> None:
+    """``BadRequest`` when a request carries one of ``SINGLE_HEADERS`` more than once. The
+    gateway reads the first; a proxy in front of it may read the last (and authorise, log or
+    route on it), so the request is refused rather than read one way here and another there."""
+    for name in SINGLE_HEADERS:
+        if len(headers.getall(name, ())) > 1:
+            raise BadRequest(f"the {name} header was sent more than once: send it once", code="duplicate_header")
 
 
 def auth_header(headers: Mapping[str, str]) -> str | None:
