@@ -2,7 +2,7 @@
 
 Reading: the top-level ``system`` (a string or text blocks) is a system message; ``messages``
 become neutral messages: ``text`` blocks → text parts, ``image`` blocks → ``image_url`` parts (a
-``data:`` URL for base64 sources), ``document`` blocks → ``file`` parts, an assistant's
+``data:`` URL for base64 sources), ``document`` blocks → ``file`` parts (and back), an assistant's
 ``tool_use`` blocks → ``tool_calls`` (arguments as JSON text), a user's ``tool_result`` blocks →
 ``role: tool`` messages (before the user's own text).
 
@@ -24,6 +24,7 @@ import orjson
 from gateway.codecs import window_plan
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
+from gateway.session.structured import placeholder
 from gateway.sse import EventAssembler, assistant_message
 
 if TYPE_CHECKING:
@@ -59,8 +60,8 @@ def _part(block: dict[str, Any]) -> Any:
         else:
             url = str(source.get("url"))
         return {"type": "image_url", "image_url": {"url": url}}
-    if kind == "document":
-        return {"type": "file", "file": {"source": block.get("source")}}
+    if kind == "document":  # its source, title, context and citations, for the way back (_block)
+        return {"type": "file", "file": {k: v for k, v in block.items() if k != "type"}}
     return block
 
 
@@ -124,7 +125,27 @@ def _block(part: Any) -> Any:
             media, data = url[5:].split(";base64,", 1)
             return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
         return {"type": "image", "source": {"type": "url", "url": url}}
+    if part.get("type") == "file":
+        return _document(part)
     return part
+
+
+def _document(part: dict[str, Any]) -> dict[str, Any]:
+    """A neutral ``file`` part as a ``document`` block: an Anthropic document as it came, a Chat
+    file's ``data:`` URL as a base64 source; a file only another provider can resolve (a
+    ``file_id``) as its placeholder text (``session.structured.placeholder``)."""
+    file = part.get("file") or {}
+    if "source" in file:
+        return {"type": "document", **file}
+    data = str(file.get("file_data") or "")
+    if data.startswith("data:") and ";base64," in data:
+        media, payload = data[5:].split(";base64,", 1)
+        block: dict[str, Any] = {"type": "document",
+                                 "source": {"type": "base64", "media_type": media, "data": payload}}
+        if file.get("filename"):
+            block["title"] = file["filename"]
+        return block
+    return {"type": "text", "text": placeholder(part)}
 
 
 def to_anthropic(messages: list[Message]) -> list[Message]:

@@ -74,3 +74,50 @@ def test_anthropic_image_block_is_placeholdered(pgw: Gateway, proto: ProtocolUps
     full = pgw.openai().get("/sessions/img-msg", cast_to=object)["full_context"]
     assert full[0]["content"] == [{"type": "text", "text": PLACEHOLDER}, {"type": "text", "text": "describe"}]
     assert b"CANARY-PIXELS-5521" not in pgw.stored_bytes()
+
+
+def _keep(tmp_path: Path) -> Path:
+    folder = tmp_path / "keep"
+    folder.mkdir(exist_ok=True)
+    text = (REPO / "policies/default.yaml").read_text().replace("inject: {", "media: {parts: keep}\n  inject: {")
+    (folder / "default.yaml").write_text(text)
+    return folder
+
+
+PDF = base64.b64encode(b"%PDF-1.4 CANARY-DOC-6061").decode()
+
+
+def test_a_kept_anthropic_document_goes_back_as_the_same_block(make_pgw: Any, proto: ProtocolUpstream,
+                                                               tmp_path: Path) -> None:
+    """Under ``media: keep`` a document block (source, title, context, citations) is injected back
+    in the next round's window as it was sent; it was sent back as a neutral ``file`` part, which
+    the Messages API refuses."""
+    gw = make_pgw(policies=_keep(tmp_path))
+    document = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": PDF},
+                "title": "contract.pdf", "context": "signed copy", "citations": {"enabled": True}}
+    client = anthropic_client(gw, session="doc-keep")
+    client.messages.create(model="c", max_tokens=20, messages=[
+        {"role": "user", "content": [document, {"type": "text", "text": "summarise"}]}])
+    client.messages.create(model="c", max_tokens=20, messages=[{"role": "user", "content": "and the date?"}])
+    first = proto.bodies("/v1/messages")[-1]["messages"][0]
+    assert first == {"role": "user", "content": [document, {"type": "text", "text": "summarise"}]}
+
+
+def test_a_chat_file_continued_on_messages_is_a_document_block(make_pgw: Any, proto: ProtocolUpstream,
+                                                               tmp_path: Path) -> None:
+    """A Chat ``file`` part with a ``data:`` URL, kept, becomes a base64 ``document`` block when the
+    session continues on the Messages route; a ``file_id`` (another provider's) becomes its
+    placeholder text."""
+    gw = make_pgw(policies=_keep(tmp_path))
+    parts = [{"type": "text", "text": "read these"},
+             {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{PDF}", "filename": "a.pdf"}},
+             {"type": "file", "file": {"file_id": "file-abc123"}}]
+    gw.openai(session="doc-cross").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": parts}])  # type: ignore[list-item]
+    anthropic_client(gw, session="doc-cross").messages.create(
+        model="c", max_tokens=20, messages=[{"role": "user", "content": "and?"}])
+    first = proto.bodies("/v1/messages")[-1]["messages"][0]["content"]
+    assert first[0] == {"type": "text", "text": "read these"}
+    assert first[1] == {"type": "document", "title": "a.pdf",
+                        "source": {"type": "base64", "media_type": "application/pdf", "data": PDF}}
+    assert first[2]["type"] == "text" and first[2]["text"].startswith("[file: 11 bytes of reference, sha256 ")
