@@ -167,6 +167,11 @@ def to_anthropic(messages: list[Message]) -> list[Message]:
             elif isinstance(content, list):
                 blocks.extend(_block(p) for p in content)
             for call in m.get("tool_calls") or ():
+                if call.get("type") == "custom":  # a free-text custom call: Anthropic's input is an object
+                    spec = call.get("custom") or {}
+                    blocks.append({"type": "tool_use", "id": call.get("id"), "name": spec.get("name"),
+                                   "input": {"input": spec.get("input")}})
+                    continue
                 fn = call.get("function") or {}
                 args = fn.get("arguments")
                 try:
