@@ -93,6 +93,21 @@ class Gateway:
         """Every byte of the database files (main file, WAL, shared memory)."""
         return b"".join(p.read_bytes() for p in self.dir.glob("gateway.db*"))
 
+    def audit_entries(self, tenant: str = "acme") -> list[dict[str, Any]]:
+        """*tenant*'s audit entries, oldest first, as ``gateway.audit.entry_fields`` reads them."""
+        from gateway.audit import entry_fields
+        from gateway.store.sqlite import SQLiteStore
+
+        async def read() -> list[dict[str, Any]]:
+            store = SQLiteStore(self.db_path)
+            await store.open()
+            try:
+                return [entry_fields(a) async for a in store.iter_audit(tenant)]
+            finally:
+                await store.close()
+
+        return asyncio.run(read())
+
 
 def write_config(directory: Path, upstream_url: str | None, policies: Path, *, hook_modules: list[str] | None = None,
                  **overrides: Any) -> Path:

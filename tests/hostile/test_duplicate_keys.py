@@ -11,36 +11,18 @@ the gateway serialised goes as ``application/json`` (UTF-8), whatever charset th
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from aiohttp import web
 
-from gateway.audit import entry_fields
-from gateway.store.sqlite import SQLiteStore
-from tests.conftest import ACME_KEY, Gateway, _Server
+from tests.conftest import ACME_KEY, Gateway
+from tests.hostile.conftest import Capture
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}", "Content-Type": "application/json"}
 HIDDEN = "CANARY-dup-5a1e-read-by-a-first-wins-parser"
-
-REPLIES: dict[str, dict[str, Any]] = {
-    "/v1/chat/completions": {
-        "id": "c", "object": "chat.completion", "created": 1, "model": "m",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]},
-    "/v1/responses": {
-        "id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": "m",
-        "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
-                    "content": [{"type": "output_text", "text": "ok", "annotations": []}]}]},
-    "/v1/messages": {
-        "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "stop_reason": "end_turn",
-        "content": [{"type": "text", "text": "ok"}], "usage": {"input_tokens": 1, "output_tokens": 1}},
-}
-
 
 def first_wins(raw: bytes) -> Any:
     """*raw* read by a parser that keeps the first of duplicate keys."""
@@ -55,31 +37,6 @@ def first_wins(raw: bytes) -> Any:
     return json.loads(raw, object_pairs_hook=pairs)
 
 
-@dataclass
-class Capture:
-    """An upstream that keeps the bytes that reached it and answers each protocol's route."""
-
-    url: str = ""
-    seen: list[tuple[str, bytes]] = field(default_factory=list)
-    content_types: list[str | None] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append((request.path, await request.read()))
-        self.content_types.append(request.headers.get("Content-Type"))
-        return web.json_response(REPLIES.get(request.path, {"object": "list", "data": []}))
-
-
-@pytest.fixture
-def capture() -> Iterator[Capture]:
-    cap = Capture()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", cap.handle)
-    server = _Server(app)
-    cap.url = f"http://127.0.0.1:{server.port}/v1"
-    yield cap
-    server.stop()
-
-
 @pytest.fixture
 def gw(make_gateway: Callable[..., Gateway], capture: Capture) -> Gateway:
     return make_gateway(upstreams=[
@@ -90,18 +47,6 @@ def gw(make_gateway: Callable[..., Gateway], capture: Capture) -> Gateway:
 def post(gw: Gateway, path: str, raw: bytes, session: str | None = None) -> httpx.Response:
     headers = {**AUTH, **({"X-Session-Id": session} if session else {})}
     return httpx.post(gw.url + path, content=raw, headers=headers, timeout=30)
-
-
-def audit_entries(gw: Gateway, event: str) -> list[dict[str, Any]]:
-    async def read() -> list[dict[str, Any]]:
-        store = SQLiteStore(gw.db_path)
-        await store.open()
-        try:
-            return [entry_fields(a) async for a in store.iter_audit("acme")]
-        finally:
-            await store.close()
-
-    return [e for e in asyncio.run(read()) if e["event"] == event]
 
 
 def user_text(forwarded: dict[str, Any], path: str) -> str:
@@ -138,7 +83,7 @@ def test_the_model_reads_each_key_once_with_the_value_the_gateway_kept(gw: Gatew
     assert first_wins(raw) != orjson.loads(raw)  # the two readings differ: the attack is real
     resp = post(gw, path, raw)
     assert resp.status_code == 200, resp.text
-    (seen_path, forwarded), = capture.seen
+    (seen_path, _, forwarded), = capture.seen
     assert seen_path == path
     assert HIDDEN.encode() not in forwarded
     assert first_wins(forwarded) == orjson.loads(forwarded)  # one reading, whatever the parser
@@ -148,7 +93,7 @@ def test_the_model_reads_each_key_once_with_the_value_the_gateway_kept(gw: Gatew
 def test_a_recorded_session_holds_what_the_model_read(gw: Gateway, capture: Capture) -> None:
     raw = BODIES["/v1/chat/completions"][0]
     assert post(gw, "/v1/chat/completions", raw, session="acme:dup").status_code == 200
-    forwarded = first_wins(capture.seen[-1][1])
+    forwarded = first_wins(capture.seen[-1][2])
     exported = httpx.get(f"{gw.base_url}/sessions/acme:dup", headers=AUTH, timeout=30)
     assert exported.status_code == 200, exported.text
     assert HIDDEN not in exported.text
@@ -160,10 +105,10 @@ def test_a_forwarded_route_sends_the_model_it_routed_and_audited(gw: Gateway, ca
     raw = b'{"model": "%s", "input": "x", "model": "text-embedding-3-small"}' % HIDDEN.encode()
     resp = post(gw, "/v1/embeddings", raw)
     assert resp.status_code == 200, resp.text
-    forwarded = capture.seen[-1][1]
+    forwarded = capture.seen[-1][2]
     assert HIDDEN.encode() not in forwarded
     assert first_wins(forwarded)["model"] == "text-embedding-3-small"
-    (entry,) = audit_entries(gw, "proxy")
+    (entry,) = [e for e in gw.audit_entries() if e["event"] == "proxy"]
     assert entry["model"] == "text-embedding-3-small"
 
 
@@ -176,8 +121,8 @@ def test_json_the_gateway_serialised_goes_as_json_whatever_the_client_claimed(gw
     resp = httpx.post(gw.url + path, content=raw, timeout=30,
                       headers={**AUTH, "Content-Type": "application/json; charset=utf-16"})
     assert resp.status_code == 200, resp.text
-    assert capture.content_types == ["application/json"]
-    assert orjson.loads(capture.seen[-1][1]) == orjson.loads(raw)
+    assert [headers["Content-Type"] for _, headers, _ in capture.seen] == ["application/json"]
+    assert orjson.loads(capture.seen[-1][2]) == orjson.loads(raw)
 
 
 def test_a_forwarded_body_that_is_not_json_goes_as_it_came(gw: Gateway, capture: Capture) -> None:
@@ -185,5 +130,5 @@ def test_a_forwarded_body_that_is_not_json_goes_as_it_came(gw: Gateway, capture:
     resp = httpx.post(gw.url + "/v1/embeddings", content=raw, timeout=30,
                       headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"})
     assert resp.status_code == 200, resp.text
-    assert capture.seen[-1][1] == raw
-    assert capture.content_types == ["application/x-www-form-urlencoded"]
+    assert capture.seen[-1][2] == raw
+    assert [headers["Content-Type"] for _, headers, _ in capture.seen] == ["application/x-www-form-urlencoded"]

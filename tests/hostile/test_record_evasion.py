@@ -20,9 +20,7 @@ import structlog
 
 import gateway.stages.record as record_stage
 from gateway import pipeline
-from gateway.audit import entry_fields
 from gateway.sessions import SessionService
-from gateway.store.sqlite import SQLiteStore
 from tests.conftest import ACME_KEY, REPO, Gateway, Upstream
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
@@ -31,15 +29,7 @@ EXC_CANARY = "CANARY-exc-4111111111111111"
 
 
 def entries_of(gateway: Gateway, event: str = "round") -> list[dict[str, Any]]:
-    async def read() -> list[dict[str, Any]]:
-        store = SQLiteStore(gateway.db_path)
-        await store.open()
-        try:
-            return [entry_fields(a) async for a in store.iter_audit("acme")]
-        finally:
-            await store.close()
-
-    return [e for e in asyncio.run(read()) if e["event"] == event]
+    return [e for e in gateway.audit_entries() if e["event"] == event]
 
 
 def exported(gateway: Gateway, session: str) -> dict[str, Any]:

@@ -10,18 +10,17 @@ import gzip
 import threading
 import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import httpx
 import orjson
 import pytest
 import zstandard
-from aiohttp import web
 
 from gateway.decompress import decode_body
 from gateway.errors import CorruptBody, PayloadTooLarge, UnsupportedEncoding
-from tests.conftest import ACME_KEY, Gateway, _Server
+from tests.conftest import ACME_KEY, Gateway
+from tests.hostile.conftest import Capture
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 LIMIT = 256 * 1024
@@ -73,33 +72,6 @@ def bomb(coding: str, size: int) -> bytes:
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}[coding]
     packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
     return b"".join(packer.compress(block) for _ in range(size >> 20)) + packer.flush()
-
-
-@dataclass
-class Capture:
-    """An upstream that keeps what reached it, byte for byte (it decodes nothing itself)."""
-
-    url: str = ""
-    seen: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.seen.append((request.path, dict(request.headers), body))
-        if request.path.endswith("/chat/completions"):
-            return web.json_response({"id": "c", "object": "chat.completion", "model": "m", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
-        return web.json_response({"object": "list", "data": []})
-
-
-@pytest.fixture
-def capture() -> Iterator[Capture]:
-    cap = Capture()
-    app = web.Application(handler_args={"auto_decompress": False})
-    app.router.add_route("*", "/{tail:.*}", cap.handle)
-    server = _Server(app)
-    cap.url = f"http://127.0.0.1:{server.port}/v1"
-    yield cap
-    server.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from gateway.redact import Redactor
-from tests.conftest import ACME_KEY, REPO, Gateway
+from tests.conftest import ACME_KEY, Gateway
+from tests.protocols.conftest import session_setting
 from tests.protocols.upstream import PATCH_INPUT, ProtocolUpstream
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
@@ -56,11 +57,7 @@ def test_a_custom_tool_call_and_its_output_are_recorded_and_go_back_as_such(pgw:
 
 
 def _policy(tmp: Path, tools: str) -> Path:
-    folder = tmp / "pol"
-    folder.mkdir(exist_ok=True)
-    text = (REPO / "policies/default.yaml").read_text().replace("inject: {", f"tools: {tools}\n  inject: {{")
-    (folder / "default.yaml").write_text(text)
-    return folder
+    return session_setting(tmp, f"tools: {tools}")
 
 
 def test_a_redacting_policy_redacts_a_custom_tools_input(make_pgw: Callable[..., Gateway], tmp_path: Path) -> None:

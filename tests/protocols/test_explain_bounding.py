@@ -15,7 +15,7 @@ from gateway.policy import load_policy_set
 from gateway.policy.explain import detect_protocol, explain
 from gateway.session.model import context_length
 from tests.conftest import REPO, Gateway
-from tests.protocols.conftest import anthropic_client
+from tests.protocols.conftest import anthropic_client, default_policy_with
 
 RESPONSES_REQUEST = {"model": "gpt-4o", "instructions": "be brief",
                      "input": [{"role": "user", "content": [{"type": "input_text", "text": "hello there"}]}]}
@@ -48,11 +48,7 @@ def test_explain_cli_takes_a_messages_request(gateway: Gateway, tmp_path: Path) 
 
 
 def _bounded_policy(tmp_path: Path) -> Path:
-    folder = tmp_path / "pol"
-    folder.mkdir(exist_ok=True)
-    text = (REPO / "policies/default.yaml").read_text().replace("max_length: 12000", "max_length: 200")
-    (folder / "default.yaml").write_text(text)
-    return folder
+    return default_policy_with(tmp_path, "max_length: 12000", "max_length: 200")
 
 
 @pytest.mark.parametrize("protocol", ["responses", "messages"])

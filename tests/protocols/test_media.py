@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, Gateway, Upstream
-from tests.protocols.conftest import anthropic_client
+from tests.conftest import Gateway, Upstream
+from tests.protocols.conftest import anthropic_client, session_setting
 from tests.protocols.upstream import ProtocolUpstream
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"CANARY-PIXELS-5521" * 20
@@ -24,11 +24,7 @@ PLACEHOLDER = f"[image: image/png, {len(PNG)} bytes, sha256 {hashlib.sha256(PNG)
 def _gateway(make_gateway: Any, tmp_path: Path, media: str | None) -> Gateway:
     if media is None:
         return make_gateway()  # type: ignore[no-any-return]
-    folder = tmp_path / "pol"
-    folder.mkdir(exist_ok=True)
-    text = (REPO / "policies/default.yaml").read_text().replace("inject: {", f"media: {media}\n  inject: {{")
-    (folder / "default.yaml").write_text(text)
-    return make_gateway(folder)  # type: ignore[no-any-return]
+    return make_gateway(session_setting(tmp_path, f"media: {media}"))  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize(("media", "recorded"), [
@@ -77,11 +73,7 @@ def test_anthropic_image_block_is_placeholdered(pgw: Gateway, proto: ProtocolUps
 
 
 def _keep(tmp_path: Path) -> Path:
-    folder = tmp_path / "keep"
-    folder.mkdir(exist_ok=True)
-    text = (REPO / "policies/default.yaml").read_text().replace("inject: {", "media: {parts: keep}\n  inject: {")
-    (folder / "default.yaml").write_text(text)
-    return folder
+    return session_setting(tmp_path, "media: {parts: keep}", name="keep")
 
 
 PDF = base64.b64encode(b"%PDF-1.4 CANARY-DOC-6061").decode()

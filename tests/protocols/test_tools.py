@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, Gateway, Upstream
-from tests.protocols.conftest import anthropic_client
+from tests.protocols.conftest import anthropic_client, session_setting
 from tests.protocols.upstream import ProtocolUpstream
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "weather",
@@ -74,11 +74,7 @@ def test_messages_client_sends_only_its_tool_result(pgw: Gateway, proto: Protoco
 
 
 def _policy(tmp: Path, tools: str) -> Path:
-    folder = tmp / "pol"
-    folder.mkdir(exist_ok=True)
-    text = (REPO / "policies/default.yaml").read_text().replace("inject: {", f"tools: {tools}\n  inject: {{")
-    (folder / "default.yaml").write_text(text)
-    return folder
+    return session_setting(tmp, f"tools: {tools}")
 
 
 def test_policy_redacts_tool_arguments_and_results(make_gateway: Any, upstream: Upstream, tmp_path: Path) -> None:
