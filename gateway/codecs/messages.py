@@ -198,8 +198,14 @@ def _with_memo(content: Any, memo: Any) -> Any:
     return with_memo(content, memo)
 
 
+TOOL_USE_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+"""Blocks whose ``input`` a stream sends as ``input_json_delta`` pieces."""
+
+
 class MessagesAssembler(EventAssembler):
-    """Builds the assistant message of a Messages stream from its events."""
+    """Builds the assistant message of a Messages stream from its events, and the ``message``
+    the stream stands for (``response``: every block as the JSON reply would hold it, thinking,
+    signatures, citations and server tools' input included, for ``$`` reply keys)."""
 
     def __init__(self, max_bytes: int | None = None) -> None:
         super().__init__(max_bytes)
@@ -226,16 +232,23 @@ class MessagesAssembler(EventAssembler):
         index = ev.get("index")
         if kind == "content_block_start" and isinstance(ev.get("content_block"), dict):
             block = dict(ev["content_block"])
-            if block.get("type") == "tool_use":
+            if block.get("type") in TOOL_USE_BLOCKS:
                 block["partial_json"] = ""
             self.blocks[int(index or 0)] = block
         elif kind == "content_block_delta" and isinstance(ev.get("delta"), dict):
             block = self.blocks.setdefault(int(index or 0), {"type": "text", "text": ""})
             delta = ev["delta"]
-            if delta.get("type") == "text_delta":
+            change = delta.get("type")
+            if change == "text_delta":
                 block["text"] = block.get("text", "") + str(delta.get("text", ""))
-            elif delta.get("type") == "input_json_delta":
+            elif change == "input_json_delta":
                 block["partial_json"] = block.get("partial_json", "") + str(delta.get("partial_json", ""))
+            elif change == "thinking_delta":
+                block["thinking"] = block.get("thinking", "") + str(delta.get("thinking", ""))
+            elif change == "signature_delta":
+                block["signature"] = block.get("signature", "") + str(delta.get("signature", ""))
+            elif change == "citations_delta":
+                block.setdefault("citations", []).append(delta.get("citation"))
 
     @property
     def finished(self) -> bool:
@@ -249,7 +262,7 @@ class MessagesAssembler(EventAssembler):
         out = []
         for i in sorted(self.blocks):
             block = dict(self.blocks[i])
-            if block.get("type") == "tool_use":
+            if "partial_json" in block:
                 raw = block.pop("partial_json", "")
                 try:
                     block["input"] = orjson.loads(raw) if raw else block.get("input", {})

@@ -93,3 +93,44 @@ def test_an_anthropic_prefill_is_recorded_as_the_start_of_the_reply(pgw: Gateway
     exported = pgw.openai().get("/sessions/prefill-msg", cast_to=object)["full_context"]  # type: ignore[index]
     assert exported == [{"role": "user", "content": "CANARY-prefill-msg"},
                         {"role": "assistant", "content": "Answer:" + text}]
+
+
+def test_a_streamed_message_is_assembled_whole_for_reply_keys() -> None:
+    """The message a Messages stream stands for (what ``$`` reply keys read on a stream) holds
+    every block as the JSON reply would: thinking and its signature, citations, a server tool's
+    input; the text and the client tool call make the recorded assistant message."""
+    from gateway.codecs.messages import MessagesAssembler
+
+    events = [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                              "content": [], "model": "c", "usage": {"input_tokens": 3}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me "}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "check."}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig=="}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "server_tool_use", "id": "srv_1", "name": "web_search", "input": {}}},
+        *({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": piece}}
+          for piece in ('{"query": ', '"tides"}')),
+        {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "citations_delta", "citation": {
+            "type": "web_search_result_location", "url": "https://example.test", "cited_text": "high at 6"}}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "High tide is at 6."}},
+        {"type": "content_block_start", "index": 3, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "note", "input": {}}},
+        {"type": "content_block_delta", "index": 3, "delta": {"type": "input_json_delta", "partial_json": '{"a": 1}'}},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}},
+        {"type": "message_stop"},
+    ]
+    assembler = MessagesAssembler()
+    for event in events:
+        assembler.on_event(event)
+    content = assembler.response()["content"]
+    assert content[0] == {"type": "thinking", "thinking": "Let me check.", "signature": "sig=="}
+    assert content[1] == {"type": "server_tool_use", "id": "srv_1", "name": "web_search", "input": {"query": "tides"}}
+    assert content[2] == {"type": "text", "text": "High tide is at 6.", "citations": [
+        {"type": "web_search_result_location", "url": "https://example.test", "cited_text": "high at 6"}]}
+    message = assembler.message()
+    assert message["content"] == "High tide is at 6."
+    assert [call["function"]["name"] for call in message["tool_calls"]] == ["note"]
