@@ -156,6 +156,16 @@ class ReplyAssembler(EventAssembler):
             if delta.get("refusal"):
                 self.refusal.append(delta["refusal"])
             for call in delta.get("tool_calls") or ():
+                if call.get("type") == "custom" or "custom" in call:  # a free-text custom tool's call
+                    slot = self.tool_calls.setdefault(call.get("index", 0), {
+                        "id": None, "type": "custom", "custom": {"name": "", "input": ""}})
+                    spec = call.get("custom") or {}
+                    for key in ("name", "input"):
+                        if spec.get(key):
+                            slot.setdefault("custom", {"name": "", "input": ""})[key] += spec[key]
+                    if call.get("id"):
+                        slot["id"] = call["id"]
+                    continue
                 slot = self.tool_calls.setdefault(call.get("index", 0), {
                     "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
                 if call.get("id"):

@@ -42,6 +42,17 @@ def test_assembler_builds_text_and_tool_calls() -> None:
     assert asm.finish_reason == "tool_calls" and asm.response()["choices"][0]["message"] == message
 
 
+def test_assembler_builds_a_custom_tool_call() -> None:
+    """A streamed custom tool call (``type: custom``, free-text ``input`` in pieces) is assembled as
+    one; it was taken for a function call and its input lost."""
+    asm = ReplyAssembler()
+    asm.add_events([c.strip() for c in (
+        chunk(tool={"index": 0, "id": "c1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** Begin"}}),
+        chunk(tool={"index": 0, "custom": {"input": " Patch"}}, finish="tool_calls"))])
+    assert asm.message()["tool_calls"] == [
+        {"id": "c1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** Begin Patch"}}]
+
+
 def test_splitter_accepts_crlf_event_boundaries() -> None:
     """Events separated by CRLF blank lines are recognised too."""
     s = EventSplitter()
