@@ -323,6 +323,8 @@ class _Round:
         yield chunk({"role": "assistant", "content": ""})
         for piece in _split(self.content, chunks):
             yield chunk({"content": piece})
+        if isinstance(self.message.get("refusal"), str):
+            yield chunk({"refusal": self.message["refusal"]})
         if self.tool_calls:
             yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(self.tool_calls)]})
         yield chunk({}, self.finish_reason)

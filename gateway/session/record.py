@@ -459,9 +459,11 @@ class ReplyView:
 
     @cached_property
     def text(self) -> str | None:
-        """The reply content as text; None when empty."""
+        """The reply content as text, or the model's ``refusal`` when it gave no content (what the
+        client was shown instead); None when empty."""
         text = content_text(self.message.get("content"))
-        return text or None
+        refusal = self.message.get("refusal")
+        return text or (refusal if isinstance(refusal, str) and refusal else None)
 
     @cached_property
     def data(self) -> Any:

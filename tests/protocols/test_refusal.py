@@ -1,0 +1,26 @@
+"""A model's refusal (Chat Completions' ``message.refusal``, content null) is the reply the client
+was shown, so a ``null``-keys record holds it as the assistant message, JSON and streamed; the
+round used to record no assistant message at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Gateway, Upstream
+
+REFUSAL = "I can't help with that. CANARY-refusal-2718"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refusal_is_recorded_as_the_reply(gateway: Gateway, upstream: Upstream, stream: bool) -> None:
+    upstream.reply = lambda body: {"role": "assistant", "content": None, "refusal": REFUSAL}
+    client = gateway.openai(session=f"refused-{stream}")
+    if stream:
+        chunks = list(client.chat.completions.create(model="m", stream=True,
+                                                     messages=[{"role": "user", "content": "do it"}]))
+        assert "".join(c.choices[0].delta.refusal or "" for c in chunks if c.choices) == REFUSAL
+    else:
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "do it"}])
+        assert reply.choices[0].message.refusal == REFUSAL
+    full = client.get(f"/sessions/refused-{stream}", cast_to=object)["full_context"]
+    assert full == [{"role": "user", "content": "do it"}, {"role": "assistant", "content": REFUSAL}]
