@@ -213,7 +213,7 @@ class ResponsesAssembler(EventAssembler):
                 self.final, self.final_type = response, str(kind)
         if self.truncated:
             return
-        if kind == "response.output_text.delta" and isinstance(ev.get("delta"), str):
+        if kind in ("response.output_text.delta", "response.refusal.delta") and isinstance(ev.get("delta"), str):
             self.text.append(ev["delta"])
         elif kind == "response.output_item.done" and isinstance(ev.get("item"), dict):
             item = ev["item"]
@@ -252,7 +252,11 @@ def reply_message(body: dict[str, Any]) -> Message:
     calls: list[dict[str, Any]] = []
     for item in body["output"]:
         if item.get("type") == "message":
-            texts.extend(p.get("text", "") for p in item.get("content") or () if p.get("type") == "output_text")
+            for p in item.get("content") or ():
+                if p.get("type") == "output_text":
+                    texts.append(p.get("text", ""))
+                elif p.get("type") == "refusal":  # shown to the client instead of text
+                    texts.append(p.get("refusal", ""))
         elif item.get("type") in CALL_ITEMS:
             calls.append(_call(item))
     return assistant_message(texts, calls)

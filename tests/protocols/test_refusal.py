@@ -24,3 +24,17 @@ def test_a_refusal_is_recorded_as_the_reply(gateway: Gateway, upstream: Upstream
         assert reply.choices[0].message.refusal == REFUSAL
     full = client.get(f"/sessions/refused-{stream}", cast_to=object)["full_context"]
     assert full == [{"role": "user", "content": "do it"}, {"role": "assistant", "content": REFUSAL}]
+
+
+def test_a_responses_refusal_is_the_reply_message() -> None:
+    """Responses: a ``refusal`` content part (JSON) and ``response.refusal.delta`` events (stream)
+    make the recorded reply, as ``output_text`` does."""
+    from gateway.codecs.responses import ResponsesAssembler, reply_message
+
+    body = {"output": [{"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": REFUSAL}]}]}
+    assert reply_message(body)["content"] == REFUSAL
+    assembler = ResponsesAssembler()
+    for piece in ("I can't help with that.", " CANARY-refusal-2718"):
+        assembler.on_event({"type": "response.refusal.delta", "item_id": "m", "output_index": 0,
+                            "content_index": 0, "delta": piece})
+    assert assembler.message()["content"] == REFUSAL
