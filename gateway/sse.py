@@ -137,6 +137,7 @@ class ReplyAssembler(EventAssembler):
         self.model: str | None = None
         self.id: str | None = None
         self.refusal: list[str] = []
+        self.transcript: list[str] = []
 
     def on_event(self, chunk: dict[str, Any]) -> None:
         self.id = self.id or chunk.get("id")
@@ -155,6 +156,9 @@ class ReplyAssembler(EventAssembler):
                 self.content.append(delta["content"])
             if delta.get("refusal"):
                 self.refusal.append(delta["refusal"])
+            audio = delta.get("audio")
+            if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+                self.transcript.append(audio["transcript"])  # the audio itself is not kept
             for call in delta.get("tool_calls") or ():
                 if call.get("type") == "custom" or "custom" in call:  # a free-text custom tool's call
                     slot = self.tool_calls.setdefault(call.get("index", 0), {
@@ -180,6 +184,8 @@ class ReplyAssembler(EventAssembler):
         msg = assistant_message(self.content, [self.tool_calls[i] for i in sorted(self.tool_calls)])
         if self.refusal:
             msg["refusal"] = "".join(self.refusal)
+        if self.transcript:
+            msg["audio"] = {"transcript": "".join(self.transcript)}
         return msg
 
     def response(self) -> dict[str, Any]:

@@ -459,11 +459,18 @@ class ReplyView:
 
     @cached_property
     def text(self) -> str | None:
-        """The reply content as text, or the model's ``refusal`` when it gave no content (what the
-        client was shown instead); None when empty."""
+        """The reply content as text; when it gave no content, the model's ``refusal`` or its audio
+        reply's ``transcript`` (what the client was given instead); None when empty."""
         text = content_text(self.message.get("content"))
+        if text:
+            return text
         refusal = self.message.get("refusal")
-        return text or (refusal if isinstance(refusal, str) and refusal else None)
+        audio = self.message.get("audio")
+        transcript = audio.get("transcript") if isinstance(audio, dict) else None
+        for other in (refusal, transcript):
+            if isinstance(other, str) and other:
+                return other
+        return None
 
     @cached_property
     def data(self) -> Any:

@@ -38,3 +38,25 @@ def test_a_responses_refusal_is_the_reply_message() -> None:
         assembler.on_event({"type": "response.refusal.delta", "item_id": "m", "output_index": 0,
                             "content_index": 0, "delta": piece})
     assert assembler.message()["content"] == REFUSAL
+
+
+def test_an_audio_reply_is_recorded_as_its_transcript(gateway: Gateway, upstream: Upstream) -> None:
+    """An audio reply (``modalities: ["text", "audio"]``) has no content: its transcript is what
+    the record holds as the reply; the audio itself is never stored."""
+    audio = {"id": "audio_1", "data": "QVVESU8tQllURVMtOTkx", "expires_at": 1, "transcript": "Hello there, CANARY-t-31"}
+    upstream.reply = lambda body: {"role": "assistant", "content": None, "audio": audio}
+    client = gateway.openai(session="spoken")
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "say hi"}])
+    full = client.get("/sessions/spoken", cast_to=object)["full_context"]
+    assert full[1] == {"role": "assistant", "content": "Hello there, CANARY-t-31"}
+    assert b"QVVESU8tQllURVMtOTkx" not in gateway.stored_bytes()
+
+
+def test_a_streamed_audio_reply_keeps_its_transcript_only() -> None:
+    from gateway.sse import ReplyAssembler
+
+    assembler = ReplyAssembler()
+    for delta in ({"audio": {"id": "a1", "transcript": "Hel", "data": "AAAA"}}, {"audio": {"transcript": "lo"}},
+                  {"audio": {"data": "BBBB"}}):
+        assembler.on_event({"id": "c1", "choices": [{"index": 0, "delta": delta}]})
+    assert assembler.message()["audio"] == {"transcript": "Hello"}
