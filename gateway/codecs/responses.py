@@ -12,9 +12,9 @@ the policy's ``session.tools.results`` applies to it; the record never leaves it
 window never carries a result whose call it cannot express.
 
 Injecting: the window goes in as input items (user and assistant messages, tool calls as
-``function_call``/``custom_tool_call`` items and their ``*_output`` items) after the client's leading system or
-developer items, the memo into the last user item (or as a system item, ``memo_placement:
-system``).
+``function_call``/``custom_tool_call`` items and their ``*_output`` items) after the client's
+leading system or developer items, the memo into the last user item (or as a system item,
+``memo_placement: system``).
 
 Gateway-held state (an upstream's ``responses_state: gateway``, the default): without
 ``X-Session-Id``, a request with ``store`` not false is a round of a *chain*, and a chain is a

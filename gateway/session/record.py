@@ -197,7 +197,7 @@ def prefill_start(messages: Sequence[dict[str, Any]]) -> int:
 def prefill_text(messages: Sequence[dict[str, Any]]) -> str:
     """The text of the request's prefill ("" when none): the start of the model's turn, which
     the reply goes on from, so the recorded assistant message is the prefill and the reply."""
-    return "".join(content_text(message.get("content")) for message in messages[prefill_start(messages):])
+    return "".join(_input_content_text(message.get("content")) for message in messages[prefill_start(messages):])
 
 
 def new_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
