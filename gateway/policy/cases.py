@@ -7,8 +7,8 @@ own functions and no server, store or upstream:
 
 - the policy: ``PolicySet.match`` (via :func:`gateway.policy.explain.explain`);
 - the recorded user and assistant text and the forwarded messages: ``explain``, which calls
-  ``session.record.render_user`` / ``render_reply`` and ``session.model.inject``, exactly as
-  the ``record`` and ``inject`` stages do;
+  ``stages.record.recorded_round`` (the record stage's own function) and
+  ``session.model.inject``, as the ``record`` and ``inject`` stages do;
 - the export form: the round's messages (``session.model.round_messages``, as the store keeps
   them) through the policy's redactor (``gateway.auditor.policy_redactor``, as the export
   writes them), with the pseudonym key derived from the file's ``export_secret``.

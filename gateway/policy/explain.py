@@ -14,7 +14,6 @@ import orjson
 from gateway.policy.matcher import PolicySet, compile_globs
 from gateway.policy.model import Policy
 from gateway.session.model import SessionState, carries_history, inject
-from gateway.session.record import build_reply_view, build_request_view, render_reply, render_user
 
 
 def _criterion(patterns: list[str] | None, value: str | None, what: str) -> tuple[bool, str]:
@@ -70,7 +69,7 @@ def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, sessio
     For the other protocols the forwarded messages are shown in the neutral (Chat) form the
     gateway reads them into (``gateway.codecs``)."""
     from gateway.codecs import by_name
-    from gateway.session.structured import structured_round
+    from gateway.stages.record import recorded_round
 
     codec = by_name(protocol)
     model = request.get("model") if isinstance(request.get("model"), str) else None
@@ -84,17 +83,14 @@ def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, sessio
     recorded_user = recorded_reply = None
     structured = None
     if session_id is not None and not chosen.records_nothing:
-        view = build_request_view(request, messages)
-        recorded_user = render_user(chosen.input_paths, messages, view)
-        message = None
+        message = body = None
         if reply is not None:
             # a Responses ``response`` object or an Anthropic ``message``; anything else as for chat
             native = protocol != "chat" and isinstance(reply, dict) and (
                 "output" in reply or reply.get("type") == "message")
             message, body = (codec.parse_reply(reply), reply) if native else reply_message(reply)
-            recorded_reply = render_reply(chosen.reply_paths, build_reply_view(message, body),
-                                          structured=chosen.reply_paths is None and view.wants_structured)
-        structured = structured_round(chosen, messages, message, recorded_reply)
+        # what the record stage itself computes (a prefill, structured rounds and all)
+        recorded_user, recorded_reply, structured = recorded_round(chosen, request, message, body, messages)
     opts = chosen.session.inject
     injected = inject(messages, state, window=opts.context_window, memo=opts.memo,
                       memo_placement=opts.memo_placement) if session_id is not None else messages

@@ -36,6 +36,18 @@ def test_explain_reads_every_protocol(request_body: dict[str, Any], protocol: st
     assert report["recorded"]["user"] == "hello there"
 
 
+def test_explain_shows_a_prefilled_round_as_the_gateway_records_it() -> None:
+    """``policy explain`` uses the record stage's own function: a final assistant message is a
+    prefill, so the user text before it is recorded and the reply is the prefill and the reply."""
+    policies = load_policy_set(REPO / "policies")
+    request = {"model": "m", "messages": [{"role": "user", "content": "Give JSON"},
+                                          {"role": "assistant", "content": "{"}]}
+    report = explain(policies, request, tenant="acme", session_id="s1", reply='"a": 1}')
+    assert report["recorded"]["user"] == "Give JSON"
+    assert report["recorded"]["assistant"] == '{"a": 1}'
+    assert report["injected"]["client_sends_history"] is False
+
+
 def test_explain_cli_takes_a_messages_request(gateway: Gateway, tmp_path: Path) -> None:
     """``policy explain --protocol messages`` prints what a Messages request would record."""
     req = tmp_path / "req.json"
