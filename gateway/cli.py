@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from gateway.errors import ConfigError, Conflict, GatewayError
 from gateway.settings import DEFAULT_CONFIG, Settings, load_settings
+from gateway.visible import json_escaped
 
 T = TypeVar("T")
 RETIRE_GRACE_SECONDS = 10
@@ -206,7 +207,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             if len(rows) > args.limit:
                 print(f"more sessions follow: add --after {rows[args.limit - 1].session_id}", file=sys.stderr)
         elif args.action == "export":
-            print(json.dumps(await svc.export(tenant, sid), indent=2, ensure_ascii=False))
+            print(json_escaped(json.dumps(await svc.export(tenant, sid), indent=2, ensure_ascii=False)))
         elif args.action == "import":
             from gateway.session.lenient_json import JSON5Error, loads_json5
 
@@ -275,7 +276,7 @@ def cmd_history(args: argparse.Namespace) -> int:
                 loaded = await svc.load(tenant, sid)
                 if loaded is None:
                     raise ConfigError(f"no session '{sid}' for tenant '{tenant}'")
-                print(json.dumps(loaded.state.memo, indent=2, ensure_ascii=False))
+                print(json_escaped(json.dumps(loaded.state.memo, indent=2, ensure_ascii=False)))
             else:
                 await write_memo(svc, policy, tenant, sid, document, new_request_id())
                 print(f"wrote the memo of {tenant}/{sid}")

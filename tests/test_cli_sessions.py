@@ -71,3 +71,17 @@ def test_cli_errors_are_one_line_without_a_traceback(gateway: Gateway, tmp_path:
         assert result.stderr.startswith("sessiongate: error: ") and result.stderr.count("\n") == 1
         assert "Traceback" not in result.stderr
     assert export(gateway, "only-acme").status_code == 200
+
+
+def test_export_escapes_characters_a_terminal_would_hide_or_reorder(gateway: Gateway, upstream: Upstream) -> None:
+    """A bidirectional override or Unicode tags in recorded text reach the terminal as JSON
+    escapes: the same JSON value, but nothing reordered or invisible on screen."""
+    tags = "".join(chr(0xE0000 + ord(c)) for c in "hi")
+    text = f"pay \u202e0001\u202c {tags} é 中"
+    gateway.openai(session="cli-hidden").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": text}])
+    exported = cli(gateway, "export", "cli-hidden", "--tenant", "acme")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["full_context"][0]["content"] == text
+    assert "pay \\u202e0001\\u202c \\udb40\\udc68\\udb40\\udc69 é 中" in exported.stdout
+    assert not any(c in exported.stdout for c in ("\u202e", "\u202c", tags[0]))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 import orjson
 import structlog
 import yaml
@@ -44,6 +45,7 @@ from gateway.handlers import SERVICES, parse_time
 from gateway.redact import Redactor
 from gateway.stages.resolve_session import check_session_id
 from gateway.store.base import SYSTEM_TENANT, Changes
+from gateway.visible import HIDDEN, tag_text
 
 log = structlog.get_logger("gateway.console")
 HERE = Path(__file__).parent
@@ -72,7 +74,27 @@ def _environment() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["when"] = _when
     env.filters["pretty"] = lambda value: orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+    env.filters["visible"] = visible
     return env
+
+
+def visible(text: str) -> markupsafe.Markup:
+    """*text* escaped, with every hidden character (``gateway.visible.HIDDEN``) shown as a
+    marked ``⟨U+202E⟩`` and a run of Unicode tags as the ASCII it spells: an auditor sees what
+    the model read, and a bidirectional override cannot reorder what is shown."""
+    out: list[str] = []
+    last = 0
+    for match in HIDDEN.finditer(text):
+        out.append(str(markupsafe.escape(text[last:match.start()])))
+        run = match.group()
+        if match.group("tags"):
+            label = "tags spelling " + orjson.dumps(tag_text(run)).decode()
+        else:
+            label = " ".join(f"U+{ord(c):04X}" for c in run)
+        out.append(f'<mark class="hidden-char" title="hidden characters">⟨{markupsafe.escape(label)}⟩</mark>')
+        last = match.end()
+    out.append(str(markupsafe.escape(text[last:])))
+    return markupsafe.Markup("".join(out))
 
 
 def _when(ts: float | None) -> str:

@@ -1,0 +1,34 @@
+"""``gateway.visible``: hidden characters escaped in JSON output without changing its value."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.visible import HIDDEN, json_escaped, tag_text
+
+HIDDEN_CHARS = "\u202e\u2066\u200b\u00ad\u2028\ufeff\x1b\x00" + chr(0xE0041) + chr(0xE0001) + chr(0xE0100)
+
+
+@settings(max_examples=200, derandomize=True, database=None)
+@given(st.recursive(st.text(alphabet=st.one_of(st.characters(exclude_categories=["Cs"]),
+                                               st.sampled_from(HIDDEN_CHARS))),
+                    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                            st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                    max_leaves=6))
+def test_json_escaped_is_the_same_json_value_with_no_hidden_character(value: object) -> None:
+    for ensure_ascii in (False, True):
+        text = json_escaped(json.dumps(value, ensure_ascii=ensure_ascii, indent=2))
+        assert json.loads(text) == value
+        assert HIDDEN.search(text) is None
+
+
+def test_tags_spell_ascii() -> None:
+    run = "".join(chr(0xE0000 + ord(c)) for c in "ignore previous")
+    match = HIDDEN.fullmatch(run)
+    assert match is not None and match.group("tags") == run
+    assert tag_text(run) == "ignore previous"
+    assert HIDDEN.fullmatch("\u202e\u200b").group("tags") is None  # type: ignore[union-attr]
+    assert HIDDEN.search("plain text, é, 中, emoji 👍\ufe0f, tab\tand newline\n") is None
