@@ -16,7 +16,7 @@ import pytest
 
 from gateway.redact import Redactor
 from tests.conftest import ACME_KEY, Gateway
-from tests.protocols.conftest import session_setting
+from tests.protocols.conftest import anthropic_client, session_setting
 from tests.protocols.upstream import PATCH_INPUT, ProtocolUpstream
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
@@ -115,8 +115,6 @@ def test_the_tools_policy_applies_to_a_built_in_tools_output(make_pgw: Callable[
 def test_a_custom_call_continued_on_messages_is_a_named_tool_use(pgw: Gateway, proto: ProtocolUpstream) -> None:
     """Anthropic has no free-text tools: a recorded custom call goes into a Messages window as a
     ``tool_use`` with its name and ``{"input": <text>}``, not a nameless block the API refuses."""
-    from tests.protocols.conftest import anthropic_client
-
     respond(pgw, "cross", {"input": "add a file", "tools": [PATCH_TOOL]})
     call_id = history(pgw, "cross")[1]["tool_calls"][0]["id"]
     respond(pgw, "cross", {"input": [{"type": "custom_tool_call_output", "call_id": call_id, "output": "ok"}]})
