@@ -1,12 +1,21 @@
 """Server-sent events from an OpenAI-compatible stream: cut into events, assembled into a reply.
 
 ``EventSplitter.feed(chunk)`` returns the bytes of the complete events in *chunk* (to forward
-at once, unchanged) and holds back a trailing partial event and the final ``data: [DONE]``,
-which the gateway sends only after the round is committed. ``ReplyAssembler`` decodes the
-``data:`` JSON of each event once and builds the assistant message the stream amounts to.
-Other protocols (Responses, Messages) end their streams with a final event of their own: an
-``is_final`` predicate makes the splitter hold that event back (in ``held``) the same way, and
-their assemblers live with their codecs (``gateway.codecs``).
+at once, unchanged), hands each complete event to an assembler, and holds back a trailing
+partial event and the final event (Chat's ``data: [DONE]``, Responses' ``response.completed``,
+Messages' ``message_stop``), which the gateway sends only after the round is committed.
+``ReplyAssembler`` builds the assistant message a Chat stream amounts to; the other protocols'
+assemblers live with their codecs (``gateway.codecs``).
+
+Events are read as a client's decoder reads them (WHATWG's event-stream format, as the
+``openai`` and ``anthropic`` SDKs implement it): an event's data is the values of its ``data``
+lines, each without one leading space, joined by newlines (:func:`event_data`). So JSON a
+provider spreads over several ``data:`` lines, ``data:`` without a space, and ``id:``,
+``event:``, ``retry:`` and comment lines around the data all assemble, and end a stream, as
+they do for the client. Each event's data is parsed once, by the assembler, which also says
+whether the event is the final one: ``[DONE]`` (in any protocol's stream), or the protocol's
+own final event by the top-level ``type`` of its data (a request's metadata echoed inside
+``response.created`` is not the type of that event).
 
 Bounds: ``EventSplitter(max_event=N)`` never holds more than about N bytes of one event: a
 longer event is forwarded as it arrives (``oversized`` is set) and is not parsed.
@@ -22,27 +31,42 @@ from typing import Any
 
 import orjson
 
-DONE = b"data: [DONE]"
+DONE = b"[DONE]"
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The data of one event (its lines split on ``\\n``): its ``data`` lines' values, each
+    without one leading space, joined by ``\\n``; None when it has no ``data`` line (a comment,
+    or ``event:``/``id:``/``retry:`` lines only). A bare ``data`` line is an empty value."""
+    head, named, last = event.rpartition(b"\ndata:")
+    if named and b"\n" not in last and b"data" not in head:  # the usual named event: its last line is data
+        return last[1:] if last[:1] == b" " else last
+    values = [line[5:] if line[:5] == b"data:" else b"" for line in event.split(b"\n")
+              if line[:5] == b"data:" or line == b"data"]
+    if not values:
+        return None
+    values = [v[1:] if v[:1] == b" " else v for v in values]
+    return values[0] if len(values) == 1 else b"\n".join(values)
 
 
 class EventSplitter:
-    """Splits a byte stream on blank lines; remembers whether ``[DONE]`` arrived."""
+    """Splits a byte stream on blank lines and hands each complete event (without its blank
+    line) to *on_event*, which says whether it is the stream's final event."""
 
-    __slots__ = ("_buf", "_final", "_max", "_skipping", "done", "events", "held", "oversized")
+    __slots__ = ("_buf", "_max", "_on_event", "_skipping", "done", "held", "oversized")
 
-    def __init__(self, max_event: int | None = None, is_final: Callable[[bytes], bool] | None = None) -> None:
+    def __init__(self, on_event: Callable[[bytes], bool], max_event: int | None = None) -> None:
         self._buf = b""
         self._max = max_event
-        self._final = is_final
+        self._on_event = on_event
         self._skipping = False
         self.done = False
         self.oversized = False
-        self.events: list[bytes] = []
         self.held = b""
-        """The final event(s) held back (``is_final``; Chat's ``[DONE]`` by default)."""
+        """The final event(s) held back, as they came."""
 
     def feed(self, chunk: bytes) -> bytes:
-        """Complete events of *chunk* as bytes to forward; their payloads go to ``events``."""
+        """The complete events of *chunk* as bytes to forward (a final event held back)."""
         buf = self._buf + chunk if self._buf else chunk
         if b"\r\n" in buf:
             buf = buf.replace(b"\r\n", b"\n")
@@ -65,18 +89,10 @@ class EventSplitter:
         ready, self._buf = buf[: end + 2], buf[end + 2:]
         out = ready
         for event in ready.split(b"\n\n"):
-            if not event:
-                continue
-            if event.startswith(DONE):
-                self.done = True
-                self.held = DONE + b"\n\n"
-                out = out.replace(DONE + b"\n\n", b"")
-                continue
-            if self._final is not None and self._final(event):
+            if event and self._on_event(event):
                 self.done = True
                 self.held += event + b"\n\n"
                 out = out.replace(event + b"\n\n", b"", 1)
-            self.events.append(event)
         return skipped + out
 
 
@@ -92,36 +108,34 @@ def assistant_message(texts: list[str], calls: list[dict[str, Any]]) -> dict[str
 class EventAssembler:
     """Base of the per-protocol reply assemblers (Chat's below, Responses' and Messages' in
     ``gateway.codecs``): counts event bytes against ``max_bytes`` (``truncated`` once past it) and
-    hands each ``data:`` line that holds a JSON object to :meth:`on_event`; anything else is
-    skipped."""
+    hands each event whose data (:func:`event_data`) is a JSON object to :meth:`on_event`;
+    anything else is skipped."""
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self._room = max_bytes
         self.truncated = False
 
-    def add_events(self, events: list[bytes]) -> None:
-        for event in events:
-            if self._room is not None:
-                self._room -= len(event)
-                if self._room < 0:
-                    self.truncated = True
-            if b"\n" not in event:  # the usual event: one data line, no list to split into
-                if event.startswith(b"data:"):
-                    self._add(event[5:].strip())
-                continue
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    self._add(line[5:].strip())
-
-    def _add(self, data: bytes) -> None:
+    def add_event(self, event: bytes) -> bool:
+        """Take one complete event; True when it is the stream's final event: ``[DONE]``, or
+        one :meth:`on_event` calls final."""
+        if self._room is not None:
+            self._room -= len(event)
+            if self._room < 0:
+                self.truncated = True
+        if event[:5] == b"data:" and b"\n" not in event:  # the usual event: one data line
+            data: bytes | None = event[6:] if event[5:6] == b" " else event[5:]
+        else:
+            data = event_data(event)
+        if not data:
+            return False
         try:
-            event = orjson.loads(data)
+            parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return
-        if isinstance(event, dict):
-            self.on_event(event)
+            return data.startswith(DONE)  # as the openai SDK reads it
+        return isinstance(parsed, dict) and self.on_event(parsed)
 
-    def on_event(self, event: dict[str, Any]) -> None:
+    def on_event(self, event: dict[str, Any]) -> bool:
+        """Take one parsed event; True when it is the protocol's final event."""
         raise NotImplementedError
 
 
@@ -139,7 +153,8 @@ class ReplyAssembler(EventAssembler):
         self.refusal: list[str] = []
         self.transcript: list[str] = []
 
-    def on_event(self, chunk: dict[str, Any]) -> None:
+    def on_event(self, chunk: dict[str, Any]) -> bool:
+        """Chat has no final JSON event: its stream ends with ``[DONE]``."""
         self.id = self.id or chunk.get("id")
         self.model = self.model or chunk.get("model")
         if chunk.get("usage"):
@@ -179,6 +194,7 @@ class ReplyAssembler(EventAssembler):
                     slot["function"]["name"] += fn["name"]
                 if fn.get("arguments"):
                     slot["function"]["arguments"] += fn["arguments"]
+        return False
 
     def message(self) -> dict[str, Any]:
         msg = assistant_message(self.content, [self.tool_calls[i] for i in sorted(self.tool_calls)])

@@ -12,7 +12,7 @@ import orjson
 from gateway.errors import UpstreamError
 from gateway.session.model import SessionState
 from gateway.session.model import inject as inject_messages
-from gateway.sse import DONE, ReplyAssembler
+from gateway.sse import ReplyAssembler
 
 if TYPE_CHECKING:
     from gateway.context import Context
@@ -67,9 +67,6 @@ class ChatCodec:
 
     def assembler(self, max_bytes: int | None) -> ChatAssembler:
         return ChatAssembler(max_bytes=max_bytes)
-
-    def is_final(self, event: bytes) -> bool:
-        return event.startswith(DONE)
 
     def reply_prefix(self, prefix: bytes) -> str | None:
         from gateway.stages.forward import content_prefix

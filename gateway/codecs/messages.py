@@ -216,7 +216,8 @@ class MessagesAssembler(EventAssembler):
         self.usage: dict[str, Any] = {}
         self.stopped = False
 
-    def on_event(self, ev: dict[str, Any]) -> None:
+    def on_event(self, ev: dict[str, Any]) -> bool:
+        """``message_stop`` is the final event."""
         kind = ev.get("type")
         if kind == "message_start" and isinstance(ev.get("message"), dict):
             self.start = ev["message"]
@@ -227,8 +228,9 @@ class MessagesAssembler(EventAssembler):
             self.usage.update(ev.get("usage") or {})
         elif kind == "message_stop":
             self.stopped = True
+            return True
         if self.truncated:
-            return
+            return False
         index = ev.get("index")
         if kind == "content_block_start" and isinstance(ev.get("content_block"), dict):
             block = dict(ev["content_block"])
@@ -249,6 +251,7 @@ class MessagesAssembler(EventAssembler):
                 block["signature"] = block.get("signature", "") + str(delta.get("signature", ""))
             elif change == "citations_delta":
                 block.setdefault("citations", []).append(delta.get("citation"))
+        return False
 
     @property
     def finished(self) -> bool:
@@ -355,10 +358,6 @@ class MessagesCodec:
 
     def assembler(self, max_bytes: int | None) -> MessagesAssembler:
         return MessagesAssembler(max_bytes)
-
-    def is_final(self, event: bytes) -> bool:
-        return event.startswith(b"event: message_stop") or (
-            event.startswith(b"data:") and b'"type":"message_stop"' in event.replace(b" ", b""))
 
     def reply_prefix(self, prefix: bytes) -> str | None:
         return None

@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 Message = dict[str, Any]
 FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 CHAIN_ID = re.compile(r"resp_([0-9a-f]{16})(?:_([0-9a-f]{16}))?")
-_TYPE = re.compile(rb'"type"\s*:\s*"(response\.(?:completed|incomplete|failed))"')
 
 
 def chain_of(response_id: str) -> tuple[str, str] | None:
@@ -202,7 +201,8 @@ class ResponsesAssembler(EventAssembler):
         self.calls: dict[str, dict[str, Any]] = {}
         self.created: dict[str, Any] = {}
 
-    def on_event(self, ev: dict[str, Any]) -> None:
+    def on_event(self, ev: dict[str, Any]) -> bool:
+        """``response.completed``, ``.incomplete`` or ``.failed`` is the final event."""
         kind = ev.get("type")
         response = ev.get("response")
         if isinstance(response, dict):
@@ -212,13 +212,14 @@ class ResponsesAssembler(EventAssembler):
             if kind in FINAL_TYPES:
                 self.final, self.final_type = response, str(kind)
         if self.truncated:
-            return
+            return kind in FINAL_TYPES
         if kind in ("response.output_text.delta", "response.refusal.delta") and isinstance(ev.get("delta"), str):
             self.text.append(ev["delta"])
         elif kind == "response.output_item.done" and isinstance(ev.get("item"), dict):
             item = ev["item"]
             if item.get("type") in CALL_ITEMS:
                 self.calls[str(item.get("id") or item.get("call_id"))] = item
+        return kind in FINAL_TYPES
 
     @property
     def finished(self) -> bool:
@@ -335,11 +336,6 @@ class ResponsesCodec:
 
     def assembler(self, max_bytes: int | None) -> ResponsesAssembler:
         return ResponsesAssembler(max_bytes)
-
-    def is_final(self, event: bytes) -> bool:
-        if event.startswith(b"event:"):
-            return event.split(b"\n", 1)[0][6:].strip().decode("ascii", "replace") in FINAL_TYPES
-        return _TYPE.search(event) is not None
 
     def reply_prefix(self, prefix: bytes) -> str | None:
         return None

@@ -181,8 +181,8 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     out.headers["Content-Type"] = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
     codec = ctx.codec
-    splitter = EventSplitter(max_event=cap, is_final=codec.is_final)
     assembler = codec.assembler(cap)
+    splitter = EventSplitter(assembler.add_event, max_event=cap)
     swap: tuple[bytes, bytes] | None = None
     ctx.response = out
     ctx.outcome = "incomplete"
@@ -194,9 +194,6 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
         writing = False
         async for chunk in reply.aiter_bytes():
             data = splitter.feed(chunk)
-            if splitter.events:
-                assembler.add_events(splitter.events)
-                splitter.events.clear()
             if ctx.reply_id and swap is None and assembler.id:
                 swap = (assembler.id.encode(), ctx.reply_id.encode())
             if data and swap is not None:
