@@ -53,12 +53,13 @@ class EventSplitter:
     """Splits a byte stream on blank lines and hands each complete event (without its blank
     line) to *on_event*, which says whether it is the stream's final event."""
 
-    __slots__ = ("_buf", "_max", "_on_event", "_skipping", "done", "held", "oversized")
+    __slots__ = ("_buf", "_cr", "_max", "_on_event", "_skipping", "done", "held", "oversized")
 
     def __init__(self, on_event: Callable[[bytes], bool], max_event: int | None = None) -> None:
         self._buf = b""
         self._max = max_event
         self._on_event = on_event
+        self._cr = False
         self._skipping = False
         self.done = False
         self.oversized = False
@@ -67,9 +68,12 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events of *chunk* as bytes to forward (a final event held back)."""
+        if self._cr and chunk[:1] == b"\n":  # the LF of a CRLF cut between two chunks
+            chunk = chunk[1:]
+        self._cr = chunk[-1:] == b"\r"
         buf = self._buf + chunk if self._buf else chunk
-        if b"\r\n" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
+        if b"\r" in buf:  # CRLF or a lone CR ends a line too
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         skipped = b""
         if self._skipping:  # the rest of an oversized event: forwarded, not parsed
             end = buf.find(b"\n\n")

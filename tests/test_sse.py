@@ -100,3 +100,14 @@ def test_a_done_after_a_protocols_final_event_is_held_with_it() -> None:
     assert s.feed(b'data: {"type":"response.created"}\n\n' + final + b"data:[DONE]\n\n") == \
         b'data: {"type":"response.created"}\n\n'
     assert s.done and s.held == final + b"data:[DONE]\n\n"
+
+
+def test_splitter_accepts_lone_cr_line_endings_even_split_across_chunks() -> None:
+    """The SSE format ends lines with LF, CRLF or a lone CR; a CRLF cut between two chunks is one
+    line ending, not two."""
+    asm = ReplyAssembler()
+    s = EventSplitter(asm.add_event)
+    stream = b'data: {"choices": [{"delta": {"content": "Hi"}}]}\r\r' + b'id: 1\r\ndata: {"choices": []}\r\n\r\n'
+    out = s.feed(stream[:51]) + s.feed(stream[51:-3]) + s.feed(stream[-3:-2]) + s.feed(stream[-2:] + b"data:[DONE]\r\r")
+    assert out == b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\nid: 1\ndata: {"choices": []}\n\n'
+    assert s.done and asm.message()["content"] == "Hi"

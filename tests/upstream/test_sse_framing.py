@@ -1,6 +1,7 @@
 """Event streams framed the other ways the SSE format allows, as providers and OpenAI-compatible
 servers send them: JSON spread over several ``data:`` lines, ``data:`` without a space, ``id:``,
-``retry:`` and comment lines around the data, no ``event:`` lines at all. The SDKs read all of
+``retry:`` and comment lines around the data, no ``event:`` lines at all, lines ended by a lone
+carriage return. The SDKs read all of
 them (they implement the format), so the gateway must read them the same way: the recorded
 reply is the reply the client was shown, and each protocol's final event is still held back
 until the round is committed.
@@ -28,7 +29,7 @@ from tests.conftest import ACME_KEY, Gateway, _Server, wait_for
 from tests.protocols.conftest import anthropic_client
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
-FRAMINGS = ("multiline", "nospace", "fields", "dataonly")
+FRAMINGS = ("multiline", "nospace", "fields", "dataonly", "cr")
 
 
 def parse(raw: bytes) -> list[tuple[str | None, bytes]]:
@@ -57,6 +58,8 @@ def frame(name: str | None, data: bytes, framing: str, seq: int) -> bytes:
     if framing == "fields":  # a comment, an id, a retry hint; the name after them
         head = b": keep-alive\nid: " + str(seq).encode() + b"\nretry: 3000\n"
         return head + (b"event: " + name.encode() + b"\n" if name else b"") + b"data: " + data + b"\n\n"
+    if framing == "cr":  # lines ended by a lone carriage return
+        return (b"event: " + name.encode() + b"\r" if name else b"") + b"data: " + data + b"\r\r"
     assert framing == "dataonly"  # no event names at all (the Anthropic SDK needs them: not used there)
     return b"data: " + data + b"\n\n"
 
@@ -176,7 +179,7 @@ def test_a_messages_stream_in_any_framing_is_recorded_as_the_sdk_read_it(
     ("/responses", {"input": "hold"}, b"response.completed"),
     ("/messages", {"max_tokens": 64, "messages": [{"role": "user", "content": "hold"}]}, b"message_stop"),
 ])
-@pytest.mark.parametrize("framing", ["nospace", "fields"])
+@pytest.mark.parametrize("framing", ["nospace", "fields", "cr"])
 def test_the_final_event_in_any_framing_waits_for_the_commit(
         fgw: Gateway, reframer: tuple[Reframer, _Server], framing: str, path: str, body: dict[str, Any],
         last: bytes) -> None:
@@ -202,5 +205,5 @@ def test_the_final_event_in_any_framing_waits_for_the_commit(
     assert not [e for e in fgw.audit_entries() if e.get("event") == "round"]
     server.loop.call_soon_threadsafe(lambda: up.released.set() if up.released else None)
     reader.join(30)
-    assert b"".join(received).endswith(up.sent[-1].replace(b"\r\n", b"\n"))
+    assert b"".join(received).endswith(up.sent[-1].replace(b"\r", b"\n"))
     assert outcomes(fgw) == ["completed"]
