@@ -30,6 +30,8 @@ content, keys or tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
@@ -164,10 +166,11 @@ class UpstreamTimeout(UpstreamError):
 
 
 class ConfigError(Exception):
-    """A configuration, policy or key file is invalid. ``str()`` names file, line and field."""
+    """A configuration, policy or key file is invalid. ``str()`` names file, line and field;
+    *also* holds further findings, each a line of its own after the first."""
 
     def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 column: int | None = None, field: str | None = None) -> None:
+                 column: int | None = None, field: str | None = None, also: Sequence[str] = ()) -> None:
         self.file, self.line, self.column, self.field = file, line, column, field
         where = file or ""
         if line is not None:
@@ -176,5 +179,5 @@ class ConfigError(Exception):
                 where += f":{column}"
         prefix = f"{where}: " if where else ""
         at = f"{field}: " if field else ""
-        super().__init__(f"{prefix}{at}{message}")
+        super().__init__("\n".join([f"{prefix}{at}{message}", *also]))
         self.message = message

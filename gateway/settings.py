@@ -13,11 +13,12 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.diagnostics import Diagnostic, error_diagnostic, format_field, parse_yaml, yaml_diagnostic
 from gateway.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/sessiongate.yaml")
@@ -242,64 +243,38 @@ class Settings(_Strict):
         return self
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A YAML loader that remembers where every mapping key sits."""
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    mapping = loader.construct_mapping(node, deep=True)
-    marks = {k.value: (k.start_mark.line + 1, k.start_mark.column + 1) for k, _ in node.value
-             if isinstance(k, yaml.ScalarNode)}
-    mapping_marks[id(mapping)] = marks
-    return mapping
-
-
-mapping_marks: dict[int, dict[str, tuple[int, int]]] = {}
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _locate(data: Any, loc: tuple[Any, ...]) -> tuple[int | None, int | None]:
-    """The line and column of the deepest key of *loc* that exists in *data*."""
-    line = col = None
-    node = data
-    for part in loc:
-        if isinstance(node, dict):
-            marks = mapping_marks.get(id(node), {})
-            if part in marks:
-                line, col = marks[part]
-            if part not in node:
-                break
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            node = node[part]
-        else:
-            break
-    return line, col
-
-
 def parse_settings(text: str, source: str) -> Settings:
-    """Validate configuration text; ConfigError names *source*, line, column and field."""
-    mapping_marks.clear()
+    """Validate configuration text. ConfigError names *source*, line, column and field of the
+    first finding, and lists every other one on a line of its own, in the order of the file:
+    each repeated key, each unknown field (with the allowed ones), each wrong value."""
     try:
-        data = yaml.load(text, Loader=_LineLoader) or {}
+        data, marks, duplicates = parse_yaml(text)
+    except yaml.MarkedYAMLError as exc:
+        found = yaml_diagnostic(source, exc)
+        raise ConfigError(found.message, file=source, line=found.line, column=found.column) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=source,
-                          line=mark.line + 1 if mark else None,
-                          column=mark.column + 1 if mark else None) from None
+        raise ConfigError(f"invalid YAML: {exc}", file=source) from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError("the file must hold a mapping of settings", file=source)
+        raise ConfigError("the file must hold a mapping of settings", file=source, line=1, column=1)
+    findings = [Diagnostic("error", source, line, column, format_field(loc), f"duplicate key {loc[-1]!r}")
+                for loc, (line, column) in duplicates]
+    settings = None
     try:
-        return Settings.model_validate({**data, "source": source})
+        settings = Settings.model_validate({**data, "source": source})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        line, col = _locate(data, loc)
-        field = ".".join(str(p) for p in loc) or None
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(err["msg"] + more, file=source, line=line, column=col, field=field) from None
-    finally:
-        mapping_marks.clear()
+        findings += [error_diagnostic(source, marks, data, err, Settings) for err in exc.errors(include_url=False)]
+    if findings or settings is None:
+        first, *rest = sorted(findings, key=lambda d: (d.line or 0, d.column or 0))
+        raise ConfigError(first.message, file=source, line=first.line, column=first.column,
+                          field=first.field or None, also=[_plain(d) for d in rest])
+    return settings
+
+
+def _plain(found: Diagnostic) -> str:
+    """``file:line:column: field: message``, as :class:`ConfigError` puts its first finding."""
+    return str(found).replace(": error: ", ": ", 1)
 
 
 def load_settings(path: Path | None) -> Settings:

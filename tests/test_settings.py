@@ -27,15 +27,41 @@ def test_unknown_field_names_file_line_and_field() -> None:
     text = "server:\n  host: 127.0.0.1\n  prot: 80\n"
     with pytest.raises(ConfigError) as err:
         parse_settings(text, "conf.yaml")
-    assert str(err.value).startswith("conf.yaml:3:3: server.prot: ")
+    assert str(err.value) == ("conf.yaml:3:9: server.prot: unknown field 'prot'; did you mean 'port'? (allowed: "
+                              "host, port, max_body_bytes, header_timeout, body_idle_timeout, body_timeout, "
+                              "keepalive_timeout, max_connections, shutdown_timeout)")
+    assert (err.value.line, err.value.field) == (3, "server.prot")
 
 
 def test_wrong_type_in_list_item_names_its_line() -> None:
     """A bad value inside a list item points at that item's line."""
     text = "upstreams:\n  - name: a\n    base_url: ftp://x\n"
-    with pytest.raises(ConfigError, match=r"^conf.yaml:3:5: upstreams.0.base_url: .*http://") as err:
+    with pytest.raises(ConfigError, match=r"^conf.yaml:3:15: upstreams\[0\].base_url: must start with http://") as err:
         parse_settings(text, "conf.yaml")
     assert err.value.line == 3
+
+
+def test_every_finding_is_listed_each_on_its_line() -> None:
+    """Not only the first: a repeated key (YAML would keep the last silently), an unknown
+    top-level section with the allowed ones, and each wrong value, in the order of the file."""
+    text = ("listen:\n  port: 80\nserver:\n  port: x\nstore:\n  backend: sqlit\n"
+            "clients: []\nclients:\n  - name: c\n")
+    with pytest.raises(ConfigError) as err:
+        parse_settings(text, "conf.yaml")
+    lines = str(err.value).splitlines()
+    assert lines[0] == ("conf.yaml:1:1: listen: unknown field 'listen' (allowed: server, upstreams, clients, "
+                        "auditors, store, keys, policies, audit, logging, tracing)")
+    assert lines[1].startswith("conf.yaml:4:9: server.port: Input should be a valid integer")
+    assert lines[2] == "conf.yaml:6:12: store.backend: Input should be 'sqlite' or 'postgres'"
+    assert lines[3:] == ["conf.yaml:8:1: clients: duplicate key 'clients'",
+                         "conf.yaml:9:5: clients[0].tenant: required field 'tenant' is missing"]
+    assert (err.value.line, err.value.field) == (1, "listen")
+
+
+def test_an_aliased_setting_is_known_by_the_name_the_file_uses() -> None:
+    """``store.schema`` (``schema_name`` in the code) is listed and suggested as ``schema``."""
+    with pytest.raises(ConfigError, match=r"did you mean 'schema'\? \(allowed: backend, path, dsn, dsn_env, schema,"):
+        parse_settings("store:\n  schem: x\n", "conf.yaml")
 
 
 def test_bad_yaml_names_the_line() -> None:
@@ -58,7 +84,7 @@ def test_serve_with_invalid_config_exits_with_one_line_error(tmp_path: Path) -> 
     proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(bad)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert re.search(r"bad.yaml:2:3: server.port: ", proc.stderr)
+    assert re.search(r"bad.yaml:2:9: server.port: Input should be a valid integer", proc.stderr)
     assert "Traceback" not in proc.stderr
 
 

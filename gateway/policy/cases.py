@@ -34,8 +34,9 @@ from typing import Annotated, Any, Literal, TextIO
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from gateway.diagnostics import Diagnostic, Loc, Marks, at, error_diagnostic, format_field, parse_yaml
 from gateway.errors import ConfigError, GatewayError
-from gateway.policy.loader import POLICY_SUFFIXES, Diagnostic, Loc, Marks, _at, _data_loc, _parse_yaml, format_field
+from gateway.policy.loader import POLICY_SUFFIXES
 from gateway.policy.matcher import PolicySet
 
 DEFAULT_EXPORT_SECRET = "sessiongate-policy-test-cases"
@@ -209,7 +210,7 @@ def load_case_file(path: Path) -> list[LoadedCase]:
     except (OSError, UnicodeDecodeError) as exc:
         raise CaseFileError([Diagnostic("error", file, None, None, "", f"cannot read: {exc}")]) from None
     try:
-        data, marks, duplicates = _parse_yaml(text)
+        data, marks, duplicates = parse_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
@@ -220,18 +221,18 @@ def load_case_file(path: Path) -> list[LoadedCase]:
     errors = [Diagnostic("error", file, line, column, format_field(loc), f"duplicate key {loc[-1]!r}")
               for loc, (line, column) in duplicates]
     if not isinstance(data, dict):
-        errors.append(_at(file, marks, (), "a case file holds one mapping with a 'cases' list"))
+        errors.append(at(file, marks, (), "a case file holds one mapping with a 'cases' list"))
         raise CaseFileError(errors)
     try:
         parsed = CaseFile.model_validate(data)
     except ValidationError as exc:
-        errors += [_error(file, marks, data, err) for err in exc.errors(include_url=False)]
+        errors += [error_diagnostic(file, marks, data, err, CaseFile) for err in exc.errors(include_url=False)]
         raise CaseFileError(errors) from None
     loaded = [LoadedCase(case, file, i, marks, parsed.export_secret) for i, case in enumerate(parsed.cases)]
     for item in loaded:
         recorded = item.case.expect.recorded
         if item.case.reply is None and recorded is not None and recorded.assistant is not None:
-            errors.append(_at(file, marks, ("cases", item.index, "expect", "recorded", "assistant"),
+            errors.append(at(file, marks, ("cases", item.index, "expect", "recorded", "assistant"),
                               "expects recorded assistant text, but the case has no reply"))
     if errors:
         raise CaseFileError(errors)
@@ -253,18 +254,6 @@ def load_cases(paths: Iterable[Path]) -> list[LoadedCase]:
     if errors:
         raise CaseFileError(errors)
     return cases
-
-
-def _error(file: str, marks: Marks, data: Any, err: Any) -> Diagnostic:
-    loc = _data_loc(data, tuple(err["loc"]))
-    kind, message = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        message = f"unknown field {loc[-1]!r}" if loc else "unknown field"
-    elif kind == "missing":
-        message = f"required field {loc[-1]!r} is missing"
-    elif kind == "value_error":
-        message = message.split(", ", 1)[1] if ", " in message else message
-    return _at(file, marks, loc, message)
 
 
 # --- evaluating ----------------------------------------------------------------------------

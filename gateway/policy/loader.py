@@ -21,49 +21,22 @@ never runs, a policy shadowed by a higher-priority one.
 
 from __future__ import annotations
 
-import difflib
 import errno
 import sys
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from gateway.diagnostics import Diagnostic, Loc, Marks, at, error_diagnostic, format_field, parse_yaml, yaml_diagnostic
 from gateway.errors import ConfigError
 from gateway.policy.hooks import HOOK_MODULES
 from gateway.policy.matcher import PolicySet, check_set
 from gateway.policy.model import Policy, SimpleCut
 
-Loc = tuple[str | int, ...]
-Marks = dict[Loc, tuple[int, int]]
-Duplicate = tuple[Loc, tuple[int, int]]
-
 POLICY_SUFFIXES = (".yaml", ".yml")
-
-
-@dataclass(frozen=True, slots=True)
-class Diagnostic:
-    """One finding of the checker. ``line`` and ``column`` are 1-based; None when the finding is
-    about a whole folder or file. ``field`` is a dotted path such as ``export.redact[0].key``."""
-
-    severity: Literal["error", "warning"]
-    file: str
-    line: int | None
-    column: int | None
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file
-        if self.line is not None:
-            where += f":{self.line}:{self.column or 1}"
-        field = f"{self.field}: " if self.field else ""
-        return f"{where}: {self.severity}: {field}{self.message}"
 
 
 class PolicyConfigError(ConfigError):
@@ -122,223 +95,28 @@ def _load_file(path: Path, hook_modules: Sequence[str] = ()) -> _Loaded:
     except UnicodeDecodeError as exc:
         return _Loaded(file, None, {}, [Diagnostic("error", file, None, None, "", f"cannot read: {exc}")])
     try:
-        data, marks, duplicates = _parse_yaml(text)
+        data, marks, duplicates = parse_yaml(text)
     except yaml.MarkedYAMLError as exc:
-        return _Loaded(file, None, {}, [_yaml_diagnostic(file, exc)])
+        return _Loaded(file, None, {}, [yaml_diagnostic(file, exc)])
     except yaml.YAMLError as exc:
         return _Loaded(file, None, {}, [Diagnostic("error", file, 1, 1, "", f"invalid YAML: {exc}")])
     diagnostics = [Diagnostic("error", file, line, column, format_field(loc), f"duplicate key {loc[-1]!r}")
                    for loc, (line, column) in duplicates]
     if not isinstance(data, dict):
         what = "empty" if data is None else f"a {type(data).__name__}"
-        diagnostics.append(_at(file, marks, (), f"a policy file holds one mapping (id, match, session, ...); "
+        diagnostics.append(at(file, marks, (), f"a policy file holds one mapping (id, match, session, ...); "
                                                  f"this one is {what}"))
         return _Loaded(file, None, marks, diagnostics)
     try:
         policy = Policy.model_validate(data, context={HOOK_MODULES: tuple(hook_modules)})
     except ValidationError as exc:
-        diagnostics += [_error_diagnostic(file, marks, data, err) for err in exc.errors(include_url=False)]
+        diagnostics += [error_diagnostic(file, marks, data, err, Policy) for err in exc.errors(include_url=False)]
         return _Loaded(file, None, marks, diagnostics)
     policy._source = path
-    diagnostics += [_at(file, marks, loc, msg, "warning") for loc, msg in policy_warnings(policy)]
+    diagnostics += [at(file, marks, loc, msg, "warning") for loc, msg in policy_warnings(policy)]
     if any(d.severity == "error" for d in diagnostics):
         return _Loaded(file, None, marks, diagnostics)
     return _Loaded(file, policy, marks, diagnostics)
-
-
-def _parse_yaml(text: str) -> tuple[Any, Marks, list[Duplicate]]:
-    """Compose, record marks and duplicate keys, then construct the data."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, {(): (1, 1)}, []
-        marks: Marks = {(): _pos(node.start_mark)}
-        duplicates: list[Duplicate] = []
-        _walk(loader, node, (), marks, duplicates)
-        return loader.construct_document(node), marks, duplicates
-    finally:
-        loader.dispose()
-
-
-def _pos(mark: yaml.Mark) -> tuple[int, int]:
-    return mark.line + 1, mark.column + 1
-
-
-def _walk(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, marks: Marks,
-          duplicates: list[Duplicate]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[Any] = set()
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = _key_of(loader, key_node)
-            here = (*loc, key)
-            if key in seen:
-                duplicates.append((here, _pos(key_node.start_mark)))
-                continue
-            seen.add(key)
-            block = isinstance(value_node, yaml.CollectionNode) and not value_node.flow_style
-            marks[here] = _pos(key_node.start_mark if block else value_node.start_mark)
-            _walk(loader, value_node, here, marks, duplicates)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            marks[(*loc, index)] = _pos(item.start_mark)
-            _walk(loader, item, (*loc, index), marks, duplicates)
-
-
-def _key_of(loader: yaml.SafeLoader, key_node: yaml.Node) -> Any:
-    try:
-        key = loader.construct_object(key_node, deep=True)
-        hash(key)
-    except (yaml.YAMLError, TypeError):
-        return str(key_node.value)
-    return key
-
-
-def _yaml_diagnostic(file: str, exc: yaml.MarkedYAMLError) -> Diagnostic:
-    mark = exc.problem_mark or exc.context_mark
-    line, column = _pos(mark) if mark is not None else (1, 1)
-    problem = " ".join(part for part in (exc.context, exc.problem) if part)
-    return Diagnostic("error", file, line, column, "", f"invalid YAML: {problem or exc}")
-
-
-# --- locating and phrasing errors -----------------------------------------------------------
-
-
-def _at(file: str, marks: Marks, loc: Loc, message: str,
-        severity: Literal["error", "warning"] = "error") -> Diagnostic:
-    """A diagnostic at the deepest position of ``loc`` that the file has a mark for."""
-    for end in range(len(loc), -1, -1):
-        if loc[:end] in marks:
-            line, column = marks[loc[:end]]
-            break
-    else:
-        line, column = 1, 1
-    return Diagnostic(severity, file, line, column, format_field(loc), message)
-
-
-def format_field(loc: Loc) -> str:
-    """``("export", "redact", 0, "key")`` -> ``export.redact[0].key``."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _data_loc(data: Any, loc: Loc) -> Loc:
-    """Drop from pydantic's ``loc`` the parts that are not in the file (union tags, ``[key]``)."""
-    out: list[str | int] = []
-    current = data
-    for position, part in enumerate(loc):
-        if _has(current, part):
-            current = current[part]
-        elif position == len(loc) - 1 and part != "[key]":
-            current = None
-        else:
-            continue
-        out.append(part)
-    return tuple(out)
-
-
-def _has(container: Any, part: str | int) -> bool:
-    if isinstance(container, dict):
-        return part in container
-    return isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container)
-
-
-def _error_diagnostic(file: str, marks: Marks, data: Any, err: Any) -> Diagnostic:
-    loc = _data_loc(data, tuple(err["loc"]))
-    kind, message = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        message = _unknown_field_message(tuple(err["loc"]))
-    elif kind == "missing":
-        message = f"required field {loc[-1]!r} is missing"
-    elif kind == "union_tag_not_found":
-        message = f"'strategy' is required ({_expected_tags(tuple(err['loc']))})"
-    elif kind.endswith("_type") and "input" in err:
-        message = f"{message}, got {_kind_of(err['input'])}"
-    elif kind in ("value_error", "assertion_error"):
-        message = message.split(", ", 1)[1] if ", " in message else message
-    return _at(file, marks, loc, message)
-
-
-def _kind_of(value: Any) -> str:
-    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
-             dict: "a mapping", type(None): "null"}
-    return names.get(type(value), f"a {type(value).__name__}")
-
-
-def _unknown_field_message(loc: Loc) -> str:
-    name = str(loc[-1])
-    allowed = _fields_at(loc[:-1])
-    if not allowed:
-        return f"unknown field {name!r}"
-    close = difflib.get_close_matches(name, allowed, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown field {name!r}{hint} (allowed: {', '.join(allowed)})"
-
-
-def _expected_tags(loc: Loc) -> str:
-    member = _type_at(loc)
-    tags = [_tag(m) for m in _union_models(member)]
-    return "one of " + ", ".join(tags) if tags else "see the reference"
-
-
-def _fields_at(loc: Loc) -> list[str]:
-    target = _type_at(loc)
-    return list(target.model_fields) if _is_model(target) else []
-
-
-def _type_at(loc: Loc) -> Any:
-    """The annotation that pydantic validated at ``loc`` (tags select a union member)."""
-    current: Any = Policy
-    for part in loc:
-        current = _unwrap(current)
-        if _is_model(current):
-            field = current.model_fields.get(str(part))
-            if field is None:
-                return None
-            current = field.annotation
-        elif typing.get_origin(current) is list:
-            current = typing.get_args(current)[0]
-        elif typing.get_origin(current) is dict:
-            current = typing.get_args(current)[1]
-        else:
-            members = {_tag(m): m for m in _union_models(current)}
-            current = members.get(str(part))
-            if current is None:
-                return None
-    return _unwrap(current)
-
-
-def _unwrap(tp: Any) -> Any:
-    """Strip ``Annotated`` and ``| None`` (a union of several models is kept)."""
-    while True:
-        if typing.get_origin(tp) is typing.Annotated:
-            tp = typing.get_args(tp)[0]
-        elif typing.get_origin(tp) in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(args) != 1:
-                return tp
-            tp = args[0]
-        else:
-            return tp
-
-
-def _union_models(tp: Any) -> list[type[BaseModel]]:
-    tp = _unwrap(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return [a for a in typing.get_args(tp) if _is_model(a)]
-    return []
-
-
-def _tag(model: type[BaseModel]) -> str:
-    return str(typing.get_args(model.model_fields["strategy"].annotation)[0])
-
-
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
 # --- warnings --------------------------------------------------------------------------------
@@ -388,7 +166,7 @@ def _load_group(files: Sequence[Path], *, label: str, require_catch_all: bool,
             diagnostics.append(Diagnostic(issue.severity, label, None, None, "", issue.message))
         else:
             item = valid[issue.index]
-            diagnostics.append(_at(item.file, item.marks, issue.loc, issue.message, issue.severity))
+            diagnostics.append(at(item.file, item.marks, issue.loc, issue.message, issue.severity))
     diagnostics.sort(key=lambda d: (d.file, d.line or 0, d.column or 0))
     return policies, diagnostics
 

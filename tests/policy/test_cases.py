@@ -117,7 +117,9 @@ cases:
 """
 
 INVALID = [
-    pytest.param("    reply: hello\n", "    replyy: hello\n", 8, "cases[0].replyy: unknown field 'replyy'",
+    pytest.param("    reply: hello\n", "    replyy: hello\n", 8,
+                 "cases[0].replyy: unknown field 'replyy'; did you mean 'reply'? (allowed: name, tenant, session_id, "
+                 "protocol, request, reply, state, expect)",
                  id="unknown-field"),
     pytest.param('    session_id: "s-1"\n', '    session_id: "bad id"\n', 4,
                  "cases[0].session_id: invalid session id: use 1-128 characters from letters, digits and "
@@ -131,7 +133,8 @@ INVALID = [
                  "cases[0].expect.recorded.assistant: expects recorded assistant text, but the case has no reply",
                  id="assistant-without-reply"),
     pytest.param("      policy: default\n", "      polcy: default\n", 10,
-                 "cases[0].expect.polcy: unknown field 'polcy'", id="unknown-expectation"),
+                 "cases[0].expect.polcy: unknown field 'polcy'; did you mean 'policy'? (allowed: policy, recorded, "
+                 "injected, never_recorded, export)", id="unknown-expectation"),
     pytest.param("    tenant: acme\n", "    tenant: ''\n", 3,
                  "cases[0].tenant: String should have at least 1 character", id="empty-tenant"),
     pytest.param("    expect:\n      policy: default\n      recorded: {assistant: hello}\n", "", 2,

@@ -1,0 +1,252 @@
+"""Where a YAML file is wrong, and how to say so: shared by the configuration, policy and
+policy-test loaders.
+
+:func:`parse_yaml` composes a document with PyYAML's safe loader and keeps the line and column of
+every key and list item (*marks*, by location) and every repeated mapping key (PyYAML would
+silently keep the last). :func:`error_diagnostic` turns one of pydantic's validation errors into
+a :class:`Diagnostic` at file:line:column and field, in words a person can act on: an unknown
+field names the allowed ones and the closest match, a wrong type says what it got, a validator's
+message loses pydantic's ``Value error,`` prefix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel
+
+Loc = tuple[str | int, ...]
+Marks = dict[Loc, tuple[int, int]]
+Duplicate = tuple[Loc, tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One finding of the checker. ``line`` and ``column`` are 1-based; None when the finding is
+    about a whole folder or file. ``field`` is a dotted path such as ``export.redact[0].key``."""
+
+    severity: Literal["error", "warning"]
+    file: str
+    line: int | None
+    column: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}:{self.column or 1}"
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}: {self.severity}: {field}{self.message}"
+
+
+def parse_yaml(text: str) -> tuple[Any, Marks, list[Duplicate]]:
+    """Compose, record marks and duplicate keys, then construct the data."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {(): (1, 1)}, []
+        marks: Marks = {(): _pos(node.start_mark)}
+        duplicates: list[Duplicate] = []
+        _walk(loader, node, (), marks, duplicates)
+        return loader.construct_document(node), marks, duplicates
+    finally:
+        loader.dispose()
+
+
+def _pos(mark: yaml.Mark) -> tuple[int, int]:
+    return mark.line + 1, mark.column + 1
+
+
+def _walk(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, marks: Marks,
+          duplicates: list[Duplicate]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = _key_of(loader, key_node)
+            here = (*loc, key)
+            if key in seen:  # reported; its value is the one the data keeps, so its marks win
+                duplicates.append((here, _pos(key_node.start_mark)))
+            seen.add(key)
+            block = isinstance(value_node, yaml.CollectionNode) and not value_node.flow_style
+            marks[here] = _pos(key_node.start_mark if block else value_node.start_mark)
+            _walk(loader, value_node, here, marks, duplicates)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            marks[(*loc, index)] = _pos(item.start_mark)
+            _walk(loader, item, (*loc, index), marks, duplicates)
+
+
+def _key_of(loader: yaml.SafeLoader, key_node: yaml.Node) -> Any:
+    try:
+        key = loader.construct_object(key_node, deep=True)
+        hash(key)
+    except (yaml.YAMLError, TypeError):
+        return str(key_node.value)
+    return key
+
+
+def yaml_diagnostic(file: str, exc: yaml.MarkedYAMLError) -> Diagnostic:
+    mark = exc.problem_mark or exc.context_mark
+    line, column = _pos(mark) if mark is not None else (1, 1)
+    problem = " ".join(part for part in (exc.context, exc.problem) if part)
+    return Diagnostic("error", file, line, column, "", f"invalid YAML: {problem or exc}")
+
+
+def at(file: str, marks: Marks, loc: Loc, message: str,
+        severity: Literal["error", "warning"] = "error") -> Diagnostic:
+    """A diagnostic at the deepest position of ``loc`` that the file has a mark for."""
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in marks:
+            line, column = marks[loc[:end]]
+            break
+    else:
+        line, column = 1, 1
+    return Diagnostic(severity, file, line, column, format_field(loc), message)
+
+
+def format_field(loc: Loc) -> str:
+    """``("export", "redact", 0, "key")`` -> ``export.redact[0].key``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def data_loc(data: Any, loc: Loc) -> Loc:
+    """Drop from pydantic's ``loc`` the parts that are not in the file (union tags, ``[key]``)."""
+    out: list[str | int] = []
+    current = data
+    for position, part in enumerate(loc):
+        if _has(current, part):
+            current = current[part]
+        elif position == len(loc) - 1 and part != "[key]":
+            current = None
+        else:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _has(container: Any, part: str | int) -> bool:
+    if isinstance(container, dict):
+        return part in container
+    return isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container)
+
+
+def error_diagnostic(file: str, marks: Marks, data: Any, err: Any, root: type[BaseModel]) -> Diagnostic:
+    """One of pydantic's errors for *data* validated as *root*, phrased for a person and placed at
+    the deepest key of its location that the file has."""
+    loc = data_loc(data, tuple(err["loc"]))
+    kind, message = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        message = _unknown_field_message(root, tuple(err["loc"]))
+    elif kind == "missing":
+        message = f"required field {loc[-1]!r} is missing"
+    elif kind == "union_tag_not_found":
+        message = f"'strategy' is required ({_expected_tags(root, tuple(err['loc']))})"
+    elif kind.endswith("_type") and "input" in err:
+        message = f"{message}, got {_kind_of(err['input'])}"
+    elif kind in ("value_error", "assertion_error"):
+        message = message.split(", ", 1)[1] if ", " in message else message
+    return at(file, marks, loc, message)
+
+
+def _kind_of(value: Any) -> str:
+    names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _unknown_field_message(root: type[BaseModel], loc: Loc) -> str:
+    name = str(loc[-1])
+    allowed = _fields_at(root, loc[:-1])
+    if not allowed:
+        return f"unknown field {name!r}"
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.7)  # 'listen' is not 'clients' (0.62)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown field {name!r}{hint} (allowed: {', '.join(allowed)})"
+
+
+def _expected_tags(root: type[BaseModel], loc: Loc) -> str:
+    member = _type_at(root, loc)
+    tags = [_tag(m) for m in _union_models(member)]
+    return "one of " + ", ".join(tags) if tags else "see the reference"
+
+
+def _fields_at(root: type[BaseModel], loc: Loc) -> list[str]:
+    """The names a file may use at *loc*: each field's alias where it has one; fields the file
+    never sets (``exclude``) are left out."""
+    target = _type_at(root, loc)
+    if not _is_model(target):
+        return []
+    return [info.alias or name for name, info in target.model_fields.items() if not info.exclude]
+
+
+def _type_at(root: type[BaseModel], loc: Loc) -> Any:
+    """The annotation that pydantic validated at ``loc`` (tags select a union member)."""
+    current: Any = root
+    for part in loc:
+        current = _unwrap(current)
+        if _is_model(current):
+            field = _field(current, str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) is list:
+            current = typing.get_args(current)[0]
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        else:
+            members = {_tag(m): m for m in _union_models(current)}
+            current = members.get(str(part))
+            if current is None:
+                return None
+    return _unwrap(current)
+
+
+def _field(model: type[BaseModel], name: str) -> Any:
+    """The field a file calls *name* (by its alias, or its name)."""
+    for field_name, info in model.model_fields.items():
+        if name in (info.alias, field_name):
+            return info
+    return None
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip ``Annotated`` and ``| None`` (a union of several models is kept)."""
+    while True:
+        if typing.get_origin(tp) is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _union_models(tp: Any) -> list[type[BaseModel]]:
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if _is_model(a)]
+    return []
+
+
+def _tag(model: type[BaseModel]) -> str:
+    """A union member's tag: its ``strategy`` literal (the policies' one tagged union)."""
+    field = model.model_fields.get("strategy")
+    return str(typing.get_args(field.annotation)[0]) if field is not None else model.__name__
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
