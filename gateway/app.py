@@ -28,7 +28,7 @@ from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyrin
 from gateway.keys import KeyringWatcher
 from gateway.logs import exception_fields
 from gateway.metrics import Metrics
-from gateway.observe import METRICS, metrics_middleware
+from gateway.observe import METRICS, metrics_middleware, set_error_code
 from gateway.policy import PolicySet, PolicyWatcher
 from gateway.policy.versions import PolicyVersions
 from gateway.retention import RetentionTask
@@ -61,6 +61,7 @@ async def error_middleware(request: web.Request,
             request.app[SERVICES].metrics.integrity_failures.inc()
         elif isinstance(exc, StoreUnavailable):
             log.error("store_unavailable", path=request.path, detail=exc.message)
+        set_error_code(request, exc.code)
         resp = json_response(render_error(request.path, exc.to_body(), exc.status), status=exc.status)
         if exc.retry_after is not None:
             resp.headers["Retry-After"] = str(exc.retry_after)
@@ -92,6 +93,7 @@ async def error_middleware(request: web.Request,
 
 def _refusal(request: web.Request, error: dict[str, str], status: int) -> web.Response:
     """*error* (OpenAI's fields) as a response in the shape of the route's protocol."""
+    set_error_code(request, error["code"])
     return json_response(render_error(request.path, {"error": error}, status), status=status)
 
 

@@ -1,5 +1,14 @@
-"""The outermost middleware: every answered request is counted and timed, whatever route it took
-and however it ended (refusals, unknown paths and errors included).
+"""The outermost middleware: every answered request is counted, timed and logged, whatever route
+it took and however it ended (refusals, unknown paths and errors included).
+
+Logging: every request leaves one access line. The model routes log their own (``request``,
+with tenant, session and outcome) and so do forwarded routes that reached the upstream
+(``proxy``); a handler that did says so with ``mark_logged``. Every other request, refusals on
+those routes before their own line included (an unknown key, a route not allowed), gets an
+``access`` line here: method, route template, status, outcome, the refusal's ``code`` (set by
+the error middleware with ``set_error_code``) and the time taken. Never the raw path or query,
+which a client may fill with anything. Successful health checks and metric scrapes are not
+logged.
 
 A handler may name the request's outcome with ``set_outcome(request, "completed")`` (the chat
 route does: completed, incomplete, upstream_error, not_recorded); otherwise the outcome follows
@@ -12,16 +21,32 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
+import structlog
 from aiohttp import web
 
 from gateway.metrics import Metrics
 
 METRICS = web.AppKey("metrics", Metrics)
 _OUTCOME = web.RequestKey("outcome", str)
+_LOGGED = web.RequestKey("logged", bool)
+_CODE = web.RequestKey("error_code", str)
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Routes whose successful requests leave no access line (probes and scrapes every few seconds)."""
+log = structlog.get_logger("gateway.access")
 
 
 def set_outcome(request: web.Request, outcome: str) -> None:
     request[_OUTCOME] = outcome
+
+
+def mark_logged(request: web.Request) -> None:
+    """The handler logged this request's access line itself."""
+    request[_LOGGED] = True
+
+
+def set_error_code(request: web.Request, code: str) -> None:
+    """The ``code`` of the refusal the client was sent (for its access line)."""
+    request[_CODE] = code
 
 
 def route_label(request: web.Request) -> str:
@@ -46,7 +71,12 @@ async def metrics_middleware(request: web.Request,
         status = exc.status
         raise
     finally:
+        elapsed = time.perf_counter() - started
+        outcome = request.get(_OUTCOME) or ("ok" if status < 400 else "refused" if status < 500 else "error")
+        route = route_label(request)
         if metrics is not None:
             metrics.in_flight -= 1
-            outcome = request.get(_OUTCOME) or ("ok" if status < 400 else "refused" if status < 500 else "error")
-            metrics.request(route_label(request), request.method, status, outcome, time.perf_counter() - started)
+            metrics.request(route, request.method, status, outcome, elapsed)
+        if not request.get(_LOGGED) and (status >= 400 or route not in QUIET_ROUTES):
+            log.info("access", method=request.method, route=route, status=status, outcome=outcome,
+                     code=request.get(_CODE), latency_ms=round(elapsed * 1000, 3))

@@ -41,7 +41,7 @@ from aiohttp import web
 
 from gateway.context import Services
 from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
-from gateway.observe import set_outcome
+from gateway.observe import mark_logged, set_outcome
 from gateway.stages.parse_request import THREAD_ABOVE_BYTES, check_model, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
@@ -201,6 +201,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
         written = await _audit(services, principal.tenant or "", audit)
     status = out.status if out is not None else (failure.status if failure else 500)
     set_outcome(request, str(audit["outcome"]))  # counted by gateway.observe with route and status
+    mark_logged(request)
     log.info("proxy", request_id=request_id, tenant=principal.tenant or None, route=route.display, model=model,
              status=status, outcome=audit["outcome"], ended_by=audit["ended_by"])
     if out is None:
