@@ -8,7 +8,9 @@ expects (``Authorization: Bearer`` for openai, ``x-api-key`` for anthropic, or t
 (``anthropic-version: 2023-06-01`` when the client sent none), and hands
 back an :class:`UpstreamReply` of our own from ``open()``. Nothing of aiohttp leaves this
 module: unreachable or broken off → ``UpstreamError`` (502), timeout → ``UpstreamTimeout``
-(504), a body we cannot decode → ``UpstreamError`` with code ``bad_upstream_reply``.
+(504), a body we cannot decode → ``UpstreamError`` with code ``bad_upstream_reply``, a redirect
+(3xx, never followed: the provider key goes nowhere but ``base_url``) → ``UpstreamError`` with
+code ``upstream_redirect``.
 
 URLs: ``open(up, method, path, query=...)`` takes *path* (relative to the upstream's
 ``base_url``) and *query* already percent-encoded and validated by the caller (see
@@ -336,6 +338,11 @@ class Upstreams:
             raise UpstreamTimeout(f"upstream '{up.name}' did not answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream '{up.name}' is unreachable ({type(exc).__name__})") from exc
+        if 300 <= resp.status < 400:  # never followed: the key would go wherever it points
+            resp.release()
+            raise UpstreamError(f"upstream '{up.name}' answered with a redirect ({resp.status}), which the gateway "
+                                f"does not follow so that the provider key reaches only the upstream's base_url; "
+                                f"check its base_url (https://, and the path up to /v1)", code="upstream_redirect")
         try:
             yield UpstreamReply(up, resp)
         finally:
