@@ -28,9 +28,9 @@ from typing import Any
 import orjson
 
 from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, Signer, VerifyReport, averify_chain
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, NotFound
 from gateway.evidence import verify_data
-from gateway.export import ExportRecord, Progress, export_bundle
+from gateway.export import ExportRecord, Progress, check_range, export_bundle
 from gateway.policy import Policy, PolicySet
 from gateway.policy.versions import PolicyVersions
 from gateway.redact import Redactor, tenant_secret
@@ -128,8 +128,13 @@ class AuditTrail:
     async def export(self, sessions: SessionService, policies: PolicySet, out: Path, *, tenant: str, fmt: str,
                      session_id: str | None = None, since: float | None = None, until: float | None = None,
                      progress: Progress | None = None) -> dict[str, Any]:
-        """Write a redacted, verifiable bundle of *tenant*'s rounds at *out*; returns its manifest."""
+        """Write a redacted, verifiable bundle of *tenant*'s rounds at *out*; returns its manifest.
+        BadRequest for a range that holds no time; NotFound for a tenant the store has nothing of
+        (a typo would otherwise export nothing, and start an audit chain for it)."""
         store = sessions.store
+        check_range(since, until)
+        if tenant not in await store.tenants():
+            raise NotFound(f"no tenant '{tenant}' in this gateway's store (no audit chain, no sessions)")
         redactor_for = await self.redactors(store, policies, tenant)
 
         protocols = await round_protocols(store, tenant)

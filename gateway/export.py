@@ -75,7 +75,7 @@ from gateway.audit import (
     load_public_key,
     row_from_body,
 )
-from gateway.errors import IntegrityError
+from gateway.errors import BadRequest, IntegrityError
 from gateway.redact import Redactor
 from gateway.store.base import AuditRow
 
@@ -112,6 +112,14 @@ class ExportRecord:
     messages: list[dict[str, Any]]
     ciphertext_sha256: str
     protocol: str | None = None  # the wire protocol of the round (chat, responses, messages); None for imports
+
+
+def check_range(since: float | None, until: float | None) -> None:
+    """BadRequest unless *since* (inclusive) is before *until* (exclusive) when both are given: a
+    reversed or empty range would export nothing and look like a tenant without records."""
+    if since is not None and until is not None and since >= until:
+        raise BadRequest(f"'since' ({_iso(since)}) must be before 'until' ({_iso(until)}): "
+                         f"the range holds no time", code="invalid_time_range")
 
 
 def bundle_paths(out: Path | str) -> tuple[Path, Path, Path]:

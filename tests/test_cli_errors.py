@@ -101,6 +101,25 @@ def test_export_into_a_missing_folder_says_so(gateway: Gateway, tmp_path: Path) 
     assert_one_line_error(result, 2, str(out.parent), "does not exist")
 
 
+def test_export_of_an_empty_range_or_an_unknown_tenant_is_refused_not_written(gateway: Gateway, tmp_path: Path) -> None:
+    """A reversed range or a mistyped tenant would export nothing and look like "no records"; the
+    tenant's audit chain would also gain an export entry (or a new chain start). Both are refused
+    with one line, and no file is written."""
+    gateway.openai(session="s").chat.completions.create(model="standin", messages=[{"role": "user", "content": "hi"}])
+    before = gateway.audit_entries()
+    (tmp_path / "bundle").mkdir()
+    out = tmp_path / "bundle" / "out.jsonl"
+    config = ("--config", str(gateway.config_path), "export")
+    reversed_range = run(*config, "--tenant", "acme", "--since", "2026-12-02", "--until", "2026-12-01",
+                         "--out", str(out))
+    assert_one_line_error(reversed_range, 2, "'since' (2026-12-02T00:00:00.000000Z) must be before 'until'")
+    typo = run(*config, "--tenant", "acmee", "--out", str(out))
+    assert_one_line_error(typo, 2, "no tenant 'acmee'")
+    assert list(out.parent.iterdir()) == []
+    assert gateway.audit_entries() == before and gateway.audit_entries("acmee") == []
+    assert run(*config, "--tenant", "acme", "--since", "2026-01-01", "--out", str(out)).returncode == 0
+
+
 def test_clients_new_refuses_a_tenant_the_configuration_would_refuse() -> None:
     """``clients new --tenant 'a b'`` is refused with the rule; a valid tenant prints a config entry."""
     result = run("clients", "new", "--tenant", "a b")

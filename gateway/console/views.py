@@ -40,7 +40,7 @@ from gateway.console.auth import (
 from gateway.console.jobs import Counting, Job, JobProgress, Jobs
 from gateway.console.stats import DAYS_SHOWN, StatsCache
 from gateway.errors import GatewayError, Unauthorized
-from gateway.export import FORMATS
+from gateway.export import FORMATS, check_range
 from gateway.handlers import SERVICES, parse_time
 from gateway.redact import Redactor
 from gateway.stages.resolve_session import check_session_id
@@ -415,6 +415,11 @@ async def export(request: web.Request, session: ConsoleSession) -> web.StreamRes
     except (GatewayError, ValueError):
         return render(request, "error.html", status=400, session=session, title="Export not started",
                       message="The session id or a time is not valid (times: ISO 8601 or Unix timestamps).")
+    try:
+        check_range(since, until)
+    except GatewayError as exc:
+        return render(request, "error.html", status=400, session=session, title="Export not started",
+                      message=exc.message)
     console = request.app[CONSOLE]
     services = request.app[SERVICES]
 

@@ -140,3 +140,17 @@ def test_verification_names_a_deleted_round_in_words(console_gateway: Gateway) -
         time.sleep(0.2)
         page = client.get(job).text
     assert "does not match it" in page and "console-a" in page and "round 2" in page
+
+
+def test_an_export_of_a_range_that_holds_no_time_is_not_started(console_gateway: Gateway) -> None:
+    """Since after until would run a job that exports nothing; the form says why instead, and the
+    HTTP export refuses it the same way."""
+    client = signed_in_client(console_gateway)
+    csrf = login_csrf(client.get("/console/overview").text)
+    resp = client.post("/console/export", headers={"Origin": console_gateway.url},
+                       data={"csrf": csrf, "tenant": "acme", "format": "jsonl", "since": "2026-12-02",
+                             "until": "2026-12-01"})
+    assert resp.status_code == 400 and "must be before" in resp.text and "/console/jobs/" not in resp.text
+    http = httpx.get(f"{console_gateway.url}/admin/export?tenant=acme&since=2026-12-02&until=2026-12-02",
+                     headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
+    assert http.status_code == 400 and http.json()["error"]["code"] == "invalid_time_range"
