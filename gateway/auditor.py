@@ -97,6 +97,13 @@ class AuditTrail:
     def observe(self, store: Store) -> ObservedStore:
         return ObservedStore(store, self.checkpointer)
 
+    async def tenants(self, store: Store, checkpoints: list[Checkpoint] | None = None) -> list[str]:
+        """Every tenant to verify: those with data in *store* and those with a signed checkpoint
+        (the log's, or *checkpoints*). A tenant whose rows were all deleted has none in the store
+        but keeps its checkpoints, so it is still verified, and fails."""
+        signed = self.log if checkpoints is None else checkpoints
+        return sorted(set(await store.tenants()) | {c.tenant for c in signed})
+
     async def verify(self, store: Store, tenant: str, *, checkpoints: list[Checkpoint] | None = None,
                      public_key: Any = None, data: bool = True) -> VerifyReport:
         """Recompute every link of *tenant*'s chain and check the signed checkpoints; then, with

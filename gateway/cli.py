@@ -486,7 +486,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
               "checkpoints", file=sys.stderr)
 
     async def verify(svc: Any) -> int:
-        tenants = [args.tenant] if args.tenant else await svc.store.tenants()
+        tenants = [args.tenant] if args.tenant else await trail.tenants(svc.store, checkpoints)
         failed = 0
         for tenant in tenants:
             report = await trail.verify(svc.store, tenant, checkpoints=checkpoints, public_key=public_key)

@@ -8,7 +8,7 @@ import sqlite3
 import httpx
 import orjson
 
-from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, GLOBEX_KEY, Gateway, wait_for
 from tests.console.conftest import HOSTILE, SCOPED_TOKEN, login_csrf, signed_in_client
 
 
@@ -154,3 +154,17 @@ def test_an_export_of_a_range_that_holds_no_time_is_not_started(console_gateway:
     http = httpx.get(f"{console_gateway.url}/admin/export?tenant=acme&since=2026-12-02&until=2026-12-02",
                      headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
     assert http.status_code == 400 and http.json()["error"]["code"] == "invalid_time_range"
+
+
+def test_a_tenant_whose_rows_were_all_deleted_is_still_listed(console_gateway: Gateway) -> None:
+    """Its signed checkpoints outlive its rows: the overview still offers it for verification."""
+    for i in range(5):  # checkpoint_every is 5 in the test configuration (the fixture recorded one)
+        console_gateway.openai(key=GLOBEX_KEY, session="globex-1").chat.completions.create(
+            model="standin", messages=[{"role": "user", "content": f"turn {i}"}])
+    checkpoints = console_gateway.dir / "checkpoints.jsonl"
+    wait_for(lambda: checkpoints.exists() and '"globex"' in checkpoints.read_text())
+    with sqlite3.connect(console_gateway.db_path) as db:
+        for table in ("audit", "rounds", "sessions", "data_keys", "session_heads"):
+            db.execute(f"DELETE FROM {table} WHERE tenant='globex'")
+    overview = signed_in_client(console_gateway).get("/console/overview").text
+    assert "<code>globex</code>" in overview and "<code>acme</code>" in overview

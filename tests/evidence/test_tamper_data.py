@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ACME_KEY, Gateway
+from tests.conftest import ACME_KEY, GLOBEX_KEY, Gateway, wait_for
 from tests.evidence.conftest import Tables, verify
 
 INTEGRITY = {"message": "stored data for this session failed an integrity check; the operator has been told",
@@ -151,6 +151,26 @@ def test_whole_session_deleted_is_found(recorded: tuple[Gateway, Tables]) -> Non
     code, out = verify(gw)
     assert code == 1 and "tenant acme, session alice, round 1" in out, out
     assert_refused_on_load(gw, "alice")
+
+
+def test_a_tenant_whose_every_row_was_deleted_is_still_verified_and_fails(db_gateway: tuple[Gateway, Tables]) -> None:
+    """Delete everything of one tenant (its chain, rounds, sessions, keys, heads): it is gone from
+    the store's tenant list, but its signed checkpoints are not, so ``audit verify`` of all
+    tenants still checks it and fails (it used to verify the other tenants and exit 0)."""
+    gw, tables = db_gateway
+    record(gw, "alice", 1)
+    for i in range(6):  # checkpoint_every is 5 in the test configuration
+        assert chat(gw, "globex:bob", f"turn {i}", key=GLOBEX_KEY).status_code == 200
+    checkpoints = gw.dir / "checkpoints.jsonl"
+    wait_for(lambda: checkpoints.exists() and '"globex"' in checkpoints.read_text())
+    code, out = verify(gw)
+    assert code == 0 and "OK   tenant globex" in out, out
+    for table in ("audit", "rounds", "sessions", "data_keys", "session_heads"):
+        tables.sql(f"DELETE FROM {table} WHERE tenant=?", "globex")
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "OK   tenant acme" in out
+    assert "FAIL tenant globex" in out and "truncated" in out and "checkpoint" in out, out
 
 
 def test_duplicated_round_is_found(recorded: tuple[Gateway, Tables]) -> None:
