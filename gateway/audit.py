@@ -559,8 +559,8 @@ class VerifyReport:
 
     def summary(self) -> str:
         """One line for a terminal."""
-        span = f"entries {self.first_seq}..{self.last_seq}" if self.entries else "no entries"
-        base = f"tenant {self.tenant}: {self.entries} {span}, {self.checkpoints} checkpoint(s)"
+        span = f"{self.entries} entries {self.first_seq}..{self.last_seq}" if self.entries else "no entries"
+        base = f"tenant {self.tenant}: {span}, {self.checkpoints} checkpoint(s)"
         if self.first_error is None:
             return f"OK   {base}"
         at = f" at seq {self.first_error.seq}" if self.first_error.seq is not None else ""

@@ -486,7 +486,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
               "checkpoints", file=sys.stderr)
 
     async def verify(svc: Any) -> int:
-        tenants = [args.tenant] if args.tenant else await trail.tenants(svc.store, checkpoints)
+        known = await trail.tenants(svc.store, checkpoints)
+        if args.tenant and args.tenant not in known:
+            return _fail(f"no tenant '{args.tenant}': nothing in the store and no signed checkpoint "
+                         f"(tenants: {', '.join(known) or 'none'})")
+        tenants = [args.tenant] if args.tenant else known
         failed = 0
         for tenant in tenants:
             report = await trail.verify(svc.store, tenant, checkpoints=checkpoints, public_key=public_key)

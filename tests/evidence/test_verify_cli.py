@@ -1,7 +1,8 @@
 """``audit verify`` cannot pass by accident (issue 10 §4).
 
 A ``--checkpoints`` path that does not exist is an error (exit 2, naming the path), not a pass
-with 0 checkpoints; an empty file is a warning that nothing was checked against checkpoints.
+with 0 checkpoints; an empty file is a warning that nothing was checked against checkpoints; a
+``--tenant`` with nothing in the store and no checkpoint is an error, not an empty pass.
 ``audit verify --bundle X --public-key K`` runs from any directory with no configuration file.
 """
 
@@ -26,6 +27,17 @@ def test_missing_checkpoint_file_is_an_error(gateway: Gateway, tmp_path: Path) -
     assert code == 2, out
     assert str(missing) in out and "not found" in out
     assert "OK" not in out
+
+
+def test_a_mistyped_tenant_is_an_error_not_an_ok(gateway: Gateway) -> None:
+    """``--tenant acmee`` has nothing to verify: exit 2 naming the tenants there are, where it
+    used to print "OK tenant acmee: 0 no entries"."""
+    record(gateway, "alice", 2)
+    code, out = verify(gateway, "--tenant", "acmee")
+    assert code == 2, out
+    assert "no tenant 'acmee'" in out and "tenants: acme" in out and "OK" not in out
+    code, out = verify(gateway, "--tenant", "acme")
+    assert code == 0 and "OK   tenant acme: 2 entries 1..2, " in out, out
 
 
 def test_empty_checkpoint_file_warns(gateway: Gateway, tmp_path: Path) -> None:
