@@ -247,7 +247,12 @@ def test_an_event_longer_than_the_cap_is_forwarded_unparsed() -> None:
     small = b'data: {"choices": []}\n\n'
     data = big + small + b"data: [DONE]\n\n"
     events: list[bytes] = []
-    splitter = EventSplitter(lambda e: events.append(e) or e == b"data: [DONE]", max_event=100)
+
+    def take(event: bytes) -> bool:
+        events.append(event)
+        return event == b"data: [DONE]"
+
+    splitter = EventSplitter(take, max_event=100)
     out = b"".join(splitter.feed(data[i:i + 37]) for i in range(0, len(data), 37))
     assert out == big + small and splitter.oversized and splitter.done
     assert events == [small.strip(), b"data: [DONE]"]
