@@ -2,7 +2,8 @@
 
 Contract, in order:
 
-1. The client is authenticated (401 otherwise).
+1. The client is authenticated, by ``Authorization`` or Anthropic's ``x-api-key`` as on the
+   model routes (401 otherwise).
 2. ``parse_route`` validates the raw, still-encoded request target. Refused with 400, never
    forwarded: dot segments (``.``/``..``, also as ``%2e``), encoded slashes or backslashes
    (``%2F``, ``%5C``), literal backslashes, empty segments (``//``, a trailing ``/``), bad
@@ -14,11 +15,14 @@ Contract, in order:
    method other than POST).
 4. The body (``server.max_body_bytes``) is read; a JSON body's ``model`` must be a printable
    string of at most 256 characters (400 ``invalid_model`` otherwise) before it is used,
-   logged or audited. It picks the upstream. A JSON body is forwarded as parsed (a key sent
+   logged or audited. It picks the upstream, among those of the route's protocol
+   (``route_protocol``: Anthropic's for ``/v1/messages/...`` and for clients that send
+   ``anthropic-version``). A JSON body is forwarded as parsed (a key sent
    twice goes once, with the value that was routed and audited); other bodies as they came.
 5. The route must be in that upstream's ``forward_routes`` (403 otherwise, saying how to allow
-   it): account-wide provider state (files, batches, assistants, ...) is not shared by tenants
-   unless the operator says so.
+   it, and whether the route runs the model outside the gateway's recording): account-wide
+   provider state (files, batches, assistants, ...) is not shared by tenants unless the
+   operator says so.
 6. The reply is relayed as it arrives, decoded (``Upstreams`` never hands out compressed
    bytes), with the provider's rate-limit and request-id headers and no Content-Length. The
    last piece is held back until the audit entry is committed. Once bytes have gone out,
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -39,6 +44,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from gateway.auth import auth_header
 from gateway.context import Services
 from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
 from gateway.observe import mark_logged, set_outcome
@@ -103,6 +109,30 @@ SESSION_SUBROUTES = {"reset": ["POST"], "history": ["POST"], "clean_context_wind
 """The routes under ``/v1/sessions/{id}/`` and their methods (a wrong method there is 405)."""
 
 
+UNRECORDED_MODEL_ROUTES = ("batches", "messages/batches", "threads", "completions", "realtime", "fine_tuning")
+"""Provider routes that run the model without passing its replies through the gateway (batch
+jobs, assistant runs, legacy completions, realtime sessions, training): a refusal says so."""
+
+
+def route_protocol(route: Route, headers: Mapping[str, str]) -> str:
+    """The protocol of the upstream a forwarded route goes to: ``anthropic`` for ``/v1/messages/...``
+    (``count_tokens``, batches) and for a client that speaks Anthropic's API (it sends
+    ``anthropic-version``, as the ``anthropic`` SDK always does: its ``models.list()`` wants
+    Anthropic's list); ``openai`` otherwise."""
+    if route.segments[0] == "messages" or "anthropic-version" in headers:
+        return "anthropic"
+    return "openai"
+
+
+def suggested_rule(segments: tuple[str, ...]) -> str:
+    """The ``forward_routes`` rule a refusal suggests: the route's first segment, or its first two
+    under ``messages``, whose one-segment rule would also forward Message Batches (model calls
+    the gateway never sees) where ``messages/count_tokens`` was meant."""
+    if segments[0] == "messages" and len(segments) > 1:
+        return "/".join(segments[:2])
+    return segments[0]
+
+
 def refuse_gateway_paths(method: str, route: Route) -> None:
     """Paths the gateway serves itself never go upstream (they would carry a session document or
     id, or an unrecorded chat, to the provider): ``/v1/sessions...`` in any spelling and
@@ -148,7 +178,7 @@ def json_body(body: bytes | None, content_type: str) -> tuple[bytes | None, str 
 
 async def forward_route(request: web.Request, services: Services, request_id: str) -> web.StreamResponse:
     """Run one forwarded route (see the module docstring); returns the finished response."""
-    principal = services.auth.client(request.headers.get("Authorization"))
+    principal = services.auth.client(auth_header(request.headers))
     route = parse_route(request.raw_path)
     refuse_gateway_paths(request.method, route)
     body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
@@ -156,13 +186,15 @@ async def forward_route(request: web.Request, services: Services, request_id: st
         body, model, is_json = await asyncio.to_thread(json_body, body, request.content_type)
     else:
         body, model, is_json = json_body(body, request.content_type)
-    upstream = services.upstreams.route(model)
+    upstream = services.upstreams.route(model, route_protocol(route, request.headers))
     if not upstream.allows(route.segments):
-        rule = "/".join(route.segments[:1])
+        rule = suggested_rule(route.segments)
+        unrecorded = any(rule == r or rule.startswith(f"{r}/") for r in UNRECORDED_MODEL_ROUTES)
         raise Forbidden(f"forwarded route /v1/{rule} is not allowed: it may reach account-wide provider state "
-                        f"shared by every tenant. An operator can allow it by adding '{rule}' to "
-                        f"forward_routes of upstream '{upstream.name}' in the gateway configuration",
-                        code="route_not_allowed")
+                        f"shared by every tenant"
+                        + (", and the model calls it makes are not recorded by the gateway" if unrecorded else "")
+                        + f". An operator can allow it by adding '{rule}' to forward_routes of upstream "
+                        f"'{upstream.name}' in the gateway configuration", code="route_not_allowed")
     audit: dict[str, object] = {
         "event": "proxy", "request_id": request_id, "route": route.display, "model": model,
         "outcome": "upstream_error", "ended_by": None, "upstream_status": None, "bytes_out": 0,

@@ -71,6 +71,32 @@ def test_account_wide_routes_are_refused_by_default(make_gateway: Callable[..., 
     assert provider.paths == []
 
 
+@pytest.mark.parametrize(("request_line", "rule", "unrecorded"), [
+    ("POST /v1/messages/count_tokens", "messages/count_tokens", False),
+    ("POST /v1/messages/batches", "messages/batches", True),
+    ("GET /v1/messages/batches/b1/results", "messages/batches", True),
+    ("POST /v1/batches", "batches", True),
+    ("POST /v1/threads/t1/runs", "threads", True),
+    ("POST /v1/completions", "completions", True),
+    ("GET /v1/files/file-1", "files", False),
+])
+def test_a_refusal_suggests_the_narrowest_rule_and_says_when_model_calls_would_go_unrecorded(
+        make_gateway: Callable[..., Gateway], provider: Provider, request_line: str, rule: str,  # noqa: F811
+        unrecorded: bool) -> None:
+    """``messages`` as a rule would also forward Message Batches; the hint for count_tokens is
+    ``messages/count_tokens``, and routes that run the model outside the gateway say so."""
+    gateway = make_gateway(upstreams=[{"name": "provider", "base_url": provider.url, "models": ["*"]},
+                                      {"name": "an", "base_url": provider.url, "models": ["*"],
+                                       "protocol": "anthropic"}])
+    method, path = request_line.split(" ")
+    resp = httpx.request(method, gateway.url + path, headers=AUTH, json={"model": "m"} if method == "POST" else None)
+    assert resp.status_code == 403, resp.text
+    message = resp.json()["error"]["message"]
+    assert f"adding '{rule}' to forward_routes" in message
+    assert ("not recorded by the gateway" in message) is unrecorded
+    assert provider.paths == []
+
+
 def test_default_routes_and_their_sub_paths_are_forwarded(make_gateway: Callable[..., Gateway],
                                                          provider: Provider) -> None:  # noqa: F811
     """models (and models/{id}), embeddings and moderations are allowed out of the box, and audited."""
@@ -165,3 +191,24 @@ def test_every_forwarded_request_leaves_an_audit_entry(make_gateway: Callable[..
         ("/v1/embeddings", "upstream_error", 500)]
     assert [(e["route"], e["outcome"], e["upstream_status"]) for e in
             audit_entries(down, "globex") if e["event"] == "proxy"] == [("/v1/models", "upstream_error", None)]
+
+
+def test_anthropic_clients_reach_the_anthropic_upstream_on_forwarded_routes(
+        make_gateway: Callable[..., Gateway], provider: Provider) -> None:  # noqa: F811
+    """The ``anthropic`` SDK authenticates with ``x-api-key`` and sends ``anthropic-version``: its
+    ``count_tokens`` and ``models.list()`` go to the anthropic upstream (they were refused 401, and
+    routed by model to the openai one), with that upstream's key; an OpenAI client's go to the
+    openai upstream."""
+    import anthropic
+    gateway = make_gateway(upstreams=[
+        {"name": "oa", "base_url": provider.url, "models": ["gpt-*"]},
+        {"name": "an", "base_url": f"{provider.url}/anthropic", "models": ["claude-*"], "protocol": "anthropic",
+         "forward_routes": ["models", "messages/count_tokens"]}])
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=ACME_KEY, max_retries=0)
+    client.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "hi"}])
+    client.models.list()
+    httpx.get(f"{gateway.base_url}/models", headers=AUTH)
+    assert provider.paths == ["/v1/anthropic/messages/count_tokens", "/v1/anthropic/models", "/v1/models"]
+    sent = [r["headers"] for r in provider.requests]
+    assert "x-api-key" not in {k.lower() for k in sent[0]}  # the client's key never goes upstream
+    assert sent[0].get("anthropic-version")  # the client's own version goes on
