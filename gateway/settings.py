@@ -57,7 +57,7 @@ class UpstreamSettings(_Strict):
     accept_encoding: Literal["identity", "gzip", "deflate", "gzip, deflate"] = Field(
         "identity", description="what the gateway asks the provider for; a compressed reply is decoded either way")
     forward_routes: list[str] = Field(
-        default_factory=lambda: ["models", "embeddings", "moderations"],
+        default_factory=lambda: ["models", "embeddings", "moderations", "messages/count_tokens"],
         description="forwarded /v1/* routes allowed, as prefixes of whole path segments ('models' allows "
                     "/v1/models and /v1/models/{id}); '*' allows all. Others get 403")
     max_reply_bytes: int = Field(

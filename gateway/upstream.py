@@ -68,7 +68,7 @@ class Upstream:
     headers: Mapping[str, str]
     models: tuple[str, ...]
     timeout: aiohttp.ClientTimeout
-    forward_routes: tuple[str, ...] = ("models", "embeddings", "moderations")
+    forward_routes: tuple[str, ...] = ("models", "embeddings", "moderations", "messages/count_tokens")
     max_reply_bytes: int = 8 * 1024 * 1024
     protocol: str = "openai"  # the wire protocol it speaks: openai (Chat, Responses) or anthropic
     responses_state: str = "gateway"  # who holds Responses chains: the gateway or the provider

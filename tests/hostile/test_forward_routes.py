@@ -72,7 +72,7 @@ def test_account_wide_routes_are_refused_by_default(make_gateway: Callable[..., 
 
 
 @pytest.mark.parametrize(("request_line", "rule", "unrecorded"), [
-    ("POST /v1/messages/count_tokens", "messages/count_tokens", False),
+    ("POST /v1/messages/something_new", "messages/something_new", False),
     ("POST /v1/messages/batches", "messages/batches", True),
     ("GET /v1/messages/batches/b1/results", "messages/batches", True),
     ("POST /v1/batches", "batches", True),
@@ -83,8 +83,8 @@ def test_account_wide_routes_are_refused_by_default(make_gateway: Callable[..., 
 def test_a_refusal_suggests_the_narrowest_rule_and_says_when_model_calls_would_go_unrecorded(
         make_gateway: Callable[..., Gateway], provider: Provider, request_line: str, rule: str,  # noqa: F811
         unrecorded: bool) -> None:
-    """``messages`` as a rule would also forward Message Batches; the hint for count_tokens is
-    ``messages/count_tokens``, and routes that run the model outside the gateway say so."""
+    """``messages`` as a rule would also forward Message Batches; the hint for another route under it
+    names that route, and routes that run the model outside the gateway say so."""
     gateway = make_gateway(upstreams=[{"name": "provider", "base_url": provider.url, "models": ["*"]},
                                       {"name": "an", "base_url": provider.url, "models": ["*"],
                                        "protocol": "anthropic"}])
@@ -197,13 +197,12 @@ def test_anthropic_clients_reach_the_anthropic_upstream_on_forwarded_routes(
         make_gateway: Callable[..., Gateway], provider: Provider) -> None:  # noqa: F811
     """The ``anthropic`` SDK authenticates with ``x-api-key`` and sends ``anthropic-version``: its
     ``count_tokens`` and ``models.list()`` go to the anthropic upstream (they were refused 401, and
-    routed by model to the openai one), with that upstream's key; an OpenAI client's go to the
-    openai upstream."""
+    routed by model to the openai one), with that upstream's key, and both are allowed by default;
+    an OpenAI client's go to the openai upstream."""
     import anthropic
     gateway = make_gateway(upstreams=[
         {"name": "oa", "base_url": provider.url, "models": ["gpt-*"]},
-        {"name": "an", "base_url": f"{provider.url}/anthropic", "models": ["claude-*"], "protocol": "anthropic",
-         "forward_routes": ["models", "messages/count_tokens"]}])
+        {"name": "an", "base_url": f"{provider.url}/anthropic", "models": ["claude-*"], "protocol": "anthropic"}])
     client = anthropic.Anthropic(base_url=gateway.url, api_key=ACME_KEY, max_retries=0)
     client.messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "hi"}])
     client.models.list()
