@@ -84,12 +84,20 @@ SINGLE_HEADERS = ("Authorization", "x-api-key", "X-Session-Id")
 
 
 def check_single_headers(headers: CIMultiDictProxy[str]) -> None:
-    """``BadRequest`` when a request carries one of ``SINGLE_HEADERS`` more than once. The
-    gateway reads the first; a proxy in front of it may read the last (and authorise, log or
-    route on it), so the request is refused rather than read one way here and another there."""
+    """``BadRequest`` when a request carries one of ``SINGLE_HEADERS`` more than once, or both
+    ``Authorization`` and ``x-api-key`` with different keys. The gateway reads the first of a
+    repeated header and ``Authorization`` before ``x-api-key``; a proxy in front of it may read
+    the other (and authorise, log or route on it), so the request is refused rather than read one
+    way here and another there."""
     for name in SINGLE_HEADERS:
         if len(headers.getall(name, ())) > 1:
             raise BadRequest(f"the {name} header was sent more than once: send it once", code="duplicate_header")
+    authorization, api_key = headers.get("Authorization"), headers.get("x-api-key")
+    if authorization is not None and api_key is not None:
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or key.strip() != api_key.strip():
+            raise BadRequest("Authorization and x-api-key name different keys: send the gateway key in one of "
+                             "them", code="conflicting_credentials")
 
 
 def auth_header(headers: Mapping[str, str]) -> str | None:

@@ -49,3 +49,24 @@ def test_one_of_each_passes(gateway: Gateway, upstream: Upstream) -> None:
                       headers=[("Authorization", f"Bearer {ACME_KEY}"), ("X-Session-Id", "dup:ok")])
     assert resp.status_code == 200, resp.text
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/models"])
+def test_authorization_and_x_api_key_naming_different_keys_are_refused(gateway: Gateway, upstream: Upstream,
+                                                                       path: str) -> None:
+    """The gateway reads ``Authorization`` before ``x-api-key``; a proxy in front may authorise on
+    the other. Two different keys are refused on every route; the same key in both is served."""
+    body = {"model": "standin", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}
+    method = "GET" if path == "/v1/models" else "POST"
+    resp = httpx.request(method, gateway.url + path, json=None if method == "GET" else body, timeout=30,
+                         headers={"Authorization": f"Bearer {ACME_KEY}", "x-api-key": GLOBEX_KEY})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert "Authorization and x-api-key name different keys" in error["message"]
+    assert error.get("code", "conflicting_credentials") == "conflicting_credentials"  # Anthropic's shape has none
+    assert ACME_KEY not in resp.text and GLOBEX_KEY not in resp.text
+    assert upstream.requests == []
+    if path != "/v1/messages":  # this gateway has no anthropic upstream to serve the same request
+        same = httpx.request(method, gateway.url + path, json=None if method == "GET" else body, timeout=30,
+                             headers={"Authorization": f"Bearer {ACME_KEY}", "x-api-key": ACME_KEY})
+        assert same.status_code == 200, same.text
