@@ -1,6 +1,7 @@
 """A request that names its credentials or its session twice is refused (400
-``duplicate_header``) before anything reads them: the gateway would read the first value, and a
-proxy in front of it (which may authorise, log or route on these headers) the last."""
+``duplicate_header``, or ``conflicting_credentials`` for two different keys in ``Authorization``
+and ``x-api-key``) before anything reads them: the gateway would read one value, and a proxy in
+front of it (which may authorise, log or route on these headers) the other."""
 
 from __future__ import annotations
 
