@@ -54,9 +54,13 @@ FORWARD_HEADERS = ("Content-Type", "Accept", "OpenAI-Beta", "User-Agent", "trace
 # ANTHROPIC_VERSION when the client sent none (the API refuses a request without it).
 ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
 ANTHROPIC_VERSION = "2023-06-01"
-# Reply headers a client may see, besides x-ratelimit-*.
-PASS_HEADERS = frozenset({"retry-after", "retry-after-ms", "x-request-id", "openai-processing-ms",
-                          "openai-version", "openai-organization"})
+# Reply headers a client may see, besides OpenAI's x-ratelimit-* and Anthropic's
+# anthropic-ratelimit-*: the request ids the SDKs expose (x-request-id, Anthropic's request-id),
+# and what their retry logic reads (retry-after, retry-after-ms, x-should-retry).
+PASS_HEADERS = frozenset({"retry-after", "retry-after-ms", "x-should-retry", "x-request-id", "request-id",
+                          "openai-processing-ms", "openai-version", "openai-organization",
+                          "anthropic-organization-id", "anthropic-workspace-id"})
+RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 # Largest piece a decoder hands out at once: a small compressed chunk cannot balloon in memory.
 _DECODE_PIECE = 1 << 20
 
@@ -88,8 +92,8 @@ class Upstream:
 
 
 def client_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The provider's reply headers a client needs: request id, rate limits, Retry-After."""
-    return {k: v for k, v in headers.items() if k.lower() in PASS_HEADERS or k.lower().startswith("x-ratelimit-")}
+    """The provider's reply headers a client needs: request id, rate limits, retry advice."""
+    return {k: v for k, v in headers.items() if k.lower() in PASS_HEADERS or k.lower().startswith(RATE_LIMIT_PREFIXES)}
 
 
 class UpstreamReply:

@@ -134,3 +134,32 @@ def test_a_streamed_message_is_assembled_whole_for_reply_keys() -> None:
     message = assembler.message()
     assert message["content"] == "High tide is at 6."
     assert [call["function"]["name"] for call in message["tool_calls"]] == ["note"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropics_request_id_and_rate_limit_headers_reach_the_sdk(pgw: Gateway, proto: ProtocolUpstream,
+                                                                     stream: bool) -> None:
+    """The SDK's ``_request_id`` reads ``request-id`` (not OpenAI's ``x-request-id``), and clients
+    throttle on ``anthropic-ratelimit-*``: both were dropped on the way back."""
+    client = anthropic_client(pgw, session=f"ids-{stream}")
+    kwargs: dict[str, Any] = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        with client.messages.with_streaming_response.create(**kwargs, stream=True) as raw:
+            headers = raw.headers
+            assert b"message_stop" in b"".join(raw.iter_bytes())
+    else:
+        raw_json = client.messages.with_raw_response.create(**kwargs)
+        headers = raw_json.headers
+        assert raw_json.parse()._request_id == headers["request-id"]
+    assert headers["request-id"].startswith("req_") and headers["anthropic-ratelimit-requests-remaining"] == "49"
+
+
+def test_a_429_the_provider_says_not_to_retry_is_not_retried(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """``x-should-retry: false`` and ``retry-after`` reach the SDK, which then does not retry,
+    as it would not against the provider itself."""
+    client = anthropic_client(pgw).with_options(max_retries=2)
+    with pytest.raises(anthropic.RateLimitError) as err:
+        client.messages.create(model="limited", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert err.value.response.headers["retry-after"] == "7"
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert len(proto.bodies("/v1/messages")) == 1

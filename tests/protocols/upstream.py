@@ -3,7 +3,9 @@ JSON and SSE, with the event sequences the real APIs send (checked against the `
 ``anthropic`` SDKs' event types).
 
 ``requests`` holds ``(path, headers, body)`` of every request. Model ``cut`` breaks a stream
-off after four events; model ``broken`` answers a Responses request with 500. The reply is
+off after four events; model ``broken`` answers a Responses request with 500; model ``limited``
+answers a Messages request with 429, ``retry-after: 7`` and ``x-should-retry: false``. Messages
+replies carry Anthropic's ``request-id`` and ``anthropic-ratelimit-*`` headers. The reply is
 ``"<protocol> says: <last user text>"``; when the request offers tools and its last input is not
 a tool result, the reply is a call of the first tool with ``{"city": "Paris"}`` (a Responses
 custom tool, ``type: custom``, gets ``custom_tool_call`` with the input ``PATCH_INPUT``); after a
@@ -208,16 +210,23 @@ class ProtocolUpstream:
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(("/v1/messages", dict(request.headers), body))
-        text, call = messages_plan(body)
         rid = f"{next(_ids):04d}"
+        headers = {"request-id": f"req_{rid}", "anthropic-ratelimit-requests-remaining": "49"}
+        if body.get("model") == "limited":  # a 429 the provider says not to retry
+            return web.json_response({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}},
+                                     status=429, headers={**headers, "retry-after": "7", "x-should-retry": "false"})
+        text, call = messages_plan(body)
         if not body.get("stream"):
-            return web.json_response(message_object(body, text, call, rid))
-        return await self._stream(request, messages_events(body, text, call, rid), cut=body.get("model") == "cut")
+            return web.json_response(message_object(body, text, call, rid), headers=headers)
+        return await self._stream(request, messages_events(body, text, call, rid), cut=body.get("model") == "cut",
+                                  headers=headers)
 
-    async def _stream(self, request: web.Request, events: list[bytes], cut: bool = False) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, events: list[bytes], cut: bool = False,
+                      headers: dict[str, str] | None = None) -> web.StreamResponse:
         """The events in writes of 97 bytes; with *cut*, the first four events, then the connection
         is closed (an upstream that breaks off mid-stream)."""
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                          **(headers or {})})
         await out.prepare(request)
         if cut:
             await out.write(b"".join(events[:4]))
