@@ -189,7 +189,8 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     upstream = services.upstreams.route(model, route_protocol(route, request.headers))
     if not upstream.allows(route.segments):
         rule = suggested_rule(route.segments)
-        unrecorded = any(rule == r or rule.startswith(f"{r}/") for r in UNRECORDED_MODEL_ROUTES)
+        unrecorded = any(rule == r or rule.startswith(f"{r}/") or r.startswith(f"{rule}/")
+                         for r in UNRECORDED_MODEL_ROUTES)  # the rule allows such a route, or one within
         raise Forbidden(f"forwarded route /v1/{rule} is not allowed: it may reach account-wide provider state "
                         f"shared by every tenant"
                         + (", and the model calls it makes are not recorded by the gateway" if unrecorded else "")

@@ -79,6 +79,7 @@ def test_account_wide_routes_are_refused_by_default(make_gateway: Callable[..., 
     ("POST /v1/threads/t1/runs", "threads", True),
     ("POST /v1/completions", "completions", True),
     ("GET /v1/files/file-1", "files", False),
+    ("GET /v1/messages", "messages", True),  # 'messages' would also allow messages/batches
 ])
 def test_a_refusal_suggests_the_narrowest_rule_and_says_when_model_calls_would_go_unrecorded(
         make_gateway: Callable[..., Gateway], provider: Provider, request_line: str, rule: str,  # noqa: F811
