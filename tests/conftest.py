@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import threading
 import time
@@ -154,6 +155,16 @@ class _Server:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+
+
+@contextlib.contextmanager
+def serving(app: web.Application) -> Iterator[str]:
+    """*app* on a loopback port for the block: yields its ``http://127.0.0.1:PORT`` and stops it after."""
+    server = _Server(app)
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.conftest import ACME_KEY, Gateway, _Server
+from tests.conftest import ACME_KEY, Gateway, serving
 from tests.hostile.conftest import Capture, capture  # noqa: F401
 
 UPSTREAM_KEY = "sk-provider-REDIRECT-secret"
@@ -32,11 +32,8 @@ def redirector(capture: Capture) -> Iterator[tuple[str, list[int]]]:  # noqa: F8
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    server = _Server(app)
-    try:
-        yield f"http://127.0.0.1:{server.port}/v1", seen
-    finally:
-        server.stop()
+    with serving(app) as url:
+        yield f"{url}/v1", seen
 
 
 @pytest.fixture
