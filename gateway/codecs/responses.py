@@ -351,7 +351,15 @@ class ResponsesCodec:
 
 
 def prepare_body(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
-    """Under gateway-held state, what goes upstream: no ``previous_response_id``, ``store: false``."""
+    """Under gateway-held state, what goes upstream: no ``previous_response_id``, ``store: false``.
+    A ``background`` request on a recorded session is refused: its output arrives after this
+    request (the client polls for it), where the gateway cannot record it, and under gateway-held
+    state it would go upstream with ``store: false``, which background mode does not accept."""
+    if ctx.session_id is not None and body.get("background") is True:
+        raise BadRequest("'background' responses cannot be recorded: their output arrives after this request, "
+                         "outside the gateway. Send it without 'background', or without a session: no X-Session-Id, "
+                         "to an upstream whose responses_state is provider",
+                         code="background_not_supported")
     if _state_mode(ctx) != "gateway":
         return body
     return {**{k: v for k, v in body.items() if k != "previous_response_id"}, "store": False}

@@ -3,6 +3,8 @@ by the gateway, streams, and the Responses routes on the chain."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import openai
 import pytest
@@ -114,3 +116,21 @@ def test_a_provider_response_id_is_a_forwarded_route(pgw: Gateway) -> None:
     r = httpx.get(f"{pgw.base_url}/responses/resp_provider123", headers={"Authorization": f"Bearer {ACME_KEY}"})
     assert r.status_code == 403
     assert "forward_routes" in r.json()["error"]["message"]
+
+
+def test_a_background_response_on_a_recorded_session_is_refused(pgw: Gateway, proto: ProtocolUpstream,
+                                                                make_gateway: Any) -> None:
+    """Its output arrives after the request (the client polls for it), where nothing records it,
+    and under gateway-held state it would go upstream with ``store: false``, which background
+    mode refuses. So it is refused, before the upstream, on a gateway-held chain and with
+    X-Session-Id; without a session, on a provider-held upstream, it goes through untouched."""
+    client = pgw.openai()
+    for kwargs in ({}, {"extra_headers": {"X-Session-Id": "bg"}}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="gpt-4o-mini", input="later please", background=True, **kwargs)
+        assert err.value.code == "background_not_supported" and "X-Session-Id" in err.value.message
+    assert proto.bodies("/v1/responses") == []
+    held_by_provider = make_gateway(name="provider-held", upstreams=[
+        {"name": "oa", "base_url": f"{proto.url}/v1", "models": ["*"], "responses_state": "provider"}])
+    held_by_provider.openai().responses.create(model="gpt-4o-mini", input="later please", background=True)
+    assert [b.get("background") for b in proto.bodies("/v1/responses")] == [True]
