@@ -351,7 +351,8 @@ class ResponsesCodec:
 
 
 def prepare_body(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
-    """Under gateway-held state, what goes upstream: no ``previous_response_id``, ``store: false``.
+    """Under gateway-held state, what goes upstream: no ``previous_response_id``, ``store: false``,
+    and no provider-held ``conversation`` (refused: the provider holds nothing then).
     A ``background`` request on a recorded session is refused: its output arrives after this
     request (the client polls for it), where the gateway cannot record it, and under gateway-held
     state it would go upstream with ``store: false``, which background mode does not accept."""
@@ -362,6 +363,10 @@ def prepare_body(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
                          code="background_not_supported")
     if _state_mode(ctx) != "gateway":
         return body
+    if body.get("conversation") is not None:
+        raise BadRequest("'conversation' keeps the conversation at the provider, and this upstream's conversations "
+                         "are held by the gateway (responses_state: gateway): continue with "
+                         "previous_response_id or X-Session-Id instead", code="conversation_not_supported")
     return {**{k: v for k, v in body.items() if k != "previous_response_id"}, "store": False}
 
 

@@ -134,3 +134,13 @@ def test_a_background_response_on_a_recorded_session_is_refused(pgw: Gateway, pr
         {"name": "oa", "base_url": f"{proto.url}/v1", "models": ["*"], "responses_state": "provider"}])
     held_by_provider.openai().responses.create(model="gpt-4o-mini", input="later please", background=True)
     assert [b.get("background") for b in proto.bodies("/v1/responses")] == [True]
+
+
+def test_a_provider_held_conversation_is_refused_where_the_gateway_holds_conversations(
+        pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """``conversation`` would keep the conversation at the provider, outside the gateway's
+    encryption, erasure and audit, which gateway-held state promises it does not."""
+    with pytest.raises(openai.BadRequestError) as err:
+        pgw.openai().responses.create(model="gpt-4o-mini", input="hi", conversation="conv_123")
+    assert err.value.code == "conversation_not_supported" and "previous_response_id" in err.value.message
+    assert proto.bodies("/v1/responses") == []
