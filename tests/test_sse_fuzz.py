@@ -25,7 +25,7 @@ from openai._streaming import SSEDecoder
 
 from gateway.sse import EventAssembler, EventSplitter
 
-TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
 PAYLOAD = st.fixed_dictionaries({"id": st.integers(0, 10**6), "text": TEXT,
                                  "nested": st.lists(st.dictionaries(st.sampled_from("abc"), TEXT, max_size=2),
                                                     max_size=2)})

@@ -153,10 +153,12 @@ def test_route_picks_the_first_upstream_of_the_protocol() -> None:
 
 def test_forwarded_route_through_the_gateway_carries_only_the_provider_key(
         make_gateway: Callable[..., Gateway], recorder: Recorder) -> None:
-    """Through the gateway, a forwarded route reaches the provider with its key and none of the client's."""
+    """Through the gateway, a forwarded route reaches the provider with its key and none of the client's
+    (the gateway key in both of the client's headers: two different keys are refused, see
+    ``tests/hostile/test_duplicate_headers.py``)."""
     gateway = make_gateway(upstreams=[{"name": "rec", "base_url": recorder.url,
                                        "api_key_env": "SG_TEST_PROVIDER_KEY", "key_header": "api-key"}])
-    response = httpx.get(f"{gateway.base_url}/models", headers=CLIENT)
+    response = httpx.get(f"{gateway.base_url}/models", headers={**CLIENT, "x-api-key": ACME_KEY})
     assert response.status_code == 200, response.text
     path, got = recorder.seen[-1]
     assert path == "/v1/models" and got["api-key"] == PROVIDER_KEY
