@@ -299,7 +299,8 @@ class Upstreams:
                 return up
         names = ", ".join(u.name for u in self._list if u.protocol == protocol) or "none"
         kind = "upstream" if protocol == "openai" else f"{protocol} upstream"
-        raise BadRequest(f"no {kind} serves model '{model}'; configured {kind}s: {names}", code="model_not_found")
+        what = f"serves model '{model}'" if model is not None else "is configured"  # a route without a model
+        raise BadRequest(f"no {kind} {what}; configured {kind}s: {names}", code="model_not_found")
 
     async def complete(self, model: str | None, messages: list[dict[str, Any]], timeout: float) -> str:
         """A side request (no session, never recorded): the text of a non-streaming completion."""

@@ -212,3 +212,15 @@ def test_anthropic_clients_reach_the_anthropic_upstream_on_forwarded_routes(
     sent = [r["headers"] for r in provider.requests]
     assert "x-api-key" not in {k.lower() for k in sent[0]}  # the client's key never goes upstream
     assert sent[0].get("anthropic-version")  # the client's own version goes on
+
+
+def test_an_anthropic_client_without_an_anthropic_upstream_is_told_so(make_gateway: Callable[..., Gateway],
+                                                                      provider: Provider) -> None:  # noqa: F811
+    """``GET /v1/models`` names no model: the refusal says no anthropic upstream is configured
+    (it said "serves model 'None'"), and nothing reaches the openai upstream."""
+    gateway = connect(make_gateway, provider.url)
+    resp = httpx.get(f"{gateway.base_url}/models", headers={"x-api-key": ACME_KEY, "anthropic-version": "2023-06-01"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["message"] == ("no anthropic upstream is configured; "
+                                               "configured anthropic upstreams: none")
+    assert provider.paths == []
