@@ -71,6 +71,11 @@ change does before it goes live, and flags every change that widens recording.
   contradict; `gpt-4o*` and `claude-*` are disjoint, `*-mini` and `gpt-*` are not. Give one
   of them another priority.
 - A policy that a higher-priority policy always takes first gets a warning.
+- `models` and `session_ids` are chosen by the client, `tenants` by its key. A policy matched
+  only by model or session id can be chosen by any client of every tenant: the shipped
+  `record-nothing` policy is opted into that way, by naming a session `private:*`. Give a
+  policy that records less than the one it overrides a `tenants` list too, unless every
+  client may choose it.
 
 ## What is recorded
 
