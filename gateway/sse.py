@@ -68,6 +68,8 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events of *chunk* as bytes to forward (a final event held back)."""
+        if not chunk:
+            return b""
         if self._cr and chunk[:1] == b"\n":  # the LF of a CRLF cut between two chunks
             chunk = chunk[1:]
         self._cr = chunk[-1:] == b"\r"

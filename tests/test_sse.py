@@ -108,6 +108,7 @@ def test_splitter_accepts_lone_cr_line_endings_even_split_across_chunks() -> Non
     asm = ReplyAssembler()
     s = EventSplitter(asm.add_event)
     stream = b'data: {"choices": [{"delta": {"content": "Hi"}}]}\r\r' + b'id: 1\r\ndata: {"choices": []}\r\n\r\n'
-    out = s.feed(stream[:51]) + s.feed(stream[51:-3]) + s.feed(stream[-3:-2]) + s.feed(stream[-2:] + b"data:[DONE]\r\r")
+    out = (s.feed(stream[:51]) + s.feed(stream[51:-3]) + s.feed(b"")  # an empty read between CR and LF
+           + s.feed(stream[-3:-2]) + s.feed(stream[-2:] + b"data:[DONE]\r\r"))
     assert out == b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\nid: 1\ndata: {"choices": []}\n\n'
     assert s.done and asm.message()["content"] == "Hi"
