@@ -112,3 +112,13 @@ def test_splitter_accepts_lone_cr_line_endings_even_split_across_chunks() -> Non
            + s.feed(stream[-3:-2]) + s.feed(stream[-2:] + b"data:[DONE]\r\r"))
     assert out == b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\nid: 1\ndata: {"choices": []}\n\n'
     assert s.done and asm.message()["content"] == "Hi"
+
+
+def test_a_crlf_inside_an_event_cut_by_an_empty_read_is_one_line_end() -> None:
+    """JSON over two data lines whose CRLF is cut, with an empty read between CR and LF: still one
+    event (two line ends there would end the event early and lose it)."""
+    asm = ReplyAssembler()
+    s = EventSplitter(asm.add_event)
+    parts = [b'data: {"choices": [{"delta":\r', b"", b'\ndata: {"content": "Hi"}}]}\r\n\r\n']
+    assert b"".join(s.feed(p) for p in parts) == b'data: {"choices": [{"delta":\ndata: {"content": "Hi"}}]}\n\n'
+    assert asm.message()["content"] == "Hi"
