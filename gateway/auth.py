@@ -101,8 +101,9 @@ def check_single_headers(headers: CIMultiDictProxy[str]) -> None:
 
 
 def auth_header(headers: Mapping[str, str]) -> str | None:
-    """The credentials of a model route: ``Authorization``, else Anthropic's ``x-api-key`` (a gateway
-    client key, as ``Bearer <key>``). Neither header ever travels upstream (``gateway.upstream``)."""
+    """A client's credentials on any client route (model, forwarded, sessions): ``Authorization``,
+    else Anthropic's ``x-api-key`` (a gateway client key, as ``Bearer <key>``). Neither header ever
+    travels upstream (``gateway.upstream``). Auditor routes take ``Authorization`` only."""
     value = headers.get("Authorization")
     if value is None and (key := headers.get("x-api-key")) is not None:
         return f"Bearer {key}"

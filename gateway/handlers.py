@@ -224,7 +224,7 @@ async def delete_response(request: web.Request) -> web.StreamResponse:
 
 def _session_target(request: web.Request) -> tuple[Services, str, str]:
     services = request.app[SERVICES]
-    principal = services.auth.client(request.headers.get("Authorization"))
+    principal = services.auth.client(auth_header(request.headers))
     return services, principal.tenant or "", check_session_id(request.match_info["session_id"])
 
 
@@ -245,7 +245,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     """One page of the caller's sessions in id order: ``?limit=`` (default 100, at most 1000) and
     ``?after=<last id of the previous page>``; ``has_more`` says whether another page follows."""
     services = request.app[SERVICES]
-    tenant = services.auth.client(request.headers.get("Authorization")).tenant or ""
+    tenant = services.auth.client(auth_header(request.headers)).tenant or ""
     after, limit = page_params(request.query)
     rows = await services.sessions.page_sessions(tenant, after=after, limit=limit + 1)
     page = rows[:limit]

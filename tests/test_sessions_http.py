@@ -149,3 +149,17 @@ def test_invalid_session_documents_are_refused(acme: httpx.Client, doc: Any) -> 
     assert resp.status_code == 400
     assert resp.json()["error"]["type"] == "invalid_request_error"
     assert acme.get("/sessions/bad-doc").status_code == 404
+
+
+def test_an_anthropic_client_reads_its_sessions_with_x_api_key(gateway: Gateway, acme: httpx.Client) -> None:
+    """The ``anthropic`` SDK's generic ``get`` sends its key in ``x-api-key``: the sessions routes
+    take it as the model routes do (they answered 401 "send Authorization")."""
+    import anthropic
+    chat(acme, "shared", "hello")
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=ACME_KEY, max_retries=0)
+    exported = client.get("/v1/sessions/shared", cast_to=object)
+    assert isinstance(exported, dict) and exported["full_context"][0] == user("hello")
+    listed = client.get("/v1/sessions", cast_to=object)
+    assert isinstance(listed, dict) and [s["id"] for s in listed["data"]] == ["shared"]
+    memo = httpx.get(f"{gateway.base_url}/sessions/shared/memo", headers={"x-api-key": GLOBEX_KEY})
+    assert memo.status_code == 404  # another tenant's key still finds nothing
