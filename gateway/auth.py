@@ -67,6 +67,9 @@ class Authenticator:
         return principal
 
     def client(self, authorization: str | None) -> Principal:
+        if not authorization:  # client routes take either header (``auth_header``)
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <your gateway key>' "
+                               "or 'x-api-key: <your gateway key>'")
         p = self.identify(authorization)
         if p.role != "client":
             raise Forbidden("auditor tokens cannot call model or session routes; use a client key")

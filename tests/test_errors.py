@@ -87,8 +87,11 @@ def test_missing_or_unknown_key_is_401(gateway: Gateway, upstream: Upstream, hea
     for method, path in (("POST", "/chat/completions"), ("GET", "/sessions"), ("GET", "/sessions/s1"),
                          ("GET", "/models")):
         resp = httpx.request(method, f"{gateway.base_url}{path}", json=CHAT, headers=headers)
-        assert assert_error(resp, 401, "invalid_api_key")["type"] == "authentication_error"
+        error = assert_error(resp, 401, "invalid_api_key")
+        assert error["type"] == "authentication_error"
         assert "sg-not-a-key" not in resp.text
+        if not headers:  # the hint names both headers a client route takes
+            assert "'Authorization: Bearer <your gateway key>' or 'x-api-key: <your gateway key>'" in error["message"]
     assert upstream.requests == []
 
 
