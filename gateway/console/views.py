@@ -151,11 +151,13 @@ def _tenant_arg(value: str | None) -> str | None:
     return value if value is not None and _TENANT.match(value) else None
 
 
-async def _tenants(request: web.Request, session: ConsoleSession) -> list[str]:
-    """The tenants this auditor may read: with data, or with a signed checkpoint (so one whose
-    rows were all deleted is still listed, and fails its verification)."""
+async def _tenants(request: web.Request, session: ConsoleSession, *, signed: bool = False) -> list[str]:
+    """The tenants this auditor may read that have data; with *signed* (the overview, where
+    verification starts), also those with only a signed checkpoint left: a tenant whose rows
+    were all deleted is still listed there, and fails its verification."""
     services = request.app[SERVICES]
-    every = await services.audit.tenants(services.sessions.store)
+    store = services.sessions.store
+    every = await services.audit.tenants(store) if signed else await store.tenants()
     return [t for t in every if t != SYSTEM_TENANT and session.can_read(t)]
 
 
@@ -217,7 +219,7 @@ async def overview(request: web.Request, session: ConsoleSession) -> web.StreamR
     console = request.app[CONSOLE]
     store = services.sessions.store
     cards = []
-    for tenant in await _tenants(request, session):
+    for tenant in await _tenants(request, session, signed=True):
         stats = await console.stats.get(store, tenant)
         checkpoints = services.audit.log.for_tenant(tenant)
         cards.append({"tenant": tenant, "stats": stats, "checkpoint": checkpoints[-1] if checkpoints else None,
