@@ -111,7 +111,7 @@ ERROR_KINDS = (
     "checkpoint_mismatch",  # the entry at a checkpoint's seq is not the one that was signed
     # the stored data against the chain (``gateway.evidence``)
     "round_missing", "round_unrecorded", "round_mismatch", "state_missing", "state_mismatch",
-    "state_unrecorded",
+    "state_unrecorded", "round_relabelled", "policy_version_missing", "policy_version_altered",
 )
 
 PublicKeyLike = Ed25519PublicKey | bytes | str | Path

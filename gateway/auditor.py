@@ -32,7 +32,7 @@ from gateway.errors import ConfigError, NotFound
 from gateway.evidence import verify_data
 from gateway.export import ExportRecord, Progress, check_range, export_bundle
 from gateway.policy import Policy, PolicySet
-from gateway.policy.versions import PolicyVersions
+from gateway.policy.versions import PolicyVersions, proves
 from gateway.redact import Redactor, tenant_secret
 from gateway.sessions import SessionService
 from gateway.settings import Settings
@@ -179,7 +179,8 @@ async def check_data(store: Store, tenant: str, report: VerifyReport) -> None:
         return (await store.get_session(tenant, session_id))[0]
 
     ids = [s.session_id for s in await store.list_sessions(tenant)]
-    found = await verify_data(tenant, store.iter_audit(tenant), store.iter_rounds(tenant), state_of, ids)
+    versions = {row.hash: proves(row) for row in await store.policy_versions()}
+    found = await verify_data(tenant, store.iter_audit(tenant), store.iter_rounds(tenant), state_of, ids, versions)
     report.records = found.rounds
     report.notes.extend(found.notes)
     if found.first_error is not None:

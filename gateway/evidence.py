@@ -25,9 +25,16 @@ best-effort against an adversary who also rewinds ``session_heads``; :func:`veri
 (``round`` or ``import`` with ``round_seq`` and ``ciphertext_sha256``) names a stored round with
 exactly that ciphertext hash, unless a later ``erasure`` or ``purge`` (``detail.seqs``, or
 ``detail.session_erased``) accounts for its absence; every stored round has its entry; and
-the stored state is the one the session's latest binding describes. The first mismatch, in
-(session, round) order, is reported with tenant, session, round and audit entry. Memory holds
-one hash per live round of the tenant. Sessions recorded before bindings existed (no entry of
+the stored state is the one the session's latest binding describes. A stored round's plaintext
+columns are the entry's too (:func:`round_columns`: kind, request id, policy id and version
+hash, outcome; its time within :data:`TIME_SLACK` of the entry's), so a round cannot be moved
+out of an export's time range, credited to another request, marked with another outcome or put
+under another policy version's redaction and retention. The policy version a round was recorded
+under must be kept in ``policy_versions``, its document hashing to its key
+(``gateway.policy.versions``), for every round whose entry binds rows (the gateway has kept
+versions since it has bound rows). The first mismatch, in (session, round) order, is reported
+with tenant, session, round and audit entry. Memory holds one hash, one time and the interned
+columns per live round of the tenant. Sessions recorded before bindings existed (no entry of
 theirs has ``state``) get their rounds checked but not their state, and a note says so.
 
 **Quarantine.** A session that failed an integrity check is quarantined (``Changes.quarantine``
@@ -39,8 +46,10 @@ integrity error and each refusal is a ``refusal`` entry. See ``gateway.sessions`
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -58,7 +67,59 @@ DATA_ERROR_KINDS = (
     "state_missing",      # the session's state row is gone while its latest entry says it exists
     "state_mismatch",     # the state row is not the one the latest entry describes (rolled back)
     "state_unrecorded",   # a state row no entry accounts for
+    "round_relabelled",   # a stored round's columns (time, request, policy, outcome, kind) are not its entry's
+    "policy_version_missing",  # the policy version a round was recorded under is not kept
+    "policy_version_altered",  # ... or its kept document does not hash to the version
 )
+
+ROUND_EVENTS = ("round", "import", "history")
+"""Audit events that record a stored round (imported rounds and edited history are rounds too)."""
+
+TIME_SLACK = 5.0
+"""Seconds a round's ``created_at`` and its entry's time may differ: the store reads the clock
+for both in the round's one transaction."""
+
+COLUMNS = ("kind", "request_id", "policy_id", "policy_hash", "outcome")
+"""A round row's plaintext columns that its entry vouches for, in :func:`round_columns`' order."""
+
+_FIXED_OUTCOME = {"import": "imported", "history": "completed"}
+
+
+def round_columns(doc: dict[str, Any]) -> tuple[str | None, ...]:
+    """What the :data:`COLUMNS` of the round *doc* (a round entry's body) records must hold, as
+    ``gateway.sessions`` writes them: ``kind`` is the entry's event; ``request_id``,
+    ``policy_id`` and ``policy_hash`` are the entry's (None when an older entry lacks the field:
+    not checked); ``outcome`` is the entry's for a ``round``, ``imported`` for an ``import``,
+    ``completed`` for ``history``."""
+    def field_(name: str) -> str | None:
+        if name not in doc:
+            return None
+        return "" if doc[name] is None else str(doc[name])
+
+    event = str(doc.get("event"))
+    outcome = field_("outcome") if event == "round" else _FIXED_OUTCOME.get(event)
+    return (event, field_("request_id"), field_("policy_id"), field_("policy_hash"), outcome)
+
+
+def relabelled(want: tuple[str | None, ...], entry_time: float, have: dict[str, Any],
+               created_at: float | None) -> str | None:
+    """How a stored round or an exported record (*have*: its columns by name; those it lacks are
+    not compared) disagrees with what its entry records (*want*, from :func:`round_columns`, and
+    the entry's time); None when it does not."""
+    for name, value in zip(COLUMNS, want, strict=True):
+        if value is not None and name in have and have[name] != value:
+            return f"its {name} is {have[name]!r} where the entry records {value!r}"
+    if created_at is not None and abs(created_at - entry_time) > TIME_SLACK:
+        return f"its time is {_iso(created_at)} where the entry's is {_iso(entry_time)}"
+    return None
+
+
+def _intern(value: str | None) -> str | None:
+    return None if value is None else sys.intern(value)
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # --------------------------------------------------------------------------- binding (in the store)
@@ -186,9 +247,20 @@ def check(cur: Current) -> str | None:
 # --------------------------------------------------------------------------- full verification
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What a round entry records of its stored round."""
+
+    digest: str       # ciphertext_sha256
+    seq: int          # the entry's seq
+    time: float       # the entry's time
+    columns: tuple[str | None, ...]  # round_columns, interned
+    versioned: bool   # the entry binds rows: its policy version must be kept
+
+
 @dataclass(slots=True)
 class _Session:
-    rounds: dict[int, tuple[str, int]] = field(default_factory=dict)  # seq -> (ciphertext hash, entry)
+    rounds: dict[int, _Entry] = field(default_factory=dict)  # by round seq
     optional: set[int] = field(default_factory=set)     # legacy purges without seqs
     legacy_hashes: set[str] = field(default_factory=set)  # legacy imports without round_seq
     state: tuple[int, str, dict[str, Any]] | None = None  # (entry seq, event, binding)
@@ -214,10 +286,12 @@ def expect(sessions: dict[str, _Session], row: AuditRow) -> None:
     s = sessions.setdefault(sid, _Session())
     s.seen = True
     event, digest, detail = doc.get("event"), doc.get("ciphertext_sha256"), doc.get("detail") or {}
-    if event in ("round", "import", "history") and isinstance(digest, str):
+    if event in ROUND_EVENTS and isinstance(digest, str):
         seq = doc.get("round_seq")
         if isinstance(seq, int):
-            s.rounds[seq] = (digest, row.seq)
+            kind, request_id, *repeated = round_columns(doc)  # intern all but the request id: they repeat
+            columns = (_intern(kind), request_id, *map(_intern, repeated))
+            s.rounds[seq] = _Entry(digest, row.seq, row.created_at, columns, isinstance(doc.get(BINDING), dict))
         else:
             s.legacy_hashes.add(digest)
     elif event == "erasure" or (event == "purge" and detail.get("session_erased")):
@@ -237,11 +311,12 @@ def expect(sessions: dict[str, _Session], row: AuditRow) -> None:
 
 async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_rounds: AsyncIterator[RoundRow],
                       state_of: Callable[[str], Awaitable[SessionRow | None]],
-                      state_ids: list[str]) -> DataReport:
+                      state_ids: list[str], versions: dict[str, bool] | None = None) -> DataReport:
     """Check *tenant*'s stored rows against its chain (see the module docstring).
 
     *audit_rows* and *stored_rounds* are ``Store.iter_audit`` and ``Store.iter_rounds`` of the
-    tenant; *state_ids* the ids of its state rows; *state_of* reads one state row.
+    tenant; *state_ids* the ids of its state rows; *state_of* reads one state row; *versions*
+    the kept policy versions, by hash: whether the document hashes to it (None: not checked).
     """
     report = DataReport()
     sessions: dict[str, _Session] = {}
@@ -251,10 +326,17 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
     finally:
         await aclose(audit_rows)
     stored: dict[str, dict[int, str]] = {}
+    columns: dict[str, dict[int, VerifyError]] = {}  # (rare) rounds whose columns disagree, by session and seq
     try:
         async for r in stored_rounds:
-            stored.setdefault(r.session_id, {})[r.seq] = hashlib.sha256(r.ct).hexdigest()
+            digest = hashlib.sha256(r.ct).hexdigest()
+            stored.setdefault(r.session_id, {})[r.seq] = digest
             report.rounds += 1
+            entry = sessions[r.session_id].rounds.get(r.seq) if r.session_id in sessions else None
+            if entry is not None and entry.digest == digest:
+                error = _columns_error(tenant, r, entry, versions)
+                if error is not None:
+                    columns.setdefault(r.session_id, {})[r.seq] = error
     finally:
         await aclose(stored_rounds)
     ids = sorted(set(sessions) | set(stored) | set(state_ids))
@@ -262,7 +344,7 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
     legacy = 0
     for sid in ids:
         s = sessions.get(sid, _Session())
-        error = _rounds_error(tenant, sid, s, stored.get(sid, {}))
+        error = _rounds_error(tenant, sid, s, stored.get(sid, {}), columns.get(sid, {}))
         if error is None:
             srow = await state_of(sid) if (s.state is not None or sid in state_ids) else None
             error = _state_error(tenant, sid, s, srow)
@@ -276,27 +358,57 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
     return report
 
 
-def _rounds_error(tenant: str, sid: str, s: _Session, stored: dict[int, str]) -> VerifyError | None:
+def _columns_error(tenant: str, r: RoundRow, entry: _Entry, versions: dict[str, bool] | None) -> VerifyError | None:
+    """A stored round whose ciphertext is its entry's but whose columns are not, or whose policy
+    version is not kept as recorded."""
+    where = f"tenant {tenant}, session {r.session_id}, round {r.seq}"
+    have = {"kind": r.kind, "request_id": r.request_id, "policy_id": r.policy_id, "policy_hash": r.policy_hash,
+            "outcome": r.outcome}
+    how = relabelled(entry.columns, entry.time, have, r.created_at)
+    if how is not None:
+        return VerifyError(entry.seq, "round_relabelled", f"{where}: the stored round is the one audit entry "
+                           f"{entry.seq} records, but {how}: its row was edited", session_id=r.session_id,
+                           round_seq=r.seq)
+    if versions is None or not entry.versioned or not r.policy_hash:
+        return None
+    kept = versions.get(r.policy_hash)
+    if kept:
+        return None
+    version = f"version {r.policy_hash[:12]} of policy {r.policy_id!r}"
+    if kept is None:
+        return VerifyError(entry.seq, "policy_version_missing", f"{where}: audit entry {entry.seq} records it under "
+                           f"{version}, which the store's policy_versions table no longer keeps (deleted): its "
+                           "export redaction and retention would follow another version",
+                           session_id=r.session_id, round_seq=r.seq)
+    return VerifyError(entry.seq, "policy_version_altered", f"{where}: audit entry {entry.seq} records it under "
+                       f"{version}, whose kept document no longer hashes to it (edited)",
+                       session_id=r.session_id, round_seq=r.seq)
+
+
+def _rounds_error(tenant: str, sid: str, s: _Session, stored: dict[int, str],
+                  columns: dict[int, VerifyError]) -> VerifyError | None:
     where = f"tenant {tenant}, session {sid}, round"
     for seq in sorted(s.rounds.keys() | stored.keys()):
-        want, have = s.rounds.get(seq), stored.get(seq)
-        if want is not None and have is None:
+        entry, have = s.rounds.get(seq), stored.get(seq)
+        if entry is not None and have is None:
             if seq in s.optional:
                 continue
-            return VerifyError(want[1], "round_missing",
-                               f"{where} {seq}: audit entry {want[1]} records this round but the store no longer "
+            return VerifyError(entry.seq, "round_missing",
+                               f"{where} {seq}: audit entry {entry.seq} records this round but the store no longer "
                                "holds it (deleted or moved), and no erasure or purge entry accounts for it",
                                session_id=sid, round_seq=seq)
-        if want is None and have is not None:
+        if entry is None and have is not None:
             if have in s.legacy_hashes:
                 continue
             return VerifyError(None, "round_unrecorded",
                                f"{where} {seq}: the store holds this round but no audit entry records it "
                                "(inserted, duplicated or moved here)", session_id=sid, round_seq=seq)
-        if want is not None and have is not None and want[0] != have:
-            return VerifyError(want[1], "round_mismatch",
-                               f"{where} {seq}: the stored round is not the one audit entry {want[1]} records "
+        if entry is not None and have is not None and entry.digest != have:
+            return VerifyError(entry.seq, "round_mismatch",
+                               f"{where} {seq}: the stored round is not the one audit entry {entry.seq} records "
                                "(its ciphertext hash differs)", session_id=sid, round_seq=seq)
+        if seq in columns:
+            return columns[seq]
     return None
 
 

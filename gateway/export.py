@@ -34,11 +34,13 @@ into place only when complete:
 records' SHA-256 and the redaction's SHA-256, then has the head signed. :func:`verify_bundle`
 checks the records against the manifest, every audit link up to the checkpoint, the
 checkpoint's signature, that the export entry vouches for these very records and rules, and
-(``jsonl``/``csv``) that every record's ciphertext hash is that of a round entry (``round`` or
-``import``) of its session. It also proves completeness: every round entry of the bundle's
+(``jsonl``/``csv``) that every record's ciphertext hash is that of a round entry (``round``,
+``import`` or ``history``) of its session, with that entry's request id, policy id and version
+hash, and outcome, and a time within :data:`~gateway.evidence.TIME_SLACK` of the entry's
+(``gateway.evidence.round_columns``). It also proves completeness: every round entry of the bundle's
 scope (the export entry's ``filters``) up to ``detail.through_seq`` (the chain head when the
 records were read) has its record, unless an ``erasure`` or ``purge`` entry before the export
-entry accounts for it. Round entries within :data:`TIME_SLACK` seconds after ``since`` are
+entry accounts for it. Round entries within ``TIME_SLACK`` seconds after ``since`` are
 not required (an entry is sealed just after its round's ``created_at``). Writing takes
 constant memory; verifying holds one digest per round entry and per record.
 
@@ -76,6 +78,7 @@ from gateway.audit import (
     row_from_body,
 )
 from gateway.errors import BadRequest, IntegrityError
+from gateway.evidence import ROUND_EVENTS, TIME_SLACK, relabelled, round_columns
 from gateway.redact import Redactor
 from gateway.store.base import AuditRow
 
@@ -83,9 +86,6 @@ FORMATS = ("jsonl", "csv", "agently")
 BUNDLE_VERSION = "sessiongate-export/1"
 CSV_COLUMNS = ("tenant", "session_id", "seq", "created_at", "request_id", "policy_id", "policy_hash",
                "outcome", "ciphertext_sha256", "message_index", "role", "content")
-
-TIME_SLACK = 5.0
-"""Seconds an audit entry may be sealed after its round's ``created_at``."""
 
 HeadSeq = Callable[[], Awaitable[int]]
 """The tenant's current audit chain head seq (0 for an empty chain)."""
@@ -430,7 +430,8 @@ def verify_bundle(bundle: Path | str, public_key: PublicKeyLike) -> VerifyReport
 
     Returns a report whose ``first_error.kind`` is one of ``gateway.audit.ERROR_KINDS`` or
     ``missing_file``, ``malformed``, ``records_altered``, ``manifest_mismatch``,
-    ``not_covered``, ``record_not_covered``, ``record_missing``. Raises ``ConfigError`` for an unreadable key.
+    ``not_covered``, ``record_not_covered``, ``record_relabelled``, ``record_missing``. Raises
+    ``ConfigError`` for an unreadable key.
     """
     key = load_public_key(public_key)
     records_path, manifest_path, audit_path = bundle_paths(bundle)
@@ -489,6 +490,11 @@ class _RoundEntry:
     time: float
 
 
+Rounds = dict[tuple[Any, str], tuple[int, float, tuple[str | None, ...]]]
+"""Round entries by (session id, ciphertext hash): the entry's seq, its time and its
+:func:`~gateway.evidence.round_columns`."""
+
+
 class _Promised:
     """Round entries a bundle must hold records for, net of erasures and purges (in order)."""
 
@@ -532,21 +538,17 @@ class _Promised:
         return sorted(out, key=lambda e: e.seq)
 
 
-ROUND_EVENTS = ("round", "import", "history")
-"""Audit events that record a stored round (imported rounds are records too)."""
-
-
 def _check_audit(path: Path, manifest: dict[str, Any], checkpoint: Checkpoint, key: Ed25519PublicKey,
-                 report: VerifyReport) -> tuple[set[tuple[str, str]], list[_RoundEntry]]:
-    """Verify the entries up to the checkpoint; returns the (session, ciphertext hash) of rounds
-    and the round entries the bundle must hold records for."""
+                 report: VerifyReport) -> tuple[Rounds, list[_RoundEntry]]:
+    """Verify the entries up to the checkpoint; returns the round entries by (session,
+    ciphertext hash) and those the bundle must hold records for."""
     tenant, audit = manifest["tenant"], manifest["audit"]
     if checkpoint.tenant != tenant:
         raise _BundleError("manifest_mismatch", "the checkpoint is for another tenant")
     first_seq, export_seq = audit.get("first_seq"), audit.get("export_seq")
     verifier = ChainVerifier(tenant, checkpoints=[checkpoint], public_key=key,
                              after_seq=(first_seq or 1) - 1, after_hash=None)
-    rounds: set[tuple[str, str]] = set()
+    rounds: Rounds = {}
     promised = _Promised()
     export_detail: dict[str, Any] | None = None
     with contextlib.closing(_audit_rows(path)) as rows:
@@ -558,7 +560,8 @@ def _check_audit(path: Path, manifest: dict[str, Any], checkpoint: Checkpoint, k
                 break
             doc = orjson.loads(row.body)
             if doc.get("event") in ROUND_EVENTS and doc.get("ciphertext_sha256"):
-                rounds.add((doc.get("session_id"), doc["ciphertext_sha256"]))
+                rounds[(doc.get("session_id"), doc["ciphertext_sha256"])] = (row.seq, row.created_at,
+                                                                              round_columns(doc))
             elif row.seq == export_seq and doc.get("event") == "export":
                 export_detail = doc.get("detail") or {}
             if isinstance(export_seq, int) and row.seq < export_seq:
@@ -607,7 +610,7 @@ def _check_export_entry(detail: dict[str, Any] | None, manifest: dict[str, Any],
                                f"the export's audit entry {seq} does not vouch for the manifest's {name}", seq)
 
 
-def _check_records(path: Path, manifest: dict[str, Any], rounds: set[tuple[str, str]],
+def _check_records(path: Path, manifest: dict[str, Any], rounds: Rounds,
                    required: list[_RoundEntry], report: VerifyReport) -> None:
     fmt, tenant = manifest["records"].get("format"), manifest["tenant"]
     if fmt == "agently":
@@ -621,12 +624,18 @@ def _check_records(path: Path, manifest: dict[str, Any], rounds: set[tuple[str, 
         return
     count = 0
     seen: set[tuple[str, str]] = set()
-    for record_tenant, session_id, seq, digest in _record_refs(path, fmt):
+    for record in _record_refs(path, fmt):
         count += 1
-        if record_tenant != tenant or (session_id, digest) not in rounds:
+        session_id, seq, digest = record["session_id"], record["seq"], record["ciphertext_sha256"]
+        entry = rounds.get((session_id, digest))
+        if record["tenant"] != tenant or entry is None:
             raise _BundleError("record_not_covered",
                                f"record {count} (session {session_id}, round {seq}) matches no round "
                                "entry in the bundle's audit entries")
+        how = relabelled(entry[2], entry[1], record, _timestamp(record["created_at"]))
+        if how is not None:
+            raise _BundleError("record_relabelled", f"record {count} (session {session_id}, round {seq}) is the "
+                               f"round audit entry {entry[0]} records, but {how}", entry[0])
         seen.add((session_id, digest))
     report.records = count
     if count != manifest["records"].get("count"):
@@ -641,14 +650,16 @@ def _check_records(path: Path, manifest: dict[str, Any], rounds: set[tuple[str, 
                                e.seq)
 
 
-def _record_refs(path: Path, fmt: str) -> Iterator[tuple[str, str, Any, str]]:
-    """(tenant, session_id, seq, ciphertext_sha256) of every record, streaming."""
+def _record_refs(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
+    """Every record's fields but its messages (one per round: a ``csv`` round's rows are one
+    record), streaming."""
     try:
         if fmt == "jsonl":
             with path.open("rb") as f:
                 for line in f:
                     doc = orjson.loads(line)
-                    yield doc["tenant"], doc["session_id"], doc["seq"], doc["ciphertext_sha256"]
+                    doc.pop("messages", None)
+                    yield doc
         elif fmt == "csv":
             csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
             with path.open(newline="", encoding="utf-8") as f:
@@ -656,9 +667,17 @@ def _record_refs(path: Path, fmt: str) -> Iterator[tuple[str, str, Any, str]]:
                 for row in csv.DictReader(f):
                     ref = (row["tenant"], row["session_id"], row["seq"], row["ciphertext_sha256"])
                     if ref != last:
-                        yield ref
+                        yield {k: v for k, v in row.items() if k not in ("message_index", "role", "content")}
                     last = ref
         else:
             raise _BundleError("malformed", f"unknown records format {fmt!r}")
-    except (orjson.JSONDecodeError, KeyError, TypeError, csv.Error, UnicodeDecodeError) as exc:
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, csv.Error, UnicodeDecodeError) as exc:
         raise _BundleError("malformed", f"{path.name} is not a valid {fmt} export") from exc
+
+
+def _timestamp(text: Any) -> float:
+    """A record's ``created_at`` (ISO 8601) as a Unix time."""
+    try:
+        return datetime.fromisoformat(str(text)).timestamp()
+    except ValueError as exc:
+        raise _BundleError("malformed", f"record time {text!r} is not ISO 8601") from exc

@@ -354,6 +354,11 @@ DATA_KINDS = {
     "state_mismatch": "a session's stored state is not the one the audit trail last recorded (rolled back or "
                       "edited)",
     "state_unrecorded": "a session's stored state has no entry in the audit trail",
+    "round_relabelled": "a stored round's time, request, policy or outcome was changed from what the audit trail "
+                        "records",
+    "policy_version_missing": "the policy version a round was recorded under is no longer kept, so its "
+                              "redaction and retention would follow another version",
+    "policy_version_altered": "the kept copy of the policy version a round was recorded under was edited",
 }
 
 

@@ -36,6 +36,11 @@ from gateway.policy.model import Export, Policy, Retention
 from gateway.store.base import PolicyVersionRow, Store
 
 
+def proves(row: PolicyVersionRow) -> bool:
+    """Whether a kept version's document is the one its key (the version hash) names."""
+    return hashlib.sha256(row.document.encode("utf-8")).hexdigest() == row.hash
+
+
 def document(policy: Policy) -> str:
     """The canonical JSON of *policy*: ``sha256(document(p)) == p.version_hash``."""
     return json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -58,15 +63,15 @@ class PolicyVersion:
         return cls(policy.id, policy.version_hash, policy.export, policy.retention, tuple(keys) or None)
 
     @classmethod
-    def from_document(cls, policy_id: str, version_hash: str, text: str) -> PolicyVersion:
+    def from_document(cls, row: PolicyVersionRow) -> PolicyVersion:
         """Read a stored document; ``ValueError`` when it is not a policy document or does not
-        hash to *version_hash*."""
-        if hashlib.sha256(text.encode("utf-8")).hexdigest() != version_hash:
-            raise ValueError(f"stored policy version {version_hash[:12]} of {policy_id!r} does not match its hash")
-        doc: dict[str, Any] = json.loads(text)
+        hash to its version hash."""
+        if not proves(row):
+            raise ValueError(f"stored policy version {row.hash[:12]} of {row.policy_id!r} does not match its hash")
+        doc: dict[str, Any] = json.loads(row.document)
         session = doc.get("session") or {}
         keys = [*(session.get("input_keys") or []), *(session.get("reply_keys") or [])]
-        return cls(str(doc.get("id", policy_id)), version_hash, Export.model_validate(doc.get("export") or {}),
+        return cls(str(doc.get("id", row.policy_id)), row.hash, Export.model_validate(doc.get("export") or {}),
                    Retention.model_validate(doc.get("retention") or {}), tuple(keys) or None)
 
 
@@ -95,7 +100,7 @@ class PolicyVersions:
         for row in await self.store.policy_versions():
             if row.hash not in self._by_hash:
                 try:
-                    version = PolicyVersion.from_document(row.policy_id, row.hash, row.document)
+                    version = PolicyVersion.from_document(row)
                 except ValueError as exc:
                     raise IntegrityError(f"policy_versions: {exc}") from exc
                 self._by_hash[row.hash] = version

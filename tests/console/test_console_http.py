@@ -142,6 +142,32 @@ def test_verification_names_a_deleted_round_in_words(console_gateway: Gateway) -
     assert "does not match it" in page and "console-a" in page and "round 2" in page
 
 
+def test_every_kind_of_data_problem_has_words_on_the_console() -> None:
+    """Every problem verification can find in the stored data has words on the console's page."""
+    from gateway.console.views import DATA_KINDS
+    from gateway.evidence import DATA_ERROR_KINDS
+
+    assert set(DATA_KINDS) == set(DATA_ERROR_KINDS)
+
+
+def test_verification_says_a_round_was_relabelled(console_gateway: Gateway) -> None:
+    """A round's outcome changed behind the gateway's back is named in words, with its round."""
+    import time
+
+    client = signed_in_client(console_gateway)
+    with sqlite3.connect(console_gateway.db_path) as db:
+        db.execute("UPDATE rounds SET outcome='incomplete' WHERE tenant='acme' AND session_id='console-a' AND seq=1")
+    csrf = login_csrf(client.get("/console/overview").text)
+    job = client.post("/console/verify", data={"csrf": csrf, "tenant": "acme"},
+                      headers={"Origin": console_gateway.url}).headers["location"]
+    deadline = time.monotonic() + 20
+    page = client.get(job).text
+    while "Running" in page and time.monotonic() < deadline:
+        time.sleep(0.2)
+        page = client.get(job).text
+    assert "time, request, policy or outcome was changed" in page and "console-a" in page and "round 1" in page
+
+
 def test_an_export_of_a_range_that_holds_no_time_is_not_started(console_gateway: Gateway) -> None:
     """Since after until would run a job that exports nothing; the form says why instead, and the
     HTTP export refuses it the same way."""

@@ -142,7 +142,8 @@ def test_an_unknown_version_of_a_removed_policy_falls_back_by_match_not_to_the_l
 def test_a_kept_document_proves_itself(tmp_path: Path) -> None:
     """A stored version is read back by hash; an edited document is refused."""
     policy = _policy(V1)
-    assert PolicyVersion.from_document("chat", policy.version_hash, document(policy)).export.detectors == {
+    row = PolicyVersionRow(policy.version_hash, "chat", 0.0, document(policy))
+    assert PolicyVersion.from_document(row).export.detectors == {
         "email": "mask"}
 
     async def main() -> None:
