@@ -36,7 +36,7 @@ from gateway.policy.versions import PolicyVersions, proves
 from gateway.redact import Redactor, tenant_secret
 from gateway.sessions import SessionService
 from gateway.settings import Settings
-from gateway.store.base import AuditRow, Changes, Plan, Store
+from gateway.store.base import AuditRow, Changes, Plan, Store, StoreReads
 
 
 class ObservedStore:
@@ -110,10 +110,11 @@ class AuditTrail:
         *data* and an intact chain, that the stored rows are the ones the chain records. The
         first problem is the report's ``first_error`` (data problems name session and round)."""
         cps = self.log.for_tenant(tenant) if checkpoints is None else [c for c in checkpoints if c.tenant == tenant]
-        report = await averify_chain(store.iter_audit(tenant), tenant=tenant, checkpoints=cps,
-                                     public_key=public_key or self.signer.public_key_pem())
-        if data and report.ok:
-            await check_data(store, tenant, report)
+        async with store.snapshot() as view:  # chain and rows as of one moment, while rounds go on
+            report = await averify_chain(view.iter_audit(tenant), tenant=tenant, checkpoints=cps,
+                                         public_key=public_key or self.signer.public_key_pem())
+            if data and report.ok:
+                await check_data(view, tenant, report)
         return report
 
     async def redactors(self, store: Store, policies: PolicySet, tenant: str) -> Callable[[Any], Redactor]:
@@ -172,7 +173,7 @@ class AuditTrail:
                                    head_seq=lambda: store.audit_head(tenant))
 
 
-async def check_data(store: Store, tenant: str, report: VerifyReport) -> None:
+async def check_data(store: StoreReads, tenant: str, report: VerifyReport) -> None:
     """Check *tenant*'s stored rows against its chain into *report* (``records``, ``notes``,
     ``first_error``); see ``gateway.evidence.verify_data``."""
     async def state_of(session_id: str) -> Any:

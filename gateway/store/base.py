@@ -31,6 +31,7 @@ thread and may run again if the backend retries, so it must not have side effect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -170,41 +171,11 @@ class SessionSummary:
     updated_at: float
 
 
-class Store(Protocol):
-    """A durable home for sealed session data and the audit chain."""
-
-    on_commit: Callable[[float, int], None] | None
-    """Set before ``open()``: told each write transaction's duration in seconds and its number of
-    writes (called from the writer; must be cheap and thread-safe)."""
-
-    async def open(self) -> None:
-        """Create or migrate the schema and start any background workers."""
-
-    async def close(self) -> None:
-        """Finish pending writes and release connections."""
+class StoreReads(Protocol):
+    """The reads of a store, on its own (``Store.snapshot``) or as part of it."""
 
     async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
         """The session's state row and data key row, either ``None`` when absent."""
-
-    async def read_session(self, tenant: str, session_id: str, *, hot: bool = False) -> Current:
-        """The session's rows with their evidence (round count, head entry, quarantine), one read.
-        *hot*: the caller used this session a moment ago (its pages are cached) and it holds few
-        rounds, so a backend may read it without a thread hand-off (see ``SQLiteStore``)."""
-
-    def transact(self, tenant: str, session_id: str | None, plan: Plan, *,
-                 bounded: bool = False) -> asyncio.Future[Changes]:
-        """Run *plan* on the current rows in one durable transaction; see the module docstring.
-
-        The plan is handed to the backend when this is called (so calls are taken in call order),
-        and the future completes whether or not anyone awaits it: a caller that must not leave a
-        transaction unfinished when it is cancelled awaits it inside ``asyncio.shield``, which
-        costs no task. A backend may commit at once, before returning (then the future is done).
-        With ``session_id`` None only audit entries may be written. Fails with what the plan
-        raises (nothing is written then) and ``StoreUnavailable`` when the database fails.
-        *bounded*: the plan's work is bounded by one request's size (a round, an audit entry),
-        so a backend may run it on the event loop's thread (see ``SQLiteStore``); a plan that
-        may take long (erasing or rewriting a large session) leaves it False.
-        """
 
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         """The tenant's sessions, newest first."""
@@ -234,11 +205,48 @@ class Store(Protocol):
     def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
         """Every data key row (for master-key rotation)."""
 
-    async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
-        """Replace a data key's wrapping if it is still ``old``; False when it changed meanwhile."""
-
     async def count_data_keys(self, kek_id: str) -> int:
         """How many data keys the master key *kek_id* wraps."""
+
+    async def policy_versions(self) -> list[PolicyVersionRow]:
+        """Every policy version kept, oldest first."""
+
+
+class Store(StoreReads, Protocol):
+    """A durable home for sealed session data and the audit chain."""
+
+    on_commit: Callable[[float, int], None] | None
+    """Set before ``open()``: told each write transaction's duration in seconds and its number of
+    writes (called from the writer; must be cheap and thread-safe)."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema and start any background workers."""
+
+    async def close(self) -> None:
+        """Finish pending writes and release connections."""
+
+    async def read_session(self, tenant: str, session_id: str, *, hot: bool = False) -> Current:
+        """The session's rows with their evidence (round count, head entry, quarantine), one read.
+        *hot*: the caller used this session a moment ago (its pages are cached) and it holds few
+        rounds, so a backend may read it without a thread hand-off (see ``SQLiteStore``)."""
+
+    def transact(self, tenant: str, session_id: str | None, plan: Plan, *,
+                 bounded: bool = False) -> asyncio.Future[Changes]:
+        """Run *plan* on the current rows in one durable transaction; see the module docstring.
+
+        The plan is handed to the backend when this is called (so calls are taken in call order),
+        and the future completes whether or not anyone awaits it: a caller that must not leave a
+        transaction unfinished when it is cancelled awaits it inside ``asyncio.shield``, which
+        costs no task. A backend may commit at once, before returning (then the future is done).
+        With ``session_id`` None only audit entries may be written. Fails with what the plan
+        raises (nothing is written then) and ``StoreUnavailable`` when the database fails.
+        *bounded*: the plan's work is bounded by one request's size (a round, an audit entry),
+        so a backend may run it on the event loop's thread (see ``SQLiteStore``); a plan that
+        may take long (erasing or rewriting a large session) leaves it False.
+        """
+
+    async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
+        """Replace a data key's wrapping if it is still ``old``; False when it changed meanwhile."""
 
     async def checkpoint(self) -> bool:
         """Fold the write-ahead log into the main file (so erased bytes leave the disk); False
@@ -247,5 +255,7 @@ class Store(Protocol):
     async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
         """Keep these policy versions; a hash already kept is left as it is (first load wins)."""
 
-    async def policy_versions(self) -> list[PolicyVersionRow]:
-        """Every policy version kept, oldest first."""
+    def snapshot(self) -> contextlib.AbstractAsyncContextManager[StoreReads]:
+        """Reads that all see the store as it was at one moment (one read transaction, so rows
+        committed meanwhile are not half seen): what verification reads, the chain and the rows
+        it is checked against. Raises ``StoreUnavailable``."""

@@ -438,7 +438,133 @@ class _Job:
     future: asyncio.Future[Changes]
 
 
-class PostgresStore:
+class Reads:
+    """Every read of the Store protocol but ``read_session``, as queries run by ``_call``: each on
+    a pooled connection (:class:`PostgresStore`), or all in one transaction (:class:`Snapshot`)."""
+
+    async def _call(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], doing: str = "read from") -> T:
+        raise NotImplementedError
+
+    async def policy_versions(self) -> list[PolicyVersionRow]:
+        rows = await self._fetch("SELECT hash, policy_id, loaded_at, document FROM policy_versions "
+                                 "ORDER BY loaded_at, hash")
+        return [PolicyVersionRow(*r) for r in rows]
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._call(lambda c: c.fetch(query, *args))
+
+    async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
+        found = await self._call(lambda c: read_current(c, [(tenant, session_id)]))
+        cur = found[(tenant, session_id)]
+        return cur.session, cur.data_key
+
+    async def list_sessions(self, tenant: str) -> list[SessionSummary]:
+        rows = await self._fetch(
+            "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant = s.tenant "
+            "AND r.session_id = s.session_id), s.created_at, s.updated_at FROM sessions s "
+            "WHERE s.tenant = $1 ORDER BY s.updated_at DESC", tenant)
+        return [SessionSummary(*r) for r in rows]
+
+    async def page_sessions(self, tenant: str, *, after: str | None, limit: int, prefix: str = "",
+                            since: float | None = None, until: float | None = None) -> list[SessionSummary]:
+        inclusive = not after or prefix > after  # start at the prefix itself, or just after *after*
+        sql = ("SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant = s.tenant "
+               "AND r.session_id = s.session_id), s.created_at, s.updated_at FROM sessions s "
+               f"WHERE s.tenant = $1 AND s.session_id {'>=' if inclusive else '>'} $2")
+        args: list[Any] = [tenant, prefix if inclusive else after]
+        if prefix:
+            args.append(prefix + "\U0010ffff")
+            sql += f" AND s.session_id < ${len(args)}"
+        if since is not None:
+            args.append(since)
+            sql += f" AND s.updated_at >= ${len(args)}"
+        if until is not None:
+            args.append(until)
+            sql += f" AND s.updated_at < ${len(args)}"
+        args.append(limit)
+        sql += f" ORDER BY s.session_id LIMIT ${len(args)}"
+        return [SessionSummary(*r) for r in await self._fetch(sql, *args)]
+
+    async def count_rounds_by_policy(self, tenant: str) -> dict[tuple[str, str], int]:
+        rows = await self._fetch("SELECT policy_id, policy_hash, count(*) FROM rounds WHERE tenant = $1 "
+                                 "GROUP BY policy_id, policy_hash", tenant)
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    async def tenants(self) -> list[str]:
+        return [r[0] for r in await self._fetch(_TENANTS)]
+
+    async def count_data_keys(self, kek_id: str) -> int:
+        return int(await self._call(lambda c: c.fetchval("SELECT count(*) FROM data_keys WHERE kek_id = $1",
+                                                          kek_id)))
+
+    async def _pages(self, query: Callable[[Any], Awaitable[list[Any]]]) -> AsyncIterator[Any]:
+        """Yield rows page by page; *query* gets the last row of the previous page (or None)."""
+        last = None
+        while True:
+            page = await query(last)
+            for row in page:
+                yield row
+            if len(page) < PAGE:
+                return
+            last = page[-1]
+
+    def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
+                    until: float | None = None) -> AsyncIterator[RoundRow]:
+        cond: list[str] = ["tenant = $1"]
+        args: list[Any] = [tenant]
+        for clause, value in (("session_id = ", session_id), ("created_at >= ", since), ("created_at < ", until)):
+            if value is not None:
+                args.append(value)
+                cond.append(f"{clause}${len(args)}")
+        where = " AND ".join(cond)
+        n = len(args)
+
+        async def query(last: RoundRow | None) -> list[RoundRow]:
+            if last is None:
+                rows = await self._fetch(f"SELECT {_ROUND_COLS} FROM rounds WHERE {where} "
+                                         f"ORDER BY session_id, seq LIMIT {PAGE}", *args)
+            else:
+                rows = await self._fetch(f"SELECT {_ROUND_COLS} FROM rounds WHERE {where} AND (session_id, seq) > "
+                                         f"(${n + 1}, ${n + 2}) ORDER BY session_id, seq LIMIT {PAGE}",
+                                         *args, last.session_id, last.seq)
+            return [RoundRow(*r) for r in rows]
+        return self._pages(query)
+
+    def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
+        async def query(last: AuditRow | None) -> list[AuditRow]:
+            start = last.seq if last is not None else after_seq
+            rows = await self._fetch(f"SELECT {_AUDIT_COLS} FROM audit WHERE tenant = $1 AND seq > $2 "
+                                     f"ORDER BY seq LIMIT {PAGE}", tenant, start)
+            return [AuditRow(*r) for r in rows]
+        return self._pages(query)
+
+    async def audit_head(self, tenant: str) -> int:
+        return int(await self._call(lambda c: c.fetchval("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant = $1",
+                                                          tenant)))
+
+    def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
+        async def query(last: DataKeyRow | None) -> list[DataKeyRow]:
+            key = (last.tenant, last.session_id) if last is not None else ("", "")
+            rows = await self._fetch(f"SELECT {_DK_COLS} FROM data_keys WHERE (tenant, session_id) > ($1, $2) "
+                                     f"ORDER BY tenant, session_id LIMIT {PAGE}", *key)
+            return [DataKeyRow(*r) for r in rows]
+        return self._pages(query)
+
+
+class Snapshot(Reads):
+    """The store as one moment saw it (``PostgresStore.snapshot``): every read on one connection
+    inside one read-only ``REPEATABLE READ`` transaction, one at a time."""
+
+    def __init__(self, conn: asyncpg.Connection, guard: Callable[[Awaitable[Any], str], Awaitable[Any]]) -> None:
+        self._conn = conn
+        self._guard = guard
+
+    async def _call(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], doing: str = "read from") -> T:
+        result: T = await self._guard(fn(self._conn), doing)
+        return result
+
+
+class PostgresStore(Reads):
     """The Store protocol on a PostgreSQL schema shared by every replica. Create, then ``await open()``.
 
     ``dsn`` is an asyncpg/libpq DSN; ``pool_size`` bounds this process's connections (the writer
@@ -618,11 +744,6 @@ class PostgresStore:
                 "ON CONFLICT (hash) DO NOTHING", *_columns(
                     [(r.hash, r.policy_id, r.loaded_at, r.document) for r in rows], 4)), "write to")
 
-    async def policy_versions(self) -> list[PolicyVersionRow]:
-        rows = await self._fetch("SELECT hash, policy_id, loaded_at, document FROM policy_versions "
-                                 "ORDER BY loaded_at, hash")
-        return [PolicyVersionRow(*r) for r in rows]
-
     # --- reads ---------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], doing: str = "read from") -> T:
@@ -635,106 +756,18 @@ class PostgresStore:
                 return await fn(conn)
         return await self._guard(run(), doing)
 
-    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        return await self._call(lambda c: c.fetch(query, *args))
-
-    async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
-        found = await self._call(lambda c: read_current(c, [(tenant, session_id)]))
-        cur = found[(tenant, session_id)]
-        return cur.session, cur.data_key
-
     async def read_session(self, tenant: str, session_id: str, *, hot: bool = False) -> Current:
         found = await self._call(lambda c: read_current(c, [(tenant, session_id)]))
         return found[(tenant, session_id)]
 
-    async def list_sessions(self, tenant: str) -> list[SessionSummary]:
-        rows = await self._fetch(
-            "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant = s.tenant "
-            "AND r.session_id = s.session_id), s.created_at, s.updated_at FROM sessions s "
-            "WHERE s.tenant = $1 ORDER BY s.updated_at DESC", tenant)
-        return [SessionSummary(*r) for r in rows]
-
-    async def page_sessions(self, tenant: str, *, after: str | None, limit: int, prefix: str = "",
-                            since: float | None = None, until: float | None = None) -> list[SessionSummary]:
-        inclusive = not after or prefix > after  # start at the prefix itself, or just after *after*
-        sql = ("SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant = s.tenant "
-               "AND r.session_id = s.session_id), s.created_at, s.updated_at FROM sessions s "
-               f"WHERE s.tenant = $1 AND s.session_id {'>=' if inclusive else '>'} $2")
-        args: list[Any] = [tenant, prefix if inclusive else after]
-        if prefix:
-            args.append(prefix + "\U0010ffff")
-            sql += f" AND s.session_id < ${len(args)}"
-        if since is not None:
-            args.append(since)
-            sql += f" AND s.updated_at >= ${len(args)}"
-        if until is not None:
-            args.append(until)
-            sql += f" AND s.updated_at < ${len(args)}"
-        args.append(limit)
-        sql += f" ORDER BY s.session_id LIMIT ${len(args)}"
-        return [SessionSummary(*r) for r in await self._fetch(sql, *args)]
-
-    async def count_rounds_by_policy(self, tenant: str) -> dict[tuple[str, str], int]:
-        rows = await self._fetch("SELECT policy_id, policy_hash, count(*) FROM rounds WHERE tenant = $1 "
-                                 "GROUP BY policy_id, policy_hash", tenant)
-        return {(r[0], r[1]): int(r[2]) for r in rows}
-
-    async def tenants(self) -> list[str]:
-        return [r[0] for r in await self._fetch(_TENANTS)]
-
-    async def count_data_keys(self, kek_id: str) -> int:
-        return int(await self._call(lambda c: c.fetchval("SELECT count(*) FROM data_keys WHERE kek_id = $1",
-                                                          kek_id)))
-
-    async def _pages(self, query: Callable[[Any], Awaitable[list[Any]]]) -> AsyncIterator[Any]:
-        """Yield rows page by page; *query* gets the last row of the previous page (or None)."""
-        last = None
-        while True:
-            page = await query(last)
-            for row in page:
-                yield row
-            if len(page) < PAGE:
-                return
-            last = page[-1]
-
-    def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
-                    until: float | None = None) -> AsyncIterator[RoundRow]:
-        cond: list[str] = ["tenant = $1"]
-        args: list[Any] = [tenant]
-        for clause, value in (("session_id = ", session_id), ("created_at >= ", since), ("created_at < ", until)):
-            if value is not None:
-                args.append(value)
-                cond.append(f"{clause}${len(args)}")
-        where = " AND ".join(cond)
-        n = len(args)
-
-        async def query(last: RoundRow | None) -> list[RoundRow]:
-            if last is None:
-                rows = await self._fetch(f"SELECT {_ROUND_COLS} FROM rounds WHERE {where} "
-                                         f"ORDER BY session_id, seq LIMIT {PAGE}", *args)
-            else:
-                rows = await self._fetch(f"SELECT {_ROUND_COLS} FROM rounds WHERE {where} AND (session_id, seq) > "
-                                         f"(${n + 1}, ${n + 2}) ORDER BY session_id, seq LIMIT {PAGE}",
-                                         *args, last.session_id, last.seq)
-            return [RoundRow(*r) for r in rows]
-        return self._pages(query)
-
-    def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
-        async def query(last: AuditRow | None) -> list[AuditRow]:
-            start = last.seq if last is not None else after_seq
-            rows = await self._fetch(f"SELECT {_AUDIT_COLS} FROM audit WHERE tenant = $1 AND seq > $2 "
-                                     f"ORDER BY seq LIMIT {PAGE}", tenant, start)
-            return [AuditRow(*r) for r in rows]
-        return self._pages(query)
-
-    async def audit_head(self, tenant: str) -> int:
-        return int(await self._call(lambda c: c.fetchval("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant = $1",
-                                                          tenant)))
-
-    def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
-        async def query(last: DataKeyRow | None) -> list[DataKeyRow]:
-            key = (last.tenant, last.session_id) if last is not None else ("", "")
-            rows = await self._fetch(f"SELECT {_DK_COLS} FROM data_keys WHERE (tenant, session_id) > ($1, $2) "
-                                     f"ORDER BY tenant, session_id LIMIT {PAGE}", *key)
-            return [DataKeyRow(*r) for r in rows]
-        return self._pages(query)
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Snapshot]:
+        """Reads that all see the database as it was when the first of them ran: one read-only
+        ``REPEATABLE READ`` transaction on a connection taken from the pool for the while."""
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        async with contextlib.AsyncExitStack() as stack:
+            conn = await self._guard(stack.enter_async_context(self._pool.acquire()), "read from")
+            await self._guard(stack.enter_async_context(conn.transaction(isolation="repeatable_read",
+                                                                            readonly=True)), "read from")
+            yield Snapshot(conn, self._guard)

@@ -18,7 +18,9 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   with at most a few thousand rounds) runs on the event loop, on a third connection that never
   waits for a lock (busy timeout 0; when busy, the read goes to the reader thread instead). It
   is one indexed query over cached pages, tens of microseconds, where a hand-off to a thread
-  and back costs hundreds on a small machine (``benchmarks/README.md``).
+  and back costs hundreds on a small machine (``benchmarks/README.md``). Verification reads
+  through :meth:`SQLiteStore.snapshot` instead: a fourth connection holding one read transaction
+  for all its reads, so the chain and the rows it checks are one moment's.
 - When the gateway is quiet (``quiet()``: the committing request is the only one in flight)
   and the writer thread is idle, a write runs at once on the event loop's thread instead, on
   the same connection (the writer's lock keeps the two apart), never waiting for another
@@ -603,7 +605,147 @@ def _unavailable(exc: BaseException, doing: str) -> BaseException:
     return exc
 
 
-class SQLiteStore:
+class Reads:
+    """Every read of the Store protocol but ``read_session``, as queries run by ``_read``: on the
+    store's reader thread (:class:`SQLiteStore`), or all in one read transaction
+    (:class:`Snapshot`)."""
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        raise NotImplementedError
+
+    async def policy_versions(self) -> list[PolicyVersionRow]:
+        def run(c: sqlite3.Connection) -> list[PolicyVersionRow]:
+            rows = c.execute("SELECT hash, policy_id, loaded_at, document FROM policy_versions "
+                             "ORDER BY loaded_at, hash").fetchall()
+            return [PolicyVersionRow(*r) for r in rows]
+        return await self._read(run)
+
+
+    async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
+        cur = await self._read(lambda c: read_current(c, tenant, session_id))
+        return cur.session, cur.data_key
+
+    async def list_sessions(self, tenant: str) -> list[SessionSummary]:
+        def run(c: sqlite3.Connection) -> list[SessionSummary]:
+            rows = c.execute(
+                "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant=s.tenant "
+                "AND r.session_id=s.session_id), s.created_at, s.updated_at FROM sessions s "
+                "WHERE s.tenant=? ORDER BY s.updated_at DESC", (tenant,)).fetchall()
+            return [SessionSummary(*r) for r in rows]
+        return await self._read(run)
+
+    async def page_sessions(self, tenant: str, *, after: str | None, limit: int, prefix: str = "",
+                            since: float | None = None, until: float | None = None) -> list[SessionSummary]:
+        inclusive = not after or prefix > after  # start at the prefix itself, or just after *after*
+        sql = ("SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant=s.tenant "
+               "AND r.session_id=s.session_id), s.created_at, s.updated_at FROM sessions s "
+               f"WHERE s.tenant=? AND s.session_id{'>=' if inclusive else '>'}?")
+        args: list[Any] = [tenant, prefix if inclusive else after]
+        if prefix:
+            sql += " AND s.session_id<?"
+            args.append(prefix + "\U0010ffff")
+        if since is not None:
+            sql += " AND s.updated_at>=?"
+            args.append(since)
+        if until is not None:
+            sql += " AND s.updated_at<?"
+            args.append(until)
+        sql += " ORDER BY s.session_id LIMIT ?"
+        args.append(limit)
+
+        def run(c: sqlite3.Connection) -> list[SessionSummary]:
+            return [SessionSummary(*r) for r in c.execute(sql, args).fetchall()]
+        return await self._read(run)
+
+    async def count_rounds_by_policy(self, tenant: str) -> dict[tuple[str, str], int]:
+        def run(c: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            rows = c.execute("SELECT policy_id, policy_hash, count(*) FROM rounds WHERE tenant=? "
+                             "GROUP BY policy_id, policy_hash", (tenant,)).fetchall()
+            return {(r[0], r[1]): r[2] for r in rows}
+        return await self._read(run)
+
+    async def tenants(self) -> list[str]:
+        def run(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute("SELECT tenant FROM audit UNION SELECT tenant FROM sessions UNION "
+                             "SELECT tenant FROM rounds ORDER BY 1").fetchall()
+            return [r[0] for r in rows]
+        return await self._read(run)
+
+    async def _pages(self, query: Callable[[sqlite3.Connection, Any], list[Any]]) -> AsyncIterator[Any]:
+        """Yield rows page by page; *query* gets the last row of the previous page (or None)."""
+        last = None
+        while True:
+            page = await self._read(functools.partial(_call_with_last, query, last))
+            for row in page:
+                yield row
+            if len(page) < PAGE:
+                return
+            last = page[-1]
+
+    def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
+                    until: float | None = None) -> AsyncIterator[RoundRow]:
+        cond: list[str] = ["tenant=?"]
+        args: list[str | float] = [tenant]
+        if session_id is not None:
+            cond.append("session_id=?")
+            args.append(session_id)
+        if since is not None:
+            cond.append("created_at>=?")
+            args.append(since)
+        if until is not None:
+            cond.append("created_at<?")
+            args.append(until)
+        where = " AND ".join(cond)
+
+        def query(c: sqlite3.Connection, last: RoundRow | None) -> list[RoundRow]:
+            extra, more = "", []
+            if last is not None:
+                extra, more = " AND (session_id, seq) > (?, ?)", [last.session_id, last.seq]
+            rows = c.execute(f"SELECT * FROM rounds WHERE {where}{extra} ORDER BY session_id, seq LIMIT {PAGE}",
+                             (*args, *more)).fetchall()
+            return [RoundRow(*r) for r in rows]
+        return self._pages(query)
+
+    def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
+        def query(c: sqlite3.Connection, last: AuditRow | None) -> list[AuditRow]:
+            start = last.seq if last is not None else after_seq
+            rows = c.execute(f"SELECT * FROM audit WHERE tenant=? AND seq>? ORDER BY seq LIMIT {PAGE}",
+                             (tenant, start)).fetchall()
+            return [AuditRow(*r) for r in rows]
+        return self._pages(query)
+
+    async def audit_head(self, tenant: str) -> int:
+        return int(await self._read(lambda c: c.execute("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant=?",
+                                                        (tenant,)).fetchone()[0]))
+
+    def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
+        def query(c: sqlite3.Connection, last: DataKeyRow | None) -> list[DataKeyRow]:
+            key = (last.tenant, last.session_id) if last is not None else ("", "")
+            rows = c.execute("SELECT * FROM data_keys WHERE (tenant, session_id) > (?, ?) "
+                             f"ORDER BY tenant, session_id LIMIT {PAGE}", key).fetchall()
+            return [DataKeyRow(*r) for r in rows]
+        return self._pages(query)
+
+    async def count_data_keys(self, kek_id: str) -> int:
+        return await self._read(lambda c: c.execute("SELECT count(*) FROM data_keys WHERE kek_id=?",
+                                                    (kek_id,)).fetchone()[0])
+
+
+class Snapshot(Reads):
+    """The store as one moment saw it: every read in a single read transaction on a connection
+    of its own (``SQLiteStore.snapshot``), run in a thread, one at a time."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn, self._conn)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc, "read") from exc
+
+
+class SQLiteStore(Reads):
     """The Store protocol on one SQLite file. Create, then ``await open()``."""
 
     def __init__(self, path: Path) -> None:
@@ -689,6 +831,22 @@ class SQLiteStore:
         if self._reader is None:
             raise StoreUnavailable("the store is not open")
         return await self._reader.submit(fn)
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Snapshot]:
+        """Reads that all see the database as it was when the first of them ran (one read
+        transaction on a connection of its own; WAL keeps that version while writers go on)."""
+        if self._reader is None:
+            raise StoreUnavailable("the store is not open")
+        try:
+            conn = await asyncio.to_thread(_connect, self.path)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc, "read") from exc
+        try:
+            await asyncio.to_thread(conn.execute, "BEGIN")
+            yield Snapshot(conn)
+        finally:
+            await asyncio.to_thread(_end_snapshot, conn)
 
     # --- rows this process wrote (see the module docstring) --------------------------------
 
@@ -973,18 +1131,7 @@ class SQLiteStore:
         if rows:
             await self._write(run)
 
-    async def policy_versions(self) -> list[PolicyVersionRow]:
-        def run(c: sqlite3.Connection) -> list[PolicyVersionRow]:
-            rows = c.execute("SELECT hash, policy_id, loaded_at, document FROM policy_versions "
-                             "ORDER BY loaded_at, hash").fetchall()
-            return [PolicyVersionRow(*r) for r in rows]
-        return await self._read(run)
-
     # --- reads ---------------------------------------------------------------------------
-
-    async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
-        cur = await self._read(lambda c: read_current(c, tenant, session_id))
-        return cur.session, cur.data_key
 
     async def read_session(self, tenant: str, session_id: str, *, hot: bool = False) -> Current:
         known = self._known_now(tenant, session_id)
@@ -998,110 +1145,11 @@ class SQLiteStore:
                 pass  # busy (another connection recovering the log, say): the reader thread may wait
         return self._vouch(key, await self._read(lambda c: read_current(c, tenant, session_id)), None)
 
-    async def list_sessions(self, tenant: str) -> list[SessionSummary]:
-        def run(c: sqlite3.Connection) -> list[SessionSummary]:
-            rows = c.execute(
-                "SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant=s.tenant "
-                "AND r.session_id=s.session_id), s.created_at, s.updated_at FROM sessions s "
-                "WHERE s.tenant=? ORDER BY s.updated_at DESC", (tenant,)).fetchall()
-            return [SessionSummary(*r) for r in rows]
-        return await self._read(run)
 
-    async def page_sessions(self, tenant: str, *, after: str | None, limit: int, prefix: str = "",
-                            since: float | None = None, until: float | None = None) -> list[SessionSummary]:
-        inclusive = not after or prefix > after  # start at the prefix itself, or just after *after*
-        sql = ("SELECT s.session_id, s.version, (SELECT count(*) FROM rounds r WHERE r.tenant=s.tenant "
-               "AND r.session_id=s.session_id), s.created_at, s.updated_at FROM sessions s "
-               f"WHERE s.tenant=? AND s.session_id{'>=' if inclusive else '>'}?")
-        args: list[Any] = [tenant, prefix if inclusive else after]
-        if prefix:
-            sql += " AND s.session_id<?"
-            args.append(prefix + "\U0010ffff")
-        if since is not None:
-            sql += " AND s.updated_at>=?"
-            args.append(since)
-        if until is not None:
-            sql += " AND s.updated_at<?"
-            args.append(until)
-        sql += " ORDER BY s.session_id LIMIT ?"
-        args.append(limit)
-
-        def run(c: sqlite3.Connection) -> list[SessionSummary]:
-            return [SessionSummary(*r) for r in c.execute(sql, args).fetchall()]
-        return await self._read(run)
-
-    async def count_rounds_by_policy(self, tenant: str) -> dict[tuple[str, str], int]:
-        def run(c: sqlite3.Connection) -> dict[tuple[str, str], int]:
-            rows = c.execute("SELECT policy_id, policy_hash, count(*) FROM rounds WHERE tenant=? "
-                             "GROUP BY policy_id, policy_hash", (tenant,)).fetchall()
-            return {(r[0], r[1]): r[2] for r in rows}
-        return await self._read(run)
-
-    async def tenants(self) -> list[str]:
-        def run(c: sqlite3.Connection) -> list[str]:
-            rows = c.execute("SELECT tenant FROM audit UNION SELECT tenant FROM sessions UNION "
-                             "SELECT tenant FROM rounds ORDER BY 1").fetchall()
-            return [r[0] for r in rows]
-        return await self._read(run)
-
-    async def _pages(self, query: Callable[[sqlite3.Connection, Any], list[Any]]) -> AsyncIterator[Any]:
-        """Yield rows page by page; *query* gets the last row of the previous page (or None)."""
-        last = None
-        while True:
-            page = await self._read(functools.partial(_call_with_last, query, last))
-            for row in page:
-                yield row
-            if len(page) < PAGE:
-                return
-            last = page[-1]
-
-    def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
-                    until: float | None = None) -> AsyncIterator[RoundRow]:
-        cond: list[str] = ["tenant=?"]
-        args: list[str | float] = [tenant]
-        if session_id is not None:
-            cond.append("session_id=?")
-            args.append(session_id)
-        if since is not None:
-            cond.append("created_at>=?")
-            args.append(since)
-        if until is not None:
-            cond.append("created_at<?")
-            args.append(until)
-        where = " AND ".join(cond)
-
-        def query(c: sqlite3.Connection, last: RoundRow | None) -> list[RoundRow]:
-            extra, more = "", []
-            if last is not None:
-                extra, more = " AND (session_id, seq) > (?, ?)", [last.session_id, last.seq]
-            rows = c.execute(f"SELECT * FROM rounds WHERE {where}{extra} ORDER BY session_id, seq LIMIT {PAGE}",
-                             (*args, *more)).fetchall()
-            return [RoundRow(*r) for r in rows]
-        return self._pages(query)
-
-    def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
-        def query(c: sqlite3.Connection, last: AuditRow | None) -> list[AuditRow]:
-            start = last.seq if last is not None else after_seq
-            rows = c.execute(f"SELECT * FROM audit WHERE tenant=? AND seq>? ORDER BY seq LIMIT {PAGE}",
-                             (tenant, start)).fetchall()
-            return [AuditRow(*r) for r in rows]
-        return self._pages(query)
-
-    async def audit_head(self, tenant: str) -> int:
-        return int(await self._read(lambda c: c.execute("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant=?",
-                                                        (tenant,)).fetchone()[0]))
-
-    def iter_data_keys(self) -> AsyncIterator[DataKeyRow]:
-        def query(c: sqlite3.Connection, last: DataKeyRow | None) -> list[DataKeyRow]:
-            key = (last.tenant, last.session_id) if last is not None else ("", "")
-            rows = c.execute("SELECT * FROM data_keys WHERE (tenant, session_id) > (?, ?) "
-                             f"ORDER BY tenant, session_id LIMIT {PAGE}", key).fetchall()
-            return [DataKeyRow(*r) for r in rows]
-        return self._pages(query)
-
-    async def count_data_keys(self, kek_id: str) -> int:
-        return await self._read(lambda c: c.execute("SELECT count(*) FROM data_keys WHERE kek_id=?",
-                                                    (kek_id,)).fetchone()[0])
+def _end_snapshot(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+    conn.close()
 
 
 def _call_with_last(query: Callable[[sqlite3.Connection, Any], list[Any]], last: Any,
