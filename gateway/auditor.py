@@ -181,7 +181,8 @@ async def check_data(store: StoreReads, tenant: str, report: VerifyReport) -> No
 
     ids = [s.session_id for s in await store.list_sessions(tenant)]
     versions = {row.hash: proves(row) for row in await store.policy_versions()}
-    found = await verify_data(tenant, store.iter_audit(tenant), store.iter_rounds(tenant), state_of, ids, versions)
+    found = await verify_data(tenant, store.iter_audit(tenant), store.iter_rounds(tenant), state_of, ids, versions,
+                              await store.quarantined(tenant))
     report.records = found.rounds
     report.notes.extend(found.notes)
     if found.first_error is not None:

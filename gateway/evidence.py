@@ -40,7 +40,10 @@ theirs has ``state``) get their rounds checked but not their state, and a note s
 **Quarantine.** A session that failed an integrity check is quarantined (``Changes.quarantine``
 and a ``quarantine`` audit entry); until an operator releases it (``sessiongate sessions
 release``, a ``release`` entry) or erases it, every request on it is refused with the same
-integrity error and each refusal is a ``refusal`` entry. See ``gateway.sessions``.
+integrity error and each refusal is a ``refusal`` entry. See ``gateway.sessions``. Full
+verification checks the store's marks (``session_heads.quarantined_seq``) against the chain: the
+mark is the quarantine entry no ``release`` or erasure followed, so clearing or setting one in the
+database is found.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ DATA_ERROR_KINDS = (
     "round_relabelled",   # a stored round's columns (time, request, policy, outcome, kind) are not its entry's
     "policy_version_missing",  # the policy version a round was recorded under is not kept
     "policy_version_altered",  # ... or its kept document does not hash to the version
+    "quarantine_lifted",  # the chain's quarantine of a session is not marked in the store (cleared by hand)
+    "quarantine_unrecorded",  # the store marks a session quarantined that no entry in force quarantined
 )
 
 ROUND_EVENTS = ("round", "import", "history")
@@ -264,6 +269,7 @@ class _Session:
     optional: set[int] = field(default_factory=set)     # legacy purges without seqs
     legacy_hashes: set[str] = field(default_factory=set)  # legacy imports without round_seq
     state: tuple[int, str, dict[str, Any]] | None = None  # (entry seq, event, binding)
+    quarantined: int | None = None  # the quarantine entry no release or erasure has lifted
     seen: bool = False
 
 
@@ -294,7 +300,12 @@ def expect(sessions: dict[str, _Session], row: AuditRow) -> None:
             s.rounds[seq] = _Entry(digest, row.seq, row.created_at, columns, isinstance(doc.get(BINDING), dict))
         else:
             s.legacy_hashes.add(digest)
+    elif event == "quarantine":
+        s.quarantined = row.seq
+    elif event == "release":
+        s.quarantined = None
     elif event == "erasure" or (event == "purge" and detail.get("session_erased")):
+        s.quarantined = None
         s.rounds.clear()
         s.optional.clear()
         s.legacy_hashes.clear()
@@ -311,12 +322,14 @@ def expect(sessions: dict[str, _Session], row: AuditRow) -> None:
 
 async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_rounds: AsyncIterator[RoundRow],
                       state_of: Callable[[str], Awaitable[SessionRow | None]],
-                      state_ids: list[str], versions: dict[str, bool] | None = None) -> DataReport:
+                      state_ids: list[str], versions: dict[str, bool] | None = None,
+                      quarantined: dict[str, int] | None = None) -> DataReport:
     """Check *tenant*'s stored rows against its chain (see the module docstring).
 
     *audit_rows* and *stored_rounds* are ``Store.iter_audit`` and ``Store.iter_rounds`` of the
     tenant; *state_ids* the ids of its state rows; *state_of* reads one state row; *versions*
-    the kept policy versions, by hash: whether the document hashes to it (None: not checked).
+    the kept policy versions, by hash: whether the document hashes to it; *quarantined* the
+    store's quarantined sessions (``Store.quarantined``). Either None: not checked.
     """
     report = DataReport()
     sessions: dict[str, _Session] = {}
@@ -339,7 +352,7 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
                     columns.setdefault(r.session_id, {})[r.seq] = error
     finally:
         await aclose(stored_rounds)
-    ids = sorted(set(sessions) | set(stored) | set(state_ids))
+    ids = sorted(set(sessions) | set(stored) | set(state_ids) | set(quarantined or ()))
     report.sessions = len(ids)
     legacy = 0
     for sid in ids:
@@ -349,6 +362,8 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
             srow = await state_of(sid) if (s.state is not None or sid in state_ids) else None
             error = _state_error(tenant, sid, s, srow)
             legacy += s.state is None and s.seen
+        if error is None and quarantined is not None:
+            error = _quarantine_error(tenant, sid, s.quarantined, quarantined.get(sid))
         if error is not None:
             report.first_error = error
             return report
@@ -410,6 +425,21 @@ def _rounds_error(tenant: str, sid: str, s: _Session, stored: dict[int, str],
         if seq in columns:
             return columns[seq]
     return None
+
+
+def _quarantine_error(tenant: str, sid: str, chain: int | None, store: int | None) -> VerifyError | None:
+    """The store's quarantine mark against the chain's: only a ``release`` or erasure entry lifts one."""
+    where = f"tenant {tenant}, session {sid}"
+    if chain == store:
+        return None
+    if store is None:
+        return VerifyError(chain, "quarantine_lifted", f"{where}: audit entry {chain} quarantined the session and "
+                           "no release or erasure entry follows, but the store no longer marks it quarantined: "
+                           "the mark was cleared outside the gateway", session_id=sid)
+    in_force = f"entry {chain}" if chain is not None else "none"
+    return VerifyError(store, "quarantine_unrecorded", f"{where}: the store's quarantine mark points at audit entry "
+                       f"{store}, but the quarantine in force in the chain is {in_force}: the mark was set outside "
+                       "the gateway", session_id=sid)
 
 
 def _state_error(tenant: str, sid: str, s: _Session, srow: SessionRow | None) -> VerifyError | None:

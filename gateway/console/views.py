@@ -359,6 +359,9 @@ DATA_KINDS = {
     "policy_version_missing": "the policy version a round was recorded under is no longer kept, so its "
                               "redaction and retention would follow another version",
     "policy_version_altered": "the kept copy of the policy version a round was recorded under was edited",
+    "quarantine_lifted": "a session the audit trail quarantined is no longer marked quarantined, though no one "
+                         "released it through the gateway",
+    "quarantine_unrecorded": "a session is marked quarantined without a quarantine in the audit trail",
 }
 
 

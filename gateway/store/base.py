@@ -196,6 +196,9 @@ class StoreReads(Protocol):
     def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
         """A tenant's audit chain from ``after_seq + 1`` in sequence order, in constant memory."""
 
+    async def quarantined(self, tenant: str) -> dict[str, int]:
+        """The tenant's quarantined sessions: ``{session id: seq of the quarantine entry}``."""
+
     async def audit_head(self, tenant: str) -> int:
         """The seq of the tenant's newest audit entry (0 for an empty chain)."""
 

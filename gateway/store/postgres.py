@@ -538,6 +538,11 @@ class Reads:
             return [AuditRow(*r) for r in rows]
         return self._pages(query)
 
+    async def quarantined(self, tenant: str) -> dict[str, int]:
+        rows = await self._fetch("SELECT session_id, quarantined_seq FROM session_heads "
+                                 "WHERE tenant = $1 AND quarantined_seq IS NOT NULL", tenant)
+        return {r[0]: int(r[1]) for r in rows}
+
     async def audit_head(self, tenant: str) -> int:
         return int(await self._call(lambda c: c.fetchval("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant = $1",
                                                           tenant)))

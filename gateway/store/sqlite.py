@@ -714,6 +714,12 @@ class Reads:
             return [AuditRow(*r) for r in rows]
         return self._pages(query)
 
+    async def quarantined(self, tenant: str) -> dict[str, int]:
+        rows = await self._read(lambda c: c.execute("SELECT session_id, quarantined_seq FROM session_heads "
+                                                    "WHERE tenant=? AND quarantined_seq IS NOT NULL",
+                                                    (tenant,)).fetchall())
+        return {r[0]: r[1] for r in rows}
+
     async def audit_head(self, tenant: str) -> int:
         return int(await self._read(lambda c: c.execute("SELECT coalesce(max(seq), 0) FROM audit WHERE tenant=?",
                                                         (tenant,)).fetchone()[0]))

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import ACME_KEY, Gateway, Upstream
-from tests.evidence.conftest import Tables, run_cli
+from tests.evidence.conftest import Tables, run_cli, verify
 from tests.evidence.test_tamper_data import INTEGRITY, chat, entries, read, record
 
 
@@ -67,6 +67,40 @@ def test_damaged_session_refuses_new_rounds_until_released(db_gateway: tuple[Gat
     assert chat(gw, "victim", "back again").status_code == 200
     assert chat(other, "victim", "and here").status_code == 200
     assert read(gw, "victim").status_code == 200
+    code, out = verify(gw)
+    assert code == 0, out  # quarantined, then released through the gateway: the store agrees with the chain
+
+
+def test_a_quarantine_lifted_by_hand_fails_verification(db_gateway: tuple[Gateway, Tables]) -> None:
+    """An operator who restores the row and clears the mark in the database, instead of
+    ``sessions release``, serves the session again with no release entry: verification says so."""
+    gw, tables = db_gateway
+    record(gw, "victim", 2)
+    original = damage_round(tables, "victim", 1)
+    assert_integrity(read(gw, "victim"))
+    quarantine = [e for e in entries(tables) if e["event"] == "quarantine"][-1]["seq"]
+    tables.sql("UPDATE rounds SET ct=? WHERE tenant='acme' AND session_id='victim' AND seq=1", original)
+    tables.sql("UPDATE session_heads SET quarantined_seq=NULL, quarantine_reason=NULL "
+               "WHERE tenant='acme' AND session_id='victim'")
+    assert chat(gw, "victim", "served again").status_code == 200
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "quarantine_lifted" in out and "tenant acme, session victim" in out, out
+    assert f"audit entry {quarantine} quarantined the session" in out, out
+
+
+def test_a_quarantine_mark_set_by_hand_fails_verification(db_gateway: tuple[Gateway, Tables]) -> None:
+    """A mark no quarantine entry put there refuses a healthy session's rounds: verification
+    names it as a change made outside the gateway."""
+    gw, tables = db_gateway
+    record(gw, "healthy", 1)
+    (seq,), = tables.sql("SELECT max(seq) FROM audit WHERE tenant='acme'")
+    tables.sql("UPDATE session_heads SET quarantined_seq=?, quarantine_reason='forged' "
+               "WHERE tenant='acme' AND session_id='healthy'", seq)
+    assert_integrity(chat(gw, "healthy", "refused now"))
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "quarantine_unrecorded" in out and "tenant acme, session healthy" in out, out
 
 
 def test_failed_state_check_quarantines_every_write(db_gateway: tuple[Gateway, Tables]) -> None:
