@@ -112,7 +112,7 @@ ERROR_KINDS = (
     # the stored data against the chain (``gateway.evidence``)
     "round_missing", "round_unrecorded", "round_mismatch", "state_missing", "state_mismatch",
     "state_unrecorded", "round_relabelled", "policy_version_missing", "policy_version_altered",
-    "quarantine_lifted", "quarantine_unrecorded",
+    "quarantine_lifted", "quarantine_unrecorded", "purge_premature",
 )
 
 PublicKeyLike = Ed25519PublicKey | bytes | str | Path

@@ -29,14 +29,14 @@ import orjson
 
 from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, Signer, VerifyReport, averify_chain
 from gateway.errors import ConfigError, NotFound
-from gateway.evidence import verify_data
+from gateway.evidence import Kept, verify_data
 from gateway.export import ExportRecord, Progress, check_range, export_bundle
 from gateway.policy import Policy, PolicySet
-from gateway.policy.versions import PolicyVersions, proves
+from gateway.policy.versions import PolicyVersion, PolicyVersions
 from gateway.redact import Redactor, tenant_secret
 from gateway.sessions import SessionService
 from gateway.settings import Settings
-from gateway.store.base import AuditRow, Changes, Plan, Store, StoreReads
+from gateway.store.base import AuditRow, Changes, Plan, PolicyVersionRow, Store, StoreReads
 
 
 class ObservedStore:
@@ -180,13 +180,22 @@ async def check_data(store: StoreReads, tenant: str, report: VerifyReport) -> No
         return (await store.get_session(tenant, session_id))[0]
 
     ids = [s.session_id for s in await store.list_sessions(tenant)]
-    versions = {row.hash: proves(row) for row in await store.policy_versions()}
+    versions = {row.hash: kept(row) for row in await store.policy_versions()}
     found = await verify_data(tenant, store.iter_audit(tenant), store.iter_rounds(tenant), state_of, ids, versions,
                               await store.quarantined(tenant))
     report.records = found.rounds
     report.notes.extend(found.notes)
     if found.first_error is not None:
         report.first_error = found.first_error
+
+
+def kept(row: PolicyVersionRow) -> Kept:
+    """A kept policy version as verification needs it: whether its document proves its hash,
+    and its retention."""
+    try:
+        return Kept(True, PolicyVersion.from_document(row).retention.days)
+    except ValueError:  # does not hash to its key, or is not a policy document
+        return Kept(False, None)
 
 
 def policy_redactor(policy: Policy, secret: bytes) -> Redactor:

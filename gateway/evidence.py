@@ -51,9 +51,9 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -75,6 +75,7 @@ DATA_ERROR_KINDS = (
     "policy_version_altered",  # ... or its kept document does not hash to the version
     "quarantine_lifted",  # the chain's quarantine of a session is not marked in the store (cleared by hand)
     "quarantine_unrecorded",  # the store marks a session quarantined that no entry in force quarantined
+    "purge_premature",    # a purge deleted a round its version's retention had not expired (by its entry)
 )
 
 ROUND_EVENTS = ("round", "import", "history")
@@ -252,6 +253,16 @@ def check(cur: Current) -> str | None:
 # --------------------------------------------------------------------------- full verification
 
 
+DAY = 86400.0
+
+
+class Kept(NamedTuple):
+    """A kept policy version, as verification needs it."""
+
+    proves: bool       # its document hashes to its version hash
+    days: int | None   # its retention (None: kept until deleted explicitly)
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     """What a round entry records of its stored round."""
@@ -270,6 +281,7 @@ class _Session:
     legacy_hashes: set[str] = field(default_factory=set)  # legacy imports without round_seq
     state: tuple[int, str, dict[str, Any]] | None = None  # (entry seq, event, binding)
     quarantined: int | None = None  # the quarantine entry no release or erasure has lifted
+    premature: VerifyError | None = None  # the first round purged before its retention expired it
     seen: bool = False
 
 
@@ -283,8 +295,9 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
 
 
-def expect(sessions: dict[str, _Session], row: AuditRow) -> None:
-    """Fold one audit entry into the per-session expectations."""
+def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kept] | None = None) -> None:
+    """Fold one audit entry into the per-session expectations (with *versions*, a purge of a
+    round its version's retention had not yet expired is noted as the session's error)."""
     doc = orjson.loads(row.body)
     sid = doc.get("session_id")
     if not isinstance(sid, str):
@@ -292,6 +305,8 @@ def expect(sessions: dict[str, _Session], row: AuditRow) -> None:
     s = sessions.setdefault(sid, _Session())
     s.seen = True
     event, digest, detail = doc.get("event"), doc.get("ciphertext_sha256"), doc.get("detail") or {}
+    if event == "purge" and isinstance(detail.get("seqs"), list) and versions is not None and s.premature is None:
+        s.premature = _premature(sid, s, row, detail["seqs"], versions)
     if event in ROUND_EVENTS and isinstance(digest, str):
         seq = doc.get("round_seq")
         if isinstance(seq, int):
@@ -320,22 +335,44 @@ def expect(sessions: dict[str, _Session], row: AuditRow) -> None:
         s.state = (row.seq, str(event), doc[BINDING])
 
 
+def _premature(sid: str, s: _Session, purge: AuditRow, seqs: list[Any],
+               versions: dict[str, Kept]) -> VerifyError | None:
+    """The first round *purge* deleted before its version's retention expired it, judged by the
+    round's entry (its time and version), not by the row the purge read. Rounds whose version is
+    not kept as recorded are left to ``policy_version_*``."""
+    for seq in seqs:
+        entry = s.rounds.get(seq) if isinstance(seq, int) else None
+        kept = versions.get(entry.columns[3] or "") if entry is not None else None
+        if entry is None or kept is None or not kept.proves:
+            continue
+        due = None if kept.days is None else entry.time + kept.days * DAY
+        if due is None or due > purge.created_at + TIME_SLACK:
+            until = "it kept rounds until deleted explicitly" if due is None else f"it was not due until {_iso(due)}"
+            return VerifyError(purge.seq, "purge_premature",
+                               f"session {sid}, round {seq}: purge entry {purge.seq} deleted it at "
+                               f"{_iso(purge.created_at)}, but audit entry {entry.seq} recorded it at "
+                               f"{_iso(entry.time)} under policy version {(entry.columns[3] or '')[:12]} "
+                               f"({'no' if kept.days is None else kept.days} days' retention): {until}; the "
+                               "row's time or version was changed before the purge", session_id=sid, round_seq=seq)
+    return None
+
+
 async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_rounds: AsyncIterator[RoundRow],
                       state_of: Callable[[str], Awaitable[SessionRow | None]],
-                      state_ids: list[str], versions: dict[str, bool] | None = None,
+                      state_ids: list[str], versions: dict[str, Kept] | None = None,
                       quarantined: dict[str, int] | None = None) -> DataReport:
     """Check *tenant*'s stored rows against its chain (see the module docstring).
 
     *audit_rows* and *stored_rounds* are ``Store.iter_audit`` and ``Store.iter_rounds`` of the
     tenant; *state_ids* the ids of its state rows; *state_of* reads one state row; *versions*
-    the kept policy versions, by hash: whether the document hashes to it; *quarantined* the
+    the kept policy versions, by hash (``Kept``); *quarantined* the
     store's quarantined sessions (``Store.quarantined``). Either None: not checked.
     """
     report = DataReport()
     sessions: dict[str, _Session] = {}
     try:
         async for row in audit_rows:
-            expect(sessions, row)
+            expect(sessions, row, versions)
     finally:
         await aclose(audit_rows)
     stored: dict[str, dict[int, str]] = {}
@@ -364,6 +401,8 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
             legacy += s.state is None and s.seen
         if error is None and quarantined is not None:
             error = _quarantine_error(tenant, sid, s.quarantined, quarantined.get(sid))
+        if error is None and s.premature is not None:
+            error = replace(s.premature, message=f"tenant {tenant}, {s.premature.message}")
         if error is not None:
             report.first_error = error
             return report
@@ -373,7 +412,7 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
     return report
 
 
-def _columns_error(tenant: str, r: RoundRow, entry: _Entry, versions: dict[str, bool] | None) -> VerifyError | None:
+def _columns_error(tenant: str, r: RoundRow, entry: _Entry, versions: dict[str, Kept] | None) -> VerifyError | None:
     """A stored round whose ciphertext is its entry's but whose columns are not, or whose policy
     version is not kept as recorded."""
     where = f"tenant {tenant}, session {r.session_id}, round {r.seq}"
@@ -387,7 +426,7 @@ def _columns_error(tenant: str, r: RoundRow, entry: _Entry, versions: dict[str, 
     if versions is None or not entry.versioned or not r.policy_hash:
         return None
     kept = versions.get(r.policy_hash)
-    if kept:
+    if kept is not None and kept.proves:
         return None
     version = f"version {r.policy_hash[:12]} of policy {r.policy_id!r}"
     if kept is None:

@@ -362,6 +362,8 @@ DATA_KINDS = {
     "quarantine_lifted": "a session the audit trail quarantined is no longer marked quarantined, though no one "
                          "released it through the gateway",
     "quarantine_unrecorded": "a session is marked quarantined without a quarantine in the audit trail",
+    "purge_premature": "a retention purge deleted a round before its policy's retention expired it, going by the "
+                       "time the audit trail records for the round",
 }
 
 

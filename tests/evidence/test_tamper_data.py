@@ -11,6 +11,7 @@ of a silently shorter history.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -246,14 +247,17 @@ def test_file_from_before_bindings_migrates_and_loads(gateway: Gateway) -> None:
     assert code == 0, out
 
 
-def test_retention_purge_is_accounted_for(gateway: Gateway) -> None:
-    """Rounds a retention purge deleted (listed in the purge entry) are not missing; the session
-    still loads and records."""
+def test_retention_purge_is_accounted_for(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds a retention purge deleted (listed in the purge entry), old by their audit entries,
+    are not missing; the session still loads and records."""
     from tests.evidence.conftest import run_cli
 
     tables = Tables("sqlite", gateway)
-    record(gateway, "mixed", 3)
-    tables.sql("UPDATE rounds SET created_at=created_at-? WHERE session_id='mixed' AND seq IN (1, 2)", 100 * 86400)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 100 * 86400)  # rounds 1 and 2 recorded 100 days ago
+    record(gateway, "mixed", 2)
+    monkeypatch.setattr(time, "time", real)
+    record(gateway, "mixed", 1)
     code, out, err = run_cli("--config", str(gateway.config_path), "purge")
     assert code == 0 and "purged 2 expired rounds" in out, err
     purge = [e for e in entries(tables) if e["event"] == "purge"][-1]
@@ -262,3 +266,21 @@ def test_retention_purge_is_accounted_for(gateway: Gateway) -> None:
     assert code == 0, out
     assert read(gateway, "mixed").status_code == 200
     assert chat(gateway, "mixed", "after the purge").status_code == 200
+
+
+def test_a_purge_made_early_by_an_edited_time_fails_verification(db_gateway: tuple[Gateway, Tables]) -> None:
+    """An operator moves rounds' times back so that the gateway's own retention purge deletes
+    them with a proper purge entry: verification judges the purge by the rounds' entries."""
+    from tests.evidence.conftest import run_cli
+
+    gw, tables = db_gateway
+    record(gw, "young", 3)
+    tables.sql("UPDATE rounds SET created_at=created_at-? WHERE session_id='young' AND seq IN (1, 2)", 100 * 86400)
+    code, out, err = run_cli("--config", str(gw.config_path), "purge")
+    assert code == 0 and "purged 2 expired rounds" in out, err
+    purge = [e for e in entries(tables) if e["event"] == "purge"][-1]["seq"]
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "purge_premature" in out and "tenant acme, session young, round 1" in out, out
+    assert f"purge entry {purge} deleted it" in out, out
+    assert f"audit entry {round_entry_seq(tables, 'young', 1)} recorded it" in out, out
