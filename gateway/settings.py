@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -46,6 +47,10 @@ class ServerSettings(_Strict):
     shutdown_timeout: float = Field(2.0, ge=0, description="seconds in-flight requests get to finish on shutdown")
 
 
+_CREDENTIAL = re.compile(r"key|token|secret|passw|signature|^sig$|auth|credential", re.IGNORECASE)
+"""Query parameter names that would put a credential in the upstream's URLs."""
+
+
 class UpstreamSettings(_Strict):
     name: str
     base_url: str = Field(description="the provider's API root, e.g. https://api.openai.com/v1")
@@ -76,6 +81,23 @@ class UpstreamSettings(_Strict):
         "gateway", description="who holds Responses conversation state: gateway (previous_response_id chains "
                                "are sessions in the gateway's encrypted store; store: false upstream) or "
                                "provider (previous_response_id and store go upstream untouched)")
+    query: dict[str, str] = Field(
+        default_factory=dict,
+        description="query parameters sent with every request to this upstream, such as Azure OpenAI's "
+                    "{api-version: 2024-10-21}; a forwarded request's own value of one of them is replaced. "
+                    "Never a credential: keys go in api_key_env and key_header")
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not name or not name.isprintable() or not value.isprintable():
+                raise ValueError(f"{name[:64]!r}: query parameter names and values are printable text, names "
+                                 "not empty")
+            if _CREDENTIAL.search(name):
+                raise ValueError(f"{name[:64]!r} looks like a credential, which would travel in every URL (and "
+                                 "proxies' logs): give the key in api_key_env, sent in key_header")
+        return v
 
     @field_validator("forward_routes")
     @classmethod
@@ -94,6 +116,13 @@ class UpstreamSettings(_Strict):
     def _http(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        parts = urlsplit(v)
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not hold a user or password (the URL would carry a secret): give the key in "
+                             "api_key_env")
+        if parts.query or parts.fragment or "?" in v or "#" in v:
+            raise ValueError("must end with the path (paths are appended to it): give fixed query parameters, "
+                             "such as Azure's api-version, in the upstream's query setting")
         return v.rstrip("/")
 
     def key_headers(self) -> dict[str, str]:

@@ -15,7 +15,9 @@ code ``upstream_redirect``.
 URLs: ``open(up, method, path, query=...)`` takes *path* (relative to the upstream's
 ``base_url``) and *query* already percent-encoded and validated by the caller (see
 ``gateway.proxy.parse_route``); the URL is joined as text and given to aiohttp with
-``encoded=True``, so nothing re-resolves dot segments or re-encodes escapes on the way out.
+``encoded=True``, so nothing re-resolves dot segments or re-encodes escapes on the way out. An
+upstream's fixed ``query`` parameters (Azure OpenAI's ``api-version``) go on every URL,
+replacing the client's parameters of the same names.
 
 Encodings: the gateway asks for the upstream's ``accept_encoding`` (default ``identity``: a
 compressed reply would be decoded here anyway, and the provider link is rarely the bottleneck
@@ -38,6 +40,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote_plus, urlencode
 
 import aiohttp
 import orjson
@@ -76,6 +79,16 @@ class Upstream:
     max_reply_bytes: int = 8 * 1024 * 1024
     protocol: str = "openai"  # the wire protocol it speaks: openai (Chat, Responses) or anthropic
     responses_state: str = "gateway"  # who holds Responses chains: the gateway or the provider
+    query: tuple[tuple[str, str], ...] = ()  # fixed query parameters (Azure's api-version), unencoded
+
+    def url(self, path: str, query: str = "") -> URL:
+        """The upstream URL of *path* with the client's *query* (both percent-encoded already),
+        the upstream's fixed ``query`` parameters replacing any of the client's of the same name."""
+        if self.query:
+            fixed = {name for name, _ in self.query}
+            kept = [pair for pair in query.split("&") if pair and unquote_plus(pair.split("=", 1)[0]) not in fixed]
+            query = "&".join([*kept, urlencode(self.query, quote_via=quote)])
+        return URL(f"{self.base_url}{path}" + (f"?{query}" if query else ""), encoded=True)
 
     def allows(self, segments: tuple[str, ...]) -> bool:
         """Whether the forwarded route ``/v1/<segments>`` is in ``forward_routes``.
@@ -261,6 +274,7 @@ class Upstreams:
                 max_reply_bytes=s.max_reply_bytes,
                 protocol=s.protocol,
                 responses_state=s.responses_state,
+                query=tuple(s.query.items()),
             )
             for s in settings
         ]
@@ -335,7 +349,7 @@ class Upstreams:
         if json:
             out["Content-Type"] = "application/json"
         out.update(up.headers)
-        url = URL(f"{up.base_url}{path}" + (f"?{query}" if query else ""), encoded=True)
+        url = up.url(path, query)
         try:
             resp = await self._session.request(method, url, data=body, headers=out, timeout=up.timeout,
                                                allow_redirects=False)
