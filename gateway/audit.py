@@ -112,7 +112,8 @@ ERROR_KINDS = (
     # the stored data against the chain (``gateway.evidence``)
     "round_missing", "round_unrecorded", "round_mismatch", "state_missing", "state_mismatch",
     "state_unrecorded", "round_relabelled", "policy_version_missing", "policy_version_altered",
-    "quarantine_lifted", "quarantine_unrecorded", "purge_premature",
+    "quarantine_lifted", "quarantine_unrecorded", "purge_premature", "data_key_missing", "data_key_mismatch",
+    "data_key_altered",
 )
 
 PublicKeyLike = Ed25519PublicKey | bytes | str | Path

@@ -36,7 +36,7 @@ from gateway.policy.versions import PolicyVersion, PolicyVersions
 from gateway.redact import Redactor, tenant_secret
 from gateway.sessions import SessionService
 from gateway.settings import Settings
-from gateway.store.base import AuditRow, Changes, Plan, PolicyVersionRow, Store, StoreReads
+from gateway.store.base import AuditRow, Changes, DataKeyRow, Plan, PolicyVersionRow, Store, StoreReads
 
 
 class ObservedStore:
@@ -105,16 +105,26 @@ class AuditTrail:
         return sorted(set(await store.tenants()) | {c.tenant for c in signed})
 
     async def verify(self, store: Store, tenant: str, *, checkpoints: list[Checkpoint] | None = None,
-                     public_key: Any = None, data: bool = True) -> VerifyReport:
+                     public_key: Any = None, data: bool = True,
+                     open_key: Callable[[DataKeyRow], object] | None = None,
+                     watch: Callable[[AsyncIterator[AuditRow]], AsyncIterator[AuditRow]] | None = None,
+                     on_data: Callable[[], None] | None = None) -> VerifyReport:
         """Recompute every link of *tenant*'s chain and check the signed checkpoints; then, with
-        *data* and an intact chain, that the stored rows are the ones the chain records. The
-        first problem is the report's ``first_error`` (data problems name session and round)."""
+        *data* and an intact chain, that the stored rows are the ones the chain records (with
+        *open_key*, ``SessionService.unwrap``, also that each session's data key unwraps). The
+        first problem is the report's ``first_error`` (data problems name session and round).
+        Chain and rows are read as of one moment (``Store.snapshot``), so rounds committed
+        meanwhile do not look like tampering. *watch* wraps the chain's rows (a progress count),
+        *on_data* is told when the data check starts."""
         cps = self.log.for_tenant(tenant) if checkpoints is None else [c for c in checkpoints if c.tenant == tenant]
-        async with store.snapshot() as view:  # chain and rows as of one moment, while rounds go on
-            report = await averify_chain(view.iter_audit(tenant), tenant=tenant, checkpoints=cps,
-                                         public_key=public_key or self.signer.public_key_pem())
+        async with store.snapshot() as view:
+            rows = view.iter_audit(tenant)
+            report = await averify_chain(watch(rows) if watch is not None else rows, tenant=tenant,
+                                         checkpoints=cps, public_key=public_key or self.signer.public_key_pem())
             if data and report.ok:
-                await check_data(view, tenant, report)
+                if on_data is not None:
+                    on_data()
+                await check_data(view, tenant, report, open_key)
         return report
 
     async def redactors(self, store: Store, policies: PolicySet, tenant: str) -> Callable[[Any], Redactor]:
@@ -173,16 +183,17 @@ class AuditTrail:
                                    head_seq=lambda: store.audit_head(tenant))
 
 
-async def check_data(store: StoreReads, tenant: str, report: VerifyReport) -> None:
+async def check_data(store: StoreReads, tenant: str, report: VerifyReport,
+                     open_key: Callable[[DataKeyRow], object] | None = None) -> None:
     """Check *tenant*'s stored rows against its chain into *report* (``records``, ``notes``,
     ``first_error``); see ``gateway.evidence.verify_data``."""
     async def state_of(session_id: str) -> Any:
-        return (await store.get_session(tenant, session_id))[0]
+        return await store.get_session(tenant, session_id)
 
     ids = [s.session_id for s in await store.list_sessions(tenant)]
     versions = {row.hash: kept(row) for row in await store.policy_versions()}
     found = await verify_data(tenant, store.iter_audit(tenant), store.iter_rounds(tenant), state_of, ids, versions,
-                              await store.quarantined(tenant))
+                              await store.quarantined(tenant), open_key)
     report.records = found.rounds
     report.notes.extend(found.notes)
     if found.first_error is not None:

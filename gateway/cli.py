@@ -493,7 +493,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         tenants = [args.tenant] if args.tenant else known
         failed = 0
         for tenant in tenants:
-            report = await trail.verify(svc.store, tenant, checkpoints=checkpoints, public_key=public_key)
+            report = await trail.verify(svc.store, tenant, checkpoints=checkpoints, public_key=public_key,
+                                        open_key=svc.unwrap)
             print(report.summary())
             for note in report.notes:
                 print(f"     note: {note}")

@@ -32,7 +32,10 @@ out of an export's time range, credited to another request, marked with another 
 under another policy version's redaction and retention. The policy version a round was recorded
 under must be kept in ``policy_versions``, its document hashing to its key
 (``gateway.policy.versions``), for every round whose entry binds rows (the gateway has kept
-versions since it has bound rows). The first mismatch, in (session, round) order, is reported
+versions since it has bound rows). A retention purge is judged by its rounds' entries and
+versions (``purge_premature``); the store's quarantine marks must be the chain's; and a session
+that holds sealed rows must hold the data key they name, one that unwraps (with ``open_key``).
+The first mismatch, in (session, round) order, is reported
 with tenant, session, round and audit entry. Memory holds one hash, one time and the interned
 columns per live round of the tenant. Sessions recorded before bindings existed (no entry of
 theirs has ``state``) get their rounds checked but not their state, and a note says so.
@@ -57,8 +60,10 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from gateway import crypto
 from gateway.audit import VerifyError, aclose
-from gateway.store.base import AuditRow, Changes, Current, RoundRow, SessionRow
+from gateway.errors import IntegrityError
+from gateway.store.base import AuditRow, Changes, Current, DataKeyRow, RoundRow, SessionRow
 
 BINDING = "state"
 """The audit entry field that binds a session's rows."""
@@ -76,6 +81,9 @@ DATA_ERROR_KINDS = (
     "quarantine_lifted",  # the chain's quarantine of a session is not marked in the store (cleared by hand)
     "quarantine_unrecorded",  # the store marks a session quarantined that no entry in force quarantined
     "purge_premature",    # a purge deleted a round its version's retention had not expired (by its entry)
+    "data_key_missing",   # a session holds sealed rows but no data key: unreadable, no erasure recorded
+    "data_key_mismatch",  # its rows were sealed under another data key than the one stored for it
+    "data_key_altered",   # its data key does not unwrap
 )
 
 ROUND_EVENTS = ("round", "import", "history")
@@ -358,15 +366,18 @@ def _premature(sid: str, s: _Session, purge: AuditRow, seqs: list[Any],
 
 
 async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_rounds: AsyncIterator[RoundRow],
-                      state_of: Callable[[str], Awaitable[SessionRow | None]],
+                      state_of: Callable[[str], Awaitable[tuple[SessionRow | None, DataKeyRow | None]]],
                       state_ids: list[str], versions: dict[str, Kept] | None = None,
-                      quarantined: dict[str, int] | None = None) -> DataReport:
+                      quarantined: dict[str, int] | None = None,
+                      open_key: Callable[[DataKeyRow], object] | None = None) -> DataReport:
     """Check *tenant*'s stored rows against its chain (see the module docstring).
 
     *audit_rows* and *stored_rounds* are ``Store.iter_audit`` and ``Store.iter_rounds`` of the
-    tenant; *state_ids* the ids of its state rows; *state_of* reads one state row; *versions*
-    the kept policy versions, by hash (``Kept``); *quarantined* the
-    store's quarantined sessions (``Store.quarantined``). Either None: not checked.
+    tenant; *state_ids* the ids of its state rows; *state_of* reads one session's state and data
+    key rows (``Store.get_session``); *versions* the kept policy versions, by hash (``Kept``);
+    *quarantined* the store's quarantined sessions (``Store.quarantined``); *open_key* unwraps a
+    data key row (``IntegrityError`` when it does not; with ``key_unavailable`` set when its
+    master key is not in the key file). Each None: not checked.
     """
     report = DataReport()
     sessions: dict[str, _Session] = {}
@@ -377,10 +388,12 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
         await aclose(audit_rows)
     stored: dict[str, dict[int, str]] = {}
     columns: dict[str, dict[int, VerifyError]] = {}  # (rare) rounds whose columns disagree, by session and seq
+    key_ids: dict[str, set[bytes]] = {}  # the data key ids the session's rounds were sealed under
     try:
         async for r in stored_rounds:
             digest = hashlib.sha256(r.ct).hexdigest()
             stored.setdefault(r.session_id, {})[r.seq] = digest
+            key_ids.setdefault(r.session_id, set()).add(sealed_key_id(r.ct))
             report.rounds += 1
             entry = sessions[r.session_id].rounds.get(r.seq) if r.session_id in sessions else None
             if entry is not None and entry.digest == digest:
@@ -391,14 +404,18 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
         await aclose(stored_rounds)
     ids = sorted(set(sessions) | set(stored) | set(state_ids) | set(quarantined or ()))
     report.sessions = len(ids)
-    legacy = 0
+    legacy = unchecked = 0
     for sid in ids:
         s = sessions.get(sid, _Session())
         error = _rounds_error(tenant, sid, s, stored.get(sid, {}), columns.get(sid, {}))
         if error is None:
-            srow = await state_of(sid) if (s.state is not None or sid in state_ids) else None
+            held = s.state is not None or sid in state_ids or sid in stored
+            srow, krow = await state_of(sid) if held else (None, None)
             error = _state_error(tenant, sid, s, srow)
             legacy += s.state is None and s.seen
+            if error is None and (srow is not None or sid in stored):
+                error, lacks_master = _key_error(tenant, sid, srow, krow, key_ids.get(sid, set()), open_key)
+                unchecked += lacks_master
         if error is None and quarantined is not None:
             error = _quarantine_error(tenant, sid, s.quarantined, quarantined.get(sid))
         if error is None and s.premature is not None:
@@ -409,7 +426,41 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
     if legacy:
         report.notes.append(f"{legacy} session(s) were recorded before state bindings: their rounds were "
                             "checked, their state rows were not")
+    if unchecked:
+        report.notes.append(f"{unchecked} session(s) have data keys wrapped by a master key the key file lacks "
+                            "or has retired: those keys were not unwrapped")
     return report
+
+
+def sealed_key_id(ct: bytes) -> bytes:
+    """The id of the data key a sealed record names (``gateway.crypto``'s header)."""
+    return bytes(ct[1:1 + crypto.KEY_ID_LEN])
+
+
+def _key_error(tenant: str, sid: str, srow: SessionRow | None, krow: DataKeyRow | None, round_keys: set[bytes],
+               open_key: Callable[[DataKeyRow], object] | None) -> tuple[VerifyError | None, bool]:
+    """A session holding sealed rows must hold the data key they were sealed under, and it must
+    unwrap: without it the rows cannot be read, which is an erasure no entry records. Returns
+    the error and whether the key went unchecked for want of its master key."""
+    where = f"tenant {tenant}, session {sid}"
+    if krow is None:
+        return VerifyError(None, "data_key_missing", f"{where}: the store holds its sealed rows but not their data "
+                           "key, so they can no longer be read, and no erasure entry records that",
+                           session_id=sid), False
+    sealed = round_keys | ({sealed_key_id(srow.state_ct)} if srow is not None else set())
+    if sealed - {bytes(krow.dk_id)}:
+        return VerifyError(None, "data_key_mismatch", f"{where}: its rows were sealed under data key "
+                           f"{min(sealed - {bytes(krow.dk_id)}).hex()}, but the store holds key "
+                           f"{bytes(krow.dk_id).hex()} for it (replaced)", session_id=sid), False
+    if open_key is not None:
+        try:
+            open_key(krow)
+        except IntegrityError as exc:
+            if getattr(exc, "key_unavailable", False):
+                return None, True
+            return VerifyError(None, "data_key_altered", f"{where}: its data key does not unwrap under master key "
+                               f"{krow.kek_id!r} (the wrapped key was altered)", session_id=sid), False
+    return None, False
 
 
 def _columns_error(tenant: str, r: RoundRow, entry: _Entry, versions: dict[str, Kept] | None) -> VerifyError | None:

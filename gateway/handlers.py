@@ -393,7 +393,7 @@ async def admin_verify(request: web.Request) -> web.Response:
     """Verify one tenant's chain (``?tenant=``) against the checkpoints kept outside the database."""
     services = request.app[SERVICES]
     _, tenant = _auditor_tenant(request)
-    report = await services.audit.verify(services.sessions.store, tenant)
+    report = await services.audit.verify(services.sessions.store, tenant, open_key=services.sessions.unwrap)
     return json_response(report.to_dict(), status=200)
 
 

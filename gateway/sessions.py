@@ -182,6 +182,11 @@ class SessionService:
             exc.key_unavailable = keyring.state(row.kek_id) in (None, "retired")  # type: ignore[attr-defined]
             raise
 
+    def unwrap(self, row: DataKeyRow) -> crypto.DataKey:
+        """A data key row's key (``IntegrityError`` when it does not unwrap; ``key_unavailable``
+        set on it when its master key is missing from the key file or retired)."""
+        return self._data_key(row)
+
     def _forget(self, row: DataKeyRow) -> None:
         """Drop an erased session's data key from both in-memory caches (unwrapped key, cipher).
         A key that cannot be unwrapped was never cached, so there is nothing to drop then."""

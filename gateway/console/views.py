@@ -25,8 +25,7 @@ import structlog
 import yaml
 from aiohttp import web
 
-from gateway.audit import VerifyReport, averify_chain, entry_fields
-from gateway.auditor import check_data
+from gateway.audit import VerifyReport, entry_fields
 from gateway.console.auth import (
     COOKIE,
     IDLE_SECONDS,
@@ -364,6 +363,10 @@ DATA_KINDS = {
     "quarantine_unrecorded": "a session is marked quarantined without a quarantine in the audit trail",
     "purge_premature": "a retention purge deleted a round before its policy's retention expired it, going by the "
                        "time the audit trail records for the round",
+    "data_key_missing": "a session's sealed data is still stored but its data key is gone, so it can no longer be "
+                        "read, and the audit trail records no erasure",
+    "data_key_mismatch": "a session's data key was replaced by one its data was not sealed under",
+    "data_key_altered": "a session's stored data key was altered and no longer unwraps",
 }
 
 
@@ -399,13 +402,12 @@ async def verify(request: web.Request, session: ConsoleSession) -> web.StreamRes
     services = request.app[SERVICES]
 
     async def work(job: Job) -> None:
-        store = services.sessions.store
-        job.report = await averify_chain(Counting(store.iter_audit(tenant).__aiter__(), job), tenant=tenant,
-                                         checkpoints=services.audit.log.for_tenant(tenant),
-                                         public_key=services.audit.signer.public_key_pem())
-        if job.report.ok:  # then the stored rounds and session states against the chain
-            job.phase = "data"
-            await check_data(store, tenant, job.report)
+        def data_phase() -> None:
+            job.phase = "data"  # the stored rounds and session states against the chain
+
+        job.report = await services.audit.verify(services.sessions.store, tenant, open_key=services.sessions.unwrap,
+                                                 watch=lambda rows: Counting(rows.__aiter__(), job),
+                                                 on_data=data_phase)
         await _audit(request, tenant, {"event": "verify", "detail": {
             "auditor": session.principal.name, "ok": job.report.ok, "entries": job.report.entries}})
 

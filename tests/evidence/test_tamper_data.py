@@ -284,3 +284,35 @@ def test_a_purge_made_early_by_an_edited_time_fails_verification(db_gateway: tup
     assert "purge_premature" in out and "tenant acme, session young, round 1" in out, out
     assert f"purge entry {purge} deleted it" in out, out
     assert f"audit entry {round_entry_seq(tables, 'young', 1)} recorded it" in out, out
+
+
+def test_a_deleted_data_key_fails_verification(recorded: tuple[Gateway, Tables]) -> None:
+    """Deleting a session's data key erases its rows for good, with no erasure entry."""
+    gw, tables = recorded
+    tables.sql("DELETE FROM data_keys WHERE tenant='acme' AND session_id='alice'")
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "data_key_missing" in out and "tenant acme, session alice" in out, out
+    assert_refused_on_load(gw, "alice")
+
+
+def test_a_data_key_swapped_for_another_sessions_fails_verification(recorded: tuple[Gateway, Tables]) -> None:
+    """Another session's key (which unwraps fine) is not the key alice's rows were sealed under."""
+    gw, tables = recorded
+    (dk_id, kek_id, wrapped), = tables.sql("SELECT dk_id, kek_id, wrapped FROM data_keys "
+                                           "WHERE tenant='acme' AND session_id='bystander'")
+    tables.sql("UPDATE data_keys SET dk_id=?, kek_id=?, wrapped=? WHERE tenant='acme' AND session_id='alice'",
+               bytes(dk_id), kek_id, bytes(wrapped))
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "data_key_mismatch" in out and "tenant acme, session alice" in out and bytes(dk_id).hex() in out, out
+
+
+def test_an_altered_wrapped_data_key_fails_verification(recorded: tuple[Gateway, Tables]) -> None:
+    gw, tables = recorded
+    (wrapped,), = tables.sql("SELECT wrapped FROM data_keys WHERE tenant='acme' AND session_id='alice'")
+    bad = bytes(wrapped)[:-1] + bytes([bytes(wrapped)[-1] ^ 1])
+    tables.sql("UPDATE data_keys SET wrapped=? WHERE tenant='acme' AND session_id='alice'", bad)
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "data_key_altered" in out and "tenant acme, session alice" in out, out
