@@ -94,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             lines.append("  upstream  *** BUILT-IN STAND-IN MODEL: no upstream configured; replies are canned ***")
         else:
             lines.append(f"  upstream  {', '.join(services.upstreams.names)}")
+        lines += [f"  warning   {w}" for w in services.policies.current.warnings]  # what `policy check` says
         print("\n".join(lines), file=sys.stderr, flush=True)
 
     if not index:  # a single gateway, or the first worker

@@ -144,6 +144,26 @@ def test_keys_that_can_never_match_are_printed_as_warnings(tmp_path: Path) -> No
     assert "0 error(s), 2 warning(s)" in done.stderr
 
 
+def test_a_policy_any_client_can_choose_to_record_nothing_is_warned_about_by_check_and_serve(
+        tmp_path: Path) -> None:
+    """Without its tenants line, the private-sessions policy lets any client of any tenant keep
+    its text out of the record: ``policy check`` says so at the match line, and ``serve`` prints
+    the same warning in its start-up banner."""
+    from tests.hostile.subprocess_gateway import served_gateway
+
+    folder = edited_policies(tmp_path, "record-nothing.yaml", "  tenants: [acme]\n", "")
+    path = folder / "record-nothing.yaml"
+    done = cli("policy", "check", str(folder))
+    assert done.returncode == 0, done.stdout
+    [line] = done.stdout.splitlines()
+    assert line.startswith(f"{path}:{line_of(path, 'match:')}:1: warning: match: policy 'record-nothing' is chosen "
+                           "by the client (its session id ['private:*']) for every tenant")
+    assert "any client can keep text out of the record" in line and "match.tenants" in line
+    with served_gateway(tmp_path / "gw", policies=folder) as gw:
+        banner = gw.stderr()
+    assert f"  warning   {line}" in banner
+
+
 def test_a_missing_path_fails() -> None:
     """Checking a path that does not exist is an error, not an empty success."""
     done = cli("policy", "check", str(REPO / "no-such-policies"))

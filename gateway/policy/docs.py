@@ -72,10 +72,11 @@ change does before it goes live, and flags every change that widens recording.
   of them another priority.
 - A policy that a higher-priority policy always takes first gets a warning.
 - `models` and `session_ids` are chosen by the client, `tenants` by its key. A policy matched
-  only by model or session id can be chosen by any client of every tenant: the shipped
-  `record-nothing` policy is opted into that way, by naming a session `private:*`. Give a
-  policy that records less than the one it overrides a `tenants` list too, unless every
-  client may choose it.
+  only by model or session id can be chosen by any client of every tenant. When it records
+  less than the policy it takes the request from, any client could keep text out of the
+  record by choosing it, so `policy check` (and the gateway at load) warns, naming what it
+  leaves out: give it a `tenants` list. The shipped `record-nothing` policy is opted into by
+  naming a session `private:*`, by clients of tenant `acme` only.
 
 ## What is recorded
 

@@ -117,6 +117,41 @@ def _describe(policy: Policy) -> str:
     return f"{policy.id!r}{where}"
 
 
+def _records_less(policy: Policy, other: Policy) -> str | None:
+    """What *policy* leaves out of the record that *other* keeps (None when nothing)."""
+    for side, part in (("input_keys", "new input"), ("reply_keys", "reply")):
+        mine, theirs = getattr(policy.session, side), getattr(other.session, side)
+        if mine is None:
+            continue
+        if theirs is None:
+            kept = "none" if not mine else "only " + ", ".join(repr(k) for k in mine[:3])
+            return f"it records {kept} of the {part}, where {other.id!r} records all of it"
+        dropped = sorted(set(theirs) - set(mine))
+        if dropped:
+            keys = ", ".join(repr(k) for k in dropped[:3])
+            return f"it does not record {keys} of the {part}, which {other.id!r} does"
+    return None
+
+
+def _client_chosen_lapse(policy: Policy, policies: list[Policy]) -> str | None:
+    """A policy any client of any tenant can choose (by model or session id) that records less
+    than the policy it takes the request from: a way to keep text out of the record."""
+    match = policy.match
+    if (match.tenants is not None and "*" not in match.tenants) or (match.models is None and match.session_ids is None):
+        return None
+    below = sorted((o for o in policies if o.priority < policy.priority and matches_may_overlap(o.match, match)),
+                   key=lambda o: -o.priority)
+    for other in below:
+        how = _records_less(policy, other)
+        if how is not None:
+            chosen = " or ".join(f"{label} {globs}" for label, globs in (("model", match.models),
+                                                                         ("session id", match.session_ids)) if globs)
+            return (f"policy {policy.id!r} is chosen by the client (its {chosen}) for every tenant, and {how}: any "
+                    f"client can keep text out of the record by choosing it; list the tenants whose clients may in "
+                    "match.tenants")
+    return None
+
+
 def check_set(policies: list[Policy], *, require_catch_all: bool = True) -> list[SetIssue]:
     """The set rules of the module docstring, as issues in ``policies`` order."""
     issues: list[SetIssue] = []
@@ -140,6 +175,9 @@ def check_set(policies: list[Policy], *, require_catch_all: bool = True) -> list
                 "warning", i, ("match",),
                 f"policy {policy.id!r} can never match: every request it matches goes to "
                 f"{_describe(shadow)} (priority {shadow.priority})"))
+        lapse = _client_chosen_lapse(policy, policies) if shadow is None else None
+        if lapse is not None:
+            issues.append(SetIssue("warning", i, ("match",), lapse))
     if require_catch_all and policies and not any(p.match.is_catch_all for p in policies):
         issues.append(SetIssue("error", None, (),
                                "no catch-all policy: add a default policy without 'match' so that "

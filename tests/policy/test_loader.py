@@ -111,7 +111,7 @@ def test_same_priority_overlap_is_a_load_error(tmp_path):
 def test_same_priority_with_disjoint_globs_is_accepted(tmp_path):
     """Globs with contradicting literal prefixes cannot overlap, so a shared priority is fine."""
     a = "id: a\npriority: 5\nmatch: {models: ['gpt-*']}\nsession: {input_keys: null, reply_keys: null}\n"
-    b = "id: b\npriority: 5\nmatch: {models: ['claude-*']}\nsession: {input_keys: [], reply_keys: []}\n"
+    b = "id: b\npriority: 5\nmatch: {models: ['claude-*']}\nsession: {input_keys: null, reply_keys: null}\n"
     assert check([_folder(tmp_path, a=a, b=b)]) == []
 
 

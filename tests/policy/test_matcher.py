@@ -108,3 +108,39 @@ def test_shadowed_policy_is_reported_as_warning():
     issues = check_set([_policy("default"), _policy("wide", 5, models=["gpt-*"]),
                         _policy("narrow", 1, models=["gpt-4o"])])
     assert [(i.severity, i.index, i.loc) for i in issues] == [("warning", 2, ("match",))]
+
+
+def _recording(pid: str, priority: int, input_keys: list[str] | None, reply_keys: list[str] | None,
+               **match: list[str]) -> Policy:
+    return Policy.model_validate({"id": pid, "priority": priority, "match": match,
+                                  "session": {"input_keys": input_keys, "reply_keys": reply_keys}})
+
+
+def _lapses(*policies: Policy) -> list[str]:
+    return [i.message for i in check_set([_policy("default"), *policies]) if "keep text out" in i.message]
+
+
+def test_a_policy_any_client_can_choose_that_records_less_is_warned_about():
+    """Chosen by session id or model alone, for every tenant, recording less than the policy it
+    takes the request from: any client could keep its text out of the record."""
+    (by_session,) = _lapses(_recording("private", 9, [], [], session_ids=["private:*"]))
+    assert "session id ['private:*']" in by_session and "records none of the new input" in by_session
+    assert "'default' records all of it" in by_session and "match.tenants" in by_session
+    (by_model,) = _lapses(_recording("terse", 9, None, ["answer"], models=["cheap-*"]))
+    assert "model ['cheap-*']" in by_model and "records only 'answer' of the reply" in by_model
+    keyed = _recording("keyed", 3, ["input.a", "input.b"], None, tenants=["acme"])
+    (narrower,) = _lapses(keyed, _recording("narrow", 9, ["input.a"], None, tenants=["*"], session_ids=["n:*"]))
+    assert "does not record 'input.b' of the new input, which 'keyed' does" in narrower
+
+
+def test_no_warning_when_the_key_chooses_or_nothing_is_left_out():
+    """Limited to tenants, recording as much, or matched by nothing the client picks: no lapse."""
+    assert _lapses(_recording("private", 9, [], [], tenants=["acme"], session_ids=["private:*"])) == []
+    assert _lapses(_recording("same", 9, None, None, session_ids=["x:*"])) == []
+    assert _lapses(_recording("tenant-wide", 9, [], [], tenants=["acme"])) == []
+    # the shipped examples: record-nothing names its tenant
+    from pathlib import Path
+
+    from gateway.policy import load_policy_set
+    shipped = load_policy_set(Path(__file__).parents[2] / "policies")
+    assert not [w for w in shipped.warnings if "keep text out" in w.message]
