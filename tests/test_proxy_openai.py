@@ -267,3 +267,25 @@ def test_streamed_tool_calls_reach_the_sdk_and_are_recorded(gateway: Gateway, up
     assert full[0] == user("weather in Oslo?")
     assert full[1] == {"role": "assistant", "content": None, "tool_calls": [call]}  # structured (issue 12)
     assert full[2:] == [{"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"}, assistant("It is sunny.")]
+
+
+def test_several_choices_on_a_recorded_session_are_refused_before_the_upstream(gateway: Gateway,
+                                                                               upstream: Upstream) -> None:
+    """``n: 2`` would hand the client two replies where a round records one: refused with a 400
+    that says what to send, nothing reaches the upstream, and nothing is recorded. Without a
+    session (audited only), and on a session whose policy records no reply, it goes through."""
+    import openai
+
+    client = gateway.openai(session="choices")
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="standin", messages=[user("two answers")], n=2, stream=stream)
+        assert caught.value.code == "multiple_choices_not_supported"
+        assert "Send n: 1" in caught.value.message and "without X-Session-Id" in caught.value.message
+    assert upstream.requests == []
+    resp = httpx.get(f"{gateway.base_url}/sessions/choices", headers={"Authorization": f"Bearer {ACME_KEY}"})
+    assert resp.status_code == 404
+    gateway.openai().chat.completions.create(model="standin", messages=[user("audited only")], n=2)
+    gateway.openai(session="private:choices").chat.completions.create(model="standin", messages=[user("x")], n=2)
+    client.chat.completions.create(model="standin", messages=[user("one answer")], n=1)
+    assert len(upstream.requests) == 3

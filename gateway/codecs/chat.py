@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.errors import UpstreamError
+from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState
 from gateway.session.model import inject as inject_messages
 from gateway.sse import ReplyAssembler
@@ -50,6 +50,7 @@ class ChatCodec:
         return None, ""
 
     def forward_body(self, ctx: Context, policy: Policy | None, state: SessionState | None) -> bytes | None:
+        check_choices(ctx, policy)
         if state is None or policy is None:
             return None
         opts = policy.session.inject
@@ -81,3 +82,14 @@ class ChatCodec:
 
 
 CHAT = ChatCodec()
+
+
+def check_choices(ctx: Context, policy: Policy | None) -> None:
+    """Refuse ``n`` above 1 on a session whose policy records the reply: the client would get
+    several replies and a round records one (a session's window continues from one reply)."""
+    n = ctx.body.get("n")
+    if (ctx.session_id is not None and policy is not None and policy.session.reply_keys != []
+            and isinstance(n, int) and not isinstance(n, bool) and n > 1):
+        raise BadRequest(f"'n' is {n}: a recorded session records one reply per round, and the client would get "
+                         f"{n}, so all but one would go unrecorded. Send n: 1 (or leave it out), or send the request "
+                         "without X-Session-Id", code="multiple_choices_not_supported")
