@@ -768,11 +768,16 @@ class PostgresStore(Reads):
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Snapshot]:
         """Reads that all see the database as it was when the first of them ran: one read-only
-        ``REPEATABLE READ`` transaction on a connection taken from the pool for the while."""
+        ``REPEATABLE READ`` transaction on a connection of its own, outside the pool, so that
+        verifications however long or many never take connections the requests need."""
         if self._pool is None:
             raise StoreUnavailable("the store is not open")
-        async with contextlib.AsyncExitStack() as stack:
-            conn = await self._guard(stack.enter_async_context(self._pool.acquire()), "read from")
-            await self._guard(stack.enter_async_context(conn.transaction(isolation="repeatable_read",
-                                                                            readonly=True)), "read from")
+        conn = await self._guard(asyncpg.connect(
+            self.dsn, timeout=10, command_timeout=60,
+            server_settings={"search_path": self.schema, "application_name": "sessiongate-verify"}), "connect to")
+        try:
+            await self._guard(conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"), "read from")
             yield Snapshot(conn, self._guard)
+        finally:
+            with contextlib.suppress(*_DB_ERRORS):
+                await conn.close()

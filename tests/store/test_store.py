@@ -451,3 +451,44 @@ def test_current_is_copied_field_by_field_without_losing_one() -> None:
     assert cur.as_own().own is True and cur.own is False
     assert evidence.after(cur, Changes(), [], None) == cur
     assert evidence.after(cur.as_own(), Changes(), [], None) == cur.as_own()
+
+
+def test_a_snapshot_sees_one_moment_while_writes_go_on(backend: Any) -> None:
+    """Rounds committed after a snapshot's first read are in neither its chain nor its rows; a
+    read outside it sees them."""
+    async def go(store: Any) -> None:
+        svc = service(store)
+        await svc.commit_round(ACME, "s", record("one"), Bounding())
+        async with store.snapshot() as view:
+            assert [r.request_id for r in await _all(view.iter_rounds(ACME))] == ["one"]
+            await svc.commit_round(ACME, "s", record("two"), Bounding())
+            assert [r.request_id for r in await _all(view.iter_rounds(ACME))] == ["one"]
+            assert len(await _all(view.iter_audit(ACME))) == 1
+            session, key = await view.get_session(ACME, "s")
+            assert session is not None and session.version == 1 and key is not None
+        assert [r.request_id for r in await rounds(store)] == ["one", "two"]
+    backend.run(go)
+
+
+@pytest.mark.postgres
+def test_a_postgres_snapshot_takes_no_connection_from_the_pool(pg_dsn: str, pg_schema: str) -> None:
+    """Verifications hold their snapshot for as long as they read: with a pool of one, requests
+    must still get the pool's connection while two snapshots are open."""
+    async def go() -> None:
+        store = PostgresStore(pg_dsn, schema=pg_schema, pool_size=1)
+        await store.open()
+        try:
+            svc = service(store)
+            await svc.commit_round(ACME, "s", record("one"), Bounding())
+            async with store.snapshot() as first, store.snapshot() as second:
+                assert await first.tenants() == await second.tenants() == [ACME]
+                assert (await asyncio.wait_for(store.get_session(ACME, "s"), 5))[0] is not None
+                await asyncio.wait_for(svc.commit_round(ACME, "s", record("two"), Bounding()), 5)
+                assert len(await _all(first.iter_rounds(ACME))) == 1
+        finally:
+            await store.close()
+    asyncio.run(asyncio.wait_for(go(), 30))  # a snapshot that waited for the pool would hang here
+
+
+async def _all(rows: Any) -> list[Any]:
+    return [row async for row in rows]
