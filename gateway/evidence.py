@@ -412,7 +412,8 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
             held = s.state is not None or sid in state_ids or sid in stored
             srow, krow = await state_of(sid) if held else (None, None)
             error = _state_error(tenant, sid, s, srow)
-            legacy += s.state is None and s.seen
+            # rows of a session no entry ever bound (a session that records nothing has none)
+            legacy += s.state is None and bool(s.rounds or s.legacy_hashes or held)
             if error is None and (srow is not None or sid in stored):
                 error, lacks_master = _key_error(tenant, sid, srow, krow, key_ids.get(sid, set()), open_key)
                 unchecked += lacks_master
