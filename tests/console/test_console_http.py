@@ -122,23 +122,28 @@ def test_sessions_are_searched_by_prefix_and_paged(console_gateway: Gateway) -> 
     assert "page-054" in second and "page-049<" not in second and "Next page" not in second
 
 
-def test_verification_names_a_deleted_round_in_words(console_gateway: Gateway) -> None:
-    """A round row deleted behind the gateway's back: the console's verification says the stored
-    data does not match the intact chain, and names the session and round."""
+def verification_page(gateway: Gateway) -> str:
+    """Start the console's verification of tenant acme as a signed-in auditor; its finished page."""
     import time
 
-    client = signed_in_client(console_gateway)
-    with sqlite3.connect(console_gateway.db_path) as db:
-        db.execute("DELETE FROM rounds WHERE tenant='acme' AND session_id='console-a' AND seq=2")
+    client = signed_in_client(gateway)
     csrf = login_csrf(client.get("/console/overview").text)
-    started = client.post("/console/verify", data={"csrf": csrf, "tenant": "acme"},
-                          headers={"Origin": console_gateway.url})
-    job = started.headers["location"]
+    job = client.post("/console/verify", data={"csrf": csrf, "tenant": "acme"},
+                      headers={"Origin": gateway.url}).headers["location"]
     deadline = time.monotonic() + 20
     page = client.get(job).text
     while "Running" in page and time.monotonic() < deadline:
         time.sleep(0.2)
         page = client.get(job).text
+    return page
+
+
+def test_verification_names_a_deleted_round_in_words(console_gateway: Gateway) -> None:
+    """A round row deleted behind the gateway's back: the console's verification says the stored
+    data does not match the intact chain, and names the session and round."""
+    with sqlite3.connect(console_gateway.db_path) as db:
+        db.execute("DELETE FROM rounds WHERE tenant='acme' AND session_id='console-a' AND seq=2")
+    page = verification_page(console_gateway)
     assert "does not match it" in page and "console-a" in page and "round 2" in page
 
 
@@ -152,19 +157,9 @@ def test_every_kind_of_data_problem_has_words_on_the_console() -> None:
 
 def test_verification_says_a_round_was_relabelled(console_gateway: Gateway) -> None:
     """A round's outcome changed behind the gateway's back is named in words, with its round."""
-    import time
-
-    client = signed_in_client(console_gateway)
     with sqlite3.connect(console_gateway.db_path) as db:
         db.execute("UPDATE rounds SET outcome='incomplete' WHERE tenant='acme' AND session_id='console-a' AND seq=1")
-    csrf = login_csrf(client.get("/console/overview").text)
-    job = client.post("/console/verify", data={"csrf": csrf, "tenant": "acme"},
-                      headers={"Origin": console_gateway.url}).headers["location"]
-    deadline = time.monotonic() + 20
-    page = client.get(job).text
-    while "Running" in page and time.monotonic() < deadline:
-        time.sleep(0.2)
-        page = client.get(job).text
+    page = verification_page(console_gateway)
     assert "time, request, policy or outcome was changed" in page and "console-a" in page and "round 1" in page
 
 
