@@ -659,6 +659,8 @@ def _record_refs(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
                 for line in f:
                     doc = orjson.loads(line)
                     doc.pop("messages", None)
+                    for name in _RECORD_REFS:
+                        doc[name]  # noqa: B018 - a record without it is malformed (KeyError below)
                     yield doc
         elif fmt == "csv":
             csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
@@ -673,6 +675,10 @@ def _record_refs(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
             raise _BundleError("malformed", f"unknown records format {fmt!r}")
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, csv.Error, UnicodeDecodeError) as exc:
         raise _BundleError("malformed", f"{path.name} is not a valid {fmt} export") from exc
+
+
+_RECORD_REFS = ("tenant", "session_id", "seq", "created_at", "ciphertext_sha256")
+"""The fields of a record the offline check reads."""
 
 
 def _timestamp(text: Any) -> float:

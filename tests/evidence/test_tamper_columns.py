@@ -11,6 +11,7 @@ and the column, and a bundle exported after the edit must fail offline verificat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,20 @@ def test_a_bundle_exported_after_an_edit_fails_offline(gateway: Gateway, tmp_pat
     assert report.first_error is not None and report.first_error.kind == "record_relabelled", report
     assert "(session alice, round 2)" in report.first_error.message
     assert EDITS[column][1] in report.first_error.message
+
+
+
+@pytest.mark.parametrize("field", ["tenant", "created_at", "ciphertext_sha256"])
+def test_a_record_without_a_field_the_check_reads_is_malformed(tmp_path: Path, field: str) -> None:
+    """Read as malformed where the records are parsed, never a KeyError later (defensive: the
+    records' hash, vouched for by the export entry, is checked before)."""
+    from gateway.export import _BundleError, _record_refs
+
+    doc = {"tenant": "acme", "session_id": "s", "seq": 1, "created_at": "2026-12-01T00:00:00Z",
+           "ciphertext_sha256": "0" * 64, "messages": []}
+    del doc[field]
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(doc) + "\n")
+    with pytest.raises(_BundleError) as caught:
+        list(_record_refs(path, "jsonl"))
+    assert caught.value.error.kind == "malformed"
