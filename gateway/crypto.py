@@ -151,6 +151,11 @@ def seal(dk: DataKey, plaintext: bytes, *, tenant: str, session_id: str, seq: in
     return b"".join((prefix, nonce, _cipher(dk).encrypt(nonce, plaintext, aad)))
 
 
+def key_id_of(blob: bytes) -> bytes:
+    """The id of the data key a sealed record names in its header."""
+    return bytes(blob[1 : 1 + KEY_ID_LEN])
+
+
 def open_sealed(dk: DataKey, blob: bytes, *, tenant: str, session_id: str, seq: int, field: str) -> bytes:
     """Decrypt a sealed record; raise ``IntegrityError`` unless it is intact and belongs here."""
     if len(blob) < OVERHEAD:

@@ -95,6 +95,7 @@ for both in the round's one transaction."""
 
 COLUMNS = ("kind", "request_id", "policy_id", "policy_hash", "outcome")
 """A round row's plaintext columns that its entry vouches for, in :func:`round_columns`' order."""
+_POLICY_HASH = COLUMNS.index("policy_hash")
 
 _FIXED_OUTCOME = {"import": "imported", "history": "completed"}
 
@@ -350,7 +351,7 @@ def _premature(sid: str, s: _Session, purge: AuditRow, seqs: list[Any],
     not kept as recorded are left to ``policy_version_*``."""
     for seq in seqs:
         entry = s.rounds.get(seq) if isinstance(seq, int) else None
-        kept = versions.get(entry.columns[3] or "") if entry is not None else None
+        kept = versions.get(entry.columns[_POLICY_HASH] or "") if entry is not None else None
         if entry is None or kept is None or not kept.proves:
             continue
         due = None if kept.days is None else entry.time + kept.days * DAY
@@ -359,7 +360,7 @@ def _premature(sid: str, s: _Session, purge: AuditRow, seqs: list[Any],
             return VerifyError(purge.seq, "purge_premature",
                                f"session {sid}, round {seq}: purge entry {purge.seq} deleted it at "
                                f"{_iso(purge.created_at)}, but audit entry {entry.seq} recorded it at "
-                               f"{_iso(entry.time)} under policy version {(entry.columns[3] or '')[:12]} "
+                               f"{_iso(entry.time)} under policy version {(entry.columns[_POLICY_HASH] or '')[:12]} "
                                f"({'no' if kept.days is None else kept.days} days' retention): {until}; the "
                                "row's time or version was changed before the purge", session_id=sid, round_seq=seq)
     return None
@@ -393,7 +394,7 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
         async for r in stored_rounds:
             digest = hashlib.sha256(r.ct).hexdigest()
             stored.setdefault(r.session_id, {})[r.seq] = digest
-            key_ids.setdefault(r.session_id, set()).add(sealed_key_id(r.ct))
+            key_ids.setdefault(r.session_id, set()).add(crypto.key_id_of(r.ct))
             report.rounds += 1
             entry = sessions[r.session_id].rounds.get(r.seq) if r.session_id in sessions else None
             if entry is not None and entry.digest == digest:
@@ -433,11 +434,6 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
     return report
 
 
-def sealed_key_id(ct: bytes) -> bytes:
-    """The id of the data key a sealed record names (``gateway.crypto``'s header)."""
-    return bytes(ct[1:1 + crypto.KEY_ID_LEN])
-
-
 def _key_error(tenant: str, sid: str, srow: SessionRow | None, krow: DataKeyRow | None, round_keys: set[bytes],
                open_key: Callable[[DataKeyRow], object] | None) -> tuple[VerifyError | None, bool]:
     """A session holding sealed rows must hold the data key they were sealed under, and it must
@@ -448,7 +444,7 @@ def _key_error(tenant: str, sid: str, srow: SessionRow | None, krow: DataKeyRow 
         return VerifyError(None, "data_key_missing", f"{where}: the store holds its sealed rows but not their data "
                            "key, so they can no longer be read, and no erasure entry records that",
                            session_id=sid), False
-    sealed = round_keys | ({sealed_key_id(srow.state_ct)} if srow is not None else set())
+    sealed = round_keys | ({crypto.key_id_of(srow.state_ct)} if srow is not None else set())
     if sealed - {bytes(krow.dk_id)}:
         return VerifyError(None, "data_key_mismatch", f"{where}: its rows were sealed under data key "
                            f"{min(sealed - {bytes(krow.dk_id)}).hex()}, but the store holds key "

@@ -659,8 +659,8 @@ def _record_refs(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
                 for line in f:
                     doc = orjson.loads(line)
                     doc.pop("messages", None)
-                    for name in _RECORD_REFS:
-                        doc[name]  # noqa: B018 - a record without it is malformed (KeyError below)
+                    if not all(name in doc for name in _RECORD_REFS):
+                        raise KeyError("a record lacks a field the check reads")
                     yield doc
         elif fmt == "csv":
             csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))

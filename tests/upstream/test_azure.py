@@ -144,3 +144,16 @@ def test_a_query_in_the_wrong_place_or_a_credential_in_a_url_is_refused(tmp_path
     text = str(caught.value)
     assert says in text and "sessiongate.yaml:" in text and field in text, text
     assert AZURE_KEY not in text, text
+
+
+def test_a_client_cannot_smuggle_its_own_api_version_past_the_fixed_one() -> None:
+    """Spelled percent-encoded, with '+', or twice: the client's value is dropped, the rest kept as sent."""
+    import aiohttp
+
+    from gateway.upstream import Upstream
+
+    up = Upstream("azure", "https://r.openai.azure.com/openai/deployments/d", {}, ("*",), aiohttp.ClientTimeout(),
+                  query=(("api-version", API_VERSION),))
+    url = up.url("/embeddings", "api%2Dversion=1999&api-version=2000&keep=a%20b&flag&api-version")
+    assert url.raw_query_string == f"keep=a%20b&flag&api-version={API_VERSION}"
+    assert str(up.url("/chat/completions")).endswith(f"/chat/completions?api-version={API_VERSION}")
