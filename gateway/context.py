@@ -81,6 +81,7 @@ class Context:
     outcome: str = ""
     ended_by: str = ""  # "client" or "upstream" when a stream was cut off
     reply_truncated: bool = False  # the reply was over the upstream's max_reply_bytes
+    event_open: bool = False  # the client has an event's start, its end is held in tail: no other event may follow
     bytes_out: int = 0
     first_byte_at: float = 0.0  # perf_counter() when the first streamed byte was written
     # record

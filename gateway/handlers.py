@@ -150,10 +150,12 @@ def _stream_started(ctx: Context) -> bool:
 
 
 async def _end_stream(ctx: Context, error: dict[str, dict[str, str]]) -> web.StreamResponse:
-    """End a stream that already began with an SSE error event instead of ``[DONE]``."""
+    """End a stream that already began with an SSE error event instead of ``[DONE]``, or by
+    closing the connection when no event can go in: a JSON body relayed early, or a stream whose
+    client holds an unended event (``event_open``; its decoder drops that event at the close)."""
     out = ctx.response
     assert out is not None
-    if out.content_type != "text/event-stream":  # a JSON body relayed early: no event can go inside it
+    if out.content_type != "text/event-stream" or ctx.event_open:
         end_connection(ctx.request, out)
         return out
     try:

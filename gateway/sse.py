@@ -18,7 +18,12 @@ own final event by the top-level ``type`` of its data (a request's metadata echo
 ``response.created`` is not the type of that event).
 
 Bounds: ``EventSplitter(max_event=N)`` never holds more than about N bytes of one event: a
-longer event is forwarded as it arrives (``oversized`` is set) and is not parsed.
+longer event is forwarded as it arrives (``oversized`` is set) and is not parsed. Its type is
+read from its first bytes instead (``on_oversized``: the data's leading ``"type"``, else its
+``event:`` line); when that is the protocol's final type (a Responses reply past the cap ends
+with a ``response.completed`` longer than the cap), the event's last byte, the newline that
+ends it for a client, is held back like any final event, so the client still sees the end only
+after the round is committed, and no "broke off" error follows a stream that did end.
 ``ReplyAssembler(max_bytes=N)`` keeps the text of events up to N bytes of event data; past it,
 text is dropped, ``truncated`` is set, and only the small fields (finish reason, usage, id,
 model) are still taken from later events.
@@ -26,12 +31,25 @@ model) are still taken from later events.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
 DONE = b"[DONE]"
+# The type of an event from its first bytes: its data's leading "type" member, or its event: line.
+_HEAD_DATA_TYPE = re.compile(rb'^data: ?\{\s*"type"\s*:\s*"([A-Za-z0-9_.]{1,64})"', re.MULTILINE)
+_HEAD_EVENT_NAME = re.compile(rb"^event: ?([A-Za-z0-9_.]{1,64})$", re.MULTILINE)
+HEAD_BYTES = 1024
+"""How much of an oversized event :func:`head_type` reads."""
+
+
+def head_type(head: bytes) -> str | None:
+    """The type of an event known only by its first bytes (lines split on ``\\n``): its
+    data's leading ``"type"`` member, else its ``event:`` line's name; None when neither is there."""
+    match = _HEAD_DATA_TYPE.search(head) or _HEAD_EVENT_NAME.search(head)
+    return match.group(1).decode() if match else None
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -53,18 +71,27 @@ class EventSplitter:
     """Splits a byte stream on blank lines and hands each complete event (without its blank
     line) to *on_event*, which says whether it is the stream's final event."""
 
-    __slots__ = ("_buf", "_cr", "_max", "_on_event", "_skipping", "done", "held", "oversized")
+    __slots__ = ("_buf", "_cr", "_head", "_max", "_on_event", "_on_oversized", "_skipping", "done", "held",
+                 "open_end", "oversized")
 
-    def __init__(self, on_event: Callable[[bytes], bool], max_event: int | None = None) -> None:
+    def __init__(self, on_event: Callable[[bytes], bool], max_event: int | None = None,
+                 on_oversized: Callable[[bytes], bool] | None = None) -> None:
+        """*on_oversized* is given the first bytes of an event longer than *max_event* when it
+        ends, and says whether it was the final event (its ending newline is then held back)."""
         self._buf = b""
         self._max = max_event
         self._on_event = on_event
+        self._on_oversized = on_oversized
+        self._head = b""
         self._cr = False
         self._skipping = False
         self.done = False
         self.oversized = False
         self.held = b""
         """The final event(s) held back, as they came."""
+        self.open_end = False
+        """``held`` starts with the newline that ends an oversized final event, whose other bytes
+        went out: the client's decoder holds that event open, so nothing but ``held`` may follow."""
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events of *chunk* as bytes to forward (a final event held back)."""
@@ -84,10 +111,15 @@ class EventSplitter:
                 return buf[:-1]
             skipped, buf = buf[: end + 2], buf[end + 2:]
             self._skipping = False
+            if self._on_oversized is not None and self._on_oversized(self._head):
+                self.done = self.open_end = True
+                self.held = skipped[-1:] + self.held  # the blank line's newline: what makes a client take it
+                skipped = skipped[:-1]
         end = buf.rfind(b"\n\n")
         if end < 0:
             if self._max is not None and len(buf) > self._max:
                 self._skipping = self.oversized = True
+                self._head = buf[:HEAD_BYTES]
                 self._buf = buf[-1:]
                 return skipped + buf[:-1]
             self._buf = buf
@@ -115,7 +147,11 @@ class EventAssembler:
     """Base of the per-protocol reply assemblers (Chat's below, Responses' and Messages' in
     ``gateway.codecs``): counts event bytes against ``max_bytes`` (``truncated`` once past it) and
     hands each event whose data (:func:`event_data`) is a JSON object to :meth:`on_event`;
-    anything else is skipped."""
+    anything else is skipped. An event too long to parse reaches :meth:`on_event` as its type
+    alone (``{"type": ...}``, see :meth:`add_oversized`) when that type is in ``final_types``."""
+
+    final_types: ClassVar[frozenset[str]] = frozenset()
+    """The types of the protocol's final JSON events (none for Chat, whose stream ends with ``[DONE]``)."""
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self._room = max_bytes
@@ -139,6 +175,13 @@ class EventAssembler:
         except orjson.JSONDecodeError:
             return data.startswith(DONE)  # as the openai SDK reads it
         return isinstance(parsed, dict) and self.on_event(parsed)
+
+    def add_oversized(self, head: bytes) -> bool:
+        """Take an event too long to parse, by its first bytes: the reply is ``truncated``; True
+        when its type (:func:`head_type`) is one of ``final_types``."""
+        self.truncated = True
+        kind = head_type(head)
+        return kind in self.final_types and self.on_event({"type": kind})
 
     def on_event(self, event: dict[str, Any]) -> bool:
         """Take one parsed event; True when it is the protocol's final event."""

@@ -207,6 +207,8 @@ class MessagesAssembler(EventAssembler):
     the stream stands for (``response``: every block as the JSON reply would hold it, thinking,
     signatures, citations and server tools' input included, for ``$`` reply keys)."""
 
+    final_types = frozenset({"message_stop"})
+
     def __init__(self, max_bytes: int | None = None) -> None:
         super().__init__(max_bytes)
         self.id: str | None = None

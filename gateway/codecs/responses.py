@@ -192,6 +192,8 @@ def _memo_into(item: dict[str, Any], memo: Any) -> dict[str, Any]:
 class ResponsesAssembler(EventAssembler):
     """Builds the assistant message of a Responses stream from its events."""
 
+    final_types = FINAL_TYPES
+
     def __init__(self, max_bytes: int | None = None) -> None:
         super().__init__(max_bytes)
         self.id: str | None = None
@@ -210,7 +212,9 @@ class ResponsesAssembler(EventAssembler):
             if kind == "response.created":
                 self.created = response
             if kind in FINAL_TYPES:
-                self.final, self.final_type = response, str(kind)
+                self.final = response
+        if kind in FINAL_TYPES:
+            self.final_type = str(kind)
         if self.truncated:
             return kind in FINAL_TYPES
         if kind in ("response.output_text.delta", "response.refusal.delta") and isinstance(ev.get("delta"), str):
@@ -223,7 +227,7 @@ class ResponsesAssembler(EventAssembler):
 
     @property
     def finished(self) -> bool:
-        return self.final is not None
+        return bool(self.final_type)
 
     @property
     def completed(self) -> bool:

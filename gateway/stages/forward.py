@@ -17,7 +17,8 @@ statuses take the same path, with outcome ``upstream_error``.
 
 Streaming: complete SSE events go to the client as they arrive; the final event (Chat's
 ``data: [DONE]``, Responses' ``response.completed``, Messages' ``message_stop``) is held back as
-``tail`` so that the round is committed before the client sees the end. When ``reply_id`` is set
+``tail`` so that the round is committed before the client sees the end; of a final event longer
+than the cap only its last newline is held (``event_open``: the client has the rest). When ``reply_id`` is set
 (a gateway-held Responses chain), the upstream's response id is replaced by it in what the
 client gets. Past
 ``max_reply_bytes`` of events the client still gets every event, the reply is assembled from
@@ -182,7 +183,7 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     out.headers["Cache-Control"] = "no-cache"
     codec = ctx.codec
     assembler = codec.assembler(cap)
-    splitter = EventSplitter(assembler.add_event, max_event=cap)
+    splitter = EventSplitter(assembler.add_event, max_event=cap, on_oversized=assembler.add_oversized)
     swap: tuple[bytes, bytes] | None = None
     ctx.response = out
     ctx.outcome = "incomplete"
@@ -223,6 +224,7 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     except (TimeoutError, OSError):
         ctx.ended_by = "client" if writing else "upstream"
     ctx.reply_truncated = ctx.reply_truncated or assembler.truncated or splitter.oversized
+    ctx.event_open = splitter.open_end
     ctx.reply_message, ctx.reply_body = assembler.message(), assembler.response()
     if ctx.reply_id and ctx.reply_body is not None:
         ctx.reply_body["id"] = ctx.reply_id

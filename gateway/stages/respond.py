@@ -3,10 +3,12 @@
 Non-streaming: the upstream's body with its status (a 4xx/5xx passes through unchanged), sent
 here, so the access log line and the metrics that follow are written after the client has it.
 Streaming: the held-back ``[DONE]``; a stream cut off by the upstream ends with an SSE error
-event instead, so the client can tell it is incomplete. A truncated recording (``reply_truncated``)
-still gives the client the whole reply. A non-SSE body relayed early (over the reply cap) gets its
-held-back last piece; if the upstream broke it off, the connection is closed instead, so the client
-sees a cut-off body and never a second status line.
+event instead, so the client can tell it is incomplete (or, when the client holds an unended
+event, ``event_open``, with a closed connection: its decoder drops the unended event). A
+truncated recording (``reply_truncated``) still gives the client the whole reply. A non-SSE
+body relayed early (over the reply cap) gets its held-back last piece; if the upstream broke it
+off, the connection is closed instead, so the client sees a cut-off body and never a second
+status line.
 
 When the record step failed (``record_error``), nothing held back is sent: raises
 ``RecordFailed``, which the handler turns into an error status (JSON) or an SSE error event
@@ -38,11 +40,12 @@ async def respond(ctx: Context) -> None:
     assert isinstance(out, web.StreamResponse)
     if ctx.ended_by == "client":
         return
-    if ctx.ended_by == "upstream" and out.content_type != "text/event-stream":
-        end_connection(ctx.request, out)  # a relayed body that broke off: no second response inside it
+    failed = ctx.ended_by == "upstream" or (ctx.outcome != "completed" and not ctx.reply_truncated)
+    if failed and (ctx.event_open or out.content_type != "text/event-stream"):
+        end_connection(ctx.request, out)  # a relayed body, or an event, that broke off: nothing may go inside it
         return
     try:
-        if ctx.ended_by == "upstream" or (ctx.outcome != "completed" and not ctx.reply_truncated):
+        if failed:
             err = {"error": {"message": "the upstream model broke off its reply; the partial round was recorded "
                              "as incomplete", "type": "upstream_error", "code": "upstream_incomplete"}}
             await out.write_eof(ctx.codec.stream_error(err))

@@ -1,0 +1,147 @@
+"""A stream's final event longer than the recorded-reply cap (a Responses reply past the cap
+ends with a ``response.completed`` that repeats the whole text): relayed as it arrives, but the
+newline that ends it for a client still waits for the commit, and no "broke off" error follows
+a stream that did end. The provider writes that event in pieces, as a real one's socket does."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.errors import StoreUnavailable
+from gateway.sessions import SessionService
+from gateway.sse import EventSplitter, head_type
+from tests.conftest import ACME_KEY, Gateway, _Server
+
+CAP = 64 * 1024
+TEXT = "0123456789" * 20_000  # 200 KB: the final event alone is three times the cap
+AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+REQUEST = {"model": "m", "input": "hi", "stream": True}
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+def final_event(kind: str = "response.completed") -> bytes:
+    done = {"id": "resp_up", "object": "response", "model": "m", "status": "completed",
+            "output": [{"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": TEXT, "annotations": []}]}],
+            "usage": {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}}
+    return sse({"type": kind, "response": done, "sequence_number": 2})
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    base = {"id": "resp_up", "object": "response", "model": "m", "status": "in_progress", "output": []}
+    await resp.write(sse({"type": "response.created", "response": base, "sequence_number": 0}))
+    await resp.write(sse({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+                          "content_index": 0, "delta": TEXT, "sequence_number": 1}))
+    data = final_event()
+    for i in range(0, len(data), 16384):  # pieces well apart: the gateway cannot read the event whole
+        await resp.write(data[i:i + 16384])
+        await asyncio.sleep(0.005)
+    await resp.write_eof()
+    return resp
+
+
+@pytest.fixture
+def gw(make_gateway: Callable[..., Gateway]) -> Iterator[Gateway]:
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    server = _Server(app)
+    try:
+        yield make_gateway(upstreams=[{"name": "big", "base_url": f"http://127.0.0.1:{server.port}/v1",
+                                       "models": ["*"], "max_reply_bytes": CAP}])
+    finally:
+        server.stop()
+
+
+def test_the_sdk_gets_the_oversized_final_event_and_no_error_after_it(gw: Gateway) -> None:
+    """The openai SDK's stream ends with response.completed, whole; the round is recorded as
+    truncated, not as cut off by the upstream."""
+    events = list(gw.openai(session="big").responses.create(**REQUEST))
+    assert [e.type for e in events][-1] == "response.completed"
+    assert "error" not in [e.type for e in events]
+    assert events[-1].response.output[0].content[0].text == TEXT
+    rounds = [e for e in gw.audit_entries() if e["event"] == "round"]
+    assert [(e["outcome"], e.get("truncated"), e.get("ended_by")) for e in rounds] == [("incomplete", True, None)]
+
+
+def test_the_end_of_the_oversized_final_event_waits_for_the_commit(gw: Gateway) -> None:
+    """The blank line that makes a client take the event arrives only once the round is stored."""
+    seen = b""
+    with httpx.stream("POST", f"{gw.base_url}/responses", json=REQUEST, timeout=20,
+                      headers={**AUTH, "X-Session-Id": "durable"}) as resp:
+        for piece in resp.iter_raw():
+            ended = (seen + piece).endswith(b"}\n\n") and b"event: response.completed" in seen + piece
+            if ended:
+                assert [e["outcome"] for e in gw.audit_entries() if e["event"] == "round"] == ["incomplete"]
+            seen += piece
+    assert seen.endswith(final_event())
+
+
+def test_a_round_that_cannot_be_stored_leaves_the_oversized_final_event_unended(
+        gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the commit fails the connection closes inside the event: the SDK never sees it, and
+    no error event is written into it (its lines would join the open event's)."""
+
+    async def store_down(*args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable("the store is down (test)")
+
+    monkeypatch.setattr(SessionService, "commit_round", store_down)
+    kinds: list[str] = []
+    with pytest.raises((httpx.HTTPError, openai.APIError)):
+        kinds.extend(e.type for e in gw.openai(session="unstored").responses.create(**REQUEST))
+    assert kinds[-1] == "response.output_text.delta"
+    raw = b""
+    with (httpx.stream("POST", f"{gw.base_url}/responses", json=REQUEST, timeout=20,
+                       headers={**AUTH, "X-Session-Id": "unstored"}) as resp,
+          pytest.raises(httpx.HTTPError)):  # the close comes before the chunked body's end
+        for piece in resp.iter_raw():
+            raw += piece
+    assert raw.endswith(final_event()[:-1]) and b"event: error" not in raw
+
+
+def _keep(parsed: list[bytes], event: bytes) -> bool:
+    parsed.append(event)
+    return False  # never final: only the oversized hook can end these streams
+
+
+def test_the_splitter_holds_only_the_end_of_an_oversized_final_event() -> None:
+    """Cut anywhere: a non-final oversized event goes out whole, a final one all but its last newline."""
+    small = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"x"}\n\n'
+    big_delta = sse({"type": "response.output_text.delta", "delta": "y" * 5000})
+    final = final_event()
+    data = small + big_delta + small + final
+    for step in (1, 7, 999, len(data)):
+        parsed: list[bytes] = []
+        splitter = EventSplitter(functools.partial(_keep, parsed), max_event=1000,
+                                 on_oversized=lambda head: head_type(head) == "response.completed")
+        out = b"".join(splitter.feed(data[i:i + step]) for i in range(0, len(data), step))
+        if step == len(data):  # every event whole in one piece: parsed (by take, which calls none final)
+            assert out == data and parsed == [small[:-2], big_delta[:-2], small[:-2], final[:-2]]
+            continue
+        assert out == data[:-1] and splitter.held == b"\n" and splitter.done and splitter.open_end, step
+        assert splitter.oversized and parsed == [small[:-2], small[:-2]]
+
+
+@pytest.mark.parametrize(("head", "kind"), [
+    (b'event: response.completed\ndata: {"type":"response.completed","response":{"type":"x"', "response.completed"),
+    (b'data: {"type": "message_stop"', "message_stop"),
+    (b'event: response.failed\ndata: {"response":{"type":"response.completed"', "response.failed"),
+    (b'id: 7\ndata: {"response":{"type":"response.completed"', None),
+    (b": comment\ndata: [1,2", None),
+])
+def test_an_oversized_event_is_typed_by_its_data_then_its_event_line(head: bytes, kind: str | None) -> None:
+    """The data's leading "type" decides, else the event: line; a type nested deeper never does."""
+    assert head_type(head) == kind
