@@ -66,6 +66,14 @@ class Authenticator:
             raise Unauthorized("unknown API key: use a key issued for this gateway (sessiongate clients new)")
         return principal
 
+    def knows(self, value: str) -> bool:
+        """Whether *value* is one of this gateway's client keys or auditor tokens."""
+        try:
+            raw = value.strip().encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return bool(raw) and hashlib.sha256(raw).hexdigest() in self._by_digest
+
     def client(self, authorization: str | None) -> Principal:
         if not authorization:  # client routes take either header (``auth_header``)
             raise Unauthorized("missing API key: send 'Authorization: Bearer <your gateway key>' "

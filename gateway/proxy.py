@@ -12,7 +12,9 @@ Contract, in order:
    re-resolve it), so the provider key reaches only paths below the configured base URL.
 3. Paths the gateway serves itself are never forwarded, whatever their spelling: any path whose
    first segment is ``sessions`` in any case (400/405/404), and ``chat/completions`` (405 for a
-   method other than POST).
+   method other than POST). A URL that holds a gateway key or auditor token (a path segment, a
+   query parameter's name or value) is refused with 400 ``key_in_url``: it would reach the
+   provider, and its logs, as it is.
 4. The body (``server.max_body_bytes``) is read; a JSON body's ``model`` must be a printable
    string of at most 256 characters (400 ``invalid_model`` otherwise) before it is used,
    logged or audited. It picks the upstream, among those of the route's protocol
@@ -38,13 +40,13 @@ import asyncio
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import orjson
 import structlog
 from aiohttp import web
 
-from gateway.auth import auth_header
+from gateway.auth import Authenticator, auth_header
 from gateway.context import Services
 from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
 from gateway.observe import mark_logged, set_outcome
@@ -103,6 +105,21 @@ def parse_route(raw_target: str) -> Route:
             raise BadRequest("path segments must not hold control characters", code="invalid_path")
         segments.append(text)
     return Route("/" + "/".join(encoded), tuple(segments), query)
+
+
+def refuse_keys_in_url(route: Route, auth: Authenticator) -> None:
+    """``BadRequest`` when a path segment or a query parameter (name or value, decoded) of the
+    forwarded URL is a gateway key or auditor token: the URL goes to the provider as it is (and
+    into its logs), so a key there would leave the gateway. The error never repeats it."""
+    values = [*route.segments]
+    if route.query:
+        for name, value in parse_qsl(route.query, keep_blank_values=True):
+            values += (name, value)
+    for value in values:
+        if auth.knows(value):
+            raise BadRequest("the request's URL holds a gateway key, and forwarded URLs go to the provider as "
+                             "they are: send the key only in the Authorization (or x-api-key) header, and "
+                             "replace that key, as it may have been logged on the way", code="key_in_url")
 
 
 SESSION_SUBROUTES = {"reset": ["POST"], "history": ["POST"], "clean_context_window": ["POST"], "memo": ["GET", "PUT"]}
@@ -181,6 +198,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     principal = services.auth.client(auth_header(request.headers))
     route = parse_route(request.raw_path)
     refuse_gateway_paths(request.method, route)
+    refuse_keys_in_url(route, services.auth)
     body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
     if body is not None and len(body) > THREAD_ABOVE_BYTES:
         body, model, is_json = await asyncio.to_thread(json_body, body, request.content_type)

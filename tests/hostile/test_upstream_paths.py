@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import ACME_KEY, Gateway
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway
 from tests.provider import Provider, provider  # noqa: F401
 
 UPSTREAM_KEY = "sk-provider-secret"
@@ -92,3 +92,22 @@ def test_an_accepted_path_reaches_the_provider_exactly_as_encoded(gateway: Gatew
         assert status == 200, data[:300]
     assert provider.paths == targets
     assert all(r["headers"]["Authorization"] == f"Bearer {UPSTREAM_KEY}" for r in provider.requests)
+
+
+@pytest.mark.parametrize("target", [
+    f"/v1/models?api_key={ACME_KEY}",
+    f"/v1/models?limit=2&key=%20{ACME_KEY.replace('-', '%2D')}",
+    f"/v1/models?{ACME_KEY}",
+    f"/v1/models/{ACME_KEY}",
+    f"/v1/files?purpose=x&token={AUDITOR_TOKEN}",
+])
+def test_a_gateway_key_in_a_forwarded_url_never_reaches_the_provider(gateway: Gateway, provider: Provider,  # noqa: F811
+                                                                     target: str) -> None:
+    """A gateway key or auditor token anywhere in the URL (percent-encoded too) is refused with
+    400 key_in_url, which does not repeat it; the provider sees nothing."""
+    status, data = raw_request(gateway, "GET", target)
+    assert status == 400 and b'"key_in_url"' in data, data[:300]
+    assert ACME_KEY.encode() not in data and AUDITOR_TOKEN.encode() not in data
+    assert provider.paths == []
+    status, _ = raw_request(gateway, "GET", "/v1/models?limit=2&key=not-a-gateway-key")
+    assert status == 200 and provider.paths == ["/v1/models?limit=2&key=not-a-gateway-key"]
