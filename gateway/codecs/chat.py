@@ -66,6 +66,10 @@ class ChatCodec:
             raise UpstreamError("upstream sent a reply that is not a chat completion",
                                 code="bad_upstream_reply") from exc
 
+    def failed(self, body: dict[str, Any]) -> bool:
+        """A chat completion never reports a failure in a 200 reply."""
+        return False
+
     def assembler(self, max_bytes: int | None) -> ChatAssembler:
         return ChatAssembler(max_bytes=max_bytes)
 

@@ -358,6 +358,10 @@ class MessagesCodec:
         except (KeyError, TypeError, AttributeError) as exc:
             raise UpstreamError("upstream sent a reply that is not a message", code="bad_upstream_reply") from exc
 
+    def failed(self, body: dict[str, Any]) -> bool:
+        """A message never reports a failure in a 200 reply."""
+        return False
+
     def assembler(self, max_bytes: int | None) -> MessagesAssembler:
         return MessagesAssembler(max_bytes)
 

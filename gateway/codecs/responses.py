@@ -27,7 +27,10 @@ relayed bytes). With ``responses_state: provider``, ``previous_response_id`` and
 upstream untouched and only ``X-Session-Id`` makes a session.
 
 Stream: ``response.completed`` (or ``response.incomplete``/``response.failed``) is the final
-event, held back until the round is committed; only ``response.completed`` completes a round.
+event, held back until the round is committed. ``response.completed`` and
+``response.incomplete`` (the model stopped at ``max_output_tokens`` or a content filter) complete
+a round, as a non-streamed reply of either status does and as Chat's ``finish_reason: length``
+does; ``response.failed`` is the provider's error (``upstream_error``).
 """
 
 from __future__ import annotations
@@ -231,7 +234,7 @@ class ResponsesAssembler(EventAssembler):
 
     @property
     def completed(self) -> bool:
-        return self.final_type == "response.completed"
+        return self.final_type in ("response.completed", "response.incomplete")
 
     def message(self) -> Message:
         return assistant_message(self.text, [_call(item) for item in self.calls.values()])
@@ -337,6 +340,10 @@ class ResponsesCodec:
         except (KeyError, TypeError, AttributeError) as exc:
             raise UpstreamError("upstream sent a reply that is not a response object",
                                 code="bad_upstream_reply") from exc
+
+    def failed(self, body: dict[str, Any]) -> bool:
+        """A response object whose ``status`` is ``failed`` (as a stream's ``response.failed``)."""
+        return body.get("status") == "failed"
 
     def assembler(self, max_bytes: int | None) -> ResponsesAssembler:
         return ResponsesAssembler(max_bytes)

@@ -16,13 +16,15 @@ is committed, and the round is ``incomplete`` with ``reply_truncated`` set. Erro
 statuses take the same path, with outcome ``upstream_error``.
 
 Streaming: complete SSE events go to the client as they arrive; the final event (Chat's
-``data: [DONE]``, Responses' ``response.completed``, Messages' ``message_stop``) is held back as
-``tail`` so that the round is committed before the client sees the end; of a final event longer
-than the cap only its last newline is held (``event_open``: the client has the rest). When ``reply_id`` is set
-(a gateway-held Responses chain), the upstream's response id is replaced by it in what the
-client gets. Past
-``max_reply_bytes`` of events the client still gets every event, the reply is assembled from
-what fits, and the round is ``incomplete`` with ``reply_truncated``. A client that disconnects,
+``data: [DONE]``, Responses' ``response.completed``, ``.incomplete`` or ``.failed``, Messages'
+``message_stop``) is held back as ``tail`` so that the round is committed before the client sees
+the end; of a final event longer than the cap only its last newline is held (``event_open``: the
+client has the rest). A stream that ends with its final event is ``completed``, unless the
+codec's assembler says the provider failed (Responses' ``response.failed``: ``upstream_error``);
+either way the client gets the provider's own final event. When ``reply_id`` is set (a
+gateway-held Responses chain), the upstream's response id is replaced by it in what the client
+gets. Past ``max_reply_bytes`` of events the client still gets every event, the reply is
+assembled from what fits, and the round is ``incomplete`` with ``reply_truncated``. A client that disconnects,
 or an upstream that breaks off, ends the stream with outcome ``incomplete`` (``ended_by`` says
 which); the partial reply is still recorded. Errors before any byte reached the client raise
 ``UpstreamError``/``UpstreamTimeout``; once bytes went out, a broken-off upstream sets
@@ -172,7 +174,8 @@ def _parse_reply(ctx: Context) -> None:
     if ctx.reply_id and isinstance(body.get("id"), str):
         ctx.tail = ctx.tail.replace(body["id"].encode(), ctx.reply_id.encode())
         body["id"] = ctx.reply_id
-    ctx.reply_body, ctx.reply_message, ctx.outcome = body, message, "completed"
+    ctx.reply_body, ctx.reply_message = body, message
+    ctx.outcome = "upstream_error" if ctx.codec.failed(body) else "completed"
 
 
 async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
@@ -212,8 +215,8 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
                 writing = False
         ctx.reply_truncated = assembler.truncated or splitter.oversized
         ended = splitter.done or assembler.finished
-        if ended and assembler.completed and not ctx.reply_truncated:
-            ctx.outcome = "completed"
+        if ended and not ctx.reply_truncated:  # the provider's own end, relayed after the commit
+            ctx.outcome = "completed" if assembler.completed else "upstream_error"
         if ended:
             held = splitter.held
             ctx.tail = (held.replace(*swap) if swap is not None else held) if splitter.done else b""

@@ -40,12 +40,11 @@ async def respond(ctx: Context) -> None:
     assert isinstance(out, web.StreamResponse)
     if ctx.ended_by == "client":
         return
-    failed = ctx.ended_by == "upstream" or (ctx.outcome != "completed" and not ctx.reply_truncated)
-    if failed and (ctx.event_open or out.content_type != "text/event-stream"):
+    if ctx.ended_by == "upstream" and (ctx.event_open or out.content_type != "text/event-stream"):
         end_connection(ctx.request, out)  # a relayed body, or an event, that broke off: nothing may go inside it
         return
     try:
-        if failed:
+        if ctx.ended_by == "upstream":
             err = {"error": {"message": "the upstream model broke off its reply; the partial round was recorded "
                              "as incomplete", "type": "upstream_error", "code": "upstream_incomplete"}}
             await out.write_eof(ctx.codec.stream_error(err))

@@ -1,7 +1,12 @@
-"""A stream's final event longer than the recorded-reply cap (a Responses reply past the cap
-ends with a ``response.completed`` that repeats the whole text): relayed as it arrives, but the
-newline that ends it for a client still waits for the commit, and no "broke off" error follows
-a stream that did end. The provider writes that event in pieces, as a real one's socket does."""
+"""How a stream's final event reaches the client: the provider's own, after the commit.
+
+A Responses stream may end with ``response.completed``, ``response.incomplete`` (the model
+stopped at ``max_output_tokens``) or ``response.failed``; each is relayed as the provider sent
+it, never replaced by the gateway's "broke off" error. A final event longer than the
+recorded-reply cap (a Responses reply past the cap ends with a ``response.completed`` that
+repeats the whole text) is relayed as it arrives, but the newline that ends it for a client
+still waits for the commit. The provider writes that event in pieces, as a real one's socket does.
+"""
 
 from __future__ import annotations
 
@@ -39,11 +44,32 @@ def final_event(kind: str = "response.completed") -> bytes:
     return sse({"type": kind, "response": done, "sequence_number": 2})
 
 
+def short_final(kind: str) -> dict[str, Any]:
+    status = kind.removeprefix("response.")
+    return {"id": "resp_up", "object": "response", "model": kind, "status": status,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "error": {"code": "server_error", "message": "The model failed"} if status == "failed" else None,
+            "output": [{"id": "msg_1", "type": "message", "role": "assistant", "status": "incomplete",
+                        "content": [{"type": "output_text", "text": "partial", "annotations": []}]}]}
+
+
 async def responses(request: web.Request) -> web.StreamResponse:
+    """Model ``m``: a reply whose final event is longer than the cap. A model named after a final
+    type (``response.incomplete``, ...): a short reply ending with that event, or that response
+    object as JSON when not streamed."""
+    model = (await request.json())["model"]
+    if model.startswith("response.") and not (await request.json()).get("stream"):
+        return web.json_response(short_final(model))
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     base = {"id": "resp_up", "object": "response", "model": "m", "status": "in_progress", "output": []}
     await resp.write(sse({"type": "response.created", "response": base, "sequence_number": 0}))
+    if model.startswith("response."):
+        await resp.write(sse({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+                              "content_index": 0, "delta": "partial", "sequence_number": 1}))
+        await resp.write(sse({"type": model, "response": short_final(model), "sequence_number": 2}))
+        await resp.write_eof()
+        return resp
     await resp.write(sse({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
                           "content_index": 0, "delta": TEXT, "sequence_number": 1}))
     data = final_event()
@@ -145,3 +171,35 @@ def test_the_splitter_holds_only_the_end_of_an_oversized_final_event() -> None:
 def test_an_oversized_event_is_typed_by_its_data_then_its_event_line(head: bytes, kind: str | None) -> None:
     """The data's leading "type" decides, else the event: line; a type nested deeper never does."""
     assert head_type(head) == kind
+
+
+@pytest.mark.parametrize(("kind", "outcome"), [("response.incomplete", "completed"),
+                                               ("response.failed", "upstream_error")])
+def test_a_stream_ending_incomplete_or_failed_ends_with_the_providers_event(gw: Gateway, kind: str,
+                                                                            outcome: str) -> None:
+    """The SDK gets the provider's final event, not the gateway's "broke off" error. An incomplete
+    reply (max_output_tokens) is a completed round that extends the window; a failed one is the
+    upstream's error and does not. The same reply not streamed is recorded alike."""
+    events = list(gw.openai(session=f"s-{kind}").responses.create(model=kind, input="hi", stream=True))
+    assert [e.type for e in events] == ["response.created", "response.output_text.delta", kind]
+    assert events[-1].response.status == kind.removeprefix("response.")
+    gw.openai(session=f"j-{kind}").responses.create(model=kind, input="hi")
+    rounds = [e for e in gw.audit_entries() if e["event"] == "round"]
+    assert [(e["session_id"], e["outcome"], e.get("ended_by")) for e in rounds] == [
+        (f"s-{kind}", outcome, None), (f"j-{kind}", outcome, None)]
+    for session in (f"s-{kind}", f"j-{kind}"):
+        window = httpx.get(f"{gw.base_url}/sessions/{session}", headers=AUTH).json()["context_window"]
+        assert window == ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "partial"}]
+                          if outcome == "completed" else []), session
+
+
+def test_a_failed_commit_withholds_the_providers_incomplete_event(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held-back response.incomplete goes out only after the round is stored."""
+
+    async def store_down(*args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable("the store is down (test)")
+
+    monkeypatch.setattr(SessionService, "commit_round", store_down)
+    raw = httpx.post(f"{gw.base_url}/responses", json={"model": "response.incomplete", "input": "hi", "stream": True},
+                     headers={**AUTH, "X-Session-Id": "unstored"}).content
+    assert b"event: response.incomplete" not in raw and b'"store_unavailable"' in raw
