@@ -573,6 +573,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
     policies = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules)
     totals = _run(_with_sessions(settings, lambda svc: purge_expired(svc, policies)))
     print(f"purged {totals['rounds']} expired rounds; erased {totals['sessions']} sessions")
+    if totals["skipped"]:
+        print(f"sessiongate: warning: skipped {totals['skipped']} quarantined session(s), whose expired rounds "
+              "stay until they are released or erased (sessiongate sessions release / erase)", file=sys.stderr)
     return 0
 
 

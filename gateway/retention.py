@@ -7,6 +7,10 @@ context window in one transaction per session (each an audit entry), then folds 
 write-ahead log so the deleted bytes leave the disk. A session whose rounds all expired and
 that is idle since the cut-off is erased whole, its data key included. Text that a memo
 absorbed from expired rounds (a summary) stays in the memo: a memo is not traceable to rounds.
+A session that is quarantined, or fails the check on load (and is quarantined then), is
+skipped and logged (``retention_skipped_quarantined``): its expired rounds stay until an
+operator releases or erases it, since purging would rewrite its state from rows the audit
+chain does not vouch for, and bind them anew.
 
 ``RetentionTask`` runs it periodically in a gateway; ``sessiongate purge`` runs it once.
 """
@@ -19,6 +23,7 @@ from collections.abc import AsyncIterator
 import structlog
 
 from gateway.background import Backoff, Worker
+from gateway.errors import IntegrityError
 from gateway.policy import PolicySet, PolicyWatcher
 from gateway.policy.versions import PolicyVersion, PolicyVersions
 from gateway.session.model import Message
@@ -30,7 +35,8 @@ DAY = 86400.0
 
 async def purge_expired(sessions: SessionService, policies: PolicySet, *,
                         now: float | None = None) -> dict[str, int]:
-    """Purge every policy version's expired rounds; returns totals ``{"rounds": n, "sessions": m}``.
+    """Purge every policy version's expired rounds; returns totals ``{"rounds": n, "sessions": m,
+    "skipped": k}`` (sessions skipped as quarantined).
 
     Each round follows the retention of the policy version it was recorded under
     (``PolicyVersions.resolve``). Per session, one transaction deletes the expired rounds, takes
@@ -45,21 +51,27 @@ async def purge_expired(sessions: SessionService, policies: PolicySet, *,
     if not kept:
         return {"rounds": 0, "sessions": 0}
     latest_cutoff = now - min(kept) * DAY  # no round created after it can have expired
-    rounds = erased = 0
+    rounds = erased = skipped = 0
     for tenant in await store.tenants():
         counts = {s.session_id: s.rounds for s in await store.list_sessions(tenant)}
         async for session_id, expired, policy_ids, cutoff in _expired(sessions, tenant, latest_cutoff,
                                                                        versions, policies, now):
             whole = counts.get(session_id) == len(expired)
-            n, gone = await sessions.drop_rounds(
-                tenant, session_id, expired, policy_id=",".join(sorted(policy_ids)),
-                erase_if_idle_before=cutoff if whole else None)
+            try:
+                n, gone = await sessions.drop_rounds(
+                    tenant, session_id, expired, policy_id=",".join(sorted(policy_ids)),
+                    erase_if_idle_before=cutoff if whole else None)
+            except IntegrityError as exc:  # quarantined now or before: kept as it is for the investigation
+                skipped += 1
+                log.error("retention_skipped_quarantined", tenant=tenant, session_id=session_id,
+                          expired_rounds=len(expired), reason=exc.detail[:200])
+                continue
             rounds += n
             erased += int(gone)
     if rounds:
         await sessions.erasures.fold()
         log.info("retention_purged", rounds=rounds, sessions_erased=erased)
-    return {"rounds": rounds, "sessions": erased}
+    return {"rounds": rounds, "sessions": erased, "skipped": skipped}
 
 
 async def _expired(sessions: SessionService, tenant: str, until: float, versions: PolicyVersions,

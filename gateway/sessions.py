@@ -487,11 +487,19 @@ class SessionService:
         """Retention: delete *rounds* (seq, messages) of a session and take their messages out of
         the sealed window too, so expired text is neither kept nor injected again. When they are
         all the session has and it has not been written since *erase_if_idle_before*, the whole
-        session is erased instead (data key included). Returns (rounds deleted, session erased)."""
+        session is erased instead (data key included). Returns (rounds deleted, session erased).
+
+        A session whose rows fail the check on load is quarantined (``IntegrityError``) and a
+        quarantined one raises :class:`Quarantined` (no ``refusal`` entry): its rows stay as
+        they are for whoever investigates, as a purge would rewrite its state from rows the chain
+        does not vouch for and bind them anew."""
         seqs = [seq for seq, _ in rounds]
         expired = [m for _, messages in rounds for m in messages]
 
         def plan(cur: Current) -> Changes:
+            if cur.quarantine is not None:
+                return Changes(result=cur.quarantine)  # nothing written: raised below, outside _guarded
+            _raise_if_altered(cur)
             if cur.session is None:
                 return Changes(result=(0, False))
             detail: dict[str, Any] = {"rounds_deleted": len(seqs), "seqs": seqs, "before": erase_if_idle_before}
@@ -513,7 +521,11 @@ class SessionService:
             ch.audit.append(audit)
             return ch
 
-        deleted, erased = (await self.store.transact(tenant, session_id, plan)).result
+        async with self._guarded(tenant, session_id, None):
+            result = (await self.store.transact(tenant, session_id, plan)).result
+        if isinstance(result, str):
+            raise Quarantined(f"session {tenant}/{session_id} is quarantined ({result})")
+        deleted, erased = result
         return int(deleted), bool(erased)
 
     async def erase(self, tenant: str, session_id: str, request_id: str) -> bool:

@@ -316,3 +316,36 @@ def test_an_altered_wrapped_data_key_fails_verification(recorded: tuple[Gateway,
     code, out = verify(gw)
     assert code == 1, out
     assert "data_key_altered" in out and "tenant acme, session alice" in out, out
+
+
+def test_a_purge_never_launders_a_rolled_back_state(db_gateway: tuple[Gateway, Tables],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator rolls a session's state row back; the next retention purge would rewrite that
+    state without its expired rounds and bind it anew, after which verification passed. The purge
+    checks the rows first: the session is quarantined and skipped (its rows kept for the
+    investigation), the other sessions are purged, and verification still fails."""
+    from tests.evidence.conftest import run_cli
+
+    gw, tables = db_gateway
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 100 * 86400)  # past the default 90 days
+    record(gw, "rolled", 2)
+    record(gw, "bystander", 2)
+    monkeypatch.setattr(time, "time", real)
+    record(gw, "rolled", 1)
+    old = tables.sql("SELECT state_ct, version, next_seq FROM sessions WHERE session_id='rolled'")[0]
+    record(gw, "rolled", 1)
+    tables.sql("UPDATE sessions SET state_ct=?, version=?, next_seq=? WHERE session_id='rolled'", *old)
+
+    code, out, err = run_cli("--config", str(gw.config_path), "purge")
+    assert code == 0 and "purged 2 expired rounds; erased 1 sessions" in out, (out, err)
+    assert "skipped 1 quarantined session(s)" in err, err
+    assert tables.sql("SELECT count(*) FROM rounds WHERE session_id='rolled'") == [(4,)]
+    assert [e["event"] for e in entries(tables) if e.get("session_id") == "rolled"][-1] == "quarantine"
+    code, out = verify(gw)
+    assert code == 1 and "state_mismatch" in out and "session rolled" in out, out
+
+    before = len(entries(tables))
+    code, out, err = run_cli("--config", str(gw.config_path), "purge")  # quarantined: skipped quietly
+    assert code == 0 and "purged 0 expired rounds" in out and "skipped 1" in err, (out, err)
+    assert len(entries(tables)) == before
