@@ -32,7 +32,7 @@ from gateway.auth import Principal, auth_header
 from gateway.codecs import Codec
 from gateway.codecs.chat import CHAT
 from gateway.codecs.messages import MESSAGES
-from gateway.codecs.responses import RESPONSES, chain_of
+from gateway.codecs.responses import RESPONSES, chain_of, to_items
 from gateway.context import Context, Services
 from gateway.errors import BadRequest, GatewayError, NotFound, StoreUnavailable
 from gateway.export import FORMATS, bundle_paths
@@ -205,6 +205,54 @@ async def get_response(request: web.Request) -> web.StreamResponse:
                               "status": "completed" if row.outcome == "completed" else "incomplete",
                               "output": output, "store": True, "metadata": {"session_id": sid}})
     raise NotFound(f"no response '{rid[:64]}' for this tenant", code="response_not_found")
+
+
+async def list_input_items(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/responses/{id}/input_items``: the input a gateway-held response was made from
+    (the round's new input, as recorded: what the policy did not record is not there), as a list
+    page with OpenAI's ``order`` (``desc`` by default), ``limit`` (1–100, default 20) and
+    ``after`` (an item id of the previous page); 404 when this tenant has no such response."""
+    target = _response_target(request)
+    if target is None:
+        return await proxy(request)
+    services, tenant, sid, round_id = target
+    order, after = request.query.get("order", "desc"), request.query.get("after")
+    if order not in ("asc", "desc"):
+        raise BadRequest("order must be 'asc' or 'desc'", code="invalid_order")
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise BadRequest("limit must be a whole number from 1 to 100", code="invalid_limit")
+    async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
+        if row.request_id != round_id:
+            continue
+        items = [_listed_item(item, f"{row.request_id}_{n}")
+                 for n, item in enumerate(to_items([m for m in messages if m.get("role") != "assistant"]))]
+        if order == "desc":
+            items.reverse()
+        start = 0
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise BadRequest(f"after names no item of this response's input ({after[:64]!r})", code="invalid_after")
+            start = ids.index(after) + 1
+        page = items[start:start + limit]
+        return json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                              "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)})
+    raise NotFound(f"no response '{request.match_info['response_id'][:64]}' for this tenant",
+                   code="response_not_found")
+
+
+def _listed_item(item: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """An input item as OpenAI lists one: with an id, a message's text as ``input_text`` parts."""
+    if "role" not in item:
+        return {"id": f"item_{suffix}", **item}
+    content = item.get("content")
+    if isinstance(content, str):
+        content = [{"type": "input_text", "text": content}]
+    return {"id": f"msg_{suffix}", "type": "message", "role": item["role"], "content": content, "status": "completed"}
 
 
 async def delete_response(request: web.Request) -> web.StreamResponse:

@@ -144,3 +144,31 @@ def test_a_provider_held_conversation_is_refused_where_the_gateway_holds_convers
         pgw.openai().responses.create(model="gpt-4o-mini", input="hi", conversation="conv_123")
     assert err.value.code == "conversation_not_supported" and "previous_response_id" in err.value.message
     assert proto.bodies("/v1/responses") == []
+
+
+def test_input_items_of_a_held_response_are_listed_within_the_tenant(pgw: Gateway) -> None:
+    """The SDK's input_items.list gives a gateway-held response's new input, as recorded, newest
+    first by default, paged by limit and after; another tenant gets 404, a bad page 400."""
+    client = pgw.openai()
+    first = client.responses.create(model="gpt-4o-mini", input="remember 42")
+    second = client.responses.create(model="gpt-4o-mini", previous_response_id=first.id, input=[
+        {"role": "user", "content": "u1"}, {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        {"role": "user", "content": [{"type": "input_text", "text": "u2"}]}])
+    listed = client.responses.input_items.list(second.id).data
+    assert [i.type for i in listed] == ["message", "function_call_output", "message"]
+    assert listed[0].content[0].text == "u2" and listed[2].content[0].text == "u1"  # type: ignore[union-attr]
+    assert listed[1].call_id == "c1" and listed[1].output == "42"  # type: ignore[union-attr]
+    assert len({i.id for i in listed}) == 3
+    assert [i.content[0].text for i in client.responses.input_items.list(first.id).data] == [  # type: ignore[union-attr]
+        "remember 42"]
+    page = client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [i.type for i in page.data] == ["message", "function_call_output"] and page.has_more
+    rest = client.responses.input_items.list(second.id, order="asc", limit=2, after=page.data[-1].id)
+    assert [i.content[0].text for i in rest.data] == ["u2"] and not rest.has_more  # type: ignore[union-attr]
+    with pytest.raises(openai.NotFoundError):
+        pgw.openai(key=GLOBEX_KEY).responses.input_items.list(second.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_items.list(second.id, limit=0)
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(first.id)
