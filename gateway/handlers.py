@@ -197,12 +197,10 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
         if row.request_id != round_id:
             continue
-        text = "".join(str(m.get("content") or "") for m in messages
-                       if m.get("role") == "assistant" and isinstance(m.get("content"), str))
-        output = [{"type": "message", "id": f"msg_{row.request_id}", "status": "completed", "role": "assistant",
-                   "content": [{"type": "output_text", "text": text, "annotations": []}]}] if text else []
+        output = [_output_item(item, f"{row.request_id}_{n}") for n, item in
+                  enumerate(to_items([m for m in messages if m.get("role") == "assistant"]))]
         return json_response({"id": rid, "object": "response", "created_at": int(row.created_at),
-                              "status": "completed" if row.outcome == "completed" else "incomplete",
+                              "status": RESPONSE_STATUS.get(row.outcome, "incomplete"),
                               "output": output, "store": True, "metadata": {"session_id": sid}})
     raise NotFound(f"no response '{rid[:64]}' for this tenant", code="response_not_found")
 
@@ -243,6 +241,22 @@ async def list_input_items(request: web.Request) -> web.StreamResponse:
                               "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)})
     raise NotFound(f"no response '{request.match_info['response_id'][:64]}' for this tenant",
                    code="response_not_found")
+
+
+RESPONSE_STATUS = {"completed": "completed", "upstream_error": "failed"}
+"""A recorded round's outcome as a response's ``status`` (any other outcome: ``incomplete``)."""
+
+
+def _output_item(item: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """A recorded reply item as a response's output item: the text as an ``output_text`` message,
+    a tool call as its ``function_call`` / ``custom_tool_call`` item."""
+    if "role" not in item:
+        return {"id": f"fc_{suffix}", **item, "status": "completed"}
+    content = item.get("content")
+    parts = content if isinstance(content, list) else [{"type": "output_text", "text": content or ""}]
+    return {"type": "message", "id": f"msg_{suffix}", "status": "completed", "role": "assistant",
+            "content": [{**p, "annotations": []} if isinstance(p, dict) and p.get("type") == "output_text" else p
+                        for p in parts]}
 
 
 def _listed_item(item: dict[str, Any], suffix: str) -> dict[str, Any]:

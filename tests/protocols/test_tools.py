@@ -56,6 +56,18 @@ def test_responses_client_sends_only_its_function_call_output(pgw: Gateway, prot
                     {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
 
 
+def test_a_held_responses_function_call_is_retrieved_as_recorded(pgw: Gateway) -> None:
+    """GET /v1/responses/{id} of a gateway-held response gives its recorded function call back."""
+    client = pgw.openai()
+    tool = {"type": "function", "name": "get_weather", "parameters": TOOL["function"]["parameters"]}
+    first = client.responses.create(model="m", input="weather?", tools=[tool])  # type: ignore[list-item]
+    got = client.responses.retrieve(first.id)
+    calls = [item for item in got.output if item.type == "function_call"]
+    assert [(c.name, c.arguments, c.call_id) for c in calls] == [  # type: ignore[union-attr]
+        ("get_weather", '{"city": "Paris"}', next(i for i in first.output if i.type == "function_call").call_id)]
+    assert got.status == "completed"
+
+
 def test_messages_client_sends_only_its_tool_result(pgw: Gateway, proto: ProtocolUpstream) -> None:
     """Messages: the upstream receives user, assistant tool_use, user tool_result (alternating roles)."""
     client = anthropic_client(pgw, session="tools-msg")
