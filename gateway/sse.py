@@ -39,16 +39,18 @@ import orjson
 
 DONE = b"[DONE]"
 # The type of an event from its first bytes: its data's leading "type" member, or its event: line.
-_HEAD_DATA_TYPE = re.compile(rb'^data: ?\{\s*"type"\s*:\s*"([A-Za-z0-9_.]{1,64})"', re.MULTILINE)
+_LEADING_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([A-Za-z0-9_.]{1,64})"')
 _HEAD_EVENT_NAME = re.compile(rb"^event: ?([A-Za-z0-9_.]{1,64})$", re.MULTILINE)
 HEAD_BYTES = 1024
 """How much of an oversized event :func:`head_type` reads."""
 
 
 def head_type(head: bytes) -> str | None:
-    """The type of an event known only by its first bytes (lines split on ``\\n``): its
-    data's leading ``"type"`` member, else its ``event:`` line's name; None when neither is there."""
-    match = _HEAD_DATA_TYPE.search(head) or _HEAD_EVENT_NAME.search(head)
+    """The type of an event known only by its first bytes (lines split on ``\\n``): the leading
+    ``"type"`` member of its data (its ``data`` lines so far, joined as :func:`event_data` joins
+    them), else its ``event:`` line's name; None when neither is there."""
+    data = event_data(head)
+    match = (_LEADING_TYPE.match(data) if data is not None else None) or _HEAD_EVENT_NAME.search(head)
     return match.group(1).decode() if match else None
 
 
@@ -108,8 +110,10 @@ class EventSplitter:
             end = buf.find(b"\n\n")
             if end < 0:
                 self._buf = buf[-1:]
+                self._keep_head(buf[:-1])
                 return buf[:-1]
             skipped, buf = buf[: end + 2], buf[end + 2:]
+            self._keep_head(skipped)
             self._skipping = False
             if self._on_oversized is not None and self._on_oversized(self._head):
                 self.done = self.open_end = True
@@ -119,7 +123,8 @@ class EventSplitter:
         if end < 0:
             if self._max is not None and len(buf) > self._max:
                 self._skipping = self.oversized = True
-                self._head = buf[:HEAD_BYTES]
+                self._head = b""
+                self._keep_head(buf[:-1])
                 self._buf = buf[-1:]
                 return skipped + buf[:-1]
             self._buf = buf
@@ -132,6 +137,11 @@ class EventSplitter:
                 self.held += event + b"\n\n"
                 out = out.replace(event + b"\n\n", b"", 1)
         return skipped + out
+
+    def _keep_head(self, forwarded: bytes) -> None:
+        """Keep the first ``HEAD_BYTES`` of the oversized event being forwarded."""
+        if len(self._head) < HEAD_BYTES:
+            self._head += forwarded[: HEAD_BYTES - len(self._head)]
 
 
 def assistant_message(texts: list[str], calls: list[dict[str, Any]]) -> dict[str, Any]:

@@ -99,3 +99,43 @@ def test_the_gateway_reads_and_relays_a_stream_as_the_sdk_reads_it(payloads: lis
     assert recorder.seen == expected
     assert splitter.done is sdk_done
     assert sdk_events([relayed + splitter.held]) == (expected, True)
+
+
+class FinalRecorder(Recorder):
+    """A protocol whose JSON event of type ``final`` ends the stream (as Responses' do)."""
+
+    final_types = frozenset({"final"})
+
+    def on_event(self, event: dict[str, Any]) -> bool:
+        self.seen.append(event)
+        return event.get("type") == "final"
+
+
+def sdk_json_events(data: bytes) -> list[Any]:
+    """The JSON events the openai SDK's decoder reads from *data* (an unended event is dropped)."""
+    return [json.loads(sse.data) for sse in SSEDecoder().iter_bytes(iter([data])) if sse.data]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(payloads=st.lists(PAYLOAD, min_size=1, max_size=4), last=PAYLOAD, framings=st.data(), cuts=st.data(),
+       max_event=st.integers(24, 160))
+def test_events_longer_than_the_cap_are_relayed_and_a_final_one_still_ends_after_the_commit(
+        payloads: list[dict[str, Any]], last: dict[str, Any], framings: st.DataObject, cuts: st.DataObject,
+        max_event: int) -> None:
+    """With a small ``max_event`` some events (the final one too) are relayed unparsed as they
+    arrive: the client still reads every event, in order, once; the stream still ends; and the
+    final event is never whole in what goes out before the commit, only with what is held back."""
+    events = [{"type": "delta", **p} for p in payloads] + [{"type": "final", **last}]
+    # an event: line, when there is one, names the final event as the provider would
+    stream = b"".join(frame(orjson.dumps(e).decode(), framings.draw(FRAMING)).replace(
+        b"event: message", b"event: " + e["type"].encode()) for e in events)
+    points = sorted(cuts.draw(st.sets(st.integers(1, len(stream) - 1), max_size=8)))
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+
+    recorder = FinalRecorder()
+    splitter = EventSplitter(recorder.add_event, max_event=max_event, on_oversized=recorder.add_oversized)
+    relayed = b"".join(splitter.feed(chunk) for chunk in chunks)
+    assert splitter.done and splitter.held
+    assert sdk_json_events(relayed + splitter.held) == events
+    assert sdk_json_events(relayed) == events[:-1]
+    assert all(e in events or e == {"type": "final"} for e in recorder.seen)  # an oversized final: its type alone

@@ -167,9 +167,11 @@ def test_the_splitter_holds_only_the_end_of_an_oversized_final_event() -> None:
     (b'event: response.failed\ndata: {"response":{"type":"response.completed"', "response.failed"),
     (b'id: 7\ndata: {"response":{"type":"response.completed"', None),
     (b": comment\ndata: [1,2", None),
+    (b'event: message\ndata: {\ndata:  "type": "response.completed",\ndata:  "resp', "response.completed"),
 ])
 def test_an_oversized_event_is_typed_by_its_data_then_its_event_line(head: bytes, kind: str | None) -> None:
-    """The data's leading "type" decides, else the event: line; a type nested deeper never does."""
+    """The data's leading "type" decides (its data lines joined), else the event: line; a type
+    nested deeper never does."""
     assert head_type(head) == kind
 
 
