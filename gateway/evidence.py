@@ -289,6 +289,7 @@ class _Session:
     optional: set[int] = field(default_factory=set)     # legacy purges without seqs
     legacy_hashes: set[str] = field(default_factory=set)  # legacy imports without round_seq
     state: tuple[int, str, dict[str, Any]] | None = None  # (entry seq, event, binding)
+    written: tuple[int, float] | None = None  # (seq, time) of the last entry that wrote its rows
     quarantined: int | None = None  # the quarantine entry no release or erasure has lifted
     premature: VerifyError | None = None  # the first round purged before its retention expired it
     seen: bool = False
@@ -315,7 +316,9 @@ def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kep
     s.seen = True
     event, digest, detail = doc.get("event"), doc.get("ciphertext_sha256"), doc.get("detail") or {}
     if event == "purge" and isinstance(detail.get("seqs"), list) and versions is not None and s.premature is None:
-        s.premature = _premature(sid, s, row, detail["seqs"], versions)
+        s.premature = (_premature(sid, s, row, detail["seqs"], versions)
+                       or (_erased_active(sid, s, row, detail["seqs"], versions) if detail.get("session_erased")
+                           else None))
     if event in ROUND_EVENTS and isinstance(digest, str):
         seq = doc.get("round_seq")
         if isinstance(seq, int):
@@ -342,6 +345,32 @@ def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kep
             s.optional.update(s.rounds)
     if isinstance(doc.get(BINDING), dict):
         s.state = (row.seq, str(event), doc[BINDING])
+        s.written = (row.seq, row.created_at)
+
+
+def _erased_active(sid: str, s: _Session, purge: AuditRow, seqs: list[Any],
+                   versions: dict[str, Kept]) -> VerifyError | None:
+    """A purge that erased the session whole although an entry wrote its rows after the purged
+    rounds' retention began to count: idle means unwritten for the longest retention among them
+    (as the purge decides), judged by the chain, not by the session row's time. Rounds whose
+    version is not kept as recorded, or keeps rounds for good, are left to the other checks."""
+    longest = 0.0
+    for seq in seqs:
+        entry = s.rounds.get(seq) if isinstance(seq, int) else None
+        kept = versions.get(entry.columns[_POLICY_HASH] or "") if entry is not None else None
+        if entry is None or kept is None or not kept.proves or kept.days is None:
+            return None
+        longest = max(longest, kept.days)
+    if not seqs or s.written is None:
+        return None
+    idle_since = purge.created_at - longest * DAY
+    seq, written_at = s.written
+    if written_at <= idle_since + TIME_SLACK:
+        return None
+    return VerifyError(purge.seq, "purge_premature",
+                       f"session {sid}: purge entry {purge.seq} erased it whole at {_iso(purge.created_at)} as idle "
+                       f"since {_iso(idle_since)}, but audit entry {seq} wrote it at {_iso(written_at)}; the session "
+                       "row's time was changed before the purge", session_id=sid)
 
 
 def _premature(sid: str, s: _Session, purge: AuditRow, seqs: list[Any],

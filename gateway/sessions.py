@@ -504,7 +504,9 @@ class SessionService:
                 return Changes(result=(0, False))
             detail: dict[str, Any] = {"rounds_deleted": len(seqs), "seqs": seqs, "before": erase_if_idle_before}
             audit = {"event": "purge", "session_id": session_id, "policy_id": policy_id, "detail": detail}
-            if erase_if_idle_before is not None and cur.session.updated_at < erase_if_idle_before:
+            # the last write, by the row and by the chain's head entry (an edited row cannot make it older)
+            written = max(cur.session.updated_at, cur.head.created_at if cur.head is not None else 0.0)
+            if erase_if_idle_before is not None and written < erase_if_idle_before:
                 if cur.data_key is not None:
                     self._forget(cur.data_key)
                 detail["session_erased"] = True

@@ -1,7 +1,10 @@
 """Retention (issue 4 §3): rounds older than their policy's ``retention.days`` are erased.
 
-Rounds are recorded through a real gateway, then aged by moving ``created_at`` back in the
-SQLite file (or by purging with a ``now`` in the future). ``sessiongate purge``, the gateway's
+Rounds are recorded through a real gateway, in the past (the gateway's clock moved back while
+they are recorded), or aged by moving a round row's ``created_at`` back in the SQLite file, or
+purged with a ``now`` in the future. A session is idle by its last write as the audit chain
+records it, so making one idle takes the clock: an edited row cannot (see
+``tests/evidence/test_tamper_data.py``). ``sessiongate purge``, the gateway's
 periodic purge and ``purge_expired`` delete exactly the expired rounds, erase a session left
 empty and idle (its data key bytes leave the files), audit every deletion, and leave rounds of
 policies without a retention period alone.
@@ -10,14 +13,16 @@ policies without a retention period alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gateway.keyring import FileKeyProvider, Keyring
 from gateway.policy import load_policy_set
@@ -29,15 +34,23 @@ from tests.test_erasure import audit_events, cli, session_bytes
 from tests.test_integrity import chat, get_session
 
 
-def age(gw: Gateway, session: str, days: float, *, seq: int | None = None, idle: bool = True) -> None:
-    """Move a session's rounds (or one round) *days* into the past; with *idle* its last write too."""
+def age(gw: Gateway, session: str, days: float, *, seq: int) -> None:
+    """Move one round row's time *days* into the past (the row the purge reads; the session's
+    last write stays where the chain has it)."""
     with closing(sqlite3.connect(gw.db_path, isolation_level=None, timeout=30)) as conn:
-        where, args = "session_id=?", [session]
-        if seq is not None:
-            where, args = where + " AND seq=?", [*args, seq]
-        conn.execute(f"UPDATE rounds SET created_at=created_at-? WHERE {where}", (days * DAY, *args))
-        if idle:
-            conn.execute("UPDATE sessions SET updated_at=updated_at-? WHERE session_id=?", (days * DAY, session))
+        conn.execute("UPDATE rounds SET created_at=created_at-? WHERE session_id=? AND seq=?",
+                     (days * DAY, session, seq))
+
+
+@contextlib.contextmanager
+def days_ago(monkeypatch: pytest.MonkeyPatch, days: float) -> Iterator[None]:
+    """The (in-process) gateway's clock *days* in the past for what is recorded inside."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - days * DAY)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(time, "time", real)
 
 
 def user_texts(gw: Gateway, session: str) -> list[str]:
@@ -50,14 +63,14 @@ def purge_events(gw: Gateway) -> list[str]:
     return [body for body in audit_events(gw, "acme") if '"purge"' in body]
 
 
-def test_cli_purge_erases_expired_rounds_and_audits_them(gateway: Gateway) -> None:
+def test_cli_purge_erases_expired_rounds_and_audits_them(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sessiongate purge` deletes rounds past the default policy's 90 days, erases the session
     left empty (key bytes gone from the files), keeps the fresh round of another session."""
-    for text in ("one", "two"):
-        chat(gateway, "expired", text)
-        chat(gateway, "mixed", text)
-    age(gateway, "expired", 100)
-    age(gateway, "mixed", 100, seq=1, idle=False)
+    with days_ago(monkeypatch, 100):
+        for text in ("one", "two"):
+            chat(gateway, "expired", text)
+        chat(gateway, "mixed", "one")
+    chat(gateway, "mixed", "two")
     expired_key = session_bytes(gateway, "acme", "expired")[:2]
 
     done = cli(gateway, "purge")
@@ -124,13 +137,14 @@ def test_purge_expired_follows_each_policys_retention(make_gateway: Callable[...
     assert user_texts(gateway, "hold:case-7") == ["forever"]
 
 
-def test_periodic_purge_runs_inside_the_gateway(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+def test_periodic_purge_runs_inside_the_gateway(make_gateway: Callable[..., Gateway], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A gateway with a short purge interval erases an expired session on its own."""
     store = {"backend": "sqlite", "path": str(tmp_path / "gw" / "gateway.db"), "purge_interval_seconds": 0.1}
     gw = make_gateway(store=store)
-    chat(gw, "stale", "old news")
+    with days_ago(monkeypatch, 91):
+        chat(gw, "stale", "old news")
     chat(gw, "fresh", "new news")
-    age(gw, "stale", 91)
     deadline = time.monotonic() + 20
     while get_session(gw, "stale").status_code != 404:
         assert time.monotonic() < deadline, "the periodic purge never erased the expired session"
@@ -143,7 +157,7 @@ def test_expired_round_leaves_the_injected_context_window(gateway: Gateway, upst
     """After a purge, an expired round's text is neither in the exported window nor injected upstream."""
     for text in ("expired text", "fresh text"):
         chat(gateway, "window", text)
-    age(gateway, "window", 100, seq=1, idle=False)
+    age(gateway, "window", 100, seq=1)
     assert cli(gateway, "purge").returncode == 0
     chat(gateway, "window", "next")
     window = get_session(gateway, "window").json()["context_window"]
@@ -151,13 +165,13 @@ def test_expired_round_leaves_the_injected_context_window(gateway: Gateway, upst
     assert not any("expired text" in m["content"] for m in window + injected)
 
 
-def test_imported_rounds_follow_the_catch_all_retention(gateway: Gateway) -> None:
+def test_imported_rounds_follow_the_catch_all_retention(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rounds with no policy of their own in the set (an import) expire with the catch-all policy."""
     doc = {"full_context": [{"role": "user", "content": "imported text"}, {"role": "assistant", "content": "ok"}]}
-    assert httpx.put(f"{gateway.base_url}/sessions/handed-over", json=doc,
-                     headers={"Authorization": f"Bearer {ACME_KEY}"}).status_code == 200
-    age(gateway, "handed-over", 89)
-    assert "purged 0 expired rounds" in cli(gateway, "purge").stdout
-    age(gateway, "handed-over", 2)
+    for days in (89, 91):
+        with days_ago(monkeypatch, days):
+            assert httpx.put(f"{gateway.base_url}/sessions/handed-over-{days}", json=doc,
+                             headers={"Authorization": f"Bearer {ACME_KEY}"}).status_code == 200
     assert "purged 1 expired rounds; erased 1 sessions" in cli(gateway, "purge").stdout
-    assert get_session(gateway, "handed-over").status_code == 404
+    assert get_session(gateway, "handed-over-91").status_code == 404
+    assert get_session(gateway, "handed-over-89").status_code == 200

@@ -349,3 +349,59 @@ def test_a_purge_never_launders_a_rolled_back_state(db_gateway: tuple[Gateway, T
     code, out, err = run_cli("--config", str(gw.config_path), "purge")  # quarantined: skipped quietly
     assert code == 0 and "purged 0 expired rounds" in out and "skipped 1" in err, (out, err)
     assert len(entries(tables)) == before
+
+
+def test_an_edited_session_time_does_not_erase_an_active_session(db_gateway: tuple[Gateway, Tables],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator moves a session row's last-write time back so that the retention purge erases
+    it whole, memo and key included, as idle. The purge judges idleness by the chain's head entry
+    as well: only the expired rounds go, the memo written today stays, and verification passes."""
+    from tests.evidence.conftest import run_cli
+
+    gw, tables = db_gateway
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 100 * 86400)
+    record(gw, "active", 2)
+    monkeypatch.setattr(time, "time", real)
+    memo = httpx.put(f"{gw.base_url}/sessions/active/memo", json={"memo": "written today"},
+                     headers={"Authorization": f"Bearer {ACME_KEY}"})
+    assert memo.status_code == 200, memo.text
+    tables.sql("UPDATE sessions SET updated_at=0 WHERE session_id='active'")
+
+    code, out, err = run_cli("--config", str(gw.config_path), "purge")
+    assert code == 0 and "purged 2 expired rounds; erased 0 sessions" in out, (out, err)
+    kept = httpx.get(f"{gw.base_url}/sessions/active/memo", headers={"Authorization": f"Bearer {ACME_KEY}"})
+    assert kept.status_code == 200 and kept.json()["memo"] == "written today"
+    code, out = verify(gw)
+    assert code == 0, out
+
+
+def test_a_whole_session_purge_of_an_active_session_fails_verification(db_gateway: tuple[Gateway, Tables],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A purge entry that erased a session whole although the chain shows a write within the
+    purged rounds' retention (as the purge before this fix did after an edited row time) fails as
+    purge_premature, judged by the entries, not by the cut-off the purge entry states."""
+    import asyncio
+
+    from gateway.cli import _with_sessions
+    from gateway.sessions import SessionService
+    from gateway.settings import load_settings
+
+    gw, tables = db_gateway
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 100 * 86400)
+    record(gw, "active", 2)
+    monkeypatch.setattr(time, "time", real)
+    assert httpx.put(f"{gw.base_url}/sessions/active/memo", json={"memo": "written today"},
+                     headers={"Authorization": f"Bearer {ACME_KEY}"}).status_code == 200
+    settings = load_settings(gw.config_path)
+
+    async def purge_as_if_idle(svc: SessionService) -> None:
+        rounds = [(row.seq, messages) async for row, messages in svc.decrypted_rounds("acme", "active")]
+        await svc.drop_rounds("acme", "active", rounds, policy_id="default", erase_if_idle_before=real() + 60)
+
+    asyncio.run(_with_sessions(settings, purge_as_if_idle))
+    assert tables.sql("SELECT count(*) FROM sessions WHERE session_id='active'") == [(0,)]
+    code, out = verify(gw)
+    assert code == 1 and "purge_premature" in out and "session active: purge entry" in out, out
+    assert "erased it whole" in out, out
