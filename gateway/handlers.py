@@ -234,7 +234,8 @@ async def list_input_items(request: web.Request) -> web.StreamResponse:
         if after is not None:
             ids = [item["id"] for item in items]
             if after not in ids:
-                raise BadRequest(f"after names no item of this response's input ({after[:64]!r})", code="invalid_after")
+                raise BadRequest("after must be the id of an item of this response's input, as listed",
+                                 code="invalid_after")
             start = ids.index(after) + 1
         page = items[start:start + limit]
         return json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,

@@ -49,7 +49,7 @@ async def purge_expired(sessions: SessionService, policies: PolicySet, *,
     days = [v.retention.days for v in (*versions, *map(PolicyVersion.of, policies))]
     kept = [d for d in days if d is not None]
     if not kept:
-        return {"rounds": 0, "sessions": 0}
+        return {"rounds": 0, "sessions": 0, "skipped": 0}
     latest_cutoff = now - min(kept) * DAY  # no round created after it can have expired
     rounds = erased = skipped = 0
     for tenant in await store.tenants():

@@ -175,3 +175,17 @@ def test_imported_rounds_follow_the_catch_all_retention(gateway: Gateway, monkey
     assert "purged 1 expired rounds; erased 1 sessions" in cli(gateway, "purge").stdout
     assert get_session(gateway, "handed-over-91").status_code == 404
     assert get_session(gateway, "handed-over-89").status_code == 200
+
+
+def test_purge_without_any_retention_period_purges_nothing(make_gateway: Callable[..., Gateway],
+                                                           tmp_path: Path) -> None:
+    """A policy set that keeps everything for good: `sessiongate purge` says so and deletes nothing."""
+    folder = tmp_path / "keep-all"
+    shutil.copytree(REPO / "policies", folder)
+    for path in folder.glob("*.yaml"):
+        path.write_text("\n".join(line for line in path.read_text().splitlines() if not line.startswith("retention:")))
+    gw = make_gateway(folder)
+    chat(gw, "kept", "for good")
+    done = cli(gw, "purge")
+    assert done.returncode == 0 and "purged 0 expired rounds; erased 0 sessions" in done.stdout, done.stderr
+    assert user_texts(gw, "kept") == ["for good"]
