@@ -93,11 +93,15 @@ class EventSplitter:
         """The final event(s) held back, as they came."""
         self.open_end = False
         """``held`` starts with the newline that ends an oversized final event, whose other bytes
-        went out: the client's decoder holds that event open, so nothing but ``held`` may follow."""
+        went out: the client's decoder holds that event open, so nothing but ``held`` may follow
+        (bytes that arrive after it are held too, unparsed, up to ``max_event``)."""
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events of *chunk* as bytes to forward (a final event held back)."""
         if not chunk:
+            return b""
+        if self.open_end:  # nothing may go out before the open event's end: whatever follows waits too
+            self._hold(chunk)
             return b""
         if self._cr and chunk[:1] == b"\n":  # the LF of a CRLF cut between two chunks
             chunk = chunk[1:]
@@ -118,7 +122,9 @@ class EventSplitter:
             if self._on_oversized is not None and self._on_oversized(self._head):
                 self.done = self.open_end = True
                 self.held = skipped[-1:] + self.held  # the blank line's newline: what makes a client take it
-                skipped = skipped[:-1]
+                self._hold(buf)
+                self._buf = b""
+                return skipped[:-1]
         end = buf.rfind(b"\n\n")
         if end < 0:
             if self._max is not None and len(buf) > self._max:
@@ -137,6 +143,13 @@ class EventSplitter:
                 self.held += event + b"\n\n"
                 out = out.replace(event + b"\n\n", b"", 1)
         return skipped + out
+
+    def _hold(self, data: bytes) -> None:
+        """Hold *data* (bytes after an open final event) with it, up to ``max_event`` in all;
+        what a provider sends past that after its final event is dropped."""
+        room = (self._max if self._max is not None else len(data)) - len(self.held)
+        if room > 0:
+            self.held += data[:room]
 
     def _keep_head(self, forwarded: bytes) -> None:
         """Keep the first ``HEAD_BYTES`` of the oversized event being forwarded."""

@@ -205,3 +205,16 @@ def test_a_failed_commit_withholds_the_providers_incomplete_event(gw: Gateway, m
     raw = httpx.post(f"{gw.base_url}/responses", json={"model": "response.incomplete", "input": "hi", "stream": True},
                      headers={**AUTH, "X-Session-Id": "unstored"}).content
     assert b"event: response.incomplete" not in raw and b'"store_unavailable"' in raw
+
+
+def test_bytes_after_an_oversized_final_event_wait_with_its_end() -> None:
+    """A provider that sends more after its final event (a trailing [DONE], a stray event): none of
+    it goes out before the held-back end of the open event, so nothing joins that event."""
+    final = final_event()
+    trailer = b'data: {"type":"response.output_text.delta","delta":"late"}\n\ndata: [DONE]\n\n'
+    data = final + trailer
+    for step in (999, len(final) - 1, 4096):
+        splitter = EventSplitter(functools.partial(_keep, []), max_event=1000,
+                                 on_oversized=lambda head: head_type(head) == "response.completed")
+        out = b"".join(splitter.feed(data[i:i + step]) for i in range(0, len(data), step))
+        assert out == final[:-1] and splitter.held == b"\n" + trailer and splitter.open_end, step
