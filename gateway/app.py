@@ -243,6 +243,7 @@ def build_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Appl
     r.add_post("/v1/responses", handlers.responses_create)
     r.add_get("/v1/responses/{response_id}", handlers.get_response)
     r.add_get("/v1/responses/{response_id}/input_items", handlers.list_input_items)
+    r.add_post("/v1/responses/{response_id}/cancel", handlers.cancel_response)
     r.add_delete("/v1/responses/{response_id}", handlers.delete_response)
     r.add_post("/v1/messages", handlers.messages_create)
     r.add_get("/v1/sessions", handlers.list_sessions)

@@ -270,6 +270,22 @@ def _listed_item(item: dict[str, Any], suffix: str) -> dict[str, Any]:
     return {"id": f"msg_{suffix}", "type": "message", "role": item["role"], "content": content, "status": "completed"}
 
 
+async def cancel_response(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses/{id}/cancel``: only background responses can be cancelled, and the
+    gateway holds none (``background`` is refused on recorded sessions): 400 for a response of
+    this tenant's chains, 404 for any other gateway-minted id."""
+    target = _response_target(request)
+    if target is None:
+        return await proxy(request)
+    services, tenant, sid, round_id = target
+    async for row in services.sessions.store.iter_rounds(tenant, sid):
+        if row.request_id == round_id:
+            raise BadRequest("only background responses can be cancelled, and a response the gateway holds is "
+                             "never one: it has finished", code="response_not_cancellable")
+    raise NotFound(f"no response '{request.match_info['response_id'][:64]}' for this tenant",
+                   code="response_not_found")
+
+
 async def delete_response(request: web.Request) -> web.StreamResponse:
     """``DELETE /v1/responses/{id}``: erases the chain the response belongs to (its session): the
     gateway keeps a chain as one session, so one response cannot outlive the others."""

@@ -39,7 +39,7 @@ def test_previous_response_id_chain_is_held_by_the_gateway(pgw: Gateway, proto: 
     ids: list[str] = []
     previous = None
     for turn in ("one", "two", "three"):
-        kwargs = {"previous_response_id": previous} if previous else {}
+        kwargs: dict[str, str] = {"previous_response_id": previous} if previous else {}
         if stream:
             events = list(client.responses.create(model="gpt-4o-mini", input=f"turn {turn}", stream=True, **kwargs))
             assert [e.type for e in events][0] == "response.created"
@@ -172,3 +172,15 @@ def test_input_items_of_a_held_response_are_listed_within_the_tenant(pgw: Gatewa
     client.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.input_items.list(first.id)
+
+
+def test_cancelling_a_held_response_says_it_cannot_be(pgw: Gateway) -> None:
+    """cancel on a gateway-held response is 400 response_not_cancellable (it was never a
+    background one), another tenant's is 404; neither is a forwarded-route refusal."""
+    client = pgw.openai()
+    held = client.responses.create(model="gpt-4o-mini", input="done already")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.cancel(held.id)
+    assert refused.value.code == "response_not_cancellable"
+    with pytest.raises(openai.NotFoundError):
+        pgw.openai(key=GLOBEX_KEY).responses.cancel(held.id)
