@@ -33,7 +33,8 @@ under another policy version's redaction and retention. The policy version a rou
 under must be kept in ``policy_versions``, its document hashing to its key
 (``gateway.policy.versions``), for every round whose entry binds rows (the gateway has kept
 versions since it has bound rows). A retention purge is judged by its rounds' entries and
-versions (``purge_premature``); the store's quarantine marks must be the chain's; and a session
+versions, and one that erased a session whole by the session's last write in the chain
+(``purge_premature``); the store's quarantine marks must be the chain's; and a session
 that holds sealed rows must hold the data key they name, one that unwraps (with ``open_key``).
 The first mismatch, in (session, round) order, is reported
 with tenant, session, round and audit entry. Memory holds one hash, one time and the interned
