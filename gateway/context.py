@@ -82,6 +82,7 @@ class Context:
     ended_by: str = ""  # "client" or "upstream" when a stream was cut off
     reply_truncated: bool = False  # the reply was over the upstream's max_reply_bytes
     event_open: bool = False  # the client has an event's start, its end is held in tail: no other event may follow
+    error_relayed: bool = False  # the stream's last event was the provider's own error event
     bytes_out: int = 0
     first_byte_at: float = 0.0  # perf_counter() when the first streamed byte was written
     # record

@@ -179,6 +179,9 @@ class EventAssembler:
     def __init__(self, max_bytes: int | None = None) -> None:
         self._room = max_bytes
         self.truncated = False
+        self.errored = False
+        """The last event parsed was the provider's error event (``"type": "error"``, or an
+        ``error`` member without ``choices`` as OpenAI-compatible Chat streams send one)."""
 
     def add_event(self, event: bytes) -> bool:
         """Take one complete event; True when it is the stream's final event: ``[DONE]``, or
@@ -197,7 +200,10 @@ class EventAssembler:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
             return data.startswith(DONE)  # as the openai SDK reads it
-        return isinstance(parsed, dict) and self.on_event(parsed)
+        if not isinstance(parsed, dict):
+            return False
+        self.errored = parsed.get("type") == "error" or ("error" in parsed and "choices" not in parsed)
+        return self.on_event(parsed)
 
     def add_oversized(self, head: bytes) -> bool:
         """Take an event too long to parse, by its first bytes: the reply is ``truncated``; True

@@ -44,6 +44,7 @@ class Assembler(Protocol):
     """Builds the assistant message a stream amounts to, within a byte budget."""
 
     truncated: bool
+    errored: bool
     id: str | None
 
     def add_event(self, event: bytes) -> bool: ...

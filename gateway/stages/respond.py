@@ -4,7 +4,8 @@ Non-streaming: the upstream's body with its status (a 4xx/5xx passes through unc
 here, so the access log line and the metrics that follow are written after the client has it.
 Streaming: the held-back ``[DONE]``; a stream cut off by the upstream ends with an SSE error
 event instead, so the client can tell it is incomplete (or, when the client holds an unended
-event, ``event_open``, with a closed connection: its decoder drops the unended event). A
+event, ``event_open``, with a closed connection: its decoder drops the unended event; or with
+nothing more when the provider's own error event was the last one, ``error_relayed``). A
 truncated recording (``reply_truncated``) still gives the client the whole reply. A non-SSE
 body relayed early (over the reply cap) gets its held-back last piece; if the upstream broke it
 off, the connection is closed instead, so the client sees a cut-off body and never a second
@@ -44,7 +45,9 @@ async def respond(ctx: Context) -> None:
         end_connection(ctx.request, out)  # a relayed body, or an event, that broke off: nothing may go inside it
         return
     try:
-        if ctx.ended_by == "upstream":
+        if ctx.ended_by == "upstream" and ctx.error_relayed:
+            await out.write_eof()  # the provider's own error event said why: no second one after it
+        elif ctx.ended_by == "upstream":
             err = {"error": {"message": "the upstream model broke off its reply; the partial round was recorded "
                              "as incomplete", "type": "upstream_error", "code": "upstream_incomplete"}}
             await out.write_eof(ctx.codec.stream_error(err))

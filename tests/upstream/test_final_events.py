@@ -218,3 +218,76 @@ def test_bytes_after_an_oversized_final_event_wait_with_its_end() -> None:
                                  on_oversized=lambda head: head_type(head) == "response.completed")
         out = b"".join(splitter.feed(data[i:i + step]) for i in range(0, len(data), step))
         assert out == final[:-1] and splitter.held == b"\n" + trailer and splitter.open_end, step
+
+
+async def chat_then_error(request: web.Request) -> web.StreamResponse:
+    """Two content chunks, then the provider's own error event, then the end (as OpenAI does)."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for piece in ("Hel", "lo"):
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    await resp.write(b'data: {"error": {"message": "The server is overloaded", "type": "server_error"}}\n\n')
+    await resp.write_eof()
+    return resp
+
+
+async def messages_then_error(request: web.Request) -> web.StreamResponse:
+    """A message start and some text, then Anthropic's ``event: error`` (overloaded), then the end."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    start = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                  "model": "c", "content": [], "stop_reason": None,
+                                                  "usage": {"input_tokens": 1, "output_tokens": 0}}}
+    for event in (start, {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                  {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},
+                  {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}):
+        await resp.write(sse(event))
+    await resp.write_eof()
+    return resp
+
+
+@pytest.fixture
+def erring(make_gateway: Callable[..., Gateway]) -> Iterator[Gateway]:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_then_error)
+    app.router.add_post("/v1/messages", messages_then_error)
+    server = _Server(app)
+    url = f"http://127.0.0.1:{server.port}/v1"
+    try:
+        yield make_gateway(upstreams=[{"name": "oa", "base_url": url, "models": ["*"]},
+                                      {"name": "claude", "base_url": url, "models": ["*"], "protocol": "anthropic"}])
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/chat/completions", {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/messages", {"model": "c", "max_tokens": 9, "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_a_stream_ended_by_the_providers_error_event_gets_no_second_one(erring: Gateway, path: str,
+                                                                        body: dict[str, Any]) -> None:
+    """The provider's error event (which says why) is the last the client reads: the gateway adds
+    no "broke off" event of its own after it. The round is still recorded as cut off upstream."""
+    sid = "err" + path.replace("/", "-")
+    raw = httpx.post(f"{erring.base_url}{path}", json=body, headers={**AUTH, "X-Session-Id": sid}).content
+    events = [e for e in raw.split(b"\n\n") if e.strip()]
+    assert b"verloaded" in events[-1], raw
+    assert b"upstream_incomplete" not in raw and sum(b"error" in e for e in events) == 1, raw
+    rounds = [e for e in erring.audit_entries() if e["event"] == "round" and e["session_id"] == sid]
+    assert [(e["outcome"], e["ended_by"]) for e in rounds] == [("incomplete", "upstream")]
+
+
+def test_the_sdks_raise_the_providers_own_error(erring: Gateway) -> None:
+    """The openai and anthropic SDKs raise with the provider's message, not the gateway's."""
+    import anthropic
+
+    with pytest.raises(openai.APIError) as raised:
+        list(erring.openai(session="sdk-chat").chat.completions.create(
+            model="m", stream=True, messages=[{"role": "user", "content": "hi"}]))
+    assert "overloaded" in str(raised.value)
+    client = anthropic.Anthropic(base_url=erring.url, api_key=ACME_KEY, max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        list(client.messages.create(model="c", max_tokens=9, stream=True, messages=[{"role": "user", "content": "hi"}]))
+    assert "Overloaded" in str(failed.value)
