@@ -12,7 +12,7 @@ from tests.conftest import REPO, Gateway, Upstream
 from tests.protocols.conftest import anthropic_client, session_setting
 from tests.protocols.upstream import ProtocolUpstream
 
-TOOL = {"type": "function", "function": {"name": "get_weather", "description": "weather",
+TOOL: dict[str, Any] = {"type": "function", "function": {"name": "get_weather", "description": "weather",
                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
 
