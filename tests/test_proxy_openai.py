@@ -289,3 +289,24 @@ def test_several_choices_on_a_recorded_session_are_refused_before_the_upstream(g
     gateway.openai(session="private:choices").chat.completions.create(model="standin", messages=[user("x")], n=2)
     client.chat.completions.create(model="standin", messages=[user("one answer")], n=1)
     assert len(upstream.requests) == 3
+
+
+def test_store_true_is_refused_unless_the_provider_holds_conversations(make_gateway: Any, upstream: Upstream) -> None:
+    """``store: true`` would leave the conversation at the provider, beyond erasure: 400
+    ``store_not_supported`` naming the upstream, before anything is sent, with or without a
+    session. ``store: false`` goes through; with ``responses_state: provider`` so does ``true``."""
+    import openai
+
+    gateway = make_gateway()
+    for session in ("stored", None):
+        with pytest.raises(openai.BadRequestError) as caught:
+            gateway.openai(session=session).chat.completions.create(model="standin", messages=[user("keep")],
+                                                                    store=True)
+        assert caught.value.code == "store_not_supported" and "responses_state: provider" in caught.value.message
+    assert upstream.requests == []
+    gateway.openai(session="stored").chat.completions.create(model="standin", messages=[user("no")], store=False)
+    assert upstream.requests[-1]["store"] is False
+    provider_held = make_gateway(name="provider-held", upstreams=[
+        {"name": "kept", "base_url": upstream.url, "models": ["*"], "responses_state": "provider"}])
+    provider_held.openai(session="s").chat.completions.create(model="standin", messages=[user("keep")], store=True)
+    assert upstream.requests[-1]["store"] is True

@@ -51,6 +51,7 @@ class ChatCodec:
 
     def forward_body(self, ctx: Context, policy: Policy | None, state: SessionState | None) -> bytes | None:
         check_choices(ctx, policy)
+        check_store(ctx)
         if state is None or policy is None:
             return None
         opts = policy.session.inject
@@ -86,6 +87,18 @@ class ChatCodec:
 
 
 CHAT = ChatCodec()
+
+
+def check_store(ctx: Context) -> None:
+    """Refuse ``store: true`` unless the upstream's conversations are the provider's to hold
+    (``responses_state: provider``): a stored chat completion stays at the provider, listed and
+    read back with the provider's key, beyond the gateway's encryption, erasure and audit."""
+    up = ctx.upstream
+    if ctx.body.get("store") is True and up is not None and up.responses_state != "provider":
+        raise BadRequest(f"'store: true' would have the provider keep this conversation, outside the gateway's "
+                         f"encryption, erasure and audit. Send it without 'store' (or with false); an operator "
+                         f"who wants the provider to keep conversations sets responses_state: provider on "
+                         f"upstream '{up.name}'", code="store_not_supported")
 
 
 def check_choices(ctx: Context, policy: Policy | None) -> None:
