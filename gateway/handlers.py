@@ -48,6 +48,7 @@ from gateway.stages.load_state import HOOK_WAIT_SECONDS
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
+from gateway.store.base import RoundRow
 from gateway.tracing import finish_request
 
 SERVICES = web.AppKey("services", Services)
@@ -186,6 +187,20 @@ def _response_target(request: web.Request) -> tuple[Services, str, str, str] | N
     return services, tenant, chain[0], chain[1]
 
 
+def _no_response(request: web.Request) -> NotFound:
+    return NotFound(f"no response '{request.match_info['response_id'][:64]}' for this tenant",
+                    code="response_not_found")
+
+
+async def _held_round(request: web.Request, services: Services, tenant: str, sid: str,
+                      round_id: str) -> tuple[RoundRow, list[dict[str, Any]]]:
+    """The round a gateway-held response id names, opened; 404 when this tenant has none."""
+    async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
+        if row.request_id == round_id:
+            return row, messages
+    raise _no_response(request)
+
+
 async def get_response(request: web.Request) -> web.StreamResponse:
     """``GET /v1/responses/{id}``: a response of a gateway-held chain, as recorded (the policy's
     whitelist applies: what was not recorded is not there); 404 when this tenant has none."""
@@ -193,16 +208,12 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     if target is None:
         return await proxy(request)
     services, tenant, sid, round_id = target
-    rid = request.match_info["response_id"]
-    async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
-        if row.request_id != round_id:
-            continue
-        output = [_output_item(item, f"{row.request_id}_{n}") for n, item in
-                  enumerate(to_items([m for m in messages if m.get("role") == "assistant"]))]
-        return json_response({"id": rid, "object": "response", "created_at": int(row.created_at),
-                              "status": RESPONSE_STATUS.get(row.outcome, "incomplete"),
-                              "output": output, "store": True, "metadata": {"session_id": sid}})
-    raise NotFound(f"no response '{rid[:64]}' for this tenant", code="response_not_found")
+    row, messages = await _held_round(request, services, tenant, sid, round_id)
+    output = [_output_item(item, f"{row.request_id}_{n}") for n, item in
+              enumerate(to_items([m for m in messages if m.get("role") == "assistant"]))]
+    return json_response({"id": request.match_info["response_id"], "object": "response",
+                          "created_at": int(row.created_at), "status": RESPONSE_STATUS.get(row.outcome, "incomplete"),
+                          "output": output, "store": True, "metadata": {"session_id": sid}})
 
 
 async def list_input_items(request: web.Request) -> web.StreamResponse:
@@ -223,25 +234,21 @@ async def list_input_items(request: web.Request) -> web.StreamResponse:
         limit = 0
     if not 1 <= limit <= 100:
         raise BadRequest("limit must be a whole number from 1 to 100", code="invalid_limit")
-    async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
-        if row.request_id != round_id:
-            continue
-        items = [_listed_item(item, f"{row.request_id}_{n}")
-                 for n, item in enumerate(to_items([m for m in messages if m.get("role") != "assistant"]))]
-        if order == "desc":
-            items.reverse()
-        start = 0
-        if after is not None:
-            ids = [item["id"] for item in items]
-            if after not in ids:
-                raise BadRequest("after must be the id of an item of this response's input, as listed",
-                                 code="invalid_after")
-            start = ids.index(after) + 1
-        page = items[start:start + limit]
-        return json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                              "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)})
-    raise NotFound(f"no response '{request.match_info['response_id'][:64]}' for this tenant",
-                   code="response_not_found")
+    row, messages = await _held_round(request, services, tenant, sid, round_id)
+    items = [_listed_item(item, f"{row.request_id}_{n}")
+             for n, item in enumerate(to_items([m for m in messages if m.get("role") != "assistant"]))]
+    if order == "desc":
+        items.reverse()
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise BadRequest("after must be the id of an item of this response's input, as listed",
+                             code="invalid_after")
+        start = ids.index(after) + 1
+    page = items[start:start + limit]
+    return json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)})
 
 
 RESPONSE_STATUS = {"completed": "completed", "upstream_error": "failed"}
@@ -282,8 +289,7 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
         if row.request_id == round_id:
             raise BadRequest("only background responses can be cancelled, and a response the gateway holds is "
                              "never one: it has finished", code="response_not_cancellable")
-    raise NotFound(f"no response '{request.match_info['response_id'][:64]}' for this tenant",
-                   code="response_not_found")
+    raise _no_response(request)
 
 
 async def delete_response(request: web.Request) -> web.StreamResponse:
@@ -294,8 +300,7 @@ async def delete_response(request: web.Request) -> web.StreamResponse:
         return await proxy(request)
     services, tenant, sid, _ = target
     if await services.sessions.load(tenant, sid) is None:
-        raise NotFound(f"no response '{request.match_info['response_id'][:64]}' for this tenant",
-                       code="response_not_found")
+        raise _no_response(request)
     purged = await services.sessions.erase(tenant, sid, new_request_id())
     return json_response({"id": request.match_info["response_id"], "object": "response.deleted", "deleted": True,
                           "session_id": sid, "purge": "complete" if purged else "pending"})
