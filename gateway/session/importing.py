@@ -4,8 +4,12 @@
 (``session.model.from_agently``) before anything is stored. The policy is the one that matches
 the tenant and session id at import time.
 
-- Under a policy with ``input_keys: null`` and ``reply_keys: null`` anything goes (the whole
-  text is what recording writes).
+- Under a policy with ``input_keys: null`` and ``reply_keys: null`` any text goes (the whole
+  text is what recording writes), and the structure recording keeps there is held to the
+  policy's ``tools`` and ``media`` settings (``session.structured``): no tool calls or results
+  under ``drop``, only the redaction marker as a call's arguments or a result under ``redact``,
+  and a media part only under ``media.parts: keep`` and within its ``max_bytes`` (recording
+  writes a placeholder, or nothing, otherwise).
 - Otherwise every message the import adds to ``full_context``, and every message of
   ``context_window`` that the session does not already hold, must be in *recorded form*:
   a ``user`` message under keyed ``input_keys`` (an ``assistant`` message under keyed
@@ -26,7 +30,9 @@ from dataclasses import replace
 
 from gateway.errors import ImportNotWhitelisted
 from gateway.policy import Policy
-from gateway.session.model import Message, SessionState
+from gateway.session.model import Message, SessionState, is_structured
+from gateway.session.record import MEDIA_TYPES
+from gateway.session.structured import REDACTED_ARGUMENTS, REDACTED_RESULT, part_size
 from gateway.session.whitelist import in_recorded_form, memo_allowed
 
 
@@ -64,9 +70,11 @@ def hold_to_policy(full_context: list[Message], state: SessionState, policy: Pol
 
     *stored* is the session's recorded history, of which *full_context* must start with.
     """
+    stored = stored or []
+    _check_structure(full_context, "full_context", policy, first=len(stored))
+    _check_structure(state.context_window, "context_window", policy, stored=stored)
     if not is_keyed(policy):
         return state
-    stored = stored or []
     _check_messages(full_context, "full_context", policy, first=len(stored))
     _check_messages(state.context_window, "context_window", policy, stored=stored)
     if state.memo is not None and not memo_allowed(policy):
@@ -74,3 +82,43 @@ def hold_to_policy(full_context: list[Message], state: SessionState, policy: Pol
             f"'memo' must be null: policy '{policy.id}' records keyed fields only, and a memo is free text "
             "its whitelist cannot vet")
     return replace(state, settings=dict(policy.session_settings))
+
+
+def _check_structure(messages: list[Message], field: str, policy: Policy, *, first: int = 0,
+                     stored: list[Message] | None = None) -> None:
+    """Tool calls, tool results and media parts only as recording would have written them."""
+    tools, media = policy.session.tools, policy.session.media
+    keyed = is_keyed(policy)
+    for index, message in enumerate(messages):
+        if index < first or (stored and message in stored):
+            continue
+        where = f"'{field}[{index}]'"
+        if is_structured(message):
+            if keyed or "drop" in (tools.arguments, tools.results):
+                why = "records keyed fields only" if keyed else "drops tool calls and results (session.tools)"
+                raise ImportNotWhitelisted(f"{where} is a tool call or tool result; policy '{policy.id}' {why}")
+            if tools.arguments == "redact" and any(_call_text(c) != REDACTED_ARGUMENTS
+                                                   for c in message.get("tool_calls") or ()):
+                raise ImportNotWhitelisted(
+                    f"{where} has tool call arguments; policy '{policy.id}' records them as "
+                    f"{REDACTED_ARGUMENTS} (session.tools.arguments: redact)")
+            if tools.results == "redact" and message.get("role") == "tool" \
+                    and message.get("content") != REDACTED_RESULT:
+                raise ImportNotWhitelisted(
+                    f"{where} is a tool result; policy '{policy.id}' records its content as "
+                    f"'{REDACTED_RESULT}' (session.tools.results: redact)")
+        content = message.get("content")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") in MEDIA_TYPES \
+                    and (media.parts != "keep" or part_size(part) > media.max_bytes):
+                raise ImportNotWhitelisted(
+                    f"{where} holds a media part ({part.get('type')}); policy '{policy.id}' records "
+                    + ("media parts as a placeholder text" if media.parts == "placeholder" else
+                       "no media parts" if media.parts == "drop" else
+                       f"media parts of at most {media.max_bytes} bytes")
+                    + " (session.media)")
+
+
+def _call_text(call: dict[str, object]) -> object:
+    spec = call.get(str(call.get("type", "function")))
+    return spec.get("input" if call.get("type") == "custom" else "arguments") if isinstance(spec, dict) else None

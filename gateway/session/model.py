@@ -554,6 +554,9 @@ def inject(messages: list[Message], state: SessionState | None, *, window: bool 
 # --- Agently's JSON form -------------------------------------------------------------------
 
 def _messages(value: Any, name: str) -> list[Message]:
+    """Agently's ``{"role", "content"}`` messages, and the structure this gateway's own export
+    writes (``session.structured``): an assistant message's ``tool_calls`` and a tool result's
+    ``tool_call_id``, rebuilt field by field. Other keys are left out, as Agently leaves them."""
     if not isinstance(value, list):
         raise InvalidSession(f"'{name}' must be a list of chat messages")
     out: list[Message] = []
@@ -563,8 +566,36 @@ def _messages(value: Any, name: str) -> list[Message]:
         content = m["content"]
         if content is not None and not isinstance(content, (str, list)):
             raise InvalidSession(f"'{name}[{i}].content' must be a string or a list of content parts")
-        out.append({"role": m["role"], "content": content})
+        message: Message = {"role": m["role"], "content": content}
+        if m.get("tool_calls") is not None:
+            if m["role"] != "assistant":
+                raise InvalidSession(f"'{name}[{i}].tool_calls' is only for an assistant message")
+            message["tool_calls"] = _tool_calls(m["tool_calls"], f"{name}[{i}].tool_calls")
+        if m.get("tool_call_id") is not None:
+            if m["role"] != "tool" or not isinstance(m["tool_call_id"], str):
+                raise InvalidSession(f"'{name}[{i}].tool_call_id' must be a string, on a tool message")
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return out
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """Tool calls as Chat Completions writes them: ``{"id", "type": "function", "function":
+    {"name", "arguments"}}``, or ``type: custom`` with ``custom: {"name", "input"}``."""
+    if not isinstance(value, list) or not value:
+        raise InvalidSession(f"'{where}' must be a non-empty list of tool calls")
+    calls: list[dict[str, Any]] = []
+    for i, call in enumerate(value):
+        kind = str(call.get("type", "function")) if isinstance(call, dict) else ""
+        spec = call.get(kind) if isinstance(call, dict) and kind in ("function", "custom") else None
+        text = "arguments" if kind == "function" else "input"
+        if not isinstance(spec, dict) or not isinstance(call.get("id"), str) \
+                or not isinstance(spec.get("name"), str) or not isinstance(spec.get(text), str):
+            raise InvalidSession(f"'{where}[{i}]' must be {{\"id\", \"type\": \"function\", \"function\": "
+                                 f"{{\"name\", \"arguments\"}}}} (or type custom with custom.name and "
+                                 "custom.input), all strings")
+        calls.append({"id": call["id"], "type": kind, kind: {"name": spec["name"], text: spec[text]}})
+    return calls
 
 
 def to_agently(session_id: str, full_context: list[Message], state: SessionState) -> dict[str, Any]:

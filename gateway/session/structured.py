@@ -21,6 +21,8 @@ import binascii
 import hashlib
 from typing import Any
 
+import orjson
+
 from gateway.policy import Policy
 from gateway.session.record import MEDIA_TYPES, new_messages
 
@@ -64,7 +66,7 @@ def placeholder(part: dict[str, Any]) -> str:
     return f"[{label}: {len(url)} bytes of reference, sha256 {hashlib.sha256(url.encode()).hexdigest()}]"
 
 
-def _part_size(part: dict[str, Any]) -> int:
+def part_size(part: dict[str, Any]) -> int:
     return len(str(part.get("image_url") or part.get("file") or part.get("input_audio") or ""))
 
 
@@ -76,7 +78,7 @@ def media_content(content: Any, policy: Policy) -> Any:
     out: list[Any] = []
     for part in content:
         is_media = isinstance(part, dict) and part.get("type") in MEDIA_TYPES
-        if not is_media or (media.parts == "keep" and _part_size(part) <= media.max_bytes):
+        if not is_media or (media.parts == "keep" and part_size(part) <= media.max_bytes):
             out.append(part)
         elif media.parts != "drop":
             out.append({"type": "text", "text": placeholder(part)})
@@ -123,12 +125,18 @@ def structured_round(policy: Policy, messages: list[Message], reply: Message | N
 
 
 def _call(call: Any, arguments: str) -> Any:
-    """*call* with its arguments (a custom tool's free-text ``input``) redacted when the policy
-    says so."""
-    if not isinstance(call, dict) or arguments != "redact":
+    """*call* in the form Chat Completions writes (``id``, ``type``, and ``function: {name,
+    arguments}`` or ``custom: {name, input}``; any other key a provider added is not recorded),
+    its arguments (a custom tool's free-text ``input``) redacted when the policy says so."""
+    if not isinstance(call, dict):
         return call
-    if call.get("type") == "custom":
-        return {**call, "custom": {**(call.get("custom") or {}), "input": REDACTED_ARGUMENTS}}
-    function = dict(call.get("function") or {})
-    function["arguments"] = REDACTED_ARGUMENTS
-    return {**call, "function": function}
+    kind = "custom" if call.get("type") == "custom" else "function"
+    raw = call.get(kind)
+    spec: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    field = "input" if kind == "custom" else "arguments"
+    value = spec.get(field)
+    if arguments == "redact":
+        value = REDACTED_ARGUMENTS
+    elif value is not None and not isinstance(value, str):
+        value = orjson.dumps(value).decode()
+    return {"id": call.get("id"), "type": kind, kind: {"name": spec.get("name"), field: value}}

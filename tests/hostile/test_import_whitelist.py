@@ -1,6 +1,7 @@
 """An import is held to the session's policy: under keyed policies only messages in recorded form
 (and a memo where the policy keeps one) are taken; anything else is a 422 naming the message, and
-nothing of it reaches the store or an export. Under null keys anything goes, as before."""
+nothing of it reaches the store or an export. Under null keys any text goes, and tool calls,
+tool results and media parts come back only as the policy's tools and media settings record them."""
 
 from __future__ import annotations
 
@@ -51,6 +52,24 @@ DEFAULT = """\
 id: default
 session: {input_keys: null, reply_keys: null}
 """
+TOOLS_DROP = """\
+id: tools-drop
+priority: 50
+match: {tenants: [acme], session_ids: ["toolsdrop:*"]}
+session: {input_keys: null, reply_keys: null, tools: {results: drop}}
+"""
+TOOLS_REDACT = """\
+id: tools-redact
+priority: 50
+match: {tenants: [acme], session_ids: ["toolsredact:*"]}
+session: {input_keys: null, reply_keys: null, tools: {arguments: redact, results: redact}}
+"""
+MEDIA_KEEP = """\
+id: media-keep
+priority: 50
+match: {tenants: [acme], session_ids: ["mediakeep:*"]}
+session: {input_keys: null, reply_keys: null, media: {parts: keep, max_bytes: 200}}
+"""
 
 
 @pytest.fixture
@@ -58,7 +77,8 @@ def gw(make_gateway, tmp_path: Path) -> Gateway:
     folder = tmp_path / "policies"
     folder.mkdir()
     for name, text in (("keyed", KEYED), ("keyed-memo", KEYED_MEMO), ("user-keyed", USER_ONLY_KEYED),
-                       ("default", DEFAULT)):
+                       ("default", DEFAULT), ("tools-drop", TOOLS_DROP), ("tools-redact", TOOLS_REDACT),
+                       ("media-keep", MEDIA_KEEP)):
         (folder / f"{name}.yaml").write_text(text)
     return make_gateway(folder)
 
@@ -176,6 +196,82 @@ def test_null_keys_take_anything_as_before(gw: Gateway) -> None:
     assert r.status_code == 200, r.text
     assert httpx.get(f"{gw.base_url}/sessions/acme:free", headers=AUTH).json()["full_context"][0]["content"] \
         == f"hello {CANARY}"
+
+
+# --- structure under null keys: tool calls, tool results and media parts ------------------------
+
+def call(arguments: str, call_id: str = "call_1") -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": "lookup", "arguments": arguments}}
+
+
+def tool_round(arguments: str, result: Any) -> list[dict[str, Any]]:
+    return [user("look it up"), {"role": "assistant", "content": None, "tool_calls": [call(arguments)]},
+            {"role": "tool", "tool_call_id": "call_1", "content": result}, assistant("found it")]
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{CANARY}"}}
+
+
+@pytest.mark.parametrize(("sid", "doc", "where", "says"), [
+    ("toolsdrop:a", session_doc(tool_round('{"q": "x"}', "r")), "full_context[1]", "session.tools"),
+    ("toolsredact:a", session_doc(tool_round(f'{{"card": "{CANARY}"}}', "[redacted tool result]")),
+     "full_context[1]", "arguments: redact"),
+    ("toolsredact:b", session_doc(tool_round('{"redacted": true}', f"card {CANARY}")), "full_context[2]",
+     "results: redact"),
+    ("keyed:tools", session_doc([user(GOOD_USER), {"role": "assistant", "content": GOOD_REPLY,
+                                                   "tool_calls": [call(CANARY)]}]), "full_context[1]", "keyed"),
+    ("acme:image", session_doc([user([{"type": "text", "text": "see"}, IMAGE])]), "full_context[0]",
+     "placeholder"),
+    ("mediakeep:big", session_doc([user([IMAGE | {"image_url": {"url": "data:image/png;base64," + "A" * 300}}]),
+                                   assistant("ok")], context_window=[user([IMAGE])]), "full_context[0]",
+     "at most 200 bytes"),
+    ("acme:window", session_doc([user("hi")], context_window=[user([IMAGE])]), "context_window[0]", "media"),
+])
+def test_null_keys_hold_tools_and_media_to_the_policy(gw: Gateway, sid: str, doc: dict[str, Any], where: str,
+                                                      says: str) -> None:
+    """Under null keys an import may bring tool calls, results and media parts only as recording
+    would have written them under the policy's ``tools`` and ``media`` settings."""
+    r = put(gw, sid, doc)
+    assert_refused(r, where)
+    assert says in r.json()["error"]["message"]
+    assert httpx.get(f"{gw.base_url}/sessions/{sid}", headers=AUTH).status_code == 404
+    assert CANARY.encode() not in everything_written(gw)
+
+
+def test_what_recording_writes_under_tools_and_media_settings_is_taken(gw: Gateway) -> None:
+    """The marker under redact, a small media part under keep, and a tool round under the default
+    policy are imported with their structure."""
+    redacted = session_doc(tool_round('{"redacted": true}', "[redacted tool result]"))
+    assert put(gw, "toolsredact:ok", redacted).status_code == 200
+    small = session_doc([user([{"type": "text", "text": "see"}, {"type": "image_url",
+                                                                 "image_url": {"url": "https://x/y.png"}}])])
+    assert put(gw, "mediakeep:ok", small).status_code == 200
+    assert put(gw, "acme:tools", session_doc(tool_round('{"q": "x"}', "r"))).status_code == 200
+    got = httpx.get(f"{gw.base_url}/sessions/acme:tools", headers=AUTH).json()
+    assert got["full_context"] == tool_round('{"q": "x"}', "r")
+
+
+@pytest.mark.parametrize(("message", "field"), [
+    ({"role": "user", "content": "x", "tool_calls": [call("{}")]}, "full_context[0].tool_calls"),
+    ({"role": "assistant", "content": None, "tool_calls": []}, "full_context[0].tool_calls"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]},
+     "full_context[0].tool_calls[0]"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": 7, "type": "function",
+                                                            "function": {"name": "f", "arguments": "{}"}}]},
+     "full_context[0].tool_calls[0]"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                            "function": {"name": "f", "arguments": {}}}]},
+     "full_context[0].tool_calls[0]"),
+    ({"role": "assistant", "content": None, "tool_calls": "call"}, "full_context[0].tool_calls"),
+    ({"role": "user", "content": "x", "tool_call_id": "call_1"}, "full_context[0].tool_call_id"),
+    ({"role": "tool", "content": "x", "tool_call_id": 5}, "full_context[0].tool_call_id"),
+])
+def test_a_malformed_tool_structure_is_a_400_naming_the_field(gw: Gateway, message: dict[str, Any],
+                                                               field: str) -> None:
+    r = put(gw, "acme:bad-tools", session_doc([message]))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_session" and f"'{field}'" in error["message"]
 
 
 def test_appending_import_checks_only_what_it_adds(gw: Gateway) -> None:

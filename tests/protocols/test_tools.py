@@ -14,7 +14,7 @@ from tests.protocols.upstream import ProtocolUpstream
 
 TOOL: dict[str, Any] = {"type": "function", "function": {"name": "get_weather", "description": "weather",
                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
-CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+CALL: dict[str, Any] = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
 
 
 def _export(gw: Gateway, sid: str) -> list[dict[str, Any]]:
@@ -83,6 +83,43 @@ def test_messages_client_sends_only_its_tool_result(pgw: Gateway, proto: Protoco
                     {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": "get_weather",
                                                        "input": {"city": "Paris"}}]},
                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}]
+
+
+def test_an_exported_tool_session_is_loaded_and_continued_elsewhere(gateway: Gateway, upstream: Upstream) -> None:
+    """The hand-off of SPEC §2: a web tier exports a session that stopped at a tool call, a worker
+    imports it under another id and sends only the tool result; the upstream gets the call
+    before its result, as from the original session (the import used to keep only role and
+    content, so the worker sent a tool result with no call and an assistant 'None')."""
+    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [CALL]}
+                                   if body["messages"][-1]["role"] == "user" else "It is sunny.")
+    web = gateway.openai(session="web-tier")
+    web.chat.completions.create(model="m", tools=[TOOL], messages=[{"role": "user", "content": "weather?"}])
+    document = web.get("/sessions/web-tier", cast_to=object)
+    assert web.put("/sessions/worker-1", body=document, cast_to=object) == {"id": "worker-1",
+                                                                              "imported_messages": 2}
+    assert gateway.openai().get("/sessions/worker-1", cast_to=object)["full_context"] == \
+        document["full_context"]  # type: ignore[index]
+    worker = gateway.openai(session="worker-1")
+    reply = worker.chat.completions.create(model="m", tools=[TOOL], messages=[
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"}])
+    assert reply.choices[0].message.content == "It is sunny."
+    assert upstream.requests[-1]["messages"] == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"}]
+    # importing the same document again into the session it came from adds nothing
+    assert web.put("/sessions/web-tier", body=document, cast_to=object)["imported_messages"] == 0  # type: ignore[index]
+
+
+def test_a_tool_call_is_recorded_in_chats_form_only(gateway: Gateway, upstream: Upstream) -> None:
+    """Keys a provider adds to a tool call (an ``index``, its own extensions) are not recorded:
+    the call keeps its id, type, name and arguments, the form an import takes back."""
+    extended = {**CALL, "index": 0, "x_trace": "CANARY-CALL-KEY-5521",
+                "function": {**CALL["function"], "x_hint": "CANARY-CALL-KEY-5521"}}
+    upstream.reply = lambda body: {"role": "assistant", "content": None, "tool_calls": [extended]}
+    gateway.openai(session="call-form").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "weather?"}])
+    assert _export(gateway, "call-form")[1]["tool_calls"] == [CALL]
 
 
 def _policy(tmp: Path, tools: str) -> Path:
