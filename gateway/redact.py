@@ -282,8 +282,8 @@ class Redactor:
     def redact_messages(self, messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """New ``{"role", "content"}`` messages; messages left with nothing are left out. A
         structured tool call keeps its id and function name, its arguments (a custom tool's
-        ``input``) redacted as text; a tool result keeps its ``tool_call_id``
-        (``session.structured``)."""
+        ``input``) redacted as text, and the thinking recorded with it its text, redacted; a tool
+        result keeps its ``tool_call_id`` (``session.structured``)."""
         out = []
         for message in messages:
             content = self.redact_content(message.get("content"))
@@ -293,9 +293,23 @@ class Redactor:
             doc: dict[str, Any] = {"role": message.get("role"), "content": content}
             if calls:
                 doc["tool_calls"] = calls
+                if thinking := self._redact_reasoning(message.get("reasoning")):
+                    doc["reasoning"] = thinking
             if isinstance(message.get("tool_call_id"), str):
                 doc["tool_call_id"] = message["tool_call_id"]
             out.append(doc)
+        return out
+
+    def _redact_reasoning(self, blocks: Any) -> list[dict[str, Any]]:
+        """The thinking recorded with a tool call: its text redacted as text; neither its
+        signature nor a ``redacted_thinking`` block's data (the provider's opaque bytes) is
+        exported."""
+        out: list[dict[str, Any]] = []
+        for block in blocks if isinstance(blocks, list) else ():
+            if isinstance(block, Mapping) and block.get("type") == "thinking":
+                out.append({"type": "thinking", "thinking": self.redact_content(block.get("thinking"))})
+            elif isinstance(block, Mapping) and block.get("type") == "redacted_thinking":
+                out.append({"type": "redacted_thinking"})
         return out
 
     def _redact_call(self, call: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,9 @@ become neutral messages: ``text`` blocks → text parts, ``image`` blocks → ``
 
 Injecting: the window (normalised: it starts with a user message and ends with an assistant one,
 as Anthropic requires alternating roles) goes before the request's messages; tool calls become
-``tool_use`` blocks and tool messages ``tool_result`` blocks in a user message. The memo goes
+``tool_use`` blocks (after the ``thinking`` blocks recorded with them, which Anthropic wants back
+to continue a tool call made with thinking on) and tool messages ``tool_result`` blocks in a user
+message. The memo goes
 into the last user message, or at the end of ``system`` (``memo_placement: system``).
 
 Stream: ``message_stop`` is the final event, held back until the round is committed; a round is
@@ -161,6 +163,8 @@ def to_anthropic(messages: list[Message]) -> list[Message]:
             blocks.append({"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
                            "content": [_block(p) for p in result] if isinstance(result, list) else _text_of(result)})
         else:
+            if role == "assistant" and m.get("tool_calls"):  # its recorded thinking goes first
+                blocks.extend(reasoning_blocks(m.get("reasoning")))
             content = m.get("content")
             if isinstance(content, str) and content:
                 blocks.append({"type": "text", "text": content})
@@ -284,7 +288,8 @@ class MessagesAssembler(EventAssembler):
 
 
 def reply_message(body: dict[str, Any]) -> Message:
-    """The assistant message of a ``message`` object: its text and tool calls."""
+    """The assistant message of a ``message`` object: its text and tool calls, and with tool
+    calls its ``thinking``/``redacted_thinking`` blocks as ``reasoning`` (:func:`reasoning_blocks`)."""
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for block in body["content"]:
@@ -294,7 +299,27 @@ def reply_message(body: dict[str, Any]) -> Message:
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"),
                                        "arguments": orjson.dumps(block.get("input", {})).decode()}})
-    return assistant_message(texts, calls)
+    message = assistant_message(texts, calls)
+    if calls and (reasoning := reasoning_blocks(body["content"])):
+        message["reasoning"] = reasoning
+    return message
+
+
+def reasoning_blocks(content: Any) -> list[dict[str, str]]:
+    """The ``thinking`` (text and signature) and ``redacted_thinking`` (data) blocks of a reply's
+    content, in order, with only those fields. With thinking on, Anthropic wants them back
+    unchanged (the signature is checked) at the start of the assistant turn whose tool calls a
+    request answers; so a tool call's are recorded with it (``session.tools.reasoning``)."""
+    out: list[dict[str, str]] = []
+    for block in content if isinstance(content, list) else ():
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "thinking" and isinstance(block.get("thinking"), str) \
+                and isinstance(block.get("signature"), str):
+            out.append({"type": "thinking", "thinking": block["thinking"], "signature": block["signature"]})
+        elif block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+            out.append({"type": "redacted_thinking", "data": block["data"]})
+    return out
 
 
 class MessagesCodec:

@@ -197,6 +197,13 @@ class ToolRecording(StrictModel):
     stays valid) with its content replaced by ``[redacted tool result]``; ``drop``: results are
     not recorded, and neither are the calls they answer (a call without its result would make an
     invalid history)."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """``keep``: the model's thinking that came with its tool calls (Anthropic's ``thinking`` and
+    ``redacted_thinking`` blocks, signatures included) is recorded with the calls and injected
+    back before them, as Anthropic requires to continue a tool call made with thinking on;
+    ``drop``: not recorded (a client that sends only its tool result then gets the provider's
+    400 while thinking is on). Recorded only while ``arguments`` is ``keep``: thinking may
+    restate what a redacted or dropped call held."""
 
 
 class MediaRecording(StrictModel):

@@ -8,8 +8,9 @@ the tenant and session id at import time.
   text is what recording writes), and the structure recording keeps there is held to the
   policy's ``tools`` and ``media`` settings (``session.structured``): no tool calls or results
   under ``drop``, only the redaction marker as a call's arguments or a result under ``redact``,
-  and a media part only under ``media.parts: keep`` and within its ``max_bytes`` (recording
-  writes a placeholder, or nothing, otherwise).
+  a call's thinking only under ``reasoning: keep`` with ``arguments: keep``, and a media part
+  only under ``media.parts: keep`` and within its ``max_bytes`` (recording writes a
+  placeholder, or nothing, otherwise).
 - Otherwise every message the import adds to ``full_context``, and every message of
   ``context_window`` that the session does not already hold, must be in *recorded form*:
   a ``user`` message under keyed ``input_keys`` (an ``assistant`` message under keyed
@@ -102,6 +103,10 @@ def _check_structure(messages: list[Message], field: str, policy: Policy, *, fir
                 raise ImportNotWhitelisted(
                     f"{where} has tool call arguments; policy '{policy.id}' records them as "
                     f"{REDACTED_ARGUMENTS} (session.tools.arguments: redact)")
+            if message.get("reasoning") and (tools.reasoning != "keep" or tools.arguments != "keep"):
+                raise ImportNotWhitelisted(
+                    f"{where} has the thinking of a tool call; policy '{policy.id}' does not record it "
+                    "(session.tools: reasoning is kept only with arguments: keep)")
             if tools.results == "redact" and message.get("role") == "tool" \
                     and message.get("content") != REDACTED_RESULT:
                 raise ImportNotWhitelisted(

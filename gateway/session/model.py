@@ -348,8 +348,9 @@ class _Normal:
         start = 1 if counts and counts[0] == 0 else 0
         end = len(counts) - 1 if len(counts) > start and counts[-1] == 0 else len(counts)
         core = out[start:end]
+        chat = [without_reasoning(m) for m in core]  # the JSON text is what Chat Completions is sent
         return cls(plain, counts[start:end], [str(m.get("role")) for m in core], core[-1] if core else None,
-                   EncodedList.of(core), out if keep_out else None)
+                   EncodedList.of(chat), out if keep_out else None)
 
     @property
     def opener(self) -> bool:
@@ -365,7 +366,8 @@ class _Normal:
         return (self.roles[0], self.roles[-1]) if self.roles else (None, None)
 
     def items(self) -> bytes:
-        """The JSON text of the normalised window's messages, comma-separated, without brackets."""
+        """The JSON text of the normalised window's messages, comma-separated, without brackets
+        (without ``reasoning``: :func:`without_reasoning`)."""
         return _dressed_items(*_markers(*self._ends()), self.core.items())
 
     def _core_out(self) -> list[Message] | None:
@@ -464,6 +466,14 @@ def _is_plain(message: Message) -> bool:
     return type(message.get("content")) is str and not is_structured(message)
 
 
+def without_reasoning(message: Message) -> Message:
+    """*message* without the Anthropic ``reasoning`` recorded with its tool calls
+    (``session.structured``): what the OpenAI protocols are sent."""
+    if "reasoning" not in message:
+        return message
+    return {k: v for k, v in message.items() if k != "reasoning"}
+
+
 def is_structured(message: Message) -> bool:
     """An assistant message with ``tool_calls``, or a tool result answering one
     (``session.structured``): kept whole in the window, never merged with its neighbours."""
@@ -555,8 +565,9 @@ def inject(messages: list[Message], state: SessionState | None, *, window: bool 
 
 def _messages(value: Any, name: str) -> list[Message]:
     """Agently's ``{"role", "content"}`` messages, and the structure this gateway's own export
-    writes (``session.structured``): an assistant message's ``tool_calls`` and a tool result's
-    ``tool_call_id``, rebuilt field by field. Other keys are left out, as Agently leaves them."""
+    writes (``session.structured``): an assistant message's ``tool_calls`` (and the ``reasoning``
+    recorded with them) and a tool result's ``tool_call_id``, rebuilt field by field. Other keys
+    are left out, as Agently leaves them."""
     if not isinstance(value, list):
         raise InvalidSession(f"'{name}' must be a list of chat messages")
     out: list[Message] = []
@@ -571,12 +582,30 @@ def _messages(value: Any, name: str) -> list[Message]:
             if m["role"] != "assistant":
                 raise InvalidSession(f"'{name}[{i}].tool_calls' is only for an assistant message")
             message["tool_calls"] = _tool_calls(m["tool_calls"], f"{name}[{i}].tool_calls")
+            if m.get("reasoning") is not None:
+                message["reasoning"] = _reasoning(m["reasoning"], f"{name}[{i}].reasoning")
         if m.get("tool_call_id") is not None:
             if m["role"] != "tool" or not isinstance(m["tool_call_id"], str):
                 raise InvalidSession(f"'{name}[{i}].tool_call_id' must be a string, on a tool message")
             message["tool_call_id"] = m["tool_call_id"]
         out.append(message)
     return out
+
+
+def _reasoning(value: Any, where: str) -> list[dict[str, str]]:
+    """Anthropic's ``thinking`` (``thinking`` and ``signature``) and ``redacted_thinking``
+    (``data``) blocks, all strings."""
+    fields = {"thinking": ("thinking", "signature"), "redacted_thinking": ("data",)}
+    if not isinstance(value, list):
+        raise InvalidSession(f"'{where}' must be a list of thinking blocks")
+    blocks: list[dict[str, str]] = []
+    for i, block in enumerate(value):
+        names = fields.get(str(block.get("type"))) if isinstance(block, dict) else None
+        if names is None or not all(isinstance(block.get(n), str) for n in names):
+            raise InvalidSession(f"'{where}[{i}]' must be {{\"type\": \"thinking\", \"thinking\", \"signature\"}} "
+                                 "or {\"type\": \"redacted_thinking\", \"data\"}, all strings")
+        blocks.append({"type": block["type"], **{n: block[n] for n in names}})
+    return blocks
 
 
 def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:

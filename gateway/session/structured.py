@@ -4,12 +4,16 @@ Under ``null`` input and reply keys, a round that carries tool calls (the reply'
 ``tool_calls``), tool results (``role: tool`` messages answering them) or media parts (images,
 files) is recorded as structured messages in the neutral form (``gateway.codecs``): the user's
 messages with their parts, each tool result with its ``tool_call_id``, and the assistant message
-with its ``tool_calls``. The window injected from it is then a sequence the provider accepts: a
-client that sends only its tool result continues the conversation the upstream knows.
+with its ``tool_calls`` (and, from Anthropic with thinking on, the ``thinking`` blocks that came
+with them as ``reasoning``: ``codecs.messages.reasoning_blocks``). The window injected from it is
+then a sequence the provider accepts: a client that sends only its tool result continues the
+conversation the upstream knows. Only the Messages codec injects ``reasoning``; the other
+protocols leave it out.
 
 The policy decides (``session.tools``, ``session.media``): tool arguments and results kept,
 redacted or dropped (dropping either drops both, since a call without its result, or a result
-without its call, is an invalid history); media parts kept (up to ``max_bytes``), replaced by a
+without its call, is an invalid history); the thinking with a call kept or dropped (kept only
+with its arguments); media parts kept (up to ``max_bytes``), replaced by a
 placeholder text part (default) or dropped. Any other round keeps the text form
 (``session.record``), byte for byte as before.
 """
@@ -117,8 +121,11 @@ def structured_round(policy: Policy, messages: list[Message], reply: Message | N
         calls = [] if drop_tools else [_call(call, tools.arguments) for call in reply.get("tool_calls") or ()]
         text = reply_text if not reply.get("tool_calls") else (reply.get("content") or None)
         if calls:
-            out.append({"role": "assistant", "content": text if isinstance(text, str) and text else None,
-                        "tool_calls": calls})
+            message: Message = {"role": "assistant", "content": text if isinstance(text, str) and text else None,
+                                "tool_calls": calls}
+            if reply.get("reasoning") and tools.reasoning == "keep" and tools.arguments == "keep":
+                message["reasoning"] = reply["reasoning"]
+            out.append(message)
         elif text:
             out.append({"role": "assistant", "content": text})
     return out

@@ -8,7 +8,7 @@ import sqlite3
 import httpx
 import orjson
 
-from tests.conftest import ACME_KEY, AUDITOR_TOKEN, GLOBEX_KEY, Gateway, wait_for
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, GLOBEX_KEY, Gateway, Upstream, wait_for
 from tests.console.conftest import HOSTILE, SCOPED_TOKEN, login_csrf, signed_in_client
 
 
@@ -189,3 +189,22 @@ def test_a_tenant_whose_rows_were_all_deleted_is_still_listed(console_gateway: G
             db.execute(f"DELETE FROM {table} WHERE tenant='globex'")
     overview = signed_in_client(console_gateway).get("/console/overview").text
     assert "<code>globex</code>" in overview and "<code>acme</code>" in overview
+
+
+def test_a_tool_round_shows_its_calls_and_what_answers_them(console_gateway: Gateway, upstream: Upstream) -> None:
+    """The session page shows a recorded tool call (id, name, arguments redacted as an export
+    redacts them) and the tool result's call id, where it used to show the call's message as
+    "null" and nothing of the call."""
+    call = {"id": "call_7", "type": "function",
+            "function": {"name": "send_mail", "arguments": '{"to": "bob@example.com", "body": "hi"}'}}
+    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [call]}
+                                   if body["messages"][-1]["role"] == "user" else "sent")
+    client = console_gateway.openai(session="console-tools")
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "mail bob"}])
+    client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_7", "content": "ok"}])
+    page = signed_in_client(console_gateway).get("/console/sessions/acme/console-tools").text
+    assert "tool call <code>call_7</code>: <code>send_mail</code>" in page
+    assert "answers tool call <code>call_7</code>" in page
+    assert "bob@example.com" not in page and "pseud:" in page  # the default policy hashes e-mail addresses
+    assert "&#34;body&#34;: &#34;hi&#34;" in page
+    assert ">null<" not in page

@@ -218,6 +218,9 @@ IMAGE = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{CANA
      "full_context[1]", "arguments: redact"),
     ("toolsredact:b", session_doc(tool_round('{"redacted": true}', f"card {CANARY}")), "full_context[2]",
      "results: redact"),
+    ("toolsredact:c", session_doc([user("look"), {"role": "assistant", "content": None, "reasoning": [
+        {"type": "thinking", "thinking": f"the card is {CANARY}", "signature": "sig"}],
+        "tool_calls": [call('{"redacted": true}')]}]), "full_context[1]", "thinking"),
     ("keyed:tools", session_doc([user(GOOD_USER), {"role": "assistant", "content": GOOD_REPLY,
                                                    "tool_calls": [call(CANARY)]}]), "full_context[1]", "keyed"),
     ("acme:image", session_doc([user([{"type": "text", "text": "see"}, IMAGE])]), "full_context[0]",
@@ -263,6 +266,11 @@ def test_what_recording_writes_under_tools_and_media_settings_is_taken(gw: Gatew
                                                             "function": {"name": "f", "arguments": {}}}]},
      "full_context[0].tool_calls[0]"),
     ({"role": "assistant", "content": None, "tool_calls": "call"}, "full_context[0].tool_calls"),
+    ({"role": "assistant", "content": None, "tool_calls": [call("{}")], "reasoning": [{"type": "thinking",
+                                                                                       "thinking": "t"}]},
+     "full_context[0].reasoning[0]"),
+    ({"role": "assistant", "content": None, "tool_calls": [call("{}")], "reasoning": "t"},
+     "full_context[0].reasoning"),
     ({"role": "user", "content": "x", "tool_call_id": "call_1"}, "full_context[0].tool_call_id"),
     ({"role": "tool", "content": "x", "tool_call_id": 5}, "full_context[0].tool_call_id"),
 ])

@@ -10,11 +10,12 @@ import pytest
 
 from tests.conftest import REPO, Gateway, Upstream
 from tests.protocols.conftest import anthropic_client, session_setting
-from tests.protocols.upstream import ProtocolUpstream
+from tests.protocols.upstream import ProtocolUpstream, signature
 
 TOOL: dict[str, Any] = {"type": "function", "function": {"name": "get_weather", "description": "weather",
                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
-CALL: dict[str, Any] = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+CALL: dict[str, Any] = {"id": "call_1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
 
 
 def _export(gw: Gateway, sid: str) -> list[dict[str, Any]]:
@@ -120,6 +121,85 @@ def test_a_tool_call_is_recorded_in_chats_form_only(gateway: Gateway, upstream: 
     gateway.openai(session="call-form").chat.completions.create(
         model="m", messages=[{"role": "user", "content": "weather?"}])
     assert _export(gateway, "call-form")[1]["tool_calls"] == [CALL]
+
+
+WEATHER = {"name": "get_weather", "description": "weather", "input_schema": TOOL["function"]["parameters"]}
+THINKING = {"type": "enabled", "budget_tokens": 1024}
+
+
+def _thinking_round(client: Any, stream: bool) -> Any:
+    """A Messages request with thinking on that the upstream answers with thinking and a tool call."""
+    kwargs: dict[str, Any] = {"model": "c", "max_tokens": 2048, "tools": [WEATHER], "thinking": THINKING,
+                              "messages": [{"role": "user", "content": "weather?"}]}
+    if not stream:
+        return client.messages.create(**kwargs)
+    with client.messages.stream(**kwargs) as s:
+        return s.get_final_message()
+
+
+def _answer(use_id: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": use_id, "content": "sunny"}]}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_made_with_thinking_on_is_continued_with_only_the_tool_result(
+        pgw: Gateway, proto: ProtocolUpstream, stream: bool) -> None:
+    """Anthropic wants the thinking that came with a tool call back, unchanged, at the start of that
+    assistant turn when a request answers the call with thinking on (else a 400). A client that
+    sends only its tool_result gets that from the window (the thinking used to be left out)."""
+    client = anthropic_client(pgw, session=f"think-{stream}")
+    first = _thinking_round(client, stream)
+    assert [b.type for b in first.content] == ["thinking", "tool_use"]
+    thinking, use = first.content
+    second = client.messages.create(model="c", max_tokens=2048, tools=[WEATHER], thinking=THINKING,
+                                    messages=_answer(use.id))
+    assert [b.text for b in second.content if b.type == "text"] == ["tool said: sunny"]
+    sent = proto.bodies("/v1/messages")[-1]["messages"]
+    assert sent[1] == {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": thinking.thinking, "signature": thinking.signature},
+        {"type": "tool_use", "id": use.id, "name": "get_weather", "input": {"city": "Paris"}}]}
+    # the same window continued over Chat Completions carries no Anthropic thinking
+    pgw.openai(session=f"think-{stream}").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "thanks"}])
+    chat = proto.bodies("/v1/chat/completions")[-1]["messages"]
+    assert any(m.get("tool_calls") for m in chat) and not any("reasoning" in m for m in chat)
+
+
+def test_an_exported_thinking_tool_call_is_continued_after_import(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """The thinking travels with the session's export and import (signature included), and an
+    auditor's export shows its text but not the signature."""
+    import httpx
+
+    from tests.conftest import AUDITOR_TOKEN
+    client = anthropic_client(pgw, session="think-web")
+    _, use = _thinking_round(client, stream=False).content
+    document = pgw.openai().get("/sessions/think-web", cast_to=object)
+    assert pgw.openai().put("/sessions/think-worker", body=document, cast_to=object)["imported_messages"] == 2  # type: ignore[index]
+    second = anthropic_client(pgw, session="think-worker").messages.create(
+        model="c", max_tokens=2048, tools=[WEATHER], thinking=THINKING, messages=_answer(use.id))
+    assert [b.text for b in second.content if b.type == "text"] == ["tool said: sunny"]
+    r = httpx.get(f"{pgw.url}/admin/export", params={"tenant": "acme", "format": "agently"},
+                  headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
+    assert r.status_code == 200
+    import io
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        text = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())  # type: ignore[union-attr]
+    assert b"I need the tool for this." in text and signature("I need the tool for this.").encode() not in text
+
+
+def test_a_policy_that_drops_reasoning_records_none(make_pgw: Any, proto: ProtocolUpstream, tmp_path: Path) -> None:
+    """tools: {reasoning: drop} records the call without its thinking; a client sending only its
+    tool result with thinking on then gets the provider's own 400, as the README says."""
+    import anthropic
+    gw = make_pgw(policies=_policy(tmp_path, "{reasoning: drop}"))
+    client = anthropic_client(gw, session="think-drop")
+    _, use = _thinking_round(client, stream=False).content
+    assert "reasoning" not in _export(gw, "think-drop")[1]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(model="c", max_tokens=2048, tools=[WEATHER], thinking=THINKING,
+                               messages=_answer(use.id))
+    assert "must start with a thinking block" in refused.value.message
 
 
 def _policy(tmp: Path, tools: str) -> Path:

@@ -9,12 +9,17 @@ replies carry Anthropic's ``request-id`` and ``anthropic-ratelimit-*`` headers. 
 ``"<protocol> says: <last user text>"``; when the request offers tools and its last input is not
 a tool result, the reply is a call of the first tool with ``{"city": "Paris"}`` (a Responses
 custom tool, ``type: custom``, gets ``custom_tool_call`` with the input ``PATCH_INPUT``); after a
-tool result the reply is ``"tool said: <result>"``.
+tool result the reply is ``"tool said: <result>"``. With ``thinking`` on, a Messages reply starts
+with a signed ``thinking`` block, and a request answering a tool call must start that assistant
+turn with it, unchanged, or gets Anthropic's 400 (``thinking_refusal``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,8 +143,42 @@ def messages_plan(body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | No
     return f"messages says: {_text_of(content)}", None
 
 
+def thinking_on(body: dict[str, Any]) -> bool:
+    return isinstance(body.get("thinking"), dict) and body["thinking"].get("type") in ("enabled", "adaptive")
+
+
+def signature(thinking: str) -> str:
+    """The provider's signature of a thinking text (Anthropic checks it when the block comes back)."""
+    return base64.b64encode(hmac.new(b"fake-anthropic", thinking.encode(), hashlib.sha256).digest()).decode()
+
+
+def thinking_refusal(body: dict[str, Any]) -> str | None:
+    """Anthropic's 400 for a request that continues a tool call made with thinking on without the
+    thinking block (unchanged, its signature valid) at the start of that assistant turn."""
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else {}
+    answers_tool = isinstance(last.get("content"), list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"])
+    if not thinking_on(body) or not answers_tool or len(messages) < 2:
+        return None
+    index = len(messages) - 2
+    content = messages[index].get("content")
+    first = content[0] if isinstance(content, list) and content else {}
+    kind = first.get("type") if isinstance(first, dict) else None
+    if kind not in ("thinking", "redacted_thinking"):
+        return (f"messages.{index}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                f"`{kind}`. When `thinking` is enabled, a final `assistant` message must start with a thinking "
+                "block (preceeding the lastmost set of `tool_use` and `tool_result` blocks).")
+    if kind == "thinking" and first.get("signature") != signature(str(first.get("thinking"))):
+        return f"messages.{index}.content.0: Invalid `signature` in `thinking` block"
+    return None
+
+
 def message_object(body: dict[str, Any], text: str | None, call: dict[str, Any] | None, rid: str) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
+    if thinking_on(body):
+        thought = "The tool answered; I can reply." if text is not None else "I need the tool for this."
+        content.append({"type": "thinking", "thinking": thought, "signature": signature(thought)})
     if text is not None:
         content.append({"type": "text", "text": text})
     if call is not None:
@@ -154,7 +193,15 @@ def messages_events(body: dict[str, Any], text: str | None, call: dict[str, Any]
     start = {**final, "content": [], "stop_reason": None, "usage": {"input_tokens": 5, "output_tokens": 1}}
     out = [_sse("message_start", {"message": start}), _sse("ping", {})]
     for index, block in enumerate(final["content"]):
-        if block["type"] == "text":
+        if block["type"] == "thinking":
+            out.append(_sse("content_block_start", {"index": index, "content_block": {
+                "type": "thinking", "thinking": "", "signature": ""}}))
+            for i, word in enumerate(block["thinking"].split(" ")):
+                out.append(_sse("content_block_delta", {"index": index, "delta": {
+                    "type": "thinking_delta", "thinking": word if i == 0 else " " + word}}))
+            out.append(_sse("content_block_delta", {"index": index, "delta": {
+                "type": "signature_delta", "signature": block["signature"]}}))
+        elif block["type"] == "text":
             out.append(_sse("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}}))
             for i, word in enumerate(block["text"].split(" ")):
                 out.append(_sse("content_block_delta", {"index": index, "delta": {
@@ -215,6 +262,9 @@ class ProtocolUpstream:
         if body.get("model") == "limited":  # a 429 the provider says not to retry
             return web.json_response({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}},
                                      status=429, headers={**headers, "retry-after": "7", "x-should-retry": "false"})
+        if (refusal := thinking_refusal(body)) is not None:
+            return web.json_response({"type": "error", "error": {"type": "invalid_request_error", "message": refusal},
+                                      "request_id": f"req_{rid}"}, status=400, headers=headers)
         text, call = messages_plan(body)
         if not body.get("stream"):
             return web.json_response(message_object(body, text, call, rid), headers=headers)
