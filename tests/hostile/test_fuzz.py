@@ -112,8 +112,18 @@ session_op = st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "RESET"]),
                                  any_text.filter(bool)),
                        st.one_of(st.just(b""), json_value.map(lambda v: orjson.dumps(v)), st.fixed_dictionaries(
                            {"full_context": st.lists(st.fixed_dictionaries(
-                               {"role": st.sampled_from(["user", "assistant"]),
-                                "content": st.one_of(safe_text, any_text.map(with_canary))}), max_size=3)},
+                               {"role": st.sampled_from(["user", "assistant", "tool"]),
+                                "content": st.one_of(safe_text, any_text.map(with_canary))},
+                               optional={"tool_calls": st.one_of(json_value, st.lists(st.fixed_dictionaries(
+                                   {"id": st.one_of(safe_text, json_value), "type": st.sampled_from(
+                                       ["function", "custom", "x"]),
+                                    "function": st.fixed_dictionaries({"name": safe_text, "arguments": st.one_of(
+                                        any_text.map(with_canary), json_value)})}), max_size=2)),
+                                   "tool_call_id": st.one_of(safe_text, json_value),
+                                   "reasoning": st.one_of(json_value, st.lists(st.fixed_dictionaries(
+                                       {"type": st.sampled_from(["thinking", "redacted_thinking"]),
+                                        "thinking": any_text.map(with_canary), "signature": safe_text}),
+                                       max_size=2))}), max_size=3)},
                            optional={"memo": st.one_of(st.none(), safe_text, any_text.map(with_canary))}).map(
                                lambda v: orjson.dumps(v))))
 
