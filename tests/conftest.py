@@ -58,6 +58,11 @@ class Upstream:
         from gateway.standin import default_reply
         return default_reply(body)
 
+    def calls_then_says(self, call: dict[str, Any], text: str) -> None:
+        """Answer a user's message with *call* (a Chat tool call) and a tool result with *text*."""
+        self.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [call]}
+                                   if body["messages"][-1]["role"] == "user" else text)
+
 
 @pytest.fixture
 def upstream() -> Iterator[Upstream]:

@@ -197,8 +197,7 @@ def test_a_tool_round_shows_its_calls_and_what_answers_them(console_gateway: Gat
     "null" and nothing of the call."""
     call = {"id": "call_7", "type": "function",
             "function": {"name": "send_mail", "arguments": '{"to": "bob@example.com", "body": "hi"}'}}
-    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [call]}
-                                   if body["messages"][-1]["role"] == "user" else "sent")
+    upstream.calls_then_says(call, "sent")
     client = console_gateway.openai(session="console-tools")
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": "mail bob"}])
     client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_7", "content": "ok"}])

@@ -24,8 +24,7 @@ def _export(gw: Gateway, sid: str) -> list[dict[str, Any]]:
 
 def test_chat_client_sends_only_its_tool_result(gateway: Gateway, upstream: Upstream) -> None:
     """Chat: the upstream receives user, assistant tool_calls, tool: the call and its answer, in order."""
-    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [CALL]}
-                                   if body["messages"][-1]["role"] == "user" else "It is sunny.")
+    upstream.calls_then_says(CALL, "It is sunny.")
     client = gateway.openai(session="tools-chat")
     first = client.chat.completions.create(model="m", tools=[TOOL], messages=[{"role": "user", "content": "weather?"}])
     assert first.choices[0].message.tool_calls[0].id == "call_1"
@@ -91,8 +90,7 @@ def test_an_exported_tool_session_is_loaded_and_continued_elsewhere(gateway: Gat
     imports it under another id and sends only the tool result; the upstream gets the call
     before its result, as from the original session (the import used to keep only role and
     content, so the worker sent a tool result with no call and an assistant 'None')."""
-    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [CALL]}
-                                   if body["messages"][-1]["role"] == "user" else "It is sunny.")
+    upstream.calls_then_says(CALL, "It is sunny.")
     web = gateway.openai(session="web-tier")
     web.chat.completions.create(model="m", tools=[TOOL], messages=[{"role": "user", "content": "weather?"}])
     document = web.get("/sessions/web-tier", cast_to=object)
@@ -209,8 +207,7 @@ def _policy(tmp: Path, tools: str) -> Path:
 def test_policy_redacts_tool_arguments_and_results(make_gateway: Any, upstream: Upstream, tmp_path: Path) -> None:
     """tools: {arguments: redact, results: redact} keeps the sequence, never the values."""
     gw = make_gateway(_policy(tmp_path, "{arguments: redact, results: redact}"))
-    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [CALL]}
-                                   if body["messages"][-1]["role"] == "user" else "done")
+    upstream.calls_then_says(CALL, "done")
     client = gw.openai(session="redact-tools")
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": "weather?"}])
     client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_1",
@@ -236,8 +233,7 @@ def test_policy_redacts_a_chat_custom_tool_calls_input(make_gateway: Any, upstre
 def test_policy_drops_tool_calls_and_results(make_gateway: Any, upstream: Upstream, tmp_path: Path) -> None:
     """tools: {results: drop} records neither the calls nor their results."""
     gw = make_gateway(_policy(tmp_path, "{results: drop}"))
-    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [CALL]}
-                                   if body["messages"][-1]["role"] == "user" else "done")
+    upstream.calls_then_says(CALL, "done")
     client = gw.openai(session="drop-tools")
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": "weather?"}])
     client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_1", "content": "x"}])
@@ -257,8 +253,7 @@ def test_export_keeps_tool_structure_under_redaction(gateway: Gateway, upstream:
     from tests.conftest import AUDITOR_TOKEN
     call = {"id": "call_9", "type": "function",
             "function": {"name": "send_mail", "arguments": '{"to": "bob@example.com"}'}}
-    upstream.reply = lambda body: ({"role": "assistant", "content": None, "tool_calls": [call]}
-                                   if body["messages"][-1]["role"] == "user" else "sent")
+    upstream.calls_then_says(call, "sent")
     client = gateway.openai(session="export-tools")
     client.chat.completions.create(model="m", messages=[{"role": "user", "content": "mail bob"}])
     client.chat.completions.create(model="m", messages=[{"role": "tool", "tool_call_id": "call_9", "content": "ok"}])
