@@ -65,6 +65,7 @@ async def error_middleware(request: web.Request,
         resp = json_response(render_error(request.path, exc.to_body(), exc.status), status=exc.status)
         if exc.retry_after is not None:
             resp.headers["Retry-After"] = str(exc.retry_after)
+        resp.headers.update(exc.headers)
         return resp
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -23,7 +23,8 @@ content, keys or tokens.
     ├── IntegrityError           500 integrity_error (stored data failed an integrity check)
     ├── RecordFailed             500 server_error (the round could not be recorded; reply withheld)
     ├── StoreUnavailable         503 service_unavailable
-    ├── UpstreamError            502 upstream_error (unreachable, broken reply)
+    ├── UpstreamError            502 upstream_error (unreachable, broken reply, an error page)
+    │   ├── UpstreamAuthFailed   502  (the provider refused the gateway's provider key)
     │   └── UpstreamTimeout      504
     └── ConfigError              not for clients: start-up and CLI errors naming file and field
 """
@@ -41,6 +42,8 @@ class GatewayError(Exception):
     code: str = "internal_error"
     retry_after: int | None = None
     """Seconds for a ``Retry-After`` header: set on errors a client should simply retry."""
+    headers: dict[str, str] = {}
+    """Further response headers (an upstream's retry advice and request id, ``x-should-retry``)."""
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -159,6 +162,16 @@ STORE_UNAVAILABLE_MESSAGE = ("the gateway cannot use its session store right now
 
 class UpstreamError(GatewayError):
     status, type, code = 502, "upstream_error", "upstream_unreachable"
+    upstream_status: int | None = None
+    """The status the provider answered with, when it answered (for the audit entry)."""
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """The provider refused the gateway's own provider key (its 401): nothing the client can fix
+    or should retry, and the provider's message (which quotes part of that key) is not relayed."""
+
+    code = "upstream_auth_failed"
+    headers = {"x-should-retry": "false"}
 
 
 class UpstreamTimeout(UpstreamError):

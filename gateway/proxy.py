@@ -26,7 +26,8 @@ Contract, in order:
    provider state (files, batches, assistants, ...) is not shared by tenants unless the
    operator says so.
 6. The reply is relayed as it arrives, decoded (``Upstreams`` never hands out compressed
-   bytes), with the provider's rate-limit and request-id headers and no Content-Length. The
+   bytes), with the provider's rate-limit and request-id headers and no Content-Length; a
+   provider's 401 or non-JSON error page is the boundary's error instead (``gateway.upstream``). The
    last piece is held back until the audit entry is committed. Once bytes have gone out,
    a failure (upstream broke off, audit write failed) ends the connection: no second status
    line is ever written into a started body.
@@ -239,6 +240,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     except UpstreamError as exc:
         if out is None:
             failure = exc
+            audit["upstream_status"] = exc.upstream_status
         else:
             audit["outcome"], audit["ended_by"] = "incomplete", "upstream"
     except (ConnectionResetError, OSError):

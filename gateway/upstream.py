@@ -28,7 +28,19 @@ always give identity bytes, and ``headers`` never carry ``Content-Encoding`` or
 ``Content-Length``, so what the gateway relays is always consistent with its headers.
 
 A response with an error status is handed back as it is, so its body reaches the client
-unchanged. Client credentials never pass through here.
+unchanged, with two exceptions that ``open()`` raises instead (:func:`translated_error`):
+
+* a 401 is the provider refusing the gateway's own provider key, which the client neither
+  caused nor can fix: ``UpstreamAuthFailed`` (502, ``x-should-retry: false``), without the
+  provider's message (OpenAI's quotes the key's last characters), logged for the operator;
+* an error whose body is not JSON (a CDN's or a reverse proxy's HTML page, a plain-text
+  message, nothing) is not the API's error and would reach the SDK as a blob of markup: an
+  ``UpstreamError`` (code ``upstream_error_page``) in the protocol's error shape that says what
+  came (an HTML page's title, a text's first line, at most 200 characters, the provider key
+  blanked out), with the provider's status when a client would retry it (429, 5xx) and 502
+  otherwise, and the provider's retry advice and request id headers.
+
+Client credentials never pass through here.
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import html
+import re
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,10 +58,13 @@ from urllib.parse import quote, unquote_plus, urlencode
 
 import aiohttp
 import orjson
+import structlog
 from yarl import URL
 
-from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
+from gateway.errors import BadRequest, UpstreamAuthFailed, UpstreamError, UpstreamTimeout
 from gateway.settings import UpstreamSettings
+
+log = structlog.get_logger("gateway.upstream")
 
 # Request headers a client may send on to the provider; everything else (its gateway key, in
 # Authorization or x-api-key, cookies, session ids, its Accept-Encoding) stays here. W3C trace
@@ -151,6 +168,67 @@ class UpstreamReply:
     async def read(self) -> bytes:
         """The whole decoded body."""
         return b"".join([piece async for piece in self.aiter_bytes()])
+
+
+ERROR_PAGE_BYTES = 64 * 1024
+"""How much of an error page ``translated_error`` reads, to find its title or first line."""
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+async def translated_error(up: Upstream, reply: UpstreamReply) -> UpstreamError:
+    """The error to raise for a provider's 401 or non-JSON error reply (see the module docstring)."""
+    head = b""
+    with contextlib.suppress(UpstreamError):  # what little arrived says enough
+        async for piece in reply.aiter_bytes():
+            head += piece
+            if len(head) >= ERROR_PAGE_BYTES:
+                break
+    error: UpstreamError
+    if reply.status == 401:
+        code = None
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            code = orjson.loads(head)["error"].get("code")  # the provider's own code only, never its message
+        log.warning("upstream_auth_failed", upstream=up.name, status=401,
+                    provider_code=str(code)[:64] if code is not None else None)
+        error = UpstreamAuthFailed(f"upstream '{up.name}' refused the gateway's provider key (401); your gateway "
+                                   "key was accepted. The gateway's operator must check the provider key configured "
+                                   f"for upstream '{up.name}'")
+    else:
+        what = _describe(reply.content_type, head, up)
+        error = UpstreamError(f"upstream '{up.name}' answered {reply.status} with {what}, not the API's JSON error",
+                              code="upstream_error_page")
+        error.status = reply.status if reply.status in RETRIED_STATUSES else 502
+        error.headers = dict(reply.headers)
+    error.upstream_status = reply.status
+    return error
+
+
+def _describe(content_type: str, head: bytes, up: Upstream) -> str:
+    """What an error body is, in a few words: an HTML page's title, a text's first line."""
+    if not head.strip():
+        return "an empty body"
+    if content_type == "text/html" or head.lstrip()[:1] == b"<":
+        match = _TITLE.search(head)
+        title = _line(html.unescape(match.group(1).decode("utf-8", "replace")), up) if match else ""
+        return f"an HTML page titled '{title}'" if title else "an HTML page"
+    kind = content_type or "untyped"
+    first = next((line for line in head.decode("utf-8", "replace").splitlines() if line.strip()), "")
+    return f"a {kind} body: '{_line(first, up)}'"
+
+
+def _line(text: str, up: Upstream) -> str:
+    """*text* on one line, printable, at most 200 characters, the upstream's key blanked out."""
+    for value in up.headers.values():
+        secret = value.removeprefix("Bearer ").strip()
+        if len(secret) >= 8:
+            text = text.replace(secret, "[provider key]")
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 class Decoder:
@@ -357,6 +435,11 @@ class Upstreams:
             raise UpstreamTimeout(f"upstream '{up.name}' did not answer in time") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream '{up.name}' is unreachable ({type(exc).__name__})") from exc
+        if resp.status == 401 or (resp.status >= 400 and not _is_json(resp.content_type)):
+            try:
+                raise await translated_error(up, UpstreamReply(up, resp))
+            finally:
+                resp.release()
         if 300 <= resp.status < 400:  # never followed: the key would go wherever it points
             resp.release()
             raise UpstreamError(f"upstream '{up.name}' answered with a redirect ({resp.status}), which the gateway "

@@ -11,12 +11,14 @@
 - Records what it received: ``paths`` (raw request targets, exactly as they arrived) and
   ``requests`` (method, raw path, headers, body).
 
-Chat behaviour by ``model``: ``rate-limited`` → 429, ``broken`` → 500, ``held`` → streams two
+Chat behaviour by ``model``: ``rate-limited`` → 429, ``broken`` → 500, the models of
+``ERROR_PAGES`` → what a CDN, a reverse proxy or a refused key answer, ``held`` → streams two
 events, then waits for ``release`` before the rest, ``slow-start`` → sends a stream's headers,
 then waits for ``release`` before its first event (a model thinking first), ``partial-start`` →
 the same after the first 10 bytes of its first event, ``huge`` → a ~20 MB reply (JSON or SSE)
 whose last piece waits for ``release``; anything else answers ``"provider says: <last user text>"``.
-Forwarded routes: ``GET /v1/models``, ``GET /v1/models/{id}`` (``broken-body`` breaks off mid-body,
+Forwarded routes: ``GET /v1/models``, ``GET /v1/models/{id}`` (an ``ERROR_PAGES`` name answers that
+page, ``broken-body`` breaks off mid-body,
 ``slow-body`` sends a first piece and then waits for the client to hang up), ``POST
 /v1/embeddings``, and a catch-all that answers 200 with the raw path it saw.
 """
@@ -38,6 +40,21 @@ from aiohttp import web
 from tests.conftest import _Server
 
 HUGE_BYTES = 20 * 1024 * 1024
+# model -> (status, content type, body) of replies that are not the API's own: a key refused, a
+# CDN's page, a reverse proxy's text, nothing; "{key}" becomes the provider key the request carried
+ERROR_PAGES = {
+    "bad-key": (401, "application/json", orjson.dumps({"error": {
+        "message": "Incorrect API key provided: sk-prov-****9f2c. You can find your API key at https://x/keys.",
+        "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})),
+    "cdn-502": (502, "text/html", b"<!DOCTYPE html>\n<html><head><title>api.provider.test | 502: Bad gateway</title>"
+                                  b"</head><body><h1>Bad gateway</h1>" + b"<p>cloud</p>" * 400 + b"</body></html>"),
+    "cdn-503": (503, "text/html", b"<html><head><title>Service &amp; Unavailable</title></head></html>"),
+    "wrong-base-url": (404, "text/html", b"<html><head><title>404 Not Found</title></head><body>nginx</body></html>"),
+    "proxy-text": (503, "text/plain", b"\n upstream connect error or disconnect/reset before headers. "
+                                      b"reset reason: connection failure\nsecond line"),
+    "empty-504": (504, "text/plain", b""),
+    "echo": (400, "text/html", b"<html><title>Bad request from Bearer {key} at edge</title></html>"),
+}
 RAW_BODY = web.RequestKey("raw_body", bytes)
 WRITE_SIZES = (7, 120, 3, 512, 41, 2048, 1)
 
@@ -178,6 +195,8 @@ class Provider:
         if model == "broken":
             return await self.send(request, 500, error_body("The server had an error while processing your "
                                                             "request.", "server_error", "server_error"))
+        if model in ERROR_PAGES:
+            return await self.error_page(request, model)
         text = huge_text() if model == "huge" else f"provider says: {body['messages'][-1]['content']}"
         if not body.get("stream"):
             payload = orjson.dumps(completion(text, model))
@@ -206,12 +225,27 @@ class Provider:
                                      hold_after=len(data) - 100, sizes=(65536,))
         return await self.stream(request, data, content_type="text/event-stream")
 
+    async def error_page(self, request: web.Request, model: str) -> web.StreamResponse:
+        status, content_type, page = ERROR_PAGES[model]
+        key = request.headers.get("Authorization", request.headers.get("x-api-key", "")).removeprefix("Bearer ")
+        return await self.send(request, status, page.replace(b"{key}", key.encode()), content_type,
+                               extra={"Retry-After": "20"} if status == 503 else None)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's route: the ``ERROR_PAGES`` models only."""
+        model = orjson.loads(request[RAW_BODY]).get("model", "")
+        if model in ERROR_PAGES:
+            return await self.error_page(request, model)
+        return await self.send(request, 404, error_body("unknown model", "not_found_error", "not_found"))
+
     async def models(self, request: web.Request) -> web.StreamResponse:
         data = [{"id": name, "object": "model", "created": 1, "owned_by": "provider"} for name in ("gpt-x", "gpt-y")]
         return await self.send(request, 200, orjson.dumps({"object": "list", "data": data}))
 
     async def model(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
+        if name in ERROR_PAGES:
+            return await self.error_page(request, name)
         if name == "broken-body":
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             await resp.prepare(request)
@@ -253,6 +287,7 @@ class Provider:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.record])
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/messages", self.messages)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name}", self.model)
         app.router.add_post("/v1/embeddings", self.embeddings)

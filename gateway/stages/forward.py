@@ -74,13 +74,18 @@ async def forward(ctx: Context) -> None:
 async def _forward(ctx: Context, headers: Mapping[str, str]) -> None:
     assert ctx.upstream is not None
     ctx.outcome = "upstream_error"  # until proven otherwise
-    async with ctx.services.upstreams.open(ctx.upstream, "POST", ctx.codec.upstream_path,
-                                           body=ctx.forward_body, headers=headers, json=True) as reply:
-        ctx.upstream_status = reply.status
-        if reply.status >= 400 or not reply.streaming:
-            await _read_reply(ctx, reply)
-            return
-        await _relay_stream(ctx, reply)
+    try:
+        async with ctx.services.upstreams.open(ctx.upstream, "POST", ctx.codec.upstream_path,
+                                               body=ctx.forward_body, headers=headers, json=True) as reply:
+            ctx.upstream_status = reply.status
+            if reply.status >= 400 or not reply.streaming:
+                await _read_reply(ctx, reply)
+                return
+            await _relay_stream(ctx, reply)
+    except UpstreamError as exc:
+        if exc.upstream_status is not None:  # the provider answered, with an error the boundary translated
+            ctx.upstream_status = exc.upstream_status
+        raise
 
 
 async def _read_reply(ctx: Context, reply: UpstreamReply) -> None:

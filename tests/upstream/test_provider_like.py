@@ -256,3 +256,86 @@ def test_an_event_longer_than_the_cap_is_forwarded_unparsed() -> None:
     out = b"".join(splitter.feed(data[i:i + 37]) for i in range(0, len(data), 37))
     assert out == big + small and splitter.oversized and splitter.done
     assert events == [small.strip(), b"data: [DONE]"]
+
+
+# --- errors that are not the API's own --------------------------------------------------------
+
+def test_a_refused_provider_key_is_the_gateways_error_not_the_clients(
+        make_gateway: Callable[..., Gateway], provider: Provider, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The provider's 401 is about the gateway's provider key, which the client cannot fix: the SDK
+    gets a 502 ``upstream_auth_failed`` it does not retry (it used to get an AuthenticationError
+    quoting the end of the operator's key, as if its own key were wrong), and the round is audited
+    with the provider's status."""
+    monkeypatch.setenv("PROVIDER_KEY", "sk-prov-operator-secret-9f2c")
+    gateway = connect(make_gateway, provider, api_key_env="PROVIDER_KEY")
+    client: Any = openai.OpenAI(base_url=gateway.base_url, api_key=ACME_KEY, max_retries=2,
+                           default_headers={"X-Session-Id": "bad-key"})
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.chat.completions.create(model="bad-key", messages=[user("hi")])
+    error = failed.value
+    assert error.status_code == 502 and error.code == "upstream_auth_failed"
+    assert "your gateway key was accepted" in error.message and "9f2c" not in str(error.body)
+    assert error.response.headers["x-should-retry"] == "false"
+    assert len(provider.requests) == 1  # the SDK did not retry
+    entry = audit_entries(gateway)[-1]
+    assert entry["outcome"] == "upstream_error" and entry["upstream_status"] == 401
+    log = gateway.log_path.read_text()
+    assert "upstream_auth_failed" in log and "invalid_api_key" in log and "operator-secret" not in log
+    forwarded = httpx.get(f"{gateway.base_url}/models/bad-key", headers=AUTH)  # a forwarded route the same way
+    assert forwarded.status_code == 502 and forwarded.json()["error"]["code"] == "upstream_auth_failed"
+    assert "9f2c" not in forwarded.text
+    entry = audit_entries(gateway)[-1]
+    assert entry["event"] == "proxy" and entry["upstream_status"] == 401
+    page = httpx.get(f"{gateway.base_url}/models/cdn-503", headers=AUTH)
+    assert page.status_code == 503 and "HTML page titled 'Service & Unavailable'" in page.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("model", "status", "says"), [
+    ("cdn-502", 502, "answered 502 with an HTML page titled 'api.provider.test | 502: Bad gateway'"),
+    ("cdn-503", 503, "answered 503 with an HTML page titled 'Service & Unavailable'"),
+    ("wrong-base-url", 502, "answered 404 with an HTML page titled '404 Not Found'"),
+    ("proxy-text", 503, "with a text/plain body: 'upstream connect error or disconnect/reset before headers. "
+                        "reset reason: connection failure'"),
+    ("empty-504", 504, "answered 504 with an empty body"),
+    ("echo", 502, "titled 'Bad request from Bearer [provider key] at edge'"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_error_page_reaches_the_sdk_as_the_protocols_error(
+        make_gateway: Callable[..., Gateway], provider: Provider, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        model: str, status: int, says: str, stream: bool) -> None:
+    """A CDN's HTML page, a reverse proxy's text or an empty body from the provider reaches the
+    SDK as an error in OpenAI's shape saying what came (it used to be the markup itself), with
+    the provider's status when the SDK would retry it, 502 otherwise, the provider's retry advice,
+    and never the provider key a page may echo."""
+    monkeypatch.setenv("PROVIDER_KEY", "sk-prov-operator-secret-9f2c")
+    gateway = connect(make_gateway, provider, api_key_env="PROVIDER_KEY")
+    resp = httpx.post(f"{gateway.base_url}/chat/completions", headers={**AUTH, "X-Session-Id": f"page-{stream}"},
+                      json={"model": model, "stream": stream, "messages": [user("hi")]}, timeout=30)
+    assert resp.status_code == status and resp.headers["content-type"].startswith("application/json")
+    error = resp.json()["error"]
+    assert error["code"] == "upstream_error_page" and error["type"] == "upstream_error"
+    assert error["message"].startswith("upstream 'provider' ") and says in error["message"]
+    assert "operator-secret" not in resp.text and "<" not in error["message"]
+    if status == 503 and model == "cdn-503":
+        assert resp.headers["retry-after"] == "20"
+    assert resp.headers["x-request-id"].startswith("req-prov-")
+    assert audit_entries(gateway)[-1]["upstream_status"] == ERROR_STATUS[model]
+
+
+ERROR_STATUS = {"cdn-502": 502, "cdn-503": 503, "wrong-base-url": 404, "proxy-text": 503, "empty-504": 504,
+                "echo": 400}
+
+
+def test_the_anthropic_sdk_gets_an_error_page_in_its_own_shape(
+        make_gateway: Callable[..., Gateway], provider: Provider) -> None:  # noqa: F811
+    """On /v1/messages the same error is Anthropic's shape (``type: error``)."""
+    import anthropic
+
+    from tests.protocols.conftest import anthropic_client
+    gateway = make_gateway(upstreams=[{"name": "provider", "base_url": provider.url, "models": ["*"],
+                                       "protocol": "anthropic"}])
+    with pytest.raises(anthropic.InternalServerError) as failed:
+        anthropic_client(gateway).messages.create(model="cdn-502", max_tokens=9, messages=[user("hi")])
+    assert failed.value.status_code == 502
+    assert failed.value.body["type"] == "error"  # type: ignore[index]
+    assert "HTML page titled" in failed.value.message
