@@ -269,7 +269,7 @@ def test_a_refused_provider_key_is_the_gateways_error_not_the_clients(
     monkeypatch.setenv("PROVIDER_KEY", "sk-prov-operator-secret-9f2c")
     gateway = connect(make_gateway, provider, api_key_env="PROVIDER_KEY")
     client: Any = openai.OpenAI(base_url=gateway.base_url, api_key=ACME_KEY, max_retries=2,
-                           default_headers={"X-Session-Id": "bad-key"})
+                                default_headers={"X-Session-Id": "bad-key"})
     with pytest.raises(openai.InternalServerError) as failed:
         client.chat.completions.create(model="bad-key", messages=[user("hi")])
     error = failed.value
