@@ -322,10 +322,12 @@ class SessionService:
                                                seq=row.seq, field="round"))
 
     async def decrypted_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
-                               until: float | None = None) -> AsyncIterator[tuple[RoundRow, list[Message]]]:
-        """Every round of a tenant (or one session) with its messages, in constant memory."""
+                               until: float | None = None,
+                               after_seq: int | None = None) -> AsyncIterator[tuple[RoundRow, list[Message]]]:
+        """Every round of a tenant (or one session; after *after_seq*) with its messages, in
+        constant memory."""
         keys: dict[str, crypto.DataKey] = {}
-        async for row in self.store.iter_rounds(tenant, session_id, since=since, until=until):
+        async for row in self.store.iter_rounds(tenant, session_id, since=since, until=until, after_seq=after_seq):
             dk = keys.get(row.session_id)
             if dk is None:
                 keys.clear()

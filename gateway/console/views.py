@@ -9,6 +9,7 @@ Routes (all under ``/console``): ``login``, ``logout``, ``overview``, ``sessions
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import functools
 import hashlib
@@ -49,6 +50,8 @@ from gateway.visible import HIDDEN, tag_text
 log = structlog.get_logger("gateway.console")
 HERE = Path(__file__).parent
 PAGE = 50
+ROUNDS_PER_PAGE = 50
+"""Rounds on one page of a session (``?after=<seq>`` for the next)."""
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
        "base-uri 'none'")
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -108,6 +111,17 @@ def render(request: web.Request, template: str, status: int = 200, **values: Any
     console = request.app[CONSOLE]
     html = console.templates.get_template(template).render(**values)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+
+async def render_off_loop(request: web.Request, template: str, **values: Any) -> web.Response:
+    """:func:`render` in a worker thread: a page of recorded rounds can hold megabytes of text,
+    and rendering it on the event loop would hold up every model request meanwhile."""
+    return await asyncio.to_thread(render, request, template, **values)
+
+
+def _seq_arg(value: str | None) -> int:
+    """A round number from the query (``after``): 0 when absent or not a whole number."""
+    return int(value) if value is not None and value.isdigit() and len(value) < 19 else 0
 
 
 async def _headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -297,12 +311,18 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
         sid = check_session_id(request.match_info["session_id"])
     except GatewayError:
         raise web.HTTPNotFound() from None
+    after = _seq_arg(request.query.get("after"))
     services = request.app[SERVICES]
     await _audit(request, tenant, {"event": "console_read", "session_id": sid,
-                                   "detail": {"auditor": session.principal.name, "view": "session"}})
+                                   "detail": {"auditor": session.principal.name, "view": "session",
+                                              **({"after_seq": after} if after else {})}})
     redactors = await services.audit.redactors(services.sessions.store, services.policies.current, tenant)
-    rounds = []
-    async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
+    rounds: list[dict[str, Any]] = []
+    more = False
+    async for row, messages in services.sessions.decrypted_rounds(tenant, sid, after_seq=after):
+        if len(rounds) == ROUNDS_PER_PAGE:
+            more = True
+            break
         redactor: Redactor = redactors(row)
         shown = redactor.redact_messages(messages)
         rounds.append({"row": row, "messages": shown, "sha256": hashlib.sha256(row.ct).hexdigest(),
@@ -310,8 +330,10 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
                        "bytes": len(row.ct)})
     if not rounds:
         return render(request, "error.html", status=404, session=session, title="No such session",
-                      message=f"Tenant {tenant!r} has no recorded rounds in session {sid!r}.")
-    return render(request, "session.html", session=session, tenant=tenant, sid=sid, rounds=rounds)
+                      message=f"Tenant {tenant!r} has no recorded rounds in session {sid!r}"
+                      + (f" after round {after}." if after else "."))
+    return await render_off_loop(request, "session.html", session=session, tenant=tenant, sid=sid, rounds=rounds,
+                                 after=after, more=more)
 
 
 @signed_in

@@ -190,8 +190,9 @@ class StoreReads(Protocol):
         """How many stored rounds of *tenant* each policy version recorded: ``{(id, hash): n}``."""
 
     def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
-                    until: float | None = None) -> AsyncIterator[RoundRow]:
-        """Rounds of a tenant (or one session) in (session, seq) order, in constant memory."""
+                    until: float | None = None, after_seq: int | None = None) -> AsyncIterator[RoundRow]:
+        """Rounds of a tenant (or one session) in (session, seq) order, in constant memory; with
+        *after_seq*, only those whose seq is greater (a page of one session's rounds)."""
 
     def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
         """A tenant's audit chain from ``after_seq + 1`` in sequence order, in constant memory."""

@@ -509,10 +509,11 @@ class Reads:
             last = page[-1]
 
     def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
-                    until: float | None = None) -> AsyncIterator[RoundRow]:
+                    until: float | None = None, after_seq: int | None = None) -> AsyncIterator[RoundRow]:
         cond: list[str] = ["tenant = $1"]
         args: list[Any] = [tenant]
-        for clause, value in (("session_id = ", session_id), ("created_at >= ", since), ("created_at < ", until)):
+        for clause, value in (("session_id = ", session_id), ("created_at >= ", since), ("created_at < ", until),
+                              ("seq > ", after_seq)):
             if value is not None:
                 args.append(value)
                 cond.append(f"{clause}${len(args)}")

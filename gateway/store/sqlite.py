@@ -683,12 +683,15 @@ class Reads:
             last = page[-1]
 
     def iter_rounds(self, tenant: str, session_id: str | None = None, *, since: float | None = None,
-                    until: float | None = None) -> AsyncIterator[RoundRow]:
+                    until: float | None = None, after_seq: int | None = None) -> AsyncIterator[RoundRow]:
         cond: list[str] = ["tenant=?"]
         args: list[str | float] = [tenant]
         if session_id is not None:
             cond.append("session_id=?")
             args.append(session_id)
+        if after_seq is not None:
+            cond.append("seq>?")
+            args.append(after_seq)
         if since is not None:
             cond.append("created_at>=?")
             args.append(since)

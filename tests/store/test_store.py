@@ -237,6 +237,9 @@ def test_iter_rounds_pages_in_session_then_sequence_order(backend: Any) -> None:
         window = await rounds(store, ACME, since=100.0, until=200.0)
         assert len(window) == 300 and all(100 <= r.seq < 200 for r in window)
         assert every[0].ct == bytes([1]) * 8 and every[0].outcome == "completed"
+        later = await rounds(store, ACME, "a", after_seq=120)  # the rest of one session, from a round on
+        assert [r.seq for r in later] == list(range(121, 451)) and {r.session_id for r in later} == {"a"}
+        assert await rounds(store, ACME, "a", after_seq=450) == []
     backend.run(body)
 
 
