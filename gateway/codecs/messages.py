@@ -190,7 +190,14 @@ def to_anthropic(messages: list[Message]) -> list[Message]:
     for m in out:
         if len(m["content"]) == 1 and m["content"][0].get("type") == "text":
             m["content"] = m["content"][0]["text"]
+        elif m["role"] == "assistant" and any(_is_thinking(b) for b in m["content"]):
+            # merged with an assistant message before it, its thinking still starts the turn
+            m["content"].sort(key=lambda b: not _is_thinking(b))
     return out
+
+
+def _is_thinking(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") in THINKING_BLOCKS
 
 
 def _with_memo(content: Any, memo: Any) -> Any:
@@ -202,6 +209,7 @@ def _with_memo(content: Any, memo: Any) -> Any:
     return with_memo(content, memo)
 
 
+THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
 TOOL_USE_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 """Blocks whose ``input`` a stream sends as ``input_json_delta`` pieces."""
 

@@ -338,3 +338,17 @@ def test_a_messages_tool_result_with_an_image_and_a_search_result_is_recorded(pg
     sent = proto.bodies("/v1/messages")[-1]["messages"]
     (block,) = [b for m in sent if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_result"]
     assert block["content"] == [{"type": "text", "text": "screenshot taken"}, tool["content"][1], result[2]]
+
+
+def test_thinking_still_starts_an_assistant_turn_merged_from_two_messages() -> None:
+    """Anthropic wants alternating roles, so two assistant messages in a row (a policy that records
+    no user message makes them) become one turn; the thinking of its tool call goes first."""
+    from gateway.codecs.messages import to_anthropic
+    thinking = {"type": "thinking", "thinking": "I need the tool.", "signature": "sig"}
+    window = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "Let me look."},
+              {"role": "assistant", "content": None, "tool_calls": [CALL], "reasoning": [thinking]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    turn = to_anthropic(window)[1]
+    assert turn["role"] == "assistant"
+    assert [b["type"] for b in turn["content"]] == ["thinking", "text", "tool_use"]
+    assert turn["content"][0] == thinking
