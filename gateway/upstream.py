@@ -191,8 +191,9 @@ async def translated_error(up: Upstream, reply: UpstreamReply) -> UpstreamError:
     error: UpstreamError
     if reply.status == 401:
         code = None
-        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-            code = orjson.loads(head)["error"].get("code")  # the provider's own code only, never its message
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            err = orjson.loads(head)["error"]  # the provider's own code (Anthropic's type), never its message
+            code = err.get("code") or err.get("type")
         log.warning("upstream_auth_failed", upstream=up.name, status=401,
                     provider_code=str(code)[:64] if code is not None else None)
         error = UpstreamAuthFailed(f"upstream '{up.name}' refused the gateway's provider key (401); your gateway "
