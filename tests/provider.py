@@ -46,6 +46,8 @@ ERROR_PAGES = {
     "bad-key": (401, "application/json", orjson.dumps({"error": {
         "message": "Incorrect API key provided: sk-prov-****9f2c. You can find your API key at https://x/keys.",
         "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})),
+    "vllm-401": (401, "application/json", b'{"error": "Unauthorized"}'),  # vLLM's --api-key refusal
+    "fastapi-401": (401, "application/json", b'{"detail": "Not authenticated"}'),
     "cdn-502": (502, "text/html", b"<!DOCTYPE html>\n<html><head><title>api.provider.test | 502: Bad gateway</title>"
                                   b"</head><body><h1>Bad gateway</h1>" + b"<p>cloud</p>" * 400 + b"</body></html>"),
     "cdn-503": (503, "text/html", b"<html><head><title>Service &amp; Unavailable</title></head></html>"),

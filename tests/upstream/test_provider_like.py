@@ -281,6 +281,10 @@ def test_a_refused_provider_key_is_the_gateways_error_not_the_clients(
     assert entry["outcome"] == "upstream_error" and entry["upstream_status"] == 401
     log = gateway.log_path.read_text()
     assert "upstream_auth_failed" in log and "invalid_api_key" in log and "operator-secret" not in log
+    for model in ("vllm-401", "fastapi-401"):  # self-hosted servers' refusals
+        other = httpx.post(f"{gateway.base_url}/chat/completions", headers=AUTH,
+                           json={"model": model, "messages": [user("hi")]})
+        assert other.status_code == 502 and other.json()["error"]["code"] == "upstream_auth_failed"
     forwarded = httpx.get(f"{gateway.base_url}/models/bad-key", headers=AUTH)  # a forwarded route the same way
     assert forwarded.status_code == 502 and forwarded.json()["error"]["code"] == "upstream_auth_failed"
     assert "9f2c" not in forwarded.text
