@@ -28,7 +28,8 @@ always give identity bytes, and ``headers`` never carry ``Content-Encoding`` or
 ``Content-Length``, so what the gateway relays is always consistent with its headers.
 
 A response with an error status is handed back as it is, so its body reaches the client
-unchanged, with two exceptions that ``open()`` raises instead (:func:`translated_error`):
+unchanged (but for the provider key, below), with two exceptions that ``open()`` raises
+instead (:func:`translated_error`):
 
 * a 401 is the provider refusing the gateway's own provider key, which the client neither
   caused nor can fix: ``UpstreamAuthFailed`` (502, ``x-should-retry: false``), without the
@@ -36,11 +37,13 @@ unchanged, with two exceptions that ``open()`` raises instead (:func:`translated
 * an error whose body is not JSON (a CDN's or a reverse proxy's HTML page, a plain-text
   message, nothing) is not the API's error and would reach the SDK as a blob of markup: an
   ``UpstreamError`` (code ``upstream_error_page``) in the protocol's error shape that says what
-  came (an HTML page's title, a text's first line, at most 200 characters, the provider key
-  blanked out), with the provider's status when a client would retry it (429, 5xx) and 502
-  otherwise, and the provider's retry advice and request id headers.
+  came (an HTML page's title, a text's first line, at most 200 characters), with the
+  provider's status when a client would retry it (429, 5xx) and 502 otherwise, and the
+  provider's retry advice and request id headers.
 
-Client credentials never pass through here.
+An error body, relayed or read here, has the upstream's provider key replaced by ``[provider
+key]`` wherever it appears (``UpstreamReply.aiter_bytes``). Client credentials never pass through
+here.
 """
 
 from __future__ import annotations
@@ -98,6 +101,14 @@ class Upstream:
     responses_state: str = "gateway"  # who holds Responses chains: the gateway or the provider
     query: tuple[tuple[str, str], ...] = ()  # fixed query parameters (Azure's api-version), unencoded
 
+    @property
+    def secret(self) -> bytes | None:
+        """The provider key this upstream sends (None without one), as it would appear in a body."""
+        for value in self.headers.values():
+            key = value.removeprefix("Bearer ").strip()
+            return key.encode() if len(key) >= 8 else None
+        return None
+
     def url(self, path: str, query: str = "") -> URL:
         """The upstream URL of *path* with the client's *query* (both percent-encoded already),
         the upstream's fixed ``query`` parameters replacing any of the client's of the same name."""
@@ -148,7 +159,25 @@ class UpstreamReply:
         return self._resp.content.total_bytes > 0
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        """The decoded body, piece by piece as the provider sends it (empty pieces skipped)."""
+        """The decoded body, piece by piece as the provider sends it (empty pieces skipped). An
+        error body has the provider key blanked out wherever it appears, should the provider
+        (or a proxy in front of it) echo the request's credentials."""
+        secret = self._up.secret if self.status >= 400 else None
+        if secret is None:
+            async for piece in self._pieces():
+                yield piece
+            return
+        carry = b""  # a key's first bytes may end one piece and the rest begin the next
+        async for piece in self._pieces():
+            text = (carry + piece).replace(secret, BLANKED_KEY)
+            cut = max(len(text) - len(secret) + 1, 0)
+            carry = text[cut:]
+            if cut:
+                yield text[:cut]
+        if carry:
+            yield carry
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
         try:
             if self._decoder.identity:  # nothing to undo: the pieces as they come
                 async for chunk in self._resp.content.iter_any():
@@ -173,6 +202,7 @@ class UpstreamReply:
 ERROR_PAGE_BYTES = 64 * 1024
 """How much of an error page ``translated_error`` reads, to find its title or first line."""
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+BLANKED_KEY = b"[provider key]"
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
 
 
@@ -200,7 +230,7 @@ async def translated_error(up: Upstream, reply: UpstreamReply) -> UpstreamError:
                                    "key was accepted. The gateway's operator must check the provider key configured "
                                    f"for upstream '{up.name}'")
     else:
-        what = _describe(reply.content_type, head, up)
+        what = _describe(reply.content_type, head)
         error = UpstreamError(f"upstream '{up.name}' answered {reply.status} with {what}, not the API's JSON error",
                               code="upstream_error_page")
         error.status = reply.status if reply.status in RETRIED_STATUSES else 502
@@ -209,25 +239,21 @@ async def translated_error(up: Upstream, reply: UpstreamReply) -> UpstreamError:
     return error
 
 
-def _describe(content_type: str, head: bytes, up: Upstream) -> str:
+def _describe(content_type: str, head: bytes) -> str:
     """What an error body is, in a few words: an HTML page's title, a text's first line."""
     if not head.strip():
         return "an empty body"
     if content_type == "text/html" or head.lstrip()[:1] == b"<":
         match = _TITLE.search(head)
-        title = _line(html.unescape(match.group(1).decode("utf-8", "replace")), up) if match else ""
+        title = _line(html.unescape(match.group(1).decode("utf-8", "replace"))) if match else ""
         return f"an HTML page titled '{title}'" if title else "an HTML page"
     kind = content_type or "untyped"
     first = next((line for line in head.decode("utf-8", "replace").splitlines() if line.strip()), "")
-    return f"a {kind} body: '{_line(first, up)}'"
+    return f"a {kind} body: '{_line(first)}'"
 
 
-def _line(text: str, up: Upstream) -> str:
-    """*text* on one line, printable, at most 200 characters, the upstream's key blanked out."""
-    for value in up.headers.values():
-        secret = value.removeprefix("Bearer ").strip()
-        if len(secret) >= 8:
-            text = text.replace(secret, "[provider key]")
+def _line(text: str) -> str:
+    """*text* on one line, printable, at most 200 characters (its bytes had the key blanked out)."""
     text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return text if len(text) <= 200 else text[:199] + "…"
 
