@@ -80,6 +80,7 @@ from gateway.audit import (
 from gateway.errors import BadRequest, IntegrityError
 from gateway.evidence import ROUND_EVENTS, TIME_SLACK, relabelled, round_columns
 from gateway.redact import Redactor
+from gateway.session.model import agently_message
 from gateway.store.base import AuditRow
 
 FORMATS = ("jsonl", "csv", "agently")
@@ -185,7 +186,7 @@ class RecordWriter:
             self._write_csv(record, messages)
         else:
             for message in messages:
-                self._out.write((b"" if self._first_message else b",") + orjson.dumps(message))
+                self._out.write((b"" if self._first_message else b",") + orjson.dumps(agently_message(message)))
                 self._first_message = False
 
     def close(self) -> None:

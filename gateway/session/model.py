@@ -582,6 +582,8 @@ def _messages(value: Any, name: str) -> list[Message]:
             if m["role"] != "assistant":
                 raise InvalidSession(f"'{name}[{i}].tool_calls' is only for an assistant message")
             message["tool_calls"] = _tool_calls(m["tool_calls"], f"{name}[{i}].tool_calls")
+            if content == "":  # how an export writes a message that is only tool calls (agently_message)
+                message["content"] = None
             if m.get("reasoning") is not None:
                 message["reasoning"] = _reasoning(m["reasoning"], f"{name}[{i}].reasoning")
         if m.get("tool_call_id") is not None:
@@ -629,9 +631,18 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
 
 def to_agently(session_id: str, full_context: list[Message], state: SessionState) -> dict[str, Any]:
     """The session in Agently's JSON form (``Session.to_serializable_session_data``)."""
-    return {"id": session_id, "auto_resize": state.auto_resize, "full_context": full_context,
-            "context_window": state.context_window, "memo": state.memo,
+    return {"id": session_id, "auto_resize": state.auto_resize,
+            "full_context": [agently_message(m) for m in full_context],
+            "context_window": [agently_message(m) for m in state.context_window], "memo": state.memo,
             "session_settings": state.settings}
+
+
+def agently_message(message: Message) -> Message:
+    """*message* as Agently's loader takes it: an assistant message that is only tool calls has
+    ``content: ""`` (Agently refuses ``null``; :func:`_messages` reads it back as none)."""
+    if message.get("content") is None and message.get("tool_calls"):
+        return {**message, "content": ""}
+    return message
 
 
 def from_agently(data: Any) -> tuple[list[Message], SessionState]:

@@ -352,3 +352,32 @@ def test_thinking_still_starts_an_assistant_turn_merged_from_two_messages() -> N
     assert turn["role"] == "assistant"
     assert [b["type"] for b in turn["content"]] == ["thinking", "text", "tool_use"]
     assert turn["content"][0] == thinking
+
+
+def test_an_exported_tool_session_loads_in_agently(gateway: Gateway, upstream: Upstream) -> None:
+    """Agently's loader refuses ``content: null``, which a message that is only tool calls had in
+    the session export and in an auditor's Agently-format bundle; both write ``""`` now, and the
+    gateway reads it back as none (re-importing the export adds nothing)."""
+    import io
+    import tarfile
+
+    import httpx
+    import orjson
+    from agently.core.session.Session import Session
+
+    from tests.conftest import AUDITOR_TOKEN
+    upstream.calls_then_says(CALL, "It is sunny.")
+    client = gateway.openai(session="to-agently")
+    client.chat.completions.create(model="m", tools=[TOOL], messages=[{"role": "user", "content": "weather?"}])
+    document = client.get("/sessions/to-agently", cast_to=object)
+    assert document["full_context"][1]["content"] == ""  # type: ignore[index]
+    loaded = Session().load_json_session(orjson.dumps(document).decode()).to_serializable_session_data()
+    assert [m["role"] for m in loaded["full_context"]] == ["user", "assistant"]
+    assert client.put("/sessions/to-agently", body=document, cast_to=object)["imported_messages"] == 0  # type: ignore[index]
+    r = httpx.get(f"{gateway.url}/admin/export", params={"tenant": "acme", "format": "agently"},
+                  headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        name = next(m for m in tar.getmembers() if m.isfile() and not m.name.endswith((".manifest.json", ".audit.jsonl",
+                                                                                       ".pem")))
+        line = tar.extractfile(name).read().splitlines()[0]  # type: ignore[union-attr]
+    Session().load_json_session(line.decode())  # one session per line, as Agently loads it
