@@ -158,15 +158,14 @@ class UpstreamReply:
         """Whether any byte of the body has come in yet (read or not)."""
         return self._resp.content.total_bytes > 0
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The decoded body, piece by piece as the provider sends it (empty pieces skipped). An
         error body has the provider key blanked out wherever it appears, should the provider
         (or a proxy in front of it) echo the request's credentials."""
         secret = self._up.secret if self.status >= 400 else None
-        if secret is None:
-            async for piece in self._pieces():
-                yield piece
-            return
+        return self._pieces() if secret is None else self._blanked(secret)
+
+    async def _blanked(self, secret: bytes) -> AsyncIterator[bytes]:
         carry = b""  # a key's first bytes may end one piece and the rest begin the next
         async for piece in self._pieces():
             text = (carry + piece).replace(secret, BLANKED_KEY)

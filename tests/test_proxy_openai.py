@@ -265,7 +265,8 @@ def test_streamed_tool_calls_reach_the_sdk_and_are_recorded(gateway: Gateway, up
     assert upstream.requests[1]["messages"] == messages
     full = export(gateway, "tools")["full_context"]
     assert full[0] == user("weather in Oslo?")
-    assert full[1] == {"role": "assistant", "content": None, "tool_calls": [call]}  # structured (issue 12)
+    # structured (issue 12); exported with "" for Agently's loader, stored and injected as None (requests above)
+    assert full[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
     assert full[2:] == [{"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20C"}, assistant("It is sunny.")]
 
 

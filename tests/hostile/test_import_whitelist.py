@@ -251,7 +251,9 @@ def test_what_recording_writes_under_tools_and_media_settings_is_taken(gw: Gatew
     assert put(gw, "mediakeep:ok", small).status_code == 200
     assert put(gw, "acme:tools", session_doc(tool_round('{"q": "x"}', "r"))).status_code == 200
     got = httpx.get(f"{gw.base_url}/sessions/acme:tools", headers=AUTH).json()
-    assert got["full_context"] == tool_round('{"q": "x"}', "r")
+    exported = tool_round('{"q": "x"}', "r")
+    exported[1]["content"] = ""  # a message that is only tool calls, as an export writes it for Agently
+    assert got["full_context"] == exported
 
 
 @pytest.mark.parametrize(("message", "field"), [
