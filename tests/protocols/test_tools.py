@@ -345,9 +345,11 @@ def test_thinking_still_starts_an_assistant_turn_merged_from_two_messages() -> N
     no user message makes them) become one turn; the thinking of its tool call goes first."""
     from gateway.codecs.messages import to_anthropic
     thinking = {"type": "thinking", "thinking": "I need the tool.", "signature": "sig"}
-    window = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "Let me look."},
-              {"role": "assistant", "content": None, "tool_calls": [CALL], "reasoning": [thinking]},
-              {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    window: list[dict[str, Any]] = [{"role": "user", "content": "weather?"},
+                                    {"role": "assistant", "content": "Let me look."},
+                                    {"role": "assistant", "content": None, "tool_calls": [CALL],
+                                     "reasoning": [thinking]},
+                                    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
     turn = to_anthropic(window)[1]
     assert turn["role"] == "assistant"
     assert [b["type"] for b in turn["content"]] == ["thinking", "text", "tool_use"]
