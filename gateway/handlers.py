@@ -34,7 +34,7 @@ from gateway.codecs.chat import CHAT
 from gateway.codecs.messages import MESSAGES
 from gateway.codecs.responses import RESPONSES, chain_of, to_items
 from gateway.context import Context, Services
-from gateway.errors import BadRequest, GatewayError, NotFound, StoreUnavailable
+from gateway.errors import BadRequest, GatewayError, NotFound, StoreUnavailable, UpstreamError
 from gateway.export import FORMATS, bundle_paths
 from gateway.logs import exception_fields
 from gateway.observe import mark_logged, set_outcome
@@ -108,7 +108,8 @@ async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.Str
         return ctx.response
     except GatewayError as exc:
         status = exc.status
-        if exc.status >= 500 and exc.status != 500:
+        answered = isinstance(exc, UpstreamError) and exc.upstream_status is not None  # counted by status below
+        if exc.status >= 500 and exc.status != 500 and not answered:
             services.metrics.upstream_errors.labels(kind=exc.code).inc()
         if _stream_started(ctx):
             if isinstance(exc, StoreUnavailable):  # its cause is for the operator: logged, not streamed

@@ -281,6 +281,9 @@ def test_a_refused_provider_key_is_the_gateways_error_not_the_clients(
     assert entry["outcome"] == "upstream_error" and entry["upstream_status"] == 401
     log = gateway.log_path.read_text()
     assert "upstream_auth_failed" in log and "invalid_api_key" in log and "operator-secret" not in log
+    metrics = httpx.get(f"{gateway.url}/metrics").text  # counted once, by the provider's status
+    assert 'sessiongate_upstream_errors_total{kind="status_401"} 1.0' in metrics
+    assert 'kind="upstream_auth_failed"' not in metrics
     for model in ("vllm-401", "fastapi-401"):  # self-hosted servers' refusals
         other = httpx.post(f"{gateway.base_url}/chat/completions", headers=AUTH,
                            json={"model": model, "messages": [user("hi")]})
