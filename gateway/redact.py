@@ -297,6 +297,8 @@ class Redactor:
                     doc["reasoning"] = thinking
             if isinstance(message.get("tool_call_id"), str):
                 doc["tool_call_id"] = message["tool_call_id"]
+                if message.get("is_error") is True:
+                    doc["is_error"] = True
             out.append(doc)
         return out
 

@@ -4,7 +4,7 @@ Reading: the top-level ``system`` (a string or text blocks) is a system message;
 become neutral messages: ``text`` blocks → text parts, ``image`` blocks → ``image_url`` parts (a
 ``data:`` URL for base64 sources), ``document`` blocks → ``file`` parts (and back), an assistant's
 ``tool_use`` blocks → ``tool_calls`` (arguments as JSON text), a user's ``tool_result`` blocks →
-``role: tool`` messages (before the user's own text).
+``role: tool`` messages (before the user's own text; ``is_error: true`` kept as is).
 
 Injecting: the window (normalised: it starts with a user message and ends with an assistant one,
 as Anthropic requires alternating roles) goes before the request's messages; tool calls become
@@ -103,8 +103,11 @@ def to_messages(body: dict[str, Any]) -> list[Message]:
                               "function": {"name": block.get("name"),
                                            "arguments": orjson.dumps(block.get("input", {})).decode()}})
             elif block.get("type") == "tool_result":
-                out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
-                            "content": _result_of(block.get("content"))})
+                result: Message = {"role": "tool", "tool_call_id": block.get("tool_use_id"),
+                                   "content": _result_of(block.get("content"))}
+                if block.get("is_error") is True:  # the tool failed: kept, and sent back with the result
+                    result["is_error"] = True
+                out.append(result)
             else:
                 parts.append(_part(block))
         if calls:
@@ -162,6 +165,8 @@ def to_anthropic(messages: list[Message]) -> list[Message]:
             result = m.get("content")
             blocks.append({"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
                            "content": [_block(p) for p in result] if isinstance(result, list) else _text_of(result)})
+            if m.get("is_error") is True:
+                blocks[-1]["is_error"] = True
         else:
             if role == "assistant" and m.get("tool_calls"):  # its recorded thinking goes first
                 blocks.extend(reasoning_blocks(m.get("reasoning")))

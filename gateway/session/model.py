@@ -348,7 +348,7 @@ class _Normal:
         start = 1 if counts and counts[0] == 0 else 0
         end = len(counts) - 1 if len(counts) > start and counts[-1] == 0 else len(counts)
         core = out[start:end]
-        chat = [without_reasoning(m) for m in core]  # the JSON text is what Chat Completions is sent
+        chat = [openai_form(m) for m in core]  # the JSON text is what Chat Completions is sent
         return cls(plain, counts[start:end], [str(m.get("role")) for m in core], core[-1] if core else None,
                    EncodedList.of(chat), out if keep_out else None)
 
@@ -367,7 +367,7 @@ class _Normal:
 
     def items(self) -> bytes:
         """The JSON text of the normalised window's messages, comma-separated, without brackets
-        (without ``reasoning``: :func:`without_reasoning`)."""
+        (without Anthropic-only keys: :func:`openai_form`)."""
         return _dressed_items(*_markers(*self._ends()), self.core.items())
 
     def _core_out(self) -> list[Message] | None:
@@ -466,12 +466,17 @@ def _is_plain(message: Message) -> bool:
     return type(message.get("content")) is str and not is_structured(message)
 
 
-def without_reasoning(message: Message) -> Message:
-    """*message* without the Anthropic ``reasoning`` recorded with its tool calls
-    (``session.structured``): what the OpenAI protocols are sent."""
-    if "reasoning" not in message:
+ANTHROPIC_ONLY = ("reasoning", "is_error")
+"""Keys a structured message may carry for Anthropic alone (``session.structured``): the thinking
+recorded with tool calls, a failed tool result's flag."""
+
+
+def openai_form(message: Message) -> Message:
+    """*message* without the Anthropic-only keys (:data:`ANTHROPIC_ONLY`): what the OpenAI
+    protocols are sent."""
+    if "reasoning" not in message and "is_error" not in message:
         return message
-    return {k: v for k, v in message.items() if k != "reasoning"}
+    return {k: v for k, v in message.items() if k not in ANTHROPIC_ONLY}
 
 
 def is_structured(message: Message) -> bool:
@@ -566,7 +571,8 @@ def inject(messages: list[Message], state: SessionState | None, *, window: bool 
 def _messages(value: Any, name: str) -> list[Message]:
     """Agently's ``{"role", "content"}`` messages, and the structure this gateway's own export
     writes (``session.structured``): an assistant message's ``tool_calls`` (and the ``reasoning``
-    recorded with them) and a tool result's ``tool_call_id``, rebuilt field by field. Other keys
+    recorded with them) and a tool result's ``tool_call_id`` (and ``is_error``), rebuilt field by
+    field. Other keys
     are left out, as Agently leaves them."""
     if not isinstance(value, list):
         raise InvalidSession(f"'{name}' must be a list of chat messages")
@@ -590,6 +596,8 @@ def _messages(value: Any, name: str) -> list[Message]:
             if m["role"] != "tool" or not isinstance(m["tool_call_id"], str):
                 raise InvalidSession(f"'{name}[{i}].tool_call_id' must be a string, on a tool message")
             message["tool_call_id"] = m["tool_call_id"]
+            if m.get("is_error") is True:
+                message["is_error"] = True
         out.append(message)
     return out
 

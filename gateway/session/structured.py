@@ -5,10 +5,11 @@ Under ``null`` input and reply keys, a round that carries tool calls (the reply'
 files) is recorded as structured messages in the neutral form (``gateway.codecs``): the user's
 messages with their parts, each tool result with its ``tool_call_id``, and the assistant message
 with its ``tool_calls`` (and, from Anthropic with thinking on, the ``thinking`` blocks that came
-with them as ``reasoning``: ``codecs.messages.reasoning_blocks``). The window injected from it is
+with them as ``reasoning``: ``codecs.messages.reasoning_blocks``; an Anthropic tool result that
+reports a failure keeps ``is_error: true``). The window injected from it is
 then a sequence the provider accepts: a client that sends only its tool result continues the
-conversation the upstream knows. Only the Messages codec injects ``reasoning``; the other
-protocols leave it out.
+conversation the upstream knows. Only the Messages codec injects ``reasoning`` and
+``is_error``; the other protocols leave them out (``session.model.openai_form``).
 
 The policy decides (``session.tools``, ``session.media``): tool arguments and results kept,
 redacted or dropped (dropping either drops both, since a call without its result, or a result
@@ -105,7 +106,10 @@ def structured_round(policy: Policy, messages: list[Message], reply: Message | N
             if drop_tools:
                 continue
             content = REDACTED_RESULT if tools.results == "redact" else media_content(m.get("content"), policy)
-            out.append({"role": "tool", "tool_call_id": m.get("tool_call_id"), "content": content})
+            result: Message = {"role": "tool", "tool_call_id": m.get("tool_call_id"), "content": content}
+            if m.get("is_error") is True:  # an Anthropic tool_result that reports a failure
+                result["is_error"] = True
+            out.append(result)
             continue
         if m.get("tool_output"):  # a built-in tool's result (gateway.codecs.responses), as user content
             if drop_tools:

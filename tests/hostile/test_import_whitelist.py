@@ -254,6 +254,11 @@ def test_what_recording_writes_under_tools_and_media_settings_is_taken(gw: Gatew
     exported = tool_round('{"q": "x"}', "r")
     exported[1]["content"] = ""  # a message that is only tool calls, as an export writes it for Agently
     assert got["full_context"] == exported
+    failed = tool_round('{"q": "x"}', "timeout")
+    failed[2]["is_error"] = True  # an Anthropic tool result reporting a failure keeps its flag
+    assert put(gw, "acme:tool-failed", session_doc(failed)).status_code == 200
+    got = httpx.get(f"{gw.base_url}/sessions/acme:tool-failed", headers=AUTH).json()
+    assert got["full_context"][2] == {"role": "tool", "tool_call_id": "call_1", "content": "timeout", "is_error": True}
 
 
 @pytest.mark.parametrize(("message", "field"), [

@@ -383,3 +383,24 @@ def test_an_exported_tool_session_loads_in_agently(gateway: Gateway, upstream: U
                                                                                        ".pem")))
         line = tar.extractfile(name).read().splitlines()[0]  # type: ignore[union-attr]
     Session().load_json_session(line.decode())  # one session per line, as Agently loads it
+
+
+def test_a_failed_tool_result_stays_failed_in_the_window(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """An Anthropic ``tool_result`` with ``is_error: true`` keeps the flag in the record and in the
+    window injected later (it was dropped, so the model read a failure as a result), in the
+    session's export, and not over Chat Completions, which has no such field."""
+    client = anthropic_client(pgw, session="tool-error")
+    first = client.messages.create(model="c", max_tokens=50, tools=[WEATHER],  # type: ignore[list-item]
+                                   messages=[{"role": "user", "content": "weather?"}])
+    use = next(block for block in first.content if block.type == "tool_use")
+    client.messages.create(model="c", max_tokens=50, messages=[{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": use.id, "content": "timeout", "is_error": True}]}])
+    client.messages.create(model="c", max_tokens=50, messages=[{"role": "user", "content": "try later?"}])
+    sent = proto.bodies("/v1/messages")[-1]["messages"]
+    results = [b for m in sent if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_result"]
+    assert results == [{"type": "tool_result", "tool_use_id": use.id, "content": "timeout", "is_error": True}]
+    assert _export(pgw, "tool-error")[2] == {"role": "tool", "tool_call_id": use.id, "content": "timeout",
+                                              "is_error": True}
+    pgw.openai(session="tool-error").chat.completions.create(model="m", messages=[{"role": "user", "content": "ok"}])
+    chat = proto.bodies("/v1/chat/completions")[-1]["messages"]
+    assert any(m["role"] == "tool" for m in chat) and not any("is_error" in m for m in chat)
