@@ -153,9 +153,11 @@ def _document(part: dict[str, Any]) -> dict[str, Any]:
     return {"type": "text", "text": placeholder(part)}
 
 
-def to_anthropic(messages: list[Message]) -> list[Message]:
+def to_anthropic(messages: list[Message], *, thinking: bool = True) -> list[Message]:
     """Neutral messages as Anthropic messages (tool answers as ``tool_result`` blocks; consecutive
-    messages of one role merged, as the API wants alternating roles)."""
+    messages of one role merged, as the API wants alternating roles). Without *thinking* (a
+    request that turns thinking off, which Anthropic then refuses any thinking block in), the
+    thinking recorded with tool calls is left out."""
     out: list[Message] = []
     for m in messages:
         role = str(m.get("role"))
@@ -168,7 +170,7 @@ def to_anthropic(messages: list[Message]) -> list[Message]:
             if m.get("is_error") is True:
                 blocks[-1]["is_error"] = True
         else:
-            if role == "assistant" and m.get("tool_calls"):  # its recorded thinking goes first
+            if thinking and role == "assistant" and m.get("tool_calls"):  # its recorded thinking goes first
                 blocks.extend(reasoning_blocks(m.get("reasoning")))
             content = m.get("content")
             if isinstance(content, str) and content:
@@ -318,6 +320,14 @@ def reply_message(body: dict[str, Any]) -> Message:
     return message
 
 
+def thinking_off(body: dict[str, Any]) -> bool:
+    """Whether a request turns thinking off (``thinking: {"type": "disabled"}``). Without a
+    ``thinking`` member the model's default holds, which is on for recent models, so the
+    recorded thinking goes in: it was recorded because the model thought."""
+    thinking = body.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") == "disabled"
+
+
 def reasoning_blocks(content: Any) -> list[dict[str, str]]:
     """The ``thinking`` (text and signature) and ``redacted_thinking`` (data) blocks of a reply's
     content, in order, with only those fields. With thinking on, Anthropic wants them back
@@ -387,7 +397,7 @@ class MessagesCodec:
                 if rest[i].get("role") == "user":
                     rest[i] = {**rest[i], "content": _with_memo(rest[i].get("content"), state.memo)}
                     break
-        body["messages"] = to_anthropic(window) + rest
+        body["messages"] = to_anthropic(window, thinking=not thinking_off(body)) + rest
         return orjson.dumps(body)
 
     def parse_reply(self, body: Any) -> Message:

@@ -404,3 +404,15 @@ def test_a_failed_tool_result_stays_failed_in_the_window(pgw: Gateway, proto: Pr
     pgw.openai(session="tool-error").chat.completions.create(model="m", messages=[{"role": "user", "content": "ok"}])
     chat = proto.bodies("/v1/chat/completions")[-1]["messages"]
     assert any(m["role"] == "tool" for m in chat) and not any("is_error" in m for m in chat)
+
+
+def test_a_request_that_turns_thinking_off_gets_no_recorded_thinking(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """Anthropic refuses a thinking block in any assistant message of a request that turns
+    thinking off; the window then goes without the recorded thinking (the call stays)."""
+    client = anthropic_client(pgw, session="think-off")
+    _, use = _thinking_round(client, stream=False).content
+    reply = client.messages.create(model="c", max_tokens=2048, tools=[WEATHER], thinking={"type": "disabled"},
+                                   messages=_answer(use.id))
+    assert [b.text for b in reply.content if b.type == "text"] == ["tool said: sunny"]
+    sent = proto.bodies("/v1/messages")[-1]["messages"]
+    assert [b["type"] for b in sent[1]["content"]] == ["tool_use"]

@@ -154,8 +154,13 @@ def signature(thinking: str) -> str:
 
 def thinking_refusal(body: dict[str, Any]) -> str | None:
     """Anthropic's 400 for a request that continues a tool call made with thinking on without the
-    thinking block (unchanged, its signature valid) at the start of that assistant turn."""
+    thinking block (unchanged, its signature valid) at the start of that assistant turn, or that
+    turns thinking off and still holds a thinking block."""
     messages = body.get("messages") or []
+    if (body.get("thinking") or {}).get("type") == "disabled" and any(
+            isinstance(m.get("content"), list) and any(isinstance(b, dict) and b.get("type") in (
+                "thinking", "redacted_thinking") for b in m["content"]) for m in messages):
+        return "When thinking is disabled, an `assistant` message cannot contain `thinking`."
     last = messages[-1] if messages else {}
     answers_tool = isinstance(last.get("content"), list) and any(
         isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"])
