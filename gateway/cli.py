@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.errors import ConfigError, Conflict, GatewayError
+from gateway.errors import ConfigError, Conflict, GatewayError, ImportNotWhitelisted, InvalidSession
 from gateway.settings import DEFAULT_CONFIG, Settings, load_settings
 from gateway.visible import json_escaped
 
@@ -210,7 +210,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         elif args.action == "export":
             print(json_escaped(json.dumps(await svc.export(tenant, sid), indent=2, ensure_ascii=False)))
         elif args.action == "import":
-            from gateway.session.lenient_json import JSON5Error, loads_json5
+            from gateway.session.lenient_json import JSON5Error, field_of, line_of, loads_json5
 
             source = sys.stdin.read() if args.file in (None, "-") else _read_text(args.file)
             try:
@@ -221,6 +221,10 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             policy = await _import_policy(settings, svc.store, tenant, sid)
             try:
                 added = await svc.import_agently(tenant, sid, data, new_request_id(), policy)
+            except (InvalidSession, ImportNotWhitelisted) as exc:  # the file, the line and the field
+                field = field_of(exc.message)
+                raise ConfigError(exc.message, file=args.file or "<stdin>",
+                                  line=line_of(source, field) if field else None) from None
             except Conflict:
                 return _fail(f"session {tenant}/{sid} already holds a different history, and recorded history is "
                              f"append-only: erase it first ('sessiongate sessions erase --tenant {tenant} {sid}') "

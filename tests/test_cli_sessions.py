@@ -85,3 +85,27 @@ def test_export_escapes_characters_a_terminal_would_hide_or_reorder(gateway: Gat
     assert json.loads(exported.stdout)["full_context"][0]["content"] == text
     assert "pay \\u202e0001\\u202c \\udb40\\udc68\\udb40\\udc69 é 中" in exported.stdout
     assert not any(c in exported.stdout for c in ("\u202e", "\u202c", tags[0]))
+
+
+def test_an_import_the_gateway_refuses_names_the_file_the_line_and_the_field(gateway: Gateway,
+                                                                              tmp_path: Path) -> None:
+    """A session file whose message is malformed, or that the policy would not record, is refused
+    with the file, the line of the message and its field (only the field was named before); a
+    JSON5 file, whose lines the check cannot map, gets the file and the field."""
+    bad = tmp_path / "tools.json"
+    bad.write_text('{\n  "full_context": [\n    {"role": "user", "content": "q"},\n'
+                   '    {"role": "assistant", "content": null,\n'
+                   '     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f"}}]}\n  ]\n}\n')
+    image = tmp_path / "image.json"
+    image.write_text(json.dumps({"full_context": [{"role": "user", "content": "look"}, {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, indent=1))
+    lenient = tmp_path / "lenient.json5"
+    lenient.write_text("{full_context: [{role: 'tool', content: 'x', tool_call_id: 5,},],}")
+    for path, where in ((bad, f"{bad}:5: 'full_context[1].tool_calls[0]' must be"),
+                        (image, f"{image}:7: 'full_context[1]' holds a media part"),
+                        (lenient, f"{lenient}: 'full_context[0].tool_call_id' must be a string")):
+        result = cli(gateway, "import", "cli-refused", str(path), "--tenant", "acme")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"sessiongate: error: {where}"), result.stderr
+        assert result.stderr.count("\n") == 1
+    assert export(gateway, "cli-refused").status_code == 404

@@ -195,3 +195,76 @@ def _depth(value: Any) -> int:
 
 
 _CONTAINERS = (dict, list)
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_SPACE = re.compile(r"\s*")
+_FIELD = re.compile(r"^'([A-Za-z_]+(?:\[\d+\]|\.[A-Za-z_]+)*)'")
+_STEP = re.compile(r"\.?([A-Za-z_]+)|\[(\d+)\]")
+
+
+def field_of(message: str) -> str | None:
+    """The field a session document error names first (``'full_context[1].tool_calls[0]'``)."""
+    match = _FIELD.match(message)
+    return match.group(1) if match else None
+
+
+def line_of(text: str, field: str) -> int | None:
+    """The line of *text* (strict JSON) on which the value at *field* (``full_context[1].content``)
+    starts; None when the text is not strict JSON or has no such value (a JSON5 document)."""
+    steps: list[str | int] = [name if name else int(index) for name, index in _STEP.findall(field)]
+    try:
+        pos = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
+        for step in steps:
+            pos = _child(text, pos, step)
+    except (IndexError, ValueError, AttributeError):
+        return None
+    return text.count("\n", 0, pos) + 1
+
+
+def _child(text: str, pos: int, step: str | int) -> int:
+    """The offset of member *step* (a key, or an index) of the object or array at *pos*."""
+    opening = "{" if isinstance(step, str) else "["
+    if text[pos] != opening:
+        raise ValueError(step)
+    pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+    index = 0
+    while text[pos] not in "}]":
+        if isinstance(step, str):
+            key = _STRING.match(text, pos)
+            if key is None:
+                raise ValueError(step)
+            pos = _SPACE.match(text, key.end()).end()  # type: ignore[union-attr]
+            if text[pos] != ":":
+                raise ValueError(step)
+            pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+            if json.loads(key.group()) == step:
+                return pos
+        elif index == step:
+            return pos
+        pos = _SPACE.match(text, _skip(text, pos)).end()  # type: ignore[union-attr]
+        if text[pos] == ",":
+            pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
+        index += 1
+    raise ValueError(step)
+
+
+def _skip(text: str, pos: int) -> int:
+    """The offset just after the JSON value that starts at *pos*."""
+    depth = 0
+    while True:
+        char = text[pos]
+        if char == '"':
+            pos = _STRING.match(text, pos).end()  # type: ignore[union-attr]
+        else:
+            if char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+            elif depth == 0 and char in ",":
+                return pos
+            pos += 1
+        if depth == 0 and char in '"]}':
+            return pos
+        if depth < 0:
+            raise ValueError("unbalanced")

@@ -420,3 +420,18 @@ def test_json5_reading_matches_agentlys_loader(text: str) -> None:
     got = loads_json5(text)
     assert repr(got) == repr(expected)
     assert not isinstance(got, float) or math.isnan(got) == math.isnan(expected)
+
+
+@pytest.mark.parametrize(("field", "line"), [
+    ("full_context", 1), ("full_context[0]", 1), ("full_context[1]", 2), ("full_context[1].content", 3),
+    ("full_context[1].content[1]", 4), ("memo", 7), ("full_context[2]", None), ("full_context[1].nope", None),
+    ("memo.x", None),
+])
+def test_line_of_finds_where_a_field_starts(field: str, line: int | None) -> None:
+    """``line_of`` walks strict JSON (strings holding brackets, commas and escaped quotes too)."""
+    from gateway.session.lenient_json import line_of
+    text = ('{"id": "a,]}\\"x", "full_context": [{"role": "user", "content": "[{,"},\n'
+            '  {"role": "assistant",\n   "content": [\n     1, {"k": ["v", 2]}]}\n  ],\n'
+            '  "memo":\n  "m"}')
+    assert line_of(text, field) == line
+    assert line_of("{full_context: [1]}", "full_context[0]") is None  # JSON5: not mapped
