@@ -30,7 +30,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.errors import ConfigError, Conflict, GatewayError, ImportNotWhitelisted, InvalidSession
+from gateway.errors import (
+    BadRequest,
+    ConfigError,
+    Conflict,
+    GatewayError,
+    ImportNotWhitelisted,
+    InvalidSession,
+    NotWhitelisted,
+)
+from gateway.session.lenient_json import field_of, line_of
 from gateway.settings import DEFAULT_CONFIG, Settings, load_settings
 from gateway.visible import json_escaped
 
@@ -210,7 +219,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         elif args.action == "export":
             print(json_escaped(json.dumps(await svc.export(tenant, sid), indent=2, ensure_ascii=False)))
         elif args.action == "import":
-            from gateway.session.lenient_json import JSON5Error, field_of, line_of, loads_json5
+            from gateway.session.lenient_json import JSON5Error, loads_json5
 
             source = sys.stdin.read() if args.file in (None, "-") else _read_text(args.file)
             try:
@@ -264,6 +273,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     tenant, sid = args.tenant, check_session_id(args.id)
     policy = load_policy_set(settings.policies.path).match(tenant, args.model, sid)
     document: Any = None
+    source = ""
     if args.action in ("add", "set") or (args.action == "memo" and args.file is not None):
         source = sys.stdin.read() if args.file in (None, "-") else _read_text(args.file)
         try:
@@ -287,9 +297,13 @@ def cmd_history(args: argparse.Namespace) -> int:
                 print(f"wrote the memo of {tenant}/{sid}")
             return 0
         op = "clean_context_window" if args.action == "clean" else args.action
-        messages = parse_messages(document.get("messages") if isinstance(document, dict) and "role" not in document
-                                  else document) if op in ("add", "set") else []
-        result = await change_history(svc, policy, tenant, sid, op, messages, new_request_id())
+        try:
+            messages = parse_messages(document.get("messages") if isinstance(document, dict) and "role" not in document
+                                      else document) if op in ("add", "set") else []
+            result = await change_history(svc, policy, tenant, sid, op, messages, new_request_id())
+        except (BadRequest, NotWhitelisted) as exc:  # the file, the line and the message
+            raise ConfigError(exc.message, file=args.file or "<stdin>",
+                              line=_message_line(source, document, field_of(exc.message))) from None
         if needs_hooks(policy, result.state):
             await maintain(svc, tenant, sid, policy, no_summarizer, args.model)
         loaded = await svc.load(tenant, sid)
@@ -311,6 +325,18 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         paths = [str(settings.policies.path)]
     # hooks only from the configuration's allow-list: checking an untrusted file imports nothing else
     return main_check(paths, hook_modules=settings.policies.hook_modules)
+
+
+def _message_line(source: str, document: Any, field: str | None) -> int | None:
+    """The line of *source* where the ``messages[i]`` an error names starts: the document is the
+    list itself, ``{"messages": [...]}``, or one message."""
+    if field is None or not field.startswith("messages["):
+        return None
+    if isinstance(document, list):
+        return line_of(source, field[len("messages"):])
+    if isinstance(document, dict) and "role" in document:
+        return line_of(source, field[len("messages[0]"):].lstrip("."))
+    return line_of(source, field)
 
 
 def _read_text(path: str) -> str:

@@ -109,3 +109,24 @@ def test_an_import_the_gateway_refuses_names_the_file_the_line_and_the_field(gat
         assert result.stderr.startswith(f"sessiongate: error: {where}"), result.stderr
         assert result.stderr.count("\n") == 1
     assert export(gateway, "cli-refused").status_code == 404
+
+
+def test_a_history_file_the_gateway_refuses_names_the_file_and_the_line(gateway: Gateway, tmp_path: Path) -> None:
+    """``sessions add`` with a malformed message, or one a keyed policy would not record, names
+    the file and the line where that message starts, whether the file is a list, ``{"messages":
+    [...]}`` or one message."""
+    listed = tmp_path / "list.json"
+    listed.write_text('[\n {"role": "user", "content": "ok"},\n {"role": 5, "content": "x"}\n]\n')
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text('{"messages": [\n {"role": "user",\n  "content": "free text"}]}\n')
+    single = tmp_path / "single.json"
+    single.write_text('{"role": "user",\n "content": 7}\n')
+    for path, session, extra, where in (
+            (listed, "h-1", (), f"{listed}:3: 'messages[1]' must be"),
+            (wrapped, "support:cli", ("--model", "gpt-4o"), f"{wrapped}:2: messages[0] (user) is not in the "
+                                                            "recorded form of policy 'support-tickets'"),
+            (single, "h-2", (), f"{single}:2: 'messages[0].content' must be")):
+        result = cli(gateway, "add", session, str(path), "--tenant", "acme", *extra)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"sessiongate: error: {where}"), result.stderr
+        assert export(gateway, session).status_code == 404

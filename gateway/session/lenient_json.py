@@ -199,19 +199,21 @@ _CONTAINERS = (dict, list)
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _SPACE = re.compile(r"\s*")
-_FIELD = re.compile(r"^'([A-Za-z_]+(?:\[\d+\]|\.[A-Za-z_]+)*)'")
+_FIELD = re.compile(r"^'([A-Za-z_]+(?:\[\d+\]|\.[A-Za-z_]+)*)'|^([A-Za-z_]+(?:\[\d+\])+(?:\.[A-Za-z_]+|\[\d+\])*)")
 _STEP = re.compile(r"\.?([A-Za-z_]+)|\[(\d+)\]")
 
 
 def field_of(message: str) -> str | None:
-    """The field a session document error names first (``'full_context[1].tool_calls[0]'``)."""
+    """The field an error about a document names first (``'full_context[1].tool_calls[0]'``, or
+    ``messages[2]`` unquoted)."""
     match = _FIELD.match(message)
-    return match.group(1) if match else None
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def line_of(text: str, field: str) -> int | None:
-    """The line of *text* (strict JSON) on which the value at *field* (``full_context[1].content``)
-    starts; None when the text is not strict JSON or has no such value (a JSON5 document)."""
+    """The line of *text* (strict JSON) on which the value at *field* (``full_context[1].content``;
+    ``[2]`` in a list) starts; None when the text is not strict JSON or has no such value (a JSON5
+    document)."""
     steps: list[str | int] = [name if name else int(index) for name, index in _STEP.findall(field)]
     try:
         pos = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
