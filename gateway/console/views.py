@@ -44,7 +44,7 @@ from gateway.export import FORMATS, check_range
 from gateway.handlers import SERVICES, parse_time
 from gateway.redact import Redactor
 from gateway.stages.resolve_session import check_session_id
-from gateway.store.base import SYSTEM_TENANT, Changes
+from gateway.store.base import SYSTEM_TENANT, Changes, RoundRow
 from gateway.visible import HIDDEN, tag_text
 
 log = structlog.get_logger("gateway.console")
@@ -111,12 +111,6 @@ def render(request: web.Request, template: str, status: int = 200, **values: Any
     console = request.app[CONSOLE]
     html = console.templates.get_template(template).render(**values)
     return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
-
-
-async def render_off_loop(request: web.Request, template: str, **values: Any) -> web.Response:
-    """:func:`render` in a worker thread: a page of recorded rounds can hold megabytes of text,
-    and rendering it on the event loop would hold up every model request meanwhile."""
-    return await asyncio.to_thread(render, request, template, **values)
 
 
 def _seq_arg(value: str | None) -> int:
@@ -301,7 +295,9 @@ async def sessions_page(request: web.Request, session: ConsoleSession) -> web.St
 
 @signed_in
 async def session_page(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
-    """One session's rounds, redacted exactly as an export redacts them; the read is audited."""
+    """One session's rounds, ``ROUNDS_PER_PAGE`` at a time (``?after=<seq>``), redacted exactly as
+    an export redacts them; the read is audited. Redacting and rendering a page (megabytes of
+    text, for an imported session) run in a worker thread, never holding up model requests."""
     tenant = _tenant_arg(request.match_info["tenant"])
     if tenant is None:
         raise web.HTTPNotFound()
@@ -317,23 +313,27 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
                                    "detail": {"auditor": session.principal.name, "view": "session",
                                               **({"after_seq": after} if after else {})}})
     redactors = await services.audit.redactors(services.sessions.store, services.policies.current, tenant)
-    rounds: list[dict[str, Any]] = []
+    page: list[tuple[RoundRow, list[dict[str, Any]], Redactor]] = []
     more = False
     async for row, messages in services.sessions.decrypted_rounds(tenant, sid, after_seq=after):
-        if len(rounds) == ROUNDS_PER_PAGE:
+        if len(page) == ROUNDS_PER_PAGE:
             more = True
             break
-        redactor: Redactor = redactors(row)
-        shown = redactor.redact_messages(messages)
-        rounds.append({"row": row, "messages": shown, "sha256": hashlib.sha256(row.ct).hexdigest(),
-                       "chars": sum(len(str(m.get("content") or "")) for m in shown),
-                       "bytes": len(row.ct)})
-    if not rounds:
+        page.append((row, messages, redactors(row)))
+    if not page:
         return render(request, "error.html", status=404, session=session, title="No such session",
                       message=f"Tenant {tenant!r} has no recorded rounds in session {sid!r}"
                       + (f" after round {after}." if after else "."))
-    return await render_off_loop(request, "session.html", session=session, tenant=tenant, sid=sid, rounds=rounds,
-                                 after=after, more=more)
+
+    def rendered() -> web.Response:  # redacting and rendering a page of rounds: in a worker thread
+        rounds = []
+        for row, messages, redactor in page:
+            shown = redactor.redact_messages(messages)
+            rounds.append({"row": row, "messages": shown, "sha256": hashlib.sha256(row.ct).hexdigest(),
+                           "chars": sum(len(str(m.get("content") or "")) for m in shown), "bytes": len(row.ct)})
+        return render(request, "session.html", session=session, tenant=tenant, sid=sid, rounds=rounds, after=after,
+                      more=more)
+    return await asyncio.to_thread(rendered)
 
 
 @signed_in
