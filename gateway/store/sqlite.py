@@ -742,14 +742,15 @@ class Reads:
 
 class Snapshot(Reads):
     """The store as one moment saw it: every read in a single read transaction on a connection
-    of its own (``SQLiteStore.snapshot``), run in a thread, one at a time."""
+    of its own (``SQLiteStore.snapshot``), run on that connection's own thread, one at a time."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, lane: concurrent.futures.Executor) -> None:
         self._conn = conn
+        self._lane = lane
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            return await asyncio.to_thread(fn, self._conn)
+            return await asyncio.get_running_loop().run_in_executor(self._lane, fn, self._conn)
         except sqlite3.Error as exc:
             raise _unavailable(exc, "read") from exc
 
@@ -844,18 +845,28 @@ class SQLiteStore(Reads):
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Snapshot]:
         """Reads that all see the database as it was when the first of them ran (one read
-        transaction on a connection of its own; WAL keeps that version while writers go on)."""
+        transaction on a connection of its own; WAL keeps that version while writers go on).
+
+        Everything done on that connection, its closing included, runs on one thread of its own,
+        in order: a reader cancelled while a query runs (a verification stopped, the gateway
+        shutting down) has the connection closed after that query, never under it from another
+        thread."""
         if self._reader is None:
             raise StoreUnavailable("the store is not open")
+        lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sessiongate-snapshot")
+        loop = asyncio.get_running_loop()
         try:
-            conn = await asyncio.to_thread(_connect, self.path)
-        except sqlite3.Error as exc:
-            raise _unavailable(exc, "read") from exc
-        try:
-            await asyncio.to_thread(conn.execute, "BEGIN")
-            yield Snapshot(conn)
+            try:
+                conn = await loop.run_in_executor(lane, _connect, self.path)
+            except sqlite3.Error as exc:
+                raise _unavailable(exc, "read") from exc
+            try:
+                await loop.run_in_executor(lane, conn.execute, "BEGIN")
+                yield Snapshot(conn, lane)
+            finally:
+                await asyncio.wrap_future(lane.submit(_end_snapshot, conn))  # queued behind any read still running
         finally:
-            await asyncio.to_thread(_end_snapshot, conn)
+            lane.shutdown(wait=False)
 
     # --- rows this process wrote (see the module docstring) --------------------------------
 
