@@ -474,7 +474,7 @@ recorded with tool calls, a failed tool result's flag."""
 def openai_form(message: Message) -> Message:
     """*message* without the Anthropic-only keys (:data:`ANTHROPIC_ONLY`): what the OpenAI
     protocols are sent."""
-    if "reasoning" not in message and "is_error" not in message:
+    if not any(key in message for key in ANTHROPIC_ONLY):
         return message
     return {k: v for k, v in message.items() if k not in ANTHROPIC_ONLY}
 
