@@ -75,13 +75,17 @@ class Codec(Protocol):
 
 
 def window_plan(messages: list[Message], state: SessionState, *, window: bool,
-                memo: bool) -> tuple[list[Message], bool]:
+                memo: bool, tools: bool = True) -> tuple[list[Message], bool]:
     """What to inject, in the neutral form: the normalised window (empty when none is injected:
-    the client sent its own history, or the window is empty) and whether the memo goes in.
-    The same rule for every protocol (``session.model.inject``)."""
+    the client sent its own history, or the window is empty), its tool calls paired with their
+    answers (``SessionState.sendable``; none at all without *tools*), and whether the memo goes
+    in. The same rule for every protocol (``session.model.inject``)."""
     add_window = window and bool(state.context_window) and not carries_history(messages)
     add_memo = memo and state.memo is not None
-    return (state.normalised() if add_window else []), add_memo
+    if not add_window:
+        return [], add_memo
+    sendable = state.sendable(messages, tools=tools)
+    return (state.normalised() if sendable is None else sendable), add_memo
 
 
 def codec_for_path(path: str) -> Codec:

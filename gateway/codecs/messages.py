@@ -380,7 +380,9 @@ class MessagesCodec:
         if state is None or policy is None:
             return None
         opts = policy.session.inject
-        window, add_memo = window_plan(ctx.messages, state, window=opts.context_window, memo=opts.memo)
+        # Anthropic refuses tool blocks in a request that defines no tools
+        window, add_memo = window_plan(ctx.messages, state, window=opts.context_window, memo=opts.memo,
+                                       tools=bool(ctx.body.get("tools")))
         if not window and not add_memo:
             return None
         body = dict(ctx.body)

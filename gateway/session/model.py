@@ -63,6 +63,26 @@ class SessionState:
         assert self._normal.out is not None
         return list(self._normal.out)
 
+    def sendable(self, messages: Sequence[Message], *, tools: bool = True) -> list[Message] | None:
+        """The normalised window as it must go before a request's *messages* when that differs
+        from :meth:`normalised`: its last message's tool calls that *messages* do not answer
+        left out, or every tool call and result without *tools* (:func:`paired`). None when the
+        kept window goes as it is (always, for a window without tool calls)."""
+        if self._simple is None:
+            self._simple = _simple(self.context_window)
+        if self._simple:
+            return None
+        if self._normal is None:
+            self._normal = _Normal.of(self.context_window, keep_out=False)
+        if self._normal.plain:
+            return None
+        answered = answered_calls(messages)
+        last = self._normal.last
+        calls = last.get("tool_calls") if last is not None else None
+        if tools and not (calls and any(call.get("id") not in answered for call in calls)):
+            return None
+        return _normalise(self.context_window, answered, tools)[0]
+
     def normalised_items(self) -> bytes:
         """The JSON text of :meth:`normalised`'s messages, comma-separated, without brackets."""
         if self._simple is None:
@@ -278,20 +298,22 @@ def normalise_window(window: Sequence[Message]) -> list[Message]:
     return _normalise(window)[0]
 
 
-def _normalise(window: Sequence[Message]) -> tuple[list[Message], list[int], bool]:
+def _normalise(window: Sequence[Message], answered: Sequence[str] | None = None,
+               tools: bool = True) -> tuple[list[Message], list[int], bool]:
     """:func:`normalise_window`, how many window messages each result message stands for (0
-    for a marker) and whether the window was plain (text only, nothing structured)."""
+    for a marker) and whether the window was plain (text only, nothing structured). A window
+    with tool calls is :func:`paired` first (*answered* and *tools* as there)."""
+    plain = not any(is_structured(m) for m in window)  # counts stand for a paired window's messages
+    if not plain:
+        window = paired(window, answered=answered, tools=tools)
     out: list[Message] = []
     counts: list[int] = []
-    plain = True
     runs: dict[int, list[Any]] = {}  # index in out -> contents to join (a run of several, or not text)
     run_role: str | None = None  # the role of out[-1] while more of its run may follow
     for message in window:
         role = message.get("role")
         if message.get("tool_calls") or (role == "tool" and "tool_call_id" in message):  # is_structured
             plain = False
-            if role == "tool" and not out:
-                continue  # a result whose call was cut off: the provider would refuse it
             out.append(dict(message))
             counts.append(1)
             run_role = None
@@ -321,6 +343,73 @@ def _normalise(window: Sequence[Message]) -> tuple[list[Message], list[int], boo
         out.append({"role": "assistant", "content": CONTINUE_INPUT})
         counts.append(0)
     return out, counts, plain
+
+
+def paired(window: Sequence[Message], *, answered: Sequence[str] | None = None,
+           tools: bool = True) -> list[Message]:
+    """*window* as a provider takes a history back: every tool call followed by its answer.
+
+    Providers refuse a call that no tool result answers next (a client that went on without
+    running it: LangChain's structured output, a ``tool_choice`` extraction) and a result whose
+    call is not right before it (the call was bounded away). So a call is left out of its
+    assistant message unless one of the tool results that follow the message answers it, and
+    a result is left out unless it answers a call so kept; an assistant message left with no
+    content and no call is left out. The calls of the window's last message are answered by the
+    request itself: *answered* are the ids of its leading tool results (None: kept, unchecked).
+    Without *tools* (a Messages request that defines no tools: Anthropic refuses any tool block
+    then) every call and result is left out, and the thinking recorded with the calls. The
+    record is not changed: this is what is sent."""
+    out: list[Message] = []
+    i, n = 0, len(window)
+    while i < n:
+        message = window[i]
+        i += 1
+        calls = message.get("tool_calls")
+        if not calls:
+            if not (message.get("role") == "tool" and "tool_call_id" in message):  # an unpaired result goes
+                out.append(message)
+            continue
+        results: list[Message] = []
+        while i < n and window[i].get("role") == "tool" and "tool_call_id" in window[i]:
+            results.append(window[i])
+            i += 1
+        if not tools:
+            ids: set[Any] = set()
+        elif i == n and answered is None:
+            ids = {call.get("id") for call in calls}
+        else:
+            ids = {r["tool_call_id"] for r in results} | (set(answered or ()) if i == n else set())
+        kept = [call for call in calls if call.get("id") in ids]
+        ids = {call.get("id") for call in kept}
+        if len(kept) == len(calls):
+            out.append(message)
+        else:
+            rest = {k: v for k, v in message.items() if k not in ("tool_calls", "reasoning")}
+            if kept:
+                out.append({**rest, "tool_calls": kept, **({"reasoning": message["reasoning"]}
+                                                            if "reasoning" in message else {})})
+            elif rest.get("content"):
+                out.append(rest)
+        done: set[Any] = set()
+        for result in results:  # each kept call's first answer
+            if result["tool_call_id"] in ids and result["tool_call_id"] not in done:
+                done.add(result["tool_call_id"])
+                out.append(result)
+    return out
+
+
+def answered_calls(messages: Sequence[Message]) -> list[str]:
+    """The ids of the tool calls a request's new messages answer first (its leading tool
+    results, after its system messages): what may follow a window that ends with tool calls."""
+    ids: list[str] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer") and not ids:
+            continue
+        if role != "tool" or not isinstance(message.get("tool_call_id"), str):
+            break
+        ids.append(message["tool_call_id"])
+    return ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -560,6 +649,9 @@ def inject(messages: list[Message], state: SessionState | None, *, window: bool 
                 break
     if not add_window:
         return system + rest
+    sendable = state.sendable(rest)
+    if sendable is not None:
+        return system + ([openai_form(m) for m in sendable] if encoded else sendable) + rest
     if encoded:
         items = state.normalised_items()
         return system + ([orjson.Fragment(items)] if items else []) + rest

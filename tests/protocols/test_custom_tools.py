@@ -113,13 +113,14 @@ def test_the_tools_policy_applies_to_a_built_in_tools_output(make_pgw: Callable[
 
 
 def test_a_custom_call_continued_on_messages_is_a_named_tool_use(pgw: Gateway, proto: ProtocolUpstream) -> None:
-    """Anthropic has no free-text tools: a recorded custom call goes into a Messages window as a
-    ``tool_use`` with its name and ``{"input": <text>}``, not a nameless block the API refuses."""
+    """Anthropic has no free-text tools: a recorded custom call goes into a Messages window (of a
+    request that defines tools) as a ``tool_use`` with its name and ``{"input": <text>}``, not a
+    nameless block the API refuses."""
     respond(pgw, "cross", {"input": "add a file", "tools": [PATCH_TOOL]})
     call_id = history(pgw, "cross")[1]["tool_calls"][0]["id"]
     respond(pgw, "cross", {"input": [{"type": "custom_tool_call_output", "call_id": call_id, "output": "ok"}]})
     anthropic_client(pgw, session="cross").messages.create(model="c", max_tokens=9, messages=[
-        {"role": "user", "content": "and now?"}])
+        {"role": "user", "content": "and now?"}], tools=[{"name": "apply_patch", "input_schema": {"type": "object"}}])
     sent = proto.bodies("/v1/messages")[-1]["messages"]
     uses = [b for m in sent if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_use"]
     assert uses == [{"type": "tool_use", "id": call_id, "name": "apply_patch", "input": {"input": PATCH_INPUT}}]

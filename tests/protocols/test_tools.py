@@ -275,10 +275,14 @@ def test_messages_memo_goes_after_tool_results(pgw: Gateway, proto: ProtocolUpst
     import httpx
 
     from tests.conftest import ACME_KEY
+    client = anthropic_client(pgw, session="memo-tools")
+    first = client.messages.create(model="c", max_tokens=9, tools=[WEATHER],  # type: ignore[list-item]
+                                   messages=[{"role": "user", "content": "weather?"}])
+    use = next(block for block in first.content if block.type == "tool_use")
     assert httpx.put(f"{pgw.base_url}/sessions/memo-tools/memo", json={"memo": "likes tea"},
                      headers={"Authorization": f"Bearer {ACME_KEY}"}).status_code == 200
-    anthropic_client(pgw, session="memo-tools").messages.create(model="c", max_tokens=9, messages=[
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}])
+    client.messages.create(model="c", max_tokens=9, tools=[WEATHER], messages=[  # type: ignore[list-item]
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "ok"}]}])
     content = proto.bodies("/v1/messages")[-1]["messages"][-1]["content"]
     assert content[0]["type"] == "tool_result"
     assert content[1]["type"] == "text" and "likes tea" in content[1]["text"]
@@ -326,7 +330,7 @@ def test_a_messages_tool_result_with_an_image_and_a_search_result_is_recorded(pg
     first = client.messages.create(model="c", max_tokens=9, tools=[tool_def],  # type: ignore[list-item]
                                    messages=[{"role": "user", "content": "look"}])
     use = next(block for block in first.content if block.type == "tool_use")
-    client.messages.create(model="c", max_tokens=9, messages=[
+    client.messages.create(model="c", max_tokens=9, tools=[tool_def], messages=[  # type: ignore[list-item]
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": result}]}])
     (tool,) = [m for m in _export(pgw, "tool-media") if m["role"] == "tool"]
     assert tool["tool_call_id"] == use.id
@@ -334,7 +338,8 @@ def test_a_messages_tool_result_with_an_image_and_a_search_result_is_recorded(pg
     digest = hashlib.sha256(png).hexdigest()
     assert tool["content"][1] == {"type": "text", "text": f"[image: image/png, {len(png)} bytes, sha256 {digest}]"}
     assert tool["content"][2] == result[2]
-    client.messages.create(model="c", max_tokens=9, messages=[{"role": "user", "content": "and now?"}])
+    client.messages.create(model="c", max_tokens=9, tools=[tool_def],  # type: ignore[list-item]
+                           messages=[{"role": "user", "content": "and now?"}])
     sent = proto.bodies("/v1/messages")[-1]["messages"]
     (block,) = [b for m in sent if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_result"]
     assert block["content"] == [{"type": "text", "text": "screenshot taken"}, tool["content"][1], result[2]]
@@ -393,9 +398,11 @@ def test_a_failed_tool_result_stays_failed_in_the_window(pgw: Gateway, proto: Pr
     first = client.messages.create(model="c", max_tokens=50, tools=[WEATHER],  # type: ignore[list-item]
                                    messages=[{"role": "user", "content": "weather?"}])
     use = next(block for block in first.content if block.type == "tool_use")
-    client.messages.create(model="c", max_tokens=50, messages=[{"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": use.id, "content": "timeout", "is_error": True}]}])
-    client.messages.create(model="c", max_tokens=50, messages=[{"role": "user", "content": "try later?"}])
+    client.messages.create(model="c", max_tokens=50, tools=[WEATHER], messages=[  # type: ignore[list-item]
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "timeout",
+                                      "is_error": True}]}])
+    client.messages.create(model="c", max_tokens=50, tools=[WEATHER],  # type: ignore[list-item]
+                           messages=[{"role": "user", "content": "try later?"}])
     sent = proto.bodies("/v1/messages")[-1]["messages"]
     results = [b for m in sent if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_result"]
     assert results == [{"type": "tool_result", "tool_use_id": use.id, "content": "timeout", "is_error": True}]
@@ -416,3 +423,75 @@ def test_a_request_that_turns_thinking_off_gets_no_recorded_thinking(pgw: Gatewa
     assert [b.text for b in reply.content if b.type == "text"] == ["tool said: sunny"]
     sent = proto.bodies("/v1/messages")[-1]["messages"]
     assert [b["type"] for b in sent[1]["content"]] == ["tool_use"]
+
+
+# --- calls the client never answered, and requests without tools ---------------------------
+
+def test_a_call_the_client_never_answered_is_not_sent_back_in_any_protocol(pgw: Gateway,
+                                                                           proto: ProtocolUpstream) -> None:
+    """A client that goes on without running a tool call (LangChain's structured output, a forced
+    ``tool_choice`` extraction) leaves an unanswered call in the record. The providers refuse a
+    history with one (the test upstream answers as they do), so the window goes without it, in
+    every protocol, on this turn and later ones; the record keeps it."""
+    client = pgw.openai(session="ignored-call")
+    tool = {"type": "function", "name": "get_weather", "parameters": TOOL["function"]["parameters"]}
+    first = client.responses.create(model="m", input="weather?", tools=[tool])  # type: ignore[list-item]
+    assert any(item.type == "function_call" for item in first.output)
+    moved_on = client.responses.create(model="m", input="never mind: hello")
+    assert moved_on.output_text == "responses says: never mind: hello"
+    assert not any(i.get("type") == "function_call" for i in proto.bodies("/v1/responses")[-1]["input"])
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "still there?"}])
+    assert chat.choices[0].message.content == "chat says: still there?"
+    sent = proto.bodies("/v1/chat/completions")[-1]["messages"]
+    assert not any(m.get("tool_calls") or m["role"] == "tool" for m in sent)
+    reply = anthropic_client(pgw, session="ignored-call").messages.create(
+        model="c", max_tokens=9, tools=[WEATHER], messages=[{"role": "user", "content": "bye"}])  # type: ignore[list-item]
+    assert [b.type for b in reply.content] == ["tool_use"]  # accepted: the test upstream calls the tool again
+    assert [m["role"] for m in proto.bodies("/v1/messages")[-1]["messages"]][-1] == "user"
+    assert _export(pgw, "ignored-call")[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_an_answered_call_stays_while_a_call_left_open_goes(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """Of two tool rounds, the answered one goes back whole, the one left open goes without its
+    call; a client that does answer the last call with its request gets it back as before."""
+    client = anthropic_client(pgw, session="two-calls")
+    first = client.messages.create(model="c", max_tokens=9, tools=[WEATHER],  # type: ignore[list-item]
+                                   messages=[{"role": "user", "content": "weather?"}])
+    answered = next(block for block in first.content if block.type == "tool_use")
+    client.messages.create(model="c", max_tokens=9, tools=[WEATHER], messages=_answer(answered.id))  # type: ignore[list-item]
+    second = client.messages.create(model="c", max_tokens=9, tools=[WEATHER],  # type: ignore[list-item]
+                                    messages=[{"role": "user", "content": "and tomorrow?"}])
+    left_open = next(block for block in second.content if block.type == "tool_use")
+    client.messages.create(model="c", max_tokens=9, tools=[WEATHER],  # type: ignore[list-item]
+                           messages=[{"role": "user", "content": "forget it"}])
+    uses = [b["id"] for m in proto.bodies("/v1/messages")[-1]["messages"] if isinstance(m["content"], list)
+            for b in m["content"] if b["type"] == "tool_use"]
+    assert uses == [answered.id]
+    third = client.messages.create(model="c", max_tokens=9, tools=[WEATHER],  # type: ignore[list-item]
+                                   messages=[{"role": "user", "content": "weather again?"}])
+    last = next(block for block in third.content if block.type == "tool_use")
+    reply = client.messages.create(model="c", max_tokens=9, tools=[WEATHER], messages=_answer(last.id))  # type: ignore[list-item]
+    assert [b.text for b in reply.content if b.type == "text"] == ["tool said: sunny"]
+    uses = [b["id"] for m in proto.bodies("/v1/messages")[-1]["messages"] if isinstance(m["content"], list)
+            for b in m["content"] if b["type"] == "tool_use"]
+    assert uses == [answered.id, last.id] and left_open.id not in uses
+
+
+def test_a_messages_request_without_tools_gets_the_window_without_tool_blocks(pgw: Gateway,
+                                                                              proto: ProtocolUpstream) -> None:
+    """Anthropic refuses tool blocks in a request that defines no tools ("Requests which include
+    `tool_use` or `tool_result` blocks must define tools"): a plain follow-up to a tool round gets
+    the window's text (the question, the answer) without the call, its result and its thinking."""
+    client = anthropic_client(pgw, session="no-tools")
+    _, use = _thinking_round(client, stream=False).content
+    client.messages.create(model="c", max_tokens=2048, tools=[WEATHER], thinking=THINKING,
+                           messages=_answer(use.id))  # type: ignore[list-item]
+    reply = client.messages.create(model="c", max_tokens=9, messages=[{"role": "user", "content": "thanks!"}])
+    assert [b.text for b in reply.content if b.type == "text"] == ["messages says: thanks!"]
+    sent = proto.bodies("/v1/messages")[-1]["messages"]
+    kinds = {b["type"] for m in sent if isinstance(m["content"], list) for b in m["content"]}
+    assert not kinds & {"tool_use", "tool_result", "thinking", "redacted_thinking"}
+    texts = [m["content"] if isinstance(m["content"], str) else " ".join(b.get("text", "") for b in m["content"])
+             for m in sent]
+    assert "weather?" in texts[0] and any("tool said: sunny" in t for t in texts)
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]

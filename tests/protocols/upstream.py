@@ -9,7 +9,9 @@ replies carry Anthropic's ``request-id`` and ``anthropic-ratelimit-*`` headers. 
 ``"<protocol> says: <last user text>"``; when the request offers tools and its last input is not
 a tool result, the reply is a call of the first tool with ``{"city": "Paris"}`` (a Responses
 custom tool, ``type: custom``, gets ``custom_tool_call`` with the input ``PATCH_INPUT``); after a
-tool result the reply is ``"tool said: <result>"``. With ``thinking`` on, a Messages reply starts
+tool result the reply is ``"tool said: <result>"``. Tool calls and results that do not pair get
+the provider's 400 (``*_pairing_refusal``), as does a Messages request with tool blocks and no
+tools. With ``thinking`` on, a Messages reply starts
 with a signed ``thinking`` block, and a request answering a tool call must start that assistant
 turn with it, unchanged, or gets Anthropic's 400 (``thinking_refusal``).
 """
@@ -43,6 +45,65 @@ def _text_of(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p)
     return ""
+
+
+# --- tool pairing, as the providers check it -----------------------------------------------
+
+def chat_pairing_refusal(body: dict[str, Any]) -> str | None:
+    """OpenAI's 400 for a Chat history whose tool calls and results do not pair: each call
+    answered by the tool messages right after it, each tool message answering such a call."""
+    open_ids: list[str] = []
+    for m in body.get("messages") or []:
+        if m.get("role") == "tool":
+            if m.get("tool_call_id") not in open_ids:
+                return ("Invalid parameter: messages with role 'tool' must be a response to a preceeding message "
+                        "with 'tool_calls'.")
+            open_ids.remove(m["tool_call_id"])
+            continue
+        if open_ids:
+            return ("An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+                    "'tool_call_id'. The following tool_call_ids did not have response messages: "
+                    + ", ".join(open_ids))
+        open_ids = [c.get("id") for c in m.get("tool_calls") or []]
+    return None
+
+
+def messages_pairing_refusal(body: dict[str, Any]) -> str | None:
+    """Anthropic's 400 for tool blocks that do not pair (each ``tool_use`` answered by a
+    ``tool_result`` in the next message, each ``tool_result`` answering one in the message
+    before), or that come in a request defining no tools."""
+    messages = body.get("messages") or []
+    blocks = [[b for b in m.get("content") or [] if isinstance(b, dict)] if isinstance(m.get("content"), list) else []
+              for m in messages]
+    if not body.get("tools") and any(b.get("type") in ("tool_use", "tool_result") for bs in blocks for b in bs):
+        return "Requests which include `tool_use` or `tool_result` blocks must define tools."
+    for i, bs in enumerate(blocks):
+        uses = [b.get("id") for b in bs if b.get("type") == "tool_use"]
+        answers = [b.get("tool_use_id") for b in blocks[i + 1] if b.get("type") == "tool_result"] \
+            if i + 1 < len(blocks) else []
+        missing = [u for u in uses if u not in answers]
+        if uses and missing and i + 1 < len(blocks):
+            return (f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                    f"{', '.join(map(str, missing))}. Each `tool_use` block must have a corresponding "
+                    "`tool_result` block in the next message.")
+        previous = [b.get("id") for b in blocks[i - 1] if b.get("type") == "tool_use"] if i else []
+        for b in bs:
+            if b.get("type") == "tool_result" and b.get("tool_use_id") not in previous:
+                return (f"messages.{i}.content: unexpected `tool_use_id` found in `tool_result` blocks: "
+                        f"{b.get('tool_use_id')}. Each `tool_result` block must have a corresponding `tool_use` "
+                        "block in the previous message.")
+    return None
+
+
+def responses_pairing_refusal(body: dict[str, Any]) -> str | None:
+    """OpenAI's 400 for a Responses input with a call no output answers (an output of no call
+    is let through here, though the API refuses that too)."""
+    items: list[dict[str, Any]] = body["input"] if isinstance(body.get("input"), list) else []
+    outputs = [i.get("call_id") for i in items if i.get("type") in ("function_call_output", "custom_tool_call_output")]
+    for item in items:
+        if item.get("type") in ("function_call", "custom_tool_call") and item.get("call_id") not in outputs:
+            return f"No tool output found for function call {item.get('call_id')}."
+    return None
 
 
 # --- Responses ------------------------------------------------------------------------------
@@ -242,6 +303,9 @@ class ProtocolUpstream:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(("/v1/chat/completions", dict(request.headers), body))
+        if (refusal := chat_pairing_refusal(body)) is not None:
+            return web.json_response({"error": {"message": refusal, "type": "invalid_request_error",
+                                                "param": "messages", "code": None}}, status=400)
         text = f"chat says: {_text_of(body['messages'][-1].get('content'))}"
         return web.json_response({"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
                                   "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
@@ -253,6 +317,9 @@ class ProtocolUpstream:
         if body.get("model") == "broken":
             return web.json_response({"error": {"message": "broken", "type": "server_error", "code": None}},
                                      status=500)
+        if (refusal := responses_pairing_refusal(body)) is not None:
+            return web.json_response({"error": {"message": refusal, "type": "invalid_request_error",
+                                                "param": "input", "code": None}}, status=400)
         text, call = responses_plan(body)
         rid = f"{next(_ids):04d}"
         if not body.get("stream"):
@@ -267,7 +334,7 @@ class ProtocolUpstream:
         if body.get("model") == "limited":  # a 429 the provider says not to retry
             return web.json_response({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}},
                                      status=429, headers={**headers, "retry-after": "7", "x-should-retry": "false"})
-        if (refusal := thinking_refusal(body)) is not None:
+        if (refusal := messages_pairing_refusal(body) or thinking_refusal(body)) is not None:
             return web.json_response({"type": "error", "error": {"type": "invalid_request_error", "message": refusal},
                                       "request_id": f"req_{rid}"}, status=400, headers=headers)
         text, call = messages_plan(body)

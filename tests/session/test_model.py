@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from agently.core.session.Session import Session as AgentlySession
 
@@ -116,3 +118,57 @@ def test_from_agently_falls_back_to_full_context_and_rejects_bad_shapes() -> Non
         from_agently({"full_context": [{"content": "no role"}]})
     with pytest.raises(InvalidSession, match="memo"):
         from_agently({"memo": 5})
+
+
+# --- tool calls paired with their answers (what a provider takes back) -----------------------
+
+def _call(cid: str) -> dict[str, Any]:
+    return {"id": cid, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def _result(cid: str, text: str = "ok") -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": cid, "content": text}
+
+
+def test_paired_keeps_answered_calls_and_leaves_out_the_rest() -> None:
+    from gateway.session.model import paired
+    thinking = [{"type": "thinking", "thinking": "t", "signature": "s"}]
+    window: list[dict[str, Any]] = [
+              {"role": "user", "content": "q"},
+              {"role": "assistant", "content": "let me look", "tool_calls": [_call("a"), _call("b")],
+               "reasoning": thinking},
+              _result("a"), _result("a", "again"), _result("zz"),          # b unanswered, a twice, zz of no call
+              {"role": "user", "content": "go on"},
+              {"role": "assistant", "content": None, "tool_calls": [_call("c")]},  # never answered
+              _result("d"),                                                 # no call before it
+              {"role": "user", "content": "and?"},
+              {"role": "assistant", "content": None, "tool_calls": [_call("e")]}]
+    assert paired(window) == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "let me look", "tool_calls": [_call("a")], "reasoning": thinking},
+        _result("a"),
+        {"role": "user", "content": "go on"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": None, "tool_calls": [_call("e")]}]  # the request decides
+    assert paired(window, answered=["e"])[-1]["tool_calls"] == [_call("e")]
+    assert paired(window, answered=[])[-1] == {"role": "user", "content": "and?"}
+    assert paired(window, tools=False) == [{"role": "user", "content": "q"},
+                                           {"role": "assistant", "content": "let me look"},
+                                           {"role": "user", "content": "go on"}, {"role": "user", "content": "and?"}]
+    assert window[1]["tool_calls"] == [_call("a"), _call("b")]  # the record is not changed
+
+
+def test_the_window_is_sent_with_what_the_request_answers() -> None:
+    import orjson
+
+    from gateway.session.model import SessionState, inject
+    state = SessionState([{"role": "user", "content": "q"},
+                          {"role": "assistant", "content": None, "tool_calls": [_call("a")]}])
+    answer = [_result("a")]
+    sent = inject(answer, state)
+    assert sent[1] == {"role": "assistant", "content": None, "tool_calls": [_call("a")]} and sent[2:] == answer
+    moved_on = [{"role": "user", "content": "never mind"}]
+    assert inject(moved_on, state) == [{"role": "user", "content": "q"},
+                                       {"role": "assistant", "content": "[User continue input]"}, *moved_on]
+    encoded = orjson.loads(orjson.dumps(inject(moved_on, state, encoded=True)))
+    assert encoded == inject(moved_on, state)

@@ -17,6 +17,7 @@ from gateway.session.model import (
     context_length,
     is_structured,
     normalise_window,
+    paired,
 )
 from gateway.session.record import message_length
 
@@ -40,11 +41,11 @@ def _parts(content: Any) -> list[Any]:
 
 
 def reference_normalise(window: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The merge in two passes, over the window its tool calls are paired in (``paired``, tested
+    on its own in ``test_model``)."""
     merged: list[Any] = []
-    for message in window:
+    for message in paired(window):
         if is_structured(message):
-            if message.get("role") == "tool" and not merged:
-                continue
             merged.append(dict(message))
         elif merged and isinstance(merged[-1], tuple) and merged[-1][0] == str(message.get("role")):
             merged[-1][1].append(message.get("content"))
