@@ -124,8 +124,8 @@ class RecordFailed(GatewayError):
     status, type, code = 500, "server_error", "record_failed"
 
     def __init__(self) -> None:
-        super().__init__("the gateway could not record this round, so the reply was withheld; the round was "
-                         "stored as incomplete and the operator can see why in the audit log")
+        super().__init__("the gateway could not record this round, so the reply was withheld; the round's "
+                         "audit entry marks it incomplete and names the failure for the operator")
 
 
 class IntegrityError(GatewayError):

@@ -26,7 +26,7 @@ import orjson
 from gateway.codecs import window_plan
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
-from gateway.session.structured import placeholder
+from gateway.session.structured import media_object, placeholder
 from gateway.sse import EventAssembler, assistant_message
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def _part(block: dict[str, Any]) -> Any:
     if kind == "text":
         return {"type": "text", "text": block.get("text")}
     if kind == "image":
-        source = block.get("source") or {}
+        source = media_object(block.get("source"), "url")
         if source.get("type") == "base64":
             url = f"data:{source.get('media_type')};base64,{source.get('data')}"
         else:
@@ -125,7 +125,7 @@ def _block(part: Any) -> Any:
     if part.get("type") == "text":
         return {"type": "text", "text": part.get("text")}
     if part.get("type") == "image_url":
-        url = str((part.get("image_url") or {}).get("url") or "")
+        url = str(media_object(part.get("image_url"), "url").get("url") or "")
         if url.startswith("data:") and ";base64," in url:
             media, data = url[5:].split(";base64,", 1)
             return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
@@ -139,7 +139,7 @@ def _document(part: dict[str, Any]) -> dict[str, Any]:
     """A neutral ``file`` part as a ``document`` block: an Anthropic document as it came, a Chat
     file's ``data:`` URL as a base64 source; a file only another provider can resolve (a
     ``file_id``) as its placeholder text (``session.structured.placeholder``)."""
-    file = part.get("file") or {}
+    file = media_object(part.get("file"), "file_data")
     if "source" in file:
         return {"type": "document", **file}
     data = str(file.get("file_data") or "")

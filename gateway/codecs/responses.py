@@ -44,6 +44,7 @@ from gateway.codecs import window_plan
 from gateway.errors import BadRequest, NotFound, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
 from gateway.session.record import SYSTEM_ROLES
+from gateway.session.structured import media_object
 from gateway.sse import EventAssembler, assistant_message
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def _out_part(part: Any, role: str) -> Any:
     if part.get("type") == "text":
         return {"type": "output_text" if role == "assistant" else "input_text", "text": part.get("text")}
     if part.get("type") == "image_url":
-        image = part.get("image_url") or {}
+        image = media_object(part.get("image_url"), "url")
         return {"type": "input_image", "image_url": image.get("url"), "detail": image.get("detail", "auto")}
     return part
 

@@ -48,14 +48,26 @@ def needs_structure(messages: list[Message], reply: Message | None) -> bool:
                for m in new_messages(messages))
 
 
+def media_object(value: Any, key: str) -> dict[str, Any]:
+    """A media part's inner object (``image_url``, ``file``, an Anthropic ``source``) as an object
+    whatever a client sent: an object as it is, a string as ``{key: string}``, nothing as ``{}``,
+    any other value as ``{key: its JSON text}``. Readers of parts go through this, so no shape a
+    client sends makes recording fail after the model has run."""
+    if isinstance(value, dict):
+        return value
+    if value is None or value == "":
+        return {}
+    return {key: value if isinstance(value, str) else orjson.dumps(value, default=str).decode()}
+
+
 def placeholder(part: dict[str, Any]) -> str:
     """``[image: image/png, 12345 bytes, sha256 3f2a…]``: what a media part was, never its content."""
     kind = part.get("type")
     if kind == "image_url":
-        url = str((part.get("image_url") or {}).get("url") or "")
+        url = str(media_object(part.get("image_url"), "url").get("url") or "")
         label = "image"
     elif kind == "file":
-        file = part.get("file") or {}
+        file = media_object(part.get("file"), "file_data")
         url = str(file.get("file_data") or file.get("url") or file.get("file_id") or file.get("source") or "")
         label = "file"
     else:

@@ -7,8 +7,9 @@ with string, part-list (text, unknown part types, bare strings, text parts whose
 string) or object content, optionally ending with an assistant prefill. Every text the client
 put in them is a unique token; the property is that every token reaches the upstream and every
 token is in the session's record. A fixed, derandomised budget keeps it to a second or two.
-System and developer messages are left out: they are not new input (README, "Limitations");
-so are files and images, which the media policy records as placeholders by default.
+System and developer messages are left out: they are not new input (README, "Limitations").
+Files, images and audio parts, well formed or not, carry no token: the media policy records them
+as placeholders by default; the property holds the text beside them to the record.
 """
 
 from __future__ import annotations
@@ -31,11 +32,22 @@ _tokens = itertools.count()
 TOKEN = re.compile(r"TOK\d{6}X")
 token = st.builds(lambda _: f"TOK{next(_tokens):06d}X", st.just(None))
 
+# a media part's reference in any shape a client may send, well formed or not (a string where an
+# object belongs, a number, a list, an object of odd fields): the record holds a placeholder for it
+junk = st.one_of(st.just("https://example.test/x.png"), st.integers(), st.none(), st.lists(st.integers(), max_size=2),
+                 st.fixed_dictionaries({"url": st.one_of(st.integers(), st.just("data:image/png;base64,AAAA"))}),
+                 st.fixed_dictionaries({"file_data": st.lists(st.none(), max_size=1)}))
+media_part = st.one_of(
+    st.builds(lambda v: {"type": "image_url", "image_url": v}, junk),
+    st.builds(lambda v: {"type": "file", "file": v}, junk),
+    st.builds(lambda v: {"type": "input_audio", "input_audio": v}, junk),
+)
 part = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": token}),
     st.fixed_dictionaries({"type": st.sampled_from(["weird", "input_text", "refusal"]), "text": token}),
     st.fixed_dictionaries({"type": st.just("text"), "text": st.fixed_dictionaries({"inner": token})}),
     token,
+    media_part,
 )
 content = st.one_of(token, st.lists(part, min_size=1, max_size=3),
                     st.dictionaries(st.sampled_from(["a", "b", "ticket"]), token, min_size=1, max_size=2))
@@ -53,6 +65,7 @@ block = st.one_of(
                                                max_size=2)}),
     # a document is a file: the media policy records it as a placeholder by default, so no token
     st.just({"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "a file"}}),
+    st.builds(lambda kind, v: {"type": kind, "source": v}, st.sampled_from(["image", "document"]), junk),
 )
 tool_result = st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": st.just("t1"),
                                      "content": st.one_of(token, st.lists(block, min_size=1, max_size=3))})
@@ -63,7 +76,9 @@ messages = st.builds(lambda ms, tail: {"model": "claude-x", "max_tokens": 64,
                      st.lists(anthropic_user, min_size=1, max_size=3), prefill)
 
 input_part = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["input_text", "weird"]), "text": token}),
-                       token)
+                       token,
+                       st.builds(lambda v: {"type": "input_image", "image_url": v}, junk),
+                       st.builds(lambda v: {"type": "input_file", "file_data": v}, junk))
 item = st.one_of(
     st.builds(lambda r, c: {"type": "message", "role": r, "content": c}, st.sampled_from(["user", "User", "narrator"]),
               st.one_of(token, st.lists(input_part, min_size=1, max_size=2))),
