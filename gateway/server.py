@@ -32,7 +32,7 @@ import gc
 import os
 import resource
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,21 @@ def parse_error_body(exc: BaseException | None) -> tuple[str, str]:
     if isinstance(exc, http_exceptions.PayloadEncodingError):
         return "invalid body framing (Content-Length, Transfer-Encoding or chunk sizes)", "invalid_body_framing"
     return "malformed HTTP request", "bad_http_message"
+
+
+def release_body(request: BaseRequest) -> None:
+    """Once a request has been answered: drop the traceback of the error that ended its body
+    (the client hung up, or a body timeout). The body stream keeps that error, and its traceback
+    keeps the frames that were reading the body, with every chunk read so far and the stream
+    itself: a reference cycle that only the cyclic collector frees, which :func:`settle_heap`
+    makes rare. Without the traceback, reference counting frees the partial body at once, on
+    every route, however the route reads its body (``read_limited``, ``request.post()``)."""
+    exc = request.content.exception()
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 class GatewayProtocol(RequestHandler):
@@ -276,6 +291,14 @@ class GatewayProtocol(RequestHandler):
             if self._task_handler is not None:
                 self._task_handler.cancel()
             self.evict()
+
+    async def _handle_request(self, request: BaseRequest, start_time: float | None,
+                              request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+                              ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            release_body(request)
 
     # --- errors and logs --------------------------------------------------------------
 
