@@ -351,7 +351,7 @@ class MessagesCodec:
     upstream_path = "/messages"
 
     def check(self, body: dict[str, Any]) -> None:
-        from gateway.stages.parse_request import check_model
+        from gateway.stages.parse_request import check_flags, check_model
 
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -367,8 +367,7 @@ class MessagesCodec:
         if not isinstance(body.get("max_tokens"), int):
             raise BadRequest("'max_tokens' is required: a whole number", code="missing_max_tokens")
         check_model(body.get("model"))
-        if not isinstance(body.get("stream", False), bool) and body.get("stream") is not None:
-            raise BadRequest("'stream' must be true or false", code="invalid_stream")
+        check_flags(body)
 
     def messages(self, body: dict[str, Any]) -> list[Message]:
         return to_messages(body)

@@ -277,7 +277,7 @@ class ResponsesCodec:
     upstream_path = "/responses"
 
     def check(self, body: dict[str, Any]) -> None:
-        from gateway.stages.parse_request import check_model
+        from gateway.stages.parse_request import check_flags, check_model
 
         items = body.get("input")
         if isinstance(items, list):
@@ -292,8 +292,7 @@ class ResponsesCodec:
         if prev is not None and not isinstance(prev, str):
             raise BadRequest("'previous_response_id' must be a string", code="invalid_previous_response_id")
         check_model(body.get("model"))
-        if not isinstance(body.get("stream", False), bool) and body.get("stream") is not None:
-            raise BadRequest("'stream' must be true or false", code="invalid_stream")
+        check_flags(body)
 
     def messages(self, body: dict[str, Any]) -> list[Message]:
         return to_messages(body)

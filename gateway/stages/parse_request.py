@@ -118,6 +118,26 @@ def check_model(model: object) -> None:
         raise BadRequest("'model' must be printable text (no control characters)", code="invalid_model")
 
 
+FLAGS = ("stream", "store", "background")
+"""Fields the gateway decides on (how the reply comes, whether the provider keeps it): true,
+false or null, nothing a lenient upstream would read otherwise ("true", 1)."""
+
+
+def check_flags(body: dict) -> None:
+    """Refuse a flag (:data:`FLAGS`) that is not a JSON boolean, and an ``n`` that is not a
+    whole number: the gateway's checks read them as sent, and a server that coerces ``"true"``
+    or ``2.0`` would act on what the gateway let through (two replies to a round that records
+    one, a stored or background response on a recorded session)."""
+    for name in FLAGS:
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise BadRequest(f"'{name}' must be true or false (a JSON boolean, not a string or a number)",
+                             code=f"invalid_{name}")
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
+        raise BadRequest("'n' must be a whole number (a JSON integer such as 1)", code="invalid_n")
+
+
 def check_chat(body: dict) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -126,9 +146,7 @@ def check_chat(body: dict) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"'messages[{i}]' must be an object with a string 'role'", code="invalid_messages")
     check_model(body.get("model"))
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool) and stream is not None:
-        raise BadRequest("'stream' must be true or false", code="invalid_stream")
+    check_flags(body)
 
 
 def parse_for(codec: Codec, raw: bytes) -> tuple[dict, list[dict]]:
