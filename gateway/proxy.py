@@ -108,16 +108,26 @@ def parse_route(raw_target: str) -> Route:
     return Route("/" + "/".join(encoded), tuple(segments), query)
 
 
-def refuse_keys_in_url(route: Route, auth: Authenticator) -> None:
-    """``BadRequest`` when a path segment or a query parameter (name or value, decoded) of the
-    forwarded URL is a gateway key or auditor token: the URL goes to the provider as it is (and
-    into its logs), so a key there would leave the gateway. The error never repeats it."""
+_KEY_RUN = re.compile(r"[A-Za-z0-9._~-]+")
+"""A run of URL-unreserved characters: a key written into a URL with anything around it (``;``,
+a space, ``Bearer``, ``%00``) is one of the runs of the text it is in."""
+
+
+def refuse_keys_in_url(route: Route, auth: Authenticator, credential: str | None = None) -> None:
+    """``BadRequest`` when the forwarded URL holds a gateway key or auditor token: a path segment
+    or a query parameter's name or value (decoded), or any run of URL-unreserved characters in
+    one (a key with ``;``, a space or ``Bearer`` around it), is one; or the request's own key
+    (*credential*, its ``Authorization`` value) is anywhere in the URL. The URL goes to the
+    provider as it is (and into its logs), so a key there would leave the gateway. The error
+    never repeats it."""
     values = [*route.segments]
     if route.query:
         for name, value in parse_qsl(route.query, keep_blank_values=True):
             values += (name, value)
+    own = credential.partition(" ")[2].strip() if credential else ""
     for value in values:
-        if auth.knows(value):
+        if auth.knows(value) or any(auth.knows(run) for run in _KEY_RUN.findall(value) if run != value) \
+                or (own and own in value):
             raise BadRequest("the request's URL holds a gateway key, and forwarded URLs go to the provider as "
                              "they are: send the key only in the Authorization (or x-api-key) header, and "
                              "replace that key, as it may have been logged on the way", code="key_in_url")
@@ -196,10 +206,11 @@ def json_body(body: bytes | None, content_type: str) -> tuple[bytes | None, str 
 
 async def forward_route(request: web.Request, services: Services, request_id: str) -> web.StreamResponse:
     """Run one forwarded route (see the module docstring); returns the finished response."""
-    principal = services.auth.client(auth_header(request.headers))
+    credential = auth_header(request.headers)
+    principal = services.auth.client(credential)
     route = parse_route(request.raw_path)
     refuse_gateway_paths(request.method, route)
-    refuse_keys_in_url(route, services.auth)
+    refuse_keys_in_url(route, services.auth, credential)
     body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
     if body is not None and len(body) > THREAD_ABOVE_BYTES:
         body, model, is_json = await asyncio.to_thread(json_body, body, request.content_type)
