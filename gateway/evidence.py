@@ -25,7 +25,12 @@ best-effort against an adversary who also rewinds ``session_heads``; :func:`veri
 (``round`` or ``import`` with ``round_seq`` and ``ciphertext_sha256``) names a stored round with
 exactly that ciphertext hash, unless a later ``erasure`` or ``purge`` (``detail.seqs``, or
 ``detail.session_erased``) accounts for its absence; every stored round has its entry; and
-the stored state is the one the session's latest binding describes. A stored round's plaintext
+the stored state is the one the session's latest binding describes. The chain itself must
+number each session's rounds upwards and bind ever later state versions: a round seq or a state
+version that an entry records again with no erasure (or whole-session purge) between them means
+the earlier round or state was deleted or rolled back outside the gateway, head pointer and all,
+and the number used again by a later write (``round_missing`` naming the earlier entry,
+``state_mismatch``). A stored round's plaintext
 columns are the entry's too (:func:`round_columns`: kind, request id, policy id and version
 hash, outcome; its time within :data:`TIME_SLACK` of the entry's), so a round cannot be moved
 out of an export's time range, credited to another request, marked with another outcome or put
@@ -54,7 +59,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -117,7 +122,7 @@ def round_columns(doc: dict[str, Any]) -> tuple[str | None, ...]:
     return (event, field_("request_id"), field_("policy_id"), field_("policy_hash"), outcome)
 
 
-def relabelled(want: tuple[str | None, ...], entry_time: float, have: dict[str, Any],
+def relabelled(want: tuple[str | None, ...], entry_time: float, have: Mapping[str, Any],
                created_at: float | None) -> str | None:
     """How a stored round or an exported record (*have*: its columns by name; those it lacks are
     not compared) disagrees with what its entry records (*want*, from :func:`round_columns`, and
@@ -293,6 +298,9 @@ class _Session:
     written: tuple[int, float] | None = None  # (seq, time) of the last entry that wrote its rows
     quarantined: int | None = None  # the quarantine entry no release or erasure has lifted
     premature: VerifyError | None = None  # the first round purged before its retention expired it
+    top: int = 0      # the highest round seq recorded since the session's numbering (re)started
+    version: tuple[int, int] = (0, 0)  # (entry seq, state version) of the last binding since then
+    reused: VerifyError | None = None  # the first round number or state version the chain records twice
     seen: bool = False
 
 
@@ -323,6 +331,9 @@ def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kep
     if event in ROUND_EVENTS and isinstance(digest, str):
         seq = doc.get("round_seq")
         if isinstance(seq, int):
+            if seq <= s.top and s.reused is None:
+                s.reused = _reused(sid, s, row, seq)
+            s.top = max(s.top, seq)
             kind, request_id, *repeated = round_columns(doc)  # intern all but the request id: they repeat
             columns = (_intern(kind), request_id, *map(_intern, repeated))
             s.rounds[seq] = _Entry(digest, row.seq, row.created_at, columns, isinstance(doc.get(BINDING), dict))
@@ -334,6 +345,7 @@ def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kep
         s.quarantined = None
     elif event == "erasure" or (event == "purge" and detail.get("session_erased")):
         s.quarantined = None
+        s.top, s.version = 0, (row.seq, 0)  # a new session under this id numbers from 1 again
         s.rounds.clear()
         s.optional.clear()
         s.legacy_hashes.clear()
@@ -345,8 +357,39 @@ def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kep
         else:
             s.optional.update(s.rounds)
     if isinstance(doc.get(BINDING), dict):
-        s.state = (row.seq, str(event), doc[BINDING])
+        state = doc[BINDING]
+        version = state.get("version") if state.get("sha256") is not None else 0
+        if isinstance(version, int):
+            if version and version <= s.version[1] and s.reused is None:
+                s.reused = _rolled_back(sid, s, row, str(event), version)
+            s.version = (row.seq, version)
+        s.state = (row.seq, str(event), state)
         s.written = (row.seq, row.created_at)
+
+
+def _reused(sid: str, s: _Session, row: AuditRow, seq: int) -> VerifyError:
+    """Entry *row* records round *seq* of the session although an earlier entry recorded a round
+    of that number or a later one, with no erasure between them: a session numbers its rounds up
+    from 1 and only an erasure (or a purge that erases it whole) starts it again, so the earlier
+    round was deleted or rolled back and its number used again."""
+    earlier = s.rounds.get(seq)
+    what = (f"audit entry {earlier.seq} records this round" if earlier is not None
+            else f"an earlier entry recorded rounds up to {s.top}")
+    return VerifyError(earlier.seq if earlier is not None else row.seq, "round_missing",
+                       f"session {sid}, round {seq}: {what}, but audit entry {row.seq} records round {seq} again "
+                       "with no erasure of the session between them: the earlier round was deleted or rolled back "
+                       "outside the gateway and its number used again", session_id=sid, round_seq=seq)
+
+
+def _rolled_back(sid: str, s: _Session, row: AuditRow, event: str, version: int) -> VerifyError:
+    """Entry *row* binds a state version no later than one an earlier entry bound, with no
+    erasure between them: every write makes the next version, so the state was put back."""
+    earlier, had = s.version
+    return VerifyError(row.seq, "state_mismatch",
+                       f"session {sid}: audit entry {row.seq} ({event}) binds version {version} of the session's "
+                       f"state, but audit entry {earlier} had already bound version {had}, with no erasure "
+                       "between them: the state was rolled back outside the gateway before entry "
+                       f"{row.seq} was written", session_id=sid)
 
 
 def _erased_active(sid: str, s: _Session, purge: AuditRow, seqs: list[Any],
@@ -438,7 +481,9 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
     legacy = unchecked = 0
     for sid in ids:
         s = sessions.get(sid, _Session())
-        error = _rounds_error(tenant, sid, s, stored.get(sid, {}), columns.get(sid, {}))
+        error = replace(s.reused, message=f"tenant {tenant}, {s.reused.message}") if s.reused is not None else None
+        if error is None:
+            error = _rounds_error(tenant, sid, s, stored.get(sid, {}), columns.get(sid, {}))
         if error is None:
             held = s.state is not None or sid in state_ids or sid in stored
             srow, krow = await state_of(sid) if held else (None, None)
