@@ -36,6 +36,7 @@ from gateway.errors import (
     Conflict,
     GatewayError,
     ImportNotWhitelisted,
+    IntegrityError,
     InvalidSession,
     NotWhitelisted,
 )
@@ -572,7 +573,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return await trail.export(svc, policies, Path(args.out), tenant=args.tenant, fmt=args.format,
                                   session_id=sid, since=since, until=until, progress=Progress())
 
-    manifest = _run(_with_sessions(settings, export))
+    try:
+        manifest = _run(_with_sessions(settings, export))
+    except IntegrityError as exc:  # the operator runs the CLI: the detail (names and seqs, no content) is theirs
+        return _fail(f"export refused (the stored data failed an integrity check), nothing written: {exc.detail}. "
+                     f"Run 'sessiongate audit verify --tenant {args.tenant}' for the whole report")
     records = manifest["records"]
     print(f"exported {records['count']} records ({records['sessions']} sessions) to {args.out}; "
           f"manifest and audit entries beside it; checkpoint seq {manifest['checkpoint']['seq']}")

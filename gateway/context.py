@@ -79,7 +79,7 @@ class Context:
     tail_type: str = ""
     tail_headers: dict[str, str] = field(default_factory=dict)
     outcome: str = ""
-    ended_by: str = ""  # "client" or "upstream" when a stream was cut off
+    ended_by: str = ""  # "client", "upstream" or "shutdown" when the reply was cut off
     reply_truncated: bool = False  # the reply was over the upstream's max_reply_bytes
     event_open: bool = False  # the client has an event's start, its end is held in tail: no other event may follow
     error_relayed: bool = False  # the stream's last event was the provider's own error event
@@ -93,3 +93,9 @@ class Context:
     # persist
     persist_attempted: bool = False
     persisted: bool = False
+
+    @property
+    def reply_bytes(self) -> int:
+        """The reply's bytes for the client: those relayed, and the held-back ``tail`` that goes
+        after the commit (unless the reply was cut off)."""
+        return self.bytes_out + (0 if self.ended_by else len(self.tail))

@@ -44,9 +44,13 @@ entry accounts for it. Round entries within ``TIME_SLACK`` seconds after ``since
 not required (an entry is sealed just after its round's ``created_at``). Writing takes
 constant memory; verifying holds one digest per round entry and per record.
 
-Raises: ``ValueError`` for an unknown format; :class:`~gateway.errors.IntegrityError` when the
-live chain does not verify up to the checkpoint (no bundle is left behind then); ``OSError``
-for file errors.
+**Before a round is redacted** its row's labels are checked against its round entry
+(:class:`RoundLabels`): the redaction follows the row's policy id and version hash, so a row
+relabelled to a version that redacts less is refused instead of exported in clear.
+
+Raises: ``ValueError`` for an unknown format; :class:`~gateway.errors.IntegrityError` when a
+round's row disagrees with its audit entry, or when the live chain does not verify up to the
+checkpoint (no bundle is left behind then); ``OSError`` for file errors.
 """
 
 from __future__ import annotations
@@ -326,8 +330,11 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
     partial = [p.with_name(f".{p.name}.partial") for p in (records_path, audit_path, manifest_path)]
     try:
         through = await head_seq() if head_seq is not None else None
+        session_id = (filters or {}).get("session_id")
+        labels = RoundLabels(iter_audit, session_id=session_id if isinstance(session_id, str) else None)
         with _private(partial[0]) as f:
-            summary = await write_records(records, f, fmt=fmt, redactor_for=redactor_for, progress=progress)
+            summary = await write_records(labels.checked(records), f, fmt=fmt, redactor_for=redactor_for,
+                                          progress=progress)
             _sync(f)
         redaction = dict(sorted(summary.redaction.items()))
         filters_doc = dict(filters or {})
@@ -368,6 +375,88 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
     finally:
         for tmp in partial:
             tmp.unlink(missing_ok=True)
+
+
+class RoundLabels:
+    """A round row's labels checked against its audit entry before its redaction is chosen.
+
+    The redaction applied to a round follows the policy id and version hash in its row, which are
+    plaintext columns anyone with database access can edit; verification finds such an edit
+    (``round_relabelled``), but only after an export has shown the round under another version's
+    redaction. So every round read for an export or the console is first matched to its round
+    entry (``round``, ``import`` or ``history`` of its session, by ciphertext hash, as
+    :func:`verify_bundle` matches records) and its columns compared with the entry's
+    (:func:`gateway.evidence.round_columns`, :func:`gateway.evidence.relabelled`). A round no
+    entry records, or whose kind, request id, policy id, version hash, outcome or time (beyond
+    :data:`~gateway.evidence.TIME_SLACK`) differ from its entry's, is refused with
+    :class:`~gateway.errors.IntegrityError` naming tenant, session, round and entry.
+
+    The chain is read once (only *session_id*'s entries are kept when given: one per round) and
+    read on from where it stopped when a round's entry is not found yet: a round committed after
+    the first read has its entry committed with it. The chain's own integrity is not judged here
+    (exports check it up to the covering checkpoint, ``audit verify`` in full).
+    """
+
+    def __init__(self, iter_audit: IterAudit, *, session_id: str | None = None) -> None:
+        self._iter_audit = iter_audit
+        self._session_id = session_id
+        self._needle = orjson.dumps(session_id) if session_id is not None else None
+        self._entries: dict[tuple[str, str], tuple[int, float, tuple[str | None, ...]]] = {}
+        self._after = 0
+
+    async def _read(self) -> None:
+        """Fold the entries after the last one read."""
+        rows = self._iter_audit(self._after)
+        try:
+            async for row in rows:
+                self._after = max(self._after, row.seq)
+                if self._needle is not None and self._needle not in row.body:
+                    continue  # another session's entry (a cheap test before parsing)
+                doc = orjson.loads(row.body)
+                sid, digest = doc.get("session_id"), doc.get("ciphertext_sha256")
+                if doc.get("event") not in ROUND_EVENTS or not isinstance(sid, str) or not isinstance(digest, str):
+                    continue
+                if self._session_id is None or sid == self._session_id:
+                    columns = tuple(None if c is None else sys.intern(c) for c in round_columns(doc))
+                    self._entries[(sys.intern(sid), digest)] = (row.seq, row.created_at, columns)
+        finally:
+            await aclose(rows)
+
+    async def problem(self, *, tenant: str, session_id: str, seq: int, ciphertext_sha256: str,
+                      columns: Mapping[str, Any], created_at: float) -> str | None:
+        """What is wrong with the round's labels (for the operator and the auditor: tenant,
+        session, round, entry; never content); None when its entry vouches for them.
+        *columns* holds the row's ``kind``, ``request_id``, ``policy_id``, ``policy_hash`` and
+        ``outcome`` (those it lacks are not compared)."""
+        key = (session_id, ciphertext_sha256)
+        if key not in self._entries:
+            await self._read()
+        where = f"tenant {tenant}, session {session_id}, round {seq}"
+        entry = self._entries.get(key)
+        if entry is None:
+            return (f"{where}: no audit entry records this round (its row was inserted, moved here or its "
+                    "ciphertext replaced outside the gateway)")
+        how = relabelled(entry[2], entry[1], columns, created_at)
+        if how is not None:
+            return f"{where}: the stored round is the one audit entry {entry[0]} records, but {how}: its row was edited"
+        return None
+
+    async def checked(self, records: AsyncIterable[ExportRecord]) -> AsyncIterator[ExportRecord]:
+        """*records*, each checked (see the class docstring) before it is yielded."""
+        async for record in records:
+            problem = await self.problem(tenant=record.tenant, session_id=record.session_id, seq=record.seq,
+                                         ciphertext_sha256=record.ciphertext_sha256,
+                                         columns=record_columns(record), created_at=record.created_at)
+            if problem is not None:
+                raise IntegrityError(problem)
+            yield record
+
+
+def record_columns(record: Any) -> dict[str, Any]:
+    """The columns of a round (an :class:`ExportRecord` or a ``RoundRow``) its entry vouches for;
+    a record's ``kind`` is not carried (its outcome and entry tell it)."""
+    names = ("kind", "request_id", "policy_id", "policy_hash", "outcome")
+    return {name: getattr(record, name) for name in names if hasattr(record, name)}
 
 
 def _private(path: Path) -> BinaryIO:

@@ -140,7 +140,7 @@ async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.Str
         log.info("request", request_id=ctx.request_id, tenant=ctx.tenant or None, session_id=ctx.session_id,
                  model=ctx.model, status=status, outcome=outcome, ended_by=ctx.ended_by or None,
                  latency_ms=round(elapsed * 1000, 3), bytes_in=len(ctx.raw),
-                 bytes_out=ctx.bytes_out or len(ctx.tail), policy=ctx.policy.id if ctx.policy else None)
+                 bytes_out=ctx.reply_bytes, policy=ctx.policy.id if ctx.policy else None)
 
 
 INTERNAL_ERROR = {"error": {"message": "the gateway hit an internal error; it has been logged",

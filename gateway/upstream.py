@@ -154,6 +154,11 @@ class UpstreamReply:
         return self.content_type == "text/event-stream"
 
     @property
+    def at_eof(self) -> bool:
+        """Whether the whole body has come in (read or not)."""
+        return self._resp.content.is_eof()
+
+    @property
     def body_arrived(self) -> bool:
         """Whether any byte of the body has come in yet (read or not)."""
         return self._resp.content.total_bytes > 0

@@ -16,7 +16,9 @@ Chat behaviour by ``model``: ``rate-limited`` → 429, ``broken`` → 500, the m
 events, then waits for ``release`` before the rest, ``slow-start`` → sends a stream's headers,
 then waits for ``release`` before its first event (a model thinking first), ``partial-start`` →
 the same after the first 10 bytes of its first event, ``huge`` → a ~20 MB reply (JSON or SSE)
-whose last piece waits for ``release``; anything else answers ``"provider says: <last user text>"``.
+whose last piece waits for ``release``, ``done-then-hold`` and ``done-then-reset`` → a whole stream
+whose body never ends (held open until ``release``, or broken off after ``[DONE]``); anything else
+answers ``"provider says: <last user text>"``.
 Forwarded routes: ``GET /v1/models``, ``GET /v1/models/{id}`` (an ``ERROR_PAGES`` name answers that
 page, ``broken-body`` breaks off mid-body,
 ``slow-body`` sends a first piece and then waits for the client to hang up), ``POST
@@ -225,7 +227,21 @@ class Provider:
         if model == "huge":
             return await self.stream(request, data, content_type="text/event-stream",
                                      hold_after=len(data) - 100, sizes=(65536,))
+        if model in ("done-then-hold", "done-then-reset"):
+            return await self.after_done(request, data, hold=model == "done-then-hold")
         return await self.stream(request, data, content_type="text/event-stream")
+
+    async def after_done(self, request: web.Request, data: bytes, *, hold: bool) -> web.StreamResponse:
+        """A whole stream, ``[DONE]`` included, whose body does not end: the connection is held
+        open (until ``release``) or broken off, as some servers and proxies do."""
+        resp = web.StreamResponse(headers={**self.headers(next(self._count)), "Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(data)
+        if hold:
+            await self._wait_release()
+        elif request.transport is not None:
+            request.transport.abort()
+        return resp
 
     async def error_page(self, request: web.Request, model: str) -> web.StreamResponse:
         status, content_type, page = ERROR_PAGES[model]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -331,15 +332,94 @@ def test_missing_bundle_file_is_reported(env: Env, tmp_path: Path) -> None:
     assert _err(verify_bundle(out, env.signer.public_key_pem())).kind == "missing_file"
 
 
-def test_record_without_a_round_entry_is_caught(env: Env, tmp_path: Path) -> None:
-    """A record whose ciphertext hash no round entry vouches for is reported."""
+def test_record_without_a_round_entry_is_caught(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record whose ciphertext hash no round entry vouches for is reported (the bundle is
+    forged: the export itself refuses such a record, as the next test shows)."""
     records = corpus(env)
     forged = dataclasses.replace(records[2], seq=2, ciphertext_sha256="ab" * 32)
     out = tmp_path / "a.jsonl"
+    from gateway.export import RoundLabels
+
+    monkeypatch.setattr(RoundLabels, "checked", lambda self, records: records)
     env.export("acme", [*records, forged], out)
     report = verify_bundle(out, env.signer.public_key_pem())
     assert _err(report).kind == "record_not_covered"
     assert "session bob, round 2" in _err(report).message
+
+
+def test_export_refuses_a_round_no_entry_records(env: Env, tmp_path: Path) -> None:
+    """A round whose ciphertext no round entry of its session records is refused, and no
+    bundle is left behind."""
+    records = corpus(env)
+    forged = dataclasses.replace(records[2], seq=2, ciphertext_sha256="ab" * 32)
+    with pytest.raises(IntegrityError) as caught:
+        env.export("acme", [*records, forged], tmp_path / "a.jsonl")
+    assert "tenant acme, session bob, round 2: no audit entry records this round" in caught.value.detail
+    assert list(tmp_path.glob("a.jsonl*")) == [] and list(tmp_path.glob(".a.jsonl*")) == []
+
+
+@pytest.mark.parametrize(("column", "value"), [("policy_id", "freeform"), ("policy_hash", "22" * 32),
+                                               ("outcome", "upstream_error"), ("request_id", "forged")])
+def test_export_refuses_a_relabelled_round_before_redacting_it(env: Env, tmp_path: Path, column: str,
+                                                                 value: str) -> None:
+    """A round whose row names another policy version (or request, or outcome) than its audit
+    entry is refused before any redaction is chosen: relabelled to ``freeform``, alice's e-mail
+    would be written in clear."""
+    records = corpus(env)
+    relabelled = dataclasses.replace(records[0], **{column: value})
+    chosen: list[str] = []
+    redactor_for = env.redactor_for("acme")
+
+    def watching(record: ExportRecord) -> Redactor:
+        chosen.append(record.policy_id)
+        return redactor_for(record)
+
+    env.redactor_for = lambda tenant: watching  # type: ignore[method-assign]
+    out = tmp_path / "a.jsonl"
+    with pytest.raises(IntegrityError) as caught:
+        env.export("acme", [relabelled, *records[1:]], out)
+    assert "tenant acme, session alice, round 1: the stored round is the one audit entry 2 records" \
+        in caught.value.detail
+    assert f"its {column} is {value!r}" in caught.value.detail
+    assert chosen == [] and list(tmp_path.glob("a.jsonl*")) == [] and list(tmp_path.glob(".a.jsonl*")) == []
+
+
+def test_export_finds_the_entry_of_a_round_recorded_while_it_runs(env: Env, tmp_path: Path) -> None:
+    """A round committed after the export first read the chain is checked against its entry,
+    read then, not refused as unrecorded."""
+    records = corpus(env)
+
+    async def late() -> AsyncIterator[ExportRecord]:
+        for record in records:
+            yield record
+        yield env.add_round("acme", "bob", 2, [{"role": "user", "content": "late question"}], "freeform")
+
+    out = tmp_path / "a.jsonl"
+    manifest = asyncio.run(export_bundle(late(), out, tenant="acme", fmt="jsonl",
+                                         redactor_for=env.redactor_for("acme"), append_audit=_appender(env),
+                                         sign_head=_signer(env), iter_audit=_reader(env)))
+    assert manifest["records"]["count"] == 4
+    assert verify_bundle(out, env.signer.public_key_pem()).ok
+
+
+def _appender(env: Env):
+    async def append_audit(fields: dict) -> AuditRow:
+        return env.append("acme", fields)
+    return append_audit
+
+
+def _signer(env: Env):
+    async def sign_head() -> Checkpoint | None:
+        return await env.checkpointer.checkpoint_tenant("acme")
+    return sign_head
+
+
+def _reader(env: Env):
+    async def iter_audit(after_seq: int) -> AsyncIterator[AuditRow]:
+        for row in list(env.chains.get("acme", [])):
+            if row.seq > after_seq:
+                yield row
+    return iter_audit
 
 
 def test_erased_session_leaves_exports_verifiable(env: Env, tmp_path: Path) -> None:
@@ -410,3 +490,49 @@ def test_progress_is_drawn_only_on_a_terminal() -> None:
         progress.done()
     assert "exported 3 records" in tty.getvalue()
     assert pipe.getvalue() == ""
+
+
+# --------------------------------------------------------------------------- a live gateway
+
+
+SECRET_TEXT = "mail bob@corp.com card 4111 1111 1111 1111"
+
+
+def _relabel_to_unredacted(gateway) -> None:  # type: ignore[no-untyped-def]
+    """Record a round in ``plain1`` (policy ``default``: e-mail hashed, card masked) and relabel
+    its row to the ``multi-user-chat`` version (no redaction), as an operator with database
+    access can."""
+    import sqlite3
+
+    gateway.openai(session="plain1").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": SECRET_TEXT}])
+    with sqlite3.connect(gateway.db_path) as db:
+        (version,), = db.execute("SELECT hash FROM policy_versions WHERE policy_id='multi-user-chat'").fetchall()
+        (recorded,), = db.execute("SELECT policy_id FROM rounds WHERE session_id='plain1' AND seq=1").fetchall()
+        assert recorded == "default"
+        db.execute("UPDATE rounds SET policy_id='multi-user-chat', policy_hash=? WHERE session_id='plain1' AND seq=1",
+                   (version,))
+
+
+def test_a_round_relabelled_to_a_weaker_policy_is_not_exported(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``sessiongate export`` and ``/admin/export`` refuse a round whose row names another policy
+    version than its audit entry, naming session, round and column, and write nothing in clear."""
+    import httpx
+
+    from gateway import cli
+    from tests.conftest import AUDITOR_TOKEN
+
+    _relabel_to_unredacted(gateway)
+    out = tmp_path / "relabelled.jsonl"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["--config", str(gateway.config_path), "export", "--tenant", "acme", "--session", "plain1",
+                         "--out", str(out)])
+    assert code == 2, err.getvalue()
+    assert "tenant acme, session plain1, round 1" in err.getvalue()
+    assert "its policy_id is 'multi-user-chat' where the entry records 'default'" in err.getvalue()
+    assert "Traceback" not in err.getvalue() and list(tmp_path.glob("relabelled*")) == []
+    resp = httpx.get(f"{gateway.url}/admin/export", params={"tenant": "acme", "session": "plain1"},
+                     headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed"
+    assert b"bob@corp.com" not in resp.content and b"4111" not in resp.content

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import ACME_KEY, Upstream
 from tests.hostile.subprocess_gateway import served_gateway
+from tests.provider import Provider, provider  # noqa: F401
 
 LIMIT = 2048
 EXIT_BOUND = 5.0
@@ -119,3 +120,44 @@ def test_sigterm_lets_an_in_flight_round_commit(tmp_path: Path, upstream: Upstre
     with sqlite3.connect(tmp_path / "gw" / "gateway.db") as conn:
         rows = conn.execute("SELECT outcome FROM rounds WHERE tenant='acme' AND session_id='in-flight'").fetchall()
     assert rows == [("completed",)]
+
+
+def test_a_stream_cut_by_shutdown_is_recorded_with_what_the_client_got(tmp_path: Path,
+                                                                       provider: Provider) -> None:  # noqa: F811
+    """SIGTERM while a stream is held by the provider: after the grace the stream is cut, and
+    the round is stored incomplete with the reply text the client already has (it was stored
+    with none), ended by the shutdown."""
+    import threading
+
+    received: list[str] = []
+    got_some = threading.Event()
+    with served_gateway(tmp_path / "gw", provider.url, server={"shutdown_timeout": 0.5}) as gw:
+        def call() -> None:
+            with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30, headers={
+                    "Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": "cut-by-shutdown"},
+                    json={"model": "held", "stream": True, "messages": [{"role": "user", "content": "tell me"}]}) as r:
+                try:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            received.append(line)
+                            if '"content":"provider' in line.replace(" ", ""):
+                                got_some.set()
+                except httpx.HTTPError:
+                    pass
+
+        client = threading.Thread(target=call)
+        client.start()
+        assert got_some.wait(15), received
+        gw.stop(timeout=30)
+        client.join(10)
+    provider.release.set()
+    with served_gateway(tmp_path / "gw", provider.url) as again:
+        full = httpx.get(f"{again.url}/v1/sessions/cut-by-shutdown",
+                         headers={"Authorization": f"Bearer {ACME_KEY}"}, timeout=30).json()["full_context"]
+    assert full[0] == {"role": "user", "content": "tell me"}
+    assert full[1]["role"] == "assistant" and full[1]["content"].startswith("provider")
+    with sqlite3.connect(tmp_path / "gw" / "gateway.db") as conn:
+        outcomes = conn.execute("SELECT outcome FROM rounds WHERE session_id='cut-by-shutdown'").fetchall()
+        bodies = [b for (b,) in conn.execute("SELECT body FROM audit WHERE tenant='acme' ORDER BY seq")]
+    assert outcomes == [("incomplete",)]
+    assert any(b'"ended_by":"shutdown"' in b for b in bodies)

@@ -40,7 +40,7 @@ from gateway.console.auth import (
 from gateway.console.jobs import Counting, Job, JobProgress, Jobs
 from gateway.console.stats import DAYS_SHOWN, StatsCache
 from gateway.errors import GatewayError, Unauthorized
-from gateway.export import FORMATS, check_range
+from gateway.export import FORMATS, RoundLabels, check_range, record_columns
 from gateway.handlers import SERVICES, parse_time
 from gateway.redact import Redactor
 from gateway.stages.resolve_session import check_session_id
@@ -312,13 +312,22 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
     await _audit(request, tenant, {"event": "console_read", "session_id": sid,
                                    "detail": {"auditor": session.principal.name, "view": "session",
                                               **({"after_seq": after} if after else {})}})
-    redactors = await services.audit.redactors(services.sessions.store, services.policies.current, tenant)
+    store = services.sessions.store
+    redactors = await services.audit.redactors(store, services.policies.current, tenant)
+    labels = RoundLabels(lambda after_seq: store.iter_audit(tenant, after_seq=after_seq), session_id=sid)
     page: list[tuple[RoundRow, list[dict[str, Any]], Redactor]] = []
     more = False
     async for row, messages in services.sessions.decrypted_rounds(tenant, sid, after_seq=after):
         if len(page) == ROUNDS_PER_PAGE:
             more = True
             break
+        # the redaction follows the row's policy labels: they must be the ones its audit entry records
+        problem = await labels.problem(tenant=tenant, session_id=sid, seq=row.seq,
+                                       ciphertext_sha256=hashlib.sha256(row.ct).hexdigest(),
+                                       columns=record_columns(row), created_at=row.created_at)
+        if problem is not None:
+            log.error("integrity_error", path=request.path, detail=problem)
+            return _integrity_failure(request, session, tenant, sid, problem)
         page.append((row, messages, redactors(row)))
     if not page:
         return render(request, "error.html", status=404, session=session, title="No such session",
@@ -334,6 +343,16 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
         return render(request, "session.html", session=session, tenant=tenant, sid=sid, rounds=rounds, after=after,
                       more=more)
     return await asyncio.to_thread(rendered)
+
+
+def _integrity_failure(request: web.Request, session: ConsoleSession, tenant: str, sid: str,
+                       problem: str) -> web.Response:
+    """The page for a session whose stored rows the audit trail does not vouch for: none of its
+    rounds are shown (the redaction a round gets depends on the rows)."""
+    return render(request, "error.html", status=500, session=session, title="Session failed its integrity check",
+                  message=f"The stored data of session {sid!r} does not match the audit trail, so none of its rounds "
+                  f"are shown. What differs: {problem}. Verify tenant {tenant!r} from the overview for the full "
+                  "report; the operator restores the rows from a backup, or erases the session.")
 
 
 @signed_in

@@ -34,6 +34,8 @@ closed connection otherwise) — never a second status line. Upstream 4xx/5xx bo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -196,12 +198,13 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     ctx.response = out
     ctx.outcome = "incomplete"
     writing = True
+    pieces = reply.aiter_bytes()
     try:
         await out.prepare(ctx.request)  # the headers wait for the first events when they are here already
         if not reply.body_arrived:  # a provider that thinks before its first event: the headers go now
             await out.write(b"")
         writing = False
-        async for chunk in reply.aiter_bytes():
+        async for chunk in pieces:
             data = splitter.feed(chunk)
             if ctx.reply_id and swap is None and assembler.id:
                 swap = (assembler.id.encode(), ctx.reply_id.encode())
@@ -218,6 +221,9 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
                 writing = True
                 await out.write(b"")
                 writing = False
+            if splitter.done:  # the final event is here: what follows is the body's end, if anything
+                await _drain(reply, pieces)
+                break
         ctx.reply_truncated = assembler.truncated or splitter.oversized
         ended = splitter.done or assembler.finished
         if ended and not ctx.reply_truncated:  # the provider's own end, relayed after the commit
@@ -231,9 +237,30 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
         ctx.ended_by = "upstream"
     except (TimeoutError, OSError):
         ctx.ended_by = "client" if writing else "upstream"
-    ctx.reply_truncated = ctx.reply_truncated or assembler.truncated or splitter.oversized
-    ctx.event_open = splitter.open_end
-    ctx.error_relayed = assembler.errored
-    ctx.reply_message, ctx.reply_body = assembler.message(), assembler.response()
-    if ctx.reply_id and ctx.reply_body is not None:
-        ctx.reply_body["id"] = ctx.reply_id
+    except asyncio.CancelledError:  # the gateway is shutting down: the round settles with what came
+        ctx.ended_by = "shutdown"
+        raise
+    finally:  # also on cancellation, so the settled round keeps the reply the client already has
+        ctx.reply_truncated = ctx.reply_truncated or assembler.truncated or splitter.oversized
+        ctx.event_open = splitter.open_end
+        ctx.error_relayed = assembler.errored
+        ctx.reply_message, ctx.reply_body = assembler.message(), assembler.response()
+        if ctx.reply_id and ctx.reply_body is not None:
+            ctx.reply_body["id"] = ctx.reply_id
+
+
+DRAIN_SECONDS = 0.5
+"""How long a stream's end may follow its final event before the gateway stops waiting for it."""
+
+
+async def _drain(reply: UpstreamReply, pieces: AsyncIterator[bytes]) -> None:
+    """Read the rest of a stream whose final event has come: normally only the body's end,
+    already here (the connection then goes back to the pool). A provider that holds the
+    connection open after it, or breaks it off, costs that connection and at most
+    :data:`DRAIN_SECONDS`, never the round: the reply is whole."""
+    if reply.at_eof:
+        return
+    with contextlib.suppress(UpstreamError, TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in pieces:  # nothing comes after a final event but the end of the body
+                pass

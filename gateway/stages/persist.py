@@ -46,7 +46,7 @@ def audit_fields(ctx: Context) -> dict[str, object]:
         "reply_keys": policy.session.reply_keys if policy else None,
         "recorded": [role for role, text in (("user", ctx.user_text), ("assistant", ctx.reply_text)) if text],
         "bytes_in": len(ctx.raw),
-        "bytes_out": ctx.bytes_out or len(ctx.tail),
+        "bytes_out": ctx.reply_bytes,
         **({"truncated": True} if ctx.reply_truncated else {}),
     }
     if ctx.record_error:

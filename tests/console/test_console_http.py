@@ -270,3 +270,16 @@ def test_rendering_a_session_page_does_not_hold_up_model_requests(console_gatewa
         release.set()
         reader.join(30)
     assert got == [200]
+
+
+def test_a_round_relabelled_to_a_weaker_policy_is_not_shown(console_gateway: Gateway) -> None:
+    """A round whose row names another policy version than its audit entry (one that redacts
+    nothing) gets an integrity failure page, never the text its recording policy redacts."""
+    from tests.test_export import _relabel_to_unredacted
+
+    _relabel_to_unredacted(console_gateway)
+    page = signed_in_client(console_gateway).get("/console/sessions/acme/plain1")
+    assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
+    assert "Session failed its integrity check" in page.text
+    assert "session plain1, round 1" in page.text and "policy_id is &#39;multi-user-chat&#39;" in page.text
+    assert "bob@corp.com" not in page.text and "4111" not in page.text

@@ -104,9 +104,13 @@ def test_a_version_no_round_was_recorded_under_may_go(db_gateway: tuple[Gateway,
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 @pytest.mark.parametrize("column", ["created_at", "request_id", "outcome"])
 def test_a_bundle_exported_after_an_edit_fails_offline(gateway: Gateway, tmp_path: Path, fmt: str,
-                                                       column: str) -> None:
-    """The export reads the edited row and writes what it says; the bundle's own audit entries
-    record otherwise, and the offline check says which record and column."""
+                                                       column: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export refuses the edited row (``gateway.export.RoundLabels``); an exporter without
+    that check writes what the row says, the bundle's own audit entries record otherwise, and
+    the offline check says which record and column."""
+    from gateway.export import RoundLabels
+    from tests.evidence.conftest import run_cli
+
     tables = Tables("sqlite", gateway)
     record(gateway, "alice", 3)
     key = public_key(gateway, tmp_path)
@@ -115,6 +119,11 @@ def test_a_bundle_exported_after_an_edit_fails_offline(gateway: Gateway, tmp_pat
     assert verify_bundle(honest, key).ok
     tables.sql(EDITS[column][0])
     edited = tmp_path / f"edited.{fmt}"
+    code, _, err = run_cli("--config", str(gateway.config_path), "export", "--tenant", "acme", "--out", str(edited),
+                           "--format", fmt)
+    assert code == 2 and "tenant acme, session alice, round 2" in err and EDITS[column][1] in err, err
+    assert not edited.exists()
+    monkeypatch.setattr(RoundLabels, "checked", lambda self, records: records)
     export(gateway, edited, "--format", fmt)
     report = verify_bundle(edited, key)
     assert report.first_error is not None and report.first_error.kind == "record_relabelled", report

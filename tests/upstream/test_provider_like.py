@@ -346,3 +346,24 @@ def test_the_anthropic_sdk_gets_an_error_page_in_its_own_shape(
     assert failed.value.status_code == 502
     assert failed.value.body["type"] == "error"  # type: ignore[index]
     assert "HTML page titled" in failed.value.message
+
+
+@pytest.mark.parametrize("model", ["done-then-hold", "done-then-reset"])
+def test_a_stream_is_whole_at_its_final_event_whatever_the_connection_does_after(
+        make_gateway: Callable[..., Gateway], provider: Provider, model: str) -> None:  # noqa: F811
+    """A provider (or a proxy in front of it) that holds the connection open after ``[DONE]``,
+    or breaks it off there, has sent a whole reply: the client gets it, and its end, without
+    waiting for the connection (here longer than the upstream's read timeout), and the round is
+    recorded complete."""
+    gateway = connect(make_gateway, provider, "asked-gzip", read_timeout=3)
+    try:
+        stream = gateway.openai(session=model).chat.completions.create(
+            model=model, stream=True, messages=[user("all of it")])
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == "provider says: all of it "
+        assert not provider.released_by_test  # the provider still held the connection when the client was done
+    finally:
+        provider.release.set()
+    entry = [e for e in audit_entries(gateway) if e.get("event") == "round"][-1]
+    assert entry["outcome"] == "completed" and entry.get("ended_by") is None
+    assert exported(gateway, model)["full_context"][-1] == {"role": "assistant", "content": "provider says: all of it "}
