@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from gateway.audit import VerifyReport
+from gateway.errors import IntegrityError
 from gateway.export import Progress, bundle_paths
 from gateway.store.base import AuditRow
 
@@ -112,6 +113,9 @@ class Jobs:
             try:
                 await work(job)
                 job.status = "done"
+            except IntegrityError as exc:  # what differs names tenant, session, round and entry, never content
+                job.status, job.error = "failed", f"the stored data failed an integrity check: {exc.detail}"
+                log.error("console_job_failed", kind=kind, tenant=tenant, error="IntegrityError", detail=exc.detail)
             except Exception as exc:  # noqa: BLE001 - shown on the job page by type; details logged
                 job.status, job.error = "failed", type(exc).__name__
                 log.error("console_job_failed", kind=kind, tenant=tenant, error=type(exc).__name__)

@@ -283,3 +283,19 @@ def test_a_round_relabelled_to_a_weaker_policy_is_not_shown(console_gateway: Gat
     assert "Session failed its integrity check" in page.text
     assert "session plain1, round 1" in page.text and "policy_id is &#39;multi-user-chat&#39;" in page.text
     assert "bob@corp.com" not in page.text and "4111" not in page.text
+
+
+def test_an_export_of_a_relabelled_round_fails_saying_what_differs(console_gateway: Gateway) -> None:
+    """The console's export job of a relabelled round fails, and its page names session, round
+    and column, not only an exception's type."""
+    from tests.test_export import _relabel_to_unredacted
+
+    _relabel_to_unredacted(console_gateway)
+    client = signed_in_client(console_gateway)
+    csrf = login_csrf(client.get("/console/overview").text)
+    started = client.post("/console/export", data={"tenant": "acme", "session": "plain1", "format": "jsonl",
+                                                   "csrf": csrf}, headers={"Origin": console_gateway.url})
+    assert started.status_code == 303
+    page = wait_for(lambda: (lambda p: p if "It failed" in p.text else None)(client.get(started.headers["location"])))
+    assert "failed an integrity check" in page.text and "session plain1, round 1" in page.text, page.text
+    assert "bob@corp.com" not in page.text
