@@ -21,8 +21,10 @@ from gateway.auditor import AuditTrail
 from gateway.auth import Authenticator, check_single_headers
 from gateway.background import Background, Health
 from gateway.codecs import render_error
+from gateway.console.auth import COOKIE, form_limit
+from gateway.console.views import CONSOLE
 from gateway.context import Services
-from gateway.errors import ConfigError, GatewayError, IntegrityError, StoreUnavailable
+from gateway.errors import ConfigError, GatewayError, IntegrityError, PayloadTooLarge, StoreUnavailable
 from gateway.handlers import INTERNAL_ERROR, SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
@@ -70,10 +72,10 @@ async def error_middleware(request: web.Request,
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
         message = f"{request.method} {request.path} is not a sessiongate route" if exc.status in (404, 405) \
-            else exc.reason
+            else "the request body is over this route's limit" if exc.status == 413 else exc.reason
         return _refusal(request, {"message": message, "type": kind, "code": code}, exc.status)
     except RequestPayloadError as exc:
         log.info("bad_request_body", path=request.path, error=type(exc.__cause__ or exc).__name__)
@@ -90,6 +92,24 @@ async def error_middleware(request: web.Request,
     except Exception as exc:  # types and frames only: the failing code may have seen content
         log.error("unhandled_error", path=request.path, **exception_fields(exc))
         return _refusal(request, INTERNAL_ERROR["error"], 500)
+
+
+@web.middleware
+async def console_form_limit(request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """A console form post is read under the console's own limit (``console.auth.form_limit``),
+    not ``server.max_body_bytes``: a login form's worth until the browser has a live console
+    session, so nobody who has not signed in can make the gateway wait for, or hold, a large
+    body. Refused with 413 before the body is read when ``Content-Length`` is over it."""
+    if request.method == "POST" and request.path.startswith("/console/"):
+        console = request.app.get(CONSOLE)
+        signed_in = console is not None and console.sessions.get(request.cookies.get(COOKIE)) is not None
+        limit = form_limit(signed_in)
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"console form posts are at most {limit} bytes"
+                                  + ("" if signed_in else " before sign-in"))
+        request._client_max_size = limit  # what request.post() reads up to (aiohttp has no setter)
+    return await handler(request)
 
 
 def _refusal(request: web.Request, error: dict[str, str], status: int) -> web.Response:
@@ -232,7 +252,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Application:
     """The gateway app for *settings*; *tracing* replaces the configured tracing (tests)."""
-    app = web.Application(middlewares=[metrics_middleware, error_middleware],
+    app = web.Application(middlewares=[metrics_middleware, error_middleware, console_form_limit],
                           client_max_size=settings.server.max_body_bytes,
                           handler_args={"auto_decompress": False})  # parse_request.read_limited decodes bodies
     app[SETTINGS] = settings

@@ -10,13 +10,20 @@ What aiohttp does not do and this module adds, per connection (``GatewayProtocol
 - a **header timeout**: from accept (or the first byte of a keep-alive request) to the end of
   the request head. Past it a connection that sent part of a head gets 408, an empty one is
   closed; the keep-alive idle timeout stays aiohttp's own (``server.keepalive_timeout``);
-- a **body timeout**: idle between body chunks (``body_idle_timeout``) and in total
-  (``body_timeout``). A handler still reading the body gets ``RequestTimeout`` (408 in
-  OpenAI's shape, through the error middleware); the connection is then closed, never lingered;
+- a **body timeout**: idle between body chunks (``body_idle_timeout``), in total
+  (``body_timeout``), and a **rate floor** (``body_min_rate`` bytes/s once past
+  ``body_rate_grace``, as Apache's mod_reqtimeout ``MinRate``: the deadline is the grace plus
+  one second per ``body_min_rate`` bytes received), so a body dripped a byte at a time to beat
+  the idle timeout still ends. A handler still reading the body gets ``RequestTimeout`` (408 in
+  the route's error shape, through the error middleware); the connection is then closed, never
+  lingered;
 - a **connection cap** (``max_connections``, lowered to fit the open-file limit): at the cap
   the oldest connection with no request in progress (idle keep-alive, or still sending its
-  head) is closed to make room; when every connection is busy the new one gets 503 and is
-  closed. Both are counted (``sessiongate_connections_*`` in ``/metrics``);
+  head) is closed to make room; failing that, the connection whose body has arrived slowest
+  (bytes per second since its body began, at least ``EVICT_MIN_AGE`` ago) gets 408 and is
+  closed, so drippers holding every slot cannot keep a client out; only when every connection
+  is busy otherwise (its body complete: the gateway is working on it) does the new one get
+  503. All are counted (``sessiongate_connections_*`` in ``/metrics``);
 - **error rendering**: aiohttp's own refusals (bad request line, header too long, invalid
   characters, bad chunked framing...) are answered in OpenAI's error shape with a fixed
   message naming the kind of problem; nothing of the request is echoed or logged, and
@@ -71,8 +78,10 @@ class ConnectionStats:
     accepted: int = 0
     refused: int = 0
     evicted: int = 0
+    evicted_slow_bodies: int = 0
     header_timeouts: int = 0
     body_timeouts: int = 0
+    slow_bodies: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,11 +90,13 @@ class Limits:
     body_idle_timeout: float
     body_timeout: float
     max_connections: int
+    body_min_rate: int = 0
+    body_rate_grace: float = 0.0
 
     @classmethod
     def from_settings(cls, server: ServerSettings, max_connections: int | None = None) -> Limits:
         return cls(server.header_timeout, server.body_idle_timeout, server.body_timeout,
-                   max_connections or server.max_connections)
+                   max_connections or server.max_connections, server.body_min_rate, server.body_rate_grace)
 
 
 def _error_bytes(status: int, reason: str, message: str, kind: str, code: str,
@@ -149,6 +160,7 @@ class GatewayProtocol(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = False
         self._body: StreamReader | None = None
+        self._body_started = 0.0
         self._body_idle_deadline = 0.0
         self._body_deadline = 0.0
         self._body_timer: asyncio.TimerHandle | None = None
@@ -194,6 +206,26 @@ class GatewayProtocol(RequestHandler):
         self._cancel_timers()
         self.force_close()
 
+    def body_rate(self) -> float | None:
+        """Bytes per second this connection's request body has arrived at since it began, when
+        it may be evicted for it: a body still arriving, begun at least ``EVICT_MIN_AGE`` ago
+        (a request that just started is never the one closed). None otherwise."""
+        body = self._body
+        if (body is None or body.is_eof() or not self._request_in_progress or self._close or self._force_close
+                or self.transport is None):
+            return None
+        elapsed = self._loop.time() - self._body_started
+        return body.total_bytes / elapsed if elapsed >= EVICT_MIN_AGE else None
+
+    def evict_slow_body(self) -> None:
+        """Make room for a new connection at the cap: this one's body has been the slowest to
+        arrive. Its request gets 408; the connection closes (at the latest ``LINGERING_SECONDS``
+        on, should the handler not be reading the body)."""
+        self._gw.live.pop(self, None)
+        self._end_body(RequestTimeout("the request body arrived too slowly while the gateway was at its "
+                                      "connection limit; send the body as fast as the network allows"))
+        self._body_timer = self._loop.call_later(LINGERING_SECONDS, self.force_close)
+
     def _cancel_timers(self) -> None:
         for timer in (self._head_timer, self._body_timer):
             if timer is not None:
@@ -222,6 +254,7 @@ class GatewayProtocol(RequestHandler):
             if isinstance(payload, StreamReader) and not payload.is_eof():
                 now = loop.time()
                 self._body = payload
+                self._body_started = now
                 self._body_idle_deadline = now + self._limits.body_idle_timeout
                 self._body_deadline = now + self._limits.body_timeout
                 if self._body_timer is None:
@@ -267,8 +300,16 @@ class GatewayProtocol(RequestHandler):
             self.transport.write(HEADER_TIMEOUT_RESPONSE)
         self.evict()
 
+    def _rate_deadline(self) -> float:
+        """When the body falls under ``body_min_rate``: the grace, plus a second per
+        ``body_min_rate`` bytes received (never, with the floor off)."""
+        limits, body = self._limits, self._body
+        if not limits.body_min_rate or body is None:
+            return float("inf")
+        return self._body_started + limits.body_rate_grace + body.total_bytes / limits.body_min_rate
+
     def _next_body_deadline(self) -> float:
-        return min(self._body_idle_deadline, self._body_deadline)
+        return min(self._body_idle_deadline, self._body_deadline, self._rate_deadline())
 
     def _on_body_timer(self) -> None:
         self._body_timer = None
@@ -278,14 +319,27 @@ class GatewayProtocol(RequestHandler):
         if self._loop.time() < self._next_body_deadline():
             self._body_timer = self._loop.call_at(self._next_body_deadline(), self._on_body_timer)
             return
+        if self._rate_deadline() < min(self._body_idle_deadline, self._body_deadline):
+            self._gw.stats.slow_bodies += 1
+            log.info("body_too_slow", received=body.total_bytes, min_rate=self._limits.body_min_rate,
+                     grace_seconds=self._limits.body_rate_grace)
+            self._end_body(RequestTimeout(
+                "the request body arrived too slowly (the gateway's minimum body rate); send it without pauses"))
+            return
         self._gw.stats.body_timeouts += 1
         log.info("body_timeout", idle_seconds=self._limits.body_idle_timeout, total_seconds=self._limits.body_timeout)
+        self._end_body(RequestTimeout("the request body did not arrive in time; send it without pauses"))
+
+    def _end_body(self, exc: RequestTimeout) -> None:
+        """Stop reading the body in progress: the handler reading it gets *exc* (a 408 in the
+        route's shape) and the connection closes after it; with no handler, it closes now."""
+        body = self._body
         self._lingering_time = 0.0  # nothing more will be read from this connection
         self._body = None
+        self._cancel_timers()
         if self._request_in_progress:
-            # the handler reading it gets a 408 in OpenAI's shape; the connection closes after it
-            body.set_exception(RequestTimeout(
-                "the request body did not arrive in time; send it without pauses"))
+            if body is not None:
+                body.set_exception(exc)
             self.close()
         else:
             if self._task_handler is not None:
@@ -351,14 +405,27 @@ class GatewayServer(Server):
         return GatewayProtocol(self, limits=self.limits, loop=self._loop, **self._kwargs)
 
     def make_room(self) -> bool:
-        """Close the oldest connection that has no request in progress; False when all are busy."""
+        """Close the oldest connection that has no request in progress, or else the one whose
+        body is arriving slowest (``GatewayProtocol.body_rate``); False when every connection
+        is busy with a request the gateway itself is working on."""
         for conn in self.live:
             if conn.evictable:
                 conn.evict()
                 self.stats.evicted += 1
                 log.info("connection_evicted", open=len(self.live), limit=self.limits.max_connections)
                 return True
-        return False
+        slowest, lowest = None, float("inf")
+        for conn in self.live:
+            rate = conn.body_rate()
+            if rate is not None and rate < lowest:
+                slowest, lowest = conn, rate
+        if slowest is None:
+            return False
+        slowest.evict_slow_body()
+        self.stats.evicted_slow_bodies += 1
+        log.info("slow_body_evicted", bytes_per_second=round(lowest, 1), open=len(self.live),
+                 limit=self.limits.max_connections)
+        return True
 
 
 class ConnectionCollector:
@@ -375,7 +442,9 @@ class ConnectionCollector:
         family = CounterMetricFamily("sessiongate_connections_closed", "Connections closed or refused by the "
                                      "gateway's own limits, by reason", labels=("reason",))
         for reason, value in (("refused_at_cap", s.refused), ("evicted_at_cap", s.evicted),
-                              ("header_timeout", s.header_timeouts), ("body_timeout", s.body_timeouts)):
+                              ("slow_body_evicted_at_cap", s.evicted_slow_bodies),
+                              ("header_timeout", s.header_timeouts), ("body_timeout", s.body_timeouts),
+                              ("body_min_rate", s.slow_bodies)):
             family.add_metric((reason,), value)
         yield family
         yield CounterMetricFamily("sessiongate_connections_accepted", "Client connections accepted", value=s.accepted)

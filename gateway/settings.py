@@ -41,9 +41,14 @@ class ServerSettings(_Strict):
     header_timeout: float = Field(10.0, gt=0, description="seconds to receive a request's line and headers")
     body_idle_timeout: float = Field(30.0, gt=0, description="seconds a request body may pause between chunks")
     body_timeout: float = Field(300.0, gt=0, description="seconds to receive a whole request body")
+    body_min_rate: int = Field(500, ge=0, description="bytes per second a request body must average once past "
+                               "body_rate_grace (one more second per body_min_rate bytes received); slower "
+                               "ones get 408. 0 turns the floor off")
+    body_rate_grace: float = Field(20.0, gt=0, description="seconds a request body has before body_min_rate "
+                                   "applies")
     keepalive_timeout: float = Field(75.0, gt=0, description="seconds an idle keep-alive connection stays open")
     max_connections: int = Field(1024, gt=0, description="open client connections; at the cap idle ones are "
-                                 "closed first, then new ones get 503")
+                                 "closed first, then the slowest body still arriving, then new ones get 503")
     shutdown_timeout: float = Field(2.0, ge=0, description="seconds in-flight requests get to finish on shutdown")
 
 

@@ -29,7 +29,8 @@ def test_unknown_field_names_file_line_and_field() -> None:
         parse_settings(text, "conf.yaml")
     assert str(err.value) == ("conf.yaml:3:9: server.prot: unknown field 'prot'; did you mean 'port'? (allowed: "
                               "host, port, max_body_bytes, header_timeout, body_idle_timeout, body_timeout, "
-                              "keepalive_timeout, max_connections, shutdown_timeout)")
+                              "body_min_rate, body_rate_grace, keepalive_timeout, max_connections, "
+                              "shutdown_timeout)")
     assert (err.value.line, err.value.field) == (3, "server.prot")
 
 
@@ -109,3 +110,16 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
     missing = [f for f in fields(Settings) if f"`{f}`" not in reference]
     assert not missing, f"undocumented settings: {missing}"
+
+
+def test_body_rate_floor_defaults_and_bounds() -> None:
+    """``server.body_min_rate`` defaults to Apache's 500 bytes/s after a 20 s grace; 0 turns it off, a negative
+    rate or a grace of 0 is refused with the field named."""
+    server = parse_settings("server:\n  port: 80\n", "conf.yaml").server
+    assert (server.body_min_rate, server.body_rate_grace) == (500, 20.0)
+    assert parse_settings("server:\n  body_min_rate: 0\n", "conf.yaml").server.body_min_rate == 0
+    for text, field in (("server:\n  body_min_rate: -1\n", "server.body_min_rate"),
+                        ("server:\n  body_rate_grace: 0\n", "server.body_rate_grace")):
+        with pytest.raises(ConfigError) as err:
+            parse_settings(text, "conf.yaml")
+        assert field in str(err.value)

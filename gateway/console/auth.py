@@ -23,6 +23,13 @@ LOGIN_COOKIE = "sg_console_login"
 IDLE_SECONDS = 30 * 60
 MAX_SECONDS = 8 * 3600
 MAX_SESSIONS = 10_000
+MAX_LOGIN_FORM_BYTES = 8 * 1024
+"""The largest console form post accepted from a browser with no live console session: the
+sign-in form (a CSRF token and an auditor token) is a few hundred bytes, and nothing else is
+read before sign-in. Larger gets 413 before any of it is read, when ``Content-Length`` says so."""
+MAX_FORM_BYTES = 1024 * 1024
+"""The largest console form post of a signed-in auditor: the policy explainer's request and
+reply (JSON pasted into the form) are the only large fields."""
 
 
 @dataclass(slots=True)
@@ -89,3 +96,8 @@ def same_origin(request: web.Request) -> bool:
 
 def token_matches(expected: str, given: object) -> bool:
     return isinstance(given, str) and bool(given) and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def form_limit(signed_in: bool) -> int:
+    """The body limit of a console form post (:data:`MAX_LOGIN_FORM_BYTES` before sign-in)."""
+    return MAX_FORM_BYTES if signed_in else MAX_LOGIN_FORM_BYTES
