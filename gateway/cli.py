@@ -213,8 +213,14 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         if args.action == "list":
             after = check_session_id(args.after) if args.after else None
             rows = await svc.page_sessions(tenant, after=after, limit=args.limit + 1)
+            quarantined = await svc.store.quarantined(tenant)
             for s in rows[: args.limit]:
-                print(f"{s.session_id}\trounds={s.rounds}\tversion={s.version}")
+                mark = f"\tquarantined (audit entry {quarantined[s.session_id]})" if s.session_id in quarantined else ""
+                print(f"{s.session_id}\trounds={s.rounds}\tversion={s.version}{mark}")
+            if quarantined:
+                print(f"{len(quarantined)} quarantined session(s) of tenant {tenant}: their data failed an integrity "
+                      "check; 'sessiongate audit verify' says what differs, 'sessions release' or 'sessions erase' "
+                      "ends a quarantine", file=sys.stderr)
             if len(rows) > args.limit:
                 print(f"more sessions follow: add --after {rows[args.limit - 1].session_id}", file=sys.stderr)
         elif args.action == "export":

@@ -130,3 +130,22 @@ def test_a_history_file_the_gateway_refuses_names_the_file_and_the_line(gateway:
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"sessiongate: error: {where}"), result.stderr
         assert export(gateway, session).status_code == 404
+
+
+def test_list_marks_a_quarantined_session(gateway: Gateway) -> None:
+    """A session quarantined after a failed check is marked in ``sessions list``, with its entry,
+    and a note on stderr says what to do; the others are not."""
+    import sqlite3
+
+    for sid in ("q-a", "q-b"):
+        client = gateway.openai(session=sid)
+        for text in ("one", "two"):
+            client.chat.completions.create(model="standin", messages=[{"role": "user", "content": text}])
+    with sqlite3.connect(gateway.db_path) as db:
+        db.execute("DELETE FROM rounds WHERE tenant='acme' AND session_id='q-a' AND seq=1")
+    assert export(gateway, "q-a").status_code == 500  # the check on load quarantines it
+    listed = cli(gateway, "list", "--tenant", "acme")
+    assert listed.returncode == 0, listed.stderr
+    lines = dict(line.split("\t", 1) for line in listed.stdout.splitlines())
+    assert "\tquarantined (audit entry " in lines["q-a"] and "quarantined" not in lines["q-b"]
+    assert "1 quarantined session(s) of tenant acme" in listed.stderr

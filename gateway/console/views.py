@@ -39,7 +39,7 @@ from gateway.console.auth import (
 )
 from gateway.console.jobs import Counting, Job, JobProgress, Jobs
 from gateway.console.stats import DAYS_SHOWN, StatsCache
-from gateway.errors import GatewayError, Unauthorized
+from gateway.errors import GatewayError, IntegrityError, Unauthorized
 from gateway.export import FORMATS, RoundLabels, check_range, record_columns
 from gateway.handlers import SERVICES, parse_time
 from gateway.redact import Redactor
@@ -289,8 +289,10 @@ async def sessions_page(request: web.Request, session: ConsoleSession) -> web.St
                                                                   prefix=prefix, since=since, until=until)
         more = len(rows) > PAGE
         rows = rows[:PAGE]
+    quarantined = await request.app[SERVICES].sessions.store.quarantined(tenant) if tenant is not None else {}
     return render(request, "sessions.html", session=session, tenants=tenants, tenant=tenant, rows=rows, more=more,
-                  q=prefix, since=query.get("since", ""), until=query.get("until", ""), error=error)
+                  q=prefix, since=query.get("since", ""), until=query.get("until", ""), error=error,
+                  quarantined=quarantined)
 
 
 @signed_in
@@ -313,22 +315,33 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
                                    "detail": {"auditor": session.principal.name, "view": "session",
                                               **({"after_seq": after} if after else {})}})
     store = services.sessions.store
+    quarantine = (await store.read_session(tenant, sid)).quarantine
+    if quarantine is not None:  # its rows failed a check and no one has released it
+        return _quarantined(request, session, tenant, sid, quarantine)
+    try:  # the check the gateway runs when it loads a session (a failure quarantines it)
+        await services.sessions.check(tenant, sid, for_round=False)
+    except IntegrityError as exc:
+        log.error("integrity_error", path=request.path, detail=exc.detail)
+        return _integrity_failure(request, session, tenant, sid, exc)
     redactors = await services.audit.redactors(store, services.policies.current, tenant)
     labels = RoundLabels(lambda after_seq: store.iter_audit(tenant, after_seq=after_seq), session_id=sid)
     page: list[tuple[RoundRow, list[dict[str, Any]], Redactor]] = []
     more = False
-    async for row, messages in services.sessions.decrypted_rounds(tenant, sid, after_seq=after):
-        if len(page) == ROUNDS_PER_PAGE:
-            more = True
-            break
-        # the redaction follows the row's policy labels: they must be the ones its audit entry records
-        problem = await labels.problem(tenant=tenant, session_id=sid, seq=row.seq,
-                                       ciphertext_sha256=hashlib.sha256(row.ct).hexdigest(),
-                                       columns=record_columns(row), created_at=row.created_at)
-        if problem is not None:
-            log.error("integrity_error", path=request.path, detail=problem)
-            return _integrity_failure(request, session, tenant, sid, problem)
-        page.append((row, messages, redactors(row)))
+    try:
+        async for row, messages in services.sessions.decrypted_rounds(tenant, sid, after_seq=after):
+            if len(page) == ROUNDS_PER_PAGE:
+                more = True
+                break
+            # the redaction follows the row's policy labels: they must be the ones its audit entry records
+            problem = await labels.problem(tenant=tenant, session_id=sid, seq=row.seq,
+                                           ciphertext_sha256=hashlib.sha256(row.ct).hexdigest(),
+                                           columns=record_columns(row), created_at=row.created_at)
+            if problem is not None:
+                raise IntegrityError(problem)
+            page.append((row, messages, redactors(row)))
+    except IntegrityError as exc:  # a round that does not open, or whose labels are not its entry's
+        log.error("integrity_error", path=request.path, detail=exc.detail)
+        return _integrity_failure(request, session, tenant, sid, exc)
     if not page:
         return render(request, "error.html", status=404, session=session, title="No such session",
                       message=f"Tenant {tenant!r} has no recorded rounds in session {sid!r}"
@@ -346,13 +359,27 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
 
 
 def _integrity_failure(request: web.Request, session: ConsoleSession, tenant: str, sid: str,
-                       problem: str) -> web.Response:
+                       exc: IntegrityError) -> web.Response:
     """The page for a session whose stored rows the audit trail does not vouch for: none of its
-    rounds are shown (the redaction a round gets depends on the rows)."""
+    rounds are shown (the redaction a round gets depends on the rows). *exc*'s detail names
+    tenant, session, round and audit entry, never content."""
+    if getattr(exc, "key_unavailable", False):
+        return render(request, "error.html", status=500, session=session, title="Session cannot be read",
+                      message=f"The data key of session {sid!r} is wrapped by a master key the gateway's key file "
+                      f"lacks or has retired ({exc.detail}). The operator restores the key file.")
     return render(request, "error.html", status=500, session=session, title="Session failed its integrity check",
                   message=f"The stored data of session {sid!r} does not match the audit trail, so none of its rounds "
-                  f"are shown. What differs: {problem}. Verify tenant {tenant!r} from the overview for the full "
-                  "report; the operator restores the rows from a backup, or erases the session.")
+                  f"are shown. What differs: {exc.detail}. Verify tenant {tenant!r} from the overview for the full "
+                  "report; the operator restores the rows from a backup and releases the session, or erases it.")
+
+
+def _quarantined(request: web.Request, session: ConsoleSession, tenant: str, sid: str, reason: str) -> web.Response:
+    """The page for a quarantined session: its rows failed a check and no one has released it."""
+    return render(request, "error.html", status=500, session=session, title="Session quarantined",
+                  message=f"Session {sid!r} is quarantined: its stored data failed an integrity check ({reason}). "
+                  "None of its rounds are shown, and the gateway refuses every new round on it, until the operator "
+                  f"restores its rows and releases it ('sessiongate sessions release --tenant {tenant} {sid}') or "
+                  "erases it. Verify the tenant from the overview for the full report.")
 
 
 @signed_in

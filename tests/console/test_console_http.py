@@ -299,3 +299,33 @@ def test_an_export_of_a_relabelled_round_fails_saying_what_differs(console_gatew
     page = wait_for(lambda: (lambda p: p if "It failed" in p.text else None)(client.get(started.headers["location"])))
     assert "failed an integrity check" in page.text and "session plain1, round 1" in page.text, page.text
     assert "bob@corp.com" not in page.text
+
+
+def test_a_session_with_a_deleted_round_is_shown_as_failed_then_quarantined(console_gateway: Gateway) -> None:
+    """The session page runs the check on load: a deleted round gives an integrity failure page
+    (not a clean, shorter history); the session is then quarantined, the page says so, and the
+    sessions list marks it."""
+    with sqlite3.connect(console_gateway.db_path) as db:
+        db.execute("DELETE FROM rounds WHERE tenant='acme' AND session_id='console-a' AND seq=1")
+    client = signed_in_client(console_gateway)
+    page = client.get("/console/sessions/acme/console-a")
+    assert page.status_code == 500 and page.headers["content-type"].startswith("text/html"), page.text
+    assert "Session failed its integrity check" in page.text and "Rounds 2" not in page.text
+    assert "rounds were deleted, moved or added outside the gateway" in page.text
+    again = client.get("/console/sessions/acme/console-a")
+    assert again.status_code == 500 and "Session quarantined" in again.text and "Rounds 2" not in again.text
+    assert "sessions release --tenant acme console-a" in again.text
+    listing = client.get("/console/sessions", params={"tenant": "acme"}).text
+    row = next(line for line in listing.splitlines() if ">console-a</a>" in line)
+    assert "quarantined" in row
+
+
+def test_a_session_whose_round_does_not_open_gets_a_console_page(console_gateway: Gateway) -> None:
+    """An edited ciphertext gives the console's integrity failure page, not the API's raw JSON."""
+    with sqlite3.connect(console_gateway.db_path) as db:
+        (ct,), = db.execute("SELECT ct FROM rounds WHERE tenant='acme' AND session_id='console-a' AND seq=2")
+        edited = bytes(ct[:-1]) + bytes([ct[-1] ^ 1])
+        db.execute("UPDATE rounds SET ct=? WHERE tenant='acme' AND session_id='console-a' AND seq=2", (edited,))
+    page = signed_in_client(console_gateway).get("/console/sessions/acme/console-a")
+    assert page.status_code == 500 and page.headers["content-type"].startswith("text/html"), page.text
+    assert "Session failed its integrity check" in page.text and "integrity_check_failed" not in page.text
