@@ -42,7 +42,7 @@ from gateway import crypto, evidence
 from gateway.erasure import ErasureFinisher
 from gateway.errors import Conflict, GatewayError, IntegrityError, NotFound
 from gateway.keyring import Keyring
-from gateway.session.importing import hold_to_policy
+from gateway.session.importing import history_difference, hold_to_policy
 from gateway.session.model import (
     SYNC_STRATEGIES,
     Message,
@@ -459,8 +459,9 @@ class SessionService:
         await self.check(tenant, session_id, request_id)  # never import into a quarantined or altered session
         existing = await self.full_context(tenant, session_id)
         if full[: len(existing)] != existing:
-            raise Conflict(f"session '{session_id}' already holds a different history; recorded history is "
-                           "append-only, so DELETE the session first or import into a new id")
+            raise Conflict(f"session '{session_id}' already holds a different history: "
+                           f"{history_difference(existing, full)}; recorded history is append-only, so DELETE the "
+                           "session first or import into a new id")
         if policy is not None:
             state = hold_to_policy(full, state, policy, stored=existing)
         added = full[len(existing):]

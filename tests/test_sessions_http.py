@@ -68,14 +68,17 @@ def test_export_is_the_session_in_agently_form(acme: httpx.Client) -> None:
 
 
 def test_import_takes_agently_output_as_is(acme: httpx.Client, upstream: Upstream) -> None:
-    """The exact text of Agently's get_json_session() loads, exports back unchanged and steers the next turn."""
+    """The exact text of Agently's get_json_session() loads, exports back unchanged but for its
+    session_settings (the policy's apply, as after any round), and steers the next turn."""
     text = agently_json(id="from-agently", full_context=[user("q0"), assistant("a0"), user("q1"), assistant("a1")],
                         context_window=[user("q1"), assistant("a1")], memo="likes tea",
                         session_settings={"max_length": 12000, "input_keys": None, "reply_keys": None})
     resp = acme.put("/sessions/worker-7", content=text.encode(), headers={"Content-Type": "application/json"})
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"id": "worker-7", "imported_messages": 4}
-    assert acme.get("/sessions/worker-7").json() == {**json.loads(text), "id": "worker-7"}
+    assert acme.get("/sessions/worker-7").json() == {
+        **json.loads(text), "id": "worker-7", "session_settings": {"max_length": 12000, "input_keys": None,
+                                                                   "reply_keys": None}}
     chat(acme, "worker-7", "q2")
     assert upstream.requests[-1]["messages"] == [user("q1"), assistant("a1"),
                                                  user("[CHAT SESSION MEMO]:\nlikes tea\n\n[INPUT]:\nq2\n\n[OUTPUT]:")]

@@ -65,6 +65,35 @@ def _check_messages(messages: list[Message], field: str, policy: Policy, *, firs
                 f"line-separated key, of the whitelisted keys only ({listed})")
 
 
+STRUCTURE_KEYS = ("tool_calls", "tool_call_id", "reasoning", "is_error")
+
+
+def _bare(message: Message) -> Message:
+    """*message* as Agently keeps it: no tool structure, and no content as ``""``."""
+    bare = {key: value for key, value in message.items() if key not in STRUCTURE_KEYS}
+    if bare.get("content") is None:
+        bare["content"] = ""
+    return bare
+
+
+def history_difference(stored: list[Message], full_context: list[Message]) -> str:
+    """Where an imported ``full_context`` stops matching the recorded history, in words: the
+    first message that differs (and how), or that the document is shorter."""
+    for index, (old, new) in enumerate(zip(stored, full_context, strict=False)):
+        if old == new:
+            continue
+        lost = [key for key in STRUCTURE_KEYS if key in old and key not in new]
+        if lost and _bare(old) == _bare(new):
+            return (f"'full_context[{index}]' lacks the recorded {' and '.join(lost)}: Agently's Session keeps no "
+                    "tool calls, so import the gateway's own export of this session, not a copy that went through "
+                    "Agently")
+        what = "role" if old.get("role") != new.get("role") else "content" if old.get("content") != new.get(
+            "content") else "fields"
+        return f"'full_context[{index}]' differs from the recorded message in its {what}"
+    return (f"the document's full_context has {len(full_context)} messages and the session has recorded "
+            f"{len(stored)}: an import starts with the whole recorded history")
+
+
 def hold_to_policy(full_context: list[Message], state: SessionState, policy: Policy, *,
                    stored: list[Message] | None = None) -> SessionState:
     """Check an import against *policy* (see the module docstring); returns the state to store.
@@ -74,8 +103,8 @@ def hold_to_policy(full_context: list[Message], state: SessionState, policy: Pol
     stored = stored or []
     _check_structure(full_context, "full_context", policy, first=len(stored))
     _check_structure(state.context_window, "context_window", policy, stored=stored)
-    if not is_keyed(policy):
-        return state
+    if not is_keyed(policy):  # the settings are the policy's, whatever the document says (as a round sets them)
+        return replace(state, settings=dict(policy.session_settings))
     _check_messages(full_context, "full_context", policy, first=len(stored))
     _check_messages(state.context_window, "context_window", policy, stored=stored)
     if state.memo is not None and not memo_allowed(policy):

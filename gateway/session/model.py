@@ -675,6 +675,13 @@ def _messages(value: Any, name: str) -> list[Message]:
         content = m["content"]
         if content is not None and not isinstance(content, (str, list)):
             raise InvalidSession(f"'{name}[{i}].content' must be a string or a list of content parts")
+        if content is None and m.get("tool_calls") is None:
+            raise InvalidSession(f"'{name}[{i}].content' must be a string or a list of content parts (null only "
+                                 "on an assistant message with tool_calls)")
+        if m["role"] == "tool" and m.get("tool_call_id") is None:
+            raise InvalidSession(f"'{name}[{i}]' is a tool result without 'tool_call_id', which no provider takes "
+                                 "back (Agently's Session keeps no tool calls: import the gateway's own export of a "
+                                 "session with tool calls, not a copy that went through Agently)")
         message: Message = {"role": m["role"], "content": content}
         if m.get("tool_calls") is not None:
             if m["role"] != "assistant":

@@ -132,7 +132,7 @@ def everything_written(gw: Gateway) -> bytes:
     (session_doc([user(f"[input.intent]:\nrefund\n[input.ticket_id]:\n{CANARY}")]), "full_context[0]"),  # order
     (session_doc([user(GOOD_USER), assistant(f"{CANARY}")]), "full_context[1]"),
     (session_doc([{"role": "system", "content": CANARY}]), "full_context[0]"),
-    (session_doc([{"role": "tool", "content": GOOD_USER}]), "full_context[0]"),
+    (session_doc([{"role": "tool", "tool_call_id": "t1", "content": GOOD_USER}]), "full_context[0]"),
     (session_doc([user([{"type": "text", "text": CANARY}])]), "full_context[0]"),
     (session_doc([user(GOOD_USER)], context_window=[user(CANARY)]), "context_window[0]"),
     (session_doc([user(GOOD_USER)], memo=f"remember {CANARY}"), "memo"),

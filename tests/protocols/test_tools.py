@@ -495,3 +495,53 @@ def test_a_messages_request_without_tools_gets_the_window_without_tool_blocks(pg
              for m in sent]
     assert "weather?" in texts[0] and any("tool said: sunny" in t for t in texts)
     assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+
+
+# --- imports Agently's Session has been through ---------------------------------------------
+
+def _through_agently(document: Any) -> Any:
+    import orjson
+    from agently.core.session.Session import Session
+    return Session().load_json_session(orjson.dumps(document).decode()).to_serializable_session_data()
+
+
+@pytest.mark.parametrize("answered", [False, True])
+def test_a_tool_session_that_went_through_agently_is_refused_saying_why(gateway: Gateway, upstream: Upstream,
+                                                                       answered: bool) -> None:
+    """Agently's Session keeps no tool calls, so a tool session loaded into it and put back has
+    lost them: into its own id that was a bare 409, into a new id it was taken, and its windows
+    then sent a tool result with no id and an empty assistant turn the providers refuse. Now the
+    tool result without its id is a 400 naming the message, and a history that only lost its
+    calls is a 409 naming the message and why."""
+    import openai
+    upstream.calls_then_says(CALL, "It is sunny.")
+    client = gateway.openai(session="agently-trip")
+    client.chat.completions.create(model="m", tools=[TOOL], messages=[{"role": "user", "content": "weather?"}])
+    if answered:
+        client.chat.completions.create(model="m", tools=[TOOL], messages=[
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
+    copy = _through_agently(client.get("/sessions/agently-trip", cast_to=object))
+    for target in ("agently-trip", "agently-trip-2"):
+        if answered:
+            with pytest.raises(openai.BadRequestError, match=r"full_context\[2\]' is a tool result without"):
+                client.put(f"/sessions/{target}", body=copy, cast_to=object)
+        elif target == "agently-trip":
+            with pytest.raises(openai.ConflictError, match=r"full_context\[1\]' lacks the recorded tool_calls"):
+                client.put(f"/sessions/{target}", body=copy, cast_to=object)
+
+
+def test_an_import_is_refused_a_message_without_content_and_keeps_the_policys_settings(gateway: Gateway) -> None:
+    """``content: null`` on a message without tool calls was taken (the model was then sent the
+    text 'None', and the export was one Agently refuses); the document's ``session_settings``
+    were shown by the export until the next round, though the policy's apply."""
+    import openai
+    client = gateway.openai()
+    null = {"full_context": [{"role": "user", "content": None}]}
+    with pytest.raises(openai.BadRequestError, match=r"full_context\[0\]\.content' must be"):
+        client.put("/sessions/no-content", body=null, cast_to=object)
+    document = {"full_context": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                "session_settings": {"max_length": 5, "input_keys": ["secret"]}}
+    client.put("/sessions/with-settings", body=document, cast_to=object)
+    exported = client.get("/sessions/with-settings", cast_to=object)
+    assert exported["session_settings"]["max_length"] != 5  # type: ignore[index]
+    assert exported["session_settings"].get("input_keys") is None  # type: ignore[index]
