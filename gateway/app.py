@@ -15,6 +15,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from gateway import console, handlers
 from gateway.auditor import AuditTrail
@@ -24,7 +25,14 @@ from gateway.codecs import render_error
 from gateway.console.auth import COOKIE, form_limit
 from gateway.console.views import CONSOLE
 from gateway.context import Services
-from gateway.errors import ConfigError, GatewayError, IntegrityError, PayloadTooLarge, StoreUnavailable
+from gateway.errors import (
+    ConfigError,
+    ExpectationFailed,
+    GatewayError,
+    IntegrityError,
+    PayloadTooLarge,
+    StoreUnavailable,
+)
 from gateway.handlers import INTERNAL_ERROR, SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
@@ -55,6 +63,9 @@ async def error_middleware(request: web.Request,
     that names its credentials or session twice (``auth.check_single_headers``) is refused here,
     before any route reads them."""
     try:
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise ExpectationFailed("the Expect header is not supported: send 'Expect: 100-continue', or no Expect")
         check_single_headers(request.headers)
         return await handler(request)
     except GatewayError as exc:
@@ -74,8 +85,9 @@ async def error_middleware(request: web.Request,
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        message = f"{request.method} {request.path} is not a sessiongate route" if exc.status in (404, 405) \
-            else "the request body is over this route's limit" if exc.status == 413 else exc.reason
+        message = {404: "this path is not a sessiongate route: see the README for the routes it serves",
+                   405: "this route does not accept this method: see the README for the routes it serves",
+                   413: "the request body is over this route's limit"}.get(exc.status, exc.reason)
         return _refusal(request, {"message": message, "type": kind, "code": code}, exc.status)
     except RequestPayloadError as exc:
         log.info("bad_request_body", path=request.path, error=type(exc.__cause__ or exc).__name__)
@@ -110,6 +122,15 @@ async def console_form_limit(request: web.Request,
                                   + ("" if signed_in else " before sign-in"))
         request._client_max_size = limit  # what request.post() reads up to (aiohttp has no setter)
     return await handler(request)
+
+
+async def expect_continue(request: web.Request) -> None:
+    """Every route's ``Expect`` handler: ``Expect: 100-continue`` is answered as aiohttp does;
+    any other value is left to :func:`error_middleware`, which refuses it (417) in the route's
+    error shape, and the access log has it. aiohttp's own handler runs before any middleware
+    and answers 417 in plain text quoting the whole header value."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await _default_expect_handler(request)
 
 
 def _refusal(request: web.Request, error: dict[str, str], status: int) -> web.Response:
@@ -284,4 +305,6 @@ def build_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Appl
     r.add_get("/healthz", handlers.healthz)
     r.add_get("/readyz", handlers.readyz)
     r.add_get("/metrics", handlers.metrics)
+    for route in r.routes():  # the console's routes too; aiohttp takes a handler only per add_route call
+        route._expect_handler = expect_continue
     return app

@@ -18,6 +18,7 @@ content, keys or tokens.
     ├── RequestTimeout           408 invalid_request_error (a body that stopped arriving)
     ├── PayloadTooLarge          413 invalid_request_error (also after decompression)
     ├── UnsupportedEncoding      415 invalid_request_error (a Content-Encoding we cannot decode)
+    ├── ExpectationFailed        417 invalid_request_error (an Expect other than 100-continue)
     ├── ImportNotWhitelisted     422 invalid_request_error (an import the session's policy would not record)
     ├── NotWhitelisted           422 invalid_request_error (history outside the policy's whitelist)
     ├── IntegrityError           500 integrity_error (stored data failed an integrity check)
@@ -115,6 +116,22 @@ class NotWhitelisted(GatewayError):
 
 class UnsupportedEncoding(GatewayError):
     status, type, code = 415, "invalid_request_error", "unsupported_content_encoding"
+
+    def to_body(self) -> dict[str, dict[str, str]]:
+        """One fixed message: the header's value is the client's (a key pasted in the wrong place
+        would come back), so it is never quoted."""
+        return {"error": {"message": UNSUPPORTED_ENCODING_MESSAGE, "type": self.type, "code": self.code}}
+
+
+UNSUPPORTED_ENCODING_MESSAGE = ("the request's Content-Encoding is not one the gateway decodes: send the body "
+                                "uncompressed, or as gzip, deflate or zstd (at most 3 codings)")
+"""What a client is told for every :class:`UnsupportedEncoding`."""
+
+
+class ExpectationFailed(GatewayError):
+    """An ``Expect`` header other than ``100-continue`` (RFC 9110 §10.1.1). The value is never quoted."""
+
+    status, type, code = 417, "invalid_request_error", "expectation_failed"
 
 
 class RecordFailed(GatewayError):
