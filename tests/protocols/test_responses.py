@@ -111,10 +111,10 @@ def test_bad_input_gets_openai_error_shape(pgw: Gateway) -> None:
 
 
 def test_a_provider_response_id_is_a_forwarded_route(pgw: Gateway) -> None:
-    """GET of an id the gateway did not mint goes the forwarded-route way: refused (403) unless the
-    upstream's forward_routes allow ``responses``."""
+    """GET of an id the gateway did not mint goes the forwarded-route way when the upstream's
+    forward_routes allow ``responses``; otherwise it is a 404 saying where a response is."""
     r = httpx.get(f"{pgw.base_url}/responses/resp_provider123", headers={"Authorization": f"Bearer {ACME_KEY}"})
-    assert r.status_code == 403
+    assert r.status_code == 404
     assert "forward_routes" in r.json()["error"]["message"]
 
 
@@ -184,3 +184,16 @@ def test_cancelling_a_held_response_says_it_cannot_be(pgw: Gateway) -> None:
     assert refused.value.code == "response_not_cancellable"
     with pytest.raises(openai.NotFoundError):
         pgw.openai(key=GLOBEX_KEY).responses.cancel(held.id)
+
+
+def test_a_response_made_with_a_session_header_is_looked_up_with_a_clear_404(pgw: Gateway) -> None:
+    """A response made with X-Session-Id went upstream with store: false, so the provider holds
+    nothing: the SDK's retrieve of its id was a 403 telling the operator to allow the provider's
+    responses route, which could never find it. It is a 404 saying where the response is."""
+    client = pgw.openai(session="resp-lookup")
+    made = client.responses.create(model="gpt-4o-mini", input="hello")
+    for call in (lambda: client.responses.retrieve(made.id), lambda: client.responses.input_items.list(made.id),
+                 lambda: client.responses.delete(made.id)):
+        with pytest.raises(openai.NotFoundError) as caught:
+            call()
+        assert "GET /v1/sessions/" in str(caught.value)
