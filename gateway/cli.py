@@ -487,7 +487,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return _fail(f"the primary key {primary.id} is only {age:.0f} s old: running gateways may still wrap new "
                          f"sessions under {args.key_id}; retry in {RETIRE_GRACE_SECONDS} s (or pass --force)")
         kr.retire(provider, args.key_id, in_use=in_use)
-        print(f"retired {args.key_id}: it can no longer unwrap data keys")
+        print(f"retired {args.key_id}: its key bytes are destroyed in {provider.describe()}, so data keys it "
+              "wrapped (erased sessions' keys in old WAL, replicas and database backups) can no longer be "
+              "unwrapped with this file. Copies of the key file from before now (key file backups, "
+              "'sessiongate backup' folders) still hold it: destroy those too")
         return 0
     return _fail(f"unknown keys action {args.action}")
 

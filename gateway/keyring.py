@@ -5,7 +5,13 @@ Master keys. Each has an id (``mk-20261122-a1b2``), 32 key bytes and a state:
 
 - ``primary``  wraps every new data key; exactly one key is primary;
 - ``active``   an earlier primary, kept decrypt-only to unwrap the data keys it still wraps;
-- ``retired``  no data key depends on it any more; unwrapping with it is refused.
+- ``retired``  no data key depends on it any more, and its bytes are destroyed: the key file
+               keeps only its id, state and creation time (so ``keys list`` and errors can name
+               it), never its ``key``. Retiring is what makes an erasure final in copies the
+               gateway cannot reach (PostgreSQL WAL, replicas, database backups): a data key
+               wrapped by a retired key can no longer be unwrapped by anyone holding today's key
+               file. Copies of the key file made *before* the retirement still hold the bytes;
+               the operator destroys them too.
 
 Wrapped data keys. :meth:`Keyring.wrap` returns ``(kek_id, wrapped)`` where ``wrapped`` is
 ``version (1 byte, = 1) | nonce (12) | AES-256-GCM(data key) + tag (16)``, 61 bytes. The
@@ -33,6 +39,10 @@ The JSON document, for both local providers::
 
     {"version": 1, "keys": [{"id": "mk-20261122-a1b2", "key": "<base64 of 32 bytes>",
                              "state": "primary", "created_at": "2026-11-22T10:00:00Z"}]}
+
+A retired key's entry has no ``key``; one written by an older gateway still may, and its bytes
+are dropped as it is read and from the file at the next save (``keys retire`` of an already
+retired key saves the file again for that).
 
 Errors. A bad source raises ``ConfigError`` naming the file (or ``$VARIABLE``) and field; a
 refused operation raises ``ConfigError`` naming the key; a data key that cannot be unwrapped
@@ -80,7 +90,8 @@ _U32 = struct.Struct(">I")
 
 @dataclass(frozen=True, slots=True)
 class MasterKey:
-    """One master key. ``key`` is left out of ``repr``; ``created_at`` is Unix time."""
+    """One master key. ``key`` is left out of ``repr`` and empty for a retired key (destroyed);
+    ``created_at`` is Unix time."""
 
     id: str
     key: bytes = dataclasses.field(repr=False)
@@ -91,7 +102,9 @@ class MasterKey:
         if not _KEY_ID.fullmatch(self.id):
             raise ValueError(f"master key id {self.id!r} must be 1-64 of A-Z a-z 0-9 . _ - "
                              "and start with a letter or digit")
-        if len(self.key) != KEY_LEN:
+        if self.state == "retired" and not self.key:
+            pass  # destroyed
+        elif len(self.key) != KEY_LEN:
             raise ValueError(f"master key {self.id!r} must be {KEY_LEN} bytes, got {len(self.key)}")
         if self.state not in STATES:
             raise ValueError(f"master key {self.id!r} has state {self.state!r}; "
@@ -261,6 +274,8 @@ def _parse_key(entry: Any, where: str, field: str) -> MasterKey:
     if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
         raise ConfigError("must be 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit",
                           file=where, field=f"{field}.id")
+    if state == "retired":  # destroyed: an older file's bytes are not kept, even in memory
+        return MasterKey(key_id, b"", state, _parse_time(entry.get("created_at"), where, f"{field}.created_at"))
     if not isinstance(encoded, str):
         raise ConfigError("must be a base64 string", file=where, field=f"{field}.key")
     try:
@@ -301,7 +316,8 @@ def parse_key_document(text: str, where: str) -> list[MasterKey]:
 def dump_key_document(keys: list[MasterKey]) -> bytes:
     """The keyring JSON for ``keys`` (UTF-8, indented, trailing newline)."""
     doc = {"version": FORMAT_VERSION, "keys": [
-        {"id": key.id, "key": base64.b64encode(key.key).decode(), "state": key.state,
+        {"id": key.id, **({"key": base64.b64encode(key.key).decode()} if key.state != "retired" else {}),
+         "state": key.state,
          "created_at": datetime.fromtimestamp(key.created_at, UTC).isoformat().replace("+00:00", "Z")}
         for key in keys
     ]}
@@ -345,11 +361,25 @@ def _write_temp(path: Path, data: bytes) -> Path:
     return Path(name)
 
 
+def _zero(fd: int) -> None:
+    """Overwrite the whole file open at *fd* with zeros, in place, and fsync it."""
+    size = os.fstat(fd).st_size
+    os.lseek(fd, 0, os.SEEK_SET)
+    written = 0
+    while written < size:
+        written += os.write(fd, bytes(min(size - written, 1 << 16)))
+    os.fsync(fd)
+
+
 class FileKeyProvider:
     """Master keys in a JSON key file that only its owner may read (mode 0600).
 
     ``load`` raises ``ConfigError`` naming the file when it is missing, unreadable, invalid, or
-    open to group or others; ``save`` replaces it atomically with a new 0600 file.
+    open to group or others; ``save`` replaces it atomically with a new 0600 file, then
+    overwrites the old file's bytes with zeros (through a descriptor opened before the
+    replacement, so no other file is touched): a retired key's bytes do not stay in the freed
+    blocks of a filesystem that writes in place (a copy-on-write filesystem or an SSD's
+    wear-levelling may still keep old blocks; see the README).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -384,11 +414,21 @@ class FileKeyProvider:
         _make_private_dirs(self.path.parent)
         tmp = _write_temp(self.path, dump_key_document(keys))
         try:
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.path.parent)
+            old: int | None = os.open(self.path, os.O_WRONLY)
+        except OSError:  # no file yet, or one its owner made read-only: nothing to overwrite
+            old = None
+        try:
+            try:
+                os.replace(tmp, self.path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.path.parent)
+            if old is not None:
+                _zero(old)
+        finally:
+            if old is not None:
+                os.close(old)
 
 
 class EnvKeyProvider:
@@ -452,10 +492,11 @@ def rotate(provider: KeyProvider) -> MasterKey:
 
 
 def retire(provider: KeyProvider, key_id: str, *, in_use: int) -> MasterKey:
-    """Mark ``key_id`` retired; ``in_use`` is how many stored data keys it still wraps.
+    """Retire ``key_id`` and destroy its bytes: the saved key file keeps its id, state and time
+    only (see the module docstring). ``in_use`` is how many stored data keys it still wraps.
 
     Raises ``ConfigError`` when the key is unknown, is the primary, or still wraps data keys.
-    Retiring a retired key changes nothing.
+    Retiring a retired key saves the file again, which drops bytes an older gateway left there.
     """
     keys = provider.load()
     where = provider.describe()
@@ -463,12 +504,13 @@ def retire(provider: KeyProvider, key_id: str, *, in_use: int) -> MasterKey:
     if found is None:
         raise ConfigError(f"no master key {key_id!r}; see `sessiongate keys list`", file=where)
     if found.state == "retired":
+        provider.save(keys)
         return found
     if found.state == "primary":
         raise ConfigError("is the primary key; run `sessiongate keys rotate` first", file=where, field=key_id)
     if in_use > 0:
         raise ConfigError(f"still wraps {in_use} data key(s); finish re-wrapping them (after "
                           "`sessiongate keys rotate`) before retiring it", file=where, field=key_id)
-    retired = dataclasses.replace(found, state="retired")
+    retired = dataclasses.replace(found, state="retired", key=b"")
     provider.save([retired if key.id == key_id else key for key in keys])
     return retired

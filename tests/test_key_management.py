@@ -11,6 +11,7 @@ key is an integrity error for its session alone.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import sqlite3
@@ -277,3 +278,38 @@ def test_keys_commands_never_print_key_bytes(gateway: Gateway, action: str) -> N
     assert primary(gateway.dir / "master-keys.json") in result.stdout
     keys = json.loads((gateway.dir / "master-keys.json").read_text())["keys"]
     assert not any(key["key"] in result.stdout + result.stderr for key in keys)
+
+
+def test_a_backup_from_before_an_erasure_stays_unreadable_with_todays_key_file(tmp_path: Path,
+                                                                               upstream: Upstream) -> None:
+    """After erase, rotate and `keys retire`, a database copy taken before the erasure holds the
+    erased session's data key wrapped by the retired key; today's key file no longer holds that
+    key's bytes (turning its state back to active gives an invalid file), so the copy stays
+    unreadable."""
+    directory = tmp_path / "gw"
+    directory.mkdir()
+    shutil.copytree(REPO / "policies", directory / "policies")
+    config = write_config(directory, upstream.url, directory / "policies")
+    assert cli_at(config, "keys", "generate").returncode == 0
+    record(directory, ["erased", "kept"])
+    shutil.copy(directory / "gateway.db", tmp_path / "before-erasure.db")
+    provider = kr.FileKeyProvider(directory / "master-keys.json")
+    old = primary(provider.path)
+    old_bytes = next(key.key for key in provider.load() if key.id == old)
+    assert cli_at(config, "sessions", "erase", "--tenant", "acme", "erased").returncode == 0
+    assert cli_at(config, "keys", "rotate").returncode == 0
+    retired = cli_at(config, "keys", "retire", old, "--force")
+    assert retired.returncode == 0, retired.stderr
+    assert "destroyed" in retired.stdout and "backups" in retired.stdout
+
+    text = provider.path.read_text()
+    assert base64.b64encode(old_bytes).decode() not in text
+    with closing(sqlite3.connect(tmp_path / "before-erasure.db")) as conn:
+        kek_id, = conn.execute("SELECT kek_id FROM data_keys WHERE session_id='erased'").fetchone()
+    assert kek_id == old
+    flipped = tmp_path / "flipped.json"
+    flipped.write_text(text.replace('"retired"', '"active"'))
+    flipped.chmod(0o600)
+    with pytest.raises(kr.ConfigError, match="key"):
+        kr.FileKeyProvider(flipped).load()
+    assert old not in {key.id for key in provider.load() if key.key}

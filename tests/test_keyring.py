@@ -287,3 +287,44 @@ def test_file_round_trip_preserves_keys(key_file: Path) -> None:
     reloaded = provider.load()
     assert [(k.id, k.key, k.state) for k in reloaded] == [(k.id, k.key, k.state) for k in keys]
     assert [round(k.created_at, 3) for k in reloaded] == [round(k.created_at, 3) for k in keys]
+
+
+def test_retire_destroys_the_key_bytes_in_the_file(key_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retired key keeps its id, state and time in the key file, never its bytes: the file is
+    replaced atomically (0600) and the old file's content is overwritten with zeros."""
+    provider = FileKeyProvider(key_file)
+    old_id = Keyring.from_provider(provider).primary_id
+    old_bytes = next(key.key for key in provider.load() if key.id == old_id)
+    new = rotate(provider)
+    before = key_file.with_name("same-inode-as-before")
+    os.link(key_file, before)  # the file as it was, by its inode (what a scrub must reach)
+    retire(provider, old_id, in_use=0)
+
+    text = key_file.read_text()
+    entries = {entry["id"]: entry for entry in json.loads(text)["keys"]}
+    assert entries[old_id]["state"] == "retired" and "key" not in entries[old_id]
+    assert base64.b64encode(old_bytes).decode() not in text and entries[new.id]["state"] == "primary"
+    assert _mode(key_file) == 0o600
+    assert set(before.read_bytes()) == {0}  # the replaced file's bytes were zeroed in place
+    keyring = Keyring.from_provider(provider)
+    dk = new_data_key()
+    kek_id, wrapped = keyring.wrap(dk)
+    assert keyring.state(old_id) == "retired" and kek_id == new.id and keyring.unwrap(kek_id, dk.id, wrapped) == dk
+    monkeypatch.setenv("SG_TEST_FLIPPED", text.replace('"retired"', '"active"'))
+    with pytest.raises(ConfigError, match=r"keys\[0\]\.key"):  # no bytes to bring back by editing the state
+        EnvKeyProvider("SG_TEST_FLIPPED").load()
+
+
+def test_retiring_again_drops_bytes_an_older_gateway_left(key_file: Path) -> None:
+    """A key file whose retired entry still holds bytes (written before retiring destroyed them)
+    loses them when the key is retired again; they are not kept in memory meanwhile."""
+    provider = FileKeyProvider(key_file)
+    old = new_master_key("retired")
+    doc = json.loads(key_file.read_text())
+    doc["keys"].append({"id": old.id, "key": base64.b64encode(old.key).decode(), "state": "retired",
+                        "created_at": "2026-01-01T00:00:00Z"})
+    key_file.write_text(json.dumps(doc))
+    assert next(key for key in provider.load() if key.id == old.id).key == b""
+    retire(provider, old.id, in_use=0)
+    assert base64.b64encode(old.key).decode() not in key_file.read_text()
+    assert Keyring.from_provider(provider).state(old.id) == "retired"
