@@ -32,7 +32,8 @@ Python one on a whim of the input. A body over a bound is not structure: it stay
 parse error, of any type, escapes; ``parse_*`` never raise on client text.
 
 Structured reply: ``data`` is the content parsed as JSON (whole content, else the first
-```` ```json ```` fenced block, else the first fenced block). Tool calls are reachable as
+```` ```json ```` fenced block, else the first fenced block, else a JSON block in the text, as
+Agently finds it: ``parse_reply_json``). Tool calls are reachable as
 ``tool_calls[i].id / .type / .function.name / .function.arguments.<x>`` (arguments parsed from
 their JSON string when they parse): a key not found in ``data`` is looked up in
 ``{"tool_calls": [...]}``. JSONPath reply keys run on the raw chat.completion body (or, when
@@ -366,7 +367,10 @@ def fenced_blocks(text: str) -> list[tuple[str, str]]:
 
 
 def parse_reply_json(text: str | None) -> Any:
-    """The reply content as JSON (whole, else a ```json fenced block, else the first fenced block)."""
+    """The reply content as JSON, found as Agently's parser finds it: the whole content, else a
+    ```` ```json ```` fenced block, else the first fenced block, else a ``{...}``/``[...]`` block
+    in the text (:func:`json_blocks`: the one the text starts with, or else the last of them that
+    parses), each read as JSON or else as JSON5 (a trailing comma, single quotes)."""
     if not text:
         return _MISSING
     value = _load_json(text)
@@ -378,7 +382,65 @@ def parse_reply_json(text: str | None) -> Any:
         value = _load_json(body)
         if value is not _MISSING:
             return value
+    budget = ParseBudget()
+    found = json_blocks(text)
+    if text.lstrip()[:1] in ("{", "["):
+        found = found[:1]  # Agently reads a text that starts with JSON as that JSON, whatever follows
+    for block in reversed(found):
+        value = _load_json(block, budget)
+        if value is _MISSING and budget.spend(_ATTEMPT_UNITS):
+            value = _load_json5(block, budget)
+        if value is not _MISSING:
+            return value
     return _MISSING
+
+
+_JSON_MARKS = re.compile(r'[{}\[\]"\\]')
+MAX_JSON_BLOCKS = 16
+
+
+def json_blocks(text: str) -> list[str]:
+    """The outermost balanced ``{...}`` and ``[...]`` blocks of *text*, in order (brackets
+    inside JSON strings do not count), at most :data:`MAX_JSON_BLOCKS`: where Agently's
+    ``DataLocator`` looks for the JSON in a reply with text around it. One pass, skipping from
+    one bracket or quote to the next."""
+    blocks: list[str] = []
+    depth, start, quoted, escaped = 0, 0, False, False
+    for mark in _JSON_MARKS.finditer(text):
+        char, at = mark.group(), mark.start()
+        if quoted:
+            if escaped and at == escaped:
+                escaped = False
+                continue
+            if char == "\\":
+                escaped = at + 1  # the next character is escaped: skip it if it is a mark
+            elif char == '"':
+                quoted = False
+            continue
+        if depth and char == '"':
+            quoted, escaped = True, False
+        elif char in "{[":
+            if not depth:
+                start = at
+            depth += 1
+        elif char in "}]" and depth:
+            depth -= 1
+            if not depth:
+                blocks.append(text[start:at + 1])
+                if len(blocks) == MAX_JSON_BLOCKS:
+                    break
+    return blocks
+
+
+def _load_json5(text: str, budget: ParseBudget) -> Any:
+    """*text* read as JSON5 (an object or array within the bounds), else MISSING."""
+    from gateway.session.lenient_json import loads_json5
+
+    try:
+        value = loads_json5(text)
+    except Exception:  # noqa: BLE001 - any failure is "not JSON5": client text never raises here
+        return _MISSING
+    return value if isinstance(value, (dict, list)) and _fits(value, budget) else _MISSING
 
 
 def _tool_call_view(call: Any) -> Any:

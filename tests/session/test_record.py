@@ -255,6 +255,33 @@ def test_fenced_json_replies_are_parsed() -> None:
     assert render_reply(keys("summary"), prefer_json) == "[summary]:\nu"
 
 
+AGENTLY_READS = [
+    '{"resolution": "refund", "risk_level": 1} Let me know if you need anything else.',
+    'Here you go: {"resolution": "refund", "risk_level": 2}',
+    '{"resolution": "refund", "risk_level": 3,}',
+    "Sure! {'resolution': 'refund', 'risk_level': 4} Anything else?",
+    'Result:\n{"resolution": "a } in a string", "risk_level": 5}\nDone.',
+    '[{"resolution": "x", "risk_level": 6}] trailing words',
+]
+
+
+@pytest.mark.parametrize("text", AGENTLY_READS)
+def test_a_reply_with_json_in_it_is_read_as_agently_reads_it(text: str) -> None:
+    """JSON with text before or after it, or written as JSON5 (a trailing comma, single quotes),
+    is what Agently's ``get_data()`` reads, and what its session records under reply keys: it
+    was recorded as nothing, so the next turn's window lost the reply the client acted on."""
+    from agently.core.model.StructuredOutputParser import parse_json_output
+
+    from gateway.session.record import parse_reply_json
+    schema = {"resolution": (str,), "risk_level": (int,)}
+    agently = parse_json_output(text, [schema] if text.lstrip().startswith("[") else schema, lambda _: None)[1]
+    assert parse_reply_json(text) == agently
+    data = agently[0] if isinstance(agently, list) else agently
+    if isinstance(data, dict) and not text.lstrip().startswith("["):
+        assert render_reply(keys("resolution", "risk_level"), reply(text)) == (
+            f"[resolution]:\n{data['resolution']}\n[risk_level]:\n{data['risk_level']}")
+
+
 def test_non_json_reply_records_nothing_for_reply_keys() -> None:
     """With reply keys, a reply that is not JSON records no assistant message."""
     assert render_reply(keys("summary"), reply("just words {not json}")) is None
