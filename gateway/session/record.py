@@ -405,12 +405,11 @@ def json_blocks(text: str) -> list[str]:
     ``DataLocator`` looks for the JSON in a reply with text around it. One pass, skipping from
     one bracket or quote to the next."""
     blocks: list[str] = []
-    depth, start, quoted, escaped = 0, 0, False, False
+    depth, start, quoted, escaped = 0, 0, False, -1
     for mark in _JSON_MARKS.finditer(text):
         char, at = mark.group(), mark.start()
         if quoted:
-            if escaped and at == escaped:
-                escaped = False
+            if at == escaped:
                 continue
             if char == "\\":
                 escaped = at + 1  # the next character is escaped: skip it if it is a mark
@@ -418,7 +417,7 @@ def json_blocks(text: str) -> list[str]:
                 quoted = False
             continue
         if depth and char == '"':
-            quoted, escaped = True, False
+            quoted = True
         elif char in "{[":
             if not depth:
                 start = at
