@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.diagnostics import Diagnostic, error_diagnostic, format_field, parse_yaml, yaml_diagnostic
+from gateway.diagnostics import Diagnostic, Marks, at, error_diagnostic, format_field, parse_yaml, yaml_diagnostic
 from gateway.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/sessiongate.yaml")
@@ -299,11 +299,43 @@ def parse_settings(text: str, source: str) -> Settings:
         settings = Settings.model_validate({**data, "source": source})
     except ValidationError as exc:
         findings += [error_diagnostic(source, marks, data, err, Settings) for err in exc.errors(include_url=False)]
+    if settings is not None:
+        findings += _credential_clashes(settings, source, marks)
     if findings or settings is None:
         first, *rest = sorted(findings, key=lambda d: (d.line or 0, d.column or 0))
         raise ConfigError(first.message, file=source, line=first.line, column=first.column,
                           field=first.field or None, also=[_plain(d) for d in rest])
     return settings
+
+
+def _credential_clashes(settings: Settings, source: str, marks: Marks) -> list[Diagnostic]:
+    """A client key or auditor token listed twice (the same SHA-256): authentication keeps one
+    entry per key, so the later would silently win and one tenant's traffic be recorded under
+    another's (or a client key be an auditor's token). A ``key_env`` client is compared by its
+    variable's key when the variable is set (unset, start-up refuses it anyway)."""
+    found: list[Diagnostic] = []
+    first: dict[str, tuple[str, str]] = {}  # digest -> (where it was first listed, whose)
+    entries: list[tuple[tuple[str | int, ...], str | None, str]] = []
+    for i, client in enumerate(settings.clients):
+        if client.key_sha256 is not None:
+            entries.append((("clients", i, "key_sha256"), client.key_sha256, f"tenant {client.tenant!r}"))
+        elif client.key_env and os.environ.get(client.key_env):
+            digest = hashlib.sha256(os.environ[client.key_env].encode()).hexdigest()
+            entries.append((("clients", i, "key_env"), digest, f"tenant {client.tenant!r}"))
+    for i, auditor in enumerate(settings.auditors):
+        entries.append((("auditors", i, "token_sha256"), auditor.token_sha256, "an auditor"))
+    for loc, listed, whose in entries:
+        if listed is None:
+            continue
+        if listed in first:
+            where, other = first[listed]
+            found.append(at(source, marks, loc, f"same key as {where} ({other}), listed here for {whose}: a client "
+                            "key or auditor token may be listed once (the gateway would take every request with it "
+                            "as this entry's, recording one tenant's traffic under another); give one of them a new "
+                            "key ('sessiongate clients new')"))
+        else:
+            first[listed] = (format_field(loc[:2]), whose)
+    return found
 
 
 def _plain(found: Diagnostic) -> str:

@@ -123,3 +123,50 @@ def test_body_rate_floor_defaults_and_bounds() -> None:
         with pytest.raises(ConfigError) as err:
             parse_settings(text, "conf.yaml")
         assert field in str(err.value)
+
+
+DUPLICATE_KEY = ("clients:\n"
+                 "  - name: acme-app\n"
+                 "    tenant: acme\n"
+                 "    key_sha256: " + "ab" * 32 + "\n"
+                 "  - name: globex-app\n"
+                 "    tenant: globex\n"
+                 "    key_sha256: " + "ab" * 32 + "\n")
+
+
+def test_a_client_key_listed_under_two_tenants_is_refused() -> None:
+    """The same key hash under two tenants would record one tenant's traffic under the other's:
+    the error names the file, the line and the field of the second entry, and the first."""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(DUPLICATE_KEY, "conf.yaml")
+    assert str(caught.value).startswith("conf.yaml:7:17: clients[1].key_sha256: same key as clients[0] "
+                                        "(tenant 'acme'), listed here for tenant 'globex'")
+
+
+def test_a_key_env_client_or_auditor_token_clashing_with_a_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client whose key_env holds another client's key, and an auditor token equal to a client
+    key, are refused the same way, each finding on its line."""
+    import hashlib
+
+    monkeypatch.setenv("SG_TEST_CLIENT_KEY", "sg-shared")
+    digest = hashlib.sha256(b"sg-shared").hexdigest()
+    text = ("clients:\n"
+            f"  - {{name: a, tenant: acme, key_sha256: {digest}}}\n"
+            "  - {name: b, tenant: globex, key_env: SG_TEST_CLIENT_KEY}\n"
+            "auditors:\n"
+            f"  - {{name: audit, token_sha256: {digest}}}\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, "conf.yaml")
+    message = str(caught.value)
+    assert "conf.yaml:3:" in message and "clients[1].key_env: same key as clients[0]" in message
+    assert "conf.yaml:5:" in message and "auditors[0].token_sha256: same key as clients[0]" in message
+
+
+def test_serve_refuses_a_client_key_listed_twice(tmp_path: Path) -> None:
+    """`serve` stops at start-up with the one-line error and no traceback."""
+    config = tmp_path / "dup.yaml"
+    config.write_text(DUPLICATE_KEY)
+    proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "dup.yaml:7:17: clients[1].key_sha256: same key as clients[0]" in proc.stderr
