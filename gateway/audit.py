@@ -78,7 +78,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.background import Backoff, Health
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, IntegrityError
 from gateway.store.base import AuditRow
 
 _log = structlog.get_logger("gateway.audit")
@@ -706,6 +706,24 @@ class ChainVerifier:
             self.report.first_error = VerifyError(seq=seq, kind=kind, message=message)
 
 
+class AlteredRow(IntegrityError):
+    """A stored row holds a value of a type the gateway never writes in its column (SQLite keeps
+    whatever an edit puts there: ``replace()`` on a blob gives text): the row was edited outside
+    the gateway. Raised by the stores as they read rows (``gateway.evidence.typed``); on a
+    session path it is an integrity failure like any other (quarantine), and verification
+    reports it as :attr:`kind` (one of :data:`ERROR_KINDS`) at entry :attr:`seq` (an audit row)
+    or for :attr:`session_id` and :attr:`round_seq`, naming the column in ``detail``."""
+
+    def __init__(self, detail: str, kind: str, *, seq: int | None = None, session_id: str | None = None,
+                 round_seq: int | None = None) -> None:
+        super().__init__(detail)
+        self.kind, self.seq, self.session_id, self.round_seq = kind, seq, session_id, round_seq
+
+    def error(self) -> VerifyError:
+        """What verification reports for it."""
+        return VerifyError(self.seq, self.kind, self.detail, session_id=self.session_id, round_seq=self.round_seq)
+
+
 def _sealed_seq(row: AuditRow) -> int | None:
     try:
         seq = orjson.loads(row.body)["seq"]
@@ -738,13 +756,16 @@ async def averify_chain(rows: AsyncIterable[AuditRow], *, tenant: str,
                         checkpoints: Iterable[Checkpoint] = (),
                         public_key: PublicKeyLike | None = None,
                         after_seq: int = 0, after_hash: str | None = GENESIS) -> VerifyReport:
-    """:func:`verify_chain` over an async iterator such as ``Store.iter_audit``."""
+    """:func:`verify_chain` over an async iterator such as ``Store.iter_audit``; a row the store
+    cannot read as an entry (:class:`AlteredRow`) is reported as ``edited`` at its seq."""
     verifier = ChainVerifier(tenant, checkpoints=checkpoints, public_key=public_key,
                              after_seq=after_seq, after_hash=after_hash)
     try:
         async for row in rows:
             if not verifier.feed(row):
                 break
+    except AlteredRow as exc:  # the next row could not be read as an entry: it was edited
+        verifier._fail(exc.seq, "edited", exc.detail)
     finally:
         await aclose(rows)
     return verifier.finish()

@@ -46,6 +46,14 @@ with tenant, session, round and audit entry. Memory holds one hash, one time and
 columns per live round of the tenant. Sessions recorded before bindings existed (no entry of
 theirs has ``state``) get their rounds checked but not their state, and a note says so.
 
+**Row types.** Both stores build every session read (:func:`current`) and every round and audit
+row they page through (:func:`typed`) here, checking that each value has the type the gateway
+writes in its column. SQLite keeps whatever an edit puts there (``replace()`` on a blob returns
+text), so a value of another type is a row edited outside the gateway: a session read gives
+:class:`Altered`, which the check on load fails (quarantine), and a paged row raises
+``gateway.audit.AlteredRow`` when reached, which verification reports naming the row and the
+column, instead of a ``TypeError`` wherever the value is used.
+
 **Quarantine.** A session that failed an integrity check is quarantined (``Changes.quarantine``
 and a ``quarantine`` audit entry); until an operator releases it (``sessiongate sessions
 release``, a ``release`` entry) or erases it, every request on it is refused with the same
@@ -59,15 +67,15 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
 from gateway import crypto
-from gateway.audit import VerifyError, aclose
+from gateway.audit import AlteredRow, VerifyError, aclose
 from gateway.errors import IntegrityError
 from gateway.store.base import AuditRow, Changes, Current, DataKeyRow, RoundRow, SessionRow
 
@@ -141,6 +149,139 @@ def _intern(value: str | None) -> str | None:
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- rows as the stores read them
+
+R = TypeVar("R")
+_NUMBER = (int, float)
+_COLUMNS: dict[type, tuple[tuple[str, type | tuple[type, ...]], ...]] = {
+    SessionRow: (("tenant", str), ("session_id", str), ("version", int), ("next_seq", int), ("state_ct", bytes),
+                 ("created_at", _NUMBER), ("updated_at", _NUMBER)),
+    DataKeyRow: (("tenant", str), ("session_id", str), ("dk_id", bytes), ("kek_id", str), ("wrapped", bytes),
+                 ("created_at", _NUMBER)),
+    RoundRow: (("tenant", str), ("session_id", str), ("seq", int), ("created_at", _NUMBER), ("request_id", str),
+               ("policy_id", str), ("policy_hash", str), ("outcome", str), ("kind", str), ("ct", bytes)),
+    AuditRow: (("tenant", str), ("seq", int), ("created_at", _NUMBER), ("body", bytes), ("prev_hash", str),
+               ("hash", str)),
+}
+"""Each row class's columns, in order, with the Python type the gateway writes there."""
+_TYPES = {cls: tuple(t for _, t in columns) for cls, columns in _COLUMNS.items()}
+_SESSION_TAIL, _KEY_TAIL, _AUDIT_TYPES = _TYPES[SessionRow][2:], _TYPES[DataKeyRow][2:], _TYPES[AuditRow]
+_TABLES = {SessionRow: "sessions", DataKeyRow: "data_keys", RoundRow: "rounds", AuditRow: "audit"}
+_TYPE_NAMES = {str: "text", bytes: "a blob", int: "an integer", float: "a number", type(None): "NULL"}
+
+
+def typed(cls: type[R], values: Sequence[Any]) -> R:
+    """``cls(*values)`` (a ``SessionRow``, ``DataKeyRow``, ``RoundRow`` or ``AuditRow`` as read
+    from its table), after checking that every value has the type the gateway writes in its
+    column. SQLite keeps whatever an edit puts in a column (``replace()`` on a blob gives text,
+    ``created_at='yesterday'`` stays text), so a value of another type is a row edited outside
+    the gateway: :class:`~gateway.audit.AlteredRow`, naming the row and the column, instead of a
+    ``TypeError`` wherever the value is used. Both stores read every row through this."""
+    if all(map(isinstance, values, _TYPES[cls])):
+        return cls(*values)
+    raise _altered(cls, values)
+
+
+def typed_or_altered(cls: type[R], records: Sequence[Sequence[Any]]) -> list[R | AlteredRow]:
+    """:func:`typed` of each record of a page, an altered one as its ``AlteredRow`` in its place
+    (a page reader raises it when it comes to it, after yielding the rows before it)."""
+    out: list[R | AlteredRow] = []
+    for values in records:
+        try:
+            out.append(typed(cls, values))
+        except AlteredRow as exc:
+            out.append(exc)
+    return out
+
+
+def _altered(cls: type, values: Sequence[Any]) -> AlteredRow:
+    names = dict(zip((name for name, _ in _COLUMNS[cls]), values, strict=False))
+    name, want = next((n, t) for (n, t), v in zip(_COLUMNS[cls], values, strict=False) if not isinstance(v, t))
+    want_name = _TYPE_NAMES[want[1] if isinstance(want, tuple) else want]
+    have = _TYPE_NAMES.get(type(names[name]), type(names[name]).__name__)
+    tenant, sid = names.get("tenant"), names.get("session_id")
+    seq = names.get("seq") if isinstance(names.get("seq"), int) else None
+    where = f"tenant {tenant}" if isinstance(tenant, str) else "a tenant"
+    if cls is AuditRow:
+        where += f", audit entry {seq}" if seq is not None else ", an audit entry"
+    else:
+        where += f", session {sid}" if isinstance(sid, str) else ""
+        where += f", round {seq}" if cls is RoundRow and seq is not None else ""
+    detail = (f"{where}: its {_TABLES[cls]} row holds {have} in column {name}, where the gateway stores "
+              f"{want_name}: the row was edited outside the gateway")
+    session_id = sid if isinstance(sid, str) else None
+    if cls is AuditRow:
+        return AlteredRow(detail, "edited", seq=seq)
+    if cls is RoundRow:
+        kind = "round_mismatch" if name == "ct" else "round_relabelled"
+        return AlteredRow(detail, kind, session_id=session_id, round_seq=seq)
+    kind = "state_mismatch" if cls is SessionRow else "data_key_altered"
+    return AlteredRow(detail, kind, session_id=session_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Altered(Current):
+    """A session read (``Store.read_session``) whose rows do not all have the types the gateway
+    writes: the rows that do are kept, the others left out (nothing downstream may use their
+    values), and :func:`check` fails with :attr:`error`, so a request on the session is refused
+    with the integrity error and the session quarantined, like any other altered row. An erasure
+    still finds what it deletes."""
+
+    error: AlteredRow | None = None
+
+
+def current(tenant: str, session_id: str, session: Sequence[Any] | None, data_key: Sequence[Any] | None,
+            rounds: Any, max_seq: Any, quarantined_seq: Any, reason: Any, head: Sequence[Any] | None) -> Current:
+    """The ``Current`` of one session as a store read it (both stores build it here): *session*
+    and *data_key* are the columns of its ``sessions`` and ``data_keys`` rows after tenant and
+    session id, *head* the ``audit`` row ``session_heads.bound_seq`` points at (each None when
+    absent); *rounds* and *max_seq* its round count and highest round seq; *quarantined_seq* and
+    *reason* its ``session_heads`` quarantine. A value of a type the gateway never writes gives
+    :class:`Altered`. On every load: the types are checked in one pass of C calls."""
+    if ((session is None or all(map(isinstance, session, _SESSION_TAIL)))
+            and (data_key is None or all(map(isinstance, data_key, _KEY_TAIL)))
+            and (head is None or all(map(isinstance, head, _AUDIT_TYPES)))
+            and type(rounds) is int and type(max_seq) is int
+            and (quarantined_seq is None
+                 or (type(quarantined_seq) is int and (reason is None or type(reason) is str)))):
+        return Current(tenant, session_id, SessionRow(tenant, session_id, *session) if session is not None else None,
+                       DataKeyRow(tenant, session_id, *data_key) if data_key is not None else None, rounds, max_seq,
+                       AuditRow(*head) if head is not None else None,
+                       (reason or "quarantined") if quarantined_seq is not None else None)
+    return _altered_current(tenant, session_id, session, data_key, rounds, max_seq, quarantined_seq, head)
+
+
+def _altered_current(tenant: str, session_id: str, session: Sequence[Any] | None, data_key: Sequence[Any] | None,
+                     rounds: Any, max_seq: Any, quarantined_seq: Any, head: Sequence[Any] | None) -> Altered:
+    """:func:`current` of rows one of which holds a value of a wrong type: the others are kept."""
+    problem: AlteredRow | None = None
+    srow = krow = hrow = None
+    try:
+        srow = typed(SessionRow, (tenant, session_id, *session)) if session is not None else None
+    except AlteredRow as exc:
+        problem = exc
+    try:
+        krow = typed(DataKeyRow, (tenant, session_id, *data_key)) if data_key is not None else None
+    except AlteredRow as exc:
+        problem = problem or exc
+    try:
+        hrow = typed(AuditRow, head) if head is not None else None
+    except AlteredRow as exc:
+        problem = problem or exc
+    if problem is None and not (type(rounds) is int and type(max_seq) is int):
+        problem = AlteredRow(f"tenant {tenant}, session {session_id}: a rounds row of the session holds "
+                             f"{_TYPE_NAMES.get(type(max_seq), type(max_seq).__name__)} in column seq, where the "
+                             "gateway stores an integer: the row was edited outside the gateway",
+                             "round_relabelled", session_id=session_id)
+    if problem is None:
+        problem = AlteredRow(f"tenant {tenant}, session {session_id}: its session_heads row's quarantine columns "
+                             "hold values of types the gateway never writes: the row was edited outside the "
+                             "gateway", "quarantine_unrecorded", session_id=session_id)
+    return Altered(tenant, session_id, srow, krow, rounds if type(rounds) is int else 0,
+                   max_seq if type(max_seq) is int else 0, hrow,
+                   "quarantined" if quarantined_seq is not None else None, False, problem)
 
 
 # --------------------------------------------------------------------------- binding (in the store)
@@ -233,6 +374,8 @@ def check(cur: Current) -> str | None:
     the operator's log: tenant, session, audit entry; never content)."""
     if cur.own:
         return None  # derived from the binding this process just committed (see Current.own)
+    if isinstance(cur, Altered) and cur.error is not None:
+        return cur.error.detail  # a row holds a value of a type the gateway never writes
     head = cur.head
     where = f"tenant {cur.tenant}, session {cur.session_id}"
     if head is None:
@@ -451,9 +594,23 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
     key rows (``Store.get_session``); *versions* the kept policy versions, by hash (``Kept``);
     *quarantined* the store's quarantined sessions (``Store.quarantined``); *open_key* unwraps a
     data key row (``IntegrityError`` when it does not; with ``key_unavailable`` set when its
-    master key is not in the key file). Each None: not checked.
+    master key is not in the key file). Each None: not checked. A row the store reads with a
+    value of a type the gateway never writes there (``AlteredRow``) is the report's error.
     """
     report = DataReport()
+    try:
+        return await _verify_data(report, tenant, audit_rows, stored_rounds, state_of, state_ids, versions,
+                                  quarantined, open_key)
+    except AlteredRow as exc:  # a row of a type the gateway never writes: edited, named by the store
+        report.first_error = exc.error()
+        return report
+
+
+async def _verify_data(report: DataReport, tenant: str, audit_rows: AsyncIterator[AuditRow],
+                       stored_rounds: AsyncIterator[RoundRow],
+                       state_of: Callable[[str], Awaitable[tuple[SessionRow | None, DataKeyRow | None]]],
+                       state_ids: list[str], versions: dict[str, Kept] | None, quarantined: dict[str, int] | None,
+                       open_key: Callable[[DataKeyRow], object] | None) -> DataReport:
     sessions: dict[str, _Session] = {}
     try:
         async for row in audit_rows:

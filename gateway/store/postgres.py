@@ -62,6 +62,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from gateway import audit, evidence
+from gateway.audit import AlteredRow
 from gateway.errors import StoreUnavailable
 from gateway.store.base import (
     AuditRow,
@@ -262,11 +263,8 @@ Outcome = tuple[bool, Any]
 
 def _current(r: Any) -> Current:
     """A :data:`_READ_CURRENT` row as a ``Current``."""
-    return Current(r[0], r[1], SessionRow(r[0], r[1], *r[2:7]) if r[2] is not None else None,
-                   DataKeyRow(r[0], r[1], *r[7:11]) if r[7] is not None else None,
-                   rounds=int(r[11]), max_seq=int(r[12]),
-                   head=AuditRow(*r[15:21]) if r[15] is not None else None,
-                   quarantine=(r[14] or "quarantined") if r[13] is not None else None)
+    return evidence.current(r[0], r[1], r[2:7] if r[2] is not None else None, r[7:11] if r[7] is not None else None,
+                            int(r[11]), int(r[12]), r[13], r[14], r[15:21] if r[15] is not None else None)
 
 
 async def read_current(conn: asyncpg.Connection, keys: list[Key]) -> dict[Key, Current]:
@@ -456,6 +454,8 @@ class Reads:
     async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
         found = await self._call(lambda c: read_current(c, [(tenant, session_id)]))
         cur = found[(tenant, session_id)]
+        if isinstance(cur, evidence.Altered) and cur.error is not None:
+            raise cur.error
         return cur.session, cur.data_key
 
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
@@ -503,6 +503,8 @@ class Reads:
         while True:
             page = await query(last)
             for row in page:
+                if isinstance(row, AlteredRow):
+                    raise row
                 yield row
             if len(page) < PAGE:
                 return
@@ -520,7 +522,7 @@ class Reads:
         where = " AND ".join(cond)
         n = len(args)
 
-        async def query(last: RoundRow | None) -> list[RoundRow]:
+        async def query(last: RoundRow | None) -> list[RoundRow | AlteredRow]:
             if last is None:
                 rows = await self._fetch(f"SELECT {_ROUND_COLS} FROM rounds WHERE {where} "
                                          f"ORDER BY session_id, seq LIMIT {PAGE}", *args)
@@ -528,15 +530,15 @@ class Reads:
                 rows = await self._fetch(f"SELECT {_ROUND_COLS} FROM rounds WHERE {where} AND (session_id, seq) > "
                                          f"(${n + 1}, ${n + 2}) ORDER BY session_id, seq LIMIT {PAGE}",
                                          *args, last.session_id, last.seq)
-            return [RoundRow(*r) for r in rows]
+            return evidence.typed_or_altered(RoundRow, rows)
         return self._pages(query)
 
     def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
-        async def query(last: AuditRow | None) -> list[AuditRow]:
+        async def query(last: AuditRow | None) -> list[AuditRow | AlteredRow]:
             start = last.seq if last is not None else after_seq
             rows = await self._fetch(f"SELECT {_AUDIT_COLS} FROM audit WHERE tenant = $1 AND seq > $2 "
                                      f"ORDER BY seq LIMIT {PAGE}", tenant, start)
-            return [AuditRow(*r) for r in rows]
+            return evidence.typed_or_altered(AuditRow, rows)
         return self._pages(query)
 
     async def quarantined(self, tenant: str) -> dict[str, int]:

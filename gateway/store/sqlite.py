@@ -74,6 +74,7 @@ from typing import Any, TypeVar
 import structlog
 
 from gateway import audit, evidence
+from gateway.audit import AlteredRow
 from gateway.crypto import BoundedCache
 from gateway.errors import StoreUnavailable
 from gateway.store.base import (
@@ -192,12 +193,9 @@ def read_current(conn: sqlite3.Connection, tenant: str, session_id: str | None) 
     if session_id is None:
         return Current(tenant, None, None, None)
     row = conn.execute(_CURRENT, {"t": tenant, "s": session_id}).fetchall()[0]  # always one row; none left open
-    head = AuditRow(*row[13:]) if row[13] is not None else None
-    quarantine = (row[12] or "quarantined") if row[11] is not None else None
-    return Current(tenant, session_id,
-                   SessionRow(tenant, session_id, *row[0:5]) if row[0] is not None else None,
-                   DataKeyRow(tenant, session_id, *row[5:9]) if row[5] is not None else None,
-                   rounds=row[9], max_seq=row[10], head=head, quarantine=quarantine)
+    return evidence.current(tenant, session_id, row[0:5] if row[0] is not None else None,
+                            row[5:9] if row[5] is not None else None, row[9], row[10], row[11], row[12],
+                            row[13:] if row[13] is not None else None)
 
 
 def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> Current:
@@ -623,6 +621,8 @@ class Reads:
 
     async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
         cur = await self._read(lambda c: read_current(c, tenant, session_id))
+        if isinstance(cur, evidence.Altered) and cur.error is not None:
+            raise cur.error
         return cur.session, cur.data_key
 
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
@@ -672,11 +672,14 @@ class Reads:
         return await self._read(run)
 
     async def _pages(self, query: Callable[[sqlite3.Connection, Any], list[Any]]) -> AsyncIterator[Any]:
-        """Yield rows page by page; *query* gets the last row of the previous page (or None)."""
+        """Yield rows page by page; *query* gets the last row of the previous page (or None). A
+        row read as an ``AlteredRow`` (``evidence.typed_or_altered``) is raised when reached."""
         last = None
         while True:
             page = await self._read(functools.partial(_call_with_last, query, last))
             for row in page:
+                if isinstance(row, AlteredRow):
+                    raise row
                 yield row
             if len(page) < PAGE:
                 return
@@ -700,21 +703,21 @@ class Reads:
             args.append(until)
         where = " AND ".join(cond)
 
-        def query(c: sqlite3.Connection, last: RoundRow | None) -> list[RoundRow]:
+        def query(c: sqlite3.Connection, last: RoundRow | None) -> list[RoundRow | AlteredRow]:
             extra, more = "", []
             if last is not None:
                 extra, more = " AND (session_id, seq) > (?, ?)", [last.session_id, last.seq]
             rows = c.execute(f"SELECT * FROM rounds WHERE {where}{extra} ORDER BY session_id, seq LIMIT {PAGE}",
                              (*args, *more)).fetchall()
-            return [RoundRow(*r) for r in rows]
+            return evidence.typed_or_altered(RoundRow, rows)
         return self._pages(query)
 
     def iter_audit(self, tenant: str, *, after_seq: int = 0) -> AsyncIterator[AuditRow]:
-        def query(c: sqlite3.Connection, last: AuditRow | None) -> list[AuditRow]:
+        def query(c: sqlite3.Connection, last: AuditRow | None) -> list[AuditRow | AlteredRow]:
             start = last.seq if last is not None else after_seq
             rows = c.execute(f"SELECT * FROM audit WHERE tenant=? AND seq>? ORDER BY seq LIMIT {PAGE}",
                              (tenant, start)).fetchall()
-            return [AuditRow(*r) for r in rows]
+            return evidence.typed_or_altered(AuditRow, rows)
         return self._pages(query)
 
     async def quarantined(self, tenant: str) -> dict[str, int]:
