@@ -27,10 +27,11 @@ from typing import Any
 
 import orjson
 
-from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, Signer, VerifyReport, averify_chain
+from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, VerifyReport, averify_chain
 from gateway.errors import ConfigError, NotFound
 from gateway.evidence import Kept, verify_data
 from gateway.export import ExportRecord, Progress, check_range, export_bundle
+from gateway.keys import load_signer
 from gateway.policy import Policy, PolicySet
 from gateway.policy.versions import PolicyVersion, PolicyVersions
 from gateway.redact import Redactor, tenant_secret
@@ -89,7 +90,7 @@ def export_secret(settings: Settings) -> bytes:
 class AuditTrail:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.signer = Signer.load_or_create(settings.audit.signing_key_file)
+        self.signer = load_signer(settings)  # refused when missing or replaced over existing checkpoints
         self.log = CheckpointLog(settings.audit.checkpoint_file)
         self.checkpointer = Checkpointer(self.signer, self.log, every_n=settings.audit.checkpoint_every,
                                          every_seconds=settings.audit.checkpoint_seconds)

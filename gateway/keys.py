@@ -1,10 +1,18 @@
-"""Master-key rotation over a live store: re-wrap data keys, follow keyring changes.
+"""Master-key rotation over a live store: re-wrap data keys, follow keyring changes; loading the
+audit signing key.
 
 ``rewrap_all`` re-wraps every data key that is not under the keyring's primary, one compare-
 and-set write each (``Store.rewrap_data_key``), so it runs safely beside live traffic and beside
 another process doing the same. ``KeyringWatcher`` lets a running gateway follow a keyring file
 edited by ``sessiongate keys rotate``: it reloads the keyring when the file changes and then
 re-wraps in the background. Data keys are never exposed; only ids and counts are logged.
+
+``load_signer`` loads the Ed25519 key that signs audit checkpoints. Like the keyring (whose file
+is generated only for a store without data keys), it is generated only while the checkpoint file
+holds no checkpoint, with an ``audit_signing_key_generated`` warning; a missing key, or a key
+other than the one that signed the file's last checkpoint, over existing checkpoints is a
+``ConfigError`` naming the file and what to do, since every checkpoint signed from then on would
+verify only under a public key auditors have never seen.
 """
 
 from __future__ import annotations
@@ -16,13 +24,48 @@ from dataclasses import dataclass
 
 import structlog
 
+from gateway.audit import Checkpoint, CheckpointLog, Signer
 from gateway.background import Worker
 from gateway.errors import ConfigError, IntegrityError
 from gateway.keyring import Keyring
 from gateway.sessions import SessionService
+from gateway.settings import Settings
 from gateway.store.base import SYSTEM_TENANT, Changes
 
 log = structlog.get_logger("gateway.keys")
+
+
+def load_signer(settings: Settings) -> Signer:
+    """The audit signing key of *settings* (see the module docstring). Raises ``ConfigError``
+    (file, field, what to do) when it is missing or replaced while ``audit.checkpoint_file`` holds
+    checkpoints, and as ``Signer.load_or_create`` does for an unreadable or open file."""
+    path = settings.audit.signing_key_file
+    checkpoints = settings.audit.checkpoint_file
+    last: Checkpoint | None = None
+    for checkpoint in CheckpointLog(checkpoints):  # streamed: only the last one is kept
+        last = checkpoint
+    aside = (f"If that key is lost for good, move {checkpoints} aside and keep it (its checkpoints verify only "
+             "with the lost key's public key: 'sessiongate audit verify --checkpoints OLD_FILE --public-key "
+             "OLD_KEY.pem'), then start again: a new key is generated and auditors need its public key "
+             "('sessiongate audit public-key')")
+    if not path.exists():
+        if last is not None:
+            raise ConfigError(f"the audit signing key is missing, but {checkpoints} holds checkpoints it signed (the "
+                              f"last: tenant {last.tenant}, entry {last.seq}, key {last.key_id}): restore the key "
+                              f"file from your backup. {aside}", file=str(path), field="audit.signing_key_file")
+        signer = Signer.load_or_create(path)
+        log.warning("audit_signing_key_generated", path=str(path), key_id=signer.key_id,
+                    note="a new audit signing key was generated: back it up and give auditors its public key "
+                    "('sessiongate audit public-key'); checkpoints signed by an earlier key verify only with that "
+                    "key's public key")
+        return signer
+    signer = Signer.load_or_create(path)
+    if last is not None and last.key_id != signer.key_id:
+        raise ConfigError(f"this is not the key that signed the checkpoints in {checkpoints}: the last (tenant "
+                          f"{last.tenant}, entry {last.seq}) was signed by key {last.key_id}, this key is "
+                          f"{signer.key_id}. Restore the key that signed them. {aside}", file=str(path),
+                          field="audit.signing_key_file")
+    return signer
 
 
 @dataclass(frozen=True, slots=True)

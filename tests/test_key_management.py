@@ -313,3 +313,67 @@ def test_a_backup_from_before_an_erasure_stays_unreadable_with_todays_key_file(t
     with pytest.raises(kr.ConfigError, match="key"):
         kr.FileKeyProvider(flipped).load()
     assert old not in {key.id for key in provider.load() if key.key}
+
+
+# --- the audit signing key ------------------------------------------------------------------------
+
+def _checkpointed(gateway: Gateway) -> Path:
+    """Rounds enough for a signed checkpoint (``checkpoint_every`` is 5 in tests); the file."""
+    for i in range(6):
+        chat(gateway, "signed", f"turn {i}")
+    checkpoints = gateway.dir / "checkpoints.jsonl"
+    deadline = time.monotonic() + 10
+    while not (checkpoints.exists() and checkpoints.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoints.exists() and checkpoints.read_text().strip(), "no checkpoint was signed"
+    return checkpoints
+
+
+def test_a_missing_signing_key_over_signed_checkpoints_is_refused(gateway: Gateway) -> None:
+    """With checkpoints signed, a deleted signing key is not silently made anew: `serve` and the
+    CLI stop with one line naming the file, the field and what to do."""
+    _checkpointed(gateway)
+    key = gateway.dir / "audit-signing.key"
+    key.unlink()
+    refused = cli(gateway, "audit", "public-key")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"{key}: audit.signing_key_file: the audit signing key is missing" in refused.stderr
+    assert "restore the key file from your backup" in refused.stderr and not key.exists()
+    serve = cli(gateway, "serve", "--port", "0")
+    assert serve.returncode != 0 and "the audit signing key is missing" in serve.stderr, serve.stderr
+    assert not key.exists()
+
+
+def test_a_replaced_signing_key_over_signed_checkpoints_is_refused(gateway: Gateway, tmp_path: Path) -> None:
+    """Another key in the signing key's place is refused too: the checkpoints name the key that
+    signed them."""
+    from gateway.audit import Signer
+
+    _checkpointed(gateway)
+    key = gateway.dir / "audit-signing.key"
+    other = Signer.load_or_create(tmp_path / "other.key")
+    key.write_bytes((tmp_path / "other.key").read_bytes())
+    refused = cli(gateway, "audit", "public-key")
+    assert refused.returncode == 2 and "this is not the key that signed the checkpoints" in refused.stderr
+    assert other.key_id in refused.stderr
+
+
+def test_a_new_signing_key_is_generated_with_a_warning_when_nothing_was_signed(tmp_path: Path) -> None:
+    """Without checkpoints the key is generated (0600), and a warning says so and what it means
+    for checkpoints signed by an earlier key."""
+    import stat
+
+    from structlog.testing import capture_logs
+
+    from gateway.keys import load_signer
+
+    config = write_config(tmp_path, None, REPO / "policies")
+    with capture_logs() as logs:
+        signer = load_signer(load_settings(config))
+    (line,) = [entry for entry in logs if entry["event"] == "audit_signing_key_generated"]
+    assert line["log_level"] == "warning" and line["key_id"] == signer.key_id
+    assert "verify only with that key's public key" in line["note"]
+    assert stat.S_IMODE((tmp_path / "audit-signing.key").stat().st_mode) == 0o600
+    with capture_logs() as again:
+        assert load_signer(load_settings(config)).key_id == signer.key_id
+    assert not [entry for entry in again if entry["event"] == "audit_signing_key_generated"]
