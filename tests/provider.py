@@ -14,7 +14,7 @@
 Chat behaviour by ``model``: ``rate-limited`` → 429, ``broken`` → 500, the models of
 ``ERROR_PAGES`` → what a CDN, a reverse proxy or a refused key answer, ``held`` → streams two
 events, then waits for ``release`` before the rest, ``slow-start`` → sends a stream's headers,
-then waits for ``release`` before its first event (a model thinking first), ``partial-start`` →
+then waits for ``release`` before its first event (a model thinking first; a JSON reply waits whole), ``partial-start`` →
 the same after the first 10 bytes of its first event, ``huge`` → a ~20 MB reply (JSON or SSE)
 whose last piece waits for ``release``, ``done-then-hold`` and ``done-then-reset`` → a whole stream
 whose body never ends (held open until ``release``, or broken off after ``[DONE]``); anything else
@@ -203,6 +203,8 @@ class Provider:
             return await self.error_page(request, model)
         text = huge_text() if model == "huge" else f"provider says: {body['messages'][-1]['content']}"
         if not body.get("stream"):
+            if model == "slow-start":  # a model that thinks before it answers at all
+                await self._wait_release()
             payload = orjson.dumps(completion(text, model))
             if model == "huge":
                 return await self.stream(request, payload, content_type="application/json",

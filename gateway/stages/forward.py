@@ -76,6 +76,7 @@ async def forward(ctx: Context) -> None:
 async def _forward(ctx: Context, headers: Mapping[str, str]) -> None:
     assert ctx.upstream is not None
     ctx.outcome = "upstream_error"  # until proven otherwise
+    watch = ClientWatch(ctx.request)
     try:
         async with ctx.services.upstreams.open(ctx.upstream, "POST", ctx.codec.upstream_path,
                                                body=ctx.forward_body, headers=headers, json=True) as reply:
@@ -88,6 +89,46 @@ async def _forward(ctx: Context, headers: Mapping[str, str]) -> None:
         if exc.upstream_status is not None:  # the provider answered, with an error the boundary translated
             ctx.upstream_status = exc.upstream_status
         raise
+    except asyncio.CancelledError:
+        if not watch.fired:
+            raise
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        ctx.outcome, ctx.ended_by = "incomplete", "client"  # recorded as any client that left
+    finally:
+        watch.stop()
+
+
+CLIENT_WATCH_SECONDS = 1.0
+"""How often a request waiting on the upstream looks whether its client is still there."""
+
+
+class ClientWatch:
+    """While the upstream is asked, checks every :data:`CLIENT_WATCH_SECONDS` that the client is
+    still connected, and cancels the waiting task when it has gone, so the upstream request ends
+    (a model that thinks for minutes stops working, and billing, for nobody) and the round is
+    recorded as the client's leaving. Writes find a client gone by themselves; this is for the
+    waits without writes: a non-streamed reply, a stream before or between events. A timer, not
+    a task: nothing to do for a request that is answered within the interval."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self.fired = False
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(CLIENT_WATCH_SECONDS, self._check)
+
+    def _check(self) -> None:
+        if _client_gone(self._request) and self._task is not None:
+            self.fired = True
+            self._timer = None
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_later(CLIENT_WATCH_SECONDS, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def _read_reply(ctx: Context, reply: UpstreamReply) -> None:
@@ -237,7 +278,7 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
         ctx.ended_by = "upstream"
     except (TimeoutError, OSError):
         ctx.ended_by = "client" if writing else "upstream"
-    except asyncio.CancelledError:  # the gateway is shutting down: the round settles with what came
+    except asyncio.CancelledError:  # shutting down (or the client left: _forward says so): settled with what came
         ctx.ended_by = "shutdown"
         raise
     finally:  # also on cancellation, so the settled round keeps the reply the client already has

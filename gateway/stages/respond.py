@@ -27,6 +27,8 @@ from gateway.errors import RecordFailed
 async def respond(ctx: Context) -> None:
     if ctx.record_error:
         raise RecordFailed()
+    if ctx.response is None and ctx.ended_by == "client":
+        return  # the client left before its reply came: nothing to send, nobody to send it to
     if ctx.response is None:
         reply = ctx.response = web.Response(status=ctx.upstream_status, body=ctx.tail,
                                             content_type=ctx.tail_type or "application/json",

@@ -367,3 +367,30 @@ def test_a_stream_is_whole_at_its_final_event_whatever_the_connection_does_after
     entry = [e for e in audit_entries(gateway) if e.get("event") == "round"][-1]
     assert entry["outcome"] == "completed" and entry.get("ended_by") is None
     assert exported(gateway, model)["full_context"][-1] == {"role": "assistant", "content": "provider says: all of it "}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_while_the_model_thinks_ends_the_upstream_request(
+        make_gateway: Callable[..., Gateway], provider: Provider, stream: bool) -> None:  # noqa: F811
+    """A client that gives up while the provider has sent nothing yet (no write to fail) was
+    not noticed: the gateway held the provider's request until it answered or read_timeout
+    passed, and then blamed the upstream. It is noticed within about a second: the provider's
+    request is ended (a model thinking for minutes stops, for nobody) and the round is recorded
+    incomplete, ended by the client."""
+    import time
+    gateway = connect(make_gateway, provider, "asked-gzip", read_timeout=30)
+    body = {"model": "slow-start", "stream": stream, "messages": [user("think long")]}
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=0.5,
+                       headers={**AUTH, "X-Session-Id": f"left-{stream}"})
+        deadline = time.monotonic() + 15
+        while not provider.released_by_test and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if any(e.get("event") == "round" for e in audit_entries(gateway)):
+                break
+        entry = [e for e in audit_entries(gateway) if e.get("event") == "round"][-1]
+        assert not provider.released_by_test  # recorded while the provider still had not answered
+    finally:
+        provider.release.set()
+    assert entry["outcome"] == "incomplete" and entry["ended_by"] == "client"
