@@ -76,7 +76,7 @@ import orjson
 
 from gateway import crypto
 from gateway.audit import AlteredRow, VerifyError, aclose
-from gateway.errors import IntegrityError
+from gateway.errors import IntegrityError, NotFound
 from gateway.store.base import AuditRow, Changes, Current, DataKeyRow, RoundRow, SessionRow
 
 BINDING = "state"
@@ -596,6 +596,10 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
     data key row (``IntegrityError`` when it does not; with ``key_unavailable`` set when its
     master key is not in the key file). Each None: not checked. A row the store reads with a
     value of a type the gateway never writes there (``AlteredRow``) is the report's error.
+
+    Raises ``NotFound`` when the tenant has nothing at all, no entry and no row (a mistyped
+    name): an empty chain would otherwise verify as intact. Called after the chain check, which
+    fails first for a tenant with signed checkpoints but no entries.
     """
     report = DataReport()
     try:
@@ -612,8 +616,10 @@ async def _verify_data(report: DataReport, tenant: str, audit_rows: AsyncIterato
                        state_ids: list[str], versions: dict[str, Kept] | None, quarantined: dict[str, int] | None,
                        open_key: Callable[[DataKeyRow], object] | None) -> DataReport:
     sessions: dict[str, _Session] = {}
+    entries = 0
     try:
         async for row in audit_rows:
+            entries += 1
             expect(sessions, row, versions)
     finally:
         await aclose(audit_rows)
@@ -633,6 +639,9 @@ async def _verify_data(report: DataReport, tenant: str, audit_rows: AsyncIterato
                     columns.setdefault(r.session_id, {})[r.seq] = error
     finally:
         await aclose(stored_rounds)
+    if not (entries or report.rounds or state_ids or quarantined):
+        raise NotFound(f"no tenant '{tenant}' in this gateway's store: no audit entry, session or signed checkpoint "
+                       "names it, so there is nothing to verify (check the tenant's name)")
     ids = sorted(set(sessions) | set(stored) | set(state_ids) | set(quarantined or ()))
     report.sessions = len(ids)
     legacy = unchecked = 0
