@@ -191,14 +191,17 @@ async def _with_sessions(settings: Settings, fn: Callable[[Any], Awaitable[T]]) 
         await store.close()
 
 
-async def _import_policy(settings: Settings, store: Any, tenant: str, session_id: str) -> Any:
-    """The policy that matches an imported session now; its version is kept in the store."""
+async def _import_policy(settings: Settings, store: Any, tenant: str, session_id: str,
+                         model: str | None = None) -> Any:
+    """The policy that matches a session the CLI writes to now; its version is kept in the store
+    (as the gateway keeps every version it loads), so the rounds written under it are governed
+    by it and verify."""
     from gateway.policy import load_policy_set
     from gateway.policy.versions import PolicyVersions
 
     policies = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules)
     await PolicyVersions(store).record(policies)
-    return policies.match(tenant, None, session_id)
+    return policies.match(tenant, model, session_id)
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
@@ -278,7 +281,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     tenant, sid = args.tenant, check_session_id(args.id)
-    policy = load_policy_set(settings.policies.path).match(tenant, args.model, sid)
+    policy = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules).match(
+        tenant, args.model, sid)
     document: Any = None
     source = ""
     if args.action in ("add", "set") or (args.action == "memo" and args.file is not None):
@@ -293,6 +297,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         raise RuntimeError("the CLI does not call the model")
 
     async def act(svc: Any) -> int:
+        await _import_policy(settings, svc.store, tenant, sid, args.model)  # keeps the version it writes under
         if args.action == "memo":
             if args.file is None:
                 loaded = await svc.load(tenant, sid)

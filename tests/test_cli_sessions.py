@@ -149,3 +149,28 @@ def test_list_marks_a_quarantined_session(gateway: Gateway) -> None:
     lines = dict(line.split("\t", 1) for line in listed.stdout.splitlines())
     assert "\tquarantined (audit entry " in lines["q-a"] and "quarantined" not in lines["q-b"]
     assert "1 quarantined session(s) of tenant acme" in listed.stderr
+
+
+def test_rounds_the_cli_writes_keep_their_policy_version(tmp_path: Path) -> None:
+    """``sessions add`` wrote its round under the policy it matched without keeping that policy's
+    version in the store (the gateway keeps every version it loads; the CLI import did too), so
+    with no gateway started on that policy, ``audit verify`` failed untampered data with
+    ``policy_version_missing``."""
+    import shutil
+
+    from tests.conftest import write_config
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    config = write_config(tmp_path, None, policies)
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps([{"role": "user", "content": "from the cli"}]), encoding="utf-8")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
+
+    added = run("sessions", "add", "cli-only", str(history), "--tenant", "acme")
+    assert added.returncode == 0, added.stderr
+    verified = run("audit", "verify", "--tenant", "acme")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "policy_version_missing" not in verified.stdout + verified.stderr
