@@ -630,7 +630,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """An online, consistent backup of everything a restore needs, in the order that keeps it
-    consistent: the keyring, the audit signing key, the checkpoint file, then the database (so
+    consistent: the keyring, the audit signing key, the checkpoint file, the export secret (when
+    it is a file: exports made after a restore keep their pseudonyms), then the database (so
     every data key in the copy is wrapped by a key the copied keyring holds, and every copied
     checkpoint covers a prefix of the copied chain). SQLite only; PostgreSQL is backed up with
     ``pg_dump`` in the same order (see the README)."""
@@ -655,8 +656,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         sources.append(("master-keys.json", key_file))
     sources += [("audit-signing.key", settings.audit.signing_key_file),
                 ("checkpoints.jsonl", settings.audit.checkpoint_file)]
+    if not settings.audit.export_secret_env:  # the pseudonyms of exports made so far and from now on
+        sources.append(("export-secret", settings.audit.signing_key_file.parent / "export-secret"))
     for name, path in sources:
-        if name != "checkpoints.jsonl" and not path.is_file():
+        if name not in ("checkpoints.jsonl", "export-secret") and not path.is_file():
             return _fail(f"{path} does not exist: nothing to back up for {name}")
     if not settings.store.path.is_file():
         return _fail(f"{settings.store.path} does not exist: there is no database to back up")
@@ -674,7 +677,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         copy.close()
         source.close()
     target.chmod(0o600)
-    print(f"backed up the keyring, signing key, checkpoints and database to {out}")
+    print(f"backed up the keyring, signing key, checkpoints, export secret and database to {out}")
     return 0
 
 

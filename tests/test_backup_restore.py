@@ -16,7 +16,18 @@ from tests.conftest import ACME_KEY, REPO, Gateway
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 RESTORED = {"sessiongate.db": "gateway.db", "master-keys.json": "master-keys.json",
-            "audit-signing.key": "audit-signing.key", "checkpoints.jsonl": "checkpoints.jsonl"}
+            "audit-signing.key": "audit-signing.key", "checkpoints.jsonl": "checkpoints.jsonl",
+            "export-secret": "export-secret"}
+
+
+def exported_lines(gateway: Gateway, session: str) -> str:
+    """The records of one session in an auditor's export (redacted, e-mails as pseudonyms)."""
+    out = gateway.config_path.parent / f"export-{session}.jsonl"
+    made = cli(gateway.config_path, "export", "--tenant", "acme", "--session", session, "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    import json
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    return json.dumps([r.get("messages") or r.get("content") or r for r in records], sort_keys=True)
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +44,10 @@ def test_backup_then_restore_into_a_fresh_folder(make_gateway: Callable[..., Gat
         for turn in range(3):
             client.chat.completions.create(model="standin", messages=[{"role": "user", "content": f"{sid} {turn}"}])
     before = {sid: httpx.get(f"{live.base_url}/sessions/{sid}", headers=AUTH).json() for sid in sessions}
+    live.openai(session="pseudonyms").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": "mail me at ada@example.test"}])
+    pseudonyms = exported_lines(live, "pseudonyms")
+    assert "ada@example.test" not in pseudonyms
 
     backup = tmp_path / "backup"
     made = cli(live.config_path, "backup", "--out", str(backup))
@@ -51,6 +66,8 @@ def test_backup_then_restore_into_a_fresh_folder(make_gateway: Callable[..., Gat
     for sid in sessions:
         resp = httpx.get(f"{restored.base_url}/sessions/{sid}", headers=AUTH)
         assert resp.status_code == 200 and resp.json() == before[sid]
+    # an export after the restore gives the same pseudonyms (the export secret came back too)
+    assert exported_lines(restored, "pseudonyms") == pseudonyms
     verified = cli(restored.config_path, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "acme" in verified.stdout and "checkpoint" in verified.stdout.lower()
