@@ -188,6 +188,23 @@ def _response_target(request: web.Request) -> tuple[Services, str, str, str] | N
     return services, tenant, chain[0], chain[1]
 
 
+async def _provider_response(request: web.Request) -> web.StreamResponse:
+    """A response id the gateway did not mint: forwarded when the provider holds responses
+    (``responses_state: provider``) or the operator lets them be read (``forward_routes``);
+    otherwise 404 saying where such a response is. The
+    gateway sends ``store: false`` upstream under gateway-held state, so a response made through
+    it with ``X-Session-Id`` is in that session's record and nowhere at the provider."""
+    services = request.app[SERVICES]
+    up = services.upstreams.route(None, "openai")
+    if up.responses_state == "provider" or up.allows(("responses", request.match_info["response_id"])):
+        return await proxy(request)
+    raise NotFound("no response with this id is held by the gateway. A response made with X-Session-Id is "
+                   "recorded in that session: read it with GET /v1/sessions/{session id}; the provider keeps "
+                   "none of those (the gateway asks it to store nothing). A response the provider holds for "
+                   "another client of its account is read through the gateway only if the operator adds "
+                   "'responses' to the upstream's forward_routes", code="response_not_found")
+
+
 def _no_response(request: web.Request) -> NotFound:
     return NotFound("no response with this id for this tenant", code="response_not_found")
 
@@ -206,7 +223,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     whitelist applies: what was not recorded is not there); 404 when this tenant has none."""
     target = _response_target(request)
     if target is None:
-        return await proxy(request)
+        return await _provider_response(request)
     services, tenant, sid, round_id = target
     row, messages = await _held_round(request, services, tenant, sid, round_id)
     output = [_output_item(item, f"{row.request_id}_{n}") for n, item in
@@ -223,7 +240,7 @@ async def list_input_items(request: web.Request) -> web.StreamResponse:
     ``after`` (an item id of the previous page); 404 when this tenant has no such response."""
     target = _response_target(request)
     if target is None:
-        return await proxy(request)
+        return await _provider_response(request)
     services, tenant, sid, round_id = target
     order, after = request.query.get("order", "desc"), request.query.get("after")
     if order not in ("asc", "desc"):
@@ -283,7 +300,7 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
     this tenant's chains, 404 for any other gateway-minted id."""
     target = _response_target(request)
     if target is None:
-        return await proxy(request)
+        return await _provider_response(request)
     services, tenant, sid, round_id = target
     async for row in services.sessions.store.iter_rounds(tenant, sid):
         if row.request_id == round_id:
@@ -297,7 +314,7 @@ async def delete_response(request: web.Request) -> web.StreamResponse:
     gateway keeps a chain as one session, so one response cannot outlive the others."""
     target = _response_target(request)
     if target is None:
-        return await proxy(request)
+        return await _provider_response(request)
     services, tenant, sid, _ = target
     if await services.sessions.load(tenant, sid) is None:
         raise _no_response(request)
