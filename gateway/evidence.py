@@ -20,6 +20,10 @@ data_version``, and compares them with what it reads after one) satisfy the chec
 construction and skip it; any difference (an operator's edit included) runs it. The check
 is cheap (one indexed query; counting the session's rounds is linear in their number) and
 best-effort against an adversary who also rewinds ``session_heads``; :func:`verify_data` is not.
+It does not read the rounds' ciphertexts (that would read the whole session on every request):
+one edited in place, or swapped for another round's, keeps count and seqs and passes it; it is
+found by :func:`verify_data` and fails to decrypt when the round is opened (AEAD bound to
+tenant, session and seq).
 
 **Full verification** (:func:`verify_data`): for every session of a tenant, each round entry
 (``round`` or ``import`` with ``round_seq`` and ``ciphertext_sha256``) names a stored round with
