@@ -41,8 +41,10 @@ hash, and outcome, and a time within :data:`~gateway.evidence.TIME_SLACK` of the
 scope (the export entry's ``filters``) up to ``detail.through_seq`` (the chain head when the
 records were read) has its record, unless an ``erasure`` or ``purge`` entry before the export
 entry accounts for it. Round entries within ``TIME_SLACK`` seconds after ``since`` are
-not required (an entry is sealed just after its round's ``created_at``). Writing takes
-constant memory; verifying holds one digest per round entry and per record.
+not required (an entry is sealed just after its round's ``created_at``). Writing streams the
+records; checking them (:class:`RoundLabels`) holds one digest, time and set of columns per round
+entry in the export's scope (the session's, or the tenant's), as verifying holds one digest per
+round entry and per record.
 
 **Before a round is redacted** its row's labels are checked against its round entry
 (:class:`RoundLabels`): the redaction follows the row's policy id and version hash, so a row
