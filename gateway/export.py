@@ -600,7 +600,12 @@ class _Promised:
         if event in ROUND_EVENTS and isinstance(doc.get("ciphertext_sha256"), str):
             round_seq = doc.get("round_seq") if isinstance(doc.get("round_seq"), int) else None
             entry = _RoundEntry(row.seq, sid, round_seq, doc["ciphertext_sha256"], row.created_at)
-            self.by_session.setdefault(sid, {})[round_seq if round_seq is not None else entry.digest] = entry
+            held = self.by_session.setdefault(sid, {})
+            key: int | str = round_seq if round_seq is not None else entry.digest
+            if key in held:  # a round number used again with no erasure between: both stay required
+                earlier = held.pop(key)
+                held[f"reused:{earlier.seq}"] = earlier
+            held[key] = entry
             return
         detail = doc.get("detail") or {}
         if event == "erasure" or (event == "purge" and (detail.get("session_erased")

@@ -9,6 +9,8 @@ the later entry for a round number and said OK; it must name the earlier entry's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 
 from tests.conftest import ACME_KEY, Gateway
@@ -101,3 +103,25 @@ def test_numbers_used_again_after_an_erasure_still_verify(db_gateway: tuple[Gate
     assert len(round_entries(tables, "alice", 1)) == 2
     code, out = verify(gw)
     assert code == 0, out
+
+
+def test_a_bundle_exported_after_a_number_was_used_again_fails_offline(db_gateway: tuple[Gateway, Tables],
+                                                                        tmp_path: Path) -> None:
+    """The offline check of an auditor's bundle kept only the later entry for a round number too,
+    so a bundle exported after round 4 was rolled back and recorded again verified OK: it must
+    find the earlier entry's round missing."""
+    from gateway.export import verify_bundle
+    from tests.evidence.test_bundle_completeness import export, public_key
+    gw, tables = db_gateway
+    record(gw, "alice", 3)
+    saved = snapshot(tables, "alice")
+    assert chat(gw, "alice", "round 4: the one to be hidden").status_code == 200
+    tables.sql("DELETE FROM rounds WHERE tenant='acme' AND session_id='alice' AND seq=4")
+    restore(tables, "alice", saved)
+    assert chat(gw, "alice", "round 4 again: the replacement").status_code == 200
+    bundle = tmp_path / "after-reuse.jsonl"
+    export(gw, bundle, "--session", "alice")
+    report = verify_bundle(bundle, public_key(gw, tmp_path))
+    assert not report.ok
+    assert report.first_error is not None and report.first_error.kind == "record_missing"
+    assert "session alice, round 4" in report.first_error.message
