@@ -8,7 +8,9 @@ points, a leading ``+``, ``Infinity`` and ``NaN``, and JSON5's extra white space
 
 JSON5 is not parsed by the ``json5`` package (pure Python: a 3.5 MB document takes over a minute,
 which a client could use to hold a worker): :func:`json5_to_json` rewrites only what is JSON5 and
-not JSON (one regular-expression pass), and the C JSON decoder reads and checks the result.
+not JSON (one regular-expression pass, in time linear in the text: ``re`` holds the GIL, so one
+client's body must not be able to make it slower than that), and the C JSON decoder reads and
+checks the result. A string or block comment that is not closed is refused where it opens.
 Nesting deeper than ``MAX_DEPTH`` is refused, as for strict JSON. Errors say where the document is
 wrong (line and column), never what it holds.
 """
@@ -26,27 +28,41 @@ from gateway.errors import InvalidJSON, InvalidSession
 MAX_DEPTH = 128
 """Deepest nesting of arrays and objects a session document may have (as for request bodies)."""
 
-_GAP = r"(?:\s|//[^\n\r\u2028\u2029]*|/\*[\s\S]*?\*/)*"
-"""White space and comments between two tokens."""
+_GAP = r"(?:\s++|//[^\n\r\u2028\u2029]*+|(?>/\*[\s\S]*?\*/))*+"
+"""White space and comments between two tokens, read as the main pass reads them and never
+given back: a block comment ends at its first ``*/``, a line comment at its line's end."""
 _JSON5 = re.compile(r"""
     (?=["'/,\[{A-Za-z_$\\+.\-0\x80-\U0010ffff\v\f])  # cheap: only these can start a rewrite
     (?:
-    (?P<dq>"(?:[^"\\\n\r]|\\(?:\r\n|[\s\S]))*")
-  | (?P<sq>'(?:[^'\\\n\r]|\\(?:\r\n|[\s\S]))*')
-  | (?P<comment>//[^\n\r\u2028\u2029]*|/\*[\s\S]*?\*/)
+    (?P<dq>"(?:[^"\\\n\r]++|\\(?:\r\n|[\s\S]))*+")
+  | (?P<sq>'(?:[^'\\\n\r]++|\\(?:\r\n|[\s\S]))*+')
+  | (?P<unclosed>["'])
+  | (?P<comment>//[^\n\r\u2028\u2029]*+|(?>/\*[\s\S]*?\*/))
+  | (?P<open>/\*)
   | (?P<space>[\v\f\xa0\ufeff\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])
   | (?P<empty>[\[{](?=GAP,))
   | (?P<comma>,(?=GAP[\]}]))
-  | (?P<key>(?:[^\W\d]|\$|\\u[0-9a-fA-F]{4})(?:[\w$\u200c\u200d]|\\u[0-9a-fA-F]{4})*(?=GAP:))
-  | (?<![\w.$])(?P<hex>0[xX][0-9a-fA-F]+)(?![\w.$])
+  | (?<![\w$\u200c\u200d\\])(?P<key>(?:[^\W\d]|\$|\\u[0-9a-fA-F]{4})(?:[\w$\u200c\u200d]++|\\u[0-9a-fA-F]{4})*+(?=GAP:))
+  | (?<![\w.$])(?P<hex>0[xX][0-9a-fA-F]++)(?![\w.$])
   | (?<![\w.$eE])(?P<plus>\+)(?=[0-9.]|Infinity|NaN)
   | (?<![\w.$])(?P<nan>-NaN)(?![\w.$])
   | (?<=[0-9])(?P<dot>\.)(?![0-9])
   | (?<![\w.$])(?P<lead>\.)(?=[0-9])
+  | (?P<other>[\s\S])
     )
 """.replace("GAP", _GAP), re.VERBOSE)
 """What JSON5 has and JSON has not; everything else is copied as it is and checked by the JSON
-decoder. Strings are matched whole so that nothing inside them is taken for anything else."""
+decoder. Strings are matched whole so that nothing inside them is taken for anything else.
+
+It runs in time linear in the text (``re`` holds the GIL, so a super-linear pass would stop every
+other client): no part rescans what an earlier attempt read. Quantifiers are possessive and a
+block comment atomic (ends at its first ``*/``, never extended by backtracking); a key is tried
+only where an identifier starts, not at each of its characters; and a string or block comment
+that is not closed is refused where it opens (``unclosed``, ``open``) instead of being copied and
+read again from the next character (it could never be JSON5). A character that may start a
+rewrite but does not is matched by ``other`` and copied by the callback, so that a long run of
+them (4 MiB of ``[`` or of letters) is not one C call that holds the GIL for seconds: between
+two callbacks the event loop's thread can run."""
 _ESCAPE = re.compile(r"""\\(?:\r\n|u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|[\s\S])|"|[\u2028\u2029\x00-\x1f]""")
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _SIMPLE_ESCAPES = {"b": "\\b", "f": "\\f", "n": "\\n", "r": "\\r", "t": "\\t", "v": "\\u000b", '"': '\\"',
@@ -97,6 +113,12 @@ def _rewrite(match: re.Match[str]) -> str:
         return '"' + _ESCAPE.sub(_escape, token[1:-1]) + '"'
     if kind == "sq":
         return '"' + _ESCAPE.sub(_escape, token[1:-1]) + '"'
+    if kind == "other":
+        return token  # a character that may start a rewrite but does not (copied; see _JSON5)
+    if kind == "unclosed":
+        raise _Refused("a string that is not closed on its line", match.start())
+    if kind == "open":
+        raise _Refused("a comment that is not closed", match.start())
     if kind == "comment":
         return " " + "\n" * token.count("\n")
     if kind == "space":
