@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import redact
+from gateway import redact, standin
 from gateway.session import lenient_json
 from tests.conftest import ACME_KEY, AUDITOR_TOKEN, GLOBEX_KEY, REPO
 from tests.hostile.subprocess_gateway import ServedGateway, served_gateway
@@ -281,6 +281,41 @@ def test_redaction_of_ordinary_text_is_unchanged(text: str) -> None:
     assert new == old
 
 
+# --- F10: the stand-in's reading of an Agently prompt ----------------------------------------------
+
+_HEAD = '"[OUTPUT REQUIREMENT]:\\nData Format: JSON\\nData Structure:\\n{\\n"'
+STANDIN_SHAPES = {
+    "a line of spaces": _HEAD + ' + " " * n + "x\\n}\\n"',
+    "blank lines": _HEAD + ' + "\\n" * n + "x\\n}\\n"',
+    "lines of spaces": _HEAD + ' + " \\n" * (n // 2) + "x\\n}\\n"',
+    "slashes": _HEAD + ' + "x//" * (n // 3) + "\\n}\\n"',
+    "ellipses": _HEAD + ' + "...x" * (n // 4) + "\\n}\\n"',
+    "ellipsis lines": _HEAD + ' + "\\n ... x" * (n // 7) + "\\n}\\n"',
+    "placeholders": _HEAD + ' + "<" * n + "\\n}\\n"',
+    "commas": _HEAD + ' + ", " * (n // 2) + "x\\n}\\n"',
+}
+
+
+@pytest.mark.parametrize("shape", STANDIN_SHAPES.values(), ids=STANDIN_SHAPES.keys())
+def test_standin_prompt_reading_is_linear(shape: str) -> None:
+    """The stand-in reads each worst Agently structure at the same cost per character at 16 KB
+    and 128 KB (a 40,000-space line used to hold the event loop for 4.5 s)."""
+    assert growth("gateway.standin", "sample_json", shape) < MAX_GROWTH
+
+
+_OLD_COMMENT = re.compile(r"\s+//.*$", re.MULTILINE)
+_OLD_ELLIPSIS = re.compile(r"^\s*\.\.\.\s*$\n?", re.MULTILINE)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(["/", "//", ".", "...", "....", "\n", "\n\n", " ", "\t", "\r", "\u3000", "\x85",
+                                 "\v", "a", "{", "}", "x//y", "<int>"]), max_size=25).map("".join))
+def test_standin_comment_and_ellipsis_removal_match_the_old_expressions(text: str) -> None:
+    """The linear comment and ``...`` removal give what the old expressions gave."""
+    assert standin.strip_comments(text) == _OLD_COMMENT.sub("", text)
+    assert standin.strip_ellipsis_lines(text) == _OLD_ELLIPSIS.sub("", text)
+
+
 # --- over HTTP: another tenant is served meanwhile ---------------------------------------------
 
 
@@ -345,3 +380,15 @@ def test_a_planted_round_does_not_stall_the_export(served: ServedGateway) -> Non
                                headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=60)
     resp, _ = served_meanwhile(served, export)
     assert resp.status_code == 200 and "a" * 1000 in resp.text
+
+
+def test_a_hostile_agently_prompt_does_not_stall_the_standin(served: ServedGateway) -> None:
+    """An Agently JSON prompt whose structure holds a million spaces is answered by the built-in
+    stand-in (on the gateway's event loop) while another tenant is served."""
+    prompt = "[OUTPUT REQUIREMENT]:\nData Format: JSON\nData Structure:\n{\n" + " " * 1_000_000 + "x\n}\n\n[OUTPUT]:"
+    chat = lambda: httpx.post(f"{served.url}/v1/chat/completions", timeout=60,  # noqa: E731
+                              headers={"Authorization": f"Bearer {ACME_KEY}"},
+                              json={"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]})
+    resp, _ = served_meanwhile(served, chat)
+    assert resp.status_code == 200
+
