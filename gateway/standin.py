@@ -31,7 +31,11 @@ Routes (everything else, under ``/v1`` or not, answers an OpenAI-shaped 404):
   64), as float lists or base64 as the request asks.
 
 A route the stand-in does not implement answers 404 with code ``not_implemented`` and a message
-naming it (``the sessiongate stand-in model does not implement POST /v1/files``).
+naming it (``the sessiongate stand-in model does not implement POST /v1/files``). A field the
+stand-in reads that has the wrong JSON type (``tools`` not an array of objects, ``tool_choice``,
+``response_format``, its ``json_schema``, ``text`` or its ``format`` of the wrong shape, an
+embeddings ``input`` that is neither a string nor an array) is answered 400 in the protocol's
+error shape, naming the field and never echoing its value, as the real APIs answer it.
 
 The reply is ``reply(body)`` when given (a string is the content, a dict the whole assistant
 message, e.g. with ``tool_calls``); for Responses and Messages, ``body`` is the request's *chat
@@ -268,7 +272,8 @@ def sample_schema(schema: Any, depth: int = 0) -> Any:
 
 def _requested_tool(body: dict[str, Any]) -> dict[str, Any] | None:
     """The function tool a request asks to be called, or None (see the module docstring)."""
-    tools = [t["function"] for t in body.get("tools") or ()
+    raw = body.get("tools")
+    tools = [t["function"] for t in (raw if isinstance(raw, list) else ())
              if isinstance(t, dict) and isinstance(t.get("function"), dict)
              and isinstance(t["function"].get("name"), str)]
     messages = body.get("messages") or []
@@ -277,7 +282,8 @@ def _requested_tool(body: dict[str, Any]) -> dict[str, Any] | None:
             or messages[-1].get("role") != "user":
         return None
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         return next((t for t in tools if t["name"] == name), None)
     if choice == "required":
         return tools[0]
@@ -298,7 +304,8 @@ def default_message(body: dict[str, Any]) -> dict[str, Any]:
     fmt = body.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind in ("json_object", "json_schema"):
-        schema = (fmt.get("json_schema") or {}).get("schema") if kind == "json_schema" else None  # type: ignore[union-attr]
+        spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+        schema = spec.get("schema") if kind == "json_schema" and isinstance(spec, dict) else None
         value = sample_schema(schema) if isinstance(schema, dict) else None
         if value is None or kind == "json_object":
             messages = body.get("messages") or []
@@ -412,6 +419,9 @@ class _Standin:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400, "'messages' is a required property", "invalid_request_error", param="messages")
         self._seen(request, body)
+        problem = _chat_problem(body)
+        if problem is not None:
+            return _error(400, problem[0], "invalid_request_error", param=problem[1])
         fail = request.headers.get("X-Standin-Fail")
         if fail is not None and fail not in ("timeout", "drop-mid-stream"):
             return _failure(fail)
@@ -450,6 +460,9 @@ class _Standin:
             return _error(400, "'input' is required: a string or a list of items", "invalid_request_error",
                           param="input")
         self._seen(request, body)
+        problem = _responses_problem(body)
+        if problem is not None:
+            return _error(400, problem[0], "invalid_request_error", param=problem[1])
         previous = body.get("previous_response_id")
         if previous is not None:
             return _error(400, f"Previous response with id {str(previous)[:64]!r} not found (the sessiongate "
@@ -492,6 +505,9 @@ class _Standin:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _anthropic(400, "messages: Field required")
         self._seen(request, body, model_call=False)
+        problem = _anthropic_fields_problem(body)
+        if problem is not None:
+            return _anthropic(400, problem)
         view = messages_view(body)
         chars = sum(len(message_text(m)) for m in view["messages"])
         return web.Response(body=orjson.dumps({"input_tokens": max(1, chars // 4)}), content_type=_JSON)
@@ -523,6 +539,9 @@ class _Standin:
         inputs = body.get("input") if isinstance(body, dict) else None
         if inputs is None or inputs == [] or inputs == "":
             return _error(400, "'input' is a required property", "invalid_request_error", param="input")
+        if not isinstance(inputs, (str, list)):
+            return _error(400, f"Invalid type for 'input': expected a string or an array, got {_json_type(inputs)}.",
+                          "invalid_request_error", param="input")
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
         dims = body.get("dimensions")
@@ -558,7 +577,80 @@ def _messages_problem(body: Any) -> str | None:
         return "max_tokens: Field required"
     if not isinstance(body.get("messages"), list):
         return "messages: Field required"
+    return _anthropic_fields_problem(body)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of *value*'s type, for an error message (never the value itself)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _typed(body: dict[str, Any], field: str, types: tuple[type, ...], expected: str) -> tuple[str, str] | None:
+    """``(message, param)`` when *field* is present, not null and not of *types*."""
+    value = body.get(field)
+    if value is None or isinstance(value, types):
+        return None
+    return f"Invalid type for '{field}': expected {expected}, but got {_json_type(value)} instead.", field
+
+
+def _items_problem(body: dict[str, Any], field: str) -> tuple[str, str] | None:
+    """``(message, param)`` when *field* is present and not a list of objects."""
+    problem = _typed(body, field, (list,), "an array of objects")
+    if problem is not None:
+        return problem
+    for index, item in enumerate(body.get(field) or ()):
+        if not isinstance(item, dict):
+            return (f"Invalid type for '{field}[{index}]': expected an object, but got {_json_type(item)} instead.",
+                    f"{field}[{index}]")
     return None
+
+
+def _chat_problem(body: dict[str, Any]) -> tuple[str, str] | None:
+    """Why a Chat Completions body is refused with 400 (a field of the wrong JSON type), as
+    ``(message, param)``, or None. The real API refuses these; the stand-in must not fail on them."""
+    for field in ("messages", "tools"):
+        if problem := _items_problem(body, field):
+            return problem
+    for index, tool in enumerate(body.get("tools") or ()):
+        if tool.get("function") is not None and not isinstance(tool["function"], dict):
+            return f"Invalid type for 'tools[{index}].function': expected an object.", f"tools[{index}].function"
+    if problem := (_typed(body, "tool_choice", (str, dict), "a string or an object")
+                   or _typed(body, "response_format", (dict,), "an object")
+                   or _typed(body, "stream_options", (dict,), "an object")):
+        return problem
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and (problem := _typed(choice, "function", (dict,), "an object")):
+        return problem[0].replace("'function'", "'tool_choice.function'"), "tool_choice.function"
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and (problem := _typed(fmt, "json_schema", (dict,), "an object")):
+        return problem[0].replace("'json_schema'", "'response_format.json_schema'"), "response_format.json_schema"
+    return None
+
+
+def _responses_problem(body: dict[str, Any]) -> tuple[str, str] | None:
+    """Why a Responses body is refused with 400 (a field of the wrong JSON type), or None."""
+    if problem := (_items_problem(body, "tools") or _typed(body, "tool_choice", (str, dict), "a string or an object")
+                   or _typed(body, "text", (dict,), "an object")):
+        return problem
+    text = body.get("text")
+    if isinstance(text, dict) and (problem := _typed(text, "format", (dict,), "an object")):
+        return problem[0].replace("'format'", "'text.format'"), "text.format"
+    return None
+
+
+def _anthropic_fields_problem(body: dict[str, Any]) -> str | None:
+    """Why a Messages (or count_tokens) body's optional fields are refused with 400, or None."""
+    problem = _items_problem(body, "tools") or _typed(body, "tool_choice", (dict,), "an object") \
+        or _typed(body, "system", (str, list), "a string or an array")
+    return f"{problem[1]}: {problem[0]}" if problem else None
 
 
 def _anthropic_failure(mode: str) -> web.Response:

@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.standin import default_reply, run_standin, sample_json, standin_thread
 
@@ -235,3 +237,77 @@ def test_the_stand_in_queues_a_burst_of_new_connections_beyond_aiohttps_default_
             sock.close()
         loop.run_until_complete(runner.cleanup())
         loop.close()
+
+
+# --- malformed fields are the protocol's 400, never a 500 ---------------------------------------
+
+MALFORMED = [
+    ("/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": 5}),
+    ("/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                           "response_format": {"type": "json_schema", "json_schema": 5}}),
+    ("/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                           "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"function": 5}}),
+    ("/chat/completions", {"model": "m", "messages": [5]}),
+    ("/responses", {"model": "m", "input": "x", "tools": 5}),
+    ("/responses", {"model": "m", "input": "x", "text": {"format": 5}}),
+    ("/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": 5}),
+    ("/messages/count_tokens", {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [5]}),
+    ("/embeddings", {"model": "m", "input": 5}),
+]
+
+
+def assert_protocol_error(path: str, resp: httpx.Response) -> None:
+    assert resp.status_code == 400, (path, resp.status_code, resp.text)
+    body = resp.json()
+    if path.startswith("/messages"):
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    else:
+        assert body["error"]["type"] == "invalid_request_error" and isinstance(body["error"]["message"], str)
+
+
+@pytest.mark.parametrize(("path", "body"), MALFORMED, ids=[f"{p} {sorted(b)[-1]}" for p, b in MALFORMED])
+def test_a_malformed_field_is_the_protocols_400(base_url: str, path: str, body: dict[str, Any]) -> None:
+    """A field of the wrong JSON type (``tools: 5``, ``json_schema: 5``) gets the protocol's 400
+    error, as from a real provider; it used to be a 500 with a traceback in the gateway's log."""
+    assert_protocol_error(path, httpx.post(base_url + path, json=body, timeout=10))
+
+
+_WORDS = ["user", "assistant", "system", "tool", "function", "json_schema", "json_object", "message",
+          "function_call", "function_call_output", "tool_use", "tool_result", "text", "object", "array",
+          "string", "integer", "required", "auto", "any", "none", "custom", "standin-json", "f"]
+_KEYS = ["role", "content", "type", "text", "function", "name", "parameters", "json_schema", "schema", "format",
+         "input", "tool_use_id", "id", "call_id", "arguments", "output", "input_schema", "properties", "items",
+         "enum", "const", "anyOf", "include_usage", "tool_calls", "tool_choice", "source"]
+_TOP = ["model", "tools", "tool_choice", "response_format", "stream", "stream_options", "instructions", "text",
+        "system", "max_tokens", "dimensions", "encoding_format", "metadata", "store", "user", "previous_response_id"]
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(_WORDS) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=4),
+    max_leaves=16)
+_BODIES = {
+    "/chat/completions": {"messages": st.lists(_VALUES, max_size=3)},
+    "/responses": {"input": st.one_of(st.text(max_size=4), st.lists(_VALUES, max_size=3))},
+    "/messages": {"model": st.just("m"), "max_tokens": st.just(16), "messages": st.lists(_VALUES, max_size=3)},
+    "/messages/count_tokens": {"messages": st.lists(_VALUES, max_size=3)},
+    "/embeddings": {},
+}
+
+
+@pytest.mark.parametrize("path", _BODIES)
+def test_random_json_bodies_never_get_a_500(base_url: str, path: str) -> None:
+    """Random JSON bodies (any top-level value, or an object whose fields hold random values and
+    shapes) get a reply or the protocol's 400 on every route, never a 500."""
+    optional = {key: _VALUES for key in _TOP + ["input"] if key not in _BODIES[path]}
+    bodies = _VALUES | st.fixed_dictionaries(_BODIES[path], optional=optional)
+
+    with httpx.Client(timeout=10, headers={"Content-Type": "application/json"}) as http:
+
+        @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(bodies)
+        def check(body: Any) -> None:
+            resp = http.post(base_url + path, content=json.dumps(body))
+            if resp.status_code != 200:
+                assert_protocol_error(path, resp)
+
+        check()
