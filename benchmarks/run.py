@@ -203,7 +203,10 @@ def gateway_config(env: Env, name: str, port: int, replica: int = 0,
     """
     state = env.tmp / name
     state.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    tree = Path(getattr(env.args, "gateway_tree", None) or REPO)
+    # the gateway tree's own example (an A/B's base may not know settings added since)
+    example = tree / "config" / "sessiongate.yaml"
+    config = yaml.safe_load((example if example.is_file() else EXAMPLE_CONFIG).read_text())
     config = deep_merge(config, {
         "server": {"host": "127.0.0.1", "port": port},
         "upstreams": [{"name": "bench", "base_url": env.upstream_url, "models": ["*"]},
