@@ -383,13 +383,10 @@ def paired(window: Sequence[Message], *, answered: Sequence[str] | None = None,
         ids = {call.get("id") for call in kept}
         if len(kept) == len(calls):
             out.append(message)
-        else:
-            rest = {k: v for k, v in message.items() if k not in ("tool_calls", "reasoning")}
-            if kept:
-                out.append({**rest, "tool_calls": kept, **({"reasoning": message["reasoning"]}
-                                                            if "reasoning" in message else {})})
-            elif rest.get("content"):
-                out.append(rest)
+        elif kept:
+            out.append({**message, "tool_calls": kept})
+        elif message.get("content"):  # its text stays; the thinking that came with the calls goes with them
+            out.append({k: v for k, v in message.items() if k not in ("tool_calls", "reasoning")})
         done: set[Any] = set()
         for result in results:  # each kept call's first answer
             if result["tool_call_id"] in ids and result["tool_call_id"] not in done:

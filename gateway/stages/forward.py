@@ -262,8 +262,8 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
                 writing = True
                 await out.write(b"")
                 writing = False
-            if splitter.done:  # the final event is here: what follows is the body's end, if anything
-                await _drain(reply, pieces)
+            if splitter.done and not reply.at_eof:  # a final event and no end of body yet: wait a little
+                await _drain(pieces)
                 break
         ctx.reply_truncated = assembler.truncated or splitter.oversized
         ended = splitter.done or assembler.finished
@@ -294,13 +294,12 @@ DRAIN_SECONDS = 0.5
 """How long a stream's end may follow its final event before the gateway stops waiting for it."""
 
 
-async def _drain(reply: UpstreamReply, pieces: AsyncIterator[bytes]) -> None:
-    """Read the rest of a stream whose final event has come: normally only the body's end,
-    already here (the connection then goes back to the pool). A provider that holds the
-    connection open after it, or breaks it off, costs that connection and at most
-    :data:`DRAIN_SECONDS`, never the round: the reply is whole."""
-    if reply.at_eof:
-        return
+async def _drain(pieces: AsyncIterator[bytes]) -> None:
+    """Read the rest of a stream whose final event has come but whose body has not ended:
+    normally its end, in a moment (the connection then goes back to the pool). A provider that
+    holds the connection open after it, or breaks it off, costs that connection and at most
+    :data:`DRAIN_SECONDS`, never the round: the reply is whole. (When the body's end is already
+    here the relay loop simply runs out, so its generator ends as it always did.)"""
     with contextlib.suppress(UpstreamError, TimeoutError):
         async with asyncio.timeout(DRAIN_SECONDS):
             async for _ in pieces:  # nothing comes after a final event but the end of the body
