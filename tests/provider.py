@@ -13,12 +13,12 @@
 
 Chat behaviour by ``model``: ``rate-limited`` → 429, ``broken`` → 500, the models of
 ``ERROR_PAGES`` → what a CDN, a reverse proxy or a refused key answer, ``held`` → streams two
-events, then waits for ``release`` before the rest, ``slow-start`` → sends a stream's headers,
-then waits for ``release`` before its first event (a model thinking first; a JSON reply waits whole), ``partial-start`` →
-the same after the first 10 bytes of its first event, ``huge`` → a ~20 MB reply (JSON or SSE)
-whose last piece waits for ``release``, ``done-then-hold`` and ``done-then-reset`` → a whole stream
-whose body never ends (held open until ``release``, or broken off after ``[DONE]``); anything else
-answers ``"provider says: <last user text>"``.
+events, then waits for ``release`` before the rest, ``slow-start`` → sends a stream's headers, then
+waits for ``release`` before its first event (a model thinking first; a JSON reply waits whole),
+``partial-start`` → the same after the first 10 bytes of its first event, ``huge`` → a ~20 MB reply
+(JSON or SSE) whose last piece waits for ``release``, ``done-then-hold`` and ``done-then-reset`` →
+a whole stream whose body never ends (held open until ``release``, or broken off after ``[DONE]``);
+anything else answers ``"provider says: <last user text>"``.
 Forwarded routes: ``GET /v1/models``, ``GET /v1/models/{id}`` (an ``ERROR_PAGES`` name answers that
 page, ``broken-body`` breaks off mid-body,
 ``slow-body`` sends a first piece and then waits for the client to hang up), ``POST
