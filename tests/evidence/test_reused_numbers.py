@@ -38,16 +38,22 @@ def restore(tables: Tables, session: str, saved: tuple[tuple, tuple]) -> None:
     tables.sql("UPDATE session_heads SET bound_seq=? WHERE tenant='acme' AND session_id=?", *head, session)
 
 
-def test_a_round_rolled_back_and_its_number_used_again_is_found(db_gateway: tuple[Gateway, Tables]) -> None:
-    """Round 4 rolled back with the state and head pointer, then round 4 recorded again: verify
-    names round 4 and the entry whose round is gone (it used to say OK)."""
-    gw, tables = db_gateway
+def reuse_round_4(gw: Gateway, tables: Tables) -> None:
+    """Alice's round 4 recorded, then rolled back with the state and head pointer (as a restore of
+    her rows from a backup does), then round 4 recorded again."""
     record(gw, "alice", 3)
     saved = snapshot(tables, "alice")
     assert chat(gw, "alice", "round 4: the one to be hidden").status_code == 200
     tables.sql("DELETE FROM rounds WHERE tenant='acme' AND session_id='alice' AND seq=4")
     restore(tables, "alice", saved)
     assert chat(gw, "alice", "round 4 again: the replacement").status_code == 200
+
+
+def test_a_round_rolled_back_and_its_number_used_again_is_found(db_gateway: tuple[Gateway, Tables]) -> None:
+    """Round 4 rolled back with the state and head pointer, then round 4 recorded again: verify
+    names round 4 and the entry whose round is gone (it used to say OK)."""
+    gw, tables = db_gateway
+    reuse_round_4(gw, tables)
     first, again = round_entries(tables, "alice", 4)
     code, out = verify(gw)
     assert code == 1, out
@@ -113,12 +119,7 @@ def test_a_bundle_exported_after_a_number_was_used_again_fails_offline(db_gatewa
     from gateway.export import verify_bundle
     from tests.evidence.test_bundle_completeness import export, public_key
     gw, tables = db_gateway
-    record(gw, "alice", 3)
-    saved = snapshot(tables, "alice")
-    assert chat(gw, "alice", "round 4: the one to be hidden").status_code == 200
-    tables.sql("DELETE FROM rounds WHERE tenant='acme' AND session_id='alice' AND seq=4")
-    restore(tables, "alice", saved)
-    assert chat(gw, "alice", "round 4 again: the replacement").status_code == 200
+    reuse_round_4(gw, tables)
     bundle = tmp_path / "after-reuse.jsonl"
     export(gw, bundle, "--session", "alice")
     report = verify_bundle(bundle, public_key(gw, tmp_path))
