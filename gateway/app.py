@@ -22,15 +22,12 @@ from gateway.auditor import AuditTrail
 from gateway.auth import Authenticator, check_single_headers
 from gateway.background import Background, Health
 from gateway.codecs import render_error
-from gateway.console.auth import COOKIE, form_limit
-from gateway.console.views import CONSOLE
 from gateway.context import Services
 from gateway.errors import (
     ConfigError,
     ExpectationFailed,
     GatewayError,
     IntegrityError,
-    PayloadTooLarge,
     StoreUnavailable,
 )
 from gateway.handlers import INTERNAL_ERROR, SERVICES, json_response
@@ -106,22 +103,6 @@ async def error_middleware(request: web.Request,
         return _refusal(request, INTERNAL_ERROR["error"], 500)
 
 
-@web.middleware
-async def console_form_limit(request: web.Request,
-                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """A console form post is read under the console's own limit (``console.auth.form_limit``),
-    not ``server.max_body_bytes``: a login form's worth until the browser has a live console
-    session, so nobody who has not signed in can make the gateway wait for, or hold, a large
-    body. Refused with 413 before the body is read when ``Content-Length`` is over it."""
-    if request.method == "POST" and request.path.startswith("/console/"):
-        console = request.app.get(CONSOLE)
-        signed_in = console is not None and console.sessions.get(request.cookies.get(COOKIE)) is not None
-        limit = form_limit(signed_in)
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"console form posts are at most {limit} bytes"
-                                  + ("" if signed_in else " before sign-in"))
-        request._client_max_size = limit  # what request.post() reads up to (aiohttp has no setter)
-    return await handler(request)
 
 
 async def expect_continue(request: web.Request) -> None:
@@ -273,7 +254,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Application:
     """The gateway app for *settings*; *tracing* replaces the configured tracing (tests)."""
-    app = web.Application(middlewares=[metrics_middleware, error_middleware, console_form_limit],
+    app = web.Application(middlewares=[metrics_middleware, error_middleware],
                           client_max_size=settings.server.max_body_bytes,
                           handler_args={"auto_decompress": False})  # parse_request.read_limited decodes bodies
     app[SETTINGS] = settings

@@ -33,13 +33,14 @@ from gateway.console.auth import (
     LOGIN_COOKIE,
     ConsoleSession,
     ConsoleSessions,
+    form_limit,
     same_origin,
     set_cookie,
     token_matches,
 )
 from gateway.console.jobs import Counting, Job, JobProgress, Jobs
 from gateway.console.stats import DAYS_SHOWN, StatsCache
-from gateway.errors import GatewayError, IntegrityError, Unauthorized
+from gateway.errors import GatewayError, IntegrityError, PayloadTooLarge, Unauthorized
 from gateway.export import FORMATS, RoundLabels, check_range, record_columns
 from gateway.handlers import SERVICES, parse_time
 from gateway.redact import Redactor
@@ -601,6 +602,28 @@ async def _lifecycle(app: web.Application) -> Any:
     await app[CONSOLE].jobs.close()
 
 
+def form_limited(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """*handler* with its form body read under the console's own limit (``auth.form_limit``), not
+    ``server.max_body_bytes``: a login form's worth until the browser has a live console
+    session, so nobody who has not signed in can make the gateway wait for, or hold, a large
+    body. Refused with 413 before the body is read when ``Content-Length`` is over it. (On the
+    console's POST routes only: the model routes pay nothing for it.)"""
+
+    @functools.wraps(handler)
+    async def limited(request: web.Request) -> web.StreamResponse:
+        console = request.app.get(CONSOLE)
+        signed_in = console is not None and console.sessions.get(request.cookies.get(COOKIE)) is not None
+        limit = form_limit(signed_in)
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"console form posts are at most {limit} bytes"
+                                  + ("" if signed_in else " before sign-in"))
+        request._client_max_size = limit  # what request.post() reads up to (aiohttp has no setter)
+        return await handler(request)
+
+    return limited
+
+
 def setup(app: web.Application) -> None:
     """Register the console on *app*."""
     app[CONSOLE] = Console()
@@ -610,17 +633,17 @@ def setup(app: web.Application) -> None:
     r.add_get("/console", index)
     r.add_get("/console/", index)
     r.add_get("/console/login", login_form)
-    r.add_post("/console/login", login)
-    r.add_post("/console/logout", logout)
+    r.add_post("/console/login", form_limited(login))
+    r.add_post("/console/logout", form_limited(logout))
     r.add_get("/console/overview", overview)
     r.add_get("/console/sessions", sessions_page)
     r.add_get("/console/sessions/{tenant}/{session_id}", session_page)
     r.add_get("/console/audit/{tenant}/{request_id}", audit_entry)
-    r.add_post("/console/verify", verify)
-    r.add_post("/console/export", export)
+    r.add_post("/console/verify", form_limited(verify))
+    r.add_post("/console/export", form_limited(export))
     r.add_get("/console/jobs/{job_id}", job_page)
     r.add_get("/console/jobs/{job_id}/download", job_download)
     r.add_get("/console/public-key", public_key)
     r.add_get("/console/policies", policies_page)
-    r.add_post("/console/policies/explain", explain_form)
+    r.add_post("/console/policies/explain", form_limited(explain_form))
     r.add_static("/console/static/", HERE / "static", append_version=False)
