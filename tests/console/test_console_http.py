@@ -125,13 +125,13 @@ def test_sessions_are_searched_by_prefix_and_paged(console_gateway: Gateway) -> 
     assert "page-054" in second and "page-049<" not in second and "Next page" not in second
 
 
-def verification_page(gateway: Gateway) -> str:
-    """Start the console's verification of tenant acme as a signed-in auditor; its finished page."""
+def verification_page(gateway: Gateway, tenant: str = "acme") -> str:
+    """Start the console's verification of *tenant* as a signed-in auditor; its finished page."""
     import time
 
     client = signed_in_client(gateway)
     csrf = login_csrf(client.get("/console/overview").text)
-    job = client.post("/console/verify", data={"csrf": csrf, "tenant": "acme"},
+    job = client.post("/console/verify", data={"csrf": csrf, "tenant": tenant},
                       headers={"Origin": gateway.url}).headers["location"]
     deadline = time.monotonic() + 20
     page = client.get(job).text

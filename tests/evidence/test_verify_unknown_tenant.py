@@ -7,12 +7,10 @@ for the typo, after which an export of it was no longer refused. The CLI already
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
 from tests.conftest import AUDITOR_TOKEN, Gateway
-from tests.console.conftest import login_csrf, signed_in_client
+from tests.console.test_console_http import verification_page
 from tests.evidence.conftest import Tables, run_cli
 from tests.evidence.test_tamper_data import record
 
@@ -36,15 +34,7 @@ def test_the_console_creates_no_chain_for_an_unknown_tenant(gateway: Gateway) ->
     """The console's verification of the typo does not call it intact and starts no chain for it,
     so an export of it is still refused."""
     record(gateway, "alice", 1)
-    client = signed_in_client(gateway)
-    csrf = login_csrf(client.get("/console/overview").text)
-    job = client.post("/console/verify", data={"csrf": csrf, "tenant": "acmee"},
-                      headers={"Origin": gateway.url}).headers["location"]
-    deadline = time.monotonic() + 20
-    page = client.get(job).text
-    while "Running" in page and time.monotonic() < deadline:
-        time.sleep(0.2)
-        page = client.get(job).text
+    page = verification_page(gateway, "acmee")
     assert "intact" not in page, page
     assert Tables("sqlite", gateway).sql("SELECT count(*) FROM audit WHERE tenant='acmee'") == [(0,)]
     code, _, err = run_cli("--config", str(gateway.config_path), "export", "--tenant", "acmee", "--format", "jsonl",
