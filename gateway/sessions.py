@@ -325,17 +325,20 @@ class SessionService:
                                until: float | None = None,
                                after_seq: int | None = None) -> AsyncIterator[tuple[RoundRow, list[Message]]]:
         """Every round of a tenant (or one session; after *after_seq*) with its messages, in
-        constant memory."""
+        constant memory. A round that fails to open quarantines its session, as a failed load
+        does, and the ``IntegrityError`` ends the iteration."""
         keys: dict[str, crypto.DataKey] = {}
         async for row in self.store.iter_rounds(tenant, session_id, since=since, until=until, after_seq=after_seq):
-            dk = keys.get(row.session_id)
-            if dk is None:
-                keys.clear()
-                _, krow = await self.store.get_session(tenant, row.session_id)
-                if krow is None:
-                    raise IntegrityError(f"session {tenant}/{row.session_id} has rounds but no data key")
-                dk = keys[row.session_id] = self._data_key(krow)
-            yield row, self.open_round(dk, row)
+            async with self._guarded(tenant, row.session_id, None):
+                dk = keys.get(row.session_id)
+                if dk is None:
+                    keys.clear()
+                    _, krow = await self.store.get_session(tenant, row.session_id)
+                    if krow is None:
+                        raise IntegrityError(f"session {tenant}/{row.session_id} has rounds but no data key")
+                    dk = keys[row.session_id] = self._data_key(krow)
+                messages = self.open_round(dk, row)
+            yield row, messages
 
     async def export(self, tenant: str, session_id: str) -> dict[str, Any]:
         """The session in Agently's JSON form; ``NotFound`` when it does not exist."""

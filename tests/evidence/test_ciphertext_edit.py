@@ -9,7 +9,9 @@ tests pin exactly that, so the README's description stays true.
 
 from __future__ import annotations
 
-from tests.conftest import Gateway
+import httpx
+
+from tests.conftest import AUDITOR_TOKEN, Gateway
 from tests.evidence.conftest import Tables, verify
 from tests.evidence.test_tamper_data import INTEGRITY, chat, read, record
 
@@ -27,6 +29,24 @@ def test_a_swapped_round_ciphertext_is_found_by_verify_and_by_a_read(db_gateway:
     assert chat(gw, "alice", "served: the check on load does not read round ciphertexts").status_code == 200
     resp = read(gw, "alice")
     assert resp.status_code == 500 and resp.json() == {"error": INTEGRITY}, resp.text
+    assert tables.sql("SELECT quarantined_seq FROM session_heads WHERE tenant='acme' "
+                      "AND session_id='alice'")[0][0] is not None
+    resp = chat(gw, "alice", "refused now")
+    assert resp.status_code == 500 and resp.json() == {"error": INTEGRITY}, resp.text
+
+
+def test_a_swapped_round_ciphertext_found_by_an_export_quarantines_the_session(
+        db_gateway: tuple[Gateway, Tables]) -> None:
+    """An auditor's export that meets a round failing to open refuses (the integrity error) and
+    quarantines the session, as any other read does: the next chat is refused, not served on."""
+    gw, tables = db_gateway
+    record(gw, "alice", 3)
+    (ct,) = tables.sql("SELECT ct FROM rounds WHERE tenant='acme' AND session_id='alice' AND seq=1")[0]
+    tables.sql("UPDATE rounds SET ct=? WHERE tenant='acme' AND session_id='alice' AND seq=2", bytes(ct))
+    headers = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
+    resp = httpx.get(f"{gw.url}/admin/export", params={"tenant": "acme", "format": "jsonl"}, headers=headers,
+                     timeout=30)
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed", resp.text
     assert tables.sql("SELECT quarantined_seq FROM session_heads WHERE tenant='acme' "
                       "AND session_id='alice'")[0][0] is not None
     resp = chat(gw, "alice", "refused now")
