@@ -326,10 +326,18 @@ class Checkpoint:
 
 
 class CheckpointLog:
-    """An append-only JSON-lines file of checkpoints, one per line, outside the database."""
+    """An append-only JSON-lines file of checkpoints, one per line, outside the database.
+
+    An append cut short by a crash (power lost between ``write`` and ``fsync``) can leave a
+    torn line: JSON that ends early, or NUL bytes where the file grew but the data never
+    landed. Such a line is skipped with a ``checkpoint_torn_line`` warning (it is what removing
+    the line would give, which anyone able to write the file can do anyway); the next append
+    starts on a line of its own. Any other malformed line is an error naming it.
+    """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self.torn: set[int] = set()  # line numbers of torn lines seen, each warned about once
 
     def append(self, checkpoints: Sequence[Checkpoint]) -> None:
         """Append durably (one write, then fsync). Raises ``OSError`` when the file cannot be written."""
@@ -337,8 +345,11 @@ class CheckpointLog:
             return
         data = b"".join(orjson.dumps(cp.to_dict()) + b"\n" for cp in checkpoints)
         make_private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line: end it first
+                data = b"\n" + data
             os.write(fd, data)
             os.fsync(fd)
         finally:
@@ -347,7 +358,7 @@ class CheckpointLog:
     def __iter__(self) -> Iterator[Checkpoint]:
         """Every checkpoint in file order; none when the file does not exist.
 
-        Raises ``ConfigError`` naming the line of a malformed entry.
+        Raises ``ConfigError`` naming the line of a malformed entry (torn lines are skipped).
         """
         try:
             f = self.path.open("rb")
@@ -359,7 +370,14 @@ class CheckpointLog:
                     continue
                 try:
                     yield Checkpoint.from_dict(orjson.loads(line))
-                except (orjson.JSONDecodeError, ValueError) as exc:
+                except orjson.JSONDecodeError as exc:
+                    if not _torn(line):
+                        raise ConfigError(f"malformed checkpoint: {exc}", file=str(self.path),
+                                          line=number) from exc
+                    if number not in self.torn:
+                        self.torn.add(number)
+                        _log.warning("checkpoint_torn_line", file=str(self.path), line=number)
+                except ValueError as exc:
                     raise ConfigError(f"malformed checkpoint: {exc}", file=str(self.path),
                                       line=number) from exc
 
@@ -374,6 +392,19 @@ class CheckpointLog:
             if cp.tenant not in out or cp.seq >= out[cp.tenant].seq:
                 out[cp.tenant] = cp
         return out
+
+
+def _torn(line: bytes) -> bool:
+    """Whether a line that failed to parse is what a cut-short append leaves: NUL bytes, or JSON
+    that is well formed up to where it ends early."""
+    body = line.rstrip(b"\r\n")
+    if not body.strip(b"\x00"):
+        return True
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return exc.pos == len(body)
+    return False
 
 
 @dataclass(slots=True)

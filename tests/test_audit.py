@@ -455,3 +455,34 @@ def test_checkpointer_run_signs_when_due_and_on_stop(signer: Signer, tmp_path: P
 
     assert asyncio.run(scenario()) == [3]
     assert [cp.seq for cp in log] == [3, 4]
+
+
+@pytest.mark.parametrize("tail", [b'{"tenant": "acme", "seq": 1', b'{"tenant"', b"\x00" * 40],
+                         ids=["cut-json", "cut-key", "nul-bytes"])
+def test_a_torn_last_checkpoint_line_is_skipped_and_the_next_append_starts_a_line(
+        tmp_path: Path, signer: Signer, tail: bytes) -> None:
+    """What an append cut short by a crash leaves (JSON ending early, or NULs where the data never
+    landed) is skipped, not an error that stops start-up; the next append starts on a line of its
+    own and later reads still skip the fragment."""
+    log = CheckpointLog(tmp_path / "checkpoints.jsonl")
+    first = signer.sign_head("acme", 3, "a" * 64, 1.0)
+    log.append([first])
+    with log.path.open("ab") as f:
+        f.write(tail)
+    assert list(log) == [first] and log.torn == {2}
+    second = signer.sign_head("acme", 7, "b" * 64, 2.0)
+    log.append([second])
+    assert list(CheckpointLog(log.path)) == [first, second]
+    assert log.latest() == {"acme": second}
+
+
+@pytest.mark.parametrize("line", [b'{"tenant": "acme"} trailing\n', b"not json\n", b'{"tenant": "acme"}\n'],
+                         ids=["trailing", "garbage", "fields-missing"])
+def test_a_damaged_checkpoint_line_is_still_an_error(tmp_path: Path, signer: Signer, line: bytes) -> None:
+    """Only a cut-short line is taken for a torn append: other damage names its line."""
+    log = CheckpointLog(tmp_path / "checkpoints.jsonl")
+    with log.path.open("wb") as f:
+        f.write(line)
+    log.append([signer.sign_head("acme", 1, "a" * 64, 1.0)])
+    with pytest.raises(ConfigError, match=r"checkpoints.jsonl:1"):
+        list(log)

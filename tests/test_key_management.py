@@ -377,3 +377,16 @@ def test_a_new_signing_key_is_generated_with_a_warning_when_nothing_was_signed(t
     with capture_logs() as again:
         assert load_signer(load_settings(config)).key_id == signer.key_id
     assert not [entry for entry in again if entry["event"] == "audit_signing_key_generated"]
+
+
+def test_a_torn_last_checkpoint_line_does_not_stop_the_gateway_or_verify(gateway: Gateway) -> None:
+    """A checkpoint append cut short by a crash leaves a line that ends early: `audit verify`
+    (and so start-up, which reads the same file) goes on, skipping it with a warning."""
+    checkpoints = _checkpointed(gateway)
+    with checkpoints.open("ab") as f:
+        f.write(b'{"tenant": "acme", "seq": 9, "hash": "ab')
+    verified = cli(gateway, "audit", "verify")
+    assert verified.returncode == 0 and "Traceback" not in verified.stderr, verified.stdout + verified.stderr
+    assert "checkpoint_torn_line" in verified.stdout + verified.stderr
+    public = cli(gateway, "audit", "public-key")
+    assert public.returncode == 0 and "BEGIN PUBLIC KEY" in public.stdout, public.stderr
