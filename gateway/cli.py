@@ -479,6 +479,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
         report = _run(_with_sessions(settings, rewrap))
         print(f"re-wrapped {report.rewrapped} data keys ({report.already_primary} already under {new.id}); "
               "the old key stays for unwrapping until you retire it")
+        if report.failed:
+            return _fail(f"{report.failed} data keys could not be re-wrapped and stay under their old master key "
+                         "(each is named in a rewrap_integrity_error log line; 'sessiongate audit verify' "
+                         "reports their sessions); do not retire an old key that still wraps one", 1)
         return 0
     if args.action == "retire":
         if not args.key_id:

@@ -390,3 +390,20 @@ def test_a_torn_last_checkpoint_line_does_not_stop_the_gateway_or_verify(gateway
     assert "checkpoint_torn_line" in verified.stdout + verified.stderr
     public = cli(gateway, "audit", "public-key")
     assert public.returncode == 0 and "BEGIN PUBLIC KEY" in public.stdout, public.stderr
+
+
+def test_rotate_goes_on_past_an_edited_data_key_row_and_says_so(gateway: Gateway) -> None:
+    """A data_keys row whose wrapped key was made TEXT outside the gateway (SQLite's hex() or
+    replace() on a blob gives text) is one failure, not a traceback that stops the rotation: the other keys are
+    re-wrapped, and `keys rotate` exits 1 naming how many were not and why not to retire yet."""
+    chat(gateway, "edited", "one")
+    chat(gateway, "intact", "two")
+    with closing(sqlite3.connect(gateway.db_path)) as conn, conn:
+        conn.execute("UPDATE data_keys SET wrapped=hex(wrapped) WHERE session_id='edited'")
+        assert conn.execute("SELECT typeof(wrapped) FROM data_keys WHERE session_id='edited'").fetchone() == ("text",)
+    old = primary(gateway.dir / "master-keys.json")
+    rotated = cli(gateway, "keys", "rotate")
+    assert rotated.returncode == 1 and "Traceback" not in rotated.stderr, rotated.stderr
+    assert "1 data keys could not be re-wrapped" in rotated.stderr and "do not retire" in rotated.stderr
+    new = primary(gateway.dir / "master-keys.json")
+    assert new != old and kek_ids(gateway.db_path) == {"edited": old, "intact": new}
