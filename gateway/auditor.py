@@ -221,7 +221,12 @@ async def round_protocols(store: Store, tenant: str) -> dict[tuple[str, int], st
     A round whose entry names none was recorded before there were several (Chat Completions)."""
     out: dict[tuple[str, int], str] = {}
     async for row in store.iter_audit(tenant):
-        doc = orjson.loads(row.body)
+        try:
+            doc = orjson.loads(row.body)
+        except orjson.JSONDecodeError:
+            continue  # an edited entry: the export's check of the chain names it
+        if not isinstance(doc, dict):
+            continue
         if doc.get("event") == "round" and isinstance(doc.get("round_seq"), int) and doc.get("protocol"):
             out[(str(doc.get("session_id")), doc["round_seq"])] = str(doc["protocol"])
     return out

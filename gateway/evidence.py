@@ -205,6 +205,8 @@ def _altered(cls: type, values: Sequence[Any]) -> AlteredRow:
     name, want = next((n, t) for (n, t), v in zip(_COLUMNS[cls], values, strict=False) if not isinstance(v, t))
     want_name = _TYPE_NAMES[want[1] if isinstance(want, tuple) else want]
     have = _TYPE_NAMES.get(type(names[name]), type(names[name]).__name__)
+    if isinstance(names[name], bytes) and want is str:
+        have = "a blob (or text that is not UTF-8)"
     tenant, sid = names.get("tenant"), names.get("session_id")
     seq = names.get("seq") if isinstance(names.get("seq"), int) else None
     where = f"tenant {tenant}" if isinstance(tenant, str) else "a tenant"

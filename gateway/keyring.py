@@ -210,7 +210,8 @@ class Keyring:
     def unwrap(self, kek_id: str, dk_id: bytes, wrapped: bytes) -> DataKey:
         """The data key ``dk_id`` wrapped by master key ``kek_id``; ``IntegrityError`` if it fails
         (also when a value is not of the type the gateway stores: a row edited outside it)."""
-        if not isinstance(dk_id, bytes | bytearray | memoryview) or not isinstance(wrapped, bytes | bytearray | memoryview):
+        binary = bytes | bytearray | memoryview
+        if not isinstance(dk_id, binary) or not isinstance(wrapped, binary):
             raise IntegrityError(f"a wrapped data key of master key {kek_id!r} is stored as "
                                  f"{type(dk_id).__name__}/{type(wrapped).__name__}, not bytes: "
                                  "its data_keys row was edited outside the gateway")

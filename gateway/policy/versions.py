@@ -37,7 +37,10 @@ from gateway.store.base import PolicyVersionRow, Store
 
 
 def proves(row: PolicyVersionRow) -> bool:
-    """Whether a kept version's document is the one its key (the version hash) names."""
+    """Whether a kept version's document is the one its key (the version hash) names (never when
+    a value is not the text the gateway stores: a row edited outside it)."""
+    if not isinstance(row.document, str) or not isinstance(row.hash, str):
+        return False
     return hashlib.sha256(row.document.encode("utf-8")).hexdigest() == row.hash
 
 
@@ -68,7 +71,9 @@ class PolicyVersion:
         hash to its version hash."""
         if not proves(row):
             raise ValueError(f"stored policy version {row.hash[:12]} of {row.policy_id!r} does not match its hash")
-        doc: dict[str, Any] = json.loads(row.document)
+        doc = json.loads(row.document)
+        if not isinstance(doc, dict) or not isinstance(doc.get("session") or {}, dict):
+            raise ValueError(f"stored policy version {row.hash[:12]} of {row.policy_id!r} is not a policy document")
         session = doc.get("session") or {}
         keys = [*(session.get("input_keys") or []), *(session.get("reply_keys") or [])]
         return cls(str(doc.get("id", row.policy_id)), row.hash, Export.model_validate(doc.get("export") or {}),

@@ -188,11 +188,39 @@ LEFT JOIN session_heads h ON h.tenant = :t AND h.session_id = :s
 LEFT JOIN audit a ON a.tenant = :t AND a.seq = h.bound_seq"""
 
 
+def _bytes_unless_utf8(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
+
+
+def text_checked(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+    """``fn(conn)`` (a read). A TEXT value that is not UTF-8 (an edit outside the gateway:
+    ``CAST(x'ff' AS TEXT)``) makes ``sqlite3`` fail the whole query with a message quoting the
+    bytes; then the read runs again with such values read as ``bytes``, which the typed row
+    check (``evidence.typed``) reports as the row and column edited. Costs nothing otherwise."""
+    try:
+        return fn(conn)
+    except sqlite3.OperationalError as exc:
+        if not str(exc).startswith("Could not decode to UTF-8"):
+            raise
+    conn.text_factory = _bytes_unless_utf8
+    try:
+        return fn(conn)
+    finally:
+        conn.text_factory = str
+
+
+def _current_row(tenant: str, session_id: str, conn: sqlite3.Connection) -> Any:
+    return conn.execute(_CURRENT, {"t": tenant, "s": session_id}).fetchall()[0]  # always one row; none left open
+
+
 def read_current(conn: sqlite3.Connection, tenant: str, session_id: str | None) -> Current:
     """The session's rows, its round count and highest seq, and its head entry: one query."""
     if session_id is None:
         return Current(tenant, None, None, None)
-    row = conn.execute(_CURRENT, {"t": tenant, "s": session_id}).fetchall()[0]  # always one row; none left open
+    row = text_checked(functools.partial(_current_row, tenant, session_id), conn)
     return evidence.current(tenant, session_id, row[0:5] if row[0] is not None else None,
                             row[5:9] if row[5] is not None else None, row[9], row[10], row[11], row[12],
                             row[13:] if row[13] is not None else None)
@@ -597,7 +625,8 @@ def _unavailable(exc: BaseException, doing: str) -> BaseException:
     """A database error (disk I/O, locked, corrupt file) as ``StoreUnavailable``; anything else
     (a plan's own error) unchanged."""
     if isinstance(exc, sqlite3.Error):
-        err = StoreUnavailable(f"the SQLite store failed to {doing}: {exc}")
+        said = str(exc).split(" with text '", 1)[0]  # sqlite3 quotes a value it could not decode: never repeat it
+        err = StoreUnavailable(f"the SQLite store failed to {doing}: {said}")
         err.__cause__ = exc
         return err
     return exc
@@ -753,7 +782,7 @@ class Snapshot(Reads):
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._lane, fn, self._conn)
+            return await asyncio.get_running_loop().run_in_executor(self._lane, text_checked, fn, self._conn)
         except sqlite3.Error as exc:
             raise _unavailable(exc, "read") from exc
 
@@ -843,7 +872,7 @@ class SQLiteStore(Reads):
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._reader is None:
             raise StoreUnavailable("the store is not open")
-        return await self._reader.submit(fn)
+        return await self._reader.submit(functools.partial(text_checked, fn))
 
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Snapshot]:

@@ -104,3 +104,43 @@ def test_the_admin_routes_report_it_instead_of_an_internal_error(recorded: tuple
     assert error["kind"] == "edited" and error["seq"] == 2 and "column body" in error["message"], error
     resp = httpx.get(f"{gw.url}/admin/export", params={"tenant": "acme"}, headers=headers, timeout=30)
     assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed", resp.text
+
+
+# Text that is not UTF-8 makes sqlite3 fail the whole query (quoting the bytes): every read of the
+# session or the tenant was a 503 "retry later" for good, and `audit verify` stopped with exit 2.
+NOT_UTF8 = {
+    "rounds.request_id": ("UPDATE rounds SET request_id=CAST(x'ff00fe' AS TEXT) WHERE tenant='acme' "
+                          "AND session_id='alice' AND seq=1",
+                          "round_relabelled: tenant acme, session alice, round 1: its rounds row holds a blob (or "
+                          "text that is not UTF-8) in column request_id"),
+    "data_keys.kek_id": ("UPDATE data_keys SET kek_id=CAST(x'ff00fe' AS TEXT) WHERE tenant='acme' "
+                         "AND session_id='alice'",
+                         "data_key_altered: tenant acme, session alice: its data_keys row holds a blob (or text "
+                         "that is not UTF-8) in column kek_id"),
+    "policy_versions.document": ("UPDATE policy_versions SET document=CAST(x'ff' AS TEXT) WHERE policy_id='default'",
+                                 "policy_version_altered at seq 1: tenant acme, session alice, round 1"),
+    "policy_versions.not_a_policy": ("UPDATE policy_versions SET document='[]', hash="
+                                     "'4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945' "
+                                     "WHERE policy_id='default'",
+                                     "policy_version_missing"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(NOT_UTF8))
+def test_text_that_is_not_utf8_or_not_a_policy_is_an_altered_row(recorded: tuple[Gateway, Tables], edit: str) -> None:
+    """Verification names the row (exit 1, no traceback, later tenants checked); an export answers
+    the integrity error, never 503 ``store_unavailable`` or 500 ``internal_error``; nothing the
+    gateway says repeats the stored bytes."""
+    gw, tables = recorded
+    statement, expected = NOT_UTF8[edit]
+    tables.sql(statement)
+    code, out = verify(gw)
+    assert code == 1 and "Traceback" not in out and expected in out, out
+    assert "OK   tenant globex" in out and "Could not decode" not in out, out
+    headers = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
+    resp = httpx.get(f"{gw.url}/admin/export", params={"tenant": "acme"}, headers=headers, timeout=30)
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed", resp.text
+    if edit.startswith("rounds") or edit.startswith("data_keys"):
+        resp = read(gw, "alice")
+        assert resp.status_code == 500 and resp.json() == {"error": INTEGRITY}, resp.text
+    assert "\ufffd" not in gw.log_path.read_text(errors="replace"), "the log repeats undecodable stored bytes"
