@@ -158,6 +158,17 @@ class IntegrityError(GatewayError):
         self.detail = detail
 
 
+class EvidenceRefused(IntegrityError):
+    """An integrity failure met while serving an auditor (``/admin/export``): the auditor is told
+    what failed, as ``sessiongate export`` and ``audit verify`` tell the operator. Details name
+    tenants, sessions, rounds, entries and columns, never stored values."""
+
+    def __init__(self, detail: str, tenant: str) -> None:
+        super().__init__(detail)
+        self.message = (f"the export stopped: {detail}. Nothing was exported; "
+                        f"'sessiongate audit verify --tenant {tenant}' reports every finding")
+
+
 class StoreUnavailable(GatewayError):
     """Any failure to reach or use the database; answered with ``Retry-After``.
 

@@ -34,7 +34,15 @@ from gateway.codecs.chat import CHAT
 from gateway.codecs.messages import MESSAGES
 from gateway.codecs.responses import RESPONSES, chain_of, to_items
 from gateway.context import Context, Services
-from gateway.errors import BadRequest, GatewayError, NotFound, StoreUnavailable, UpstreamError
+from gateway.errors import (
+    BadRequest,
+    EvidenceRefused,
+    GatewayError,
+    IntegrityError,
+    NotFound,
+    StoreUnavailable,
+    UpstreamError,
+)
 from gateway.export import FORMATS, bundle_paths
 from gateway.logs import exception_fields
 from gateway.observe import mark_logged, set_outcome
@@ -516,8 +524,11 @@ async def admin_export(request: web.Request) -> web.StreamResponse:
     with tempfile.TemporaryDirectory(prefix="sessiongate-export-") as tmp:
         # built from the validated tenant only: letters, digits, '_', '.', '-' (never a path)
         out = Path(tmp) / f"{tenant}-export.{'csv' if fmt == 'csv' else 'jsonl'}"
-        await services.audit.export(services.sessions, services.policies.current, out, tenant=tenant, fmt=fmt,
-                                    session_id=sid, since=since, until=until)
+        try:
+            await services.audit.export(services.sessions, services.policies.current, out, tenant=tenant, fmt=fmt,
+                                        session_id=sid, since=since, until=until)
+        except IntegrityError as exc:
+            raise EvidenceRefused(exc.detail, tenant) from exc
         log.info("export", auditor=auditor.name, tenant=tenant, session_id=sid, format=fmt)
         resp = web.StreamResponse(headers={
             "Content-Type": "application/x-tar",

@@ -47,6 +47,9 @@ def test_a_swapped_round_ciphertext_found_by_an_export_quarantines_the_session(
     resp = httpx.get(f"{gw.url}/admin/export", params={"tenant": "acme", "format": "jsonl"}, headers=headers,
                      timeout=30)
     assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed", resp.text
+    said = resp.json()["error"]["message"]  # the auditor is told what failed, as the CLI would say
+    assert said.startswith("the export stopped: ") and "round record seq 2" in said, said
+    assert "sessiongate audit verify --tenant acme" in said, said
     assert tables.sql("SELECT quarantined_seq FROM session_heads WHERE tenant='acme' "
                       "AND session_id='alice'")[0][0] is not None
     resp = chat(gw, "alice", "refused now")

@@ -140,6 +140,7 @@ def test_text_that_is_not_utf8_or_not_a_policy_is_an_altered_row(recorded: tuple
     headers = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
     resp = httpx.get(f"{gw.url}/admin/export", params={"tenant": "acme"}, headers=headers, timeout=30)
     assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed", resp.text
+    assert resp.json()["error"]["message"].startswith("the export stopped: "), resp.text
     if edit.startswith("rounds") or edit.startswith("data_keys"):
         resp = read(gw, "alice")
         assert resp.status_code == 500 and resp.json() == {"error": INTEGRITY}, resp.text
