@@ -206,6 +206,8 @@ class Provider:
             if model == "slow-start":  # a model that thinks before it answers at all
                 await self._wait_release()
             payload = orjson.dumps(completion(text, model))
+            if model == "bom":  # a byte-order mark first: Python's json and the SDKs read it; RFC 8259 allows it
+                payload = b"\xef\xbb\xbf" + payload
             if model == "huge":
                 return await self.stream(request, payload, content_type="application/json",
                                          hold_after=len(payload) - 1000, sizes=(65536,))

@@ -213,6 +213,8 @@ def _client_gone(request: web.Request) -> bool:
 
 
 def _parse_reply(ctx: Context) -> None:
+    if ctx.tail.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (RFC 8259 lets a parser ignore it)
+        ctx.tail = ctx.tail[3:]
     try:
         body = orjson.loads(ctx.tail)
     except orjson.JSONDecodeError as exc:

@@ -240,6 +240,16 @@ def test_an_encoding_the_gateway_cannot_read_is_a_clear_502(make_gateway: Callab
     assert [e["outcome"] for e in audit_entries(gateway) if e["event"] == "proxy"] == ["upstream_error"]
 
 
+def test_a_json_reply_with_a_byte_order_mark_is_read_and_recorded(make_gateway: Callable[..., Gateway],
+                                                                  provider: Provider) -> None:  # noqa: F811
+    """A reply that starts with a UTF-8 byte-order mark parses for the SDK (as it would directly) and is
+    recorded, instead of 502 bad_upstream_reply."""
+    gateway = connect(make_gateway, provider, "forced-gzip")
+    reply = gateway.openai(session="bom").chat.completions.create(model="bom", messages=[user("marked")])
+    assert reply.choices[0].message.content == "provider says: marked"
+    assert exported(gateway, "bom")["full_context"][-1] == {"role": "assistant", "content": "provider says: marked"}
+
+
 def test_an_event_longer_than_the_cap_is_forwarded_unparsed() -> None:
     """EventSplitter(max_event) passes an over-long event through as it arrives and still splits the next ones."""
     from gateway.sse import EventSplitter
