@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from gateway.visible import HIDDEN, json_escaped, tag_text
 
-HIDDEN_CHARS = "\u202e\u2066\u200b\u00ad\u2028\ufeff\x1b\x00" + chr(0xE0041) + chr(0xE0001) + chr(0xE0100)
+HIDDEN_CHARS = ("\u202e\u2066\u200b\u00ad\u2028\ufeff\x1b\x00\ufe0f\ufe01\u3164\u2800\u2764"
+                + chr(0xE0041) + chr(0xE0001) + chr(0xE0100))
 
 
 @settings(max_examples=200, derandomize=True, database=None)
@@ -32,3 +33,17 @@ def test_tags_spell_ascii() -> None:
     assert tag_text(run) == "ignore previous"
     assert HIDDEN.fullmatch("\u202e\u200b").group("tags") is None  # type: ignore[union-attr]
     assert HIDDEN.search("plain text, é, 中, emoji 👍\ufe0f, tab\tand newline\n") is None
+
+
+FILLERS = ["\ufe00", "\ufe0d", "\ufe0e", "\u115f", "\u1160", "\u3164", "\uffa0", "\u034f", "\u17b4", "\u17b5",
+           "\u180b", "\u180c", "\u180d", "\u180f", "\u2800", "\U0001d173", "\U0001d17a", "\U0001bca0"]
+
+
+def test_fillers_and_variation_selectors_are_hidden_characters() -> None:
+    """Variation selectors, Hangul fillers, the grapheme joiner, Khmer and Mongolian invisibles and
+    the braille blank render as nothing (or blank) and carry text: each is matched."""
+    for c in FILLERS:
+        assert HIDDEN.search(f"a{c}b") is not None, f"U+{ord(c):04X}"
+    assert HIDDEN.search("a\ufe0fb") is not None  # not after a symbol: a variation selector carrying a byte
+    assert HIDDEN.search("\u2764\ufe0f\ufe0f").group() == "\ufe0f"  # type: ignore[union-attr]  # the second is extra
+    assert HIDDEN.search("heart \u2764\ufe0f, keycap 1\ufe0f\u20e3, text style \u2764\ufe0e, \U0001f44d\ufe0f") is None
