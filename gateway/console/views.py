@@ -78,7 +78,22 @@ def _environment() -> jinja2.Environment:
     env.filters["when"] = _when
     env.filters["pretty"] = lambda value: orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
     env.filters["visible"] = visible
+    env.filters["role_class"] = role_class
     return env
+
+
+ROLE_CLASSES = {"system": "role-system", "developer": "role-developer", "user": "role-user",
+                "assistant": "role-assistant", "tool": "role-tool", "function": "role-function"}
+"""The class of a message of each role the wire protocols know. A recorded role is data (an
+import or a history edit may hold any string): it is never put into a class attribute, where
+``"user skip"`` would add the stylesheet's off-screen class and hide the message."""
+OTHER_ROLE = "role-other"
+
+
+def role_class(role: object) -> str:
+    """The fixed class of a message with *role*: from :data:`ROLE_CLASSES`, else
+    :data:`OTHER_ROLE` (shown plainly, its role marked as unrecognised)."""
+    return ROLE_CLASSES.get(role, OTHER_ROLE) if isinstance(role, str) else OTHER_ROLE
 
 
 def visible(text: str) -> markupsafe.Markup:

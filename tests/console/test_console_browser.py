@@ -195,3 +195,33 @@ def test_screenshots_folder_is_linked_from_the_readme() -> None:
     readme = (REPO / "README.md").read_text()
     assert "tests/console/screenshots" in readme and "SESSIONGATE_SCREENSHOTS" in readme
     assert {p.stem for p in README_SHOTS.glob("*.png")} >= {"01-sign-in", "06-verify", "10-scoped-refused"}
+
+
+def test_a_hostile_role_cannot_hide_its_message(browser: Any, shots: Path, console_gateway: Gateway) -> None:
+    """A recorded role that names stylesheet classes ('user skip': the skip link's off-screen
+    class) leaves its message on screen, marked as an unrecognised role, where it used to be
+    moved off-screen; no message's class comes from recorded data."""
+    import httpx
+
+    document = {"id": "role-import", "memo": None,
+                "session_settings": {"max_length": 12000, "input_keys": None, "reply_keys": None},
+                "full_context": [{"role": "user skip", "content": "HIDDEN-FROM-AUDITOR wire the money"},
+                                 {"role": "assistant", "content": "ok"}]}
+    imported = httpx.put(f"{console_gateway.base_url}/sessions/role-import", json=document, timeout=30,
+                         headers={"Authorization": f"Bearer {ACME_KEY}"})
+    assert imported.status_code in (200, 201), imported.text
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    sign_in(page, console_gateway, AUDITOR_TOKEN)
+    page.goto(f"{console_gateway.url}/console/sessions/acme/role-import")
+    message = page.locator("div.message", has_text="HIDDEN-FROM-AUDITOR")
+    message.scroll_into_view_if_needed()
+    box = message.bounding_box()
+    assert box is not None and message.is_visible()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 1280 and box["width"] > 100, box
+    assert "unrecognised role" in message.locator(".role").inner_text()
+    assert "user skip" in message.locator(".role").inner_text()
+    classes = page.eval_on_selector_all("div.message", "els => els.map(e => e.className)")
+    assert set(classes) <= {"message role-other", "message role-assistant"}, classes
+    shot(shots, page, "11-hostile-role")
+    context.close()

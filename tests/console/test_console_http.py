@@ -329,3 +329,27 @@ def test_a_session_whose_round_does_not_open_gets_a_console_page(console_gateway
     page = signed_in_client(console_gateway).get("/console/sessions/acme/console-a")
     assert page.status_code == 500 and page.headers["content-type"].startswith("text/html"), page.text
     assert "Session failed its integrity check" in page.text and "integrity_check_failed" not in page.text
+
+
+def test_tool_names_call_ids_and_roles_show_hidden_characters(console_gateway: Gateway) -> None:
+    """A bidirectional override or a filler in a tool's name, a tool call's id or a role is marked,
+    as in content, where it used to reorder what the page shows ('n\\u202eam' read 'man')."""
+    document = {"id": "odd-tools", "memo": None,
+                "session_settings": {"max_length": 12000, "input_keys": None, "reply_keys": None},
+                "full_context": [
+                    {"role": "user", "content": "go"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "c\u202e1", "type": "function",
+                         "function": {"name": "transfer_\u202eexe.txt\u202c", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "c\u202e1", "content": "done"},
+                    {"role": "user\u3164", "content": "filler role"}]}
+    imported = httpx.put(f"{console_gateway.base_url}/sessions/odd-tools", json=document, timeout=30,
+                         headers={"Authorization": f"Bearer {ACME_KEY}"})
+    assert imported.status_code in (200, 201), imported.text
+    page = signed_in_client(console_gateway).get("/console/sessions/acme/odd-tools").text
+    mark = '<mark class="hidden-char" title="hidden characters">'
+    assert f"tool call <code>c{mark}⟨U+202E⟩</mark>1</code>" in page
+    assert f"<code>transfer_{mark}⟨U+202E⟩</mark>exe.txt{mark}⟨U+202C⟩</mark></code>" in page
+    assert f"answers tool call <code>c{mark}⟨U+202E⟩</mark>1</code>" in page
+    assert f"<code>user{mark}⟨U+3164⟩</mark></code>" in page
+    assert not any(c in page for c in "\u202e\u202c\u3164")
