@@ -327,11 +327,17 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
         raise web.HTTPNotFound() from None
     after = _seq_arg(request.query.get("after"))
     services = request.app[SERVICES]
+    store = services.sessions.store
+    current = await store.read_session(tenant, sid)
+    if current.session is None and not current.rounds and current.head is None and current.quarantine is None:
+        # nothing stored and nothing the chain vouches for: not a read, so nothing is audited (an
+        # entry here would start an audit chain for a tenant that never existed)
+        return render(request, "error.html", status=404, session=session, title="No such session",
+                      message=f"Tenant {tenant!r} has no session {sid!r}.")
     await _audit(request, tenant, {"event": "console_read", "session_id": sid,
                                    "detail": {"auditor": session.principal.name, "view": "session",
                                               **({"after_seq": after} if after else {})}})
-    store = services.sessions.store
-    quarantine = (await store.read_session(tenant, sid)).quarantine
+    quarantine = current.quarantine
     if quarantine is not None:  # its rows failed a check and no one has released it
         return _quarantined(request, session, tenant, sid, quarantine)
     try:  # the check the gateway runs when it loads a session (a failure quarantines it)

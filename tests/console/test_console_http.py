@@ -353,3 +353,26 @@ def test_tool_names_call_ids_and_roles_show_hidden_characters(console_gateway: G
     assert f"answers tool call <code>c{mark}⟨U+202E⟩</mark>1</code>" in page
     assert f"<code>user{mark}⟨U+3164⟩</mark></code>" in page
     assert not any(c in page for c in "\u202e\u202c\u3164")
+
+
+def test_a_made_up_session_or_tenant_is_404_and_writes_nothing(console_gateway: Gateway) -> None:
+    """Opening a session that does not exist, in a real tenant or a made-up one, is 404 and appends
+    nothing, where it used to write a console_read entry first (starting an audit chain for a
+    tenant that never existed, which the overview then listed and verify answered 200 for)."""
+    client = signed_in_client(console_gateway)
+    before = _audit_rows(console_gateway)
+    for path in ("/console/sessions/ghost-tenant/no-such-session", "/console/sessions/acme/no-such-session"):
+        resp = client.get(path)
+        assert resp.status_code == 404 and "No such session" in resp.text
+    assert _audit_rows(console_gateway) == before
+    assert "ghost-tenant" not in client.get("/console/overview").text
+    verify = httpx.get(f"{console_gateway.url}/admin/audit/verify", params={"tenant": "ghost-tenant"},
+                       headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
+    assert verify.status_code == 404
+    assert client.get("/console/sessions/acme/console-a").status_code == 200  # a real read is still audited
+    assert _audit_rows(console_gateway) == before + 1
+
+
+def _audit_rows(gateway: Gateway) -> int:
+    with sqlite3.connect(gateway.db_path) as db:
+        return int(db.execute("SELECT count(*) FROM audit").fetchone()[0])
