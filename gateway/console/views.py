@@ -145,6 +145,23 @@ async def _headers(request: web.Request, response: web.StreamResponse) -> None:
             response.headers["Cache-Control"] = "no-store"
 
 
+class UnreadableForm(Exception):
+    """A console form post whose body is not text in its declared charset (UTF-8 unless it says
+    otherwise): no browser sends one from a console page."""
+
+
+UNREADABLE_FORM = ("The form could not be read: its body holds bytes that are not UTF-8 text, which no console "
+                   "page sends. Open the console and submit the form again.")
+
+
+async def read_form(request: web.Request) -> Any:
+    """The posted form (``request.post()``); :class:`UnreadableForm` when its bytes do not decode."""
+    try:
+        return await request.post()
+    except UnicodeDecodeError as exc:
+        raise UnreadableForm() from exc
+
+
 def signed_in(page: Page) -> Handler:
     """Only for a live console session; a POST must also be same-origin and carry its CSRF token."""
 
@@ -153,7 +170,11 @@ def signed_in(page: Page) -> Handler:
         console = request.app[CONSOLE]
         session = console.sessions.get(request.cookies.get(COOKIE))
         if request.method == "POST":
-            form = await request.post()
+            try:
+                form = await read_form(request)
+            except UnreadableForm:
+                return render(request, "error.html", status=400, session=None, title="Form not readable",
+                              message=UNREADABLE_FORM)
             if not same_origin(request) or session is None or not token_matches(session.csrf, form.get("csrf")):
                 return render(request, "error.html", status=403, session=None, title="Request refused",
                               message="This request did not come from a console page of this gateway (the "
@@ -206,7 +227,10 @@ async def login_form(request: web.Request, error: str | None = None, status: int
 
 async def login(request: web.Request) -> web.StreamResponse:
     """Sign in with an auditor token posted from the login form (same origin, login CSRF token)."""
-    form = await request.post()
+    try:
+        form = await read_form(request)
+    except UnreadableForm:
+        return await login_form(request, UNREADABLE_FORM, 400)
     if not same_origin(request) or not token_matches(request.cookies.get(LOGIN_COOKIE, ""), form.get("csrf")):
         return await login_form(request, "The sign-in form expired or came from another site. Try again.", 403)
     token = form.get("token")

@@ -376,3 +376,19 @@ def test_a_made_up_session_or_tenant_is_404_and_writes_nothing(console_gateway: 
 def _audit_rows(gateway: Gateway) -> int:
     with sqlite3.connect(gateway.db_path) as db:
         return int(db.execute("SELECT count(*) FROM audit").fetchone()[0])
+
+
+def test_a_form_post_that_is_not_utf8_is_400_saying_so(console_gateway: Gateway) -> None:
+    """Raw bytes that are not UTF-8 in a console form post get a 400 page that says what is wrong,
+    signed in or not, where they used to be a 500 internal_error (and an unhandled_error log line)."""
+    body = b"csrf=\xff&tenant=acme&token=\xfe"
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Origin": console_gateway.url}
+    signed = signed_in_client(console_gateway)
+    for client in (httpx.Client(base_url=console_gateway.url, timeout=30), signed):
+        for path in ("/console/login", "/console/logout", "/console/verify", "/console/export",
+                     "/console/policies/explain"):
+            resp = client.post(path, content=body, headers=headers)
+            assert resp.status_code == 400, (path, resp.status_code, resp.text[:200])
+            assert resp.headers["content-type"].startswith("text/html") and "not UTF-8 text" in resp.text
+    assert signed.get("/console/overview").status_code == 200  # still signed in
+    assert "unhandled_error" not in console_gateway.log_path.read_text()
