@@ -195,7 +195,7 @@ def _type_at(root: type[BaseModel], loc: Loc) -> Any:
     """The annotation that pydantic validated at ``loc`` (tags select a union member)."""
     current: Any = root
     for part in loc:
-        current = _unwrap(current)
+        current = unwrap(current)
         if _is_model(current):
             field = _field(current, str(part))
             if field is None:
@@ -210,7 +210,7 @@ def _type_at(root: type[BaseModel], loc: Loc) -> Any:
             current = members.get(str(part))
             if current is None:
                 return None
-    return _unwrap(current)
+    return unwrap(current)
 
 
 def _field(model: type[BaseModel], name: str) -> Any:
@@ -221,7 +221,7 @@ def _field(model: type[BaseModel], name: str) -> Any:
     return None
 
 
-def _unwrap(tp: Any) -> Any:
+def unwrap(tp: Any) -> Any:
     """Strip ``Annotated`` and ``| None`` (a union of several models is kept)."""
     while True:
         if typing.get_origin(tp) is typing.Annotated:
@@ -236,7 +236,7 @@ def _unwrap(tp: Any) -> Any:
 
 
 def _union_models(tp: Any) -> list[type[BaseModel]]:
-    tp = _unwrap(tp)
+    tp = unwrap(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return [a for a in typing.get_args(tp) if _is_model(a)]
     return []

@@ -11,7 +11,10 @@ pair whose ``version_hash`` differs, :func:`compare_policies` lists each changed
 whitelist keys added and removed (``input_keys``, ``reply_keys``, a list turned into ``null``
 and back), ``max_length`` and bounding, injection, each redaction key's *effective* action
 (the first rule for the key, else the ``"*"`` rule, else ``keep``), each PII detector,
-retention days, match globs, priority and description.
+retention days, match globs, priority, description, and what is kept of tool calls, tool results,
+reasoning and media (``session.tools``, ``session.media``). Every setting of the policy model is
+compared (:data:`COMPARED_FIELDS`): one whose change has no other effect (redaction rules
+reordered) is still listed, and one not yet classified there is listed as widening.
 
 **Match moves** are computed, not guessed: both sets' matchers are evaluated over the same
 sample of requests, and every (tenant, model, session id) that the two sets give different
@@ -29,7 +32,10 @@ Evaluation uses copies of the sets, so the live set's match cache is never touch
 or exported in the clear: a whitelist key added, a list whitelist turned into ``null`` (the
 whole text), ``records_nothing`` turned off, a redaction action loosened (order ``drop`` >
 ``mask`` > ``hash`` > ``keep``, a rule removed counts as its fallback), a detector loosened
-(``mask`` > ``hash`` > off), retention lengthened or removed (``null`` = kept forever). A match
+(``mask`` > ``hash`` > off), retention lengthened or removed (``null`` = kept forever), tool
+arguments or results kept more (``drop`` > ``redact`` > ``keep``), reasoning or media kept more
+(``drop`` > ``keep``; ``drop`` > ``placeholder`` > ``keep``) or a larger ``media.max_bytes`` under
+``keep``, while the new policy records free text (a ``null`` whitelist, where these apply). A match
 move widens when the new policy, compared with the old one as above, widens. A case widens
 when its recorded text or export gains a line it did not have (masks and pseudonyms aside).
 
@@ -43,11 +49,14 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from pydantic import BaseModel
+
+from gateway.diagnostics import unwrap
 from gateway.policy.matcher import PolicySet
 from gateway.policy.model import Policy
 
@@ -241,55 +250,188 @@ def _days(days: int | None) -> str:
 
 def compare_policies(old: Policy, new: Policy, label: str | None = None) -> list[Change]:
     """Every changed field from ``old`` to ``new`` (widenings flagged); ``label`` names the pair
-    in the texts (default: the new policy's id)."""
+    in the texts (default: the new policy's id).
+
+    Every setting of the policy model is compared (:data:`COMPARED_FIELDS`, in this order); a
+    changed setting its comparison finds no effect of (redaction rules reordered with the same
+    effective actions) is still reported, as a plain change. A field of the model that is missing
+    from :data:`COMPARED_FIELDS` is reported as widening, so a new setting is flagged until its
+    effect is classified."""
     pid = label or new.id
+    a_doc, b_doc = old.model_dump(mode="json"), new.model_dump(mode="json")
     out: list[Change] = []
-    so, sn = old.session, new.session
-    out += _whitelist(pid, "input_keys", so.input_keys, sn.input_keys)
-    out += _whitelist(pid, "reply_keys", so.reply_keys, sn.reply_keys)
+    for name, compare in COMPARED_FIELDS.items():
+        a, b = _value_at(a_doc, name), _value_at(b_doc, name)
+        if a != b:
+            out += compare(pid, name, old, new) or [_changed(pid, name, a, b)]
+        if name == "session.reply_keys":
+            out += _records_nothing(pid, old, new)
+    for name in policy_fields():
+        if name not in COMPARED_FIELDS:
+            a, b = _value_at(a_doc, name), _value_at(b_doc, name)
+            if a != b:
+                out.append(_changed(pid, name, a, b, widens=True))
+    return out
+
+
+def policy_fields(model: type[BaseModel] = Policy, prefix: str = "") -> list[str]:
+    """The dotted names of every setting of ``model``: nested models are walked into, any other
+    field (a list, a mapping, a union such as ``bounding``) is one setting."""
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        annotation = unwrap(info.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += policy_fields(annotation, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def _value_at(document: dict[str, Any], name: str) -> Any:
+    value: Any = document
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _changed(pid: str, name: str, a: Any, b: Any, widens: bool = False) -> Change:
+    return Change(pid, name, a, b, f"{pid}: {name}: {_flow(a)} -> {_flow(b)}", widens)
+
+
+_Compare = Callable[[str, str, Policy, Policy], list[Change]]
+
+
+def _unchanged_pairing(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    return []  # policies are paired by id: the same on both sides
+
+
+def _description(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    return [Change(pid, "description", None, None, f"{pid}: description changed")]
+
+
+def _priority(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    return [Change(pid, "priority", old.priority, new.priority, f"{pid}: priority: {old.priority} -> {new.priority}")]
+
+
+def _match(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    field_name = name.split(".")[-1]
+    a, b = getattr(old.match, field_name), getattr(new.match, field_name)
+    return [Change(pid, name, a, b, f"{pid}: {name}: {_flow(a)} -> {_flow(b)}")]
+
+
+def _input_keys(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    return _whitelist(pid, "input_keys", old.session.input_keys, new.session.input_keys)
+
+
+def _reply_keys(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    return _whitelist(pid, "reply_keys", old.session.reply_keys, new.session.reply_keys)
+
+
+def _records_nothing(pid: str, old: Policy, new: Policy) -> list[Change]:
     if old.records_nothing and not new.records_nothing:
-        out.append(Change(pid, "records_nothing", True, False, f"{pid}: records_nothing: true -> false", True))
-    elif new.records_nothing and not old.records_nothing:
-        out.append(Change(pid, "records_nothing", False, True, f"{pid}: records_nothing: false -> true"))
-    if so.max_length != sn.max_length:
-        out.append(Change(pid, "max_length", so.max_length, sn.max_length,
-                          f"{pid}: max_length: {so.max_length} -> {sn.max_length}"))
-    bo, bn = so.bounding.model_dump(mode="json"), sn.bounding.model_dump(mode="json")
-    if bo != bn:
-        out.append(Change(pid, "bounding", bo, bn, f"{pid}: bounding: {_flow(bo)} -> {_flow(bn)}"))
-    io, inew = so.inject.model_dump(mode="json"), sn.inject.model_dump(mode="json")
-    for name in io:
-        if io[name] != inew[name]:
-            out.append(Change(pid, f"inject.{name}", io[name], inew[name],
-                              f"{pid}: inject.{name}: {_flow(io[name])} -> {_flow(inew[name])}"))
+        return [Change(pid, "records_nothing", True, False, f"{pid}: records_nothing: true -> false", True)]
+    if new.records_nothing and not old.records_nothing:
+        return [Change(pid, "records_nothing", False, True, f"{pid}: records_nothing: false -> true")]
+    return []
+
+
+def _max_length(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    a, b = old.session.max_length, new.session.max_length
+    return [Change(pid, "max_length", a, b, f"{pid}: max_length: {a} -> {b}")]
+
+
+def _bounding(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    a, b = old.session.bounding.model_dump(mode="json"), new.session.bounding.model_dump(mode="json")
+    return [Change(pid, "bounding", a, b, f"{pid}: bounding: {_flow(a)} -> {_flow(b)}")]
+
+
+def _inject(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    field_name = name.split(".")[-1]
+    a, b = getattr(old.session.inject, field_name), getattr(new.session.inject, field_name)
+    return [Change(pid, f"inject.{field_name}", a, b, f"{pid}: inject.{field_name}: {_flow(a)} -> {_flow(b)}")]
+
+
+RECORDS_MORE: dict[str, tuple[str, ...]] = {
+    "session.tools.arguments": ("drop", "redact", "keep"),
+    "session.tools.results": ("drop", "redact", "keep"),
+    "session.tools.reasoning": ("drop", "keep"),
+    "session.media.parts": ("drop", "placeholder", "keep"),
+}
+"""Settings whose values record more from left to right: a move to the right widens recording."""
+
+
+def _records_free_text(policy: Policy) -> bool:
+    """Tool calls, tool results and media are recorded only under ``null`` keys."""
+    return policy.session.input_keys is None or policy.session.reply_keys is None
+
+
+def _recording_order(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    order = RECORDS_MORE[name]
+    a, b = _value_at(old.model_dump(mode="json"), name), _value_at(new.model_dump(mode="json"), name)
+    widens = order.index(b) > order.index(a) and _records_free_text(new)
+    return [_changed(pid, name, a, b, widens)]
+
+
+def _media_max_bytes(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    a, b = old.session.media.max_bytes, new.session.media.max_bytes
+    widens = b > a and new.session.media.parts == "keep" and _records_free_text(new)
+    return [Change(pid, name, a, b, f"{pid}: {name}: {a} -> {b} bytes", widens)]
+
+
+def _redact(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    out = []
     rule_keys = list(dict.fromkeys([*(r.key for r in old.export.redact), *(r.key for r in new.export.redact), "*"]))
     for key in rule_keys:
         a, b = effective_action(old, key), effective_action(new, key)
         if a != b:
             out.append(Change(pid, "export.redact", {key: a}, {key: b}, f"{pid}: redaction of {key}: {a} -> {b}",
                               widens=REDACT_STRENGTH[b] < REDACT_STRENGTH[a] and not new.records_nothing))
-    do, dn = dict(old.export.detectors), dict(new.export.detectors)
-    for name in sorted(set(do) | set(dn)):
-        a_det, b_det = do.get(name), dn.get(name)
-        if a_det != b_det:
-            out.append(Change(pid, "export.detectors", {name: a_det}, {name: b_det},
-                              f"{pid}: detector {name}: {a_det or 'off'} -> {b_det or 'off'}",
-                              widens=DETECTOR_STRENGTH[b_det] < DETECTOR_STRENGTH[a_det] and not new.records_nothing))
-    ro, rn = old.retention.days, new.retention.days
-    if ro != rn:
-        longer = ro is not None and (rn is None or rn > ro) and not new.records_nothing
-        out.append(Change(pid, "retention.days", ro, rn, f"{pid}: retention: {_days(ro)} -> {_days(rn)}", longer))
-    mo, mn = old.match.model_dump(mode="json"), new.match.model_dump(mode="json")
-    for name in mo:
-        if mo[name] != mn[name]:
-            out.append(Change(pid, f"match.{name}", mo[name], mn[name],
-                              f"{pid}: match.{name}: {_flow(mo[name])} -> {_flow(mn[name])}"))
-    if old.priority != new.priority:
-        out.append(Change(pid, "priority", old.priority, new.priority,
-                          f"{pid}: priority: {old.priority} -> {new.priority}"))
-    if old.description != new.description:
-        out.append(Change(pid, "description", None, None, f"{pid}: description changed"))
     return out
+
+
+def _detectors(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    out = []
+    do, dn = dict(old.export.detectors), dict(new.export.detectors)
+    for detector in sorted(set(do) | set(dn)):
+        a, b = do.get(detector), dn.get(detector)
+        if a != b:
+            out.append(Change(pid, "export.detectors", {detector: a}, {detector: b},
+                              f"{pid}: detector {detector}: {a or 'off'} -> {b or 'off'}",
+                              widens=DETECTOR_STRENGTH[b] < DETECTOR_STRENGTH[a] and not new.records_nothing))
+    return out
+
+
+def _retention(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:
+    a, b = old.retention.days, new.retention.days
+    longer = a is not None and (b is None or b > a) and not new.records_nothing
+    return [Change(pid, "retention.days", a, b, f"{pid}: retention: {_days(a)} -> {_days(b)}", longer)]
+
+
+COMPARED_FIELDS: dict[str, _Compare] = {
+    "session.input_keys": _input_keys,
+    "session.reply_keys": _reply_keys,  # then records_nothing, which both whitelists decide
+    "session.max_length": _max_length,
+    "session.bounding": _bounding,
+    "session.inject.context_window": _inject,
+    "session.inject.memo": _inject,
+    "session.inject.memo_placement": _inject,
+    "session.tools.arguments": _recording_order,
+    "session.tools.results": _recording_order,
+    "session.tools.reasoning": _recording_order,
+    "session.media.parts": _recording_order,
+    "session.media.max_bytes": _media_max_bytes,
+    "export.redact": _redact,
+    "export.detectors": _detectors,
+    "retention.days": _retention,
+    "match.tenants": _match,
+    "match.models": _match,
+    "match.session_ids": _match,
+    "priority": _priority,
+    "description": _description,
+    "id": _unchanged_pairing,
+}
+"""Every setting of :class:`Policy` (:func:`policy_fields`) and how a change of it is reported,
+in report order. A test walks the model and fails when a setting is missing here."""
 
 
 def _flow(value: Any) -> str:

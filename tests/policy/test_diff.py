@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -199,3 +200,89 @@ def test_turning_records_nothing_off_widens() -> None:
     after = policy("id: p\nsession: {input_keys: [a], reply_keys: []}\n")
     assert [(c.text, c.widens) for c in compare_policies(before, after)] == [
         ("p: input_keys: + a", True), ("p: records_nothing: true -> false", True)]
+
+
+FREE = "id: p\nsession: {input_keys: null, reply_keys: null, tools: {arguments: redact, results: drop}, " \
+       "media: {parts: drop}}\n"
+
+
+@pytest.mark.parametrize(("old", "new", "text", "widens"), [
+    ("arguments: redact", "arguments: keep", 'p: session.tools.arguments: "redact" -> "keep"', True),
+    ("results: drop", "results: redact", 'p: session.tools.results: "drop" -> "redact"', True),
+    ("arguments: redact", "arguments: drop", 'p: session.tools.arguments: "redact" -> "drop"', False),
+    ("results: drop}", "results: drop, reasoning: drop}", 'p: session.tools.reasoning: "keep" -> "drop"', False),
+    ("parts: drop}", "parts: placeholder}", 'p: session.media.parts: "drop" -> "placeholder"', True),
+    ("parts: drop}", "parts: keep}", 'p: session.media.parts: "drop" -> "keep"', True),
+    ("parts: drop}", "parts: drop, max_bytes: 5}", "p: session.media.max_bytes: 1048576 -> 5 bytes", False),
+])
+def test_tool_and_media_recording_changes_are_named_and_widenings_flagged(old: str, new: str, text: str,
+                                                                         widens: bool) -> None:
+    """Keeping more of tool calls, tool results or media widens recording; keeping less does not."""
+    found = {c.text: c.widens for c in compare_policies(policy(FREE), policy(FREE.replace(old, new, 1)))}
+    assert found.get(text) is widens, found
+
+
+def test_a_larger_media_limit_widens_only_while_media_is_kept() -> None:
+    """media.max_bytes raised under parts: keep records larger parts: widening; under drop it is not."""
+    kept = FREE.replace("parts: drop}", "parts: keep}")
+    found = [(c.text, c.widens) for c in compare_policies(policy(kept), policy(kept.replace("}}", ", max_bytes: 9}}")))]
+    assert found == [("p: session.media.max_bytes: 1048576 -> 9 bytes", False)]
+    bigger = kept.replace("parts: keep}", "parts: keep, max_bytes: 50000000}")
+    assert [(c.text, c.widens) for c in compare_policies(policy(kept), policy(bigger))] == [
+        ("p: session.media.max_bytes: 1048576 -> 50000000 bytes", True)]
+
+
+def test_widening_tools_and_media_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """policy diff of a folder whose policy now keeps tool arguments, results and media fails the CI gate."""
+    keep = FREE.replace("redact", "keep").replace("results: drop", "results: keep").replace("parts: drop",
+                                                                                         "parts: keep")
+    old, new = folder(tmp_path, "old", {"p.yaml": FREE}), folder(tmp_path, "new", {"p.yaml": keep})
+    assert main(["policy", "diff", str(old), str(new)]) == 3
+    assert "WIDENS RECORDING: 3 change(s)" in capsys.readouterr().out
+
+
+def test_every_setting_of_the_policy_model_is_compared() -> None:
+    """Each field of the policy model has a comparison in COMPARED_FIELDS, so a new setting cannot be
+    left out of the diff; a field with none would be reported as widening."""
+    from gateway.policy.diff import COMPARED_FIELDS, policy_fields
+
+    fields = policy_fields()
+    assert "session.tools.arguments" in fields and "session.media.max_bytes" in fields
+    assert sorted(fields) == sorted(COMPARED_FIELDS)
+
+
+def test_every_setting_change_is_reported() -> None:
+    """Changing any one setting of the policy model to another valid value gives at least one change."""
+    from gateway.policy.diff import policy_fields
+
+    base = policy(FREE.replace("id: p", "id: p\nmatch: {tenants: [a]}"))
+    doc = base.model_dump(mode="json")
+    others: dict[str, Any] = {
+        "id": None, "description": "x", "priority": 5, "match.tenants": ["b"], "match.models": ["m"],
+        "match.session_ids": ["s"], "session.input_keys": ["a"], "session.reply_keys": ["r"],
+        "session.max_length": 7, "session.bounding": {"strategy": "keep_last", "rounds": 2},
+        "session.inject.context_window": False, "session.inject.memo": False,
+        "session.inject.memo_placement": "system", "session.tools.arguments": "keep",
+        "session.tools.results": "keep", "session.tools.reasoning": "drop", "session.media.parts": "keep",
+        "session.media.max_bytes": 5, "export.redact": [{"key": "*", "action": "drop"}],
+        "export.detectors": {"email": "mask"}, "retention.days": 3}
+    assert sorted(others) == sorted(policy_fields())
+    for name, value in others.items():
+        if value is None:
+            continue
+        changed = json.loads(json.dumps(doc))
+        *parents, last = name.split(".")
+        target = changed
+        for part in parents:
+            target = target[part]
+        target[last] = value
+        assert compare_policies(base, Policy.model_validate(changed)), name
+
+
+def test_reordered_redaction_rules_are_a_change_not_a_widening() -> None:
+    """Rules reordered without changing any key's effective action still show (the version changed)."""
+    before = policy(BASE)
+    after = policy(BASE.replace('{key: a, action: drop}, {key: "*", action: mask}',
+                                '{key: "*", action: mask}, {key: a, action: drop}'))
+    found = compare_policies(before, after)
+    assert [c.field for c in found] == ["export.redact"] and not found[0].widens

@@ -76,3 +76,20 @@ def test_the_watcher_keeps_the_last_diff(tmp_path: Path) -> None:
     assert [c.text for c in diff.changes] == ["catch-all: input_keys: - input.secret",
                                               "catch-all: retention: 30 days -> 7 days"]
     assert not diff.widens_recording
+
+
+def test_a_reload_that_keeps_tool_results_is_audited_as_widening(tmp_path: Path) -> None:
+    """The reload's diff (its audit detail) names session.tools and session.media changes and flags them."""
+    free = ("id: catch-all\nsession: {input_keys: null, reply_keys: null, tools: {results: drop}, "
+            "media: {parts: drop}}\n")
+    (tmp_path / "default.yaml").write_text(free)
+
+    async def scenario() -> Any:
+        watcher = PolicyWatcher(tmp_path)
+        (tmp_path / "default.yaml").write_text(free.replace("drop", "keep"))
+        assert await watcher.reload()
+        return watcher.last_diff
+
+    detail = asyncio.run(scenario()).audit_detail()
+    assert detail["changed"] == {"catch-all": ["session.media.parts", "session.tools.results"]}
+    assert detail["widens_recording"] is True
