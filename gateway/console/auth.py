@@ -22,7 +22,9 @@ COOKIE = "sg_console"
 LOGIN_COOKIE = "sg_console_login"
 IDLE_SECONDS = 30 * 60
 MAX_SECONDS = 8 * 3600
-MAX_SESSIONS = 10_000
+MAX_SESSIONS_PER_AUDITOR = 20
+"""Live console sessions one auditor token may hold; signing in past it ends that token's
+oldest session. Only its own: no auditor can sign another out by signing in repeatedly."""
 MAX_LOGIN_FORM_BYTES = 8 * 1024
 """The largest console form post accepted from a browser with no live console session: the
 sign-in form (a CSRF token and an auditor token) is a few hundred bytes, and nothing else is
@@ -46,16 +48,21 @@ class ConsoleSession:
 
 
 class ConsoleSessions:
-    """The signed-in auditors of this process, oldest evicted past ``MAX_SESSIONS``."""
+    """The signed-in auditors of this process: at most ``MAX_SESSIONS_PER_AUDITOR`` per auditor
+    token, that token's oldest ended first."""
 
     def __init__(self) -> None:
-        self._by_id: OrderedDict[str, ConsoleSession] = OrderedDict()
+        self._by_id: dict[str, ConsoleSession] = {}
+        self._by_auditor: dict[Principal, OrderedDict[str, None]] = {}  # session ids, oldest first
 
     def create(self, principal: Principal) -> ConsoleSession:
         session = ConsoleSession(secrets.token_urlsafe(32), principal)
         self._by_id[session.id] = session
-        while len(self._by_id) > MAX_SESSIONS:
-            self._by_id.popitem(last=False)
+        own = self._by_auditor.setdefault(principal, OrderedDict())
+        own[session.id] = None
+        while len(own) > MAX_SESSIONS_PER_AUDITOR:
+            oldest, _ = own.popitem(last=False)
+            self._by_id.pop(oldest, None)
         return session
 
     def get(self, session_id: str | None) -> ConsoleSession | None:
@@ -67,15 +74,23 @@ class ConsoleSessions:
             return None
         now = time.monotonic()
         if now - session.seen > IDLE_SECONDS or now - session.created > MAX_SECONDS:
-            del self._by_id[session_id]
+            self.drop(session_id)
             return None
         session.seen = now
-        self._by_id.move_to_end(session_id)
         return session
 
     def drop(self, session_id: str | None) -> None:
-        if session_id:
-            self._by_id.pop(session_id, None)
+        session = self._by_id.pop(session_id, None) if session_id else None
+        if session is not None:
+            own = self._by_auditor.get(session.principal)
+            if own is not None:
+                own.pop(session.id, None)
+                if not own:
+                    del self._by_auditor[session.principal]
+
+    def count(self, principal: Principal) -> int:
+        """How many live-or-unexpired sessions *principal* holds."""
+        return len(self._by_auditor.get(principal, ()))
 
 
 def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str, max_age: int) -> None:
