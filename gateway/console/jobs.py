@@ -3,7 +3,10 @@
 A job belongs to the auditor who started it (no one else can see it or download its bundle),
 runs as an asyncio task, and reports ``checked``/``exported`` counts while it runs. Export
 bundles go to a private temporary folder (mode 0700, files 0600) that is removed when the job
-is dropped or the gateway stops. At most ``MAX_JOBS`` are kept; the oldest finished go first.
+is dropped or the gateway stops. Limits are per auditor token, so no auditor can push another's
+jobs out: at most ``MAX_RUNNING_PER_AUDITOR`` run at once (starting another raises
+:class:`TooManyRunning`), and at most ``MAX_JOBS_PER_AUDITOR`` are kept, that auditor's oldest
+finished going first.
 """
 
 from __future__ import annotations
@@ -25,12 +28,21 @@ from typing import Any
 import structlog
 
 from gateway.audit import VerifyReport
+from gateway.auth import Principal
 from gateway.errors import IntegrityError
 from gateway.export import Progress, bundle_paths
 from gateway.store.base import AuditRow
 
 log = structlog.get_logger("gateway.console")
-MAX_JOBS = 200
+MAX_JOBS_PER_AUDITOR = 50
+"""Jobs kept per auditor token, running and finished (a finished export holds its bundle)."""
+MAX_RUNNING_PER_AUDITOR = 4
+"""Verifications and exports one auditor token may have running at once: each reads a whole chain
+or a tenant's data."""
+
+
+class TooManyRunning(Exception):
+    """The auditor already has ``MAX_RUNNING_PER_AUDITOR`` jobs running."""
 
 
 @dataclass
@@ -38,7 +50,8 @@ class Job:
     id: str
     kind: str  # "verify" or "export"
     tenant: str
-    owner: str
+    owner: str  # the console session that started it: the only one that sees it
+    auditor: Principal  # whose limits it counts against
     params: dict[str, Any]
     started: float = field(default_factory=time.time)
     status: str = "running"  # running | done | failed
@@ -103,11 +116,15 @@ class Jobs:
     def __init__(self) -> None:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
 
-    def start(self, kind: str, tenant: str, owner: str, params: dict[str, Any],
+    def start(self, kind: str, tenant: str, owner: str, auditor: Principal, params: dict[str, Any],
               work: Callable[[Job], Awaitable[None]]) -> Job:
-        job = Job(secrets.token_urlsafe(12), kind, tenant, owner, params)
+        """Run *work* as a new job of *auditor*'s console session *owner*. Raises
+        :class:`TooManyRunning` when *auditor* has ``MAX_RUNNING_PER_AUDITOR`` jobs running."""
+        if sum(1 for j in self._jobs.values() if j.auditor == auditor and j.running) >= MAX_RUNNING_PER_AUDITOR:
+            raise TooManyRunning()
+        job = Job(secrets.token_urlsafe(12), kind, tenant, owner, auditor, params)
         self._jobs[job.id] = job
-        self._evict()
+        self._evict(auditor)
 
         async def run() -> None:
             try:
@@ -132,12 +149,12 @@ class Jobs:
         job.folder.chmod(0o700)
         return job.folder
 
-    def _evict(self) -> None:
-        while len(self._jobs) > MAX_JOBS:
-            oldest = next((j for j in self._jobs.values() if not j.running), None)
-            if oldest is None:
-                return
-            self._drop(oldest)
+    def _evict(self, auditor: Principal) -> None:
+        """Drop *auditor*'s oldest finished jobs past ``MAX_JOBS_PER_AUDITOR`` (never another's)."""
+        mine = [j for j in self._jobs.values() if j.auditor == auditor]
+        finished = [j for j in mine if not j.running]
+        for job in finished[:max(0, len(mine) - MAX_JOBS_PER_AUDITOR)]:
+            self._drop(job)
 
     def _drop(self, job: Job) -> None:
         self._jobs.pop(job.id, None)

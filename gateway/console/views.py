@@ -38,7 +38,7 @@ from gateway.console.auth import (
     set_cookie,
     token_matches,
 )
-from gateway.console.jobs import Counting, Job, JobProgress, Jobs
+from gateway.console.jobs import MAX_RUNNING_PER_AUDITOR, Counting, Job, JobProgress, Jobs, TooManyRunning
 from gateway.console.stats import DAYS_SHOWN, StatsCache
 from gateway.errors import GatewayError, IntegrityError, PayloadTooLarge, Unauthorized
 from gateway.export import FORMATS, RoundLabels, check_range, record_columns
@@ -525,8 +525,7 @@ async def verify(request: web.Request, session: ConsoleSession) -> web.StreamRes
         await _audit(request, tenant, {"event": "verify", "detail": {
             "auditor": session.principal.name, "ok": job.report.ok, "entries": job.report.entries}})
 
-    job = request.app[CONSOLE].jobs.start("verify", tenant, session.id, {}, work)
-    raise web.HTTPSeeOther(f"/console/jobs/{job.id}")
+    return _started(request, session, "verify", tenant, {}, work)
 
 
 @signed_in
@@ -564,7 +563,21 @@ async def export(request: web.Request, session: ConsoleSession) -> web.StreamRes
             path.chmod(0o600)
         log.info("export", auditor=session.principal.name, tenant=tenant, session_id=sid, format=fmt, via="console")
 
-    job = console.jobs.start("export", tenant, session.id, {"format": fmt, "session": sid}, work)
+    return _started(request, session, "export", tenant, {"format": fmt, "session": sid}, work)
+
+
+def _started(request: web.Request, session: ConsoleSession, kind: str, tenant: str, params: dict[str, Any],
+             work: Callable[[Job], Awaitable[None]]) -> web.StreamResponse:
+    """Start *work* as the auditor's job and send the browser to its page; 429 when the auditor
+    already has ``MAX_RUNNING_PER_AUDITOR`` running."""
+    try:
+        job = request.app[CONSOLE].jobs.start(kind, tenant, session.id, session.principal, params, work)
+    except TooManyRunning:
+        response = render(request, "error.html", status=429, session=session, title="Too many jobs running",
+                          message=f"You already have {MAX_RUNNING_PER_AUDITOR} verifications or exports running. "
+                          "Wait for one of them to finish, then start this one again.")
+        response.headers["Retry-After"] = "10"
+        return response
     raise web.HTTPSeeOther(f"/console/jobs/{job.id}")
 
 
