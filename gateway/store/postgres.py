@@ -60,6 +60,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
+import structlog
 
 from gateway import audit, evidence
 from gateway.audit import AlteredRow
@@ -81,6 +82,15 @@ BATCH = 256
 PAGE = 500
 RETRIES = 3
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+log = structlog.get_logger("gateway.store.postgres")
+
+LOCK_WAIT_SECONDS = 30.0
+"""How long a write waits for a tenant's lock (``lock_timeout``), and how long a connection may sit
+idle inside a transaction (``idle_in_transaction_session_timeout``): a stopped or stuck holder
+(a paused process, a partitioned replica) fails the others' writes as unavailable, with a
+``store_turn_timeout`` log line, as on SQLite, and then loses its transaction instead of holding
+the tenant for as long as its TCP connection lives."""
+
 _DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,          # server errors, incl. PostgresConnectionError, ConnectionDoesNotExistError
     asyncpg.InterfaceError,         # client-side misuse of a connection, e.g. one closed under us
@@ -629,7 +639,9 @@ class PostgresStore(Reads):
         self._pool = await self._guard(asyncpg.create_pool(
             self.dsn, min_size=1, max_size=self.pool_size, timeout=10, command_timeout=60, reset=_keep_session,
             server_settings={"search_path": self.schema, "application_name": "sessiongate",
-                             "plan_cache_mode": "force_generic_plan"}), "connect to")
+                             "plan_cache_mode": "force_generic_plan",
+                             "idle_in_transaction_session_timeout": f"{int(LOCK_WAIT_SECONDS * 1000)}"}),
+            "connect to")
         self._lanes = [asyncio.Queue() for _ in range(self.writers)]
         self._tasks = [asyncio.create_task(self._lane(q), name=f"pg-writer-{i}") for i, q in enumerate(self._lanes)]
 
@@ -697,6 +709,15 @@ class PostgresStore(Reads):
             except asyncpg.DeadlockDetectedError as exc:
                 if attempt == RETRIES - 1:
                     return [(False, self._unavailable("commit to", exc))] * len(batch)
+            except asyncpg.LockNotAvailableError as exc:
+                tenants = sorted({job.tenant for job in batch})
+                log.error("store_turn_timeout", tenants=tenants, waited_s=LOCK_WAIT_SECONDS,
+                          note="another gateway process holds these tenants' write lock: is one stopped or stuck? "
+                               "(pg_locks and pg_stat_activity show the holder)")
+                err = StoreUnavailable(f"the store is busy: another gateway process has held the write lock of "
+                                       f"tenant {', '.join(tenants)} for over {LOCK_WAIT_SECONDS:g} s")
+                err.__cause__ = exc
+                return [(False, err)] * len(batch)
             except _DB_ERRORS as exc:
                 return [(False, self._unavailable("commit to", exc))] * len(batch)
             except Exception as exc:  # noqa: BLE001 - a bug in here: every caller gets it, the lane lives on
@@ -717,7 +738,8 @@ class PostgresStore(Reads):
         async with self._pool.acquire() as conn:
             # BEGIN and the tenant locks in one round trip (the keys are integers made here);
             # the rows are read by the next statement, whose snapshot follows the locks
-            await conn.execute("BEGIN;" + "".join(f"SELECT pg_advisory_xact_lock({int(k)});" for k in keys))
+            await conn.execute(f"BEGIN;SET LOCAL lock_timeout = {int(LOCK_WAIT_SECONDS * 1000)};"
+                               + "".join(f"SELECT pg_advisory_xact_lock({int(k)});" for k in keys))
             try:
                 staged = await Staged.load(
                     conn, {(j.tenant, j.session_id) for j in batch if j.session_id is not None}, tenants)
