@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import fnmatch
 import functools
 import hashlib
 import re
@@ -609,9 +610,24 @@ async def public_key(request: web.Request, session: ConsoleSession) -> web.Strea
 
 # --- policies --------------------------------------------------------------------------------------
 
+def _applies_to_scope(policy: Any, session: ConsoleSession) -> bool:
+    """Whether *policy* can apply to a tenant this auditor may read: always for an unscoped
+    auditor; for a scoped one, when the policy matches any tenant or one of its globs matches one
+    of the auditor's tenants."""
+    scope = session.principal.tenants
+    globs = policy.match.tenants
+    return scope is None or globs is None or any(fnmatch.fnmatchcase(t, g) for t in scope for g in globs)
+
+
+def _scoped(session: ConsoleSession) -> bool:
+    return session.principal.tenants is not None
+
+
 @signed_in
 async def policies_page(request: web.Request, session: ConsoleSession,
-                        explained: dict[str, Any] | None = None) -> web.StreamResponse:
+                        explained: dict[str, Any] | None = None, status: int = 200) -> web.StreamResponse:
+    """The policies in force that can apply to the auditor's tenants (all, unscoped), their YAML
+    and the rounds each recorded in those tenants."""
     services = request.app[SERVICES]
     counts: dict[tuple[str, str], int] = {}
     for tenant in await _tenants(request, session):
@@ -619,21 +635,33 @@ async def policies_page(request: web.Request, session: ConsoleSession,
             counts[key] = counts.get(key, 0) + n
     shown = []
     for policy in services.policies.current:
+        if not _applies_to_scope(policy, session):
+            continue
         source = policy.source
         text = source.read_text(encoding="utf-8") if source is not None and source.is_file() else ""
         shown.append({"policy": policy, "yaml": text, "file": source.name if source else "",
                       "rounds": counts.get((policy.id, policy.version_hash), 0)})
-    return render(request, "policies.html", session=session, policies=shown, explained=explained or {})
+    scope = session.principal.tenants
+    default_tenant = sorted(scope)[0] if scope else "acme"
+    return render(request, "policies.html", status=status, session=session, policies=shown,
+                  explained=explained or {}, default_tenant=default_tenant)
 
 
 @signed_in
 async def explain_form(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
+    """What the policies would record and inject for a pasted request. A scoped auditor explains
+    only for its tenants (403 otherwise), sees only the policies that can apply to them, and the
+    chosen policy's file by name, not its path on the server."""
     from gateway.policy.explain import explain
     from gateway.stages.parse_request import check_chat
 
     form = await request.post()
     values = {k: str(form.get(k, "")) for k in ("request", "reply", "tenant", "session")}
     result: dict[str, Any] = {"values": values}
+    tenant = values["tenant"] or "default"
+    if not session.can_read(tenant):
+        result["error"] = f"Your auditor token is not scoped to tenant {tenant[:64]!r}: explain for one of yours."
+        return await policies_page.__wrapped__(request, session, result, 403)  # type: ignore[attr-defined]
     try:
         body = orjson.loads(values["request"])
         if not isinstance(body, dict):
@@ -641,8 +669,13 @@ async def explain_form(request: web.Request, session: ConsoleSession) -> web.Str
         check_chat(body)
         reply = orjson.loads(values["reply"]) if values["reply"].strip() else None
         sid = check_session_id(values["session"]) if values["session"] else None
-        tenant = values["tenant"] or "default"
-        report = explain(request.app[SERVICES].policies.current, body, tenant=tenant, session_id=sid, reply=reply)
+        policies = request.app[SERVICES].policies.current
+        report = explain(policies, body, tenant=tenant, session_id=sid, reply=reply)
+        if _scoped(session):
+            visible_ids = {p.id for p in policies if _applies_to_scope(p, session)}
+            report["considered"] = [c for c in report["considered"] if c["policy"] in visible_ids]
+            if report["policy"].get("file"):
+                report["policy"]["file"] = Path(report["policy"]["file"]).name
         result["report"] = yaml.safe_dump(report, allow_unicode=True, sort_keys=False, width=100)
     except orjson.JSONDecodeError as exc:
         result["error"] = f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."

@@ -392,3 +392,27 @@ def test_a_form_post_that_is_not_utf8_is_400_saying_so(console_gateway: Gateway)
             assert resp.headers["content-type"].startswith("text/html") and "not UTF-8 text" in resp.text
     assert signed.get("/console/overview").status_code == 200  # still signed in
     assert "unhandled_error" not in console_gateway.log_path.read_text()
+
+
+def test_a_scoped_auditor_sees_and_explains_only_policies_for_its_tenants(console_gateway: Gateway) -> None:
+    """globex's auditor sees only the policies that can apply to globex, cannot run the explainer
+    for acme (403), and its explanation names the policy file, not its path on the server; where
+    it used to see every tenant's policy YAML and explain for any tenant, file paths included."""
+    request = '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+    scoped = signed_in_client(console_gateway, SCOPED_TOKEN)
+    page = scoped.get("/console/policies").text
+    assert 'id="p-multi-user-chat"' in page and 'id="p-default"' in page
+    assert 'id="p-support-tickets"' not in page and 'id="p-record-nothing"' not in page
+    assert 'value="globex"' in page  # the explain form starts on its own tenant
+    csrf = login_csrf(page)
+    refused = scoped.post("/console/policies/explain", headers={"Origin": console_gateway.url},
+                          data={"csrf": csrf, "tenant": "acme", "session": "support:1", "request": request})
+    assert refused.status_code == 403 and "not scoped to tenant" in refused.text
+    assert 'id="explain-report"' not in refused.text and "support-tickets" not in refused.text
+    allowed = scoped.post("/console/policies/explain", headers={"Origin": console_gateway.url},
+                          data={"csrf": csrf, "tenant": "globex", "session": "globex:alice", "request": request})
+    assert allowed.status_code == 200 and 'id="explain-report"' in allowed.text
+    assert "multi-user-chat" in allowed.text and "support-tickets" not in allowed.text
+    assert str(console_gateway.dir) not in allowed.text and "file: multi-user-chat.yaml" in allowed.text
+    unscoped = signed_in_client(console_gateway).get("/console/policies").text
+    assert 'id="p-support-tickets"' in unscoped and 'id="p-record-nothing"' in unscoped
