@@ -1,5 +1,6 @@
 """The Chat Completions codec (``POST /v1/chat/completions``): the neutral form is this
-protocol's own, so reading the request and injecting the window are the identity and
+protocol's own (but for a ``file`` part holding text, read as its text), so reading the request
+and injecting the window are the identity and
 ``session.model.inject``; a stream ends with ``data: [DONE]``, held back until the round is
 committed."""
 
@@ -12,6 +13,7 @@ import orjson
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState
 from gateway.session.model import inject as inject_messages
+from gateway.session.structured import text_file_parts
 from gateway.sse import ReplyAssembler
 
 if TYPE_CHECKING:
@@ -44,7 +46,13 @@ class ChatCodec:
         check_chat(body)
 
     def messages(self, body: dict[str, Any]) -> list[Message]:
-        return body["messages"]  # type: ignore[no-any-return]
+        """The request's own messages; a ``file`` part whose data is text is read as the text the
+        model read (``session.structured.text_file_parts``), in a copy: the body is sent as is."""
+        messages: list[Message] = body["messages"]
+        if not any(_has_text_file(m) for m in messages):
+            return messages
+        return [{**m, "content": [q for p in m["content"] for q in (text_file_parts(p) or [p])]}
+                if _has_text_file(m) else m for m in messages]
 
     def implied_session(self, ctx: Context) -> tuple[str | None, str]:
         return None, ""
@@ -87,6 +95,11 @@ class ChatCodec:
 
 
 CHAT = ChatCodec()
+
+
+def _has_text_file(message: Any) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(text_file_parts(p) is not None for p in content)
 
 
 def check_store(ctx: Context) -> None:

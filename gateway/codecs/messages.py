@@ -2,7 +2,9 @@
 
 Reading: the top-level ``system`` (a string or text blocks) is a system message; ``messages``
 become neutral messages: ``text`` blocks → text parts, ``image`` blocks → ``image_url`` parts (a
-``data:`` URL for base64 sources), ``document`` blocks → ``file`` parts (and back), an assistant's
+``data:`` URL for base64 sources), ``document`` blocks with a ``text`` or ``content`` source → the
+text parts the model read (title and context included), other ``document`` blocks (base64, URL,
+file sources) → ``file`` parts (and back), an assistant's
 ``tool_use`` blocks → ``tool_calls`` (arguments as JSON text), a user's ``tool_result`` blocks →
 ``role: tool`` messages (before the user's own text; ``is_error: true`` kept as is).
 
@@ -26,7 +28,7 @@ import orjson
 from gateway.codecs import window_plan
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
-from gateway.session.structured import media_object, placeholder
+from gateway.session.structured import document_parts, media_object, placeholder
 from gateway.sse import EventAssembler, assistant_message
 
 if TYPE_CHECKING:
@@ -59,6 +61,8 @@ def _part(block: dict[str, Any]) -> Any:
         source = media_object(block.get("source"), "url")
         if source.get("type") == "base64":
             url = f"data:{source.get('media_type')};base64,{source.get('data')}"
+        elif source.get("type") == "file" and source.get("file_id") is not None:
+            url = f"file:{source.get('file_id')}"
         else:
             url = str(source.get("url"))
         return {"type": "image_url", "image_url": {"url": url}}
@@ -67,12 +71,36 @@ def _part(block: dict[str, Any]) -> Any:
     return block
 
 
+def _parts(block: dict[str, Any]) -> list[Any]:
+    """One block as neutral parts: a ``document`` whose source is text (``text``, or ``content``
+    blocks) as the text the model read (``session.structured.document_parts``: a header with its
+    title and context, then its text; an image among its content blocks stays an image part);
+    any other block as one part (``_part``)."""
+    source = block.get("source") if block.get("type") == "document" else None
+    if not isinstance(source, dict) or source.get("type") not in ("text", "content"):
+        return [_part(block)]
+    if source["type"] == "text":
+        body: list[Any] = [{"type": "text", "text": _doc_text(source.get("data"))}]
+    elif isinstance(source.get("content"), list):
+        body = [_part(b) if isinstance(b, dict) else {"type": "text", "text": _doc_text(b)}
+                for b in source["content"]]
+    else:
+        body = [{"type": "text", "text": _doc_text(source.get("content"))}]
+    return document_parts("document", block.get("title"), block.get("context"), body)
+
+
+def _doc_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return "" if value is None else orjson.dumps(value, default=str).decode()
+
+
 def _result_of(content: Any) -> Any:
     """A ``tool_result``'s content, neutral: its text when it is text only (blocks joined by
     "\n"), else its blocks as parts (an image, a document, a search result is kept for the
     record's media policy and the whitelist, never dropped)."""
     if isinstance(content, list) and not all(isinstance(b, dict) and b.get("type") == "text" for b in content):
-        return [_part(b) if isinstance(b, dict) else b for b in content]
+        return [p for b in content for p in (_parts(b) if isinstance(b, dict) else [b])]
     return _text_of(content)
 
 
@@ -109,7 +137,7 @@ def to_messages(body: dict[str, Any]) -> list[Message]:
                     result["is_error"] = True
                 out.append(result)
             else:
-                parts.append(_part(block))
+                parts.extend(_parts(block))
         if calls:
             out.append({"role": role, "content": _simplify(parts) if parts else None, "tool_calls": calls})
         elif parts:
@@ -129,6 +157,8 @@ def _block(part: Any) -> Any:
         if url.startswith("data:") and ";base64," in url:
             media, data = url[5:].split(";base64,", 1)
             return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
+        if url.startswith("file:"):  # an image by file id (``_part``)
+            return {"type": "image", "source": {"type": "file", "file_id": url[5:]}}
         return {"type": "image", "source": {"type": "url", "url": url}}
     if part.get("type") == "file":
         return _document(part)

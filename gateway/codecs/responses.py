@@ -2,7 +2,8 @@
 
 Reading: ``instructions`` is a system message; ``input`` (a string, or a list of items) becomes
 neutral messages: message items (``input_text``/``output_text`` parts → text parts,
-``input_image`` → ``image_url`` parts, ``input_file`` → ``file`` parts), ``function_call`` and
+``input_image`` → ``image_url`` parts, ``input_file`` → ``file`` parts, or the text the model
+read when its data is text: ``session.structured.text_file_parts``), ``function_call`` and
 ``custom_tool_call`` items → an assistant message's ``tool_calls`` (a custom call as Chat's
 ``{"type": "custom", "custom": {"name", "input"}}``), their ``*_output`` items → ``role: tool``.
 Any other ``*_output`` item (a built-in tool's result: ``local_shell_call_output``,
@@ -44,7 +45,7 @@ from gateway.codecs import window_plan
 from gateway.errors import BadRequest, NotFound, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
 from gateway.session.record import SYSTEM_ROLES
-from gateway.session.structured import media_object
+from gateway.session.structured import media_object, text_file_parts
 from gateway.sse import EventAssembler, assistant_message
 
 if TYPE_CHECKING:
@@ -87,9 +88,17 @@ def _part(part: Any) -> Any:
     return part
 
 
+def _parts(part: Any) -> list[Any]:
+    """One input part as neutral parts: an ``input_file`` whose data is text as the text the model
+    read (``session.structured.text_file_parts``), any other as one part (``_part``)."""
+    neutral = _part(part)
+    text = text_file_parts(neutral)
+    return [neutral] if text is None else text
+
+
 def _content(content: Any) -> Any:
     if isinstance(content, list):
-        parts = [_part(p) for p in content]
+        parts = [q for p in content for q in _parts(p)]
         if all(isinstance(p, dict) and p.get("type") == "text" for p in parts) and len(parts) == 1:
             return parts[0]["text"]
         return parts
@@ -147,7 +156,10 @@ def _out_part(part: Any, role: str) -> Any:
         return {"type": "output_text" if role == "assistant" else "input_text", "text": part.get("text")}
     if part.get("type") == "image_url":
         image = media_object(part.get("image_url"), "url")
-        return {"type": "input_image", "image_url": image.get("url"), "detail": image.get("detail", "auto")}
+        url = image.get("url")
+        if isinstance(url, str) and url.startswith("file:"):  # an image by file id (``_part``)
+            return {"type": "input_image", "file_id": url[5:], "detail": image.get("detail", "auto")}
+        return {"type": "input_image", "image_url": url, "detail": image.get("detail", "auto")}
     return part
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import mimetypes
+import urllib.parse
 from typing import Any
 
 import orjson
@@ -60,27 +62,142 @@ def media_object(value: Any, key: str) -> dict[str, Any]:
     return {key: value if isinstance(value, str) else orjson.dumps(value, default=str).decode()}
 
 
-def placeholder(part: dict[str, Any]) -> str:
-    """``[image: image/png, 12345 bytes, sha256 3f2a…]``: what a media part was, never its content."""
+TEXT_MEDIA = frozenset({"application/json", "application/xml", "application/yaml", "application/x-yaml",
+                        "application/javascript", "application/x-javascript", "application/typescript",
+                        "application/x-sh", "application/x-python", "application/sql", "application/x-ndjson",
+                        "application/csv", "application/markdown"})
+"""Media types besides ``text/*`` (and ``+json``/``+xml``) whose bytes a model reads as text."""
+
+
+def is_text_media(media: str | None) -> bool:
+    """Whether a file of media type *media* is text the model reads (``text/plain`` ...)."""
+    kind = (media or "").split(";", 1)[0].strip().lower()
+    return kind.startswith("text/") or kind in TEXT_MEDIA or kind.endswith(("+json", "+xml"))
+
+
+def _b64(data: str) -> bytes:
+    """*data* base64-decoded as ``base64.b64decode`` decodes it; its own bytes when it is not base64."""
+    try:
+        return base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        return data.encode("utf-8", "surrogatepass")
+
+
+def data_url(url: str) -> tuple[str, str, bytes] | None:
+    """A ``data:`` URL (RFC 2397) as ``(media type, charset, bytes)``: base64-decoded with
+    ``;base64``, percent-decoded otherwise; media type ``text/plain`` when it names none. None
+    for anything else."""
+    if not url.startswith("data:") or "," not in url:
+        return None
+    header, payload = url[5:].split(",", 1)
+    fields = [f.strip() for f in header.split(";")]
+    encoded = len(fields) > 1 and fields[-1].lower() == "base64"
+    charset = next((f.split("=", 1)[1].strip() for f in fields[1:] if f.lower().startswith("charset=")), "utf-8")
+    raw = _b64(payload) if encoded else urllib.parse.unquote_to_bytes(payload)
+    return fields[0] or "text/plain", charset, raw
+
+
+def _decode(raw: bytes, charset: str) -> str:
+    try:
+        return raw.decode(charset, errors="replace")
+    except LookupError:  # a charset Python does not know
+        return raw.decode("utf-8", errors="replace")
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+
+
+def document_parts(label: str, name: Any, context: Any, body: list[Any]) -> list[Any]:
+    """A text document as the text parts the model read: a header naming it (``[document:
+    title]``, then ``[context: ...]`` when it has one) and its *body* parts (empty text parts
+    left out: Anthropic refuses an empty text block in a window)."""
+    header = f"[{label}: {_as_text(name)}]" if name not in (None, "") else f"[{label}]"
+    if context not in (None, ""):
+        header += f"\n[context: {_as_text(context)}]"
+    return [{"type": "text", "text": header},
+            *(p for p in body if not (isinstance(p, dict) and p.get("type") == "text" and p.get("text") == ""))]
+
+
+def text_file_parts(part: Any) -> list[Any] | None:
+    """A Chat ``file`` part (or a Responses ``input_file``, read as one) whose inline data is
+    text (a ``text/*`` or JSON ``data:`` URL; or base64 of a file whose name says text) as the
+    text parts the model read (``document_parts``); None for anything else (a binary file, a
+    reference), which stays a media part."""
+    if not isinstance(part, dict) or part.get("type") != "file":
+        return None
+    file = media_object(part.get("file"), "file_data")
+    data, name = file.get("file_data"), file.get("filename")
+    if not isinstance(data, str) or not data or "source" in file:
+        return None
+    if data.startswith("data:"):
+        header = data[5:data.find(",")] if "," in data else None
+        if header is None or not is_text_media(header.split(";", 1)[0] or "text/plain"):
+            return None  # binary (a PDF, an image): decoded only for its placeholder
+        _, charset, raw = data_url(data) or ("", "utf-8", b"")
+    else:
+        guessed = mimetypes.guess_type(name)[0] if isinstance(name, str) else None
+        if not is_text_media(guessed):
+            return None
+        charset, raw = "utf-8", _b64(data)
+    return document_parts("file", name, None, [{"type": "text", "text": _decode(raw, charset)}])
+
+
+def _source(part: dict[str, Any]) -> tuple[str, str | None, bytes, bool]:
+    """``(label, media type, bytes, inline)`` of a media part: the bytes its data decodes to
+    (a ``data:`` URL, an Anthropic base64 source, Chat's ``input_audio``), or, for a reference
+    (a URL, a file id), the reference's own text."""
     kind = part.get("type")
     if kind == "image_url":
-        url = str(media_object(part.get("image_url"), "url").get("url") or "")
+        ref: Any = media_object(part.get("image_url"), "url").get("url")
         label = "image"
+        if isinstance(ref, str) and ref.startswith("file:"):  # an image by file id (the codecs' form)
+            ref = ref[5:]
     elif kind == "file":
         file = media_object(part.get("file"), "file_data")
-        url = str(file.get("file_data") or file.get("url") or file.get("file_id") or file.get("source") or "")
         label = "file"
+        source = file.get("source")
+        if isinstance(source, dict) and source.get("type") == "base64" and isinstance(source.get("data"), str):
+            return label, str(source.get("media_type") or "") or None, _b64(source["data"]), True
+        if isinstance(source, dict) and isinstance(source.get("url"), str):
+            ref = source["url"]
+        elif isinstance(source, dict) and isinstance(source.get("file_id"), str):
+            ref = source["file_id"]
+        elif source is not None:  # a text or content source read as a file, or a shape of its own
+            return label, None, orjson.dumps(source, default=str), True
+        elif isinstance(file.get("file_data"), str) and file["file_data"] and data_url(file["file_data"]) is None:
+            return label, None, _b64(file["file_data"]), True  # inline base64 without a data: URL
+        else:
+            ref = file.get("file_data") or file.get("file_url") or file.get("url") or file.get("file_id")
     else:
-        url = str(part.get("input_audio") or "")
+        audio = media_object(part.get("input_audio"), "data")
         label = "audio"
-    if url.startswith("data:") and ";base64," in url:
-        media, data = url[5:].split(";base64,", 1)
-        try:
-            raw = base64.b64decode(data, validate=False)
-        except (binascii.Error, ValueError):
-            raw = data.encode()
-        return f"[{label}: {media}, {len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()}]"
-    return f"[{label}: {len(url)} bytes of reference, sha256 {hashlib.sha256(url.encode()).hexdigest()}]"
+        if isinstance(audio.get("data"), str) and data_url(audio["data"]) is None:
+            fmt = audio.get("format")
+            return label, f"audio/{fmt}" if isinstance(fmt, str) and fmt else None, _b64(audio["data"]), True
+        ref = audio.get("data") or audio.get("url")
+    text = "" if ref is None else _as_text(ref)
+    if (parsed := data_url(text)) is not None:
+        return label, parsed[0], parsed[2], True
+    return label, None, text.encode("utf-8", "surrogatepass"), False
+
+
+def placeholder(part: dict[str, Any]) -> str:
+    """``[image: image/png, 12345 bytes, sha256 3f2a…]`` (a file with its name: ``[file: scan.pdf,
+    application/pdf, ...]``): what a media part was, never its content.
+    The size and sha256 are of the bytes the model was given (base64 decoded) for inline data,
+    and of the reference itself (a URL, a file id) for a reference, so an auditor holding the
+    file (or the URL) can show which one it was."""
+    label, media, raw, inline = _source(part)
+    digest = hashlib.sha256(raw).hexdigest()
+    name = media_object(part.get("file"), "file_data").get("filename") if part.get("type") == "file" else None
+    fields = [] if name in (None, "") else [_as_text(name)]  # a file's name is text the model read too
+    if not inline:
+        fields.append(f"{len(raw)} bytes of reference")
+    else:
+        fields.extend([media] if media else [])
+        fields.append(f"{len(raw)} bytes")
+    return f"[{label}: {', '.join(fields)}, sha256 {digest}]"
 
 
 def part_size(part: dict[str, Any]) -> int:
@@ -95,11 +212,24 @@ def media_content(content: Any, policy: Policy) -> Any:
     out: list[Any] = []
     for part in content:
         is_media = isinstance(part, dict) and part.get("type") in MEDIA_TYPES
-        if not is_media or (media.parts == "keep" and part_size(part) <= media.max_bytes):
+        if is_media and (text := text_file_parts(part)) is not None:
+            out.extend(text)  # a text file is text the model read, never a placeholder
+        elif not is_media or (media.parts == "keep" and part_size(part) <= media.max_bytes):
             out.append(part)
-        elif media.parts != "drop":
-            out.append({"type": "text", "text": placeholder(part)})
+        else:
+            out.extend(_document_header(part))
+            if media.parts != "drop":
+                out.append({"type": "text", "text": placeholder(part)})
     return out
+
+
+def _document_header(part: dict[str, Any]) -> list[Any]:
+    """An Anthropic document's ``title`` and ``context`` (text the model read beside a binary
+    document) as a text part; nothing for a part that has neither."""
+    file = media_object(part.get("file"), "file_data") if part.get("type") == "file" else {}
+    if "source" not in file or (file.get("title") in (None, "") and file.get("context") in (None, "")):
+        return []
+    return document_parts("document", file.get("title"), file.get("context"), [])
 
 
 def structured_round(policy: Policy, messages: list[Message], reply: Message | None,

@@ -8,8 +8,10 @@ string) or object content, optionally ending with an assistant prefill. Every te
 put in them is a unique token; the property is that every token reaches the upstream and every
 token is in the session's record. A fixed, derandomised budget keeps it to a second or two.
 System and developer messages are left out: they are not new input (README, "Limitations").
-Files, images and audio parts, well formed or not, carry no token: the media policy records them
-as placeholders by default; the property holds the text beside them to the record.
+Binary files, images and audio parts, well formed or not, carry no token but in a file's name: the
+media policy records them as placeholders by default; the property holds the text beside them
+(and a document's title and context) to the record. Text files and text documents carry tokens:
+they are text the model reads.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ media_part = st.one_of(
     st.builds(lambda v: {"type": "image_url", "image_url": v}, junk),
     st.builds(lambda v: {"type": "file", "file": v}, junk),
     st.builds(lambda v: {"type": "input_audio", "input_audio": v}, junk),
+    # a text file is text the model reads: its text and its name are recorded
+    st.builds(lambda t, n: {"type": "file", "file": {"file_data": f"data:text/plain,{t}", "filename": n}},
+              token, token),
+    st.builds(lambda n: {"type": "file", "file": {"file_data": "data:application/pdf;base64,AAAA", "filename": n}},
+              token),
 )
 part = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": token}),
@@ -63,8 +70,12 @@ block = st.one_of(
     st.fixed_dictionaries({"type": st.sampled_from(["search_result", "weird"]), "title": token,
                            "content": st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": token}),
                                                max_size=2)}),
-    # a document is a file: the media policy records it as a placeholder by default, so no token
-    st.just({"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "a file"}}),
+    # a text document is text the model reads, title and context too (also beside a binary source)
+    st.builds(lambda d, t, c: {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": d},
+                               "title": t, "context": c}, token, token, token),
+    st.builds(lambda d: {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": d}]}},
+              token),
+    st.builds(lambda v, t, c: {"type": "document", "source": v, "title": t, "context": c}, junk, token, token),
     st.builds(lambda kind, v: {"type": kind, "source": v}, st.sampled_from(["image", "document"]), junk),
 )
 tool_result = st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": st.just("t1"),
@@ -78,7 +89,9 @@ messages = st.builds(lambda ms, tail: {"model": "claude-x", "max_tokens": 64,
 input_part = st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["input_text", "weird"]), "text": token}),
                        token,
                        st.builds(lambda v: {"type": "input_image", "image_url": v}, junk),
-                       st.builds(lambda v: {"type": "input_file", "file_data": v}, junk))
+                       st.builds(lambda v: {"type": "input_file", "file_data": v}, junk),
+                       st.builds(lambda t, n: {"type": "input_file", "file_data": f"data:text/plain,{t}",
+                                               "filename": n}, token, token))
 item = st.one_of(
     st.builds(lambda r, c: {"type": "message", "role": r, "content": c}, st.sampled_from(["user", "User", "narrator"]),
               st.one_of(token, st.lists(input_part, min_size=1, max_size=2))),
