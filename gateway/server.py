@@ -1,6 +1,6 @@
 """The HTTP listener: aiohttp's server, held to a proxy's limits against slow and hostile clients.
 
-``run(app, settings)`` serves *app* until SIGTERM/SIGINT, then shuts down within
+``run(app, settings)`` serves *app* until SIGTERM/SIGINT/SIGHUP, then shuts down within
 ``server.shutdown_timeout`` (twice at most: a grace for in-flight requests, then their
 cancellation, whose settle step still commits the round). ``GatewayRunner`` is the
 ``web.AppRunner`` that does the same for tests and embedders.
@@ -38,7 +38,6 @@ import asyncio
 import gc
 import os
 import resource
-import signal
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -509,7 +508,7 @@ def settle_heap() -> None:
 
 
 async def serve(app: web.Application, settings: Settings) -> None:
-    """Serve *app* on ``server.host:server.port`` until SIGTERM or SIGINT, then shut down."""
+    """Serve *app* on ``server.host:server.port`` until SIGTERM, SIGINT or SIGHUP, then shut down."""
     server = settings.server
     cap = fd_budget(settings)
     if cap < server.max_connections:
@@ -533,7 +532,7 @@ async def serve(app: web.Application, settings: Settings) -> None:
         workers.notify_ready()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in workers.STOP_SIGNALS:  # SIGHUP too: a closing terminal must not cut rounds off unrecorded
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting_down", open_connections=len(runner.server.live) if isinstance(

@@ -24,11 +24,15 @@ Contract:
   ``audit verify`` sorts them by seq.
 - A worker that **dies** (a crash, ``kill -9``) is logged (``worker_exited``, with its exit
   status) and restarted in its slot; a slot that dies more than ``MAX_RESTARTS`` times within
-  ``RESTART_WINDOW`` seconds is given up (``worker_abandoned``), and when every slot is given up
-  the supervisor exits with status 1.
+  ``RESTART_WINDOW`` seconds rests (``worker_slot_resting``, with the delay) and is tried again
+  after ``REST_FIRST`` seconds, doubling to ``REST_MAX`` while it keeps failing: a cause that
+  passes (an invalid policy file being fixed, a database back up) costs the slot a while, never
+  for good. When every slot rests at once the supervisor exits with status 1, so a service
+  manager restarts the unit.
 - A supervisor that dies (even by SIGKILL) takes its workers with it: each asked the kernel
   for SIGTERM on its parent's death (``PR_SET_PDEATHSIG``) and drains as on a normal stop.
-- **SIGTERM / SIGINT** to the supervisor is forwarded to every worker; each drains as a single
+- **SIGTERM / SIGINT / SIGHUP** to the supervisor is forwarded to every worker (as SIGTERM; a
+  closing terminal sends SIGHUP to them all); each drains as a single
   gateway does (``server.shutdown_timeout``) and the supervisor waits for all of them, killing
   any still running after twice that timeout plus ``KILL_GRACE`` seconds. Exit status 0.
 """
@@ -60,7 +64,11 @@ WORKER_HEADER = "X-Sessiongate-Worker"
 READY_TIMEOUT = 60.0
 MAX_RESTARTS = 5
 RESTART_WINDOW = 30.0
+REST_FIRST = 30.0
+REST_MAX = 300.0
 KILL_GRACE = 5.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""What stops the supervisor, and a gateway, with a drain (``gateway.server.serve``)."""
 
 
 def worker_index() -> int | None:
@@ -119,6 +127,9 @@ class Slot:
     proc: subprocess.Popen[bytes] | None = None
     deaths: list[float] = field(default_factory=list)
     abandoned: bool = False
+    """Resting after dying too often: no worker until ``retry_at``."""
+    retry_at: float = 0.0
+    rest: float = 0.0
 
 
 class Supervisor:
@@ -158,8 +169,8 @@ class Supervisor:
         self.stopping = True
 
     def run(self) -> int:
-        """Blocking: start every worker, restart those that die, stop all on SIGTERM/SIGINT."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        """Blocking: start every worker, restart those that die, stop all on SIGTERM/SIGINT/SIGHUP."""
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._stop)
         try:
             for slot in self.slots:
@@ -172,7 +183,7 @@ class Supervisor:
             while not self.stopping:
                 time.sleep(0.2)
                 for slot in self.slots:
-                    if not self.stopping and not slot.abandoned:
+                    if not self.stopping:
                         self._check(slot)
                 if all(s.abandoned for s in self.slots):
                     log.error("all_workers_abandoned")
@@ -182,18 +193,36 @@ class Supervisor:
             self._shutdown()
 
     def _check(self, slot: Slot) -> None:
+        now = time.monotonic()
+        if slot.abandoned:
+            if now >= slot.retry_at:
+                self._retry(slot, now)
+            return
         proc = slot.proc
         if proc is None or proc.poll() is None:
             return
-        now = time.monotonic()
         slot.deaths = [t for t in slot.deaths if now - t < RESTART_WINDOW] + [now]
         log.warning("worker_exited", index=slot.index, pid=proc.pid, status=proc.returncode)
         if len(slot.deaths) > MAX_RESTARTS:
-            slot.abandoned = True
-            log.error("worker_abandoned", index=slot.index, deaths=len(slot.deaths), window_seconds=RESTART_WINDOW)
+            slot.abandoned, slot.rest = True, REST_FIRST
+            slot.retry_at = now + slot.rest
+            log.error("worker_slot_resting", index=slot.index, deaths=len(slot.deaths),
+                      window_seconds=RESTART_WINDOW, retry_in=slot.rest,
+                      note="its workers keep failing to start or dying: their own log lines say why")
             return
         if not self._spawn(slot) and not self.stopping:
             log.error("worker_restart_failed", index=slot.index)
+
+    def _retry(self, slot: Slot, now: float) -> None:
+        """Try a resting slot again: back in service when its worker starts, else rest longer."""
+        if self._spawn(slot):
+            slot.abandoned, slot.deaths, slot.rest = False, [], 0.0
+            log.info("worker_slot_restored", index=slot.index)
+        elif not self.stopping:
+            slot.rest = min(slot.rest * 2, REST_MAX)
+            slot.retry_at = time.monotonic() + slot.rest
+            log.error("worker_slot_resting", index=slot.index, retry_in=slot.rest,
+                      status=slot.proc.poll() if slot.proc else None)
 
     def _shutdown(self) -> None:
         live = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]

@@ -4,6 +4,7 @@ rounds committed before are in the store."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import sqlite3
 import time
@@ -88,9 +89,11 @@ def test_sigterm_during_a_stalled_body_exits_promptly(tmp_path: Path) -> None:
         assert "Traceback" not in gw.stderr()
 
 
-def test_sigterm_lets_an_in_flight_round_commit(tmp_path: Path, upstream: Upstream) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_lets_an_in_flight_round_commit(tmp_path: Path, upstream: Upstream, sig: int) -> None:
     """A chat in flight when SIGTERM arrives finishes within the grace, its client gets the reply, and the round
-    is in the store."""
+    is in the store. SIGHUP (a closing terminal or ssh session) drains the same way: it used to end the
+    process at once, the round answered by the model in no record and no audit entry."""
     import threading
 
     from gateway.standin import default_reply
@@ -113,8 +116,9 @@ def test_sigterm_lets_an_in_flight_round_commit(tmp_path: Path, upstream: Upstre
         wait = time.monotonic() + 10
         while not upstream.requests and time.monotonic() < wait:
             time.sleep(0.02)
-        took = gw.stop(timeout=30)
+        took = gw.stop(timeout=30, sig=sig)
         client.join(10)
+        assert gw.proc.returncode == 0, gw.proc.returncode
     assert took < EXIT_BOUND
     assert result.get("status") == 200
     with sqlite3.connect(tmp_path / "gw" / "gateway.db") as conn:

@@ -47,11 +47,11 @@ class ServedGateway:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
         return sock
 
-    def stop(self, timeout: float = 10.0) -> float:
-        """SIGTERM; the seconds the process took to exit."""
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> float:
+        """*sig* (SIGTERM); the seconds the process took to exit."""
         started = time.monotonic()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
