@@ -256,6 +256,37 @@ class TracingSettings(_Strict):
                                        "else all); a sampled parent is always followed")
 
 
+class ConsoleSettings(_Strict):
+    """The auditor console (``/console``)."""
+
+    public_origin: str | None = Field(
+        None, description="the origin browsers reach the console at behind a TLS-terminating reverse proxy, "
+                          "e.g. https://audit.example.com: sign-in and every console form must come from it, and "
+                          "the session cookie is Secure when it is https. Unset: the scheme and Host the "
+                          "gateway itself sees")
+
+    @field_validator("public_origin")
+    @classmethod
+    def _origin(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{v[:100]!r} has a port that is not a number from 0 to 65535") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or not v.isascii() or not v.isprintable():
+            raise ValueError(f"{v[:100]!r} is not an origin: give scheme and host as a browser shows them, such as "
+                             "https://audit.example.com (a non-ASCII host in its xn-- form)")
+        if parts.username is not None or parts.password is not None or parts.path not in ("", "/") \
+                or parts.query or parts.fragment or "?" in v or "#" in v:
+            raise ValueError(f"{v[:100]!r} is not an origin: only scheme, host and port, with no user, path, "
+                             "query or fragment (the console is always served at /console)")
+        default = 443 if parts.scheme == "https" else 80
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
@@ -267,6 +298,7 @@ class Settings(_Strict):
     audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
     tracing: TracingSettings = TracingSettings()
+    console: ConsoleSettings = ConsoleSettings()
     source: str = Field("<defaults>", exclude=True, description="the file these settings came from")
 
     @model_validator(mode="after")

@@ -93,17 +93,29 @@ class ConsoleSessions:
         return len(self._by_auditor.get(principal, ()))
 
 
-def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str, max_age: int) -> None:
+def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str, max_age: int,
+               public_origin: str | None = None) -> None:
+    """Set a console cookie: ``HttpOnly``, ``SameSite=Strict``, path ``/console``, and ``Secure``
+    when the request came over TLS or the configured *public_origin* (``console.public_origin``)
+    is https (a TLS-terminating proxy forwards plain http, so the gateway cannot tell)."""
+    secure = request.secure or (public_origin or "").startswith("https://")
     response.set_cookie(name, value, max_age=max_age, path="/console", httponly=True, samesite="Strict",
-                        secure=request.secure)
+                        secure=secure)
 
 
-def same_origin(request: web.Request) -> bool:
-    """True unless the browser says the request came from another site or origin."""
+def same_origin(request: web.Request, public_origin: str | None = None) -> bool:
+    """True unless the browser says the request came from another site or origin.
+
+    With *public_origin* (``console.public_origin``, behind a reverse proxy) the browser's
+    ``Origin`` must be exactly it; without, it must be the scheme and ``Host`` the gateway sees
+    (a missing ``Origin`` passes: the CSRF token still has to match). ``X-Forwarded-*`` headers are
+    never read: anyone can send them."""
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
         return False
     origin = request.headers.get("Origin")
+    if public_origin is not None:
+        return origin == public_origin
     if origin is None or origin == "null":
         return origin is None
     return origin == f"{request.scheme}://{request.host}"

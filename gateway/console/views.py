@@ -146,6 +146,11 @@ async def _headers(request: web.Request, response: web.StreamResponse) -> None:
             response.headers["Cache-Control"] = "no-store"
 
 
+def _public_origin(request: web.Request) -> str | None:
+    """``console.public_origin``: the origin browsers reach the console at behind a proxy."""
+    return request.app[SERVICES].settings.console.public_origin
+
+
 class UnreadableForm(Exception):
     """A console form post whose body is not text in its declared charset (UTF-8 unless it says
     otherwise): no browser sends one from a console page."""
@@ -176,7 +181,8 @@ def signed_in(page: Page) -> Handler:
             except UnreadableForm:
                 return render(request, "error.html", status=400, session=None, title="Form not readable",
                               message=UNREADABLE_FORM)
-            if not same_origin(request) or session is None or not token_matches(session.csrf, form.get("csrf")):
+            if (not same_origin(request, _public_origin(request)) or session is None
+                    or not token_matches(session.csrf, form.get("csrf"))):
                 return render(request, "error.html", status=403, session=None, title="Request refused",
                               message="This request did not come from a console page of this gateway (the "
                               "cross-site check failed). Open the console and try again.")
@@ -222,7 +228,7 @@ async def login_form(request: web.Request, error: str | None = None, status: int
 
     token = secrets.token_urlsafe(32)
     response = render(request, "login.html", status=status, session=None, csrf=token, error=error)
-    set_cookie(response, request, LOGIN_COOKIE, token, max_age=600)
+    set_cookie(response, request, LOGIN_COOKIE, token, max_age=600, public_origin=_public_origin(request))
     return response
 
 
@@ -232,7 +238,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         form = await read_form(request)
     except UnreadableForm:
         return await login_form(request, UNREADABLE_FORM, 400)
-    if not same_origin(request) or not token_matches(request.cookies.get(LOGIN_COOKIE, ""), form.get("csrf")):
+    if (not same_origin(request, _public_origin(request))
+            or not token_matches(request.cookies.get(LOGIN_COOKIE, ""), form.get("csrf"))):
         return await login_form(request, "The sign-in form expired or came from another site. Try again.", 403)
     token = form.get("token")
     services = request.app[SERVICES]
@@ -246,7 +253,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     session = request.app[CONSOLE].sessions.create(principal)
     log.info("console_sign_in", auditor=principal.name)
     response = web.HTTPSeeOther("/console/overview")
-    set_cookie(response, request, COOKIE, session.id, max_age=IDLE_SECONDS * 16)
+    set_cookie(response, request, COOKIE, session.id, max_age=IDLE_SECONDS * 16,
+               public_origin=_public_origin(request))
     response.del_cookie(LOGIN_COOKIE, path="/console")
     raise response
 
