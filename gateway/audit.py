@@ -79,6 +79,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from gateway.background import Backoff, Health
 from gateway.errors import ConfigError, IntegrityError
+from gateway.logs import error_cause
 from gateway.store.base import AuditRow
 
 _log = structlog.get_logger("gateway.audit")
@@ -350,7 +351,9 @@ class CheckpointLog:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line: end it first
                 data = b"\n" + data
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # a short write (a disk nearly full) goes on; a failing one raises, leaving a torn line
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -517,7 +520,7 @@ class Checkpointer:
                         await self.flush(due)
                     except Exception as exc:  # noqa: BLE001 - logged, reported, retried
                         failures = health.failed(CHECKPOINTER, exc) if health else failures + 1
-                        _log.warning("background_task_retry", task=CHECKPOINTER, error=type(exc).__name__,
+                        _log.warning("background_task_retry", task=CHECKPOINTER, **error_cause(exc),
                                      attempt=failures, retry_in=backoff.delay(failures))
                         await asyncio.sleep(backoff.delay(failures))
                         continue
@@ -537,7 +540,7 @@ class Checkpointer:
             try:
                 self.checkpoint_now()
             except Exception as exc:  # noqa: BLE001 - shutting down; the heads stay unsigned
-                _log.error("checkpoint_at_shutdown_failed", error=type(exc).__name__)
+                _log.error("checkpoint_at_shutdown_failed", **error_cause(exc))
             self._loop = self._wake = None
 
     def _next_timeout(self) -> float | None:

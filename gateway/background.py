@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import threading
 import time
@@ -26,7 +27,7 @@ from typing import Any
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gateway.logs import exception_fields
+from gateway.logs import error_cause, exception_fields
 
 log = structlog.get_logger("gateway.background")
 
@@ -89,7 +90,8 @@ class Health:
             task.up = False
             task.failures_total += 1
             task.consecutive_failures += 1
-            task.last_error = type(exc).__name__
+            task.last_error = type(exc).__name__ + (f" {errno.errorcode.get(exc.errno, exc.errno)}"
+                                                    if isinstance(exc, OSError) and exc.errno else "")
             return task.consecutive_failures
 
     def snapshot(self) -> list[TaskHealth]:
@@ -157,12 +159,11 @@ class Background:
             except Exception as exc:
                 failures = self.health.failed(self.name, exc)
                 if failures >= self.attempts or key in self._again or self._closing.is_set():
-                    log.error("background_task_gave_up", task=self.name, error=type(exc).__name__,
-                              attempts=failures)
+                    log.error("background_task_gave_up", task=self.name, **error_cause(exc), attempts=failures)
                     return None
                 delay = self.backoff.delay(failures)
-                log.warning("background_task_retry", task=self.name, error=type(exc).__name__,
-                            attempt=failures, retry_in=delay)
+                log.warning("background_task_retry", task=self.name, **error_cause(exc), attempt=failures,
+                            retry_in=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), delay)
                 continue
@@ -236,8 +237,8 @@ class Worker:
             except Exception as exc:
                 failures = self.health.failed(self.name, exc) if self.health else failures + 1
                 delay = self.backoff.delay(failures)
-                log.warning("background_task_retry", task=self.name, error=type(exc).__name__,
-                            attempt=failures, retry_in=delay)
+                log.warning("background_task_retry", task=self.name, **error_cause(exc), attempt=failures,
+                            retry_in=delay)
                 continue
             if failures:
                 log.info("background_task_recovered", task=self.name, after_failures=failures)
@@ -255,7 +256,7 @@ class Worker:
         if task.cancelled() or self._task is not task:
             return
         exc = task.exception()
-        log.error("background_task_ended", task=self.name, error=type(exc).__name__ if exc else None)
+        log.error("background_task_ended", task=self.name, **error_cause(exc))
         if self.health is not None:
             self.health.failed(self.name, exc or RuntimeError("ended"))
 

@@ -8,6 +8,7 @@ that removes fields whose names say they hold them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -42,6 +43,26 @@ def exception_fields(exc: BaseException) -> dict[str, Any]:
         frames.append(f"{os.path.basename(frame.f_code.co_filename)}:{line} {frame.f_code.co_name}")
         del frames[:-8]
     return {"error": type(exc).__name__, "caused_by": causes or None, "where": frames or None}
+
+
+def error_cause(exc: BaseException | None) -> dict[str, Any]:
+    """What an operator needs of a background failure, never text a client could have put there:
+    the type, and for an ``OSError`` its errno name, the system's message for it and the file it names
+    (``ENOSPC`` and ``EACCES`` call for different fixes); for the gateway's own operator-facing
+    ``StoreUnavailable``, its message."""
+    from gateway.errors import StoreUnavailable
+
+    if exc is None:
+        return {"error": None}
+    fields: dict[str, Any] = {"error": type(exc).__name__}
+    if isinstance(exc, OSError) and exc.errno is not None:
+        fields["errno"] = errno.errorcode.get(exc.errno, str(exc.errno))
+        fields["detail"] = os.strerror(exc.errno)  # the system's text for the number, never the raiser's
+        if exc.filename is not None:
+            fields["file"] = os.fsdecode(exc.filename)
+    elif isinstance(exc, StoreUnavailable):
+        fields["detail"] = exc.message
+    return fields
 
 
 def _dumps(event: Any, **_: Any) -> str:

@@ -486,3 +486,17 @@ def test_a_damaged_checkpoint_line_is_still_an_error(tmp_path: Path, signer: Sig
     log.append([signer.sign_head("acme", 1, "a" * 64, 1.0)])
     with pytest.raises(ConfigError, match=r"checkpoints.jsonl:1"):
         list(log)
+
+
+def test_a_short_checkpoint_write_is_finished(tmp_path: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``os.write`` may write less than asked (a disk nearly full): the rest is written, not lost
+    as a torn line that the next read would skip."""
+    import gateway.audit as audit_module
+
+    real_write = os.write
+    monkeypatch.setattr(audit_module.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    log = CheckpointLog(tmp_path / "checkpoints.jsonl")
+    cps = [signer.sign_head("acme", 3, "a" * 64, 1.0), signer.sign_head("globex", 4, "b" * 64, 2.0)]
+    log.append(cps)
+    monkeypatch.undo()
+    assert list(CheckpointLog(log.path)) == cps and not log.torn
