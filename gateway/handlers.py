@@ -111,7 +111,9 @@ async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.Str
     status = 500
     try:
         await pipeline.run(ctx)
-        assert ctx.response is not None
+        if ctx.response is None:  # the client left before its reply came: nobody to answer (nginx's 499)
+            status = CLIENT_CLOSED
+            return web.Response(status=CLIENT_CLOSED)
         status = ctx.response.status
         return ctx.response
     except GatewayError as exc:
@@ -150,6 +152,9 @@ async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.Str
                  latency_ms=round(elapsed * 1000, 3), bytes_in=len(ctx.raw),
                  bytes_out=ctx.reply_bytes, policy=ctx.policy.id if ctx.policy else None)
 
+
+CLIENT_CLOSED = 499
+"""The status logged for a request whose client hung up before its reply (never sent)."""
 
 INTERNAL_ERROR = {"error": {"message": "the gateway hit an internal error; it has been logged",
                              "type": "server_error", "code": "internal_error"}}

@@ -5,6 +5,7 @@ that breaks off a non-streamed body. The partial reply goes to ``full_context`` 
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import threading
 import time
@@ -243,6 +244,11 @@ def test_client_gone_before_a_non_streamed_reply_records_incomplete(gw: Gateway,
     rounds, entries = stored(gw)
     assert [r.outcome for r in rounds] == ["incomplete"]
     assert [(e["outcome"], e["ended_by"]) for e in entries] == [("incomplete", "client")]
+    # a normal event, not an error: the access line says 499 (client closed), nothing logs unhandled_error
+    lines = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
+    assert not [e for e in lines if e.get("event") == "unhandled_error"], lines
+    (line,) = [e for e in lines if e.get("event") == "request" and e.get("session_id") == "impatient"]
+    assert line["status"] == 499 and line["ended_by"] == "client", line
 
 
 def test_a_round_that_cannot_be_stored_never_looks_complete(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
