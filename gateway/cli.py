@@ -661,9 +661,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     sources += [("audit-signing.key", settings.audit.signing_key_file),
                 ("checkpoints.jsonl", settings.audit.checkpoint_file)]
     if not settings.audit.export_secret_env:  # the pseudonyms of exports made so far and from now on
+        from gateway.auditor import export_secret
+        export_secret(settings)  # made now when no export has made it yet, so a restore keeps the pseudonyms
         sources.append(("export-secret", settings.audit.signing_key_file.parent / "export-secret"))
     for name, path in sources:
-        if name not in ("checkpoints.jsonl", "export-secret") and not path.is_file():
+        if name != "checkpoints.jsonl" and not path.is_file():
             return _fail(f"{path} does not exist: nothing to back up for {name}")
     if not settings.store.path.is_file():
         return _fail(f"{settings.store.path} does not exist: there is no database to back up")
@@ -681,7 +683,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         copy.close()
         source.close()
     target.chmod(0o600)
-    print(f"backed up the keyring, signing key, checkpoints, export secret and database to {out}")
+    names = ", ".join(name for name, path in sources if (out / name).is_file())
+    print(f"backed up {names} and the database to {out}")
     return 0
 
 

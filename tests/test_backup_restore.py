@@ -75,3 +75,26 @@ def test_backup_then_restore_into_a_fresh_folder(make_gateway: Callable[..., Gat
     restored.openai(session=sessions[0]).chat.completions.create(
         model="standin", messages=[{"role": "user", "content": "after restore"}])
     assert len(httpx.get(f"{restored.base_url}/sessions/{sessions[0]}", headers=AUTH).json()["full_context"]) == 8
+
+
+def test_a_backup_before_any_export_holds_the_export_secret(make_gateway: Callable[..., Gateway],
+                                                             tmp_path: Path) -> None:
+    """The export secret is made at the first export; a backup taken before any export used to
+    say it had backed it up while it held none, and the secret made later was in no backup: after
+    a restore, exports gave other pseudonyms. The backup now makes it, so both sides share it."""
+    live = make_gateway(name="live")
+    live.openai(session="pseudonyms").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": "mail me at ada@example.test"}])
+    assert not (live.dir / "export-secret").exists()
+    backup = tmp_path / "backup"
+    made = cli(live.config_path, "backup", "--out", str(backup))
+    assert made.returncode == 0 and "export-secret" in made.stdout, made.stdout + made.stderr
+    assert {"export-secret", "sessiongate.db", "master-keys.json"} <= {p.name for p in backup.iterdir()}
+    pseudonyms = exported_lines(live, "pseudonyms")  # the first export, after the backup
+    fresh = tmp_path / "restored"
+    fresh.mkdir()
+    for name, target in RESTORED.items():
+        if (backup / name).exists():  # no checkpoint signed yet: no checkpoint file
+            shutil.copy2(backup / name, fresh / target)
+    restored = make_gateway(name="restored")
+    assert exported_lines(restored, "pseudonyms") == pseudonyms
