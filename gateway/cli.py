@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     index = workers.worker_index()
     count = args.workers if args.workers is not None else workers.default_workers(settings.store.backend)
     if count < 1:
-        raise ConfigError("--workers must be at least 1", file=settings.source, field="server")
+        return _fail(f"--workers {count}: must be at least 1 (the number of gateway processes sharing the port)")
     if index is None:  # a worker's port is already bound by its siblings (SO_REUSEPORT)
         preflight(settings)
     else:

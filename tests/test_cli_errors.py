@@ -148,3 +148,11 @@ def test_readme_explain_example_files_run() -> None:
     assert "id: support-tickets" in result.stdout and "T-1001" in result.stdout
     readme = (REPO / "README.md").read_text()
     assert "config/examples/request.json" in readme and "config/examples/reply.json" in readme
+
+
+def test_serve_with_no_workers_blames_the_flag_not_the_configuration(tmp_path: Path) -> None:
+    """``--workers 0`` is the command line's mistake: the error names the flag, not the config file."""
+    config = write_config(tmp_path, None, REPO / "policies")
+    result = run("serve", "--config", str(config), "--workers", "0", "--port", "0", timeout=30)
+    assert_one_line_error(result, 2, "--workers 0: must be at least 1")
+    assert str(config) not in result.stderr
