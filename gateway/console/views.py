@@ -41,6 +41,7 @@ from gateway.console.auth import (
 )
 from gateway.console.jobs import MAX_RUNNING_PER_AUDITOR, Counting, Job, JobProgress, Jobs, TooManyRunning
 from gateway.console.stats import DAYS_SHOWN, StatsCache
+from gateway.console.throttle import FailureThrottle, admin_middleware, peer, warn_demo_credentials
 from gateway.errors import GatewayError, IntegrityError, PayloadTooLarge, Unauthorized
 from gateway.export import FORMATS, RoundLabels, check_range, record_columns
 from gateway.handlers import SERVICES, parse_time
@@ -67,6 +68,8 @@ class Console:
     sessions: ConsoleSessions = field(default_factory=ConsoleSessions)
     jobs: Jobs = field(default_factory=Jobs)
     stats: StatsCache = field(default_factory=StatsCache)
+    throttle: FailureThrottle = field(default_factory=FailureThrottle)
+    """Failed auditor authentications per address (console sign-in and ``/admin``)."""
     templates: jinja2.Environment = field(default_factory=lambda: _environment())
 
 
@@ -241,11 +244,21 @@ async def login(request: web.Request) -> web.StreamResponse:
     if (not same_origin(request, _public_origin(request))
             or not token_matches(request.cookies.get(LOGIN_COOKIE, ""), form.get("csrf"))):
         return await login_form(request, "The sign-in form expired or came from another site. Try again.", 403)
+    throttle, address = request.app[CONSOLE].throttle, peer(request)
+    wait = throttle.retry_after(address)
+    if wait is not None:
+        log.warning("console_login_throttled", peer=address)
+        response = await login_form(request, f"Too many failed sign-ins from your address. Try again in {wait} "
+                                    "seconds.", 429)
+        response.headers["Retry-After"] = str(wait)
+        return response
     token = form.get("token")
     services = request.app[SERVICES]
     try:
         principal = services.auth.identify(f"Bearer {token}" if isinstance(token, str) else None)
     except (Unauthorized, GatewayError):
+        throttle.failed(address)
+        log.warning("console_login_failed", peer=address, reason="unknown_token")
         return await login_form(request, "That token is not known to this gateway.", 401)
     if principal.role != "auditor":
         log.info("console_sign_in_refused", reason="not_an_auditor")
@@ -697,6 +710,7 @@ async def explain_form(request: web.Request, session: ConsoleSession) -> web.Str
 # --- wiring ----------------------------------------------------------------------------------------
 
 async def _lifecycle(app: web.Application) -> Any:
+    warn_demo_credentials(app[SERVICES].auth)  # the services start first (``app._services``)
     yield
     await app[CONSOLE].jobs.close()
 
@@ -727,6 +741,7 @@ def setup(app: web.Application) -> None:
     """Register the console on *app*."""
     app[CONSOLE] = Console()
     app.on_response_prepare.append(_headers)
+    app.middlewares.append(admin_middleware(lambda request: request.app[CONSOLE].throttle))  # inside the errors'
     app.cleanup_ctx.append(_lifecycle)
     r = app.router
     r.add_get("/console", index)
