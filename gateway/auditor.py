@@ -167,7 +167,8 @@ class AuditTrail:
                 yield ExportRecord(row.tenant, row.session_id, row.seq, row.created_at, row.request_id,
                                    row.policy_id, row.policy_hash, row.outcome, messages,
                                    hashlib.sha256(row.ct).hexdigest(),
-                                   protocols.get((row.session_id, row.seq), "chat") if row.kind == "round" else None)
+                                   protocols.get((row.session_id, row.seq), "chat") if row.kind == "round" else None,
+                                   kind=row.kind)
 
         async def append_audit(fields: dict[str, Any]) -> AuditRow:
             changes = await store.transact(tenant, None, lambda cur: Changes(audit=[fields]))

@@ -119,6 +119,7 @@ class ExportRecord:
     messages: list[dict[str, Any]]
     ciphertext_sha256: str
     protocol: str | None = None  # the wire protocol of the round (chat, responses, messages); None for imports
+    kind: str = "round"  # the row's kind: round, import or history
 
 
 def check_range(since: float | None, until: float | None) -> None:
@@ -297,7 +298,8 @@ async def write_records(records: AsyncIterable[ExportRecord], out: BinaryIO, *, 
         summary.policies.add((record.policy_id, record.policy_hash))
         if summary.min_created_at is None or record.created_at < summary.min_created_at:
             summary.min_created_at = record.created_at
-        writer.write(record, redactor.redact_messages(record.messages))
+        # a round without block boundaries was recorded before they were kept: its values were never vetted
+        writer.write(record, redactor.redact_messages(record.messages, legacy=record.kind == "round"))
         if progress is not None:
             progress.tick()
     writer.close()

@@ -9,6 +9,20 @@ contain a header-like line is not split. OpenAI content-part lists are handled p
 text parts as free text; other parts (images, audio) are kept only when the free-text action
 is ``keep``.
 
+**Where a block ends.** A value may itself hold a line that looks like a header (a client can
+send ``ticket_id = "T-77\\n[input.intent]:\\nSECRET"``), so the text alone cannot say where a
+block ends. A round recorded since block boundaries are kept carries them next to its text
+(the message's ``blocks``: ``[key, start, end]`` per block, ``[]`` for free text; see
+``session.record.KeyedText``), and they decide, whatever header-like lines the values hold.
+Without them (rounds recorded before, imports and chat-history edits, whose text was checked
+to be in recorded form, and text given directly) the text is parsed by header lines, and the
+parse is never trusted further than it can be: when a key's header appears more than once, or
+out of the policy's key order, a value ran over the header that follows it, and every block of
+that message gets the strictest rule among its keys (drop, then mask, then hash, then keep).
+For a *round* recorded before boundaries were kept (``legacy``), whose values no check vetted,
+any block may be the tail of an earlier value, so each block gets the strictest rule of its own
+key and of every key before it in the message.
+
 **Rules.** A rule ``{key, action}`` selects a block by its exact key name; the key ``"*"`` is
 the default for free text and for blocks no rule names. The first rule for a key wins.
 Actions:
@@ -48,11 +62,15 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from gateway.session.record import BLOCKS_FIELD, KeyedText
+
 MASK = "****"
 ACTIONS = ("keep", "drop", "mask", "hash")
 DETECTORS = ("iban", "card", "email", "phone")
 """Detector names, in the order that settles overlapping hits."""
 DEFAULT_KEY = "*"
+STRICTNESS = ("keep", "hash", "mask", "drop")
+"""Actions from the least to the most strict: a span whose key is in doubt gets the strictest."""
 PSEUDONYM_PREFIX = "pseud:"
 
 _SALT = b"sessiongate-export-pseudonym-v1"
@@ -260,6 +278,37 @@ def _header(line: str, keys: Collection[str] | None) -> str | None:
     return m.group(1)
 
 
+def _valid_spans(text: str, blocks: Any) -> list[tuple[str, int, int]] | None:
+    """*blocks* as ``(key, start, end)`` when they describe *text* exactly as
+    ``session.record.format_keyed`` writes it (each value right after its ``[key]:`` line, blocks
+    joined by newlines, the last reaching the end of the text); ``[]`` for free text; None when
+    they do not describe it (then the caller parses the text)."""
+    if not isinstance(blocks, (list, tuple)):
+        return None
+    n = len(text)
+    out: list[tuple[str, int, int]] = []
+    at = 0
+    for item in blocks:
+        if not isinstance(item, (list, tuple)) or len(item) != 3:
+            return None
+        key, start, end = item
+        if not isinstance(key, str) or type(start) is not int or type(end) is not int:
+            return None
+        header = f"[{key}]:"
+        after = at + len(header)
+        if text[at:after] != header:
+            return None
+        if not (start == min(after + 1, n) and (start == after or text[after] == "\n") and start <= end <= n):
+            return None
+        out.append((key, start, end))
+        if end < n and text[end] != "\n":
+            return None
+        at = end + 1
+    if out and out[-1][2] != n:
+        return None
+    return out
+
+
 # --------------------------------------------------------------------------- the redactor
 
 
@@ -284,6 +333,7 @@ class Redactor:
                 raise ValueError(f"detector {name}: action must be mask or hash")
         self.detectors = chosen
         self._keys = frozenset(keys) if keys is not None else None
+        self._order = tuple(keys) if keys is not None else None
 
     def pseudonym(self, value: str) -> str:
         """This tenant's pseudonym of ``value``."""
@@ -300,14 +350,16 @@ class Redactor:
             "pseudonym_key_id": hmac.new(self._secret, b"key-id", hashlib.sha256).hexdigest()[:16],
         }
 
-    def redact_messages(self, messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def redact_messages(self, messages: Iterable[Mapping[str, Any]], *, legacy: bool = False) -> list[dict[str, Any]]:
         """New ``{"role", "content"}`` messages; messages left with nothing are left out. A
-        structured tool call keeps its id and function name, its arguments (a custom tool's
-        ``input``) redacted as text, and the thinking recorded with it its text, redacted; a tool
-        result keeps its ``tool_call_id`` (``session.structured``)."""
+        message's ``blocks`` (a round record's block boundaries) decide where its blocks are;
+        *legacy*: the messages are a round recorded before boundaries were kept (see the module
+        docstring). A structured tool call keeps its id and function name, its arguments (a
+        custom tool's ``input``) redacted as text, and the thinking recorded with it its text,
+        redacted; a tool result keeps its ``tool_call_id`` (``session.structured``)."""
         out = []
         for message in messages:
-            content = self.redact_content(message.get("content"))
+            content = self.redact_content(message.get("content"), message.get(BLOCKS_FIELD), legacy=legacy)
             calls = [self._redact_call(c) for c in message.get("tool_calls") or () if isinstance(c, Mapping)]
             if content is None and not calls:
                 continue
@@ -347,24 +399,62 @@ class Redactor:
         return {"id": call.get("id"), "type": call.get("type", "function"),
                 "function": {"name": function.get("name"), "arguments": arguments}}
 
-    def redact_content(self, content: Any) -> Any:
-        """Redacted content (string or part list), or None when nothing is left."""
+    def redact_content(self, content: Any, blocks: Any = None, *, legacy: bool = False) -> Any:
+        """Redacted content (string or part list), or None when nothing is left. *blocks*: the
+        round record's ``[key, start, end]`` boundaries of *content* (``[]``: free text); a
+        :class:`~gateway.session.record.KeyedText` carries its own. Boundaries that do not
+        describe *content* exactly are ignored (the text is then parsed, see the module
+        docstring)."""
         if isinstance(content, list):
             return self._redact_parts(content)
         if content is None:
             return None
         text = content if isinstance(content, str) else str(content)
-        blocks = parse_blocks(text, self._keys)
-        if blocks is None:
+        if blocks is None and isinstance(content, KeyedText):
+            blocks = content.blocks
+        parsed = self._blocks(text, blocks, legacy)
+        if parsed is None:
             return self._apply(self._by_key.get(DEFAULT_KEY, "keep"), text)
         kept = []
-        for key, value in blocks:
-            new = self._apply(self._action_for(key), value)
+        changed = False
+        for key, value, action in parsed:
+            new = self._apply(action, value)
+            changed = changed or new != value
             if new is not None:
                 kept.append((key, new))
         if not kept:
             return None
-        return text if kept == blocks else join_blocks(kept)
+        return text if not changed else join_blocks(kept)
+
+    def _blocks(self, text: str, blocks: Any, legacy: bool) -> list[tuple[str, str, str]] | None:
+        """``(key, value, action)`` per block of *text*, or None when it is free text."""
+        spans = _valid_spans(text, blocks) if blocks is not None else None
+        if spans is not None:
+            return [(key, text[start:end], self._action_for(key)) for key, start, end in spans] or None
+        parsed = parse_blocks(text, self._keys)
+        if parsed is None:
+            return None
+        actions = [self._action_for(key) for key, _ in parsed]
+        if not self._in_order([key for key, _ in parsed]):
+            strictest = max(actions, key=STRICTNESS.index)  # some value ran over a header: which one is unknown
+            actions = [strictest] * len(actions)
+        elif legacy:  # any block may be the tail of an earlier value
+            actions = [max(actions[: i + 1], key=STRICTNESS.index) for i in range(len(actions))]
+        return [(key, value, action) for (key, value), action in zip(parsed, actions, strict=True)]
+
+    def _in_order(self, keys: list[str]) -> bool:
+        """True when *keys* are distinct and in the policy's key order (as recording writes them)."""
+        if len(set(keys)) != len(keys):
+            return False
+        if self._order is None:
+            return True
+        at = 0
+        for key in keys:
+            try:
+                at = self._order.index(key, at) + 1
+            except ValueError:
+                return False
+        return True
 
     def redact_text(self, text: str) -> str:
         """``text`` with the detectors' hits replaced."""

@@ -54,6 +54,7 @@ from gateway.session.model import (
     to_agently,
     with_pending,
 )
+from gateway.session.record import with_blocks, without_blocks
 from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store
 
 if TYPE_CHECKING:
@@ -276,7 +277,7 @@ class SessionService:
             dk = self._data_key(krow)
             out: list[Message] = []
             async for row in self.store.iter_rounds(tenant, session_id):
-                out.extend(self.open_round(dk, row))
+                out.extend(without_blocks(self.open_round(dk, row)))
             return out
 
     @contextlib.asynccontextmanager
@@ -318,6 +319,8 @@ class SessionService:
         return str((await self.store.transact(tenant, session_id, plan)).result)
 
     def open_round(self, dk: crypto.DataKey, row: RoundRow) -> list[Message]:
+        """A round record's messages as sealed: a text round's carry their ``blocks``
+        (``session.record.with_blocks``), which only export redaction reads."""
         return orjson.loads(crypto.open_sealed(dk, row.ct, tenant=row.tenant, session_id=row.session_id,
                                                seq=row.seq, field="round"))
 
@@ -372,6 +375,8 @@ class SessionService:
         task, no turn of the event loop."""
         meta = RoundMeta(rec.request_id, rec.policy_id, rec.policy_hash, rec.outcome, "round")
         messages = rec.messages if rec.messages is not None else round_messages(rec.user, rec.assistant)
+        # a text round's record keeps where each keyed block's value is (session.record.KeyedText)
+        record = messages if rec.messages is not None else with_blocks(messages)
 
         def plan(cur: Current) -> Changes:
             ch = Changes()
@@ -397,7 +402,7 @@ class SessionService:
                     state = with_pending(state, bounding.strategy, [1] * len(messages))
                     if state.auto_resize:
                         state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
-                self._write_state(cur, ch, dk, state, [messages], meta)
+                self._write_state(cur, ch, dk, state, [record], meta)
                 assert ch.session is not None
                 sealed.append((ch.session.version, ch.session.state_ct, dk.id, state, ch.session.next_seq))
                 # only the asynchronous strategies (summarize, hooks) can leave the window over the limit
@@ -500,7 +505,7 @@ class SessionService:
         they are for whoever investigates, as a purge would rewrite its state from rows the chain
         does not vouch for and bind them anew."""
         seqs = [seq for seq, _ in rounds]
-        expired = [m for _, messages in rounds for m in messages]
+        expired = [m for _, messages in rounds for m in without_blocks(messages)]
 
         def plan(cur: Current) -> Changes:
             if cur.quarantine is not None:

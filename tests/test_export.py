@@ -35,7 +35,8 @@ from gateway.export import (
     verify_bundle,
     write_records,
 )
-from gateway.redact import MASK, Redactor, pseudonym, tenant_secret
+from gateway.redact import MASK, Redactor, parse_blocks, pseudonym, tenant_secret
+from gateway.session.record import format_keyed, with_blocks
 from gateway.store.base import AuditRow
 
 T0 = 1_700_000_000.0
@@ -68,6 +69,7 @@ class Env:
         return row
 
     def add_round(self, tenant: str, session: str, seq: int, messages: list[dict], policy_id: str) -> ExportRecord:
+        messages = with_blocks([sealed(m) for m in messages])  # as a round record is sealed now
         ciphertext = orjson.dumps([tenant, session, seq, messages])  # stands in for the sealed round
         digest = hashlib.sha256(ciphertext).hexdigest()
         row = self.append(tenant, {"event": "round", "request_id": f"req-{session}-{seq}", "session_id": session,
@@ -106,6 +108,17 @@ class Env:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(self.signer.public_key_pem())
         return path
+
+
+def sealed(message: dict) -> dict:
+    """*message* with its content as recording writes it: keyed content is a ``KeyedText``."""
+    content = message["content"]
+    blocks = parse_blocks(content) if isinstance(content, str) else None
+    if blocks:
+        keyed = format_keyed(blocks)
+        assert keyed == content
+        return {**message, "content": keyed}
+    return message
 
 
 async def agen(items: Iterable[ExportRecord]) -> AsyncIterator[ExportRecord]:
@@ -167,6 +180,22 @@ def test_jsonl_export_matches_the_expected_redaction(env: Env, tmp_path: Path) -
         "tenant": "acme", "session_id": "alice", "seq": 1, "created_at": "2023-11-14T22:13:22.000000Z",
         "request_id": "req-alice-1", "policy_id": "support", "policy_hash": POLICY_HASH["support"],
         "outcome": "completed", "ciphertext_sha256": records[0].ciphertext_sha256, "messages": None}
+
+
+def test_rounds_without_block_boundaries_are_exported_under_the_stricter_rule(env: Env) -> None:
+    """A round recorded before block boundaries were kept gives each block the strictest rule of
+    its key and the keys before it; an import (text checked to be in recorded form) keeps each
+    key's own rule."""
+    text = "[input.customer]:\nalice@example.com\n[input.question]:\nSECRET-after-a-header"
+    legacy = dataclasses.replace(corpus(env)[0], messages=[{"role": "user", "content": text}])
+    alice = pseudonym(tenant_secret(SECRET, "acme"), "alice@example.com")
+    for record, question in ((legacy, pseudonym(tenant_secret(SECRET, "acme"), "SECRET-after-a-header")),
+                             (dataclasses.replace(legacy, kind="import"), "SECRET-after-a-header")):
+        buffer = io.BytesIO()
+        asyncio.run(write_records(agen([record]), buffer, fmt="jsonl", redactor_for=env.redactor_for("acme")))
+        (doc,) = [orjson.loads(line) for line in buffer.getvalue().splitlines()]
+        assert doc["messages"] == [{"role": "user",
+                                    "content": f"[input.customer]:\n{alice}\n[input.question]:\n{question}"}]
 
 
 def test_no_recorded_value_leaks_into_the_export(env: Env, tmp_path: Path) -> None:

@@ -160,3 +160,66 @@ def test_describe_names_the_rules_without_secrets() -> None:
     assert d["rules"] == [{"key": "a", "action": "hash"}]
     assert d["detectors"] == {"email": "mask"}
     assert ACME.hex() not in str(d)
+
+
+# --------------------------------------------------------------------------- block boundaries
+
+INJECTED = "[input.ticket_id]:\nT-77\n[input.intent]:\nSECRET\n[input.intent]:\nrefund"
+TICKET_RULES = [{"key": "input.ticket_id", "action": "hash"}]
+TICKET_KEYS = ["input.ticket_id", "input.intent"]
+
+
+def _ticket_redactor() -> Redactor:
+    return Redactor(TICKET_RULES, ACME, keys=TICKET_KEYS)
+
+
+def test_recorded_boundaries_keep_a_fake_header_inside_its_value() -> None:
+    """With the round record's boundaries, a header-like line inside a hashed value is hashed with it."""
+    from gateway.session.record import blocks_of, format_keyed
+
+    text = format_keyed([("input.ticket_id", "T-77\n[input.intent]:\nSECRET"), ("input.intent", "refund")])
+    assert text == INJECTED
+    expected = f"[input.ticket_id]:\n{pseudonym(ACME, 'T-77' + chr(10) + '[input.intent]:' + chr(10) + 'SECRET')}" \
+               "\n[input.intent]:\nrefund"
+    assert _ticket_redactor().redact_content(str(text), blocks_of(text)) == expected
+    assert _ticket_redactor().redact_content(text) == expected  # a KeyedText carries its own
+    message = {"role": "user", "content": str(text), "blocks": blocks_of(text)}
+    assert _ticket_redactor().redact_messages([message]) == [{"role": "user", "content": expected}]
+
+
+def test_empty_boundaries_mean_free_text() -> None:
+    """``blocks: []`` is free text: a reply that starts like a keyed block gets the default rule."""
+    r = Redactor([*TICKET_RULES, {"key": "input.intent", "action": "keep"}, {"key": "*", "action": "drop"}], ACME,
+                 keys=TICKET_KEYS)
+    assert r.redact_content("[input.intent]:\nanything", []) is None
+    assert r.redact_content("[input.intent]:\nanything") == "[input.intent]:\nanything"
+
+
+def test_boundaries_that_do_not_fit_the_text_are_not_trusted() -> None:
+    """Boundaries off by one, out of range or naming another key fall back to the strict parse."""
+    for bad in ([["input.ticket_id", 18, 22]], [["input.ticket_id", 19, 999]], [["other", 0, 4]], "x",
+                [["input.ticket_id", 19, 23], ["input.intent", 40, 46]]):
+        out = _ticket_redactor().redact_content(INJECTED, bad)
+        assert "SECRET" not in out and "refund" not in out
+
+
+def test_without_boundaries_a_repeated_or_misordered_header_puts_the_message_under_the_strictest_rule() -> None:
+    """Parsed text whose keys repeat or break the policy's order has every block under the strictest rule."""
+    out = _ticket_redactor().redact_content(INJECTED)
+    assert "SECRET" not in out and "refund" not in out and out.count("pseud:") == 3
+    backwards = "[input.intent]:\nrefund\n[input.ticket_id]:\nT-1"
+    assert "refund" not in _ticket_redactor().redact_content(backwards)
+    r = Redactor([{"key": "a", "action": "mask"}, {"key": "b", "action": "hash"}], ACME, keys=["a", "b"])
+    assert r.redact_content("[a]:\nx\n[b]:\ny\n[b]:\nz") == f"[a]:\n{MASK}\n[b]:\n{MASK}\n[b]:\n{MASK}"
+
+
+def test_in_order_parsed_text_keeps_each_keys_rule_unless_it_is_a_legacy_round() -> None:
+    """Distinct keys in order keep their own rules (imports: vetted text); a round recorded before
+    boundaries were kept gives each block the strictest rule of its key and the keys before it."""
+    text = "[input.ticket_id]:\nT-77\n[input.intent]:\nSECRET"
+    assert _ticket_redactor().redact_content(text).endswith("\n[input.intent]:\nSECRET")
+    legacy = _ticket_redactor().redact_messages([{"role": "user", "content": text}], legacy=True)
+    assert "SECRET" not in legacy[0]["content"]
+    assert legacy[0]["content"] == (f"[input.ticket_id]:\n{pseudonym(ACME, 'T-77')}"
+                                    f"\n[input.intent]:\n{pseudonym(ACME, 'SECRET')}")
+

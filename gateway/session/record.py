@@ -40,6 +40,11 @@ their JSON string when they parse): a key not found in ``data`` is looked up in
 none is given, ``{"choices": [{"index": 0, "message": message}]}``), so ``$.usage.total_tokens``
 can be recorded even when the content is not JSON.
 
+Block boundaries: a keyed text is a :class:`KeyedText`, a ``str`` that also holds where each
+block's value starts and ends. The text alone cannot say it (a value may hold a header-like line),
+so the round record seals the boundaries next to the text (:func:`blocks_of`) and the export
+redacts by them.
+
 Lengths: ``message_length`` is Agently's ``len(str(ChatMessage(**msg).model_dump()))``.
 """
 
@@ -584,13 +589,72 @@ def format_value(value: Any) -> str:
         return str(value)
 
 
-def format_keyed(items: Sequence[tuple[str, Any]]) -> str:
-    """Agently's ``_format_session_keyed_content``: ``[key]:\\nvalue`` blocks joined by "\\n", stripped."""
+Span = tuple[str, int, int]
+"""One recorded block: its key and where its value is in the text (``text[start:end]``)."""
+
+
+class KeyedText(str):
+    """Text in Agently block form, as :func:`format_keyed` wrote it, that knows where each
+    block's value is (``blocks``: ``(key, start, end)`` in text order).
+
+    A value may itself hold a line that looks like a header (``"T-77\\n[input.intent]:\\n..."``),
+    so the text alone cannot say where a block ends; the boundaries are kept with the round
+    (``blocks_of``, sealed next to the text by ``SessionService.commit_round``) and the export
+    redacts by them (``gateway.redact``). It is an ordinary ``str`` everywhere else: the text
+    recorded, injected and exported in Agently's JSON is exactly Agently's.
+    """
+
+    blocks: tuple[Span, ...]
+
+    def __new__(cls, text: str, blocks: Sequence[Span]) -> KeyedText:
+        made = super().__new__(cls, text)
+        made.blocks = tuple(blocks)
+        return made
+
+
+def format_keyed(items: Sequence[tuple[str, Any]]) -> KeyedText:
+    """Agently's ``_format_session_keyed_content``: ``[key]:\\nvalue`` blocks joined by "\\n",
+    stripped; the returned text also knows each value's span (:class:`KeyedText`)."""
     lines: list[str] = []
+    spans: list[Span] = []
+    at = 0
     for key, value in items:
-        lines.append(f"[{key}]:")
-        lines.append(format_value(value))
-    return "\n".join(lines).strip()
+        header = f"[{key}]:"
+        text = format_value(value)
+        start = at + len(header) + 1
+        spans.append((key, start, start + len(text)))
+        lines.append(header)
+        lines.append(text)
+        at = start + len(text) + 1
+    joined = "\n".join(lines)
+    stripped = joined.strip()  # the first line is a header: only the end can lose whitespace
+    end = len(stripped)
+    return KeyedText(stripped, [(key, min(start, end), min(stop, end)) for key, start, stop in spans])
+
+
+def blocks_of(text: str | None) -> list[list[Any]]:
+    """What is sealed next to a recorded text (``"blocks"`` of its message in the round
+    record): ``[key, start, end]`` per block of a :class:`KeyedText`; ``[]`` for any other
+    text, which is free text (the policy's keys for that role were null)."""
+    if isinstance(text, KeyedText):
+        return [[key, start, end] for key, start, end in text.blocks]
+    return []
+
+
+BLOCKS_FIELD = "blocks"
+"""The field of a message in a sealed round record that holds its block boundaries; it is never
+in the session's state, its window or its Agently JSON (:func:`without_blocks`)."""
+
+
+def with_blocks(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages of a text round as its record is sealed: each with its ``blocks``."""
+    return [{**message, BLOCKS_FIELD: blocks_of(message.get("content"))} for message in messages]
+
+
+def without_blocks(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A round record's messages as the session holds them (Agently's form): no ``blocks``."""
+    return [{k: v for k, v in message.items() if k != BLOCKS_FIELD} if BLOCKS_FIELD in message else message
+            for message in messages]
 
 
 def render_keys(keys: Sequence[KeyPath], view: RequestView | ReplyView) -> str | None:
