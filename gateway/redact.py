@@ -42,20 +42,29 @@ secret (at least 16 bytes), salt ``b"sessiongate-export-pseudonym-v1"``, info
 check) run on kept free text and kept block values, after the rules. A hit is replaced by a
 typed placeholder (``[EMAIL]``, ``[PHONE]``, ``[CARD]``, ``[IBAN]``) or, with action ``hash``,
 by the pseudonym of its normalised form (e-mail lower-cased; phone ``+`` and digits; card
-digits; IBAN upper-case without spaces), so detected values still join. Where hits overlap,
-the order iban, card, email, phone decides. The phone detector is a heuristic: 7 to 15 digits
+digits, in ASCII; IBAN upper-case, letters and digits only), so detected values still join.
+Where hits overlap, the order iban, card, email, phone decides. Digit groups (cards, phones,
+IBANs) may be separated by a space, a no-break, thin or other Unicode space, a dash, and for
+cards and phones also a dot, a tab or (cards) a slash or two such characters; an IBAN may be
+lower-case. Format characters (Unicode Cf: zero-width spaces and joiners, the soft hyphen,
+bidirectional controls ...) are not read at all: ``bob\u200b@example.com`` is an address and a
+zero-width space separates digit groups as a space does; a hit's span in the original text
+covers them, so they are masked with it. The phone detector is a heuristic: 7 to 15 digits
 that start with ``+`` or contain separators, not a date or an IPv4 address. Every detector takes
-time linear in the text (an export runs them on whatever a client recorded).
+time linear in the text (an export runs them on whatever a client recorded). Not detected:
+look-alike letters (a Cyrillic ``а`` in a domain, a full-width ``＠``), a value split over two
+messages, and escaped forms (``\u0040`` in JSON text, ``%40``).
 
 Raises ``ValueError`` for an unknown action or detector, or a too-short export secret.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,8 +146,18 @@ class Finding:
     normalized: str
 
 
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
-_DIGIT_RUN = re.compile(r"(?<![\w-])\d+(?:[ -]\d+)*(?![\w-])")
+_FORMAT = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]+")
+"""Runs of format characters (Unicode category Cf: zero-width spaces and joiners, the soft hyphen,
+bidirectional controls, the BOM, tags ...), which a reader does not see: the detectors read the
+text without them, and a hit's span in the original text covers those inside it."""
+_SPACE = "\u00a0\u2000-\u200a\u202f\u205f\u3000"
+"""Spaces other than the ASCII one that people paste between digit groups (NBSP, thin, narrow ...)."""
+_IBAN = re.compile(
+    rf"\b[A-Za-z]{{2}}\d{{2}}(?:[ \-{_SPACE}]?[A-Za-z0-9]{{4}}){{2,7}}(?:[ \-{_SPACE}]?[A-Za-z0-9]{{1,3}})?\b")
+_DIGIT_RUN = re.compile(rf"(?<![\w-])\d+(?:[ \t./\-{_SPACE}]{{1,2}}\d+)*(?![\w-])")
 _LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"
 _AT = re.compile(r"(?<=[A-Za-z0-9._%+-])@(?=[A-Za-z0-9-])")
 _DOMAIN = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
@@ -149,13 +168,16 @@ character, read a long run of local-part characters with no ``@`` once per chara
 (quadratic: 40,000 characters took 3 s, with the GIL held). Here each character is read a bounded
 number of times: the local part is the run of local characters before the ``@`` (not before the
 last hit's end), and ``_DOMAIN`` only runs from an ``@``, over a run no other ``@`` shares."""
-_PHONE = re.compile(r"(?<![\w+.])\+?(?:\(\d{1,5}\)|\d)(?:[ .-]?(?:\(\d{1,5}\)|\d)){6,24}(?!\w)")
+_PHONE = re.compile(
+    rf"(?<![\w+.])\+?(?:\(\d{{1,5}}\)|\d)(?:[ \t.\-{_SPACE}]?(?:\(\d{{1,5}}\)|\d)){{6,24}}(?!\w)")
 _NOT_PHONE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{1,3}(?:\.\d{1,3}){3}|\d+\.\d+")
 
 
 def luhn_ok(digits: str) -> bool:
     """The Luhn checksum of a string of digits holds."""
     total = 0
+    if not digits.isascii():  # any Unicode decimal digit (Arabic-Indic, full-width ...) counts as its value
+        digits = "".join(str(int(ch)) for ch in digits)
     for i, ch in enumerate(reversed(digits)):
         d = ord(ch) - 48
         if i % 2:
@@ -165,18 +187,23 @@ def luhn_ok(digits: str) -> bool:
 
 
 def iban_ok(iban: str) -> bool:
-    """The ISO 13616 mod-97 check of an IBAN (spaces ignored, 15 to 34 characters) holds."""
-    s = iban.replace(" ", "").upper()
+    """The ISO 13616 mod-97 check of an IBAN (separators ignored, 15 to 34 characters) holds."""
+    s = _iban_form(iban)
     if not 15 <= len(s) <= 34 or not s.isalnum():
         return False
     rearranged = s[4:] + s[:4]
     return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
 
 
+def _iban_form(iban: str) -> str:
+    """An IBAN as it is normalised: its letters and digits, upper-case."""
+    return "".join(ch for ch in iban if ch.isalnum()).upper()
+
+
 def _find_iban(text: str) -> Iterable[Finding]:
     for m in _IBAN.finditer(text):
         if iban_ok(m.group()):
-            yield Finding("iban", m.start(), m.end(), m.group().replace(" ", "").upper())
+            yield Finding("iban", m.start(), m.end(), _iban_form(m.group()))
 
 
 def _find_card(text: str) -> Iterable[Finding]:
@@ -199,9 +226,10 @@ def _longest_card(run: str, groups: list[tuple[int, int]], i: int) -> tuple[int,
     best = None
     digits = ""
     for j in range(i, len(groups)):
-        digits += run[groups[j][0]:groups[j][1]]
-        if len(digits) > 19:
+        if len(digits) + groups[j][1] - groups[j][0] > 19:
             break
+        chunk = run[groups[j][0]:groups[j][1]]
+        digits += chunk if chunk.isascii() else "".join(str(int(ch)) for ch in chunk)  # normalised to ASCII
         if len(digits) >= 13 and luhn_ok(digits):
             best = (j, digits)
     return best
@@ -222,29 +250,75 @@ def _find_email(text: str) -> Iterable[Finding]:
             end = domain.end()
 
 
-def _find_phone(text: str) -> Iterable[Finding]:
+def _find_phone(text: str, hidden: Callable[[int, int], bool] | None = None) -> Iterable[Finding]:
+    """Phone numbers; *hidden(start, end)* says whether format characters were taken out of that
+    span (they separated the digit groups, as a space would)."""
     for m in _PHONE.finditer(text):
         s = m.group()
-        digits = re.sub(r"\D", "", s)
+        digits = "".join(str(int(ch)) for ch in s if ch.isdecimal())
         if not 7 <= len(digits) <= 15 or _NOT_PHONE.fullmatch(s):
             continue
-        if not s.startswith("+") and s.isdigit():
+        if not s.startswith("+") and s.isdigit() and not (hidden and hidden(m.start(), m.end())):
             continue
         yield Finding("phone", m.start(), m.end(), ("+" if s.startswith("+") else "") + digits)
 
 
-_FINDERS = {"iban": _find_iban, "card": _find_card, "email": _find_email, "phone": _find_phone}
+_FINDERS: dict[str, Callable[[str], Iterable[Finding]]] = {
+    "iban": _find_iban, "card": _find_card, "email": _find_email, "phone": _find_phone}
+
+
+class _Visible:
+    """*text* without its format characters (``_FORMAT``), and the way back: ``span(start, end)``
+    of the visible text is the span of the original text it was read from (format characters
+    inside it included). Linear: one entry per run of visible characters."""
+
+    def __init__(self, text: str) -> None:
+        pieces: list[str] = []
+        self.starts: list[int] = []  # where each visible run starts in the visible text
+        self.origins: list[int] = []  # and in the original text
+        at = shown = 0
+        for m in _FORMAT.finditer(text):
+            if m.start() > at:
+                self.starts.append(shown)
+                self.origins.append(at)
+                pieces.append(text[at:m.start()])
+                shown += m.start() - at
+            at = m.end()
+        if at < len(text) or not self.starts:
+            self.starts.append(shown)
+            self.origins.append(at)
+            pieces.append(text[at:])
+        self.text = "".join(pieces)
+
+    def _origin(self, index: int) -> int:
+        run = bisect.bisect_right(self.starts, index) - 1
+        return self.origins[run] + index - self.starts[run]
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        return self._origin(start), self._origin(end - 1) + 1
+
+    def hidden(self, start: int, end: int) -> bool:
+        """True when format characters were taken out between ``start`` and ``end``."""
+        first, last = self.span(start, end)
+        return last - first != end - start
 
 
 def find_pii(text: str, detectors: Collection[str]) -> list[Finding]:
-    """Non-overlapping hits of ``detectors`` in ``text``, in text order."""
+    """Non-overlapping hits of ``detectors`` in ``text``, in text order. Format characters
+    (zero-width spaces and the like) are not read: a hit may have them inside, and its span in
+    ``text`` covers them."""
+    visible = _Visible(text) if _FORMAT.search(text) else None
+    read = visible.text if visible is not None else text
     taken: list[Finding] = []
     for kind in DETECTORS:
         if kind not in detectors:
             continue
-        for hit in _FINDERS[kind](text):
+        hits = _find_phone(read, visible.hidden) if kind == "phone" and visible is not None else _FINDERS[kind](read)
+        for hit in hits:
             if all(hit.end <= t.start or hit.start >= t.end for t in taken):
                 taken.append(hit)
+    if visible is not None:
+        taken = [Finding(hit.kind, *visible.span(hit.start, hit.end), hit.normalized) for hit in taken]
     return sorted(taken, key=lambda f: f.start)
 
 

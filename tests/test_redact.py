@@ -223,3 +223,54 @@ def test_in_order_parsed_text_keeps_each_keys_rule_unless_it_is_a_legacy_round()
     assert legacy[0]["content"] == (f"[input.ticket_id]:\n{pseudonym(ACME, 'T-77')}"
                                     f"\n[input.intent]:\n{pseudonym(ACME, 'SECRET')}")
 
+
+# --------------------------------------------------------------------------- ordinary formats
+
+ORDINARY = {
+    "card with no-break spaces": ("card 4111\u00a01111\u00a01111\u00a01111 ok", "4111\u00a01111\u00a01111\u00a01111"),
+    "card with thin spaces": ("4111\u20091111\u20091111\u20091111", "4111\u20091111\u20091111\u20091111"),
+    "card with dots": ("paid with 4111.1111.1111.1111.", "4111.1111.1111.1111"),
+    "card with tabs": ("4111\t1111\t1111\t1111", "4111\t1111\t1111\t1111"),
+    "card with double spaces": ("4111  1111  1111  1111", "4111  1111  1111  1111"),
+    "card with zero-width spaces": ("x 4111\u200b1111\u200b1111\u200b1111 y", "4111\u200b1111\u200b1111\u200b1111"),
+    "card with a zero-width space in a group": ("41\u200b11 1111 1111 1111", "41\u200b11 1111 1111 1111"),
+    "card in Arabic-Indic digits": ("\u0664" + "\u0661" * 15, "\u0664" + "\u0661" * 15),
+    "lower-case IBAN": ("iban de89 3704 0044 0532 0130 00.", "de89 3704 0044 0532 0130 00"),
+    "dashed IBAN": ("DE89-3704-0044-0532-0130-00", "DE89-3704-0044-0532-0130-00"),
+    "phone with zero-width spaces": ("call 020\u200b7946\u200b0958 now", "020\u200b7946\u200b0958"),
+    "phone with no-break spaces": ("+44\u00a020\u00a07946\u00a00958", "+44\u00a020\u00a07946\u00a00958"),
+    "e-mail with a zero-width space before @": ("to bob\u200b@example.com.", "bob\u200b@example.com"),
+    "e-mail with a joiner in the local part": ("bo\u200db@example.com", "bo\u200db@example.com"),
+    "e-mail with a soft hyphen": ("bob@exam\u00adple.com", "bob@exam\u00adple.com"),
+}
+
+
+@pytest.mark.parametrize(("text", "hit"), ORDINARY.values(), ids=ORDINARY.keys())
+def test_detectors_find_ordinary_formats_and_mask_their_whole_span(text: str, hit: str) -> None:
+    """Unicode spaces, dots, tabs, dashes, lower case and format characters do not hide a value,
+    and the mask covers exactly its span in the original text, format characters included."""
+    (found,) = find_pii(text, ("iban", "card", "email", "phone"))
+    assert text[found.start:found.end] == hit
+    redacted = Redactor([], ACME, ("iban", "card", "email", "phone")).redact_text(text)
+    assert redacted == text.replace(hit, f"[{found.kind.upper()}]")
+
+
+def test_normalised_forms_join_whatever_the_separators() -> None:
+    """A value written with other separators or format characters hashes to the same pseudonym."""
+    r = Redactor([], ACME, {"card": "hash", "iban": "hash", "email": "hash"})
+    assert r.redact_text("4111\u00a01111\u200b1111.1111") == r.redact_text("4111 1111 1111 1111")
+    assert r.redact_text("\u0664" + "\u0661" * 15) == r.redact_text("4111111111111111")
+    assert r.redact_text("de89-3704-0044-0532-0130-00") == r.redact_text("DE89 3704 0044 0532 0130 00")
+    assert r.redact_text("Bob\u200b@Example.com") == r.redact_text("bob@example.com")
+
+
+def test_the_format_class_is_every_format_character() -> None:
+    """The detectors skip exactly Unicode's format characters (category Cf) of this Python."""
+    import sys
+    import unicodedata
+
+    from gateway.redact import _FORMAT
+
+    every = "".join(chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf")
+    assert _FORMAT.fullmatch(every)
+    assert not _FORMAT.search("abc 123 \u00a0\u2009\t\n@.-")

@@ -232,6 +232,15 @@ REDACT_SHAPES = {
     "bracketed digits": '"(1)" * (n // 3) + "x"',
     "an IBAN that does not end": '"DE12" + "ABCD" * (n // 4) + "_"',
     "signed digits": '"+1" * (n // 2)',
+    "digit groups with no-break spaces": '"1\\u00a0" * (n // 2) + "1x"',
+    "digit groups with double separators": '"1 \\t" * (n // 3) + "1x"',
+    "dotted digits": '"1." * (n // 2) + "1x"',
+    "zero-width spaces between digits": '"1\\u200b" * (n // 2) + "1x"',
+    "a run of format characters": '"4111" + "\\u200b\\u200d" * (n // 2) + "1111x"',
+    "format characters before many @": '"a\\u200b@" * (n // 3)',
+    "a lower-case IBAN that does not end": '"de12" + "abcd" * (n // 4) + "_"',
+    "a dashed IBAN that does not end": '"DE12" + "-ABCD" * (n // 5) + "_"',
+    "phone groups with zero-width spaces": '"+1\\u200b" * (n // 3)',
 }
 
 
