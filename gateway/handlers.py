@@ -45,7 +45,7 @@ from gateway.errors import (
 )
 from gateway.export import FORMATS, bundle_paths
 from gateway.logs import exception_fields
-from gateway.observe import mark_logged, set_outcome
+from gateway.observe import mark_logged, model_label, set_outcome
 from gateway.proxy import forward_route
 from gateway.session.bounding import maintain, needs_maintenance
 from gateway.session.history import HISTORY_OPS, HistoryResult, change_history, needs_hooks, parse_messages, write_memo
@@ -145,10 +145,12 @@ async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.Str
         if ctx.first_byte_at:
             services.metrics.first_byte.observe(ctx.first_byte_at - ctx.started)
         if ctx.reply_body is not None:
-            services.metrics.usage(ctx.tenant, ctx.reply_body.get("model") or ctx.model, ctx.reply_body.get("usage"))
+            services.metrics.usage(ctx.tenant, model_label(ctx.model, ctx.upstream, ctx.reply_body),
+                                   ctx.reply_body.get("usage"))
         mark_logged(request)
         log.info("request", request_id=ctx.request_id, tenant=ctx.tenant or None, session_id=ctx.session_id,
-                 model=ctx.model, status=status, outcome=outcome, ended_by=ctx.ended_by or None,
+                 model=model_label(ctx.model, ctx.upstream, ctx.reply_body), status=status, outcome=outcome,
+                 ended_by=ctx.ended_by or None,
                  latency_ms=round(elapsed * 1000, 3), bytes_in=len(ctx.raw),
                  bytes_out=ctx.reply_bytes, policy=ctx.policy.id if ctx.policy else None)
 

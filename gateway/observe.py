@@ -14,12 +14,17 @@ A handler may name the request's outcome with ``set_outcome(request, "completed"
 route does: completed, incomplete, upstream_error, not_recorded); otherwise the outcome follows
 the status: ``ok`` below 400, ``refused`` for 4xx, ``error`` for 5xx. The route label is the
 router's template, never the raw path, so label sets stay bounded.
+
+Model names: a request's ``model`` is client text (any printable string up to 256 characters),
+so it is never written as sent, not to the audit trail (which outlives erasure), a log line or a
+metric label. :func:`model_label` gives the name the gateway can vouch for instead.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -33,6 +38,26 @@ _CODE = web.RequestKey("error_code", str)
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 """Routes whose successful requests leave no access line (probes and scrapes every few seconds)."""
 log = structlog.get_logger("gateway.access")
+
+
+UNLISTED = "unlisted"
+"""The model name written for a model the gateway cannot vouch for."""
+_REPORTED_MAX = 128
+
+
+def model_label(requested: Any, upstream: Any = None, reply: Any = None) -> str:
+    """The model name the audit trail, logs and metrics may hold for a request: *requested* when
+    the upstream it went to names it exactly in its ``models`` (an entry without ``*``, ``?`` or
+    ``[``); else the model the provider reported in its *reply* (a reply body's ``model``: the
+    provider's words, not the client's) when it is a printable string of at most 128 characters;
+    else :data:`UNLISTED`."""
+    models = getattr(upstream, "models", ()) or ()
+    if isinstance(requested, str) and requested in models and not any(c in requested for c in "*?["):
+        return requested
+    reported = reply.get("model") if isinstance(reply, dict) else None
+    if isinstance(reported, str) and reported and len(reported) <= _REPORTED_MAX and reported.isprintable():
+        return reported
+    return UNLISTED
 
 
 def set_outcome(request: web.Request, outcome: str) -> None:

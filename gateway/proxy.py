@@ -50,7 +50,7 @@ from aiohttp import web
 from gateway.auth import Authenticator, auth_header
 from gateway.context import Services
 from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
-from gateway.observe import mark_logged, set_outcome
+from gateway.observe import mark_logged, model_label, set_outcome
 from gateway.stages.parse_request import THREAD_ABOVE_BYTES, check_model, read_limited
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
@@ -227,7 +227,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
                         + f". An operator can allow it by adding '{rule}' to forward_routes of upstream "
                         f"'{upstream.name}' in the gateway configuration", code="route_not_allowed")
     audit: dict[str, object] = {
-        "event": "proxy", "request_id": request_id, "route": route.display, "model": model,
+        "event": "proxy", "request_id": request_id, "route": route.display, "model": model_label(model, upstream),
         "outcome": "upstream_error", "ended_by": None, "upstream_status": None, "bytes_out": 0,
         "detail": {"method": request.method, "upstream": upstream.name}}
     out: web.StreamResponse | None = None
@@ -266,7 +266,8 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     status = out.status if out is not None else (failure.status if failure else 500)
     set_outcome(request, str(audit["outcome"]))  # counted by gateway.observe with route and status
     mark_logged(request)
-    log.info("proxy", request_id=request_id, tenant=principal.tenant or None, route=route.display, model=model,
+    log.info("proxy", request_id=request_id, tenant=principal.tenant or None, route=route.display,
+             model=audit["model"],
              status=status, outcome=audit["outcome"], ended_by=audit["ended_by"])
     if out is None:
         raise failure or written or StoreUnavailable("the gateway could not write the audit entry of this request")

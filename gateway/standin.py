@@ -87,10 +87,12 @@ from aiohttp import web
 
 from gateway.standin_protocols import (
     ANTHROPIC_ERROR_TYPES,
+    STANDIN_MODELS,
     MessagesReply,
     ResponsesReply,
     anthropic_error,
     messages_view,
+    reported_model,
     responses_view,
 )
 
@@ -98,7 +100,7 @@ Reply = Callable[[dict[str, Any]], "str | dict[str, Any]"]
 OnRequest = Callable[[dict[str, Any]], None]
 OnAny = Callable[[str, dict[str, Any]], None]
 
-MODELS = ("standin", "standin-json")
+MODELS = STANDIN_MODELS
 TIMEOUT_SECONDS = 30.0
 DROP_AFTER_CHUNKS = 3
 _DEFAULT_DIMENSIONS = 8
@@ -362,7 +364,7 @@ class _Round:
         self.content = message.get("content") or ""
         self.tool_calls = message.get("tool_calls") or []
         self.finish_reason = "tool_calls" if self.tool_calls else "stop"
-        model = body.get("model") or "standin"
+        model = reported_model(body.get("model"))
         self.head = {"id": ident, "object": "", "created": int(time.time()), "model": model}
 
     def completion(self) -> dict[str, Any]:
@@ -456,10 +458,13 @@ class _Standin:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
-        if not isinstance(body, dict) or not isinstance(body.get("input"), (str, list)):
+        if not isinstance(body, dict):
             return _error(400, "'input' is required: a string or a list of items", "invalid_request_error",
                           param="input")
-        self._seen(request, body)
+        self._seen(request, body)  # a body without input reached the model route too (a prompt template)
+        if not isinstance(body.get("input"), (str, list)):
+            return _error(400, "'input' is required: a string or a list of items (the stand-in model has no "
+                               "prompt templates)", "invalid_request_error", param="input")
         problem = _responses_problem(body)
         if problem is not None:
             return _error(400, problem[0], "invalid_request_error", param=problem[1])
@@ -554,7 +559,7 @@ class _Standin:
                             if as_base64 else vector)
             data.append({"object": "embedding", "index": index, "embedding": encoded})
         tokens = sum(max(1, len(str(item)) // 4) for item in inputs)
-        result = {"object": "list", "data": data, "model": body.get("model") or "standin",
+        result = {"object": "list", "data": data, "model": reported_model(body.get("model")),
                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return web.Response(body=orjson.dumps(result), content_type=_JSON)
 

@@ -28,6 +28,16 @@ from typing import Any
 
 import orjson
 
+STANDIN_MODELS = ("standin", "standin-json")
+
+
+def reported_model(requested: Any) -> str:
+    """The model a stand-in reply names: the requested one when it is one of
+    :data:`STANDIN_MODELS`, else ``standin``. Never the client's string echoed back: the gateway
+    takes a reply's model as the provider's word (``gateway.observe.model_label``)."""
+    return requested if requested in STANDIN_MODELS else "standin"
+
+
 
 def _text_of(content: Any) -> str:
     """A string content, or the ``text`` of every part that has one, joined by newlines."""
@@ -191,7 +201,7 @@ class ResponsesReply:
             "id": self.id, "object": "response", "created_at": self.created, "status": status,
             "background": False, "error": None, "incomplete_details": None,
             "instructions": request.get("instructions"), "max_output_tokens": request.get("max_output_tokens"),
-            "model": request.get("model") or "standin", "output": self.items if done else [],
+            "model": reported_model(request.get("model")), "output": self.items if done else [],
             "parallel_tool_calls": request.get("parallel_tool_calls", True),
             "previous_response_id": request.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
             "store": request.get("store", True), "temperature": request.get("temperature", 1.0),
@@ -264,7 +274,8 @@ class MessagesReply:
         self.input_tokens, self.output_tokens = _usage_counts(view, message)
 
     def _head(self, content: list[dict[str, Any]], stop_reason: str | None, output_tokens: int) -> dict[str, Any]:
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.request.get("model") or "standin",
+        return {"id": self.id, "type": "message", "role": "assistant",
+                "model": reported_model(self.request.get("model")),
                 "content": content, "stop_reason": stop_reason, "stop_sequence": None,
                 "usage": {"input_tokens": self.input_tokens, "output_tokens": output_tokens,
                           "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 from gateway.context import Context
+from gateway.observe import model_label
 from gateway.policy import HookBounding, Policy
 from gateway.session.bounding import maintain, needs_maintenance
 from gateway.sessions import Bounding, RoundRecord
@@ -27,8 +28,9 @@ def bounding_of(policy: Policy) -> Bounding:
 
 
 def audit_fields(ctx: Context) -> dict[str, object]:
-    """The audit entry of this round: names, sizes and outcome, never values. When the record
-    step failed, ``record_failed`` names the exception's type (never its text)."""
+    """The audit entry of this round: names, sizes and outcome, never values (the model is one the
+    gateway vouches for: ``observe.model_label``). When the record step failed, ``record_failed``
+    names the exception's type (never its text)."""
     policy = ctx.policy
     fields: dict[str, object] = {
         "event": "round",
@@ -38,7 +40,7 @@ def audit_fields(ctx: Context) -> dict[str, object]:
         "policy_hash": policy.version_hash if policy else None,
         "route": ctx.request.path,
         "protocol": ctx.codec.name,
-        "model": ctx.model,
+        "model": model_label(ctx.model, ctx.upstream, ctx.reply_body),  # never the client's text as sent
         "outcome": ctx.outcome,
         "ended_by": ctx.ended_by or None,
         "upstream_status": ctx.upstream_status or None,

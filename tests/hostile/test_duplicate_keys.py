@@ -40,7 +40,8 @@ def first_wins(raw: bytes) -> Any:
 @pytest.fixture
 def gw(make_gateway: Callable[..., Gateway], capture: Capture) -> Gateway:
     return make_gateway(upstreams=[
-        {"name": "openai", "base_url": capture.url, "models": ["*"], "forward_routes": ["embeddings"]},
+        {"name": "openai", "base_url": capture.url, "models": ["text-embedding-3-small", "*"],
+         "forward_routes": ["embeddings"]},
         {"name": "anthropic", "base_url": capture.url, "models": ["*"], "protocol": "anthropic"}])
 
 
