@@ -1,9 +1,10 @@
 """The Responses codec (``POST /v1/responses``, OpenAI's Responses API).
 
-Reading: ``instructions`` is a system message; ``input`` (a string, or a list of items) becomes
-neutral messages: message items (``input_text``/``output_text`` parts → text parts,
-``input_image`` → ``image_url`` parts, ``input_file`` → ``file`` parts, or the text the model
-read when its data is text: ``session.structured.text_file_parts``), ``function_call`` and
+Reading: ``instructions`` is a system message; ``input`` (a string, or a list of items; optional:
+a ``prompt`` template or ``instructions`` alone needs none) becomes neutral messages: message
+items (``input_text``/``output_text`` parts → text parts, ``input_image`` → ``image_url``
+parts, ``input_file`` → ``file`` parts, or the text the model read when its data is text:
+``session.structured.text_file_parts``), ``function_call`` and
 ``custom_tool_call`` items → an assistant message's ``tool_calls`` (a custom call as Chat's
 ``{"type": "custom", "custom": {"name", "input"}}``), their ``*_output`` items → ``role: tool``.
 Any other ``*_output`` item (a built-in tool's result: ``local_shell_call_output``,
@@ -296,8 +297,8 @@ class ResponsesCodec:
             for i, item in enumerate(items):
                 if not isinstance(item, dict):
                     raise BadRequest(f"'input[{i}]' must be an object (an input item)", code="invalid_input")
-        elif not isinstance(items, str):
-            raise BadRequest("'input' is required: a string or a list of input items", code="missing_input")
+        elif items is not None and not isinstance(items, str):  # optional: a prompt template, instructions
+            raise BadRequest("'input' must be a string or a list of input items", code="invalid_input")
         if body.get("instructions") is not None and not isinstance(body["instructions"], str):
             raise BadRequest("'instructions' must be a string", code="invalid_instructions")
         prev = body.get("previous_response_id")
@@ -331,8 +332,8 @@ class ResponsesCodec:
         window, add_memo = window_plan(ctx.messages, state, window=opts.context_window, memo=opts.memo)
         if not window and not add_memo:
             return orjson.dumps(body) if body is not ctx.body else None
-        items = body["input"]
-        items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items)
+        items = body.get("input")
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or ())
         head = 0
         while head < len(items) and items[head].get("role") in SYSTEM_ROLES:
             head += 1

@@ -103,11 +103,41 @@ def test_store_false_without_session_records_nothing(pgw: Gateway, proto: Protoc
 
 
 def test_bad_input_gets_openai_error_shape(pgw: Gateway) -> None:
-    """A Responses request without input is 400 in OpenAI's error shape."""
-    r = httpx.post(f"{pgw.base_url}/responses", json={"model": "m"}, headers={"Authorization": f"Bearer {ACME_KEY}"})
+    """A Responses input that is neither a string nor a list of items is 400 in OpenAI's error shape."""
+    r = httpx.post(f"{pgw.base_url}/responses", json={"model": "m", "input": 5},
+                   headers={"Authorization": f"Bearer {ACME_KEY}"})
     assert r.status_code == 400
-    assert r.json() == {"error": {"message": "'input' is required: a string or a list of input items",
-                                  "type": "invalid_request_error", "code": "missing_input"}}
+    assert r.json() == {"error": {"message": "'input' must be a string or a list of input items",
+                                  "type": "invalid_request_error", "code": "invalid_input"}}
+
+
+def test_a_prompt_template_without_input_is_a_round(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """``input`` is optional (a reusable prompt): the request goes through with its ``prompt``,
+    gets the session's window, and the round records the reply (no user message: the prompt's
+    variables, like ``instructions``, are not new input)."""
+    client = pgw.openai(session="tmpl")
+    client.responses.create(model="gpt-4o-mini", input="my name is Ada")
+    client.responses.create(model="gpt-4o-mini", prompt={"id": "pmpt_1", "variables": {"city": "Paris"}})
+    sent = proto.bodies("/v1/responses")[-1]
+    assert sent["prompt"] == {"id": "pmpt_1", "variables": {"city": "Paris"}}
+    assert sent["input"][0] == {"role": "user", "content": "my name is Ada"}
+    full = pgw.openai().get("/sessions/tmpl", cast_to=object)["full_context"]
+    assert [m["role"] for m in full] == ["user", "assistant", "assistant"]
+
+
+def test_previous_response_id_with_only_instructions_continues_the_chain(pgw: Gateway,
+                                                                          proto: ProtocolUpstream) -> None:
+    """A chained request with only ``instructions`` ("summarize") gets the chain's history as its
+    input and is a response of the chain."""
+    client = pgw.openai()
+    first = client.responses.create(model="gpt-4o-mini", input="my name is Ada")
+    second = client.responses.create(model="gpt-4o-mini", previous_response_id=first.id, instructions="summarize")
+    assert second.id.startswith(first.id + "_")
+    sent = proto.bodies("/v1/responses")[-1]
+    assert sent["instructions"] == "summarize" and "previous_response_id" not in sent
+    assert sent["input"] == [{"role": "user", "content": "my name is Ada"},
+                             {"role": "assistant", "content": "responses says: my name is Ada"}]
+    assert client.responses.retrieve(second.id).status == "completed"
 
 
 def test_a_provider_response_id_is_a_forwarded_route(pgw: Gateway) -> None:
@@ -197,3 +227,4 @@ def test_a_response_made_with_a_session_header_is_looked_up_with_a_clear_404(pgw
         with pytest.raises(openai.NotFoundError) as caught:
             call()
         assert "GET /v1/sessions/" in str(caught.value)
+
