@@ -235,12 +235,19 @@ async def _held_round(request: web.Request, services: Services, tenant: str, sid
 
 async def get_response(request: web.Request) -> web.StreamResponse:
     """``GET /v1/responses/{id}``: a response of a gateway-held chain, as recorded (the policy's
-    whitelist applies: what was not recorded is not there); 404 when this tenant has none."""
+    whitelist applies: what was not recorded is not there); 404 when this tenant has none.
+    ``?stream=true`` (the SDK's ``retrieve(id, stream=True)``, which resumes a background
+    response's stream) is 400 ``stream_not_supported``: the gateway holds no background response
+    and keeps no events, and JSON in its place would read as an empty stream."""
     target = _response_target(request)
     if target is None:
         return await _provider_response(request)
     services, tenant, sid, round_id = target
     row, messages = await _held_round(request, services, tenant, sid, round_id)
+    if request.query.get("stream", "false").lower() != "false":
+        raise BadRequest("streaming a stored response is not supported: the gateway keeps a response as recorded, "
+                         "not its events (only background responses, which the gateway does not hold, can be "
+                         "streamed again). Retrieve it without stream", code="stream_not_supported")
     output = [_output_item(item, f"{row.request_id}_{n}") for n, item in
               enumerate(to_items([m for m in messages if m.get("role") == "assistant"]))]
     return json_response({"id": request.match_info["response_id"], "object": "response",

@@ -228,3 +228,15 @@ def test_a_response_made_with_a_session_header_is_looked_up_with_a_clear_404(pgw
             call()
         assert "GET /v1/sessions/" in str(caught.value)
 
+
+def test_retrieve_with_stream_is_refused_in_openai_shape(pgw: Gateway) -> None:
+    """``responses.retrieve(id, stream=True)`` on a gateway-held response gets 400
+    ``stream_not_supported`` (a JSON body would read as an empty stream); without stream it is served."""
+    client = pgw.openai()
+    first = client.responses.create(model="gpt-4o-mini", input="hello")
+    with pytest.raises(openai.BadRequestError) as err:
+        for _ in client.responses.retrieve(first.id, stream=True):
+            pass
+    assert err.value.status_code == 400
+    assert err.value.body["code"] == "stream_not_supported"  # type: ignore[index]
+    assert client.responses.retrieve(first.id, stream=False).id == first.id
