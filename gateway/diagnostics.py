@@ -45,9 +45,73 @@ class Diagnostic:
         return f"{where}: {self.severity}: {field}{self.message}"
 
 
+MAX_DEPTH = 128
+"""How deep collections may nest in a YAML file (as a request body's JSON may)."""
+
+MAX_ALIAS_NODES = 10_000
+"""How many nodes aliases may add to a YAML file when expanded. A few anchors reused are far
+below it; an alias bomb (each level repeating the previous one) is refused when composing,
+before anything is expanded, walked or validated."""
+
+
+class YAMLLimitError(yaml.composer.ComposerError):
+    """A YAML file nests too deeply, refers to itself, or its aliases expand too far; the mark is
+    where (a ``MarkedYAMLError``, so every loader reports it at file:line like a syntax error)."""
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader composing under :data:`MAX_DEPTH` and :data:`MAX_ALIAS_NODES`.
+
+    PyYAML's composer keeps one node per alias target (a graph), but everything downstream (the
+    marks walk, pydantic) sees the expanded tree: each node's expanded size is counted as it is
+    composed, and every alias adds its target's size to the document's total."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+        self._alias_nodes = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)  # the anchored node, or "undefined alias"
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise YAMLLimitError(None, None, f"alias *{event.anchor} refers to a node that contains it "
+                                     "(a recursive alias)", mark)
+            self._alias_nodes += size
+            if self._alias_nodes > MAX_ALIAS_NODES:
+                raise YAMLLimitError(None, None, f"aliases expand to more than {MAX_ALIAS_NODES} nodes "
+                                     f"(at *{event.anchor}); write the values out instead", mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise YAMLLimitError(None, None, f"collections nest more than {MAX_DEPTH} levels deep", mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        self._sizes[id(node)] = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        return node
+
+
 def parse_yaml(text: str) -> tuple[Any, Marks, list[Duplicate]]:
-    """Compose, record marks and duplicate keys, then construct the data."""
-    loader = yaml.SafeLoader(text)
+    """Compose, record marks and duplicate keys, then construct the data.
+
+    Raises ``yaml.MarkedYAMLError`` (with the line) for bad YAML, and :class:`YAMLLimitError` for
+    collections nested deeper than :data:`MAX_DEPTH`, a recursive alias, or aliases that would
+    expand to more than :data:`MAX_ALIAS_NODES` nodes; ``yaml.YAMLError`` for anything else PyYAML
+    cannot read (never ``RecursionError``).
+    """
+    loader = _LimitedLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -56,8 +120,24 @@ def parse_yaml(text: str) -> tuple[Any, Marks, list[Duplicate]]:
         duplicates: list[Duplicate] = []
         _walk(loader, node, (), marks, duplicates)
         return loader.construct_document(node), marks, duplicates
+    except RecursionError:  # the limits above keep PyYAML's recursion shallow; this is a backstop
+        raise yaml.YAMLError(f"nested too deeply (more than {MAX_DEPTH} levels)") from None
     finally:
         loader.dispose()
+
+
+def decode_text(file: str, raw: bytes) -> str | Diagnostic:
+    """``raw`` decoded as UTF-8 (a byte-order mark dropped), or an error at the line and column of
+    the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = exc.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+        before = raw[:start]
+        line = before.count(b"\n") + 1
+        column = len(before[before.rfind(b"\n") + 1:].decode("utf-8-sig", "replace")) + 1
+        return Diagnostic("error", file, line, column, "",
+                          f"not UTF-8 text (byte 0x{raw[start]:02x}); save the file as UTF-8")
 
 
 def _pos(mark: yaml.Mark) -> tuple[int, int]:

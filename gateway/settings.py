@@ -19,7 +19,16 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.diagnostics import Diagnostic, Marks, at, error_diagnostic, format_field, parse_yaml, yaml_diagnostic
+from gateway.diagnostics import (
+    Diagnostic,
+    Marks,
+    at,
+    decode_text,
+    error_diagnostic,
+    format_field,
+    parse_yaml,
+    yaml_diagnostic,
+)
 from gateway.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/sessiongate.yaml")
@@ -379,9 +388,12 @@ def load_settings(path: Path | None) -> Settings:
     """Read and validate the configuration file (the example config when *path* is None)."""
     path = path or DEFAULT_CONFIG
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError("configuration file not found (pass --config FILE)", file=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read: {exc}", file=str(path)) from None
+    text = decode_text(str(path), raw)
+    if isinstance(text, Diagnostic):
+        raise ConfigError(text.message, file=text.file, line=text.line, column=text.column)
     return parse_settings(text, str(path))

@@ -251,3 +251,26 @@ def test_added_and_removed_policy_files_apply_to_streamed_rounds(make_gateway: C
     users = [m["content"] for m in doc["full_context"] if m["role"] == "user"]
     assert users[1] == "[input.n]:\n2" and json.loads(users[2])["n"] == 3
     assert len(doc["full_context"]) == 5  # the vip round recorded no assistant message
+
+
+def test_a_self_referencing_or_deeply_nested_edit_is_refused_and_the_gateway_stays_ready(
+        make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+    """A policy file with a recursive alias, then one nested 5,000 deep, is a refused reload naming file and line:
+    /readyz stays 200 and the last good set keeps serving."""
+    folder = tmp_path / "live-policies"
+    folder.mkdir()
+    (folder / "default.yaml").write_text(V0)
+    gateway = make_gateway(folder)
+    edits = ["id: catch-all\nsession: &s {input_keys: null, reply_keys: null, x: *s}\n",
+             V0 + "x: " + "[" * 5000 + "]" * 5000 + "\n"]
+    for count, text in enumerate(edits, start=1):
+        write_atomically(folder / "default.yaml", text)
+        deadline = time.monotonic() + 10
+        while len(refused := log_events(gateway, "policy_reload_refused")) < count:
+            assert time.monotonic() < deadline, "the edit was not refused"
+            time.sleep(0.05)
+        assert refused[-1]["errors"][0].startswith(f"{folder / 'default.yaml'}:{count + 1}:")
+        ready = httpx.get(f"{gateway.url}/readyz")
+        assert ready.status_code == 200, ready.text
+    write_atomically(folder / "default.yaml", V1)
+    assert wait_for_reload(gateway, 1)["policies"].keys() == {"catch-all"}

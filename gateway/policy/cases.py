@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal, TextIO
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from gateway.diagnostics import Diagnostic, Loc, Marks, at, error_diagnostic, format_field, parse_yaml
+from gateway.diagnostics import Diagnostic, Loc, Marks, at, decode_text, error_diagnostic, format_field, parse_yaml
 from gateway.errors import ConfigError, GatewayError
 from gateway.policy.loader import POLICY_SUFFIXES
 from gateway.policy.matcher import PolicySet
@@ -206,9 +206,11 @@ def load_case_file(path: Path) -> list[LoadedCase]:
     """
     file = str(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = decode_text(file, path.read_bytes())
+    except OSError as exc:
         raise CaseFileError([Diagnostic("error", file, None, None, "", f"cannot read: {exc}")]) from None
+    if isinstance(text, Diagnostic):
+        raise CaseFileError([text])
     try:
         data, marks, duplicates = parse_yaml(text)
     except yaml.MarkedYAMLError as exc:

@@ -110,6 +110,12 @@ gateway's configuration allows: `policies.hook_modules` lists module names or gl
 policy at load time, at the hook's line, naming the setting; nothing is imported, so
 `sessiongate policy check` of a file you do not trust runs none of its code.
 
+Nor can its YAML exhaust the checker or the gateway: collections may nest at most 128 levels
+deep, an alias may not refer to a node that contains it, and aliases may add at most 10,000
+nodes when expanded (a few anchors reused are far below it; an alias bomb is refused while it
+is read, before anything is expanded). Each is an error at the file and line, like bad YAML;
+the same limits hold for policy test case files and the configuration file.
+
 ## Version hash
 
 `version_hash` is the SHA-256 (hex) of the validated policy serialised as JSON with sorted

@@ -30,7 +30,17 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from gateway.diagnostics import Diagnostic, Loc, Marks, at, error_diagnostic, format_field, parse_yaml, yaml_diagnostic
+from gateway.diagnostics import (
+    Diagnostic,
+    Loc,
+    Marks,
+    at,
+    decode_text,
+    error_diagnostic,
+    format_field,
+    parse_yaml,
+    yaml_diagnostic,
+)
 from gateway.errors import ConfigError
 from gateway.policy.hooks import HOOK_MODULES
 from gateway.policy.matcher import PolicySet, check_set
@@ -87,13 +97,13 @@ def load_policy_file(path: Path, *, hook_modules: Sequence[str] = ()) -> tuple[P
 def _load_file(path: Path, hook_modules: Sequence[str] = ()) -> _Loaded:
     file = str(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = decode_text(file, path.read_bytes())
     except OSError as exc:
         if exc.errno in TRANSIENT_ERRNOS:
             raise  # the machine, not the file: the caller retries (a reload is not refused)
         return _Loaded(file, None, {}, [Diagnostic("error", file, None, None, "", f"cannot read: {exc}")])
-    except UnicodeDecodeError as exc:
-        return _Loaded(file, None, {}, [Diagnostic("error", file, None, None, "", f"cannot read: {exc}")])
+    if isinstance(text, Diagnostic):
+        return _Loaded(file, None, {}, [text])
     try:
         data, marks, duplicates = parse_yaml(text)
     except yaml.MarkedYAMLError as exc:
