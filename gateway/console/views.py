@@ -418,7 +418,7 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
     def rendered() -> web.Response:  # redacting and rendering a page of rounds: in a worker thread
         rounds = []
         for row, messages, redactor in page:
-            shown = redactor.redact_messages(messages)
+            shown = redactor.redact_messages(messages, legacy=row.kind == "round")  # as the export does
             rounds.append({"row": row, "messages": shown, "sha256": hashlib.sha256(row.ct).hexdigest(),
                            "chars": sum(len(str(m.get("content") or "")) for m in shown), "bytes": len(row.ct)})
         return render(request, "session.html", session=session, tenant=tenant, sid=sid, rounds=rounds, after=after,
