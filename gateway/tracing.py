@@ -23,6 +23,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigError
+from gateway.observe import model_label
 
 if TYPE_CHECKING:
     from gateway.context import Context
@@ -88,8 +89,8 @@ class Tracing:
         """The GenAI CLIENT span of the call to the provider; writes ``traceparent`` into *headers*."""
         from opentelemetry.trace import SpanKind
 
-        model = _safe(ctx.model)
         upstream = ctx.upstream
+        model = model_label(ctx.model, upstream)  # never the client's free text (SPEC 3)
         with self.tracer.start_as_current_span(f"chat {model}" if model else "chat", kind=SpanKind.CLIENT,
                                                attributes=_drop_none({
                                                    "gen_ai.operation.name": "chat",
@@ -111,7 +112,7 @@ def finish_request(span: Any, ctx: Context, status: int) -> None:
     span.set_attributes(_drop_none({
         "http.response.status_code": status,
         "gen_ai.operation.name": "chat",
-        "gen_ai.request.model": _safe(ctx.model),
+        "gen_ai.request.model": model_label(ctx.model, ctx.upstream, ctx.reply_body),
         "sessiongate.tenant": ctx.tenant or None,
         "sessiongate.policy.id": policy.id if policy else None,
         "sessiongate.outcome": ctx.outcome or None,
