@@ -359,11 +359,42 @@ def _read_text(path: str) -> str:
 
 
 def _load_json_file(path: str) -> Any:
+    """A JSON file the way the gateway reads a body: nested at most ``MAX_JSON_DEPTH`` deep."""
+    from gateway.stages.parse_request import MAX_JSON_DEPTH
+
     text = _read_text(path)
+    too_deep = _nesting_past(text, MAX_JSON_DEPTH)
+    if too_deep is not None:
+        line = text.count("\n", 0, too_deep) + 1
+        raise ConfigError(f"nested more than {MAX_JSON_DEPTH} levels deep (the gateway refuses such a body)",
+                          file=path, line=line, column=too_deep - (text.rfind("\n", 0, too_deep) + 1) + 1) \
+            from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"not valid JSON: {exc.msg}", file=path, line=exc.lineno, column=exc.colno) from None
+
+
+def _nesting_past(text: str, limit: int) -> int | None:
+    """The offset of the first bracket nested deeper than *limit* (outside strings), else None."""
+    depth, in_string, escaped = 0, False, False
+    for offset, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return offset
+        elif char in "]}":
+            depth -= 1
+    return None
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:

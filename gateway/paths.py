@@ -6,7 +6,7 @@ recorder share one object per key). ``KeyPath.find(view)`` returns ``(found, val
 
 Syntax (Agently's ``Session._extract_input_value`` / ``DataLocator.locate_path_in_dict``):
 
-* a key starting with ``$`` is JSONPath (``jsonpath_ng.ext``, filters allowed), evaluated against
+* a key starting with ``$`` is JSONPath (``jsonpath_ng.ext``, filters allowed except ``=~``), evaluated against
   the raw request body or the raw chat.completion reply; one match gives that value, several a
   list of the values;
 * ``.request`` / ``.execution`` (both spellings) is the whole request body; ``.request.X`` looks
@@ -24,7 +24,10 @@ A wildcard follows Agently exactly: it yields the list of the values found in ev
 the key is not found when any item lacks the rest of the path (an empty list gives ``[]``).
 
 Raises ``ValueError`` (with the key and the reason) for a key that cannot be compiled: empty,
-unknown ``.root``, empty ``.`` segment, bad index (``a[x]``), bad JSONPath. ``find`` never raises.
+unknown ``.root``, empty ``.`` segment, bad index (``a[x]``), bad JSONPath, a JSONPath holding a
+regular expression (a ``=~`` filter or ``sub()``: keys run on client text, where a regex could
+stall every client). ``find`` never raises: a JSONPath operator that fails on the value it meets
+(``sorted`` of a string, ``len`` of a number ...) means the key is not found.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from jsonpath_ng import JSONPath
 from jsonpath_ng.ext import parse as jsonpath_parse
+from jsonpath_ng.ext.filter import Expression
+from jsonpath_ng.ext.string import Sub
 
 if TYPE_CHECKING:
     from gateway.session.record import ReplyView, RequestView
@@ -181,7 +187,10 @@ def _is_list(value: Any) -> bool:
 def _find_jsonpath(expression: Any, data: Any) -> tuple[bool, Any]:
     if data is None:
         return False, None
-    matches = [match.value for match in expression.find(data)]
+    try:
+        matches = [match.value for match in expression.find(data)]
+    except Exception:  # noqa: BLE001 - jsonpath-ng's operators raise on values of other types: not found
+        return False, None
     if not matches:
         return False, None
     return True, matches[0] if len(matches) == 1 else matches
@@ -259,6 +268,29 @@ def _dot_steps(text: str, key: str) -> tuple[Step, ...]:
 
 def _compile_jsonpath(text: str) -> Any:
     try:
-        return jsonpath_parse(text)
+        expression = jsonpath_parse(text)
     except Exception as exc:  # jsonpath-ng raises several unrelated types for bad input
         raise ValueError(f"key {text!r}: invalid JSONPath: {exc}") from exc
+    _refuse_regex(expression, text)
+    return expression
+
+
+def _refuse_regex(expression: Any, text: str) -> None:
+    """Refuse a ``=~`` filter or a ``sub(/regex/, ...)``: keys are evaluated on client text on the
+    event loop, so a regular expression there would let one request stall every client."""
+    stack, seen = [expression], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Expression) and node.op == "=~":
+            raise ValueError(f"key {text!r}: regular-expression filters (=~) are not allowed: a key runs on "
+                             "client text for every request, where a regex can stall the gateway; use == or "
+                             "record the field and filter in the export")
+        if isinstance(node, Sub):
+            raise ValueError(f"key {text!r}: sub(/regex/, ...) is not allowed: a key runs on client text for "
+                             "every request, where a regex can stall the gateway")
+        for value in vars(node).values() if hasattr(node, "__dict__") else ():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            stack += [item for item in items if isinstance(item, JSONPath)]

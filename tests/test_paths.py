@@ -254,3 +254,38 @@ def test_request_keys_find_nothing_in_a_reply() -> None:
     assert compile_key(".agent.system").find(view) == (False, None)
     assert compile_key("lang").find(view) == (False, None)
     assert compile_key("input.lang").find(view) == (True, "en")
+
+
+@pytest.mark.parametrize("key", [
+    "$.messages[?(@.content =~ '(a+)+$')].role",
+    "$.messages[?(@.x =~ '(')]",
+    "$.messages[?(@.role == 'user' && @.content =~ 'x')].content",
+    "$.a[?(@.b[?(@.c =~ 'x')])]",
+    "$.metadata.`sub(/(a+)+$/, b)`",
+])
+def test_a_jsonpath_holding_a_regular_expression_is_refused(key: str) -> None:
+    """A =~ filter or sub(/regex/) would run a policy author's regex on client text for every request: refused."""
+    with pytest.raises(ValueError, match="not allowed"):
+        compile_key(key)
+
+
+def test_a_filter_that_only_quotes_the_operator_is_allowed() -> None:
+    """Only the operator is refused: '=~' as a compared value is plain text."""
+    found = compile_key("$.messages[?(@.role == '=~')].content").find(
+        build_request_view({"model": "m", "messages": [{"role": "=~", "content": "hi"}]}))
+    assert found == (True, "hi")
+
+
+@pytest.mark.parametrize(("key", "metadata"), [
+    ("$.metadata.`sorted`", "a-string"),
+    ("$.metadata.`sorted`", 5),
+    ("$.metadata.`keys`", "a-string"),
+    ("$.metadata.`len`", 5),
+    ("$.metadata.`split(-, 1, 1)`", 5),
+    ("$.metadata.a * $.metadata.b", {"a": "x", "b": {}}),
+    ("$.metadata[?(@.n > 1)]", [{"n": "a"}, {"n": [1]}]),
+])
+def test_a_jsonpath_operator_that_fails_on_the_client_value_means_not_found(key: str, metadata: Any) -> None:
+    """find never raises: an operator that cannot handle the type the client sent finds nothing."""
+    view = build_request_view({"model": "m", "metadata": metadata, "messages": [{"role": "user", "content": "hi"}]})
+    assert compile_key(key).find(view) == (False, None)

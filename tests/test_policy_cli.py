@@ -186,3 +186,39 @@ def test_explain_shows_what_the_compliance_policy_would_record(tmp_path: Path) -
     assert (report["policy"]["id"], report["policy"]["version_hash"]) == (policy.id, policy.version_hash)
     assert report["recorded"]["user"] == "[input.ticket_id]:\nT-1001\n[input.intent]:\nrefund"
     assert report["recorded"]["assistant"] == "[resolution]:\nrefund approved\n[risk_level]:\nlow"
+
+
+def test_policy_check_refuses_a_regex_filter_at_its_key(tmp_path: Path) -> None:
+    """A JSONPath key with a =~ filter (a regex run on client text per request) is an error at the key's line."""
+    (tmp_path / "p.yaml").write_text("id: p\nsession:\n  input_keys:\n    - \"$.messages[?(@.x =~ '(')]\"\n"
+                                     "  reply_keys: null\n")
+    done = cli("policy", "check", str(tmp_path / "p.yaml"))
+    assert done.returncode == 1
+    assert f"{tmp_path / 'p.yaml'}:4:" in done.stdout and "session.input_keys[0]" in done.stdout
+    assert "=~" in done.stdout and "not allowed" in done.stdout
+
+
+def test_explain_of_a_jsonpath_operator_on_another_type_records_nothing_for_it(tmp_path: Path) -> None:
+    """policy explain of a request whose value an operator cannot handle (sorted of a string) shows the key as
+    not found instead of a traceback."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / "p.yaml").write_text("id: p\nsession: {input_keys: [\"$.metadata.`sorted`\", .request.model], "
+                                   "reply_keys: []}\n")
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": "m", "metadata": "a-string", "messages": [{"role": "user",
+                                                                                     "content": "hi"}]}))
+    done = cli("--config", str(write_config(tmp_path, None, folder)), "policy", "explain", "--request",
+               str(request), "--tenant", "acme", "--session", "s:1")
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["recorded"]["user"] == "[.request.model]:\nm"
+
+
+def test_explain_of_a_deeply_nested_request_is_refused_at_its_line(tmp_path: Path) -> None:
+    """A request file nested deeper than the gateway accepts is an error at file:line:column, not a traceback."""
+    request = tmp_path / "deep.json"
+    request.write_text('{"model": "m",\n "messages": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    done = cli("--config", str(write_config(tmp_path, None, REPO / "policies")), "policy", "explain",
+               "--request", str(request), "--tenant", "acme")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{request}:2:141: nested more than 128 levels deep" in done.stderr
