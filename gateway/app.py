@@ -22,6 +22,7 @@ from gateway.auditor import AuditTrail
 from gateway.auth import Authenticator, check_single_headers
 from gateway.background import Background, Health
 from gateway.codecs import render_error
+from gateway.console.throttle import admin_throttled
 from gateway.context import Services
 from gateway.errors import (
     ConfigError,
@@ -279,9 +280,9 @@ def build_app(settings: Settings, *, tracing: Tracing | None = None) -> web.Appl
     r.add_get("/v1/sessions/{session_id}/memo", handlers.get_memo)
     r.add_put("/v1/sessions/{session_id}/memo", handlers.put_memo)
     r.add_route("*", "/v1/{tail:.*}", handlers.proxy)
-    r.add_get("/admin/public-key", handlers.admin_public_key)
-    r.add_get("/admin/audit/verify", handlers.admin_verify)
-    r.add_get("/admin/export", handlers.admin_export)
+    r.add_get("/admin/public-key", admin_throttled(handlers.admin_public_key))
+    r.add_get("/admin/audit/verify", admin_throttled(handlers.admin_verify))
+    r.add_get("/admin/export", admin_throttled(handlers.admin_export))
     console.add_routes(app)
     r.add_get("/healthz", handlers.healthz)
     r.add_get("/readyz", handlers.readyz)

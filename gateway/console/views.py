@@ -41,7 +41,7 @@ from gateway.console.auth import (
 )
 from gateway.console.jobs import MAX_RUNNING_PER_AUDITOR, Counting, Job, JobProgress, Jobs, TooManyRunning
 from gateway.console.stats import DAYS_SHOWN, StatsCache
-from gateway.console.throttle import FailureThrottle, admin_middleware, peer, warn_demo_credentials
+from gateway.console.throttle import FailureThrottle, peer, warn_demo_credentials
 from gateway.errors import GatewayError, IntegrityError, PayloadTooLarge, Unauthorized
 from gateway.export import FORMATS, RoundLabels, check_range, record_columns
 from gateway.handlers import SERVICES, parse_time
@@ -741,7 +741,6 @@ def setup(app: web.Application) -> None:
     """Register the console on *app*."""
     app[CONSOLE] = Console()
     app.on_response_prepare.append(_headers)
-    app.middlewares.append(admin_middleware(lambda request: request.app[CONSOLE].throttle))  # inside the errors'
     app.cleanup_ctx.append(_lifecycle)
     r = app.router
     r.add_get("/console", index)
