@@ -137,6 +137,7 @@ def key_provider(settings: Settings, *, store_has_data_keys: bool | None = None)
     none of them. With None (the store is not known) nothing is generated: loading the keyring
     then reports the missing file."""
     if settings.keys.master_key_env:
+        settings.keys.check_env()  # unset: an error at the setting's file and line
         return EnvKeyProvider(settings.keys.master_key_env)
     path = settings.keys.master_key_file or Path(".sessiongate/master-keys.json")
     if store_has_data_keys and not path.exists():

@@ -121,16 +121,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def preflight(settings: Settings) -> None:
     """What ``serve`` checks before it writes anything to disk (key file, database): every
-    upstream's key is set, and the port is free. Raises ``ConfigError`` saying what to do."""
+    upstream's key is set, every client ``key_env`` and ``keys.master_key_env`` variable too, and
+    the port is free. Raises ``ConfigError`` saying what to do, at the setting's file and line."""
     import errno
     import socket
 
+    for client in settings.clients:
+        client.digest()
+    settings.keys.check_env()
     for upstream in settings.upstreams:
         try:
             upstream.api_key()
         except ConfigError as exc:
             raise ConfigError(f"{exc.message}; export it before starting the gateway", file=settings.source,
-                              field=exc.field) from None
+                              line=exc.line, column=exc.column, field=exc.field) from None
     host, port = settings.server.host, settings.server.port
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from gateway.diagnostics import (
     Diagnostic,
@@ -40,7 +40,29 @@ TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Base of every settings model: immutable, unknown fields refused, and strict types as the
+    policies have (``port: true`` or ``port: "8787"`` is an error, not 1 or 8787; an integer is
+    still a valid number of seconds), no infinite or NaN numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    _source: str | None = PrivateAttr(default=None)
+    _marks: Marks = PrivateAttr(default_factory=dict)
+    _loc: tuple[str | int, ...] = PrivateAttr(default=())
+
+    def _unset_env(self, name: str, variable: str) -> ConfigError:
+        """The error for setting *name* naming an environment variable that is not set: at the
+        setting's file, line and field when the settings came from a file."""
+        loc = (*self._loc, name)
+        message = f"environment variable {variable} is not set"
+        if self._source is None:
+            return ConfigError(message, field=format_field(loc))
+        found = at(self._source, self._marks, loc, message)
+        return ConfigError(message, file=self._source, line=found.line, column=found.column, field=found.field)
+
+
+FilePath = Annotated[Path, Field(strict=False)]
+"""A path: YAML has no path type, so a string is the way to write one."""
 
 
 class ServerSettings(_Strict):
@@ -156,8 +178,7 @@ class UpstreamSettings(_Strict):
             return None
         value = os.environ.get(self.api_key_env)
         if not value:
-            raise ConfigError(f"environment variable {self.api_key_env} is not set",
-                              field=f"upstreams.{self.name}.api_key_env")
+            raise self._unset_env("api_key_env", self.api_key_env)
         return value
 
 
@@ -185,7 +206,7 @@ class ClientSettings(_Strict):
         assert self.key_env is not None
         value = os.environ.get(self.key_env)
         if not value:
-            raise ConfigError(f"environment variable {self.key_env} is not set", field=f"clients.{self.name}.key_env")
+            raise self._unset_env("key_env", self.key_env)
         return hashlib.sha256(value.encode()).hexdigest()
 
 
@@ -205,20 +226,20 @@ class AuditorSettings(_Strict):
 
 class StoreSettings(_Strict):
     backend: Literal["sqlite", "postgres"] = "sqlite"
-    path: Path = Path(".sessiongate/sessiongate.db")
+    path: FilePath = Path(".sessiongate/sessiongate.db")
     dsn: str | None = Field(None, description="PostgreSQL DSN (prefer dsn_env for passwords)")
     dsn_env: str | None = None
     schema_name: str = Field("public", alias="schema", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     pool_size: int = Field(10, gt=0)
     purge_interval_seconds: float = Field(3600.0, gt=0, description="how often retention purges run")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, populate_by_name=True)
 
     def postgres_dsn(self) -> str:
         if self.dsn_env:
             value = os.environ.get(self.dsn_env)
             if not value:
-                raise ConfigError(f"environment variable {self.dsn_env} is not set", field="store.dsn_env")
+                raise self._unset_env("dsn_env", self.dsn_env)
             return value
         if self.dsn:
             return self.dsn
@@ -226,12 +247,17 @@ class StoreSettings(_Strict):
 
 
 class KeySettings(_Strict):
-    master_key_file: Path | None = Path(".sessiongate/master-keys.json")
+    master_key_file: FilePath | None = Path(".sessiongate/master-keys.json")
     master_key_env: str | None = None
+
+    def check_env(self) -> None:
+        """Raise ConfigError (file, line, field) when ``master_key_env`` names an unset variable."""
+        if self.master_key_env and not os.environ.get(self.master_key_env):
+            raise self._unset_env("master_key_env", self.master_key_env)
 
 
 class PolicySettings(_Strict):
-    path: Path = Path("policies")
+    path: FilePath = Path("policies")
     reload_interval: float = Field(0.5, gt=0)
     hook_modules: list[str] = Field(default_factory=list, description=(
         "modules policy hooks may come from (names or globs, e.g. myhooks, myhooks.*); "
@@ -239,8 +265,8 @@ class PolicySettings(_Strict):
 
 
 class AuditSettings(_Strict):
-    signing_key_file: Path = Path(".sessiongate/audit-signing.key")
-    checkpoint_file: Path = Path(".sessiongate/checkpoints.jsonl")
+    signing_key_file: FilePath = Path(".sessiongate/audit-signing.key")
+    checkpoint_file: FilePath = Path(".sessiongate/checkpoints.jsonl")
     checkpoint_every: int = Field(1000, gt=0)
     checkpoint_seconds: float = Field(60.0, gt=0)
     export_secret_env: str | None = Field(None, description="env variable with the pseudonym secret")
@@ -341,12 +367,24 @@ def parse_settings(text: str, source: str) -> Settings:
     except ValidationError as exc:
         findings += [error_diagnostic(source, marks, data, err, Settings) for err in exc.errors(include_url=False)]
     if settings is not None:
+        _locate(settings, source, marks)
         findings += _credential_clashes(settings, source, marks)
     if findings or settings is None:
         first, *rest = sorted(findings, key=lambda d: (d.line or 0, d.column or 0))
         raise ConfigError(first.message, file=source, line=first.line, column=first.column,
                           field=first.field or None, also=[_plain(d) for d in rest])
     return settings
+
+
+def _locate(settings: Settings, source: str, marks: Marks) -> None:
+    """Tell the sections that read environment variables where they are in the file, so an unset
+    variable is reported at its line."""
+    sections: list[tuple[_Strict, tuple[str | int, ...]]] = [(settings.store, ("store",)), (settings.keys, ("keys",))]
+    sections += [(upstream, ("upstreams", i)) for i, upstream in enumerate(settings.upstreams)]
+    sections += [(client, ("clients", i)) for i, client in enumerate(settings.clients)]
+    for section, loc in sections:
+        if loc[:1] in marks:  # a section the file leaves out is the shared default: nothing to point at
+            section._source, section._marks, section._loc = source, marks, loc
 
 
 def _credential_clashes(settings: Settings, source: str, marks: Marks) -> list[Diagnostic]:

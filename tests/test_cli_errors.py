@@ -156,3 +156,26 @@ def test_serve_with_no_workers_blames_the_flag_not_the_configuration(tmp_path: P
     result = run("serve", "--config", str(config), "--workers", "0", "--port", "0", timeout=30)
     assert_one_line_error(result, 2, "--workers 0: must be at least 1")
     assert str(config) not in result.stderr
+
+
+def test_serve_with_an_unset_client_or_master_key_variable_names_its_line(tmp_path: Path) -> None:
+    """A client's key_env or keys.master_key_env naming an unset variable stops serve with one line naming the
+    file, line and field, before anything is opened (no aiohttp 'Unclosed client session' noise)."""
+    import yaml
+
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1", REPO / "policies")
+    data = yaml.safe_load(config.read_text())
+    client = data["clients"][0]
+    data["clients"][0] = {"name": data["clients"][0]["name"], "tenant": data["clients"][0]["tenant"],
+                          "key_env": "SG_TEST_UNSET_CLIENT_KEY"}
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    line = next(n for n, text in enumerate(config.read_text().splitlines(), 1) if "SG_TEST_UNSET_CLIENT_KEY" in text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SG_TEST_UNSET")}
+    result = run("serve", "--config", str(config), env=env, timeout=30)
+    assert_one_line_error(result, 2, f"{config}:{line}:", "clients[0].key_env", "SG_TEST_UNSET_CLIENT_KEY")
+    data["clients"][0] = client
+    data["keys"] = {"master_key_env": "SG_TEST_UNSET_MASTER"}
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    line = next(n for n, text in enumerate(config.read_text().splitlines(), 1) if "SG_TEST_UNSET_MASTER" in text)
+    result = run("serve", "--config", str(config), env=env, timeout=30)
+    assert_one_line_error(result, 2, f"{config}:{line}:", "keys.master_key_env", "SG_TEST_UNSET_MASTER")

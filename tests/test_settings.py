@@ -170,3 +170,47 @@ def test_serve_refuses_a_client_key_listed_twice(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "dup.yaml:7:17: clients[1].key_sha256: same key as clients[0]" in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("server:\n  port: true\n", "conf.yaml:2:9: server.port: Input should be a valid integer, got a boolean"),
+    ("server:\n  port: \"8787\"\n", "conf.yaml:2:9: server.port: Input should be a valid integer, got a string"),
+    ("server:\n  port: 8787.0\n", "conf.yaml:2:9: server.port: Input should be a valid integer, got a number"),
+    ("server:\n  header_timeout: .inf\n", "conf.yaml:2:19: server.header_timeout: Input should be a finite number"),
+    ("audit:\n  checkpoint_seconds: \"60\"\n", "conf.yaml:2:23: audit.checkpoint_seconds: Input should be a valid "
+                                               "number, got a string"),
+    ("logging:\n  level: 5\n", "conf.yaml:2:10: logging.level: Input should be 'debug', 'info', 'warning' or "
+                               "'error'"),
+])
+def test_settings_are_strictly_typed_as_policies_are(text: str, message: str) -> None:
+    """A boolean, a quoted number or an infinite timeout is an error at its line, not coerced."""
+    with pytest.raises(ConfigError) as err:
+        parse_settings(text, "conf.yaml")
+    assert str(err.value) == message
+
+
+def test_strict_settings_still_take_whole_seconds_and_paths() -> None:
+    """An integer is a valid number of seconds, and paths are written as strings."""
+    settings = parse_settings("server: {header_timeout: 5}\nstore: {path: x/db.sqlite}\n", "conf.yaml")
+    assert settings.server.header_timeout == 5 and settings.store.path == Path("x/db.sqlite")
+
+
+def test_an_unset_environment_variable_is_named_at_its_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dsn_env, master_key_env, a client's key_env and an upstream's api_key_env naming an unset variable
+    are errors at the file, line and field of the setting."""
+    for name in ("SG_T_DSN", "SG_T_MASTER", "SG_T_CLIENT", "SG_T_UP"):
+        monkeypatch.delenv(name, raising=False)
+    settings = parse_settings(
+        "store:\n  backend: postgres\n  dsn_env: SG_T_DSN\nkeys:\n  master_key_env: SG_T_MASTER\n"
+        "clients:\n  - {name: a, tenant: acme, key_sha256: '" + "0" * 64 + "'}\n"
+        "  - {name: b, tenant: acme, key_env: SG_T_CLIENT}\n"
+        "upstreams:\n  - name: up\n    base_url: http://127.0.0.1:9/v1\n    api_key_env: SG_T_UP\n", "conf.yaml")
+    checks = [(settings.store.postgres_dsn, "conf.yaml:3:12: store.dsn_env: environment variable SG_T_DSN"),
+              (settings.keys.check_env, "conf.yaml:5:19: keys.master_key_env: environment variable SG_T_MASTER"),
+              (settings.clients[1].digest, "conf.yaml:8:38: clients[1].key_env: environment variable SG_T_CLIENT"),
+              (settings.upstreams[0].api_key,
+               "conf.yaml:12:18: upstreams[0].api_key_env: environment variable SG_T_UP")]
+    for call, message in checks:
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value) == message + " is not set"
