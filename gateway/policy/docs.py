@@ -48,10 +48,11 @@ validate and complete fields with [`policy.schema.json`](policy.schema.json) whe
 starts with `# yaml-language-server: $schema=./policy.schema.json`.
 
 Check files before they go live: `sessiongate policy check [PATH...]` prints every error as
-`file:line:column: error: field.path: message` (and warnings, e.g. keys that can never match)
-and exits 1 on any error. A running gateway reloads this folder within about two seconds of
-an edit; an invalid edit is refused, logged with the same messages, and the last good set of
-policies keeps serving. Subfolders are not read as policies.
+`file:line:column: error: field.path: message` (and warnings, e.g. keys that can never match,
+or a tenant or session-id glob that no valid tenant or session id can match, such as
+`support/*` for `support:*`) and exits 1 on any error. A running gateway reloads this folder
+within about two seconds of an edit; an invalid edit is refused, logged with the same messages,
+and the last good set of policies keeps serving. Subfolders are not read as policies.
 
 Keep examples of what must and must not be recorded in [`cases/`](cases/README.md) and run
 them with `sessiongate policy test`; `sessiongate policy diff OLD_DIR NEW_DIR` shows what a

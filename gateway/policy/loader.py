@@ -15,16 +15,20 @@ required). Files named one by one are checked together as a set too, except that
 catch-all, so a single new file can be checked before it joins the folder.
 
 Warnings (never fatal): keys that can never match (a reply key on the request or system
-prompt, a redaction key the policy does not record, repeated keys), a bounding strategy that
-never runs, a policy shadowed by a higher-priority one.
+prompt, a redaction key the policy does not record, repeated keys), a tenant or session-id glob
+that can never match (a character no tenant or session id may hold, such as ``/`` in
+``support/*``, or a class of none), a bounding strategy that never runs, a policy shadowed by a
+higher-priority one.
 """
 
 from __future__ import annotations
 
 import errno
+import string
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import yaml
@@ -155,10 +159,56 @@ def policy_warnings(policy: Policy) -> list[tuple[Loc, str]]:
         elif rule.key != "*" and rule.key not in recorded:
             found.append((loc, f"key {rule.key!r} is not among session.input_keys or session.reply_keys: "
                                "this rule can never match"))
+    for name, alphabet, first, longest in _GLOB_FIELDS:
+        for index, pattern in enumerate(getattr(policy.match, name) or []):
+            why = never_matches(pattern, alphabet, first, longest)
+            if why is not None:
+                what = name[:-1].replace("_", " ")
+                found.append((("match", name, index), f"glob {pattern!r} can never match a {what}: {why}"))
     if session.max_length is None and not isinstance(session.bounding, SimpleCut):
         found.append((("session", "bounding"),
                       f"strategy {session.bounding.strategy!r} never runs: session.max_length is null"))
     return found
+
+
+_TENANT_CHARS = frozenset(string.ascii_letters + string.digits + "_.-")
+_SESSION_CHARS = frozenset(string.ascii_letters + string.digits + "._:@+=-")
+_GLOB_FIELDS = (("tenants", _TENANT_CHARS, _TENANT_CHARS, 64),
+                ("session_ids", _SESSION_CHARS, frozenset(string.ascii_letters + string.digits), 128))
+"""Globbed fields whose values have a fixed alphabet (``TENANT_PATTERN``, the session-id rule of
+``gateway.stages.resolve_session``): (field, characters, first characters, longest value)."""
+
+
+def never_matches(pattern: str, alphabet: frozenset[str], first: frozenset[str], longest: int) -> str | None:
+    """Why glob *pattern* matches no value made of *alphabet* (starting with one of *first*, at most
+    *longest* characters long), or None when some value may match. Brackets are read as
+    ``fnmatch`` reads them: ``[`` with no closing ``]`` is a literal character."""
+    at_start, minimum, i = True, 0, 0
+    while i < len(pattern):
+        char, allowed = pattern[i], first if at_start else alphabet
+        i += 1
+        if char == "*":
+            at_start = False
+            continue
+        at_start, minimum = False, minimum + 1
+        if char == "?":
+            continue
+        if char == "[":
+            end = i + 1 if pattern[i:i + 1] == "!" else i
+            end += 1 if pattern[end:end + 1] == "]" else 0
+            end = pattern.find("]", end)
+            if end != -1:
+                body = pattern[i:end]
+                if not any(fnmatchcase(c, f"[{body}]") for c in allowed):
+                    verb = "begin with" if allowed is first else "contain"
+                    return f"the class [{body}] holds no character a value may {verb}"
+                i = end + 1
+                continue
+        if char not in allowed:
+            return f"a value cannot {'begin with' if char in alphabet else 'contain'} {char!r}"
+    if minimum > longest:
+        return f"a value has at most {longest} characters"
+    return None
 
 
 # --- sets ----------------------------------------------------------------------------------

@@ -185,3 +185,29 @@ def test_non_mapping_file_is_refused(tmp_path):
     """A file that holds a list instead of one policy mapping is refused at line 1."""
     [error] = _errors(_folder(tmp_path, lst="- id: a\n- id: b\n"))
     assert (error.line, error.column) == (1, 1) and "one mapping" in error.message
+
+
+@pytest.mark.parametrize(("field", "glob", "why"), [
+    ("session_ids", "support/*", "a value cannot contain '/'"),
+    ("session_ids", "../../etc", "a value cannot begin with '.'"),
+    ("session_ids", "[]", "a value cannot contain '['"),
+    ("tenants", "ａcme", "a value cannot contain 'ａ'"),
+    ("tenants", "ac[me", "a value cannot contain '['"),
+    ("tenants", "[:/]*", "the class [:/] holds no character"),
+    ("session_ids", "?" * 129, "at most 128 characters"),
+])
+def test_a_glob_that_can_never_match_is_a_warning_at_its_line(tmp_path, field, glob, why):
+    """A tenant or session-id glob that no valid tenant or session id matches is a warning at the glob."""
+    folder = _folder(tmp_path, p=f"id: p\npriority: 5\nmatch:\n  {field}: [ok, {glob!r}]\n"
+                                 "session: {input_keys: null, reply_keys: null}\n")
+    [warning] = [d for d in check([folder]) if d.severity == "warning"]
+    assert (warning.file, warning.line, warning.field) == (str(folder / "p.yaml"), 4, f"match.{field}[1]")
+    assert f"glob {glob!r} can never match" in warning.message and why in warning.message
+
+
+@pytest.mark.parametrize("glob", ["*", "acme-?", "[a-c]*", "[!x]y", "x[.]", "*.eu"])
+def test_globs_that_can_match_get_no_warning(tmp_path, glob):
+    """Ordinary globs are not warned about."""
+    folder = _folder(tmp_path, p=f"id: p\npriority: 5\nmatch: {{tenants: [{glob!r}], session_ids: [{glob!r}, "
+                                 "'support:*']}\nsession: {input_keys: null, reply_keys: null}\n")
+    assert [d for d in check([folder]) if "can never match" in d.message] == []
