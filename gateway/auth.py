@@ -20,7 +20,7 @@ from gateway.settings import Settings
 class Principal:
     name: str
     tenant: str | None  # None for auditors
-    role: str  # "client" or "auditor"
+    role: str  # "client", "auditor" or "scraper" (``metrics.token_sha256``)
     tenants: frozenset[str] | None = None  # an auditor's scope; None: every tenant
 
     def can_read(self, tenant: str) -> bool:
@@ -48,6 +48,9 @@ class Authenticator:
         for a in settings.auditors:
             scope = frozenset(a.tenants) if a.tenants is not None else None
             self._by_digest[a.token_sha256] = Principal(a.name, None, "auditor", scope)
+        if settings.metrics.token_sha256 is not None:
+            self._by_digest[settings.metrics.token_sha256] = Principal("metrics", None, "scraper")
+        self.scraper_required = settings.metrics.token_sha256 is not None
 
     def identify(self, authorization: str | None) -> Principal:
         """The principal behind an Authorization header; ``Unauthorized`` otherwise."""
@@ -82,6 +85,15 @@ class Authenticator:
         if p.role != "client":
             raise Forbidden("auditor tokens cannot call model or session routes; use a client key")
         return p
+
+    def scraper(self, authorization: str | None) -> None:
+        """``GET /metrics``: nothing to check without ``metrics.token_sha256``; with it, the
+        scraper's token and no other (``Unauthorized`` / ``Forbidden``)."""
+        if not self.scraper_required:
+            return
+        if self.identify(authorization).role != "scraper":
+            raise Forbidden("/metrics takes the metrics token (metrics.token_sha256), not a client key or "
+                            "auditor token")
 
     def auditor(self, authorization: str | None) -> Principal:
         p = self.identify(authorization)

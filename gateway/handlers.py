@@ -586,5 +586,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text; with ``metrics.token_sha256`` set, only for that bearer token."""
     services = request.app[SERVICES]
+    services.auth.scraper(request.headers.get("Authorization"))
     return web.Response(body=services.metrics.render(), headers={"Content-Type": services.metrics.content_type})

@@ -322,6 +322,22 @@ class ConsoleSettings(_Strict):
         return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
+class MetricsSettings(_Strict):
+    """``GET /metrics`` (Prometheus text)."""
+
+    token_sha256: str | None = Field(
+        None, description="SHA-256 (hex) of a bearer token /metrics then requires (Prometheus: "
+                          "authorization.credentials); unset: /metrics needs no key, so bind it where only the "
+                          "scraper reaches it (it names tenants and models with their token usage)")
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not _HEX64.match(v):
+            raise ValueError("must be 64 lower-case hex digits (printf %s TOKEN | sha256sum)")
+        return v
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
@@ -334,6 +350,7 @@ class Settings(_Strict):
     logging: LoggingSettings = LoggingSettings()
     tracing: TracingSettings = TracingSettings()
     console: ConsoleSettings = ConsoleSettings()
+    metrics: MetricsSettings = MetricsSettings()
     source: str = Field("<defaults>", exclude=True, description="the file these settings came from")
 
     @model_validator(mode="after")
@@ -403,6 +420,8 @@ def _credential_clashes(settings: Settings, source: str, marks: Marks) -> list[D
             entries.append((("clients", i, "key_env"), digest, f"tenant {client.tenant!r}"))
     for i, auditor in enumerate(settings.auditors):
         entries.append((("auditors", i, "token_sha256"), auditor.token_sha256, "an auditor"))
+    if settings.metrics.token_sha256 is not None:
+        entries.append((("metrics", "token_sha256"), settings.metrics.token_sha256, "the metrics scraper"))
     for loc, listed, whose in entries:
         if listed is None:
             continue

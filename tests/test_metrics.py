@@ -5,13 +5,18 @@ session id or a raw path."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway, wait_for
+from gateway.errors import ConfigError
+from gateway.settings import load_settings
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, REPO, Gateway, wait_for, write_config
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 SESSION = "metrics-canary-session"
@@ -91,3 +96,30 @@ def test_integrity_failures_are_counted(gateway: Gateway) -> None:
     resp = httpx.get(f"{gateway.base_url}/sessions/tamper-me", headers=AUTH)
     assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed"
     assert value(samples(gateway), "sessiongate_integrity_failures_total") == 1
+
+
+def test_a_metrics_token_keeps_metrics_from_anyone_else(make_gateway: Callable[..., Gateway]) -> None:
+    """With ``metrics.token_sha256`` set, /metrics (tenant names, models, token usage) answers only
+    its bearer token: no key is 401, a client key or auditor token 403; the scraper token reaches
+    nothing else (client and admin routes refuse it), and a token listed twice is a config error."""
+    token = "scrape-me-please-0123456789"
+    gw = make_gateway(metrics={"token_sha256": hashlib.sha256(token.encode()).hexdigest()})
+    assert httpx.get(f"{gw.url}/metrics").status_code == 401
+    assert httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {ACME_KEY}"}).status_code == 403
+    assert httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}).status_code == 403
+    scraped = httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert scraped.status_code == 200 and "sessiongate_requests_total" in scraped.text
+    as_client = httpx.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {token}"},
+                           json={"model": "standin", "messages": [{"role": "user", "content": "hi"}]})
+    assert as_client.status_code == 403
+    as_auditor = httpx.get(f"{gw.url}/admin/public-key", headers={"Authorization": f"Bearer {token}"})
+    assert as_auditor.status_code == 403
+    (gw.dir / "clash").mkdir()
+    clash = write_config(gw.dir / "clash", None, REPO / "policies",
+                         metrics={"token_sha256": hashlib.sha256(AUDITOR_TOKEN.encode()).hexdigest()})
+    with pytest.raises(ConfigError, match="metrics.token_sha256: same key as auditors"):
+        load_settings(clash)
+
+
+def test_metrics_need_no_key_without_a_token(gateway: Gateway) -> None:
+    assert httpx.get(f"{gateway.url}/metrics").status_code == 200
