@@ -51,7 +51,7 @@ def test_every_finding_is_listed_each_on_its_line() -> None:
         parse_settings(text, "conf.yaml")
     lines = str(err.value).splitlines()
     assert lines[0] == ("conf.yaml:1:1: listen: unknown field 'listen' (allowed: server, upstreams, clients, "
-                        "auditors, store, keys, policies, audit, logging, tracing, console)")
+                        "auditors, store, keys, policies, audit, logging, tracing, console, metrics)")
     assert lines[1].startswith("conf.yaml:4:9: server.port: Input should be a valid integer")
     assert lines[2] == "conf.yaml:6:12: store.backend: Input should be 'sqlite' or 'postgres'"
     assert lines[3:] == ["conf.yaml:8:1: clients: duplicate key 'clients'",
