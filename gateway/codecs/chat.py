@@ -49,7 +49,10 @@ class ChatCodec:
         """The request's own messages; a ``file`` part whose data is text is read as the text the
         model read (``session.structured.text_file_parts``), in a copy: the body is sent as is."""
         messages: list[Message] = body["messages"]
-        if not any(_has_text_file(m) for m in messages):
+        for m in messages:  # most messages' content is a string: one type check each
+            if type(m) is dict and type(m.get("content")) is list and _has_text_file(m):
+                break
+        else:
             return messages
         return [{**m, "content": [q for p in m["content"] for q in (text_file_parts(p) or [p])]}
                 if _has_text_file(m) else m for m in messages]
