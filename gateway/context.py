@@ -83,6 +83,7 @@ class Context:
     reply_truncated: bool = False  # the reply was over the upstream's max_reply_bytes
     event_open: bool = False  # the client has an event's start, its end is held in tail: no other event may follow
     error_relayed: bool = False  # the stream's last event was the provider's own error event
+    stream_seq: int | None = None  # the last relayed event's sequence_number (Responses numbers them)
     bytes_out: int = 0
     first_byte_at: float = 0.0  # perf_counter() when the first streamed byte was written
     # record

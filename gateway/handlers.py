@@ -176,7 +176,7 @@ async def _end_stream(ctx: Context, error: dict[str, dict[str, str]]) -> web.Str
         end_connection(ctx.request, out)
         return out
     try:
-        await out.write(ctx.codec.stream_error(error))
+        await out.write(ctx.codec.stream_error(error, ctx.stream_seq))
         await out.write_eof()
     except (ConnectionResetError, OSError):
         pass  # the client is gone; nothing more can reach it

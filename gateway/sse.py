@@ -179,6 +179,8 @@ class EventAssembler:
     def __init__(self, max_bytes: int | None = None) -> None:
         self._room = max_bytes
         self.truncated = False
+        self.last_seq: int | None = None
+        """The ``sequence_number`` of the last event that had one (Responses numbers its events)."""
         self.errored = False
         """The last event parsed was the provider's error event (``"type": "error"``, or an
         ``error`` member without ``choices`` as OpenAI-compatible Chat streams send one)."""

@@ -93,7 +93,7 @@ class ChatCodec:
     def error_body(self, body: dict[str, Any], status: int) -> dict[str, Any]:
         return body
 
-    def stream_error(self, body: dict[str, Any]) -> bytes:
+    def stream_error(self, body: dict[str, Any], after: int | None = None) -> bytes:
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
 

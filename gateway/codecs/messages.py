@@ -453,7 +453,7 @@ class MessagesCodec:
                                                                     else "invalid_request_error"),
                                            "message": err.get("message", "")}}
 
-    def stream_error(self, body: dict[str, Any]) -> bytes:
+    def stream_error(self, body: dict[str, Any], after: int | None = None) -> bytes:
         return b"event: error\ndata: " + orjson.dumps(self.error_body(body, 500)) + b"\n\n"
 
 

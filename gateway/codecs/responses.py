@@ -223,6 +223,9 @@ class ResponsesAssembler(EventAssembler):
     def on_event(self, ev: dict[str, Any]) -> bool:
         """``response.completed``, ``.incomplete`` or ``.failed`` is the final event."""
         kind = ev.get("type")
+        seq = ev.get("sequence_number")
+        if type(seq) is int:
+            self.last_seq = seq
         response = ev.get("response")
         if isinstance(response, dict):
             self.id = self.id or response.get("id")
@@ -367,10 +370,11 @@ class ResponsesCodec:
     def error_body(self, body: dict[str, Any], status: int) -> dict[str, Any]:
         return body
 
-    def stream_error(self, body: dict[str, Any]) -> bytes:
+    def stream_error(self, body: dict[str, Any], after: int | None = None) -> bytes:
+        """The ``error`` event, numbered after the last event the client got (*after*)."""
         err = body.get("error") or {}
         event = {"type": "error", "code": err.get("code"), "message": err.get("message"), "param": None,
-                 "sequence_number": 0}
+                 "sequence_number": after + 1 if after is not None else 0}
         return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
 
 

@@ -287,6 +287,7 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
         ctx.reply_truncated = ctx.reply_truncated or assembler.truncated or splitter.oversized
         ctx.event_open = splitter.open_end
         ctx.error_relayed = assembler.errored
+        ctx.stream_seq = assembler.last_seq
         ctx.reply_message, ctx.reply_body = assembler.message(), assembler.response()
         if ctx.reply_id and ctx.reply_body is not None:
             ctx.reply_body["id"] = ctx.reply_id

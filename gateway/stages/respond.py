@@ -52,7 +52,7 @@ async def respond(ctx: Context) -> None:
         elif ctx.ended_by == "upstream":
             err = {"error": {"message": "the upstream model broke off its reply; the partial round was recorded "
                              "as incomplete", "type": "upstream_error", "code": "upstream_incomplete"}}
-            await out.write_eof(ctx.codec.stream_error(err))
+            await out.write_eof(ctx.codec.stream_error(err, ctx.stream_seq))
         else:
             await out.write_eof(ctx.tail)  # the held-back end and the end of the body: one send
     except (ConnectionResetError, OSError):

@@ -27,13 +27,16 @@ def _events(text: str) -> list[tuple[str | None, dict]]:
 
 
 def test_responses_stream_broken_off_ends_with_an_error_event(pgw: Gateway) -> None:
-    """A Responses stream cut by the upstream ends with an ``error`` event and no response.completed."""
+    """A Responses stream cut by the upstream ends with an ``error`` event and no response.completed;
+    the error event is numbered after the last event relayed (it was numbered 0, going backwards)."""
     r = httpx.post(f"{pgw.base_url}/responses", json={"model": "cut", "input": "hi", "stream": True},
                    headers={"Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": "cut-r"}, timeout=10)
     events = _events(r.text)
     assert events[0][0] == "response.created"
     assert events[-1][0] == "error" and events[-1][1]["type"] == "error"
     assert events[-1][1]["code"] == "upstream_incomplete"
+    numbers = [data["sequence_number"] for _, data in events]
+    assert numbers == list(range(len(events))) and numbers[-1] > 0, numbers
     assert all(name != "response.completed" for name, _ in events)
     with sqlite3.connect(pgw.db_path) as db:
         rounds = [orjson.loads(b) for (b,) in db.execute("SELECT body FROM audit")]
