@@ -13,7 +13,7 @@ import orjson
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState
 from gateway.session.model import inject as inject_messages
-from gateway.session.structured import text_file_parts
+from gateway.session.structured import is_text_file, text_file_parts
 from gateway.sse import ReplyAssembler
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ CHAT = ChatCodec()
 
 def _has_text_file(message: Any) -> bool:
     content = message.get("content") if isinstance(message, dict) else None
-    return isinstance(content, list) and any(text_file_parts(p) is not None for p in content)
+    return isinstance(content, list) and any(is_text_file(p) for p in content)
 
 
 def check_store(ctx: Context) -> None:

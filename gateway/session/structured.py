@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import contextlib
 import hashlib
 import mimetypes
 import urllib.parse
@@ -87,7 +89,7 @@ def data_url(url: str) -> tuple[str, str, bytes] | None:
     """A ``data:`` URL (RFC 2397) as ``(media type, charset, bytes)``: base64-decoded with
     ``;base64``, percent-decoded otherwise; media type ``text/plain`` when it names none. None
     for anything else."""
-    if not url.startswith("data:") or "," not in url:
+    if url[:5].lower() != "data:" or "," not in url:  # a URL's scheme is case-insensitive
         return None
     header, payload = url[5:].split(",", 1)
     fields = [f.strip() for f in header.split(";")]
@@ -97,11 +99,30 @@ def data_url(url: str) -> tuple[str, str, bytes] | None:
     return fields[0] or "text/plain", charset, raw
 
 
+def _canonical(names: list[str]) -> frozenset[str]:
+    known = set()
+    for name in names:
+        with contextlib.suppress(LookupError):  # not in this Python's codecs
+            known.add(codecs.lookup(name).name)
+    return frozenset(known)
+
+
+SAFE_CHARSETS = _canonical(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+                            "utf-32-be", "ascii", *(f"iso8859-{n}" for n in range(1, 17)),
+                            *(f"cp{n}" for n in range(1250, 1259)), "cp437", "cp850", "koi8-r", "koi8-u",
+                            "mac-roman", "shift_jis", "euc-jp", "iso2022_jp", "gb2312", "gbk", "gb18030", "big5",
+                            "euc_kr"])
+"""Charsets a client may name for a text file: Python's codecs of real text encodings, each
+linear in C. Any other name (``punycode``, quadratic in Python; ``idna``, which raises even
+with ``errors="replace"``; ``rot13``, ``base64``) is read as UTF-8."""
+
+
 def _decode(raw: bytes, charset: str) -> str:
     try:
-        return raw.decode(charset, errors="replace")
+        name = codecs.lookup(charset).name
     except LookupError:  # a charset Python does not know
-        return raw.decode("utf-8", errors="replace")
+        name = "utf-8"
+    return raw.decode(name if name in SAFE_CHARSETS else "utf-8", errors="replace")
 
 
 def _as_text(value: Any) -> str:
@@ -124,23 +145,46 @@ def text_file_parts(part: Any) -> list[Any] | None:
     text (a ``text/*`` or JSON ``data:`` URL; or base64 of a file whose name says text) as the
     text parts the model read (``document_parts``); None for anything else (a binary file, a
     reference), which stays a media part."""
+    found = _text_file(part)
+    if found is None:
+        return None
+    name, data = found
+    if data[:5].lower() == "data:":
+        _, charset, raw = data_url(data) or ("", "utf-8", b"")
+    else:
+        charset, raw = "utf-8", _b64(data)
+    return document_parts("file", name, None, [{"type": "text", "text": _decode(raw, charset)}])
+
+
+def is_text_file(part: Any) -> bool:
+    """Whether :func:`text_file_parts` reads *part* as text, without decoding anything."""
+    return _text_file(part) is not None
+
+
+def _text_file(part: Any) -> tuple[Any, str] | None:
+    """A text file part's name and inline data; None for anything else. A ``data:`` URL's media
+    type decides, unless it is a generic binary one (``application/octet-stream``, or none given
+    with a name): then, as for bare base64, the file's name does (a provider may go by it)."""
     if not isinstance(part, dict) or part.get("type") != "file":
         return None
     file = media_object(part.get("file"), "file_data")
     data, name = file.get("file_data"), file.get("filename")
     if not isinstance(data, str) or not data or "source" in file:
         return None
-    if data.startswith("data:"):
-        header = data[5:data.find(",")] if "," in data else None
-        if header is None or not is_text_media(header.split(";", 1)[0] or "text/plain"):
-            return None  # binary (a PDF, an image): decoded only for its placeholder
-        _, charset, raw = data_url(data) or ("", "utf-8", b"")
-    else:
-        guessed = mimetypes.guess_type(name)[0] if isinstance(name, str) else None
-        if not is_text_media(guessed):
+    if data[:5].lower() == "data:":
+        if "," not in data:
             return None
-        charset, raw = "utf-8", _b64(data)
-    return document_parts("file", name, None, [{"type": "text", "text": _decode(raw, charset)}])
+        media = data[5:data.find(",")].split(";", 1)[0].strip().lower()
+        if is_text_media(media or "text/plain"):
+            return name, data
+        if media not in GENERIC_MEDIA:
+            return None  # binary (a PDF, an image): decoded only for its placeholder
+    guessed = mimetypes.guess_type(name)[0] if isinstance(name, str) else None
+    return (name, data) if is_text_media(guessed) else None
+
+
+GENERIC_MEDIA = frozenset({"application/octet-stream", "binary/octet-stream", "application/unknown"})
+"""Media types that say nothing of a file's bytes: its name decides whether it is text."""
 
 
 def _source(part: dict[str, Any]) -> tuple[str, str | None, bytes, bool]:

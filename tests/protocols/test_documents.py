@@ -116,3 +116,27 @@ def test_document_text_is_input_to_a_keyed_policy(make_pgw: Any, proto: Protocol
                                      {"type": "text", "text": "question"}]}])
     recorded = _full(gw, "doc-keyed")[0]["content"]
     assert recorded.startswith("[input]:") and "KEYED-DOC-CANARY" in recorded
+
+
+def test_a_text_file_in_any_spelling_is_recorded_and_no_charset_is_run(make_gateway: Any) -> None:
+    """The ways a text file slipped past as a placeholder or broke the request: an upper-case
+    ``DATA:`` scheme, ``application/octet-stream`` with a text file's name (a provider may go by the
+    name), and a client-named charset that is not a text encoding (``idna`` raised: 500; ``punycode``
+    decodes in quadratic time on the event loop: one 240 KB request held every client 1.65 s).
+    Such charsets are read as UTF-8, so the recorded text is the bytes as sent."""
+    gw = make_gateway()
+    octet = "data:application/octet-stream;base64," + base64.b64encode(b"OCTET-TEXT-CANARY").decode()
+    parts: list[Any] = [
+        {"type": "file", "file": {"file_data": "DATA:text/plain,UPPER-SCHEME-CANARY"}},
+        {"type": "file", "file": {"file_data": octet, "filename": "notes.txt"}},
+        {"type": "file", "file": {"file_data": "data:text/plain;charset=idna,IDNA-CANARY.example"}},
+        {"type": "file", "file": {"file_data": "data:text/plain;charset=punycode,PUNY-CANARY-" + "a" * 2000}},
+        {"type": "text", "text": "read"}]
+    gw.openai(session="spellings").chat.completions.create(model="m", messages=[{"role": "user", "content": parts}])
+    recorded = _texts(_full(gw, "spellings")[0]["content"])
+    for canary in ("UPPER-SCHEME-CANARY", "OCTET-TEXT-CANARY", "IDNA-CANARY.example", "PUNY-CANARY-" + "a" * 2000):
+        assert canary in recorded, canary
+    binary = "data:application/octet-stream;base64," + PDF_B64  # no text name: still a placeholder
+    gw.openai(session="binary").chat.completions.create(model="m", messages=[{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": binary, "filename": "blob.bin"}}, {"type": "text", "text": "x"}]}])
+    assert f"[file: blob.bin, application/octet-stream, {len(PDF)} bytes" in _texts(_full(gw, "binary")[0]["content"])
