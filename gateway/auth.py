@@ -38,6 +38,11 @@ class Principal:
         return tenant
 
 
+UNKNOWN_KEY = "unknown API key: use a key issued for this gateway (sessiongate clients new)"
+"""What a key the route does not take is told: the same for an unknown key and for another
+role's (an auditor token on a model route), so unthrottled routes confirm no guess."""
+
+
 class Authenticator:
     """Resolves ``Authorization: Bearer <key>`` to a client (with its tenant) or an auditor."""
 
@@ -66,7 +71,7 @@ class Authenticator:
             raise Unauthorized("malformed Authorization header: the key holds bytes no gateway key has") from None
         principal = self._by_digest.get(hashlib.sha256(raw).hexdigest())
         if principal is None:
-            raise Unauthorized("unknown API key: use a key issued for this gateway (sessiongate clients new)")
+            raise Unauthorized(UNKNOWN_KEY)
         return principal
 
     def knows(self, value: str) -> bool:
@@ -82,23 +87,22 @@ class Authenticator:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <your gateway key>' "
                                "or 'x-api-key: <your gateway key>'")
         p = self.identify(authorization)
-        if p.role != "client":
-            raise Forbidden("auditor tokens cannot call model or session routes; use a client key")
+        if p.role != "client":  # answered as an unknown key: these routes are not throttled, so they must
+            raise Unauthorized(UNKNOWN_KEY)  # not tell which guesses are auditor or metrics tokens
         return p
 
     def scraper(self, authorization: str | None) -> None:
         """``GET /metrics``: nothing to check without ``metrics.token_sha256``; with it, the
-        scraper's token and no other (``Unauthorized`` / ``Forbidden``)."""
+        scraper's token and no other (``Unauthorized``)."""
         if not self.scraper_required:
             return
         if self.identify(authorization).role != "scraper":
-            raise Forbidden("/metrics takes the metrics token (metrics.token_sha256), not a client key or "
-                            "auditor token")
+            raise Unauthorized(UNKNOWN_KEY)  # as on the model routes: no other token is told apart here
 
     def auditor(self, authorization: str | None) -> Principal:
         p = self.identify(authorization)
         if p.role != "auditor":
-            raise Forbidden("this route is for auditors; client keys cannot reach /admin")
+            raise Forbidden("this route is for auditors' tokens")
         return p
 
 

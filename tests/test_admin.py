@@ -29,13 +29,18 @@ def cli(gw, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_roles_are_separated_both_ways(gateway) -> None:
-    """A client key gets 403 on /admin; an auditor token gets 403 on model and session routes."""
+    """A client key gets 403 on /admin (a throttled route); an auditor token on model and session
+    routes, which are not throttled, is answered exactly as an unknown key, so they test no guess."""
     r = httpx.get(f"{gateway.url}/admin/audit/verify?tenant=acme", headers={"Authorization": f"Bearer {ACME_KEY}"})
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
-    r = httpx.post(f"{gateway.base_url}/chat/completions", headers=AUDITOR,
-                   json={"model": "standin", "messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-    assert httpx.get(f"{gateway.base_url}/sessions", headers=AUDITOR).status_code == 403
+    chat_body = {"model": "standin", "messages": [{"role": "user", "content": "hi"}]}
+    unknown = {"Authorization": "Bearer sg-not-a-key-of-this-gateway"}
+    for route in ("/chat/completions", "/responses", "/messages"):
+        r = httpx.post(f"{gateway.base_url}{route}", headers=AUDITOR, json=chat_body)
+        guess = httpx.post(f"{gateway.base_url}{route}", headers=unknown, json=chat_body)
+        assert (r.status_code, r.content) == (guess.status_code, guess.content) and r.status_code == 401, route
+    r = httpx.get(f"{gateway.base_url}/sessions", headers=AUDITOR)
+    assert (r.status_code, r.content) == (401, httpx.get(f"{gateway.base_url}/sessions", headers=unknown).content)
     assert httpx.get(f"{gateway.url}/admin/export?tenant=acme").status_code == 401
 
 

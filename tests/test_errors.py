@@ -96,10 +96,10 @@ def test_missing_or_unknown_key_is_401(gateway: Gateway, upstream: Upstream, hea
 
 
 def test_auditor_token_cannot_chat(gateway: Gateway) -> None:
-    """An auditor token on a client route answers 403 permission_error."""
+    """An auditor token on a client route answers as an unknown key does (401), in the error shape."""
     resp = httpx.post(f"{gateway.base_url}/chat/completions", json=CHAT,
                       headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"})
-    assert assert_error(resp, 403, "forbidden")["type"] == "permission_error"
+    assert assert_error(resp, 401, "invalid_api_key")["type"] == "authentication_error"
 
 
 @pytest.mark.parametrize(("body", "code"), [

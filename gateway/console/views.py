@@ -260,8 +260,9 @@ async def login(request: web.Request) -> web.StreamResponse:
         throttle.failed(address)
         log.warning("console_login_failed", peer=address, reason="unknown_token")
         return await login_form(request, "That token is not known to this gateway.", 401)
-    if principal.role != "auditor":
-        log.info("console_sign_in_refused", reason="not_an_auditor")
+    if principal.role != "auditor":  # counted like an unknown token: the sign-in must not test keys unthrottled
+        throttle.failed(address)
+        log.warning("console_login_failed", peer=address, reason="not_an_auditor")
         return await login_form(request, "Only auditor tokens can sign in to the console; client keys cannot.", 403)
     session = request.app[CONSOLE].sessions.create(principal)
     log.info("console_sign_in", auditor=principal.name)

@@ -107,3 +107,14 @@ def test_the_demo_tokens_are_the_example_configurations() -> None:
     config = yaml.safe_load((REPO / "config/sessiongate.yaml").read_text())
     listed = {c["key_sha256"] for c in config["clients"]} | {a["token_sha256"] for a in config["auditors"]}
     assert listed == {hashlib.sha256(t.encode()).hexdigest() for t in DEMO_TOKENS}
+
+
+def test_client_keys_offered_at_sign_in_count_as_failures(console_gateway: Gateway) -> None:
+    """A client key at the sign-in was refused (403) without being counted, so the page told valid
+    client keys from guesses at full speed; it counts as a failed sign-in now."""
+    from tests.conftest import ACME_KEY
+
+    with _client(console_gateway) as attacker:
+        for _ in range(MAX_FAILURES):
+            assert _sign_in(attacker, console_gateway, ACME_KEY).status_code == 403
+        assert _sign_in(attacker, console_gateway, AUDITOR_TOKEN).status_code == 429
