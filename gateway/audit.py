@@ -400,7 +400,7 @@ class CheckpointLog:
 def _torn(line: bytes) -> bool:
     """Whether a line that failed to parse is what a cut-short append leaves: NUL bytes, or JSON
     that is well formed up to where it ends early."""
-    body = line.rstrip(b"\r\n")
+    body = line.rstrip(b"\r\n").rstrip(b"\x00")  # the usual shape: what landed, then NULs for the rest
     if not body.strip(b"\x00"):
         return True
     try:

@@ -457,8 +457,9 @@ def test_checkpointer_run_signs_when_due_and_on_stop(signer: Signer, tmp_path: P
     assert [cp.seq for cp in log] == [3, 4]
 
 
-@pytest.mark.parametrize("tail", [b'{"tenant": "acme", "seq": 1', b'{"tenant"', b"\x00" * 40],
-                         ids=["cut-json", "cut-key", "nul-bytes"])
+@pytest.mark.parametrize("tail", [b'{"tenant": "acme", "seq": 1', b'{"tenant"', b"\x00" * 40,
+                                  b'{"tenant": "acme", "se' + b"\x00" * 40],
+                         ids=["cut-json", "cut-key", "nul-bytes", "cut-json-then-nul-bytes"])
 def test_a_torn_last_checkpoint_line_is_skipped_and_the_next_append_starts_a_line(
         tmp_path: Path, signer: Signer, tail: bytes) -> None:
     """What an append cut short by a crash leaves (JSON ending early, or NULs where the data never
