@@ -6,7 +6,8 @@ recorder share one object per key). ``KeyPath.find(view)`` returns ``(found, val
 
 Syntax (Agently's ``Session._extract_input_value`` / ``DataLocator.locate_path_in_dict``):
 
-* a key starting with ``$`` is JSONPath (``jsonpath_ng.ext``, filters allowed except ``=~``), evaluated against
+* a key starting with ``$`` is JSONPath (``jsonpath_ng.ext``, filters allowed except ``=~``; no arithmetic, no
+  ``split``/``str()``/``sub()``), evaluated against
   the raw request body or the raw chat.completion reply; one match gives that value, several a
   list of the values;
 * ``.request`` / ``.execution`` (both spellings) is the whole request body; ``.request.X`` looks
@@ -26,7 +27,10 @@ the key is not found when any item lacks the rest of the path (an empty list giv
 Raises ``ValueError`` (with the key and the reason) for a key that cannot be compiled: empty,
 unknown ``.root``, empty ``.`` segment, bad index (``a[x]``), bad JSONPath, a JSONPath holding a
 regular expression (a ``=~`` filter or ``sub()``: keys run on client text, where a regex could
-stall every client). ``find`` never raises: a JSONPath operator that fails on the value it meets
+stall every client) or computing new values from client values (arithmetic ``+ - * /``,
+``split()``, ``str()``: ``"x" * n`` lets one request allocate gigabytes). What stays only
+selects or measures what the body already holds (filters with ``==``/``<``..., ``len``, ``keys``,
+``sorted``, ``path``). ``find`` never raises: a JSONPath operator that fails on the value it meets
 (``sorted`` of a string, ``len`` of a number ...) means the key is not found.
 """
 
@@ -40,8 +44,9 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from jsonpath_ng import JSONPath
 from jsonpath_ng.ext import parse as jsonpath_parse
+from jsonpath_ng.ext.arithmetic import Operation
 from jsonpath_ng.ext.filter import Expression
-from jsonpath_ng.ext.string import Sub
+from jsonpath_ng.ext.string import Split, Str, Sub
 
 if TYPE_CHECKING:
     from gateway.session.record import ReplyView, RequestView
@@ -271,26 +276,42 @@ def _compile_jsonpath(text: str) -> Any:
         expression = jsonpath_parse(text)
     except Exception as exc:  # jsonpath-ng raises several unrelated types for bad input
         raise ValueError(f"key {text!r}: invalid JSONPath: {exc}") from exc
-    _refuse_regex(expression, text)
+    _refuse_computing(expression, text)
     return expression
 
 
-def _refuse_regex(expression: Any, text: str) -> None:
-    """Refuse a ``=~`` filter or a ``sub(/regex/, ...)``: keys are evaluated on client text on the
-    event loop, so a regular expression there would let one request stall every client."""
-    stack, seen = [expression], set()
+_COMPUTES = "a key runs on client values for every request"
+
+
+def _refuse_computing(expression: Any, text: str) -> None:
+    """Refuse a JSONPath that runs a regular expression (a ``=~`` filter, ``sub(/regex/, ...)``) or
+    builds new values from client values (arithmetic, ``split()``, ``str()``): keys are evaluated
+    on the event loop for every request, so either would let one request stall every client or
+    allocate without bound (``$.a * $.b`` with ``{"a": "x"*1000, "b": 2000000}`` is 2 GB).
+
+    Every node of the parsed expression is visited, inside filters and sort keys too."""
+    stack: list[Any] = [expression]
+    seen: set[int] = set()
     while stack:
         node = stack.pop()
-        if id(node) in seen:
+        if isinstance(node, (list, tuple)):
+            stack += node
+            continue
+        if not isinstance(node, JSONPath) or id(node) in seen:
             continue
         seen.add(id(node))
         if isinstance(node, Expression) and node.op == "=~":
-            raise ValueError(f"key {text!r}: regular-expression filters (=~) are not allowed: a key runs on "
-                             "client text for every request, where a regex can stall the gateway; use == or "
-                             "record the field and filter in the export")
+            raise ValueError(f"key {text!r}: regular-expression filters (=~) are not allowed: {_COMPUTES}, "
+                             "where a regex can stall the gateway; use == or record the field and filter in "
+                             "the export")
         if isinstance(node, Sub):
-            raise ValueError(f"key {text!r}: sub(/regex/, ...) is not allowed: a key runs on client text for "
-                             "every request, where a regex can stall the gateway")
-        for value in vars(node).values() if hasattr(node, "__dict__") else ():
-            items = value if isinstance(value, (list, tuple)) else (value,)
-            stack += [item for item in items if isinstance(item, JSONPath)]
+            raise ValueError(f"key {text!r}: sub(/regex/, ...) is not allowed: {_COMPUTES}, where a regex "
+                             "can stall the gateway")
+        if isinstance(node, Operation):
+            raise ValueError(f"key {text!r}: arithmetic ({node.op_symbol!r}) is not allowed: {_COMPUTES}, "
+                             "where '*' of a string by a number can allocate gigabytes; record the fields "
+                             "and compute in the export")
+        if isinstance(node, (Split, Str)):
+            raise ValueError(f"key {text!r}: {node.method.strip()} is not allowed: {_COMPUTES}, where it builds "
+                             "new strings or lists from them; record the field as it is")
+        stack += vars(node).values() if hasattr(node, "__dict__") else ()

@@ -198,6 +198,17 @@ def test_policy_check_refuses_a_regex_filter_at_its_key(tmp_path: Path) -> None:
     assert "=~" in done.stdout and "not allowed" in done.stdout
 
 
+def test_policy_check_refuses_jsonpath_arithmetic_at_its_key(tmp_path: Path) -> None:
+    """A JSONPath key multiplying two client values (one request could allocate gigabytes) is an error at the
+    key's line."""
+    (tmp_path / "p.yaml").write_text("id: p\nsession:\n  input_keys:\n    - input.lang\n    - $.a * $.b\n"
+                                     "  reply_keys: null\n")
+    done = cli("policy", "check", str(tmp_path / "p.yaml"))
+    assert done.returncode == 1
+    assert f"{tmp_path / 'p.yaml'}:5:" in done.stdout and "session.input_keys[1]" in done.stdout
+    assert "arithmetic ('*') is not allowed" in done.stdout
+
+
 def test_explain_of_a_jsonpath_operator_on_another_type_records_nothing_for_it(tmp_path: Path) -> None:
     """policy explain of a request whose value an operator cannot handle (sorted of a string) shows the key as
     not found instead of a traceback."""

@@ -94,9 +94,12 @@ Key paths use Agently's syntax: `input.ticket_id`, `input/lang` (split on `/` on
 `items[0].name`, `items[*].name`; `.request.model` (or `.execution.model`) for the request as
 sent, `.agent.system` for the system prompt; a bare `lang` means `input.lang` when there is no
 top-level `lang`. A key starting with `$` is JSONPath over the raw request or reply body.
-Filters are allowed, but not regular expressions (`=~` filters, `sub(/regex/, ...)`): keys run
-on client text for every request, where a regex could stall every client. An operator that
-fails on the value a request holds (`` `sorted` `` of a string) finds nothing.
+Filters are allowed, but not regular expressions (`=~` filters, `sub(/regex/, ...)`) nor
+values computed from the client's (arithmetic `+ - * /`, `` `split(...)` ``, `` `str()` ``):
+keys run on client values for every request, where a regex could stall every client and
+`$.a * $.b` could allocate gigabytes. `` `len` ``, `` `keys` ``, `` `sorted` `` and `` `path` ``
+stay. An operator that fails on the value a request holds (`` `sorted` `` of a string) finds
+nothing.
 Reply keys are looked up in the reply parsed as JSON.
 
 ## Bounding hooks
