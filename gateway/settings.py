@@ -310,7 +310,12 @@ class ConsoleSettings(_Strict):
             port = parts.port
         except ValueError:
             raise ValueError(f"{v[:100]!r} has a port that is not a number from 0 to 65535") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname or not v.isascii() or not v.isprintable():
+        host = parts.hostname or ""  # lower case, an IPv6 literal without its brackets
+        host_ok = re.fullmatch(r"[a-z0-9.-]+", host) is not None or (
+            ":" in host and re.fullmatch(r"[0-9a-f:.]+", host) is not None)
+        if port == 0:
+            raise ValueError(f"{v[:100]!r} has port 0, which no browser connects to")
+        if parts.scheme not in ("http", "https") or not host_ok or not v.isascii() or not v.isprintable():
             raise ValueError(f"{v[:100]!r} is not an origin: give scheme and host as a browser shows them, such as "
                              "https://audit.example.com (a non-ASCII host in its xn-- form)")
         if parts.username is not None or parts.password is not None or parts.path not in ("", "/") \
@@ -318,8 +323,8 @@ class ConsoleSettings(_Strict):
             raise ValueError(f"{v[:100]!r} is not an origin: only scheme, host and port, with no user, path, "
                              "query or fragment (the console is always served at /console)")
         default = 443 if parts.scheme == "https" else 80
-        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-        return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+        shown = host if ":" not in host else f"[{host}]"
+        return f"{parts.scheme}://{shown}" + (f":{port}" if port is not None and port != default else "")
 
 
 class MetricsSettings(_Strict):
@@ -422,6 +427,13 @@ def _credential_clashes(settings: Settings, source: str, marks: Marks) -> list[D
         entries.append((("auditors", i, "token_sha256"), auditor.token_sha256, "an auditor"))
     if settings.metrics.token_sha256 is not None:
         entries.append((("metrics", "token_sha256"), settings.metrics.token_sha256, "the metrics scraper"))
+    names: dict[str, int] = {}
+    for i, auditor in enumerate(settings.auditors):  # the console keeps its limits per auditor name
+        if auditor.name in names:
+            found.append(at(source, marks, ("auditors", i, "name"), f"auditor name {auditor.name!r} is also "
+                            f"auditors[{names[auditor.name]}]'s: each auditor token needs a name of its own (the "
+                            "audit trail and the console's per-auditor limits tell auditors apart by it)"))
+        names.setdefault(auditor.name, i)
     for loc, listed, whose in entries:
         if listed is None:
             continue

@@ -214,3 +214,15 @@ def test_an_unset_environment_variable_is_named_at_its_setting(monkeypatch: pyte
         with pytest.raises(ConfigError) as err:
             call()
         assert str(err.value) == message + " is not set"
+
+
+def test_two_auditors_with_one_name_are_refused_at_the_second() -> None:
+    """The audit trail and the console's per-auditor limits tell auditors apart by name: a second
+    auditor of the same name let one token sign the other out."""
+    text = ("auditors:\n"
+            f"  - {{name: audit, token_sha256: '{'a' * 64}'}}\n"
+            f"  - {{name: audit, token_sha256: '{'b' * 64}'}}\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, "cfg.yaml")
+    assert str(caught.value).startswith("cfg.yaml:3:") and "auditors[1].name" in str(caught.value), caught.value
+    assert "auditors[0]" in str(caught.value)

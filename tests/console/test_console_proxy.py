@@ -62,7 +62,10 @@ def test_forwarded_headers_are_not_trusted_without_a_public_origin(console_gatew
 
 
 @pytest.mark.parametrize("value", ["audit.example.com", "https://audit.example.com/console", "ftp://audit.example.com",
-                                   "https://user@audit.example.com", "https://audit.example.com:99999"])
+                                   "https://user@audit.example.com", "https://audit.example.com:99999",
+                                   # no browser sends these: every sign-in would be 403 at run time
+                                   "https://audit example.com", "https://audit.example.com;x",
+                                   "https://audit.example.com:0", "https://audit_example.com"])
 def test_a_public_origin_that_is_not_an_origin_stops_start_up_naming_file_line_and_field(value: str) -> None:
     """A public_origin that is not scheme://host[:port] is a ConfigError at file:line:column: field."""
     with pytest.raises(ConfigError) as caught:
