@@ -18,6 +18,7 @@ random ``export-secret`` file (mode 0600) beside the signing key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
@@ -79,12 +80,24 @@ def export_secret(settings: Settings) -> bytes:
                               "characters", field="audit.export_secret_env")
         return value.encode()
     path = settings.audit.signing_key_file.parent / "export-secret"
-    if not path.exists():
+    if not path.exists():  # written whole beside it, then linked in: a crash never leaves a part
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+        partial = path.with_name(f".export-secret.{secrets.token_hex(8)}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):  # another process made it first: theirs is kept
+                os.link(partial, path)
+        finally:
+            partial.unlink()
+    secret = path.read_text().strip()
+    if len(secret) < 16:
+        raise ConfigError(f"{path} holds {len(secret)} characters, not an export secret: restore it from your "
+                          "backup (pseudonyms in exports depend on it)", file=str(path))
+    return secret.encode()
 
 
 class AuditTrail:

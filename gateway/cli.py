@@ -696,14 +696,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
     sources += [("audit-signing.key", settings.audit.signing_key_file),
                 ("checkpoints.jsonl", settings.audit.checkpoint_file)]
     if not settings.audit.export_secret_env:  # the pseudonyms of exports made so far and from now on
-        from gateway.auditor import export_secret
-        export_secret(settings)  # made now when no export has made it yet, so a restore keeps the pseudonyms
         sources.append(("export-secret", settings.audit.signing_key_file.parent / "export-secret"))
     for name, path in sources:
-        if name != "checkpoints.jsonl" and not path.is_file():
+        if name not in ("checkpoints.jsonl", "export-secret") and not path.is_file():  # the secret: made below
             return _fail(f"{path} does not exist: nothing to back up for {name}")
     if not settings.store.path.is_file():
         return _fail(f"{settings.store.path} does not exist: there is no database to back up")
+    if not settings.audit.export_secret_env:
+        from gateway.auditor import export_secret
+        export_secret(settings)  # made now when no export has made it yet, so a restore keeps the pseudonyms
     out.mkdir(mode=0o700, exist_ok=True)
     for name, path in sources:
         if path.is_file():

@@ -98,3 +98,21 @@ def test_a_backup_before_any_export_holds_the_export_secret(make_gateway: Callab
             shutil.copy2(backup / name, fresh / target)
     restored = make_gateway(name="restored")
     assert exported_lines(restored, "pseudonyms") == pseudonyms
+
+
+def test_a_refused_backup_makes_no_export_secret_and_an_empty_one_is_refused(make_gateway: Callable[..., Gateway],
+                                                                             tmp_path: Path) -> None:
+    """A backup refused for its folder makes nothing (the secret is made only once the backup goes
+    ahead); a secret file a crash left empty is refused, naming the file, instead of giving every
+    export pseudonyms under an empty key."""
+    live = make_gateway(name="live")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("not empty")
+    refused = cli(live.config_path, "backup", "--out", str(tmp_path / "full"))
+    assert refused.returncode == 2 and not (live.dir / "export-secret").exists()
+    live.openai(session="s").chat.completions.create(model="standin", messages=[{"role": "user", "content": "hi"}])
+    (live.dir / "export-secret").write_text("")
+    out = live.config_path.parent / "e.jsonl"
+    made = cli(live.config_path, "export", "--tenant", "acme", "--out", str(out))
+    assert made.returncode != 0 and "Traceback" not in made.stderr, made.stderr
+    assert "export-secret" in made.stderr and "restore it from your backup" in made.stderr, made.stderr
