@@ -244,7 +244,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
         return await _provider_response(request)
     services, tenant, sid, round_id = target
     row, messages = await _held_round(request, services, tenant, sid, round_id)
-    if request.query.get("stream", "false").lower() != "false":
+    if request.query.get("stream", "").lower() in ("true", "1"):  # the SDK sends "true"; "false", "0": JSON
         raise BadRequest("streaming a stored response is not supported: the gateway keeps a response as recorded, "
                          "not its events (only background responses, which the gateway does not hold, can be "
                          "streamed again). Retrieve it without stream", code="stream_not_supported")

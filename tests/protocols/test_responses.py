@@ -240,3 +240,6 @@ def test_retrieve_with_stream_is_refused_in_openai_shape(pgw: Gateway) -> None:
     assert err.value.status_code == 400
     assert err.value.body["code"] == "stream_not_supported"  # type: ignore[index]
     assert client.responses.retrieve(first.id, stream=False).id == first.id
+    for off in ("0", "False", ""):  # query flags that say no stream are served as JSON
+        resp = client.get(f"/responses/{first.id}?stream={off}", cast_to=object)
+        assert resp["id"] == first.id, off  # type: ignore[index]
