@@ -24,8 +24,8 @@ DEFAULT = "id: default\nsession: {input_keys: null, reply_keys: null}\n"
 
 def bomb(levels: int, head: str = "") -> str:
     """Nine items per level, each level nine aliases of the previous one: 9**levels nodes expanded.
-    Tests parse 5 levels in process (59,049 nodes: cheap even without the limit) and the 7-level one
-    only in a child process held to 1 GiB."""
+    Tests parse 6 levels in process (531,441 nodes, refused at x5: about 150 MB even without the
+    limit) and the 7-level one only in a child process held to 1 GiB."""
     lines = [head + "x0: &x0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
     lines += [f"x{i}: &x{i} [" + ",".join([f"*x{i - 1}"] * 9) + "]" for i in range(1, levels)]
     return "\n".join(lines) + "\n"
@@ -36,7 +36,7 @@ DEEP = "id: deep\nsession: {input_keys: null, reply_keys: null}\nx: " + "[" * 50
 
 
 @pytest.mark.parametrize(("text", "line", "words"), [
-    (DEFAULT + bomb(5), 7, f"aliases expand to more than {MAX_ALIAS_NODES} nodes"),
+    (DEFAULT + bomb(6), 8, f"aliases expand to more than {MAX_ALIAS_NODES} nodes"),
     (SELFREF, 2, "recursive alias"),
     (DEEP, 3, f"more than {MAX_DEPTH} levels deep"),
 ])
@@ -52,8 +52,8 @@ def test_the_alias_limit_counts_expanded_nodes_before_expanding() -> None:
     """The refusal comes from the composer's count (it is refused at the first alias that crosses the
     limit, whatever follows), while a few anchors reused are read as usual."""
     with pytest.raises(YAMLLimitError) as caught:
-        parse_yaml(bomb(5))
-    assert caught.value.problem_mark is not None and caught.value.problem_mark.line == 4  # x4 = 9**5 nodes
+        parse_yaml(bomb(6))
+    assert caught.value.problem_mark is not None and caught.value.problem_mark.line == 5  # x5 = 9**6 nodes
     data, _, _ = parse_yaml("a: &a {k: [1, 2]}\nb: *a\nc: {<<: *a, j: 3}\n")
     assert data == {"a": {"k": [1, 2]}, "b": {"k": [1, 2]}, "c": {"k": [1, 2], "j": 3}}
     nested = "x: " + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "\n"  # the top mapping is a level
@@ -70,14 +70,57 @@ def test_a_bomb_is_refused_under_a_memory_limit(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "gateway", "policy", "check", str(tmp_path / "bomb.yaml")],
                           capture_output=True, text=True, preexec_fn=limit, check=False)
     assert done.returncode == 1, done.stderr
-    assert "bomb.yaml:7:" in done.stdout and "aliases expand" in done.stdout
+    assert "bomb.yaml:8:" in done.stdout and "aliases expand" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def shared_history_cases(turns: int, reuses: int) -> str:
+    """A case file as people write them: one long history anchored once, reused by many cases."""
+    history = "".join(f"        - {{role: {'user' if i % 2 == 0 else 'assistant'}, content: 'turn {i}'}}\n"
+                      for i in range(turns))
+    case = ("  - name: {name}\n    request: {request}\n    state: {state}\n    reply: ok\n"
+            "    expect: {{policy: default}}\n")
+    text = "cases:\n" + case.format(name="base", request="&req {model: m, messages: [{role: user, content: q}]}",
+                                     state="&hist\n      context_window:\n" + history.rstrip("\n"))
+    return text + "".join(case.format(name=f"case {n}", request="*req", state="*hist") for n in range(reuses))
+
+
+def test_a_long_history_anchored_once_and_reused_by_30_cases_loads(tmp_path: Path) -> None:
+    """One 100-turn history reused by 30 cases (about 15,000 nodes added by aliases) is read as written."""
+    (tmp_path / "c.yaml").write_text(shared_history_cases(100, 30))
+    cases = load_case_file(tmp_path / "c.yaml")
+    assert len(cases) == 31
+    assert all(loaded.case.state is not None and len(loaded.case.state.context_window) == 100 for loaded in cases)
+
+
+@pytest.mark.parametrize(("extra", "refused"), [(0, False), (1, True)])
+def test_nesting_added_through_an_alias_counts_toward_the_depth_limit(extra: int, refused: bool) -> None:
+    """An alias nests its anchor's levels where it stands: past the limit it is refused at the alias's line."""
+    anchored = "[" * 10 + "]" * 10
+    below = MAX_DEPTH - 1 - 10 + extra  # the top mapping is a level, the anchor adds 10
+    text = f"a: &a {anchored}\nb: " + "[" * below + "*a" + "]" * below + "\n"
+    if not refused:
+        assert parse_yaml(text)[0]["b"] is not None
+        return
+    with pytest.raises(YAMLLimitError, match=f"more than {MAX_DEPTH} levels deep") as caught:
+        parse_yaml(text)
+    assert caught.value.problem_mark is not None and caught.value.problem_mark.line == 1
+
+
+def test_a_chain_of_aliases_nesting_1200_deep_is_refused_at_the_alias() -> None:
+    """Anchors that each wrap the previous one in 100 levels are refused at the first alias over the limit,
+    not at 1:1 after a RecursionError."""
+    lines = ["x:", "  - &a0 [v]"]
+    lines += [f"  - &a{i} " + "[" * 100 + f"*a{i - 1}" + "]" * 100 for i in range(1, 13)]
+    with pytest.raises(YAMLLimitError, match="levels deep") as caught:
+        parse_yaml("\n".join(lines) + "\n")
+    assert caught.value.problem_mark is not None and caught.value.problem_mark.line == 3  # &a2 holds *a1
 
 
 @pytest.mark.parametrize(("text", "line"), [
     ("cases:\n  - name: x\n    request: &r {model: m, messages: [], extra: *r}\n", 3),
     ("cases:\n  - name: x\n    request: " + "[" * 3000 + "]" * 3000 + "\n", 3),
-    (bomb(5, "cases: []\n"), 6),
+    (bomb(6, "cases: []\n"), 7),
 ])
 def test_a_hostile_case_file_is_a_case_file_error_at_its_line(tmp_path: Path, text: str, line: int) -> None:
     """policy test's case files get the same limits, as a CaseFileError at file:line."""
@@ -91,7 +134,7 @@ def test_a_hostile_case_file_is_a_case_file_error_at_its_line(tmp_path: Path, te
 @pytest.mark.parametrize(("text", "line"), [
     ("server: &s {port: 8787, x: *s}\n", 1),
     ("server:\n  port: " + "[" * 3000 + "]" * 3000 + "\n", 2),
-    (bomb(5, "logging: {level: info}\n"), 6),
+    (bomb(6, "logging: {level: info}\n"), 7),
 ])
 def test_a_hostile_config_file_is_a_config_error_at_its_line(tmp_path: Path, text: str, line: int) -> None:
     """The configuration file gets the same limits, as a ConfigError at file:line."""
@@ -101,7 +144,7 @@ def test_a_hostile_config_file_is_a_config_error_at_its_line(tmp_path: Path, tex
     assert (caught.value.file, caught.value.line) == (str(tmp_path / "sg.yaml"), line)
 
 
-@pytest.mark.parametrize("text", [SELFREF, DEEP, DEFAULT + bomb(5)])
+@pytest.mark.parametrize("text", [SELFREF, DEEP, DEFAULT + bomb(6)])
 def test_a_hostile_edit_is_a_refused_reload(tmp_path: Path, text: str) -> None:
     """The reload of such a file is refused with its file:line (a ConfigError), and the last good set serves."""
     (tmp_path / "default.yaml").write_text(DEFAULT)
