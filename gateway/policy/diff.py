@@ -35,7 +35,10 @@ whole text), ``records_nothing`` turned off, a redaction action loosened (order 
 (``mask`` > ``hash`` > off), retention lengthened or removed (``null`` = kept forever), tool
 arguments or results kept more (``drop`` > ``redact`` > ``keep``), reasoning or media kept more
 (``drop`` > ``keep``; ``drop`` > ``placeholder`` > ``keep``) or a larger ``media.max_bytes`` under
-``keep``, while the new policy records free text (a ``null`` whitelist, where these apply). A match
+``keep``, while the new policy records free text; for tools, what is kept in effect
+(:meth:`~gateway.policy.model.ToolRecording.recorded`: reasoning only while arguments are kept,
+nothing while arguments or results are dropped), so ``reasoning: keep`` under ``arguments:
+redact`` widens nothing (a ``null`` whitelist, where these apply). A match
 move widens when the new policy, compared with the old one as above, widens. A case widens
 when its recorded text or export gains a line it did not have (masks and pseudonyms aside).
 
@@ -58,7 +61,7 @@ from pydantic import BaseModel
 
 from gateway.diagnostics import unwrap
 from gateway.policy.matcher import PolicySet
-from gateway.policy.model import Policy
+from gateway.policy.model import Policy, ToolRecording
 
 EXIT_SAME, EXIT_CHANGED, EXIT_WIDENS = 0, 1, 3
 WIDENS = "WIDENS RECORDING"
@@ -369,7 +372,21 @@ def _recording_order(pid: str, name: str, old: Policy, new: Policy) -> list[Chan
     order = RECORDS_MORE[name]
     a, b = _value_at(old.model_dump(mode="json"), name), _value_at(new.model_dump(mode="json"), name)
     widens = order.index(b) > order.index(a) and _records_free_text(new)
+    if widens and name.startswith("session.tools."):
+        widens = _tools_record_more(name.rsplit(".", 1)[1], a, new.session.tools)
     return [_changed(pid, name, a, b, widens)]
+
+
+def _tools_record_more(field_name: str, old_value: str, new: ToolRecording) -> bool:
+    """Whether the new tool settings record more, in effect (:meth:`ToolRecording.recorded`), than
+    the same settings with only *field_name* as it was: ``reasoning: keep`` records nothing while
+    ``arguments`` is not ``keep``, and nothing of tools is recorded while either is ``drop``.
+    Settings only record more as their values move right, so a widening of what is recorded in
+    effect is always flagged on at least one of the changes that make it."""
+    before = new.model_copy(update={field_name: old_value}).recorded()
+    after = new.recorded()
+    return any(RECORDS_MORE[f"session.tools.{key}"].index(after[key]) >
+               RECORDS_MORE[f"session.tools.{key}"].index(before[key]) for key in after)
 
 
 def _media_max_bytes(pid: str, name: str, old: Policy, new: Policy) -> list[Change]:

@@ -205,6 +205,15 @@ class ToolRecording(StrictModel):
     400 while thinking is on). Recorded only while ``arguments`` is ``keep``: thinking may
     restate what a redacted or dropped call held."""
 
+    def recorded(self) -> dict[str, str]:
+        """What is recorded in effect, by the rules above (``gateway.session.structured`` applies
+        them): a ``drop`` of arguments or results drops calls, results and reasoning; reasoning
+        is kept only while arguments are kept."""
+        if "drop" in (self.arguments, self.results):
+            return {"arguments": "drop", "results": "drop", "reasoning": "drop"}
+        return {"arguments": self.arguments, "results": self.results,
+                "reasoning": self.reasoning if self.arguments == "keep" else "drop"}
+
 
 class MediaRecording(StrictModel):
     """What happens to media parts (images, files) in recorded history (under ``null`` keys)."""

@@ -207,7 +207,8 @@ FREE = "id: p\nsession: {input_keys: null, reply_keys: null, tools: {arguments: 
 
 
 @pytest.mark.parametrize(("old", "new", "text", "widens"), [
-    ("arguments: redact", "arguments: keep", 'p: session.tools.arguments: "redact" -> "keep"', True),
+    ("arguments: redact, results: drop", "arguments: keep, results: redact",
+     'p: session.tools.arguments: "redact" -> "keep"', True),
     ("results: drop", "results: redact", 'p: session.tools.results: "drop" -> "redact"', True),
     ("arguments: redact", "arguments: drop", 'p: session.tools.arguments: "redact" -> "drop"', False),
     ("results: drop}", "results: drop, reasoning: drop}", 'p: session.tools.reasoning: "keep" -> "drop"', False),
@@ -220,6 +221,40 @@ def test_tool_and_media_recording_changes_are_named_and_widenings_flagged(old: s
     """Keeping more of tool calls, tool results or media widens recording; keeping less does not."""
     found = {c.text: c.widens for c in compare_policies(policy(FREE), policy(FREE.replace(old, new, 1)))}
     assert found.get(text) is widens, found
+
+
+@pytest.mark.parametrize(("old", "new", "text"), [
+    ("{arguments: redact, results: redact, reasoning: drop}", "{arguments: redact, results: redact, reasoning: keep}",
+     'p: session.tools.reasoning: "drop" -> "keep"'),
+    ("{arguments: drop, results: redact}", "{arguments: drop, results: keep}",
+     'p: session.tools.results: "redact" -> "keep"'),
+    ("{arguments: redact, results: drop}", "{arguments: keep, results: drop}",
+     'p: session.tools.arguments: "redact" -> "keep"'),
+    ("{arguments: keep, results: drop, reasoning: drop}", "{arguments: keep, results: drop, reasoning: keep}",
+     'p: session.tools.reasoning: "drop" -> "keep"'),
+])
+def test_a_tool_setting_that_records_nothing_more_in_effect_does_not_widen(tmp_path: Path, old: str, new: str,
+                                                                           text: str,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Reasoning kept while arguments are redacted, or results kept while calls are dropped, records
+    nothing more: the change is listed, and policy diff exits 1, not 3."""
+    base = "id: p\nsession: {input_keys: null, reply_keys: null, tools: TOOLS}\n"
+    before, after = base.replace("TOOLS", old), base.replace("TOOLS", new)
+    assert [(c.text, c.widens) for c in compare_policies(policy(before), policy(after))] == [(text, False)]
+    olds, news = folder(tmp_path, "old", {"p.yaml": before}), folder(tmp_path, "new", {"p.yaml": after})
+    assert main(["policy", "diff", str(olds), str(news)]) == 1
+    assert "widens recording: no" in capsys.readouterr().out
+
+
+def test_a_tool_edit_that_lets_reasoning_through_widens_on_the_setting_that_does_it() -> None:
+    """arguments redact -> keep under reasoning: keep records the calls' arguments and their reasoning: that
+    change widens; results keep -> redact in the same edit narrows and is not flagged."""
+    base = "id: p\nsession: {input_keys: null, reply_keys: null, tools: TOOLS}\n"
+    before = base.replace("TOOLS", "{arguments: redact, results: keep, reasoning: keep}")
+    after = base.replace("TOOLS", "{arguments: keep, results: redact, reasoning: keep}")
+    assert [(c.text, c.widens) for c in compare_policies(policy(before), policy(after))] == [
+        ('p: session.tools.arguments: "redact" -> "keep"', True),
+        ('p: session.tools.results: "keep" -> "redact"', False)]
 
 
 def test_a_larger_media_limit_widens_only_while_media_is_kept() -> None:
