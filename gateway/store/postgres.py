@@ -35,7 +35,13 @@ as ``gateway.store.sqlite``. How it keeps the contract across processes:
   ``StoreUnavailable`` (``from`` the asyncpg or OS error) for every caller in the failed batch;
   nothing of the batch is committed, except when the connection drops during ``COMMIT`` itself,
   where PostgreSQL alone knows. A deadlock (which the lock order rules out) is retried,
-  re-running the plans.
+  re-running the plans. A lock wait longer than :data:`LOCK_WAIT_SECONDS` (a stopped or stuck
+  holder) fails only the jobs of the tenant whose lock timed out (:data:`_TAKE_LOCKS` names its
+  key), with a ``store_turn_timeout`` log line naming it and the pids holding it (pg_locks); the
+  rest of the batch is run
+  again at once, and the lane's next batch runs that tenant's jobs apart, after the others': the
+  other tenants of the batch, and those queued behind it in the lane, are delayed by one wait at
+  most, never failed.
 - **Reads** use pooled connections one query at a time; the iterators page by key
   (``PAGE`` rows), so an abandoned iterator holds no connection.
 - **Erasure.** :meth:`~PostgresStore.checkpoint` runs ``VACUUM`` on ``data_keys`` and ``sessions``
@@ -87,9 +93,9 @@ log = structlog.get_logger("gateway.store.postgres")
 LOCK_WAIT_SECONDS = 30.0
 """How long a write waits for a tenant's lock (``lock_timeout``), and how long a connection may sit
 idle inside a transaction (``idle_in_transaction_session_timeout``): a stopped or stuck holder
-(a paused process, a partitioned replica) fails the others' writes as unavailable, with a
-``store_turn_timeout`` log line, as on SQLite, and then loses its transaction instead of holding
-the tenant for as long as its TCP connection lives."""
+(a paused process, a partitioned replica) fails the others' writes of that tenant as unavailable,
+with a ``store_turn_timeout`` log line, as on SQLite, and then loses its transaction instead of
+holding the tenant for as long as its TCP connection lives."""
 
 _DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,          # server errors, incl. PostgresConnectionError, ConnectionDoesNotExistError
@@ -228,6 +234,15 @@ _FLUSH_ONE = (f"WITH k AS ({_shifted(_UPSERT_DATA_KEYS, 0)}),\n s AS ({_shifted(
 """Every insert and upsert of a batch that deletes nothing and lifts no quarantine, in one
 statement (one round trip): the data-modifying parts touch different tables, so their order
 does not matter. A batch that deletes goes statement by statement, deletes first."""
+
+
+_TAKE_LOCKS = """DO $$DECLARE k bigint; BEGIN
+FOREACH k IN ARRAY ARRAY[KEYS]::bigint[] LOOP PERFORM pg_advisory_xact_lock(k); END LOOP;
+EXCEPTION WHEN lock_not_available THEN RAISE lock_not_available USING MESSAGE = SQLERRM, DETAIL = k::text;
+END$$;"""
+"""Take the advisory locks of ``KEYS`` (a list of integer literals, in ascending order); when one
+wait exceeds ``lock_timeout``, the error's detail names its key. A failed statement releases
+the locks taken before it at once (the transaction is aborted), so pg_locks cannot tell later."""
 
 
 def _skip_scan(table: str) -> str:
@@ -444,6 +459,16 @@ class _Job:
     session_id: str | None
     plan: Plan
     future: asyncio.Future[Changes]
+
+
+class _LockTimedOut(Exception):
+    """A batch's wait for a tenant lock timed out (``lock_timeout``): *tenants* are the ones whose
+    lock it waited for (one, unless their keys collide or the key is unknown), *holders* the
+    server pids holding that lock."""
+
+    def __init__(self, tenants: set[str], holders: list[int]) -> None:
+        super().__init__(sorted(tenants))
+        self.tenants, self.holders = tenants, holders
 
 
 class Reads:
@@ -677,8 +702,13 @@ class PostgresStore(Reads):
         return fut
 
     async def _lane(self, q: asyncio.Queue[_Job | None]) -> None:
-        """One writer: take every job waiting, commit them as one batch, repeat until told to stop."""
+        """One writer: take every job waiting, commit them as one batch, repeat until told to stop.
+
+        The jobs of tenants whose lock wait timed out in the previous batch go in a batch of their
+        own, after the others: a tenant stuck on another process delays the rest of the lane by one
+        wait at most, not one per batch its clients keep sending."""
         stop = False
+        stuck: set[str] = set()
         while not stop:
             first = await q.get()
             if first is None:
@@ -690,39 +720,55 @@ class PostgresStore(Reads):
                     stop = True
                     break
                 batch.append(nxt)
-            started = time.perf_counter()
-            outcomes = await self._run_batch(batch)
-            if self.on_commit is not None:
-                self.on_commit(time.perf_counter() - started, len(batch))
-            for job, (ok, value) in zip(batch, outcomes, strict=True):
-                if job.future.done():
-                    continue
-                if ok:
-                    job.future.set_result(value)
-                else:
-                    job.future.set_exception(value)
+            suspects, stuck = stuck, set()
+            for part in ([j for j in batch if j.tenant not in suspects], [j for j in batch if j.tenant in suspects]):
+                if part:
+                    await self._settle(part, stuck)
 
-    async def _run_batch(self, batch: list[_Job]) -> list[Outcome]:
+    async def _settle(self, batch: list[_Job], stuck: set[str]) -> None:
+        """Commit *batch* and resolve its callers; adds to *stuck* the tenants whose lock timed out."""
+        started = time.perf_counter()
+        outcomes = await self._run_batch(batch, stuck)
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(batch))
+        for job, (ok, value) in zip(batch, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+
+    async def _run_batch(self, batch: list[_Job], stuck: set[str]) -> list[Outcome]:
         for attempt in range(RETRIES):
             try:
                 return await self._commit(batch)
             except asyncpg.DeadlockDetectedError as exc:
                 if attempt == RETRIES - 1:
                     return [(False, self._unavailable("commit to", exc))] * len(batch)
-            except asyncpg.LockNotAvailableError as exc:
-                tenants = sorted({job.tenant for job in batch})
-                log.error("store_turn_timeout", tenants=tenants, waited_s=LOCK_WAIT_SECONDS,
-                          note="another gateway process holds these tenants' write lock: is one stopped or stuck? "
-                               "(pg_locks and pg_stat_activity show the holder)")
-                err = StoreUnavailable(f"the store is busy: another gateway process has held the write lock of "
-                                       f"tenant {', '.join(tenants)} for over {LOCK_WAIT_SECONDS:g} s")
-                err.__cause__ = exc
-                return [(False, err)] * len(batch)
+            except _LockTimedOut as exc:
+                stuck |= exc.tenants
+                return await self._without_stuck(batch, exc, stuck)
             except _DB_ERRORS as exc:
                 return [(False, self._unavailable("commit to", exc))] * len(batch)
             except Exception as exc:  # noqa: BLE001 - a bug in here: every caller gets it, the lane lives on
                 return [(False, exc)] * len(batch)
         raise AssertionError("unreachable")
+
+    async def _without_stuck(self, batch: list[_Job], timed_out: _LockTimedOut, stuck: set[str]) -> list[Outcome]:
+        """Fail the jobs of the tenants whose lock *timed_out* names, and run the rest of *batch*
+        again at once (their locks were free, or held only briefly)."""
+        stuck = timed_out.tenants
+        log.error("store_turn_timeout", tenants=sorted(stuck), holder_pids=timed_out.holders,
+                  waited_s=LOCK_WAIT_SECONDS,
+                  note="another gateway process holds these tenants' write lock: is one stopped or stuck? "
+                       "(pg_locks and pg_stat_activity show the holder)")
+        err = StoreUnavailable(f"the store is busy: another gateway process has held the write lock of "
+                               f"tenant {', '.join(sorted(stuck))} for over {LOCK_WAIT_SECONDS:g} s")
+        err.__cause__ = timed_out.__cause__
+        rest = [job for job in batch if job.tenant not in stuck]
+        done = iter(await self._run_batch(rest, stuck) if rest else [])
+        return [(False, err) if job.tenant in stuck else next(done) for job in batch]
 
     def _unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
         """``StoreUnavailable`` caused by *exc*, naming host, database and schema (never a password)."""
@@ -738,8 +784,13 @@ class PostgresStore(Reads):
         async with self._pool.acquire() as conn:
             # BEGIN and the tenant locks in one round trip (the keys are integers made here);
             # the rows are read by the next statement, whose snapshot follows the locks
-            await conn.execute(f"BEGIN;SET LOCAL lock_timeout = {int(LOCK_WAIT_SECONDS * 1000)};"
-                               + "".join(f"SELECT pg_advisory_xact_lock({int(k)});" for k in keys))
+            try:
+                await conn.execute(f"BEGIN;SET LOCAL lock_timeout = {int(LOCK_WAIT_SECONDS * 1000)};"
+                                   + _TAKE_LOCKS.replace("KEYS", ",".join(str(int(k)) for k in keys)))
+            except asyncpg.LockNotAvailableError as exc:
+                with contextlib.suppress(*_DB_ERRORS):
+                    await conn.execute("ROLLBACK")
+                raise await self._timed_out(conn, tenants, exc) from exc
             try:
                 staged = await Staged.load(
                     conn, {(j.tenant, j.session_id) for j in batch if j.session_id is not None}, tenants)
@@ -752,6 +803,25 @@ class PostgresStore(Reads):
                         await conn.execute("ROLLBACK")
                 raise
             return outcomes
+
+    async def _timed_out(self, conn: asyncpg.Connection, tenants: set[str],
+                         exc: asyncpg.LockNotAvailableError) -> _LockTimedOut:
+        """The tenants of the key whose wait *exc* ended (:data:`_TAKE_LOCKS` names it), and the
+        pids holding it, read from pg_locks on *conn* once rolled back. Every one of *tenants*
+        when the key is not named; no pids when pg_locks cannot be read."""
+        keys = {t: lock_key("tenant", self.schema, t) for t in tenants}
+        try:
+            waited = int(exc.detail or "")
+        except ValueError:
+            return _LockTimedOut(tenants, [])
+        stuck = {t for t, k in keys.items() if k == waited} or tenants
+        try:
+            rows = await conn.fetch("SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+                                    "AND granted AND ((classid::bigint << 32) | objid::bigint) = $1 AND database = "
+                                    "(SELECT oid FROM pg_database WHERE datname = current_database())", waited)
+        except _DB_ERRORS:
+            return _LockTimedOut(stuck, [])
+        return _LockTimedOut(stuck, sorted(int(r[0]) for r in rows))
 
     async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
         status = await self._call(lambda c: c.execute(
