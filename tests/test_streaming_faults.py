@@ -5,8 +5,8 @@ that breaks off a non-streamed body. The partial reply goes to ``full_context`` 
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
