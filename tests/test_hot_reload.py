@@ -28,6 +28,7 @@ WORKERS = 8
 MAX_REQUESTS = 2000  # the load is bounded; at the pace below it sends roughly 300-400
 PACE = 0.12  # seconds each worker waits between requests
 SETTLE = 2.0  # a change must be live this long after the file is written
+WINDOW = 2.0  # each state is held this long past SETTLE, so whole requests fall in it however slow the machine
 
 V0 = "id: catch-all\nsession: {input_keys: null, reply_keys: null}\n"
 V1 = "id: catch-all\nsession: {input_keys: [input.n], reply_keys: []}\n"
@@ -115,14 +116,14 @@ async def run_load(gateway: Gateway, policy_file: Path) -> tuple[list[Sent], Edi
         await asyncio.sleep(0.5)
         write_atomically(policy_file, V1)
         edits.v1 = time.monotonic()
-        await asyncio.sleep(SETTLE + 0.5)
+        await asyncio.sleep(SETTLE + WINDOW)
         write_atomically(policy_file, BROKEN)
         edits.broken = time.monotonic()
         await wait_for_log(gateway, "policy_reload_refused")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(WINDOW)
         write_atomically(policy_file, V2)
         edits.v2 = time.monotonic()
-        await asyncio.sleep(SETTLE + 0.5)
+        await asyncio.sleep(SETTLE + WINDOW)
         done.set()
 
     async with aiohttp.ClientSession() as http:
