@@ -40,13 +40,19 @@ SUPERVISOR = textwrap.dedent("""
 """)
 
 
-def test_a_slot_that_keeps_failing_rests_and_comes_back_when_the_cause_is_gone(tmp_path: Path) -> None:
+def _supervise(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """A supervisor of two stand-in workers: the process, its log and slot 1's marker file."""
     marker = tmp_path / "startable"
     marker.touch()
     out = tmp_path / "supervisor.log"
     with out.open("wb") as sink:
         sup = subprocess.Popen([sys.executable, "-c", SUPERVISOR, WORKER, str(marker)], stdout=sink,
                                stderr=subprocess.STDOUT)
+    return sup, out, marker
+
+
+def test_a_slot_that_keeps_failing_rests_and_comes_back_when_the_cause_is_gone(tmp_path: Path) -> None:
+    sup, out, marker = _supervise(tmp_path)
     try:
         wait_for(lambda: "worker_started" in out.read_text(), 20)
         wait_for(lambda: "pids " in out.read_text(), 20)
@@ -69,12 +75,7 @@ def test_a_slot_that_keeps_failing_rests_and_comes_back_when_the_cause_is_gone(t
 
 def test_sighup_stops_the_supervisor_and_its_workers_with_a_drain(tmp_path: Path) -> None:
     """SIGHUP (a closing terminal) is a stop like SIGTERM: forwarded, waited for, exit 0."""
-    marker = tmp_path / "startable"
-    marker.touch()
-    out = tmp_path / "supervisor.log"
-    with out.open("wb") as sink:
-        sup = subprocess.Popen([sys.executable, "-c", SUPERVISOR, WORKER, str(marker)], stdout=sink,
-                               stderr=subprocess.STDOUT)
+    sup, out, _ = _supervise(tmp_path)
     try:
         wait_for(lambda: "pids " in out.read_text(), 20)
         worker = int(out.read_text().split("pids ")[1].split()[0])
