@@ -324,11 +324,19 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
     if target is None:
         return await _provider_response(request)
     services, tenant, sid, round_id = target
+    if await _holds_round(services, tenant, sid, round_id):
+        raise BadRequest("only background responses can be cancelled, and a response the gateway holds is "
+                         "never one: it has finished", code="response_not_cancellable")
+    raise _no_response(request)
+
+
+async def _holds_round(services: Services, tenant: str, sid: str, round_id: str) -> bool:
+    """Whether the tenant's chain session *sid* has the round a gateway-minted id names (rows only,
+    nothing opened)."""
     async for row in services.sessions.store.iter_rounds(tenant, sid):
         if row.request_id == round_id:
-            raise BadRequest("only background responses can be cancelled, and a response the gateway holds is "
-                             "never one: it has finished", code="response_not_cancellable")
-    raise _no_response(request)
+            return True
+    return False
 
 
 async def delete_response(request: web.Request) -> web.StreamResponse:
@@ -337,9 +345,9 @@ async def delete_response(request: web.Request) -> web.StreamResponse:
     target = _response_target(request)
     if target is None:
         return await _provider_response(request)
-    services, tenant, sid, _ = target
-    if await services.sessions.load(tenant, sid) is None:
-        raise _no_response(request)
+    services, tenant, sid, round_id = target
+    if await services.sessions.load(tenant, sid) is None or not await _holds_round(services, tenant, sid, round_id):
+        raise _no_response(request)  # an id the chain never minted erases nothing, as GET finds nothing
     purged = await services.sessions.erase(tenant, sid, new_request_id())
     return json_response({"id": request.match_info["response_id"], "object": "response.deleted", "deleted": True,
                           "session_id": sid, "purge": "complete" if purged else "pending"})

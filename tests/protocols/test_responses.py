@@ -83,6 +83,19 @@ def test_get_and_delete_a_response_within_the_tenant(pgw: Gateway) -> None:
         client.responses.create(model="gpt-4o-mini", input="again", previous_response_id=first.id)
 
 
+def test_deleting_an_id_the_chain_never_minted_erases_nothing(pgw: Gateway) -> None:
+    """A made-up id on a real chain (its prefix, another suffix) is 404 for DELETE as for GET, and
+    the chain stays: the DELETE used to check only that the chain existed, and erased it."""
+    client = pgw.openai()
+    first = client.responses.create(model="gpt-4o-mini", input="keep me")
+    made_up = f"{first.id}_0123456789abcdef"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made_up)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(made_up)
+    assert client.responses.retrieve(first.id).output_text == "responses says: keep me"
+
+
 def test_unknown_previous_response_id_is_404_before_the_upstream(pgw: Gateway, proto: ProtocolUpstream) -> None:
     """A previous_response_id the gateway did not mint (or another tenant's) is 404, nothing sent upstream."""
     client = pgw.openai()
