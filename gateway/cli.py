@@ -159,10 +159,13 @@ def preflight(settings: Settings) -> None:
 def cmd_clients_new(args: argparse.Namespace) -> int:
     import re
 
-    from gateway.settings import TENANT_PATTERN
+    from gateway.settings import RESERVED_TENANT, TENANT_PATTERN
+    from gateway.store.base import SYSTEM_TENANT
 
     if not re.fullmatch(TENANT_PATTERN, args.tenant):
         return _fail(f"--tenant {args.tenant!r} is not a valid tenant name: use 1-64 letters, digits, '_', '.' or '-'")
+    if args.tenant == SYSTEM_TENANT:
+        return _fail(f"--tenant: {RESERVED_TENANT}")
     if args.name is not None and not args.name.strip():
         return _fail("--name must not be empty")
     key = "sg-" + secrets.token_urlsafe(32)

@@ -30,13 +30,10 @@ from gateway.diagnostics import (
     yaml_diagnostic,
 )
 from gateway.errors import ConfigError
+from gateway.store.base import SYSTEM_TENANT
 
 DEFAULT_CONFIG = Path("config/sessiongate.yaml")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-"""What a tenant name may be: it names chains, files and metric labels."""
 
 
 class _Strict(BaseModel):
@@ -184,6 +181,9 @@ class UpstreamSettings(_Strict):
 
 TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 """What a tenant name may be (clients' ``tenant``; checked again wherever a tenant comes from a request)."""
+RESERVED_TENANT = (f"tenant {SYSTEM_TENANT!r} is the gateway's own audit chain (policy reloads, key rotations): "
+                   "a client's rounds there would mix with them and be hidden from the console's tenant lists; "
+                   "pick another name")
 
 
 class ClientSettings(_Strict):
@@ -191,6 +191,13 @@ class ClientSettings(_Strict):
     tenant: str = Field(pattern=TENANT_PATTERN)
     key_sha256: str | None = Field(None, description="hex SHA-256 of the client key")
     key_env: str | None = Field(None, description="or: environment variable holding the key itself")
+
+    @field_validator("tenant")
+    @classmethod
+    def _not_reserved(cls, tenant: str) -> str:
+        if tenant == SYSTEM_TENANT:
+            raise ValueError(RESERVED_TENANT)
+        return tenant
 
     @model_validator(mode="after")
     def _one_source(self) -> ClientSettings:

@@ -125,6 +125,8 @@ def test_clients_new_refuses_a_tenant_the_configuration_would_refuse() -> None:
     result = run("clients", "new", "--tenant", "a b")
     assert_one_line_error(result, 2, "'a b'", "tenant")
     assert result.stdout == ""
+    reserved = run("clients", "new", "--tenant", "_system")
+    assert_one_line_error(reserved, 2, "--tenant", "'_system'", "gateway's own audit chain")
     ok = run("clients", "new", "--tenant", "acme-2")
     assert ok.returncode == 0 and "tenant: acme-2" in ok.stdout
 

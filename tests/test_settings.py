@@ -143,6 +143,16 @@ def test_a_client_key_listed_under_two_tenants_is_refused() -> None:
                                         "(tenant 'acme'), listed here for tenant 'globex'")
 
 
+def test_a_client_of_the_gateways_own_tenant_is_refused() -> None:
+    """``_system`` holds the gateway's own audit entries (policy reloads, key rotations); a client
+    given it would write its rounds into that chain, hidden from the console's tenant lists. The
+    error names the file, line and field."""
+    text = "clients:\n  - name: sneaky\n    tenant: _system\n    key_sha256: " + "ab" * 32 + "\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, "conf.yaml")
+    assert str(caught.value).startswith("conf.yaml:3:13: clients[0].tenant: tenant '_system' is the gateway's own")
+
+
 def test_a_key_env_client_or_auditor_token_clashing_with_a_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """A client whose key_env holds another client's key, and an auditor token equal to a client
     key, are refused the same way, each finding on its line."""
