@@ -14,7 +14,10 @@ Contract, in order:
    first segment is ``sessions`` in any case (400/405/404), and ``chat/completions`` (405 for a
    method other than POST). A URL that holds a gateway key or auditor token (a path segment, a
    query parameter's name or value) is refused with 400 ``key_in_url``: it would reach the
-   provider, and its logs, as it is.
+   provider, and its logs, as it is. Then a path segment holding ``;`` (also as ``%3B``) is
+   refused with 400 (``refuse_path_parameters``): servers that read ``;`` as the start of path
+   parameters (Tomcat, Jetty, Spring, some API gateways) would see ``..;`` as ``..`` and
+   ``models;x`` as ``models``, a path other than the one the gateway checked.
 4. The body (``server.max_body_bytes``) is read; a JSON body's ``model`` must be a printable
    string of at most 256 characters (400 ``invalid_model`` otherwise) before it is used,
    logged or audited. It picks the upstream, among those of the route's protocol
@@ -106,6 +109,17 @@ def parse_route(raw_target: str) -> Route:
             raise BadRequest("path segments must not hold control characters", code="invalid_path")
         segments.append(text)
     return Route("/" + "/".join(encoded), tuple(segments), query)
+
+
+def refuse_path_parameters(route: Route) -> None:
+    """``BadRequest`` when a path segment holds ``;`` (raw or percent-encoded): a server that reads
+    ``;`` as the start of path parameters drops what follows it, so ``/v1/models/..;/files`` would
+    reach ``/v1/files`` there, past the ``models`` rule the gateway checked (and ``chat;x`` would
+    be a chat it never records). No provider API uses path parameters."""
+    if any(";" in seg for seg in route.segments):
+        raise BadRequest("';' (also as %3B) is not allowed in forwarded paths: servers that read it as the start "
+                         "of path parameters would see another path than the one the gateway allowed. Remove the "
+                         "';' and what follows it in that path segment", code="invalid_path")
 
 
 _KEY_RUN = re.compile(r"[A-Za-z0-9._~-]+")
@@ -211,6 +225,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     route = parse_route(request.raw_path)
     refuse_gateway_paths(request.method, route)
     refuse_keys_in_url(route, services.auth, credential)
+    refuse_path_parameters(route)
     body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
     if body is not None and len(body) > THREAD_ABOVE_BYTES:
         body, model, is_json = await asyncio.to_thread(json_body, body, request.content_type)
