@@ -80,9 +80,10 @@ ANTHROPIC_VERSION = "2023-06-01"
 # Reply headers a client may see, besides OpenAI's x-ratelimit-* and Anthropic's
 # anthropic-ratelimit-*: the request ids the SDKs expose (x-request-id, Anthropic's request-id),
 # and what their retry logic reads (retry-after, retry-after-ms, x-should-retry).
+# The provider's account (openai-organization, anthropic-organization-id, -workspace-id) is the
+# operator's, shared by every tenant: it stays behind with cookies and the rest.
 PASS_HEADERS = frozenset({"retry-after", "retry-after-ms", "x-should-retry", "x-request-id", "request-id",
-                          "openai-processing-ms", "openai-version", "openai-organization",
-                          "anthropic-organization-id", "anthropic-workspace-id"})
+                          "openai-processing-ms", "openai-version"})
 RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 # Largest piece a decoder hands out at once: a small compressed chunk cannot balloon in memory.
 _DECODE_PIECE = 1 << 20
@@ -132,9 +133,14 @@ class Upstream:
         return False
 
 
-def client_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The provider's reply headers a client needs: request id, rate limits, retry advice."""
-    return {k: v for k, v in headers.items() if k.lower() in PASS_HEADERS or k.lower().startswith(RATE_LIMIT_PREFIXES)}
+def client_headers(headers: Mapping[str, str], secret: bytes | None = None) -> dict[str, str]:
+    """The provider's reply headers a client needs: request id, rate limits, retry advice; the
+    provider key (*secret*) blanked in them should a provider echo it."""
+    kept = {k: v for k, v in headers.items() if k.lower() in PASS_HEADERS or k.lower().startswith(RATE_LIMIT_PREFIXES)}
+    if secret is not None:
+        key, blank = secret.decode(), BLANKED_KEY.decode()
+        kept = {k: v.replace(key, blank) for k, v in kept.items()}
+    return kept
 
 
 class UpstreamReply:
@@ -146,7 +152,7 @@ class UpstreamReply:
         self._resp = resp
         self.status = resp.status
         self.content_type = resp.content_type
-        self.headers = client_headers(resp.headers)
+        self.headers = client_headers(resp.headers, up.secret)
         self._decoder = Decoder.for_header(resp.headers.get("Content-Encoding", ""), up.name)
 
     @property

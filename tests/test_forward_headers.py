@@ -36,3 +36,43 @@ def test_rate_limit_headers_pass_through(make_gateway) -> None:
     assert r.headers["retry-after"] == "7" and r.headers["x-ratelimit-remaining-requests"] == "0"
     assert r.headers["x-request-id"] == "req-up-1" and r.headers["x-sessiongate-request-id"]
     assert "set-cookie" not in r.headers
+
+
+PROVIDER_KEY = "sk-provider-echo-0123456789"
+
+
+@contextlib.contextmanager
+def echoing_upstream() -> Iterator[str]:
+    """A provider that names its account and echoes the request's credentials in the headers
+    a client is given (a proxy in front of a provider may)."""
+    async def chat(request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        return web.json_response(
+            {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]},
+            headers={"x-request-id": f"req-2 {auth}", "x-ratelimit-remaining-requests": f"9 ({auth})",
+                     "openai-organization": "org-operator-account", "anthropic-organization-id": "org-ant",
+                     "anthropic-workspace-id": "wrkspc-1"})
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = _Server(app)
+    try:
+        yield f"http://127.0.0.1:{server.port}/v1"
+    finally:
+        server.stop()
+
+
+def test_the_provider_account_and_key_stay_behind(make_gateway, monkeypatch) -> None:
+    """The provider's organisation and workspace ids name the operator's account, which every
+    tenant shares: they are not passed. A provider key echoed in a passed header is blanked."""
+    monkeypatch.setenv("SG_TEST_ECHO_KEY", PROVIDER_KEY)
+    with echoing_upstream() as url:
+        gw = make_gateway(upstreams=[{"name": "echo", "base_url": url, "api_key_env": "SG_TEST_ECHO_KEY"}])
+        r = httpx.post(f"{gw.base_url}/chat/completions", headers={"Authorization": f"Bearer {ACME_KEY}"},
+                       json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    for name in ("openai-organization", "anthropic-organization-id", "anthropic-workspace-id"):
+        assert name not in r.headers
+    assert r.headers["x-request-id"] == "req-2 Bearer [provider key]"
+    assert r.headers["x-ratelimit-remaining-requests"] == "9 (Bearer [provider key])"
+    assert PROVIDER_KEY not in str(r.headers)
