@@ -54,7 +54,7 @@ from gateway.session.model import over_limit
 from gateway.settings import TENANT_PATTERN
 from gateway.stages.load_state import HOOK_WAIT_SECONDS
 from gateway.stages.parse_request import parse_json_object, read_limited
-from gateway.stages.resolve_session import check_session_id
+from gateway.stages.resolve_session import check_not_a_key, check_session_id
 from gateway.stages.respond import end_connection
 from gateway.store.base import RoundRow
 from gateway.tracing import finish_request
@@ -358,7 +358,8 @@ async def delete_response(request: web.Request) -> web.StreamResponse:
 def _session_target(request: web.Request) -> tuple[Services, str, str]:
     services = request.app[SERVICES]
     principal = services.auth.client(auth_header(request.headers))
-    return services, principal.tenant or "", check_session_id(request.match_info["session_id"])
+    sid = check_not_a_key(services.auth, check_session_id(request.match_info["session_id"]))
+    return services, principal.tenant or "", sid
 
 
 SESSIONS_PAGE_DEFAULT, SESSIONS_PAGE_MAX = 100, 1000

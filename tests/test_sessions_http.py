@@ -125,6 +125,21 @@ def test_same_id_under_two_tenants_is_two_sessions(acme: httpx.Client, globex: h
     assert acme.get("/sessions/acme-only").status_code == 200
 
 
+def test_a_gateway_key_is_refused_as_a_session_id(gateway: Gateway, acme: httpx.Client) -> None:
+    """A key sent as X-Session-Id (or as the session of an import) would be stored, listed and
+    logged in plaintext: 400 ``key_in_session_id`` before anything keeps it, the key not echoed."""
+    for key in (GLOBEX_KEY, ACME_KEY):
+        resp = acme.post("/chat/completions", headers={"X-Session-Id": key},
+                         json={"model": "standin", "messages": [user("hi")]})
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "key_in_session_id"
+        assert key not in resp.text
+    imported = acme.put(f"/sessions/{GLOBEX_KEY}", content=agently_json(full_context=[user("x")]))
+    assert imported.status_code == 400 and imported.json()["error"]["code"] == "key_in_session_id"
+    assert acme.get("/sessions").json()["data"] == []
+    logged = gateway.log_path.read_text()
+    assert GLOBEX_KEY not in logged and ACME_KEY not in logged and GLOBEX_KEY.encode() not in gateway.stored_bytes()
+
+
 def test_import_into_a_session_with_other_history_is_refused(acme: httpx.Client) -> None:
     """Recorded history is append-only: importing a different history answers 409 and changes nothing."""
     reply = chat(acme, "kept", "original")

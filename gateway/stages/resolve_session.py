@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from gateway.auth import Authenticator
 from gateway.context import Context
 from gateway.errors import InvalidSessionId, NotFound
 
@@ -27,10 +28,21 @@ def check_session_id(value: str) -> str:
     return value
 
 
+def check_not_a_key(auth: Authenticator, session_id: str) -> str:
+    """*session_id*, unless it is one of the gateway's keys or tokens: session ids are stored,
+    listed and logged in plaintext, so such an id is refused (400 ``key_in_session_id``) before
+    anything keeps it, as a key in a forwarded URL is."""
+    if auth.knows(session_id):
+        raise InvalidSessionId("the session id is one of this gateway's keys: session ids are stored and logged "
+                               "in plaintext, so send another id (and never a key) as X-Session-Id",
+                               code="key_in_session_id")
+    return session_id
+
+
 async def resolve_session(ctx: Context) -> None:
     value = ctx.request.headers.get("X-Session-Id")
     if value is not None:
-        ctx.session_id = check_session_id(value)
+        ctx.session_id = check_not_a_key(ctx.services.auth, check_session_id(value))
         return
     ctx.session_id, ctx.reply_id = ctx.codec.implied_session(ctx)
     if ctx.session_id is not None and ctx.reply_id != ctx.session_id and not await _exists(ctx, ctx.session_id):
