@@ -504,6 +504,9 @@ def _tenant_param(request: web.Request) -> str:
     if not _TENANT.fullmatch(tenant):
         raise BadRequest("'tenant' must be a tenant name as the configuration allows: 1 to 64 letters, "
                          "digits, '_', '.' or '-'", code="invalid_tenant")
+    if request.app[SERVICES].auth.knows(tenant):  # an error naming the tenant would echo the key
+        raise BadRequest("the 'tenant' parameter is one of this gateway's keys: send a tenant name, and replace "
+                         "that key if the URL may have been logged on the way", code="key_in_url")
     return tenant
 
 

@@ -103,6 +103,16 @@ def test_erased_session_leaves_the_chain_verifiable(gateway) -> None:
     assert verify["ok"] and verify["entries"] == 3, verify
 
 
+def test_a_key_as_the_tenant_parameter_is_refused_without_an_echo(gateway) -> None:
+    """``?tenant=<a client key>`` on an admin route used to answer "no tenant '<the key>'": the
+    error echoed a key. It is 400 ``key_in_url`` now, and the key is in neither body nor log."""
+    for route in ("/admin/export?tenant={}&format=jsonl", "/admin/audit/verify?tenant={}"):
+        r = httpx.get(gateway.url + route.format(GLOBEX_KEY), headers=AUDITOR, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "key_in_url", r.text
+        assert GLOBEX_KEY not in r.text
+    assert GLOBEX_KEY not in gateway.log_path.read_text()
+
+
 def test_policy_explain_shows_exact_recording(tmp_path: Path) -> None:
     """`policy explain` names the matching policy and prints exactly what would be recorded."""
     request = tmp_path / "req.json"
