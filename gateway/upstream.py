@@ -22,8 +22,9 @@ replacing the client's parameters of the same names.
 Encodings: the gateway asks for the upstream's ``accept_encoding`` (default ``identity``: a
 compressed reply would be decoded here anyway, and the provider link is rarely the bottleneck
 of an LLM call). A provider that compresses anyway, or because we allowed it, is decoded here:
-``gzip``, ``deflate`` (zlib or raw), and ``br``/``zstd`` when ``brotli``/``zstandard`` are
-installed; any other encoding is a ``bad_upstream_reply``. ``aiter_bytes()`` and ``read()``
+``gzip`` (several members allowed), ``deflate`` (zlib or raw) and ``zstd``, each in pieces of at
+most about a MiB whatever the compression ratio (a small bomb cannot balloon in memory); any
+other encoding (``br`` among them) is a ``bad_upstream_reply``. ``aiter_bytes()`` and ``read()``
 always give identity bytes, and ``headers`` never carry ``Content-Encoding`` or
 ``Content-Length``, so what the gateway relays is always consistent with its headers.
 
@@ -62,6 +63,7 @@ from urllib.parse import quote, unquote_plus, urlencode
 import aiohttp
 import orjson
 import structlog
+import zstandard
 from yarl import URL
 
 from gateway.errors import BadRequest, UpstreamAuthFailed, UpstreamError, UpstreamTimeout
@@ -313,14 +315,14 @@ class Decoder:
     def _wrap_iter(self, step: Callable[[bytes], Iterator[bytes]], data: bytes) -> Iterator[bytes]:
         try:
             yield from step(data)
-        except (zlib.error, ValueError, OSError) as exc:
+        except (zlib.error, zstandard.ZstdError, ValueError, OSError) as exc:
             raise UpstreamError(f"upstream '{self._upstream}' sent a body that does not decode",
                                 code="bad_upstream_reply") from exc
 
     def _wrap(self, flush: Callable[[], bytes]) -> bytes:
         try:
             return flush()
-        except (zlib.error, ValueError, OSError) as exc:
+        except (zlib.error, zstandard.ZstdError, ValueError, OSError) as exc:
             raise UpstreamError(f"upstream '{self._upstream}' sent a body that does not decode",
                                 code="bad_upstream_reply") from exc
 
@@ -338,12 +340,16 @@ def _zlib_codec(gzip: bool) -> tuple[Callable[[bytes], Iterator[bytes]], Callabl
             wrapped = data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
             state["obj"] = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
         obj = state["obj"]
-        while data:
-            if obj.eof:
-                if not gzip or not obj.unused_data.lstrip(b"\0"):
-                    return  # trailing garbage after the stream ends is ignored, as browsers do
-                data = obj.unused_data
+        while True:
+            if obj.eof:  # a gzip member ended: what follows it (now or later) is the next member
+                data = obj.unused_data + data
+                if gzip:
+                    data = data.lstrip(b"\0")  # zero padding between or after members, as gzip(1) allows
+                if not gzip or not data:
+                    return  # deflate: bytes after the end are ignored, as browsers do
                 obj = state["obj"] = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            if not data:
+                return
             yield obj.decompress(data, _DECODE_PIECE)
             data = obj.unconsumed_tail
 
@@ -354,21 +360,42 @@ def _zlib_codec(gzip: bool) -> tuple[Callable[[bytes], Iterator[bytes]], Callabl
     return step, flush
 
 
+_ZSTD_SLICE = 32
+"""Compressed bytes a zstd decoder takes at a time: a block of 3 header bytes and 1 byte of run
+can stand for 128 KiB, so 32 bytes decode to at most about 1 MiB, whatever the provider sent."""
+
+
+def _zstd_codec() -> tuple[Callable[[bytes], Iterator[bytes]], Callable[[], bytes]]:
+    """zstd, fed in ``_ZSTD_SLICE`` pieces so that no piece decodes to more than about a MiB
+    (zstandard's decoders give all of an input's output at once). Slow for a large body, which
+    the gateway never asks for: a provider sends zstd only unasked."""
+    out: list[bytes] = []
+
+    class Sink:
+        def write(self, piece: bytes) -> int:
+            out.append(bytes(piece))
+            return len(piece)
+
+    writer = zstandard.ZstdDecompressor().stream_writer(Sink(), write_size=_DECODE_PIECE)  # type: ignore[arg-type]
+
+    def step(data: bytes) -> Iterator[bytes]:
+        view = memoryview(data)
+        for start in range(0, len(view), _ZSTD_SLICE):
+            writer.write(view[start:start + _ZSTD_SLICE])
+            if out:
+                yield from out
+                out.clear()
+
+    return step, lambda: b""
+
+
 def _codec(coding: str, upstream: str) -> tuple[Callable[[bytes], Iterator[bytes]], Callable[[], bytes]]:
     if coding in ("gzip", "x-gzip"):
         return _zlib_codec(gzip=True)
     if coding == "deflate":
         return _zlib_codec(gzip=False)
-    if coding == "br":
-        with contextlib.suppress(ImportError):
-            import brotli  # type: ignore[import-not-found]
-            br = brotli.Decompressor()
-            return (lambda data: iter((br.process(data),))), (lambda: b"")
     if coding == "zstd":
-        with contextlib.suppress(ImportError):
-            import zstandard  # type: ignore[import-not-found]
-            zd = zstandard.ZstdDecompressor().decompressobj()
-            return (lambda data: iter((zd.decompress(data),))), (lambda: b"")
+        return _zstd_codec()
     raise UpstreamError(f"upstream '{upstream}' sent its reply in an encoding the gateway cannot read "
                         f"({coding[:32]!r}); set its accept_encoding to identity", code="bad_upstream_reply")
 
