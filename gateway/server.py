@@ -236,6 +236,8 @@ class GatewayProtocol(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:
             return
+        body = self._body
+        into_body = body is not None and not body.is_eof()  # known before the parser takes the segment
         before = self._request_count
         super().data_received(data)
         loop = self._loop
@@ -261,7 +263,7 @@ class GatewayProtocol(RequestHandler):
             return
         if not data:
             return
-        if self._body is not None and not self._body.is_eof():
+        if into_body:  # body bytes, the last ones too: a segment that ends a body begins no new head
             self._body_idle_deadline = loop.time() + self._limits.body_idle_timeout
         elif self._head_timer is None:
             self._arm_head()

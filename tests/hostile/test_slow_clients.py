@@ -140,6 +140,58 @@ def test_idle_keepalive_connection_is_closed(gw: ServedGateway) -> None:
     assert raw.startswith(b"HTTP/1.1 200") and b'"ok"' in raw
 
 
+@pytest.fixture(scope="module")
+def lasting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGateway]:
+    """A gateway whose idle keep-alive connections outlast its header timeout many times over."""
+    limits = {"header_timeout": 0.3, "body_idle_timeout": 2.0, "body_timeout": 5.0, "keepalive_timeout": 1.5}
+    with served_gateway(tmp_path_factory.mktemp("lasting"), server=limits) as served:
+        yield served
+
+
+CHAT_BODY = orjson.dumps({"model": "standin", "messages": [{"role": "user", "content": "hello there"}]})
+CHAT_HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sg-demo-acme\r\n"
+             b"Content-Type: application/json\r\n")
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("segments", [
+    [CHAT_HEAD + b"Content-Length: %d\r\n\r\n" % len(CHAT_BODY), CHAT_BODY],
+    [CHAT_HEAD + b"Content-Length: %d\r\n\r\n" % len(CHAT_BODY), CHAT_BODY[:10], CHAT_BODY[10:]],
+    [CHAT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n", chunked(CHAT_BODY, 40)],
+    [CHAT_HEAD + b"Transfer-Encoding: chunked\r\n\r\n", *(bytes([b]) for b in chunked(CHAT_BODY, 7))],
+], ids=["length-head-then-body", "length-body-in-two", "chunked-head-then-body", "chunked-a-byte-at-a-time"])
+def test_a_body_in_its_own_segments_leaves_the_idle_connection_alone(lasting: ServedGateway,
+                                                                      segments: list[bytes]) -> None:
+    """A body sent apart from its head (as the openai SDK sends it) is answered once; the idle keep-alive
+    connection then gets nothing more, no 408, until the keep-alive timeout closes it, and no header timeout
+    is counted."""
+    before = closed_counts(lasting)["header_timeout"]
+    with lasting.connect() as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for segment in segments:
+            sock.sendall(segment)
+            time.sleep(0.05 if len(segments) < 5 else 0.001)
+        raw, _ = read_until_closed(sock)
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    assert closed_counts(lasting)["header_timeout"] == before
+
+
+def test_a_stalled_head_on_a_keepalive_connection_still_gets_408(lasting: ServedGateway) -> None:
+    """After a request with a body, part of a next request head and then nothing: 408 at the header timeout."""
+    with lasting.connect() as sock:
+        sock.sendall(CHAT_HEAD + b"Content-Length: %d\r\n\r\n" % len(CHAT_BODY) + CHAT_BODY)
+        time.sleep(0.1)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
+        raw, _ = read_until_closed(sock)
+    first, _, second = raw.partition(b"HTTP/1.1 408 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"request_timeout" in second
+
+
 def test_cap_full_of_slowloris_sockets_still_serves_a_normal_client(capped: ServedGateway) -> None:
     """With twice the cap in slowloris sockets opened, a normal client is served long before any of them hits the
     header timeout: connections with no request in progress (once past their first second) are the ones closed
