@@ -200,6 +200,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     background = Background(health)
     checkpoints = asyncio.create_task(trail.checkpointer.run(health), name="checkpointer")
     sessions = SessionService(store, keyring, lambda: Keyring.from_provider(provider))
+    await sessions.erasures.start()  # erasures left pending by the CLI, another worker or a killed gateway
     keyring_watcher = None
     if isinstance(provider, FileKeyProvider):
         keyring_watcher = KeyringWatcher(provider.path, lambda: Keyring.from_provider(provider), sessions)

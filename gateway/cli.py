@@ -260,12 +260,14 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             await svc.reset(tenant, sid, new_request_id())
             print(f"reset the context window of {tenant}/{sid}")
         elif args.action in ("delete", "erase"):
-            if await svc.erase(tenant, sid, new_request_id()) or await svc.erasures.wait(10.0):
+            if await svc.erase(tenant, sid, new_request_id()) or await svc.erasures.wait(args.wait):
                 print(f"erased {tenant}/{sid}: its data key and rows are destroyed")
             else:
                 print(f"erased {tenant}/{sid}: its data key and rows are deleted, but another connection holds "
-                      "a read transaction, so their bytes stay in the write-ahead log until it closes and a "
-                      "checkpoint runs (the gateway retries; or run this command again)", file=sys.stderr)
+                      "a read transaction, so their bytes stay in the write-ahead log until it ends. The erasure "
+                      "is recorded as pending in the store: a running gateway finishes it within seconds of the "
+                      "reader ending (an 'erasure_completed' audit entry), and so does the next gateway to start, "
+                      "or this command run again", file=sys.stderr)
                 return 3
         elif args.action == "release":
             reason = await svc.release(tenant, sid, new_request_id())
@@ -784,6 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("id", help="session id")
         if action == "import":
             sp.add_argument("file", nargs="?", help="Agently JSON file (default: standard input)")
+        if action in ("delete", "erase"):
+            sp.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                            help="how long to wait for a reader of the store to end before exiting 3 with the "
+                                 "erasure pending (default 10)")
         sp.set_defaults(fn=cmd_sessions)
 
     for action, text in (("add", "Agently's add_chat_history: append messages (JSON file or stdin)"),

@@ -542,20 +542,29 @@ class SessionService:
         return int(deleted), bool(erased)
 
     async def erase(self, tenant: str, session_id: str, request_id: str) -> bool:
-        """Crypto-shred a session: its data key and rows go in one transaction, then the store
-        folds its write-ahead log so the erased bytes leave the disk. Returns True when they
-        have; False when the purge is pending (another connection holds an old snapshot) and
-        :attr:`erasures` retries it in the background (see ``gateway.erasure``)."""
+        """Crypto-shred a session: its data key and rows go in one transaction, with the erasure
+        recorded as pending, then the store folds its write-ahead log so the erased bytes leave
+        the disk. Returns True when they have; False when the purge is pending (another
+        connection holds an old snapshot) and :attr:`erasures` retries it in the background (see
+        ``gateway.erasure``). A session already erased whose erasure is still pending (this
+        command run again) is not ``NotFound``: that erasure is finished now, or retried."""
         def plan(cur: Current) -> Changes:
             if cur.session is None and cur.data_key is None:
                 raise NotFound(f"no session '{session_id}' for this tenant")
             if cur.data_key is not None:
                 self._forget(cur.data_key)
             self.states.drop(tenant, session_id)
-            return Changes(delete_session=True,
+            return Changes(delete_session=True, erasure=request_id,
                            audit=[{"event": "erasure", "request_id": request_id, "session_id": session_id}])
 
-        await self.store.transact(tenant, session_id, plan)
+        try:
+            await self.store.transact(tenant, session_id, plan)
+        except NotFound:
+            left = [p for p in await self.store.pending_erasures() or ()
+                    if p.tenant == tenant and p.session_id == session_id]
+            if not left:
+                raise
+            return await self.erasures.resume(left)
         return await self.erasures.settle(tenant, session_id, request_id)
 
     # --- Agently's chat-history operations (gateway.session.history drives them) ----------

@@ -8,18 +8,23 @@ tenants, still read; the erasure is in the audit chain.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
 import httpx
+import pytest
 
-from gateway import crypto
+from gateway import crypto, erasure
+from gateway.app import build_app
 from gateway.handlers import SERVICES
 from gateway.keyring import FileKeyProvider, Keyring
-from tests.conftest import ACME_KEY, GLOBEX_KEY, REPO, Gateway
+from gateway.settings import load_settings
+from tests.conftest import ACME_KEY, GLOBEX_KEY, REPO, Gateway, serving, wait_for
 from tests.test_integrity import chat, get_session
 
 
@@ -149,3 +154,104 @@ def test_erase_drops_the_data_key_from_the_gateways_memory(gateway: Gateway) -> 
     assert delete(gateway, "cached").status_code == 200
     assert crypto._ciphers.get(dk.key) is None
     assert live_keyring._data_keys.get((kek_id, dk_id, wrapped)) is None
+
+
+def hold_reader(gw: Gateway) -> sqlite3.Connection:
+    """A connection holding a read transaction on the store (a backup, an admin shell)."""
+    reader = sqlite3.connect(gw.db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM sessions").fetchone()
+    return reader
+
+
+def completed_erasures(gw: Gateway, tenant: str = "acme") -> list[str]:
+    return [e["session_id"] for e in gw.audit_entries(tenant) if e["event"] == "erasure_completed"]
+
+
+@pytest.fixture
+def quick_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gateways built after this look for erasures left pending every 0.1 s."""
+    monkeypatch.setattr(erasure, "POLL_SECONDS", 0.1, raising=False)
+
+
+def test_a_cli_erasure_left_pending_is_finished_by_the_running_gateway(
+        make_gateway: Callable[..., Gateway], quick_poll: None) -> None:
+    """`sessions erase` that exits 3 (a reader holds the WAL) records the erasure in the store: the
+    running gateway finishes it once the reader ends (bytes gone, `erasure_completed` entry)."""
+    gw = make_gateway()
+    chat(gw, "cliq", "the distinctive secret okapi-5512")
+    doomed = session_bytes(gw, "acme", "cliq")
+    reader = hold_reader(gw)
+    try:
+        done = cli(gw, "sessions", "erase", "--tenant", "acme", "--wait", "0", "cliq")
+        assert done.returncode == 3, done.stderr
+        assert "recorded as pending" in done.stderr and "a running gateway finishes it" in done.stderr
+        assert any(blob in gw.stored_bytes() for blob in doomed[:2])
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    wait_for(lambda: not any(blob in gw.stored_bytes() for blob in doomed), seconds=20)
+    wait_for(lambda: completed_erasures(gw) == ["cliq"], seconds=20)
+
+
+def test_a_pending_cli_erasure_is_finished_when_the_command_runs_again(tmp_path: Path) -> None:
+    """With no gateway running, the same `sessions erase` run again after the reader ended
+    finishes the pending erasure (exit 0, bytes gone, one `erasure_completed`), not 'no session';
+    a third run, with nothing pending, is 'no session' again."""
+    gw = _seeded_store(tmp_path, "again")
+    doomed = session_bytes(gw, "acme", "again")
+    keeper = sqlite3.connect(gw.db_path, isolation_level=None)  # idle: the last to close would fold the log
+    keeper.execute("SELECT count(*) FROM meta").fetchone()
+    try:
+        reader = hold_reader(gw)
+        try:
+            first = cli(gw, "sessions", "erase", "--tenant", "acme", "--wait", "0", "again")
+            assert first.returncode == 3, first.stderr
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+        assert any(blob in gw.stored_bytes() for blob in doomed[:2])
+
+        second = cli(gw, "sessions", "erase", "--tenant", "acme", "again")
+        assert second.returncode == 0, second.stderr
+        assert "erased acme/again" in second.stdout
+        assert not any(blob in gw.stored_bytes() for blob in doomed)
+    finally:
+        keeper.close()
+    assert completed_erasures(gw) == ["again"]
+
+    third = cli(gw, "sessions", "erase", "--tenant", "acme", "again")
+    assert third.returncode == 2 and "no session 'again'" in third.stderr
+
+
+def test_a_gateway_started_with_an_erasure_pending_finishes_it(
+        make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+    """An erasure left pending by the CLI while no gateway ran is finished by the next gateway at
+    start-up: its `erasure_completed` entry is written (it was not after a restart before)."""
+    seeded = _seeded_store(tmp_path, "restart", name="gw")
+    reader = hold_reader(seeded)
+    try:
+        assert cli(seeded, "sessions", "erase", "--tenant", "acme", "--wait", "0", "restart").returncode == 3
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    gw = make_gateway()  # the same folder and store
+    assert gw.db_path == seeded.db_path
+    wait_for(lambda: completed_erasures(gw) == ["restart"], seconds=20)
+
+
+def _seeded_store(tmp_path: Path, session: str, *, name: str = "seeded") -> Gateway:
+    """A store folder holding one recorded round on *session*, with no gateway left running."""
+    from tests.conftest import standin_thread, write_config
+
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    policies = directory / "policies"
+    shutil.copytree(REPO / "policies", policies, dirs_exist_ok=True)
+    with standin_thread() as url:
+        config = write_config(directory, url, policies)
+        app = build_app(load_settings(config))
+        with serving(app) as base:
+            gw = Gateway(base, directory, config, directory / "gateway.db", directory / "gateway.log", app)
+            chat(gw, session, f"text of {session}")
+    return gw

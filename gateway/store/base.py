@@ -145,6 +145,12 @@ class Changes:
     the rows as they are after the change into it (``gateway.evidence.bind``).
     ``quarantine`` (a reason) quarantines the session at the change's last audit entry;
     ``release`` lifts the quarantine. Deleting the session lifts it too.
+    ``erasure`` (the erasure's request id, with ``delete_session``) records the erasure as
+    pending in the same transaction (:meth:`Store.pending_erasures`), so that whichever process
+    runs next finishes it; ``erasure_done`` (a request id; a change without a session) removes
+    that record, and raises ``Conflict`` (nothing of the change is written) when it is not
+    pending any more: another process finished it first. A backend that keeps no record of
+    pending erasures (``pending_erasures`` returns None) ignores both.
     """
 
     data_key: DataKeyRow | None = None
@@ -157,9 +163,23 @@ class Changes:
     result: Any = None
     quarantine: str | None = None
     release: bool = False
+    erasure: str | None = None
+    erasure_done: str | None = None
 
 
 Plan = Callable[[Current], Changes]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingErasure:
+    """An erasure whose bytes may still be in the store's files (see ``gateway.erasure``):
+    recorded with the erasure (``Changes.erasure``), removed once they are gone
+    (``Changes.erasure_done``). ``erased_at`` is the erasure's commit time (Unix seconds)."""
+
+    tenant: str
+    session_id: str
+    request_id: str
+    erased_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +275,11 @@ class Store(StoreReads, Protocol):
     async def checkpoint(self) -> bool:
         """Fold the write-ahead log into the main file (so erased bytes leave the disk); False
         when another connection kept it from completing (retry later, see ``gateway.erasure``)."""
+
+    async def pending_erasures(self) -> list[PendingErasure] | None:
+        """Every erasure recorded as pending (``Changes.erasure``) and not done yet, oldest
+        first, of every tenant; None when this backend records none (its checkpoint does not
+        wait for other connections' readers: PostgreSQL)."""
 
     async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
         """Keep these policy versions; a hash already kept is left as it is (first load wins)."""

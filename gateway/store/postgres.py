@@ -76,6 +76,7 @@ from gateway.store.base import (
     Changes,
     Current,
     DataKeyRow,
+    PendingErasure,
     Plan,
     PolicyVersionRow,
     RoundRow,
@@ -840,6 +841,12 @@ class PostgresStore(Reads):
         True once it ran: what remains (WAL segments, replicas, backups) is the operator's."""
         await self._call(lambda c: c.execute("VACUUM data_keys, sessions"), "vacuum")
         return True
+
+    async def pending_erasures(self) -> list[PendingErasure] | None:
+        """None: no erasure waits for another connection here (the ``VACUUM`` does not), so none
+        is recorded as pending (``Changes.erasure`` is ignored); one whose ``VACUUM`` failed (the
+        database down) is retried by the process that erased (``gateway.erasure``)."""
+        return None
 
     async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
         if rows:

@@ -52,6 +52,12 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   is refused). Never edit a migration once released; add the next one.
 - Every change that writes a session's rows is bound into its audit entry and the session's
   ``session_heads`` row (``gateway.evidence``) inside the same transaction.
+- **Pending erasures** (``Changes.erasure``) are rows of ``meta`` named ``erasure_pending
+  ["tenant", "request id"]`` whose value is the :class:`~gateway.store.base.PendingErasure` as
+  JSON (ids and a time, no content), written in the erasure's transaction and deleted by
+  ``Changes.erasure_done``: a record in the file, so the erasure is finished by whichever process
+  runs next (another worker, the gateway started later, the CLI run again), not lost with the
+  memory of the process that erased.
 """
 
 from __future__ import annotations
@@ -59,9 +65,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import enum
 import fcntl
 import functools
+import json
 import os
 import queue
 import sqlite3
@@ -76,12 +84,13 @@ import structlog
 from gateway import audit, evidence
 from gateway.audit import AlteredRow
 from gateway.crypto import BoundedCache
-from gateway.errors import StoreUnavailable
+from gateway.errors import Conflict, StoreUnavailable
 from gateway.store.base import (
     AuditRow,
     Changes,
     Current,
     DataKeyRow,
+    PendingErasure,
     Plan,
     PolicyVersionRow,
     RoundRow,
@@ -149,6 +158,14 @@ ON CONFLICT (tenant, session_id) DO UPDATE SET version = excluded.version, next_
 """The session's row, written in place when it exists (same rowid and key entry: an ``INSERT OR
 REPLACE`` deletes the row and its key entry and inserts both anew, freeing and reallocating the
 state's overflow pages on every round)."""
+
+
+ERASURE_PENDING = "erasure_pending "
+"""The prefix of a pending erasure's name in ``meta`` (see the module docstring)."""
+
+
+def _erasure_name(tenant: str, request_id: str) -> str:
+    return ERASURE_PENDING + json.dumps([tenant, request_id])
 
 
 def migrate(conn: sqlite3.Connection) -> list[int]:
@@ -230,6 +247,13 @@ def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> Curren
     """Apply *ch* inside the open transaction and chain its audit entries; returns the session's
     rows as they are now (``evidence.after``)."""
     tenant, sid = cur.tenant, cur.session_id
+    if ch.erasure_done is not None and conn.execute(
+            "DELETE FROM meta WHERE name=?", (_erasure_name(tenant, ch.erasure_done),)).rowcount == 0:
+        raise Conflict(f"the erasure {ch.erasure_done} of tenant {tenant} is not pending (finished already)")
+    if ch.erasure is not None:
+        pending = PendingErasure(tenant, sid or "", ch.erasure, time.time())
+        conn.execute("INSERT OR REPLACE INTO meta VALUES (?,?)",
+                     (_erasure_name(tenant, ch.erasure), json.dumps(dataclasses.asdict(pending))))
     bound = evidence.bind(cur, ch)
     if ch.delete_session:
         for table in ("rounds", "sessions", "data_keys"):
@@ -1175,6 +1199,14 @@ class SQLiteStore(Reads):
                         note="another connection holds a read transaction; erased bytes stay in the "
                              "write-ahead log until a checkpoint completes")
         return not busy
+
+    async def pending_erasures(self) -> list[PendingErasure] | None:
+        def run(c: sqlite3.Connection) -> list[PendingErasure]:
+            rows = c.execute("SELECT value FROM meta WHERE substr(name, 1, ?) = ?",
+                             (len(ERASURE_PENDING), ERASURE_PENDING)).fetchall()
+            return [PendingErasure(**json.loads(r[0])) for r in rows]
+        found = await self._read(run)
+        return sorted(found, key=lambda p: (p.erased_at, p.tenant, p.request_id))
 
     async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
         def run(conn: sqlite3.Connection) -> None:

@@ -92,6 +92,9 @@ class FlakyStore:
             raise outcome
         return bool(outcome)
 
+    async def pending_erasures(self) -> None:
+        return None  # keeps no record of them (as PostgreSQL): the finisher's memory holds them
+
     async def transact(self, tenant: str, session_id: str | None, plan: Any) -> Changes:
         changes = plan(Current(tenant, session_id, None, None))
         self.audit.extend(changes.audit)
@@ -127,3 +130,32 @@ def test_a_purge_checkpoint_kept_busy_is_retried_until_it_completes() -> None:
         return first, done, store
     first, done, store = asyncio.run(main())
     assert first is False and done and store.results == [True] and store.audit == []
+
+
+def test_two_processes_finishing_one_pending_erasure_write_one_entry(tmp_path: Path) -> None:
+    """Two finishers (two workers) that both find an erasure recorded as pending finish it once:
+    one ``erasure_completed`` entry, and the record is gone from the store."""
+    from gateway.audit import entry_fields
+    from gateway.store.sqlite import SQLiteStore
+
+    async def main() -> tuple[list[str], object]:
+        store = SQLiteStore(tmp_path / "x.db")
+        await store.open()
+        try:
+            await store.transact("acme", "s1", lambda cur: Changes(
+                audit=[{"event": "erasure", "request_id": "req-1", "session_id": "s1"}], delete_session=True,
+                erasure="req-1"))
+            found = await store.pending_erasures()
+            assert found is not None and [(p.tenant, p.session_id, p.request_id) for p in found] == [
+                ("acme", "s1", "req-1")]
+            one, two = ErasureFinisher(store), ErasureFinisher(store)  # type: ignore[arg-type]
+            await asyncio.gather(one.resume(found), two.resume(found))  # one may find the other checkpointing
+            assert await one.wait(5.0) and await two.wait(5.0)
+            await one.stop()
+            await two.stop()
+            events = [entry_fields(a)["event"] async for a in store.iter_audit("acme")]
+            return events, await store.pending_erasures()
+        finally:
+            await store.close()
+    events, left = asyncio.run(main())
+    assert events == ["erasure", "erasure_completed"] and left == []
