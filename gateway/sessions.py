@@ -86,6 +86,7 @@ class LoadedSession:
     version: int
     next_seq: int
     state_ct: bytes = b""
+    dk_id: bytes = b""  # the data key it was sealed with: another one at commit means it was erased meanwhile
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +259,7 @@ class SessionService:
                 state = self._open_state(dk, srow)
                 self.states.put(tenant, session_id, srow.version, srow.state_ct, dk.id, state, srow.next_seq)
             _raise_if_altered(cur)
-            return LoadedSession(state, srow.version, srow.next_seq, srow.state_ct)
+            return LoadedSession(state, srow.version, srow.next_seq, srow.state_ct, dk.id)
 
     async def check(self, tenant: str, session_id: str, request_id: str | None = None, *,
                     for_round: bool = True) -> None:
@@ -369,6 +370,12 @@ class SessionService:
         changes' ``result`` is True when the window is still over ``max_length`` afterwards
         (an asynchronous strategy has work to do).
 
+        When the session *loaded* is no longer there at commit (erased while the round was in
+        flight; or erased and begun anew by another request: another data key), nothing of the
+        round is recorded and no session is created: its reply may be drawn from the erased
+        window and memo. Its audit entry alone is written, with outcome ``erased_meanwhile``
+        and nothing ``recorded``.
+
         A cancelled caller never leaves a round half done: the wait for the store's transaction
         is shielded, so the round is still committed (and the caller gets ``CancelledError``).
         When the store commits at once (SQLite while the gateway is quiet) nothing waits: no
@@ -385,6 +392,10 @@ class SessionService:
                 _refuse_quarantined(cur)
                 _raise_if_altered(cur)
                 audit["session_id"] = cur.session_id
+            if loaded is not None and (cur.data_key is None or cur.data_key.dk_id != loaded.dk_id):
+                audit["outcome"], audit["recorded"] = "erased_meanwhile", []
+                ch.audit.append(audit)
+                return ch
             if cur.session_id is not None and messages:
                 if cur.data_key is None:
                     dk, ch.data_key = self._new_data_key(cur.tenant, cur.session_id)

@@ -12,9 +12,11 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +26,7 @@ from gateway.app import build_app
 from gateway.handlers import SERVICES
 from gateway.keyring import FileKeyProvider, Keyring
 from gateway.settings import load_settings
-from tests.conftest import ACME_KEY, GLOBEX_KEY, REPO, Gateway, serving, wait_for
+from tests.conftest import ACME_KEY, GLOBEX_KEY, REPO, Gateway, Upstream, serving, wait_for
 from tests.test_integrity import chat, get_session
 
 
@@ -255,3 +257,38 @@ def _seeded_store(tmp_path: Path, session: str, *, name: str = "seeded") -> Gate
             gw = Gateway(base, directory, config, directory / "gateway.db", directory / "gateway.log", app)
             chat(gw, session, f"text of {session}")
     return gw
+
+
+def test_a_round_in_flight_when_its_session_is_erased_records_nothing(
+        make_gateway: Callable[..., Gateway], upstream: Upstream) -> None:
+    """A round that loaded a session erased while the model was still answering is audited
+    (outcome `erased_meanwhile`, nothing recorded) but creates no new session: its reply, which
+    may echo the erased memo, is nowhere in the store."""
+    gw = make_gateway()
+    chat(gw, "inflight", "the first turn")
+    arrived, release = threading.Event(), threading.Event()
+
+    def slow(body: dict[str, Any]) -> str:
+        arrived.set()
+        release.wait(30)
+        return "an answer drawn from the erased window: walrus-7781"
+
+    upstream.reply = slow
+    result: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: result.update(reply=chat(gw, "inflight", "the second turn")))
+    caller.start()
+    try:
+        assert arrived.wait(30)
+        assert delete(gw, "inflight").status_code == 200
+    finally:
+        release.set()
+        caller.join(30)
+    assert "walrus-7781" in result["reply"]  # the client had its answer
+
+    assert get_session(gw, "inflight").status_code == 404
+    assert b"walrus-7781" not in gw.stored_bytes()
+    with closing(sqlite3.connect(gw.db_path)) as conn:
+        assert conn.execute("SELECT count(*) FROM data_keys WHERE session_id='inflight'").fetchone()[0] == 0
+    rounds = [e for e in gw.audit_entries() if e["event"] == "round" and e.get("session_id") == "inflight"]
+    assert [(e["outcome"], e["recorded"], e.get("round_seq")) for e in rounds] == [
+        ("completed", ["user", "assistant"], 1), ("erased_meanwhile", [], None)]
