@@ -36,6 +36,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import orjson
+import structlog
+
+log = structlog.get_logger("gateway.sse")
 
 DONE = b"[DONE]"
 # The type of an event from its first bytes: its data's leading "type" member, or its event: line.
@@ -71,7 +74,10 @@ def event_data(event: bytes) -> bytes | None:
 
 class EventSplitter:
     """Splits a byte stream on blank lines and hands each complete event (without its blank
-    line) to *on_event*, which says whether it is the stream's final event."""
+    line) to *on_event*, which says whether it is the stream's final event. The final event is
+    held back (``held``), with a ``[DONE]`` that comes after it in the same read; any other event
+    a provider sends after it is neither handed on nor forwarded (a later read is drained unread
+    by the forward stage), so what follows the end never reaches the client or the record."""
 
     __slots__ = ("_buf", "_cr", "_head", "_max", "_on_event", "_on_oversized", "_skipping", "done", "held",
                  "open_end", "oversized")
@@ -102,6 +108,8 @@ class EventSplitter:
             return b""
         if self.open_end:  # nothing may go out before the open event's end: whatever follows waits too
             self._hold(chunk)
+            return b""
+        if self.done:  # past the final event: not the stream's, neither relayed nor read
             return b""
         if self._cr and chunk[:1] == b"\n":  # the LF of a CRLF cut between two chunks
             chunk = chunk[1:]
@@ -136,12 +144,19 @@ class EventSplitter:
             self._buf = buf
             return skipped
         ready, self._buf = buf[: end + 2], buf[end + 2:]
-        out = ready
+        out, at = ready, 0
         for event in ready.split(b"\n\n"):
-            if event and self._on_event(event):
+            if not event:
+                pass
+            elif self.done:  # after the final event only a [DONE] is the stream's (held with it)
+                if (event_data(event) or b"").startswith(DONE):
+                    self.held += event + b"\n\n"
+            elif self._on_event(event):  # the final event: held back, and nothing after it goes out
                 self.done = True
                 self.held += event + b"\n\n"
-                out = out.replace(event + b"\n\n", b"", 1)
+                self._buf = b""
+                out = ready[:at]
+            at += len(event) + 2
         return skipped + out
 
     def _hold(self, data: bytes) -> None:
@@ -155,6 +170,28 @@ class EventSplitter:
         """Keep the first ``HEAD_BYTES`` of the oversized event being forwarded."""
         if len(self._head) < HEAD_BYTES:
             self._head += forwarded[: HEAD_BYTES - len(self._head)]
+
+
+def _text(value: object) -> str:
+    """*value* when it is a string; ``TypeError`` otherwise (the event cannot be recorded)."""
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value
+
+
+def part_text(parts: list[Any]) -> str:
+    """The text of a list of content parts (``{"type": "text", "text": ...}``, or strings) as
+    some OpenAI-compatible providers send a reply's content; ``TypeError`` for anything else."""
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") in ("text", "output_text") \
+                and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            raise TypeError("not a text part")
+    return "".join(texts)
 
 
 def assistant_message(texts: list[str], calls: list[dict[str, Any]]) -> dict[str, Any]:
@@ -205,7 +242,12 @@ class EventAssembler:
         if not isinstance(parsed, dict):
             return False
         self.errored = parsed.get("type") == "error" or ("error" in parsed and "choices" not in parsed)
-        return self.on_event(parsed)
+        try:
+            return self.on_event(parsed)
+        except (AttributeError, TypeError, KeyError, ValueError):  # a member of a type the protocol never sends
+            self.truncated = True  # the client got this event and the record cannot hold it: incomplete
+            log.warning("upstream_event_unreadable", protocol=type(self).__name__)
+            return False
 
     def add_oversized(self, head: bytes) -> bool:
         """Take an event too long to parse, by its first bytes: the reply is ``truncated``; True
@@ -243,14 +285,17 @@ class ReplyAssembler(EventAssembler):
             if choice.get("index", 0) != 0:
                 continue
             if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+                self.finish_reason = str(choice["finish_reason"])
             if self.truncated:
                 continue
             delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self.content.append(delta["content"])
+            content = delta.get("content")
+            if isinstance(content, list):  # content parts, as some compatible providers stream them
+                content = part_text(content)
+            if content:
+                self.content.append(_text(content))
             if delta.get("refusal"):
-                self.refusal.append(delta["refusal"])
+                self.refusal.append(_text(delta["refusal"]))
             audio = delta.get("audio")
             if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
                 self.transcript.append(audio["transcript"])  # the audio itself is not kept
@@ -261,7 +306,7 @@ class ReplyAssembler(EventAssembler):
                     spec = call.get("custom") or {}
                     for key in ("name", "input"):
                         if spec.get(key):
-                            slot.setdefault("custom", {"name": "", "input": ""})[key] += spec[key]
+                            slot.setdefault("custom", {"name": "", "input": ""})[key] += _text(spec[key])
                     if call.get("id"):
                         slot["id"] = call["id"]
                     continue
@@ -271,9 +316,9 @@ class ReplyAssembler(EventAssembler):
                     slot["id"] = call["id"]
                 fn = call.get("function") or {}
                 if fn.get("name"):
-                    slot["function"]["name"] += fn["name"]
+                    slot["function"]["name"] += _text(fn["name"])
                 if fn.get("arguments"):
-                    slot["function"]["arguments"] += fn["arguments"]
+                    slot["function"]["arguments"] += _text(fn["arguments"])
         return False
 
     def message(self) -> dict[str, Any]:

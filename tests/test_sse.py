@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from gateway.codecs.responses import ResponsesAssembler
 from gateway.sse import EventSplitter, ReplyAssembler, event_data
@@ -122,3 +123,41 @@ def test_a_crlf_inside_an_event_cut_by_an_empty_read_is_one_line_end() -> None:
     parts = [b'data: {"choices": [{"delta":\r', b"", b'\ndata: {"content": "Hi"}}]}\r\n\r\n']
     assert b"".join(s.feed(p) for p in parts) == b'data: {"choices": [{"delta":\ndata: {"content": "Hi"}}]}\n\n'
     assert asm.message()["content"] == "Hi"
+
+
+def test_events_after_the_final_event_go_nowhere() -> None:
+    """An event a provider sends after ``[DONE]`` in the same read went out before the held
+    ``[DONE]`` and into the record (in a later read it was dropped): it goes nowhere now."""
+    asm = ReplyAssembler()
+    s = EventSplitter(asm.add_event)
+    first = b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
+    after = b'data: {"choices": [{"delta": {"content": " EXTRA"}}]}\n\n'
+    assert s.feed(first + b"data: [DONE]\n\n" + after + b"data: [DONE]\n\n") == first
+    assert s.done and s.held == b"data: [DONE]\n\ndata: [DONE]\n\n"
+    assert s.feed(after) == b"" and asm.message()["content"] == "Hi"
+
+
+@pytest.mark.parametrize("event", [
+    b'{"choices": "abc"}', b'{"choices": [5]}', b'{"choices": [{"delta": "str"}]}',
+    b'{"choices": [{"delta": {"content": 5}}]}', b'{"choices": [{"delta": {"refusal": ["x"]}}]}',
+    b'{"choices": [{"delta": {"tool_calls": [{"function": {"name": 7}}]}}]}',
+    b'{"choices": [{"delta": {"tool_calls": "zz"}}]}'])
+def test_an_event_of_types_chat_never_sends_ends_the_record_not_the_stream(event: bytes) -> None:
+    """Such an event raised out of the relay (the client got ``internal_error`` and lost what
+    came in the same read). The events still go out; the record stops there, truncated."""
+    asm = ReplyAssembler()
+    s = EventSplitter(asm.add_event)
+    first = b'data: {"choices": [{"delta": {"content": "ok "}}]}\n\n'
+    last = b'data: {"choices": [{"delta": {"content": "more"}}]}\n\n'
+    assert s.feed(first + b"data: " + event + b"\n\n" + last + b"data: [DONE]\n\n") == \
+        first + b"data: " + event + b"\n\n" + last
+    assert s.done and asm.truncated and asm.message()["content"] == "ok "
+
+
+def test_content_streamed_as_parts_is_recorded_as_its_text() -> None:
+    """Some OpenAI-compatible providers stream ``delta.content`` as a list of text parts."""
+    asm = ReplyAssembler()
+    s = EventSplitter(asm.add_event)
+    s.feed(b'data: {"choices": [{"delta": {"content": [{"type": "text", "text": "Hel"}, "lo"]}}]}\n\n'
+           b"data: [DONE]\n\n")
+    assert asm.message()["content"] == "Hello" and not asm.truncated

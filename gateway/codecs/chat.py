@@ -14,7 +14,7 @@ from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState
 from gateway.session.model import inject as inject_messages
 from gateway.session.structured import is_text_file, text_file_parts
-from gateway.sse import ReplyAssembler
+from gateway.sse import ReplyAssembler, part_text
 
 if TYPE_CHECKING:
     from gateway.context import Context
@@ -72,11 +72,23 @@ class ChatCodec:
         return orjson.dumps({**ctx.body, "messages": new}) if new is not messages else None
 
     def parse_reply(self, body: Any) -> Message:
+        """Choice 0's message, its members of the types a chat completion has (content as text,
+        or as text parts, which some compatible providers send, read as their text); anything
+        else is a ``bad_upstream_reply`` (502) rather than a record that fails or holds garbage."""
         try:
-            return body["choices"][0]["message"]  # type: ignore[no-any-return]
-        except (KeyError, IndexError, TypeError) as exc:
+            message = body["choices"][0]["message"]
+            content = message.get("content")
+            if isinstance(content, list):
+                message = {**message, "content": part_text(content)}
+            elif content is not None and not isinstance(content, str):
+                raise TypeError("content")
+            calls = message.get("tool_calls")
+            if calls is not None and not (isinstance(calls, list) and all(map(_well_typed_call, calls))):
+                raise TypeError("tool_calls")
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise UpstreamError("upstream sent a reply that is not a chat completion",
                                 code="bad_upstream_reply") from exc
+        return message  # type: ignore[no-any-return]
 
     def failed(self, body: dict[str, Any]) -> bool:
         """A chat completion never reports a failure in a 200 reply."""
@@ -98,6 +110,16 @@ class ChatCodec:
 
 
 CHAT = ChatCodec()
+
+
+def _well_typed_call(call: Any) -> bool:
+    """Whether a reply's tool call is an object whose function or custom spec, if any, is one of
+    strings."""
+    if not isinstance(call, dict):
+        return False
+    spec = call.get("function", call.get("custom"))
+    return spec is None or (isinstance(spec, dict) and all(isinstance(v, str) for k, v in spec.items()
+                                                          if k in ("name", "arguments", "input")))
 
 
 def _has_text_file(message: Any) -> bool:
