@@ -19,7 +19,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from gateway import console, handlers
 from gateway.auditor import AuditTrail
-from gateway.auth import Authenticator, check_single_headers
+from gateway.auth import Authenticator, auth_header, check_single_headers
 from gateway.background import Background, Health
 from gateway.codecs import render_error
 from gateway.console.throttle import admin_throttled
@@ -29,9 +29,11 @@ from gateway.errors import (
     ExpectationFailed,
     GatewayError,
     IntegrityError,
+    PayloadTooLarge,
     StoreUnavailable,
+    UnsupportedTransferCoding,
 )
-from gateway.handlers import INTERNAL_ERROR, SERVICES, json_response
+from gateway.handlers import INTERNAL_ERROR, REQUEST_ID, SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
 from gateway.logs import exception_fields
@@ -57,14 +59,27 @@ TRACING = web.AppKey("tracing", Tracing)
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every refusal in the error shape of the route's protocol (OpenAI's; Anthropic's on
-    ``/v1/messages``, ``codecs.render_error``); nothing else ever reaches a client. A request
-    that names its credentials or session twice (``auth.check_single_headers``) is refused here,
-    before any route reads them."""
+    ``/v1/messages``, ``codecs.render_error``); nothing else ever reaches a client. Refused here,
+    before any route reads the request: a transfer coding other than a lone ``chunked`` (501), an
+    ``Expect`` other than ``100-continue`` (417), credentials or a session named twice
+    (``auth.check_single_headers``), and what the head of a ``100-continue`` request already
+    decides (:func:`refuse_before_continue`); such a refusal closes the connection, its body
+    unread. Every response to a request with an id (:data:`handlers.REQUEST_ID`) carries it."""
+    unread = True  # a refusal from here until the handler runs leaves the body unread
     try:
-        expect = request.headers.get("Expect")
+        headers = request.headers
+        expect = headers.get("Expect")
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None and coding.lower() != "chunked":  # aiohttp refuses a second header (400)
+            raise UnsupportedTransferCoding()
         if expect is not None and expect.lower() != "100-continue":
             raise ExpectationFailed("the Expect header is not supported: send 'Expect: 100-continue', or no Expect")
-        check_single_headers(request.headers)
+        check_single_headers(headers)
+        if expect is not None and request.match_info.http_exception is None:  # 404/405: aiohttp's own answered
+            refuse_before_continue(request)
+            await _default_expect_handler(request)  # "100 Continue"
+            await request.writer.drain()
+        unread = False
         return await handler(request)
     except GatewayError as exc:
         if isinstance(exc, IntegrityError):
@@ -77,7 +92,9 @@ async def error_middleware(request: web.Request,
         if exc.retry_after is not None:
             resp.headers["Retry-After"] = str(exc.retry_after)
         resp.headers.update(exc.headers)
-        return resp
+        if unread and not request.content.is_eof():  # else its bytes would be read as the next request
+            resp.force_close()
+        return _with_request_id(request, resp)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -104,21 +121,40 @@ async def error_middleware(request: web.Request,
         return _refusal(request, INTERNAL_ERROR["error"], 500)
 
 
+def refuse_before_continue(request: web.Request) -> None:
+    """What the head of an ``Expect: 100-continue`` request already decides, refused instead of
+    ``100 Continue`` so that the client does not send its body: on a client route (``/v1/``) a
+    missing or unknown key (``Unauthorized``, as the route would refuse it), and a Content-Length
+    over ``server.max_body_bytes`` (``PayloadTooLarge``). Anything else is the route's to decide,
+    after the body has come."""
+    if request.path.startswith("/v1/"):
+        request.app[SERVICES].auth.client(auth_header(request.headers))
+    length, limit = request.content_length, request.app[SETTINGS].server.max_body_bytes
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
 
 
 async def expect_continue(request: web.Request) -> None:
-    """Every route's ``Expect`` handler: ``Expect: 100-continue`` is answered as aiohttp does;
-    any other value is left to :func:`error_middleware`, which refuses it (417) in the route's
-    error shape, and the access log has it. aiohttp's own handler runs before any middleware
-    and answers 417 in plain text quoting the whole header value."""
-    if request.headers.get("Expect", "").lower() == "100-continue":
-        await _default_expect_handler(request)
+    """Every route's ``Expect`` handler, which aiohttp runs before any middleware: nothing.
+    :func:`error_middleware` answers ``Expect`` in the route's error shape, and the access log has
+    it: ``100 Continue`` once :func:`refuse_before_continue` has passed the head, 417 for any other
+    value (aiohttp's own handler sends 100 before anything is checked, and answers 417 in plain
+    text quoting the whole header value)."""
 
 
 def _refusal(request: web.Request, error: dict[str, str], status: int) -> web.Response:
     """*error* (OpenAI's fields) as a response in the shape of the route's protocol."""
     set_error_code(request, error["code"])
-    return json_response(render_error(request.path, {"error": error}, status), status=status)
+    return _with_request_id(request, json_response(render_error(request.path, {"error": error}, status),
+                                                   status=status))
+
+
+def _with_request_id(request: web.Request, resp: web.Response) -> web.Response:
+    """*resp* with the request's id, when it has one (:data:`handlers.REQUEST_ID`)."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        resp.headers["X-Sessiongate-Request-Id"] = request_id
+    return resp
 
 
 def _version() -> str:

@@ -23,6 +23,7 @@ content, keys or tokens.
     ├── NotWhitelisted           422 invalid_request_error (history outside the policy's whitelist)
     ├── IntegrityError           500 integrity_error (stored data failed an integrity check)
     ├── RecordFailed             500 server_error (the round could not be recorded; reply withheld)
+    ├── UnsupportedTransferCoding 501 invalid_request_error (a transfer coding other than a lone chunked)
     ├── StoreUnavailable         503 service_unavailable
     ├── UpstreamError            502 upstream_error (unreachable, broken reply, an error page)
     │   ├── UpstreamAuthFailed   502  (the provider refused the gateway's provider key)
@@ -132,6 +133,21 @@ class ExpectationFailed(GatewayError):
     """An ``Expect`` header other than ``100-continue`` (RFC 9110 §10.1.1). The value is never quoted."""
 
     status, type, code = 417, "invalid_request_error", "expectation_failed"
+
+
+class UnsupportedTransferCoding(GatewayError):
+    """A ``Transfer-Encoding`` other than a lone ``chunked`` (``gzip, chunked``, say): RFC 9112 §6.1
+    answers a transfer coding the server does not implement with 501, as nginx does. Only the
+    framing would be undone, so the gateway, and a proxy in front of it that decodes the coding,
+    would read different bodies: the request is refused before its body is read, never forwarded.
+    The value is never quoted; ``x-should-retry: false``, since the SDKs retry a 5xx."""
+
+    status, type, code = 501, "invalid_request_error", "unsupported_transfer_encoding"
+    headers = {"x-should-retry": "false"}
+
+    def __init__(self) -> None:
+        super().__init__("the request's Transfer-Encoding is not one the gateway implements: send the body with "
+                         "Content-Length or 'Transfer-Encoding: chunked' alone (compress it with Content-Encoding)")
 
 
 class RecordFailed(GatewayError):

@@ -79,6 +79,17 @@ def new_request_id() -> str:
     return os.urandom(8).hex()
 
 
+REQUEST_ID = web.RequestKey("request_id", str)
+"""A model or forwarded request's id, for the error middleware: every response to such a request
+carries it as ``X-Sessiongate-Request-Id``, a refusal too, so a client can find the audit entry."""
+
+
+def request_id_of(request: web.Request) -> str:
+    """A new request id, kept on *request* (:data:`REQUEST_ID`)."""
+    request[REQUEST_ID] = request_id = os.urandom(8).hex()
+    return request_id
+
+
 def json_response(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
@@ -107,7 +118,7 @@ async def _model_route(request: web.Request, codec: Codec) -> web.StreamResponse
 
 async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.StreamResponse:
     services = request.app[SERVICES]
-    ctx = Context(request, services, new_request_id(), codec=codec)
+    ctx = Context(request, services, request_id_of(request), codec=codec)
     status = 500
     try:
         await pipeline.run(ctx)
@@ -186,7 +197,7 @@ async def _end_stream(ctx: Context, error: dict[str, dict[str, str]]) -> web.Str
 async def proxy(request: web.Request) -> web.StreamResponse:
     """Any other ``/v1/*`` route: validated, allowed per upstream, forwarded and audited
     (``gateway.proxy`` holds the contract)."""
-    return await forward_route(request, request.app[SERVICES], new_request_id())
+    return await forward_route(request, request.app[SERVICES], request_id_of(request))
 
 
 # --- Responses held by the gateway ----------------------------------------------------------

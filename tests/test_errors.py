@@ -51,6 +51,10 @@ async def _faulty_chat(request: web.Request) -> web.StreamResponse:
         return web.Response(status=500, body=UPSTREAM_500, content_type="application/json")
     if model == "fail-429":
         return web.Response(status=429, body=UPSTREAM_429, content_type="application/json")
+    if model == "redirect":
+        return web.Response(status=302, headers={"Location": "http://127.0.0.1:9/v1/chat/completions"})
+    if model == "not-json":
+        return web.Response(status=200, body=b"{not json", content_type="application/json")
     if model == "hang":
         for _ in range(200):  # until the gateway hangs up, at most 10 s
             if request.transport is None or request.transport.is_closing():
@@ -183,6 +187,31 @@ def test_upstream_timeout_is_504(make_gateway: Callable[..., Gateway], faulty_ur
     for stream in (False, True):
         resp = post_chat(gateway, json={**CHAT, "model": "hang", "stream": stream})
         assert assert_error(resp, 504, "upstream_timeout")["type"] == "upstream_error"
+
+
+def test_errors_made_for_upstream_failures_carry_the_request_id(make_gateway: Callable[..., Gateway],
+                                                                faulty_url: str) -> None:
+    """A 502 or 504 the gateway makes for an upstream failure carries ``X-Sessiongate-Request-Id``, the id of
+    the request's audit entry, as a relayed provider error does; on model and forwarded routes alike."""
+    gateway = make_gateway(upstreams=[
+        {"name": "faulty", "base_url": faulty_url, "read_timeout": 0.3, "models": ["hang", "redirect", "not-json",
+                                                                                  "fail-500"]},
+        {"name": "dead", "base_url": f"http://127.0.0.1:{closed_port()}/v1", "connect_timeout": 2}])
+    ids = []
+    for model, status, code in (("hang", 504, "upstream_timeout"), ("redirect", 502, "upstream_redirect"),
+                                ("not-json", 502, "bad_upstream_reply"), ("standin", 502, "upstream_unreachable"),
+                                ("fail-500", 500, None)):
+        for stream in (False, True):
+            resp = post_chat(gateway, json={**CHAT, "model": model, "stream": stream})
+            if code is not None:
+                assert_error(resp, status, code)
+            assert resp.status_code == status
+            ids.append(resp.headers["X-Sessiongate-Request-Id"])
+    forwarded = httpx.get(f"{gateway.base_url}/models", headers=AUTH)
+    assert_error(forwarded, 502, "upstream_error_page")  # the faulty upstream has no such route
+    ids.append(forwarded.headers["X-Sessiongate-Request-Id"])
+    audited = {entry.get("request_id") for entry in gateway.audit_entries()}
+    assert len(set(ids)) == len(ids) and set(ids) <= audited
 
 
 def test_upstream_error_status_passes_through_with_its_body(make_gateway: Callable[..., Gateway],
