@@ -271,13 +271,17 @@ class SessionService:
             _raise_if_altered(cur)
 
     async def full_context(self, tenant: str, session_id: str) -> list[Message]:
-        async with self._guarded(tenant, session_id, None):
-            _, krow = await self.store.get_session(tenant, session_id)
+        """The session's recorded history ([] when it does not exist). The data key and the
+        rounds are read in one snapshot (``Store.snapshot``), so an erasure (and a new round
+        under a new key) landing between the two reads is never taken for damage: the history
+        is the old session's, the new one's, or none."""
+        async with self._guarded(tenant, session_id, None), self.store.snapshot() as snap:
+            _, krow = await snap.get_session(tenant, session_id)
             if krow is None:
                 return []
             dk = self._data_key(krow)
             out: list[Message] = []
-            async for row in self.store.iter_rounds(tenant, session_id):
+            async for row in snap.iter_rounds(tenant, session_id):
                 out.extend(without_blocks(self.open_round(dk, row)))
             return out
 
@@ -330,19 +334,22 @@ class SessionService:
                                after_seq: int | None = None) -> AsyncIterator[tuple[RoundRow, list[Message]]]:
         """Every round of a tenant (or one session; after *after_seq*) with its messages, in
         constant memory. A round that fails to open quarantines its session, as a failed load
-        does, and the ``IntegrityError`` ends the iteration."""
+        does, and the ``IntegrityError`` ends the iteration. Rounds and data keys are read in one
+        snapshot (``Store.snapshot``, held while the iteration runs), so a session erased (and
+        begun anew) meanwhile is read as it was, never taken for damage."""
         keys: dict[str, crypto.DataKey] = {}
-        async for row in self.store.iter_rounds(tenant, session_id, since=since, until=until, after_seq=after_seq):
-            async with self._guarded(tenant, row.session_id, None):
-                dk = keys.get(row.session_id)
-                if dk is None:
-                    keys.clear()
-                    _, krow = await self.store.get_session(tenant, row.session_id)
-                    if krow is None:
-                        raise IntegrityError(f"session {tenant}/{row.session_id} has rounds but no data key")
-                    dk = keys[row.session_id] = self._data_key(krow)
-                messages = self.open_round(dk, row)
-            yield row, messages
+        async with self.store.snapshot() as snap:
+            async for row in snap.iter_rounds(tenant, session_id, since=since, until=until, after_seq=after_seq):
+                async with self._guarded(tenant, row.session_id, None):
+                    dk = keys.get(row.session_id)
+                    if dk is None:
+                        keys.clear()
+                        _, krow = await snap.get_session(tenant, row.session_id)
+                        if krow is None:
+                            raise IntegrityError(f"session {tenant}/{row.session_id} has rounds but no data key")
+                        dk = keys[row.session_id] = self._data_key(krow)
+                    messages = self.open_round(dk, row)
+                yield row, messages
 
     async def export(self, tenant: str, session_id: str) -> dict[str, Any]:
         """The session in Agently's JSON form; ``NotFound`` when it does not exist."""
