@@ -7,7 +7,8 @@ latest state and none is lost, whichever process or replica wrote before.
 
 A round appends its messages to ``full_context`` (one ``rounds`` row, sealed with field
 ``round`` and the round's sequence number) and, when it completed, to the context window,
-then bounds the window with the policy's synchronous strategy. Incomplete rounds go to
+bounded with the policy's synchronous strategy after each appended message, as Agently resizes
+after each (``session.model.appended_bounded``). Incomplete rounds go to
 ``full_context`` only, marked as such, so a cut-off reply never steers the next turn.
 
 **Evidence and quarantine** (``gateway.evidence``). Loading a session checks its rows against
@@ -47,6 +48,7 @@ from gateway.session.model import (
     SYNC_STRATEGIES,
     Message,
     SessionState,
+    appended_bounded,
     bound_sync,
     from_agently,
     over_limit,
@@ -413,13 +415,13 @@ class SessionService:
                     dk, state = self._unseal(cur)
                 state = state or SessionState(settings=dict(bounding.settings or {}))
                 if rec.outcome == "completed":
-                    state = state.appended(messages)
+                    # Agently resizes after each append: the user message, then the reply (a
+                    # synchronous strategy here, the hooks' analyses replayed from ``pending``)
+                    state = appended_bounded(state, messages, bounding.strategy, bounding.max_length,
+                                             bounding.rounds)
                     if bounding.settings is not None and state.settings != bounding.settings:
                         state = state.with_settings(dict(bounding.settings))
-                    # Agently analyses after each append: the user message, then the reply
                     state = with_pending(state, bounding.strategy, [1] * len(messages))
-                    if state.auto_resize:
-                        state = bound_sync(state, bounding.strategy, bounding.max_length, bounding.rounds)
                 self._write_state(cur, ch, dk, state, [record], meta)
                 assert ch.session is not None
                 sealed.append((ch.session.version, ch.session.state_ct, dk.id, state, ch.session.next_seq))

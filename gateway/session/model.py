@@ -218,9 +218,42 @@ def over_limit(state: SessionState, max_length: int | None) -> bool:
     return max_length is not None and state.window_chars() > max_length
 
 
+def appended_bounded(state: SessionState, messages: list[Message], strategy: str, max_length: int | None,
+                     rounds: int = 0) -> SessionState:
+    """*state* with a round's *messages* appended one after the other, bounded as Agently bounds
+    them: its ``add_chat_history`` of each message resizes the window right after that append
+    (``_session_finally`` adds the user message, then the reply), so a synchronous strategy
+    (:func:`bound_sync`, when ``auto_resize``) runs after each message, not once after all.
+
+    Bounding once at the end gives the same window unless a message before the last would have
+    been cut: ``simple_cut`` drops whole messages from the front, and dropping later drops a
+    superset, so only a message that alone is over *max_length* (Agently keeps its last
+    characters, a remnant that may stay next to the reply) and, under ``keep_last``, a message
+    followed by one that starts a new round (keeping the last rounds at that point may keep
+    fewer messages than the window holds at the end) need a resize right after them. Everything
+    else, a window that fits above all, is one append and at most one bound, as before."""
+    whole = state.appended(messages)
+    if not state.auto_resize or strategy not in SYNC_STRATEGIES or not over_limit(whole, max_length):
+        return whole  # every earlier append fitted too: no resize ran
+    assert max_length is not None
+    ends = [i + 1 for i in range(len(messages) - 1)
+            if message_length(messages[i]) > max_length or (strategy == "keep_last" and (
+                messages[i + 1].get("role") != "assistant" or messages[i].get("role") == "assistant"))]
+    if not ends:
+        return bound_sync(whole, strategy, max_length, rounds)
+    start = 0
+    for end in [*ends, len(messages)]:
+        state = bound_sync(state.appended(messages[start:end]), strategy, max_length, rounds)
+        start = end
+    return state
+
+
 def bound_sync(state: SessionState, strategy: str, max_length: int | None, rounds: int = 0) -> SessionState:
     """Apply a synchronous strategy (``simple_cut`` or ``keep_last``) when the window is over
-    *max_length*. ``keep_last`` is followed by ``simple_cut`` if still over, so the bound holds."""
+    *max_length*. ``keep_last`` is followed by ``simple_cut`` if still over. Like Agently's own
+    ``simple_cut``, this can leave one message over *max_length*: the cut keeps the last
+    *max_length* characters of its content, and the message's Agently length also counts its
+    role and quoting (and escapes), so the window stays over the limit by that much."""
     if max_length is None or strategy not in SYNC_STRATEGIES or not over_limit(state, max_length):
         return state
     window = state.context_window

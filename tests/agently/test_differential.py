@@ -356,3 +356,26 @@ def test_reset_and_clean_context_window(make_gateway: MakeGateway, upstream: Ups
     assert doc["context_window"] == mine["context_window"] and doc["memo"] == mine["memo"] == memo
     assert len(mine["full_context"]) == 2 and len(doc["full_context"]) == 6
     assert doc["full_context"][-2:] == mine["full_context"]
+
+
+def test_user_message_over_max_length_is_cut_before_the_reply_is_appended(
+        make_gateway: MakeGateway, upstream: Upstream, tmp_path: Path) -> None:
+    """Agently resizes after each appended message: a recorded user message whose length alone
+    is over ``max_length`` (280 characters of input under 300) is cut to its last characters
+    before the reply is appended, and that remnant stays in the window with the reply."""
+    session = {"input_keys": ["input"], "reply_keys": None, "max_length": 300}
+    gateway, settings = both(make_gateway, tmp_path, **session)
+    texts = ["U" * 10 + "0123456789" * 27, "next"]
+    upstream.reply = lambda body: "ok"
+    local, via = Trace(), Trace()
+    agent = local_agent(upstream, "cut:1", settings, stream=False)
+    for text in texts:
+        local.run(upstream, lambda a, t=text: a.input(t).get_text(), agent)
+    client = gateway_agent(gateway, "cut:1", stream=False)
+    for text in texts:
+        via.run(upstream, lambda a, t=text: a.input(t).get_text(), client)
+    assert_same_turns(local, via)
+    recorded = "[input]:\n" + texts[0]  # 289 characters: Agently keeps content[289 - 300:], its last 11
+    assert via.turns[1][0] == [{"role": "user", "content": recorded[-11:]}, {"role": "assistant", "content": "ok"},
+                               {"role": "user", "content": "next"}]
+    assert comparable(export(gateway, "cut:1")) == comparable(local_session(agent))

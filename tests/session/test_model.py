@@ -172,3 +172,73 @@ def test_the_window_is_sent_with_what_the_request_answers() -> None:
                                        {"role": "assistant", "content": "[User continue input]"}, *moved_on]
     encoded = orjson.loads(orjson.dumps(inject(moved_on, state, encoded=True)))
     assert encoded == inject(moved_on, state)
+
+
+# --- a round is resized after each appended message, as Agently resizes ----------------------
+
+def _agently_round(window: list[dict[str, Any]], messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """Agently's window after ``_session_finally`` appends *messages* one ``add_chat_history`` each."""
+    import asyncio
+
+    agently = AgentlySession(settings={"session": {"max_length": limit}}, auto_resize=False)
+    asyncio.run(agently.async_set_chat_history(window))
+    agently._auto_resize = True
+    for message in messages:
+        asyncio.run(agently.async_add_chat_history(message))
+    return [m.model_dump() for m in agently.context_window]
+
+
+def test_user_message_near_max_length_keeps_agently_remnant() -> None:
+    """A user message whose Agently length alone is over max_length is cut right after it is
+    appended (its last characters kept), so the remnant stays next to the reply, as in Agently."""
+    from gateway.session.model import appended_bounded
+
+    window = [msg("user", "old question"), msg("assistant", "old answer")]
+    messages = [msg("user", "U" * 10 + "0123456789" * 27), msg("assistant", "short reply")]
+    limit = 300
+    expected = _agently_round(window, messages, limit)
+    assert expected[0]["role"] == "user"  # Agently keeps a remnant of the user message
+    state = appended_bounded(SessionState(list(window)), messages, "simple_cut", limit)
+    assert state.context_window == expected
+    assert state.window_chars() == context_length(expected)
+
+
+def test_rounds_resized_as_agently_resizes_them() -> None:
+    """Random windows and rounds (ASCII, escapes, emoji) under simple_cut end in Agently's window."""
+    import random
+
+    from gateway.session.model import appended_bounded
+
+    rng = random.Random(4141)
+    alphabet = "ab \n'\"\\é😀中"
+    for _ in range(300):
+        limit = rng.randint(40, 400)
+        text = lambda n=limit: "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n)))  # noqa: E731
+        window = [msg(("user", "assistant")[i % 2], text()) for i in range(rng.randint(0, 6))]
+        messages = [msg("user", text()), msg("assistant", text())][rng.randint(0, 1):]
+        state = bound_sync(SessionState(list(window)), "simple_cut", limit)
+        expected = _agently_round(state.context_window, messages, limit)
+        assert appended_bounded(state, messages, "simple_cut", limit).context_window == expected
+
+
+def test_keep_last_resizes_after_each_message_as_a_replay_does() -> None:
+    """keep_last (the gateway's own strategy) run after each appended message: the shortcut that
+    bounds once where that gives the same window matches bounding after every message."""
+    import random
+
+    from gateway.session.model import appended_bounded
+
+    rng = random.Random(17)
+    roles = ("user", "assistant", "assistant", "tool", "narrator")
+    for _ in range(600):
+        limit, rounds = rng.randint(30, 300), rng.randint(1, 3)
+        text = lambda n=limit: "x" * rng.randint(0, n)  # noqa: E731
+        window = [msg(rng.choice(roles), text()) for _ in range(rng.randint(0, 6))]
+        messages = [msg(rng.choice(roles), text()) for _ in range(rng.randint(1, 4))]
+        start = bound_sync(SessionState(list(window)), "keep_last", limit, rounds)
+        replay = start
+        for message in messages:
+            replay = bound_sync(replay.appended([message]), "keep_last", limit, rounds)
+        got = appended_bounded(start, messages, "keep_last", limit, rounds)
+        assert got.context_window == replay.context_window
+        assert got.window_chars() == context_length(got.context_window)
