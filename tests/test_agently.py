@@ -113,3 +113,24 @@ def test_session_round_trips_through_agently(gateway: Gateway, upstream: Upstrea
     assert again == {**original, "id": "trip-dst"}
     assert settings.items() >= original_settings.items()
     assert again["memo"] == memo and len(again["context_window"]) == 4
+
+
+def test_white_space_input_is_recorded_as_agently_records_it(gateway: Gateway, upstream: Upstream) -> None:
+    """A user message of white space alone reaches the model and is recorded, as Agently's
+    ``_session_finally`` records any user content but an empty one (driven here with its own
+    finally hook and activated session, given the same user content and reply)."""
+    import asyncio
+    from unittest import mock
+
+    upstream.reply = lambda body: "R"
+    agent = Agently.create_agent()
+    agent.activate_session(session_id="ws")
+    with mock.patch.object(Session, "resolve_finally_contents", mock.AsyncMock(return_value=(" \n", "R"))):
+        asyncio.run(agent._session_finally(mock.Mock(), agent.settings))
+    expected = [m.model_dump() for m in agent.activated_session.context_window]
+    resp = httpx.post(f"{gateway.base_url}/chat/completions", headers={**AUTH, "X-Session-Id": "ws"},
+                      json={"model": "standin", "messages": [{"role": "user", "content": " \n"}]})
+    assert resp.status_code == 200, resp.text
+    assert upstream.requests[-1]["messages"][-1]["content"] == " \n"
+    assert export(gateway, "ws")["context_window"] == expected == [{"role": "user", "content": " \n"},
+                                                                   {"role": "assistant", "content": "R"}]

@@ -222,11 +222,12 @@ def input_text(messages: Sequence[dict[str, Any]]) -> str | None:
     """The full text of this round's new messages, exactly as the client sent them, joined by a
     blank line; None when empty. Nothing the client sent is left out: a role the gateway does not
     know (``narrator``, ``User``), which a lenient provider may still show the model, is
-    recorded like a user's."""
+    recorded like a user's, and a message of white space alone is recorded as it is (Agently's
+    ``_session_finally`` records any user content but ``""``)."""
     texts = []
     for message in new_messages(messages):
         text = _input_content_text(message.get("content"))
-        if text.strip():
+        if text:
             texts.append(text)
     return "\n\n".join(texts) if texts else None
 
