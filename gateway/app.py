@@ -33,6 +33,7 @@ from gateway.errors import (
     StoreUnavailable,
     UnsupportedTransferCoding,
 )
+from gateway.export import sweep_private_folders
 from gateway.handlers import INTERNAL_ERROR, REQUEST_ID, SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
 from gateway.keys import KeyringWatcher
@@ -236,6 +237,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     background = Background(health)
     checkpoints = asyncio.create_task(trail.checkpointer.run(health), name="checkpointer")
     sessions = SessionService(store, keyring, lambda: Keyring.from_provider(provider))
+    for folder in sweep_private_folders():  # export bundles a killed gateway left in $TMPDIR
+        log.warning("export_folder_removed", folder=str(folder), note="left by a gateway that did not stop cleanly")
     await sessions.erasures.start()  # erasures left pending by the CLI, another worker or a killed gateway
     keyring_watcher = None
     if isinstance(provider, FileKeyProvider):

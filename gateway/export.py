@@ -59,10 +59,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -786,3 +789,64 @@ def _timestamp(text: Any) -> float:
         return datetime.fromisoformat(str(text)).timestamp()
     except ValueError as exc:
         raise _BundleError("malformed", f"record time {text!r} is not ISO 8601") from exc
+
+
+# --- private folders for bundles in the making -----------------------------------------------
+
+PRIVATE_FOLDER_KINDS = ("console", "export")
+"""``$TMPDIR/sessiongate-<kind>-*``: the console's export jobs, ``/admin/export`` on its way out."""
+OWNER_FILE = ".owner"
+
+
+class PrivateFolder:
+    """A private temporary folder (``$TMPDIR/sessiongate-<kind>-<random>``, mode 0700) for an
+    export bundle, which holds decrypted (redacted) text in plaintext. The process that made it
+    holds a lock (``flock``) on its ``.owner`` file for as long as it lives, so after a crash
+    (``kill -9``) the next gateway's :func:`sweep_private_folders` can tell it was left behind
+    and remove it, while the folders of other live processes sharing the machine are left
+    alone. :meth:`remove` deletes it (also on leaving a ``with`` block)."""
+
+    def __init__(self, kind: str) -> None:
+        assert kind in PRIVATE_FOLDER_KINDS
+        self.path = Path(tempfile.mkdtemp(prefix=f"sessiongate-{kind}-"))  # 0700
+        claim = self.path / f".owner.{os.getpid()}"
+        self._fd: int | None = os.open(claim, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        claim.rename(self.path / OWNER_FILE)  # only a locked owner file is ever seen by a sweep
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> PrivateFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def sweep_private_folders(root: Path | None = None) -> list[Path]:
+    """Remove the :class:`PrivateFolder` folders under *root* (default ``$TMPDIR``) whose owning
+    process is gone (its lock on ``.owner`` released); returns them. A folder whose owner still
+    holds the lock, or without an owner file (being made, or from a gateway before owner files),
+    is left alone."""
+    removed = []
+    base = Path(root) if root is not None else Path(tempfile.gettempdir())
+    for kind in PRIVATE_FOLDER_KINDS:
+        for folder in base.glob(f"sessiongate-{kind}-*"):
+            try:
+                fd = os.open(folder / OWNER_FILE, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its owner is alive
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+            finally:
+                os.close(fd)
+    return removed

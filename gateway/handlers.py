@@ -17,10 +17,8 @@ import io
 import os
 import re
 import tarfile
-import tempfile
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -43,7 +41,7 @@ from gateway.errors import (
     StoreUnavailable,
     UpstreamError,
 )
-from gateway.export import FORMATS, bundle_paths
+from gateway.export import FORMATS, PrivateFolder, bundle_paths
 from gateway.logs import exception_fields
 from gateway.observe import mark_logged, model_label, set_outcome
 from gateway.proxy import forward_route
@@ -558,9 +556,9 @@ async def admin_export(request: web.Request) -> web.StreamResponse:
     sid = request.query.get("session")
     since, until = _time_param(request, "since"), _time_param(request, "until")
     sid = check_session_id(sid) if sid else None
-    with tempfile.TemporaryDirectory(prefix="sessiongate-export-") as tmp:
+    with PrivateFolder("export") as folder:  # removed after streaming; after a crash, by the next gateway
         # built from the validated tenant only: letters, digits, '_', '.', '-' (never a path)
-        out = Path(tmp) / f"{tenant}-export.{'csv' if fmt == 'csv' else 'jsonl'}"
+        out = folder.path / f"{tenant}-export.{'csv' if fmt == 'csv' else 'jsonl'}"
         try:
             await services.audit.export(services.sessions, services.policies.current, out, tenant=tenant, fmt=fmt,
                                         session_id=sid, since=since, until=until)

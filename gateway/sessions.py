@@ -172,6 +172,9 @@ class SessionService:
         self.reload_keyring = reload_keyring
         self.erasures = ErasureFinisher(store)
         self.states = StateCache()
+        self.on_erase: list[Callable[[str, str], None]] = []
+        """Told ``(tenant, session_id)`` of each session this process erases, once its rows are
+        gone (the console drops the export bundles that hold it)."""
 
     # --- keys and sealing ---------------------------------------------------------------
 
@@ -585,6 +588,8 @@ class SessionService:
             if not left:
                 raise
             return await self.erasures.resume(left)
+        for listener in self.on_erase:
+            listener(tenant, session_id)
         return await self.erasures.settle(tenant, session_id, request_id)
 
     # --- Agently's chat-history operations (gateway.session.history drives them) ----------

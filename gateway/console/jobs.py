@@ -2,22 +2,25 @@
 
 A job belongs to the auditor who started it (no one else can see it or download its bundle),
 runs as an asyncio task, and reports ``checked``/``exported`` counts while it runs. Export
-bundles go to a private temporary folder (mode 0700, files 0600) that is removed when the job
-is dropped or the gateway stops. Limits are per auditor token, so no auditor can push another's
-jobs out: at most ``MAX_RUNNING_PER_AUDITOR`` run at once (starting another raises
-:class:`TooManyRunning`), and at most ``MAX_JOBS_PER_AUDITOR`` are kept, that auditor's oldest
-finished going first.
+bundles (redacted text, in plaintext) go to a private temporary folder
+(``$TMPDIR/sessiongate-console-*``, mode 0700, files 0600: ``gateway.export.PrivateFolder``)
+that is removed when the job is dropped or the gateway stops; one a killed gateway left is
+removed by the next gateway at start-up. When a session is erased in this process
+(:meth:`Jobs.erased`), every export job that covers it (its session, or its whole tenant) is
+stopped if running, its bundle deleted, and the job marked failed saying so. Limits are per
+auditor token, so no auditor can push another's jobs out: at most ``MAX_RUNNING_PER_AUDITOR``
+run at once (starting another raises :class:`TooManyRunning`), and at most
+``MAX_JOBS_PER_AUDITOR`` are kept, that auditor's oldest finished going first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import secrets
-import shutil
 import tarfile
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +33,7 @@ import structlog
 from gateway.audit import VerifyReport
 from gateway.auth import Principal
 from gateway.errors import IntegrityError
-from gateway.export import Progress, bundle_paths
+from gateway.export import PrivateFolder, Progress, bundle_paths
 from gateway.store.base import AuditRow
 
 log = structlog.get_logger("gateway.console")
@@ -62,6 +65,7 @@ class Job:
     error: str | None = None
     folder: Path | None = None
     out: Path | None = None
+    private: PrivateFolder | None = None
     task: asyncio.Task[None] | None = None
 
     @property
@@ -145,9 +149,27 @@ class Jobs:
         return job if job is not None and job.owner == owner else None
 
     def private_folder(self, job: Job) -> Path:
-        job.folder = Path(tempfile.mkdtemp(prefix="sessiongate-console-"))
-        job.folder.chmod(0o700)
+        job.private = PrivateFolder("console")
+        job.folder = job.private.path
         return job.folder
+
+    def erased(self, tenant: str, session_id: str) -> None:
+        """Session *session_id* of *tenant* was erased: stop every export job that covers it
+        (that session, or the whole tenant), delete its bundle, and mark it failed."""
+        for job in self._jobs.values():
+            covered = job.params.get("session") in (None, session_id)
+            if job.kind != "export" or job.tenant != tenant or not covered:
+                continue
+            if job.private is None and not job.running:
+                continue  # failed before it wrote anything
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+                job.task.add_done_callback(functools.partial(_remove_after, job))
+            _remove(job)
+            job.status, job.out = "failed", None
+            job.error = (f"session {session_id} of tenant {tenant}, which this export covered, was erased: its "
+                         "bundle was deleted. Export again for a bundle without it.")
+            log.info("console_export_dropped", tenant=tenant, session_id=session_id, reason="erasure")
 
     def _evict(self, auditor: Principal) -> None:
         """Drop *auditor*'s oldest finished jobs past ``MAX_JOBS_PER_AUDITOR`` (never another's)."""
@@ -158,8 +180,7 @@ class Jobs:
 
     def _drop(self, job: Job) -> None:
         self._jobs.pop(job.id, None)
-        if job.folder is not None:
-            shutil.rmtree(job.folder, ignore_errors=True)
+        _remove(job)
 
     async def close(self) -> None:
         for job in list(self._jobs.values()):
@@ -168,3 +189,13 @@ class Jobs:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await job.task
             self._drop(job)
+
+
+def _remove(job: Job) -> None:
+    """Delete the job's bundle folder, if it has one."""
+    if job.private is not None:
+        job.private.remove()
+
+
+def _remove_after(job: Job, _task: asyncio.Task[None]) -> None:
+    _remove(job)

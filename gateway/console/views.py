@@ -712,6 +712,7 @@ async def explain_form(request: web.Request, session: ConsoleSession) -> web.Str
 
 async def _lifecycle(app: web.Application) -> Any:
     warn_demo_credentials(app[SERVICES].auth)  # the services start first (``app._services``)
+    app[SERVICES].sessions.on_erase.append(app[CONSOLE].jobs.erased)  # an erased session leaves no bundle behind
     yield
     await app[CONSOLE].jobs.close()
 

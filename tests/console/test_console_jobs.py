@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -10,8 +17,10 @@ import pytest
 from gateway.auth import Principal
 from gateway.console import jobs as jobs_module
 from gateway.console.jobs import MAX_RUNNING_PER_AUDITOR, Job, Jobs, TooManyRunning
-from tests.conftest import Gateway
+from gateway.export import PrivateFolder
+from tests.conftest import REPO, Gateway, wait_for
 from tests.console.conftest import login_csrf, signed_in_client
+from tests.test_erasure import delete
 
 VICTIM = Principal("demo-auditor", None, "auditor")
 NOISY = Principal("acme-auditor", None, "auditor", frozenset({"acme"}))
@@ -77,3 +86,58 @@ def test_starting_a_job_past_the_running_limit_is_429_saying_to_wait(console_gat
         assert resp.status_code == 429 and "Retry-After" in resp.headers, resp.text
         assert "Wait for one of them to finish" in resp.text and "/console/jobs/" not in resp.text
     assert httpx.get(f"{console_gateway.url}/healthz", timeout=5).status_code == 200
+
+
+def _bundle_files(root: Path) -> list[Path]:
+    return [p for p in root.glob("sessiongate-*/*") if p.is_file() and p.name != ".owner"]
+
+
+def test_erasing_a_session_deletes_the_export_bundles_that_hold_it(console_gateway: Gateway, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export bundle holding a session, in plaintext in $TMPDIR, is deleted when the session
+    is erased: its download is 404 after, and its job page says why."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    client = signed_in_client(console_gateway)
+    csrf = login_csrf(client.get("/console/overview").text)
+    resp = client.post("/console/export", data={"csrf": csrf, "tenant": "acme", "format": "jsonl",
+                                                "session": "console-a"}, headers={"Origin": console_gateway.url})
+    assert resp.status_code == 303, resp.text
+    job = resp.headers["location"]
+    wait_for(lambda: "Done:" in client.get(job).text, seconds=30)
+    assert client.get(f"{job}/download").status_code == 200
+    assert any(b"second turn" in p.read_bytes() for p in _bundle_files(scratch))
+
+    assert delete(console_gateway, "console-a").status_code == 200
+    assert client.get(f"{job}/download").status_code == 404
+    assert "was erased" in client.get(job).text
+    assert _bundle_files(scratch) == [] and list(scratch.glob("sessiongate-console-*")) == []
+
+
+def test_a_gateway_sweeps_the_bundle_folders_of_killed_processes_at_start_up(
+        make_gateway: Callable[..., Gateway], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A console bundle folder left by a process killed with -9 is removed when a gateway
+    starts; one whose owner still runs (another worker) is left alone."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gateway.export import PrivateFolder; "
+         "f = PrivateFolder('console'); (f.path / 'acme-export.jsonl').write_text('plaintext'); "
+         "print(f.path, flush=True); time.sleep(60)"],
+        cwd=REPO, env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        dead = Path(child.stdout.readline().strip())
+        assert (dead / "acme-export.jsonl").exists()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    alive = PrivateFolder("console")  # this process, still running
+    try:
+        make_gateway()
+        assert not dead.exists()
+        assert alive.path.exists()
+    finally:
+        alive.remove()
