@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import secrets
 import sys
 import time
@@ -53,6 +54,17 @@ second or two, and must not wrap new sessions under a key that is already retire
 def _fail(message: str, code: int = 2) -> int:
     print(f"sessiongate: error: {message}", file=sys.stderr)
     return code
+
+
+def _bad_tenant(tenant: str) -> str | None:
+    """Why *tenant* cannot be a tenant's name (``settings.TENANT_PATTERN``), or None when it can."""
+    import re
+
+    from gateway.settings import TENANT_PATTERN
+
+    if re.fullmatch(TENANT_PATTERN, tenant):
+        return None
+    return f"--tenant {tenant!r} is not a valid tenant name: use 1-64 letters, digits, '_', '.' or '-'"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -157,13 +169,12 @@ def preflight(settings: Settings) -> None:
 # --- clients ---------------------------------------------------------------------------
 
 def cmd_clients_new(args: argparse.Namespace) -> int:
-    import re
-
-    from gateway.settings import RESERVED_TENANT, TENANT_PATTERN
+    from gateway.settings import RESERVED_TENANT
     from gateway.store.base import SYSTEM_TENANT
 
-    if not re.fullmatch(TENANT_PATTERN, args.tenant):
-        return _fail(f"--tenant {args.tenant!r} is not a valid tenant name: use 1-64 letters, digits, '_', '.' or '-'")
+    bad = _bad_tenant(args.tenant)
+    if bad is not None:
+        return _fail(bad)
     if args.tenant == SYSTEM_TENANT:
         return _fail(f"--tenant: {RESERVED_TENANT}")
     if args.name is not None and not args.name.strip():
@@ -217,6 +228,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     tenant = args.tenant
+    bad = _bad_tenant(tenant)
+    if bad is not None:
+        return _fail(bad)
     sid = check_session_id(args.id) if getattr(args, "id", None) else ""
 
     async def act(svc: Any) -> int:
@@ -289,6 +303,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     from gateway.stages.resolve_session import check_session_id
 
     settings = _settings(args)
+    bad = _bad_tenant(args.tenant)
+    if bad is not None:
+        return _fail(bad)
     tenant, sid = args.tenant, check_session_id(args.id)
     policy = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules).match(
         tenant, args.model, sid)
@@ -633,6 +650,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         manifest = _run(_with_sessions(settings, export))
+    except OSError as exc:  # the bundle's files could not be made there (a read-only or special folder)
+        if exc.filename is None or Path(exc.filename).resolve().parent != folder:
+            raise
+        return _fail(f"--out {args.out}: cannot write the export in {folder} ({exc.strerror}); choose a folder "
+                     "you can write to")
     except IntegrityError as exc:  # the operator runs the CLI: the detail (names and seqs, no content) is theirs
         return _fail(f"export refused (the stored data failed an integrity check), nothing written: {exc.detail}. "
                      f"Run 'sessiongate audit verify --tenant {args.tenant}' for the whole report")
@@ -684,6 +706,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out}: it is a file, not a folder; name a new (or empty) folder to back up into")
     if out.exists() and any(out.iterdir()):
         return _fail(f"--out {out}: the folder is not empty; back up into a new folder")
     if not out.parent.is_dir():
@@ -710,20 +734,25 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if not settings.audit.export_secret_env:
         from gateway.auditor import export_secret
         export_secret(settings)  # made now when no export has made it yet, so a restore keeps the pseudonyms
-    out.mkdir(mode=0o700, exist_ok=True)
-    for name, path in sources:
-        if path.is_file():
-            shutil.copyfile(path, out / name)
-            (out / name).chmod(0o600)
-    target = out / "sessiongate.db"
-    source = sqlite3.connect(f"file:{settings.store.path}?mode=ro", uri=True, timeout=30)
-    copy = sqlite3.connect(target)
+    umask = os.umask(0o077)  # every copy is made 0600 (the folder 0700) from its first byte
     try:
-        source.backup(copy)
+        out.mkdir(mode=0o700, exist_ok=True)
+        for name, path in sources:
+            if path.is_file():
+                shutil.copyfile(path, out / name)
+        target = out / "sessiongate.db"
+        source = sqlite3.connect(f"file:{settings.store.path}?mode=ro", uri=True, timeout=30)
+        copy = sqlite3.connect(target)
+        try:
+            source.backup(copy)
+        finally:
+            copy.close()
+            source.close()
+    except OSError as exc:
+        return _fail(f"--out {out}: cannot write the backup there ({exc.strerror}: {exc.filename}); choose a "
+                     "folder you can write to")
     finally:
-        copy.close()
-        source.close()
-    target.chmod(0o600)
+        os.umask(umask)
     names = ", ".join(name for name, path in sources if (out / name).is_file())
     print(f"backed up {names} and the database to {out}")
     return 0

@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from gateway.cli import build_parser
 from tests.conftest import REPO, Gateway, write_config
@@ -181,3 +185,55 @@ def test_serve_with_an_unset_client_or_master_key_variable_names_its_line(tmp_pa
     line = next(n for n, text in enumerate(config.read_text().splitlines(), 1) if "SG_TEST_UNSET_MASTER" in text)
     result = run("serve", "--config", str(config), env=env, timeout=30)
     assert_one_line_error(result, 2, f"{config}:{line}:", "keys.master_key_env", "SG_TEST_UNSET_MASTER")
+
+
+def test_backup_into_a_file_or_an_unwritable_place_says_so(gateway: Gateway, tmp_path: Path) -> None:
+    """``backup --out`` naming an existing file, or a place no folder can be made (``/proc``),
+    is one line naming the path and what to do, not a traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = run("--config", str(gateway.config_path), "backup", "--out", str(afile))
+    assert_one_line_error(result, 2, str(afile), "not a folder")
+    result = run("--config", str(gateway.config_path), "backup", "--out", "/proc/nope")
+    assert_one_line_error(result, 2, "/proc/nope", "cannot write the backup")
+
+
+def test_export_into_an_unwritable_folder_says_so(gateway: Gateway) -> None:
+    """``export --out`` in a folder where no file can be made (``/proc``) names it, no traceback."""
+    from tests.test_integrity import chat
+
+    chat(gateway, "to-export", "hello")
+    result = run("--config", str(gateway.config_path), "export", "--tenant", "acme", "--out", "/proc/x.jsonl")
+    assert_one_line_error(result, 2, "/proc/x.jsonl", "cannot write the export")
+
+
+def test_sessions_commands_name_an_invalid_tenant(gateway: Gateway) -> None:
+    """``sessions erase --tenant 'bad tenant!'`` says the tenant name is invalid, not 'no session'."""
+    result = run("--config", str(gateway.config_path), "sessions", "erase", "--tenant", "bad tenant!", "x")
+    assert_one_line_error(result, 2, "'bad tenant!'", "not a valid tenant name")
+
+
+def test_backup_copies_are_private_from_their_first_byte(gateway: Gateway, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Into an existing empty 0755 folder, each copy is made 0600 (the umask), not made with the
+    default mode and narrowed after."""
+    from gateway import cli
+
+    modes: dict[str, int] = {}
+    real = shutil.copyfile
+
+    def copyfile(src: Any, dst: Any) -> Any:
+        done = real(src, dst)
+        modes[Path(dst).name] = Path(dst).stat().st_mode & 0o777  # before anything else can change it
+        return done
+
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    out = tmp_path / "backup"
+    out.mkdir(mode=0o755)
+    umask = os.umask(0o022)
+    try:
+        assert cli.main(["--config", str(gateway.config_path), "backup", "--out", str(out)]) == 0
+    finally:
+        os.umask(umask)
+    assert modes and set(modes.values()) == {0o600}, modes
+    assert all(p.stat().st_mode & 0o077 == 0 for p in out.iterdir())
