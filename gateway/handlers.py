@@ -54,7 +54,7 @@ from gateway.stages.load_state import HOOK_WAIT_SECONDS
 from gateway.stages.parse_request import parse_json_object, read_limited
 from gateway.stages.resolve_session import check_not_a_key, check_session_id
 from gateway.stages.respond import end_connection
-from gateway.store.base import RoundRow
+from gateway.store.base import RoundRow, provider_id_digest
 from gateway.tracing import finish_request
 
 SERVICES = web.AppKey("services", Services)
@@ -215,11 +215,18 @@ def _response_target(request: web.Request) -> tuple[Services, str, str, str] | N
 async def _provider_response(request: web.Request) -> web.StreamResponse:
     """A response id the gateway did not mint: forwarded when the provider holds responses
     (``responses_state: provider``) or the operator lets them be read (``forward_routes``);
-    otherwise 404 saying where such a response is. The
+    otherwise 404 saying where such a response is. Under provider-held state an id that did not
+    pass through the gateway for the caller's tenant (``provider_responses``) is 404 before
+    anything is forwarded, as an unknown gateway-held id is. The
     gateway sends ``store: false`` upstream under gateway-held state, so a response made through
     it with ``X-Session-Id`` is in that session's record and nowhere at the provider."""
     services = request.app[SERVICES]
     up = services.upstreams.route(None, "openai")
+    if up.responses_state == "provider":  # one namespace at the provider for every tenant: the caller's ids only
+        tenant = services.auth.client(auth_header(request.headers)).tenant or ""
+        digest = provider_id_digest(request.match_info["response_id"])
+        if not await services.sessions.store.holds_provider_response(tenant, digest):
+            raise _no_response(request)
     if up.responses_state == "provider" or up.allows(("responses", request.match_info["response_id"])):
         return await proxy(request)
     raise NotFound("no response with this id is held by the gateway. A response made with X-Session-Id is "

@@ -27,7 +27,9 @@ Contract, in order:
 5. The route must be in that upstream's ``forward_routes`` (403 otherwise, saying how to allow
    it, and whether the route runs the model outside the gateway's recording): account-wide
    provider state (files, batches, assistants, ...) is not shared by tenants unless the
-   operator says so.
+   operator says so. A JSON body below ``/v1/responses`` or ``/v1/messages`` is held to the
+   model routes' rules (``refuse_forwarded_references``): no account-wide object named by id
+   whose routes are not forwarded (403), no other tenant's provider-held response (404).
 6. The reply is relayed as it arrives, decoded (``Upstreams`` never hands out compressed
    bytes), with the provider's rate-limit and request-id headers and no Content-Length; a
    provider's 401 or non-JSON error page is the boundary's error instead (``gateway.upstream``). The
@@ -51,6 +53,8 @@ import structlog
 from aiohttp import web
 
 from gateway.auth import Authenticator, auth_header
+from gateway.codecs import references
+from gateway.codecs.responses import check_references
 from gateway.context import Services
 from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
 from gateway.observe import mark_logged, model_label, set_outcome
@@ -58,6 +62,7 @@ from gateway.stages.parse_request import THREAD_ABOVE_BYTES, check_model, read_l
 from gateway.stages.resolve_session import check_session_id
 from gateway.stages.respond import end_connection
 from gateway.store.base import Changes
+from gateway.upstream import Upstream
 
 log = structlog.get_logger("gateway.proxy")
 
@@ -241,6 +246,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
                         + (", and the model calls it makes are not recorded by the gateway" if unrecorded else "")
                         + f". An operator can allow it by adding '{rule}' to forward_routes of upstream "
                         f"'{upstream.name}' in the gateway configuration", code="route_not_allowed")
+    await refuse_forwarded_references(services, principal.tenant or "", route, upstream, body if is_json else None)
     audit: dict[str, object] = {
         "event": "proxy", "request_id": request_id, "route": route.display, "model": model_label(model, upstream),
         "outcome": "upstream_error", "ended_by": None, "upstream_status": None, "bytes_out": 0,
@@ -296,6 +302,25 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     except (ConnectionResetError, OSError):
         pass
     return out
+
+
+async def refuse_forwarded_references(services: Services, tenant: str, route: Route, upstream: Upstream,
+                                      body: bytes | None) -> None:
+    """The model routes' rules for a JSON body forwarded below ``/v1/responses`` or ``/v1/messages``
+    (``responses/input_tokens``, ``responses/compact``, ``messages/count_tokens``): account-wide
+    objects named by id only where the upstream forwards their routes (403), and under
+    provider-held state a ``previous_response_id`` only when it is *tenant*'s (404). Batch
+    bodies (``messages/batches``, allowed only by name) are not looked into."""
+    first = route.segments[0]
+    if body is None or first not in ("responses", "messages") or route.segments[1:2] == ("batches",):
+        return
+    parsed = orjson.loads(body)  # the gateway's own serialisation of a body it parsed (json_body)
+    if not isinstance(parsed, dict):
+        return
+    if first == "messages":
+        references.refuse(references.references_messages(parsed), upstream)
+    else:
+        await check_references(parsed, upstream, tenant, services.sessions.store)
 
 
 async def _audit(services: Services, tenant: str, fields: dict[str, object]) -> GatewayError | None:

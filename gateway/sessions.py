@@ -103,6 +103,7 @@ class RoundRecord:
     assistant: str | None
     audit: dict[str, Any]
     messages: list[Message] | None = None  # structured messages, recorded instead of the two texts
+    provider_responses: tuple[bytes, ...] = ()  # digests of provider-held response ids now the tenant's
 
 
 STATE_CACHE_SIZE = 1024
@@ -398,7 +399,7 @@ class SessionService:
         record = messages if rec.messages is not None else with_blocks(messages)
 
         def plan(cur: Current) -> Changes:
-            ch = Changes()
+            ch = Changes(provider_responses=list(rec.provider_responses))
             audit = dict(rec.audit)
             if cur.session_id is not None:
                 _refuse_quarantined(cur)

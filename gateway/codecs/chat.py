@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.codecs import references
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState
 from gateway.session.model import inject as inject_messages
@@ -56,6 +57,14 @@ class ChatCodec:
             return messages
         return [{**m, "content": [q for p in m["content"] for q in (text_file_parts(p) or [p])]}
                 if _has_text_file(m) else m for m in messages]
+
+    async def check_references(self, ctx: Context) -> None:
+        """A ``file`` part naming a file by id only where the upstream forwards ``files``."""
+        assert ctx.upstream is not None
+        references.refuse(references.references_chat(ctx.body), ctx.upstream)
+
+    def held_by_provider(self, ctx: Context) -> tuple[str, ...]:
+        return ()  # a stored chat completion is read only by /v1/chat/completions/{id}, never forwarded
 
     def implied_session(self, ctx: Context) -> tuple[str | None, str]:
         return None, ""

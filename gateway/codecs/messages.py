@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.codecs import window_plan
+from gateway.codecs import references, window_plan
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
 from gateway.session.structured import document_parts, media_object, placeholder
@@ -404,6 +404,15 @@ class MessagesCodec:
 
     def implied_session(self, ctx: Context) -> tuple[str | None, str]:
         return None, ""
+
+    async def check_references(self, ctx: Context) -> None:
+        """Files, containers and custom skills named by id only where the upstream forwards their
+        routes (``gateway.codecs.references``)."""
+        assert ctx.upstream is not None
+        references.refuse(references.references_messages(ctx.body), ctx.upstream)
+
+    def held_by_provider(self, ctx: Context) -> tuple[str, ...]:
+        return ()
 
     def forward_body(self, ctx: Context, policy: Policy | None, state: SessionState | None) -> bytes | None:
         if state is None or policy is None:

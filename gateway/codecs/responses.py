@@ -26,7 +26,15 @@ the chain (``NotFound`` when this tenant has no such chain); the gateway injects
 itself, strips ``previous_response_id`` and sends ``store: false`` upstream, so the provider
 holds nothing. The ids the client sees are the gateway's (the upstream's are replaced in the
 relayed bytes). With ``responses_state: provider``, ``previous_response_id`` and ``store`` go
-upstream untouched and only ``X-Session-Id`` makes a session.
+upstream untouched and only ``X-Session-Id`` makes a session; but the provider holds one
+namespace for every tenant of its account, so the gateway keeps which tenant each response id
+it relayed belongs to (``held_by_provider``: the id of a JSON reply, or of a stream's
+``response.created``/final event, stored by its SHA-256 with the round, ``provider_responses``)
+and refuses a ``previous_response_id`` it does not know for the caller's tenant
+(``check_references``: 404 ``previous_response_not_found``, the message an unknown id gets under
+gateway-held state, which never repeats the id). Objects the request names by id (files, vector
+stores, containers, a ``conversation``) are held to the upstream's ``forward_routes``
+(``gateway.codecs.references``).
 
 Stream: ``response.completed`` (or ``response.incomplete``/``response.failed``) is the final
 event, held back until the round is committed. ``response.completed`` and
@@ -42,20 +50,26 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.codecs import window_plan
+from gateway.codecs import references, window_plan
 from gateway.errors import BadRequest, NotFound, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
 from gateway.session.record import SYSTEM_ROLES
 from gateway.session.structured import media_object, text_file_parts
 from gateway.sse import EventAssembler, assistant_message
+from gateway.store.base import provider_id_digest
 
 if TYPE_CHECKING:
     from gateway.context import Context
     from gateway.policy import Policy
+    from gateway.store.base import StoreReads
+    from gateway.upstream import Upstream
 
 Message = dict[str, Any]
 FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 CHAIN_ID = re.compile(r"resp_([0-9a-f]{16})(?:_([0-9a-f]{16}))?")
+PREVIOUS_NOT_FOUND = "the previous response was not found for this tenant"
+"""The 404 of a ``previous_response_id`` the caller's tenant has no response of, under either
+state: it never repeats the id (a client may have sent a secret there by mistake)."""
 
 
 def chain_of(response_id: str) -> tuple[str, str] | None:
@@ -320,8 +334,7 @@ class ResponsesCodec:
         if isinstance(prev, str):
             chain = chain_of(prev)
             if chain is None:
-                raise NotFound(f"previous response '{prev[:64]}' not found for this tenant",
-                               code="previous_response_not_found")
+                raise NotFound(PREVIOUS_NOT_FOUND, code="previous_response_not_found")
             return chain[0], f"{chain[0]}_{ctx.request_id}"
         if ctx.body.get("store") is False:
             return None, ""
@@ -349,6 +362,22 @@ class ResponsesCodec:
                     rest[i] = _memo_into(rest[i], state.memo)
                     break
         return orjson.dumps({**body, "input": system + to_items(window) + rest})
+
+    async def check_references(self, ctx: Context) -> None:
+        """Account-wide objects named by id only where the upstream forwards their routes
+        (``gateway.codecs.references``); under provider-held state, a ``previous_response_id``
+        only when it is one of this tenant's (one primary-key lookup, made only then)."""
+        assert ctx.upstream is not None
+        await check_references(ctx.body, ctx.upstream, ctx.tenant, ctx.services.sessions.store)
+
+    def held_by_provider(self, ctx: Context) -> tuple[str, ...]:
+        """Under provider-held state, the id of the response the provider now keeps (unless the
+        request said ``store: false``): the reply's, or the stream's first response event's."""
+        up = ctx.upstream
+        if up is None or up.responses_state != "provider" or ctx.body.get("store") is False:
+            return ()
+        rid = ctx.reply_body.get("id") if ctx.reply_body is not None else None
+        return (rid,) if isinstance(rid, str) and rid else ()
 
     def parse_reply(self, body: Any) -> Message:
         try:
@@ -396,6 +425,18 @@ def prepare_body(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
                          "are held by the gateway (responses_state: gateway): continue with "
                          "previous_response_id or X-Session-Id instead", code="conversation_not_supported")
     return {**{k: v for k, v in body.items() if k != "previous_response_id"}, "store": False}
+
+
+async def check_references(body: dict[str, Any], upstream: Upstream, tenant: str, store: StoreReads) -> None:
+    """Refuse a Responses body (``POST /v1/responses``, or one forwarded below it:
+    ``input_tokens``, ``compact``) that names account-wide objects the upstream does not forward
+    (``Forbidden``, ``gateway.codecs.references``) or, under provider-held state, a
+    ``previous_response_id`` that is not one of *tenant*'s (``NotFound``, :data:`PREVIOUS_NOT_FOUND`)."""
+    references.refuse(references.references_responses(body), upstream)
+    prev = body.get("previous_response_id")
+    if upstream.responses_state == "provider" and isinstance(prev, str) and \
+            not await store.holds_provider_response(tenant, provider_id_digest(prev)):
+        raise NotFound(PREVIOUS_NOT_FOUND, code="previous_response_not_found")
 
 
 def _state_mode(ctx: Context) -> str:

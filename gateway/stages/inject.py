@@ -4,7 +4,9 @@ The context window goes after the system message(s) and before the new messages,
 as a ``[CHAT SESSION MEMO]`` section (see ``session.model.inject``). What the window and memo
 look like in the forwarded body is the codec's (``gateway.codecs``): Chat messages, Responses
 input items, Anthropic messages. The upstream is the first whose models match and that speaks
-the codec's protocol.
+the codec's protocol. Then the codec's ``check_references`` refuses, before anything is sent,
+what the request names at the provider that the client may not reach (account-wide objects
+whose routes the upstream does not forward: 403; another tenant's provider-held response: 404).
 
 The body sent is always serialised from the parsed body the record is made of, never the
 client's bytes, so the model reads exactly what is recorded: a key the client sent twice (JSON
@@ -31,3 +33,4 @@ async def inject(ctx: Context) -> None:
         ctx.forward_body = await asyncio.to_thread(orjson.dumps, ctx.body)
     else:
         ctx.forward_body = orjson.dumps(ctx.body)
+    await ctx.codec.check_references(ctx)

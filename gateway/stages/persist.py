@@ -16,6 +16,7 @@ from gateway.observe import model_label
 from gateway.policy import HookBounding, Policy
 from gateway.session.bounding import maintain, needs_maintenance
 from gateway.sessions import Bounding, RoundRecord
+from gateway.store.base import provider_id_digest
 
 
 @functools.lru_cache(maxsize=256)
@@ -61,7 +62,8 @@ async def persist(ctx: Context) -> None:
     assert policy is not None
     ctx.persist_attempted = True
     rec = RoundRecord(ctx.request_id, policy.id, policy.version_hash, ctx.outcome, ctx.user_text,
-                      ctx.reply_text, audit_fields(ctx), ctx.recorded)
+                      ctx.reply_text, audit_fields(ctx), ctx.recorded,
+                      tuple(provider_id_digest(rid) for rid in ctx.codec.held_by_provider(ctx)))
     sessions = ctx.services.sessions
     changes = await sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy), ctx.loaded)
     ctx.persisted = True

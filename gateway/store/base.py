@@ -20,6 +20,12 @@ Tables (both backends):
 - ``policy_versions``  every policy version rounds were recorded under, by version hash, with
                  its document in plaintext (configuration, not recorded data; see
                  ``gateway.policy.versions``).
+- ``provider_responses`` one per response id a provider holds for a tenant (an upstream with
+                 ``responses_state: provider``): the tenant and the SHA-256 of the id
+                 (:func:`provider_id_digest`), never the id, which continues the conversation at
+                 the provider. Written with the round that relayed the id; read to refuse another
+                 tenant's id (``gateway.codecs.responses``). Metadata, like the audit chain: no
+                 content, kept when a session is erased or its rounds expire.
 
 Writes go through :meth:`Store.transact`: the backend opens one transaction, reads the current
 rows of the session (locked against other writers, including other processes), calls the
@@ -32,12 +38,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 SYSTEM_TENANT = "_system"
 """The audit chain of gateway-wide events (policy reloads, key rotation)."""
+
+
+def provider_id_digest(response_id: str) -> bytes:
+    """The key a provider's response id is kept under (``provider_responses``): its SHA-256, so
+    the table never holds an id that would continue the conversation at the provider."""
+    return hashlib.sha256(response_id.encode()).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +164,9 @@ class Changes:
     that record, and raises ``Conflict`` (nothing of the change is written) when it is not
     pending any more: another process finished it first. A backend that keeps no record of
     pending erasures (``pending_erasures`` returns None) ignores both.
+    ``provider_responses`` (digests, :func:`provider_id_digest`) makes those provider response
+    ids the transaction's tenant's; one it already has is left as it is. A change without a
+    session may carry them.
     """
 
     data_key: DataKeyRow | None = None
@@ -165,6 +181,7 @@ class Changes:
     release: bool = False
     erasure: str | None = None
     erasure_done: str | None = None
+    provider_responses: list[bytes] = field(default_factory=list)
 
 
 Plan = Callable[[Current], Changes]
@@ -234,6 +251,10 @@ class StoreReads(Protocol):
 
     async def policy_versions(self) -> list[PolicyVersionRow]:
         """Every policy version kept, oldest first."""
+
+    async def holds_provider_response(self, tenant: str, digest: bytes) -> bool:
+        """Whether the provider response id of this digest (:func:`provider_id_digest`) passed
+        through the gateway for *tenant*: one primary-key lookup."""
 
 
 class Store(StoreReads, Protocol):

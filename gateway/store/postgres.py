@@ -153,6 +153,12 @@ CREATE TABLE policy_versions (
   hash TEXT COLLATE "C" PRIMARY KEY, policy_id TEXT NOT NULL, loaded_at DOUBLE PRECISION NOT NULL,
   document TEXT NOT NULL);
 """),
+    Migration(4, "provider response ids by tenant", """
+-- which tenant each provider-held response id belongs to, by the id's SHA-256 (gateway.store.base)
+CREATE TABLE provider_responses (
+  tenant TEXT COLLATE "C" NOT NULL, id_sha256 BYTEA NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (tenant, id_sha256));
+"""),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -219,6 +225,9 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::float8[], $5::tex
 _INSERT_AUDIT = f"""
 INSERT INTO audit ({_AUDIT_COLS})
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::bytea[], $5::text[], $6::text[])"""
+_INSERT_PROVIDER_RESPONSES = """
+INSERT INTO provider_responses (tenant, id_sha256, created_at)
+SELECT * FROM unnest($1::text[], $2::bytea[], $3::float8[]) ON CONFLICT DO NOTHING"""
 _DELETE_ROUNDS = """
 DELETE FROM rounds x USING unnest($1::text[], $2::text[], $3::bigint[]) AS u(t, s, q)
 WHERE x.tenant = u.t AND x.session_id = u.s AND x.seq = u.q"""
@@ -345,6 +354,7 @@ class Staged:
         self.dropped_rounds: list[tuple[str, str, int]] = []
         self.audit: list[AuditRow] = []
         self.head_updates: dict[Key, evidence.HeadUpdate] = {}
+        self.provider_responses: list[tuple[str, bytes, float]] = []
 
     @classmethod
     async def load(cls, conn: asyncpg.Connection, keys: set[Key], tenants: set[str]) -> Staged:
@@ -393,13 +403,19 @@ class Staged:
             self.current[key] = Current(cur.tenant, cur.session_id, session, data_key)
             self.dropped_rounds.extend((cur.tenant, cur.session_id, seq) for seq in ch.delete_round_seqs)
         self.rounds.extend(ch.rounds)
+        if ch.provider_responses:
+            now = time.time()
+            self.provider_responses.extend((cur.tenant, digest, now) for digest in ch.provider_responses)
         self.audit.extend(rows)
         if rows:
             self.heads[cur.tenant] = (rows[-1].seq, rows[-1].hash)
 
     async def flush(self, conn: asyncpg.Connection) -> None:
         """Write the staged rows inside the open transaction: in one statement when the batch
-        deletes nothing and lifts no quarantine (:data:`_FLUSH_ONE`), else one per kind."""
+        deletes nothing and lifts no quarantine (:data:`_FLUSH_ONE`), else one per kind; provider
+        response ids (rare: only rounds through a provider-held Responses upstream) in one more."""
+        if self.provider_responses:
+            await conn.execute(_INSERT_PROVIDER_RESPONSES, *_columns(self.provider_responses, 3))
         updates = [u for _, u in sorted(self.head_updates.items())]
         if not (self.deleted or self.dropped_rounds or any(u.clear_quarantine for u in updates)):
             keys = [k for k in (self.current[key].data_key for key in sorted(self.new_keys)) if k is not None]
@@ -483,6 +499,10 @@ class Reads:
         rows = await self._fetch("SELECT hash, policy_id, loaded_at, document FROM policy_versions "
                                  "ORDER BY loaded_at, hash")
         return [PolicyVersionRow(*r) for r in rows]
+
+    async def holds_provider_response(self, tenant: str, digest: bytes) -> bool:
+        return bool(await self._call(lambda c: c.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM provider_responses WHERE tenant = $1 AND id_sha256 = $2)", tenant, digest)))
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         return await self._call(lambda c: c.fetch(query, *args))

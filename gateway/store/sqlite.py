@@ -104,7 +104,7 @@ KNOWN_SESSIONS = 1024
 """Sessions whose rows, as this process last committed them, the store keeps (LRU)."""
 BATCH = 256
 PAGE = 500
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CHECKPOINT_BUSY_SECONDS = 0.2
 """How long one checkpoint attempt waits for other connections before reporting it is busy."""
 
@@ -138,6 +138,12 @@ CREATE TABLE IF NOT EXISTS session_heads (
     (3, """
 CREATE TABLE IF NOT EXISTS policy_versions (
   hash TEXT PRIMARY KEY, policy_id TEXT NOT NULL, loaded_at REAL NOT NULL, document TEXT NOT NULL);
+"""),
+    # which tenant each provider-held response id belongs to, by the id's SHA-256 (gateway.store.base)
+    (4, """
+CREATE TABLE IF NOT EXISTS provider_responses (
+  tenant TEXT NOT NULL, id_sha256 BLOB NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (tenant, id_sha256))
+  WITHOUT ROWID;
 """),
 )
 """``(version, script)`` applied in order to a file below that version (``SCHEMA`` is version 1)."""
@@ -285,6 +291,10 @@ def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> Curren
                          (row.tenant, row.seq, row.created_at, row.body, row.prev_hash, row.hash))
             ch.audit_rows.append(row)
             prev = row.hash
+    if ch.provider_responses:
+        now = time.time()
+        conn.executemany("INSERT OR IGNORE INTO provider_responses VALUES (?,?,?)",
+                         [(tenant, digest, now) for digest in ch.provider_responses])
     rows = ch.audit_rows[-len(ch.audit):] if ch.audit else []
     update = evidence.head_update(cur, ch, rows, bound)
     if update is not None:
@@ -671,6 +681,12 @@ class Reads:
             return [PolicyVersionRow(*r) for r in rows]
         return await self._read(run)
 
+
+    async def holds_provider_response(self, tenant: str, digest: bytes) -> bool:
+        def run(c: sqlite3.Connection) -> bool:
+            return c.execute("SELECT 1 FROM provider_responses WHERE tenant=? AND id_sha256=?",
+                             (tenant, digest)).fetchone() is not None
+        return await self._read(run)
 
     async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
         cur = await self._read(lambda c: read_current(c, tenant, session_id))

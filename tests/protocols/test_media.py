@@ -95,12 +95,15 @@ def test_a_kept_anthropic_document_goes_back_as_the_same_block(make_pgw: Any, pr
     assert first == {"role": "user", "content": [document, {"type": "text", "text": "summarise"}]}
 
 
-def test_a_chat_file_continued_on_messages_is_a_document_block(make_pgw: Any, proto: ProtocolUpstream,
+def test_a_chat_file_continued_on_messages_is_a_document_block(make_gateway: Any, proto: ProtocolUpstream,
                                                                tmp_path: Path) -> None:
     """A Chat ``file`` part with a ``data:`` URL, kept, becomes a base64 ``document`` block when the
-    session continues on the Messages route; a ``file_id`` (another provider's) becomes its
-    placeholder text."""
-    gw = make_pgw(policies=_keep(tmp_path))
+    session continues on the Messages route; a ``file_id`` (another provider's, sent where the
+    operator forwards ``files``) becomes its placeholder text."""
+    gw = make_gateway(policies=_keep(tmp_path), upstreams=[
+        {"name": "oa", "base_url": f"{proto.url}/v1", "models": ["*"], "protocol": "openai",
+         "forward_routes": ["models", "files"]},
+        {"name": "an", "base_url": f"{proto.url}/v1", "models": ["*"], "protocol": "anthropic"}])
     parts = [{"type": "text", "text": "read these"},
              {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{PDF}", "filename": "a.pdf"}},
              {"type": "file", "file": {"file_id": "file-abc123"}}]

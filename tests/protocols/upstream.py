@@ -298,7 +298,15 @@ class ProtocolUpstream:
         app.router.add_post("/v1/responses", self.responses)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_route("*", "/v1/responses/{tail:.+}", self.responses_by_id)
         return app
+
+    async def responses_by_id(self, request: web.Request) -> web.StreamResponse:
+        """A forwarded route below ``/v1/responses/`` (retrieve, delete, input_items, cancel,
+        input_tokens): recorded with its method, answered with a small object naming the path."""
+        body = await request.json() if request.can_read_body else {}
+        self.requests.append((f"{request.method} {request.raw_path}", dict(request.headers), body))
+        return web.json_response({"object": "forwarded", "path": request.raw_path})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
