@@ -43,7 +43,13 @@ CLEAR_OPS = ("reset", "clean_context_window")
 
 def parse_messages(value: Any) -> list[Message]:
     """Agently's chat history argument: one message or a list of them, each ``{"role",
-    "content"}`` (a string or a content-part list). Raises ``BadRequest`` naming the bad one."""
+    "content"}`` (a string or a content-part list). Raises ``BadRequest`` naming the bad one.
+
+    Any non-empty role is taken and kept as given, as Agently's ``ChatMessage`` keeps it (its
+    length counts it, an export writes it); injection sends it as Agently's role mapping does
+    (``session.model.sent_role``: a role other than system, developer, user and assistant goes as
+    the assistant's). Other keys are left out, as Agently leaves them, so a ``tool`` message here
+    is never a tool result: it has no ``tool_call_id``."""
     items = [value] if isinstance(value, dict) else value
     if not isinstance(items, list):
         raise BadRequest("'messages' must be a chat message or a list of chat messages")

@@ -283,6 +283,9 @@ def bound_sync(state: SessionState, strategy: str, max_length: int | None, round
 # ``OpenAICompatible`` defaults ``strict_role_orders: true``, ``rich_content: false``): the window
 # is Agently's ``chat_history`` and the memo its ``CHAT SESSION MEMO`` prompt section.
 
+AGENTLY_ROLES = frozenset({"system", "developer", "user", "assistant"})
+"""The roles Agently's default ``prompt.role_mapping`` sends as themselves; any other (``_``) it
+sends as ``assistant``."""
 CHAT_HISTORY_OPENER = "[CHAT HISTORY]"
 """The user message Agently puts before a history that does not start with a user message."""
 CONTINUE_INPUT = "[User continue input]"
@@ -318,8 +321,17 @@ def carries_history(messages: Sequence[Message]) -> bool:
     return any(m.get("role") == "assistant" for m in messages[:prefill_start(messages)])
 
 
+def sent_role(role: Any) -> str:
+    """The role a window message is sent under: Agently's default ``prompt.role_mapping`` keeps
+    system, developer, user and assistant, and sends any other role as ``assistant`` (``_:
+    assistant``), so a ``narrator`` message or a ``tool`` message without a ``tool_call_id``
+    (which no provider takes back as it is) goes as the assistant's. The window keeps the role."""
+    return role if type(role) is str and role in AGENTLY_ROLES else "assistant"
+
+
 def normalise_window(window: Sequence[Message]) -> list[Message]:
-    """The window as Agently sends a chat history (strict role order): consecutive messages of
+    """The window as Agently sends a chat history (strict role order): each role mapped as Agently
+    maps it (:func:`sent_role`), then consecutive messages of
     one role are merged into one (their texts joined by a blank line), a history that does not
     start with a user message gets a user ``[CHAT HISTORY]`` first, and one that does not end
     with an assistant message gets an assistant ``[User continue input]`` last.
@@ -351,7 +363,7 @@ def _normalise(window: Sequence[Message], answered: Sequence[str] | None = None,
             counts.append(1)
             run_role = None
             continue
-        role = str(role)
+        role = sent_role(role)
         content = message.get("content")
         if type(content) is not str:
             plain = False
@@ -514,7 +526,7 @@ class _Normal:
         added: list[Message] = []  # the core's new last messages, after its last *replaced* ones
         replaced = 0
         for message in messages:
-            role, content = str(message.get("role")), message["content"]
+            role, content = sent_role(message.get("role")), message["content"]
             if last is not None and last["role"] == role:  # a run of one role: texts joined by a blank line
                 last = {"role": role, "content": f"{last['content']}\n\n{content}"}
                 counts[-1] += 1
@@ -568,14 +580,15 @@ def _dressed_items(opener: bool, closer: bool, core: bytes | memoryview) -> byte
 
 def _simple(messages: Sequence[Message], after: str | None = None) -> bool:
     """Whether *messages* (following a message of role *after*) are all ``{"role": <str>,
-    "content": <str>}``, keys in that order, and no two in a row have the same role: then
+    "content": <str>}``, keys in that order, each role one Agently sends as itself
+    (:data:`AGENTLY_ROLES`), and no two in a row have the same role: then
     :func:`normalise_window` changes nothing about them but to add its markers, and their JSON
     text is that of the normalised window's messages."""
     previous = after
     for message in messages:
         role = message.get("role")
-        if (len(message) != 2 or type(role) is not str or role == previous or type(message.get("content")) is not str
-                or next(iter(message)) != "role"):
+        if (len(message) != 2 or type(role) is not str or role not in AGENTLY_ROLES or role == previous
+                or type(message.get("content")) is not str or next(iter(message)) != "role"):
             return False
         previous = role
     return True
@@ -709,9 +722,9 @@ def _messages(value: Any, name: str) -> list[Message]:
             raise InvalidSession(f"'{name}[{i}].content' must be a string or a list of content parts (null only "
                                  "on an assistant message with tool_calls)")
         if m["role"] == "tool" and m.get("tool_call_id") is None:
-            raise InvalidSession(f"'{name}[{i}]' is a tool result without 'tool_call_id', which no provider takes "
-                                 "back (Agently's Session keeps no tool calls: import the gateway's own export of a "
-                                 "session with tool calls, not a copy that went through Agently)")
+            raise InvalidSession(f"'{name}[{i}]' is a tool result without 'tool_call_id': a session with tool "
+                                 "calls that lost them going through Agently (its Session keeps no tool calls); "
+                                 "import the gateway's own export of it instead")
         message: Message = {"role": m["role"], "content": content}
         if m.get("tool_calls") is not None:
             if m["role"] != "assistant":

@@ -379,3 +379,24 @@ def test_user_message_over_max_length_is_cut_before_the_reply_is_appended(
     assert via.turns[1][0] == [{"role": "user", "content": recorded[-11:]}, {"role": "assistant", "content": "ok"},
                                {"role": "user", "content": "next"}]
     assert comparable(export(gateway, "cut:1")) == comparable(local_session(agent))
+
+
+def test_history_roles_agently_does_not_know_are_sent_as_the_assistant(make_gateway: MakeGateway, upstream: Upstream,
+                                                                       tmp_path: Path) -> None:
+    """Messages added under other roles (a ``tool`` message without ``tool_call_id``, ``narrator``,
+    ``User``) are kept as given and sent as Agently's default role mapping sends them: as the
+    assistant's, merged with the assistant messages next to them."""
+    gateway, settings = both(make_gateway, tmp_path, input_keys=None, reply_keys=None, max_length=4000)
+    added = [{"role": "user", "content": "u1"}, {"role": "tool", "content": "tool out"},
+             {"role": "assistant", "content": "a1"}, {"role": "narrator", "content": "n1"},
+             {"role": "User", "content": "u2"}]
+    local, via = Trace(), Trace()
+    agent = local_agent(upstream, "roles:1", settings)
+    agent.add_chat_history(added)
+    local.run(upstream, lambda a: a.input("next question").get_text(), agent)
+    client = gateway_agent(gateway, "roles:1")
+    post(gateway, "roles:1/history", {"op": "add", "messages": added})
+    via.run(upstream, lambda a: a.input("next question").get_text(), client)
+    assert_same_turns(local, via)
+    assert [m["role"] for m in via.turns[0][0]] == ["user", "assistant", "user"]
+    assert export(gateway, "roles:1")["context_window"][:5] == added

@@ -61,6 +61,54 @@ def test_window_normalised_to_agently_role_order() -> None:
     assert [m["content"] for m in out] == ["S", "u1\n\nu2", "[User continue input]", "new"]
 
 
+def _agently_messages(window: list[dict[str, Any]], text: str, *, attachment: Any = None) -> list[dict[str, Any]]:
+    """What Agently's ``OpenAICompatible`` sends for *window* as its chat history and *text* as
+    the input: ``to_messages`` with strict role order, rich content only with an attachment."""
+    import warnings
+
+    from agently import Agently
+
+    prompt = Agently.create_prompt()
+    prompt.set("chat_history", window)
+    prompt.set("input", text)
+    if attachment is not None:
+        prompt.set("attachment", attachment)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(prompt.to_messages(rich_content=attachment is not None, strict_role_orders=True))
+
+
+OTHER_ROLES = ("narrator", "tool", "User", "function", "")
+
+
+def test_window_roles_are_mapped_as_agently_maps_them() -> None:
+    """A window role other than system, developer, user and assistant (a ``tool`` message
+    without ``tool_call_id``, ``narrator``) is sent as the assistant's and merged with its
+    neighbours, as Agently's default ``role_mapping`` (``_: assistant``) sends it; the window
+    keeps the role. Fresh, encoded, and carried over an append, all three paths agree."""
+    import random
+
+    import orjson
+
+    rng = random.Random(7)
+    roles = ("user", "assistant", "system", "developer", *OTHER_ROLES)
+    cases = [[msg("user", "u1"), msg("tool", "tool out"), msg("assistant", "a1")],
+             [msg("user", "u1"), msg("narrator", "n1")]]
+    cases += [[msg(rng.choice(roles), f"m{i}") for i in range(rng.randint(1, 6))] for _ in range(200)]
+    for window in cases:
+        expected = _agently_messages(window, "next question")
+        new = [msg("user", "next question")]
+        state = SessionState(list(window))
+        assert inject(new, state) == expected
+        assert orjson.loads(orjson.dumps(inject(new, SessionState(list(window)), encoded=True))) == expected
+        grown = SessionState(window[:1])
+        grown.normalised()
+        grown.normalised_items()
+        grown = grown.appended(window[1:])
+        assert inject(new, grown) == expected and grown.context_window == window
+        assert orjson.loads(orjson.dumps(inject(new, grown, encoded=True))) == expected
+
+
 def test_hook_messages_have_item_and_attribute_access() -> None:
     """Hooks see Agently's ChatMessage shape (attributes, model_dump) and plain dict access."""
     (m,) = hook_messages([msg("user", "hi")])
