@@ -169,6 +169,22 @@ def test_invalid_session_documents_are_refused(acme: httpx.Client, doc: Any) -> 
     assert acme.get("/sessions/bad-doc").status_code == 404
 
 
+@pytest.mark.parametrize(("body", "field"), [
+    (r'{"full_context": [{"role": "user", "content": "half \ud83d"}]}', "full_context[0].content"),
+    (r'{"full_context": [], "context_window": [{"role": "user", "content": "\udc00"}]}', "context_window[0].content"),
+    (r'{"full_context": [], "memo": {"facts": ["x", "\ud83d"]}}', "memo.facts[1]"),
+], ids=["content", "window", "memo"])
+def test_a_lone_surrogate_is_refused_naming_its_field(acme: httpx.Client, body: str, field: str) -> None:
+    """An import holding a lone surrogate escape, which Agently's json5 reads but no UTF-8 body can
+    carry to a provider, answers 400 invalid_session naming the field, and stores nothing."""
+    resp = acme.put("/sessions/half", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_session"
+    assert f"'{field}' holds a lone surrogate" in error["message"]
+    assert acme.get("/sessions/half").status_code == 404
+
+
 def test_an_anthropic_client_reads_its_sessions_with_x_api_key(gateway: Gateway, acme: httpx.Client) -> None:
     """The ``anthropic`` SDK's generic ``get`` sends its key in ``x-api-key``: the sessions routes
     take it as the model routes do (they answered 401 "send Authorization")."""

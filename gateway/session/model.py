@@ -809,7 +809,46 @@ def from_agently(data: Any) -> tuple[list[Message], SessionState]:
     memo = data.get("memo")
     if memo is not None and not isinstance(memo, (str, dict, list)):
         raise InvalidSession("'memo' must be a string, an object, a list or null")
+    for name, value in (("full_context", full), ("context_window", window), ("memo", memo),
+                        ("session_settings", settings)):
+        _storable(value, name)
     return full, SessionState(list(window), memo, dict(settings), bool(data.get("auto_resize", True)))
+
+
+def _storable(value: Any, name: str) -> None:
+    """Raise ``InvalidSession`` naming the first place in *value* that cannot be stored and sent
+    as it is: a string (or key) holding a lone surrogate (JSON5's ``"\\ud83d"`` escape without its
+    pair: no UTF-8 text, so no JSON body, holds it), or an integer beyond 64 bits."""
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        where, what = _unstorable(value, name) or (name, "a value that cannot be stored")
+        raise InvalidSession(f"'{where}' holds {what}") from None
+
+
+def _unstorable(value: Any, where: str) -> tuple[str, str] | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where, ("a lone surrogate (a \\ud800-\\udfff escape without its pair), which no UTF-8 text "
+                           "and so no request to a provider can carry")
+        return None
+    if isinstance(value, (bool, float)) or value is None:
+        return None
+    if isinstance(value, int):
+        return None if -(2 ** 63) <= value < 2 ** 64 else (where, "an integer beyond 64 bits")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unstorable(key, f"{where} (a key)") or _unstorable(item, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _unstorable(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def with_pending(state: SessionState, strategy: str, appends: list[int]) -> SessionState:
