@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_urldispatcher import _default_expect_handler
 
 from gateway import console, handlers
+from gateway.audit import EntryKey
 from gateway.auditor import AuditTrail
 from gateway.auth import Authenticator, auth_header, check_single_headers
 from gateway.background import Background, Health
@@ -36,7 +37,7 @@ from gateway.errors import (
 from gateway.export import sweep_private_folders
 from gateway.handlers import INTERNAL_ERROR, REQUEST_ID, SERVICES, json_response
 from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyring, ensure
-from gateway.keys import KeyringWatcher
+from gateway.keys import KeyringWatcher, load_signer
 from gateway.logs import exception_fields
 from gateway.metrics import Metrics
 from gateway.observe import METRICS, metrics_middleware, set_error_code
@@ -196,13 +197,17 @@ async def holds_data_keys(store: Store) -> bool:
     return False
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, entry_key: EntryKey | None = None) -> Store:
+    """The configured store, sealing audit entries with *entry_key* (default: the one derived from
+    ``audit.signing_key_file``, ``gateway.keys.load_signer``): every process that writes the chain
+    must seal with it, or verification fails its entries as ``unauthenticated``."""
+    key = entry_key if entry_key is not None else load_signer(settings).entry_key
     if settings.store.backend == "postgres":
         from gateway.store.postgres import PostgresStore
         return PostgresStore(settings.store.postgres_dsn(), schema=settings.store.schema_name,
-                             pool_size=settings.store.pool_size)
+                             pool_size=settings.store.pool_size, entry_key=key)
     from gateway.store.sqlite import SQLiteStore
-    return SQLiteStore(settings.store.path)
+    return SQLiteStore(settings.store.path, entry_key=key)
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -221,7 +226,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     metrics = Metrics(_version())
     app[METRICS] = metrics
     trail = AuditTrail(settings)
-    raw_store = open_store(settings)
+    raw_store = open_store(settings, trail.signer.entry_key)
     raw_store.on_commit = metrics.commit
     if isinstance(raw_store, SQLiteStore):
         raw_store.quiet = metrics.quiet

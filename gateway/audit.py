@@ -37,9 +37,27 @@ refused so that no value can slip in under a new name):
                        its text); the round is ``incomplete`` and recorded no text
 =====================  ===============================================================
 
+**Entry MACs.** A chain of plain SHA-256 links needs no secret: anyone who can write the
+database can append an entry at the head (an ``erasure`` that passes off a deletion) and rehash
+nothing. So the store seals every entry with an :class:`EntryKey` as well, an HMAC-SHA256 key
+derived (HKDF) from the Ed25519 checkpoint signing key, which is kept in a file apart from the
+database and never in it: ``body`` then also holds ``mac``, ``{"hmac_sha256": HMAC of the
+canonical JSON of every other field, "key_id": the signing key's key id}``, and ``hash`` covers
+it too. Every process that writes the chain (each worker, each replica, each CLI command) derives
+the same key from the same signing key file. Verification with the key (:class:`ChainVerifier`
+with ``entry_key``) fails an entry whose MAC does not hold (``forged``), and an entry without a
+MAC under that key once an earlier entry had one (``unauthenticated``): entries written before
+MACs existed (or under an earlier signing key) are accepted as *legacy* only before the chain's
+first keyed entry, and a note names them. Without the key (an auditor offline with the public
+key alone) MACs cannot be checked; the signed checkpoints still commit to every entry they
+cover, and the :class:`Checkpointer` checks every entry's MAC before it signs a head.
+
 **Checkpoints.** A :class:`Checkpointer` signs a tenant's chain head (tenant, seq, hash, time)
 with an Ed25519 key (:class:`Signer`, a PEM file kept apart from the store) every N entries or
 T seconds, and appends it to a JSON-lines file (:class:`CheckpointLog`) an auditor can keep.
+Before it signs a head it checks every entry since the last head it checked (links and MACs,
+reading the store for entries other processes wrote); a tenant whose chain fails is never
+signed again by that process, logged (``checkpoint_refused``) and reported unhealthy.
 Signatures are made per checkpoint, never per entry. Signed bytes:
 ``b"sessiongate-checkpoint-v1\\n" + canonical JSON of {hash, key_id, seq, tenant, time}``;
 ``key_id`` is the first 16 hex digits of the SHA-256 of the raw public key.
@@ -62,11 +80,12 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import hmac
 import os
 import stat
 import threading
 import time
-from collections.abc import AsyncIterable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -74,8 +93,9 @@ from typing import Any
 import orjson
 import structlog
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.background import Backoff, Health
 from gateway.errors import ConfigError, IntegrityError
@@ -99,7 +119,9 @@ ENTRY_FIELDS = frozenset({
     "ended_by", "upstream_status", "recorded", "round_seq", "messages", "state", "truncated",
     "record_failed", "protocol",
 })
-_RESERVED = frozenset({"tenant", "seq", "time", "prev_hash"})
+_RESERVED = frozenset({"tenant", "seq", "time", "prev_hash", "mac"})
+MAC_FIELD = "mac"
+"""The body field that holds an entry's MAC (set by :func:`seal_entry`, never by a caller)."""
 
 ERROR_KINDS = (
     "edited",               # body does not match its hash, or a column disagrees with the body
@@ -110,6 +132,8 @@ ERROR_KINDS = (
     "truncated",            # the chain ends before a checkpoint's seq
     "bad_signature",        # a checkpoint's signature does not hold under the public key
     "checkpoint_mismatch",  # the entry at a checkpoint's seq is not the one that was signed
+    "forged",               # the entry's MAC does not hold under the gateway's audit key
+    "unauthenticated",      # no MAC under the gateway's key, after an entry that had one
     # the stored data against the chain (``gateway.evidence``)
     "round_missing", "round_unrecorded", "round_mismatch", "state_missing", "state_mismatch",
     "state_unrecorded", "round_relabelled", "policy_version_missing", "policy_version_altered",
@@ -121,15 +145,46 @@ PublicKeyLike = Ed25519PublicKey | bytes | str | Path
 """A public key object, PEM bytes or text, or the path of a PEM file."""
 
 _CHECKPOINT_DOMAIN = b"sessiongate-checkpoint-v1\n"
+_ENTRY_MAC_INFO = b"sessiongate-audit-entry-mac-v1"
 _TIME_TOLERANCE = 1e-3
 
 
 # --------------------------------------------------------------------------- entries
 
 
+@dataclass(frozen=True, slots=True)
+class EntryKey:
+    """The secret that authenticates audit entries (HMAC-SHA256): see "Entry MACs" in the module
+    docstring. ``key_id`` is the signing key's (public) key id, which names it in each MAC."""
+
+    key_id: str
+    secret: bytes = field(repr=False)
+
+    def tag(self, unsigned: bytes) -> str:
+        """The MAC of an entry's canonical JSON without its ``mac`` field, in hex."""
+        return hmac.new(self.secret, unsigned, hashlib.sha256).hexdigest()
+
+    def check(self, doc: Mapping[str, Any]) -> str:
+        """How the parsed entry *doc* stands under this key: ``"keyed"`` (its MAC holds),
+        ``"forged"`` (a MAC under this key that does not hold, or a ``mac`` field that is not
+        one), ``"other"`` (a MAC under another key) or ``"absent"`` (no MAC)."""
+        mac = doc.get(MAC_FIELD)
+        if mac is None:
+            return "absent"
+        if not (isinstance(mac, dict) and mac.keys() == {"hmac_sha256", "key_id"}
+                and isinstance(mac["hmac_sha256"], str) and isinstance(mac["key_id"], str)):
+            return "forged"
+        if mac["key_id"] != self.key_id:
+            return "other"
+        unsigned = orjson.dumps({k: v for k, v in doc.items() if k != MAC_FIELD}, option=orjson.OPT_SORT_KEYS)
+        return "keyed" if hmac.compare_digest(self.tag(unsigned), mac["hmac_sha256"]) else "forged"
+
+
 def seal_entry(tenant: str, seq: int, prev_hash: str, created_at: float,
-               fields: Mapping[str, Any]) -> AuditRow:
-    """Build the audit row ``seq`` of ``tenant`` that follows the entry hashed ``prev_hash``.
+               fields: Mapping[str, Any], key: EntryKey | None = None) -> AuditRow:
+    """Build the audit row ``seq`` of ``tenant`` that follows the entry hashed ``prev_hash``,
+    with a MAC under *key* (every store that writes for a gateway passes one; an entry without
+    is a legacy entry, see the module docstring).
 
     ``fields`` follow the entry schema in the module docstring (names and hashes only).
     Raises ``ValueError`` for an unknown field name or event, ``TypeError`` for a value that
@@ -140,8 +195,11 @@ def seal_entry(tenant: str, seq: int, prev_hash: str, created_at: float,
         raise ValueError(f"unknown audit entry field(s): {', '.join(sorted(unknown))}")
     if fields.get("event") not in EVENTS:
         raise ValueError(f"audit entry event must be one of {sorted(EVENTS)}")
-    doc = {**fields, "tenant": tenant, "seq": seq, "time": created_at, "prev_hash": prev_hash}
+    doc: dict[str, Any] = {**fields, "tenant": tenant, "seq": seq, "time": created_at, "prev_hash": prev_hash}
     body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    if key is not None:
+        doc[MAC_FIELD] = {"hmac_sha256": key.tag(body), "key_id": key.key_id}
+        body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     return AuditRow(tenant=tenant, seq=seq, created_at=created_at, body=body,
                     prev_hash=prev_hash, hash=hashlib.sha256(body).hexdigest())
 
@@ -213,6 +271,10 @@ class Signer:
         self._key = private_key
         self.public_key = private_key.public_key()
         self.key_id = key_fingerprint(self.public_key)
+        raw = private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                        serialization.NoEncryption())
+        self.entry_key = EntryKey(self.key_id, HKDF(hashes.SHA256(), 32, salt=None, info=_ENTRY_MAC_INFO).derive(raw))
+        """The key that authenticates audit entries, derived from this one (never stored)."""
 
     @classmethod
     def load_or_create(cls, path: Path | str) -> Signer:
@@ -416,6 +478,26 @@ class _Head:
     hash: str
     checkpointed_seq: int
     pending_since: float | None
+    checked_seq: int
+    """The last entry known genuine: this process wrote it right after the one before, or the store's
+    entries up to it passed :meth:`Checkpointer.check`, or a checkpoint signed it."""
+    checked_hash: str
+    refused: VerifyError | None = None
+    """Why the tenant's chain failed the check before signing: it is never signed again."""
+
+
+EntryReader = Callable[[str, int], AsyncIterator[AuditRow]]
+"""``(tenant, after_seq) -> the tenant's stored entries after after_seq, in order`` (``Store.iter_audit``)."""
+
+
+class ChainRefused(IntegrityError):
+    """A tenant's chain holds an entry the gateway's audit key does not vouch for (or one rewritten
+    since it was checked), so the checkpointer will not sign its head; ``error`` says which."""
+
+    def __init__(self, tenant: str, error: VerifyError) -> None:
+        super().__init__(f"audit chain of tenant {tenant} failed the check before signing: {error.kind} at entry "
+                         f"{error.seq}: {error.message}")
+        self.tenant, self.error = tenant, error
 
 
 class Checkpointer:
@@ -426,18 +508,30 @@ class Checkpointer:
     an entry has waited ``every_seconds`` without one. :meth:`run` (start it as a task) signs
     due heads in a worker thread and, when cancelled, signs whatever is pending before it
     stops. With several replicas each signs the heads it saw; any signed head is valid.
+
+    A head is signed only once every entry up to it is known genuine (:meth:`check`): rows this
+    process committed, each right after the last known one, are; otherwise (another worker or
+    replica wrote in between, or someone wrote around the gateway) the store's entries from the
+    last known one up to the head are read (*entries*, ``Store.iter_audit``) and must link, hash
+    and carry a MAC under the signing key's :class:`EntryKey` (:class:`ChainVerifier`), and the
+    head must be the entry this process observed. A tenant that fails is *refused*: logged
+    (``checkpoint_refused``), reported to ``health`` (``/readyz``) and never signed again by this
+    process; :meth:`checkpoint_tenant` raises :class:`ChainRefused` for it. Without *entries*
+    (tests, tools) observed heads are signed as they are.
     """
 
     def __init__(self, signer: Signer, log: CheckpointLog, *, every_n: int = 1000,
-                 every_seconds: float = 60.0, clock: Any = time.time) -> None:
+                 every_seconds: float = 60.0, clock: Any = time.time, entries: EntryReader | None = None) -> None:
         self.signer, self.log = signer, log
         self.every_n, self.every_seconds, self._clock = every_n, every_seconds, clock
+        self.entries = entries
         self._heads: dict[str, _Head] = {}
         self._lock = threading.Lock()
         self._sign_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._last: dict[str, Checkpoint] = dict(log.latest())
+        self._reported = 0  # refusals told to health so far
 
     def observe(self, rows: Iterable[AuditRow]) -> None:
         """Note newly committed rows; wakes :meth:`run` when a tenant becomes due or pending."""
@@ -447,11 +541,14 @@ class Checkpointer:
                 head = self._heads.get(row.tenant)
                 if head is None:
                     last = self._last.get(row.tenant)
-                    head = _Head(0, GENESIS, last.seq if last else 0, None)
+                    start = (last.seq, last.hash) if last else (0, GENESIS)
+                    head = _Head(0, GENESIS, start[0], None, *start)
                     self._heads[row.tenant] = head
                 if row.seq <= head.seq:
                     continue
                 head.seq, head.hash = row.seq, row.hash
+                if row.seq == head.checked_seq + 1 and row.prev_hash == head.checked_hash:
+                    head.checked_seq, head.checked_hash = row.seq, row.hash  # ours, right after a known one
                 if head.pending_since is None:
                     head.pending_since = self._clock()
                     wake = True
@@ -461,15 +558,85 @@ class Checkpointer:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     def due(self) -> list[str]:
-        """Tenants whose head should be signed now."""
+        """Tenants whose head should be signed now (never a refused one)."""
         now = self._clock()
         with self._lock:
-            return [t for t, h in self._heads.items() if h.seq > h.checkpointed_seq and (
+            return [t for t, h in self._heads.items() if h.seq > h.checkpointed_seq and h.refused is None and (
                 h.seq - h.checkpointed_seq >= self.every_n
                 or (h.pending_since is not None and now - h.pending_since >= self.every_seconds))]
 
+    def refused(self) -> dict[str, VerifyError]:
+        """The tenants whose chain failed the check before signing, and why."""
+        with self._lock:
+            return {t: h.refused for t, h in self._heads.items() if h.refused is not None}
+
+    async def check(self, tenants: Iterable[str] | None = None) -> None:
+        """Make the observed heads of *tenants* (default: all) known genuine by reading the store
+        from the last known entry (see the class docstring), or refuse the tenant. Raises the
+        store's errors (the heads stay unchecked)."""
+        if self.entries is None:
+            return
+        with self._lock:
+            names = list(self._heads) if tenants is None else [t for t in tenants if t in self._heads]
+            todo = [(t, h.checked_seq, h.checked_hash, h.seq, h.hash) for t in names
+                    for h in (self._heads[t],) if h.refused is None and h.checked_seq < h.seq]
+        for tenant, start_seq, start_hash, seq, hash in todo:
+            error = await self._check_range(tenant, start_seq, start_hash, seq, hash)
+            with self._lock:
+                head = self._heads[tenant]
+                if error is not None:
+                    if head.refused is None:
+                        head.refused = error
+                        _log.error("checkpoint_refused", tenant=tenant, seq=error.seq, kind=error.kind,
+                                   detail=error.message, note="this tenant's chain head is not signed: "
+                                   "run 'sessiongate audit verify' and investigate")
+                elif head.checked_seq < seq:
+                    head.checked_seq, head.checked_hash = seq, hash
+
+    async def _check_range(self, tenant: str, start_seq: int, start_hash: str, seq: int,
+                           hash: str) -> VerifyError | None:
+        """Check the stored entries after the known one (``start_seq``, ``start_hash``) up to the
+        observed head (``seq``, ``hash``); the first problem, or None."""
+        assert self.entries is not None
+        key = self.signer.entry_key
+        rows = self.entries(tenant, max(0, start_seq - 1))
+        verifier: ChainVerifier | None = None
+        if start_seq == 0:
+            verifier = ChainVerifier(tenant, entry_key=key)
+        try:
+            async for row in rows:
+                if verifier is None:  # the known entry itself: is it still there, and was it keyed?
+                    if row.seq != start_seq or row.hash != start_hash:
+                        return VerifyError(start_seq, "checkpoint_mismatch",
+                                           f"entry {start_seq} is not the one this gateway checked or signed (the "
+                                           "chain was rewritten from there)")
+                    state = key.check(orjson.loads(row.body))
+                    if state == "forged":
+                        return VerifyError(start_seq, "forged", f"entry {start_seq}'s MAC does not hold")
+                    verifier = ChainVerifier(tenant, entry_key=key, after_seq=start_seq, after_hash=start_hash,
+                                             keyed=state == "keyed")
+                    continue
+                if row.seq > seq or not verifier.feed(row):
+                    break
+        except AlteredRow as exc:
+            return VerifyError(exc.seq, "edited", exc.detail)
+        finally:
+            await aclose(rows)
+        if verifier is None:
+            return VerifyError(start_seq, "truncated", f"entry {start_seq}, which this gateway checked or signed, "
+                                                       "is no longer stored")
+        report = verifier.finish()
+        if report.first_error is not None:
+            return report.first_error
+        if report.last_seq != seq or report.head_hash != hash:
+            return VerifyError(seq, "checkpoint_mismatch",
+                               f"entry {seq} is not the entry this gateway wrote there (the chain ends at "
+                               f"{report.last_seq if report.last_seq is not None else start_seq}, or was rewritten)")
+        return None
+
     def checkpoint_now(self, tenants: Iterable[str] | None = None) -> list[Checkpoint]:
-        """Sign and append the heads of ``tenants`` (default: all with pending entries).
+        """Sign and append the heads of ``tenants`` (default: all with pending entries), as far as
+        they are known genuine (:meth:`check`); refused tenants are skipped.
 
         Blocking (an fsync); returns the new checkpoints. Raises ``OSError`` when the
         checkpoint file cannot be written (the heads stay pending).
@@ -477,8 +644,14 @@ class Checkpointer:
         with self._sign_lock:
             with self._lock:
                 names = list(self._heads) if tenants is None else list(tenants)
-                heads = [(t, self._heads[t].seq, self._heads[t].hash) for t in names
-                         if t in self._heads and self._heads[t].seq > self._heads[t].checkpointed_seq]
+                heads = []
+                for t in names:
+                    h = self._heads.get(t)
+                    if h is None or h.refused is not None:
+                        continue
+                    seq, hash = (h.seq, h.hash) if self.entries is None else (h.checked_seq, h.checked_hash)
+                    if seq > h.checkpointed_seq:
+                        heads.append((t, seq, hash))
             at = self._clock()
             made = [self.signer.sign_head(t, seq, h, at) for t, seq, h in heads]
             self.log.append(made)
@@ -491,22 +664,30 @@ class Checkpointer:
             return made
 
     async def flush(self, tenants: Iterable[str] | None = None) -> list[Checkpoint]:
-        """:meth:`checkpoint_now` in a worker thread."""
-        return await asyncio.to_thread(self.checkpoint_now, tenants)
+        """:meth:`check`, then :meth:`checkpoint_now` in a worker thread."""
+        names = None if tenants is None else list(tenants)
+        await self.check(names)
+        return await asyncio.to_thread(self.checkpoint_now, names)
 
     async def checkpoint_tenant(self, tenant: str) -> Checkpoint | None:
         """Sign ``tenant``'s latest observed head now (an export needs it covered) and return
-        the tenant's newest checkpoint; None when nothing was ever observed or signed."""
+        the tenant's newest checkpoint; None when nothing was ever observed or signed. Raises
+        :class:`ChainRefused` when the tenant's chain failed the check before signing."""
         await self.flush([tenant])
         with self._lock:
+            head = self._heads.get(tenant)
+            if head is not None and head.refused is not None:
+                raise ChainRefused(tenant, head.refused)
             return self._last.get(tenant)
 
     async def run(self, health: Health | None = None, backoff: Backoff = RETRY) -> None:
         """Sign due heads until cancelled; on cancellation sign all pending heads, then stop.
 
-        A signing that fails (the checkpoint file cannot be written) leaves the heads pending:
-        it is logged (exception type only), reported to *health* as ``checkpointer`` and
-        retried after *backoff*, until a signing succeeds again.
+        A signing that fails (the checkpoint file cannot be written, the store cannot be read)
+        leaves the heads pending: it is logged (exception type only), reported to *health* as
+        ``checkpointer`` and retried after *backoff*, until a signing succeeds again. A tenant
+        refused by :meth:`check` is reported to *health* as a failure (:class:`ChainRefused`)
+        and the checkpointer stays reported down while any is.
         """
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         failures = 0
@@ -527,8 +708,7 @@ class Checkpointer:
                     if failures:
                         _log.info("background_task_recovered", task=CHECKPOINTER, after_failures=failures)
                     failures = 0
-                    if health is not None:
-                        health.succeeded(CHECKPOINTER)
+                    self._report(health)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self._next_timeout())
                 self._wake.clear()
@@ -537,15 +717,34 @@ class Checkpointer:
                     # Python 3.11's wait_for swallows a cancel that lands as the wake fires
                     raise asyncio.CancelledError
         finally:
+            try:  # shutting down: check what others wrote since, so that the newest head can be signed
+                await self.check()
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - the heads checked so far are still signed below
+                _log.warning("checkpoint_check_at_shutdown_failed", **error_cause(exc))
             try:
                 self.checkpoint_now()
             except Exception as exc:  # noqa: BLE001 - shutting down; the heads stay unsigned
                 _log.error("checkpoint_at_shutdown_failed", **error_cause(exc))
             self._loop = self._wake = None
 
+    def _report(self, health: Health | None) -> None:
+        """Tell *health* of new refusals; that all is well only while there are none."""
+        refused = self.refused()
+        if health is None:
+            return
+        if not refused:
+            health.succeeded(CHECKPOINTER)
+        elif len(refused) > self._reported:
+            tenant, error = sorted(refused.items())[-1]
+            health.failed(CHECKPOINTER, ChainRefused(tenant, error))
+        self._reported = len(refused)
+
     def _next_timeout(self) -> float | None:
         with self._lock:
-            starts = [h.pending_since for h in self._heads.values() if h.pending_since is not None]
+            starts = [h.pending_since for h in self._heads.values()
+                      if h.pending_since is not None and h.refused is None]
         if not starts:
             return None
         return max(0.0, min(starts) + self.every_seconds - self._clock())
@@ -609,11 +808,17 @@ class ChainVerifier:
     ``after_seq``/``after_hash`` say where the rows start: by default at the genesis. With
     ``after_hash`` None the first row's ``prev_hash`` is taken on trust (a bundle that covers
     part of the chain; the signed checkpoint at its end still commits to every entry in it).
+
+    With ``entry_key`` every entry's MAC is checked (``forged``, ``unauthenticated``); entries
+    without one are legacy until the first keyed entry, or from the start when ``keyed`` (the
+    rows start after a keyed entry). Without it, MACs are not checked and a note says how many
+    entries carry one.
     """
 
     def __init__(self, tenant: str, *, checkpoints: Iterable[Checkpoint] = (),
                  public_key: PublicKeyLike | None = None,
-                 after_seq: int = 0, after_hash: str | None = GENESIS) -> None:
+                 after_seq: int = 0, after_hash: str | None = GENESIS,
+                 entry_key: EntryKey | None = None, keyed: bool = False) -> None:
         mine = sorted((cp for cp in checkpoints if cp.tenant == tenant and cp.seq > after_seq),
                       key=lambda cp: cp.seq)
         if mine and public_key is None:
@@ -627,6 +832,10 @@ class ChainVerifier:
         self._prev_hash = after_hash
         self._prev_seq: int | None = None
         self._pending_gap: int | None = None  # sealed seq of an entry that came too early
+        self._entry_key = entry_key
+        self._keyed: int | None = after_seq if keyed else None  # seq of the first keyed entry
+        self._legacy: list[int] = []  # [first, last] seq of the entries accepted as legacy
+        self._unchecked = 0  # entries with a MAC seen without the key
 
     @property
     def failed(self) -> bool:
@@ -652,6 +861,19 @@ class ChainVerifier:
         """Report, after checking that no checkpoint lies beyond the last entry."""
         if self._pending_gap is not None:
             self._resolve_gap(None)
+        if self._legacy and not self.failed:
+            first, last = self._legacy[0], self._legacy[-1]
+            span = f"entry {first}" if first == last else f"entries {first}..{last}"
+            tail = ("" if self._keyed is not None else "; no entry carries one yet, so an entry appended at the "
+                    "head around the gateway cannot be told from these until the gateway writes the next one")
+            self.report.notes.append(
+                f"{span} carry no MAC under this gateway's audit key (written before entry MACs, or under an "
+                f"earlier signing key): only their links and the signed checkpoints vouch for them{tail}")
+        if self._unchecked and not self.failed:
+            self.report.notes.append(
+                f"the MACs of {self._unchecked} entries were not checked (that needs the gateway's audit key, "
+                "which 'sessiongate audit verify' on the gateway uses); the signed checkpoint covers them, and the "
+                "gateway checks every entry's MAC before it signs a checkpoint")
         while not self.failed and self._cp_index < len(self._checkpoints):
             cp = self._checkpoints[self._cp_index]
             self._cp_index += 1
@@ -688,6 +910,27 @@ class ChainVerifier:
         if (row.seq, row.prev_hash, row.tenant) != (b_seq, b_prev, b_tenant) or \
                 abs(row.created_at - b_time) > _TIME_TOLERANCE:
             return b_seq, "edited", f"entry {b_seq}'s stored columns disagree with its hashed content"
+        return self._check_mac(doc, b_seq)
+
+    def _check_mac(self, doc: dict[str, Any], seq: int) -> tuple[int, str, str] | None:
+        """The entry's MAC against the key (see the class docstring); notes legacy entries."""
+        if self._entry_key is None:
+            self._unchecked += MAC_FIELD in doc
+            return None
+        state = self._entry_key.check(doc)
+        if state == "keyed":
+            if self._keyed is None:
+                self._keyed = seq
+            return None
+        if state == "forged":
+            return seq, "forged", (f"entry {seq}'s MAC does not hold under this gateway's audit key: the gateway "
+                                   "did not write it (it was appended or rewritten around the gateway)")
+        if self._keyed is not None:
+            which = "no MAC" if state == "absent" else "a MAC under another key"
+            return seq, "unauthenticated", (f"entry {seq} carries {which}, but entry {self._keyed} before it carries "
+                                            "one under this gateway's audit key, and the gateway gives every entry "
+                                            "after that a MAC: it was appended around the gateway")
+        self._legacy = [self._legacy[0] if self._legacy else seq, seq]
         return None
 
     def _position(self, col_seq: int, b_seq: Any) -> tuple[int, str, str] | None:
@@ -772,14 +1015,16 @@ def _when(ts: float) -> str:
 
 def verify_chain(rows: Iterable[AuditRow], *, tenant: str, checkpoints: Iterable[Checkpoint] = (),
                  public_key: PublicKeyLike | None = None,
-                 after_seq: int = 0, after_hash: str | None = GENESIS) -> VerifyReport:
-    """Verify ``tenant``'s chain from ``rows`` (in seq order) against ``checkpoints``.
+                 after_seq: int = 0, after_hash: str | None = GENESIS,
+                 entry_key: EntryKey | None = None) -> VerifyReport:
+    """Verify ``tenant``'s chain from ``rows`` (in seq order) against ``checkpoints`` (and, with
+    ``entry_key``, every entry's MAC).
 
     Stops at the first problem. Raises ``ValueError`` when checkpoints are given without a
     public key, ``ConfigError`` when the public key cannot be read.
     """
     verifier = ChainVerifier(tenant, checkpoints=checkpoints, public_key=public_key,
-                             after_seq=after_seq, after_hash=after_hash)
+                             after_seq=after_seq, after_hash=after_hash, entry_key=entry_key)
     for row in rows:
         if not verifier.feed(row):
             break
@@ -789,11 +1034,12 @@ def verify_chain(rows: Iterable[AuditRow], *, tenant: str, checkpoints: Iterable
 async def averify_chain(rows: AsyncIterable[AuditRow], *, tenant: str,
                         checkpoints: Iterable[Checkpoint] = (),
                         public_key: PublicKeyLike | None = None,
-                        after_seq: int = 0, after_hash: str | None = GENESIS) -> VerifyReport:
+                        after_seq: int = 0, after_hash: str | None = GENESIS,
+                        entry_key: EntryKey | None = None) -> VerifyReport:
     """:func:`verify_chain` over an async iterator such as ``Store.iter_audit``; a row the store
     cannot read as an entry (:class:`AlteredRow`) is reported as ``edited`` at its seq."""
     verifier = ChainVerifier(tenant, checkpoints=checkpoints, public_key=public_key,
-                             after_seq=after_seq, after_hash=after_hash)
+                             after_seq=after_seq, after_hash=after_hash, entry_key=entry_key)
     try:
         async for row in rows:
             if not verifier.feed(row):

@@ -3,10 +3,12 @@
 ``AuditTrail`` ties ``gateway.audit`` and ``gateway.export`` to a live store:
 
 - ``ObservedStore`` wraps a store so that every committed audit row reaches the
-  ``Checkpointer``, which signs chain heads every N entries or T seconds, off the request path;
+  ``Checkpointer``, which signs chain heads every N entries or T seconds, off the request path,
+  once it has checked the entries up to the head (it reads them from the wrapped store);
 - ``verify(tenant)`` streams a tenant's chain from the store through ``ChainVerifier`` with the
-  checkpoints kept outside the database and the public key, then checks the stored rounds and
-  state rows against the chain (``gateway.evidence.verify_data``);
+  checkpoints kept outside the database, the public key and the entry MAC key (derived from the
+  signing key, ``gateway.audit.EntryKey``), then checks the stored rounds and state rows against
+  the chain (``gateway.evidence.verify_data``);
 - ``export(...)`` decrypts a tenant's (or a session's) rounds, applies the redaction of the
   policy version each round was recorded under (``gateway.policy.versions``) and writes a
   bundle that verifies offline with only the public key. Every export is itself an audit entry.
@@ -109,6 +111,8 @@ class AuditTrail:
                                          every_seconds=settings.audit.checkpoint_seconds)
 
     def observe(self, store: Store) -> ObservedStore:
+        """*store* with its commits told to the checkpointer, which reads its entries to check them."""
+        self.checkpointer.entries = lambda tenant, after: store.iter_audit(tenant, after_seq=after)
         return ObservedStore(store, self.checkpointer)
 
     async def tenants(self, store: Store, checkpoints: list[Checkpoint] | None = None) -> list[str]:
@@ -134,7 +138,8 @@ class AuditTrail:
         async with store.snapshot() as view:
             rows = view.iter_audit(tenant)
             report = await averify_chain(watch(rows) if watch is not None else rows, tenant=tenant,
-                                         checkpoints=cps, public_key=public_key or self.signer.public_key_pem())
+                                         checkpoints=cps, public_key=public_key or self.signer.public_key_pem(),
+                                         entry_key=self.signer.entry_key)
             if data and report.ok:
                 if on_data is not None:
                     on_data()

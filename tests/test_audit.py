@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import os
 import stat
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import orjson
@@ -15,9 +15,11 @@ import pytest
 
 from gateway.audit import (
     GENESIS,
+    ChainRefused,
     Checkpoint,
     Checkpointer,
     CheckpointLog,
+    EntryKey,
     Signer,
     VerifyError,
     VerifyReport,
@@ -27,6 +29,7 @@ from gateway.audit import (
     seal_entry,
     verify_chain,
 )
+from gateway.background import Health
 from gateway.errors import ConfigError
 from gateway.store.base import AuditRow
 
@@ -41,13 +44,14 @@ def _round_fields(i: int, session: str = "s-1") -> dict:
             "ciphertext_sha256": hashlib.sha256(f"ct-{session}-{i}".encode()).hexdigest()}
 
 
-def make_chain(n: int, tenant: str = "acme", *, after: AuditRow | None = None) -> list[AuditRow]:
-    """``n`` sealed round entries, continuing ``after`` when given."""
+def make_chain(n: int, tenant: str = "acme", *, after: AuditRow | None = None,
+               key: EntryKey | None = None) -> list[AuditRow]:
+    """``n`` sealed round entries (with MACs under ``key``), continuing ``after`` when given."""
     rows: list[AuditRow] = []
     prev_hash, seq = (after.hash, after.seq) if after else (GENESIS, 0)
     for _ in range(n):
         seq += 1
-        row = seal_entry(tenant, seq, prev_hash, T0 + seq, _round_fields(seq))
+        row = seal_entry(tenant, seq, prev_hash, T0 + seq, _round_fields(seq), key)
         rows.append(row)
         prev_hash = row.hash
     return rows
@@ -501,3 +505,156 @@ def test_a_short_checkpoint_write_is_finished(tmp_path: Path, signer: Signer, mo
     log.append(cps)
     monkeypatch.undo()
     assert list(CheckpointLog(log.path)) == cps and not log.torn
+
+
+# --------------------------------------------------------------------------- entry MACs
+
+
+def test_the_entry_key_is_derived_from_the_signing_key_file(tmp_path: Path, signer: Signer) -> None:
+    """Every process that loads the signing key file derives the same entry key, named by the
+    signing key's id; another key file gives another."""
+    again = Signer.load_or_create(tmp_path / "keys" / "audit.key")
+    assert again.entry_key == signer.entry_key and signer.entry_key.key_id == signer.key_id
+    assert len(signer.entry_key.secret) == 32 and "secret" not in repr(signer.entry_key)
+    assert Signer.load_or_create(tmp_path / "other.key").entry_key.secret != signer.entry_key.secret
+
+
+def test_keyed_entries_verify_under_the_key(signer: Signer) -> None:
+    """Entries sealed with the entry key carry a MAC under its id, and verify with no note."""
+    rows = make_chain(5, key=signer.entry_key)
+    assert all(entry_fields(r)["mac"]["key_id"] == signer.key_id for r in rows)
+    report = verify_chain(rows, tenant="acme", entry_key=signer.entry_key)
+    assert report.ok and report.entries == 5 and report.notes == []
+
+
+def test_an_entry_appended_without_the_key_after_keyed_ones_is_unauthenticated(tmp_path: Path,
+                                                                               signer: Signer) -> None:
+    """An entry sealed with ``seal_entry`` alone (hash and link right) at the head of a keyed chain,
+    as anyone with the database can, fails naming its seq, also with keyed entries after it;
+    so does one under another key. Without the key it cannot be told."""
+    key = signer.entry_key
+    rows = make_chain(5, key=key)
+    forged = make_chain(1, after=rows[-1])
+    assert verify_chain([*rows, *forged], tenant="acme").ok
+    assert _error(verify_chain([*rows, *forged], tenant="acme", entry_key=key)) == (6, "unauthenticated")
+    later = make_chain(2, after=forged[-1], key=key)
+    report = verify_chain([*rows, *forged, *later], tenant="acme", entry_key=key)
+    assert _error(report) == (6, "unauthenticated") and "carries no MAC" in _err(report).message
+    foreign = make_chain(1, after=rows[-1], key=Signer.load_or_create(tmp_path / "other.key").entry_key)
+    report = verify_chain([*rows, *foreign], tenant="acme", entry_key=key)
+    assert _error(report) == (6, "unauthenticated") and "another key" in _err(report).message
+
+
+@pytest.mark.parametrize("mac", ["altered", "made-up", "malformed"])
+def test_an_entry_whose_mac_does_not_hold_is_forged(signer: Signer, mac: str) -> None:
+    """An entry rewritten and rehashed with its old MAC, or given a made-up or malformed one, fails
+    as ``forged`` at its seq."""
+    rows = make_chain(3, key=signer.entry_key)
+    doc = entry_fields(rows[2])
+    if mac == "altered":
+        doc["outcome"] = "refused"
+    else:
+        doc["mac"] = {"hmac_sha256": "ab" * 32, "key_id": signer.key_id} if mac == "made-up" else "ab" * 32
+    body = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    row = dataclasses.replace(rows[2], body=body, hash=hashlib.sha256(body).hexdigest())
+    assert _error(verify_chain([*rows[:2], row], tenant="acme", entry_key=signer.entry_key)) == (3, "forged")
+
+
+def test_a_legacy_chain_verifies_with_a_note_and_may_be_followed_by_keyed_entries(signer: Signer) -> None:
+    """Entries from before entry MACs verify under the key as legacy, noted; keyed entries may follow
+    them (the upgrade), and the note then no longer warns about the head."""
+    legacy = make_chain(4)
+    report = verify_chain(legacy, tenant="acme", entry_key=signer.entry_key)
+    assert report.ok and "entries 1..4 carry no MAC" in report.notes[0] and "cannot be told" in report.notes[0]
+    keyed = make_chain(3, after=legacy[-1], key=signer.entry_key)
+    report = verify_chain([*legacy, *keyed], tenant="acme", entry_key=signer.entry_key)
+    assert report.ok and report.entries == 7
+    assert "entries 1..4 carry no MAC" in report.notes[0] and "cannot be told" not in report.notes[0]
+
+
+def test_without_the_key_macs_are_noted_as_unchecked(signer: Signer) -> None:
+    """Offline (the public key alone) MACs cannot be checked: the report says so."""
+    report = verify_chain(make_chain(3, key=signer.entry_key), tenant="acme")
+    assert report.ok and "MACs of 3 entries were not checked" in report.notes[0]
+
+
+def _reader(stored: list[AuditRow]) -> Callable[[str, int], AsyncIterator[AuditRow]]:
+    async def entries(tenant: str, after: int) -> AsyncIterator[AuditRow]:
+        for row in stored:
+            if row.tenant == tenant and row.seq > after:
+                yield row
+    return entries
+
+
+def test_checkpointer_checks_entries_other_writers_added_and_signs_them(signer: Signer, tmp_path: Path) -> None:
+    """Keyed entries another worker wrote between this process's own are read and checked, and
+    the head after them is signed."""
+    key = signer.entry_key
+    ours = make_chain(3, key=key)
+    theirs = make_chain(2, after=ours[-1], key=key)
+    last = make_chain(1, after=theirs[-1], key=key)
+    log = CheckpointLog(tmp_path / "cp.jsonl")
+    cpr = Checkpointer(signer, log, every_n=2, every_seconds=60, clock=FakeClock(),
+                       entries=_reader([*ours, *theirs, *last]))
+    cpr.observe(ours)
+    cpr.observe(last)
+    assert [(c.seq, c.hash) for c in asyncio.run(cpr.flush(cpr.due()))] == [(6, last[0].hash)]
+    assert cpr.refused() == {}
+
+
+def test_checkpointer_never_signs_a_head_that_chains_through_a_forged_entry(signer: Signer, tmp_path: Path) -> None:
+    """An entry appended around the gateway (no MAC) before this process's next one: the head is
+    not signed, the tenant is refused for good (not due again), an export's checkpoint raises
+    ``ChainRefused``, ``health`` reports the checkpointer down, and other tenants are still signed."""
+    key = signer.entry_key
+    rows = make_chain(3, key=key)
+    forged = make_chain(1, after=rows[-1])
+    ours = make_chain(1, after=forged[-1], key=key)
+    other = make_chain(2, tenant="globex", key=key)
+    log = CheckpointLog(tmp_path / "cp.jsonl")
+    cpr = Checkpointer(signer, log, every_n=2, every_seconds=3600,
+                       entries=_reader([*rows, *forged, *ours, *other]))
+    health = Health()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(cpr.run(health))
+        await asyncio.sleep(0)
+        cpr.observe(rows)
+        for _ in range(500):
+            if list(log):
+                break
+            await asyncio.sleep(0.01)
+        cpr.observe(ours)
+        cpr.observe(other)
+        for _ in range(500):
+            if cpr.refused() and any(cp.tenant == "globex" for cp in log):
+                break
+            await asyncio.sleep(0.01)
+        assert cpr.due() == []
+        with pytest.raises(ChainRefused) as refusal:
+            await cpr.checkpoint_tenant("acme")
+        assert "unauthenticated at entry 4" in refusal.value.detail
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert [(cp.tenant, cp.seq) for cp in log] == [("acme", 3), ("globex", 2)]
+    refused = cpr.refused()["acme"]
+    assert (refused.seq, refused.kind) == (4, "unauthenticated")
+    assert [(t.name, t.last_error) for t in health.unready()] == [("checkpointer", "ChainRefused")]
+
+
+def test_checkpointer_refuses_when_the_entry_it_signed_was_replaced(signer: Signer, tmp_path: Path) -> None:
+    """The chain rewritten from the last signed entry on (rows deleted and the tail rebuilt) is
+    refused too: the entry the checkpoint vouched for is no longer there."""
+    key = signer.entry_key
+    rows = make_chain(3, key=key)
+    log = CheckpointLog(tmp_path / "cp.jsonl")
+    log.append([signer.sign_head("acme", 3, rows[2].hash, T0)])
+    rebuilt = [*rows[:2], *make_chain(1, after=rows[1])]
+    ours = make_chain(1, after=rebuilt[-1], key=key)
+    cpr = Checkpointer(signer, log, every_n=1, every_seconds=60, entries=_reader([*rebuilt, *ours]))
+    cpr.observe(ours)
+    assert asyncio.run(cpr.flush(cpr.due())) == []
+    assert cpr.refused()["acme"].kind == "checkpoint_mismatch"

@@ -318,14 +318,16 @@ async def read_batch(conn: asyncpg.Connection, keys: list[Key],
     return current, heads
 
 
-def seal_audit(tenant: str, entries: list[dict[str, Any]], head: tuple[int, str]) -> list[AuditRow]:
-    """Chain *entries* after *head* (``seq``, ``hash``); pure, raises ValueError for a bad entry."""
+def seal_audit(tenant: str, entries: list[dict[str, Any]], head: tuple[int, str],
+               key: audit.EntryKey | None = None) -> list[AuditRow]:
+    """Chain *entries* after *head* (``seq``, ``hash``), with MACs under *key*; pure, raises
+    ValueError for a bad entry."""
     seq, prev = head
     now = time.time()
     rows: list[AuditRow] = []
     for fields in entries:
         seq += 1
-        row = audit.seal_entry(tenant, seq, prev, now, fields)
+        row = audit.seal_entry(tenant, seq, prev, now, fields, key)
         rows.append(row)
         prev = row.hash
     return rows
@@ -353,6 +355,7 @@ class Staged:
         self.rounds: list[RoundRow] = []
         self.dropped_rounds: list[tuple[str, str, int]] = []
         self.audit: list[AuditRow] = []
+        self.entry_key: audit.EntryKey | None = None
         self.head_updates: dict[Key, evidence.HeadUpdate] = {}
         self.provider_responses: list[tuple[str, bytes, float]] = []
 
@@ -373,7 +376,7 @@ class Staged:
             if session_id is None and (ch.session or ch.data_key or ch.delete_session):
                 raise ValueError("a plan without a session may write audit entries and rounds only")
             bound = evidence.bind(cur, ch)
-            rows = seal_audit(tenant, ch.audit, self.heads[tenant]) if ch.audit else []
+            rows = seal_audit(tenant, ch.audit, self.heads[tenant], self.entry_key) if ch.audit else []
         except Exception as exc:  # noqa: BLE001 - handed to the caller unchanged
             return False, exc
         self.stage(cur, ch, rows)
@@ -636,10 +639,13 @@ class PostgresStore(Reads):
     ``[a-z_][a-z0-9_]*`` (at most 63 characters).
     """
 
-    def __init__(self, dsn: str, *, schema: str = "public", pool_size: int = 10, writers: int | None = None) -> None:
+    def __init__(self, dsn: str, *, schema: str = "public", pool_size: int = 10, writers: int | None = None,
+                 entry_key: audit.EntryKey | None = None) -> None:
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(f"invalid PostgreSQL schema name {schema!r}")
         self.dsn, self.schema, self.pool_size = dsn, schema, pool_size
+        self.entry_key = entry_key
+        """Seals every audit entry's MAC (``gateway.audit.seal_entry``)."""
         self.writers = writers or max(1, min(4, pool_size // 2))
         self._pool: asyncpg.Pool | None = None
         self._lanes: list[asyncio.Queue[_Job | None]] = []
@@ -817,6 +823,7 @@ class PostgresStore(Reads):
             try:
                 staged = await Staged.load(
                     conn, {(j.tenant, j.session_id) for j in batch if j.session_id is not None}, tenants)
+                staged.entry_key = self.entry_key
                 outcomes = [staged.run(job.tenant, job.session_id, job.plan) for job in batch]
                 await staged.flush(conn)
                 await conn.execute("COMMIT")

@@ -249,9 +249,9 @@ def read_current(conn: sqlite3.Connection, tenant: str, session_id: str | None) 
                             row[13:] if row[13] is not None else None)
 
 
-def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> Current:
-    """Apply *ch* inside the open transaction and chain its audit entries; returns the session's
-    rows as they are now (``evidence.after``)."""
+def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes, key: audit.EntryKey | None = None) -> Current:
+    """Apply *ch* inside the open transaction and chain its audit entries (their MACs under *key*);
+    returns the session's rows as they are now (``evidence.after``)."""
     tenant, sid = cur.tenant, cur.session_id
     if ch.erasure_done is not None and conn.execute(
             "DELETE FROM meta WHERE name=?", (_erasure_name(tenant, ch.erasure_done),)).rowcount == 0:
@@ -286,7 +286,7 @@ def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes) -> Curren
         now = time.time()
         for fields in ch.audit:
             seq += 1
-            row = audit.seal_entry(tenant, seq, prev, now, fields)
+            row = audit.seal_entry(tenant, seq, prev, now, fields, key)
             conn.execute("INSERT INTO audit VALUES (?,?,?,?,?,?)",
                          (row.tenant, row.seq, row.created_at, row.body, row.prev_hash, row.hash))
             ch.audit_rows.append(row)
@@ -828,10 +828,12 @@ class Snapshot(Reads):
 
 
 class SQLiteStore(Reads):
-    """The Store protocol on one SQLite file. Create, then ``await open()``."""
+    """The Store protocol on one SQLite file. Create, then ``await open()``. Audit entries are
+    sealed with *entry_key* (``gateway.audit.seal_entry``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, entry_key: audit.EntryKey | None = None) -> None:
         self.path = Path(path)
+        self.entry_key = entry_key
         self._writer: Lane | None = None
         self._reader: Lane | None = None
         self._writes: WriteQueue | None = None
@@ -1156,7 +1158,7 @@ class SQLiteStore(Reads):
         def run(conn: sqlite3.Connection) -> Changes:
             cur = self._current(conn, tenant, session_id)
             changes = plan(cur)
-            after = write_changes(conn, cur, changes)
+            after = write_changes(conn, cur, changes, self.entry_key)
             exact = not (changes.delete_round_seqs or changes.delete_session)  # after() keeps max_seq then
             # kept as this process's own only when built on rows that pass the check themselves
             # (a quarantine's commit, say, is built on rows that failed it)
