@@ -91,6 +91,7 @@ class Context:
     reply_text: str | None = None
     recorded: list[dict[str, Any]] | None = None  # structured messages, when the round has tool calls or media
     record_error: str = ""  # the type name of the exception that made recording fail
+    keys_over_budget: list[str] = field(default_factory=list)  # reply keys left out: too costly on this reply
     # persist
     persist_attempted: bool = False
     persisted: bool = False

@@ -30,8 +30,13 @@ regular expression (a ``=~`` filter or ``sub()``: keys run on client text, where
 stall every client) or computing new values from client values (arithmetic ``+ - * /``,
 ``split()``, ``str()``: ``"x" * n`` lets one request allocate gigabytes). What stays only
 selects or measures what the body already holds (filters with ``==``/``<``..., ``len``, ``keys``,
-``sorted``, ``path``). ``find`` never raises: a JSONPath operator that fails on the value it meets
-(``sorted`` of a string, ``len`` of a number ...) means the key is not found.
+``sorted``, ``path``). A JSONPath operator that fails on the value it meets (``sorted`` of a
+string, ``len`` of a number ...) means the key is not found.
+
+JSONPath keys are parsed by jsonpath-ng and evaluated by ``gateway.jsonpath`` within a budget of
+work and output: ``find`` raises ``KeyBudgetExceeded`` for a value too large to evaluate the
+key on (it never reports such a key as not found); :func:`check_jsonpath_keys` is the same
+check for a request's keys before it is forwarded. Nothing else in ``find`` raises.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from jsonpath_ng.ext import parse as jsonpath_parse
 from jsonpath_ng.ext.arithmetic import Operation
 from jsonpath_ng.ext.filter import Expression
 from jsonpath_ng.ext.string import Split, Str, Sub
+
+from gateway.jsonpath import KeyBudgetExceeded, Query, compile_query
 
 if TYPE_CHECKING:
     from gateway.session.record import ReplyView, RequestView
@@ -189,12 +196,30 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
 
 
-def _find_jsonpath(expression: Any, data: Any) -> tuple[bool, Any]:
+def check_jsonpath_keys(keys: Sequence[KeyPath] | None, data: Any) -> None:
+    """Evaluate the JSONPath keys among *keys* on *data* (a request body) within their budget.
+
+    Raises :class:`~gateway.jsonpath.KeyBudgetExceeded` for the first that does not fit; the
+    match_policy stage runs this before the request is forwarded, so a body that the record
+    could not evaluate is refused instead of being recorded without the key."""
+    for key in keys or ():
+        if key.root == "jsonpath" and data is not None:
+            try:
+                key.jsonpath.values(data)
+            except KeyBudgetExceeded:
+                raise
+            except Exception:  # noqa: BLE001 - not found, as in find(): nothing to refuse
+                pass
+
+
+def _find_jsonpath(query: Query, data: Any) -> tuple[bool, Any]:
     if data is None:
         return False, None
     try:
-        matches = [match.value for match in expression.find(data)]
-    except Exception:  # noqa: BLE001 - jsonpath-ng's operators raise on values of other types: not found
+        matches = query.values(data)
+    except KeyBudgetExceeded:
+        raise
+    except Exception:  # noqa: BLE001 - as jsonpath-ng, an operator that fails on the value it meets: not found
         return False, None
     if not matches:
         return False, None
@@ -271,13 +296,16 @@ def _dot_steps(text: str, key: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def _compile_jsonpath(text: str) -> Any:
+def _compile_jsonpath(text: str) -> Query:
     try:
         expression = jsonpath_parse(text)
     except Exception as exc:  # jsonpath-ng raises several unrelated types for bad input
         raise ValueError(f"key {text!r}: invalid JSONPath: {exc}") from exc
     _refuse_computing(expression, text)
-    return expression
+    try:
+        return compile_query(expression)
+    except ValueError as exc:
+        raise ValueError(f"key {text!r}: {exc}") from exc
 
 
 _COMPUTES = "a key runs on client values for every request"

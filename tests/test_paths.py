@@ -318,3 +318,157 @@ def test_a_jsonpath_operator_that_fails_on_the_client_value_means_not_found(key:
     """find never raises: an operator that cannot handle the type the client sent finds nothing."""
     view = build_request_view({"model": "m", "metadata": metadata, "messages": [{"role": "user", "content": "hi"}]})
     assert compile_key(key).find(view) == (False, None)
+
+
+# --- JSONPath evaluation: jsonpath-ng's values, with bounded work ------------------------------
+
+DIFF_BODIES: list[Any] = [
+    {"model": "m", "messages": [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "u"}}],
+         "name": "bob"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]}],
+     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+     "n": 1, "temperature": 0.5, "stream": False, "x": [3, 1, 2], "y": {"b": 2, "a": 1},
+     "z": [{"k": 2}, {"k": 1}, {"k": "s"}], "t": True, "nn": None, "content": {"content": {"content": "deep"}}},
+    {"a": [1, [2, [3]], {"a": 4}], "b": {"a": {"a": 5}}, "c": "str", "d": [], "e": {},
+     "f": [True, False, 0, 1, None, "1", 1.0]},
+    {"": 1, "*": 2, "a b": 3, "m": [{"a": 1}, {"a": [1]}, {"a": {"a": 1}}]},
+]
+DIFF_KEYS = [
+    "$", "$.messages[*].content", "$.messages[*].name", "$..content", "$..*", "$.tools", "$.messages[0]",
+    "$.messages[-1].role", "$.messages[0:2].role", "$.messages[::-1].role", "$.messages[::0]", "$.x[1:]", "$..a",
+    "$.a[*]", "$.*", "$[*]", "$[0,0,-1]", "$['a','a']", "$['*']", "$.nn", "$.t", "$.`len`", "$.`sorted`",
+    "$.messages[?(@.role == 'user')].content", "$.messages[?(@.role != 'user')]", "$.messages[?(@.name)]",
+    "$.messages[?(!@.name)]", "$.f[?(@ == 1)]", "$.f[?(@ == true)]", "$.f[?(@ == null)]", "$.f[?(@ != null)]",
+    "$.f[?(@ > 0)]", "$.f[?(@ >= '1')]", "$.z[?(@.k > 1 || @.k == 's')]", "$.z[?(@.k > 0 && @.k < 2)]",
+    "$.z[?(@.k == $.n)]", "$.messages[?(@.role == $.messages[0].role)]", "$.m[?(@.a == $.m[1].a)]",
+    "$.x.`len`", "$.y.`keys`", "$.x.`sorted`", "$.y.`sorted`", "$.z[/k]", "$.z[\\k]", "$.c.`sorted`",
+    "$.messages[*].`path`", "$..`path`", "$.messages[*].role.`parent`", "$.a[*].`parent`", "$.messages[*].$",
+    "$.a | $.b", "$.a & $.b", "$.messages where name", "$.messages[*] where name", "$.messages[*] wherenot name",
+    "$..[?(@.a)]", "$..[?(@ == 5)]", "$..content..content", "$.a..a", "$..a.`len`", "$.y.`sorted`[0]",
+    "$.*.`path`", "$.a[?(@[0] == 2)]", "$.content..*", "$..[?($.t == true)]", "$.b..[?(@ == $.b.a.a)]",
+    "$.z[/k].`len`", "$.x[?(@ > 1)].`path`", "$..*.`parent`.`len`",
+    "$.messages[*].content[?(@.type=='text')].text",
+]
+
+
+def jsonpath_ng_outcome(key: str, data: Any) -> str:
+    """What the key gave under jsonpath-ng (values, or the type of the error it raised), as text."""
+    from jsonpath_ng.ext import parse
+    try:
+        return repr(("values", [match.value for match in parse(key).find(data)]))
+    except Exception as exc:  # noqa: BLE001 - the error's type is part of the outcome
+        return repr(("error", type(exc).__name__))
+
+
+def our_outcome(key: str, data: Any) -> str:
+    try:
+        return repr(("values", compile_key(key).jsonpath.values(data)))
+    except Exception as exc:  # noqa: BLE001
+        return repr(("error", type(exc).__name__))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("key", DIFF_KEYS)
+def test_jsonpath_keys_find_what_jsonpath_ng_finds(key: str) -> None:
+    """Every key finds jsonpath-ng's values in its order (``repr``, so ``1``, ``1.0`` and ``True``
+    differ), and fails where jsonpath-ng fails, with the same error type."""
+    for data in DIFF_BODIES:
+        assert our_outcome(key, data) == jsonpath_ng_outcome(key, data), (key, data)
+
+
+def _json_values() -> Any:
+    from hypothesis import strategies as st
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.5, 1.0]),
+                        st.sampled_from(["", "a", "b", "1", "content"]))
+    names = st.sampled_from(["a", "b", "content", "role", "k"])
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(names, inner, max_size=4)), max_leaves=20)
+
+
+def _keys() -> Any:
+    from hypothesis import strategies as st
+    literal = st.sampled_from(["1", "'a'", "true", "null", "0.5", "$.a", "@.b"])
+    test = st.one_of(st.sampled_from(["@.a", "@.content", "!@.k", "@.a.`len`", "@[0]"]),
+                     st.builds(lambda t, op, v: f"{t} {op} {v}", st.sampled_from(["@.a", "@", "@.k", "@[0]"]),
+                               st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), literal))
+    segment = st.one_of(
+        st.sampled_from([".a", ".b", ".content", ".*", "[*]", "[0]", "[-1]", "[0,0]", "[1:]", "[::-1]", "[:2]",
+                         "..a", "..content", "..*", "['a','b']", ".`len`", ".`keys`", ".`path`", ".`parent`",
+                         ".`sorted`", "[/k]", "[\\a]", ".$", ".`this`"]),
+        st.builds(lambda t: f"[?({t})]", test),
+        st.builds(lambda a, b: f"[?({a} || {b})]", test, test),
+        st.builds(lambda a, b: f"[?({a} && {b})]", test, test),
+        st.builds(lambda t: f"..[?({t})]", test),
+    )
+    return st.builds(lambda parts: "$" + "".join(parts), st.lists(segment, min_size=1, max_size=4))
+
+
+def test_jsonpath_keys_match_jsonpath_ng_on_generated_keys_and_bodies() -> None:
+    """A bounded property test: on generated keys and JSON values, the evaluator and jsonpath-ng
+    agree (values in order, or the same error type)."""
+    import warnings
+
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(key=_keys(), data=_json_values())
+    def agree(key: str, data: Any) -> None:
+        try:
+            compile_key(key)
+        except ValueError:
+            return  # a key jsonpath-ng cannot parse either, or one refused as computing
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert our_outcome(key, data) == jsonpath_ng_outcome(key, data)
+
+    agree()
+
+
+HOSTILE_BODIES = {
+    "$.messages[*].content": {"model": "m", "messages": [{"role": "user"}] * 400_000},
+    "$..content": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "junk": [[]] * 500_000},
+    "$.junk[*]": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "junk": [0] * 500_000},
+    "$..*": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "junk": [0] * 500_000},
+    "$.messages[?(@.role == 'user')].role": {"model": "m", "messages": [{"role": "user"}] * 100_000},
+    "$.junk.`sorted`": {"junk": [[0] * 50] * 2000},
+}
+
+
+@pytest.mark.parametrize("key", sorted(HOSTILE_BODIES))
+def test_a_jsonpath_key_on_a_padded_body_stops_at_its_budget(key: str) -> None:
+    """A key on a body padded with values (the size a client controls) raises KeyBudgetExceeded
+    once its counted work passes WORK_BUDGET, instead of walking the whole body (jsonpath-ng took
+    seconds on these) or coming out "not found"."""
+    from gateway.jsonpath import WORK_BUDGET, KeyBudgetExceeded
+    body = HOSTILE_BODIES[key]
+    with pytest.raises(KeyBudgetExceeded) as raised:
+        compile_key(key).find(build_request_view(body))
+    assert raised.value.what == "work" and raised.value.limit == WORK_BUDGET
+
+
+def test_output_repeated_per_ancestor_is_counted() -> None:
+    """``$..*`` holds every value once per ancestor: a long string nested 100 deep would be
+    recorded 100 times, so the output, not only the walk, is bounded."""
+    from gateway.jsonpath import MAX_OUTPUT_CHARS, KeyBudgetExceeded
+    deep: Any = "x" * (MAX_OUTPUT_CHARS // 50)
+    for _ in range(100):
+        deep = [deep]
+    with pytest.raises(KeyBudgetExceeded) as raised:
+        compile_key("$..*").find(build_request_view({"deep": deep}))
+    assert raised.value.what == "output"
+    assert compile_key("$.deep").find(build_request_view({"deep": deep}))[0]  # once is fine
+
+
+@pytest.mark.parametrize("key", ["$.messages[*].content", "$.messages[*].name", "$..content", "$.tools", "$..*",
+                                 "$.messages[?(@.role == 'user')].content"])
+def test_keys_on_a_normal_chat_body_cost_a_few_hundred_units(key: str) -> None:
+    """The benchmark's chat body (13 turns) costs a key at most a few hundred units of work,
+    far below the budget."""
+    import orjson
+
+    from benchmarks.load import request_body
+    body = orjson.loads(request_body(7, False, "gpt-4o-mini", history=[f"earlier {i}" for i in range(12)]))
+    assert compile_key(key).jsonpath.cost(body) < 600

@@ -102,6 +102,16 @@ stay. An operator that fails on the value a request holds (`` `sorted` `` of a s
 nothing.
 Reply keys are looked up in the reply parsed as JSON.
 
+A `$` key is evaluated within a budget, so that no body can make it stall the gateway: 25,000
+units of work per key and body (a unit is a value visited, a filter candidate, a comparison or
+a value of the key's output; an ordinary chat request costs a key a few hundred) and 16 MiB of
+text in its output (`$..*` holds each value once per ancestor). A key is never reported "not
+found" because the body was large: a request on which an input key would need more is refused
+before it is forwarded (413 `too_many_values`, saying to send fewer values); a reply key that
+would need more is left out of the recorded reply, and the round is `incomplete`, its audit
+entry `truncated` with the key named in `detail.keys_over_budget` (the client still gets the
+whole reply).
+
 ## Bounding hooks
 
 `bounding: {strategy: hook, ...}` names Python functions as `package.module:function`; the

@@ -60,6 +60,7 @@ from typing import Any, ClassVar
 import orjson
 import yaml
 
+from gateway.jsonpath import KeyBudgetExceeded
 from gateway.paths import MISSING as _MISSING
 from gateway.paths import KeyPath
 
@@ -658,11 +659,22 @@ def without_blocks(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             for message in messages]
 
 
-def render_keys(keys: Sequence[KeyPath], view: RequestView | ReplyView) -> str | None:
-    """One block per key found in ``view``, in key order; None when no key is found."""
+def render_keys(keys: Sequence[KeyPath], view: RequestView | ReplyView,
+                over_budget: list[str] | None = None) -> str | None:
+    """One block per key found in ``view``, in key order; None when no key is found.
+
+    A JSONPath key too costly to evaluate on ``view`` raises ``KeyBudgetExceeded``, unless
+    *over_budget* is given: then the key is left out and its name appended there, for the
+    caller to mark the round truncated (it is never left out silently)."""
     items = []
     for key in keys:
-        found, value = key.find(view)
+        try:
+            found, value = key.find(view)
+        except KeyBudgetExceeded:
+            if over_budget is None:
+                raise
+            over_budget.append(key.source)
+            continue
         if found:
             items.append((key.source, value))
     return format_keyed(items) if items else None
@@ -677,16 +689,18 @@ def render_user(
     return render_keys(keys, view)
 
 
-def render_reply(keys: Sequence[KeyPath] | None, view: ReplyView, structured: bool = False) -> str | None:
+def render_reply(keys: Sequence[KeyPath] | None, view: ReplyView, structured: bool = False,
+                 over_budget: list[str] | None = None) -> str | None:
     """The recorded assistant message: the whole reply (``keys`` None) or the keyed blocks.
 
     The whole reply is its text, or, when the request asked for structured output
     (*structured*, see ``RequestView.wants_structured``) and the reply parses as JSON, that data
     as YAML, as Agently records ``get_data()``; tool calls are added as a YAML ``tool_calls:``
     document after a blank line (alone when there is no text). None when the reply is empty.
+    *over_budget*: see :func:`render_keys`.
     """
     if keys is not None:
-        return render_keys(keys, view)
+        return render_keys(keys, view, over_budget)
     if structured and view.text:
         data = parse_reply_json(view.text)
         if data is not _MISSING and not view.tool_calls:

@@ -31,7 +31,8 @@ def bounding_of(policy: Policy) -> Bounding:
 def audit_fields(ctx: Context) -> dict[str, object]:
     """The audit entry of this round: names, sizes and outcome, never values (the model is one the
     gateway vouches for: ``observe.model_label``). When the record step failed, ``record_failed``
-    names the exception's type (never its text)."""
+    names the exception's type (never its text); ``detail.keys_over_budget`` the reply keys left out
+    of the record because they were too costly to evaluate on this reply (``truncated`` is then set)."""
     policy = ctx.policy
     fields: dict[str, object] = {
         "event": "round",
@@ -50,8 +51,10 @@ def audit_fields(ctx: Context) -> dict[str, object]:
         "recorded": [role for role, text in (("user", ctx.user_text), ("assistant", ctx.reply_text)) if text],
         "bytes_in": len(ctx.raw),
         "bytes_out": ctx.reply_bytes,
-        **({"truncated": True} if ctx.reply_truncated else {}),
+        **({"truncated": True} if ctx.reply_truncated or ctx.keys_over_budget else {}),
     }
+    if ctx.keys_over_budget:
+        fields["detail"] = {"keys_over_budget": ctx.keys_over_budget}
     if ctx.record_error:
         fields["record_failed"] = ctx.record_error
     return fields

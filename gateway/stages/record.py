@@ -13,6 +13,11 @@ and an audit entry naming the failure, and ``respond`` withholds the end of the 
 (``RecordFailed``), so the client never gets a reply that looks complete for a round that was
 not recorded.
 
+A reply key (JSONPath) too costly to evaluate on the provider's reply (``gateway.jsonpath``'s
+budget) is left out of the recorded reply and named in ``keys_over_budget``; the round is then
+``incomplete`` and its audit entry says ``truncated`` and which keys (``detail.keys_over_budget``).
+The client still gets the whole reply. (Request keys were checked before forwarding, in ``match_policy``.)
+
 Rounds larger than ``THREAD_ABOVE_BYTES`` (request plus reply) are built in a worker thread, so
 parsing a large request never holds up the event loop and the other clients on it.
 """
@@ -34,11 +39,14 @@ log = structlog.get_logger("gateway.record")
 
 
 def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
-                   reply_body: dict | None, messages: list[dict] | None = None) -> tuple[str | None, str | None]:
+                   reply_body: dict | None, messages: list[dict] | None = None,
+                   over_budget: list[str] | None = None) -> tuple[str | None, str | None]:
     """The recorded user and assistant texts of one round (pure; may raise on any input). Under
     ``reply_keys: null`` a structured reply is recorded as YAML only when the request asked for
     structured output, as Agently does. *messages* is the request in the neutral form (a chat
-    request's own ``messages`` when not given); JSONPath keys run on *body* as sent."""
+    request's own ``messages`` when not given); JSONPath keys run on *body* as sent. With
+    *over_budget*, a reply key too costly to evaluate is left out and named there (else it raises
+    ``KeyBudgetExceeded``)."""
     if messages is None:
         messages = body["messages"]
     view = build_request_view(body, messages)
@@ -46,12 +54,14 @@ def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
     reply = None
     if reply_message is not None:
         reply = render_reply(policy.reply_paths, build_reply_view(reply_message, reply_body),
-                             structured=policy.reply_paths is None and view.wants_structured)
+                             structured=policy.reply_paths is None and view.wants_structured,
+                             over_budget=over_budget)
     return user, reply
 
 
 def recorded_round(policy: Policy, body: dict, reply_message: dict | None, reply_body: dict | None,
-                   messages: list[dict]) -> tuple[str | None, str | None, list[dict] | None]:
+                   messages: list[dict], over_budget: list[str] | None = None,
+                   ) -> tuple[str | None, str | None, list[dict] | None]:
     """The recorded texts, and the structured messages of a round with tool calls, tool results
     or media parts under ``null`` keys (``session.structured``; None otherwise). A request that
     ends with a prefill (``session.record.prefill_text``) has its reply recorded as the prefill
@@ -59,7 +69,7 @@ def recorded_round(policy: Policy, body: dict, reply_message: dict | None, reply
     prefill = prefill_text(messages)
     if prefill and reply_message is not None and isinstance(reply_message.get("content"), str | None):
         reply_message = {**reply_message, "content": prefill + (reply_message.get("content") or "")}
-    user, reply = recorded_texts(policy, body, reply_message, reply_body, messages)
+    user, reply = recorded_texts(policy, body, reply_message, reply_body, messages, over_budget)
     return user, reply, structured_round(policy, messages, reply_message, reply)
 
 
@@ -67,12 +77,19 @@ async def record(ctx: Context) -> None:
     policy = ctx.policy
     if policy is None or ctx.session_id is None or policy.records_nothing:
         return
-    args = (policy, ctx.body, ctx.reply_message, ctx.reply_body, ctx.messages)
+    over_budget: list[str] = []
+    args = (policy, ctx.body, ctx.reply_message, ctx.reply_body, ctx.messages, over_budget)
     try:
         if len(ctx.raw) + ctx.bytes_out + len(ctx.tail) > THREAD_ABOVE_BYTES:
             ctx.user_text, ctx.reply_text, ctx.recorded = await asyncio.to_thread(recorded_round, *args)
         else:
             ctx.user_text, ctx.reply_text, ctx.recorded = recorded_round(*args)
+        if over_budget:
+            ctx.keys_over_budget = over_budget
+            if ctx.outcome == "completed":
+                ctx.outcome = "incomplete"
+            log.warning("reply_key_over_budget", request_id=ctx.request_id, tenant=ctx.tenant,
+                        session_id=ctx.session_id, policy=policy.id, keys=over_budget)
     except Exception as exc:  # noqa: BLE001 - fail closed: persisted as incomplete, reply withheld
         ctx.user_text = ctx.reply_text = ctx.recorded = None
         ctx.record_error = type(exc).__name__
