@@ -57,7 +57,7 @@ from gateway.session.model import (
     with_pending,
 )
 from gateway.session.record import with_blocks, without_blocks
-from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store
+from gateway.store.base import Changes, Current, DataKeyRow, RoundRow, SessionRow, SessionSummary, Store, StoreReads
 
 if TYPE_CHECKING:
     from gateway.policy import Policy
@@ -278,18 +278,32 @@ class SessionService:
 
     async def full_context(self, tenant: str, session_id: str) -> list[Message]:
         """The session's recorded history ([] when it does not exist). The data key and the
-        rounds are read in one snapshot (``Store.snapshot``), so an erasure (and a new round
-        under a new key) landing between the two reads is never taken for damage: the history
-        is the old session's, the new one's, or none."""
-        async with self._guarded(tenant, session_id, None), self.store.snapshot() as snap:
-            _, krow = await snap.get_session(tenant, session_id)
-            if krow is None:
-                return []
-            dk = self._data_key(krow)
-            out: list[Message] = []
-            async for row in snap.iter_rounds(tenant, session_id):
-                out.extend(without_blocks(self.open_round(dk, row)))
-            return out
+        rounds are two reads, so an erasure (and a new round under a new key) can land between
+        them: a round that fails to open is damage only when the session's key row is still the
+        one read first; otherwise the session changed under the read, which is read again
+        (once: a session that keeps changing is read in one ``Store.snapshot``). The history is
+        the old session's, the new one's, or none, and a client's reads of its sessions never
+        open a connection of their own (a snapshot's, on PostgreSQL)."""
+        async with self._guarded(tenant, session_id, None):
+            for _ in range(2):
+                _, krow = await self.store.get_session(tenant, session_id)
+                if krow is None:
+                    return []
+                try:
+                    return await self._history(self.store, tenant, session_id, krow)
+                except IntegrityError:
+                    if (await self.store.get_session(tenant, session_id))[1] == krow:
+                        raise
+            async with self.store.snapshot() as snap:
+                _, krow = await snap.get_session(tenant, session_id)
+                return [] if krow is None else await self._history(snap, tenant, session_id, krow)
+
+    async def _history(self, reads: StoreReads, tenant: str, session_id: str, krow: DataKeyRow) -> list[Message]:
+        dk = self._data_key(krow)
+        out: list[Message] = []
+        async for row in reads.iter_rounds(tenant, session_id):
+            out.extend(without_blocks(self.open_round(dk, row)))
+        return out
 
     @contextlib.asynccontextmanager
     async def _guarded(self, tenant: str, session_id: str | None, request_id: str | None) -> AsyncIterator[None]:

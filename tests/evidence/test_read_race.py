@@ -60,16 +60,17 @@ def run(path: Path, fn: Callable[[SessionService], Awaitable[Any]]) -> Any:
     return asyncio.run(go())
 
 
-def test_full_context_racing_an_erasure_reads_the_old_session(tmp_path: Path,
+def test_full_context_racing_an_erasure_reads_the_new_session(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The session's history read while it is erased and begun anew is the old one, whole, and
+    """The session's history read while it is erased and begun anew is the new one, whole (the
+    rounds no longer open under the key read first, and the key row changed: read again), and
     the session is not quarantined."""
     async def read(svc: SessionService) -> list[str]:
         erased_between_reads(monkeypatch, svc)
         return [m["content"] for m in await svc.full_context("acme", "s1")]
 
     texts, quarantined = run(tmp_path / "x.db", read)
-    assert texts == ["one", "re: one", "two", "re: two"] and quarantined == {}
+    assert texts == ["new", "re: new"] and quarantined == {}
 
 
 def test_decrypted_rounds_racing_an_erasure_read_the_old_session(tmp_path: Path,
