@@ -57,7 +57,8 @@ with an Ed25519 key (:class:`Signer`, a PEM file kept apart from the store) ever
 T seconds, and appends it to a JSON-lines file (:class:`CheckpointLog`) an auditor can keep.
 Before it signs a head it checks every entry since the last head it checked (links and MACs,
 reading the store for entries other processes wrote); a tenant whose chain fails is never
-signed again by that process, logged (``checkpoint_refused``) and reported unhealthy.
+signed again by that process, logged (``checkpoint_refused``) and reported (``/readyz`` lists it,
+``sessiongate_audit_chain_refused``); the gateway goes on serving every tenant.
 Signatures are made per checkpoint, never per entry. Signed bytes:
 ``b"sessiongate-checkpoint-v1\\n" + canonical JSON of {hash, key_id, seq, tenant, time}``;
 ``key_id`` is the first 16 hex digits of the SHA-256 of the raw public key.
@@ -515,7 +516,7 @@ class Checkpointer:
     last known one up to the head are read (*entries*, ``Store.iter_audit``) and must link, hash
     and carry a MAC under the signing key's :class:`EntryKey` (:class:`ChainVerifier`), and the
     head must be the entry this process observed. A tenant that fails is *refused*: logged
-    (``checkpoint_refused``), reported to ``health`` (``/readyz``) and never signed again by this
+    (``checkpoint_refused``), reported to ``health`` (``chain_refused``) and never signed again by this
     process; :meth:`checkpoint_tenant` raises :class:`ChainRefused` for it. Without *entries*
     (tests, tools) observed heads are signed as they are.
     """
@@ -531,7 +532,6 @@ class Checkpointer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._last: dict[str, Checkpoint] = dict(log.latest())
-        self._reported = 0  # refusals told to health so far
 
     def observe(self, rows: Iterable[AuditRow]) -> None:
         """Note newly committed rows; wakes :meth:`run` when a tenant becomes due or pending."""
@@ -686,8 +686,8 @@ class Checkpointer:
         A signing that fails (the checkpoint file cannot be written, the store cannot be read)
         leaves the heads pending: it is logged (exception type only), reported to *health* as
         ``checkpointer`` and retried after *backoff*, until a signing succeeds again. A tenant
-        refused by :meth:`check` is reported to *health* as a failure (:class:`ChainRefused`)
-        and the checkpointer stays reported down while any is.
+        refused by :meth:`check` is reported to *health* as that tenant's (``chain_refused``),
+        not as the checkpointer failing.
         """
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         failures = 0
@@ -730,16 +730,14 @@ class Checkpointer:
             self._loop = self._wake = None
 
     def _report(self, health: Health | None) -> None:
-        """Tell *health* of new refusals; that all is well only while there are none."""
-        refused = self.refused()
+        """Tell *health* the checkpointer did its job, and of every tenant refused. A refusal is
+        that tenant's: the gateway stays ready (a replica left behind in a rolling upgrade, which
+        writes entries without a MAC, must not take every replica out of service)."""
         if health is None:
             return
-        if not refused:
-            health.succeeded(CHECKPOINTER)
-        elif len(refused) > self._reported:
-            tenant, error = sorted(refused.items())[-1]
-            health.failed(CHECKPOINTER, ChainRefused(tenant, error))
-        self._reported = len(refused)
+        health.succeeded(CHECKPOINTER)
+        for tenant, error in self.refused().items():
+            health.chain_refused(tenant, error.kind)
 
     def _next_timeout(self) -> float | None:
         with self._lock:

@@ -70,8 +70,21 @@ class Health:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._tasks: dict[str, TaskHealth] = {}
+        self._chains: dict[str, str] = {}
         self._lock = threading.Lock()
         self._clock = clock
+
+    def chain_refused(self, tenant: str, kind: str) -> None:
+        """The checkpointer will not sign *tenant*'s chain (a forged or unkeyed entry, of *kind*).
+        That tenant's evidence, not the gateway: ``/readyz`` lists it and stays ready, and
+        ``sessiongate_audit_chain_refused{tenant,kind}`` is 1 while it lasts."""
+        with self._lock:
+            self._chains[tenant] = kind
+
+    def refused_chains(self) -> dict[str, str]:
+        """Tenants whose chains the checkpointer refused, with the kind of the first problem."""
+        with self._lock:
+            return dict(self._chains)
 
     def register(self, name: str) -> None:
         """Make *name* known (up, no failures) so that it shows in ``/metrics`` from the start."""
@@ -119,9 +132,15 @@ class Health:
             failures.add_metric([t.name], float(t.failures_total))
             if t.last_success is not None:
                 success.add_metric([t.name], t.last_success)
+        refused = GaugeMetricFamily("sessiongate_audit_chain_refused",
+                                    "1 for a tenant whose audit chain the checkpointer refuses to sign",
+                                    labels=["tenant", "kind"])
+        for tenant, kind in sorted(self.refused_chains().items()):
+            refused.add_metric([tenant, kind], 1.0)
         yield up
         yield failures
         yield success
+        yield refused
 
 
 class Background:

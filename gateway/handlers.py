@@ -610,7 +610,11 @@ async def readyz(request: web.Request) -> web.Response:
                            "attempt(s)) and retrying" for t in failing)
         return json_response({"status": "unavailable", "reason": reason,
                               "tasks": [t.name for t in failing]}, status=503)
-    return json_response({"status": "ready", "policies": len(services.policies.current.policies)})
+    ready: dict[str, Any] = {"status": "ready", "policies": len(services.policies.current.policies)}
+    refused = services.background.health.refused_chains()
+    if refused:  # that tenant's evidence, not the gateway's readiness: named, still 200
+        ready["audit_chains_refused"] = sorted(refused)
+    return json_response(ready)
 
 
 async def metrics(request: web.Request) -> web.Response:

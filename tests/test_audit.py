@@ -605,7 +605,8 @@ def test_checkpointer_checks_entries_other_writers_added_and_signs_them(signer: 
 def test_checkpointer_never_signs_a_head_that_chains_through_a_forged_entry(signer: Signer, tmp_path: Path) -> None:
     """An entry appended around the gateway (no MAC) before this process's next one: the head is
     not signed, the tenant is refused for good (not due again), an export's checkpoint raises
-    ``ChainRefused``, ``health`` reports the checkpointer down, and other tenants are still signed."""
+    ``ChainRefused``, ``health`` names the tenant (the checkpointer itself stays up: the gateway
+    stays ready), and other tenants are still signed."""
     key = signer.entry_key
     rows = make_chain(3, key=key)
     forged = make_chain(1, after=rows[-1])
@@ -642,7 +643,9 @@ def test_checkpointer_never_signs_a_head_that_chains_through_a_forged_entry(sign
     assert [(cp.tenant, cp.seq) for cp in log] == [("acme", 3), ("globex", 2)]
     refused = cpr.refused()["acme"]
     assert (refused.seq, refused.kind) == (4, "unauthenticated")
-    assert [(t.name, t.last_error) for t in health.unready()] == [("checkpointer", "ChainRefused")]
+    assert health.unready() == [] and health.refused_chains() == {"acme": "unauthenticated"}
+    assert {(s.labels["tenant"], s.labels["kind"]): s.value for m in health.collect()
+            if m.name == "sessiongate_audit_chain_refused" for s in m.samples} == {("acme", "unauthenticated"): 1.0}
 
 
 def test_checkpointer_refuses_when_the_entry_it_signed_was_replaced(signer: Signer, tmp_path: Path) -> None:

@@ -102,7 +102,9 @@ def test_a_forged_erasure_fails_verification_and_is_never_signed(
         fast_checkpoints: tuple[Gateway, Tables], mac: str | None) -> None:
     """The probe's forged erasure (no MAC, or a made-up one under the gateway's key id) is named
     by ``audit verify`` and ``/admin/audit/verify``; the checkpointer signs no head at or after it,
-    logs it and ``/readyz`` answers 503 naming the checkpointer."""
+    logs it and ``/readyz`` names the tenant while staying ready (200): a refused chain is that
+    tenant's evidence, and a replica left behind in a rolling upgrade must not take every replica
+    out of service; ``/metrics`` has ``sessiongate_audit_chain_refused``."""
     gw, tables = fast_checkpoints
     record(gw, "victim", 2)
     record(gw, "bystander", 1)
@@ -125,8 +127,11 @@ def test_a_forged_erasure_fails_verification_and_is_never_signed(
 
     record(gw, "bystander", 2)  # the gateway chains on after the forged entry
     wait_for(lambda: "checkpoint_refused" in gw.log_path.read_text())
+    wait_for(lambda: "acme" in httpx.get(f"{gw.url}/readyz", timeout=30).json().get("audit_chains_refused", []))
     ready = httpx.get(f"{gw.url}/readyz", timeout=30)
-    assert ready.status_code == 503 and "checkpointer" in ready.json()["tasks"], ready.text
+    assert ready.status_code == 200 and ready.json()["audit_chains_refused"] == ["acme"], ready.text
+    scraped = httpx.get(f"{gw.url}/metrics", timeout=30).text
+    assert f'sessiongate_audit_chain_refused{{kind="{kind}",tenant="acme"}} 1.0' in scraped
     time.sleep(0.5)  # several checkpoint periods
     assert not signed_through(gw, forged), checkpoints(gw)
     refusal = next(json.loads(line) for line in gw.log_path.read_text().splitlines()
