@@ -481,6 +481,9 @@ EXPLAIN_KINDS = {
     "truncated": "is missing: the chain ends before a signed checkpoint says it reached",
     "bad_signature": "has a checkpoint whose signature does not hold under the gateway's public key",
     "checkpoint_mismatch": "is not the entry that a signed checkpoint vouched for",
+    "forged": "was not written by this gateway: its MAC does not hold under the gateway's key",
+    "unauthenticated": "carries no MAC under the gateway's key though entries before it do: it was written "
+                       "around the gateway (or by a gateway still on an old version)",
 }
 DATA_KINDS = {
     "round_missing": "a round the audit trail records is missing from the stored data",

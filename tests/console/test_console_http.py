@@ -158,6 +158,17 @@ def test_every_kind_of_data_problem_has_words_on_the_console() -> None:
     assert set(DATA_KINDS) == set(DATA_ERROR_KINDS)
 
 
+@pytest.mark.parametrize("kind", ["forged", "unauthenticated"])
+def test_an_entry_written_around_the_gateway_is_explained_in_words(kind: str) -> None:
+    """The two chain problems entry MACs find (2ac12b8) fell through to the raw message."""
+    from gateway.audit import VerifyError, VerifyReport
+    from gateway.console.views import explain_report
+
+    report = VerifyReport("acme", entries=9, first_error=VerifyError(7, kind, f"{kind} at seq 7"))
+    words = explain_report(report)
+    assert words.startswith("The chain of tenant 'acme' is broken. The first problem: entry #7 ") and "MAC" in words
+
+
 def test_verification_says_a_round_was_relabelled(console_gateway: Gateway) -> None:
     """A round's outcome changed behind the gateway's back is named in words, with its round."""
     with sqlite3.connect(console_gateway.db_path) as db:
