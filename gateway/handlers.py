@@ -243,7 +243,7 @@ def _no_response(request: web.Request) -> NotFound:
 async def _held_round(request: web.Request, services: Services, tenant: str, sid: str,
                       round_id: str) -> tuple[RoundRow, list[dict[str, Any]]]:
     """The round a gateway-held response id names, opened; 404 when this tenant has none."""
-    async for row, messages in services.sessions.decrypted_rounds(tenant, sid):
+    for row, messages in await services.sessions.session_rounds(tenant, sid):
         if row.request_id == round_id:
             return row, messages
     raise _no_response(request)

@@ -277,33 +277,36 @@ class SessionService:
             _raise_if_altered(cur)
 
     async def full_context(self, tenant: str, session_id: str) -> list[Message]:
-        """The session's recorded history ([] when it does not exist). The data key and the
+        """The session's recorded history ([] when it does not exist); see :meth:`session_rounds`."""
+        return [m for _, messages in await self.session_rounds(tenant, session_id) for m in without_blocks(messages)]
+
+    async def session_rounds(self, tenant: str, session_id: str) -> list[tuple[RoundRow, list[Message]]]:
+        """One session's rounds, opened ([] when it does not exist): what a client reads of its
+        own sessions (``GET /v1/sessions/{id}``, a gateway-held response). The data key and the
         rounds are two reads, so an erasure (and a new round under a new key) can land between
         them: a round that fails to open is damage only when the session's key row is still the
         one read first; otherwise the session changed under the read, which is read again
-        (once: a session that keeps changing is read in one ``Store.snapshot``). The history is
-        the old session's, the new one's, or none, and a client's reads of its sessions never
-        open a connection of their own (a snapshot's, on PostgreSQL)."""
+        (once: a session that keeps changing is read in one ``Store.snapshot``). The rounds are
+        the old session's, the new one's, or none, and a client's read never opens a connection
+        of its own (a snapshot's, on PostgreSQL)."""
         async with self._guarded(tenant, session_id, None):
             for _ in range(2):
                 _, krow = await self.store.get_session(tenant, session_id)
                 if krow is None:
                     return []
                 try:
-                    return await self._history(self.store, tenant, session_id, krow)
+                    return await self._opened(self.store, tenant, session_id, krow)
                 except IntegrityError:
                     if (await self.store.get_session(tenant, session_id))[1] == krow:
                         raise
             async with self.store.snapshot() as snap:
                 _, krow = await snap.get_session(tenant, session_id)
-                return [] if krow is None else await self._history(snap, tenant, session_id, krow)
+                return [] if krow is None else await self._opened(snap, tenant, session_id, krow)
 
-    async def _history(self, reads: StoreReads, tenant: str, session_id: str, krow: DataKeyRow) -> list[Message]:
+    async def _opened(self, reads: StoreReads, tenant: str, session_id: str,
+                      krow: DataKeyRow) -> list[tuple[RoundRow, list[Message]]]:
         dk = self._data_key(krow)
-        out: list[Message] = []
-        async for row in reads.iter_rounds(tenant, session_id):
-            out.extend(without_blocks(self.open_round(dk, row)))
-        return out
+        return [(row, self.open_round(dk, row)) async for row in reads.iter_rounds(tenant, session_id)]
 
     @contextlib.asynccontextmanager
     async def _guarded(self, tenant: str, session_id: str | None, request_id: str | None) -> AsyncIterator[None]:

@@ -83,3 +83,19 @@ def test_decrypted_rounds_racing_an_erasure_read_the_old_session(tmp_path: Path,
 
     rows, quarantined = run(tmp_path / "x.db", read)
     assert rows == [(1, "one"), (2, "two")] and quarantined == {}
+
+
+def test_a_clients_reads_of_its_session_take_no_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``full_context`` and ``session_rounds`` (GET /v1/sessions/{id}, a gateway-held response)
+    read through the store's own connections: a snapshot is a connection of its own (on
+    PostgreSQL one outside the pool, opened per call), which a client's reads must not cost."""
+    def no_snapshot(self: Any) -> Any:
+        raise AssertionError("a snapshot was taken")
+
+    async def read(svc: SessionService) -> tuple[list[str], list[int]]:
+        monkeypatch.setattr(SQLiteStore, "snapshot", no_snapshot)
+        texts = [m["content"] for m in await svc.full_context("acme", "s1")]
+        return texts, [row.seq for row, _ in await svc.session_rounds("acme", "s1")]
+
+    (texts, seqs), quarantined = run(tmp_path / "x.db", read)
+    assert texts == ["one", "re: one", "two", "re: two"] and seqs == [1, 2] and quarantined == {}
