@@ -246,7 +246,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
                         + (", and the model calls it makes are not recorded by the gateway" if unrecorded else "")
                         + f". An operator can allow it by adding '{rule}' to forward_routes of upstream "
                         f"'{upstream.name}' in the gateway configuration", code="route_not_allowed")
-    await refuse_forwarded_references(services, principal.tenant or "", route, upstream, body if is_json else None)
+    await refuse_forwarded_references(services, principal.tenant or "", route, upstream, body, is_json)
     audit: dict[str, object] = {
         "event": "proxy", "request_id": request_id, "route": route.display, "model": model_label(model, upstream),
         "outcome": "upstream_error", "ended_by": None, "upstream_status": None, "bytes_out": 0,
@@ -305,15 +305,21 @@ async def forward_route(request: web.Request, services: Services, request_id: st
 
 
 async def refuse_forwarded_references(services: Services, tenant: str, route: Route, upstream: Upstream,
-                                      body: bytes | None) -> None:
-    """The model routes' rules for a JSON body forwarded below ``/v1/responses`` or ``/v1/messages``
+                                      body: bytes | None, is_json: bool) -> None:
+    """The model routes' rules for a body forwarded below ``/v1/responses`` or ``/v1/messages``
     (``responses/input_tokens``, ``responses/compact``, ``messages/count_tokens``): account-wide
     objects named by id only where the upstream forwards their routes (403), and under
-    provider-held state a ``previous_response_id`` only when it is *tenant*'s (404). Batch
+    provider-held state a ``previous_response_id`` only when it is *tenant*'s (404). Such a body
+    the gateway did not read as JSON (another ``Content-Type``, a byte-order mark, ``NaN``,
+    UTF-16: a provider may read it all the same) is 400, never forwarded unchecked. Batch
     bodies (``messages/batches``, allowed only by name) are not looked into."""
     first = route.segments[0]
-    if body is None or first not in ("responses", "messages") or route.segments[1:2] == ("batches",):
+    if not body or first not in ("responses", "messages") or route.segments[1:2] == ("batches",):
         return
+    if not is_json:
+        raise BadRequest(f"the body of {route.display} must be JSON sent as "
+                         "'Content-Type: application/json': the gateway checks what it names before forwarding it",
+                         code="invalid_json")
     parsed = orjson.loads(body)  # the gateway's own serialisation of a body it parsed (json_body)
     if not isinstance(parsed, dict):
         return

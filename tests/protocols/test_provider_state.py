@@ -104,6 +104,24 @@ def test_a_forwarded_responses_body_is_held_to_the_same_rule(held: Gateway, prot
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("content_type, prefix, suffix", [
+    ("text/plain", b"", b""), ("application/vnd.api+json", b"", b""), ("application/json", b"\xef\xbb\xbf", b""),
+    ("application/json", b"", b" NaN")], ids=["text-plain", "vendor-json", "bom", "nan"])
+def test_a_forwarded_body_the_gateway_cannot_read_as_json_is_refused_not_forwarded_unchecked(
+        held: Gateway, proto: ProtocolUpstream, content_type: str, prefix: bytes, suffix: bytes) -> None:
+    """Another tenant's id in a forwarded Responses body the gateway did not parse (another
+    Content-Type, a byte-order mark, a NaN: a provider may read it all the same) went to the
+    provider unchecked; such a body is 400 now, and nothing is forwarded."""
+    rid = _create(held, ACME_KEY, False, input="ACME secret")
+    raw = b'{"model": "gpt-4o-mini", "previous_response_id": "' + rid.encode() + b'", "input": "count"'
+    raw = prefix + raw + (b', "n": NaN}' if suffix else b"}")
+    for route in ("input_tokens", "compact"):
+        r = httpx.post(f"{held.base_url}/responses/{route}", content=raw,
+                       headers={"Authorization": f"Bearer {GLOBEX_KEY}", "Content-Type": content_type})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    assert [p for p, _, _ in proto.requests if p != "/v1/responses"] == []
+
+
 def test_the_store_keeps_the_ids_sha256_never_the_id(held: Gateway) -> None:
     """What the gateway keeps is (tenant, SHA-256 of the id): the id itself is nowhere in the
     database files."""
