@@ -116,6 +116,33 @@ def test_compliance_round_records_only_ticket_id_intent_resolution_and_risk(gate
     assert_nowhere(gateway, "Jane Roe", "jane.roe@example.com", "4111 1111", "Please refund me", "spoke to")
 
 
+def test_a_keyed_round_of_a_few_kilobytes_is_built_off_the_event_loop(gateway: Gateway, upstream: Upstream,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed policy renders a key's structured value as YAML with PyYAML's pure-Python emitter,
+    about a microsecond per character: built on the event loop up to 64 KiB, 60 KB rounds held
+    every client up some 100 ms each. Above 4 KiB under a keyed policy the round is built in a
+    worker thread; a small one still on the loop."""
+    import threading
+
+    from gateway.stages import record as record_stage
+
+    built_on: list[str] = []
+    real = record_stage.recorded_round
+
+    def spy(*args: Any) -> Any:
+        built_on.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(record_stage, "recorded_round", spy)
+    upstream.reply = lambda body: json.dumps(COMPLIANCE_REPLY)
+    client = gateway.openai(session="support:T-big")
+    for notes in ("short", "x" * 20_000):
+        big = {**COMPLIANCE_INPUT, "intent": {"detail": [notes, notes]}}
+        client.chat.completions.create(model="gpt-4o-mini", messages=[user(json.dumps(big))])
+    loop_thread, worker = built_on
+    assert not loop_thread.startswith("asyncio_") and worker.startswith("asyncio_"), built_on
+
+
 def test_compliance_through_an_agently_agent(gateway: Gateway, upstream: Upstream, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """An Agently agent's ``.input({...}).output({...})`` gets its whole structured answer, while the gateway's

@@ -19,7 +19,10 @@ budget) is left out of the recorded reply and named in ``keys_over_budget``; the
 The client still gets the whole reply. (Request keys were checked before forwarding, in ``match_policy``.)
 
 Rounds larger than ``THREAD_ABOVE_BYTES`` (request plus reply) are built in a worker thread, so
-parsing a large request never holds up the event loop and the other clients on it.
+parsing a large request never holds up the event loop and the other clients on it; under a
+keyed policy (``input_keys`` or ``reply_keys`` set) above ``KEYED_THREAD_ABOVE_BYTES``, since a
+key's structured value is rendered as YAML the way Agently renders it (PyYAML's pure-Python
+emitter, about a microsecond per character: 60 KB of values held the loop some 100 ms).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from gateway.session.record import build_reply_view, build_request_view, prefill
 from gateway.session.structured import structured_round
 
 THREAD_ABOVE_BYTES = 64 * 1024
+KEYED_THREAD_ABOVE_BYTES = 4 * 1024
 
 log = structlog.get_logger("gateway.record")
 
@@ -80,7 +84,8 @@ async def record(ctx: Context) -> None:
     over_budget: list[str] = []
     args = (policy, ctx.body, ctx.reply_message, ctx.reply_body, ctx.messages, over_budget)
     try:
-        if len(ctx.raw) + ctx.bytes_out + len(ctx.tail) > THREAD_ABOVE_BYTES:
+        keyed = policy.session.input_keys is not None or policy.session.reply_keys is not None
+        if len(ctx.raw) + ctx.bytes_out + len(ctx.tail) > (KEYED_THREAD_ABOVE_BYTES if keyed else THREAD_ABOVE_BYTES):
             ctx.user_text, ctx.reply_text, ctx.recorded = await asyncio.to_thread(recorded_round, *args)
         else:
             ctx.user_text, ctx.reply_text, ctx.recorded = recorded_round(*args)
