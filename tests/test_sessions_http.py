@@ -126,16 +126,20 @@ def test_same_id_under_two_tenants_is_two_sessions(acme: httpx.Client, globex: h
 
 
 def test_a_gateway_key_is_refused_as_a_session_id(gateway: Gateway, acme: httpx.Client) -> None:
-    """A key sent as X-Session-Id (or as the session of an import) would be stored, listed and
-    logged in plaintext: 400 ``key_in_session_id`` before anything keeps it, the key not echoed."""
-    for key in (GLOBEX_KEY, ACME_KEY):
-        resp = acme.post("/chat/completions", headers={"X-Session-Id": key},
+    """A key sent as X-Session-Id (or as the session of an import), alone or between separators
+    (``x:<key>``, ``<key>.``), would be stored, listed and logged in plaintext: 400
+    ``key_in_session_id`` before anything keeps it, the key not echoed; ids that merely share
+    words with a key are fine."""
+    for sid in (GLOBEX_KEY, ACME_KEY, f"x:{GLOBEX_KEY}", f"{ACME_KEY}:1", f"{GLOBEX_KEY}.", f"a@{ACME_KEY}+b"):
+        resp = acme.post("/chat/completions", headers={"X-Session-Id": sid},
                          json={"model": "standin", "messages": [user("hi")]})
-        assert resp.status_code == 400 and resp.json()["error"]["code"] == "key_in_session_id"
-        assert key not in resp.text
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "key_in_session_id", sid
+        assert GLOBEX_KEY not in resp.text and ACME_KEY not in resp.text
     imported = acme.put(f"/sessions/{GLOBEX_KEY}", content=agently_json(full_context=[user("x")]))
     assert imported.status_code == 400 and imported.json()["error"]["code"] == "key_in_session_id"
-    assert acme.get("/sessions").json()["data"] == []
+    assert chat(acme, "sg-demo:acme.globex", "fine") and chat(acme, "acme:alice@example.com", "fine")
+    assert sorted(s["id"] for s in acme.get("/sessions").json()["data"]) == ["acme:alice@example.com",
+                                                                          "sg-demo:acme.globex"]
     logged = gateway.log_path.read_text()
     assert GLOBEX_KEY not in logged and ACME_KEY not in logged and GLOBEX_KEY.encode() not in gateway.stored_bytes()
 
