@@ -580,6 +580,9 @@ class SessionService:
         if isinstance(result, str):
             raise Quarantined(f"session {tenant}/{session_id} is quarantined ({result})")
         deleted, erased = result
+        if deleted or erased:  # an export bundle holding what expired must not outlive it
+            for listener in self.on_erase:
+                listener(tenant, session_id)
         return int(deleted), bool(erased)
 
     async def erase(self, tenant: str, session_id: str, request_id: str) -> bool:

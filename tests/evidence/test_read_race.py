@@ -99,3 +99,21 @@ def test_a_clients_reads_of_its_session_take_no_snapshot(tmp_path: Path, monkeyp
 
     (texts, seqs), quarantined = run(tmp_path / "x.db", read)
     assert texts == ["one", "re: one", "two", "re: two"] and seqs == [1, 2] and quarantined == {}
+
+
+def test_a_retention_purge_tells_the_erase_listeners(tmp_path: Path) -> None:
+    """Export bundles are dropped through ``on_erase`` (the console's jobs listen); a purge of a
+    session's expired rounds, or of the whole session, told no one, so a bundle holding the
+    expired text outlived it."""
+    async def purge(svc: SessionService) -> list[tuple[str, str]]:
+        told: list[tuple[str, str]] = []
+        svc.on_erase.append(lambda tenant, sid: told.append((tenant, sid)))
+        rounds = [(row.seq, messages) for row, messages in await svc.session_rounds("acme", "s1")]
+        assert await svc.drop_rounds("acme", "s1", rounds[:1], policy_id="default", erase_if_idle_before=None) \
+            == (1, False)
+        assert await svc.drop_rounds("acme", "s1", rounds[1:], policy_id="default",
+                                     erase_if_idle_before=float("inf")) == (1, True)
+        return told
+
+    told, quarantined = run(tmp_path / "x.db", purge)
+    assert told == [("acme", "s1"), ("acme", "s1")] and quarantined == {}
