@@ -46,11 +46,15 @@ canonical JSON of every other field, "key_id": the signing key's key id}``, and 
 it too. Every process that writes the chain (each worker, each replica, each CLI command) derives
 the same key from the same signing key file. Verification with the key (:class:`ChainVerifier`
 with ``entry_key``) fails an entry whose MAC does not hold (``forged``), and an entry without a
-MAC under that key once an earlier entry had one (``unauthenticated``): entries written before
-MACs existed (or under an earlier signing key) are accepted as *legacy* only before the chain's
-first keyed entry, and a note names them. Without the key (an auditor offline with the public
-key alone) MACs cannot be checked; the signed checkpoints still commit to every entry they
-cover, and the :class:`Checkpointer` checks every entry's MAC before it signs a head.
+MAC under that key (``unauthenticated``) unless it is *legacy*: written before MACs existed,
+which only a signature the database writer cannot make can say. So checkpoints signed by a
+gateway that seals MACs are marked (``macs``, in the signed bytes); an entry without a MAC (or
+under an earlier signing key) is legacy only when a checkpoint *without* the mark (signed before
+entry MACs) for its tenant is at or after its seq, and no keyed entry comes before it
+(:func:`legacy_bound`); a note names such entries. A tenant with no old-format checkpoint (one
+that first wrote after the upgrade) has no legacy entries. Without the key (an auditor offline
+with the public key alone) MACs cannot be checked; the signed checkpoints still commit to every
+entry they cover, and the :class:`Checkpointer` checks every entry's MAC before it signs a head.
 
 **Checkpoints.** A :class:`Checkpointer` signs a tenant's chain head (tenant, seq, hash, time)
 with an Ed25519 key (:class:`Signer`, a PEM file kept apart from the store) every N entries or
@@ -60,8 +64,9 @@ reading the store for entries other processes wrote); a tenant whose chain fails
 signed again by that process, logged (``checkpoint_refused``) and reported (``/readyz`` lists it,
 ``sessiongate_audit_chain_refused``); the gateway goes on serving every tenant.
 Signatures are made per checkpoint, never per entry. Signed bytes:
-``b"sessiongate-checkpoint-v1\\n" + canonical JSON of {hash, key_id, seq, tenant, time}``;
-``key_id`` is the first 16 hex digits of the SHA-256 of the raw public key.
+``b"sessiongate-checkpoint-v1\\n" + canonical JSON of {hash, key_id, [macs,] seq, tenant, time}``;
+``key_id`` is the first 16 hex digits of the SHA-256 of the raw public key; ``macs`` is 1 on every
+checkpoint a gateway that seals entry MACs signs, and absent on older ones.
 
 **Verification.** :func:`verify_chain` (and :func:`averify_chain` for an async iterator)
 streams a tenant's rows in sequence order, recomputes every hash and link, and checks the
@@ -87,7 +92,7 @@ import stat
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -332,12 +337,13 @@ class Signer:
         return self.public_key.public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
 
-    def sign_head(self, tenant: str, seq: int, hash: str, at: float) -> Checkpoint:
-        """Sign the chain head ``(tenant, seq, hash)`` as of time ``at``."""
-        unsigned = Checkpoint(tenant=tenant, seq=seq, hash=hash, time=at, key_id=self.key_id, signature="")
+    def sign_head(self, tenant: str, seq: int, hash: str, at: float, *, macs: bool = True) -> Checkpoint:
+        """Sign the chain head ``(tenant, seq, hash)`` as of time ``at``, marked as signed by a gateway
+        that seals entry MACs (``macs=False``: the old format, for tests of an older gateway)."""
+        unsigned = Checkpoint(tenant=tenant, seq=seq, hash=hash, time=at, key_id=self.key_id, signature="",
+                              macs=macs)
         signature = self._key.sign(unsigned.signed_bytes())
-        return Checkpoint(tenant=tenant, seq=seq, hash=hash, time=at, key_id=self.key_id,
-                          signature=base64.b64encode(signature).decode())
+        return replace(unsigned, signature=base64.b64encode(signature).decode())
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -345,7 +351,9 @@ class Signer:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """A signed statement: tenant's chain had entry ``seq`` with hash ``hash`` at ``time``."""
+    """A signed statement: tenant's chain had entry ``seq`` with hash ``hash`` at ``time``; with
+    ``macs``, signed by a gateway that seals entry MACs (and checked them up to ``seq``), else an
+    old-format checkpoint, which vouches for the entries up to ``seq`` without a MAC as legacy."""
 
     tenant: str
     seq: int
@@ -353,11 +361,14 @@ class Checkpoint:
     time: float
     key_id: str
     signature: str
+    macs: bool = False
 
     def signed_bytes(self) -> bytes:
         """The exact bytes the signature covers."""
-        doc = {"hash": self.hash, "key_id": self.key_id, "seq": self.seq, "tenant": self.tenant,
-               "time": self.time}
+        doc: dict[str, Any] = {"hash": self.hash, "key_id": self.key_id, "seq": self.seq, "tenant": self.tenant,
+                               "time": self.time}
+        if self.macs:
+            doc["macs"] = 1
         return _CHECKPOINT_DOMAIN + orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
 
     def verify(self, public_key: Ed25519PublicKey) -> str | None:
@@ -371,14 +382,22 @@ class Checkpoint:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        if self.macs:
+            doc["macs"] = 1
+        else:
+            del doc["macs"]  # an old-format checkpoint stays as it was written
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Checkpoint:
         """Raises ``ValueError`` when a field is missing or of the wrong type."""
+        macs = doc.get("macs", 0)
+        if macs not in (0, 1) or not isinstance(macs, int):
+            raise ValueError("not a checkpoint: a field has the wrong type")
         try:
             cp = cls(tenant=doc["tenant"], seq=doc["seq"], hash=doc["hash"], time=doc["time"],
-                     key_id=doc["key_id"], signature=doc["signature"])
+                     key_id=doc["key_id"], signature=doc["signature"], macs=bool(macs))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a checkpoint: missing {exc}") from exc
         types_ok = (isinstance(cp.tenant, str) and isinstance(cp.seq, int) and isinstance(cp.hash, str)
@@ -460,6 +479,13 @@ class CheckpointLog:
         return out
 
 
+def legacy_bound(checkpoints: Iterable[Checkpoint], tenant: str) -> int:
+    """The highest seq of *tenant* that an old-format checkpoint (signed before entry MACs, no
+    ``macs``) covers, or 0: entries without a MAC are legacy only up to it. The caller must check
+    the signature of the checkpoint it relies on (``ChainVerifier`` checks every checkpoint)."""
+    return max((cp.seq for cp in checkpoints if cp.tenant == tenant and not cp.macs), default=0)
+
+
 def _torn(line: bytes) -> bool:
     """Whether a line that failed to parse is what a cut-short append leaves: NUL bytes, or JSON
     that is well formed up to where it ends early."""
@@ -531,7 +557,15 @@ class Checkpointer:
         self._sign_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
-        self._last: dict[str, Checkpoint] = dict(log.latest())
+        self._last: dict[str, Checkpoint] = {}
+        old: dict[str, Checkpoint] = {}  # each tenant's highest old-format checkpoint
+        for cp in log:
+            for latest in (self._last, *((old,) if not cp.macs else ())):
+                if cp.tenant not in latest or cp.seq >= latest[cp.tenant].seq:
+                    latest[cp.tenant] = cp
+        self._legacy: dict[str, int] = {t: cp.seq for t, cp in old.items() if cp.verify(signer.public_key) is None}
+        """Per tenant, the last seq an old-format checkpoint vouches for (:func:`legacy_bound`; one
+        whose signature does not hold vouches for nothing): entries without a MAC after it are refused."""
 
     def observe(self, rows: Iterable[AuditRow]) -> None:
         """Note newly committed rows; wakes :meth:`run` when a tenant becomes due or pending."""
@@ -599,10 +633,12 @@ class Checkpointer:
         observed head (``seq``, ``hash``); the first problem, or None."""
         assert self.entries is not None
         key = self.signer.entry_key
+        with self._lock:
+            legacy = self._legacy.get(tenant, 0)
         rows = self.entries(tenant, max(0, start_seq - 1))
         verifier: ChainVerifier | None = None
         if start_seq == 0:
-            verifier = ChainVerifier(tenant, entry_key=key)
+            verifier = ChainVerifier(tenant, entry_key=key, legacy_until=legacy)
         try:
             async for row in rows:
                 if verifier is None:  # the known entry itself: is it still there, and was it keyed?
@@ -613,8 +649,12 @@ class Checkpointer:
                     state = key.check(orjson.loads(row.body))
                     if state == "forged":
                         return VerifyError(start_seq, "forged", f"entry {start_seq}'s MAC does not hold")
+                    if state != "keyed" and start_seq > legacy:
+                        return VerifyError(start_seq, "unauthenticated",
+                                           f"entry {start_seq} carries no MAC under this gateway's audit key, and no "
+                                           "checkpoint signed before entry MACs covers it")
                     verifier = ChainVerifier(tenant, entry_key=key, after_seq=start_seq, after_hash=start_hash,
-                                             keyed=state == "keyed")
+                                             keyed=state == "keyed", legacy_until=legacy)
                     continue
                 if row.seq > seq or not verifier.feed(row):
                     break
@@ -661,6 +701,8 @@ class Checkpointer:
                     head.checkpointed_seq = cp.seq
                     head.pending_since = at if head.seq > cp.seq else None
                     self._last[cp.tenant] = cp
+                    if not cp.macs:  # only a signer of the old format (tests of an older gateway)
+                        self._legacy[cp.tenant] = max(cp.seq, self._legacy.get(cp.tenant, 0))
             return made
 
     async def flush(self, tenants: Iterable[str] | None = None) -> list[Checkpoint]:
@@ -807,18 +849,20 @@ class ChainVerifier:
     ``after_hash`` None the first row's ``prev_hash`` is taken on trust (a bundle that covers
     part of the chain; the signed checkpoint at its end still commits to every entry in it).
 
-    With ``entry_key`` every entry's MAC is checked (``forged``, ``unauthenticated``); entries
-    without one are legacy until the first keyed entry, or from the start when ``keyed`` (the
-    rows start after a keyed entry). Without it, MACs are not checked and a note says how many
-    entries carry one.
+    With ``entry_key`` every entry's MAC is checked (``forged``, ``unauthenticated``); an entry
+    without one is legacy only at a seq up to ``legacy_until`` (default: :func:`legacy_bound` of
+    *checkpoints*, whose signatures are checked here) and before the first keyed entry, or never
+    when ``keyed`` (the rows start after a keyed entry). Without it, MACs are not checked and a
+    note says how many entries carry one.
     """
 
     def __init__(self, tenant: str, *, checkpoints: Iterable[Checkpoint] = (),
                  public_key: PublicKeyLike | None = None,
                  after_seq: int = 0, after_hash: str | None = GENESIS,
-                 entry_key: EntryKey | None = None, keyed: bool = False) -> None:
-        mine = sorted((cp for cp in checkpoints if cp.tenant == tenant and cp.seq > after_seq),
-                      key=lambda cp: cp.seq)
+                 entry_key: EntryKey | None = None, keyed: bool = False,
+                 legacy_until: int | None = None) -> None:
+        theirs = [cp for cp in checkpoints if cp.tenant == tenant]
+        mine = sorted((cp for cp in theirs if cp.seq > after_seq), key=lambda cp: cp.seq)
         if mine and public_key is None:
             raise ValueError("checkpoints need the public key to be verified")
         self._public_key = load_public_key(public_key) if public_key is not None else None
@@ -832,6 +876,7 @@ class ChainVerifier:
         self._pending_gap: int | None = None  # sealed seq of an entry that came too early
         self._entry_key = entry_key
         self._keyed: int | None = after_seq if keyed else None  # seq of the first keyed entry
+        self._legacy_until = legacy_bound(theirs, tenant) if legacy_until is None else legacy_until
         self._legacy: list[int] = []  # [first, last] seq of the entries accepted as legacy
         self._unchecked = 0  # entries with a MAC seen without the key
 
@@ -861,12 +906,11 @@ class ChainVerifier:
             self._resolve_gap(None)
         if self._legacy and not self.failed:
             first, last = self._legacy[0], self._legacy[-1]
-            span = f"entry {first}" if first == last else f"entries {first}..{last}"
-            tail = ("" if self._keyed is not None else "; no entry carries one yet, so an entry appended at the "
-                    "head around the gateway cannot be told from these until the gateway writes the next one")
+            span = f"entry {first} carries" if first == last else f"entries {first}..{last} carry"
             self.report.notes.append(
-                f"{span} carry no MAC under this gateway's audit key (written before entry MACs, or under an "
-                f"earlier signing key): only their links and the signed checkpoints vouch for them{tail}")
+                f"{span} no MAC under this gateway's audit key (written before entry MACs, or under an earlier "
+                f"signing key): only their links and the checkpoint signed before entry MACs at entry "
+                f"{self._legacy_until} vouch for them")
         if self._unchecked and not self.failed:
             self.report.notes.append(
                 f"the MACs of {self._unchecked} entries were not checked (that needs the gateway's audit key, "
@@ -928,6 +972,12 @@ class ChainVerifier:
             return seq, "unauthenticated", (f"entry {seq} carries {which}, but entry {self._keyed} before it carries "
                                             "one under this gateway's audit key, and the gateway gives every entry "
                                             "after that a MAC: it was appended around the gateway")
+        if seq > self._legacy_until:
+            which = "no MAC" if state == "absent" else "a MAC under another key"
+            vouched = (f"the last checkpoint signed before entry MACs covers entries up to {self._legacy_until}"
+                       if self._legacy_until else "no checkpoint signed before entry MACs covers this tenant's entries")
+            return seq, "unauthenticated", (f"entry {seq} carries {which}, and {vouched}: it was written around the "
+                                            "gateway (or by an older gateway after its last checkpoint)")
         self._legacy = [self._legacy[0] if self._legacy else seq, seq]
         return None
 

@@ -561,15 +561,46 @@ def test_an_entry_whose_mac_does_not_hold_is_forged(signer: Signer, mac: str) ->
 
 
 def test_a_legacy_chain_verifies_with_a_note_and_may_be_followed_by_keyed_entries(signer: Signer) -> None:
-    """Entries from before entry MACs verify under the key as legacy, noted; keyed entries may follow
-    them (the upgrade), and the note then no longer warns about the head."""
+    """Entries from before entry MACs verify under the key as legacy, noted, as far as a checkpoint
+    signed before entry MACs (no ``macs`` mark) vouches for them; keyed entries may follow them
+    (the upgrade), under marked checkpoints."""
     legacy = make_chain(4)
-    report = verify_chain(legacy, tenant="acme", entry_key=signer.entry_key)
-    assert report.ok and "entries 1..4 carry no MAC" in report.notes[0] and "cannot be told" in report.notes[0]
+    old = signer.sign_head("acme", 4, legacy[-1].hash, T0, macs=False)
+    assert not old.macs and "macs" not in old.to_dict()
+    report = verify_chain(legacy, tenant="acme", entry_key=signer.entry_key, checkpoints=[old],
+                          public_key=signer.public_key)
+    assert report.ok and report.checkpoints == 1 and "entries 1..4 carry no MAC" in report.notes[0]
     keyed = make_chain(3, after=legacy[-1], key=signer.entry_key)
-    report = verify_chain([*legacy, *keyed], tenant="acme", entry_key=signer.entry_key)
-    assert report.ok and report.entries == 7
-    assert "entries 1..4 carry no MAC" in report.notes[0] and "cannot be told" not in report.notes[0]
+    new = signer.sign_head("acme", 7, keyed[-1].hash, T0 + 1)
+    assert Checkpoint.from_dict(orjson.loads(orjson.dumps(new.to_dict()))) == new and new.to_dict()["macs"] == 1
+    report = verify_chain([*legacy, *keyed], tenant="acme", entry_key=signer.entry_key, checkpoints=[old, new],
+                          public_key=signer.public_key)
+    assert report.ok and report.entries == 7 and report.checkpoints == 2
+    assert "entries 1..4 carry no MAC" in report.notes[0]
+    # the mark is signed: stripping it (to pass a checkpoint off as old-format) breaks the signature
+    stripped = dataclasses.replace(new, macs=False)
+    report = verify_chain([*legacy, *keyed], tenant="acme", entry_key=signer.entry_key,
+                          checkpoints=[old, stripped], public_key=signer.public_key)
+    assert _error(report) == (7, "bad_signature")
+
+
+def test_an_entry_without_a_mac_no_old_format_checkpoint_covers_is_unauthenticated(signer: Signer) -> None:
+    """Without a checkpoint signed before entry MACs (a tenant that began after the upgrade), an
+    entry without a MAC is ``unauthenticated`` from the first one, even with no keyed entry yet (the
+    probe's forged chain of a new tenant); with one, any such entry after its seq is, and a
+    checkpoint of the new format vouches for none."""
+    key = signer.entry_key
+    legacy = make_chain(4)
+    report = verify_chain(legacy, tenant="acme", entry_key=key)
+    assert _error(report) == (1, "unauthenticated") and "no checkpoint signed before entry MACs" in _err(report).message
+    new = signer.sign_head("acme", 4, legacy[-1].hash, T0)
+    report = verify_chain(legacy, tenant="acme", entry_key=key, checkpoints=[new], public_key=signer.public_key)
+    assert _error(report) == (1, "unauthenticated")
+    old = signer.sign_head("acme", 2, legacy[1].hash, T0, macs=False)
+    report = verify_chain(legacy, tenant="acme", entry_key=key, checkpoints=[old], public_key=signer.public_key)
+    assert _error(report) == (3, "unauthenticated") and "covers entries up to 2" in _err(report).message
+    report = verify_chain(legacy[:2], tenant="acme", entry_key=key, checkpoints=[old], public_key=signer.public_key)
+    assert report.ok and "entries 1..2 carry no MAC" in report.notes[0]
 
 
 def test_without_the_key_macs_are_noted_as_unchecked(signer: Signer) -> None:
@@ -661,3 +692,29 @@ def test_checkpointer_refuses_when_the_entry_it_signed_was_replaced(signer: Sign
     cpr.observe(ours)
     assert asyncio.run(cpr.flush(cpr.due())) == []
     assert cpr.refused()["acme"].kind == "checkpoint_mismatch"
+
+
+def test_checkpointer_refuses_entries_without_a_mac_no_old_format_checkpoint_covers(signer: Signer,
+                                                                                     tmp_path: Path) -> None:
+    """A new tenant's chain begun with entries without a MAC (written around the gateway) is refused
+    when the gateway's first own entry follows them; a tenant whose legacy entries an old-format
+    checkpoint vouches for is signed on, with a marked checkpoint, unless a MAC-less entry follows it."""
+    key = signer.entry_key
+    forged = make_chain(1, tenant="globex")
+    ours = make_chain(1, tenant="globex", after=forged[-1], key=key)
+    legacy = make_chain(3)
+    appended = make_chain(1, after=legacy[-1])
+    acme_ours = make_chain(1, after=appended[-1], key=key)
+    initech = make_chain(2, tenant="initech")
+    initech_ours = make_chain(1, tenant="initech", after=initech[-1], key=key)
+    log = CheckpointLog(tmp_path / "cp.jsonl")
+    log.append([signer.sign_head("acme", 3, legacy[-1].hash, T0, macs=False),
+                signer.sign_head("initech", 2, initech[-1].hash, T0, macs=False)])
+    cpr = Checkpointer(signer, log, every_n=1, every_seconds=60,
+                       entries=_reader([*forged, *ours, *legacy, *appended, *acme_ours, *initech, *initech_ours]))
+    cpr.observe([*ours, *acme_ours, *initech_ours])
+    made = asyncio.run(cpr.flush(cpr.due()))
+    assert [(c.tenant, c.seq, c.macs) for c in made] == [("initech", 3, True)]
+    refused = cpr.refused()
+    assert {t: (e.seq, e.kind) for t, e in refused.items()} == {"globex": (1, "unauthenticated"),
+                                                                 "acme": (4, "unauthenticated")}

@@ -7,15 +7,18 @@ the head of the tenant's chain with ``gateway.audit.seal_entry`` (hash and link 
 moves ``session_heads`` to it, which passed off the deletion as a GDPR erasure. ``audit verify``
 and ``/admin/audit/verify`` must name that entry, and the running gateway's checkpointer must
 never sign a head that chains through it (``/readyz`` says so). A chain written before entry MACs
-still verifies; a keyless entry after keyed ones does not.
+still verifies as far as a checkpoint signed before entry MACs vouches for it; a keyless entry
+after that, or after keyed ones, or in a tenant's chain begun since entry MACs, does not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.audit import GENESIS, seal_entry
+from gateway.audit import GENESIS, Signer, seal_entry
 from gateway.handlers import SERVICES
 from gateway.store.base import AuditRow
 from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway, wait_for
@@ -145,18 +148,39 @@ def test_a_forged_erasure_fails_verification_and_is_never_signed(
     wait_for(lambda: checkpoints(gw, "globex"))
 
 
-def test_a_chain_from_before_entry_macs_still_verifies(fast_checkpoints: tuple[Gateway, Tables]) -> None:
-    """Entries sealed without a MAC (as every gateway before entry MACs did, checkpoints included)
-    verify as legacy, with a note, when keyed entries follow them; the checkpointer signs on."""
-    gw, tables = fast_checkpoints
-    store = gw.app[SERVICES].sessions.store.inner
+@contextlib.contextmanager
+def older_gateway(gw: Gateway) -> Iterator[None]:
+    """The running gateway as one from before entry MACs: its store seals entries without a MAC
+    and its checkpointer signs old-format checkpoints (no ``macs`` mark)."""
+    services = gw.app[SERVICES]
+    store, signer = services.sessions.store.inner, services.audit.signer
     key = store.entry_key
-    store.entry_key = None  # an older gateway: its store sealed entries without a MAC
-    record(gw, "old", 2)
-    legacy = head(tables)[0]
-    wait_for(lambda: signed_through(gw, legacy))
-    store.entry_key = key  # the upgraded gateway
-    record(gw, "old", 1)
+    store.entry_key = None
+    signer.sign_head = functools.partial(Signer.sign_head, signer, macs=False)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        store.entry_key = key
+        del signer.sign_head
+
+
+def legacy_prefix(gw: Gateway, tables: Tables) -> int:
+    """Rounds recorded by an older gateway, signed by its old-format checkpoint; their last seq."""
+    with older_gateway(gw):
+        record(gw, "old", 2)
+        legacy = head(tables)[0]
+        wait_for(lambda: signed_through(gw, legacy))
+    assert "macs" not in checkpoints(gw)[-1]  # the old format
+    return legacy
+
+
+def test_a_chain_from_before_entry_macs_still_verifies(fast_checkpoints: tuple[Gateway, Tables]) -> None:
+    """Entries sealed without a MAC by an older gateway, and signed by its (old-format) checkpoint,
+    verify as legacy, with a note, when keyed entries follow them; the checkpointer signs on, marking
+    its checkpoints (``macs``)."""
+    gw, tables = fast_checkpoints
+    legacy = legacy_prefix(gw, tables)
+    record(gw, "old", 1)  # the upgraded gateway
     record(gw, "new", 1)
     entries = [json.loads(bytes(body)) for (body,) in tables.sql("SELECT body FROM audit WHERE tenant='acme' "
                                                                  "ORDER BY seq")]
@@ -165,7 +189,55 @@ def test_a_chain_from_before_entry_macs_still_verifies(fast_checkpoints: tuple[G
     assert code == 0, out
     assert f"entries 1..{legacy} carry no MAC" in out, out
     wait_for(lambda: signed_through(gw, len(entries)))
-    assert httpx.get(f"{gw.url}/readyz", timeout=30).status_code == 200
+    assert checkpoints(gw)[-1].get("macs") == 1
+    assert httpx.get(f"{gw.url}/readyz", timeout=30).json().get("audit_chains_refused") is None
+
+
+def test_a_keyless_entry_after_the_last_old_format_checkpoint_fails(fast_checkpoints: tuple[Gateway, Tables]) -> None:
+    """An entry without a MAC appended after the entries an older gateway signed (probe finding F1 on
+    a tenant idle since the upgrade: no keyed entry yet) fails verification, naming it, and the
+    checkpointer refuses the chain once the gateway writes after it."""
+    gw, tables = fast_checkpoints
+    legacy = legacy_prefix(gw, tables)
+    forged = forge_erasure(tables, "old")
+    assert forged == legacy + 1
+    code, out = verify(gw)
+    assert code == 1, out
+    assert f"unauthenticated at seq {forged}" in out and f"covers entries up to {legacy}" in out, out
+    record(gw, "bystander", 1)
+    wait_for(lambda: "acme" in httpx.get(f"{gw.url}/readyz", timeout=30).json().get("audit_chains_refused", []))
+    time.sleep(0.5)
+    assert not signed_through(gw, forged), checkpoints(gw)
+
+
+def test_a_new_tenants_chain_forged_without_macs_fails_and_is_never_signed(
+        fast_checkpoints: tuple[Gateway, Tables]) -> None:
+    """Probe finding F1: a tenant with no entry yet (globex) given a forged ``erasure`` entry without
+    a MAC, as someone with the database but not the key file can: no checkpoint signed before entry
+    MACs vouches for it, so ``audit verify`` names it (exit 1), and after one real globex request the
+    checkpointer refuses the chain instead of signing a checkpoint over it."""
+    gw, tables = fast_checkpoints
+    record(gw, "alice", 1)  # acme: keyed, signed
+    wait_for(lambda: signed_through(gw, head(tables)[0]))
+    forged = append(tables, {"event": "erasure", "request_id": "feedfacefeedface", "session_id": "globex:ghost"},
+                    tenant="globex")
+    assert forged == 1
+    code, out = verify(gw, "--tenant", "globex")
+    assert code == 1, out
+    assert "FAIL tenant globex" in out and "unauthenticated at seq 1" in out, out
+    assert "no checkpoint signed before entry MACs" in out, out
+    resp = httpx.post(f"{gw.base_url}/chat/completions", timeout=30,
+                      headers={"Authorization": "Bearer sg-demo-globex", "X-Session-Id": "g1"},
+                      json={"model": "standin", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 200
+    wait_for(lambda: "globex" in httpx.get(f"{gw.url}/readyz", timeout=30).json().get("audit_chains_refused", []))
+    refusal = next(json.loads(line) for line in gw.log_path.read_text().splitlines()
+                   if "checkpoint_refused" in line)
+    assert (refusal["tenant"], refusal["seq"], refusal["kind"]) == ("globex", 1, "unauthenticated")
+    time.sleep(0.5)  # several checkpoint periods
+    assert checkpoints(gw, "globex") == []
+    code, out = verify(gw, "--tenant", "acme")
+    assert code == 0, out
 
 
 def test_a_keyless_entry_after_keyed_ones_fails(fast_checkpoints: tuple[Gateway, Tables]) -> None:
