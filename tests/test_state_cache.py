@@ -127,12 +127,15 @@ def test_erasure_drops_the_cached_state(tmp_path: Path) -> None:
 
 
 def _reference_normalise(window: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``normalise_window`` as it was before its fast path (every message through part lists)."""
-    from gateway.session.model import CHAT_HISTORY_OPENER, CONTINUE_INPUT, _joined, _parts
+    """``normalise_window`` as it was before its fast path (every message through part lists),
+    with Agently's default role mapping (75656f9: a role other than system, developer, user or
+    assistant is sent as the assistant's)."""
+    from gateway.session.model import AGENTLY_ROLES, CHAT_HISTORY_OPENER, CONTINUE_INPUT, _joined, _parts
 
     merged: list[tuple[str, list[Any]]] = []
     for message in window:
         role = str(message.get("role"))
+        role = role if role in AGENTLY_ROLES else "assistant"
         parts = _parts(message.get("content"))
         if merged and merged[-1][0] == role:
             merged[-1][1].extend(parts)
