@@ -163,6 +163,16 @@ class _Server:
 
 
 @contextlib.contextmanager
+def chat_provider(handler: Callable[[web.Request], Any]) -> Iterator[str]:
+    """A provider answering ``POST /v1/chat/completions`` with *handler* on a loopback port for
+    the block: yields its base URL (``http://127.0.0.1:PORT/v1``)."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    with serving(app) as url:
+        yield f"{url}/v1"
+
+
+@contextlib.contextmanager
 def serving(app: web.Application) -> Iterator[str]:
     """*app* on a loopback port for the block: yields its ``http://127.0.0.1:PORT`` and stops it after."""
     server = _Server(app)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 from aiohttp import web
 
-from tests.conftest import ACME_KEY, _Server
+from tests.conftest import ACME_KEY, chat_provider
 
 
 @contextlib.contextmanager
@@ -17,13 +17,8 @@ def limited_upstream() -> Iterator[str]:
         return web.json_response({"error": {"message": "slow down", "type": "rate_limit", "code": "rate_limited"}},
                                  status=429, headers={"Retry-After": "7", "x-ratelimit-remaining-requests": "0",
                                                       "x-request-id": "req-up-1", "Set-Cookie": "tracking=1"})
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    server = _Server(app)
-    try:
-        yield f"http://127.0.0.1:{server.port}/v1"
-    finally:
-        server.stop()
+    with chat_provider(chat) as url:
+        yield url
 
 
 def test_rate_limit_headers_pass_through(make_gateway) -> None:
@@ -53,13 +48,8 @@ def echoing_upstream() -> Iterator[str]:
             headers={"x-request-id": f"req-2 {auth}", "x-ratelimit-remaining-requests": f"9 ({auth})",
                      "openai-organization": "org-operator-account", "anthropic-organization-id": "org-ant",
                      "anthropic-workspace-id": "wrkspc-1"})
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    server = _Server(app)
-    try:
-        yield f"http://127.0.0.1:{server.port}/v1"
-    finally:
-        server.stop()
+    with chat_provider(chat) as url:
+        yield url
 
 
 def test_the_provider_account_and_key_stay_behind(make_gateway, monkeypatch) -> None:

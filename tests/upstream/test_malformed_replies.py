@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import ACME_KEY, Gateway, _Server
+from tests.conftest import ACME_KEY, Gateway, chat_provider
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 
@@ -28,13 +28,8 @@ def provider(reply: dict[str, Any] | bytes) -> Iterator[str]:
             await resp.write_eof()
             return resp
         return web.json_response(reply)
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    server = _Server(app)
-    try:
-        yield f"http://127.0.0.1:{server.port}/v1"
-    finally:
-        server.stop()
+    with chat_provider(chat) as url:
+        yield url
 
 
 def completion(message: Any) -> dict[str, Any]:
