@@ -381,7 +381,8 @@ class Lane:
             for (_fn, fut, loop), outcome in zip(batch, outcomes, strict=True):
                 by_loop.setdefault(loop, []).append((fut, outcome))
             for loop, items in by_loop.items():
-                loop.call_soon_threadsafe(_resolve, items)
+                with contextlib.suppress(RuntimeError):  # that loop has closed (a gateway stopped while
+                    loop.call_soon_threadsafe(_resolve, items)  # starting, a read in flight): nobody waits
         self.conn.close()
 
 

@@ -495,3 +495,41 @@ def test_a_postgres_snapshot_takes_no_connection_from_the_pool(pg_dsn: str, pg_s
 
 async def _all(rows: Any) -> list[Any]:
     return [row async for row in rows]
+
+
+def test_a_lane_whose_callers_loop_has_closed_goes_on_quietly(tmp_path: Path) -> None:
+    """A job queued by a loop that closes before the job is done (a gateway stopped while
+    starting, with a read in flight): the lane's thread raised ``RuntimeError: Event loop is
+    closed``, a traceback on stderr; it drops that result and goes on serving other loops."""
+    import threading
+
+    from gateway.store.sqlite import Lane
+
+    crashes: list[BaseException] = []
+    hook, threading.excepthook = threading.excepthook, lambda args: crashes.append(args.exc_value)
+    release = threading.Event()
+    conn = sqlite3.connect(tmp_path / "lane.db", check_same_thread=False)
+
+    def run_batch(conn: sqlite3.Connection, jobs: list[Any]) -> list[tuple[bool, Any]]:
+        return [(True, job(conn)) for job in jobs]
+
+    lane = Lane("test-lane", conn, run_batch)
+    try:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(asyncio.sleep(0))
+
+        async def queue_slow_read() -> None:
+            lane.enqueue(lambda c: release.wait(10))
+
+        loop.run_until_complete(queue_slow_read())
+        loop.close()
+        release.set()
+
+        async def later_read() -> int:
+            return int(await lane.submit(lambda c: c.execute("SELECT 7").fetchone()[0]))
+
+        assert asyncio.run(asyncio.wait_for(later_read(), 10)) == 7  # a dead lane would never answer
+        asyncio.run(lane.stop())
+    finally:
+        threading.excepthook = hook
+    assert crashes == []
