@@ -63,6 +63,7 @@ class Context:
     # resolve_session
     session_id: str | None = None
     reply_id: str = ""  # the response id the client is shown instead of the upstream's ("" none)
+    window_only: bool = False  # the session is read for its window; inject then drops it: audited only
     # match_policy
     policy: Policy | None = None
     # load_state

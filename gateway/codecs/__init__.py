@@ -11,7 +11,9 @@ few things that differ. A codec is a stateless object with:
                     (system first, ``tool_calls`` on assistant messages, ``role: tool`` answers,
                     content strings or part lists with ``text`` and ``image_url`` parts)
 ``implied_session`` a session the request names by itself (a ``previous_response_id`` chain)
-                    and the response id the client is shown instead of the upstream's ("" none)
+                    and the response id the client is shown instead of the upstream's ("" none;
+                    a session with no response id is read for its window, the round is not
+                    added to it: a ``store: false`` continuation)
 ``forward_body``    the body sent upstream with the window and memo injected in its own form
                     (None: nothing to inject; the parsed body is sent as parsed)
 ``check_references`` (async) refuses what the request names at the provider that the client

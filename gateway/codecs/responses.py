@@ -24,17 +24,19 @@ session: the first response's id ``resp_<request id>`` is the session id, and ea
 response of the chain gets the id ``<session id>_<request id>``. ``previous_response_id`` names
 the chain (``NotFound`` when this tenant has no such chain); the gateway injects its history
 itself, strips ``previous_response_id`` and sends ``store: false`` upstream, so the provider
-holds nothing. The ids the client sees are the gateway's (the upstream's are replaced in the
-relayed bytes). With ``responses_state: provider``, ``previous_response_id`` and ``store`` go
-upstream untouched and only ``X-Session-Id`` makes a session; but the provider holds one
-namespace for every tenant of its account, so the gateway keeps which tenant each response id
-it relayed belongs to (``held_by_provider``: the id of a JSON reply, or of a stream's
-``response.created``/final event, stored by its SHA-256 with the round, ``provider_responses``)
-and refuses a ``previous_response_id`` it does not know for the caller's tenant
-(``check_references``: 404 ``previous_response_not_found``, the message an unknown id gets under
-gateway-held state, which never repeats the id). Objects the request names by id (files, vector
-stores, containers, a ``conversation``) are held to the upstream's ``forward_routes``
-(``gateway.codecs.references``).
+holds nothing. With ``store: false`` as well, the chain's history is injected but the response
+is not added to the chain (OpenAI would not store it): the round is audited only, its id is the
+provider's, and nothing can retrieve or continue it. The ids the client sees are the gateway's
+(the upstream's are replaced in the relayed bytes). With ``responses_state: provider``,
+``previous_response_id`` and ``store`` go upstream untouched and only ``X-Session-Id`` makes a
+session; but the provider holds one namespace for every tenant of its account, so the gateway
+keeps which tenant each response id it relayed belongs to (``held_by_provider``: the id of a
+JSON reply, or of a stream's ``response.created``/final event, stored by its SHA-256 with the
+round, ``provider_responses``) and refuses a ``previous_response_id`` it does not know for the
+caller's tenant (``check_references``: 404 ``previous_response_not_found``, the message an
+unknown id gets under gateway-held state, which never repeats the id). Objects the request
+names by id (files, vector stores, containers, a ``conversation``) are held to the upstream's
+``forward_routes`` (``gateway.codecs.references``).
 
 Stream: ``response.completed`` (or ``response.incomplete``/``response.failed``) is the final
 event, held back until the round is committed. ``response.completed`` and
@@ -335,6 +337,8 @@ class ResponsesCodec:
             chain = chain_of(prev)
             if chain is None:
                 raise NotFound(PREVIOUS_NOT_FOUND, code="previous_response_not_found")
+            if ctx.body.get("store") is False:  # continues the chain, is not kept in it (as OpenAI keeps nothing)
+                return chain[0], ""
             return chain[0], f"{chain[0]}_{ctx.request_id}"
         if ctx.body.get("store") is False:
             return None, ""

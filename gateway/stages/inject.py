@@ -12,6 +12,9 @@ The body sent is always serialised from the parsed body the record is made of, n
 client's bytes, so the model reads exactly what is recorded: a key the client sent twice (JSON
 leaves its meaning to each parser, and a provider may take the first where the gateway takes
 the last) reaches the model once, with the value the record holds.
+
+A ``window_only`` session (``resolve_session``) is let go here, once its window is in the body:
+the round is audited only, as a request without a session.
 """
 
 from __future__ import annotations
@@ -34,3 +37,5 @@ async def inject(ctx: Context) -> None:
     else:
         ctx.forward_body = orjson.dumps(ctx.body)
     await ctx.codec.check_references(ctx)
+    if ctx.window_only:  # e.g. a store: false continuation of a chain: the round is not added to it
+        ctx.session_id = None

@@ -2,7 +2,9 @@
 ``reply_id``. Without the header, the codec may name a session the request implies (a Responses
 ``previous_response_id`` chain, ``gateway.codecs.responses``), and the response id to show; a
 chain the request continues (its response id is not the session id) must exist in the caller's
-tenant, else ``NotFound`` (404) before anything reaches the upstream.
+tenant, else ``NotFound`` (404) before anything reaches the upstream. A session the codec names
+without a response id (a ``store: false`` continuation) sets ``window_only``: ``inject`` reads
+its window, and the round is then audited only, not added to it.
 
 The id is scoped by the tenant set in ``authenticate``: the same id under two tenants is two
 sessions, so no client can reach another tenant's session whatever id it sends.
@@ -54,6 +56,7 @@ async def resolve_session(ctx: Context) -> None:
     ctx.session_id, ctx.reply_id = ctx.codec.implied_session(ctx)
     if ctx.session_id is not None and ctx.reply_id != ctx.session_id and not await _exists(ctx, ctx.session_id):
         raise NotFound("the previous response was not found for this tenant", code="previous_response_not_found")
+    ctx.window_only = ctx.session_id is not None and not ctx.reply_id
 
 
 async def _exists(ctx: Context, session_id: str) -> bool:

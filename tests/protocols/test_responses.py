@@ -256,3 +256,26 @@ def test_retrieve_with_stream_is_refused_in_openai_shape(pgw: Gateway) -> None:
     for off in ("0", "False", ""):  # query flags that say no stream are served as JSON
         resp = client.get(f"/responses/{first.id}?stream={off}", cast_to=object)
         assert resp["id"] == first.id, off  # type: ignore[index]
+
+
+def test_store_false_continuation_reads_the_chain_and_is_not_kept_in_it(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """``store: false`` with ``previous_response_id``: the chain's history goes upstream, but the
+    response is not added to the chain (OpenAI would not store it): its id is the provider's, it
+    cannot be retrieved, and a later turn of the chain does not carry it."""
+    client = pgw.openai()
+    first = client.responses.create(model="gpt-4o-mini", input="my code is X-1")
+    off = client.responses.create(model="gpt-4o-mini", input="SECRET-DO-NOT-STORE", previous_response_id=first.id,
+                                  store=False)
+    assert off.output_text == "responses says: SECRET-DO-NOT-STORE"
+    assert off.id.startswith("resp_up")  # the provider's: the gateway minted no chain id for it
+    assert [item["content"] for item in proto.bodies("/v1/responses")[-1]["input"]] == [
+        "my code is X-1", "responses says: my code is X-1", "SECRET-DO-NOT-STORE"]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(off.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="gpt-4o-mini", input="on", previous_response_id=off.id)
+    client.responses.create(model="gpt-4o-mini", input="next", previous_response_id=first.id)
+    assert [item["content"] for item in proto.bodies("/v1/responses")[-1]["input"]] == [
+        "my code is X-1", "responses says: my code is X-1", "next"]
+    exported = client.get(f"/sessions/{first.id}", cast_to=object)
+    assert "SECRET-DO-NOT-STORE" not in str(exported) and len(exported["full_context"]) == 4
