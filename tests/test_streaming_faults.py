@@ -189,7 +189,9 @@ def test_upstream_cut_mid_stream_ends_with_an_error_event(gw: Gateway, mode: str
     assert b"[DONE]" not in resp.content
     last = resp.content.strip().split(b"\n\n")[-1]
     assert last.startswith(b"data: ")
-    assert orjson.loads(last[6:])["error"]["code"] == "upstream_incomplete"
+    error = orjson.loads(last[6:])["error"]
+    assert error["code"] == "upstream_incomplete"
+    assert error["message"].endswith("the partial round was recorded as incomplete")
     doc = wait_for_session(gw, f"cut-{mode}")
     assert doc["full_context"] == [{"role": "user", "content": "go"}, {"role": "assistant", "content": "w0 w1 w2 "}]
     assert doc["context_window"] == []
@@ -268,3 +270,13 @@ def test_a_round_that_cannot_be_stored_never_looks_complete(gw: Gateway, monkeyp
     assert orjson.loads(last.removeprefix(b"data: "))["error"]["code"] == "store_unavailable"
     with pytest.raises(openai.APIError):
         list(gw.openai(session="unstored").chat.completions.create(**body("fast", "q")))
+
+
+def test_upstream_cut_without_a_session_does_not_claim_a_recorded_round(gw: Gateway) -> None:
+    """Without a session nothing is recorded, and the error event does not say it was (it used to
+    say "the partial round was recorded as incomplete" to every client)."""
+    resp = httpx.post(f"{gw.base_url}/chat/completions", json=body("drop", "go"), headers=AUTH, timeout=30)
+    error = orjson.loads(resp.content.strip().split(b"\n\n")[-1][6:])["error"]
+    assert error["code"] == "upstream_incomplete"
+    assert "recorded as incomplete" not in error["message"] and "nothing of it was recorded" in error["message"]
+    assert [(e["outcome"], e["ended_by"]) for e in stored(gw)[1]] == [("incomplete", "upstream")]

@@ -50,8 +50,10 @@ async def respond(ctx: Context) -> None:
         if ctx.ended_by == "upstream" and ctx.error_relayed:
             await out.write_eof()  # the provider's own error event said why: no second one after it
         elif ctx.ended_by == "upstream":
-            err = {"error": {"message": "the upstream model broke off its reply; the partial round was recorded "
-                             "as incomplete", "type": "upstream_error", "code": "upstream_incomplete"}}
+            kept = ("the partial round was recorded as incomplete" if ctx.session_id is not None
+                    else "its audit entry says so (no session: nothing of it was recorded)")
+            err = {"error": {"message": f"the upstream model broke off its reply; {kept}",
+                             "type": "upstream_error", "code": "upstream_incomplete"}}
             await out.write_eof(ctx.codec.stream_error(err, ctx.stream_seq))
         else:
             await out.write_eof(ctx.tail)  # the held-back end and the end of the body: one send
