@@ -104,6 +104,7 @@ class RoundRecord:
     audit: dict[str, Any]
     messages: list[Message] | None = None  # structured messages, recorded instead of the two texts
     provider_responses: tuple[bytes, ...] = ()  # digests of provider-held response ids now the tenant's
+    windowed: bool = True  # False: recorded, but its messages stay out of the window (a refused turn)
 
 
 STATE_CACHE_SIZE = 1024
@@ -435,7 +436,7 @@ class SessionService:
                 else:
                     dk, state = self._unseal(cur)
                 state = state or SessionState(settings=dict(bounding.settings or {}))
-                if rec.outcome == "completed":
+                if rec.outcome == "completed" and rec.windowed:
                     # Agently resizes after each append: the user message, then the reply (a
                     # synchronous strategy here, the hooks' analyses replayed from ``pending``)
                     state = appended_bounded(state, messages, bounding.strategy, bounding.max_length,

@@ -103,6 +103,10 @@ class ChatCodec:
         """A chat completion never reports a failure in a 200 reply."""
         return False
 
+    def refused(self, body: dict[str, Any] | None) -> bool:
+        """A ``refusal`` is an answer the conversation may go on from (OpenAI asks nothing else)."""
+        return False
+
     def assembler(self, max_bytes: int | None) -> ChatAssembler:
         return ChatAssembler(max_bytes=max_bytes)
 

@@ -450,6 +450,12 @@ class MessagesCodec:
         """A message never reports a failure in a 200 reply."""
         return False
 
+    def refused(self, body: dict[str, Any] | None) -> bool:
+        """``stop_reason: "refusal"``: Claude declined (a streamed reply may stop mid-text), and
+        Anthropic says to take that turn out of the conversation before going on, or the
+        refusals continue."""
+        return body is not None and body.get("stop_reason") == "refusal"
+
     def assembler(self, max_bytes: int | None) -> MessagesAssembler:
         return MessagesAssembler(max_bytes)
 

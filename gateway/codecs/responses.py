@@ -394,6 +394,10 @@ class ResponsesCodec:
         """A response object whose ``status`` is ``failed`` (as a stream's ``response.failed``)."""
         return body.get("status") == "failed"
 
+    def refused(self, body: dict[str, Any] | None) -> bool:
+        """A ``refusal`` part is an answer the conversation may go on from, as in Chat."""
+        return False
+
     def assembler(self, max_bytes: int | None) -> ResponsesAssembler:
         return ResponsesAssembler(max_bytes)
 

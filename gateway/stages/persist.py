@@ -32,7 +32,9 @@ def audit_fields(ctx: Context) -> dict[str, object]:
     """The audit entry of this round: names, sizes and outcome, never values (the model is one the
     gateway vouches for: ``observe.model_label``). When the record step failed, ``record_failed``
     names the exception's type (never its text); ``detail.keys_over_budget`` the reply keys left out
-    of the record because they were too costly to evaluate on this reply (``truncated`` is then set)."""
+    of the record because they were too costly to evaluate on this reply (``truncated`` is then set);
+    ``detail.refusal`` a reply the codec says is a refusal to keep out of the conversation (the
+    round is recorded, its messages stay out of the window)."""
     policy = ctx.policy
     fields: dict[str, object] = {
         "event": "round",
@@ -53,8 +55,13 @@ def audit_fields(ctx: Context) -> dict[str, object]:
         "bytes_out": ctx.reply_bytes,
         **({"truncated": True} if ctx.reply_truncated or ctx.keys_over_budget else {}),
     }
+    detail: dict[str, object] = {}
     if ctx.keys_over_budget:
-        fields["detail"] = {"keys_over_budget": ctx.keys_over_budget}
+        detail["keys_over_budget"] = ctx.keys_over_budget
+    if ctx.codec.refused(ctx.reply_body):
+        detail["refusal"] = True
+    if detail:
+        fields["detail"] = detail
     if ctx.record_error:
         fields["record_failed"] = ctx.record_error
     return fields
@@ -66,7 +73,8 @@ async def persist(ctx: Context) -> None:
     ctx.persist_attempted = True
     rec = RoundRecord(ctx.request_id, policy.id, policy.version_hash, ctx.outcome, ctx.user_text,
                       ctx.reply_text, audit_fields(ctx), ctx.recorded,
-                      tuple(provider_id_digest(rid) for rid in ctx.codec.held_by_provider(ctx)))
+                      tuple(provider_id_digest(rid) for rid in ctx.codec.held_by_provider(ctx)),
+                      windowed=not ctx.codec.refused(ctx.reply_body))
     sessions = ctx.services.sessions
     changes = await sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy), ctx.loaded)
     ctx.persisted = True

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Gateway, Upstream
+from tests.protocols.conftest import anthropic_client
+from tests.protocols.upstream import ProtocolUpstream
 
 REFUSAL = "I can't help with that. CANARY-refusal-2718"
 
@@ -60,3 +62,30 @@ def test_a_streamed_audio_reply_keeps_its_transcript_only() -> None:
                   {"audio": {"data": "BBBB"}}):
         assembler.on_event({"id": "c1", "choices": [{"index": 0, "delta": delta}]})
     assert assembler.message()["audio"] == {"transcript": "Hello"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_anthropic_refusal_is_recorded_and_kept_out_of_the_window(pgw: Gateway, proto: ProtocolUpstream,
+                                                                      stream: bool) -> None:
+    """Anthropic's ``stop_reason: "refusal"``: the round is recorded (history, audit entry marked
+    ``refusal``), but the turn stays out of the window, as Anthropic asks ("reset the conversation
+    context ... or the refusals continue"); the window used to send it back on every later turn."""
+    client = anthropic_client(pgw, session=f"refusal-{stream}")
+    ask = {"max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    client.messages.create(model="claude-test", **ask)  # type: ignore[arg-type]
+    refused = {**ask, "model": "claude-refuses", "messages": [{"role": "user", "content": "do it"}]}
+    if stream:
+        with client.messages.stream(**refused) as s:  # type: ignore[arg-type]
+            assert s.get_final_message().stop_reason == "refusal"
+    else:
+        assert client.messages.create(**refused).stop_reason == "refusal"  # type: ignore[arg-type]
+    client.messages.create(model="claude-test", **{**ask, "messages": [{"role": "user", "content": "next"}]})
+    assert proto.bodies("/v1/messages")[-1]["messages"] == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "messages says: hi"},
+        {"role": "user", "content": "next"}]
+    full = pgw.openai().get(f"/sessions/refusal-{stream}", cast_to=object)["full_context"]
+    assert [m["content"] for m in full] == ["hi", "messages says: hi", "do it", "messages says: do it",
+                                            "next", "messages says: next"]
+    rounds = [e for e in pgw.audit_entries() if e.get("event") == "round"
+              and e.get("session_id") == f"refusal-{stream}"]
+    assert [(e.get("detail") or {}).get("refusal", False) for e in rounds] == [False, True, False]

@@ -249,8 +249,9 @@ def message_object(body: dict[str, Any], text: str | None, call: dict[str, Any] 
         content.append({"type": "text", "text": text})
     if call is not None:
         content.append({"type": "tool_use", "id": f"toolu_{rid}", **call})
+    stop = "refusal" if body.get("model") == "claude-refuses" else "tool_use" if call else "end_turn"
     return {"id": f"msg_up{rid}", "type": "message", "role": "assistant", "model": body.get("model"),
-            "content": content, "stop_reason": "tool_use" if call else "end_turn", "stop_sequence": None,
+            "content": content, "stop_reason": stop, "stop_sequence": None,
             "usage": {"input_tokens": 5, "output_tokens": 7}}
 
 
