@@ -211,6 +211,39 @@ def to_items(messages: list[Message]) -> list[dict[str, Any]]:
     return items
 
 
+BUILT_IN_ANSWERS = frozenset({"mcp_approval_response"})
+"""Items answering a built-in tool's item by id, besides every ``*_output`` item but function and
+custom tool results: ``computer_call_output``, ``local_shell_call_output`` and the like."""
+
+
+def refuse_unanswerable(items: list[Any]) -> None:
+    """``BadRequest`` for the first item of *items* (a request's input, about to follow an injected
+    window) that answers a built-in tool's call (``computer_call``, ``local_shell_call``,
+    ``mcp_approval_request`` ...) not among *items* itself. The window keeps messages and
+    function calls, never a built-in tool's call items, so the model would get an answer without
+    its call: the provider refuses that ("no tool call found"), after the gateway has injected a
+    turn with the call left out. The client can send the call with its answer, or keep the
+    conversation at the provider."""
+    def answers(item: Any) -> str | None:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind in BUILT_IN_ANSWERS:
+            return str(item.get("approval_request_id"))
+        if isinstance(kind, str) and kind.endswith("_output") and kind not in (
+                "function_call_output", "custom_tool_call_output"):
+            return str(item.get("call_id"))
+        return None
+
+    own = {str(v) for item in items if isinstance(item, dict) and answers(item) is None
+           for v in (item.get("call_id"), item.get("id")) if v is not None}
+    for i, item in enumerate(items):
+        if (ref := answers(item)) is not None and ref not in own:
+            raise BadRequest(
+                f"'input[{i}]' ({item['type']}) answers a built-in tool's call that is not in this request, and the "
+                "session's window cannot carry it (it keeps messages and function calls only): send the call item "
+                "(with the reasoning item before it, if any) in 'input' before its answer, or use an upstream whose "
+                "responses_state is provider", code="tool_call_not_in_window")
+
+
 def _memo_into(item: dict[str, Any], memo: Any) -> dict[str, Any]:
     content = item.get("content")
     if isinstance(content, list):
@@ -354,6 +387,8 @@ class ResponsesCodec:
             return orjson.dumps(body) if body is not ctx.body else None
         items = body.get("input")
         items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or ())
+        if window:
+            refuse_unanswerable(items)
         head = 0
         while head < len(items) and items[head].get("role") in SYSTEM_ROLES:
             head += 1

@@ -279,3 +279,28 @@ def test_store_false_continuation_reads_the_chain_and_is_not_kept_in_it(pgw: Gat
         "my code is X-1", "responses says: my code is X-1", "next"]
     exported = client.get(f"/sessions/{first.id}", cast_to=object)
     assert "SECRET-DO-NOT-STORE" not in str(exported) and len(exported["full_context"]) == 4
+
+
+def test_a_built_in_tool_answer_without_its_call_is_refused_when_the_window_cannot_carry_it(
+        pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """A computer-use loop continued by ``previous_response_id`` sends only the
+    ``computer_call_output``; the window keeps no ``computer_call``, so the model would get an
+    answer without its call (the provider refuses that). 400 ``tool_call_not_in_window`` before
+    anything is sent, saying what to do; the same answer sent with its call goes through."""
+    client = pgw.openai()
+    first = client.responses.create(model="gpt-4o-mini", input="do it")
+    answer = {"type": "computer_call_output", "call_id": "call_CUA123",
+              "output": {"type": "computer_screenshot", "image_url": "data:image/png;base64,iVBORw0KGgo="}}
+    approval = {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True}
+    sent = len(proto.bodies("/v1/responses"))
+    for item in (answer, approval):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="gpt-4o-mini", previous_response_id=first.id, input=[item])  # type: ignore[list-item]
+        assert err.value.body["code"] == "tool_call_not_in_window"  # type: ignore[index]
+        assert "input[0]" in err.value.message and "responses_state is provider" in err.value.message
+    assert len(proto.bodies("/v1/responses")) == sent
+    call = {"type": "computer_call", "id": "cu_1", "call_id": "call_CUA123", "status": "completed",
+            "action": {"type": "screenshot"}, "pending_safety_checks": []}
+    client.responses.create(model="gpt-4o-mini", previous_response_id=first.id, input=[call, answer])  # type: ignore[list-item]
+    assert [i.get("type") for i in proto.bodies("/v1/responses")[-1]["input"]][-2:] == [
+        "computer_call", "computer_call_output"]
