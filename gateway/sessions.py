@@ -107,6 +107,8 @@ class RoundRecord:
     windowed: bool = True  # False: recorded, but its messages stay out of the window (a refused turn)
 
 
+EXPORT_TRIES = 3
+"""How often :meth:`SessionService.export` reads a session that keeps changing under it."""
 STATE_CACHE_SIZE = 1024
 """Sessions whose opened state a process keeps (see :class:`StateCache`)."""
 HOT_READ_MAX_ROUNDS = 2000
@@ -376,11 +378,19 @@ class SessionService:
                 yield row, messages
 
     async def export(self, tenant: str, session_id: str) -> dict[str, Any]:
-        """The session in Agently's JSON form; ``NotFound`` when it does not exist."""
-        loaded = await self.load(tenant, session_id)
-        if loaded is None:
-            raise NotFound(f"no session '{session_id}' for this tenant")
-        return to_agently(session_id, await self.full_context(tenant, session_id), loaded.state)
+        """The session in Agently's JSON form; ``NotFound`` when it does not exist. The state and
+        the history are two reads: when a round (or any write) lands between them, they are read
+        again, so the window and memo are those of the history's last round (a few tries; the
+        last one's reads are returned)."""
+        for _ in range(EXPORT_TRIES):
+            loaded = await self.load(tenant, session_id)
+            if loaded is None:
+                raise NotFound(f"no session '{session_id}' for this tenant")
+            state, full = loaded.state, await self.full_context(tenant, session_id)
+            again = await self.load(tenant, session_id)
+            if again is not None and again.version == loaded.version:
+                break
+        return to_agently(session_id, full, state)
 
     async def list_sessions(self, tenant: str) -> list[SessionSummary]:
         return await self.store.list_sessions(tenant)

@@ -472,3 +472,27 @@ def test_a_cancelled_callers_round_is_logged_as_it_ends(tmp_path: Path, altered:
     else:
         assert [(e["event"], e["log_level"], e["request_id"]) for e in events] == [
             ("round_recorded_after_cancel", "info", "req-two")]
+
+
+def test_an_export_is_one_moment_of_the_session_when_a_round_lands_between_its_reads(tmp_path: Path) -> None:
+    """The export reads the state, then the history: a round committed between the two used to give
+    a history one round ahead of the window. Now the export reads again until both are one moment's."""
+    keyring = Keyring([new_master_key()])
+
+    async def scenario(svc: SessionService) -> dict[str, Any]:
+        await svc.commit_round("acme", "s1", record("one"), Bounding())
+        real = svc.full_context
+        landed = []
+
+        async def racing(tenant: str, session_id: str) -> list[dict[str, Any]]:
+            if not landed:  # another request's round lands between the export's two reads
+                landed.append(True)
+                await svc.commit_round("acme", "s1", record("two"), Bounding())
+            return await real(tenant, session_id)
+
+        svc.full_context = racing  # type: ignore[method-assign]
+        return await svc.export("acme", "s1")
+
+    doc = run(tmp_path / "s.db", keyring, scenario)
+    assert [m["content"] for m in doc["full_context"]] == ["one", "re: one", "two", "re: two"]
+    assert [m["content"] for m in doc["context_window"]] == ["one", "re: one", "two", "re: two"]
