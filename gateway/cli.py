@@ -27,7 +27,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ from gateway.errors import (
     NotWhitelisted,
 )
 from gateway.session.lenient_json import field_of, line_of
-from gateway.settings import DEFAULT_CONFIG, Settings, load_settings
+from gateway.settings import DEFAULT_CONFIG, Settings, load_settings, with_server_flags
 from gateway.visible import json_escaped
 
 T = TypeVar("T")
@@ -84,17 +84,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import STANDIN, build_app
     from gateway.handlers import SERVICES
 
-    settings = _settings(args)
-    server = settings.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
-                                                if v is not None})
-    settings = settings.model_copy(update={"server": server})
+    # every environment variable the file names is checked with the file: all findings at once
+    settings = with_server_flags(load_settings(Path(args.config) if args.config else None, environment=True),
+                                 host=args.host, port=args.port)
+    server = settings.server
     from gateway import workers
     index = workers.worker_index()
     count = args.workers if args.workers is not None else workers.default_workers(settings.store.backend)
     if count < 1:
         return _fail(f"--workers {count}: must be at least 1 (the number of gateway processes sharing the port)")
     if index is None:  # a worker's port is already bound by its siblings (SO_REUSEPORT)
-        preflight(settings)
+        preflight(settings, flags={name for name in ("host", "port") if getattr(args, name) is not None})
     else:
         workers.die_with_supervisor()
     logs.configure(settings.logging.level, settings.logging.format)
@@ -131,28 +131,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def preflight(settings: Settings) -> None:
-    """What ``serve`` checks before it writes anything to disk (key file, database): every
-    upstream's key is set, every client ``key_env`` and ``keys.master_key_env`` variable too, and
-    the port is free. Raises ``ConfigError`` saying what to do, at the setting's file and line."""
+def preflight(settings: Settings, flags: Collection[str] = ()) -> None:
+    """What ``serve`` checks before it writes anything to disk (key file, database), after the
+    settings were loaded with every environment variable they name (``load_settings(...,
+    environment=True)``): the listen address resolves and the port is free. Raises
+    ``ConfigError`` saying what to do, naming the flag when the value is one of *flags* (``host``,
+    ``port``: given on the command line), else the file and the setting."""
     import errno
     import socket
 
-    for client in settings.clients:
-        client.digest()
-    settings.keys.check_env()
-    for upstream in settings.upstreams:
-        try:
-            upstream.api_key()
-        except ConfigError as exc:
-            raise ConfigError(f"{exc.message}; export it before starting the gateway", file=settings.source,
-                              line=exc.line, column=exc.column, field=exc.field) from None
+    def refusal(message: str, name: str) -> ConfigError:
+        if name in flags:
+            return ConfigError(message, field=f"--{name}")
+        return ConfigError(message, file=settings.source, field=f"server.{name}")
+
     host, port = settings.server.host, settings.server.port
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
-        raise ConfigError(f"cannot resolve the listen address {host!r}", file=settings.source,
-                          field="server.host") from None
+        raise refusal(f"cannot resolve the listen address {host!r}", "host") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -160,10 +157,9 @@ def preflight(settings: Settings) -> None:
             probe.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"port {port} on {host} is already in use: stop the process that holds it "
-                                  "or choose another with --port", file=settings.source, field="server.port") from None
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}", file=settings.source,
-                              field="server.port") from None
+                raise refusal(f"port {port} on {host} is already in use: stop the process that holds it or "
+                              "choose another with --port", "port") from None
+            raise refusal(f"cannot listen on {host}:{port}: {exc.strerror}", "port") from None
 
 
 # --- clients ---------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Typed gateway configuration, validated once at start-up.
 
 ``load_settings(path)`` reads a YAML file into :class:`Settings`; any problem raises
-``ConfigError`` naming the file, the line and the field. Secrets never sit in the file in
+``ConfigError`` naming the file, the line and the field (``environment=True``, for ``serve``,
+also each environment variable a setting names that is not set). ``with_server_flags`` lays
+``serve --host/--port`` over them, validated as the file is. Secrets never sit in the file in
 plaintext: client keys and auditor tokens are stored as SHA-256 hashes, and provider keys,
 DSNs and master keys come from environment variables the file names. Relative paths are
 resolved against the working directory. Nothing here is per-request.
@@ -373,10 +375,12 @@ class Settings(_Strict):
         return self
 
 
-def parse_settings(text: str, source: str) -> Settings:
+def parse_settings(text: str, source: str, *, environment: bool = False) -> Settings:
     """Validate configuration text. ConfigError names *source*, line, column and field of the
     first finding, and lists every other one on a line of its own, in the order of the file:
-    each repeated key, each unknown field (with the allowed ones), each wrong value."""
+    each repeated key, each unknown field (with the allowed ones), each wrong value, and with
+    *environment* each environment variable a setting names that is not set (what ``serve``
+    needs; other commands read no provider or client key)."""
     try:
         data, marks, duplicates = parse_yaml(text)
     except yaml.MarkedYAMLError as exc:
@@ -390,6 +394,8 @@ def parse_settings(text: str, source: str) -> Settings:
         raise ConfigError("the file must hold a mapping of settings", file=source, line=1, column=1)
     findings = [Diagnostic("error", source, line, column, format_field(loc), f"duplicate key {loc[-1]!r}")
                 for loc, (line, column) in duplicates]
+    if environment:  # read from the file as written, so they are listed even beside invalid values
+        findings += _unset_variables(data, source, marks)
     settings = None
     try:
         settings = Settings.model_validate({**data, "source": source})
@@ -403,6 +409,44 @@ def parse_settings(text: str, source: str) -> Settings:
         raise ConfigError(first.message, file=source, line=first.line, column=first.column,
                           field=first.field or None, also=[_plain(d) for d in rest])
     return settings
+
+
+def _unset_variables(data: dict[str, object], source: str, marks: Marks) -> list[Diagnostic]:
+    """Each ``api_key_env``, client ``key_env``, ``keys.master_key_env`` and (for PostgreSQL)
+    ``store.dsn_env`` in *data* that names an unset or empty environment variable, at its line."""
+    def section(value: object) -> dict[str, object]:
+        return value if isinstance(value, dict) else {}
+
+    def items(value: object) -> list[dict[str, object]]:
+        return [section(item) for item in value] if isinstance(value, list) else []
+
+    named: list[tuple[tuple[str | int, ...], object]] = [
+        (("upstreams", i, "api_key_env"), up.get("api_key_env")) for i, up in enumerate(items(data.get("upstreams")))]
+    named += [(("clients", i, "key_env"), client.get("key_env"))
+              for i, client in enumerate(items(data.get("clients")))]
+    named.append((("keys", "master_key_env"), section(data.get("keys")).get("master_key_env")))
+    if section(data.get("store")).get("backend") == "postgres":
+        named.append((("store", "dsn_env"), section(data.get("store")).get("dsn_env")))
+    return [at(source, marks, loc, f"environment variable {variable} is not set; export it before starting the "
+               "gateway") for loc, variable in named if isinstance(variable, str) and variable
+            and not os.environ.get(variable)]
+
+
+def with_server_flags(settings: Settings, **flags: object) -> Settings:
+    """*settings* with the ``server`` values given on the command line (``--host``, ``--port``;
+    None: not given) in place of the file's, validated as the file's are. ConfigError naming
+    each flag and what is wrong with its value (``--port 70000: Input should be less than or
+    equal to 65535``)."""
+    given = {name: value for name, value in flags.items() if value is not None}
+    if not given:
+        return settings
+    try:
+        server = ServerSettings.model_validate({**settings.server.model_dump(), **given})
+    except ValidationError as exc:
+        problems = [f"--{err['loc'][0]} {given[str(err['loc'][0])]}: {err['msg']} (as server.{err['loc'][0]} "
+                    "in the configuration)" for err in exc.errors(include_url=False)]
+        raise ConfigError(problems[0], also=problems[1:]) from None
+    return settings.model_copy(update={"server": server})
 
 
 def _locate(settings: Settings, source: str, marks: Marks) -> None:
@@ -460,8 +504,9 @@ def _plain(found: Diagnostic) -> str:
     return str(found).replace(": error: ", ": ", 1)
 
 
-def load_settings(path: Path | None) -> Settings:
-    """Read and validate the configuration file (the example config when *path* is None)."""
+def load_settings(path: Path | None, *, environment: bool = False) -> Settings:
+    """Read and validate the configuration file (the example config when *path* is None);
+    *environment*: as for :func:`parse_settings`."""
     path = path or DEFAULT_CONFIG
     try:
         raw = path.read_bytes()
@@ -472,4 +517,4 @@ def load_settings(path: Path | None) -> Settings:
     text = decode_text(str(path), raw)
     if isinstance(text, Diagnostic):
         raise ConfigError(text.message, file=text.file, line=text.line, column=text.column)
-    return parse_settings(text, str(path))
+    return parse_settings(text, str(path), environment=environment)

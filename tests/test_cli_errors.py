@@ -69,7 +69,8 @@ def test_serve_on_a_port_in_use_says_which_port_and_writes_nothing(tmp_path: Pat
         result = run("serve", "--config", str(config), "--port", str(port), timeout=30)
     finally:
         holder.close()
-    assert_one_line_error(result, 2, f"port {port}", "in use", "--port")
+    assert_one_line_error(result, 2, f"--port: port {port}", "in use")
+    assert str(config) not in result.stderr  # the flag's port, not the file's
     assert "listening" not in result.stderr
     assert not (tmp_path / "gateway.db").exists() and not (tmp_path / "master-keys.json").exists()
 
@@ -237,3 +238,32 @@ def test_backup_copies_are_private_from_their_first_byte(gateway: Gateway, tmp_p
         os.umask(umask)
     assert modes and set(modes.values()) == {0o600}, modes
     assert all(p.stat().st_mode & 0o077 == 0 for p in out.iterdir())
+
+
+@pytest.mark.parametrize(("port", "message"), [
+    ("84836", "--port 84836: Input should be less than or equal to 65535"),  # 84836 - 65536 = 19300
+    ("-1", "--port -1: Input should be greater than or equal to 0")])
+def test_serve_refuses_a_port_out_of_range_before_listening(tmp_path: Path, port: str, message: str) -> None:
+    """``serve --port`` is validated as ``server.port`` is: out of range is one line naming the flag, before
+    anything listens or is written (84836 used to listen on 19300; -1 blamed ``server.host``)."""
+    config = write_config(tmp_path, None, REPO / "policies")
+    result = run("serve", "--config", str(config), "--port", port, timeout=30)
+    assert_one_line_error(result, 2, message, "as server.port in the configuration")
+    assert "listening" not in result.stderr and "server.host" not in result.stderr
+    assert not (tmp_path / "gateway.db").exists() and not (tmp_path / "master-keys.json").exists()
+
+
+def test_serve_lists_an_unset_variable_with_the_files_other_errors(tmp_path: Path) -> None:
+    """A bad value, an unknown section and an unset ``api_key_env`` are reported in one go, each at its
+    line, where the unset variable used to be reported only on the next start."""
+    config = tmp_path / "sessiongate.yaml"
+    config.write_text("upstreams:\n  - name: up\n    base_url: http://127.0.0.1:9/v1\n    protocol: openaii\n"
+                      "    api_key_env: SG_TEST_UNSET_PROBE\nstore2: {}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SG_TEST_UNSET")}
+    result = run("serve", "--config", str(config), "--port", "19301", env=env, timeout=30)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert [line.split(": ", 2)[:2] for line in lines] == [
+        ["sessiongate", "error"], [f"{config}:5:18", "upstreams[0].api_key_env"], [f"{config}:6:9", "store2"]]
+    assert lines[0].startswith(f"sessiongate: error: {config}:4:15: upstreams[0].protocol")
+    assert "SG_TEST_UNSET_PROBE is not set" in lines[1]

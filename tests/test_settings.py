@@ -236,3 +236,51 @@ def test_two_auditors_with_one_name_are_refused_at_the_second() -> None:
         parse_settings(text, "cfg.yaml")
     assert str(caught.value).startswith("cfg.yaml:3:") and "auditors[1].name" in str(caught.value), caught.value
     assert "auditors[0]" in str(caught.value)
+
+
+def test_command_line_server_values_are_validated_as_the_files_are() -> None:
+    """``serve --port 70000`` is refused as ``server.port: 70000`` in the file is, naming the flag (it was merged
+    unvalidated and the gateway listened on 70000 - 65536); a valid flag replaces the file's value."""
+    from gateway.settings import with_server_flags
+
+    settings = parse_settings("server: {host: 127.0.0.1, port: 8787}\n", "conf.yaml")
+    for port, limit in ((70000, "less than or equal to 65535"), (84638, "less than or equal to 65535"),
+                        (-1, "greater than or equal to 0")):
+        with pytest.raises(ConfigError) as err:
+            with_server_flags(settings, host=None, port=port)
+        assert str(err.value) == f"--port {port}: Input should be {limit} (as server.port in the configuration)"
+    with pytest.raises(ConfigError, match=r"^--host True: Input should be a valid string"):
+        with_server_flags(settings, host=True, port=None)
+    given = with_server_flags(settings, host="::1", port=19300)
+    assert (given.server.host, given.server.port, given.source) == ("::1", 19300, "conf.yaml")
+    assert with_server_flags(settings, host=None, port=None).server.port == 8787
+
+
+def test_an_unset_variable_is_listed_with_the_files_other_findings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For ``serve`` (``environment=True``) an unset variable a setting names is one more finding of the same
+    report, beside an invalid value and an unknown section (it used to show only after those were fixed);
+    other commands, which need no provider key, are not refused for it."""
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    monkeypatch.delenv("NOPE_CLIENT", raising=False)
+    text = ("upstreams:\n  - name: up\n    base_url: http://127.0.0.1:9/v1\n    protocol: openaii\n"
+            "    api_key_env: NOPE_NOT_SET\nstore2: {}\nclients:\n  - {name: c, tenant: acme, key_env: NOPE_CLIENT}\n")
+    with pytest.raises(ConfigError) as err:
+        parse_settings(text, "conf.yaml", environment=True)
+    assert str(err.value).splitlines() == [
+        "conf.yaml:4:15: upstreams[0].protocol: Input should be 'openai' or 'anthropic'",
+        "conf.yaml:5:18: upstreams[0].api_key_env: environment variable NOPE_NOT_SET is not set; export it before "
+        "starting the gateway",
+        "conf.yaml:6:9: store2: unknown field 'store2'; did you mean 'store'? (allowed: server, upstreams, clients, "
+        "auditors, store, keys, policies, audit, logging, tracing, console, metrics)",
+        "conf.yaml:8:38: clients[0].key_env: environment variable NOPE_CLIENT is not set; export it before starting "
+        "the gateway"]
+    with pytest.raises(ConfigError) as err:
+        parse_settings(text, "conf.yaml")
+    assert "NOPE" not in str(err.value)
+    valid = text.replace("openaii", "openai").replace("store2: {}\n", "")
+    monkeypatch.setenv("NOPE_CLIENT", "sg-test")
+    with pytest.raises(ConfigError) as err:
+        parse_settings(valid, "conf.yaml", environment=True)
+    assert str(err.value) == ("conf.yaml:5:18: upstreams[0].api_key_env: environment variable NOPE_NOT_SET is not "
+                              "set; export it before starting the gateway")
+    assert parse_settings(valid, "conf.yaml").upstreams[0].api_key_env == "NOPE_NOT_SET"
