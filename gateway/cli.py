@@ -382,6 +382,11 @@ def _read_text(path: str) -> str:
 
 def _load_json_file(path: str) -> Any:
     """A JSON file the way the gateway reads a body: nested at most ``MAX_JSON_DEPTH`` deep."""
+    return _load_json_text(path)[1]
+
+
+def _load_json_text(path: str) -> tuple[str, Any]:
+    """:func:`_load_json_file`'s text and value."""
     from gateway.stages.parse_request import MAX_JSON_DEPTH
 
     text = _read_text(path)
@@ -392,9 +397,23 @@ def _load_json_file(path: str) -> Any:
                           file=path, line=line, column=too_deep - (text.rfind("\n", 0, too_deep) + 1) + 1) \
             from None
     try:
-        return json.loads(text)
+        return text, json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"not valid JSON: {exc.msg}", file=path, line=exc.lineno, column=exc.colno) from None
+
+
+def _field_line(text: str, message: str) -> int | None:
+    """The line of the JSON *text* holding the value the error *message* names first; for a
+    field that is missing, the line where the object that lacks it starts."""
+    import re
+
+    field = field_of(message)
+    while field is not None:
+        line = line_of(text, field)
+        if line is not None or not field:
+            return line
+        field = re.sub(r"(?:^|\.)[A-Za-z_]+$|\[\d+\]$", "", field)
+    return None
 
 
 def _nesting_past(text: str, limit: int) -> int | None:
@@ -431,15 +450,19 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     settings = _settings(args)
     policies = load_policy_set(Path(args.policies) if args.policies else settings.policies.path,
                                hook_modules=settings.policies.hook_modules)
-    request = _load_json_file(args.request)
+    text, request = _load_json_text(args.request)
     if not isinstance(request, dict):
         raise ConfigError("must hold a request object (Chat Completions, Responses or Messages)", file=args.request)
     protocol = getattr(args, "protocol", None) or detect_protocol(request)
-    if protocol == "chat":
-        check_chat(request)
-    else:
-        by_name(protocol).check(request)
-    reply = _load_json_file(args.reply) if args.reply else None
+    try:
+        if protocol == "chat":
+            check_chat(request)
+        else:
+            by_name(protocol).check(request)
+    except GatewayError as exc:  # what the gateway would answer with 400, at the request file's line
+        raise ConfigError(f"{exc.message} (as a {protocol} request)", file=args.request,
+                          line=_field_line(text, exc.message)) from None
+    reply_text, reply = _load_json_text(args.reply) if args.reply else ("", None)
     sid = check_session_id(args.session) if args.session else None
     state = None
     if sid is not None and args.load_state:
@@ -449,7 +472,9 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         report = explain(policies, request, tenant=args.tenant, session_id=sid, reply=reply, state=state,
                          protocol=protocol)
     except (ValueError, GatewayError) as exc:
-        raise ConfigError(str(exc), file=args.reply) from None
+        message = exc.message if isinstance(exc, GatewayError) else str(exc)
+        raise ConfigError(message, file=args.reply, line=_field_line(reply_text, message) if args.reply else None) \
+            from None
     class _Dumper(yaml.SafeDumper):
         pass
 

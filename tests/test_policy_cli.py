@@ -233,3 +233,21 @@ def test_explain_of_a_deeply_nested_request_is_refused_at_its_line(tmp_path: Pat
                "--request", str(request), "--tenant", "acme")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{request}:2:141: nested more than 128 levels deep" in done.stderr
+
+
+def test_explain_of_an_invalid_request_names_the_file_and_line(tmp_path: Path) -> None:
+    """A request the gateway would refuse (a Messages body without max_tokens; a message without a role) is
+    an error at the request file and the line of the field, or of the object that lacks it."""
+    config = str(write_config(tmp_path, None, REPO / "policies"))
+    request = tmp_path / "req2.json"
+    request.write_text('{\n  "model": "claude-x",\n  "messages": [{"role": "user", "content": "hi"}]\n}\n')
+    done = cli("--config", config, "policy", "explain", "--request", str(request), "--protocol", "messages",
+               "--session", "s1")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr == (f"sessiongate: error: {request}:1: 'max_tokens' is required: a whole number (as a "
+                           "messages request)\n")
+    request.write_text('{\n  "model": "gpt-4o",\n  "messages": [\n    {"role": "user", "content": "hi"},\n'
+                       '    {"content": "no role"}\n  ]\n}\n')
+    done = cli("--config", config, "policy", "explain", "--request", str(request))
+    assert done.returncode == 2 and done.stderr.startswith(
+        f"sessiongate: error: {request}:5: 'messages[1]' must be an object with a string 'role'"), done.stderr
