@@ -482,6 +482,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         style = "|" if "\n" in value else None
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
+    _Dumper.add_representer(str, _str)
     _Dumper.add_multi_representer(str, _str)  # str subclasses too (record.KeyedText)
     print(yaml.dump(report, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=100), end="")
     return 0

@@ -148,13 +148,19 @@ def test_import_conflict_on_the_cli_names_the_cli_command(gateway: Gateway, tmp_
 
 
 def test_readme_explain_example_files_run() -> None:
-    """The example request and reply named in the README explain cleanly under the shipped policies."""
+    """The example request and reply named in the README explain cleanly under the shipped policies, and
+    the ``recorded`` part the README shows is what the command prints: keyed blocks, not two nulls."""
     result = run("policy", "explain", "--request", "config/examples/request.json", "--reply",
                  "config/examples/reply.json", "--tenant", "acme", "--session", "support:42")
     assert result.returncode == 0, result.stderr
     assert "id: support-tickets" in result.stdout and "T-1001" in result.stdout
     readme = (REPO / "README.md").read_text()
     assert "config/examples/request.json" in readme and "config/examples/reply.json" in readme
+    shown = readme.split("--tenant acme --session support:42\n```\n", 1)[1].split("```yaml\n", 1)[1]
+    shown = shown.split("```", 1)[0]
+    assert shown.startswith("recorded:\n") and shown in result.stdout, (shown, result.stdout)
+    recorded = __import__("yaml").safe_load(shown)["recorded"]
+    assert None not in recorded.values() and "alice@example.com" not in shown
 
 
 def test_serve_with_no_workers_blames_the_flag_not_the_configuration(tmp_path: Path) -> None:

@@ -251,3 +251,34 @@ def test_explain_of_an_invalid_request_names_the_file_and_line(tmp_path: Path) -
     done = cli("--config", config, "policy", "explain", "--request", str(request))
     assert done.returncode == 2 and done.stderr.startswith(
         f"sessiongate: error: {request}:5: 'messages[1]' must be an object with a string 'role'"), done.stderr
+
+
+def test_explain_says_which_keys_a_keyed_policy_found_nothing_of(tmp_path: Path) -> None:
+    """When the keyed support policy records no message, the note names the keys it looked for; when it
+    records both, there is no note."""
+    config = str(write_config(tmp_path, None, REPO / "policies"))
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "My ticket is "
+                                                                     "T-1001. Where is my refund?"}]}))
+    reply = tmp_path / "reply.json"
+    reply.write_text(json.dumps("It was sent on Monday."))
+    args = ("--config", config, "policy", "explain", "--request", str(request), "--tenant", "acme", "--session",
+            "support:42")
+    done = cli(*args, "--reply", str(reply))
+    assert done.returncode == 0, done.stderr
+    recorded = yaml.safe_load(done.stdout)["recorded"]
+    assert (recorded["user"], recorded["assistant"]) == (None, None)
+    assert recorded["note"].splitlines() == [
+        "no user message is recorded, as the policy records only the input keys input.ticket_id, input.intent and "
+        "the request's new input holds none of them (they are read from an Agently [INPUT] section or a JSON "
+        "object message, see policies/README.md)",
+        "no assistant message is recorded, as the policy records only the reply keys resolution, risk_level and the "
+        "reply holds none of them (they are read from the reply's JSON)"]
+    request.write_text(json.dumps({"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "[INPUT]:\nticket_id: T-1001\nintent: refund"}]}))
+    reply.write_text(json.dumps({"resolution": "sent", "risk_level": "low"}))
+    recorded = yaml.safe_load(cli(*args, "--reply", str(reply)).stdout)["recorded"]
+    assert recorded == {"user": "[input.ticket_id]:\nT-1001\n[input.intent]:\nrefund",
+                        "assistant": "[resolution]:\nsent\n[risk_level]:\nlow"}
+    private = yaml.safe_load(cli(*args[:-1], "private:1").stdout)["recorded"]
+    assert private["note"] == "no user message is recorded, as the policy's input_keys is []"

@@ -63,6 +63,29 @@ def detect_protocol(request: dict[str, Any]) -> str:
     return "messages" if any(b.get("type") in ("tool_use", "tool_result", "image") for b in blocks) else "chat"
 
 
+def unrecorded(policy: Policy, user: str | None, reply: str | None, reply_given: bool) -> str | None:
+    """Why *policy* records no user message (*user* None) or no assistant message (*reply* None,
+    when a reply was given), a line each: the keys it looked for and did not find, or that it
+    records none. None when both are recorded."""
+    reasons = []
+    for role, text, keys, where in (
+            ("user", user, policy.session.input_keys, "the request's new input holds none of them (they are read "
+             "from an Agently [INPUT] section or a JSON object message, see policies/README.md)"),
+            ("assistant", reply if reply_given else "", policy.session.reply_keys,
+             "the reply holds none of them (they are read from the reply's JSON)")):
+        if text is not None:
+            continue
+        if keys is None:
+            reasons.append(f"no {role} message is recorded, as the round has no {role} text")
+        elif not keys:
+            reasons.append(f"no {role} message is recorded, as the policy's "
+                           f"{'input' if role == 'user' else 'reply'}_keys is []")
+        else:
+            reasons.append(f"no {role} message is recorded, as the policy records only the "
+                           f"{'input' if role == 'user' else 'reply'} keys {', '.join(keys)} and {where}")
+    return "\n".join(reasons) or None
+
+
 def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, session_id: str | None,
             reply: Any = None, state: SessionState | None = None, protocol: str = "chat") -> dict[str, Any]:
     """The report for *request* written in *protocol* (``chat``, ``responses`` or ``messages``).
@@ -100,7 +123,8 @@ def explain(policies: PolicySet, request: dict[str, Any], *, tenant: str, sessio
         "considered": considered,
         "recorded": None if session_id is None else {
             "user": recorded_user, "assistant": recorded_reply if reply is not None else "(no --reply given)",
-            "note": "a null message is not recorded",
+            **({"note": note} if (note := unrecorded(chosen, recorded_user, recorded_reply, reply is not None))
+               else {}),
             **({"messages": structured} if structured is not None else {})},
         "injected": {
             "client_sends_history": carries_history(messages),
