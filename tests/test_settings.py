@@ -284,3 +284,13 @@ def test_an_unset_variable_is_listed_with_the_files_other_findings(monkeypatch: 
     assert str(err.value) == ("conf.yaml:5:18: upstreams[0].api_key_env: environment variable NOPE_NOT_SET is not "
                               "set; export it before starting the gateway")
     assert parse_settings(valid, "conf.yaml").upstreams[0].api_key_env == "NOPE_NOT_SET"
+
+
+def test_the_readme_names_the_database_file_the_store_writes() -> None:
+    """Every SQLite file the README names is the one ``store.path`` makes (the erasure section said
+    ``gateway.db``)."""
+    from gateway.settings import StoreSettings
+
+    readme = (REPO / "README.md").read_text()
+    names = set(re.findall(r"([\w.-]+\.db)\b", readme))
+    assert names == {StoreSettings().path.name}, names
