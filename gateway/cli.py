@@ -814,13 +814,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the README's Performance section")
     s.set_defaults(fn=cmd_serve)
 
-    c = sub.add_parser("clients", help="client keys").add_subparsers(dest="action", required=True)
+    c = sub.add_parser("clients", help="client keys: new").add_subparsers(dest="action", required=True)
     cn = c.add_parser("new", help="make a client key and the line for the configuration")
     cn.add_argument("--tenant", required=True, help="the tenant the key belongs to (letters, digits, _ . -)")
     cn.add_argument("--name", help="the client's name in logs and the configuration (default: TENANT-client)")
     cn.set_defaults(fn=cmd_clients_new)
 
-    ss = sub.add_parser("sessions", help="list, export, import, reset, erase or release sessions").add_subparsers(
+    ss = sub.add_parser("sessions", help="sessions: list, export, import, reset, delete, erase, release; their "
+                        "history: add, set, clean, memo").add_subparsers(
         dest="action", required=True)
     for action, text in (("list", "the tenant's sessions"), ("export", "a session as Agently JSON"),
                          ("import", "load Agently JSON into a session"), ("reset", "clear a session's window"),
@@ -858,7 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.set_defaults(file=None)
         sp.set_defaults(fn=cmd_history)
 
-    pol = sub.add_parser("policy", help="check and explain policy files").add_subparsers(dest="action", required=True)
+    pol = sub.add_parser("policy", help="policy files: check, explain, test, diff").add_subparsers(
+        dest="action", required=True)
     pc = pol.add_parser("check", help="validate policy files; exit 1 on any error")
     pc.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     pc.add_argument("paths", nargs="*", help="policy files or folders (default: the configured policies folder)")
@@ -919,7 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="records file; OUT.manifest.json and OUT.audit.jsonl go beside it")
     ex.set_defaults(fn=cmd_export)
 
-    db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
+    db = sub.add_parser("db", help="database schema: migrate").add_subparsers(dest="action", required=True)
     dm = db.add_parser("migrate", help="apply schema migrations (PostgreSQL; SQLite migrates on open)")
     dm.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
     dm.set_defaults(fn=cmd_db_migrate)

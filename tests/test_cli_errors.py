@@ -273,3 +273,18 @@ def test_serve_lists_an_unset_variable_with_the_files_other_errors(tmp_path: Pat
         ["sessiongate", "error"], [f"{config}:5:18", "upstreams[0].api_key_env"], [f"{config}:6:9", "store2"]]
     assert lines[0].startswith(f"sessiongate: error: {config}:4:15: upstreams[0].protocol")
     assert "SG_TEST_UNSET_PROBE is not set" in lines[1]
+
+
+def test_the_help_of_each_command_names_all_its_subcommands() -> None:
+    """``sessiongate --help`` lists each command's subcommands (``policy`` said "check and explain" and left
+    out ``test`` and ``diff``)."""
+    parser = build_parser()
+    top = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help or "" for choice in top._choices_actions}
+    missing = []
+    for name, sub in top.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{name} {child}" for child in action.choices if child not in helps[name]]
+    assert missing == []
+    assert "policy files: check, explain, test, diff" in run("--help").stdout
