@@ -67,6 +67,12 @@ def _bad_tenant(tenant: str) -> str | None:
     return f"--tenant {tenant!r} is not a valid tenant name: use 1-64 letters, digits, '_', '.' or '-'"
 
 
+def _no_tenant(tenant: str, known: list[str], why: str) -> str:
+    """The refusal of a ``--tenant`` the store does not know (a typo would otherwise look like an
+    empty tenant), naming the tenants it does know."""
+    return f"no tenant '{tenant}': {why} (tenants: {', '.join(known) or 'none'})"
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(Path(args.config) if args.config else None)
 
@@ -231,6 +237,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
     async def act(svc: Any) -> int:
         if args.action == "list":
+            known = await svc.store.tenants()
+            if tenant not in known:  # a mistyped tenant would list nothing, as an empty one does
+                return _fail(_no_tenant(tenant, known, "no sessions and no audit chain in the store"))
             after = check_session_id(args.after) if args.after else None
             rows = await svc.page_sessions(tenant, after=after, limit=args.limit + 1)
             quarantined = await svc.store.quarantined(tenant)
@@ -617,8 +626,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     async def verify(svc: Any) -> int:
         known = await trail.tenants(svc.store, checkpoints)
         if args.tenant and args.tenant not in known:
-            return _fail(f"no tenant '{args.tenant}': nothing in the store and no signed checkpoint "
-                         f"(tenants: {', '.join(known) or 'none'})")
+            return _fail(_no_tenant(args.tenant, known, "nothing in the store and no signed checkpoint"))
         tenants = [args.tenant] if args.tenant else known
         failed = 0
         for tenant in tenants:

@@ -288,3 +288,15 @@ def test_the_help_of_each_command_names_all_its_subcommands() -> None:
                 missing += [f"{name} {child}" for child in action.choices if child not in helps[name]]
     assert missing == []
     assert "policy files: check, explain, test, diff" in run("--help").stdout
+
+
+def test_sessions_list_of_an_unknown_tenant_is_refused_naming_the_known(gateway: Gateway) -> None:
+    """``sessions list --tenant acmee`` exits 2 naming the tenants there are, as ``audit verify`` and
+    ``export`` do, where it printed nothing and exited 0 like an empty tenant."""
+    gateway.openai(session="s").chat.completions.create(model="standin", messages=[{"role": "user", "content": "hi"}])
+    config = ("--config", str(gateway.config_path), "sessions", "list")
+    result = run(*config, "--tenant", "acmee")
+    assert_one_line_error(result, 2, "no tenant 'acmee'", "tenants: ", "acme")
+    assert result.stdout == ""
+    known = run(*config, "--tenant", "acme")
+    assert known.returncode == 0 and known.stdout.startswith("s\t"), known.stderr
