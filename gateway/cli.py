@@ -642,11 +642,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _verify_bundle(args: argparse.Namespace) -> int:
-    """Offline: reads only the bundle and the public key (no configuration, no store)."""
+    """Offline: reads only the bundle and the public key (no configuration, no store). A
+    ``--bundle`` path that is not a readable file is unusable input (exit 2), as a missing
+    ``--checkpoints`` file is; a bundle that lacks one of its other files fails (exit 1)."""
     from gateway.export import verify_bundle
     if not args.public_key:
         return _fail("verifying a bundle offline needs --public-key FILE (from 'sessiongate audit public-key')")
-    report = verify_bundle(args.bundle, Path(args.public_key))
+    given = Path(args.bundle)
+    if not given.is_file():
+        what = "is a folder" if given.is_dir() else "not found"
+        return _fail(f"--bundle {given}: {what}; name an export's records file or its .manifest.json")
+    try:
+        report = verify_bundle(given, Path(args.public_key))
+    except OSError as exc:  # a file of the bundle that exists but cannot be read
+        return _fail(f"--bundle {given}: cannot read {exc.filename or given}: {exc.strerror or exc}")
     print(report.summary())
     for note in report.notes:
         print(f"     note: {note}")

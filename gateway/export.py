@@ -528,7 +528,8 @@ def verify_bundle(bundle: Path | str, public_key: PublicKeyLike) -> VerifyReport
     Returns a report whose ``first_error.kind`` is one of ``gateway.audit.ERROR_KINDS`` or
     ``missing_file``, ``malformed``, ``records_altered``, ``manifest_mismatch``,
     ``not_covered``, ``record_not_covered``, ``record_relabelled``, ``record_missing``. Raises
-    ``ConfigError`` for an unreadable key.
+    ``ConfigError`` for an unreadable key, ``OSError`` for a bundle file that exists but cannot be
+    read (a missing one is ``missing_file``).
     """
     key = load_public_key(public_key)
     records_path, manifest_path, audit_path = bundle_paths(bundle)
@@ -536,13 +537,14 @@ def verify_bundle(bundle: Path | str, public_key: PublicKeyLike) -> VerifyReport
     try:
         manifest = _load_manifest(manifest_path)
         report.tenant = manifest["tenant"]
-        _check_records_file(records_path, manifest)
         try:
             checkpoint = Checkpoint.from_dict(manifest["checkpoint"])
         except ValueError as exc:
             raise _BundleError("malformed", f"manifest checkpoint: {exc}") from exc
+        # the audit entries first, so a failure of the records file comes with the entries read
         rounds, required = _check_audit(audit_path, manifest, checkpoint, key, report)
         if report.ok:
+            _check_records_file(records_path, manifest)
             _check_records(records_path, manifest, rounds, required, report)
     except _BundleError as exc:
         report.first_error = exc.error

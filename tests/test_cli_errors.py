@@ -300,3 +300,25 @@ def test_sessions_list_of_an_unknown_tenant_is_refused_naming_the_known(gateway:
     assert result.stdout == ""
     known = run(*config, "--tenant", "acme")
     assert known.returncode == 0 and known.stdout.startswith("s\t"), known.stderr
+
+
+def test_verify_of_a_missing_bundle_is_unusable_input(gateway: Gateway, tmp_path: Path) -> None:
+    """A ``--bundle`` that does not exist (or is a folder) exits 2 naming it, as a missing ``--checkpoints``
+    file does, not 1 with "FAIL tenant : no entries"; a tampered records file fails (1) saying how many audit
+    entries were read, not "no entries"."""
+    from tests.evidence.test_bundle_completeness import export, public_key
+    from tests.evidence.test_tamper_data import record
+
+    record(gateway, "alice", 2)
+    key = public_key(gateway, tmp_path)
+    missing = run("audit", "verify", "--bundle", str(tmp_path / "nope.jsonl"), "--public-key", str(key))
+    assert_one_line_error(missing, 2, f"--bundle {tmp_path / 'nope.jsonl'}: not found")
+    assert missing.stdout == ""
+    folder = run("audit", "verify", "--bundle", str(tmp_path), "--public-key", str(key))
+    assert_one_line_error(folder, 2, f"--bundle {tmp_path}: is a folder")
+    out = tmp_path / "acme.jsonl"
+    export(gateway, out)
+    out.write_text(out.read_text().replace("turn 1", "turn X"))
+    bad = run("audit", "verify", "--bundle", str(out), "--public-key", str(key))
+    assert bad.returncode == 1, bad.stderr
+    assert bad.stdout.startswith("FAIL tenant acme: 3 entries 1..3, 1 checkpoint(s): records_altered"), bad.stdout
