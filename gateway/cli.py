@@ -212,16 +212,20 @@ async def _with_sessions(settings: Settings, fn: Callable[[Any], Awaitable[T]]) 
 
 
 async def _import_policy(settings: Settings, store: Any, tenant: str, session_id: str,
-                         model: str | None = None) -> Any:
+                         model: str | None = None, *, writes: bool = True) -> Any:
     """The policy that matches a session the CLI writes to now; its version is kept in the store
     (as the gateway keeps every version it loads), so the rounds written under it are governed
-    by it and verify."""
+    by it and verify. Where *writes* (messages or a memo), without a model when the policy
+    depends on one, ``BadRequest`` saying to pass ``--model`` (``session.importing.session_policy``)."""
     from gateway.policy import load_policy_set
     from gateway.policy.versions import PolicyVersions
+    from gateway.session.importing import session_policy
 
     policies = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules)
     await PolicyVersions(store).record(policies)
-    return policies.match(tenant, model, session_id)
+    if not writes:
+        return policies.match(tenant, model, session_id)
+    return session_policy(policies, tenant, model, session_id, pass_model="--model")
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
@@ -263,7 +267,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             except JSON5Error as exc:
                 raise ConfigError("neither JSON nor JSON5", file=args.file or "<stdin>", line=exc.line,
                                   column=exc.column) from None
-            policy = await _import_policy(settings, svc.store, tenant, sid)
+            policy = await _import_policy(settings, svc.store, tenant, sid, _import_model(args.model, data, args.file))
             try:
                 added = await svc.import_agently(tenant, sid, data, new_request_id(), policy)
             except (InvalidSession, ImportNotWhitelisted) as exc:  # the file, the line and the field
@@ -297,12 +301,27 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return _run(_with_sessions(settings, act))
 
 
+def _import_model(flag: str | None, data: Any, file: str | None) -> str | None:
+    """The model an import's policy is matched with: ``--model``, or the document's ``model``
+    (an error naming the file when they differ, or when the document's is not a model name)."""
+    from gateway.stages.parse_request import check_model
+
+    in_file = data.get("model") if isinstance(data, dict) else None
+    try:
+        check_model(in_file)
+    except BadRequest as exc:
+        raise ConfigError(exc.message, file=file or "<stdin>", field="model") from None
+    if flag is not None and in_file is not None and flag != in_file:
+        raise ConfigError(f"'model' is {in_file!r} but --model is {flag!r}: pass one", file=file or "<stdin>",
+                          field="model")
+    return flag if flag is not None else in_file
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     """``sessions add|set|clean|memo``: Agently's chat-history operations and the memo, each one
     transaction held to the session's policy (see ``gateway.session.history``). Under a hook
     strategy the hooks run here, before the command returns; ``summarize`` is left to the gateway."""
     from gateway.handlers import new_request_id
-    from gateway.policy import load_policy_set
     from gateway.session.bounding import maintain
     from gateway.session.history import change_history, needs_hooks, parse_messages, write_memo
     from gateway.stages.resolve_session import check_session_id
@@ -312,8 +331,6 @@ def cmd_history(args: argparse.Namespace) -> int:
     if bad is not None:
         return _fail(bad)
     tenant, sid = args.tenant, check_session_id(args.id)
-    policy = load_policy_set(settings.policies.path, hook_modules=settings.policies.hook_modules).match(
-        tenant, args.model, sid)
     document: Any = None
     source = ""
     if args.action in ("add", "set") or (args.action == "memo" and args.file is not None):
@@ -328,7 +345,9 @@ def cmd_history(args: argparse.Namespace) -> int:
         raise RuntimeError("the CLI does not call the model")
 
     async def act(svc: Any) -> int:
-        await _import_policy(settings, svc.store, tenant, sid, args.model)  # keeps the version it writes under
+        writes = args.action in ("add", "set") or (args.action == "memo" and args.file is not None)
+        # keeps the version it writes under; what writes messages or a memo is held to the rounds' policy
+        policy = await _import_policy(settings, svc.store, tenant, sid, args.model, writes=writes)
         if args.action == "memo":
             if args.file is None:
                 loaded = await svc.load(tenant, sid)
@@ -855,6 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("id", help="session id")
         if action == "import":
             sp.add_argument("file", nargs="?", help="Agently JSON file (default: standard input)")
+            sp.add_argument("--model", help="model to match the session's policy with (default: the file's "
+                                            "'model', else none)")
         if action in ("delete", "erase"):
             sp.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                             help="how long to wait for a reader of the store to end before exiting 3 with the "

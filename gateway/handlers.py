@@ -44,14 +44,24 @@ from gateway.errors import (
 from gateway.export import FORMATS, PrivateFolder, bundle_paths
 from gateway.logs import exception_fields
 from gateway.observe import mark_logged, model_label, set_outcome
+from gateway.policy import Policy
 from gateway.proxy import forward_route
 from gateway.session.bounding import maintain, needs_maintenance
-from gateway.session.history import HISTORY_OPS, HistoryResult, change_history, needs_hooks, parse_messages, write_memo
+from gateway.session.history import (
+    CLEAR_OPS,
+    HISTORY_OPS,
+    HistoryResult,
+    change_history,
+    needs_hooks,
+    parse_messages,
+    write_memo,
+)
+from gateway.session.importing import session_policy
 from gateway.session.lenient_json import parse_session_document
 from gateway.session.model import over_limit
 from gateway.settings import TENANT_PATTERN
 from gateway.stages.load_state import HOOK_WAIT_SECONDS
-from gateway.stages.parse_request import parse_json_object, read_limited
+from gateway.stages.parse_request import check_model, parse_json_object, read_limited
 from gateway.stages.resolve_session import check_not_a_key, check_session_id
 from gateway.stages.respond import end_connection
 from gateway.store.base import RoundRow, provider_id_digest
@@ -414,10 +424,12 @@ async def export_session(request: web.Request) -> web.Response:
 
 
 async def import_session(request: web.Request) -> web.Response:
+    """Agently JSON (or JSON5) in, held to the session's policy at import time, matched with the
+    document's ``model`` or ``?model=`` (``session.importing.session_policy``)."""
     services, tenant, sid = _session_target(request)
     raw = await read_limited(request, services.settings.server.max_body_bytes)
     data = await asyncio.to_thread(parse_session_document, raw)  # JSON or JSON5, as Agently loads
-    policy = services.policies.current.match(tenant, None, sid)  # the session's policy at import time
+    policy = _session_policy(request, data, tenant, sid)
     added = await services.sessions.import_agently(tenant, sid, data, new_request_id(), policy)
     return json_response({"id": sid, "imported_messages": added})
 
@@ -447,7 +459,8 @@ async def session_history(request: web.Request) -> web.Response:
 async def _edit_history(request: web.Request, op: str, body: dict[str, Any] | None) -> dict[str, Any]:
     services, tenant, sid = _session_target(request)
     model = _model_param(request, body)
-    policy = services.policies.current.match(tenant, model, sid)
+    policy = services.policies.current.match(tenant, model, sid) if op in CLEAR_OPS else \
+        _session_policy(request, body, tenant, sid)  # what writes messages is held to the rounds' policy
     messages = parse_messages(body.get("messages")) if body is not None else []
     result = await change_history(services.sessions, policy, tenant, sid, op, messages, new_request_id())
     out = result.to_dict(sid)
@@ -464,12 +477,22 @@ async def _edit_history(request: web.Request, op: str, body: dict[str, Any] | No
 
 
 def _model_param(request: web.Request, body: dict[str, Any] | None) -> str | None:
-    """The model a session route's policy is matched with: ``model`` in the body, else ``?model=``."""
-    model = body.get("model") if body is not None else None
-    model = model if model is not None else request.query.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("'model' must be a string")
-    return model
+    """The model a session route's policy is matched with: ``model`` in the body, or ``?model=``
+    (400 when both are given and differ), held to the rule for a request's ``model``."""
+    in_body = body.get("model") if body is not None else None
+    check_model(in_body)
+    in_query = request.query.get("model")
+    check_model(in_query)
+    if in_body is not None and in_query is not None and in_body != in_query:
+        raise BadRequest("'model' in the body and '?model=' name different models: pass one")
+    return in_body if in_body is not None else in_query
+
+
+def _session_policy(request: web.Request, body: dict[str, Any] | None, tenant: str, sid: str) -> Policy:
+    """The policy a session write is held to; 400 ``model_required`` when it depends on a model
+    the request does not name (``session.importing.session_policy``)."""
+    return session_policy(request.app[SERVICES].policies.current, tenant, _model_param(request, body), sid,
+                          pass_model="'?model=' or \"model\" in the body")
 
 
 async def get_memo(request: web.Request) -> web.Response:
@@ -487,7 +510,7 @@ async def put_memo(request: web.Request) -> web.Response:
     body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
     if "memo" not in body:
         raise BadRequest("the body must hold 'memo' (a string, an object, a list or null)")
-    policy = services.policies.current.match(tenant, _model_param(request, body), sid)
+    policy = _session_policy(request, body, tenant, sid)
     await write_memo(services.sessions, policy, tenant, sid, body["memo"], new_request_id())
     return json_response({"id": sid, "memo": body["memo"]})
 

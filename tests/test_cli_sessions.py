@@ -174,3 +174,33 @@ def test_rounds_the_cli_writes_keep_their_policy_version(tmp_path: Path) -> None
     verified = run("audit", "verify", "--tenant", "acme")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "policy_version_missing" not in verified.stdout + verified.stderr
+
+
+def test_import_takes_the_model_that_chooses_the_policy(gateway: Gateway, tmp_path: Path) -> None:
+    """``sessions import --model gpt-4o`` holds a support:* import of acme to support-tickets (free
+    text refused, naming the file and line); without a model, where the policy depends on it, the
+    import and ``sessions add``/``set``/``memo`` exit 2 saying to pass --model, and store nothing."""
+    free = tmp_path / "free.json"
+    free.write_text(json.dumps({"full_context": [{"role": "user", "content": "my password is hunter2"}]}, indent=1))
+    refused = cli(gateway, "import", "--tenant", "acme", "support:4", str(free), "--model", "gpt-4o")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith(f"sessiongate: error: {free}:3: 'full_context[0]' (user) is not in the form "
+                                     "policy 'support-tickets' records"), refused.stderr
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps([{"role": "user", "content": "free text secret"}]))
+    for args in (("import", "support:4", str(free)), ("add", "support:4", str(messages)),
+                 ("set", "support:4", str(messages)), ("memo", "support:4", str(messages))):
+        result = cli(gateway, *args, "--tenant", "acme")
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("sessiongate: error: session 'support:4' is held to policy "
+                                        "'support-tickets' for models gpt-4o*"), result.stderr
+        assert "pass the model its rounds use (--model)" in result.stderr and result.stderr.count("\n") == 1
+    assert export(gateway, "support:4").status_code == 404
+    keyed = tmp_path / "keyed.json"
+    keyed.write_text(json.dumps({"model": "gpt-4o", "full_context": [
+        {"role": "user", "content": "[input.ticket_id]:\nT-4\n[input.intent]:\nrefund"}]}))
+    clash = cli(gateway, "import", "support:4", str(keyed), "--tenant", "acme", "--model", "gpt-4o-mini")
+    assert clash.returncode == 2 and "--model is 'gpt-4o-mini'" in clash.stderr, clash.stderr
+    imported = cli(gateway, "import", "support:4", str(keyed), "--tenant", "acme")  # the file's model
+    assert imported.returncode == 0, imported.stderr
+    assert [e["policy_id"] for e in gateway.audit_entries() if e["event"] == "import"] == ["support-tickets"]

@@ -47,7 +47,9 @@ def test_a_fake_header_inside_a_hashed_value_is_exported_hashed(gateway: Gateway
 
 def test_the_session_still_holds_agentlys_text_and_round_trips(gateway: Gateway, upstream: Upstream) -> None:
     """The session's Agently JSON holds the recorded text exactly as Agently writes it (no block
-    boundaries in it), and it imports into a new session unchanged."""
+    boundaries in it): it imports back into its session under its policy, and into a new session
+    of a policy that records free text unchanged; under the keyed policy a new session refuses it,
+    as its header-like line cannot be told from a smuggled key without the boundaries."""
     _round_with_fake_headers(gateway, upstream)
     headers = {"Authorization": f"Bearer {ACME_KEY}"}
     doc = httpx.get(f"{gateway.url}/v1/sessions/support:inj", headers=headers, timeout=30).json()
@@ -55,9 +57,12 @@ def test_the_session_still_holds_agentlys_text_and_round_trips(gateway: Gateway,
     assistant = f"[resolution]:\n{RESOLUTION}\n[risk_level]:\nlow"
     assert doc["full_context"] == [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     assert doc["context_window"] == doc["full_context"]
-    again = httpx.put(f"{gateway.url}/v1/sessions/support:inj", headers=headers, json=doc, timeout=30)
+    model = {"model": "gpt-4o"}  # the model its rounds use: support-tickets holds the import
+    again = httpx.put(f"{gateway.url}/v1/sessions/support:inj", headers=headers, params=model, json=doc, timeout=30)
     assert again.status_code < 300, again.text
-    copy = httpx.put(f"{gateway.url}/v1/sessions/support:copy", headers=headers, json=doc, timeout=30)
+    keyed = httpx.put(f"{gateway.url}/v1/sessions/support:copy", headers=headers, params=model, json=doc, timeout=30)
+    assert keyed.status_code == 422 and "TICKETSECRET" not in keyed.text, keyed.text
+    copy = httpx.put(f"{gateway.url}/v1/sessions/acme:copy", headers=headers, json=doc, timeout=30)
     assert copy.status_code < 300, copy.text
-    assert httpx.get(f"{gateway.url}/v1/sessions/support:copy", headers=headers,
+    assert httpx.get(f"{gateway.url}/v1/sessions/acme:copy", headers=headers,
                      timeout=30).json()["full_context"] == doc["full_context"]

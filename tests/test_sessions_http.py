@@ -201,3 +201,51 @@ def test_an_anthropic_client_reads_its_sessions_with_x_api_key(gateway: Gateway,
     assert isinstance(listed, dict) and [s["id"] for s in listed["data"]] == ["shared"]
     memo = httpx.get(f"{gateway.base_url}/sessions/shared/memo", headers={"x-api-key": GLOBEX_KEY})
     assert memo.status_code == 404  # another tenant's key still finds nothing
+
+
+FREE_TEXT = [user("my password is hunter2"), assistant("noted")]
+KEYED = [user("[input.ticket_id]:\nT-1001\n[input.intent]:\nrefund"),
+         assistant("[resolution]:\nrefund issued\n[risk_level]:\nlow")]
+
+
+def test_an_import_is_held_to_the_policy_of_the_model_it_names(gateway: Gateway, acme: httpx.Client) -> None:
+    """``?model=`` and the document's ``model`` choose the policy an import is held to: for gpt-4o a
+    support:* session of acme is support-tickets' (keyed fields only), so free text is refused and
+    a keyed history is recorded under that policy; the two ways must agree when both are given."""
+    for how in ({"params": {"model": "gpt-4o"}, "json": {"full_context": FREE_TEXT}},
+                {"json": {"model": "gpt-4o", "full_context": FREE_TEXT}}):
+        resp = acme.put("/sessions/support:77", **how)  # type: ignore[arg-type]
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"]["code"] == "import_not_whitelisted" and "hunter2" not in resp.text
+    assert acme.get("/sessions/support:77").status_code == 404
+    clash = acme.put("/sessions/support:77", params={"model": "gpt-4o"},
+                     json={"model": "gpt-4o-mini", "full_context": KEYED})
+    assert clash.status_code == 400 and "'?model='" in clash.json()["error"]["message"], clash.text
+    ok = acme.put("/sessions/support:77", params={"model": "gpt-4o"}, json={"full_context": KEYED})
+    assert ok.status_code == 200 and ok.json()["imported_messages"] == 2, ok.text
+    assert [e["policy_id"] for e in gateway.audit_entries() if e["event"] == "import"] == ["support-tickets"]
+
+
+def test_a_session_write_whose_policy_depends_on_the_model_needs_the_model(acme: httpx.Client,
+                                                                          globex: httpx.Client) -> None:
+    """Without a model, acme's support:1 would be held to multi-user-chat (free text) while its gpt-4o
+    rounds run under support-tickets (keyed): an import, ``add``, ``set`` and a memo write there are
+    400 ``model_required`` saying to pass ``?model=``, and nothing is stored. Where no policy that
+    names models matches (globex, or another session id) none is needed; ``reset`` writes no text."""
+    writes = [("PUT", "/sessions/support:1", {"full_context": FREE_TEXT}),
+              ("POST", "/sessions/support:1/history", {"op": "add", "messages": FREE_TEXT}),
+              ("POST", "/sessions/support:1/history", {"op": "set", "messages": FREE_TEXT}),
+              ("PUT", "/sessions/support:1/memo", {"memo": "free text secret"})]
+    for method, path, body in writes:
+        resp = acme.request(method, path, json=body)
+        assert resp.status_code == 400, (path, resp.text)
+        error = resp.json()["error"]
+        assert error["code"] == "model_required" and error["type"] == "invalid_request_error"
+        assert "'support-tickets'" in error["message"] and "?model=" in error["message"]
+    assert acme.get("/sessions/support:1").status_code == 404
+    assert globex.put("/sessions/support:1", json={"full_context": FREE_TEXT}).status_code == 200
+    assert acme.put("/sessions/acme:j1", json={"full_context": FREE_TEXT}).status_code == 200
+    assert acme.post("/sessions/support:1/history", params={"model": "gpt-4o"},
+                     json={"op": "add", "messages": KEYED}).status_code == 200
+    assert acme.post("/sessions/support:1/reset").status_code == 200
+

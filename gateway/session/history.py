@@ -3,7 +3,9 @@
 With a session activated, Agently offers ``add_chat_history``, ``set_chat_history``,
 ``reset_chat_history`` and ``clean_context_window``, and keeps a memo. Here each is one store
 transaction with its audit entry (``SessionService.edit_history`` / ``write_memo``), held to
-the policy that matches the session (tenant, session id, and the optional model), and bounded
+the policy that matches the session (tenant, session id, and the optional model; what writes
+messages or a memo is refused without a model when the policy depends on one:
+``session.importing.session_policy``), and bounded
 as Agently bounds it: Agently resizes after each of these calls, so the window is bounded by the
 policy's strategy inside the transaction (``simple_cut``, ``keep_last``) or, under hooks, by
 window maintenance right after (:func:`settle_hooks`).

@@ -2,7 +2,7 @@
 
 ``hold_to_policy(full_context, state, policy)`` is a pure check run on a parsed Agently session
 (``session.model.from_agently``) before anything is stored. The policy is the one that matches
-the tenant and session id at import time.
+the tenant, session id and model at import time (:func:`session_policy`, below).
 
 - Under a policy with ``input_keys: null`` and ``reply_keys: null`` any text goes (the whole
   text is what recording writes), and the structure recording keeps there is held to the
@@ -23,18 +23,52 @@ the tenant and session id at import time.
   (built from the policy, as a recorded round would set them).
 
 Raises ``ImportNotWhitelisted`` (422) naming the field and index, never the content.
+
+Which policy: :func:`session_policy` is the one every session write (an import, ``add``/``set``,
+a memo write) is held to, ``match(tenant, model, session_id)``. Without a model the answer must
+not depend on one: when a policy that matches this tenant and session id only for some models
+outranks the policy chosen without a model, the write would be held to the broader policy while
+that session's rounds with those models run under the narrower one, which then sends the model
+what it would never have recorded. Such a write is refused (400 ``model_required``) saying how
+to pass the model.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from fnmatch import fnmatchcase
 
-from gateway.errors import ImportNotWhitelisted
-from gateway.policy import Policy
+from gateway.errors import BadRequest, ImportNotWhitelisted
+from gateway.policy import Policy, PolicySet
 from gateway.session.model import Message, SessionState, is_structured
 from gateway.session.record import MEDIA_TYPES
 from gateway.session.structured import REDACTED_ARGUMENTS, REDACTED_RESULT, part_size
 from gateway.session.whitelist import in_recorded_form, memo_allowed
+
+
+def session_policy(policies: PolicySet, tenant: str, model: str | None, session_id: str, *,
+                   pass_model: str) -> Policy:
+    """The policy a session write is held to (see the module docstring). Raises ``BadRequest``
+    (``model_required``) when *model* is None and a model-restricted policy that matches the
+    tenant and session id outranks the one chosen without a model; *pass_model* says how to
+    pass one (``?model=``, ``--model``)."""
+    chosen = policies.match(tenant, model, session_id)
+    if model is not None:
+        return chosen
+    for policy in policies.policies:  # highest priority first: those before *chosen* all name models
+        if policy is chosen:
+            break
+        if _globs_match(policy.match.tenants, tenant) and _globs_match(policy.match.session_ids, session_id):
+            raise BadRequest(
+                f"session '{session_id}' is held to policy '{policy.id}' for models "
+                f"{', '.join(policy.match.models or ())} and to '{chosen.id}' otherwise: pass the model its "
+                f"rounds use ({pass_model}) so that what is written here is held to the policy those rounds "
+                "run under", code="model_required")
+    return chosen
+
+
+def _globs_match(globs: list[str] | None, value: str) -> bool:
+    return globs is None or any(fnmatchcase(value, glob) for glob in globs)
 
 
 def is_keyed(policy: Policy) -> bool:
