@@ -43,7 +43,7 @@ from gateway import crypto, evidence
 from gateway.erasure import ErasureFinisher
 from gateway.errors import Conflict, GatewayError, IntegrityError, NotFound
 from gateway.keyring import Keyring
-from gateway.session.importing import history_difference, hold_to_policy
+from gateway.session.importing import check_document, check_not_empty, history_difference, hold_to_policy
 from gateway.session.model import (
     SYNC_STRATEGIES,
     Message,
@@ -513,11 +513,15 @@ class SessionService:
         With *policy* (the session's, matched at import time) the import is held to it first
         (``session.importing.hold_to_policy``: ``ImportNotWhitelisted`` for what it would not
         record). The imported round carries that policy's id and version hash, so that version
-        governs its redaction and retention. Returns how many messages were appended."""
+        governs its redaction and retention. Returns how many messages were appended.
+        ``InvalidSession`` for a field Agently's form lacks, or a document with nothing to import
+        into a session with no history (``session.importing.check_document``)."""
         policy_id, policy_hash = (policy.id, policy.version_hash) if policy is not None else ("import", "")
         full, state = from_agently(data)
+        check_document(data)
         await self.check(tenant, session_id, request_id)  # never import into a quarantined or altered session
         existing = await self.full_context(tenant, session_id)
+        check_not_empty(full, state, existing)
         if full[: len(existing)] != existing:
             raise Conflict(f"session '{session_id}' already holds a different history: "
                            f"{history_difference(existing, full)}; recorded history is append-only, so DELETE the "

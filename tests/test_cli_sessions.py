@@ -204,3 +204,15 @@ def test_import_takes_the_model_that_chooses_the_policy(gateway: Gateway, tmp_pa
     imported = cli(gateway, "import", "support:4", str(keyed), "--tenant", "acme")  # the file's model
     assert imported.returncode == 0, imported.stderr
     assert [e["policy_id"] for e in gateway.audit_entries() if e["event"] == "import"] == ["support-tickets"]
+
+
+def test_an_import_file_with_a_misspelt_field_is_refused_naming_it(gateway: Gateway, tmp_path: Path) -> None:
+    """A misspelt top-level field would have imported an empty session: exit 2 naming the file, the
+    line and the field; nothing is stored."""
+    typo = tmp_path / "typo.json"
+    typo.write_text('{\n  "id": "j",\n  "full_contxt": [{"role": "user", "content": "hi"}]\n}\n')
+    result = cli(gateway, "import", "acme:j10", str(typo), "--tenant", "acme")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"sessiongate: error: {typo}:3: 'full_contxt' is not a field of an Agently "
+                                    "session document"), result.stderr
+    assert export(gateway, "acme:j10").status_code == 404

@@ -249,3 +249,29 @@ def test_a_session_write_whose_policy_depends_on_the_model_needs_the_model(acme:
                      json={"op": "add", "messages": KEYED}).status_code == 200
     assert acme.post("/sessions/support:1/reset").status_code == 200
 
+
+@pytest.mark.parametrize(("doc", "says"), [
+    ({"full_contxt": [user("hi"), assistant("hello")]}, "'full_contxt' is not a field of an Agently session"),
+    ({"id": "x", "full_context": [user("hi")], "extra": 1}, "'extra' is not a field of an Agently session"),
+    ({}, "the document holds nothing to import"),
+    ({"id": "acme:j10", "auto_resize": True, "session_settings": {}}, "the document holds nothing to import"),
+], ids=["misspelt", "extra", "empty", "no-messages"])
+def test_an_import_that_would_create_an_empty_session_is_refused(acme: httpx.Client, doc: Any, says: str) -> None:
+    """A misspelt or unknown top-level field, or a document with no message and no memo, would have
+    created an empty session: 400 ``invalid_session`` naming the field, and nothing is listed."""
+    resp = acme.put("/sessions/acme:j10", json=doc)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "invalid_session" and error["message"].startswith(says), error
+    assert acme.get("/sessions").json()["data"] == []
+
+
+def test_every_field_of_agentlys_session_form_imports(acme: httpx.Client) -> None:
+    """What Agently writes and reads (id, auto_resize, full_context, context_window or its older
+    name window_context, memo, session_settings) still imports, and so does a memo alone."""
+    doc = {"id": "a", "auto_resize": False, "full_context": [user("q"), assistant("a")],
+           "window_context": [assistant("a")], "memo": None, "session_settings": {"max_length": 5}}
+    assert acme.put("/sessions/acme:all", json=doc).json() == {"id": "acme:all", "imported_messages": 2}
+    assert acme.get("/sessions/acme:all").json()["context_window"] == [assistant("a")]
+    assert acme.put("/sessions/acme:memo-only", json={"memo": "likes tea"}).status_code == 200
+    assert acme.put("/sessions/acme:all", json=acme.get("/sessions/acme:all").json()).status_code == 200

@@ -24,6 +24,10 @@ the tenant, session id and model at import time (:func:`session_policy`, below).
 
 Raises ``ImportNotWhitelisted`` (422) naming the field and index, never the content.
 
+Before that, ``check_document`` holds the document to Agently's session form (its fields are
+:data:`DOCUMENT_FIELDS`, plus ``model``, the request's model for matching the policy): a field
+outside it is a 400 naming it, as Agently would load such a document as an empty session.
+
 Which policy: :func:`session_policy` is the one every session write (an import, ``add``/``set``,
 a memo write) is held to, ``match(tenant, model, session_id)``. Without a model the answer must
 not depend on one: when a policy that matches this tenant and session id only for some models
@@ -37,13 +41,38 @@ from __future__ import annotations
 
 from dataclasses import replace
 from fnmatch import fnmatchcase
+from typing import Any
 
-from gateway.errors import BadRequest, ImportNotWhitelisted
+from gateway.errors import BadRequest, ImportNotWhitelisted, InvalidSession
 from gateway.policy import Policy, PolicySet
 from gateway.session.model import Message, SessionState, is_structured
 from gateway.session.record import MEDIA_TYPES
 from gateway.session.structured import REDACTED_ARGUMENTS, REDACTED_RESULT, part_size
 from gateway.session.whitelist import in_recorded_form, memo_allowed
+
+DOCUMENT_FIELDS = ("id", "auto_resize", "full_context", "context_window", "window_context", "memo",
+                   "session_settings")
+"""The fields of Agently's session JSON (``Session.to_serializable_session_data``; its loader
+also reads ``window_context``, an older name of ``context_window``)."""
+
+
+def check_document(data: dict[str, Any]) -> None:
+    """``InvalidSession`` (400) naming the first top-level field of *data* that is neither one of
+    :data:`DOCUMENT_FIELDS` nor ``model``: a misspelt ``full_context`` would import nothing."""
+    for name in data:
+        if name not in DOCUMENT_FIELDS and name != "model":
+            raise InvalidSession(
+                f"'{name}' is not a field of an Agently session document: it holds "
+                f"{', '.join(DOCUMENT_FIELDS[:4])}, memo and session_settings (and 'model', the model to match "
+                "the session's policy with)")
+
+
+def check_not_empty(full_context: list[Message], state: SessionState, stored: list[Message]) -> None:
+    """``InvalidSession`` (400) for a document with no message and no memo into a session that
+    holds no history: it would only create an empty session."""
+    if not full_context and not state.context_window and state.memo is None and not stored:
+        raise InvalidSession("the document holds nothing to import: no message in 'full_context' or "
+                             "'context_window' and no 'memo'")
 
 
 def session_policy(policies: PolicySet, tenant: str, model: str | None, session_id: str, *,
