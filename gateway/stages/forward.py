@@ -23,13 +23,16 @@ client has the rest). A stream that ends with its final event is ``completed``, 
 codec's assembler says the provider failed (Responses' ``response.failed``: ``upstream_error``);
 either way the client gets the provider's own final event. When ``reply_id`` is set (a
 gateway-held Responses chain), the upstream's response id is replaced by it in what the client
-gets. Past ``max_reply_bytes`` of events the client still gets every event, the reply is
-assembled from what fits, and the round is ``incomplete`` with ``reply_truncated``. A client that disconnects,
-or an upstream that breaks off, ends the stream with outcome ``incomplete`` (``ended_by`` says
-which); the partial reply is still recorded. Errors before any byte reached the client raise
-``UpstreamError``/``UpstreamTimeout``; once bytes went out, a broken-off upstream sets
-``ended_by = "upstream"`` and ``respond`` ends the reply (an SSE error event for a stream, a
-closed connection otherwise) — never a second status line. Upstream 4xx/5xx bodies pass through.
+gets, and so are the two request fields the gateway changed on the way up
+(:func:`echo_chain_fields`: ``previous_response_id`` as the client sent it, ``store: true``).
+Past ``max_reply_bytes`` of events the client still gets every event, the reply is assembled
+from what fits, and the round is ``incomplete`` with ``reply_truncated``. A client that
+disconnects, or an upstream that breaks off, ends the stream with outcome ``incomplete``
+(``ended_by`` says which); the partial reply is still recorded. Errors before any byte reached
+the client raise ``UpstreamError``/``UpstreamTimeout``; once bytes went out, a broken-off
+upstream sets ``ended_by = "upstream"`` and ``respond`` ends the reply (an SSE error event for a
+stream, a closed connection otherwise) — never a second status line. Upstream 4xx/5xx bodies
+pass through.
 """
 
 from __future__ import annotations
@@ -222,7 +225,7 @@ def _parse_reply(ctx: Context) -> None:
                             code="bad_upstream_reply") from exc
     message = ctx.codec.parse_reply(body)
     if ctx.reply_id and isinstance(body.get("id"), str):
-        ctx.tail = ctx.tail.replace(body["id"].encode(), ctx.reply_id.encode())
+        ctx.tail = echo_chain_fields(ctx, ctx.tail.replace(body["id"].encode(), ctx.reply_id.encode()))
         body["id"] = ctx.reply_id
     ctx.reply_body, ctx.reply_message = body, message
     ctx.outcome = "upstream_error" if ctx.codec.failed(body) else "completed"
@@ -252,7 +255,7 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
             if ctx.reply_id and swap is None and assembler.id:
                 swap = (assembler.id.encode(), ctx.reply_id.encode())
             if data and swap is not None:
-                data = data.replace(*swap)
+                data = echo_chain_fields(ctx, data.replace(*swap))
             if data:
                 writing = True
                 await out.write(data)
@@ -273,7 +276,8 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
             ctx.outcome = "completed" if assembler.completed else "upstream_error"
         if ended:
             held = splitter.held
-            ctx.tail = (held.replace(*swap) if swap is not None else held) if splitter.done else b""
+            ctx.tail = (echo_chain_fields(ctx, held.replace(*swap)) if swap is not None else held) \
+                if splitter.done else b""
         else:
             ctx.ended_by = "upstream"
     except UpstreamError:
@@ -291,6 +295,23 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
         ctx.reply_message, ctx.reply_body = assembler.message(), assembler.response()
         if ctx.reply_id and ctx.reply_body is not None:
             ctx.reply_body["id"] = ctx.reply_id
+
+
+_PREVIOUS_NULL = re.compile(rb'("previous_response_id"\s*:\s*)null')
+_STORE_FALSE = re.compile(rb'("store"\s*:\s*)false')
+
+
+def echo_chain_fields(ctx: Context, data: bytes) -> bytes:
+    """A chain round's response objects (a JSON reply, or a stream's events) as the client asked
+    for them: the gateway stripped ``previous_response_id`` and sent ``store: false`` upstream,
+    so the provider's ``"previous_response_id": null`` becomes the id the client sent and its
+    ``"store": false`` becomes ``true`` (the gateway keeps the response). A JSON string cannot
+    hold an unescaped quote, so the patterns only meet the members themselves, never text."""
+    prev = ctx.body.get("previous_response_id")
+    if isinstance(prev, str):
+        value = orjson.dumps(prev)
+        data = _PREVIOUS_NULL.sub(lambda m: m.group(1) + value, data)
+    return _STORE_FALSE.sub(lambda m: m.group(1) + b"true", data)
 
 
 DRAIN_SECONDS = 0.5

@@ -304,3 +304,22 @@ def test_a_built_in_tool_answer_without_its_call_is_refused_when_the_window_cann
     client.responses.create(model="gpt-4o-mini", previous_response_id=first.id, input=[call, answer])  # type: ignore[list-item]
     assert [i.get("type") for i in proto.bodies("/v1/responses")[-1]["input"]][-2:] == [
         "computer_call", "computer_call_output"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chain_response_says_what_the_client_asked_for(pgw: Gateway, proto: ProtocolUpstream, stream: bool) -> None:
+    """The gateway strips ``previous_response_id`` and sends ``store: false`` upstream; the client's
+    response objects said so (``previous_response_id: null``, ``store: false``) although the client
+    sent both and the gateway keeps the response. Now they hold what the client asked for."""
+    client = pgw.openai()
+    first = client.responses.create(model="gpt-4o-mini", input="one")
+    assert first.store is True and first.previous_response_id is None
+    if stream:
+        events = list(client.responses.create(model="gpt-4o-mini", input="two", previous_response_id=first.id,
+                                              stream=True))
+        objects = [e.response for e in events if hasattr(e, "response")]
+        assert len(objects) == 3  # created, in_progress, completed
+    else:
+        objects = [client.responses.create(model="gpt-4o-mini", input="two", previous_response_id=first.id)]
+    assert all(o.previous_response_id == first.id and o.store is True for o in objects)
+    assert proto.bodies("/v1/responses")[-1]["store"] is False  # what went upstream is unchanged
