@@ -33,7 +33,7 @@ import orjson
 from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, VerifyReport, averify_chain
 from gateway.errors import ConfigError, NotFound
 from gateway.evidence import Kept, verify_data
-from gateway.export import ExportRecord, Progress, check_range, export_bundle
+from gateway.export import ExportRecord, Progress, check_range, export_bundle, names_session
 from gateway.keys import load_signer
 from gateway.policy import Policy, PolicySet
 from gateway.policy.versions import PolicyVersion, PolicyVersions
@@ -167,11 +167,17 @@ class AuditTrail:
                      progress: Progress | None = None) -> dict[str, Any]:
         """Write a redacted, verifiable bundle of *tenant*'s rounds at *out*; returns its manifest.
         BadRequest for a range that holds no time; NotFound for a tenant the store has nothing of
-        (a typo would otherwise export nothing, and start an audit chain for it)."""
+        (a typo would otherwise export nothing, and start an audit chain for it), and for a
+        session the tenant neither holds nor ever had (no audit entry names it; an erased
+        session's id still exports its entries)."""
         store = sessions.store
         check_range(since, until)
         if tenant not in await store.tenants():
             raise NotFound(f"no tenant '{tenant}' in this gateway's store (no audit chain, no sessions)")
+        if session_id is not None and (await store.get_session(tenant, session_id))[0] is None \
+                and not await names_session(store.iter_audit(tenant), session_id):
+            raise NotFound(f"no session '{session_id}' of tenant '{tenant}' in this gateway's store (nothing stored "
+                           "and no audit entry names it): check the session id")
         redactor_for = await self.redactors(store, policies, tenant)
 
         protocols = await round_protocols(store, tenant)

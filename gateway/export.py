@@ -384,6 +384,26 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
             tmp.unlink(missing_ok=True)
 
 
+async def names_session(rows: AsyncIterable[AuditRow], session_id: str) -> bool:
+    """Whether an audit entry among *rows* (a tenant's chain) names session *session_id*: an
+    export of a session its tenant never had would write an empty bundle and an export entry
+    for a misspelt id, while an erased session's entries stay and its id still exports them."""
+    needle = orjson.dumps(session_id)
+    try:
+        async for row in rows:
+            if needle not in row.body:
+                continue
+            try:
+                doc = orjson.loads(row.body)
+            except orjson.JSONDecodeError:
+                continue  # an edited entry: the export's check of the chain names it
+            if isinstance(doc, dict) and doc.get("session_id") == session_id:
+                return True
+        return False
+    finally:
+        await aclose(rows)
+
+
 class RoundLabels:
     """A round row's labels checked against its audit entry before its redaction is chosen.
 

@@ -566,3 +566,38 @@ def test_a_round_relabelled_to_a_weaker_policy_is_not_exported(gateway, tmp_path
                      headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
     assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed"
     assert b"bob@corp.com" not in resp.content and b"4111" not in resp.content
+
+
+def test_an_export_of_a_session_the_tenant_never_had_is_refused(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A misspelt session id exported an empty bundle and appended an export entry: ``sessiongate
+    export`` exits 2 naming it and ``/admin/export`` answers 404, both before any audit entry. An
+    erased session's id still exports (0 records; its entries, the erasure's among them)."""
+    import httpx
+
+    from gateway import cli
+    from tests.conftest import ACME_KEY, AUDITOR_TOKEN
+
+    gateway.openai(session="acme:real").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": "hello"}])
+    before = len(gateway.audit_entries())
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["--config", str(gateway.config_path), "export", "--tenant", "acme", "--session", "acme:nope",
+                         "--out", str(tmp_path / "nope.jsonl")])
+    assert code == 2, err.getvalue()
+    assert err.getvalue().startswith("sessiongate: error: no session 'acme:nope' of tenant 'acme'"), err.getvalue()
+    assert list(tmp_path.glob("nope*")) == []
+    resp = httpx.get(f"{gateway.url}/admin/export", params={"tenant": "acme", "session": "acme:nope"},
+                     headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=30)
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found", resp.text
+    assert "'acme:nope'" in resp.json()["error"]["message"]
+    assert len(gateway.audit_entries()) == before
+    erased = httpx.delete(f"{gateway.base_url}/sessions/acme:real", headers={"Authorization": f"Bearer {ACME_KEY}"})
+    assert erased.status_code in (200, 202)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["--config", str(gateway.config_path), "export", "--tenant", "acme", "--session", "acme:real",
+                         "--out", str(tmp_path / "erased.jsonl")])
+    assert code == 0 and out.getvalue().startswith("exported 0 records (0 sessions)")
+    audit = [orjson.loads(line) for line in (tmp_path / "erased.jsonl.audit.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "erasure" and e.get("session_id") == "acme:real" for e in audit)

@@ -32,7 +32,7 @@ import structlog
 
 from gateway.audit import VerifyReport
 from gateway.auth import Principal
-from gateway.errors import IntegrityError
+from gateway.errors import IntegrityError, NotFound
 from gateway.export import PrivateFolder, Progress, bundle_paths
 from gateway.store.base import AuditRow
 
@@ -134,6 +134,9 @@ class Jobs:
             try:
                 await work(job)
                 job.status = "done"
+            except NotFound as exc:  # a session (or tenant) that is not there: the message names it
+                job.status, job.error = "failed", exc.message
+                log.info("console_job_failed", kind=kind, tenant=tenant, error="NotFound")
             except IntegrityError as exc:  # what differs names tenant, session, round and entry, never content
                 job.status, job.error = "failed", f"the stored data failed an integrity check: {exc.detail}"
                 log.error("console_job_failed", kind=kind, tenant=tenant, error="IntegrityError", detail=exc.detail)

@@ -141,3 +141,17 @@ def test_a_gateway_sweeps_the_bundle_folders_of_killed_processes_at_start_up(
         assert alive.path.exists()
     finally:
         alive.remove()
+
+
+def test_an_export_of_a_session_the_tenant_never_had_fails_naming_it(console_gateway: Gateway) -> None:
+    """The console's export of a misspelt session id said "Done: 0 records from 0 sessions"; its job
+    now fails with the message that names the id, and appends no export entry."""
+    exports = len([e for e in console_gateway.audit_entries() if e["event"] == "export"])
+    client = signed_in_client(console_gateway)
+    csrf = login_csrf(client.get("/console/overview").text)
+    started = client.post("/console/export", data={"csrf": csrf, "tenant": "acme", "format": "jsonl",
+                                                   "session": "acme:nope"}, headers={"Origin": console_gateway.url})
+    assert started.status_code == 303, started.text
+    page = wait_for(lambda: (lambda p: p if "It failed" in p.text else None)(client.get(started.headers["location"])))
+    assert "no session &#39;acme:nope&#39; of tenant &#39;acme&#39;" in page.text, page.text
+    assert len([e for e in console_gateway.audit_entries() if e["event"] == "export"]) == exports
