@@ -231,7 +231,7 @@ async def _provider_response(request: web.Request) -> web.StreamResponse:
     gateway sends ``store: false`` upstream under gateway-held state, so a response made through
     it with ``X-Session-Id`` is in that session's record and nowhere at the provider."""
     services = request.app[SERVICES]
-    up = services.upstreams.route(None, "openai")
+    up = services.upstreams.route(None, "openai", any_upstream=True)
     if up.responses_state == "provider":  # one namespace at the provider for every tenant: the caller's ids only
         tenant = services.auth.client(auth_header(request.headers)).tenant or ""
         digest = provider_id_digest(request.match_info["response_id"])

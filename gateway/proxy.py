@@ -22,8 +22,10 @@ Contract, in order:
    string of at most 256 characters (400 ``invalid_model`` otherwise) before it is used,
    logged or audited. It picks the upstream, among those of the route's protocol
    (``route_protocol``: Anthropic's for ``/v1/messages/...`` and for clients that send
-   ``anthropic-version``). A JSON body is forwarded as parsed (a key sent
-   twice goes once, with the value that was routed and audited); other bodies as they came.
+   ``anthropic-version``); a request without one goes to that protocol's first upstream
+   (``Upstreams.route(any_upstream=True)``: ``/v1/models`` runs no model). A JSON body is
+   forwarded as parsed (a key sent twice goes once, with the value that was routed and
+   audited); other bodies as they came.
 5. The route must be in that upstream's ``forward_routes`` (403 otherwise, saying how to allow
    it, and whether the route runs the model outside the gateway's recording): account-wide
    provider state (files, batches, assistants, ...) is not shared by tenants unless the
@@ -236,7 +238,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
         body, model, is_json = await asyncio.to_thread(json_body, body, request.content_type)
     else:
         body, model, is_json = json_body(body, request.content_type)
-    upstream = services.upstreams.route(model, route_protocol(route, request.headers))
+    upstream = services.upstreams.route(model, route_protocol(route, request.headers), any_upstream=True)
     if not upstream.allows(route.segments):
         rule = suggested_rule(route.segments)
         unrecorded = any(rule == r or rule.startswith(f"{r}/") or r.startswith(f"{rule}/")

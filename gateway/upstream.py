@@ -422,7 +422,7 @@ class Upstreams:
         ]
         self._accept = {s.name: s.accept_encoding for s in settings}
         self._limit = max((s.max_connections for s in settings), default=100)
-        self._routes: dict[tuple[str, str | None], Upstream] = {}
+        self._routes: dict[tuple[str, str | None, bool], Upstream] = {}
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -442,25 +442,39 @@ class Upstreams:
         if self._session is not None:
             await self._session.close()
 
-    def route(self, model: str | None, protocol: str = "openai") -> Upstream:
+    def route(self, model: str | None, protocol: str = "openai", *, any_upstream: bool = False) -> Upstream:
         """The first upstream speaking *protocol* (``openai`` or ``anthropic``) whose model globs
-        match *model* (cached per protocol and model name); BadRequest ``model_not_found`` if none."""
-        hit = self._routes.get((protocol, model))
+        match *model* (cached per protocol and model name); BadRequest ``model_not_found`` if none.
+
+        A request that names no model (*model* None: a Responses request whose ``prompt`` template
+        picks the model at the provider) goes to the first upstream that takes every model (a
+        ``*`` pattern), never to one whose globs may not match the template's model; with none,
+        BadRequest ``missing_model`` asks for ``model``. With *any_upstream* (a forwarded route,
+        such as ``/v1/models``, or a provider-held response: no model is run by name) it goes to
+        the first upstream of the protocol."""
+        key = (protocol, model, any_upstream)
+        hit = self._routes.get(key)
         if hit is not None:
             return hit
         for up in self._list:
-            if up.protocol == protocol and (model is None or any(fnmatch.fnmatchcase(model, p) for p in up.models)):
+            if up.protocol == protocol and (any(fnmatch.fnmatchcase(model, p) for p in up.models) if model is not None
+                                            else any_upstream or any(set(p) == {"*"} for p in up.models)):
                 if len(self._routes) < 4096:
-                    self._routes[(protocol, model)] = up
+                    self._routes[key] = up
                 return up
         names = ", ".join(u.name for u in self._list if u.protocol == protocol) or "none"
         kind = "upstream" if protocol == "openai" else f"{protocol} upstream"
+        if model is None and not any_upstream and names != "none":
+            raise BadRequest(f"'model' is required here: this request names no model (a prompt template picks it at "
+                             f"the provider), and no {kind} takes every model (models: ['*']), so the gateway cannot "
+                             f"tell which upstream serves it. Send 'model'; configured {kind}s: {names}",
+                             code="missing_model")
         what = f"serves model '{model}'" if model is not None else "is configured"  # a route without a model
         raise BadRequest(f"no {kind} {what}; configured {kind}s: {names}", code="model_not_found")
 
     async def complete(self, model: str | None, messages: list[dict[str, Any]], timeout: float) -> str:
         """A side request (no session, never recorded): the text of a non-streaming completion."""
-        up = self.route(model, "openai")
+        up = self.route(model, "openai", any_upstream=True)
         body: dict[str, Any] = {"messages": messages, "stream": False}
         if model is not None:
             body["model"] = model

@@ -118,10 +118,13 @@ def test_auditor_token_cannot_chat(gateway: Gateway) -> None:
     (b'{"messages": [42]}', "invalid_messages"),
     (b'{"messages": [{"role": "user", "content": "x"}], "model": 7}', "invalid_model"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "invalid_stream"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', "missing_model"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "model": null}', "missing_model"),
 ], ids=["malformed", "latin1", "empty", "array", "no-messages", "empty-messages", "string-messages",
-        "no-role", "number-message", "model-int", "stream-string"])
+        "no-role", "number-message", "model-int", "stream-string", "model-absent", "model-null"])
 def test_bad_chat_bodies_are_400(gateway: Gateway, upstream: Upstream, body: bytes, code: str) -> None:
-    """Malformed JSON, invalid UTF-8 and requests without usable messages answer 400 with a stable code."""
+    """Malformed JSON, invalid UTF-8 and requests without usable messages or without a model answer
+    400 with a stable code."""
     error = assert_error(post_chat(gateway, body, headers={"X-Session-Id": "victim"}), 400, code)
     assert error["type"] == "invalid_request_error"
     assert upstream.requests == []

@@ -42,9 +42,10 @@ class ChatCodec:
     upstream_path = "/chat/completions"
 
     def check(self, body: dict[str, Any]) -> None:
-        from gateway.stages.parse_request import check_chat
+        from gateway.stages.parse_request import check_chat, require_model
 
         check_chat(body)
+        require_model(body)
 
     def messages(self, body: dict[str, Any]) -> list[Message]:
         """The request's own messages; a ``file`` part whose data is text is read as the text the

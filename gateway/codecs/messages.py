@@ -381,7 +381,7 @@ class MessagesCodec:
     upstream_path = "/messages"
 
     def check(self, body: dict[str, Any]) -> None:
-        from gateway.stages.parse_request import check_flags, check_model
+        from gateway.stages.parse_request import check_flags, check_model, require_model
 
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -396,6 +396,7 @@ class MessagesCodec:
             raise BadRequest("'system' must be a string or a list of text blocks", code="invalid_system")
         if not isinstance(body.get("max_tokens"), int):
             raise BadRequest("'max_tokens' is required: a whole number", code="missing_max_tokens")
+        require_model(body)
         check_model(body.get("model"))
         check_flags(body)
 

@@ -342,7 +342,7 @@ class ResponsesCodec:
     upstream_path = "/responses"
 
     def check(self, body: dict[str, Any]) -> None:
-        from gateway.stages.parse_request import check_flags, check_model
+        from gateway.stages.parse_request import check_flags, check_model, require_model
 
         items = body.get("input")
         if isinstance(items, list):
@@ -356,6 +356,8 @@ class ResponsesCodec:
         prev = body.get("previous_response_id")
         if prev is not None and not isinstance(prev, str):
             raise BadRequest("'previous_response_id' must be a string", code="invalid_previous_response_id")
+        if body.get("prompt") is None:  # a prompt template may name the model itself
+            require_model(body)
         check_model(body.get("model"))
         check_flags(body)
 

@@ -11,7 +11,9 @@ bytes received and the decoded bytes) is over ``server.max_body_bytes``; with 41
 it cannot decode; with 400 for a corrupt compressed body, invalid UTF-8, malformed JSON, JSON
 nested deeper than ``MAX_JSON_DEPTH``, a body that is not an object, a chat request without a
 non-empty ``messages`` list of objects with a ``role``, or a ``model`` that is not a printable
-string of at most ``MAX_MODEL_CHARS`` characters. Messages never quote the body or the model.
+string of at most ``MAX_MODEL_CHARS`` characters (absent or null too: Chat and Messages require
+one, Responses one unless a ``prompt`` template names it; :func:`require_model`). Messages never
+quote the body or the model.
 
 Large bodies are decoded and parsed in a worker thread, so one big request never holds up the
 event loop (and with it every other client).
@@ -136,6 +138,15 @@ def check_flags(body: dict) -> None:
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
         raise BadRequest("'n' must be a whole number (a JSON integer such as 1)", code="invalid_n")
+
+
+def require_model(body: dict) -> None:
+    """``BadRequest`` (``missing_model``) when a model route's body names no model (absent or
+    null): the provider needs one, and the gateway routes by it (``upstreams[].models``), so a
+    request without one would go to whichever upstream comes first."""
+    if body.get("model") is None:
+        raise BadRequest("'model' is required: the name of the model to run, as a string",
+                         code="missing_model")
 
 
 def check_chat(body: dict) -> None:

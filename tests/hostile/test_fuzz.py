@@ -74,10 +74,10 @@ message = st.one_of(
 chat_body = st.fixed_dictionaries(
     {"messages": st.one_of(st.lists(message, min_size=1, max_size=4).map(
         lambda ms: [*ms, {"role": "user", "content": ms[-1].get("content", "") if isinstance(ms[-1], dict)
-                          else with_canary("")}]), json_value)},
-    optional={"model": st.one_of(st.sampled_from(["gpt-4o", "standin"]), safe_text, st.integers(-2**63, 2**63 - 1),
-                                 st.none()),
-              "stream": st.one_of(st.booleans(), st.none(), st.just("yes"), st.integers(-2**63, 2**63 - 1)),
+                          else with_canary("")}]), json_value),
+     "model": st.one_of(st.sampled_from(["gpt-4o", "standin"]), safe_text, st.integers(-2**63, 2**63 - 1),
+                        st.none())},  # Chat requires a model: absent or null is a 400 like an integer
+    optional={"stream": st.one_of(st.booleans(), st.none(), st.just("yes"), st.integers(-2**63, 2**63 - 1)),
               "temperature": st.one_of(st.floats(allow_nan=False), st.text(max_size=3)),
               "metadata": st.dictionaries(safe_text, any_text.map(with_canary), max_size=2),
               "user": any_text.map(with_canary)})
