@@ -120,11 +120,19 @@ def test_auditor_token_cannot_chat(gateway: Gateway) -> None:
     (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "invalid_stream"),
     (b'{"messages": [{"role": "user", "content": "x"}]}', "missing_model"),
     (b'{"messages": [{"role": "user", "content": "x"}], "model": null}', "missing_model"),
+    (b'{"model": "standin", "messages": [{"role": "user", "content": 5}]}', "invalid_content"),
+    (b'{"model": "standin", "messages": [{"role": "user", "content": true}]}', "invalid_content"),
+    (b'{"model": "standin", "messages": [{"role": "user", "content": [5]}]}', "invalid_content"),
+    (b'{"model": "standin", "messages": [{"role": "user", "content": null}]}', "invalid_content"),
+    (b'{"model": "standin", "messages": [{"role": "system"}, {"role": "user", "content": "x"}]}', "invalid_content"),
 ], ids=["malformed", "latin1", "empty", "array", "no-messages", "empty-messages", "string-messages",
-        "no-role", "number-message", "model-int", "stream-string", "model-absent", "model-null"])
+        "no-role", "number-message", "model-int", "stream-string", "model-absent", "model-null", "content-number",
+        "content-bool", "content-part-number", "user-content-null", "system-content-absent"])
 def test_bad_chat_bodies_are_400(gateway: Gateway, upstream: Upstream, body: bytes, code: str) -> None:
-    """Malformed JSON, invalid UTF-8 and requests without usable messages or without a model answer
-    400 with a stable code."""
+    """Malformed JSON, invalid UTF-8, requests without usable messages or without a model, and
+    message content that is a number, a boolean, a list holding other than part objects, or null
+    on a user or system turn (the model would read one text and the session record another)
+    answer 400 with a stable code."""
     error = assert_error(post_chat(gateway, body, headers={"X-Session-Id": "victim"}), 400, code)
     assert error["type"] == "invalid_request_error"
     assert upstream.requests == []

@@ -349,6 +349,10 @@ class ResponsesCodec:
             for i, item in enumerate(items):
                 if not isinstance(item, dict):
                     raise BadRequest(f"'input[{i}]' must be an object (an input item)", code="invalid_input")
+                if "role" in item and item.get("type", "message") in ("message", None) \
+                        and not isinstance(item.get("content"), (str, list)):  # as to_messages reads a message
+                    raise BadRequest(f"'input[{i}].content' must be a string or a list of content parts",
+                                     code="invalid_content")
         elif items is not None and not isinstance(items, str):  # optional: a prompt template, instructions
             raise BadRequest("'input' must be a string or a list of input items", code="invalid_input")
         if body.get("instructions") is not None and not isinstance(body["instructions"], str):

@@ -10,9 +10,10 @@ Refuses with 413 when the body (chunked or not, compressed or not: the limit app
 bytes received and the decoded bytes) is over ``server.max_body_bytes``; with 415 for a coding
 it cannot decode; with 400 for a corrupt compressed body, invalid UTF-8, malformed JSON, JSON
 nested deeper than ``MAX_JSON_DEPTH``, a body that is not an object, a chat request without a
-non-empty ``messages`` list of objects with a ``role``, or a ``model`` that is not a printable
-string of at most ``MAX_MODEL_CHARS`` characters (absent or null too: Chat and Messages require
-one, Responses one unless a ``prompt`` template names it; :func:`require_model`). Messages never
+non-empty ``messages`` list of objects with a ``role`` and a string, part-list or object (or,
+on an assistant turn, null) ``content``, or a ``model`` that is not a printable string of at
+most ``MAX_MODEL_CHARS`` characters (absent or null too: Chat and Messages require one,
+Responses one unless a ``prompt`` template names it; :func:`require_model`). Messages never
 quote the body or the model.
 
 Large bodies are decoded and parsed in a worker thread, so one big request never holds up the
@@ -149,13 +150,49 @@ def require_model(body: dict) -> None:
                          code="missing_model")
 
 
+NULL_CONTENT_ROLES = frozenset({"assistant", "function"})
+"""Chat roles whose ``content`` may be null or absent: an assistant turn that is only tool calls
+(or a refusal, or audio, echoed back as history), and the legacy ``function`` result."""
+
+
+def check_content(content: object, where: str, role: str) -> None:
+    """``BadRequest`` (``invalid_content``) unless a Chat message's *content* is a string, a list
+    of content part objects, an object (Agently's ``agent.input({...})`` sends one: the structured
+    input, recorded as such), or null on a role that allows it (:data:`NULL_CONTENT_ROLES`).
+    OpenAI's API refuses anything else too; a number or a boolean would otherwise reach the model
+    as the provider reads it and be recorded as the gateway reads it, two different texts."""
+    if isinstance(content, (str, dict)) or (content is None and role in NULL_CONTENT_ROLES):
+        return
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise BadRequest(f"'{where}.content[{j}]' must be a content part object (such as "
+                                 "{\"type\": \"text\", \"text\": ...})", code="invalid_content")
+        return
+    if content is None:
+        raise BadRequest(f"'{where}.content' is required for a '{role[:32]}' message: a string or a list of "
+                         "content parts", code="invalid_content")
+    raise BadRequest(f"'{where}.content' must be a string or a list of content parts, not a JSON "
+                     f"{_json_type(content)}", code="invalid_content")
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a scalar's type (never the value: it may be content)."""
+    return "boolean" if isinstance(value, bool) else "number"
+
+
 def check_chat(body: dict) -> None:
+    """A Chat Completions request as the gateway reads it: a non-empty ``messages`` list of
+    objects with a string ``role`` and a content :func:`check_content` takes, a ``model`` that
+    is absent or printable, and boolean flags. ``model`` is required on the wire
+    (``ChatCodec.check`` adds :func:`require_model`), not in a policy test case or explain."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' is required: a non-empty list of chat messages", code="missing_messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"'messages[{i}]' must be an object with a string 'role'", code="invalid_messages")
+        check_content(m.get("content"), f"messages[{i}]", m["role"])
     check_model(body.get("model"))
     check_flags(body)
 

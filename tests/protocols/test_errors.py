@@ -67,6 +67,9 @@ def test_upstream_error_status_passes_through(pgw: Gateway) -> None:
 @pytest.mark.parametrize(("path", "body", "shape"), [
     ("/v1/responses", {"model": "m", "input": 7}, "openai"),
     ("/v1/responses", {"model": "m", "input": [1]}, "openai"),
+    ("/v1/responses", {"model": "m", "input": [{"role": "user", "content": 5}]}, "openai"),
+    ("/v1/responses", {"model": "m", "input": [{"type": "message", "role": "user", "content": None}]}, "openai"),
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 5}]}, "anthropic"),
     ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": []}, "anthropic"),
     ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "anthropic"),
 ])
