@@ -105,7 +105,12 @@ async def error_middleware(request: web.Request,
         message = {404: "this path is not a sessiongate route: see the README for the routes it serves",
                    405: "this route does not accept this method: see the README for the routes it serves",
                    413: "the request body is over this route's limit"}.get(exc.status, exc.reason)
-        return _refusal(request, {"message": message, "type": kind, "code": code}, exc.status)
+        if exc.status == 405 and exc.headers.get("Allow"):
+            message = f"this route does not accept this method; it takes {exc.headers['Allow']}"
+        resp = _refusal(request, {"message": message, "type": kind, "code": code}, exc.status)
+        if "Allow" in exc.headers:  # a 405 names the methods the route takes (RFC 9110)
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except RequestPayloadError as exc:
         log.info("bad_request_body", path=request.path, error=type(exc.__cause__ or exc).__name__)
         return _refusal(request, {"message": "the request body could not be read: invalid chunked framing or "

@@ -10,10 +10,13 @@ Contract, in order:
    percent escapes, control characters, targets over 2,048 characters. The URL sent upstream is
    the upstream's ``base_url`` plus exactly this encoded path (``Upstreams.open`` does not
    re-resolve it), so the provider key reaches only paths below the configured base URL.
-3. Paths the gateway serves itself are never forwarded, whatever their spelling: any path whose
-   first segment is ``sessions`` in any case (400/405/404), and ``chat/completions`` (405 for a
-   method other than POST). A URL that holds a gateway key or auditor token (a path segment, a
-   query parameter's name or value) is refused with 400 ``key_in_url``: it would reach the
+3. A path that holds ``/v1`` twice (``/v1/v1/messages``: an SDK whose base URL ends in ``/v1``
+   once too often) is 404 ``doubled_v1``, saying what the base URL should be. Paths the gateway
+   serves itself are never forwarded, whatever their spelling: any path whose first segment is
+   ``sessions`` in any case (400/405/404), ``chat/completions`` (405 for a method other than
+   POST), and ``responses`` and ``messages`` themselves (405 for a method other than POST). A
+   URL that holds a gateway key or auditor token (a path segment, a query parameter's name or
+   value) is refused with 400 ``key_in_url``: it would reach the
    provider, and its logs, as it is. Then a path segment holding ``;`` (also as ``%3B``) is
    refused with 400 (``refuse_path_parameters``): servers that read ``;`` as the start of path
    parameters (Tomcat, Jetty, Spring, some API gateways) would see ``..;`` as ``..`` and
@@ -58,7 +61,7 @@ from gateway.auth import Authenticator, auth_header
 from gateway.codecs import references
 from gateway.codecs.responses import check_references
 from gateway.context import Services
-from gateway.errors import BadRequest, Forbidden, GatewayError, StoreUnavailable, UpstreamError
+from gateway.errors import BadRequest, Forbidden, GatewayError, NotFound, StoreUnavailable, UpstreamError
 from gateway.observe import mark_logged, model_label, set_outcome
 from gateway.stages.parse_request import THREAD_ABOVE_BYTES, check_model, read_limited
 from gateway.stages.resolve_session import check_session_id
@@ -203,6 +206,21 @@ def refuse_gateway_paths(method: str, route: Route) -> None:
         if method != "POST":
             raise web.HTTPMethodNotAllowed(method, ["POST"])
         raise web.HTTPNotFound()  # another spelling of the chat route: never forwarded unrecorded
+    if route.segments in (("responses",), ("messages",)):  # the other model routes: their POST never comes here
+        raise web.HTTPMethodNotAllowed(method, ["POST"])
+
+
+DOUBLED_V1 = ("this path holds /v1 twice (/v1/v1/...): the client's base URL ends in /v1 and its SDK adds /v1 "
+              "again. The Anthropic SDK's base_url is the gateway's address without /v1 (http://HOST:PORT); the "
+              "OpenAI SDK's is that address with /v1 once (http://HOST:PORT/v1)")
+
+
+def refuse_doubled_v1(route: Route) -> None:
+    """``NotFound`` (``doubled_v1``) for ``/v1/v1/...``: no provider has such a route; it is an
+    SDK whose base URL already ends in ``/v1`` (the Anthropic SDK's takes the host alone), and
+    the refusal says what to set instead of suggesting a ``forward_routes`` rule ``v1``."""
+    if route.segments[0] == "v1":
+        raise NotFound(DOUBLED_V1, code="doubled_v1")
 
 
 def json_body(body: bytes | None, content_type: str) -> tuple[bytes | None, str | None, bool]:
@@ -230,6 +248,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     credential = auth_header(request.headers)
     principal = services.auth.client(credential)
     route = parse_route(request.raw_path)
+    refuse_doubled_v1(route)
     refuse_gateway_paths(request.method, route)
     refuse_keys_in_url(route, services.auth, credential)
     refuse_path_parameters(route)

@@ -129,5 +129,6 @@ def by_name(name: str) -> Codec:
 
 
 def render_error(path: str, body: dict[str, Any], status: int) -> dict[str, Any]:
-    """An OpenAI-shaped error *body* in the shape of the protocol served at *path*."""
-    return codec_for_path(path).error_body(body, status)
+    """An OpenAI-shaped error *body* in the shape of the protocol served at *path* (for a doubled
+    ``/v1/v1/...``, the shape of the path meant: the Anthropic SDK reads Anthropic's)."""
+    return codec_for_path(path[3:] if path.startswith("/v1/v1/") else path).error_body(body, status)

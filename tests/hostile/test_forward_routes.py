@@ -79,7 +79,7 @@ def test_account_wide_routes_are_refused_by_default(make_gateway: Callable[..., 
     ("POST /v1/threads/t1/runs", "threads", True),
     ("POST /v1/completions", "completions", True),
     ("GET /v1/files/file-1", "files", False),
-    ("GET /v1/messages", "messages", True),  # 'messages' would also allow messages/batches
+    ("POST /v1/realtime/sessions", "realtime", True),  # GET /v1/messages is 405: see the model routes' test below
 ])
 def test_a_refusal_suggests_the_narrowest_rule_and_says_when_model_calls_would_go_unrecorded(
         make_gateway: Callable[..., Gateway], provider: Provider, request_line: str, rule: str,  # noqa: F811
@@ -131,6 +131,51 @@ def test_the_chat_route_is_never_forwarded(make_gateway: Callable[..., Gateway],
     assert resp.status_code == 405 and resp.json()["error"]["code"] == "method_not_allowed"
     body = {"model": "gpt-x", "messages": [{"role": "user", "content": "unrecorded?"}]}
     assert httpx.post(f"{gateway.base_url}/Chat/Completions", headers=AUTH, json=body).status_code == 404
+    assert provider.paths == []
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/messages"), ("DELETE", "/messages"), ("GET", "/responses"),
+                                            ("PUT", "/responses"), ("GET", "/chat/completions")])
+def test_a_wrong_method_on_a_model_route_is_405_with_allow(make_gateway: Callable[..., Gateway],
+                                                           provider: Provider, method: str,  # noqa: F811
+                                                           path: str) -> None:
+    """A model route called with another method than POST is 405 with ``Allow: POST``, in the
+    path's error shape (Anthropic's on /v1/messages), not a 403 suggesting a forward_routes
+    rule; nothing is forwarded, even with every route allowed."""
+    gateway = connect(make_gateway, provider.url, forward_routes=["*"])
+    resp = httpx.request(method, f"{gateway.base_url}{path}", headers=AUTH)
+    assert resp.status_code == 405 and resp.headers["Allow"] == "POST", resp.text
+    doc = resp.json()
+    error = doc["error"]
+    if path == "/messages":
+        assert doc["type"] == "error" and set(error) == {"type", "message"}
+    else:
+        assert error["code"] == "method_not_allowed"
+    assert "it takes POST" in error["message"] and "forward_routes" not in error["message"]
+    assert provider.paths == []
+
+
+def test_a_doubled_v1_path_says_what_base_url_to_set(make_gateway: Callable[..., Gateway],
+                                                     provider: Provider) -> None:  # noqa: F811
+    """The Anthropic SDK given the OpenAI habit's base URL (ending in /v1) posts to /v1/v1/messages:
+    it gets 404 in Anthropic's shape (its SDK raises NotFoundError) saying its base_url is the
+    address without /v1; the OpenAI SDK with /v1 twice gets the same in OpenAI's shape. Neither
+    is a 403 suggesting a forward_routes rule 'v1', and nothing is forwarded."""
+    import anthropic
+    import openai
+    gateway = connect(make_gateway, provider.url, forward_routes=["*"])
+    client = anthropic.Anthropic(base_url=gateway.base_url, api_key=ACME_KEY, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as refused:
+        client.messages.create(model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    body = refused.value.body
+    assert isinstance(body, dict) and body["type"] == "error" and body["error"]["type"] == "not_found_error"
+    assert "/v1 twice" in body["error"]["message"]
+    assert "Anthropic SDK's base_url is the gateway's address without /v1" in body["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as refused_oa:
+        openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=ACME_KEY, max_retries=0).chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "hi"}])
+    assert refused_oa.value.code == "doubled_v1" and "OpenAI SDK's is that address with /v1 once" in str(
+        refused_oa.value)
     assert provider.paths == []
 
 
