@@ -43,6 +43,38 @@ UNKNOWN_KEY = "unknown API key: use a key issued for this gateway (sessiongate c
 role's (an auditor token on a model route), so unthrottled routes confirm no guess."""
 
 
+@dataclass(frozen=True, slots=True)
+class Wording:
+    """What a refused credential is told, per kind of route: each names the credential that
+    route takes and where to send it, never the credential sent."""
+
+    missing: str
+    malformed: str
+    unknown: str
+
+
+CLIENT = Wording(
+    missing="missing API key: send 'Authorization: Bearer <your gateway key>' or 'x-api-key: <your gateway key>'",
+    malformed="malformed Authorization header: expected 'Bearer <your gateway key>'",
+    unknown=UNKNOWN_KEY)
+AUDITOR = Wording(
+    missing="missing auditor token: /admin routes take 'Authorization: Bearer <auditor token>', a token listed "
+            "under auditors in the gateway configuration",
+    malformed="malformed Authorization header: expected 'Bearer <auditor token>'",
+    unknown="unknown auditor token: /admin routes take a token listed under auditors in the gateway configuration")
+AUDITOR_IN_API_KEY = ("/admin routes read the auditor token from 'Authorization: Bearer <auditor token>' only, "
+                      "not from x-api-key: send it there")
+SCRAPER = Wording(
+    missing="missing metrics token: /metrics takes 'Authorization: Bearer <metrics token>', the token whose "
+            "SHA-256 is metrics.token_sha256 in the gateway configuration",
+    malformed="malformed Authorization header: expected 'Bearer <metrics token>'",
+    unknown="not the metrics token: /metrics takes only the token whose SHA-256 is metrics.token_sha256 in the "
+            "gateway configuration (client keys and auditor tokens do not reach it)")
+"""The same ``unknown`` for an unknown token and for a client key or auditor token: ``/metrics``
+is not throttled, so it must not tell which guesses are tokens of another kind (401 for all, as
+RFC 9110 has it for credentials that are not valid for the resource)."""
+
+
 class Authenticator:
     """Resolves ``Authorization: Bearer <key>`` to a client (with its tenant) or an auditor."""
 
@@ -57,21 +89,23 @@ class Authenticator:
             self._by_digest[settings.metrics.token_sha256] = Principal("metrics", None, "scraper")
         self.scraper_required = settings.metrics.token_sha256 is not None
 
-    def identify(self, authorization: str | None) -> Principal:
-        """The principal behind an Authorization header; ``Unauthorized`` otherwise."""
+    def identify(self, authorization: str | None, wording: Wording = CLIENT) -> Principal:
+        """The principal behind an Authorization header; ``Unauthorized`` otherwise, in the
+        *wording* of the route asking."""
         if not authorization:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <your gateway key>'")
+            raise Unauthorized(wording.missing)
         scheme, _, key = authorization.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
-            raise Unauthorized("malformed Authorization header: expected 'Bearer <your gateway key>'")
+            raise Unauthorized(wording.malformed)
         try:
             raw = key.encode("utf-8")
         except UnicodeEncodeError:  # bytes that are not UTF-8 (aiohttp keeps them as surrogates)
-            raise Unauthorized("malformed Authorization header: the key holds bytes no gateway key has") from None
+            raise Unauthorized("malformed Authorization header: it holds bytes that no key or token of this "
+                               "gateway has") from None
         principal = self._by_digest.get(hashlib.sha256(raw).hexdigest())
         if principal is None:
-            raise Unauthorized(UNKNOWN_KEY)
+            raise Unauthorized(wording.unknown)
         return principal
 
     def knows(self, value: str) -> bool:
@@ -83,26 +117,32 @@ class Authenticator:
         return bool(raw) and hashlib.sha256(raw).hexdigest() in self._by_digest
 
     def client(self, authorization: str | None) -> Principal:
-        if not authorization:  # client routes take either header (``auth_header``)
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <your gateway key>' "
-                               "or 'x-api-key: <your gateway key>'")
-        p = self.identify(authorization)
+        """A client key (client routes take either header: ``auth_header``); ``Unauthorized``
+        otherwise."""
+        p = self.identify(authorization, CLIENT)
         if p.role != "client":  # answered as an unknown key: these routes are not throttled, so they must
             raise Unauthorized(UNKNOWN_KEY)  # not tell which guesses are auditor or metrics tokens
         return p
 
-    def scraper(self, authorization: str | None) -> None:
+    def scraper(self, headers: Mapping[str, str]) -> None:
         """``GET /metrics``: nothing to check without ``metrics.token_sha256``; with it, the
-        scraper's token and no other (``Unauthorized``)."""
+        scraper's token and no other (``Unauthorized``, one message for every wrong token)."""
         if not self.scraper_required:
             return
-        if self.identify(authorization).role != "scraper":
-            raise Unauthorized(UNKNOWN_KEY)  # as on the model routes: no other token is told apart here
+        if self.identify(headers.get("Authorization"), SCRAPER).role != "scraper":
+            raise Unauthorized(SCRAPER.unknown)  # as on the model routes: no other token is told apart here
 
-    def auditor(self, authorization: str | None) -> Principal:
-        p = self.identify(authorization)
+    def auditor(self, headers: Mapping[str, str]) -> Principal:
+        """An ``/admin`` request's auditor, from ``Authorization`` only (``Unauthorized`` saying
+        so when the token came in ``x-api-key``); ``Forbidden`` for another role's key (the
+        routes are throttled: ``console.throttle``)."""
+        authorization = headers.get("Authorization")
+        if authorization is None and headers.get("x-api-key") is not None:
+            raise Unauthorized(AUDITOR_IN_API_KEY)
+        p = self.identify(authorization, AUDITOR)
         if p.role != "auditor":
-            raise Forbidden("this route is for auditors' tokens")
+            raise Forbidden("this route takes an auditor token (listed under auditors in the gateway "
+                            "configuration); client keys and the metrics token do not reach it")
         return p
 
 

@@ -552,7 +552,7 @@ def _tenant_param(request: web.Request) -> str:
 def _auditor_tenant(request: web.Request) -> tuple[Principal, str]:
     """The auditor behind the request and the ``?tenant=`` it asks for, which its scope must
     cover (``Forbidden`` otherwise): the one tenant check of every admin route."""
-    auditor = request.app[SERVICES].auth.auditor(request.headers.get("Authorization"))
+    auditor = request.app[SERVICES].auth.auditor(request.headers)
     return auditor, auditor.check_tenant(_tenant_param(request))
 
 
@@ -561,7 +561,7 @@ _TENANT = re.compile(TENANT_PATTERN.removeprefix("^").removesuffix("$"))
 
 async def admin_public_key(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    services.auth.auditor(request.headers.get("Authorization"))
+    services.auth.auditor(request.headers)
     return web.Response(body=services.audit.signer.public_key_pem(), content_type="application/x-pem-file")
 
 
@@ -643,5 +643,5 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text; with ``metrics.token_sha256`` set, only for that bearer token."""
     services = request.app[SERVICES]
-    services.auth.scraper(request.headers.get("Authorization"))
+    services.auth.scraper(request.headers)
     return web.Response(body=services.metrics.render(), headers={"Content-Type": services.metrics.content_type})

@@ -44,6 +44,23 @@ def test_roles_are_separated_both_ways(gateway) -> None:
     assert httpx.get(f"{gateway.url}/admin/export?tenant=acme").status_code == 401
 
 
+def test_admin_refusals_name_the_auditor_token_and_where_it_goes(gateway) -> None:
+    """/admin's 401s are written for auditors: no token names the auditor token and the
+    Authorization header (not a client key); an auditor token sent in x-api-key is told to go in
+    Authorization (it was reported as missing); an unknown token is an unknown auditor token."""
+    url = f"{gateway.url}/admin/public-key"
+    missing = httpx.get(url).json()["error"]["message"]
+    assert "auditor token" in missing and "Authorization: Bearer <auditor token>" in missing
+    assert "gateway key" not in missing
+    in_api_key = httpx.get(url, headers={"x-api-key": AUDITOR_TOKEN})
+    assert in_api_key.status_code == 401
+    assert "Authorization: Bearer <auditor token>" in in_api_key.json()["error"]["message"]
+    assert "x-api-key" in in_api_key.json()["error"]["message"] and "missing" not in in_api_key.text
+    unknown = httpx.get(url, headers={"Authorization": "Bearer sg-not-a-token"}).json()["error"]["message"]
+    assert unknown.startswith("unknown auditor token") and "clients new" not in unknown
+    assert httpx.get(url, headers=AUDITOR).status_code == 200
+
+
 def test_http_export_verifies_offline_and_is_itself_audited(gateway, tmp_path: Path) -> None:
     """An auditor's export is a tar bundle that verifies with only the public key, and is an audit entry."""
     chat(gateway, ACME_KEY, "alice", "mail me at alice@example.com")  # the default policy: e-mails hashed

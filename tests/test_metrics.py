@@ -100,13 +100,18 @@ def test_integrity_failures_are_counted(gateway: Gateway) -> None:
 
 def test_a_metrics_token_keeps_metrics_from_anyone_else(make_gateway: Callable[..., Gateway]) -> None:
     """With ``metrics.token_sha256`` set, /metrics (tenant names, models, token usage) answers only
-    its bearer token: no key, a client key or auditor token is 401 as an unknown key (no guess is
-    told apart on this unthrottled route); the scraper token reaches
+    its bearer token: no key, a client key or auditor token is 401 as an unknown token (no guess is
+    told apart on this unthrottled route), each told that /metrics takes the metrics token named by
+    ``metrics.token_sha256``, never to use a client key; the scraper token reaches
     nothing else (client and admin routes refuse it), and a token listed twice is a config error."""
     token = "scrape-me-please-0123456789"
     gw = make_gateway(metrics={"token_sha256": hashlib.sha256(token.encode()).hexdigest()})
-    assert httpx.get(f"{gw.url}/metrics").status_code == 401
+    missing = httpx.get(f"{gw.url}/metrics")
+    assert missing.status_code == 401 and "metrics.token_sha256" in missing.json()["error"]["message"]
+    assert "Authorization: Bearer <metrics token>" in missing.json()["error"]["message"]
     guess = httpx.get(f"{gw.url}/metrics", headers={"Authorization": "Bearer sg-not-a-key"})
+    message = guess.json()["error"]["message"]
+    assert "metrics.token_sha256" in message and "clients new" not in message and "API key" not in message
     for known in (ACME_KEY, AUDITOR_TOKEN):
         r = httpx.get(f"{gw.url}/metrics", headers={"Authorization": f"Bearer {known}"})
         assert (r.status_code, r.content) == (401, guess.content)
