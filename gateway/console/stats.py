@@ -1,7 +1,8 @@
 """The overview's numbers, read from each tenant's audit chain (names and counts only).
 
 :class:`ChainStats` folds a tenant's entries into counts: rounds by outcome, rounds per day by
-policy, sessions seen, exports, imports, erasures, purges, verifications, and the last
+policy, the sessions the store holds (those the Sessions page lists: see
+``ChainStats._track_session``), exports, imports, erasures, purges, verifications, and the last
 verification's result. It keeps the last sequence number it read, so a later call reads only
 the new entries (one pass over the chain the first time).
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.audit import entry_fields
+from gateway.evidence import BINDING, ROUND_EVENTS
 from gateway.store.base import Store
 
 DAYS_SHOWN = 14
@@ -44,15 +46,31 @@ class ChainStats:
             self.policies[policy] += 1
             day = datetime.datetime.fromtimestamp(created_at, datetime.UTC).date().isoformat()
             self.by_day[day][policy] += 1
-            if isinstance(sid, str):
-                self.sessions.add(sid)
-        elif event == "erasure" and isinstance(sid, str):
-            self.sessions.discard(sid)
+        if isinstance(sid, str):
+            self._track_session(event, sid, fields)
         if event == "verify":
             self.last_verify = {"seq": seq, "time": created_at, **(fields.get("detail") or {})}
         if event in ("policy_reload", "key_rotation", "erasure", "purge", "import", "export", "verify", "reset"):
             self.admin.append({"seq": seq, "time": created_at, "event": event, "session_id": sid})
             del self.admin[:-20]
+
+    def _track_session(self, event: str, sid: str, fields: dict[str, Any]) -> None:
+        """Keep ``sessions`` to those with a stored state, as the Sessions page lists them,
+        whatever wrote them (a round, an import, a history operation, a memo): an entry that
+        writes a session's rows binds them (``state``, whose ``sha256`` is null once there is no
+        state row); an erasure, or a purge that erases the session whole, ends it. A round entry
+        from before bindings counts its session when it recorded a round."""
+        detail = fields.get("detail")
+        state = fields.get(BINDING)
+        if event == "erasure" or (event == "purge" and isinstance(detail, dict) and detail.get("session_erased")):
+            self.sessions.discard(sid)
+        elif isinstance(state, dict):
+            if state.get("sha256") is not None:
+                self.sessions.add(sid)
+            else:
+                self.sessions.discard(sid)
+        elif event in ROUND_EVENTS and fields.get("ciphertext_sha256"):
+            self.sessions.add(sid)
 
     def days(self) -> list[tuple[str, Counter[str]]]:
         """The last ``DAYS_SHOWN`` days that had rounds, oldest first."""

@@ -427,3 +427,24 @@ def test_a_scoped_auditor_sees_and_explains_only_policies_for_its_tenants(consol
     assert str(console_gateway.dir) not in allowed.text and "file: multi-user-chat.yaml" in allowed.text
     unscoped = signed_in_client(console_gateway).get("/console/policies").text
     assert 'id="p-support-tickets"' in unscoped and 'id="p-record-nothing"' in unscoped
+
+
+def test_the_overview_counts_the_sessions_the_sessions_page_lists(console_gateway: Gateway) -> None:
+    """Sessions written by an import, a history operation or a memo count on the overview as on
+    the Sessions page and in ``GET /v1/sessions`` (only sessions with chat rounds counted); an
+    erased one counts on neither."""
+    with httpx.Client(base_url=console_gateway.base_url, timeout=30,
+                      headers={"Authorization": f"Bearer {ACME_KEY}"}) as acme:
+        turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        assert acme.put("/sessions/acme:imported", json={"full_context": turn}).status_code == 200
+        assert acme.post("/sessions/acme:added/history", json={"op": "add", "messages": turn}).status_code == 200
+        assert acme.put("/sessions/acme:memo", json={"memo": "likes tea"}).status_code == 200
+        assert acme.put("/sessions/acme:gone", json={"full_context": turn}).status_code == 200
+        assert acme.delete("/sessions/acme:gone").status_code in (200, 202)
+        listed = [s["id"] for s in acme.get("/sessions").json()["data"]]
+    assert sorted(listed) == ["acme:added", "acme:imported", "acme:memo", "console-a"]
+    client = signed_in_client(console_gateway)
+    overview = client.get("/console/overview").text
+    acme_card = overview.split("Tenant <code>acme</code>")[1].split("Tenant <code>")[0]
+    assert "<dt>Sessions</dt><dd>4</dd>" in acme_card, acme_card
+    assert len(re.findall(r'href="/console/sessions/acme/', client.get("/console/sessions?tenant=acme").text)) == 4
