@@ -511,6 +511,9 @@ class _Head:
     checked_hash: str
     refused: VerifyError | None = None
     """Why the tenant's chain failed the check before signing: it is never signed again."""
+    recheck: bool = False
+    """This process committed an entry at or below a seq it had already seen: the chain may have been
+    cut back under it, so the entry it last checked is read back even with nothing new to sign."""
 
 
 EntryReader = Callable[[str, int], AsyncIterator[AuditRow]]
@@ -541,7 +544,11 @@ class Checkpointer:
     replica wrote in between, or someone wrote around the gateway) the store's entries from the
     last known one up to the head are read (*entries*, ``Store.iter_audit``) and must link, hash
     and carry a MAC under the signing key's :class:`EntryKey` (:class:`ChainVerifier`), and the
-    head must be the entry this process observed. A tenant that fails is *refused*: logged
+    head must be the entry this process observed. Either way, the entry about to be signed is read
+    back from the store (one indexed read per signing) and must still be stored with the hash to
+    be signed, so entries deleted from the tail (the chain cut back, and maybe written on from
+    there) are found at the next signing; so are they when this process commits an entry at a
+    seq it has already seen, with nothing new to sign. A tenant that fails is *refused*: logged
     (``checkpoint_refused``), reported to ``health`` (``chain_refused``) and never signed again by this
     process; :meth:`checkpoint_tenant` raises :class:`ChainRefused` for it. Without *entries*
     (tests, tools) observed heads are signed as they are.
@@ -578,7 +585,9 @@ class Checkpointer:
                     start = (last.seq, last.hash) if last else (0, GENESIS)
                     head = _Head(0, GENESIS, start[0], None, *start)
                     self._heads[row.tenant] = head
-                if row.seq <= head.seq:
+                if row.seq <= head.seq:  # committed out of order (PostgreSQL), or the chain was cut back
+                    wake = wake or not head.recheck
+                    head.recheck = True
                     continue
                 head.seq, head.hash = row.seq, row.hash
                 if row.seq == head.checked_seq + 1 and row.prev_hash == head.checked_hash:
@@ -595,9 +604,10 @@ class Checkpointer:
         """Tenants whose head should be signed now (never a refused one)."""
         now = self._clock()
         with self._lock:
-            return [t for t, h in self._heads.items() if h.seq > h.checkpointed_seq and h.refused is None and (
-                h.seq - h.checkpointed_seq >= self.every_n
-                or (h.pending_since is not None and now - h.pending_since >= self.every_seconds))]
+            return [t for t, h in self._heads.items() if h.refused is None and (h.recheck or (
+                h.seq > h.checkpointed_seq and (
+                    h.seq - h.checkpointed_seq >= self.every_n
+                    or (h.pending_since is not None and now - h.pending_since >= self.every_seconds))))]
 
     def refused(self) -> dict[str, VerifyError]:
         """The tenants whose chain failed the check before signing, and why."""
@@ -614,18 +624,53 @@ class Checkpointer:
             names = list(self._heads) if tenants is None else [t for t in tenants if t in self._heads]
             todo = [(t, h.checked_seq, h.checked_hash, h.seq, h.hash) for t in names
                     for h in (self._heads[t],) if h.refused is None and h.checked_seq < h.seq]
+        read: set[str] = set()  # tenants whose stored head was read just now, by the range check
         for tenant, start_seq, start_hash, seq, hash in todo:
             error = await self._check_range(tenant, start_seq, start_hash, seq, hash)
             with self._lock:
                 head = self._heads[tenant]
                 if error is not None:
-                    if head.refused is None:
-                        head.refused = error
-                        _log.error("checkpoint_refused", tenant=tenant, seq=error.seq, kind=error.kind,
-                                   detail=error.message, note="this tenant's chain head is not signed: "
-                                   "run 'sessiongate audit verify' and investigate")
+                    self._refuse(tenant, head, error)
                 elif head.checked_seq < seq:
                     head.checked_seq, head.checked_hash = seq, hash
+                    read.add(tenant)
+        with self._lock:  # what is about to be signed (or was checked before an entry came again) is still stored
+            tails = [(t, h.checked_seq, h.checked_hash) for t in names for h in (self._heads[t],)
+                     if h.refused is None and t not in read and h.checked_seq > 0
+                     and (h.checked_seq > h.checkpointed_seq or h.recheck)]
+        for tenant, seq, hash in tails:
+            error = await self._check_stored(tenant, seq, hash)
+            with self._lock:
+                head = self._heads[tenant]
+                head.recheck = False
+                if error is not None:
+                    self._refuse(tenant, head, error)
+
+    def _refuse(self, tenant: str, head: _Head, error: VerifyError) -> None:
+        """Refuse *tenant*'s chain for *error* (the first one stays); call with the lock held."""
+        if head.refused is None:
+            head.refused = error
+            _log.error("checkpoint_refused", tenant=tenant, seq=error.seq, kind=error.kind,
+                       detail=error.message, note="this tenant's chain head is not signed: "
+                       "run 'sessiongate audit verify' and investigate")
+
+    async def _check_stored(self, tenant: str, seq: int, hash: str) -> VerifyError | None:
+        """Whether entry *seq*, which this process wrote or checked, is still stored with *hash*."""
+        assert self.entries is not None
+        rows = self.entries(tenant, seq - 1)
+        try:
+            row = await anext(aiter(rows), None)
+        except AlteredRow as exc:
+            return VerifyError(exc.seq, "edited", exc.detail)
+        finally:
+            await aclose(rows)
+        if row is None or row.seq != seq:
+            return VerifyError(seq, "truncated", f"entry {seq}, which this gateway wrote or checked, is no longer "
+                               "stored: the chain was cut back (its newest entries deleted) outside the gateway")
+        if row.hash != hash:
+            return VerifyError(seq, "checkpoint_mismatch", f"entry {seq} is not the entry this gateway wrote or "
+                               "checked there: the chain was cut back and written again from an earlier entry")
+        return None
 
     async def _check_range(self, tenant: str, start_seq: int, start_hash: str, seq: int,
                            hash: str) -> VerifyError | None:

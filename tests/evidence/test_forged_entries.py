@@ -80,10 +80,8 @@ def forge_erasure(tables: Tables, session: str, *, mac: dict[str, str] | None = 
     return seq
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def fast_checkpoints(request: pytest.FixtureRequest, make_gateway: Callable[..., Gateway],
-                     tmp_path: Path) -> tuple[Gateway, Tables]:
-    """A gateway whose checkpointer signs a head 0.2 s after it moves, and its tables."""
+def _checkpointing(request: pytest.FixtureRequest, make_gateway: Callable[..., Gateway], tmp_path: Path,
+                   seconds: float) -> tuple[Gateway, Tables]:
     if request.param == "sqlite":
         tables = Tables("sqlite", None)  # type: ignore[arg-type]
     else:
@@ -92,8 +90,22 @@ def fast_checkpoints(request: pytest.FixtureRequest, make_gateway: Callable[...,
     folder = tmp_path / "gw"  # make_gateway's folder
     tables.gateway = make_gateway(**tables.overrides(), audit={
         "signing_key_file": str(folder / "audit-signing.key"), "checkpoint_file": str(folder / "checkpoints.jsonl"),
-        "checkpoint_every": 1000, "checkpoint_seconds": 0.2})
+        "checkpoint_every": 1000, "checkpoint_seconds": seconds})
     return tables.gateway, tables
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def fast_checkpoints(request: pytest.FixtureRequest, make_gateway: Callable[..., Gateway],
+                     tmp_path: Path) -> tuple[Gateway, Tables]:
+    """A gateway whose checkpointer signs a head 0.2 s after it moves, and its tables."""
+    return _checkpointing(request, make_gateway, tmp_path, 0.2)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def slow_checkpoints(request: pytest.FixtureRequest, make_gateway: Callable[..., Gateway],
+                     tmp_path: Path) -> tuple[Gateway, Tables]:
+    """A gateway whose checkpointer signs a head only after an hour (or when asked: an export)."""
+    return _checkpointing(request, make_gateway, tmp_path, 3600)
 
 
 def signed_through(gw: Gateway, seq: int) -> bool:
@@ -250,3 +262,56 @@ def test_a_keyless_entry_after_keyed_ones_fails(fast_checkpoints: tuple[Gateway,
     code, out = verify(gw)
     assert code == 1, out
     assert f"unauthenticated at seq {keyless}" in out and "carries no MAC" in out, out
+
+
+def cut_tail(tables: Tables, session: str) -> int:
+    """The probe's truncation: the newest entry (the session's last round) deleted with its round
+    row, the session's head pointer put back on the entry before. Returns the deleted entry's seq."""
+    seq, _ = head(tables)
+    (body,) = tables.sql("SELECT body FROM audit WHERE tenant='acme' AND seq=?", seq)[0]
+    doc = json.loads(bytes(body))
+    assert (doc["event"], doc["session_id"]) == ("round", session)
+    tables.sql("DELETE FROM audit WHERE tenant='acme' AND seq=?", seq)
+    tables.sql("DELETE FROM rounds WHERE tenant='acme' AND session_id=? AND seq=?", session, doc["round_seq"])
+    tables.sql("UPDATE session_heads SET bound_seq=? WHERE tenant='acme' AND session_id=?", seq - 1, session)
+    return seq
+
+
+def refusal_of(gw: Gateway) -> dict[str, Any]:
+    return next(json.loads(line) for line in gw.log_path.read_text().splitlines() if "checkpoint_refused" in line)
+
+
+def test_entries_cut_from_the_tail_of_a_running_gateways_chain_are_found_by_the_checkpointer(
+        slow_checkpoints: tuple[Gateway, Tables]) -> None:
+    """Probe F4: the newest entry and its round deleted while the gateway runs, and one more round
+    written (at the deleted entry's seq): the checkpointer does not sign the deleted entry's hash
+    (it reads back what it signs); it logs ``checkpoint_refused`` and ``/readyz`` names the tenant."""
+    gw, tables = slow_checkpoints
+    record(gw, "bystander", 1)
+    record(gw, "victim", 2)
+    cut = cut_tail(tables, "victim")
+    record(gw, "bystander", 1)  # written at seq `cut` again, linked to the entry before it
+    assert head(tables)[0] == cut
+    wait_for(lambda: "acme" in httpx.get(f"{gw.url}/readyz", timeout=30).json().get("audit_chains_refused", []))
+    refusal = refusal_of(gw)
+    assert (refusal["tenant"], refusal["seq"], refusal["kind"]) == ("acme", cut, "checkpoint_mismatch"), refusal
+    resp = httpx.get(f"{gw.url}/admin/export", params={"tenant": "acme", "session": "bystander", "format": "jsonl"},
+                     timeout=30, headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"})
+    assert resp.status_code == 500 and "failed the check before signing" in resp.json()["error"]["message"]
+    assert checkpoints(gw) == []
+
+
+def test_a_head_deleted_before_it_is_signed_is_not_signed(slow_checkpoints: tuple[Gateway, Tables]) -> None:
+    """The newest entry deleted while the gateway runs: the export that asks for a checkpoint (its
+    own entry taking the deleted one's seq) is refused and no checkpoint covers the deleted entry
+    (the checkpointer reads back the entry it is about to sign), with ``checkpoint_refused``."""
+    gw, tables = slow_checkpoints
+    record(gw, "bystander", 1)
+    record(gw, "victim", 2)
+    cut = cut_tail(tables, "victim")
+    resp = httpx.get(f"{gw.url}/admin/export", params={"tenant": "acme", "session": "bystander", "format": "jsonl"},
+                     timeout=30, headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"})
+    assert resp.status_code == 500 and "failed the check before signing" in resp.json()["error"]["message"]
+    assert not signed_through(gw, cut), checkpoints(gw)
+    refusal = refusal_of(gw)
+    assert (refusal["tenant"], refusal["seq"], refusal["kind"]) == ("acme", cut, "checkpoint_mismatch"), refusal
