@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, VerifyReport, averify_chain
+from gateway.audit import Checkpoint, Checkpointer, CheckpointLog, VerifyReport, aclose, averify_chain
 from gateway.errors import ConfigError, NotFound
 from gateway.evidence import Kept, verify_data
 from gateway.export import ExportRecord, Progress, check_range, export_bundle, names_session
@@ -184,15 +184,19 @@ class AuditTrail:
 
         async def records() -> AsyncIterator[ExportRecord]:
             checked: str | None = None
-            async for row, messages in sessions.decrypted_rounds(tenant, session_id, since=since, until=until):
-                if row.session_id != checked:  # the rows must be the ones the chain records
-                    await sessions.check(tenant, row.session_id, for_round=False)
-                    checked = row.session_id
-                yield ExportRecord(row.tenant, row.session_id, row.seq, row.created_at, row.request_id,
-                                   row.policy_id, row.policy_hash, row.outcome, messages,
-                                   hashlib.sha256(row.ct).hexdigest(),
-                                   protocols.get((row.session_id, row.seq), "chat") if row.kind == "round" else None,
-                                   kind=row.kind)
+            rounds = sessions.decrypted_rounds(tenant, session_id, since=since, until=until)
+            try:
+                async for row, messages in rounds:
+                    if row.session_id != checked:  # the rows must be the ones the chain records
+                        await sessions.check(tenant, row.session_id, for_round=False)
+                        checked = row.session_id
+                    yield ExportRecord(row.tenant, row.session_id, row.seq, row.created_at, row.request_id,
+                                       row.policy_id, row.policy_hash, row.outcome, messages,
+                                       hashlib.sha256(row.ct).hexdigest(),
+                                       protocols.get((row.session_id, row.seq), "chat") if row.kind == "round"
+                                       else None, kind=row.kind)
+            finally:  # an export refused midway closes it now, not the event loop's shutdown (a traceback)
+                await aclose(rounds)
 
         async def append_audit(fields: dict[str, Any]) -> AuditRow:
             changes = await store.transact(tenant, None, lambda cur: Changes(audit=[fields]))

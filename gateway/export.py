@@ -339,10 +339,14 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
         through = await head_seq() if head_seq is not None else None
         session_id = (filters or {}).get("session_id")
         labels = RoundLabels(iter_audit, session_id=session_id if isinstance(session_id, str) else None)
-        with _private(partial[0]) as f:
-            summary = await write_records(labels.checked(records), f, fmt=fmt, redactor_for=redactor_for,
-                                          progress=progress)
-            _sync(f)
+        checked = labels.checked(records)
+        try:
+            with _private(partial[0]) as f:
+                summary = await write_records(checked, f, fmt=fmt, redactor_for=redactor_for, progress=progress)
+                _sync(f)
+        finally:  # left early (a refused round): closed now, innermost last, not by the event loop's shutdown
+            await aclose(checked)
+            await aclose(records)
         redaction = dict(sorted(summary.redaction.items()))
         filters_doc = dict(filters or {})
         detail = {"format": fmt, "records_sha256": summary.sha256, "records": summary.count,

@@ -175,13 +175,22 @@ def _erasure_name(tenant: str, request_id: str) -> str:
 
 
 def migrate(conn: sqlite3.Connection) -> list[int]:
-    """Bring the file to :data:`SCHEMA_VERSION`; returns the versions applied."""
+    """Bring the file to :data:`SCHEMA_VERSION`; returns the versions applied. Raises
+    ``StoreUnavailable`` naming the file for a version newer than this gateway knows, or a
+    ``meta.schema_version`` that is not a version number (edited outside the gateway)."""
     conn.executescript(SCHEMA)
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
-    version = int(conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0])
+    value = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0]
+    file = conn.execute("PRAGMA database_list").fetchone()[2] or "(in memory)"
+    if not (isinstance(value, int) or (isinstance(value, str) and value.isascii() and value.isdecimal())):
+        shown = repr(value if not isinstance(value, str | bytes) or len(value) <= 40 else value[:40])
+        raise StoreUnavailable(f"the SQLite store {file} holds {shown} in meta.schema_version, which is not a "
+                               f"schema version (this gateway writes 1 to {SCHEMA_VERSION}): the row was edited "
+                               "outside the gateway; put the version back or restore the file from a backup")
+    version = int(value)
     if version > SCHEMA_VERSION:
-        raise StoreUnavailable(f"the SQLite store is at schema version {version}, newer than this gateway knows "
-                               f"({SCHEMA_VERSION}): upgrade the gateway")
+        raise StoreUnavailable(f"the SQLite store {file} is at schema version {version}, newer than this gateway "
+                               f"knows ({SCHEMA_VERSION}): upgrade the gateway")
     applied = []
     for number, script in MIGRATIONS:
         if number > version:
@@ -863,7 +872,11 @@ class SQLiteStore(Reads):
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             conn = _connect(self.path)
-            migrate(conn)
+            try:
+                migrate(conn)
+            except StoreUnavailable:  # a file this gateway cannot use: left as it is
+                conn.close()
+                raise
             conn.execute("PRAGMA busy_timeout=0")  # the writer waits in begin_waiting only
             reader = _connect(self.path)
             self._inline = _connect(self.path, busy_ms=0)

@@ -101,6 +101,23 @@ def test_a_version_no_round_was_recorded_under_may_go(db_gateway: tuple[Gateway,
     assert code == 0, out
 
 
+def test_a_refused_cli_export_prints_one_line_and_no_traceback(db_gateway: tuple[Gateway, Tables],
+                                                               tmp_path: Path) -> None:
+    """``sessiongate export`` refused midway for integrity (an edited round) says why in one line
+    and exits 2; the export's half-read rounds are closed before it returns, not by the event
+    loop's shutdown (which printed a traceback, 'aclose(): asynchronous generator is already
+    running', before the error: probe F5)."""
+    from tests.test_cli_errors import assert_one_line_error, run
+
+    gw, tables = db_gateway
+    record(gw, "alice", 3)
+    tables.sql(EDITS["request_id"][0])
+    out = tmp_path / "refused.jsonl"
+    result = run("--config", str(gw.config_path), "export", "--tenant", "acme", "--format", "jsonl", "--out", str(out))
+    assert_one_line_error(result, 2, "export refused", "tenant acme, session alice, round 2")
+    assert "aclose" not in result.stderr and not out.exists()
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 @pytest.mark.parametrize("column", ["created_at", "request_id", "outcome"])
 def test_a_bundle_exported_after_an_edit_fails_offline(gateway: Gateway, tmp_path: Path, fmt: str,

@@ -247,6 +247,22 @@ def test_file_from_before_bindings_migrates_and_loads(gateway: Gateway) -> None:
     assert code == 0, out
 
 
+@pytest.mark.parametrize(("value", "said"), [
+    ("abc", "holds 'abc' in meta.schema_version, which is not a schema version"),
+    ("99", "is at schema version 99, newer than this gateway knows")])
+def test_an_edited_schema_version_is_a_one_line_error_naming_the_file(gateway: Gateway, value: str,
+                                                                      said: str) -> None:
+    """``meta.schema_version`` edited to text that is not a version, or to one from the future:
+    the CLI exits 2 with one line naming the file and the value, never a traceback (probe F5)."""
+    from tests.test_cli_errors import assert_one_line_error, run
+
+    tables = Tables("sqlite", gateway)
+    record(gateway, "alice", 1)
+    tables.sql("UPDATE meta SET value=? WHERE name='schema_version'", value)
+    result = run("--config", str(gateway.config_path), "sessions", "list", "--tenant", "acme")
+    assert_one_line_error(result, 2, f"SQLite store {gateway.db_path} ", said)
+
+
 def test_retention_purge_is_accounted_for(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rounds a retention purge deleted (listed in the purge entry), old by their audit entries,
     are not missing; the session still loads and records."""
