@@ -146,17 +146,21 @@ class AuditTrail:
                 await check_data(view, tenant, report, open_key)
         return report
 
-    async def redactors(self, store: Store, policies: PolicySet, tenant: str) -> Callable[[Any], Redactor]:
-        """``redactor_for(round)``: the export redaction of the policy version a round (an
-        ``ExportRecord`` or a ``RoundRow``: its ``policy_id``, ``policy_hash`` and ``session_id``)
-        was recorded under, for *tenant*. Exports and the console show rounds through it."""
+    async def redactors(self, store: Store, policies: PolicySet, tenant: str) -> Callable[..., Redactor]:
+        """``redactor_for(round, versioned=None)``: the export redaction of the policy version a
+        round (an ``ExportRecord`` or a ``RoundRow``: its ``policy_id``, ``policy_hash`` and
+        ``session_id``) was recorded under, for *tenant*. Exports and the console show rounds
+        through it. *versioned* (default: the record's ``versioned``, else True) says the round's
+        entry binds rows (``RoundLabels.versioned``): then a version the store no longer keeps
+        raises ``VersionMissing`` (an integrity error) instead of falling back to today's policy."""
         secret = tenant_secret(export_secret(self.settings), tenant)
         versions = await PolicyVersions.load(store)
 
-        def redactor_for(record: Any) -> Redactor:
+        def redactor_for(record: Any, versioned: bool | None = None) -> Redactor:
             # the version the round was recorded under, not today's policy of that id
+            bound = getattr(record, "versioned", True) if versioned is None else versioned
             version = versions.resolve(record.policy_id, record.policy_hash, policies, tenant=tenant,
-                                       session_id=record.session_id)
+                                       session_id=record.session_id, versioned=bound)
             return Redactor(version.export.redact, secret, version.export.detectors,
                             keys=list(version.keys) if version.keys else None)
 

@@ -749,6 +749,11 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if totals["skipped"]:
         print(f"sessiongate: warning: skipped {totals['skipped']} quarantined session(s), whose expired rounds "
               "stay until they are released or erased (sessiongate sessions release / erase)", file=sys.stderr)
+    if totals["versions_missing"]:
+        print(f"sessiongate: error: kept {totals['versions_missing']} round(s) whose recorded policy version is "
+              "missing from the store's policy_versions table (retention_policy_version_missing above names "
+              "each version): their retention is unknown; run 'sessiongate audit verify'", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -48,7 +48,9 @@ round entry and per record.
 
 **Before a round is redacted** its row's labels are checked against its round entry
 (:class:`RoundLabels`): the redaction follows the row's policy id and version hash, so a row
-relabelled to a version that redacts less is refused instead of exported in clear.
+relabelled to a version that redacts less is refused instead of exported in clear. The version
+must be one the store keeps (``gateway.policy.versions.VersionMissing``, an integrity error, when
+its row was deleted), unless the round's entry shows it was recorded before versions were kept.
 
 Raises: ``ValueError`` for an unknown format; :class:`~gateway.errors.IntegrityError` when a
 round's row disagrees with its audit entry, or when the live chain does not verify up to the
@@ -68,7 +70,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -87,7 +89,7 @@ from gateway.audit import (
     row_from_body,
 )
 from gateway.errors import BadRequest, IntegrityError
-from gateway.evidence import ROUND_EVENTS, TIME_SLACK, relabelled, round_columns
+from gateway.evidence import BINDING, ROUND_EVENTS, TIME_SLACK, relabelled, round_columns
 from gateway.redact import Redactor
 from gateway.session.model import agently_message
 from gateway.store.base import AuditRow
@@ -123,6 +125,9 @@ class ExportRecord:
     ciphertext_sha256: str
     protocol: str | None = None  # the wire protocol of the round (chat, responses, messages); None for imports
     kind: str = "round"  # the row's kind: round, import or history
+    versioned: bool = True
+    """Its audit entry binds rows, so the store must keep its policy version (``RoundLabels``
+    clears it for a round recorded before: ``gateway.policy.versions``)."""
 
 
 def check_range(since: float | None, until: float | None) -> None:
@@ -288,17 +293,18 @@ async def write_records(records: AsyncIterable[ExportRecord], out: BinaryIO, *, 
     """Redact and write ``records`` to ``out`` in ``fmt``; the summary feeds the manifest."""
     writer = RecordWriter(out, fmt)
     summary = ExportSummary(format=fmt)
-    redactors: dict[tuple[str, str], Redactor] = {}
+    redactors: dict[tuple[str, str, bool], Redactor] = {}
     async for record in records:
         version = (record.policy_id, record.policy_hash)
-        redactor = redactors.get(version)
-        if redactor is None:
-            redactor = redactors[version] = redactor_for(record)
-            name = record.policy_id
-            if name in summary.redaction:  # another version of this policy in the same export
-                name = f"{record.policy_id}@{record.policy_hash[:12]}"
-            summary.redaction[name] = redactor.describe()
-        summary.policies.add((record.policy_id, record.policy_hash))
+        redactor = redactors.get((*version, record.versioned))
+        if redactor is None:  # a round recorded since versions are kept asks again: its version must be kept
+            redactor = redactors[(*version, record.versioned)] = redactor_for(record)
+            if version not in summary.policies:
+                name = record.policy_id
+                if name in summary.redaction:  # another version of this policy in the same export
+                    name = f"{record.policy_id}@{record.policy_hash[:12]}"
+                summary.redaction[name] = redactor.describe()
+        summary.policies.add(version)
         if summary.min_created_at is None or record.created_at < summary.min_created_at:
             summary.min_created_at = record.created_at
         # a round without block boundaries was recorded before they were kept: its values were never vetted
@@ -432,7 +438,7 @@ class RoundLabels:
         self._iter_audit = iter_audit
         self._session_id = session_id
         self._needle = orjson.dumps(session_id) if session_id is not None else None
-        self._entries: dict[tuple[str, str], tuple[int, float, tuple[str | None, ...]]] = {}
+        self._entries: dict[tuple[str, str], tuple[int, float, tuple[str | None, ...], bool]] = {}
         self._after = 0
 
     async def _read(self) -> None:
@@ -449,7 +455,8 @@ class RoundLabels:
                     continue
                 if self._session_id is None or sid == self._session_id:
                     columns = tuple(None if c is None else sys.intern(c) for c in round_columns(doc))
-                    self._entries[(sys.intern(sid), digest)] = (row.seq, row.created_at, columns)
+                    bound = isinstance(doc.get(BINDING), dict)
+                    self._entries[(sys.intern(sid), digest)] = (row.seq, row.created_at, columns, bound)
         finally:
             await aclose(rows)
 
@@ -472,14 +479,23 @@ class RoundLabels:
             return f"{where}: the stored round is the one audit entry {entry[0]} records, but {how}: its row was edited"
         return None
 
+    def versioned(self, session_id: str, ciphertext_sha256: str) -> bool:
+        """Whether the round's entry (after :meth:`problem` found it) binds rows: recorded since
+        policy versions are kept, so its version must be kept (True for a round not found)."""
+        entry = self._entries.get((session_id, ciphertext_sha256))
+        return entry is None or entry[3]
+
     async def checked(self, records: AsyncIterable[ExportRecord]) -> AsyncIterator[ExportRecord]:
-        """*records*, each checked (see the class docstring) before it is yielded."""
+        """*records*, each checked (see the class docstring) before it is yielded, with
+        ``versioned`` from its entry."""
         async for record in records:
             problem = await self.problem(tenant=record.tenant, session_id=record.session_id, seq=record.seq,
                                          ciphertext_sha256=record.ciphertext_sha256,
                                          columns=record_columns(record), created_at=record.created_at)
             if problem is not None:
                 raise IntegrityError(problem)
+            if not self.versioned(record.session_id, record.ciphertext_sha256):
+                record = replace(record, versioned=False)
             yield record
 
 

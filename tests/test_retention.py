@@ -127,13 +127,13 @@ def test_purge_expired_follows_each_policys_retention(make_gateway: Callable[...
         finally:
             await store.close()
 
-    assert asyncio.run(purge_at(29)) == {"rounds": 0, "sessions": 0, "skipped": 0}
-    assert asyncio.run(purge_at(31)) == {"rounds": 1, "sessions": 1, "skipped": 0}
+    assert asyncio.run(purge_at(29)) == {"rounds": 0, "sessions": 0, "skipped": 0, "versions_missing": 0}
+    assert asyncio.run(purge_at(31)) == {"rounds": 1, "sessions": 1, "skipped": 0, "versions_missing": 0}
     assert get_session(gateway, "longform:essay").status_code == 404
     assert user_texts(gateway, "plain") == ["ninety days"]
-    assert asyncio.run(purge_at(91)) == {"rounds": 1, "sessions": 1, "skipped": 0}
+    assert asyncio.run(purge_at(91)) == {"rounds": 1, "sessions": 1, "skipped": 0, "versions_missing": 0}
     assert get_session(gateway, "plain").status_code == 404
-    assert asyncio.run(purge_at(100_000)) == {"rounds": 0, "sessions": 0, "skipped": 0}
+    assert asyncio.run(purge_at(100_000)) == {"rounds": 0, "sessions": 0, "skipped": 0, "versions_missing": 0}
     assert user_texts(gateway, "hold:case-7") == ["forever"]
 
 

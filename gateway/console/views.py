@@ -402,12 +402,12 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
                 more = True
                 break
             # the redaction follows the row's policy labels: they must be the ones its audit entry records
-            problem = await labels.problem(tenant=tenant, session_id=sid, seq=row.seq,
-                                           ciphertext_sha256=hashlib.sha256(row.ct).hexdigest(),
+            digest = hashlib.sha256(row.ct).hexdigest()
+            problem = await labels.problem(tenant=tenant, session_id=sid, seq=row.seq, ciphertext_sha256=digest,
                                            columns=record_columns(row), created_at=row.created_at)
             if problem is not None:
                 raise IntegrityError(problem)
-            page.append((row, messages, redactors(row)))
+            page.append((row, messages, redactors(row, versioned=labels.versioned(sid, digest))))
     except IntegrityError as exc:  # a round that does not open, or whose labels are not its entry's
         log.error("integrity_error", path=request.path, detail=exc.detail)
         return _integrity_failure(request, session, tenant, sid, exc)

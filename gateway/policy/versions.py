@@ -15,6 +15,13 @@ not fall back to some unrelated policy when that policy was edited or removed. S
   versions were kept (no stored document): the current policy with the round's id; when that id
   is gone too (a removed policy, an old import): the policy that matches the round's tenant
   and session now (``PolicySet.match``, no model) — never simply the lowest-priority policy.
+  Which rounds those are comes from the audit chain, never from the store's tables: a round
+  whose entry binds rows (``gateway.evidence``: the gateway has kept versions since it binds
+  rows) was recorded under a version the store must keep, so when that version is missing (its
+  row deleted) :meth:`~PolicyVersions.resolve` raises :class:`VersionMissing` instead of falling
+  back: a weaker redaction or a shorter retention is never taken from today's policy. Retention
+  keeps such rounds and exports refuse them (:func:`legacy_rounds` gives the rounds that may
+  fall back).
 
 A :class:`PolicyVersion` holds only what governs records after the fact: the redaction rules and
 detectors, the recorded key names (redaction applies per key) and the retention. It is read
@@ -27,13 +34,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
+from gateway.audit import aclose
 from gateway.errors import IntegrityError
+from gateway.evidence import BINDING, ROUND_EVENTS
 from gateway.policy.matcher import PolicySet
 from gateway.policy.model import Export, Policy, Retention
-from gateway.store.base import PolicyVersionRow, Store
+from gateway.store.base import AuditRow, PolicyVersionRow, Store
 
 
 def proves(row: PolicyVersionRow) -> bool:
@@ -124,15 +136,55 @@ class PolicyVersions:
         self._unsaved.clear()
 
     def resolve(self, policy_id: str, policy_hash: str, current: PolicySet, *, tenant: str,
-                session_id: str | None) -> PolicyVersion:
-        """The version that governs a round recorded under (*policy_id*, *policy_hash*)."""
+                session_id: str | None, versioned: bool = True) -> PolicyVersion:
+        """The version that governs a round recorded under (*policy_id*, *policy_hash*).
+
+        *versioned*: the round's audit entry binds rows, so its version must be kept (False only
+        for a round :func:`legacy_rounds` names). Raises :class:`VersionMissing` when it is not
+        kept and not in *current*: no fallback for such a round (module docstring)."""
         found = self._by_hash.get(policy_hash) if policy_hash else None
         if found is not None:
             return found
         for policy in current:
             if policy.version_hash == policy_hash:
                 return PolicyVersion.of(policy)
+        if versioned and policy_hash:
+            raise VersionMissing(policy_id, policy_hash, tenant, session_id)
         same_id = current.get(policy_id)
         if same_id is not None:
             return PolicyVersion.of(same_id)
         return PolicyVersion.of(current.match(tenant, None, session_id))
+
+
+class VersionMissing(IntegrityError):
+    """A round recorded under a policy version the store no longer keeps (its ``policy_versions``
+    row was deleted), although its audit entry says the gateway kept it: its redaction and
+    retention are unknown, so it is neither exported nor purged."""
+
+    def __init__(self, policy_id: str, policy_hash: str, tenant: str, session_id: str | None) -> None:
+        super().__init__(f"tenant {tenant}, session {session_id}: a round was recorded under version "
+                         f"{policy_hash[:12]} of policy {policy_id!r}, which the store's policy_versions table "
+                         "no longer keeps (deleted): its export redaction and retention are unknown, and "
+                         "today's policy is not used in their place")
+        self.policy_id, self.policy_hash = policy_id, policy_hash
+
+
+async def legacy_rounds(rows: AsyncIterator[AuditRow]) -> set[tuple[str, str]]:
+    """``(session id, ciphertext SHA-256)`` of the round entries among *rows* (a tenant's chain)
+    that bind no rows: recorded before bindings, and so before versions were kept, these alone
+    may fall back to today's policy when their version is not kept. Reads the chain once."""
+    found: set[tuple[str, str]] = set()
+    try:
+        async for row in rows:
+            if b'"ciphertext_sha256"' not in row.body:
+                continue  # not a round entry (a cheap test before parsing)
+            try:
+                doc = orjson.loads(row.body)
+            except orjson.JSONDecodeError:
+                continue  # an edited entry: verification names it
+            if (isinstance(doc, dict) and doc.get("event") in ROUND_EVENTS and BINDING not in doc
+                    and isinstance(doc.get("session_id"), str) and isinstance(doc.get("ciphertext_sha256"), str)):
+                found.add((doc["session_id"], doc["ciphertext_sha256"]))
+    finally:
+        await aclose(rows)
+    return found

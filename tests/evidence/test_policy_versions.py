@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import sqlite3
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -18,15 +19,18 @@ import httpx
 import orjson
 import pytest
 
+from gateway.audit import seal_entry
 from gateway.errors import IntegrityError
 from gateway.handlers import SERVICES
 from gateway.policy import Policy, PolicySet, load_policy_set
-from gateway.policy.versions import PolicyVersion, PolicyVersions, document
+from gateway.policy.versions import PolicyVersion, PolicyVersions, VersionMissing, document, legacy_rounds
 from gateway.retention import purge_expired
-from gateway.store.base import PolicyVersionRow
+from gateway.store.base import AuditRow, PolicyVersionRow
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway, wait_for
+from tests.evidence.conftest import Tables, verify
+from tests.test_cli_errors import assert_one_line_error, run
 from tests.test_integrity import chat, with_service
 
 V1 = """id: chat
@@ -127,8 +131,10 @@ def _policy(text: str) -> Policy:
 
 
 def test_an_unknown_version_of_a_removed_policy_falls_back_by_match_not_to_the_last_policy() -> None:
-    """A round with no kept version and a removed id takes the policy matching its tenant and
-    session (here a shadowing higher-priority one), not the lowest-priority catch-all."""
+    """A round recorded before versions were kept (its entry binds no rows: ``versioned=False``)
+    with no kept version and a removed id takes the policy matching its tenant and session (here a
+    shadowing higher-priority one), not the lowest-priority catch-all; a round recorded since
+    (the default) whose version is not kept is ``VersionMissing``, never today's policy of its id."""
     high = _policy('id: high\npriority: 10\nmatch: {session_ids: ["a:*"]}\n'
                    'session: {input_keys: null, reply_keys: null}\nretention: {days: 7}\n')
     low = _policy("id: low\nsession: {input_keys: null, reply_keys: null}\nretention: {days: 90}\n")
@@ -136,7 +142,118 @@ def test_an_unknown_version_of_a_removed_policy_falls_back_by_match_not_to_the_l
     versions = PolicyVersions(store=None)  # type: ignore[arg-type]  # resolve() needs no store
     found = versions.resolve("gone", "", current, tenant="acme", session_id="a:1")
     assert found.id == "high" and found.retention.days == 7
-    assert versions.resolve("low", "f" * 64, current, tenant="acme", session_id="a:1").id == "low"
+    assert versions.resolve("low", "f" * 64, current, tenant="acme", session_id="a:1", versioned=False).id == "low"
+    with pytest.raises(VersionMissing) as info:
+        versions.resolve("low", "f" * 64, current, tenant="acme", session_id="a:1")
+    assert "version ffffffffffff of policy 'low'" in info.value.detail and "no longer keeps" in info.value.detail
+    assert versions.resolve("low", low.version_hash, current, tenant="acme", session_id="a:1").id == "low"
+
+
+def test_only_round_entries_that_bind_no_rows_may_fall_back() -> None:
+    """``legacy_rounds`` names the round entries written before bindings (no ``state``): those
+    alone may fall back when their version is not kept; bound ones, and other events, are not."""
+    rows, prev = [], "0" * 64
+    for seq, fields in enumerate([
+            {"event": "round", "session_id": "old", "round_seq": 1, "ciphertext_sha256": "a" * 64},
+            {"event": "round", "session_id": "new", "round_seq": 1, "ciphertext_sha256": "b" * 64,
+             "state": {"sha256": "c" * 64, "version": 1, "next_seq": 2, "rounds": 1}},
+            {"event": "import", "session_id": "imp", "round_seq": 1, "ciphertext_sha256": "d" * 64},
+            {"event": "export", "detail": {"records": 1}}], start=1):
+        rows.append(seal_entry("acme", seq, prev, 1.0, fields))
+        prev = rows[-1].hash
+
+    async def chain() -> AsyncIterator[AuditRow]:
+        for row in rows:
+            yield row
+    assert asyncio.run(legacy_rounds(chain())) == {("old", "a" * 64), ("imp", "d" * 64)}
+
+
+STRICT = """id: strict
+session: {input_keys: null, reply_keys: null, max_length: 12000}
+export: {redact: [{key: "*", action: mask}]}
+"""
+RET_365 = """id: chat
+session: {input_keys: null, reply_keys: null, max_length: 12000}
+retention: {days: 365}
+"""
+RET_1 = RET_365.replace("365", "1")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def strict_gateway(request: pytest.FixtureRequest, make_gateway: Callable[..., Gateway],
+                   tmp_path: Path) -> tuple[Gateway, Tables, Path]:
+    """A gateway on SQLite or PostgreSQL whose one policy masks every exported value, its tables
+    and its policy folder."""
+    folder = tmp_path / "pol"
+    folder.mkdir()
+    _write_policies(folder, "strict.yaml", STRICT)
+    if request.param == "sqlite":
+        tables = Tables("sqlite", None)  # type: ignore[arg-type]
+    else:
+        tables = Tables("postgres", None, request.getfixturevalue("pg_dsn"),  # type: ignore[arg-type]
+                        request.getfixturevalue("pg_schema"))
+    tables.gateway = make_gateway(folder, **tables.overrides())
+    return tables.gateway, tables, folder
+
+
+def test_an_export_refuses_a_round_whose_kept_version_was_deleted(
+        strict_gateway: tuple[Gateway, Tables, Path], tmp_path: Path) -> None:
+    """Recorded under a masking version, the policy then edited to keep everything: the export
+    masks; once the masking version's row is deleted, ``/admin/export`` and ``sessiongate export``
+    refuse (500 / exit 2, one line, no traceback) naming the version, instead of exporting in clear
+    under today's policy, and verify names it (probe F2)."""
+    gw, tables, folder = strict_gateway
+    v1 = gw.app[SERVICES].policies.current.get("strict").version_hash
+    chat(gw, "s1", "ticket SECRET-4471 for bob")
+    _swap(gw, folder, "strict.yaml", STRICT.replace("mask", "keep"),
+          lambda s: s.get("strict") is not None and s.get("strict").version_hash != v1)
+    text = _export_text(gw, tmp_path / "e0")
+    assert "SECRET-4471" not in text and orjson.loads(text.splitlines()[0])["policy_hash"] == v1
+
+    tables.sql("DELETE FROM policy_versions WHERE hash=?", v1)
+    resp = httpx.get(f"{gw.url}/admin/export", params={"tenant": "acme", "format": "jsonl"}, timeout=30,
+                     headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"})
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_check_failed", resp.text
+    said = resp.json()["error"]["message"]
+    assert said.startswith("the export stopped: ") and f"version {v1[:12]} of policy 'strict'" in said, said
+    assert "SECRET-4471" not in resp.text
+    out = tmp_path / "cli.jsonl"
+    result = run("--config", str(gw.config_path), "export", "--tenant", "acme", "--format", "jsonl",
+                 "--out", str(out))
+    assert_one_line_error(result, 2, "export refused", f"version {v1[:12]} of policy 'strict'")
+    assert not out.exists()
+    code, said = verify(gw)
+    assert code == 1 and "policy_version_missing" in said and v1[:12] in said, said
+
+
+def test_retention_keeps_a_round_whose_kept_version_was_deleted(make_gateway: Callable[..., Gateway],
+                                                               tmp_path: Path) -> None:
+    """Recorded under a 365-day version, the policy then edited to 1 day: the round is not due.
+    Once that version's row is deleted, a purge two days on still keeps it (counted, and logged
+    naming the version) instead of purging it under today's 1-day policy, and verify names the
+    missing version (probe F1)."""
+    folder = tmp_path / "pol"
+    folder.mkdir()
+    _write_policies(folder, "chat.yaml", RET_365)
+    gw = make_gateway(folder)
+    tables = Tables("sqlite", gw)
+    v1 = gw.app[SERVICES].policies.current.get("chat").version_hash
+    chat(gw, "kept", "a year's text")
+    _swap(gw, folder, "chat.yaml", RET_1, lambda s: s.get("chat") is not None and s.get("chat").version_hash != v1)
+    later = time.time() + 2 * 86400
+    totals = with_service(gw, lambda svc: purge_expired(svc, load_policy_set(folder), now=later))
+    assert totals == {"rounds": 0, "sessions": 0, "skipped": 0, "versions_missing": 0}
+
+    tables.sql("DELETE FROM policy_versions WHERE hash=?", v1)
+    totals = with_service(gw, lambda svc: purge_expired(svc, load_policy_set(folder), now=later))
+    assert totals == {"rounds": 0, "sessions": 0, "skipped": 0, "versions_missing": 1}
+    assert tables.sql("SELECT count(*) FROM rounds WHERE session_id='kept'") == [(1,)]
+    logged = [json.loads(line) for line in gw.log_path.read_text().splitlines()
+              if "retention_policy_version_missing" in line]
+    assert [(e["policy_hash"], e["rounds_kept"]) for e in logged] == [(v1, 1)], logged
+    code, out = verify(gw)
+    assert code == 1 and "policy_version_missing" in out and "session kept, round 1" in out, out
+
 
 
 def test_a_kept_document_proves_itself(tmp_path: Path) -> None:
