@@ -852,7 +852,11 @@ class VerifyError:
 
 @dataclass(slots=True)
 class VerifyReport:
-    """What a verification found. ``ok`` is False exactly when ``first_error`` is set."""
+    """What a verification found. ``ok`` is False exactly when ``first_error`` is set.
+
+    ``errors`` holds every problem found after the first (the stored rows' check reports each
+    one, not just the first: a planted cheap error must not hide the rest), up to a bound per
+    kind; ``counts`` counts every problem by kind, the first included."""
 
     tenant: str
     entries: int = 0
@@ -863,28 +867,61 @@ class VerifyReport:
     records: int | None = None
     first_error: VerifyError | None = None
     notes: list[str] = field(default_factory=list)
+    errors: list[VerifyError] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.first_error is None
 
+    def add(self, errors: Iterable[VerifyError], counts: Mapping[str, int]) -> None:
+        """Take in the problems another check found (the first of them, and the counts of each
+        kind): the first becomes ``first_error`` when there is none yet."""
+        if self.first_error is not None and not self.counts:
+            self.counts[self.first_error.kind] = 1
+        for kind, n in counts.items():
+            self.counts[kind] = self.counts.get(kind, 0) + n
+        for error in errors:
+            if self.first_error is None:
+                self.first_error = error
+            elif error != self.first_error:
+                self.errors.append(error)
+            else:  # the same problem seen by both checks (an altered row): counted once
+                self.counts[error.kind] -= 1
+
     def to_dict(self) -> dict[str, Any]:
         doc = {f.name: getattr(self, f.name) for f in fields(self)}
-        error = asdict(self.first_error) if self.first_error else None
-        if error is not None:  # session fields only when the error is about a session's rows
-            error = {k: v for k, v in error.items() if v is not None or k not in ("session_id", "round_seq")}
-        doc["first_error"] = error
+        doc["first_error"] = _error_dict(self.first_error) if self.first_error else None
+        doc["errors"] = [_error_dict(e) for e in self.errors]
+        doc["counts"] = self.counts or ({self.first_error.kind: 1} if self.first_error else {})
         doc["ok"] = self.ok
         return doc
 
     def summary(self) -> str:
-        """One line for a terminal."""
+        """One line for a terminal, and one more for each further problem (``also:``), with the
+        number of problems of each kind when not all are listed."""
         span = f"{self.entries} entries {self.first_seq}..{self.last_seq}" if self.entries else "no entries"
         base = f"tenant {self.tenant}: {span}, {self.checkpoints} checkpoint(s)"
         if self.first_error is None:
             return f"OK   {base}"
-        at = f" at seq {self.first_error.seq}" if self.first_error.seq is not None else ""
-        return f"FAIL {base}: {self.first_error.kind}{at}: {self.first_error.message}"
+        lines = [f"FAIL {base}: {_error_line(self.first_error)}"]
+        lines += [f"     also: {_error_line(e)}" for e in self.errors]
+        listed: dict[str, int] = {self.first_error.kind: 1}
+        for e in self.errors:
+            listed[e.kind] = listed.get(e.kind, 0) + 1
+        lines += [f"     ... {n} {kind} problem(s) in all, {listed.get(kind, 0)} listed"
+                  for kind, n in sorted(self.counts.items()) if n > listed.get(kind, 0)]
+        return "\n".join(lines)
+
+
+def _error_line(error: VerifyError) -> str:
+    at = f" at seq {error.seq}" if error.seq is not None else ""
+    return f"{error.kind}{at}: {error.message}"
+
+
+def _error_dict(error: VerifyError) -> dict[str, Any]:
+    """A problem as JSON: session fields only when it is about a session's rows."""
+    return {k: v for k, v in asdict(error).items() if v is not None or k not in ("session_id", "round_seq")}
 
 
 class ChainVerifier:

@@ -128,9 +128,11 @@ class AuditTrail:
                      watch: Callable[[AsyncIterator[AuditRow]], AsyncIterator[AuditRow]] | None = None,
                      on_data: Callable[[], None] | None = None) -> VerifyReport:
         """Recompute every link of *tenant*'s chain and check the signed checkpoints; then, with
-        *data* and an intact chain, that the stored rows are the ones the chain records (with
-        *open_key*, ``SessionService.unwrap``, also that each session's data key unwraps). The
-        first problem is the report's ``first_error`` (data problems name session and round).
+        *data*, that the stored rows are the ones the chain records (with *open_key*,
+        ``SessionService.unwrap``, also that each session's data key unwraps), also when the chain
+        failed (its entries still say what the rows must be: a planted chain error must not hide
+        the rows'). The first problem is the report's ``first_error``, the chain's when it failed;
+        every other one is in ``errors`` (data problems name session and round).
         Chain and rows are read as of one moment (``Store.snapshot``), so rounds committed
         meanwhile do not look like tampering. *watch* wraps the chain's rows (a progress count),
         *on_data* is told when the data check starts."""
@@ -140,10 +142,15 @@ class AuditTrail:
             report = await averify_chain(watch(rows) if watch is not None else rows, tenant=tenant,
                                          checkpoints=cps, public_key=public_key or self.signer.public_key_pem(),
                                          entry_key=self.signer.entry_key)
-            if data and report.ok:
+            if data:
                 if on_data is not None:
                     on_data()
-                await check_data(view, tenant, report, open_key)
+                try:
+                    await check_data(view, tenant, report, open_key)
+                except NotFound:
+                    if report.ok:
+                        raise
+                    # nothing of the tenant is stored but its checkpoints: the chain's error says so
         return report
 
     async def redactors(self, store: Store, policies: PolicySet, tenant: str) -> Callable[..., Redactor]:
@@ -220,7 +227,8 @@ class AuditTrail:
 async def check_data(store: StoreReads, tenant: str, report: VerifyReport,
                      open_key: Callable[[DataKeyRow], object] | None = None) -> None:
     """Check *tenant*'s stored rows against its chain into *report* (``records``, ``notes``,
-    ``first_error``); see ``gateway.evidence.verify_data``."""
+    ``first_error`` when it has none yet, ``errors`` and ``counts``); see
+    ``gateway.evidence.verify_data``."""
     async def state_of(session_id: str) -> Any:
         return await store.get_session(tenant, session_id)
 
@@ -230,8 +238,7 @@ async def check_data(store: StoreReads, tenant: str, report: VerifyReport,
                               await store.quarantined(tenant), open_key)
     report.records = found.rounds
     report.notes.extend(found.notes)
-    if found.first_error is not None:
-        report.first_error = found.first_error
+    report.add(found.errors, found.counts)
 
 
 def kept(row: PolicyVersionRow) -> Kept:

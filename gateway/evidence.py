@@ -41,14 +41,19 @@ out of an export's time range, credited to another request, marked with another 
 under another policy version's redaction and retention. The policy version a round was recorded
 under must be kept in ``policy_versions``, its document hashing to its key
 (``gateway.policy.versions``), for every round whose entry binds rows (the gateway has kept
-versions since it has bound rows). A retention purge is judged by its rounds' entries and
-versions, and one that erased a session whole by the session's last write in the chain
-(``purge_premature``); the store's quarantine marks must be the chain's; and a session
+versions since it has bound rows), whether or not the round is still stored. A retention purge
+is judged by its rounds' entries and versions, and one that erased a session whole by the
+session's last write in the chain (``purge_premature``); the store's quarantine marks must be the chain's; and a session
 that holds sealed rows must hold the data key they name, one that unwraps (with ``open_key``).
-The first mismatch, in (session, round) order, is reported
-with tenant, session, round and audit entry. Memory holds one hash, one time and the interned
-columns per live round of the tenant. Sessions recorded before bindings existed (no entry of
-theirs has ``state``) get their rounds checked but not their state, and a note says so.
+Every mismatch is reported (:class:`DataReport`: the first
+:data:`PER_KIND` of each kind, each kind counted), in (session, round) order, with tenant,
+session, round and audit entry, so that one planted cheap problem does not hide the others.
+Memory holds one hash, one time and the interned columns per live round of the tenant. Sessions
+recorded before bindings existed (no entry of theirs has ``state``, and their first entry came
+before the chain's first from a gateway that binds every write: one carrying a binding or an
+entry MAC) get their rounds checked but not their state, and a note says so; a session begun
+after that whose entries bind nothing (it records nothing) must hold no state row
+(``state_unrecorded``: one was moved there).
 
 **Row types.** Both stores build every session read (:func:`current`) and every round and audit
 row they page through (:func:`typed`) here, checking that each value has the type the gateway
@@ -71,7 +76,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
@@ -451,27 +456,69 @@ class _Session:
     version: tuple[int, int] = (0, 0)  # (entry seq, state version) of the last binding since then
     reused: VerifyError | None = None  # the first round number or state version the chain records twice
     seen: bool = False
+    since: int | None = None  # the first entry naming the session since its numbering (re)started
+
+
+PER_KIND = 10
+"""How many problems of one kind a report lists (each kind is counted in full)."""
 
 
 @dataclass(slots=True)
 class DataReport:
-    """What :func:`verify_data` found: counts, the first mismatch, notes."""
+    """What :func:`verify_data` found: counts, every problem (the first :data:`PER_KIND` of each
+    kind, each kind counted in full), the first of them, notes."""
 
     sessions: int = 0
     rounds: int = 0
     first_error: VerifyError | None = None
+    errors: list[VerifyError] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def add(self, error: VerifyError | None) -> None:
+        """Note *error* (None: nothing)."""
+        if error is None:
+            return
+        self.counts[error.kind] = self.counts.get(error.kind, 0) + 1
+        if self.counts[error.kind] <= PER_KIND:
+            self.errors.append(error)
+        if self.first_error is None:
+            self.first_error = error
 
-def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kept] | None = None) -> None:
+
+@dataclass(slots=True)
+class _Chain:
+    """What the chain says of the tenant as a whole."""
+
+    bound_from: int | None = None
+    """The first entry written by a gateway that binds every write of a session's rows (one that
+    carries a binding or an entry MAC: MACs came after bindings)."""
+    versions: dict[str, tuple[int, str, int, str]] = field(default_factory=dict)
+    """Each policy version hash a round entry that binds rows records, with its first such entry
+    (entry seq, session, round seq, policy id): those versions must be kept."""
+
+
+def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kept] | None = None,
+           chain: _Chain | None = None) -> None:
     """Fold one audit entry into the per-session expectations (with *versions*, a purge of a
-    round its version's retention had not yet expired is noted as the session's error)."""
-    doc = orjson.loads(row.body)
+    round its version's retention had not yet expired is noted as the session's error), and into
+    *chain*'s tenant-wide ones. An entry that is not a JSON object (edited: the chain check names
+    it) is skipped."""
+    try:
+        doc = orjson.loads(row.body)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(doc, dict):
+        return
+    if chain is not None and chain.bound_from is None and (isinstance(doc.get(BINDING), dict) or "mac" in doc):
+        chain.bound_from = row.seq
     sid = doc.get("session_id")
     if not isinstance(sid, str):
         return
     s = sessions.setdefault(sid, _Session())
     s.seen = True
+    if s.since is None:
+        s.since = row.seq
     event, digest, detail = doc.get("event"), doc.get("ciphertext_sha256"), doc.get("detail") or {}
     if event == "purge" and isinstance(detail.get("seqs"), list) and versions is not None and s.premature is None:
         s.premature = (_premature(sid, s, row, detail["seqs"], versions)
@@ -485,7 +532,11 @@ def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kep
             s.top = max(s.top, seq)
             kind, request_id, *repeated = round_columns(doc)  # intern all but the request id: they repeat
             columns = (_intern(kind), request_id, *map(_intern, repeated))
-            s.rounds[seq] = _Entry(digest, row.seq, row.created_at, columns, isinstance(doc.get(BINDING), dict))
+            versioned = isinstance(doc.get(BINDING), dict)
+            s.rounds[seq] = _Entry(digest, row.seq, row.created_at, columns, versioned)
+            policy_hash = columns[_POLICY_HASH]
+            if chain is not None and versioned and policy_hash and policy_hash not in chain.versions:
+                chain.versions[policy_hash] = (row.seq, sid, seq, str(columns[COLUMNS.index("policy_id")]))
         else:
             s.legacy_hashes.add(digest)
     elif event == "quarantine":
@@ -495,6 +546,7 @@ def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kep
     elif event == "erasure" or (event == "purge" and detail.get("session_erased")):
         s.quarantined = None
         s.top, s.version = 0, (row.seq, 0)  # a new session under this id numbers from 1 again
+        s.since = None
         s.rounds.clear()
         s.optional.clear()
         s.legacy_hashes.clear()
@@ -612,7 +664,7 @@ async def verify_data(tenant: str, audit_rows: AsyncIterator[AuditRow], stored_r
         return await _verify_data(report, tenant, audit_rows, stored_rounds, state_of, state_ids, versions,
                                   quarantined, open_key)
     except AlteredRow as exc:  # a row of a type the gateway never writes: edited, named by the store
-        report.first_error = exc.error()
+        report.add(exc.error())
         return report
 
 
@@ -622,16 +674,18 @@ async def _verify_data(report: DataReport, tenant: str, audit_rows: AsyncIterato
                        state_ids: list[str], versions: dict[str, Kept] | None, quarantined: dict[str, int] | None,
                        open_key: Callable[[DataKeyRow], object] | None) -> DataReport:
     sessions: dict[str, _Session] = {}
+    chain = _Chain()
     entries = 0
     try:
         async for row in audit_rows:
             entries += 1
-            expect(sessions, row, versions)
+            expect(sessions, row, versions, chain)
     finally:
         await aclose(audit_rows)
     stored: dict[str, dict[int, str]] = {}
     columns: dict[str, dict[int, VerifyError]] = {}  # (rare) rounds whose columns disagree, by session and seq
     key_ids: dict[str, set[bytes]] = {}  # the data key ids the session's rounds were sealed under
+    named: set[str] = set()  # policy versions a stored round's check names as missing or altered
     try:
         async for r in stored_rounds:
             digest = hashlib.sha256(r.ct).hexdigest()
@@ -643,6 +697,8 @@ async def _verify_data(report: DataReport, tenant: str, audit_rows: AsyncIterato
                 error = _columns_error(tenant, r, entry, versions)
                 if error is not None:
                     columns.setdefault(r.session_id, {})[r.seq] = error
+                    if error.kind.startswith("policy_version_"):
+                        named.add(r.policy_hash)
     finally:
         await aclose(stored_rounds)
     if not (entries or report.rounds or state_ids or quarantined):
@@ -653,25 +709,26 @@ async def _verify_data(report: DataReport, tenant: str, audit_rows: AsyncIterato
     legacy = unchecked = 0
     for sid in ids:
         s = sessions.get(sid, _Session())
-        error = replace(s.reused, message=f"tenant {tenant}, {s.reused.message}") if s.reused is not None else None
-        if error is None:
-            error = _rounds_error(tenant, sid, s, stored.get(sid, {}), columns.get(sid, {}))
-        if error is None:
-            held = s.state is not None or sid in state_ids or sid in stored
-            srow, krow = await state_of(sid) if held else (None, None)
-            error = _state_error(tenant, sid, s, srow)
-            # rows of a session no entry ever bound (a session that records nothing has none)
-            legacy += s.state is None and bool(s.rounds or s.legacy_hashes or held)
-            if error is None and (srow is not None or sid in stored):
-                error, lacks_master = _key_error(tenant, sid, srow, krow, key_ids.get(sid, set()), open_key)
-                unchecked += lacks_master
-        if error is None and quarantined is not None:
-            error = _quarantine_error(tenant, sid, s.quarantined, quarantined.get(sid))
-        if error is None and s.premature is not None:
-            error = replace(s.premature, message=f"tenant {tenant}, {s.premature.message}")
-        if error is not None:
-            report.first_error = error
-            return report
+        if s.reused is not None:
+            report.add(replace(s.reused, message=f"tenant {tenant}, {s.reused.message}"))
+        for error in _rounds_errors(tenant, sid, s, stored.get(sid, {}), columns.get(sid, {})):
+            report.add(error)
+        held = s.state is not None or sid in state_ids or sid in stored
+        srow, krow = await state_of(sid) if held else (None, None)
+        state_error = _state_error(tenant, sid, s, srow, chain.bound_from)
+        report.add(state_error)
+        # rows of a session no entry ever bound, recorded before bindings (a session that records nothing has none)
+        legacy += s.state is None and bool(s.rounds or s.legacy_hashes or held) and state_error is None
+        if srow is not None or sid in stored:
+            error, lacks_master = _key_error(tenant, sid, srow, krow, key_ids.get(sid, set()), open_key)
+            report.add(error)
+            unchecked += lacks_master
+        if quarantined is not None:
+            report.add(_quarantine_error(tenant, sid, s.quarantined, quarantined.get(sid)))
+        if s.premature is not None:
+            report.add(replace(s.premature, message=f"tenant {tenant}, {s.premature.message}"))
+    for error in _versions_errors(tenant, chain, versions, stored, named):
+        report.add(error)
     if legacy:
         report.notes.append(f"{legacy} session(s) were recorded before state bindings: their rounds were "
                             "checked, their state rows were not")
@@ -679,6 +736,33 @@ async def _verify_data(report: DataReport, tenant: str, audit_rows: AsyncIterato
         report.notes.append(f"{unchecked} session(s) have data keys wrapped by a master key the key file lacks "
                             "or has retired: those keys were not unwrapped")
     return report
+
+
+def _versions_errors(tenant: str, chain: _Chain, versions: dict[str, Kept] | None,
+                     stored: dict[str, dict[int, str]], named: set[str]) -> Iterator[VerifyError]:
+    """Every policy version a round entry that binds rows records must be kept, and prove itself,
+    whether or not the round is still stored (purged or erased since): the gateway never deletes
+    a kept version, and without it the round's retention and redaction are unknown (retention
+    keeps such a round, exports refuse it). Versions a stored round's check already names
+    (*named*) are left out."""
+    if versions is None:
+        return
+    for policy_hash, (seq, sid, round_seq, policy_id) in chain.versions.items():
+        kept = versions.get(policy_hash)
+        if (kept is not None and kept.proves) or policy_hash in named:
+            continue
+        where = f"tenant {tenant}, session {sid}, round {round_seq}"
+        version = f"version {policy_hash[:12]} of policy {policy_id!r}"
+        gone = "" if round_seq in stored.get(sid, {}) else " (the round is no longer stored: purged or erased)"
+        if kept is None:
+            yield VerifyError(seq, "policy_version_missing", f"{where}: audit entry {seq} records it under {version}, "
+                              f"which the store's policy_versions table no longer keeps (deleted){gone}: the "
+                              "retention and export redaction of that version's rounds cannot be known",
+                              session_id=sid, round_seq=round_seq)
+        else:
+            yield VerifyError(seq, "policy_version_altered", f"{where}: audit entry {seq} records it under {version}, "
+                              f"whose kept document no longer hashes to it (edited){gone}",
+                              session_id=sid, round_seq=round_seq)
 
 
 def _key_error(tenant: str, sid: str, srow: SessionRow | None, krow: DataKeyRow | None, round_keys: set[bytes],
@@ -734,31 +818,31 @@ def _columns_error(tenant: str, r: RoundRow, entry: _Entry, versions: dict[str, 
                        session_id=r.session_id, round_seq=r.seq)
 
 
-def _rounds_error(tenant: str, sid: str, s: _Session, stored: dict[int, str],
-                  columns: dict[int, VerifyError]) -> VerifyError | None:
+def _rounds_errors(tenant: str, sid: str, s: _Session, stored: dict[int, str],
+                   columns: dict[int, VerifyError]) -> Iterator[VerifyError]:
+    """Each round of the session that its entries and the store disagree on, in seq order."""
     where = f"tenant {tenant}, session {sid}, round"
     for seq in sorted(s.rounds.keys() | stored.keys()):
         entry, have = s.rounds.get(seq), stored.get(seq)
         if entry is not None and have is None:
             if seq in s.optional:
                 continue
-            return VerifyError(entry.seq, "round_missing",
-                               f"{where} {seq}: audit entry {entry.seq} records this round but the store no longer "
-                               "holds it (deleted or moved), and no erasure or purge entry accounts for it",
-                               session_id=sid, round_seq=seq)
-        if entry is None and have is not None:
+            yield VerifyError(entry.seq, "round_missing",
+                              f"{where} {seq}: audit entry {entry.seq} records this round but the store no longer "
+                              "holds it (deleted or moved), and no erasure or purge entry accounts for it",
+                              session_id=sid, round_seq=seq)
+        elif entry is None and have is not None:
             if have in s.legacy_hashes:
                 continue
-            return VerifyError(None, "round_unrecorded",
-                               f"{where} {seq}: the store holds this round but no audit entry records it "
-                               "(inserted, duplicated or moved here)", session_id=sid, round_seq=seq)
-        if entry is not None and have is not None and entry.digest != have:
-            return VerifyError(entry.seq, "round_mismatch",
-                               f"{where} {seq}: the stored round is not the one audit entry {entry.seq} records "
-                               "(its ciphertext hash differs)", session_id=sid, round_seq=seq)
-        if seq in columns:
-            return columns[seq]
-    return None
+            yield VerifyError(None, "round_unrecorded",
+                              f"{where} {seq}: the store holds this round but no audit entry records it "
+                              "(inserted, duplicated or moved here)", session_id=sid, round_seq=seq)
+        elif entry is not None and have is not None and entry.digest != have:
+            yield VerifyError(entry.seq, "round_mismatch",
+                              f"{where} {seq}: the stored round is not the one audit entry {entry.seq} records "
+                              "(its ciphertext hash differs)", session_id=sid, round_seq=seq)
+        elif seq in columns:
+            yield columns[seq]
 
 
 def _quarantine_error(tenant: str, sid: str, chain: int | None, store: int | None) -> VerifyError | None:
@@ -776,12 +860,21 @@ def _quarantine_error(tenant: str, sid: str, chain: int | None, store: int | Non
                        "the gateway", session_id=sid)
 
 
-def _state_error(tenant: str, sid: str, s: _Session, srow: SessionRow | None) -> VerifyError | None:
+def _state_error(tenant: str, sid: str, s: _Session, srow: SessionRow | None,
+                 bound_from: int | None = None) -> VerifyError | None:
+    """The session's state row against its latest binding. A session no entry binds may hold a
+    state row only when it was begun before bindings: its first entry (since an erasure) came
+    before *bound_from*, the chain's first entry from a gateway that binds every write."""
     where = f"tenant {tenant}, session {sid}"
     if s.state is None:
         if srow is not None and not s.seen:
             return VerifyError(None, "state_unrecorded", f"{where}: the store holds a state row for a session "
                                "no audit entry mentions (inserted or moved here)", session_id=sid)
+        if srow is not None and bound_from is not None and s.since is not None and s.since >= bound_from:
+            return VerifyError(None, "state_unrecorded", f"{where}: the store holds a state row for it, but no "
+                               f"audit entry binds the session's rows, and its entries (from entry {s.since}) were "
+                               "written by a gateway that binds every write of them: the row was inserted or moved "
+                               "here (a session that records nothing has none)", session_id=sid)
         return None
     seq, event, state = s.state
     at = f"audit entry {seq} ({event})"

@@ -8,6 +8,8 @@ import asyncio
 import io
 import json
 import sqlite3
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +30,7 @@ from gateway.retention import purge_expired
 from gateway.store.base import AuditRow, PolicyVersionRow
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
-from tests.conftest import ACME_KEY, AUDITOR_TOKEN, Gateway, wait_for
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, REPO, Gateway, wait_for
 from tests.evidence.conftest import Tables, verify
 from tests.test_cli_errors import assert_one_line_error, run
 from tests.test_integrity import chat, with_service
@@ -179,6 +181,14 @@ retention: {days: 365}
 RET_1 = RET_365.replace("365", "1")
 
 
+def _cli_days_on(days: float, *args: str) -> subprocess.CompletedProcess[str]:
+    """``sessiongate ARGS`` in a process whose clock reads *days* later than now."""
+    code = ("import sys, time; real = time.time; time.time = lambda: real() + float(sys.argv[1]) * 86400; "
+            "from gateway.cli import main; sys.exit(main(sys.argv[2:]))")
+    return subprocess.run([sys.executable, "-c", code, str(days), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def strict_gateway(request: pytest.FixtureRequest, make_gateway: Callable[..., Gateway],
                    tmp_path: Path) -> tuple[Gateway, Tables, Path]:
@@ -254,6 +264,26 @@ def test_retention_keeps_a_round_whose_kept_version_was_deleted(make_gateway: Ca
     code, out = verify(gw)
     assert code == 1 and "policy_version_missing" in out and "session kept, round 1" in out, out
 
+
+def test_verify_names_a_deleted_version_whose_rounds_were_purged(make_gateway: Callable[..., Gateway],
+                                                                tmp_path: Path) -> None:
+    """A version's row deleted after its rounds were purged (the session erased whole) leaves no
+    round row to flag, but the chain still records rounds under it: verify names it (probe F1)."""
+    folder = tmp_path / "pol"
+    folder.mkdir()
+    _write_policies(folder, "chat.yaml", RET_1)
+    gw = make_gateway(folder)
+    tables = Tables("sqlite", gw)
+    v1 = gw.app[SERVICES].policies.current.get("chat").version_hash
+    chat(gw, "gone", "a day's text")
+    purged = _cli_days_on(2, "--config", str(gw.config_path), "purge")  # a purge that writes its entry then
+    assert purged.returncode == 0 and "purged 1 expired rounds; erased 1 sessions" in purged.stdout, purged
+    code, out = verify(gw)
+    assert code == 0, out
+    tables.sql("DELETE FROM policy_versions WHERE hash=?", v1)
+    code, out = verify(gw)
+    assert code == 1 and "policy_version_missing" in out, out
+    assert f"version {v1[:12]} of policy 'chat'" in out and "no longer stored" in out, out
 
 
 def test_a_kept_document_proves_itself(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ACME_KEY, GLOBEX_KEY, Gateway, wait_for
+from tests.conftest import ACME_KEY, AUDITOR_TOKEN, GLOBEX_KEY, Gateway, wait_for
 from tests.evidence.conftest import Tables, verify
 
 INTEGRITY = {"message": "stored data for this session failed an integrity check; the operator has been told",
@@ -421,3 +421,49 @@ def test_a_whole_session_purge_of_an_active_session_fails_verification(db_gatewa
     code, out = verify(gw)
     assert code == 1 and "purge_premature" in out and "session active: purge entry" in out, out
     assert "erased it whole" in out, out
+
+
+def test_a_state_row_moved_into_a_session_that_records_nothing_is_found(recorded: tuple[Gateway, Tables]) -> None:
+    """A session under the record-nothing policy has audit entries that never bind rows; alice's
+    state row and data key copied there are ``state_unrecorded`` (the chain was written by a
+    gateway that binds every write), not a note about sessions from before bindings (probe F3)."""
+    gw, tables = recorded
+    assert chat(gw, "private:x", "off the record").status_code == 200
+    assert tables.sql("SELECT count(*) FROM sessions WHERE session_id='private:x'") == [(0,)]
+    code, out = verify(gw)
+    assert code == 0 and "before state bindings" not in out, out
+    tables.sql("INSERT INTO sessions (tenant, session_id, version, next_seq, state_ct, created_at, updated_at) "
+               "SELECT tenant, 'private:x', version, next_seq, state_ct, created_at, updated_at FROM sessions "
+               "WHERE tenant='acme' AND session_id='alice'")
+    tables.sql("INSERT INTO data_keys (tenant, session_id, dk_id, kek_id, wrapped, created_at) "
+               "SELECT tenant, 'private:x', dk_id, kek_id, wrapped, created_at FROM data_keys "
+               "WHERE tenant='acme' AND session_id='alice'")
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "state_unrecorded" in out and "tenant acme, session private:x" in out, out
+    assert "before state bindings" not in out, out
+
+
+def test_every_problem_of_a_tenant_is_reported_not_only_the_first(recorded: tuple[Gateway, Tables]) -> None:
+    """A cheap planted problem (a quarantine mark set on alice) does not hide the others: a round
+    of bystander deleted and a state row moved into a new session are reported too, each kind
+    with its count, by the CLI and ``/admin/audit/verify``; the exit code stays 1 (probe F5)."""
+    gw, tables = recorded
+    record(gw, "carol", 2)
+    (seq,) = tables.sql("SELECT max(seq) FROM audit WHERE tenant='acme'")[0]
+    tables.sql("UPDATE session_heads SET quarantined_seq=?, quarantine_reason='planted' "
+               "WHERE tenant='acme' AND session_id='alice'", seq)
+    tables.sql("DELETE FROM rounds WHERE tenant='acme' AND session_id='bystander' AND seq=1")
+    tables.sql("DELETE FROM rounds WHERE tenant='acme' AND session_id='carol'")
+    code, out = verify(gw)
+    assert code == 1, out
+    assert "FAIL tenant acme" in out and "quarantine_unrecorded" in out and "session alice" in out, out
+    assert "also: round_missing" in out and "session bystander, round 1" in out, out
+    assert "session carol, round 1" in out and "session carol, round 2" in out, out
+    resp = httpx.get(f"{gw.url}/admin/audit/verify", params={"tenant": "acme"}, timeout=30,
+                     headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"})
+    report = resp.json()
+    assert report["first_error"]["kind"] == "quarantine_unrecorded", report
+    assert report["counts"] == {"quarantine_unrecorded": 1, "round_missing": 3}, report
+    assert [(e["kind"], e["session_id"], e.get("round_seq")) for e in report["errors"]] == [
+        ("round_missing", "bystander", 1), ("round_missing", "carol", 1), ("round_missing", "carol", 2)], report
