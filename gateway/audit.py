@@ -12,8 +12,10 @@ refused so that no value can slip in under a new name):
                        ``erasure``, ``export``, ``import``, ``reset``, ``bounding``,
                        ``purge``, ``quarantine``, ``refusal``, ``release``, ``history`` (a
                        chat-history ``add``/``set``, ``detail.op``), ``memo`` (a memo write),
-                       ``console_read`` (an auditor read a session in the console) or
-                       ``verify`` (an auditor verified the chain in the console)
+                       ``console_read`` (an auditor read a session in the console),
+                       ``verify`` (an auditor verified the chain in the console),
+                       ``rewrap`` (a session's data key re-wrapped under the primary
+                       master key, ``detail.from``/``to``) or ``erasure_completed``
 ``request_id``         the gateway's request id
 ``session_id``         the session the event concerns (None for tenant-wide events)
 ``policy_id``          the policy that applied, and ``policy_hash`` its version hash
@@ -31,7 +33,7 @@ refused so that no value can slip in under a new name):
                        lists the deleted round seqs in ``detail.seqs``)
 ``round_seq``          the session sequence number of the round (``round`` and ``import``)
 ``state``              the session's rows after the write: ``{sha256, version, next_seq,
-                       rounds}``, added by the store (``gateway.evidence``)
+                       rounds, data_key}``, added by the store (``gateway.evidence``)
 ``truncated``          true when the reply was over the recorded-reply cap (round ``incomplete``)
 ``record_failed``      on a round whose record step failed: the exception's type name (never
                        its text); the round is ``incomplete`` and recorded no text
@@ -118,7 +120,7 @@ GENESIS = "0" * 64
 
 EVENTS = frozenset({"round", "proxy", "policy_reload", "key_rotation", "erasure", "export", "import", "reset",
                     "bounding", "purge", "quarantine", "refusal", "release", "console_read", "verify",
-                    "erasure_completed", "history", "memo"})
+                    "erasure_completed", "history", "memo", "rewrap"})
 ENTRY_FIELDS = frozenset({
     "event", "request_id", "session_id", "policy_id", "policy_hash", "route", "model", "outcome",
     "input_keys", "reply_keys", "bytes_in", "bytes_out", "ciphertext_sha256", "detail",

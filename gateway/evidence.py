@@ -7,11 +7,15 @@ ones the entries describe, so a deleted, moved, duplicated or rolled-back row is
 session, and the store (:func:`bind`, inside the same transaction) adds to it the field
 ``state``: the session's rows as they are after the change,
 ``{"sha256": SHA-256 hex of the sealed state (None once the session is deleted), "version",
-"next_seq", "rounds": how many round rows the session holds}``. The store also points
-``session_heads.bound_seq`` at that entry: a per-session index into the chain.
+"next_seq", "rounds": how many round rows the session holds, "data_key": {"id", "kek_id",
+"wrapped_sha256"}}`` (``data_key``: its data key row, :func:`key_binding`; absent once the
+session is deleted, and in entries written before data keys were bound). Re-wrapping a data key
+under another master key is such a change too: a ``rewrap`` entry, binding the state version it
+found. The store also points ``session_heads.bound_seq`` at that entry: a per-session index
+into the chain.
 
-**On load** (:func:`check`, pure): the state row, the round count and the highest round seq
-must be the ones the head entry binds. A row deleted, moved, duplicated or rolled back
+**On load** (:func:`check`, pure): the state row, the data key row, the round count and the
+highest round seq must be the ones the head entry binds. A row deleted, moved, duplicated or rolled back
 outside the gateway makes the session fail with an integrity error instead of a silently
 shorter history. Writes run the same check inside their transaction, so nothing is recorded
 on top of altered rows. Rows that are byte for byte what this process's own commit left
@@ -44,7 +48,12 @@ under must be kept in ``policy_versions``, its document hashing to its key
 versions since it has bound rows), whether or not the round is still stored. A retention purge
 is judged by its rounds' entries and versions, and one that erased a session whole by the
 session's last write in the chain (``purge_premature``); the store's quarantine marks must be the chain's; and a session
-that holds sealed rows must hold the data key they name, one that unwraps (with ``open_key``).
+that holds sealed rows must hold the data key they name, the one its latest binding records
+(a row relabelled with another master key id, one the key file never held or one it retired,
+fails as ``data_key_altered``), and one that unwraps (with ``open_key``). A key whose master key
+the key file lacks or has retired is only noted, when the chain vouches for the row or (a
+session last written before data keys were bound) the key file knows the id as retired; an id
+the key file never held fails.
 Every mismatch is reported (:class:`DataReport`: the first
 :data:`PER_KIND` of each kind, each kind counted), in (session, round) order, with tenant,
 session, round and audit entry, so that one planted cheap problem does not hide the others.
@@ -86,6 +95,7 @@ import orjson
 from gateway import crypto
 from gateway.audit import AlteredRow, VerifyError, aclose
 from gateway.errors import IntegrityError, NotFound
+from gateway.keyring import MasterKeyUnavailable
 from gateway.store.base import AuditRow, Changes, Current, DataKeyRow, RoundRow, SessionRow
 
 BINDING = "state"
@@ -106,7 +116,7 @@ DATA_ERROR_KINDS = (
     "purge_premature",    # a purge deleted a round its version's retention had not expired (by its entry)
     "data_key_missing",   # a session holds sealed rows but no data key: unreadable, no erasure recorded
     "data_key_mismatch",  # its rows were sealed under another data key than the one stored for it
-    "data_key_altered",   # its data key does not unwrap
+    "data_key_altered",   # its data key does not unwrap, or is not the one the chain records
 )
 
 ROUND_EVENTS = ("round", "import", "history")
@@ -299,7 +309,16 @@ def _altered_current(tenant: str, session_id: str, session: Sequence[Any] | None
 
 
 def _writes_rows(ch: Changes) -> bool:
-    return bool(ch.session is not None or ch.delete_session or ch.rounds or ch.delete_round_seqs)
+    return bool(ch.session is not None or ch.data_key is not None or ch.delete_session or ch.rounds
+                or ch.delete_round_seqs)
+
+
+def key_binding(row: DataKeyRow) -> dict[str, str]:
+    """What a binding records of a session's data key row: the data key's id, the master key that
+    wraps it and the wrapped bytes' SHA-256 (hex), so a row relabelled with another master key id,
+    replaced or rolled back differs."""
+    return {"id": bytes(row.dk_id).hex(), "kek_id": row.kek_id,
+            "wrapped_sha256": hashlib.sha256(row.wrapped).hexdigest()}
 
 
 def binding(cur: Current, ch: Changes) -> dict[str, Any] | None:
@@ -311,8 +330,12 @@ def binding(cur: Current, ch: Changes) -> dict[str, Any] | None:
     session = ch.session if ch.session is not None else (None if ch.delete_session else cur.session)
     if session is None:
         return {"sha256": None, "version": 0, "next_seq": 0, "rounds": rounds}
-    return {"sha256": hashlib.sha256(session.state_ct).hexdigest(), "version": session.version,
-            "next_seq": session.next_seq, "rounds": rounds}
+    state: dict[str, Any] = {"sha256": hashlib.sha256(session.state_ct).hexdigest(), "version": session.version,
+                             "next_seq": session.next_seq, "rounds": rounds}
+    key = ch.data_key if ch.data_key is not None else cur.data_key
+    if key is not None:
+        state["data_key"] = key_binding(key)
+    return state
 
 
 def bind(cur: Current, ch: Changes) -> int | None:
@@ -407,6 +430,9 @@ def check(cur: Current) -> str | None:
         return None
     if cur.session is None:
         return f"{where}: the session's state row is missing; {at} records version {state.get('version')}"
+    problem = key_difference(where, at, state.get("data_key"), cur.data_key)
+    if problem is not None:
+        return problem
     if (hashlib.sha256(cur.session.state_ct).hexdigest() != state.get("sha256")
             or cur.session.version != state.get("version") or cur.session.next_seq != state.get("next_seq")):
         return (f"{where}: the stored state (version {cur.session.version}) is not the one {at} records "
@@ -417,6 +443,39 @@ def check(cur: Current) -> str | None:
     if cur.max_seq >= cur.session.next_seq:
         return f"{where}: the store holds round {cur.max_seq}, which no audit entry records"
     return None
+
+
+def key_difference(where: str, at: str, bound: Any, row: DataKeyRow | None) -> str | None:
+    """How the data key row *row* differs from *bound*, the ``data_key`` binding of the entry
+    *at*; None when it is that one, or when the entry binds no data key (written before they were
+    bound)."""
+    if not isinstance(bound, dict):
+        return None
+    if row is None:
+        return f"{where}: the session's data key row is missing; {at} records data key {bound.get('id')}"
+    have = key_binding(row)
+    if have == bound:
+        return None
+    return (f"{where}: its data key row (data key {have['id']}, master key {have['kek_id']!r}, wrapped bytes "
+            f"{have['wrapped_sha256'][:16]}) is not the one {at} records (data key {bound.get('id')}, master key "
+            f"{bound.get('kek_id')!r}, wrapped bytes {str(bound.get('wrapped_sha256'))[:16]}): it was relabelled, "
+            "replaced or rolled back outside the gateway")
+
+
+def vouches_for_key(cur: Current) -> bool | None:
+    """Whether the session's head entry binds its data key row as it is: True or False; None when
+    the head binds no data key (never bound, or bound before data keys were)."""
+    if cur.head is None or cur.data_key is None:
+        return None
+    try:
+        doc = orjson.loads(cur.head.body)
+    except orjson.JSONDecodeError:
+        return False
+    state = doc.get(BINDING) if isinstance(doc, dict) else None
+    bound = state.get("data_key") if isinstance(state, dict) else None
+    if not isinstance(bound, dict):
+        return None
+    return key_binding(cur.data_key) == bound
 
 
 # --------------------------------------------------------------------------- full verification
@@ -561,7 +620,9 @@ def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kep
         state = doc[BINDING]
         version = state.get("version") if state.get("sha256") is not None else 0
         if isinstance(version, int):
-            if version and version <= s.version[1] and s.reused is None:
+            # a re-wrap writes the data key row alone: it binds the state version it found
+            if version and (version < s.version[1] or (version == s.version[1] and event != "rewrap")) \
+                    and s.reused is None:
                 s.reused = _rolled_back(sid, s, row, str(event), version)
             s.version = (row.seq, version)
         s.state = (row.seq, str(event), state)
@@ -720,7 +781,7 @@ async def _verify_data(report: DataReport, tenant: str, audit_rows: AsyncIterato
         # rows of a session no entry ever bound, recorded before bindings (a session that records nothing has none)
         legacy += s.state is None and bool(s.rounds or s.legacy_hashes or held) and state_error is None
         if srow is not None or sid in stored:
-            error, lacks_master = _key_error(tenant, sid, srow, krow, key_ids.get(sid, set()), open_key)
+            error, lacks_master = _key_error(tenant, sid, srow, krow, key_ids.get(sid, set()), open_key, s.state)
             report.add(error)
             unchecked += lacks_master
         if quarantined is not None:
@@ -766,10 +827,13 @@ def _versions_errors(tenant: str, chain: _Chain, versions: dict[str, Kept] | Non
 
 
 def _key_error(tenant: str, sid: str, srow: SessionRow | None, krow: DataKeyRow | None, round_keys: set[bytes],
-               open_key: Callable[[DataKeyRow], object] | None) -> tuple[VerifyError | None, bool]:
-    """A session holding sealed rows must hold the data key they were sealed under, and it must
-    unwrap: without it the rows cannot be read, which is an erasure no entry records. Returns
-    the error and whether the key went unchecked for want of its master key."""
+               open_key: Callable[[DataKeyRow], object] | None,
+               bound: tuple[int, str, dict[str, Any]] | None = None) -> tuple[VerifyError | None, bool]:
+    """A session holding sealed rows must hold the data key they were sealed under, the one its
+    latest binding (*bound*: entry seq, event, ``state``) records, and it must unwrap: without it
+    the rows cannot be read, which is an erasure no entry records. Returns the error and whether
+    the key went unchecked for want of its master key (the key file's problem: only when the
+    chain vouches for the row, or a session bound before data keys were names a retired key)."""
     where = f"tenant {tenant}, session {sid}"
     if krow is None:
         return VerifyError(None, "data_key_missing", f"{where}: the store holds its sealed rows but not their data "
@@ -780,12 +844,23 @@ def _key_error(tenant: str, sid: str, srow: SessionRow | None, krow: DataKeyRow 
         return VerifyError(None, "data_key_mismatch", f"{where}: its rows were sealed under data key "
                            f"{min(sealed - {bytes(krow.dk_id)}).hex()}, but the store holds key "
                            f"{bytes(krow.dk_id).hex()} for it (replaced)", session_id=sid), False
+    recorded = bound[2].get("data_key") if bound is not None else None
+    if bound is not None and isinstance(recorded, dict):
+        problem = key_difference(where, f"audit entry {bound[0]} ({bound[1]})", recorded, krow)
+        if problem is not None:
+            return VerifyError(bound[0], "data_key_altered", problem, session_id=sid), False
     if open_key is not None:
         try:
             open_key(krow)
-        except IntegrityError as exc:
-            if getattr(exc, "key_unavailable", False):
+        except MasterKeyUnavailable as exc:
+            if isinstance(recorded, dict) or exc.retired:
                 return None, True
+            return VerifyError(None, "data_key_altered", f"{where}: its data key names master key {krow.kek_id!r}, "
+                               "which the key file has never held (not even as retired), and no audit entry "
+                               "records which master key wraps it (the session was last written before entries "
+                               "did): the row was relabelled outside the gateway, or this is not the gateway's "
+                               "key file", session_id=sid), False
+        except IntegrityError:
             return VerifyError(None, "data_key_altered", f"{where}: its data key does not unwrap under master key "
                                f"{krow.kek_id!r} (the wrapped key was altered)", session_id=sid), False
     return None, False

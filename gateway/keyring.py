@@ -46,8 +46,11 @@ retired key saves the file again for that).
 
 Errors. A bad source raises ``ConfigError`` naming the file (or ``$VARIABLE``) and field; a
 refused operation raises ``ConfigError`` naming the key; a data key that cannot be unwrapped
-(unknown or retired master key, wrong master key bytes, altered wrap) raises
-``IntegrityError`` whose ``detail`` says which. No message ever contains key bytes.
+raises ``IntegrityError`` whose ``detail`` says which: :class:`MasterKeyUnavailable` when its
+master key is not in the keyring or is retired (the key file's problem, or a row relabelled
+with such an id: the keyring cannot tell which, the audit chain can, see ``gateway.evidence``),
+a plain ``IntegrityError`` for wrong master key bytes or an altered wrap. No message ever
+contains key bytes.
 """
 
 from __future__ import annotations
@@ -128,6 +131,17 @@ class KeyProvider(Protocol):
     def save(self, keys: list[MasterKey]) -> None: ...
 
     def describe(self) -> str: ...
+
+
+class MasterKeyUnavailable(IntegrityError):
+    """A data key names a master key the keyring lacks (:attr:`retired` False) or has retired
+    (True), so it cannot be unwrapped. ``key_unavailable`` is set, as readers of the error check."""
+
+    key_unavailable = True
+
+    def __init__(self, detail: str, kek_id: str, *, retired: bool) -> None:
+        super().__init__(detail)
+        self.kek_id, self.retired = kek_id, retired
 
 
 # --- ids and new keys -------------------------------------------------------------------------
@@ -227,11 +241,11 @@ class Keyring:
         what = f"data key {dk_id.hex()}"
         key = self._keys.get(kek_id)
         if key is None:
-            raise IntegrityError(f"{what} is wrapped by master key {kek_id!r}, which is not in the keyring "
-                                 f"({self.source}; it has {', '.join(self._keys)})")
+            raise MasterKeyUnavailable(f"{what} is wrapped by master key {kek_id!r}, which is not in the keyring "
+                                       f"({self.source}; it has {', '.join(self._keys)})", kek_id, retired=False)
         if key.state == "retired":
-            raise IntegrityError(f"{what} is wrapped by master key {kek_id!r}, which is retired "
-                                 f"in {self.source}")
+            raise MasterKeyUnavailable(f"{what} is wrapped by master key {kek_id!r}, which is retired "
+                                       f"in {self.source}", kek_id, retired=True)
         if len(dk_id) != KEY_ID_LEN or len(wrapped) != WRAPPED_LEN or wrapped[0] != WRAP_VERSION:
             raise IntegrityError(f"{what}: malformed wrapped data key ({len(wrapped)} bytes, id "
                                  f"{len(dk_id)} bytes)")

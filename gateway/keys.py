@@ -2,10 +2,12 @@
 audit signing key.
 
 ``rewrap_all`` re-wraps every data key that is not under the keyring's primary, one compare-
-and-set write each (``Store.rewrap_data_key``), so it runs safely beside live traffic and beside
-another process doing the same. ``KeyringWatcher`` lets a running gateway follow a keyring file
-edited by ``sessiongate keys rotate``: it reloads the keyring when the file changes and then
-re-wraps in the background. Data keys are never exposed; only ids and counts are logged.
+and-set transaction each with its ``rewrap`` audit entry (``SessionService.rewrap``: the chain
+records which master key wraps each data key, so a row relabelled in the database is found), so
+it runs safely beside live traffic and beside another process doing the same. ``KeyringWatcher``
+lets a running gateway follow a keyring file edited by ``sessiongate keys rotate``: it reloads the
+keyring when the file changes and then re-wraps in the background. Data keys are never exposed;
+only ids and counts are logged.
 
 ``load_signer`` loads the Ed25519 key that signs audit checkpoints. Like the keyring (whose file
 is generated only for a store without data keys), it is generated only while the checkpoint file
@@ -85,13 +87,12 @@ async def rewrap_all(sessions: SessionService) -> RewrapReport:
             same += 1
             continue
         try:
-            kek_id, wrapped = keyring.rewrap(row.kek_id, row.dk_id, row.wrapped)
-        except IntegrityError as exc:  # that session is unreadable already; the others still rotate
+            rewrapped = await sessions.rewrap(row)
+        except IntegrityError as exc:  # that session is unreadable (or altered) already; the others still rotate
             failed += 1
             log.error("rewrap_integrity_error", tenant=row.tenant, session_id=row.session_id, detail=exc.detail)
             continue
-        keyring.forget(row.kek_id, row.dk_id, row.wrapped)  # cached again under the new wrap only
-        if await sessions.store.rewrap_data_key(row, kek_id, wrapped):
+        if rewrapped:
             done += 1
         else:
             raced += 1  # erased or re-wrapped meanwhile: nothing left to do for it

@@ -21,8 +21,12 @@ integrity error (:class:`Quarantined`), each refusal a ``refusal`` audit entry, 
 operator acts (reads are not refused: they run their own checks): ``sessiongate sessions erase`` (the data
 is gone for good) or ``sessiongate sessions release`` (:meth:`SessionService.release`, a
 ``release`` entry: the operator restored the rows or accepts them; a check that fails again
-quarantines again). A data key wrapped by a master key the keyring lacks or has retired is a
-key-file problem, not damage: it fails without quarantine.
+quarantines again). A session that fails again while quarantined (a read) gets a ``refusal``
+entry, not another quarantine. A data key wrapped by a master key the keyring lacks or has
+retired is a key-file problem, not damage, when the chain vouches for the data key row (its
+binding records that master key and those wrapped bytes; for a session last written before data
+keys were bound, when the keyring knows the id as retired): it fails without quarantine. A row
+relabelled with a master key id, or one that the keyring never held, is damage and quarantines.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import structlog
 from gateway import crypto, evidence
 from gateway.erasure import ErasureFinisher
 from gateway.errors import Conflict, GatewayError, IntegrityError, NotFound
-from gateway.keyring import Keyring
+from gateway.keyring import Keyring, MasterKeyUnavailable
 from gateway.session.importing import check_document, check_not_empty, history_difference, hold_to_policy
 from gateway.session.model import (
     SYNC_STRATEGIES,
@@ -186,17 +190,34 @@ class SessionService:
         keyring = self.keyring
         if keyring.state(row.kek_id) is None and self.reload_keyring is not None:
             keyring = self.keyring = self.reload_keyring()
-        try:
-            return keyring.unwrap(row.kek_id, row.dk_id, row.wrapped)
-        except IntegrityError as exc:
-            # a master key missing from (or retired in) the key file is not damage to the session
-            exc.key_unavailable = keyring.state(row.kek_id) in (None, "retired")  # type: ignore[attr-defined]
-            raise
+        return keyring.unwrap(row.kek_id, row.dk_id, row.wrapped)
 
     def unwrap(self, row: DataKeyRow) -> crypto.DataKey:
-        """A data key row's key (``IntegrityError`` when it does not unwrap; ``key_unavailable``
-        set on it when its master key is missing from the key file or retired)."""
+        """A data key row's key: ``IntegrityError`` when it does not unwrap,
+        ``MasterKeyUnavailable`` when its master key is missing from the key file or retired."""
         return self._data_key(row)
+
+    async def rewrap(self, row: DataKeyRow) -> bool:
+        """Re-wrap the data key *row* under the primary master key, if the session's row is still
+        *row* (False when it was erased or re-wrapped meanwhile), in one transaction with a
+        ``rewrap`` audit entry that binds the session's rows with the new wrapping (so the chain
+        always says which master key wraps a session's data key). ``IntegrityError`` when the key
+        does not unwrap or the session's rows fail the check on load (they are not bound anew)."""
+        kek_id, wrapped = self.keyring.rewrap(row.kek_id, row.dk_id, row.wrapped)
+        self.keyring.forget(row.kek_id, row.dk_id, row.wrapped)  # cached again under the new wrap only
+        new = replace(row, kek_id=kek_id, wrapped=wrapped)
+
+        def plan(cur: Current) -> Changes:
+            have = cur.data_key
+            if have is None or (bytes(have.dk_id), have.kek_id, bytes(have.wrapped)) != (
+                    bytes(row.dk_id), row.kek_id, bytes(row.wrapped)):
+                return Changes(result=False)
+            _raise_if_altered(cur)
+            if cur.session is None:
+                raise IntegrityError(f"session {cur.tenant}/{cur.session_id} has a data key but no state row")
+            return Changes(data_key=new, result=True, audit=[{
+                "event": "rewrap", "session_id": row.session_id, "detail": {"from": row.kek_id, "to": kek_id}}])
+        return bool((await self.store.transact(row.tenant, row.session_id, plan)).result)
 
     def _forget(self, row: DataKeyRow) -> None:
         """Drop an erased session's data key from both in-memory caches (unwrapped key, cipher).
@@ -324,20 +345,40 @@ class SessionService:
             raise
 
     async def _note_failure(self, tenant: str, session_id: str, exc: IntegrityError, request_id: str | None) -> None:
-        if getattr(exc, "key_unavailable", False):
+        """Quarantine the session for *exc* (a ``quarantine`` entry), or, when it is quarantined
+        already, record the refusal (a ``refusal`` entry); nothing for a master key the key file
+        lacks when the chain vouches for the data key row (:meth:`_key_file_problem`)."""
+        if isinstance(exc, MasterKeyUnavailable) and await self._key_file_problem(tenant, session_id, exc):
             return
-        entry: dict[str, Any]
-        if isinstance(exc, Quarantined):
-            entry = {"event": "refusal", "session_id": session_id, "request_id": request_id, "outcome": "refused"}
-            changes = Changes(audit=[entry])
-        else:
-            entry = {"event": "quarantine", "session_id": session_id, "request_id": request_id,
-                     "detail": {"reason": exc.detail[:200]}}
-            changes = Changes(audit=[entry], quarantine=exc.detail[:200])
+        refusal = {"event": "refusal", "session_id": session_id, "request_id": request_id, "outcome": "refused"}
+        quarantine = {"event": "quarantine", "session_id": session_id, "request_id": request_id,
+                      "detail": {"reason": exc.detail[:200]}}
+
+        def plan(cur: Current) -> Changes:
+            if isinstance(exc, Quarantined) or cur.quarantine is not None:  # quarantined once, refused since
+                return Changes(audit=[refusal])
+            return Changes(audit=[quarantine], quarantine=exc.detail[:200])
         try:
-            await asyncio.shield(self.store.transact(tenant, session_id, lambda cur: changes))
+            await asyncio.shield(self.store.transact(tenant, session_id, plan))
         except GatewayError as err:  # the integrity error still reaches the caller
             log.error("quarantine_not_recorded", tenant=tenant, session_id=session_id, error=type(err).__name__)
+
+    async def _key_file_problem(self, tenant: str, session_id: str, exc: MasterKeyUnavailable) -> bool:
+        """Whether *exc* (a master key missing from the key file, or retired) is the key file's
+        problem rather than damage: the session's rows pass the check on load and its head entry
+        binds this very data key row, or (a session last written before data keys were bound)
+        the keyring knows the id as retired. Otherwise *exc* is made to say why it is damage."""
+        cur = await self.store.read_session(tenant, session_id)
+        problem = evidence.check(cur)
+        if problem is None:
+            vouched = evidence.vouches_for_key(cur)
+            if vouched or (vouched is None and exc.retired):
+                return True
+            problem = (f"tenant {tenant}, session {session_id}: its data key names master key {exc.kek_id!r}, which "
+                       "the key file has never held (not even as retired), and no audit entry records which "
+                       "master key wraps it: the row was relabelled outside the gateway")
+        exc.detail, exc.key_unavailable = problem, False
+        return False
 
     async def release(self, tenant: str, session_id: str, request_id: str) -> str:
         """Lift the session's quarantine (an operator's decision, audited as ``release``);

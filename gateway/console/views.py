@@ -506,7 +506,8 @@ DATA_KINDS = {
     "data_key_missing": "a session's sealed data is still stored but its data key is gone, so it can no longer be "
                         "read, and the audit trail records no erasure",
     "data_key_mismatch": "a session's data key was replaced by one its data was not sealed under",
-    "data_key_altered": "a session's stored data key was altered and no longer unwraps",
+    "data_key_altered": "a session's stored data key was altered (it no longer unwraps, or names another master "
+                        "key than the audit trail records)",
 }
 
 

@@ -290,9 +290,6 @@ class Store(StoreReads, Protocol):
         may take long (erasing or rewriting a large session) leaves it False.
         """
 
-    async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
-        """Replace a data key's wrapping if it is still ``old``; False when it changed meanwhile."""
-
     async def checkpoint(self) -> bool:
         """Fold the write-ahead log into the main file (so erased bytes leave the disk); False
         when another connection kept it from completing (retry later, see ``gateway.erasure``)."""

@@ -856,13 +856,6 @@ class PostgresStore(Reads):
             return _LockTimedOut(stuck, [])
         return _LockTimedOut(stuck, sorted(int(r[0]) for r in rows))
 
-    async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
-        status = await self._call(lambda c: c.execute(
-            "UPDATE data_keys SET kek_id = $1, wrapped = $2 WHERE tenant = $3 AND session_id = $4 "
-            "AND kek_id = $5 AND wrapped = $6", kek_id, wrapped, old.tenant, old.session_id, old.kek_id,
-            old.wrapped), "write to")
-        return bool(status == "UPDATE 1")
-
     async def checkpoint(self) -> bool:
         """``VACUUM`` the tables that held erased keys and state; see the module docstring.
         True once it ran: what remains (WAL segments, replicas, backups) is the operator's."""

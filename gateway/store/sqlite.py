@@ -1198,15 +1198,6 @@ class SQLiteStore(Reads):
                 return _settled(loop, outcome)
         return self._writes.add(job, bounded)
 
-    async def rewrap_data_key(self, old: DataKeyRow, kek_id: str, wrapped: bytes) -> bool:
-        def run(conn: sqlite3.Connection) -> bool:
-            c = conn.execute("UPDATE data_keys SET kek_id=?, wrapped=? WHERE tenant=? AND session_id=? "
-                             "AND kek_id=? AND wrapped=?",
-                             (kek_id, wrapped, old.tenant, old.session_id, old.kek_id, old.wrapped))
-            self._stage(old.tenant, old.session_id, None)
-            return c.rowcount == 1
-        return await self._write(run)
-
     async def checkpoint(self) -> bool:
         """Fold the write-ahead log into the main file and truncate it; True when that completed.
 

@@ -8,11 +8,12 @@ restart, a replica) refuses too. ``sessiongate sessions release`` (audited) or a
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 
-from tests.conftest import ACME_KEY, Gateway, Upstream
+from tests.conftest import ACME_KEY, Gateway, Upstream, wait_for
 from tests.evidence.conftest import Tables, run_cli, verify
 from tests.evidence.test_tamper_data import INTEGRITY, chat, entries, read, record
 
@@ -141,13 +142,38 @@ def test_release_of_a_healthy_session_is_refused(gateway: Gateway) -> None:
 
 
 def test_missing_master_key_does_not_quarantine(gateway: Gateway) -> None:
-    """A data key wrapped by a master key absent from the key file is a key-file problem: reads fail,
-    but nothing is quarantined, so the session works again once the key is back."""
+    """The key file loses the master key that wraps a session's data key (the operator's mistake;
+    the rows are the ones the chain records): reads and chats fail, but nothing is quarantined,
+    verification passes with a note, and the session works again once the key file is back. (An
+    edit of the row's master key id in the database instead is damage: test_data_key_relabel.)"""
     tables = Tables("sqlite", gateway)
     record(gateway, "orphan", 1)
-    (kek,) = tables.sql("SELECT kek_id FROM data_keys WHERE session_id='orphan'")[0]
-    tables.sql("UPDATE data_keys SET kek_id='mk-19990101-dead' WHERE session_id='orphan'")
-    assert_integrity(read(gateway, "orphan"))
-    assert "quarantine" not in events(tables, "orphan")
-    tables.sql("UPDATE data_keys SET kek_id=? WHERE session_id='orphan'", kek)
+    key_file = gateway.dir / "master-keys.json"
+    kept = key_file.read_text()
+    doc = json.loads(kept)
+    doc["keys"] = [{**doc["keys"][0], "id": "mk-20990101-0000", "key": "A" * 43 + "="}]
+    key_file.write_text(json.dumps(doc))
+    wait_for(lambda: read(gateway, "orphan").status_code == 500)  # the gateway follows the key file
+    assert_integrity(chat(gateway, "orphan", "refused"))
+    assert "quarantine" not in events(tables, "orphan") and "refusal" not in events(tables, "orphan")
+    code, out = verify(gateway)
+    assert code == 0, out
+    assert "1 session(s) have data keys wrapped by a master key the key file lacks or has retired" in out, out
+    key_file.write_text(kept)
+    wait_for(lambda: read(gateway, "orphan").status_code == 200)
     assert chat(gateway, "orphan", "still mine").status_code == 200
+
+
+def test_a_session_that_fails_to_open_is_quarantined_once(db_gateway: tuple[Gateway, Tables]) -> None:
+    """A round that fails to open quarantines its session with one entry: the reads and chats
+    after it are refusals, each a ``refusal`` entry (each read wrote another ``quarantine``)."""
+    gw, tables = db_gateway
+    record(gw, "victim", 2)
+    damage_round(tables, "victim", 1)
+    for resp in (read(gw, "victim"), read(gw, "victim"), chat(gw, "victim", "x"), read(gw, "victim")):
+        assert_integrity(resp)
+    assert events(tables, "victim")[2:] == ["quarantine", "refusal", "refusal", "refusal"], events(tables, "victim")
+    (marked,), = tables.sql("SELECT quarantined_seq FROM session_heads WHERE tenant='acme' AND session_id='victim'")
+    assert marked == [e for e in entries(tables) if e["event"] == "quarantine"][0]["seq"]
+    code, out = verify(gw)
+    assert code == 1 and "round_mismatch" in out, out

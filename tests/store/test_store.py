@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from gateway import audit, evidence
@@ -201,20 +202,27 @@ def test_two_stores_on_one_database_serialise_writes(backend: Any) -> None:
     backend.run(body)
 
 
-def test_rewrap_data_key_is_compare_and_set(backend: Any) -> None:
-    """Re-wrapping succeeds once from the current row and refuses a stale one."""
+def test_rewrap_is_compare_and_set_and_audited(backend: Any) -> None:
+    """Re-wrapping succeeds once from the current row, with a ``rewrap`` entry that binds the new
+    wrapping (the session loads and verifies under it), and refuses a stale row."""
     async def body(store: Any) -> None:
         old_key = new_master_key()
         await service(store, Keyring([old_key])).commit_round(ACME, "s1", record("x"), Bounding())
         new_key = new_master_key(taken={old_key.id})
-        rotated = Keyring([dataclasses.replace(old_key, state="active"), new_key])
+        rotated = service(store, Keyring([dataclasses.replace(old_key, state="active"), new_key]))
         _, row = await store.get_session(ACME, "s1")
-        kek_id, wrapped = rotated.rewrap(row.kek_id, row.dk_id, row.wrapped)
-        assert await store.rewrap_data_key(row, kek_id, wrapped) is True
-        assert await store.rewrap_data_key(row, kek_id, wrapped) is False
+        assert await rotated.rewrap(row) is True
+        assert await rotated.rewrap(row) is False
         assert (await store.count_data_keys(new_key.id), await store.count_data_keys(old_key.id)) == (1, 0)
-        only_new = Keyring([new_key])
-        assert users(await service(store, only_new).full_context(ACME, "s1")) == ["user x"]
+        only_new = service(store, Keyring([new_key]))
+        assert users(await only_new.full_context(ACME, "s1")) == ["user x"]
+        assert (await only_new.load(ACME, "s1")) is not None
+        entries = [orjson.loads(a.body) async for a in store.iter_audit(ACME)]
+        assert [e["event"] for e in entries] == ["round", "rewrap"]
+        assert entries[-1]["state"]["data_key"]["kek_id"] == new_key.id
+        assert entries[-1]["state"]["version"] == entries[0]["state"]["version"]
+        report = await audit.averify_chain(store.iter_audit(ACME), tenant=ACME)
+        assert report.ok
     backend.run(body)
 
 
