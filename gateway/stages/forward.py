@@ -23,8 +23,9 @@ client has the rest). A stream that ends with its final event is ``completed``, 
 codec's assembler says the provider failed (Responses' ``response.failed``: ``upstream_error``);
 either way the client gets the provider's own final event. When ``reply_id`` is set (a
 gateway-held Responses chain), the upstream's response id is replaced by it in what the client
-gets, and so are the two request fields the gateway changed on the way up
-(:func:`echo_chain_fields`: ``previous_response_id`` as the client sent it, ``store: true``).
+gets, and so are the request fields the gateway changed on the way up (:func:`echoed`: the
+``previous_response_id`` the client sent, also on a ``store: false`` continuation, and
+``store: true``) in the response objects' own members.
 Past ``max_reply_bytes`` of events the client still gets every event, the reply is assembled
 from what fits, and the round is ``incomplete`` with ``reply_truncated``. A client that
 disconnects, or an upstream that breaks off, ends the stream with outcome ``incomplete``
@@ -42,6 +43,7 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -225,8 +227,10 @@ def _parse_reply(ctx: Context) -> None:
                             code="bad_upstream_reply") from exc
     message = ctx.codec.parse_reply(body)
     if ctx.reply_id and isinstance(body.get("id"), str):
-        ctx.tail = echo_chain_fields(ctx, ctx.tail.replace(body["id"].encode(), ctx.reply_id.encode()))
+        ctx.tail = ctx.tail.replace(body["id"].encode(), ctx.reply_id.encode())
         body["id"] = ctx.reply_id
+    if fields := echoed(ctx):
+        ctx.tail = echo_json(ctx.tail, fields)
     ctx.reply_body, ctx.reply_message = body, message
     ctx.outcome = "upstream_error" if ctx.codec.failed(body) else "completed"
 
@@ -241,6 +245,7 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
     assembler = codec.assembler(cap)
     splitter = EventSplitter(assembler.add_event, max_event=cap, on_oversized=assembler.add_oversized)
     swap: tuple[bytes, bytes] | None = None
+    fields = echoed(ctx)
     ctx.response = out
     ctx.outcome = "incomplete"
     writing = True
@@ -255,7 +260,9 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
             if ctx.reply_id and swap is None and assembler.id:
                 swap = (assembler.id.encode(), ctx.reply_id.encode())
             if data and swap is not None:
-                data = echo_chain_fields(ctx, data.replace(*swap))
+                data = data.replace(*swap)
+            if data and fields:
+                data = echo_events(data, fields)
             if data:
                 writing = True
                 await out.write(data)
@@ -276,8 +283,8 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
             ctx.outcome = "completed" if assembler.completed else "upstream_error"
         if ended:
             held = splitter.held
-            ctx.tail = (echo_chain_fields(ctx, held.replace(*swap)) if swap is not None else held) \
-                if splitter.done else b""
+            held = held.replace(*swap) if swap is not None else held
+            ctx.tail = (echo_events(held, fields) if fields else held) if splitter.done else b""
         else:
             ctx.ended_by = "upstream"
     except UpstreamError:
@@ -297,21 +304,60 @@ async def _relay_stream(ctx: Context, reply: UpstreamReply) -> None:
             ctx.reply_body["id"] = ctx.reply_id
 
 
-_PREVIOUS_NULL = re.compile(rb'("previous_response_id"\s*:\s*)null')
-_STORE_FALSE = re.compile(rb'("store"\s*:\s*)false')
-
-
-def echo_chain_fields(ctx: Context, data: bytes) -> bytes:
-    """A chain round's response objects (a JSON reply, or a stream's events) as the client asked
-    for them: the gateway stripped ``previous_response_id`` and sent ``store: false`` upstream,
-    so the provider's ``"previous_response_id": null`` becomes the id the client sent and its
-    ``"store": false`` becomes ``true`` (the gateway keeps the response). A JSON string cannot
-    hold an unescaped quote, so the patterns only meet the members themselves, never text."""
+def echoed(ctx: Context) -> dict[str, Any]:
+    """The members of a response object the client gets back as it sent them, where the gateway
+    changed them on the way up (gateway-held Responses state): the ``previous_response_id`` it
+    stripped (a chain round, or a ``store: false`` continuation) and, for a chain round, ``store``
+    (sent upstream as false, while the gateway keeps the response). Empty for anything else."""
+    fields: dict[str, Any] = {}
     prev = ctx.body.get("previous_response_id")
-    if isinstance(prev, str):
-        value = orjson.dumps(prev)
-        data = _PREVIOUS_NULL.sub(lambda m: m.group(1) + value, data)
-    return _STORE_FALSE.sub(lambda m: m.group(1) + b"true", data)
+    if isinstance(prev, str) and (ctx.reply_id or ctx.window_only):
+        fields["previous_response_id"] = prev
+    if ctx.reply_id:
+        fields["store"] = True
+    return fields
+
+
+def _set_members(obj: Any, fields: dict[str, Any]) -> bool:
+    """Set *fields* among *obj*'s own members where it has them with another value; True if any."""
+    changed = False
+    if isinstance(obj, dict):
+        for name, value in fields.items():
+            if name in obj and obj[name] != value:
+                obj[name] = value
+                changed = True
+    return changed
+
+
+def echo_json(data: bytes, fields: dict[str, Any]) -> bytes:
+    """A JSON reply (a response object) with *fields* set among its top-level members, never in
+    what it nests (an echoed schema may have a member named ``store``); unchanged when nothing
+    differs or it is not JSON."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
+    return orjson.dumps(obj) if _set_members(obj, fields) else data
+
+
+def echo_events(data: bytes, fields: dict[str, Any]) -> bytes:
+    """Whole SSE events with *fields* set among the top-level members of each event's
+    ``response`` object (``response.created``, ``.in_progress``, ``.completed`` ...); every
+    other line, and an event whose JSON does not parse, is left as it came."""
+    if b'"response"' not in data:
+        return data
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.startswith(b"data:") or b'"response"' not in line:
+            continue
+        start = 6 if line.startswith(b"data: ") else 5
+        try:
+            event = orjson.loads(line[start:])
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and _set_members(event.get("response"), fields):
+            lines[i] = line[:start] + orjson.dumps(event) + (b"\r" if line.endswith(b"\r") else b"")
+    return b"\n".join(lines)
 
 
 DRAIN_SECONDS = 0.5

@@ -310,16 +310,22 @@ def test_a_built_in_tool_answer_without_its_call_is_refused_when_the_window_cann
 def test_a_chain_response_says_what_the_client_asked_for(pgw: Gateway, proto: ProtocolUpstream, stream: bool) -> None:
     """The gateway strips ``previous_response_id`` and sends ``store: false`` upstream; the client's
     response objects said so (``previous_response_id: null``, ``store: false``) although the client
-    sent both and the gateway keeps the response. Now they hold what the client asked for."""
+    sent both and the gateway keeps the response. Now their own members hold what the client asked
+    for, and nothing nested changes: an echoed schema's ``"store": false`` (a property it forbids)
+    stays false. A ``store: false`` continuation gets its ``previous_response_id`` back too."""
     client = pgw.openai()
     first = client.responses.create(model="gpt-4o-mini", input="one")
     assert first.store is True and first.previous_response_id is None
-    if stream:
-        events = list(client.responses.create(model="gpt-4o-mini", input="two", previous_response_id=first.id,
-                                              stream=True))
-        objects = [e.response for e in events if hasattr(e, "response")]
-        assert len(objects) == 3  # created, in_progress, completed
-    else:
-        objects = [client.responses.create(model="gpt-4o-mini", input="two", previous_response_id=first.id)]
-    assert all(o.previous_response_id == first.id and o.store is True for o in objects)
-    assert proto.bodies("/v1/responses")[-1]["store"] is False  # what went upstream is unchanged
+    schema = {"type": "object", "properties": {"store": False, "previous_response_id": None, "a": {"type": "string"}}}
+    fmt: Any = {"format": {"type": "json_schema", "name": "x", "strict": False, "schema": schema}}
+    for store in (True, False):
+        kwargs: dict[str, Any] = {"previous_response_id": first.id, "text": fmt, **({} if store else {"store": False})}
+        if stream:
+            events = list(client.responses.create(model="gpt-4o-mini", input="two", stream=True, **kwargs))
+            objects = [e.response for e in events if hasattr(e, "response")]
+            assert len(objects) == 3  # created, in_progress, completed
+        else:
+            objects = [client.responses.create(model="gpt-4o-mini", input="two", **kwargs)]
+        assert all(o.previous_response_id == first.id and o.store is store for o in objects)
+        assert all(o.text.format.schema_ == schema for o in objects)  # type: ignore[union-attr]
+        assert proto.bodies("/v1/responses")[-1]["store"] is False  # what went upstream is unchanged

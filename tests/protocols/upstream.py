@@ -138,6 +138,7 @@ def response_object(body: dict[str, Any], text: str | None, call: dict[str, Any]
             "tools": body.get("tools") or [], "instructions": body.get("instructions"), "metadata": {},
             "error": None, "incomplete_details": None, "temperature": 1.0, "top_p": 1.0,
             "store": body.get("store", True), "previous_response_id": body.get("previous_response_id"),
+            **({"text": body["text"]} if "text" in body else {}),
             "usage": {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12,
                       "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
 
