@@ -21,11 +21,14 @@ Tables (both backends):
                  its document in plaintext (configuration, not recorded data; see
                  ``gateway.policy.versions``).
 - ``provider_responses`` one per response id a provider holds for a tenant (an upstream with
-                 ``responses_state: provider``): the tenant and the SHA-256 of the id
-                 (:func:`provider_id_digest`), never the id, which continues the conversation at
-                 the provider. Written with the round that relayed the id; read to refuse another
-                 tenant's id (``gateway.codecs.responses``). Metadata, like the audit chain: no
-                 content, kept when a session is erased or its rounds expire.
+                 ``responses_state: provider``): the tenant and ``id_mac``, an HMAC of the tenant
+                 and the id's SHA-256 (:func:`owned_response`) under a key derived from the audit
+                 signing key, never the id, which continues the conversation at the provider, nor
+                 its bare hash. Written with the round that relayed the id; read to refuse another
+                 tenant's id (``gateway.codecs.responses``): a row copied to another tenant, or
+                 one inserted with an id's hash, matches nothing, as only the gateway's processes
+                 can compute the MAC. Metadata, like the audit chain: no content, kept when a
+                 session is erased or its rounds expire.
 
 Writes go through :meth:`Store.transact`: the backend opens one transaction, reads the current
 rows of the session (locked against other writers, including other processes), calls the
@@ -38,19 +41,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import hmac
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+if TYPE_CHECKING:
+    from gateway.audit import EntryKey
 
 SYSTEM_TENANT = "_system"
 """The audit chain of gateway-wide events (policy reloads, key rotation)."""
 
 
 def provider_id_digest(response_id: str) -> bytes:
-    """The key a provider's response id is kept under (``provider_responses``): its SHA-256, so
-    the table never holds an id that would continue the conversation at the provider."""
+    """What callers hand the store for a provider's response id (``Changes.provider_responses``,
+    :meth:`Store.holds_provider_response`): its SHA-256, so nothing downstream holds an id that
+    would continue the conversation at the provider. The store keeps :func:`owned_response` of it."""
     return hashlib.sha256(response_id.encode()).digest()
+
+
+_RESPONSE_MAC_INFO = b"sessiongate-provider-response-owner-v1"
+
+
+@functools.lru_cache(maxsize=8)
+def _response_mac_key(entry_secret: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=None, info=_RESPONSE_MAC_INFO).derive(entry_secret) if entry_secret else b""
+
+
+def owned_response(entry_key: EntryKey | None, tenant: str, digest: bytes) -> bytes:
+    """What ``provider_responses.id_mac`` holds for the response id of SHA-256 *digest* as
+    *tenant*'s: HMAC-SHA256 of the length-prefixed tenant and *digest*, under a key derived
+    (HKDF-SHA256) from *entry_key*'s secret, which is itself derived from the audit signing key
+    file as audit entry MACs are (``gateway.audit.EntryKey``). Only a process holding that file
+    computes it, so a database writer can neither move a row to another tenant nor make one for
+    an id. A store opened without an entry key (tests, tools) uses an empty key: bound to the
+    tenant, not secret."""
+    key = _response_mac_key(entry_key.secret if entry_key is not None else b"")
+    name = tenant.encode()
+    return hmac.new(key, len(name).to_bytes(4, "big") + name + digest, hashlib.sha256).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +198,8 @@ class Changes:
     pending any more: another process finished it first. A backend that keeps no record of
     pending erasures (``pending_erasures`` returns None) ignores both.
     ``provider_responses`` (digests, :func:`provider_id_digest`) makes those provider response
-    ids the transaction's tenant's; one it already has is left as it is. A change without a
-    session may carry them.
+    ids the transaction's tenant's (kept as :func:`owned_response`); one it already has is left
+    as it is. A change without a session may carry them.
     """
 
     data_key: DataKeyRow | None = None
@@ -254,7 +287,7 @@ class StoreReads(Protocol):
 
     async def holds_provider_response(self, tenant: str, digest: bytes) -> bool:
         """Whether the provider response id of this digest (:func:`provider_id_digest`) passed
-        through the gateway for *tenant*: one primary-key lookup."""
+        through the gateway for *tenant* (its :func:`owned_response` row): one primary-key lookup."""
 
 
 class Store(StoreReads, Protocol):
@@ -263,6 +296,10 @@ class Store(StoreReads, Protocol):
     on_commit: Callable[[float, int], None] | None
     """Set before ``open()``: told each write transaction's duration in seconds and its number of
     writes (called from the writer; must be cheap and thread-safe)."""
+
+    entry_key: EntryKey | None
+    """Seals every audit entry's MAC (``gateway.audit.seal_entry``) and keys ``provider_responses``
+    (:func:`owned_response`); None for a store opened without the signing key (tests, tools)."""
 
     async def open(self) -> None:
         """Create or migrate the schema and start any background workers."""

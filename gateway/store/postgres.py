@@ -82,6 +82,7 @@ from gateway.store.base import (
     RoundRow,
     SessionRow,
     SessionSummary,
+    owned_response,
 )
 
 T = TypeVar("T")
@@ -159,6 +160,14 @@ CREATE TABLE provider_responses (
   tenant TEXT COLLATE "C" NOT NULL, id_sha256 BYTEA NOT NULL, created_at DOUBLE PRECISION NOT NULL,
   PRIMARY KEY (tenant, id_sha256));
 """),
+    Migration(5, "provider response ids by tenant, keyed", """
+-- kept as an HMAC of tenant and id under a key from the signing key file (base.owned_response): a
+-- bare hash could be copied to another tenant, and rows kept that way cannot be told from such copies
+DROP TABLE IF EXISTS provider_responses;
+CREATE TABLE provider_responses (
+  tenant TEXT COLLATE "C" NOT NULL, id_mac BYTEA NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (tenant, id_mac));
+"""),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -226,7 +235,7 @@ _INSERT_AUDIT = f"""
 INSERT INTO audit ({_AUDIT_COLS})
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::float8[], $4::bytea[], $5::text[], $6::text[])"""
 _INSERT_PROVIDER_RESPONSES = """
-INSERT INTO provider_responses (tenant, id_sha256, created_at)
+INSERT INTO provider_responses (tenant, id_mac, created_at)
 SELECT * FROM unnest($1::text[], $2::bytea[], $3::float8[]) ON CONFLICT DO NOTHING"""
 _DELETE_ROUNDS = """
 DELETE FROM rounds x USING unnest($1::text[], $2::text[], $3::bigint[]) AS u(t, s, q)
@@ -408,7 +417,8 @@ class Staged:
         self.rounds.extend(ch.rounds)
         if ch.provider_responses:
             now = time.time()
-            self.provider_responses.extend((cur.tenant, digest, now) for digest in ch.provider_responses)
+            self.provider_responses.extend((cur.tenant, owned_response(self.entry_key, cur.tenant, digest), now)
+                                           for digest in ch.provider_responses)
         self.audit.extend(rows)
         if rows:
             self.heads[cur.tenant] = (rows[-1].seq, rows[-1].hash)
@@ -495,6 +505,9 @@ class Reads:
     """Every read of the Store protocol but ``read_session``, as queries run by ``_call``: each on
     a pooled connection (:class:`PostgresStore`), or all in one transaction (:class:`Snapshot`)."""
 
+    entry_key: audit.EntryKey | None = None
+    """Keys ``provider_responses`` (``base.owned_response``): the store's, in its snapshots too."""
+
     async def _call(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], doing: str = "read from") -> T:
         raise NotImplementedError
 
@@ -504,8 +517,9 @@ class Reads:
         return [PolicyVersionRow(*r) for r in rows]
 
     async def holds_provider_response(self, tenant: str, digest: bytes) -> bool:
+        mac = owned_response(self.entry_key, tenant, digest)
         return bool(await self._call(lambda c: c.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM provider_responses WHERE tenant = $1 AND id_sha256 = $2)", tenant, digest)))
+            "SELECT EXISTS (SELECT 1 FROM provider_responses WHERE tenant = $1 AND id_mac = $2)", tenant, mac)))
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         return await self._call(lambda c: c.fetch(query, *args))
@@ -622,9 +636,11 @@ class Snapshot(Reads):
     """The store as one moment saw it (``PostgresStore.snapshot``): every read on one connection
     inside one read-only ``REPEATABLE READ`` transaction, one at a time."""
 
-    def __init__(self, conn: asyncpg.Connection, guard: Callable[[Awaitable[Any], str], Awaitable[Any]]) -> None:
+    def __init__(self, conn: asyncpg.Connection, guard: Callable[[Awaitable[Any], str], Awaitable[Any]],
+                 entry_key: audit.EntryKey | None = None) -> None:
         self._conn = conn
         self._guard = guard
+        self.entry_key = entry_key
 
     async def _call(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], doing: str = "read from") -> T:
         result: T = await self._guard(fn(self._conn), doing)
@@ -904,7 +920,7 @@ class PostgresStore(Reads):
             server_settings={"search_path": self.schema, "application_name": "sessiongate-verify"}), "connect to")
         try:
             await self._guard(conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"), "read from")
-            yield Snapshot(conn, self._guard)
+            yield Snapshot(conn, self._guard, self.entry_key)
         finally:
             with contextlib.suppress(*_DB_ERRORS):
                 await conn.close()

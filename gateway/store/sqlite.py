@@ -96,6 +96,7 @@ from gateway.store.base import (
     RoundRow,
     SessionRow,
     SessionSummary,
+    owned_response,
 )
 
 T = TypeVar("T")
@@ -104,7 +105,7 @@ KNOWN_SESSIONS = 1024
 """Sessions whose rows, as this process last committed them, the store keeps (LRU)."""
 BATCH = 256
 PAGE = 500
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CHECKPOINT_BUSY_SECONDS = 0.2
 """How long one checkpoint attempt waits for other connections before reporting it is busy."""
 
@@ -144,6 +145,13 @@ CREATE TABLE IF NOT EXISTS policy_versions (
 CREATE TABLE IF NOT EXISTS provider_responses (
   tenant TEXT NOT NULL, id_sha256 BLOB NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (tenant, id_sha256))
   WITHOUT ROWID;
+"""),
+    # ... kept as an HMAC of tenant and id under a key from the signing key file (base.owned_response):
+    # a bare hash could be copied to another tenant; rows kept that way cannot be told from such copies
+    (5, """
+DROP TABLE IF EXISTS provider_responses;
+CREATE TABLE provider_responses (
+  tenant TEXT NOT NULL, id_mac BLOB NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (tenant, id_mac)) WITHOUT ROWID;
 """),
 )
 """``(version, script)`` applied in order to a file below that version (``SCHEMA`` is version 1)."""
@@ -259,8 +267,9 @@ def read_current(conn: sqlite3.Connection, tenant: str, session_id: str | None) 
 
 
 def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes, key: audit.EntryKey | None = None) -> Current:
-    """Apply *ch* inside the open transaction and chain its audit entries (their MACs under *key*);
-    returns the session's rows as they are now (``evidence.after``)."""
+    """Apply *ch* inside the open transaction and chain its audit entries (their MACs under *key*,
+    which keys its provider response ids too); returns the session's rows as they are now
+    (``evidence.after``)."""
     tenant, sid = cur.tenant, cur.session_id
     if ch.erasure_done is not None and conn.execute(
             "DELETE FROM meta WHERE name=?", (_erasure_name(tenant, ch.erasure_done),)).rowcount == 0:
@@ -303,7 +312,7 @@ def write_changes(conn: sqlite3.Connection, cur: Current, ch: Changes, key: audi
     if ch.provider_responses:
         now = time.time()
         conn.executemany("INSERT OR IGNORE INTO provider_responses VALUES (?,?,?)",
-                         [(tenant, digest, now) for digest in ch.provider_responses])
+                         [(tenant, owned_response(key, tenant, digest), now) for digest in ch.provider_responses])
     rows = ch.audit_rows[-len(ch.audit):] if ch.audit else []
     update = evidence.head_update(cur, ch, rows, bound)
     if update is not None:
@@ -681,6 +690,9 @@ class Reads:
     store's reader thread (:class:`SQLiteStore`), or all in one read transaction
     (:class:`Snapshot`)."""
 
+    entry_key: audit.EntryKey | None = None
+    """Keys ``provider_responses`` (``base.owned_response``): the store's, in its snapshots too."""
+
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         raise NotImplementedError
 
@@ -693,9 +705,11 @@ class Reads:
 
 
     async def holds_provider_response(self, tenant: str, digest: bytes) -> bool:
+        mac = owned_response(self.entry_key, tenant, digest)
+
         def run(c: sqlite3.Connection) -> bool:
-            return c.execute("SELECT 1 FROM provider_responses WHERE tenant=? AND id_sha256=?",
-                             (tenant, digest)).fetchone() is not None
+            return c.execute("SELECT 1 FROM provider_responses WHERE tenant=? AND id_mac=?",
+                             (tenant, mac)).fetchone() is not None
         return await self._read(run)
 
     async def get_session(self, tenant: str, session_id: str) -> tuple[SessionRow | None, DataKeyRow | None]:
@@ -826,9 +840,11 @@ class Snapshot(Reads):
     """The store as one moment saw it: every read in a single read transaction on a connection
     of its own (``SQLiteStore.snapshot``), run on that connection's own thread, one at a time."""
 
-    def __init__(self, conn: sqlite3.Connection, lane: concurrent.futures.Executor) -> None:
+    def __init__(self, conn: sqlite3.Connection, lane: concurrent.futures.Executor,
+                 entry_key: audit.EntryKey | None = None) -> None:
         self._conn = conn
         self._lane = lane
+        self.entry_key = entry_key
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -950,7 +966,7 @@ class SQLiteStore(Reads):
                 raise _unavailable(exc, "read") from exc
             try:
                 await loop.run_in_executor(lane, conn.execute, "BEGIN")
-                yield Snapshot(conn, lane)
+                yield Snapshot(conn, lane, self.entry_key)
             finally:
                 await asyncio.wrap_future(lane.submit(_end_snapshot, conn))  # queued behind any read still running
         finally:

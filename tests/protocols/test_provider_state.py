@@ -1,6 +1,7 @@
 """Provider-held Responses state (``responses_state: provider``) stays within the tenant (probe
 finding F1): the gateway keeps which tenant each provider response id it relayed belongs to, by
-the id's SHA-256, and refuses any other id before anything reaches the provider."""
+an HMAC of tenant and id under a key only its processes hold (so a database writer cannot move
+a row to another tenant), and refuses any other id before anything reaches the provider."""
 
 from __future__ import annotations
 
@@ -122,25 +123,55 @@ def test_a_forwarded_body_the_gateway_cannot_read_as_json_is_refused_not_forward
     assert [p for p, _, _ in proto.requests if p != "/v1/responses"] == []
 
 
-def test_the_store_keeps_the_ids_sha256_never_the_id(held: Gateway) -> None:
-    """What the gateway keeps is (tenant, SHA-256 of the id): the id itself is nowhere in the
-    database files."""
+def _holds(gw: Gateway, rid: str, *tenants: str) -> list[bool]:
+    """Whether the gateway's store holds *rid* for each of *tenants*, read by a store sealing with
+    the gateway's keys (as every process of the gateway does)."""
+    from gateway.keys import load_signer
+    from gateway.settings import load_settings
     from gateway.store.sqlite import SQLiteStore
 
-    rid = _create(held, ACME_KEY, True, input="ACME secret")
-    assert rid.encode() not in held.stored_bytes()
-
-    async def holds() -> tuple[bool, bool]:
-        store = SQLiteStore(held.db_path)
+    async def holds() -> list[bool]:
+        store = SQLiteStore(gw.db_path, entry_key=load_signer(load_settings(gw.config_path)).entry_key)
         await store.open()
         try:
             digest = hashlib.sha256(rid.encode()).digest()
-            return (await store.holds_provider_response("acme", digest),
-                    await store.holds_provider_response("globex", digest))
+            return [await store.holds_provider_response(tenant, digest) for tenant in tenants]
         finally:
             await store.close()
 
-    assert asyncio.run(holds()) == (True, False)
+    return asyncio.run(holds())
+
+
+def test_the_store_keeps_a_keyed_hash_never_the_id(held: Gateway) -> None:
+    """What the gateway keeps is the tenant and an HMAC of tenant and id under a key derived from
+    the audit signing key: neither the id nor its SHA-256 is anywhere in the database files."""
+    rid = _create(held, ACME_KEY, True, input="ACME secret")
+    assert rid.encode() not in held.stored_bytes()
+    assert hashlib.sha256(rid.encode()).digest() not in held.stored_bytes()
+    assert _holds(held, rid, "acme", "globex") == [True, False]
+
+
+def test_a_row_copied_to_another_tenant_grants_it_nothing(held: Gateway, proto: ProtocolUpstream) -> None:
+    """A database writer who copies acme's ``provider_responses`` row under globex's name (or
+    inserts the id's SHA-256 for globex) does not make acme's provider-held conversation
+    globex's: globex's continuation is still 404 before the provider (it was forwarded, 200)."""
+    import sqlite3
+    from contextlib import closing
+
+    rid = _create(held, ACME_KEY, False, input="ACME secret")
+    with closing(sqlite3.connect(held.db_path, isolation_level=None, timeout=30)) as conn:
+        conn.execute("INSERT INTO provider_responses SELECT 'globex', id_mac, created_at FROM provider_responses "
+                     "WHERE tenant='acme'")
+        conn.execute("INSERT OR IGNORE INTO provider_responses VALUES ('globex', ?, 0)",
+                     (hashlib.sha256(rid.encode()).digest(),))
+    sent = len(proto.requests)
+    with pytest.raises(openai.NotFoundError) as err:
+        held.openai(key=GLOBEX_KEY).responses.create(model="gpt-4o-mini", previous_response_id=rid, input="repeat it")
+    assert err.value.body["message"] == PREVIOUS_NOT_FOUND  # type: ignore[index]
+    r = httpx.get(f"{held.base_url}/responses/{rid}", headers={"Authorization": f"Bearer {GLOBEX_KEY}"})
+    assert r.status_code == 404, r.text
+    assert len(proto.requests) == sent
+    held.openai().responses.create(model="gpt-4o-mini", previous_response_id=rid, input="acme goes on")
 
 
 def test_a_store_false_response_is_not_kept(held: Gateway, proto: ProtocolUpstream) -> None:
