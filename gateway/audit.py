@@ -146,7 +146,7 @@ ERROR_KINDS = (
     "round_missing", "round_unrecorded", "round_mismatch", "state_missing", "state_mismatch",
     "state_unrecorded", "round_relabelled", "policy_version_missing", "policy_version_altered",
     "quarantine_lifted", "quarantine_unrecorded", "purge_premature", "data_key_missing", "data_key_mismatch",
-    "data_key_altered",
+    "data_key_altered", "erasure_unmatched",
 )
 
 PublicKeyLike = Ed25519PublicKey | bytes | str | Path

@@ -22,8 +22,19 @@ and ``ErasureFinisher``:
 - when a checkpoint has completed, finishes every erasure recorded as pending *before* it began
   (so the checkpoint folded its deleted pages): one transaction each removes the record and
   appends an ``erasure_completed`` audit entry (its ``request_id`` is the erasure's,
-  ``detail.pending_seconds`` how long it waited). Two processes finishing the same erasure
-  write one entry: the second finds the record gone (``Conflict``) and writes nothing.
+  ``detail.pending_seconds`` how long it waited, from the time of its ``erasure`` entry). Two
+  processes finishing the same erasure write one entry: the second finds the record gone
+  (``Conflict``) and writes nothing.
+
+A record is a row in the database, which its operator can write: the finisher acts only on
+one the tenant's chain vouches for (:meth:`ErasureFinisher.vouched`): an ``erasure`` entry of
+that request id and session whose MAC holds under the store's entry key, with the session's
+rows now the ones the chain binds (gone, or begun anew by a later write), and no
+``erasure_completed`` entry for it yet (a finished record written again). Any other record (a
+session never erased, a tenant that has no chain) is logged once as
+``erasure_pending_unvouched`` and left where it is, with no entry, no chain started for its
+tenant and no wait for it; the store reports rows that are not records at all (see
+``Store.pending_erasures``). A failing lookup is retried like a failing checkpoint.
 
 Retention's purge calls ``fold``: the same checkpoint, retried the same way when it cannot
 complete (purged rounds must leave the files too), without an audit entry of its own.
@@ -38,14 +49,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from typing import Any
 
+import orjson
 import structlog
 
+from gateway import evidence
+from gateway.audit import aclose
 from gateway.errors import Conflict
-from gateway.store.base import Changes, Current, PendingErasure, Store
+from gateway.store.base import AuditRow, Changes, Current, PendingErasure, Store
 
 log = structlog.get_logger("gateway.erasure")
 
@@ -63,6 +78,7 @@ class ErasureFinisher:
         self.first_delay, self.max_delay = first_delay, max_delay
         self.poll = POLL_SECONDS if poll is None else poll
         self._pending: dict[str, PendingErasure] = {}
+        self._checked: dict[tuple[str, str], PendingErasure | None] = {}  # vouched (its entry's time) or refused
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -77,24 +93,92 @@ class ErasureFinisher:
             self._watch = asyncio.get_running_loop().create_task(self._look(), name="erasure-watch")
 
     async def settle(self, tenant: str, session_id: str, request_id: str) -> bool:
-        """Finish the committed erasure *request_id*: True when its bytes have left the store's
-        files, False when it stays pending (retried in the background)."""
+        """Finish the committed erasure *request_id* (this process's own: vouched for): True when
+        its bytes have left the store's files, False when it stays pending (retried in the
+        background)."""
+        own = PendingErasure(tenant, session_id, request_id, time.time())
+        self._checked[(tenant, request_id)] = own
         if await self._attempt(quiet=request_id):
             return True
-        self._pending.setdefault(request_id, PendingErasure(tenant, session_id, request_id, time.time()))
+        self._pending.setdefault(request_id, own)
         self._retry_in_background()
         return False
 
     async def resume(self, found: list[PendingErasure]) -> bool:
-        """Finish erasures recorded as pending earlier (a command run again): True when their
-        bytes are gone now (each gets its ``erasure_completed`` entry), False when they stay
-        pending (retried in the background)."""
+        """Finish erasures recorded as pending earlier (a command run again; *found* as
+        :meth:`vouched` returns them): True when their bytes are gone now (each gets its
+        ``erasure_completed`` entry), False when they stay pending (retried in the background)."""
         for item in found:
             self._pending.setdefault(item.request_id, item)
         if await self._attempt() and not any(item.request_id in self._pending for item in found):
             return True
         self._retry_in_background()
         return False
+
+    async def vouched(self, recorded: list[PendingErasure]) -> list[PendingErasure]:
+        """The records of *recorded* that the chain vouches for (see the module docstring), each
+        with ``erased_at`` from its ``erasure`` entry; each other one is logged once as
+        ``erasure_pending_unvouched``. Raises what the store raises (``StoreUnavailable``)."""
+        out = []
+        for item in recorded:
+            key = (item.tenant, item.request_id)
+            if key not in self._checked:
+                self._checked[key] = await self._vouch(item)
+            found = self._checked[key]
+            if found is not None and found.session_id == item.session_id:
+                out.append(found)
+        return out
+
+    async def _vouch(self, item: PendingErasure) -> PendingErasure | None:
+        """*item* with the time of the ``erasure`` entry that vouches for it; None (logged) when
+        none does."""
+        cur = await self.store.read_session(item.tenant, item.session_id)
+        entry = cur.head if cur.head is not None and self._records(cur.head, item) else None
+        if entry is None:  # begun anew since (its head is a later write), or never erased
+            rows = self.store.iter_audit(item.tenant)
+            try:
+                async for row in rows:
+                    if self._records(row, item):
+                        entry = row
+                        break
+            finally:
+                await aclose(rows)
+        if entry is None:
+            problem: str | None = "no erasure entry of that request and session in the tenant's audit chain"
+        else:
+            problem = evidence.check(cur) or await self._completed(item, entry.seq)
+        if entry is not None and problem is None:
+            return dataclasses.replace(item, erased_at=entry.created_at)
+        log.error("erasure_pending_unvouched", tenant=item.tenant[:200], session_id=item.session_id[:200],
+                  request_id=item.request_id[:200], reason=problem,
+                  note="a pending-erasure record was written into the database outside the gateway: no "
+                       "erasure_completed entry is written for it; investigate, then delete its row (store table "
+                       "meta, name 'erasure_pending [tenant, request id]')")
+        return None
+
+    async def _completed(self, item: PendingErasure, after: int) -> str | None:
+        """Why *item* is no pending erasure although its ``erasure`` entry (seq *after*) holds: an
+        ``erasure_completed`` entry for it follows (the record was written again); None if none."""
+        rows = self.store.iter_audit(item.tenant, after_seq=after)
+        try:
+            async for row in rows:
+                if self._records(row, item, "erasure_completed"):
+                    return f"audit entry {row.seq} records that erasure as completed already"
+        finally:
+            await aclose(rows)
+        return None
+
+    def _records(self, row: AuditRow, item: PendingErasure, event: str = "erasure") -> bool:
+        """Whether *row* is an authentic *event* entry of *item* (its request and session)."""
+        try:
+            doc = orjson.loads(row.body)
+        except orjson.JSONDecodeError:
+            return False
+        if not (isinstance(doc, dict) and doc.get("event") == event and doc.get("request_id") == item.request_id
+                and doc.get("session_id") == item.session_id):
+            return False
+        key = self.store.entry_key
+        return key is None or key.check(doc) == "keyed"
 
     async def fold(self) -> bool:
         """A checkpoint now (retention after a purge); True when it completed. When it did not,
@@ -138,10 +222,11 @@ class ErasureFinisher:
             except Exception as exc:  # noqa: BLE001 - logged; the next look retries
                 log.error("erasure_lookup_failed", error=type(exc).__name__, detail=str(exc)[:200])
                 found = None
-            if found:
-                for item in found:
-                    self._pending.setdefault(item.request_id, item)
-                self._retry_in_background()
+            waiting = found and any(self._checked.get((i.tenant, i.request_id), i) is not None for i in found)
+            if waiting and (self._task is None or self._task.done()):
+                await self._attempt()  # vouches for them; those left pending are retried in the background
+                if self._pending:
+                    self._retry_in_background()
             await asyncio.sleep(self.poll)
 
     async def _retry(self) -> None:
@@ -158,6 +243,8 @@ class ErasureFinisher:
             try:
                 recorded = await self.store.pending_erasures()  # committed before the checkpoint: folded by it
                 folded = await self.store.checkpoint()
+                if recorded is not None:
+                    recorded = await self.vouched(recorded)
             except Exception as exc:  # noqa: BLE001 - logged; the next attempt retries
                 log.error("erasure_checkpoint_failed", error=type(exc).__name__, detail=str(exc)[:200])
                 return False
@@ -189,6 +276,7 @@ class ErasureFinisher:
                     self._retry_in_background()
                     return False
                 self._pending.pop(item.request_id, None)
+                self._checked.pop((item.tenant, item.request_id), None)  # its record, written again, is checked anew
             return True
 
 

@@ -53,7 +53,8 @@ that holds sealed rows must hold the data key they name, the one its latest bind
 fails as ``data_key_altered``), and one that unwraps (with ``open_key``). A key whose master key
 the key file lacks or has retired is only noted, when the chain vouches for the row or (a
 session last written before data keys were bound) the key file knows the id as retired; an id
-the key file never held fails.
+the key file never held fails. Every ``erasure_completed`` entry must follow the ``erasure``
+entry of its request and session (``erasure_unmatched``).
 Every mismatch is reported (:class:`DataReport`: the first
 :data:`PER_KIND` of each kind, each kind counted), in (session, round) order, with tenant,
 session, round and audit entry, so that one planted cheap problem does not hide the others.
@@ -117,6 +118,7 @@ DATA_ERROR_KINDS = (
     "data_key_missing",   # a session holds sealed rows but no data key: unreadable, no erasure recorded
     "data_key_mismatch",  # its rows were sealed under another data key than the one stored for it
     "data_key_altered",   # its data key does not unwrap, or is not the one the chain records
+    "erasure_unmatched",  # an erasure_completed entry that no erasure entry of its request and session precedes
 )
 
 ROUND_EVENTS = ("round", "import", "history")
@@ -514,6 +516,7 @@ class _Session:
     top: int = 0      # the highest round seq recorded since the session's numbering (re)started
     version: tuple[int, int] = (0, 0)  # (entry seq, state version) of the last binding since then
     reused: VerifyError | None = None  # the first round number or state version the chain records twice
+    erasures: set[str] = field(default_factory=set)  # request ids of the session's erasure entries
     seen: bool = False
     since: int | None = None  # the first entry naming the session since its numbering (re)started
 
@@ -598,12 +601,20 @@ def expect(sessions: dict[str, _Session], row: AuditRow, versions: dict[str, Kep
                 chain.versions[policy_hash] = (row.seq, sid, seq, str(columns[COLUMNS.index("policy_id")]))
         else:
             s.legacy_hashes.add(digest)
+    elif event == "erasure_completed":
+        if doc.get("request_id") not in s.erasures and s.reused is None:  # the chain contradicts itself
+            s.reused = VerifyError(row.seq, "erasure_unmatched", f"session {sid}: audit entry {row.seq} records "
+                                   f"erasure {doc.get('request_id')!r} of the session as completed, but no earlier "
+                                   "erasure entry of the session has that request id: the pending erasure it "
+                                   "finished was written into the database outside the gateway", session_id=sid)
     elif event == "quarantine":
         s.quarantined = row.seq
     elif event == "release":
         s.quarantined = None
     elif event == "erasure" or (event == "purge" and detail.get("session_erased")):
         s.quarantined = None
+        if event == "erasure" and isinstance(doc.get("request_id"), str):
+            s.erasures.add(doc["request_id"])
         s.top, s.version = 0, (row.seq, 0)  # a new session under this id numbers from 1 again
         s.since = None
         s.rounds.clear()

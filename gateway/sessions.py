@@ -647,7 +647,8 @@ class SessionService:
         the disk. Returns True when they have; False when the purge is pending (another
         connection holds an old snapshot) and :attr:`erasures` retries it in the background (see
         ``gateway.erasure``). A session already erased whose erasure is still pending (this
-        command run again) is not ``NotFound``: that erasure is finished now, or retried."""
+        command run again; a record the chain vouches for) is not ``NotFound``: that erasure is
+        finished now, or retried."""
         def plan(cur: Current) -> Changes:
             if cur.session is None and cur.data_key is None:
                 raise NotFound(f"no session '{session_id}' for this tenant")
@@ -660,9 +661,9 @@ class SessionService:
         try:
             await self.store.transact(tenant, session_id, plan)
         except NotFound:
-            left = [p for p in await self.store.pending_erasures() or ()
-                    if p.tenant == tenant and p.session_id == session_id]
-            if not left:
+            left = await self.erasures.vouched([p for p in await self.store.pending_erasures() or ()
+                                                if p.tenant == tenant and p.session_id == session_id])
+            if not left:  # nothing pending, or only a record the chain does not vouch for (logged)
                 raise
             return await self.erasures.resume(left)
         for listener in self.on_erase:

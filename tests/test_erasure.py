@@ -8,6 +8,7 @@ tenants, still read; the erasure is in the audit chain.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -292,3 +293,104 @@ def test_a_round_in_flight_when_its_session_is_erased_records_nothing(
     rounds = [e for e in gw.audit_entries() if e["event"] == "round" and e.get("session_id") == "inflight"]
     assert [(e["outcome"], e["recorded"], e.get("round_seq")) for e in rounds] == [
         ("completed", ["user", "assistant"], 1), ("erased_meanwhile", [], None)]
+
+
+def _forge_pending(gw: Gateway, tenant: str, request_id: str, value: str) -> None:
+    """A row in ``meta`` as a pending erasure's is named, holding *value* (written around the gateway)."""
+    from gateway.store.sqlite import _erasure_name
+
+    with closing(sqlite3.connect(gw.db_path, isolation_level=None, timeout=30)) as conn:
+        conn.execute("INSERT INTO meta VALUES (?, ?)", (_erasure_name(tenant, request_id), value))
+
+
+def _log_events(gw: Gateway, event: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == event]
+
+
+def test_a_forged_pending_erasure_writes_no_audit_entry(make_gateway: Callable[..., Gateway]) -> None:
+    """A pending-erasure row written into the database for a session never erased, for a tenant
+    that does not exist, or again for an erasure already completed, is no erasure: the gateway
+    writes no ``erasure_completed`` for it (it wrote an authentic one, and started a chain for the
+    made-up tenant), logs it, and the session is untouched. A real erasure beside them completes."""
+    gw = make_gateway()
+    chat(gw, "carol", "carol's history")
+    chat(gw, "doomed", "to be erased")
+    chat(gw, "finished", "erased before")
+    reader = hold_reader(gw)
+    try:
+        assert delete(gw, "finished").status_code == 202
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    wait_for(lambda: completed_erasures(gw) == ["finished"], seconds=20)
+    (finished,) = [e["request_id"] for e in gw.audit_entries() if e["event"] == "erasure"]
+    _forge_pending(gw, "acme", finished, json.dumps(
+        {"tenant": "acme", "session_id": "finished", "request_id": finished, "erased_at": 1000.0}))
+    _forge_pending(gw, "acme", "forged-req-1", json.dumps(
+        {"tenant": "acme", "session_id": "carol", "request_id": "forged-req-1", "erased_at": 1000.0}))
+    _forge_pending(gw, "newtenant", "forged-req-2", json.dumps(
+        {"tenant": "newtenant", "session_id": "anything at all", "request_id": "forged-req-2", "erased_at": 1000.0}))
+    resp = delete(gw, "doomed")  # its settle finishes every erasure recorded as pending
+    assert resp.status_code == 200 and resp.json()["purge"] == "complete", resp.text
+    assert completed_erasures(gw) == ["finished"]
+    assert gw.audit_entries("newtenant") == []
+    assert get_session(gw, "carol").status_code == 200
+    refused = {(line["tenant"], line["request_id"]) for line in _log_events(gw, "erasure_pending_unvouched")}
+    assert refused == {("acme", "forged-req-1"), ("newtenant", "forged-req-2"), ("acme", finished)}
+
+
+def test_an_erasure_completed_without_its_erasure_fails_verification(gateway: Gateway) -> None:
+    """An authentic ``erasure_completed`` entry (as an older gateway wrote for a forged pending
+    row) with no earlier ``erasure`` entry of that request and session fails ``audit verify``."""
+    import asyncio
+
+    from gateway.keys import load_signer
+    from gateway.store.base import Changes
+    from gateway.store.sqlite import SQLiteStore
+
+    chat(gateway, "carol", "carol's history")
+
+    async def append() -> None:
+        store = SQLiteStore(gateway.db_path, entry_key=load_signer(load_settings(gateway.config_path)).entry_key)
+        await store.open()
+        try:
+            await store.transact("acme", None, lambda cur: Changes(audit=[{
+                "event": "erasure_completed", "request_id": "forged-req-1", "session_id": "carol",
+                "detail": {"pending_seconds": 1.7e9}}]))
+        finally:
+            await store.close()
+    asyncio.run(append())
+    done = cli(gateway, "audit", "verify", "--tenant", "acme")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "erasure_unmatched" in done.stdout and "tenant acme, session carol" in done.stdout, done.stdout
+    assert "forged-req-1" in done.stdout
+
+
+def test_malformed_pending_erasure_rows_stop_no_erasure(make_gateway: Callable[..., Gateway],
+                                                         tmp_path: Path) -> None:
+    """Rows named as pending erasures that do not hold one (a time that is text, a field missing,
+    not JSON) are reported once each and skipped: the gateway started over them still finishes a
+    real erasure left pending (the finisher died at start-up with a TypeError, and every erasure
+    after stayed pending for good, its key bytes in the log)."""
+    seeded = _seeded_store(tmp_path, "victim", name="gw")
+    doomed = session_bytes(seeded, "acme", "victim")
+    _forge_pending(seeded, "acme", "bad-1", json.dumps(
+        {"tenant": "acme", "session_id": "victim", "request_id": "bad-1", "erased_at": "x"}))
+    _forge_pending(seeded, "acme", "bad-2", json.dumps({"tenant": "acme", "request_id": "bad-2"}))
+    _forge_pending(seeded, "acme", "bad-3", "not json")
+    _forge_pending(seeded, "acme", "bad-4", json.dumps(
+        {"tenant": "globex", "session_id": "victim", "request_id": "bad-4", "erased_at": 1.0}))  # not its name
+    gw = make_gateway()  # the same folder and store: the finisher reads the rows at start-up
+    reader = hold_reader(gw)
+    try:
+        resp = delete(gw, "victim")
+        assert resp.status_code == 202 and resp.json()["purge"] == "pending", resp.text
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    wait_for(lambda: completed_erasures(gw) == ["victim"], seconds=20)
+    assert not any(blob in gw.stored_bytes() for blob in doomed)
+    bad = [line["name"] for line in _log_events(gw, "erasure_pending_malformed")]
+    assert sorted(bad) == sorted(set(bad)) and len(bad) == 4, bad
+    assert all(f'"bad-{i}"' in " ".join(bad) for i in range(1, 5)), bad

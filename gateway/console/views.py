@@ -508,6 +508,8 @@ DATA_KINDS = {
     "data_key_mismatch": "a session's data key was replaced by one its data was not sealed under",
     "data_key_altered": "a session's stored data key was altered (it no longer unwraps, or names another master "
                         "key than the audit trail records)",
+    "erasure_unmatched": "the audit trail records an erasure as completed that it never records as started: the "
+                         "pending erasure was written into the database around the gateway",
 }
 
 

@@ -224,7 +224,9 @@ Plan = Callable[[Current], Changes]
 class PendingErasure:
     """An erasure whose bytes may still be in the store's files (see ``gateway.erasure``):
     recorded with the erasure (``Changes.erasure``), removed once they are gone
-    (``Changes.erasure_done``). ``erased_at`` is the erasure's commit time (Unix seconds)."""
+    (``Changes.erasure_done``). ``erased_at`` is the erasure's commit time (Unix seconds). A
+    record is a database row, so the finisher acts only on one the audit chain vouches for
+    (``ErasureFinisher.vouched``)."""
 
     tenant: str
     session_id: str
@@ -334,7 +336,9 @@ class Store(StoreReads, Protocol):
     async def pending_erasures(self) -> list[PendingErasure] | None:
         """Every erasure recorded as pending (``Changes.erasure``) and not done yet, oldest
         first, of every tenant; None when this backend records none (its checkpoint does not
-        wait for other connections' readers: PostgreSQL)."""
+        wait for other connections' readers: PostgreSQL). A stored record that is not one (edited
+        outside the gateway: not JSON, a field missing or of another type, another name than its
+        tenant and request id give) is left out, and logged once per process."""
 
     async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
         """Keep these policy versions; a hash already kept is left as it is (first load wins)."""

@@ -57,7 +57,10 @@ Contract: see ``gateway.store.base``. How this backend keeps it:
   JSON (ids and a time, no content), written in the erasure's transaction and deleted by
   ``Changes.erasure_done``: a record in the file, so the erasure is finished by whichever process
   runs next (another worker, the gateway started later, the CLI run again), not lost with the
-  memory of the process that erased.
+  memory of the process that erased. A row so named that does not hold one (not JSON, a field
+  missing or of another type, a name its tenant and request id do not give: edited outside the
+  gateway) is left out of :meth:`SQLiteStore.pending_erasures` and logged once per process
+  (``erasure_pending_malformed``), so it stops no other erasure.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gateway import audit, evidence
 from gateway.audit import AlteredRow
@@ -180,6 +184,31 @@ ERASURE_PENDING = "erasure_pending "
 
 def _erasure_name(tenant: str, request_id: str) -> str:
     return ERASURE_PENDING + json.dumps([tenant, request_id])
+
+
+class _PendingRecord(BaseModel):
+    """A pending erasure's record as ``meta`` holds it (what :func:`write_changes` writes)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    tenant: str
+    session_id: str
+    request_id: str
+    erased_at: float
+
+
+def _pending_record(name: Any, value: Any) -> PendingErasure:
+    """The pending erasure the ``meta`` row *name*, *value* records; ``ValueError`` saying why
+    it records none (never repeating the value)."""
+    if not isinstance(value, str | bytes):
+        raise ValueError(f"its value is {type(value).__name__}, not JSON text")
+    try:
+        record = _PendingRecord.model_validate_json(value)
+    except ValidationError as exc:
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}"
+                                   for e in exc.errors(include_input=False))) from None
+    if name != _erasure_name(record.tenant, record.request_id):
+        raise ValueError("its name is not the one its tenant and request id give")
+    return PendingErasure(record.tenant, record.session_id, record.request_id, record.erased_at)
 
 
 def migrate(conn: sqlite3.Connection) -> list[int]:
@@ -878,6 +907,8 @@ class SQLiteStore(Reads):
         nobody else can commit, and ``_epoch`` is up to date."""
         self._generation = 0
         """Moves on each time ``_locked`` turns False (read around a lock-free lookup)."""
+        self._malformed: set[str] = set()
+        """Names of ``meta`` rows that are not pending erasures, logged already."""
         self.quiet: Callable[[], bool] | None = None
         """Whether nothing but the caller is in flight, so a write may run on the event loop
         (see the module docstring); None: every write goes to the writer thread."""
@@ -1240,11 +1271,19 @@ class SQLiteStore(Reads):
         return not busy
 
     async def pending_erasures(self) -> list[PendingErasure] | None:
-        def run(c: sqlite3.Connection) -> list[PendingErasure]:
-            rows = c.execute("SELECT value FROM meta WHERE substr(name, 1, ?) = ?",
+        def run(c: sqlite3.Connection) -> list[tuple[Any, Any]]:
+            return c.execute("SELECT name, value FROM meta WHERE substr(name, 1, ?) = ?",
                              (len(ERASURE_PENDING), ERASURE_PENDING)).fetchall()
-            return [PendingErasure(**json.loads(r[0])) for r in rows]
-        found = await self._read(run)
+        found = []
+        for name, value in await self._read(run):
+            try:
+                found.append(_pending_record(name, value))
+            except ValueError as exc:  # a row edited outside the gateway: it must not stop the others
+                if name not in self._malformed:
+                    self._malformed.add(name)
+                    log.error("erasure_pending_malformed", name=str(name)[:200], reason=str(exc)[:300],
+                              note="a row named as a pending erasure does not hold one (edited outside the "
+                                   "gateway); it is skipped: investigate, then delete it from table meta")
         return sorted(found, key=lambda p: (p.erased_at, p.tenant, p.request_id))
 
     async def save_policy_versions(self, rows: list[PolicyVersionRow]) -> None:
