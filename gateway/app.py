@@ -215,6 +215,19 @@ def open_store(settings: Settings, entry_key: EntryKey | None = None) -> Store:
     return SQLiteStore(settings.store.path, entry_key=key)
 
 
+def standin_upstreams(base_url: str) -> list[UpstreamSettings]:
+    """What a gateway with no upstream configured routes to: the built-in stand-in at *base_url*,
+    one entry per protocol, each taking every model (``models`` default ``['*']``)."""
+    return [UpstreamSettings(name="stand-in", base_url=base_url),
+            UpstreamSettings(name="stand-in-anthropic", base_url=base_url, protocol="anthropic")]
+
+
+def model_routes(settings: Settings) -> Upstreams:
+    """The routing of a gateway started with *settings* (its upstreams, else the stand-in's), built
+    without reading provider keys and never started: which models a round could use, for the CLI."""
+    return Upstreams(list(settings.upstreams) or standin_upstreams("http://127.0.0.1/v1"), keys=False)
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     upstream_settings = list(settings.upstreams)
@@ -222,10 +235,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     if not upstream_settings:
         from gateway.standin import run_standin
         standin, port = await run_standin("127.0.0.1", 0)
-        # one stand-in serves every protocol: an upstream entry per protocol, both pointing at it
-        upstream_settings = [UpstreamSettings(name="stand-in", base_url=f"http://127.0.0.1:{port}/v1"),
-                             UpstreamSettings(name="stand-in-anthropic", base_url=f"http://127.0.0.1:{port}/v1",
-                                              protocol="anthropic")]
+        upstream_settings = standin_upstreams(f"http://127.0.0.1:{port}/v1")
         log.warning("standin_model", note="NO UPSTREAM CONFIGURED: replies come from the built-in stand-in "
                     "model (deterministic, offline). Add an entry under 'upstreams' to reach a real model.")
     metrics = Metrics(_version())

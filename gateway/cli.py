@@ -212,11 +212,15 @@ async def _with_sessions(settings: Settings, fn: Callable[[Any], Awaitable[T]]) 
 
 
 async def _import_policy(settings: Settings, store: Any, tenant: str, session_id: str,
-                         model: str | None = None, *, writes: bool = True) -> Any:
+                         model: str | None = None, *, writes: bool = True, model_file: str | None = None) -> Any:
     """The policy that matches a session the CLI writes to now; its version is kept in the store
     (as the gateway keeps every version it loads), so the rounds written under it are governed
     by it and verify. Where *writes* (messages or a memo), without a model when the policy
-    depends on one, ``BadRequest`` saying to pass ``--model`` (``session.importing.session_policy``)."""
+    depends on one, ``BadRequest`` saying to pass ``--model``, and with a model no upstream of
+    the settings serves (the gateway would run no round with it), ``ConfigError`` naming
+    ``--model`` or, when the model came from it, *model_file*'s ``model``
+    (``session.importing.session_policy``)."""
+    from gateway.app import model_routes
     from gateway.policy import load_policy_set
     from gateway.policy.versions import PolicyVersions
     from gateway.session.importing import session_policy
@@ -225,7 +229,13 @@ async def _import_policy(settings: Settings, store: Any, tenant: str, session_id
     await PolicyVersions(store).record(policies)
     if not writes:
         return policies.match(tenant, model, session_id)
-    return session_policy(policies, tenant, model, session_id, pass_model="--model")
+    try:
+        return session_policy(policies, tenant, model, session_id, upstreams=model_routes(settings),
+                              pass_model="--model")
+    except BadRequest as exc:
+        if exc.code != "model_not_found":
+            raise
+        raise ConfigError(exc.message, file=model_file, field="model" if model_file else "--model") from None
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
@@ -267,7 +277,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             except JSON5Error as exc:
                 raise ConfigError("neither JSON nor JSON5", file=args.file or "<stdin>", line=exc.line,
                                   column=exc.column) from None
-            policy = await _import_policy(settings, svc.store, tenant, sid, _import_model(args.model, data, args.file))
+            policy = await _import_policy(settings, svc.store, tenant, sid, _import_model(args.model, data, args.file),
+                                          model_file=None if args.model is not None else args.file or "<stdin>")
             try:
                 added = await svc.import_agently(tenant, sid, data, new_request_id(), policy)
             except (InvalidSession, ImportNotWhitelisted) as exc:  # the file, the line and the field

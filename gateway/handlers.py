@@ -490,9 +490,11 @@ def _model_param(request: web.Request, body: dict[str, Any] | None) -> str | Non
 
 def _session_policy(request: web.Request, body: dict[str, Any] | None, tenant: str, sid: str) -> Policy:
     """The policy a session write is held to; 400 ``model_required`` when it depends on a model
-    the request does not name (``session.importing.session_policy``)."""
-    return session_policy(request.app[SERVICES].policies.current, tenant, _model_param(request, body), sid,
-                          pass_model="'?model=' or \"model\" in the body")
+    the request does not name, ``model_not_found`` when it names one no upstream serves
+    (``session.importing.session_policy``)."""
+    services = request.app[SERVICES]
+    return session_policy(services.policies.current, tenant, _model_param(request, body), sid,
+                          upstreams=services.upstreams, pass_model="'?model=' or \"model\" in the body")
 
 
 async def get_memo(request: web.Request) -> web.Response:

@@ -87,6 +87,8 @@ ANTHROPIC_VERSION = "2023-06-01"
 PASS_HEADERS = frozenset({"retry-after", "retry-after-ms", "x-should-retry", "x-request-id", "request-id",
                           "openai-processing-ms", "openai-version"})
 RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+PROTOCOLS = ("openai", "anthropic")
+"""The wire protocols an upstream speaks: each model route goes to an upstream of its protocol."""
 # Largest piece a decoder hands out at once: a small compressed chunk cannot balloon in memory.
 _DECODE_PIECE = 1 << 20
 
@@ -403,12 +405,14 @@ def _codec(coding: str, upstream: str) -> tuple[Callable[[bytes], Iterator[bytes
 class Upstreams:
     """Routes requests to upstreams and sends them. Create, ``await start()``, ``await close()``."""
 
-    def __init__(self, settings: list[UpstreamSettings]) -> None:
+    def __init__(self, settings: list[UpstreamSettings], *, keys: bool = True) -> None:
+        """Without *keys*, the provider keys are not read (no header is built): for routing only,
+        as the CLI checks which models a round could use."""
         self._list = [
             Upstream(
                 name=s.name,
                 base_url=str(URL(s.base_url)).rstrip("/"),
-                headers=s.key_headers(),
+                headers=s.key_headers() if keys else {},
                 models=tuple(s.models),
                 timeout=aiohttp.ClientTimeout(total=None, connect=s.connect_timeout,
                                               sock_connect=s.connect_timeout, sock_read=s.read_timeout),
@@ -471,6 +475,21 @@ class Upstreams:
                              code="missing_model")
         what = f"serves model '{model}'" if model is not None else "is configured"  # a route without a model
         raise BadRequest(f"no {kind} {what}; configured {kind}s: {names}", code="model_not_found")
+
+    def check_serves(self, model: str) -> None:
+        """Whether a round could use *model*: an upstream of some protocol (``openai`` or
+        ``anthropic``) serves it (:meth:`route`). Otherwise BadRequest ``model_not_found`` in a
+        round's words, for each protocol that has upstreams configured."""
+        refusals: list[tuple[str, str]] = []
+        for protocol in PROTOCOLS:
+            try:
+                self.route(model, protocol)
+            except BadRequest as exc:
+                refusals.append((protocol, exc.message))
+            else:
+                return
+        said = [message for protocol, message in refusals if any(up.protocol == protocol for up in self._list)]
+        raise BadRequest("; ".join(said or [refusals[0][1]]), code="model_not_found")
 
     async def complete(self, model: str | None, messages: list[dict[str, Any]], timeout: float) -> str:
         """A side request (no session, never recorded): the text of a non-streaming completion."""

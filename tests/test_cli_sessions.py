@@ -4,12 +4,15 @@ against the configuration and files of a running gateway, which sees every chang
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import ACME_KEY, REPO, Gateway, Upstream
 
@@ -216,3 +219,61 @@ def test_an_import_file_with_a_misspelt_field_is_refused_naming_it(gateway: Gate
     assert result.stderr.startswith(f"sessiongate: error: {typo}:3: 'full_contxt' is not a field of an Agently "
                                     "session document"), result.stderr
     assert export(gateway, "acme:j10").status_code == 404
+
+
+@pytest.mark.parametrize("model", ["nomodel", "GPT-4o"], ids=["made-up", "wrong-case"])
+def test_a_cli_session_write_must_name_a_model_a_round_could_use(make_gateway: Callable[..., Gateway],
+                                                                 upstream: Upstream, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, model: str) -> None:
+    """``sessions import|add|memo`` with a model no upstream of the settings serves (made up, or a
+    served one in another case) held free text to multi-user-chat in acme's support:* session,
+    whose gpt-4o rounds run under support-tickets: now exit 2 naming --model or the file's
+    ``model``, in a round's words, and nothing is stored. The CLI reads no provider key for this."""
+    monkeypatch.setenv("SG_TEST_PROVIDER_KEY", "sk-test-provider-key")
+    gateway = make_gateway(upstreams=[{"name": "openai", "base_url": upstream.url, "models": ["gpt-4o*"],
+                                       "api_key_env": "SG_TEST_PROVIDER_KEY"}])
+    no_key = {k: v for k, v in os.environ.items() if k != "SG_TEST_PROVIDER_KEY"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "--config", str(gateway.config_path), "sessions",
+                               *args, "--tenant", "acme"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                              env=no_key)
+
+    says = f"no upstream serves model '{model}'; configured upstreams: openai"
+    doc = tmp_path / "doc.json"
+    doc.write_text(json.dumps({"full_context": [{"role": "user", "content": "SECRET free text"},
+                                                {"role": "assistant", "content": "ok"}], "memo": "free memo text"}))
+    in_file = tmp_path / "in-file.json"
+    in_file.write_text(json.dumps({"model": model, "full_context": [{"role": "user", "content": "SECRET"}]}))
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps([{"role": "user", "content": "SECRET free text"}]))
+    for args, where in ((("import", "--model", model, "support:cli1", str(doc)), "--model"),
+                        (("import", "support:cli1", str(in_file)), f"{in_file}: model"),
+                        (("add", "--model", model, "support:cli1", str(messages)), "--model"),
+                        (("memo", "--model", model, "support:cli1", str(messages)), "--model")):
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr == f"sessiongate: error: {where}: {says}\n", result.stderr
+    assert export(gateway, "support:cli1").status_code == 404
+    keyed = tmp_path / "keyed.json"
+    keyed.write_text(json.dumps({"full_context": [
+        {"role": "user", "content": "[input.ticket_id]:\nT-4\n[input.intent]:\nrefund"}]}))
+    imported = run("import", "--model", "gpt-4o", "support:cli1", str(keyed))  # a served model, no key read
+    assert imported.returncode == 0, imported.stderr
+
+
+def test_with_no_upstream_configured_the_cli_takes_any_model(tmp_path: Path) -> None:
+    """With no upstream configured the gateway routes every model to the built-in stand-in, so a
+    round could use any name: ``sessions add --model`` takes one."""
+    import shutil
+
+    from tests.conftest import write_config
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    config = write_config(tmp_path, None, policies)
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps([{"role": "user", "content": "from the cli"}]), encoding="utf-8")
+    added = subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), "sessions", "add", "acme:s1",
+                            str(history), "--tenant", "acme", "--model", "made-up"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert added.returncode == 0, added.stderr

@@ -4,7 +4,7 @@ of the client key, so the same id under two tenants is two sessions."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -248,6 +248,70 @@ def test_a_session_write_whose_policy_depends_on_the_model_needs_the_model(acme:
     assert acme.post("/sessions/support:1/history", params={"model": "gpt-4o"},
                      json={"op": "add", "messages": KEYED}).status_code == 200
     assert acme.post("/sessions/support:1/reset").status_code == 200
+
+
+ROUTED = [{"name": "openai", "base_url": "", "models": ["gpt-4o*"]},
+          {"name": "claude", "base_url": "", "protocol": "anthropic", "models": ["claude-*"]}]
+
+
+def routed_gateway(make_gateway: Callable[..., Gateway], upstream: Upstream) -> Gateway:
+    """A gateway whose upstreams serve gpt-4o* (openai) and claude-* (anthropic) only."""
+    return make_gateway(upstreams=[{**up, "base_url": upstream.url} for up in ROUTED])
+
+
+@pytest.mark.parametrize("model", ["nomodel", "GPT-4o"], ids=["made-up", "wrong-case"])
+def test_a_session_write_must_name_a_model_a_round_could_use(make_gateway: Callable[..., Gateway],
+                                                             upstream: Upstream, model: str) -> None:
+    """A model no upstream serves (made up, or a served one in another case) chose the policy of
+    that name: multi-user-chat took free text and a memo into acme's support:* session, whose
+    gpt-4o rounds run under support-tickets and would send them to the model. An import, ``add``,
+    ``set`` and a memo write naming it (``?model=``, the body, or the body's last ``model``, which
+    a round reads too) are 400 ``model_not_found`` in a round's words, and nothing is stored."""
+    gateway = routed_gateway(make_gateway, upstream)
+    client = httpx.Client(base_url=gateway.base_url, headers={"Authorization": f"Bearer {ACME_KEY}"})
+    round_ = client.post("/chat/completions", headers={"X-Session-Id": "support:t1"},
+                         content=f'{{"model": "gpt-4o", "model": "{model}", "messages": [{{"role": "user", '
+                                 '"content": "hi"}]}')
+    assert round_.status_code == 400 and round_.json()["error"]["code"] == "model_not_found", round_.text
+    says = (f"no upstream serves model '{model}'; configured upstreams: openai; no anthropic upstream serves "
+            f"model '{model}'; configured anthropic upstreams: claude")
+    assert round_.json()["error"]["message"] == says.split("; no anthropic")[0]
+    free = {"full_context": [user("SECRET free text"), assistant("ok")], "memo": "free memo text"}
+    writes: list[tuple[str, str, dict[str, Any]]] = [
+        ("PUT", "/sessions/support:t1", {"params": {"model": model}, "json": free}),
+        ("PUT", "/sessions/support:t1", {"json": {"model": model, **free}}),
+        ("PUT", "/sessions/support:t1", {"content": f'{{"model": "gpt-4o", "model": "{model}", '
+                                                    f'"full_context": {json.dumps(free["full_context"])}}}'}),
+        ("POST", "/sessions/support:t2/history", {"params": {"model": model},
+                                                  "json": {"op": "add", "messages": FREE_TEXT}}),
+        ("POST", "/sessions/support:t2/history", {"json": {"op": "set", "model": model, "messages": FREE_TEXT}}),
+        ("PUT", "/sessions/support:t2/memo", {"params": {"model": model}, "json": {"memo": "free memo text"}}),
+    ]
+    for method, path, how in writes:
+        resp = client.request(method, path, **how)
+        assert resp.status_code == 400, (path, how, resp.text)
+        assert resp.json()["error"] == {"message": says, "type": "invalid_request_error",
+                                        "code": "model_not_found"}, resp.text
+    for sid in ("support:t1", "support:t2"):
+        assert client.get(f"/sessions/{sid}").status_code == 404
+    # a model an upstream of either protocol serves is one a round could use; the body's last "model" counts
+    assert client.put("/sessions/support:t3", params={"model": "claude-3-haiku"},
+                      json={"full_context": FREE_TEXT}).status_code == 200
+    keyed = client.put("/sessions/support:t1", content=f'{{"model": "{model}", "model": "gpt-4o", '
+                                                       f'"full_context": {json.dumps(KEYED)}}}')
+    assert keyed.status_code == 200, keyed.text
+    assert [e["policy_id"] for e in gateway.audit_entries() if e["event"] == "import"] == [
+        "multi-user-chat", "support-tickets"]
+    client.close()
+
+
+def test_with_the_stand_in_any_model_names_a_session_writes_policy(make_gateway: Callable[..., Gateway]) -> None:
+    """With no upstream configured the built-in stand-in serves every model, so a round could use
+    any name, and a session write naming one is held to that model's policy."""
+    gateway = make_gateway(use_upstream=False)
+    with httpx.Client(base_url=gateway.base_url, headers={"Authorization": f"Bearer {ACME_KEY}"}) as client:
+        resp = client.put("/sessions/support:s1", params={"model": "made-up"}, json={"full_context": FREE_TEXT})
+        assert resp.status_code == 200, resp.text
 
 
 @pytest.mark.parametrize(("doc", "says"), [

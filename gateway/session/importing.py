@@ -34,14 +34,16 @@ not depend on one: when a policy that matches this tenant and session id only fo
 outranks the policy chosen without a model, the write would be held to the broader policy while
 that session's rounds with those models run under the narrower one, which then sends the model
 what it would never have recorded. Such a write is refused (400 ``model_required``) saying how
-to pass the model.
+to pass the model. A model it names must be one a round could use (an upstream serves it:
+``Upstreams.check_serves``), else 400 ``model_not_found`` as a round gets: a made-up name, or
+another case of a served one, would choose a policy no round of the session runs under.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import BadRequest, ImportNotWhitelisted, InvalidSession
 from gateway.policy import Policy, PolicySet
@@ -49,6 +51,9 @@ from gateway.session.model import Message, SessionState, is_structured
 from gateway.session.record import MEDIA_TYPES
 from gateway.session.structured import REDACTED_ARGUMENTS, REDACTED_RESULT, part_size
 from gateway.session.whitelist import in_recorded_form, memo_allowed
+
+if TYPE_CHECKING:
+    from gateway.upstream import Upstreams
 
 DOCUMENT_FIELDS = ("id", "auto_resize", "full_context", "context_window", "window_context", "memo",
                    "session_settings")
@@ -76,14 +81,16 @@ def check_not_empty(full_context: list[Message], state: SessionState, stored: li
 
 
 def session_policy(policies: PolicySet, tenant: str, model: str | None, session_id: str, *,
-                   pass_model: str) -> Policy:
+                   upstreams: Upstreams, pass_model: str) -> Policy:
     """The policy a session write is held to (see the module docstring). Raises ``BadRequest``
+    (``model_not_found``) when no upstream of *upstreams* serves *model*, and ``BadRequest``
     (``model_required``) when *model* is None and a model-restricted policy that matches the
     tenant and session id outranks the one chosen without a model; *pass_model* says how to
     pass one (``?model=``, ``--model``)."""
-    chosen = policies.match(tenant, model, session_id)
     if model is not None:
-        return chosen
+        upstreams.check_serves(model)  # the policy of a model no round can use governs no round
+        return policies.match(tenant, model, session_id)
+    chosen = policies.match(tenant, None, session_id)
     for policy in policies.policies:  # highest priority first: those before *chosen* all name models
         if policy is chosen:
             break
