@@ -83,9 +83,10 @@ chat_body = st.fixed_dictionaries(
               "user": any_text.map(with_canary)})
 session_id = st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,20}", fullmatch=True),
                        header_text)
-responses_body = st.fixed_dictionaries(
-    {"input": st.one_of(any_text.map(with_canary), st.lists(message, max_size=3), json_value)},
-    optional={"model": st.sampled_from(["standin", "gpt-4o"]), "stream": st.booleans(),
+responses_body = st.fixed_dictionaries(  # a model is required (without a prompt template): absent, a 400
+    {"input": st.one_of(any_text.map(with_canary), st.lists(message, max_size=3), json_value),
+     "model": st.one_of(st.sampled_from(["standin", "gpt-4o"]), st.sampled_from(["standin", "gpt-4o"]), st.none())},
+    optional={"stream": st.booleans(),
               "instructions": any_text.map(with_canary), "previous_response_id": safe_text})
 text_blocks = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": any_text.map(with_canary)}),
                        min_size=1, max_size=2)
