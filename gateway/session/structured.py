@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import BadRequest
 from gateway.policy import Policy
 from gateway.session.record import MEDIA_TYPES, new_messages
 
@@ -85,18 +86,18 @@ def _b64(data: str) -> bytes:
         return data.encode("utf-8", "surrogatepass")
 
 
-def data_url(url: str) -> tuple[str, str, bytes] | None:
-    """A ``data:`` URL (RFC 2397) as ``(media type, charset, bytes)``: base64-decoded with
-    ``;base64``, percent-decoded otherwise; media type ``text/plain`` when it names none. None
-    for anything else."""
+def data_url(url: str) -> tuple[str, bytes] | None:
+    """A ``data:`` URL (RFC 2397) as ``(media type, bytes)`` for a placeholder: base64-decoded
+    (leniently) with ``;base64``, percent-decoded otherwise; media type ``text/plain`` when it
+    names none. None for anything else. A text file's data is read strictly
+    (:func:`text_file_data`)."""
     if url[:5].lower() != "data:" or "," not in url:  # a URL's scheme is case-insensitive
         return None
     header, payload = url[5:].split(",", 1)
     fields = [f.strip() for f in header.split(";")]
     encoded = len(fields) > 1 and fields[-1].lower() == "base64"
-    charset = next((f.split("=", 1)[1].strip() for f in fields[1:] if f.lower().startswith("charset=")), "utf-8")
     raw = _b64(payload) if encoded else urllib.parse.unquote_to_bytes(payload)
-    return fields[0] or "text/plain", charset, raw
+    return fields[0] or "text/plain", raw
 
 
 def _canonical(names: list[str]) -> frozenset[str]:
@@ -114,15 +115,8 @@ SAFE_CHARSETS = _canonical(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16
                             "euc_kr"])
 """Charsets a client may name for a text file: Python's codecs of real text encodings, each
 linear in C. Any other name (``punycode``, quadratic in Python; ``idna``, which raises even
-with ``errors="replace"``; ``rot13``, ``base64``) is read as UTF-8."""
-
-
-def _decode(raw: bytes, charset: str) -> str:
-    try:
-        name = codecs.lookup(charset).name
-    except LookupError:  # a charset Python does not know
-        name = "utf-8"
-    return raw.decode(name if name in SAFE_CHARSETS else "utf-8", errors="replace")
+with ``errors="replace"``; ``rot13``, ``base64``; one Python does not know) is refused
+(:func:`file_text`): what a provider would read under it is unknown."""
 
 
 def _as_text(value: Any) -> str:
@@ -144,16 +138,118 @@ def text_file_parts(part: Any) -> list[Any] | None:
     """A Chat ``file`` part (or a Responses ``input_file``, read as one) whose inline data is
     text (a ``text/*`` or JSON ``data:`` URL; or base64 of a file whose name says text) as the
     text parts the model read (``document_parts``); None for anything else (a binary file, a
-    reference), which stays a media part."""
+    reference), which stays a media part.
+
+    The record holds one reading of the file, so data a provider could read otherwise is
+    refused (``BadRequest``, 400) before anything is forwarded: base64 that is not strictly
+    valid (``invalid_file_data``: :func:`strict_b64`), and bytes with another plausible reading
+    than the recorded one (``ambiguous_file_text``: :func:`file_text`)."""
     found = _text_file(part)
     if found is None:
         return None
     name, data = found
-    if data[:5].lower() == "data:":
-        _, charset, raw = data_url(data) or ("", "utf-8", b"")
-    else:
-        charset, raw = "utf-8", _b64(data)
-    return document_parts("file", name, None, [{"type": "text", "text": _decode(raw, charset)}])
+    charset, raw = text_file_data(data)
+    return document_parts("file", name, None, [{"type": "text", "text": file_text(raw, charset)}])
+
+
+def text_file_data(data: str) -> tuple[str | None, bytes]:
+    """A text file's inline *data* (a ``data:`` URL holding a comma, or bare base64) as the
+    charset it names (None: none named) and its bytes. Refused (400 ``invalid_file_data``):
+    base64 that is not strictly valid, and a ``;base64`` flag that is not the URL's last
+    parameter (RFC 2397; a lenient reader decodes what the record would hold as its base64
+    text). Two ``charset`` parameters naming different charsets are ``ambiguous_file_text``:
+    readers differ on which one counts."""
+    if data[:5].lower() != "data:":
+        return None, strict_b64(data)
+    header, payload = data[5:].split(",", 1)
+    params = [p.strip() for p in header.split(";")[1:]]
+    encoded = bool(params) and params[-1].lower() == "base64"
+    if any(p.lower() == "base64" for p in params[:-1]):
+        raise BadRequest("a text file's data: URL has ';base64' before another parameter; it must be the "
+                         "last one, just before the comma (data:text/plain;charset=utf-8;base64,...)",
+                         code="invalid_file_data")
+    charsets = {_unquote(value) for key, eq, value in (p.partition("=") for p in params)
+                if eq and key.strip().lower() == "charset"}
+    if len({_canonical_name(c) for c in charsets}) > 1:
+        raise BadRequest("a text file's data: URL names more than one charset, and readers differ on which "
+                         "one counts: name one, or send the file as UTF-8", code="ambiguous_file_text")
+    raw = strict_b64(payload) if encoded else urllib.parse.unquote_to_bytes(payload)
+    return next(iter(charsets), None), raw
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    return value[1:-1].strip() if len(value) > 1 and value[0] == value[-1] == '"' else value
+
+
+def _canonical_name(charset: str) -> str:
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:  # a charset Python does not know
+        return charset.lower()
+
+
+def strict_b64(data: str) -> bytes:
+    """*data* decoded as strict base64 (RFC 4648 section 4: the standard alphabet, no whitespace,
+    padded to a multiple of four characters, nothing after the padding); else 400
+    ``invalid_file_data``. Lenient decoders disagree on other data: Python's stops at the first
+    padding, GNU ``base64 -d`` reads on past it, Perl's decodes unpadded data a strict one
+    refuses, so no record could say which text the model read."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):  # ValueError: a character outside ASCII
+        raise BadRequest("a text file's base64 data is not strictly valid base64: send the standard alphabet "
+                         "(A-Z, a-z, 0-9, + and /) padded with '=' to a multiple of 4 characters, without line "
+                         "breaks or anything after the padding", code="invalid_file_data") from None
+
+
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+"""Byte order marks and the encoding each says (UTF-32's first: ``FF FE 00 00`` starts with
+UTF-16LE's): a reader that sniffs one reads the bytes after it so, whatever the charset says."""
+
+
+def file_text(raw: bytes, charset: str | None) -> str:
+    """The text a text file's bytes *raw* hold, read in the *charset* it names (UTF-8 when it
+    names none), and the only plausible reading of them: else 400 ``ambiguous_file_text``.
+
+    Providers differ in how they read a file, so each reading one may take that succeeds
+    (strictly) must be the recorded text: UTF-8 (a provider that ignores the charset), the
+    encoding a leading byte order mark says (one that sniffs it), and, for ``utf-16`` or
+    ``utf-32`` without a byte order mark, both byte orders (Python reads little-endian, RFC 2781
+    big-endian). So ``charset=utf-16`` on ASCII bytes (CJK to Python, English to a UTF-8
+    reader) is refused, while Latin-1 bytes that are not UTF-8, and ASCII under any
+    ASCII-compatible charset, are one text. A charset the gateway does not read (one outside
+    ``SAFE_CHARSETS``: unknown to Python, or no text encoding, such as ``punycode`` or ``idna``)
+    has no reading the record could hold, and is refused too. Bytes that are invalid in the
+    charset (and in every other reading) are recorded with U+FFFD in their place."""
+    try:  # messages name Python's name of a charset, never the client's text
+        name = codecs.lookup(charset or "utf-8").name
+    except LookupError:
+        name = ""
+    if name not in SAFE_CHARSETS:
+        named = f"charset {name!r}" if name else "a charset"
+        raise BadRequest(f"a text file names {named}, which the gateway does not read, so it could not record "
+                         "the text the model reads: send the file as UTF-8 (charset=utf-8)",
+                         code="ambiguous_file_text")
+    text = raw.decode(name, errors="replace")
+    readings = [("utf-8", raw, "")]
+    bom = next(((mark, encoding) for mark, encoding in BOMS if raw.startswith(mark)), None)
+    if bom is not None:
+        readings.append((bom[1], raw[len(bom[0]):], " (as its byte order mark says)"))
+    elif name in ("utf-16", "utf-32"):
+        readings += [(f"{name}-le", raw, " (no byte order mark says which)"),
+                     (f"{name}-be", raw, " (no byte order mark says which)")]
+    for encoding, data, why in readings:
+        try:
+            other = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if other.removeprefix("\ufeff") != text.removeprefix("\ufeff"):
+            raise BadRequest(f"a text file's bytes are one text in {name} and another in {encoding}{why}, "
+                             "and a provider may read either: send the file as UTF-8 (charset=utf-8)",
+                             code="ambiguous_file_text")
+    return text
 
 
 def is_text_file(part: Any) -> bool:
@@ -222,7 +318,7 @@ def _source(part: dict[str, Any]) -> tuple[str, str | None, bytes, bool]:
         ref = audio.get("data") or audio.get("url")
     text = "" if ref is None else _as_text(ref)
     if (parsed := data_url(text)) is not None:
-        return label, parsed[0], parsed[2], True
+        return label, parsed[0], parsed[1], True
     return label, None, text.encode("utf-8", "surrogatepass"), False
 
 
@@ -256,7 +352,7 @@ def media_content(content: Any, policy: Policy) -> Any:
     out: list[Any] = []
     for part in content:
         is_media = isinstance(part, dict) and part.get("type") in MEDIA_TYPES
-        if is_media and (text := text_file_parts(part)) is not None:
+        if is_media and (text := _recorded_text_file(part)) is not None:
             out.extend(text)  # a text file is text the model read, never a placeholder
         elif not is_media or (media.parts == "keep" and part_size(part) <= media.max_bytes):
             out.append(part)
@@ -265,6 +361,18 @@ def media_content(content: Any, policy: Policy) -> Any:
             if media.parts != "drop":
                 out.append({"type": "text", "text": placeholder(part)})
     return out
+
+
+def _recorded_text_file(part: Any) -> list[Any] | None:
+    """:func:`text_file_parts` of *part* at record time, None (a media part) for data it refuses.
+    A protocol whose requests hold text files reads them before forwarding (``codecs``), so such
+    a request never got here; a part seen only now (an Anthropic ``document`` with a
+    ``file_data`` member, which Anthropic does not read) must not make recording fail after the
+    model has run."""
+    try:
+        return text_file_parts(part)
+    except BadRequest:
+        return None
 
 
 def _document_header(part: dict[str, Any]) -> list[Any]:
