@@ -93,6 +93,7 @@ class Context:
     recorded: list[dict[str, Any]] | None = None  # structured messages, when the round has tool calls or media
     record_error: str = ""  # the type name of the exception that made recording fail
     keys_over_budget: list[str] = field(default_factory=list)  # reply keys left out: too costly on this reply
+    prefill_chars: int = 0  # characters of the recorded reply's text that the client sent (its prefill)
     # persist
     persist_attempted: bool = False
     persisted: bool = False

@@ -34,7 +34,9 @@ def audit_fields(ctx: Context) -> dict[str, object]:
     names the exception's type (never its text); ``detail.keys_over_budget`` the reply keys left out
     of the record because they were too costly to evaluate on this reply (``truncated`` is then set);
     ``detail.refusal`` a reply the codec says is a refusal to keep out of the conversation (the
-    round is recorded, its messages stay out of the window)."""
+    round is recorded, its messages stay out of the window); ``detail.prefill_chars`` how many
+    characters at the start of the reply the record was read from the client sent (its prefill:
+    a size, never the text)."""
     policy = ctx.policy
     fields: dict[str, object] = {
         "event": "round",
@@ -60,6 +62,8 @@ def audit_fields(ctx: Context) -> dict[str, object]:
         detail["keys_over_budget"] = ctx.keys_over_budget
     if ctx.codec.refused(ctx.reply_body):
         detail["refusal"] = True
+    if ctx.prefill_chars:
+        detail["prefill_chars"] = ctx.prefill_chars
     if detail:
         fields["detail"] = detail
     if ctx.record_error:

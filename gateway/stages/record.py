@@ -1,4 +1,4 @@
-"""Stage: record. Sets ``user_text`` and ``reply_text``: what the policy whitelists of this round,
+"""Stage: record. Sets ``user_text``, ``reply_text`` and ``prefill_chars``: what the policy whitelists of this round,
 and ``recorded``: the round as structured messages when it carries tool calls, tool results or
 media parts under ``null`` keys (``session.structured``), else None (the texts are recorded).
 
@@ -12,6 +12,12 @@ content) and a ``completed`` outcome becomes ``incomplete``. ``persist`` then st
 and an audit entry naming the failure, and ``respond`` withholds the end of the reply
 (``RecordFailed``), so the client never gets a reply that looks complete for a round that was
 not recorded.
+
+A request that ends with a prefill has its reply recorded as the prefill and the reply
+(``recorded_round``); ``prefill_chars`` is how many characters the client sent at the start of
+the reply text the record was read from (0 when none or nothing of the reply was recorded), for
+the audit entry (``detail.prefill_chars``): an upstream that does not continue a final assistant
+message (OpenAI's API) still has the client's text recorded as the start of the model's reply.
 
 A reply key (JSONPath) too costly to evaluate on the provider's reply (``gateway.jsonpath``'s
 budget) is left out of the recorded reply and named in ``keys_over_budget``; the round is then
@@ -63,15 +69,25 @@ def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
     return user, reply
 
 
+def merged_prefill(messages: list[dict], reply_message: dict | None) -> str:
+    """The request's prefill (``session.record.prefill_text``) when the record puts it in front of
+    the reply's content ("" when there is none, or the reply's content is not text)."""
+    if reply_message is None or not isinstance(reply_message.get("content"), str | None):
+        return ""
+    return prefill_text(messages)
+
+
 def recorded_round(policy: Policy, body: dict, reply_message: dict | None, reply_body: dict | None,
                    messages: list[dict], over_budget: list[str] | None = None,
                    ) -> tuple[str | None, str | None, list[dict] | None]:
     """The recorded texts, and the structured messages of a round with tool calls, tool results
     or media parts under ``null`` keys (``session.structured``; None otherwise). A request that
     ends with a prefill (``session.record.prefill_text``) has its reply recorded as the prefill
-    and the reply: the assistant turn the model gave."""
-    prefill = prefill_text(messages)
-    if prefill and reply_message is not None and isinstance(reply_message.get("content"), str | None):
+    and the reply: the assistant turn the model gave, when the upstream continues a final
+    assistant message (Anthropic does; OpenAI's API does not, and then the record starts with
+    the client's text: the audit entry says how much, ``detail.prefill_chars``)."""
+    prefill = merged_prefill(messages, reply_message)
+    if prefill and reply_message is not None:
         reply_message = {**reply_message, "content": prefill + (reply_message.get("content") or "")}
     user, reply = recorded_texts(policy, body, reply_message, reply_body, messages, over_budget)
     return user, reply, structured_round(policy, messages, reply_message, reply)
@@ -89,6 +105,8 @@ async def record(ctx: Context) -> None:
             ctx.user_text, ctx.reply_text, ctx.recorded = await asyncio.to_thread(recorded_round, *args)
         else:
             ctx.user_text, ctx.reply_text, ctx.recorded = recorded_round(*args)
+        if ctx.reply_text is not None:
+            ctx.prefill_chars = len(merged_prefill(ctx.messages, ctx.reply_message))
         if over_budget:
             ctx.keys_over_budget = over_budget
             if ctx.outcome == "completed":

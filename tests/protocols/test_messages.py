@@ -163,3 +163,15 @@ def test_a_429_the_provider_says_not_to_retry_is_not_retried(pgw: Gateway, proto
     assert err.value.response.headers["retry-after"] == "7"
     assert err.value.response.headers["x-should-retry"] == "false"
     assert len(proto.bodies("/v1/messages")) == 1
+
+
+def test_an_anthropic_prefill_is_counted_in_the_audit_entry(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """The round's audit entry says how many characters at the start of the recorded reply the
+    client sent (``detail.prefill_chars``), never the text; a round without a prefill has none."""
+    client = anthropic_client(pgw, session="prefill-audit")
+    client.messages.create(model="c", max_tokens=20, messages=[
+        {"role": "user", "content": "give JSON"}, {"role": "assistant", "content": "{"}])
+    client.messages.create(model="c", max_tokens=20, messages=[{"role": "user", "content": "again"}])
+    rounds = [e for e in pgw.audit_entries() if e["event"] == "round" and e["session_id"] == "prefill-audit"]
+    assert rounds[0]["detail"] == {"prefill_chars": 1}
+    assert "detail" not in rounds[1]
