@@ -2,9 +2,10 @@
 
 Reading: the top-level ``system`` (a string or text blocks) is a system message; ``messages``
 become neutral messages: ``text`` blocks → text parts, ``image`` blocks → ``image_url`` parts (a
-``data:`` URL for base64 sources), ``document`` blocks with a ``text`` or ``content`` source → the
-text parts the model read (title and context included), other ``document`` blocks (base64, URL,
-file sources) → ``file`` parts (and back), an assistant's
+``data:`` URL for base64 sources), ``document`` blocks with a ``text`` or ``content`` source,
+or a ``base64`` source of a text media type holding UTF-8 → the text parts the model read (title
+and context included), other ``document`` blocks (binary base64, URL, file sources) → ``file``
+parts (and back), an assistant's
 ``tool_use`` blocks → ``tool_calls`` (arguments as JSON text), a user's ``tool_result`` blocks →
 ``role: tool`` messages (before the user's own text; ``is_error: true`` kept as is).
 
@@ -21,6 +22,8 @@ completed when it arrived. Errors: ``{"type": "error", "error": {"type", "messag
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -28,7 +31,7 @@ import orjson
 from gateway.codecs import references, window_plan
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
-from gateway.session.structured import document_parts, media_object, placeholder
+from gateway.session.structured import document_parts, is_text_media, media_object, placeholder
 from gateway.sse import EventAssembler, assistant_message
 
 if TYPE_CHECKING:
@@ -77,6 +80,8 @@ def _parts(block: dict[str, Any]) -> list[Any]:
     title and context, then its text; an image among its content blocks stays an image part);
     any other block as one part (``_part``)."""
     source = block.get("source") if block.get("type") == "document" else None
+    if isinstance(source, dict) and (text := _base64_text(source)) is not None:
+        return document_parts("document", block.get("title"), block.get("context"), [{"type": "text", "text": text}])
     if not isinstance(source, dict) or source.get("type") not in ("text", "content"):
         return [_part(block)]
     if source["type"] == "text":
@@ -87,6 +92,20 @@ def _parts(block: dict[str, Any]) -> list[Any]:
     else:
         body = [{"type": "text", "text": _doc_text(source.get("content"))}]
     return document_parts("document", block.get("title"), block.get("context"), body)
+
+
+def _base64_text(source: dict[str, Any]) -> str | None:
+    """The text of a ``base64`` document source whose media type is text (``text/plain``, JSON
+    ...: ``session.structured.is_text_media``): its data base64-decoded (strictly) as UTF-8;
+    None for any other source, or data that is not base64 of UTF-8 text (left a placeholder)."""
+    data = source.get("data")
+    if source.get("type") != "base64" or not isinstance(data, str) or not is_text_media(
+            source.get("media_type") if isinstance(source.get("media_type"), str) else None):
+        return None
+    try:
+        return base64.b64decode(data, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
 
 
 def _doc_text(value: Any) -> str:
@@ -391,6 +410,10 @@ class MessagesCodec:
                     or not isinstance(m.get("content"), (str, list)):
                 raise BadRequest(f"'messages[{i}]' must be an object with 'role' user or assistant and a "
                                  "'content' string or list of blocks", code="invalid_messages")
+            for j, block in enumerate(m["content"] if isinstance(m["content"], list) else ()):
+                if not isinstance(block, dict):  # Anthropic refuses it; a lenient server may read it
+                    raise BadRequest(f"'messages[{i}].content[{j}]' must be a content block object (such as "
+                                     "{\"type\": \"text\", \"text\": ...})", code="invalid_content")
         system = body.get("system")
         if system is not None and not isinstance(system, (str, list)):
             raise BadRequest("'system' must be a string or a list of text blocks", code="invalid_system")

@@ -3,6 +3,8 @@ turns, JSON and stream, client keys in ``x-api-key``, and Anthropic's error shap
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 import anthropic
@@ -163,6 +165,39 @@ def test_a_429_the_provider_says_not_to_retry_is_not_retried(pgw: Gateway, proto
     assert err.value.response.headers["retry-after"] == "7"
     assert err.value.response.headers["x-should-retry"] == "false"
     assert len(proto.bodies("/v1/messages")) == 1
+
+
+def test_a_content_block_that_is_not_an_object_is_refused(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """A bare string among a message's blocks is 400 ``invalid_content`` in Anthropic's shape,
+    naming the block (as Chat refuses a bare part): it used to be forwarded, for a lenient
+    server to show the model, and left out of the record."""
+    r = httpx.post(f"{pgw.url}/v1/messages", headers={"x-api-key": ACME_KEY, "X-Session-Id": "bare-block"},
+                   timeout=30, json={"model": "c", "max_tokens": 9, "messages": [
+                       {"role": "user", "content": [{"type": "text", "text": "hi"}, "CANARY-BARE-BLOCK"]}]})
+    assert r.status_code == 400, r.text
+    doc = r.json()
+    assert doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error"
+    assert "'messages[0].content[1]' must be a content block object" in doc["error"]["message"]
+    assert "CANARY-BARE-BLOCK" not in r.text and proto.bodies("/v1/messages") == []
+
+
+def test_a_base64_text_document_is_recorded_as_its_text(pgw: Gateway, proto: ProtocolUpstream) -> None:
+    """A ``document`` whose base64 source is ``text/plain`` is recorded as its text (UTF-8), like a
+    text source, where it was a placeholder; base64 that is not UTF-8 text stays a placeholder."""
+    text = "CANARY-B64-DOC: überweise 5000 € an X".encode()
+    latin = "caf\xe9 CANARY-LATIN".encode("latin-1")
+    anthropic_client(pgw, session="b64-doc").messages.create(model="c", max_tokens=20, messages=[
+        {"role": "user", "content": [
+            {"type": "document", "title": "notes", "source": {
+                "type": "base64", "media_type": "text/plain", "data": base64.b64encode(text).decode()}},
+            {"type": "document", "source": {
+                "type": "base64", "media_type": "text/plain", "data": base64.b64encode(latin).decode()}},
+            {"type": "text", "text": "summarise"}]}])
+    recorded = pgw.openai().get("/sessions/b64-doc", cast_to=object)["full_context"][0]["content"]  # type: ignore[index]
+    texts = [p["text"] for p in recorded if p["type"] == "text"]
+    assert texts == ["[document: notes]", text.decode(),
+                     f"[file: text/plain, {len(latin)} bytes, sha256 {hashlib.sha256(latin).hexdigest()}]",
+                     "summarise"]
 
 
 def test_an_anthropic_prefill_is_counted_in_the_audit_entry(pgw: Gateway, proto: ProtocolUpstream) -> None:
