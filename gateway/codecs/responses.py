@@ -7,11 +7,16 @@ parts, ``input_file`` → ``file`` parts, or the text the model read when its da
 ``session.structured.text_file_parts``), ``function_call`` and
 ``custom_tool_call`` items → an assistant message's ``tool_calls`` (a custom call as Chat's
 ``{"type": "custom", "custom": {"name", "input"}}``), their ``*_output`` items → ``role: tool``.
-Any other ``*_output`` item (a built-in tool's result: ``local_shell_call_output``,
-``computer_call_output`` ...) is something the model reads: it becomes a user message holding the
-item as JSON (a screenshot as an image part, for the media policy), marked ``tool_output`` so
-the policy's ``session.tools.results`` applies to it; the record never leaves it out and a
-window never carries a result whose call it cannot express.
+Any other item (a built-in tool's call or result: ``local_shell_call_output``,
+``computer_call_output``, ``mcp_call``, ``file_search_call``, ``mcp_approval_response`` ...;
+``reasoning`` and ``compaction`` items; a type the gateway does not know) is something the model
+reads: it becomes a user message holding the item as JSON (a screenshot as an image part, for the
+media policy; an ``encrypted_content`` or an image's base64 ``result`` as a placeholder with its
+size and sha256), marked ``tool_output`` so the policy's ``session.tools.results`` applies to it;
+the record never leaves it out and a window never carries a call or result it cannot express.
+Such an item is new input, not history (``session.model.carries_history``): a client that
+answers a built-in call sends the call with its answer (``refuse_unanswerable``) and still gets
+its window.
 
 Injecting: the window goes in as input items (user and assistant messages, tool calls as
 ``function_call``/``custom_tool_call`` items and their ``*_output`` items) after the client's
@@ -47,6 +52,10 @@ does; ``response.failed`` is the provider's error (``upstream_error``).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
+import hashlib
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -148,20 +157,44 @@ def to_messages(body: dict[str, Any]) -> list[Message]:
             out.append({"role": "tool", "tool_call_id": item.get("call_id"),
                         "content": output if isinstance(output, str)
                         else _content(output) if isinstance(output, list) else orjson.dumps(output).decode()})
-        elif isinstance(kind, str) and kind.endswith("_output"):
-            out.append({"role": "user", "content": _other_output(item), "tool_output": True})
+        else:  # any other item the provider reads: a built-in tool's call or result, reasoning ...
+            out.append({"role": "user", "content": _other_item(item), "tool_output": True})
     return out
 
 
-def _other_output(item: dict[str, Any]) -> Any:
-    """A built-in tool's result item as user content: the item as JSON text, and a screenshot
-    (``computer_call_output``) as an image part beside it."""
+OPAQUE_FIELDS = {"encrypted_content": "encrypted content", "result": "image"}
+"""Members of an input item that hold an opaque blob (``reasoning``/``compaction``'s
+``encrypted_content``, an ``image_generation_call``'s base64 ``result``): recorded as a
+placeholder with their size and sha256 (:func:`_opaque`), never the blob."""
+
+
+def _other_item(item: dict[str, Any]) -> Any:
+    """An input item that is neither a message nor a function or custom tool call or result (a
+    built-in tool's call or result: ``mcp_call``, ``file_search_call``, ``local_shell_call_output``
+    ...; ``reasoning``, ``compaction``; a type the gateway does not know) as user content: the
+    item as JSON text, its opaque blobs as placeholders (:data:`OPAQUE_FIELDS`), and a screenshot
+    (``computer_call_output``) as an image part beside it, for the media policy."""
+    kind = item.get("type")
+    blobs = {key: _opaque(label, item[key]) for key, label in OPAQUE_FIELDS.items()
+             if isinstance(item.get(key), str) and (key != "result" or kind == "image_generation_call")}
+    item = {**item, **blobs} if blobs else item
     output = item.get("output")
     if isinstance(output, dict) and output.get("type") == "computer_screenshot" and output.get("image_url"):
         rest = {**item, "output": {k: v for k, v in output.items() if k != "image_url"}}
         return [{"type": "text", "text": orjson.dumps(rest).decode()},
                 {"type": "image_url", "image_url": {"url": output["image_url"]}}]
-    return orjson.dumps(item).decode()
+    return orjson.dumps(item, default=str).decode()
+
+
+def _opaque(label: str, value: str) -> str:
+    """``[image: 12345 bytes, sha256 3f2a…]``: an opaque blob as media placeholders put it
+    (``session.structured.placeholder``): an image's size and sha256 of its base64-decoded bytes,
+    encrypted content's of the text as sent (what a client holding it can hash)."""
+    raw = value.encode("utf-8", "surrogatepass")
+    if label == "image":
+        with contextlib.suppress(binascii.Error, ValueError):
+            raw = base64.b64decode(value, validate=True)
+    return f"[{label}: {len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()}]"
 
 
 # --- writing -------------------------------------------------------------------------------

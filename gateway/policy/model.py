@@ -249,9 +249,10 @@ class SessionPolicy(StrictModel):
     """Under ``null`` keys: what is recorded of tool calls (an assistant's ``tool_calls``,
     Anthropic's ``tool_use`` blocks, Responses' ``function_call`` and ``custom_tool_call`` items)
     and of the tool results that answer them. They are recorded as structured messages, so the
-    injected window is a sequence the provider accepts. A Responses built-in tool's result
-    (``local_shell_call_output``, ``computer_call_output`` ...) is recorded as user content and
-    counts as a result here."""
+    injected window is a sequence the provider accepts. A Responses built-in tool's call or result
+    item (``mcp_call``, ``local_shell_call_output``, ``computer_call_output`` ...; a
+    ``reasoning`` or ``compaction`` item too) is recorded as user content and counts as a result
+    here."""
     media: MediaRecording = Field(default_factory=lambda: MediaRecording())
     """Under ``null`` keys: what happens to images and files in recorded history."""
 

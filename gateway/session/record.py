@@ -496,7 +496,7 @@ class RequestView:
     @cached_property
     def slots(self) -> dict[str, Any]:
         """The structured request: ``input``, ``info``, ``instruct``, ``output_requirement`` ..."""
-        users = [message for message in new_messages(self.messages) if message.get("role") == "user"]
+        users = _user_turns(self.messages)
         if not users:
             return {}
         content = users[-1].get("content")
@@ -512,8 +512,14 @@ class RequestView:
         response_format = self.request.get("response_format")
         if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
             return True
-        users = [message for message in new_messages(self.messages) if message.get("role") == "user"]
+        users = _user_turns(self.messages)
         return bool(users) and _JSON_REQUIREMENT.search(content_text(users[-1].get("content"))) is not None
+
+
+def _user_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The user messages of the new input, but a built-in tool's item (a Responses ``mcp_call``,
+    ``reasoning``, ``*_output`` ...: ``tool_output``), which is no user turn to read slots from."""
+    return [m for m in new_messages(messages) if m.get("role") == "user" and not m.get("tool_output")]
 
 
 class ReplyView:

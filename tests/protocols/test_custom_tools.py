@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from gateway.redact import Redactor
@@ -124,3 +126,72 @@ def test_a_custom_call_continued_on_messages_is_a_named_tool_use(pgw: Gateway, p
     sent = proto.bodies("/v1/messages")[-1]["messages"]
     uses = [b for m in sent if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_use"]
     assert uses == [{"type": "tool_use", "id": call_id, "name": "apply_patch", "input": {"input": PATCH_INPUT}}]
+
+
+U = {"role": "user", "content": "hello"}
+IMAGE = b"\x89PNG\r\n\x1a\n" + b"\2" * 40
+IMAGE_B64 = base64.b64encode(IMAGE).decode()
+SEALED = "gAAAAB" + "CANARY-SEALED-0042" * 4
+BUILT_IN_ITEMS: dict[str, dict[str, Any]] = {
+    "mcp_call": {"type": "mcp_call", "id": "mcp_1", "server_label": "s", "name": "f", "arguments": "{}",
+                 "output": "CANARY-MCP-OUTPUT"},
+    "mcp_list_tools": {"type": "mcp_list_tools", "id": "mcpl_1", "server_label": "s",
+                       "tools": [{"name": "t", "description": "CANARY-MCP-LIST", "input_schema": {}}]},
+    "reasoning": {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "CANARY-SUMMARY"}],
+                  "encrypted_content": SEALED},
+    "file_search_call": {"type": "file_search_call", "id": "fs_1", "status": "completed", "queries": ["q"],
+                         "results": [{"file_id": "f", "filename": "x", "score": 1, "text": "CANARY-FS-RESULT"}]},
+    "web_search_call": {"type": "web_search_call", "id": "ws_1", "status": "completed",
+                        "action": {"type": "search", "query": "CANARY-WS-QUERY"}},
+    "code_interpreter_call": {"type": "code_interpreter_call", "id": "ci_1", "status": "completed", "container_id": "c",
+                              "code": "print(1)", "outputs": [{"type": "logs", "logs": "CANARY-CI-LOGS"}]},
+    "local_shell_call": {"type": "local_shell_call", "id": "ls_1", "call_id": "c1", "status": "completed",
+                         "action": {"type": "exec", "command": ["echo", "CANARY-SHELL-CMD"], "env": {}}},
+    "mcp_approval": {"type": "mcp_approval_request", "id": "apr_1", "server_label": "s", "name": "f",
+                     "arguments": "CANARY-APPROVAL-ARGS"},
+    "image_generation_call": {"type": "image_generation_call", "id": "ig_1", "status": "completed",
+                              "result": IMAGE_B64},
+    "compaction": {"type": "compaction", "id": "cmp_1", "encrypted_content": SEALED},
+    "unknown": {"type": "some_future_item", "id": "x_1", "text": "CANARY-FUTURE"},
+}
+
+
+@pytest.mark.parametrize("name", BUILT_IN_ITEMS)
+def test_every_input_item_the_model_reads_is_recorded(pgw: Gateway, proto: ProtocolUpstream, name: str) -> None:
+    """A built-in tool's call, a reasoning or compaction item, an item of a type the gateway does
+    not know: each reaches the model, so each is recorded as user content (the item as JSON, an
+    opaque blob as a placeholder with its sha256), and none of them is history: the client that
+    sends one still gets its window. They used to be forwarded and left out of the record."""
+    session = f"items-{name}"
+    respond(pgw, session, {"input": "first turn"})
+    item = BUILT_IN_ITEMS[name]
+    items = [U, item]
+    if name == "mcp_approval":
+        items.append({"type": "mcp_approval_response", "approval_request_id": "apr_1", "approve": True,
+                      "reason": "CANARY-APPROVE-REASON"})
+    respond(pgw, session, {"input": items})
+    sent = proto.bodies("/v1/responses")[-1]["input"]
+    assert sent[0] == {"role": "user", "content": "first turn"}  # the window went in: not a history client
+    recorded = history(pgw, session)[2:]
+    assert recorded[0] == {"role": "user", "content": "hello"}
+    texts = [str(m["content"]) for m in recorded[1:-1]]
+    assert [m["role"] for m in recorded] == ["user"] * (len(items)) + ["assistant"]
+    tokens = set(re.findall(r"CANARY-[A-Z-]+", orjson.dumps(items).decode())) - {"CANARY-SEALED-"}
+    for token in tokens:
+        assert any(token in text for text in texts), token
+    joined = "\n".join(texts)
+    assert "CANARY-SEALED" not in joined and IMAGE_B64 not in joined
+    if "encrypted_content" in item:
+        sealed = SEALED.encode()
+        assert f"[encrypted content: {len(sealed)} bytes, sha256 {hashlib.sha256(sealed).hexdigest()}]" in joined
+    if name == "image_generation_call":
+        assert f"[image: {len(IMAGE)} bytes, sha256 {hashlib.sha256(IMAGE).hexdigest()}]" in joined
+
+
+def test_the_tools_policy_applies_to_a_built_in_call(make_pgw: Callable[..., Gateway], tmp_path: Path) -> None:
+    """``session.tools.results: drop`` keeps a built-in tool's call item out of the record, as it
+    does its output."""
+    gw = make_pgw(policies=_policy(tmp_path, "{arguments: keep, results: drop}"))
+    respond(gw, "mcp-drop", {"input": [U, BUILT_IN_ITEMS["mcp_call"]]})
+    assert [m["content"] for m in history(gw, "mcp-drop") if m["role"] == "user"] == ["hello"]
+    assert b"CANARY-MCP-OUTPUT" not in gw.stored_bytes()
