@@ -7,8 +7,11 @@ and assistant messages of the round (SPEC §1 "One round"); ``None`` means "reco
 
 Structured request (what non-``$``, non-``.root`` keys address), built lazily on first use:
 
-* the *new input* is the non-system messages after the last assistant message; the structured
-  slots come from the last user message among them (a tool-results round has none, so no slot).
+* the *new input* is the messages after the last assistant message but the request's leading
+  system/developer messages (its prompt); a system or developer message after the prompt is
+  new input, recorded as user text under a ``[system message]:`` / ``[developer message]:``
+  header (``new_messages``). The structured slots come from the last user message among them
+  that is not a built-in tool's item (a tool-results round has none, so no slot).
   Assistant messages that end the request are a *prefill* the model continues, not history:
   the new input is what comes before them, and the recorded reply is the prefill and the reply
   (``prefill_text``);
@@ -208,15 +211,39 @@ def prefill_text(messages: Sequence[dict[str, Any]]) -> str:
 
 
 def new_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """This round's new input: the non-system messages after the last assistant message before
-    the prefill (``prefill_start``), up to the prefill."""
+    """This round's new input: the messages after the last assistant message before the prefill
+    (``prefill_start``), up to the prefill, but the request's leading system and developer
+    messages (its prompt, never recorded). A system or developer message anywhere after the
+    prompt reaches the model as such, so it is new input like any other: it comes back with its
+    content under a header naming its role (:func:`marked_instruction`), and is recorded as the
+    user's text (a window holds no system message after the first user one)."""
     end = prefill_start(messages)
     start = 0
     for index in range(end - 1, -1, -1):
         if messages[index].get("role") == "assistant":
             start = index + 1
             break
-    return [message for message in messages[start:end] if message.get("role") not in SYSTEM_ROLES]
+    prompt = 0
+    while prompt < len(messages) and messages[prompt].get("role") in SYSTEM_ROLES:
+        prompt += 1
+    return [marked_instruction(message) if message.get("role") in SYSTEM_ROLES else message
+            for message in messages[max(start, prompt):end]]
+
+
+def marked_instruction(message: dict[str, Any]) -> dict[str, Any]:
+    """A system or developer message after the prompt, its content under a ``[system message]:``
+    (``[developer message]:``) header line, so the record says what it was; an empty one as is."""
+    content = message.get("content")
+    if content in (None, "", []):
+        return message
+    header = f"[{message.get('role')} message]:"
+    if isinstance(content, str):
+        marked: Any = f"{header}\n{content}"
+    elif isinstance(content, list):
+        marked = [{"type": "text", "text": header}, *content]
+    else:
+        marked = f"{header}\n{_input_content_text(content)}"
+    return {**message, "content": marked}
 
 
 def input_text(messages: Sequence[dict[str, Any]]) -> str | None:

@@ -163,6 +163,35 @@ def test_an_unknown_role_is_recorded_in_a_structured_round(gateway: Gateway, ups
     assert {"role": "user", "content": CANARY} in recorded
 
 
+# --- system and developer messages after the prompt -----------------------------------------
+
+
+@pytest.mark.parametrize(("route", "body", "recorded"), [
+    ("/chat/completions", {"messages": [{"role": "system", "content": "the prompt"},
+                                        {"role": "user", "content": "hello"}, {"role": "system", "content": CANARY}]},
+     f"hello\n\n[system message]:\n{CANARY}"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "hello"},
+                                        {"role": "developer", "content": [{"type": "text", "text": CANARY}]}]},
+     f"hello\n\n[developer message]:\n{CANARY}"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                        {"role": "system", "content": CANARY}, {"role": "user", "content": "c"}]},
+     f"[system message]:\n{CANARY}\n\nc"),
+    ("/responses", {"instructions": "the prompt", "input": [{"role": "user", "content": "hello"},
+                                                             {"role": "developer", "content": CANARY}]},
+     f"hello\n\n[developer message]:\n{CANARY}"),
+])
+def test_a_system_message_after_the_prompt_is_recorded(gateway: Gateway, upstream: Upstream, route: str,
+                                                       body: dict[str, Any], recorded: str) -> None:
+    """A system or developer message after the user's turn reaches the model as such, so the record
+    holds it, as the user's text under a header naming its role (a window holds no system message
+    after the first user one); the leading system prompt stays unrecorded. It used to be left out."""
+    resp = httpx.post(f"{gateway.base_url}{route}", headers={**AUTH, "X-Session-Id": "late-system"}, timeout=30,
+                      json={"model": "standin", **body})
+    assert resp.status_code == 200, resp.text
+    assert CANARY in orjson.dumps(upstream.requests[-1]).decode()
+    assert exported(gateway, "late-system")["full_context"][0] == {"role": "user", "content": recorded}
+
+
 # --- a record step that fails fails closed ------------------------------------------------------
 
 

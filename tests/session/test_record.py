@@ -191,7 +191,8 @@ def test_system_messages_are_joined() -> None:
 
 
 def test_new_messages_follow_the_last_assistant() -> None:
-    """The new input is the non-system messages after the last assistant message."""
+    """The new input is the messages after the last assistant message but the leading system
+    prompt; a system message after the prompt is new input, marked as one."""
     messages = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "old"},
@@ -200,9 +201,9 @@ def test_new_messages_follow_the_last_assistant() -> None:
         {"role": "system", "content": "late system"},
         {"role": "tool", "tool_call_id": "t1", "content": "result"},
     ]
-    assert [m["content"] for m in new_messages(messages)] == ["new", "result"]
+    assert [m["content"] for m in new_messages(messages)] == ["new", "[system message]:\nlate system", "result"]
     assert new_messages(messages[:2]) == [messages[1]]
-    assert input_text(messages) == "new\n\nresult"
+    assert input_text(messages) == "new\n\n[system message]:\nlate system\n\nresult"
     assert input_text(messages[:3]) == "old"  # a final assistant message is a prefill, not history
     assert input_text([messages[0], messages[2]]) is None
 
