@@ -560,12 +560,13 @@ class ReplyView:
 
     @cached_property
     def text(self) -> str | None:
-        """The reply content as text; when it gave no content, the model's ``refusal`` or its audio
-        reply's ``transcript`` (what the client was given instead); None when empty."""
+        """The reply content as text, and the model's ``refusal`` after it (a blank line between)
+        when the reply has both (the client is shown both); when it gave no content, the refusal
+        or its audio reply's ``transcript`` (what the client was given instead); None when empty."""
         text = content_text(self.message.get("content"))
-        if text:
-            return text
         refusal = self.message.get("refusal")
+        if text:
+            return f"{text}\n\n{refusal}" if isinstance(refusal, str) and refusal else text
         audio = self.message.get("audio")
         transcript = audio.get("transcript") if isinstance(audio, dict) else None
         for other in (refusal, transcript):

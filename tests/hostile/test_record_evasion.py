@@ -192,6 +192,22 @@ def test_a_system_message_after_the_prompt_is_recorded(gateway: Gateway, upstrea
     assert exported(gateway, "late-system")["full_context"][0] == {"role": "user", "content": recorded}
 
 
+# --- what the reply shows the client ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refusal_beside_content_is_recorded_after_it(gateway: Gateway, upstream: Upstream, stream: bool) -> None:
+    """A Chat reply with both ``content`` and ``refusal`` shows the client both; the record holds
+    both, the refusal after a blank line (only the content was recorded)."""
+    upstream.reply = lambda body: {"role": "assistant", "content": "VISIBLE", "refusal": CANARY}
+    resp = httpx.post(f"{gateway.base_url}/chat/completions", headers={**AUTH, "X-Session-Id": f"refusal-{stream}"},
+                      json={"model": "standin", "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
+                      timeout=30)
+    assert resp.status_code == 200 and CANARY in resp.text
+    assert exported(gateway, f"refusal-{stream}")["full_context"][1] == {
+        "role": "assistant", "content": f"VISIBLE\n\n{CANARY}"}
+
+
 # --- a record step that fails fails closed ------------------------------------------------------
 
 
