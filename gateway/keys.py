@@ -137,8 +137,8 @@ class KeyringWatcher(Worker):
         if stamp != self._seen:
             try:
                 keyring = await asyncio.to_thread(self.load)
-            except ConfigError as exc:
-                log.error("keyring_reload_refused", field=exc.field, file=exc.file)
+            except ConfigError as exc:  # its message names the problem (mode, JSON, field), never key bytes
+                log.error("keyring_reload_refused", file=exc.file, line=exc.line, field=exc.field, detail=exc.message)
                 raise
             self.sessions.keyring = keyring
             self._seen, self._wanted = stamp, keyring.primary_id

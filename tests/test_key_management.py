@@ -409,3 +409,31 @@ def test_rotate_goes_on_past_an_edited_data_key_row_and_says_so(gateway: Gateway
     assert "1 data keys could not be re-wrapped" in rotated.stderr and "do not retire" in rotated.stderr
     new = primary(gateway.dir / "master-keys.json")
     assert new != old and kek_ids(gateway.db_path) == {"edited": old, "intact": new}
+
+
+def test_a_refused_keyring_reload_logs_why(make_gateway: Callable[..., Gateway]) -> None:
+    """A key file made readable by others under a running gateway is refused: /readyz 503 names the
+    watcher, and the keyring_reload_refused log line says what is wrong and how to fix it (never
+    the key bytes); mode 0600 again makes the gateway ready."""
+    import os
+
+    import httpx
+
+    gw = make_gateway()
+    key_file = gw.dir / "master-keys.json"
+    key_bytes = [key["key"] for key in json.loads(key_file.read_text())["keys"]]
+    os.chmod(key_file, 0o644)
+    os.utime(key_file, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a change the watcher sees
+    try:
+        def refused() -> list[dict[str, object]]:
+            return [json.loads(line) for line in gw.log_path.read_text().splitlines()
+                    if '"keyring_reload_refused"' in line]
+        wait_until(lambda: bool(refused()), "the reload was refused")
+        line = refused()[0]
+        assert line["file"] == str(key_file)
+        assert "open to group or others (mode 0644)" in str(line["detail"]) and "chmod 600" in str(line["detail"])
+        assert not any(key in gw.log_path.read_text() for key in key_bytes)
+        wait_until(lambda: httpx.get(f"{gw.url}/readyz").status_code == 503, "/readyz turned 503")
+    finally:
+        os.chmod(key_file, 0o600)
+    wait_until(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200, "/readyz ready again")
