@@ -79,7 +79,7 @@ class Context:
     tail: bytes = b""
     tail_type: str = ""
     tail_headers: dict[str, str] = field(default_factory=dict)
-    outcome: str = ""
+    outcome: str = ""  # set by forward and record; persist sets the one committed (erased_meanwhile)
     ended_by: str = ""  # "client", "upstream" or "shutdown" when the reply was cut off
     reply_truncated: bool = False  # the reply was over the upstream's max_reply_bytes
     event_open: bool = False  # the client has an event's start, its end is held in tail: no other event may follow

@@ -11,7 +11,7 @@ which a client may fill with anything. Successful health checks and metric scrap
 logged.
 
 A handler may name the request's outcome with ``set_outcome(request, "completed")`` (the chat
-route does: completed, incomplete, upstream_error, not_recorded); otherwise the outcome follows
+route does: completed, incomplete, upstream_error, erased_meanwhile, not_recorded); otherwise the outcome follows
 the status: ``ok`` below 400, ``refused`` for 4xx, ``error`` for 5xx. The route label is the
 router's template, never the raw path, so label sets stay bounded.
 

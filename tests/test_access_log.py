@@ -50,3 +50,40 @@ def test_every_request_leaves_one_access_line_and_no_client_text(gateway: Gatewa
     assert all(e["method"] == "GET" and e["latency_ms"] >= 0 for e in found if e["event"] == "access")
     text = gateway.log_path.read_text()
     assert "CANARY" not in text and ACME_KEY not in text
+
+
+def test_a_round_not_recorded_because_its_session_was_erased_says_so(make_gateway, upstream) -> None:
+    """A round in flight while its session is erased is committed as ``erased_meanwhile`` with
+    nothing recorded; its ``request`` line and its requests_total outcome say the same, not
+    ``completed``."""
+    import threading
+
+    from tests.test_erasure import delete
+    from tests.test_integrity import chat
+
+    gw = make_gateway()
+    chat(gw, "inflight", "the first turn")
+    arrived, release = threading.Event(), threading.Event()
+
+    def slow(body: dict[str, Any]) -> str:
+        arrived.set()
+        release.wait(30)
+        return "an answer drawn from the erased window"
+
+    upstream.reply = slow
+    caller = threading.Thread(target=lambda: chat(gw, "inflight", "the second turn"))
+    caller.start()
+    try:
+        assert arrived.wait(30)
+        assert delete(gw, "inflight").status_code == 200
+    finally:
+        release.set()
+        caller.join(30)
+    rounds = [e for e in gw.audit_entries() if e["event"] == "round" and e.get("session_id") == "inflight"]
+    assert [e["outcome"] for e in rounds] == ["completed", "erased_meanwhile"]
+    requests = [e for e in lines(gw) if e.get("event") == "request" and e.get("session_id") == "inflight"]
+    assert [(e["status"], e["outcome"]) for e in requests] == [(200, "completed"), (200, "erased_meanwhile")]
+    text = httpx.get(f"{gw.url}/metrics").text
+    chat_route = 'method="POST",outcome="{}",route="/v1/chat/completions",status_class="2xx"'
+    assert f'sessiongate_requests_total{{{chat_route.format("erased_meanwhile")}}} 1.0' in text
+    assert f'sessiongate_requests_total{{{chat_route.format("completed")}}} 1.0' in text

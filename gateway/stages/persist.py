@@ -1,4 +1,6 @@
-"""Stage: persist. Commits the round and its audit entry durably; sets ``persisted``.
+"""Stage: persist. Commits the round and its audit entry durably; sets ``persisted``, and
+``outcome`` to the one the entry was committed with (``erased_meanwhile`` when the session was
+erased while the round was in flight: nothing of it is recorded).
 
 Runs before ``respond`` sends the last byte, so a reply that reached the client whole is
 already on disk. Once started, the commit finishes even if the request is cancelled
@@ -82,6 +84,9 @@ async def persist(ctx: Context) -> None:
     sessions = ctx.services.sessions
     changes = await sessions.commit_round(ctx.tenant, ctx.session_id, rec, bounding_of(policy), ctx.loaded)
     ctx.persisted = True
+    # the outcome the round's entry was committed with, for the request's log line and metric:
+    # erased_meanwhile (nothing recorded) when its session was erased while it was in flight
+    ctx.outcome = next((str(a["outcome"]) for a in changes.audit if a.get("event") == "round"), ctx.outcome)
     if changes.rounds:
         ctx.services.metrics.round_recorded(ctx.outcome)
     if ctx.session_id is not None and needs_maintenance(policy) and (changes.result or _hooks(policy)):
