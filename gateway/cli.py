@@ -6,7 +6,7 @@
     sessiongate sessions add|set|clean|memo --tenant T [--model M] ID [FILE]
     sessiongate policy check [PATH ...] | policy explain --request FILE [--reply FILE] ...
     sessiongate policy test [POLICY_DIR] [CASES ...] | policy diff OLD_DIR NEW_DIR [--cases ...]
-    sessiongate keys generate|list|rotate|retire [KEY_ID]
+    sessiongate keys generate|list|rotate|rewrap|retire [KEY_ID]
     sessiongate purge
     sessiongate db migrate
     sessiongate audit verify [--tenant T] [--checkpoints F] [--public-key F] [--bundle OUT] | public-key
@@ -562,6 +562,12 @@ def _key_file(settings: Settings) -> Path:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    """``keys generate|list|rotate|rewrap|retire``. A command that changes the key file first loads
+    the settings, the key file and the store, so that a configuration or store it cannot use
+    leaves the file as it was: ``generate`` refuses a store that holds data keys (a new keyring
+    could unwrap none of them); ``rotate`` writes its new primary only once the store is open, and
+    when the re-wrap then stops (the store went away, Ctrl-C) says that the new key is in place and
+    that ``keys rewrap`` finishes the job; ``retire`` counts the key's data keys first."""
     import datetime
 
     from gateway import keyring as kr
@@ -569,6 +575,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "generate":
         path = _key_file(settings)
+        if path.exists():
+            return _fail(f"{path} exists already; use 'sessiongate keys rotate' to add a new primary key")
+        if _run(_store_holds_data_keys(settings)):
+            return _fail(f"{path}: keys.master_key_file: the store holds data keys that only the keyring they were "
+                         "wrapped with can unwrap (a new keyring could read none of the stored sessions): restore "
+                         "the key file from your backup instead")
         if not kr.ensure(path):
             return _fail(f"{path} exists already; use 'sessiongate keys rotate' to add a new primary key")
         print(f"generated a keyring with one primary master key at {path} (mode 0600); back it up")
@@ -586,17 +598,31 @@ def cmd_keys(args: argparse.Namespace) -> int:
             when = datetime.datetime.fromtimestamp(info.created_at, datetime.UTC).isoformat(timespec="seconds")
             print(f"{info.id}\t{info.state}\tcreated {when}\twraps {used.get(info.id, 0)} data keys")
         return 0
-    if args.action == "rotate":
+    if args.action in ("rotate", "rewrap"):
         from gateway.keys import rewrap_all
-        new = kr.rotate(provider)
-        print(f"new primary master key {new.id}; re-wrapping data keys...")
+        kr.list_keys(provider)  # the key file loads (there, private, valid) before anything is opened
+        rewrapping_for: list[str] = []  # the primary being re-wrapped for, once the store is open
 
-        async def rewrap(svc: Any) -> Any:
-            svc.keyring = kr.Keyring.from_provider(provider)
+        async def rotate(svc: Any) -> Any:
+            # the settings, the store and the keyring are usable: only now does the key file change
+            if args.action == "rotate":
+                new = kr.rotate(provider)
+                print(f"new primary master key {new.id}; re-wrapping data keys...", flush=True)
+                svc.keyring = kr.Keyring.from_provider(provider)
+            rewrapping_for.append(svc.keyring.primary_id)
             return await rewrap_all(svc)
-        report = _run(_with_sessions(settings, rewrap))
-        print(f"re-wrapped {report.rewrapped} data keys ({report.already_primary} already under {new.id}); "
-              "the old key stays for unwrapping until you retire it")
+        try:
+            report = _run(_with_sessions(settings, rotate))
+        except (GatewayError, KeyboardInterrupt) as exc:
+            if not rewrapping_for:
+                raise
+            why = exc.message if isinstance(exc, GatewayError) else "interrupted"
+            return _fail(f"re-wrapping stopped ({why}): the primary master key {rewrapping_for[0]} is in the key "
+                         "file; data keys not re-wrapped yet stay under their old key, which still unwraps them "
+                         "('sessiongate keys list' counts them). Run 'sessiongate keys rewrap' (once the store "
+                         "answers) to finish; do not retire an old key that still wraps one", 1)
+        print(f"re-wrapped {report.rewrapped} data keys ({report.already_primary} already under "
+              f"{rewrapping_for[0]}); the old key stays for unwrapping until you retire it")
         if report.failed:
             return _fail(f"{report.failed} data keys could not be re-wrapped and stay under their old master key "
                          "(each is named in a rewrap_integrity_error log line; 'sessiongate audit verify' "
@@ -620,6 +646,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
               "'sessiongate backup' folders) still hold it: destroy those too")
         return 0
     return _fail(f"unknown keys action {args.action}")
+
+
+async def _store_holds_data_keys(settings: Settings) -> bool:
+    """Whether the configured store holds any data key (opening it as ``serve`` does)."""
+    from gateway.app import holds_data_keys, open_store
+
+    store = open_store(settings)
+    await store.open()
+    try:
+        return await holds_data_keys(store)
+    finally:
+        await store.close()
 
 
 # --- audit and export --------------------------------------------------------------------
@@ -947,9 +985,11 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--format", choices=["text", "json"], default="text", help="output format (default text)")
     pd.set_defaults(fn=cmd_policy_diff)
 
-    k = sub.add_parser("keys", help="master keys: generate, list, rotate, retire")
+    k = sub.add_parser("keys", help="master keys: generate, list, rotate, rewrap, retire")
     k.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
-    k.add_argument("action", choices=["generate", "list", "rotate", "retire"], help="what to do")
+    k.add_argument("action", choices=["generate", "list", "rotate", "rewrap", "retire"],
+                   help="what to do (rewrap: re-wrap every data key under the primary, finishing a rotation "
+                   "that stopped)")
     k.add_argument("key_id", nargs="?", help="retire: the id of the master key to retire")
     k.add_argument("--force", action="store_true",
                    help=f"retire: skip the {RETIRE_GRACE_SECONDS} s wait after a rotation")

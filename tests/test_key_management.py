@@ -437,3 +437,54 @@ def test_a_refused_keyring_reload_logs_why(make_gateway: Callable[..., Gateway])
     finally:
         os.chmod(key_file, 0o600)
     wait_until(lambda: httpx.get(f"{gw.url}/readyz").status_code == 200, "/readyz ready again")
+
+
+def test_rotate_changes_nothing_when_the_store_cannot_be_opened(tmp_path: Path) -> None:
+    """`keys rotate` checks the configuration and opens the store before it writes the key file:
+    a PostgreSQL DSN variable that is not set, or a SQLite store that cannot be opened, is one
+    line naming the problem (exit 2) and the key file is byte for byte as it was, so a retry
+    makes no second new key."""
+    config = write_config(tmp_path, None, REPO / "policies",
+                          store={"backend": "postgres", "dsn_env": "SG_TEST_UNSET_DSN"})
+    key_file = tmp_path / "master-keys.json"
+    assert kr.ensure(key_file)
+    before = key_file.read_bytes()
+    for _ in range(2):
+        refused = cli_at(config, "keys", "rotate")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert "SG_TEST_UNSET_DSN" in refused.stderr and "new primary" not in refused.stdout
+        assert key_file.read_bytes() == before
+    config = write_config(tmp_path, None, REPO / "policies")
+    (tmp_path / "gateway.db-writer.lock").mkdir()  # the SQLite store cannot open its lock file
+    refused = cli_at(config, "keys", "rotate")
+    assert refused.returncode == 2 and "lock file" in refused.stderr and "Traceback" not in refused.stderr
+    assert key_file.read_bytes() == before
+
+
+def test_generate_refuses_a_store_that_holds_data_keys(gateway: Gateway) -> None:
+    """`keys generate` after the key file was lost, over a store holding data keys, would make a
+    keyring that unwraps none of them: it is refused naming the file to restore, and none is made."""
+    chat(gateway, "kept", "hello")
+    key_file = gateway.dir / "master-keys.json"
+    key_file.unlink()
+    refused = cli(gateway, "keys", "generate")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert str(key_file) in refused.stderr and "restore the key file from your backup" in refused.stderr
+    assert not key_file.exists()
+
+
+def test_rewrap_finishes_a_rotation_that_stopped(tmp_path: Path) -> None:
+    """A rotation whose re-wrap stopped leaves the new primary in the key file and data keys under
+    the old one; `keys rewrap` re-wraps them under the primary without making another key."""
+    config = write_config(tmp_path, None, REPO / "policies")
+    key_file = tmp_path / "master-keys.json"
+    assert kr.ensure(key_file)
+    old = primary(key_file)
+    record(tmp_path, ["a", "b"])
+    new = kr.rotate(kr.FileKeyProvider(key_file)).id  # the key file as a stopped `keys rotate` leaves it
+    assert set(kek_ids(tmp_path / "gateway.db").values()) == {old}
+    done = cli_at(config, "keys", "rewrap")
+    assert done.returncode == 0 and "re-wrapped 2 data keys" in done.stdout, done.stdout + done.stderr
+    assert set(kek_ids(tmp_path / "gateway.db").values()) == {new} and set(key_states(key_file)) == {old, new}
+    listing = cli_at(config, "keys", "list").stdout
+    assert f"{old}\tactive" in listing and "wraps 0 data keys" in listing.split(old)[1].splitlines()[0]
