@@ -241,6 +241,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     metrics = Metrics(_version())
     app[METRICS] = metrics
     trail = AuditTrail(settings)
+    trail.log.check_writable()  # a gateway that could never sign a checkpoint does not start
     raw_store = open_store(settings, trail.signer.entry_key)
     raw_store.on_commit = metrics.commit
     if isinstance(raw_store, SQLiteStore):

@@ -106,7 +106,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.background import Backoff, Health
-from gateway.errors import ConfigError, IntegrityError
+from gateway.errors import ConfigError, IntegrityError, cannot_create
 from gateway.logs import error_cause
 from gateway.store.base import AuditRow
 
@@ -289,11 +289,14 @@ class Signer:
         """Load the key at ``path``, generating it (mode 0600, new parent dirs 0700) when absent.
 
         Raises ``ConfigError`` when the file is readable by group or others, or is not an
-        Ed25519 private key.
+        Ed25519 private key, or cannot be created (a read-only disk, a full one, no permission).
         """
         path = Path(path)
         if not path.exists():
-            created = cls._create(path)
+            try:
+                created = cls._create(path)
+            except OSError as exc:
+                raise cannot_create(exc, path, "audit signing key", "audit.signing_key_file") from exc
             if created is not None:
                 return created
         return cls._load(path)
@@ -308,10 +311,14 @@ class Signer:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return None  # another process made it first: load theirs
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # a full disk: no empty key file is left to be refused at the next start
+            path.unlink(missing_ok=True)
+            raise
         return cls(key)
 
     @classmethod
@@ -424,6 +431,16 @@ class CheckpointLog:
         self.path = Path(path)
         self.torn: set[int] = set()  # line numbers of torn lines seen, each warned about once
 
+    def check_writable(self) -> None:
+        """Create the file (mode 0644, new folders 0700) unless it exists, and check that it can be
+        appended to, so that a gateway that could never sign a checkpoint does not start. Raises
+        ``ConfigError`` naming the file, the setting and what to do."""
+        try:
+            make_private_dir(self.path.parent)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+        except OSError as exc:
+            raise cannot_create(exc, self.path, "checkpoint file", "audit.checkpoint_file", doing="write") from exc
+
     def append(self, checkpoints: Sequence[Checkpoint]) -> None:
         """Append durably (one write, then fsync). Raises ``OSError`` when the file cannot be written."""
         if not checkpoints:
@@ -445,12 +462,15 @@ class CheckpointLog:
     def __iter__(self) -> Iterator[Checkpoint]:
         """Every checkpoint in file order; none when the file does not exist.
 
-        Raises ``ConfigError`` naming the line of a malformed entry (torn lines are skipped).
+        Raises ``ConfigError`` naming the line of a malformed entry (torn lines are skipped), or
+        the file when it exists but cannot be read.
         """
         try:
             f = self.path.open("rb")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no such file (a file where a folder goes: none either)
             return
+        except OSError as exc:
+            raise ConfigError(f"cannot read the checkpoint file: {exc.strerror}", file=str(self.path)) from exc
         with f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():

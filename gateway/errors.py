@@ -238,3 +238,26 @@ class ConfigError(Exception):
         at = f"{field}: " if field else ""
         super().__init__("\n".join([f"{prefix}{at}{message}", *also]))
         self.message = message
+
+
+def cannot_create(exc: OSError, path: object, what: str, field: str | None = None, *,
+                  doing: str = "create") -> ConfigError:
+    """*exc*, raised while *doing* (create, write) *what* (``"audit signing key"``) at *path* or
+    its folder, as a one-line ``ConfigError`` naming *path*, the setting *field*, the path the
+    system refused and what to do: a read-only filesystem, a permission, a full disk, a file
+    where a folder goes."""
+    import errno
+    import os
+
+    failed = os.fsdecode(exc.filename) if exc.filename is not None else str(path)
+    elsewhere = f"or set {field} to a path the gateway can write" if field else "or choose another path"
+    fixes = {
+        errno.EROFS: f"{failed} is on a read-only filesystem: mount it read-write, {elsewhere}",
+        errno.EACCES: f"permission denied at {failed}: let the gateway's user write there, {elsewhere}",
+        errno.EPERM: f"not permitted at {failed}: let the gateway's user write there, {elsewhere}",
+        errno.ENOSPC: f"no space left on the disk of {failed}: free some, {elsewhere}",
+        errno.EDQUOT: f"the disk quota is used up at {failed}: free some, {elsewhere}",
+        errno.ENOTDIR: f"a part of {failed} is a file, not a folder: move that file, {elsewhere}",
+    }
+    fix = fixes.get(exc.errno or 0, f"{exc.strerror or exc} at {failed}: {elsewhere.removeprefix('or ')}")
+    return ConfigError(f"cannot {doing} the {what}: {fix}", file=str(path), field=field)

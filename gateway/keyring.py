@@ -76,7 +76,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.crypto import KEY_ID_LEN, KEY_LEN, NONCE_LEN, TAG_LEN, BoundedCache, DataKey
-from gateway.errors import ConfigError, IntegrityError
+from gateway.errors import ConfigError, IntegrityError, cannot_create
 
 State = Literal["primary", "active", "retired"]
 STATES: tuple[State, ...] = ("primary", "active", "retired")
@@ -399,7 +399,8 @@ class FileKeyProvider:
     overwrites the old file's bytes with zeros (through a descriptor opened before the
     replacement, so no other file is touched): a retired key's bytes do not stay in the freed
     blocks of a filesystem that writes in place (a copy-on-write filesystem or an SSD's
-    wear-levelling may still keep old blocks; see the README).
+    wear-levelling may still keep old blocks; see the README). A ``save`` that cannot write the
+    new file raises ``ConfigError`` (``errors.cannot_create``) and changes nothing.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -431,8 +432,11 @@ class FileKeyProvider:
 
     def save(self, keys: list[MasterKey]) -> None:
         check_keys(keys, str(self.path))
-        _make_private_dirs(self.path.parent)
-        tmp = _write_temp(self.path, dump_key_document(keys))
+        try:
+            _make_private_dirs(self.path.parent)
+            tmp = _write_temp(self.path, dump_key_document(keys))
+        except OSError as exc:  # nothing changed
+            raise cannot_create(exc, self.path, "key file", "keys.master_key_file", doing="write") from exc
         try:
             old: int | None = os.open(self.path, os.O_WRONLY)
         except OSError:  # no file yet, or one its owner made read-only: nothing to overwrite
@@ -440,6 +444,9 @@ class FileKeyProvider:
         try:
             try:
                 os.replace(tmp, self.path)
+            except OSError as exc:  # nothing changed
+                tmp.unlink(missing_ok=True)
+                raise cannot_create(exc, self.path, "key file", "keys.master_key_file", doing="write") from exc
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -479,20 +486,24 @@ def ensure(path: str | os.PathLike[str]) -> bool:
 
     Missing parent directories are created 0700. The file appears whole or not at all (written
     to a 0600 temp file, then hard-linked into place), so two processes starting together never
-    both create one.
+    both create one. Raises ``ConfigError`` naming the file and what to do when it cannot be
+    created (a read-only or full disk, no permission, a file where a folder goes).
     """
     path = Path(path)
     if path.exists():
         return False
-    _make_private_dirs(path.parent)
-    tmp = _write_temp(path, dump_key_document([new_master_key("primary")]))
     try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+        _make_private_dirs(path.parent)
+        tmp = _write_temp(path, dump_key_document([new_master_key("primary")]))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise cannot_create(exc, path, "key file", "keys.master_key_file") from exc
     return True
 
 

@@ -8,7 +8,9 @@ Contract:
 - **Start-up is one at a time**: worker 0 starts alone and is waited for until it listens, so the
   one-time work (creating the keyring, the audit signing key, the SQLite file or the PostgreSQL
   schema, migrations) happens once; the others start after it. A worker tells it listens by
-  writing one line to the pipe named by ``SESSIONGATE_READY_FD``.
+  writing one line to the pipe named by ``SESSIONGATE_READY_FD``. A worker that fails to start
+  stops the supervisor, with the worker's exit status when it is 2 (its one-line error names
+  unusable input: a file that cannot be created, a missing key file), else 1.
 - Each **worker** is a full gateway (its own store connections, policy and key watchers,
   checkpointer) listening with ``SO_REUSEPORT`` on the shared port; the kernel spreads new
   connections over them. Every response of a worker carries ``X-Sessiongate-Worker: <pid>``
@@ -175,9 +177,12 @@ class Supervisor:
         try:
             for slot in self.slots:
                 if not self._spawn(slot) and not self.stopping:
-                    log.error("worker_failed_to_start", index=slot.index,
-                              status=slot.proc.poll() if slot.proc else None)
-                    return 1
+                    status = None
+                    if slot.proc is not None:  # it closed its pipe as it exits: its status says why
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            status = slot.proc.wait(timeout=KILL_GRACE)
+                    log.error("worker_failed_to_start", index=slot.index, status=status)
+                    return 2 if status == 2 else 1  # 2: the worker's one-line error is about unusable input
             pids = [s.proc.pid for s in self.slots if s.proc is not None]
             print(f"sessiongate: {len(pids)} workers, pids {' '.join(map(str, pids))}", file=sys.stderr, flush=True)
             while not self.stopping:

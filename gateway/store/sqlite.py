@@ -88,7 +88,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from gateway import audit, evidence
 from gateway.audit import AlteredRow
 from gateway.crypto import BoundedCache
-from gateway.errors import Conflict, StoreUnavailable
+from gateway.errors import Conflict, StoreUnavailable, cannot_create
 from gateway.store.base import (
     AuditRow,
     Changes,
@@ -916,7 +916,12 @@ class SQLiteStore(Reads):
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:  # made here, not by SQLite, whose "unable to open database file" does not say why
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # an empty file is an empty database
+        except OSError as exc:  # a read-only or full disk, no permission, a file where a folder goes
+            raise cannot_create(exc, self.path, "SQLite store", "store.path") from exc
         try:
             conn = _connect(self.path)
             try:

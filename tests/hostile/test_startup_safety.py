@@ -5,15 +5,18 @@ generated keyring."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from aiohttp import web
 
 from gateway.app import build_app
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, cannot_create
 from gateway.policy.hooks import resolve_hook
 from gateway.settings import load_settings
 from tests.conftest import REPO, write_config
@@ -100,3 +103,50 @@ def test_a_hook_policy_needs_the_operators_allow_list(tmp_path: Path, monkeypatc
     assert "fold_hook" not in sys.modules  # refused before anything was imported
     _start(write_config(tmp_path, None, folder, hook_modules=["fold_hook"]))
     assert "fold_hook" in sys.modules
+
+
+def _error_line(run: subprocess.CompletedProcess[str]) -> str:
+    """The one ``sessiongate: error:`` line of a run that exited 2 without a traceback."""
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr, run.stderr
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("sessiongate: error: ")]
+    return line
+
+
+@pytest.mark.parametrize("setting", ["audit.signing_key_file", "store.path", "keys.master_key_file",
+                                     "audit.checkpoint_file"])
+def test_a_file_that_cannot_be_created_is_one_line_naming_it(tmp_path: Path, setting: str) -> None:
+    """A data file whose folder cannot be made (here a regular file stands where the folder goes)
+    stops ``serve``, ``serve --workers 2`` and the CLI with one line naming the file, the setting
+    and what to do, exit 2: never an OSError traceback."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file, not a folder")
+    config = write_config(tmp_path, None, REPO / "policies")
+    section, name = setting.split(".")
+    doc = yaml.safe_load(config.read_text())
+    target = blocker / "data" / Path(str(doc[section][name])).name
+    doc[section][name] = str(target)
+    config.write_text(yaml.safe_dump(doc))
+    commands = [["serve", "--port", "0"], ["serve", "--port", "0", "--workers", "2"]]
+    if setting != "audit.checkpoint_file":  # written by a running gateway only; checked as it starts
+        commands += [["keys", "list"], ["audit", "verify"], ["sessions", "list", "--tenant", "acme"]]
+    for args in commands:
+        run = subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), *args],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        line = _error_line(run)
+        assert f"{target}: {setting}: cannot " in line and f"{blocker}" in line, (args, line)
+        assert "is a file, not a folder" in line and f"set {setting} to a path the gateway can write" in line
+
+
+@pytest.mark.parametrize(("code", "says"), [
+    (errno.EROFS, "/srv/ro is on a read-only filesystem: mount it read-write, or set keys.master_key_file"),
+    (errno.EACCES, "permission denied at /srv/ro: let the gateway's user write there, or set"),
+    (errno.ENOSPC, "no space left on the disk of /srv/ro: free some, or set"),
+])
+def test_why_a_file_cannot_be_created_says_what_to_do(code: int, says: str) -> None:
+    """A read-only filesystem, a permission and a full disk (conditions a test running as root
+    cannot make on its own disk) each get their own fix, naming the path the system refused."""
+    error = cannot_create(OSError(code, os.strerror(code), "/srv/ro"), "/srv/ro/keys.json", "key file",
+                          "keys.master_key_file")
+    assert str(error).startswith("/srv/ro/keys.json: keys.master_key_file: cannot create the key file: ")
+    assert says in str(error) and "\n" not in str(error)
