@@ -255,6 +255,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await store.close()
         raise
     health = Health()
+    store.on_write = health.store_write  # a store that fails every write is not ready (/readyz)
     background = Background(health)
     checkpoints = asyncio.create_task(trail.checkpointer.run(health), name="checkpointer")
     sessions = SessionService(store, keyring, lambda: Keyring.from_provider(provider))

@@ -49,6 +49,9 @@ class ObservedStore:
     def __init__(self, inner: Store, checkpointer: Checkpointer) -> None:
         self.inner = inner
         self.checkpointer = checkpointer
+        self.on_write: Callable[[BaseException | None], None] | None = None
+        """Told how each write ended: None when it committed, else its exception
+        (``background.Health.store_write``: a store that fails every write is not ready)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -66,7 +69,11 @@ class ObservedStore:
         return fut
 
     def _committed(self, fut: asyncio.Future[Changes]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
+        if fut.cancelled():
+            return
+        if self.on_write is not None:
+            self.on_write(fut.exception())
+        if fut.exception() is not None:
             return
         rows = fut.result().audit_rows
         if rows:

@@ -5,6 +5,14 @@ after a round, ``session.bounding.maintain``). ``Worker`` is the start/stop of a
 repeats one ``step()`` (the policy and keyring watchers, the retention purge). ``Health`` is
 where every background task reports, and what ``/readyz`` and ``/metrics`` read.
 
+``Health`` also follows the store's writes (``store_write``, told by ``auditor.ObservedStore``):
+a store that answers reads while every write fails (SQLite on a full disk) would otherwise look
+ready. After ``STORE_WRITE_FAILURES`` writes in a row failed as unavailable, the last of them less
+than ``STORE_WRITE_WINDOW`` seconds ago, ``store_writes_failing()`` says so (and ``/readyz``
+answers 503); the next write that commits clears it at once. One transient failure never does,
+and a gateway taken out of rotation, which then writes nothing, is ready again once the window
+passes, so that it can find out whether writes work again.
+
 Errors never end a background task. A failed step (or job) is logged with the exception's
 *type* only (its text may come from code that sees content), counted, and retried after an
 exponential backoff (``Backoff``); while a task's last attempt failed, ``Health.unready()``
@@ -32,6 +40,10 @@ from gateway.logs import error_cause, exception_fields
 log = structlog.get_logger("gateway.background")
 
 WINDOW_MAINTENANCE = "window-maintenance"
+STORE_WRITE_FAILURES = 3
+"""Writes in a row that must fail as unavailable before the store's writes count as failing."""
+STORE_WRITE_WINDOW = 30.0
+"""Seconds after the last such failure that they still count (no write since: none succeeded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,16 @@ class TaskHealth:
     """The exception type of the last failure (never its text)."""
 
 
+@dataclass(frozen=True, slots=True)
+class WritesFailing:
+    """The store's writes fail: how many in a row, how long ago the last, and its cause (the
+    store's operator-facing message: it may name the database; logged, never answered)."""
+
+    failures: int
+    seconds_ago: float
+    detail: str
+
+
 class Health:
     """The health of every background task, read by ``/readyz`` and collected into ``/metrics``.
 
@@ -68,11 +90,33 @@ class Health:
     first success).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._tasks: dict[str, TaskHealth] = {}
         self._chains: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._clock = clock
+        self._clock, self._monotonic = clock, monotonic
+        self._write_failures, self._write_failed_at, self._write_detail = 0, 0.0, ""
+
+    def store_write(self, exc: BaseException | None) -> None:
+        """The outcome of one store write: None when it committed, else its exception. Only a
+        ``StoreUnavailable`` counts as the store failing; another error (a plan's refusal, an
+        integrity error) is the request's, and tells nothing about the store."""
+        from gateway.errors import StoreUnavailable
+
+        with self._lock:
+            if exc is None:
+                self._write_failures = 0
+            elif isinstance(exc, StoreUnavailable):
+                self._write_failures += 1
+                self._write_failed_at, self._write_detail = self._monotonic(), exc.message
+
+    def store_writes_failing(self) -> WritesFailing | None:
+        """The store's writes, when they are failing (see the module docstring), else None."""
+        with self._lock:
+            ago = self._monotonic() - self._write_failed_at
+            if self._write_failures < STORE_WRITE_FAILURES or ago > STORE_WRITE_WINDOW:
+                return None
+            return WritesFailing(self._write_failures, ago, self._write_detail)
 
     def chain_refused(self, tenant: str, kind: str) -> None:
         """The checkpointer will not sign *tenant*'s chain (a forged or unkeyed entry, of *kind*).
@@ -132,6 +176,11 @@ class Health:
             failures.add_metric([t.name], float(t.failures_total))
             if t.last_success is not None:
                 success.add_metric([t.name], t.last_success)
+        failing = self.store_writes_failing()
+        writes = GaugeMetricFamily("sessiongate_store_writes_failing",
+                                   "Store writes failed as unavailable in a row, while they count as failing "
+                                   "(/readyz 503); 0 otherwise")
+        writes.add_metric([], float(failing.failures if failing else 0))
         refused = GaugeMetricFamily("sessiongate_audit_chain_refused",
                                     "1 for a tenant whose audit chain the checkpointer refuses to sign",
                                     labels=["tenant", "kind"])
@@ -140,6 +189,7 @@ class Health:
         yield up
         yield failures
         yield success
+        yield writes
         yield refused
 
 

@@ -620,8 +620,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 when the store answers and every background task does its job; 503 with a reason
-    naming what is not (a failing task is named with its last exception type only)."""
+    """200 when the store answers, its writes are not failing (``Health.store_writes_failing``)
+    and every background task does its job; 503 with a reason naming what is not (a failing task
+    is named with its last exception type only)."""
     services = request.app[SERVICES]
     try:
         await services.sessions.store.tenants()
@@ -629,6 +630,12 @@ async def readyz(request: web.Request) -> web.Response:
         log.error("readiness_store_unavailable", detail=exc.message)
         return json_response({"status": "unavailable", "reason": "the session store does not answer (the log "
                                                                   "has the cause)"}, status=503)
+    writes = services.background.health.store_writes_failing()
+    if writes is not None:  # it answers reads, but cannot write (a full disk): no round could be recorded
+        log.error("readiness_store_unavailable", detail=writes.detail, writes_failed=writes.failures)
+        return json_response({"status": "unavailable", "reason": f"the session store's writes are failing "
+                              f"({writes.failures} in a row, the last {writes.seconds_ago:.0f} s ago; the log has "
+                              "the cause)"}, status=503)
     failing = services.background.health.unready()
     if failing:
         reason = "; ".join(f"background task {t.name} is failing ({t.last_error}, {t.consecutive_failures} "

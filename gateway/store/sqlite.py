@@ -620,7 +620,8 @@ def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = 
             try:
                 outcomes.append((True, jobs[0](conn)))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite rolls back by itself on some errors (SQLITE_FULL)
+                    conn.execute("ROLLBACK")
                 return [(False, _unavailable(exc, "write"))]
         else:
             for fn in jobs:
@@ -629,6 +630,8 @@ def run_transaction(conn: sqlite3.Connection, jobs: list[Job], *, began: bool = 
                     outcomes.append((True, fn(conn)))
                     conn.execute("RELEASE op")
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller, never swallowed
+                    if isinstance(exc, sqlite3.Error) and not conn.in_transaction:
+                        return _rolled_back(conn, exc, len(jobs))  # SQLite rolled back every job (SQLITE_FULL)
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     outcomes.append((False, _unavailable(exc, "write")))
