@@ -56,29 +56,10 @@ def test_a_round_not_recorded_because_its_session_was_erased_says_so(make_gatewa
     """A round in flight while its session is erased is committed as ``erased_meanwhile`` with
     nothing recorded; its ``request`` line and its requests_total outcome say the same, not
     ``completed``."""
-    import threading
-
-    from tests.test_erasure import delete
-    from tests.test_integrity import chat
+    from tests.test_erasure import erase_mid_round
 
     gw = make_gateway()
-    chat(gw, "inflight", "the first turn")
-    arrived, release = threading.Event(), threading.Event()
-
-    def slow(body: dict[str, Any]) -> str:
-        arrived.set()
-        release.wait(30)
-        return "an answer drawn from the erased window"
-
-    upstream.reply = slow
-    caller = threading.Thread(target=lambda: chat(gw, "inflight", "the second turn"))
-    caller.start()
-    try:
-        assert arrived.wait(30)
-        assert delete(gw, "inflight").status_code == 200
-    finally:
-        release.set()
-        caller.join(30)
+    erase_mid_round(gw, upstream, "inflight", "an answer drawn from the erased window")
     rounds = [e for e in gw.audit_entries() if e["event"] == "round" and e.get("session_id") == "inflight"]
     assert [e["outcome"] for e in rounds] == ["completed", "erased_meanwhile"]
     requests = [e for e in lines(gw) if e.get("event") == "request" and e.get("session_id") == "inflight"]

@@ -260,31 +260,38 @@ def _seeded_store(tmp_path: Path, session: str, *, name: str = "seeded") -> Gate
     return gw
 
 
+def erase_mid_round(gw: Gateway, upstream: Upstream, session: str, answer: str) -> str:
+    """One round on *session* (after a first one) whose session is erased while the model is
+    still answering; the reply the client got."""
+    chat(gw, session, "the first turn")
+    arrived, release = threading.Event(), threading.Event()
+
+    def slow(body: dict[str, Any]) -> str:
+        arrived.set()
+        release.wait(30)
+        return answer
+
+    upstream.reply = slow
+    result: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: result.update(reply=chat(gw, session, "the second turn")))
+    caller.start()
+    try:
+        assert arrived.wait(30)
+        assert delete(gw, session).status_code == 200
+    finally:
+        release.set()
+        caller.join(30)
+    return str(result["reply"])
+
+
 def test_a_round_in_flight_when_its_session_is_erased_records_nothing(
         make_gateway: Callable[..., Gateway], upstream: Upstream) -> None:
     """A round that loaded a session erased while the model was still answering is audited
     (outcome `erased_meanwhile`, nothing recorded) but creates no new session: its reply, which
     may echo the erased memo, is nowhere in the store."""
     gw = make_gateway()
-    chat(gw, "inflight", "the first turn")
-    arrived, release = threading.Event(), threading.Event()
-
-    def slow(body: dict[str, Any]) -> str:
-        arrived.set()
-        release.wait(30)
-        return "an answer drawn from the erased window: walrus-7781"
-
-    upstream.reply = slow
-    result: dict[str, Any] = {}
-    caller = threading.Thread(target=lambda: result.update(reply=chat(gw, "inflight", "the second turn")))
-    caller.start()
-    try:
-        assert arrived.wait(30)
-        assert delete(gw, "inflight").status_code == 200
-    finally:
-        release.set()
-        caller.join(30)
-    assert "walrus-7781" in result["reply"]  # the client had its answer
+    reply = erase_mid_round(gw, upstream, "inflight", "an answer drawn from the erased window: walrus-7781")
+    assert "walrus-7781" in reply  # the client had its answer
 
     assert get_session(gw, "inflight").status_code == 404
     assert b"walrus-7781" not in gw.stored_bytes()
