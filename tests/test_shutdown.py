@@ -1,20 +1,26 @@
 """Graceful shutdown never waits for a body nobody will read: after a 413 for a body still
 arriving (or stalled), SIGTERM ends ``sessiongate serve`` within a couple of seconds, and the
-rounds committed before are in the store."""
+rounds committed before are in the store. A round still waiting for the provider after
+``server.shutdown_timeout`` is cancelled and recorded incomplete, ended by the shutdown."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import signal
 import socket
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
-from tests.conftest import ACME_KEY, Upstream
+from tests.conftest import ACME_KEY, Upstream, chat_provider, wait_for
 from tests.hostile.subprocess_gateway import served_gateway
 from tests.provider import Provider, provider  # noqa: F401
 
@@ -165,3 +171,49 @@ def test_a_stream_cut_by_shutdown_is_recorded_with_what_the_client_got(tmp_path:
         bodies = [b for (b,) in conn.execute("SELECT body FROM audit WHERE tenant='acme' ORDER BY seq")]
     assert outcomes == [("incomplete",)]
     assert any(b'"ended_by":"shutdown"' in b for b in bodies)
+
+
+GRACE = 3.0
+
+
+def test_rounds_cut_by_shutdown_before_the_reply_are_incomplete_not_upstream_errors(tmp_path: Path) -> None:
+    """A non-streamed chat and a stream, both waiting for a provider that has not answered (no headers yet),
+    when SIGTERM comes: after ``shutdown_timeout`` they are cancelled and each round is recorded
+    ``incomplete``, ``ended_by: shutdown``: the provider did not fail (they were ``upstream_error``, blaming
+    it)."""
+    asked: list[bool] = []
+    release = threading.Event()
+
+    async def thinking(request: web.Request) -> web.Response:
+        asked.append(bool((await request.json()).get("stream")))
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 60)
+        return web.json_response({"error": {"message": "too late", "type": "server_error"}}, status=500)
+
+    def call(session: str, stream: bool) -> None:
+        with contextlib.suppress(httpx.HTTPError):  # cut off by the shutdown: no reply
+            httpx.post(f"{gw.url}/v1/chat/completions", timeout=60, headers={
+                "Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": session},
+                json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "think"}]})
+
+    try:
+        with chat_provider(thinking) as url, served_gateway(tmp_path / "gw", url,
+                                                           server={"shutdown_timeout": GRACE}) as gw:
+            clients = [threading.Thread(target=call, args=(f"cut-{kind}", kind == "stream"))
+                       for kind in ("json", "stream")]
+            for client in clients:
+                client.start()
+            wait_for(lambda: len(asked) == 2)
+            gw.stop(timeout=30)
+            for client in clients:
+                client.join(30)
+            assert gw.proc.returncode == 0, gw.stderr()[-2000:]
+    finally:
+        release.set()
+    with sqlite3.connect(tmp_path / "gw" / "gateway.db") as conn:
+        outcomes = dict(conn.execute("SELECT session_id, outcome FROM rounds WHERE tenant='acme'").fetchall())
+        bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM audit WHERE tenant='acme' ORDER BY seq")]
+    assert outcomes == {"cut-json": "incomplete", "cut-stream": "incomplete"}
+    rounds = [b for b in bodies if b.get("event") == "round"]
+    assert len(rounds) == 2
+    for entry in rounds:
+        assert (entry["outcome"], entry["ended_by"], entry.get("upstream_status")) == ("incomplete", "shutdown", None)

@@ -29,7 +29,9 @@ gets, and so are the request fields the gateway changed on the way up (:func:`ec
 Past ``max_reply_bytes`` of events the client still gets every event, the reply is assembled
 from what fits, and the round is ``incomplete`` with ``reply_truncated``. A client that
 disconnects, or an upstream that breaks off, ends the stream with outcome ``incomplete``
-(``ended_by`` says which); the partial reply is still recorded. Errors before any byte reached
+(``ended_by`` says which); the partial reply is still recorded. A round cancelled by the
+gateway's shutdown, streamed or not, whether or not the provider had begun its reply, is
+``incomplete`` with ``ended_by = "shutdown"``. Errors before any byte reached
 the client raise ``UpstreamError``/``UpstreamTimeout``; once bytes went out, a broken-off
 upstream sets ``ended_by = "upstream"`` and ``respond`` ends the reply (an SSE error event for a
 stream, a closed connection otherwise) — never a second status line. Upstream 4xx/5xx bodies
@@ -95,7 +97,8 @@ async def _forward(ctx: Context, headers: Mapping[str, str]) -> None:
             ctx.upstream_status = exc.upstream_status
         raise
     except asyncio.CancelledError:
-        if not watch.fired:
+        if not watch.fired:  # the gateway's shutdown cut the round off (the provider did not fail)
+            ctx.outcome, ctx.ended_by = "incomplete", "shutdown"
             raise
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
         ctx.outcome, ctx.ended_by = "incomplete", "client"  # recorded as any client that left
