@@ -1,8 +1,9 @@
 """The HTTP listener: aiohttp's server, held to a proxy's limits against slow and hostile clients.
 
-``run(app, settings)`` serves *app* until SIGTERM/SIGINT/SIGHUP, then shuts down within
-``server.shutdown_timeout`` (twice at most: a grace for in-flight requests, then their
-cancellation, whose settle step still commits the round). ``GatewayRunner`` is the
+``run(app, settings)`` serves *app* until SIGTERM/SIGINT/SIGHUP, then shuts down: in-flight
+requests get ``server.shutdown_timeout`` seconds to finish, then are cancelled and get as long
+again for their settle step to record the round (so the connections are done within twice
+``shutdown_timeout``; the app's clean-up, closing the store, follows). ``GatewayRunner`` is the
 ``web.AppRunner`` that does the same for tests and embedders.
 
 What aiohttp does not do and this module adds, per connection (``GatewayProtocol``):
@@ -28,8 +29,15 @@ What aiohttp does not do and this module adds, per connection (``GatewayProtocol
   characters, bad chunked framing...) are answered in OpenAI's error shape with a fixed
   message naming the kind of problem; nothing of the request is echoed or logged, and
   aiohttp's own logging of the offending bytes is replaced by a line naming the exception type;
-- **shutdown** that never waits for a body nobody is reading: a connection with no request in
-  progress (idle, in its head, or lingering after a 413) is closed at once.
+- **shutdown** that finishes what it started and never waits for a body nobody is reading: a
+  request whose head arrived before shutdown keeps receiving its body (aiohttp drops every byte
+  that arrives once it is stopping, so such a request waited out the grace and was cut off with
+  no reply) and is answered with ``Connection: close``; no other request starts on its
+  connection (a pipelined one behind it gets no answer: the connection closes after the first).
+  A head on its way counts too: connections still in the listen backlog are accepted before
+  the listener closes (``take_backlog``: closing it reset them), and a head begun, or a
+  connection opened under ``EVICT_MIN_AGE`` before, may still complete within the grace. A
+  connection with no request (idle, or lingering after a 413) is closed at once.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import asyncio
 import gc
 import os
 import resource
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +73,8 @@ EVICT_MIN_AGE = 1.0
 """Seconds a new connection is safe from being closed to make room: enough for any client to
 send a request head, so a flood of reconnecting slow sockets cannot evict a normal client
 before it is served."""
+BACKLOG = 1024
+"""The listening socket's queue of connections the kernel completed and the gateway has not accepted."""
 FD_RESERVE = 256
 """Descriptors kept free for everything that is not a client connection: the store, the
 policy and key files, logs, the stand-in model."""
@@ -163,6 +174,10 @@ class GatewayProtocol(RequestHandler):
         self._body_idle_deadline = 0.0
         self._body_deadline = 0.0
         self._body_timer: asyncio.TimerHandle | None = None
+        self._answered = 0  # requests handled to their end; _request_count counts the heads parsed
+        self._head_began = 0.0
+        self._head_grace_until = 0.0  # at shutdown: until when a head on its way may still come
+        self._head_waiter: asyncio.Future[None] | None = None
 
     # --- connection life --------------------------------------------------------------
 
@@ -197,6 +212,7 @@ class GatewayProtocol(RequestHandler):
             return
         self._gw.live.pop(self, None)
         self._cancel_timers()
+        self._head_came()
         super().connection_lost(exc)
 
     def evict(self) -> None:
@@ -233,8 +249,15 @@ class GatewayProtocol(RequestHandler):
 
     # --- reading ----------------------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        """The server is shutting down: the request in progress is the connection's last."""
+        return self._gw.stopping
+
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:
+            if self._gw.stopping and not self._force_close:
+                self._shutdown_body(data)
             return
         body = self._body
         into_body = body is not None and not body.is_eof()  # known before the parser takes the segment
@@ -243,6 +266,9 @@ class GatewayProtocol(RequestHandler):
         loop = self._loop
         if self._request_count > before:
             self._disarm_head()
+            if self._gw.stopping:  # a head that was on its way at shutdown: its request is the last
+                self.close()
+                self._head_came()
             if self._body is not None and not self._body.is_eof() and isinstance(self._messages[-1][0], _ErrInfo):
                 # broken framing inside a body being read: that request fails, the connection ends
                 self._messages.pop()
@@ -271,14 +297,34 @@ class GatewayProtocol(RequestHandler):
         else:
             self._head_bytes = True
 
+    def _shutdown_body(self, data: bytes) -> None:
+        """Once shutdown began: the bytes of the body of the request being served, which is still
+        to be answered. What follows that body (a pipelined request) is parsed and dropped: no
+        request starts on a connection after shutdown began."""
+        body, parser = self._body, self._parser
+        if body is None or body.is_eof() or parser is None or self._payload_parser is not None or self._upgraded:
+            return
+        self._body_idle_deadline = self._loop.time() + self._limits.body_idle_timeout
+        try:
+            parser.feed_data(data)
+        except http_exceptions.HttpProcessingError:
+            if not body.is_eof():
+                body.set_exception(RequestPayloadError("invalid body framing"))
+            self._body = None
+
     def _process_keepalive(self) -> None:
         if self._head_timer is not None and self._head_bytes:
             return  # a request head has begun: the header timeout decides now
         super()._process_keepalive()
 
+    def _head_came(self) -> None:
+        if self._head_waiter is not None and not self._head_waiter.done():
+            self._head_waiter.set_result(None)
+
     def _arm_head(self) -> None:
         self._head_bytes = False
-        self._head_deadline = self._loop.time() + self._limits.header_timeout
+        self._head_began = self._loop.time()
+        self._head_deadline = self._head_began + self._limits.header_timeout
         self._head_timer = self._loop.call_at(self._head_deadline, self._on_head_timer)
 
     def _disarm_head(self) -> None:
@@ -353,6 +399,7 @@ class GatewayProtocol(RequestHandler):
         try:
             return await super()._handle_request(request, start_time, request_handler)
         finally:
+            self._answered += 1
             release_body(request)
 
     # --- errors and logs --------------------------------------------------------------
@@ -381,15 +428,54 @@ class GatewayProtocol(RequestHandler):
 
     # --- shutdown ---------------------------------------------------------------------
 
+    def begin_shutdown(self) -> None:
+        """Shutdown began (``GatewayServer.pre_shutdown``): no further request starts on this
+        connection (aiohttp's ``close``), unless a head is on its way, none being parsed yet: part
+        of it has come (it may come until its header timeout), or the connection is new, accepted
+        less than ``EVICT_MIN_AGE`` ago (until it is that old). :meth:`shutdown` waits for such a
+        head, within the grace; its request is then the connection's last."""
+        until = 0.0
+        if self._head_timer is not None and not self._messages and not self._request_in_progress:
+            until = self._head_deadline if self._head_bytes else self._head_began + EVICT_MIN_AGE
+        if until > self._loop.time() and self.transport is not None:
+            self._head_grace_until = until
+        else:
+            self.close()
+
     async def shutdown(self, timeout: float | None = 15.0) -> None:
-        """Wait (up to *timeout*) only for a request being handled; close anything else now,
-        including a connection lingering over a body nobody will read."""
-        if self._request_in_progress:
-            await super().shutdown(timeout)
+        """Give the request whose head has arrived (being handled, or parsed and about to be; or
+        on its way, see :meth:`begin_shutdown`) until *timeout* seconds from now to be answered,
+        its body still arriving meanwhile; then cancel it and give it as long again to settle (the
+        pipeline records its round, ``ended_by: shutdown``). A connection with no such request
+        (idle, a head begun long ago, lingering over a body nobody will read) is closed now.
+
+        aiohttp's own waits *timeout* for the handler, then fails only a body read and waits
+        *timeout* again before it cancels, not waiting for the cancelled handler at all."""
+        loop = self._loop
+        deadline = float("inf") if timeout is None else loop.time() + timeout
+        self._lingering_time = 0.0  # a body left unread after the answer is not waited for
+        if self._head_grace_until and self._answered >= self._request_count:
+            self._head_waiter = loop.create_future()
+            until = min(self._head_grace_until, deadline)
+            await asyncio.wait({self._head_waiter}, timeout=max(0.0, until - loop.time()))
+            self._head_waiter = None
+        self.close()
+        self._disarm_head()
+        task = self._task_handler
+        if self._answered >= self._request_count or task is None or task.done():
+            self._cancel_timers()
+            if task is not None and not task.done():
+                task.cancel()
+            self.force_close()
             return
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        done, _ = await asyncio.wait({task}, timeout=None if timeout is None else max(0.0, deadline - loop.time()))
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=timeout)
         self._cancel_timers()
-        if self._task_handler is not None and not self._task_handler.done():
-            self._task_handler.cancel()
         self.force_close()
 
 
@@ -401,6 +487,18 @@ class GatewayServer(Server):
         self.limits = limits
         self.live: dict[GatewayProtocol, None] = {}
         self.stats = ConnectionStats()
+        self.stopping = False
+
+    def pre_shutdown(self) -> None:
+        """Shutdown begins: no connection starts another request, but a head on its way
+        (``GatewayProtocol.begin_shutdown``), while the body of a request in progress still
+        arrives (``GatewayProtocol.data_received``)."""
+        self.stopping = True
+        for conn in list(self._connections):
+            if isinstance(conn, GatewayProtocol):
+                conn.begin_shutdown()
+            else:
+                conn.close()
 
     def __call__(self) -> GatewayProtocol:
         return GatewayProtocol(self, limits=self.limits, loop=self._loop, **self._kwargs)
@@ -471,6 +569,15 @@ def fd_budget(settings: Settings) -> int:
     return max(1, soft - (wanted - settings.server.max_connections))
 
 
+async def last_on_connection(request: web.Request, response: web.StreamResponse) -> None:
+    """A response prepared once shutdown began says ``Connection: close``: the connection ends
+    after it, and the client must not send another request on it."""
+    protocol = request.protocol
+    if isinstance(protocol, GatewayProtocol) and protocol.stopping:
+        response.force_close()
+        response.headers["Connection"] = "close"  # aiohttp set its headers before this hook runs
+
+
 class GatewayRunner(web.AppRunner):
     """``web.AppRunner`` whose server enforces ``server.*`` limits (see the module docstring)."""
 
@@ -480,6 +587,8 @@ class GatewayRunner(web.AppRunner):
         super().__init__(app, shutdown_timeout=server.shutdown_timeout, keepalive_timeout=server.keepalive_timeout,
                          lingering_time=LINGERING_SECONDS, **kwargs)
         self._limits = Limits.from_settings(server, max_connections)
+        if isinstance(app, web.Application):
+            app.on_response_prepare.append(last_on_connection)
 
     async def _make_server(self) -> Server:
         base = await super()._make_server()
@@ -509,6 +618,25 @@ def settle_heap() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+def take_backlog(site: web.TCPSite) -> list[socket.socket]:
+    """The connections the kernel completed on *site*'s listening sockets that the event loop
+    has not accepted yet (the listen backlog), taken before the listeners close: closing a
+    listener resets them, so a client that had connected and sent its request got a reset
+    instead of an answer. Bounded by the backlog's size."""
+    taken: list[socket.socket] = []
+    for listener in getattr(site._server, "sockets", None) or ():
+        with socket.socket(fileno=os.dup(listener.fileno())) as sock:
+            sock.setblocking(False)
+            for _ in range(BACKLOG):
+                try:
+                    conn, _addr = sock.accept()
+                except OSError:  # BlockingIOError: nothing more waiting
+                    break
+                conn.setblocking(False)
+                taken.append(conn)
+    return taken
+
+
 async def serve(app: web.Application, settings: Settings) -> None:
     """Serve *app* on ``server.host:server.port`` until SIGTERM, SIGINT or SIGHUP, then shut down."""
     server = settings.server
@@ -528,7 +656,7 @@ async def serve(app: web.Application, settings: Settings) -> None:
     runner = GatewayRunner(app, server, max_connections=min(cap, server.max_connections))
     await runner.setup()
     try:
-        site = web.TCPSite(runner, server.host, server.port, backlog=1024, reuse_port=worker or None)
+        site = web.TCPSite(runner, server.host, server.port, backlog=BACKLOG, reuse_port=worker or None)
         await site.start()
         settle_heap()
         workers.notify_ready()
@@ -537,8 +665,12 @@ async def serve(app: web.Application, settings: Settings) -> None:
         for sig in workers.STOP_SIGNALS:  # SIGHUP too: a closing terminal must not cut rounds off unrecorded
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        queued = take_backlog(site)
+        await site.stop()  # new connections are refused (or go to a sibling worker)
+        for conn in queued:  # served like those the loop had accepted: see take_backlog
+            await loop.connect_accepted_socket(runner.server, conn)  # type: ignore[arg-type]
         log.info("shutting_down", open_connections=len(runner.server.live) if isinstance(
-            runner.server, GatewayServer) else None)
+            runner.server, GatewayServer) else None, from_backlog=len(queued))
     finally:
         await runner.cleanup()
 
