@@ -22,8 +22,6 @@ completed when it arrived. Errors: ``{"type": "error", "error": {"type", "messag
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -31,7 +29,7 @@ import orjson
 from gateway.codecs import references, window_plan
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
-from gateway.session.structured import document_parts, is_text_media, media_object, placeholder
+from gateway.session.structured import document_parts, is_text_media, media_object, placeholder, strict_b64
 from gateway.sse import EventAssembler, assistant_message
 
 if TYPE_CHECKING:
@@ -103,8 +101,8 @@ def _base64_text(source: dict[str, Any]) -> str | None:
             source.get("media_type") if isinstance(source.get("media_type"), str) else None):
         return None
     try:
-        return base64.b64decode(data, validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return strict_b64(data).decode("utf-8")
+    except (BadRequest, UnicodeDecodeError):
         return None
 
 

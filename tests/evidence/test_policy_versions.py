@@ -56,6 +56,16 @@ def _write_policies(folder: Path, name: str, text: str) -> None:
     (folder / name).write_text(text)
 
 
+def _chat_gateway(make_gateway: Callable[..., Gateway], tmp_path: Path, text: str) -> tuple[Gateway, Path, str]:
+    """A gateway whose policy folder holds only ``chat.yaml`` = *text*: it, the folder, and the
+    version hash the chat policy has."""
+    folder = tmp_path / "pol"
+    folder.mkdir()
+    _write_policies(folder, "chat.yaml", text)
+    gw = make_gateway(folder)
+    return gw, folder, gw.app[SERVICES].policies.current.get("chat").version_hash
+
+
 def _swap(gw: Gateway, folder: Path, name: str, text: str, expect: Callable[[PolicySet], bool]) -> None:
     _write_policies(folder, name, text)
     wait_for(lambda: expect(gw.app[SERVICES].policies.current), seconds=10)
@@ -74,11 +84,7 @@ def test_export_redacts_with_the_recording_version_after_edit_and_removal(
         make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
     """Recorded under v1 (mask e-mails): exported masked after the file becomes v2 (keep all),
     and still masked after the policy is removed for another catch-all."""
-    folder = tmp_path / "pol"
-    folder.mkdir()
-    _write_policies(folder, "chat.yaml", V1)
-    gw = make_gateway(folder)
-    v1 = gw.app[SERVICES].policies.current.get("chat").version_hash
+    gw, folder, v1 = _chat_gateway(make_gateway, tmp_path, V1)
     chat(gw, "mail", f"write to {EMAIL} please")
     assert EMAIL not in _export_text(gw, tmp_path / "e0")
 
@@ -98,11 +104,7 @@ def test_export_redacts_with_the_recording_version_after_edit_and_removal(
 def test_retention_follows_the_recording_version(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
     """A round recorded under v1 (1 day) expires after two days although the file now says v2
     (keep forever), and also once the policy is gone."""
-    folder = tmp_path / "pol"
-    folder.mkdir()
-    _write_policies(folder, "chat.yaml", V1)
-    gw = make_gateway(folder)
-    v1 = gw.app[SERVICES].policies.current.get("chat").version_hash
+    gw, folder, v1 = _chat_gateway(make_gateway, tmp_path, V1)
     chat(gw, "old", "expiring text")
     _swap(gw, folder, "chat.yaml", V2, lambda s: s.get("chat") is not None and s.get("chat").version_hash != v1)
     later = time.time() + 2 * 86400
@@ -242,12 +244,8 @@ def test_retention_keeps_a_round_whose_kept_version_was_deleted(make_gateway: Ca
     Once that version's row is deleted, a purge two days on still keeps it (counted, and logged
     naming the version) instead of purging it under today's 1-day policy, and verify names the
     missing version (probe F1)."""
-    folder = tmp_path / "pol"
-    folder.mkdir()
-    _write_policies(folder, "chat.yaml", RET_365)
-    gw = make_gateway(folder)
+    gw, folder, v1 = _chat_gateway(make_gateway, tmp_path, RET_365)
     tables = Tables("sqlite", gw)
-    v1 = gw.app[SERVICES].policies.current.get("chat").version_hash
     chat(gw, "kept", "a year's text")
     _swap(gw, folder, "chat.yaml", RET_1, lambda s: s.get("chat") is not None and s.get("chat").version_hash != v1)
     later = time.time() + 2 * 86400
@@ -269,12 +267,8 @@ def test_verify_names_a_deleted_version_whose_rounds_were_purged(make_gateway: C
                                                                 tmp_path: Path) -> None:
     """A version's row deleted after its rounds were purged (the session erased whole) leaves no
     round row to flag, but the chain still records rounds under it: verify names it (probe F1)."""
-    folder = tmp_path / "pol"
-    folder.mkdir()
-    _write_policies(folder, "chat.yaml", RET_1)
-    gw = make_gateway(folder)
+    gw, folder, v1 = _chat_gateway(make_gateway, tmp_path, RET_1)
     tables = Tables("sqlite", gw)
-    v1 = gw.app[SERVICES].policies.current.get("chat").version_hash
     chat(gw, "gone", "a day's text")
     purged = _cli_days_on(2, "--config", str(gw.config_path), "purge")  # a purge that writes its entry then
     assert purged.returncode == 0 and "purged 1 expired rounds; erased 1 sessions" in purged.stdout, purged
