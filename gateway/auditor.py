@@ -89,20 +89,31 @@ def export_secret(settings: Settings) -> bytes:
                               "characters", field="audit.export_secret_env")
         return value.encode()
     path = settings.audit.signing_key_file.parent / "export-secret"
-    if not path.exists():  # written whole beside it, then linked in: a crash never leaves a part
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        partial = path.with_name(f".export-secret.{secrets.token_hex(8)}")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-                f.flush()
-                os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):  # another process made it first: theirs is kept
-                os.link(partial, path)
-        finally:
-            partial.unlink()
-    secret = path.read_text().strip()
+    instead = "or set audit.export_secret_env to an environment variable holding the secret"
+    try:
+        if not path.exists():  # written whole beside it, then linked in: a crash never leaves a part
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            partial = path.with_name(f".export-secret.{secrets.token_hex(8)}")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32))
+                    f.flush()
+                    os.fsync(f.fileno())
+                with contextlib.suppress(FileExistsError):  # another process made it first: theirs is kept
+                    os.link(partial, path)
+            finally:
+                partial.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot create the export secret: {exc.strerror or exc} at "
+                          f"{os.fsdecode(exc.filename) if exc.filename else path}: let this user write to "
+                          f"{path.parent}, {instead}", file=str(path)) from exc
+    try:
+        secret = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "it is not text"
+        raise ConfigError(f"cannot read the export secret: {why}: let this user read it (pseudonyms in exports "
+                          f"depend on it), {instead}", file=str(path)) from exc
     if len(secret) < 16:
         raise ConfigError(f"{path} holds {len(secret)} characters, not an export secret: restore it from your "
                           "backup (pseudonyms in exports depend on it)", file=str(path))

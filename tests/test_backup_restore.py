@@ -4,6 +4,8 @@ the copied checkpoints."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
+from gateway.errors import ConfigError
 from tests.conftest import ACME_KEY, REPO, Gateway
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
@@ -116,3 +120,33 @@ def test_a_refused_backup_makes_no_export_secret_and_an_empty_one_is_refused(mak
     made = cli(live.config_path, "export", "--tenant", "acme", "--out", str(out))
     assert made.returncode != 0 and "Traceback" not in made.stderr, made.stderr
     assert "export-secret" in made.stderr and "restore it from your backup" in made.stderr, made.stderr
+
+
+def test_an_export_secret_that_cannot_be_made_or_read_is_one_line_saying_what_to_do(
+        make_gateway: Callable[..., Gateway], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An auditor exporting from a folder they cannot write (the secret not made yet), or whose
+    ``export-secret`` cannot be read (here a folder stands in its place), gets one line naming the
+    file and both fixes, exit 2: never an OSError traceback."""
+    live = make_gateway(name="live")
+    live.openai(session="s").chat.completions.create(model="standin", messages=[{"role": "user", "content": "hi"}])
+    (live.dir / "export-secret").mkdir()
+    made = cli(live.config_path, "export", "--tenant", "acme", "--out", str(tmp_path / "e.jsonl"))
+    assert made.returncode == 2 and "Traceback" not in made.stderr, made.stderr
+    assert f"{live.dir / 'export-secret'}: cannot read the export secret: " in made.stderr, made.stderr
+    assert "audit.export_secret_env" in made.stderr, made.stderr
+
+    from gateway.auditor import export_secret
+    from gateway.settings import load_settings
+
+    settings = load_settings(live.config_path)
+    (live.dir / "export-secret").rmdir()
+
+    def read_only(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(args[0]))
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(ConfigError) as caught:
+        export_secret(settings)
+    said = str(caught.value)
+    assert said.startswith(f"{live.dir / 'export-secret'}: cannot create the export secret: Read-only file system")
+    assert f"let this user write to {live.dir}" in said and "audit.export_secret_env" in said, said
