@@ -99,6 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     count = args.workers if args.workers is not None else workers.default_workers(settings.store.backend)
     if count < 1:
         return _fail(f"--workers {count}: must be at least 1 (the number of gateway processes sharing the port)")
+    if count > (most := workers.max_workers()):
+        return _fail(f"--workers {count}: at most {most} on this machine ({workers.WORKERS_PER_CPU} per CPU, "
+                     f"{os.cpu_count() or 1} CPUs): each worker is a whole gateway with its own store connections "
+                     "and memory; one per core the gateway may use is the most that helps")
     if index is None:  # a worker's port is already bound by its siblings (SO_REUSEPORT)
         preflight(settings, flags={name for name in ("host", "port") if getattr(args, name) is not None})
     else:

@@ -94,6 +94,17 @@ def default_workers(backend: str) -> int:
     return 1
 
 
+WORKERS_PER_CPU = 4
+
+
+def max_workers() -> int:
+    """The most workers ``serve --workers`` starts: :data:`WORKERS_PER_CPU` per CPU, at least 8.
+    More cannot run at once, and each holds its own store connections (a PostgreSQL pool each) and
+    its own caches: a mistyped count would exhaust the database's connections or the memory
+    before serving anything."""
+    return max(8, WORKERS_PER_CPU * (os.cpu_count() or 1))
+
+
 def die_with_supervisor() -> None:
     """In a worker: ask the kernel for SIGTERM when the supervisor dies (even by SIGKILL), so no
     worker outlives it holding the port; exit at once when it is already gone. Linux only (a

@@ -171,6 +171,17 @@ def test_serve_with_no_workers_blames_the_flag_not_the_configuration(tmp_path: P
     assert str(config) not in result.stderr
 
 
+def test_serve_with_more_workers_than_the_machine_can_run_is_refused_before_any_starts(tmp_path: Path) -> None:
+    """A mistyped ``--workers 4000`` would start 4000 whole gateways, each with its own store
+    connections: refused at once, naming the flag and the most this machine takes."""
+    from gateway.workers import max_workers
+
+    config = write_config(tmp_path, None, REPO / "policies")
+    result = run("serve", "--config", str(config), "--workers", str(max_workers() + 1), "--port", "0", timeout=30)
+    assert_one_line_error(result, 2, f"--workers {max_workers() + 1}: at most {max_workers()} on this machine")
+    assert "sessiongate listening" not in result.stderr
+
+
 def test_serve_with_an_unset_client_or_master_key_variable_names_its_line(tmp_path: Path) -> None:
     """A client's key_env or keys.master_key_env naming an unset variable stops serve with one line naming the
     file, line and field, before anything is opened (no aiohttp 'Unclosed client session' noise)."""
