@@ -42,9 +42,11 @@ instead (:func:`translated_error`):
   provider's status when a client would retry it (429, 5xx) and 502 otherwise, and the
   provider's retry advice and request id headers.
 
-An error body, relayed or read here, has the upstream's provider key replaced by ``[provider
-key]`` wherever it appears (``UpstreamReply.aiter_bytes``). Client credentials never pass through
-here.
+Every reply body, relayed or read here, error or not, streamed or not, has the upstream's
+provider key replaced by ``[provider key]`` wherever it appears (``UpstreamReply.aiter_bytes``,
+:class:`KeyBlanker`), so neither a client nor a round's record ever holds it, should the provider
+(or a proxy in front of it) echo the request's credentials, in an error or in a stream's error
+event. Client credentials never pass through here.
 """
 
 from __future__ import annotations
@@ -147,6 +149,43 @@ def client_headers(headers: Mapping[str, str], secret: bytes | None = None) -> d
     return kept
 
 
+class KeyBlanker:
+    """Replaces *secret* by :data:`BLANKED_KEY` in a body fed piece by piece, a key split across
+    pieces included. A piece goes out whole at once unless its last bytes could begin the key
+    (they are a prefix of it): only those wait for the next piece. An event stream's pieces end
+    in a blank line, which no key begins, so streamed events are never held back; the cost per
+    piece is one substring search and a look at its last ``len(secret) - 1`` bytes."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self._first = secret[:1]
+        self._carry = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        """What of *piece* (after what was held) can go out now, the key blanked in it."""
+        text = self._carry + piece if self._carry else piece
+        if self._secret in text:
+            text = text.replace(self._secret, BLANKED_KEY)
+        cut = self._key_start(text)
+        self._carry = text[cut:]
+        return text[:cut] if cut < len(text) else text
+
+    def end(self) -> bytes:
+        """What was held back at the end of the body (the start of a key that never finished)."""
+        carry, self._carry = self._carry, b""
+        return carry
+
+    def _key_start(self, text: bytes) -> int:
+        """Where the end of *text* that could begin the key starts (``len(text)`` when none does)."""
+        secret, first = self._secret, self._first
+        pos = text.find(first, max(len(text) - len(secret) + 1, 0))
+        while pos != -1:
+            if secret.startswith(text[pos:]):
+                return pos
+            pos = text.find(first, pos + 1)
+        return len(text)
+
+
 class UpstreamReply:
     """One provider reply: ``status``, ``content_type``, the client-visible ``headers``, and the
     decoded body through ``aiter_bytes()`` (as it arrives) or ``read()``. Raises only our errors."""
@@ -174,22 +213,20 @@ class UpstreamReply:
         return self._resp.content.total_bytes > 0
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
-        """The decoded body, piece by piece as the provider sends it (empty pieces skipped). An
-        error body has the provider key blanked out wherever it appears, should the provider
-        (or a proxy in front of it) echo the request's credentials."""
-        secret = self._up.secret if self.status >= 400 else None
+        """The decoded body, piece by piece as the provider sends it (empty pieces skipped), with
+        the provider key blanked out wherever it appears (:class:`KeyBlanker`), should the
+        provider (or a proxy in front of it) echo the request's credentials: in an error body, a
+        reply's text or a stream's error event alike."""
+        secret = self._up.secret
         return self._pieces() if secret is None else self._blanked(secret)
 
     async def _blanked(self, secret: bytes) -> AsyncIterator[bytes]:
-        carry = b""  # a key's first bytes may end one piece and the rest begin the next
+        blanker = KeyBlanker(secret)
         async for piece in self._pieces():
-            text = (carry + piece).replace(secret, BLANKED_KEY)
-            cut = max(len(text) - len(secret) + 1, 0)
-            carry = text[cut:]
-            if cut:
-                yield text[:cut]
-        if carry:
-            yield carry
+            if out := blanker.feed(piece):
+                yield out
+        if tail := blanker.end():
+            yield tail
 
     async def _pieces(self) -> AsyncIterator[bytes]:
         try:
