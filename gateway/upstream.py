@@ -154,11 +154,13 @@ class KeyBlanker:
     pieces included. A piece goes out whole at once unless its last bytes could begin the key
     (they are a prefix of it): only those wait for the next piece. An event stream's pieces end
     in a blank line, which no key begins, so streamed events are never held back; the cost per
-    piece is one substring search and a look at its last ``len(secret) - 1`` bytes."""
+    piece is one substring search and a look at its last byte (at its last ``len(secret) - 1``
+    bytes only when that byte is one of the key's)."""
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
         self._first = secret[:1]
+        self._chars = frozenset(secret)  # a piece ending in another byte ("\n", "}") cannot end in a key's start
         self._carry = b""
 
     def feed(self, piece: bytes) -> bytes:
@@ -177,6 +179,8 @@ class KeyBlanker:
 
     def _key_start(self, text: bytes) -> int:
         """Where the end of *text* that could begin the key starts (``len(text)`` when none does)."""
+        if not text or text[-1] not in self._chars:
+            return len(text)
         secret, first = self._secret, self._first
         pos = text.find(first, max(len(text) - len(secret) + 1, 0))
         while pos != -1:
