@@ -7,10 +7,16 @@ stage (``stage authenticate`` …), and under ``forward`` the upstream call as a
 Attributes follow OpenTelemetry's HTTP and GenAI semantic conventions (``http.request.method``,
 ``http.route``, ``http.response.status_code``, ``gen_ai.operation.name``, ``gen_ai.provider.name``
 and its older spelling ``gen_ai.system``, ``gen_ai.request.model``, ``gen_ai.response.model``,
-``gen_ai.response.id``, ``gen_ai.response.finish_reasons``, ``gen_ai.usage.input_tokens``,
+``gen_ai.response.finish_reasons``, ``gen_ai.usage.input_tokens``,
 ``gen_ai.usage.output_tokens``), plus ``sessiongate.tenant``, ``sessiongate.policy.id`` and
 ``sessiongate.outcome``. Contract: no span ever carries message content, a key, a token or a
-session id; only the names and numbers listed here.
+session id; only the names and numbers listed here. An exception that leaves a span is never
+recorded (no ``exception`` event, message or stack trace, no status description: an upstream's
+error page or a refusal may quote the request): the span gets status ERROR and ``error.type``,
+the gateway's error code (``upstream_error_page``, ``invalid_json`` …) or the exception's class
+name (:func:`error_type`). The provider's response id is not an attribute (a provider-held
+response id continues its conversation; a gateway-held chain's id is a handle on recorded
+rounds, as a session id is).
 
 Each app has its own ``TracerProvider`` (nothing global), so tests can export to memory.
 """
@@ -22,7 +28,7 @@ import os
 from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 from gateway.observe import model_label
 
 if TYPE_CHECKING:
@@ -75,14 +81,30 @@ class Tracing:
         """The request's SERVER span, current for everything the request does inside it."""
         from opentelemetry.trace import SpanKind
 
-        with self.tracer.start_as_current_span(f"{method} {route}", kind=SpanKind.SERVER, attributes={
+        with self._span(f"{method} {route}", kind=SpanKind.SERVER, attributes={
                 "http.request.method": method, "http.route": route}) as span:
             yield span
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[Any]:
-        with self.tracer.start_as_current_span(f"stage {name}") as span:
+        with self._span(f"stage {name}") as span:
             yield span
+
+    @contextlib.contextmanager
+    def _span(self, name: str, **kwargs: Any) -> Iterator[Any]:
+        """A current span that records no exception text: an exception leaving it sets status
+        ERROR and ``error.type`` (:func:`error_type`) only. (OpenTelemetry's defaults would export
+        ``str(exc)`` and the stack trace, as an event and as the status description.)"""
+        from opentelemetry.trace import Status, StatusCode
+
+        with self.tracer.start_as_current_span(name, record_exception=False, set_status_on_exception=False,
+                                               **kwargs) as span:
+            try:
+                yield span
+            except Exception as exc:
+                span.set_attribute("error.type", error_type(exc))
+                span.set_status(Status(StatusCode.ERROR))
+                raise
 
     @contextlib.contextmanager
     def upstream_call(self, ctx: Context, headers: MutableMapping[str, str]) -> Iterator[Any]:
@@ -91,14 +113,13 @@ class Tracing:
 
         upstream = ctx.upstream
         model = model_label(ctx.model, upstream)  # never the client's free text (SPEC 3)
-        with self.tracer.start_as_current_span(f"chat {model}" if model else "chat", kind=SpanKind.CLIENT,
-                                               attributes=_drop_none({
-                                                   "gen_ai.operation.name": "chat",
-                                                   "gen_ai.provider.name": "openai",
-                                                   "gen_ai.system": "openai",
-                                                   "gen_ai.request.model": model,
-                                                   "sessiongate.upstream": upstream.name if upstream else None,
-                                               })) as span:
+        with self._span(f"chat {model}" if model else "chat", kind=SpanKind.CLIENT, attributes=_drop_none({
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "openai",
+                "gen_ai.system": "openai",
+                "gen_ai.request.model": model,
+                "sessiongate.upstream": upstream.name if upstream else None,
+        })) as span:
             self._propagator.inject(headers)
             yield span
 
@@ -120,18 +141,19 @@ def finish_request(span: Any, ctx: Context, status: int) -> None:
     finish_reply(span, ctx)
     if status >= 500:
         from opentelemetry.trace import Status, StatusCode
+        span.set_attribute("error.type", str(status))  # an exception leaving the span names itself instead
         span.set_status(Status(StatusCode.ERROR))
 
 
 def finish_reply(span: Any, ctx: Context) -> None:
-    """The GenAI response attributes of the assembled reply (model, id, finish reasons, usage)."""
+    """The GenAI response attributes of the assembled reply (model, finish reasons, usage); never
+    its id (see the module docstring)."""
     reply = ctx.reply_body if isinstance(ctx.reply_body, dict) else {}
     raw_usage = reply.get("usage")
     usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
     reasons = [c.get("finish_reason") for c in reply.get("choices") or [] if isinstance(c, dict)]
     span.set_attributes(_drop_none({
         "gen_ai.response.model": _safe(reply.get("model")),
-        "gen_ai.response.id": _safe(reply.get("id")),
         "gen_ai.response.finish_reasons": [r for r in reasons if isinstance(r, str)] or None,
         "gen_ai.usage.input_tokens": _count(usage.get("prompt_tokens")),
         "gen_ai.usage.output_tokens": _count(usage.get("completion_tokens")),
@@ -143,6 +165,17 @@ def finish_reply(span: Any, ctx: Context) -> None:
 def from_settings(settings: Settings) -> Tracing | None:
     """The app's tracing, or None when it is not configured (then tracing costs nothing)."""
     return Tracing(settings) if wanted(settings) else None
+
+
+def error_type(exc: BaseException) -> str:
+    """A span's ``error.type``: the gateway's error code, an HTTP refusal's status, or the class
+    name of any other exception; never its message."""
+    if isinstance(exc, GatewayError):
+        return exc.code
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and type(exc).__module__.startswith("aiohttp."):
+        return str(status)  # aiohttp's web.HTTPException (a 404, a 405)
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
 
 
 def _safe(value: Any) -> str | None:

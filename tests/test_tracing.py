@@ -123,3 +123,65 @@ def test_tracing_is_off_unless_configured(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert wanted(settings)
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert not wanted(settings)
+
+
+@pytest.fixture
+def page_traced(tmp_path: Path) -> Iterator[tuple[str, InMemorySpanExporter]]:
+    """A traced gateway whose provider (models ``gpt-*``) answers every chat with a 500 HTML page
+    quoting the request: its system prompt, its ``user`` and ``metadata``."""
+    async def page(request: web.Request) -> web.Response:
+        body = (await request.read()).decode()
+        return web.Response(status=500, content_type="text/html",
+                            text=f"<html><head><title>failed on {body}</title></head></html>")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", page)
+    provider = _Server(app)
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    settings = load_settings(write_config(tmp_path, None, policies, upstreams=[
+        {"name": "standin", "base_url": f"http://127.0.0.1:{provider.port}/v1", "models": ["gpt-*"]}]))
+    exporter = InMemorySpanExporter()
+    server = _Server(build_app(settings, tracing=Tracing(settings, exporter)))
+    try:
+        yield f"http://127.0.0.1:{server.port}/v1", exporter
+    finally:
+        server.stop()
+        provider.stop()
+
+
+@pytest.mark.parametrize("model, code", [("gpt-x", "upstream_error_page"), (f"zz-{CANARY}", "model_not_found")])
+def test_an_exception_leaving_a_span_exports_its_type_never_its_text(
+        page_traced: tuple[str, InMemorySpanExporter], model: str, code: str) -> None:
+    """An upstream's error page quoting the request's content, or a refusal quoting the client's
+    model, fails its spans with status ERROR and ``error.type`` (the error's code) only: no
+    exception event, message, stack trace or status description is exported."""
+    import httpx
+
+    base_url, exporter = page_traced
+    resp = httpx.post(f"{base_url}/chat/completions", timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}", "X-Session-Id": "s1"},
+                      json={"model": model, "user": f"user-{CANARY}", "metadata": {"k": f"meta-{CANARY}"},
+                            "messages": [{"role": "system", "content": f"system {CANARY}"},
+                                         {"role": "user", "content": "hi"}]})
+    assert resp.json()["error"]["code"] == code
+    wait_for(lambda: any(s.name == "POST /v1/chat/completions" for s in exporter.get_finished_spans()))
+    spans = exporter.get_finished_spans()
+    failed = [s for s in spans if s.status.status_code.name == "ERROR"]
+    assert "POST /v1/chat/completions" in {s.name for s in failed} and len(failed) >= 2  # a stage's span too
+    for s in spans:
+        assert not s.events and not s.status.description
+        text = repr(dict(s.attributes)) + s.name
+        assert CANARY not in text and "Traceback" not in text and "failed on" not in text
+    for s in failed:
+        assert s.attributes["error.type"] == code
+
+
+def test_spans_carry_no_response_id(traced: tuple[str, InMemorySpanExporter, list[dict[str, str]]]) -> None:
+    """The provider's response id (a provider-held response's continues its conversation) is no attribute."""
+    base_url, exporter, _ = traced
+    reply = _client(base_url, "ids").chat.completions.create(model="standin", messages=[{"role": "user",
+                                                                                          "content": "hi"}])
+    wait_for(lambda: any(s.name == "POST /v1/chat/completions" for s in exporter.get_finished_spans()))
+    for s in exporter.get_finished_spans():
+        assert "gen_ai.response.id" not in s.attributes and reply.id not in repr(dict(s.attributes))
