@@ -42,7 +42,10 @@ Contract, in order:
    a failure (upstream broke off, audit write failed) ends the connection: no second status
    line is ever written into a started body.
 7. Every request that was sent upstream leaves one audit entry (``event: proxy``), whatever
-   happened: completed, upstream error, upstream broke off, client gone.
+   happened: completed, upstream error, upstream broke off, client gone. The entry, and the
+   ``proxy`` log line, name the route by ``Route.template`` (``/v1/responses/{id}/input_items``,
+   ``/v1/files/{id}``): never an object's id (a provider-held response's continues its
+   conversation), a model name or anything else a client wrote into the path.
 """
 
 from __future__ import annotations
@@ -87,6 +90,32 @@ class Route:
     @property
     def display(self) -> str:
         return "/v1" + self.path
+
+    @property
+    def template(self) -> str:
+        """The route as logged and audited: each segment that is a word of a provider API's paths
+        (:data:`API_WORDS`) as it is, every other (an object's id, a model's name, whatever a
+        client made up) as ``{id}``. It says which kind of object was reached, never which."""
+        return "/v1/" + "/".join(seg if seg in API_WORDS else "{id}" for seg in self.segments)
+
+
+API_WORDS = frozenset({
+    # OpenAI
+    "models", "embeddings", "moderations", "files", "content", "uploads", "parts", "complete", "batches",
+    "responses", "input_items", "input_tokens", "compact", "cancel", "conversations", "items", "chat",
+    "completions", "messages", "assistants", "threads", "runs", "steps", "submit_tool_outputs", "vector_stores",
+    "file_batches", "search", "audio", "speech", "transcriptions", "translations", "voices", "images",
+    "generations", "edits", "variations", "fine_tuning", "jobs", "checkpoints", "events", "permissions", "pause",
+    "resume", "alpha", "graders", "run", "validate", "realtime", "sessions", "transcription_sessions",
+    "client_secrets", "calls", "accept", "reject", "hangup", "refer", "containers", "evals", "output_items",
+    "videos", "remix", "organization", "projects", "users", "invites", "api_keys", "service_accounts",
+    "rate_limits", "roles", "groups", "usage", "costs", "audit_logs", "admin_api_keys", "certificates",
+    "activate", "deactivate", "skills", "versions",
+    # Anthropic
+    "count_tokens", "results", "organizations", "workspaces", "members", "usage_report", "cost_report",
+})
+"""The fixed words of OpenAI's and Anthropic's API paths (``Route.template`` keeps these, and
+writes any other segment as ``{id}``)."""
 
 
 def parse_route(raw_target: str) -> Route:
@@ -269,7 +298,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
                         f"'{upstream.name}' in the gateway configuration", code="route_not_allowed")
     await refuse_forwarded_references(services, principal.tenant or "", route, upstream, body, is_json)
     audit: dict[str, object] = {
-        "event": "proxy", "request_id": request_id, "route": route.display, "model": model_label(model, upstream),
+        "event": "proxy", "request_id": request_id, "route": route.template, "model": model_label(model, upstream),
         "outcome": "upstream_error", "ended_by": None, "upstream_status": None, "bytes_out": 0,
         "detail": {"method": request.method, "upstream": upstream.name}}
     out: web.StreamResponse | None = None
@@ -308,7 +337,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     status = out.status if out is not None else (failure.status if failure else 500)
     set_outcome(request, str(audit["outcome"]))  # counted by gateway.observe with route and status
     mark_logged(request)
-    log.info("proxy", request_id=request_id, tenant=principal.tenant or None, route=route.display,
+    log.info("proxy", request_id=request_id, tenant=principal.tenant or None, route=route.template,
              model=audit["model"],
              status=status, outcome=audit["outcome"], ended_by=audit["ended_by"])
     if out is None:
