@@ -130,7 +130,10 @@ def _rewrite(match: re.Match[str]) -> str:
     if kind == "key":
         return _name(token)
     if kind == "hex":
-        return str(int(token, 16))
+        try:
+            return str(int(token, 16))
+        except ValueError:  # more decimal digits than Python converts (4300), as for a decimal number
+            raise _Refused("a number too long to read", match.start()) from None
     if kind == "plus":
         return ""
     if kind == "nan":
