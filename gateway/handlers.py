@@ -58,7 +58,7 @@ from gateway.session.history import (
 )
 from gateway.session.importing import session_policy
 from gateway.session.lenient_json import parse_session_document
-from gateway.session.model import over_limit
+from gateway.session.model import memo_limit_message, memo_over_limit, memo_text, over_limit
 from gateway.settings import TENANT_PATTERN
 from gateway.stages.load_state import HOOK_WAIT_SECONDS
 from gateway.stages.parse_request import check_model, parse_json_object, read_limited
@@ -512,8 +512,12 @@ async def put_memo(request: web.Request) -> web.Response:
     body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
     if "memo" not in body:
         raise BadRequest("the body must hold 'memo' (a string, an object, a list or null)")
+    size = memo_over_limit(body["memo"])
+    if size is not None:
+        raise BadRequest(memo_limit_message(size), code="memo_too_large")
     policy = _session_policy(request, body, tenant, sid)
     await write_memo(services.sessions, policy, tenant, sid, body["memo"], new_request_id())
+    await asyncio.to_thread(memo_text, body["memo"])  # rendered here, off the loop, not by the next request
     return json_response({"id": sid, "memo": body["memo"]})
 
 

@@ -25,7 +25,8 @@ also has attribute access (``m.role``, ``m.content``) and ``model_dump()``, like
 return dicts, Agently ``ChatMessage`` objects or anything with ``role``/``content`` attributes.
 
 **Failures keep the bound.** A hook that raises, returns something that is not a strategy name
-or not ``(full_context, context_window, memo)`` with well-formed messages, falls back to
+or not ``(full_context, context_window, memo)`` with well-formed messages (and a memo within
+``session.model.MEMO_MAX_BYTES``), falls back to
 ``simple_cut`` (when the window is over ``max_length``), and so does a failed ``summarize`` side
 request. The log names the hook and the exception type, never the exception's text (it may
 quote conversation content). A hook's ``full_context`` result is ignored with a warning:
@@ -45,8 +46,10 @@ import structlog
 
 from gateway.policy import HookBounding, Policy, Summarize, call_hook
 from gateway.session.model import (
+    MEMO_MAX_BYTES,
     Message,
     SessionState,
+    memo_over_limit,
     memo_text,
     over_limit,
     simple_cut,
@@ -255,6 +258,8 @@ async def _resize(cfg: HookBounding, full: list[Message], window: list[Message],
         new_full, new_window, new_memo = result
         if new_window is not None:
             new_window = messages_from_hook(new_window, "context_window")
+        if memo_over_limit(new_memo) is not None:
+            raise ValueError(f"an execution hook's memo is over MEMO_MAX_BYTES ({MEMO_MAX_BYTES})")
     except Exception as exc:  # noqa: BLE001 - the spec'd fallback: cut, log hook and type only
         log.warning("bounding_hook_failed_cut_instead", hook=cfg.execution.get(strategy),
                     error=type(exc).__name__)

@@ -11,8 +11,11 @@ per message), so a session bounded here has the same window in Agently.
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from textwrap import dedent
 from typing import Any
 
 import orjson
@@ -296,12 +299,154 @@ INFO, extra sections, then these, in this order, ``[OUTPUT]:`` last."""
 _HEADER = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
 
 
+MEMO_MAX_BYTES = 64 * 1024
+"""The most a memo may hold, as JSON text (UTF-8 bytes). The memo goes into every request of its
+session; its section is rendered by PyYAML's pure-Python emitter (the bytes Agently sends), about
+2 s per 600 KB of small items, so a larger memo is refused where it is written (``PUT .../memo``,
+an import, a hook's result) rather than sent and rendered."""
+
+
+def memo_over_limit(memo: Any) -> int | None:
+    """The memo's size as JSON (UTF-8 bytes) when it is over :data:`MEMO_MAX_BYTES`, else None."""
+    if memo is None or (isinstance(memo, str) and len(memo) * 4 <= MEMO_MAX_BYTES):
+        return None
+    try:
+        size = len(orjson.dumps(memo))
+    except TypeError:
+        return None  # not storable: refused as such by its writer
+    return size if size > MEMO_MAX_BYTES else None
+
+
+def memo_limit_message(size: int) -> str:
+    """What a client is told when its memo is over :data:`MEMO_MAX_BYTES`."""
+    return (f"the memo is {size} bytes as JSON; a memo may hold at most {MEMO_MAX_BYTES} bytes "
+            f"({MEMO_MAX_BYTES // 1024} KiB), since it is sent with every request of its session: "
+            "keep durable facts and summaries in it, not transcripts")
+
+
+_SLOT_REFERENCE = re.compile(r"\$\{([^}]+)\}")
+_SLOT_TITLES = {"system": "SYSTEM", "developer": "DEVELOPER DIRECTIONS", "chat_history": "CHAT HISTORY",
+                "info": "INFO", "tools": "TOOLS", "action_results": "ACTION RESULTS", "instruct": "INSTRUCT",
+                "examples": "EXAMPLES", "input": "INPUT", "output_requirement": "OUTPUT REQUIREMENT",
+                "output": "OUTPUT", "attachment": "ATTACHMENT"}
+_SLOT_ALIASES = {"instruction": "instruct", "instructions": "instruct", "output": "output_requirement",
+                 "outputrequirement": "output_requirement"}
+"""Agently's prompt slot references (``AgentlyPromptGenerator._render_slot_reference``, default
+``prompt.prompt_title_mapping``): ``${INPUT}`` reads ``[INPUT]``, ``${INFO.task}`` ``[INFO > task]``,
+``${OUTPUT}`` ``[OUTPUT REQUIREMENT]``; a name that is no slot stays as written."""
+
+
+def _slot_title(match: re.Match[str]) -> str:
+    slot, _, path = match.group(1).strip().partition(".")
+    key = slot.strip().lower().replace("-", "_")
+    title = _SLOT_TITLES.get(_SLOT_ALIASES.get(key, key))
+    if title is None:
+        return match.group(0)
+    path = path.strip()
+    return f"[{title} > {path}]" if path else f"[{title}]"
+
+
+def _slots_replaced(value: Any) -> Any:
+    """*value* with every slot reference in its strings replaced (not in keys), as Agently does to
+    a prompt section before it renders it."""
+    if isinstance(value, str):
+        return _SLOT_REFERENCE.sub(_slot_title, value) if "${" in value else value
+    if isinstance(value, dict):
+        return {key: _slots_replaced(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_slots_replaced(item) for item in value]
+    return value
+
+
+def section_text(value: Any) -> str:
+    """A prompt section's body as Agently renders it: a scalar as ``str()``, anything else as YAML
+    with sorted keys and YAML's trailing newline kept."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return str(value)
+    return yaml.safe_dump(value, allow_unicode=True)
+
+
 def memo_text(memo: Any) -> str:
-    """The memo's section body as Agently renders any prompt section: a scalar as ``str()``,
-    anything else as YAML with sorted keys and YAML's trailing newline kept."""
-    if isinstance(memo, (str, int, float, bool)) or memo is None:
-        return str(memo)
-    return yaml.safe_dump(memo, allow_unicode=True)
+    """The memo's section body, byte for byte as Agently renders its ``CHAT SESSION MEMO``
+    section: a text memo stripped and dedented (``Prompt.set``), slot references such as
+    ``${INPUT}`` replaced in text and in a structure's values, then :func:`section_text`.
+
+    Kept once rendered (:class:`_MemoRenders`, by the memo's JSON text): a session's memo is
+    rendered once per change, not once per request."""
+    if type(memo) is str and len(memo) <= 256 and "${" not in memo:  # the common text memo, as it is
+        text = memo.strip()
+        return dedent(text) if "\n" in text else text
+    key = _memo_key(memo)
+    if key is None:
+        return _render_memo(memo)
+    kept = _RENDERS.get(key)
+    if kept is None:
+        kept = _render_memo(memo)
+        _RENDERS.put(key, kept)
+    return kept
+
+
+def _render_memo(memo: Any) -> str:
+    if isinstance(memo, str):
+        memo = memo.strip()
+        if "\n" in memo:
+            memo = dedent(memo)
+    return section_text(_slots_replaced(memo))
+
+
+def _memo_key(memo: Any) -> bytes | None:
+    """What tells one memo's rendering from another's: its JSON text (a text memo's quoted, so
+    ``"[1]"`` and ``[1]`` differ), or its ``repr`` when that text holds a ``null`` (orjson writes
+    NaN and infinities, which a hook or a JSON5 import may leave, as ``null`` too). None for a
+    memo not worth keeping (a short text without slots, a scalar) or one that is not JSON."""
+    if isinstance(memo, (dict, list)) or (isinstance(memo, str) and ("${" in memo or len(memo) > 256)):
+        try:
+            key = orjson.dumps(memo)
+        except TypeError:
+            return None
+        return b"r" + repr(memo).encode("utf-8", "surrogatepass") if b"null" in key else b"j" + key
+    return None
+
+
+class _MemoRenders:
+    """Rendered memos by their JSON text, least recently used dropped first: at most
+    ``entries`` of them and ``chars`` characters of keys and texts together. Thread-safe (a
+    memo may be rendered in a worker thread to warm this, ``handlers.put_memo``)."""
+
+    def __init__(self, entries: int, chars: int) -> None:
+        self.entries, self.chars = entries, chars
+        self._held: OrderedDict[bytes, str] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> str | None:
+        with self._lock:
+            text = self._held.get(key)
+            if text is not None:
+                self._held.move_to_end(key)
+            return text
+
+    def put(self, key: bytes, text: str) -> None:
+        size = len(key) + len(text)
+        if size > self.chars:
+            return
+        with self._lock:
+            old = self._held.pop(key, None)
+            if old is not None:
+                self._size -= len(key) + len(old)
+            self._held[key] = text
+            self._size += size
+            while len(self._held) > self.entries or self._size > self.chars:
+                dropped, dropped_text = self._held.popitem(last=False)
+                self._size -= len(dropped) + len(dropped_text)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+            self._size = 0
+
+
+_RENDERS = _MemoRenders(entries=1024, chars=8 * 1024 * 1024)
 
 
 def memo_section(memo: Any) -> str:
@@ -659,7 +804,7 @@ def with_memo(content: Any, memo: Any) -> Any:
     elif content is None:
         body = ""
     else:
-        body = memo_text(content)
+        body = section_text(content)
     return f"{section}[INPUT]:\n{body}\n\n[OUTPUT]:"
 
 
@@ -809,6 +954,9 @@ def from_agently(data: Any) -> tuple[list[Message], SessionState]:
     memo = data.get("memo")
     if memo is not None and not isinstance(memo, (str, dict, list)):
         raise InvalidSession("'memo' must be a string, an object, a list or null")
+    size = memo_over_limit(memo)
+    if size is not None:
+        raise InvalidSession(f"'memo': {memo_limit_message(size)}")
     for name, value in (("full_context", full), ("context_window", window), ("memo", memo),
                         ("session_settings", settings)):
         _storable(value, name)
