@@ -40,7 +40,7 @@ from gateway.keyring import EnvKeyProvider, FileKeyProvider, KeyProvider, Keyrin
 from gateway.keys import KeyringWatcher, load_signer
 from gateway.logs import exception_fields
 from gateway.metrics import Metrics
-from gateway.observe import METRICS, metrics_middleware, set_error_code
+from gateway.observe import METRICS, metrics_middleware, route_label, set_error_code
 from gateway.policy import PolicySet, PolicyWatcher
 from gateway.policy.versions import PolicyVersions
 from gateway.retention import RetentionTask
@@ -85,10 +85,10 @@ async def error_middleware(request: web.Request,
         return await handler(request)
     except GatewayError as exc:
         if isinstance(exc, IntegrityError):
-            log.error("integrity_error", path=request.path, detail=exc.detail)
+            log.error("integrity_error", route=route_label(request), detail=exc.detail)
             request.app[SERVICES].metrics.integrity_failures.inc()
         elif isinstance(exc, StoreUnavailable):
-            log.error("store_unavailable", path=request.path, detail=exc.message)
+            log.error("store_unavailable", route=route_label(request), detail=exc.message)
         set_error_code(request, exc.code)
         resp = json_response(render_error(request.path, exc.to_body(), exc.status), status=exc.status)
         if exc.retry_after is not None:
@@ -112,19 +112,19 @@ async def error_middleware(request: web.Request,
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp
     except RequestPayloadError as exc:
-        log.info("bad_request_body", path=request.path, error=type(exc.__cause__ or exc).__name__)
+        log.info("bad_request_body", route=route_label(request), error=type(exc.__cause__ or exc).__name__)
         return _refusal(request, {"message": "the request body could not be read: invalid chunked framing or "
                                              "content encoding", "type": "invalid_request_error",
                                   "code": "invalid_body"}, 400)
     except ConnectionResetError as exc:
         if request.transport is not None and not request.transport.is_closing():
-            log.error("unhandled_error", path=request.path, **exception_fields(exc))
+            log.error("unhandled_error", route=route_label(request), **exception_fields(exc))
             return _refusal(request, INTERNAL_ERROR["error"], 500)
-        log.info("client_disconnected", path=request.path)
+        log.info("client_disconnected", route=route_label(request))
         return _refusal(request, {"message": "client disconnected", "type": "invalid_request_error",
                                   "code": "client_disconnected"}, 400)
     except Exception as exc:  # types and frames only: the failing code may have seen content
-        log.error("unhandled_error", path=request.path, **exception_fields(exc))
+        log.error("unhandled_error", route=route_label(request), **exception_fields(exc))
         return _refusal(request, INTERNAL_ERROR["error"], 500)
 
 

@@ -24,6 +24,8 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.web_exceptions import HTTPException
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import pipeline
 from gateway.auth import Principal, auth_header
@@ -147,6 +149,8 @@ async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.Str
         raise
     except Exception as exc:
         if not _stream_started(ctx):
+            if isinstance(exc, RequestPayloadError | HTTPException):  # the error middleware answers: 400, 413
+                status = exc.status if isinstance(exc, HTTPException) else 400
             raise
         log.error("unhandled_error", path=request.path, request_id=ctx.request_id, **exception_fields(exc))
         return await _end_stream(ctx, INTERNAL_ERROR)

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from gateway.auth import Authenticator
 from gateway.errors import GatewayError, Unauthorized
+from gateway.observe import route_label
 
 log = structlog.get_logger("gateway.console")
 MAX_FAILURES = 10
@@ -104,7 +105,7 @@ def admin_throttled(handler: Callable[[web.Request], Awaitable[web.StreamRespons
             return await handler(request)
         except Unauthorized:
             counter.failed(address)
-            log.warning("admin_auth_failed", peer=address, route=request.path)
+            log.warning("admin_auth_failed", peer=address, route=route_label(request))
             raise
 
     return throttled
