@@ -63,7 +63,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import structlog
@@ -299,6 +299,16 @@ def describe_dsn(dsn: str) -> str:
     except ValueError:
         pass
     return "the configured DSN"
+
+
+def application_name(dsn: str) -> str:
+    """The ``application_name`` a DSN gives (``?application_name=replica-a``), else ``sessiongate``:
+    how ``pg_stat_activity`` tells this gateway's connections from another replica's or deployment's."""
+    try:
+        named = parse_qs(urlsplit(dsn).query).get("application_name")
+    except ValueError:
+        named = None
+    return named[-1] if named and named[-1] else "sessiongate"
 
 
 Key = tuple[str, str]
@@ -650,9 +660,10 @@ class Snapshot(Reads):
 class PostgresStore(Reads):
     """The Store protocol on a PostgreSQL schema shared by every replica. Create, then ``await open()``.
 
-    ``dsn`` is an asyncpg/libpq DSN; ``pool_size`` bounds this process's connections (the writer
-    lanes and the readers share them). Raises ``ValueError`` for a schema name that is not
-    ``[a-z_][a-z0-9_]*`` (at most 63 characters).
+    ``dsn`` is an asyncpg/libpq DSN; its ``application_name`` (default ``sessiongate``; snapshots
+    add ``-verify``) names the connections in ``pg_stat_activity``; ``pool_size`` bounds this
+    process's connections (the writer lanes and the readers share them). Raises ``ValueError``
+    for a schema name that is not ``[a-z_][a-z0-9_]*`` (at most 63 characters).
     """
 
     def __init__(self, dsn: str, *, schema: str = "public", pool_size: int = 10, writers: int | None = None,
@@ -660,6 +671,7 @@ class PostgresStore(Reads):
         if not _SCHEMA_NAME.match(schema):
             raise ValueError(f"invalid PostgreSQL schema name {schema!r}")
         self.dsn, self.schema, self.pool_size = dsn, schema, pool_size
+        self.application_name = application_name(dsn)
         self.entry_key = entry_key
         """Seals every audit entry's MAC (``gateway.audit.seal_entry``)."""
         self.writers = writers or max(1, min(4, pool_size // 2))
@@ -673,7 +685,8 @@ class PostgresStore(Reads):
 
     async def migrate(self) -> list[int]:
         """Create the schema if missing and apply pending migrations; returns the versions applied."""
-        conn = await self._guard(asyncpg.connect(self.dsn, timeout=10), "connect to")
+        conn = await self._guard(asyncpg.connect(
+            self.dsn, timeout=10, server_settings={"application_name": self.application_name}), "connect to")
         try:
             return await self._guard(self._migrate(conn), "migrate")
         finally:
@@ -706,7 +719,7 @@ class PostgresStore(Reads):
         await self.migrate()
         self._pool = await self._guard(asyncpg.create_pool(
             self.dsn, min_size=1, max_size=self.pool_size, timeout=10, command_timeout=60, reset=_keep_session,
-            server_settings={"search_path": self.schema, "application_name": "sessiongate",
+            server_settings={"search_path": self.schema, "application_name": self.application_name,
                              "plan_cache_mode": "force_generic_plan",
                              "idle_in_transaction_session_timeout": f"{int(LOCK_WAIT_SECONDS * 1000)}"}),
             "connect to")
@@ -917,7 +930,8 @@ class PostgresStore(Reads):
             raise StoreUnavailable("the store is not open")
         conn = await self._guard(asyncpg.connect(
             self.dsn, timeout=10, command_timeout=60,
-            server_settings={"search_path": self.schema, "application_name": "sessiongate-verify"}), "connect to")
+            server_settings={"search_path": self.schema, "application_name": f"{self.application_name}-verify"}),
+            "connect to")
         try:
             await self._guard(conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"), "read from")
             yield Snapshot(conn, self._guard, self.entry_key)

@@ -30,12 +30,24 @@ from tests.conftest import ACME_KEY, REPO, Gateway
 PG_DSN = os.environ.get("SESSIONGATE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-async def _execute(sql: str) -> Any:
+async def _execute(sql: str, *args: Any) -> Any:
     conn = await asyncpg.connect(PG_DSN, timeout=5)
     try:
-        return await conn.fetch(sql)
+        return await conn.fetch(sql, *args)
     finally:
         await conn.close()
+
+
+def _named(dsn: str, name: str) -> str:
+    """*dsn* with ``application_name`` *name*, so that only this test's connections are found."""
+    return f"{dsn}{'&' if '?' in dsn else '?'}application_name={name}"
+
+
+_TERMINATE = ("WITH mine AS MATERIALIZED (SELECT pid FROM pg_stat_activity "
+              "WHERE application_name = $1 AND pid <> pg_backend_pid()) "
+              "SELECT pg_terminate_backend(pid) FROM mine")
+"""Terminates only the backends named *$1*: the function runs in the select list over rows already
+filtered (in a WHERE clause PostgreSQL may call it before the other conditions, on every backend)."""
 
 
 @pytest.fixture
@@ -50,8 +62,9 @@ def pg_schema() -> Iterator[str]:
     asyncio.run(_execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
 
 
-def _terminator(stop: threading.Event, rounds: int) -> tuple[threading.Thread, list[int]]:
-    """A thread that terminates the gateway's backends (application_name sessiongate) a few times."""
+def _terminator(stop: threading.Event, rounds: int, name: str) -> tuple[threading.Thread, list[int]]:
+    """A thread that terminates the backends of this test's gateway (application_name *name*) a few
+    times, and no other gateway's on the shared server."""
     killed: list[int] = []
 
     async def main() -> None:
@@ -61,8 +74,7 @@ def _terminator(stop: threading.Event, rounds: int) -> tuple[threading.Thread, l
                 if stop.is_set():
                     return
                 await asyncio.sleep(0.15)
-                rows = await conn.fetch("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                        "WHERE application_name = 'sessiongate' AND pid <> pg_backend_pid()")
+                rows = await conn.fetch(_TERMINATE, name)
                 killed.append(sum(1 for r in rows if r[0]))
         finally:
             await conn.close()
@@ -91,9 +103,10 @@ def test_terminated_backends_give_503_with_retry_after_never_500(
     """~100 concurrent chats while the backends are terminated: every answer is 200 or 503
     (with Retry-After; a started stream ends with a store_unavailable event), and afterwards a
     chat succeeds again."""
-    gw = make_gateway(store={"backend": "postgres", "dsn": PG_DSN, "schema": pg_schema, "pool_size": 6})
+    name = f"sg-failover-{secrets.token_hex(6)}"
+    gw = make_gateway(store={"backend": "postgres", "dsn": _named(PG_DSN, name), "schema": pg_schema, "pool_size": 6})
     stop = threading.Event()
-    thread, killed = _terminator(stop, rounds=5)
+    thread, killed = _terminator(stop, rounds=5, name=name)
     thread.start()
     try:
         responses = asyncio.run(_load(gw.url, 100, 16))
@@ -113,6 +126,27 @@ def test_terminated_backends_give_503_with_retry_after_never_500(
         "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "still there?"}]},
         headers={"Authorization": f"Bearer {ACME_KEY}", "X-Session-Id": "fail-after"}, timeout=30)
     assert recovered.status_code == 200, recovered.text
+
+
+@pytest.mark.postgres
+def test_a_dsn_names_the_connections_so_one_gateway_can_be_terminated_alone(pg_schema: str) -> None:
+    """A DSN's application_name names the store's pooled and snapshot connections in
+    pg_stat_activity (so one replica's backends can be told apart); without one it is sessiongate."""
+    name = f"sg-appname-{secrets.token_hex(6)}"
+
+    async def main() -> None:
+        store = PostgresStore(_named(PG_DSN, name), schema=pg_schema, pool_size=2)
+        await store.open()
+        try:
+            await store.tenants()
+            async with store.snapshot():
+                rows = await _execute("SELECT application_name FROM pg_stat_activity WHERE application_name "
+                                      "IN ($1, $2)", name, f"{name}-verify")
+            assert {r[0] for r in rows} == {name, f"{name}-verify"}
+        finally:
+            await store.close()
+    asyncio.run(main())
+    assert PostgresStore(PG_DSN, schema=pg_schema).application_name == "sessiongate"
 
 
 @pytest.mark.postgres
