@@ -309,17 +309,42 @@ def find_pii(text: str, detectors: Collection[str]) -> list[Finding]:
     ``text`` covers them."""
     visible = _Visible(text) if _FORMAT.search(text) else None
     read = visible.text if visible is not None else text
-    taken: list[Finding] = []
-    for kind in DETECTORS:
-        if kind not in detectors:
-            continue
-        hits = _find_phone(read, visible.hidden) if kind == "phone" and visible is not None else _FINDERS[kind](read)
-        for hit in hits:
-            if all(hit.end <= t.start or hit.start >= t.end for t in taken):
-                taken.append(hit)
+    taken = _disjoint(
+        _find_phone(read, visible.hidden) if kind == "phone" and visible is not None else _FINDERS[kind](read)
+        for kind in DETECTORS if kind in detectors)
     if visible is not None:
         taken = [Finding(hit.kind, *visible.span(hit.start, hit.end), hit.normalized) for hit in taken]
-    return sorted(taken, key=lambda f: f.start)
+    return taken
+
+
+def _start(hit: Finding) -> int:
+    return hit.start
+
+
+def _overlaps(spans: list[Finding], hit: Finding) -> bool:
+    """True when *hit* overlaps one of *spans* (disjoint, non-empty, sorted by start): only the
+    last span starting before *hit* ends can reach into it, as their ends are sorted too."""
+    before = bisect.bisect_left(spans, hit.end, key=_start)
+    return before > 0 and spans[before - 1].end > hit.start
+
+
+def _disjoint(runs: Iterable[Iterable[Finding]]) -> list[Finding]:
+    """The hits of *runs* (one per detector, in priority order) that overlap no hit kept before
+    them, sorted by start: a hit is kept when it overlaps neither an earlier detector's kept hit
+    nor one its own detector yielded before it. O(n log n): checking each hit against every kept
+    one made 20,000 e-mail addresses take 40 s."""
+    taken: list[Finding] = []
+    for hits in runs:
+        kept: list[Finding] = []
+        for hit in hits:
+            if _overlaps(taken, hit) or _overlaps(kept, hit):
+                continue
+            if not kept or kept[-1].start <= hit.start:
+                kept.append(hit)  # a detector yields in text order: this is the usual case
+            else:
+                bisect.insort(kept, hit, key=_start)
+        taken = sorted(taken + kept, key=_start)  # two sorted runs: merged in linear time
+    return taken
 
 
 # --------------------------------------------------------------------------- blocks
