@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from gateway import redact
 from gateway.redact import (
-    Finding,
     MASK,
+    Finding,
     Redactor,
     find_pii,
     iban_ok,
