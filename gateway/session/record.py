@@ -58,7 +58,7 @@ import contextlib
 import re
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 import yaml
@@ -67,6 +67,9 @@ from gateway.jsonpath import KeyBudgetExceeded
 from gateway.paths import MISSING as _MISSING
 from gateway.paths import KeyPath
 
+if TYPE_CHECKING:
+    from gateway.session.structured import OutputContract
+
 MEMO_HEADER = "[CHAT SESSION MEMO]:\n"
 SYSTEM_ROLES = frozenset({"system", "developer"})
 MEDIA_TYPES = frozenset({"image_url", "file", "input_audio"})
@@ -74,7 +77,6 @@ MEDIA_TYPES = frozenset({"image_url", "file", "input_audio"})
 _SECTION_HEADER = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
 _FENCE_LANG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
 _INFO_ITEM = re.compile(r"^- (.+?): (.*)$")
-_JSON_REQUIREMENT = re.compile(r"^\[OUTPUT REQUIREMENT\]:[ \t]*\nData Format: JSON[ \t]*$", re.MULTILINE)
 _PY_LITERAL = re.compile(r"^(?:[\[{(].*|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|True|False|None)$", re.DOTALL)
 
 
@@ -532,15 +534,20 @@ class RequestView:
         return parse_user_text(content_text(content))
 
     @cached_property
-    def wants_structured(self) -> bool:
-        """True when the request asks for structured output: Agently's ``[OUTPUT REQUIREMENT]:``
-        with ``Data Format: JSON`` in the last user message, or a JSON ``response_format``.
-        Agently's ``get_data()`` parses the reply only then, so only then is it recorded as data."""
+    def wants_structured(self) -> OutputContract | None:
+        """The structured output the request asks for (truthy), None when it asks for none: a JSON
+        ``response_format``, or Agently's ``[OUTPUT REQUIREMENT]:`` in the last user message with
+        a ``Data Format:`` Agently parses (JSON, or the ``flat_markdown``, ``hybrid``,
+        ``xml_field`` and ``yaml_literal`` formats of its ``.output(..., format=...)``:
+        ``session.structured.output_contract``). Agently's ``get_data()`` parses the reply only
+        then, and in that format, so only then is it recorded as data."""
+        from gateway.session.structured import OutputContract, output_contract
+
         response_format = self.request.get("response_format")
         if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
-            return True
+            return OutputContract("json")
         users = _user_turns(self.messages)
-        return bool(users) and _JSON_REQUIREMENT.search(content_text(users[-1].get("content"))) is not None
+        return output_contract(content_text(users[-1].get("content"))) if users else None
 
 
 def _user_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -554,9 +561,11 @@ class ReplyView:
 
     kind: ClassVar[str] = "reply"
 
-    def __init__(self, message: dict[str, Any], response: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: dict[str, Any], response: dict[str, Any] | None = None,
+                 output: OutputContract | None = None) -> None:
         self.message = message
         self.response = response
+        self.output = output
 
     @cached_property
     def text(self) -> str | None:
@@ -576,8 +585,9 @@ class ReplyView:
 
     @cached_property
     def data(self) -> Any:
-        """The content parsed as JSON (``None`` when it is not JSON: no Agently key finds anything)."""
-        value = parse_reply_json(self.text)
+        """The content parsed as the request's *output* contract asked (as JSON when it names
+        none); ``None`` when it does not parse: no Agently key finds anything."""
+        value = parse_reply_json(self.text) if self.output is None else self.output.parse(self.text)
         return None if value is _MISSING else value
 
     @cached_property
@@ -605,9 +615,12 @@ def build_request_view(body: dict[str, Any], messages: list[dict[str, Any]] | No
     return RequestView(body, messages)
 
 
-def build_reply_view(message: dict[str, Any], response: dict[str, Any] | None = None) -> ReplyView:
-    """The view of one assembled assistant message (and the whole reply body, for JSONPath)."""
-    return ReplyView(message, response)
+def build_reply_view(message: dict[str, Any], response: dict[str, Any] | None = None,
+                     output: OutputContract | None = None) -> ReplyView:
+    """The view of one assembled assistant message (and the whole reply body, for JSONPath);
+    *output* is the structured output its request asked for (``RequestView.wants_structured``),
+    which reply keys are read from (JSON when None)."""
+    return ReplyView(message, response, output)
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -723,20 +736,22 @@ def render_user(
     return render_keys(keys, view)
 
 
-def render_reply(keys: Sequence[KeyPath] | None, view: ReplyView, structured: bool = False,
+def render_reply(keys: Sequence[KeyPath] | None, view: ReplyView, structured: bool | OutputContract | None = False,
                  over_budget: list[str] | None = None) -> str | None:
     """The recorded assistant message: the whole reply (``keys`` None) or the keyed blocks.
 
     The whole reply is its text, or, when the request asked for structured output
-    (*structured*, see ``RequestView.wants_structured``) and the reply parses as JSON, that data
-    as YAML, as Agently records ``get_data()``; tool calls are added as a YAML ``tool_calls:``
-    document after a blank line (alone when there is no text). None when the reply is empty.
+    (*structured*: ``RequestView.wants_structured``; ``True`` means JSON) and the reply parses
+    in the format asked for, that data as YAML, as Agently records ``get_data()``; tool calls are
+    added as a YAML ``tool_calls:`` document after a blank line (alone when there is no text).
+    None when the reply is empty.
     *over_budget*: see :func:`render_keys`.
     """
     if keys is not None:
         return render_keys(keys, view, over_budget)
     if structured and view.text:
-        data = parse_reply_json(view.text)
+        contract = view.output or (structured if not isinstance(structured, bool) else None)
+        data = parse_reply_json(view.text) if contract is None else contract.parse(view.text)
         if data is not _MISSING and not view.tool_calls:
             return format_value(data)
     parts = [view.text] if view.text else []

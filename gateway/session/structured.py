@@ -17,6 +17,10 @@ without its call, is an invalid history); the thinking with a call kept or dropp
 with its arguments); media parts kept (up to ``max_bytes``), replaced by a
 placeholder text part (default) or dropped. Any other round keeps the text form
 (``session.record``), byte for byte as before.
+
+Structured replies in Agently's other output formats (``flat_markdown``, ``hybrid``,
+``xml_field``, ``yaml_literal``): :func:`output_contract` reads which one a request asks for,
+:meth:`OutputContract.parse` reads the reply in it (``session.record`` records the data).
 """
 
 from __future__ import annotations
@@ -27,14 +31,27 @@ import codecs
 import contextlib
 import hashlib
 import mimetypes
+import re
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from gateway.errors import BadRequest
+from gateway.paths import MISSING
 from gateway.policy import Policy
-from gateway.session.record import MEDIA_TYPES, new_messages
+from gateway.session.record import (
+    _PARSE_ERRORS,
+    MEDIA_TYPES,
+    ParseBudget,
+    _fits,
+    _load_structure,
+    fenced_blocks,
+    json_blocks,
+    new_messages,
+    parse_reply_json,
+)
 
 Message = dict[str, Any]
 REDACTED_ARGUMENTS = '{"redacted": true}'
@@ -445,3 +462,265 @@ def _call(call: Any, arguments: str) -> Any:
     elif value is not None and not isinstance(value, str):
         value = orjson.dumps(value).decode()
     return {"id": call.get("id"), "type": kind, kind: {"name": spec.get("name"), field: value}}
+
+
+# --- Agently output formats -------------------------------------------------------------------
+#
+# Agently 4.1's ``.output({...}, format=...)`` asks for one of five reply shapes, and its
+# ``get_data()`` (what its Session records) reads the reply in that shape only. The gateway sees
+# the request as Agently rendered it, so it reads which shape was asked for from the
+# ``[OUTPUT REQUIREMENT]:`` section (:func:`output_contract`) and the reply the same way
+# (:meth:`OutputContract.parse`). Each reader is linear in the reply's length.
+
+_FORMATS = {"JSON": "json", "Structured Markdown": "flat_markdown",
+            "Structured Markdown with JSON blocks": "hybrid", "XML-like field envelope": "xml_field",
+            "YAML literal document": "yaml_literal"}
+"""The ``Data Format:`` line Agently writes for each ``format=`` it sends as a prompt."""
+
+_SECTION = re.compile(r"^\[([A-Za-z][A-Za-z0-9 _-]*)\]:[ \t]*$", re.MULTILINE)
+_HYBRID_FIELD = re.compile(r"- (.+?): (text|json)(?:; .*)?")
+_XML_PROMPT_FIELD = re.compile(r'<field name="(.+)" type="(text|json)">')
+_XML_OPEN = re.compile(r"<agently_output\b[^>]*>", re.IGNORECASE)
+_XML_CLOSE = re.compile(r"</agently_output>", re.IGNORECASE)
+_XML_FIELD = re.compile(r"""<field\s+name=["']([^"']+)["']\s+type=["'](text|json)["']\s*>""", re.IGNORECASE)
+_XML_FIELD_END = re.compile(r"</field\s*>(?=\s*(?:<field\b|</agently_output>))", re.IGNORECASE)
+_YAML_BEGIN = re.compile(r"<<<BEGIN\s+AGENTLY_YAML>>>", re.IGNORECASE)
+_YAML_END = re.compile(r"<<<END\s+AGENTLY_YAML>>>", re.IGNORECASE)
+_YAML_FENCE = re.compile(r"(?:yaml|yml)?[ \t]*\n", re.IGNORECASE)
+_FENCE_LINE = re.compile(r"(`{3,}|~{3,})([^\n]*)")
+_FENCE_INFO = re.compile(r"[\w.+#-]*")
+_SCAFFOLD = re.compile(r"<!--\s*\((?:text|json)\)", re.IGNORECASE)
+_COMMENT = re.compile(r"\s*<!--(.*?)-->\s*", re.DOTALL)
+_ANGLE = re.compile(r"\s*\(?\s*(?:json|text)?\s*\)?\s*<[^>\n]{1,160}>\s*", re.IGNORECASE)
+_HINT = re.compile(r"placeholder|description|your\s+\w+|todo|字段|描述|说明|内容", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class OutputContract:
+    """The structured output a request asks for: Agently's ``format`` (``json``,
+    ``flat_markdown``, ``hybrid``, ``xml_field``, ``yaml_literal``) and its top-level fields, each
+    ``text``, ``json`` or, where Agently's prompt does not say (``flat_markdown``), ``any``."""
+
+    format: str
+    fields: tuple[tuple[str, str], ...] = ()
+
+    def parse(self, text: str | None) -> Any:
+        """The reply *text* as Agently's ``get_data()`` reads it for this contract; MISSING when
+        it does not parse. A non-JSON format that does not parse falls back to a JSON object in
+        the text, as Agently does; JSON is read by ``session.record.parse_reply_json``."""
+        if not text:
+            return MISSING
+        if self.format != "json":
+            kinds = dict(self.fields)
+            reader = {"flat_markdown": _markdown, "hybrid": _markdown, "xml_field": _xml_field,
+                      "yaml_literal": _yaml_literal}[self.format]
+            try:
+                value = reader(text, kinds)
+            except _PARSE_ERRORS:
+                value = None
+            if value:
+                return value
+        value = parse_reply_json(text)
+        return value if self.format == "json" or isinstance(value, dict) else MISSING
+
+
+def output_contract(text: str) -> OutputContract | None:
+    """The output contract of an Agently-rendered prompt *text*: its last ``[OUTPUT
+    REQUIREMENT]:`` section (Agently writes it after the input) when the line after the header
+    is a ``Data Format:`` Agently parses; None otherwise (plain text, ``markdown text``)."""
+    headers = [h for h in _SECTION.finditer(text) if h.group(1) == "OUTPUT REQUIREMENT"]
+    if not headers:
+        return None
+    header = headers[-1]
+    following = _SECTION.search(text, header.end())
+    lines = text[header.end() + 1: following.start() if following else len(text)].split("\n")
+    kind = _FORMATS.get(lines[0].removeprefix("Data Format:").strip()) if lines[0].startswith("Data Format:") else None
+    if kind is None:
+        return None
+    fields: list[tuple[str, str]] = []
+    if kind in ("flat_markdown", "hybrid"):
+        listed = lines[lines.index("Required sections:") + 1:] if "Required sections:" in lines else []
+        for line in listed:
+            if kind == "hybrid" and line == "Response skeleton:":
+                break
+            if kind == "flat_markdown" and line.startswith("### "):
+                fields.append((line[4:], "any"))
+            elif kind == "hybrid" and (match := _HYBRID_FIELD.fullmatch(line)):
+                fields.append((match.group(1), match.group(2)))
+    elif kind == "xml_field":
+        fields = [(m.group(1), m.group(2)) for line in lines if (m := _XML_PROMPT_FIELD.fullmatch(line))]
+    if kind in ("flat_markdown", "hybrid", "xml_field") and not fields:
+        return None  # no field to read: Agently's reader finds nothing either
+    return OutputContract(kind, tuple(fields))
+
+
+def _markdown(text: str, kinds: dict[str, str]) -> dict[str, Any] | None:
+    """``flat_markdown`` and ``hybrid``: a ``### field`` line (optionally ``[text]``/``[JSON]``
+    after it) opens the field's section, which runs to the next such line. A section that does
+    not read as its field's kind makes the whole reply unparsed."""
+    found: dict[str, Any] = {}
+    name: str | None = None
+    body: list[str] = []
+    for line in [*text.split("\n"), None]:
+        opened = _section_field(line, kinds) if line is not None else None
+        if line is not None and opened is None:
+            if name is not None:
+                body.append(line)
+            continue
+        if name is not None:
+            kind = "json_block" if kinds[name] == "json" else kinds[name]  # only hybrid names json fields
+            ok, value = _section_value("\n".join(body).strip(), name, kind)
+            if not ok:
+                return None
+            found[name] = value
+        name, body = opened, []
+    return found or None
+
+
+def _section_field(line: str, kinds: dict[str, str]) -> str | None:
+    """The field a ``### field`` header line opens, None for any other line."""
+    if not line.startswith("###") or line[3:4] not in (" ", "\t"):
+        return None
+    name = line[3:].strip()
+    for tag in ("[text]", "[JSON]"):
+        if name.endswith(tag):
+            name = name[: -len(tag)].rstrip()
+    return name if name in kinds else None
+
+
+def _section_value(content: str, name: str, kind: str) -> tuple[bool, Any]:
+    """One field's value from its section *content*, as Agently reads a field of that *kind*:
+    ``text`` is the text, or a JSON scalar when it starts as JSON; ``json`` any JSON value;
+    ``json_block`` (a hybrid field) the same, taken from a ```` ```json ```` block it starts with
+    or the JSON block in it; ``any`` (``flat_markdown``, whose prompt names no kinds) a JSON
+    array or object when it is one, else as ``text``. A value given as ``{"<field>": value}`` is
+    that value; a placeholder left from the prompt's skeleton is no value."""
+    if kind == "json_block":
+        content, kind = _json_block(content), "json"
+    raw = _clean(content)
+    if (not raw and content.strip()) or _placeholder(raw):
+        return False, None
+    if kind == "json" or (kind == "any" and raw[:1] in ("{", "[")):
+        ok, value = _json5(raw)
+        if ok and not (kind == "any" and isinstance(value, dict) and set(value) != {name}):
+            value = _unwrap(value, name)
+            return not (isinstance(value, str) and _placeholder(value)), value
+        if kind == "json" or ok:
+            return False, None
+    if raw[:1] in ("{", "[", '"'):
+        ok, value = _json5(raw)
+        if ok:
+            if isinstance(value, dict) and set(value) != {name}:
+                return False, None
+            value = _unwrap(value, name)
+            return not (isinstance(value, (dict, list)) or (isinstance(value, str) and _placeholder(value))), value
+    return True, raw
+
+
+def _unwrap(value: Any, name: str) -> Any:
+    return value[name] if isinstance(value, dict) and set(value) == {name} else value
+
+
+def _json_block(content: str) -> str:
+    """A ``json`` field's JSON: a fenced block it starts with, else the JSON block in it, else itself."""
+    stripped = content.lstrip()
+    if stripped.startswith("```"):
+        blocks = fenced_blocks(stripped)
+        if blocks and blocks[0][0] in ("", "json"):
+            return blocks[0][1].strip()
+    if stripped[:1] not in ("{", "[") and (found := json_blocks(content)):
+        return found[0]
+    return content
+
+
+def _json5(text: str) -> tuple[bool, Any]:
+    """*text* as one JSON5 value within the parse bounds."""
+    from gateway.session.lenient_json import loads_json5
+
+    try:
+        value = loads_json5(text)
+    except Exception:  # noqa: BLE001 - any failure is "not JSON5": reply text never raises here
+        return False, None
+    return _fits(value, ParseBudget()), value
+
+
+def _clean(content: str) -> str:
+    """A section's text without a fence wrapping all of it and without Agently's leading
+    ``<!-- (text) ... -->`` scaffold comments."""
+    raw = _unfenced(content).strip()
+    while scaffold := _SCAFFOLD.match(raw):
+        end = raw.find("-->", scaffold.end())  # found, not matched: a lazy pattern here is quadratic
+        if end < 0 or not (end == scaffold.end() or raw[scaffold.end()].isspace()):
+            break
+        raw = raw[end + 3:].strip()
+    return raw
+
+
+def _unfenced(text: str) -> str:
+    """The body of *text* when it is wholly one fenced block (its closing fence the last line)."""
+    lines = text.strip().split("\n")
+    opening = _FENCE_LINE.fullmatch(lines[0]) if len(lines) > 1 else None
+    if opening is None or not _FENCE_INFO.fullmatch(opening.group(2).strip()):
+        return text
+    marker = opening.group(1)
+    for index, line in enumerate(lines[1:], start=1):
+        closing = _FENCE_LINE.fullmatch(line)
+        if (closing and closing.group(1)[0] == marker[0] and len(closing.group(1)) >= len(marker)
+                and not closing.group(2).strip()):
+            return "\n".join(lines[1:index]) if index == len(lines) - 1 else text
+    return text
+
+
+def _placeholder(value: str) -> bool:
+    """A value the model copied from the prompt's skeleton (``<!-- description -->``,
+    ``<your answer>``), which Agently does not take as a value."""
+    stripped = value.strip()
+    if not stripped:
+        return False
+    if comment := _COMMENT.fullmatch(stripped):
+        inner = comment.group(1).strip()
+        return bool(_ANGLE.match(inner) or _HINT.search(inner))
+    return bool(_ANGLE.fullmatch(stripped) and _HINT.search(stripped))
+
+
+def _xml_field(text: str, kinds: dict[str, str]) -> dict[str, Any] | None:
+    """``xml_field``: the ``<field name=... type=text|json>`` blocks between the first
+    ``<agently_output>`` and the last ``</agently_output>``; fields the prompt did not ask for are
+    skipped."""
+    opening = _XML_OPEN.search(text)
+    closings = list(_XML_CLOSE.finditer(text, opening.end())) if opening else []
+    if opening is None or not closings:
+        return None
+    target = text[opening.start(): closings[-1].end()]
+    found: dict[str, Any] = {}
+    position = 0
+    while (start := _XML_FIELD.search(target, position)) and (end := _XML_FIELD_END.search(target, start.end())):
+        name, kind = start.group(1), start.group(2).lower()
+        position = end.end()
+        if name not in kinds:
+            continue
+        ok, value = _section_value(target[start.end(): end.start()].strip(), name, "json" if kind == "json" else "text")
+        if not ok:
+            return None
+        found[name] = value
+    return found or None
+
+
+def _yaml_literal(text: str, kinds: dict[str, str]) -> dict[str, Any] | None:
+    """``yaml_literal``: the YAML mapping between ``<<<BEGIN AGENTLY_YAML>>>`` and the next
+    ``<<<END AGENTLY_YAML>>>``, else in the first ```` ```yaml ```` (or bare) fenced block."""
+    body: str | None = None
+    if (begin := _YAML_BEGIN.search(text)) and (end := _YAML_END.search(text, begin.end())):
+        body = text[begin.end(): end.start()]
+    else:
+        position = text.find("```")
+        while position >= 0 and body is None:
+            if lang := _YAML_FENCE.match(text, position + 3):
+                close = text.find("```", lang.end())
+                if close >= 0:
+                    body = text[lang.end(): close]
+            position = text.find("```", position + 3)
+    if body is None or not body.strip():
+        return None
+    value = _load_structure(body.strip())
+    return value if isinstance(value, dict) else None
