@@ -34,7 +34,9 @@ as ``gateway.store.sqlite``. How it keeps the contract across processes:
   client's internal state errors after a backend was terminated, OS and timeout errors) become
   ``StoreUnavailable`` (``from`` the asyncpg or OS error) for every caller in the failed batch;
   nothing of the batch is committed, except when the connection drops during ``COMMIT`` itself,
-  where PostgreSQL alone knows. A deadlock (which the lock order rules out) is retried,
+  where PostgreSQL alone knows. The message (the operator's log) names the error that ended the
+  operation: a batch's clean-up never masks it, and asyncpg's state error on a pooled connection
+  the server had ended while idle is named as that (:func:`_cause`). A deadlock (which the lock order rules out) is retried,
   re-running the plans. A lock wait longer than :data:`LOCK_WAIT_SECONDS` (a stopped or stuck
   holder) fails only the jobs of the tenant whose lock timed out (:data:`_TAKE_LOCKS` names its
   key), with a ``store_turn_timeout`` log line naming it and the pids holding it (pg_locks); the
@@ -107,6 +109,22 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
 )
 """Every failure to reach or use the database: each becomes ``StoreUnavailable`` (503) at this
 boundary, so a fail-over never reaches a client as an internal error."""
+
+
+_ENDED_WHILE_IDLE = ("another operation (2) is in progress", 'protocol is in the "failed" state')
+"""asyncpg's words for a pooled connection the server had already ended when a statement was sent
+on it: an unexpected message on an idle connection (the server's FATAL 'terminating connection')
+left the protocol consuming an error (state 2), or the connection was lost (the "failed" state)."""
+
+
+def _cause(exc: BaseException) -> str:
+    """*exc* for the log, naming the server's ending of the connection when asyncpg reports it only
+    as its own state error (the FATAL message itself is gone by then)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, asyncpg.InternalClientError) and any(words in str(exc) for words in _ENDED_WHILE_IDLE):
+        return ("the server ended the connection while it was idle in the pool (a terminated backend, a server "
+                f"restart or shutdown, an idle timeout, a network drop) before this statement was sent ({text})")
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -829,7 +847,7 @@ class PostgresStore(Reads):
     def _unavailable(self, doing: str, exc: BaseException) -> StoreUnavailable:
         """``StoreUnavailable`` caused by *exc*, naming host, database and schema (never a password)."""
         err = StoreUnavailable(f"cannot {doing} the PostgreSQL store at {describe_dsn(self.dsn)} "
-                               f"(schema {self.schema}): {type(exc).__name__}: {exc}")
+                               f"(schema {self.schema}): {_cause(exc)}")
         err.__cause__ = exc
         return err
 
@@ -857,8 +875,10 @@ class PostgresStore(Reads):
                 await staged.flush(conn)
                 await conn.execute("COMMIT")
             except BaseException:
-                if not conn.is_closed() and conn.is_in_transaction():
-                    with contextlib.suppress(*_DB_ERRORS):
+                # a connection the server ended is already back in the pool (its proxy refuses every
+                # call): the error raised above, not this clean-up's, says what happened
+                with contextlib.suppress(*_DB_ERRORS):
+                    if not conn.is_closed() and conn.is_in_transaction():
                         await conn.execute("ROLLBACK")
                 raise
             return outcomes

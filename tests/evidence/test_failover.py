@@ -150,9 +150,76 @@ def test_a_dsn_names_the_connections_so_one_gateway_can_be_terminated_alone(pg_s
 
 
 @pytest.mark.postgres
+def test_a_backend_terminated_mid_commit_is_named_as_the_cause(pg_schema: str) -> None:
+    """The batch's connection is terminated while its plan runs: the write fails as unavailable
+    caused by the lost connection (the server's 'terminating connection'), not by the clean-up's
+    call on a connection asyncpg had already handed back to the pool."""
+    name = f"sg-midcommit-{secrets.token_hex(6)}"
+
+    def terminate_all(_cur: Current) -> Changes:
+        thread = threading.Thread(target=lambda: asyncio.run(_execute(_TERMINATE, name)))
+        thread.start()
+        thread.join(10)
+        return Changes()
+
+    async def main() -> None:
+        store = PostgresStore(_named(PG_DSN, name), schema=pg_schema, pool_size=2)
+        await store.open()
+        try:
+            with pytest.raises(StoreUnavailable) as info:
+                await store.transact("acme", "s", terminate_all)
+            assert isinstance(info.value.__cause__, asyncpg.PostgresConnectionError), repr(info.value.__cause__)
+            assert "terminating connection" in str(info.value) and "released back to the pool" not in str(info.value)
+            assert isinstance(await store.tenants(), list)  # and the store goes on
+        finally:
+            await store.close()
+    asyncio.run(main())
+
+
+@pytest.mark.postgres
+def test_a_read_on_a_connection_terminated_while_idle_names_the_termination(pg_schema: str) -> None:
+    """The pooled connection's backend is terminated while it is idle, and a read runs after the
+    event loop has taken in a few turns (the server's FATAL message, maybe its close): the read
+    succeeds on a new connection, or fails as unavailable naming the server's ending of the
+    connection, never only asyncpg's 'cannot switch to state'."""
+    name = f"sg-idle-{secrets.token_hex(6)}"
+
+    def terminate_and_wait() -> None:
+        asyncio.run(_execute(_TERMINATE, name))
+        for _ in range(250):  # until the backend has exited (its FATAL message and close are sent)
+            if not asyncio.run(_execute("SELECT 1 FROM pg_stat_activity WHERE application_name = $1", name)):
+                return
+            threading.Event().wait(0.02)
+
+    async def main() -> list[str]:
+        store = PostgresStore(_named(PG_DSN, name), schema=pg_schema, pool_size=1)
+        await store.open()
+        causes = []
+        try:
+            for turns in range(5):
+                await store.tenants()
+                thread = threading.Thread(target=terminate_and_wait)
+                thread.start()
+                thread.join(10)  # blocking the loop: the connection takes nothing in meanwhile
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                try:
+                    await store.tenants()
+                except StoreUnavailable as exc:
+                    causes.append(str(exc))
+        finally:
+            await store.close()
+        return causes
+    causes = asyncio.run(main())
+    for cause in causes:
+        assert "terminating connection" in cause or "the server ended the connection" in cause, cause
+
+
+@pytest.mark.postgres
 def test_an_internal_client_error_becomes_store_unavailable(pg_schema: str) -> None:
     """asyncpg's InternalClientError (a connection whose backend died mid-protocol) is a store
-    failure at the boundary, not a bug."""
+    failure at the boundary, not a bug; the state asyncpg is left in by the server's ending of an
+    idle connection is named as that."""
     async def main() -> None:
         store = PostgresStore(PG_DSN, schema=pg_schema, pool_size=2)
         await store.open()
@@ -162,6 +229,11 @@ def test_an_internal_client_error_becomes_store_unavailable(pg_schema: str) -> N
             with pytest.raises(StoreUnavailable) as info:
                 await store._guard(broken(), "read from")
             assert isinstance(info.value.__cause__, asyncpg.InternalClientError)
+
+            async def ended() -> None:
+                raise asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+            with pytest.raises(StoreUnavailable, match="the server ended the connection while it was idle"):
+                await store._guard(ended(), "read from")
         finally:
             await store.close()
     asyncio.run(main())
