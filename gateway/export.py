@@ -73,7 +73,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, G
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -93,6 +93,9 @@ from gateway.evidence import BINDING, ROUND_EVENTS, TIME_SLACK, relabelled, roun
 from gateway.redact import Redactor
 from gateway.session.model import agently_message
 from gateway.store.base import AuditRow
+
+if TYPE_CHECKING:
+    from gateway.console.pool import WorkPool
 
 FORMATS = ("jsonl", "csv", "agently")
 BUNDLE_VERSION = "sessiongate-export/1"
@@ -287,13 +290,22 @@ class ExportSummary:
     redaction: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+BATCH = 64
+"""Records redacted and written per hop to a worker thread."""
+
+
 async def write_records(records: AsyncIterable[ExportRecord], out: BinaryIO, *, fmt: str,
                         redactor_for: Callable[[ExportRecord], Redactor],
                         progress: Progress | None = None) -> ExportSummary:
-    """Redact and write ``records`` to ``out`` in ``fmt``; the summary feeds the manifest."""
+    """Redact and write ``records`` to ``out`` in ``fmt``; the summary feeds the manifest.
+    Redacting and writing run in the console's worker threads (``gateway.console.pool``), a batch
+    of records at a time, one batch of a tenant at a time: the event loop keeps serving model
+    requests while a big tenant is exported."""
+    pool = _work_pool()
     writer = RecordWriter(out, fmt)
     summary = ExportSummary(format=fmt)
     redactors: dict[tuple[str, str, bool], Redactor] = {}
+    batch: list[tuple[ExportRecord, Redactor]] = []
     async for record in records:
         version = (record.policy_id, record.policy_hash)
         redactor = redactors.get((*version, record.versioned))
@@ -307,16 +319,36 @@ async def write_records(records: AsyncIterable[ExportRecord], out: BinaryIO, *, 
         summary.policies.add(version)
         if summary.min_created_at is None or record.created_at < summary.min_created_at:
             summary.min_created_at = record.created_at
-        # a round without block boundaries was recorded before they were kept: its values were never vetted
-        writer.write(record, redactor.redact_messages(record.messages, legacy=record.kind == "round"))
+        batch.append((record, redactor))
+        if len(batch) == BATCH:
+            await pool.run(f"export:{record.tenant}", _write_batch, writer, batch)
+            batch = []
+            if progress is not None:
+                progress.tick(BATCH)
+    if batch:
+        await pool.run(f"export:{batch[0][0].tenant}", _write_batch, writer, batch)
         if progress is not None:
-            progress.tick()
+            progress.tick(len(batch))
     writer.close()
     if progress is not None:
         progress.done()
     summary.sha256, summary.bytes = writer.sha256, writer.size
     summary.count, summary.messages, summary.sessions = writer.count, writer.messages, writer.sessions
     return summary
+
+
+def _write_batch(writer: RecordWriter, batch: list[tuple[ExportRecord, Redactor]]) -> None:
+    """Redact and write *batch* (in a worker thread)."""
+    for record, redactor in batch:
+        # a round without block boundaries was recorded before they were kept: its values were never vetted
+        writer.write(record, redactor.redact_messages(record.messages, legacy=record.kind == "round"))
+
+
+def _work_pool() -> WorkPool:
+    """The console's worker threads (imported here: the console's package imports this module)."""
+    from gateway.console.pool import work_pool
+
+    return work_pool()
 
 
 def redaction_sha256(redaction: Mapping[str, Any]) -> str:
@@ -349,7 +381,7 @@ async def export_bundle(records: AsyncIterable[ExportRecord], out: Path | str, *
         try:
             with _private(partial[0]) as f:
                 summary = await write_records(checked, f, fmt=fmt, redactor_for=redactor_for, progress=progress)
-                _sync(f)
+                await _work_pool().run(f"export:{tenant}", _sync, f)  # a big file's fsync: off the loop too
         finally:  # left early (a refused round): closed now, innermost last, not by the event loop's shutdown
             await aclose(checked)
             await aclose(records)

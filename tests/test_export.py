@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import tarfile
 import tracemalloc
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -601,3 +602,49 @@ def test_an_export_of_a_session_the_tenant_never_had_is_refused(gateway, tmp_pat
     assert code == 0 and out.getvalue().startswith("exported 0 records (0 sessions)")
     audit = [orjson.loads(line) for line in (tmp_path / "erased.jsonl.audit.jsonl").read_text().splitlines()]
     assert any(e["event"] == "erasure" and e.get("session_id") == "acme:real" for e in audit)
+
+
+def test_the_gateway_serves_requests_while_a_big_export_is_redacted(gateway, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An export's redaction runs off the event loop: while ``/admin/export`` is redacting a round
+    of 12,000 e-mail addresses, ``/healthz`` and another tenant's chat complete (the redaction
+    waits for them; on the event loop it held every request until it finished)."""
+    import threading
+
+    import httpx
+
+    from tests.conftest import AUDITOR_TOKEN, GLOBEX_KEY
+
+    gateway.openai(session="pii-dos").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": "a@b.co " * 12000}])
+    redacting, served = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    original = Redactor.redact_messages
+
+    def redact_messages(self, messages, *, legacy=False):  # type: ignore[no-untyped-def]
+        if not redacting.is_set():
+            redacting.set()
+            waited.append(served.wait(15))  # the export is still running until the requests are answered
+        return original(self, messages, legacy=legacy)
+
+    monkeypatch.setattr(Redactor, "redact_messages", redact_messages)
+    export: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: export.append(httpx.get(
+        f"{gateway.url}/admin/export", params={"tenant": "acme", "session": "pii-dos"},
+        headers={"Authorization": f"Bearer {AUDITOR_TOKEN}"}, timeout=60)))
+    worker.start()
+    try:
+        assert redacting.wait(30)
+        assert httpx.get(f"{gateway.url}/healthz", timeout=30).status_code == 200
+        reply = gateway.openai(key=GLOBEX_KEY, session="globex:small").chat.completions.create(
+            model="standin", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content
+        assert not export  # answered while the export was still redacting
+        served.set()
+    finally:
+        served.set()
+        worker.join(60)
+    assert waited == [True]
+    assert export[0].status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(export[0].content)) as tar:
+        records = tar.extractfile("acme-export.jsonl")
+        assert records is not None and b"a@b.co" not in records.read()
