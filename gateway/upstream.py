@@ -1,7 +1,8 @@
 """The one place that talks to the model provider.
 
-``Upstreams`` owns one ``aiohttp.ClientSession`` for the process (keep-alive, a connector
-limit, no cookie jar: cookies a provider sets are never stored or sent back), routes a model
+``Upstreams`` owns one ``aiohttp.ClientSession`` per upstream (keep-alive, a connection pool of
+that upstream's ``max_connections``, no cookie jar: cookies a provider sets are never stored or
+sent back), routes a model
 name and protocol to an upstream by glob, adds the upstream's own key in the header its protocol
 expects (``Authorization: Bearer`` for openai, ``x-api-key`` for anthropic, or the upstream's
 ``key_header``), forwards ``anthropic-version``/``anthropic-beta`` to anthropic upstreams
@@ -466,26 +467,30 @@ class Upstreams:
             for s in settings
         ]
         self._accept = {s.name: s.accept_encoding for s in settings}
-        self._limit = max((s.max_connections for s in settings), default=100)
+        self._limits = {s.name: s.max_connections for s in settings}
         self._routes: dict[tuple[str, str | None, bool], Upstream] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     @property
     def names(self) -> list[str]:
         return [u.name for u in self._list]
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=self._limit,
-                                         keepalive_timeout=30, enable_cleanup_closed=True)
-        # no cookie jar: this one client serves every tenant, so a cookie one tenant's reply set
-        # (a CDN's tracking cookie, say) would go out with every other tenant's requests
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                              skip_auto_headers=("User-Agent",),
-                                              cookie_jar=aiohttp.DummyCookieJar())
+        """One client per upstream, each with a connection pool of its own ``max_connections``:
+        a busy or slow upstream cannot take the connections another one needs."""
+        for name, limit in self._limits.items():
+            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit,
+                                             keepalive_timeout=30, enable_cleanup_closed=True)
+            # no cookie jar: an upstream's client serves every tenant, so a cookie one tenant's reply
+            # set (a CDN's tracking cookie, say) would go out with every other tenant's requests
+            self._sessions[name] = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                         skip_auto_headers=("User-Agent",),
+                                                         cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
     def route(self, model: str | None, protocol: str = "openai", *, any_upstream: bool = False) -> Upstream:
         """The first upstream speaking *protocol* (``openai`` or ``anthropic``) whose model globs
@@ -556,7 +561,8 @@ class Upstreams:
         *path* and *query* are percent-encoded already and are sent exactly as given. With
         *json*, *body* is JSON the gateway serialised (UTF-8) and goes as ``application/json``
         whatever ``Content-Type`` the client claimed."""
-        assert self._session is not None, "Upstreams.start() was not awaited"
+        session = self._sessions.get(up.name)
+        assert session is not None, "Upstreams.start() was not awaited"
         out = {h: v for h in FORWARD_HEADERS if (v := headers.get(h)) is not None}
         if up.protocol == "anthropic":
             out.update({h: v for h in ANTHROPIC_HEADERS if (v := headers.get(h)) is not None})
@@ -567,8 +573,8 @@ class Upstreams:
         out.update(up.headers)
         url = up.url(path, query)
         try:
-            resp = await self._session.request(method, url, data=body, headers=out, timeout=up.timeout,
-                                               allow_redirects=False)
+            resp = await session.request(method, url, data=body, headers=out, timeout=up.timeout,
+                                         allow_redirects=False)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream '{up.name}' did not answer in time") from exc
         except aiohttp.ClientError as exc:
