@@ -39,6 +39,10 @@ THREAD_PREFIX = "sessiongate-console"
 IDLE_SECONDS = 30.0
 """A thread with nothing to do for this long ends (a later call starts another)."""
 
+class Busy(Exception):
+    """The key already has as many calls running or waiting as the caller allows."""
+
+
 _Item = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any], Callable[[], None]]
 """The caller's loop, the future it awaits, the call, and what frees the key's slot (on the loop)."""
 
@@ -54,13 +58,17 @@ class WorkPool:
         self._closed = False
         self._lock = threading.Lock()
 
-    async def run(self, key: str, fn: Callable[..., T], *args: object) -> T:
+    async def run(self, key: str, fn: Callable[..., T], *args: object, limit: int | None = None) -> T:
         """``fn(*args)`` in a pool thread once *key* holds fewer than ``per_key`` threads; its
         result, or what it raised. Context variables are carried over, as ``asyncio.to_thread``
         does. A caller cancelled while *fn* runs stops waiting; the thread stays *key*'s until
-        *fn* returns. Raises ``RuntimeError`` after :meth:`close`."""
+        *fn* returns. Raises :class:`Busy` when *key* already has *limit* calls running or
+        waiting, ``RuntimeError`` after :meth:`close`."""
         if self._closed:
             raise RuntimeError("the console's work pool is closed: the gateway is stopping")
+        held = self._slots.get(key)
+        if limit is not None and held is not None and held[1][0] >= limit:
+            raise Busy(key)
         slot, users = self._slots.setdefault(key, (asyncio.Semaphore(self.per_key), [0]))
         users[0] += 1
         try:

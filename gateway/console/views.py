@@ -40,6 +40,7 @@ from gateway.console.auth import (
     token_matches,
 )
 from gateway.console.jobs import MAX_RUNNING_PER_AUDITOR, Counting, Job, JobProgress, Jobs, TooManyRunning
+from gateway.console.pool import Busy, work_pool
 from gateway.console.stats import DAYS_SHOWN, StatsCache
 from gateway.console.throttle import FailureThrottle, peer, warn_demo_credentials
 from gateway.errors import GatewayError, IntegrityError, PayloadTooLarge, Unauthorized
@@ -55,6 +56,9 @@ HERE = Path(__file__).parent
 PAGE = 50
 ROUNDS_PER_PAGE = 50
 """Rounds on one page of a session (``?after=<seq>`` for the next)."""
+PAGES_PER_AUDITOR = 6
+"""Session pages one auditor may have loading at once (one renders at a time, the rest wait);
+more are refused with 429."""
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
        "base-uri 'none'")
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -424,7 +428,14 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
                            "chars": sum(len(str(m.get("content") or "")) for m in shown), "bytes": len(row.ct)})
         return render(request, "session.html", session=session, tenant=tenant, sid=sid, rounds=rounds, after=after,
                       more=more)
-    return await asyncio.to_thread(rendered)
+    try:  # the console's own threads, one per auditor at a time: request work keeps asyncio's and its own
+        return await work_pool().run(f"auditor:{session.principal.name}", rendered, limit=PAGES_PER_AUDITOR)
+    except Busy:
+        response = render(request, "error.html", status=429, session=session, title="Too many pages loading",
+                          message=f"You already have {PAGES_PER_AUDITOR} session pages loading. Wait for them, "
+                          "then load this one again.")
+        response.headers["Retry-After"] = "5"
+        return response
 
 
 def _integrity_failure(request: web.Request, session: ConsoleSession, tenant: str, sid: str,
