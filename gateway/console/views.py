@@ -40,7 +40,7 @@ from gateway.console.auth import (
     token_matches,
 )
 from gateway.console.jobs import MAX_RUNNING_PER_AUDITOR, Counting, Job, JobProgress, Jobs, TooManyRunning
-from gateway.console.pool import Busy, work_pool
+from gateway.console.pool import Busy, close_pool, work_pool
 from gateway.console.stats import DAYS_SHOWN, StatsCache
 from gateway.console.throttle import FailureThrottle, peer, warn_demo_credentials
 from gateway.errors import GatewayError, IntegrityError, PayloadTooLarge, Unauthorized
@@ -732,6 +732,7 @@ async def _lifecycle(app: web.Application) -> Any:
     app[SERVICES].sessions.on_erase.append(app[CONSOLE].jobs.erased)  # an erased session leaves no bundle behind
     yield
     await app[CONSOLE].jobs.close()
+    close_pool(asyncio.get_running_loop())  # a page still rendering is abandoned: nothing waits for its thread
 
 
 def form_limited(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
