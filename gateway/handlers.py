@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestPayloadError
 
-from gateway import pipeline
+from gateway import offload, pipeline
 from gateway.auth import Principal, auth_header
 from gateway.codecs import Codec
 from gateway.codecs.chat import CHAT
@@ -432,7 +432,7 @@ async def import_session(request: web.Request) -> web.Response:
     document's ``model`` or ``?model=`` (``session.importing.session_policy``)."""
     services, tenant, sid = _session_target(request)
     raw = await read_limited(request, services.settings.server.max_body_bytes)
-    data = await asyncio.to_thread(parse_session_document, raw)  # JSON or JSON5, as Agently loads
+    data = await offload.run(tenant, parse_session_document, raw)  # JSON or JSON5, as Agently loads
     policy = _session_policy(request, data, tenant, sid)
     added = await services.sessions.import_agently(tenant, sid, data, new_request_id(), policy)
     return json_response({"id": sid, "imported_messages": added})

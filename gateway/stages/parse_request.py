@@ -30,6 +30,7 @@ from itertools import accumulate
 import orjson
 from aiohttp import web
 
+from gateway import offload
 from gateway.codecs import Codec
 from gateway.context import Context
 from gateway.decompress import decode_body
@@ -207,7 +208,7 @@ def parse_for(codec: Codec, raw: bytes) -> tuple[dict, list[dict]]:
 async def parse_request(ctx: Context) -> None:
     ctx.raw = await read_limited(ctx.request, ctx.services.settings.server.max_body_bytes)
     if len(ctx.raw) > THREAD_ABOVE_BYTES:
-        ctx.body, ctx.messages = await asyncio.to_thread(parse_for, ctx.codec, ctx.raw)
+        ctx.body, ctx.messages = await offload.run(ctx.tenant, parse_for, ctx.codec, ctx.raw)
     else:
         ctx.body, ctx.messages = parse_for(ctx.codec, ctx.raw)
     ctx.model = ctx.body.get("model")
