@@ -124,6 +124,7 @@ def test_a_keyed_round_of_a_few_kilobytes_is_built_off_the_event_loop(gateway: G
     worker thread; a small one still on the loop."""
     import threading
 
+    from gateway import offload
     from gateway.stages import record as record_stage
 
     built_on: list[str] = []
@@ -140,7 +141,7 @@ def test_a_keyed_round_of_a_few_kilobytes_is_built_off_the_event_loop(gateway: G
         big = {**COMPLIANCE_INPUT, "intent": {"detail": [notes, notes]}}
         client.chat.completions.create(model="gpt-4o-mini", messages=[user(json.dumps(big))])
     loop_thread, worker = built_on
-    assert not loop_thread.startswith("asyncio_") and worker.startswith("asyncio_"), built_on
+    assert loop_thread != worker and worker.startswith(offload.THREAD_PREFIX), built_on
 
 
 def test_compliance_through_an_agently_agent(gateway: Gateway, upstream: Upstream, tmp_path: Path,

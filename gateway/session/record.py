@@ -56,7 +56,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -158,7 +159,7 @@ def _yaml_fits(text: str, budget: ParseBudget) -> bool:
 def content_text(content: Any) -> str:
     """The text of a message content: a string, or the text parts of a content-part list joined by
     "\\n"; a JSON object (Agently's ``agent.input({...})`` alone) as the YAML (sorted keys) Agently
-    renders it in as its ``[INPUT]`` section."""
+    renders it in as its ``[INPUT]`` section (once per object within :func:`rendering_once`)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -166,11 +167,72 @@ def content_text(content: Any) -> str:
     if isinstance(content, list):
         return "\n".join([text for part in content if (text := _part_text(part)) is not None])
     if isinstance(content, dict):
-        try:
-            return yaml.safe_dump(content, allow_unicode=True).rstrip("\n")  # Agently's [INPUT] section body
-        except (yaml.YAMLError, RecursionError):
-            return orjson.dumps(content).decode()
+        return _object_text(content)
     return str(content)
+
+
+_RENDERED: ContextVar[dict[int, tuple[Any, str]] | None] = ContextVar("rendered_objects", default=None)
+"""Within :func:`rendering_once`: each object content rendered so far, by ``id``, with the object
+(so that the id stays its own) and its text."""
+
+
+class rendering_once:  # noqa: N801 - used as a function: ``with rendering_once():``
+    """Within the block, an object content is rendered as YAML once, however many times its text
+    is asked for (the recorded input, the output-format check, the prefill): PyYAML's pure-Python
+    emitter takes some 7 microseconds a node, a quarter of a second for a 60 KB object. The objects
+    must not change within the block (a round's request does not). Within an outer block, the
+    outer block's renderings serve. A class, not a generator: entering costs a fraction of a
+    microsecond on every round."""
+
+    __slots__ = ("token",)
+
+    def __enter__(self) -> None:
+        self.token = _RENDERED.set({}) if _RENDERED.get() is None else None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            _RENDERED.reset(self.token)
+
+
+def _object_text(content: dict[str, Any]) -> str:
+    """*content* as the YAML Agently renders (``yaml.safe_dump``, sorted keys), or as JSON when
+    YAML cannot render it. libyaml's emitter is not used: it writes many texts differently
+    (an empty key, characters outside the BMP), and the record must read as Agently's."""
+    rendered = _RENDERED.get()
+    if rendered is not None and (done := rendered.get(id(content))) is not None and done[0] is content:
+        return done[1]
+    try:
+        text = yaml.safe_dump(content, allow_unicode=True).rstrip("\n")  # Agently's [INPUT] section body
+    except (yaml.YAMLError, RecursionError):
+        text = orjson.dumps(content).decode()
+    if rendered is not None:
+        rendered[id(content)] = (content, text)
+    return text
+
+
+YAML_NODE_UNITS = 8
+"""What rendering one value of an object as YAML costs, in characters of text rendered in the
+same time (about 7 and 1 microseconds with PyYAML's pure-Python emitter)."""
+
+
+def object_units(contents: Iterable[Any], enough: int) -> int:
+    """About how much rendering the object (``dict``) contents among *contents* as YAML costs, in
+    characters (``YAML_NODE_UNITS`` a key or value, and each string's length); counting stops
+    once past *enough*, so it costs at most that much whatever the objects. Other contents count
+    nothing: text is used as it is, a list's parts are joined or written by the C JSON encoder."""
+    units = 0
+    todo = [content for content in contents if type(content) is dict]
+    while todo and units <= enough:
+        item = todo.pop()
+        units += YAML_NODE_UNITS
+        if type(item) is dict:
+            todo.extend(item)
+            todo.extend(item.values())
+        elif type(item) is list:
+            todo.extend(item)
+        elif type(item) is str:
+            units += len(item)
+    return units
 
 
 def _input_content_text(content: Any) -> str:

@@ -24,26 +24,43 @@ budget) is left out of the recorded reply and named in ``keys_over_budget``; the
 ``incomplete`` and its audit entry says ``truncated`` and which keys (``detail.keys_over_budget``).
 The client still gets the whole reply. (Request keys were checked before forwarding, in ``match_policy``.)
 
-Rounds larger than ``THREAD_ABOVE_BYTES`` (request plus reply) are built in a worker thread, so
-parsing a large request never holds up the event loop and the other clients on it; under a
-keyed policy (``input_keys`` or ``reply_keys`` set) above ``KEYED_THREAD_ABOVE_BYTES``, since a
-key's structured value is rendered as YAML the way Agently renders it (PyYAML's pure-Python
-emitter, about a microsecond per character: 60 KB of values held the loop some 100 ms).
+Rounds larger than ``THREAD_ABOVE_BYTES`` (request plus reply) are built in a worker thread
+(``gateway.offload``: fairly among tenants), so parsing a large request never holds up the event
+loop and the other clients on it; under a keyed policy (``input_keys`` or ``reply_keys`` set)
+above ``KEYED_THREAD_ABOVE_BYTES``, since a key's structured value is rendered as YAML the way
+Agently renders it (PyYAML's pure-Python emitter, about a microsecond per character: 60 KB of
+values held the loop some 100 ms). A message whose content is an object (Agently's
+``agent.input({...})``) is recorded as that YAML too, at some 7 microseconds a value: a round
+whose object contents would take more than ``YAML_INLINE_UNITS`` to render
+(``session.record.object_units``, counted only that far) is built in a worker thread whatever its
+size (a 58 KB object of small lists took 0.2 s a rendering). Each object is rendered once per round
+(``session.record.rendering_once``).
 """
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 
+from gateway import offload
 from gateway.context import Context
 from gateway.policy import Policy
-from gateway.session.record import build_reply_view, build_request_view, prefill_text, render_reply, render_user
+from gateway.session.record import (
+    build_reply_view,
+    build_request_view,
+    object_units,
+    prefill_start,
+    prefill_text,
+    render_reply,
+    render_user,
+    rendering_once,
+)
 from gateway.session.structured import structured_round
 
 THREAD_ABOVE_BYTES = 64 * 1024
 KEYED_THREAD_ABOVE_BYTES = 4 * 1024
+YAML_INLINE_UNITS = 4 * 1024
+"""Object contents cheaper than this to render as YAML (``session.record.object_units``: characters'
+worth, some 4 ms) are rendered on the event loop."""
 
 log = structlog.get_logger("gateway.record")
 
@@ -86,11 +103,42 @@ def recorded_round(policy: Policy, body: dict, reply_message: dict | None, reply
     and the reply: the assistant turn the model gave, when the upstream continues a final
     assistant message (Anthropic does; OpenAI's API does not, and then the record starts with
     the client's text: the audit entry says how much, ``detail.prefill_chars``)."""
-    prefill = merged_prefill(messages, reply_message)
-    if prefill and reply_message is not None:
-        reply_message = {**reply_message, "content": prefill + (reply_message.get("content") or "")}
-    user, reply = recorded_texts(policy, body, reply_message, reply_body, messages, over_budget)
-    return user, reply, structured_round(policy, messages, reply_message, reply)
+    with rendering_once():
+        prefill = merged_prefill(messages, reply_message)
+        if prefill and reply_message is not None:
+            reply_message = {**reply_message, "content": prefill + (reply_message.get("content") or "")}
+        user, reply = recorded_texts(policy, body, reply_message, reply_body, messages, over_budget)
+        return user, reply, structured_round(policy, messages, reply_message, reply)
+
+
+def builds_off_loop(ctx: Context, keyed: bool) -> bool:
+    """True when the round is too costly to build on the event loop: larger than the threshold
+    (request plus reply bytes), or with object contents costly to render as YAML. Under ``null``
+    keys only the new input, the prefill and the reply are rendered as text, so only they are
+    looked at (a long history costs nothing here); keys may read any system message."""
+    if len(ctx.raw) + ctx.bytes_out + len(ctx.tail) > (KEYED_THREAD_ABOVE_BYTES if keyed else THREAD_ABOVE_BYTES):
+        return True
+    messages = ctx.messages
+    start = 0
+    if not keyed:  # from just after the last assistant message before the prefill (session.record.new_messages)
+        start = prefill_start(messages)
+        while start and messages[start - 1].get("role") != "assistant":
+            start -= 1
+    objects = [content for message in messages[start:] if type(content := message.get("content")) is dict]
+    if ctx.reply_message is not None and type(ctx.reply_message.get("content")) is dict:
+        objects.append(ctx.reply_message["content"])
+    return bool(objects) and object_units(objects, YAML_INLINE_UNITS) > YAML_INLINE_UNITS
+
+
+def _recorded_with_prefill(policy: Policy, body: dict, reply_message: dict | None, reply_body: dict | None,
+                           messages: list[dict], over_budget: list[str],
+                           ) -> tuple[str | None, str | None, list[dict] | None, int]:
+    """``recorded_round`` and the length of the prefill put in front of the recorded reply (0 when
+    none, or no reply is recorded), in one rendering of the round's objects."""
+    with rendering_once():
+        user, reply, recorded = recorded_round(policy, body, reply_message, reply_body, messages, over_budget)
+        prefill_chars = len(merged_prefill(messages, reply_message)) if reply is not None else 0
+    return user, reply, recorded, prefill_chars
 
 
 async def record(ctx: Context) -> None:
@@ -101,12 +149,11 @@ async def record(ctx: Context) -> None:
     args = (policy, ctx.body, ctx.reply_message, ctx.reply_body, ctx.messages, over_budget)
     try:
         keyed = policy.session.input_keys is not None or policy.session.reply_keys is not None
-        if len(ctx.raw) + ctx.bytes_out + len(ctx.tail) > (KEYED_THREAD_ABOVE_BYTES if keyed else THREAD_ABOVE_BYTES):
-            ctx.user_text, ctx.reply_text, ctx.recorded = await asyncio.to_thread(recorded_round, *args)
+        if builds_off_loop(ctx, keyed):
+            built = await offload.run(ctx.tenant, _recorded_with_prefill, *args)
         else:
-            ctx.user_text, ctx.reply_text, ctx.recorded = recorded_round(*args)
-        if ctx.reply_text is not None:
-            ctx.prefill_chars = len(merged_prefill(ctx.messages, ctx.reply_message))
+            built = _recorded_with_prefill(*args)
+        ctx.user_text, ctx.reply_text, ctx.recorded, ctx.prefill_chars = built
         if over_budget:
             ctx.keys_over_budget = over_budget
             if ctx.outcome == "completed":
