@@ -19,14 +19,15 @@ import asyncio
 import contextlib
 import functools
 import io
+import os
 import secrets
 import tarfile
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -72,14 +73,71 @@ class Job:
     def running(self) -> bool:
         return self.status == "running"
 
-    def tar_bytes(self) -> bytes:
-        """The finished bundle (records, manifest, audit entries) as one tar archive."""
+    def bundle(self) -> TarStream:
+        """The finished bundle (records, manifest, audit entries) as one tar archive, read from
+        disk as it is sent. Raises ``OSError`` when a file is gone."""
         assert self.out is not None
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for path in bundle_paths(self.out):
-                tar.add(path, arcname=path.name)
-        return buffer.getvalue()
+        return TarStream(bundle_paths(self.out))
+
+
+class TarStream:
+    """A ustar/pax archive of some files, made as it is read: the files are opened at once (a
+    bundle deleted meanwhile is still sent whole), and read a chunk at a time (``read_chunk`` is
+    blocking: call it off the event loop), so a download holds one chunk in memory, not the
+    bundle."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, paths: Iterable[Path]) -> None:
+        self._parts: list[bytes | tuple[BinaryIO, int]] = []
+        self.size = 0
+        try:
+            for path in paths:
+                f = path.open("rb")
+                self._parts.append((f, 0))  # placeholder until its header is made
+                stat = os.fstat(f.fileno())
+                info = tarfile.TarInfo(path.name)
+                info.size, info.mtime, info.mode = stat.st_size, int(stat.st_mtime), stat.st_mode & 0o7777
+                header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+                padding = -stat.st_size % tarfile.BLOCKSIZE
+                self._parts[-1:] = [header, (f, stat.st_size), b"\0" * padding]
+                self.size += len(header) + stat.st_size + padding
+        except BaseException:
+            self.close()
+            raise
+        end = 2 * tarfile.BLOCKSIZE  # two empty blocks end the archive; tarfile pads it to a whole record
+        end += -(self.size + end) % tarfile.RECORDSIZE
+        self._parts.append(b"\0" * end)
+        self.size += end
+
+    def read_chunk(self) -> bytes:
+        """The next bytes of the archive, ``b""`` at its end (blocking)."""
+        while self._parts:
+            part = self._parts[0]
+            if isinstance(part, bytes):
+                self._parts.pop(0)
+                if part:
+                    return part
+                continue
+            f, left = part
+            data = f.read(min(self.CHUNK, left))
+            if len(data) < min(self.CHUNK, left):
+                raise OSError(f"{f.name} got shorter while it was sent")
+            left -= len(data)
+            if left:
+                self._parts[0] = (f, left)
+            else:
+                f.close()
+                self._parts.pop(0)
+            if data:
+                return data
+        return b""
+
+    def close(self) -> None:
+        for part in self._parts:
+            if isinstance(part, tuple):
+                part[0].close()
+        self._parts = []
 
 
 class Counting:
