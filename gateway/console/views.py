@@ -26,6 +26,7 @@ import orjson
 import structlog
 import yaml
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.audit import VerifyReport, entry_fields
 from gateway.console.auth import (
@@ -159,20 +160,36 @@ def _public_origin(request: web.Request) -> str | None:
 
 
 class UnreadableForm(Exception):
-    """A console form post whose body is not text in its declared charset (UTF-8 unless it says
-    otherwise): no browser sends one from a console page."""
+    """A console form post that cannot be read (not text in its declared charset, a charset no
+    codec has, a malformed multipart body): no browser sends one from a console page. Its message
+    says what was wrong."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 UNREADABLE_FORM = ("The form could not be read: its body holds bytes that are not UTF-8 text, which no console "
                    "page sends. Open the console and submit the form again.")
+UNKNOWN_CHARSET = ("The form could not be read: its Content-Type (or a part's) names a charset this gateway has "
+                   "no codec for. Console pages send UTF-8: open the console and submit the form again.")
+MALFORMED_FORM = ("The form could not be read: it is not a well-formed application/x-www-form-urlencoded or "
+                  "multipart/form-data body (a multipart form needs a boundary in its Content-Type, and each part "
+                  "well-formed headers and a Content-Disposition naming its field). Open the console and submit "
+                  "the form again.")
 
 
 async def read_form(request: web.Request) -> Any:
-    """The posted form (``request.post()``); :class:`UnreadableForm` when its bytes do not decode."""
+    """The posted form (``request.post()``); :class:`UnreadableForm` saying why when it cannot be
+    read (aiohttp raises whatever its decoders raise: these were 500s, before sign-in too)."""
     try:
         return await request.post()
     except UnicodeDecodeError as exc:
-        raise UnreadableForm() from exc
+        raise UnreadableForm(UNREADABLE_FORM) from exc
+    except LookupError as exc:  # codecs.lookup of the declared charset
+        raise UnreadableForm(UNKNOWN_CHARSET) from exc
+    except (ValueError, RuntimeError, HttpProcessingError) as exc:  # multipart: no boundary, bad part headers
+        raise UnreadableForm(MALFORMED_FORM) from exc
 
 
 def signed_in(page: Page) -> Handler:
@@ -185,9 +202,9 @@ def signed_in(page: Page) -> Handler:
         if request.method == "POST":
             try:
                 form = await read_form(request)
-            except UnreadableForm:
+            except UnreadableForm as exc:
                 return render(request, "error.html", status=400, session=None, title="Form not readable",
-                              message=UNREADABLE_FORM)
+                              message=exc.message)
             if (not same_origin(request, _public_origin(request)) or session is None
                     or not token_matches(session.csrf, form.get("csrf"))):
                 return render(request, "error.html", status=403, session=None, title="Request refused",
@@ -243,8 +260,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     """Sign in with an auditor token posted from the login form (same origin, login CSRF token)."""
     try:
         form = await read_form(request)
-    except UnreadableForm:
-        return await login_form(request, UNREADABLE_FORM, 400)
+    except UnreadableForm as exc:
+        return await login_form(request, exc.message, 400)
     if (not same_origin(request, _public_origin(request))
             or not token_matches(request.cookies.get(LOGIN_COOKIE, ""), form.get("csrf"))):
         return await login_form(request, "The sign-in form expired or came from another site. Try again.", 403)
