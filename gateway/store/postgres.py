@@ -36,14 +36,13 @@ as ``gateway.store.sqlite``. How it keeps the contract across processes:
   nothing of the batch is committed, except when the connection drops during ``COMMIT`` itself,
   where PostgreSQL alone knows. The message (the operator's log) names the error that ended the
   operation: a batch's clean-up never masks it, and asyncpg's state error on a pooled connection
-  the server had ended while idle is named as that (:func:`_cause`). A deadlock (which the lock order rules out) is retried,
-  re-running the plans. A lock wait longer than :data:`LOCK_WAIT_SECONDS` (a stopped or stuck
-  holder) fails only the jobs of the tenant whose lock timed out (:data:`_TAKE_LOCKS` names its
-  key), with a ``store_turn_timeout`` log line naming it and the pids holding it (pg_locks); the
-  rest of the batch is run
-  again at once, and the lane's next batch runs that tenant's jobs apart, after the others': the
-  other tenants of the batch, and those queued behind it in the lane, are delayed by one wait at
-  most, never failed.
+  the server had ended while idle is named as that (:func:`_cause`). A deadlock (which the lock
+  order rules out) is retried, re-running the plans. A lock wait longer than
+  :data:`LOCK_WAIT_SECONDS` (a stopped or stuck holder) fails only the jobs of the tenant whose
+  lock timed out (:data:`_TAKE_LOCKS` names its key), with a ``store_turn_timeout`` log line
+  naming it and the pids holding it (pg_locks); the rest of the batch is run again at once, and
+  the lane's next batch runs that tenant's jobs apart, after the others': the other tenants of
+  the batch, and those queued behind it in the lane, are delayed by one wait at most, never failed.
 - **Reads** use pooled connections one query at a time; the iterators page by key
   (``PAGE`` rows), so an abandoned iterator holds no connection.
 - **Erasure.** :meth:`~PostgresStore.checkpoint` runs ``VACUUM`` on ``data_keys`` and ``sessions``
