@@ -42,11 +42,12 @@ from gateway.logs import exception_fields
 from gateway.metrics import Metrics
 from gateway.observe import METRICS, metrics_middleware, route_label, set_error_code
 from gateway.policy import PolicySet, PolicyWatcher
+from gateway.policy.reload_audit import ReloadAudit
 from gateway.policy.versions import PolicyVersions
 from gateway.retention import RetentionTask
 from gateway.sessions import SessionService
 from gateway.settings import Settings, UpstreamSettings
-from gateway.store.base import SYSTEM_TENANT, Changes, Store
+from gateway.store.base import Store
 from gateway.store.sqlite import SQLiteStore
 from gateway.tracing import Tracing, from_settings
 from gateway.upstream import Upstreams
@@ -274,15 +275,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
     async def on_policies(new: PolicySet) -> None:
         await versions.record(new)
-        # "_diff": what changed, names only (gateway.policy.diff); no policy id starts with "_"
-        diff = policies.last_diff.audit_detail() if policies.last_diff is not None else None
-        await store.transact(SYSTEM_TENANT, None, lambda cur: Changes(audit=[{
-            "event": "policy_reload", "detail": {**{p.id: p.version_hash for p in new}, "_diff": diff}}]))
+        await reload_audit.record(new)  # one policy_reload entry per change, not per reload or worker
         metrics.policy_reloads.labels(result="ok").inc()
 
     policies = PolicyWatcher(settings.policies.path, on_policies, interval=settings.policies.reload_interval,
                              on_refused=lambda _exc: metrics.policy_reloads.labels(result="refused").inc(),
                              hook_modules=settings.policies.hook_modules)
+    reload_audit = ReloadAudit(store, policies.current)
     policies.attach(health)
     await versions.record(policies.current)
     upstreams = Upstreams(upstream_settings)

@@ -254,7 +254,8 @@ def test_policy_reload_and_key_rotation_reach_every_replica(cluster: Cluster) ->
                 report = await audit.averify_chain(store.iter_audit(tenant), tenant=tenant)
                 assert report.ok, report.summary()
             system = [audit.entry_fields(row)["event"] async for row in store.iter_audit("_system")]
-            assert "key_rotation" in system and system.count("policy_reload") >= 2
+            # one policy edit: the replica that reloads it second finds it audited (rarely, both write it)
+            assert "key_rotation" in system and 1 <= system.count("policy_reload") <= 2
         finally:
             await store.close()
 
