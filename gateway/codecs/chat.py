@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway import jsonbody
 from gateway.codecs import references
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState
@@ -79,7 +80,7 @@ class ChatCodec:
         messages = ctx.body["messages"]
         new = inject_messages(messages, state, window=opts.context_window, memo=opts.memo,
                               memo_placement=opts.memo_placement, encoded=True)
-        return orjson.dumps({**ctx.body, "messages": new}) if new is not messages else None
+        return jsonbody.dumps({**ctx.body, "messages": new}) if new is not messages else None
 
     def parse_reply(self, body: Any) -> Message:
         """Choice 0's message, its members of the types a chat completion has (content as text,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway import jsonbody
 from gateway.codecs import references, window_plan
 from gateway.errors import BadRequest, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
@@ -51,7 +52,7 @@ def _text_of(content: Any) -> str:
         return content
     if isinstance(content, list):
         return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
-    return "" if content is None else orjson.dumps(content).decode()
+    return "" if content is None else jsonbody.dumps(content).decode()
 
 
 def _part(block: dict[str, Any]) -> Any:
@@ -109,7 +110,7 @@ def _base64_text(source: dict[str, Any]) -> str | None:
 def _doc_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return "" if value is None else orjson.dumps(value, default=str).decode()
+    return "" if value is None else jsonbody.dumps(value, default=str).decode()
 
 
 def _result_of(content: Any) -> Any:
@@ -146,7 +147,7 @@ def to_messages(body: dict[str, Any]) -> list[Message]:
             if block.get("type") == "tool_use":
                 calls.append({"id": block.get("id"), "type": "function",
                               "function": {"name": block.get("name"),
-                                           "arguments": orjson.dumps(block.get("input", {})).decode()}})
+                                           "arguments": jsonbody.dumps(block.get("input", {})).decode()}})
             elif block.get("type") == "tool_result":
                 result: Message = {"role": "tool", "tool_call_id": block.get("tool_use_id"),
                                    "content": _result_of(block.get("content"))}
@@ -460,7 +461,7 @@ class MessagesCodec:
                     rest[i] = {**rest[i], "content": _with_memo(rest[i].get("content"), state.memo)}
                     break
         body["messages"] = to_anthropic(window, thinking=not thinking_off(body)) + rest
-        return orjson.dumps(body)
+        return jsonbody.dumps(body)
 
     def parse_reply(self, body: Any) -> Message:
         try:

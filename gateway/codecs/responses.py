@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway import jsonbody
 from gateway.codecs import references, window_plan
 from gateway.errors import BadRequest, NotFound, UpstreamError
 from gateway.session.model import SessionState, memo_section, with_memo
@@ -156,7 +157,7 @@ def to_messages(body: dict[str, Any]) -> list[Message]:
             output = item.get("output")
             out.append({"role": "tool", "tool_call_id": item.get("call_id"),
                         "content": output if isinstance(output, str)
-                        else _content(output) if isinstance(output, list) else orjson.dumps(output).decode()})
+                        else _content(output) if isinstance(output, list) else jsonbody.dumps(output).decode()})
         else:  # any other item the provider reads: a built-in tool's call or result, reasoning ...
             out.append({"role": "user", "content": _other_item(item), "tool_output": True})
     return out
@@ -181,9 +182,9 @@ def _other_item(item: dict[str, Any]) -> Any:
     output = item.get("output")
     if isinstance(output, dict) and output.get("type") == "computer_screenshot" and output.get("image_url"):
         rest = {**item, "output": {k: v for k, v in output.items() if k != "image_url"}}
-        return [{"type": "text", "text": orjson.dumps(rest).decode()},
+        return [{"type": "text", "text": jsonbody.dumps(rest).decode()},
                 {"type": "image_url", "image_url": {"url": output["image_url"]}}]
-    return orjson.dumps(item, default=str).decode()
+    return jsonbody.dumps(item, default=str).decode()
 
 
 def _opaque(label: str, value: str) -> str:
@@ -419,11 +420,11 @@ class ResponsesCodec:
     def forward_body(self, ctx: Context, policy: Policy | None, state: SessionState | None) -> bytes | None:
         body = prepare_body(ctx, ctx.body)
         if state is None or policy is None:
-            return orjson.dumps(body) if body is not ctx.body else None
+            return jsonbody.dumps(body) if body is not ctx.body else None
         opts = policy.session.inject
         window, add_memo = window_plan(ctx.messages, state, window=opts.context_window, memo=opts.memo)
         if not window and not add_memo:
-            return orjson.dumps(body) if body is not ctx.body else None
+            return jsonbody.dumps(body) if body is not ctx.body else None
         items = body.get("input")
         items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or ())
         if window:
@@ -439,7 +440,7 @@ class ResponsesCodec:
                 if rest[i].get("role") == "user":
                     rest[i] = _memo_into(rest[i], state.memo)
                     break
-        return orjson.dumps({**body, "input": system + to_items(window) + rest})
+        return jsonbody.dumps({**body, "input": system + to_items(window) + rest})
 
     async def check_references(self, ctx: Context) -> None:
         """Account-wide objects named by id only where the upstream forwards their routes

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 import yaml
 
+from gateway import jsonbody
 from gateway.jsonpath import KeyBudgetExceeded
 from gateway.paths import MISSING as _MISSING
 from gateway.paths import KeyPath
@@ -346,12 +347,13 @@ def context_length(messages: Sequence[dict[str, Any]]) -> int:
 
 def _load_json(text: str, budget: ParseBudget | None = None) -> Any:
     """The JSON object or array in ``text`` (surrounding whitespace allowed), else MISSING;
-    MISSING too when it is deeper or larger than the bounds (see the module docstring)."""
+    MISSING too when it is deeper or larger than the bounds (see the module docstring).
+    Integers beyond 64 bits are read exactly (``jsonbody.loads``), as the model wrote them."""
     stripped = text.strip()
     if not stripped or stripped[0] not in "{[":
         return _MISSING
     try:
-        value = orjson.loads(stripped)
+        value = jsonbody.loads(stripped)
     except orjson.JSONDecodeError:
         return _MISSING
     return value if _fits(value, budget or ParseBudget()) else _MISSING

@@ -13,6 +13,11 @@ client's bytes, so the model reads exactly what is recorded: a key the client se
 leaves its meaning to each parser, and a provider may take the first where the gateway takes
 the last) reaches the model once, with the value the record holds.
 
+orjson reads an integer beyond 64 bits as a float (``gateway.jsonbody``); when the serialised
+body shows one may be there (``jsonbody.widened``: an exponent of 18 or more, one ``memchr`` in
+the common case), the body is read again exactly (``parse_request.reparse_exact``) and
+serialised again, so the provider gets, and the record holds, the integer the client sent.
+
 A ``window_only`` session (``resolve_session``) is let go here, once its window is in the body:
 the round is audited only, as a request without a session.
 """
@@ -21,21 +26,31 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
-
+from gateway import jsonbody
 from gateway.context import Context
-from gateway.stages.parse_request import THREAD_ABOVE_BYTES
+from gateway.stages.parse_request import THREAD_ABOVE_BYTES, reparse_exact
 
 
 async def inject(ctx: Context) -> None:
     ctx.upstream = ctx.services.upstreams.route(ctx.model, ctx.codec.protocol)
-    body = ctx.codec.forward_body(ctx, ctx.policy, ctx.loaded.state if ctx.loaded is not None else None)
-    if body is not None:
-        ctx.forward_body = body
-    elif len(ctx.raw) > THREAD_ABOVE_BYTES:
-        ctx.forward_body = await asyncio.to_thread(orjson.dumps, ctx.body)
+    ctx.forward_body = await _serialise(ctx)
+    if len(ctx.forward_body) > THREAD_ABOVE_BYTES:
+        wide = await asyncio.to_thread(jsonbody.widened, ctx.forward_body)
     else:
-        ctx.forward_body = orjson.dumps(ctx.body)
+        wide = jsonbody.widened(ctx.forward_body)
+    if wide:  # an integer beyond 64 bits may have been read as a float
+        await reparse_exact(ctx)
+        ctx.forward_body = await _serialise(ctx)
     await ctx.codec.check_references(ctx)
     if ctx.window_only:  # e.g. a store: false continuation of a chain: the round is not added to it
         ctx.session_id = None
+
+
+async def _serialise(ctx: Context) -> bytes:
+    """The body to forward: the codec's (window and memo injected), else the parsed body's JSON."""
+    body = ctx.codec.forward_body(ctx, ctx.policy, ctx.loaded.state if ctx.loaded is not None else None)
+    if body is not None:
+        return body
+    if len(ctx.raw) > THREAD_ABOVE_BYTES:
+        return await asyncio.to_thread(jsonbody.dumps, ctx.body)
+    return jsonbody.dumps(ctx.body)

@@ -18,6 +18,12 @@ quote the body or the model.
 
 Large bodies are decoded and parsed in a worker thread, so one big request never holds up the
 event loop (and with it every other client).
+
+orjson reads an integer beyond 64 bits as a float (``gateway.jsonbody``). Looking for one in
+every body would cost as much as the parse, so ``inject``, which serialises the body anyway,
+looks at its output (``jsonbody.widened``) and, when one may be there, has the body read again
+here exactly (:func:`reparse_exact`): ``body`` and ``messages`` then hold the client's integers
+as sent, for the forwarded body and the record alike.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from gateway.codecs import Codec
 from gateway.context import Context
 from gateway.decompress import decode_body
 from gateway.errors import BadRequest, InvalidJSON, PayloadTooLarge
+from gateway.jsonbody import loads_exact
 
 MAX_JSON_DEPTH = 128
 MAX_MODEL_CHARS = 256
@@ -83,11 +90,13 @@ def json_depth(raw: bytes) -> int:
     return max(accumulate(array("b", signs)), default=0)
 
 
-def parse_json_object(raw: bytes) -> dict:
+def parse_json_object(raw: bytes, exact: bool = False) -> dict:
     """The body as a JSON object; ``InvalidJSON`` says what is wrong (never quoting the body).
 
     Containers may nest at most ``MAX_JSON_DEPTH`` deep, so no later step (recording, YAML
-    rendering, key lookup, audit) can hit Python's recursion limit on client input.
+    rendering, key lookup, audit) can hit Python's recursion limit on client input. With
+    *exact*, the body orjson accepted is read again with integers beyond 64 bits exact
+    (``jsonbody.loads_exact``); what orjson refuses stays refused.
     """
     if not raw:
         raise InvalidJSON("request body is empty; send a JSON object")
@@ -106,7 +115,7 @@ def parse_json_object(raw: bytes) -> dict:
         raise InvalidJSON("request body must be a JSON object")
     if (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH) and json_depth(raw) > MAX_JSON_DEPTH:
         raise InvalidJSON(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
-    return body
+    return loads_exact(raw) if exact else body
 
 
 def check_model(model: object) -> None:
@@ -198,9 +207,10 @@ def check_chat(body: dict) -> None:
     check_flags(body)
 
 
-def parse_for(codec: Codec, raw: bytes) -> tuple[dict, list[dict]]:
-    """A request body of *codec*'s protocol, parsed and checked, and its neutral messages."""
-    body = parse_json_object(raw)
+def parse_for(codec: Codec, raw: bytes, exact: bool = False) -> tuple[dict, list[dict]]:
+    """A request body of *codec*'s protocol, parsed and checked, and its neutral messages
+    (integers beyond 64 bits exact with *exact*: :func:`parse_json_object`)."""
+    body = parse_json_object(raw, exact)
     codec.check(body)
     return body, codec.messages(body)
 
@@ -213,3 +223,13 @@ async def parse_request(ctx: Context) -> None:
         ctx.body, ctx.messages = parse_for(ctx.codec, ctx.raw)
     ctx.model = ctx.body.get("model")
     ctx.stream = bool(ctx.body.get("stream"))
+
+
+async def reparse_exact(ctx: Context) -> None:
+    """Set ``body`` and ``messages`` again from ``raw``, integers beyond 64 bits exact. Called by
+    ``inject`` when the serialised body shows one may have been read as a float; ``model`` and
+    ``stream`` are strings and booleans, the same either way."""
+    if len(ctx.raw) > THREAD_ABOVE_BYTES:
+        ctx.body, ctx.messages = await asyncio.to_thread(parse_for, ctx.codec, ctx.raw, True)
+    else:
+        ctx.body, ctx.messages = parse_for(ctx.codec, ctx.raw, True)

@@ -1,0 +1,231 @@
+"""Integers beyond 64 bits (above 2**64 - 1, below -2**63) reach the provider and the record
+exactly as the client or the model wrote them, on Chat, Responses and Messages, JSON and
+streamed, with and without an injected window: orjson alone reads them as floats
+(``123456789012345678901`` as ``1.2345678901234568e+20``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway import jsonbody
+from gateway.stages.parse_request import parse_json_object
+from tests.conftest import ACME_KEY, Gateway, _Server
+from tests.protocols.conftest import anthropic_client
+from tests.protocols.upstream import ProtocolUpstream, response_object, responses_events, responses_plan
+
+AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+SEED = 123456789012345678901  # above 2**64 - 1
+MAXIMUM = 99999999999999999999
+BELOW = -9223372036854775809  # below -2**63
+REPLY_N = 98765432109876543210987
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "maximum": MAXIMUM, "minimum": BELOW}}}
+
+
+class Provider(ProtocolUpstream):
+    """The protocol test upstream (bodies read with the standard library's exact JSON), whose
+    chat route also streams and answers ``reply_text``, and whose Responses replies echo no
+    wide integer back (its events are written with orjson)."""
+
+    reply_text = "chat says: ok"
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(("/v1/responses", dict(request.headers), body))
+        plain = {key: value for key, value in body.items() if key not in ("text", "seed")}
+        text, call = responses_plan(plain)
+        if not body.get("stream"):
+            return web.json_response(response_object(plain, text, call, "0001"))
+        return await self._stream(request, responses_events(plain, text, call, "0001"))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(("/v1/chat/completions", dict(request.headers), body))
+        base = {"id": "chatcmpl-1", "created": 1, "model": body.get("model")}
+        if not body.get("stream"):
+            return web.json_response({**base, "object": "chat.completion", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": self.reply_text}}]})
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for delta, finish in (({"role": "assistant", "content": self.reply_text}, None), ({}, "stop")):
+            chunk = {**base, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            await out.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        return out
+
+
+@pytest.fixture
+def provider() -> Iterator[Provider]:
+    up = Provider()
+    server = _Server(up.app())
+    up.url = f"http://127.0.0.1:{server.port}"
+    try:
+        yield up
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_gw(make_gateway: Callable[..., Gateway], provider: Provider) -> Callable[..., Gateway]:
+    def make(policies: Path | None = None) -> Gateway:
+        upstreams = [{"name": "oa", "base_url": f"{provider.url}/v1", "models": ["*"], "protocol": "openai"},
+                     {"name": "an", "base_url": f"{provider.url}/v1", "models": ["*"], "protocol": "anthropic"}]
+        return make_gateway(policies, upstreams=upstreams)
+    return make
+
+
+def keyed_policy(folder: Path, input_keys: str, reply_keys: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "keyed.yaml").write_text(f"id: keyed\nsession:\n  input_keys: {input_keys}\n  reply_keys: {reply_keys}\n")
+    return folder
+
+
+def full_context(gw: Gateway, session: str) -> list[dict[str, Any]]:
+    resp = httpx.get(f"{gw.base_url}/sessions/{session}", headers=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return list(resp.json()["full_context"])
+
+
+def exact(value: Any, expected: int) -> bool:
+    return type(value) is int and value == expected
+
+
+# --- the module ---------------------------------------------------------------------------
+
+
+def test_dumps_writes_wide_integers_as_they_are() -> None:
+    """``jsonbody.dumps`` writes a Python int beyond 64 bits digit for digit, compact and UTF-8, as orjson writes."""
+    value = {"a": [SEED, BELOW, 1.5, "é"], "b": None}
+    assert jsonbody.dumps(value) == b'{"a":[123456789012345678901,-9223372036854775809,1.5,"\xc3\xa9"],"b":null}'
+    assert jsonbody.dumps({"a": 1}) == orjson.dumps({"a": 1})
+
+
+def test_parse_keeps_wide_integers_and_refuses_what_it_refused() -> None:
+    """A request body's wide integers parse exactly; NaN, Infinity, 1e999 and a 5000-digit integer are still refused."""
+    body = parse_json_object(b'{"seed":123456789012345678901,"m":-9223372036854775809,"f":1e20}', exact=True)
+    assert exact(body["seed"], SEED) and exact(body["m"], BELOW) and body["f"] == 1e20
+    for bad in (b'{"a":NaN}', b'{"a":Infinity}', b'{"a":-Infinity}', b'{"a":1e999}', b'{"a":1' + b"0" * 5000 + b"}"):
+        for flag in (False, True):
+            with pytest.raises(Exception, match="not valid JSON"):
+                parse_json_object(bad, exact=flag)
+
+
+def test_loads_reads_wide_integers_and_deep_text() -> None:
+    """``jsonbody.loads`` reads a wide integer exactly, and text nested deeper than orjson writes as orjson reads it."""
+    assert exact(jsonbody.loads('{"n": 98765432109876543210987}')["n"], REPLY_N)
+    deep = "[" * 600 + "1" + "]" * 600
+    assert jsonbody.loads(deep) == orjson.loads(deep)
+
+
+@pytest.mark.parametrize("text", ["[1.2345678901234568e+20]", "[-9.223372036854776e+18]", '["e+18", 1e+300]',
+                                  '["C++ a+b", 9.876543210987654e+22]'])
+def test_widened_sees_a_wide_integer_read_as_float(text: str) -> None:
+    """orjson's output shows a float that may have been a wide integer by its exponent, 18 or more."""
+    assert jsonbody.widened(orjson.dumps(orjson.loads(text)))
+
+
+@pytest.mark.parametrize("text", ['{"a": 1e+17, "b": "C++", "c": 18446744073709551615}', '["a+b", 1.5e-20]', "[]"])
+def test_widened_is_false_without_one(text: str) -> None:
+    """No exponent of 18 or more, no wide integer: the fast path stays."""
+    assert not jsonbody.widened(orjson.dumps(orjson.loads(text)))
+
+
+# --- through the gateway ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_forwards_wide_integers_exactly(make_gw: Callable[..., Gateway], provider: Provider,
+                                             stream: bool) -> None:
+    """The openai SDK's seed and a tool schema's bounds reach the provider as sent, in the first round and
+    in the next, whose body carries the injected window."""
+    gw = make_gw()
+    client = gw.openai(session=f"wide-chat-{stream}")
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": SCHEMA}}]
+    for text in ("first", "second"):
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": text}],
+                                               seed=SEED, tools=tools, stream=stream)
+        if stream:
+            list(reply)
+    first, second = provider.bodies("/v1/chat/completions")
+    assert len(second["messages"]) == 3  # the window of the first round, then the new message
+    for body in (first, second):
+        bounds = body["tools"][0]["function"]["parameters"]["properties"]["n"]
+        assert exact(body["seed"], SEED) and exact(bounds["maximum"], MAXIMUM) and exact(bounds["minimum"], BELOW)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_forwards_wide_integers_exactly(make_gw: Callable[..., Gateway], provider: Provider,
+                                                  stream: bool) -> None:
+    """A Responses request's wide integers (a json_schema's bounds, an extra field) reach the provider as sent,
+    with and without the injected window."""
+    gw = make_gw()
+    client = gw.openai(session=f"wide-resp-{stream}")
+    fmt = {"format": {"type": "json_schema", "name": "pick", "schema": SCHEMA}}
+    for text in ("first", "second"):
+        reply = client.responses.create(model="m", input=text, text=fmt, stream=stream,  # type: ignore[call-overload]
+                                        extra_body={"seed": SEED})
+        if stream:
+            list(reply)
+    first, second = provider.bodies("/v1/responses")
+    assert len(second["input"]) == 3
+    for body in (first, second):
+        bounds = body["text"]["format"]["schema"]["properties"]["n"]
+        assert exact(body["seed"], SEED) and exact(bounds["maximum"], MAXIMUM) and exact(bounds["minimum"], BELOW)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_messages_forwards_wide_integers_exactly(make_gw: Callable[..., Gateway], provider: Provider,
+                                                 stream: bool) -> None:
+    """A Messages request's wide integers reach the provider as sent, with and without the injected window."""
+    gw = make_gw()
+    client = anthropic_client(gw, session=f"wide-msg-{stream}")
+    for text in ("first", "second"):
+        reply = client.messages.create(model="claude", max_tokens=50, stream=stream,
+                                       messages=[{"role": "user", "content": text}],
+                                       extra_body={"seed": SEED, "schema": SCHEMA})
+        if stream:
+            list(reply)
+    first, second = provider.bodies("/v1/messages")
+    assert len(second["messages"]) == 3
+    for body in (first, second):
+        bounds = body["schema"]["properties"]["n"]
+        assert exact(body["seed"], SEED) and exact(bounds["maximum"], MAXIMUM) and exact(bounds["minimum"], BELOW)
+
+
+def test_structured_input_records_wide_integers_exactly(make_gw: Callable[..., Gateway], provider: Provider,
+                                                        tmp_path: Path) -> None:
+    """Agently's structured input ``{"id": ...}`` (an object as the message content) is recorded and
+    forwarded with its wide integers as sent, the bytes the client sent going out unchanged otherwise."""
+    gw = make_gw(keyed_policy(tmp_path / "pol", "[input.id, input.low]", "null"))
+    raw = (b'{"model":"m","messages":[{"role":"user","content":{"id":123456789012345678901,'
+           b'"low":-9223372036854775809}}]}')
+    resp = httpx.post(f"{gw.base_url}/chat/completions", content=raw, timeout=30,
+                      headers={**AUTH, "Content-Type": "application/json", "X-Session-Id": "wide-in"})
+    assert resp.status_code == 200, resp.text
+    (body,) = provider.bodies("/v1/chat/completions")
+    assert exact(body["messages"][0]["content"]["id"], SEED) and exact(body["messages"][0]["content"]["low"], BELOW)
+    user = full_context(gw, "wide-in")[0]
+    assert user["content"] == f"[input.id]:\n{SEED}\n[input.low]:\n{BELOW}"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reply_with_wide_integer_is_recorded_exactly(make_gw: Callable[..., Gateway], provider: Provider,
+                                                     tmp_path: Path, stream: bool) -> None:
+    """A model's JSON reply ``{"n": 98765432109876543210987}`` is recorded under its reply key as the model wrote it."""
+    gw = make_gw(keyed_policy(tmp_path / "pol", "null", "[n]"))
+    provider.reply_text = json.dumps({"n": REPLY_N, "m": BELOW})
+    reply = gw.openai(session=f"wide-out-{stream}").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "count"}], stream=stream)
+    if stream:
+        list(reply)
+    assistant = full_context(gw, f"wide-out-{stream}")[1]
+    assert assistant["content"] == f"[n]:\n{REPLY_N}"
