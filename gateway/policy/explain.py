@@ -35,11 +35,19 @@ def why(policy: Policy, tenant: str, model: str | None, session_id: str | None) 
 
 def reply_message(reply: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Accept a chat.completion body, an assistant message, plain reply text, or any other JSON
-    value (taken as the reply's JSON content)."""
+    object or array (taken as the reply's JSON content). Raises ``ValueError`` saying what is
+    wrong for anything else, and for a chat.completion whose first choice or its message is not
+    an object."""
     if isinstance(reply, str):
         return {"role": "assistant", "content": reply}, None
     if isinstance(reply, dict) and isinstance(reply.get("choices"), list) and reply["choices"]:
-        return dict(reply["choices"][0].get("message") or {}), reply
+        choice = reply["choices"][0]
+        if not isinstance(choice, dict):
+            raise ValueError("the reply's choices[0] must be an object (a chat.completion choice with a message)")
+        message = choice.get("message")
+        if message is not None and not isinstance(message, dict):
+            raise ValueError("the reply's choices[0].message must be an object (the assistant message)")
+        return dict(message or {}), reply
     if isinstance(reply, dict) and "content" in reply and "role" in reply:
         return reply, None
     if isinstance(reply, (dict, list)):
