@@ -201,6 +201,14 @@ def test_messages_forwards_wide_integers_exactly(make_gw: Callable[..., Gateway]
         assert exact(body["seed"], SEED) and exact(bounds["maximum"], MAXIMUM) and exact(bounds["minimum"], BELOW)
 
 
+def test_large_body_keeps_wide_integers(make_gw: Callable[..., Gateway], provider: Provider) -> None:
+    """A body over the thread threshold (read, looked at and read again off the event loop) keeps its wide integers."""
+    gw = make_gw()
+    gw.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 300_000}], seed=SEED)
+    (body,) = provider.bodies("/v1/chat/completions")
+    assert exact(body["seed"], SEED) and len(body["messages"][0]["content"]) == 300_000
+
+
 def test_structured_input_records_wide_integers_exactly(make_gw: Callable[..., Gateway], provider: Provider,
                                                         tmp_path: Path) -> None:
     """Agently's structured input ``{"id": ...}`` (an object as the message content) is recorded and

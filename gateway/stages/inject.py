@@ -24,9 +24,7 @@ the round is audited only, as a request without a session.
 
 from __future__ import annotations
 
-import asyncio
-
-from gateway import jsonbody
+from gateway import jsonbody, offload
 from gateway.context import Context
 from gateway.stages.parse_request import THREAD_ABOVE_BYTES, reparse_exact
 
@@ -35,7 +33,7 @@ async def inject(ctx: Context) -> None:
     ctx.upstream = ctx.services.upstreams.route(ctx.model, ctx.codec.protocol)
     ctx.forward_body = await _serialise(ctx)
     if len(ctx.forward_body) > THREAD_ABOVE_BYTES:
-        wide = await asyncio.to_thread(jsonbody.widened, ctx.forward_body)
+        wide = await offload.run(ctx.tenant, jsonbody.widened, ctx.forward_body)
     else:
         wide = jsonbody.widened(ctx.forward_body)
     if wide:  # an integer beyond 64 bits may have been read as a float
@@ -52,5 +50,5 @@ async def _serialise(ctx: Context) -> bytes:
     if body is not None:
         return body
     if len(ctx.raw) > THREAD_ABOVE_BYTES:
-        return await asyncio.to_thread(jsonbody.dumps, ctx.body)
+        return await offload.run(ctx.tenant, jsonbody.dumps, ctx.body)
     return jsonbody.dumps(ctx.body)

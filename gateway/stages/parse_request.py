@@ -230,6 +230,6 @@ async def reparse_exact(ctx: Context) -> None:
     ``inject`` when the serialised body shows one may have been read as a float; ``model`` and
     ``stream`` are strings and booleans, the same either way."""
     if len(ctx.raw) > THREAD_ABOVE_BYTES:
-        ctx.body, ctx.messages = await asyncio.to_thread(parse_for, ctx.codec, ctx.raw, True)
+        ctx.body, ctx.messages = await offload.run(ctx.tenant, parse_for, ctx.codec, ctx.raw, True)
     else:
         ctx.body, ctx.messages = parse_for(ctx.codec, ctx.raw, True)
