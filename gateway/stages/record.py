@@ -80,7 +80,7 @@ def recorded_texts(policy: Policy, body: dict, reply_message: dict | None,
     user = render_user(policy.input_paths, messages, view)
     reply = None
     if reply_message is not None:
-        reply = render_reply(policy.reply_paths, build_reply_view(reply_message, reply_body),
+        reply = render_reply(policy.reply_paths, build_reply_view(reply_message, reply_body, view.wants_structured),
                              structured=policy.reply_paths is None and view.wants_structured,
                              over_budget=over_budget)
     return user, reply

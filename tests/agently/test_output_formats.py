@@ -80,6 +80,27 @@ def test_format_replies_are_recorded_as_agently_records_them(make_gateway: MakeG
 
 
 @pytest.mark.parametrize(("fmt", "stream"), SESSION_RUNS.items())
+def test_format_replies_under_reply_keys_record_the_keys_blocks(make_gateway: MakeGateway, upstream: Upstream,
+                                                                 tmp_path: Path, fmt: str, stream: bool) -> None:
+    """Under a list of ``reply_keys`` the gateway reads the keys from a reply in the format asked
+    for and records their blocks, as Agently's Session does: the same session, the same turns."""
+    session = {"input_keys": ["input.ticket_id"], "reply_keys": ["resolution", "risk"], "max_length": 12000}
+    gateway = make_gateway(write_policy(tmp_path / "policies", **session))
+    upstream.reply = reply_in_format
+    local, via = Trace(), Trace()
+    agent = local_agent(upstream, "fmt:3", agently_settings(session), stream=stream)
+    for ticket in ("T-1", "T-2"):
+        local.run(upstream, turn(ticket, fmt), agent)
+    client = gateway_agent(gateway, "fmt:3", stream=stream)
+    for ticket in ("T-1", "T-2"):
+        via.run(upstream, turn(ticket, fmt), client)
+    assert_same_turns(local, via)
+    doc = export(gateway, "fmt:3")
+    assert comparable(doc) == comparable(local_session(agent))
+    assert doc["full_context"][1]["content"].startswith("[resolution]:\nrefund issued for T-1")
+
+
+@pytest.mark.parametrize(("fmt", "stream"), SESSION_RUNS.items())
 def test_reply_keys_are_read_in_the_format_asked_for(upstream: Upstream, fmt: str, stream: bool) -> None:
     """Reply keys are read from a reply in the format the request asked for (the request view's
     output contract handed to the reply view): the same blocks Agently's Session records."""
