@@ -27,7 +27,8 @@ def test_history_and_import_records_are_marked_as_written_by_the_client(console_
     assert added.status_code == 200, added.text
     doc = {"id": "imp1", "auto_resize": True, "full_context": FORGED, "context_window": [], "memo": None,
            "session_settings": {}}
-    imported = acme.put("/sessions/imp1", content=json.dumps(doc).encode(), headers={"Content-Type": "application/json"})
+    imported = acme.put("/sessions/imp1", content=json.dumps(doc).encode(),
+                        headers={"Content-Type": "application/json"})
     assert imported.status_code == 200, imported.text
     browser = signed_in_client(console_gateway)
 
