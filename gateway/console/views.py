@@ -386,13 +386,15 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
     text, for an imported session) run in a worker thread, never holding up model requests."""
     tenant = _tenant_arg(request.match_info["tenant"])
     if tenant is None:
-        raise web.HTTPNotFound()
+        return _no_tenant(request, session)
     if not session.can_read(tenant):
         return _forbidden(request, session, tenant)
     try:
         sid = check_session_id(request.match_info["session_id"])
     except GatewayError:
-        raise web.HTTPNotFound() from None
+        return render(request, "error.html", status=404, session=session, title="No such session",
+                      message="That is not a session id the gateway accepts, so no session has it. Pick a "
+                      "session from the Sessions page.")
     after = _seq_arg(request.query.get("after"))
     services = request.app[SERVICES]
     store = services.sessions.store
@@ -484,7 +486,7 @@ async def audit_entry(request: web.Request, session: ConsoleSession) -> web.Stre
     """The audit entries that carry one request id (a round's entry, and any that name it)."""
     tenant = _tenant_arg(request.match_info["tenant"])
     if tenant is None:
-        raise web.HTTPNotFound()
+        return _no_tenant(request, session)
     if not session.can_read(tenant):
         return _forbidden(request, session, tenant)
     request_id = request.match_info["request_id"]
@@ -494,7 +496,9 @@ async def audit_entry(request: web.Request, session: ConsoleSession) -> web.Stre
         if fields.get("request_id") == request_id:
             entries.append({"row": row, "fields": fields})
     if not entries:
-        raise web.HTTPNotFound()
+        return render(request, "error.html", status=404, session=session, title="No such audit entry",
+                      message=f"No audit entry of tenant {tenant!r} carries request id {request_id[:128]!r}. "
+                      "Follow a round's audit link from its session page.")
     return render(request, "audit.html", session=session, tenant=tenant, request_id=request_id, entries=entries)
 
 
@@ -638,11 +642,30 @@ def _started(request: web.Request, session: ConsoleSession, kind: str, tenant: s
     raise web.HTTPSeeOther(f"/console/jobs/{job.id}")
 
 
+def _no_job(request: web.Request, session: ConsoleSession) -> web.Response:
+    return render(request, "error.html", status=404, session=session, title="No such job",
+                  message="This console session has no job with that id: it was started from another console "
+                  "session, dropped (each auditor keeps its 50 latest), or the gateway restarted since. Start it "
+                  "again from the overview.")
+
+
+def _no_bundle(request: web.Request, session: ConsoleSession) -> web.Response:
+    return render(request, "error.html", status=404, session=session, title="No bundle to download",
+                  message="This job has no bundle to download: it is not an export, it has not finished, it "
+                  "failed, or its bundle was deleted. Its job page says which.")
+
+
+def _no_tenant(request: web.Request, session: ConsoleSession) -> web.Response:
+    return render(request, "error.html", status=404, session=session, title="No such tenant",
+                  message="That is not a tenant name (letters, digits, '.', '_' and '-', at most 64), so no "
+                  "tenant has it. Pick one from the overview.")
+
+
 @signed_in
 async def job_page(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
     job = request.app[CONSOLE].jobs.get(request.match_info["job_id"], session.id)
     if job is None:
-        raise web.HTTPNotFound()
+        return _no_job(request, session)
     summary = explain_report(job.report) if job.report is not None else None
     name = job.out.name + ".tar" if job.out is not None else ""
     return render(request, "job.html", session=session, job=job, summary=summary, bundle=name)
@@ -651,13 +674,15 @@ async def job_page(request: web.Request, session: ConsoleSession) -> web.StreamR
 @signed_in
 async def job_download(request: web.Request, session: ConsoleSession) -> web.StreamResponse:
     job = request.app[CONSOLE].jobs.get(request.match_info["job_id"], session.id)
-    if job is None or job.kind != "export" or job.status != "done" or job.out is None:
-        raise web.HTTPNotFound()
+    if job is None:
+        return _no_job(request, session)
+    if job.kind != "export" or job.status != "done" or job.out is None:
+        return _no_bundle(request, session)
     pool, key = work_pool(), f"auditor:{session.principal.name}"
     try:
         tar = await pool.run(key, job.bundle)
-    except OSError as exc:  # deleted under it (an erasure): as gone as a dropped job
-        raise web.HTTPNotFound() from exc
+    except OSError:  # deleted under it (an erasure): as gone as a dropped job
+        return _no_bundle(request, session)
     try:  # streamed from disk, read off the event loop: one chunk in memory per download, not the bundle
         response = web.StreamResponse(headers={"Content-Type": "application/x-tar",
                                                "Content-Disposition": f'attachment; filename="{job.out.name}.tar"'})
