@@ -9,10 +9,12 @@ screen or a terminal shows), line and paragraph separators, the BOM, the other t
 variation selectors (U+FE00-FE0F and U+E0100-E01EF: 256 of them spell bytes invisibly), blank
 fillers (the Hangul fillers U+115F, U+1160, U+3164, U+FFA0, the braille blank U+2800), the
 combining grapheme joiner U+034F, Khmer's inherent vowels U+17B4/17B5, Mongolian's variation
-selectors U+180B-180F, musical and shorthand format controls. One exception keeps ordinary
-emoji readable: a single U+FE0E or U+FE0F right after a symbol or emoji (or a keycap's digit),
-where it only picks how that symbol is drawn, is not matched; a second one, or one after a
-letter, is. Stored data is never changed: only what is shown.
+selectors U+180B-180F, Egyptian hieroglyph format controls (U+13430-1343F; U+13439-1343F came
+with Unicode 15, which Python 3.11's tables do not know), musical and shorthand format
+controls. One exception keeps ordinary emoji readable: a single U+FE0E or U+FE0F right after a
+symbol or emoji (or a keycap's digit), where it only picks how that symbol is drawn, is not
+matched; a second one, or one after a letter, is. Stored data is never changed: only what is
+shown.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ HIDDEN = re.compile(
     "(?P<tags>[\U000e0020-\U000e007e]+)"
     "|(?:[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
     "\u202a-\u202e\u2028\u2029\u2060-\u206f\u2800\u3164\ufe00-\ufe0d\ufeff\uffa0\ufff9-\ufffb"
-    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e001f\U000e007f\U000e0100-\U000e01ef]"
+    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e001f\U000e007f\U000e0100-\U000e01ef]"
     f"|(?<![{_EMOJI_BASES}])[\ufe0e\ufe0f])+")
 
 

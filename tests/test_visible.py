@@ -47,3 +47,17 @@ def test_fillers_and_variation_selectors_are_hidden_characters() -> None:
     assert HIDDEN.search("a\ufe0fb") is not None  # not after a symbol: a variation selector carrying a byte
     assert HIDDEN.search("\u2764\ufe0f\ufe0f").group() == "\ufe0f"  # type: ignore[union-attr]  # the second is extra
     assert HIDDEN.search("heart \u2764\ufe0f, keycap 1\ufe0f\u20e3, text style \u2764\ufe0e, \U0001f44d\ufe0f") is None
+
+
+def test_every_format_character_is_hidden() -> None:
+    """Every format character (Unicode Cf) of this Python but the visible prepended marks, and the
+    Egyptian hieroglyph format controls Python 3.11 does not know yet (U+13439-1343F, Unicode 15),
+    are matched: U+13430-13438 and the newer ones were shown as they were."""
+    import sys
+    import unicodedata
+
+    shown = {0x0600, 0x0601, 0x0602, 0x0603, 0x0604, 0x0605, 0x06DD, 0x070F, 0x0890, 0x0891, 0x08E2, 0x110BD,
+             0x110CD}  # number signs and marks that draw a visible glyph over what follows
+    every = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf" and c not in shown]
+    missing = [f"U+{c:04X}" for c in [*every, *range(0x13430, 0x13440)] if HIDDEN.fullmatch(chr(c)) is None]
+    assert missing == []
