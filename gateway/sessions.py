@@ -54,6 +54,7 @@ from gateway.session.model import (
     SessionState,
     appended_bounded,
     bound_sync,
+    forget_memo_renders,
     from_agently,
     over_limit,
     round_messages,
@@ -220,11 +221,13 @@ class SessionService:
         return bool((await self.store.transact(row.tenant, row.session_id, plan)).result)
 
     def _forget(self, row: DataKeyRow) -> None:
-        """Drop an erased session's data key from both in-memory caches (unwrapped key, cipher).
+        """Drop an erased session's data key from both in-memory caches (unwrapped key, cipher),
+        and every rendered memo (which one was this session's is not known without its state).
         A key that cannot be unwrapped was never cached, so there is nothing to drop then."""
         with contextlib.suppress(IntegrityError):
             crypto.forget(self.keyring.unwrap(row.kek_id, row.dk_id, row.wrapped))
         self.keyring.forget(row.kek_id, row.dk_id, row.wrapped)
+        forget_memo_renders()
 
     def _new_data_key(self, tenant: str, session_id: str) -> tuple[crypto.DataKey, DataKeyRow]:
         dk = crypto.new_data_key()

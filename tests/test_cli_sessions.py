@@ -277,3 +277,17 @@ def test_with_no_upstream_configured_the_cli_takes_any_model(tmp_path: Path) -> 
                             str(history), "--tenant", "acme", "--model", "made-up"],
                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert added.returncode == 0, added.stderr
+
+
+def test_sessions_memo_over_the_memo_limit_is_refused_as_over_http(gateway: Gateway, tmp_path: Path) -> None:
+    """``sessions memo`` holds a memo to the limit ``PUT .../memo`` does (it goes with every request
+    of its session): one line naming the size and the limit, exit 2, nothing stored."""
+    from gateway.session.model import MEMO_MAX_BYTES
+
+    memo = tmp_path / "memo.json"
+    memo.write_text(json.dumps({"a": [[1]] * (MEMO_MAX_BYTES // 3)}))
+    result = cli(gateway, "memo", "cli-memo", str(memo), "--tenant", "acme")
+    assert result.returncode == 2, result.stderr
+    assert "sessiongate: error: " in result.stderr and f"at most {MEMO_MAX_BYTES} bytes" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert export(gateway, "cli-memo").status_code == 404

@@ -34,7 +34,7 @@ from typing import Any
 
 from gateway.errors import BadRequest
 from gateway.policy import Policy
-from gateway.session.model import Message, SessionState
+from gateway.session.model import Message, SessionState, memo_limit_message, memo_over_limit
 from gateway.session.whitelist import check_memo, check_messages
 from gateway.sessions import SessionService
 from gateway.stages.persist import bounding_of
@@ -107,8 +107,11 @@ async def change_history(sessions: SessionService, policy: Policy, tenant: str, 
 
 async def write_memo(sessions: SessionService, policy: Policy, tenant: str, session_id: str, memo: Any,
                      request_id: str) -> None:
-    """Write the memo under *policy* (refused under keyed policies), audited without its text."""
+    """Write the memo under *policy* (refused under keyed policies, or over ``MEMO_MAX_BYTES``:
+    ``memo_too_large``), audited without its text."""
     check_memo(policy, check_memo_value(memo))
+    if (size := memo_over_limit(memo)) is not None:
+        raise BadRequest(memo_limit_message(size), code="memo_too_large")
     await sessions.write_memo(tenant, session_id, memo, policy.session_settings, {
         "event": "memo", "request_id": request_id, "policy_id": policy.id,
         "policy_hash": policy.version_hash})

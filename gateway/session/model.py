@@ -449,6 +449,11 @@ class _MemoRenders:
 _RENDERS = _MemoRenders(entries=1024, chars=8 * 1024 * 1024)
 
 
+def forget_memo_renders() -> None:
+    """Drop every rendered memo (a session was erased: its memo's text leaves this process)."""
+    _RENDERS.clear()
+
+
 def memo_section(memo: Any) -> str:
     """``[CHAT SESSION MEMO]:`` and the memo, ending with the blank line that ends a section
     (the next section, if any, follows directly)."""

@@ -113,3 +113,24 @@ def test_a_hook_memo_over_the_limit_falls_back_to_the_cut() -> None:
                           execution_fns={"fold": execution}, execution={"fold": "m:fold"})
     new_window, memo = asyncio.run(bounding._resize(cfg, window, window, "old", {}, 10_000))  # type: ignore[arg-type]
     assert memo == "old" and new_window == window
+
+
+def test_erasing_a_session_drops_rendered_memos(make_gateway: Any) -> None:
+    """A rendered memo is the memo's text in the gateway's memory: erasing a session drops the
+    renders, so its memo does not outlive it there."""
+    import httpx
+
+    from gateway.session import model
+    from tests.conftest import ACME_KEY
+
+    gateway = make_gateway()
+    auth = {"Authorization": f"Bearer {ACME_KEY}"}
+    memo = {"customer": "ERASE-ME-7731", "notes": ["one", "two"]}
+    put = httpx.put(f"{gateway.base_url}/sessions/erase-memo/memo", json={"memo": memo}, headers=auth, timeout=30)
+    assert put.status_code == 200, put.text
+    gateway.openai(session="erase-memo").chat.completions.create(
+        model="standin", messages=[{"role": "user", "content": "hi"}])
+    assert any("ERASE-ME-7731" in text for text in model._RENDERS._held.values())
+    erased = httpx.delete(f"{gateway.base_url}/sessions/erase-memo", headers=auth, timeout=30)
+    assert erased.status_code == 200, erased.text
+    assert not any("ERASE-ME-7731" in text for text in model._RENDERS._held.values())
