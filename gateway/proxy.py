@@ -60,6 +60,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from gateway import jsonbody
 from gateway.auth import Authenticator, auth_header
 from gateway.codecs import references
 from gateway.codecs.responses import check_references
@@ -264,12 +265,12 @@ def json_body(body: bytes | None, content_type: str) -> tuple[bytes | None, str 
     if not body or content_type != "application/json":
         return body, None, False
     try:
-        parsed = orjson.loads(body)
+        parsed = jsonbody.loads(body)
     except orjson.JSONDecodeError:
         return body, None, False  # not ours to judge: the provider answers it
     model = parsed.get("model") if isinstance(parsed, dict) else None
     check_model(model)  # the chat route's rule, so both routes refuse the same values
-    return orjson.dumps(parsed), model if isinstance(model, str) else None, True
+    return jsonbody.dumps(parsed), model if isinstance(model, str) else None, True
 
 
 async def forward_route(request: web.Request, services: Services, request_id: str) -> web.StreamResponse:

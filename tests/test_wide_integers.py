@@ -237,3 +237,41 @@ def test_reply_with_wide_integer_is_recorded_exactly(make_gw: Callable[..., Gate
         list(reply)
     assistant = full_context(gw, f"wide-out-{stream}")[1]
     assert assistant["content"] == f"[n]:\n{REPLY_N}"
+
+
+def test_an_unknown_content_part_with_a_wide_integer_is_recorded_as_sent(make_gw: Callable[..., Gateway],
+                                                                         provider: Provider) -> None:
+    """A content part of a type the gateway does not know is recorded as its JSON: its wide
+    integer as written, not a failed record (500) nor a float."""
+    gw = make_gw()
+    raw = (b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"see"},'
+           b'{"type":"weird","n":123456789012345678901}]}]}')
+    resp = httpx.post(f"{gw.base_url}/chat/completions", content=raw, timeout=30,
+                      headers={**AUTH, "Content-Type": "application/json", "X-Session-Id": "wide-part"})
+    assert resp.status_code == 200, resp.text
+    (body,) = provider.bodies("/v1/chat/completions")
+    assert exact(body["messages"][0]["content"][1]["n"], SEED)
+    assert full_context(gw, "wide-part")[0]["content"] == f'see\n{{"type":"weird","n":{SEED}}}'
+
+
+def test_a_forwarded_route_keeps_wide_integers(make_gateway: Callable[..., Gateway]) -> None:
+    """A forwarded route's JSON body (read for its model, then written again) reaches the provider
+    with its wide integers as sent."""
+    seen: list[Any] = []
+
+    async def embeddings(request: web.Request) -> web.Response:
+        seen.append(json.loads(await request.read()))
+        return web.json_response({"object": "list", "data": [], "model": "m"})
+
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", embeddings)
+    server = _Server(app)
+    try:
+        gw = make_gateway(upstreams=[{"name": "oa", "base_url": f"http://127.0.0.1:{server.port}/v1",
+                                      "models": ["*"], "forward_routes": ["embeddings"]}])
+        resp = httpx.post(f"{gw.base_url}/embeddings", timeout=30, headers={**AUTH, "Content-Type": "application/json"},
+                          content=b'{"model":"m","input":"x","dimensions":123456789012345678901}')
+        assert resp.status_code == 200, resp.text
+    finally:
+        server.stop()
+    assert exact(seen[0]["dimensions"], SEED)

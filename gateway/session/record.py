@@ -205,7 +205,7 @@ def _object_text(content: dict[str, Any]) -> str:
     try:
         text = yaml.safe_dump(content, allow_unicode=True).rstrip("\n")  # Agently's [INPUT] section body
     except (yaml.YAMLError, RecursionError):
-        text = orjson.dumps(content).decode()
+        text = jsonbody.dumps(content).decode()
     if rendered is not None:
         rendered[id(content)] = (content, text)
     return text
@@ -248,7 +248,7 @@ def _input_content_text(content: Any) -> str:
         if (text := _part_text(part)) is not None:
             texts.append(text)
         elif not (isinstance(part, dict) and part.get("type") in MEDIA_TYPES):
-            texts.append(orjson.dumps(part).decode())
+            texts.append(jsonbody.dumps(part).decode())
     return "\n".join(texts)
 
 

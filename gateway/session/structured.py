@@ -36,8 +36,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
+from gateway import jsonbody
 from gateway.errors import BadRequest
 from gateway.paths import MISSING
 from gateway.policy import Policy
@@ -79,7 +78,7 @@ def media_object(value: Any, key: str) -> dict[str, Any]:
         return value
     if value is None or value == "":
         return {}
-    return {key: value if isinstance(value, str) else orjson.dumps(value, default=str).decode()}
+    return {key: value if isinstance(value, str) else jsonbody.dumps(value, default=str).decode()}
 
 
 TEXT_MEDIA = frozenset({"application/json", "application/xml", "application/yaml", "application/x-yaml",
@@ -137,7 +136,7 @@ with ``errors="replace"``; ``rot13``, ``base64``; one Python does not know) is r
 
 
 def _as_text(value: Any) -> str:
-    return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    return value if isinstance(value, str) else jsonbody.dumps(value, default=str).decode()
 
 
 def document_parts(label: str, name: Any, context: Any, body: list[Any]) -> list[Any]:
@@ -321,7 +320,7 @@ def _source(part: dict[str, Any]) -> tuple[str, str | None, bytes, bool]:
         elif isinstance(source, dict) and isinstance(source.get("file_id"), str):
             ref = source["file_id"]
         elif source is not None:  # a text or content source read as a file, or a shape of its own
-            return label, None, orjson.dumps(source, default=str), True
+            return label, None, jsonbody.dumps(source, default=str), True
         elif isinstance(file.get("file_data"), str) and file["file_data"] and data_url(file["file_data"]) is None:
             return label, None, _b64(file["file_data"]), True  # inline base64 without a data: URL
         else:
@@ -460,7 +459,7 @@ def _call(call: Any, arguments: str) -> Any:
     if arguments == "redact":
         value = REDACTED_ARGUMENTS
     elif value is not None and not isinstance(value, str):
-        value = orjson.dumps(value).decode()
+        value = jsonbody.dumps(value).decode()
     return {"id": call.get("id"), "type": kind, kind: {"name": spec.get("name"), field: value}}
 
 

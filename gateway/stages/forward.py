@@ -51,6 +51,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway import jsonbody
 from gateway.context import Context
 from gateway.errors import UpstreamError
 from gateway.sse import EventSplitter
@@ -337,10 +338,10 @@ def echo_json(data: bytes, fields: dict[str, Any]) -> bytes:
     what it nests (an echoed schema may have a member named ``store``); unchanged when nothing
     differs or it is not JSON."""
     try:
-        obj = orjson.loads(data)
+        obj = jsonbody.loads(data)
     except orjson.JSONDecodeError:
         return data
-    return orjson.dumps(obj) if _set_members(obj, fields) else data
+    return jsonbody.dumps(obj) if _set_members(obj, fields) else data
 
 
 def echo_events(data: bytes, fields: dict[str, Any]) -> bytes:
@@ -355,11 +356,11 @@ def echo_events(data: bytes, fields: dict[str, Any]) -> bytes:
             continue
         start = 6 if line.startswith(b"data: ") else 5
         try:
-            event = orjson.loads(line[start:])
+            event = jsonbody.loads(line[start:])
         except orjson.JSONDecodeError:
             continue
         if isinstance(event, dict) and _set_members(event.get("response"), fields):
-            lines[i] = line[:start] + orjson.dumps(event) + (b"\r" if line.endswith(b"\r") else b"")
+            lines[i] = line[:start] + jsonbody.dumps(event) + (b"\r" if line.endswith(b"\r") else b"")
     return b"\n".join(lines)
 
 
