@@ -386,6 +386,16 @@ def memo_text(memo: Any) -> str:
     return kept
 
 
+def memo_rendered(memo: Any) -> bool:
+    """Whether :func:`memo_text` of *memo* is at hand (no memo, a short plain text, or rendered
+    and kept): when it is not, its first rendering may be long (PyYAML in pure Python), so the
+    request path has it made off the event loop first."""
+    if memo is None or (type(memo) is str and len(memo) <= 256 and "${" not in memo):
+        return True
+    key = _memo_key(memo)
+    return key is not None and _RENDERS.get(key) is not None
+
+
 def _render_memo(memo: Any) -> str:
     if isinstance(memo, str):
         memo = memo.strip()

@@ -18,6 +18,10 @@ body shows one may be there (``jsonbody.widened``: an exponent of 18 or more, on
 the common case), the body is read again exactly (``parse_request.reparse_exact``) and
 serialised again, so the provider gets, and the record holds, the integer the client sent.
 
+A memo not rendered yet in this process (after a restart, in another worker, or written by an
+import, a hook or the summarize strategy) is rendered on the offload pool first: a large one
+takes PyYAML long enough to hold up every other request if rendered on the loop.
+
 A ``window_only`` session (``resolve_session``) is let go here, once its window is in the body:
 the round is audited only, as a request without a session.
 """
@@ -26,11 +30,14 @@ from __future__ import annotations
 
 from gateway import jsonbody, offload
 from gateway.context import Context
+from gateway.session.model import memo_rendered, memo_text
 from gateway.stages.parse_request import THREAD_ABOVE_BYTES, reparse_exact
 
 
 async def inject(ctx: Context) -> None:
     ctx.upstream = ctx.services.upstreams.route(ctx.model, ctx.codec.protocol)
+    if ctx.loaded is not None and not memo_rendered(memo := ctx.loaded.state.memo):
+        await offload.run(ctx.tenant, memo_text, memo)  # rendered once per memo (and process), off the loop
     ctx.forward_body = await _serialise(ctx)
     if len(ctx.forward_body) > THREAD_ABOVE_BYTES:
         wide = await offload.run(ctx.tenant, jsonbody.widened, ctx.forward_body)

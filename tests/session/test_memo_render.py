@@ -134,3 +134,36 @@ def test_erasing_a_session_drops_rendered_memos(make_gateway: Any) -> None:
     erased = httpx.delete(f"{gateway.base_url}/sessions/erase-memo", headers=auth, timeout=30)
     assert erased.status_code == 200, erased.text
     assert not any("ERASE-ME-7731" in text for text in model._RENDERS._held.values())
+
+
+def test_a_memo_not_rendered_yet_is_rendered_off_the_event_loop(make_gateway: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memo this process has not rendered (after a restart, in another worker, or written by an
+    import) is rendered on the offload pool before the request's body is built, never on the
+    event loop, where a large one would hold up every other request; then it is kept."""
+    import threading
+
+    import httpx
+
+    from gateway import offload
+    from gateway.session import model
+    from tests.conftest import ACME_KEY
+
+    gateway = make_gateway()
+    auth = {"Authorization": f"Bearer {ACME_KEY}"}
+    memo = {"items": [{"n": i, "tags": ["a", "b"]} for i in range(200)]}
+    put = httpx.put(f"{gateway.base_url}/sessions/cold-memo/memo", json={"memo": memo}, headers=auth, timeout=30)
+    assert put.status_code == 200, put.text
+    model.forget_memo_renders()  # as after a restart
+    rendered_on: list[str] = []
+    render = model._render_memo
+
+    def spy(value: Any) -> str:
+        rendered_on.append(threading.current_thread().name)
+        return render(value)
+
+    monkeypatch.setattr(model, "_render_memo", spy)
+    client = gateway.openai(session="cold-memo")
+    for text in ("one", "two"):
+        client.chat.completions.create(model="standin", messages=[{"role": "user", "content": text}])
+    assert len(rendered_on) == 1 and rendered_on[0].startswith(offload.THREAD_PREFIX), rendered_on
