@@ -22,7 +22,8 @@ Contract:
 
 Modules: :mod:`.auth` (console sessions, CSRF), :mod:`.views` (pages), :mod:`.jobs`
 (verification and export in the background, with progress, limited per auditor), :mod:`.stats`
-(overview numbers), :mod:`.throttle` (failed authentications per address, the demo-token warning).
+(overview numbers), :mod:`.throttle` (failed authentications per address, the demo-token warning),
+:mod:`.pool` (the threads pages and exports are redacted and rendered on, apart from request work).
 """
 
 from __future__ import annotations
