@@ -387,11 +387,12 @@ def memo_text(memo: Any) -> str:
 
 
 def memo_rendered(memo: Any) -> bool:
-    """Whether :func:`memo_text` of *memo* is at hand (no memo, a short plain text, or rendered
-    and kept): when it is not, its first rendering may be long (PyYAML in pure Python), so the
-    request path has it made off the event loop first."""
-    if memo is None or (type(memo) is str and len(memo) <= 256 and "${" not in memo):
-        return True
+    """Whether :func:`memo_text` of *memo* is at hand (no memo, a scalar, a short plain text, or
+    rendered and kept): when it is not, its first rendering may be long (PyYAML in pure Python),
+    so the request path has it made off the event loop first."""
+    if memo is None or isinstance(memo, (bool, int, float)) or (type(memo) is str and len(memo) <= 256
+                                                                 and "${" not in memo):
+        return True  # a scalar is never kept (no key) and renders in microseconds (its str())
     key = _memo_key(memo)
     return key is not None and _RENDERS.get(key) is not None
 

@@ -167,3 +167,12 @@ def test_a_memo_not_rendered_yet_is_rendered_off_the_event_loop(make_gateway: An
     for text in ("one", "two"):
         client.chat.completions.create(model="standin", messages=[{"role": "user", "content": text}])
     assert len(rendered_on) == 1 and rendered_on[0].startswith(offload.THREAD_PREFIX), rendered_on
+
+
+@pytest.mark.parametrize("memo", [5, True, 1.5, -3, 0.0, False])
+def test_a_scalar_memo_is_at_hand(memo: Any) -> None:
+    """A scalar memo (a hook or an import may leave one) counts as rendered: it is never kept, so
+    otherwise every request of its session would make a trip to the offload pool for a str()."""
+    from gateway.session.model import memo_rendered, memo_text
+
+    assert memo_rendered(memo) and memo_text(memo) == str(memo)
