@@ -490,7 +490,6 @@ _FENCE_LINE = re.compile(r"(`{3,}|~{3,})([^\n]*)")
 _FENCE_INFO = re.compile(r"[\w.+#-]*")
 _SCAFFOLD = re.compile(r"<!--\s*\((?:text|json)\)", re.IGNORECASE)
 _COMMENT = re.compile(r"\s*<!--(.*?)-->\s*", re.DOTALL)
-_ANGLE = re.compile(r"\s*\(?\s*(?:json|text)?\s*\)?\s*<[^>\n]{1,160}>\s*", re.IGNORECASE)
 _HINT = re.compile(r"placeholder|description|your\s+\w+|todo|字段|描述|说明|内容", re.IGNORECASE)
 
 
@@ -678,8 +677,29 @@ def _placeholder(value: str) -> bool:
         return False
     if comment := _COMMENT.fullmatch(stripped):
         inner = comment.group(1).strip()
-        return bool(_ANGLE.match(inner) or _HINT.search(inner))
-    return bool(_ANGLE.fullmatch(stripped) and _HINT.search(stripped))
+        return bool(_angle(inner, whole=False) or _HINT.search(inner))
+    return bool(_angle(stripped, whole=True) and _HINT.search(stripped))
+
+
+def _angle(text: str, *, whole: bool) -> bool:
+    """Whether *text* starts with (*whole*: is) an angle placeholder such as ``(json) <answer>``:
+    space, an optional ``(``, an optional ``json`` or ``text``, an optional ``)``, then ``<``, 1 to
+    160 characters on one line, ``>``. Read left to right once: as a regular expression of
+    optional parts between runs of space (``\\s*\\(?\\s*(?:json|text)?\\s*\\)?\\s*<...>``) it
+    backtracked in cubic time over a long run of spaces that ends in no ``<`` (2,500 spaces: 10 s)."""
+    rest = text.lstrip()
+    if rest[:1] == "(":
+        rest = rest[1:].lstrip()
+    if rest[:4].casefold() in ("json", "text"):
+        rest = rest[4:].lstrip()
+    if rest[:1] == ")":
+        rest = rest[1:].lstrip()
+    if rest[:1] != "<":
+        return False
+    close = rest.find(">", 1, 162)
+    if close < 2 or "\n" in rest[1:close]:
+        return False
+    return not whole or not rest[close + 1:].strip()
 
 
 def _xml_field(text: str, kinds: dict[str, str]) -> dict[str, Any] | None:

@@ -325,6 +325,39 @@ def test_standin_comment_and_ellipsis_removal_match_the_old_expressions(text: st
     assert standin.strip_ellipsis_lines(text) == _OLD_ELLIPSIS.sub("", text)
 
 
+# --- F11: Agently output-format placeholders in a reply ----------------------------------------
+
+PLACEHOLDER_SHAPES = {
+    "a run of spaces after a parenthesis": '"(" + " " * n + "x"',
+    "a run of spaces after json": '"json" + " " * n + "x"',
+    "a comment of spaces": '"<!-- (" + " " * n + "x -->"',
+    "spaces around a parenthesis": '"( " + " " * (n // 2) + ")" + " " * (n // 2) + "x"',
+}
+
+
+@pytest.mark.parametrize("shape", PLACEHOLDER_SHAPES.values(), ids=PLACEHOLDER_SHAPES.keys())
+def test_output_format_placeholder_reading_is_linear(shape: str) -> None:
+    """A reply section the record stage reads for Agently's non-JSON formats is checked for a
+    copied placeholder at the same cost per character at 16 KB and 128 KB (a 2,500-space run
+    after ``(`` in a model's reply held the event loop for 10 s)."""
+    assert growth("gateway.session.structured", "_placeholder", shape) < MAX_GROWTH
+
+
+_OLD_ANGLE = re.compile(r"\s*\(?\s*(?:json|text)?\s*\)?\s*<[^>\n]{1,160}>\s*", re.IGNORECASE)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(["(", ")", " ", "\t", "\n", "\u3000", "json", "JSON", "text", "Text", "jso", "<",
+                                 ">", "<a>", "x", "your answer", "a" * 80, "<!--", "-->"]), max_size=12).map("".join))
+def test_the_placeholder_angle_reading_matches_the_old_expression(text: str) -> None:
+    """The left-to-right angle reading accepts exactly what the old expression matched, as a
+    prefix and as the whole text."""
+    from gateway.session.structured import _angle
+
+    assert _angle(text, whole=False) == bool(_OLD_ANGLE.match(text)), text
+    assert _angle(text, whole=True) == bool(_OLD_ANGLE.fullmatch(text)), text
+
+
 # --- over HTTP: another tenant is served meanwhile ---------------------------------------------
 
 
