@@ -201,7 +201,9 @@ class UpstreamReply:
         self.status = resp.status
         self.content_type = resp.content_type
         self.headers = client_headers(resp.headers, up.secret)
-        self._decoder = Decoder.for_header(resp.headers.get("Content-Encoding", ""), up.name)
+        # every Content-Encoding line, in order: a repeated header is one list (RFC 9110, 5.3); the
+        # first line alone would leave the body still encoded, where the key cannot be blanked
+        self._decoder = Decoder.for_header(", ".join(resp.headers.getall("Content-Encoding", ())), up.name)
 
     @property
     def streaming(self) -> bool:

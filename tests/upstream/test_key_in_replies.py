@@ -155,3 +155,34 @@ def test_ordinary_stream_pieces_go_out_at_once() -> None:
     assert blanker.feed(b'data: {"x": "ask-P') == b'data: {"x": "a'
     assert blanker.feed(b'ROBE"}\n\n') == b'sk-PROBE"}\n\n'
     assert blanker.end() == b""
+
+
+def test_a_key_under_an_encoding_named_on_two_header_lines_is_blanked(make_gateway: Callable[..., Gateway],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Content-Encoding: gzip`` sent twice, as two header lines, is one list of two codings
+    (RFC 9110): both are undone, so the key in the body is blanked. Reading the first line only
+    relayed a still-gzipped body, key and all, with no ``Content-Encoding`` left to say so."""
+    import gzip
+
+    from multidict import CIMultiDict
+
+    async def content(request: web.Request) -> web.Response:
+        body = gzip.compress(gzip.compress(f"file text with {request.headers['Authorization']}".encode()))
+        headers = CIMultiDict([("Content-Type", "text/plain"), ("Content-Encoding", "gzip"),
+                               ("Content-Encoding", "gzip")])
+        return web.Response(body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/v1/files/{id}/content", content)
+    server = _Server(app)
+    monkeypatch.setenv("PROBE_KEY", KEY)
+    try:
+        gateway = make_gateway(upstreams=[{"name": "oa", "base_url": f"http://127.0.0.1:{server.port}/v1",
+                                           "models": ["*"], "api_key_env": "PROBE_KEY", "accept_encoding": "gzip",
+                                           "forward_routes": ["files"]}])
+        resp = httpx.get(f"{gateway.base_url}/files/file-1/content", headers=AUTH, timeout=30)
+    finally:
+        server.stop()
+    assert resp.status_code == 200, resp.text
+    assert "content-encoding" not in resp.headers
+    assert resp.content == b"file text with Bearer [provider key]", resp.content
