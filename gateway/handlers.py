@@ -10,7 +10,6 @@ ended by closing the connection instead. Forwarded ``/v1/*`` routes live in ``ga
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import functools
 import io
@@ -431,7 +430,7 @@ async def import_session(request: web.Request) -> web.Response:
     """Agently JSON (or JSON5) in, held to the session's policy at import time, matched with the
     document's ``model`` or ``?model=`` (``session.importing.session_policy``)."""
     services, tenant, sid = _session_target(request)
-    raw = await read_limited(request, services.settings.server.max_body_bytes)
+    raw = await read_limited(request, services.settings.server.max_body_bytes, tenant)
     data = await offload.run(tenant, parse_session_document, raw)  # JSON or JSON5, as Agently loads
     policy = _session_policy(request, data, tenant, sid)
     added = await services.sessions.import_agently(tenant, sid, data, new_request_id(), policy)
@@ -452,8 +451,8 @@ async def clean_context_window(request: web.Request) -> web.Response:
 async def session_history(request: web.Request) -> web.Response:
     """``{"op": "add" | "set", "messages": [...], "model": optional}``: Agently's
     ``add_chat_history`` / ``set_chat_history`` (see ``gateway.session.history``)."""
-    services = request.app[SERVICES]
-    body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
+    services, tenant, _ = _session_target(request)
+    body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes, tenant))
     op = body.get("op")
     if op not in HISTORY_OPS:
         raise BadRequest(f"'op' must be one of {', '.join(HISTORY_OPS)}")
@@ -513,7 +512,7 @@ async def get_memo(request: web.Request) -> web.Response:
 async def put_memo(request: web.Request) -> web.Response:
     """``{"memo": ..., "model": optional}``: replace the memo (creates the session)."""
     services, tenant, sid = _session_target(request)
-    body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes))
+    body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes, tenant))
     if "memo" not in body:
         raise BadRequest("the body must hold 'memo' (a string, an object, a list or null)")
     size = memo_over_limit(body["memo"])
@@ -521,7 +520,7 @@ async def put_memo(request: web.Request) -> web.Response:
         raise BadRequest(memo_limit_message(size), code="memo_too_large")
     policy = _session_policy(request, body, tenant, sid)
     await write_memo(services.sessions, policy, tenant, sid, body["memo"], new_request_id())
-    await asyncio.to_thread(memo_text, body["memo"])  # rendered here, off the loop, not by the next request
+    await offload.run(tenant, memo_text, body["memo"])  # rendered here, off the loop, not by the next request
     return json_response({"id": sid, "memo": body["memo"]})
 
 

@@ -60,7 +60,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from gateway import jsonbody
+from gateway import jsonbody, offload
 from gateway.auth import Authenticator, auth_header
 from gateway.codecs import references
 from gateway.codecs.responses import check_references
@@ -282,9 +282,11 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     refuse_gateway_paths(request.method, route)
     refuse_keys_in_url(route, services.auth, credential)
     refuse_path_parameters(route)
-    body = await read_limited(request, services.settings.server.max_body_bytes) if request.can_read_body else None
+    tenant = principal.tenant or ""
+    body = await read_limited(request, services.settings.server.max_body_bytes, tenant) \
+        if request.can_read_body else None
     if body is not None and len(body) > THREAD_ABOVE_BYTES:
-        body, model, is_json = await asyncio.to_thread(json_body, body, request.content_type)
+        body, model, is_json = await offload.run(tenant, json_body, body, request.content_type)
     else:
         body, model, is_json = json_body(body, request.content_type)
     upstream = services.upstreams.route(model, route_protocol(route, request.headers), any_upstream=True)
@@ -297,7 +299,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
                         + (", and the model calls it makes are not recorded by the gateway" if unrecorded else "")
                         + f". An operator can allow it by adding '{rule}' to forward_routes of upstream "
                         f"'{upstream.name}' in the gateway configuration", code="route_not_allowed")
-    await refuse_forwarded_references(services, principal.tenant or "", route, upstream, body, is_json)
+    await refuse_forwarded_references(services, tenant, route, upstream, body, is_json)
     audit: dict[str, object] = {
         "event": "proxy", "request_id": request_id, "route": route.template, "model": model_label(model, upstream),
         "outcome": "upstream_error", "ended_by": None, "upstream_status": None, "bytes_out": 0,
@@ -334,7 +336,7 @@ async def forward_route(request: web.Request, services: Services, request_id: st
     finally:
         # committed before the client sees the end of the reply, also when it was cut off
         audit["bytes_out"] = sent + (len(pending) if audit["ended_by"] is None else 0)
-        written = await _audit(services, principal.tenant or "", audit)
+        written = await _audit(services, tenant, audit)
     status = out.status if out is not None else (failure.status if failure else 500)
     set_outcome(request, str(audit["outcome"]))  # counted by gateway.observe with route and status
     mark_logged(request)

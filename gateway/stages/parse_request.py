@@ -28,7 +28,6 @@ as sent, for the forwarded body and the record alike.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from array import array
 from itertools import accumulate
@@ -48,9 +47,10 @@ MAX_MODEL_CHARS = 256
 THREAD_ABOVE_BYTES = 256 * 1024  # bodies larger than this are decoded and parsed off the event loop
 
 
-async def read_limited(request: web.Request, limit: int) -> bytes:
+async def read_limited(request: web.Request, limit: int, tenant: str) -> bytes:
     """The request body with its ``Content-Encoding`` undone, refused as soon as it passes *limit*
-    bytes, as received and as decoded (413). Every route that reads a body reads it here.
+    bytes, as received and as decoded (413). Every route that reads a body reads it here. A large
+    compressed body is decoded on the offload pool, as *tenant*'s work (``gateway.offload``).
 
     Raises ``PayloadTooLarge`` (413), ``UnsupportedEncoding`` (415) or ``CorruptBody`` (400).
     """
@@ -68,7 +68,7 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
     if not encoding:
         return raw
     if len(raw) > THREAD_ABOVE_BYTES // 4:
-        return await asyncio.to_thread(decode_body, raw, encoding, limit)
+        return await offload.run(tenant, decode_body, raw, encoding, limit)
     return decode_body(raw, encoding, limit)
 
 
@@ -216,7 +216,7 @@ def parse_for(codec: Codec, raw: bytes, exact: bool = False) -> tuple[dict, list
 
 
 async def parse_request(ctx: Context) -> None:
-    ctx.raw = await read_limited(ctx.request, ctx.services.settings.server.max_body_bytes)
+    ctx.raw = await read_limited(ctx.request, ctx.services.settings.server.max_body_bytes, ctx.tenant)
     if len(ctx.raw) > THREAD_ABOVE_BYTES:
         ctx.body, ctx.messages = await offload.run(ctx.tenant, parse_for, ctx.codec, ctx.raw)
     else:
