@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestPayloadError
 
-from gateway import offload, pipeline
+from gateway import jsonbody, offload, pipeline
 from gateway.auth import Principal, auth_header
 from gateway.codecs import Codec
 from gateway.codecs.chat import CHAT
@@ -384,6 +384,14 @@ async def delete_response(request: web.Request) -> web.StreamResponse:
 
 # --- sessions over HTTP ------------------------------------------------------------------
 
+def _parse_session_body(raw: bytes) -> dict[str, Any]:
+    """A session route's JSON object (``parse_json_object``), read again exactly when it may hold
+    an integer beyond 64 bits (``jsonbody.widened``), so such a number is refused where it cannot
+    be stored rather than changed into a float."""
+    body = parse_json_object(raw)
+    return parse_json_object(raw, exact=True) if jsonbody.widened(orjson.dumps(body)) else body
+
+
 def _session_target(request: web.Request) -> tuple[Services, str, str]:
     services = request.app[SERVICES]
     principal = services.auth.client(auth_header(request.headers))
@@ -452,7 +460,7 @@ async def session_history(request: web.Request) -> web.Response:
     """``{"op": "add" | "set", "messages": [...], "model": optional}``: Agently's
     ``add_chat_history`` / ``set_chat_history`` (see ``gateway.session.history``)."""
     services, tenant, _ = _session_target(request)
-    body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes, tenant))
+    body = _parse_session_body(await read_limited(request, services.settings.server.max_body_bytes, tenant))
     op = body.get("op")
     if op not in HISTORY_OPS:
         raise BadRequest(f"'op' must be one of {', '.join(HISTORY_OPS)}")
@@ -512,7 +520,7 @@ async def get_memo(request: web.Request) -> web.Response:
 async def put_memo(request: web.Request) -> web.Response:
     """``{"memo": ..., "model": optional}``: replace the memo (creates the session)."""
     services, tenant, sid = _session_target(request)
-    body = parse_json_object(await read_limited(request, services.settings.server.max_body_bytes, tenant))
+    body = _parse_session_body(await read_limited(request, services.settings.server.max_body_bytes, tenant))
     if "memo" not in body:
         raise BadRequest("the body must hold 'memo' (a string, an object, a list or null)")
     size = memo_over_limit(body["memo"])

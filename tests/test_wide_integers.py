@@ -16,10 +16,18 @@ import pytest
 from aiohttp import web
 
 from gateway import jsonbody
+from gateway.session.record import build_reply_view
 from gateway.stages.parse_request import parse_json_object
 from tests.conftest import ACME_KEY, Gateway, _Server
 from tests.protocols.conftest import anthropic_client
-from tests.protocols.upstream import ProtocolUpstream, response_object, responses_events, responses_plan
+from tests.protocols.upstream import (
+    ProtocolUpstream,
+    message_object,
+    messages_events,
+    response_object,
+    responses_events,
+    responses_plan,
+)
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 SEED = 123456789012345678901  # above 2**64 - 1
@@ -44,6 +52,22 @@ class Provider(ProtocolUpstream):
         if not body.get("stream"):
             return web.json_response(response_object(plain, text, call, "0001"))
         return await self._stream(request, responses_events(plain, text, call, "0001"))
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """A request offering the ``count`` tool, whose last turn is text, is answered with a
+        ``tool_use`` whose input holds ``SEED`` (written digit for digit, as a provider does)."""
+        body = json.loads(await request.read())
+        last = body["messages"][-1]["content"]
+        if not (body.get("tools") and body["tools"][0]["name"] == "count" and isinstance(last, str)):
+            return await super().messages(request)
+        self.requests.append(("/v1/messages", dict(request.headers), body))
+        call = {"name": "count", "input": {"pad": "x" * 40, "n": "WIDE"}}  # the stream cuts the input in the pad
+        if not body.get("stream"):
+            raw = json.dumps(message_object(body, None, call, "0001")).replace('"WIDE"', str(SEED))
+            return web.Response(body=raw, content_type="application/json")
+        events = [e.replace(b'\\"WIDE\\"', str(SEED).encode()) for e in messages_events(body, None, call, "0001")]
+        assert any(str(SEED).encode() in e for e in events)
+        return await self._stream(request, events)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -275,3 +299,54 @@ def test_a_forwarded_route_keeps_wide_integers(make_gateway: Callable[..., Gatew
     finally:
         server.stop()
     assert exact(seen[0]["dimensions"], SEED)
+
+
+COUNT_TOOL = {"name": "count", "description": "count", "input_schema": {"type": "object"}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_use_with_a_wide_integer_is_recorded_and_sent_back_exactly(make_gw: Callable[..., Gateway],
+                                                                         provider: Provider, stream: bool) -> None:
+    """A Claude ``tool_use`` whose input holds a wide integer is recorded as the model wrote it (JSON
+    and streamed), and the recorded call goes back to the provider in the window the same."""
+    gw = make_gw()
+    session = f"wide-tool-{stream}"
+    client = anthropic_client(gw, session=session)
+    reply = client.messages.create(model="claude", max_tokens=50, stream=stream, tools=[COUNT_TOOL],
+                                   messages=[{"role": "user", "content": "count"}])
+    if stream:
+        list(reply)
+    call = full_context(gw, session)[1]["tool_calls"][0]
+    assert exact(json.loads(call["function"]["arguments"])["n"], SEED), call
+    client.messages.create(model="claude", max_tokens=50, tools=[COUNT_TOOL], messages=[{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": call["id"], "content": "counted"}]}])
+    sent = provider.bodies("/v1/messages")[1]["messages"]
+    (use,) = [b for m in sent if isinstance(m["content"], list) for b in m["content"] if b["type"] == "tool_use"]
+    assert exact(use["input"]["n"], SEED), use
+
+
+def test_reply_keys_read_a_chat_tool_calls_wide_integer_exactly() -> None:
+    """Reply keys on a Chat tool call's arguments (``tool_calls[0].function.arguments.n``) read its
+    wide integer as written."""
+    view = build_reply_view({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": f'{{"n":{SEED}}}'}}]})
+    assert exact(view.tool_calls[0]["function"]["arguments"]["n"], SEED)
+
+
+def test_a_memo_or_history_with_a_wide_integer_is_refused_not_changed(make_gw: Callable[..., Gateway]) -> None:
+    """``PUT .../memo`` and ``POST .../history`` refuse a wide integer (400 ``invalid_session``, naming
+    where it is) rather than storing it, and having the model read it, as a float; a 64-bit one stays."""
+    gw = make_gw()
+    url = f"{gw.base_url}/sessions/wide-memo"
+    memo = httpx.put(f"{url}/memo", headers={**AUTH, "Content-Type": "application/json"}, timeout=30,
+                     content=b'{"memo":{"n":123456789012345678901}}')
+    history = httpx.post(f"{url}/history", headers={**AUTH, "Content-Type": "application/json"}, timeout=30,
+                         content=b'{"op":"add","messages":[{"role":"user","content":[{"type":"weird",'
+                                 b'"n":-9223372036854775809}]}]}')
+    for resp, where in ((memo, "memo.n"), (history, "messages[0].content[0].n")):
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["code"] == "invalid_session" and f"'{where}'" in error["message"], error
+    fine = httpx.put(f"{url}/memo", headers={**AUTH, "Content-Type": "application/json"}, timeout=30,
+                     content=b'{"memo":{"n":18446744073709551615}}')
+    assert fine.status_code == 200 and exact(fine.json()["memo"]["n"], 2**64 - 1), fine.text

@@ -234,7 +234,7 @@ def to_anthropic(messages: list[Message], *, thinking: bool = True) -> list[Mess
                 fn = call.get("function") or {}
                 args = fn.get("arguments")
                 try:
-                    value = orjson.loads(args) if isinstance(args, str) and args else (args or {})
+                    value = jsonbody.loads(args) if isinstance(args, str) and args else (args or {})
                 except orjson.JSONDecodeError:
                     value = {"arguments": args}
                 blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": value})
@@ -337,7 +337,7 @@ class MessagesAssembler(EventAssembler):
             if "partial_json" in block:
                 raw = block.pop("partial_json", "")
                 try:
-                    block["input"] = orjson.loads(raw) if raw else block.get("input", {})
+                    block["input"] = jsonbody.loads(raw) if raw else block.get("input", {})
                 except orjson.JSONDecodeError:
                     block["input"] = {}
             out.append(block)
@@ -361,7 +361,7 @@ def reply_message(body: dict[str, Any]) -> Message:
         elif block.get("type") == "tool_use":
             calls.append({"id": block.get("id"), "type": "function",
                           "function": {"name": block.get("name"),
-                                       "arguments": orjson.dumps(block.get("input", {})).decode()}})
+                                       "arguments": jsonbody.dumps(block.get("input", {})).decode()}})
     message = assistant_message(texts, calls)
     if calls and (reasoning := reasoning_blocks(body["content"])):
         message["reasoning"] = reasoning

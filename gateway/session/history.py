@@ -34,7 +34,7 @@ from typing import Any
 
 from gateway.errors import BadRequest
 from gateway.policy import Policy
-from gateway.session.model import Message, SessionState, memo_limit_message, memo_over_limit
+from gateway.session.model import Message, SessionState, _storable, memo_limit_message, memo_over_limit
 from gateway.session.whitelist import check_memo, check_messages
 from gateway.sessions import SessionService
 from gateway.stages.persist import bounding_of
@@ -96,6 +96,7 @@ async def change_history(sessions: SessionService, policy: Policy, tenant: str, 
     if op not in HISTORY_OPS + CLEAR_OPS:
         raise BadRequest(f"'op' must be one of {', '.join(HISTORY_OPS)}")
     if op in HISTORY_OPS:
+        _storable(messages, "messages")  # an integer beyond 64 bits: refused, never stored as a float
         check_messages(policy, messages)
     else:
         messages = []
@@ -107,9 +108,11 @@ async def change_history(sessions: SessionService, policy: Policy, tenant: str, 
 
 async def write_memo(sessions: SessionService, policy: Policy, tenant: str, session_id: str, memo: Any,
                      request_id: str) -> None:
-    """Write the memo under *policy* (refused under keyed policies, or over ``MEMO_MAX_BYTES``:
+    """Write the memo under *policy* (refused under keyed policies, holding what cannot be
+    stored, such as an integer beyond 64 bits: ``invalid_session``, or over ``MEMO_MAX_BYTES``:
     ``memo_too_large``), audited without its text."""
     check_memo(policy, check_memo_value(memo))
+    _storable(memo, "memo")  # an integer beyond 64 bits: refused, never stored as a float
     if (size := memo_over_limit(memo)) is not None:
         raise BadRequest(memo_limit_message(size), code="memo_too_large")
     await sessions.write_memo(tenant, session_id, memo, policy.session_settings, {

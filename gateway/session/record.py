@@ -543,14 +543,15 @@ def _load_json5(text: str, budget: ParseBudget) -> Any:
 
 
 def _tool_call_view(call: Any) -> Any:
-    """A tool call with ``function.arguments`` parsed from its JSON string when it parses."""
+    """A tool call with ``function.arguments`` parsed from its JSON string when it parses
+    (integers beyond 64 bits exact: ``jsonbody.loads``)."""
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         return call
     function = dict(call["function"])
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         with contextlib.suppress(orjson.JSONDecodeError):
-            function["arguments"] = orjson.loads(arguments)
+            function["arguments"] = jsonbody.loads(arguments)
     return {**call, "function": function}
 
 

@@ -54,6 +54,7 @@ from multidict import CIMultiDict
 from gateway import jsonbody
 from gateway.context import Context
 from gateway.errors import UpstreamError
+from gateway.session.model import Message
 from gateway.sse import EventSplitter
 from gateway.tracing import finish_reply
 from gateway.upstream import UpstreamReply
@@ -221,6 +222,20 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
+def _calls_widened(message: Message) -> bool:
+    """Whether a tool call of the reply's message may hold an integer beyond 64 bits that orjson
+    read as a float (``jsonbody.widened``): a Messages ``tool_use`` input is written again as the
+    call's arguments by orjson. A reply without tool calls costs one dict lookup."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return False
+    for call in calls:
+        arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+        if isinstance(arguments, str) and jsonbody.widened(arguments.encode()):
+            return True
+    return False
+
+
 def _parse_reply(ctx: Context) -> None:
     if ctx.tail.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (RFC 8259 lets a parser ignore it)
         ctx.tail = ctx.tail[3:]
@@ -230,6 +245,10 @@ def _parse_reply(ctx: Context) -> None:
         raise UpstreamError(f"upstream sent a reply that is not JSON ({ctx.codec.name})",
                             code="bad_upstream_reply") from exc
     message = ctx.codec.parse_reply(body)
+    if _calls_widened(message):  # a tool call's input may hold a wide integer orjson read as a float
+        with contextlib.suppress(RecursionError):  # deeper than the exact reader goes: orjson's stands
+            body = jsonbody.loads_exact(ctx.tail)
+            message = ctx.codec.parse_reply(body)
     if ctx.reply_id and isinstance(body.get("id"), str):
         ctx.tail = ctx.tail.replace(body["id"].encode(), ctx.reply_id.encode())
         body["id"] = ctx.reply_id
