@@ -86,10 +86,12 @@ async def error_middleware(request: web.Request,
         return await handler(request)
     except GatewayError as exc:
         if isinstance(exc, IntegrityError):
-            log.error("integrity_error", route=route_label(request), detail=exc.detail)
+            log.error("integrity_error", route=route_label(request), request_id=request.get(REQUEST_ID),
+                      detail=exc.detail)
             request.app[SERVICES].metrics.integrity_failures.inc()
         elif isinstance(exc, StoreUnavailable):
-            log.error("store_unavailable", route=route_label(request), detail=exc.message)
+            log.error("store_unavailable", route=route_label(request), request_id=request.get(REQUEST_ID),
+                      detail=exc.message)
         set_error_code(request, exc.code)
         resp = json_response(render_error(request.path, exc.to_body(), exc.status), status=exc.status)
         if exc.retry_after is not None:
