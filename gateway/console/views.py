@@ -450,11 +450,8 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
     try:  # the console's own threads, one per auditor at a time: request work keeps asyncio's and its own
         return await work_pool().run(f"auditor:{session.principal.name}", rendered, limit=PAGES_PER_AUDITOR)
     except Busy:
-        response = render(request, "error.html", status=429, session=session, title="Too many pages loading",
-                          message=f"You already have {PAGES_PER_AUDITOR} session pages loading. Wait for them, "
-                          "then load this one again.")
-        response.headers["Retry-After"] = "5"
-        return response
+        return _too_many(request, session, "Too many pages loading", f"You already have {PAGES_PER_AUDITOR} session "
+                         "pages loading. Wait for them, then load this one again.", retry_after=5)
 
 
 def _integrity_failure(request: web.Request, session: ConsoleSession, tenant: str, sid: str,
@@ -634,12 +631,18 @@ def _started(request: web.Request, session: ConsoleSession, kind: str, tenant: s
     try:
         job = request.app[CONSOLE].jobs.start(kind, tenant, session.id, session.principal, params, work)
     except TooManyRunning:
-        response = render(request, "error.html", status=429, session=session, title="Too many jobs running",
-                          message=f"You already have {MAX_RUNNING_PER_AUDITOR} verifications or exports running. "
-                          "Wait for one of them to finish, then start this one again.")
-        response.headers["Retry-After"] = "10"
-        return response
+        return _too_many(request, session, "Too many jobs running", f"You already have {MAX_RUNNING_PER_AUDITOR} "
+                         "verifications or exports running. Wait for one of them to finish, then start this one "
+                         "again.", retry_after=10)
     raise web.HTTPSeeOther(f"/console/jobs/{job.id}")
+
+
+def _too_many(request: web.Request, session: ConsoleSession, title: str, message: str, *,
+              retry_after: int) -> web.Response:
+    """The 429 page of an auditor who already has as much under way as the console lets one have."""
+    response = render(request, "error.html", status=429, session=session, title=title, message=message)
+    response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def _no_job(request: web.Request, session: ConsoleSession) -> web.Response:

@@ -58,12 +58,20 @@ def turn(ticket: str, fmt: str) -> Callable[[Any], Any]:
     return lambda a: a.input({"ticket_id": ticket, "note": "charged twice"}).output(OUTPUT, format=fmt).get_data()
 
 
+RECORDS = {"null reply keys": (None, "resolution: "),
+           "reply keys": (["resolution", "risk"], "[resolution]:\nrefund issued for T-1")}
+"""Each ``reply_keys`` setting and how the first reply's record begins, as Agently records it."""
+
+
+@pytest.mark.parametrize("reply_keys, begins", RECORDS.values(), ids=RECORDS.keys())
 @pytest.mark.parametrize(("fmt", "stream"), SESSION_RUNS.items())
 def test_format_replies_are_recorded_as_agently_records_them(make_gateway: MakeGateway, upstream: Upstream,
-                                                             tmp_path: Path, fmt: str, stream: bool) -> None:
-    """Under ``reply_keys: null`` a reply in the format asked for is recorded as its data in YAML,
-    as Agently's Session records it, and the next turn sends the same history."""
-    session = {"input_keys": ["input.ticket_id"], "reply_keys": None, "max_length": 12000}
+                                                             tmp_path: Path, fmt: str, stream: bool,
+                                                             reply_keys: list[str] | None, begins: str) -> None:
+    """A reply in the format asked for is recorded as Agently's Session records it: under
+    ``reply_keys: null`` as its data in YAML, under a list of keys as their blocks, read in that
+    format; and the next turn sends the same history."""
+    session = {"input_keys": ["input.ticket_id"], "reply_keys": reply_keys, "max_length": 12000}
     gateway = make_gateway(write_policy(tmp_path / "policies", **session))
     upstream.reply = reply_in_format
     local, via = Trace(), Trace()
@@ -76,28 +84,7 @@ def test_format_replies_are_recorded_as_agently_records_them(make_gateway: MakeG
     assert_same_turns(local, via)
     doc = export(gateway, "fmt:1")
     assert comparable(doc) == comparable(local_session(agent))
-    assert doc["full_context"][1]["content"].startswith("resolution: ")
-
-
-@pytest.mark.parametrize(("fmt", "stream"), SESSION_RUNS.items())
-def test_format_replies_under_reply_keys_record_the_keys_blocks(make_gateway: MakeGateway, upstream: Upstream,
-                                                                 tmp_path: Path, fmt: str, stream: bool) -> None:
-    """Under a list of ``reply_keys`` the gateway reads the keys from a reply in the format asked
-    for and records their blocks, as Agently's Session does: the same session, the same turns."""
-    session = {"input_keys": ["input.ticket_id"], "reply_keys": ["resolution", "risk"], "max_length": 12000}
-    gateway = make_gateway(write_policy(tmp_path / "policies", **session))
-    upstream.reply = reply_in_format
-    local, via = Trace(), Trace()
-    agent = local_agent(upstream, "fmt:3", agently_settings(session), stream=stream)
-    for ticket in ("T-1", "T-2"):
-        local.run(upstream, turn(ticket, fmt), agent)
-    client = gateway_agent(gateway, "fmt:3", stream=stream)
-    for ticket in ("T-1", "T-2"):
-        via.run(upstream, turn(ticket, fmt), client)
-    assert_same_turns(local, via)
-    doc = export(gateway, "fmt:3")
-    assert comparable(doc) == comparable(local_session(agent))
-    assert doc["full_context"][1]["content"].startswith("[resolution]:\nrefund issued for T-1")
+    assert doc["full_context"][1]["content"].startswith(begins)
 
 
 @pytest.mark.parametrize(("fmt", "stream"), SESSION_RUNS.items())
