@@ -54,7 +54,7 @@ from gateway.session.model import (
     SessionState,
     appended_bounded,
     bound_sync,
-    forget_memo_renders,
+    forget_memo_render,
     from_agently,
     over_limit,
     round_messages,
@@ -221,13 +221,20 @@ class SessionService:
         return bool((await self.store.transact(row.tenant, row.session_id, plan)).result)
 
     def _forget(self, row: DataKeyRow) -> None:
-        """Drop an erased session's data key from both in-memory caches (unwrapped key, cipher),
-        and every rendered memo (which one was this session's is not known without its state).
+        """Drop an erased session's data key from both in-memory caches (unwrapped key, cipher).
         A key that cannot be unwrapped was never cached, so there is nothing to drop then."""
         with contextlib.suppress(IntegrityError):
             crypto.forget(self.keyring.unwrap(row.kek_id, row.dk_id, row.wrapped))
         self.keyring.forget(row.kek_id, row.dk_id, row.wrapped)
-        forget_memo_renders()
+
+    def _forget_memo(self, cur: Current) -> None:
+        """Drop the rendering of an erased session's memo kept in this process (read from its
+        state, which is being deleted: one decryption per erasure); nothing when the state cannot
+        be opened."""
+        with contextlib.suppress(IntegrityError):
+            state = self._unseal(cur)[1]
+            if state is not None:
+                forget_memo_render(state.memo)
 
     def _new_data_key(self, tenant: str, session_id: str) -> tuple[crypto.DataKey, DataKeyRow]:
         dk = crypto.new_data_key()
@@ -619,6 +626,7 @@ class SessionService:
             written = max(cur.session.updated_at, cur.head.created_at if cur.head is not None else 0.0)
             if erase_if_idle_before is not None and written < erase_if_idle_before:
                 if cur.data_key is not None:
+                    self._forget_memo(cur)
                     self._forget(cur.data_key)
                 detail["session_erased"] = True
                 return Changes(delete_session=True, audit=[audit], result=(len(seqs), True))
@@ -656,6 +664,7 @@ class SessionService:
             if cur.session is None and cur.data_key is None:
                 raise NotFound(f"no session '{session_id}' for this tenant")
             if cur.data_key is not None:
+                self._forget_memo(cur)
                 self._forget(cur.data_key)
             self.states.drop(tenant, session_id)
             return Changes(delete_session=True, erasure=request_id,

@@ -451,6 +451,12 @@ class _MemoRenders:
                 dropped, dropped_text = self._held.popitem(last=False)
                 self._size -= len(dropped) + len(dropped_text)
 
+    def drop(self, key: bytes) -> None:
+        with self._lock:
+            text = self._held.pop(key, None)
+            if text is not None:
+                self._size -= len(key) + len(text)
+
     def clear(self) -> None:
         with self._lock:
             self._held.clear()
@@ -460,9 +466,11 @@ class _MemoRenders:
 _RENDERS = _MemoRenders(entries=1024, chars=8 * 1024 * 1024)
 
 
-def forget_memo_renders() -> None:
-    """Drop every rendered memo (a session was erased: its memo's text leaves this process)."""
-    _RENDERS.clear()
+def forget_memo_render(memo: Any) -> None:
+    """Drop *memo*'s rendering, if kept (its session was erased: its text leaves this process).
+    Other sessions' renders stay: one tenant's erasures cost no one else a rendering."""
+    if (key := _memo_key(memo)) is not None:
+        _RENDERS.drop(key)
 
 
 def memo_section(memo: Any) -> str:

@@ -115,25 +115,34 @@ def test_a_hook_memo_over_the_limit_falls_back_to_the_cut() -> None:
     assert memo == "old" and new_window == window
 
 
-def test_erasing_a_session_drops_rendered_memos(make_gateway: Any) -> None:
-    """A rendered memo is the memo's text in the gateway's memory: erasing a session drops the
-    renders, so its memo does not outlive it there."""
+def test_erasing_a_session_drops_its_rendered_memo_and_no_other(make_gateway: Any) -> None:
+    """A rendered memo is the memo's text in the gateway's memory: erasing a session drops its
+    rendering, so its memo does not outlive it there, and only its: another tenant's memo stays
+    rendered (one tenant's erasures cost no one else a rendering)."""
     import httpx
 
     from gateway.session import model
-    from tests.conftest import ACME_KEY
+    from tests.conftest import ACME_KEY, GLOBEX_KEY
 
     gateway = make_gateway()
-    auth = {"Authorization": f"Bearer {ACME_KEY}"}
-    memo = {"customer": "ERASE-ME-7731", "notes": ["one", "two"]}
-    put = httpx.put(f"{gateway.base_url}/sessions/erase-memo/memo", json={"memo": memo}, headers=auth, timeout=30)
-    assert put.status_code == 200, put.text
-    gateway.openai(session="erase-memo").chat.completions.create(
-        model="standin", messages=[{"role": "user", "content": "hi"}])
-    assert any("ERASE-ME-7731" in text for text in model._RENDERS._held.values())
-    erased = httpx.delete(f"{gateway.base_url}/sessions/erase-memo", headers=auth, timeout=30)
+    memos = {ACME_KEY: {"customer": "ERASE-ME-7731", "notes": ["one", "two"]},
+             GLOBEX_KEY: {"customer": "KEEP-ME-4410", "notes": ["three"]}}
+    for key, memo in memos.items():
+        auth = {"Authorization": f"Bearer {key}"}
+        put = httpx.put(f"{gateway.base_url}/sessions/erase-memo/memo", json={"memo": memo}, headers=auth,
+                        timeout=30)
+        assert put.status_code == 200, put.text
+        gateway.openai(key=key, session="erase-memo").chat.completions.create(
+            model="standin", messages=[{"role": "user", "content": "hi"}])
+
+    def kept(marker: str) -> bool:
+        return any(marker in text for text in model._RENDERS._held.values())
+
+    assert kept("ERASE-ME-7731") and kept("KEEP-ME-4410")
+    erased = httpx.delete(f"{gateway.base_url}/sessions/erase-memo", headers={"Authorization": f"Bearer {ACME_KEY}"},
+                          timeout=30)
     assert erased.status_code == 200, erased.text
-    assert not any("ERASE-ME-7731" in text for text in model._RENDERS._held.values())
+    assert not kept("ERASE-ME-7731") and kept("KEEP-ME-4410")
 
 
 def test_a_memo_not_rendered_yet_is_rendered_off_the_event_loop(make_gateway: Any,
@@ -154,7 +163,7 @@ def test_a_memo_not_rendered_yet_is_rendered_off_the_event_loop(make_gateway: An
     memo = {"items": [{"n": i, "tags": ["a", "b"]} for i in range(200)]}
     put = httpx.put(f"{gateway.base_url}/sessions/cold-memo/memo", json={"memo": memo}, headers=auth, timeout=30)
     assert put.status_code == 200, put.text
-    model.forget_memo_renders()  # as after a restart
+    model._RENDERS.clear()  # as after a restart
     rendered_on: list[str] = []
     render = model._render_memo
 
