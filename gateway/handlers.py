@@ -62,7 +62,7 @@ from gateway.session.lenient_json import parse_session_document
 from gateway.session.model import memo_limit_message, memo_over_limit, memo_text, over_limit
 from gateway.settings import TENANT_PATTERN
 from gateway.stages.load_state import HOOK_WAIT_SECONDS
-from gateway.stages.parse_request import check_model, parse_json_object, read_limited
+from gateway.stages.parse_request import THREAD_ABOVE_BYTES, check_model, parse_json_object, read_limited
 from gateway.stages.resolve_session import check_not_a_key, check_session_id
 from gateway.stages.respond import end_connection
 from gateway.store.base import RoundRow, provider_id_digest
@@ -384,10 +384,17 @@ async def delete_response(request: web.Request) -> web.StreamResponse:
 
 # --- sessions over HTTP ------------------------------------------------------------------
 
-def _parse_session_body(raw: bytes) -> dict[str, Any]:
+async def _parse_session_body(raw: bytes, tenant: str) -> dict[str, Any]:
     """A session route's JSON object (``parse_json_object``), read again exactly when it may hold
     an integer beyond 64 bits (``jsonbody.widened``), so such a number is refused where it cannot
-    be stored rather than changed into a float."""
+    be stored rather than changed into a float. A body over ``THREAD_ABOVE_BYTES`` is read on the
+    offload pool, as a model route's is: the reads and the look take a few MB a few tenths of a second."""
+    if len(raw) > THREAD_ABOVE_BYTES:
+        return await offload.run(tenant, _read_session_body, raw)
+    return _read_session_body(raw)
+
+
+def _read_session_body(raw: bytes) -> dict[str, Any]:
     body = parse_json_object(raw)
     return parse_json_object(raw, exact=True) if jsonbody.widened(orjson.dumps(body)) else body
 
@@ -460,7 +467,8 @@ async def session_history(request: web.Request) -> web.Response:
     """``{"op": "add" | "set", "messages": [...], "model": optional}``: Agently's
     ``add_chat_history`` / ``set_chat_history`` (see ``gateway.session.history``)."""
     services, tenant, _ = _session_target(request)
-    body = _parse_session_body(await read_limited(request, services.settings.server.max_body_bytes, tenant))
+    body = await _parse_session_body(await read_limited(request, services.settings.server.max_body_bytes, tenant),
+                                      tenant)
     op = body.get("op")
     if op not in HISTORY_OPS:
         raise BadRequest(f"'op' must be one of {', '.join(HISTORY_OPS)}")
@@ -520,7 +528,8 @@ async def get_memo(request: web.Request) -> web.Response:
 async def put_memo(request: web.Request) -> web.Response:
     """``{"memo": ..., "model": optional}``: replace the memo (creates the session)."""
     services, tenant, sid = _session_target(request)
-    body = _parse_session_body(await read_limited(request, services.settings.server.max_body_bytes, tenant))
+    body = await _parse_session_body(await read_limited(request, services.settings.server.max_body_bytes, tenant),
+                                      tenant)
     if "memo" not in body:
         raise BadRequest("the body must hold 'memo' (a string, an object, a list or null)")
     size = memo_over_limit(body["memo"])

@@ -88,7 +88,11 @@ def dumps(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
     try:
         return orjson.dumps(value, default=default)
     except orjson.JSONEncodeError:
-        return orjson.dumps(_digits(value), default=default)
+        try:
+            digits = _digits(value)
+        except RecursionError:  # nested deeper than orjson writes (255) anyway
+            raise orjson.JSONEncodeError("the value nests too deep to write as JSON") from None
+        return orjson.dumps(digits, default=default)
 
 
 def _digits(value: Any) -> Any:

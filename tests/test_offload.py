@@ -190,3 +190,30 @@ def test_one_tenants_flood_of_request_work_holds_at_most_its_share(gateway: Gate
         assert all(future.result() < 500 for future in slow)
     assert running <= offload.PER_TENANT and held.most <= offload.PER_TENANT < POOL, (running, held.most)
     assert all(name.startswith(offload.THREAD_PREFIX) for name in held.threads), held.threads
+
+
+@pytest.mark.parametrize("route", ["memo", "history"])
+def test_a_large_session_route_body_is_read_on_the_offload_pool(gateway: Gateway, route: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``PUT .../memo`` or ``POST .../history`` body over the thread threshold (a few MB take
+    tenths of a second to read, look at and read again exactly) is read on the offload pool, as a
+    model route's is, not on the event loop; a small one on the loop."""
+    read_on: list[tuple[int, str]] = []
+    real = handlers._read_session_body
+
+    def spy(raw: bytes) -> dict[str, Any]:
+        read_on.append((len(raw), threading.current_thread().name))
+        return real(raw)
+
+    monkeypatch.setattr(handlers, "_read_session_body", spy)
+    pad = "x" * (parse_request.THREAD_ABOVE_BYTES + 1000)
+    bodies = {"memo": ({"memo": "small"}, {"memo": "big", "pad": pad}),
+              "history": ({"op": "add", "messages": [{"role": "user", "content": "small"}]},
+                          {"op": "add", "messages": [{"role": "user", "content": "big"}], "pad": pad})}[route]
+    for body in bodies:
+        method, path = ("PUT", "memo") if route == "memo" else ("POST", "history")
+        httpx.request(method, f"{gateway.base_url}/sessions/off-{route}/{path}", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {ACME_KEY}"})
+    (small, small_thread), (big, big_thread) = read_on
+    assert small < parse_request.THREAD_ABOVE_BYTES < big
+    assert not small_thread.startswith(offload.THREAD_PREFIX) and big_thread.startswith(offload.THREAD_PREFIX)

@@ -350,3 +350,15 @@ def test_a_memo_or_history_with_a_wide_integer_is_refused_not_changed(make_gw: C
     fine = httpx.put(f"{url}/memo", headers={**AUTH, "Content-Type": "application/json"}, timeout=30,
                      content=b'{"memo":{"n":18446744073709551615}}')
     assert fine.status_code == 200 and exact(fine.json()["memo"]["n"], 2**64 - 1), fine.text
+
+
+def test_dumps_of_a_value_nested_too_deep_raises_its_documented_error() -> None:
+    """A value orjson refuses for its depth, holding a wide integer deep inside (a model's tool
+    input nested 1000 levels: orjson reads 1024, writes 255), raises ``JSONEncodeError`` (a
+    ``TypeError``, which callers translate, e.g. into 502 ``bad_upstream_reply``), never the
+    ``RecursionError`` of the digits' walk (a 500)."""
+    deep: Any = [SEED]
+    for _ in range(1000):
+        deep = [deep]
+    with pytest.raises(orjson.JSONEncodeError):
+        jsonbody.dumps(deep)
