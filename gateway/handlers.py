@@ -44,7 +44,7 @@ from gateway.errors import (
 )
 from gateway.export import FORMATS, PrivateFolder, bundle_paths
 from gateway.logs import exception_fields
-from gateway.observe import mark_logged, model_label, set_outcome
+from gateway.observe import mark_logged, model_label, route_label, set_outcome
 from gateway.policy import Policy
 from gateway.proxy import forward_route
 from gateway.session.bounding import maintain, needs_maintenance
@@ -143,7 +143,8 @@ async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.Str
             services.metrics.upstream_errors.labels(kind=exc.code).inc()
         if _stream_started(ctx):
             if isinstance(exc, StoreUnavailable):  # its cause is for the operator: logged, not streamed
-                log.error("store_unavailable", path=request.path, request_id=ctx.request_id, detail=exc.message)
+                log.error("store_unavailable", route=route_label(request), request_id=ctx.request_id,
+                          detail=exc.message)
             return await _end_stream(ctx, exc.to_body())
         raise
     except Exception as exc:
@@ -151,7 +152,7 @@ async def _chat(request: web.Request, span: Any, codec: Codec = CHAT) -> web.Str
             if isinstance(exc, RequestPayloadError | HTTPException):  # the error middleware answers: 400, 413
                 status = exc.status if isinstance(exc, HTTPException) else 400
             raise
-        log.error("unhandled_error", path=request.path, request_id=ctx.request_id, **exception_fields(exc))
+        log.error("unhandled_error", route=route_label(request), request_id=ctx.request_id, **exception_fields(exc))
         return await _end_stream(ctx, INTERNAL_ERROR)
     finally:
         elapsed = time.perf_counter() - ctx.started

@@ -47,6 +47,7 @@ from gateway.console.throttle import FailureThrottle, peer, warn_demo_credential
 from gateway.errors import GatewayError, IntegrityError, PayloadTooLarge, Unauthorized
 from gateway.export import FORMATS, RoundLabels, check_range, record_columns
 from gateway.handlers import SERVICES, parse_time
+from gateway.observe import route_label
 from gateway.redact import Redactor
 from gateway.stages.resolve_session import check_session_id
 from gateway.store.base import SYSTEM_TENANT, Changes, RoundRow
@@ -413,7 +414,7 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
     try:  # the check the gateway runs when it loads a session (a failure quarantines it)
         await services.sessions.check(tenant, sid, for_round=False)
     except IntegrityError as exc:
-        log.error("integrity_error", path=request.path, detail=exc.detail)
+        log.error("integrity_error", route=route_label(request), tenant=tenant, session_id=sid, detail=exc.detail)
         return _integrity_failure(request, session, tenant, sid, exc)
     redactors = await services.audit.redactors(store, services.policies.current, tenant)
     labels = RoundLabels(lambda after_seq: store.iter_audit(tenant, after_seq=after_seq), session_id=sid)
@@ -432,7 +433,7 @@ async def session_page(request: web.Request, session: ConsoleSession) -> web.Str
                 raise IntegrityError(problem)
             page.append((row, messages, redactors(row, versioned=labels.versioned(sid, digest))))
     except IntegrityError as exc:  # a round that does not open, or whose labels are not its entry's
-        log.error("integrity_error", path=request.path, detail=exc.detail)
+        log.error("integrity_error", route=route_label(request), tenant=tenant, session_id=sid, detail=exc.detail)
         return _integrity_failure(request, session, tenant, sid, exc)
     if not page:
         return render(request, "error.html", status=404, session=session, title="No such session",
