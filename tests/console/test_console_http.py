@@ -3,6 +3,7 @@ same-origin checks on every POST, a strict CSP, tenant scoping by URL, escaping,
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from typing import Any
@@ -340,6 +341,11 @@ def test_a_session_whose_round_does_not_open_gets_a_console_page(console_gateway
     page = signed_in_client(console_gateway).get("/console/sessions/acme/console-a")
     assert page.status_code == 500 and page.headers["content-type"].startswith("text/html"), page.text
     assert "Session failed its integrity check" in page.text and "integrity_check_failed" not in page.text
+    # the operator's log line names the route's template and the session as fields, no raw path
+    logged = [json.loads(line) for line in console_gateway.log_path.read_text().splitlines() if line.startswith("{")]
+    (line,) = [line for line in logged if line.get("event") == "integrity_error"]
+    assert line["route"] == "/console/sessions/{tenant}/{session_id}" and "path" not in line, line
+    assert (line["tenant"], line["session_id"]) == ("acme", "console-a")
 
 
 def test_tool_names_call_ids_and_roles_show_hidden_characters(console_gateway: Gateway) -> None:
